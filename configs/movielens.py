@@ -1,0 +1,23 @@
+"""MovieLens-100K with the paper's hyperparameters.
+
+python -m ilora_jax.main --config=configs/movielens.py --workdir=runs/movielens \
+    --config.stage=sasrec --config.data.dir=../shared/data/movielens
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import base  # noqa: E402
+
+
+def get_config():
+  c = base.get_config()
+  c.data.name = "movielens"
+  c.data.dir = "data/movielens"  # Folder with train_data.df, Val_data.df, u.item.
+  c.data.n_items = 1682  # Movies.
+  c.ilora.train.batch_size = 8  # 8 x 16 = 128 (the paper's).
+  c.ilora.train.grad_accum = 16
+  c.ilora.train.lr = 8e-4
+  c.eval.batch_size = 94
+  return c

@@ -1,0 +1,25 @@
+"""Steam with the paper's hyperparameters.
+
+python -m ilora_jax.main --config=configs/steam.py --workdir=runs/steam \
+    --config.stage=sasrec --config.data.dir=../shared/data/steam
+(the folder here only has a 1,000-row training sample: add
+--config.data.train_file=train_data_sample1000.df)
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import base  # noqa: E402
+
+
+def get_config():
+  c = base.get_config()
+  c.data.name = "steam"
+  c.data.dir = "data/steam"  # Folder with train_data.df, Val_data.df, id2name.txt.
+  c.data.n_items = 3581  # Games.
+  c.ilora.train.batch_size = 4  # 4 x 32 = 128 (the paper's).
+  c.ilora.train.grad_accum = 32
+  c.ilora.train.lr = 5e-4
+  c.eval.batch_size = 256
+  return c

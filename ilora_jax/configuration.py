@@ -1,0 +1,69 @@
+"""Config checks and the training settings of the running stage."""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+from ilora_jax.errors import UserError
+
+STAGES = ("sasrec", "ilora", "evaluate")
+DATASETS = ("lastfm", "movielens", "steam", "synthetic")
+_TRAIN_KEYS = ("epochs", "steps", "batch_size", "lr", "weight_decay", "grad_accum")
+
+
+def validate(config: ConfigDict) -> None:
+  """Checks values a type check cannot; raises UserError naming the field."""
+
+  def need(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+      raise UserError(f"config.{field} {msg}")
+
+  need(config.stage in STAGES, "stage", f"={config.stage!r} is not one of {', '.join(STAGES)}")
+  need(
+    config.data.name in DATASETS,
+    "data.name",
+    f"={config.data.name!r} is not one of {', '.join(DATASETS)}",
+  )
+  need(
+    config.eval.stage in ("sasrec", "ilora"),
+    "eval.stage",
+    f"={config.eval.stage!r} is not sasrec or ilora",
+  )
+  need(
+    config.eval.split in ("train", "val", "test"),
+    "eval.split",
+    f"={config.eval.split!r} is not train, val or test",
+  )
+  need(config.data.max_len > 0, "data.max_len", "must be positive")
+  need(config.data.num_candidates >= 2, "data.num_candidates", "must be at least 2")
+  need(config.data.n_items >= 0, "data.n_items", "must be >= 0 (0 = from the titles)")
+  need(config.eval.batch_size > 0, "eval.batch_size", "must be positive")
+  need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
+  need(config.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be positive")
+  need(config.train.log_every_steps > 0, "train.log_every_steps", "must be positive")
+  if config.data.name == "synthetic":
+    need(
+      config.data.n_items in (0, config.data.synthetic.num_items),
+      "data.n_items",
+      f"must equal data.synthetic.num_items={config.data.synthetic.num_items}",
+    )
+  for key in _TRAIN_KEYS:
+    value = config.train.get(key)
+    if value is not None:
+      need(
+        value >= 0 if key in ("epochs", "steps", "weight_decay") else value > 0,
+        f"train.{key}",
+        f"={value} is out of range",
+      )
+
+
+def stage_train(config: ConfigDict, stage: str) -> ConfigDict:
+  """The stage's training defaults with every `config.train.*` that is set applied on top."""
+  merged = ConfigDict(config[stage].train.to_dict())
+  for key in _TRAIN_KEYS:
+    value = config.train.get(key)
+    if value is not None:
+      merged[key] = value
+  merged.steps = config.train.steps
+  merged.seed = config.train.seed
+  return merged

@@ -1,0 +1,264 @@
+"""LLaRA-format sequential-recommendation data: splits, titles and candidate sets.
+
+A split is three arrays: `seq` [rows, max_len] item ids left-aligned and padded at
+the end with `n_items`, `len_seq` [rows] the number of real items, and `next`
+[rows] the item to predict. Files are pickled DataFrames (read through
+`safe_pickle`); MovieLens stores `(item_id, rating)` pairs, of which only the id
+is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+import zlib
+
+import numpy as np
+
+from ilora_jax.errors import UserError, require_file
+from ilora_jax.safe_pickle import load_dataframe
+
+SPLITS = ("train", "val", "test")
+_YEAR_SUFFIX = re.compile(r"\s*\(\d{4}\)\s*$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split. Shapes: seq [rows, max_len], len_seq [rows], next [rows] (int32)."""
+
+  name: str
+  seq: np.ndarray
+  len_seq: np.ndarray
+  next: np.ndarray
+
+  def __len__(self) -> int:
+    return int(self.next.shape[0])
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+  """A data set: its splits (test may be absent), titles and item count."""
+
+  name: str
+  n_items: int  # Item ids are 0..n_items-1; n_items itself is the padding id.
+  titles: dict[int, str]
+  train: Split
+  val: Split
+  test: Split | None
+  test_missing_reason: str = ""
+
+  def split(self, name: str) -> Split:
+    if name not in SPLITS:
+      raise UserError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)}")
+    value = getattr(self, name)
+    if value is None:
+      raise UserError(f"split {name!r} is not available: {self.test_missing_reason}")
+    return value
+
+
+def _item_id(value, what: str) -> int:
+  """Item id of a DataFrame cell: an int, or the first element of an (id, rating) pair."""
+  if isinstance(value, (tuple, list, np.ndarray)):
+    if len(value) == 0:
+      raise UserError(f"{what}: empty item entry")
+    value = value[0]
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    raise UserError(f"{what}: item ids must be integers, got {type(value).__name__} {value!r}")
+  return int(value)
+
+
+def split_from_dataframe(
+  frame, name: str, n_items: int, max_len: int, min_len: int, source: str
+) -> Split:
+  """Validates a LLaRA DataFrame and converts it to arrays.
+
+  Rows with `len_seq < min_len` are dropped, as the original does.
+
+  Raises:
+    UserError: on missing columns, wrong types, wrong lengths or ids outside [0, n_items].
+  """
+  missing = [c for c in ("seq", "len_seq", "next") if c not in frame.columns]
+  if missing:
+    raise UserError(
+      f"{source}: missing column(s) {', '.join(missing)} "
+      f"(found {', '.join(map(str, frame.columns))})"
+    )
+  if len(frame) == 0:
+    raise UserError(f"{source}: the {name} split is empty")
+  rows = len(frame)
+  seq = np.full((rows, max_len), n_items, dtype=np.int64)
+  for r, cell in enumerate(frame["seq"].tolist()):
+    if not isinstance(cell, (list, tuple, np.ndarray)):
+      raise UserError(f"{source}: row {r} column seq must be a list, got {type(cell).__name__}")
+    if len(cell) > max_len:
+      raise UserError(
+        f"{source}: row {r} has {len(cell)} items in seq, more than max_len={max_len}"
+      )
+    for j, v in enumerate(cell):
+      seq[r, j] = _item_id(v, f"{source}: row {r} seq[{j}]")
+  nxt = np.array(
+    [_item_id(v, f"{source}: row {r} next") for r, v in enumerate(frame["next"].tolist())],
+    dtype=np.int64,
+  )
+  len_values = frame["len_seq"].tolist()
+  for r, v in enumerate(len_values):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+      raise UserError(f"{source}: row {r} len_seq must be an integer, got {v!r}")
+  len_seq = np.asarray(len_values, dtype=np.int64)
+  if np.any(len_seq < 0) or np.any(len_seq > max_len):
+    r = int(np.flatnonzero((len_seq < 0) | (len_seq > max_len))[0])
+    raise UserError(f"{source}: row {r} len_seq={len_seq[r]} is outside [0, {max_len}]")
+  for arr, col in ((seq, "seq"), (nxt, "next")):
+    bad = (arr < 0) | (arr > n_items) if col == "seq" else (arr < 0) | (arr >= n_items)
+    if np.any(bad):
+      r = int(np.argwhere(bad)[0][0])
+      raise UserError(
+        f"{source}: row {r} column {col} has item id {int(arr[bad][0])} outside "
+        f"the title table (ids 0..{n_items - 1}, padding {n_items})"
+      )
+  keep = len_seq >= min_len
+  if not np.any(keep):
+    raise UserError(f"{source}: no row of the {name} split has len_seq >= {min_len}")
+  # Real items sit before the padding: the first len_seq entries must not be padding.
+  seq, len_seq, nxt = seq[keep], len_seq[keep], nxt[keep]
+  real = np.arange(max_len)[None, :] < len_seq[:, None]
+  if np.any(real & (seq == n_items)):
+    r = int(np.argwhere(real & (seq == n_items))[0][0])
+    raise UserError(f"{source}: a kept row ({r}) has padding inside its first len_seq items")
+  return Split(name, seq.astype(np.int32), len_seq.astype(np.int32), nxt.astype(np.int32))
+
+
+def load_split(path: str, name: str, n_items: int, max_len: int, min_len: int) -> Split:
+  frame = load_dataframe(path, f"{name} file")
+  return split_from_dataframe(frame, name, n_items, max_len, min_len, source=path)
+
+
+def load_titles(path: str) -> dict[int, str]:
+  """Reads `id2name.txt` (`id::title`) or MovieLens `u.item` (`id|title (year)|...`, id - 1)."""
+  require_file(path, "titles file")
+  titles: dict[int, str] = {}
+  is_uitem = os.path.basename(path).startswith("u.item")
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("latin-1" if is_uitem else "utf-8")
+  except UnicodeDecodeError as exc:
+    raise UserError(f"titles file {path} is not valid UTF-8 ({exc})") from None
+  for lineno, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      if is_uitem:
+        fields = line.split("|")
+        item, title = int(fields[0]) - 1, _YEAR_SUFFIX.sub("", fields[1]).strip()
+      else:
+        key, title = line.split("::", 1)
+        item, title = int(key), title.strip()
+    except (ValueError, IndexError):
+      raise UserError(f"titles file {path} line {lineno} is malformed: {line[:60]!r}") from None
+    titles[item] = title
+  if not titles:
+    raise UserError(f"titles file {path} has no titles")
+  return titles
+
+
+def sample_candidates(
+  split: Split, n_items: int, num_candidates: int, seed: int, eligible: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+  """Fixed candidate sets: the target plus items outside history and target, shuffled.
+
+  Each row draws from its own generator seeded by (seed, split name, row), so every
+  evaluation of a split sees the same candidates, whatever the batch order.
+
+  Args:
+    split: the split.
+    n_items: number of items.
+    num_candidates: candidates per row, the target included.
+    seed: candidate seed.
+    eligible: optional sorted array of item ids that may be drawn (default: all).
+
+  Returns:
+    candidates [rows, num_candidates] int32 and target_index [rows] int32 (position of
+    `next` among the candidates).
+  """
+  pool = np.arange(n_items) if eligible is None else np.asarray(eligible)
+  split_key = zlib.crc32(split.name.encode())
+  rows = len(split)
+  cands = np.empty((rows, num_candidates), dtype=np.int32)
+  target_index = np.empty((rows,), dtype=np.int32)
+  for r in range(rows):
+    rng = np.random.default_rng([seed, split_key, r])
+    excluded = set(split.seq[r, : split.len_seq[r]].tolist())
+    excluded.add(int(split.next[r]))
+    chosen: list[int] = []
+    seen = set(excluded)
+    if len(pool) - int(np.isin(list(excluded), pool).sum()) < num_candidates - 1:
+      raise UserError(f"only {len(pool)} items: too few to draw {num_candidates - 1} negatives")
+    while len(chosen) < num_candidates - 1:
+      item = int(pool[rng.integers(len(pool))])
+      if item not in seen:
+        seen.add(item)
+        chosen.append(item)
+    row = np.array([int(split.next[r])] + chosen, dtype=np.int32)
+    order = rng.permutation(num_candidates)
+    cands[r] = row[order]
+    target_index[r] = int(np.flatnonzero(order == 0)[0])
+  return cands, target_index
+
+
+def _data_dir(config, workdir: str) -> str:
+  data = config.data
+  if data.dir:
+    return data.dir
+  if data.build:
+    return os.path.join(workdir, "data", data.name)
+  raise UserError(
+    f"config.data.dir is empty: give the folder holding {data.train_file}, "
+    f"{data.val_file} and the titles file"
+  )
+
+
+def load_from_config(config, workdir: str) -> Dataset:
+  """Loads (or builds, or generates) the data set a config names.
+
+  A missing train or val file is an error; a missing test file is recorded in
+  `test_missing_reason` so the caller can report test evaluation as skipped.
+  """
+  data = config.data
+  if data.name == "synthetic":
+    from ilora_jax import synthetic
+
+    syn = data.synthetic
+    train, val, test, _ = synthetic.generate(
+      syn.num_items, syn.num_users, syn.num_groups, syn.seq_len, data.max_len, syn.noise, syn.seed
+    )
+    return Dataset("synthetic", syn.num_items, synthetic.titles(syn.num_items), train, val, test)
+  directory = _data_dir(config, workdir)
+  train_path = os.path.join(directory, data.train_file)
+  if data.build and not os.path.exists(train_path):
+    if data.build != "movielens100k":
+      raise UserError(f"config.data.build={data.build!r} is unknown; the builder is movielens100k")
+    from ilora_jax import movielens
+
+    print(f"building the MovieLens split from MovieLens-100K into {directory}", file=sys.stderr)
+    movielens.build(directory, seed=data.build_seed, raw_ratings=data.raw_ratings)
+  if not os.path.isdir(directory):
+    raise UserError(f"data folder not found: {directory} (set config.data.dir)")
+  titles_path = data.titles_file and os.path.join(directory, data.titles_file)
+  if not titles_path:
+    candidates = [os.path.join(directory, n) for n in ("id2name.txt", "u.item")]
+    titles_path = next((p for p in candidates if os.path.exists(p)), candidates[0])
+  titles = load_titles(titles_path)
+  n_items = data.n_items or (max(titles) + 1)
+  args = (n_items, data.max_len, data.min_len)
+  train = load_split(train_path, "train", *args)
+  val = load_split(os.path.join(directory, data.val_file), "val", *args)
+  test_path = os.path.join(directory, data.test_file)
+  test, reason = None, ""
+  if os.path.exists(test_path):
+    test = load_split(test_path, "test", *args)
+  else:
+    reason = f"test file not found: {test_path}"
+  return Dataset(data.name, n_items, titles, train, val, test, reason)

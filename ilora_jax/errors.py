@@ -1,0 +1,75 @@
+"""User-facing errors: one clear line, never a traceback.
+
+Code that detects bad input (a missing file, malformed data, an impossible
+config) raises `UserError`; the command-line entry points turn it into one
+`error: ...` line on stderr and a non-zero exit code (see `cli_main`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 3
+
+
+class UserError(Exception):
+  """An expected failure caused by input: its message is shown to the user as is."""
+
+
+def require(condition: bool, message: str) -> None:
+  """Raises `UserError(message)` unless `condition` holds."""
+  if not condition:
+    raise UserError(message)
+
+
+def require_file(path: str, what: str) -> str:
+  """Returns `path` if it names a readable file, else raises a `UserError` naming `what`."""
+  if not os.path.exists(path):
+    raise UserError(f"{what} not found: {path}")
+  if not os.path.isfile(path):
+    raise UserError(f"{what} is not a file: {path}")
+  if not os.access(path, os.R_OK):
+    raise UserError(f"{what} is not readable: {path}")
+  return path
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
+def report_and_exit(exc: BaseException) -> None:
+  """Prints one `error:` line for `exc` on stderr and exits non-zero."""
+  if isinstance(exc, UserError):
+    print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USER_ERROR)
+  if isinstance(exc, KeyboardInterrupt):
+    print("error: interrupted", file=sys.stderr, flush=True)
+    sys.exit(130)
+  if os.environ.get("ILORA_JAX_DEBUG"):
+    raise exc
+  print(
+    f"error: unexpected {type(exc).__name__}: {_one_line(exc)} "
+    "(set ILORA_JAX_DEBUG=1 to see the traceback)",
+    file=sys.stderr,
+    flush=True,
+  )
+  sys.exit(EXIT_INTERNAL_ERROR)
+
+
+def cli_main(fn: Callable[..., object]) -> Callable[..., object]:
+  """Decorates an entry point so that every failure ends as one `error:` line."""
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    try:
+      return fn(*args, **kwargs)
+    except SystemExit:
+      raise
+    except BaseException as exc:  # noqa: BLE001 - the whole point is to catch everything.
+      report_and_exit(exc)
+
+  return wrapper

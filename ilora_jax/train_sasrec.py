@@ -1,0 +1,320 @@
+"""The `sasrec` stage: train the Flax SASRec, evaluate on val each epoch and on test at the end.
+
+The train step is one `jax.jit` with declared shardings: the batch is split over the
+(data, fsdp) mesh axes, the (small) parameters are replicated, and the train state
+is donated. Data order and dropout keys are functions of (seed, global step), so a
+run restored from a checkpoint continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from ilora_jax import checkpointing, console, sharding
+from ilora_jax.configuration import stage_train
+from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates
+from ilora_jax.errors import UserError
+from ilora_jax.metrics import MetricsLog, ranking_metrics, target_ranks
+from ilora_jax.sasrec import SASRec, SASRecConfig, init_params, params_from_torch
+
+STAGE = "sasrec"
+
+
+def model_config(config, n_items: int) -> SASRecConfig:
+  return SASRecConfig(
+    n_items=n_items,
+    hidden=config.sasrec.hidden,
+    max_len=config.data.max_len,
+    num_heads=config.sasrec.num_heads,
+    dropout=config.sasrec.dropout,
+  )
+
+
+def make_optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
+  # torch's Adam(weight_decay=wd) adds wd * param to the gradient before the moments.
+  return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """Scores a split's fixed candidates with a jitted, fixed-shape forward."""
+
+  model: SASRec
+  split: Split
+  candidates: np.ndarray  # [rows, num_candidates]
+  target_index: np.ndarray  # [rows]
+  batch_size: int
+  mesh: Any
+  progress: bool
+
+  def __post_init__(self):
+    def scores(params, seq, len_seq, cands, nxt):
+      logits = self.model.apply({"params": params}, seq, len_seq)  # [batch, n_items]
+      loss = optax.softmax_cross_entropy_with_integer_labels(logits, nxt)
+      return jnp.take_along_axis(logits, cands, axis=1), loss
+
+    self._scores = jax.jit(scores)
+
+  def __call__(self, params) -> dict[str, float]:
+    rows, bs = len(self.split), self.batch_size
+    all_scores, all_loss = [], []
+    for start in tqdm(
+      range(0, rows, bs), desc=f"eval {self.split.name}", leave=False, disable=not self.progress
+    ):
+      idx = np.arange(start, start + bs) % rows  # Pad the last batch by wrapping around.
+      s, loss = self._scores(
+        params,
+        self.split.seq[idx],
+        self.split.len_seq[idx],
+        self.candidates[idx],
+        self.split.next[idx],
+      )
+      keep = min(bs, rows - start)
+      all_scores.append(np.asarray(s)[:keep])
+      all_loss.append(np.asarray(loss)[:keep])
+    ranks = target_ranks(np.concatenate(all_scores), self.target_index)
+    out = ranking_metrics(ranks)
+    out["loss"] = float(np.concatenate(all_loss).mean())
+    return out
+
+
+def make_evaluator(
+  config, dataset: Dataset, split_name: str, params_model: SASRec, mesh
+) -> Evaluator:
+  split = dataset.split(split_name)
+  eligible = np.array(sorted(i for i in dataset.titles if 0 <= i < dataset.n_items))
+  cands, target = sample_candidates(
+    split, dataset.n_items, config.data.num_candidates, config.data.candidate_seed, eligible
+  )
+  return Evaluator(
+    params_model, split, cands, target, config.eval.batch_size, mesh, config.progress
+  )
+
+
+def initial_params(config, cfg: SASRecConfig, seed: int):
+  if config.sasrec.init_from:
+    console.info(f"SASRec: loading {config.sasrec.init_from}")
+    return params_from_torch(config.sasrec.init_from, cfg)
+  return init_params(cfg, jax.random.PRNGKey(seed))
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+  return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+
+
+def run(config, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the SASRec stage; returns the final val metrics."""
+  dataset = load_from_config(config, workdir)
+  tc = stage_train(config, STAGE)
+  cfg = model_config(config, dataset.n_items)
+  mesh = sharding.make_mesh(config.mesh)
+  train = dataset.train
+  batch = int(tc.batch_size)
+  sharding.batch_size_per_shard(mesh, batch)
+  steps_per_epoch = len(train) // batch
+  if steps_per_epoch == 0:
+    raise UserError(f"the training split has {len(train)} rows, fewer than one batch of {batch}")
+  total_steps = int(tc.steps) if tc.steps is not None else int(tc.epochs) * steps_per_epoch
+  model = SASRec(cfg)
+  optimizer = make_optimizer(tc.lr, tc.weight_decay)
+  repl = sharding.replicated(mesh)
+  log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+  val_eval = make_evaluator(config, dataset, "val", model, mesh)
+
+  params = jax.device_put(initial_params(config, cfg, tc.seed), repl)
+  state = {
+    "params": params,
+    "opt_state": jax.device_put(optimizer.init(params), repl),
+    "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
+  }
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  base_key = jax.random.PRNGKey(tc.seed)
+
+  def train_step(state, seq, len_seq, nxt):
+    key = jax.random.fold_in(base_key, state["step"])
+
+    def loss_fn(p):
+      logits = model.apply({"params": p}, seq, len_seq, deterministic=False, rngs={"dropout": key})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, nxt).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    new = {
+      "params": optax.apply_updates(state["params"], updates),
+      "opt_state": opt_state,
+      "step": state["step"] + 1,
+    }
+    return new, loss
+
+  batch_sh = sharding.batch_sharding(mesh)
+  step_fn = jax.jit(
+    train_step,
+    in_shardings=(state_sharding, batch_sh, batch_sh, batch_sh),
+    out_shardings=(state_sharding, repl),
+    donate_argnums=(0,),
+  )
+
+  settings = checkpointing.jsonable(
+    {
+      "model": dataclasses.asdict(cfg),
+      "data": dataset.name,
+      "batch_size": batch,
+      "total_steps": total_steps,
+      "seed": tc.seed,
+      "lr": tc.lr,
+      "weight_decay": tc.weight_decay,
+      "train_rows": len(train),
+    }
+  )
+  ckpt = checkpointing.StageCheckpoints(
+    workdir, STAGE, config.checkpoint.max_to_keep, config.checkpoint.async_save
+  )
+  step, loss_sum, loss_count = 0, 0.0, 0
+  pending: list[jax.Array] = []  # Device losses not yet added (avoids a host sync per step).
+
+  def drain() -> None:
+    nonlocal loss_sum, loss_count
+    for value in jax.device_get(pending):
+      loss_sum += float(value)  # Sequential float64 sum: identical across resumes.
+      loss_count += 1
+    pending.clear()
+
+  latest = ckpt.latest_step()
+  if latest is not None:
+    state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
+    checkpointing.check_same_settings(meta["settings"], settings, ckpt.directory)
+    step, loss_sum, loss_count = int(meta["step"]), float(meta["loss_sum"]), int(meta["loss_count"])
+    log.truncate(STAGE, meta["metrics_records"])
+    console.info(f"SASRec: resumed from step {step} of {total_steps}")
+
+  def save(at: int) -> None:
+    drain()
+    meta = {
+      "step": at,
+      "loss_sum": loss_sum,
+      "loss_count": loss_count,
+      "settings": settings,
+      "metrics_records": log.count(STAGE),
+    }
+    ckpt.save(at, state, meta)
+
+  def record(split: str, metrics: dict, **extra) -> None:
+    log.write({"run": STAGE, "stage": STAGE, "split": split, "step": step, **extra, **metrics})
+
+  stop_at = total_steps
+  if config.train.stop_after_steps is not None:
+    stop_at = min(total_steps, int(config.train.stop_after_steps))
+  if latest is None and total_steps > 0:
+    console.info(
+      f"SASRec: {len(train)} training rows, {steps_per_epoch} steps per epoch, {total_steps} steps"
+    )
+  bar = tqdm(total=total_steps, initial=step, desc="sasrec train", disable=not config.progress)
+  last_val: dict[str, float] = {}
+  while step < stop_at:
+    epoch, pos = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([tc.seed, epoch]).permutation(len(train))
+    idx = order[pos * batch : (pos + 1) * batch][sharding.host_slice(batch)]
+    arrays = sharding.global_batch(
+      mesh, {"seq": train.seq[idx], "len_seq": train.len_seq[idx], "next": train.next[idx]}
+    )
+    state, loss = step_fn(state, arrays["seq"], arrays["len_seq"], arrays["next"])
+    step += 1
+    pending.append(loss)
+    bar.update(1)
+    if step % config.train.log_every_steps == 0 or step == total_steps:
+      drain()
+      record("train", {"loss": loss_sum / loss_count}, epoch=epoch)
+      bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
+      loss_sum, loss_count = 0.0, 0
+    epoch_end = step % steps_per_epoch == 0 or step == total_steps
+    if epoch_end:
+      last_val = val_eval(state["params"])
+      record("val", last_val, epoch=epoch + 1)
+      console.info(f"SASRec step {step} val " + _fmt(last_val))
+    if epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at:
+      save(step)
+  bar.close()
+  ckpt.close()
+  if step < total_steps:
+    console.info(
+      f"SASRec: stopped at step {step} of {total_steps} (train.stop_after_steps); "
+      "re-run the same command to resume"
+    )
+    return last_val
+  final = evaluate_params(config, dataset, model, mesh, state["params"], step, log, run=STAGE)
+  return final
+
+
+def evaluate_params(
+  config,
+  dataset: Dataset,
+  model: SASRec,
+  mesh,
+  params,
+  step: int,
+  log: MetricsLog,
+  run: str,
+  splits=("val", "test"),
+) -> dict[str, float]:
+  """Final evaluation on `splits`; a missing test file is reported as skipped."""
+  result: dict[str, float] = {}
+  for split in splits:
+    if split == "test" and dataset.test is None:
+      console.info(f"test evaluation skipped: {dataset.test_missing_reason}")
+      log.write(
+        {
+          "run": run,
+          "stage": STAGE,
+          "split": "test",
+          "step": step,
+          "skipped": dataset.test_missing_reason,
+        }
+      )
+      continue
+    metrics = make_evaluator(config, dataset, split, model, mesh)(params)
+    log.write({"run": run, "stage": STAGE, "split": split, "step": step, "final": True, **metrics})
+    print(f"sasrec {split} step {step}: " + _fmt(metrics), flush=True)
+    if split == "val":
+      result = metrics
+  return result
+
+
+def evaluate(config, workdir: str) -> dict[str, float]:
+  """The `evaluate` stage for SASRec: restore the latest checkpoint and score `eval.split`."""
+  dataset = load_from_config(config, workdir)
+  cfg = model_config(config, dataset.n_items)
+  mesh = sharding.make_mesh(config.mesh)
+  ckpt = checkpointing.StageCheckpoints(workdir, STAGE, config.checkpoint.max_to_keep, False)
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise UserError(f"no sasrec checkpoint in {ckpt.directory}: run --config.stage=sasrec first")
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  optimizer = make_optimizer(1e-3, 0.0)
+  repl = sharding.replicated(mesh)
+  params = jax.device_put(params, repl)
+  target = {
+    "params": params,
+    "opt_state": jax.device_put(optimizer.init(params), repl),
+    "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
+  }
+  restored, _ = ckpt.restore(latest, checkpointing.abstract_like(target))
+  ckpt.close()
+  log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+  return evaluate_params(
+    config,
+    dataset,
+    SASRec(cfg),
+    mesh,
+    restored["params"],
+    latest,
+    log,
+    run="evaluate",
+    splits=(config.eval.split,),
+  )

@@ -1,0 +1,188 @@
+"""Splits, titles, candidate sets, the MovieLens builder and the synthetic generator."""
+
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import shared_path
+
+from ilora_jax import data, movielens, synthetic
+from ilora_jax.errors import UserError
+from ilora_jax.safe_pickle import load_dataframe
+
+
+def _split(rows=5, n_items=50, seed=0):
+  rng = np.random.default_rng(seed)
+  seq = np.full((rows, 10), n_items, np.int32)
+  lens = rng.integers(3, 11, size=rows).astype(np.int32)
+  for r in range(rows):
+    seq[r, : lens[r]] = rng.choice(n_items, size=lens[r], replace=False)
+  nxt = rng.integers(n_items, size=rows).astype(np.int32)
+  return data.Split("val", seq, lens, nxt)
+
+
+def test_candidates_deterministic_and_contain_target_once():
+  split = _split(rows=40)
+  c1, t1 = data.sample_candidates(split, 50, 20, seed=7)
+  c2, t2 = data.sample_candidates(split, 50, 20, seed=7)
+  np.testing.assert_array_equal(c1, c2)
+  np.testing.assert_array_equal(t1, t2)
+  for r in range(len(split)):
+    row = c1[r]
+    assert len(set(row.tolist())) == 20
+    assert (row == split.next[r]).sum() == 1
+    assert row[t1[r]] == split.next[r]
+    history = set(split.seq[r, : split.len_seq[r]].tolist()) - {int(split.next[r])}
+    assert not history & set(row.tolist())
+  c3, _ = data.sample_candidates(split, 50, 20, seed=8)
+  assert not np.array_equal(c1, c3)
+
+
+def test_candidates_independent_of_which_rows_are_drawn():
+  split = _split(rows=10)
+  full, _ = data.sample_candidates(split, 50, 20, seed=3)
+  head = data.Split("val", split.seq[:4], split.len_seq[:4], split.next[:4])
+  part, _ = data.sample_candidates(head, 50, 20, seed=3)
+  np.testing.assert_array_equal(full[:4], part)
+
+
+def test_candidates_respect_the_eligible_pool():
+  split = _split(rows=5)
+  eligible = np.arange(0, 50, 2)
+  cands, target = data.sample_candidates(split, 50, 10, seed=1, eligible=eligible)
+  for r in range(5):
+    others = np.delete(cands[r], target[r])
+    assert np.all(others % 2 == 0)
+
+
+def _frame(seq, lens, nxt):
+  return pd.DataFrame({"seq": seq, "len_seq": lens, "next": nxt})
+
+
+def test_split_drops_short_rows_and_reads_pairs():
+  pad = (5, 0)
+  frame = _frame(
+    [[(0, 4), (1, 3), (2, 5)] + [pad] * 7, [(3, 4), (4, 4)] + [pad] * 8], [3, 2], [(4, 3), (0, 5)]
+  )
+  split = data.split_from_dataframe(frame, "train", n_items=5, max_len=10, min_len=3, source="x")
+  assert len(split) == 1
+  np.testing.assert_array_equal(split.seq[0], [0, 1, 2] + [5] * 7)
+  assert split.next[0] == 4
+
+
+@pytest.mark.parametrize(
+  "frame,message",
+  [
+    (pd.DataFrame({"seq": [[1, 2, 3]], "next": [1]}), "missing column"),
+    (_frame([[1, 2, 99]], [3], [1]), "outside the title table"),
+    (_frame([[1, 2, 3]], [3], [9]), "outside the title table"),
+    (_frame([[1, 2, "a"]], [3], [1]), "must be integers"),
+    (_frame(["abc"], [3], [1]), "must be a list"),
+    (_frame([[1, 2, 3]], [3.5], [1]), "len_seq must be an integer"),
+    (_frame([[1, 2, 3]], [1], [1]), "no row"),
+    (_frame([], [], []), "empty"),
+  ],
+)
+def test_malformed_splits_are_clear_errors(frame, message):
+  with pytest.raises(UserError, match=message):
+    data.split_from_dataframe(frame, "train", n_items=9, max_len=10, min_len=3, source="f.df")
+
+
+def test_titles_formats(tmp_path):
+  (tmp_path / "id2name.txt").write_text("0::Morcheeba\n1::Café Del Mar\n", encoding="utf-8")
+  assert data.load_titles(str(tmp_path / "id2name.txt")) == {0: "Morcheeba", 1: "Café Del Mar"}
+  (tmp_path / "u.item").write_bytes(
+    "1|Toy Story (1995)|01-Jan-1995||url|0\n2|Seven (Se7en) (1995)|x\n3|unknown||\n".encode(
+      "latin-1"
+    )
+  )
+  assert data.load_titles(str(tmp_path / "u.item")) == {
+    0: "Toy Story",
+    1: "Seven (Se7en)",
+    2: "unknown",
+  }
+  (tmp_path / "bad.txt").write_text("zero::x\n")
+  with pytest.raises(UserError, match="line 1 is malformed"):
+    data.load_titles(str(tmp_path / "bad.txt"))
+
+
+def test_real_titles_and_splits_load():
+  titles = data.load_titles(shared_path("data", "movielens", "u.item"))
+  assert len(titles) == 1682 and titles[0] == "Toy Story"
+  val = data.load_split(shared_path("data", "lastfm", "Val_data.df"), "val", 4606, 10, 3)
+  assert len(val) == 122 and val.seq.shape == (122, 10)
+
+
+def _raw_ratings(tmp_path):
+  """A small u.data: 30 users with 6..15 ratings, timestamps with ties."""
+  rng = np.random.default_rng(0)
+  lines = []
+  for user in range(1, 31):
+    for _ in range(rng.integers(6, 16)):
+      lines.append(f"{user}\t{rng.integers(1, 41)}\t{rng.integers(1, 6)}\t{rng.integers(100, 130)}")
+  path = tmp_path / "u.data"
+  path.write_text("\n".join(lines) + "\n")
+  return path, lines
+
+
+def test_movielens_recipe_on_a_small_u_data(tmp_path):
+  path, lines = _raw_ratings(tmp_path)
+  sequences = movielens.user_sequences(movielens.read_ratings(str(path)))
+  # Independent recomputation of the recipe: filter, id - 1, stable sort by time.
+  expected: dict[int, list] = {}
+  rows = [tuple(int(x) for x in line.split("\t")) for line in lines]
+  for u, m, r, _ in sorted((r for r in rows if r[2] >= 3), key=lambda r: r[3]):
+    expected.setdefault(u, []).append((m - 1, r))
+  assert sequences == expected
+  frames = movielens.build_frames(sequences, seed=0)
+  users = len(expected)
+  assert len(frames["val"]) == int(users * 0.1) and len(frames["train"]) > 0
+  assert len(frames["test"]) == users - int(users * 0.8) - int(users * 0.1)
+  total_train_users = int(users * 0.8)
+  train_lengths = sorted(len(s) for s in expected.values())
+  assert len(frames["train"]) <= sum(train_lengths[-total_train_users:])
+  for _, row in frames["val"].iterrows():
+    assert len(row.seq) == 10 and row.seq[row.len_seq :] == [(1682, 0)] * (10 - row.len_seq)
+
+
+def test_movielens_builder_writes_loadable_llara_files(tmp_path):
+  path, _ = _raw_ratings(tmp_path)
+  items = tmp_path / "u.item"
+  items.write_text("".join(f"{i}|Movie {i} (1990)|d\n" for i in range(1, 1683)), encoding="latin-1")
+  out = movielens.build(str(tmp_path / "ml"), seed=0, raw_ratings=str(path), raw_items=str(items))
+  for name in ("train_data.df", "Val_data.df", "Test_data.df", "u.item"):
+    assert os.path.exists(os.path.join(out, name))
+  split = data.load_split(os.path.join(out, "Val_data.df"), "val", 1682, 10, 3)
+  assert len(split) >= 1
+  assert data.load_titles(os.path.join(out, "u.item"))[0] == "Movie 1"
+
+
+def test_movielens_from_the_widedeep_copy_matches_the_shared_val_rows():
+  pytest.importorskip("pyarrow")
+  try:
+    ratings = movielens.read_ratings()
+  except UserError as exc:
+    pytest.skip(str(exc))
+  val = load_dataframe(shared_path("data", "movielens", "Val_data.df"))
+  sequences = movielens.user_sequences(ratings)
+  assert sum(len(s) for s in sequences.values()) == int((ratings["rating"] >= 3).sum())
+  frames = movielens.build_frames(sequences, seed=0)
+  assert [len(frames[k]) for k in ("val", "test")] == [94, 95]
+  # Every shared val row (history + next) is one user's items, in time order up to ties.
+  by_user = {u: {item: k for k, (item, _) in enumerate(s)} for u, s in sequences.items()}
+  for _, row in val.iterrows():
+    items = [int(p[0]) for p in row.seq[: row.len_seq]] + [int(row.next[0])]
+    owners = [u for u, pos in by_user.items() if all(i in pos for i in items)]
+    assert owners, items
+
+
+def test_synthetic_groups_and_shapes():
+  train, val, test, groups = synthetic.generate(40, 100, 3, 12, 10, 0.0, seed=1)
+  assert train.seq.shape[1] == 10 and len(val) == 10 and len(test) == 10
+  assert set(groups.tolist()) <= {0, 1, 2}
+  assert np.all(train.next < 40) and np.all(train.seq <= 40)
+  real = np.arange(10)[None] < train.len_seq[:, None]
+  assert np.all(train.seq[real] < 40) and np.all(train.seq[~real] == 40)
+  titles = synthetic.titles(40)
+  assert len(set(titles.values())) == 40

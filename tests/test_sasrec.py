@@ -1,0 +1,178 @@
+"""Flax SASRec: shapes, masking, and parity with the original's checkpoints."""
+
+import pickle
+import zipfile
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import sasrec_numpy_reference as reference
+from conftest import shared_path
+
+from ilora_jax import data, metrics, sasrec, torch_checkpoint
+from ilora_jax.errors import UserError
+
+CFG = sasrec.SASRecConfig(n_items=30, hidden=16, max_len=10)
+
+
+def _batch():
+  seq = np.full((3, 10), 30, np.int32)
+  seq[0, :3] = [1, 2, 3]
+  seq[1, :10] = np.arange(10, 20)
+  seq[2, :1] = [7]
+  return jnp.asarray(seq), jnp.asarray([3, 10, 1], jnp.int32)
+
+
+def test_output_shapes():
+  params = sasrec.init_params(CFG, jax.random.PRNGKey(0))
+  seq, lens = _batch()
+  model = sasrec.SASRec(CFG)
+  chex.assert_shape(model.apply({"params": params}, seq, lens), (3, 30))
+  chex.assert_shape(model.apply({"params": params}, seq, lens, method="user_vector"), (3, 16))
+  chex.assert_shape(model.apply({"params": params}, seq, method="hidden_states"), (3, 10, 16))
+  chex.assert_shape(
+    model.apply({"params": params}, seq[:, :2], method="item_embedding"), (3, 2, 16)
+  )
+
+
+def test_padding_and_future_items_do_not_change_the_user_vector():
+  params = sasrec.init_params(CFG, jax.random.PRNGKey(1))
+  model = sasrec.SASRec(CFG)
+  seq, lens = _batch()
+  base = model.apply({"params": params}, seq, lens, method="user_vector")
+  # Item embeddings of the padding row change nothing (padding is masked out) ...
+  params2 = jax.tree.map(lambda x: x, params)
+  table = params2["item_embeddings"]["embedding"]
+  params2["item_embeddings"]["embedding"] = table.at[30].set(5.0)
+  chex.assert_trees_all_close(
+    model.apply({"params": params2}, seq, lens, method="user_vector"), base, atol=1e-6
+  )
+  # ... and neither do items after the last real one (causality): fill the padding of row 0.
+  seq_future = seq.at[0, 3:].set(jnp.arange(20, 27))
+  out = model.apply({"params": params}, seq_future, lens, method="user_vector")
+  chex.assert_trees_all_close(out[0], base[0], atol=1e-6)
+
+
+def test_dropout_only_in_training():
+  params = sasrec.init_params(CFG, jax.random.PRNGKey(2))
+  model = sasrec.SASRec(CFG)
+  seq, lens = _batch()
+  a = model.apply(
+    {"params": params}, seq, lens, deterministic=False, rngs={"dropout": jax.random.PRNGKey(0)}
+  )
+  b = model.apply({"params": params}, seq, lens)
+  assert not np.allclose(a, b)
+
+
+def test_matches_independent_numpy_formula_on_random_params():
+  params = sasrec.init_params(CFG, jax.random.PRNGKey(3))
+  # Give LayerNorms and biases non-trivial values so every term matters.
+  params = jax.tree.map(
+    lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(4), x.shape), params
+  )
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  flat = {
+    "item_embeddings.weight": p["item_embeddings"]["embedding"],
+    "positional_embeddings.weight": p["positional_embeddings"]["embedding"],
+    "s_fc.weight": p["s_fc"]["kernel"].T,
+    "s_fc.bias": p["s_fc"]["bias"],
+  }
+  for ln in ("ln_1", "ln_2", "ln_3"):
+    flat[f"{ln}.weight"], flat[f"{ln}.bias"] = p[ln]["scale"], p[ln]["bias"]
+  for k in ("linear_q", "linear_k", "linear_v"):
+    flat[f"mh_attn.{k}.weight"] = p["mh_attn"][k]["kernel"].T
+    flat[f"mh_attn.{k}.bias"] = p["mh_attn"][k]["bias"]
+  for k in ("w_1", "w_2"):
+    flat[f"feed_forward.{k}.weight"] = p["feed_forward"][k]["kernel"].T[:, :, None]
+    flat[f"feed_forward.{k}.bias"] = p["feed_forward"][k]["bias"]
+  flat["feed_forward.layer_norm.weight"] = p["feed_forward"]["layer_norm"]["scale"]
+  flat["feed_forward.layer_norm.bias"] = p["feed_forward"]["layer_norm"]["bias"]
+  seq, lens = _batch()
+  ours = sasrec.SASRec(CFG).apply({"params": params}, seq, lens)
+  theirs = reference.item_scores(flat, np.asarray(seq), np.asarray(lens), 30)
+  np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+  "name,n_items,folder",
+  [("lastfm", 4606, "lastfm"), ("movielens", 1682, "movielens"), ("steam", 3581, "steam")],
+)
+def test_converted_checkpoint_reproduces_the_original_forward(name, n_items, folder):
+  path = shared_path("checkpoints", "sasrec", f"{name}.pt")
+  val = data.load_split(shared_path("data", folder, "Val_data.df"), "val", n_items, 10, 3)
+  raw = {
+    k: v.astype(np.float64)
+    for k, v in torch_checkpoint.flat_parameters(torch_checkpoint.load_module(path)).items()
+  }
+  expected = reference.item_scores(raw, val.seq, val.len_seq, n_items)
+  cfg = sasrec.SASRecConfig(n_items=n_items)
+  params = sasrec.params_from_torch(path, cfg)
+  ours = np.asarray(sasrec.SASRec(cfg).apply({"params": params}, val.seq, val.len_seq))
+  assert np.abs(ours - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_converted_lastfm_scores_the_recorded_validation_hr1():
+  """REFERENCE.md: the original's lastfm.pt scores HR@1 0.270 on val (mean over draws)."""
+  path = shared_path("checkpoints", "sasrec", "lastfm.pt")
+  val = data.load_split(shared_path("data", "lastfm", "Val_data.df"), "val", 4606, 10, 3)
+  cfg = sasrec.SASRecConfig(n_items=4606)
+  params = sasrec.params_from_torch(path, cfg)
+  scores = np.asarray(sasrec.SASRec(cfg).apply({"params": params}, val.seq, val.len_seq))
+  hr1 = []
+  for seed in range(20):
+    cands, target = data.sample_candidates(val, 4606, 20, seed)
+    ranks = metrics.target_ranks(np.take_along_axis(scores, cands, 1), target)
+    hr1.append(metrics.ranking_metrics(ranks)["hr@1"])
+  # 20 draws: standard error about 0.025 / sqrt(20) plus row noise; 0.04 is generous.
+  assert abs(np.mean(hr1) - 0.270) < 0.04, np.mean(hr1)
+
+
+def test_checkpoint_for_other_item_count_is_rejected():
+  path = shared_path("checkpoints", "sasrec", "movielens.pt")
+  with pytest.raises(UserError, match="trained on 1682 items"):
+    sasrec.params_from_torch(path, sasrec.SASRecConfig(n_items=4606))
+
+
+class _RunsCode:
+  def __init__(self, target):
+    self.target = target
+
+  def __reduce__(self):
+    import os
+
+    return (os.system, (f"touch {self.target}",))
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(tmp_path):
+  marker = tmp_path / "pwned"
+  path = tmp_path / "evil.pt"
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("evil/data.pkl", pickle.dumps({"x": _RunsCode(marker)}, protocol=2))
+  with pytest.raises(UserError, match="refusing to load"):
+    torch_checkpoint.load_module(str(path))
+  assert not marker.exists()
+
+
+def test_truncated_and_non_zip_checkpoints(tmp_path):
+  real = open(shared_path("checkpoints", "sasrec", "movielens.pt"), "rb").read()
+  cut = tmp_path / "cut.pt"
+  cut.write_bytes(real[: len(real) // 2])
+  with pytest.raises(UserError, match="corrupt or truncated"):
+    torch_checkpoint.load_module(str(cut))
+  junk = tmp_path / "junk.pt"
+  junk.write_bytes(b"not a zip" * 10)
+  with pytest.raises(UserError, match="corrupt or truncated"):
+    torch_checkpoint.load_module(str(junk))
+
+
+def test_reads_checkpoint_written_by_torch(tmp_path):
+  """A module saved by real torch.save reads back to the same numbers (torch is test-only)."""
+  torch = pytest.importorskip("torch")
+  net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+  path = tmp_path / "net.pt"
+  torch.save(net, path)
+  flat = torch_checkpoint.flat_parameters(torch_checkpoint.load_module(str(path)))
+  for name, value in net.state_dict().items():
+    np.testing.assert_array_equal(flat[name], value.numpy())
