@@ -45,6 +45,14 @@ class StageCheckpoints:
     except OSError as exc:
       raise UserError(f"cannot write checkpoint {step} to {self.directory}: {exc}") from None
 
+  def restore_meta(self, step: int) -> dict:
+    """Only the JSON record of `step` (cheap; read before the arrays to compare settings)."""
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+      raise UserError(f"checkpoint {step} in {self.directory} is unreadable ({exc})") from None
+    return dict(restored["meta"])
+
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""
     try:

@@ -93,3 +93,31 @@ def _plain(value):
   if isinstance(value, float) and not math.isfinite(value):
     return str(value)
   return value
+
+
+def match_generation(
+  text: str, candidate_titles: list[str], target_index: int
+) -> tuple[bool, bool]:
+  """The paper's metric for one row: (valid, hit).
+
+  The first line of the generated text, lower-cased, is valid when exactly one candidate
+  title (lower-cased) occurs in it as a substring; a hit when that title is the target.
+  """
+  first = text.strip().split("\n", 1)[0].strip().lower() if text.strip() else ""
+  if not first:
+    return False, False
+  found = [k for k, title in enumerate(candidate_titles) if title.lower() in first]
+  valid = len(found) == 1
+  return valid, valid and found[0] == target_index
+
+
+def generation_metrics(valid: np.ndarray, hit: np.ndarray) -> dict[str, float]:
+  """ValidRatio, HitRatio@1 = hits / valid (the paper's definition) and hits / total."""
+  valid, hit = np.asarray(valid, bool), np.asarray(hit, bool)
+  total = max(len(valid), 1)
+  n_valid = int(valid.sum())
+  return {
+    "valid_ratio": n_valid / total,
+    "hit_ratio@1": float(hit.sum()) / n_valid if n_valid else 0.0,
+    "hits_over_total": float(hit.sum()) / total,
+  }

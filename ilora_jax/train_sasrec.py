@@ -188,8 +188,10 @@ def run(config, workdir: str) -> dict[str, float]:
 
   latest = ckpt.latest_step()
   if latest is not None:
+    checkpointing.check_same_settings(
+      ckpt.restore_meta(latest)["settings"], settings, ckpt.directory
+    )
     state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
-    checkpointing.check_same_settings(meta["settings"], settings, ckpt.directory)
     step, loss_sum, loss_count = int(meta["step"]), float(meta["loss_sum"]), int(meta["loss_count"])
     log.truncate(STAGE, meta["metrics_records"])
     console.info(f"SASRec: resumed from step {step} of {total_steps}")

@@ -205,3 +205,29 @@ def test_demo_builds_movielens_on_the_fly(tmp_path):
   assert os.path.exists(tmp_path / "data" / "movielens" / "train_data.df")
   records = _records(str(tmp_path))
   assert [r["split"] for r in records if r.get("final")] == ["val", "test"]
+
+
+def test_resuming_with_another_model_shape_says_what_differs(uninterrupted, tmp_path):
+  workdir = str(tmp_path)
+  first = run_cli(TINY, f"--workdir={workdir}", "--config.train.stop_after_steps=10")
+  assert first.returncode == 0, first.stderr
+  proc = run_cli(TINY, f"--workdir={workdir}", "--config.sasrec.hidden=32")
+  line = assert_one_line_error(proc, "other settings", "model")
+  assert "'hidden': 16" in line and "'hidden': 32" in line
+
+
+def test_launch_dry_run_prints_the_commands():
+  import subprocess
+
+  from conftest import ROOT
+
+  proc = subprocess.run(
+    ["bash", "launch/run_host.sh", "--dry_run", TINY, "--workdir=/tmp/x"],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+  )
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert "pip install" in lines[0]
+  assert lines[1] == f".venv/bin/python -m ilora_jax.main {TINY} --workdir=/tmp/x"

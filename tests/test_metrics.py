@@ -22,3 +22,18 @@ def test_hr_ndcg_mrr_by_hand():
   expected_ndcg = (1 + 1 / math.log2(3) + 1 / math.log2(6)) / 4
   assert math.isclose(m["ndcg@5"], expected_ndcg)
   assert math.isclose(m["mrr"], (1 + 1 / 2 + 1 / 5 + 1 / 8) / 4)
+
+
+def test_generation_matching_by_hand():
+  from ilora_jax.metrics import generation_metrics, match_generation
+
+  titles = ["Heat", "Alien", "Aliens", "Fargo"]
+  assert match_generation(" Fargo\nHeat", titles, 3) == (True, True)
+  assert match_generation("FARGO (1996)", titles, 3) == (True, True)  # case, extra text
+  assert match_generation("Heat", titles, 3) == (True, False)  # valid, wrong
+  assert match_generation("Heat or Fargo", titles, 3) == (False, False)  # two matches
+  assert match_generation("Aliens", titles, 2) == (False, False)  # substring: Alien too
+  assert match_generation("Brazil", titles, 0) == (False, False)  # none
+  assert match_generation("\n", titles, 0) == (False, False)
+  m = generation_metrics([True, True, False, True], [True, False, False, True])
+  assert m == {"valid_ratio": 0.75, "hit_ratio@1": 2 / 3, "hits_over_total": 0.5}

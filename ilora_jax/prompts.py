@@ -1,0 +1,195 @@
+"""Hybrid prompts: item titles plus placeholder tokens that receive SASRec item embeddings.
+
+Each history item is written `<title> [HistoryEmb]`, each candidate `<title> [CansEmb]`
+(text-only form: `[PH]`, which receives nothing), joined with ", ", inside one of the
+dataset's templates. Token ids are built from explicitly encoded pieces, so the
+positions of placeholders and of the target are known by construction, never
+recovered from tokenizer quirks:
+
+  input_ids     [batch, time]  prompt tokens, then (training) the target tokens
+  attention     [batch, time]  1 on real tokens, 0 on padding
+  loss_mask     [batch, time]  1 on target tokens (the label of position t is input_ids[t])
+  item_ids      [batch, time]  the item whose embedding replaces the token at this position,
+                               `n_items` (padding) where nothing is replaced
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+HISTORY = "[HistoryEmb]"
+CANDIDATE = "[CansEmb]"
+PLACEHOLDER = "[PH]"
+ITEM = "[ItemEmb]"
+PAD = "[PAD]"
+SPECIAL_TOKENS = (PLACEHOLDER, HISTORY, CANDIDATE, ITEM)
+
+# Three templates per dataset, one drawn per batch. The Steam one is the original's wording.
+TEMPLATES = {
+  "steam": (
+    "This user has played [HistoryHere] in the previous. Please predict the next game this "
+    "user will play. The game title candidates are [CansHere]. Choose only one game from "
+    "the candidates. The answer is",
+    "Given the games [HistoryHere] this user played before, which of [CansHere] will the "
+    "user play next? Answer with one title from the candidates. The answer is",
+    "Games played so far: [HistoryHere]. Candidate games: [CansHere]. Pick the single game "
+    "this user is most likely to play next. The answer is",
+  ),
+  "movielens": (
+    "This user has watched [HistoryHere] in the previous. Please predict the next movie this "
+    "user will watch. The movie title candidates are [CansHere]. Choose only one movie from "
+    "the candidates. The answer is",
+    "Given the movies [HistoryHere] this user watched before, which of [CansHere] will the "
+    "user watch next? Answer with one title from the candidates. The answer is",
+    "Movies watched so far: [HistoryHere]. Candidate movies: [CansHere]. Pick the single "
+    "movie this user is most likely to watch next. The answer is",
+  ),
+  "lastfm": (
+    "This user has listened to [HistoryHere] in the previous. Please predict the next artist "
+    "this user will listen to. The artist candidates are [CansHere]. Choose only one artist "
+    "from the candidates. The answer is",
+    "Given the artists [HistoryHere] this user listened to before, which of [CansHere] will "
+    "the user listen to next? Answer with one artist from the candidates. The answer is",
+    "Artists heard so far: [HistoryHere]. Candidate artists: [CansHere]. Pick the single "
+    "artist this user is most likely to listen to next. The answer is",
+  ),
+}
+TEMPLATES["synthetic"] = TEMPLATES["steam"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  """Token arrays of one batch (see the module docstring); all [batch, time] int32."""
+
+  input_ids: np.ndarray
+  attention: np.ndarray
+  loss_mask: np.ndarray
+  item_ids: np.ndarray
+
+  def as_dict(self) -> dict[str, np.ndarray]:
+    return dataclasses.asdict(self)
+
+
+class PromptBuilder:
+  """Turns (history, candidates, target) rows into token arrays.
+
+  Args:
+    encode: text -> token ids, with no special tokens added.
+    special_ids: ids of `[PH]`, `[HistoryEmb]`, `[CansEmb]` (keys are the token strings).
+    pad_id: id used for padding.
+    titles: item id -> title.
+    n_items: padding item id (written in `item_ids` where nothing is replaced).
+    dataset: key of TEMPLATES.
+    bos_id: optional id put first in every prompt.
+  """
+
+  def __init__(
+    self,
+    encode: Callable[[str], Sequence[int]],
+    special_ids: dict[str, int],
+    pad_id: int,
+    titles: dict[int, str],
+    n_items: int,
+    dataset: str,
+    bos_id: int | None = None,
+  ):
+    self._encode = encode
+    self.special_ids = special_ids
+    self.pad_id = pad_id
+    self.titles = titles
+    self.n_items = n_items
+    self.bos = [] if bos_id is None else [bos_id]
+    self.templates = []
+    for template in TEMPLATES[dataset]:
+      head, rest = template.split("[HistoryHere]")
+      middle, tail = rest.split("[CansHere]")
+      # Titles bring their own leading space (as BPE sees a word inside a sentence).
+      pieces = (head.rstrip(), middle.rstrip(), tail)
+      self.templates.append(tuple(list(encode(p)) for p in pieces))
+    self._title_cache: dict[int, list[int]] = {}
+    self._sep = list(encode(","))
+
+  def _title(self, item: int) -> list[int]:
+    """Tokens of ` <title> ` (the space before the placeholder included)."""
+    if item not in self._title_cache:
+      self._title_cache[item] = list(self._encode(f" {self.titles[item]}")) + list(
+        self._encode(" ")
+      )
+    return self._title_cache[item]
+
+  def target_tokens(self, item: int) -> list[int]:
+    return list(self._encode(f" {self.titles[item]}\n"))
+
+  def _items(self, items: Sequence[int], marker: str, hybrid: bool) -> tuple[list, list]:
+    ids, owners = [], []
+    mark = self.special_ids[marker if hybrid else PLACEHOLDER]
+    for k, item in enumerate(items):
+      title = self._title(int(item))
+      ids += title + [mark]
+      owners += [self.n_items] * len(title) + [int(item) if hybrid else self.n_items]
+      if k + 1 < len(items):
+        ids += self._sep
+        owners += [self.n_items] * len(self._sep)
+    return ids, owners
+
+  def encode_row(
+    self,
+    history: Sequence[int],
+    candidates: Sequence[int],
+    target: int | None,
+    template: int,
+    hybrid: bool,
+  ) -> tuple[list[int], list[int], list[int]]:
+    """Returns (ids, owner item per position, loss flags) of one row."""
+    head, middle, tail = self.templates[template]
+    hist_ids, hist_items = self._items(history, HISTORY, hybrid)
+    cand_ids, cand_items = self._items(candidates, CANDIDATE, hybrid)
+    ids = self.bos + head + hist_ids + middle + cand_ids + tail
+    pad_item = self.n_items
+    owners = (
+      [pad_item] * len(self.bos + head)
+      + hist_items
+      + [pad_item] * len(middle)
+      + cand_items
+      + [pad_item] * len(tail)
+    )
+    loss = [0] * len(ids)
+    if target is not None:
+      answer = self.target_tokens(int(target))
+      ids, owners, loss = ids + answer, owners + [pad_item] * len(answer), loss + [1] * len(answer)
+    return ids, owners, loss
+
+  def batch(
+    self,
+    rows: Sequence[tuple[Sequence[int], Sequence[int], int | None]],
+    template: int,
+    hybrid: bool,
+    length: int | None = None,
+    pad_left: bool = False,
+    multiple_of: int = 32,
+  ) -> Batch:
+    """Encodes rows (history, candidates, target or None) and pads them to one length.
+
+    Training pads on the right; generation prompts pad on the left so every row's next
+    token is at the same position. The length is rounded up to `multiple_of` (few shapes,
+    few compilations) unless `length` is given.
+    """
+    encoded = [self.encode_row(h, c, t, template, hybrid) for h, c, t in rows]
+    longest = max(len(e[0]) for e in encoded)
+    if length is None:
+      length = -(-longest // multiple_of) * multiple_of
+    if longest > length:
+      raise ValueError(f"a prompt has {longest} tokens, more than the length {length}")
+    arrays = {k: np.zeros((len(rows), length), np.int32) for k in ("ids", "att", "loss")}
+    items = np.full((len(rows), length), self.n_items, np.int32)
+    arrays["ids"][:] = self.pad_id
+    for r, (ids, owners, loss) in enumerate(encoded):
+      span = slice(length - len(ids), length) if pad_left else slice(0, len(ids))
+      arrays["ids"][r, span] = ids
+      arrays["att"][r, span] = 1
+      arrays["loss"][r, span] = loss
+      items[r, span] = owners
+    return Batch(arrays["ids"], arrays["att"], arrays["loss"], items)
