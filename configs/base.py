@@ -10,7 +10,9 @@ placeholder = config_dict.placeholder
 
 def get_config() -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
-  c.stage = "sasrec"  # sasrec: train the recommender; ilora: train adapters; evaluate: re-score.
+  # sasrec: train the recommender; ilora: train the adapters on a trained SASRec;
+  # pipeline: sasrec then ilora (each resumes or skips when done); evaluate: re-score.
+  c.stage = "sasrec"
 
   c.data = config_dict.ConfigDict()
   c.data.name = "synthetic"  # lastfm | movielens | steam | synthetic.
@@ -42,6 +44,7 @@ def get_config() -> config_dict.ConfigDict:
   c.sasrec.init_from = ""  # "" trains from scratch; a path loads an original .pt checkpoint.
   c.sasrec.train = config_dict.ConfigDict()  # Stage defaults; config.train.* override them.
   c.sasrec.train.epochs = 30  # Passes over the training rows.
+  c.sasrec.train.steps = placeholder(int)  # Total steps; wins over epochs when set.
   c.sasrec.train.batch_size = 256  # Global batch.
   c.sasrec.train.lr = 1e-3  # Adam learning rate (the original's).
   c.sasrec.train.weight_decay = 1e-4  # Coupled L2, as torch Adam(weight_decay) (the original's).
@@ -49,13 +52,55 @@ def get_config() -> config_dict.ConfigDict:
   c.ilora = config_dict.ConfigDict()  # The iLoRA stage (paper hyperparameters per dataset).
   c.ilora.train = config_dict.ConfigDict()
   c.ilora.train.epochs = 5  # Passes over the training rows.
+  c.ilora.train.steps = placeholder(int)  # Total optimizer steps; wins over epochs when set.
   c.ilora.train.batch_size = 8  # Global batch per micro-step.
   c.ilora.train.grad_accum = 16  # Micro-steps per update (effective batch 128).
   c.ilora.train.lr = 7e-4  # Peak learning rate (projector and LoRA; router gets 0.3x).
   c.ilora.train.weight_decay = 1e-5  # Coupled L2 on projector and router.
 
+  c.ilora.train.clip_norm = 1.0  # Global gradient-norm clip (the original had none); 0 = off.
+  c.ilora.max_target_tokens = 48  # Target tokens scored per row (titles are shorter).
+  c.ilora.eval_rows = 0  # Rows of val/test evaluated (0 = all).
+  c.ilora.eval_batch_size = 8  # Prompts per generation batch.
+  c.ilora.eval_generate = True  # Generation metrics at evaluations (False: target loss only).
+  c.ilora.max_new_tokens = 64  # Greedy decoding budget (the paper's).
+  c.ilora.max_bad_steps = 20  # Consecutive non-finite losses before the run stops.
+
+  c.lora = config_dict.ConfigDict()
+  c.lora.rank = 8  # Total LoRA rank r, split over the experts.
+  c.lora.num_experts = 4  # E; rank r / E per expert.
+  c.lora.alpha = 32.0  # Scale alpha / (r / E).
+  c.lora.dropout = 0.1  # Dropout on the adapter input.
+  c.lora.targets = ["q", "k", "v", "o", "gate", "up", "down"]  # Wrapped projections.
+  c.lora.gate = "router"  # router | uniform (gating removed) | constant (E=1: plain LoRA).
+
+  c.router = config_dict.ConfigDict()
+  c.router.kind = "resnet1d"  # resnet1d (the original's) | linear | mlp.
+  c.router.hidden = 64  # Hidden width of the mlp router.
+
   c.llm = config_dict.ConfigDict()
   c.llm.name = "smollm2-135m"  # Registered name, Hugging Face folder or .gguf file.
+  # bf16 compute and frozen weights; adapters, router, projector and optimizer stay float32.
+  c.llm.dtype = "bfloat16"  # Compute dtype: float32 | bfloat16.
+  c.llm.param_dtype = "bfloat16"  # Frozen base weights: float32 | bfloat16.
+  c.llm.attention = "auto"  # auto (cuDNN on GPUs in bf16, else xla) | xla | cudnn.
+  c.llm.remat = "none"  # Rematerialisation: none | full | dots | dots_no_batch.
+
+  c.bench = config_dict.ConfigDict()  # python -m ilora_jax.bench (random batches, no data).
+  c.bench.batch_size = 8  # Prompts per micro-batch.
+  c.bench.seq_len = 512  # Tokens per prompt.
+  c.bench.grad_accum = 1  # Micro-batches per timed step.
+  c.bench.steps = 10  # Timed steps, after the warm-up.
+  c.bench.warmup = 2  # Untimed steps after compilation.
+  c.bench.target_tokens = 16  # Target (loss) tokens at the end of each prompt.
+  c.bench.peak_flops = 989e12  # Per-device peak for MFU (H100 SXM dense bf16).
+  c.bench.train = True  # Time the train step.
+  c.bench.eval = True  # Time greedy generation.
+  c.bench.eval_batch_size = 16  # Prompts per generation batch.
+  c.bench.eval_prompt_len = 400  # Prompt tokens.
+  c.bench.eval_new_tokens = 32  # Generated tokens (no early stop).
+  c.bench.decode_both = False  # Also time the other decode loop (scanned vs unrolled layers).
+  c.bench.check_attention = False  # Also report the loss difference xla vs cudnn attention.
 
   c.train = config_dict.ConfigDict()  # Overrides for the running stage (unset = stage default).
   c.train.epochs = placeholder(int)  # Passes over the training data.

@@ -19,7 +19,18 @@ def get_config():
   c.sasrec.train.epochs = 2
   c.sasrec.train.batch_size = 32
   c.sasrec.train.lr = 5e-3
-  c.llm.name = "tiny"
+  c.llm.dtype = c.llm.param_dtype = "float32"  # CPU: float32 is faster than emulated bf16.
+  c.llm.name = "tiny"  # Random 2-layer Llama with a real tokenizer.
+  c.ilora.train.batch_size = 4  # Micro-batch.
+  c.ilora.train.grad_accum = 2  # Two micro-batches per update.
+  c.ilora.train.steps = 6  # A few updates: the point is the plumbing.
+  c.ilora.train.lr = 1e-3
+  c.ilora.eval_rows = 8  # Rows of val/test generated.
+  c.ilora.eval_batch_size = 4
+  c.ilora.max_new_tokens = 8
+  c.lora.rank = 4  # Total rank 4: two experts of rank 2.
+  c.lora.num_experts = 2
+  c.router.kind = "linear"
   c.train.log_every_steps = 5
   c.checkpoint.every_steps = 10
   c.checkpoint.async_save = False

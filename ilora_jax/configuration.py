@@ -6,7 +6,7 @@ from ml_collections import ConfigDict
 
 from ilora_jax.errors import UserError
 
-STAGES = ("sasrec", "ilora", "evaluate")
+STAGES = ("sasrec", "ilora", "pipeline", "evaluate")
 DATASETS = ("lastfm", "movielens", "steam", "synthetic")
 _TRAIN_KEYS = ("epochs", "steps", "batch_size", "lr", "weight_decay", "grad_accum")
 
@@ -34,6 +34,14 @@ def validate(config: ConfigDict) -> None:
     "eval.split",
     f"={config.eval.split!r} is not train, val or test",
   )
+  for field, allowed in (
+    ("dtype", ("float32", "bfloat16", "float16")),
+    ("param_dtype", ("float32", "bfloat16", "float16")),
+    ("attention", ("auto", "xla", "cudnn")),
+    ("remat", ("none", "full", "dots", "dots_no_batch")),
+  ):
+    value = config.llm[field]
+    need(value in allowed, f"llm.{field}", f"={value!r} is not one of {', '.join(allowed)}")
   need(config.data.max_len > 0, "data.max_len", "must be positive")
   need(config.data.num_candidates >= 2, "data.num_candidates", "must be at least 2")
   need(config.data.n_items >= 0, "data.n_items", "must be >= 0 (0 = from the titles)")
@@ -64,6 +72,7 @@ def stage_train(config: ConfigDict, stage: str) -> ConfigDict:
     value = config.train.get(key)
     if value is not None:
       merged[key] = value
-  merged.steps = config.train.steps
+  if "steps" not in merged:
+    merged.steps = None
   merged.seed = config.train.seed
   return merged

@@ -165,7 +165,12 @@ def load_titles(path: str) -> dict[int, str]:
 
 
 def sample_candidates(
-  split: Split, n_items: int, num_candidates: int, seed: int, eligible: np.ndarray | None = None
+  split: Split,
+  n_items: int,
+  num_candidates: int,
+  seed: int,
+  eligible: np.ndarray | None = None,
+  row_ids: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Fixed candidate sets: the target plus items outside history and target, shuffled.
 
@@ -178,6 +183,8 @@ def sample_candidates(
     num_candidates: candidates per row, the target included.
     seed: candidate seed.
     eligible: optional sorted array of item ids that may be drawn (default: all).
+    row_ids: the rows' indices in the full split when `split` holds a subset (they seed
+      the draws), default 0..rows-1.
 
   Returns:
     candidates [rows, num_candidates] int32 and target_index [rows] int32 (position of
@@ -189,7 +196,7 @@ def sample_candidates(
   cands = np.empty((rows, num_candidates), dtype=np.int32)
   target_index = np.empty((rows,), dtype=np.int32)
   for r in range(rows):
-    rng = np.random.default_rng([seed, split_key, r])
+    rng = np.random.default_rng([seed, split_key, r if row_ids is None else int(row_ids[r])])
     excluded = set(split.seq[r, : split.len_seq[r]].tolist())
     excluded.add(int(split.next[r]))
     chosen: list[int] = []

@@ -52,21 +52,24 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as exc:
     raise UserError(f"cannot create workdir {workdir}: {exc}") from None
-  if config.stage == "sasrec":
+  if config.stage in ("sasrec", "pipeline"):
     from ilora_jax import train_sasrec
 
-    train_sasrec.run(config, workdir)
+    if train_sasrec.run(config, workdir) is None:
+      return  # Stopped early (train.stop_after_steps): iLoRA needs the finished SASRec.
+  if config.stage in ("ilora", "pipeline"):
+    from ilora_jax import train_ilora
+
+    train_ilora.run(config, workdir)
   elif config.stage == "evaluate":
     if config.eval.stage == "sasrec":
       from ilora_jax import train_sasrec
 
       train_sasrec.evaluate(config, workdir)
     else:
-      raise UserError("config.eval.stage=ilora needs the iLoRA stage, which is not built yet")
-  else:
-    raise UserError(
-      "config.stage=ilora is not built yet (see the iLoRA issue); use --config.stage=sasrec"
-    )
+      from ilora_jax import train_ilora
+
+      train_ilora.evaluate(config, workdir)
 
 
 if __name__ == "__main__":

@@ -82,3 +82,9 @@ def learning_rates(lr: float, total_steps: int, step) -> dict[str, Any]:
   """Current learning rate of each group (for logging)."""
   base = schedule(lr, total_steps)(step)
   return {"lr/projector": base, "lr/router": ROUTER_LR_SCALE * base, "lr/lora": base}
+
+
+def global_norm(tree) -> jax.Array:
+  """L2 norm of all leaves together."""
+  norm = getattr(getattr(optax, "tree", None), "norm", None)
+  return norm(tree) if norm is not None else optax.global_norm(tree)

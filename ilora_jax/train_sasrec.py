@@ -109,8 +109,8 @@ def _fmt(metrics: dict[str, float]) -> str:
   return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
-def run(config, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) the SASRec stage; returns the final val metrics."""
+def run(config, workdir: str) -> dict[str, float] | None:
+  """Trains (or resumes) the SASRec stage; returns the final val metrics, None if stopped early."""
   dataset = load_from_config(config, workdir)
   tc = stage_train(config, STAGE)
   cfg = model_config(config, dataset.n_items)
@@ -249,7 +249,7 @@ def run(config, workdir: str) -> dict[str, float]:
       f"SASRec: stopped at step {step} of {total_steps} (train.stop_after_steps); "
       "re-run the same command to resume"
     )
-    return last_val
+    return None
   final = evaluate_params(config, dataset, model, mesh, state["params"], step, log, run=STAGE)
   return final
 

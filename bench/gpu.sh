@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Every benchmark on one GPU, in one go (about 9 minutes on an H100), JSON results in $RESULTS.
+#
+#   bash bench/gpu.sh [RESULTS_DIR]
+#
+# 1. smoke: SmolLM2-135M shape, loss with einsum vs cuDNN attention (must agree), one short
+#    timed step and generation;
+# 2. the 7B shape (random bf16 weights), batch 8, seq 512, r = 8, 4 experts, all seven
+#    projections: the JAX train step (cuDNN attention), then with remat 'dots';
+# 3. the PyTorch references on the same card: fused adapters at batch 8, the original's
+#    per-expert adapters at batch 4 (batch 8 ran out of memory for the original);
+# 4. greedy generation, batch 16, 400-token prompts, 32 new tokens, JAX and PyTorch.
+# Each command has its own time limit, so one failure still leaves the other results.
+set -u
+RESULTS=${1:-${OUT:-bench_results}}
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+PY=${PYTHON:-python3}
+CFG=--config=configs/movielens.py
+SEVEN=(--config.llm.name=llama2-7b --config.bench.batch_size=8 --config.bench.seq_len=512
+       --config.bench.steps=10 --config.bench.eval_batch_size=16
+       --config.bench.eval_prompt_len=400 --config.bench.eval_new_tokens=32)
+
+run() {  # run NAME LIMIT_S CMD...: keeps the last JSON line of CMD's output as NAME.json
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: $*"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$RESULTS/$name.log" | grep -v '^{' | tail -n 30
+  grep '^{' "$RESULTS/$name.log" | tail -n 1 > "$RESULTS/$name.json"
+  echo "=== $name: $((SECONDS - start)) s; $(cat "$RESULTS/$name.json")"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+run jax_7b 240 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.bench.decode_both=True
+if [ ! -s "$RESULTS/jax_7b.json" ]; then  # cuDNN attention failed: measure the einsum path.
+  run jax_7b 150 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.llm.attention=xla
+fi
+run smoke 150 $PY -m ilora_jax.bench $CFG --config.llm.name=smollm2-135m-random \
+  --config.bench.check_attention=True --config.bench.steps=5 --config.bench.eval=False
+run torch_fused_7b 120 $PY bench/torch_reference.py --model=llama2-7b --variant=fused \
+  --batch_size=8 --seq_len=512 --steps=5 --eval
+run torch_original_7b 90 $PY bench/torch_reference.py --model=llama2-7b --variant=original \
+  --batch_size=4 --seq_len=512 --steps=5
+run jax_7b_remat 110 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.llm.remat=dots \
+  --config.bench.eval=False
+$PY - "$RESULTS" <<'EOF'
+import json, os, sys
+d = sys.argv[1]
+rows = {}
+for name in ("smoke", "jax_7b", "jax_7b_remat", "torch_fused_7b", "torch_original_7b"):
+  try:
+    rows[name] = json.load(open(os.path.join(d, name + ".json")))
+  except Exception:
+    rows[name] = {}
+print(f"{'run':<20}{'tokens/s':>10}{'step s':>9}{'GiB':>7}{'MFU':>7}{'compile s':>10}{'gen p/s':>9}")
+for name, r in rows.items():
+  gib = (r.get("peak_bytes") or 0) / 2**30
+  print(f"{name:<20}{r.get('tokens_per_s', 0):>10.0f}{r.get('step_s', 0):>9.3f}{gib:>7.1f}"
+        f"{r.get('mfu', 0):>7.3f}{r.get('compile_s', 0):>10.1f}"
+        f"{r.get('eval_gen_prompts_per_s', 0):>9.1f}")
+jax7, fused = rows["jax_7b"], rows["torch_fused_7b"]
+if jax7.get("tokens_per_s") and fused.get("tokens_per_s"):
+  print(f"jax / torch-fused tokens/s: {jax7['tokens_per_s'] / fused['tokens_per_s']:.2f}")
+json.dump(rows, open(os.path.join(d, "summary.json"), "w"), indent=1)
+EOF

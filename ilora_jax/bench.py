@@ -1,0 +1,322 @@
+"""Benchmark of the full iLoRA train step and of greedy generation, on random batches.
+
+python -m ilora_jax.bench --config=configs/movielens.py --config.llm.name=llama2-7b \
+    --config.bench.batch_size=8 --config.bench.seq_len=512 --config.bench.steps=10
+
+Builds exactly what the `ilora` stage trains (frozen Llama with the vocabulary grown by the
+special tokens, instance-wise LoRA on the configured projections, router, projector, a random
+frozen SASRec) and times the same jitted, sharded, donated train step after compilation and a
+warm-up, blocking on the results. No data files are read. Prints a table and, as its last line,
+one JSON object:
+
+  step_s, tokens_per_s, compile_s, peak_bytes, mfu, loss, and eval_gen_* for generation.
+
+MFU counts the model FLOPs of a frozen-base step, 4 N per token for the N matmul weights of the
+layers (forward, plus the backward pass to the activations; no weight gradients of the base)
+plus 12 L d T per token for attention (forward and backward), over `bench.peak_flops` per device.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ilora_jax.errors import UserError, cli_main
+
+
+def _peak_bytes() -> int | None:
+  stats = jax.local_devices()[0].memory_stats() or {}
+  value = stats.get("peak_bytes_in_use")
+  return None if value is None else int(value)
+
+
+def layer_matmul_params(cfg) -> int:
+  """Weights of the seven projections over all layers (what each token multiplies through)."""
+  d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  attn = d * h * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+  return cfg.num_layers * (attn + 3 * d * f)
+
+
+def train_flops_per_token(cfg, seq_len: int) -> float:
+  return 4.0 * layer_matmul_params(cfg) + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * (
+    seq_len
+  )
+
+
+def build(config, mesh):
+  """Parts, frozen params and initial train state of a random-data iLoRA setup."""
+  from ilora_jax import llm, lora, optim, router, sharding, train_ilora
+  from ilora_jax import tokenizer as tok_lib
+  from ilora_jax.projector import Projector
+  from ilora_jax.sasrec import SASRec, init_params
+  from ilora_jax.train_sasrec import model_config
+
+  rules = sharding.rules(config)
+  lora_cfg = lora.LoRAConfig(
+    rank=config.lora.rank,
+    num_experts=config.lora.num_experts,
+    alpha=config.lora.alpha,
+    dropout=config.lora.dropout,
+    targets=tuple(config.lora.targets),
+  )
+  dtypes = train_ilora._DTYPES
+  base = llm.load(
+    config.llm.name,
+    dtype=dtypes[config.llm.dtype],
+    param_dtype=dtypes[config.llm.param_dtype],
+    mesh=mesh,
+    rules=rules,
+    attention=train_ilora.attention_impl(config),
+    remat_policy=config.llm.remat,
+  )
+  special = 5  # [PH] [HistoryEmb] [CansEmb] [ItemEmb] and the pad token.
+  params, llama_cfg = tok_lib.resize_vocab(
+    base.params, base.config, base.config.vocab_size + special, multiple_of=128
+  )
+  params = jax.device_put(params, llm.mesh_shardings(llama_cfg, mesh, rules))
+  model = llm.LLM(llama_cfg, params, base.tokenizer, adapter=lora.adapter_factory(lora_cfg))
+  n_items = 1000
+  sas_cfg = model_config(config, n_items)
+  sas_params = jax.device_put(
+    init_params(sas_cfg, jax.random.PRNGKey(1)), sharding.replicated(mesh)
+  )
+  parts = train_ilora.Parts(
+    model,
+    SASRec(sas_cfg),
+    router.make_router(config.router.kind, lora_cfg.num_experts, config.router.hidden),
+    Projector(llama_cfg.hidden_size),
+    None,
+    lora_cfg,
+    n_items,
+    config.ilora.max_target_tokens,
+    (),
+  )
+  frozen = {"llm": model.params, "sasrec": sas_params}
+  trainable, stats = train_ilora.init_trainable(parts, mesh, rules, 0)
+  tx = optim.make(train_ilora.labels_of(trainable), 1e-4, 1000, 1e-5, config.ilora.train.clip_norm)
+  opt_state = train_ilora.init_opt_state(tx, trainable, mesh)
+  repl = sharding.replicated(mesh)
+  state = {
+    "trainable": trainable,
+    "stats": stats,
+    "opt_state": opt_state,
+    "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
+  }
+  return parts, frozen, state, tx
+
+
+def random_batch(parts, accum: int, batch: int, seq_len: int, target_tokens: int, seed: int = 0):
+  """An unpadded batch shaped like the stage's: [accum, batch, ...] numpy arrays."""
+  rng = np.random.default_rng(seed)
+  vocab = parts.model.config.vocab_size - 128  # Ordinary tokens only.
+  shape = (accum, batch, seq_len)
+  input_ids = rng.integers(0, vocab, shape, dtype=np.int32)
+  loss_mask = np.zeros(shape, np.int32)
+  loss_mask[..., seq_len - target_tokens :] = 1
+  item_ids = np.full(shape, parts.n_items, np.int32)
+  # 10 history and 20 candidate placeholders spread over the prompt.
+  slots = np.linspace(8, seq_len - target_tokens - 8, 30).astype(int)
+  item_ids[..., slots] = rng.integers(0, parts.n_items, (accum, batch, 30))
+  seq = rng.integers(0, parts.n_items, (accum, batch, 10), dtype=np.int32)
+  return {
+    "input_ids": input_ids,
+    "attention": np.ones(shape, np.int32),
+    "loss_mask": loss_mask,
+    "item_ids": item_ids,
+    "seq": seq,
+    "len_seq": np.full((accum, batch), 10, np.int32),
+  }
+
+
+def bench_train(config, mesh, parts, frozen, state, tx) -> tuple[dict, dict]:
+  from ilora_jax import sharding, train_ilora
+
+  bc = config.bench
+  repl = sharding.replicated(mesh)
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+  batch_sh = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
+  step = jax.jit(
+    train_ilora.make_train_step(parts, tx, config.lora.gate, 0),
+    in_shardings=(state_sh, frozen_sh, batch_sh),
+    out_shardings=(state_sh, repl),
+    donate_argnums=(0,),
+  )
+  host = random_batch(parts, bc.grad_accum, bc.batch_size, bc.seq_len, bc.target_tokens)
+  batch = {k: jax.device_put(v, batch_sh) for k, v in host.items()}
+  t0 = time.perf_counter()
+  compiled = step.lower(state, frozen, batch).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(bc.warmup):
+    state, metrics = compiled(state, frozen, batch)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for _ in range(bc.steps):
+    state, metrics = compiled(state, frozen, batch)
+  jax.block_until_ready((state, metrics))
+  step_s = (time.perf_counter() - t0) / max(bc.steps, 1)
+  tokens = bc.grad_accum * bc.batch_size * bc.seq_len
+  flops = train_flops_per_token(parts.model.config, bc.seq_len) * tokens
+  result = {
+    "step_s": step_s,
+    "tokens_per_s": tokens / step_s,
+    "compile_s": compile_s,
+    "peak_bytes": _peak_bytes(),
+    "mfu": flops / step_s / (bc.peak_flops * mesh.size),
+    "loss": float(metrics["loss"]),
+  }
+  return result, state
+
+
+def bench_generate(config, parts, frozen, state) -> dict:
+  from ilora_jax import llm, train_ilora
+
+  bc = config.bench
+  b, t, new = bc.eval_batch_size, bc.eval_prompt_len, bc.eval_new_tokens
+  host = random_batch(parts, 1, b, t, 1, seed=1)
+  batch = {k: v[0] for k, v in host.items()}
+
+  @jax.jit
+  def prepare(trainable, stats, frozen, batch):
+    gate, _ = train_ilora.gate_weights(
+      parts, trainable, stats, frozen, batch["seq"], batch["len_seq"], False, config.lora.gate
+    )
+    mask, embeds = train_ilora.replacement(parts, trainable, frozen, batch["item_ids"])
+    return train_ilora._merge(frozen["llm"], trainable["lora"]), gate, mask, embeds
+
+  def run(unroll):
+    params, gate, mask, embeds = prepare(state["trainable"], state["stats"], frozen, batch)
+    out, lengths = llm.generate_tokens(
+      parts.model.module,
+      params,
+      jnp.asarray(batch["input_ids"]),
+      jnp.asarray(batch["attention"]),
+      max_new_tokens=new,
+      eos_ids=(),
+      pad_id=0,
+      gate_weights=gate,
+      replace_mask=mask,
+      replace_embeds=embeds,
+      unroll=unroll,
+    )
+    return jax.block_until_ready(out)
+
+  result = {}
+  modes = [llm.default_unroll()]
+  if bc.decode_both:
+    modes.append(not modes[0])
+  outputs = []
+  for unroll in modes:
+    prefix = "eval_gen_" if unroll == modes[0] else "eval_gen_alt_"
+    t0 = time.perf_counter()
+    out = run(unroll)
+    first_s = time.perf_counter() - t0
+    reps = 3
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = run(unroll)
+    batch_s = (time.perf_counter() - t0) / reps
+    outputs.append(np.asarray(out))
+    result.update(
+      {
+        prefix + "unroll": unroll,
+        prefix + "batch_s": batch_s,
+        prefix + "prompts_per_s": b / batch_s,
+        prefix + "tokens_per_s": b * new / batch_s,
+        prefix + "compile_s": max(first_s - batch_s, 0.0),
+      }
+    )
+  if len(outputs) == 2:  # Both loops decode the same tokens (greedy; ties aside).
+    result["eval_gen_same_tokens"] = float(np.mean(outputs[0] == outputs[1]))
+  return result
+
+
+def check_attention(config, mesh, parts, frozen, state) -> dict:
+  """Loss of one batch with einsum attention and with cuDNN attention (GPU only)."""
+  import dataclasses
+
+  from ilora_jax import llm, train_ilora
+
+  bc = config.bench
+  host = random_batch(parts, 1, bc.batch_size, bc.seq_len, bc.target_tokens, seed=2)
+  batch = {k: v[0] for k, v in host.items()}
+  batch["attention"][0, -bc.seq_len // 4 :] = 0  # One padded row.
+  losses = {}
+  for impl in ("xla", "cudnn"):
+    cfg = parts.model.config.replace(attention=impl)
+    model = llm.LLM(cfg, parts.model.params, parts.model.tokenizer, parts.model.module.adapter)
+    p = dataclasses.replace(parts, model=model)
+    fn = jax.jit(
+      lambda t, s, f, b, p=p: train_ilora.loss_fn(
+        p, config.lora.gate, t, s, f, b, jax.random.PRNGKey(0), False
+      )[0]
+    )
+    losses[impl] = float(fn(state["trainable"], state["stats"], frozen, batch))
+  return {
+    "attention_loss_xla": losses["xla"],
+    "attention_loss_cudnn": losses["cudnn"],
+    "attention_rel_diff": abs(losses["xla"] - losses["cudnn"]) / abs(losses["xla"]),
+  }
+
+
+def run(config) -> dict:
+  from ilora_jax import console, sharding
+
+  mesh = sharding.make_mesh(config.mesh)
+  sharding.batch_size_per_shard(mesh, config.bench.batch_size)
+  t0 = time.perf_counter()
+  parts, frozen, state, tx = build(config, mesh)
+  jax.block_until_ready(frozen)
+  console.info(f"bench: built {config.llm.name} in {time.perf_counter() - t0:.1f} s")
+  result = {
+    "model": config.llm.name,
+    "device": jax.devices()[0].device_kind,
+    "devices": jax.device_count(),
+    "batch_size": config.bench.batch_size,
+    "grad_accum": config.bench.grad_accum,
+    "seq_len": config.bench.seq_len,
+    "attention": parts.model.config.attention,
+    "remat": config.llm.remat,
+    "dtype": config.llm.dtype,
+  }
+  if config.bench.check_attention:
+    result.update(check_attention(config, mesh, parts, frozen, state))
+  if config.bench.train:
+    train, state = bench_train(config, mesh, parts, frozen, state, tx)
+    result.update(train)
+  if config.bench.eval:
+    result.update(bench_generate(config, parts, frozen, state))
+  width = max(len(k) for k in result)
+  for key, value in result.items():
+    shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+    print(f"{key:<{width}}  {shown}")
+  print(json.dumps(result), flush=True)
+  return result
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+  from ilora_jax import main as main_lib
+
+  flags.FLAGS.set_default("workdir", "unused")
+  config, _ = main_lib.parse(list(sys.argv if argv is None else argv))
+  from ilora_jax import configuration, console
+
+  configuration.validate(config)
+  console.quiet_libraries()
+  if config.bench.steps < 1 or config.bench.batch_size < 1 or config.bench.seq_len < 2:
+    raise UserError("config.bench: steps, batch_size must be >= 1 and seq_len >= 2")
+  if config.bench.target_tokens >= config.bench.seq_len:
+    raise UserError("config.bench.target_tokens must be smaller than config.bench.seq_len")
+  run(config)
+
+
+if __name__ == "__main__":
+  main()

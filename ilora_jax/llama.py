@@ -1,0 +1,530 @@
+"""A functional Llama decoder in Flax linen, with seams for instance-wise adapters.
+
+Shapes use these letters: b batch, t query time, s key time (cache slots), d embed (hidden),
+n query heads, k kv heads, g query heads per kv head (n = k * g), h head_dim, f mlp
+(intermediate), v vocab, l layers.
+
+Parameters carry logical axis names ('vocab', 'embed', 'mlp', 'heads', 'kv_heads',
+'head_dim', and 'layers' for the scan axis); activations are constrained with
+('batch', 'length', 'embed') at residual boundaries. The model never names mesh axes.
+
+Adapter seam: every projection (q, k, v, o, gate, up, down) is a `Projection`. When the
+`Llama` module gets an `adapter` factory, each projection calls
+
+  adapter(in_features=..., out_features=..., target='q', name='adapter')
+
+inside its compact scope. The factory returns a linen module (or None to leave that projection
+alone) that is called as `delta = module(x, gate_weights, deterministic)` with `x` the
+projection's input flattened to [batch, time, in_features]; `delta` [batch, time,
+out_features] is added to the base output. `gate_weights` ([batch, experts] or None) and
+`deterministic` (a Python bool) are explicit forward arguments, broadcast (not scanned) to
+every layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+AdapterFactory = Callable[..., nn.Module | None]
+
+_MASKED = -1e30  # score given to masked keys; finite so fully masked rows stay finite.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Hyper-parameters of a Llama decoder (hashable, so usable as a static argument).
+
+  `rope_scaling` is None or a mapping for Llama 3 scaling with keys 'factor',
+  'low_freq_factor', 'high_freq_factor' and 'original_max_position_embeddings'.
+  `remat_policy` is one of 'none', 'full', 'dots' (save matmul outputs) or 'dots_no_batch'.
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32
+  head_dim: int = 128
+  rope_theta: float = 10000.0
+  rope_scaling: Mapping[str, float] | None = None
+  rms_norm_eps: float = 1e-5
+  tie_word_embeddings: bool = False
+  max_position_embeddings: int = 4096
+  param_dtype: Any = jnp.float32
+  dtype: Any = jnp.float32
+  remat_policy: str = "none"
+  scan_layers: bool = True
+  # 'xla': einsum attention (any backend); 'cudnn': fused cuDNN attention through
+  # `jax.nn.dot_product_attention` for full passes (NVIDIA GPUs, bf16/fp16); decoding steps
+  # with a KV cache always use the einsum path.
+  attention: str = "xla"
+
+  def __post_init__(self):
+    if self.rope_scaling is not None:
+      object.__setattr__(self, "rope_scaling", flax.core.FrozenDict(dict(self.rope_scaling)))
+    object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads {self.num_heads} not a multiple of {self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+    if self.attention not in ATTENTION_IMPLS:
+      raise ValueError(f"attention {self.attention!r} not in {ATTENTION_IMPLS}")
+
+  def replace(self, **changes) -> LlamaConfig:
+    """Returns a copy with `changes` applied."""
+    return dataclasses.replace(self, **changes)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Key/value cache for incremental decoding (a pytree).
+
+  Attributes:
+    k: [layers, batch, slots, kv_heads, head_dim] cached keys (rotary already applied).
+    v: [layers, batch, slots, kv_heads, head_dim] cached values.
+    mask: [batch, slots] bool, True where a slot holds a real (non-pad) token.
+    index: int32 scalar, the next slot to write (same for every row).
+    positions: [batch] int32, the rotary position of each row's next real token.
+  """
+
+  k: Array
+  v: Array
+  mask: Array
+  index: Array
+  positions: Array
+
+
+def init_cache(config: LlamaConfig, batch: int, slots: int, dtype: Any = None) -> KVCache:
+  """Returns an empty cache with `slots` positions per row."""
+  dtype = config.dtype if dtype is None else dtype
+  shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+  return KVCache(
+    k=jnp.zeros(shape, dtype),
+    v=jnp.zeros(shape, dtype),
+    mask=jnp.zeros((batch, slots), bool),
+    index=jnp.zeros((), jnp.int32),
+    positions=jnp.zeros((batch,), jnp.int32),
+  )
+
+
+def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
+  """Rotary inverse frequencies [head_dim // 2] (float32), with Llama 3 scaling if set."""
+  dim = config.head_dim
+  exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+  inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+  scaling = config.rope_scaling
+  if scaling is None:
+    return inv_freq
+  factor = float(scaling["factor"])
+  low = float(scaling.get("low_freq_factor", 1.0))
+  high = float(scaling.get("high_freq_factor", 4.0))
+  old_len = float(scaling.get("original_max_position_embeddings", 8192))
+  wavelen = 2 * math.pi / inv_freq
+  scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+  smooth = (old_len / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+  return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: np.ndarray) -> Array:
+  """Rotates halves of `x` [b, t, heads, h] by `positions` [b, t] (float32 math)."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [b, t, h/2]
+  cos = jnp.cos(angles)[:, :, None, :]  # [b, t, 1, h/2]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [b, t, heads, h/2] each
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def _param(module: nn.Module, name: str, init, shape, axes, dtype):
+  return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm over the last axis; math in float32."""
+
+  eps: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """x: [..., d] -> [..., d] in `dtype`."""
+    scale = _param(
+      self, "scale", nn.initializers.ones, (x.shape[-1],), ("embed",), self.param_dtype
+    )
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (scale.astype(jnp.float32) * x32).astype(self.dtype)
+
+
+class Projection(nn.Module):
+  """A bias-free linear map written as an einsum, plus an optional adapter delta.
+
+  Attributes:
+    spec: einsum of input and kernel, e.g. 'btd,dnh->btnh'.
+    shape: kernel shape.
+    axes: logical axis names of the kernel.
+    target: the projection's name given to the adapter factory ('q', 'k', ..., 'down').
+    adapter: None or a factory `(in_features, out_features, target, name) -> Module | None`.
+  """
+
+  spec: str
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  target: str
+  dtype: Any
+  param_dtype: Any
+  adapter: AdapterFactory | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, gate_weights: Array | None, deterministic: bool) -> Array:
+    """x: [b, t, *in] -> [b, t, *out]; gate_weights: [b, experts] or None."""
+    kernel = _param(
+      self, "kernel", nn.initializers.normal(0.02), self.shape, self.axes, self.param_dtype
+    )
+    x = x.astype(self.dtype)
+    y = jnp.einsum(self.spec, x, kernel.astype(self.dtype))
+    if self.adapter is None:
+      return y
+    b, t = x.shape[:2]
+    in_features = math.prod(x.shape[2:])
+    out_features = math.prod(y.shape[2:])
+    module = self.adapter(
+      in_features=in_features, out_features=out_features, target=self.target, name="adapter"
+    )
+    if module is None:
+      return y
+    delta = module(x.reshape(b, t, in_features), gate_weights, deterministic)  # [b, t, out]
+    return y + delta.reshape(y.shape).astype(y.dtype)
+
+
+class Attention(nn.Module):
+  """Grouped-query self-attention with rotary embeddings and an optional cache."""
+
+  config: LlamaConfig
+  adapter: AdapterFactory | None = None
+
+  @nn.compact
+  def __call__(self, x, positions, mask, layer_cache, cache_index, gate_weights, deterministic):
+    """Attends over this step's keys, or over the cache after writing them into it.
+
+    Args:
+      x: [b, t, d] normed input.
+      positions: [b, t] int rotary positions.
+      mask: [b, t, s] bool, True where query t may attend to key s.
+      layer_cache: None, or (k, v) each [b, s, k, h] for this layer.
+      cache_index: None, or int32 scalar slot where this step's keys are written.
+      gate_weights: [b, experts] or None, passed to adapters.
+      deterministic: passed to adapters.
+
+    Returns:
+      ([b, t, d] output, updated (k, v) or None).
+    """
+    cfg = self.config
+    d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    proj = functools.partial(
+      Projection, dtype=cfg.dtype, param_dtype=cfg.param_dtype, adapter=self.adapter
+    )
+    q = proj("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), "q", name="q")(
+      x, gate_weights, deterministic
+    )  # [b, t, n, h]
+    k = proj("btd,dkh->btkh", (d, kv, h), ("embed", "kv_heads", "head_dim"), "k", name="k")(
+      x, gate_weights, deterministic
+    )  # [b, t, k, h]
+    v = proj("btd,dkh->btkh", (d, kv, h), ("embed", "kv_heads", "head_dim"), "v", name="v")(
+      x, gate_weights, deterministic
+    )  # [b, t, k, h]
+    inv_freq = rope_inv_freq(cfg)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    new_cache = None
+    if layer_cache is not None:
+      cache_k, cache_v = layer_cache
+      start = (0, cache_index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)  # [b, s, k, h]
+      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)  # [b, s, k, h]
+      new_cache = (k, v)
+    b, t = q.shape[:2]
+    if cfg.attention == "cudnn" and layer_cache is None:
+      # Pad queries also see themselves, so no row is fully masked (their output is unused).
+      full = mask | jnp.eye(t, dtype=bool)[None]  # [b, t, s]
+      out = jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), mask=full[:, None], implementation="cudnn"
+      )  # [b, t, n, h]
+      out = proj("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), "o", name="o")(
+        out, gate_weights, deterministic
+      )  # [b, t, d]
+      return out, new_cache
+    q = q.reshape(b, t, kv, n // kv, h)  # [b, t, k, g, h]; query head = kv head * g + group
+    scores = jnp.einsum(
+      "btkgh,bskh->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+    )  # [b, k, g, t, s]
+    scores = scores * (1.0 / math.sqrt(h))
+    scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)  # [b, k, g, t, s]
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(cfg.dtype))  # [b, t, k, g, h]
+    out = out.reshape(b, t, n, h)  # [b, t, n, h]
+    out = proj("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), "o", name="o")(
+      out, gate_weights, deterministic
+    )  # [b, t, d]
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+  config: LlamaConfig
+  adapter: AdapterFactory | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, gate_weights: Array | None, deterministic: bool) -> Array:
+    """x: [b, t, d] -> [b, t, d]."""
+    cfg = self.config
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    proj = functools.partial(
+      Projection, dtype=cfg.dtype, param_dtype=cfg.param_dtype, adapter=self.adapter
+    )
+    gate = proj("btd,df->btf", (d, f), ("embed", "mlp"), "gate", name="gate")(
+      x, gate_weights, deterministic
+    )  # [b, t, f]
+    up = proj("btd,df->btf", (d, f), ("embed", "mlp"), "up", name="up")(
+      x, gate_weights, deterministic
+    )  # [b, t, f]
+    hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
+    return proj("btf,fd->btd", (f, d), ("mlp", "embed"), "down", name="down")(
+      hidden, gate_weights, deterministic
+    )  # [b, t, d]
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm attention block followed by a pre-norm SwiGLU block."""
+
+  config: LlamaConfig
+  adapter: AdapterFactory | None = None
+
+  @nn.compact
+  def __call__(self, x, layer_cache, positions, mask, cache_index, gate_weights, deterministic):
+    """x: [b, t, d] -> ([b, t, d], updated layer cache or None). See `Attention`."""
+    cfg = self.config
+    norm = functools.partial(
+      RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+    )
+    h = norm(name="attn_norm")(x)
+    attn, new_cache = Attention(cfg, self.adapter, name="attn")(
+      h, positions, mask, layer_cache, cache_index, gate_weights, deterministic
+    )
+    x = nn.with_logical_constraint(x + attn, ("batch", "length", "embed"))
+    h = norm(name="mlp_norm")(x)
+    x = x + MLP(cfg, self.adapter, name="mlp")(h, gate_weights, deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, new_cache
+
+
+def _layer_class(config: LlamaConfig) -> type[nn.Module]:
+  """DecoderLayer wrapped with remat per `config.remat_policy` (deterministic is static)."""
+  if config.remat_policy == "none":
+    return DecoderLayer
+  policy = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[config.remat_policy]
+  # Argument 0 is `self`; 7 is `deterministic`.
+  return nn.remat(
+    DecoderLayer, policy=policy, prevent_cse=not config.scan_layers, static_argnums=(7,)
+  )
+
+
+class Llama(nn.Module):
+  """Llama causal language model.
+
+  Attributes:
+    config: the hyper-parameters.
+    adapter: None (plain base model) or an adapter factory; see the module docstring.
+  """
+
+  config: LlamaConfig
+  adapter: AdapterFactory | None = None
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self.param(
+      "embedding",
+      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+      (cfg.vocab_size, cfg.hidden_size),
+      cfg.param_dtype,
+    )
+    layer = _layer_class(cfg)
+    if cfg.scan_layers:
+      scanned = nn.scan(
+        layer,
+        variable_axes={True: 0},
+        split_rngs={True: True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      self.layers = scanned(cfg, self.adapter)
+    else:
+      self.layers = [layer(cfg, self.adapter) for _ in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, cfg.dtype, cfg.param_dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = self.param(
+        "lm_head",
+        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+        (cfg.hidden_size, cfg.vocab_size),
+        cfg.param_dtype,
+      )
+
+  def embed(self, tokens: Array) -> Array:
+    """tokens: [b, t] int -> token embeddings [b, t, d] in `dtype`."""
+    return jnp.take(self.embedding, tokens, axis=0, mode="clip").astype(self.config.dtype)
+
+  def __call__(
+    self,
+    tokens: Array,
+    attention_mask: Array | None = None,
+    *,
+    gate_weights: Array | None = None,
+    deterministic: bool = True,
+    replace_mask: Array | None = None,
+    replace_embeds: Array | None = None,
+    positions: Array | None = None,
+    cache: KVCache | None = None,
+    return_hidden: bool = False,
+  ):
+    """Runs the decoder.
+
+    Args:
+      tokens: [b, t] int token ids.
+      attention_mask: [b, t] 1 for real tokens, 0 for padding (left or right); default all 1.
+      gate_weights: [b, experts] float or None, given to every adapter.
+      deterministic: given to every adapter (e.g. to switch dropout off).
+      replace_mask: [b, t] bool; where True the token embedding is replaced by...
+      replace_embeds: [b, t, d] float, ...the embedding at the same position.
+      positions: [b, t] int rotary positions; default computed from the mask (and cache).
+      cache: None for a full pass, or a `KVCache` the new keys are appended to.
+      return_hidden: return the final normed hidden states [b, t, d] instead of logits.
+
+    Returns:
+      logits [b, t, vocab] float32 (or hidden states), and the updated cache if `cache` given.
+    """
+    cfg = self.config
+    b, t = tokens.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), jnp.int32)
+    real = attention_mask.astype(bool)  # [b, t]
+    count = jnp.cumsum(real.astype(jnp.int32), axis=1)  # [b, t] real tokens so far
+    if positions is None:
+      start = 0 if cache is None else cache.positions[:, None]
+      positions = start + jnp.maximum(count - 1, 0)  # [b, t]
+    if cache is None:
+      key_valid = real  # [b, s=t]
+      causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [t, s]
+      cache_index, kv_in = None, None
+    else:
+      key_valid = jax.lax.dynamic_update_slice(cache.mask, real, (0, cache.index))  # [b, s]
+      slots = cache.mask.shape[1]
+      causal = (cache.index + jnp.arange(t))[:, None] >= jnp.arange(slots)[None, :]  # [t, s]
+      cache_index, kv_in = cache.index, (cache.k, cache.v)
+    mask = causal[None, :, :] & key_valid[:, None, :]  # [b, t, s]
+
+    x = self.embed(tokens)  # [b, t, d]
+    if replace_mask is not None:
+      x = jnp.where(replace_mask[..., None], replace_embeds.astype(x.dtype), x)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    if cfg.scan_layers:
+      x, kv_out = self.layers(x, kv_in, positions, mask, cache_index, gate_weights, deterministic)
+    else:
+      ks, vs = [], []
+      for i, layer in enumerate(self.layers):
+        layer_kv = None if kv_in is None else (kv_in[0][i], kv_in[1][i])
+        x, new_kv = layer(x, layer_kv, positions, mask, cache_index, gate_weights, deterministic)
+        if new_kv is not None:
+          ks.append(new_kv[0])
+          vs.append(new_kv[1])
+      kv_out = None if kv_in is None else (jnp.stack(ks), jnp.stack(vs))
+    x = self.final_norm(x)  # [b, t, d]
+    if return_hidden:
+      out = x
+    elif cfg.tie_word_embeddings:
+      out = jnp.einsum(
+        "btd,vd->btv", x, self.embedding.astype(cfg.dtype), preferred_element_type=jnp.float32
+      )  # [b, t, v]
+    else:
+      out = jnp.einsum(
+        "btd,dv->btv", x, self.lm_head.astype(cfg.dtype), preferred_element_type=jnp.float32
+      )  # [b, t, v]
+    if cache is None:
+      return out
+    new_cache = KVCache(
+      k=kv_out[0],
+      v=kv_out[1],
+      mask=key_valid,
+      index=cache.index + t,
+      positions=cache.positions + count[:, -1],
+    )
+    return out, new_cache
+
+
+def _init_inputs(num_gates: int | None) -> dict:
+  gates = None if num_gates is None else jnp.zeros((1, num_gates), jnp.float32)
+  return dict(tokens=jnp.zeros((1, 1), jnp.int32), gate_weights=gates)
+
+
+def abstract_params(
+  config: LlamaConfig, adapter: AdapterFactory | None = None, num_gates: int | None = None
+) -> Any:
+  """Boxed (logically partitioned) ShapeDtypeStruct tree of the params; allocates nothing.
+
+  `num_gates` sizes the dummy `gate_weights` [1, num_gates] given to adapters at init.
+  """
+  module = Llama(config, adapter)
+  variables = jax.eval_shape(
+    lambda key: module.init(key, **_init_inputs(num_gates)), jax.random.key(0)
+  )
+  return variables["params"]
+
+
+def init_params(
+  config: LlamaConfig,
+  key: Array,
+  adapter: AdapterFactory | None = None,
+  num_gates: int | None = None,
+) -> Any:
+  """Random (unboxed) params, initialised under jit; see `abstract_params` for `num_gates`."""
+  return _jitted_init(config, adapter, num_gates)(key)
+
+
+@functools.cache
+def _jitted_init(config: LlamaConfig, adapter: AdapterFactory | None, num_gates: int | None):
+  # Cached: compiling the initialisers (XLA's RNG) is slow on CPU.
+  module = Llama(config, adapter)
+  return jax.jit(lambda k: nn.meta.unbox(module.init(k, **_init_inputs(num_gates))["params"]))
+
+
+def logical_axes(
+  config: LlamaConfig, adapter: AdapterFactory | None = None, num_gates: int | None = None
+) -> Any:
+  """Tree of `PartitionSpec`s of logical axis names, matching the params tree."""
+  return nn.get_partition_spec(abstract_params(config, adapter, num_gates))

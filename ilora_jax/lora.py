@@ -1,0 +1,289 @@
+"""Instance-wise LoRA (iLoRA): one fused low-rank adapter whose rank is split over experts.
+
+A LoRA of total rank r on a projection W: d_in -> d_out, split into E experts of rank r / E,
+computes for instance b (REFERENCE.md section 5)
+
+  delta[b] = s * sum_k g[b, k] * B_k (A_k dropout(x[b])),   s = alpha / (r / E),
+
+with A_k the k-th block of r / E columns of A [d_in, r] and B_k the matching rows of
+B [r, d_out]. This equals ONE rank-r LoRA whose r rank components are scaled per instance by
+the gate, each expert's weight repeated over its r / E components:
+
+  delta[b] = s * ((dropout(x[b]) A) * repeat(g[b], r / E)) B.
+
+`InstanceLoRA` computes exactly that: two thin einsums and an elementwise scale on the
+[batch, time, r] intermediate, so no per-expert full-width output is ever materialised.
+
+Special cases:
+  * `gate_weights=None`: every component has weight 1 (a plain rank-r LoRA with scale s).
+  * E = 1 with the 'constant' gate (ones): plain LoRA, scale alpha / r.
+  * the 'uniform' gate (1 / E each, the "gating removed" ablation): s / E = alpha / r, i.e. a
+    plain rank-r LoRA with the standard scale, whatever E is.
+
+The Llama (`ilora_jax.llama`) calls the factory from `adapter_factory` in every projection;
+see that module's docstring for the seam.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ilora_jax.errors import UserError
+
+Array = jax.Array
+
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+GATES = ("router", "uniform", "constant")
+PARAM_NAMES = ("lora_a", "lora_b")
+ADAPTER_SCOPE = "adapter"
+
+# Logical axis names of (input side, output side) per target, matching the base kernels in
+# `ilora_jax.llama`: q/k/v/gate/up read the residual stream ('embed'), o reads the flattened
+# heads (same width as 'embed' in Llama, and kept on the 'embed' name so that both adapter
+# matrices of o shard like the residual stream), down reads the MLP hidden ('mlp').
+_TARGET_AXES = {
+  "q": ("embed", "heads"),
+  "k": ("embed", "kv_heads"),
+  "v": ("embed", "kv_heads"),
+  "o": ("embed", "embed"),
+  "gate": ("embed", "mlp"),
+  "up": ("embed", "mlp"),
+  "down": ("mlp", "embed"),
+}
+RANK_AXIS = "lora_rank"
+
+# torch.nn.init.kaiming_uniform_(w, a=sqrt(5)) (nn.Linear's default): gain^2 = 2 / (1 + 5) =
+# 1/3, bound = gain * sqrt(3 / fan_in) = 1 / sqrt(fan_in) = sqrt(3 * (1/3) / fan_in), which is
+# exactly flax's uniform variance scaling with scale 1/3 (fan_in = axis -2 = d_in for [in, r]).
+kaiming_uniform_torch = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+  """Hyper-parameters of the instance-wise LoRA (hashable).
+
+  Attributes:
+    rank: total rank r over all experts.
+    num_experts: E; each expert owns r / E rank components (r must be a multiple of E).
+    alpha: scale numerator; the delta is scaled by s = alpha / (r / E).
+    dropout: dropout rate on the adapter input (active only when not deterministic).
+    targets: projections that get an adapter, a subset of `TARGETS`.
+    gate: 'router' (learned, per instance), 'uniform' (1 / E each: gating removed) or
+      'constant' (ones; with E = 1 this is plain LoRA). Read by the training code, which
+      builds the gate weights; the adapter itself just consumes them.
+    dtype: dtype of the adapter params (the math runs in the dtype of the input).
+  """
+
+  rank: int = 8
+  num_experts: int = 4
+  alpha: float = 32.0
+  dropout: float = 0.1
+  targets: tuple[str, ...] = TARGETS
+  gate: str = "router"
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    object.__setattr__(self, "targets", tuple(self.targets))
+    object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+    if self.rank <= 0 or self.num_experts <= 0:
+      raise UserError(f"lora: rank ({self.rank}) and num_experts ({self.num_experts}) must be > 0")
+    if self.rank % self.num_experts:
+      raise UserError(f"lora: rank {self.rank} is not a multiple of num_experts {self.num_experts}")
+    if not 0.0 <= self.dropout < 1.0:
+      raise UserError(f"lora: dropout must be in [0, 1), got {self.dropout}")
+    unknown = [t for t in self.targets if t not in TARGETS]
+    if unknown:
+      raise UserError(f"lora: unknown targets {unknown}; choose from {list(TARGETS)}")
+    if self.gate not in GATES:
+      raise UserError(f"lora: unknown gate {self.gate!r}; choose from {list(GATES)}")
+
+  @property
+  def expert_rank(self) -> int:
+    """Rank components per expert, r / E."""
+    return self.rank // self.num_experts
+
+  @property
+  def scale(self) -> float:
+    """s = alpha / (r / E)."""
+    return self.alpha / self.expert_rank
+
+
+class InstanceLoRA(nn.Module):
+  """Fused instance-wise LoRA delta for one projection.
+
+  Params: `lora_a` [in_features, rank] (torch nn.Linear default init, bound 1 / sqrt(in)) and
+  `lora_b` [rank, out_features] (zeros, so the delta is exactly 0 at init), both in
+  `param_dtype` and logically partitioned as (in_axis, rank_axis) and (rank_axis, out_axis).
+
+  Attributes:
+    in_features: width of the input x.
+    out_features: width of the delta.
+    rank: total rank r.
+    num_experts: E (r must be a multiple of E).
+    alpha: the delta is scaled by alpha / (r / E).
+    dropout_rate: dropout on x, applied when `deterministic` is False (rng 'dropout').
+    param_dtype: dtype of the params.
+    in_axis, out_axis, rank_axis: logical axis names for partitioning.
+  """
+
+  in_features: int
+  out_features: int
+  rank: int = 8
+  num_experts: int = 4
+  alpha: float = 32.0
+  dropout_rate: float = 0.0
+  param_dtype: Any = jnp.float32
+  in_axis: str = "embed"
+  out_axis: str = "embed"
+  rank_axis: str = RANK_AXIS
+
+  @nn.compact
+  def __call__(self, x: Array, gate_weights: Array | None, deterministic: bool) -> Array:
+    """Computes the delta added to the base projection.
+
+    Args:
+      x: [batch, time, in_features] in the compute dtype.
+      gate_weights: [batch, num_experts] float, or None for weight 1 on every component.
+      deterministic: a Python bool; when False, dropout is applied to x.
+
+    Returns:
+      delta: [batch, time, out_features] in the dtype of x.
+    """
+    if self.rank % self.num_experts:
+      raise ValueError(f"rank {self.rank} is not a multiple of num_experts {self.num_experts}")
+    if x.ndim != 3 or x.shape[-1] != self.in_features:
+      raise ValueError(f"x must be [batch, time, {self.in_features}], got {x.shape}")
+    a = self.param(
+      "lora_a",
+      nn.with_logical_partitioning(kaiming_uniform_torch, (self.in_axis, self.rank_axis)),
+      (self.in_features, self.rank),
+      self.param_dtype,
+    )  # [in, r]
+    b = self.param(
+      "lora_b",
+      nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.rank_axis, self.out_axis)),
+      (self.rank, self.out_features),
+      self.param_dtype,
+    )  # [r, out]
+    dtype = x.dtype
+    scale = self.alpha / (self.rank // self.num_experts)
+    if self.dropout_rate > 0.0:
+      x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
+    h = jnp.einsum("btd,dr->btr", x, a.astype(dtype))  # [batch, time, rank]
+    if gate_weights is None:
+      h = h * jnp.asarray(scale, dtype)
+    else:
+      if gate_weights.ndim != 2 or gate_weights.shape[1] != self.num_experts:
+        raise ValueError(
+          f"gate_weights must be [batch, experts={self.num_experts}], got {gate_weights.shape}"
+        )
+      if gate_weights.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"gate_weights batch {gate_weights.shape[0]} != x batch {x.shape[0]}")
+      coef = scale * jnp.repeat(
+        gate_weights.astype(jnp.float32), self.rank // self.num_experts, axis=-1
+      )  # [batch, rank]: expert k's weight on components k*r/E .. (k+1)*r/E - 1
+      h = h * coef.astype(dtype)[:, None, :]  # [batch, time, rank]
+    return jnp.einsum("btr,re->bte", h, b.astype(dtype))  # [batch, time, out]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterFactory:
+  """The Llama adapter seam: `factory(in_features=, out_features=, target=, name=)`.
+
+  Returns an `InstanceLoRA` for targets in `cfg.targets`, None otherwise. Hashable and compared
+  by value, so a `Llama` module holding it stays a valid static argument.
+  """
+
+  cfg: LoRAConfig
+
+  def __call__(
+    self, *, in_features: int, out_features: int, target: str, name: str | None = ADAPTER_SCOPE
+  ) -> InstanceLoRA | None:
+    if target not in TARGETS:
+      raise ValueError(f"unknown adapter target {target!r}; expected one of {TARGETS}")
+    if target not in self.cfg.targets:
+      return None
+    in_axis, out_axis = _TARGET_AXES[target]
+    return InstanceLoRA(
+      in_features=in_features,
+      out_features=out_features,
+      rank=self.cfg.rank,
+      num_experts=self.cfg.num_experts,
+      alpha=self.cfg.alpha,
+      dropout_rate=self.cfg.dropout,
+      param_dtype=self.cfg.dtype,
+      in_axis=in_axis,
+      out_axis=out_axis,
+      name=name,
+    )
+
+
+def adapter_factory(cfg: LoRAConfig) -> AdapterFactory:
+  """The adapter factory to give `llama.Llama(config, adapter=...)`."""
+  return AdapterFactory(cfg)
+
+
+def fixed_gate(kind: str, batch: int, num_experts: int, dtype: Any = jnp.float32) -> Array:
+  """Gate weights that do not depend on the instance: [batch, num_experts].
+
+  Args:
+    kind: 'uniform' (1 / E each: the gating-removed ablation, equal to plain LoRA with scale
+      alpha / r) or 'constant' (ones: with E = 1, plain LoRA).
+    batch: number of instances.
+    num_experts: E.
+    dtype: dtype of the result.
+  """
+  if kind == "uniform":
+    return jnp.full((batch, num_experts), 1.0 / num_experts, dtype)
+  if kind == "constant":
+    return jnp.ones((batch, num_experts), dtype)
+  raise UserError(f"lora: no fixed gate {kind!r}; choose 'uniform' or 'constant'")
+
+
+def _key_name(entry: Any) -> str:
+  """One element of a param path (a string, or a jax tree-path key) as a string."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def is_lora_param(path: Sequence[Any] | str) -> bool:
+  """Whether a param path names an adapter matrix: 'lora_a' or 'lora_b' inside 'adapter'.
+
+  Args:
+    path: a tuple of names (as from `flax.traverse_util.flatten_dict`), a jax tree path (as
+      given by `jax.tree_util.tree_map_with_path`, boxed `.value` suffix allowed), or a
+      '/'-joined string.
+  """
+  names = path.split("/") if isinstance(path, str) else [_key_name(p) for p in path]
+  if names and names[-1] == "value":  # a boxed (nn.Partitioned) leaf
+    names = names[:-1]
+  return len(names) >= 2 and names[-1] in PARAM_NAMES and names[-2] == ADAPTER_SCOPE
+
+
+def lora_mask(tree: Any) -> Any:
+  """Tree of bools, True on adapter params (e.g. for `optax.masked`)."""
+  return jax.tree_util.tree_map_with_path(lambda path, _: is_lora_param(path), tree)
+
+
+def count_params(tree: Any, predicate=None) -> int:
+  """Number of scalars in a tree of arrays (or ShapeDtypeStructs, boxed or not).
+
+  Args:
+    tree: the params.
+    predicate: optional `path -> bool` (e.g. `is_lora_param`) selecting the leaves counted.
+  """
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return sum(
+    math.prod(getattr(leaf, "shape", ()))
+    for path, leaf in leaves
+    if predicate is None or predicate(path)
+  )

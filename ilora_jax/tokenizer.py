@@ -1,0 +1,271 @@
+"""Tokenizers for the base LLM, built without torch.
+
+* GGUF files: a byte-level BPE `tokenizers.Tokenizer` rebuilt from the GGUF metadata
+  (`tokenizer.ggml.model == 'gpt2'`, as used by SmolLM2), wrapped in
+  `transformers.PreTrainedTokenizerFast`.
+* Hugging Face folders: `transformers.AutoTokenizer`.
+* A tiny byte-level tokenizer that needs no files.
+
+Also the iLoRA special tokens and the matching growth of embedding / LM-head rows.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from ilora_jax.errors import UserError
+from ilora_jax.llama import LlamaConfig
+
+ILORA_TOKENS = ("[PH]", "[HistoryEmb]", "[CansEmb]", "[ItemEmb]")
+PAD_TOKEN = "[PAD]"
+
+# GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte.
+_CONTROL, _USER_DEFINED = 3, 4
+
+_LLAMA3_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+  r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _byte_level(use_regex: bool = True):
+  return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=use_regex)
+
+
+def _pre_tokenizer(pre: str | None):
+  """The pre-tokenizer matching llama.cpp's `tokenizer.ggml.pre` type."""
+  if pre in ("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b"):
+    # Digits are split one by one, then GPT-2 byte-level splitting.
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level()])
+  if pre in ("llama-bpe", "llama3", "smaug-bpe", "dbrx"):
+    return pre_tokenizers.Sequence(
+      [
+        pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
+        _byte_level(use_regex=False),
+      ]
+    )
+  if pre not in (None, "default", "gpt-2", "gpt2"):
+    warnings.warn(
+      f"GGUF pre-tokenizer {pre!r} unknown; using GPT-2 byte-level splitting", stacklevel=2
+    )
+  return _byte_level()
+
+
+def _wrap(tk: Tokenizer, bos: str | None, eos: str | None, unk: str | None, pad: str | None):
+  from transformers import PreTrainedTokenizerFast
+
+  kwargs = {
+    k: v
+    for k, v in dict(bos_token=bos, eos_token=eos, unk_token=unk, pad_token=pad).items()
+    if v is not None
+  }
+  tok = PreTrainedTokenizerFast(tokenizer_object=tk, **kwargs)
+  tok.padding_side = "left"
+  return tok
+
+
+_GGUF_CACHE: dict[tuple, tuple[str, tuple]] = {}  # (path, size, mtime) -> (json, specials)
+
+
+def _file_key(path: str | None) -> tuple | None:
+  if not path or not os.path.isfile(path):
+    return None
+  stat = os.stat(path)
+  return (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+def tokenizer_from_gguf(path_or_reader: Any):
+  """Builds a `PreTrainedTokenizerFast` from the tokenizer stored in a GGUF file.
+
+  The backend tokenizer is cached per file in this process (reading GGUF metadata is slow);
+  every call returns a new, independent wrapper.
+
+  Args:
+    path_or_reader: a .gguf path or an open `gguf.GGUFReader`.
+
+  Returns:
+    The tokenizer (left padding; bos/eos/unk/pad from the GGUF metadata).
+  """
+  from ilora_jax.weights import open_gguf
+
+  if isinstance(path_or_reader, str):
+    key, reader = _file_key(path_or_reader), None
+  else:
+    reader = path_or_reader
+    key = _file_key(str(getattr(reader.data, "filename", "") or ""))
+  if key is None or key not in _GGUF_CACHE:
+    reader = open_gguf(path_or_reader) if reader is None else reader
+    tk, specials = _build_gguf_tokenizer(reader)
+    if key is None:
+      return _wrap(tk, *specials)
+    _GGUF_CACHE[key] = (tk.to_str(), specials)
+  json_str, specials = _GGUF_CACHE[key]
+  return _wrap(Tokenizer.from_str(json_str), *specials)
+
+
+def _build_gguf_tokenizer(reader) -> tuple[Tokenizer, tuple]:
+  """-> (backend tokenizer, (bos, eos, unk, pad) token strings or None)."""
+  from ilora_jax.weights import gguf_field
+
+  kind = gguf_field(reader, "tokenizer.ggml.model")
+  if kind != "gpt2":
+    raise UserError(
+      f"unsupported GGUF tokenizer model {kind!r}: only byte-level BPE (gpt2) is supported; "
+      "load the model from a Hugging Face folder instead"
+    )
+  tokens = list(gguf_field(reader, "tokenizer.ggml.tokens"))
+  types = gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+  merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges") or []]
+  vocab: dict[str, int] = {}
+  for i, token in enumerate(tokens):
+    vocab.setdefault(token, i)
+  tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+  tk.pre_tokenizer = _pre_tokenizer(gguf_field(reader, "tokenizer.ggml.pre"))
+  tk.decoder = decoders.ByteLevel()
+  special = [
+    AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == _CONTROL
+  ]
+  user = [
+    AddedToken(t, special=False, normalized=False)
+    for t, k in zip(tokens, types)
+    if k == _USER_DEFINED
+  ]
+  tk.add_special_tokens(special)
+  tk.add_tokens(user)
+
+  def token_of(key):
+    idx = gguf_field(reader, key)
+    return None if idx is None or not 0 <= int(idx) < len(tokens) else tokens[int(idx)]
+
+  bos, eos = token_of("tokenizer.ggml.bos_token_id"), token_of("tokenizer.ggml.eos_token_id")
+  add_bos = bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
+  add_eos = bool(gguf_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
+  if add_bos or add_eos:
+    single = " ".join(([bos] if add_bos else []) + ["$A"] + ([eos] if add_eos else []))
+    pair = " ".join(([bos] if add_bos else []) + ["$A", "$B:1"] + ([eos] if add_eos else []))
+    specials = {t: vocab[t] for t in (bos if add_bos else None, eos if add_eos else None) if t}
+    tk.post_processor = processors.TemplateProcessing(
+      single=single, pair=pair, special_tokens=list(specials.items())
+    )
+  pad = token_of("tokenizer.ggml.padding_token_id")
+  return tk, (bos, eos, token_of("tokenizer.ggml.unknown_token_id"), pad)
+
+
+def byte_level_tokenizer():
+  """A 259-token byte-level tokenizer needing no files: ids 0-2 are '<|endoftext|>' (unk),
+  '<|im_start|>' (bos) and '<|im_end|>' (eos, pad), then the 256 byte symbols."""
+  specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+  vocab = {t: i for i, t in enumerate(specials + alphabet)}
+  tk = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False))
+  tk.pre_tokenizer = _byte_level()
+  tk.decoder = decoders.ByteLevel()
+  tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+  return _wrap(tk, specials[1], specials[2], specials[0], specials[2])
+
+
+def tokenizer_from_hf(folder: str):
+  """Loads `tokenizer.json` / `tokenizer.model` from a Hugging Face folder (left padding)."""
+  from transformers import AutoTokenizer
+
+  if not any(
+    os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model")
+  ):
+    raise UserError(f"no tokenizer.json or tokenizer.model in {folder}")
+  tok = AutoTokenizer.from_pretrained(folder)
+  tok.padding_side = "left"
+  if tok.pad_token is None and tok.eos_token is not None:
+    tok.pad_token = tok.eos_token
+  return tok
+
+
+def add_ilora_tokens(tokenizer) -> dict[str, int]:
+  """Adds '[PAD]' as the pad token and the special tokens '[PH]', '[HistoryEmb]',
+  '[CansEmb]', '[ItemEmb]' (never split, skipped when decoding).
+
+  Returns:
+    {token: id} for the five tokens. Grow the model with `resize_vocab(..., len(tokenizer))`.
+  """
+  tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+  tokenizer.add_tokens(
+    [AddedToken(t, special=True, normalized=False) for t in ILORA_TOKENS], special_tokens=True
+  )
+  return {t: tokenizer.convert_tokens_to_ids(t) for t in (PAD_TOKEN, *ILORA_TOKENS)}
+
+
+def _grow(table: jax.Array, extra: int, axis: int, key: jax.Array, noise: float) -> jax.Array:
+  """Appends `extra` slices along `axis`: the mean slice plus noise * std * N(0, 1)."""
+  table32 = table.astype(jnp.float32)
+  mean = jnp.mean(table32, axis=axis, keepdims=True)
+  std = jnp.std(table32)
+  shape = list(table.shape)
+  shape[axis] = extra
+  rows = jnp.broadcast_to(mean, shape) + noise * std * jax.random.normal(key, shape)
+  return jnp.concatenate([table, rows.astype(table.dtype)], axis=axis)
+
+
+def resize_vocab(
+  params: dict,
+  config: LlamaConfig,
+  new_vocab_size: int,
+  *,
+  key: jax.Array | None = None,
+  noise: float = 0.01,
+  multiple_of: int = 1,
+) -> tuple[dict, LlamaConfig]:
+  """Grows the embedding rows (and untied LM-head columns) to at least `new_vocab_size`.
+
+  New rows are the mean of the existing rows plus `noise` times their std times N(0, 1).
+  A tied head stays tied (it is the embedding). Never shrinks.
+
+  Args:
+    params: `Llama` params; 'embedding' is [vocab, embed], 'lm_head' (untied) [embed, vocab].
+    config: their config.
+    new_vocab_size: e.g. `len(tokenizer)` after `add_ilora_tokens`.
+    key: PRNG key for the noise (default key 0).
+    noise: relative noise scale (0 for exact mean rows).
+    multiple_of: round the new size up to a multiple of this (e.g. for sharding).
+
+  Returns:
+    (params, config) with `vocab_size` updated.
+  """
+  target = -(-int(new_vocab_size) // multiple_of) * multiple_of
+  extra = target - config.vocab_size
+  if extra <= 0:
+    return params, config
+  key = jax.random.key(0) if key is None else key
+  k_embed, k_head = jax.random.split(key)
+  params = dict(params)
+  params["embedding"] = _grow(params["embedding"], extra, 0, k_embed, noise)
+  if not config.tie_word_embeddings:
+    params["lm_head"] = _grow(params["lm_head"], extra, 1, k_head, noise)
+  return params, config.replace(vocab_size=target)
+
+
+def encode_batch(tokenizer, texts: list[str], multiple_of: int = 16) -> tuple[np.ndarray, ...]:
+  """Left-pads tokenized `texts` to a length rounded up to `multiple_of`.
+
+  Returns:
+    (tokens [b, t] int32, attention_mask [b, t] int32).
+  """
+  ids = [tokenizer(t)["input_ids"] for t in texts]
+  if any(not x for x in ids):
+    bos = tokenizer.bos_token_id
+    if bos is None:
+      raise UserError("a prompt is empty and the tokenizer has no bos token")
+    ids = [x or [bos] for x in ids]
+  length = -(-max(len(x) for x in ids) // multiple_of) * multiple_of
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  tokens = np.full((len(ids), length), pad, np.int32)
+  mask = np.zeros((len(ids), length), np.int32)
+  for i, x in enumerate(ids):
+    tokens[i, length - len(x) :] = x
+    mask[i, length - len(x) :] = 1
+  return tokens, mask

@@ -1,0 +1,559 @@
+"""The `ilora` stage: train instance-wise LoRA, router and projector on a frozen LLM.
+
+One optimizer step is one `jax.jit` with declared shardings: the frozen base weights
+(LLM and SASRec) are a separate argument, sharded by the logical-axis rules and neither
+differentiated nor donated; the trainable state (adapters, router, projector, router
+BatchNorm statistics, optimizer state, step) is donated. Gradient accumulation runs
+inside the step as a `lax.scan` over micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from jax.sharding import NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from ilora_jax import checkpointing, console, llama, llm, lora, optim, prompts, router, sharding
+from ilora_jax import tokenizer as tok_lib
+from ilora_jax.configuration import stage_train
+from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates
+from ilora_jax.errors import UserError
+from ilora_jax.metrics import MetricsLog, generation_metrics, match_generation
+from ilora_jax.projector import Projector
+from ilora_jax.sasrec import SASRec, init_params, params_from_torch
+from ilora_jax.train_sasrec import make_optimizer as sasrec_optimizer
+from ilora_jax.train_sasrec import model_config as sasrec_model_config
+
+STAGE = "ilora"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# ----------------------------------------------------------------------------- frozen parts
+
+
+def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
+  """Frozen SASRec params: the workdir's sasrec checkpoint, else `config.sasrec.init_from`."""
+  cfg = sasrec_model_config(config, dataset.n_items)
+  ckpt = checkpointing.StageCheckpoints(workdir, "sasrec", config.checkpoint.max_to_keep, False)
+  latest = ckpt.latest_step()
+  repl = sharding.replicated(mesh)
+  if latest is not None:
+    params = jax.device_put(init_params(cfg, jax.random.PRNGKey(0)), repl)
+    opt = sasrec_optimizer(1e-3, 0.0)
+    target = {"params": params, "opt_state": jax.device_put(opt.init(params), repl),
+              "step": jax.device_put(jnp.zeros((), jnp.int32), repl)}
+    restored, _ = ckpt.restore(latest, checkpointing.abstract_like(target))
+    ckpt.close()
+    console.info(f"iLoRA: SASRec from {ckpt.directory} step {latest}")
+    return cfg, restored["params"]
+  ckpt.close()
+  if config.sasrec.init_from:
+    console.info(f"iLoRA: SASRec from {config.sasrec.init_from}")
+    return cfg, jax.device_put(params_from_torch(config.sasrec.init_from, cfg), repl)
+  raise UserError("the ilora stage needs a trained SASRec: run --config.stage=sasrec in this "
+                  "workdir first, or give --config.sasrec.init_from=/path/to/<dataset>.pt")
+
+
+@dataclasses.dataclass
+class Parts:
+  """Everything the step functions close over (static) plus the frozen arrays."""
+
+  model: llm.LLM  # Llama with the adapter seam filled, vocab grown by the special tokens.
+  sasrec: SASRec
+  router: nn.Module
+  projector: Projector
+  builder: prompts.PromptBuilder
+  lora_cfg: lora.LoRAConfig
+  n_items: int
+  max_target_tokens: int
+  newline_ids: tuple[int, ...]
+
+
+def _merge(base: dict, adapter: dict) -> dict:
+  """Adapter leaves inserted into the base param tree (a restructure, no copy under jit)."""
+  flat = traverse_util.flatten_dict(base)
+  flat.update(traverse_util.flatten_dict(adapter))
+  return traverse_util.unflatten_dict(flat)
+
+
+def _adapter_only(params: dict) -> dict:
+  flat = traverse_util.flatten_dict(params)
+  return traverse_util.unflatten_dict({k: v for k, v in flat.items() if "adapter" in k})
+
+
+def attention_impl(config) -> str:
+  """'auto' picks cuDNN attention on NVIDIA GPUs in half precision, einsum attention elsewhere."""
+  impl = config.llm.attention
+  if impl == "auto":
+    half = config.llm.dtype in ("bfloat16", "float16")
+    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+  if impl not in llama.ATTENTION_IMPLS:
+    raise UserError(f"config.llm.attention={impl!r} is not auto, xla or cudnn")
+  return impl
+
+
+def build(config, workdir: str, dataset: Dataset, mesh):
+  """Loads the frozen parts and initialises the trainable ones (sharded)."""
+  rules = sharding.rules(config)
+  lora_cfg = lora.LoRAConfig(rank=config.lora.rank, num_experts=config.lora.num_experts,
+                             alpha=config.lora.alpha, dropout=config.lora.dropout,
+                             targets=tuple(config.lora.targets))
+  factory = lora.adapter_factory(lora_cfg)
+  base = llm.load(config.llm.name, dtype=_DTYPES[config.llm.dtype],
+                  param_dtype=_DTYPES[config.llm.param_dtype], mesh=mesh, rules=rules,
+                  attention=attention_impl(config), remat_policy=config.llm.remat)
+  tokenizer = base.tokenizer
+  special = tok_lib.add_ilora_tokens(tokenizer)
+  # Rows for the special tokens, the vocabulary rounded up to 128 so it shards evenly.
+  params, llama_cfg = tok_lib.resize_vocab(base.params, base.config, len(tokenizer),
+                                           multiple_of=128)
+  params = jax.device_put(params, llm.mesh_shardings(llama_cfg, mesh, rules))
+  model = llm.LLM(llama_cfg, params, tokenizer, adapter=factory)
+  sas_cfg, sas_params = load_sasrec(config, workdir, dataset, mesh)
+  newline = tuple(tokenizer.encode("\n", add_special_tokens=False))
+  builder = prompts.PromptBuilder(
+      lambda text: tokenizer.encode(text, add_special_tokens=False), special,
+      pad_id=special[tok_lib.PAD_TOKEN], titles=dataset.titles, n_items=dataset.n_items,
+      dataset=dataset.name, bos_id=tokenizer.bos_token_id)
+  parts = Parts(model, SASRec(sas_cfg), router.make_router(config.router.kind,
+                                                           lora_cfg.num_experts,
+                                                           config.router.hidden),
+                Projector(llama_cfg.hidden_size), builder, lora_cfg, dataset.n_items,
+                config.ilora.max_target_tokens, newline if len(newline) == 1 else ())
+  frozen = {"llm": model.params, "sasrec": sas_params}
+  return parts, frozen
+
+
+def init_trainable(parts: Parts, mesh, rules, seed: int):
+  """Adapter, router and projector params plus router statistics, placed with their shardings."""
+  key_lora, key_router, key_proj = jax.random.split(jax.random.PRNGKey(seed), 3)
+  cfg = parts.model.config
+  adapter = parts.model.module.adapter
+  adapter_sh = _adapter_only(llm.mesh_shardings(cfg, mesh, rules, adapter))
+  # Only the adapter leaves are returned, so XLA never materialises the base weights.
+  init_adapter = jax.jit(lambda k: _adapter_only(llama.init_params(cfg, k, adapter)),
+                         out_shardings=adapter_sh)
+  adapters = init_adapter(key_lora)
+  dummy_user = jnp.zeros((2, parts.sasrec.cfg.hidden), jnp.float32)
+  router_vars = parts.router.init(key_router, dummy_user, train=False)
+  proj_params = parts.projector.init(key_proj, jnp.zeros((1, parts.sasrec.cfg.hidden)))["params"]
+  repl = sharding.replicated(mesh)
+  trainable = {"lora": adapters, "router": jax.device_put(router_vars["params"], repl),
+               "projector": jax.device_put(proj_params, repl)}
+  stats = jax.device_put(router_vars.get("batch_stats", {}), repl)
+  return trainable, stats
+
+
+def labels_of(trainable) -> dict:
+  return {k: jax.tree.map(lambda _, k=k: k, v) for k, v in trainable.items()}
+
+
+# ----------------------------------------------------------------------------- the model math
+
+
+def gate_weights(parts: Parts, trainable, stats, frozen, seq, len_seq, train: bool, gate_kind: str):
+  """Per-instance expert weights [batch, E] and updated router statistics."""
+  user = parts.sasrec.apply({"params": frozen["sasrec"]}, seq, len_seq, method="user_vector")
+  user = jax.lax.stop_gradient(user)  # [batch, hidden]
+  e = parts.lora_cfg.num_experts
+  if gate_kind != "router":
+    return lora.fixed_gate(gate_kind, seq.shape[0], e), stats
+  variables = {"params": trainable["router"]}
+  if stats:
+    variables["batch_stats"] = stats
+  if train and stats:
+    gate, updates = parts.router.apply(variables, user, train=True, mutable=["batch_stats"])
+    return gate, updates["batch_stats"]
+  return parts.router.apply(variables, user, train=False), stats
+
+
+def replacement(parts: Parts, trainable, frozen, item_ids):
+  """Projected SASRec item embeddings at placeholder positions: (mask [b, t], embeds [b, t, d])."""
+  table = frozen["sasrec"]["item_embeddings"]["embedding"]  # [n_items + 1, hidden]
+  embeds = parts.projector.apply({"params": trainable["projector"]}, table[item_ids])
+  return item_ids != parts.n_items, embeds
+
+
+def target_nll(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, key, train: bool):
+  """Per-token negative log-likelihood of the first `max_target_tokens` target tokens.
+
+  Returns (nll [b, k], valid [b, k] bool, new router stats, gate [b, E]).
+  """
+  gate, new_stats = gate_weights(parts, trainable, stats, frozen, batch["seq"],
+                                 batch["len_seq"], train, gate_kind)
+  mask, embeds = replacement(parts, trainable, frozen, batch["item_ids"])
+  params = _merge(frozen["llm"], trainable["lora"])
+  hidden = parts.model.module.apply(
+      {"params": params}, batch["input_ids"], batch["attention"], gate_weights=gate,
+      deterministic=not train, replace_mask=mask, replace_embeds=embeds, return_hidden=True,
+      rngs={"dropout": key})  # [b, t, d]
+  # Predict token t+1 from position t, only where t+1 is a target token (explicit spans).
+  target = batch["loss_mask"][:, 1:].astype(bool)  # [b, t-1]
+  k = parts.max_target_tokens
+  order = jnp.argsort(~target, axis=1, stable=True)[:, :k]  # first k target positions
+  valid = jnp.take_along_axis(target, order, axis=1)  # [b, k]
+  h = jnp.take_along_axis(hidden[:, :-1], order[..., None], axis=1)  # [b, k, d]
+  labels = jnp.take_along_axis(batch["input_ids"][:, 1:], order, axis=1)  # [b, k]
+  cfg = parts.model.config
+  head = params["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]  # [d, v]
+  logits = jnp.einsum("bkd,dv->bkv", h, head.astype(h.dtype),
+                      preferred_element_type=jnp.float32)  # [b, k, v]
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]  # [b, k]
+  return nll, valid, new_stats, gate
+
+
+def loss_fn(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, key, train: bool):
+  """Mean cross-entropy over target tokens; aux: (new router stats, gate [b, E])."""
+  nll, valid, new_stats, gate = target_nll(parts, gate_kind, trainable, stats, frozen, batch,
+                                           key, train)
+  loss = jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
+  return loss, (new_stats, gate)
+
+
+def make_train_step(parts: Parts, tx, gate_kind: str, seed: int):
+  """One optimizer update over `grad_accum` micro-batches ([accum, micro, ...] arrays)."""
+  base_key = jax.random.PRNGKey(seed)
+
+  def step(state, frozen, batch):
+    step_key = jax.random.fold_in(base_key, state["step"])
+
+    def micro(carry, inputs):
+      grads_acc, stats, loss_acc = carry
+      index, mb = inputs
+      key = jax.random.fold_in(step_key, index)
+      grad_fn = jax.value_and_grad(
+          lambda t, s: loss_fn(parts, gate_kind, t, s, frozen, mb, key, True), has_aux=True)
+      (loss, (stats, gate)), grads = grad_fn(state["trainable"], stats)
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      return (grads_acc, stats, loss_acc + loss), gate
+
+    accum = batch["input_ids"].shape[0]
+    zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
+    (grads, stats, loss_sum), gates = jax.lax.scan(
+        micro, (zeros, state["stats"], jnp.zeros((), jnp.float32)), (jnp.arange(accum), batch))
+    grads = jax.tree.map(lambda g: g / accum, grads)
+    loss = loss_sum / accum
+    updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+    finite = jnp.isfinite(loss)
+    trainable = jax.tree.map(lambda p, u: p + u, state["trainable"], updates)
+    # A non-finite loss also keeps the router statistics of that step out of the state.
+    stats = jax.tree.map(lambda new, old: jnp.where(finite, new, old), stats, state["stats"])
+    gates = gates.reshape(-1, gates.shape[-1])  # [accum * micro, E]
+    probs = jnp.clip(gates, 1e-9, 1.0)
+    metrics = {"loss": loss, "grad_norm": optim.global_norm(grads),
+               "gate_entropy": jnp.mean(-jnp.sum(probs * jnp.log(probs), axis=-1)),
+               "gate_mean": jnp.mean(gates, axis=0),
+               "skipped": optim.skipped_updates(opt_state)}
+    new_state = {"trainable": trainable, "stats": stats, "opt_state": opt_state,
+                 "step": state["step"] + 1}
+    return new_state, metrics
+
+  return step
+
+
+def rows_for(split: Split, idx: np.ndarray, candidates: np.ndarray, with_target: bool):
+  rows = []
+  for j, r in enumerate(idx):
+    history = split.seq[r, : split.len_seq[r]].tolist()
+    rows.append((history, candidates[j].tolist(), int(split.next[r]) if with_target else None))
+  return rows
+
+
+def train_batch(parts: Parts, config, split: Split, idx: np.ndarray, epoch: int, step: int,
+                total_steps: int, seed: int, accum: int,
+                length: int | None = None) -> dict[str, np.ndarray]:
+  """Host-side batch of one optimizer step: [accum, micro, ...] arrays."""
+  rng = np.random.default_rng([seed, 7, step])
+  template = int(rng.integers(len(parts.builder.templates)))
+  hybrid = bool(rng.random() < step / max(total_steps, 1))  # Curriculum from the global step.
+  sub = Split(split.name, split.seq[idx], split.len_seq[idx], split.next[idx])
+  cands, _ = sample_candidates(sub, parts.n_items, config.data.num_candidates,
+                               seed=seed * 1000 + epoch, eligible=_eligible(parts),
+                               row_ids=idx)
+  encoded = parts.builder.batch(rows_for(split, idx, cands, True), template, hybrid, length)
+  arrays = dict(encoded.as_dict(), seq=split.seq[idx], len_seq=split.len_seq[idx])
+  return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in arrays.items()}
+
+
+def _eligible(parts: Parts) -> np.ndarray:
+  return np.array(sorted(i for i in parts.builder.titles if 0 <= i < parts.n_items))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@dataclasses.dataclass
+class Evaluator:
+  """Val/test evaluation: target loss and the paper's generation metric, fixed candidates."""
+
+  parts: Parts
+  config: Any
+  split: Split
+  gate_kind: str
+
+  def __post_init__(self):
+    cfg = self.config
+    rows = len(self.split) if cfg.ilora.eval_rows <= 0 else min(cfg.ilora.eval_rows,
+                                                                 len(self.split))
+    self.idx = np.arange(rows)
+    self.cands, self.target = sample_candidates(self.split, self.parts.n_items,
+                                                cfg.data.num_candidates,
+                                                cfg.data.candidate_seed, _eligible(self.parts))
+    parts = self.parts
+
+    def prepare(trainable, stats, frozen, batch):
+      gate, _ = gate_weights(parts, trainable, stats, frozen, batch["seq"], batch["len_seq"],
+                             False, self.gate_kind)
+      mask, embeds = replacement(parts, trainable, frozen, batch["item_ids"])
+      return _merge(frozen["llm"], trainable["lora"]), gate, mask, embeds
+
+    self._prepare = jax.jit(prepare)
+    def nll_sum(trainable, stats, frozen, batch, rows):
+      nll, valid, _, _ = target_nll(parts, self.gate_kind, trainable, stats, frozen, batch,
+                                    jax.random.PRNGKey(0), False)
+      valid = valid & (jnp.arange(nll.shape[0]) < rows)[:, None]  # Padding rows left out.
+      return jnp.sum(nll * valid), jnp.sum(valid)
+
+    self._nll_sum = jax.jit(nll_sum)
+
+  def __call__(self, trainable, stats, frozen, progress: bool) -> dict[str, float]:
+    cfg, parts = self.config, self.parts
+    bs = cfg.ilora.eval_batch_size
+    nll_total, tokens, valid, hit = 0.0, 0, [], []
+    for start in tqdm(range(0, len(self.idx), bs), desc=f"eval {self.split.name}", leave=False,
+                      disable=not progress):
+      idx = self.idx[start:start + bs]
+      take = len(idx)
+      idx = np.resize(idx, bs)  # Pad by repeating rows: one compiled shape.
+      cands = self.cands[idx]
+      seq, len_seq = self.split.seq[idx], self.split.len_seq[idx]
+      with_target = parts.builder.batch(rows_for(self.split, idx, cands, True), 0, True)
+      batch = dict(with_target.as_dict(), seq=seq, len_seq=len_seq)
+      total, count = self._nll_sum(trainable, stats, frozen, batch, take)
+      nll_total, tokens = nll_total + float(total), tokens + int(count)
+      if not cfg.ilora.eval_generate:
+        continue
+      prompt = parts.builder.batch(rows_for(self.split, idx, cands, False), 0, True,
+                                   pad_left=True)
+      pbatch = dict(prompt.as_dict(), seq=seq, len_seq=len_seq)
+      params, gate, mask, embeds = self._prepare(trainable, stats, frozen, pbatch)
+      eos = tuple(parts.model.eos_ids) + parts.newline_ids
+      out, lengths = parts.model.generate_ids(
+          prompt.input_ids, prompt.attention, cfg.ilora.max_new_tokens, params=params,
+          gate_weights=gate, replace_mask=mask, replace_embeds=embeds, eos_ids=eos)
+      for j in range(take):
+        text = parts.model.tokenizer.decode(out[j, : lengths[j]].tolist(),
+                                            skip_special_tokens=True)
+        titles = [parts.builder.titles[int(c)] for c in cands[j]]
+        v, h = match_generation(text, titles, int(self.target[idx[j]]))
+        valid.append(v)
+        hit.append(h)
+    result = generation_metrics(np.array(valid), np.array(hit)) if valid else {}
+    result["loss"] = nll_total / max(tokens, 1)  # Mean over every target token of the split.
+    return result
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+  return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+
+
+@dataclasses.dataclass
+class Setup:
+  """What both training and `evaluate` need: data, frozen parts and the state template."""
+
+  dataset: Dataset
+  parts: Parts
+  frozen: dict
+  state: dict
+  tx: Any
+  mesh: Any
+  micro: int
+  accum: int
+  steps_per_epoch: int
+  total_steps: int
+  seed: int
+  lr: float
+  gate_kind: str
+
+
+def setup(config, workdir: str) -> Setup:
+  dataset = load_from_config(config, workdir)
+  tc = stage_train(config, STAGE)
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config)
+  micro, accum = int(tc.batch_size), int(tc.grad_accum)
+  sharding.batch_size_per_shard(mesh, micro)
+  steps_per_epoch = len(dataset.train) // (micro * accum)
+  if steps_per_epoch == 0:
+    raise UserError(f"the training split has {len(dataset.train)} rows, fewer than one step of "
+                    f"{micro} x {accum}")
+  total_steps = int(tc.steps) if tc.steps is not None else int(tc.epochs) * steps_per_epoch
+  parts, frozen = build(config, workdir, dataset, mesh)
+  trainable, stats = init_trainable(parts, mesh, rules, tc.seed)
+  tx = optim.make(labels_of(trainable), tc.lr, max(total_steps, 1), tc.weight_decay,
+                  config.ilora.train.clip_norm)
+  # Optimizer moments follow their parameters' shardings (propagated through the jit).
+  state = {"trainable": trainable, "stats": stats, "opt_state": init_opt_state(tx, trainable, mesh),
+           "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))}
+  return Setup(dataset, parts, frozen, state, tx, mesh, micro, accum, steps_per_epoch,
+               total_steps, int(tc.seed), float(tc.lr), config.lora.gate)
+
+
+def jit_train_step(su: Setup, step=None):
+  """The train step as one jit: declared shardings, trainable state donated, frozen not.
+
+  Returns (jitted step, batch sharding). `step` defaults to `make_train_step(...)`.
+  """
+  repl = sharding.replicated(su.mesh)
+  state_sh = jax.tree.map(lambda x: x.sharding, su.state)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, su.frozen)
+  batch_sh = NamedSharding(su.mesh, PartitionSpec(None, sharding.BATCH_AXES))
+  step = step or make_train_step(su.parts, su.tx, su.gate_kind, su.seed)
+  jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
+                   out_shardings=(state_sh, repl), donate_argnums=(0,))
+  return jitted, batch_sh
+
+
+def init_opt_state(tx, trainable, mesh):
+  """Optimizer state on the mesh: moments sharded like their parameters, counters replicated."""
+  opt_state = tx.init(trainable)  # Eager: zeros_like keeps each parameter's sharding.
+  repl = sharding.replicated(mesh)
+
+  def place(x):
+    if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh:
+      return x
+    return jax.device_put(x, repl)
+
+  return jax.tree.map(place, opt_state)
+
+
+def _count(tree) -> int:
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+def run(config, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) the iLoRA stage; returns the final val metrics."""
+  su = setup(config, workdir)
+  dataset, parts, frozen, state = su.dataset, su.parts, su.frozen, su.state
+  train, total_steps, steps_per_epoch = dataset.train, su.total_steps, su.steps_per_epoch
+  micro, accum, gate_kind = su.micro, su.accum, su.gate_kind
+  step_fn, batch_sh = jit_train_step(su)
+  base_count = _count(frozen["llm"])
+  sizes = {k: _count(v) for k, v in state["trainable"].items()}
+  console.info("iLoRA: trainable " + ", ".join(f"{k} {v:,}" for k, v in sizes.items())
+               + f" = {sum(sizes.values()):,} ({100 * sum(sizes.values()) / base_count:.3f}% of "
+               f"the {base_count:,} base parameters)")
+
+  log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+  settings = checkpointing.jsonable({
+      "llm": config.llm.name, "lora": config.lora.to_dict(), "router": config.router.to_dict(),
+      "data": dataset.name, "batch": [micro, accum], "total_steps": total_steps,
+      "seed": su.seed, "lr": su.lr, "train_rows": len(train)})
+  ckpt = checkpointing.StageCheckpoints(workdir, STAGE, config.checkpoint.max_to_keep,
+                                        config.checkpoint.async_save)
+  step = 0
+  latest = ckpt.latest_step()
+  if latest is not None:
+    checkpointing.check_same_settings(ckpt.restore_meta(latest)["settings"], settings,
+                                      ckpt.directory)
+    state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
+    step = int(meta["step"])
+    log.truncate(STAGE, meta["metrics_records"])
+    console.info(f"iLoRA: resumed from step {step} of {total_steps}")
+  val_eval = Evaluator(parts, config, dataset.val, gate_kind)
+
+  def record(split: str, metrics: dict, **extra) -> None:
+    log.write({"run": STAGE, "stage": STAGE, "split": split, "step": step, **extra, **metrics})
+
+  def save(at: int) -> None:
+    ckpt.save(at, state, {"step": at, "settings": settings, "metrics_records": log.count(STAGE)})
+
+  stop_at = total_steps if config.train.stop_after_steps is None else min(
+      total_steps, int(config.train.stop_after_steps))
+  rows = sharding.host_slice(micro)
+  bar = tqdm(total=total_steps, initial=step, desc="ilora train",
+             disable=not config.progress or jax.process_index() != 0)
+  last_val: dict[str, float] = {}
+  bad_streak = 0
+  while step < stop_at:
+    epoch, pos = divmod(step, steps_per_epoch)
+    order = np.random.default_rng([su.seed, epoch]).permutation(len(train))
+    idx = order[pos * micro * accum:(pos + 1) * micro * accum]
+    host = train_batch(parts, config, train, idx, epoch, step, total_steps, su.seed, accum)
+    # Every process builds the same global batch (cheap) and feeds only its rows.
+    batch = {k: jax.make_array_from_process_local_data(batch_sh, v[:, rows], v.shape)
+             for k, v in host.items()}
+    state, metrics = step_fn(state, frozen, batch)
+    step += 1
+    bar.update(1)
+    metrics = jax.device_get(metrics)
+    loss = float(metrics["loss"])
+    bad_streak = bad_streak + 1 if not np.isfinite(loss) else 0
+    if bad_streak >= config.ilora.max_bad_steps:
+      raise UserError(f"{bad_streak} optimizer steps in a row had a non-finite loss (last at "
+                      f"step {step}); lower config.train.lr or check the data")
+    lrs = optim.learning_rates(su.lr, total_steps, step - 1)
+    record("train", {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                     "gate_entropy": float(metrics["gate_entropy"]),
+                     "skipped_updates": int(metrics["skipped"]),
+                     "lr": float(lrs["lr/lora"]),
+                     **{f"gate_mean/{e}": float(v) for e, v in enumerate(metrics["gate_mean"])}},
+           epoch=epoch)
+    bar.set_postfix(loss=f"{loss:.4f}")
+    epoch_end = step % steps_per_epoch == 0 or step == total_steps
+    if epoch_end:
+      last_val = val_eval(state["trainable"], state["stats"], frozen, config.progress)
+      record("val", last_val, epoch=epoch + 1)
+      console.info(f"iLoRA step {step} val " + _fmt(last_val))
+    if epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at:
+      save(step)
+  bar.close()
+  ckpt.close()
+  if step < total_steps:
+    console.info(f"iLoRA: stopped at step {step} of {total_steps}; re-run to resume")
+    return last_val
+  result = {}
+  for split in ("val", "test"):
+    if split == "test" and dataset.test is None:
+      console.info(f"test evaluation skipped: {dataset.test_missing_reason}")
+      log.write({"run": STAGE, "stage": STAGE, "split": "test", "step": step,
+                 "skipped": dataset.test_missing_reason})
+      continue
+    evaluator = val_eval if split == "val" else Evaluator(parts, config, dataset.test, gate_kind)
+    metrics = evaluator(state["trainable"], state["stats"], frozen, config.progress)
+    log.write({"run": STAGE, "stage": STAGE, "split": split, "step": step, "final": True,
+               **metrics})
+    print(f"ilora {split} step {step}: " + _fmt(metrics), flush=True)
+    if split == "val":
+      result = metrics
+  return result
+
+
+def evaluate(config, workdir: str) -> dict[str, float]:
+  """The `evaluate` stage for iLoRA: restore the latest checkpoint and score `eval.split`."""
+  su = setup(config, workdir)
+  ckpt = checkpointing.StageCheckpoints(workdir, STAGE, config.checkpoint.max_to_keep, False)
+  latest = ckpt.latest_step()
+  if latest is None:
+    raise UserError(f"no ilora checkpoint in {ckpt.directory}: run --config.stage=ilora first")
+  state, _ = ckpt.restore(latest, checkpointing.abstract_like(su.state))
+  ckpt.close()
+  split = su.dataset.split(config.eval.split)
+  metrics = Evaluator(su.parts, config, split, su.gate_kind)(state["trainable"], state["stats"],
+                                                            su.frozen, config.progress)
+  MetricsLog(workdir, enabled=jax.process_index() == 0).write(
+      {"run": "evaluate", "stage": STAGE, "split": config.eval.split, "step": latest,
+       "final": True, **metrics})
+  print(f"ilora {config.eval.split} step {latest}: " + _fmt(metrics), flush=True)
+  return metrics

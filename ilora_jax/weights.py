@@ -1,0 +1,457 @@
+"""Loads Llama weights from Hugging Face safetensors folders and GGUF files (no torch).
+
+Both sources are first read as numpy arrays in Hugging Face layout (`[out, in]` matrices,
+named like 'model.layers.3.self_attn.q_proj.weight'), then converted to the `Llama` param tree
+and placed on devices leaf by leaf, each leaf directly with its target sharding.
+
+`shardings` arguments accept None (default device), a pytree of `jax.sharding.Sharding`
+matching the params tree, or a function `(path, shape) -> Sharding` where `path` is the leaf's
+'/'-joined key path, e.g. 'layers/attn/q/kernel'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+from ilora_jax.errors import UserError
+from ilora_jax.llama import LlamaConfig
+
+TensorGetter = Callable[[str], np.ndarray]
+
+# (param path inside a layer, HF name suffix inside 'model.layers.{i}.').
+_LAYER_TENSORS = (
+  (("attn_norm", "scale"), "input_layernorm.weight"),
+  (("attn", "q", "kernel"), "self_attn.q_proj.weight"),
+  (("attn", "k", "kernel"), "self_attn.k_proj.weight"),
+  (("attn", "v", "kernel"), "self_attn.v_proj.weight"),
+  (("attn", "o", "kernel"), "self_attn.o_proj.weight"),
+  (("mlp_norm", "scale"), "post_attention_layernorm.weight"),
+  (("mlp", "gate", "kernel"), "mlp.gate_proj.weight"),
+  (("mlp", "up", "kernel"), "mlp.up_proj.weight"),
+  (("mlp", "down", "kernel"), "mlp.down_proj.weight"),
+)
+
+# GGUF tensor names (llama.cpp) -> HF names.
+_GGUF_LAYER_NAMES = {
+  "attn_norm": "input_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_norm": "post_attention_layernorm",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
+}
+_GGUF_TOP_NAMES = {
+  "token_embd.weight": "model.embed_tokens.weight",
+  "output_norm.weight": "model.norm.weight",
+  "output.weight": "lm_head.weight",
+}
+SUPPORTED_GGUF_TYPES = tuple(
+  "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K".split()
+)
+
+
+def _hf_to_param(suffix: str, w: np.ndarray, cfg: LlamaConfig) -> np.ndarray:
+  """Converts one HF layer tensor ([out, in] for matrices) to our kernel layout."""
+  d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  if suffix.endswith("layernorm.weight"):
+    return w
+  if suffix.startswith("self_attn.q_proj"):
+    return w.T.reshape(d, n, h)
+  if suffix.startswith(("self_attn.k_proj", "self_attn.v_proj")):
+    return w.T.reshape(d, kv, h)
+  if suffix.startswith("self_attn.o_proj"):
+    return w.T.reshape(n, h, d)
+  return w.T  # gate/up [f, d] -> [d, f]; down [d, f] -> [f, d]
+
+
+def _expected_hf_shape(suffix: str, cfg: LlamaConfig) -> tuple[int, ...]:
+  d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  return {
+    "input_layernorm.weight": (d,),
+    "post_attention_layernorm.weight": (d,),
+    "self_attn.q_proj.weight": (cfg.num_heads * h, d),
+    "self_attn.k_proj.weight": (cfg.num_kv_heads * h, d),
+    "self_attn.v_proj.weight": (cfg.num_kv_heads * h, d),
+    "self_attn.o_proj.weight": (d, cfg.num_heads * h),
+    "mlp.gate_proj.weight": (f, d),
+    "mlp.up_proj.weight": (f, d),
+    "mlp.down_proj.weight": (d, f),
+  }[suffix]
+
+
+def _checked(get: TensorGetter, name: str, shape: tuple[int, ...], source: str) -> np.ndarray:
+  w = get(name)
+  if tuple(w.shape) != tuple(shape):
+    raise UserError(f"{source}: tensor {name} has shape {tuple(w.shape)}, expected {shape}")
+  return w
+
+
+def _sharding_for(shardings: Any, path: tuple[str, ...], shape: tuple[int, ...]):
+  if shardings is None:
+    return None
+  if callable(shardings) and not isinstance(shardings, jax.sharding.Sharding):
+    return shardings("/".join(path), shape)
+  if isinstance(shardings, jax.sharding.Sharding):
+    return shardings
+  node = shardings
+  for key in path:
+    node = node[key]
+  return node
+
+
+def resolve_shardings(shardings: Any, abstract: Any) -> Any:
+  """Turns a `shardings` argument (see the module docstring) into a pytree like `abstract`."""
+  if shardings is None:
+    return None
+
+  def one(path, leaf):
+    keys = tuple(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return _sharding_for(shardings, keys, tuple(leaf.shape))
+
+  return jax.tree_util.tree_map_with_path(one, abstract)
+
+
+def place(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+  """Puts a host array on devices; with a sharding each device receives only its shard."""
+  if sharding is None:
+    return jax.device_put(array)
+  return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def params_from_hf_tensors(
+  get: TensorGetter,
+  has: Callable[[str], bool],
+  cfg: LlamaConfig,
+  *,
+  source: str,
+  shardings: Any = None,
+) -> dict:
+  """Builds the `Llama` params tree from HF-named numpy tensors.
+
+  Args:
+    get: returns the HF tensor (e.g. 'model.layers.0.mlp.up_proj.weight') as numpy.
+    has: whether a tensor name exists.
+    cfg: the model config (its `param_dtype`, `scan_layers` and shapes are used).
+    source: file or folder name used in error messages.
+    shardings: see the module docstring.
+
+  Returns:
+    The params tree of jax arrays in `cfg.param_dtype`.
+  """
+  dtype = cfg.param_dtype
+
+  def put(path, array):
+    array = np.ascontiguousarray(np.asarray(array).astype(dtype, copy=False))
+    return place(array, _sharding_for(shardings, path, array.shape))
+
+  def set_path(tree, path, value):
+    for key in path[:-1]:
+      tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+  params: dict = {}
+  embed = _checked(get, "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), source)
+  params["embedding"] = put(("embedding",), embed)
+  del embed
+  for sub_path, suffix in _LAYER_TENSORS:
+    shape = _expected_hf_shape(suffix, cfg)
+    per_layer = [
+      _hf_to_param(suffix, _checked(get, f"model.layers.{i}.{suffix}", shape, source), cfg)
+      for i in range(cfg.num_layers)
+    ]
+    if cfg.scan_layers:
+      path = ("layers", *sub_path)
+      set_path(params, path, put(path, np.stack(per_layer)))
+    else:
+      for i, w in enumerate(per_layer):
+        path = (f"layers_{i}", *sub_path)
+        set_path(params, path, put(path, w))
+    del per_layer
+  norm = _checked(get, "model.norm.weight", (cfg.hidden_size,), source)
+  params["final_norm"] = {"scale": put(("final_norm", "scale"), norm)}
+  if not cfg.tie_word_embeddings:
+    if not has("lm_head.weight"):
+      raise UserError(f"{source}: lm_head.weight missing but word embeddings are not tied")
+    head = _checked(get, "lm_head.weight", (cfg.vocab_size, cfg.hidden_size), source)
+    params["lm_head"] = put(("lm_head",), head.T)
+  return params
+
+
+# ----------------------------------------------------------------------------- HF folders
+
+
+def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
+  """Maps a Hugging Face Llama `config.json` dict to `LlamaConfig` (overrides win)."""
+  model_type = hf.get("model_type")
+  if model_type != "llama":
+    raise UserError(f"unsupported architecture {model_type!r}: only Llama models are supported")
+  if hf.get("attention_bias") or hf.get("mlp_bias"):
+    raise UserError("unsupported Llama variant: attention_bias/mlp_bias must be false")
+  if hf.get("hidden_act", "silu") != "silu":
+    raise UserError(f"unsupported hidden_act {hf.get('hidden_act')!r}: expected silu")
+  missing = [
+    k
+    for k in (
+      "vocab_size",
+      "hidden_size",
+      "intermediate_size",
+      "num_hidden_layers",
+      "num_attention_heads",
+    )
+    if k not in hf
+  ]
+  if missing:
+    raise UserError(f"Llama config.json lacks required fields: {', '.join(missing)}")
+  heads = hf["num_attention_heads"]
+  rope = dict(hf.get("rope_parameters") or {})
+  if hf.get("rope_scaling"):
+    rope.update(hf["rope_scaling"])
+  theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type in (None, "default"):
+    scaling = None
+  elif rope_type == "llama3":
+    scaling = {
+      "factor": float(rope["factor"]),
+      "low_freq_factor": float(rope["low_freq_factor"]),
+      "high_freq_factor": float(rope["high_freq_factor"]),
+      "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
+    }
+  else:
+    raise UserError(f"unsupported rope scaling type {rope_type!r}: only llama3 is supported")
+  kwargs = dict(
+    vocab_size=hf["vocab_size"],
+    hidden_size=hf["hidden_size"],
+    intermediate_size=hf["intermediate_size"],
+    num_layers=hf["num_hidden_layers"],
+    num_heads=heads,
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+    rope_theta=float(theta),
+    rope_scaling=scaling,
+    rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+  )
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
+class _SafetensorsFolder:
+  """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""
+
+  def __init__(self, folder: str):
+    from safetensors import SafetensorError, safe_open
+
+    self._error = SafetensorError
+    self._open = safe_open
+    index_path = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+      with open(index_path) as f:
+        weight_map = json.load(f)["weight_map"]
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+      weight_map = None
+    if not files:
+      raise UserError(f"no *.safetensors weights found in {folder}")
+    self._handles = {}
+    self._where: dict[str, str] = {}
+    for name in files:
+      path = os.path.join(folder, name)
+      if not os.path.isfile(path):
+        raise UserError(f"safetensors shard missing: {path}")
+      try:
+        handle = safe_open(path, framework="numpy")
+      except SafetensorError as e:
+        raise UserError(f"safetensors file is truncated or corrupt: {path} ({e})") from None
+      self._handles[path] = handle
+      for key in handle.keys():
+        self._where[key] = path
+    if weight_map is not None:
+      missing = sorted(k for k in weight_map if k not in self._where)
+      if missing:
+        raise UserError(f"{folder}: tensors listed in the index are missing: {missing[:3]}")
+
+  def has(self, name: str) -> bool:
+    return name in self._where
+
+  def get(self, name: str) -> np.ndarray:
+    if name not in self._where:
+      raise UserError(f"tensor {name} not found in the safetensors files")
+    try:
+      return self._handles[self._where[name]].get_tensor(name)
+    except self._error as e:
+      raise UserError(f"cannot read {name} from {self._where[name]}: {e}") from None
+
+
+def load_hf(folder: str, *, shardings: Any = None, **config_overrides) -> tuple[LlamaConfig, dict]:
+  """Loads a Hugging Face Llama folder (`config.json` + safetensors, single or sharded).
+
+  Args:
+    folder: the checkpoint folder.
+    shardings: see the module docstring.
+    **config_overrides: `LlamaConfig` fields to set, e.g. dtype, param_dtype, remat_policy.
+
+  Returns:
+    (config, params).
+  """
+  if not os.path.isdir(folder):
+    raise UserError(f"model folder not found: {folder}")
+  config_path = os.path.join(folder, "config.json")
+  if not os.path.isfile(config_path):
+    raise UserError(f"config.json not found in {folder}")
+  with open(config_path) as f:
+    try:
+      hf = json.load(f)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{config_path} is not valid JSON: {e}") from None
+  cfg = config_from_hf(hf, **config_overrides)
+  tensors = _SafetensorsFolder(folder)
+  return cfg, params_from_hf_tensors(
+    tensors.get, tensors.has, cfg, source=folder, shardings=shardings
+  )
+
+
+# ----------------------------------------------------------------------------- GGUF files
+
+
+def open_gguf(path: str):
+  """Returns a `gguf.GGUFReader`, raising `UserError` for missing or broken files."""
+  import gguf
+
+  if not os.path.isfile(path):
+    raise UserError(f"GGUF file not found: {path}")
+  with open(path, "rb") as f:
+    if f.read(4) != b"GGUF":
+      raise UserError(f"not a GGUF file (bad magic): {path}")
+  try:
+    return gguf.GGUFReader(path)
+  except (ValueError, IndexError, EOFError, OSError) as e:
+    raise UserError(f"GGUF file is truncated or corrupt: {path} ({e})") from None
+
+
+def gguf_field(reader, key: str, default: Any = None) -> Any:
+  """The value of metadata `key` (scalars unwrapped, string arrays as lists)."""
+  field = reader.fields.get(key)
+  if field is None:
+    return default
+  return field.contents()
+
+
+def config_from_gguf(reader, **overrides) -> LlamaConfig:
+  """Maps GGUF `llama.*` metadata to `LlamaConfig` (overrides win)."""
+  arch = gguf_field(reader, "general.architecture")
+  if arch != "llama":
+    raise UserError(f"unsupported GGUF architecture {arch!r}: only llama is supported")
+
+  def need(key):
+    value = gguf_field(reader, key)
+    if value is None:
+      raise UserError(f"GGUF metadata {key} missing")
+    return value
+
+  names = {t.name for t in reader.tensors}
+  if "rope_freqs.weight" in names or gguf_field(reader, "llama.rope.scaling.type", "none") not in (
+    "none",
+    None,
+  ):
+    raise UserError("unsupported GGUF rope scaling (rope_freqs / llama.rope.scaling.type)")
+  hidden = int(need("llama.embedding_length"))
+  heads = int(need("llama.attention.head_count"))
+  vocab = gguf_field(reader, "llama.vocab_size")
+  if vocab is None:
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = len(tokens.data) if tokens is not None else None
+  if vocab is None:
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    vocab = int(embd.shape[1])
+  head_dim = gguf_field(reader, "llama.attention.key_length") or gguf_field(
+    reader, "llama.rope.dimension_count"
+  )
+  kwargs = dict(
+    vocab_size=int(vocab),
+    hidden_size=hidden,
+    intermediate_size=int(need("llama.feed_forward_length")),
+    num_layers=int(need("llama.block_count")),
+    num_heads=heads,
+    num_kv_heads=int(gguf_field(reader, "llama.attention.head_count_kv", heads)),
+    head_dim=int(head_dim or hidden // heads),
+    rope_theta=float(gguf_field(reader, "llama.rope.freq_base", 10000.0)),
+    rms_norm_eps=float(gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+    tie_word_embeddings="output.weight" not in names,
+    max_position_embeddings=int(gguf_field(reader, "llama.context_length", 4096)),
+  )
+  kwargs.update(overrides)
+  return LlamaConfig(**kwargs)
+
+
+def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+  """Undoes llama.cpp's rotary row permutation of q/k weights [n_head * head_dim, in]."""
+  rows, cols = w.shape
+  half = rows // n_head // 2
+  # llama.cpp stores rows as [head, half, pair]; HF order is [head, pair, half].
+  return w.reshape(n_head, half, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def gguf_tensor_getter(reader, cfg: LlamaConfig, path: str) -> tuple[TensorGetter, Callable]:
+  """-> (get, has) over HF tensor names, dequantizing GGUF tensors to float32 on demand."""
+  import gguf
+
+  by_hf_name = {}
+  for t in reader.tensors:
+    if t.name in _GGUF_TOP_NAMES:
+      by_hf_name[_GGUF_TOP_NAMES[t.name]] = t
+    elif t.name.startswith("blk."):
+      _, layer, kind, rest = t.name.split(".", 3)
+      if kind in _GGUF_LAYER_NAMES:
+        by_hf_name[f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{rest}"] = t
+
+  def get(name: str) -> np.ndarray:
+    t = by_hf_name.get(name)
+    if t is None:
+      raise UserError(f"{path}: tensor for {name} missing from the GGUF file")
+    qtype = gguf.GGMLQuantizationType(t.tensor_type)
+    if qtype.name not in SUPPORTED_GGUF_TYPES:
+      raise UserError(
+        f"{path}: tensor {t.name} uses unsupported quantisation {qtype.name} "
+        f"(supported: {', '.join(SUPPORTED_GGUF_TYPES)})"
+      )
+    try:
+      w = np.asarray(gguf.quants.dequantize(t.data, qtype), dtype=np.float32)
+    except (ValueError, NotImplementedError) as e:
+      raise UserError(f"{path}: cannot dequantize {t.name} ({qtype.name}): {e}") from None
+    w = w.reshape(tuple(int(x) for x in reversed(t.shape)))
+    if ".self_attn.q_proj." in name:
+      w = _unpermute_rows(w, cfg.num_heads)
+    elif ".self_attn.k_proj." in name:
+      w = _unpermute_rows(w, cfg.num_kv_heads)
+    return w
+
+  return get, lambda name: name in by_hf_name
+
+
+def load_gguf(path: str, *, shardings: Any = None, **config_overrides) -> tuple[LlamaConfig, dict]:
+  """Loads (and dequantizes to float32, then `param_dtype`) a llama GGUF file.
+
+  Args:
+    path: the .gguf file.
+    shardings: see the module docstring.
+    **config_overrides: `LlamaConfig` fields to set, e.g. dtype, param_dtype.
+
+  Returns:
+    (config, params).
+  """
+  reader = open_gguf(path)
+  cfg = config_from_gguf(reader, **config_overrides)
+  get, has = gguf_tensor_getter(reader, cfg, path)
+  return cfg, params_from_hf_tensors(get, has, cfg, source=path, shardings=shardings)

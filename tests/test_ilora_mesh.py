@@ -1,0 +1,121 @@
+"""The iLoRA stage on 8 CPU devices: same losses on every mesh, arrays sharded by the rules."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT, run_cli
+
+MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]
+
+# Runs in a child process: the device count is fixed when JAX starts.
+_SCRIPT = r"""
+import json, os, sys
+sys.path.insert(0, os.path.join(ROOT, "configs"))
+import jax
+import tiny
+from ilora_jax import llm, train_ilora, sharding
+
+def _spec(spec):  # "P(None, 'fsdp')" whatever the jax version's repr.
+  return "P(" + ", ".join(repr(a) for a in tuple(spec)) + ")"
+
+out = {}
+for data, fsdp, tensor in MESHES:
+  config = tiny.get_config()
+  config.stage = "ilora"
+  config.train.batch_size = 8
+  config.train.grad_accum = 2
+  config.train.steps = 3
+  config.ilora.eval_rows = 4
+  config.ilora.eval_batch_size = 4
+  config.ilora.max_new_tokens = 2
+  config.ilora.eval_generate = False  # Target loss only: the losses are what is compared.
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
+  workdir = os.path.join(BASE, f"mesh_{data}{fsdp}{tensor}")
+  train_ilora.run(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  losses = [r["loss"] for r in records if r["stage"] == "ilora" and r["split"] == "train"]
+  # Where the arrays live on this mesh: the setup places them exactly as the run does.
+  su = train_ilora.setup(config, workdir)
+  mesh = su.mesh
+  expected = llm.mesh_shardings(su.parts.model.config, mesh, sharding.rules(config),
+                                su.parts.model.module.adapter)
+  def specs(tree):
+    return {jax.tree_util.keystr(p): [_spec(a.sharding.spec), list(a.sharding.shard_shape(a.shape))]
+            for p, a in jax.tree_util.tree_leaves_with_path(tree)}
+  llm_params = su.frozen["llm"]
+  lora = su.state["trainable"]["lora"]
+  want = {jax.tree_util.keystr(p): _spec(s.spec)
+          for p, s in jax.tree_util.tree_leaves_with_path(expected)}
+  moments = {k: v for k, v in specs(su.state["opt_state"]).items() if ".mu['lora']" in k}
+  out[f"{data}x{fsdp}x{tensor}"] = {"losses": losses, "llm": specs(llm_params),
+                                    "lora": specs(lora), "want": want, "moments": moments}
+print("RESULT " + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def mesh_runs(tmp_path_factory):
+  sasrec = tmp_path_factory.mktemp("sasrec")
+  proc = run_cli("--config=configs/tiny.py", f"--workdir={sasrec}", "--config.stage=sasrec")
+  assert proc.returncode == 0, proc.stderr
+  base = tmp_path_factory.mktemp("meshes")
+  for data, fsdp, tensor in MESHES:
+    shutil.copytree(
+      sasrec / "checkpoints" / "sasrec",
+      base / f"mesh_{data}{fsdp}{tensor}" / "checkpoints" / "sasrec",
+    )
+  out = {}
+  for devices in (1, 8):  # 1x1x1 on one device, the others on eight.
+    meshes = [m for m in MESHES if (m == (1, 1, 1)) == (devices == 1)]
+    code = f"ROOT = {ROOT!r}\nBASE = {str(base)!r}\nMESHES = {meshes!r}\n" + _SCRIPT
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    proc = subprocess.run(
+      [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    out.update(json.loads(line[len("RESULT ") :]))
+  return out
+
+
+def test_every_mesh_gives_the_same_losses(mesh_runs):
+  ref = np.array(mesh_runs["1x1x1"]["losses"])
+  assert len(ref) == 3 and np.all(np.isfinite(ref))
+  for name, run in mesh_runs.items():
+    np.testing.assert_allclose(run["losses"], ref, rtol=2e-5, err_msg=name)
+
+
+def test_arrays_are_sharded_as_the_rules_say(mesh_runs):
+  run = mesh_runs["2x2x2"]
+  # Rules: embed -> fsdp, heads/kv_heads/mlp/vocab -> tensor, layers and lora_rank unsplit.
+  spec, shard = run["llm"]["['layers']['attn']['q']['kernel']"]
+  assert spec == "P(None, 'fsdp', 'tensor', None)", spec
+  assert shard[1:3] == [64 // 2, 4 // 2]  # tiny: embed 64 over fsdp=2, 4 heads over tensor=2.
+  spec, shard = run["llm"]["['layers']['mlp']['down']['kernel']"]
+  assert spec == "P(None, 'tensor', 'fsdp')", spec
+  spec, shard = run["llm"]["['embedding']"]
+  assert spec == "P('tensor', 'fsdp')", spec
+  assert shard[0] * 2 == 49152 + 128  # Vocabulary grown by the special tokens, padded to 128.
+  spec, _ = run["lora"]["['layers']['attn']['q']['adapter']['lora_a']"]
+  assert spec == "P(None, 'fsdp', None)", spec
+  spec, _ = run["lora"]["['layers']['mlp']['down']['adapter']['lora_b']"]
+  assert spec == "P(None, None, 'fsdp')", spec
+  # Adam moments follow their parameters' shardings.
+  moments = run["moments"]
+  assert moments
+  for path, (spec, _) in moments.items():
+    param = path.split(".mu['lora']")[1]
+    assert spec == run["lora"][param][0], path
+  for tree in ("llm", "lora"):
+    for path, (spec, _) in run[tree].items():
+      assert spec == run["want"][path], path
+  # The all-data mesh keeps every weight whole on each device.
+  whole = mesh_runs["1x1x1"]["llm"]
+  for path, (_, shard) in mesh_runs["8x1x1"]["llm"].items():
+    assert shard == whole[path][1], path

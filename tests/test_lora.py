@@ -1,0 +1,332 @@
+"""Instance-wise LoRA: the fused adapter against unfused numpy formulas, init, seam, helpers."""
+
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from ilora_jax import lora
+from ilora_jax.errors import UserError
+
+D_IN, D_OUT, T = 12, 10, 5
+
+
+def _module(rank=8, experts=4, alpha=32.0, dropout=0.0, **kw):
+  return lora.InstanceLoRA(
+    in_features=D_IN,
+    out_features=D_OUT,
+    rank=rank,
+    num_experts=experts,
+    alpha=alpha,
+    dropout_rate=dropout,
+    **kw,
+  )
+
+
+def _random_params(rank, seed=0):
+  rng = np.random.default_rng(seed)
+  a = rng.standard_normal((D_IN, rank)).astype(np.float32)
+  b = rng.standard_normal((rank, D_OUT)).astype(np.float32)
+  return a, b
+
+
+def _x(batch=3, seed=1):
+  return np.random.default_rng(seed).standard_normal((batch, T, D_IN)).astype(np.float32)
+
+
+def _apply(module, a, b, x, gate, deterministic=True, rngs=None):
+  params = {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}
+  g = None if gate is None else jnp.asarray(gate)
+  return module.apply({"params": params}, jnp.asarray(x), g, deterministic, rngs=rngs)
+
+
+def _unfused_numpy(x, a, b, gate, alpha, experts):
+  """s * sum_k g[b, k] * (x @ A_k) @ B_k, one expert at a time, in float64."""
+  rank = a.shape[1]
+  per = rank // experts
+  s = alpha / per
+  x, a, b = (v.astype(np.float64) for v in (x, a, b))
+  out = np.zeros(x.shape[:2] + (b.shape[1],))
+  for k in range(experts):
+    a_k, b_k = a[:, k * per : (k + 1) * per], b[k * per : (k + 1) * per]
+    out += gate[:, k, None, None] * ((x @ a_k) @ b_k)
+  return s * out
+
+
+def test_delta_is_exactly_zero_at_init():
+  module = _module()
+  x = jnp.asarray(_x())
+  gate = jax.nn.softmax(jax.random.normal(jax.random.key(3), (3, 4)))
+  variables = module.init(jax.random.key(0), x, gate, True)
+  delta = module.apply(variables, x, gate, True)
+  chex.assert_shape(delta, (3, T, D_OUT))
+  np.testing.assert_array_equal(np.asarray(delta), 0.0)
+  params = nn.meta.unbox(variables["params"])
+  chex.assert_shape(params["lora_a"], (D_IN, 8))
+  chex.assert_shape(params["lora_b"], (8, D_OUT))
+  assert np.abs(np.asarray(params["lora_a"])).max() > 0
+
+
+def test_lora_a_init_matches_torch_kaiming_uniform_bound():
+  fan_in = 512
+  # torch.nn.init.kaiming_uniform_(w, a=sqrt(5)): gain = sqrt(2 / (1 + a^2)), bound =
+  # gain * sqrt(3 / fan_in); written out here, or taken from torch itself when installed.
+  bound = math.sqrt(2.0 / (1.0 + 5.0)) * math.sqrt(3.0 / fan_in)
+  try:
+    import torch
+
+    w = torch.empty(256, fan_in)  # torch layout [out = rank, in]
+    torch.manual_seed(0)
+    torch.nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+    assert abs(w.abs().max().item() - bound) < 0.01 * bound
+  except ImportError:
+    pass
+  module = lora.InstanceLoRA(in_features=fan_in, out_features=4, rank=256, num_experts=4)
+  variables = module.init(jax.random.key(0), jnp.zeros((1, 1, fan_in)), None, True)
+  a = np.asarray(nn.meta.unbox(variables["params"])["lora_a"])  # [in, rank]
+  assert np.abs(a).max() <= bound
+  assert np.abs(a).max() > 0.99 * bound
+  np.testing.assert_allclose(a.std(), bound / math.sqrt(3.0), rtol=0.02)
+
+
+def test_one_expert_constant_gate_is_plain_lora():
+  rank, alpha = 8, 16.0
+  a, b = _random_params(rank)
+  x = _x()
+  gate = np.asarray(lora.fixed_gate("constant", 3, 1))
+  delta = _apply(_module(rank=rank, experts=1, alpha=alpha), a, b, x, gate)
+  expected = x.astype(np.float64) @ a @ b * alpha / rank
+  np.testing.assert_allclose(np.asarray(delta), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_four_experts_equal_the_unfused_per_expert_sum():
+  rank, experts, alpha = 8, 4, 32.0
+  a, b = _random_params(rank, seed=2)
+  x = _x(batch=4)
+  logits = np.random.default_rng(5).standard_normal((4, experts))
+  gate = (np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)).astype(np.float32)
+  delta = _apply(_module(rank=rank, experts=experts, alpha=alpha), a, b, x, gate)
+  expected = _unfused_numpy(x, a, b, gate, alpha, experts)
+  np.testing.assert_allclose(np.asarray(delta), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_none_gate_weights_every_component_one():
+  a, b = _random_params(8, seed=3)
+  x = _x()
+  delta = _apply(_module(), a, b, x, None)
+  expected = _unfused_numpy(x, a, b, np.ones((3, 4)), 32.0, 4)
+  np.testing.assert_allclose(np.asarray(delta), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_uniform_gate_is_plain_lora_with_standard_scale():
+  rank, alpha = 8, 32.0
+  a, b = _random_params(rank, seed=4)
+  x = _x()
+  gate = np.asarray(lora.fixed_gate("uniform", 3, 4))
+  np.testing.assert_allclose(gate, 0.25)
+  delta = _apply(_module(rank=rank, experts=4, alpha=alpha), a, b, x, gate)
+  expected = x.astype(np.float64) @ a @ b * alpha / rank
+  np.testing.assert_allclose(np.asarray(delta), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_gates_act_per_instance():
+  a, b = _random_params(8, seed=6)
+  row = _x(batch=1)
+  x = np.concatenate([row, row], axis=0)  # the same input for both instances
+  gate = np.asarray([[0.7, 0.1, 0.1, 0.1], [0.1, 0.1, 0.1, 0.7]], np.float32)
+  delta = np.asarray(_apply(_module(), a, b, x, gate))
+  assert np.abs(delta[0] - delta[1]).max() > 1e-2
+  same = np.asarray(_apply(_module(), a, b, x, np.stack([gate[0], gate[0]])))
+  np.testing.assert_array_equal(same[0], same[1])
+  np.testing.assert_allclose(same[0], delta[0], rtol=1e-6)
+
+
+def test_dropout_only_when_not_deterministic():
+  a, b = _random_params(8, seed=7)
+  x = _x()
+  gate = np.full((3, 4), 0.25, np.float32)
+  module = _module(dropout=0.5)
+  reference = _unfused_numpy(x, a, b, gate, 32.0, 4)
+  rngs = {"dropout": jax.random.key(0)}
+  eval_delta = np.asarray(_apply(module, a, b, x, gate, True, rngs))
+  np.testing.assert_allclose(eval_delta, reference, rtol=1e-5, atol=1e-4)
+  train_1 = np.asarray(_apply(module, a, b, x, gate, False, rngs))
+  train_2 = np.asarray(_apply(module, a, b, x, gate, False, {"dropout": jax.random.key(1)}))
+  assert np.abs(train_1 - reference).max() > 1e-2
+  assert np.abs(train_1 - train_2).max() > 1e-2
+  # With identity-like A (one input feature per rank component) and B, dropout's effect is
+  # visible per feature: kept features are scaled by 1 / (1 - rate), dropped ones are 0.
+  a_id = np.zeros((D_IN, 8), np.float32)
+  a_id[np.arange(8), np.arange(8)] = 1.0
+  b_id = np.zeros((8, D_OUT), np.float32)
+  b_id[np.arange(8), np.arange(8)] = 1.0
+  out = np.asarray(_apply(module, a_id, b_id, x, gate, False, rngs))[..., :8]
+  ratio = out / (32.0 / 2 * 0.25 * x[..., :8])
+  assert set(np.round(np.unique(ratio), 4)) <= {0.0, 2.0}
+  assert 0.2 < np.mean(ratio == 0) < 0.8
+
+
+def test_compute_dtype_follows_the_input():
+  a, b = _random_params(8, seed=8)
+  x = _x()
+  gate = np.full((3, 4), 0.25, np.float32)
+  delta = _apply(_module(), a, b, x.astype(jnp.bfloat16), gate)
+  assert delta.dtype == jnp.bfloat16
+  expected = _unfused_numpy(x, a, b, gate, 32.0, 4)
+  np.testing.assert_allclose(np.asarray(delta, np.float32), expected, rtol=0.05, atol=0.5)
+
+
+def test_bad_gate_shape_is_rejected():
+  a, b = _random_params(8)
+  with pytest.raises(ValueError, match="experts"):
+    _apply(_module(), a, b, _x(), np.ones((3, 2), np.float32))
+  with pytest.raises(ValueError, match="batch"):
+    _apply(_module(), a, b, _x(), np.ones((2, 4), np.float32))
+
+
+def test_jitted_apply_does_not_retrace():
+  module = _module()
+  a, b = _random_params(8)
+  params = {"lora_a": jnp.asarray(a), "lora_b": jnp.asarray(b)}
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def apply(params, x, gate):
+    return module.apply({"params": params}, x, gate, True)
+
+  gate = jnp.full((3, 4), 0.25)
+  apply(params, jnp.asarray(_x(seed=1)), gate)
+  apply(params, jnp.asarray(_x(seed=2)), gate * 2)
+  chex.clear_trace_counter()
+
+
+def test_config_validation_and_fixed_gate_errors():
+  assert lora.LoRAConfig().scale == 16.0
+  assert lora.LoRAConfig(targets=["q", "v"]).targets == ("q", "v")
+  with pytest.raises(UserError, match="multiple"):
+    lora.LoRAConfig(rank=6, num_experts=4)
+  with pytest.raises(UserError, match="targets"):
+    lora.LoRAConfig(targets=("q", "lm_head"))
+  with pytest.raises(UserError, match="gate"):
+    lora.LoRAConfig(gate="topk")
+  with pytest.raises(UserError, match="dropout"):
+    lora.LoRAConfig(dropout=1.0)
+  with pytest.raises(UserError, match="fixed gate"):
+    lora.fixed_gate("router", 2, 4)
+  np.testing.assert_array_equal(np.asarray(lora.fixed_gate("constant", 2, 3)), np.ones((2, 3)))
+
+
+def test_factory_targets_and_logical_axes():
+  cfg = lora.LoRAConfig(targets=("q", "k", "o", "gate", "down"))
+  factory = lora.adapter_factory(cfg)
+  assert factory == lora.adapter_factory(lora.LoRAConfig(targets=("q", "k", "o", "gate", "down")))
+  assert hash(factory) == hash(lora.adapter_factory(cfg))
+  assert factory(in_features=4, out_features=4, target="v", name="adapter") is None
+  expected = {
+    "q": (("embed", "lora_rank"), ("lora_rank", "heads")),
+    "k": (("embed", "lora_rank"), ("lora_rank", "kv_heads")),
+    "o": (("embed", "lora_rank"), ("lora_rank", "embed")),
+    "gate": (("embed", "lora_rank"), ("lora_rank", "mlp")),
+    "down": (("mlp", "lora_rank"), ("lora_rank", "embed")),
+  }
+  for target, (a_axes, b_axes) in expected.items():
+    module = factory(in_features=6, out_features=10, target=target, name="adapter")
+    variables = jax.eval_shape(
+      lambda key, x, g, m=module: m.init(key, x, g, True),
+      jax.random.key(0),
+      jnp.zeros((1, 1, 6)),
+      jnp.ones((1, 4)),
+    )
+    spec = nn.get_partition_spec(variables)["params"]
+    assert tuple(spec["lora_a"]) == a_axes, target
+    assert tuple(spec["lora_b"]) == b_axes, target
+    assert module.dropout_rate == cfg.dropout and module.param_dtype == jnp.float32
+
+
+def test_is_lora_param_and_count_params():
+  tree = {
+    "layers": {
+      "attn": {"q": {"kernel": np.zeros((4, 2, 3)), "adapter": {"lora_a": np.zeros((4, 8))}}},
+      "mlp": {"up": {"adapter": {"lora_b": np.zeros((8, 5))}}},
+    },
+    "lora_a": np.zeros(3),  # not under an adapter scope
+  }
+  flat = traverse_util.flatten_dict(tree)
+  selected = sorted("/".join(k) for k in flat if lora.is_lora_param(k))
+  assert selected == ["layers/attn/q/adapter/lora_a", "layers/mlp/up/adapter/lora_b"]
+  assert lora.is_lora_param("x/adapter/lora_b") and not lora.is_lora_param("x/adapter/kernel")
+  mask = lora.lora_mask(tree)
+  assert mask["layers"]["attn"]["q"]["adapter"]["lora_a"] is True
+  assert mask["layers"]["attn"]["q"]["kernel"] is False and mask["lora_a"] is False
+  assert lora.count_params(tree) == 24 + 32 + 40 + 3
+  assert lora.count_params(tree, lora.is_lora_param) == 32 + 40
+  # Boxed params (leaf paths end in `.value`) and abstract shapes work too.
+  module = _module()
+  boxed = jax.eval_shape(
+    lambda key: module.init(key, jnp.zeros((1, 1, D_IN)), None, True), jax.random.key(0)
+  )
+  assert lora.count_params({"adapter": boxed["params"]}, lora.is_lora_param) == 8 * (D_IN + D_OUT)
+
+
+def _tiny_llama():
+  llama = pytest.importorskip("ilora_jax.llama")
+  if not hasattr(llama, "LlamaConfig") or not hasattr(llama, "Llama"):
+    pytest.skip("ilora_jax.llama has no Llama / LlamaConfig yet")
+  try:
+    config = llama.LlamaConfig(
+      vocab_size=48,
+      hidden_size=16,
+      intermediate_size=24,
+      num_layers=2,
+      num_heads=4,
+      num_kv_heads=2,
+      head_dim=4,
+      max_position_embeddings=32,
+    )
+    llama.Llama(config, adapter=None)
+  except TypeError as exc:
+    pytest.skip(f"ilora_jax.llama has no adapter seam yet: {exc}")
+  return llama, config
+
+
+def test_through_the_llama_seam():
+  llama, config = _tiny_llama()
+  factory = lora.adapter_factory(lora.LoRAConfig(dropout=0.0))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 48, (2, 7)), jnp.int32)
+  gate = jnp.asarray([[0.7, 0.1, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]], jnp.float32)
+  model = llama.Llama(config, adapter=factory)
+  # Abstract init (no RNG compile), then numpy-filled params: random base weights and A, B = 0.
+  abstract = jax.eval_shape(lambda key: model.init(key, tokens), jax.random.key(0))["params"]
+  spec = traverse_util.flatten_dict(nn.get_partition_spec(abstract))
+  flat = traverse_util.flatten_dict(nn.meta.unbox(abstract))
+  adapter_keys = [k for k in flat if lora.is_lora_param(k)]
+  layers = 1 if config.scan_layers else config.num_layers
+  assert len(adapter_keys) == 2 * 7 * layers
+  down_a = [k for k in adapter_keys if "down" in k and k[-1] == "lora_a"][0]
+  assert tuple(spec[down_a])[-2:] == ("mlp", "lora_rank")
+  rng = np.random.default_rng(1)
+  flat = {
+    k: jnp.zeros(v.shape, v.dtype)
+    if k[-1] == "lora_b"
+    else jnp.asarray(0.1 * rng.standard_normal(v.shape), v.dtype)
+    for k, v in flat.items()
+  }
+  base = traverse_util.unflatten_dict({k: v for k, v in flat.items() if "adapter" not in k})
+  plain = jax.jit(lambda p: llama.Llama(config).apply({"params": p}, tokens))(base)
+  run = jax.jit(lambda p, g: model.apply({"params": p}, tokens, gate_weights=g))
+  at_init = run(traverse_util.unflatten_dict(flat), gate)
+  np.testing.assert_array_equal(np.asarray(at_init), np.asarray(plain))
+  # Non-zero B: the adapters change the logits, per instance through the gate.
+  for k in adapter_keys:
+    if k[-1] == "lora_b":
+      flat[k] = jnp.asarray(0.05 * rng.standard_normal(flat[k].shape), jnp.float32)
+  params = traverse_util.unflatten_dict(flat)
+  out = run(params, gate)
+  assert np.abs(np.asarray(out) - np.asarray(plain)).max() > 1e-3
+  swapped = run(params, gate[::-1])
+  assert np.abs(np.asarray(swapped) - np.asarray(out)).max() > 1e-3

@@ -1,0 +1,262 @@
+"""Routers: shapes, softmax rows, parameter counts and parity with an independent torch ResNet."""
+
+import functools
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ilora_jax import router
+from ilora_jax.errors import UserError
+
+E, HIDDEN = 4, 64
+
+
+@functools.cache
+def _init(kind, hidden=32):
+  """One (jitted) init per router kind for the whole module: random init compiles slowly."""
+  module = router.make_router(kind, E, hidden=hidden)
+  init = jax.jit(lambda key, user: module.init(key, user, train=False))
+  return module, init(jax.random.key(0), _user(8))
+
+
+def _user(batch=6, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((batch, HIDDEN)), jnp.float32)
+
+
+def _n_params(tree):
+  return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(tree))
+
+
+def _resnet_count_by_hand(experts, shortcut):
+  """Parameters of the 1-D ResNet router, counted layer by layer (convs bias-free)."""
+  conv = lambda c_in, c_out, k: c_in * c_out * k
+  bn = lambda c: 2 * c  # scale and bias; running statistics are not parameters
+  total = conv(1, 16, 3) + bn(16)
+  c_in = 16
+  for c_out in (16, 32, 64):
+    for _ in range(3):
+      total += conv(c_in, c_out, 3) + bn(c_out) + conv(c_out, c_out, 3) + bn(c_out)
+      if c_in != c_out and shortcut == "conv":
+        total += conv(c_in, c_out, 1) + bn(c_out)
+      c_in = c_out
+  return total + 64 * experts + experts
+
+
+@pytest.mark.parametrize("kind", router.KINDS)
+def test_gate_is_a_softmax_row_per_instance(kind):
+  module, variables = _init(kind)
+  user = _user()
+  gate = module.apply(variables, user, train=False)
+  chex.assert_shape(gate, (6, E))
+  chex.assert_tree_all_finite(gate)
+  assert np.all(np.asarray(gate) > 0)
+  np.testing.assert_allclose(np.asarray(gate).sum(-1), 1.0, rtol=1e-5)
+  if "batch_stats" in variables:
+    gate, _ = module.apply(variables, user, train=True, mutable=["batch_stats"])
+  else:
+    gate = module.apply(variables, user, train=True)
+  chex.assert_shape(gate, (6, E))
+  np.testing.assert_allclose(np.asarray(gate).sum(-1), 1.0, rtol=1e-5)
+  assert np.abs(np.asarray(gate)[0] - np.asarray(gate)[1]).max() > 0  # depends on the input
+
+
+@pytest.mark.parametrize("shortcut,expected", [("conv", 93_524), ("pad", 90_772)])
+def test_resnet1d_parameter_count(shortcut, expected):
+  module = router.make_router("resnet1d", E, shortcut=shortcut)
+  variables = jax.eval_shape(lambda k: module.init(k, _user(2), train=False), jax.random.key(0))
+  count = _n_params(variables["params"])
+  assert count == expected == _resnet_count_by_hand(E, shortcut)
+  assert 85_000 < count < 100_000  # "about 91k" in the original
+  assert set(variables) == {"params", "batch_stats"}
+
+
+def _torch_router(experts):
+  """The same architecture written independently in torch (NCL layout)."""
+  import torch
+  from torch import nn
+
+  class Block(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+      super().__init__()
+      self.conv1 = nn.Conv1d(c_in, c_out, 3, stride, 1, bias=False)
+      self.bn1 = nn.BatchNorm1d(c_out)
+      self.conv2 = nn.Conv1d(c_out, c_out, 3, 1, 1, bias=False)
+      self.bn2 = nn.BatchNorm1d(c_out)
+      self.shortcut = None
+      if stride != 1 or c_in != c_out:
+        self.shortcut = nn.Sequential(
+          nn.Conv1d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm1d(c_out)
+        )
+
+    def forward(self, x):
+      out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+      return torch.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+
+  class Router(nn.Module):
+    def __init__(self):
+      super().__init__()
+      self.stem_conv = nn.Conv1d(1, 16, 3, 1, 1, bias=False)
+      self.stem_bn = nn.BatchNorm1d(16)
+      blocks, c_in = {}, 16
+      for s, c_out in enumerate((16, 32, 64)):
+        for b in range(3):
+          blocks[f"stage{s}_block{b}"] = Block(c_in, c_out, 2 if s > 0 and b == 0 else 1)
+          c_in = c_out
+      self.blocks = nn.ModuleDict(blocks)
+      self.head = nn.Linear(64, experts)
+
+    def forward(self, user):
+      x = torch.relu(self.stem_bn(self.stem_conv(user[:, None, :])))
+      for block in self.blocks.values():
+        x = block(x)
+      return torch.softmax(self.head(x.mean(-1)), dim=-1)
+
+  return Router()
+
+
+def _to_flax(model):
+  """Copies the torch router's weights and BatchNorm statistics into flax variables."""
+  t = lambda v: jnp.asarray(v.detach().numpy())
+  params, stats = {}, {}
+
+  def bn(module):
+    return (
+      {"scale": t(module.weight), "bias": t(module.bias)},
+      {"mean": t(module.running_mean), "var": t(module.running_var)},
+    )
+
+  def conv(module):
+    return {"kernel": t(module.weight.permute(2, 1, 0))}  # [out, in, k] -> [k, in, out]
+
+  params["stem_conv"] = conv(model.stem_conv)
+  params["stem_bn"], stats["stem_bn"] = bn(model.stem_bn)
+  for name, block in model.blocks.items():
+    p, s = {"conv1": conv(block.conv1), "conv2": conv(block.conv2)}, {}
+    p["bn1"], s["bn1"] = bn(block.bn1)
+    p["bn2"], s["bn2"] = bn(block.bn2)
+    if block.shortcut is not None:
+      p["shortcut_conv"] = conv(block.shortcut[0])
+      p["shortcut_bn"], s["shortcut_bn"] = bn(block.shortcut[1])
+    params[name], stats[name] = p, s
+  params["head"] = {"kernel": t(model.head.weight.T), "bias": t(model.head.bias)}
+  return {"params": params, "batch_stats": stats}
+
+
+def test_resnet1d_matches_torch_in_eval_and_training_mode():
+  torch = pytest.importorskip("torch")
+  torch.manual_seed(0)
+  model = _torch_router(E)
+  assert sum(p.numel() for p in model.parameters()) == 93_524
+  with torch.no_grad():  # non-trivial BatchNorm affine params and running statistics
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm1d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.2, 0.2)
+        m.running_mean.uniform_(-0.3, 0.3)
+        m.running_var.uniform_(0.5, 2.0)
+  variables = _to_flax(model)
+  module = router.make_router("resnet1d", E)
+  shapes = jax.eval_shape(lambda k: module.init(k, _user(2), train=False), jax.random.key(0))
+  chex.assert_trees_all_equal_shapes(shapes, variables)
+
+  user = np.random.default_rng(3).standard_normal((8, HIDDEN)).astype(np.float32)
+  model.eval()
+  with torch.no_grad():
+    expected = model(torch.from_numpy(user)).numpy()
+  gate = module.apply(variables, jnp.asarray(user), train=False)
+  np.testing.assert_allclose(np.asarray(gate), expected, rtol=1e-4, atol=1e-5)
+
+  model.train()
+  with torch.no_grad():
+    expected = model(torch.from_numpy(user)).numpy()
+  gate, updates = module.apply(variables, jnp.asarray(user), train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(np.asarray(gate), expected, rtol=1e-4, atol=1e-5)
+  new = _to_flax(model)["batch_stats"]
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda d: d["mean"], updates["batch_stats"], is_leaf=lambda d: "mean" in d),
+    jax.tree.map(lambda d: d["mean"], new, is_leaf=lambda d: "mean" in d),
+    rtol=1e-4,
+    atol=1e-5,
+  )
+  # torch updates the running variance with the unbiased batch variance, flax with the biased
+  # one: they differ by a factor (n - 1) / n on the new term, n = batch * length >= 128 here.
+  chex.assert_trees_all_close(
+    jax.tree.map(lambda d: d["var"], updates["batch_stats"], is_leaf=lambda d: "var" in d),
+    jax.tree.map(lambda d: d["var"], new, is_leaf=lambda d: "var" in d),
+    rtol=2e-3,
+  )
+
+
+def test_batch_stats_update_in_training_and_are_used_in_eval():
+  module, variables = _init("resnet1d")
+  user = _user(8)
+  stats = variables["batch_stats"]
+  _, updates = module.apply(variables, user, train=True, mutable=["batch_stats"])
+  changed = jax.tree.map(
+    lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))), stats, updates["batch_stats"]
+  )
+  assert all(jax.tree.leaves(changed))
+  gate, same = module.apply(variables, user, train=False, mutable=["batch_stats"])
+  chex.assert_trees_all_equal(same["batch_stats"], stats)
+  # Eval reads the stored statistics: other statistics give another gate.
+  other = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+  assert np.abs(np.asarray(module.apply(other, user, train=False)) - np.asarray(gate)).max() > 0
+  # Training normalises with the batch's own statistics, not the stored ones.
+  train_a, _ = module.apply(variables, user, train=True, mutable=["batch_stats"])
+  train_b, _ = module.apply(other, user, train=True, mutable=["batch_stats"])
+  np.testing.assert_allclose(np.asarray(train_a), np.asarray(train_b), rtol=1e-6)
+
+
+def _softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+def test_linear_and_mlp_routers_match_numpy():
+  user = np.asarray(_user(5))
+  linear = router.make_router("linear", E)
+  p = linear.init(jax.random.key(0), jnp.asarray(user))["params"]
+  expected = _softmax(user @ np.asarray(p["head"]["kernel"]) + np.asarray(p["head"]["bias"]))
+  np.testing.assert_allclose(np.asarray(linear.apply({"params": p}, user)), expected, rtol=1e-5)
+  assert _n_params(p) == HIDDEN * E + E
+
+  mlp = router.make_router("mlp", E, hidden=16)
+  p = mlp.init(jax.random.key(1), jnp.asarray(user))["params"]
+  h = user @ np.asarray(p["hidden"]["kernel"]) + np.asarray(p["hidden"]["bias"])
+  erf = np.vectorize(math.erf)
+  h = 0.5 * h * (1.0 + erf(h / math.sqrt(2.0)))  # exact GELU, as torch.nn.GELU()
+  expected = _softmax(h @ np.asarray(p["head"]["kernel"]) + np.asarray(p["head"]["bias"]))
+  np.testing.assert_allclose(np.asarray(mlp.apply({"params": p}, user)), expected, rtol=1e-5)
+  assert _n_params(p) == HIDDEN * 16 + 16 + 16 * E + E
+
+
+def test_dense_init_follows_torch_bounds():
+  p = router.make_router("linear", 256).init(jax.random.key(0), _user(2))["params"]["head"]
+  bound = 1.0 / math.sqrt(HIDDEN)
+  for leaf in (p["kernel"], p["bias"]):
+    assert 0.9 * bound < np.abs(np.asarray(leaf)).max() <= bound
+
+
+def test_make_router_rejects_unknown_kinds():
+  with pytest.raises(UserError, match="unknown kind"):
+    router.make_router("moe", E)
+  with pytest.raises(UserError, match="shortcut"):
+    router.make_router("resnet1d", E, shortcut="dense")
+  with pytest.raises(UserError, match="num_experts"):
+    router.make_router("linear", 0)
+
+
+def test_gate_stats_match_numpy():
+  gate = np.asarray([[1.0, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4]])
+  stats = jax.jit(router.gate_stats)(jnp.asarray(gate, jnp.float32))
+  rows = [0.0, math.log(4), -sum(p * math.log(p) for p in (0.1, 0.2, 0.3, 0.4))]
+  np.testing.assert_allclose(float(stats["entropy"]), np.mean(rows), rtol=1e-6)
+  np.testing.assert_allclose(
+    float(stats["normalized_entropy"]), np.mean(rows) / math.log(4), rtol=1e-6
+  )
+  np.testing.assert_allclose(float(stats["max_weight"]), (1.0 + 0.25 + 0.4) / 3, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(stats["expert_mean"]), gate.mean(0), rtol=1e-6)
