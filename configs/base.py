@@ -62,7 +62,9 @@ def get_config() -> config_dict.ConfigDict:
   c.ilora.max_target_tokens = 48  # Target tokens scored per row (titles are shorter).
   c.ilora.eval_rows = 0  # Rows of val/test evaluated (0 = all).
   c.ilora.eval_batch_size = 8  # Prompts per generation batch.
-  c.ilora.eval_generate = True  # Generation metrics at evaluations (False: target loss only).
+  c.ilora.eval_generate = True  # The paper's metric: greedy generation matched to titles.
+  c.ilora.eval_score = True  # Rank candidates by title log-likelihood: hr@1/5, ndcg@5, mrr.
+  c.ilora.score_chunk = 5  # Candidates per cached scoring pass (memory vs speed).
   c.ilora.max_new_tokens = 64  # Greedy decoding budget (the paper's).
   c.ilora.max_bad_steps = 20  # Consecutive non-finite losses before the run stops.
 
@@ -85,6 +87,7 @@ def get_config() -> config_dict.ConfigDict:
   c.llm.param_dtype = "bfloat16"  # Frozen base weights: float32 | bfloat16.
   c.llm.attention = "auto"  # auto (cuDNN on GPUs in bf16, else xla) | xla | cudnn.
   c.llm.remat = "none"  # Rematerialisation: none | full | dots | dots_no_batch.
+  c.llm.unroll_decode = False  # Unrolled layers in greedy decoding: faster steps, slow compile.
 
   c.bench = config_dict.ConfigDict()  # python -m ilora_jax.bench (random batches, no data).
   c.bench.batch_size = 8  # Prompts per micro-batch.

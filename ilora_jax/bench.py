@@ -209,7 +209,7 @@ def bench_generate(config, parts, frozen, state) -> dict:
     return jax.block_until_ready(out)
 
   result = {}
-  modes = [llm.default_unroll()]
+  modes = [bool(config.llm.unroll_decode)]
   if bc.decode_both:
     modes.append(not modes[0])
   outputs = []

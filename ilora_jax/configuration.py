@@ -76,3 +76,17 @@ def stage_train(config: ConfigDict, stage: str) -> ConfigDict:
     merged.steps = None
   merged.seed = config.train.seed
   return merged
+
+
+def save(config: ConfigDict, workdir: str) -> None:
+  """Writes the resolved config to `workdir/config.json` (atomically)."""
+  import json
+  import os
+
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path + ".tmp", "w") as f:
+      json.dump(config.to_dict(), f, indent=1, sort_keys=True, default=str)
+    os.replace(path + ".tmp", path)
+  except OSError as exc:
+    raise UserError(f"cannot write {path}: {exc}") from None

@@ -10,6 +10,7 @@ inside the step as a `lax.scan` over micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -20,12 +21,30 @@ from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from ilora_jax import checkpointing, console, llama, llm, lora, optim, prompts, router, sharding
+from ilora_jax import (
+    checkpointing,
+    console,
+    llama,
+    llm,
+    lora,
+    optim,
+    prompts,
+    report,
+    router,
+    scoring,
+    sharding,
+)
 from ilora_jax import tokenizer as tok_lib
 from ilora_jax.configuration import stage_train
 from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates
 from ilora_jax.errors import UserError
-from ilora_jax.metrics import MetricsLog, generation_metrics, match_generation
+from ilora_jax.metrics import (
+    MetricsLog,
+    generation_metrics,
+    match_generation,
+    ranking_metrics,
+    target_ranks,
+)
 from ilora_jax.projector import Projector
 from ilora_jax.sasrec import SASRec, init_params, params_from_torch
 from ilora_jax.train_sasrec import make_optimizer as sasrec_optimizer
@@ -115,7 +134,8 @@ def build(config, workdir: str, dataset: Dataset, mesh):
   params, llama_cfg = tok_lib.resize_vocab(base.params, base.config, len(tokenizer),
                                            multiple_of=128)
   params = jax.device_put(params, llm.mesh_shardings(llama_cfg, mesh, rules))
-  model = llm.LLM(llama_cfg, params, tokenizer, adapter=factory)
+  model = llm.LLM(llama_cfg, params, tokenizer, adapter=factory,
+                  unroll_decode=config.llm.unroll_decode)
   sas_cfg, sas_params = load_sasrec(config, workdir, dataset, mesh)
   newline = tuple(tokenizer.encode("\n", add_special_tokens=False))
   builder = prompts.PromptBuilder(
@@ -324,10 +344,30 @@ class Evaluator:
 
     self._nll_sum = jax.jit(nll_sum)
 
-  def __call__(self, trainable, stats, frozen, progress: bool) -> dict[str, float]:
+    def sasrec_scores(frozen, seq, len_seq, cands):
+      logits = parts.sasrec.apply({"params": frozen["sasrec"]}, seq, len_seq)  # [b, n_items]
+      return jnp.take_along_axis(logits, cands, axis=1)
+
+    self._sasrec_scores = jax.jit(sasrec_scores)
+
+  def _score(self, params, gate, mask, embeds, prompt, cands) -> np.ndarray:
+    """Log-likelihood of every candidate title (+ newline) after the prompt: [b, n]."""
+    builder = self.parts.builder
+    token_lists = [[builder.target_tokens(int(c)) for c in row] for row in cands]
+    ctoks, cmask = scoring.pad_candidates(token_lists, builder.pad_id)
+    n = ctoks.shape[1]
+    chunk = max(c for c in range(1, n + 1) if n % c == 0 and c <= self.config.ilora.score_chunk)
+    return np.asarray(scoring.candidate_loglik(
+        self.parts.model.module, params, prompt.input_ids, prompt.attention, ctoks, cmask,
+        gate_weights=gate, replace_mask=mask, replace_embeds=embeds, chunk=chunk))
+
+  def __call__(self, trainable, stats, frozen, progress: bool,
+               baselines: bool = False) -> dict[str, float]:
+    """Metrics of the split; `baselines` adds SASRec's ranking of the same candidates."""
     cfg, parts = self.config, self.parts
     bs = cfg.ilora.eval_batch_size
     nll_total, tokens, valid, hit = 0.0, 0, [], []
+    scores, sas_scores = [], []
     for start in tqdm(range(0, len(self.idx), bs), desc=f"eval {self.split.name}", leave=False,
                       disable=not progress):
       idx = self.idx[start:start + bs]
@@ -339,12 +379,18 @@ class Evaluator:
       batch = dict(with_target.as_dict(), seq=seq, len_seq=len_seq)
       total, count = self._nll_sum(trainable, stats, frozen, batch, take)
       nll_total, tokens = nll_total + float(total), tokens + int(count)
-      if not cfg.ilora.eval_generate:
+      if baselines:
+        sas_scores.append(np.asarray(self._sasrec_scores(frozen, seq, len_seq, cands))[:take])
+      if not (cfg.ilora.eval_generate or cfg.ilora.eval_score):
         continue
       prompt = parts.builder.batch(rows_for(self.split, idx, cands, False), 0, True,
                                    pad_left=True)
       pbatch = dict(prompt.as_dict(), seq=seq, len_seq=len_seq)
       params, gate, mask, embeds = self._prepare(trainable, stats, frozen, pbatch)
+      if cfg.ilora.eval_score:
+        scores.append(self._score(params, gate, mask, embeds, prompt, cands)[:take])
+      if not cfg.ilora.eval_generate:
+        continue
       eos = tuple(parts.model.eos_ids) + parts.newline_ids
       out, lengths = parts.model.generate_ids(
           prompt.input_ids, prompt.attention, cfg.ilora.max_new_tokens, params=params,
@@ -358,7 +404,37 @@ class Evaluator:
         hit.append(h)
     result = generation_metrics(np.array(valid), np.array(hit)) if valid else {}
     result["loss"] = nll_total / max(tokens, 1)  # Mean over every target token of the split.
+    target = self.target[self.idx]
+    if scores:  # Candidates ranked by the model's likelihood of their titles.
+      result.update(ranking_metrics(target_ranks(np.concatenate(scores), target)))
+    if sas_scores:
+      ranks = target_ranks(np.concatenate(sas_scores), target)
+      result.update({f"sasrec/{k}": v for k, v in ranking_metrics(ranks).items()})
     return result
+
+
+def save_gate_table(parts: Parts, trainable, stats, frozen, split: Split, gate_kind: str,
+                    workdir: str, batch: int = 256) -> None:
+  """Gate weights and SASRec user vectors of a split's users -> `W/report/gates.npz`."""
+
+  @jax.jit
+  def gates_and_users(seq, len_seq):
+    user = parts.sasrec.apply({"params": frozen["sasrec"]}, seq, len_seq, method="user_vector")
+    gate, _ = gate_weights(parts, trainable, stats, frozen, seq, len_seq, False, gate_kind)
+    return gate, user
+
+  gates, users = [], []
+  rows = len(split)
+  for start in range(0, rows, batch):
+    idx = np.arange(start, start + batch) % rows  # One compiled shape.
+    g, u = gates_and_users(split.seq[idx], split.len_seq[idx])
+    keep = min(batch, rows - start)
+    gates.append(np.asarray(g)[:keep])
+    users.append(np.asarray(u)[:keep])
+  out = os.path.join(workdir, "report")
+  os.makedirs(out, exist_ok=True)
+  np.savez(os.path.join(out, "gates.npz"), gates=np.concatenate(gates),
+           users=np.concatenate(users))
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -531,12 +607,17 @@ def run(config, workdir: str) -> dict[str, float]:
                  "skipped": dataset.test_missing_reason})
       continue
     evaluator = val_eval if split == "val" else Evaluator(parts, config, dataset.test, gate_kind)
-    metrics = evaluator(state["trainable"], state["stats"], frozen, config.progress)
+    metrics = evaluator(state["trainable"], state["stats"], frozen, config.progress,
+                        baselines=True)
     log.write({"run": STAGE, "stage": STAGE, "split": split, "step": step, "final": True,
                **metrics})
     print(f"ilora {split} step {step}: " + _fmt(metrics), flush=True)
     if split == "val":
       result = metrics
+  if jax.process_index() == 0:
+    save_gate_table(parts, state["trainable"], state["stats"], frozen, dataset.val, gate_kind,
+                    workdir)
+    console.info(f"report: {report.write(workdir)}")
   return result
 
 
@@ -551,7 +632,8 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   ckpt.close()
   split = su.dataset.split(config.eval.split)
   metrics = Evaluator(su.parts, config, split, su.gate_kind)(state["trainable"], state["stats"],
-                                                            su.frozen, config.progress)
+                                                            su.frozen, config.progress,
+                                                            baselines=True)
   MetricsLog(workdir, enabled=jax.process_index() == 0).write(
       {"run": "evaluate", "stage": STAGE, "split": config.eval.split, "step": latest,
        "final": True, **metrics})

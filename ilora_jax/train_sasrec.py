@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from ilora_jax import checkpointing, console, sharding
+from ilora_jax import checkpointing, console, report, sharding
 from ilora_jax.configuration import stage_train
 from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates
 from ilora_jax.errors import UserError
@@ -251,6 +251,8 @@ def run(config, workdir: str) -> dict[str, float] | None:
     )
     return None
   final = evaluate_params(config, dataset, model, mesh, state["params"], step, log, run=STAGE)
+  if jax.process_index() == 0:
+    console.info(f"report: {report.write(workdir)}")
   return final
 
 

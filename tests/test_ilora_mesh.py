@@ -34,6 +34,7 @@ for data, fsdp, tensor in MESHES:
   config.ilora.eval_batch_size = 4
   config.ilora.max_new_tokens = 2
   config.ilora.eval_generate = False  # Target loss only: the losses are what is compared.
+  config.ilora.eval_score = False
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
   workdir = os.path.join(BASE, f"mesh_{data}{fsdp}{tensor}")
   train_ilora.run(config, workdir)

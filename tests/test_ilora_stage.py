@@ -37,8 +37,19 @@ def test_pipeline_trains_sasrec_then_ilora(pipeline):
     assert 0 <= r["gate_entropy"] <= np.log(2) + 1e-6
   final = [r for r in ilora if r.get("final")]
   assert [r["split"] for r in final] == ["val", "test"]
-  assert {"valid_ratio", "hit_ratio@1", "loss"} <= set(final[0])
+  generation = {"valid_ratio", "hit_ratio@1", "hits_over_total", "loss"}
+  scoring = {"hr@1", "hr@5", "ndcg@5", "mrr"}
+  assert generation | scoring | {f"sasrec/{k}" for k in scoring} <= set(final[0])
+  for r in final:
+    assert 0 <= r["hr@1"] <= r["hr@5"] <= 1 and 0 <= r["sasrec/hr@1"] <= r["sasrec/hr@5"] <= 1
   assert "% of the" in proc.stderr  # Trainable parameters reported as a fraction.
+  # The report: plots, gate table of every val user, and the final metrics in summary.md.
+  for name in ("train_loss.png", "val_metrics.png", "gates.png", "summary.md"):
+    assert os.path.getsize(os.path.join(workdir, "report", name)) > 0
+  gates = np.load(os.path.join(workdir, "report", "gates.npz"))
+  assert gates["gates"].shape[1] == 2 and np.allclose(gates["gates"].sum(-1), 1, atol=1e-5)
+  summary = open(os.path.join(workdir, "report", "summary.md")).read()
+  assert f"{final[0]['hr@1']:.4f}" in summary and f"{final[0]['sasrec/mrr']:.4f}" in summary
 
 
 def test_ilora_resume_matches_uninterrupted(pipeline, tmp_path):
@@ -112,3 +123,32 @@ def test_step_changes_only_trainable_state_and_compiles_once(setup_tiny):
   )
   assert any(jax.tree.leaves(changed))
   assert int(state["step"]) == 2
+
+
+def test_recommend_cli_and_api(pipeline):
+  from conftest import assert_one_line_error
+
+  import ilora_jax
+  from ilora_jax import synthetic
+
+  workdir, _ = pipeline
+  titles = synthetic.titles(60)
+  proc = run_cli(f"--workdir={workdir}", f"--history=3|{titles[5]}|7", "--k=3",
+                 module="ilora_jax.recommend")  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 3
+  scores = [float(line.split()[0]) for line in lines]
+  assert scores == sorted(scores, reverse=True)
+  for line in lines:
+    item = int(line.split()[1])
+    assert line.split(None, 2)[2] == titles[item] and item not in (3, 5, 7)
+  typo = titles[12][:-1] + "x"
+  proc = run_cli(f"--workdir={workdir}", f"--history={typo}", module="ilora_jax.recommend")
+  line = assert_one_line_error(proc, "unknown history title", "close matches")
+  assert titles[12] in line
+  # The API re-ranks given candidates; the winner has the highest log-likelihood.
+  cands = [titles[i] for i in (10, 11, 12, 13)]
+  top = ilora_jax.recommend(workdir, history=[1, 2, 4], candidates=cands, k=4)
+  assert sorted(t for _, t, _ in top) == sorted(cands)
+  assert [s for *_, s in top] == sorted((s for *_, s in top), reverse=True)

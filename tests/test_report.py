@@ -1,0 +1,75 @@
+"""The end-of-run report: plots, summary table and TensorBoard scalars from metrics.jsonl."""
+
+import json
+import struct
+
+import numpy as np
+
+from ilora_jax import report
+
+
+def _events(path):
+  """Scalars (tag, step, value) read back from a TensorBoard event file (TFRecord framing)."""
+  from tensorboardX.proto import event_pb2
+
+  out = []
+  with open(path, "rb") as f:
+    while header := f.read(12):
+      (length,) = struct.unpack("<Q", header[:8])
+      event = event_pb2.Event.FromString(f.read(length))
+      f.read(4)
+      for v in event.summary.value:
+        out.append((v.tag, event.step, v.simple_value))
+  return out
+
+
+def test_kmeans_separates_blobs():
+  rng = np.random.default_rng(0)
+  x = np.concatenate([rng.normal(0, 0.1, (20, 3)), rng.normal(5, 0.1, (30, 3))])
+  labels = report.kmeans(x, 2)
+  assert len(set(labels[:20].tolist())) == 1 and len(set(labels[20:].tolist())) == 1
+  assert labels[0] != labels[-1]
+
+
+def test_report_from_metrics(tmp_path):
+  records = [
+    {"run": "ilora", "stage": "ilora", "split": "train", "step": s, "loss": 3.0 - s / 10,
+     "lr": 1e-3 * s, "gate_mean/0": 0.4, "gate_mean/1": 0.6, "epoch": 0}
+    for s in range(1, 6)
+  ]  # fmt: skip
+  records.append({"run": "ilora", "stage": "ilora", "split": "val", "step": 5, "hr@1": 0.25})
+  records.append(
+    {
+      "run": "ilora",
+      "stage": "ilora",
+      "split": "val",
+      "step": 5,
+      "final": True,
+      "hr@1": 0.3125,
+      "hit_ratio@1": 0.5,
+    }
+  )
+  records.append(
+    {"run": "ilora", "stage": "ilora", "split": "test", "step": 5, "skipped": "no file"}
+  )
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write("\n".join(json.dumps(r) for r in records) + "\n")
+  rng = np.random.default_rng(1)
+  (tmp_path / "report").mkdir()
+  g = rng.dirichlet([1, 1], 12)
+  np.savez(tmp_path / "report" / "gates.npz", gates=g, users=rng.normal(size=(12, 4)))
+  out = report.write(str(tmp_path))
+  import matplotlib.image
+
+  for name in ("train_loss.png", "val_metrics.png", "gates.png"):
+    image = matplotlib.image.imread(f"{out}/{name}")
+    assert image.ndim == 3 and image.shape[0] > 100
+  summary = open(f"{out}/summary.md").read()
+  assert "| ilora | ilora | val | 5 | 0.3125 | 0.5000 |" in summary
+  assert "skipped: no file" in summary
+  import glob
+
+  (events,) = glob.glob(f"{out}/tb/events.*")
+  scalars = _events(events)
+  assert ("ilora/train/loss", 3, np.float32(2.7)) in [(t, s, np.float32(v)) for t, s, v in scalars]
+  assert ("ilora/val_final/hr_1", 5, 0.3125) in scalars  # TensorBoard tags turn @ into _.
