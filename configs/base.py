@@ -79,6 +79,9 @@ def get_config() -> config_dict.ConfigDict:
   c.router = config_dict.ConfigDict()
   c.router.kind = "resnet1d"  # resnet1d (the original's) | linear | mlp.
   c.router.hidden = 64  # Hidden width of the mlp router.
+  # resnet1d shortcut when channels change: pad (parameter-free; 90,772 parameters in all,
+  # the "about 91k" of REFERENCE.md) or conv (1x1 conv + BN; 93,524).
+  c.router.shortcut = "pad"
 
   c.llm = config_dict.ConfigDict()
   c.llm.name = "smollm2-135m"  # Registered name, Hugging Face folder or .gguf file.

@@ -90,7 +90,12 @@ def build(config, mesh):
   parts = train_ilora.Parts(
     model,
     SASRec(sas_cfg),
-    router.make_router(config.router.kind, lora_cfg.num_experts, config.router.hidden),
+    router.make_router(
+      config.router.kind,
+      lora_cfg.num_experts,
+      config.router.hidden,
+      **train_ilora.router_kwargs(config),
+    ),
     Projector(llama_cfg.hidden_size),
     None,
     lora_cfg,

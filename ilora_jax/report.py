@@ -102,7 +102,7 @@ def write(workdir: str) -> str:
   fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(6 * max(len(stages), 1), 4))
   axes = np.atleast_1d(axes)
   for ax, stage in zip(axes, stages):
-    val = [r for r in by_stage[stage] if r.get("split") == "val" and not r.get("final")]
+    val = [r for r in by_stage[stage] if r.get("split") == "val" and r.get("run") == stage]
     for key in ("hr@1", "hr@5", "ndcg@5", "hit_ratio@1", "valid_ratio"):
       _plot_series(ax, val, key, key)
     ax.set_title(f"{stage}: validation")

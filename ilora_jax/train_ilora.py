@@ -107,6 +107,10 @@ def _adapter_only(params: dict) -> dict:
   return traverse_util.unflatten_dict({k: v for k, v in flat.items() if "adapter" in k})
 
 
+def router_kwargs(config) -> dict:
+  return {"shortcut": config.router.shortcut} if config.router.kind == "resnet1d" else {}
+
+
 def attention_impl(config) -> str:
   """'auto' picks cuDNN attention on NVIDIA GPUs in half precision, einsum attention elsewhere."""
   impl = config.llm.attention
@@ -144,7 +148,8 @@ def build(config, workdir: str, dataset: Dataset, mesh):
       dataset=dataset.name, bos_id=tokenizer.bos_token_id)
   parts = Parts(model, SASRec(sas_cfg), router.make_router(config.router.kind,
                                                            lora_cfg.num_experts,
-                                                           config.router.hidden),
+                                                           config.router.hidden,
+                                      **router_kwargs(config)),
                 Projector(llama_cfg.hidden_size), builder, lora_cfg, dataset.n_items,
                 config.ilora.max_target_tokens, newline if len(newline) == 1 else ())
   frozen = {"llm": model.params, "sasrec": sas_params}
@@ -588,7 +593,7 @@ def run(config, workdir: str) -> dict[str, float]:
            epoch=epoch)
     bar.set_postfix(loss=f"{loss:.4f}")
     epoch_end = step % steps_per_epoch == 0 or step == total_steps
-    if epoch_end:
+    if epoch_end and step < total_steps:  # The last one is the final evaluation below.
       last_val = val_eval(state["trainable"], state["stats"], frozen, config.progress)
       record("val", last_val, epoch=epoch + 1)
       console.info(f"iLoRA step {step} val " + _fmt(last_val))
