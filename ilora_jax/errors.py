@@ -46,6 +46,12 @@ def report_and_exit(exc: BaseException) -> None:
   if isinstance(exc, UserError):
     print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
     sys.exit(EXIT_USER_ERROR)
+  from ilora_jax.interrupts import Interrupted
+
+  if isinstance(exc, Interrupted):
+    print(f"{exc}; checkpoint saved, re-run the same command to resume", file=sys.stderr,
+          flush=True)  # fmt: skip
+    sys.exit(128 + exc.signum)
   if isinstance(exc, KeyboardInterrupt):
     print("error: interrupted", file=sys.stderr, flush=True)
     sys.exit(130)

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ilora_jax import (
     checkpointing,
     console,
+    interrupts,
     llama,
     llm,
     lora,
@@ -567,38 +568,45 @@ def run(config, workdir: str) -> dict[str, float]:
              disable=not config.progress or jax.process_index() != 0)
   last_val: dict[str, float] = {}
   bad_streak = 0
-  while step < stop_at:
-    epoch, pos = divmod(step, steps_per_epoch)
-    order = np.random.default_rng([su.seed, epoch]).permutation(len(train))
-    idx = order[pos * micro * accum:(pos + 1) * micro * accum]
-    host = train_batch(parts, config, train, idx, epoch, step, total_steps, su.seed, accum)
-    # Every process builds the same global batch (cheap) and feeds only its rows.
-    batch = {k: jax.make_array_from_process_local_data(batch_sh, v[:, rows], v.shape)
-             for k, v in host.items()}
-    state, metrics = step_fn(state, frozen, batch)
-    step += 1
-    bar.update(1)
-    metrics = jax.device_get(metrics)
-    loss = float(metrics["loss"])
-    bad_streak = bad_streak + 1 if not np.isfinite(loss) else 0
-    if bad_streak >= config.ilora.max_bad_steps:
-      raise UserError(f"{bad_streak} optimizer steps in a row had a non-finite loss (last at "
-                      f"step {step}); lower config.train.lr or check the data")
-    lrs = optim.learning_rates(su.lr, total_steps, step - 1)
-    record("train", {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
-                     "gate_entropy": float(metrics["gate_entropy"]),
-                     "skipped_updates": int(metrics["skipped"]),
-                     "lr": float(lrs["lr/lora"]),
-                     **{f"gate_mean/{e}": float(v) for e, v in enumerate(metrics["gate_mean"])}},
-           epoch=epoch)
-    bar.set_postfix(loss=f"{loss:.4f}")
-    epoch_end = step % steps_per_epoch == 0 or step == total_steps
-    if epoch_end and step < total_steps:  # The last one is the final evaluation below.
-      last_val = val_eval(state["trainable"], state["stats"], frozen, config.progress)
-      record("val", last_val, epoch=epoch + 1)
-      console.info(f"iLoRA step {step} val " + _fmt(last_val))
-    if epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at:
-      save(step)
+  with interrupts.Graceful() as stop:
+    while step < stop_at:
+      epoch, pos = divmod(step, steps_per_epoch)
+      order = np.random.default_rng([su.seed, epoch]).permutation(len(train))
+      idx = order[pos * micro * accum:(pos + 1) * micro * accum]
+      host = train_batch(parts, config, train, idx, epoch, step, total_steps, su.seed, accum)
+      # Every process builds the same global batch (cheap) and feeds only its rows.
+      batch = {k: jax.make_array_from_process_local_data(batch_sh, v[:, rows], v.shape)
+               for k, v in host.items()}
+      state, metrics = step_fn(state, frozen, batch)
+      step += 1
+      bar.update(1)
+      metrics = jax.device_get(metrics)
+      loss = float(metrics["loss"])
+      bad_streak = bad_streak + 1 if not np.isfinite(loss) else 0
+      if bad_streak >= config.ilora.max_bad_steps:
+        raise UserError(f"{bad_streak} optimizer steps in a row had a non-finite loss (last at "
+                        f"step {step}); lower config.train.lr or check the data")
+      lrs = optim.learning_rates(su.lr, total_steps, step - 1)
+      record("train", {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
+                       "gate_entropy": float(metrics["gate_entropy"]),
+                       "skipped_updates": int(metrics["skipped"]),
+                       "lr": float(lrs["lr/lora"]),
+                       **{f"gate_mean/{e}": float(v) for e, v in enumerate(metrics["gate_mean"])}},
+             epoch=epoch)
+      bar.set_postfix(loss=f"{loss:.4f}")
+      epoch_end = step % steps_per_epoch == 0 or step == total_steps
+      if epoch_end and step < total_steps:  # The last one is the final evaluation below.
+        last_val = val_eval(state["trainable"], state["stats"], frozen, config.progress)
+        record("val", last_val, epoch=epoch + 1)
+        console.info(f"iLoRA step {step} val " + _fmt(last_val))
+      if epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at:
+        save(step)
+      if stop.requested:  # SIGINT/SIGTERM: keep this step, then leave.
+        if not (epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at):
+          save(step)
+        bar.close()
+        ckpt.close()
+        stop.exit(step)
   bar.close()
   ckpt.close()
   if step < total_steps:

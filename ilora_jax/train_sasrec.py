@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from ilora_jax import checkpointing, console, report, sharding
+from ilora_jax import checkpointing, console, interrupts, report, sharding
 from ilora_jax.configuration import stage_train
 from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates
 from ilora_jax.errors import UserError
@@ -219,29 +219,36 @@ def run(config, workdir: str) -> dict[str, float] | None:
     )
   bar = tqdm(total=total_steps, initial=step, desc="sasrec train", disable=not config.progress)
   last_val: dict[str, float] = {}
-  while step < stop_at:
-    epoch, pos = divmod(step, steps_per_epoch)
-    order = np.random.default_rng([tc.seed, epoch]).permutation(len(train))
-    idx = order[pos * batch : (pos + 1) * batch][sharding.host_slice(batch)]
-    arrays = sharding.global_batch(
-      mesh, {"seq": train.seq[idx], "len_seq": train.len_seq[idx], "next": train.next[idx]}
-    )
-    state, loss = step_fn(state, arrays["seq"], arrays["len_seq"], arrays["next"])
-    step += 1
-    pending.append(loss)
-    bar.update(1)
-    if step % config.train.log_every_steps == 0 or step == total_steps:
-      drain()
-      record("train", {"loss": loss_sum / loss_count}, epoch=epoch)
-      bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
-      loss_sum, loss_count = 0.0, 0
-    epoch_end = step % steps_per_epoch == 0 or step == total_steps
-    if epoch_end:
-      last_val = val_eval(state["params"])
-      record("val", last_val, epoch=epoch + 1)
-      console.info(f"SASRec step {step} val " + _fmt(last_val))
-    if epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at:
-      save(step)
+  with interrupts.Graceful() as stop:
+    while step < stop_at:
+      epoch, pos = divmod(step, steps_per_epoch)
+      order = np.random.default_rng([tc.seed, epoch]).permutation(len(train))
+      idx = order[pos * batch : (pos + 1) * batch][sharding.host_slice(batch)]
+      arrays = sharding.global_batch(
+        mesh, {"seq": train.seq[idx], "len_seq": train.len_seq[idx], "next": train.next[idx]}
+      )
+      state, loss = step_fn(state, arrays["seq"], arrays["len_seq"], arrays["next"])
+      step += 1
+      pending.append(loss)
+      bar.update(1)
+      if step % config.train.log_every_steps == 0 or step == total_steps:
+        drain()
+        record("train", {"loss": loss_sum / loss_count}, epoch=epoch)
+        bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
+        loss_sum, loss_count = 0.0, 0
+      epoch_end = step % steps_per_epoch == 0 or step == total_steps
+      if epoch_end:
+        last_val = val_eval(state["params"])
+        record("val", last_val, epoch=epoch + 1)
+        console.info(f"SASRec step {step} val " + _fmt(last_val))
+      if epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at:
+        save(step)
+      if stop.requested:  # SIGINT/SIGTERM: keep this step, then leave.
+        if not (epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at):
+          save(step)
+        bar.close()
+        ckpt.close()
+        stop.exit(step)
   bar.close()
   ckpt.close()
   if step < total_steps:

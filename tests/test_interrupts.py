@@ -1,0 +1,61 @@
+"""SIGTERM during iLoRA training saves a checkpoint; the re-run ends as an uninterrupted run."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, run_cli
+
+ARGS = [
+  "--config=configs/tiny.py",
+  "--config.stage=ilora",
+  "--config.train.steps=16",
+  "--config.ilora.eval_generate=False",
+  "--config.ilora.eval_score=False",
+]
+
+
+def _ilora_records(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [r for r in map(json.loads, f) if r["stage"] == "ilora"]
+
+
+def test_sigterm_saves_and_resume_matches(tmp_path):
+  base = tmp_path / "sasrec"
+  proc = run_cli("--config=configs/tiny.py", f"--workdir={base}", "--config.stage=sasrec")
+  assert proc.returncode == 0, proc.stderr
+  interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
+  for d in (interrupted, reference):
+    shutil.copytree(base / "checkpoints" / "sasrec", d / "checkpoints" / "sasrec")
+  env = dict(os.environ)
+  env.pop("ILORA_JAX_DEBUG", None)
+  child = subprocess.Popen(
+    [sys.executable, "-m", "ilora_jax.main", *ARGS, f"--workdir={interrupted}"],
+    cwd=ROOT,
+    stderr=subprocess.PIPE,
+    text=True,
+    env=env,
+  )
+  deadline = time.time() + 300
+  while time.time() < deadline and child.poll() is None:
+    path = interrupted / "metrics.jsonl"
+    if path.exists() and len(_ilora_records(interrupted)) >= 3:
+      break
+    time.sleep(0.2)
+  assert child.poll() is None, child.stderr.read()
+  child.send_signal(signal.SIGTERM)
+  _, stderr = child.communicate(timeout=300)
+  assert child.returncode == 128 + signal.SIGTERM, stderr
+  assert "stopped by SIGTERM at step" in stderr and "Traceback" not in stderr
+  stopped = int(stderr.split("stopped by SIGTERM at step ")[1].split(";")[0])
+  assert 3 <= stopped < 16
+  again = run_cli(*ARGS, f"--workdir={interrupted}")
+  assert again.returncode == 0, again.stderr
+  assert f"resumed from step {stopped}" in again.stderr
+  full = run_cli(*ARGS, f"--workdir={reference}")
+  assert full.returncode == 0, full.stderr
+  assert _ilora_records(interrupted) == _ilora_records(reference)
