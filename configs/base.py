@@ -64,6 +64,7 @@ def get_config() -> config_dict.ConfigDict:
   c.ilora.eval_batch_size = 8  # Prompts per generation batch.
   c.ilora.eval_generate = True  # The paper's metric: greedy generation matched to titles.
   c.ilora.eval_score = True  # Rank candidates by title log-likelihood: hr@1/5, ndcg@5, mrr.
+  c.ilora.eval_base = True  # Final evaluations add the base LLM without adapters (base/...).
   c.ilora.score_chunk = 5  # Candidates per cached scoring pass (memory vs speed).
   c.ilora.max_new_tokens = 64  # Greedy decoding budget (the paper's).
   c.ilora.max_bad_steps = 20  # Consecutive non-finite losses before the run stops.
@@ -107,6 +108,14 @@ def get_config() -> config_dict.ConfigDict:
   c.bench.eval_new_tokens = 32  # Generated tokens (no early stop).
   c.bench.decode_both = False  # Also time the other decode loop (scanned vs unrolled layers).
   c.bench.check_attention = False  # Also report the loss difference xla vs cudnn attention.
+  c.bench.eval_candidates = 20  # Random candidates per prompt for the scoring timing.
+  c.bench.eval_candidate_len = 12  # Tokens per random candidate title.
+  # eval_data: instead of random batches, time both evaluation modes on `bench.eval_split` of
+  # config.data (real prompts, candidates and titles; the SASRec of --workdir or
+  # config.sasrec.init_from), generating up to ilora.max_new_tokens with early stop.
+  c.bench.eval_data = False
+  c.bench.eval_split = "val"
+  c.bench.eval_rows = 32  # Rows timed (each mode runs them twice: compile pass, timed pass).
 
   c.train = config_dict.ConfigDict()  # Overrides for the running stage (unset = stage default).
   c.train.epochs = placeholder(int)  # Passes over the training data.
@@ -128,6 +137,23 @@ def get_config() -> config_dict.ConfigDict:
   c.eval.stage = "sasrec"  # Stage whose latest checkpoint `stage=evaluate` restores.
   c.eval.split = "val"  # Split `stage=evaluate` scores: train, val or test.
   c.eval.batch_size = 256  # Rows per evaluation batch (padded, so one compiled shape).
+
+  c.distributed = config_dict.ConfigDict()  # Several processes (hosts): ilora_jax/distributed.py.
+  c.distributed.auto = False  # jax.distributed.initialize() with no arguments (TPU/Slurm/MPI).
+  c.distributed.coordinator = ""  # "host:port" of process 0; "" = single process.
+  c.distributed.num_processes = 1  # Processes in all (with a coordinator).
+  c.distributed.process_id = 0  # This process's id, 0 .. num_processes - 1.
+  c.distributed.cpu_collectives = "gloo"  # CPU cross-process collectives ("" = JAX default).
+  c.distributed.timeout_s = 300  # Seconds to wait for every process to join.
+
+  c.plan = config_dict.ConfigDict()  # python -m ilora_jax.plan: memory per device.
+  c.plan.devices = "0"  # Device counts to plan for, e.g. "1,8,64"; 0 = this machine's.
+  c.plan.seq_len = 512  # Tokens per row for the activation estimate.
+
+  c.report = config_dict.ConfigDict()
+  # Other runs for summary.md's comparison table: "name=/workdir,..." (e.g. a plain-LoRA run
+  # made with --config.lora.num_experts=1 --config.lora.gate=constant).
+  c.report.compare = ""
 
   c.mesh = config_dict.ConfigDict()
   c.mesh.data = -1  # Data-parallel axis; -1 fills the devices left.

@@ -9,7 +9,17 @@ frozen SASRec) and times the same jitted, sharded, donated train step after comp
 warm-up, blocking on the results. No data files are read. Prints a table and, as its last line,
 one JSON object:
 
-  step_s, tokens_per_s, compile_s, peak_bytes, mfu, loss, and eval_gen_* for generation.
+  step_s, tokens_per_s, compile_s, peak_bytes, mfu, loss, eval_gen_* for generation and
+  eval_score_* for candidate scoring.
+
+With --config.bench.eval_data=True it instead times the two evaluation modes on real prompts:
+the split `bench.eval_split` of config.data with the run's candidates, greedy generation of up
+to `ilora.max_new_tokens` (early stop at the newline) against the shared-prefill scoring of the
+candidates, each over `bench.eval_rows` rows twice (the first pass compiles). Keys:
+eval_data_generate_prompts_per_s, eval_data_score_prompts_per_s, eval_data_score_speedup, ...
+
+  python -m ilora_jax.bench --config=configs/movielens.py --config.llm.name=smollm2-135m \
+      --config.data.dir=DATA --config.sasrec.init_from=movielens.pt --config.bench.eval_data=True
 
 MFU counts the model FLOPs of a frozen-base step, 4 N per token for the N matmul weights of the
 layers (forward, plus the backward pass to the activations; no weight gradients of the base)
@@ -29,6 +39,8 @@ from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ilora_jax.errors import UserError, cli_main
+
+_NO_WORKDIR = "<none>"
 
 
 def _peak_bytes() -> int | None:
@@ -240,6 +252,89 @@ def bench_generate(config, parts, frozen, state) -> dict:
     )
   if len(outputs) == 2:  # Both loops decode the same tokens (greedy; ties aside).
     result["eval_gen_same_tokens"] = float(np.mean(outputs[0] == outputs[1]))
+
+  # Scoring: the same prompts, `eval_candidates` random continuations each.
+  from ilora_jax import scoring
+
+  n, cl = bc.eval_candidates, bc.eval_candidate_len
+  rng = np.random.default_rng(3)
+  vocab = parts.model.config.vocab_size
+  ctoks = jnp.asarray(rng.integers(0, vocab, (b, n, cl)), jnp.int32)
+  cmask = jnp.ones((b, n, cl), jnp.int32)
+  chunk = max(c for c in range(1, n + 1) if n % c == 0 and c <= config.ilora.score_chunk)
+  params, gate, mask, embeds = prepare(state["trainable"], state["stats"], frozen, batch)
+
+  def score():
+    return jax.block_until_ready(
+      scoring.candidate_loglik(
+        parts.model.module,
+        params,
+        jnp.asarray(batch["input_ids"]),
+        jnp.asarray(batch["attention"]),
+        ctoks,
+        cmask,
+        gate_weights=gate,
+        replace_mask=mask,
+        replace_embeds=embeds,
+        chunk=chunk,
+      )
+    )
+
+  t0 = time.perf_counter()
+  score()
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(3):
+    score()
+  batch_s = (time.perf_counter() - t0) / 3
+  result.update(
+    {
+      "eval_score_candidates": n,
+      "eval_score_batch_s": batch_s,
+      "eval_score_prompts_per_s": b / batch_s,
+      "eval_score_compile_s": max(first_s - batch_s, 0.0),
+      "eval_score_speedup": result["eval_gen_batch_s"] / batch_s,
+    }
+  )
+  return result
+
+
+def bench_eval_data(config, workdir: str) -> dict:
+  """Both evaluation modes on real prompts of a data split: prompts per second."""
+  from ilora_jax import console, train_ilora
+
+  bc = config.bench
+  cfg = config.copy_and_resolve_references()
+  cfg.ilora.eval_rows, cfg.ilora.eval_base = int(bc.eval_rows), False
+  su = train_ilora.setup(cfg, workdir)
+  split = su.dataset.split(bc.eval_split)
+  st = su.state
+  result = {"eval_data": su.dataset.name, "eval_data_split": split.name}
+  for mode in ("generate", "score"):
+    cfg.ilora.eval_generate, cfg.ilora.eval_score = mode == "generate", mode == "score"
+    ev = train_ilora.Evaluator(su.parts, cfg, split, su.gate_kind)
+    rows = len(ev.idx)
+    passes = []
+    for _ in range(2):  # The first pass compiles (prompt lengths are bucketed), then timed.
+      metrics = ev(st["trainable"], st["stats"], su.frozen, config.progress)
+      passes.append(dict(ev.timings))
+    seconds = passes[1][mode] + passes[1].get("prepare", 0.0)  # Gate, merge, projector too.
+    result.update(
+      {
+        f"eval_data_{mode}_s": seconds,
+        f"eval_data_{mode}_prompts_per_s": rows / seconds,
+        f"eval_data_{mode}_compile_s": max(passes[0][mode] - passes[1][mode], 0.0),
+      }
+    )
+    if mode == "generate":
+      result["eval_data_generated_tokens_per_row"] = ev.generated_tokens / rows
+      result["eval_data_valid_ratio"] = metrics["valid_ratio"]
+    else:
+      result["eval_data_hr@1"] = metrics["hr@1"]
+    console.info(f"bench: {mode} {rows} rows in {seconds:.2f} s")
+  result["eval_data_rows"] = rows
+  result["eval_data_max_new_tokens"] = int(cfg.ilora.max_new_tokens)
+  result["eval_data_score_speedup"] = result["eval_data_generate_s"] / result["eval_data_score_s"]
   return result
 
 
@@ -271,9 +366,16 @@ def check_attention(config, mesh, parts, frozen, state) -> dict:
   }
 
 
-def run(config) -> dict:
+def run(config, workdir: str | None = None) -> dict:
   from ilora_jax import console, sharding
 
+  if config.bench.eval_data:
+    result = {"model": config.llm.name, "device": jax.devices()[0].device_kind,
+              "devices": jax.device_count(), "eval_batch_size": config.ilora.eval_batch_size,
+              "dtype": config.llm.dtype}  # fmt: skip
+    result.update(bench_eval_data(config, workdir or _scratch()))
+    _print(result)
+    return result
   mesh = sharding.make_mesh(config.mesh)
   sharding.batch_size_per_shard(mesh, config.bench.batch_size)
   t0 = time.perf_counter()
@@ -298,20 +400,30 @@ def run(config) -> dict:
     result.update(train)
   if config.bench.eval:
     result.update(bench_generate(config, parts, frozen, state))
+  _print(result)
+  return result
+
+
+def _scratch() -> str:
+  import tempfile
+
+  return tempfile.mkdtemp(prefix="ilora_bench_")
+
+
+def _print(result: dict) -> None:
   width = max(len(k) for k in result)
   for key, value in result.items():
     shown = f"{value:.4g}" if isinstance(value, float) else str(value)
     print(f"{key:<{width}}  {shown}")
   print(json.dumps(result), flush=True)
-  return result
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
   from ilora_jax import main as main_lib
 
-  flags.FLAGS.set_default("workdir", "unused")
-  config, _ = main_lib.parse(list(sys.argv if argv is None else argv))
+  flags.FLAGS.set_default("workdir", _NO_WORKDIR)  # Optional here: only eval_data reads one.
+  config, workdir = main_lib.parse(list(sys.argv if argv is None else argv))
   from ilora_jax import configuration, console
 
   configuration.validate(config)
@@ -320,7 +432,7 @@ def main(argv: list[str] | None = None) -> None:
     raise UserError("config.bench: steps, batch_size must be >= 1 and seq_len >= 2")
   if config.bench.target_tokens >= config.bench.seq_len:
     raise UserError("config.bench.target_tokens must be smaller than config.bench.seq_len")
-  run(config)
+  run(config, None if workdir == _NO_WORKDIR else workdir)
 
 
 if __name__ == "__main__":

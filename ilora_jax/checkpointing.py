@@ -8,14 +8,24 @@ and the settings that must match for a resume to be valid.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import signal
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from ilora_jax.errors import UserError
+
+# Tests only: SIGKILL this process right after the save of this step has started.
+_KILL_AT = (
+  int(os.environ["ILORA_JAX_KILL_DURING_SAVE"])
+  if os.environ.get("ILORA_JAX_KILL_DURING_SAVE")
+  else None
+)
 
 
 class StageCheckpoints:
@@ -27,6 +37,7 @@ class StageCheckpoints:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
     )
+    self._pending: int | None = None
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=options)
     except OSError as exc:
@@ -36,14 +47,44 @@ class StageCheckpoints:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, meta: dict) -> None:
-    try:
+    """Starts saving `step` (asynchronously when enabled).
+
+    Orbax writes into a temporary folder and renames it when complete, so a crash or a kill
+    mid-save leaves the previous checkpoints readable. A write failure (full disk, read-only
+    folder), here or reported later by the background writer, is a UserError that names the
+    last complete checkpoint, which is kept.
+    """
+    self._pending = step
+    with self._io(step):
       self._manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True,
       )
-    except OSError as exc:
-      raise UserError(f"cannot write checkpoint {step} to {self.directory}: {exc}") from None
+    if _KILL_AT is not None and step == _KILL_AT:  # Fault injection for the kill-mid-save test.
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  @contextlib.contextmanager
+  def _io(self, step: int | None):
+    try:
+      yield
+    except UserError:
+      raise
+    except Exception as exc:  # Orbax re-raises background write errors in many wrappers.
+      reason = _write_failure(exc)
+      if reason is None:
+        raise
+      at = self._pending if step is None else step
+      try:
+        self._manager.reload()
+        kept = self._manager.latest_step()
+      except Exception:  # noqa: BLE001 - only for the message.
+        kept = None
+      last = f"checkpoint {kept} is kept" if kept is not None else "no earlier checkpoint exists"
+      raise UserError(
+        f"cannot write checkpoint {at} to {self.directory}: {reason}; "
+        f"the last complete {last}; free space or fix permissions and re-run to resume"
+      ) from None
 
   def restore_meta(self, step: int) -> dict:
     """Only the JSON record of `step` (cheap; read before the arrays to compare settings)."""
@@ -69,12 +110,43 @@ class StageCheckpoints:
       ) from None
     return restored["state"], dict(restored["meta"])
 
+  @contextlib.contextmanager
+  def guard(self):
+    """On an error inside the block, lets a pending save finish (or fail) before re-raising,
+    so the error that stopped the run is reported and the newest complete checkpoint stays."""
+    try:
+      yield
+    except Exception:
+      with contextlib.suppress(Exception):
+        self._manager.wait_until_finished()
+      raise
+
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._io(None):
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    with self._io(None):
+      self._manager.wait_until_finished()
+      self._manager.close()
+
+
+def _write_failure(exc: BaseException) -> str | None:
+  """Why a write failed, when `exc` (or its cause chain) is a file-system error, else None.
+
+  Python writers raise OSError; TensorStore (Orbax's array writer) raises ValueError with
+  the errno in its text, e.g. "RESOURCE_EXHAUSTED: ... [os_error_code='28']".
+  """
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    if isinstance(exc, OSError):
+      return exc.strerror or str(exc)
+    code = re.search(r"os_error_code='?(\d+)", str(exc))
+    if code:
+      return os.strerror(int(code.group(1)))
+    exc = exc.__cause__ or exc.__context__
+  return None
 
 
 def abstract_like(tree: Any) -> Any:

@@ -15,6 +15,24 @@ def info(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def _closed_loop(exc) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _quiet_hook(hook, value_of):
+  def quiet(*args):
+    if not _closed_loop(value_of(*args)):
+      hook(*args)
+
+  quiet._ilora_quiet = True
+  return quiet
+
+
+class _DropBackgroundTracebacks:
+  def filter(self, record) -> bool:
+    return not (record.exc_info and "_SignalingThread" in record.getMessage())
+
+
 def quiet_libraries() -> None:
   import logging as pylogging
 
@@ -23,3 +41,14 @@ def quiet_libraries() -> None:
   logging.set_verbosity(logging.WARNING)
   for name in ("absl", "orbax", "jax"):
     pylogging.getLogger(name).setLevel(pylogging.WARNING)
+  # Orbax logs a background writer's failure with its traceback, then re-raises it in the
+  # main thread, where it becomes one `error:` line; the logged copy is dropped.
+  # When a write fails, TensorStore completes its pending futures into Orbax's already closed
+  # event loop; the resulting "Event loop is closed" reports are noise after the real error.
+  if not getattr(sys.unraisablehook, "_ilora_quiet", False):
+    sys.unraisablehook = _quiet_hook(sys.unraisablehook, lambda u: u.exc_value)
+    sys.excepthook = _quiet_hook(sys.excepthook, lambda *a: a[1])
+  for name in ("absl", "orbax"):
+    logger = pylogging.getLogger(name)
+    if not any(isinstance(f, _DropBackgroundTracebacks) for f in logger.filters):
+      logger.addFilter(_DropBackgroundTracebacks())

@@ -146,6 +146,40 @@ def _keep_mesh_axes(axes, mesh_axes):
   return kept or None
 
 
+def partition_specs(
+  config: LlamaConfig,
+  mesh_sizes: dict[str, int],
+  rules=None,
+  adapter=None,
+  num_gates: int | None = None,
+):
+  """`PartitionSpec` tree of the params on a mesh of `mesh_sizes` ({axis name: size}).
+
+  Logical axes map to mesh axes by `rules`; a dimension that its mesh axes do not divide
+  (e.g. 9 heads over 2) is replicated. Needs no devices, so it also plans for meshes larger
+  than this machine (`ilora_jax.plan`).
+  """
+  rules = DEFAULT_RULES if rules is None else rules
+  rules = tuple((k, _keep_mesh_axes(v, tuple(mesh_sizes))) for k, v in rules)
+  boxed = llama.abstract_params(config, adapter, num_gates)
+  specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+
+  def divisible(spec, leaf):
+    dims = []
+    for size, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
+      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+      count = int(np.prod([mesh_sizes[a] for a in names])) if names else 1
+      dims.append(axes if size % count == 0 else None)
+    return jax.sharding.PartitionSpec(*dims)
+
+  return jax.tree.map(
+    divisible,
+    specs,
+    nn.meta.unbox(boxed),
+    is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+  )
+
+
 def mesh_shardings(
   config: LlamaConfig,
   mesh: jax.sharding.Mesh,
@@ -161,24 +195,10 @@ def mesh_shardings(
   explicit = getattr(jax.sharding.AxisType, "Explicit", None)
   if explicit is not None and explicit in tuple(getattr(mesh, "axis_types", ())):
     raise UserError("the mesh has Explicit axis types; build it with Auto axis types")
-  rules = DEFAULT_RULES if rules is None else rules
-  rules = tuple((k, _keep_mesh_axes(v, mesh.axis_names)) for k, v in rules)
-  boxed = llama.abstract_params(config, adapter, num_gates)
-  specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
-
-  def divisible(spec, leaf):
-    # A dimension that the mesh axes do not divide (e.g. 9 heads over 2) is replicated.
-    dims = []
-    for size, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
-      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-      count = int(np.prod([mesh.shape[a] for a in names])) if names else 1
-      dims.append(axes if size % count == 0 else None)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*dims))
-
+  specs = partition_specs(config, dict(mesh.shape), rules, adapter, num_gates)
   return jax.tree.map(
-    divisible,
+    lambda spec: jax.sharding.NamedSharding(mesh, spec),
     specs,
-    nn.meta.unbox(boxed),
     is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
   )
 

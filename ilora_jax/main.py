@@ -48,8 +48,9 @@ def jax_process_index() -> int:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
   config, workdir = parse(list(sys.argv if argv is None else argv))
-  from ilora_jax import configuration
+  from ilora_jax import configuration, distributed
 
+  distributed.initialize(config)  # Before anything touches a device.
   configuration.validate(config)
   from ilora_jax import console
 

@@ -51,8 +51,16 @@ class MetricsLog:
     if not self.enabled:
       return
     clean = {k: _plain(v) for k, v in record.items()}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(clean, sort_keys=False) + "\n")
+    try:
+      with open(self.path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(clean, sort_keys=False) + "\n")
+    except OSError as exc:
+      from ilora_jax.errors import UserError
+
+      raise UserError(
+        f"cannot append to {self.path}: {exc.strerror or exc}; checkpoints written so far are "
+        "kept: free space or fix permissions and re-run to resume"
+      ) from None
 
   def records(self) -> list[dict]:
     if not os.path.exists(self.path):

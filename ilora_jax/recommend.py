@@ -107,7 +107,9 @@ class Recommender:
     params, gate, mask, embeds = self.evaluator._prepare(
       st["trainable"], st["stats"], self.su.frozen, batch
     )
-    scores = self.evaluator._score(params, gate, mask, embeds, prompt, np.array([cands]))[0]
+    scores = self.evaluator._score(
+      parts.model.module, params, gate, mask, embeds, prompt, np.array([cands])
+    )[0]
     order = np.argsort(-scores, kind="stable")[:k]
     return [(cands[i], self.titles[cands[i]], float(scores[i])) for i in order]
 

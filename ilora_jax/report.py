@@ -3,7 +3,13 @@
 Everything is derived from `W/metrics.jsonl` (and, for the gate plots, `W/report/gates.npz`
 written by the iLoRA stage), so a report can be rebuilt at any time:
 
-  python -m ilora_jax.report --workdir=W
+  python -m ilora_jax.report --workdir=W [--compare=plain_lora=W2,...]
+
+`summary.md` also has a comparison table per split: this run's model, the baselines it
+evaluated on the same candidates (base LLM, SASRec) and the final metrics of other runs named
+by `compare` (`config.report.compare`), e.g. a plain-LoRA run (`--config.lora.num_experts=1
+--config.lora.gate=constant`). A run is only compared when its candidate fingerprint equals
+this run's (same data, split, rows and `data.candidate_seed`); otherwise the row says so.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from collections import defaultdict
 
 import numpy as np
 
-_SKIP = {"run", "stage", "split", "step", "epoch", "final", "skipped"}
+_SKIP = {"run", "stage", "split", "step", "epoch", "final", "skipped", "candidates"}
+# Columns of the comparison table: the paper's generation metrics, then candidate scoring.
+COMPARE_KEYS = ("valid_ratio", "hit_ratio@1", "hits_over_total", "hr@1", "hr@5", "ndcg@5", "mrr")
 
 
 def read_records(workdir: str) -> list[dict]:
@@ -65,7 +73,92 @@ def _plot_series(ax, records, key, label):
   return bool(pts)
 
 
-def write(workdir: str) -> str:
+def parse_compare(text: str) -> dict[str, str]:
+  """`name=workdir,name=workdir` -> {name: workdir}; a bare workdir is named by its folder."""
+  out = {}
+  for part in (p.strip() for p in (text or "").split(",")):
+    if not part:
+      continue
+    name, _, path = part.rpartition("=")
+    path = path.strip()
+    out[name.strip() or os.path.basename(os.path.normpath(path))] = path
+  return out
+
+
+def describe_run(workdir: str) -> str:
+  """Short method name of a run from its `config.json` (iLoRA, plain LoRA, ...)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return "model"
+  lora, rtr = config.get("lora", {}), config.get("router", {})
+  gate, experts = lora.get("gate"), lora.get("num_experts")
+  if config.get("stage") == "sasrec":
+    return "SASRec"
+  if gate == "constant" or experts == 1:
+    return f"plain LoRA (r={lora.get('rank')})"
+  if gate == "uniform":
+    return f"LoRA experts, uniform gate (E={experts})"
+  return f"iLoRA (E={experts}, router {rtr.get('kind')})"
+
+
+def _finals_by_split(records: list[dict]) -> dict[str, dict]:
+  """The latest final record per split (ilora stage)."""
+  out = {}
+  for r in records:
+    if r.get("final") and r.get("stage") == "ilora":
+      out[r["split"]] = r
+  return out
+
+
+def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> list[str]:
+  """Markdown lines of the per-split comparison tables (empty when nothing to compare)."""
+  lines = []
+  others = {name: _finals_by_split(read_records(path)) for name, path in compare.items()}
+  for split, rec in _finals_by_split(records).items():
+    rows = [(f"{describe_run(workdir)}, this run", {k: rec.get(k) for k in COMPARE_KEYS})]
+    for prefix, label in (
+      ("base/", "base LLM, no adapters (text-only prompt)"),
+      ("sasrec/", "SASRec"),
+    ):
+      vals = {k: rec.get(prefix + k) for k in COMPARE_KEYS}
+      if any(v is not None for v in vals.values()):
+        rows.append((label, vals))
+    for name, finals in others.items():
+      label = f"{name}: {describe_run(compare[name])}"
+      other = finals.get(split)
+      if other is None:
+        rows.append((label, f"no final {split} evaluation in {compare[name]}"))
+      elif other.get("candidates") != rec.get("candidates"):
+        rows.append(
+          (label, "different candidates (data, rows or candidate_seed differ): not comparable")
+        )
+      else:
+        rows.append((label, {k: other.get(k) for k in COMPARE_KEYS}))
+    lines += [
+      f"## {split}: methods on the same candidates (fingerprint "
+      f"{rec.get('candidates', '?')}, step {rec.get('step')})",
+      "",
+      "| method | " + " | ".join(COMPARE_KEYS) + " |",
+      "|---" * (1 + len(COMPARE_KEYS)) + "|",
+    ]
+    for label, vals in rows:
+      if isinstance(vals, str):
+        cells = [vals] + [""] * (len(COMPARE_KEYS) - 1)
+      else:
+        cells = ["" if vals[k] is None else f"{float(vals[k]):.4f}" for k in COMPARE_KEYS]
+      lines.append("| " + " | ".join([label] + cells) + " |")
+    lines += [
+      "",
+      "valid_ratio, hit_ratio@1 (hits / valid, the paper's) and hits_over_total come "
+      "from greedy generation; hr@k, ndcg@5 and mrr rank the candidates by likelihood.",
+      "",
+    ]
+  return lines
+
+
+def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
   """Writes `workdir/report/` and returns its path."""
   import matplotlib
 
@@ -165,6 +258,11 @@ def write(workdir: str) -> str:
       lines.append("| " + " | ".join(row + cells) + " |")
   else:
     lines.append("No final evaluation yet.")
+  if isinstance(compare, str) or compare is None:
+    compare = parse_compare(compare or "")
+  table = comparison(workdir, records, compare)
+  if table:
+    lines[2:2] = table + ["## Every final metric", ""]
   tb_hint = f"Scalars for TensorBoard: `tensorboard --logdir {os.path.join(out, 'tb')}`."
   lines += ["", "Plots: `train_loss.png`, `val_metrics.png`, `gates.png` (iLoRA).", tb_hint]
   with open(os.path.join(out, "summary.md"), "w") as f:
@@ -194,13 +292,21 @@ def main(argv: list[str] | None = None) -> None:
 
   @cli_main
   def run(argv):
-    args = [a for a in argv[1:] if a.startswith("--workdir=")]
-    if not args:
-      raise UserError("usage: python -m ilora_jax.report --workdir=DIR")
-    workdir = args[0].split("=", 1)[1]
-    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      raise UserError(f"no metrics.jsonl in {workdir}")
-    print(write(workdir))
+    usage = "usage: python -m ilora_jax.report --workdir=DIR [--compare=name=DIR2,...]"
+    opts = {}
+    for a in argv[1:]:
+      key, eq, value = a.partition("=")
+      if key not in ("--workdir", "--compare") or not eq:
+        raise UserError(f"unknown argument {a!r}; {usage}")
+      opts[key[2:]] = value
+    if "workdir" not in opts:
+      raise UserError(usage)
+    workdir = opts["workdir"]
+    compare = parse_compare(opts.get("compare", ""))
+    for path in [workdir, *compare.values()]:
+      if not os.path.exists(os.path.join(path, "metrics.jsonl")):
+        raise UserError(f"no metrics.jsonl in {path}")
+    print(write(workdir, compare))
 
   run(sys.argv if argv is None else argv)
 

@@ -10,7 +10,9 @@ inside the step as a `lax.scan` over micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -22,29 +24,29 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from ilora_jax import (
-    checkpointing,
-    console,
-    interrupts,
-    llama,
-    llm,
-    lora,
-    optim,
-    prompts,
-    report,
-    router,
-    scoring,
-    sharding,
+  checkpointing,
+  console,
+  interrupts,
+  llama,
+  llm,
+  lora,
+  optim,
+  prompts,
+  report,
+  router,
+  scoring,
+  sharding,
 )
 from ilora_jax import tokenizer as tok_lib
 from ilora_jax.configuration import stage_train
 from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates
 from ilora_jax.errors import UserError
 from ilora_jax.metrics import (
-    MetricsLog,
-    generation_metrics,
-    match_generation,
-    ranking_metrics,
-    target_ranks,
+  MetricsLog,
+  generation_metrics,
+  match_generation,
+  ranking_metrics,
+  target_ranks,
 )
 from ilora_jax.projector import Projector
 from ilora_jax.sasrec import SASRec, init_params, params_from_torch
@@ -67,8 +69,11 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   if latest is not None:
     params = jax.device_put(init_params(cfg, jax.random.PRNGKey(0)), repl)
     opt = sasrec_optimizer(1e-3, 0.0)
-    target = {"params": params, "opt_state": jax.device_put(opt.init(params), repl),
-              "step": jax.device_put(jnp.zeros((), jnp.int32), repl)}
+    target = {
+      "params": params,
+      "opt_state": jax.device_put(opt.init(params), repl),
+      "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
+    }
     restored, _ = ckpt.restore(latest, checkpointing.abstract_like(target))
     ckpt.close()
     console.info(f"iLoRA: SASRec from {ckpt.directory} step {latest}")
@@ -77,8 +82,10 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   if config.sasrec.init_from:
     console.info(f"iLoRA: SASRec from {config.sasrec.init_from}")
     return cfg, jax.device_put(params_from_torch(config.sasrec.init_from, cfg), repl)
-  raise UserError("the ilora stage needs a trained SASRec: run --config.stage=sasrec in this "
-                  "workdir first, or give --config.sasrec.init_from=/path/to/<dataset>.pt")
+  raise UserError(
+    "the ilora stage needs a trained SASRec: run --config.stage=sasrec in this "
+    "workdir first, or give --config.sasrec.init_from=/path/to/<dataset>.pt"
+  )
 
 
 @dataclasses.dataclass
@@ -126,33 +133,57 @@ def attention_impl(config) -> str:
 def build(config, workdir: str, dataset: Dataset, mesh):
   """Loads the frozen parts and initialises the trainable ones (sharded)."""
   rules = sharding.rules(config)
-  lora_cfg = lora.LoRAConfig(rank=config.lora.rank, num_experts=config.lora.num_experts,
-                             alpha=config.lora.alpha, dropout=config.lora.dropout,
-                             targets=tuple(config.lora.targets))
+  lora_cfg = lora.LoRAConfig(
+    rank=config.lora.rank,
+    num_experts=config.lora.num_experts,
+    alpha=config.lora.alpha,
+    dropout=config.lora.dropout,
+    targets=tuple(config.lora.targets),
+  )
   factory = lora.adapter_factory(lora_cfg)
-  base = llm.load(config.llm.name, dtype=_DTYPES[config.llm.dtype],
-                  param_dtype=_DTYPES[config.llm.param_dtype], mesh=mesh, rules=rules,
-                  attention=attention_impl(config), remat_policy=config.llm.remat)
+  base = llm.load(
+    config.llm.name,
+    dtype=_DTYPES[config.llm.dtype],
+    param_dtype=_DTYPES[config.llm.param_dtype],
+    mesh=mesh,
+    rules=rules,
+    attention=attention_impl(config),
+    remat_policy=config.llm.remat,
+  )
   tokenizer = base.tokenizer
   special = tok_lib.add_ilora_tokens(tokenizer)
   # Rows for the special tokens, the vocabulary rounded up to 128 so it shards evenly.
-  params, llama_cfg = tok_lib.resize_vocab(base.params, base.config, len(tokenizer),
-                                           multiple_of=128)
+  params, llama_cfg = tok_lib.resize_vocab(
+    base.params, base.config, len(tokenizer), multiple_of=128
+  )
   params = jax.device_put(params, llm.mesh_shardings(llama_cfg, mesh, rules))
-  model = llm.LLM(llama_cfg, params, tokenizer, adapter=factory,
-                  unroll_decode=config.llm.unroll_decode)
+  model = llm.LLM(
+    llama_cfg, params, tokenizer, adapter=factory, unroll_decode=config.llm.unroll_decode
+  )
   sas_cfg, sas_params = load_sasrec(config, workdir, dataset, mesh)
   newline = tuple(tokenizer.encode("\n", add_special_tokens=False))
   builder = prompts.PromptBuilder(
-      lambda text: tokenizer.encode(text, add_special_tokens=False), special,
-      pad_id=special[tok_lib.PAD_TOKEN], titles=dataset.titles, n_items=dataset.n_items,
-      dataset=dataset.name, bos_id=tokenizer.bos_token_id)
-  parts = Parts(model, SASRec(sas_cfg), router.make_router(config.router.kind,
-                                                           lora_cfg.num_experts,
-                                                           config.router.hidden,
-                                      **router_kwargs(config)),
-                Projector(llama_cfg.hidden_size), builder, lora_cfg, dataset.n_items,
-                config.ilora.max_target_tokens, newline if len(newline) == 1 else ())
+    lambda text: tokenizer.encode(text, add_special_tokens=False),
+    special,
+    pad_id=special[tok_lib.PAD_TOKEN],
+    titles=dataset.titles,
+    n_items=dataset.n_items,
+    dataset=dataset.name,
+    bos_id=tokenizer.bos_token_id,
+  )
+  parts = Parts(
+    model,
+    SASRec(sas_cfg),
+    router.make_router(
+      config.router.kind, lora_cfg.num_experts, config.router.hidden, **router_kwargs(config)
+    ),
+    Projector(llama_cfg.hidden_size),
+    builder,
+    lora_cfg,
+    dataset.n_items,
+    config.ilora.max_target_tokens,
+    newline if len(newline) == 1 else (),
+  )
   frozen = {"llm": model.params, "sasrec": sas_params}
   return parts, frozen
 
@@ -164,15 +195,19 @@ def init_trainable(parts: Parts, mesh, rules, seed: int):
   adapter = parts.model.module.adapter
   adapter_sh = _adapter_only(llm.mesh_shardings(cfg, mesh, rules, adapter))
   # Only the adapter leaves are returned, so XLA never materialises the base weights.
-  init_adapter = jax.jit(lambda k: _adapter_only(llama.init_params(cfg, k, adapter)),
-                         out_shardings=adapter_sh)
+  init_adapter = jax.jit(
+    lambda k: _adapter_only(llama.init_params(cfg, k, adapter)), out_shardings=adapter_sh
+  )
   adapters = init_adapter(key_lora)
   dummy_user = jnp.zeros((2, parts.sasrec.cfg.hidden), jnp.float32)
   router_vars = parts.router.init(key_router, dummy_user, train=False)
   proj_params = parts.projector.init(key_proj, jnp.zeros((1, parts.sasrec.cfg.hidden)))["params"]
   repl = sharding.replicated(mesh)
-  trainable = {"lora": adapters, "router": jax.device_put(router_vars["params"], repl),
-               "projector": jax.device_put(proj_params, repl)}
+  trainable = {
+    "lora": adapters,
+    "router": jax.device_put(router_vars["params"], repl),
+    "projector": jax.device_put(proj_params, repl),
+  }
   stats = jax.device_put(router_vars.get("batch_stats", {}), repl)
   return trainable, stats
 
@@ -212,14 +247,22 @@ def target_nll(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, ke
 
   Returns (nll [b, k], valid [b, k] bool, new router stats, gate [b, E]).
   """
-  gate, new_stats = gate_weights(parts, trainable, stats, frozen, batch["seq"],
-                                 batch["len_seq"], train, gate_kind)
+  gate, new_stats = gate_weights(
+    parts, trainable, stats, frozen, batch["seq"], batch["len_seq"], train, gate_kind
+  )
   mask, embeds = replacement(parts, trainable, frozen, batch["item_ids"])
   params = _merge(frozen["llm"], trainable["lora"])
   hidden = parts.model.module.apply(
-      {"params": params}, batch["input_ids"], batch["attention"], gate_weights=gate,
-      deterministic=not train, replace_mask=mask, replace_embeds=embeds, return_hidden=True,
-      rngs={"dropout": key})  # [b, t, d]
+    {"params": params},
+    batch["input_ids"],
+    batch["attention"],
+    gate_weights=gate,
+    deterministic=not train,
+    replace_mask=mask,
+    replace_embeds=embeds,
+    return_hidden=True,
+    rngs={"dropout": key},
+  )  # [b, t, d]
   # Predict token t+1 from position t, only where t+1 is a target token (explicit spans).
   target = batch["loss_mask"][:, 1:].astype(bool)  # [b, t-1]
   k = parts.max_target_tokens
@@ -229,8 +272,9 @@ def target_nll(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, ke
   labels = jnp.take_along_axis(batch["input_ids"][:, 1:], order, axis=1)  # [b, k]
   cfg = parts.model.config
   head = params["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]  # [d, v]
-  logits = jnp.einsum("bkd,dv->bkv", h, head.astype(h.dtype),
-                      preferred_element_type=jnp.float32)  # [b, k, v]
+  logits = jnp.einsum(
+    "bkd,dv->bkv", h, head.astype(h.dtype), preferred_element_type=jnp.float32
+  )  # [b, k, v]
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]  # [b, k]
   return nll, valid, new_stats, gate
@@ -238,8 +282,9 @@ def target_nll(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, ke
 
 def loss_fn(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, key, train: bool):
   """Mean cross-entropy over target tokens; aux: (new router stats, gate [b, E])."""
-  nll, valid, new_stats, gate = target_nll(parts, gate_kind, trainable, stats, frozen, batch,
-                                           key, train)
+  nll, valid, new_stats, gate = target_nll(
+    parts, gate_kind, trainable, stats, frozen, batch, key, train
+  )
   loss = jnp.sum(nll * valid) / jnp.maximum(jnp.sum(valid), 1)
   return loss, (new_stats, gate)
 
@@ -256,7 +301,8 @@ def make_train_step(parts: Parts, tx, gate_kind: str, seed: int):
       index, mb = inputs
       key = jax.random.fold_in(step_key, index)
       grad_fn = jax.value_and_grad(
-          lambda t, s: loss_fn(parts, gate_kind, t, s, frozen, mb, key, True), has_aux=True)
+        lambda t, s: loss_fn(parts, gate_kind, t, s, frozen, mb, key, True), has_aux=True
+      )
       (loss, (stats, gate)), grads = grad_fn(state["trainable"], stats)
       grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
       return (grads_acc, stats, loss_acc + loss), gate
@@ -264,7 +310,8 @@ def make_train_step(parts: Parts, tx, gate_kind: str, seed: int):
     accum = batch["input_ids"].shape[0]
     zeros = jax.tree.map(jnp.zeros_like, state["trainable"])
     (grads, stats, loss_sum), gates = jax.lax.scan(
-        micro, (zeros, state["stats"], jnp.zeros((), jnp.float32)), (jnp.arange(accum), batch))
+      micro, (zeros, state["stats"], jnp.zeros((), jnp.float32)), (jnp.arange(accum), batch)
+    )
     grads = jax.tree.map(lambda g: g / accum, grads)
     loss = loss_sum / accum
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
@@ -274,12 +321,19 @@ def make_train_step(parts: Parts, tx, gate_kind: str, seed: int):
     stats = jax.tree.map(lambda new, old: jnp.where(finite, new, old), stats, state["stats"])
     gates = gates.reshape(-1, gates.shape[-1])  # [accum * micro, E]
     probs = jnp.clip(gates, 1e-9, 1.0)
-    metrics = {"loss": loss, "grad_norm": optim.global_norm(grads),
-               "gate_entropy": jnp.mean(-jnp.sum(probs * jnp.log(probs), axis=-1)),
-               "gate_mean": jnp.mean(gates, axis=0),
-               "skipped": optim.skipped_updates(opt_state)}
-    new_state = {"trainable": trainable, "stats": stats, "opt_state": opt_state,
-                 "step": state["step"] + 1}
+    metrics = {
+      "loss": loss,
+      "grad_norm": optim.global_norm(grads),
+      "gate_entropy": jnp.mean(-jnp.sum(probs * jnp.log(probs), axis=-1)),
+      "gate_mean": jnp.mean(gates, axis=0),
+      "skipped": optim.skipped_updates(opt_state),
+    }
+    new_state = {
+      "trainable": trainable,
+      "stats": stats,
+      "opt_state": opt_state,
+      "step": state["step"] + 1,
+    }
     return new_state, metrics
 
   return step
@@ -293,17 +347,31 @@ def rows_for(split: Split, idx: np.ndarray, candidates: np.ndarray, with_target:
   return rows
 
 
-def train_batch(parts: Parts, config, split: Split, idx: np.ndarray, epoch: int, step: int,
-                total_steps: int, seed: int, accum: int,
-                length: int | None = None) -> dict[str, np.ndarray]:
+def train_batch(
+  parts: Parts,
+  config,
+  split: Split,
+  idx: np.ndarray,
+  epoch: int,
+  step: int,
+  total_steps: int,
+  seed: int,
+  accum: int,
+  length: int | None = None,
+) -> dict[str, np.ndarray]:
   """Host-side batch of one optimizer step: [accum, micro, ...] arrays."""
   rng = np.random.default_rng([seed, 7, step])
   template = int(rng.integers(len(parts.builder.templates)))
   hybrid = bool(rng.random() < step / max(total_steps, 1))  # Curriculum from the global step.
   sub = Split(split.name, split.seq[idx], split.len_seq[idx], split.next[idx])
-  cands, _ = sample_candidates(sub, parts.n_items, config.data.num_candidates,
-                               seed=seed * 1000 + epoch, eligible=_eligible(parts),
-                               row_ids=idx)
+  cands, _ = sample_candidates(
+    sub,
+    parts.n_items,
+    config.data.num_candidates,
+    seed=seed * 1000 + epoch,
+    eligible=_eligible(parts),
+    row_ids=idx,
+  )
   encoded = parts.builder.batch(rows_for(split, idx, cands, True), template, hybrid, length)
   arrays = dict(encoded.as_dict(), seq=split.seq[idx], len_seq=split.len_seq[idx])
   return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in arrays.items()}
@@ -318,7 +386,13 @@ def _eligible(parts: Parts) -> np.ndarray:
 
 @dataclasses.dataclass
 class Evaluator:
-  """Val/test evaluation: target loss and the paper's generation metric, fixed candidates."""
+  """Val/test evaluation: target loss, the paper's generation metric and candidate scoring.
+
+  Candidates are fixed by `config.data.candidate_seed`, so every run (iLoRA, plain LoRA, the
+  baselines) ranks the same 20 titles per row; `fingerprint` names that candidate set.
+  After a call, `timings` holds its wall seconds per mode (loss, generate, score and the base
+  model's), for the benchmark, and `scores` the candidate log-likelihoods [rows, n] per model.
+  """
 
   parts: Parts
   config: Any
@@ -327,24 +401,38 @@ class Evaluator:
 
   def __post_init__(self):
     cfg = self.config
-    rows = len(self.split) if cfg.ilora.eval_rows <= 0 else min(cfg.ilora.eval_rows,
-                                                                 len(self.split))
+    rows = (
+      len(self.split) if cfg.ilora.eval_rows <= 0 else min(cfg.ilora.eval_rows, len(self.split))
+    )
     self.idx = np.arange(rows)
-    self.cands, self.target = sample_candidates(self.split, self.parts.n_items,
-                                                cfg.data.num_candidates,
-                                                cfg.data.candidate_seed, _eligible(self.parts))
+    self.cands, self.target = sample_candidates(
+      self.split,
+      self.parts.n_items,
+      cfg.data.num_candidates,
+      cfg.data.candidate_seed,
+      _eligible(self.parts),
+    )
+    digest = hashlib.sha1(np.ascontiguousarray(self.cands[self.idx], np.int64).tobytes())
+    digest.update(np.ascontiguousarray(self.target[self.idx], np.int64).tobytes())
+    self.fingerprint = digest.hexdigest()[:16]
+    self.timings: dict[str, float] = {}
+    self.scores: dict[str, np.ndarray] = {}
+    self.generated_tokens = 0  # Tokens the adapted model generated in the last call.
     parts = self.parts
 
     def prepare(trainable, stats, frozen, batch):
-      gate, _ = gate_weights(parts, trainable, stats, frozen, batch["seq"], batch["len_seq"],
-                             False, self.gate_kind)
+      gate, _ = gate_weights(
+        parts, trainable, stats, frozen, batch["seq"], batch["len_seq"], False, self.gate_kind
+      )
       mask, embeds = replacement(parts, trainable, frozen, batch["item_ids"])
       return _merge(frozen["llm"], trainable["lora"]), gate, mask, embeds
 
     self._prepare = jax.jit(prepare)
+
     def nll_sum(trainable, stats, frozen, batch, rows):
-      nll, valid, _, _ = target_nll(parts, self.gate_kind, trainable, stats, frozen, batch,
-                                    jax.random.PRNGKey(0), False)
+      nll, valid, _, _ = target_nll(
+        parts, self.gate_kind, trainable, stats, frozen, batch, jax.random.PRNGKey(0), False
+      )
       valid = valid & (jnp.arange(nll.shape[0]) < rows)[:, None]  # Padding rows left out.
       return jnp.sum(nll * valid), jnp.sum(valid)
 
@@ -356,71 +444,139 @@ class Evaluator:
 
     self._sasrec_scores = jax.jit(sasrec_scores)
 
-  def _score(self, params, gate, mask, embeds, prompt, cands) -> np.ndarray:
+  def _time(self, mode: str, fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args, **kwargs))
+    self.timings[mode] = self.timings.get(mode, 0.0) + time.perf_counter() - t0
+    return out
+
+  def _score(self, module, params, gate, mask, embeds, prompt, cands) -> np.ndarray:
     """Log-likelihood of every candidate title (+ newline) after the prompt: [b, n]."""
     builder = self.parts.builder
     token_lists = [[builder.target_tokens(int(c)) for c in row] for row in cands]
     ctoks, cmask = scoring.pad_candidates(token_lists, builder.pad_id)
     n = ctoks.shape[1]
     chunk = max(c for c in range(1, n + 1) if n % c == 0 and c <= self.config.ilora.score_chunk)
-    return np.asarray(scoring.candidate_loglik(
-        self.parts.model.module, params, prompt.input_ids, prompt.attention, ctoks, cmask,
-        gate_weights=gate, replace_mask=mask, replace_embeds=embeds, chunk=chunk))
+    return np.asarray(
+      scoring.candidate_loglik(
+        module,
+        params,
+        prompt.input_ids,
+        prompt.attention,
+        ctoks,
+        cmask,
+        gate_weights=gate,
+        replace_mask=mask,
+        replace_embeds=embeds,
+        chunk=chunk,
+      )
+    )
 
-  def __call__(self, trainable, stats, frozen, progress: bool,
-               baselines: bool = False) -> dict[str, float]:
-    """Metrics of the split; `baselines` adds SASRec's ranking of the same candidates."""
+  def _generate(self, params, gate, mask, embeds, prompt, base: bool):
+    parts = self.parts
+    eos = tuple(parts.model.eos_ids) + parts.newline_ids
+    return parts.model.generate_ids(
+      prompt.input_ids,
+      prompt.attention,
+      self.config.ilora.max_new_tokens,
+      params=params,
+      gate_weights=gate,
+      replace_mask=mask,
+      replace_embeds=embeds,
+      eos_ids=eos,
+      base=base,
+    )
+
+  def _match(self, out, lengths, cands, idx, take, valid, hit) -> None:
+    parts = self.parts
+    for j in range(take):
+      text = parts.model.tokenizer.decode(out[j, : lengths[j]].tolist(), skip_special_tokens=True)
+      titles = [parts.builder.titles[int(c)] for c in cands[j]]
+      v, h = match_generation(text, titles, int(self.target[idx[j]]))
+      valid.append(v)
+      hit.append(h)
+
+  def __call__(
+    self, trainable, stats, frozen, progress: bool, baselines: bool = False
+  ) -> dict[str, float]:
+    """Metrics of the split.
+
+    `baselines` adds, on the same candidates, SASRec's ranking (`sasrec/...`) and, when
+    `config.ilora.eval_base`, the base LLM without adapters on text-only prompts (`base/...`).
+    """
     cfg, parts = self.config, self.parts
+    gen, score = bool(cfg.ilora.eval_generate), bool(cfg.ilora.eval_score)
+    with_base = baselines and bool(cfg.ilora.eval_base) and (gen or score)
     bs = cfg.ilora.eval_batch_size
-    nll_total, tokens, valid, hit = 0.0, 0, [], []
-    scores, sas_scores = [], []
-    for start in tqdm(range(0, len(self.idx), bs), desc=f"eval {self.split.name}", leave=False,
-                      disable=not progress):
-      idx = self.idx[start:start + bs]
+    self.timings, self.generated_tokens = {}, 0
+    nll_total, tokens = 0.0, 0
+    out = {name: {"valid": [], "hit": [], "scores": []} for name in ("model", "base")}
+    sas_scores = []
+    for start in tqdm(
+      range(0, len(self.idx), bs), desc=f"eval {self.split.name}", leave=False, disable=not progress
+    ):
+      idx = self.idx[start : start + bs]
       take = len(idx)
       idx = np.resize(idx, bs)  # Pad by repeating rows: one compiled shape.
       cands = self.cands[idx]
       seq, len_seq = self.split.seq[idx], self.split.len_seq[idx]
       with_target = parts.builder.batch(rows_for(self.split, idx, cands, True), 0, True)
       batch = dict(with_target.as_dict(), seq=seq, len_seq=len_seq)
-      total, count = self._nll_sum(trainable, stats, frozen, batch, take)
+      total, count = self._time("loss", self._nll_sum, trainable, stats, frozen, batch, take)
       nll_total, tokens = nll_total + float(total), tokens + int(count)
       if baselines:
         sas_scores.append(np.asarray(self._sasrec_scores(frozen, seq, len_seq, cands))[:take])
-      if not (cfg.ilora.eval_generate or cfg.ilora.eval_score):
+      if not (gen or score):
         continue
-      prompt = parts.builder.batch(rows_for(self.split, idx, cands, False), 0, True,
-                                   pad_left=True)
+      rows = rows_for(self.split, idx, cands, False)
+      prompt = parts.builder.batch(rows, 0, True, pad_left=True)
       pbatch = dict(prompt.as_dict(), seq=seq, len_seq=len_seq)
-      params, gate, mask, embeds = self._prepare(trainable, stats, frozen, pbatch)
-      if cfg.ilora.eval_score:
-        scores.append(self._score(params, gate, mask, embeds, prompt, cands)[:take])
-      if not cfg.ilora.eval_generate:
-        continue
-      eos = tuple(parts.model.eos_ids) + parts.newline_ids
-      out, lengths = parts.model.generate_ids(
-          prompt.input_ids, prompt.attention, cfg.ilora.max_new_tokens, params=params,
-          gate_weights=gate, replace_mask=mask, replace_embeds=embeds, eos_ids=eos)
-      for j in range(take):
-        text = parts.model.tokenizer.decode(out[j, : lengths[j]].tolist(),
-                                            skip_special_tokens=True)
-        titles = [parts.builder.titles[int(c)] for c in cands[j]]
-        v, h = match_generation(text, titles, int(self.target[idx[j]]))
-        valid.append(v)
-        hit.append(h)
-    result = generation_metrics(np.array(valid), np.array(hit)) if valid else {}
-    result["loss"] = nll_total / max(tokens, 1)  # Mean over every target token of the split.
+      params, gate, mask, embeds = self._time(
+        "prepare", self._prepare, trainable, stats, frozen, pbatch
+      )
+      runs = [("model", parts.model.module, params, gate, mask, embeds, prompt)]
+      if with_base:  # The frozen LLM alone reads the text-only form of the same prompt.
+        text = parts.builder.batch(rows, 0, False, pad_left=True)
+        runs.append(("base", parts.model.base_module, frozen["llm"], None, None, None, text))
+      for name, module, p, g, m, e, pr in runs:
+        prefix = "" if name == "model" else "base_"
+        if score:
+          s = self._time(prefix + "score", self._score, module, p, g, m, e, pr, cands)
+          out[name]["scores"].append(s[:take])
+        if gen:
+          ids, lengths = self._time(
+            prefix + "generate", self._generate, p, g, m, e, pr, name == "base"
+          )
+          self._match(ids, lengths, cands, idx, take, out[name]["valid"], out[name]["hit"])
+          if name == "model":
+            self.generated_tokens += int(np.sum(lengths[:take]))
     target = self.target[self.idx]
-    if scores:  # Candidates ranked by the model's likelihood of their titles.
-      result.update(ranking_metrics(target_ranks(np.concatenate(scores), target)))
+    result: dict[str, float] = {}
+    self.scores = {n: np.concatenate(o["scores"]) for n, o in out.items() if o["scores"]}
+    for name, prefix in (("model", ""), ("base", "base/")):
+      o = out[name]
+      metrics = generation_metrics(np.array(o["valid"]), np.array(o["hit"])) if o["valid"] else {}
+      if o["scores"]:  # Candidates ranked by the model's likelihood of their titles.
+        metrics.update(ranking_metrics(target_ranks(np.concatenate(o["scores"]), target)))
+      result.update({prefix + k: v for k, v in metrics.items()})
+      if name == "model":
+        result["loss"] = nll_total / max(tokens, 1)  # Mean over every target token.
     if sas_scores:
       ranks = target_ranks(np.concatenate(sas_scores), target)
       result.update({f"sasrec/{k}": v for k, v in ranking_metrics(ranks).items()})
     return result
 
 
-def save_gate_table(parts: Parts, trainable, stats, frozen, split: Split, gate_kind: str,
-                    workdir: str, batch: int = 256) -> None:
+def save_gate_table(
+  parts: Parts,
+  trainable,
+  stats,
+  frozen,
+  split: Split,
+  gate_kind: str,
+  workdir: str,
+  batch: int = 256,
+) -> None:
   """Gate weights and SASRec user vectors of a split's users -> `W/report/gates.npz`."""
 
   @jax.jit
@@ -439,8 +595,7 @@ def save_gate_table(parts: Parts, trainable, stats, frozen, split: Split, gate_k
     users.append(np.asarray(u)[:keep])
   out = os.path.join(workdir, "report")
   os.makedirs(out, exist_ok=True)
-  np.savez(os.path.join(out, "gates.npz"), gates=np.concatenate(gates),
-           users=np.concatenate(users))
+  np.savez(os.path.join(out, "gates.npz"), gates=np.concatenate(gates), users=np.concatenate(users))
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -478,18 +633,37 @@ def setup(config, workdir: str) -> Setup:
   sharding.batch_size_per_shard(mesh, micro)
   steps_per_epoch = len(dataset.train) // (micro * accum)
   if steps_per_epoch == 0:
-    raise UserError(f"the training split has {len(dataset.train)} rows, fewer than one step of "
-                    f"{micro} x {accum}")
+    raise UserError(
+      f"the training split has {len(dataset.train)} rows, fewer than one step of {micro} x {accum}"
+    )
   total_steps = int(tc.steps) if tc.steps is not None else int(tc.epochs) * steps_per_epoch
   parts, frozen = build(config, workdir, dataset, mesh)
   trainable, stats = init_trainable(parts, mesh, rules, tc.seed)
-  tx = optim.make(labels_of(trainable), tc.lr, max(total_steps, 1), tc.weight_decay,
-                  config.ilora.train.clip_norm)
+  tx = optim.make(
+    labels_of(trainable), tc.lr, max(total_steps, 1), tc.weight_decay, config.ilora.train.clip_norm
+  )
   # Optimizer moments follow their parameters' shardings (propagated through the jit).
-  state = {"trainable": trainable, "stats": stats, "opt_state": init_opt_state(tx, trainable, mesh),
-           "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh))}
-  return Setup(dataset, parts, frozen, state, tx, mesh, micro, accum, steps_per_epoch,
-               total_steps, int(tc.seed), float(tc.lr), config.lora.gate)
+  state = {
+    "trainable": trainable,
+    "stats": stats,
+    "opt_state": init_opt_state(tx, trainable, mesh),
+    "step": jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(mesh)),
+  }
+  return Setup(
+    dataset,
+    parts,
+    frozen,
+    state,
+    tx,
+    mesh,
+    micro,
+    accum,
+    steps_per_epoch,
+    total_steps,
+    int(tc.seed),
+    float(tc.lr),
+    config.lora.gate,
+  )
 
 
 def jit_train_step(su: Setup, step=None):
@@ -502,8 +676,12 @@ def jit_train_step(su: Setup, step=None):
   frozen_sh = jax.tree.map(lambda x: x.sharding, su.frozen)
   batch_sh = NamedSharding(su.mesh, PartitionSpec(None, sharding.BATCH_AXES))
   step = step or make_train_step(su.parts, su.tx, su.gate_kind, su.seed)
-  jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh),
-                   out_shardings=(state_sh, repl), donate_argnums=(0,))
+  jitted = jax.jit(
+    step,
+    in_shardings=(state_sh, frozen_sh, batch_sh),
+    out_shardings=(state_sh, repl),
+    donate_argnums=(0,),
+  )
   return jitted, batch_sh
 
 
@@ -533,22 +711,36 @@ def run(config, workdir: str) -> dict[str, float]:
   step_fn, batch_sh = jit_train_step(su)
   base_count = _count(frozen["llm"])
   sizes = {k: _count(v) for k, v in state["trainable"].items()}
-  console.info("iLoRA: trainable " + ", ".join(f"{k} {v:,}" for k, v in sizes.items())
-               + f" = {sum(sizes.values()):,} ({100 * sum(sizes.values()) / base_count:.3f}% of "
-               f"the {base_count:,} base parameters)")
+  console.info(
+    "iLoRA: trainable "
+    + ", ".join(f"{k} {v:,}" for k, v in sizes.items())
+    + f" = {sum(sizes.values()):,} ({100 * sum(sizes.values()) / base_count:.3f}% of "
+    f"the {base_count:,} base parameters)"
+  )
 
   log = MetricsLog(workdir, enabled=jax.process_index() == 0)
-  settings = checkpointing.jsonable({
-      "llm": config.llm.name, "lora": config.lora.to_dict(), "router": config.router.to_dict(),
-      "data": dataset.name, "batch": [micro, accum], "total_steps": total_steps,
-      "seed": su.seed, "lr": su.lr, "train_rows": len(train)})
-  ckpt = checkpointing.StageCheckpoints(workdir, STAGE, config.checkpoint.max_to_keep,
-                                        config.checkpoint.async_save)
+  settings = checkpointing.jsonable(
+    {
+      "llm": config.llm.name,
+      "lora": config.lora.to_dict(),
+      "router": config.router.to_dict(),
+      "data": dataset.name,
+      "batch": [micro, accum],
+      "total_steps": total_steps,
+      "seed": su.seed,
+      "lr": su.lr,
+      "train_rows": len(train),
+    }
+  )
+  ckpt = checkpointing.StageCheckpoints(
+    workdir, STAGE, config.checkpoint.max_to_keep, config.checkpoint.async_save
+  )
   step = 0
   latest = ckpt.latest_step()
   if latest is not None:
-    checkpointing.check_same_settings(ckpt.restore_meta(latest)["settings"], settings,
-                                      ckpt.directory)
+    checkpointing.check_same_settings(
+      ckpt.restore_meta(latest)["settings"], settings, ckpt.directory
+    )
     state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
     step = int(meta["step"])
     log.truncate(STAGE, meta["metrics_records"])
@@ -561,22 +753,31 @@ def run(config, workdir: str) -> dict[str, float]:
   def save(at: int) -> None:
     ckpt.save(at, state, {"step": at, "settings": settings, "metrics_records": log.count(STAGE)})
 
-  stop_at = total_steps if config.train.stop_after_steps is None else min(
-      total_steps, int(config.train.stop_after_steps))
+  stop_at = (
+    total_steps
+    if config.train.stop_after_steps is None
+    else min(total_steps, int(config.train.stop_after_steps))
+  )
   rows = sharding.host_slice(micro)
-  bar = tqdm(total=total_steps, initial=step, desc="ilora train",
-             disable=not config.progress or jax.process_index() != 0)
+  bar = tqdm(
+    total=total_steps,
+    initial=step,
+    desc="ilora train",
+    disable=not config.progress or jax.process_index() != 0,
+  )
   last_val: dict[str, float] = {}
   bad_streak = 0
-  with interrupts.Graceful() as stop:
+  with interrupts.Graceful() as stop, ckpt.guard():
     while step < stop_at:
       epoch, pos = divmod(step, steps_per_epoch)
       order = np.random.default_rng([su.seed, epoch]).permutation(len(train))
-      idx = order[pos * micro * accum:(pos + 1) * micro * accum]
+      idx = order[pos * micro * accum : (pos + 1) * micro * accum]
       host = train_batch(parts, config, train, idx, epoch, step, total_steps, su.seed, accum)
       # Every process builds the same global batch (cheap) and feeds only its rows.
-      batch = {k: jax.make_array_from_process_local_data(batch_sh, v[:, rows], v.shape)
-               for k, v in host.items()}
+      batch = {
+        k: jax.make_array_from_process_local_data(batch_sh, v[:, rows], v.shape)
+        for k, v in host.items()
+      }
       state, metrics = step_fn(state, frozen, batch)
       step += 1
       bar.update(1)
@@ -584,20 +785,28 @@ def run(config, workdir: str) -> dict[str, float]:
       loss = float(metrics["loss"])
       bad_streak = bad_streak + 1 if not np.isfinite(loss) else 0
       if bad_streak >= config.ilora.max_bad_steps:
-        raise UserError(f"{bad_streak} optimizer steps in a row had a non-finite loss (last at "
-                        f"step {step}); lower config.train.lr or check the data")
+        raise UserError(
+          f"{bad_streak} optimizer steps in a row had a non-finite loss (last at "
+          f"step {step}); lower config.train.lr or check the data"
+        )
       lrs = optim.learning_rates(su.lr, total_steps, step - 1)
-      record("train", {"loss": loss, "grad_norm": float(metrics["grad_norm"]),
-                       "gate_entropy": float(metrics["gate_entropy"]),
-                       "skipped_updates": int(metrics["skipped"]),
-                       "lr": float(lrs["lr/lora"]),
-                       **{f"gate_mean/{e}": float(v) for e, v in enumerate(metrics["gate_mean"])}},
-             epoch=epoch)
+      record(
+        "train",
+        {
+          "loss": loss,
+          "grad_norm": float(metrics["grad_norm"]),
+          "gate_entropy": float(metrics["gate_entropy"]),
+          "skipped_updates": int(metrics["skipped"]),
+          "lr": float(lrs["lr/lora"]),
+          **{f"gate_mean/{e}": float(v) for e, v in enumerate(metrics["gate_mean"])},
+        },
+        epoch=epoch,
+      )
       bar.set_postfix(loss=f"{loss:.4f}")
       epoch_end = step % steps_per_epoch == 0 or step == total_steps
       if epoch_end and step < total_steps:  # The last one is the final evaluation below.
         last_val = val_eval(state["trainable"], state["stats"], frozen, config.progress)
-        record("val", last_val, epoch=epoch + 1)
+        record("val", last_val, epoch=epoch + 1, candidates=val_eval.fingerprint)
         console.info(f"iLoRA step {step} val " + _fmt(last_val))
       if epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at:
         save(step)
@@ -616,21 +825,37 @@ def run(config, workdir: str) -> dict[str, float]:
   for split in ("val", "test"):
     if split == "test" and dataset.test is None:
       console.info(f"test evaluation skipped: {dataset.test_missing_reason}")
-      log.write({"run": STAGE, "stage": STAGE, "split": "test", "step": step,
-                 "skipped": dataset.test_missing_reason})
+      log.write(
+        {
+          "run": STAGE,
+          "stage": STAGE,
+          "split": "test",
+          "step": step,
+          "skipped": dataset.test_missing_reason,
+        }
+      )
       continue
     evaluator = val_eval if split == "val" else Evaluator(parts, config, dataset.test, gate_kind)
-    metrics = evaluator(state["trainable"], state["stats"], frozen, config.progress,
-                        baselines=True)
-    log.write({"run": STAGE, "stage": STAGE, "split": split, "step": step, "final": True,
-               **metrics})
+    metrics = evaluator(state["trainable"], state["stats"], frozen, config.progress, baselines=True)
+    log.write(
+      {
+        "run": STAGE,
+        "stage": STAGE,
+        "split": split,
+        "step": step,
+        "final": True,
+        "candidates": evaluator.fingerprint,
+        **metrics,
+      }
+    )
     print(f"ilora {split} step {step}: " + _fmt(metrics), flush=True)
     if split == "val":
       result = metrics
   if jax.process_index() == 0:
-    save_gate_table(parts, state["trainable"], state["stats"], frozen, dataset.val, gate_kind,
-                    workdir)
-    console.info(f"report: {report.write(workdir)}")
+    save_gate_table(
+      parts, state["trainable"], state["stats"], frozen, dataset.val, gate_kind, workdir
+    )
+    console.info(f"report: {report.write(workdir, config.report.compare)}")
   return result
 
 
@@ -644,11 +869,20 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   state, _ = ckpt.restore(latest, checkpointing.abstract_like(su.state))
   ckpt.close()
   split = su.dataset.split(config.eval.split)
-  metrics = Evaluator(su.parts, config, split, su.gate_kind)(state["trainable"], state["stats"],
-                                                            su.frozen, config.progress,
-                                                            baselines=True)
+  evaluator = Evaluator(su.parts, config, split, su.gate_kind)
+  metrics = evaluator(
+    state["trainable"], state["stats"], su.frozen, config.progress, baselines=True
+  )
   MetricsLog(workdir, enabled=jax.process_index() == 0).write(
-      {"run": "evaluate", "stage": STAGE, "split": config.eval.split, "step": latest,
-       "final": True, **metrics})
+    {
+      "run": "evaluate",
+      "stage": STAGE,
+      "split": config.eval.split,
+      "step": latest,
+      "final": True,
+      "candidates": evaluator.fingerprint,
+      **metrics,
+    }
+  )
   print(f"ilora {config.eval.split} step {latest}: " + _fmt(metrics), flush=True)
   return metrics

@@ -219,7 +219,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
     )
   bar = tqdm(total=total_steps, initial=step, desc="sasrec train", disable=not config.progress)
   last_val: dict[str, float] = {}
-  with interrupts.Graceful() as stop:
+  with interrupts.Graceful() as stop, ckpt.guard():
     while step < stop_at:
       epoch, pos = divmod(step, steps_per_epoch)
       order = np.random.default_rng([tc.seed, epoch]).permutation(len(train))

@@ -237,3 +237,47 @@ def test_launch_dry_run_prints_the_commands():
   lines = proc.stdout.strip().splitlines()
   assert "pip install" in lines[0]
   assert lines[1] == f".venv/bin/python -m ilora_jax.main {TINY} --workdir=/tmp/x"
+
+
+def test_launch_paths_dry_run():
+  """TPU slice, one GPU node and several GPU nodes: the exact commands, nothing executed."""
+  import subprocess
+
+  from conftest import ROOT
+
+  def dry(*args):
+    proc = subprocess.run(["bash", *args], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().splitlines()
+
+  job = [TINY, "--workdir=/tmp/x"]
+  tpu = dry("launch/tpu_pod.sh", "--dry_run", "pod", "us-east5-a", "v5p-32", *job)
+  assert tpu[0].startswith("gcloud compute tpus tpu-vm create pod --zone=us-east5-a")
+  assert "--accelerator-type=v5p-32" in tpu[0]
+  assert tpu[1].startswith("git ls-files")
+  assert "tpu-vm scp" in tpu[2] and "--worker=all" in tpu[2]
+  assert "tpu-vm ssh pod" in tpu[3] and "--worker=all" in tpu[3]
+  assert f"ILORA_JAX_EXTRA=tpu bash launch/run_host.sh {TINY} --workdir=/tmp/x" in tpu[3]
+  assert tpu[3].endswith("--config.distributed.auto=True'")
+  node = dry("launch/gpu_node.sh", "--dry_run", *job)
+  assert "pip install -q -e .[cuda]" in node[0]
+  assert node[1] == f".venv/bin/python -m ilora_jax.main {TINY} --workdir=/tmp/x"
+  multi = dry("launch/gpu_multinode.sh", "--dry_run", "10.0.0.1:1234", "2", "1", *job)
+  assert multi[1] == (
+    f".venv/bin/python -m ilora_jax.main {TINY} --workdir=/tmp/x "
+    "--config.distributed.coordinator=10.0.0.1:1234 --config.distributed.num_processes=2 "
+    "--config.distributed.process_id=1"
+  )
+  usage = subprocess.run(["bash", "launch/gpu_multinode.sh", "--dry_run", "x"], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+  assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_bad_cluster_settings_are_one_line_errors(tmp_path):
+  cluster = [
+    "--config.distributed.coordinator=localhost:1",
+    "--config.distributed.num_processes=2",
+    "--config.distributed.process_id=2",
+  ]
+  proc = run_cli(TINY, f"--workdir={tmp_path}", *cluster)
+  assert_one_line_error(proc, "config.distributed", "process_id=2")

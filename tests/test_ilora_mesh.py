@@ -54,8 +54,26 @@ for data, fsdp, tensor in MESHES:
   want = {jax.tree_util.keystr(p): _spec(s.spec)
           for p, s in jax.tree_util.tree_leaves_with_path(expected)}
   moments = {k: v for k, v in specs(su.state["opt_state"]).items() if ".mu['lora']" in k}
+  # The memory plan, from shapes and rules alone, against the bytes each device really holds.
+  from ilora_jax import plan as plan_lib
+  planned = plan_lib.plan(config, jax.device_count(), llama_cfg=su.parts.model.config,
+                          n_items=su.parts.n_items)
+  def real(*trees):
+    per = {}
+    for x in jax.tree.leaves(trees):
+      for shard in x.addressable_shards:
+        per[shard.device.id] = per.get(shard.device.id, 0) + shard.data.nbytes
+    return max(per.values())
+  memory = {
+    "planned": {k: planned[k + "_bytes"] for k in ("frozen_llm", "frozen_sasrec", "trainable",
+                                                    "optimizer")},
+    "real": {"frozen_llm": real(su.frozen["llm"]), "frozen_sasrec": real(su.frozen["sasrec"]),
+             "trainable": real(su.state["trainable"], su.state["stats"]),
+             "optimizer": real(su.state["opt_state"])},
+  }
   out[f"{data}x{fsdp}x{tensor}"] = {"losses": losses, "llm": specs(llm_params),
-                                    "lora": specs(lora), "want": want, "moments": moments}
+                                    "lora": specs(lora), "want": want, "moments": moments,
+                                    "memory": memory}
 print("RESULT " + json.dumps(out))
 """
 
@@ -120,3 +138,28 @@ def test_arrays_are_sharded_as_the_rules_say(mesh_runs):
   whole = mesh_runs["1x1x1"]["llm"]
   for path, (_, shard) in mesh_runs["8x1x1"]["llm"].items():
     assert shard == whole[path][1], path
+
+
+def test_memory_plan_equals_the_real_arrays(mesh_runs):
+  """`ilora_jax.plan` (shapes + rules, no devices) vs the bytes each device really holds."""
+  for name, run in mesh_runs.items():
+    assert run["memory"]["planned"] == run["memory"]["real"], name
+  # Sharding shrinks what one device holds: fsdp x tensor = 4 splits the frozen LLM.
+  whole = mesh_runs["1x1x1"]["memory"]["real"]["frozen_llm"]
+  assert mesh_runs["2x2x2"]["memory"]["real"]["frozen_llm"] < whole / 2
+
+
+def test_plan_cli_for_a_7b_model_on_1_8_and_64_devices():
+  proc = run_cli("--config=configs/movielens.py", "--config.llm.name=llama2-7b",
+                 "--config.plan.devices=1,8,64", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                 "--config.ilora.train.batch_size=64", module="ilora_jax.plan")  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  results = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert [r["devices"] for r in results] == [1, 8, 64]
+  one, eight, many = results
+  # bf16 Llama-2-7B (6,738,415,616 parameters, vocabulary grown to 32,128) on one device.
+  assert one["params_total"] == 6_738_415_616 + 2 * 128 * 4096  # Embedding and head grow.
+  assert one["frozen_llm_bytes"] == 2 * one["params_total"]
+  assert eight["frozen_llm_bytes"] == one["frozen_llm_bytes"] // 8  # Every weight splits by 8.
+  assert many["frozen_llm_bytes"] < eight["frozen_llm_bytes"] / 4
+  assert many["activations_estimate_bytes"] < one["activations_estimate_bytes"] / 32

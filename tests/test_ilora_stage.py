@@ -39,7 +39,8 @@ def test_pipeline_trains_sasrec_then_ilora(pipeline):
   assert [r["split"] for r in final] == ["val", "test"]
   generation = {"valid_ratio", "hit_ratio@1", "hits_over_total", "loss"}
   scoring = {"hr@1", "hr@5", "ndcg@5", "mrr"}
-  assert generation | scoring | {f"sasrec/{k}" for k in scoring} <= set(final[0])
+  baselines = {f"sasrec/{k}" for k in scoring} | {f"base/{k}" for k in generation | scoring}
+  assert generation | scoring | (baselines - {"base/loss"}) <= set(final[0])
   for r in final:
     assert 0 <= r["hr@1"] <= r["hr@5"] <= 1 and 0 <= r["sasrec/hr@1"] <= r["sasrec/hr@5"] <= 1
   assert "% of the" in proc.stderr  # Trainable parameters reported as a fraction.
@@ -50,13 +51,15 @@ def test_pipeline_trains_sasrec_then_ilora(pipeline):
   assert gates["gates"].shape[1] == 2 and np.allclose(gates["gates"].sum(-1), 1, atol=1e-5)
   summary = open(os.path.join(workdir, "report", "summary.md")).read()
   assert f"{final[0]['hr@1']:.4f}" in summary and f"{final[0]['sasrec/mrr']:.4f}" in summary
+  for method, prefix in (("iLoRA (E=2, router linear), this run", ""), ("SASRec", "sasrec/"),
+                         ("base LLM, no adapters (text-only prompt)", "base/")):  # fmt: skip
+    assert f"| {method} | " in summary
+    assert f"{final[0][prefix + 'mrr']:.4f}" in summary
 
 
 def test_ilora_resume_matches_uninterrupted(pipeline, tmp_path):
   full_dir, _ = pipeline
-  workdir = str(tmp_path)
-  sasrec = run_cli(TINY, f"--workdir={workdir}", "--config.stage=sasrec")
-  assert sasrec.returncode == 0, sasrec.stderr
+  workdir = _with_sasrec_of(full_dir, tmp_path / "w")  # The same SASRec, not retrained.
   first = run_cli(
     TINY, f"--workdir={workdir}", "--config.stage=ilora", "--config.train.stop_after_steps=3"
   )
@@ -65,16 +68,15 @@ def test_ilora_resume_matches_uninterrupted(pipeline, tmp_path):
   second = run_cli(TINY, f"--workdir={workdir}", "--config.stage=ilora")
   assert second.returncode == 0, second.stderr
   assert "resumed from step 3" in second.stderr
-  ours = [r for r in _records(workdir) if r["stage"] == "ilora"]
-  ref = [r for r in _records(full_dir) if r["stage"] == "ilora"]
-  assert ours == ref
+  assert _ilora_records(workdir) == _ilora_records(full_dir)
 
 
 def test_evaluate_stage_for_ilora(pipeline):
   workdir, _ = pipeline
   proc = run_cli(
-    TINY, f"--workdir={workdir}", "--config.stage=evaluate", "--config.eval.stage=ilora"
-  )
+    TINY, f"--workdir={workdir}", "--config.stage=evaluate", "--config.eval.stage=ilora",
+    "--config.ilora.eval_base=False",
+  )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
   last = _records(workdir)[-1]
   assert last["run"] == "evaluate" and last["stage"] == "ilora" and "valid_ratio" in last
@@ -152,3 +154,254 @@ def test_recommend_cli_and_api(pipeline):
   top = ilora_jax.recommend(workdir, history=[1, 2, 4], candidates=cands, k=4)
   assert sorted(t for _, t, _ in top) == sorted(cands)
   assert [s for *_, s in top] == sorted((s for *_, s in top), reverse=True)
+
+
+def test_base_llm_baseline_equals_full_forward_of_text_prompts(setup_tiny):
+  """`base/...` ranks candidates by the frozen LLM on text-only prompts: checked by brute force."""
+  from ilora_jax import metrics, train_ilora
+
+  config, su, _ = setup_tiny
+  config = config.copy_and_resolve_references()
+  config.ilora.eval_rows, config.ilora.eval_generate, config.ilora.eval_base = 4, False, True
+  from ilora_jax import sharding
+
+  ev = train_ilora.Evaluator(su.parts, config, su.dataset.val, su.gate_kind)
+  # Fresh adapters (other tests donate su.state to their steps); B = 0 but the hybrid prompt.
+  trainable, stats = train_ilora.init_trainable(su.parts, su.mesh, sharding.rules(config), 0)
+  result = ev(trainable, stats, su.frozen, False, baselines=True)
+  builder, split = su.parts.builder, su.dataset.val
+  seqs, spans = [], []
+  for r in range(4):  # Every (prompt, candidate) pair as its own right-padded sequence.
+    history = split.seq[r, : split.len_seq[r]].tolist()
+    ids, _, _ = builder.encode_row(history, ev.cands[r].tolist(), None, 0, False)
+    for c in ev.cands[r]:
+      title = builder.target_tokens(int(c))
+      seqs.append(ids + title)
+      spans.append((len(ids), len(title)))
+  length = max(map(len, seqs))
+  tokens = np.zeros((len(seqs), length), np.int32)
+  mask = np.zeros_like(tokens)
+  for i, s in enumerate(seqs):
+    tokens[i, : len(s)], mask[i, : len(s)] = s, 1
+  module = su.parts.model.base_module
+  logits = jax.jit(lambda p, t, m: module.apply({"params": p}, t, m))(
+    su.frozen["llm"], tokens, mask
+  )
+  logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1))
+  brute = np.array([
+    sum(logp[i, start + j - 1, tokens[i, start + j]] for j in range(n))
+    for i, (start, n) in enumerate(spans)
+  ]).reshape(4, -1)  # fmt: skip
+  np.testing.assert_allclose(ev.scores["base"], brute, rtol=1e-4, atol=1e-4)
+  expected = metrics.ranking_metrics(metrics.target_ranks(brute, ev.target[:4]))
+  for key, value in expected.items():
+    assert result[f"base/{key}"] == pytest.approx(value)
+  # The adapted model reads the hybrid prompt, so its scores differ from the base model's.
+  assert not np.allclose(ev.scores["model"], ev.scores["base"])
+
+
+def test_plain_lora_run_joins_the_comparison_table(pipeline, tmp_path):
+  """E = 1 with a constant gate trains end to end; its report compares it with the iLoRA run."""
+  ilora_dir, _ = pipeline
+  workdir = _with_sasrec_of(ilora_dir, tmp_path / "plain")
+  proc = run_cli(
+    TINY, f"--workdir={workdir}", "--config.stage=ilora", "--config.lora.num_experts=1",
+    "--config.lora.gate=constant", "--config.ilora.eval_base=False",
+    f"--config.report.compare=ilora={ilora_dir},elsewhere={tmp_path / 'missing'}",
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+
+  def final_val(records):
+    return [r for r in records if r.get("final") and r["split"] == "val" and r["stage"] == "ilora"]
+
+  ours, theirs = final_val(_records(workdir))[-1], final_val(_records(ilora_dir))[0]
+  assert ours["candidates"] == theirs["candidates"]  # Same rows, same 20 candidates.
+  assert not any(k.startswith("base/") for k in ours)
+  summary = open(os.path.join(workdir, "report", "summary.md")).read()
+  cells = " | ".join(f"{theirs[k]:.4f}" for k in ("valid_ratio", "hit_ratio@1"))
+  assert f"| ilora: iLoRA (E=2, router linear) | {cells} |" in summary
+  assert "| plain LoRA (r=4), this run | " in summary
+  assert "elsewhere: model | no final val evaluation" in summary
+
+
+def test_bench_both_evaluation_modes_on_real_prompts(pipeline):
+  """`bench.eval_data` times generation and scoring on the split's prompts (workdir's SASRec)."""
+  workdir, _ = pipeline
+  proc = run_cli(TINY, f"--workdir={workdir}", "--config.bench.eval_data=True",
+                 "--config.bench.eval_rows=6", module="ilora_jax.bench")  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["eval_data_rows"] == 6 and result["eval_data_split"] == "val"
+  for mode in ("generate", "score"):
+    seconds = result[f"eval_data_{mode}_s"]
+    assert seconds > 0 and result[f"eval_data_{mode}_prompts_per_s"] == pytest.approx(6 / seconds)
+  assert 1 <= result["eval_data_generated_tokens_per_row"] <= 8  # tiny: max_new_tokens = 8.
+  assert result["eval_data_score_speedup"] == pytest.approx(
+    result["eval_data_generate_s"] / result["eval_data_score_s"]
+  )
+  assert 0 <= result["eval_data_hr@1"] <= 1
+
+
+def _with_sasrec_of(pipeline_dir, workdir):
+  import shutil
+
+  shutil.copytree(os.path.join(pipeline_dir, "checkpoints", "sasrec"),
+                  os.path.join(workdir, "checkpoints", "sasrec"))  # fmt: skip
+  return str(workdir)
+
+
+def _ilora_records(workdir):
+  """Records of the ilora training run (not of later `evaluate` runs in the same workdir)."""
+  return [r for r in _records(workdir) if r["run"] == "ilora"]
+
+
+def _complete_steps(workdir):
+  folder = os.path.join(workdir, "checkpoints", "ilora")
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+def test_kill_during_save_loses_at_most_one_interval(pipeline, tmp_path):
+  """SIGKILL while checkpoint 4 is being written: step 2 stays readable, resume is exact."""
+  ref_dir, _ = pipeline
+  workdir = _with_sasrec_of(ref_dir, tmp_path / "w")
+  args = [TINY, f"--workdir={workdir}", "--config.stage=ilora", "--config.checkpoint.every_steps=2",
+          "--config.checkpoint.async_save=True"]  # fmt: skip
+  killed = run_cli(*args, env={"ILORA_JAX_KILL_DURING_SAVE": "4"})
+  assert killed.returncode == -9, killed.stderr
+  leftovers = os.listdir(os.path.join(workdir, "checkpoints", "ilora"))
+  assert _complete_steps(workdir) == [2], leftovers  # The interrupted save never became a step.
+  assert any("tmp" in name for name in leftovers), leftovers  # It was cut mid-write.
+  resumed = run_cli(*args)
+  assert resumed.returncode == 0, resumed.stderr
+  assert "resumed from step 2" in resumed.stderr
+  assert _ilora_records(workdir) == _ilora_records(ref_dir)
+
+
+def _unshare_works() -> bool:
+  import subprocess
+
+  try:
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "true"],
+                           capture_output=True, timeout=30)  # fmt: skip
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return probe.returncode == 0
+
+
+def test_full_disk_and_read_only_workdir_keep_the_last_checkpoint(pipeline, tmp_path):
+  """Real ENOSPC (a small tmpfs) and EROFS (a read-only bind mount) in a user namespace."""
+  import shlex
+  import subprocess
+  import sys
+
+  if not _unshare_works():
+    pytest.skip("needs `unshare --user --mount` (user namespaces) to mount a small filesystem")
+  ref_dir, _ = pipeline
+  workdir = _with_sasrec_of(ref_dir, tmp_path / "w")
+  ckpt = os.path.join(workdir, "checkpoints", "ilora")
+  os.makedirs(ckpt)
+  argv = [sys.executable, "-m", "ilora_jax.main", TINY, f"--workdir={workdir}",
+          "--config.stage=ilora", "--config.checkpoint.every_steps=2",
+          "--config.checkpoint.max_to_keep=3"]  # fmt: skip
+  cmd = " ".join(shlex.quote(a) for a in argv)
+  logs = {n: str(tmp_path / f"{n}.log") for n in ("full", "ro", "resumed")}
+  script = f"""
+    mount -t tmpfs -o size=560k tmpfs {ckpt}
+    {cmd} 2> {logs["full"]}; echo "full=$?"
+    ls {ckpt}
+    mount --bind {workdir} {workdir} && mount -o remount,bind,ro {workdir}
+    {cmd} 2> {logs["ro"]}; echo "ro=$?"
+    umount {workdir}
+    mount -o remount,size=64m {ckpt}
+    {cmd} 2> {logs["resumed"]}; echo "resumed=$?"
+  """
+  proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                        cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+  err = {n: open(p).read() for n, p in logs.items()}
+  for name in ("full", "ro"):  # Both failed, with a non-zero exit code.
+    assert f"{name}=" in proc.stdout and f"{name}=0" not in proc.stdout, proc.stdout + str(err)
+  assert "resumed=0" in proc.stdout, err["resumed"]
+  for name, fragments in (("full", ["cannot write checkpoint", "No space left on device",
+                                    "checkpoint 2 is kept"]),
+                          ("ro", ["Read-only file system"])):  # fmt: skip
+    lines = [line for line in err[name].splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err[name], err[name]
+    assert all(f in lines[0] for f in fragments), lines[0]
+  assert "resumed from step 2" in err["resumed"]
+  assert _ilora_records(workdir) == _ilora_records(ref_dir)
+
+
+def test_persistent_non_finite_losses_stop_without_nan_weights(pipeline, tmp_path):
+  """An absurd learning rate: bad updates are skipped and counted, then the run stops clearly."""
+  import orbax.checkpoint as ocp
+  from conftest import assert_one_line_error
+
+  ref_dir, _ = pipeline
+  workdir = _with_sasrec_of(ref_dir, tmp_path / "w")
+  proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=ilora",
+                 "--config.ilora.train.lr=1e35", "--config.ilora.max_bad_steps=2",
+                 "--config.checkpoint.every_steps=1")  # fmt: skip
+  assert_one_line_error(proc, "2 optimizer steps in a row had a non-finite loss")
+  train = [r for r in _ilora_records(workdir) if r["split"] == "train"]
+  assert np.isfinite(train[0]["loss"]) and train[-1]["skipped_updates"] >= 1
+  steps = _complete_steps(workdir)
+  assert steps, "no checkpoint was kept"
+  saved = ocp.PyTreeCheckpointer().restore(
+    os.path.join(workdir, "checkpoints", "ilora", str(steps[-1]), "state")
+  )
+  leaves = jax.tree.leaves(saved["trainable"]) + jax.tree.leaves(saved["opt_state"])
+  assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+
+
+def test_two_processes_match_one_process_with_eight_devices(pipeline, tmp_path):
+  """jax.distributed on CPU: 2 processes x 4 devices == 1 process x 8 devices, mesh 2x2x2."""
+  import socket
+  import subprocess
+  import sys
+
+  ref_dir, _ = pipeline
+  mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+          "--config.ilora.eval_base=False"]  # fmt: skip
+  single = _with_sasrec_of(ref_dir, tmp_path / "single")
+  proc = run_cli(TINY, f"--workdir={single}", "--config.stage=ilora", *mesh,
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  multi = _with_sasrec_of(ref_dir, tmp_path / "multi")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env.pop("ILORA_JAX_DEBUG", None)
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "ilora_jax.main",
+        TINY,
+        f"--workdir={multi}",
+        "--config.stage=ilora",
+        *mesh,
+        f"--config.distributed.coordinator=localhost:{port}",
+        "--config.distributed.num_processes=2",
+        f"--config.distributed.process_id={i}",
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )  # fmt: skip
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err
+  assert "iLoRA: trainable" in outs[0][1] and "iLoRA: trainable" not in outs[1][1]  # Rank 0 logs.
+  ours, ref = _ilora_records(multi), _ilora_records(single)
+  assert [(r["split"], r["step"]) for r in ours] == [(r["split"], r["step"]) for r in ref]
+  for a, b in zip(ours, ref):
+    for key, value in b.items():
+      if isinstance(value, float):
+        assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (a["split"], a["step"], key)
+  assert _complete_steps(multi) == _complete_steps(single)  # Orbax wrote them collectively.

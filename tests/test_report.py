@@ -73,3 +73,29 @@ def test_report_from_metrics(tmp_path):
   scalars = _events(events)
   assert ("ilora/train/loss", 3, np.float32(2.7)) in [(t, s, np.float32(v)) for t, s, v in scalars]
   assert ("ilora/val_final/hr_1", 5, 0.3125) in scalars  # TensorBoard tags turn @ into _.
+
+
+def test_comparison_needs_the_same_candidates(tmp_path):
+  def run_dir(name, fingerprint, gate, experts, hit):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(
+      {"stage": "ilora", "lora": {"gate": gate, "num_experts": experts, "rank": 8},
+       "router": {"kind": "mlp"}}))  # fmt: skip
+    record = {"run": "ilora", "stage": "ilora", "split": "val", "step": 3, "final": True,
+              "candidates": fingerprint, "hit_ratio@1": hit, "hr@1": hit / 2,
+              "base/hr@1": 0.05, "sasrec/hr@1": 0.2}  # fmt: skip
+    (d / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    return str(d)
+
+  ours = run_dir("ilora", "abc", "router", 4, 0.5)
+  same = run_dir("lora", "abc", "constant", 1, 0.375)
+  other = run_dir("uniform", "xyz", "uniform", 4, 0.25)
+  out = report.write(ours, f"plain={same},{other}")
+  summary = open(f"{out}/summary.md").read()
+  assert "| iLoRA (E=4, router mlp), this run |  | 0.5000 |  | 0.2500 |" in summary
+  assert "| plain: plain LoRA (r=8) |  | 0.3750 |  | 0.1875 |" in summary
+  assert "| base LLM, no adapters (text-only prompt) |  |  |  | 0.0500 |" in summary
+  assert "| SASRec |  |  |  | 0.2000 |" in summary
+  assert "| uniform: LoRA experts, uniform gate (E=4) | different candidates" in summary
+  assert "0.1250" not in summary  # The incomparable run's numbers are left out.

@@ -1,0 +1,228 @@
+"""Memory plan of the iLoRA stage on a mesh, computed from shapes alone (nothing allocated).
+
+  python -m ilora_jax.plan --config=configs/movielens.py --config.llm.name=llama2-7b \
+      --config.plan.devices=8 --config.mesh.fsdp=8 --config.mesh.data=1
+
+For `plan.devices` devices (0 = this machine's) and the config's mesh, it abstracts every
+array the train step holds with `jax.eval_shape` (frozen LLM and SASRec, LoRA adapters, router,
+projector, optimizer state), gives each its `PartitionSpec` from the logical-axis rules exactly
+as the run does, and prints the bytes one device holds of each, plus an activation estimate for
+one micro-batch. The last line is one JSON object. With `plan.devices=1,8,64` it prints one
+table per device count.
+
+Activation estimate (per device, one micro-batch of b rows per data shard, T tokens, L layers,
+hidden d, h heads): without rematerialisation L * b * T * (34 d + 5 h T) * bytes / 2, the
+per-layer count of Korthikanti et al. (2022, "Reducing Activation Recomputation in Large
+Transformer Models") for 16-bit activations, divided over the tensor axis; with `llm.remat`
+"full" only each layer's input, L * b * T * d * bytes, plus one layer's working set; "dots"
+and "dots_no_batch" keep the matmul outputs, about half of the no-remat figure. Plus the
+float32 logits b * T * vocab * 4 (three copies: logits, log-softmax, its gradient).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from jax.sharding import PartitionSpec
+
+from ilora_jax.errors import UserError, cli_main
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+GIB = 1024**3
+
+
+def shard_shape(shape, spec: PartitionSpec, sizes: dict[str, int]) -> tuple[int, ...]:
+  """Shape of the largest shard of an array of `shape` laid out by `spec` on `sizes`."""
+  dims = tuple(spec) + (None,) * (len(shape) - len(tuple(spec)))
+  out = []
+  for size, axes in zip(shape, dims):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    out.append(math.ceil(size / int(np.prod([sizes[a] for a in names])) if names else size))
+  return tuple(out)
+
+
+def per_device_bytes(abstract: Any, specs: Any, sizes: dict[str, int]) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStructs laid out by a tree of specs."""
+  leaves = jax.tree.leaves(abstract)
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  if len(leaves) != len(spec_leaves):
+    raise ValueError(f"{len(leaves)} arrays but {len(spec_leaves)} specs")
+  return sum(
+    int(np.prod(shard_shape(a.shape, s, sizes))) * np.dtype(a.dtype).itemsize
+    for a, s in zip(leaves, spec_leaves)
+  )
+
+
+def total_bytes(abstract: Any) -> int:
+  return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(abstract))
+
+
+def _replicated(tree: Any) -> Any:
+  return jax.tree.map(lambda _: PartitionSpec(), tree)
+
+
+def _path(keys) -> tuple:
+  return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
+
+
+def optimizer_specs(opt_abstract: Any, params_abstract: Any, param_specs: Any) -> Any:
+  """Optimizer leaves take the spec of the parameter they mirror (moments are zeros_like of
+  their parameter, so they keep its sharding); counters and the like are replicated."""
+  by_path = {}
+  spec_leaves = jax.tree.leaves(param_specs, is_leaf=lambda x: isinstance(x, PartitionSpec))
+  for (keys, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(params_abstract), spec_leaves):
+    by_path[_path(keys)] = (leaf.shape, spec)
+
+  def spec_of(keys, leaf):
+    path = _path(keys)
+    for start in range(len(path)):
+      hit = by_path.get(path[start:])
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return PartitionSpec()
+
+  return jax.tree_util.tree_map_with_path(spec_of, opt_abstract)
+
+
+def activation_bytes(cfg, micro_per_shard: int, seq_len: int, remat: str, tensor: int) -> int:
+  """The estimate in the module docstring, for one device."""
+  b, t, d, h, L = micro_per_shard, seq_len, cfg.hidden_size, cfg.num_heads, cfg.num_layers
+  itemsize = np.dtype(cfg.dtype).itemsize
+  per_layer_full = b * t * (34 * d + 5 * h * t) * itemsize / 2 / tensor
+  if remat == "full":
+    layers = L * b * t * d * itemsize + per_layer_full
+  elif remat in ("dots", "dots_no_batch"):
+    layers = L * per_layer_full / 2
+  else:
+    layers = L * per_layer_full
+  logits = 3 * b * t * cfg.vocab_size * 4 / tensor
+  return int(layers + logits)
+
+
+def model_config(config):
+  """The LlamaConfig the run would build: config dtypes, vocabulary grown by the 5 special
+  tokens and rounded up to 128 (the tokenizer is assumed to have `vocab_size` entries)."""
+  from ilora_jax import llm
+
+  cfg = llm.config_for(
+    config.llm.name,
+    dtype=_DTYPES[config.llm.dtype],
+    param_dtype=_DTYPES[config.llm.param_dtype],
+    remat_policy=config.llm.remat,
+  )
+  grown = -(-(cfg.vocab_size + 5) // 128) * 128
+  return cfg.replace(vocab_size=max(cfg.vocab_size, grown))
+
+
+def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> dict:
+  """Per-device bytes of everything the iLoRA train step holds on `devices` devices."""
+  from ilora_jax import llm, lora, optim, router, sharding, train_ilora
+  from ilora_jax.projector import Projector
+  from ilora_jax.sasrec import init_params as sasrec_init
+  from ilora_jax.train_sasrec import model_config as sasrec_config
+
+  shape = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+  sizes = dict(zip(sharding.MESH_AXES, shape))
+  rules = sharding.rules(config)
+  cfg = llama_cfg if llama_cfg is not None else model_config(config)
+  lora_cfg = lora.LoRAConfig(rank=config.lora.rank, num_experts=config.lora.num_experts,
+                             alpha=config.lora.alpha, dropout=config.lora.dropout,
+                             targets=tuple(config.lora.targets))  # fmt: skip
+  factory = lora.adapter_factory(lora_cfg)
+
+  llm_abs = llm.abstract_params(cfg)
+  llm_specs = llm.partition_specs(cfg, sizes, rules)
+  lora_abs = train_ilora._adapter_only(llm.abstract_params(cfg, factory))
+  lora_specs = train_ilora._adapter_only(llm.partition_specs(cfg, sizes, rules, factory))
+
+  n_items = int(n_items if n_items is not None else config.data.n_items or 1)
+  sas_cfg = sasrec_config(config, n_items)
+  sas_abs = jax.eval_shape(lambda: sasrec_init(sas_cfg, jax.random.PRNGKey(0)))
+  rtr = router.make_router(config.router.kind, lora_cfg.num_experts, config.router.hidden,
+                           **train_ilora.router_kwargs(config))  # fmt: skip
+  rtr_abs = jax.eval_shape(
+    lambda: rtr.init(jax.random.PRNGKey(0), jnp.zeros((2, sas_cfg.hidden)), train=False)
+  )
+  proj = Projector(cfg.hidden_size)
+  proj_abs = jax.eval_shape(
+    lambda: proj.init(jax.random.PRNGKey(0), jnp.zeros((1, sas_cfg.hidden)))["params"]
+  )
+  trainable = {"lora": lora_abs, "router": rtr_abs["params"], "projector": proj_abs}
+  trainable_specs = {"lora": lora_specs, "router": _replicated(rtr_abs["params"]),
+                     "projector": _replicated(proj_abs)}  # fmt: skip
+  tc = config.ilora.train
+  tx = optim.make(train_ilora.labels_of(trainable), tc.lr, 1000, tc.weight_decay, tc.clip_norm)
+  opt_abs = jax.eval_shape(tx.init, trainable)
+  opt_specs = optimizer_specs(opt_abs, trainable, trainable_specs)
+  stats = rtr_abs.get("batch_stats", {})
+
+  micro = int(config.train.batch_size or tc.batch_size)
+  shards = sizes["data"] * sizes["fsdp"]
+  if micro % shards:
+    raise UserError(f"batch size {micro} is not divisible by the {shards} data shards "
+                    f"(mesh data={sizes['data']} x fsdp={sizes['fsdp']})")  # fmt: skip
+  seq_len = int(config.plan.seq_len)
+  parts = {
+    "frozen_llm": per_device_bytes(llm_abs, llm_specs, sizes),
+    "frozen_sasrec": per_device_bytes(sas_abs, _replicated(sas_abs), sizes),
+    "trainable": per_device_bytes(trainable, trainable_specs, sizes)
+    + per_device_bytes(stats, _replicated(stats), sizes),
+    "optimizer": per_device_bytes(opt_abs, opt_specs, sizes),
+    "activations_estimate": activation_bytes(
+      cfg, micro // shards, seq_len, config.llm.remat, sizes["tensor"]
+    ),  # fmt: skip
+  }
+  return {
+    "model": config.llm.name,
+    "devices": devices,
+    "mesh": sizes,
+    "micro_batch": micro,
+    "seq_len": seq_len,
+    "remat": config.llm.remat,
+    "params_total": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(llm_abs)),
+    "trainable_total": sum(int(np.prod(a.shape)) for a in jax.tree.leaves(trainable)),
+    **{f"{k}_bytes": v for k, v in parts.items()},
+    "total_bytes": sum(parts.values()),
+  }
+
+
+def _print(result: dict) -> None:
+  mesh = " x ".join(f"{k}={v}" for k, v in result["mesh"].items())
+  rows = f"micro-batch {result['micro_batch']} x {result['seq_len']} tokens"
+  print(f"{result['model']} on {result['devices']} devices ({mesh}), {rows}, "
+        f"remat {result['remat']}")  # fmt: skip
+  for key in ("frozen_llm", "frozen_sasrec", "trainable", "optimizer", "activations_estimate",
+              "total"):  # fmt: skip
+    print(f"  {key:<22} {result[key + '_bytes'] / GIB:10.3f} GiB per device")
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+  from ilora_jax import main as main_lib
+
+  flags.FLAGS.set_default("workdir", "<none>")  # Not used: nothing is written.
+  config, _ = main_lib.parse(list(sys.argv if argv is None else argv))
+  from ilora_jax import configuration
+
+  configuration.validate(config)
+  counts = [int(c) for c in str(config.plan.devices).replace(" ", "").split(",") if c]
+  if not counts or any(c < 0 for c in counts):
+    raise UserError(f"config.plan.devices must be device counts like 8 or 1,8,64, got "
+                    f"{config.plan.devices!r}")  # fmt: skip
+  results = []
+  for count in counts:
+    result = plan(config, count or jax.device_count())
+    _print(result)
+    results.append(result)
+  print(json.dumps(results if len(results) > 1 else results[0]), flush=True)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# One node with several GPUs: one process drives all of them (the mesh spans every local GPU).
+#
+# Usage: launch/gpu_node.sh [--dry_run] --config=... --workdir=... [--config.x=y ...]
+#   e.g. launch/gpu_node.sh --config=configs/movielens.py --workdir=runs/ml \
+#          --config.llm.name=/models/Llama-2-7b-hf --config.mesh.data=1 --config.mesh.fsdp=-1
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export ILORA_JAX_EXTRA=cuda
+exec bash launch/run_host.sh "$@"

@@ -1,0 +1,33 @@
+"""The benchmark entry point: its table and last-line JSON contract on the tiny config."""
+
+import json
+
+import numpy as np
+from conftest import assert_one_line_error, run_cli
+
+TINY = "--config=configs/tiny.py"
+SMALL = [
+  "--config.bench.batch_size=2", "--config.bench.seq_len=64", "--config.bench.steps=2",
+  "--config.bench.warmup=1", "--config.bench.eval_batch_size=2",
+  "--config.bench.eval_prompt_len=64", "--config.bench.eval_new_tokens=4",
+]  # fmt: skip
+
+
+def test_bench_train_generate_and_score_keys():
+  proc = run_cli(TINY, *SMALL, module="ilora_jax.bench")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  for key in ("step_s", "tokens_per_s", "compile_s", "mfu", "eval_gen_prompts_per_s",
+              "eval_score_prompts_per_s", "eval_score_speedup"):  # fmt: skip
+    assert np.isfinite(result[key]) and result[key] > 0, key
+  assert result["tokens_per_s"] == np.float64(2 * 64 / result["step_s"])
+  assert result["eval_score_speedup"] == np.float64(
+    result["eval_gen_batch_s"] / result["eval_score_batch_s"]
+  )
+  assert np.isfinite(result["loss"])
+
+
+def test_bench_rejects_bad_shapes():
+  proc = run_cli(TINY, "--config.bench.seq_len=8", "--config.bench.target_tokens=8",
+                 module="ilora_jax.bench")  # fmt: skip
+  assert_one_line_error(proc, "target_tokens")
