@@ -411,6 +411,7 @@ class Llama(nn.Module):
     positions: Array | None = None,
     cache: KVCache | None = None,
     return_hidden: bool = False,
+    head_positions: Array | None = None,
   ):
     """Runs the decoder.
 
@@ -424,6 +425,9 @@ class Llama(nn.Module):
       positions: [b, t] int rotary positions; default computed from the mask (and cache).
       cache: None for a full pass, or a `KVCache` the new keys are appended to.
       return_hidden: return the final normed hidden states [b, t, d] instead of logits.
+      head_positions: [b] int or None; when given, logits (or hidden states) only at these
+        positions, [b, 1, ...] (a prefill needs the last real position only, and the LM head
+        over every position is a large part of its FLOPs for a big vocabulary).
 
     Returns:
       logits [b, t, vocab] float32 (or hidden states), and the updated cache if `cache` given.
@@ -464,7 +468,9 @@ class Llama(nn.Module):
           ks.append(new_kv[0])
           vs.append(new_kv[1])
       kv_out = None if kv_in is None else (jnp.stack(ks), jnp.stack(vs))
-    x = self.final_norm(x)  # [b, t, d]
+    if head_positions is not None:
+      x = jnp.take_along_axis(x, head_positions[:, None, None].astype(jnp.int32), axis=1)
+    x = self.final_norm(x)  # [b, t, d] (or [b, 1, d])
     if return_hidden:
       out = x
     elif cfg.tie_word_embeddings:

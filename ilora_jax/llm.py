@@ -266,7 +266,8 @@ def generate_tokens(
     params = unstack_layers(params, cfg.num_layers)
   variables = {"params": params}
   cache = llama.init_cache(cfg, b, t + max_new_tokens, cache_dtype)
-  logits, cache = module.apply(
+  last = jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(t)[None, :], 0), axis=1)
+  logits, cache = module.apply(  # Logits of each row's last real position only.
     variables,
     tokens,
     attention_mask,
@@ -274,9 +275,9 @@ def generate_tokens(
     replace_mask=replace_mask,
     replace_embeds=replace_embeds,
     cache=cache,
+    head_positions=last,
   )
-  last = jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(t)[None, :], 0), axis=1)
-  first = jnp.argmax(logits[jnp.arange(b), last], axis=-1).astype(jnp.int32)  # [b]
+  first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)  # [b]
   eos = jnp.asarray(eos_ids, jnp.int32)
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, eos)

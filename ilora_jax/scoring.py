@@ -89,8 +89,9 @@ def candidate_loglik(
     replace_mask=replace_mask,
     replace_embeds=replace_embeds,
     cache=cache,
+    head_positions=jnp.full((b,), t - 1, jnp.int32),  # Left-padded: the last column is real.
   )
-  first = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1)  # [b, v]
+  first = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)  # [b, v]
   gates = None if gate_weights is None else jnp.repeat(gate_weights, chunk, axis=0)
   big = _repeat_cache(cache, chunk)
 

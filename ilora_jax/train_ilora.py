@@ -377,6 +377,47 @@ def train_batch(
   return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in arrays.items()}
 
 
+def pad_time(batch: dict[str, np.ndarray], length: int, pad_id: int, n_items: int) -> dict:
+  """Right-pads the token arrays ([accum, rows, time]) of a train batch to `length`."""
+  fill = {"input_ids": pad_id, "attention": 0, "loss_mask": 0, "item_ids": n_items}
+  out = dict(batch)
+  for key, value in fill.items():
+    extra = length - batch[key].shape[-1]
+    if extra > 0:
+      out[key] = np.pad(batch[key], ((0, 0), (0, 0), (0, extra)), constant_values=value)
+  return out
+
+
+def local_train_batch(
+  parts: Parts,
+  config,
+  split: Split,
+  idx: np.ndarray,
+  epoch: int,
+  step: int,
+  total_steps: int,
+  seed: int,
+  accum: int,
+  micro: int,
+) -> dict:
+  """This process's rows of one optimizer step, padded to the length every process uses.
+
+  `idx` holds the step's global rows (accum x micro); each process builds prompts for its
+  `host_slice` of every micro-batch only (template, curriculum and candidates are drawn
+  from the global step and the row ids, so they agree across processes) and the processes
+  agree on the padded length with one small all-gather.
+  """
+  rows = sharding.host_slice(micro)
+  mine = idx.reshape(accum, micro)[:, rows].reshape(-1)
+  host = train_batch(parts, config, split, mine, epoch, step, total_steps, seed, accum)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    lengths = multihost_utils.process_allgather(np.int32(host["input_ids"].shape[-1]))
+    host = pad_time(host, int(np.max(lengths)), parts.builder.pad_id, parts.n_items)
+  return host
+
+
 def _eligible(parts: Parts) -> np.ndarray:
   return np.array(sorted(i for i in parts.builder.titles if 0 <= i < parts.n_items))
 
@@ -758,7 +799,7 @@ def run(config, workdir: str) -> dict[str, float]:
     if config.train.stop_after_steps is None
     else min(total_steps, int(config.train.stop_after_steps))
   )
-  rows = sharding.host_slice(micro)
+  sharding.host_slice(micro)  # Checks the batch divides over the processes.
   bar = tqdm(
     total=total_steps,
     initial=step,
@@ -772,10 +813,12 @@ def run(config, workdir: str) -> dict[str, float]:
       epoch, pos = divmod(step, steps_per_epoch)
       order = np.random.default_rng([su.seed, epoch]).permutation(len(train))
       idx = order[pos * micro * accum : (pos + 1) * micro * accum]
-      host = train_batch(parts, config, train, idx, epoch, step, total_steps, su.seed, accum)
-      # Every process builds the same global batch (cheap) and feeds only its rows.
+      host = local_train_batch(
+        parts, config, train, idx, epoch, step, total_steps, su.seed, accum, micro
+      )
+      # Each process feeds only its rows of the global [accum, micro, ...] batch.
       batch = {
-        k: jax.make_array_from_process_local_data(batch_sh, v[:, rows], v.shape)
+        k: jax.make_array_from_process_local_data(batch_sh, v, (v.shape[0], micro, *v.shape[2:]))
         for k, v in host.items()
       }
       state, metrics = step_fn(state, frozen, batch)

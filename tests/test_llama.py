@@ -107,6 +107,18 @@ def test_padding_does_not_change_real_positions(params):
   assert np.all(np.isfinite(padded))
 
 
+def test_head_positions_select_the_same_logits(params):
+  """Logits only at given positions equal those positions of the full logits."""
+  module = llama.Llama(CFG)
+  tokens, mask = _tokens(), _left_pad_mask()
+  full = _apply(module, {"params": params}, tokens, mask)
+  where = jnp.asarray(np.random.default_rng(0).integers(0, T, B), jnp.int32)
+  picked = _apply(module, {"params": params}, tokens, mask, head_positions=where)
+  chex.assert_shape(picked, (B, 1, CFG.vocab_size))
+  np.testing.assert_allclose(picked[:, 0], full[np.arange(B), np.asarray(where)], rtol=1e-5,
+                             atol=1e-5)  # fmt: skip
+
+
 def test_right_padding_matches_too(params):
   module = llama.Llama(CFG)
   tokens = _tokens()
