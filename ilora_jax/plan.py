@@ -212,7 +212,10 @@ def main(argv: list[str] | None = None) -> None:
   from ilora_jax import configuration
 
   configuration.validate(config)
-  counts = [int(c) for c in str(config.plan.devices).replace(" ", "").split(",") if c]
+  try:
+    counts = [int(c) for c in str(config.plan.devices).replace(" ", "").split(",") if c]
+  except ValueError:
+    counts = []
   if not counts or any(c < 0 for c in counts):
     raise UserError(f"config.plan.devices must be device counts like 8 or 1,8,64, got "
                     f"{config.plan.devices!r}")  # fmt: skip

@@ -1,22 +1,38 @@
 #!/usr/bin/env bash
-# Several GPU nodes: run this on every node with the same coordinator (node 0's address), the
-# number of nodes and this node's rank. Each node is one JAX process driving its local GPUs.
-#
-# Usage: launch/gpu_multinode.sh [--dry_run] COORDINATOR:PORT NUM_NODES NODE_RANK --config=... --workdir=...
-#   e.g. on node 1 of 2: launch/gpu_multinode.sh 10.0.0.1:1234 2 1 --config=configs/steam.py --workdir=/shared/run
-# Under Slurm (srun starts one task per node), JAX reads the layout from the environment:
-#   srun --nodes=2 --ntasks-per-node=1 launch/run_host.sh --config=... --config.distributed.auto=True
-# The workdir must be on storage all nodes share (checkpoints are written collectively).
+# Several GPU nodes: one JAX process per node drives its local GPUs; the processes meet at a
+# coordinator (node 0) through jax.distributed.initialize. Run it on every node, with the
+# layout given in one of three ways:
+#   1. arguments:    launch/gpu_multinode.sh HOST0:1234 NUM_NODES NODE_RANK --config=... --workdir=...
+#   2. environment:  COORDINATOR_ADDRESS (or MASTER_ADDR + MASTER_PORT), NUM_PROCESSES (or
+#                    WORLD_SIZE) and PROCESS_ID (or RANK), as torchrun-style launchers set them
+#   3. Slurm:        srun --nodes=N --ntasks-per-node=1 launch/gpu_multinode.sh --config=...
+#                    (SLURM_PROCID is set: JAX reads the layout itself, distributed.auto=True)
+# --dry_run prints the commands instead. The workdir must be on storage all nodes share
+# (checkpoints are written collectively).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=()
 if [[ "${1:-}" == "--dry_run" ]]; then DRY=(--dry_run); shift; fi
-if [[ $# -lt 4 ]]; then
-  echo "usage: launch/gpu_multinode.sh [--dry_run] COORDINATOR:PORT NUM_NODES NODE_RANK --config=..." >&2
-  exit 2
+usage="usage: launch/gpu_multinode.sh [--dry_run] [COORDINATOR:PORT NUM_NODES NODE_RANK] --config=... --workdir=..."
+if [[ $# -ge 3 && "${1:-}" != --* ]]; then
+  CLUSTER=(--config.distributed.coordinator="$1" --config.distributed.num_processes="$2"
+           --config.distributed.process_id="$3")
+  shift 3
+elif [[ -n "${SLURM_PROCID:-}" ]]; then
+  CLUSTER=(--config.distributed.auto=True)
+else
+  COORD="${COORDINATOR_ADDRESS:-}"
+  if [[ -z "$COORD" && -n "${MASTER_ADDR:-}" ]]; then COORD="$MASTER_ADDR:${MASTER_PORT:-1234}"; fi
+  NUM="${NUM_PROCESSES:-${WORLD_SIZE:-}}"
+  ID="${PROCESS_ID:-${RANK:-}}"
+  if [[ -z "$COORD" || -z "$NUM" || -z "$ID" ]]; then
+    echo "error: no cluster layout: give COORDINATOR:PORT NUM_NODES NODE_RANK, set COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID (or MASTER_ADDR/WORLD_SIZE/RANK), or run under srun" >&2
+    echo "$usage" >&2
+    exit 2
+  fi
+  CLUSTER=(--config.distributed.coordinator="$COORD" --config.distributed.num_processes="$NUM"
+           --config.distributed.process_id="$ID")
 fi
-COORD=$1 NUM=$2 RANK=$3
-shift 3
+if [[ $# -lt 1 ]]; then echo "$usage" >&2; exit 2; fi
 export ILORA_JAX_EXTRA=cuda
-exec bash launch/run_host.sh "${DRY[@]}" "$@" --config.distributed.coordinator="$COORD" \
-  --config.distributed.num_processes="$NUM" --config.distributed.process_id="$RANK"
+exec bash launch/run_host.sh "${DRY[@]}" "$@" "${CLUSTER[@]}"

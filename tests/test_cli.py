@@ -268,9 +268,27 @@ def test_launch_paths_dry_run():
     "--config.distributed.coordinator=10.0.0.1:1234 --config.distributed.num_processes=2 "
     "--config.distributed.process_id=1"
   )
-  usage = subprocess.run(["bash", "launch/gpu_multinode.sh", "--dry_run", "x"], cwd=ROOT,
-                         capture_output=True, text=True)  # fmt: skip
-  assert usage.returncode == 2 and "usage:" in usage.stderr
+  # The layout from torchrun-style environment variables, or from Slurm.
+  env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+  env.update(MASTER_ADDR="10.0.0.1", MASTER_PORT="999", WORLD_SIZE="4", RANK="3")
+  from_env = subprocess.run(["bash", "launch/gpu_multinode.sh", "--dry_run", *job], cwd=ROOT,
+                            capture_output=True, text=True, env=env)  # fmt: skip
+  assert (
+    from_env.stdout.strip()
+    .splitlines()[1]
+    .endswith(
+      "--config.distributed.coordinator=10.0.0.1:999 --config.distributed.num_processes=4 "
+      "--config.distributed.process_id=3"
+    )
+  )
+  slurm_env = dict(env, SLURM_PROCID="0")
+  slurm = subprocess.run(["bash", "launch/gpu_multinode.sh", "--dry_run", *job], cwd=ROOT,
+                         capture_output=True, text=True, env=slurm_env)  # fmt: skip
+  assert slurm.stdout.strip().splitlines()[1].endswith("--config.distributed.auto=True")
+  bare = {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "WORLD_SIZE", "RANK")}
+  usage = subprocess.run(["bash", "launch/gpu_multinode.sh", "--dry_run", *job], cwd=ROOT,
+                         capture_output=True, text=True, env=bare)  # fmt: skip
+  assert usage.returncode == 2 and "no cluster layout" in usage.stderr
 
 
 def test_bad_cluster_settings_are_one_line_errors(tmp_path):
@@ -281,3 +299,17 @@ def test_bad_cluster_settings_are_one_line_errors(tmp_path):
   ]
   proc = run_cli(TINY, f"--workdir={tmp_path}", *cluster)
   assert_one_line_error(proc, "config.distributed", "process_id=2")
+
+
+@pytest.mark.parametrize(
+  "args,fragments",
+  [
+    (["--config.plan.devices=64", "--config.mesh.data=-1"], ["batch size 8", "64 data shards"]),
+    (["--config.plan.devices=6", "--config.mesh.fsdp=4"], ["config.mesh", "6 devices"]),
+    (["--config.plan.devices=eight"], ["config.plan.devices"]),
+  ],
+)
+def test_plan_errors_are_one_line(args, fragments):
+  proc = run_cli("--config=configs/movielens.py", "--config.llm.name=llama2-7b", *args,
+                 module="ilora_jax.plan")  # fmt: skip
+  assert_one_line_error(proc, *fragments)
