@@ -36,12 +36,15 @@ def get_config() -> config_dict.ConfigDict:
   c.data.synthetic.seq_len = 14  # Interactions per user.
   c.data.synthetic.noise = 0.05  # Probability an interaction is random.
   c.data.synthetic.seed = 0  # Generator seed.
+  c.data.synthetic.titles = "numbered"  # numbered ("Amber Blue 12") | words (one word each).
 
   c.sasrec = config_dict.ConfigDict()
   c.sasrec.hidden = 64  # Hidden size (the original's 64).
   c.sasrec.num_heads = 1  # Attention heads.
   c.sasrec.dropout = 0.1  # Dropout on embeddings, attention and feed-forward.
-  c.sasrec.init_from = ""  # "" trains from scratch; a path loads an original .pt checkpoint.
+  # "" trains from scratch; a path loads an original .pt checkpoint. For the ilora stage it may
+  # also be another workdir whose sasrec stage has finished (used instead of training one here).
+  c.sasrec.init_from = ""
   c.sasrec.train = config_dict.ConfigDict()  # Stage defaults; config.train.* override them.
   c.sasrec.train.epochs = 30  # Passes over the training rows.
   c.sasrec.train.steps = placeholder(int)  # Total steps; wins over epochs when set.
@@ -91,6 +94,9 @@ def get_config() -> config_dict.ConfigDict:
   c.llm.param_dtype = "bfloat16"  # Frozen base weights: float32 | bfloat16.
   c.llm.attention = "auto"  # auto (cuDNN on GPUs in bf16, else xla) | xla | cudnn.
   c.llm.remat = "none"  # Rematerialisation: none | full | dots | dots_no_batch.
+  # Std of the random presets' matrices (Hugging Face's 0.02; experiments on a tiny random
+  # Llama use about 1/sqrt(hidden) so its frozen outputs are not near-uniform).
+  c.llm.init_std = 0.02
   c.llm.unroll_decode = False  # Unrolled layers in greedy decoding: faster steps, slow compile.
 
   c.bench = config_dict.ConfigDict()  # python -m ilora_jax.bench (random batches, no data).

@@ -71,14 +71,8 @@ def build(config, mesh):
   from ilora_jax.train_sasrec import model_config
 
   rules = sharding.rules(config)
-  lora_cfg = lora.LoRAConfig(
-    rank=config.lora.rank,
-    num_experts=config.lora.num_experts,
-    alpha=config.lora.alpha,
-    dropout=config.lora.dropout,
-    targets=tuple(config.lora.targets),
-  )
-  dtypes = train_ilora._DTYPES
+  lora_cfg = train_ilora.lora_config(config)
+  dtypes = train_ilora.DTYPES
   base = llm.load(
     config.llm.name,
     dtype=dtypes[config.llm.dtype],
@@ -261,7 +255,7 @@ def bench_generate(config, parts, frozen, state) -> dict:
   vocab = parts.model.config.vocab_size
   ctoks = jnp.asarray(rng.integers(0, vocab, (b, n, cl)), jnp.int32)
   cmask = jnp.ones((b, n, cl), jnp.int32)
-  chunk = max(c for c in range(1, n + 1) if n % c == 0 and c <= config.ilora.score_chunk)
+  chunk = scoring.chunk_for(n, config.ilora.score_chunk)
   params, gate, mask, embeds = prepare(state["trainable"], state["stats"], frozen, batch)
 
   def score():
@@ -373,7 +367,13 @@ def run(config, workdir: str | None = None) -> dict:
     result = {"model": config.llm.name, "device": jax.devices()[0].device_kind,
               "devices": jax.device_count(), "eval_batch_size": config.ilora.eval_batch_size,
               "dtype": config.llm.dtype}  # fmt: skip
-    result.update(bench_eval_data(config, workdir or _scratch()))
+    if workdir:
+      result.update(bench_eval_data(config, workdir))
+    else:  # A scratch workdir (SASRec from config.sasrec.init_from), removed afterwards.
+      import tempfile
+
+      with tempfile.TemporaryDirectory(prefix="ilora_bench_") as scratch:
+        result.update(bench_eval_data(config, scratch))
     _print(result)
     return result
   mesh = sharding.make_mesh(config.mesh)
@@ -402,12 +402,6 @@ def run(config, workdir: str | None = None) -> dict:
     result.update(bench_generate(config, parts, frozen, state))
   _print(result)
   return result
-
-
-def _scratch() -> str:
-  import tempfile
-
-  return tempfile.mkdtemp(prefix="ilora_bench_")
 
 
 def _print(result: dict) -> None:

@@ -16,7 +16,7 @@ def validate(config: ConfigDict) -> None:
 
   def need(cond: bool, field: str, msg: str) -> None:
     if not cond:
-      raise UserError(f"config.{field} {msg}")
+      raise UserError(f"config.{field}{'' if msg.startswith('=') else ' '}{msg}")
 
   need(config.stage in STAGES, "stage", f"={config.stage!r} is not one of {', '.join(STAGES)}")
   need(
@@ -42,6 +42,27 @@ def validate(config: ConfigDict) -> None:
   ):
     value = config.llm[field]
     need(value in allowed, f"llm.{field}", f"={value!r} is not one of {', '.join(allowed)}")
+  need(
+    config.lora.gate in ("router", "uniform", "constant"),
+    "lora.gate",
+    f"={config.lora.gate!r} is not one of router, uniform, constant",
+  )
+  need(
+    config.router.kind in ("resnet1d", "linear", "mlp"),
+    "router.kind",
+    f"={config.router.kind!r} is not one of resnet1d, linear, mlp",
+  )
+  need(config.lora.num_experts >= 1, "lora.num_experts", "must be at least 1")
+  need(
+    config.lora.rank >= config.lora.num_experts and config.lora.rank % config.lora.num_experts == 0,
+    "lora.rank",
+    f"={config.lora.rank} must be a multiple of lora.num_experts={config.lora.num_experts}",
+  )
+  need(
+    config.lora.gate != "constant" or config.lora.num_experts == 1,
+    "lora.gate",
+    "=constant (plain LoRA) needs lora.num_experts=1",
+  )
   need(config.data.max_len > 0, "data.max_len", "must be positive")
   need(config.data.num_candidates >= 2, "data.num_candidates", "must be at least 2")
   need(config.data.n_items >= 0, "data.n_items", "must be >= 0 (0 = from the titles)")
@@ -55,6 +76,15 @@ def validate(config: ConfigDict) -> None:
       "data.n_items",
       f"must equal data.synthetic.num_items={config.data.synthetic.num_items}",
     )
+  for stage in ("sasrec", "ilora"):  # The stages' own defaults, as config.train.* below.
+    for key in _TRAIN_KEYS:
+      value = config[stage].train.get(key)
+      if value is not None:
+        need(
+          value >= 0 if key in ("epochs", "steps", "weight_decay") else value > 0,
+          f"{stage}.train.{key}",
+          f"={value} is out of range",
+        )
   for key in _TRAIN_KEYS:
     value = config.train.get(key)
     if value is not None:

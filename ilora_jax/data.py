@@ -32,6 +32,7 @@ class Split:
   seq: np.ndarray
   len_seq: np.ndarray
   next: np.ndarray
+  group: np.ndarray | None = None  # [rows] user group, where known (synthetic data).
 
   def __len__(self) -> int:
     return int(self.next.shape[0])
@@ -238,10 +239,12 @@ def load_from_config(config, workdir: str) -> Dataset:
     from ilora_jax import synthetic
 
     syn = data.synthetic
-    train, val, test, _ = synthetic.generate(
+    train, val, test = synthetic.generate(
       syn.num_items, syn.num_users, syn.num_groups, syn.seq_len, data.max_len, syn.noise, syn.seed
     )
-    return Dataset("synthetic", syn.num_items, synthetic.titles(syn.num_items), train, val, test)
+    return Dataset(
+      "synthetic", syn.num_items, synthetic.titles(syn.num_items, syn.titles), train, val, test
+    )
   directory = _data_dir(config, workdir)
   train_path = os.path.join(directory, data.train_file)
   if data.build and not os.path.exists(train_path):

@@ -37,6 +37,17 @@ def require_file(path: str, what: str) -> str:
   return path
 
 
+def flag_error(exc: Exception) -> UserError:
+  """A flag-parsing error as one line; a config file's own exception keeps only its last line
+  (ml_collections embeds the whole traceback in the message)."""
+  text = str(exc)
+  if "Traceback (most recent call last)" in text:
+    head = text.split(":", 1)[0]
+    last = [line for line in text.strip().splitlines() if line.strip()][-1].strip()
+    text = f"{head}: {last}"
+  return UserError(text)
+
+
 def _one_line(text: str) -> str:
   return " ".join(str(text).split())
 

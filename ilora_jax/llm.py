@@ -485,6 +485,7 @@ def load(
   shardings: Any = None,
   seed: int = 0,
   adapter=None,
+  init_std: float = 0.02,
   **config_overrides,
 ) -> LLM:
   """Loads a model by registered name, GGUF path or Hugging Face folder.
@@ -497,6 +498,10 @@ def load(
     rules: logical-to-mesh axis rules (default `DEFAULT_RULES`).
     shardings: explicit param shardings (pytree or function, see `weights`); wins over mesh.
     seed: PRNG seed of the random presets.
+    init_std: standard deviation of the random presets' matrices (norm scales stay 1). The
+      default 0.02 is Hugging Face's; it leaves a frozen random model with logits of about
+      +-1, so adapters on it cannot express a confident prediction. A larger value (about
+      1 / sqrt(hidden)) gives small random models that adapters can steer (experiments).
     adapter: optional adapter factory for the module (its params are not loaded here).
     **config_overrides: other `LlamaConfig` fields (remat_policy, scan_layers, ...).
 
@@ -514,6 +519,11 @@ def load(
     shardings = weights.resolve_shardings(shardings, abstract_params(config))
     init = functools.partial(llama.init_params, config)
     params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    if init_std != 0.02:  # Every matrix was drawn from normal(0.02); norm scales are ones.
+      factor = init_std / 0.02
+      params = jax.tree_util.tree_map_with_path(
+        lambda path, x: x if getattr(path[-1], "key", None) == "scale" else x * factor, params
+      )
     return LLM(config, params, _random_tokenizer(config), adapter)
   if kind == "gguf":
     reader = weights.open_gguf(target)

@@ -12,7 +12,7 @@ import sys
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from ilora_jax.errors import UserError, cli_main
+from ilora_jax.errors import UserError, cli_main, flag_error
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to a config file (configs/*.py).", lock_config=True
@@ -25,7 +25,7 @@ def parse(argv: list[str]) -> tuple[ConfigDict, str]:
   try:
     flags.FLAGS(argv)
   except flags.Error as exc:
-    raise UserError(str(exc)) from None
+    raise flag_error(exc) from None
   except (AttributeError, KeyError) as exc:  # An override names an unknown config key.
     raise UserError(f"unknown config key: {exc}") from None
   if flags.FLAGS["config"].value is None and not any(a.startswith("--config") for a in argv):

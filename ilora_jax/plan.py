@@ -34,7 +34,6 @@ from jax.sharding import PartitionSpec
 
 from ilora_jax.errors import UserError, cli_main
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 GIB = 1024**3
 
 
@@ -109,12 +108,12 @@ def activation_bytes(cfg, micro_per_shard: int, seq_len: int, remat: str, tensor
 def model_config(config):
   """The LlamaConfig the run would build: config dtypes, vocabulary grown by the 5 special
   tokens and rounded up to 128 (the tokenizer is assumed to have `vocab_size` entries)."""
-  from ilora_jax import llm
+  from ilora_jax import llm, train_ilora
 
   cfg = llm.config_for(
     config.llm.name,
-    dtype=_DTYPES[config.llm.dtype],
-    param_dtype=_DTYPES[config.llm.param_dtype],
+    dtype=train_ilora.DTYPES[config.llm.dtype],
+    param_dtype=train_ilora.DTYPES[config.llm.param_dtype],
     remat_policy=config.llm.remat,
   )
   grown = -(-(cfg.vocab_size + 5) // 128) * 128
@@ -132,9 +131,7 @@ def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> di
   sizes = dict(zip(sharding.MESH_AXES, shape))
   rules = sharding.rules(config)
   cfg = llama_cfg if llama_cfg is not None else model_config(config)
-  lora_cfg = lora.LoRAConfig(rank=config.lora.rank, num_experts=config.lora.num_experts,
-                             alpha=config.lora.alpha, dropout=config.lora.dropout,
-                             targets=tuple(config.lora.targets))  # fmt: skip
+  lora_cfg = train_ilora.lora_config(config)
   factory = lora.adapter_factory(lora_cfg)
 
   llm_abs = llm.abstract_params(cfg)

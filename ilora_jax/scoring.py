@@ -49,6 +49,11 @@ def _repeat_cache(cache: llama.KVCache, n: int) -> llama.KVCache:
   )
 
 
+def chunk_for(n: int, most: int) -> int:
+  """Candidates per cached pass: the largest divisor of `n` that is at most `most` (>= 1)."""
+  return max(c for c in range(1, n + 1) if n % c == 0 and c <= max(most, 1))
+
+
 @functools.partial(jax.jit, static_argnames=("module", "chunk"))
 def candidate_loglik(
   module: llama.Llama,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ilora_jax.data import Split
+from ilora_jax.errors import UserError
 
 _WORDS = (
   "Amber",
@@ -36,8 +37,32 @@ _WORDS = (
 )
 
 
-def titles(num_items: int) -> dict[int, str]:
-  """Distinct, readable titles: two words and a number."""
+# One common English word per item: with a leading space each is a single token of the
+# SmolLM2 / Llama-3-style tokenizers, so a title is one prediction (used by the experiments,
+# where a small random Llama must learn the task in minutes).
+WORD_TITLES = (
+  "apple river stone cloud tiger piano garden rocket castle forest ocean candle mirror silver "
+  "anchor bridge desert island jungle ladder lemon marble needle orange pepper planet rabbit "
+  "saddle shadow spider thunder tunnel violin wagon window winter yellow zebra basket butter "
+  "camera carpet circle cotton dragon engine falcon feather finger flower guitar hammer helmet "
+  "hunter jacket kettle kitten lizard magnet monkey parrot pencil pillow pirate pocket potato "
+  "puzzle salmon school shovel sister spoon square summer sword table tomato turtle valley "
+  "wallet horse house money music paper party phone power queen radio sugar train water world "
+  "night light heart earth"
+).split()
+
+
+def titles(num_items: int, kind: str = "numbered") -> dict[int, str]:
+  """Distinct titles: `numbered` (two words and a number) or `words` (one word per item)."""
+  if kind == "words":
+    if num_items > len(WORD_TITLES):
+      raise UserError(
+        f"data.synthetic.titles=words has {len(WORD_TITLES)} titles, fewer than "
+        f"data.synthetic.num_items={num_items}; use titles=numbered"
+      )
+    return dict(enumerate(WORD_TITLES[:num_items]))
+  if kind != "numbered":
+    raise UserError(f"data.synthetic.titles={kind!r} is unknown: numbered or words")
   n = len(_WORDS)
   return {i: f"{_WORDS[i % n]} {_WORDS[(i // n) % n]} {i}" for i in range(num_items)}
 
@@ -50,8 +75,8 @@ def generate(
   max_len: int,
   noise: float,
   seed: int,
-) -> tuple[Split, Split, Split, np.ndarray]:
-  """Returns train, val and test splits and the group of each val row.
+) -> tuple[Split, Split, Split]:
+  """Returns train, val and test splits; each row's `group` is its user's group.
 
   Users are split 8:1:1; train has one row per position >= 1 of each training user,
   val and test one row per held-out user (`next` = the user's last item).
@@ -77,7 +102,7 @@ def generate(
   }
 
   def make(name: str, members) -> Split:
-    seqs, lens, nexts = [], [], []
+    seqs, lens, nexts, group = [], [], [], []
     for u in members:
       full = sequences[u]
       positions = range(1, seq_len) if name == "train" else [seq_len - 1]
@@ -86,13 +111,13 @@ def generate(
         seqs.append(hist + [num_items] * (max_len - len(hist)))
         lens.append(len(hist))
         nexts.append(full[i])
+        group.append(groups[u])
     return Split(
-      name, np.array(seqs, np.int32), np.array(lens, np.int32), np.array(nexts, np.int32)
+      name,
+      np.array(seqs, np.int32),
+      np.array(lens, np.int32),
+      np.array(nexts, np.int32),
+      np.array(group, np.int32),
     )
 
-  return (
-    make("train", parts["train"]),
-    make("val", parts["val"]),
-    make("test", parts["test"]),
-    groups[parts["val"]],
-  )
+  return make("train", parts["train"]), make("val", parts["val"]), make("test", parts["test"])

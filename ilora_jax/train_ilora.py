@@ -54,17 +54,43 @@ from ilora_jax.train_sasrec import make_optimizer as sasrec_optimizer
 from ilora_jax.train_sasrec import model_config as sasrec_model_config
 
 STAGE = "ilora"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def lora_config(config) -> lora.LoRAConfig:
+  """The adapter settings of a run config (`config.lora`)."""
+  return lora.LoRAConfig(
+    rank=config.lora.rank,
+    num_experts=config.lora.num_experts,
+    alpha=config.lora.alpha,
+    dropout=config.lora.dropout,
+    targets=tuple(config.lora.targets),
+  )
 
 
 # ----------------------------------------------------------------------------- frozen parts
 
 
 def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
-  """Frozen SASRec params: the workdir's sasrec checkpoint, else `config.sasrec.init_from`."""
+  """Frozen SASRec params: the workdir's sasrec checkpoint, else `config.sasrec.init_from`.
+
+  `init_from` is an original `.pt` checkpoint or another workdir whose SASRec stage has
+  finished (the experiment runner shares one SASRec between the variants of a seed).
+  """
   cfg = sasrec_model_config(config, dataset.n_items)
+  init_from = config.sasrec.init_from
   ckpt = checkpointing.StageCheckpoints(workdir, "sasrec", config.checkpoint.max_to_keep, False)
   latest = ckpt.latest_step()
+  if latest is None and init_from and os.path.isdir(init_from):
+    ckpt.close()
+    ckpt = checkpointing.StageCheckpoints(init_from, "sasrec", config.checkpoint.max_to_keep, False)
+    latest = ckpt.latest_step()
+    if latest is None:
+      ckpt.close()
+      raise UserError(
+        f"config.sasrec.init_from={init_from} is a folder without a SASRec checkpoint: "
+        "give a workdir where --config.stage=sasrec has run, or an original .pt file"
+      )
   repl = sharding.replicated(mesh)
   if latest is not None:
     params = jax.device_put(init_params(cfg, jax.random.PRNGKey(0)), repl)
@@ -79,9 +105,9 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
     console.info(f"iLoRA: SASRec from {ckpt.directory} step {latest}")
     return cfg, restored["params"]
   ckpt.close()
-  if config.sasrec.init_from:
-    console.info(f"iLoRA: SASRec from {config.sasrec.init_from}")
-    return cfg, jax.device_put(params_from_torch(config.sasrec.init_from, cfg), repl)
+  if init_from:
+    console.info(f"iLoRA: SASRec from {init_from}")
+    return cfg, jax.device_put(params_from_torch(init_from, cfg), repl)
   raise UserError(
     "the ilora stage needs a trained SASRec: run --config.stage=sasrec in this "
     "workdir first, or give --config.sasrec.init_from=/path/to/<dataset>.pt"
@@ -101,6 +127,12 @@ class Parts:
   n_items: int
   max_target_tokens: int
   newline_ids: tuple[int, ...]
+  eligible: np.ndarray | None = None  # Sorted item ids with a title: the candidate pool.
+
+  def __post_init__(self):
+    if self.eligible is None and self.builder is not None:  # Once, not on every step.
+      titled = (i for i in self.builder.titles if 0 <= i < self.n_items)
+      self.eligible = np.array(sorted(titled))
 
 
 def _merge(base: dict, adapter: dict) -> dict:
@@ -133,22 +165,17 @@ def attention_impl(config) -> str:
 def build(config, workdir: str, dataset: Dataset, mesh):
   """Loads the frozen parts and initialises the trainable ones (sharded)."""
   rules = sharding.rules(config)
-  lora_cfg = lora.LoRAConfig(
-    rank=config.lora.rank,
-    num_experts=config.lora.num_experts,
-    alpha=config.lora.alpha,
-    dropout=config.lora.dropout,
-    targets=tuple(config.lora.targets),
-  )
+  lora_cfg = lora_config(config)
   factory = lora.adapter_factory(lora_cfg)
   base = llm.load(
     config.llm.name,
-    dtype=_DTYPES[config.llm.dtype],
-    param_dtype=_DTYPES[config.llm.param_dtype],
+    dtype=DTYPES[config.llm.dtype],
+    param_dtype=DTYPES[config.llm.param_dtype],
     mesh=mesh,
     rules=rules,
     attention=attention_impl(config),
     remat_policy=config.llm.remat,
+    init_std=config.llm.init_std,
   )
   tokenizer = base.tokenizer
   special = tok_lib.add_ilora_tokens(tokenizer)
@@ -369,7 +396,7 @@ def train_batch(
     parts.n_items,
     config.data.num_candidates,
     seed=seed * 1000 + epoch,
-    eligible=_eligible(parts),
+    eligible=parts.eligible,
     row_ids=idx,
   )
   encoded = parts.builder.batch(rows_for(split, idx, cands, True), template, hybrid, length)
@@ -418,10 +445,6 @@ def local_train_batch(
   return host
 
 
-def _eligible(parts: Parts) -> np.ndarray:
-  return np.array(sorted(i for i in parts.builder.titles if 0 <= i < parts.n_items))
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -451,7 +474,7 @@ class Evaluator:
       self.parts.n_items,
       cfg.data.num_candidates,
       cfg.data.candidate_seed,
-      _eligible(self.parts),
+      self.parts.eligible,
     )
     digest = hashlib.sha1(np.ascontiguousarray(self.cands[self.idx], np.int64).tobytes())
     digest.update(np.ascontiguousarray(self.target[self.idx], np.int64).tobytes())
@@ -459,6 +482,7 @@ class Evaluator:
     self.timings: dict[str, float] = {}
     self.scores: dict[str, np.ndarray] = {}
     self.generated_tokens = 0  # Tokens the adapted model generated in the last call.
+    self.gates: np.ndarray | None = None  # Gate weights [rows, E] of the last call.
     parts = self.parts
 
     def prepare(trainable, stats, frozen, batch):
@@ -497,7 +521,7 @@ class Evaluator:
     token_lists = [[builder.target_tokens(int(c)) for c in row] for row in cands]
     ctoks, cmask = scoring.pad_candidates(token_lists, builder.pad_id)
     n = ctoks.shape[1]
-    chunk = max(c for c in range(1, n + 1) if n % c == 0 and c <= self.config.ilora.score_chunk)
+    chunk = scoring.chunk_for(n, self.config.ilora.score_chunk)
     return np.asarray(
       scoring.candidate_loglik(
         module,
@@ -552,7 +576,7 @@ class Evaluator:
     self.timings, self.generated_tokens = {}, 0
     nll_total, tokens = 0.0, 0
     out = {name: {"valid": [], "hit": [], "scores": []} for name in ("model", "base")}
-    sas_scores = []
+    sas_scores, gates = [], []
     for start in tqdm(
       range(0, len(self.idx), bs), desc=f"eval {self.split.name}", leave=False, disable=not progress
     ):
@@ -575,6 +599,7 @@ class Evaluator:
       params, gate, mask, embeds = self._time(
         "prepare", self._prepare, trainable, stats, frozen, pbatch
       )
+      gates.append(np.asarray(gate)[:take])
       runs = [("model", parts.model.module, params, gate, mask, embeds, prompt)]
       if with_base:  # The frozen LLM alone reads the text-only form of the same prompt.
         text = parts.builder.batch(rows, 0, False, pad_left=True)
@@ -605,6 +630,38 @@ class Evaluator:
     if sas_scores:
       ranks = target_ranks(np.concatenate(sas_scores), target)
       result.update({f"sasrec/{k}": v for k, v in ranking_metrics(ranks).items()})
+    self.gates = np.concatenate(gates) if gates else None
+    if self.split.group is not None:
+      result.update(self._group_metrics(out, sas_scores))
+    return result
+
+  def _group_metrics(self, out: dict, sas_scores: list) -> dict[str, float]:
+    """Metrics and mean gate weights per user group (`group/<g>/...`), where groups are known."""
+    group = self.split.group[self.idx]
+    target = self.target[self.idx]
+    per_row: dict[str, np.ndarray] = {}
+    if out["model"]["scores"]:
+      per_row["rank"] = target_ranks(np.concatenate(out["model"]["scores"]), target)
+    if out["model"]["valid"]:
+      per_row["valid"] = np.array(out["model"]["valid"])
+      per_row["hit"] = np.array(out["model"]["hit"])
+    if sas_scores:
+      per_row["sasrec_rank"] = target_ranks(np.concatenate(sas_scores), target)
+    result: dict[str, float] = {}
+    for g in np.unique(group):
+      rows = group == g
+      metrics = {"rows": float(np.sum(rows))}
+      if "rank" in per_row:
+        metrics.update(ranking_metrics(per_row["rank"][rows]))
+      if "hit" in per_row:
+        metrics.update(generation_metrics(per_row["valid"][rows], per_row["hit"][rows]))
+      if "sasrec_rank" in per_row:
+        sas = ranking_metrics(per_row["sasrec_rank"][rows])
+        metrics.update({f"sasrec/{k}": v for k, v in sas.items()})
+      if self.gates is not None:
+        means = self.gates[rows].mean(axis=0)
+        metrics.update({f"gate/{e}": float(v) for e, v in enumerate(means)})
+      result.update({f"group/{int(g)}/{k}": float(v) for k, v in metrics.items()})
     return result
 
 
@@ -762,7 +819,8 @@ def run(config, workdir: str) -> dict[str, float]:
   log = MetricsLog(workdir, enabled=jax.process_index() == 0)
   settings = checkpointing.jsonable(
     {
-      "llm": config.llm.name,
+      "llm": config.llm.name
+      + ("" if config.llm.init_std == 0.02 else f" (init_std {config.llm.init_std})"),
       "lora": config.lora.to_dict(),
       "router": config.router.to_dict(),
       "data": dataset.name,

@@ -9,6 +9,7 @@ run restored from a checkpoint continues exactly as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -100,6 +101,11 @@ def make_evaluator(
 
 def initial_params(config, cfg: SASRecConfig, seed: int):
   if config.sasrec.init_from:
+    if os.path.isdir(config.sasrec.init_from):
+      raise UserError(
+        f"config.sasrec.init_from={config.sasrec.init_from} is a folder: the sasrec stage "
+        "starts from an original .pt file (a workdir is only for the ilora stage)"
+      )
     console.info(f"SASRec: loading {config.sasrec.init_from}")
     return params_from_torch(config.sasrec.init_from, cfg)
   return init_params(cfg, jax.random.PRNGKey(seed))

@@ -1,0 +1,687 @@
+"""Experiment grids: every variant x seed trained and evaluated, resumable, tabulated, plotted.
+
+  python -m ilora_jax.experiments --grid=configs/experiments/<name>.py --workdir=W
+      [--grid.seeds=0,1,2] [--grid.only=lora,ilora] [--grid.extra="key=value ..."]
+      [--dry_run] [--report_only]
+
+A grid file's `get_config(arg)` names a run config, overrides for every run, the variants
+(`name: key=value key=value ...`) and the seeds; `--grid=file.py:arg` passes `arg` (the grids
+here take `tiny`, the CPU scale on synthetic data, or a data set name for a GPU run with
+SmolLM2-135M). Each run is the ordinary command line,
+
+  python -m ilora_jax.main --config=<config> --workdir=W/runs/<variant>/seed<k> \\
+      --config.train.seed=<k> <overrides> <variant overrides>
+
+so every number in the table is reproduced by one command (all are listed in
+`W/results.md`). With `share_sasrec`, SASRec trains once per seed in `W/sasrec/seed<k>` and
+every variant of that seed freezes the same one (`--config.sasrec.init_from`), so variants
+differ only in what the grid varies.
+
+Re-running the same command skips finished runs and resumes an unfinished one from its last
+checkpoint. Ctrl-C or SIGTERM reach the running job, which saves a checkpoint; the runner
+then exits with 128 + the signal number. At the end (and with `--report_only` at any time)
+it writes `W/results.json`, `W/results.md` (tables: mean and sample standard deviation over
+seeds, the per-seed values, paired differences to the reference variant, per-group metrics
+and gate specialisation where the data has user groups) and `W/plots/*.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+from ilora_jax.errors import UserError, cli_main, flag_error
+
+_GRID = config_flags.DEFINE_config_file(
+  "grid", None, "Path to a grid file (configs/experiments/*.py).", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the grid's runs and results.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands and exit.")
+_REPORT_ONLY = flags.DEFINE_bool(
+  "report_only", False, "Only rebuild results.md, results.json and plots from finished runs."
+)
+
+SPLITS = ("val", "test")
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+class Run:
+  """One job of the grid: a command line and its workdir."""
+
+  def __init__(self, name: str, variant: str, seed: int, workdir: str, argv: list[str]):
+    self.name, self.variant, self.seed, self.workdir, self.argv = (
+      name,
+      variant,
+      seed,
+      workdir,
+      argv,
+    )
+
+  @property
+  def command(self) -> str:
+    return " ".join(shlex.quote(a) for a in ["python", "-m", "ilora_jax.main", *self.argv])
+
+
+def parse_variants(lines) -> list[tuple[str, list[str]]]:
+  """`["name: key=value key=value", ...]` -> [(name, ["key=value", ...])] (names unique)."""
+  out, seen = [], set()
+  for line in lines:
+    name, colon, rest = str(line).partition(":")
+    name = name.strip()
+    if not colon or not name or not name.replace("_", "").replace("-", "").isalnum():
+      raise UserError(
+        f"grid.variants entry {line!r} must read 'name: key=value ...' with a plain name"
+      )
+    if name in seen:
+      raise UserError(f"grid.variants names {name!r} twice")
+    seen.add(name)
+    out.append((name, _overrides(rest, f"variant {name}")))
+  if not out:
+    raise UserError("grid.variants is empty")
+  return out
+
+
+def _overrides(text, where: str) -> list[str]:
+  items = shlex.split(text) if isinstance(text, str) else [str(t) for t in text]
+  for item in items:
+    if "=" not in item or item.startswith("-"):
+      raise UserError(f"{where}: override {item!r} must read key=value (without --config.)")
+  return items
+
+
+def parse_seeds(text) -> list[int]:
+  try:
+    seeds = [int(s) for s in str(text).replace(" ", "").split(",") if s]
+  except ValueError:
+    raise UserError(f"grid.seeds={text!r} must be a comma-separated list of integers") from None
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise UserError(f"grid.seeds={text!r} must name at least one seed, each once")
+  return seeds
+
+
+def resolve_config_path(grid: ConfigDict, grid_path: str) -> str:
+  """The run config as given (relative to the current folder) or next to the grid file."""
+  path = grid.config
+  if os.path.isfile(path):
+    return path
+  beside = os.path.normpath(os.path.join(os.path.dirname(grid_path), path))
+  if os.path.isfile(beside):
+    return os.path.relpath(beside)
+  raise UserError(f"grid.config={path} not found (looked in . and next to {grid_path})")
+
+
+def load_run_config(path: str, overrides: list[str]) -> ConfigDict:
+  """The run config with overrides applied exactly as the command line applies them."""
+  from ilora_jax import configuration
+
+  argv = ["main", f"--config={path}", *[f"--config.{o}" for o in overrides]]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    "config", None, "", flag_values=values, lock_config=True, sys_argv=argv
+  )
+  try:
+    values(argv)
+  except flags.Error as exc:
+    raise flag_error(exc) from None
+  except (AttributeError, KeyError) as exc:
+    raise UserError(f"unknown config key: {exc}") from None
+  config = values.config
+  configuration.validate(config)
+  return config
+
+
+def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dict]:
+  """The grid's runs in order (SASRec of a seed first) and each variant's resolved config."""
+  config_path = resolve_config_path(grid, grid_path)
+  common = _overrides(list(grid.overrides), "grid.overrides") + _overrides(
+    grid.get("extra", ""), "grid.extra"
+  )
+  variants = parse_variants(grid.variants)
+  if grid.only:
+    wanted = [v.strip() for v in grid.only.split(",") if v.strip()]
+    unknown = sorted(set(wanted) - {name for name, _ in variants})
+    if unknown:
+      raise UserError(f"grid.only names unknown variants: {', '.join(unknown)}")
+    variants = [v for v in variants if v[0] in wanted]
+  seeds = parse_seeds(grid.seeds)
+  try:  # Refuse bad keys or values before any compute (the SASRec jobs get `common` only).
+    load_run_config(config_path, common)
+  except UserError as exc:
+    raise UserError(f"grid overrides: {exc}") from None
+  resolved = {}
+  for name, extra in variants:
+    try:
+      resolved[name] = load_run_config(config_path, [*common, *extra])
+    except UserError as exc:
+      raise UserError(f"variant {name}: {exc}") from None
+  runs = []
+  for seed in seeds:
+    seed_args = [f"--config.train.seed={seed}", *[f"--config.{o}" for o in common]]
+    sasrec_dir = os.path.join(workdir, "sasrec", f"seed{seed}")
+    if grid.share_sasrec:
+      runs.append(
+        Run(
+          f"sasrec/seed{seed}",
+          "sasrec",
+          seed,
+          sasrec_dir,
+          [
+            f"--config={config_path}",
+            f"--workdir={sasrec_dir}",
+            "--config.stage=sasrec",
+            *seed_args,
+          ],
+        )
+      )
+    for name, extra in variants:
+      run_dir = os.path.join(workdir, "runs", name, f"seed{seed}")
+      stage = ["--config.stage=ilora", f"--config.sasrec.init_from={sasrec_dir}"]
+      if not grid.share_sasrec:
+        stage = ["--config.stage=pipeline"]
+      runs.append(
+        Run(
+          f"{name}/seed{seed}",
+          name,
+          seed,
+          run_dir,
+          [
+            f"--config={config_path}",
+            f"--workdir={run_dir}",
+            *stage,
+            *seed_args,
+            *[f"--config.{o}" for o in extra],
+          ],
+        )
+      )
+  return runs, resolved
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def read_records(workdir: str) -> list[dict]:
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      if line.strip():
+        try:
+          out.append(json.loads(line))
+        except ValueError:
+          pass  # A line cut by a kill; the run rewrites it when it resumes.
+  return out
+
+
+def finished(run: Run) -> bool:
+  """True when the run's stage wrote its final test record (or recorded test as skipped)."""
+  stage = "sasrec" if run.variant == "sasrec" else "ilora"
+  return any(
+    r.get("stage") == stage
+    and r.get("run") == stage
+    and r.get("split") == "test"
+    and (r.get("final") or "skipped" in r)
+    for r in read_records(run.workdir)
+  )
+
+
+def _last_error(log_path: str) -> str:
+  try:
+    with open(log_path, errors="replace") as f:
+      lines = [line.strip() for line in f if line.strip()]
+  except OSError:
+    return ""
+  errors = [line for line in lines if line.startswith("error:")]
+  return errors[-1] if errors else (lines[-1] if lines else "")
+
+
+def _seconds(run: Run) -> float:
+  try:
+    with open(os.path.join(run.workdir, "runner.json")) as f:
+      return float(json.load(f).get("seconds", 0.0))
+  except (OSError, ValueError):
+    return 0.0
+
+
+def execute(run: Run, python: str) -> None:
+  """Runs one job to completion (its output appended to W/.../log.txt)."""
+  os.makedirs(run.workdir, exist_ok=True)
+  log_path = os.path.join(run.workdir, "log.txt")
+  got: list[int] = []
+
+  def forward(signum, frame):  # The job saves a checkpoint and exits; we follow it.
+    got.append(signum)
+    if child.poll() is None:
+      child.send_signal(signum)
+
+  start = time.time()
+  with open(log_path, "a") as log:
+    log.write(f"$ {run.command}\n")
+    log.flush()
+    child = subprocess.Popen(
+      [python, "-m", "ilora_jax.main", *run.argv], stdout=log, stderr=subprocess.STDOUT
+    )
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+      rc = child.wait()
+    finally:
+      for s, handler in previous.items():
+        signal.signal(s, handler)
+  seconds = _seconds(run) + time.time() - start
+  with open(os.path.join(run.workdir, "runner.json"), "w") as f:
+    json.dump({"seconds": seconds, "command": run.command}, f)
+  if got or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+    signum = got[0] if got else rc - 128
+    print(
+      f"{run.name} stopped by {signal.Signals(signum).name}; re-run the same command to resume",
+      file=sys.stderr,
+      flush=True,
+    )
+    sys.exit(128 + signum)
+  if rc != 0:
+    raise UserError(
+      f"run {run.name} failed (exit {rc}): {_last_error(log_path)} [log: {log_path}; "
+      "re-run the same command to resume after fixing it]"
+    )
+  if not finished(run):
+    raise UserError(
+      f"run {run.name} ended without its final evaluation (train.stop_after_steps in the "
+      f"overrides?); log: {log_path}"
+    )
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _finals(records: list[dict]) -> dict[str, dict]:
+  """Latest final iLoRA record per split."""
+  out = {}
+  for r in records:
+    if r.get("final") and r.get("stage") == "ilora" and r.get("run") == "ilora":
+      out[r["split"]] = r
+  return out
+
+
+def collect(runs: list[Run], resolved: dict) -> dict:
+  """{variant: {seed: {split: record}}} of finished runs, plus their seconds and configs."""
+  results: dict = {"runs": {}, "seconds": {}, "commands": {}, "experts": {}}
+  for run in runs:
+    results["commands"][run.name] = run.command
+    if not finished(run):
+      continue
+    results["seconds"][run.name] = round(_seconds(run), 1)
+    if run.variant == "sasrec":
+      continue
+    finals = _finals(read_records(run.workdir))
+    if finals:
+      results["runs"].setdefault(run.variant, {})[str(run.seed)] = finals
+  for name, config in resolved.items():
+    results["experts"][name] = int(config.lora.num_experts)
+  return results
+
+
+def mean_std(values) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
+  v = np.asarray(values, np.float64)
+  return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def _fmt(values) -> str:
+  if not len(values):
+    return "-"
+  m, s = mean_std(values)
+  return f"{m:.4f} ± {s:.4f}" if len(values) > 1 else f"{m:.4f}"
+
+
+def _values(results: dict, variant: str, split: str, key: str) -> list[float]:
+  seeds = results["runs"].get(variant, {})
+  return [
+    float(seeds[s][split][key])
+    for s in sorted(seeds, key=int)
+    if split in seeds[s] and isinstance(seeds[s][split].get(key), int | float)
+  ]
+
+
+def _groups(results: dict, split: str) -> list[int]:
+  keys = set()
+  for seeds in results["runs"].values():
+    for finals in seeds.values():
+      keys |= {k for k in finals.get(split, {}) if k.startswith("group/")}
+  return sorted({int(k.split("/")[1]) for k in keys})
+
+
+def gate_specialisation(record: dict, groups: list[int], experts: int) -> float | None:
+  """Mean total-variation distance between the groups' mean gate weights (0: every group
+  mixes the experts alike; 1: the groups use disjoint experts). Invariant to expert order."""
+  means = []
+  for g in groups:
+    row = [record.get(f"group/{g}/gate/{e}") for e in range(experts)]
+    if any(v is None for v in row):
+      return None
+    means.append(np.asarray(row, np.float64))
+  if len(means) < 2 or experts < 2:
+    return None
+  pairs = [
+    0.5 * np.abs(means[i] - means[j]).sum()
+    for i in range(len(means))
+    for j in range(i + 1, len(means))
+  ]
+  return float(np.mean(pairs))
+
+
+def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str) -> str:
+  variants = list(results["runs"])
+  lines = [f"# {grid.title or 'Experiment grid'}", ""]
+  if grid.description:
+    lines += [grid.description.strip(), ""]
+  lines += [
+    "Mean ± sample standard deviation over seeds (n = seeds finished); every run evaluates "
+    "the same fixed candidate sets.",
+    "",
+  ]
+  for split in SPLITS:
+    if not any(_values(results, v, split, metrics[0]) for v in variants):
+      continue
+    lines += [f"## {split}", ""]
+    lines.append("| variant | n | " + " | ".join(metrics) + " |")
+    lines.append("|---" * (len(metrics) + 2) + "|")
+    for v in variants:
+      n = len(_values(results, v, split, metrics[0]))
+      row = [_fmt(_values(results, v, split, m)) for m in metrics]
+      lines.append(f"| {v} | {n} | " + " | ".join(row) + " |")
+    for label, prefix in (("SASRec (frozen, same candidates)", "sasrec/"),
+                          ("base LLM, no adapters", "base/")):  # fmt: skip
+      if variants and _values(results, variants[0], split, prefix + metrics[0]):
+        row = [_fmt(_values(results, variants[0], split, prefix + m)) for m in metrics]
+        n = len(_values(results, variants[0], split, prefix + metrics[0]))
+        lines.append(f"| {label} | {n} | " + " | ".join(row) + " |")
+    lines.append("")
+    head = metrics[0]
+    lines += [f"Per seed ({head}):", ""]
+    seeds = sorted({s for v in variants for s in results["runs"][v]}, key=int)
+    lines.append("| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+    lines.append("|---" * (len(seeds) + 1) + "|")
+    for v in variants:
+      cells = []
+      for s in seeds:
+        rec = results["runs"][v].get(s, {}).get(split, {})
+        cells.append(f"{rec[head]:.4f}" if head in rec else "-")
+      lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if reference in results["runs"]:
+      lines += [f"Paired difference to `{reference}` (same seed, same SASRec), {head}:", ""]
+      lines.append("| variant | n | mean ± std | relative |")
+      lines.append("|---|---|---|---|")
+      ref = results["runs"][reference]
+      for v in variants:
+        if v == reference:
+          continue
+        diffs, rels = [], []
+        for s, finals in results["runs"][v].items():
+          if split in finals and s in ref and split in ref[s] and head in finals[split]:
+            base = float(ref[s][split][head])
+            diffs.append(float(finals[split][head]) - base)
+            if base > 0:
+              rels.append(diffs[-1] / base)
+        rel = f"{100 * np.mean(rels):+.1f}%" if rels else "-"
+        lines.append(f"| {v} | {len(diffs)} | {_fmt(diffs)} | {rel} |")
+      lines.append("")
+    groups = _groups(results, split)
+    if groups:
+      lines += [f"Per user group ({head}; SASRec alongside):", ""]
+      lines.append("| variant | " + " | ".join(f"group {g}" for g in groups) + " |")
+      lines.append("|---" * (len(groups) + 1) + "|")
+      for v in variants:
+        cells = [_fmt(_values(results, v, split, f"group/{g}/{head}")) for g in groups]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
+      if variants:
+        cells = [_fmt(_values(results, variants[0], split, f"group/{g}/sasrec/{head}"))
+                 for g in groups]  # fmt: skip
+        lines.append("| SASRec | " + " | ".join(cells) + " |")
+      lines.append("")
+      spec_rows = []
+      for v in variants:
+        experts = results["experts"].get(v, 1)
+        specs = [
+          gate_specialisation(finals[split], groups, experts)
+          for finals in results["runs"][v].values()
+          if split in finals
+        ]
+        specs = [s for s in specs if s is not None]
+        if specs:
+          spec_rows.append(f"| {v} | {experts} | {_fmt(specs)} |")
+      if spec_rows:
+        lines += [
+          "Gate specialisation: mean total-variation distance between the groups' mean gate "
+          "weights (0 = all groups mix the experts alike, 1 = disjoint experts):",
+          "",
+          "| variant | experts | distance |",
+          "|---|---|---|",
+          *spec_rows,
+          "",
+        ]
+  lines += ["## Runs", ""]
+  lines.append("| run | seconds | command |")
+  lines.append("|---|---|---|")
+  for name, command in results["commands"].items():
+    seconds = results["seconds"].get(name)
+    shown = f"{seconds:.0f}" if seconds is not None else "not finished"
+    lines.append(f"| {name} | {shown} | `{command}` |")
+  lines += ["", f"Machine: {results['machine']}", ""]
+  return "\n".join(lines)
+
+
+def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> list[str]:
+  """PNG figures: metrics per variant (bars: mean, points: seeds), per-group metric, gate
+  weights per group (first seed) and training loss per variant. Returns the paths."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  variants = list(results["runs"])
+  splits = [s for s in SPLITS if any(_values(results, v, s, metrics[0]) for v in variants)]
+  if not variants or not splits:
+    return written
+  fig, axes = plt.subplots(
+    len(splits), len(metrics), figsize=(3.2 * len(metrics), 3.0 * len(splits)), squeeze=False
+  )
+  x = np.arange(len(variants))
+  for i, split in enumerate(splits):
+    for j, metric in enumerate(metrics):
+      ax = axes[i][j]
+      for k, v in enumerate(variants):
+        vals = _values(results, v, split, metric)
+        if vals:
+          m, s = mean_std(vals)
+          ax.bar(k, m, yerr=s, color=f"C{k}", alpha=0.7, capsize=3)
+          ax.scatter(np.full(len(vals), k), vals, color="k", s=10, zorder=3)
+      sas = _values(results, variants[0], split, f"sasrec/{metric}")
+      if sas:
+        ax.axhline(np.mean(sas), color="gray", ls="--", lw=1, label="SASRec")
+        ax.legend(fontsize=7)
+      ax.set_xticks(x, variants, rotation=30, ha="right", fontsize=8)
+      ax.set_title(f"{split} {metric}", fontsize=9)
+  fig.tight_layout()
+  path = os.path.join(out_dir, "metrics.png")
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  written.append(path)
+
+  split = splits[0]
+  groups = _groups(results, split)
+  if groups:
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(groups) * max(1, len(variants)) / 2, 3.2))
+    width = 0.8 / len(variants)
+    for k, v in enumerate(variants):
+      means = [
+        mean_std(vals)[0] if (vals := _values(results, v, split, f"group/{g}/{metrics[0]}")) else 0
+        for g in groups
+      ]
+      stds = [
+        mean_std(vals)[1] if (vals := _values(results, v, split, f"group/{g}/{metrics[0]}")) else 0
+        for g in groups
+      ]
+      ax.bar(np.arange(len(groups)) + k * width, means, width, yerr=stds, label=v, capsize=2)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"group {g}" for g in groups])
+    ax.set_ylabel(f"{split} {metrics[0]}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "groups.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+    gated = [v for v in variants if results["experts"].get(v, 1) > 1]
+    if gated:
+      fig, axes = plt.subplots(
+        1, len(gated), figsize=(1.2 + 2.6 * len(gated), 2.8), squeeze=False, layout="constrained"
+      )
+      for i, (ax, v) in enumerate(zip(axes[0], gated)):
+        seed = sorted(results["runs"][v], key=int)[0]
+        rec = results["runs"][v][seed].get(split, {})
+        experts = results["experts"][v]
+        grid = np.array(
+          [[rec.get(f"group/{g}/gate/{e}", np.nan) for e in range(experts)] for g in groups]
+        )
+        im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(experts), [f"e{e}" for e in range(experts)])
+        ax.set_yticks(range(len(groups)), [f"group {g}" for g in groups] if i == 0 else [])
+        ax.set_title(f"{v} (seed {seed})", fontsize=9)
+      fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="mean gate weight")
+      path = os.path.join(out_dir, "gates.png")
+      fig.savefig(path, dpi=110)
+      plt.close(fig)
+      written.append(path)
+
+  fig, ax = plt.subplots(figsize=(6, 3.5))
+  drawn = False
+  for k, v in enumerate(variants):
+    for run in runs:
+      if run.variant != v:
+        continue
+      pts = [
+        (r["step"], r["loss"])
+        for r in read_records(run.workdir)
+        if r.get("stage") == "ilora" and r.get("split") == "train" and "loss" in r
+      ]
+      if len(pts) > 1:
+        steps, losses = map(np.asarray, zip(*pts))
+        win = max(1, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(win) / win, mode="valid")
+        label = v if run.seed == results_seed(results, v) else None
+        style = ("-", "--", ":")[k % 3]
+        ax.plot(steps[win - 1 :], smooth, color=f"C{k}", alpha=0.8, lw=1, ls=style, label=label)
+        drawn = True
+  if drawn:
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss (smoothed)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "loss.png")
+    fig.savefig(path, dpi=110)
+    written.append(path)
+  plt.close(fig)
+  return written
+
+
+def results_seed(results: dict, variant: str) -> int | None:
+  seeds = sorted(results["runs"].get(variant, {}), key=int)
+  return int(seeds[0]) if seeds else None
+
+
+def machine() -> str:
+  cpus = os.cpu_count()
+  try:
+    import jax
+
+    devices = jax.devices()
+    kind = f"{len(devices)} x {devices[0].device_kind} ({jax.default_backend()})"
+  except Exception:  # noqa: BLE001 - description only.
+    kind = "unknown devices"
+  return f"{platform.machine()}, {cpus} CPU cores, {kind}, Python {platform.python_version()}"
+
+
+def write_results(grid: ConfigDict, runs: list[Run], resolved: dict, workdir: str) -> str:
+  metrics = [m.strip() for m in grid.metrics.split(",") if m.strip()]
+  if not metrics:
+    raise UserError("grid.metrics is empty")
+  results = collect(runs, resolved)
+  results["machine"] = machine()
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1, sort_keys=True)
+  text = markdown(grid, results, metrics, grid.reference)
+  path = os.path.join(workdir, "results.md")
+  with open(path, "w") as f:
+    f.write(text)
+  plots(results, metrics, runs, os.path.join(workdir, "plots"))
+  return path
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse(argv: list[str]) -> tuple[ConfigDict, str, str]:
+  try:
+    flags.FLAGS(argv)
+  except flags.Error as exc:
+    raise flag_error(exc) from None
+  except (AttributeError, KeyError) as exc:
+    raise UserError(f"unknown grid key: {exc}") from None
+  except (SyntaxError, ValueError, TypeError, ImportError) as exc:  # Raised by the grid file.
+    raise UserError(f"cannot load the grid file: {type(exc).__name__}: {exc}") from None
+  grid_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), None)
+  if grid_arg is None:
+    raise UserError("--grid is required, e.g. --grid=configs/experiments/negative_transfer.py")
+  grid = _GRID.value
+  if not isinstance(grid, ConfigDict):
+    raise UserError(f"cannot load grid file {grid_arg}: not found or not a grid file")
+  if not _WORKDIR.value:
+    raise UserError("--workdir is required")
+  return grid, grid_arg.split(":", 1)[0], _WORKDIR.value
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+  grid, grid_path, workdir = parse(list(sys.argv if argv is None else argv))
+  runs, resolved = plan(grid, grid_path, workdir)
+  if _DRY_RUN.value:
+    for run in runs:
+      print(run.command)
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as exc:
+    raise UserError(f"cannot create workdir {workdir}: {exc}") from None
+  if not _REPORT_ONLY.value:
+    from tqdm import tqdm
+
+    todo = [r for r in runs if not finished(r)]
+    print(f"grid: {len(runs)} runs, {len(runs) - len(todo)} already finished", flush=True)
+    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="grid", unit="run") as bar:
+      for run in todo:
+        bar.set_postfix_str(run.name)
+        start = time.time()
+        execute(run, sys.executable)
+        tqdm.write(f"{run.name}: done in {time.time() - start:.0f} s")
+        bar.update(1)
+        write_results(grid, runs, resolved, workdir)  # Tables so far, after every run.
+  print(f"results: {write_results(grid, runs, resolved, workdir)}", flush=True)
+
+
+if __name__ == "__main__":
+  main()
