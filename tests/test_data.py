@@ -178,9 +178,9 @@ def test_movielens_from_the_widedeep_copy_matches_the_shared_val_rows():
 
 
 def test_synthetic_groups_and_shapes():
-  train, val, test, groups = synthetic.generate(40, 100, 3, 12, 10, 0.0, seed=1)
+  train, val, test = synthetic.generate(40, 100, 3, 12, 10, 0.0, seed=1)
   assert train.seq.shape[1] == 10 and len(val) == 10 and len(test) == 10
-  assert set(groups.tolist()) <= {0, 1, 2}
+  assert set(val.group.tolist()) <= {0, 1, 2} and len(train.group) == len(train)
   assert np.all(train.next < 40) and np.all(train.seq <= 40)
   real = np.arange(10)[None] < train.len_seq[:, None]
   assert np.all(train.seq[real] < 40) and np.all(train.seq[~real] == 40)
