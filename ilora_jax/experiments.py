@@ -15,7 +15,8 @@ SmolLM2-135M). Each run is the ordinary command line,
 so every number in the table is reproduced by one command (all are listed in
 `W/results.md`). With `share_sasrec`, SASRec trains once per seed in `W/sasrec/seed<k>` and
 every variant of that seed freezes the same one (`--config.sasrec.init_from`), so variants
-differ only in what the grid varies.
+differ only in what the grid varies; `--grid.sasrec=PATH` (an original `.pt` checkpoint or a
+finished workdir) freezes that one SASRec in every run instead.
 
 Re-running the same command skips finished runs and resumes an unfinished one from its last
 checkpoint. Ctrl-C or SIGTERM reach the running job, which saves a checkpoint; the runner
@@ -170,7 +171,10 @@ def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dic
   for seed in seeds:
     seed_args = [f"--config.train.seed={seed}", *[f"--config.{o}" for o in common]]
     sasrec_dir = os.path.join(workdir, "sasrec", f"seed{seed}")
-    if grid.share_sasrec:
+    fixed = grid.get("sasrec", "")
+    if fixed:  # One given SASRec (.pt of the original or a finished workdir) for every run.
+      sasrec_dir = fixed
+    elif grid.share_sasrec:
       runs.append(
         Run(
           f"sasrec/seed{seed}",
@@ -188,7 +192,7 @@ def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dic
     for name, extra in variants:
       run_dir = os.path.join(workdir, "runs", name, f"seed{seed}")
       stage = ["--config.stage=ilora", f"--config.sasrec.init_from={sasrec_dir}"]
-      if not grid.share_sasrec:
+      if not (fixed or grid.share_sasrec):
         stage = ["--config.stage=pipeline"]
       runs.append(
         Run(

@@ -112,6 +112,11 @@ def test_dry_run_lists_the_commands_in_order(tmp_path):
   assert f"--config.sasrec.init_from={w}/sasrec/seed3" in lines[1]
   assert lines[1].endswith("--config.lora.num_experts=1 --config.lora.gate=constant")
   assert not os.path.exists(w)  # A dry run writes nothing.
+  # One given SASRec for every run: no SASRec jobs, every run freezes that one.
+  proc = run_cli(GRID, f"--workdir={w}", "--dry_run", "--grid.sasrec=/x/m.pt",
+                 module="ilora_jax.experiments")  # fmt: skip
+  lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 9 and all("--config.sasrec.init_from=/x/m.pt" in x for x in lines)
 
 
 @pytest.mark.parametrize(

@@ -50,6 +50,7 @@ def grid(arg: str, title: str, description: str) -> config_dict.ConfigDict:
   c.seeds = "0,1,2"  # Comma-separated; each is config.train.seed of its runs.
   c.only = ""  # Comma-separated variant names to run ("" = all).
   c.share_sasrec = True  # One SASRec per seed, frozen by every variant of that seed.
+  c.sasrec = ""  # Or one SASRec for every run: an original .pt checkpoint or a workdir.
   c.metrics = "hr@1,mrr,hit_ratio@1,valid_ratio"  # Table columns (scoring, then generation).
   c.reference = "lora"  # Paired differences are taken against this variant.
   return c
