@@ -125,6 +125,18 @@ class StageCheckpoints:
     with self._io(None):
       self._manager.wait_until_finished()
 
+  def after_step(self, step: int, save, boundary: bool, stop, bar=None) -> None:
+    """The end of a training step: `save(step)` at a boundary (epoch end, interval, stop step)
+    or when SIGINT/SIGTERM arrived; after a signal, waits for the write, closes and leaves
+    through `stop.exit` (the CLI exits with 128 + the signal number)."""
+    if boundary or stop.requested:
+      save(step)
+    if stop.requested:
+      if bar is not None:
+        bar.close()
+      self.close()
+      stop.exit(step)
+
   def close(self) -> None:
     with self._io(None):
       self._manager.wait_until_finished()

@@ -909,14 +909,8 @@ def run(config, workdir: str) -> dict[str, float]:
         last_val = val_eval(state["trainable"], state["stats"], frozen, config.progress)
         record("val", last_val, epoch=epoch + 1, candidates=val_eval.fingerprint)
         console.info(f"iLoRA step {step} val " + _fmt(last_val))
-      if epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at:
-        save(step)
-      if stop.requested:  # SIGINT/SIGTERM: keep this step, then leave.
-        if not (epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at):
-          save(step)
-        bar.close()
-        ckpt.close()
-        stop.exit(step)
+      boundary = epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at
+      ckpt.after_step(step, save, boundary, stop, bar)
   bar.close()
   ckpt.close()
   if step < total_steps:
