@@ -112,6 +112,27 @@ def _finals_by_split(records: list[dict]) -> dict[str, dict]:
   return out
 
 
+def group_table(finals: list[dict]) -> list[str]:
+  """Markdown lines of the per-user-group metrics (`group/<g>/<metric>`) of final records."""
+  rows, columns = [], []
+  for r in finals:
+    groups = sorted({int(k.split("/")[1]) for k in r if k.startswith("group/")})
+    for g in groups:
+      prefix = f"group/{g}/"
+      vals = {k[len(prefix) :]: v for k, v in _numeric(r).items() if k.startswith(prefix)}
+      columns += [k for k in vals if k not in columns]
+      rows.append((r.get("run", ""), r.get("split", ""), g, vals))
+  if not rows:
+    return []
+  lines = ["", "## Per user group", ""]
+  lines.append("| run | split | group | " + " | ".join(columns) + " |")
+  lines.append("|---" * (3 + len(columns)) + "|")
+  for run, split, g, vals in rows:
+    cells = [f"{vals[k]:.4f}" if k in vals else "" for k in columns]
+    lines.append(f"| {run} | {split} | {g} | " + " | ".join(cells) + " |")
+  return lines
+
+
 def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> list[str]:
   """Markdown lines of the per-split comparison tables (empty when nothing to compare)."""
   lines = []
@@ -242,8 +263,8 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
   # summary.md: every final metric in one table.
   finals = [r for r in records if r.get("final") or r.get("skipped")]
   keys = []
-  for r in finals:
-    keys += [k for k in _numeric(r) if k not in keys]
+  for r in finals:  # Per-group metrics get their own table below.
+    keys += [k for k in _numeric(r) if k not in keys and not k.startswith("group/")]
   lines = [f"# Run summary: {os.path.abspath(workdir)}", ""]
   if finals:
     lines.append("| run | stage | split | step | " + " | ".join(keys) + " |")
@@ -258,6 +279,7 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
       lines.append("| " + " | ".join(row + cells) + " |")
   else:
     lines.append("No final evaluation yet.")
+  lines += group_table(finals)
   if isinstance(compare, str) or compare is None:
     compare = parse_compare(compare or "")
   table = comparison(workdir, records, compare)

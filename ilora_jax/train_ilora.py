@@ -415,28 +415,15 @@ def pad_time(batch: dict[str, np.ndarray], length: int, pad_id: int, n_items: in
   return out
 
 
-def local_train_batch(
-  parts: Parts,
-  config,
-  split: Split,
-  idx: np.ndarray,
-  epoch: int,
-  step: int,
-  total_steps: int,
-  seed: int,
-  accum: int,
-  micro: int,
-) -> dict:
-  """This process's rows of one optimizer step, padded to the length every process uses.
+def host_rows(idx: np.ndarray, accum: int, micro: int) -> np.ndarray:
+  """This process's rows of a step's global rows `idx` (accum x micro): its `host_slice` of
+  every micro-batch. Template, curriculum and candidates are drawn from the global step and
+  the row ids, so the prompts built per process agree with a single-process run."""
+  return idx.reshape(accum, micro)[:, sharding.host_slice(micro)].reshape(-1)
 
-  `idx` holds the step's global rows (accum x micro); each process builds prompts for its
-  `host_slice` of every micro-batch only (template, curriculum and candidates are drawn
-  from the global step and the row ids, so they agree across processes) and the processes
-  agree on the padded length with one small all-gather.
-  """
-  rows = sharding.host_slice(micro)
-  mine = idx.reshape(accum, micro)[:, rows].reshape(-1)
-  host = train_batch(parts, config, split, mine, epoch, step, total_steps, seed, accum)
+
+def agree_length(host: dict, parts: Parts) -> dict:
+  """Pads this process's batch to the longest prompt of all processes (one small all-gather)."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
@@ -700,7 +687,8 @@ def save_gate_table(
 
 
 def _fmt(metrics: dict[str, float]) -> str:
-  return " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+  shown = (f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+  return " ".join(s for s in shown if not s.startswith("group/"))  # Groups: metrics.jsonl.
 
 
 @dataclasses.dataclass
@@ -871,9 +859,9 @@ def run(config, workdir: str) -> dict[str, float]:
       epoch, pos = divmod(step, steps_per_epoch)
       order = np.random.default_rng([su.seed, epoch]).permutation(len(train))
       idx = order[pos * micro * accum : (pos + 1) * micro * accum]
-      host = local_train_batch(
-        parts, config, train, idx, epoch, step, total_steps, su.seed, accum, micro
-      )
+      mine = host_rows(idx, accum, micro)
+      host = train_batch(parts, config, train, mine, epoch, step, total_steps, su.seed, accum)
+      host = agree_length(host, parts)
       # Each process feeds only its rows of the global [accum, micro, ...] batch.
       batch = {
         k: jax.make_array_from_process_local_data(batch_sh, v, (v.shape[0], micro, *v.shape[2:]))

@@ -99,3 +99,14 @@ def test_comparison_needs_the_same_candidates(tmp_path):
   assert "| SASRec |  |  |  | 0.2000 |" in summary
   assert "| uniform: LoRA experts, uniform gate (E=4) | different candidates" in summary
   assert "0.1250" not in summary  # The incomparable run's numbers are left out.
+
+
+def test_group_metrics_get_their_own_table():
+  final = {"run": "ilora", "stage": "ilora", "split": "val", "step": 3, "final": True,
+           "hr@1": 0.25, "group/0/rows": 3, "group/0/hr@1": 0.125, "group/0/gate/0": 0.75,
+           "group/1/rows": 1, "group/1/hr@1": 0.625}  # fmt: skip
+  lines = report.group_table([final])
+  assert lines[3] == "| run | split | group | rows | hr@1 | gate/0 |"
+  assert lines[5] == "| ilora | val | 0 | 3.0000 | 0.1250 | 0.7500 |"
+  assert lines[6] == "| ilora | val | 1 | 1.0000 | 0.6250 |  |"
+  assert report.group_table([{k: v for k, v in final.items() if "group" not in k}]) == []
