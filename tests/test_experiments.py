@@ -232,3 +232,34 @@ def test_grid_resumes_and_adds_seeds(smoke):
   md = open(os.path.join(w, "results.md")).read()
   row = [line for line in md.split("## val")[1].splitlines() if line.startswith("| lora | 2 |")]
   assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" in row[0]
+
+
+def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(tmp_path):
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  from conftest import ROOT
+
+  w = str(tmp_path / "grid")
+  args = [sys.executable, "-m", "ilora_jax.experiments", GRID, f"--workdir={w}",
+          "--grid.seeds=0", "--grid.only=lora", SMOKE + " ilora.train.steps=150"]  # fmt: skip
+  proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(w, "runs", "lora", "seed0", "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and any(r["split"] == "train" for r in _records(metrics[:-14])):
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)  # To the runner only: it forwards the signal to the job.
+  out, err = proc.communicate(timeout=300)
+  assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+  assert "lora/seed0 stopped by SIGTERM; re-run the same command to resume" in err
+  stopped_at = max(r["step"] for r in _records(metrics[:-14]) if r["split"] == "train")
+  assert 0 < stopped_at < 150
+  rerun = run_cli(*args[3:], module="ilora_jax.experiments")
+  assert rerun.returncode == 0, rerun.stderr[-2000:]
+  assert "grid: 2 runs, 1 already finished" in rerun.stdout
+  steps = [r["step"] for r in _records(metrics[:-14]) if r["split"] == "train"]
+  assert steps == list(range(1, 151))  # Resumed from the checkpoint: every step once.
