@@ -321,7 +321,7 @@ def _finals(records: list[dict]) -> dict[str, dict]:
 
 def collect(runs: list[Run], resolved: dict) -> dict:
   """{variant: {seed: {split: record}}} of finished runs, plus their seconds and configs."""
-  results: dict = {"runs": {}, "seconds": {}, "commands": {}, "experts": {}}
+  results: dict = {"runs": {}, "seconds": {}, "commands": {}, "experts": {}, "gate_test": {}}
   for run in runs:
     results["commands"][run.name] = run.command
     if not finished(run):
@@ -332,6 +332,9 @@ def collect(runs: list[Run], resolved: dict) -> dict:
     finals = _finals(read_records(run.workdir))
     if finals:
       results["runs"].setdefault(run.variant, {})[str(run.seed)] = finals
+      test = gate_test(run)
+      if test is not None:
+        results["gate_test"].setdefault(run.variant, {})[str(run.seed)] = test
   for name, config in resolved.items():
     results["experts"][name] = int(config.lora.num_experts)
   return results
@@ -378,12 +381,70 @@ def gate_specialisation(record: dict, groups: list[int], experts: int) -> float 
     means.append(np.asarray(row, np.float64))
   if len(means) < 2 or experts < 2:
     return None
+  return _distance(np.asarray(means))
+
+
+def _distance(means: np.ndarray) -> float:
+  """Mean pairwise total-variation distance between the rows of `means` [groups, E]."""
   pairs = [
     0.5 * np.abs(means[i] - means[j]).sum()
     for i in range(len(means))
     for j in range(i + 1, len(means))
   ]
   return float(np.mean(pairs))
+
+
+def gate_permutation_test(
+  gates: np.ndarray, groups: np.ndarray, rounds: int = 1000, seed: int = 0
+) -> dict[str, float]:
+  """Is the gate specialisation more than chance? The distance between the groups' mean gates
+  [rows, E] is compared with the same statistic under shuffled group labels (finite groups
+  differ by sampling noise alone). Returns the observed distance, the shuffled-label mean
+  and the one-sided p-value (share of shuffles at least as large, with the +1 correction)."""
+  labels = np.unique(groups)
+
+  def stat(g):
+    return _distance(np.stack([gates[g == k].mean(0) for k in labels]))
+
+  observed = stat(groups)
+  rng = np.random.default_rng(seed)
+  null = np.array([stat(rng.permutation(groups)) for _ in range(rounds)])
+  p = (1 + np.sum(null >= observed)) / (rounds + 1)
+  return {"distance": observed, "chance": float(null.mean()), "p": float(p)}
+
+
+def _row_groups(workdir: str, rows: int) -> np.ndarray | None:
+  """The user group of each val row of a run: saved with the gates, or regenerated from the
+  run's synthetic-data settings (runs made before groups were saved)."""
+  try:
+    with open(os.path.join(workdir, "config.json")) as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return None
+  data = config.get("data", {})
+  if data.get("name") != "synthetic":
+    return None
+  from ilora_jax import synthetic
+
+  s = data["synthetic"]
+  _, val, _ = synthetic.generate(
+    s["num_items"], s["num_users"], s["num_groups"], s["seq_len"], data["max_len"],
+    s["noise"], s["seed"],
+  )  # fmt: skip
+  return val.group if len(val.group) == rows else None
+
+
+def gate_test(run: Run) -> dict[str, float] | None:
+  """`gate_permutation_test` on a finished run's val gates (`W/report/gates.npz`)."""
+  try:
+    saved = np.load(os.path.join(run.workdir, "report", "gates.npz"))
+  except (OSError, ValueError):
+    return None
+  gates = saved["gates"]
+  groups = saved["groups"] if "groups" in saved else _row_groups(run.workdir, len(gates))
+  if groups is None or gates.shape[1] < 2 or len(np.unique(groups)) < 2:
+    return None
+  return gate_permutation_test(gates, np.asarray(groups))
 
 
 def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str) -> str:
@@ -477,6 +538,20 @@ def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str
           *spec_rows,
           "",
         ]
+      if split == "val" and results.get("gate_test"):
+        lines += [
+          "Is that more than chance? The same distance with the val users' group labels "
+          "shuffled 1,000 times (finite groups differ by sampling noise alone); p = share of "
+          "shuffles at least as large:",
+          "",
+          "| variant | seed | distance | shuffled labels (mean) | p |",
+          "|---|---|---|---|---|",
+        ]
+        for v, seeds in results["gate_test"].items():
+          for s in sorted(seeds, key=int):
+            t = seeds[s]
+            lines.append(f"| {v} | {s} | {t['distance']:.4f} | {t['chance']:.4f} | {t['p']:.3f} |")
+        lines.append("")
   lines += ["## Runs", ""]
   lines.append("| run | seconds | command |")
   lines.append("|---|---|---|")

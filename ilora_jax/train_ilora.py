@@ -680,7 +680,13 @@ def save_gate_table(
     users.append(np.asarray(u)[:keep])
   out = os.path.join(workdir, "report")
   os.makedirs(out, exist_ok=True)
-  np.savez(os.path.join(out, "gates.npz"), gates=np.concatenate(gates), users=np.concatenate(users))
+  extra = {} if split.group is None else {"groups": split.group}  # Known user groups.
+  np.savez(
+    os.path.join(out, "gates.npz"),
+    gates=np.concatenate(gates),
+    users=np.concatenate(users),
+    **extra,
+  )
 
 
 # ----------------------------------------------------------------------------- the stage

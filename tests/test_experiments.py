@@ -65,6 +65,23 @@ def test_gate_specialisation_on_hand_made_gates():
   assert experiments.gate_specialisation(record([[1.0], [1.0]]), [0, 1], 1) is None
 
 
+def test_gate_permutation_test_tells_signal_from_noise():
+  rng = np.random.default_rng(0)
+  groups = np.repeat(np.arange(3), 30)
+  noise = rng.dirichlet(np.ones(4), size=90)  # Gates unrelated to the groups.
+  signal = 0.5 * noise + 0.5 * np.eye(4)[groups]  # Each group leans on its own expert.
+  strong = experiments.gate_permutation_test(signal, groups, rounds=200)
+  assert strong["p"] == pytest.approx(1 / 201) and strong["distance"] > 3 * strong["chance"]
+  weak = experiments.gate_permutation_test(noise, groups, rounds=200)
+  assert weak["p"] > 0.05 and weak["distance"] == pytest.approx(
+    experiments.gate_specialisation(
+      {f"group/{g}/gate/{e}": noise[groups == g, e].mean() for g in range(3) for e in range(4)},
+      [0, 1, 2],
+      4,
+    )
+  )
+
+
 def test_synthetic_groups_have_conflicting_next_item_rules():
   train, val, test = synthetic.generate(30, 300, 3, 12, 10, noise=0.0, seed=0)
   rule, conflicts = {}, set()
@@ -213,7 +230,9 @@ def test_grid_runs_tabulates_and_plots(smoke):
   for g in groups:
     gates = [final[f"group/{g}/gate/{e}"] for e in range(4)]
     assert sum(gates) == pytest.approx(1, abs=1e-5)
-  assert "Per user group" in md and "Gate specialisation" in md
+  assert "Per user group" in md and "Gate specialisation" in md and "shuffled labels" in md
+  test = results["gate_test"]["ilora"]["0"]
+  assert 0 < test["p"] <= 1 and test["distance"] >= 0
   for name in ("metrics.png", "groups.png", "gates.png", "loss.png"):
     assert os.path.getsize(os.path.join(w, "plots", name)) > 1000
 
