@@ -11,7 +11,7 @@ the gate, each expert's weight repeated over its r / E components:
 
   delta[b] = s * ((dropout(x[b]) A) * repeat(g[b], r / E)) B.
 
-`InstanceLoRA` computes exactly that: two thin einsums and an elementwise scale on the
+`InstanceLoRA` computes exactly that: two thin matmuls and an elementwise scale on the
 [batch, time, r] intermediate, so no per-expert full-width output is ever materialised.
 
 Special cases:
@@ -115,6 +115,38 @@ class LoRAConfig:
     return self.alpha / self.expert_rank
 
 
+DROPOUT_BITS = 16  # Random bits per dropout decision; the rate is rounded to 2**-16.
+
+
+def dropout(key: Array, x: Array, rate: float) -> Array:
+  """Inverted dropout of `x` with 16 random bits per element.
+
+  Each element is kept when a 16-bit uniform integer is at least round(rate * 2**16), and
+  kept elements are scaled by 1 / keep_prob with keep_prob the exact (rounded) keep
+  probability, so E[dropout(x)] = x exactly. One 32-bit threefry draw makes two decisions:
+  flax's `nn.Dropout` draws 32-bit uniform floats, one threefry call per element, and on a
+  CPU that alone took about a fifth of a SmolLM2-135M adapter step (bench/README.md).
+
+  Args:
+    key: a PRNG key.
+    x: the array.
+    rate: drop probability in [0, 1).
+
+  Returns:
+    x with dropped elements zeroed and kept ones scaled, same shape and dtype.
+  """
+  levels = 1 << DROPOUT_BITS
+  threshold = round(rate * levels)
+  if threshold == 0:
+    return x
+  size = math.prod(x.shape)
+  words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
+  halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size]
+  keep = (halves >= threshold).reshape(x.shape)
+  scale = levels / (levels - threshold)
+  return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+
+
 class InstanceLoRA(nn.Module):
   """Fused instance-wise LoRA delta for one projection.
 
@@ -174,9 +206,16 @@ class InstanceLoRA(nn.Module):
     )  # [r, out]
     dtype = x.dtype
     scale = self.alpha / (self.rank // self.num_experts)
-    if self.dropout_rate > 0.0:
-      x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    h = jnp.einsum("btd,dr->btr", x, a.astype(dtype))  # [batch, time, rank]
+    if self.dropout_rate > 0.0 and not deterministic:
+      x = dropout(self.make_rng("dropout"), x, self.dropout_rate)
+    batch, time = x.shape[:2]
+    # Both products as plain 2-D matmuls over the flattened rows: with [b, t, .] einsums, the
+    # gradient of B came out as [out, r] plus a transpose that XLA:CPU fused into the producer
+    # of the incoming gradient as a strided copy, about a fifth of a SmolLM2-135M train step
+    # on 2 CPU cores (bench/README.md).
+    h = (x.reshape(batch * time, self.in_features) @ a.astype(dtype)).reshape(
+      batch, time, self.rank
+    )  # [batch, time, rank]
     if gate_weights is None:
       h = h * jnp.asarray(scale, dtype)
     else:
@@ -190,7 +229,8 @@ class InstanceLoRA(nn.Module):
         gate_weights.astype(jnp.float32), self.rank // self.num_experts, axis=-1
       )  # [batch, rank]: expert k's weight on components k*r/E .. (k+1)*r/E - 1
       h = h * coef.astype(dtype)[:, None, :]  # [batch, time, rank]
-    return jnp.einsum("btr,re->bte", h, b.astype(dtype))  # [batch, time, out]
+    delta = h.reshape(batch * time, self.rank) @ b.astype(dtype)  # [batch * time, out]
+    return delta.reshape(batch, time, self.out_features)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -171,6 +171,53 @@ def test_dropout_only_when_not_deterministic():
   assert 0.2 < np.mean(ratio == 0) < 0.8
 
 
+def test_dropout_rate_scale_and_independence():
+  x = jnp.ones((7, 33, 101), jnp.float32)  # odd element count: the last 32-bit draw is split
+  for rate in (0.05, 0.1, 0.5):
+    out = np.asarray(lora.dropout(jax.random.key(3), x, rate))
+    threshold = round(rate * 65536)
+    keep_prob = 1 - threshold / 65536
+    kept = out != 0
+    np.testing.assert_allclose(out[kept], 1 / keep_prob, rtol=1e-6)  # E[out] = x exactly
+    n = out.size
+    # Binomial(n, rate): the dropped fraction within 5 standard deviations of the rate.
+    assert abs((~kept).mean() - rate) < 5 * np.sqrt(rate * (1 - rate) / n)
+  a = np.asarray(lora.dropout(jax.random.key(0), x, 0.5)) != 0
+  b = np.asarray(lora.dropout(jax.random.key(1), x, 0.5)) != 0
+  assert 0.4 < (a == b).mean() < 0.6  # independent masks agree on about half the elements
+  # Neighbouring elements come from the two halves of one 32-bit draw: still uncorrelated.
+  flat = a.reshape(-1)
+  assert abs(np.corrcoef(flat[0:-1:2], flat[1::2])[0, 1]) < 0.02
+  assert lora.dropout(jax.random.key(0), x, 0.0) is x
+
+
+def test_gradients_match_the_unfused_per_expert_sum():
+  a, b = _random_params(8, seed=11)
+  x = _x(batch=2)
+  gate = np.random.default_rng(2).dirichlet(np.ones(4), size=2).astype(np.float32)
+  module = _module()
+  cot = np.random.default_rng(4).standard_normal((2, T, D_OUT)).astype(np.float32)
+
+  def fused(a, b, x, g):
+    return jnp.sum(module.apply({"params": {"lora_a": a, "lora_b": b}}, x, g, True) * cot)
+
+  def unfused(a, b, x, g):  # s * sum_k g_k (x A_k) B_k, each expert on its own
+    per = 2
+    total = 0.0
+    for k in range(4):
+      block = jnp.einsum(
+        "btd,dr,re->bte", x, a[:, k * per : (k + 1) * per], b[k * per : (k + 1) * per]
+      )
+      total = total + g[:, k, None, None] * block
+    return jnp.sum(32.0 / per * total * cot)
+
+  args = tuple(jnp.asarray(v) for v in (a, b, x, gate))
+  got = jax.grad(fused, argnums=(0, 1, 2, 3))(*args)
+  want = jax.grad(unfused, argnums=(0, 1, 2, 3))(*args)
+  for g, w in zip(got, want):
+    chex.assert_trees_all_close(g, w, rtol=1e-4, atol=1e-4)
+
+
 def test_compute_dtype_follows_the_input():
   a, b = _random_params(8, seed=8)
   x = _x()
