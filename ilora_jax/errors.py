@@ -48,6 +48,19 @@ def flag_error(exc: Exception) -> UserError:
   return UserError(text)
 
 
+def parse_flags(values, argv: list[str], what: str = "config") -> None:
+  """Parses `argv` into absl `values`; a bad flag or an override naming an unknown key of
+  the `what` config becomes a UserError."""
+  from absl import flags
+
+  try:
+    values(argv)
+  except flags.Error as exc:
+    raise flag_error(exc) from None
+  except (AttributeError, KeyError) as exc:  # An override names an unknown config key.
+    raise UserError(f"unknown {what} key: {exc}") from None
+
+
 def _one_line(text: str) -> str:
   return " ".join(str(text).split())
 

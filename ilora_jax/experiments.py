@@ -41,7 +41,8 @@ import numpy as np
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from ilora_jax.errors import UserError, cli_main, flag_error
+from ilora_jax import report
+from ilora_jax.errors import UserError, cli_main, parse_flags
 
 _GRID = config_flags.DEFINE_config_file(
   "grid", None, "Path to a grid file (configs/experiments/*.py).", lock_config=True
@@ -132,12 +133,7 @@ def load_run_config(path: str, overrides: list[str]) -> ConfigDict:
   config_flags.DEFINE_config_file(
     "config", None, "", flag_values=values, lock_config=True, sys_argv=argv
   )
-  try:
-    values(argv)
-  except flags.Error as exc:
-    raise flag_error(exc) from None
-  except (AttributeError, KeyError) as exc:
-    raise UserError(f"unknown config key: {exc}") from None
+  parse_flags(values, argv)
   config = values.config
   configuration.validate(config)
   return config
@@ -215,21 +211,6 @@ def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dic
 # ----------------------------------------------------------------------------- running
 
 
-def read_records(workdir: str) -> list[dict]:
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  out = []
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        try:
-          out.append(json.loads(line))
-        except ValueError:
-          pass  # A line cut by a kill; the run rewrites it when it resumes.
-  return out
-
-
 def finished(run: Run) -> bool:
   """True when the run's stage wrote its final test record (or recorded test as skipped)."""
   stage = "sasrec" if run.variant == "sasrec" else "ilora"
@@ -238,7 +219,7 @@ def finished(run: Run) -> bool:
     and r.get("run") == stage
     and r.get("split") == "test"
     and (r.get("final") or "skipped" in r)
-    for r in read_records(run.workdir)
+    for r in report.read_records(run.workdir)
   )
 
 
@@ -310,15 +291,6 @@ def execute(run: Run, python: str) -> None:
 # ----------------------------------------------------------------------------- results
 
 
-def _finals(records: list[dict]) -> dict[str, dict]:
-  """Latest final iLoRA record per split."""
-  out = {}
-  for r in records:
-    if r.get("final") and r.get("stage") == "ilora" and r.get("run") == "ilora":
-      out[r["split"]] = r
-  return out
-
-
 def collect(runs: list[Run], resolved: dict) -> dict:
   """{variant: {seed: {split: record}}} of finished runs, plus their seconds and configs."""
   results: dict = {"runs": {}, "seconds": {}, "commands": {}, "experts": {}, "gate_test": {}}
@@ -329,7 +301,7 @@ def collect(runs: list[Run], resolved: dict) -> dict:
     results["seconds"][run.name] = round(_seconds(run), 1)
     if run.variant == "sasrec":
       continue
-    finals = _finals(read_records(run.workdir))
+    finals = report.finals_by_split(report.read_records(run.workdir), run="ilora")
     if finals:
       results["runs"].setdefault(run.variant, {})[str(run.seed)] = finals
       test = gate_test(run)
@@ -413,38 +385,18 @@ def gate_permutation_test(
   return {"distance": observed, "chance": float(null.mean()), "p": float(p)}
 
 
-def _row_groups(workdir: str, rows: int) -> np.ndarray | None:
-  """The user group of each val row of a run: saved with the gates, or regenerated from the
-  run's synthetic-data settings (runs made before groups were saved)."""
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      config = json.load(f)
-  except (OSError, ValueError):
-    return None
-  data = config.get("data", {})
-  if data.get("name") != "synthetic":
-    return None
-  from ilora_jax import synthetic
-
-  s = data["synthetic"]
-  _, val, _ = synthetic.generate(
-    s["num_items"], s["num_users"], s["num_groups"], s["seq_len"], data["max_len"],
-    s["noise"], s["seed"],
-  )  # fmt: skip
-  return val.group if len(val.group) == rows else None
-
-
 def gate_test(run: Run) -> dict[str, float] | None:
   """`gate_permutation_test` on a finished run's val gates (`W/report/gates.npz`)."""
   try:
     saved = np.load(os.path.join(run.workdir, "report", "gates.npz"))
   except (OSError, ValueError):
     return None
-  gates = saved["gates"]
-  groups = saved["groups"] if "groups" in saved else _row_groups(run.workdir, len(gates))
-  if groups is None or gates.shape[1] < 2 or len(np.unique(groups)) < 2:
+  if "groups" not in saved:  # Data without user groups.
     return None
-  return gate_permutation_test(gates, np.asarray(groups))
+  gates, groups = saved["gates"], saved["groups"]
+  if gates.shape[1] < 2 or len(np.unique(groups)) < 2:
+    return None
+  return gate_permutation_test(gates, groups)
 
 
 def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str) -> str:
@@ -573,6 +525,15 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
 
   os.makedirs(out_dir, exist_ok=True)
   written = []
+
+  def save(fig, name: str, tight: bool = True) -> None:
+    if tight:
+      fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    written.append(path)
+
   variants = list(results["runs"])
   splits = [s for s in SPLITS if any(_values(results, v, s, metrics[0]) for v in variants)]
   if not variants or not splits:
@@ -596,11 +557,7 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
         ax.legend(fontsize=7)
       ax.set_xticks(x, variants, rotation=30, ha="right", fontsize=8)
       ax.set_title(f"{split} {metric}", fontsize=9)
-  fig.tight_layout()
-  path = os.path.join(out_dir, "metrics.png")
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  written.append(path)
+  save(fig, "metrics.png")
 
   split = splits[0]
   groups = _groups(results, split)
@@ -608,23 +565,18 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(groups) * max(1, len(variants)) / 2, 3.2))
     width = 0.8 / len(variants)
     for k, v in enumerate(variants):
-      means = [
-        mean_std(vals)[0] if (vals := _values(results, v, split, f"group/{g}/{metrics[0]}")) else 0
+      stats = [
+        mean_std(vals)
+        if (vals := _values(results, v, split, f"group/{g}/{metrics[0]}"))
+        else (0, 0)
         for g in groups
       ]
-      stds = [
-        mean_std(vals)[1] if (vals := _values(results, v, split, f"group/{g}/{metrics[0]}")) else 0
-        for g in groups
-      ]
+      means, stds = zip(*stats)
       ax.bar(np.arange(len(groups)) + k * width, means, width, yerr=stds, label=v, capsize=2)
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"group {g}" for g in groups])
     ax.set_ylabel(f"{split} {metrics[0]}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "groups.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    save(fig, "groups.png")
     gated = [v for v in variants if results["experts"].get(v, 1) > 1]
     if gated:
       fig, axes = plt.subplots(
@@ -642,10 +594,7 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
         ax.set_yticks(range(len(groups)), [f"group {g}" for g in groups] if i == 0 else [])
         ax.set_title(f"{v} (seed {seed})", fontsize=9)
       fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, label="mean gate weight")
-      path = os.path.join(out_dir, "gates.png")
-      fig.savefig(path, dpi=110)
-      plt.close(fig)
-      written.append(path)
+      save(fig, "gates.png", tight=False)  # constrained layout
 
   fig, ax = plt.subplots(figsize=(6, 3.5))
   drawn = False
@@ -655,7 +604,7 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
         continue
       pts = [
         (r["step"], r["loss"])
-        for r in read_records(run.workdir)
+        for r in report.read_records(run.workdir)
         if r.get("stage") == "ilora" and r.get("split") == "train" and "loss" in r
       ]
       if len(pts) > 1:
@@ -670,11 +619,9 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("train loss (smoothed)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "loss.png")
-    fig.savefig(path, dpi=110)
-    written.append(path)
-  plt.close(fig)
+    save(fig, "loss.png")
+  else:
+    plt.close(fig)
   return written
 
 
@@ -716,11 +663,7 @@ def write_results(grid: ConfigDict, runs: list[Run], resolved: dict, workdir: st
 
 def parse(argv: list[str]) -> tuple[ConfigDict, str, str]:
   try:
-    flags.FLAGS(argv)
-  except flags.Error as exc:
-    raise flag_error(exc) from None
-  except (AttributeError, KeyError) as exc:
-    raise UserError(f"unknown grid key: {exc}") from None
+    parse_flags(flags.FLAGS, argv, "grid")
   except (SyntaxError, ValueError, TypeError, ImportError) as exc:  # Raised by the grid file.
     raise UserError(f"cannot load the grid file: {type(exc).__name__}: {exc}") from None
   grid_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), None)

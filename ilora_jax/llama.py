@@ -50,6 +50,8 @@ class LlamaConfig:
   `rope_scaling` is None or a mapping for Llama 3 scaling with keys 'factor',
   'low_freq_factor', 'high_freq_factor' and 'original_max_position_embeddings'.
   `remat_policy` is one of 'none', 'full', 'dots' (save matmul outputs) or 'dots_no_batch'.
+  `init_std` is the standard deviation of the matrices drawn by `init_params` (Hugging Face's
+  0.02); it only matters for random models, loaded weights replace every matrix.
   """
 
   vocab_size: int = 32000
@@ -64,6 +66,7 @@ class LlamaConfig:
   rms_norm_eps: float = 1e-5
   tie_word_embeddings: bool = False
   max_position_embeddings: int = 4096
+  init_std: float = 0.02
   param_dtype: Any = jnp.float32
   dtype: Any = jnp.float32
   remat_policy: str = "none"
@@ -86,6 +89,8 @@ class LlamaConfig:
       raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"attention {self.attention!r} not in {ATTENTION_IMPLS}")
+    if not self.init_std > 0:
+      raise ValueError(f"init_std must be > 0, got {self.init_std}")
 
   def replace(self, **changes) -> LlamaConfig:
     """Returns a copy with `changes` applied."""
@@ -194,12 +199,13 @@ class Projection(nn.Module):
   dtype: Any
   param_dtype: Any
   adapter: AdapterFactory | None = None
+  init_std: float = 0.02
 
   @nn.compact
   def __call__(self, x: Array, gate_weights: Array | None, deterministic: bool) -> Array:
     """x: [b, t, *in] -> [b, t, *out]; gate_weights: [b, experts] or None."""
     kernel = _param(
-      self, "kernel", nn.initializers.normal(0.02), self.shape, self.axes, self.param_dtype
+      self, "kernel", nn.initializers.normal(self.init_std), self.shape, self.axes, self.param_dtype
     )
     x = x.astype(self.dtype)
     y = jnp.einsum(self.spec, x, kernel.astype(self.dtype))
@@ -242,7 +248,11 @@ class Attention(nn.Module):
     cfg = self.config
     d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     proj = functools.partial(
-      Projection, dtype=cfg.dtype, param_dtype=cfg.param_dtype, adapter=self.adapter
+      Projection,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      adapter=self.adapter,
+      init_std=cfg.init_std,
     )
     q = proj("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), "q", name="q")(
       x, gate_weights, deterministic
@@ -301,7 +311,11 @@ class MLP(nn.Module):
     cfg = self.config
     d, f = cfg.hidden_size, cfg.intermediate_size
     proj = functools.partial(
-      Projection, dtype=cfg.dtype, param_dtype=cfg.param_dtype, adapter=self.adapter
+      Projection,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      adapter=self.adapter,
+      init_std=cfg.init_std,
     )
     gate = proj("btd,df->btf", (d, f), ("embed", "mlp"), "gate", name="gate")(
       x, gate_weights, deterministic
@@ -369,7 +383,7 @@ class Llama(nn.Module):
     cfg = self.config
     self.embedding = self.param(
       "embedding",
-      nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
+      nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
       (cfg.vocab_size, cfg.hidden_size),
       cfg.param_dtype,
     )
@@ -390,7 +404,7 @@ class Llama(nn.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = self.param(
         "lm_head",
-        nn.with_logical_partitioning(nn.initializers.normal(0.02), ("embed", "vocab")),
+        nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("embed", "vocab")),
         (cfg.hidden_size, cfg.vocab_size),
         cfg.param_dtype,
       )

@@ -513,17 +513,12 @@ def load(
       config_overrides[key] = value
   kind, target = _resolve(name_or_path)
   if kind == "preset":
-    config = PRESETS[target].replace(**config_overrides)
+    config = PRESETS[target].replace(init_std=init_std, **config_overrides)
     if shardings is None and mesh is not None:
       shardings = mesh_shardings(config, mesh, rules)
     shardings = weights.resolve_shardings(shardings, abstract_params(config))
     init = functools.partial(llama.init_params, config)
     params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
-    if init_std != 0.02:  # Every matrix was drawn from normal(0.02); norm scales are ones.
-      factor = init_std / 0.02
-      params = jax.tree_util.tree_map_with_path(
-        lambda path, x: x if getattr(path[-1], "key", None) == "scale" else x * factor, params
-      )
     return LLM(config, params, _random_tokenizer(config), adapter)
   if kind == "gguf":
     reader = weights.open_gguf(target)

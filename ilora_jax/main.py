@@ -12,7 +12,7 @@ import sys
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from ilora_jax.errors import UserError, cli_main, flag_error
+from ilora_jax.errors import UserError, cli_main, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
   "config", None, "Path to a config file (configs/*.py).", lock_config=True
@@ -22,12 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 
 def parse(argv: list[str]) -> tuple[ConfigDict, str]:
   """Parses flags; turns every flag or config problem into a UserError."""
-  try:
-    flags.FLAGS(argv)
-  except flags.Error as exc:
-    raise flag_error(exc) from None
-  except (AttributeError, KeyError) as exc:  # An override names an unknown config key.
-    raise UserError(f"unknown config key: {exc}") from None
+  parse_flags(flags.FLAGS, argv)
   if flags.FLAGS["config"].value is None and not any(a.startswith("--config") for a in argv):
     raise UserError("--config is required, e.g. --config=configs/tiny.py")
   config = _CONFIG.value

@@ -27,11 +27,23 @@ COMPARE_KEYS = ("valid_ratio", "hit_ratio@1", "hits_over_total", "hr@1", "hr@5",
 
 
 def read_records(workdir: str) -> list[dict]:
+  """The records of `workdir/metrics.jsonl` ([] when absent).
+
+  A line that does not parse is skipped: only the last line can be one, cut by a kill, and
+  the run rewrites that record when it resumes.
+  """
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  out = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      if line.strip():
+        try:
+          out.append(json.loads(line))
+        except ValueError:
+          pass
+  return out
 
 
 def _numeric(record: dict) -> dict[str, float]:
@@ -103,11 +115,11 @@ def describe_run(workdir: str) -> str:
   return f"iLoRA (E={experts}, router {rtr.get('kind')})"
 
 
-def _finals_by_split(records: list[dict]) -> dict[str, dict]:
-  """The latest final record per split (ilora stage)."""
+def finals_by_split(records: list[dict], run: str | None = None) -> dict[str, dict]:
+  """The latest final record per split of the ilora stage (of one `run` when given)."""
   out = {}
   for r in records:
-    if r.get("final") and r.get("stage") == "ilora":
+    if r.get("final") and r.get("stage") == "ilora" and run in (None, r.get("run")):
       out[r["split"]] = r
   return out
 
@@ -136,8 +148,8 @@ def group_table(finals: list[dict]) -> list[str]:
 def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> list[str]:
   """Markdown lines of the per-split comparison tables (empty when nothing to compare)."""
   lines = []
-  others = {name: _finals_by_split(read_records(path)) for name, path in compare.items()}
-  for split, rec in _finals_by_split(records).items():
+  others = {name: finals_by_split(read_records(path)) for name, path in compare.items()}
+  for split, rec in finals_by_split(records).items():
     rows = [(f"{describe_run(workdir)}, this run", {k: rec.get(k) for k in COMPARE_KEYS})]
     for prefix, label in (
       ("base/", "base LLM, no adapters (text-only prompt)"),

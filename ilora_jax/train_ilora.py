@@ -606,34 +606,40 @@ class Evaluator:
     target = self.target[self.idx]
     result: dict[str, float] = {}
     self.scores = {n: np.concatenate(o["scores"]) for n, o in out.items() if o["scores"]}
+    # Per-row outcomes: target ranks under each scorer, generation validity and hits.
+    ranks = {n: target_ranks(s, target) for n, s in self.scores.items()}
+    if sas_scores:
+      ranks["sasrec"] = target_ranks(np.concatenate(sas_scores), target)
     for name, prefix in (("model", ""), ("base", "base/")):
       o = out[name]
       metrics = generation_metrics(np.array(o["valid"]), np.array(o["hit"])) if o["valid"] else {}
-      if o["scores"]:  # Candidates ranked by the model's likelihood of their titles.
-        metrics.update(ranking_metrics(target_ranks(np.concatenate(o["scores"]), target)))
+      if name in ranks:  # Candidates ranked by the model's likelihood of their titles.
+        metrics.update(ranking_metrics(ranks[name]))
       result.update({prefix + k: v for k, v in metrics.items()})
       if name == "model":
         result["loss"] = nll_total / max(tokens, 1)  # Mean over every target token.
-    if sas_scores:
-      ranks = target_ranks(np.concatenate(sas_scores), target)
-      result.update({f"sasrec/{k}": v for k, v in ranking_metrics(ranks).items()})
+    if "sasrec" in ranks:
+      result.update({f"sasrec/{k}": v for k, v in ranking_metrics(ranks["sasrec"]).items()})
     self.gates = np.concatenate(gates) if gates else None
     if self.split.group is not None:
-      result.update(self._group_metrics(out, sas_scores))
+      result.update(self._group_metrics(out["model"], ranks))
     return result
 
-  def _group_metrics(self, out: dict, sas_scores: list) -> dict[str, float]:
-    """Metrics and mean gate weights per user group (`group/<g>/...`), where groups are known."""
+  def _group_metrics(self, model_out: dict, ranks: dict) -> dict[str, float]:
+    """Metrics and mean gate weights per user group (`group/<g>/...`), where groups are known.
+
+    `model_out` holds the adapted model's per-row generation outcomes, `ranks` the per-row
+    target ranks by scorer ('model', 'sasrec', ...) computed by `__call__`.
+    """
     group = self.split.group[self.idx]
-    target = self.target[self.idx]
     per_row: dict[str, np.ndarray] = {}
-    if out["model"]["scores"]:
-      per_row["rank"] = target_ranks(np.concatenate(out["model"]["scores"]), target)
-    if out["model"]["valid"]:
-      per_row["valid"] = np.array(out["model"]["valid"])
-      per_row["hit"] = np.array(out["model"]["hit"])
-    if sas_scores:
-      per_row["sasrec_rank"] = target_ranks(np.concatenate(sas_scores), target)
+    if "model" in ranks:
+      per_row["rank"] = ranks["model"]
+    if model_out["valid"]:
+      per_row["valid"] = np.array(model_out["valid"])
+      per_row["hit"] = np.array(model_out["hit"])
+    if "sasrec" in ranks:
+      per_row["sasrec_rank"] = ranks["sasrec"]
     result: dict[str, float] = {}
     for g in np.unique(group):
       rows = group == g

@@ -221,6 +221,22 @@ def test_llm_generate_compiles_once_per_shape():
   assert logits.shape == (1, 3, model.config.vocab_size) and logits.dtype == np.float32
 
 
+def test_init_std_sets_the_std_of_every_random_matrix():
+  for std in (0.02, 0.125):
+    params = llm.load("tiny", init_std=std).params
+    flat = jax.tree_util.tree_leaves_with_path(params)
+    is_scale = [getattr(p[-1], "key", "") == "scale" for p, _ in flat]
+    matrices = [np.asarray(x, np.float64) for (p, x), sc in zip(flat, is_scale) if not sc]
+    scales = [np.asarray(x) for (p, x), sc in zip(flat, is_scale) if sc]
+    assert len(matrices) >= 8 and scales
+    for m in matrices:  # embedding and every projection (per-matrix sample std)
+      assert abs(m.std() / std - 1) < 0.05, (m.shape, m.std())
+    for sc in scales:  # RMSNorm scales stay ones
+      np.testing.assert_array_equal(sc, 1.0)
+  with pytest.raises(ValueError, match="init_std"):
+    llama.LlamaConfig(init_std=0.0)
+
+
 class ConstAdapter(nn.Module):
   """Test adapter: delta = scale * sum(gate_weights) (+1 if not deterministic), per row."""
 
