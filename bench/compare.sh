@@ -5,13 +5,15 @@
 #
 # Defaults: the SmolLM2-135M shape (random weights), batch 4, seq 256, 5 timed steps; on a CPU
 # both run in float32 (bf16 is emulated there), on a GPU in bf16. Prints each JSON line and
-# the ratio JAX step time / fused PyTorch step time (the CPU target is <= 0.7).
+# the ratio JAX step time / fused PyTorch step time (the CPU target is <= 0.7). Uses $PYTHON,
+# else ./.venv/bin/python when present, else python.
 set -eu
 MODEL=${1:-smollm2-135m-random}
 B=${2:-4}
 T=${3:-256}
 N=${4:-5}
 PY=${PYTHON:-python}
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
 DT=float32
 if $PY -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then DT=bfloat16; fi
 jax_line=$($PY -m ilora_jax.bench --config=configs/movielens.py --config.llm.name="$MODEL" \
@@ -21,6 +23,13 @@ fused=$($PY bench/torch_reference.py --model="$MODEL" --variant=fused --batch_si
   --seq_len="$T" --steps="$N" 2>/dev/null | tail -n 1)
 orig=$($PY bench/torch_reference.py --model="$MODEL" --variant=original --batch_size="$B" \
   --seq_len="$T" --steps="$N" 2>/dev/null | tail -n 1)
+for pair in "JAX:$jax_line" "fused PyTorch:$fused" "original PyTorch:$orig"; do
+  case "${pair#*:}" in
+    "{"*) ;;
+    *) echo "error: the ${pair%%:*} run printed no result; run its command alone to see why" >&2
+       exit 1 ;;
+  esac
+done
 echo "$jax_line"
 echo "$fused"
 echo "$orig"
