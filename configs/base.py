@@ -93,7 +93,10 @@ def get_config() -> config_dict.ConfigDict:
   c.llm.dtype = "bfloat16"  # Compute dtype: float32 | bfloat16.
   c.llm.param_dtype = "bfloat16"  # Frozen base weights: float32 | bfloat16.
   c.llm.attention = "auto"  # auto (cuDNN on GPUs in bf16, else xla) | xla | cudnn.
-  c.llm.remat = "none"  # Rematerialisation: none | full | dots | dots_no_batch.
+  # Rematerialisation: projections (keep q/k/v, the MLP's gate/up and the dropout masks,
+  # recompute the rest; the fastest on a CPU, bench/README.md) | none | full | dots |
+  # dots_no_batch.
+  c.llm.remat = "projections"
   # Std of the random presets' matrices (Hugging Face's 0.02; experiments on a tiny random
   # Llama use about 1/sqrt(hidden) so its frozen outputs are not near-uniform).
   c.llm.init_std = 0.02

@@ -38,7 +38,7 @@ def validate(config: ConfigDict) -> None:
     ("dtype", ("float32", "bfloat16", "float16")),
     ("param_dtype", ("float32", "bfloat16", "float16")),
     ("attention", ("auto", "xla", "cudnn")),
-    ("remat", ("none", "full", "dots", "dots_no_batch")),
+    ("remat", ("none", "full", "dots", "dots_no_batch", "projections")),
   ):
     value = config.llm[field]
     need(value in allowed, f"llm.{field}", f"={value!r} is not one of {', '.join(allowed)}")

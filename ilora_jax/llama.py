@@ -34,12 +34,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from ilora_jax.lora import KEEP_NAME
 
 Array = jax.Array
 AdapterFactory = Callable[..., nn.Module | None]
 
 _MASKED = -1e30  # score given to masked keys; finite so fully masked rows stay finite.
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "projections")
+# What the 'projections' policy keeps of each layer for the backward pass (names given with
+# `checkpoint_name`): the rotated q and k and the v projection, the residual stream after
+# attention, the gate and up projections of the MLP, and every adapter's dropout mask
+# (`lora.KEEP_NAME`, one byte per element). Everything else (norms, attention probabilities
+# and output, SwiGLU, the adapters' dropped inputs and low-rank products) is recomputed from
+# those, which costs no large matmul and no random bits.
+PROJECTIONS_SAVED = ("q", "k", "v", "mid", "mlp_gate", "mlp_up", KEEP_NAME)
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
@@ -49,7 +59,8 @@ class LlamaConfig:
 
   `rope_scaling` is None or a mapping for Llama 3 scaling with keys 'factor',
   'low_freq_factor', 'high_freq_factor' and 'original_max_position_embeddings'.
-  `remat_policy` is one of 'none', 'full', 'dots' (save matmul outputs) or 'dots_no_batch'.
+  `remat_policy` is one of 'none', 'full', 'dots' (save matmul outputs), 'dots_no_batch' or
+  'projections' (save the projection outputs and dropout masks, `PROJECTIONS_SAVED`).
   `init_std` is the standard deviation of the matrices drawn by `init_params` (Hugging Face's
   0.02); it only matters for random models, loaded weights replace every matrix.
   """
@@ -264,8 +275,9 @@ class Attention(nn.Module):
       x, gate_weights, deterministic
     )  # [b, t, k, h]
     inv_freq = rope_inv_freq(cfg)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
+    q = checkpoint_name(apply_rope(q, positions, inv_freq), "q")
+    k = checkpoint_name(apply_rope(k, positions, inv_freq), "k")
+    v = checkpoint_name(v, "v")
     new_cache = None
     if layer_cache is not None:
       cache_k, cache_v = layer_cache
@@ -323,6 +335,8 @@ class MLP(nn.Module):
     up = proj("btd,df->btf", (d, f), ("embed", "mlp"), "up", name="up")(
       x, gate_weights, deterministic
     )  # [b, t, f]
+    gate = checkpoint_name(gate, "mlp_gate")
+    up = checkpoint_name(up, "mlp_up")
     hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", "length", "mlp"))
     return proj("btf,fd->btd", (f, d), ("mlp", "embed"), "down", name="down")(
       hidden, gate_weights, deterministic
@@ -347,6 +361,7 @@ class DecoderLayer(nn.Module):
       h, positions, mask, layer_cache, cache_index, gate_weights, deterministic
     )
     x = nn.with_logical_constraint(x + attn, ("batch", "length", "embed"))
+    x = checkpoint_name(x, "mid")
     h = norm(name="mlp_norm")(x)
     x = x + MLP(cfg, self.adapter, name="mlp")(h, gate_weights, deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -361,6 +376,7 @@ def _layer_class(config: LlamaConfig) -> type[nn.Module]:
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "projections": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS_SAVED),
   }[config.remat_policy]
   # Argument 0 is `self`; 7 is `deterministic`.
   return nn.remat(

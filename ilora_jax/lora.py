@@ -34,6 +34,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from ilora_jax.errors import UserError
 
@@ -115,7 +116,7 @@ class LoRAConfig:
     return self.alpha / self.expert_rank
 
 
-DROPOUT_BITS = 16  # Random bits per dropout decision; the rate is rounded to 2**-16.
+KEEP_NAME = "lora_keep"  # `checkpoint_name` of the dropout mask.
 
 
 def dropout(key: Array, x: Array, rate: float) -> Array:
@@ -135,14 +136,16 @@ def dropout(key: Array, x: Array, rate: float) -> Array:
   Returns:
     x with dropped elements zeroed and kept ones scaled, same shape and dtype.
   """
-  levels = 1 << DROPOUT_BITS
+  levels = 1 << 16  # one uint16 per decision: two per 32-bit draw
   threshold = round(rate * levels)
   if threshold == 0:
     return x
   size = math.prod(x.shape)
   words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
   halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size]
-  keep = (halves >= threshold).reshape(x.shape)
+  # Named so that a remat policy can keep the mask (a byte per element) for the backward pass
+  # instead of drawing the bits again or storing the dropped input.
+  keep = checkpoint_name((halves >= threshold).reshape(x.shape), KEEP_NAME)
   scale = levels / (levels - threshold)
   return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
 

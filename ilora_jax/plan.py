@@ -15,7 +15,10 @@ hidden d, h heads): without rematerialisation L * b * T * (34 d + 5 h T) * bytes
 per-layer count of Korthikanti et al. (2022, "Reducing Activation Recomputation in Large
 Transformer Models") for 16-bit activations, divided over the tensor axis; with `llm.remat`
 "full" only each layer's input, L * b * T * d * bytes, plus one layer's working set; "dots"
-and "dots_no_batch" keep the matmul outputs, about half of the no-remat figure. Plus the
+and "dots_no_batch" keep the matmul outputs, about half of the no-remat figure;
+"projections" keeps per token the layer input, q, k, v, the residual after attention and the
+MLP's gate and up outputs (3 d + 2 k h + 2 f values for k KV heads of width h and MLP width
+f) plus the adapters' dropout masks (6 d + f bytes), plus one layer's working set. Plus the
 float32 logits b * T * vocab * 4 (three copies: logits, log-softmax, its gradient).
 """
 
@@ -99,6 +102,11 @@ def activation_bytes(cfg, micro_per_shard: int, seq_len: int, remat: str, tensor
     layers = L * b * t * d * itemsize + per_layer_full
   elif remat in ("dots", "dots_no_batch"):
     layers = L * per_layer_full / 2
+  elif remat == "projections":
+    kv = cfg.num_kv_heads * cfg.head_dim
+    values = 3 * d + 2 * kv + 2 * cfg.intermediate_size
+    masks = 6 * d + cfg.intermediate_size
+    layers = L * b * t * (values * itemsize + masks) / tensor + per_layer_full
   else:
     layers = L * per_layer_full
   logits = 3 * b * t * cfg.vocab_size * 4 / tensor

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ilora_jax import llama, llm
+from ilora_jax import llama, llm, lora
 from ilora_jax import tokenizer as tok_lib
 
 CFG = llama.LlamaConfig(
@@ -377,7 +377,7 @@ def test_remat_and_unscanned_layers_agree(params):
   loss = lambda p, m: jnp.mean(m.apply({"params": p}, tokens) ** 2)
   grad = jax.jit(jax.grad(loss), static_argnums=1)
   grads = grad(params, llama.Llama(CFG))
-  for policy in ("full", "dots", "dots_no_batch"):
+  for policy in ("full", "dots", "dots_no_batch", "projections"):
     module = llama.Llama(CFG.replace(remat_policy=policy))
     np.testing.assert_allclose(_apply(module, {"params": params}, tokens), base, atol=1e-5)
     if policy == "dots":  # one remat gradient check keeps the test fast
@@ -387,6 +387,55 @@ def test_remat_and_unscanned_layers_agree(params):
     unscanned[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
   module = llama.Llama(CFG.replace(scan_layers=False))
   np.testing.assert_allclose(_apply(module, {"params": unscanned}, tokens), base, atol=1e-5)
+
+
+def _residual_shapes(capsys, f, *args) -> list[tuple[str, tuple[int, ...]]]:
+  """(dtype, shape) of every residual the VJP of f saves (from `print_saved_residuals`)."""
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(f, *args)
+  found = []
+  for line in capsys.readouterr().out.splitlines():
+    dtype, _, dims = line.split(" ", 1)[0].partition("[")
+    found.append((dtype, tuple(int(n) for n in dims.rstrip("]").split(",") if n)))
+  return found
+
+
+def test_projections_remat_keeps_masks_recomputes_attention_same_gradients(capsys):
+  """The 'projections' policy: the gradients of 'none' (dropout active, same key), no stored
+  attention probabilities or dropped inputs, the dropout masks stored as booleans."""
+  factory = lora.adapter_factory(lora.LoRAConfig(rank=4, num_experts=2, dropout=0.25))
+  params = _init(CFG, factory, num_gates=2)
+  tokens = _tokens()
+  gates = jax.nn.softmax(jnp.asarray(np.random.default_rng(3).normal(size=(B, 2)), jnp.float32))
+  key = jax.random.PRNGKey(5)
+
+  def loss_of(policy):
+    module = llama.Llama(CFG.replace(remat_policy=policy), adapter=factory)
+
+    def loss(p):
+      out = module.apply(
+        {"params": p}, tokens, gate_weights=gates, deterministic=False, rngs={"dropout": key}
+      )
+      return jnp.mean(out**2)
+
+    return loss
+
+  grads = {p: jax.jit(jax.grad(loss_of(p)))(params) for p in ("none", "projections")}
+  chex.assert_trees_all_close(grads["projections"], grads["none"], rtol=1e-5, atol=1e-7)
+  adapter_grad = grads["none"]["layers"]["attn"]["q"]["adapter"]["lora_a"]
+  assert float(jnp.max(jnp.abs(adapter_grad))) > 0  # the comparison covers the adapters
+
+  L, d, kv = CFG.num_layers, CFG.hidden_size, CFG.num_kv_heads
+  probs = (L, B, kv, CFG.num_heads // kv, T, T)  # stacked attention probabilities
+  none = _residual_shapes(capsys, loss_of("none"), params)
+  kept = _residual_shapes(capsys, loss_of("projections"), params)
+  assert ("f32", probs) in none and ("f32", probs) not in kept
+  # 'none' stores each adapter's dropped input ([b * t, d] floats, one per adapter reading
+  # the residual stream); 'projections' stores the masks instead.
+  assert ("f32", (L, B * T, d)) in none and ("f32", (L, B * T, d)) not in kept
+  assert ("bool", (L, B, T, d)) in kept and ("bool", (L, B, T, CFG.intermediate_size)) in kept
+  size = lambda found: sum(np.prod(shape) * (1 if dt == "bool" else 4) for dt, shape in found)
+  assert size(kept) < size(none) / 2
 
 
 def test_tied_embeddings_and_llama3_rope():
