@@ -426,7 +426,7 @@ def test_projections_remat_keeps_masks_recomputes_attention_same_gradients(capsy
   assert float(jnp.max(jnp.abs(adapter_grad))) > 0  # the comparison covers the adapters
 
   L, d, kv = CFG.num_layers, CFG.hidden_size, CFG.num_kv_heads
-  probs = (L, B, kv, CFG.num_heads // kv, T, T)  # stacked attention probabilities
+  probs = (L, B, kv, T, CFG.num_heads // kv, T)  # stacked attention probabilities
   none = _residual_shapes(capsys, loss_of("none"), params)
   kept = _residual_shapes(capsys, loss_of("projections"), params)
   assert ("f32", probs) in none and ("f32", probs) not in kept
