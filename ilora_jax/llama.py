@@ -200,6 +200,7 @@ class Projection(nn.Module):
     shape: kernel shape.
     axes: logical axis names of the kernel.
     target: the projection's name given to the adapter factory ('q', 'k', ..., 'down').
+    init_std: std of the kernel's random init (`LlamaConfig.init_std`).
     adapter: None or a factory `(in_features, out_features, target, name) -> Module | None`.
   """
 
@@ -209,8 +210,8 @@ class Projection(nn.Module):
   target: str
   dtype: Any
   param_dtype: Any
+  init_std: float
   adapter: AdapterFactory | None = None
-  init_std: float = 0.02
 
   @nn.compact
   def __call__(self, x: Array, gate_weights: Array | None, deterministic: bool) -> Array:
@@ -232,6 +233,17 @@ class Projection(nn.Module):
       return y
     delta = module(x.reshape(b, t, in_features), gate_weights, deterministic)  # [b, t, out]
     return y + delta.reshape(y.shape).astype(y.dtype)
+
+
+def _projection(cfg: LlamaConfig, adapter: AdapterFactory | None):
+  """`Projection` with the config's dtypes and init and the adapter seam filled in."""
+  return functools.partial(
+    Projection,
+    dtype=cfg.dtype,
+    param_dtype=cfg.param_dtype,
+    init_std=cfg.init_std,
+    adapter=adapter,
+  )
 
 
 class Attention(nn.Module):
@@ -258,13 +270,7 @@ class Attention(nn.Module):
     """
     cfg = self.config
     d, n, kv, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    proj = functools.partial(
-      Projection,
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      adapter=self.adapter,
-      init_std=cfg.init_std,
-    )
+    proj = _projection(cfg, self.adapter)
     q = proj("btd,dnh->btnh", (d, n, h), ("embed", "heads", "head_dim"), "q", name="q")(
       x, gate_weights, deterministic
     )  # [b, t, n, h]
@@ -325,13 +331,7 @@ class MLP(nn.Module):
     """x: [b, t, d] -> [b, t, d]."""
     cfg = self.config
     d, f = cfg.hidden_size, cfg.intermediate_size
-    proj = functools.partial(
-      Projection,
-      dtype=cfg.dtype,
-      param_dtype=cfg.param_dtype,
-      adapter=self.adapter,
-      init_std=cfg.init_std,
-    )
+    proj = _projection(cfg, self.adapter)
     gate = proj("btd,df->btf", (d, f), ("embed", "mlp"), "gate", name="gate")(
       x, gate_weights, deterministic
     )  # [b, t, f]

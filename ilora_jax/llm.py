@@ -498,7 +498,8 @@ def load(
     rules: logical-to-mesh axis rules (default `DEFAULT_RULES`).
     shardings: explicit param shardings (pytree or function, see `weights`); wins over mesh.
     seed: PRNG seed of the random presets.
-    init_std: standard deviation of the random presets' matrices (norm scales stay 1). The
+    init_std: standard deviation of the random presets' matrices (norm scales stay 1); any
+      other value than the default is an error for loaded weights. The
       default 0.02 is Hugging Face's; it leaves a frozen random model with logits of about
       +-1, so adapters on it cannot express a confident prediction. A larger value (about
       1 / sqrt(hidden)) gives small random models that adapters can steer (experiments).
@@ -512,6 +513,11 @@ def load(
     if value is not None:
       config_overrides[key] = value
   kind, target = _resolve(name_or_path)
+  if kind != "preset" and init_std != LlamaConfig.init_std:
+    raise UserError(
+      f"llm.init_std={init_std} only applies to the random presets; {name_or_path} loads its "
+      "weights"
+    )
   if kind == "preset":
     config = PRESETS[target].replace(init_std=init_std, **config_overrides)
     if shardings is None and mesh is not None:

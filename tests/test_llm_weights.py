@@ -312,6 +312,10 @@ def test_missing_inputs_are_user_errors(tmp_path):
   (tmp_path / "x.gguf").write_bytes(b"NOPE" + bytes(100))
   with pytest.raises(UserError, match="not a GGUF file"):
     llm.load(str(tmp_path / "x.gguf"))
+  # init_std shapes random presets only; with loaded weights it would be silently ignored.
+  for loaded in (str(tmp_path), str(tmp_path / "x.gguf")):
+    with pytest.raises(UserError, match="init_std=0.1 only applies to the random presets"):
+      llm.load(loaded, init_std=0.1)
 
 
 # --------------------------------------------------------------------------- SmolLM2 GGUF
