@@ -146,25 +146,31 @@ def random_batch(parts, accum: int, batch: int, seq_len: int, target_tokens: int
   }
 
 
-def bench_train(config, mesh, parts, frozen, state, tx) -> tuple[dict, dict]:
+def compile_train_step(config, mesh, parts, frozen, state, tx):
+  """The run's jitted train step (sharded, state donated) compiled for a random batch of the
+  `bench` shape; -> (compiled step, device batch, compile seconds)."""
   from ilora_jax import sharding, train_ilora
 
   bc = config.bench
-  repl = sharding.replicated(mesh)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   batch_sh = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
   step = jax.jit(
     train_ilora.make_train_step(parts, tx, config.lora.gate, 0),
     in_shardings=(state_sh, frozen_sh, batch_sh),
-    out_shardings=(state_sh, repl),
+    out_shardings=(state_sh, sharding.replicated(mesh)),
     donate_argnums=(0,),
   )
   host = random_batch(parts, bc.grad_accum, bc.batch_size, bc.seq_len, bc.target_tokens)
   batch = {k: jax.device_put(v, batch_sh) for k, v in host.items()}
   t0 = time.perf_counter()
   compiled = step.lower(state, frozen, batch).compile()
-  compile_s = time.perf_counter() - t0
+  return compiled, batch, time.perf_counter() - t0
+
+
+def bench_train(config, mesh, parts, frozen, state, tx) -> tuple[dict, dict]:
+  bc = config.bench
+  compiled, batch, compile_s = compile_train_step(config, mesh, parts, frozen, state, tx)
   for _ in range(bc.warmup):
     state, metrics = compiled(state, frozen, batch)
   jax.block_until_ready(state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -75,6 +76,7 @@ class StageCheckpoints:
       if reason is None:
         raise
       at = self._pending if step is None else step
+      _drop_reports_of_failed_writes()
       try:
         self._manager.reload()
         kept = self._manager.latest_step()
@@ -143,6 +145,30 @@ class StageCheckpoints:
       self._manager.close()
 
 
+class _DropWriteFailures(logging.Filter):
+  """Drops log records whose exception is a file-system write failure."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None:  # asyncio's "exception was never retrieved" may carry it in the message
+      return _write_failure_text(record.getMessage()) is None
+    return _write_failure(exc) is None
+
+
+def _drop_reports_of_failed_writes() -> None:
+  """Once a failed write is reported as one `error:` line, asyncio's reports of the same failure
+  in Orbax's other, abandoned write tasks ("Task exception was never retrieved", with a
+  traceback, when they are collected, often at exit) are dropped; other asyncio errors stay."""
+  logger = logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropWriteFailures) for f in logger.filters):
+    logger.addFilter(_DropWriteFailures())
+
+
+def _write_failure_text(text: str) -> str | None:
+  code = re.search(r"os_error_code='?(\d+)", text)
+  return os.strerror(int(code.group(1))) if code else None
+
+
 def _write_failure(exc: BaseException) -> str | None:
   """Why a write failed, when `exc` (or its cause chain) is a file-system error, else None.
 
@@ -154,9 +180,9 @@ def _write_failure(exc: BaseException) -> str | None:
     seen.add(id(exc))
     if isinstance(exc, OSError):
       return exc.strerror or str(exc)
-    code = re.search(r"os_error_code='?(\d+)", str(exc))
-    if code:
-      return os.strerror(int(code.group(1)))
+    reason = _write_failure_text(str(exc))
+    if reason:
+      return reason
     exc = exc.__cause__ or exc.__context__
   return None
 

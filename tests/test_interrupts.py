@@ -59,3 +59,28 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
   full = run_cli(*ARGS, f"--workdir={reference}")
   assert full.returncode == 0, full.stderr
   assert _ilora_records(interrupted) == _ilora_records(reference)
+
+
+def test_after_a_failed_write_asyncio_reports_of_the_same_failure_are_dropped(caplog):
+  """The full-disk run ends with one `error:` line; Orbax's abandoned write tasks must not add
+  asyncio's "exception was never retrieved" tracebacks (they did, depending on timing)."""
+  import logging
+
+  from ilora_jax import checkpointing
+
+  logger = logging.getLogger("asyncio")
+  full = ValueError("RESOURCE_EXHAUSTED: Error writing: No space left [os_error_code='28']")
+  other = RuntimeError("a bug elsewhere")
+  saved = list(logger.filters)
+  try:
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+      logger.error("Task exception was never retrieved", exc_info=(ValueError, full, None))
+      assert len(caplog.records) == 1  # Not dropped before any write failed.
+      checkpointing._drop_reports_of_failed_writes()
+      checkpointing._drop_reports_of_failed_writes()  # Installed once.
+      logger.error("Task exception was never retrieved", exc_info=(ValueError, full, None))
+      logger.error(f"future: <_GatheringFuture finished exception={full!r}>")
+      logger.error("Task exception was never retrieved", exc_info=(RuntimeError, other, None))
+    assert [r.exc_info[1] if r.exc_info else None for r in caplog.records] == [full, other]
+  finally:
+    logger.filters[:] = saved
