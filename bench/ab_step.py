@@ -5,13 +5,14 @@
       --config.llm.param_dtype=float32 --config.bench.batch_size=4 --config.bench.seq_len=256 \
       --variants="llm.remat=none;llm.remat=projections" --rounds=8
 
-Each variant is a comma-separated list of config overrides applied on top of --config (an
-empty variant is the config itself). Every variant's train step is built and compiled first
-(`ilora_jax.bench.compile_train_step`, the benchmark's own step), then the steps run in
-alternation, one step of each per round, so that the drift of a shared machine (10-15% from
-one run to the next on 2 CPU cores) hits all variants alike. Prints each variant's median
-and minimum step time and the median over rounds of its ratio to the first variant; the last
-line is one JSON object.
+Each variant is a space-separated list of `key=value` config overrides, parsed as the command
+line's `--config.key=value` (shell quoting applies), on top of --config with its own
+overrides; an empty variant is that config itself. Every variant's train step is built and
+compiled first (`ilora_jax.bench.compile_train_step`, the benchmark's own step), then the
+steps run in alternation, one step of each per round, so that the drift of a shared machine
+(10-15% from one run to the next on 2 CPU cores) hits all variants alike. Prints each
+variant's median and minimum step time and the median over rounds of its ratio to the first
+variant; the last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -25,39 +26,12 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ilora_jax import bench, errors, sharding
+from ilora_jax import bench, configuration, errors, sharding
 from ilora_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/movielens.py")
-_VARIANTS = flags.DEFINE_string("variants", None, "';'-separated variants of 'key=value,...'")
+_VARIANTS = flags.DEFINE_string("variants", None, "';'-separated variants of 'key=value ...'")
 _ROUNDS = flags.DEFINE_integer("rounds", 8, "timed rounds (one step of every variant each)")
-
-
-def apply_overrides(config, overrides: str):
-  """A copy of `config` with 'a.b=value,...' set (values parsed as the field's type)."""
-  config = config.copy_and_resolve_references()
-  for item in filter(None, (o.strip() for o in overrides.split(","))):
-    key, sep, text = item.partition("=")
-    *path, last = key.split(".")
-    node = config
-    try:
-      for name in path:
-        node = node[name]
-      old = node[last]
-    except (KeyError, AttributeError):
-      raise UserError(f"unknown config key in variant: {key}") from None
-    if not sep:
-      raise UserError(f"variant item {item!r} is not key=value")
-    if isinstance(old, bool):
-      if text not in ("True", "False"):
-        raise UserError(f"{key} takes True or False, got {text!r}")
-      node[last] = text == "True"
-    else:
-      try:
-        node[last] = type(old)(text)
-      except ValueError:
-        raise UserError(f"{key}={text!r} is not a {type(old).__name__}") from None
-  return config
 
 
 def _stepper(config):
@@ -78,10 +52,10 @@ def _stepper(config):
 def main(argv) -> None:
   del argv
   try:
-    if not _VARIANTS.value:
-      raise UserError("--variants is required, e.g. --variants='llm.remat=none;'")
-    names = _VARIANTS.value.split(";")
-    steps = [_stepper(apply_overrides(_CONFIG.value, name)) for name in names]
+    variants = bench.parse_variants(_VARIANTS.value)
+    names = [name for name, _ in variants]
+    configs = [configuration.override(_CONFIG.value, items) for _, items in variants]
+    steps = [_stepper(config) for config in configs]
     times = [[] for _ in names]
     for _ in range(_ROUNDS.value):
       for step, record in zip(steps, times):
@@ -94,7 +68,7 @@ def main(argv) -> None:
   print(f"{'variant':<44}{'median s':>10}{'min s':>8}{'ratio':>8}", file=sys.stderr)
   for name, record in zip(names, times):
     ratio = statistics.median(a / b for a, b in zip(record, times[0]))
-    row = {"variant": name or "(config)", "median_s": statistics.median(record),
+    row = {"variant": name, "median_s": statistics.median(record),
            "min_s": min(record), "ratio_to_first": ratio, "step_s": record}  # fmt: skip
     result["variants"].append(row)
     print(f"{row['variant']:<44}{row['median_s']:>10.3f}{row['min_s']:>8.3f}{ratio:>8.3f}",

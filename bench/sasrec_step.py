@@ -57,9 +57,15 @@ def main() -> None:
     state, loss = step(state, jax.random.PRNGKey(i))
   loss.block_until_ready()
   step_s = (time.perf_counter() - t0) / args.steps
-  result = {"step_s": step_s, "rows_per_s": args.batch_size / step_s, "compile_s": compile_s,
-            "batch_size": args.batch_size, "n_items": args.n_items,
-            "device": jax.devices()[0].device_kind, "num_devices": jax.device_count()}
+  result = {
+    "step_s": step_s,
+    "rows_per_s": args.batch_size / step_s,
+    "compile_s": compile_s,
+    "batch_size": args.batch_size,
+    "n_items": args.n_items,
+    "device": jax.devices()[0].device_kind,
+    "num_devices": jax.device_count(),
+  }
   for k, v in result.items():
     print(f"{k:>12}: {v}")
   print(json.dumps(result))

@@ -77,7 +77,7 @@ def get_config() -> config_dict.ConfigDict:
   c.lora.num_experts = 4  # E; rank r / E per expert.
   c.lora.alpha = 32.0  # Scale alpha / (r / E).
   c.lora.dropout = 0.1  # Dropout on the adapter input.
-  c.lora.targets = ["q", "k", "v", "o", "gate", "up", "down"]  # Wrapped projections.
+  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # Wrapped projections.
   c.lora.gate = "router"  # router | uniform (gating removed) | constant (E=1: plain LoRA).
 
   c.router = config_dict.ConfigDict()

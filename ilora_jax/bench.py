@@ -29,6 +29,7 @@ plus 12 L d T per token for attention (forward and backward), over `bench.peak_f
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 import time
 
@@ -144,6 +145,25 @@ def random_batch(parts, accum: int, batch: int, seq_len: int, target_tokens: int
     "seq": seq,
     "len_seq": np.full((accum, batch), 10, np.int32),
   }
+
+
+def parse_variants(text: str | None) -> list[tuple[str, list[str]]]:
+  """(name, overrides) of each variant in `bench/ab_step.py --variants`: variants are
+  ';'-separated, each a whitespace-separated list of `key=value` items (shell quoting
+  applies, so a value may hold spaces or commas)."""
+  if not text:
+    raise UserError("--variants is required, e.g. --variants='llm.remat=none;'")
+  variants = []
+  for part in text.split(";"):
+    try:
+      items = shlex.split(part)
+    except ValueError as exc:
+      raise UserError(f"variant {part!r}: {exc}") from None
+    for item in items:
+      if "=" not in item:
+        raise UserError(f"variant item {item!r} is not key=value")
+    variants.append((" ".join(items) or "(config)", items))
+  return variants
 
 
 def compile_train_step(config, mesh, parts, frozen, state, tx):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
+
 from ml_collections import ConfigDict
 
 from ilora_jax.errors import UserError
@@ -34,11 +37,13 @@ def validate(config: ConfigDict) -> None:
     "eval.split",
     f"={config.eval.split!r} is not train, val or test",
   )
+  from ilora_jax import llama, lora  # The model's own lists of choices (imports jax).
+
   for field, allowed in (
     ("dtype", ("float32", "bfloat16", "float16")),
     ("param_dtype", ("float32", "bfloat16", "float16")),
-    ("attention", ("auto", "xla", "cudnn")),
-    ("remat", ("none", "full", "dots", "dots_no_batch", "projections")),
+    ("attention", ("auto", *llama.ATTENTION_IMPLS)),
+    ("remat", llama.REMAT_POLICIES),
   ):
     value = config.llm[field]
     need(value in allowed, f"llm.{field}", f"={value!r} is not one of {', '.join(allowed)}")
@@ -51,6 +56,13 @@ def validate(config: ConfigDict) -> None:
     config.router.kind in ("resnet1d", "linear", "mlp"),
     "router.kind",
     f"={config.router.kind!r} is not one of resnet1d, linear, mlp",
+  )
+  targets = config.lora.targets
+  need(
+    bool(targets) and all(t in lora.TARGETS for t in targets),
+    "lora.targets",
+    f"={targets!r} must name projections among {', '.join(lora.TARGETS)}, given as"
+    " --config.lora.targets=\"('q', 'v')\"",
   )
   need(config.lora.num_experts >= 1, "lora.num_experts", "must be at least 1")
   need(
@@ -93,6 +105,40 @@ def validate(config: ConfigDict) -> None:
         f"train.{key}",
         f"={value} is out of range",
       )
+
+
+def load(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
+  """The config file at `path` with `key=value` overrides applied exactly as the command
+  line's `--config.key=value` applies them (the same parsers, so tuples and None fields
+  work too), then validated; every failure is a UserError."""
+  from ml_collections import config_flags
+
+  config = _parsed(config_flags.DEFINE_config_file, None, overrides, [f"--config={path}"])
+  if not isinstance(config, ConfigDict):
+    raise UserError(f"cannot load config file {path}: not found or not a config file")
+  return config
+
+
+def override(config: ConfigDict, overrides: Sequence[str]) -> ConfigDict:
+  """A copy of `config` with `key=value` overrides applied as `load` applies them."""
+  from ml_collections import config_flags
+
+  return _parsed(config_flags.DEFINE_config_dict, copy.deepcopy(config), overrides)
+
+
+def _parsed(define, default, overrides: Sequence[str], head: Sequence[str] = ()) -> ConfigDict:
+  from absl import flags
+
+  from ilora_jax.errors import flag_errors
+
+  argv = ["config", *head, *[f"--config.{o}" for o in overrides]]
+  values = flags.FlagValues()
+  with flag_errors():  # A config dict's overrides are applied as the flag is defined.
+    define("config", default, "", flag_values=values, lock_config=True, sys_argv=argv)
+    values(argv)
+  if isinstance(values.config, ConfigDict):
+    validate(values.config)
+  return values.config
 
 
 def stage_train(config: ConfigDict, stage: str) -> ConfigDict:

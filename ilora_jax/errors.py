@@ -7,6 +7,7 @@ config) raises `UserError`; the command-line entry points turn it into one
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -51,10 +52,17 @@ def flag_error(exc: Exception) -> UserError:
 def parse_flags(values, argv: list[str], what: str = "config") -> None:
   """Parses `argv` into absl `values`; a bad flag or an override naming an unknown key of
   the `what` config becomes a UserError."""
+  with flag_errors(what):
+    values(argv)
+
+
+@contextlib.contextmanager
+def flag_errors(what: str = "config"):
+  """Turns absl flag errors and overrides of unknown `what` keys into UserErrors."""
   from absl import flags
 
   try:
-    values(argv)
+    yield
   except flags.Error as exc:
     raise flag_error(exc) from None
   except (AttributeError, KeyError) as exc:  # An override names an unknown config key.

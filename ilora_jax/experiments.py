@@ -41,7 +41,7 @@ import numpy as np
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from ilora_jax import report
+from ilora_jax import configuration, report
 from ilora_jax.errors import UserError, cli_main, parse_flags
 
 _GRID = config_flags.DEFINE_config_file(
@@ -124,21 +124,6 @@ def resolve_config_path(grid: ConfigDict, grid_path: str) -> str:
   raise UserError(f"grid.config={path} not found (looked in . and next to {grid_path})")
 
 
-def load_run_config(path: str, overrides: list[str]) -> ConfigDict:
-  """The run config with overrides applied exactly as the command line applies them."""
-  from ilora_jax import configuration
-
-  argv = ["main", f"--config={path}", *[f"--config.{o}" for o in overrides]]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file(
-    "config", None, "", flag_values=values, lock_config=True, sys_argv=argv
-  )
-  parse_flags(values, argv)
-  config = values.config
-  configuration.validate(config)
-  return config
-
-
 def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dict]:
   """The grid's runs in order (SASRec of a seed first) and each variant's resolved config."""
   config_path = resolve_config_path(grid, grid_path)
@@ -154,13 +139,13 @@ def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dic
     variants = [v for v in variants if v[0] in wanted]
   seeds = parse_seeds(grid.seeds)
   try:  # Refuse bad keys or values before any compute (the SASRec jobs get `common` only).
-    load_run_config(config_path, common)
+    configuration.load(config_path, common)
   except UserError as exc:
     raise UserError(f"grid overrides: {exc}") from None
   resolved = {}
   for name, extra in variants:
     try:
-      resolved[name] = load_run_config(config_path, [*common, *extra])
+      resolved[name] = configuration.load(config_path, [*common, *extra])
     except UserError as exc:
       raise UserError(f"variant {name}: {exc}") from None
   runs = []

@@ -18,7 +18,8 @@ Transformer Models") for 16-bit activations, divided over the tensor axis; with 
 and "dots_no_batch" keep the matmul outputs, about half of the no-remat figure;
 "projections" keeps per token the layer input, q, k, v, the residual after attention and the
 MLP's gate and up outputs (3 d + 2 k h + 2 f values for k KV heads of width h and MLP width
-f) plus the adapters' dropout masks (6 d + f bytes), plus one layer's working set. Plus the
+f) plus, when `lora.dropout` > 0, the adapters' dropout masks (a byte per input element of
+each wrapped projection: 6 d + f for all seven), plus one layer's working set. Plus the
 float32 logits b * T * vocab * 4 (three copies: logits, log-softmax, its gradient).
 """
 
@@ -93,8 +94,18 @@ def optimizer_specs(opt_abstract: Any, params_abstract: Any, param_specs: Any) -
   return jax.tree_util.tree_map_with_path(spec_of, opt_abstract)
 
 
-def activation_bytes(cfg, micro_per_shard: int, seq_len: int, remat: str, tensor: int) -> int:
-  """The estimate in the module docstring, for one device."""
+def mask_bytes_per_token(cfg, targets, dropout: float) -> int:
+  """Bytes of the adapters' kept dropout masks per token and layer (one per input element)."""
+  if dropout <= 0:
+    return 0
+  return sum(cfg.intermediate_size if t == "down" else cfg.hidden_size for t in targets)
+
+
+def activation_bytes(
+  cfg, micro_per_shard: int, seq_len: int, remat: str, tensor: int, masks: int = 0
+) -> int:
+  """The estimate in the module docstring, for one device; `masks` is
+  `mask_bytes_per_token` (kept by the 'projections' policy only)."""
   b, t, d, h, L = micro_per_shard, seq_len, cfg.hidden_size, cfg.num_heads, cfg.num_layers
   itemsize = np.dtype(cfg.dtype).itemsize
   per_layer_full = b * t * (34 * d + 5 * h * t) * itemsize / 2 / tensor
@@ -105,7 +116,6 @@ def activation_bytes(cfg, micro_per_shard: int, seq_len: int, remat: str, tensor
   elif remat == "projections":
     kv = cfg.num_kv_heads * cfg.head_dim
     values = 3 * d + 2 * kv + 2 * cfg.intermediate_size
-    masks = 6 * d + cfg.intermediate_size
     layers = L * b * t * (values * itemsize + masks) / tensor + per_layer_full
   else:
     layers = L * per_layer_full
@@ -181,7 +191,12 @@ def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> di
     + per_device_bytes(stats, _replicated(stats), sizes),
     "optimizer": per_device_bytes(opt_abs, opt_specs, sizes),
     "activations_estimate": activation_bytes(
-      cfg, micro // shards, seq_len, config.llm.remat, sizes["tensor"]
+      cfg,
+      micro // shards,
+      seq_len,
+      config.llm.remat,
+      sizes["tensor"],
+      mask_bytes_per_token(cfg, config.lora.targets, config.lora.dropout),
     ),  # fmt: skip
   }
   return {

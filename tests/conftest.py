@@ -22,13 +22,16 @@ def shared_path(*parts: str) -> str:
   return path
 
 
-def run_cli(*args: str, module: str = "ilora_jax.main", timeout: int = 600, env=None):
-  """Runs `python -m module args...` from the repository root; returns CompletedProcess."""
+def run_cli(
+  *args: str, module: str = "ilora_jax.main", script: str | None = None, timeout=600, env=None
+):
+  """Runs `python -m module args...` (or `python script args...`, a path relative to the
+  repository root) from the repository root; returns CompletedProcess."""
   full_env = dict(os.environ)
   full_env.update(env or {})
   full_env.pop("ILORA_JAX_DEBUG", None)
   return subprocess.run(
-    [sys.executable, "-m", module, *args],
+    [sys.executable, *([script] if script else ["-m", module]), *args],
     cwd=ROOT,
     capture_output=True,
     text=True,

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from conftest import assert_one_line_error, run_cli
 
 TINY = "--config=configs/tiny.py"
@@ -33,27 +34,50 @@ def test_bench_rejects_bad_shapes():
   assert_one_line_error(proc, "target_tokens")
 
 
-def _ab_step(*args):
-  import subprocess
-  import sys
-
-  from conftest import ROOT
-
-  return subprocess.run([sys.executable, "bench/ab_step.py", TINY, *SMALL[:2], *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
-
-
 def test_ab_step_times_variants_in_alternation():
   import statistics
 
-  proc = _ab_step("--variants=llm.remat=none;llm.remat=projections,lora.dropout=0.0", "--rounds=3")
+  variants = "--variants=llm.remat=none;llm.remat=projections lora.dropout=0.0"
+  proc = run_cli(TINY, *SMALL[:2], variants, "--rounds=3", script="bench/ab_step.py")
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   first, second = result["variants"]
   assert first["variant"] == "llm.remat=none" and len(first["step_s"]) == 3
+  assert second["variant"] == "llm.remat=projections lora.dropout=0.0"
   assert first["ratio_to_first"] == 1.0
   ratios = [a / b for a, b in zip(second["step_s"], first["step_s"])]
   assert second["ratio_to_first"] == statistics.median(ratios)
   assert second["median_s"] == statistics.median(second["step_s"]) > 0
-  assert_one_line_error(_ab_step("--variants=llm.no_such_key=1"), "unknown config key")
-  assert_one_line_error(_ab_step("--variants=llm.remat"), "is not key=value")
+
+
+def test_ab_step_variants_parse_as_command_line_overrides():
+  from ilora_jax import bench, configuration
+  from ilora_jax.errors import UserError
+
+  variants = bench.parse_variants("; llm.remat=none lora.targets=\"['q', 'v']\" ;train.steps=3")
+  assert variants == [
+    ("(config)", []),
+    ("llm.remat=none lora.targets=['q', 'v']", ["llm.remat=none", "lora.targets=['q', 'v']"]),
+    ("train.steps=3", ["train.steps=3"]),
+  ]
+  base = configuration.load("configs/tiny.py", ["lora.dropout=0.0"])
+  assert base.train.steps is None  # A None field (a placeholder), which can be set.
+  configs = [configuration.override(base, items) for _, items in variants]
+  assert configs[0] == base and configs[0] is not base
+  assert configs[1].llm.remat == "none" and list(configs[1].lora.targets) == ["q", "v"]
+  assert configs[1].lora.dropout == 0.0 and base.llm.remat == "projections"
+  assert configs[2].train.steps == 3
+  for text, fragment in (
+    (None, "--variants is required"),
+    ("llm.remat", "is not key=value"),
+    ("llm.remat='none", "No closing quotation"),
+  ):
+    with pytest.raises(UserError, match=fragment):
+      bench.parse_variants(text)
+  for items, fragment in (
+    (["llm.no_such_key=1"], "unknown config key"),
+    (["lora.rank=x"], "lora.rank"),
+    (["llm.remat=fast"], "llm.remat='fast' is not one of"),
+  ):
+    with pytest.raises(UserError, match=fragment):
+      configuration.override(base, items)

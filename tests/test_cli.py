@@ -81,12 +81,21 @@ def test_multi_device_mesh_gives_the_same_losses(uninterrupted, tmp_path):
     (["--config.mesh.data=3"], ["config.mesh"]),
     (["--config.train.batch_size=7", "--config.mesh.data=2"], ["not divisible"]),
     (["--config.stage=evaluate"], ["no sasrec checkpoint"]),
+    (["--config.lora.targets=q,v"], ["config.lora.targets=('q,v',)", "\"('q', 'v')\""]),
   ],
 )
 def test_bad_flags_and_values_are_one_line_errors(tmp_path, args, fragments):
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   proc = run_cli(TINY, f"--workdir={tmp_path}", *args, env=env)
   assert_one_line_error(proc, *fragments)
+
+
+def test_overrides_parse_as_on_the_command_line():
+  from ilora_jax import configuration
+
+  config = configuration.load("configs/tiny.py", ["lora.targets=('q', 'v')", "train.steps=3"])
+  assert config.lora.targets == ("q", "v") and config.train.steps == 3
+  assert configuration.load("configs/tiny.py", ["lora.targets=o"]).lora.targets == ("o",)
 
 
 def test_missing_config_file_and_workdir(tmp_path):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import assert_one_line_error, metrics_records, run_cli
 
-from ilora_jax import experiments, synthetic
+from ilora_jax import experiments, report, synthetic
 
 GRID = "--grid=configs/experiments/negative_transfer.py"
 # The smallest grid that still trains and evaluates every stage: seconds per run.
@@ -260,22 +260,21 @@ def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(tmp_pat
   args = [sys.executable, "-m", "ilora_jax.experiments", GRID, f"--workdir={w}",
           "--grid.seeds=0", "--grid.only=lora", SMOKE + " ilora.train.steps=150"]  # fmt: skip
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = os.path.join(w, "runs", "lora", "seed0", "metrics.jsonl")
+  run_dir = os.path.join(w, "runs", "lora", "seed0")
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(metrics) and any(
-      r["split"] == "train" for r in metrics_records(metrics[:-14])
-    ):
+    # The job may be writing a line right now: read as the reports do (a cut line skipped).
+    if any(r["split"] == "train" for r in report.read_records(run_dir)):
       break
     time.sleep(0.5)
   proc.send_signal(signal.SIGTERM)  # To the runner only: it forwards the signal to the job.
   out, err = proc.communicate(timeout=300)
   assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
   assert "lora/seed0 stopped by SIGTERM; re-run the same command to resume" in err
-  stopped_at = max(r["step"] for r in metrics_records(metrics[:-14]) if r["split"] == "train")
+  stopped_at = max(r["step"] for r in metrics_records(run_dir) if r["split"] == "train")
   assert 0 < stopped_at < 150
   rerun = run_cli(*args[3:], module="ilora_jax.experiments")
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert "grid: 2 runs, 1 already finished" in rerun.stdout
-  steps = [r["step"] for r in metrics_records(metrics[:-14]) if r["split"] == "train"]
+  steps = [r["step"] for r in metrics_records(run_dir) if r["split"] == "train"]
   assert steps == list(range(1, 151))  # Resumed from the checkpoint: every step once.
