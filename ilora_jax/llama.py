@@ -291,7 +291,7 @@ class Attention(nn.Module):
       k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)  # [b, s, k, h]
       v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)  # [b, s, k, h]
       new_cache = (k, v)
-    b, t = q.shape[:2]
+    t = q.shape[1]
     if cfg.attention == "cudnn" and layer_cache is None:
       # Pad queries also see themselves, so no row is fully masked (their output is unused).
       full = mask | jnp.eye(t, dtype=bool)[None]  # [b, t, s]
@@ -302,22 +302,54 @@ class Attention(nn.Module):
         out, gate_weights, deterministic
       )  # [b, t, d]
       return out, new_cache
-    q = q.reshape(b, t, kv, n // kv, h)  # [b, t, k, g, h]; query head = kv head * g + group
-    # Scores in [b, k, t, g, s], the order dot_general produces (batch dims, then the free
-    # dims of each side): any other order makes XLA transpose the largest arrays of the layer
-    # (on a CPU, about a twentieth of a SmolLM2-135M train step).
-    scores = jnp.einsum(
-      "btkgh,bskh->bktgs", q, k.astype(q.dtype), preferred_element_type=jnp.float32
-    )  # [b, k, t, g, s]
-    scores = scores * (1.0 / math.sqrt(h))
-    scores = jnp.where(mask[:, None, :, None, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(cfg.dtype)  # [b, k, t, g, s]
-    out = jnp.einsum("bktgs,bskh->btkgh", probs, v.astype(cfg.dtype))  # [b, t, k, g, h]
-    out = out.reshape(b, t, n, h)  # [b, t, n, h]
+    if layer_cache is None:
+      # Without a cache the mask is causal (`Llama` builds it so): the queries of chunk
+      # [a, e) attend keys [0, e) only, which skips the blocks above the diagonal.
+      parts = [
+        dot_attention(q[:, a:e], k[:, :e], v[:, :e], mask[:, a:e, :e], cfg.dtype)
+        for a, e in causal_chunks(t)
+      ]  # [b, e - a, n, h] each
+      out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    else:
+      out = dot_attention(q, k, v, mask, cfg.dtype)  # [b, t, n, h]
     out = proj("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), "o", name="o")(
       out, gate_weights, deterministic
     )  # [b, t, d]
     return out, new_cache
+
+
+def dot_attention(q: Array, k: Array, v: Array, mask: Array, dtype: Any) -> Array:
+  """Softmax attention of q [b, t, n, h] over k, v [b, s, kv, h] (n a multiple of kv) where
+  `mask` [b, t, s] is True; -> [b, t, n, h]. Scores and softmax in float32."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  q = q.reshape(b, t, kv, n // kv, h)  # [b, t, k, g, h]; query head = kv head * g + group
+  # Scores in [b, k, t, g, s], the order dot_general produces (batch dims, then the free
+  # dims of each side): any other order makes XLA transpose the largest arrays of the layer
+  # (on a CPU, about a twentieth of a SmolLM2-135M train step).
+  scores = jnp.einsum(
+    "btkgh,bskh->bktgs", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+  )  # [b, k, t, g, s]
+  scores = scores * (1.0 / math.sqrt(h))
+  scores = jnp.where(mask[:, None, :, None, :], scores, _MASKED)
+  probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [b, k, t, g, s]
+  out = jnp.einsum("bktgs,bskh->btkgh", probs, v.astype(dtype))  # [b, t, k, g, h]
+  return out.reshape(b, t, n, h)
+
+
+def causal_chunks(t: int) -> list[tuple[int, int]]:
+  """[a, e) query chunks of a causal pass over t positions: up to MAX_CHUNKS chunks of at
+  least CHUNK_MIN queries. Chunk [a, e) only needs keys [0, e), so the score blocks above
+  the diagonal (3/8 of them with 4 chunks) are never computed. On 2 CPU cores this made the
+  SmolLM2-135M train step at 256 positions 0.93x as long (bench/README.md); more, smaller
+  chunks gained less and compiled slower. A padded query that sees no key at all gets other
+  (unused) values than in one pass: its softmax is uniform over its chunk's keys."""
+  count = max(1, min(MAX_CHUNKS, t // CHUNK_MIN))
+  size = -(-t // count)
+  return [(a, min(a + size, t)) for a in range(0, t, size)]
+
+
+CHUNK_MIN, MAX_CHUNKS = 64, 4
 
 
 class MLP(nn.Module):

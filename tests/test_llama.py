@@ -389,6 +389,29 @@ def test_remat_and_unscanned_layers_agree(params):
   np.testing.assert_allclose(_apply(module, {"params": unscanned}, tokens), base, atol=1e-5)
 
 
+def test_causal_chunks_give_the_gradients_of_one_pass(params, monkeypatch):
+  """Chunked causal attention (t >= 2 * CHUNK_MIN) against one pass over all keys: the same
+  loss and gradients wherever a real query reads (padded queries are left out of the loss).
+  The one pass itself is checked against transformers in test_llm_weights, with chunks too."""
+  t = 2 * llama.CHUNK_MIN + 3
+  assert len(llama.causal_chunks(t)) == 2
+  tokens = _tokens(shape=(B, t))
+  lengths = np.array([t, t - llama.CHUNK_MIN - 5, 1])  # row 1: padding beyond the first chunk
+  mask = jnp.asarray(np.arange(t)[None, :] >= (t - lengths)[:, None], jnp.int32)
+  weights = jnp.asarray(np.random.default_rng(4).normal(size=(B, t, CFG.vocab_size)))
+  module = llama.Llama(CFG)
+
+  def loss(p):
+    logits = module.apply({"params": p}, tokens, mask)
+    return jnp.sum(logits * weights * mask[..., None])
+
+  chunked = jax.value_and_grad(loss)(params)
+  monkeypatch.setattr(llama, "CHUNK_MIN", 10**9)
+  assert llama.causal_chunks(t) == [(0, t)]
+  one_pass = jax.value_and_grad(loss)(params)
+  chex.assert_trees_all_close(chunked, one_pass, rtol=1e-4, atol=1e-4)  # gradients up to ~100
+
+
 def _residual_shapes(capsys, f, *args) -> list[tuple[str, tuple[int, ...]]]:
   """(dtype, shape) of every residual the VJP of f saves (from `print_saved_residuals`)."""
   capsys.readouterr()
@@ -436,6 +459,12 @@ def test_projections_remat_keeps_masks_recomputes_attention_same_gradients(capsy
   assert ("bool", (L, B, T, d)) in kept and ("bool", (L, B, T, CFG.intermediate_size)) in kept
   size = lambda found: sum(np.prod(shape) * (1 if dt == "bool" else 4) for dt, shape in found)
   assert size(kept) < size(none) / 2
+  # The memory plan's count of those masks: a byte per input element of each wrapped projection.
+  from ilora_jax import plan
+
+  masks = sum(np.prod(shape) for dt, shape in kept if dt == "bool" and shape[:3] == (L, B, T))
+  assert masks == L * B * T * plan.mask_bytes_per_token(CFG, lora.TARGETS, 0.25) > 0
+  assert plan.mask_bytes_per_token(CFG, lora.TARGETS, 0.0) == 0
 
 
 def test_tied_embeddings_and_llama3_rope():

@@ -103,10 +103,11 @@ def test_hf_padded_batch_matches_transformers(hf_checkpoints):
   folder, model = hf_checkpoints["gqa_untied_single_file"]
   ours = llm.load(folder)
   rng = np.random.RandomState(2)
-  tokens = rng.randint(0, 300, (3, 24))
+  tokens = rng.randint(0, 300, (3, 200))  # 200 positions: 3 causal chunks of queries
+  assert len(llama.causal_chunks(200)) == 3
   mask = np.ones_like(tokens)
   mask[0, :7] = 0  # left padding
-  mask[1, :15] = 0
+  mask[1, :150] = 0  # padding over two and a half chunks
   positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
   ref = _hf_logits(model, tokens, mask, positions)
   err = _rel_err(ours.logits(tokens, mask), ref, mask)
