@@ -35,6 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
+from jax.extend.random import threefry2x32_p
 
 from ilora_jax.errors import UserError
 
@@ -124,9 +125,10 @@ def dropout(key: Array, x: Array, rate: float) -> Array:
 
   Each element is kept when a 16-bit uniform integer is at least round(rate * 2**16), and
   kept elements are scaled by 1 / keep_prob with keep_prob the exact (rounded) keep
-  probability, so E[dropout(x)] = x exactly. One 32-bit threefry draw makes two decisions:
-  flax's `nn.Dropout` draws 32-bit uniform floats, one threefry call per element, and on a
-  CPU that alone took about a fifth of a SmolLM2-135M adapter step (bench/README.md).
+  probability, so E[dropout(x)] = x exactly. The bits come from `uniform16`: four decisions
+  per threefry call, where flax's `nn.Dropout` makes one (a 32-bit float per element, and
+  JAX's sharding-friendly threefry spends a whole call per 32-bit word); on a CPU, random
+  bits were about a fifth of a SmolLM2-135M adapter step before (bench/README.md).
 
   Args:
     key: a PRNG key.
@@ -136,18 +138,47 @@ def dropout(key: Array, x: Array, rate: float) -> Array:
   Returns:
     x with dropped elements zeroed and kept ones scaled, same shape and dtype.
   """
-  levels = 1 << 16  # one uint16 per decision: two per 32-bit draw
+  levels = 1 << 16
   threshold = round(rate * levels)
   if threshold == 0:
     return x
-  size = math.prod(x.shape)
-  words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
-  halves = jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size]
   # Named so that a remat policy can keep the mask (a byte per element) for the backward pass
   # instead of drawing the bits again or storing the dropped input.
-  keep = checkpoint_name((halves >= threshold).reshape(x.shape), KEEP_NAME)
+  keep = checkpoint_name(uniform16(key, x.shape) >= threshold, KEEP_NAME)
   scale = levels / (levels - threshold)
   return jnp.where(keep, x * jnp.asarray(scale, x.dtype), jnp.zeros((), x.dtype))
+
+
+def uniform16(key: Array, shape: tuple[int, ...]) -> Array:
+  """Uniform uint16 integers of `shape`, four from each threefry2x32 call.
+
+  Threefry-2x32 (Salmon et al. 2011, the generator of JAX's default keys) maps a 64-bit
+  counter to 64 random bits under the key. The last axis is cut into groups of four; group
+  number i (its flat index) gets the counter (i, 0), and the call's two output words, split
+  into 16-bit halves (low first), are the group's four integers. The counters are laid out
+  like the array, so a sharded array draws its own shard's bits; up to 2**34 elements
+  before the 32-bit counter repeats. Keys of other generators, and shapes whose last axis
+  is not a multiple of 4, take `jax.random.bits` (two integers per 32-bit word).
+  """
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    data = jax.random.key_data(key) if _is_threefry(key) else None
+  else:
+    data = key  # a raw key of the default generator
+  size = math.prod(shape)
+  if data is None or data.shape != (2,) or not shape or shape[-1] % 4:
+    words = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
+    return jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(-1)[:size].reshape(shape)
+  groups = (*shape[:-1], shape[-1] // 4)
+  counter = jnp.zeros(groups, jnp.uint32)
+  for axis, n in enumerate(groups):  # the flat index, built per axis so it shards like x
+    counter = counter * jnp.uint32(n) + jax.lax.broadcasted_iota(jnp.uint32, groups, axis)
+  words = threefry2x32_p.bind(data[0], data[1], counter, jnp.zeros_like(counter))
+  words = jnp.stack(words, axis=-1)  # [..., last / 4, 2] uint32
+  return jax.lax.bitcast_convert_type(words, jnp.uint16).reshape(shape)
+
+
+def _is_threefry(key: Array) -> bool:
+  return jax.random.key_impl(key) == jax.random.key_impl(jax.random.key(0, impl="threefry2x32"))
 
 
 class InstanceLoRA(nn.Module):

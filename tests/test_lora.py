@@ -171,8 +171,9 @@ def test_dropout_only_when_not_deterministic():
   assert 0.2 < np.mean(ratio == 0) < 0.8
 
 
-def test_dropout_rate_scale_and_independence():
-  x = jnp.ones((7, 33, 101), jnp.float32)  # odd element count: the last 32-bit draw is split
+@pytest.mark.parametrize("shape", [(7, 33, 100), (7, 33, 101)])  # 4 draws per call; fallback
+def test_dropout_rate_scale_and_independence(shape):
+  x = jnp.ones(shape, jnp.float32)
   for rate in (0.05, 0.1, 0.5):
     out = np.asarray(lora.dropout(jax.random.key(3), x, rate))
     threshold = round(rate * 65536)
@@ -185,10 +186,36 @@ def test_dropout_rate_scale_and_independence():
   a = np.asarray(lora.dropout(jax.random.key(0), x, 0.5)) != 0
   b = np.asarray(lora.dropout(jax.random.key(1), x, 0.5)) != 0
   assert 0.4 < (a == b).mean() < 0.6  # independent masks agree on about half the elements
-  # Neighbouring elements come from the two halves of one 32-bit draw: still uncorrelated.
+  # Neighbouring elements share a 32-bit word, groups of four one threefry call, rows the
+  # flat counter: all uncorrelated.
   flat = a.reshape(-1)
-  assert abs(np.corrcoef(flat[0:-1:2], flat[1::2])[0, 1]) < 0.02
+  for lag in (1, 2, 3, shape[-1]):  # element 4j against element 4j + lag
+    first, other = flat[0::4], flat[lag::4]
+    m = min(len(first), len(other))
+    assert abs(np.corrcoef(first[:m], other[:m])[0, 1]) < 0.03, lag
   assert lora.dropout(jax.random.key(0), x, 0.0) is x
+
+
+def test_uniform16_is_threefry_in_counter_mode():
+  """Each group of four last-axis elements holds the two output words of one threefry2x32
+  call on the counter (flat group index, 0), low half first: JAX's own threefry as the
+  reference, for raw and typed keys."""
+  from jax.extend.random import threefry_2x32
+
+  shape = (3, 5, 8)  # 30 groups of four
+  for key in (jax.random.PRNGKey(7), jax.random.key(7)):
+    got = np.asarray(lora.uniform16(key, shape)).reshape(-1, 4)
+    raw = jax.random.PRNGKey(7)
+    for i in range(got.shape[0]):
+      words = np.asarray(threefry_2x32(raw, jnp.array([i, 0], jnp.uint32)), np.uint32)
+      expected = [w >> s & 0xFFFF for w in words for s in (0, 16)]
+      assert got[i].tolist() == expected, i
+  other = np.asarray(lora.uniform16(jax.random.PRNGKey(8), shape))
+  assert (other != got.reshape(shape)).mean() > 0.99
+  # Another generator's key, or a last axis not divisible by 4: JAX's bits, the same shape.
+  for key, shp in ((jax.random.key(7, impl="rbg"), shape), (jax.random.PRNGKey(7), (3, 5, 7))):
+    u = lora.uniform16(key, shp)
+    assert u.shape == shp and u.dtype == jnp.uint16 and 0.4 < np.asarray(u).mean() / 65535 < 0.6
 
 
 def test_gradients_match_the_unfused_per_expert_sum():
