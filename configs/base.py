@@ -62,7 +62,8 @@ def get_config() -> config_dict.ConfigDict:
   c.ilora.train.weight_decay = 1e-5  # Coupled L2 on projector and router.
 
   c.ilora.train.clip_norm = 1.0  # Global gradient-norm clip (the original had none); 0 = off.
-  c.ilora.max_target_tokens = 48  # Target tokens scored per row (titles are shorter).
+  c.ilora.max_target_tokens = 48  # Cap on target tokens scored per row (the longest title
+  # of the data, rounded up to 8, when shorter).
   c.ilora.eval_rows = 0  # Rows of val/test evaluated (0 = all).
   c.ilora.eval_batch_size = 8  # Prompts per generation batch.
   c.ilora.eval_generate = True  # The paper's metric: greedy generation matched to titles.

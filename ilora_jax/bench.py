@@ -107,7 +107,7 @@ def build(config, mesh):
     None,
     lora_cfg,
     n_items,
-    config.ilora.max_target_tokens,
+    train_ilora.target_slots(config.bench.target_tokens, config.ilora.max_target_tokens),
     (),
   )
   frozen = {"llm": model.params, "sasrec": sas_params}

@@ -125,7 +125,7 @@ class Parts:
   builder: prompts.PromptBuilder
   lora_cfg: lora.LoRAConfig
   n_items: int
-  max_target_tokens: int
+  max_target_tokens: int  # Target slots the loss gathers per row (`target_slots`).
   newline_ids: tuple[int, ...]
   eligible: np.ndarray | None = None  # Sorted item ids with a title: the candidate pool.
 
@@ -208,11 +208,20 @@ def build(config, workdir: str, dataset: Dataset, mesh):
     builder,
     lora_cfg,
     dataset.n_items,
-    config.ilora.max_target_tokens,
+    target_slots(
+      max(len(builder.target_tokens(i)) for i in dataset.titles), config.ilora.max_target_tokens
+    ),
     newline if len(newline) == 1 else (),
   )
   frozen = {"llm": model.params, "sasrec": sas_params}
   return parts, frozen
+
+
+def target_slots(longest: int, cap: int) -> int:
+  """Target positions the loss gathers per row: the longest answer of the data (its tokens,
+  here the longest title's) rounded up to 8, at most `cap` (`ilora.max_target_tokens`).
+  Fewer slots than the cap means fewer rows through the LM head, with the same loss."""
+  return max(1, min(cap, -(-longest // 8) * 8))
 
 
 def init_trainable(parts: Parts, mesh, rules, seed: int):
@@ -270,7 +279,7 @@ def replacement(parts: Parts, trainable, frozen, item_ids):
 
 
 def target_nll(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, key, train: bool):
-  """Per-token negative log-likelihood of the first `max_target_tokens` target tokens.
+  """Per-token negative log-likelihood of the first `parts.max_target_tokens` target tokens.
 
   Returns (nll [b, k], valid [b, k] bool, new router stats, gate [b, E]).
   """

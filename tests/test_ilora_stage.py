@@ -90,6 +90,34 @@ def setup_tiny(pipeline):
   return config, train_ilora.setup(config, workdir), workdir
 
 
+def test_target_slots_cover_every_answer_and_keep_the_loss(setup_tiny):
+  """The loss gathers the longest title's tokens rounded up to 8, not the cap of 48: fewer
+  rows through the LM head, the same loss as with the cap."""
+  import dataclasses
+
+  from ilora_jax import sharding, train_ilora
+
+  config, su, _ = setup_tiny
+  assert train_ilora.target_slots(3, 48) == 8 and train_ilora.target_slots(16, 48) == 16
+  assert train_ilora.target_slots(60, 48) == 48
+  longest = max(len(su.parts.builder.target_tokens(i)) for i in su.dataset.titles)
+  assert su.parts.max_target_tokens == -(-longest // 8) * 8 < config.ilora.max_target_tokens
+  trainable, stats = train_ilora.init_trainable(su.parts, su.mesh, sharding.rules(config), 1)
+  trainable = jax.tree.map(lambda x: x + 0.01, trainable)  # non-zero adapters (B starts at 0)
+  host = train_ilora.train_batch(
+    su.parts, config, su.dataset.train, np.arange(8), 0, 0, su.total_steps, su.seed, su.accum
+  )
+  batch = jax.tree.map(lambda x: x[0], host)  # the first micro-batch
+
+  def loss(parts):
+    return train_ilora.loss_fn(
+      parts, su.gate_kind, trainable, stats, su.frozen, batch, jax.random.PRNGKey(0), False
+    )[0]
+
+  capped = dataclasses.replace(su.parts, max_target_tokens=config.ilora.max_target_tokens)
+  np.testing.assert_allclose(loss(su.parts), loss(capped), rtol=1e-6)
+
+
 def test_step_changes_only_trainable_state_and_compiles_once(setup_tiny):
   from ilora_jax import train_ilora
 
