@@ -20,7 +20,8 @@ and "dots_no_batch" keep the matmul outputs, about half of the no-remat figure;
 MLP's gate and up outputs (3 d + 2 k h + 2 f values for k KV heads of width h and MLP width
 f) plus, when `lora.dropout` > 0, the adapters' dropout masks (a byte per input element of
 each wrapped projection: 6 d + f for all seven), plus one layer's working set. Plus the
-float32 logits b * T * vocab * 4 (three copies: logits, log-softmax, its gradient).
+float32 logits of the loss's target slots, b * k * vocab * 4 with k = ilora.max_target_tokens
+(the cap on the slots; three copies: logits, log-softmax, its gradient).
 """
 
 from __future__ import annotations
@@ -102,10 +103,17 @@ def mask_bytes_per_token(cfg, targets, dropout: float) -> int:
 
 
 def activation_bytes(
-  cfg, micro_per_shard: int, seq_len: int, remat: str, tensor: int, masks: int = 0
+  cfg,
+  micro_per_shard: int,
+  seq_len: int,
+  remat: str,
+  tensor: int,
+  masks: int = 0,
+  target_slots: int | None = None,
 ) -> int:
   """The estimate in the module docstring, for one device; `masks` is
-  `mask_bytes_per_token` (kept by the 'projections' policy only)."""
+  `mask_bytes_per_token` (kept by the 'projections' policy only), `target_slots` the
+  positions per row that reach the LM head (all `seq_len` when None)."""
   b, t, d, h, L = micro_per_shard, seq_len, cfg.hidden_size, cfg.num_heads, cfg.num_layers
   itemsize = np.dtype(cfg.dtype).itemsize
   per_layer_full = b * t * (34 * d + 5 * h * t) * itemsize / 2 / tensor
@@ -119,7 +127,8 @@ def activation_bytes(
     layers = L * b * t * (values * itemsize + masks) / tensor + per_layer_full
   else:
     layers = L * per_layer_full
-  logits = 3 * b * t * cfg.vocab_size * 4 / tensor
+  rows = t if target_slots is None else min(t, target_slots)
+  logits = 3 * b * rows * cfg.vocab_size * 4 / tensor
   return int(layers + logits)
 
 
@@ -197,6 +206,7 @@ def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> di
       config.llm.remat,
       sizes["tensor"],
       mask_bytes_per_token(cfg, config.lora.targets, config.lora.dropout),
+      config.ilora.max_target_tokens,
     ),  # fmt: skip
   }
   return {
