@@ -5,6 +5,7 @@ import os
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT, TINY, copy_of, ilora_records, metrics_records, run_cli, with_sasrec_of
@@ -194,20 +195,32 @@ def test_base_llm_baseline_equals_full_forward_of_text_prompts(setup_tiny):
       title = builder.target_tokens(int(c))
       seqs.append(ids + title)
       spans.append((len(ids), len(title)))
-  length = max(map(len, seqs))
-  tokens = np.zeros((len(seqs), length), np.int32)
-  mask = np.zeros_like(tokens)
-  for i, s in enumerate(seqs):
-    tokens[i, : len(s)], mask[i, : len(s)] = s, 1
+  length, longest = max(map(len, seqs)), max(n for _, n in spans)
   module = su.parts.model.base_module
-  logits = jax.jit(lambda p, t, m: module.apply({"params": p}, t, m))(
-    su.frozen["llm"], tokens, mask
-  )
-  logp = np.asarray(jax.nn.log_softmax(np.asarray(logits, np.float64), axis=-1))
-  brute = np.array([
-    sum(logp[i, start + j - 1, tokens[i, start + j]] for j in range(n))
-    for i, (start, n) in enumerate(spans)
-  ]).reshape(4, -1)  # fmt: skip
+
+  @jax.jit
+  def answer_logits(params, tokens, mask, starts):
+    """Logits at the positions that predict each answer token: [b, longest, vocab]."""
+    logits = module.apply({"params": params}, tokens, mask)
+    at = jnp.minimum(starts[:, None] - 1 + jnp.arange(longest)[None], length - 1)
+    return jnp.take_along_axis(logits, at[..., None], axis=1)
+
+  brute = []
+  for r in range(4):  # One row's 20 candidates at a time: full logits of 80 rows take gigabytes.
+    rows = range(r * len(ev.cands[r]), (r + 1) * len(ev.cands[r]))
+    tokens = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros_like(tokens)
+    for k, i in enumerate(rows):
+      tokens[k, : len(seqs[i])], mask[k, : len(seqs[i])] = seqs[i], 1
+    starts = np.array([spans[i][0] for i in rows], np.int32)
+    logits = answer_logits(su.frozen["llm"], tokens, mask, starts)
+    x = np.asarray(logits, np.float64)
+    x -= x.max(-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(-1, keepdims=True))  # log-softmax in float64, in numpy
+    for k, i in enumerate(rows):
+      start, n = spans[i]
+      brute.append(sum(logp[k, j, tokens[k, start + j]] for j in range(n)))
+  brute = np.array(brute).reshape(4, -1)
   np.testing.assert_allclose(ev.scores["base"], brute, rtol=1e-4, atol=1e-4)
   expected = metrics.ranking_metrics(metrics.target_ranks(brute, ev.target[:4]))
   for key, value in expected.items():
