@@ -101,7 +101,13 @@ def get_config() -> config_dict.ConfigDict:
   # Std of the random presets' matrices (Hugging Face's 0.02; experiments on a tiny random
   # Llama use about 1/sqrt(hidden) so its frozen outputs are not near-uniform).
   c.llm.init_std = 0.02
+  # Query chunks of causal attention on the einsum path (`llama.causal_chunks`): chunk
+  # [a, e) skips the keys after e. 1 = one pass over all keys.
+  c.llm.attention_chunks = 4
   c.llm.unroll_decode = False  # Unrolled layers in greedy decoding: faster steps, slow compile.
+  # Unrolled layers in the train step (same params and results): no per-layer weight slices
+  # or stacked residuals, at the cost of a longer compile.
+  c.llm.unroll_train = False
 
   c.bench = config_dict.ConfigDict()  # python -m ilora_jax.bench (random batches, no data).
   c.bench.batch_size = 8  # Prompts per micro-batch.

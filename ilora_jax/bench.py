@@ -65,10 +65,9 @@ def train_flops_per_token(cfg, seq_len: int) -> float:
 
 def build(config, mesh):
   """Parts, frozen params and initial train state of a random-data iLoRA setup."""
-  from ilora_jax import llm, lora, optim, router, sharding, train_ilora
+  from ilora_jax import llm, lora, optim, sharding, train_ilora
   from ilora_jax import tokenizer as tok_lib
-  from ilora_jax.projector import Projector
-  from ilora_jax.sasrec import SASRec, init_params
+  from ilora_jax.sasrec import init_params
   from ilora_jax.train_sasrec import model_config
 
   rules = sharding.rules(config)
@@ -82,6 +81,7 @@ def build(config, mesh):
     rules=rules,
     attention=train_ilora.attention_impl(config),
     remat_policy=config.llm.remat,
+    attention_chunks=config.llm.attention_chunks,
   )
   special = 5  # [PH] [HistoryEmb] [CansEmb] [ItemEmb] and the pad token.
   params, llama_cfg = tok_lib.resize_vocab(
@@ -94,22 +94,7 @@ def build(config, mesh):
   sas_params = jax.device_put(
     init_params(sas_cfg, jax.random.PRNGKey(1)), sharding.replicated(mesh)
   )
-  parts = train_ilora.Parts(
-    model,
-    SASRec(sas_cfg),
-    router.make_router(
-      config.router.kind,
-      lora_cfg.num_experts,
-      config.router.hidden,
-      **train_ilora.router_kwargs(config),
-    ),
-    Projector(llama_cfg.hidden_size),
-    None,
-    lora_cfg,
-    n_items,
-    train_ilora.target_slots(config.bench.target_tokens, config.ilora.max_target_tokens),
-    (),
-  )
+  parts = train_ilora.make_parts(config, model, sas_cfg, None, n_items, config.bench.target_tokens)
   frozen = {"llm": model.params, "sasrec": sas_params}
   trainable, stats = train_ilora.init_trainable(parts, mesh, rules, 0)
   tx = optim.make(train_ilora.labels_of(trainable), 1e-4, 1000, 1e-5, config.ilora.train.clip_norm)

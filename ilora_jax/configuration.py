@@ -75,6 +75,7 @@ def validate(config: ConfigDict) -> None:
     "lora.gate",
     "=constant (plain LoRA) needs lora.num_experts=1",
   )
+  need(config.llm.attention_chunks >= 1, "llm.attention_chunks", "must be at least 1")
   need(config.data.max_len > 0, "data.max_len", "must be positive")
   need(config.data.num_candidates >= 2, "data.num_candidates", "must be at least 2")
   need(config.data.n_items >= 0, "data.n_items", "must be >= 0 (0 = from the titles)")

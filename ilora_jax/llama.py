@@ -86,6 +86,9 @@ class LlamaConfig:
   # `jax.nn.dot_product_attention` for full passes (NVIDIA GPUs, bf16/fp16); decoding steps
   # with a KV cache always use the einsum path.
   attention: str = "xla"
+  # Query chunks of the einsum path's causal attention without a cache (`causal_chunks`);
+  # 1 is one pass over every key.
+  attention_chunks: int = 4
 
   def __post_init__(self):
     if self.rope_scaling is not None:
@@ -100,6 +103,8 @@ class LlamaConfig:
       raise ValueError(f"remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
     if self.attention not in ATTENTION_IMPLS:
       raise ValueError(f"attention {self.attention!r} not in {ATTENTION_IMPLS}")
+    if self.attention_chunks < 1:
+      raise ValueError(f"attention_chunks must be >= 1, got {self.attention_chunks}")
     if not self.init_std > 0:
       raise ValueError(f"init_std must be > 0, got {self.init_std}")
 
@@ -307,7 +312,7 @@ class Attention(nn.Module):
       # [a, e) attend keys [0, e) only, which skips the blocks above the diagonal.
       parts = [
         dot_attention(q[:, a:e], k[:, :e], v[:, :e], mask[:, a:e, :e], cfg.dtype)
-        for a, e in causal_chunks(t)
+        for a, e in causal_chunks(t, cfg.attention_chunks)
       ]  # [b, e - a, n, h] each
       out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     else:
@@ -337,19 +342,19 @@ def dot_attention(q: Array, k: Array, v: Array, mask: Array, dtype: Any) -> Arra
   return out.reshape(b, t, n, h)
 
 
-def causal_chunks(t: int) -> list[tuple[int, int]]:
-  """[a, e) query chunks of a causal pass over t positions: up to MAX_CHUNKS chunks of at
+def causal_chunks(t: int, max_chunks: int = 4) -> list[tuple[int, int]]:
+  """[a, e) query chunks of a causal pass over t positions: up to `max_chunks` chunks of at
   least CHUNK_MIN queries. Chunk [a, e) only needs keys [0, e), so the score blocks above
   the diagonal (3/8 of them with 4 chunks) are never computed. On 2 CPU cores this made the
   SmolLM2-135M train step at 256 positions 0.93x as long (bench/README.md); more, smaller
   chunks gained less and compiled slower. A padded query that sees no key at all gets other
   (unused) values than in one pass: its softmax is uniform over its chunk's keys."""
-  count = max(1, min(MAX_CHUNKS, t // CHUNK_MIN))
+  count = max(1, min(max_chunks, t // CHUNK_MIN))
   size = -(-t // count)
   return [(a, min(a + size, t)) for a in range(0, t, size)]
 
 
-CHUNK_MIN, MAX_CHUNKS = 64, 4
+CHUNK_MIN = 64
 
 
 class MLP(nn.Module):

@@ -128,6 +128,7 @@ class Parts:
   max_target_tokens: int  # Target slots the loss gathers per row (`target_slots`).
   newline_ids: tuple[int, ...]
   eligible: np.ndarray | None = None  # Sorted item ids with a title: the candidate pool.
+  unroll_train: bool = False  # Loss and gradients through unrolled layers (`llm.unroll_train`).
 
   def __post_init__(self):
     if self.eligible is None and self.builder is not None:  # Once, not on every step.
@@ -175,6 +176,7 @@ def build(config, workdir: str, dataset: Dataset, mesh):
     rules=rules,
     attention=attention_impl(config),
     remat_policy=config.llm.remat,
+    attention_chunks=config.llm.attention_chunks,
     init_std=config.llm.init_std,
   )
   tokenizer = base.tokenizer
@@ -198,23 +200,31 @@ def build(config, workdir: str, dataset: Dataset, mesh):
     dataset=dataset.name,
     bos_id=tokenizer.bos_token_id,
   )
-  parts = Parts(
+  longest = max(len(builder.target_tokens(i)) for i in dataset.titles)
+  parts = make_parts(
+    config, model, sas_cfg, builder, dataset.n_items, longest, newline if len(newline) == 1 else ()
+  )
+  frozen = {"llm": model.params, "sasrec": sas_params}
+  return parts, frozen
+
+
+def make_parts(config, model, sas_cfg, builder, n_items: int, longest: int, newline=()) -> Parts:
+  """`Parts` of `config` around a loaded LLM; `longest` is the longest answer in tokens."""
+  lora_cfg = lora_config(config)
+  return Parts(
     model,
     SASRec(sas_cfg),
     router.make_router(
       config.router.kind, lora_cfg.num_experts, config.router.hidden, **router_kwargs(config)
     ),
-    Projector(llama_cfg.hidden_size),
+    Projector(model.config.hidden_size),
     builder,
     lora_cfg,
-    dataset.n_items,
-    target_slots(
-      max(len(builder.target_tokens(i)) for i in dataset.titles), config.ilora.max_target_tokens
-    ),
-    newline if len(newline) == 1 else (),
+    n_items,
+    target_slots(longest, config.ilora.max_target_tokens),
+    tuple(newline),
+    unroll_train=bool(config.llm.unroll_train),
   )
-  frozen = {"llm": model.params, "sasrec": sas_params}
-  return parts, frozen
 
 
 def target_slots(longest: int, cap: int) -> int:
@@ -288,7 +298,11 @@ def target_nll(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, ke
   )
   mask, embeds = replacement(parts, trainable, frozen, batch["item_ids"])
   params = _merge(frozen["llm"], trainable["lora"])
-  hidden = parts.model.module.apply(
+  module = parts.model.module
+  if parts.unroll_train:  # Same params and results; the layers unrolled inside this jit.
+    module = llama.Llama(module.config.replace(scan_layers=False), module.adapter)
+    params = llm.unstack_layers(params, module.config.num_layers)
+  hidden = module.apply(
     {"params": params},
     batch["input_ids"],
     batch["attention"],

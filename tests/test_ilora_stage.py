@@ -91,12 +91,13 @@ def setup_tiny(pipeline):
   return config, train_ilora.setup(config, workdir), workdir
 
 
-def test_target_slots_cover_every_answer_and_keep_the_loss(setup_tiny):
+def test_target_slots_and_unrolled_layers_keep_the_loss(setup_tiny):
   """The loss gathers the longest title's tokens rounded up to 8, not the cap of 48: fewer
-  rows through the LM head, the same loss as with the cap."""
+  rows through the LM head, the same loss as with the cap. `llm.unroll_train` runs the same
+  params through unrolled layers: the same loss and gradients as the scan."""
   import dataclasses
 
-  from ilora_jax import sharding, train_ilora
+  from ilora_jax import configuration, sharding, train_ilora
 
   config, su, _ = setup_tiny
   assert train_ilora.target_slots(3, 48) == 8 and train_ilora.target_slots(16, 48) == 16
@@ -110,13 +111,25 @@ def test_target_slots_cover_every_answer_and_keep_the_loss(setup_tiny):
   )
   batch = jax.tree.map(lambda x: x[0], host)  # the first micro-batch
 
-  def loss(parts):
+  def loss(parts, trainable=trainable):
     return train_ilora.loss_fn(
       parts, su.gate_kind, trainable, stats, su.frozen, batch, jax.random.PRNGKey(0), False
     )[0]
 
   capped = dataclasses.replace(su.parts, max_target_tokens=config.ilora.max_target_tokens)
   np.testing.assert_allclose(loss(su.parts), loss(capped), rtol=1e-6)
+
+  unrolled_config = configuration.override(config, ["llm.unroll_train=True"])
+  unrolled = train_ilora.make_parts(
+    unrolled_config, su.parts.model, su.parts.sasrec.cfg, su.parts.builder, su.parts.n_items,
+    longest, su.parts.newline_ids,
+  )  # fmt: skip
+  assert unrolled.unroll_train and not su.parts.unroll_train
+  assert unrolled.max_target_tokens == su.parts.max_target_tokens
+  scanned = jax.value_and_grad(lambda t: loss(su.parts, t))(trainable)
+  chex.assert_trees_all_close(
+    jax.value_and_grad(lambda t: loss(unrolled, t))(trainable), scanned, rtol=1e-5, atol=1e-6
+  )
 
 
 def test_step_changes_only_trainable_state_and_compiles_once(setup_tiny):

@@ -389,27 +389,29 @@ def test_remat_and_unscanned_layers_agree(params):
   np.testing.assert_allclose(_apply(module, {"params": unscanned}, tokens), base, atol=1e-5)
 
 
-def test_causal_chunks_give_the_gradients_of_one_pass(params, monkeypatch):
-  """Chunked causal attention (t >= 2 * CHUNK_MIN) against one pass over all keys: the same
-  loss and gradients wherever a real query reads (padded queries are left out of the loss).
-  The one pass itself is checked against transformers in test_llm_weights, with chunks too."""
+def test_causal_chunks_give_the_gradients_of_one_pass(params):
+  """Chunked causal attention (t >= 2 * CHUNK_MIN) against one pass over all keys
+  (`attention_chunks=1`): the same loss and gradients wherever a real query reads (padded
+  queries are left out of the loss). The one pass itself is checked against transformers in
+  test_llm_weights, with chunks too."""
   t = 2 * llama.CHUNK_MIN + 3
-  assert len(llama.causal_chunks(t)) == 2
+  assert llama.causal_chunks(t, CFG.attention_chunks) == [(0, 66), (66, t)]
+  assert llama.causal_chunks(t, 1) == [(0, t)]
+  assert llama.causal_chunks(8 * llama.CHUNK_MIN, 4) == [(a, a + 128) for a in (0, 128, 256, 384)]
   tokens = _tokens(shape=(B, t))
   lengths = np.array([t, t - llama.CHUNK_MIN - 5, 1])  # row 1: padding beyond the first chunk
   mask = jnp.asarray(np.arange(t)[None, :] >= (t - lengths)[:, None], jnp.int32)
   weights = jnp.asarray(np.random.default_rng(4).normal(size=(B, t, CFG.vocab_size)))
-  module = llama.Llama(CFG)
 
-  def loss(p):
+  def loss(p, module):
     logits = module.apply({"params": p}, tokens, mask)
     return jnp.sum(logits * weights * mask[..., None])
 
-  chunked = jax.value_and_grad(loss)(params)
-  monkeypatch.setattr(llama, "CHUNK_MIN", 10**9)
-  assert llama.causal_chunks(t) == [(0, t)]
-  one_pass = jax.value_and_grad(loss)(params)
+  chunked = jax.value_and_grad(loss)(params, llama.Llama(CFG))
+  one_pass = jax.value_and_grad(loss)(params, llama.Llama(CFG.replace(attention_chunks=1)))
   chex.assert_trees_all_close(chunked, one_pass, rtol=1e-4, atol=1e-4)  # gradients up to ~100
+  with pytest.raises(ValueError, match="attention_chunks"):
+    CFG.replace(attention_chunks=0)
 
 
 def _residual_shapes(capsys, f, *args) -> list[tuple[str, tuple[int, ...]]]:
