@@ -3,6 +3,8 @@
 Not run directly; see configs/lastfm.py, movielens.py, steam.py, demo.py, tiny.py.
 """
 
+import os
+
 from ml_collections import config_dict
 
 placeholder = config_dict.placeholder
@@ -191,4 +193,8 @@ def get_config() -> config_dict.ConfigDict:
   ]
 
   c.progress = True  # Progress bars on training and evaluation loops.
+  # Compiled programs kept across runs (`ilora_jax.compile_cache`): a resumed run or a second
+  # one of the same shapes skips its compiles. JAX's own JAX_COMPILATION_CACHE_DIR, when
+  # set, is the default; '' = off.
+  c.compile_cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/ilora_jax/xla")
   return c

@@ -429,10 +429,11 @@ def main(argv: list[str] | None = None) -> None:
 
   flags.FLAGS.set_default("workdir", _NO_WORKDIR)  # Optional here: only eval_data reads one.
   config, workdir = main_lib.parse(list(sys.argv if argv is None else argv))
-  from ilora_jax import configuration, console
+  from ilora_jax import compile_cache, configuration, console
 
   configuration.validate(config)
   console.quiet_libraries()
+  compile_cache.enable("")  # compile_s is a real compile, never a load from the cache.
   if config.bench.steps < 1 or config.bench.batch_size < 1 or config.bench.seq_len < 2:
     raise UserError("config.bench: steps, batch_size must be >= 1 and seq_len >= 2")
   if config.bench.target_tokens >= config.bench.seq_len:

@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> None:
 
   distributed.initialize(config)  # Before anything touches a device.
   configuration.validate(config)
-  from ilora_jax import console
+  from ilora_jax import compile_cache, console
 
   console.quiet_libraries()
+  compile_cache.enable(config.compile_cache_dir)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as exc:

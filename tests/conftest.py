@@ -6,12 +6,30 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 from filelock import FileLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("ILORA_JAX_SHARED", os.path.join(os.path.dirname(ROOT), "shared"))
+
+
+def pytest_configure(config):
+  """One persistent compilation cache for the session (`ilora_jax.compile_cache`): xdist
+  workers, in-process tests and CLI subprocesses inherit the folder from the environment,
+  so the tiny model's programs are compiled once, not in every end-to-end run."""
+  if hasattr(config, "workerinput"):
+    return  # A worker: the controller's folder came with the environment.
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    config._ilora_cache = tempfile.mkdtemp(prefix="ilora_jax_tests_xla_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._ilora_cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+def pytest_unconfigure(config):
+  if getattr(config, "_ilora_cache", None):
+    shutil.rmtree(config._ilora_cache, ignore_errors=True)
 
 
 def shared_path(*parts: str) -> str:

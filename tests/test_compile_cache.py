@@ -1,0 +1,63 @@
+"""`config.compile_cache_dir`: a second process loads what the first compiled; '' is off."""
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+# Runs a small jitted function after `compile_cache.enable(argv[1])`; prints the number of
+# persistent-cache hits JAX reported, what `enable` returned, the result and any warnings.
+SCRIPT = """
+import sys, warnings
+import jax, jax.numpy as jnp
+from ilora_jax import compile_cache
+hits = []
+jax.monitoring.register_event_listener(
+  lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
+with warnings.catch_warnings(record=True) as caught:
+  warnings.simplefilter("always")
+  path = compile_cache.enable(sys.argv[1])
+result = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((16, 8)))
+print(len(hits), path, result, *[str(w.message) for w in caught], sep="|")
+"""
+
+
+def _run(path, env_dir=None):
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  if env_dir is not None:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(env_dir)
+  proc = subprocess.run(
+    [sys.executable, "-c", SCRIPT, str(path)], cwd=ROOT, capture_output=True, text=True, env=env
+  )
+  assert proc.returncode == 0, proc.stderr
+  return [line.split("|") for line in proc.stdout.splitlines()]
+
+
+def test_second_process_loads_from_the_cache(tmp_path):
+  cache = tmp_path / "a" / "cache"  # created by `enable`
+  first = _run(cache)
+  assert first[0][0] == "0" and first[0][1] == str(cache)
+  entries = sorted(os.listdir(cache))
+  assert entries, "nothing was written to the cache"
+  second = _run(cache)
+  assert int(second[0][0]) >= 1, second  # the jitted function came from disk
+  assert sorted(os.listdir(cache)) == entries  # nothing new compiled
+  assert second[0][2] == first[0][2]  # the same result
+
+
+def test_empty_path_turns_the_cache_off_even_when_the_environment_sets_one(tmp_path):
+  env_dir = tmp_path / "from_env"
+  env_dir.mkdir()
+  out = _run("", env_dir=env_dir)
+  assert out[0][:2] == ["0", "None"]
+  assert os.listdir(env_dir) == []
+
+
+def test_a_folder_that_cannot_be_made_warns_in_one_line_and_runs_on(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  out = _run(blocker / "cache")
+  assert out[0][1] == "None"
+  assert out[0][3].startswith("compile cache off: cannot create") and "\n" not in out[0][3]
