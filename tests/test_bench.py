@@ -81,3 +81,45 @@ def test_ab_step_variants_parse_as_command_line_overrides():
   ):
     with pytest.raises(UserError, match=fragment):
       configuration.override(base, items)
+
+
+def test_profile_step_attributes_the_traced_ops_to_their_jax_source(tmp_path):
+  """bench/profile_step.py: every op it reports is an instruction of the compiled step, put in
+  the kind its JAX source names; the kinds add up to the summed op time."""
+  import importlib.util
+  import os
+
+  from conftest import ROOT
+
+  proc = run_cli(TINY, *SMALL[:2], "--steps=1", f"--out={tmp_path}", "--top=40",
+                 script="bench/profile_step.py")  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert os.listdir(tmp_path) and result["trace"] == str(tmp_path)
+  assert sum(result["kinds_s"].values()) == pytest.approx(result["ops_s"])
+  assert result["kinds_s"]["matmul"] > 0 and result["step_s"] > 0
+  spec = importlib.util.spec_from_file_location("profile_step", f"{ROOT}/bench/profile_step.py")
+  profile_step = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(profile_step)
+  for op in result["top"]:  # XLA's own copies carry no source
+    assert op["source"].startswith("jit(step)/") or op["op"].startswith("copy"), op
+  kinds = {profile_step.kind_of("", op["op"], op["source"]) for op in result["top"]}
+  assert "matmul" in kinds
+  hlo = """
+  %ynn_fusion.3 = f32[256,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%f.3, metadata={op_name="jit(step)/layers/attn/v/adapter/dot_general" stack_frame_id=7}
+  %w.1 = (f32[2]{0}, s32[]) while(%t), condition=%c, body=%b, metadata={op_name="jit(step)/while"}
+  ROOT %dynamic-update-slice.2 = f32[4,8]{1,0} dynamic-update-slice(%x, %y, %i, %j)
+  """  # noqa: E501
+  known = profile_step.instructions(hlo)
+  assert known == {
+    "ynn_fusion.3": ("fusion", "jit(step)/layers/attn/v/adapter/dot_general"),
+    "w.1": ("while", "jit(step)/while"),
+    "dynamic-update-slice.2": ("dynamic-update-slice", ""),
+  }
+  events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 5.0}, {"ph": "X", "name": "w.1", "dur": 9.0},
+            {"ph": "X", "name": "ynn_fusion.3", "dur": 1.0}, {"ph": "i", "name": "w.1"},
+            {"ph": "X", "name": "dynamic-update-slice.2", "dur": 2.0}]  # fmt: skip
+  times = profile_step.op_times(events, known)
+  assert times == {"ynn_fusion.3": 6.0, "dynamic-update-slice.2": 2.0}
+  kinds = [profile_step.kind_of(known[n][0], n, known[n][1]) for n in known]
+  assert kinds == ["matmul", "other element-wise", "scan stacking"]

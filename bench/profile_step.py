@@ -1,0 +1,148 @@
+"""Where the benchmark's train step spends its time, by HLO op and by kind of work.
+
+  taskset -c 0 python bench/profile_step.py --config=configs/movielens.py \
+      --config.llm.name=smollm2-135m-random --config.llm.dtype=float32 \
+      --config.llm.param_dtype=float32 --config.bench.batch_size=4 --config.bench.seq_len=256
+
+Compiles the benchmark's train step (`ilora_jax.bench.compile_train_step`), runs one warm-up
+step, then `--steps` steps under `jax.profiler.trace` (the trace is kept in --out, for
+Perfetto or TensorBoard). Every executed HLO op of the trace is matched to its instruction in
+the compiled module, whose metadata names the JAX operation it came from (for a fusion, the
+one its root came from), and put in one kind: matmul (dot_general, however XLA fused it),
+attention softmax, dropout bits (threefry), layer slices (dynamic-slice of the scanned
+weights), scan stacking (dynamic-update-slice of the saved residuals), fills (broadcasts),
+copies and transposes, and other element-wise work.
+
+Prints the kinds and the `--top` ops, per step, with the wall-clock step; the last line is one
+JSON object. On a CPU, XLA runs independent ops on two threads and YNNPACK matmuls split
+their work over threads that leave no events, so the per-op times add up to the wall clock
+only on one core: pin the process (`taskset -c 0`) for a ledger that sums.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from ilora_jax import bench, errors, sharding
+from ilora_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/movielens.py")
+_STEPS = flags.DEFINE_integer("steps", 3, "profiled steps (after one warm-up step)")
+_TOP = flags.DEFINE_integer("top", 15, "ops listed, the slowest first")
+_OUT = flags.DEFINE_string("out", "", "folder for the trace (default: a new temporary one)")
+
+# (kind, test on (opcode, instruction name, op_name metadata)), the first match wins.
+KINDS = (
+  ("matmul", lambda op, name, src: op in ("dot", "convolution") or src.endswith("dot_general")),
+  ("dropout bits", lambda op, name, src: "threefry" in src),
+  ("attention softmax", lambda op, name, src: "/attn/" in src and any(
+    k in src for k in ("reduce_max", "exp", "reduce_sum", "div", "select_n", "softmax"))),
+  ("layer slices", lambda op, name, src: op == "dynamic-slice" or "dynamic-slice" in name),
+  ("scan stacking", lambda op, name, src: op == "dynamic-update-slice"
+   or "dynamic-update-slice" in name or "dynamic_update_slice" in src),
+  ("fills", lambda op, name, src: "broadcast" in name),
+  ("copies and transposes", lambda op, name, src: "copy" in name or "transpose" in name),
+  ("other element-wise", lambda op, name, src: True),
+)  # fmt: skip
+_CONTROL = ("while", "conditional", "call", "tuple", "get-tuple-element", "parameter")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
+def instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
+  """Instruction name -> (opcode, op_name metadata) of every instruction in an HLO module."""
+  found = {}
+  for line in hlo_text.splitlines():
+    match = _INSTRUCTION.match(line)
+    if match:
+      src = _OP_NAME.search(line)
+      found[match.group(1)] = (match.group(2), src.group(1) if src else "")
+  return found
+
+
+def kind_of(opcode: str, name: str, src: str) -> str:
+  return next(kind for kind, test in KINDS if test(opcode, name, src))
+
+
+def op_times(trace_events: list[dict], known: dict[str, tuple[str, str]]) -> dict[str, float]:
+  """Microseconds per executed HLO op (complete events named like a non-control instruction)."""
+  times: dict[str, float] = collections.Counter()
+  for event in trace_events:
+    name = event.get("name", "")
+    if event.get("ph") == "X" and name in known and known[name][0] not in _CONTROL:
+      times[name] += float(event.get("dur", 0.0))
+  return times
+
+
+def _stepper(config):
+  mesh = sharding.make_mesh(config.mesh)
+  parts, frozen, state, tx = bench.build(config, mesh)
+  compiled, batch, _ = bench.compile_train_step(config, mesh, parts, frozen, state, tx)
+  holder = [state]
+
+  def step() -> None:
+    holder[0], metrics = compiled(holder[0], frozen, batch)
+    jax.block_until_ready((holder[0], metrics))
+
+  return compiled, step
+
+
+def main(argv) -> None:
+  del argv
+  try:
+    if _STEPS.value < 1:
+      raise UserError("--steps must be at least 1")
+    compiled, step = _stepper(_CONFIG.value)
+  except UserError as exc:
+    errors.report_and_exit(exc)
+  step()  # warm-up
+  out = _OUT.value or tempfile.mkdtemp(prefix="ilora_jax_profile_")
+  with jax.profiler.trace(out, create_perfetto_trace=True):
+    t0 = time.perf_counter()
+    for _ in range(_STEPS.value):
+      step()
+    step_s = (time.perf_counter() - t0) / _STEPS.value  # Not the trace's write-out.
+  paths = sorted(glob.glob(os.path.join(out, "**", "perfetto_trace.json.gz"), recursive=True))
+  with gzip.open(paths[-1]) as f:
+    trace = json.load(f)
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  known = instructions(compiled.as_text())
+  times = op_times(events, known)
+  per_step = {name: us / 1e6 / _STEPS.value for name, us in times.items()}
+  kinds: dict[str, float] = collections.Counter()
+  for name, seconds in per_step.items():
+    kinds[kind_of(known[name][0], name, known[name][1])] += seconds
+  total = sum(per_step.values())
+  print(f"step {step_s:.3f} s wall; ops {total:.3f} s summed over threads", file=sys.stderr)
+  print(f"{'kind':<24}{'s/step':>9}{'share':>8}", file=sys.stderr)
+  for kind, _ in KINDS:
+    print(f"{kind:<24}{kinds[kind]:>9.3f}{kinds[kind] / total:>8.1%}", file=sys.stderr)
+  top = sorted(per_step.items(), key=lambda kv: -kv[1])[: _TOP.value]
+  print(f"\n{'op':<32}{'s/step':>9}  source", file=sys.stderr)
+  for name, seconds in top:
+    print(f"{name:<32}{seconds:>9.3f}  {known[name][1][-90:]}", file=sys.stderr)
+  result = {
+    "device": jax.devices()[0].device_kind,
+    "step_s": step_s,
+    "ops_s": total,
+    "kinds_s": {kind: kinds[kind] for kind, _ in KINDS},
+    "top": [{"op": n, "s": s, "source": known[n][1]} for n, s in top],
+    "trace": out,
+  }
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
