@@ -6,12 +6,12 @@
 
 Compiles the benchmark's train step (`ilora_jax.bench.compile_train_step`), runs one warm-up
 step, then `--steps` steps under `jax.profiler.trace` (the trace is kept in --out, for
-Perfetto or TensorBoard). Every executed HLO op of the trace is matched to its instruction in
-the compiled module, whose metadata names the JAX operation it came from (for a fusion, the
-one its root came from), and put in one kind: matmul (dot_general, however XLA fused it),
-attention softmax, dropout bits (threefry), layer slices (dynamic-slice of the scanned
-weights), scan stacking (dynamic-update-slice of the saved residuals), fills (broadcasts),
-copies and transposes, and other element-wise work.
+Perfetto or TensorBoard, beside the compiled module as `step.hlo.txt`). Every executed HLO op
+of the trace is matched to its instruction in the compiled module, whose metadata names the
+JAX operation it came from, and put in one kind (see `KINDS`): matmul (dot_general, however
+XLA fused it), dropout bits (threefry), attention softmax, layer slices (dynamic-slice of the
+scanned weights), scan stacking (dynamic-update-slice of the saved residuals), fills
+(broadcasts), copies and transposes, and other element-wise work.
 
 Prints the kinds and the `--top` ops, per step, with the wall-clock step; the last line is one
 JSON object. On a CPU, XLA runs independent ops on two threads and YNNPACK matmuls split
@@ -43,40 +43,60 @@ _STEPS = flags.DEFINE_integer("steps", 3, "profiled steps (after one warm-up ste
 _TOP = flags.DEFINE_integer("top", 15, "ops listed, the slowest first")
 _OUT = flags.DEFINE_string("out", "", "folder for the trace (default: a new temporary one)")
 
-# (kind, test on (opcode, instruction name, op_name metadata)), the first match wins.
+# (kind, test on (opcode, instruction name, JAX sources)), the first match wins. The sources
+# are the instruction's own op_name first, then those of the computation it calls (a fusion's
+# fused instructions): a fusion is a matmul when its root is one, and dropout bits when any
+# of its instructions comes from threefry (the bits are fused into the mask's comparison).
 KINDS = (
-  ("matmul", lambda op, name, src: op in ("dot", "convolution") or src.endswith("dot_general")),
-  ("dropout bits", lambda op, name, src: "threefry" in src),
-  ("attention softmax", lambda op, name, src: "/attn/" in src and any(
-    k in src for k in ("reduce_max", "exp", "reduce_sum", "div", "select_n", "softmax"))),
+  ("matmul", lambda op, name, src: op in ("dot", "convolution")
+   or src[0].endswith("dot_general")),
+  ("dropout bits", lambda op, name, src: any("threefry" in s for s in src)),
+  ("attention softmax", lambda op, name, src: "/attn/" in src[0] and any(
+    k in src[0] for k in ("reduce_max", "exp", "reduce_sum", "div", "select_n", "softmax"))),
   ("layer slices", lambda op, name, src: op == "dynamic-slice" or "dynamic-slice" in name),
   ("scan stacking", lambda op, name, src: op == "dynamic-update-slice"
-   or "dynamic-update-slice" in name or "dynamic_update_slice" in src),
+   or "dynamic-update-slice" in name or "dynamic_update_slice" in src[0]),
   ("fills", lambda op, name, src: "broadcast" in name),
   ("copies and transposes", lambda op, name, src: "copy" in name or "transpose" in name),
   ("other element-wise", lambda op, name, src: True),
 )  # fmt: skip
 _CONTROL = ("while", "conditional", "call", "tuple", "get-tuple-element", "parameter")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
 
 
-def instructions(hlo_text: str) -> dict[str, tuple[str, str]]:
-  """Instruction name -> (opcode, op_name metadata) of every instruction in an HLO module."""
-  found = {}
+def instructions(hlo_text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+  """Instruction name -> (opcode, JAX sources) of every instruction in an HLO module; the
+  sources are its op_name metadata ('' when none), then those inside the computation it calls."""
+  own: dict[str, tuple[str, str, str | None]] = {}
+  inside: dict[str, list[str]] = collections.defaultdict(list)
+  computation = None
   for line in hlo_text.splitlines():
+    head = _COMPUTATION.match(line)
+    if head:
+      computation = head.group(1)
+      continue
     match = _INSTRUCTION.match(line)
     if match:
       src = _OP_NAME.search(line)
-      found[match.group(1)] = (match.group(2), src.group(1) if src else "")
-  return found
+      calls = _CALLS.search(line)
+      own[match.group(1)] = (
+        match.group(2),
+        src.group(1) if src else "",
+        calls.group(1) if calls else None,
+      )
+      if src and computation:
+        inside[computation].append(src.group(1))
+  return {name: (op, (src, *inside.get(calls, ()))) for name, (op, src, calls) in own.items()}
 
 
-def kind_of(opcode: str, name: str, src: str) -> str:
+def kind_of(opcode: str, name: str, src: tuple[str, ...]) -> str:
   return next(kind for kind, test in KINDS if test(opcode, name, src))
 
 
-def op_times(trace_events: list[dict], known: dict[str, tuple[str, str]]) -> dict[str, float]:
+def op_times(trace_events: list[dict], known: dict) -> dict[str, float]:
   """Microseconds per executed HLO op (complete events named like a non-control instruction)."""
   times: dict[str, float] = collections.Counter()
   for event in trace_events:
@@ -118,7 +138,10 @@ def main(argv) -> None:
   with gzip.open(paths[-1]) as f:
     trace = json.load(f)
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
-  known = instructions(compiled.as_text())
+  hlo = compiled.as_text()
+  with open(os.path.join(out, "step.hlo.txt"), "w") as f:  # The module the names refer to.
+    f.write(hlo)
+  known = instructions(hlo)
   times = op_times(events, known)
   per_step = {name: us / 1e6 / _STEPS.value for name, us in times.items()}
   kinds: dict[str, float] = collections.Counter()
@@ -132,13 +155,16 @@ def main(argv) -> None:
   top = sorted(per_step.items(), key=lambda kv: -kv[1])[: _TOP.value]
   print(f"\n{'op':<32}{'s/step':>9}  source", file=sys.stderr)
   for name, seconds in top:
-    print(f"{name:<32}{seconds:>9.3f}  {known[name][1][-90:]}", file=sys.stderr)
+    print(f"{name:<32}{seconds:>9.3f}  {known[name][1][0][-90:]}", file=sys.stderr)
   result = {
     "device": jax.devices()[0].device_kind,
     "step_s": step_s,
     "ops_s": total,
     "kinds_s": {kind: kinds[kind] for kind, _ in KINDS},
-    "top": [{"op": n, "s": s, "source": known[n][1]} for n, s in top],
+    "top": [
+      {"op": n, "s": s, "kind": kind_of(known[n][0], n, known[n][1]), "source": known[n][1][0]}
+      for n, s in top
+    ],  # fmt: skip
     "trace": out,
   }
   print(json.dumps(result))

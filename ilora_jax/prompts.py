@@ -110,6 +110,7 @@ class PromptBuilder:
       pieces = (head.rstrip(), middle.rstrip(), tail)
       self.templates.append(tuple(list(encode(p)) for p in pieces))
     self._title_cache: dict[int, list[int]] = {}
+    self._target_cache: dict[int, tuple[int, ...]] = {}
     self._sep = list(encode(","))
 
   def _title(self, item: int) -> list[int]:
@@ -121,7 +122,10 @@ class PromptBuilder:
     return self._title_cache[item]
 
   def target_tokens(self, item: int) -> list[int]:
-    return list(self._encode(f" {self.titles[item]}\n"))
+    """Tokens of the answer ` <title>\n`, encoded once per item."""
+    if item not in self._target_cache:
+      self._target_cache[item] = tuple(self._encode(f" {self.titles[item]}\n"))
+    return list(self._target_cache[item])
 
   def _items(self, items: Sequence[int], marker: str, hybrid: bool) -> tuple[list, list]:
     ids, owners = [], []

@@ -103,23 +103,40 @@ def test_profile_step_attributes_the_traced_ops_to_their_jax_source(tmp_path):
   spec.loader.exec_module(profile_step)
   for op in result["top"]:  # XLA's own copies carry no source
     assert op["source"].startswith("jit(step)/") or op["op"].startswith("copy"), op
-  kinds = {profile_step.kind_of("", op["op"], op["source"]) for op in result["top"]}
-  assert "matmul" in kinds
+  assert "matmul" in {op["kind"] for op in result["top"]}
   hlo = """
-  %ynn_fusion.3 = f32[256,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%f.3, metadata={op_name="jit(step)/layers/attn/v/adapter/dot_general" stack_frame_id=7}
+%fused_computation.3 (param_0.29: f32[256,64], param_1.29: f32[64,8]) -> f32[256,8] {
+  %dot.1 = f32[256,8]{1,0} dot(%param_0.29, %param_1.29), metadata={op_name="jit(step)/v/dot_general"}
+}
+
+%fused_computation.4 (param_0.1: u32[64]) -> pred[64] {
+  %x.2 = u32[64]{0} xor(%param_0.1, %param_0.1), metadata={op_name="jit(step)/a/threefry2x32"}
+  ROOT %ge.3 = pred[64]{0} compare(%x.2, %x.2), direction=GE, metadata={op_name="jit(step)/a/ge"}
+}
+
+ENTRY %main.9 (a: f32[256,64]) -> f32[4,8] {
+  %ynn_fusion.3 = f32[256,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.3, metadata={op_name="jit(step)/layers/attn/v/adapter/dot_general" stack_frame_id=7}
+  %ge_fusion = pred[64]{0} fusion(%c), kind=kLoop, calls=%fused_computation.4, metadata={op_name="jit(step)/a/ge"}
   %w.1 = (f32[2]{0}, s32[]) while(%t), condition=%c, body=%b, metadata={op_name="jit(step)/while"}
   ROOT %dynamic-update-slice.2 = f32[4,8]{1,0} dynamic-update-slice(%x, %y, %i, %j)
-  """  # noqa: E501
+}
+"""  # noqa: E501
   known = profile_step.instructions(hlo)
-  assert known == {
-    "ynn_fusion.3": ("fusion", "jit(step)/layers/attn/v/adapter/dot_general"),
-    "w.1": ("while", "jit(step)/while"),
-    "dynamic-update-slice.2": ("dynamic-update-slice", ""),
-  }
+  assert known["ynn_fusion.3"] == (
+    "fusion",
+    ("jit(step)/layers/attn/v/adapter/dot_general", "jit(step)/v/dot_general"),
+  )
+  assert known["ge_fusion"] == (
+    "fusion",
+    ("jit(step)/a/ge", "jit(step)/a/threefry2x32", "jit(step)/a/ge"),
+  )
+  assert known["w.1"] == ("while", ("jit(step)/while",))
+  assert known["dynamic-update-slice.2"] == ("dynamic-update-slice", ("",))
   events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 5.0}, {"ph": "X", "name": "w.1", "dur": 9.0},
             {"ph": "X", "name": "ynn_fusion.3", "dur": 1.0}, {"ph": "i", "name": "w.1"},
             {"ph": "X", "name": "dynamic-update-slice.2", "dur": 2.0}]  # fmt: skip
   times = profile_step.op_times(events, known)
   assert times == {"ynn_fusion.3": 6.0, "dynamic-update-slice.2": 2.0}
-  kinds = [profile_step.kind_of(known[n][0], n, known[n][1]) for n in known]
-  assert kinds == ["matmul", "other element-wise", "scan stacking"]
+  names = ("ynn_fusion.3", "ge_fusion", "w.1", "dynamic-update-slice.2")
+  kinds = [profile_step.kind_of(known[n][0], n, known[n][1]) for n in names]
+  assert kinds == ["matmul", "dropout bits", "other element-wise", "scan stacking"]

@@ -65,3 +65,22 @@ def test_every_dataset_has_three_templates_with_both_slots():
     assert len(templates) == 3, name
     for t in templates:
       assert t.count("[HistoryHere]") == 1 and t.count("[CansHere]") == 1
+
+
+def test_titles_and_answers_are_encoded_once_per_item():
+  """Setup encodes every answer (for the loss's target slots) and batches encode them again:
+  the builder keeps each item's tokens, and a caller's edit of a returned list changes nothing."""
+  calls = []
+  builder = prompts.PromptBuilder(
+    lambda text: calls.append(text) or _encode(text), SPECIAL, pad_id=0, titles=TITLES,
+    n_items=5, dataset="movielens", bos_id=1,
+  )  # fmt: skip
+  setup = len(calls)
+  answer = builder.target_tokens(3)
+  assert "".join(map(chr, answer)) == " Brazil\n"
+  answer.append(0)
+  for _ in range(3):
+    builder.batch([([0, 1], [2, 3, 4], 3)], template=0, hybrid=True)
+  assert builder.target_tokens(3) == _encode(" Brazil\n")
+  encoded = calls[setup:]
+  assert encoded.count(" Brazil\n") == 1 and encoded.count(" Heat") == 1
