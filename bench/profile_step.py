@@ -45,11 +45,12 @@ _OUT = flags.DEFINE_string("out", "", "folder for the trace (default: a new temp
 
 # (kind, test on (opcode, instruction name, JAX sources)), the first match wins. The sources
 # are the instruction's own op_name first, then those of the computation it calls (a fusion's
-# fused instructions): a fusion is a matmul when its root is one, and dropout bits when any
-# of its instructions comes from threefry (the bits are fused into the mask's comparison).
+# fused instructions): a fusion is a matmul when any of its instructions is one (XLA:CPU
+# fuses reductions and element-wise work around a dot, the loss's log-softmax around the LM
+# head for one), and dropout bits when any comes from threefry (fused into the mask's test).
 KINDS = (
   ("matmul", lambda op, name, src: op in ("dot", "convolution")
-   or src[0].endswith("dot_general")),
+   or any(s.endswith("dot_general") for s in src)),
   ("dropout bits", lambda op, name, src: any("threefry" in s for s in src)),
   ("attention softmax", lambda op, name, src: "/attn/" in src[0] and any(
     k in src[0] for k in ("reduce_max", "exp", "reduce_sum", "div", "select_n", "softmax"))),
