@@ -11,16 +11,18 @@ compiled again by JAX. '' turns the cache off. Must run before the first compile
 from __future__ import annotations
 
 import os
-import warnings
 
 
 def enable(path: str) -> str | None:
   """Points JAX's cache at `path` (`~` expanded, created); returns it, or None when off.
 
-  A folder that cannot be created gives a one-line warning and no cache: the run goes on.
+  A folder that cannot be created gives a one-line warning on stderr and no cache: the run
+  goes on.
   '' turns the cache off, also where JAX_COMPILATION_CACHE_DIR set it.
   """
   import jax
+
+  from ilora_jax import console
 
   if not path:
     jax.config.update("jax_enable_compilation_cache", False)
@@ -29,7 +31,7 @@ def enable(path: str) -> str | None:
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as exc:
-    warnings.warn(f"compile cache off: cannot create {path} ({exc.strerror})", stacklevel=2)
+    console.info(f"warning: compile cache off: cannot create {path} ({exc.strerror})")
     return None
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)

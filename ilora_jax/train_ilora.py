@@ -299,7 +299,7 @@ def target_nll(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, ke
   mask, embeds = replacement(parts, trainable, frozen, batch["item_ids"])
   params = _merge(frozen["llm"], trainable["lora"])
   module = parts.model.module
-  if parts.unroll_train:  # Same params and results; the layers unrolled inside this jit.
+  if parts.unroll_train and module.config.scan_layers:  # Same params and results, unrolled.
     module = llama.Llama(module.config.replace(scan_layers=False), module.adapter)
     params = llm.unstack_layers(params, module.config.num_layers)
   hidden = module.apply(
