@@ -6,11 +6,16 @@ same shapes loads its train and evaluation steps instead of compiling them again
 SmolLM2-135M train step takes tens of seconds to compile on a CPU). Every key covers all that
 the program depends on, so a stale entry is never used; an entry that cannot be loaded is
 compiled again by JAX. '' turns the cache off. Must run before the first compile.
+
+The folder is capped at `MAX_BYTES`, least recently used programs evicted first (JAX's
+own JAX_COMPILATION_CACHE_MAX_SIZE, when set, wins; -1 there means no cap).
 """
 
 from __future__ import annotations
 
 import os
+
+MAX_BYTES = 4 << 30
 
 
 def enable(path: str) -> str | None:
@@ -35,4 +40,6 @@ def enable(path: str) -> str | None:
     return None
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)
+  if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
+    jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
   return path

@@ -18,7 +18,7 @@ jax.monitoring.register_event_listener(
   lambda name, **kw: hits.append(name) if name == "/jax/compilation_cache/cache_hits" else None)
 path = compile_cache.enable(sys.argv[1])
 result = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())(jnp.ones((16, 8)))
-print(len(hits), path, result, sep="|")
+print(len(hits), path, result, jax.config.jax_compilation_cache_max_size, sep="|")
 """
 
 
@@ -38,6 +38,7 @@ def test_second_process_loads_from_the_cache(tmp_path):
   cache = tmp_path / "a" / "cache"  # created by `enable`
   first, _ = _run(cache)
   assert first[0] == "0" and first[1] == str(cache)
+  assert first[3] == str(4 << 30)  # compile_cache.MAX_BYTES, with eviction
   entries = sorted(os.listdir(cache))
   assert entries, "nothing was written to the cache"
   second, _ = _run(cache)
