@@ -25,6 +25,9 @@ def pytest_configure(config):
     config._ilora_cache = tempfile.mkdtemp(prefix="ilora_jax_tests_xla_")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = config._ilora_cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  # No size cap (so no eviction) in any test process: a capped writer expects every entry's
+  # access-time file, which the in-process tests, uncapped, do not write.
+  os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
 
 
 def pytest_unconfigure(config):

@@ -23,7 +23,8 @@ print(len(hits), path, result, jax.config.jax_compilation_cache_max_size, sep="|
 
 
 def _run(path, env_dir=None):
-  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+  unset = ("JAX_COMPILATION_CACHE_DIR", "JAX_COMPILATION_CACHE_MAX_SIZE")  # the session's
+  env = {k: v for k, v in os.environ.items() if k not in unset}
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   if env_dir is not None:
     env["JAX_COMPILATION_CACHE_DIR"] = str(env_dir)
