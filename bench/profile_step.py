@@ -70,7 +70,8 @@ _CALLS = re.compile(r"calls=%([\w.\-]+)")
 
 def instructions(hlo_text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
   """Instruction name -> (opcode, JAX sources) of every instruction in an HLO module; the
-  sources are its op_name metadata ('' when none), then those inside the computation it calls."""
+  sources are its op_name metadata, then those inside the computation it calls (XLA leaves
+  some fusions without their own), or ('',) when there is none."""
   own: dict[str, tuple[str, str, str | None]] = {}
   inside: dict[str, list[str]] = collections.defaultdict(list)
   computation = None
@@ -90,7 +91,10 @@ def instructions(hlo_text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
       )
       if src and computation:
         inside[computation].append(src.group(1))
-  return {name: (op, (src, *inside.get(calls, ()))) for name, (op, src, calls) in own.items()}
+  found = {}
+  for name, (op, src, calls) in own.items():  # Empty names left out, ('',) when none is left.
+    found[name] = (op, tuple(s for s in (src, *inside.get(calls, ())) if s) or ("",))
+  return found
 
 
 def kind_of(opcode: str, name: str, src: tuple[str, ...]) -> str:

@@ -78,6 +78,7 @@ def test_ab_step_variants_parse_as_command_line_overrides():
     (["llm.no_such_key=1"], "unknown config key"),
     (["lora.rank=x"], "lora.rank"),
     (["llm.remat=fast"], "llm.remat='fast' is not one of"),
+    (["llm.attention_chunks=0"], "llm.attention_chunks must be at least 1"),
   ):
     with pytest.raises(UserError, match=fragment):
       configuration.override(base, items)
@@ -101,8 +102,14 @@ def test_profile_step_attributes_the_traced_ops_to_their_jax_source(tmp_path):
   spec = importlib.util.spec_from_file_location("profile_step", f"{ROOT}/bench/profile_step.py")
   profile_step = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(profile_step)
-  for op in result["top"]:  # XLA's own copies carry no source
-    assert op["source"].startswith("jit(step)/") or op["op"].startswith("copy"), op
+  with open(tmp_path / "step.hlo.txt") as f:  # the compiled step the trace ran
+    module = profile_step.instructions(f.read())
+  for op in result["top"]:
+    opcode, sources = module[op["op"]]
+    assert op["source"] == sources[0] and op["kind"] == profile_step.kind_of(
+      opcode, op["op"], sources
+    )
+    assert op["source"] == "" or op["source"].startswith("jit(step)/"), op
   assert "matmul" in {op["kind"] for op in result["top"]}
   hlo = """
 %fused_computation.3 (param_0.29: f32[256,64], param_1.29: f32[64,8]) -> f32[256,8] {
@@ -117,6 +124,7 @@ def test_profile_step_attributes_the_traced_ops_to_their_jax_source(tmp_path):
 ENTRY %main.9 (a: f32[256,64]) -> f32[4,8] {
   %ynn_fusion.3 = f32[256,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.3, metadata={op_name="jit(step)/layers/attn/v/adapter/dot_general" stack_frame_id=7}
   %ge_fusion = pred[64]{0} fusion(%c), kind=kLoop, calls=%fused_computation.4, metadata={op_name="jit(step)/a/ge"}
+  %ynn_fusion.5 = f32[256,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%fused_computation.3
   %w.1 = (f32[2]{0}, s32[]) while(%t), condition=%c, body=%b, metadata={op_name="jit(step)/while"}
   ROOT %dynamic-update-slice.2 = f32[4,8]{1,0} dynamic-update-slice(%x, %y, %i, %j)
 }
@@ -130,6 +138,7 @@ ENTRY %main.9 (a: f32[256,64]) -> f32[4,8] {
     "fusion",
     ("jit(step)/a/ge", "jit(step)/a/threefry2x32", "jit(step)/a/ge"),
   )
+  assert known["ynn_fusion.5"] == ("fusion", ("jit(step)/v/dot_general",))  # no own metadata
   assert known["w.1"] == ("while", ("jit(step)/while",))
   assert known["dynamic-update-slice.2"] == ("dynamic-update-slice", ("",))
   events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 5.0}, {"ph": "X", "name": "w.1", "dur": 9.0},
@@ -137,6 +146,6 @@ ENTRY %main.9 (a: f32[256,64]) -> f32[4,8] {
             {"ph": "X", "name": "dynamic-update-slice.2", "dur": 2.0}]  # fmt: skip
   times = profile_step.op_times(events, known)
   assert times == {"ynn_fusion.3": 6.0, "dynamic-update-slice.2": 2.0}
-  names = ("ynn_fusion.3", "ge_fusion", "w.1", "dynamic-update-slice.2")
+  names = ("ynn_fusion.3", "ge_fusion", "ynn_fusion.5", "w.1", "dynamic-update-slice.2")
   kinds = [profile_step.kind_of(known[n][0], n, known[n][1]) for n in names]
-  assert kinds == ["matmul", "dropout bits", "other element-wise", "scan stacking"]
+  assert kinds == ["matmul", "dropout bits", "matmul", "other element-wise", "scan stacking"]
