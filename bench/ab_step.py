@@ -8,7 +8,7 @@
 Each variant is a space-separated list of `key=value` config overrides, parsed as the command
 line's `--config.key=value` (shell quoting applies), on top of --config with its own
 overrides; an empty variant is that config itself. Every variant's train step is built and
-compiled first (`ilora_jax.bench.compile_train_step`, the benchmark's own step), then the
+compiled first (`ilora_jax.bench.train_stepper`, the benchmark's own step), then the
 steps run in alternation, one step of each per round, so that the drift of a shared machine
 (10-15% from one run to the next on 2 CPU cores) hits all variants alike. Prints each
 variant's median and minimum step time and the median over rounds of its ratio to the first
@@ -26,7 +26,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ilora_jax import bench, configuration, errors, sharding
+from ilora_jax import bench, configuration, errors
 from ilora_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/movielens.py")
@@ -35,16 +35,8 @@ _ROUNDS = flags.DEFINE_integer("rounds", 8, "timed rounds (one step of every var
 
 
 def _stepper(config):
-  """A function running one compiled train step of `config` to completion."""
-  mesh = sharding.make_mesh(config.mesh)
-  parts, frozen, state, tx = bench.build(config, mesh)
-  compiled, batch, _ = bench.compile_train_step(config, mesh, parts, frozen, state, tx)
-  holder = [state]
-
-  def step() -> None:
-    holder[0], metrics = compiled(holder[0], frozen, batch)
-    jax.block_until_ready((holder[0], metrics))
-
+  """A function running one compiled train step of `config` to completion (warmed up)."""
+  _, step = bench.train_stepper(config)
   step()  # warm-up
   return step
 

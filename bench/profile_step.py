@@ -4,7 +4,7 @@
       --config.llm.name=smollm2-135m-random --config.llm.dtype=float32 \
       --config.llm.param_dtype=float32 --config.bench.batch_size=4 --config.bench.seq_len=256
 
-Compiles the benchmark's train step (`ilora_jax.bench.compile_train_step`), runs one warm-up
+Compiles the benchmark's train step (`ilora_jax.bench.train_stepper`), runs one warm-up
 step, then `--steps` steps under `jax.profiler.trace` (the trace is kept in --out, for
 Perfetto or TensorBoard, beside the compiled module as `step.hlo.txt`). Every executed HLO op
 of the trace is matched to its instruction in the compiled module, whose metadata names the
@@ -35,7 +35,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ilora_jax import bench, errors, sharding
+from ilora_jax import bench, errors
 from ilora_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/movielens.py")
@@ -111,25 +111,12 @@ def op_times(trace_events: list[dict], known: dict) -> dict[str, float]:
   return times
 
 
-def _stepper(config):
-  mesh = sharding.make_mesh(config.mesh)
-  parts, frozen, state, tx = bench.build(config, mesh)
-  compiled, batch, _ = bench.compile_train_step(config, mesh, parts, frozen, state, tx)
-  holder = [state]
-
-  def step() -> None:
-    holder[0], metrics = compiled(holder[0], frozen, batch)
-    jax.block_until_ready((holder[0], metrics))
-
-  return compiled, step
-
-
 def main(argv) -> None:
   del argv
   try:
     if _STEPS.value < 1:
       raise UserError("--steps must be at least 1")
-    compiled, step = _stepper(_CONFIG.value)
+    compiled, step = bench.train_stepper(_CONFIG.value)
   except UserError as exc:
     errors.report_and_exit(exc)
   step()  # warm-up

@@ -72,17 +72,7 @@ def build(config, mesh):
 
   rules = sharding.rules(config)
   lora_cfg = train_ilora.lora_config(config)
-  dtypes = train_ilora.DTYPES
-  base = llm.load(
-    config.llm.name,
-    dtype=dtypes[config.llm.dtype],
-    param_dtype=dtypes[config.llm.param_dtype],
-    mesh=mesh,
-    rules=rules,
-    attention=train_ilora.attention_impl(config),
-    remat_policy=config.llm.remat,
-    attention_chunks=config.llm.attention_chunks,
-  )
+  base = llm.load(config.llm.name, mesh=mesh, rules=rules, **train_ilora.model_options(config))
   special = 5  # [PH] [HistoryEmb] [CansEmb] [ItemEmb] and the pad token.
   params, llama_cfg = tok_lib.resize_vocab(
     base.params, base.config, base.config.vocab_size + special, multiple_of=128
@@ -171,6 +161,23 @@ def compile_train_step(config, mesh, parts, frozen, state, tx):
   t0 = time.perf_counter()
   compiled = step.lower(state, frozen, batch).compile()
   return compiled, batch, time.perf_counter() - t0
+
+
+def train_stepper(config):
+  """(compiled train step, `step()`): `step()` runs one step of `config`'s benchmark setup on
+  its own mesh to completion, carrying the state (the scripts in bench/ time or trace it)."""
+  from ilora_jax import sharding
+
+  mesh = sharding.make_mesh(config.mesh)
+  parts, frozen, state, tx = build(config, mesh)
+  compiled, batch, _ = compile_train_step(config, mesh, parts, frozen, state, tx)
+  holder = [state]
+
+  def step() -> None:
+    holder[0], metrics = compiled(holder[0], frozen, batch)
+    jax.block_until_ready((holder[0], metrics))
+
+  return compiled, step
 
 
 def bench_train(config, mesh, parts, frozen, state, tx) -> tuple[dict, dict]:

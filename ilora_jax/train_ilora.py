@@ -163,21 +163,24 @@ def attention_impl(config) -> str:
   return impl
 
 
+def model_options(config) -> dict:
+  """`llm.load` options of the model's numerics and kernels (the run and the benchmark)."""
+  return dict(
+    dtype=DTYPES[config.llm.dtype],
+    param_dtype=DTYPES[config.llm.param_dtype],
+    attention=attention_impl(config),
+    remat_policy=config.llm.remat,
+    attention_chunks=config.llm.attention_chunks,
+  )
+
+
 def build(config, workdir: str, dataset: Dataset, mesh):
   """Loads the frozen parts and initialises the trainable ones (sharded)."""
   rules = sharding.rules(config)
   lora_cfg = lora_config(config)
   factory = lora.adapter_factory(lora_cfg)
   base = llm.load(
-    config.llm.name,
-    dtype=DTYPES[config.llm.dtype],
-    param_dtype=DTYPES[config.llm.param_dtype],
-    mesh=mesh,
-    rules=rules,
-    attention=attention_impl(config),
-    remat_policy=config.llm.remat,
-    attention_chunks=config.llm.attention_chunks,
-    init_std=config.llm.init_std,
+    config.llm.name, mesh=mesh, rules=rules, init_std=config.llm.init_std, **model_options(config)
   )
   tokenizer = base.tokenizer
   special = tok_lib.add_ilora_tokens(tokenizer)
