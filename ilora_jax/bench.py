@@ -220,7 +220,7 @@ def bench_generate(config, parts, frozen, state) -> dict:
     mask, embeds = train_ilora.replacement(parts, trainable, frozen, batch["item_ids"])
     return train_ilora._merge(frozen["llm"], trainable["lora"]), gate, mask, embeds
 
-  def run(unroll):
+  def run(unroll, new=new):
     params, gate, mask, embeds = prepare(state["trainable"], state["stats"], frozen, batch)
     out, lengths = llm.generate_tokens(
       parts.model.module,
@@ -238,7 +238,8 @@ def bench_generate(config, parts, frozen, state) -> dict:
     return jax.block_until_ready(out)
 
   result = {}
-  modes = [bool(config.llm.unroll_decode)]
+  first = config.llm.unroll_decode
+  modes = [llm.default_unroll() if first is None else bool(first)]
   if bc.decode_both:
     modes.append(not modes[0])
   outputs = []
@@ -253,10 +254,18 @@ def bench_generate(config, parts, frozen, state) -> dict:
       out = run(unroll)
     batch_s = (time.perf_counter() - t0) / reps
     outputs.append(np.asarray(out))
+    # The prefill alone (one new token), so that the decode steps' own time is visible.
+    run(unroll, 1)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      run(unroll, 1)
+    prefill_s = (time.perf_counter() - t0) / reps
     result.update(
       {
         prefix + "unroll": unroll,
         prefix + "batch_s": batch_s,
+        prefix + "prefill_s": prefill_s,
+        prefix + "decode_step_s": (batch_s - prefill_s) / max(new - 1, 1),
         prefix + "prompts_per_s": b / batch_s,
         prefix + "tokens_per_s": b * new / batch_s,
         prefix + "compile_s": max(first_s - batch_s, 0.0),

@@ -118,8 +118,15 @@ class KVCache:
   """Key/value cache for incremental decoding (a pytree).
 
   Attributes:
-    k: [layers, batch, slots, kv_heads, head_dim] cached keys (rotary already applied).
-    v: [layers, batch, slots, kv_heads, head_dim] cached values.
+    k: cached keys (rotary already applied): for a model with scanned layers one array
+      [layers, batch, kv_heads, slots, head_dim]; otherwise a tuple of one array
+      [batch, kv_heads, slots, head_dim] per layer, so that each layer's new keys are
+      written into their own buffer in place (slicing a stacked cache for each layer and
+      stacking it again copied the whole cache at every decode step).
+      Heads before slots: each layer's [slots, head_dim] blocks are the contiguous operands
+      attention's batched matmuls (batch and heads as batch dimensions) read. With slots
+      before heads, XLA transposed the whole cache of every layer at every decode step.
+    v: cached values, laid out as `k`.
     mask: [batch, slots] bool, True where a slot holds a real (non-pad) token.
     index: int32 scalar, the next slot to write (same for every row).
     positions: [batch] int32, the rotary position of each row's next real token.
@@ -135,10 +142,16 @@ class KVCache:
 def init_cache(config: LlamaConfig, batch: int, slots: int, dtype: Any = None) -> KVCache:
   """Returns an empty cache with `slots` positions per row."""
   dtype = config.dtype if dtype is None else dtype
-  shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+  shape = (batch, config.num_kv_heads, slots, config.head_dim)
+  if config.scan_layers:
+    k = jnp.zeros((config.num_layers, *shape), dtype)
+    v = jnp.zeros((config.num_layers, *shape), dtype)
+  else:
+    k = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    v = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
   return KVCache(
-    k=jnp.zeros(shape, dtype),
-    v=jnp.zeros(shape, dtype),
+    k=k,
+    v=v,
     mask=jnp.zeros((batch, slots), bool),
     index=jnp.zeros((), jnp.int32),
     positions=jnp.zeros((batch,), jnp.int32),
@@ -265,8 +278,11 @@ class Attention(nn.Module):
       x: [b, t, d] normed input.
       positions: [b, t] int rotary positions.
       mask: [b, t, s] bool, True where query t may attend to key s.
-      layer_cache: None, or (k, v) each [b, s, k, h] for this layer.
-      cache_index: None, or int32 scalar slot where this step's keys are written.
+      layer_cache: None, or (k, v) each [b, k, s, h] for this layer.
+      cache_index: int32 scalar slot where this step's keys are written into the cache; or
+        None: no cache, or an empty one (a prefill), whose slots [0, t) take this step's keys.
+        Without it, attention runs over this step's own keys (`mask` is then [b, t, t] and
+        causal), in causal chunks or with cuDNN, like a cache-free pass.
       gate_weights: [b, experts] or None, passed to adapters.
       deterministic: passed to adapters.
 
@@ -292,12 +308,16 @@ class Attention(nn.Module):
     new_cache = None
     if layer_cache is not None:
       cache_k, cache_v = layer_cache
-      start = (0, cache_index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)  # [b, s, k, h]
-      v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)  # [b, s, k, h]
-      new_cache = (k, v)
+      start = (0, 0, 0 if cache_index is None else cache_index, 0)
+      k_new = k.astype(cache_k.dtype).transpose(0, 2, 1, 3)  # [b, k, t, h]
+      v_new = v.astype(cache_v.dtype).transpose(0, 2, 1, 3)  # [b, k, t, h]
+      new_cache = (
+        jax.lax.dynamic_update_slice(cache_k, k_new, start),
+        jax.lax.dynamic_update_slice(cache_v, v_new, start),
+      )  # [b, k, s, h] each
+    local = cache_index is None  # Attend over this step's keys: no cache, or a prefill.
     t = q.shape[1]
-    if cfg.attention == "cudnn" and layer_cache is None:
+    if cfg.attention == "cudnn" and local:
       # Pad queries also see themselves, so no row is fully masked (their output is unused).
       full = mask | jnp.eye(t, dtype=bool)[None]  # [b, t, s]
       out = jax.nn.dot_product_attention(
@@ -307,38 +327,46 @@ class Attention(nn.Module):
         out, gate_weights, deterministic
       )  # [b, t, d]
       return out, new_cache
-    if layer_cache is None:
-      # Without a cache the mask is causal (`Llama` builds it so): the queries of chunk
-      # [a, e) attend keys [0, e) only, which skips the blocks above the diagonal.
+    if local:
+      # Over this step's own keys the mask is causal (`Llama` builds it so): the queries of
+      # chunk [a, e) attend keys [0, e) only, which skips the blocks above the diagonal.
       parts = [
         dot_attention(q[:, a:e], k[:, :e], v[:, :e], mask[:, a:e, :e], cfg.dtype)
         for a, e in causal_chunks(t, cfg.attention_chunks)
       ]  # [b, e - a, n, h] each
       out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     else:
-      out = dot_attention(q, k, v, mask, cfg.dtype)  # [b, t, n, h]
+      k, v = new_cache
+      out = dot_attention(q, k, v, mask, cfg.dtype, heads_first=True)  # [b, t, n, h]
     out = proj("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), "o", name="o")(
       out, gate_weights, deterministic
     )  # [b, t, d]
     return out, new_cache
 
 
-def dot_attention(q: Array, k: Array, v: Array, mask: Array, dtype: Any) -> Array:
-  """Softmax attention of q [b, t, n, h] over k, v [b, s, kv, h] (n a multiple of kv) where
-  `mask` [b, t, s] is True; -> [b, t, n, h]. Scores and softmax in float32."""
+def dot_attention(
+  q: Array, k: Array, v: Array, mask: Array, dtype: Any, heads_first: bool = False
+) -> Array:
+  """Softmax attention of q [b, t, n, h] over k, v [b, s, kv, h] (or [b, kv, s, h], the
+  cache's layout, when `heads_first`; n a multiple of kv) where `mask` [b, t, s] is True;
+  -> [b, t, n, h]. Scores and softmax in float32."""
   b, t, n, h = q.shape
-  kv = k.shape[2]
+  kv = k.shape[1 if heads_first else 2]
+  kv_spec = "bksh" if heads_first else "bskh"
   q = q.reshape(b, t, kv, n // kv, h)  # [b, t, k, g, h]; query head = kv head * g + group
   # Scores in [b, k, t, g, s], the order dot_general produces (batch dims, then the free
   # dims of each side): any other order makes XLA transpose the largest arrays of the layer
   # (on a CPU, about a twentieth of a SmolLM2-135M train step).
   scores = jnp.einsum(
-    "btkgh,bskh->bktgs", q, k.astype(q.dtype), preferred_element_type=jnp.float32
+    f"btkgh,{kv_spec}->bktgs", q, k.astype(q.dtype), preferred_element_type=jnp.float32
   )  # [b, k, t, g, s]
   scores = scores * (1.0 / math.sqrt(h))
   scores = jnp.where(mask[:, None, :, None, :], scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(dtype)  # [b, k, t, g, s]
-  out = jnp.einsum("bktgs,bskh->btkgh", probs, v.astype(dtype))  # [b, t, k, g, h]
+  if heads_first:  # The dot's own output order, then the (small: t is 1 in decoding) swap.
+    out = jnp.einsum("bktgs,bksh->bktgh", probs, v.astype(dtype)).transpose(0, 2, 1, 3, 4)
+  else:
+    out = jnp.einsum("bktgs,bskh->btkgh", probs, v.astype(dtype))  # [b, t, k, g, h]
   return out.reshape(b, t, n, h)
 
 
@@ -482,6 +510,7 @@ class Llama(nn.Module):
     cache: KVCache | None = None,
     return_hidden: bool = False,
     head_positions: Array | None = None,
+    prefill: bool = False,
   ):
     """Runs the decoder.
 
@@ -498,6 +527,9 @@ class Llama(nn.Module):
       head_positions: [b] int or None; when given, logits (or hidden states) only at these
         positions, [b, 1, ...] (a prefill needs the last real position only, and the LM head
         over every position is a large part of its FLOPs for a big vocabulary).
+      prefill: static; with `cache`, the cache is empty (a new `init_cache`): this step's
+        keys fill its slots [0, t) and attention runs over them alone, as in a cache-free
+        pass (causal chunks, or cuDNN), instead of over every slot of the cache.
 
     Returns:
       logits [b, t, vocab] float32 (or hidden states), and the updated cache if `cache` given.
@@ -511,16 +543,21 @@ class Llama(nn.Module):
     if positions is None:
       start = 0 if cache is None else cache.positions[:, None]
       positions = start + jnp.maximum(count - 1, 0)  # [b, t]
+    if cache is None or prefill:  # Attention over this step's keys: a causal [t, t] mask.
+      causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [t, s=t]
+      mask = causal[None, :, :] & real[:, None, :]  # [b, t, t]
+      cache_index = None
     if cache is None:
-      key_valid = real  # [b, s=t]
-      causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [t, s]
-      cache_index, kv_in = None, None
+      kv_in = None
     else:
-      key_valid = jax.lax.dynamic_update_slice(cache.mask, real, (0, cache.index))  # [b, s]
-      slots = cache.mask.shape[1]
-      causal = (cache.index + jnp.arange(t))[:, None] >= jnp.arange(slots)[None, :]  # [t, s]
-      cache_index, kv_in = cache.index, (cache.k, cache.v)
-    mask = causal[None, :, :] & key_valid[:, None, :]  # [b, t, s]
+      kv_in = (cache.k, cache.v)
+      start = 0 if prefill else cache.index
+      key_valid = jax.lax.dynamic_update_slice(cache.mask, real, (0, start))  # [b, s]
+      if not prefill:
+        slots = cache.mask.shape[1]
+        causal = (cache.index + jnp.arange(t))[:, None] >= jnp.arange(slots)[None, :]  # [t, s]
+        mask = causal[None, :, :] & key_valid[:, None, :]  # [b, t, s]
+        cache_index = cache.index
 
     x = self.embed(tokens)  # [b, t, d]
     if replace_mask is not None:
@@ -537,7 +574,7 @@ class Llama(nn.Module):
         if new_kv is not None:
           ks.append(new_kv[0])
           vs.append(new_kv[1])
-      kv_out = None if kv_in is None else (jnp.stack(ks), jnp.stack(vs))
+      kv_out = None if kv_in is None else (tuple(ks), tuple(vs))
     if head_positions is not None:
       x = jnp.take_along_axis(x, head_positions[:, None, None].astype(jnp.int32), axis=1)
     x = self.final_norm(x)  # [b, t, d] (or [b, 1, d])
@@ -557,7 +594,7 @@ class Llama(nn.Module):
       k=kv_out[0],
       v=kv_out[1],
       mask=key_valid,
-      index=cache.index + t,
+      index=(0 if prefill else cache.index) + jnp.int32(t),
       positions=cache.positions + count[:, -1],
     )
     return out, new_cache

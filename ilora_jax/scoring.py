@@ -40,9 +40,10 @@ def pad_candidates(token_lists: list[list[list[int]]], pad_id: int, multiple_of:
 
 
 def _repeat_cache(cache: llama.KVCache, n: int) -> llama.KVCache:
+  # Axis -4 is the batch of a stacked [layers, b, k, s, h] cache and of per-layer buffers.
   return llama.KVCache(
-    k=jnp.repeat(cache.k, n, axis=1),
-    v=jnp.repeat(cache.v, n, axis=1),
+    k=jax.tree.map(lambda a: jnp.repeat(a, n, axis=-4), cache.k),
+    v=jax.tree.map(lambda a: jnp.repeat(a, n, axis=-4), cache.v),
     mask=jnp.repeat(cache.mask, n, axis=0),
     index=cache.index,
     positions=jnp.repeat(cache.positions, n, axis=0),
@@ -95,6 +96,7 @@ def candidate_loglik(
     replace_embeds=replace_embeds,
     cache=cache,
     head_positions=jnp.full((b,), t - 1, jnp.int32),  # Left-padded: the last column is real.
+    prefill=True,
   )
   first = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)  # [b, v]
   gates = None if gate_weights is None else jnp.repeat(gate_weights, chunk, axis=0)

@@ -26,6 +26,12 @@ def test_bench_train_generate_and_score_keys():
     result["eval_gen_batch_s"] / result["eval_score_batch_s"]
   )
   assert np.isfinite(result["loss"])
+  # The prefill alone and the per-step share of the rest (unrolled layers: a CPU's default).
+  assert result["eval_gen_unroll"] is True
+  assert np.isfinite(result["eval_gen_prefill_s"]) and result["eval_gen_prefill_s"] > 0
+  assert result["eval_gen_decode_step_s"] == np.float64(
+    (result["eval_gen_batch_s"] - result["eval_gen_prefill_s"]) / (4 - 1)
+  )
 
 
 def test_bench_rejects_bad_shapes():

@@ -30,7 +30,7 @@ B, T = 3, 10
 
 @functools.cache
 def _jitted(module):
-  return jax.jit(module.apply, static_argnames=("deterministic", "return_hidden"))
+  return jax.jit(module.apply, static_argnames=("deterministic", "return_hidden", "prefill"))
 
 
 def _apply(module, variables, *args, **kwargs):
@@ -128,28 +128,68 @@ def test_right_padding_matches_too(params):
   np.testing.assert_allclose(padded[1, :4], alone[0], rtol=2e-5, atol=2e-5)
 
 
-def test_kv_cache_decoding_equals_full_recomputation(params):
-  module = llama.Llama(CFG)
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_kv_cache_decoding_equals_full_recomputation(params, scan):
+  cfg = CFG.replace(scan_layers=scan)
+  variables = {"params": params if scan else llm.unstack_layers(params, CFG.num_layers)}
+  module = llama.Llama(cfg)
   tokens, mask = _tokens(), _left_pad_mask()
-  full = _apply(module, {"params": params}, tokens, mask)
-  cache = llama.init_cache(CFG, B, T + 2)
-  chex.assert_shape(cache.k, (CFG.num_layers, B, T + 2, CFG.num_kv_heads, CFG.head_dim))
-  prefix = 6
+  full = _apply(module, variables, tokens, mask)
+  cache = llama.init_cache(cfg, B, T + 2)
+  layer_shape = (B, CFG.num_kv_heads, T + 2, CFG.head_dim)  # heads before slots
+  if scan:  # One stacked array; unrolled layers: one buffer per layer.
+    chex.assert_shape([cache.k, cache.v], (CFG.num_layers, *layer_shape))
+  else:
+    assert len(cache.k) == len(cache.v) == CFG.num_layers
+    chex.assert_shape([*cache.k, *cache.v], layer_shape)
+  prefix = 6  # A prefill (attention over its own keys) for the scanned model, not unrolled.
   step_logits, cache = _apply(
-    module, {"params": params}, tokens[:, :prefix], mask[:, :prefix], cache=cache
+    module, variables, tokens[:, :prefix], mask[:, :prefix], cache=cache, prefill=scan
   )
   parts = [step_logits]
   for t in range(prefix, T):
     step_logits, cache = _apply(
-      module, {"params": params}, tokens[:, t : t + 1], mask[:, t : t + 1], cache=cache
+      module, variables, tokens[:, t : t + 1], mask[:, t : t + 1], cache=cache
     )
     parts.append(step_logits)
+  assert isinstance(cache.k, tuple) is not scan
   chex.assert_shape(cache.mask, (B, T + 2))
   assert int(cache.index) == T
   np.testing.assert_array_equal(cache.positions, mask.sum(1))
   incremental = jnp.concatenate(parts, axis=1)
   real = np.asarray(mask, bool)
   np.testing.assert_allclose(incremental[real], full[real], rtol=2e-5, atol=2e-5)
+
+
+def test_prefill_over_its_own_keys_equals_attending_over_the_cache(params):
+  """`prefill=True` attends over the step's own keys in causal chunks; without it, the same
+  pass attends over every slot of the (empty) cache. Logits, cache and the next step agree."""
+  module = llama.Llama(CFG)
+  t = 2 * llama.CHUNK_MIN + 5  # Two query chunks.
+  assert len(llama.causal_chunks(t, CFG.attention_chunks)) == 2
+  rng = np.random.default_rng(4)
+  tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (B, t)), jnp.int32)
+  lengths = np.array([t, t - 70, 3])  # Left padding, one row shorter than the first chunk.
+  mask = jnp.asarray(np.arange(t)[None, :] >= t - lengths[:, None], jnp.int32)
+  outs = [
+    _apply(module, {"params": params}, tokens, mask, cache=llama.init_cache(CFG, B, t + 1),
+           prefill=prefill)
+    for prefill in (True, False)
+  ]  # fmt: skip
+  real = np.asarray(mask, bool)
+  np.testing.assert_allclose(outs[0][0][real], outs[1][0][real], rtol=2e-5, atol=2e-5)
+  (_, fast), (_, slow) = outs
+  np.testing.assert_array_equal(fast.mask, slow.mask)
+  assert int(fast.index) == int(slow.index) == t
+  np.testing.assert_array_equal(fast.positions, slow.positions)
+  held = np.asarray(fast.mask)  # [b, s]; pad slots hold other (masked, unused) values.
+  for a, b in [(fast.k, slow.k), (fast.v, slow.v)]:  # [layers, b, k, s, h]
+    a, b = np.moveaxis(np.asarray(a), 3, 2), np.moveaxis(np.asarray(b), 3, 2)
+    np.testing.assert_allclose(a[:, held], b[:, held], rtol=2e-5, atol=2e-5)
+  nxt = jnp.asarray(rng.integers(0, CFG.vocab_size, (B, 1)), jnp.int32)
+  one = jnp.ones((B, 1), jnp.int32)
+  steps = [_apply(module, {"params": params}, nxt, one, cache=c)[0] for _, c in outs]
+  np.testing.assert_allclose(steps[0], steps[1], rtol=2e-5, atol=2e-5)
 
 
 def _naive_greedy(module, params, row_tokens, steps):

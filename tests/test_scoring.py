@@ -2,8 +2,9 @@
 
 import jax
 import numpy as np
+import pytest
 
-from ilora_jax import llm, scoring
+from ilora_jax import llama, llm, scoring
 
 
 def _brute_force(model, prompt_ids, cand_ids):
@@ -16,8 +17,14 @@ def _brute_force(model, prompt_ids, cand_ids):
   return sum(logp[start + j - 1, tok] for j, tok in enumerate(cand_ids))
 
 
-def test_shared_prefill_scores_equal_independent_passes():
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_shared_prefill_scores_equal_independent_passes(scan):
   model = llm.load("tiny", seed=5)
+  assert model.config.scan_layers
+  module, params = model.module, model.params
+  if not scan:  # Per-layer cache buffers, repeated per candidate like the stacked cache.
+    module = llama.Llama(model.config.replace(scan_layers=False))
+    params = llm.unstack_layers(params, model.config.num_layers)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, 500, n).tolist() for n in (9, 5)]
   cands = [[rng.integers(0, 500, n).tolist() for n in (1, 3, 4, 2)] for _ in prompts]
@@ -30,7 +37,7 @@ def test_shared_prefill_scores_equal_independent_passes():
   tokens, cmask = scoring.pad_candidates(cands, pad_id=0, multiple_of=4)
   for chunk in (2, 4):
     got = np.asarray(
-      scoring.candidate_loglik(model.module, model.params, prompt, mask, tokens, cmask, chunk=chunk)
+      scoring.candidate_loglik(module, params, prompt, mask, tokens, cmask, chunk=chunk)
     )
     want = np.array([[_brute_force(model, p, c) for c in row] for p, row in zip(prompts, cands)])
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
