@@ -333,7 +333,7 @@ def bench_eval_data(config, workdir: str) -> dict:
   result = {"eval_data": su.dataset.name, "eval_data_split": split.name}
   for mode in ("generate", "score"):
     cfg.ilora.eval_generate, cfg.ilora.eval_score = mode == "generate", mode == "score"
-    ev = train_ilora.Evaluator(su.parts, cfg, split, su.gate_kind)
+    ev = train_ilora.Evaluator(su.parts, cfg, split, su.gate_kind, su.mesh)
     rows = len(ev.idx)
     passes = []
     for _ in range(2):  # The first pass compiles (prompt lengths are bucketed), then timed.

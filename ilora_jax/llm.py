@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ilora_jax import llama, weights
+from ilora_jax import llama, sharding, weights
 from ilora_jax import tokenizer as tok_lib
 from ilora_jax.errors import UserError
 from ilora_jax.llama import Array, LlamaConfig
@@ -453,7 +453,7 @@ class LLM:
       replace_embeds=replace_embeds,
       unroll=self.unroll_decode,
     )
-    return np.asarray(out), np.asarray(lengths)
+    return sharding.to_host(out), sharding.to_host(lengths)
 
   def generate(self, prompts: list[str], max_new_tokens: int = 32) -> list[str]:
     """Greedy continuation of plain-text prompts (no chat template); returns new text only."""

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ilora_jax.errors import UserError
@@ -96,3 +97,18 @@ def host_slice(global_rows: int) -> slice:
     raise UserError(f"batch size {global_rows} is not divisible by {n} processes")
   per = global_rows // n
   return slice(i * per, (i + 1) * per)
+
+
+def replicated_rows(mesh: Mesh, x: np.ndarray) -> jax.Array:
+  """A host array every process holds whole (e.g. an evaluation batch) as a global array with
+  its rows split over (data, fsdp); each process places only the rows of its own devices."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda index: x[index])
+
+
+def to_host(x) -> np.ndarray:
+  """A result as one numpy array on every process, gathered from the other processes' devices
+  when they hold part of it."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

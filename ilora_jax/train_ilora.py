@@ -469,12 +469,17 @@ class Evaluator:
   baselines) ranks the same 20 titles per row; `fingerprint` names that candidate set.
   After a call, `timings` holds its wall seconds per mode (loss, generate, score and the base
   model's), for the benchmark, and `scores` the candidate log-likelihoods [rows, n] per model.
+
+  With a `mesh`, each batch's rows are split over its data and fsdp axes (the batch is padded
+  to a multiple of those shards), so data-parallel devices evaluate different rows; the
+  results are gathered to every process. Without one, the arrays stay where JAX puts them.
   """
 
   parts: Parts
   config: Any
   split: Split
   gate_kind: str
+  mesh: Any = None
 
   def __post_init__(self):
     cfg = self.config
@@ -496,6 +501,7 @@ class Evaluator:
     self.scores: dict[str, np.ndarray] = {}
     self.generated_tokens = 0  # Tokens the adapted model generated in the last call.
     self.gates: np.ndarray | None = None  # Gate weights [rows, E] of the last call.
+    self.rows_per_device = 0  # Rows of the last scored batch each device computed.
     parts = self.parts
 
     def prepare(trainable, stats, frozen, batch):
@@ -522,6 +528,17 @@ class Evaluator:
 
     self._sasrec_scores = jax.jit(sasrec_scores)
 
+  @property
+  def row_shards(self) -> int:
+    """Devices a batch's rows are split over: the mesh's data x fsdp, or 1."""
+    return 1 if self.mesh is None else self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+  def _put(self, tree):
+    """Host arrays with a leading row axis -> global arrays split by rows over the mesh."""
+    if self.mesh is None:
+      return tree
+    return jax.tree.map(lambda x: sharding.replicated_rows(self.mesh, x), tree)
+
   def _time(self, mode: str, fn, *args, **kwargs):
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn(*args, **kwargs))
@@ -535,27 +552,29 @@ class Evaluator:
     ctoks, cmask = scoring.pad_candidates(token_lists, builder.pad_id)
     n = ctoks.shape[1]
     chunk = scoring.chunk_for(n, self.config.ilora.score_chunk)
-    return np.asarray(
-      scoring.candidate_loglik(
-        module,
-        params,
-        prompt.input_ids,
-        prompt.attention,
-        ctoks,
-        cmask,
-        gate_weights=gate,
-        replace_mask=mask,
-        replace_embeds=embeds,
-        chunk=chunk,
-      )
+    ids, attention, ctoks, cmask = self._put((prompt.input_ids, prompt.attention, ctoks, cmask))
+    scores = scoring.candidate_loglik(
+      module,
+      params,
+      ids,
+      attention,
+      ctoks,
+      cmask,
+      gate_weights=gate,
+      replace_mask=mask,
+      replace_embeds=embeds,
+      chunk=chunk,
     )
+    self.rows_per_device = scores.sharding.shard_shape(scores.shape)[0]
+    return sharding.to_host(scores)
 
   def _generate(self, params, gate, mask, embeds, prompt, base: bool):
     parts = self.parts
     eos = tuple(parts.model.eos_ids) + parts.newline_ids
+    ids, attention = self._put((prompt.input_ids, prompt.attention))
     return parts.model.generate_ids(
-      prompt.input_ids,
-      prompt.attention,
+      ids,
+      attention,
       self.config.ilora.max_new_tokens,
       params=params,
       gate_weights=gate,
@@ -585,7 +604,8 @@ class Evaluator:
     cfg, parts = self.config, self.parts
     gen, score = bool(cfg.ilora.eval_generate), bool(cfg.ilora.eval_score)
     with_base = baselines and bool(cfg.ilora.eval_base) and (gen or score)
-    bs = cfg.ilora.eval_batch_size
+    shards = self.row_shards
+    bs = -(-int(cfg.ilora.eval_batch_size) // shards) * shards  # A multiple of the shards.
     self.timings, self.generated_tokens = {}, 0
     nll_total, tokens = 0.0, 0
     out = {name: {"valid": [], "hit": [], "scores": []} for name in ("model", "base")}
@@ -599,20 +619,21 @@ class Evaluator:
       cands = self.cands[idx]
       seq, len_seq = self.split.seq[idx], self.split.len_seq[idx]
       with_target = parts.builder.batch(rows_for(self.split, idx, cands, True), 0, True)
-      batch = dict(with_target.as_dict(), seq=seq, len_seq=len_seq)
+      batch = self._put(dict(with_target.as_dict(), seq=seq, len_seq=len_seq))
       total, count = self._time("loss", self._nll_sum, trainable, stats, frozen, batch, take)
       nll_total, tokens = nll_total + float(total), tokens + int(count)
       if baselines:
-        sas_scores.append(np.asarray(self._sasrec_scores(frozen, seq, len_seq, cands))[:take])
+        sas = self._sasrec_scores(frozen, batch["seq"], batch["len_seq"], self._put(cands))
+        sas_scores.append(sharding.to_host(sas)[:take])
       if not (gen or score):
         continue
       rows = rows_for(self.split, idx, cands, False)
       prompt = parts.builder.batch(rows, 0, True, pad_left=True)
-      pbatch = dict(prompt.as_dict(), seq=seq, len_seq=len_seq)
+      pbatch = self._put(dict(prompt.as_dict(), seq=seq, len_seq=len_seq))
       params, gate, mask, embeds = self._time(
         "prepare", self._prepare, trainable, stats, frozen, pbatch
       )
-      gates.append(np.asarray(gate)[:take])
+      gates.append(sharding.to_host(gate)[:take])
       runs = [("model", parts.model.module, params, gate, mask, embeds, prompt)]
       if with_base:  # The frozen LLM alone reads the text-only form of the same prompt.
         text = parts.builder.batch(rows, 0, False, pad_left=True)
@@ -870,7 +891,7 @@ def run(config, workdir: str) -> dict[str, float]:
     step = int(meta["step"])
     log.truncate(STAGE, meta["metrics_records"])
     console.info(f"iLoRA: resumed from step {step} of {total_steps}")
-  val_eval = Evaluator(parts, config, dataset.val, gate_kind)
+  val_eval = Evaluator(parts, config, dataset.val, gate_kind, su.mesh)
 
   def record(split: str, metrics: dict, **extra) -> None:
     log.write({"run": STAGE, "stage": STAGE, "split": split, "step": step, **extra, **metrics})
@@ -956,7 +977,9 @@ def run(config, workdir: str) -> dict[str, float]:
         }
       )
       continue
-    evaluator = val_eval if split == "val" else Evaluator(parts, config, dataset.test, gate_kind)
+    evaluator = (
+      val_eval if split == "val" else Evaluator(parts, config, dataset.test, gate_kind, su.mesh)
+    )
     metrics = evaluator(state["trainable"], state["stats"], frozen, config.progress, baselines=True)
     log.write(
       {
@@ -990,7 +1013,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   state, _ = ckpt.restore(latest, checkpointing.abstract_like(su.state))
   ckpt.close()
   split = su.dataset.split(config.eval.split)
-  evaluator = Evaluator(su.parts, config, split, su.gate_kind)
+  evaluator = Evaluator(su.parts, config, split, su.gate_kind, su.mesh)
   metrics = evaluator(
     state["trainable"], state["stats"], su.frozen, config.progress, baselines=True
   )

@@ -44,6 +44,12 @@ for data, fsdp, tensor in MESHES:
   # Where the arrays live on this mesh: the setup places them exactly as the run does.
   su = train_ilora.setup(config, workdir)
   mesh = su.mesh
+  # Evaluation (generation and scoring too) of the same untrained state, rows split by the mesh.
+  config.ilora.eval_generate = config.ilora.eval_score = True
+  ev = train_ilora.Evaluator(su.parts, config, su.dataset.val, su.gate_kind, mesh)
+  metrics = ev(su.state["trainable"], su.state["stats"], su.frozen, False)
+  evals = {"metrics": metrics, "scores": ev.scores["model"].tolist(),
+           "rows_per_device": ev.rows_per_device, "shards": ev.row_shards}
   expected = llm.mesh_shardings(su.parts.model.config, mesh, sharding.rules(config),
                                 su.parts.model.module.adapter)
   def specs(tree):
@@ -73,7 +79,7 @@ for data, fsdp, tensor in MESHES:
   }
   out[f"{data}x{fsdp}x{tensor}"] = {"losses": losses, "llm": specs(llm_params),
                                     "lora": specs(lora), "want": want, "moments": moments,
-                                    "memory": memory}
+                                    "memory": memory, "eval": evals}
 print("RESULT " + json.dumps(out))
 """
 
@@ -108,6 +114,21 @@ def test_every_mesh_gives_the_same_losses(mesh_runs):
   assert len(ref) == 3 and np.all(np.isfinite(ref))
   for name, run in mesh_runs.items():
     np.testing.assert_allclose(run["losses"], ref, rtol=2e-5, err_msg=name)
+
+
+def test_evaluation_splits_rows_over_the_data_shards_with_the_same_results(mesh_runs):
+  ref = mesh_runs["1x1x1"]["eval"]
+  assert ref["rows_per_device"] == 4 and ref["shards"] == 1
+  assert {"hr@1", "valid_ratio", "loss"} <= set(ref["metrics"])
+  for name, run in mesh_runs.items():
+    ev = run["eval"]
+    data, fsdp, _ = map(int, name.split("x"))
+    assert ev["shards"] == data * fsdp, name
+    # 4 rows padded to a multiple of the shards, then split: each device scored its share.
+    assert ev["rows_per_device"] == -(-4 // ev["shards"]), name
+    np.testing.assert_allclose(ev["scores"], ref["scores"], rtol=1e-4, atol=1e-4, err_msg=name)
+    for key, value in ref["metrics"].items():
+      assert ev["metrics"][key] == pytest.approx(value, rel=1e-4, abs=1e-5), (name, key)
 
 
 def test_arrays_are_sharded_as_the_rules_say(mesh_runs):
