@@ -106,9 +106,7 @@ def get_config() -> config_dict.ConfigDict:
   # Query chunks of causal attention on the einsum path (`llama.causal_chunks`): chunk
   # [a, e) skips the keys after e. 1 = one pass over all keys.
   c.llm.attention_chunks = 4
-  # Unrolled layers in greedy decoding (faster steps, slower compile); unset: unrolled on a
-  # CPU, scanned on accelerators (`llm.default_unroll`).
-  c.llm.unroll_decode = placeholder(bool)
+  c.llm.unroll_decode = False  # Unrolled layers in greedy decoding: faster steps, slow compile.
   # Unrolled layers in the train step (same params and results): no per-layer weight slices
   # or stacked residuals, at the cost of a longer compile.
   c.llm.unroll_train = False

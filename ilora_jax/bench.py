@@ -238,8 +238,7 @@ def bench_generate(config, parts, frozen, state) -> dict:
     return jax.block_until_ready(out)
 
   result = {}
-  first = config.llm.unroll_decode
-  modes = [llm.default_unroll() if first is None else bool(first)]
+  modes = [bool(config.llm.unroll_decode)]
   if bc.decode_both:
     modes.append(not modes[0])
   outputs = []

@@ -211,14 +211,14 @@ def unstack_layers(params: Any, num_layers: int) -> dict:
   return out
 
 
-def default_unroll(backend: str | None = None) -> bool:
-  """Whether greedy decoding unrolls its layers when the config leaves it open
-  (`llm.unroll_decode` None): on a CPU, yes: SmolLM2-135M at batch 16 with 400-token prompts
-  decodes at 92 ms per step unrolled against 185 ms scanned (the scan slices each layer's
-  weights out of the stacked params at every step), and compiles in 6 s against 1 s
-  (bench/README.md). Elsewhere, no: on an H100 (7B, batch 16) unrolled decoding was 1.22x
-  faster but compiled in 60 s instead of 4 s (measured before the cache's per-layer buffers)."""
-  return (backend or jax.default_backend()) == "cpu"
+def default_unroll() -> bool:
+  """Scanned decoding layers by default. Unrolled ones decode faster but compile slower: on a
+  CPU (SmolLM2-135M, batch 16, 400-token prompts) 88 ms per decode step against 185 ms, but
+  12 s of compile against 3 s for each prompt-length bucket and model, so short evaluations
+  lose (the demo test, 16 rows, took 214 s instead of about 150 s with them); on an H100 (7B,
+  batch 16) 1.22x faster, compiled in 60 s against 4 s (measured before the cache's per-layer
+  buffers). `llm.unroll_decode=True` chooses them (bench/README.md)."""
+  return False
 
 
 @functools.partial(

@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> None:
     raise UserError("--workdir and --history are required")
   if f.k < 1:
     raise UserError(f"--k must be at least 1, got {f.k}")
-  from ilora_jax import console
+  from ilora_jax import compile_cache, console
 
   console.quiet_libraries()
+  # The run's compile cache (its saved config), so repeated calls load the compiled steps.
+  compile_cache.enable(load_run_config(f.workdir).get("compile_cache_dir", ""))
   split = lambda s: [x for x in s.split("|") if x.strip()]
   for item, title, score in recommend(f.workdir, split(f.history), split(f.candidates), f.k):
     print(f"{score:10.3f}  {item:6d}  {title}")

@@ -26,8 +26,8 @@ def test_bench_train_generate_and_score_keys():
     result["eval_gen_batch_s"] / result["eval_score_batch_s"]
   )
   assert np.isfinite(result["loss"])
-  # The prefill alone and the per-step share of the rest (unrolled layers: a CPU's default).
-  assert result["eval_gen_unroll"] is True
+  # The prefill alone and the per-step share of the rest (scanned layers, the default).
+  assert result["eval_gen_unroll"] is False
   assert np.isfinite(result["eval_gen_prefill_s"]) and result["eval_gen_prefill_s"] > 0
   assert result["eval_gen_decode_step_s"] == np.float64(
     (result["eval_gen_batch_s"] - result["eval_gen_prefill_s"]) / (4 - 1)

@@ -186,6 +186,20 @@ def test_recommend_cli_and_api(pipeline):
   assert [s for *_, s in top] == sorted((s for *_, s in top), reverse=True)
 
 
+def test_recommend_cli_uses_the_runs_compile_cache(pipeline, tmp_path):
+  workdir = tmp_path / "run"
+  copy_of(pipeline[0], workdir)
+  cache = tmp_path / "xla"
+  with open(workdir / "config.json") as f:
+    saved = json.load(f)
+  saved["compile_cache_dir"] = str(cache)  # As if the run had been started with it.
+  with open(workdir / "config.json", "w") as f:
+    json.dump(saved, f)
+  proc = run_cli(f"--workdir={workdir}", "--history=3|7", "--k=2", module="ilora_jax.recommend")
+  assert proc.returncode == 0, proc.stderr
+  assert cache.is_dir() and os.listdir(cache), "the recommend CLI wrote no compiled program"
+
+
 def test_base_llm_baseline_equals_full_forward_of_text_prompts(setup_tiny):
   """`base/...` ranks candidates by the frozen LLM on text-only prompts: checked by brute force."""
   from ilora_jax import metrics, train_ilora
