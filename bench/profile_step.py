@@ -1,4 +1,4 @@
-"""Where the benchmark's train step spends its time, by HLO op and by kind of work.
+"""Where the benchmark's train step (or generation) spends its time, by HLO op and kind of work.
 
   taskset -c 0 python bench/profile_step.py --config=configs/movielens.py \
       --config.llm.name=smollm2-135m-random --config.llm.dtype=float32 \
@@ -17,6 +17,18 @@ Prints the kinds and the `--top` ops, per step, with the wall-clock step; the la
 JSON object. On a CPU, XLA runs independent ops on two threads and YNNPACK matmuls split
 their work over threads that leave no events, so the per-op times add up to the wall clock
 only on one core: pin the process (`taskset -c 0`) for a ledger that sums.
+
+--mode=generate profiles greedy generation instead (`ilora_jax.bench.generate_stepper`: the
+adapted model, `bench.eval_batch_size` random prompts of `bench.eval_prompt_len` tokens,
+`bench.eval_new_tokens` tokens without early stop, the loop `llm.unroll_decode` picks), and
+adds the decode loop's ops per decode step by kind (JSON: `decode_step_ops_s`,
+`decode_step_kinds_s`), apart from the prefill:
+
+  taskset -c 0 python bench/profile_step.py --mode=generate --steps=1 \
+      --config=configs/movielens.py --config.llm.name=smollm2-135m-random \
+      --config.llm.dtype=float32 --config.llm.param_dtype=float32 \
+      --config.bench.eval_batch_size=16 --config.bench.eval_prompt_len=400 \
+      --config.bench.eval_new_tokens=17
 """
 
 from __future__ import annotations
@@ -42,6 +54,12 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/movielens.py")
 _STEPS = flags.DEFINE_integer("steps", 3, "profiled steps (after one warm-up step)")
 _TOP = flags.DEFINE_integer("top", 15, "ops listed, the slowest first")
 _OUT = flags.DEFINE_string("out", "", "folder for the trace (default: a new temporary one)")
+_MODE = flags.DEFINE_enum(
+  "mode", "train", ["train", "generate"],
+  "train: the train step; generate: greedy generation of bench.eval_new_tokens tokens for a "
+  "batch of the bench.eval_* shape (prefill and decode loop)",
+)  # fmt: skip
+_DECODE_LOOP = "/while/body/"  # The decode loop's ops, in generate's HLO op_names.
 
 # (kind, test on (opcode, instruction name, JAX sources)), the first match wins. The sources
 # are the instruction's own op_name first, then those of the computation it calls (a fusion's
@@ -101,6 +119,13 @@ def kind_of(opcode: str, name: str, src: tuple[str, ...]) -> str:
   return next(kind for kind, test in KINDS if test(opcode, name, src))
 
 
+def is_decode_loop(source: str) -> bool:
+  """Whether an op of generate's module runs in the decode loop (not in the prefill): its
+  JAX source is the loop's body, `jit(generate_tokens)/while/body/...`."""
+  head = source.split(_DECODE_LOOP, 1)[0]
+  return _DECODE_LOOP in source and "/" not in head.removeprefix("jit(generate_tokens)")
+
+
 def op_times(trace_events: list[dict], known: dict) -> dict[str, float]:
   """Microseconds per executed HLO op (complete events named like a non-control instruction)."""
   times: dict[str, float] = collections.Counter()
@@ -116,7 +141,8 @@ def main(argv) -> None:
   try:
     if _STEPS.value < 1:
       raise UserError("--steps must be at least 1")
-    compiled, step = bench.train_stepper(_CONFIG.value)
+    stepper = bench.train_stepper if _MODE.value == "train" else bench.generate_stepper
+    compiled, step = stepper(_CONFIG.value)
   except UserError as exc:
     errors.report_and_exit(exc)
   step()  # warm-up
@@ -144,6 +170,22 @@ def main(argv) -> None:
   print(f"{'kind':<24}{'s/step':>9}{'share':>8}", file=sys.stderr)
   for kind, _ in KINDS:
     print(f"{kind:<24}{kinds[kind]:>9.3f}{kinds[kind] / total:>8.1%}", file=sys.stderr)
+  decode = {}
+  if _MODE.value == "generate":  # The decode loop's share: per call, and per decode step.
+    steps = int(_CONFIG.value.bench.eval_new_tokens) - 1  # The first token comes from prefill.
+    in_loop = {n: t for n, t in per_step.items() if is_decode_loop(known[n][1][0])}
+    loop_kinds: dict[str, float] = collections.Counter()
+    for name, seconds in in_loop.items():
+      loop_kinds[kind_of(known[name][0], name, known[name][1])] += seconds / steps
+    decode = {
+      "decode_loop_s": sum(in_loop.values()),
+      "decode_step_ops_s": sum(in_loop.values()) / steps,
+      "decode_step_kinds_s": {kind: loop_kinds[kind] for kind, _ in KINDS},
+    }
+    loop_s = decode["decode_loop_s"]
+    print(f"\ndecode loop {loop_s:.3f} s of ops; per decode step:", file=sys.stderr)
+    for kind, _ in KINDS:
+      print(f"  {kind:<22}{loop_kinds[kind]:>9.4f}", file=sys.stderr)
   top = sorted(per_step.items(), key=lambda kv: -kv[1])[: _TOP.value]
   print(f"\n{'op':<32}{'s/step':>9}  source", file=sys.stderr)
   for name, seconds in top:
@@ -158,6 +200,8 @@ def main(argv) -> None:
       for n, s in top
     ],  # fmt: skip
     "trace": out,
+    "mode": _MODE.value,
+    **decode,
   }
   print(json.dumps(result))
 

@@ -32,6 +32,7 @@ import json
 import shlex
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -204,13 +205,18 @@ def bench_train(config, mesh, parts, frozen, state, tx) -> tuple[dict, dict]:
   return result, state
 
 
-def bench_generate(config, parts, frozen, state) -> dict:
+def generation_runner(config, parts, frozen, state) -> types.SimpleNamespace:
+  """Greedy generation for a random prompt batch of the `bench.eval_*` shape, as attributes:
+  `batch` (host arrays); `inputs()`: the adapters merged into the params, the gates and item
+  embeddings, as (params, ids, attention) and generate's keyword arguments; `run(unroll, new)`
+  generates `new` tokens (no early stop), blocking on the result; `compile(unroll, new)` gives
+  (compiled generation, a `run()` of that compiled program alone, on inputs prepared once)."""
   from ilora_jax import llm, train_ilora
 
   bc = config.bench
-  b, t, new = bc.eval_batch_size, bc.eval_prompt_len, bc.eval_new_tokens
-  host = random_batch(parts, 1, b, t, 1, seed=1)
+  host = random_batch(parts, 1, bc.eval_batch_size, bc.eval_prompt_len, 1, seed=1)
   batch = {k: v[0] for k, v in host.items()}
+  ids, attention = jnp.asarray(batch["input_ids"]), jnp.asarray(batch["attention"])
 
   @jax.jit
   def prepare(trainable, stats, frozen, batch):
@@ -220,22 +226,53 @@ def bench_generate(config, parts, frozen, state) -> dict:
     mask, embeds = train_ilora.replacement(parts, trainable, frozen, batch["item_ids"])
     return train_ilora._merge(frozen["llm"], trainable["lora"]), gate, mask, embeds
 
-  def run(unroll, new=new):
+  def inputs():
     params, gate, mask, embeds = prepare(state["trainable"], state["stats"], frozen, batch)
-    out, lengths = llm.generate_tokens(
-      parts.model.module,
-      params,
-      jnp.asarray(batch["input_ids"]),
-      jnp.asarray(batch["attention"]),
-      max_new_tokens=new,
-      eos_ids=(),
-      pad_id=0,
-      gate_weights=gate,
-      replace_mask=mask,
-      replace_embeds=embeds,
-      unroll=unroll,
-    )
+    kwargs = dict(gate_weights=gate, replace_mask=mask, replace_embeds=embeds)
+    return (params, ids, attention), kwargs
+
+  def static(unroll: bool, new: int) -> dict:
+    return dict(max_new_tokens=new, eos_ids=(), pad_id=0, unroll=unroll)
+
+  def run(unroll: bool, new: int):
+    args, kwargs = inputs()
+    out, _ = llm.generate_tokens(parts.model.module, *args, **kwargs, **static(unroll, new))
     return jax.block_until_ready(out)
+
+  def compile(unroll: bool, new: int):
+    args, kwargs = inputs()
+    lowered = llm.generate_tokens.lower(parts.model.module, *args, **kwargs, **static(unroll, new))
+    compiled = lowered.compile()
+    jax.block_until_ready((args, kwargs))
+
+    def run_compiled():  # The compiled generation alone, on the inputs prepared once.
+      return jax.block_until_ready(compiled(*args, **kwargs))
+
+    return compiled, run_compiled
+
+  return types.SimpleNamespace(batch=batch, inputs=inputs, run=run, compile=compile)
+
+
+def generate_stepper(config):
+  """(compiled generation, `run()`): `run()` generates `bench.eval_new_tokens` tokens for a
+  random batch of `config`'s benchmark setup with the configured decode loop (no early stop;
+  the profiler in bench/ traces it)."""
+  from ilora_jax import sharding
+
+  if int(config.bench.eval_new_tokens) < 2:
+    raise UserError("bench.eval_new_tokens must be at least 2: one prefill, then decode steps")
+  mesh = sharding.make_mesh(config.mesh)
+  parts, frozen, state, _ = build(config, mesh)
+  runner = generation_runner(config, parts, frozen, state)
+  return runner.compile(bool(config.llm.unroll_decode), int(config.bench.eval_new_tokens))
+
+
+def bench_generate(config, parts, frozen, state) -> dict:
+  bc = config.bench
+  b, new = bc.eval_batch_size, bc.eval_new_tokens
+  runner = generation_runner(config, parts, frozen, state)
+  batch = runner.batch
+  run = lambda unroll, new=new: runner.run(unroll, new)
 
   result = {}
   modes = [bool(config.llm.unroll_decode)]
@@ -282,7 +319,8 @@ def bench_generate(config, parts, frozen, state) -> dict:
   ctoks = jnp.asarray(rng.integers(0, vocab, (b, n, cl)), jnp.int32)
   cmask = jnp.ones((b, n, cl), jnp.int32)
   chunk = scoring.chunk_for(n, config.ilora.score_chunk)
-  params, gate, mask, embeds = prepare(state["trainable"], state["stats"], frozen, batch)
+  (params, _, _), kw = runner.inputs()
+  gate, mask, embeds = kw["gate_weights"], kw["replace_mask"], kw["replace_embeds"]
 
   def score():
     return jax.block_until_ready(

@@ -155,3 +155,34 @@ ENTRY %main.9 (a: f32[256,64]) -> f32[4,8] {
   names = ("ynn_fusion.3", "ge_fusion", "ynn_fusion.5", "w.1", "dynamic-update-slice.2")
   kinds = [profile_step.kind_of(known[n][0], n, known[n][1]) for n in names]
   assert kinds == ["matmul", "dropout bits", "matmul", "other element-wise", "scan stacking"]
+
+
+def test_profile_step_splits_generation_into_prefill_and_decode_steps(tmp_path):
+  """--mode=generate: the decode loop's ops, by kind, per decode step (new tokens - 1)."""
+  import importlib.util
+
+  from conftest import ROOT, assert_one_line_error
+
+  gen = SMALL[4:]  # eval batch 2, 64-token prompts, 4 new tokens
+  proc = run_cli(TINY, *gen, "--mode=generate", "--steps=1", f"--out={tmp_path}",
+                 script="bench/profile_step.py")  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["mode"] == "generate"
+  assert 0 < result["decode_loop_s"] < result["ops_s"]  # The prefill is the rest.
+  assert result["decode_step_ops_s"] == pytest.approx(result["decode_loop_s"] / 3)
+  assert sum(result["decode_step_kinds_s"].values()) == pytest.approx(result["decode_step_ops_s"])
+  assert result["decode_step_kinds_s"]["matmul"] > 0
+  for op in result["top"]:  # Only the generation ran in the trace.
+    assert op["source"] == "" or op["source"].startswith("jit(generate_tokens)/"), op
+  spec = importlib.util.spec_from_file_location("profile_step", f"{ROOT}/bench/profile_step.py")
+  profile_step = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(profile_step)
+  loop = profile_step.is_decode_loop
+  assert loop("jit(generate_tokens)/while/body/Llama/while/body/closed_call/layers/mlp/mul")
+  assert loop("jit(generate_tokens)/while/body/Llama/layers_3/attn/q/dot_general")
+  assert not loop("jit(generate_tokens)/Llama/while/body/closed_call/layers/mlp/mul")  # prefill
+  assert not loop("jit(generate_tokens)/while/cond/reduce_and")
+  proc = run_cli(TINY, "--mode=generate", "--config.bench.eval_new_tokens=1",
+                 script="bench/profile_step.py")  # fmt: skip
+  assert_one_line_error(proc, "eval_new_tokens must be at least 2")
