@@ -1,5 +1,6 @@
 """The benchmark entry point: its table and last-line JSON contract on the tiny config."""
 
+import functools
 import json
 
 import numpy as np
@@ -90,13 +91,23 @@ def test_ab_step_variants_parse_as_command_line_overrides():
       configuration.override(base, items)
 
 
+@functools.cache
+def _profile_step():
+  """bench/profile_step.py as a module, loaded once (its absl flags can be defined once)."""
+  import importlib.util
+
+  from conftest import ROOT
+
+  spec = importlib.util.spec_from_file_location("profile_step", f"{ROOT}/bench/profile_step.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def test_profile_step_attributes_the_traced_ops_to_their_jax_source(tmp_path):
   """bench/profile_step.py: every op it reports is an instruction of the compiled step, put in
   the kind its JAX source names; the kinds add up to the summed op time."""
-  import importlib.util
   import os
-
-  from conftest import ROOT
 
   proc = run_cli(TINY, *SMALL[:2], "--steps=1", f"--out={tmp_path}", "--top=40",
                  script="bench/profile_step.py")  # fmt: skip
@@ -105,9 +116,7 @@ def test_profile_step_attributes_the_traced_ops_to_their_jax_source(tmp_path):
   assert os.listdir(tmp_path) and result["trace"] == str(tmp_path)
   assert sum(result["kinds_s"].values()) == pytest.approx(result["ops_s"])
   assert result["kinds_s"]["matmul"] > 0 and result["step_s"] > 0
-  spec = importlib.util.spec_from_file_location("profile_step", f"{ROOT}/bench/profile_step.py")
-  profile_step = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(profile_step)
+  profile_step = _profile_step()
   with open(tmp_path / "step.hlo.txt") as f:  # the compiled step the trace ran
     module = profile_step.instructions(f.read())
   for op in result["top"]:
@@ -159,9 +168,8 @@ ENTRY %main.9 (a: f32[256,64]) -> f32[4,8] {
 
 def test_profile_step_splits_generation_into_prefill_and_decode_steps(tmp_path):
   """--mode=generate: the decode loop's ops, by kind, per decode step (new tokens - 1)."""
-  import importlib.util
 
-  from conftest import ROOT, assert_one_line_error
+  from conftest import assert_one_line_error
 
   gen = SMALL[4:]  # eval batch 2, 64-token prompts, 4 new tokens
   proc = run_cli(TINY, *gen, "--mode=generate", "--steps=1", f"--out={tmp_path}",
@@ -175,9 +183,7 @@ def test_profile_step_splits_generation_into_prefill_and_decode_steps(tmp_path):
   assert result["decode_step_kinds_s"]["matmul"] > 0
   for op in result["top"]:  # Only the generation ran in the trace.
     assert op["source"] == "" or op["source"].startswith("jit(generate_tokens)/"), op
-  spec = importlib.util.spec_from_file_location("profile_step", f"{ROOT}/bench/profile_step.py")
-  profile_step = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(profile_step)
+  profile_step = _profile_step()
   loop = profile_step.is_decode_loop
   assert loop("jit(generate_tokens)/while/body/Llama/while/body/closed_call/layers/mlp/mul")
   assert loop("jit(generate_tokens)/while/body/Llama/layers_3/attn/q/dot_general")
