@@ -28,6 +28,7 @@ plus 12 L d T per token for attention (forward and backward), over `bench.peak_f
 
 from __future__ import annotations
 
+import functools
 import json
 import shlex
 import sys
@@ -267,12 +268,21 @@ def generate_stepper(config):
   return runner.compile(bool(config.llm.unroll_decode), int(config.bench.eval_new_tokens))
 
 
+def _timed(fn, reps: int = 3):
+  """(last output, seconds of the first call, mean seconds of `reps` calls after it)."""
+  t0 = time.perf_counter()
+  out = fn()
+  first_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    out = fn()
+  return out, first_s, (time.perf_counter() - t0) / reps
+
+
 def bench_generate(config, parts, frozen, state) -> dict:
   bc = config.bench
   b, new = bc.eval_batch_size, bc.eval_new_tokens
   runner = generation_runner(config, parts, frozen, state)
-  batch = runner.batch
-  run = lambda unroll, new=new: runner.run(unroll, new)
 
   result = {}
   modes = [bool(config.llm.unroll_decode)]
@@ -281,21 +291,10 @@ def bench_generate(config, parts, frozen, state) -> dict:
   outputs = []
   for unroll in modes:
     prefix = "eval_gen_" if unroll == modes[0] else "eval_gen_alt_"
-    t0 = time.perf_counter()
-    out = run(unroll)
-    first_s = time.perf_counter() - t0
-    reps = 3
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      out = run(unroll)
-    batch_s = (time.perf_counter() - t0) / reps
+    out, first_s, batch_s = _timed(functools.partial(runner.run, unroll, new))
     outputs.append(np.asarray(out))
     # The prefill alone (one new token), so that the decode steps' own time is visible.
-    run(unroll, 1)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-      run(unroll, 1)
-    prefill_s = (time.perf_counter() - t0) / reps
+    _, _, prefill_s = _timed(functools.partial(runner.run, unroll, 1))
     result.update(
       {
         prefix + "unroll": unroll,
@@ -319,32 +318,13 @@ def bench_generate(config, parts, frozen, state) -> dict:
   ctoks = jnp.asarray(rng.integers(0, vocab, (b, n, cl)), jnp.int32)
   cmask = jnp.ones((b, n, cl), jnp.int32)
   chunk = scoring.chunk_for(n, config.ilora.score_chunk)
-  (params, _, _), kw = runner.inputs()
-  gate, mask, embeds = kw["gate_weights"], kw["replace_mask"], kw["replace_embeds"]
+  args, kwargs = runner.inputs()  # (params, ids, attention); gates, item embeddings
 
   def score():
-    return jax.block_until_ready(
-      scoring.candidate_loglik(
-        parts.model.module,
-        params,
-        jnp.asarray(batch["input_ids"]),
-        jnp.asarray(batch["attention"]),
-        ctoks,
-        cmask,
-        gate_weights=gate,
-        replace_mask=mask,
-        replace_embeds=embeds,
-        chunk=chunk,
-      )
-    )
+    out = scoring.candidate_loglik(parts.model.module, *args, ctoks, cmask, **kwargs, chunk=chunk)
+    return jax.block_until_ready(out)
 
-  t0 = time.perf_counter()
-  score()
-  first_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  for _ in range(3):
-    score()
-  batch_s = (time.perf_counter() - t0) / 3
+  _, first_s, batch_s = _timed(score)
   result.update(
     {
       "eval_score_candidates": n,

@@ -543,21 +543,19 @@ class Llama(nn.Module):
     if positions is None:
       start = 0 if cache is None else cache.positions[:, None]
       positions = start + jnp.maximum(count - 1, 0)  # [b, t]
+    kv_in, start = None, 0  # start: the cache slot this step's keys are written to.
+    if cache is not None:
+      kv_in, start = (cache.k, cache.v), (0 if prefill else cache.index)
+      key_valid = jax.lax.dynamic_update_slice(cache.mask, real, (0, start))  # [b, s]
     if cache is None or prefill:  # Attention over this step's keys: a causal [t, t] mask.
       causal = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]  # [t, s=t]
       mask = causal[None, :, :] & real[:, None, :]  # [b, t, t]
       cache_index = None
-    if cache is None:
-      kv_in = None
-    else:
-      kv_in = (cache.k, cache.v)
-      start = 0 if prefill else cache.index
-      key_valid = jax.lax.dynamic_update_slice(cache.mask, real, (0, start))  # [b, s]
-      if not prefill:
-        slots = cache.mask.shape[1]
-        causal = (cache.index + jnp.arange(t))[:, None] >= jnp.arange(slots)[None, :]  # [t, s]
-        mask = causal[None, :, :] & key_valid[:, None, :]  # [b, t, s]
-        cache_index = cache.index
+    else:  # Over every slot of the cache.
+      slots = cache.mask.shape[1]
+      causal = (start + jnp.arange(t))[:, None] >= jnp.arange(slots)[None, :]  # [t, s]
+      mask = causal[None, :, :] & key_valid[:, None, :]  # [b, t, s]
+      cache_index = start
 
     x = self.embed(tokens)  # [b, t, d]
     if replace_mask is not None:
@@ -594,7 +592,7 @@ class Llama(nn.Module):
       k=kv_out[0],
       v=kv_out[1],
       mask=key_valid,
-      index=(0 if prefill else cache.index) + jnp.int32(t),
+      index=start + jnp.int32(t),
       positions=cache.positions + count[:, -1],
     )
     return out, new_cache
