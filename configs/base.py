@@ -74,6 +74,7 @@ def get_config() -> config_dict.ConfigDict:
   c.ilora.score_chunk = 5  # Candidates per cached scoring pass (memory vs speed).
   c.ilora.max_new_tokens = 64  # Greedy decoding budget (the paper's).
   c.ilora.max_bad_steps = 20  # Consecutive non-finite losses before the run stops.
+  c.ilora.prefetch = 2  # Train batches built ahead in a host thread (0 = in the loop).
 
   c.lora = config_dict.ConfigDict()
   c.lora.rank = 8  # Total LoRA rank r, split over the experts.

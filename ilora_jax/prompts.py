@@ -16,6 +16,7 @@ recovered from tokenizer quirks:
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -96,7 +97,13 @@ class PromptBuilder:
     dataset: str,
     bos_id: int | None = None,
   ):
-    self._encode = encode
+    lock = threading.Lock()  # Training builds batches in a thread while evaluation runs.
+
+    def locked(text: str) -> Sequence[int]:
+      with lock:
+        return encode(text)
+
+    self._encode = locked
     self.special_ids = special_ids
     self.pad_id = pad_id
     self.titles = titles

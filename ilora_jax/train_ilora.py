@@ -31,6 +31,7 @@ from ilora_jax import (
   llm,
   lora,
   optim,
+  prefetch,
   prompts,
   report,
   router,
@@ -913,14 +914,26 @@ def run(config, workdir: str) -> dict[str, float]:
   )
   last_val: dict[str, float] = {}
   bad_streak = 0
-  with interrupts.Graceful() as stop, ckpt.guard():
-    while step < stop_at:
-      epoch, pos = divmod(step, steps_per_epoch)
-      order = np.random.default_rng([su.seed, epoch]).permutation(len(train))
-      idx = order[pos * micro * accum : (pos + 1) * micro * accum]
-      mine = host_rows(idx, accum, micro)
-      host = train_batch(parts, config, train, mine, epoch, step, total_steps, su.seed, accum)
-      host = agree_length(host, parts)
+  first_step = step
+  steps_s = 0.0  # Wall time of the steps after the first (compiles), evaluation left out.
+  orders: dict[int, np.ndarray] = {}  # The epoch's row order (used by one thread only).
+
+  def host_batch(at: int) -> dict[str, np.ndarray]:
+    """This process's rows of optimizer step `at`: a pure function of (seed, epoch, step)."""
+    epoch, pos = divmod(at, steps_per_epoch)
+    if epoch not in orders:
+      orders.clear()
+      orders[epoch] = np.random.default_rng([su.seed, epoch]).permutation(len(train))
+    idx = orders[epoch][pos * micro * accum : (pos + 1) * micro * accum]
+    mine = host_rows(idx, accum, micro)
+    return train_batch(parts, config, train, mine, epoch, at, total_steps, su.seed, accum)
+
+  batches = prefetch.Prefetch(host_batch, range(step, stop_at), config.ilora.prefetch, "batches")
+  started = time.perf_counter()
+  with interrupts.Graceful() as stop, ckpt.guard(), batches:
+    for host in batches:
+      epoch = step // steps_per_epoch
+      host = agree_length(host, parts)  # A collective: stays in this thread, in step order.
       # Each process feeds only its rows of the global [accum, micro, ...] batch.
       batch = {
         k: jax.make_array_from_process_local_data(batch_sh, v, (v.shape[0], micro, *v.shape[2:]))
@@ -930,6 +943,8 @@ def run(config, workdir: str) -> dict[str, float]:
       step += 1
       bar.update(1)
       metrics = jax.device_get(metrics)
+      if step > first_step + 1:
+        steps_s += time.perf_counter() - started
       loss = float(metrics["loss"])
       bad_streak = bad_streak + 1 if not np.isfinite(loss) else 0
       if bad_streak >= config.ilora.max_bad_steps:
@@ -958,8 +973,14 @@ def run(config, workdir: str) -> dict[str, float]:
         console.info(f"iLoRA step {step} val " + _fmt(last_val))
       boundary = epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at
       ckpt.after_step(step, save, boundary, stop, bar)
+      started = time.perf_counter()
   bar.close()
   ckpt.close()
+  if step - first_step > 1:
+    console.info(
+      f"iLoRA: {1000 * steps_s / (step - first_step - 1):.0f} ms per step after the first; "
+      + batches.summary()
+    )
   if step < total_steps:
     console.info(f"iLoRA: stopped at step {step} of {total_steps}; re-run to resume")
     return last_val

@@ -86,6 +86,7 @@ def test_ab_step_variants_parse_as_command_line_overrides():
     (["lora.rank=x"], "lora.rank"),
     (["llm.remat=fast"], "llm.remat='fast' is not one of"),
     (["llm.attention_chunks=0"], "llm.attention_chunks must be at least 1"),
+    (["ilora.prefetch=-1"], "ilora.prefetch must be >= 0"),
   ):
     with pytest.raises(UserError, match=fragment):
       configuration.override(base, items)

@@ -49,9 +49,12 @@ def test_pipeline_trains_sasrec_then_ilora(pipeline):
 def test_ilora_resume_matches_uninterrupted(pipeline, tmp_path):
   full_dir, _ = pipeline
   workdir = with_sasrec_of(full_dir, tmp_path / "w")  # The same SASRec, not retrained.
+  # The first half builds its batches in the loop, the rest (and the uninterrupted run) in
+  # the prefetch thread: the records must not tell them apart.
   first = run_cli(
-    TINY, f"--workdir={workdir}", "--config.stage=ilora", "--config.train.stop_after_steps=3"
-  )
+    TINY, f"--workdir={workdir}", "--config.stage=ilora", "--config.train.stop_after_steps=3",
+    "--config.ilora.prefetch=0",
+  )  # fmt: skip
   assert first.returncode == 0, first.stderr
   assert "stopped at step 3 of 6" in first.stderr
   second = run_cli(TINY, f"--workdir={workdir}", "--config.stage=ilora")

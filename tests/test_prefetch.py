@@ -1,0 +1,95 @@
+"""prefetch.Prefetch: the same batches in the same order as building them in the loop, built
+concurrently with the consumer, errors raised where they happened, a clean stop."""
+
+import itertools
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from ilora_jax.prefetch import Prefetch
+
+
+def make(i):
+  return {"i": i, "x": np.random.default_rng(i).normal(size=3)}
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_same_batches_in_order(depth):
+  with Prefetch(make, range(7), depth) as batches:
+    got = list(batches)
+  want = [make(i) for i in range(7)]
+  assert [g["i"] for g in got] == list(range(7))
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g["x"], w["x"])
+  assert batches.count == 7
+
+
+def test_builds_the_next_batch_while_the_consumer_works():
+  second_started = threading.Event()
+
+  def slow_make(i):
+    if i == 1:
+      second_started.set()
+    return i
+
+  with Prefetch(slow_make, range(3), depth=1) as batches:
+    assert next(batches) == 0
+    # The consumer holds batch 0 and does not ask for more: the thread builds batch 1.
+    assert second_started.wait(timeout=30)
+    assert list(batches) == [1, 2]
+
+
+def test_without_thread_builds_only_on_demand():
+  calls = []
+
+  def record(i):
+    calls.append(i)
+    return i
+
+  with Prefetch(record, range(5), depth=0) as batches:
+    assert next(batches) == 0
+    assert calls == [0]
+
+
+def test_bounded_lead():
+  built = []
+
+  def record(i):
+    built.append(i)
+    return i
+
+  with Prefetch(record, itertools.count(), depth=2) as batches:
+    assert next(batches) == 0
+    time.sleep(0.5)  # Give the thread time to run ahead as far as it may.
+    # Two batches queued plus one waiting to be queued.
+    assert len(built) <= 1 + 2 + 1
+
+
+def test_error_raised_in_the_consumer_at_its_index():
+  def failing(i):
+    if i == 3:
+      raise KeyError("row 3")
+    return i
+
+  got = []
+  with pytest.raises(KeyError, match="row 3"):
+    with Prefetch(failing, range(6), depth=2) as batches:
+      for b in batches:
+        got.append(b)
+  assert got == [0, 1, 2]
+
+
+def test_leaving_early_stops_the_thread():
+  with Prefetch(make, itertools.count(), depth=2) as batches:
+    next(batches)
+    thread = batches._thread
+    assert thread.is_alive()
+  assert not thread.is_alive()
+  assert list(batches) == []
+
+
+def test_negative_depth():
+  with pytest.raises(ValueError, match="depth"):
+    Prefetch(make, range(3), -1)
