@@ -96,7 +96,8 @@ def get_config() -> config_dict.ConfigDict:
   # bf16 compute and frozen weights; adapters, router, projector and optimizer stay float32.
   c.llm.dtype = "bfloat16"  # Compute dtype: float32 | bfloat16.
   c.llm.param_dtype = "bfloat16"  # Frozen base weights: float32 | bfloat16.
-  c.llm.attention = "auto"  # auto (cuDNN on GPUs in bf16, else xla) | xla | cudnn.
+  c.llm.attention = "auto"  # auto (splash on TPUs, cuDNN on GPUs in bf16, else xla) | xla |
+  # cudnn | splash.
   # Rematerialisation: projections (keep q/k/v, the MLP's gate/up and the dropout masks,
   # recompute the rest; the fastest on a CPU, bench/README.md) | none | full | dots |
   # dots_no_batch.
@@ -126,7 +127,8 @@ def get_config() -> config_dict.ConfigDict:
   c.bench.eval_prompt_len = 400  # Prompt tokens.
   c.bench.eval_new_tokens = 32  # Generated tokens (no early stop).
   c.bench.decode_both = False  # Also time the other decode loop (scanned vs unrolled layers).
-  c.bench.check_attention = False  # Also report the loss difference xla vs cudnn attention.
+  c.bench.check_attention = False  # Also report the loss difference xla vs the fused kernel
+  # (cudnn on a GPU, splash elsewhere: on a CPU it runs interpreted).
   c.bench.eval_candidates = 20  # Random candidates per prompt for the scoring timing.
   c.bench.eval_candidate_len = 12  # Tokens per random candidate title.
   # eval_data: instead of random batches, time both evaluation modes on `bench.eval_split` of

@@ -50,7 +50,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "projections")
 # and output, SwiGLU, the adapters' dropped inputs and low-rank products) is recomputed from
 # those, which costs no large matmul and no random bits.
 PROJECTIONS_SAVED = ("q", "k", "v", "mid", "mlp_gate", "mlp_up", KEEP_NAME)
-ATTENTION_IMPLS = ("xla", "cudnn")
+ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +83,13 @@ class LlamaConfig:
   remat_policy: str = "none"
   scan_layers: bool = True
   # 'xla': einsum attention (any backend); 'cudnn': fused cuDNN attention through
-  # `jax.nn.dot_product_attention` for full passes (NVIDIA GPUs, bf16/fp16); decoding steps
-  # with a KV cache always use the einsum path.
+  # `jax.nn.dot_product_attention` for full passes (NVIDIA GPUs, bf16/fp16); 'splash': the
+  # Pallas splash-attention kernel for full passes (TPUs; elsewhere it runs in Pallas'
+  # interpreter, for tests). Decoding steps with a KV cache always use the einsum path.
   attention: str = "xla"
+  # The mesh the splash kernel is mapped over (`jax.shard_map`: batch over the data and fsdp
+  # axes, heads over tensor, where they divide); None runs it on whole arrays.
+  kernel_mesh: Any = None
   # Query chunks of the einsum path's causal attention without a cache (`causal_chunks`);
   # 1 is one pass over every key.
   attention_chunks: int = 4
@@ -327,6 +331,15 @@ class Attention(nn.Module):
         out, gate_weights, deterministic
       )  # [b, t, d]
       return out, new_cache
+    if cfg.attention == "splash" and local:
+      # The mask is causal & key-is-real (`Llama` builds it so): its diagonal is the
+      # key-is-real vector, the kernel's segment ids.
+      real = jnp.diagonal(mask, axis1=1, axis2=2)  # [b, t]
+      out = splash_attention(q, k, v, real, cfg.kernel_mesh)  # [b, t, n, h]
+      out = proj("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), "o", name="o")(
+        out, gate_weights, deterministic
+      )  # [b, t, d]
+      return out, new_cache
     if local:
       # Over this step's own keys the mask is causal (`Llama` builds it so): the queries of
       # chunk [a, e) attend keys [0, e) only, which skips the blocks above the diagonal.
@@ -368,6 +381,83 @@ def dot_attention(
   else:
     out = jnp.einsum("bktgs,bskh->btkgh", probs, v.astype(dtype))  # [b, t, k, g, h]
   return out.reshape(b, t, n, h)
+
+
+SPLASH_BLOCK = 128  # The splash kernel's sequence blocks are multiples of this.
+
+
+def _splash_kernel(heads: int, length: int, interpret: bool):
+  """The splash kernel of a causal pass over `length` positions (a multiple of SPLASH_BLOCK)
+  for `heads` query heads, blocks as large as divide the length (up to 512)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as kernel_lib,
+  )
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask as mask_lib,
+  )
+
+  block = next(size for size in (512, 256, SPLASH_BLOCK) if length % size == 0)
+  sizes = kernel_lib.BlockSizes(
+    block_q=block,
+    block_kv=block,
+    block_kv_compute=block,
+    block_q_dkv=block,
+    block_kv_dkv=block,
+    block_kv_dkv_compute=block,
+    block_q_dq=block,
+    block_kv_dq=block,
+  )
+  mask = mask_lib.MultiHeadMask([mask_lib.CausalMask((length, length))] * heads)
+  # Built in the trace that uses it (its block tables become constants of that trace).
+  kernel = kernel_lib.make_splash_mha(
+    mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret
+  )
+  return kernel, kernel_lib.SegmentIds
+
+
+def splash_attention(q: Array, k: Array, v: Array, real: Array, mesh=None) -> Array:
+  """Causal attention of q [b, t, n, h] over k, v [b, t, kv, h] with Pallas' splash kernel,
+  a query attending to keys with its own `real` [b, t] flag (real tokens see real tokens;
+  the unused outputs of pads see pads, so no row is empty). The time axis is padded to a
+  multiple of SPLASH_BLOCK (as pads). With a `mesh`, the kernel runs under `jax.shard_map`
+  on each device's rows (data, fsdp axes) and heads (tensor axis), where those divide.
+  On a backend other than TPU the kernel runs in Pallas' interpreter (for tests)."""
+  b, t, n, h = q.shape
+  kv = k.shape[2]
+  length = -(-t // SPLASH_BLOCK) * SPLASH_BLOCK
+  pad = ((0, 0), (0, length - t), (0, 0), (0, 0))
+  q = jnp.pad(q * (1.0 / math.sqrt(h)), pad).transpose(0, 2, 1, 3)  # [b, n, T, h]
+  k = jnp.pad(k.astype(q.dtype), pad).transpose(0, 2, 1, 3)  # [b, kv, T, h]
+  v = jnp.pad(v.astype(q.dtype), pad).transpose(0, 2, 1, 3)
+  segments = jnp.pad(real.astype(jnp.int32), ((0, 0), (0, length - t)))  # [b, T]
+  interpret = jax.default_backend() != "tpu"
+  batch_axes, head_axis = (), None
+  if mesh is not None:
+    names = dict(mesh.shape)
+    batch_axes = tuple(a for a in ("data", "fsdp") if names.get(a, 1) > 1)
+    if b % math.prod(names[a] for a in batch_axes):
+      batch_axes = ()
+    tensor = names.get("tensor", 1)
+    head_axis = "tensor" if tensor > 1 and n % tensor == 0 and kv % tensor == 0 else None
+  local_heads = n // (mesh.shape[head_axis] if head_axis else 1)
+
+  def attend(q, k, v, segments):
+    kernel, segment_ids = _splash_kernel(local_heads, length, interpret)
+    one = lambda q, k, v, s: kernel(q, k, v, segment_ids=segment_ids(q=s, kv=s))  # noqa: E731
+    return jax.vmap(one)(q, k, v, segments)
+
+  if batch_axes or head_axis:
+    rows = batch_axes or None
+    spec = jax.sharding.PartitionSpec(rows, head_axis, None, None)
+    attend = jax.shard_map(
+      attend,
+      mesh=mesh,
+      in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(rows, None)),
+      out_specs=spec,
+      check_vma=False,
+    )
+  out = attend(q, k, v, segments)  # [b, n, T, h]
+  return out.transpose(0, 2, 1, 3)[:, :t]
 
 
 def causal_chunks(t: int, max_chunks: int = 4) -> list[tuple[int, int]]:

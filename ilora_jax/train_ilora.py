@@ -154,22 +154,34 @@ def router_kwargs(config) -> dict:
 
 
 def attention_impl(config) -> str:
-  """'auto' picks cuDNN attention on NVIDIA GPUs in half precision, einsum attention elsewhere."""
+  """'auto' picks splash attention on TPUs, cuDNN attention on NVIDIA GPUs in half precision,
+  einsum attention elsewhere."""
   impl = config.llm.attention
+  backend = jax.default_backend()
   if impl == "auto":
+    if backend == "tpu":
+      return "splash"
     half = config.llm.dtype in ("bfloat16", "float16")
-    return "cudnn" if half and jax.default_backend() == "gpu" else "xla"
+    return "cudnn" if half and backend == "gpu" else "xla"
   if impl not in llama.ATTENTION_IMPLS:
-    raise UserError(f"config.llm.attention={impl!r} is not auto, xla or cudnn")
+    raise UserError(f"config.llm.attention={impl!r} is not auto, xla, cudnn or splash")
+  if impl == "splash" and backend == "gpu":
+    raise UserError(
+      "config.llm.attention=splash is a TPU kernel (on a CPU it runs interpreted, for tests);"
+      " on a GPU use cudnn or auto"
+    )
   return impl
 
 
-def model_options(config) -> dict:
-  """`llm.load` options of the model's numerics and kernels (the run and the benchmark)."""
+def model_options(config, mesh=None) -> dict:
+  """`llm.load` options of the model's numerics and kernels (the run and the benchmark);
+  splash attention is mapped over `mesh`."""
+  impl = attention_impl(config)
   return dict(
     dtype=DTYPES[config.llm.dtype],
     param_dtype=DTYPES[config.llm.param_dtype],
-    attention=attention_impl(config),
+    attention=impl,
+    kernel_mesh=mesh if impl == "splash" and mesh is not None and mesh.size > 1 else None,
     remat_policy=config.llm.remat,
     attention_chunks=config.llm.attention_chunks,
   )
@@ -181,7 +193,11 @@ def build(config, workdir: str, dataset: Dataset, mesh):
   lora_cfg = lora_config(config)
   factory = lora.adapter_factory(lora_cfg)
   base = llm.load(
-    config.llm.name, mesh=mesh, rules=rules, init_std=config.llm.init_std, **model_options(config)
+    config.llm.name,
+    mesh=mesh,
+    rules=rules,
+    init_std=config.llm.init_std,
+    **model_options(config, mesh),
   )
   tokenizer = base.tokenizer
   special = tok_lib.add_ilora_tokens(tokenizer)

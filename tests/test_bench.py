@@ -35,6 +35,18 @@ def test_bench_train_generate_and_score_keys():
   )
 
 
+def test_bench_trains_with_splash_attention_and_checks_it_against_einsum():
+  """The iLoRA train step of the benchmark with `llm.attention=splash` (interpreted on a CPU)
+  and the loss of one padded batch under both kernels."""
+  proc = run_cli(TINY, *SMALL, "--config.llm.attention=splash", "--config.bench.eval=False",
+                 "--config.bench.check_attention=True", module="ilora_jax.bench")  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["attention"] == "splash" and np.isfinite(result["loss"])
+  assert result["attention_loss_xla"] > 0
+  assert result["attention_rel_diff"] < 1e-6, result  # 9e-8 when written
+
+
 def test_bench_rejects_bad_shapes():
   proc = run_cli(TINY, "--config.bench.seq_len=8", "--config.bench.target_tokens=8",
                  module="ilora_jax.bench")  # fmt: skip
