@@ -311,14 +311,22 @@ class Attention(nn.Module):
     v = checkpoint_name(v, "v")
     new_cache = None
     if layer_cache is not None:
-      cache_k, cache_v = layer_cache
+      cache_k, cache_v = layer_cache[:2]
       start = (0, 0, 0 if cache_index is None else cache_index, 0)
       k_new = k.astype(cache_k.dtype).transpose(0, 2, 1, 3)  # [b, k, t, h]
       v_new = v.astype(cache_v.dtype).transpose(0, 2, 1, 3)  # [b, k, t, h]
-      new_cache = (
-        jax.lax.dynamic_update_slice(cache_k, k_new, start),
-        jax.lax.dynamic_update_slice(cache_v, v_new, start),
-      )  # [b, k, s, h] each
+      if len(layer_cache) == 3:  # Every layer's cache [l, b, k, s, h] and this layer's index.
+        layer = layer_cache[2]
+        new_cache = (
+          jax.lax.dynamic_update_slice(cache_k, k_new[None], (layer, *start)),
+          jax.lax.dynamic_update_slice(cache_v, v_new[None], (layer, *start)),
+          layer,
+        )
+      else:
+        new_cache = (
+          jax.lax.dynamic_update_slice(cache_k, k_new, start),
+          jax.lax.dynamic_update_slice(cache_v, v_new, start),
+        )  # [b, k, s, h] each
     local = cache_index is None  # Attend over this step's keys: no cache, or a prefill.
     t = q.shape[1]
     if cfg.attention == "cudnn" and local:
@@ -349,7 +357,9 @@ class Attention(nn.Module):
       ]  # [b, e - a, n, h] each
       out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     else:
-      k, v = new_cache
+      k, v = new_cache[:2]
+      if len(new_cache) == 3:  # This layer's [b, k, s, h] of the stacked cache.
+        k, v = (jax.lax.dynamic_index_in_dim(c, new_cache[2], keepdims=False) for c in (k, v))
       out = dot_attention(q, k, v, mask, cfg.dtype, heads_first=True)  # [b, t, n, h]
     out = proj("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), "o", name="o")(
       out, gate_weights, deterministic
@@ -509,7 +519,22 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, layer_cache, positions, mask, cache_index, gate_weights, deterministic):
-    """x: [b, t, d] -> ([b, t, d], updated layer cache or None). See `Attention`."""
+    """x: [b, t, d] -> ([b, t, d], updated layer cache or None). See `Attention`.
+
+    In a layer scan with a cache, `x` is the carry (x, k, v, layer): the whole stacked cache
+    ([l, b, k, s, h] each) rides in the carry and each layer writes its new keys into it in
+    place, instead of the scan slicing every layer's cache out and stacking it again (a copy
+    of the whole cache at every decoding step); the result is then (that carry, None).
+    """
+    if isinstance(x, tuple):
+      x, cache_k, cache_v, layer = x
+      x, (cache_k, cache_v, _) = self._block(
+        x, (cache_k, cache_v, layer), positions, mask, cache_index, gate_weights, deterministic
+      )
+      return (x, cache_k, cache_v, layer + 1), None
+    return self._block(x, layer_cache, positions, mask, cache_index, gate_weights, deterministic)
+
+  def _block(self, x, layer_cache, positions, mask, cache_index, gate_weights, deterministic):
     cfg = self.config
     norm = functools.partial(
       RMSNorm, eps=cfg.rms_norm_eps, dtype=cfg.dtype, param_dtype=cfg.param_dtype
@@ -652,7 +677,13 @@ class Llama(nn.Module):
       x = jnp.where(replace_mask[..., None], replace_embeds.astype(x.dtype), x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    if cfg.scan_layers:
+    if cfg.scan_layers and kv_in is not None and t == 1:  # A decoding step: cache in the carry.
+      # Only for one-token steps: a scoring pass over a cache it does not keep (t > 1) would
+      # copy the whole cache into the carry; stacking the layers' slices is cheaper there.
+      carry = (x, *kv_in, jnp.int32(0))
+      carry, _ = self.layers(carry, None, positions, mask, cache_index, gate_weights, deterministic)
+      x, kv_out = carry[0], carry[1:3]
+    elif cfg.scan_layers:
       x, kv_out = self.layers(x, kv_in, positions, mask, cache_index, gate_weights, deterministic)
     else:
       ks, vs = [], []
