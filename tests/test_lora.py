@@ -245,6 +245,30 @@ def test_gradients_match_the_unfused_per_expert_sum():
     chex.assert_trees_all_close(g, w, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(48, 8), (8, 40), (8, 8)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_thin_matmul_gradients_are_the_matmul_formulas(shape, dtype):
+  # Its custom gradient (CPU) writes x^T g as (small)^T (large); numpy gives the formulas.
+  rng = np.random.default_rng(5)
+  x = rng.standard_normal((24, shape[0])).astype(np.float32)
+  w = rng.standard_normal(shape).astype(np.float32)
+  g = rng.standard_normal((24, shape[1])).astype(np.float32)
+  xs, ws = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+
+  def loss(x, w):
+    return jnp.sum(lora.thin_matmul(x, w).astype(jnp.float32) * g)
+
+  y = jax.jit(lora.thin_matmul)(xs, ws)
+  g_x, g_w = jax.jit(jax.grad(loss, argnums=(0, 1)))(xs, ws)
+  chex.assert_shape(y, (24, shape[1]))
+  assert y.dtype == g_x.dtype == g_w.dtype == dtype
+  x, w = np.asarray(xs, np.float32), np.asarray(ws, np.float32)  # the values after rounding
+  tol = 1e-4 if dtype == jnp.float32 else 0.1
+  np.testing.assert_allclose(np.asarray(y, np.float32), x @ w, rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(g_x, np.float32), g @ w.T, rtol=tol, atol=tol)
+  np.testing.assert_allclose(np.asarray(g_w, np.float32), x.T @ g, rtol=tol, atol=tol)
+
+
 def test_compute_dtype_follows_the_input():
   a, b = _random_params(8, seed=8)
   x = _x()
