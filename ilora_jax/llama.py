@@ -429,8 +429,9 @@ def splash_attention(q: Array, k: Array, v: Array, real: Array, mesh=None) -> Ar
   """Causal attention of q [b, t, n, h] over k, v [b, t, kv, h] with Pallas' splash kernel,
   a query attending to keys with its own `real` [b, t] flag (real tokens see real tokens;
   the unused outputs of pads see pads, so no row is empty). The time axis is padded to a
-  multiple of SPLASH_BLOCK (as pads). With a `mesh`, the kernel runs under `jax.shard_map`
-  on each device's rows (data, fsdp axes) and heads (tensor axis), where those divide.
+  multiple of SPLASH_BLOCK (as pads). With a `mesh` of several devices, the kernel runs
+  under `jax.shard_map` on each device's rows (data, fsdp axes) and heads (tensor axis),
+  where those divide (replicated where they do not).
   On a backend other than TPU the kernel runs in Pallas' interpreter (for tests)."""
   b, t, n, h = q.shape
   kv = k.shape[2]
@@ -456,7 +457,9 @@ def splash_attention(q: Array, k: Array, v: Array, real: Array, mesh=None) -> Ar
     one = lambda q, k, v, s: kernel(q, k, v, segment_ids=segment_ids(q=s, kv=s))  # noqa: E731
     return jax.vmap(one)(q, k, v, segments)
 
-  if batch_axes or head_axis:
+  if mesh is not None and mesh.size > 1:
+    # Mapped even where no axis divides (specs replicated): Mosaic lowers the kernel for one
+    # device only, so on several it must run inside a manual computation.
     rows = batch_axes or None
     spec = jax.sharding.PartitionSpec(rows, head_axis, None, None)
     attend = jax.shard_map(

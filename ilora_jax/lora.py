@@ -191,7 +191,11 @@ def thin_matmul(x: Array, w: Array) -> Array:
   which falls back to a plain loop nest (4.4 ms instead of 0.31 ms for SmolLM2's down
   adapter, [1024, 1536]^T @ [1024, 8], on one core; about 5% of its train step,
   bench/README.md). Other backends keep autodiff's gradient. Same values either way.
+  Being a `jax.custom_vjp` on a CPU, it has no forward-mode derivative there (`jax.jvp`,
+  `jax.jacfwd` through the adapters fail on a CPU); reverse mode is what training uses.
   """
+  if x.ndim != 2 or w.ndim != 2:
+    raise ValueError(f"thin_matmul takes 2-D operands, got {x.shape} @ {w.shape}")
   if jax.default_backend() == "cpu":
     return _thin_matmul(x, w)
   return x @ w

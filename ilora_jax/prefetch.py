@@ -12,8 +12,10 @@ exception raised in the thread is raised again in the consumer at the index that
 Leaving the `with` block (a stop, an error) stops the thread; batches not yet taken are
 dropped. `depth=0` builds each batch in the consumer's thread (no thread at all).
 
-`built_s` and `waited_s` are the seconds spent building batches and the seconds the consumer
-waited for them: with the thread, what is left of the host work on the step's critical path.
+`built_s` and `waited_s` are the seconds spent building batches (`built` of them, counting
+any dropped at the end) and the seconds the consumer waited for the `count` it took: with
+the thread, what is left of the host work on the step's critical path. A `StopIteration`
+raised by `make_batch` is raised as a `RuntimeError` (it would end the loop silently).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class Prefetch:
     self.depth = int(depth)
     self.name = name
     self.built_s = 0.0
+    self.built = 0
     self.waited_s = 0.0
     self.count = 0
     self._queue: queue.Queue = queue.Queue(maxsize=max(self.depth, 1))
@@ -91,8 +94,12 @@ class Prefetch:
 
   def _build(self, index):
     start = time.perf_counter()
-    batch = self._make(index)
+    try:
+      batch = self._make(index)
+    except StopIteration as error:  # would otherwise end the consumer's loop silently
+      raise RuntimeError(f"{self.name}: building batch {index!r} raised StopIteration") from error
     self.built_s += time.perf_counter() - start
+    self.built += 1
     return batch
 
   def _produce(self) -> None:
@@ -135,10 +142,10 @@ class Prefetch:
       self.waited_s += time.perf_counter() - start
 
   def summary(self) -> str:
-    """One line: batches, ms built and ms waited per batch."""
-    n = max(self.count, 1)
+    """One line: ms to build a batch (over all built, dropped ones too) and ms the consumer
+    waited for one (over the batches it took)."""
     how = f"{self.depth} ahead in a thread" if self.depth else "in the loop"
     return (
-      f"host batches ({how}): {1000 * self.built_s / n:.1f} ms built, "
-      f"{1000 * self.waited_s / n:.1f} ms waited for, per step"
+      f"host batches ({how}): {1000 * self.built_s / max(self.built, 1):.1f} ms built, "
+      f"{1000 * self.waited_s / max(self.count, 1):.1f} ms waited for, per step"
     )

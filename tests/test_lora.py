@@ -269,6 +269,12 @@ def test_thin_matmul_gradients_are_the_matmul_formulas(shape, dtype):
   np.testing.assert_allclose(np.asarray(g_w, np.float32), x.T @ g, rtol=tol, atol=tol)
 
 
+def test_thin_matmul_rejects_batched_operands():
+  # Its gradient formulas transpose 2-D operands; a batched x would be silently wrong.
+  with pytest.raises(ValueError, match="2-D operands"):
+    lora.thin_matmul(jnp.ones((2, 3, 8)), jnp.ones((8, 4)))
+
+
 def test_compute_dtype_follows_the_input():
   a, b = _random_params(8, seed=8)
   x = _x()

@@ -27,18 +27,61 @@ def test_same_batches_in_order(depth):
 
 
 def test_builds_the_next_batch_while_the_consumer_works():
-  second_started = threading.Event()
+  consumer_has_0 = threading.Event()
+  second_overlapped = threading.Event()
 
-  def slow_make(i):
-    if i == 1:
-      second_started.set()
+  def make(i):
+    if i == 1 and consumer_has_0.wait(timeout=30):
+      # Batch 1 is being built while the consumer holds batch 0 (and has not asked for 1).
+      second_overlapped.set()
     return i
 
-  with Prefetch(slow_make, range(3), depth=1) as batches:
+  with Prefetch(make, range(3), depth=1) as batches:
     assert next(batches) == 0
-    # The consumer holds batch 0 and does not ask for more: the thread builds batch 1.
-    assert second_started.wait(timeout=30)
+    consumer_has_0.set()
+    assert second_overlapped.wait(timeout=30)
     assert list(batches) == [1, 2]
+
+
+def test_in_the_loop_does_not_overlap():
+  # The same probe without a thread: batch 1 is built only when asked for, after batch 0.
+  consumer_has_0 = threading.Event()
+  overlapped = []
+
+  def make(i):
+    if i == 1:
+      overlapped.append(not consumer_has_0.is_set())
+    return i
+
+  with Prefetch(make, range(3), depth=0) as batches:
+    assert next(batches) == 0
+    consumer_has_0.set()
+    assert list(batches) == [1, 2]
+  assert overlapped == [False]
+
+
+def test_stop_iteration_in_make_is_an_error():
+  def make(i):
+    if i == 2:
+      raise StopIteration
+    return i
+
+  for depth in (0, 2):
+    with pytest.raises(RuntimeError, match="batch 2 raised StopIteration"):
+      with Prefetch(make, range(5), depth) as batches:
+        list(batches)
+
+
+def test_summary_divides_build_time_by_batches_built():
+  with Prefetch(lambda i: time.sleep(0.02) or i, range(6), depth=3) as batches:
+    assert next(batches) == 0
+    deadline = time.time() + 30
+    while batches.built < 4 and time.time() < deadline:  # 1 taken, 3 queued
+      time.sleep(0.01)
+  assert batches.count == 1 and batches.built >= 4
+  built_ms = float(batches.summary().split(": ")[1].split(" ms built")[0])
+  assert built_ms == pytest.approx(1000 * batches.built_s / batches.built, abs=0.1)
+  assert built_ms >= 19  # each build sleeps 20 ms
 
 
 def test_without_thread_builds_only_on_demand():
