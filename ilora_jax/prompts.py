@@ -74,8 +74,45 @@ class Batch:
     return dataclasses.asdict(self)
 
 
+TEXT_ANCHORS = ("\n", "\n\n", ".", "|")
+
+
+def anchored_encoder(
+  encode: Callable[[str], Sequence[int]], anchors: Sequence[str]
+) -> Callable[[str], list[int]]:
+  """`encode` for a piece of a prompt that follows other text (`anchors` TEXT_ANCHORS) or a
+  special token (`anchors` a special token such as "[PH]"), not one that starts a text.
+
+  Tokenizers differ in what they do at the start of a separately encoded string, and a
+  prompt is assembled from pieces encoded once each. SentencePiece-style tokenizers (Llama's)
+  mark the start of a text as a word start: " Title" alone gives ['▁', '▁Title'] where after
+  a word it is ['▁Title']; after a special token the legacy ones mark a word start again and
+  the others do not. The piece is encoded behind the anchor, whose own tokens (checked to be
+  a prefix of the joint encoding, else the next anchor is tried) are dropped, so it gets the
+  tokens it has in the whole prompt text tokenized at once. Byte-level BPE tokenizers
+  (SmolLM2's) give the same tokens with or without the anchor.
+  """
+  prefixes = [(a, list(encode(a))) for a in anchors]
+
+  def encode_after(text: str) -> list[int]:
+    for anchor, prefix in prefixes:
+      joint = list(encode(anchor + text))
+      if joint[: len(prefix)] == prefix:
+        return joint[len(prefix) :]
+    raise ValueError(f"cannot encode {text!r} as a piece of a prompt with this tokenizer")
+
+  return encode_after
+
+
 class PromptBuilder:
   """Turns (history, candidates, target) rows into token arrays.
+
+  A row's tokens are those of its whole prompt text (the template with each slot replaced by
+  `<title> [HistoryEmb]` items joined with ", ", then the target ` <title>\n`) tokenized at
+  once, assembled from pieces encoded once each: the template's start as the start of a
+  text, the others behind what precedes them in the prompt (`anchored_encoder`): titles, the
+  space before a marker and the answer after text; separators and the template's middle and
+  end after a special token.
 
   Args:
     encode: text -> token ids, with no special tokens added.
@@ -103,7 +140,8 @@ class PromptBuilder:
       with lock:
         return encode(text)
 
-    self._encode = locked
+    self._after_text = anchored_encoder(locked, TEXT_ANCHORS)
+    self._after_special = anchored_encoder(locked, (PLACEHOLDER,))
     self.special_ids = special_ids
     self.pad_id = pad_id
     self.titles = titles
@@ -115,23 +153,27 @@ class PromptBuilder:
       middle, tail = rest.split("[CansHere]")
       # Titles bring their own leading space (as BPE sees a word inside a sentence).
       pieces = (head.rstrip(), middle.rstrip(), tail)
-      self.templates.append(tuple(list(encode(p)) for p in pieces))
+      self.templates.append(
+        (list(locked(pieces[0])), self._after_special(pieces[1]), self._after_special(pieces[2]))
+      )
     self._title_cache: dict[int, list[int]] = {}
     self._target_cache: dict[int, tuple[int, ...]] = {}
-    self._sep = list(encode(","))
+    self._sep = self._after_special(",")
+
+  def encode_in_text(self, text: str) -> list[int]:
+    """Tokens of `text` where it follows other text in a prompt (a newline, an answer)."""
+    return self._after_text(text)
 
   def _title(self, item: int) -> list[int]:
     """Tokens of ` <title> ` (the space before the placeholder included)."""
     if item not in self._title_cache:
-      self._title_cache[item] = list(self._encode(f" {self.titles[item]}")) + list(
-        self._encode(" ")
-      )
+      self._title_cache[item] = self._after_text(f" {self.titles[item]}") + self._after_text(" ")
     return self._title_cache[item]
 
   def target_tokens(self, item: int) -> list[int]:
     """Tokens of the answer ` <title>\n`, encoded once per item."""
     if item not in self._target_cache:
-      self._target_cache[item] = tuple(self._encode(f" {self.titles[item]}\n"))
+      self._target_cache[item] = tuple(self._after_text(f" {self.titles[item]}\n"))
     return list(self._target_cache[item])
 
   def _items(self, items: Sequence[int], marker: str, hybrid: bool) -> tuple[list, list]:

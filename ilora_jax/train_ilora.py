@@ -210,7 +210,6 @@ def build(config, workdir: str, dataset: Dataset, mesh):
     llama_cfg, params, tokenizer, adapter=factory, unroll_decode=config.llm.unroll_decode
   )
   sas_cfg, sas_params = load_sasrec(config, workdir, dataset, mesh)
-  newline = tuple(tokenizer.encode("\n", add_special_tokens=False))
   builder = prompts.PromptBuilder(
     lambda text: tokenizer.encode(text, add_special_tokens=False),
     special,
@@ -221,6 +220,7 @@ def build(config, workdir: str, dataset: Dataset, mesh):
     bos_id=tokenizer.bos_token_id,
   )
   longest = max(len(builder.target_tokens(i)) for i in dataset.titles)
+  newline = tuple(builder.encode_in_text("\n"))  # what ends a generated answer
   parts = make_parts(
     config, model, sas_cfg, builder, dataset.n_items, longest, newline if len(newline) == 1 else ()
   )

