@@ -429,10 +429,11 @@ def train_batch(
   accum: int,
   length: int | None = None,
 ) -> dict[str, np.ndarray]:
-  """Host-side batch of one optimizer step: [accum, micro, ...] arrays."""
-  rng = np.random.default_rng([seed, 7, step])
-  template = int(rng.integers(len(parts.builder.templates)))
-  hybrid = bool(rng.random() < step / max(total_steps, 1))  # Curriculum from the global step.
+  """Host-side batch of one optimizer step: [accum, micro, ...] arrays.
+
+  Each micro-batch (a batch of the original, which accumulates gradients over its batches)
+  draws its own template and hybrid or text-only form (hybrid with probability step /
+  total_steps, the curriculum), from the seed, the optimizer step and its index in the step."""
   sub = Split(split.name, split.seq[idx], split.len_seq[idx], split.next[idx])
   cands, _ = sample_candidates(
     sub,
@@ -442,9 +443,23 @@ def train_batch(
     eligible=parts.eligible,
     row_ids=idx,
   )
-  encoded = parts.builder.batch(rows_for(split, idx, cands, True), template, hybrid, length)
-  arrays = dict(encoded.as_dict(), seq=split.seq[idx], len_seq=split.len_seq[idx])
-  return {k: v.reshape(accum, -1, *v.shape[1:]) for k, v in arrays.items()}
+  rows = rows_for(split, idx, cands, True)
+  micro = len(rows) // accum
+  encoded = []
+  for a in range(accum):
+    draw = np.random.default_rng([seed, 7, step, a])
+    template = int(draw.integers(len(parts.builder.templates)))
+    hybrid = bool(draw.random() < step / max(total_steps, 1))
+    encoded.append(parts.builder.batch(rows[a * micro : (a + 1) * micro], template, hybrid, length))
+  # Each micro-batch rounded its own length up (unless `length`): all padded to the longest.
+  longest = max(e.input_ids.shape[-1] for e in encoded)
+  pad = lambda e: pad_time(  # noqa: E731
+    {k: v[None] for k, v in e.as_dict().items()}, longest, parts.builder.pad_id, parts.n_items
+  )
+  padded = [pad(e) for e in encoded]
+  tokens = {k: np.concatenate([m[k] for m in padded]) for k in padded[0]}
+  shaped = lambda v: v.reshape(accum, -1, *v.shape[1:])  # noqa: E731
+  return dict(tokens, seq=shaped(split.seq[idx]), len_seq=shaped(split.len_seq[idx]))
 
 
 def pad_time(batch: dict[str, np.ndarray], length: int, pad_id: int, n_items: int) -> dict:

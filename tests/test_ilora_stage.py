@@ -135,6 +135,39 @@ def test_target_slots_and_unrolled_layers_keep_the_loss(setup_tiny):
   )
 
 
+def test_each_micro_batch_draws_its_template_and_form(setup_tiny):
+  """The original draws a template per batch and accumulates gradients over batches: here each
+  micro-batch of a step has its own template and hybrid or text-only form, text-only at step
+  0 (the curriculum's probability step / total_steps), both forms and several templates
+  within later steps, all rows of a micro-batch alike."""
+  from ilora_jax import prompts, train_ilora
+
+  config, su, _ = setup_tiny
+  builder = su.parts.builder
+  heads = [t[0] for t in builder.templates]
+  marks = {builder.special_ids[prompts.HISTORY], builder.special_ids[prompts.PLACEHOLDER]}
+  accum, total = 8, 4
+  drawn = {}
+  for step in range(total):
+    host = train_ilora.train_batch(
+      su.parts, config, su.dataset.train, np.arange(16), 0, step, total, su.seed, accum
+    )
+    chex.assert_shape(host["input_ids"], (accum, 2, None))
+    for a in range(accum):
+      forms, templates = set(), set()
+      for ids in host["input_ids"][a].tolist():
+        body = ids[len(builder.bos) :]
+        templates |= {t for t, h in enumerate(heads) if body[: len(h)] == h}
+        forms.add(builder.special_ids[prompts.HISTORY] in ids)
+        assert marks & set(ids)
+      assert len(forms) == 1 and len(templates) == 1, (step, a, forms, templates)
+      drawn[step, a] = (templates.pop(), forms.pop())
+  assert not any(drawn[0, a][1] for a in range(accum))  # step 0: text-only
+  later = [[drawn[s, a] for a in range(accum)] for s in range(1, total)]
+  assert any(len({t for t, _ in step}) > 1 for step in later)
+  assert any(len({h for _, h in step}) == 2 for step in later)
+
+
 def test_step_changes_only_trainable_state_and_compiles_once(setup_tiny):
   from ilora_jax import train_ilora
 
