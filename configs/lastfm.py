@@ -2,6 +2,9 @@
 
 python -m ilora_jax.main --config=configs/lastfm.py --workdir=runs/lastfm \
     --config.stage=sasrec --config.data.dir=../shared/data/lastfm
+
+The hyperparameters are the paper's for Llama-2-7B; the LLM defaults to the embedded
+SmolLM2-135M. For the paper's setting add --config.llm.name=<Llama-2-7B Hugging Face folder>.
 """
 
 import os

@@ -4,6 +4,9 @@ python -m ilora_jax.main --config=configs/steam.py --workdir=runs/steam \
     --config.stage=sasrec --config.data.dir=../shared/data/steam
 (the folder here only has a 1,000-row training sample: add
 --config.data.train_file=train_data_sample1000.df)
+
+The hyperparameters are the paper's for Llama-2-7B; the LLM defaults to the embedded
+SmolLM2-135M. For the paper's setting add --config.llm.name=<Llama-2-7B Hugging Face folder>.
 """
 
 import os
