@@ -71,7 +71,12 @@ def test_evaluate_stage_for_ilora(pipeline, tmp_path):
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
   last = metrics_records(workdir)[-1]
-  assert last["run"] == "evaluate" and last["stage"] == "ilora" and "valid_ratio" in last
+  assert last["run"] == "evaluate" and last["stage"] == "ilora" and last["split"] == "val"
+  # The restored adapters score val as the end of training did (its final val record).
+  trained = [r for r in ilora_records(workdir) if r.get("final") and r["split"] == "val"][0]
+  for key in ("valid_ratio", "hit_ratio@1", "hr@1", "hr@5", "ndcg@5", "mrr"):
+    assert last[key] == pytest.approx(trained[key], abs=1e-6), key
+  assert last["loss"] == pytest.approx(trained["loss"], rel=1e-4)
 
 
 def test_ilora_without_sasrec_is_a_clear_error(tmp_path):
@@ -121,6 +126,26 @@ def test_target_slots_and_unrolled_layers_keep_the_loss(setup_tiny):
 
   capped = dataclasses.replace(su.parts, max_target_tokens=config.ilora.max_target_tokens)
   np.testing.assert_allclose(loss(su.parts), loss(capped), rtol=1e-6)
+
+  # Against the model's full logits and the formula (numpy, float64): the mean over target
+  # tokens t of -log softmax(logits[t - 1])[ids[t]].
+  gate, _ = train_ilora.gate_weights(
+    su.parts, trainable, stats, su.frozen, batch["seq"], batch["len_seq"], False, su.gate_kind
+  )
+  mask, embeds = train_ilora.replacement(su.parts, trainable, su.frozen, batch["item_ids"])
+  params = train_ilora._merge(su.frozen["llm"], trainable["lora"])
+  logits = su.parts.model.module.apply(
+    {"params": params}, batch["input_ids"], batch["attention"], gate_weights=gate,
+    deterministic=True, replace_mask=mask, replace_embeds=embeds,
+  )  # fmt: skip
+  logits = np.asarray(logits, np.float64)[:, :-1]
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  ids, targets = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"])
+  rows, cols = np.nonzero(targets[:, 1:])
+  assert len(rows) > len(set(rows.tolist()))  # several target tokens per row
+  want = -logp[rows, cols, ids[rows, cols + 1]].mean()
+  np.testing.assert_allclose(float(loss(su.parts)), want, rtol=2e-5)
 
   unrolled_config = configuration.override(config, ["llm.unroll_train=True"])
   unrolled = train_ilora.make_parts(
@@ -178,18 +203,25 @@ def test_step_changes_only_trainable_state_and_compiles_once(setup_tiny):
   step, _ = train_ilora.jit_train_step(su, counted)  # The run's jit: shardings, donation.
   frozen_before = jax.tree.map(np.asarray, su.frozen)
   state = su.state
-  lora_before = jax.tree.map(np.asarray, state["trainable"]["lora"])
+  trainable_before = jax.tree.map(np.asarray, state["trainable"])
+  assert {"lora", "router", "projector"} <= set(trainable_before)
   for s in range(2):
     idx = np.arange(s * 8, s * 8 + 8)
+    # Drawn as at the curriculum's end (total_steps 1): hybrid prompts, so the projector has
+    # a gradient; B starts at 0, so A and the router have one from the second step on.
     host = train_ilora.train_batch(
-      su.parts, config, su.dataset.train, idx, 0, s, su.total_steps, su.seed, su.accum, length=512
+      su.parts, config, su.dataset.train, idx, 0, s + 1, 1, su.seed, su.accum, length=512
     )
     state, metrics = step(state, su.frozen, host)
   chex.assert_trees_all_equal(jax.tree.map(np.asarray, su.frozen), frozen_before)
-  changed = jax.tree.map(
-    lambda a, b: not np.array_equal(a, np.asarray(b)), lora_before, state["trainable"]["lora"]
+  changed = jax.tree_util.tree_map_with_path(
+    lambda path, a, b: (jax.tree_util.keystr(path), not np.array_equal(a, np.asarray(b))),
+    trainable_before,
+    state["trainable"],
   )
-  assert any(jax.tree.leaves(changed))
+  pairs = jax.tree.leaves(changed, is_leaf=lambda x: isinstance(x, tuple))
+  unchanged = [name for name, moved in pairs if not moved]
+  assert not unchanged, unchanged  # every adapter, router and projector leaf trained
   assert int(state["step"]) == 2
 
 

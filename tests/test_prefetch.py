@@ -3,7 +3,6 @@ concurrently with the consumer, errors raised where they happened, a clean stop.
 
 import itertools
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -72,16 +71,27 @@ def test_stop_iteration_in_make_is_an_error():
         list(batches)
 
 
-def test_summary_divides_build_time_by_batches_built():
-  with Prefetch(lambda i: time.sleep(0.02) or i, range(6), depth=3) as batches:
+def test_summary_divides_build_time_by_batches_built(monkeypatch):
+  # A fake clock: every build takes 20 ms of it, nothing else advances it.
+  import ilora_jax.prefetch as prefetch_lib
+
+  clock = {"now": 0.0}
+  monkeypatch.setattr(prefetch_lib.time, "perf_counter", lambda: clock["now"])
+
+  def make(i):
+    clock["now"] += 0.020
+    return i
+
+  with Prefetch(make, range(6), depth=0) as batches:
+    assert [next(batches) for _ in range(3)] == [0, 1, 2]
+  assert batches.built == batches.count == 3
+  assert batches.summary().endswith("20.0 ms built, 20.0 ms waited for, per step")
+  with Prefetch(make, range(6), depth=3) as batches:  # batches built ahead, then dropped
     assert next(batches) == 0
-    deadline = time.time() + 30
-    while batches.built < 4 and time.time() < deadline:  # 1 taken, 3 queued
-      time.sleep(0.01)
+    while batches.built < 4:
+      threading.Event().wait(0.01)
   assert batches.count == 1 and batches.built >= 4
-  built_ms = float(batches.summary().split(": ")[1].split(" ms built")[0])
-  assert built_ms == pytest.approx(1000 * batches.built_s / batches.built, abs=0.1)
-  assert built_ms >= 19  # each build sleeps 20 ms
+  assert "20.0 ms built" in batches.summary()
 
 
 def test_without_thread_builds_only_on_demand():
@@ -97,17 +107,23 @@ def test_without_thread_builds_only_on_demand():
 
 
 def test_bounded_lead():
-  built = []
+  # depth 2: two batches queued plus one built and waiting to be queued, never a fifth.
+  fourth_built, fifth_started = threading.Event(), threading.Event()
 
   def record(i):
-    built.append(i)
-    return i
+    if i == 4:
+      fifth_started.set()
+    result = i
+    if i == 3:
+      fourth_built.set()
+    return result
 
   with Prefetch(record, itertools.count(), depth=2) as batches:
     assert next(batches) == 0
-    time.sleep(0.5)  # Give the thread time to run ahead as far as it may.
-    # Two batches queued plus one waiting to be queued.
-    assert len(built) <= 1 + 2 + 1
+    assert fourth_built.wait(timeout=30)  # the thread ran as far ahead as it may
+    assert not fifth_started.wait(timeout=0.3)
+    assert next(batches) == 1
+    assert fifth_started.wait(timeout=30)  # taking one lets it build one more
 
 
 def test_error_raised_in_the_consumer_at_its_index():
