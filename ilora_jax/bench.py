@@ -397,7 +397,7 @@ def check_attention(config, mesh, parts, frozen, state) -> dict:
   losses = {}
   fused = "cudnn" if jax.default_backend() == "gpu" else "splash"
   for impl in ("xla", fused):
-    kernel_mesh = mesh if impl == "splash" and mesh.size > 1 else None
+    kernel_mesh = train_ilora.splash_mesh(impl, mesh)
     cfg = parts.model.config.replace(attention=impl, kernel_mesh=kernel_mesh)
     model = llm.LLM(cfg, parts.model.params, parts.model.tokenizer, parts.model.module.adapter)
     p = dataclasses.replace(parts, model=model)

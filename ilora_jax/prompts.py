@@ -159,6 +159,7 @@ class PromptBuilder:
     self._title_cache: dict[int, list[int]] = {}
     self._target_cache: dict[int, tuple[int, ...]] = {}
     self._sep = self._after_special(",")
+    self._space = self._after_text(" ")  # before each placeholder
 
   def encode_in_text(self, text: str) -> list[int]:
     """Tokens of `text` where it follows other text in a prompt (a newline, an answer)."""
@@ -167,7 +168,7 @@ class PromptBuilder:
   def _title(self, item: int) -> list[int]:
     """Tokens of ` <title> ` (the space before the placeholder included)."""
     if item not in self._title_cache:
-      self._title_cache[item] = self._after_text(f" {self.titles[item]}") + self._after_text(" ")
+      self._title_cache[item] = self._after_text(f" {self.titles[item]}") + self._space
     return self._title_cache[item]
 
   def target_tokens(self, item: int) -> list[int]:

@@ -173,6 +173,11 @@ def attention_impl(config) -> str:
   return impl
 
 
+def splash_mesh(impl: str, mesh):
+  """The mesh splash attention is mapped over (several devices), else None."""
+  return mesh if impl == "splash" and mesh is not None and mesh.size > 1 else None
+
+
 def model_options(config, mesh=None) -> dict:
   """`llm.load` options of the model's numerics and kernels (the run and the benchmark);
   splash attention is mapped over `mesh`."""
@@ -181,7 +186,7 @@ def model_options(config, mesh=None) -> dict:
     dtype=DTYPES[config.llm.dtype],
     param_dtype=DTYPES[config.llm.param_dtype],
     attention=impl,
-    kernel_mesh=mesh if impl == "splash" and mesh is not None and mesh.size > 1 else None,
+    kernel_mesh=splash_mesh(impl, mesh),
     remat_policy=config.llm.remat,
     attention_chunks=config.llm.attention_chunks,
   )
@@ -453,10 +458,12 @@ def train_batch(
     encoded.append(parts.builder.batch(rows[a * micro : (a + 1) * micro], template, hybrid, length))
   # Each micro-batch rounded its own length up (unless `length`): all padded to the longest.
   longest = max(e.input_ids.shape[-1] for e in encoded)
-  pad = lambda e: pad_time(  # noqa: E731
-    {k: v[None] for k, v in e.as_dict().items()}, longest, parts.builder.pad_id, parts.n_items
-  )
-  padded = [pad(e) for e in encoded]
+  padded = [
+    pad_time(
+      {k: v[None] for k, v in e.as_dict().items()}, longest, parts.builder.pad_id, parts.n_items
+    )
+    for e in encoded
+  ]
   tokens = {k: np.concatenate([m[k] for m in padded]) for k in padded[0]}
   shaped = lambda v: v.reshape(accum, -1, *v.shape[1:])  # noqa: E731
   return dict(tokens, seq=shaped(split.seq[idx]), len_seq=shaped(split.len_seq[idx]))

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from ilora_jax import lora
+from ilora_jax import llama, lora
 from ilora_jax.errors import UserError
 
 D_IN, D_OUT, T = 12, 10, 5
@@ -377,24 +377,20 @@ def test_is_lora_param_and_count_params():
   assert lora.count_params({"adapter": boxed["params"]}, lora.is_lora_param) == 8 * (D_IN + D_OUT)
 
 
-def _tiny_llama():
-  from ilora_jax import llama
-
-  config = llama.LlamaConfig(
-    vocab_size=48,
-    hidden_size=16,
-    intermediate_size=24,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=4,
-    max_position_embeddings=32,
-  )
-  return llama, config
+TINY_LLAMA = llama.LlamaConfig(
+  vocab_size=48,
+  hidden_size=16,
+  intermediate_size=24,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=4,
+  max_position_embeddings=32,
+)
 
 
 def test_through_the_llama_seam():
-  llama, config = _tiny_llama()
+  config = TINY_LLAMA
   factory = lora.adapter_factory(lora.LoRAConfig(dropout=0.0))
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 48, (2, 7)), jnp.int32)
   gate = jnp.asarray([[0.7, 0.1, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]], jnp.float32)

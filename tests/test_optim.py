@@ -53,6 +53,10 @@ def test_groups_get_their_learning_rates_and_decay():
   np.testing.assert_allclose(updates["lora"]["w"], 0.0)
 
 
+def _global_norm(grads: dict) -> float:
+  return math.sqrt(sum(float(np.sum(g**2)) for g in grads.values()))
+
+
 def test_two_clipped_adam_steps_match_numpy():
   """optim.make's updates against Adam in numpy on gradients clipped by their global norm (over
   all groups at once): a first gradient of norm 30, then one of norm 0.1. Adam's first step is
@@ -62,8 +66,7 @@ def test_two_clipped_adam_steps_match_numpy():
   grads = []
   for norm in (30.0, 0.1):
     g = {k: rng.standard_normal(3) for k in params}
-    total = math.sqrt(sum(float(np.sum(v**2)) for v in g.values()))
-    grads.append({k: v * norm / total for k, v in g.items()})
+    grads.append({k: v * norm / _global_norm(g) for k, v in g.items()})
   tx = optim.make(_labels, lr=1e-2, total_steps=100, weight_decay=0.0, clip_norm=1.0)
   state = tx.init(params)
   got = []
@@ -75,8 +78,7 @@ def test_two_clipped_adam_steps_match_numpy():
   v = {k: np.zeros(3) for k in params}
   b1, b2, eps = 0.9, 0.999, 1e-8
   for t, g in enumerate(grads):
-    total = math.sqrt(sum(float(np.sum(x**2)) for x in g.values()))
-    scale = min(1.0, 1.0 / total)
+    scale = min(1.0, 1.0 / _global_norm(g))
     for k in params:
       c = g[k] * scale
       m[k] = b1 * m[k] + (1 - b1) * c

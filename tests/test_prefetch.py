@@ -111,12 +111,11 @@ def test_bounded_lead():
   fourth_built, fifth_started = threading.Event(), threading.Event()
 
   def record(i):
-    if i == 4:
-      fifth_started.set()
-    result = i
     if i == 3:
       fourth_built.set()
-    return result
+    if i == 4:
+      fifth_started.set()
+    return i
 
   with Prefetch(record, itertools.count(), depth=2) as batches:
     assert next(batches) == 0

@@ -83,7 +83,7 @@ def test_titles_and_answers_are_encoded_once_per_item():
     builder.batch([([0, 1], [2, 3, 4], 3)], template=0, hybrid=True)
   assert builder.target_tokens(3) == _encode(" Brazil\n")
   encoded = calls[setup:]
-  # Pieces after the template's start are encoded behind an anchor (prompts.in_text_encoder).
+  # Pieces after the template's start are encoded behind an anchor (prompts.anchored_encoder).
   assert encoded.count("\n Brazil\n") == 1 and encoded.count("\n Heat") == 1
 
 
