@@ -112,6 +112,9 @@ def get_config() -> config_dict.ConfigDict:
   # Unrolled layers in the train step (same params and results): no per-layer weight slices
   # or stacked residuals, at the cost of a longer compile.
   c.llm.unroll_train = False
+  # The tokenizer's BOS token first in every prompt: auto (when the tokenizer adds it to a
+  # text itself: Llama-2's does, the SmolLM2 GGUF's does not) | always | never.
+  c.llm.bos = "auto"
 
   c.bench = config_dict.ConfigDict()  # python -m ilora_jax.bench (random batches, no data).
   c.bench.batch_size = 8  # Prompts per micro-batch.
@@ -129,7 +132,7 @@ def get_config() -> config_dict.ConfigDict:
   c.bench.decode_both = False  # Also time the other decode loop (scanned vs unrolled layers).
   c.bench.check_attention = False  # Also report the loss difference xla vs the fused kernel
   # (cudnn on a GPU, splash elsewhere: on a CPU it runs interpreted).
-  c.bench.eval_candidates = 20  # Random candidates per prompt for the scoring timing.
+  c.bench.eval_candidates = 20  # Random candidates per prompt for the scoring timing (0: none).
   c.bench.eval_candidate_len = 12  # Tokens per random candidate title.
   # eval_data: instead of random batches, time both evaluation modes on `bench.eval_split` of
   # config.data (real prompts, candidates and titles; the SASRec of --workdir or

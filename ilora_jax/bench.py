@@ -315,8 +315,10 @@ def bench_generate(config, parts, frozen, state) -> dict:
   from ilora_jax import scoring
 
   n, cl = bc.eval_candidates, bc.eval_candidate_len
+  if n <= 0:
+    return result
   rng = np.random.default_rng(3)
-  vocab = parts.model.config.vocab_size
+  vocab = parts.model.config.vocab_size - 128  # Ordinary tokens only.
   ctoks = jnp.asarray(rng.integers(0, vocab, (b, n, cl)), jnp.int32)
   cmask = jnp.ones((b, n, cl), jnp.int32)
   chunk = scoring.chunk_for(n, config.ilora.score_chunk)

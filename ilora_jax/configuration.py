@@ -38,12 +38,14 @@ def validate(config: ConfigDict) -> None:
     f"={config.eval.split!r} is not train, val or test",
   )
   from ilora_jax import llama, lora  # The model's own lists of choices (imports jax).
+  from ilora_jax import tokenizer as tok_lib
 
   for field, allowed in (
     ("dtype", ("float32", "bfloat16", "float16")),
     ("param_dtype", ("float32", "bfloat16", "float16")),
     ("attention", ("auto", *llama.ATTENTION_IMPLS)),
     ("remat", llama.REMAT_POLICIES),
+    ("bos", tuple(tok_lib.BOS_RULES)),
   ):
     value = config.llm[field]
     need(value in allowed, f"llm.{field}", f"={value!r} is not one of {', '.join(allowed)}")

@@ -93,6 +93,10 @@ class LlamaConfig:
   # Query chunks of the einsum path's causal attention without a cache (`causal_chunks`);
   # 1 is one pass over every key.
   attention_chunks: int = 4
+  # Ids the head scores: rows at and after it (added by `tokenizer.resize_vocab` to round the
+  # vocabulary up for sharding; no token maps to them) get a logit of -1e30, out of every
+  # softmax and argmax. None: every row is a token.
+  logit_vocab: int | None = None
 
   def __post_init__(self):
     if self.rope_scaling is not None:
@@ -109,6 +113,8 @@ class LlamaConfig:
       raise ValueError(f"attention {self.attention!r} not in {ATTENTION_IMPLS}")
     if self.attention_chunks < 1:
       raise ValueError(f"attention_chunks must be >= 1, got {self.attention_chunks}")
+    if self.logit_vocab is not None and not 0 < self.logit_vocab <= self.vocab_size:
+      raise ValueError(f"logit_vocab {self.logit_vocab} not in [1, {self.vocab_size}]")
     if not self.init_std > 0:
       raise ValueError(f"init_std must be > 0, got {self.init_std}")
 
@@ -702,14 +708,9 @@ class Llama(nn.Module):
     x = self.final_norm(x)  # [b, t, d] (or [b, 1, d])
     if return_hidden:
       out = x
-    elif cfg.tie_word_embeddings:
-      out = jnp.einsum(
-        "btd,vd->btv", x, self.embedding.astype(cfg.dtype), preferred_element_type=jnp.float32
-      )  # [b, t, v]
     else:
-      out = jnp.einsum(
-        "btd,dv->btv", x, self.lm_head.astype(cfg.dtype), preferred_element_type=jnp.float32
-      )  # [b, t, v]
+      head = self.embedding.T if cfg.tie_word_embeddings else self.lm_head
+      out = head_logits(cfg, x, head)  # [b, t, v]
     if cache is None:
       return out
     new_cache = KVCache(
@@ -720,6 +721,17 @@ class Llama(nn.Module):
       positions=cache.positions + count[:, -1],
     )
     return out, new_cache
+
+
+def head_logits(config: LlamaConfig, x: Array, head: Array) -> Array:
+  """Float32 logits [..., v] of normed hidden states x [..., d] through head [d, v]; ids at
+  and after `config.logit_vocab` get -1e30."""
+  logits = jnp.einsum(
+    "...d,dv->...v", x, head.astype(config.dtype), preferred_element_type=jnp.float32
+  )
+  if config.logit_vocab is None or config.logit_vocab >= config.vocab_size:
+    return logits
+  return jnp.where(jnp.arange(config.vocab_size) < config.logit_vocab, logits, _MASKED)
 
 
 def _init_inputs(num_gates: int | None) -> dict:

@@ -25,6 +25,8 @@ from ilora_jax.llama import LlamaConfig
 
 ILORA_TOKENS = ("[PH]", "[HistoryEmb]", "[CansEmb]", "[ItemEmb]")
 PAD_TOKEN = "[PAD]"
+# `config.llm.bos`: when prompts start with the tokenizer's BOS token.
+BOS_RULES = ("auto", "always", "never")
 
 # GGUF token types (llama.cpp): 1 normal, 2 unknown, 3 control, 4 user defined, 5 unused, 6 byte.
 _CONTROL, _USER_DEFINED = 3, 4
@@ -200,6 +202,25 @@ def add_ilora_tokens(tokenizer) -> dict[str, int]:
   return {t: tokenizer.convert_tokens_to_ids(t) for t in (PAD_TOKEN, *ILORA_TOKENS)}
 
 
+def prompt_bos(tokenizer, rule: str = "auto") -> int | None:
+  """The id that starts every prompt under `rule` (one of `BOS_RULES`), or None for none.
+
+  `auto` follows the tokenizer: its BOS when it puts one before a text it encodes (Hugging
+  Face's Llama-2 tokenizer does; the SmolLM2 GGUF's `add_bos_token` is false, so its
+  prompts start with the text).
+  """
+  if rule not in BOS_RULES:
+    raise UserError(f"config.llm.bos={rule!r} is not one of {', '.join(BOS_RULES)}")
+  bos = tokenizer.bos_token_id
+  if rule == "never" or (rule == "auto" and bos is None):
+    return None
+  if bos is None:
+    raise UserError("config.llm.bos=always, but the tokenizer has no BOS token")
+  if rule == "always":
+    return bos
+  return bos if tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
 def _grow(table: jax.Array, extra: int, axis: int, key: jax.Array, noise: float) -> jax.Array:
   """Appends `extra` slices along `axis`: the mean slice plus noise * std * N(0, 1)."""
   table32 = table.astype(jnp.float32)
@@ -234,7 +255,8 @@ def resize_vocab(
     multiple_of: round the new size up to a multiple of this (e.g. for sharding).
 
   Returns:
-    (params, config) with `vocab_size` updated.
+    (params, config) with `vocab_size` updated; rows added by the rounding alone (no token
+    maps to them) are left out of the logits (`logit_vocab`).
   """
   target = -(-int(new_vocab_size) // multiple_of) * multiple_of
   extra = target - config.vocab_size
@@ -246,7 +268,9 @@ def resize_vocab(
   params["embedding"] = _grow(params["embedding"], extra, 0, k_embed, noise)
   if not config.tie_word_embeddings:
     params["lm_head"] = _grow(params["lm_head"], extra, 1, k_head, noise)
-  return params, config.replace(vocab_size=target)
+  used = config.logit_vocab if config.logit_vocab is not None else config.vocab_size
+  used = max(used, int(new_vocab_size))
+  return params, config.replace(vocab_size=target, logit_vocab=None if used == target else used)
 
 
 def encode_batch(tokenizer, texts: list[str], multiple_of: int = 16) -> tuple[np.ndarray, ...]:

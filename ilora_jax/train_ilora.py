@@ -222,7 +222,7 @@ def build(config, workdir: str, dataset: Dataset, mesh):
     titles=dataset.titles,
     n_items=dataset.n_items,
     dataset=dataset.name,
-    bos_id=tokenizer.bos_token_id,
+    bos_id=prompt_bos(config, tokenizer),
   )
   longest = max(len(builder.target_tokens(i)) for i in dataset.titles)
   newline = tuple(builder.encode_in_text("\n"))  # what ends a generated answer
@@ -231,6 +231,18 @@ def build(config, workdir: str, dataset: Dataset, mesh):
   )
   frozen = {"llm": model.params, "sasrec": sas_params}
   return parts, frozen
+
+
+def prompt_bos(config, tokenizer) -> int | None:
+  """The id every prompt starts with (`config.llm.bos`), or None.
+
+  A run saved before that setting existed (its config.json, which `recommend` reads, lacks
+  it) was trained with the tokenizer's BOS whenever it had one, and keeps it.
+  """
+  rule = config.llm.get("bos")
+  if rule is None:
+    return tokenizer.bos_token_id
+  return tok_lib.prompt_bos(tokenizer, rule)
 
 
 def make_parts(config, model, sas_cfg, builder, n_items: int, longest: int, newline=()) -> Parts:
@@ -347,9 +359,7 @@ def target_nll(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, ke
   labels = jnp.take_along_axis(batch["input_ids"][:, 1:], order, axis=1)  # [b, k]
   cfg = parts.model.config
   head = params["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]  # [d, v]
-  logits = jnp.einsum(
-    "bkd,dv->bkv", h, head.astype(h.dtype), preferred_element_type=jnp.float32
-  )  # [b, k, v]
+  logits = llama.head_logits(cfg, h, head)  # [b, k, v]
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]  # [b, k]
   return nll, valid, new_stats, gate

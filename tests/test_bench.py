@@ -35,6 +35,17 @@ def test_bench_train_generate_and_score_keys():
   )
 
 
+def test_bench_generation_alone():
+  """`bench.train=False` and `bench.eval_candidates=0`: generation keys only (gpu.sh times
+  generation at a large batch this way, where 20 candidates' caches would not fit)."""
+  proc = run_cli(TINY, *SMALL, "--config.bench.train=False", "--config.bench.eval_candidates=0",
+                 module="ilora_jax.bench")  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["eval_gen_prompts_per_s"] > 0
+  assert not [k for k in result if k.startswith("eval_score") or k == "step_s"], result
+
+
 def test_bench_trains_with_splash_attention_and_checks_it_against_einsum():
   """The iLoRA train step of the benchmark with `llm.attention=splash` (interpreted on a CPU)
   and the loss of one padded batch under both kernels."""

