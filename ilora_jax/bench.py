@@ -103,10 +103,15 @@ def build(config, mesh):
   return parts, frozen, state, tx
 
 
+def ordinary_vocab(parts) -> int:
+  """Ids below this are the base model's own tokens (not the iLoRA tokens or rounding rows)."""
+  return parts.model.config.vocab_size - 128
+
+
 def random_batch(parts, accum: int, batch: int, seq_len: int, target_tokens: int, seed: int = 0):
   """An unpadded batch shaped like the stage's: [accum, batch, ...] numpy arrays."""
   rng = np.random.default_rng(seed)
-  vocab = parts.model.config.vocab_size - 128  # Ordinary tokens only.
+  vocab = ordinary_vocab(parts)
   shape = (accum, batch, seq_len)
   input_ids = rng.integers(0, vocab, shape, dtype=np.int32)
   loss_mask = np.zeros(shape, np.int32)
@@ -318,8 +323,7 @@ def bench_generate(config, parts, frozen, state) -> dict:
   if n <= 0:
     return result
   rng = np.random.default_rng(3)
-  vocab = parts.model.config.vocab_size - 128  # Ordinary tokens only.
-  ctoks = jnp.asarray(rng.integers(0, vocab, (b, n, cl)), jnp.int32)
+  ctoks = jnp.asarray(rng.integers(0, ordinary_vocab(parts), (b, n, cl)), jnp.int32)
   cmask = jnp.ones((b, n, cl), jnp.int32)
   chunk = scoring.chunk_for(n, config.ilora.score_chunk)
   args, kwargs = runner.inputs()  # (params, ids, attention); gates, item embeddings

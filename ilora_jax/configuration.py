@@ -45,7 +45,7 @@ def validate(config: ConfigDict) -> None:
     ("param_dtype", ("float32", "bfloat16", "float16")),
     ("attention", ("auto", *llama.ATTENTION_IMPLS)),
     ("remat", llama.REMAT_POLICIES),
-    ("bos", tuple(tok_lib.BOS_RULES)),
+    ("bos", tok_lib.BOS_RULES),
   ):
     value = config.llm[field]
     need(value in allowed, f"llm.{field}", f"={value!r} is not one of {', '.join(allowed)}")

@@ -709,8 +709,7 @@ class Llama(nn.Module):
     if return_hidden:
       out = x
     else:
-      head = self.embedding.T if cfg.tie_word_embeddings else self.lm_head
-      out = head_logits(cfg, x, head)  # [b, t, v]
+      out = head_logits(cfg, x, self.embedding, getattr(self, "lm_head", None))  # [b, t, v]
     if cache is None:
       return out
     new_cache = KVCache(
@@ -723,9 +722,10 @@ class Llama(nn.Module):
     return out, new_cache
 
 
-def head_logits(config: LlamaConfig, x: Array, head: Array) -> Array:
-  """Float32 logits [..., v] of normed hidden states x [..., d] through head [d, v]; ids at
-  and after `config.logit_vocab` get -1e30."""
+def head_logits(config: LlamaConfig, x: Array, embedding: Array, lm_head: Array | None) -> Array:
+  """Float32 logits [..., v] of normed hidden states x [..., d] through the LM head (lm_head
+  [d, v], or the embedding [v, d] when tied); ids at and after `config.logit_vocab` get -1e30."""
+  head = embedding.T if config.tie_word_embeddings else lm_head
   logits = jnp.einsum(
     "...d,dv->...v", x, head.astype(config.dtype), preferred_element_type=jnp.float32
   )

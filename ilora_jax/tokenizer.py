@@ -212,13 +212,11 @@ def prompt_bos(tokenizer, rule: str = "auto") -> int | None:
   if rule not in BOS_RULES:
     raise UserError(f"config.llm.bos={rule!r} is not one of {', '.join(BOS_RULES)}")
   bos = tokenizer.bos_token_id
-  if rule == "never" or (rule == "auto" and bos is None):
-    return None
-  if bos is None:
+  if rule == "always" and bos is None:
     raise UserError("config.llm.bos=always, but the tokenizer has no BOS token")
-  if rule == "always":
-    return bos
-  return bos if tokenizer("a")["input_ids"][:1] == [bos] else None
+  if rule == "never" or bos is None:
+    return None
+  return bos if rule == "always" or tokenizer("a")["input_ids"][:1] == [bos] else None
 
 
 def _grow(table: jax.Array, extra: int, axis: int, key: jax.Array, noise: float) -> jax.Array:

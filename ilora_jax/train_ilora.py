@@ -358,8 +358,7 @@ def target_nll(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, ke
   h = jnp.take_along_axis(hidden[:, :-1], order[..., None], axis=1)  # [b, k, d]
   labels = jnp.take_along_axis(batch["input_ids"][:, 1:], order, axis=1)  # [b, k]
   cfg = parts.model.config
-  head = params["embedding"].T if cfg.tie_word_embeddings else params["lm_head"]  # [d, v]
-  logits = llama.head_logits(cfg, h, head)  # [b, k, v]
+  logits = llama.head_logits(cfg, h, params["embedding"], params.get("lm_head"))  # [b, k, v]
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]  # [b, k]
   return nll, valid, new_stats, gate
