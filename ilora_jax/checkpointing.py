@@ -192,8 +192,16 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def check_same_settings(saved: dict, current: dict, directory: str) -> None:
-  """Raises a UserError naming every setting that differs between a checkpoint and the config."""
+def check_same_settings(
+  saved: dict, current: dict, directory: str, added: tuple[str, ...] = ()
+) -> None:
+  """Raises a UserError naming every setting that differs between a checkpoint and the config.
+
+  `added`: settings recorded only by newer code; they are compared when the checkpoint has
+  them (what an older checkpoint was made with is not known, and refusing it would strand
+  its run).
+  """
+  saved = {**{k: current.get(k) for k in added if k in current}, **saved}
   diffs = [
     f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
     for k in sorted(set(saved) | set(current))

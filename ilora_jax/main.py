@@ -34,12 +34,6 @@ def parse(argv: list[str]) -> tuple[ConfigDict, str]:
   return config, _WORKDIR.value
 
 
-def jax_process_index() -> int:
-  import jax
-
-  return jax.process_index()
-
-
 @cli_main
 def main(argv: list[str] | None = None) -> None:
   config, workdir = parse(list(sys.argv if argv is None else argv))
@@ -55,8 +49,6 @@ def main(argv: list[str] | None = None) -> None:
     os.makedirs(workdir, exist_ok=True)
   except OSError as exc:
     raise UserError(f"cannot create workdir {workdir}: {exc}") from None
-  if config.stage != "evaluate" and jax_process_index() == 0:
-    configuration.save(config, workdir)  # For `python -m ilora_jax.recommend --workdir=...`.
   if config.stage in ("sasrec", "pipeline"):
     from ilora_jax import train_sasrec
 

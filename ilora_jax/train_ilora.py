@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from ilora_jax import (
   checkpointing,
+  configuration,
   console,
   interrupts,
   llama,
@@ -817,6 +818,34 @@ class Setup:
   gate_kind: str
 
 
+def sasrec_fingerprint(sas_params) -> str:
+  """A short summary of the frozen SASRec's weights (shapes and sum of magnitudes).
+
+  Four significant digits: another SASRec (another checkpoint, another seed) differs, while
+  the float32 sums of one SASRec's weights on different backends or layouts agree.
+  """
+  leaves = jax.tree.leaves(sas_params)
+  total = sum(float(jnp.sum(jnp.abs(x.astype(jnp.float32)))) for x in leaves)
+  return f"{sum(int(x.size) for x in leaves)} weights, |w| sum {total:.4g}"
+
+
+def numerics_settings(config, su: Setup) -> dict:
+  """Settings beyond the model's shape that a resumed run must share with its checkpoint:
+  the prompt's first token, the compute and weight dtypes, the loss's target slots, the
+  optimizer's clip and decay, and which SASRec is frozen."""
+  builder = su.parts.builder
+  return checkpointing.jsonable(
+    {
+      "bos": builder.bos,
+      "dtype": [config.llm.dtype, config.llm.param_dtype],
+      "target_slots": su.parts.max_target_tokens,
+      "clip_norm": config.ilora.train.clip_norm,
+      "weight_decay": stage_train(config, STAGE).weight_decay,
+      "sasrec": sasrec_fingerprint(su.frozen["sasrec"]),
+    }
+  )
+
+
 def setup(config, workdir: str) -> Setup:
   dataset = load_from_config(config, workdir)
   tc = stage_train(config, STAGE)
@@ -912,6 +941,7 @@ def run(config, workdir: str) -> dict[str, float]:
   )
 
   log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+  numerics = numerics_settings(config, su)
   settings = checkpointing.jsonable(
     {
       "llm": config.llm.name
@@ -924,6 +954,7 @@ def run(config, workdir: str) -> dict[str, float]:
       "seed": su.seed,
       "lr": su.lr,
       "train_rows": len(train),
+      **numerics,
     }
   )
   ckpt = checkpointing.StageCheckpoints(
@@ -933,12 +964,14 @@ def run(config, workdir: str) -> dict[str, float]:
   latest = ckpt.latest_step()
   if latest is not None:
     checkpointing.check_same_settings(
-      ckpt.restore_meta(latest)["settings"], settings, ckpt.directory
+      ckpt.restore_meta(latest)["settings"], settings, ckpt.directory, tuple(numerics)
     )
     state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
     step = int(meta["step"])
     log.truncate(STAGE, meta["metrics_records"])
     console.info(f"iLoRA: resumed from step {step} of {total_steps}")
+  if jax.process_index() == 0:  # After the check: a refused resume leaves the run's settings.
+    configuration.save(config, workdir)  # For `python -m ilora_jax.recommend --workdir=...`.
   val_eval = Evaluator(parts, config, dataset.val, gate_kind, su.mesh)
 
   def record(split: str, metrics: dict, **extra) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from ilora_jax import checkpointing, console, interrupts, report, sharding
+from ilora_jax import checkpointing, configuration, console, interrupts, report, sharding
 from ilora_jax.configuration import stage_train
 from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates
 from ilora_jax.errors import UserError
@@ -201,6 +201,8 @@ def run(config, workdir: str) -> dict[str, float] | None:
     step, loss_sum, loss_count = int(meta["step"]), float(meta["loss_sum"]), int(meta["loss_count"])
     log.truncate(STAGE, meta["metrics_records"])
     console.info(f"SASRec: resumed from step {step} of {total_steps}")
+  if jax.process_index() == 0:  # After the check: a refused resume leaves the run's settings.
+    configuration.save(config, workdir)  # For `python -m ilora_jax.recommend --workdir=...`.
 
   def save(at: int) -> None:
     drain()

@@ -1,5 +1,6 @@
 """End-to-end runs of `python -m ilora_jax.main` on tiny configs, resume, and error cases."""
 
+import json
 import os
 import pickle
 
@@ -223,6 +224,8 @@ def test_resuming_with_another_model_shape_says_what_differs(uninterrupted, tmp_
   proc = run_cli(TINY, f"--workdir={workdir}", "--config.sasrec.hidden=32")
   line = assert_one_line_error(proc, "other settings", "model")
   assert "'hidden': 16" in line and "'hidden': 32" in line
+  with open(os.path.join(workdir, "config.json")) as f:  # the run's, not the refused one's
+    assert json.load(f)["sasrec"]["hidden"] == 16
 
 
 def test_launch_dry_run_prints_the_commands():

@@ -8,7 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, copy_of, ilora_records, metrics_records, run_cli, with_sasrec_of
+from conftest import (
+  ROOT,
+  TINY,
+  assert_one_line_error,
+  copy_of,
+  ilora_records,
+  metrics_records,
+  run_cli,
+  with_sasrec_of,
+)
 
 # The `pipeline` fixture (conftest.py) is the tiny config's pipeline run, shared by every test
 # file and pytest-xdist worker: tests that write into a workdir take a copy of it first.
@@ -57,10 +66,33 @@ def test_ilora_resume_matches_uninterrupted(pipeline, tmp_path):
   )  # fmt: skip
   assert first.returncode == 0, first.stderr
   assert "stopped at step 3 of 6" in first.stderr
+  # A resume whose prompts would start otherwise is refused, and leaves the run's config.json
+  # (which `recommend` reads) as the run made it.
+  refused = run_cli(TINY, f"--workdir={workdir}", "--config.stage=ilora", "--config.llm.bos=always")
+  line = assert_one_line_error(refused, "other settings", "bos: checkpoint []")
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["llm"]["bos"] == "auto", line
   second = run_cli(TINY, f"--workdir={workdir}", "--config.stage=ilora")
   assert second.returncode == 0, second.stderr
   assert "resumed from step 3" in second.stderr
   assert ilora_records(workdir) == ilora_records(full_dir)
+
+
+def test_settings_added_later_are_compared_only_when_the_checkpoint_has_them():
+  from ilora_jax import checkpointing
+  from ilora_jax.errors import UserError
+
+  current = {"lr": 0.1, "bos": [1], "dtype": ["float32", "float32"]}
+  older = {"lr": 0.1}  # A checkpoint saved before `bos` and `dtype` were recorded.
+  checkpointing.check_same_settings(older, current, "d", added=("bos", "dtype"))
+  with pytest.raises(UserError, match=r"bos: checkpoint None vs config \[1\]"):
+    checkpointing.check_same_settings(older, current, "d")  # Not declared as added.
+  with pytest.raises(UserError, match=r"dtype: checkpoint \['bfloat16'"):
+    checkpointing.check_same_settings(
+      {**current, "dtype": ["bfloat16", "float32"]}, current, "d", added=("bos", "dtype")
+    )
+  with pytest.raises(UserError, match=r"lr: checkpoint 0.2 vs config 0.1"):
+    checkpointing.check_same_settings({"lr": 0.2}, current, "d", added=("bos", "dtype"))
 
 
 def test_evaluate_stage_for_ilora(pipeline, tmp_path):
