@@ -75,6 +75,9 @@ def get_config() -> config_dict.ConfigDict:
   c.ilora.max_new_tokens = 64  # Greedy decoding budget (the paper's).
   c.ilora.max_bad_steps = 20  # Consecutive non-finite losses before the run stops.
   c.ilora.prefetch = 2  # Train batches built ahead in a host thread (0 = in the loop).
+  # Steps of each epoch whose rows are regrouped by prompt length (less padding; 1 = the
+  # plain random order).
+  c.ilora.bucket_window = 16
 
   c.lora = config_dict.ConfigDict()
   c.lora.rank = 8  # Total LoRA rank r, split over the experts.

@@ -192,16 +192,22 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
+UNKNOWN = object()  # `check_same_settings`: what older checkpoints were made with.
+
+
 def check_same_settings(
-  saved: dict, current: dict, directory: str, added: tuple[str, ...] = ()
+  saved: dict, current: dict, directory: str, added: dict[str, Any] | None = None
 ) -> None:
   """Raises a UserError naming every setting that differs between a checkpoint and the config.
 
-  `added`: settings recorded only by newer code; they are compared when the checkpoint has
-  them (what an older checkpoint was made with is not known, and refusing it would strand
-  its run).
+  `added`: settings recorded only by newer code, each with the value every older checkpoint
+  (which lacks it) was made with, or `UNKNOWN`: such a setting is then compared only when
+  the checkpoint has it (refusing every older checkpoint would strand its run).
   """
-  saved = {**{k: current.get(k) for k in added if k in current}, **saved}
+  saved = dict(saved)
+  for key, old in (added or {}).items():
+    if key not in saved:
+      saved[key] = current.get(key) if old is UNKNOWN else jsonable(old)
   diffs = [
     f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
     for k in sorted(set(saved) | set(current))

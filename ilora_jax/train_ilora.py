@@ -479,6 +479,51 @@ def train_batch(
   return dict(tokens, seq=shaped(split.seq[idx]), len_seq=shaped(split.len_seq[idx]))
 
 
+def prompt_sizes(parts: Parts, config, split: Split, epoch: int, seed: int) -> np.ndarray:
+  """Each row's prompt length in tokens, up to a constant: the tokens of its history's and
+  candidates' titles (the candidates `train_batch` draws for it in `epoch`), plus one per
+  history item (the hybrid form's item token). What `bucketed_order` sorts by."""
+  cands, _ = sample_candidates(
+    split,
+    parts.n_items,
+    config.data.num_candidates,
+    seed=seed * 1000 + epoch,
+    eligible=parts.eligible,
+  )
+  titles = np.zeros(parts.n_items + 1, np.int64)  # The padding id last, of length 0.
+  for item in parts.builder.titles:
+    if 0 <= item < parts.n_items:
+      titles[item] = len(parts.builder.target_tokens(item))
+  history = np.where(
+    np.arange(split.seq.shape[1]) < split.len_seq[:, None], split.seq, parts.n_items
+  )
+  return titles[history].sum(1) + split.len_seq + titles[cands].sum(1)
+
+
+def bucketed_order(
+  order: np.ndarray, sizes: np.ndarray, rows_per_step: int, window: int, rng: np.random.Generator
+) -> np.ndarray:
+  """`order` regrouped so that each optimizer step holds rows of similar prompt length.
+
+  Every `window` consecutive steps' rows (of the epoch's random `order`) are sorted by
+  `sizes`, cut into steps, and those steps shuffled, as are the rows inside each step. The
+  steps are padded to their longest prompt, so less of them is padding; each row is still
+  seen once per epoch, in a step drawn from its window. `window` 1 keeps `order`. The rows
+  after the epoch's last whole step (never trained in this epoch) stay where they are.
+  """
+  if window <= 1:
+    return order
+  out = order.copy()
+  n_steps = len(order) // rows_per_step
+  for first in range(0, n_steps, window):
+    count = min(window, n_steps - first)
+    span = slice(first * rows_per_step, (first + count) * rows_per_step)
+    rows = order[span][np.argsort(sizes[order[span]], kind="stable")]
+    steps = rows.reshape(count, rows_per_step)[rng.permutation(count)]
+    out[span] = rng.permuted(steps, axis=1).reshape(-1)
+  return out
+
+
 def pad_time(batch: dict[str, np.ndarray], length: int, pad_id: int, n_items: int) -> dict:
   """Right-pads the token arrays ([accum, rows, time]) of a train batch to `length`."""
   fill = {"input_ids": pad_id, "attention": 0, "loss_mask": 0, "item_ids": n_items}
@@ -832,7 +877,7 @@ def sasrec_fingerprint(sas_params) -> str:
 def numerics_settings(config, su: Setup) -> dict:
   """Settings beyond the model's shape that a resumed run must share with its checkpoint:
   the prompt's first token, the compute and weight dtypes, the loss's target slots, the
-  optimizer's clip and decay, and which SASRec is frozen."""
+  optimizer's clip and decay, which SASRec is frozen, and the step order's bucketing."""
   builder = su.parts.builder
   return checkpointing.jsonable(
     {
@@ -842,8 +887,19 @@ def numerics_settings(config, su: Setup) -> dict:
       "clip_norm": config.ilora.train.clip_norm,
       "weight_decay": stage_train(config, STAGE).weight_decay,
       "sasrec": sasrec_fingerprint(su.frozen["sasrec"]),
+      "bucket_window": config.ilora.bucket_window,
     }
   )
+
+
+# What checkpoints saved before `numerics_settings` were made with, where known: plain random
+# step order (bucketing came later), else compared only with checkpoints that record it.
+OLDER_NUMERICS = {
+  **dict.fromkeys(
+    ("bos", "dtype", "target_slots", "clip_norm", "weight_decay", "sasrec"), checkpointing.UNKNOWN
+  ),
+  "bucket_window": 1,
+}
 
 
 def setup(config, workdir: str) -> Setup:
@@ -964,7 +1020,7 @@ def run(config, workdir: str) -> dict[str, float]:
   latest = ckpt.latest_step()
   if latest is not None:
     checkpointing.check_same_settings(
-      ckpt.restore_meta(latest)["settings"], settings, ckpt.directory, tuple(numerics)
+      ckpt.restore_meta(latest)["settings"], settings, ckpt.directory, OLDER_NUMERICS
     )
     state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
     step = int(meta["step"])
@@ -994,8 +1050,9 @@ def run(config, workdir: str) -> dict[str, float]:
   )
   last_val: dict[str, float] = {}
   bad_streak = 0
-  first_step = step
-  steps_s = 0.0  # Wall time of the steps after the first (compiles), evaluation left out.
+  # Wall time of the steps, evaluation left out, and of those that compiled the step for a
+  # new prompt length apart (bucketing gives a few lengths).
+  steps_s, timed, lengths_seen, compile_steps = 0.0, 0, set(), 0
   orders: dict[int, np.ndarray] = {}  # The epoch's row order (used by one thread only).
 
   def host_batch(at: int) -> dict[str, np.ndarray]:
@@ -1003,7 +1060,12 @@ def run(config, workdir: str) -> dict[str, float]:
     epoch, pos = divmod(at, steps_per_epoch)
     if epoch not in orders:
       orders.clear()
-      orders[epoch] = np.random.default_rng([su.seed, epoch]).permutation(len(train))
+      order = np.random.default_rng([su.seed, epoch]).permutation(len(train))
+      if config.ilora.bucket_window > 1:
+        sizes = prompt_sizes(parts, config, train, epoch, su.seed)
+        rng = np.random.default_rng([su.seed, epoch, 1])
+        order = bucketed_order(order, sizes, micro * accum, config.ilora.bucket_window, rng)
+      orders[epoch] = order
     idx = orders[epoch][pos * micro * accum : (pos + 1) * micro * accum]
     mine = host_rows(idx, accum, micro)
     return train_batch(parts, config, train, mine, epoch, at, total_steps, su.seed, accum)
@@ -1023,8 +1085,12 @@ def run(config, workdir: str) -> dict[str, float]:
       step += 1
       bar.update(1)
       metrics = jax.device_get(metrics)
-      if step > first_step + 1:
-        steps_s += time.perf_counter() - started
+      length = host["input_ids"].shape[-1]
+      if length in lengths_seen:
+        steps_s, timed = steps_s + time.perf_counter() - started, timed + 1
+      else:
+        lengths_seen.add(length)
+        compile_steps += 1
       loss = float(metrics["loss"])
       bad_streak = bad_streak + 1 if not np.isfinite(loss) else 0
       if bad_streak >= config.ilora.max_bad_steps:
@@ -1056,10 +1122,10 @@ def run(config, workdir: str) -> dict[str, float]:
       started = time.perf_counter()
   bar.close()
   ckpt.close()
-  if step - first_step > 1:
+  if timed:
     console.info(
-      f"iLoRA: {1000 * steps_s / (step - first_step - 1):.0f} ms per step after the first; "
-      + batches.summary()
+      f"iLoRA: {1000 * steps_s / timed:.0f} ms per step ({compile_steps} steps that compiled "
+      f"a new prompt length left out); " + batches.summary()
     )
   if step < total_steps:
     console.info(f"iLoRA: stopped at step {step} of {total_steps}; re-run to resume")

@@ -80,6 +80,30 @@ def test_ab_step_times_variants_in_alternation():
   assert second["median_s"] == statistics.median(second["step_s"]) > 0
 
 
+def test_padding_counts_the_slots_of_both_step_orders(pipeline, tmp_path):
+  sasrec = f"--config.sasrec.init_from={pipeline[0]}"  # The tiny pipeline's SASRec.
+  lengths = ",".join(f"{t}={t / 100}" for t in range(32, 1025, 32))  # Time proportional to T.
+  proc = run_cli(
+    TINY, sasrec, f"--workdir={tmp_path}", "--steps=4", "--config.ilora.bucket_window=4",
+    f"--step_s={lengths}", script="bench/padding.py",
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  rows = result["rows_per_step"]
+  assert rows == 8 and result["steps"] == 4 and result["window"] == 4
+  for order in ("plain", "bucketed"):
+    counts = {int(t): n for t, n in result[order]["padded_lengths"].items()}
+    assert sum(counts.values()) == 4
+    assert result[order]["slots"] == rows * sum(t * n for t, n in counts.items())
+    assert result[order]["summed_s"] == pytest.approx(sum(t / 100 * n for t, n in counts.items()))
+    assert 0.5 < result[order]["filled"] <= 1
+  assert result["time_ratio"] == pytest.approx(result["slot_ratio"])
+  bad = run_cli(
+    TINY, sasrec, f"--workdir={tmp_path}", "--steps=2", "--step_s=64=1", script="bench/padding.py"
+  )
+  assert_one_line_error(bad, "--step_s lacks the padded lengths")
+
+
 def test_ab_step_variants_parse_as_command_line_overrides():
   from ilora_jax import bench, configuration
   from ilora_jax.errors import UserError
@@ -110,6 +134,7 @@ def test_ab_step_variants_parse_as_command_line_overrides():
     (["llm.remat=fast"], "llm.remat='fast' is not one of"),
     (["llm.attention_chunks=0"], "llm.attention_chunks must be at least 1"),
     (["ilora.prefetch=-1"], "ilora.prefetch must be >= 0"),
+    (["ilora.bucket_window=0"], "ilora.bucket_window must be >= 1"),
   ):
     with pytest.raises(UserError, match=fragment):
       configuration.override(base, items)

@@ -1,0 +1,115 @@
+"""How much of an epoch's train steps is padding, in the step order as is and bucketed.
+
+  python bench/padding.py --config=configs/lastfm.py --config.llm.name=tiny \
+      --config.data.dir=../shared/data/lastfm \
+      --config.sasrec.init_from=../shared/checkpoints/sasrec/lastfm.pt [--steps=N] \
+      [--step_s="224=6.73,256=7.80,288=9.22"]
+
+Builds the host batches of the first N optimizer steps of epoch 0 (0 = the whole epoch) twice,
+with `ilora.bucket_window=1` (the plain random order) and with the config's window, exactly
+as training builds them (templates, forms, candidates, padding), and counts the token slots:
+the fraction that holds prompt tokens, the prompt lengths the steps are padded to (each one
+a compilation of the train step), and the slot ratio. Only the tokenizer matters, so the
+`tiny` LLM preset (SmolLM2's tokenizer) stands for SmolLM2-135M. With `--step_s`, seconds
+per step measured at each padded length (`bench/ab_step.py` with `bench.seq_len` variants),
+it also gives the epoch's step time both ways and their ratio. The last line is one JSON
+object.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+from tqdm import tqdm
+
+from ilora_jax import errors, train_ilora
+from ilora_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/lastfm.py")
+_STEPS = flags.DEFINE_integer("steps", 0, "steps of epoch 0 to build (0 = all)")
+_STEP_S = flags.DEFINE_string("step_s", "", "seconds per step by padded length: 'T=s,T=s'")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/ilora_jax_padding", "workdir (data builds)")
+
+
+def _lengths(su, config, order: np.ndarray, steps: int) -> tuple[list[int], int, int]:
+  """Padded length of each step, prompt tokens and token slots of `steps` steps of `order`."""
+  per_step = su.micro * su.accum
+  padded, real, slots = [], 0, 0
+  for step in tqdm(range(steps), desc="steps", leave=False):
+    idx = order[step * per_step : (step + 1) * per_step]
+    batch = train_ilora.train_batch(
+      su.parts, config, su.dataset.train, idx, 0, step, su.total_steps, su.seed, su.accum
+    )
+    padded.append(int(batch["attention"].shape[-1]))
+    real += int(batch["attention"].sum())
+    slots += int(batch["attention"].size)
+  return padded, real, slots
+
+
+def _parse_step_s(text: str) -> dict[int, float]:
+  try:
+    return {int(k): float(v) for k, v in (p.split("=") for p in text.split(",") if p)}
+  except ValueError:
+    raise UserError(f"--step_s={text!r}: expected 'length=seconds,...'") from None
+
+
+def main(argv) -> None:
+  del argv
+  config = _CONFIG.value
+  try:
+    step_s = _parse_step_s(_STEP_S.value)
+    su = train_ilora.setup(config, _WORKDIR.value)
+    steps = _STEPS.value or su.steps_per_epoch
+    if not 0 < steps <= su.steps_per_epoch:
+      raise UserError(f"--steps={steps}: epoch 0 has {su.steps_per_epoch} steps")
+    order = np.random.default_rng([su.seed, 0]).permutation(len(su.dataset.train))
+    window = int(config.ilora.bucket_window)
+    sizes = train_ilora.prompt_sizes(su.parts, config, su.dataset.train, 0, su.seed)
+    rng = np.random.default_rng([su.seed, 0, 1])
+    orders = {
+      "plain": order,
+      f"bucketed ({window})": train_ilora.bucketed_order(
+        order, sizes, su.micro * su.accum, window, rng
+      ),
+    }
+    result = {
+      "data": config.data.name,
+      "rows_per_step": su.micro * su.accum,
+      "steps": steps,
+      "window": window,
+    }
+    for name, o in orders.items():
+      padded, real, slots = _lengths(su, config, o, steps)
+      lengths = {str(t): padded.count(t) for t in sorted(set(padded))}
+      row = {"filled": real / slots, "slots": slots, "padded_lengths": lengths}
+      missing = sorted(set(padded) - set(step_s))
+      if step_s and missing:
+        raise UserError(f"--step_s lacks the padded lengths {missing}")
+      if step_s:
+        row["summed_s"] = sum(step_s[t] for t in padded)
+      result[name.split()[0]] = row
+      print(
+        f"{name:<16} filled {row['filled']:.3f}  steps per padded length {lengths}"
+        + (f"  step time summed {row['summed_s']:.0f} s" if step_s else ""),
+        file=sys.stderr,
+      )
+  except UserError as exc:
+    errors.report_and_exit(exc)
+  plain, bucketed = result["plain"], result["bucketed"]
+  result["slot_ratio"] = bucketed["slots"] / plain["slots"]
+  if step_s:
+    result["time_ratio"] = bucketed["summed_s"] / plain["summed_s"]
+  print(
+    f"bucketed / plain: slots {result['slot_ratio']:.3f}"
+    + (f", step time {result['time_ratio']:.3f}" if step_s else ""),
+    file=sys.stderr,
+  )
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)
