@@ -882,24 +882,20 @@ def numerics_settings(config, su: Setup) -> dict:
   return checkpointing.jsonable(
     {
       "bos": builder.bos,
-      "dtype": [config.llm.dtype, config.llm.param_dtype],
+      "llm.dtype, param_dtype": [config.llm.dtype, config.llm.param_dtype],
       "target_slots": su.parts.max_target_tokens,
-      "clip_norm": config.ilora.train.clip_norm,
+      "ilora.train.clip_norm": config.ilora.train.clip_norm,
       "weight_decay": stage_train(config, STAGE).weight_decay,
       "sasrec": sasrec_fingerprint(su.frozen["sasrec"]),
-      "bucket_window": config.ilora.bucket_window,
+      "ilora.bucket_window": config.ilora.bucket_window,
     }
   )
 
 
-# What checkpoints saved before `numerics_settings` were made with, where known: plain random
-# step order (bucketing came later), else compared only with checkpoints that record it.
-OLDER_NUMERICS = {
-  **dict.fromkeys(
-    ("bos", "dtype", "target_slots", "clip_norm", "weight_decay", "sasrec"), checkpointing.UNKNOWN
-  ),
-  "bucket_window": 1,
-}
+# What checkpoints saved before `numerics_settings` were made with, where known (the step
+# order's bucketing came later); its other settings are compared only with checkpoints that
+# record them.
+OLDER_NUMERICS = {"ilora.bucket_window": 1}
 
 
 def setup(config, workdir: str) -> Setup:
@@ -1020,7 +1016,10 @@ def run(config, workdir: str) -> dict[str, float]:
   latest = ckpt.latest_step()
   if latest is not None:
     checkpointing.check_same_settings(
-      ckpt.restore_meta(latest)["settings"], settings, ckpt.directory, OLDER_NUMERICS
+      ckpt.restore_meta(latest)["settings"],
+      settings,
+      ckpt.directory,
+      {**dict.fromkeys(numerics, checkpointing.UNKNOWN), **OLDER_NUMERICS},
     )
     state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
     step = int(meta["step"])
