@@ -1054,6 +1054,13 @@ def run(config, workdir: str) -> dict[str, float]:
   steps_s, timed, lengths_seen, compile_steps = 0.0, 0, set(), 0
   orders: dict[int, np.ndarray] = {}  # The epoch's row order (used by one thread only).
 
+  def speed() -> None:
+    if timed:
+      console.info(
+        f"iLoRA: {1000 * steps_s / timed:.0f} ms per step ({compile_steps} steps that compiled "
+        f"a new prompt length left out); " + batches.summary()
+      )
+
   def host_batch(at: int) -> dict[str, np.ndarray]:
     """This process's rows of optimizer step `at`: a pure function of (seed, epoch, step)."""
     epoch, pos = divmod(at, steps_per_epoch)
@@ -1117,15 +1124,14 @@ def run(config, workdir: str) -> dict[str, float]:
         record("val", last_val, epoch=epoch + 1, candidates=val_eval.fingerprint)
         console.info(f"iLoRA step {step} val " + _fmt(last_val))
       boundary = epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at
+      if stop.requested:  # `after_step` leaves the run: the speed line first.
+        bar.close()
+        speed()
       ckpt.after_step(step, save, boundary, stop, bar)
       started = time.perf_counter()
   bar.close()
   ckpt.close()
-  if timed:
-    console.info(
-      f"iLoRA: {1000 * steps_s / timed:.0f} ms per step ({compile_steps} steps that compiled "
-      f"a new prompt length left out); " + batches.summary()
-    )
+  speed()
   if step < total_steps:
     console.info(f"iLoRA: stopped at step {step} of {total_steps}; re-run to resume")
     return last_val

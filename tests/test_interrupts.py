@@ -51,6 +51,7 @@ def test_sigterm_saves_and_resume_matches(tmp_path):
   _, stderr = child.communicate(timeout=300)
   assert child.returncode == 128 + signal.SIGTERM, stderr
   assert "stopped by SIGTERM at step" in stderr and "Traceback" not in stderr
+  assert " ms per step (" in stderr  # The run's speed, also when a signal ends it.
   stopped = int(stderr.split("stopped by SIGTERM at step ")[1].split(";")[0])
   assert 3 <= stopped < 16
   again = run_cli(*ARGS, f"--workdir={interrupted}")
