@@ -66,15 +66,12 @@ def main(argv) -> None:
     steps = _STEPS.value or su.steps_per_epoch
     if not 0 < steps <= su.steps_per_epoch:
       raise UserError(f"--steps={steps}: epoch 0 has {su.steps_per_epoch} steps")
-    order = np.random.default_rng([su.seed, 0]).permutation(len(su.dataset.train))
     window = int(config.ilora.bucket_window)
-    sizes = train_ilora.prompt_sizes(su.parts, config, su.dataset.train, 0, su.seed)
-    rng = np.random.default_rng([su.seed, 0, 1])
     orders = {
-      "plain": order,
-      f"bucketed ({window})": train_ilora.bucketed_order(
-        order, sizes, su.micro * su.accum, window, rng
-      ),
+      name: train_ilora.epoch_order(
+        su.parts, config, su.dataset.train, 0, su.seed, su.micro * su.accum, w
+      )
+      for name, w in (("plain", 1), (f"bucketed ({window})", window))
     }
     result = {
       "data": config.data.name,

@@ -450,15 +450,7 @@ def train_batch(
   draws its own template and hybrid or text-only form (hybrid with probability step /
   total_steps, the curriculum), from the seed, the optimizer step and its index in the step."""
   sub = Split(split.name, split.seq[idx], split.len_seq[idx], split.next[idx])
-  cands, _ = sample_candidates(
-    sub,
-    parts.n_items,
-    config.data.num_candidates,
-    seed=seed * 1000 + epoch,
-    eligible=parts.eligible,
-    row_ids=idx,
-  )
-  rows = rows_for(split, idx, cands, True)
+  rows = rows_for(split, idx, train_candidates(parts, config, sub, epoch, seed, idx), True)
   micro = len(rows) // accum
   encoded = []
   for a in range(accum):
@@ -479,17 +471,25 @@ def train_batch(
   return dict(tokens, seq=shaped(split.seq[idx]), len_seq=shaped(split.len_seq[idx]))
 
 
-def prompt_sizes(parts: Parts, config, split: Split, epoch: int, seed: int) -> np.ndarray:
-  """Each row's prompt length in tokens, up to a constant: the tokens of its history's and
-  candidates' titles (the candidates `train_batch` draws for it in `epoch`), plus one per
-  history item (the hybrid form's item token). What `bucketed_order` sorts by."""
+def train_candidates(parts: Parts, config, split: Split, epoch: int, seed: int, row_ids=None):
+  """The candidates of training rows in `epoch` (each row's own draw: `sample_candidates`);
+  `split` holds the rows `row_ids` of the training split (default: all of it)."""
   cands, _ = sample_candidates(
     split,
     parts.n_items,
     config.data.num_candidates,
     seed=seed * 1000 + epoch,
     eligible=parts.eligible,
+    row_ids=row_ids,
   )
+  return cands
+
+
+def prompt_sizes(parts: Parts, config, split: Split, epoch: int, seed: int) -> np.ndarray:
+  """Each row's prompt length in tokens, up to a constant: the tokens of its history's and
+  candidates' titles (the candidates `train_batch` draws for it in `epoch`), plus one per
+  history item (the hybrid form's item token). What `bucketed_order` sorts by."""
+  cands = train_candidates(parts, config, split, epoch, seed)
   titles = np.zeros(parts.n_items + 1, np.int64)  # The padding id last, of length 0.
   for item in parts.builder.titles:
     if 0 <= item < parts.n_items:
@@ -522,6 +522,19 @@ def bucketed_order(
     steps = rows.reshape(count, rows_per_step)[rng.permutation(count)]
     out[span] = rng.permuted(steps, axis=1).reshape(-1)
   return out
+
+
+def epoch_order(
+  parts: Parts, config, split: Split, epoch: int, seed: int, rows_per_step: int, window: int
+) -> np.ndarray:
+  """The training rows in the order of `epoch`: a random permutation, bucketed by prompt
+  length over `window` steps (`bucketed_order`; 1 = the permutation as is)."""
+  order = np.random.default_rng([seed, epoch]).permutation(len(split))
+  if window <= 1:
+    return order
+  sizes = prompt_sizes(parts, config, split, epoch, seed)
+  rng = np.random.default_rng([seed, epoch, 1])
+  return bucketed_order(order, sizes, rows_per_step, window, rng)
 
 
 def pad_time(batch: dict[str, np.ndarray], length: int, pad_id: int, n_items: int) -> dict:
@@ -1066,12 +1079,9 @@ def run(config, workdir: str) -> dict[str, float]:
     epoch, pos = divmod(at, steps_per_epoch)
     if epoch not in orders:
       orders.clear()
-      order = np.random.default_rng([su.seed, epoch]).permutation(len(train))
-      if config.ilora.bucket_window > 1:
-        sizes = prompt_sizes(parts, config, train, epoch, su.seed)
-        rng = np.random.default_rng([su.seed, epoch, 1])
-        order = bucketed_order(order, sizes, micro * accum, config.ilora.bucket_window, rng)
-      orders[epoch] = order
+      orders[epoch] = epoch_order(
+        parts, config, train, epoch, su.seed, micro * accum, config.ilora.bucket_window
+      )
     idx = orders[epoch][pos * micro * accum : (pos + 1) * micro * accum]
     mine = host_rows(idx, accum, micro)
     return train_batch(parts, config, train, mine, epoch, at, total_steps, su.seed, accum)

@@ -471,11 +471,10 @@ def test_bucketing_cuts_the_padding_of_real_lastfm_steps(tmp_path):
   su = train_ilora.setup(config, str(tmp_path))
   parts, train, per_step = su.parts, su.dataset.train, su.micro * su.accum
   steps = 16  # One window of the default `ilora.bucket_window`.
-  order = np.random.default_rng([su.seed, 0]).permutation(len(train))
-  sizes = train_ilora.prompt_sizes(parts, config, train, 0, su.seed)
-  bucketed = train_ilora.bucketed_order(
-    order, sizes, per_step, steps, np.random.default_rng([su.seed, 0, 1])
+  order, bucketed = (
+    train_ilora.epoch_order(parts, config, train, 0, su.seed, per_step, w) for w in (1, steps)
   )
+  sizes = train_ilora.prompt_sizes(parts, config, train, 0, su.seed)
 
   def batches(o):
     for s in range(steps):
