@@ -12,8 +12,10 @@ the fraction that holds prompt tokens, the prompt lengths the steps are padded t
 a compilation of the train step), and the slot ratio. Only the tokenizer matters, so the
 `tiny` LLM preset (SmolLM2's tokenizer) stands for SmolLM2-135M. With `--step_s`, seconds
 per step measured at each padded length (`bench/ab_step.py` with `bench.seq_len` variants),
-it also gives the epoch's step time both ways and their ratio. The last line is one JSON
-object.
+it also gives the epoch's step time both ways and their ratio. With `--eval_split=val` (or
+test) it also counts the evaluation batches' prompts (`ilora.eval_batch_size` rows each) in
+the split's order and sorted by prompt length (`ilora.eval_sort`, the default). The last
+line is one JSON object.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from ilora_jax.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/lastfm.py")
 _STEPS = flags.DEFINE_integer("steps", 0, "steps of epoch 0 to build (0 = all)")
 _STEP_S = flags.DEFINE_string("step_s", "", "seconds per step by padded length: 'T=s,T=s'")
+_EVAL_SPLIT = flags.DEFINE_string("eval_split", "", "also count evaluation batches of this split")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/ilora_jax_padding", "workdir (data builds)")
 
 
@@ -48,6 +51,21 @@ def _lengths(su, config, order: np.ndarray, steps: int) -> tuple[list[int], int,
     real += int(batch["attention"].sum())
     slots += int(batch["attention"].size)
   return padded, real, slots
+
+
+def _eval_lengths(su, config, split, sort: bool) -> dict:
+  """Fill and padded lengths of the evaluation prompts of `split`, batched as `Evaluator` does."""
+  cfg = config.copy_and_resolve_references()
+  cfg.ilora.eval_sort = sort
+  ev = train_ilora.Evaluator(su.parts, cfg, split, su.gate_kind)
+  padded, real, slots = [], 0, 0
+  for idx, take in tqdm(ev.batch_rows(), desc="eval batches", leave=False):
+    attention = ev.prompts(idx).attention
+    padded.append(int(attention.shape[-1]))
+    real += int(attention[:take].sum())
+    slots += int(attention.size)
+  lengths = {str(t): padded.count(t) for t in sorted(set(padded))}
+  return {"filled": real / slots, "slots": slots, "padded_lengths": lengths}
 
 
 def _parse_step_s(text: str) -> dict[int, float]:
@@ -94,17 +112,31 @@ def main(argv) -> None:
         + (f"  step time summed {row['summed_s']:.0f} s" if step_s else ""),
         file=sys.stderr,
       )
+    plain, bucketed = result["plain"], result["bucketed"]
+    result["slot_ratio"] = bucketed["slots"] / plain["slots"]
+    if step_s:
+      result["time_ratio"] = bucketed["summed_s"] / plain["summed_s"]
+    print(
+      f"bucketed / plain: slots {result['slot_ratio']:.3f}"
+      + (f", step time {result['time_ratio']:.3f}" if step_s else ""),
+      file=sys.stderr,
+    )
+    if _EVAL_SPLIT.value:
+      split = su.dataset.split(_EVAL_SPLIT.value)
+      result["eval"] = {"split": split.name, "batch_size": int(config.ilora.eval_batch_size)}
+      for name, sort in (("in_order", False), ("sorted", True)):
+        row = _eval_lengths(su, config, split, sort)
+        result["eval"][name] = row
+        print(
+          f"eval {split.name} {name:<9} filled {row['filled']:.3f}  batches per padded length "
+          f"{row['padded_lengths']}",
+          file=sys.stderr,
+        )
+      ev = result["eval"]
+      ev["slot_ratio"] = ev["sorted"]["slots"] / ev["in_order"]["slots"]
+      print(f"eval sorted / in order: slots {ev['slot_ratio']:.3f}", file=sys.stderr)
   except UserError as exc:
     errors.report_and_exit(exc)
-  plain, bucketed = result["plain"], result["bucketed"]
-  result["slot_ratio"] = bucketed["slots"] / plain["slots"]
-  if step_s:
-    result["time_ratio"] = bucketed["summed_s"] / plain["summed_s"]
-  print(
-    f"bucketed / plain: slots {result['slot_ratio']:.3f}"
-    + (f", step time {result['time_ratio']:.3f}" if step_s else ""),
-    file=sys.stderr,
-  )
   print(json.dumps(result))
 
 

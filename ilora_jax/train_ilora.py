@@ -489,7 +489,12 @@ def prompt_sizes(parts: Parts, config, split: Split, epoch: int, seed: int) -> n
   """Each row's prompt length in tokens, up to a constant: the tokens of its history's and
   candidates' titles (the candidates `train_batch` draws for it in `epoch`), plus one per
   history item (the hybrid form's item token). What `bucketed_order` sorts by."""
-  cands = train_candidates(parts, config, split, epoch, seed)
+  return prompt_key(parts, split, train_candidates(parts, config, split, epoch, seed))
+
+
+def prompt_key(parts: Parts, split: Split, cands: np.ndarray) -> np.ndarray:
+  """Each row's prompt length in tokens up to a constant, given its candidates [rows, n]:
+  the tokens of its history's and candidates' titles plus one per history item."""
   titles = np.zeros(parts.n_items + 1, np.int64)  # The padding id last, of length 0.
   for item in parts.builder.titles:
     if 0 <= item < parts.n_items:
@@ -574,8 +579,9 @@ class Evaluator:
 
   Candidates are fixed by `config.data.candidate_seed`, so every run (iLoRA, plain LoRA, the
   baselines) ranks the same 20 titles per row; `fingerprint` names that candidate set.
-  After a call, `timings` holds its wall seconds per mode (loss, generate, score and the base
-  model's), for the benchmark, and `scores` the candidate log-likelihoods [rows, n] per model.
+  After a call, `timings` holds its wall seconds per mode (generate, score, the base model's,
+  and the loss's own pass when not scoring), for the benchmark, and `scores` the candidate
+  log-likelihoods [rows, n] per model.
 
   With a `mesh`, each batch's rows are split over its data and fsdp axes (the batch is padded
   to a multiple of those shards), so data-parallel devices evaluate different rows; the
@@ -604,6 +610,12 @@ class Evaluator:
     digest = hashlib.sha1(np.ascontiguousarray(self.cands[self.idx], np.int64).tobytes())
     digest.update(np.ascontiguousarray(self.target[self.idx], np.int64).tobytes())
     self.fingerprint = digest.hexdigest()[:16]
+    # The order the rows are evaluated in: by prompt length, so each batch pads less.
+    self.order = np.arange(rows)
+    if cfg.ilora.get("eval_sort", True):
+      sub = Split(self.split.name, self.split.seq[:rows], self.split.len_seq[:rows], None)
+      key = prompt_key(self.parts, sub, self.cands[:rows])
+      self.order = np.argsort(key, kind="stable")
     self.timings: dict[str, float] = {}
     self.scores: dict[str, np.ndarray] = {}
     self.generated_tokens = 0  # Tokens the adapted model generated in the last call.
@@ -700,6 +712,24 @@ class Evaluator:
       valid.append(v)
       hit.append(h)
 
+  def batch_rows(self) -> list[tuple[np.ndarray, int]]:
+    """The evaluation batches: each one's row ids, in `order` and padded to the batch size
+    (a multiple of the row shards) by repeating its rows, so every batch has one compiled
+    shape, with the count of its real rows."""
+    shards = self.row_shards
+    bs = -(-int(self.config.ilora.eval_batch_size) // shards) * shards
+    in_order = self.idx[self.order]
+    return [
+      (np.resize(in_order[start : start + bs], bs), len(in_order[start : start + bs]))
+      for start in range(0, len(in_order), bs)
+    ]
+
+  def prompts(self, idx: np.ndarray, hybrid: bool = True):
+    """The left-padded prompts (template 0, no answer) of the rows `idx` as evaluation reads
+    them: hybrid for the adapted model, text-only for the base model."""
+    rows = rows_for(self.split, idx, self.cands[idx], False)
+    return self.parts.builder.batch(rows, 0, hybrid, pad_left=True)
+
   def __call__(
     self, trainable, stats, frozen, progress: bool, baselines: bool = False
   ) -> dict[str, float]:
@@ -711,31 +741,28 @@ class Evaluator:
     cfg, parts = self.config, self.parts
     gen, score = bool(cfg.ilora.eval_generate), bool(cfg.ilora.eval_score)
     with_base = baselines and bool(cfg.ilora.eval_base) and (gen or score)
-    shards = self.row_shards
-    bs = -(-int(cfg.ilora.eval_batch_size) // shards) * shards  # A multiple of the shards.
     self.timings, self.generated_tokens = {}, 0
     nll_total, tokens = 0.0, 0
     out = {name: {"valid": [], "hit": [], "scores": []} for name in ("model", "base")}
     sas_scores, gates = [], []
-    for start in tqdm(
-      range(0, len(self.idx), bs), desc=f"eval {self.split.name}", leave=False, disable=not progress
+    batches = self.batch_rows()
+    for idx, take in tqdm(
+      batches, desc=f"eval {self.split.name}", leave=False, disable=not progress
     ):
-      idx = self.idx[start : start + bs]
-      take = len(idx)
-      idx = np.resize(idx, bs)  # Pad by repeating rows: one compiled shape.
       cands = self.cands[idx]
       seq, len_seq = self.split.seq[idx], self.split.len_seq[idx]
-      with_target = parts.builder.batch(rows_for(self.split, idx, cands, True), 0, True)
-      batch = self._put(dict(with_target.as_dict(), seq=seq, len_seq=len_seq))
-      total, count = self._time("loss", self._nll_sum, trainable, stats, frozen, batch, take)
-      nll_total, tokens = nll_total + float(total), tokens + int(count)
+      if not score:  # With scoring, the loss comes from the target's score (below).
+        with_target = parts.builder.batch(rows_for(self.split, idx, cands, True), 0, True)
+        batch = self._put(dict(with_target.as_dict(), seq=seq, len_seq=len_seq))
+        total, count = self._time("loss", self._nll_sum, trainable, stats, frozen, batch, take)
+        nll_total, tokens = nll_total + float(total), tokens + int(count)
       if baselines:
-        sas = self._sasrec_scores(frozen, batch["seq"], batch["len_seq"], self._put(cands))
+        users = self._put({"seq": seq, "len_seq": len_seq, "cands": cands})
+        sas = self._sasrec_scores(frozen, users["seq"], users["len_seq"], users["cands"])
         sas_scores.append(sharding.to_host(sas)[:take])
       if not (gen or score):
         continue
-      rows = rows_for(self.split, idx, cands, False)
-      prompt = parts.builder.batch(rows, 0, True, pad_left=True)
+      prompt = self.prompts(idx)
       pbatch = self._put(dict(prompt.as_dict(), seq=seq, len_seq=len_seq))
       params, gate, mask, embeds = self._time(
         "prepare", self._prepare, trainable, stats, frozen, pbatch
@@ -743,13 +770,17 @@ class Evaluator:
       gates.append(sharding.to_host(gate)[:take])
       runs = [("model", parts.model.module, params, gate, mask, embeds, prompt)]
       if with_base:  # The frozen LLM alone reads the text-only form of the same prompt.
-        text = parts.builder.batch(rows, 0, False, pad_left=True)
+        text = self.prompts(idx, hybrid=False)
         runs.append(("base", parts.model.base_module, frozen["llm"], None, None, None, text))
       for name, module, p, g, m, e, pr in runs:
         prefix = "" if name == "model" else "base_"
         if score:
           s = self._time(prefix + "score", self._score, module, p, g, m, e, pr, cands)
           out[name]["scores"].append(s[:take])
+          if name == "model":  # The target is a candidate: its score is minus its NLL sum.
+            real = idx[:take]
+            nll_total -= float(np.sum(s[np.arange(take), self.target[real]], dtype=np.float64))
+            tokens += sum(len(parts.builder.target_tokens(int(self.split.next[r]))) for r in real)
         if gen:
           ids, lengths = self._time(
             prefix + "generate", self._generate, p, g, m, e, pr, name == "base"
@@ -757,13 +788,18 @@ class Evaluator:
           self._match(ids, lengths, cands, idx, take, out[name]["valid"], out[name]["hit"])
           if name == "model":
             self.generated_tokens += int(np.sum(lengths[:take]))
+    # Per-row outputs back in the split's order.
+    back = np.argsort(self.order)
+    unsort = lambda rows: np.concatenate(rows)[back]  # noqa: E731
+    for o in out.values():
+      o.update({k: np.asarray(o[k])[back].tolist() for k in ("valid", "hit") if o[k]})
     target = self.target[self.idx]
     result: dict[str, float] = {}
-    self.scores = {n: np.concatenate(o["scores"]) for n, o in out.items() if o["scores"]}
+    self.scores = {n: unsort(o["scores"]) for n, o in out.items() if o["scores"]}
     # Per-row outcomes: target ranks under each scorer, generation validity and hits.
     ranks = {n: target_ranks(s, target) for n, s in self.scores.items()}
     if sas_scores:
-      ranks["sasrec"] = target_ranks(np.concatenate(sas_scores), target)
+      ranks["sasrec"] = target_ranks(unsort(sas_scores), target)
     for name, prefix in (("model", ""), ("base", "base/")):
       o = out[name]
       metrics = generation_metrics(np.array(o["valid"]), np.array(o["hit"])) if o["valid"] else {}
@@ -771,10 +807,13 @@ class Evaluator:
         metrics.update(ranking_metrics(ranks[name]))
       result.update({prefix + k: v for k, v in metrics.items()})
       if name == "model":
-        result["loss"] = nll_total / max(tokens, 1)  # Mean over every target token.
+        # Mean NLL per answer token (` title` and newline) after the hybrid prompt. With
+        # scoring, from the target's score (every token); without, from a pass of its own
+        # (the first `max_target_tokens` tokens of each answer, as training counts them).
+        result["loss"] = nll_total / max(tokens, 1)
     if "sasrec" in ranks:
       result.update({f"sasrec/{k}": v for k, v in ranking_metrics(ranks["sasrec"]).items()})
-    self.gates = np.concatenate(gates) if gates else None
+    self.gates = unsort(gates) if gates else None
     if self.split.group is not None:
       result.update(self._group_metrics(out["model"], ranks))
     return result

@@ -85,10 +85,21 @@ def test_padding_counts_the_slots_of_both_step_orders(pipeline, tmp_path):
   lengths = ",".join(f"{t}={t / 100}" for t in range(32, 1025, 32))  # Time proportional to T.
   proc = run_cli(
     TINY, sasrec, f"--workdir={tmp_path}", "--steps=4", "--config.ilora.bucket_window=4",
-    f"--step_s={lengths}", script="bench/padding.py",
+    f"--step_s={lengths}", "--eval_split=val", "--config.ilora.eval_rows=18",
+    script="bench/padding.py",
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
+  ev = result["eval"]
+  assert ev["split"] == "val" and ev["batch_size"] == 4
+  real = []
+  for order in ("in_order", "sorted"):  # 18 rows in 5 batches of 4, either order.
+    counts = {int(t): n for t, n in ev[order]["padded_lengths"].items()}
+    assert sum(counts.values()) == 5
+    assert ev[order]["slots"] == 4 * sum(t * n for t, n in counts.items())
+    real.append(ev[order]["filled"] * ev[order]["slots"])  # The same prompts either way.
+  assert real[0] == pytest.approx(real[1])
+  assert ev["slot_ratio"] == ev["sorted"]["slots"] / ev["in_order"]["slots"]
   rows = result["rows_per_step"]
   assert rows == 8 and result["steps"] == 4 and result["window"] == 4
   for order in ("plain", "bucketed"):
@@ -102,6 +113,26 @@ def test_padding_counts_the_slots_of_both_step_orders(pipeline, tmp_path):
     TINY, sasrec, f"--workdir={tmp_path}", "--steps=2", "--step_s=64=1", script="bench/padding.py"
   )
   assert_one_line_error(bad, "--step_s lacks the padded lengths")
+
+
+def test_eval_order_times_both_row_orders_with_the_same_metrics(pipeline, tmp_path):
+  sasrec = f"--config.sasrec.init_from={pipeline[0]}"  # The tiny pipeline's SASRec.
+  proc = run_cli(
+    TINY, sasrec, f"--workdir={tmp_path}", "--mode=score", "--rounds=2",
+    "--config.ilora.eval_rows=12", script="bench/eval_order.py",
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["rows"] == 12 and result["mode"] == "score" and result["split"] == "val"
+  in_order, ordered = result["seconds"]["in_order"], result["seconds"]["sorted"]
+  assert len(in_order) == len(ordered) == 2 and min(in_order + ordered) > 0
+  assert result["ratios"] == [s / o for o, s in zip(in_order, ordered)]
+  a, b = result["metrics"]["in_order"], result["metrics"]["sorted"]
+  assert a.keys() == b.keys() and "hr@1" in a and "valid_ratio" not in a
+  for key in a:
+    assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+  bad = run_cli(TINY, sasrec, f"--workdir={tmp_path}", "--rounds=0", script="bench/eval_order.py")
+  assert_one_line_error(bad, "--rounds=0")
 
 
 def test_ab_step_variants_parse_as_command_line_overrides():

@@ -385,6 +385,61 @@ def test_base_llm_baseline_equals_full_forward_of_text_prompts(setup_tiny):
   assert not np.allclose(ev.scores["model"], ev.scores["base"])
 
 
+def test_length_sorted_evaluation_keeps_every_row_result_and_the_loss(setup_tiny):
+  """`ilora.eval_sort` evaluates the rows in order of prompt length, so a batch pads to
+  prompts of similar length, and reports every per-row result in the split's order: the same
+  candidate scores, gates, SASRec ranks, generations and metrics as the split's own order.
+  The loss taken from the scores equals the loss of a pass of its own."""
+  from ilora_jax import sharding, train_ilora
+
+  config, su, _ = setup_tiny
+  trainable, stats = train_ilora.init_trainable(su.parts, su.mesh, sharding.rules(config), 3)
+  trainable = jax.tree.map(lambda x: x + 0.01, trainable)  # B starts at 0: adapters that act
+  rows, bs = 16, 4
+  builder, split = su.parts.builder, su.dataset.val
+  evs, results = {}, {}
+  for sort in (False, True):
+    c = config.copy_and_resolve_references()
+    c.ilora.eval_rows, c.ilora.eval_batch_size, c.ilora.eval_sort = rows, bs, sort
+    c.ilora.eval_base = False
+    evs[sort] = train_ilora.Evaluator(su.parts, c, split, su.gate_kind)
+    results[sort] = evs[sort](trainable, stats, su.frozen, False, baselines=True)
+  plain, ordered = evs[False], evs[True]
+  np.testing.assert_array_equal(plain.order, np.arange(rows))
+  assert sorted(ordered.order.tolist()) == list(range(rows))
+  # The prompts' real lengths (hybrid form, template 0, as evaluation encodes them) in the
+  # evaluated order: each batch's rows are no longer than the next batch's, up to the few
+  # tokens by which joined titles tokenize differently from titles alone.
+  length = np.array(
+    [
+      len(
+        builder.encode_row(
+          split.seq[r, : split.len_seq[r]].tolist(), ordered.cands[r].tolist(), None, 0, True
+        )[0]
+      )
+      for r in range(rows)
+    ]
+  )
+  by_batch = length[ordered.order].reshape(-1, bs)
+  assert np.all(by_batch.max(1)[:-1] <= by_batch.min(1)[1:] + 3), by_batch
+  padded = lambda order: sum(length[order].reshape(-1, bs).max(1))  # noqa: E731
+  assert padded(ordered.order) < padded(plain.order)
+  assert results[True].keys() == results[False].keys()
+  for key, value in results[False].items():
+    assert results[True][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+  np.testing.assert_allclose(ordered.scores["model"], plain.scores["model"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(ordered.gates, plain.gates, rtol=1e-6, atol=1e-7)
+  # With scoring, the loss is the target's score (a candidate) per answer token; a pass of
+  # its own over prompt and answer (what runs without scoring) gives the same mean.
+  c = config.copy_and_resolve_references()
+  c.ilora.eval_rows, c.ilora.eval_batch_size = rows, bs
+  c.ilora.eval_score = c.ilora.eval_generate = False
+  alone = train_ilora.Evaluator(su.parts, c, split, su.gate_kind)
+  result = alone(trainable, stats, su.frozen, False)
+  assert "hr@1" not in result and "loss" in alone.timings and "loss" not in ordered.timings
+  assert result["loss"] == pytest.approx(results[True]["loss"], rel=1e-5)
+
+
 def test_plain_lora_run_joins_the_comparison_table(pipeline, tmp_path):
   """E = 1 with a constant gate trains end to end; its report compares it with the iLoRA run."""
   ilora_dir, _ = pipeline
