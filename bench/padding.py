@@ -38,34 +38,37 @@ _EVAL_SPLIT = flags.DEFINE_string("eval_split", "", "also count evaluation batch
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/ilora_jax_padding", "workdir (data builds)")
 
 
-def _lengths(su, config, order: np.ndarray, steps: int) -> tuple[list[int], int, int]:
-  """Padded length of each step, prompt tokens and token slots of `steps` steps of `order`."""
-  per_step = su.micro * su.accum
+def _tally(masks) -> tuple[list[int], dict]:
+  """Of (attention mask, its real rows' mask) pairs, one per batch: each batch's padded
+  length, and the fill, token slots and batches per padded length of them all."""
   padded, real, slots = [], 0, 0
+  for attention, rows in masks:
+    padded.append(int(attention.shape[-1]))
+    real += int(rows.sum())
+    slots += int(attention.size)
+  lengths = {str(t): padded.count(t) for t in sorted(set(padded))}
+  return padded, {"filled": real / slots, "slots": slots, "padded_lengths": lengths}
+
+
+def _step_masks(su, config, order: np.ndarray, steps: int):
+  """The attention masks of the first `steps` train steps of `order`, as training builds them."""
+  per_step = su.micro * su.accum
   for step in tqdm(range(steps), desc="steps", leave=False):
     idx = order[step * per_step : (step + 1) * per_step]
     batch = train_ilora.train_batch(
       su.parts, config, su.dataset.train, idx, 0, step, su.total_steps, su.seed, su.accum
     )
-    padded.append(int(batch["attention"].shape[-1]))
-    real += int(batch["attention"].sum())
-    slots += int(batch["attention"].size)
-  return padded, real, slots
+    yield batch["attention"], batch["attention"]
 
 
-def _eval_lengths(su, config, split, sort: bool) -> dict:
-  """Fill and padded lengths of the evaluation prompts of `split`, batched as `Evaluator` does."""
+def _eval_masks(su, config, split, sort: bool):
+  """The attention masks of the evaluation prompts of `split`, batched as `Evaluator` does."""
   cfg = config.copy_and_resolve_references()
   cfg.ilora.eval_sort = sort
   ev = train_ilora.Evaluator(su.parts, cfg, split, su.gate_kind)
-  padded, real, slots = [], 0, 0
   for idx, take in tqdm(ev.batch_rows(), desc="eval batches", leave=False):
     attention = ev.prompts(idx).attention
-    padded.append(int(attention.shape[-1]))
-    real += int(attention[:take].sum())
-    slots += int(attention.size)
-  lengths = {str(t): padded.count(t) for t in sorted(set(padded))}
-  return {"filled": real / slots, "slots": slots, "padded_lengths": lengths}
+    yield attention, attention[:take]
 
 
 def _parse_step_s(text: str) -> dict[int, float]:
@@ -98,9 +101,8 @@ def main(argv) -> None:
       "window": window,
     }
     for name, o in orders.items():
-      padded, real, slots = _lengths(su, config, o, steps)
-      lengths = {str(t): padded.count(t) for t in sorted(set(padded))}
-      row = {"filled": real / slots, "slots": slots, "padded_lengths": lengths}
+      padded, row = _tally(_step_masks(su, config, o, steps))
+      lengths = row["padded_lengths"]
       missing = sorted(set(padded) - set(step_s))
       if step_s and missing:
         raise UserError(f"--step_s lacks the padded lengths {missing}")
@@ -125,7 +127,7 @@ def main(argv) -> None:
       split = su.dataset.split(_EVAL_SPLIT.value)
       result["eval"] = {"split": split.name, "batch_size": int(config.ilora.eval_batch_size)}
       for name, sort in (("in_order", False), ("sorted", True)):
-        row = _eval_lengths(su, config, split, sort)
+        _, row = _tally(_eval_masks(su, config, split, sort))
         result["eval"][name] = row
         print(
           f"eval {split.name} {name:<9} filled {row['filled']:.3f}  batches per padded length "

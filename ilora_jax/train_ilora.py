@@ -613,8 +613,7 @@ class Evaluator:
     # The order the rows are evaluated in: by prompt length, so each batch pads less.
     self.order = np.arange(rows)
     if cfg.ilora.get("eval_sort", True):
-      sub = Split(self.split.name, self.split.seq[:rows], self.split.len_seq[:rows], None)
-      key = prompt_key(self.parts, sub, self.cands[:rows])
+      key = prompt_key(self.parts, self.split, self.cands)[self.idx]
       self.order = np.argsort(key, kind="stable")
     self.timings: dict[str, float] = {}
     self.scores: dict[str, np.ndarray] = {}
@@ -719,10 +718,8 @@ class Evaluator:
     shards = self.row_shards
     bs = -(-int(self.config.ilora.eval_batch_size) // shards) * shards
     in_order = self.idx[self.order]
-    return [
-      (np.resize(in_order[start : start + bs], bs), len(in_order[start : start + bs]))
-      for start in range(0, len(in_order), bs)
-    ]
+    batches = [in_order[start : start + bs] for start in range(0, len(in_order), bs)]
+    return [(np.resize(rows, bs), len(rows)) for rows in batches]
 
   def prompts(self, idx: np.ndarray, hybrid: bool = True):
     """The left-padded prompts (template 0, no answer) of the rows `idx` as evaluation reads
@@ -745,9 +742,8 @@ class Evaluator:
     nll_total, tokens = 0.0, 0
     out = {name: {"valid": [], "hit": [], "scores": []} for name in ("model", "base")}
     sas_scores, gates = [], []
-    batches = self.batch_rows()
     for idx, take in tqdm(
-      batches, desc=f"eval {self.split.name}", leave=False, disable=not progress
+      self.batch_rows(), desc=f"eval {self.split.name}", leave=False, disable=not progress
     ):
       cands = self.cands[idx]
       seq, len_seq = self.split.seq[idx], self.split.len_seq[idx]

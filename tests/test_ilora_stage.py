@@ -61,33 +61,32 @@ def test_ilora_resume_matches_uninterrupted(pipeline, tmp_path):
   workdir = with_sasrec_of(full_dir, tmp_path / "w")  # The same SASRec, not retrained.
   # The first half builds its batches in the loop, the rest (and the uninterrupted run) in
   # the prefetch thread: the records must not tell them apart.
-  first = run_cli(
-    TINY, f"--workdir={workdir}", "--config.stage=ilora", "--config.train.stop_after_steps=3",
-    "--config.ilora.prefetch=0",
-  )  # fmt: skip
+  first = _ilora(workdir, "--config.train.stop_after_steps=3", "--config.ilora.prefetch=0")
   assert first.returncode == 0, first.stderr
   assert "stopped at step 3 of 6" in first.stderr
   # A resume whose prompts would start otherwise is refused, and leaves the run's config.json
   # (which `recommend` reads) as the run made it.
-  refused = run_cli(TINY, f"--workdir={workdir}", "--config.stage=ilora", "--config.llm.bos=always")
+  refused = _ilora(workdir, "--config.llm.bos=always")
   line = assert_one_line_error(refused, "other settings", "bos: checkpoint []")
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["llm"]["bos"] == "auto", line
   older = _as_if_saved_by_older_code(copy_of(workdir, tmp_path / "older"))
-  second = run_cli(TINY, f"--workdir={workdir}", "--config.stage=ilora")
+  second = _ilora(workdir)
   assert second.returncode == 0, second.stderr
   assert "resumed from step 3" in second.stderr
   assert ilora_records(workdir) == ilora_records(full_dir)
   # A checkpoint of code that recorded fewer settings: its plain step order is known, the
   # rest is not compared.
-  refused = run_cli(TINY, f"--workdir={older}", "--config.stage=ilora")
+  refused = _ilora(older)
   assert_one_line_error(refused, "ilora.bucket_window: checkpoint 1 vs config 16")
-  resumed = run_cli(
-    TINY, f"--workdir={older}", "--config.stage=ilora", "--config.ilora.bucket_window=1",
-    "--config.train.stop_after_steps=4",
-  )  # fmt: skip
+  resumed = _ilora(older, "--config.ilora.bucket_window=1", "--config.train.stop_after_steps=4")
   assert resumed.returncode == 0, resumed.stderr
   assert "resumed from step 3" in resumed.stderr
+
+
+def _ilora(workdir, *overrides: str):
+  """The tiny config's iLoRA stage in `workdir` (a run, or its resume)."""
+  return run_cli(TINY, f"--workdir={workdir}", "--config.stage=ilora", *overrides)
 
 
 def _as_if_saved_by_older_code(workdir):
