@@ -14,8 +14,10 @@ a compilation of the train step), and the slot ratio. Only the tokenizer matters
 per step measured at each padded length (`bench/ab_step.py` with `bench.seq_len` variants),
 it also gives the epoch's step time both ways and their ratio. With `--eval_split=val` (or
 test) it also counts the evaluation batches' prompts (`ilora.eval_batch_size` rows each) in
-the split's order and sorted by prompt length (`ilora.eval_sort`, the default). The last
-line is one JSON object.
+the split's order and sorted by prompt length (`ilora.eval_sort`, the default), and the
+token slots of the candidate titles scoring runs: each padded to its batch's longest (chunked)
+and packed end to end per row (`ilora.score_packed`, the default). The last line is one JSON
+object.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from absl import app, flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from ilora_jax import errors, train_ilora
+from ilora_jax import errors, scoring, train_ilora
 from ilora_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/lastfm.py")
@@ -69,6 +71,31 @@ def _eval_masks(su, config, split, sort: bool):
   for idx, take in tqdm(ev.batch_rows(), desc="eval batches", leave=False):
     attention = ev.prompts(idx).attention
     yield attention, attention[:take]
+
+
+def _candidate_tally(su, config, split) -> dict:
+  """The candidate titles the scoring evaluation runs per batch of `split` (the default row
+  order): token slots padded to the batch's longest candidate (`ilora.score_packed=False`)
+  and packed end to end per row (the default), their fill and lengths per batch."""
+  builder = su.parts.builder
+  ev = train_ilora.Evaluator(su.parts, config, split, su.gate_kind)
+  real, slots = 0, {"chunked": 0, "packed": 0}
+  lengths = {"chunked": [], "packed": []}
+  for idx, take in tqdm(ev.batch_rows(), desc="candidate batches", leave=False):
+    tokens = [[builder.target_tokens(int(c)) for c in row] for row in ev.cands[idx]]
+    _, mask = scoring.pad_candidates(tokens, builder.pad_id)
+    packed = scoring.packed_length(mask)
+    real += int(mask[:take].sum())
+    slots["chunked"] += mask.size
+    slots["packed"] += mask.shape[0] * packed
+    lengths["chunked"].append(mask.shape[-1])
+    lengths["packed"].append(packed)
+  out = {}
+  for form in ("chunked", "packed"):
+    counts = {str(t): lengths[form].count(t) for t in sorted(set(lengths[form]))}
+    out[form] = {"filled": real / slots[form], "slots": slots[form], "lengths": counts}
+  out["slot_ratio"] = slots["packed"] / slots["chunked"]
+  return out
 
 
 def _parse_step_s(text: str) -> dict[int, float]:
@@ -137,6 +164,14 @@ def main(argv) -> None:
       ev = result["eval"]
       ev["slot_ratio"] = ev["sorted"]["slots"] / ev["in_order"]["slots"]
       print(f"eval sorted / in order: slots {ev['slot_ratio']:.3f}", file=sys.stderr)
+      cands = ev["candidates"] = _candidate_tally(su, config, split)
+      print(
+        f"eval {split.name} candidates: filled {cands['chunked']['filled']:.3f} chunked "
+        f"(lengths {cands['chunked']['lengths']}), {cands['packed']['filled']:.3f} packed "
+        f"(lengths {cands['packed']['lengths']}); slots packed / chunked "
+        f"{cands['slot_ratio']:.3f}",
+        file=sys.stderr,
+      )
   except UserError as exc:
     errors.report_and_exit(exc)
   print(json.dumps(result))

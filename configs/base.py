@@ -74,7 +74,12 @@ def get_config() -> config_dict.ConfigDict:
   # Evaluate rows in order of prompt length (less padding per batch); results per row and
   # metrics are the same, reported in the split's order.
   c.ilora.eval_sort = True
-  c.ilora.score_chunk = 5  # Candidates per cached scoring pass (memory vs speed).
+  # With both modes on, generation and scoring continue from one prefill of each prompt.
+  c.ilora.eval_shared_prefill = True
+  # Scoring runs each row's candidates packed end to end in one cached pass (their real
+  # tokens only); False: `score_chunk` candidates per pass, each padded to the longest.
+  c.ilora.score_packed = True
+  c.ilora.score_chunk = 5  # Candidates per chunked pass (memory vs speed).
   c.ilora.max_new_tokens = 64  # Greedy decoding budget (the paper's).
   c.ilora.max_bad_steps = 20  # Consecutive non-finite losses before the run stops.
   c.ilora.prefetch = 2  # Train batches built ahead in a host thread (0 = in the loop).

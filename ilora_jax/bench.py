@@ -326,16 +326,20 @@ def bench_generate(config, parts, frozen, state) -> dict:
   ctoks = jnp.asarray(rng.integers(0, ordinary_vocab(parts), (b, n, cl)), jnp.int32)
   cmask = jnp.ones((b, n, cl), jnp.int32)
   chunk = scoring.chunk_for(n, config.ilora.score_chunk)
+  packed_len = scoring.packed_length(cmask) if config.ilora.score_packed else None
   args, kwargs = runner.inputs()  # (params, ids, attention); gates, item embeddings
 
   def score():
-    out = scoring.candidate_loglik(parts.model.module, *args, ctoks, cmask, **kwargs, chunk=chunk)
+    out = scoring.candidate_loglik(
+      parts.model.module, *args, ctoks, cmask, **kwargs, chunk=chunk, packed_len=packed_len
+    )
     return jax.block_until_ready(out)
 
   _, first_s, batch_s = _timed(score)
   result.update(
     {
       "eval_score_candidates": n,
+      "eval_score_packed": packed_len is not None,
       "eval_score_batch_s": batch_s,
       "eval_score_prompts_per_s": b / batch_s,
       "eval_score_compile_s": max(first_s - batch_s, 0.0),

@@ -635,6 +635,7 @@ class Llama(nn.Module):
     return_hidden: bool = False,
     head_positions: Array | None = None,
     prefill: bool = False,
+    attend: Array | None = None,
   ):
     """Runs the decoder.
 
@@ -654,6 +655,10 @@ class Llama(nn.Module):
       prefill: static; with `cache`, the cache is empty (a new `init_cache`): this step's
         keys fill its slots [0, t) and attention runs over them alone, as in a cache-free
         pass (causal chunks, or cuDNN), instead of over every slot of the cache.
+      attend: [b, t, t] bool or None, for a pass over a non-empty `cache`: which of this
+        step's tokens each token attends to (None: the causal mask), besides every real slot
+        of the cache before them. Independent continuations packed in one pass (scoring's
+        candidates) each see the cache and their own tokens.
 
     Returns:
       logits [b, t, vocab] float32 (or hidden states), and the updated cache if `cache` given.
@@ -662,6 +667,8 @@ class Llama(nn.Module):
     b, t = tokens.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32)
+    if attend is not None and (cache is None or prefill):
+      raise ValueError("attend is for a pass over a non-empty cache")
     real = attention_mask.astype(bool)  # [b, t]
     count = jnp.cumsum(real.astype(jnp.int32), axis=1)  # [b, t] real tokens so far
     if positions is None:
@@ -679,6 +686,11 @@ class Llama(nn.Module):
       slots = cache.mask.shape[1]
       causal = (start + jnp.arange(t))[:, None] >= jnp.arange(slots)[None, :]  # [t, s]
       mask = causal[None, :, :] & key_valid[:, None, :]  # [b, t, s]
+      if attend is not None:  # The cache's earlier slots, then `attend` over this step's.
+        own = jnp.zeros((b, t, slots), bool)
+        own = jax.lax.dynamic_update_slice(own, attend & real[:, None, :], (0, 0, start))
+        earlier = (jnp.arange(slots) < start)[None, None, :] & cache.mask[:, None, :]
+        mask = earlier | own
       cache_index = start
 
     x = self.embed(tokens)  # [b, t, d]

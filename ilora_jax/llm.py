@@ -221,6 +221,96 @@ def default_unroll() -> bool:
   return False
 
 
+def decoding_model(module: llama.Llama, params: Any, unroll: bool) -> tuple[llama.Llama, Any]:
+  """The module and params a decoding loop runs: as given, or with unrolled layers (`unroll`;
+  the params' stacked layers split into one subtree per layer)."""
+  cfg = module.config
+  if not (unroll and cfg.scan_layers):
+    return module, params
+  cfg = cfg.replace(scan_layers=False)
+  return llama.Llama(cfg, module.adapter), unstack_layers(params, cfg.num_layers)
+
+
+def prefill(
+  module: llama.Llama,
+  params: Any,
+  tokens: Array,
+  attention_mask: Array,
+  slots: int,
+  *,
+  gate_weights: Array | None = None,
+  replace_mask: Array | None = None,
+  replace_embeds: Array | None = None,
+  cache_dtype: Any = None,
+) -> tuple[Array, llama.KVCache]:
+  """Padded prompts [b, t] into a fresh cache of `slots` (>= t) positions per row.
+
+  Returns the logits at each row's last real position [b, vocab] and the cache, ready for
+  one-token decoding steps (`greedy_decode`) or cached continuations (`scoring`).
+  """
+  b, t = tokens.shape
+  cache = llama.init_cache(module.config, b, slots, cache_dtype)
+  last = jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(t)[None, :], 0), axis=1)
+  logits, cache = module.apply(  # Logits of each row's last real position only.
+    {"params": params},
+    tokens,
+    attention_mask,
+    gate_weights=gate_weights,
+    replace_mask=replace_mask,
+    replace_embeds=replace_embeds,
+    cache=cache,
+    head_positions=last,
+    prefill=True,
+  )
+  return logits[:, 0], cache
+
+
+def greedy_decode(
+  module: llama.Llama,
+  params: Any,
+  first_logits: Array,
+  cache: llama.KVCache,
+  *,
+  max_new_tokens: int,
+  eos_ids: tuple[int, ...],
+  pad_id: int,
+  gate_weights: Array | None = None,
+) -> tuple[Array, Array]:
+  """Greedy tokens after a `prefill`: the first from `first_logits` [b, vocab], then one per
+  loop step, each written into `cache` (which needs `max_new_tokens - 1` free slots).
+  Returns (new tokens [b, max_new_tokens], lengths [b]) as `generate_tokens` does."""
+  b = first_logits.shape[0]
+  first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)  # [b]
+  eos = jnp.asarray(eos_ids, jnp.int32)
+  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+  done = jnp.isin(first, eos)
+  lengths = jnp.ones((b,), jnp.int32)
+
+  def cond(state):
+    step, _, _, _, done, _ = state
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(state):
+    step, prev, cache, out, done, lengths = state
+    logits, cache = module.apply(
+      {"params": params},
+      prev[:, None],
+      jnp.ones((b, 1), jnp.int32),
+      gate_weights=gate_weights,
+      cache=cache,
+    )
+    tok = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)  # [b]
+    tok = jnp.where(done, pad_id, tok)
+    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.isin(tok, eos)
+    return step + 1, tok, cache, out, done, lengths
+
+  state = (jnp.int32(1), first, cache, out, done, lengths)
+  _, _, _, out, _, lengths = jax.lax.while_loop(cond, body, state)
+  return out, lengths
+
+
 @functools.partial(
   jax.jit,
   static_argnames=("module", "max_new_tokens", "eos_ids", "pad_id", "cache_dtype", "unroll"),
@@ -263,55 +353,28 @@ def generate_tokens(
     (new tokens [b, max_new_tokens] int32, padded with `pad_id` after a stop id;
      lengths [b] int32, number of generated tokens including the stop id).
   """
-  b, t = tokens.shape
-  cfg = module.config
-  if unroll and cfg.scan_layers:
-    cfg = cfg.replace(scan_layers=False)
-    module = llama.Llama(cfg, module.adapter)
-    params = unstack_layers(params, cfg.num_layers)
-  variables = {"params": params}
-  cache = llama.init_cache(cfg, b, t + max_new_tokens, cache_dtype)
-  last = jnp.max(jnp.where(attention_mask.astype(bool), jnp.arange(t)[None, :], 0), axis=1)
-  logits, cache = module.apply(  # Logits of each row's last real position only.
-    variables,
+  module, params = decoding_model(module, params, unroll)
+  first, cache = prefill(
+    module,
+    params,
     tokens,
     attention_mask,
+    tokens.shape[1] + max_new_tokens,
     gate_weights=gate_weights,
     replace_mask=replace_mask,
     replace_embeds=replace_embeds,
-    cache=cache,
-    head_positions=last,
-    prefill=True,
+    cache_dtype=cache_dtype,
   )
-  first = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)  # [b]
-  eos = jnp.asarray(eos_ids, jnp.int32)
-  out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-  done = jnp.isin(first, eos)
-  lengths = jnp.ones((b,), jnp.int32)
-
-  def cond(state):
-    step, _, _, _, done, _ = state
-    return (step < max_new_tokens) & ~jnp.all(done)
-
-  def body(state):
-    step, prev, cache, out, done, lengths = state
-    logits, cache = module.apply(
-      variables,
-      prev[:, None],
-      jnp.ones((b, 1), jnp.int32),
-      gate_weights=gate_weights,
-      cache=cache,
-    )
-    tok = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)  # [b]
-    tok = jnp.where(done, pad_id, tok)
-    out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
-    lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.isin(tok, eos)
-    return step + 1, tok, cache, out, done, lengths
-
-  state = (jnp.int32(1), first, cache, out, done, lengths)
-  _, _, _, out, _, lengths = jax.lax.while_loop(cond, body, state)
-  return out, lengths
+  return greedy_decode(
+    module,
+    params,
+    first,
+    cache,
+    max_new_tokens=max_new_tokens,
+    eos_ids=eos_ids,
+    pad_id=pad_id,
+    gate_weights=gate_weights,
+  )
 
 
 class LLM:

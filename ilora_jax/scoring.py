@@ -4,9 +4,18 @@ For a batch of prompts and `n` candidate continuations per prompt (title tokens 
 
   score[b, c] = sum_j log p(cand[b, c, j] | prompt[b], cand[b, c, :j]).
 
-The prompt is run once (one prefill into a KV cache); the cache is then repeated for a chunk
-of candidates and all their tokens go through one cached forward pass, so a row costs one
-prompt pass plus `n` short continuations instead of `n` full passes.
+The prompt is run once (one prefill into a KV cache), so a row costs one prompt pass plus `n`
+short continuations instead of `n` full passes. The continuations then run either
+
+- packed (`packed_len`, the evaluation's default): a row's candidates laid end to end in one
+  sequence of their real tokens, each attending to the prompt's cache and to its own earlier
+  tokens only (rotary positions restart after the prompt for each), in one cached pass; or
+- chunked: the cache repeated for `chunk` candidates and their tokens, each padded to the
+  longest candidate of the batch, through one cached pass per chunk.
+
+Titles differ in length, so the chunked form computes mostly padding (on LastFM, about three
+of every four candidate slots) and copies the cache `chunk` times. `generate_and_score` shares
+the prefill with greedy generation, where an evaluation runs both.
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ilora_jax import llama
+from ilora_jax import llama, llm
 
 Array = jax.Array
 
@@ -55,7 +64,31 @@ def chunk_for(n: int, most: int) -> int:
   return max(c for c in range(1, n + 1) if n % c == 0 and c <= max(most, 1))
 
 
-@functools.partial(jax.jit, static_argnames=("module", "chunk"))
+def packed_length(cand_mask: np.ndarray, multiple_of: int = 32) -> int:
+  """The packed length of candidates [rows, n, l] with mask `cand_mask`: the most real tokens
+  of a row, rounded up to `multiple_of` (few shapes, few compilations)."""
+  longest = int(np.asarray(cand_mask).sum(axis=(1, 2)).max())
+  return -(-longest // multiple_of) * multiple_of
+
+
+def _pack(cands: Array, cand_mask: Array, length: int) -> tuple[Array, Array, Array]:
+  """Each row's real candidate tokens end to end: (tokens, candidate index or -1 for padding,
+  offset in its candidate), each [b, length]."""
+  b, n, cl = cands.shape
+  real = cand_mask.reshape(b, n * cl).astype(bool)
+  dest = jnp.where(real, jnp.cumsum(real, axis=1) - 1, length)  # Padding -> out of range.
+  rows = jnp.arange(b)[:, None]
+
+  def scatter(values, fill):
+    out = jnp.full((b, length), fill, jnp.int32)
+    return out.at[rows, dest].set(values.reshape(b, n * cl).astype(jnp.int32), mode="drop")
+
+  candidate = jnp.broadcast_to(jnp.arange(n)[None, :, None], (b, n, cl))
+  offset = jnp.broadcast_to(jnp.arange(cl)[None, None, :], (b, n, cl))
+  return scatter(cands, 0), scatter(candidate, -1), scatter(offset, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "chunk", "packed_len"))
 def candidate_loglik(
   module: llama.Llama,
   params: Any,
@@ -68,6 +101,7 @@ def candidate_loglik(
   replace_mask: Array | None = None,
   replace_embeds: Array | None = None,
   chunk: int = 5,
+  packed_len: int | None = None,
 ) -> Array:
   """Log-likelihood of each candidate continuation: [b, n] float32.
 
@@ -80,25 +114,48 @@ def candidate_loglik(
     cand_mask: [b, n, l] 1 real / 0 pad (every candidate has at least one token).
     gate_weights: [b, E] or None, the same for the prompt and its candidates.
     replace_mask, replace_embeds: embedding replacement in the prompt ([b, t], [b, t, d]).
-    chunk: candidates per cached pass (memory: the cache is repeated `chunk` times).
+    chunk: candidates per cached pass of the chunked form (memory: the cache is repeated
+      `chunk` times).
+    packed_len: static; the packed form with this many slots per row (at least a row's real
+      candidate tokens, `packed_length`), or None for the chunked form.
   """
-  b, t = prompt.shape
-  _, n, cl = cands.shape
-  if n % chunk:
-    chunk = 1  # Static fallback keeps shapes whole.
-  cache = llama.init_cache(module.config, b, t + cl)
-  logits, cache = module.apply(
-    {"params": params},
+  extra = cands.shape[2] if packed_len is None else packed_len
+  first, cache = llm.prefill(
+    module,
+    params,
     prompt,
     prompt_mask,
+    prompt.shape[1] + extra,
     gate_weights=gate_weights,
     replace_mask=replace_mask,
     replace_embeds=replace_embeds,
-    cache=cache,
-    head_positions=jnp.full((b,), t - 1, jnp.int32),  # Left-padded: the last column is real.
-    prefill=True,
   )
-  first = jax.nn.log_softmax(logits[:, 0].astype(jnp.float32), axis=-1)  # [b, v]
+  scores, _ = loglik_after_prefill(
+    module, params, first, cache, cands, cand_mask, gate_weights, chunk, packed_len
+  )
+  return scores
+
+
+def loglik_after_prefill(
+  module: llama.Llama,
+  params: Any,
+  first_logits: Array,
+  cache: llama.KVCache,
+  cands: Array,
+  cand_mask: Array,
+  gate_weights: Array | None,
+  chunk: int,
+  packed_len: int | None = None,
+) -> tuple[Array, llama.KVCache]:
+  """`candidate_loglik` from a `llm.prefill`'s last-position logits [b, vocab] and cache (with
+  `l`, or `packed_len`, free slots). Returns the scores [b, n] and the cache to continue the
+  prompts from: the prefill's, its free slots possibly overwritten but not marked as used."""
+  if packed_len is not None:
+    return _packed(module, params, first_logits, cache, cands, cand_mask, gate_weights, packed_len)
+  b, n, cl = cands.shape
+  if n % chunk:
+    chunk = 1  # Static fallback keeps shapes whole.
+  first = jax.nn.log_softmax(first_logits.astype(jnp.float32), axis=-1)  # [b, v]
   gates = None if gate_weights is None else jnp.repeat(gate_weights, chunk, axis=0)
   big = _repeat_cache(cache, chunk)
 
@@ -120,4 +177,102 @@ def candidate_loglik(
   toks = cands.reshape(b, steps, chunk, cl).transpose(1, 0, 2, 3)
   masks = cand_mask.reshape(b, steps, chunk, cl).transpose(1, 0, 2, 3)
   _, scores = jax.lax.scan(one_chunk, None, (toks, masks))  # [steps, b, chunk]
-  return scores.transpose(1, 0, 2).reshape(b, n)
+  return scores.transpose(1, 0, 2).reshape(b, n), cache
+
+
+def _packed(module, params, first_logits, cache, cands, cand_mask, gate_weights, length):
+  """The packed form of `loglik_after_prefill` (see the module docstring)."""
+  n = cands.shape[1]
+  tokens, candidate, offset = _pack(cands, cand_mask, length)  # [b, L] each
+  real = candidate >= 0
+  # A token sees its own candidate's tokens up to itself (and the prompt, through the cache).
+  attend = (candidate[:, :, None] == candidate[:, None, :]) & (
+    offset[:, None, :] <= offset[:, :, None]
+  )
+  logits, after = module.apply(
+    {"params": params},
+    tokens,
+    real.astype(jnp.int32),
+    gate_weights=gate_weights,
+    positions=cache.positions[:, None] + offset,
+    cache=cache,
+    attend=attend & real[:, None, :],
+  )  # [b, L, v]
+
+  def logp(x, tok):  # log-softmax at the token only, without a [.., v] log-softmax array
+    x = x.astype(jnp.float32)
+    picked = jnp.take_along_axis(x, tok[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(x, axis=-1)
+
+  first = jax.nn.log_softmax(first_logits.astype(jnp.float32), axis=-1)  # [b, v]
+  head = jnp.take_along_axis(first, tokens, axis=1)  # [b, L]: every token after the prompt...
+  later = logp(logits[:, :-1], tokens[:, 1:])  # [b, L - 1]: ...or after its predecessor
+  later = jnp.concatenate([jnp.zeros_like(head[:, :1]), later], axis=1)
+  per_token = jnp.where(offset == 0, head, later) * real
+  scores = jnp.einsum("bl,bln->bn", per_token, jax.nn.one_hot(candidate, n, dtype=jnp.float32))
+  # The pass wrote the candidates' keys into the free slots; the prompt continues from there
+  # with those slots still unused (decoding overwrites them, its mask marks what it writes).
+  return scores, after.replace(mask=cache.mask, index=cache.index, positions=cache.positions)
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=(
+    "module",
+    "max_new_tokens",
+    "eos_ids",
+    "pad_id",
+    "chunk",
+    "packed_len",
+    "unroll",
+  ),
+)
+def generate_and_score(
+  module: llama.Llama,
+  params: Any,
+  prompt: Array,
+  prompt_mask: Array,
+  cands: Array,
+  cand_mask: Array,
+  *,
+  max_new_tokens: int,
+  eos_ids: tuple[int, ...],
+  pad_id: int,
+  gate_weights: Array | None = None,
+  replace_mask: Array | None = None,
+  replace_embeds: Array | None = None,
+  chunk: int = 5,
+  packed_len: int | None = None,
+  unroll: bool = False,
+) -> tuple[Array, Array, Array]:
+  """Both evaluation modes from one prefill of the prompts: greedy generation as
+  `llm.generate_tokens` and candidate scores as `candidate_loglik` (same arguments), where
+  separately each mode runs the prompts through the model on its own.
+
+  Returns (new tokens [b, max_new_tokens], lengths [b], scores [b, n]).
+  """
+  module, params = llm.decoding_model(module, params, unroll)
+  first, cache = llm.prefill(
+    module,
+    params,
+    prompt,
+    prompt_mask,
+    prompt.shape[1] + max(max_new_tokens, cands.shape[2] if packed_len is None else packed_len),
+    gate_weights=gate_weights,
+    replace_mask=replace_mask,
+    replace_embeds=replace_embeds,
+  )
+  scores, cache = loglik_after_prefill(
+    module, params, first, cache, cands, cand_mask, gate_weights, chunk, packed_len
+  )
+  out, lengths = llm.greedy_decode(
+    module,
+    params,
+    first,
+    cache,
+    max_new_tokens=max_new_tokens,
+    eos_ids=eos_ids,
+    pad_id=pad_id,
+    gate_weights=gate_weights,
+  )
+  return out, lengths, scores

@@ -579,9 +579,10 @@ class Evaluator:
 
   Candidates are fixed by `config.data.candidate_seed`, so every run (iLoRA, plain LoRA, the
   baselines) ranks the same 20 titles per row; `fingerprint` names that candidate set.
-  After a call, `timings` holds its wall seconds per mode (generate, score, the base model's,
-  and the loss's own pass when not scoring), for the benchmark, and `scores` the candidate
-  log-likelihoods [rows, n] per model.
+  After a call, `timings` holds its wall seconds per mode (generate, score, or both in one
+  as generate+score with `ilora.eval_shared_prefill`; the base model's; the loss's own pass
+  when not scoring), for the benchmark, and `scores` the candidate log-likelihoods [rows, n]
+  per model.
 
   With a `mesh`, each batch's rows are split over its data and fsdp axes (the batch is padded
   to a multiple of those shards), so data-parallel devices evaluate different rows; the
@@ -663,14 +664,21 @@ class Evaluator:
     self.timings[mode] = self.timings.get(mode, 0.0) + time.perf_counter() - t0
     return out
 
-  def _score(self, module, params, gate, mask, embeds, prompt, cands) -> np.ndarray:
-    """Log-likelihood of every candidate title (+ newline) after the prompt: [b, n]."""
-    builder = self.parts.builder
+  def _candidates(self, cands):
+    """The candidate titles (+ newline) of a batch's rows as scoring reads them: tokens and
+    mask [b, n, l] on the mesh, and the form of the candidates' pass (`scoring`): the packed
+    length (`ilora.score_packed`) or None, and the candidates per chunked pass."""
+    builder, ic = self.parts.builder, self.config.ilora
     token_lists = [[builder.target_tokens(int(c)) for c in row] for row in cands]
     ctoks, cmask = scoring.pad_candidates(token_lists, builder.pad_id)
-    n = ctoks.shape[1]
-    chunk = scoring.chunk_for(n, self.config.ilora.score_chunk)
-    ids, attention, ctoks, cmask = self._put((prompt.input_ids, prompt.attention, ctoks, cmask))
+    packed_len = scoring.packed_length(cmask) if ic.get("score_packed", True) else None
+    chunk = scoring.chunk_for(ctoks.shape[1], ic.score_chunk)
+    return *self._put((ctoks, cmask)), packed_len, chunk
+
+  def _score(self, module, params, gate, mask, embeds, prompt, cands) -> np.ndarray:
+    """Log-likelihood of every candidate title (+ newline) after the prompt: [b, n]."""
+    ctoks, cmask, packed_len, chunk = self._candidates(cands)
+    ids, attention = self._put((prompt.input_ids, prompt.attention))
     scores = scoring.candidate_loglik(
       module,
       params,
@@ -682,9 +690,35 @@ class Evaluator:
       replace_mask=mask,
       replace_embeds=embeds,
       chunk=chunk,
+      packed_len=packed_len,
     )
     self.rows_per_device = scores.sharding.shard_shape(scores.shape)[0]
     return sharding.to_host(scores)
+
+  def _generate_and_score(self, module, params, gate, mask, embeds, prompt, cands):
+    """`_generate` and `_score` from one prefill of the prompts: (ids, lengths, scores)."""
+    parts = self.parts
+    ctoks, cmask, packed_len, chunk = self._candidates(cands)
+    ids, attention = self._put((prompt.input_ids, prompt.attention))
+    out, lengths, scores = scoring.generate_and_score(
+      module,
+      params,
+      ids,
+      attention,
+      ctoks,
+      cmask,
+      max_new_tokens=int(self.config.ilora.max_new_tokens),
+      eos_ids=tuple(parts.model.eos_ids) + parts.newline_ids,
+      pad_id=parts.model.pad_id,
+      gate_weights=gate,
+      replace_mask=mask,
+      replace_embeds=embeds,
+      chunk=chunk,
+      packed_len=packed_len,
+      unroll=parts.model.unroll_decode,
+    )
+    self.rows_per_device = scores.sharding.shard_shape(scores.shape)[0]
+    return sharding.to_host(out), sharding.to_host(lengths), sharding.to_host(scores)
 
   def _generate(self, params, gate, mask, embeds, prompt, base: bool):
     parts = self.parts
@@ -737,6 +771,7 @@ class Evaluator:
     """
     cfg, parts = self.config, self.parts
     gen, score = bool(cfg.ilora.eval_generate), bool(cfg.ilora.eval_score)
+    shared = bool(cfg.ilora.get("eval_shared_prefill", True))
     with_base = baselines and bool(cfg.ilora.eval_base) and (gen or score)
     self.timings, self.generated_tokens = {}, 0
     nll_total, tokens = 0.0, 0
@@ -770,17 +805,24 @@ class Evaluator:
         runs.append(("base", parts.model.base_module, frozen["llm"], None, None, None, text))
       for name, module, p, g, m, e, pr in runs:
         prefix = "" if name == "model" else "base_"
+        if gen and score and shared:  # One prefill of the prompts for both modes.
+          ids, lengths, s = self._time(
+            prefix + "generate+score", self._generate_and_score, module, p, g, m, e, pr, cands
+          )
+        else:
+          if score:
+            s = self._time(prefix + "score", self._score, module, p, g, m, e, pr, cands)
+          if gen:
+            ids, lengths = self._time(
+              prefix + "generate", self._generate, p, g, m, e, pr, name == "base"
+            )
         if score:
-          s = self._time(prefix + "score", self._score, module, p, g, m, e, pr, cands)
           out[name]["scores"].append(s[:take])
           if name == "model":  # The target is a candidate: its score is minus its NLL sum.
             real = idx[:take]
             nll_total -= float(np.sum(s[np.arange(take), self.target[real]], dtype=np.float64))
             tokens += sum(len(parts.builder.target_tokens(int(self.split.next[r]))) for r in real)
         if gen:
-          ids, lengths = self._time(
-            prefix + "generate", self._generate, p, g, m, e, pr, name == "base"
-          )
           self._match(ids, lengths, cands, idx, take, out[name]["valid"], out[name]["hit"])
           if name == "model":
             self.generated_tokens += int(np.sum(lengths[:take]))
@@ -959,6 +1001,8 @@ def setup(config, workdir: str) -> Setup:
       f"the training split has {len(dataset.train)} rows, fewer than one step of {micro} x {accum}"
     )
   total_steps = int(tc.steps) if tc.steps is not None else int(tc.epochs) * steps_per_epoch
+  if config.ilora.eval_generate and int(config.ilora.max_new_tokens) < 1:
+    raise UserError(f"config.ilora.max_new_tokens={config.ilora.max_new_tokens}: must be >= 1")
   parts, frozen = build(config, workdir, dataset, mesh)
   trainable, stats = init_trainable(parts, mesh, rules, tc.seed)
   tx = optim.make(

@@ -99,6 +99,16 @@ def test_padding_counts_the_slots_of_both_step_orders(pipeline, tmp_path):
     assert ev[order]["slots"] == 4 * sum(t * n for t, n in counts.items())
     real.append(ev[order]["filled"] * ev[order]["slots"])  # The same prompts either way.
   assert real[0] == pytest.approx(real[1])
+  cands = ev["candidates"]  # The same candidate tokens in both forms, in other slot counts.
+  for form, per_row in (("chunked", 20), ("packed", 1)):  # 20 candidates per row
+    counts = {int(t): n for t, n in cands[form]["lengths"].items()}
+    assert sum(counts.values()) == 5
+    assert cands[form]["slots"] == 4 * per_row * sum(t * n for t, n in counts.items())
+    assert 0 < cands[form]["filled"] <= 1
+  assert cands["packed"]["filled"] * cands["packed"]["slots"] == pytest.approx(
+    cands["chunked"]["filled"] * cands["chunked"]["slots"]
+  )
+  assert cands["slot_ratio"] == cands["packed"]["slots"] / cands["chunked"]["slots"]
   assert ev["slot_ratio"] == ev["sorted"]["slots"] / ev["in_order"]["slots"]
   rows = result["rows_per_step"]
   assert rows == 8 and result["steps"] == 4 and result["window"] == 4
@@ -115,24 +125,40 @@ def test_padding_counts_the_slots_of_both_step_orders(pipeline, tmp_path):
   assert_one_line_error(bad, "--step_s lacks the padded lengths")
 
 
-def test_eval_order_times_both_row_orders_with_the_same_metrics(pipeline, tmp_path):
+def test_ab_eval_times_evaluation_variants_in_alternation_with_their_metrics(pipeline, tmp_path):
   sasrec = f"--config.sasrec.init_from={pipeline[0]}"  # The tiny pipeline's SASRec.
   proc = run_cli(
-    TINY, sasrec, f"--workdir={tmp_path}", "--mode=score", "--rounds=2",
-    "--config.ilora.eval_rows=12", script="bench/eval_order.py",
+    TINY, sasrec, f"--workdir={tmp_path}", "--rounds=2", "--config.ilora.eval_rows=12",
+    "--variants=ilora.eval_sort=False;;ilora.eval_shared_prefill=False ilora.eval_score=False",
+    script="bench/ab_eval.py",
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert result["rows"] == 12 and result["mode"] == "score" and result["split"] == "val"
-  in_order, ordered = result["seconds"]["in_order"], result["seconds"]["sorted"]
-  assert len(in_order) == len(ordered) == 2 and min(in_order + ordered) > 0
-  assert result["ratios"] == [s / o for o, s in zip(in_order, ordered)]
-  a, b = result["metrics"]["in_order"], result["metrics"]["sorted"]
-  assert a.keys() == b.keys() and "hr@1" in a and "valid_ratio" not in a
-  for key in a:
-    assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
-  bad = run_cli(TINY, sasrec, f"--workdir={tmp_path}", "--rounds=0", script="bench/eval_order.py")
+  assert result["rows"] == 12 and result["split"] == "val" and result["rounds"] == 2
+  first, default, generating = result["variants"]
+  assert [v["variant"] for v in result["variants"]] == [
+    "ilora.eval_sort=False", "(config)", "ilora.eval_shared_prefill=False ilora.eval_score=False"
+  ]  # fmt: skip
+  for v in result["variants"]:
+    assert len(v["seconds"]) == 2 and min(v["seconds"]) > 0
+    assert v["ratios"] == [a / b for a, b in zip(v["seconds"], first["seconds"])]
+  assert first["ratios"] == [1.0, 1.0] and first["metrics_rel_diff"] == 0.0
+  # The row order changes no metric; without scoring, the ranking metrics are gone and the
+  # loss comes from a pass of its own over the first answer tokens.
+  assert default["metrics"].keys() == first["metrics"].keys() and "hr@1" in first["metrics"]
+  assert default["metrics_rel_diff"] < 1e-5
+  for key, value in first["metrics"].items():
+    assert default["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+  assert "hr@1" not in generating["metrics"] and "valid_ratio" in generating["metrics"]
+  assert generating["metrics"]["valid_ratio"] == pytest.approx(first["metrics"]["valid_ratio"])
+  bad = run_cli(
+    TINY, sasrec, f"--workdir={tmp_path}", "--rounds=0", "--variants=;", script="bench/ab_eval.py"
+  )
   assert_one_line_error(bad, "--rounds=0")
+  bad = run_cli(
+    TINY, sasrec, f"--workdir={tmp_path}", "--variants=llm.remat=none", script="bench/ab_eval.py"
+  )
+  assert_one_line_error(bad, "only evaluation settings (ilora.*) vary")
 
 
 def test_ab_step_variants_parse_as_command_line_overrides():

@@ -439,6 +439,37 @@ def test_length_sorted_evaluation_keeps_every_row_result_and_the_loss(setup_tiny
   assert result["loss"] == pytest.approx(results[True]["loss"], rel=1e-5)
 
 
+def test_evaluation_with_one_prefill_for_both_modes_gives_each_modes_results(setup_tiny):
+  """`ilora.eval_shared_prefill` and `ilora.score_packed` (both the default): generation and
+  scoring continue from one prefill of each prompt, and each row's candidates run packed in
+  one pass, for the adapted model and the base model, with the metrics, scores and generated
+  tokens of running each mode on its own with candidates in padded chunks."""
+  from ilora_jax import sharding, train_ilora
+
+  config, su, _ = setup_tiny
+  trainable, stats = train_ilora.init_trainable(su.parts, su.mesh, sharding.rules(config), 4)
+  trainable = jax.tree.map(lambda x: x + 0.01, trainable)  # B starts at 0: adapters that act
+  evs, results = {}, {}
+  for shared in (False, True):
+    c = config.copy_and_resolve_references()
+    c.ilora.eval_rows, c.ilora.eval_batch_size, c.ilora.eval_shared_prefill = 8, 4, shared
+    c.ilora.score_packed = shared
+    c.ilora.eval_base = True
+    evs[shared] = train_ilora.Evaluator(su.parts, c, su.dataset.val, su.gate_kind)
+    results[shared] = evs[shared](trainable, stats, su.frozen, False, baselines=True)
+  alone, shared = evs[False], evs[True]
+  assert {"generate", "score", "base_generate", "base_score"} <= alone.timings.keys()
+  assert {"generate+score", "base_generate+score"} <= shared.timings.keys()
+  assert not {"generate", "score", "base_generate", "base_score"} & shared.timings.keys()
+  assert "valid_ratio" in results[True] and "base/hr@1" in results[True]
+  assert results[True].keys() == results[False].keys()
+  for key, value in results[False].items():
+    assert results[True][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+  assert shared.generated_tokens == alone.generated_tokens > 0
+  for name in ("model", "base"):
+    np.testing.assert_allclose(shared.scores[name], alone.scores[name], rtol=1e-5, atol=1e-5)
+
+
 def test_plain_lora_run_joins_the_comparison_table(pipeline, tmp_path):
   """E = 1 with a constant gate trains end to end; its report compares it with the iLoRA run."""
   ilora_dir, _ = pipeline

@@ -35,10 +35,71 @@ def test_shared_prefill_scores_equal_independent_passes(scan):
     prompt[i, t - len(p) :] = p
     mask[i, t - len(p) :] = 1
   tokens, cmask = scoring.pad_candidates(cands, pad_id=0, multiple_of=4)
+  want = np.array([[_brute_force(model, p, c) for c in row] for p, row in zip(prompts, cands)])
   for chunk in (2, 4):
     got = np.asarray(
       scoring.candidate_loglik(module, params, prompt, mask, tokens, cmask, chunk=chunk)
     )
-    want = np.array([[_brute_force(model, p, c) for c in row] for p, row in zip(prompts, cands)])
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  # Packed: each row's 10 candidate tokens end to end in 10 or 16 slots (padding after them).
+  assert scoring.packed_length(cmask, multiple_of=8) == 16
+  for length in (10, 16):
+    got = np.asarray(
+      scoring.candidate_loglik(module, params, prompt, mask, tokens, cmask, packed_len=length)
+    )
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
   assert jax.numpy.isfinite(got).all()
+
+
+def _greedy(model, prompt_ids, steps):
+  """Greedy tokens by uncached forward passes over the growing sequence."""
+  ids = list(prompt_ids)
+  for _ in range(steps):
+    ids.append(int(np.argmax(model.logits(np.asarray([ids], np.int32))[0, -1])))
+  return ids[len(prompt_ids) :]
+
+
+@pytest.fixture(scope="module")
+def references():
+  """A tiny model, three left-padded prompts with four candidates each, and the references:
+  scores of full forward passes and 14 greedy tokens of uncached decoding per prompt."""
+  model = llm.load("tiny", seed=7)
+  rng = np.random.default_rng(1)
+  prompts = [rng.integers(0, 500, n).tolist() for n in (6, 10, 8)]
+  cands = [[rng.integers(0, 500, n).tolist() for n in (2, 5, 1, 3)] for _ in prompts]
+  t = max(map(len, prompts))
+  prompt = np.zeros((3, t), np.int32)
+  mask = np.zeros((3, t), np.int32)
+  for i, p in enumerate(prompts):  # left padding
+    prompt[i, t - len(p) :] = p
+    mask[i, t - len(p) :] = 1
+  scores = np.array([[_brute_force(model, p, c) for c in row] for p, row in zip(prompts, cands)])
+  greedy = np.array([_greedy(model, p, 14) for p in prompts])
+  return model, prompt, mask, cands, scores, greedy
+
+
+@pytest.mark.parametrize("unroll", [False, True], ids=["scanned", "unrolled"])
+@pytest.mark.parametrize("new", [3, 14], ids=["fewer_new_tokens", "more_new_tokens"])
+@pytest.mark.parametrize("packed", [False, True], ids=["chunked", "packed"])
+def test_generation_and_scores_from_one_prefill_equal_each_mode_alone(
+  references, unroll, new, packed
+):
+  """The evaluation's shared prefill (a cache of max(new tokens, candidate slots) free slots:
+  3 fewer, 14 more than the candidates' 8 chunked or 12 packed; read, and in the packed form
+  written, by the candidates' passes, then written by decoding) gives each mode's own results:
+  the scores of full forward passes and the tokens of uncached greedy decoding."""
+  model, prompt, mask, cands, want, greedy = references
+  tokens, cmask = scoring.pad_candidates(cands, pad_id=0, multiple_of=4)  # 5 -> 8 slots
+  packed_len = scoring.packed_length(cmask, multiple_of=4) if packed else None
+  assert packed_len in (None, 12)
+  out, lengths, scores = scoring.generate_and_score(
+    model.module, model.params, prompt, mask, tokens, cmask,
+    max_new_tokens=new, eos_ids=(), pad_id=0, chunk=2, unroll=unroll, packed_len=packed_len,
+  )  # fmt: skip
+  np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(out), greedy[:, :new])
+  np.testing.assert_array_equal(np.asarray(lengths), [new] * 3)
+  alone, _ = llm.generate_tokens(
+    model.module, model.params, prompt, mask, max_new_tokens=new, eos_ids=(), pad_id=0
+  )
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(alone))
