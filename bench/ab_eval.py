@@ -91,15 +91,15 @@ def main(argv) -> None:
     "data": config.data.name,
     "split": split.name,
     "rows": len(evaluators[0].idx),
-    "batch_size": int(config.ilora.eval_batch_size),
     "rounds": _ROUNDS.value,
     "variants": [],
   }
   print(f"{'variant':<44}{'median s':>10}{'ratio':>8}{'metrics':>10}", file=sys.stderr)
-  for name, secs, mets in zip(names, seconds, metrics):
+  for name, secs, mets, ev in zip(names, seconds, metrics, evaluators):
     ratios = [a / b for a, b in zip(secs, seconds[0])]
     row = {
       "variant": name,
+      "batch_size": int(ev.config.ilora.eval_batch_size),
       "seconds": secs,
       "median_s": statistics.median(secs),
       "ratios": ratios,

@@ -32,10 +32,13 @@ from ilora_jax import llama, llm
 Array = jax.Array
 
 
-def pad_candidates(token_lists: list[list[list[int]]], pad_id: int, multiple_of: int = 8):
-  """[rows][cands][tokens] -> (tokens [rows, cands, L] int32, mask [rows, cands, L] int32)."""
+def pad_candidates(
+  token_lists: list[list[list[int]]], pad_id: int, multiple_of: int = 8, at_least: int = 0
+):
+  """[rows][cands][tokens] -> (tokens [rows, cands, L] int32, mask [rows, cands, L] int32),
+  L the longest candidate rounded up to `multiple_of`, or `at_least` if that is more."""
   longest = max(len(c) for row in token_lists for c in row)
-  length = -(-longest // multiple_of) * multiple_of
+  length = max(-(-longest // multiple_of) * multiple_of, at_least)
   rows, cands = len(token_lists), len(token_lists[0])
   tokens = np.full((rows, cands, length), pad_id, np.int32)
   mask = np.zeros((rows, cands, length), np.int32)
@@ -116,8 +119,9 @@ def candidate_loglik(
     replace_mask, replace_embeds: embedding replacement in the prompt ([b, t], [b, t, d]).
     chunk: candidates per cached pass of the chunked form (memory: the cache is repeated
       `chunk` times).
-    packed_len: static; the packed form with this many slots per row (at least a row's real
-      candidate tokens, `packed_length`), or None for the chunked form.
+    packed_len: static; the packed form with this many slots per row, or None for the
+      chunked form. It must hold every row's real candidate tokens (`packed_length`): tokens
+      past it are dropped, which would score their candidates too high.
   """
   extra = cands.shape[2] if packed_len is None else packed_len
   first, cache = llm.prefill(
@@ -209,7 +213,9 @@ def _packed(module, params, first_logits, cache, cands, cand_mask, gate_weights,
   later = logp(logits[:, :-1], tokens[:, 1:])  # [b, L - 1]: ...or after its predecessor
   later = jnp.concatenate([jnp.zeros_like(head[:, :1]), later], axis=1)
   per_token = jnp.where(offset == 0, head, later) * real
-  scores = jnp.einsum("bl,bln->bn", per_token, jax.nn.one_hot(candidate, n, dtype=jnp.float32))
+  # Summed per candidate element-wise (a matmul with the one-hot would run at the backend's
+  # default matmul precision: TF32 or bfloat16 on accelerators).
+  scores = jnp.sum(per_token[:, :, None] * jax.nn.one_hot(candidate, n, dtype=per_token.dtype), 1)
   # The pass wrote the candidates' keys into the free slots; the prompt continues from there
   # with those slots still unused (decoding overwrites them, its mask marks what it writes).
   return scores, after.replace(mask=cache.mask, index=cache.index, positions=cache.positions)

@@ -621,6 +621,7 @@ class Evaluator:
     self.generated_tokens = 0  # Tokens the adapted model generated in the last call.
     self.gates: np.ndarray | None = None  # Gate weights [rows, E] of the last call.
     self.rows_per_device = 0  # Rows of the last scored batch each device computed.
+    self._title_slots: int | None = None  # Packed scoring's padded title length (host).
     parts = self.parts
 
     def prepare(trainable, stats, frozen, batch):
@@ -669,9 +670,18 @@ class Evaluator:
     mask [b, n, l] on the mesh, and the form of the candidates' pass (`scoring`): the packed
     length (`ilora.score_packed`) or None, and the candidates per chunked pass."""
     builder, ic = self.parts.builder, self.config.ilora
+    packed = bool(ic.get("score_packed", True))
+    if packed and self._title_slots is None:
+      # Packed, the titles' padded length only shapes the host arrays: one length for the
+      # split's candidates, so it adds no compilations (the packed length varies, as
+      # prompt lengths do).
+      split_cands = np.unique(self.cands[self.idx])
+      longest = max(len(builder.target_tokens(int(c))) for c in split_cands)
+      self._title_slots = -(-longest // 8) * 8
     token_lists = [[builder.target_tokens(int(c)) for c in row] for row in cands]
-    ctoks, cmask = scoring.pad_candidates(token_lists, builder.pad_id)
-    packed_len = scoring.packed_length(cmask) if ic.get("score_packed", True) else None
+    at_least = self._title_slots if packed else 0
+    ctoks, cmask = scoring.pad_candidates(token_lists, builder.pad_id, at_least=at_least)
+    packed_len = scoring.packed_length(cmask) if packed else None
     chunk = scoring.chunk_for(ctoks.shape[1], ic.score_chunk)
     return *self._put((ctoks, cmask)), packed_len, chunk
 

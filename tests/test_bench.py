@@ -99,15 +99,12 @@ def test_padding_counts_the_slots_of_both_step_orders(pipeline, tmp_path):
     assert ev[order]["slots"] == 4 * sum(t * n for t, n in counts.items())
     real.append(ev[order]["filled"] * ev[order]["slots"])  # The same prompts either way.
   assert real[0] == pytest.approx(real[1])
-  cands = ev["candidates"]  # The same candidate tokens in both forms, in other slot counts.
+  cands = ev["candidates"]  # The candidates' tokens, padded to each batch's longest or packed.
   for form, per_row in (("chunked", 20), ("packed", 1)):  # 20 candidates per row
     counts = {int(t): n for t, n in cands[form]["lengths"].items()}
     assert sum(counts.values()) == 5
     assert cands[form]["slots"] == 4 * per_row * sum(t * n for t, n in counts.items())
     assert 0 < cands[form]["filled"] <= 1
-  assert cands["packed"]["filled"] * cands["packed"]["slots"] == pytest.approx(
-    cands["chunked"]["filled"] * cands["chunked"]["slots"]
-  )
   assert cands["slot_ratio"] == cands["packed"]["slots"] / cands["chunked"]["slots"]
   assert ev["slot_ratio"] == ev["sorted"]["slots"] / ev["in_order"]["slots"]
   rows = result["rows_per_step"]
@@ -140,7 +137,7 @@ def test_ab_eval_times_evaluation_variants_in_alternation_with_their_metrics(pip
     "ilora.eval_sort=False", "(config)", "ilora.eval_shared_prefill=False ilora.eval_score=False"
   ]  # fmt: skip
   for v in result["variants"]:
-    assert len(v["seconds"]) == 2 and min(v["seconds"]) > 0
+    assert len(v["seconds"]) == 2 and min(v["seconds"]) > 0 and v["batch_size"] == 4
     assert v["ratios"] == [a / b for a, b in zip(v["seconds"], first["seconds"])]
   assert first["ratios"] == [1.0, 1.0] and first["metrics_rel_diff"] == 0.0
   # The row order changes no metric; without scoring, the ranking metrics are gone and the

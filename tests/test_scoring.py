@@ -27,7 +27,9 @@ def test_shared_prefill_scores_equal_independent_passes(scan):
     params = llm.unstack_layers(params, model.config.num_layers)
   rng = np.random.default_rng(0)
   prompts = [rng.integers(0, 500, n).tolist() for n in (9, 5)]
-  cands = [[rng.integers(0, 500, n).tolist() for n in (1, 3, 4, 2)] for _ in prompts]
+  cands = [  # Rows of other candidate lengths: 10 and 6 tokens packed.
+    [rng.integers(0, 500, n).tolist() for n in lengths] for lengths in ((1, 3, 4, 2), (2, 1, 2, 1))
+  ]
   t = max(map(len, prompts))
   prompt = np.zeros((2, t), np.int32)
   mask = np.zeros((2, t), np.int32)
@@ -41,7 +43,7 @@ def test_shared_prefill_scores_equal_independent_passes(scan):
       scoring.candidate_loglik(module, params, prompt, mask, tokens, cmask, chunk=chunk)
     )
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-  # Packed: each row's 10 candidate tokens end to end in 10 or 16 slots (padding after them).
+  # Packed: each row's candidate tokens end to end in 10 or 16 slots (padding after them).
   assert scoring.packed_length(cmask, multiple_of=8) == 16
   for length in (10, 16):
     got = np.asarray(
@@ -66,7 +68,10 @@ def references():
   model = llm.load("tiny", seed=7)
   rng = np.random.default_rng(1)
   prompts = [rng.integers(0, 500, n).tolist() for n in (6, 10, 8)]
-  cands = [[rng.integers(0, 500, n).tolist() for n in (2, 5, 1, 3)] for _ in prompts]
+  cands = [  # Rows of other candidate lengths: 11, 8 and 12 tokens packed.
+    [rng.integers(0, 500, n).tolist() for n in lengths]
+    for lengths in ((2, 5, 1, 3), (4, 1, 1, 2), (3, 3, 5, 1))
+  ]
   t = max(map(len, prompts))
   prompt = np.zeros((3, t), np.int32)
   mask = np.zeros((3, t), np.int32)
