@@ -74,6 +74,11 @@ def packed_length(cand_mask: np.ndarray, multiple_of: int = 32) -> int:
   return -(-longest // multiple_of) * multiple_of
 
 
+def _free_slots(cands: Array, packed_len: int | None) -> int:
+  """Cache slots the candidates' pass writes after the prompt: one title's, or the packed row's."""
+  return cands.shape[2] if packed_len is None else packed_len
+
+
 def _pack(cands: Array, cand_mask: Array, length: int) -> tuple[Array, Array, Array]:
   """Each row's real candidate tokens end to end: (tokens, candidate index or -1 for padding,
   offset in its candidate), each [b, length]."""
@@ -123,13 +128,12 @@ def candidate_loglik(
       chunked form. It must hold every row's real candidate tokens (`packed_length`): tokens
       past it are dropped, which would score their candidates too high.
   """
-  extra = cands.shape[2] if packed_len is None else packed_len
   first, cache = llm.prefill(
     module,
     params,
     prompt,
     prompt_mask,
-    prompt.shape[1] + extra,
+    prompt.shape[1] + _free_slots(cands, packed_len),
     gate_weights=gate_weights,
     replace_mask=replace_mask,
     replace_embeds=replace_embeds,
@@ -263,7 +267,7 @@ def generate_and_score(
     params,
     prompt,
     prompt_mask,
-    prompt.shape[1] + max(max_new_tokens, cands.shape[2] if packed_len is None else packed_len),
+    prompt.shape[1] + max(max_new_tokens, _free_slots(cands, packed_len)),
     gate_weights=gate_weights,
     replace_mask=replace_mask,
     replace_embeds=replace_embeds,

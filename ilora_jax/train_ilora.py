@@ -665,10 +665,16 @@ class Evaluator:
     self.timings[mode] = self.timings.get(mode, 0.0) + time.perf_counter() - t0
     return out
 
-  def _candidates(self, cands):
-    """The candidate titles (+ newline) of a batch's rows as scoring reads them: tokens and
-    mask [b, n, l] on the mesh, and the form of the candidates' pass (`scoring`): the packed
-    length (`ilora.score_packed`) or None, and the candidates per chunked pass."""
+  @property
+  def _eos_ids(self) -> tuple[int, ...]:
+    """Where generation stops: the tokenizer's end of text or a newline (the answer's end)."""
+    return tuple(self.parts.model.eos_ids) + self.parts.newline_ids
+
+  def _scoring_inputs(self, prompt, cands, gate, mask, embeds):
+    """What `scoring` reads for a batch: the prompts and the candidate titles (+ newline)
+    [b, n, l] with their masks on the mesh, and the keyword arguments: gates, embedding
+    replacement and the form of the candidates' pass, packed (`ilora.score_packed`, with
+    its packed length) or in chunks."""
     builder, ic = self.parts.builder, self.config.ilora
     packed = bool(ic.get("score_packed", True))
     if packed and self._title_slots is None:
@@ -681,60 +687,43 @@ class Evaluator:
     token_lists = [[builder.target_tokens(int(c)) for c in row] for row in cands]
     at_least = self._title_slots if packed else 0
     ctoks, cmask = scoring.pad_candidates(token_lists, builder.pad_id, at_least=at_least)
-    packed_len = scoring.packed_length(cmask) if packed else None
-    chunk = scoring.chunk_for(ctoks.shape[1], ic.score_chunk)
-    return *self._put((ctoks, cmask)), packed_len, chunk
-
-  def _score(self, module, params, gate, mask, embeds, prompt, cands) -> np.ndarray:
-    """Log-likelihood of every candidate title (+ newline) after the prompt: [b, n]."""
-    ctoks, cmask, packed_len, chunk = self._candidates(cands)
-    ids, attention = self._put((prompt.input_ids, prompt.attention))
-    scores = scoring.candidate_loglik(
-      module,
-      params,
-      ids,
-      attention,
-      ctoks,
-      cmask,
+    arrays = self._put((prompt.input_ids, prompt.attention, ctoks, cmask))
+    kwargs = dict(
       gate_weights=gate,
       replace_mask=mask,
       replace_embeds=embeds,
-      chunk=chunk,
-      packed_len=packed_len,
+      chunk=scoring.chunk_for(ctoks.shape[1], ic.score_chunk),
+      packed_len=scoring.packed_length(cmask) if packed else None,
     )
+    return arrays, kwargs
+
+  def _score(self, module, params, gate, mask, embeds, prompt, cands) -> np.ndarray:
+    """Log-likelihood of every candidate title (+ newline) after the prompt: [b, n]."""
+    arrays, kwargs = self._scoring_inputs(prompt, cands, gate, mask, embeds)
+    scores = scoring.candidate_loglik(module, params, *arrays, **kwargs)
     self.rows_per_device = scores.sharding.shard_shape(scores.shape)[0]
     return sharding.to_host(scores)
 
   def _generate_and_score(self, module, params, gate, mask, embeds, prompt, cands):
     """`_generate` and `_score` from one prefill of the prompts: (ids, lengths, scores)."""
-    parts = self.parts
-    ctoks, cmask, packed_len, chunk = self._candidates(cands)
-    ids, attention = self._put((prompt.input_ids, prompt.attention))
+    model = self.parts.model
+    arrays, kwargs = self._scoring_inputs(prompt, cands, gate, mask, embeds)
     out, lengths, scores = scoring.generate_and_score(
       module,
       params,
-      ids,
-      attention,
-      ctoks,
-      cmask,
+      *arrays,
       max_new_tokens=int(self.config.ilora.max_new_tokens),
-      eos_ids=tuple(parts.model.eos_ids) + parts.newline_ids,
-      pad_id=parts.model.pad_id,
-      gate_weights=gate,
-      replace_mask=mask,
-      replace_embeds=embeds,
-      chunk=chunk,
-      packed_len=packed_len,
-      unroll=parts.model.unroll_decode,
+      eos_ids=self._eos_ids,
+      pad_id=model.pad_id,
+      unroll=model.unroll_decode,
+      **kwargs,
     )
     self.rows_per_device = scores.sharding.shard_shape(scores.shape)[0]
     return sharding.to_host(out), sharding.to_host(lengths), sharding.to_host(scores)
 
   def _generate(self, params, gate, mask, embeds, prompt, base: bool):
-    parts = self.parts
-    eos = tuple(parts.model.eos_ids) + parts.newline_ids
     ids, attention = self._put((prompt.input_ids, prompt.attention))
-    return parts.model.generate_ids(
+    return self.parts.model.generate_ids(
       ids,
       attention,
       self.config.ilora.max_new_tokens,
@@ -742,7 +731,7 @@ class Evaluator:
       gate_weights=gate,
       replace_mask=mask,
       replace_embeds=embeds,
-      eos_ids=eos,
+      eos_ids=self._eos_ids,
       base=base,
     )
 

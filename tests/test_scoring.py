@@ -17,6 +17,17 @@ def _brute_force(model, prompt_ids, cand_ids):
   return sum(logp[start + j - 1, tok] for j, tok in enumerate(cand_ids))
 
 
+def _left_padded(prompts):
+  """Token lists -> (ids, mask) [rows, longest] int32, padded on the left."""
+  t = max(map(len, prompts))
+  ids = np.zeros((len(prompts), t), np.int32)
+  mask = np.zeros((len(prompts), t), np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, t - len(p) :] = p
+    mask[i, t - len(p) :] = 1
+  return ids, mask
+
+
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 def test_shared_prefill_scores_equal_independent_passes(scan):
   model = llm.load("tiny", seed=5)
@@ -30,12 +41,7 @@ def test_shared_prefill_scores_equal_independent_passes(scan):
   cands = [  # Rows of other candidate lengths: 10 and 6 tokens packed.
     [rng.integers(0, 500, n).tolist() for n in lengths] for lengths in ((1, 3, 4, 2), (2, 1, 2, 1))
   ]
-  t = max(map(len, prompts))
-  prompt = np.zeros((2, t), np.int32)
-  mask = np.zeros((2, t), np.int32)
-  for i, p in enumerate(prompts):  # left padding
-    prompt[i, t - len(p) :] = p
-    mask[i, t - len(p) :] = 1
+  prompt, mask = _left_padded(prompts)
   tokens, cmask = scoring.pad_candidates(cands, pad_id=0, multiple_of=4)
   want = np.array([[_brute_force(model, p, c) for c in row] for p, row in zip(prompts, cands)])
   for chunk in (2, 4):
@@ -72,12 +78,7 @@ def references():
     [rng.integers(0, 500, n).tolist() for n in lengths]
     for lengths in ((2, 5, 1, 3), (4, 1, 1, 2), (3, 3, 5, 1))
   ]
-  t = max(map(len, prompts))
-  prompt = np.zeros((3, t), np.int32)
-  mask = np.zeros((3, t), np.int32)
-  for i, p in enumerate(prompts):  # left padding
-    prompt[i, t - len(p) :] = p
-    mask[i, t - len(p) :] = 1
+  prompt, mask = _left_padded(prompts)
   scores = np.array([[_brute_force(model, p, c) for c in row] for p, row in zip(prompts, cands)])
   greedy = np.array([_greedy(model, p, 14) for p in prompts])
   return model, prompt, mask, cands, scores, greedy
