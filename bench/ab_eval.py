@@ -7,8 +7,9 @@
       --variants="ilora.eval_sort=False;ilora.eval_sort=True" [--split=val] [--rounds=2]
 
 Each variant is a space-separated list of `key=value` overrides of the evaluation's settings
-(`ilora.*`), parsed as the command line's `--config.key=value`, on top of --config; an empty
-variant is that config itself. The data, the model and the run's fresh adapters (B = 0, so
+(`ilora.*`, and `llm.unroll_decode`: the decode loop through the same weights), parsed as the
+command line's `--config.key=value`, on top of --config; an empty variant is that config
+itself. The data, the model and the run's fresh adapters (B = 0, so
 the base model's outputs) are built once and shared, and every variant is an evaluator of the
 same rows and candidates: the whole evaluation of the split (`ilora.eval_rows` rows in
 `ilora.eval_batch_size` batches; generation and/or candidate scoring, and the target loss, as
@@ -22,6 +23,8 @@ relative difference of any metric from the first variant's.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import statistics
 import sys
@@ -39,6 +42,17 @@ _VARIANTS = flags.DEFINE_string("variants", None, "';'-separated variants of 'il
 _SPLIT = flags.DEFINE_string("split", "val", "split to evaluate (val or test)")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "timed passes of each variant")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/ilora_jax_ab_eval", "workdir (data builds)")
+_MODEL_KEYS = ("llm.unroll_decode",)  # Model settings a variant may change: same weights.
+
+
+def _parts_for(parts: train_ilora.Parts, cfg) -> train_ilora.Parts:
+  """`parts` with a shallow copy of its model when `cfg` decodes otherwise (same params)."""
+  unroll = bool(cfg.llm.unroll_decode)
+  if parts.model.unroll_decode == unroll:
+    return parts
+  model = copy.copy(parts.model)
+  model.unroll_decode = unroll
+  return dataclasses.replace(parts, model=model)
 
 
 def _largest_difference(metrics: dict, first: dict) -> float:
@@ -59,10 +73,10 @@ def main(argv) -> None:
     variants = bench.parse_variants(_VARIANTS.value)
     for _, items in variants:
       for item in items:
-        if not item.startswith("ilora."):
+        if not item.startswith("ilora.") and item.split("=")[0] not in _MODEL_KEYS:
           raise UserError(
-            f"variant item {item!r}: only evaluation settings (ilora.*) vary; the data and "
-            "model are shared"
+            f"variant item {item!r}: only evaluation settings (ilora.*, "
+            f"{', '.join(_MODEL_KEYS)}) vary; the data and model are shared"
           )
     su = train_ilora.setup(config, _WORKDIR.value)
     split = su.dataset.split(_SPLIT.value)
@@ -70,7 +84,8 @@ def main(argv) -> None:
     evaluators = []
     for _, items in variants:
       cfg = configuration.override(config, items)
-      evaluators.append(train_ilora.Evaluator(su.parts, cfg, split, su.gate_kind, su.mesh))
+      parts = _parts_for(su.parts, cfg)
+      evaluators.append(train_ilora.Evaluator(parts, cfg, split, su.gate_kind, su.mesh))
     st = su.state
     seconds = [[] for _ in names]
     metrics = [{} for _ in names]

@@ -212,23 +212,34 @@ def unstack_layers(params: Any, num_layers: int) -> dict:
 
 
 def default_unroll() -> bool:
-  """Scanned decoding layers by default. Unrolled ones decode faster but compile slower: on a
-  CPU (SmolLM2-135M, batch 16, 400-token prompts) 88 ms per decode step against 185 ms, but
-  12 s of compile against 3 s for each prompt-length bucket and model, so short evaluations
-  lose (the demo test, 16 rows, took 214 s instead of about 150 s with them); on an H100 (7B,
-  batch 16) 1.22x faster, compiled in 60 s against 4 s (measured before the cache's per-layer
-  buffers). `llm.unroll_decode=True` chooses them (bench/README.md)."""
+  """Scanned decoding layers by default. Unrolled decode steps run faster but compile slower:
+  on a 2-core CPU (SmolLM2-135M shape with adapters, float32, batch 16, 400-token prompts)
+  354 ms per decode step against 424 ms, compiled in 18.9 s against 7.0 s; a whole LastFM val
+  evaluation (fresh adapters, up to 64 new tokens with early stop) took the same time (ratio
+  1.004) after 21 s more of compilation. On an H100 (7B, batch 16) the steps were 1.22x
+  faster, measured when the prefill was unrolled too (compiled in 60 s against 4 s).
+  `llm.unroll_decode=True` chooses them (bench/README.md)."""
   return False
 
 
-def decoding_model(module: llama.Llama, params: Any, unroll: bool) -> tuple[llama.Llama, Any]:
-  """The module and params a decoding loop runs: as given, or with unrolled layers (`unroll`;
-  the params' stacked layers split into one subtree per layer)."""
+def decoding_model(
+  module: llama.Llama, params: Any, cache: llama.KVCache, unroll: bool
+) -> tuple[llama.Llama, Any, llama.KVCache]:
+  """The module, params and cache a decoding loop runs: as given, or with unrolled layers
+  (`unroll`, for a model with scanned layers): the params' stacked layers split into one
+  subtree per layer and the stacked cache into one buffer per layer, once, before the loop.
+  Each step then reads every layer's weights in place where the scan sliced them out of the
+  stack (a copy of all the layers' weights per step), at the cost of one compiled layer body
+  per layer. The prefill before stays scanned: it runs once and its compile is the scan's."""
   cfg = module.config
   if not (unroll and cfg.scan_layers):
-    return module, params
+    return module, params, cache
+  n = cfg.num_layers
+  cache = cache.replace(
+    k=tuple(cache.k[i] for i in range(n)), v=tuple(cache.v[i] for i in range(n))
+  )
   cfg = cfg.replace(scan_layers=False)
-  return llama.Llama(cfg, module.adapter), unstack_layers(params, cfg.num_layers)
+  return llama.Llama(cfg, module.adapter), unstack_layers(params, n), cache
 
 
 def prefill(
@@ -275,10 +286,13 @@ def greedy_decode(
   eos_ids: tuple[int, ...],
   pad_id: int,
   gate_weights: Array | None = None,
+  unroll: bool = False,
 ) -> tuple[Array, Array]:
   """Greedy tokens after a `prefill`: the first from `first_logits` [b, vocab], then one per
-  loop step, each written into `cache` (which needs `max_new_tokens - 1` free slots).
+  loop step, each written into `cache` (which needs `max_new_tokens - 1` free slots), through
+  unrolled layers with `unroll` (`decoding_model`).
   Returns (new tokens [b, max_new_tokens], lengths [b]) as `generate_tokens` does."""
+  module, params, cache = decoding_model(module, params, cache, unroll)
   b = first_logits.shape[0]
   first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)  # [b]
   eos = jnp.asarray(eos_ids, jnp.int32)
@@ -344,16 +358,15 @@ def generate_tokens(
     replace_mask: [b, t] bool or None, embedding replacement for the prompt (prefill only).
     replace_embeds: [b, t, d] or None.
     cache_dtype: dtype of cached keys/values; default the model's compute dtype.
-    unroll: run the layers as an unrolled loop instead of a scan (same results): each decode
-      step then reads the weights in place instead of slicing the stacked layers, and each
-      layer's keys and values live in their own cache buffer (2x faster steps on a CPU for
-      SmolLM2-135M; see `default_unroll`) at the cost of a longer compile.
+    unroll: decode through unrolled layers instead of a scan (same results; the prefill stays
+      scanned): each decode step then reads the weights in place instead of slicing them out
+      of the stacked layers (faster steps, longer compile; see `decoding_model` and
+      `default_unroll`).
 
   Returns:
     (new tokens [b, max_new_tokens] int32, padded with `pad_id` after a stop id;
      lengths [b] int32, number of generated tokens including the stop id).
   """
-  module, params = decoding_model(module, params, unroll)
   first, cache = prefill(
     module,
     params,
@@ -374,6 +387,7 @@ def generate_tokens(
     eos_ids=eos_ids,
     pad_id=pad_id,
     gate_weights=gate_weights,
+    unroll=unroll,
   )
 
 

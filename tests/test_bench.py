@@ -27,6 +27,10 @@ def test_bench_train_generate_and_score_keys():
     result["eval_gen_batch_s"] / result["eval_score_batch_s"]
   )
   assert np.isfinite(result["loss"])
+  # XLA's scratch memory of the scoring program: at least the 20 packed candidates' hidden
+  # states of both rows (2 x 240 positions x 64 float32 in the tiny model).
+  assert result["eval_score_packed"] is True
+  assert result["eval_score_temp_bytes"] >= 2 * 240 * 64 * 4
   # The prefill alone and the per-step share of the rest (scanned layers, the default).
   assert result["eval_gen_unroll"] is False
   assert np.isfinite(result["eval_gen_prefill_s"]) and result["eval_gen_prefill_s"] > 0
@@ -126,7 +130,8 @@ def test_ab_eval_times_evaluation_variants_in_alternation_with_their_metrics(pip
   sasrec = f"--config.sasrec.init_from={pipeline[0]}"  # The tiny pipeline's SASRec.
   proc = run_cli(
     TINY, sasrec, f"--workdir={tmp_path}", "--rounds=2", "--config.ilora.eval_rows=12",
-    "--variants=ilora.eval_sort=False;;ilora.eval_shared_prefill=False ilora.eval_score=False",
+    "--variants=ilora.eval_sort=False;llm.unroll_decode=True;"
+    "ilora.eval_shared_prefill=False ilora.eval_score=False",
     script="bench/ab_eval.py",
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
@@ -134,14 +139,16 @@ def test_ab_eval_times_evaluation_variants_in_alternation_with_their_metrics(pip
   assert result["rows"] == 12 and result["split"] == "val" and result["rounds"] == 2
   first, default, generating = result["variants"]
   assert [v["variant"] for v in result["variants"]] == [
-    "ilora.eval_sort=False", "(config)", "ilora.eval_shared_prefill=False ilora.eval_score=False"
+    "ilora.eval_sort=False", "llm.unroll_decode=True",
+    "ilora.eval_shared_prefill=False ilora.eval_score=False",
   ]  # fmt: skip
   for v in result["variants"]:
     assert len(v["seconds"]) == 2 and min(v["seconds"]) > 0 and v["batch_size"] == 4
     assert v["ratios"] == [a / b for a, b in zip(v["seconds"], first["seconds"])]
   assert first["ratios"] == [1.0, 1.0] and first["metrics_rel_diff"] == 0.0
-  # The row order changes no metric; without scoring, the ranking metrics are gone and the
-  # loss comes from a pass of its own over the first answer tokens.
+  # Neither the row order nor the decode loop (sorted rows, unrolled decode layers) changes a
+  # metric; without scoring, the ranking metrics are gone and the loss comes from a pass of its
+  # own over the first answer tokens.
   assert default["metrics"].keys() == first["metrics"].keys() and "hr@1" in first["metrics"]
   assert default["metrics_rel_diff"] < 1e-5
   for key, value in first["metrics"].items():
@@ -155,7 +162,7 @@ def test_ab_eval_times_evaluation_variants_in_alternation_with_their_metrics(pip
   bad = run_cli(
     TINY, sasrec, f"--workdir={tmp_path}", "--variants=llm.remat=none", script="bench/ab_eval.py"
   )
-  assert_one_line_error(bad, "only evaluation settings (ilora.*) vary")
+  assert_one_line_error(bad, "only evaluation settings (ilora.*, llm.unroll_decode) vary")
 
 
 def test_ab_step_variants_parse_as_command_line_overrides():
