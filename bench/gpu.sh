@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Every benchmark on one GPU, in one go (aimed at under 8 minutes on an H100; the unrolled
-# decode loop's comparison, measured 2026-11-27, is left out for time: add
-# --config.bench.decode_both=True to jax_7b for it), JSON results in $RESULTS.
+# Every benchmark on one GPU, in one go (aimed at under 9 minutes on an H100), JSON results
+# in $RESULTS.
 #
 #   bash bench/gpu.sh [RESULTS_DIR]
 #
 # 1. smoke: SmolLM2-135M shape, loss with einsum vs cuDNN attention (must agree), one short
-#    timed step and generation;
+#    timed step; the same step with the linear router instead of the original's ResNet (the
+#    ResNet's share of the compile time: compile_s, compile_trace_s, compile_xla_s);
 # 2. the 7B shape (random bf16 weights), batch 8, seq 512, r = 8, 4 experts, all seven
 #    projections: the JAX train step (cuDNN attention, the default remat 'projections'), then
 #    without remat ('none'; remat 'dots' measured 2026-11-27: same speed as 'none', 34.1 GiB);
@@ -15,7 +15,8 @@
 # 4. greedy generation, batch 16, 400-token prompts, 32 new tokens, JAX and PyTorch; JAX at
 #    batch 64 too (the generation target needs a batch of about 40 or more: at batch 16 the
 #    prefill plus 31 decode steps that each read the 13.5 GB of weights cannot reach 70
-#    prompts/s, bench/README.md).
+#    prompts/s, bench/README.md), there with the scanned decode loop and the unrolled one
+#    (`llm.unroll_decode`; eval_gen_* and eval_gen_alt_*).
 # Each command has its own time limit, so one failure still leaves the other results.
 set -u
 RESULTS=${1:-${OUT:-bench_results}}
@@ -37,6 +38,12 @@ run() {  # run NAME LIMIT_S CMD...: keeps the last JSON line of CMD's output as 
   echo "=== $name: $((SECONDS - start)) s; $(cat "$RESULTS/$name.json")"
 }
 
+# The package's imports besides jax, flax, optax, orbax and chex (a GPU image often lacks
+# ml_collections: install it, or its wheel, first).
+if ! $PY -c "import ml_collections, absl, tqdm" 2>/dev/null; then
+  echo "gpu.sh: error: $PY cannot import ml_collections, absl and tqdm; install them first" >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 run jax_7b 240 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}"
 if [ ! -s "$RESULTS/jax_7b.json" ]; then  # cuDNN attention failed: measure the einsum path.
@@ -44,30 +51,34 @@ if [ ! -s "$RESULTS/jax_7b.json" ]; then  # cuDNN attention failed: measure the 
 fi
 run smoke 150 $PY -m ilora_jax.bench $CFG --config.llm.name=smollm2-135m-random \
   --config.bench.check_attention=True --config.bench.steps=5 --config.bench.eval=False
+run smoke_linear_router 90 $PY -m ilora_jax.bench $CFG --config.llm.name=smollm2-135m-random \
+  --config.router.kind=linear --config.bench.steps=5 --config.bench.eval=False
 run torch_fused_7b 120 $PY bench/torch_reference.py --model=llama2-7b --variant=fused \
   --batch_size=8 --seq_len=512 --steps=5 --eval
 run torch_original_7b 90 $PY bench/torch_reference.py --model=llama2-7b --variant=original \
   --batch_size=4 --seq_len=512 --steps=5
-run jax_7b_gen64 120 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.bench.train=False \
-  --config.bench.eval_batch_size=64 --config.bench.eval_candidates=0
+run jax_7b_gen64 200 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.bench.train=False \
+  --config.bench.eval_batch_size=64 --config.bench.eval_candidates=0 \
+  --config.bench.decode_both=True
 run jax_7b_none 110 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.llm.remat=none \
   --config.bench.eval=False
 $PY - "$RESULTS" <<'EOF'
 import json, os, sys
 d = sys.argv[1]
 rows = {}
-for name in ("smoke", "jax_7b", "jax_7b_gen64", "jax_7b_none", "torch_fused_7b",
-             "torch_original_7b"):
+for name in ("smoke", "smoke_linear_router", "jax_7b", "jax_7b_gen64", "jax_7b_none",
+             "torch_fused_7b", "torch_original_7b"):
   try:
     rows[name] = json.load(open(os.path.join(d, name + ".json")))
   except Exception:
     rows[name] = {}
-print(f"{'run':<20}{'tokens/s':>10}{'step s':>9}{'GiB':>7}{'MFU':>7}{'compile s':>10}{'gen p/s':>9}")
+print(f"{'run':<20}{'tokens/s':>10}{'step s':>9}{'GiB':>7}{'MFU':>7}{'compile s':>10}"
+      f"{'of it XLA':>10}{'gen p/s':>9}{'unrolled':>9}")
 for name, r in rows.items():
   gib = (r.get("peak_bytes") or 0) / 2**30
   print(f"{name:<20}{r.get('tokens_per_s', 0):>10.0f}{r.get('step_s', 0):>9.3f}{gib:>7.1f}"
-        f"{r.get('mfu', 0):>7.3f}{r.get('compile_s', 0):>10.1f}"
-        f"{r.get('eval_gen_prompts_per_s', 0):>9.1f}")
+        f"{r.get('mfu', 0):>7.3f}{r.get('compile_s', 0):>10.1f}{r.get('compile_xla_s', 0):>10.1f}"
+        f"{r.get('eval_gen_prompts_per_s', 0):>9.1f}{r.get('eval_gen_alt_prompts_per_s', 0):>9.1f}")
 jax7, fused = rows["jax_7b"], rows["torch_fused_7b"]
 if jax7.get("tokens_per_s") and fused.get("tokens_per_s"):
   print(f"jax / torch-fused tokens/s: {jax7['tokens_per_s'] / fused['tokens_per_s']:.2f}")

@@ -10,7 +10,9 @@ warm-up, blocking on the results. No data files are read. Prints a table and, as
 one JSON object:
 
   step_s, tokens_per_s, compile_s, peak_bytes, mfu, loss, eval_gen_* for generation and
-  eval_score_* for candidate scoring.
+  eval_score_* for candidate scoring. compile_s splits into compile_trace_s (tracing and
+  lowering, in Python) and compile_xla_s (XLA itself); temp_bytes is XLA's scratch memory of
+  the step (a memory figure where the backend reports no peak, as on a CPU).
 
 With --config.bench.eval_data=True it instead times the two evaluation modes on real prompts:
 the split `bench.eval_split` of config.data with the run's candidates, greedy generation of up
@@ -152,7 +154,7 @@ def parse_variants(text: str | None) -> list[tuple[str, list[str]]]:
 
 def compile_train_step(config, mesh, parts, frozen, state, tx):
   """The run's jitted train step (sharded, state donated) compiled for a random batch of the
-  `bench` shape; -> (compiled step, device batch, compile seconds)."""
+  `bench` shape; -> (compiled step, device batch, compile seconds as `lower_and_compile`)."""
   from ilora_jax import sharding, train_ilora
 
   bc = config.bench
@@ -167,9 +169,28 @@ def compile_train_step(config, mesh, parts, frozen, state, tx):
   )
   host = random_batch(parts, bc.grad_accum, bc.batch_size, bc.seq_len, bc.target_tokens)
   batch = {k: jax.device_put(v, batch_sh) for k, v in host.items()}
+  compiled, times = lower_and_compile(step, state, frozen, batch)
+  return compiled, batch, times
+
+
+def lower_and_compile(jitted, *args, **kwargs):
+  """(compiled program, seconds): `jitted` traced and lowered for the arguments, then
+  compiled by XLA. Seconds: 'total', 'trace' (tracing the Python function and lowering it to
+  StableHLO, the host's part) and 'xla' (XLA's compilation: its passes, code generation and,
+  on GPUs, autotuning)."""
   t0 = time.perf_counter()
-  compiled = step.lower(state, frozen, batch).compile()
-  return compiled, batch, time.perf_counter() - t0
+  lowered = jitted.lower(*args, **kwargs)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  return compiled, {"total": t2 - t0, "trace": t1 - t0, "xla": t2 - t1}
+
+
+def temp_bytes(compiled) -> int | None:
+  """XLA's scratch memory of a compiled program (activations and temporaries, besides its
+  arguments and outputs), on every backend; None where it reports none."""
+  memory = compiled.memory_analysis()
+  return None if memory is None else int(memory.temp_size_in_bytes)
 
 
 def train_stepper(config):
@@ -191,7 +212,7 @@ def train_stepper(config):
 
 def bench_train(config, mesh, parts, frozen, state, tx) -> tuple[dict, dict]:
   bc = config.bench
-  compiled, batch, compile_s = compile_train_step(config, mesh, parts, frozen, state, tx)
+  compiled, batch, compile_times = compile_train_step(config, mesh, parts, frozen, state, tx)
   for _ in range(bc.warmup):
     state, metrics = compiled(state, frozen, batch)
   jax.block_until_ready(state)
@@ -205,8 +226,12 @@ def bench_train(config, mesh, parts, frozen, state, tx) -> tuple[dict, dict]:
   result = {
     "step_s": step_s,
     "tokens_per_s": tokens / step_s,
-    "compile_s": compile_s,
+    "compile_s": compile_times["total"],
+    "compile_trace_s": compile_times["trace"],
+    "compile_xla_s": compile_times["xla"],
     "peak_bytes": _peak_bytes(),
+    # XLA's scratch memory of the step: where a CPU reports no peak, the figure to compare.
+    "temp_bytes": temp_bytes(compiled),
     "mfu": flops / step_s / (bc.peak_flops * mesh.size),
     "loss": float(metrics["loss"]),
   }
@@ -249,8 +274,9 @@ def generation_runner(config, parts, frozen, state) -> types.SimpleNamespace:
 
   def compile(unroll: bool, new: int):
     args, kwargs = inputs()
-    lowered = llm.generate_tokens.lower(parts.model.module, *args, **kwargs, **static(unroll, new))
-    compiled = lowered.compile()
+    compiled, _ = lower_and_compile(
+      llm.generate_tokens, parts.model.module, *args, **kwargs, **static(unroll, new)
+    )
     jax.block_until_ready((args, kwargs))
 
     def run_compiled():  # The compiled generation alone, on the inputs prepared once.
@@ -329,12 +355,16 @@ def bench_generate(config, parts, frozen, state) -> dict:
   packed_len = scoring.packed_length(cmask) if config.ilora.score_packed else None
   args, kwargs = runner.inputs()  # (params, ids, attention); gates, item embeddings
 
-  t0 = time.perf_counter()
-  compiled = scoring.candidate_loglik.lower(
-    parts.model.module, *args, ctoks, cmask, **kwargs, chunk=chunk, packed_len=packed_len
-  ).compile()
-  compile_s = time.perf_counter() - t0
-  memory = compiled.memory_analysis()  # XLA's own figures, on every backend (None: unknown).
+  compiled, compile_times = lower_and_compile(
+    scoring.candidate_loglik,
+    parts.model.module,
+    *args,
+    ctoks,
+    cmask,
+    **kwargs,
+    chunk=chunk,
+    packed_len=packed_len,
+  )
 
   def score():
     return jax.block_until_ready(compiled(*args, ctoks, cmask, **kwargs))
@@ -346,10 +376,10 @@ def bench_generate(config, parts, frozen, state) -> dict:
       "eval_score_packed": packed_len is not None,
       "eval_score_batch_s": batch_s,
       "eval_score_prompts_per_s": b / batch_s,
-      "eval_score_compile_s": compile_s,
-      # Scratch memory of the scoring program (activations, logits, the cache), besides its
-      # arguments and outputs: where a CPU reports no peak, the figure to compare.
-      "eval_score_temp_bytes": None if memory is None else int(memory.temp_size_in_bytes),
+      "eval_score_compile_s": compile_times["total"],
+      "eval_score_compile_xla_s": compile_times["xla"],
+      # Scratch memory of the scoring program (activations, logits, the cache).
+      "eval_score_temp_bytes": temp_bytes(compiled),
       "eval_score_speedup": result["eval_gen_batch_s"] / batch_s,
     }
   )

@@ -191,8 +191,10 @@ def loglik_after_prefill(
 
 def head_piece(length: int, most: int = 64) -> int:
   """Positions per LM-head piece of a `length`-position pass: the largest divisor of `length`
-  up to `most`."""
-  return max(p for p in range(1, min(length, most) + 1) if length % p == 0)
+  up to `most`; where that is under `most // 4` (a length with no fitting divisor, a prime
+  say, which would take many small pieces), `most` itself, the pass padded to a multiple."""
+  piece = max(p for p in range(1, min(length, most) + 1) if length % p == 0)
+  return piece if piece >= most // 4 else most
 
 
 def _shifted(tokens: Array) -> Array:
@@ -209,7 +211,11 @@ def next_logp(
   batch's: 0.35 GB for SmolLM2's 49k vocabulary, 0.92 GB for a 128k one)."""
   b, length, d = hidden.shape
   piece = head_piece(length, most)
-  n = length // piece
+  n = -(-length // piece)
+  if n * piece > length:  # Padded positions (zero states, token 0) are computed, then dropped.
+    pad = n * piece - length
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
 
   def one(_, inputs):
     h, tok = inputs  # [b, piece, d], [b, piece]
@@ -222,7 +228,7 @@ def next_logp(
     targets.reshape(b, n, piece).swapaxes(0, 1),
   )
   _, out = jax.lax.scan(one, None, pieces)  # [n, b, piece]
-  return out.swapaxes(0, 1).reshape(b, length)
+  return out.swapaxes(0, 1).reshape(b, n * piece)[:, :length]
 
 
 def _packed(module, params, first_logits, cache, cands, cand_mask, gate_weights, length):

@@ -27,6 +27,14 @@ def test_bench_train_generate_and_score_keys():
     result["eval_gen_batch_s"] / result["eval_score_batch_s"]
   )
   assert np.isfinite(result["loss"])
+  # The compile time in its two parts (each timed on its own, around its own call).
+  parts = result["compile_trace_s"] + result["compile_xla_s"]
+  assert result["compile_trace_s"] > 0 and result["compile_xla_s"] > 0
+  assert parts == pytest.approx(result["compile_s"], abs=1e-3)
+  assert 0 < result["eval_score_compile_xla_s"] < result["eval_score_compile_s"]
+  # The step's scratch memory holds at least the float32 logits of the 2 rows' 16 target
+  # positions over the tiny model's 49,152-token vocabulary.
+  assert result["temp_bytes"] >= 2 * 16 * 49152 * 4
   # XLA's scratch memory of the scoring program: at least the 20 packed candidates' hidden
   # states of both rows (2 x 240 positions x 64 float32 in the tiny model).
   assert result["eval_score_packed"] is True

@@ -59,10 +59,15 @@ def test_shared_prefill_scores_equal_independent_passes(scan):
   assert jax.numpy.isfinite(got).all()
 
 
-@pytest.mark.parametrize("length", [12, 10, 7], ids=["3_pieces", "5_pieces", "7_pieces"])
-def test_next_token_logp_in_pieces_equals_the_full_log_softmax(length):
-  """The LM head in pieces of at most 4 positions (4, 2 and 1 here) gives each position's
-  log-probability of its target as a log-softmax over the whole [b, L, vocab] logits does."""
+@pytest.mark.parametrize(
+  "length, most, piece",
+  [(12, 4, 4), (10, 4, 2), (7, 4, 1), (13, 8, 8)],
+  ids=["3_pieces", "5_pieces", "7_pieces", "2_pieces_padded"],
+)
+def test_next_token_logp_in_pieces_equals_the_full_log_softmax(length, most, piece):
+  """The LM head in pieces of at most `most` positions gives each position's log-probability
+  of its target as a log-softmax over the whole [b, L, vocab] logits does; a length with no
+  divisor of at least `most // 4` (13, prime) is padded to whole pieces of `most`."""
   model = llm.load("tiny", seed=2)
   tokens = np.random.default_rng(3).integers(0, 500, (2, length)).astype(np.int32)
   logits = np.asarray(model.logits(tokens), np.float64)  # [b, L, v]
@@ -71,8 +76,9 @@ def test_next_token_logp_in_pieces_equals_the_full_log_softmax(length):
   top = logits.max(-1, keepdims=True)
   logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
   want = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-  assert scoring.head_piece(length, 4) == {12: 4, 10: 2, 7: 1}[length]
-  got = scoring.next_logp(model.config, model.params, hidden, targets, most=4)
+  assert scoring.head_piece(length, most) == piece
+  got = scoring.next_logp(model.config, model.params, hidden, targets, most=most)
+  assert got.shape == (2, length)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
 
 
