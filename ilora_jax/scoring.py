@@ -191,9 +191,12 @@ def loglik_after_prefill(
 
 def head_piece(length: int, most: int = 64) -> int:
   """Positions per LM-head piece of a `length`-position pass: the largest divisor of `length`
-  up to `most`; where that is under `most // 4` (a length with no fitting divisor, a prime
-  say, which would take many small pieces), `most` itself, the pass padded to a multiple."""
-  piece = max(p for p in range(1, min(length, most) + 1) if length % p == 0)
+  up to `most` (the whole pass where it is no longer); where that divisor is under
+  `most // 4` (a longer pass with no fitting divisor, a prime length say, would take many
+  small pieces), `most` itself, the pass padded to a multiple of it."""
+  if length <= most:
+    return length
+  piece = max(p for p in range(1, most + 1) if length % p == 0)
   return piece if piece >= most // 4 else most
 
 

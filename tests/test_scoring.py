@@ -61,13 +61,14 @@ def test_shared_prefill_scores_equal_independent_passes(scan):
 
 @pytest.mark.parametrize(
   "length, most, piece",
-  [(12, 4, 4), (10, 4, 2), (7, 4, 1), (13, 8, 8)],
-  ids=["3_pieces", "5_pieces", "7_pieces", "2_pieces_padded"],
+  [(12, 4, 4), (10, 4, 2), (7, 4, 1), (13, 8, 8), (13, 64, 13)],
+  ids=["3_pieces", "5_pieces", "7_pieces", "2_pieces_padded", "1_piece"],
 )
 def test_next_token_logp_in_pieces_equals_the_full_log_softmax(length, most, piece):
   """The LM head in pieces of at most `most` positions gives each position's log-probability
   of its target as a log-softmax over the whole [b, L, vocab] logits does; a length with no
-  divisor of at least `most // 4` (13, prime) is padded to whole pieces of `most`."""
+  divisor of at least `most // 4` (13, prime) is padded to whole pieces of `most`, one no
+  longer than `most` is one piece."""
   model = llm.load("tiny", seed=2)
   tokens = np.random.default_rng(3).integers(0, 500, (2, length)).astype(np.int32)
   logits = np.asarray(model.logits(tokens), np.float64)  # [b, L, v]
