@@ -41,7 +41,13 @@ run() {  # run NAME LIMIT_S CMD...: keeps the last JSON line of CMD's output as 
 # The package's imports besides jax, flax, optax, orbax and chex (a GPU image often lacks
 # ml_collections: install it, or its wheel, first).
 if ! $PY -c "import ml_collections, absl, tqdm" 2>/dev/null; then
-  echo "gpu.sh: error: $PY cannot import ml_collections, absl and tqdm; install them first" >&2
+  echo "error: gpu.sh: $PY cannot import ml_collections, absl and tqdm; install them first" >&2
+  exit 2
+fi
+# A jax without its GPU backend would run every 7B benchmark on the CPU until its time limit.
+backend=$($PY -c "import jax; print(jax.default_backend())" 2>/dev/null)
+if [ "$backend" != gpu ]; then
+  echo "error: gpu.sh: jax's backend is '${backend:-none}', not gpu (a CPU-only jax?)" >&2
   exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader

@@ -2,10 +2,13 @@
 
 import functools
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, run_cli
 
 TINY = "--config=configs/tiny.py"
 SMALL = [
@@ -74,6 +77,26 @@ def test_bench_rejects_bad_shapes():
   proc = run_cli(TINY, "--config.bench.seq_len=8", "--config.bench.target_tokens=8",
                  module="ilora_jax.bench")  # fmt: skip
   assert_one_line_error(proc, "target_tokens")
+
+
+def test_gpu_script_stops_at_once_without_a_gpu(tmp_path):
+  """`bench/gpu.sh` on a jax without a GPU backend: one error line and exit 2 before any
+  benchmark (the 7B runs would otherwise spend their time limits on the CPU)."""
+  import jax
+
+  if jax.default_backend() == "gpu":
+    pytest.skip("this machine has a GPU: the script would run every benchmark")
+  proc = subprocess.run(
+    ["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(tmp_path / "results")],
+    env={**os.environ, "PYTHON": sys.executable},
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 2
+  assert_one_line_error(proc, "gpu.sh", "not gpu")
+  assert not list((tmp_path / "results").iterdir())  # No benchmark ran.
 
 
 def test_ab_step_times_variants_in_alternation():
