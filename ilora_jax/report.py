@@ -229,12 +229,16 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
   axes = np.atleast_1d(axes)
   for ax, stage in zip(axes, stages):
     val = [r for r in by_stage[stage] if r.get("split") == "val" and r.get("run") == stage]
-    for key in ("hr@1", "hr@5", "ndcg@5", "hit_ratio@1", "valid_ratio"):
-      _plot_series(ax, val, key, key)
+    keys = ("hr@1", "hr@5", "ndcg@5", "hit_ratio@1", "valid_ratio")
+    plotted = [_plot_series(ax, val, key, key) for key in keys]
     ax.set_title(f"{stage}: validation")
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)
-    ax.legend(loc="best", fontsize=8)
+    if any(plotted):
+      ax.legend(loc="best", fontsize=8)
+    else:  # e.g. a run with both evaluation modes off: its val records hold the loss only
+      ax.text(0.5, 0.5, "no ranking or generation metrics recorded", ha="center",
+              va="center", transform=ax.transAxes, fontsize=9)  # fmt: skip
   fig.tight_layout()
   fig.savefig(os.path.join(out, "val_metrics.png"), dpi=100)
   plt.close(fig)

@@ -110,3 +110,24 @@ def test_group_metrics_get_their_own_table():
   assert lines[5] == "| ilora | val | 0 | 3.0000 | 0.1250 | 0.7500 |"
   assert lines[6] == "| ilora | val | 1 | 1.0000 | 0.6250 |  |"
   assert report.group_table([{k: v for k, v in final.items() if "group" not in k}]) == []
+
+
+def test_runs_without_ranking_metrics_plot_without_warnings(tmp_path):
+  """A run with both evaluation modes off has val records with the loss only: its validation
+  panel says so instead of matplotlib warning of a legend with no entries."""
+  import warnings
+
+  import matplotlib.image
+
+  records = [
+    {"run": "ilora", "stage": "ilora", "split": split, "step": s, "loss": 3.0 - s / 10}
+    for s in range(1, 4)
+    for split in ("train", "val")
+  ]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write("\n".join(json.dumps(r) for r in records) + "\n")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    out = report.write(str(tmp_path))
+  image = matplotlib.image.imread(f"{out}/val_metrics.png")
+  assert image.ndim == 3 and image.shape[0] > 100
