@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every benchmark on one GPU, in one go (aimed at under 8 minutes on an H100: the last run,
-# remat 'none', is skipped when the others took more than 6.5), JSON results in $RESULTS.
+# Every benchmark on one GPU, in one go (aimed at under 8 minutes on an H100: the last two
+# runs, Triton GEMMs off and remat 'none', are skipped when the others took more than 6 and
+# 6.5 minutes), JSON results in $RESULTS.
 #
 #   bash bench/gpu.sh [RESULTS_DIR]
 #
@@ -9,7 +10,9 @@
 #    ResNet's share of the compile time: compile_s, compile_trace_s, compile_xla_s);
 # 2. the 7B shape (random bf16 weights), batch 8, seq 512, r = 8, 4 experts, all seven
 #    projections: the JAX train step (cuDNN attention, the default remat 'projections'), then
-#    without remat ('none'; remat 'dots' measured 2026-11-27: same speed as 'none', 34.1 GiB);
+#    with Triton GEMMs off (XLA autotunes cuBLAS algorithms only: the compile time's share of
+#    autotuning), then without remat ('none'; remat 'dots' measured 2026-11-27: same speed as
+#    'none', 34.1 GiB), each only when the runs before left the time;
 # 3. the PyTorch references on the same card: fused adapters at batch 8, the original's
 #    per-expert adapters at batch 4 (batch 8 ran out of memory for the original);
 # 4. greedy generation, batch 16, 400-token prompts, 32 new tokens, JAX and PyTorch; JAX at
@@ -66,6 +69,15 @@ run torch_original_7b 90 $PY bench/torch_reference.py --model=llama2-7b --varian
 run jax_7b_gen64 200 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.bench.train=False \
   --config.bench.eval_batch_size=64 --config.bench.eval_candidates=0 \
   --config.bench.decode_both=True
+# XLA's GPU compile of the 7B step (31.7 s on 2026-11-27, target < 20 s) includes autotuning
+# every matmul over Triton kernels it compiles for the purpose; with Triton GEMMs off it only
+# picks among cuBLAS's algorithms. Same step: compile_s and step_s say what that trade gives.
+if [ "$SECONDS" -lt 360 ]; then
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
+    run jax_7b_cublas 90 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.bench.eval=False
+else
+  echo "=== jax_7b_cublas: skipped, $SECONDS s spent (the 8-minute budget)"
+fi
 if [ "$SECONDS" -lt 390 ]; then
   run jax_7b_none 90 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.llm.remat=none \
     --config.bench.eval=False
@@ -76,8 +88,8 @@ $PY - "$RESULTS" <<'EOF'
 import json, os, sys
 d = sys.argv[1]
 rows = {}
-for name in ("smoke", "smoke_linear_router", "jax_7b", "jax_7b_gen64", "jax_7b_none",
-             "torch_fused_7b", "torch_original_7b"):
+for name in ("smoke", "smoke_linear_router", "jax_7b", "jax_7b_gen64", "jax_7b_cublas",
+             "jax_7b_none", "torch_fused_7b", "torch_original_7b"):
   try:
     rows[name] = json.load(open(os.path.join(d, name + ".json")))
   except Exception:
