@@ -307,7 +307,7 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
     f.write("\n".join(lines) + "\n")
 
   # TensorBoard event files with the same scalars (rewritten from scratch each time).
-  from tensorboardX import SummaryWriter
+  SummaryWriter = _summary_writer_class()  # noqa: N806
 
   tb = os.path.join(out, "tb")
   if os.path.isdir(tb):
@@ -323,6 +323,24 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
       writer.add_scalar(f"{prefix}/{key}", value, int(r["step"]))
   writer.close()
   return out
+
+
+def _summary_writer_class():
+  """tensorboardX's `SummaryWriter`, imported without torch: tensorboardX's writer module
+  imports torch wherever it is installed (about 3 s on a CPU; it only needs it for torch
+  tensors, and this package never uses torch). While `sys.modules['torch']` is None, an
+  `import torch` fails as if torch were absent; a torch already imported is left alone."""
+  if "torch" in sys.modules:
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter
+  sys.modules["torch"] = None  # type: ignore[assignment]
+  try:
+    from tensorboardX import SummaryWriter
+  finally:
+    if "torch" in sys.modules and sys.modules["torch"] is None:
+      del sys.modules["torch"]
+  return SummaryWriter
 
 
 def main(argv: list[str] | None = None) -> None:

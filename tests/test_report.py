@@ -4,6 +4,7 @@ import json
 import struct
 
 import numpy as np
+import pytest
 
 from ilora_jax import report
 
@@ -131,3 +132,32 @@ def test_runs_without_ranking_metrics_plot_without_warnings(tmp_path):
     out = report.write(str(tmp_path))
   image = matplotlib.image.imread(f"{out}/val_metrics.png")
   assert image.ndim == 3 and image.shape[0] > 100
+
+
+def test_report_does_not_import_torch(tmp_path):
+  """tensorboardX imports torch where it is installed; the report's writer must not (the
+  package never uses torch). In a fresh interpreter, with torch installed as in the tests."""
+  import subprocess
+  import sys
+
+  pytest.importorskip("torch")
+  records = [{"run": "sasrec", "stage": "sasrec", "split": "train", "step": 1, "loss": 2.5}]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write(json.dumps(records[0]) + "\n")
+  code = (
+    "import sys; from ilora_jax import report; out = report.write(sys.argv[1]); "
+    "print('torch' in sys.modules, out)"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr
+  imported, out = proc.stdout.split()
+  assert imported == "False"
+  import glob
+
+  (events,) = glob.glob(f"{out}/tb/events.*")
+  assert ("sasrec/train/loss", 1, 2.5) in _events(events)
+  import torch  # noqa: F401  (imported here, the writer class comes as before)
+
+  assert report._summary_writer_class().__name__ == "SummaryWriter"
