@@ -86,6 +86,10 @@ def get_config() -> config_dict.ConfigDict:
   # Steps of each epoch whose rows are regrouped by prompt length (less padding; 1 = the
   # plain random order).
   c.ilora.bucket_window = 16
+  # Prompt lengths are padded up to a multiple of this: each new length compiles the train
+  # step (or an evaluation pass) again, so a larger multiple means fewer compilations and
+  # more padding.
+  c.ilora.pad_multiple = 32
 
   c.lora = config_dict.ConfigDict()
   c.lora.rank = 8  # Total LoRA rank r, split over the experts.

@@ -83,6 +83,7 @@ def validate(config: ConfigDict) -> None:
   need(config.data.n_items >= 0, "data.n_items", "must be >= 0 (0 = from the titles)")
   need(config.ilora.prefetch >= 0, "ilora.prefetch", "must be >= 0 (0 = no thread)")
   need(config.ilora.bucket_window >= 1, "ilora.bucket_window", "must be >= 1 (1 = no bucketing)")
+  need(config.ilora.pad_multiple >= 1, "ilora.pad_multiple", "must be >= 1")
   need(config.eval.batch_size > 0, "eval.batch_size", "must be positive")
   need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
   need(config.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be positive")

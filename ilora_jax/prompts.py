@@ -122,6 +122,8 @@ class PromptBuilder:
     n_items: padding item id (written in `item_ids` where nothing is replaced).
     dataset: key of TEMPLATES.
     bos_id: optional id put first in every prompt.
+    multiple_of: `batch` rounds a batch's length up to a multiple of this by default (fewer
+      shapes, so fewer compilations, against more padding).
   """
 
   def __init__(
@@ -133,7 +135,11 @@ class PromptBuilder:
     n_items: int,
     dataset: str,
     bos_id: int | None = None,
+    multiple_of: int = 32,
   ):
+    if multiple_of < 1:
+      raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
+    self.multiple_of = int(multiple_of)
     lock = threading.Lock()  # Training builds batches in a thread while evaluation runs.
 
     def locked(text: str) -> Sequence[int]:
@@ -223,16 +229,17 @@ class PromptBuilder:
     hybrid: bool,
     length: int | None = None,
     pad_left: bool = False,
-    multiple_of: int = 32,
+    multiple_of: int | None = None,
   ) -> Batch:
     """Encodes rows (history, candidates, target or None) and pads them to one length.
 
     Training pads on the right; generation prompts pad on the left so every row's next
-    token is at the same position. The length is rounded up to `multiple_of` (few shapes,
-    few compilations) unless `length` is given.
+    token is at the same position. The length is rounded up to `multiple_of` (the
+    builder's by default; few shapes, few compilations) unless `length` is given.
     """
     encoded = [self.encode_row(h, c, t, template, hybrid) for h, c, t in rows]
     longest = max(len(e[0]) for e in encoded)
+    multiple_of = self.multiple_of if multiple_of is None else multiple_of
     if length is None:
       length = -(-longest // multiple_of) * multiple_of
     if longest > length:

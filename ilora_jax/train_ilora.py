@@ -224,6 +224,7 @@ def build(config, workdir: str, dataset: Dataset, mesh):
     n_items=dataset.n_items,
     dataset=dataset.name,
     bos_id=prompt_bos(config, tokenizer),
+    multiple_of=int(config.ilora.get("pad_multiple", 32)),
   )
   longest = max(len(builder.target_tokens(i)) for i in dataset.titles)
   newline = tuple(builder.encode_in_text("\n"))  # what ends a generated answer

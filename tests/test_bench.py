@@ -227,6 +227,7 @@ def test_ab_step_variants_parse_as_command_line_overrides():
     (["llm.attention_chunks=0"], "llm.attention_chunks must be at least 1"),
     (["ilora.prefetch=-1"], "ilora.prefetch must be >= 0"),
     (["ilora.bucket_window=0"], "ilora.bucket_window must be >= 1"),
+    (["ilora.pad_multiple=0"], "ilora.pad_multiple must be >= 1"),
   ):
     with pytest.raises(UserError, match=fragment):
       configuration.override(base, items)

@@ -61,6 +61,21 @@ def test_padding_sides_and_bucketed_length():
   np.testing.assert_array_equal(left.item_ids[0, -n0:], right.item_ids[0, :n0])
 
 
+def test_the_builders_multiple_is_the_default_length_step():
+  rows = [([0, 1, 4], [2, 3], 3)]
+  longest = len(_builder().encode_row(*rows[0], 0, True)[0])
+  for multiple in (1, 32, 48):
+    builder = prompts.PromptBuilder(
+      _encode, SPECIAL, pad_id=0, titles=TITLES, n_items=5, dataset="movielens", bos_id=1,
+      multiple_of=multiple,
+    )  # fmt: skip
+    b = builder.batch(rows, template=0, hybrid=True)
+    assert b.input_ids.shape[1] == -(-longest // multiple) * multiple  # numpy-free formula
+    assert builder.batch(rows, 0, True, multiple_of=8).input_ids.shape[1] == -(-longest // 8) * 8
+  with pytest.raises(ValueError, match="multiple_of"):
+    prompts.PromptBuilder(_encode, SPECIAL, 0, TITLES, 5, "movielens", multiple_of=0)
+
+
 def test_every_dataset_has_three_templates_with_both_slots():
   for name, templates in prompts.TEMPLATES.items():
     assert len(templates) == 3, name
