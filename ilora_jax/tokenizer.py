@@ -91,12 +91,22 @@ def _file_key(path: str | None) -> tuple | None:
   return (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
+def _disk_key(key: tuple) -> list:
+  """A disk entry's key: the file's key, the `tokenizers` version and a digest of this
+  module's source, so an entry made by other tokenizer-building code is never used."""
+  import tokenizers
+
+  with open(__file__, "rb") as f:
+    source = hashlib.sha256(f.read()).hexdigest()[:16]
+  return [*key, tokenizers.__version__, source]
+
+
 def _cache_file(key: tuple) -> str | None:
   """The disk cache's file for a GGUF file's key, or None when the cache is off."""
   folder = os.environ.get(CACHE_ENV, DEFAULT_CACHE)
   if not folder:
     return None
-  digest = hashlib.sha256(json.dumps(list(key)).encode()).hexdigest()[:24]
+  digest = hashlib.sha256(json.dumps(_disk_key(key)).encode()).hexdigest()[:24]
   return os.path.join(os.path.abspath(os.path.expanduser(folder)), f"gguf-{digest}.json")
 
 
@@ -109,7 +119,7 @@ def _read_cached(key: tuple) -> tuple[str, tuple] | None:
   try:
     with open(path, encoding="utf-8") as f:
       entry = json.load(f)
-    if entry.get("format") != _CACHE_FORMAT or entry.get("key") != list(key):
+    if entry.get("format") != _CACHE_FORMAT or entry.get("key") != _disk_key(key):
       return None
     return str(entry["tokenizer"]), tuple(entry["specials"])
   except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -122,7 +132,7 @@ def _write_cached(key: tuple, json_str: str, specials: tuple) -> None:
   path = _cache_file(key)
   if path is None:
     return
-  entry = {"format": _CACHE_FORMAT, "key": list(key), "specials": list(specials),
+  entry = {"format": _CACHE_FORMAT, "key": _disk_key(key), "specials": list(specials),
            "tokenizer": json_str}  # fmt: skip
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -145,8 +155,9 @@ def tokenizer_from_gguf(path_or_reader: Any):
   SmolLM2-135M on a CPU core, against 0.4 s to load the result), so the result is kept per
   file: in this process, and on disk for later ones, in the folder named by the environment
   variable ILORA_JAX_TOKENIZER_CACHE (default ~/.cache/ilora_jax/tokenizers; '' turns it
-  off). An entry is keyed by the file's absolute path, size and modification time, so a
-  changed file is read again. Every call returns a new, independent wrapper.
+  off). An entry is keyed by the file's absolute path, size and modification time, the
+  `tokenizers` version and this module's source, so a changed file is read again and a
+  changed tokenizer builder builds again. Every call returns a new, independent wrapper.
 
   Args:
     path_or_reader: a .gguf path or an open `gguf.GGUFReader`.

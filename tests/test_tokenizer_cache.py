@@ -86,6 +86,11 @@ def test_a_changed_file_or_a_broken_entry_is_read_again(fresh, monkeypatch, tmp_
   assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built and len(reads) == 2
   monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
   assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built and len(reads) == 2
+  # An entry made by another version of the tokenizer-building code is not used either.
+  real_key = tok_lib._disk_key
+  monkeypatch.setattr(tok_lib, "_disk_key", lambda key: [*real_key(key)[:-1], "other source"])
+  monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
+  assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built and len(reads) == 3
 
 
 def test_no_cache_when_off_or_unwritable(monkeypatch, tmp_path):
