@@ -11,6 +11,7 @@ Also the iLoRA special tokens and the matching growth of embedding / LM-head row
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -91,35 +92,41 @@ def _file_key(path: str | None) -> tuple | None:
   return (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
-def _disk_key(key: tuple) -> list:
-  """A disk entry's key: the file's key, the `tokenizers` version and a digest of this
-  module's source, so an entry made by other tokenizer-building code is never used."""
+@functools.cache
+def _builder_version() -> list[str]:
+  """The `tokenizers` version and a digest of this module's source (read once)."""
   import tokenizers
 
   with open(__file__, "rb") as f:
-    source = hashlib.sha256(f.read()).hexdigest()[:16]
-  return [*key, tokenizers.__version__, source]
+    return [tokenizers.__version__, hashlib.sha256(f.read()).hexdigest()[:16]]
 
 
-def _cache_file(key: tuple) -> str | None:
-  """The disk cache's file for a GGUF file's key, or None when the cache is off."""
+def _disk_key(key: tuple) -> list:
+  """A disk entry's key: the file's key and `_builder_version`, so an entry made by other
+  tokenizer-building code is never used."""
+  return [*key, *_builder_version()]
+
+
+def _cache_file(disk_key: list) -> str | None:
+  """The disk cache's file for an entry's key, or None when the cache is off."""
   folder = os.environ.get(CACHE_ENV, DEFAULT_CACHE)
   if not folder:
     return None
-  digest = hashlib.sha256(json.dumps(_disk_key(key)).encode()).hexdigest()[:24]
+  digest = hashlib.sha256(json.dumps(disk_key).encode()).hexdigest()[:24]
   return os.path.join(os.path.abspath(os.path.expanduser(folder)), f"gguf-{digest}.json")
 
 
 def _read_cached(key: tuple) -> tuple[str, tuple] | None:
   """(tokenizer json, specials) saved for `key` by an earlier process, or None: no cache, no
   entry, or one that is unreadable or made for another file (then it is rebuilt)."""
-  path = _cache_file(key)
+  disk_key = _disk_key(key)
+  path = _cache_file(disk_key)
   if path is None or not os.path.isfile(path):
     return None
   try:
     with open(path, encoding="utf-8") as f:
       entry = json.load(f)
-    if entry.get("format") != _CACHE_FORMAT or entry.get("key") != _disk_key(key):
+    if entry.get("format") != _CACHE_FORMAT or entry.get("key") != disk_key:
       return None
     return str(entry["tokenizer"]), tuple(entry["specials"])
   except (OSError, ValueError, KeyError, TypeError, AttributeError):
@@ -129,10 +136,11 @@ def _read_cached(key: tuple) -> tuple[str, tuple] | None:
 def _write_cached(key: tuple, json_str: str, specials: tuple) -> None:
   """Saves the rebuilt tokenizer for later processes: written whole and then renamed, so a
   reader never sees half a file. A folder that cannot be written just means no cache."""
-  path = _cache_file(key)
+  disk_key = _disk_key(key)
+  path = _cache_file(disk_key)
   if path is None:
     return
-  entry = {"format": _CACHE_FORMAT, "key": _disk_key(key), "specials": list(specials),
+  entry = {"format": _CACHE_FORMAT, "key": disk_key, "specials": list(specials),
            "tokenizer": json_str}  # fmt: skip
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)

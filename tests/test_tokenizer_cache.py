@@ -79,7 +79,7 @@ def test_a_changed_file_or_a_broken_entry_is_read_again(fresh, monkeypatch, tmp_
   assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built and len(reads) == 1
   assert len(os.listdir(fresh)) == 2  # one entry per (path, size, modification time)
   # A truncated entry (written by something that crashed) is rebuilt and replaced.
-  entry = tok_lib._cache_file(tok_lib._file_key(path))
+  entry = tok_lib._cache_file(tok_lib._disk_key(tok_lib._file_key(path)))
   with open(entry, "w") as f:
     f.write('{"format": 1, "key": [')
   monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
@@ -98,7 +98,7 @@ def test_no_cache_when_off_or_unwritable(monkeypatch, tmp_path):
   monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
   monkeypatch.setenv(tok_lib.CACHE_ENV, "")
   built = _encodings(tok_lib.tokenizer_from_gguf(path))
-  assert tok_lib._cache_file(tok_lib._file_key(path)) is None
+  assert tok_lib._cache_file(tok_lib._disk_key(tok_lib._file_key(path))) is None
   blocker = tmp_path / "a_file"  # the cache folder's parent is a file: it cannot be created
   blocker.write_text("")
   monkeypatch.setenv(tok_lib.CACHE_ENV, str(blocker / "cache"))
