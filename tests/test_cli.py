@@ -6,7 +6,7 @@ import pickle
 
 import pandas as pd
 import pytest
-from conftest import assert_one_line_error, metrics_records, run_cli, shared_path
+from conftest import assert_one_line_error, metrics_records, run_cli, shared_path, xla_flags
 
 TINY = "--config=configs/tiny.py"
 
@@ -63,7 +63,7 @@ def test_multi_device_mesh_gives_the_same_losses(uninterrupted, tmp_path):
     f"--workdir={tmp_path}",
     "--config.mesh.data=4",
     "--config.mesh.fsdp=2",
-    env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+    env={"XLA_FLAGS": xla_flags(8)},
   )
   assert proc.returncode == 0, proc.stderr
   ours = [r["loss"] for r in metrics_records(str(tmp_path)) if r["split"] == "train"]
@@ -86,7 +86,7 @@ def test_multi_device_mesh_gives_the_same_losses(uninterrupted, tmp_path):
   ],
 )
 def test_bad_flags_and_values_are_one_line_errors(tmp_path, args, fragments):
-  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  env = {"XLA_FLAGS": xla_flags(2)}
   proc = run_cli(TINY, f"--workdir={tmp_path}", *args, env=env)
   assert_one_line_error(proc, *fragments)
 

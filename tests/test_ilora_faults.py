@@ -7,7 +7,15 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT, TINY, complete_steps, ilora_records, run_cli, with_sasrec_of
+from conftest import (
+  ROOT,
+  TINY,
+  complete_steps,
+  ilora_records,
+  run_cli,
+  with_sasrec_of,
+  xla_flags,
+)
 
 
 def test_kill_during_save_loses_at_most_one_interval(pipeline, tmp_path):
@@ -119,13 +127,13 @@ def test_two_processes_match_one_process_with_eight_devices(pipeline, tmp_path):
           "--config.ilora.eval_base=False"]  # fmt: skip
   single = with_sasrec_of(ref_dir, tmp_path / "single")
   proc = run_cli(TINY, f"--workdir={single}", "--config.stage=ilora", *mesh,
-                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})  # fmt: skip
+                 env={"XLA_FLAGS": xla_flags(8)})  # fmt: skip
   assert proc.returncode == 0, proc.stderr
   multi = with_sasrec_of(ref_dir, tmp_path / "multi")
   with socket.socket() as s:
     s.bind(("localhost", 0))
     port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
   env.pop("ILORA_JAX_DEBUG", None)
   procs = [
     subprocess.Popen(

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, xla_flags
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]
 
@@ -99,7 +99,7 @@ def mesh_runs(tmp_path_factory):
   for devices in (1, 8):  # 1x1x1 on one device, the others on eight.
     meshes = [m for m in MESHES if (m == (1, 1, 1)) == (devices == 1)]
     code = f"ROOT = {ROOT!r}\nBASE = {str(base)!r}\nMESHES = {meshes!r}\n" + _SCRIPT
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
     proc = subprocess.run(
       [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900
     )

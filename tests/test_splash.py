@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import xla_flags
 from test_llama import CFG, _init
 
 from ilora_jax import llama, lora
@@ -171,7 +172,7 @@ MESH_SCRIPT = textwrap.dedent(
 def test_splash_mapped_over_a_mesh():
   """Rows over `data`, heads over `tensor`, and a batch where neither divides (4 CPU
   devices, in a subprocess)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
   proc = subprocess.run(
     [sys.executable, "-c", MESH_SCRIPT], env=env, capture_output=True, text=True, timeout=600
   )
