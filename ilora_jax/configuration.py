@@ -165,10 +165,11 @@ def save(config: ConfigDict, workdir: str) -> None:
   import json
   import os
 
+  from ilora_jax.files import atomic_write
+
   path = os.path.join(workdir, "config.json")
   try:
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(path) as f:
       json.dump(config.to_dict(), f, indent=1, sort_keys=True, default=str)
-    os.replace(path + ".tmp", path)
   except OSError as exc:
     raise UserError(f"cannot write {path}: {exc}") from None

@@ -43,6 +43,7 @@ from ml_collections import ConfigDict, config_flags
 
 from ilora_jax import configuration, report
 from ilora_jax.errors import UserError, cli_main, parse_flags
+from ilora_jax.files import atomic_write
 
 _GRID = config_flags.DEFINE_config_file(
   "grid", None, "Path to a grid file (configs/experiments/*.py).", lock_config=True
@@ -251,7 +252,7 @@ def execute(run: Run, python: str) -> None:
       for s, handler in previous.items():
         signal.signal(s, handler)
   seconds = _seconds(run) + time.time() - start
-  with open(os.path.join(run.workdir, "runner.json"), "w") as f:
+  with atomic_write(os.path.join(run.workdir, "runner.json")) as f:
     json.dump({"seconds": seconds, "command": run.command}, f)
   if got or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
     signum = got[0] if got else rc - 128
@@ -633,11 +634,11 @@ def write_results(grid: ConfigDict, runs: list[Run], resolved: dict, workdir: st
     raise UserError("grid.metrics is empty")
   results = collect(runs, resolved)
   results["machine"] = machine()
-  with open(os.path.join(workdir, "results.json"), "w") as f:
+  with atomic_write(os.path.join(workdir, "results.json")) as f:
     json.dump(results, f, indent=1, sort_keys=True)
   text = markdown(grid, results, metrics, grid.reference)
   path = os.path.join(workdir, "results.md")
-  with open(path, "w") as f:
+  with atomic_write(path) as f:
     f.write(text)
   plots(results, metrics, runs, os.path.join(workdir, "plots"))
   return path

@@ -8,6 +8,8 @@ import os
 
 import numpy as np
 
+from ilora_jax.files import atomic_write
+
 
 def target_ranks(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
   """0-based rank of the target among the candidates.
@@ -86,11 +88,9 @@ class MetricsLog:
         if seen > keep:
           continue
       kept.append(record)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(self.path, encoding="utf-8") as f:
       for record in kept:
         f.write(json.dumps(record) + "\n")
-    os.replace(tmp, self.path)
 
 
 def _plain(value):

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from ilora_jax.errors import UserError, require_file
+from ilora_jax.files import atomic_path, atomic_write
 
 N_ITEMS = 1682
 MAX_LEN = 10
@@ -119,12 +120,9 @@ def build(out_dir: str, seed: int = 0, raw_ratings: str = "", raw_items: str = "
   frames = build_frames(user_sequences(ratings), seed)
   os.makedirs(out_dir, exist_ok=True)
   for name, file in (("train", "train_data.df"), ("val", "Val_data.df"), ("test", "Test_data.df")):
-    tmp = os.path.join(out_dir, file + ".tmp")
-    frames[name].to_pickle(tmp, protocol=4)
-    os.replace(tmp, os.path.join(out_dir, file))
-  tmp = os.path.join(out_dir, "u.item.tmp")
-  with open(tmp, "w", encoding="latin-1", errors="replace") as f:
+    with atomic_path(os.path.join(out_dir, file)) as tmp:
+      frames[name].to_pickle(tmp, protocol=4)
+  with atomic_write(os.path.join(out_dir, "u.item"), encoding="latin-1", errors="replace") as f:
     for movie, title in titles:
       f.write(f"{movie}|{title}|\n")
-  os.replace(tmp, os.path.join(out_dir, "u.item"))
   return out_dir

@@ -21,6 +21,8 @@ from collections import defaultdict
 
 import numpy as np
 
+from ilora_jax.files import atomic_write
+
 _SKIP = {"run", "stage", "split", "step", "epoch", "final", "skipped", "candidates"}
 # Columns of the comparison table: the paper's generation metrics, then candidate scoring.
 COMPARE_KEYS = ("valid_ratio", "hit_ratio@1", "hits_over_total", "hr@1", "hr@5", "ndcg@5", "mrr")
@@ -303,7 +305,7 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
     lines[2:2] = table + ["## Every final metric", ""]
   tb_hint = f"Scalars for TensorBoard: `tensorboard --logdir {os.path.join(out, 'tb')}`."
   lines += ["", "Plots: `train_loss.png`, `val_metrics.png`, `gates.png` (iLoRA).", tb_hint]
-  with open(os.path.join(out, "summary.md"), "w") as f:
+  with atomic_write(os.path.join(out, "summary.md")) as f:
     f.write("\n".join(lines) + "\n")
 
   # TensorBoard event files with the same scalars (rewritten from scratch each time).

@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from ilora_jax.errors import UserError
+from ilora_jax.files import atomic_write
 from ilora_jax.llama import LlamaConfig
 
 ILORA_TOKENS = ("[PH]", "[HistoryEmb]", "[CansEmb]", "[ItemEmb]")
@@ -144,14 +144,8 @@ def _write_cached(key: tuple, json_str: str, specials: tuple) -> None:
            "tokenizer": json_str}  # fmt: skip
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(entry, f)
-      os.replace(tmp, path)
-    finally:
-      if os.path.exists(tmp):
-        os.remove(tmp)
+    with atomic_write(path, encoding="utf-8") as f:
+      json.dump(entry, f)
   except OSError:
     pass
 

@@ -1,0 +1,70 @@
+"""`ilora_jax.files`: whole-file writes that a crash or a failed write never leaves half done."""
+
+import os
+import stat
+
+import pytest
+
+from ilora_jax import files
+
+
+def test_the_old_contents_stay_until_the_block_ends(tmp_path):
+  path = str(tmp_path / "a.json")
+  with open(path, "w") as f:
+    f.write("old")
+  with files.atomic_write(path) as f:
+    f.write("new")
+    f.flush()
+    assert open(path).read() == "old"  # A reader during the write sees the whole old file.
+  assert open(path).read() == "new"
+  assert os.listdir(tmp_path) == ["a.json"]  # No temporary file left.
+
+
+def test_an_error_in_the_block_keeps_the_old_file_and_removes_the_temporary(tmp_path):
+  path = str(tmp_path / "a.json")
+  with open(path, "w") as f:
+    f.write("old")
+  with pytest.raises(RuntimeError, match="half way"):
+    with files.atomic_write(path) as f:
+      f.write("ne")
+      raise RuntimeError("half way")
+  assert open(path).read() == "old"
+  assert os.listdir(tmp_path) == ["a.json"]
+  # No file before: none after either.
+  with pytest.raises(KeyboardInterrupt):
+    with files.atomic_path(str(tmp_path / "b.df")) as tmp:
+      open(tmp, "w").close()
+      raise KeyboardInterrupt
+  assert os.listdir(tmp_path) == ["a.json"]
+
+
+def test_a_failed_rename_removes_the_temporary(tmp_path):
+  (tmp_path / "taken").mkdir()  # A folder where the file should go: the rename fails.
+  with pytest.raises(OSError):
+    with files.atomic_write(str(tmp_path / "taken")) as f:
+      f.write("x")
+  assert sorted(os.listdir(tmp_path)) == ["taken"]
+
+
+def test_permissions_are_those_of_a_plain_open(tmp_path):
+  plain = tmp_path / "plain"
+  with open(plain, "w") as f:
+    f.write("x")
+  with files.atomic_write(str(tmp_path / "atomic")) as f:
+    f.write("x")
+  mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+  assert mode(tmp_path / "atomic") == mode(plain)
+
+
+def test_keyword_arguments_reach_open_and_only_whole_file_modes_are_allowed(tmp_path):
+  path = str(tmp_path / "u.item")
+  with files.atomic_write(path, encoding="latin-1", errors="replace") as f:
+    f.write("Amélie|€\n")  # The euro sign has no latin-1 byte: replaced, as open would.
+  assert open(path, "rb").read() == "Amélie|?\n".encode("latin-1")
+  with files.atomic_write(str(tmp_path / "b.bin"), "wb") as f:
+    f.write(b"\x00\x01")
+  assert open(tmp_path / "b.bin", "rb").read() == b"\x00\x01"
+  with pytest.raises(ValueError, match="whole files"):
+    with files.atomic_write(path, "a"):
+      pass
+  assert open(path, "rb").read() == "Amélie|?\n".encode("latin-1")
