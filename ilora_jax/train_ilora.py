@@ -224,7 +224,7 @@ def build(config, workdir: str, dataset: Dataset, mesh):
     n_items=dataset.n_items,
     dataset=dataset.name,
     bos_id=prompt_bos(config, tokenizer),
-    multiple_of=int(config.ilora.get("pad_multiple", 32)),
+    multiple_of=int(config.ilora.pad_multiple),
   )
   longest = max(len(builder.target_tokens(i)) for i in dataset.titles)
   newline = tuple(builder.encode_in_text("\n"))  # what ends a generated answer
@@ -614,7 +614,7 @@ class Evaluator:
     self.fingerprint = digest.hexdigest()[:16]
     # The order the rows are evaluated in: by prompt length, so each batch pads less.
     self.order = np.arange(rows)
-    if cfg.ilora.get("eval_sort", True):
+    if cfg.ilora.eval_sort:
       key = prompt_key(self.parts, self.split, self.cands)[self.idx]
       self.order = np.argsort(key, kind="stable")
     self.timings: dict[str, float] = {}
@@ -771,7 +771,7 @@ class Evaluator:
     """
     cfg, parts = self.config, self.parts
     gen, score = bool(cfg.ilora.eval_generate), bool(cfg.ilora.eval_score)
-    shared = bool(cfg.ilora.get("eval_shared_prefill", True))
+    shared = bool(cfg.ilora.eval_shared_prefill)
     with_base = baselines and bool(cfg.ilora.eval_base) and (gen or score)
     self.timings, self.generated_tokens = {}, 0
     nll_total, tokens = 0.0, 0
