@@ -193,27 +193,51 @@ def sample_candidates(
   """
   pool = np.arange(n_items) if eligible is None else np.asarray(eligible)
   split_key = zlib.crc32(split.name.encode())
-  rows = len(split)
-  cands = np.empty((rows, num_candidates), dtype=np.int32)
-  target_index = np.empty((rows,), dtype=np.int32)
+  rows, n_pool, need = len(split), len(pool), num_candidates - 1
+  pool_items, members = pool.tolist(), set(pool.tolist())
+  # Python lists: per-row numpy indexing costs more than the draws themselves.
+  seqs, lens, nexts = split.seq.tolist(), split.len_seq.tolist(), split.next.tolist()
+  ids = range(rows) if row_ids is None else np.asarray(row_ids).tolist()
+  batch = need + need // 2 + 8  # Draws taken at once: enough for most rows in one call.
+  cands: list[list[int]] = [[]] * rows
+  target_index: list[int] = [0] * rows
   for r in range(rows):
-    rng = np.random.default_rng([seed, split_key, r if row_ids is None else int(row_ids[r])])
-    excluded = set(split.seq[r, : split.len_seq[r]].tolist())
-    excluded.add(int(split.next[r]))
+    rng = np.random.default_rng([seed, split_key, int(ids[r])])
+    target = int(nexts[r])
+    excluded = set(seqs[r][: lens[r]])
+    excluded.add(target)
+    if n_pool - len(excluded & members) < need:
+      raise UserError(f"only {n_pool} items: too few to draw {need} negatives")
+    # Rejection sampling of `need` distinct items outside `excluded`, one uniform index into
+    # the pool per draw. Draws are taken `batch` at a time (the same stream as one at a time),
+    # then the generator is put back to just after the last draw used, so the permutation
+    # below sees the state it would after single draws: the candidates do not depend on
+    # `batch`.
+    state = rng.bit_generator.state
     chosen: list[int] = []
-    seen = set(excluded)
-    if len(pool) - int(np.isin(list(excluded), pool).sum()) < num_candidates - 1:
-      raise UserError(f"only {len(pool)} items: too few to draw {num_candidates - 1} negatives")
-    while len(chosen) < num_candidates - 1:
-      item = int(pool[rng.integers(len(pool))])
-      if item not in seen:
-        seen.add(item)
-        chosen.append(item)
-    row = np.array([int(split.next[r])] + chosen, dtype=np.int32)
-    order = rng.permutation(num_candidates)
-    cands[r] = row[order]
-    target_index[r] = int(np.flatnonzero(order == 0)[0])
-  return cands, target_index
+    seen, taken, used = set(excluded), 0, 0
+    while len(chosen) < need:
+      draws = rng.integers(n_pool, size=batch).tolist()
+      taken += batch
+      for draw in draws:
+        used += 1
+        item = pool_items[draw]
+        if item not in seen:
+          seen.add(item)
+          chosen.append(item)
+          if len(chosen) == need:
+            break
+    if used != taken:
+      rng.bit_generator.state = state
+      rng.integers(n_pool, size=used)
+    row = [target] + chosen
+    order = rng.permutation(num_candidates).tolist()
+    cands[r] = [row[i] for i in order]
+    target_index[r] = order.index(0)
+  return (
+    np.array(cands, dtype=np.int32).reshape(rows, num_candidates),
+    np.array(target_index, dtype=np.int32),
+  )
 
 
 def _data_dir(config, workdir: str) -> str:

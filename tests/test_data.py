@@ -3,6 +3,7 @@
 import collections
 import importlib.util
 import os
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -47,6 +48,62 @@ def test_candidates_independent_of_which_rows_are_drawn():
   head = data.Split("val", split.seq[:4], split.len_seq[:4], split.next[:4])
   part, _ = data.sample_candidates(head, 50, 20, seed=3)
   np.testing.assert_array_equal(full[:4], part)
+
+
+def _candidates_one_draw_at_a_time(split, n_items, num_candidates, seed, eligible, row_ids):
+  """The specification of `sample_candidates`, written plainly: per row, a generator seeded by
+  (seed, crc32 of the split's name, row id) draws uniform pool indices one at a time until it
+  has num_candidates - 1 distinct items outside the row's history and target; then a
+  permutation of [target] + negatives."""
+  pool = np.arange(n_items) if eligible is None else np.asarray(eligible)
+  key = zlib.crc32(split.name.encode())
+  cands, target = [], []
+  for r in range(len(split)):
+    rng = np.random.default_rng([seed, key, r if row_ids is None else int(row_ids[r])])
+    seen = set(split.seq[r, : split.len_seq[r]].tolist()) | {int(split.next[r])}
+    chosen = []
+    while len(chosen) < num_candidates - 1:
+      item = int(pool[rng.integers(len(pool))])
+      if item not in seen:
+        seen.add(item)
+        chosen.append(item)
+    order = rng.permutation(num_candidates)
+    cands.append(np.array([int(split.next[r])] + chosen)[order])
+    target.append(int(np.flatnonzero(order == 0)[0]))
+  return np.array(cands, np.int32), np.array(target, np.int32)
+
+
+@pytest.mark.parametrize(
+  "n_items, num_candidates, eligible, row_ids",
+  [
+    (50, 20, None, None),  # About as many draws as one batch holds: some rows take two.
+    (31, 20, None, None),  # Nearly every item is needed: many batches per row.
+    (50, 10, np.arange(0, 50, 2), None),
+    (5000, 20, None, np.arange(40) * 13 + 5),  # Few rejections; rows of a larger split.
+  ],
+)
+def test_candidates_equal_the_one_draw_at_a_time_specification(
+  n_items, num_candidates, eligible, row_ids
+):
+  rng = np.random.default_rng(n_items)
+  rows = 40
+  seq = np.full((rows, 10), n_items, np.int32)
+  lens = rng.integers(3, 11, size=rows).astype(np.int32)
+  for r in range(rows):
+    seq[r, : lens[r]] = rng.choice(n_items, size=lens[r], replace=False)
+  split = data.Split("train", seq, lens, rng.integers(n_items, size=rows).astype(np.int32))
+  for seed in (0, 11):
+    got = data.sample_candidates(split, n_items, num_candidates, seed, eligible, row_ids)
+    want = _candidates_one_draw_at_a_time(split, n_items, num_candidates, seed, eligible, row_ids)
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    assert got[0].dtype == got[1].dtype == np.int32
+
+
+def test_too_small_a_pool_is_a_clear_error():
+  split = _split(rows=3, n_items=25)
+  with pytest.raises(UserError, match="too few to draw 19 negatives"):
+    data.sample_candidates(split, 25, 20, seed=0, eligible=np.arange(12))
 
 
 def test_candidates_respect_the_eligible_pool():
