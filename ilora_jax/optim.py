@@ -10,6 +10,7 @@ finite are skipped and counted (`optax.apply_if_finite`), never applied.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -78,9 +79,15 @@ def skipped_updates(opt_state) -> jax.Array:
   return opt_state.total_notfinite
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_schedule(lr: float, total_steps: int):
+  """`schedule` as one program (called eagerly, its few ops would each compile on their own)."""
+  return jax.jit(schedule(lr, total_steps))
+
+
 def learning_rates(lr: float, total_steps: int, step) -> dict[str, Any]:
   """Current learning rate of each group (for logging)."""
-  base = schedule(lr, total_steps)(step)
+  base = _jitted_schedule(float(lr), int(total_steps))(step)
   return {"lr/projector": base, "lr/router": ROUTER_LR_SCALE * base, "lr/lora": base}
 
 

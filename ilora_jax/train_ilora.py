@@ -51,9 +51,9 @@ from ilora_jax.metrics import (
   target_ranks,
 )
 from ilora_jax.projector import Projector
-from ilora_jax.sasrec import SASRec, init_params, params_from_torch
-from ilora_jax.train_sasrec import make_optimizer as sasrec_optimizer
+from ilora_jax.sasrec import SASRec, params_from_torch
 from ilora_jax.train_sasrec import model_config as sasrec_model_config
+from ilora_jax.train_sasrec import restore_target as sasrec_restore_target
 
 STAGE = "ilora"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -95,14 +95,7 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
       )
   repl = sharding.replicated(mesh)
   if latest is not None:
-    params = jax.device_put(init_params(cfg, jax.random.PRNGKey(0)), repl)
-    opt = sasrec_optimizer(1e-3, 0.0)
-    target = {
-      "params": params,
-      "opt_state": jax.device_put(opt.init(params), repl),
-      "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
-    }
-    restored, _ = ckpt.restore(latest, checkpointing.abstract_like(target))
+    restored, _ = ckpt.restore(latest, sasrec_restore_target(cfg, repl))
     ckpt.close()
     console.info(f"iLoRA: SASRec from {ckpt.directory} step {latest}")
     return cfg, restored["params"]
@@ -284,17 +277,16 @@ def init_trainable(parts: Parts, mesh, rules, seed: int):
     lambda k: _adapter_only(llama.init_params(cfg, k, adapter)), out_shardings=adapter_sh
   )
   adapters = init_adapter(key_lora)
-  dummy_user = jnp.zeros((2, parts.sasrec.cfg.hidden), jnp.float32)
-  router_vars = parts.router.init(key_router, dummy_user, train=False)
-  proj_params = parts.projector.init(key_proj, jnp.zeros((1, parts.sasrec.cfg.hidden)))["params"]
+  hidden = parts.sasrec.cfg.hidden
+
+  def init_small(k_router, k_proj):  # One program, not one per initialiser op.
+    router_vars = parts.router.init(k_router, jnp.zeros((2, hidden), jnp.float32), train=False)
+    proj = parts.projector.init(k_proj, jnp.zeros((1, hidden)))["params"]
+    return router_vars["params"], proj, router_vars.get("batch_stats", {})
+
   repl = sharding.replicated(mesh)
-  trainable = {
-    "lora": adapters,
-    "router": jax.device_put(router_vars["params"], repl),
-    "projector": jax.device_put(proj_params, repl),
-  }
-  stats = jax.device_put(router_vars.get("batch_stats", {}), repl)
-  return trainable, stats
+  router, projector, stats = jax.jit(init_small, out_shardings=repl)(key_router, key_proj)
+  return {"lora": adapters, "router": router, "projector": projector}, stats
 
 
 def labels_of(trainable) -> dict:
@@ -960,7 +952,8 @@ def sasrec_fingerprint(sas_params) -> str:
   the float32 sums of one SASRec's weights on different backends or layouts agree.
   """
   leaves = jax.tree.leaves(sas_params)
-  total = sum(float(jnp.sum(jnp.abs(x.astype(jnp.float32)))) for x in leaves)
+  sums = jax.jit(lambda xs: [jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in xs])(leaves)
+  total = sum(float(s) for s in sums)  # Summed on the host in float64, leaf by leaf, as ever.
   return f"{sum(int(x.size) for x in leaves)} weights, |w| sum {total:.4g}"
 
 

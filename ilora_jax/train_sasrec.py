@@ -108,7 +108,8 @@ def initial_params(config, cfg: SASRecConfig, seed: int):
       )
     console.info(f"SASRec: loading {config.sasrec.init_from}")
     return params_from_torch(config.sasrec.init_from, cfg)
-  return init_params(cfg, jax.random.PRNGKey(seed))
+  # One program, not one per initialiser op (each eager op compiles on its own).
+  return jax.jit(init_params, static_argnums=0)(cfg, jax.random.PRNGKey(seed))
 
 
 def _fmt(metrics: dict[str, float]) -> str:
@@ -299,6 +300,20 @@ def evaluate_params(
   return result
 
 
+def restore_target(cfg: SASRecConfig, placement) -> dict:
+  """What a SASRec checkpoint holds (params, optimizer state, step) as shapes placed by
+  `placement`, for `StageCheckpoints.restore`. Shapes only (`jax.eval_shape`): no weights
+  are initialised to be overwritten."""
+  optimizer = make_optimizer(1e-3, 0.0)  # The state's structure does not depend on the rates.
+
+  def state(key):
+    params = init_params(cfg, key)
+    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+  shapes = jax.eval_shape(state, jax.random.PRNGKey(0))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placement), shapes)
+
+
 def evaluate(config, workdir: str) -> dict[str, float]:
   """The `evaluate` stage for SASRec: restore the latest checkpoint and score `eval.split`."""
   dataset = load_from_config(config, workdir)
@@ -308,16 +323,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   latest = ckpt.latest_step()
   if latest is None:
     raise UserError(f"no sasrec checkpoint in {ckpt.directory}: run --config.stage=sasrec first")
-  params = init_params(cfg, jax.random.PRNGKey(0))
-  optimizer = make_optimizer(1e-3, 0.0)
-  repl = sharding.replicated(mesh)
-  params = jax.device_put(params, repl)
-  target = {
-    "params": params,
-    "opt_state": jax.device_put(optimizer.init(params), repl),
-    "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
-  }
-  restored, _ = ckpt.restore(latest, checkpointing.abstract_like(target))
+  restored, _ = ckpt.restore(latest, restore_target(cfg, sharding.replicated(mesh)))
   ckpt.close()
   log = MetricsLog(workdir, enabled=jax.process_index() == 0)
   return evaluate_params(

@@ -33,6 +33,7 @@ for data, fsdp, tensor in MESHES:
   config.ilora.eval_rows = 4
   config.ilora.eval_batch_size = 4
   config.ilora.max_new_tokens = 2
+  config.ilora.pad_multiple = 384  # Every prompt (224-320 tokens) one length: one compile each.
   config.ilora.eval_generate = False  # Target loss only: the losses are what is compared.
   config.ilora.eval_score = False
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
