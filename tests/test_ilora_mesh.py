@@ -2,13 +2,12 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli, xla_flags
+from conftest import ROOT, run_cli, with_sasrec_of, xla_flags
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]
 
@@ -86,16 +85,11 @@ print("RESULT " + json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def mesh_runs(tmp_path_factory):
-  sasrec = tmp_path_factory.mktemp("sasrec")
-  proc = run_cli("--config=configs/tiny.py", f"--workdir={sasrec}", "--config.stage=sasrec")
-  assert proc.returncode == 0, proc.stderr
+def mesh_runs(pipeline, tmp_path_factory):
+  pipeline_dir, _ = pipeline  # Its trained SASRec, frozen under every mesh's run.
   base = tmp_path_factory.mktemp("meshes")
   for data, fsdp, tensor in MESHES:
-    shutil.copytree(
-      sasrec / "checkpoints" / "sasrec",
-      base / f"mesh_{data}{fsdp}{tensor}" / "checkpoints" / "sasrec",
-    )
+    with_sasrec_of(pipeline_dir, base / f"mesh_{data}{fsdp}{tensor}")
   out = {}
   for devices in (1, 8):  # 1x1x1 on one device, the others on eight.
     meshes = [m for m in MESHES if (m == (1, 1, 1)) == (devices == 1)]

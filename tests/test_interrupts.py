@@ -2,13 +2,12 @@
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, with_sasrec_of
 
 ARGS = [
   "--config=configs/tiny.py",
@@ -24,13 +23,12 @@ def _ilora_records(workdir):
     return [r for r in map(json.loads, f) if r["stage"] == "ilora"]
 
 
-def test_sigterm_saves_and_resume_matches(tmp_path):
-  base = tmp_path / "sasrec"
-  proc = run_cli("--config=configs/tiny.py", f"--workdir={base}", "--config.stage=sasrec")
-  assert proc.returncode == 0, proc.stderr
-  interrupted, reference = tmp_path / "interrupted", tmp_path / "reference"
-  for d in (interrupted, reference):
-    shutil.copytree(base / "checkpoints" / "sasrec", d / "checkpoints" / "sasrec")
+def test_sigterm_saves_and_resume_matches(pipeline, tmp_path):
+  pipeline_dir, _ = pipeline  # Its trained SASRec, frozen under both runs.
+  interrupted = tmp_path / "interrupted"
+  reference = tmp_path / "reference"
+  with_sasrec_of(pipeline_dir, interrupted)
+  with_sasrec_of(pipeline_dir, reference)
   env = dict(os.environ)
   env.pop("ILORA_JAX_DEBUG", None)
   child = subprocess.Popen(
