@@ -32,7 +32,6 @@ import sys
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from jax.sharding import PartitionSpec
@@ -171,15 +170,14 @@ def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> di
   sas_abs = jax.eval_shape(lambda: sasrec_init(sas_cfg, jax.random.PRNGKey(0)))
   rtr = router.make_router(config.router.kind, lora_cfg.num_experts, config.router.hidden,
                            **train_ilora.router_kwargs(config))  # fmt: skip
-  rtr_abs = jax.eval_shape(
-    lambda: rtr.init(jax.random.PRNGKey(0), jnp.zeros((2, sas_cfg.hidden)), train=False)
+  key = jax.random.PRNGKey(0)
+  rtr_abs, proj_abs, _ = jax.eval_shape(
+    lambda: train_ilora.init_router_projector(
+      rtr, Projector(cfg.hidden_size), sas_cfg.hidden, key, key
+    )
   )
-  proj = Projector(cfg.hidden_size)
-  proj_abs = jax.eval_shape(
-    lambda: proj.init(jax.random.PRNGKey(0), jnp.zeros((1, sas_cfg.hidden)))["params"]
-  )
-  trainable = {"lora": lora_abs, "router": rtr_abs["params"], "projector": proj_abs}
-  trainable_specs = {"lora": lora_specs, "router": _replicated(rtr_abs["params"]),
+  trainable = {"lora": lora_abs, "router": rtr_abs, "projector": proj_abs}
+  trainable_specs = {"lora": lora_specs, "router": _replicated(rtr_abs),
                      "projector": _replicated(proj_abs)}  # fmt: skip
   tc = config.ilora.train
   tx = optim.make(train_ilora.labels_of(trainable), tc.lr, 1000, tc.weight_decay, tc.clip_norm)

@@ -10,6 +10,7 @@ inside the step as a `lax.scan` over micro-batches.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import time
@@ -277,16 +278,20 @@ def init_trainable(parts: Parts, mesh, rules, seed: int):
     lambda k: _adapter_only(llama.init_params(cfg, k, adapter)), out_shardings=adapter_sh
   )
   adapters = init_adapter(key_lora)
-  hidden = parts.sasrec.cfg.hidden
-
-  def init_small(k_router, k_proj):  # One program, not one per initialiser op.
-    router_vars = parts.router.init(k_router, jnp.zeros((2, hidden), jnp.float32), train=False)
-    proj = parts.projector.init(k_proj, jnp.zeros((1, hidden)))["params"]
-    return router_vars["params"], proj, router_vars.get("batch_stats", {})
-
+  init_small = functools.partial(
+    init_router_projector, parts.router, parts.projector, parts.sasrec.cfg.hidden
+  )  # One program, not one per initialiser op.
   repl = sharding.replicated(mesh)
   router, projector, stats = jax.jit(init_small, out_shardings=repl)(key_router, key_proj)
   return {"lora": adapters, "router": router, "projector": projector}, stats
+
+
+def init_router_projector(router_module, projector, hidden: int, key_router, key_proj):
+  """Router params, projector params and router statistics (`ilora_jax.plan` takes their
+  shapes from this too)."""
+  router_vars = router_module.init(key_router, jnp.zeros((2, hidden), jnp.float32), train=False)
+  proj = projector.init(key_proj, jnp.zeros((1, hidden)))["params"]
+  return router_vars["params"], proj, router_vars.get("batch_stats", {})
 
 
 def labels_of(trainable) -> dict:

@@ -135,12 +135,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
   log = MetricsLog(workdir, enabled=jax.process_index() == 0)
   val_eval = make_evaluator(config, dataset, "val", model, mesh)
 
-  params = jax.device_put(initial_params(config, cfg, tc.seed), repl)
-  state = {
-    "params": params,
-    "opt_state": jax.device_put(optimizer.init(params), repl),
-    "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
-  }
+  state = jax.device_put(new_state(initial_params(config, cfg, tc.seed), optimizer), repl)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   base_key = jax.random.PRNGKey(tc.seed)
 
@@ -300,17 +295,19 @@ def evaluate_params(
   return result
 
 
+def new_state(params, optimizer) -> dict:
+  """The SASRec stage's state: what a checkpoint holds."""
+  return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+
+
 def restore_target(cfg: SASRecConfig, placement) -> dict:
   """What a SASRec checkpoint holds (params, optimizer state, step) as shapes placed by
   `placement`, for `StageCheckpoints.restore`. Shapes only (`jax.eval_shape`): no weights
   are initialised to be overwritten."""
   optimizer = make_optimizer(1e-3, 0.0)  # The state's structure does not depend on the rates.
-
-  def state(key):
-    params = init_params(cfg, key)
-    return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
-
-  shapes = jax.eval_shape(state, jax.random.PRNGKey(0))
+  shapes = jax.eval_shape(
+    lambda k: new_state(init_params(cfg, k), optimizer), jax.random.PRNGKey(0)
+  )
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placement), shapes)
 
 
