@@ -1,12 +1,23 @@
 """Recommend the next items for a history with a trained iLoRA run.
 
-  python -m ilora_jax.recommend --workdir=W --history="Toy Story (1995)|Heat (1995)" [--k=5]
+  python -m ilora_jax.recommend --workdir=W --history="Toy Story (1995)|Heat|#49" [--k=5]
       [--candidates="title|title|..."]
 
-The run's settings come from `W/config.json` (written by every run). The history is a list of
-titles (exact, case-insensitive) or item ids. Without candidates, the frozen SASRec retrieves
-`num_candidates` items outside the history and the adapted LLM re-ranks them by the
-log-likelihood of each title after the hybrid prompt (the scoring evaluation's method).
+The run's settings come from `W/config.json` (written by every run). The history (oldest
+first) and the candidates are entries joined by `|` (write `\\|` for a `|` inside a title):
+
+  - `#N` is item id N (the data's ids, as the output's second column shows them);
+  - `title:T` is the title T, whatever it looks like (`title:311`);
+  - any other entry is a title (case-insensitive; a trailing ` (yyyy)` may be given or left
+    out, as MovieLens titles are stored without it), except that an entry of digits only is
+    the item id N when N is an id; when it is both an id and the title of another item
+    (LastFM's "311") it is an error naming both readings: write `#311` or `title:311`.
+
+A title shared by several items (MovieLens's two "Cape Fear") is an error listing their ids:
+give the id instead (or, on MovieLens, the title with its year). Without candidates, the frozen
+SASRec retrieves `num_candidates` items outside the history and the adapted LLM re-ranks them
+by the log-likelihood of each title after the hybrid prompt (the scoring evaluation's method).
+A history longer than the run's `data.max_len` keeps its last `max_len` items.
 """
 
 from __future__ import annotations
@@ -14,41 +25,190 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 import sys
+import textwrap
+from collections.abc import Callable
 
 import numpy as np
 
+from ilora_jax.data import _YEAR_SUFFIX
 from ilora_jax.errors import UserError, cli_main
+
+TITLE_PREFIX = "title:"  # `title:T`: T is a title, even when it looks like an id.
+_ID = re.compile(r"#([0-9]+)")  # `#N`: item id N.
+_DIGITS = re.compile(r"[0-9]+")  # A bare entry of ASCII digits: an id when N is one.
+_SEPARATOR = re.compile(r"(?<!\\)\|")  # `|` joins entries; `\|` is a `|` inside one.
+# Top-level sections of config.json that restoring an ilora run reads, and the keys of them
+# this module reads itself.
+_SECTIONS = ("data", "train", "sasrec", "ilora", "lora", "router", "llm", "checkpoint", "mesh")
+_KEYS = (("data", "name"), ("data", "max_len"), ("data", "num_candidates"),
+         ("checkpoint", "max_to_keep"))  # fmt: skip
+_HELP_FLAGS = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull")
 
 
 def load_run_config(workdir: str):
+  """The ConfigDict of the run in `workdir` (its `config.json`); a missing, unreadable or
+  foreign file is a UserError naming it."""
   from ml_collections import ConfigDict
 
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
     raise UserError(f"{path} not found: is {workdir} the workdir of an ilora run?")
-  with open(path) as f:
-    return ConfigDict(json.load(f))
+  try:
+    with open(path, encoding="utf-8") as f:
+      raw = json.load(f)
+  except json.JSONDecodeError as exc:
+    raise UserError(
+      f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
+      "the run's config file is damaged"
+    ) from None
+  except UnicodeDecodeError:
+    raise UserError(f"{path} is not valid JSON (not UTF-8 text): the run's config file is "
+                    "damaged") from None  # fmt: skip
+  except OSError as exc:
+    raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+  if not isinstance(raw, dict):
+    raise UserError(
+      f"{path} holds a JSON {type(raw).__name__}, not an object: it is not the config of an "
+      "ilora run"
+    )
+  sections = [s for s in _SECTIONS if not isinstance(raw.get(s), dict)]
+  keys = [".".join(k) for k in _KEYS if k[0] not in sections and k[1] not in raw[k[0]]]
+  if sections or keys:
+    lacks = [f"the section(s) {', '.join(sections)}"] if sections else []
+    lacks += [f"the key(s) {', '.join(keys)}"] if keys else []
+    raise UserError(
+      f"{path} lacks {' and '.join(lacks)}: it is not the config of an ilora run, or was "
+      "written by incompatible code"
+    )
+  return ConfigDict(raw)
 
 
-def resolve_items(names: list[str], titles: dict[int, str], what: str) -> list[int]:
-  """Titles (case-insensitive) or ids -> item ids; an unknown title lists close matches."""
-  by_title: dict[str, int] = {}
-  for item, title in titles.items():
-    by_title.setdefault(title.strip().lower(), item)
-  ids = []
-  for name in names:
-    key = name.strip()
-    if key.isdigit() and int(key) in titles:
-      ids.append(int(key))
-      continue
-    if key.lower() in by_title:
-      ids.append(by_title[key.lower()])
-      continue
-    close = difflib.get_close_matches(key, list(titles.values()), n=3, cutoff=0.5)
-    hint = f"; close matches: {' | '.join(close)}" if close else ""
-    raise UserError(f"unknown {what} title {key!r}{hint}")
-  return ids
+def titles_with_years(config, workdir: str) -> dict[int, str]:
+  """Item id -> title as MovieLens's `u.item` writes it, with the year that `load_titles`
+  strips (so that "Cape Fear (1991)" tells the two "Cape Fear" apart); {} for data sets whose
+  titles file is not a `u.item`, or when it cannot be read (the run's titles still apply)."""
+  data = config.data
+  if data.get("name") == "synthetic":
+    return {}
+  # The titles file `data.load_from_config` reads.
+  directory = data.get("dir") or os.path.join(workdir, "data", data.get("name", ""))
+  names = [data.titles_file] if data.get("titles_file") else ["id2name.txt", "u.item"]
+  path = next((os.path.join(directory, n) for n in names
+               if os.path.exists(os.path.join(directory, n))), "")  # fmt: skip
+  if not os.path.basename(path).startswith("u.item"):
+    return {}
+  full: dict[int, str] = {}
+  try:
+    with open(path, encoding="latin-1") as f:
+      for line in f:
+        fields = line.split("|")
+        if len(fields) > 1 and fields[0].strip().isdigit():
+          full[int(fields[0]) - 1] = fields[1].strip()
+  except OSError:
+    return {}
+  return full
+
+
+def split_entries(text: str) -> list[str]:
+  """`a|b|c` -> its non-blank entries; `\\|` is a `|` inside an entry."""
+  parts = (p.replace("\\|", "|") for p in _SEPARATOR.split(text))
+  return [p for p in parts if p.strip()]
+
+
+def _key(text: str) -> str:
+  return " ".join(text.split()).lower()
+
+
+def _bare_key(text: str) -> str:
+  """The key of a title without its trailing ` (yyyy)`, as `data.load_titles` strips it."""
+  return _key(_YEAR_SUFFIX.sub("", text))
+
+
+class _Titles:
+  """Lookups of titles: exact (case-insensitive) first, then without a year suffix."""
+
+  def __init__(self, titles: dict[int, str], full_titles: dict[int, str] | None):
+    self.titles = titles
+    self.full = {i: t for i, t in (full_titles or {}).items() if i in titles}
+    self.exact: dict[str, list[int]] = {}
+    self.bare: dict[str, list[int]] = {}
+    for item in sorted(titles):
+      for title in dict.fromkeys((titles[item], self.full.get(item, titles[item]))):
+        for index, key in ((self.exact, _key(title)), (self.bare, _bare_key(title))):
+          if item not in index.setdefault(key, []):
+            index[key].append(item)
+
+  def shown(self, item: int) -> str:
+    return f"{item} {self.full.get(item, self.titles[item])!r}"
+
+  def matches(self, title: str) -> list[int]:
+    return self.exact.get(_key(title)) or self.bare.get(_bare_key(title), [])
+
+  def by_title(self, title: str, what: str) -> int:
+    if not title:
+      raise UserError(f"empty {what} title after {TITLE_PREFIX!r}")
+    items = self.matches(title)
+    if len(items) == 1:
+      return items[0]
+    if items:
+      listed = ", ".join(self.shown(i) for i in items[:10])
+      more = f" and {len(items) - 10} more" if len(items) > 10 else ""
+      raise UserError(
+        f"ambiguous {what} title {title!r}: items {listed}{more} have it; give the id "
+        f"instead, e.g. '#{items[0]}'"
+      )
+    pool = {_key(t): t for t in (self.full or self.titles).values()}
+    query = title if self.full else _YEAR_SUFFIX.sub("", title)
+    close = difflib.get_close_matches(_key(query), list(pool), n=3, cutoff=0.5)
+    hint = f"; close matches: {' | '.join(pool[c] for c in close)}" if close else ""
+    raise UserError(f"unknown {what} title {title!r}{hint}")
+
+  def resolve(self, entry: str, what: str) -> int:
+    text = entry.strip()
+    if text.startswith(TITLE_PREFIX):
+      return self.by_title(text[len(TITLE_PREFIX) :].strip(), what)
+    if m := _ID.fullmatch(text):
+      item = int(m[1])
+      if item not in self.titles:
+        raise UserError(
+          f"unknown {what} id #{item}: the item ids are {min(self.titles)}..{max(self.titles)}"
+        )
+      return item
+    if _DIGITS.fullmatch(text):
+      item, named = int(text), self.exact.get(_key(text), [])
+      others = [i for i in named if i != item]
+      if item in self.titles and others:
+        raise UserError(
+          f"{what} entry {text!r} is both item id {self.shown(item)} and the title of item "
+          f"{', '.join(str(i) for i in others)}: write '#{item}' for the id or "
+          f"'{TITLE_PREFIX}{text}' for the title"
+        )
+      if item in self.titles:
+        return item
+      if not named:
+        raise UserError(f"unknown {what} entry {text!r}: no item has this id or title")
+    return self.by_title(text, what)
+
+
+def resolve_items(
+  names: list[str], titles: dict[int, str], what: str, full_titles: dict[int, str] | None = None
+) -> list[int]:
+  """History or candidate entries -> item ids, by the rules of the module docstring.
+
+  Args:
+    names: entries: `#N` (id N), `title:T` (title T), or a title or bare id.
+    titles: item id -> title, as the run uses them.
+    what: "history" or "candidate", for the error messages.
+    full_titles: optional item id -> title with its year (`titles_with_years`), which may
+      also be given and tells apart titles equal without it.
+
+  Raises:
+    UserError: an unknown or ambiguous entry (an unknown title names close matches).
+  """
+  index = _Titles(titles, full_titles)
+  return [index.resolve(name, what) for name in names]
 
 
 class Recommender:
@@ -70,10 +230,16 @@ class Recommender:
     self.evaluator = train_ilora.Evaluator(
       self.su.parts, config, self.su.dataset.val, self.su.gate_kind
     )
+    self.titles_with_years = titles_with_years(config, workdir)
 
   @property
   def titles(self) -> dict[int, str]:
     return self.su.parts.builder.titles
+
+  def resolve(self, entries: list[str | int], what: str) -> list[int]:
+    """Entries (see `resolve_items`; an int is an item id) -> item ids."""
+    names = [f"#{int(e)}" if isinstance(e, int | np.integer) else str(e) for e in entries]
+    return resolve_items(names, self.titles, what, self.titles_with_years)
 
   def retrieve(self, history: list[int], n: int) -> list[int]:
     """SASRec's top-n items outside the history."""
@@ -92,7 +258,8 @@ class Recommender:
     return [int(i) for i in eligible[:n]]
 
   def recommend(self, history: list[int], candidates: list[int] | None = None, k: int = 5):
-    """Top-k (item id, title, log-likelihood) among the candidates."""
+    """Top-k (item id, title, log-likelihood) among the candidates (fewer when there are
+    fewer candidates). The history keeps its last `data.max_len` items."""
     if not history:
       raise UserError("the history is empty")
     n = self.config.data.num_candidates
@@ -115,41 +282,99 @@ class Recommender:
 
 
 def recommend(
-  workdir: str, history: list[str | int], candidates: list[str | int] | None = None, k: int = 5
+  workdir: str,
+  history: list[str | int],
+  candidates: list[str | int] | None = None,
+  k: int = 5,
+  notify: Callable[[str], None] | None = None,
 ) -> list[tuple[int, str, float]]:
-  """Top-k (item id, title, score) for a history of titles or ids, with a trained run."""
+  """Top-k (item id, title, score) for a history of titles or ids, with a trained run.
+
+  Entries are strings as on the command line (`resolve_items`) or ints (item ids). `notify`,
+  when given, receives one-line notices: the history is longer than the run's `data.max_len`
+  (only its last items count), or there are fewer than k candidates (so fewer rows).
+  """
   rec = Recommender(workdir)
-  hist = resolve_items([str(h) for h in history], rec.titles, "history")
-  cands = (
-    resolve_items([str(c) for c in candidates], rec.titles, "candidate") if candidates else None
-  )
-  return rec.recommend(hist, cands, k)
+  hist = rec.resolve(list(history), "history")
+  cands = rec.resolve(list(candidates), "candidate") if candidates else None
+  notify = notify or (lambda message: None)
+  max_len = int(rec.config.data.max_len)
+  if len(hist) > max_len:
+    notify(
+      f"the history has {len(hist)} items, more than the run's data.max_len={max_len}: "
+      f"only its last {max_len} are used"
+    )
+  top = rec.recommend(hist, cands, k)
+  if len(top) < k:
+    source = (
+      "distinct candidates were given"
+      if cands
+      else f"items were retrieved (data.num_candidates={rec.config.data.num_candidates})"
+    )
+    notify(f"only {len(top)} {source}, so {len(top)} rows instead of k={k}")
+  return top
+
+
+def _usage(values) -> str:
+  lines = [(__doc__ or "").strip(), "", "flags:"]
+  for name in ("workdir", "history", "candidates", "k"):
+    flag = values[name]
+    default = "" if flag.default in (None, "") else f" (default: {flag.default})"
+    lines.append(textwrap.fill(f"--{name}: {flag.help}{default}", 96, initial_indent="  ",
+                               subsequent_indent="      "))  # fmt: skip
+  return "\n".join(lines)
 
 
 @cli_main
 def main(argv: list[str] | None = None) -> None:
   from absl import flags
 
-  flags.DEFINE_string("workdir", None, "Workdir of a trained ilora run.")
-  flags.DEFINE_string("history", None, "Items seen, oldest first: titles or ids joined by '|'.")
-  flags.DEFINE_string("candidates", "", "Optional candidates joined by '|' (default: SASRec's).")
-  flags.DEFINE_integer("k", 5, "How many items to return.")
+  # Its own flag values: only these flags, and main may run more than once in a process.
+  values = flags.FlagValues()
+  flags.DEFINE_string("workdir", None, "Workdir of a trained ilora run.", flag_values=values)
+  flags.DEFINE_string(
+    "history",
+    None,
+    "Items seen, oldest first, joined by '|': titles (a trailing year '(yyyy)' optional), "
+    "'#N' for item id N, 'title:T' for a title that looks like an id; a bare number is an id "
+    "unless it is also another item's title (then an error); '\\|' is a '|' inside a title.",
+    flag_values=values,
+  )
+  flags.DEFINE_string(
+    "candidates",
+    "",
+    "Optional candidates joined by '|', written as --history's entries (default: SASRec's).",
+    flag_values=values,
+  )
+  flags.DEFINE_integer("k", 5, "How many items to return.", flag_values=values)
+  argv = sys.argv if argv is None else argv
+  args = argv[1 : argv.index("--") if "--" in argv else len(argv)]
+  if any(a in _HELP_FLAGS for a in args):
+    print(_usage(values))
+    return
   try:
-    flags.FLAGS(sys.argv if argv is None else argv)
+    values(argv)
   except flags.Error as exc:
     raise UserError(str(exc)) from None
-  f = flags.FLAGS
+  f = values
   if not f.workdir or not f.history:
-    raise UserError("--workdir and --history are required")
+    raise UserError("--workdir and --history are required (see --help)")
   if f.k < 1:
     raise UserError(f"--k must be at least 1, got {f.k}")
+  history, candidates = split_entries(f.history), split_entries(f.candidates)
+  if not history:
+    raise UserError(f"--history={f.history!r} names no item")
   from ilora_jax import compile_cache, console
 
-  console.quiet_libraries()
   # The run's compile cache (its saved config), so repeated calls load the compiled steps.
-  compile_cache.enable(load_run_config(f.workdir).get("compile_cache_dir", ""))
-  split = lambda s: [x for x in s.split("|") if x.strip()]
-  for item, title, score in recommend(f.workdir, split(f.history), split(f.candidates), f.k):
+  config = load_run_config(f.workdir)
+  console.quiet_libraries()
+  compile_cache.enable(config.get("compile_cache_dir", ""))
+
+  def notify(message: str) -> None:
+    print(f"recommend: {message}", file=sys.stderr, flush=True)
+
+  for item, title, score in recommend(f.workdir, history, candidates, f.k, notify):
     print(f"{score:10.3f}  {item:6d}  {title}")
 
 

@@ -1,0 +1,219 @@
+"""`ilora_jax.recommend`'s inputs: how history and candidate entries resolve to items, the
+run's config.json, notices and --help; none of these tests loads a model."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+from conftest import ROOT, assert_one_line_error, run_cli, shared_path
+
+import ilora_jax.recommend as rec_mod
+from ilora_jax.errors import UserError
+from ilora_jax.recommend import load_run_config, resolve_items
+
+MODULE = "ilora_jax.recommend"
+REAL_RECOMMENDER = rec_mod.Recommender  # The tests that load no model replace it.
+
+
+def resolve(names, titles, full_titles=None):
+  if full_titles is None:
+    return resolve_items(names, titles, "history")
+  return resolve_items(names, titles, "history", full_titles)
+
+
+def error_of(names, titles, full_titles=None) -> str:
+  with pytest.raises(UserError) as info:
+    resolve(names, titles, full_titles)
+  return str(info.value)
+
+
+def test_a_title_may_be_given_with_or_without_its_year():
+  titles = {0: "Toy Story", 1: "Heat", 2: "Legend (1994)", 3: "Shadowgate", 4: "Shadowgate (2014)"}
+  names = ["Toy Story (1995)", "toy story", "HEAT (1995)", "Legend", "legend (1994)"]
+  assert resolve(names, titles) == [0, 0, 1, 2, 2]
+  # A title stored with its year keeps it; an exact title wins over the one without a year.
+  assert resolve(["Shadowgate", "Shadowgate (2014)"], titles) == [3, 4]
+  assert "ambiguous" in error_of(["Shadowgate (1987)"], titles)
+
+
+def test_a_title_shared_by_several_items_is_an_error_listing_them():
+  titles = {5: "Heat", 217: "Cape Fear", 672: "Cape Fear"}
+  message = error_of(["Heat", "cape fear"], titles)
+  assert "ambiguous history title 'cape fear'" in message
+  assert "217 'Cape Fear'" in message and "672 'Cape Fear'" in message
+  assert "give the id instead" in message and "'#217'" in message
+  assert resolve(["Heat", "#672"], titles) == [5, 672]
+  # With the titles' years (MovieLens's u.item), the year tells them apart.
+  full = {5: "Heat (1995)", 217: "Cape Fear (1991)", 672: "Cape Fear (1962)"}
+  assert resolve(["Cape Fear (1962)", "cape fear (1991)", "Heat"], titles, full) == [672, 217, 5]
+  message = error_of(["Cape Fear"], titles, full)
+  assert "217 'Cape Fear (1991)'" in message and "672 'Cape Fear (1962)'" in message
+  assert "ambiguous" in error_of(["Cape Fear (1975)"], titles, full)
+
+
+def test_digits_are_an_id_unless_also_another_items_title():
+  titles = {3: "Fleetwood Mac", 7: "7", 161: "12012", 274: "#####", 311: "Oomph!", 2559: "311"}
+  message = error_of(["311"], titles)
+  for fragment in ("'311' is both item id 311 'Oomph!'", "title of item 2559", "'#311'",
+                   "'title:311'"):  # fmt: skip
+    assert fragment in message, message
+  assert resolve(["#311", "title:311", "title: 311 "], titles) == [311, 2559, 2559]
+  assert resolve(["3", "7", "12012", "#####", "#7"], titles) == [3, 7, 161, 274, 7]
+  assert "no item has this id or title" in error_of(["99"], titles)
+  assert "unknown history id #99" in error_of(["#99"], titles)
+  assert "unknown history title 'Oomph'" in error_of(["title:Oomph"], titles)
+
+
+def test_an_unknown_title_names_close_matches():
+  titles = {0: "Toy Story", 1: "Heat", 2: "Tommy Boy"}
+  message = error_of(["title:toy stroy (1995)"], titles)
+  assert message.startswith("unknown history title 'toy stroy (1995)'; close matches: Toy Story")
+  full = {0: "Toy Story (1995)", 1: "Heat (1995)", 2: "Tommy Boy (1995)"}
+  assert "close matches: Toy Story (1995)" in error_of(["Toy Stroy (1995)"], titles, full)
+  # Digits other than ASCII (str.isdigit accepts them; int() may not) are a title.
+  assert "unknown history title '²'" in error_of(["²"], titles)
+
+
+def test_entries_are_split_on_unescaped_bars():
+  from ilora_jax.recommend import split_entries
+
+  assert split_entries(r"Odd\|\|Even| #3 ||Heat") == ["Odd||Even", " #3 ", "Heat"]
+  assert resolve(split_entries(r"Odd\|\|Even|#3"), {2207: "Odd||Even", 3: "3"}) == [2207, 3]
+
+
+def test_real_movielens_titles():
+  from ml_collections import ConfigDict
+
+  from ilora_jax.data import load_titles
+  from ilora_jax.recommend import titles_with_years
+
+  path = shared_path("data", "movielens", "u.item")
+  titles = load_titles(path)
+  config = ConfigDict({"data": {"name": "movielens", "dir": os.path.dirname(path)}})
+  full = titles_with_years(config, "unused")
+  assert full[0] == "Toy Story (1995)" and titles[0] == "Toy Story"
+  assert resolve(["Toy Story (1995)", "Heat (1995)", "Star Wars"], titles) == [0, 272, 49]
+  for years in (None, full):
+    message = error_of(["Cape Fear"], titles, years)
+    assert "ambiguous" in message and "217 " in message and "672 " in message
+  assert resolve(["Cape Fear (1991)", "Cape Fear (1962)"], titles, full) == [217, 672]
+  assert "'#187' for the id" in error_of(["187"], titles, full)  # Item 329 is titled "187".
+
+
+def base_config() -> dict:
+  path = os.path.join(ROOT, "configs", "base.py")
+  spec = importlib.util.spec_from_file_location("base_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return json.loads(json.dumps(module.get_config().to_dict(), default=str))
+
+
+@pytest.mark.parametrize(
+  "content, fragment",
+  [
+    ('{"stage": ', "is not valid JSON"),
+    ("[1, 2]", "holds a JSON list, not an object: it is not the config of an ilora run"),
+    ('"ilora"', "holds a JSON str"),
+    (b"\xff\xfe{}", "is not valid JSON"),
+    ('{"stage": "ilora"}', "lacks the section(s) data, train"),
+  ],
+)
+def test_a_bad_config_json_is_a_user_error_naming_it(tmp_path, content, fragment):
+  path = tmp_path / "config.json"
+  path.write_bytes(content if isinstance(content, bytes) else content.encode())
+  with pytest.raises(UserError) as info:
+    load_run_config(str(tmp_path))
+  assert str(path) in str(info.value) and fragment in str(info.value), info.value
+
+
+def test_a_config_without_a_section_the_run_needs_is_a_user_error(tmp_path):
+  saved = base_config()
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  assert load_run_config(str(tmp_path)).lora.rank == saved["lora"]["rank"]
+  del saved["lora"], saved["data"]["max_len"]
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(UserError) as info:
+    load_run_config(str(tmp_path))
+  assert str(info.value) == (
+    f"{tmp_path / 'config.json'} lacks the section(s) lora and the key(s) data.max_len: it is "
+    "not the config of an ilora run, or was written by incompatible code"
+  )
+  os.remove(tmp_path / "config.json")
+  os.mkdir(tmp_path / "config.json")
+  with pytest.raises(UserError, match="cannot read"):
+    load_run_config(str(tmp_path))
+
+
+class FakeRecommender:
+  """Stands in for a restored run: its titles and config, candidates scored in order."""
+
+  def __init__(self, workdir, config=None):
+    from ml_collections import ConfigDict
+
+    self.config = ConfigDict({"data": {"max_len": 3, "num_candidates": 4}})
+    self.titles = {1: "Oomph!", 2: "1", 3: "Heat", 4: "Toy Story", 5: "Cape Fear"}
+    self.titles_with_years = {}
+    self.seen = None
+
+  def resolve(self, entries, what):
+    return REAL_RECOMMENDER.resolve(self, entries, what)
+
+  def recommend(self, history, candidates=None, k=5):
+    FakeRecommender.seen = history
+    cands = list(dict.fromkeys(candidates or [5, 4]))
+    return [(c, self.titles[c], -float(i)) for i, c in enumerate(cands)][:k]
+
+
+def test_notices_for_a_truncated_history_and_fewer_candidates_than_k(monkeypatch):
+  monkeypatch.setattr(rec_mod, "Recommender", FakeRecommender)
+  notices = []
+  top = rec_mod.recommend("w", [1, "#2", "Heat", "toy story (1995)"], ["Heat", "#3"], 10,
+                          notices.append)  # fmt: skip
+  assert FakeRecommender.seen == [1, 2, 3, 4] and [t for t, *_ in top] == [3]
+  assert notices == [
+    "the history has 4 items, more than the run's data.max_len=3: only its last 3 are used",
+    "only 1 distinct candidates were given, so 1 rows instead of k=10",
+  ]
+  notices.clear()
+  rec_mod.recommend("w", ["Heat"], k=3, notify=notices.append)
+  assert notices == [
+    "only 2 items were retrieved (data.num_candidates=4), so 2 rows instead of k=3"
+  ]
+  notices.clear()
+  assert len(rec_mod.recommend("w", ["Heat"], k=2, notify=notices.append)) == 2 and not notices
+  # An int entry is an item id; the string "1" is both id 1 and item 2's title.
+  assert [t for t, *_ in rec_mod.recommend("w", [1], [1, 2])] == [1, 2]
+  with pytest.raises(UserError, match="'1' is both item id 1"):
+    rec_mod.recommend("w", ["1"])
+
+
+def test_cli_prints_notices_on_stderr(monkeypatch, tmp_path, capsys):
+  from ilora_jax import compile_cache
+
+  (tmp_path / "config.json").write_text(json.dumps(base_config()))
+  monkeypatch.setattr(rec_mod, "Recommender", FakeRecommender)
+  monkeypatch.setattr(compile_cache, "enable", lambda folder: None)
+  rec_mod.main(["recommend", f"--workdir={tmp_path}", "--history=#1|#2|Heat|Cape Fear", "--k=3"])
+  out, err = capsys.readouterr()
+  assert [line.split()[1] for line in out.splitlines()] == ["5", "4"]
+  assert "recommend: the history has 4 items" in err
+  assert "recommend: only 2 items were retrieved" in err
+
+
+def test_cli_help_prints_the_flags():
+  for flag in ("--help", "-h", "--helpfull"):
+    proc = run_cli(flag, "--bogus", module=MODULE, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--history:" in proc.stdout and "'#N'" in proc.stdout and "title:" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_cli_bad_config_json_fails_before_loading_a_model(tmp_path):
+  (tmp_path / "config.json").write_text('{"stage": ')
+  proc = run_cli(f"--workdir={tmp_path}", "--history=Heat", module=MODULE, timeout=120)
+  assert proc.returncode == 2
+  assert_one_line_error(proc, str(tmp_path / "config.json"), "is not valid JSON")
+  proc = run_cli(f"--workdir={tmp_path}", "--history= | ", module=MODULE, timeout=120)
+  assert proc.returncode == 2
+  assert_one_line_error(proc, "--history=' | ' names no item")
