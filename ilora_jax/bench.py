@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shlex
 import sys
 import time
@@ -46,6 +47,43 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ilora_jax.errors import UserError, cli_main
 
 _NO_WORKDIR = "<none>"
+
+# The numeric `config.bench` fields and their least values (`check_config`).
+_LEAST = {
+  "batch_size": 1,
+  "seq_len": 2,
+  "grad_accum": 1,
+  "steps": 1,
+  "warmup": 0,
+  "target_tokens": 1,
+  "eval_batch_size": 1,
+  "eval_prompt_len": 2,
+  "eval_new_tokens": 1,
+  "eval_candidates": 0,
+  "eval_candidate_len": 1,
+  "eval_rows": 0,  # 0: every row of the split.
+}
+
+
+def check_config(config) -> None:
+  """Refuses impossible `config.bench` values before any work, naming the field."""
+  bc = config.bench
+  for key, least in _LEAST.items():
+    value = bc.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise UserError(f"config.bench.{key}={value!r} must be an integer >= {least}")
+  peak = bc.get("peak_flops")
+  if isinstance(peak, bool) or not isinstance(peak, int | float) or not 0 < peak < math.inf:
+    raise UserError(f"config.bench.peak_flops={peak!r} must be a positive number (FLOP/s)")
+  if bc.target_tokens >= bc.seq_len:
+    raise UserError(
+      f"config.bench.target_tokens={bc.target_tokens} must be smaller than "
+      f"config.bench.seq_len={bc.seq_len}"
+    )
+  from ilora_jax.data import SPLITS
+
+  if bc.eval_data and bc.eval_split not in SPLITS:
+    raise UserError(f"config.bench.eval_split={bc.eval_split!r} must be one of {', '.join(SPLITS)}")
 
 
 def _peak_bytes() -> int | None:
@@ -197,6 +235,7 @@ def train_stepper(config):
   its own mesh to completion, carrying the state (the scripts in bench/ time or trace it)."""
   from ilora_jax import sharding
 
+  check_config(config)
   mesh = sharding.make_mesh(config.mesh)
   parts, frozen, state, tx = build(config, mesh)
   compiled, batch, _ = compile_train_step(config, mesh, parts, frozen, state, tx)
@@ -294,6 +333,7 @@ def generate_stepper(config):
 
   if int(config.bench.eval_new_tokens) < 2:
     raise UserError("bench.eval_new_tokens must be at least 2: one prefill, then decode steps")
+  check_config(config)
   mesh = sharding.make_mesh(config.mesh)
   parts, frozen, state, _ = build(config, mesh)
   runner = generation_runner(config, parts, frozen, state)
@@ -518,15 +558,12 @@ def main(argv: list[str] | None = None) -> None:
 
   flags.FLAGS.set_default("workdir", _NO_WORKDIR)  # Optional here: only eval_data reads one.
   config, workdir = main_lib.parse(list(sys.argv if argv is None else argv))
+  check_config(config)
   from ilora_jax import compile_cache, configuration, console
 
   configuration.validate(config)
   console.quiet_libraries()
   compile_cache.enable("")  # compile_s is a real compile, never a load from the cache.
-  if config.bench.steps < 1 or config.bench.batch_size < 1 or config.bench.seq_len < 2:
-    raise UserError("config.bench: steps, batch_size must be >= 1 and seq_len >= 2")
-  if config.bench.target_tokens >= config.bench.seq_len:
-    raise UserError("config.bench.target_tokens must be smaller than config.bench.seq_len")
   run(config, None if workdir == _NO_WORKDIR else workdir)
 
 

@@ -36,13 +36,14 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
 from ilora_jax import configuration, report
-from ilora_jax.errors import UserError, cli_main, parse_flags
+from ilora_jax.errors import UserError, cli_main, parse_flags, require_file
 from ilora_jax.files import atomic_write
 
 _GRID = config_flags.DEFINE_config_file(
@@ -97,7 +98,10 @@ def parse_variants(lines) -> list[tuple[str, list[str]]]:
 
 
 def _overrides(text, where: str) -> list[str]:
-  items = shlex.split(text) if isinstance(text, str) else [str(t) for t in text]
+  try:
+    items = shlex.split(text) if isinstance(text, str) else [str(t) for t in text]
+  except ValueError as exc:  # Unbalanced quotes.
+    raise UserError(f"{where}: cannot split {text!r} into key=value items: {exc}") from None
   for item in items:
     if "=" not in item or item.startswith("-"):
       raise UserError(f"{where}: override {item!r} must read key=value (without --config.)")
@@ -194,6 +198,25 @@ def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dic
   return runs, resolved
 
 
+def check_sasrec(grid: ConfigDict) -> None:
+  """`grid.sasrec`, when given, names an existing SASRec: a readable file (an original `.pt`
+  checkpoint) or a workdir where the sasrec stage saved a checkpoint. Checked before any run
+  (each run would otherwise find out only after loading the LLM)."""
+  path = grid.get("sasrec", "")
+  if not path:
+    return
+  if os.path.isdir(path):
+    folder = os.path.join(path, "checkpoints", "sasrec")
+    steps = os.listdir(folder) if os.path.isdir(folder) else []
+    if not any(name.isdigit() for name in steps):
+      raise UserError(
+        f"grid.sasrec={path} is a folder without a SASRec checkpoint (no {folder}/<step>): "
+        "give a workdir where --config.stage=sasrec has run, or an original .pt file"
+      )
+    return
+  require_file(path, "grid.sasrec")
+
+
 # ----------------------------------------------------------------------------- running
 
 
@@ -255,11 +278,12 @@ def execute(run: Run, python: str) -> None:
   with atomic_write(os.path.join(run.workdir, "runner.json")) as f:
     json.dump({"seconds": seconds, "command": run.command}, f)
   if got or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+    from tqdm import tqdm
+
     signum = got[0] if got else rc - 128
-    print(
+    tqdm.write(  # Above the progress bar of `main`, if one is drawn.
       f"{run.name} stopped by {signal.Signals(signum).name}; re-run the same command to resume",
       file=sys.stderr,
-      flush=True,
     )
     sys.exit(128 + signum)
   if rc != 0:
@@ -324,8 +348,8 @@ def _groups(results: dict, split: str) -> list[int]:
   keys = set()
   for seeds in results["runs"].values():
     for finals in seeds.values():
-      keys |= {k for k in finals.get(split, {}) if k.startswith("group/")}
-  return sorted({int(k.split("/")[1]) for k in keys})
+      keys |= {m[1] for k in finals.get(split, {}) if (m := report.GROUP_KEY.fullmatch(k))}
+  return sorted({int(g) for g in keys})
 
 
 def gate_specialisation(record: dict, groups: list[int], experts: int) -> float | None:
@@ -374,12 +398,14 @@ def gate_permutation_test(
 def gate_test(run: Run) -> dict[str, float] | None:
   """`gate_permutation_test` on a finished run's val gates (`W/report/gates.npz`)."""
   try:
-    saved = np.load(os.path.join(run.workdir, "report", "gates.npz"))
-  except (OSError, ValueError):
+    with np.load(os.path.join(run.workdir, "report", "gates.npz")) as saved:
+      if "groups" not in saved:  # Data without user groups.
+        return None
+      gates, groups = np.asarray(saved["gates"], np.float64), np.asarray(saved["groups"])
+  except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile):
+    return None  # No (readable) gate table: the run's own report says why.
+  if gates.ndim != 2 or groups.shape != gates.shape[:1]:
     return None
-  if "groups" not in saved:  # Data without user groups.
-    return None
-  gates, groups = saved["gates"], saved["groups"]
   if gates.shape[1] < 2 or len(np.unique(groups)) < 2:
     return None
   return gate_permutation_test(gates, groups)
@@ -421,7 +447,7 @@ def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str
       cells = []
       for s in seeds:
         rec = results["runs"][v].get(s, {}).get(split, {})
-        cells.append(f"{rec[head]:.4f}" if head in rec else "-")
+        cells.append(report.cell(rec[head]) if head in rec else "-")
       lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines.append("")
     if reference in results["runs"]:
@@ -591,7 +617,12 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
       pts = [
         (r["step"], r["loss"])
         for r in report.read_records(run.workdir)
-        if r.get("stage") == "ilora" and r.get("split") == "train" and "loss" in r
+        if r.get("stage") == "ilora"
+        and r.get("split") == "train"
+        and "step" in r
+        # A diverged loss is logged as the text "nan": not drawn.
+        and isinstance(r.get("loss"), int | float)
+        and not isinstance(r["loss"], bool)
       ]
       if len(pts) > 1:
         steps, losses = map(np.asarray, zip(*pts))
@@ -671,6 +702,8 @@ def main(argv: list[str] | None = None) -> None:
     for run in runs:
       print(run.command)
     return
+  if not _REPORT_ONLY.value:
+    check_sasrec(grid)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as exc:
@@ -680,14 +713,24 @@ def main(argv: list[str] | None = None) -> None:
 
     todo = [r for r in runs if not finished(r)]
     print(f"grid: {len(runs)} runs, {len(runs) - len(todo)} already finished", flush=True)
-    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc="grid", unit="run") as bar:
+    # The bar only on a terminal: in a captured stderr its redrawn lines would be fragments
+    # before the one `error:` line of a failed run (the lines on stdout say where it is).
+    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="grid", unit="run",
+               disable=not sys.stderr.isatty())  # fmt: skip
+    try:
       for run in todo:
         bar.set_postfix_str(run.name)
+        tqdm.write(f"{run.name}: running, log {os.path.join(run.workdir, 'log.txt')}")
         start = time.time()
         execute(run, sys.executable)
         tqdm.write(f"{run.name}: done in {time.time() - start:.0f} s")
         bar.update(1)
         write_results(grid, runs, resolved, workdir)  # Tables so far, after every run.
+    except BaseException:
+      bar.leave = False  # Cleared, so that the error line stands alone.
+      raise
+    finally:
+      bar.close()
   print(f"results: {write_results(grid, runs, resolved, workdir)}", flush=True)
 
 

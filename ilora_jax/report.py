@@ -14,13 +14,19 @@ this run's (same data, split, rows and `data.candidate_seed`); otherwise the row
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
 import os
+import re
 import sys
+import zipfile
 from collections import defaultdict
 
 import numpy as np
 
+from ilora_jax.errors import UserError, require
 from ilora_jax.files import atomic_write
 
 _SKIP = {"run", "stage", "split", "step", "epoch", "final", "skipped", "candidates"}
@@ -28,24 +34,68 @@ _SKIP = {"run", "stage", "split", "step", "epoch", "final", "skipped", "candidat
 COMPARE_KEYS = ("valid_ratio", "hit_ratio@1", "hits_over_total", "hr@1", "hr@5", "ndcg@5", "mrr")
 
 
+_TEXT_KEYS = ("run", "stage", "split")  # Strings where present: they name groups and tags.
+_INT64 = 2**63  # TensorBoard steps are int64.
+GROUP_KEY = re.compile(r"group/(\d+)/(.+)")  # Per-user-group metrics: group/<g>/<metric>.
+
+
 def read_records(workdir: str) -> list[dict]:
   """The records of `workdir/metrics.jsonl` ([] when absent).
 
-  A line that does not parse is skipped: only the last line can be one, cut by a kill, and
-  the run rewrites that record when it resumes.
+  A last line that does not parse is skipped: a job writing right now, or one killed in the
+  middle of a write, leaves it cut, and the run rewrites that record when it resumes. Any
+  other line that does not parse is an error naming the file and line: the log is written by
+  the program one whole line at a time, so a bad line elsewhere means a damaged or hand-edited
+  file, and a report (or a grid's table) without that record would be silently wrong.
   """
   path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  if not os.path.lexists(path):
     return []
+  if not os.path.isfile(path):
+    raise UserError(f"{path} is not a file")
+  try:
+    with open(path, "rb") as f:
+      lines = f.read().splitlines()
+  except OSError as exc:
+    raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+  numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
   out = []
-  with open(path) as f:
-    for line in f:
-      if line.strip():
-        try:
-          out.append(json.loads(line))
-        except ValueError:
-          pass
+  for n, line in numbered:
+    try:
+      record = json.loads(line)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError.
+      if n == numbered[-1][0]:
+        continue  # Cut by a kill or still being written.
+      reason = " ".join(str(exc).split())[:80]
+      raise UserError(
+        f"{path}:{n}: not a JSON record ({reason}); only a cut last line is skipped: "
+        "fix or remove that line"
+      ) from None
+    out.append(_checked(record, f"{path}:{n}"))
   return out
+
+
+def _checked(record, where: str) -> dict:
+  """`record` if it is a JSON object with a usable `step` and string names; integers too large
+  for a float become +-inf (as the log writes other non-finite values)."""
+  if not isinstance(record, dict):
+    raise UserError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
+  if "step" in record:
+    step = record["step"]
+    whole = isinstance(step, int) or (isinstance(step, float) and step.is_integer())
+    if isinstance(step, bool) or not whole or not -_INT64 <= step < _INT64:
+      raise UserError(f"{where}: step={json.dumps(step)[:40]} must be an integer (int64)")
+    record["step"] = int(step)
+  for key in _TEXT_KEYS:
+    if key in record and not isinstance(record[key], str):
+      raise UserError(f"{where}: {key}={json.dumps(record[key])[:40]} must be a string")
+  for key, value in record.items():
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= _INT64:
+      try:
+        record[key] = float(value)
+      except OverflowError:
+        record[key] = math.inf if value > 0 else -math.inf
+  return record
 
 
 def _numeric(record: dict) -> dict[str, float]:
@@ -80,22 +130,37 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
 
 
 def _plot_series(ax, records, key, label):
-  pts = [(r["step"], r[key]) for r in records if key in r and isinstance(r[key], int | float)]
+  pts = [
+    (r["step"], r[key])
+    for r in records
+    if "step" in r and key in r and isinstance(r[key], int | float) and not isinstance(r[key], bool)
+  ]
   if pts:
     steps, values = zip(*pts)
     ax.plot(steps, values, marker="o" if len(pts) < 30 else None, label=label)
   return bool(pts)
 
 
+COMPARE_FORM = "comma-separated name=DIR entries (a bare DIR is named by its folder)"
+
+
 def parse_compare(text: str) -> dict[str, str]:
-  """`name=workdir,name=workdir` -> {name: workdir}; a bare workdir is named by its folder."""
+  """`name=workdir,name=workdir` -> {name: workdir}; a bare workdir is named by its folder.
+
+  The name ends at the first `=` (a folder may hold one); names must be unique.
+  """
   out = {}
   for part in (p.strip() for p in (text or "").split(",")):
     if not part:
       continue
-    name, _, path = part.rpartition("=")
-    path = path.strip()
-    out[name.strip() or os.path.basename(os.path.normpath(path))] = path
+    name, eq, path = part.partition("=")
+    name, path = (name.strip(), path.strip()) if eq else ("", part)
+    if not path or (eq and not name):
+      raise UserError(f"entry {part!r}: expected {COMPARE_FORM}")
+    name = name or os.path.basename(os.path.normpath(path))
+    if name in out:
+      raise UserError(f"name {name!r} given twice ({out[name]} and {path}): names must differ")
+    out[name] = path
   return out
 
 
@@ -104,9 +169,12 @@ def describe_run(workdir: str) -> str:
   try:
     with open(os.path.join(workdir, "config.json")) as f:
       config = json.load(f)
-  except (OSError, ValueError):
+  except (OSError, ValueError, RecursionError):
     return "model"
-  lora, rtr = config.get("lora", {}), config.get("router", {})
+  if not isinstance(config, dict):
+    return "model"
+  lora, rtr = config.get("lora"), config.get("router")
+  lora, rtr = lora if isinstance(lora, dict) else {}, rtr if isinstance(rtr, dict) else {}
   gate, experts = lora.get("gate"), lora.get("num_experts")
   if config.get("stage") == "sasrec":
     return "SASRec"
@@ -122,7 +190,7 @@ def finals_by_split(records: list[dict], run: str | None = None) -> dict[str, di
   out = {}
   for r in records:
     if r.get("final") and r.get("stage") == "ilora" and run in (None, r.get("run")):
-      out[r["split"]] = r
+      out[r.get("split", "?")] = r
   return out
 
 
@@ -130,7 +198,7 @@ def group_table(finals: list[dict]) -> list[str]:
   """Markdown lines of the per-user-group metrics (`group/<g>/<metric>`) of final records."""
   rows, columns = [], []
   for r in finals:
-    groups = sorted({int(k.split("/")[1]) for k in r if k.startswith("group/")})
+    groups = sorted({int(m[1]) for k in r if (m := GROUP_KEY.fullmatch(k))})
     for g in groups:
       prefix = f"group/{g}/"
       vals = {k[len(prefix) :]: v for k, v in _numeric(r).items() if k.startswith(prefix)}
@@ -182,7 +250,7 @@ def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> li
       if isinstance(vals, str):
         cells = [vals] + [""] * (len(COMPARE_KEYS) - 1)
       else:
-        cells = ["" if vals[k] is None else f"{float(vals[k]):.4f}" for k in COMPARE_KEYS]
+        cells = [cell(vals[k]) for k in COMPARE_KEYS]
       lines.append("| " + " | ".join([label] + cells) + " |")
     lines += [
       "",
@@ -193,16 +261,61 @@ def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> li
   return lines
 
 
+def cell(value) -> str:
+  """A metric as a table cell: 4 decimals, "" when absent, as written when not a number."""
+  if value is None:
+    return ""
+  if isinstance(value, int | float | str) and not isinstance(value, bool):
+    with contextlib.suppress(ValueError, OverflowError):
+      return f"{float(value):.4f}"
+  return " ".join(str(value).split())[:20]
+
+
 def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
   """Writes `workdir/report/` and returns its path."""
+  if isinstance(compare, str) or compare is None:
+    try:
+      compare = parse_compare(compare or "")
+    except UserError as exc:
+      raise UserError(f"config.report.compare: {exc}") from None
+  records = read_records(workdir)
+  out = os.path.join(workdir, "report")
+  if os.path.lexists(out) and not os.path.isdir(out):
+    raise UserError(f"{out} is not a folder: move it away to write the report there")
+  try:
+    _write(workdir, out, records, compare)
+  except OSError as exc:  # A read-only workdir, a full disk, a folder where a file goes, ...
+    where = f" ({exc.filename})" if exc.filename else ""
+    raise UserError(f"cannot write the report in {out}: {exc.strerror or exc}{where}") from None
+  return out
+
+
+def read_gates(path: str) -> tuple[np.ndarray, np.ndarray]:
+  """(gates [users, experts], users [users, dim]) of the iLoRA stage's `gates.npz`."""
+  try:
+    with np.load(path) as data:
+      gates = np.asarray(data["gates"], np.float64)
+      users = np.asarray(data["users"], np.float64)
+  except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+    # TypeError: a plain .npy array (no archive) or a pickle.
+    reason = " ".join(str(exc).split())[:80]
+    raise UserError(f"cannot read {path} ({type(exc).__name__}: {reason}): remove it or "
+                    "re-run the ilora stage's evaluation") from None  # fmt: skip
+  require(
+    gates.ndim == 2 and users.ndim == 2 and len(gates) == len(users) > 0 and gates.shape[1] > 0,
+    f"{path}: gates [users, experts] and users [users, dim] must be non-empty 2-D arrays "
+    f"with the same rows, not {gates.shape} and {users.shape}",
+  )
+  return gates, users
+
+
+def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str]) -> None:
   import matplotlib
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  out = os.path.join(workdir, "report")
   os.makedirs(out, exist_ok=True)
-  records = read_records(workdir)
   by_stage: dict[str, list[dict]] = defaultdict(list)
   for r in records:
     by_stage[r.get("stage", "?")].append(r)
@@ -255,10 +368,10 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
       _plot_series(axes[0], ilora_train, key, "expert " + key.split("/")[1])
     axes[0].set_title("mean gate weight per expert (train batches)")
     axes[0].set_xlabel("step")
-    axes[0].legend(fontsize=8)
+    if experts:  # A gates.npz without gate_mean records: no lines, so no legend.
+      axes[0].legend(fontsize=8)
     if os.path.exists(gates_path):
-      data = np.load(gates_path)
-      gates, users = data["gates"], data["users"]
+      gates, users = read_gates(gates_path)
       p = np.clip(gates, 1e-9, 1.0)
       entropy = -(p * np.log(p)).sum(-1)
       axes[1].hist(entropy, bins=20, range=(0, np.log(gates.shape[1]) + 1e-6))
@@ -285,7 +398,7 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
     keys += [k for k in _numeric(r) if k not in keys and not k.startswith("group/")]
   lines = [f"# Run summary: {os.path.abspath(workdir)}", ""]
   if finals:
-    lines.append("| run | stage | split | step | " + " | ".join(keys) + " |")
+    lines.append("| " + " | ".join(["run", "stage", "split", "step", *keys]) + " |")
     lines.append("|---" * (4 + len(keys)) + "|")
     for r in finals:
       vals = _numeric(r)
@@ -298,8 +411,6 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
   else:
     lines.append("No final evaluation yet.")
   lines += group_table(finals)
-  if isinstance(compare, str) or compare is None:
-    compare = parse_compare(compare or "")
   table = comparison(workdir, records, compare)
   if table:
     lines[2:2] = table + ["## Every final metric", ""]
@@ -317,14 +428,28 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
       if name.startswith("events."):
         os.remove(os.path.join(tb, name))
   writer = SummaryWriter(tb)
-  for r in records:
-    if "step" not in r:
-      continue
-    prefix = f"{r.get('stage', '?')}/{r.get('split', '?')}{'_final' if r.get('final') else ''}"
-    for key, value in _numeric(r).items():
-      writer.add_scalar(f"{prefix}/{key}", value, int(r["step"]))
+  # Non-finite values (a diverged loss) are written as they are; tensorboardX would log a
+  # warning for each of them on stderr.
+  with _logger_level("tensorboardX.x2num", logging.ERROR):
+    for r in records:
+      if "step" not in r:
+        continue
+      final = "_final" if r.get("final") else ""
+      prefix = f"{r.get('stage', '?')}/{r.get('split', '?')}{final}"
+      for key, value in _numeric(r).items():
+        writer.add_scalar(f"{prefix}/{key}", value, r["step"])
   writer.close()
-  return out
+
+
+@contextlib.contextmanager
+def _logger_level(name: str, level: int):
+  logger = logging.getLogger(name)
+  previous = logger.level
+  logger.setLevel(level)
+  try:
+    yield
+  finally:
+    logger.setLevel(previous)
 
 
 def _summary_writer_class():
@@ -356,14 +481,22 @@ def main(argv: list[str] | None = None) -> None:
       key, eq, value = a.partition("=")
       if key not in ("--workdir", "--compare") or not eq:
         raise UserError(f"unknown argument {a!r}; {usage}")
+      if key[2:] in opts:
+        raise UserError(f"{key} is given twice; {usage}")
       opts[key[2:]] = value
-    if "workdir" not in opts:
+    if not opts.get("workdir"):
       raise UserError(usage)
     workdir = opts["workdir"]
-    compare = parse_compare(opts.get("compare", ""))
-    for path in [workdir, *compare.values()]:
-      if not os.path.exists(os.path.join(path, "metrics.jsonl")):
-        raise UserError(f"no metrics.jsonl in {path}")
+    try:
+      compare = parse_compare(opts.get("compare", ""))
+    except UserError as exc:
+      raise UserError(f"--compare: {exc}") from None
+    if not os.path.lexists(os.path.join(workdir, "metrics.jsonl")):
+      raise UserError(f"no metrics.jsonl in {workdir}")
+    for name, path in compare.items():
+      if not os.path.lexists(os.path.join(path, "metrics.jsonl")):
+        raise UserError(f"--compare: no metrics.jsonl in {path} (entry {name}); expected "
+                        f"{COMPARE_FORM}")  # fmt: skip
     print(write(workdir, compare))
 
   run(sys.argv if argv is None else argv)

@@ -334,3 +334,34 @@ def test_profile_step_splits_generation_into_prefill_and_decode_steps(tmp_path):
   proc = run_cli(TINY, "--mode=generate", "--config.bench.eval_new_tokens=1",
                  script="bench/profile_step.py")  # fmt: skip
   assert_one_line_error(proc, "eval_new_tokens must be at least 2")
+
+
+@pytest.mark.parametrize(
+  "override, fragment",
+  [
+    ("eval_batch_size=0", "config.bench.eval_batch_size=0 must be an integer >= 1"),
+    ("eval_new_tokens=0", "config.bench.eval_new_tokens=0 must be an integer >= 1"),
+    ("grad_accum=0", "config.bench.grad_accum=0 must be an integer >= 1"),
+    ("warmup=-1", "config.bench.warmup=-1 must be an integer >= 0"),
+    ("peak_flops=0", "config.bench.peak_flops=0.0 must be a positive number"),
+  ],
+)
+def test_bench_rejects_impossible_fields_before_any_work(override, fragment):
+  """Each numeric `bench.*` field is checked up front (seconds: no model is built)."""
+  proc = run_cli(TINY, f"--config.bench.{override}", module="ilora_jax.bench")
+  assert proc.returncode == 2
+  assert_one_line_error(proc, fragment)
+
+
+def test_bench_check_config_accepts_the_defaults_and_names_the_field():
+  from ilora_jax import bench, configuration
+
+  overrides = [o.removeprefix("--config.") for o in SMALL]
+  config = configuration.load(f"{ROOT}/configs/tiny.py", overrides)
+  bench.check_config(config)
+  config.bench.peak_flops = float("nan")
+  with pytest.raises(bench.UserError, match="config.bench.peak_flops=nan"):
+    bench.check_config(config)
+  config.bench.peak_flops, config.bench.eval_data, config.bench.eval_split = 1e12, True, "x"
+  with pytest.raises(bench.UserError, match="config.bench.eval_split='x' must be one of"):
+    bench.check_config(config)

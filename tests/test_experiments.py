@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, metrics_records, run_cli
+from conftest import ROOT, assert_one_line_error, metrics_records, run_cli
 
 from ilora_jax import experiments, report, synthetic
 
@@ -278,3 +278,41 @@ def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(tmp_pat
   assert "grid: 2 runs, 1 already finished" in rerun.stdout
   steps = [r["step"] for r in metrics_records(run_dir) if r["split"] == "train"]
   assert steps == list(range(1, 151))  # Resumed from the checkpoint: every step once.
+
+
+@pytest.mark.parametrize(
+  "args, fragments",
+  [
+    (("--grid.extra=train.steps='2",), ("grid.extra", "No closing quotation")),
+    (("--grid.sasrec=/nonexistent/m.pt",), ("grid.sasrec not found", "/nonexistent/m.pt")),
+    (("--grid.sasrec={tmp}",), ("grid.sasrec=", "without a SASRec checkpoint")),
+  ],
+  ids=["unbalanced_quote", "missing_sasrec", "sasrec_folder_without_checkpoint"],
+)
+def test_bad_extra_and_sasrec_fail_before_any_run(tmp_path, args, fragments):
+  w = str(tmp_path / "grid")
+  args = [a.format(tmp=tmp_path) for a in args]
+  proc = run_cli(GRID, f"--workdir={w}", *args, module="ilora_jax.experiments")
+  assert proc.returncode == 2
+  assert_one_line_error(proc, *fragments)
+  assert not os.path.exists(w)
+
+
+def test_a_failed_run_leaves_the_error_line_alone_on_stderr(tmp_path):
+  """No progress-bar fragments before the runner's `error:` line (stderr is not a terminal);
+  stdout says which run was running and where its log is. The run itself is stubbed out."""
+  script = tmp_path / "grid_fails.py"
+  script.write_text(
+    f"import sys; sys.path.insert(0, {ROOT!r})\n"
+    "from ilora_jax import experiments\n"
+    "def execute(run, python):\n"
+    "  raise experiments.UserError(f'run {run.name} failed (exit 1): boom')\n"
+    "experiments.execute = execute\n"
+    "experiments.main()\n"
+  )
+  w = str(tmp_path / "grid")
+  proc = run_cli(GRID, f"--workdir={w}", "--grid.seeds=0", script=str(script))
+  assert proc.returncode == 2
+  assert proc.stderr == "error: run sasrec/seed0 failed (exit 1): boom\n"
+  log = os.path.join(w, "sasrec", "seed0", "log.txt")
+  assert proc.stdout.splitlines()[-1] == f"sasrec/seed0: running, log {log}"

@@ -5,8 +5,10 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, run_cli
 
 from ilora_jax import report
+from ilora_jax.errors import UserError
 
 
 def _events(path):
@@ -161,3 +163,123 @@ def test_report_does_not_import_torch(tmp_path):
   import torch  # noqa: F401  (imported here, the writer class comes as before)
 
   assert report._summary_writer_class().__name__ == "SummaryWriter"
+
+
+def _report_cli(capsys, *args):
+  """`python -m ilora_jax.report args...` in this process (cheaper than a subprocess): the
+  exit code and the captured output as a CompletedProcess."""
+  import subprocess
+
+  code = 0
+  try:
+    report.main(["report", *args])
+  except SystemExit as exc:
+    code = exc.code
+  out, err = capsys.readouterr()
+  return subprocess.CompletedProcess(args, code, out, err)
+
+
+GOOD = '{"run": "ilora", "stage": "ilora", "split": "train", "step": 1, "loss": 2.5}\n'
+
+
+@pytest.mark.parametrize(
+  "text, fragments",
+  [
+    ("[1, 2]\n" + GOOD, ["metrics.jsonl:1", "JSON object"]),
+    ('{"step": "abc", "loss": 1}\n', ["metrics.jsonl:1", "step", "integer"]),
+    ('{"step": 1e30, "loss": 1}\n', ["metrics.jsonl:1", "step", "integer"]),
+    ('{"step": 1, "split": [1]}\n', ["metrics.jsonl:1", "split", "string"]),
+    (GOOD + '{"broken\n' + GOOD, ["metrics.jsonl:2", "not a JSON record"]),
+    (GOOD + "\xff\n" + GOOD, ["metrics.jsonl:2", "not a JSON record"]),
+  ],
+  ids=["list", "step_text", "step_1e30", "split_list", "middle_cut", "middle_not_utf8"],
+)
+def test_bad_metrics_lines_are_one_error_naming_file_and_line(tmp_path, capsys, text, fragments):
+  (tmp_path / "metrics.jsonl").write_bytes(text.encode("latin-1"))
+  proc = _report_cli(capsys, f"--workdir={tmp_path}")
+  assert proc.returncode == 2
+  assert_one_line_error(proc, str(tmp_path), *fragments)
+
+
+def test_a_cut_last_line_is_skipped_and_numbers_too_big_become_inf(tmp_path, capsys):
+  """A job being written (or killed mid-write) leaves its last line cut: that one alone is
+  skipped. An integer too large for a float is infinite, as the log writes non-finite values."""
+  big = '{"run": "ilora", "stage": "ilora", "split": "val", "step": 2, "final": true, '
+  big += f'"hr@1": {10**400}}}\n'
+  (tmp_path / "metrics.jsonl").write_text(GOOD + big + '{"run": "ilora", "st')
+  records = report.read_records(str(tmp_path))
+  assert len(records) == 2 and records[1]["hr@1"] == float("inf")
+  proc = _report_cli(capsys, f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr
+  assert "| ilora | ilora | val | 2 | inf |" in (tmp_path / "report" / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["metrics_dir", "report_file", "tb_file", "read_only"])
+def test_unusable_files_and_folders_are_one_error(tmp_path, capsys, case):
+  import os
+
+  (tmp_path / "metrics.jsonl").write_text(GOOD)
+  fragments = [str(tmp_path)]
+  if case == "metrics_dir":
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()
+    fragments.append("not a file")
+  elif case == "report_file":
+    (tmp_path / "report").write_text("")
+    fragments.append("not a folder")
+  elif case == "tb_file":
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "tb").write_text("")
+    fragments.append("cannot write the report")
+  else:
+    tmp_path.chmod(0o555)
+    if os.access(tmp_path, os.W_OK):
+      tmp_path.chmod(0o755)
+      pytest.skip("this user writes into read-only folders (root)")
+    fragments.append("cannot write the report")
+  try:
+    proc = _report_cli(capsys, f"--workdir={tmp_path}")
+  finally:
+    tmp_path.chmod(0o755)
+  assert proc.returncode == 2
+  assert_one_line_error(proc, *fragments)
+
+
+@pytest.mark.parametrize(
+  "compare, fragments",
+  [
+    ("a={ok},a={ok}", ["--compare", "'a' given twice"]),
+    ("={ok}", ["--compare", "name=DIR"]),
+    ("a=", ["--compare", "name=DIR"]),
+    ("{ok}/missing", ["--compare", "no metrics.jsonl", "name=DIR"]),
+  ],
+  ids=["duplicate", "no_name", "no_dir", "no_metrics"],
+)
+def test_bad_compare_lists_are_one_error(tmp_path, capsys, compare, fragments):
+  (tmp_path / "metrics.jsonl").write_text(GOOD)
+  proc = _report_cli(capsys, f"--workdir={tmp_path}", f"--compare={compare.format(ok=tmp_path)}")
+  assert proc.returncode == 2
+  assert_one_line_error(proc, *fragments)
+
+
+def test_compare_of_the_config_names_each_run_once(tmp_path):
+  with pytest.raises(UserError, match="config.report.compare: name 'x' given twice"):
+    report.write(str(tmp_path), "x=a,x=b")
+
+
+def test_non_finite_values_and_gates_without_records_report_quietly(tmp_path):
+  """NaN and Infinity metric values (tensorboardX logs a warning per value) and a gates.npz
+  with no gate records (matplotlib warns of a legend without entries): nothing on stderr."""
+  records = [
+    {"run": "ilora", "stage": "ilora", "split": "train", "step": 3, "loss": float("nan")},
+    {"run": "ilora", "stage": "ilora", "split": "train", "step": 4, "loss": float("inf")},
+  ]
+  with open(tmp_path / "metrics.jsonl", "w") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in records))
+  (tmp_path / "report").mkdir()
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "report" / "gates.npz", gates=rng.dirichlet([1, 1], 8),
+           users=rng.normal(size=(8, 3)))  # fmt: skip
+  proc = run_cli(f"--workdir={tmp_path}", module="ilora_jax.report")
+  assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+  assert (tmp_path / "report" / "gates.png").exists()
