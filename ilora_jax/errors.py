@@ -52,8 +52,29 @@ def flag_error(exc: Exception) -> UserError:
 def parse_flags(values, argv: list[str], what: str = "config") -> None:
   """Parses `argv` into absl `values`; a bad flag or an override naming an unknown key of
   the `what` config becomes a UserError."""
+  if any(a in _HELP_FLAGS for a in argv[1:]):
+    print_help(values)
+    sys.exit(0)
   with flag_errors(what):
     values(argv)
+
+
+_HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "--helpfull", "-?")
+
+
+def print_help(values) -> None:
+  """The running module's docstring and its flags (absl's own help, which needs app.run)."""
+  main = sys.modules.get("__main__")
+  doc = (getattr(main, "__doc__", None) or "").strip()
+  if doc:
+    print(doc + "\n")
+  text = values.main_module_help() if main is not None else values.get_help()
+  print(text.strip() or "(no flags)")
+  if "config" in values:
+    print(
+      "\n  --config.<field>=<value> overrides any field of the config file "
+      "(every field is documented in configs/base.py)."
+    )
 
 
 @contextlib.contextmanager
@@ -66,7 +87,11 @@ def flag_errors(what: str = "config"):
   except flags.Error as exc:
     raise flag_error(exc) from None
   except (AttributeError, KeyError) as exc:  # An override names an unknown config key.
-    raise UserError(f"unknown {what} key: {exc}") from None
+    inner: object = exc  # ml_collections wraps a KeyError (its message) in an AttributeError.
+    while isinstance(inner, BaseException) and inner.args:
+      inner = inner.args[0]
+    text = "; ".join(line.strip() for line in str(inner).splitlines() if line.strip())
+    raise UserError(f"unknown {what} key: {text}") from None
 
 
 def _one_line(text: str) -> str:

@@ -54,6 +54,7 @@ class MetricsLog:
       return
     clean = {k: _plain(v) for k, v in record.items()}
     try:
+      _drop_cut_last_line(self.path)
       with open(self.path, "a", encoding="utf-8") as f:
         f.write(json.dumps(clean, sort_keys=False) + "\n")
     except OSError as exc:
@@ -67,8 +68,24 @@ class MetricsLog:
   def records(self) -> list[dict]:
     if not os.path.exists(self.path):
       return []
-    with open(self.path, encoding="utf-8") as f:
-      return [json.loads(line) for line in f if line.strip()]
+    with open(self.path, "rb") as f:
+      lines = f.read().split(b"\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line.decode("utf-8")))
+      except ValueError:
+        if number == len(lines):  # No newline after it: cut by a kill mid-write; dropped.
+          break
+        from ilora_jax.errors import UserError
+
+        raise UserError(
+          f"{self.path} line {number} is not a JSON record: the log is damaged; remove or "
+          "mend that line"
+        ) from None
+    return records
 
   def count(self, run: str) -> int:
     """Number of records written by training run `run` (a stage's training loop)."""
@@ -91,6 +108,25 @@ class MetricsLog:
     with atomic_write(self.path, encoding="utf-8") as f:
       for record in kept:
         f.write(json.dumps(record) + "\n")
+
+
+def _drop_cut_last_line(path: str) -> None:
+  """Cuts a last line that lacks its newline (a write cut by a kill), so that the next
+  record starts a line of its own instead of being glued to the broken one."""
+  try:
+    f = open(path, "rb+")
+  except FileNotFoundError:
+    return
+  with f:
+    size = f.seek(0, os.SEEK_END)
+    if size == 0:
+      return
+    f.seek(size - 1)
+    if f.read(1) == b"\n":
+      return
+    f.seek(0)
+    data = f.read()
+    f.truncate(data.rfind(b"\n") + 1)
 
 
 def _plain(value):

@@ -50,8 +50,18 @@ def read_ratings(raw_ratings: str = ""):
       raise UserError(f"MovieLens ratings file {raw_ratings} is malformed ({exc})") from None
   else:
     frame = pd.read_parquet(_widedeep_file("MovieLens100k_data.parquet.brotli"))
+  source = raw_ratings or "the MovieLens-100K copy"
   if frame.shape[1] != 4 or frame.isna().any().any():
-    raise UserError("MovieLens ratings must have 4 columns user, item, rating, timestamp")
+    raise UserError(
+      f"{source}: MovieLens ratings must have 4 columns user, item, rating, timestamp"
+    )
+  if not all(pd.api.types.is_integer_dtype(t) for t in frame.dtypes):
+    raise UserError(
+      f"{source}: MovieLens ratings must be 4 tab-separated integer columns "
+      "user, item, rating, timestamp (as u.data)"
+    )
+  if len(frame) and (frame["movie_id"].min() < 1 or frame["movie_id"].max() > N_ITEMS):
+    raise UserError(f"{source}: MovieLens-100K item ids run from 1 to {N_ITEMS}")
   return frame
 
 
@@ -118,6 +128,12 @@ def build(out_dir: str, seed: int = 0, raw_ratings: str = "", raw_items: str = "
   ratings = read_ratings(raw_ratings)
   titles = read_item_titles(raw_items)
   frames = build_frames(user_sequences(ratings), seed)
+  for name, frame in frames.items():  # Checked before anything is written.
+    if len(frame) == 0:
+      raise UserError(
+        f"{raw_ratings or 'the MovieLens-100K copy'}: the ratings give no {name} row "
+        f"(the builder needs ratings >= 3 of at least 10 users)"
+      )
   os.makedirs(out_dir, exist_ok=True)
   for name, file in (("train", "train_data.df"), ("val", "Val_data.df"), ("test", "Test_data.df")):
     with atomic_path(os.path.join(out_dir, file)) as tmp:

@@ -8,6 +8,7 @@ else (`os.system`, `builtins.eval`, ...) is refused before it is imported.
 
 from __future__ import annotations
 
+import _compat_pickle
 import importlib
 import io
 import pickle
@@ -63,6 +64,12 @@ class _AllowlistUnpickler(pickle.Unpickler):
     self._source = source
 
   def find_class(self, module: str, name: str) -> Any:
+    # Protocols 0-2 name Python 2's modules (`__builtin__.slice`); map them as pickle's own
+    # find_class does, before the allowlist sees them.
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+      module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    elif module in _compat_pickle.IMPORT_MAPPING:
+      module = _compat_pickle.IMPORT_MAPPING[module]
     if (module, name) not in _ALLOWED:
       raise UserError(
         f"{self._source}: refusing to load {module}.{name} from a pickle "

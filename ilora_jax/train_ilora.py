@@ -96,6 +96,16 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
       )
   repl = sharding.replicated(mesh)
   if latest is not None:
+    trained = ckpt.restore_meta(latest)["settings"]["model"]
+    current = checkpointing.jsonable(dataclasses.asdict(cfg))
+    diffs = [f"{k} {trained.get(k)!r} vs config {v!r}" for k, v in current.items()
+             if k in trained and trained[k] != v]  # fmt: skip
+    if diffs:
+      ckpt.close()
+      raise UserError(
+        f"the SASRec in {ckpt.directory} was trained with other settings ({'; '.join(diffs)}); "
+        "set config.sasrec.* as it was trained"
+      )
     restored, _ = ckpt.restore(latest, sasrec_restore_target(cfg, repl))
     ckpt.close()
     console.info(f"iLoRA: SASRec from {ckpt.directory} step {latest}")
@@ -965,7 +975,8 @@ def sasrec_fingerprint(sas_params) -> str:
 def numerics_settings(config, su: Setup) -> dict:
   """Settings beyond the model's shape that a resumed run must share with its checkpoint:
   the prompt's first token, the compute and weight dtypes, the loss's target slots, the
-  optimizer's clip and decay, which SASRec is frozen, and the step order's bucketing."""
+  optimizer's clip and decay, which SASRec is frozen (and its heads), and the step order's
+  bucketing."""
   builder = su.parts.builder
   return checkpointing.jsonable(
     {
@@ -975,6 +986,8 @@ def numerics_settings(config, su: Setup) -> dict:
       "ilora.train.clip_norm": config.ilora.train.clip_norm,
       "weight_decay": stage_train(config, STAGE).weight_decay,
       "sasrec": sasrec_fingerprint(su.frozen["sasrec"]),
+      # Heads split the same weights differently: the fingerprint cannot tell them apart.
+      "sasrec.num_heads": config.sasrec.num_heads,
       "ilora.bucket_window": config.ilora.bucket_window,
     }
   )

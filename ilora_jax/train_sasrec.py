@@ -319,7 +319,11 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   ckpt = checkpointing.StageCheckpoints(workdir, STAGE, config.checkpoint.max_to_keep, False)
   latest = ckpt.latest_step()
   if latest is None:
-    raise UserError(f"no sasrec checkpoint in {ckpt.directory}: run --config.stage=sasrec first")
+    raise UserError(
+      f"no sasrec checkpoint in {ckpt.directory}: run --config.stage=sasrec first (to score an "
+      "original .pt, that stage with --config.train.epochs=0 and --config.sasrec.init_from "
+      "evaluates it directly and saves no checkpoint)"
+    )
   restored, _ = ckpt.restore(latest, restore_target(cfg, sharding.replicated(mesh)))
   ckpt.close()
   log = MetricsLog(workdir, enabled=jax.process_index() == 0)

@@ -80,8 +80,9 @@ def run_cli(
 
 
 def assert_one_line_error(proc, *fragments: str) -> str:
-  """The process failed with exactly one `error: ...` line naming `fragments`, no traceback."""
-  assert proc.returncode != 0, proc.stderr
+  """The process failed with exactly one `error: ...` line naming `fragments`, no traceback,
+  and the exit code of bad input (2; an unexpected exception exits with 3)."""
+  assert proc.returncode == 2, (proc.returncode, proc.stderr)
   assert "Traceback" not in proc.stderr, proc.stderr
   lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
   assert len(lines) == 1, proc.stderr

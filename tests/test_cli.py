@@ -8,6 +8,8 @@ import pandas as pd
 import pytest
 from conftest import assert_one_line_error, metrics_records, run_cli, shared_path, xla_flags
 
+from ilora_jax.errors import UserError
+
 TINY = "--config=configs/tiny.py"
 
 
@@ -89,6 +91,72 @@ def test_bad_flags_and_values_are_one_line_errors(tmp_path, args, fragments):
   env = {"XLA_FLAGS": xla_flags(2)}
   proc = run_cli(TINY, f"--workdir={tmp_path}", *args, env=env)
   assert_one_line_error(proc, *fragments)
+
+
+@pytest.mark.parametrize(
+  "override,message",
+  [
+    ("sasrec.num_heads=0", "config.sasrec.num_heads=0 must be positive and divide"),
+    ("sasrec.num_heads=3", "sasrec.num_heads=3 must be positive and divide sasrec.hidden=16"),
+    ("sasrec.hidden=0", "config.sasrec.hidden=0 must be positive"),
+    ("sasrec.dropout=2.0", r"config.sasrec.dropout=2.0 must be in \[0, 1\)"),
+    ("data.synthetic.num_groups=0", "config.data.synthetic.num_groups=0 must be positive"),
+    ("data.synthetic.noise=2.0", r"config.data.synthetic.noise=2.0 must be in \[0, 1\]"),
+    ("data.candidate_seed=-1", r"config.data.candidate_seed=-1 must be in \[0, 2\*\*32\)"),
+    ("train.seed=-1", "config.train.seed=-1"),
+    ("ilora.eval_batch_size=0", "config.ilora.eval_batch_size must be positive"),
+    ("ilora.eval_rows=-1", "config.ilora.eval_rows=-1 must be >= 0"),
+    ("ilora.max_bad_steps=0", "config.ilora.max_bad_steps=0 must be at least 1"),
+    ("ilora.max_target_tokens=0", "config.ilora.max_target_tokens must be positive"),
+    ("train.stop_after_steps=-1", "config.train.stop_after_steps=-1 must be at least 1"),
+    ("distributed.timeout_s=-1", "config.distributed.timeout_s=-1 must be at least 1"),
+    ("distributed.coordinator=nohostport", "config.distributed.coordinator='nohostport' must"),
+    ("distributed.cpu_collectives=bogus", "cpu_collectives='bogus' is not one of gloo"),
+    ("report.compare=a=/x,a=/y", "config.report.compare: name 'a' given twice"),
+  ],
+)
+def test_impossible_values_are_refused_when_the_config_loads(override, message):
+  from ilora_jax import configuration
+
+  with pytest.raises(UserError, match=message):
+    configuration.load("configs/tiny.py", [override])
+
+
+def test_epochs_on_the_command_line_replace_the_stages_steps():
+  from ilora_jax import configuration
+
+  config = configuration.load("configs/tiny.py", ["train.epochs=0"])
+  assert config.ilora.train.steps == 6  # tiny.py's stage default ...
+  assert configuration.stage_train(config, "ilora").steps is None  # ... given way to epochs=0.
+  config = configuration.load("configs/tiny.py", ["train.epochs=0", "train.steps=2"])
+  assert configuration.stage_train(config, "ilora").steps == 2  # Steps still win when both.
+  assert configuration.stage_train(configuration.load("configs/tiny.py"), "ilora").steps == 6
+
+
+def test_help_prints_the_flags_and_exits_zero():
+  proc = run_cli("--help")
+  assert proc.returncode == 0, proc.stderr
+  assert "--workdir" in proc.stdout and "--config.<field>=<value>" in proc.stdout
+
+
+def test_unknown_key_error_is_one_readable_line(tmp_path):
+  proc = run_cli(TINY, f"--workdir={tmp_path}", "--config.train.stepz=2")
+  line = assert_one_line_error(proc, "unknown config key: 'stepz'; Did you mean \"steps\"")
+  assert "\\n" not in line and "\\'" not in line
+
+
+def test_an_unreachable_coordinator_is_one_line_not_a_native_abort(tmp_path):
+  import socket
+
+  with socket.socket() as s:  # A port nobody listens on.
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proc = run_cli(
+    TINY, f"--workdir={tmp_path}", f"--config.distributed.coordinator=127.0.0.1:{port}",
+    "--config.distributed.num_processes=2", "--config.distributed.process_id=1",
+    "--config.distributed.timeout_s=1",
+  )  # fmt: skip
+  assert_one_line_error(proc, f"cannot reach the coordinator 127.0.0.1:{port} within")
 
 
 def test_overrides_parse_as_on_the_command_line():

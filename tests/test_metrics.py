@@ -3,6 +3,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from ilora_jax.metrics import ranking_metrics, target_ranks
 
@@ -37,3 +38,22 @@ def test_generation_matching_by_hand():
   assert match_generation("\n", titles, 0) == (False, False)
   m = generation_metrics([True, True, False, True], [True, False, False, True])
   assert m == {"valid_ratio": 0.75, "hit_ratio@1": 2 / 3, "hits_over_total": 0.5}
+
+
+def test_metrics_log_drops_a_cut_last_line_and_refuses_a_damaged_middle(tmp_path):
+  from ilora_jax.errors import UserError
+  from ilora_jax.metrics import MetricsLog
+
+  log = MetricsLog(str(tmp_path))
+  log.write({"run": "ilora", "step": 1})
+  with open(log.path, "a") as f:
+    f.write('{"run": "ilora", "st')  # A kill in the middle of a write.
+  assert log.records() == [{"run": "ilora", "step": 1}]
+  log.write({"run": "ilora", "step": 2})  # Starts its own line: the cut one is gone.
+  assert log.records() == [{"run": "ilora", "step": 1}, {"run": "ilora", "step": 2}]
+  log.truncate("ilora", 1)
+  assert open(log.path).read() == '{"run": "ilora", "step": 1}\n'
+  with open(log.path, "a") as f:
+    f.write('{"broken\n{"run": "ilora", "step": 3}\n')
+  with pytest.raises(UserError, match="metrics.jsonl line 2 is not a JSON record"):
+    log.records()

@@ -31,6 +31,13 @@ def test_refuses_code_execution_and_never_runs_it(tmp_path):
   assert not marker.exists()
 
 
+def test_python2_module_names_are_mapped_before_the_allowlist(tmp_path):
+  path = tmp_path / "evil2.df"  # `__builtin__.eval` maps to builtins.eval: still refused.
+  path.write_bytes(b"c__builtin__\neval\n(S'1'\ntR.")
+  with pytest.raises(UserError, match="refusing to load builtins.eval"):
+    load_dataframe(str(path))
+
+
 def test_refuses_payload_hidden_inside_a_dataframe(tmp_path):
   marker = tmp_path / "pwned2"
   frame = pd.DataFrame({"seq": [[1, 2, 3]], "len_seq": [3], "next": [_RunsCode(marker)]})
@@ -41,10 +48,11 @@ def test_refuses_payload_hidden_inside_a_dataframe(tmp_path):
   assert not marker.exists()
 
 
-def test_round_trip_of_a_dataframe_written_by_pandas(tmp_path):
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_round_trip_of_a_dataframe_written_by_pandas(tmp_path, protocol):
   frame = pd.DataFrame({"seq": [[1, 2, 5], [3, 5, 5]], "len_seq": [2, 1], "next": [4, 0]})
   path = tmp_path / "ok.df"
-  frame.to_pickle(path)
+  frame.to_pickle(path, protocol=protocol)  # 2 names Python 2's `__builtin__` module.
   loaded = load_dataframe(str(path))
   assert loaded["seq"].tolist() == [[1, 2, 5], [3, 5, 5]]
   np.testing.assert_array_equal(loaded["next"].to_numpy(), [4, 0])
