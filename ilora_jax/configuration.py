@@ -89,7 +89,7 @@ def validate(config: ConfigDict) -> None:
   need(config.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be positive")
   need(config.train.log_every_steps > 0, "train.log_every_steps", "must be positive")
   stop = config.train.stop_after_steps
-  need(stop is None or stop >= 1, "train.stop_after_steps", f"={stop} must be at least 1")
+  need(stop is None or 1 <= stop < 2**31, "train.stop_after_steps", f"={stop} must be at least 1")
   for field in ("train.seed", "data.candidate_seed", "data.build_seed", "data.synthetic.seed"):
     value = _get(config, field)
     need(0 <= value < 2**32, field, f"={value} must be in [0, 2**32)")
@@ -133,19 +133,19 @@ def validate(config: ConfigDict) -> None:
     for key in _TRAIN_KEYS:
       value = config[stage].train.get(key)
       if value is not None:
-        need(
-          value >= 0 if key in ("epochs", "steps", "weight_decay") else value > 0,
-          f"{stage}.train.{key}",
-          f"={value} is out of range",
-        )
+        need(_train_value_ok(key, value), f"{stage}.train.{key}", f"={value} is out of range")
   for key in _TRAIN_KEYS:
     value = config.train.get(key)
     if value is not None:
-      need(
-        value >= 0 if key in ("epochs", "steps", "weight_decay") else value > 0,
-        f"train.{key}",
-        f"={value} is out of range",
-      )
+      need(_train_value_ok(key, value), f"train.{key}", f"={value} is out of range")
+
+
+def _train_value_ok(key: str, value) -> bool:
+  """Lengths and decay may be 0; sizes and rates must be positive; counts fit in int32 (step
+  numbers are int32 on the device)."""
+  if key in ("epochs", "steps", "batch_size", "grad_accum") and value >= 2**31:
+    return False
+  return value >= 0 if key in ("epochs", "steps", "weight_decay") else value > 0
 
 
 def _get(config: ConfigDict, dotted: str):

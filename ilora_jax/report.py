@@ -476,6 +476,9 @@ def main(argv: list[str] | None = None) -> None:
   @cli_main
   def run(argv):
     usage = "usage: python -m ilora_jax.report --workdir=DIR [--compare=name=DIR2,...]"
+    if any(a in ("--help", "-h", "-help", "--helpfull", "-?") for a in argv[1:]):
+      print(f"{(__doc__ or '').strip()}\n\n{usage}")
+      return
     opts = {}
     for a in argv[1:]:
       key, eq, value = a.partition("=")

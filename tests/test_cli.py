@@ -113,6 +113,7 @@ def test_bad_flags_and_values_are_one_line_errors(tmp_path, args, fragments):
     ("distributed.coordinator=nohostport", "config.distributed.coordinator='nohostport' must"),
     ("distributed.cpu_collectives=bogus", "cpu_collectives='bogus' is not one of gloo"),
     ("report.compare=a=/x,a=/y", "config.report.compare: name 'a' given twice"),
+    ("train.steps=1099511627776", "config.train.steps=1099511627776 is out of range"),
   ],
 )
 def test_impossible_values_are_refused_when_the_config_loads(override, message):
@@ -133,10 +134,21 @@ def test_epochs_on_the_command_line_replace_the_stages_steps():
   assert configuration.stage_train(configuration.load("configs/tiny.py"), "ilora").steps == 6
 
 
-def test_help_prints_the_flags_and_exits_zero():
-  proc = run_cli("--help")
+@pytest.mark.parametrize(
+  "module,shown",
+  [
+    ("ilora_jax.main", "--config.<field>=<value>"),
+    ("ilora_jax.bench", "--config.<field>=<value>"),
+    ("ilora_jax.plan", "--config.<field>=<value>"),
+    ("ilora_jax.experiments", "--grid"),
+    ("ilora_jax.report", "--compare=name=DIR2"),
+    ("ilora_jax.recommend", "--history"),
+  ],
+)
+def test_help_prints_the_usage_and_exits_zero(module, shown):
+  proc = run_cli("--help", module=module)
   assert proc.returncode == 0, proc.stderr
-  assert "--workdir" in proc.stdout and "--config.<field>=<value>" in proc.stdout
+  assert shown in proc.stdout and "error" not in proc.stderr, proc.stdout + proc.stderr
 
 
 def test_unknown_key_error_is_one_readable_line(tmp_path):
