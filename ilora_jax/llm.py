@@ -118,13 +118,10 @@ def config_for(name_or_path: str, **overrides) -> LlamaConfig:
     return PRESETS[target].replace(**overrides)
   if kind == "gguf":
     return weights.config_from_gguf(weights.open_gguf(target), **overrides)
-  import json
-
   config_path = os.path.join(target, "config.json")
   if not os.path.isfile(config_path):
     raise UserError(f"config.json not found in {target}")
-  with open(config_path) as f:
-    return weights.config_from_hf(json.load(f), **overrides)
+  return weights.config_from_hf(weights.read_hf_config(config_path), **overrides)
 
 
 def abstract_params(

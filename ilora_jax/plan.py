@@ -191,6 +191,8 @@ def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> di
     raise UserError(f"batch size {micro} is not divisible by the {shards} data shards "
                     f"(mesh data={sizes['data']} x fsdp={sizes['fsdp']})")  # fmt: skip
   seq_len = int(config.plan.seq_len)
+  if seq_len < 1:
+    raise UserError(f"config.plan.seq_len={seq_len} must be positive")
   parts = {
     "frozen_llm": per_device_bytes(llm_abs, llm_specs, sizes),
     "frozen_sasrec": per_device_bytes(sas_abs, _replicated(sas_abs), sizes),

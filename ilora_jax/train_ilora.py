@@ -98,6 +98,7 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   if latest is not None:
     trained = ckpt.restore_meta(latest)["settings"]["model"]
     current = checkpointing.jsonable(dataclasses.asdict(cfg))
+    current.pop("dropout")  # Frozen, the SASRec runs without dropout: any rate fits.
     diffs = [f"{k} {trained.get(k)!r} vs config {v!r}" for k, v in current.items()
              if k in trained and trained[k] != v]  # fmt: skip
     if diffs:

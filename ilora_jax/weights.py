@@ -189,6 +189,18 @@ def params_from_hf_tensors(
 # ----------------------------------------------------------------------------- HF folders
 
 
+def read_hf_config(path: str) -> dict:
+  """A Hugging Face `config.json` as a dict; unreadable or malformed is a UserError."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      hf = json.load(f)
+  except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+    raise UserError(f"{path} is not a readable JSON file: {e}") from None
+  if not isinstance(hf, dict):
+    raise UserError(f"{path} holds a JSON {type(hf).__name__}, not a model config object")
+  return hf
+
+
 def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
   """Maps a Hugging Face Llama `config.json` dict to `LlamaConfig` (overrides win)."""
   model_type = hf.get("model_type")
@@ -310,12 +322,7 @@ def load_hf(folder: str, *, shardings: Any = None, **config_overrides) -> tuple[
   config_path = os.path.join(folder, "config.json")
   if not os.path.isfile(config_path):
     raise UserError(f"config.json not found in {folder}")
-  with open(config_path) as f:
-    try:
-      hf = json.load(f)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{config_path} is not valid JSON: {e}") from None
-  cfg = config_from_hf(hf, **config_overrides)
+  cfg = config_from_hf(read_hf_config(config_path), **config_overrides)
   tensors = _SafetensorsFolder(folder)
   return cfg, params_from_hf_tensors(
     tensors.get, tensors.has, cfg, source=folder, shardings=shardings

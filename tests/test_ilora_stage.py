@@ -152,6 +152,14 @@ def test_a_sasrec_trained_with_other_heads_is_refused(pipeline, tmp_path):
     TINY, f"--workdir={workdir}", "--config.stage=ilora", "--config.sasrec.num_heads=2"
   )
   assert_one_line_error(proc, "was trained with other settings", "num_heads 1 vs config 2")
+  # Its dropout rate is no setting of the frozen model: another one loads the same weights.
+  from ilora_jax import configuration, data, sharding, train_ilora
+
+  config = configuration.load("configs/tiny.py", ["sasrec.dropout=0.3"])
+  dataset = data.load_from_config(config, workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  cfg, params = train_ilora.load_sasrec(config, workdir, dataset, mesh)
+  assert cfg.dropout == 0.3 and jax.tree.leaves(params)
 
 
 def test_a_damaged_checkpoint_is_one_line_naming_the_step_to_remove(pipeline, tmp_path):

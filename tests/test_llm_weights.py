@@ -462,3 +462,14 @@ def test_ilora_tokens_and_resize(smollm2_pair):
   old = model.logits(tokens)
   new = np.asarray(llama.Llama(cfg).apply({"params": params}, tokens))
   assert _rel_err(new[..., :49152], old) <= TOL
+
+
+@pytest.mark.parametrize(
+  "text,message",
+  [("{bad", "is not a readable JSON file"), ("[1, 2]", "holds a JSON list, not a model config")],
+)
+def test_a_malformed_hf_config_json_is_user_error(tmp_path, text, message):
+  (tmp_path / "config.json").write_text(text)
+  for read in (llm.config_for, llm.load):  # Shapes only, and the weights too.
+    with pytest.raises(UserError, match=message):
+      read(str(tmp_path))
