@@ -92,13 +92,16 @@ class StageCheckpoints:
     """Only the JSON record of `step` (cheap; read before the arrays to compare settings)."""
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-    except Exception as exc:  # noqa: BLE001 - any failure to read it means a damaged step.
+    except Exception as exc:  # noqa: BLE001 - classified by `_looks_damaged`.
       raise self._unreadable(step, exc) from None
     return dict(restored["meta"])
 
   def _unreadable(self, step: int, exc: BaseException) -> UserError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
     path = os.path.join(self.directory, str(step))
+    if not _looks_damaged(exc):  # Out of memory, say: no advice to delete a good checkpoint.
+      return UserError(f"cannot restore checkpoint {step} in {self.directory} "
+                       f"({type(exc).__name__}: {first})")  # fmt: skip
     return UserError(
       f"checkpoint {step} in {self.directory} is unreadable ({first}); remove {path} to "
       "resume from the checkpoint before it, or use another --workdir"
@@ -114,10 +117,11 @@ class StageCheckpoints:
         ),
       )
     except (ValueError, KeyError, TypeError) as exc:
+      if _looks_damaged(exc):
+        raise self._unreadable(step, exc) from None
       raise UserError(
-        f"checkpoint {step} in {self.directory} does not match this model or is damaged "
-        f"({type(exc).__name__}: {str(exc)[:300]}); if damaged, remove "
-        f"{os.path.join(self.directory, str(step))} to resume from the checkpoint before it"
+        f"checkpoint {step} in {self.directory} does not match this model "
+        f"({type(exc).__name__}: {str(exc)[:300]})"
       ) from None
     except Exception as exc:  # noqa: BLE001 - TensorStore reports damaged files as Exception.
       raise self._unreadable(step, exc) from None
@@ -196,6 +200,19 @@ def _write_failure(exc: BaseException) -> str | None:
       return reason
     exc = exc.__cause__ or exc.__context__
   return None
+
+
+# How damaged files show: TensorStore's status codes and read errors, Orbax's missing metadata
+# and unparsable JSON records.
+_DAMAGE = re.compile(
+  r"DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|Error reading|Error opening|does not exist|"
+  r"[Uu]nterminated|Expecting (value|property name)|Extra data|JSONDecodeError|"
+  r"was not found in the checkpoint"
+)
+
+
+def _looks_damaged(exc: BaseException) -> bool:
+  return isinstance(exc, (OSError, json.JSONDecodeError)) or bool(_DAMAGE.search(str(exc)))
 
 
 def abstract_like(tree: Any) -> Any:

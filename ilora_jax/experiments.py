@@ -702,8 +702,8 @@ def main(argv: list[str] | None = None) -> None:
     for run in runs:
       print(run.command)
     return
-  if not _REPORT_ONLY.value:
-    check_sasrec(grid)
+  if not _REPORT_ONLY.value and not all(finished(r) for r in runs):
+    check_sasrec(grid)  # Only where runs are left to use it.
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as exc:

@@ -111,8 +111,9 @@ class MetricsLog:
 
 
 def _drop_cut_last_line(path: str) -> None:
-  """Cuts a last line that lacks its newline (a write cut by a kill), so that the next
-  record starts a line of its own instead of being glued to the broken one."""
+  """Mends a last line that lacks its newline (a write cut by a kill) so that the next record
+  starts a line of its own: a complete record gets its newline (`records` counted it), a cut
+  one is removed (`records` skipped it)."""
   try:
     f = open(path, "rb+")
   except FileNotFoundError:
@@ -126,7 +127,13 @@ def _drop_cut_last_line(path: str) -> None:
       return
     f.seek(0)
     data = f.read()
-    f.truncate(data.rfind(b"\n") + 1)
+    start = data.rfind(b"\n") + 1
+    try:
+      json.loads(data[start:].decode("utf-8"))
+    except ValueError:
+      f.truncate(start)
+    else:
+      f.write(b"\n")
 
 
 def _plain(value):

