@@ -109,6 +109,10 @@ def report_and_exit(exc: BaseException) -> None:
     print(f"{exc}; checkpoint saved, re-run the same command to resume", file=sys.stderr,
           flush=True)  # fmt: skip
     sys.exit(128 + exc.signum)
+  if isinstance(exc, BrokenPipeError):  # The reader went away (`... | head`): nothing to say.
+    with contextlib.suppress(OSError):
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(128 + 13)  # As a shell reports SIGPIPE.
   if isinstance(exc, KeyboardInterrupt):
     print("error: interrupted", file=sys.stderr, flush=True)
     sys.exit(130)
@@ -123,16 +127,28 @@ def report_and_exit(exc: BaseException) -> None:
   sys.exit(EXIT_INTERNAL_ERROR)
 
 
+def _flush_stdout() -> None:
+  """Flushes stdout now, so that a reader gone away (`... | head`) ends the process quietly
+  instead of as an error at interpreter exit."""
+  try:
+    sys.stdout.flush()
+  except BrokenPipeError as exc:
+    report_and_exit(exc)
+
+
 def cli_main(fn: Callable[..., object]) -> Callable[..., object]:
   """Decorates an entry point so that every failure ends as one `error:` line."""
 
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
     try:
-      return fn(*args, **kwargs)
+      result = fn(*args, **kwargs)
     except SystemExit:
+      _flush_stdout()
       raise
     except BaseException as exc:  # noqa: BLE001 - the whole point is to catch everything.
       report_and_exit(exc)
+    _flush_stdout()
+    return result
 
   return wrapper

@@ -151,6 +151,20 @@ def test_help_prints_the_usage_and_exits_zero(module, shown):
   assert shown in proc.stdout and "error" not in proc.stderr, proc.stdout + proc.stderr
 
 
+def test_a_reader_that_goes_away_ends_the_output_quietly():
+  import subprocess
+  import sys
+
+  from conftest import ROOT
+
+  read, write = os.pipe()
+  os.close(read)  # `... | head` gone before the help is written.
+  proc = subprocess.run([sys.executable, "-m", "ilora_jax.recommend", "--help"], cwd=ROOT,
+                        stdout=write, stderr=subprocess.PIPE, text=True)  # fmt: skip
+  os.close(write)
+  assert proc.returncode == 141 and proc.stderr == "", (proc.returncode, proc.stderr)
+
+
 def test_unknown_key_error_is_one_readable_line(tmp_path):
   proc = run_cli(TINY, f"--workdir={tmp_path}", "--config.train.stepz=2")
   line = assert_one_line_error(proc, "unknown config key: 'stepz'; Did you mean \"steps\"")
