@@ -207,7 +207,7 @@ def _write_failure(exc: BaseException) -> str | None:
 _DAMAGE = re.compile(
   r"DATA_LOSS|OUT_OF_RANGE|NOT_FOUND|Error reading|Error opening|does not exist|"
   r"[Uu]nterminated|Expecting (value|property name)|Extra data|JSONDecodeError|"
-  r"was not found in the checkpoint"
+  r"was not found in the checkpoint|error while reading"
 )
 
 

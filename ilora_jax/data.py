@@ -156,6 +156,7 @@ def load_titles(path: str) -> dict[int, str]:
     text = raw.decode("latin-1" if is_uitem else "utf-8")
   except UnicodeDecodeError as exc:
     raise UserError(f"titles file {path} is not valid UTF-8 ({exc})") from None
+  text = text.removeprefix("\ufeff")  # A byte-order mark some editors write first.
   for lineno, line in enumerate(text.splitlines(), 1):
     if not line.strip():
       continue

@@ -98,10 +98,19 @@ def _one_line(text: str) -> str:
   return " ".join(str(text).split())
 
 
+def _quiet_at_exit() -> None:
+  """After the one error line, nothing more: background tasks that failed along with it
+  (Orbax's asyncio reads of a damaged checkpoint) would log their tracebacks at exit."""
+  import logging
+
+  logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+
+
 def report_and_exit(exc: BaseException) -> None:
   """Prints one `error:` line for `exc` on stderr and exits non-zero."""
   if isinstance(exc, UserError):
     print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
+    _quiet_at_exit()
     sys.exit(EXIT_USER_ERROR)
   from ilora_jax.interrupts import Interrupted
 

@@ -28,6 +28,7 @@ import os
 import re
 import sys
 import textwrap
+import unicodedata
 from collections.abc import Callable
 
 import numpy as np
@@ -118,7 +119,8 @@ def split_entries(text: str) -> list[str]:
 
 
 def _key(text: str) -> str:
-  return " ".join(text.split()).lower()
+  """Case, spacing and Unicode form (NFC: a title typed in decomposed form) ignored."""
+  return " ".join(unicodedata.normalize("NFC", text).split()).lower()
 
 
 def _bare_key(text: str) -> str:
@@ -144,7 +146,10 @@ class _Titles:
     return f"{item} {self.full.get(item, self.titles[item])!r}"
 
   def matches(self, title: str) -> list[int]:
-    return self.exact.get(_key(title)) or self.bare.get(_bare_key(title), [])
+    exact = self.exact.get(_key(title))
+    if exact or (self.full and _YEAR_SUFFIX.search(title)):  # A year given must be right.
+      return exact or []
+    return self.bare.get(_bare_key(title), [])
 
   def by_title(self, title: str, what: str) -> int:
     if not title:
@@ -219,6 +224,13 @@ class Recommender:
 
     config = load_run_config(workdir) if config is None else config
     config.progress = False
+    folder = config.data.get("dir", "")
+    if folder and not os.path.isabs(folder) and not os.path.isdir(folder):
+      raise UserError(
+        f"the run's data folder config.data.dir={folder} ({os.path.join(workdir, 'config.json')})"
+        " is relative to the folder the run was started from: run recommend from there, or "
+        "write the absolute path into that file"
+      )
     self.config = config
     self.su = train_ilora.setup(config, workdir)
     ckpt = checkpointing.StageCheckpoints(workdir, "ilora", config.checkpoint.max_to_keep, False)
@@ -364,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
   history, candidates = split_entries(f.history), split_entries(f.candidates)
   if not history:
     raise UserError(f"--history={f.history!r} names no item")
+  if f.candidates and not candidates:
+    raise UserError(f"--candidates={f.candidates!r} names no item (leave it out for SASRec's)")
   from ilora_jax import compile_cache, console
 
   # The run's compile cache (its saved config), so repeated calls load the compiled steps.

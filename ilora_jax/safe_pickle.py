@@ -70,6 +70,11 @@ class _AllowlistUnpickler(pickle.Unpickler):
       module, name = _compat_pickle.NAME_MAPPING[(module, name)]
     elif module in _compat_pickle.IMPORT_MAPPING:
       module = _compat_pickle.IMPORT_MAPPING[module]
+    if (module, name) == ("copyreg", "_reconstructor"):  # Protocols 0 and 1 build objects so.
+      raise UserError(
+        f"{self._source}: a pickle of protocol 0 or 1 is not read (it builds objects through "
+        "copyreg._reconstructor); save the DataFrame again with protocol 2 or later"
+      )
     if (module, name) not in _ALLOWED:
       raise UserError(
         f"{self._source}: refusing to load {module}.{name} from a pickle "

@@ -166,6 +166,8 @@ def test_titles_formats(tmp_path):
     1: "Seven (Se7en)",
     2: "unknown",
   }
+  (tmp_path / "bom.txt").write_bytes("\ufeff0::Morcheeba\n1::Air\n".encode())  # Editors' BOM.
+  assert data.load_titles(str(tmp_path / "bom.txt")) == {0: "Morcheeba", 1: "Air"}
   (tmp_path / "bad.txt").write_text("zero::x\n")
   with pytest.raises(UserError, match="line 1 is malformed"):
     data.load_titles(str(tmp_path / "bad.txt"))

@@ -182,4 +182,7 @@ def test_only_a_damaged_checkpoint_gets_the_advice_to_remove_it(tmp_path):
   # A failure that says nothing about the files (memory, say): no advice to delete them.
   error = ckpt._unreadable(7, RuntimeError("RESOURCE_EXHAUSTED: out of memory"))
   assert "cannot restore checkpoint 7" in str(error) and "remove" not in str(error)
+  # TensorStore's words for array files cut short (a restore of truncated data files).
+  cut = Exception("Encountered error while reading array index (0,): OUT_OF_RANGE")
+  assert "remove" in str(ckpt._unreadable(7, cut))
   ckpt.close()

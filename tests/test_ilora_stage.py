@@ -177,6 +177,18 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_step_to_remove(pipeline, tm
   assert_one_line_error(
     proc, f"checkpoint {latest} in", "damaged", f"remove {os.path.join(ckpt_dir, str(latest))}"
   )
+  # The SASRec's array data cut to 10 bytes, restored by the evaluate stage: the same one line,
+  # and nothing after it (Orbax's failed background reads log no tracebacks at exit).
+  sas_dir = os.path.join(workdir, "checkpoints", "sasrec")
+  sas_step = max(int(d) for d in os.listdir(sas_dir) if d.isdigit())
+  for root, _, files in os.walk(os.path.join(sas_dir, str(sas_step))):
+    if root.endswith(os.path.join("ocdbt.process_0", "d")):  # The arrays' data files.
+      for name in files:
+        with open(os.path.join(root, name), "r+b") as f:
+          f.truncate(10)
+  proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=evaluate")
+  assert_one_line_error(proc, f"checkpoint {sas_step} in", "unreadable", "remove")
+  assert proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr[-2000:]
 
 
 @pytest.fixture(scope="module")

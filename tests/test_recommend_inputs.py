@@ -49,7 +49,8 @@ def test_a_title_shared_by_several_items_is_an_error_listing_them():
   assert resolve(["Cape Fear (1962)", "cape fear (1991)", "Heat"], titles, full) == [672, 217, 5]
   message = error_of(["Cape Fear"], titles, full)
   assert "217 'Cape Fear (1991)'" in message and "672 'Cape Fear (1962)'" in message
-  assert "ambiguous" in error_of(["Cape Fear (1975)"], titles, full)
+  message = error_of(["Cape Fear (1975)"], titles, full)  # No item of that year.
+  assert "unknown history title 'Cape Fear (1975)'" in message and "Cape Fear (1962)" in message
 
 
 def test_digits_are_an_id_unless_also_another_items_title():
@@ -217,3 +218,30 @@ def test_cli_bad_config_json_fails_before_loading_a_model(tmp_path):
   proc = run_cli(f"--workdir={tmp_path}", "--history= | ", module=MODULE, timeout=120)
   assert proc.returncode == 2
   assert_one_line_error(proc, "--history=' | ' names no item")
+
+
+def test_a_wrong_year_and_a_decomposed_unicode_title():
+  import unicodedata
+
+  titles = {0: "Toy Story", 1: "Röyksopp"}
+  full = {0: "Toy Story (1995)", 1: "Röyksopp"}
+  assert resolve(["Toy Story (1995)", "toy story"], titles, full) == [0, 0]
+  # With the years known, a year given must be the item's: no silent match to another year.
+  message = error_of(["Toy Story (1996)"], titles, full)
+  assert "unknown history title 'Toy Story (1996)'" in message and "Toy Story (1995)" in message
+  typed = unicodedata.normalize("NFD", "Röyksopp")  # As some keyboards and systems write it.
+  assert typed != "Röyksopp" and resolve([typed], titles, full) == [1]
+
+
+def test_cli_candidates_that_name_no_item_are_an_error(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(base_config()))
+  proc = run_cli(f"--workdir={tmp_path}", "--history=#1", "--candidates=|", module=MODULE)
+  assert_one_line_error(proc, "--candidates='|' names no item")
+
+
+def test_a_relative_data_folder_from_elsewhere_is_one_line(tmp_path):
+  config = base_config()
+  config["data"]["dir"] = "no/such/relative/folder"
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(UserError, match="relative to the folder the run was started from"):
+    REAL_RECOMMENDER(str(tmp_path))

@@ -31,6 +31,15 @@ def test_refuses_code_execution_and_never_runs_it(tmp_path):
   assert not marker.exists()
 
 
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_protocols_0_and_1_are_refused_with_the_way_out(tmp_path, protocol):
+  frame = pd.DataFrame({"seq": [[1, 2, 5]], "len_seq": [2], "next": [4]})
+  path = tmp_path / "old.df"
+  frame.to_pickle(path, protocol=protocol)
+  with pytest.raises(UserError, match="protocol 0 or 1 is not read .* protocol 2 or later"):
+    load_dataframe(str(path))
+
+
 def test_python2_module_names_are_mapped_before_the_allowlist(tmp_path):
   path = tmp_path / "evil2.df"  # `__builtin__.eval` maps to builtins.eval: still refused.
   path.write_bytes(b"c__builtin__\neval\n(S'1'\ntR.")
