@@ -205,7 +205,7 @@ def _parsed(define, default, overrides: Sequence[str], head: Sequence[str] = ())
 
   argv = ["config", *head, *[f"--config.{o}" for o in overrides]]
   values = flags.FlagValues()
-  with flag_errors():  # A config dict's overrides are applied as the flag is defined.
+  with flag_errors("config", argv):  # Overrides are applied as the flag is defined.
     define("config", default, "", flag_values=values, lock_config=True, sys_argv=argv)
     values(argv)
   if isinstance(values.config, ConfigDict):

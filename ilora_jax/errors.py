@@ -11,7 +11,7 @@ import contextlib
 import functools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
@@ -55,7 +55,7 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
   if any(a in _HELP_FLAGS for a in argv[1:]):
     print_help(values)
     sys.exit(0)
-  with flag_errors(what):
+  with flag_errors(what, argv):
     values(argv)
 
 
@@ -78,7 +78,7 @@ def print_help(values) -> None:
 
 
 @contextlib.contextmanager
-def flag_errors(what: str = "config"):
+def flag_errors(what: str = "config", argv: Sequence[str] = ()):
   """Turns absl flag errors and overrides of unknown `what` keys into UserErrors."""
   from absl import flags
 
@@ -91,7 +91,11 @@ def flag_errors(what: str = "config"):
     while isinstance(inner, BaseException) and inner.args:
       inner = inner.args[0]
     text = "; ".join(line.strip() for line in str(inner).splitlines() if line.strip())
-    raise UserError(f"unknown {what} key: {text}") from None
+    leaf = text.split(";")[0].strip("'\" ")
+    flag = next((a.split("=", 1)[0] for a in argv if a.startswith(f"--{what}.")
+                 and leaf in a.split("=", 1)[0].split(".")[1:]), "")  # fmt: skip
+    where = f" (in {flag})" if flag else ""
+    raise UserError(f"unknown {what} key: {text}{where}") from None
 
 
 def _one_line(text: str) -> str:

@@ -168,6 +168,8 @@ class _Titles:
     query = title if self.full else _YEAR_SUFFIX.sub("", title)
     close = difflib.get_close_matches(_key(query), list(pool), n=3, cutoff=0.5)
     hint = f"; close matches: {' | '.join(pool[c] for c in close)}" if close else ""
+    if title.startswith("#"):  # Not `#N` (which is an id), and no such title either.
+      hint += f"; an item id is written '#N' with N in {min(self.titles)}..{max(self.titles)}"
     raise UserError(f"unknown {what} title {title!r}{hint}")
 
   def resolve(self, entry: str, what: str) -> int:

@@ -167,7 +167,9 @@ def test_a_reader_that_goes_away_ends_the_output_quietly():
 
 def test_unknown_key_error_is_one_readable_line(tmp_path):
   proc = run_cli(TINY, f"--workdir={tmp_path}", "--config.train.stepz=2")
-  line = assert_one_line_error(proc, "unknown config key: 'stepz'; Did you mean \"steps\"")
+  line = assert_one_line_error(
+    proc, "unknown config key: 'stepz'; Did you mean \"steps\"", "(in --config.train.stepz)"
+  )
   assert "\\n" not in line and "\\'" not in line
 
 

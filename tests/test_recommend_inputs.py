@@ -245,3 +245,10 @@ def test_a_relative_data_folder_from_elsewhere_is_one_line(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(config))
   with pytest.raises(UserError, match="relative to the folder the run was started from"):
     REAL_RECOMMENDER(str(tmp_path))
+
+
+def test_a_hash_entry_that_is_no_id_says_how_ids_are_written():
+  titles = {0: "Heat", 1: "#killallzombies"}
+  assert resolve(["#killallzombies", "#0"], titles) == [1, 0]  # A title may start with '#'.
+  message = error_of(["#-1"], titles)
+  assert "unknown history title '#-1'" in message and "written '#N' with N in 0..1" in message
