@@ -145,6 +145,14 @@ def params_from_torch(path: str, cfg: SASRecConfig):
       f"has {cfg.n_items} (wrong data set?)"
     )
 
+  attention = root.children().get("mh_attn")
+  heads = attention.state.get("num_heads") if attention is not None else None
+  if isinstance(heads, int) and heads != cfg.num_heads:  # The weights fit any head count.
+    raise UserError(
+      f"checkpoint {path} was trained with {heads} attention head(s): set "
+      f"config.sasrec.num_heads={heads} (it is {cfg.num_heads})"
+    )
+
   def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
     if name not in flat:
       raise UserError(f"checkpoint {path} has no parameter {name}: not a SASRec checkpoint")

@@ -135,6 +135,12 @@ def test_checkpoint_for_other_item_count_is_rejected():
     sasrec.params_from_torch(path, sasrec.SASRecConfig(n_items=4606))
 
 
+def test_checkpoint_trained_with_other_heads_is_rejected():
+  path = shared_path("checkpoints", "sasrec", "lastfm.pt")  # Its attention records 1 head.
+  with pytest.raises(UserError, match=r"trained with 1 attention head\(s\): set .*num_heads=1"):
+    sasrec.params_from_torch(path, sasrec.SASRecConfig(n_items=4606, num_heads=2))
+
+
 class _RunsCode:
   def __init__(self, target):
     self.target = target
