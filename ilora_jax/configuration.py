@@ -16,11 +16,7 @@ _TRAIN_KEYS = ("epochs", "steps", "batch_size", "lr", "weight_decay", "grad_accu
 
 def validate(config: ConfigDict) -> None:
   """Checks values a type check cannot; raises UserError naming the field."""
-
-  def need(cond: bool, field: str, msg: str) -> None:
-    if not cond:
-      raise UserError(f"config.{field}{'' if msg.startswith('=') else ' '}{msg}")
-
+  need = _need
   need(config.stage in STAGES, "stage", f"={config.stage!r} is not one of {', '.join(STAGES)}")
   need(
     config.data.name in DATASETS,
@@ -150,6 +146,12 @@ def _train_value_ok(key: str, value) -> bool:
   return value >= 0 if key in ("epochs", "steps", "weight_decay") else value > 0
 
 
+def _need(cond: bool, field: str, msg: str) -> None:
+  """Raises a UserError `config.<field>=... msg` (or `config.<field> msg`) unless `cond`."""
+  if not cond:
+    raise UserError(f"config.{field}{'' if msg.startswith('=') else ' '}{msg}")
+
+
 def _get(config: ConfigDict, dotted: str):
   for key in dotted.split("."):
     config = config[key]
@@ -158,11 +160,7 @@ def _get(config: ConfigDict, dotted: str):
 
 def validate_distributed(dc: ConfigDict) -> None:
   """Checks `config.distributed` (called before JAX starts, so it imports nothing of it)."""
-
-  def need(cond: bool, field: str, msg: str) -> None:
-    if not cond:
-      raise UserError(f"config.{field}{msg}")
-
+  need = _need
   need(dc.timeout_s >= 1, "distributed.timeout_s", f"={dc.timeout_s} must be at least 1 second")
   if dc.coordinator:
     host, _, port = dc.coordinator.rpartition(":")

@@ -145,8 +145,9 @@ def load_split(path: str, name: str, n_items: int, max_len: int, min_len: int) -
   return split_from_dataframe(frame, name, n_items, max_len, min_len, source=path)
 
 
-def load_titles(path: str) -> dict[int, str]:
-  """Reads `id2name.txt` (`id::title`) or MovieLens `u.item` (`id|title (year)|...`, id - 1)."""
+def load_titles(path: str, keep_years: bool = False) -> dict[int, str]:
+  """Reads `id2name.txt` (`id::title`) or MovieLens `u.item` (`id|title (year)|...`, id - 1;
+  the year is stripped, as the original's prompts show titles, unless `keep_years`)."""
   require_file(path, "titles file")
   titles: dict[int, str] = {}
   is_uitem = os.path.basename(path).startswith("u.item")
@@ -163,7 +164,8 @@ def load_titles(path: str) -> dict[int, str]:
     try:
       if is_uitem:
         fields = line.split("|")
-        item, title = int(fields[0]) - 1, _YEAR_SUFFIX.sub("", fields[1]).strip()
+        title = fields[1] if keep_years else _YEAR_SUFFIX.sub("", fields[1])
+        item, title = int(fields[0]) - 1, title.strip()
       else:
         key, title = line.split("::", 1)
         item, title = int(key), title.strip()
@@ -277,7 +279,8 @@ def sample_candidates(
   )
 
 
-def _data_dir(config, workdir: str) -> str:
+def data_dir(config, workdir: str) -> str:
+  """The folder `load_from_config` reads the data set from (or builds it into)."""
   data = config.data
   if data.dir:
     return data.dir
@@ -349,6 +352,16 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
     raise UserError(f"cannot write {stamp_path}: {exc}") from None
 
 
+def titles_file(data, directory: str) -> str:
+  """The titles file of `config.data` in its folder: `data.titles_file`, else `id2name.txt`
+  where present, else `u.item`."""
+  name = data.get("titles_file", "")  # A run's saved config of older code may lack it.
+  if name:
+    return os.path.join(directory, name)
+  candidates = [os.path.join(directory, n) for n in ("id2name.txt", "u.item")]
+  return next((p for p in candidates if os.path.exists(p)), candidates[0])
+
+
 def load_from_config(config, workdir: str) -> Dataset:
   """Loads (or builds, or generates) the data set a config names.
 
@@ -366,16 +379,13 @@ def load_from_config(config, workdir: str) -> Dataset:
     return Dataset(
       "synthetic", syn.num_items, synthetic.titles(syn.num_items, syn.titles), train, val, test
     )
-  directory = _data_dir(config, workdir)
+  directory = data_dir(config, workdir)
   train_path = os.path.join(directory, data.train_file)
   if data.build:
     _build_if_needed(data, directory, train_path)
   if not os.path.isdir(directory):
     raise UserError(f"data folder not found: {directory} (set config.data.dir)")
-  titles_path = data.titles_file and os.path.join(directory, data.titles_file)
-  if not titles_path:
-    candidates = [os.path.join(directory, n) for n in ("id2name.txt", "u.item")]
-    titles_path = next((p for p in candidates if os.path.exists(p)), candidates[0])
+  titles_path = titles_file(data, directory)
   titles = load_titles(titles_path)
   n_items = data.n_items or (max(titles) + 1)
   check_titles_cover(titles, n_items, titles_path, given=bool(data.n_items))

@@ -52,14 +52,14 @@ def flag_error(exc: Exception) -> UserError:
 def parse_flags(values, argv: list[str], what: str = "config") -> None:
   """Parses `argv` into absl `values`; a bad flag or an override naming an unknown key of
   the `what` config becomes a UserError."""
-  if any(a in _HELP_FLAGS for a in argv[1:]):
+  if any(a in HELP_FLAGS for a in argv[1:]):
     print_help(values)
     sys.exit(0)
   with flag_errors(what, argv):
     values(argv)
 
 
-_HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "--helpfull", "-?")
+HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "--helpfull", "-?")  # As absl's app.
 
 
 def print_help(values) -> None:

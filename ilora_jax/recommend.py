@@ -34,7 +34,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ilora_jax.data import _YEAR_SUFFIX
-from ilora_jax.errors import UserError, cli_main
+from ilora_jax.errors import HELP_FLAGS, UserError, cli_main
 
 TITLE_PREFIX = "title:"  # `title:T`: T is a title, even when it looks like an id.
 _ID = re.compile(r"#([0-9]+)")  # `#N`: item id N.
@@ -45,7 +45,6 @@ _SEPARATOR = re.compile(r"(?<!\\)\|")  # `|` joins entries; `\|` is a `|` inside
 _SECTIONS = ("data", "train", "sasrec", "ilora", "lora", "router", "llm", "checkpoint", "mesh")
 _KEYS = (("data", "name"), ("data", "max_len"), ("data", "num_candidates"),
          ("checkpoint", "max_to_keep"))  # fmt: skip
-_HELP_FLAGS = ("-h", "-help", "--help", "-?", "--helpshort", "--helpfull")
 
 
 def load_run_config(workdir: str):
@@ -90,26 +89,17 @@ def titles_with_years(config, workdir: str) -> dict[int, str]:
   """Item id -> title as MovieLens's `u.item` writes it, with the year that `load_titles`
   strips (so that "Cape Fear (1991)" tells the two "Cape Fear" apart); {} for data sets whose
   titles file is not a `u.item`, or when it cannot be read (the run's titles still apply)."""
-  data = config.data
-  if data.get("name") == "synthetic":
+  from ilora_jax import data
+
+  if config.data.get("name") == "synthetic":
     return {}
-  # The titles file `data.load_from_config` reads.
-  directory = data.get("dir") or os.path.join(workdir, "data", data.get("name", ""))
-  names = [data.titles_file] if data.get("titles_file") else ["id2name.txt", "u.item"]
-  path = next((os.path.join(directory, n) for n in names
-               if os.path.exists(os.path.join(directory, n))), "")  # fmt: skip
-  if not os.path.basename(path).startswith("u.item"):
+  try:  # The titles file `data.load_from_config` reads, read again with the years.
+    path = data.titles_file(config.data, data.data_dir(config, workdir))
+    if not os.path.basename(path).startswith("u.item"):
+      return {}
+    return data.load_titles(path, keep_years=True)
+  except UserError:
     return {}
-  full: dict[int, str] = {}
-  try:
-    with open(path, encoding="latin-1") as f:
-      for line in f:
-        fields = line.split("|")
-        if len(fields) > 1 and fields[0].strip().isdigit():
-          full[int(fields[0]) - 1] = fields[1].strip()
-  except OSError:
-    return {}
-  return full
 
 
 def split_entries(text: str) -> list[str]:
@@ -363,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
   flags.DEFINE_integer("k", 5, "How many items to return.", flag_values=values)
   argv = sys.argv if argv is None else argv
   args = argv[1 : argv.index("--") if "--" in argv else len(argv)]
-  if any(a in _HELP_FLAGS for a in args):
+  if any(a in HELP_FLAGS for a in args):
     print(_usage(values))
     return
   try:

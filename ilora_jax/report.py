@@ -471,12 +471,12 @@ def _summary_writer_class():
 
 
 def main(argv: list[str] | None = None) -> None:
-  from ilora_jax.errors import UserError, cli_main
+  from ilora_jax.errors import HELP_FLAGS, UserError, cli_main
 
   @cli_main
   def run(argv):
     usage = "usage: python -m ilora_jax.report --workdir=DIR [--compare=name=DIR2,...]"
-    if any(a in ("--help", "-h", "-help", "--helpfull", "-?") for a in argv[1:]):
+    if any(a in HELP_FLAGS for a in argv[1:]):
       print(f"{(__doc__ or '').strip()}\n\n{usage}")
       return
     opts = {}
