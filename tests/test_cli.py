@@ -165,6 +165,49 @@ def test_a_reader_that_goes_away_ends_the_output_quietly():
   assert proc.returncode == 141 and proc.stderr == "", (proc.returncode, proc.stderr)
 
 
+def test_after_the_error_line_background_failures_stay_silent():
+  """A damaged checkpoint leaves Orbax's reads as started coroutines that raise when collected at
+  exit ("Exception ignored in: <coroutine ...>" with a traceback, depending on timing), and
+  background threads may fail too: after the one `error:` line nothing more is printed."""
+  import subprocess
+  import sys
+
+  from conftest import ROOT
+
+  script = """
+import threading
+from ilora_jax import errors
+
+async def read():
+  try:
+    await Pending()
+  finally:
+    raise Exception("Encountered error while reading array index")
+
+class Pending:
+  def __await__(self):
+    yield
+
+reads = [read() for _ in range(3)]
+for r in reads:
+  r.send(None)
+def fail():
+  raise RuntimeError("background read failed")
+try:
+  raise errors.UserError("checkpoint 3 is unreadable")
+except errors.UserError as exc:
+  worker = threading.Thread(target=fail)
+  try:
+    errors.report_and_exit(exc)
+  finally:
+    worker.start()
+    worker.join()
+"""
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+  assert proc.returncode == 2, (proc.returncode, proc.stderr)
+  assert proc.stderr == "error: checkpoint 3 is unreadable\n", proc.stderr
+
+
 def test_unknown_key_error_is_one_readable_line(tmp_path):
   proc = run_cli(TINY, f"--workdir={tmp_path}", "--config.train.stepz=2")
   line = assert_one_line_error(
