@@ -66,26 +66,7 @@ class MetricsLog:
       ) from None
 
   def records(self) -> list[dict]:
-    if not os.path.exists(self.path):
-      return []
-    with open(self.path, "rb") as f:
-      lines = f.read().split(b"\n")
-    records = []
-    for number, line in enumerate(lines, 1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line.decode("utf-8")))
-      except ValueError:
-        if number == len(lines):  # No newline after it: cut by a kill mid-write; dropped.
-          break
-        from ilora_jax.errors import UserError
-
-        raise UserError(
-          f"{self.path} line {number} is not a JSON record: the log is damaged; remove or "
-          "mend that line"
-        ) from None
-    return records
+    return [record for _, record in read_jsonl(self.path)]
 
   def count(self, run: str) -> int:
     """Number of records written by training run `run` (a stage's training loop)."""
@@ -108,6 +89,44 @@ class MetricsLog:
     with atomic_write(self.path, encoding="utf-8") as f:
       for record in kept:
         f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str) -> list[tuple[int, object]]:
+  """(line number, parsed value) for each non-blank line of the JSON-lines file `path`
+  ([] when absent); the one reader of `metrics.jsonl` for resuming, reports and grids.
+
+  A last line without its newline that does not parse is skipped: a job writing right now, or
+  one killed in the middle of a write, leaves it cut, and the run rewrites that record when it
+  resumes. Any other line that does not parse is a `UserError` naming the file and line: the
+  log is written one whole line at a time, so a bad line elsewhere means a damaged or
+  hand-edited file, and a resume, report or table without that record would be silently wrong.
+  """
+  from ilora_jax.errors import UserError
+
+  if not os.path.lexists(path):
+    return []
+  if not os.path.isfile(path):
+    raise UserError(f"{path} is not a file")
+  try:
+    with open(path, "rb") as f:
+      lines = f.read().split(b"\n")
+  except OSError as exc:
+    raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
+  out = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      out.append((number, json.loads(line)))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError.
+      if number == len(lines):  # No newline after it: cut by a kill mid-write.
+        break
+      reason = " ".join(str(exc).split())[:80]
+      raise UserError(
+        f"{path}:{number}: not a JSON record ({reason}); only a cut last line is skipped: "
+        "fix or remove that line"
+      ) from None
+  return out
 
 
 def _drop_cut_last_line(path: str) -> None:

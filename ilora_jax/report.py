@@ -26,6 +26,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from ilora_jax import metrics
 from ilora_jax.errors import UserError, require
 from ilora_jax.files import atomic_write
 
@@ -40,39 +41,10 @@ GROUP_KEY = re.compile(r"group/(\d+)/(.+)")  # Per-user-group metrics: group/<g>
 
 
 def read_records(workdir: str) -> list[dict]:
-  """The records of `workdir/metrics.jsonl` ([] when absent).
-
-  A last line that does not parse is skipped: a job writing right now, or one killed in the
-  middle of a write, leaves it cut, and the run rewrites that record when it resumes. Any
-  other line that does not parse is an error naming the file and line: the log is written by
-  the program one whole line at a time, so a bad line elsewhere means a damaged or hand-edited
-  file, and a report (or a grid's table) without that record would be silently wrong.
-  """
+  """The records of `workdir/metrics.jsonl` ([] when absent), each checked for a usable `step`
+  and string names; a cut last line is skipped (see `metrics.read_jsonl`)."""
   path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.lexists(path):
-    return []
-  if not os.path.isfile(path):
-    raise UserError(f"{path} is not a file")
-  try:
-    with open(path, "rb") as f:
-      lines = f.read().splitlines()
-  except OSError as exc:
-    raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
-  numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
-  out = []
-  for n, line in numbered:
-    try:
-      record = json.loads(line)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError.
-      if n == numbered[-1][0]:
-        continue  # Cut by a kill or still being written.
-      reason = " ".join(str(exc).split())[:80]
-      raise UserError(
-        f"{path}:{n}: not a JSON record ({reason}); only a cut last line is skipped: "
-        "fix or remove that line"
-      ) from None
-    out.append(_checked(record, f"{path}:{n}"))
-  return out
+  return [_checked(record, f"{path}:{n}") for n, record in metrics.read_jsonl(path)]
 
 
 def _checked(record, where: str) -> dict:

@@ -60,5 +60,5 @@ def test_metrics_log_drops_a_cut_last_line_and_refuses_a_damaged_middle(tmp_path
   assert open(log.path).read() == '{"run": "ilora", "step": 1}\n'
   with open(log.path, "a") as f:
     f.write('{"broken\n{"run": "ilora", "step": 3}\n')
-  with pytest.raises(UserError, match="metrics.jsonl line 2 is not a JSON record"):
+  with pytest.raises(UserError, match="metrics.jsonl:2: not a JSON record"):
     log.records()

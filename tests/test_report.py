@@ -191,8 +191,17 @@ GOOD = '{"run": "ilora", "stage": "ilora", "split": "train", "step": 1, "loss": 
     ('{"step": 1, "split": [1]}\n', ["metrics.jsonl:1", "split", "string"]),
     (GOOD + '{"broken\n' + GOOD, ["metrics.jsonl:2", "not a JSON record"]),
     (GOOD + "\xff\n" + GOOD, ["metrics.jsonl:2", "not a JSON record"]),
+    (GOOD + '{"broken\n', ["metrics.jsonl:2", "not a JSON record"]),  # Its newline: not cut.
   ],
-  ids=["list", "step_text", "step_1e30", "split_list", "middle_cut", "middle_not_utf8"],
+  ids=[
+    "list",
+    "step_text",
+    "step_1e30",
+    "split_list",
+    "middle_cut",
+    "middle_not_utf8",
+    "bad_last_line_with_newline",
+  ],  # fmt: skip
 )
 def test_bad_metrics_lines_are_one_error_naming_file_and_line(tmp_path, capsys, text, fragments):
   (tmp_path / "metrics.jsonl").write_bytes(text.encode("latin-1"))
