@@ -21,7 +21,7 @@ from ilora_jax.errors import UserError, require_file
 from ilora_jax.safe_pickle import load_dataframe
 
 SPLITS = ("train", "val", "test")
-_YEAR_SUFFIX = re.compile(r"\s*\(\d{4}\)\s*$")
+YEAR_SUFFIX = re.compile(r"\s*\(\d{4}\)\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +164,7 @@ def load_titles(path: str, keep_years: bool = False) -> dict[int, str]:
     try:
       if is_uitem:
         fields = line.split("|")
-        title = fields[1] if keep_years else _YEAR_SUFFIX.sub("", fields[1])
+        title = fields[1] if keep_years else YEAR_SUFFIX.sub("", fields[1])
         item, title = int(fields[0]) - 1, title.strip()
       else:
         key, title = line.split("::", 1)

@@ -27,14 +27,13 @@ import json
 import os
 import re
 import sys
-import textwrap
 import unicodedata
 from collections.abc import Callable
 
 import numpy as np
 
-from ilora_jax.data import _YEAR_SUFFIX
-from ilora_jax.errors import HELP_FLAGS, UserError, cli_main
+from ilora_jax.data import YEAR_SUFFIX
+from ilora_jax.errors import HELP_FLAGS, UserError, cli_main, print_help
 
 TITLE_PREFIX = "title:"  # `title:T`: T is a title, even when it looks like an id.
 _ID = re.compile(r"#([0-9]+)")  # `#N`: item id N.
@@ -115,7 +114,7 @@ def _key(text: str) -> str:
 
 def _bare_key(text: str) -> str:
   """The key of a title without its trailing ` (yyyy)`, as `data.load_titles` strips it."""
-  return _key(_YEAR_SUFFIX.sub("", text))
+  return _key(YEAR_SUFFIX.sub("", text))
 
 
 class _Titles:
@@ -137,7 +136,7 @@ class _Titles:
 
   def matches(self, title: str) -> list[int]:
     exact = self.exact.get(_key(title))
-    if exact or (self.full and _YEAR_SUFFIX.search(title)):  # A year given must be right.
+    if exact or (self.full and YEAR_SUFFIX.search(title)):  # A year given must be right.
       return exact or []
     return self.bare.get(_bare_key(title), [])
 
@@ -155,7 +154,7 @@ class _Titles:
         f"instead, e.g. '#{items[0]}'"
       )
     pool = {_key(t): t for t in (self.full or self.titles).values()}
-    query = title if self.full else _YEAR_SUFFIX.sub("", title)
+    query = title if self.full else YEAR_SUFFIX.sub("", title)
     close = difflib.get_close_matches(_key(query), list(pool), n=3, cutoff=0.5)
     hint = f"; close matches: {' | '.join(pool[c] for c in close)}" if close else ""
     if title.startswith("#"):  # Not `#N` (which is an id), and no such title either.
@@ -291,14 +290,16 @@ def recommend(
   candidates: list[str | int] | None = None,
   k: int = 5,
   notify: Callable[[str], None] | None = None,
+  config=None,
 ) -> list[tuple[int, str, float]]:
   """Top-k (item id, title, score) for a history of titles or ids, with a trained run.
 
   Entries are strings as on the command line (`resolve_items`) or ints (item ids). `notify`,
   when given, receives one-line notices: the history is longer than the run's `data.max_len`
   (only its last items count), or there are fewer than k candidates (so fewer rows).
+  `config` is the run's (`load_run_config(workdir)`, read here when not given).
   """
-  rec = Recommender(workdir)
+  rec = Recommender(workdir, config)
   hist = rec.resolve(list(history), "history")
   cands = rec.resolve(list(candidates), "candidate") if candidates else None
   notify = notify or (lambda message: None)
@@ -317,16 +318,6 @@ def recommend(
     )
     notify(f"only {len(top)} {source}, so {len(top)} rows instead of k={k}")
   return top
-
-
-def _usage(values) -> str:
-  lines = [(__doc__ or "").strip(), "", "flags:"]
-  for name in ("workdir", "history", "candidates", "k"):
-    flag = values[name]
-    default = "" if flag.default in (None, "") else f" (default: {flag.default})"
-    lines.append(textwrap.fill(f"--{name}: {flag.help}{default}", 96, initial_indent="  ",
-                               subsequent_indent="      "))  # fmt: skip
-  return "\n".join(lines)
 
 
 @cli_main
@@ -354,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
   argv = sys.argv if argv is None else argv
   args = argv[1 : argv.index("--") if "--" in argv else len(argv)]
   if any(a in HELP_FLAGS for a in args):
-    print(_usage(values))
+    print_help(values)
     return
   try:
     values(argv)
@@ -380,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
   def notify(message: str) -> None:
     print(f"recommend: {message}", file=sys.stderr, flush=True)
 
-  for item, title, score in recommend(f.workdir, history, candidates, f.k, notify):
+  for item, title, score in recommend(f.workdir, history, candidates, f.k, notify, config):
     print(f"{score:10.3f}  {item:6d}  {title}")
 
 

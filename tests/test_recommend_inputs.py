@@ -156,6 +156,7 @@ class FakeRecommender:
     self.titles = {1: "Oomph!", 2: "1", 3: "Heat", 4: "Toy Story", 5: "Cape Fear"}
     self.titles_with_years = {}
     self.seen = None
+    FakeRecommender.given_config = config
 
   def resolve(self, entries, what):
     return REAL_RECOMMENDER.resolve(self, entries, what)
@@ -200,6 +201,8 @@ def test_cli_prints_notices_on_stderr(monkeypatch, tmp_path, capsys):
   assert [line.split()[1] for line in out.splitlines()] == ["5", "4"]
   assert "recommend: the history has 4 items" in err
   assert "recommend: only 2 items were retrieved" in err
+  # The run's config.json is read once, by the CLI, and handed to the Recommender.
+  assert FakeRecommender.given_config.data.max_len == base_config()["data"]["max_len"]
 
 
 def test_cli_help_prints_the_flags():
