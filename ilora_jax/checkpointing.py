@@ -32,11 +32,20 @@ _KILL_AT = (
 class StageCheckpoints:
   """Saves and restores one stage's training state."""
 
-  def __init__(self, workdir: str, stage: str, max_to_keep: int = 2, async_save: bool = True):
+  def __init__(
+    self,
+    workdir: str,
+    stage: str,
+    max_to_keep: int = 2,
+    async_save: bool = True,
+    read_only: bool = False,
+  ):
+    """`read_only`: only restores, so no folder is created (an evaluation or a recommendation
+    of a workdir without the stage's checkpoints leaves no empty `checkpoints/` behind)."""
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints", stage))
     self.stage = stage
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+      max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=async_save
     )
     self._pending: int | None = None
     try:

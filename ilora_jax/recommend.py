@@ -224,7 +224,9 @@ class Recommender:
       )
     self.config = config
     self.su = train_ilora.setup(config, workdir)
-    ckpt = checkpointing.StageCheckpoints(workdir, "ilora", config.checkpoint.max_to_keep, False)
+    ckpt = checkpointing.StageCheckpoints(
+      workdir, "ilora", config.checkpoint.max_to_keep, False, read_only=True
+    )
     latest = ckpt.latest_step()
     if latest is None:
       raise UserError(f"no ilora checkpoint in {ckpt.directory}: train with --config.stage=ilora")

@@ -82,11 +82,15 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   """
   cfg = sasrec_model_config(config, dataset.n_items)
   init_from = config.sasrec.init_from
-  ckpt = checkpointing.StageCheckpoints(workdir, "sasrec", config.checkpoint.max_to_keep, False)
+  ckpt = checkpointing.StageCheckpoints(
+    workdir, "sasrec", config.checkpoint.max_to_keep, False, read_only=True
+  )
   latest = ckpt.latest_step()
   if latest is None and init_from and os.path.isdir(init_from):
     ckpt.close()
-    ckpt = checkpointing.StageCheckpoints(init_from, "sasrec", config.checkpoint.max_to_keep, False)
+    ckpt = checkpointing.StageCheckpoints(
+      init_from, "sasrec", config.checkpoint.max_to_keep, False, read_only=True
+    )
     latest = ckpt.latest_step()
     if latest is None:
       ckpt.close()
@@ -1279,7 +1283,9 @@ def run(config, workdir: str) -> dict[str, float]:
 def evaluate(config, workdir: str) -> dict[str, float]:
   """The `evaluate` stage for iLoRA: restore the latest checkpoint and score `eval.split`."""
   su = setup(config, workdir)
-  ckpt = checkpointing.StageCheckpoints(workdir, STAGE, config.checkpoint.max_to_keep, False)
+  ckpt = checkpointing.StageCheckpoints(
+    workdir, STAGE, config.checkpoint.max_to_keep, False, read_only=True
+  )
   latest = ckpt.latest_step()
   if latest is None:
     raise UserError(f"no ilora checkpoint in {ckpt.directory}: run --config.stage=ilora first")

@@ -316,7 +316,9 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   dataset = load_from_config(config, workdir)
   cfg = model_config(config, dataset.n_items)
   mesh = sharding.make_mesh(config.mesh)
-  ckpt = checkpointing.StageCheckpoints(workdir, STAGE, config.checkpoint.max_to_keep, False)
+  ckpt = checkpointing.StageCheckpoints(
+    workdir, STAGE, config.checkpoint.max_to_keep, False, read_only=True
+  )
   latest = ckpt.latest_step()
   if latest is None:
     raise UserError(

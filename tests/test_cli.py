@@ -91,6 +91,7 @@ def test_bad_flags_and_values_are_one_line_errors(tmp_path, args, fragments):
   env = {"XLA_FLAGS": xla_flags(2)}
   proc = run_cli(TINY, f"--workdir={tmp_path}", *args, env=env)
   assert_one_line_error(proc, *fragments)
+  assert not os.path.exists(tmp_path / "checkpoints"), os.listdir(tmp_path)  # None made.
 
 
 @pytest.mark.parametrize(

@@ -186,3 +186,16 @@ def test_only_a_damaged_checkpoint_gets_the_advice_to_remove_it(tmp_path):
   cut = Exception("Encountered error while reading array index (0,): OUT_OF_RANGE")
   assert "remove" in str(ckpt._unreadable(7, cut))
   ckpt.close()
+
+
+def test_a_read_only_checkpoint_folder_is_not_created(tmp_path):
+  """Evaluate and recommend only restore: a workdir without the stage's checkpoints keeps no
+  empty `checkpoints/` folder after their error; training creates it."""
+  from ilora_jax import checkpointing
+
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "ilora", 2, False, read_only=True)
+  assert ckpt.latest_step() is None
+  ckpt.close()
+  assert os.listdir(tmp_path) == []
+  checkpointing.StageCheckpoints(str(tmp_path), "ilora", 2, False).close()
+  assert os.path.isdir(tmp_path / "checkpoints" / "ilora")
