@@ -29,8 +29,15 @@ def _quiet_hook(hook, value_of):
 
 
 class _DropBackgroundTracebacks:
+  """Drops Orbax's log copies of failures that reach the user as one `error:` line: a
+  background writer's traceback, and the warning about a step folder without its metadata
+  file (the restore of that step then fails and says which folder to remove)."""
+
   def filter(self, record) -> bool:
-    return not (record.exc_info and "_SignalingThread" in record.getMessage())
+    message = record.getMessage()
+    if record.exc_info and "_SignalingThread" in message:
+      return False
+    return not message.startswith("Metadata file does not exist")
 
 
 def quiet_libraries() -> None:
