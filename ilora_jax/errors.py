@@ -87,6 +87,13 @@ def flag_errors(what: str = "config", argv: Sequence[str] = ()):
   except flags.Error as exc:
     raise flag_error(exc) from None
   except (AttributeError, KeyError) as exc:  # An override names an unknown config key.
+    if isinstance(exc, AttributeError) and getattr(exc, "name", None) == "get_config":
+      path = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")), "")
+      path = path.split(":", 1)[0] or f"the {what} file"
+      raise UserError(
+        f"{path} defines no get_config(): a {what} file is a Python file whose get_config() "
+        "returns an ml_collections ConfigDict"
+      ) from None
     inner: object = exc  # ml_collections wraps a KeyError (its message) in an AttributeError.
     while isinstance(inner, BaseException) and inner.args:
       inner = inner.args[0]

@@ -209,6 +209,14 @@ except errors.UserError as exc:
   assert proc.stderr == "error: checkpoint 3 is unreadable\n", proc.stderr
 
 
+@pytest.mark.parametrize("module,flag", [("ilora_jax.main", "config"),
+                                         ("ilora_jax.experiments", "grid")])  # fmt: skip
+def test_a_file_without_get_config_is_named(tmp_path, module, flag):
+  (tmp_path / "settings.py").write_text("batch_size = 8\n")
+  proc = run_cli(f"--{flag}={tmp_path / 'settings.py'}", f"--workdir={tmp_path}", module=module)
+  assert_one_line_error(proc, f"{tmp_path / 'settings.py'} defines no get_config()", f"{flag} file")
+
+
 def test_unknown_key_error_is_one_readable_line(tmp_path):
   proc = run_cli(TINY, f"--workdir={tmp_path}", "--config.train.stepz=2")
   line = assert_one_line_error(
