@@ -15,7 +15,11 @@ Must run before anything touches a JAX device.
 
 from __future__ import annotations
 
-from ilora_jax.errors import UserError
+import os
+import sys
+import threading
+
+from ilora_jax.errors import EXIT_USER_ERROR, UserError
 
 
 def wanted(config) -> bool:
@@ -46,11 +50,36 @@ def initialize(config) -> None:
     jax.config.update("jax_cpu_collectives_implementation", dc.cpu_collectives)
   if dc.coordinator and dc.process_id != 0:
     _wait_for_coordinator(dc.coordinator, float(dc.timeout_s))
+  where = dc.coordinator or "the environment (TPU, Slurm or Open MPI)"
+  # JAX ends the process with a native stack dump when the cluster is not complete within its
+  # timeout (process 0 waiting for the others, say); a watchdog ends it first with one line.
+  watchdog = threading.Timer(float(dc.timeout_s), _not_joined, (where, dc))
+  watchdog.daemon = True
+  watchdog.start()
   try:
-    jax.distributed.initialize(initialization_timeout=int(dc.timeout_s), **kwargs)
+    jax.distributed.initialize(
+      initialization_timeout=int(dc.timeout_s) + _JAX_TIMEOUT_MARGIN_S, **kwargs
+    )
   except (RuntimeError, ValueError) as exc:
-    where = dc.coordinator or "the environment (TPU, Slurm or Open MPI)"
     raise UserError(f"cannot join the cluster via {where}: {str(exc).splitlines()[0]}") from None
+  finally:
+    watchdog.cancel()
+
+
+_JAX_TIMEOUT_MARGIN_S = 30  # JAX's own timeout is this much later than the watchdog's.
+
+
+def _not_joined(where: str, dc) -> None:
+  """The watchdog's end of a cluster that did not form in time: one line, exit 2."""
+  count = f"all {dc.num_processes} processes" if dc.coordinator else "every process"
+  print(
+    f"error: the cluster via {where} did not form within config.distributed.timeout_s="
+    f"{float(dc.timeout_s):g} s: start {count} with the same settings (process_id 0 to "
+    f"num_processes - 1) or raise the timeout",
+    file=sys.stderr,
+    flush=True,
+  )
+  os._exit(EXIT_USER_ERROR)
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:

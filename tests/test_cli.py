@@ -239,6 +239,25 @@ def test_an_unreachable_coordinator_is_one_line_not_a_native_abort(tmp_path):
   assert_one_line_error(proc, f"cannot reach the coordinator 127.0.0.1:{port} within")
 
 
+def test_process_0_alone_is_one_line_not_a_native_abort(tmp_path):
+  """Process 0 waits for the others; when they never come JAX aborts with a native stack
+  dump after its timeout, so a watchdog ends the process first with one line."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  proc = run_cli(
+    TINY, f"--workdir={tmp_path}", f"--config.distributed.coordinator=127.0.0.1:{port}",
+    "--config.distributed.num_processes=2", "--config.distributed.process_id=0",
+    "--config.distributed.timeout_s=2", timeout=120,
+  )  # fmt: skip
+  assert_one_line_error(
+    proc, f"the cluster via 127.0.0.1:{port} did not form within", "timeout_s=2 s",
+    "start all 2 processes",
+  )  # fmt: skip
+
+
 def test_overrides_parse_as_on_the_command_line():
   from ilora_jax import configuration
 
