@@ -9,8 +9,9 @@ frozen SASRec) and times the same jitted, sharded, donated train step after comp
 warm-up, blocking on the results. No data files are read. Prints a table and, as its last line,
 one JSON object:
 
-  step_s, tokens_per_s, compile_s, peak_bytes, mfu, loss, eval_gen_* for generation and
-  eval_score_* for candidate scoring. compile_s splits into compile_trace_s (tracing and
+  step_s, tokens_per_s, compile_s, peak_bytes, mfu, loss, eval_gen_* for generation,
+  eval_score_* for candidate scoring and eval_both_* for both from one prefill (as a
+  validation pass runs them). compile_s splits into compile_trace_s (tracing and
   lowering, in Python) and compile_xla_s (XLA itself); temp_bytes is XLA's scratch memory of
   the step (a memory figure where the backend reports no peak, as on a CPU).
 
@@ -420,6 +421,34 @@ def bench_generate(config, parts, frozen, state) -> dict:
       # Scratch memory of the scoring program (activations, logits, the cache).
       "eval_score_temp_bytes": temp_bytes(compiled),
       "eval_score_speedup": result["eval_gen_batch_s"] / batch_s,
+    }
+  )
+  # Both modes from one prefill, as a validation pass runs them (`ilora.eval_shared_prefill`).
+  compiled, compile_times = lower_and_compile(
+    scoring.generate_and_score,
+    parts.model.module,
+    *args,
+    ctoks,
+    cmask,
+    **kwargs,
+    max_new_tokens=new,
+    eos_ids=(),
+    pad_id=0,
+    chunk=chunk,
+    packed_len=packed_len,
+    unroll=modes[0],
+  )
+
+  def both():
+    return jax.block_until_ready(compiled(*args, ctoks, cmask, **kwargs))
+
+  _, _, batch_s = _timed(both)
+  result.update(
+    {
+      "eval_both_batch_s": batch_s,
+      "eval_both_prompts_per_s": b / batch_s,
+      "eval_both_compile_s": compile_times["trace"] + compile_times["xla"],
+      "eval_both_temp_bytes": temp_bytes(compiled),  # The cache once, plus activations.
     }
   )
   return result

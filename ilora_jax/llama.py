@@ -315,7 +315,7 @@ class Attention(nn.Module):
     q = checkpoint_name(apply_rope(q, positions, inv_freq), "q")
     k = checkpoint_name(apply_rope(k, positions, inv_freq), "k")
     v = checkpoint_name(v, "v")
-    new_cache = None
+    new_cache, own = None, None
     if layer_cache is not None:
       cache_k, cache_v = layer_cache[:2]
       start = (0, 0, 0 if cache_index is None else cache_index, 0)
@@ -323,11 +323,30 @@ class Attention(nn.Module):
       v_new = v.astype(cache_v.dtype).transpose(0, 2, 1, 3)  # [b, k, t, h]
       if len(layer_cache) == 3:  # Every layer's cache [l, b, k, s, h] and this layer's index.
         layer = layer_cache[2]
-        new_cache = (
-          jax.lax.dynamic_update_slice(cache_k, k_new[None], (layer, *start)),
-          jax.lax.dynamic_update_slice(cache_v, v_new[None], (layer, *start)),
-          layer,
-        )
+        if k_new.shape[2] > 1:
+          # A pass of several tokens (packed candidates): this layer's slice is read, the
+          # keys written into it, and the slice written back whole. Writing into the stack
+          # and reading the layer back from it, as a decoding step does, let XLA fuse the read
+          # with a second copy of the write, so the in-place write needed a copy of the whole
+          # stacked cache (two thirds of a cache more at the peak).
+          own = tuple(
+            jax.lax.dynamic_update_slice(
+              jax.lax.dynamic_index_in_dim(c, layer, keepdims=False), c_new, start
+            )
+            for c, c_new in ((cache_k, k_new), (cache_v, v_new))
+          )  # [b, k, s, h] each
+          new_cache = (
+            *(
+              jax.lax.dynamic_update_index_in_dim(c, o, layer, 0) for c, o in zip(layer_cache, own)
+            ),
+            layer,
+          )
+        else:
+          new_cache = (
+            jax.lax.dynamic_update_slice(cache_k, k_new[None], (layer, *start)),
+            jax.lax.dynamic_update_slice(cache_v, v_new[None], (layer, *start)),
+            layer,
+          )
       else:
         new_cache = (
           jax.lax.dynamic_update_slice(cache_k, k_new, start),
@@ -364,7 +383,9 @@ class Attention(nn.Module):
       out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
     else:
       k, v = new_cache[:2]
-      if len(new_cache) == 3:  # This layer's [b, k, s, h] of the stacked cache.
+      if own is not None:  # This layer's [b, k, s, h], written before the stack.
+        k, v = own
+      elif len(new_cache) == 3:  # This layer's [b, k, s, h] of the stacked cache.
         k, v = (jax.lax.dynamic_index_in_dim(c, new_cache[2], keepdims=False) for c in (k, v))
       out = dot_attention(q, k, v, mask, cfg.dtype, heads_first=True)  # [b, t, n, h]
     out = proj("btnh,nhd->btd", (n, h, d), ("heads", "head_dim", "embed"), "o", name="o")(
@@ -636,6 +657,7 @@ class Llama(nn.Module):
     head_positions: Array | None = None,
     prefill: bool = False,
     attend: Array | None = None,
+    keep_cache: bool | None = None,
   ):
     """Runs the decoder.
 
@@ -659,6 +681,12 @@ class Llama(nn.Module):
         step's tokens each token attends to (None: the causal mask), besides every real slot
         of the cache before them. Independent continuations packed in one pass (scoring's
         candidates) each see the cache and their own tokens.
+      keep_cache: static; with scanned layers and a non-empty `cache`, whether the caller
+        continues from the returned cache and drops the given one: the stacked cache then
+        rides in the layer scan's carry and is written in place. Otherwise each layer's slice
+        of the given cache is read and the written ones are stacked into a new cache (two
+        caches at the peak), which is cheaper when the given cache is read again (scoring
+        chunks over one prompt cache). Default: True for one-token decoding steps.
 
     Returns:
       logits [b, t, vocab] float32 (or hidden states), and the updated cache if `cache` given.
@@ -698,9 +726,9 @@ class Llama(nn.Module):
       x = jnp.where(replace_mask[..., None], replace_embeds.astype(x.dtype), x)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
-    if cfg.scan_layers and kv_in is not None and t == 1:  # A decoding step: cache in the carry.
-      # Only for one-token steps: a scoring pass over a cache it does not keep (t > 1) would
-      # copy the whole cache into the carry; stacking the layers' slices is cheaper there.
+    if keep_cache is None:
+      keep_cache = t == 1  # A decoding step.
+    if cfg.scan_layers and kv_in is not None and not prefill and keep_cache:
       carry = (x, *kv_in, jnp.int32(0))
       carry, _ = self.layers(carry, None, positions, mask, cache_index, gate_weights, deterministic)
       x, kv_out = carry[0], carry[1:3]

@@ -154,12 +154,18 @@ def loglik_after_prefill(
   gate_weights: Array | None,
   chunk: int,
   packed_len: int | None = None,
+  keep_cache: bool = True,
 ) -> tuple[Array, llama.KVCache]:
   """`candidate_loglik` from a `llm.prefill`'s last-position logits [b, vocab] and cache (with
   `l`, or `packed_len`, free slots). Returns the scores [b, n] and the cache to continue the
-  prompts from: the prefill's, its free slots possibly overwritten but not marked as used."""
+  prompts from: the prefill's, its free slots possibly overwritten but not marked as used.
+  `keep_cache` (static): the packed pass writes the given cache in place (`Llama`'s
+  argument); False writes a second cache, as before 2026-12-02, which costs a cache more at
+  the peak when the caller continues from it (decoding after scoring)."""
   if packed_len is not None:
-    return _packed(module, params, first_logits, cache, cands, cand_mask, gate_weights, packed_len)
+    return _packed(
+      module, params, first_logits, cache, cands, cand_mask, gate_weights, packed_len, keep_cache
+    )
   b, n, cl = cands.shape
   if n % chunk:
     chunk = 1  # Static fallback keeps shapes whole.
@@ -234,7 +240,7 @@ def next_logp(
   return out.swapaxes(0, 1).reshape(b, n * piece)[:, :length]
 
 
-def _packed(module, params, first_logits, cache, cands, cand_mask, gate_weights, length):
+def _packed(module, params, first_logits, cache, cands, cand_mask, gate_weights, length, keep):
   """The packed form of `loglik_after_prefill` (see the module docstring)."""
   n = cands.shape[1]
   tokens, candidate, offset = _pack(cands, cand_mask, length)  # [b, L] each
@@ -252,6 +258,7 @@ def _packed(module, params, first_logits, cache, cands, cand_mask, gate_weights,
     cache=cache,
     attend=attend & real[:, None, :],
     return_hidden=True,
+    keep_cache=keep,
   )  # [b, L, d]
   first = jax.nn.log_softmax(first_logits.astype(jnp.float32), axis=-1)  # [b, v]
   head = jnp.take_along_axis(first, tokens, axis=1)  # [b, L]: every token after the prompt...
@@ -277,6 +284,7 @@ def _packed(module, params, first_logits, cache, cands, cand_mask, gate_weights,
     "chunk",
     "packed_len",
     "unroll",
+    "keep_cache",
   ),
 )
 def generate_and_score(
@@ -296,10 +304,14 @@ def generate_and_score(
   chunk: int = 5,
   packed_len: int | None = None,
   unroll: bool = False,
+  keep_cache: bool = True,
 ) -> tuple[Array, Array, Array]:
   """Both evaluation modes from one prefill of the prompts: greedy generation as
   `llm.generate_tokens` and candidate scores as `candidate_loglik` (same arguments), where
   separately each mode runs the prompts through the model on its own.
+
+  `keep_cache=False` has the packed pass write a second cache instead of the prefill's in
+  place (as before 2026-12-02; `bench/eval_memory.py` compares the two).
 
   Returns (new tokens [b, max_new_tokens], lengths [b], scores [b, n]).
   """
@@ -314,7 +326,7 @@ def generate_and_score(
     replace_embeds=replace_embeds,
   )
   scores, cache = loglik_after_prefill(
-    module, params, first, cache, cands, cand_mask, gate_weights, chunk, packed_len
+    module, params, first, cache, cands, cand_mask, gate_weights, chunk, packed_len, keep_cache
   )
   out, lengths = llm.greedy_decode(
     module,

@@ -42,6 +42,11 @@ def test_bench_train_generate_and_score_keys():
   # states of both rows (2 x 240 positions x 64 float32 in the tiny model).
   assert result["eval_score_packed"] is True
   assert result["eval_score_temp_bytes"] >= 2 * 240 * 64 * 4
+  # Both modes from one prefill: at least one cache (2 layers' keys and values, 2 rows, 2 KV
+  # heads of 16, 64 prompt slots and 240 for the packed candidates, float32).
+  assert result["eval_both_prompts_per_s"] == np.float64(2 / result["eval_both_batch_s"])
+  assert result["eval_both_temp_bytes"] >= 2 * 2 * 2 * 2 * (64 + 240) * 16 * 4
+  assert result["eval_both_compile_s"] > 0
   # The prefill alone and the per-step share of the rest (scanned layers, the default).
   assert result["eval_gen_unroll"] is False
   assert np.isfinite(result["eval_gen_prefill_s"]) and result["eval_gen_prefill_s"] > 0
@@ -58,7 +63,7 @@ def test_bench_generation_alone():
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["eval_gen_prompts_per_s"] > 0
-  assert not [k for k in result if k.startswith("eval_score") or k == "step_s"], result
+  assert not [k for k in result if k.startswith(("eval_score", "eval_both")) or k == "step_s"]
 
 
 def test_bench_trains_with_splash_attention_and_checks_it_against_einsum():

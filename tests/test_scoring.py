@@ -133,3 +133,10 @@ def test_generation_and_scores_from_one_prefill_equal_each_mode_alone(
     model.module, model.params, prompt, mask, max_new_tokens=new, eos_ids=(), pad_id=0
   )
   np.testing.assert_array_equal(np.asarray(out), np.asarray(alone))
+  if packed and not unroll and new == 14:  # The packed pass into a second cache: the same.
+    out2, _, scores2 = scoring.generate_and_score(
+      model.module, model.params, prompt, mask, tokens, cmask, max_new_tokens=new, eos_ids=(),
+      pad_id=0, chunk=2, packed_len=packed_len, keep_cache=False,
+    )  # fmt: skip
+    np.testing.assert_allclose(np.asarray(scores2), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(np.asarray(out2), greedy[:, :new])
