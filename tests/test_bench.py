@@ -201,6 +201,26 @@ def test_ab_eval_times_evaluation_variants_in_alternation_with_their_metrics(pip
   assert_one_line_error(bad, "only evaluation settings (ilora.*, llm.unroll_decode) vary")
 
 
+def test_eval_memory_reports_each_programs_scratch_and_the_cache():
+  """The tiny preset compiled (no weights, nothing run) at one shape: the cache's size by the
+  formula (keys and values of 2 layers, 2 rows, 2 KV heads of 16 dims, 24 prompt slots and
+  32 candidate slots, float32) and a scratch figure per program."""
+  proc = run_cli("--model=tiny", "--batch=2", "--prompt_len=24", "--new_tokens=4",
+                 "--candidates=4", "--candidate_len=8", "--packed_len=32",
+                 script="bench/eval_memory.py")  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["cache_bytes"] == 2 * 2 * 2 * 2 * (24 + 32) * 16 * 4
+  names = ("generate", "score", "both_keep_cache_True", "both_keep_cache_False")
+  for name in names:
+    assert result[f"{name}_temp_bytes"] > 0, name
+  both = result["both_keep_cache_True_temp_bytes"] / result["both_keep_cache_False_temp_bytes"]
+  assert result["both_ratio"] == pytest.approx(both)
+  assert "KV cache" in proc.stdout and proc.stderr.count("error") == 0
+  proc = run_cli("--model=llama9", script="bench/eval_memory.py")
+  assert_one_line_error(proc, "--model=llama9 is not a preset")
+
+
 def test_ab_step_variants_parse_as_command_line_overrides():
   from ilora_jax import bench, configuration
   from ilora_jax.errors import UserError
