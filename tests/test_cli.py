@@ -168,16 +168,26 @@ def test_a_reader_that_goes_away_ends_the_output_quietly():
 
 def test_after_the_error_line_background_failures_stay_silent():
   """A damaged checkpoint leaves Orbax's reads as started coroutines that raise when collected at
-  exit ("Exception ignored in: <coroutine ...>" with a traceback, depending on timing), and
-  background threads may fail too: after the one `error:` line nothing more is printed."""
+  exit ("Exception ignored in: <coroutine ...>" with a traceback, depending on timing),
+  asyncio logs tasks whose exception nobody retrieved, and background threads may fail too:
+  after the one `error:` line nothing more is printed."""
   import subprocess
   import sys
 
   from conftest import ROOT
 
   script = """
+import asyncio
+import gc
 import threading
 from ilora_jax import errors
+
+async def boom():
+  raise RuntimeError("background write failed")
+
+loop = asyncio.new_event_loop()
+task = loop.create_task(boom())  # Its exception is never retrieved: asyncio logs it when
+loop.run_until_complete(asyncio.sleep(0))  # the task is collected.
 
 async def read():
   try:
@@ -203,6 +213,8 @@ except errors.UserError as exc:
   finally:
     worker.start()
     worker.join()
+    del task
+    gc.collect()
 """
   proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
   assert proc.returncode == 2, (proc.returncode, proc.stderr)
