@@ -328,19 +328,16 @@ class Attention(nn.Module):
           # keys written into it, and the slice written back whole. Writing into the stack
           # and reading the layer back from it, as a decoding step does, let XLA fuse the read
           # with a second copy of the write, so the in-place write needed a copy of the whole
-          # stacked cache (two thirds of a cache more at the peak).
+          # stacked value cache (half a cache more at the peak).
           own = tuple(
             jax.lax.dynamic_update_slice(
               jax.lax.dynamic_index_in_dim(c, layer, keepdims=False), c_new, start
             )
             for c, c_new in ((cache_k, k_new), (cache_v, v_new))
           )  # [b, k, s, h] each
-          new_cache = (
-            *(
-              jax.lax.dynamic_update_index_in_dim(c, o, layer, 0) for c, o in zip(layer_cache, own)
-            ),
-            layer,
-          )
+          written = (jax.lax.dynamic_update_index_in_dim(cache_k, own[0], layer, 0),
+                     jax.lax.dynamic_update_index_in_dim(cache_v, own[1], layer, 0))  # fmt: skip
+          new_cache = (*written, layer)
         else:
           new_cache = (
             jax.lax.dynamic_update_slice(cache_k, k_new[None], (layer, *start)),
