@@ -95,12 +95,13 @@ for name in ("smoke", "smoke_linear_router", "jax_7b", "jax_7b_gen64", "jax_7b_c
   except Exception:
     rows[name] = {}
 print(f"{'run':<20}{'tokens/s':>10}{'step s':>9}{'GiB':>7}{'MFU':>7}{'compile s':>10}"
-      f"{'of it XLA':>10}{'gen p/s':>9}{'unrolled':>9}")
+      f"{'of it XLA':>10}{'gen p/s':>9}{'unrolled':>9}{'both p/s':>9}")
 for name, r in rows.items():
   gib = (r.get("peak_bytes") or 0) / 2**30
   print(f"{name:<20}{r.get('tokens_per_s', 0):>10.0f}{r.get('step_s', 0):>9.3f}{gib:>7.1f}"
         f"{r.get('mfu', 0):>7.3f}{r.get('compile_s', 0):>10.1f}{r.get('compile_xla_s', 0):>10.1f}"
-        f"{r.get('eval_gen_prompts_per_s', 0):>9.1f}{r.get('eval_gen_alt_prompts_per_s', 0):>9.1f}")
+        f"{r.get('eval_gen_prompts_per_s', 0):>9.1f}{r.get('eval_gen_alt_prompts_per_s', 0):>9.1f}"
+        f"{r.get('eval_both_prompts_per_s', 0):>9.1f}")
 jax7, fused = rows["jax_7b"], rows["torch_fused_7b"]
 if jax7.get("tokens_per_s") and fused.get("tokens_per_s"):
   print(f"jax / torch-fused tokens/s: {jax7['tokens_per_s'] / fused['tokens_per_s']:.2f}")
