@@ -54,7 +54,7 @@ if [ "$backend" != gpu ]; then
   exit 2
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-run jax_7b 240 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}"
+run jax_7b 270 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}"  # Train, generate, score, both.
 if [ ! -s "$RESULTS/jax_7b.json" ]; then  # cuDNN attention failed: measure the einsum path.
   run jax_7b 150 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.llm.attention=xla
 fi
