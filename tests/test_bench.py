@@ -35,6 +35,7 @@ def test_bench_train_generate_and_score_keys():
   assert result["compile_trace_s"] > 0 and result["compile_xla_s"] > 0
   assert parts == pytest.approx(result["compile_s"], abs=1e-3)
   assert 0 < result["eval_score_compile_xla_s"] < result["eval_score_compile_s"]
+  assert 0 < result["eval_gen_compile_xla_s"] < result["eval_gen_compile_s"]
   # The step's scratch memory holds at least the float32 logits of the 2 rows' 16 target
   # positions over the tiny model's 49,152-token vocabulary.
   assert result["temp_bytes"] >= 2 * 16 * 49152 * 4
