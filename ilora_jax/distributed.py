@@ -71,11 +71,13 @@ _JAX_TIMEOUT_MARGIN_S = 30  # JAX's own timeout is this much later than the watc
 
 def _not_joined(where: str, dc) -> None:
   """The watchdog's end of a cluster that did not form in time: one line, exit 2."""
-  count = f"all {dc.num_processes} processes" if dc.coordinator else "every process"
+  start = "start every host's process"
+  if dc.coordinator:
+    start = (f"start all {dc.num_processes} processes with the same settings (process_id 0 "
+             f"to {dc.num_processes - 1})")  # fmt: skip
   print(
     f"error: the cluster via {where} did not form within config.distributed.timeout_s="
-    f"{float(dc.timeout_s):g} s: start {count} with the same settings (process_id 0 to "
-    f"num_processes - 1) or raise the timeout",
+    f"{float(dc.timeout_s):g} s: {start} or raise the timeout",
     file=sys.stderr,
     flush=True,
   )
