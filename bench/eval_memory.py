@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from ilora_jax import console, errors, llama, llm, scoring
+from ilora_jax import bench, console, errors, llama, llm, scoring
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m-random", "a preset of ilora_jax.llm")
 _DTYPE = flags.DEFINE_string("dtype", "float32", "compute and weight dtype")
@@ -48,7 +48,7 @@ def measure(model: str, dtype: str, b: int, t: int, new: int, n: int, cl: int, p
   cache_bytes *= jnp.dtype(cfg.dtype).itemsize
 
   def temp(fn, *args) -> int:
-    return int(jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes)
+    return bench.temp_bytes(jax.jit(fn).lower(*args).compile())
 
   gen = dict(max_new_tokens=new, eos_ids=(), pad_id=0)
   args = (params, prompt, prompt, cands, cands)

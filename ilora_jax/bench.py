@@ -282,7 +282,8 @@ def generation_runner(config, parts, frozen, state) -> types.SimpleNamespace:
   `batch` (host arrays); `inputs()`: the adapters merged into the params, the gates and item
   embeddings, as (params, ids, attention) and generate's keyword arguments; `run(unroll, new)`
   generates `new` tokens (no early stop), blocking on the result; `compile(unroll, new)` gives
-  (compiled generation, a `run()` of that compiled program alone, on inputs prepared once)."""
+  (compiled generation, a `run()` of that compiled program alone, on inputs prepared once, its
+  compile seconds as `lower_and_compile` gives them); `run` reuses that compiled program."""
   from ilora_jax import llm, train_ilora
 
   bc = config.bench
@@ -313,7 +314,7 @@ def generation_runner(config, parts, frozen, state) -> types.SimpleNamespace:
 
   def compile(unroll: bool, new: int):
     args, kwargs = inputs()
-    compiled, _ = lower_and_compile(
+    compiled, times = lower_and_compile(
       llm.generate_tokens, parts.model.module, *args, **kwargs, **static(unroll, new)
     )
     jax.block_until_ready((args, kwargs))
@@ -321,9 +322,9 @@ def generation_runner(config, parts, frozen, state) -> types.SimpleNamespace:
     def run_compiled():  # The compiled generation alone, on the inputs prepared once.
       return jax.block_until_ready(compiled(*args, **kwargs))
 
-    return compiled, run_compiled
+    return compiled, run_compiled, times
 
-  return types.SimpleNamespace(batch=batch, inputs=inputs, run=run, compile=compile, static=static)
+  return types.SimpleNamespace(batch=batch, inputs=inputs, run=run, compile=compile)
 
 
 def generate_stepper(config):
@@ -338,7 +339,10 @@ def generate_stepper(config):
   mesh = sharding.make_mesh(config.mesh)
   parts, frozen, state, _ = build(config, mesh)
   runner = generation_runner(config, parts, frozen, state)
-  return runner.compile(bool(config.llm.unroll_decode), int(config.bench.eval_new_tokens))
+  compiled, run, _ = runner.compile(
+    bool(config.llm.unroll_decode), int(config.bench.eval_new_tokens)
+  )
+  return compiled, run
 
 
 def _timed(fn, reps: int = 3):
@@ -352,6 +356,21 @@ def _timed(fn, reps: int = 3):
   return out, first_s, (time.perf_counter() - t0) / reps
 
 
+def _compiled_pass(prefix: str, rows: int, jitted, static: dict, module, *args, **kwargs) -> dict:
+  """`jitted(module, *args, **kwargs, **static)` compiled, then timed (`_timed`): the keys
+  `prefix` + batch_s, prompts_per_s (`rows` per call), compile_s, compile_xla_s and temp_bytes
+  (its scratch memory: activations, logits, the cache)."""
+  compiled, times = lower_and_compile(jitted, module, *args, **kwargs, **static)
+  _, _, batch_s = _timed(lambda: jax.block_until_ready(compiled(*args, **kwargs)))
+  return {
+    prefix + "batch_s": batch_s,
+    prefix + "prompts_per_s": rows / batch_s,
+    prefix + "compile_s": times["trace"] + times["xla"],
+    prefix + "compile_xla_s": times["xla"],
+    prefix + "temp_bytes": temp_bytes(compiled),
+  }
+
+
 def bench_generate(config, parts, frozen, state) -> dict:
   bc = config.bench
   b, new = bc.eval_batch_size, bc.eval_new_tokens
@@ -362,15 +381,9 @@ def bench_generate(config, parts, frozen, state) -> dict:
   if bc.decode_both:
     modes.append(not modes[0])
   outputs = []
-  from ilora_jax import llm
-
   for unroll in modes:
     prefix = "eval_gen_" if unroll == modes[0] else "eval_gen_alt_"
-    # Compiled here to time its two parts; the timed calls below reuse the executable.
-    args, kwargs = runner.inputs()
-    _, compile_times = lower_and_compile(
-      llm.generate_tokens, parts.model.module, *args, **kwargs, **runner.static(unroll, new)
-    )
+    _, _, compile_times = runner.compile(unroll, new)  # The timed calls reuse the executable.
     out, _, batch_s = _timed(functools.partial(runner.run, unroll, new))
     outputs.append(np.asarray(out))
     # The prefill alone (one new token), so that the decode steps' own time is visible.
@@ -402,63 +415,17 @@ def bench_generate(config, parts, frozen, state) -> dict:
   chunk = scoring.chunk_for(n, config.ilora.score_chunk)
   packed_len = scoring.packed_length(cmask) if config.ilora.score_packed else None
   args, kwargs = runner.inputs()  # (params, ids, attention); gates, item embeddings
-
-  compiled, compile_times = lower_and_compile(
-    scoring.candidate_loglik,
-    parts.model.module,
-    *args,
-    ctoks,
-    cmask,
-    **kwargs,
-    chunk=chunk,
-    packed_len=packed_len,
-  )
-
-  def score():
-    return jax.block_until_ready(compiled(*args, ctoks, cmask, **kwargs))
-
-  _, _, batch_s = _timed(score)
-  result.update(
-    {
-      "eval_score_candidates": n,
-      "eval_score_packed": packed_len is not None,
-      "eval_score_batch_s": batch_s,
-      "eval_score_prompts_per_s": b / batch_s,
-      "eval_score_compile_s": compile_times["trace"] + compile_times["xla"],
-      "eval_score_compile_xla_s": compile_times["xla"],
-      # Scratch memory of the scoring program (activations, logits, the cache).
-      "eval_score_temp_bytes": temp_bytes(compiled),
-      "eval_score_speedup": result["eval_gen_batch_s"] / batch_s,
-    }
-  )
+  args, module = (*args, ctoks, cmask), parts.model.module
+  score = dict(chunk=chunk, packed_len=packed_len)
+  result.update(_compiled_pass("eval_score_", b, scoring.candidate_loglik, score, module, *args,
+                               **kwargs))  # fmt: skip
+  result["eval_score_candidates"] = n
+  result["eval_score_packed"] = packed_len is not None
+  result["eval_score_speedup"] = result["eval_gen_batch_s"] / result["eval_score_batch_s"]
   # Both modes from one prefill, as a validation pass runs them (`ilora.eval_shared_prefill`).
-  compiled, compile_times = lower_and_compile(
-    scoring.generate_and_score,
-    parts.model.module,
-    *args,
-    ctoks,
-    cmask,
-    **kwargs,
-    max_new_tokens=new,
-    eos_ids=(),
-    pad_id=0,
-    chunk=chunk,
-    packed_len=packed_len,
-    unroll=modes[0],
-  )
-
-  def both():
-    return jax.block_until_ready(compiled(*args, ctoks, cmask, **kwargs))
-
-  _, _, batch_s = _timed(both)
-  result.update(
-    {
-      "eval_both_batch_s": batch_s,
-      "eval_both_prompts_per_s": b / batch_s,
-      "eval_both_compile_s": compile_times["trace"] + compile_times["xla"],
-      "eval_both_temp_bytes": temp_bytes(compiled),  # The cache once, plus activations.
-    }
-  )
+  both = dict(max_new_tokens=new, eos_ids=(), pad_id=0, unroll=modes[0], **score)
+  result.update(_compiled_pass("eval_both_", b, scoring.generate_and_score, both, module, *args,
+                               **kwargs))  # fmt: skip
   return result
 
 
