@@ -66,6 +66,9 @@ run torch_fused_7b 120 $PY bench/torch_reference.py --model=llama2-7b --variant=
   --batch_size=8 --seq_len=512 --steps=5 --eval
 run torch_original_7b 90 $PY bench/torch_reference.py --model=llama2-7b --variant=original \
   --batch_size=4 --seq_len=512 --steps=5
+# Scanned against unrolled decode (decode_both): compiled for an H100 without one, a scanned
+# step copies each layer's weights out of the stack, an unrolled one nothing (bench/README.md,
+# 2026-12-02 fourth session); these two figures decide `llm.default_unroll` on GPUs.
 run jax_7b_gen64 200 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.bench.train=False \
   --config.bench.eval_batch_size=64 --config.bench.eval_candidates=0 \
   --config.bench.decode_both=True

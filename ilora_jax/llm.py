@@ -214,8 +214,12 @@ def default_unroll() -> bool:
   354 ms per decode step against 424 ms, compiled in 18.9 s against 7.0 s; a whole LastFM val
   evaluation (fresh adapters, up to 64 new tokens with early stop) took the same time (ratio
   1.004) after 21 s more of compilation. On an H100 (7B, batch 16) the steps were 1.22x
-  faster, measured when the prefill was unrolled too (compiled in 60 s against 4 s).
-  `llm.unroll_decode=True` chooses them (bench/README.md)."""
+  faster, measured when the prefill was unrolled too (compiled in 60 s against 4 s). Compiled
+  for an H100 (bench/gpu_plan.py), a scanned decode step copies each layer's weights out of
+  the stack (12.1 GiB a step at the 7B shape) and an unrolled one copies nothing (since XLA's
+  dot merger is off, `DECODE_COMPILER_OPTIONS`), for 5-10 GiB more scratch: the case for
+  unrolling on GPUs, to be measured there. `llm.unroll_decode=True` chooses them
+  (bench/README.md)."""
   return False
 
 
@@ -322,9 +326,19 @@ def greedy_decode(
   return out, lengths
 
 
+# XLA's dot merger (GPU) concatenates the matrices of matmuls that share an operand when
+# their outputs are small: in a decode step it joins each projection's weights with its
+# adapter's A, a copy of every weight matrix per step, for one matmul launch fewer. With
+# unrolled decode layers that was most of a step's memory traffic (9.4 GiB a step at the 7B
+# shape, batch 16; none without it: bench/gpu_plan.py, bench/README.md). Programs with a
+# decode loop compile without it; other backends have no such pass and ignore the option.
+DECODE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "dot-merger"}
+
+
 @functools.partial(
   jax.jit,
   static_argnames=("module", "max_new_tokens", "eos_ids", "pad_id", "cache_dtype", "unroll"),
+  compiler_options=DECODE_COMPILER_OPTIONS,
 )
 def generate_tokens(
   module: llama.Llama,

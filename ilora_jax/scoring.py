@@ -286,6 +286,7 @@ def _packed(module, params, first_logits, cache, cands, cand_mask, gate_weights,
     "unroll",
     "keep_cache",
   ),
+  compiler_options=llm.DECODE_COMPILER_OPTIONS,
 )
 def generate_and_score(
   module: llama.Llama,

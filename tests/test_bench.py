@@ -391,3 +391,106 @@ def test_bench_check_config_accepts_the_defaults_and_names_the_field():
   config.bench.peak_flops, config.bench.eval_data, config.bench.eval_split = 1e12, True, "x"
   with pytest.raises(bench.UserError, match="config.bench.eval_split='x' must be one of"):
     bench.check_config(config)
+
+
+def test_loop_census_counts_a_scans_weight_slices_and_in_place_updates():
+  """A scan over stacked [6, 256, 256] weights, compiled here: its body cuts one layer's
+  weights out of the stack (256 * 256 float32 bytes, a copy) each of its 6 iterations and
+  writes a [4, 256] row of a [6, 4, 256] carry in place."""
+  import jax
+  import jax.numpy as jnp
+
+  from ilora_jax import bench
+
+  layers, d, b = 6, 256, 4
+
+  def f(w, x, cache):
+    def body(carry, wl):
+      h, cache, i = carry
+      h = jnp.tanh(h @ wl)
+      return (h, jax.lax.dynamic_update_index_in_dim(cache, h, i, 0), i + 1), None
+
+    return jax.lax.scan(body, (x, cache, 0), w)[0]
+
+  spec = jax.ShapeDtypeStruct
+  args = (spec((layers, d, d), jnp.float32), spec((b, d), jnp.float32),
+          spec((layers, b, d), jnp.float32))  # fmt: skip
+  (loop,) = bench.loop_census(jax.jit(f).lower(*args).compile().as_text())
+  assert loop["trip_count"] == layers
+  assert loop["slice_copies_count"] == 1 and loop["slice_copies_bytes"] == d * d * 4
+  assert loop["matmuls_count"] == 1 and loop["matmuls_bytes"] == b * d * 4
+  assert loop["concat_copies_bytes"] == 0
+  assert loop["in_place_count"] == 1 and loop["in_place_bytes"] == layers * b * d * 4
+
+
+# Lines of an H100 compile of the 7B decode step's layer loop (bench/gpu_plan.py, XLA's dot
+# merger on), shortened: the q/k/v weights joined with their adapters' A (one concatenation),
+# the gate weights sliced out of the stack, a cuBLAS call, the key cache written in place.
+_H100_DECODE_LOOP = """
+%body.1 (arg: (s32[], bf16[16,1,4096])) -> (s32[], bf16[16,1,4096]) {
+  %loop_concatenate_fusion = bf16[4096,12312]{1,0} fusion(%a, %b, %c), kind=kLoop, calls=%fc.3
+  %loop_dynamic_slice_fusion.1 = bf16[1,4096,11008]{2,1,0} fusion(%w, %i), kind=kCustom, calls=%ds
+  %custom-call.35 = (bf16[16,12312]{1,0}, s8[4194304]{0}) custom-call(%x, %loop_concatenate_fusion), custom_call_target="__cublas$lt$matmul"
+  %loop_dynamic_update_slice_fusion = bf16[32,16,32,432,128]{4,3,2,1,0} fusion(%k, %n, %i), kind=kLoop, calls=%dus
+  %loop_multiply_fusion.1 = bf16[16,8]{1,0} fusion(%y, %g), kind=kLoop, calls=%fm.1
+  ROOT %tuple.52 = (s32[], bf16[16,1,4096]{2,1,0}) tuple(%i2, %h)
+}
+
+ENTRY %main.55 (p: bf16[16,1,4096]) -> bf16[16,1,4096] {
+  %while.27 = (s32[], bf16[16,1,4096]{2,1,0}) while(%init), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"32"}}
+  ROOT %gte = bf16[16,1,4096]{2,1,0} get-tuple-element(%while.27), index=1
+}
+"""  # noqa: E501
+
+
+def test_loop_census_reads_a_gpu_compile():
+  from ilora_jax import bench
+
+  (loop,) = bench.loop_census(_H100_DECODE_LOOP)
+  assert loop["body"] == "body.1" and loop["trip_count"] == 32
+  assert loop["concat_copies_count"] == 1 and loop["concat_copies_bytes"] == 4096 * 12312 * 2
+  assert loop["slice_copies_count"] == 1 and loop["slice_copies_bytes"] == 4096 * 11008 * 2
+  # The cuBLAS call's output, without its workspace.
+  assert loop["matmuls_count"] == 1 and loop["matmuls_bytes"] == 16 * 12312 * 2
+  assert loop["in_place_count"] == 1 and loop["in_place_bytes"] == 32 * 16 * 32 * 432 * 128 * 2
+  assert loop["other_count"] == 1 and loop["other_bytes"] == 16 * 8 * 2
+
+
+def _has_cuda_plugin() -> bool:
+  import importlib.util
+
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:  # No jax_plugins package at all.
+    return False
+
+
+@pytest.mark.skipif(_has_cuda_plugin(), reason="JAX's CUDA plugin is installed here")
+def test_gpu_plan_without_the_cuda_plugin_is_one_line_naming_it():
+  proc = run_cli(TINY, "--programs=train", script="bench/gpu_plan.py")
+  assert_one_line_error(proc, "no CUDA compiler", "jax[cuda12]")
+  proc = run_cli(TINY, "--programs=train,decode", script="bench/gpu_plan.py")
+  assert_one_line_error(proc, "--programs: unknown decode")
+
+
+@pytest.mark.skipif(
+  not _has_cuda_plugin(),
+  reason="needs JAX's CUDA plugin (pip install jax[cuda12]) to compile for a GPU; no GPU needed",
+)
+def test_gpu_plan_compiles_for_an_h100_without_one():
+  """The tiny config compiled for a compile-only H100: each memory plan adds up, the train
+  step donates its state, and the unrolled decode steps copy no weights (the dot merger off:
+  with it, each step joined every projection's weights with its adapter's A)."""
+  proc = run_cli(TINY, *SMALL, "--programs=train,generate_unrolled", script="bench/gpu_plan.py")
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["target"].startswith("H100")
+  for name, p in result["programs"].items():
+    total = p["argument_bytes"] + p["temp_bytes"] + p["output_bytes"] - p["alias_bytes"]
+    assert p["peak_bytes"] == total, name
+  assert result["programs"]["train"]["alias_bytes"] > 0
+  decode = [x for x in result["programs"]["generate_unrolled"]["loops"] if x["trip_count"] is None]
+  assert decode and decode[0]["matmuls_count"] > 0
+  # Less than one of its weight matrices (q: 64 x 64 float32) per step; with the merger on,
+  # 312,320 bytes of concatenations.
+  assert decode[0]["slice_copies_bytes"] + decode[0]["concat_copies_bytes"] < 64 * 64 * 4

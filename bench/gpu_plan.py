@@ -1,0 +1,228 @@
+"""XLA's plan of the benchmark's programs for an H100, compiled on a machine without a GPU.
+
+  pip install "jax[cuda12]==<this jax's version>"   # CUDA plugin and libraries; no driver
+  python bench/gpu_plan.py --config=configs/movielens.py --config.llm.name=llama2-7b \
+      --config.bench.batch_size=8 --config.bench.seq_len=512 --config.bench.eval_batch_size=16 \
+      --config.bench.eval_prompt_len=400 --config.bench.eval_new_tokens=32 \
+      --programs=train,generate,generate_unrolled,both
+
+JAX's CUDA plugin makes compile-only devices from a target description (`H100_SXM` below:
+an H100 SXM 80GB, compute capability 9.0, 132 SMs, 3.35 TB/s), so XLA's GPU compiler runs
+here as it would on the card, minus autotuning. Abstract weights of the configured model
+(`jax.eval_shape` of the benchmark's own setup, `ilora_jax.bench.build`) make a 7B shape fit
+on a laptop. For each program, with the config's numerics (bf16 and cuDNN attention unless
+overridden):
+
+  - XLA's memory plan: argument, output, aliased (donated) and scratch bytes, and the peak
+    they imply (arguments + scratch + outputs - aliased; the allocator's own overhead and
+    cuBLAS/cuDNN workspaces outside XLA's plan are not in it);
+  - for each loop (the layer scans, the decode loop), what its body writes per iteration
+    (`ilora_jax.bench.loop_census`): weights cut out of the stacked layers or concatenated by
+    XLA's dot merger are copies, memory traffic on top of the matmuls' reads;
+  - XLA's compile seconds here (no autotuning, a different machine: not a GPU's compile time).
+
+Programs: `train` (the jitted train step, state donated), `generate` and `generate_unrolled`
+(greedy generation of `bench.eval_new_tokens` with the scanned / unrolled decode loop),
+`both` (`scoring.generate_and_score`: both evaluation modes from one prefill, as validation
+runs them, `bench.eval_candidates` candidates packed). Triton GEMMs are off
+(`--xla_gpu_enable_triton_gemm=false`): without autotuning XLA cannot tile some of them.
+The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before JAX starts: no GPU backend is opened (there is none), the CUDA plugin only compiles.
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (
+  os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_triton_gemm=false"
+).strip()
+
+import json  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from ilora_jax import bench, console, errors, llm, lora, scoring, sharding, train_ilora  # noqa: E402
+from ilora_jax.errors import UserError  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/movielens.py")
+_PROGRAMS = flags.DEFINE_list(
+  "programs", "train,generate,generate_unrolled,both", "programs to compile (see the docstring)"
+)
+_HLO_DIR = flags.DEFINE_string("hlo_dir", None, "writes each program's optimized HLO here")
+
+# The card, as XLA's GPU compiler sees it (stream_executor.GpuTargetConfigProto, text format):
+# figures of an H100 SXM 80GB HBM3.
+H100_SXM = """
+gpu_device_info {
+  threads_per_block_limit: 1024
+  threads_per_warp: 32
+  shared_memory_per_block: 49152
+  shared_memory_per_block_optin: 232448
+  shared_memory_per_core: 233472
+  threads_per_core_limit: 2048
+  core_count: 132
+  fpus_per_core: 128
+  block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535
+  block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000
+  l2_cache_size: 52428800
+  clock_rate_ghz: 1.98
+  device_memory_size: 84942979072
+  registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  cuda_compute_capability { major: 9 minor: 0 }
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 10 patch: 0 }
+device_description_str: "NVIDIA H100 80GB HBM3"
+"""
+PROGRAMS = ("train", "generate", "generate_unrolled", "both")
+
+
+def gpu_mesh() -> Mesh:
+  """A one-device mesh over a compile-only H100."""
+  from jax.experimental import topologies
+
+  try:
+    topo = topologies.get_topology_desc(platform="cuda", target_config=H100_SXM, topology="1x1x1")
+  except (NotImplementedError, RuntimeError) as exc:
+    raise UserError(
+      "no CUDA compiler: install JAX's CUDA plugin for this jax "
+      f'(pip install "jax[cuda12]=={jax.__version__}"); {str(exc).splitlines()[0]}'
+    ) from None
+  return Mesh(np.array(topo.devices).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+
+
+def abstract_setup(config):
+  """(parts, tx, frozen, state) of the benchmark's setup with shape-only arrays."""
+  held = {}
+  place = train_ilora.init_opt_state
+  # Placing the optimizer state inspects concrete arrays' shardings; one device needs none.
+  train_ilora.init_opt_state = lambda tx, trainable, mesh: tx.init(trainable)
+  try:
+
+    def build():
+      parts, frozen, state, tx = bench.build(config, sharding.make_mesh(config.mesh))
+      held.update(parts=parts, tx=tx)
+      return frozen, state
+
+    frozen, state = jax.eval_shape(build)
+  finally:
+    train_ilora.init_opt_state = place
+  return held["parts"], held["tx"], frozen, state
+
+
+def _on(tree, target):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target), tree)
+
+
+def _compile(name: str, jitted, *args, **kwargs) -> dict:
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args, **kwargs).compile()
+  seconds = time.perf_counter() - t0
+  text = compiled.as_text()
+  if _HLO_DIR.value:
+    os.makedirs(_HLO_DIR.value, exist_ok=True)
+    with open(os.path.join(_HLO_DIR.value, f"{name}.hlo"), "w") as f:
+      f.write(text)
+  m = compiled.memory_analysis()
+  peak = m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
+  return {
+    "compile_here_s": seconds,
+    "argument_bytes": int(m.argument_size_in_bytes),
+    "output_bytes": int(m.output_size_in_bytes),
+    "alias_bytes": int(m.alias_size_in_bytes),
+    "temp_bytes": int(m.temp_size_in_bytes),
+    "peak_bytes": int(peak - m.alias_size_in_bytes),
+    "loops": bench.loop_census(text),
+  }
+
+
+def plan(config, programs) -> dict:
+  """{program: its plan} for `config`'s benchmark shapes on one compile-only H100."""
+  bc = config.bench
+  mesh = gpu_mesh()
+  repl = NamedSharding(mesh, PartitionSpec())
+  lora.COMPILE_TARGET = "gpu"  # Trace the GPU's code paths (its adapter gradients).
+  parts, tx, frozen, state = abstract_setup(config)
+  frozen, state = _on(frozen, repl), _on(state, repl)
+  out = {}
+  if "train" in programs:
+    host = bench.random_batch(parts, bc.grad_accum, bc.batch_size, bc.seq_len, bc.target_tokens)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=repl) for k, v in host.items()}
+    sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    step = jax.jit(
+      train_ilora.make_train_step(parts, tx, config.lora.gate, 0),
+      in_shardings=(sh(state), sh(frozen), repl),
+      out_shardings=(sh(state), repl),
+      donate_argnums=(0,),
+    )
+    out["train"] = _compile("train", step, state, frozen, batch)
+  b, t, cfg = bc.eval_batch_size, bc.eval_prompt_len, parts.model.config
+  params = jax.eval_shape(train_ilora._merge, frozen["llm"], state["trainable"]["lora"])
+  params = _on(params, repl)
+  spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=repl)  # noqa: E731
+  prompt = (params, spec((b, t), jnp.int32), spec((b, t), jnp.int32))
+  kwargs = dict(
+    gate_weights=spec((b, config.lora.num_experts), jnp.float32),
+    replace_mask=spec((b, t), jnp.bool_),
+    replace_embeds=spec((b, t, cfg.hidden_size), jnp.dtype(cfg.dtype)),
+    max_new_tokens=bc.eval_new_tokens,
+    eos_ids=(),
+    pad_id=0,
+  )
+  module = parts.model.module
+  for name, unroll in (("generate", False), ("generate_unrolled", True)):
+    if name in programs:
+      out[name] = _compile(name, llm.generate_tokens, module, *prompt, **kwargs, unroll=unroll)
+  if "both" in programs:
+    n, cl = bc.eval_candidates, bc.eval_candidate_len
+    cands = (spec((b, n, cl), jnp.int32), spec((b, n, cl), jnp.int32))
+    packed = scoring.packed_length(np.ones((b, n, cl), np.int32))
+    out["both"] = _compile("both", scoring.generate_and_score, module, *prompt, *cands, **kwargs,
+                           packed_len=packed, unroll=bool(config.llm.unroll_decode))  # fmt: skip
+  return out
+
+
+def main(argv) -> None:
+  del argv
+  config = _CONFIG.value
+  programs = list(_PROGRAMS.value)
+  unknown = sorted(set(programs) - set(PROGRAMS))
+  if unknown:
+    raise UserError(f"--programs: unknown {', '.join(unknown)}; known: {', '.join(PROGRAMS)}")
+  if config.llm.attention == "auto" and config.llm.dtype in ("bfloat16", "float16"):
+    config.llm.attention = "cudnn"  # What `auto` picks on a GPU in half precision.
+  bench.check_config(config)
+  console.quiet_libraries()
+  result = plan(config, programs)
+  gib = 2.0**30
+  print(f"{config.llm.name} on an H100 (compile-only), {config.llm.dtype}, attention "
+        f"{config.llm.attention}, remat {config.llm.remat}")  # fmt: skip
+  for name, p in result.items():
+    print(f"{name}: peak {p['peak_bytes'] / gib:.2f} GiB (arguments "
+          f"{p['argument_bytes'] / gib:.2f}, scratch {p['temp_bytes'] / gib:.2f}, outputs "
+          f"{p['output_bytes'] / gib:.2f}, aliased {p['alias_bytes'] / gib:.2f}); compiled here "
+          f"in {p['compile_here_s']:.1f} s")  # fmt: skip
+    for loop in p["loops"]:
+      copies = (loop["slice_copies_bytes"] + loop["concat_copies_bytes"]) / 2**20
+      print(f"  loop x{loop['trip_count'] or '?'}: copies {copies:.1f} MiB per iteration "
+            f"({loop['slice_copies_count']} slices, {loop['concat_copies_count']} "
+            f"concatenations), {loop['matmuls_count']} matmuls")  # fmt: skip
+  summary = {"model": config.llm.name, "target": "H100 SXM (compile-only)",
+             "dtype": config.llm.dtype, "attention": config.llm.attention,
+             "remat": config.llm.remat, "programs": result}  # fmt: skip
+  print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+  errors.cli_main(lambda: app.run(main))()
