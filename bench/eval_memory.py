@@ -47,22 +47,16 @@ def measure(model: str, dtype: str, b: int, t: int, new: int, n: int, cl: int, p
   cache_bytes = 2 * cfg.num_layers * b * cfg.num_kv_heads * slots * cfg.head_dim
   cache_bytes *= jnp.dtype(cfg.dtype).itemsize
 
-  def temp(fn, *args) -> int:
-    return bench.temp_bytes(jax.jit(fn).lower(*args).compile())
+  def temp(jitted, *args, **kwargs) -> int:  # The package's own jitted function, top level.
+    return bench.temp_bytes(jitted.lower(module, *args, **kwargs).compile())
 
   gen = dict(max_new_tokens=new, eos_ids=(), pad_id=0)
   args = (params, prompt, prompt, cands, cands)
-  out = {"generate": temp(lambda p, x, m: llm.generate_tokens(module, p, x, m, **gen), *args[:3])}
-  out["score"] = temp(
-    lambda p, x, m, c, cm: scoring.candidate_loglik(module, p, x, m, c, cm, packed_len=packed),
-    *args,
-  )
+  out = {"generate": temp(llm.generate_tokens, *args[:3], **gen)}
+  out["score"] = temp(scoring.candidate_loglik, *args, packed_len=packed)
   for keep in (True, False):
     out[f"both_keep_cache_{keep}"] = temp(
-      lambda p, x, m, c, cm, keep=keep: scoring.generate_and_score(
-        module, p, x, m, c, cm, **gen, packed_len=packed, keep_cache=keep
-      ),
-      *args,
+      scoring.generate_and_score, *args, **gen, packed_len=packed, keep_cache=keep
     )
   return out, cache_bytes
 

@@ -332,6 +332,8 @@ def greedy_decode(
 # unrolled decode layers that was most of a step's memory traffic (9.4 GiB a step at the 7B
 # shape, batch 16; none without it: bench/gpu_plan.py, bench/README.md). Programs with a
 # decode loop compile without it; other backends have no such pass and ignore the option.
+# JAX takes compiler options on top-level jits only: inside another jit, call the function
+# under `.__wrapped__` (and give the outer jit these options).
 DECODE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "dot-merger"}
 
 
