@@ -1,4 +1,4 @@
-"""Paired timing of evaluation variants of a split in one process.
+r"""Paired timing of evaluation variants of a split in one process.
 
   python bench/ab_eval.py --config=configs/lastfm.py --config.llm.name=smollm2-135m \
       --config.llm.dtype=float32 --config.llm.param_dtype=float32 \

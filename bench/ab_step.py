@@ -1,4 +1,4 @@
-"""Paired timing of train-step variants in one process.
+r"""Paired timing of train-step variants in one process.
 
   python bench/ab_step.py --config=configs/movielens.py \
       --config.llm.name=smollm2-135m-random --config.llm.dtype=float32 \

@@ -1,4 +1,4 @@
-"""XLA's plan of the benchmark's programs for an H100, compiled on a machine without a GPU.
+r"""XLA's plan of the benchmark's programs for an H100, compiled on a machine without a GPU.
 
   pip install "jax[cuda12]==<this jax's version>"   # CUDA plugin and libraries; no driver
   python bench/gpu_plan.py --config=configs/movielens.py --config.llm.name=llama2-7b \
@@ -40,12 +40,13 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 
 import json  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
@@ -224,5 +225,12 @@ def main(argv) -> None:
   print(json.dumps(summary))
 
 
+@errors.cli_main
+def cli(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  errors.parse_flags(flags.FLAGS, argv)  # A bad flag or config key: one error line.
+  main(argv)
+
+
 if __name__ == "__main__":
-  errors.cli_main(lambda: app.run(main))()
+  cli()

@@ -1,4 +1,4 @@
-"""How much of an epoch's train steps is padding, in the step order as is and bucketed.
+r"""How much of an epoch's train steps is padding, in the step order as is and bucketed.
 
   python bench/padding.py --config=configs/lastfm.py --config.llm.name=tiny \
       --config.data.dir=../shared/data/lastfm \

@@ -1,4 +1,4 @@
-"""Where the benchmark's train step (or generation) spends its time, by HLO op and kind of work.
+r"""Where the benchmark's train step (or generation) spends its time, by HLO op and kind of work.
 
   taskset -c 0 python bench/profile_step.py --config=configs/movielens.py \
       --config.llm.name=smollm2-135m-random --config.llm.dtype=float32 \

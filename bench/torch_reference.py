@@ -1,4 +1,4 @@
-"""PyTorch reference of the iLoRA train step, for side-by-side timing with `ilora_jax.bench`.
+r"""PyTorch reference of the iLoRA train step, for side-by-side timing with `ilora_jax.bench`.
 
 python bench/torch_reference.py --model=llama2-7b --batch_size=8 --seq_len=512 --steps=10 \
     --variant=original

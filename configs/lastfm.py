@@ -1,4 +1,4 @@
-"""LastFM with the paper's hyperparameters.
+r"""LastFM with the paper's hyperparameters.
 
 python -m ilora_jax.main --config=configs/lastfm.py --workdir=runs/lastfm \
     --config.stage=sasrec --config.data.dir=../shared/data/lastfm

@@ -1,4 +1,4 @@
-"""MovieLens-100K with the paper's hyperparameters.
+r"""MovieLens-100K with the paper's hyperparameters.
 
 python -m ilora_jax.main --config=configs/movielens.py --workdir=runs/movielens \
     --config.stage=sasrec --config.data.dir=../shared/data/movielens

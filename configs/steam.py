@@ -1,4 +1,4 @@
-"""Steam with the paper's hyperparameters.
+r"""Steam with the paper's hyperparameters.
 
 python -m ilora_jax.main --config=configs/steam.py --workdir=runs/steam \
     --config.stage=sasrec --config.data.dir=../shared/data/steam

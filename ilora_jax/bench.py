@@ -1,4 +1,4 @@
-"""Benchmark of the full iLoRA train step and of greedy generation, on random batches.
+r"""Benchmark of the full iLoRA train step and of greedy generation, on random batches.
 
 python -m ilora_jax.bench --config=configs/movielens.py --config.llm.name=llama2-7b \
     --config.bench.batch_size=8 --config.bench.seq_len=512 --config.bench.steps=10

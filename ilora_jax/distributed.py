@@ -1,4 +1,4 @@
-"""Multi-process start-up: `jax.distributed.initialize` from `config.distributed`.
+r"""Multi-process start-up: `jax.distributed.initialize` from `config.distributed`.
 
 Every host runs the same command; JAX's coordinator service connects them. On Cloud TPU,
 Slurm and Open MPI JAX finds the coordinator, process count and id itself

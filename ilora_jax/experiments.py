@@ -1,4 +1,4 @@
-"""Experiment grids: every variant x seed trained and evaluated, resumable, tabulated, plotted.
+r"""Experiment grids: every variant x seed trained and evaluated, resumable, tabulated, plotted.
 
   python -m ilora_jax.experiments --grid=configs/experiments/<name>.py --workdir=W
       [--grid.seeds=0,1,2] [--grid.only=lora,ilora] [--grid.extra="key=value ..."]

@@ -1,4 +1,4 @@
-"""Memory plan of the iLoRA stage on a mesh, computed from shapes alone (nothing allocated).
+r"""Memory plan of the iLoRA stage on a mesh, computed from shapes alone (nothing allocated).
 
   python -m ilora_jax.plan --config=configs/movielens.py --config.llm.name=llama2-7b \
       --config.plan.devices=8 --config.mesh.fsdp=8 --config.mesh.data=1

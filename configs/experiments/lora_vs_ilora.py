@@ -1,4 +1,4 @@
-"""Grid (a): plain LoRA (one adapter, E = 1) against iLoRA (E = 4 experts mixed per user) at
+r"""Grid (a): plain LoRA (one adapter, E = 1) against iLoRA (E = 4 experts mixed per user) at
 equal total rank r = 8, plus the same four experts with the gating removed (uniform).
 
   python -m ilora_jax.experiments --grid=configs/experiments/lora_vs_ilora.py --workdir=W
