@@ -41,7 +41,6 @@ os.environ["XLA_FLAGS"] = (
 
 import json  # noqa: E402
 import sys  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -50,7 +49,7 @@ from absl import flags  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ilora_jax import bench, console, errors, llm, lora, scoring, sharding, train_ilora  # noqa: E402
+from ilora_jax import bench, console, errors, llm, scoring, sharding, train_ilora  # noqa: E402
 from ilora_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/movielens.py")
@@ -127,9 +126,8 @@ def _on(tree, target):
 
 
 def _compile(name: str, jitted, *args, **kwargs) -> dict:
-  t0 = time.perf_counter()
-  compiled = jitted.lower(*args, **kwargs).compile()
-  seconds = time.perf_counter() - t0
+  compiled, times = bench.lower_and_compile(jitted, *args, **kwargs)
+  seconds = times["trace"] + times["xla"]
   text = compiled.as_text()
   if _HLO_DIR.value:
     os.makedirs(_HLO_DIR.value, exist_ok=True)
@@ -153,21 +151,22 @@ def plan(config, programs) -> dict:
   bc = config.bench
   mesh = gpu_mesh()
   repl = NamedSharding(mesh, PartitionSpec())
-  lora.COMPILE_TARGET = "gpu"  # Trace the GPU's code paths (its adapter gradients).
-  parts, tx, frozen, state = abstract_setup(config)
-  frozen, state = _on(frozen, repl), _on(state, repl)
+  with sharding.compiling_for("gpu"):  # The GPU's code paths (attention, adapter gradients).
+    parts, tx, frozen, state = abstract_setup(config)
+    frozen, state = _on(frozen, repl), _on(state, repl)
+    out = {}
+    if "train" in programs:
+      step, batch_sh = bench.jit_train_step(config, mesh, parts, frozen, state, tx)
+      host = bench.random_batch(parts, bc.grad_accum, bc.batch_size, bc.seq_len, bc.target_tokens)
+      out["train"] = _compile("train", step, state, frozen, _on(host, batch_sh))
+    out.update(_decoding_plans(config, programs, parts, frozen, state, repl))
+  return out
+
+
+def _decoding_plans(config, programs, parts, frozen, state, repl) -> dict:
+  """The generation and evaluation programs' plans (`plan`)."""
+  bc = config.bench
   out = {}
-  if "train" in programs:
-    host = bench.random_batch(parts, bc.grad_accum, bc.batch_size, bc.seq_len, bc.target_tokens)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=repl) for k, v in host.items()}
-    sh = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
-    step = jax.jit(
-      train_ilora.make_train_step(parts, tx, config.lora.gate, 0),
-      in_shardings=(sh(state), sh(frozen), repl),
-      out_shardings=(sh(state), repl),
-      donate_argnums=(0,),
-    )
-    out["train"] = _compile("train", step, state, frozen, batch)
   b, t, cfg = bc.eval_batch_size, bc.eval_prompt_len, parts.model.config
   params = jax.eval_shape(train_ilora._merge, frozen["llm"], state["trainable"]["lora"])
   params = _on(params, repl)
@@ -201,14 +200,14 @@ def main(argv) -> None:
   unknown = sorted(set(programs) - set(PROGRAMS))
   if unknown:
     raise UserError(f"--programs: unknown {', '.join(unknown)}; known: {', '.join(PROGRAMS)}")
-  if config.llm.attention == "auto" and config.llm.dtype in ("bfloat16", "float16"):
-    config.llm.attention = "cudnn"  # What `auto` picks on a GPU in half precision.
   bench.check_config(config)
   console.quiet_libraries()
+  with sharding.compiling_for("gpu"):
+    attention = train_ilora.attention_impl(config)  # What `auto` picks on a GPU.
   result = plan(config, programs)
   gib = 2.0**30
   print(f"{config.llm.name} on an H100 (compile-only), {config.llm.dtype}, attention "
-        f"{config.llm.attention}, remat {config.llm.remat}")  # fmt: skip
+        f"{attention}, remat {config.llm.remat}")  # fmt: skip
   for name, p in result.items():
     print(f"{name}: peak {p['peak_bytes'] / gib:.2f} GiB (arguments "
           f"{p['argument_bytes'] / gib:.2f}, scratch {p['temp_bytes'] / gib:.2f}, outputs "
@@ -220,7 +219,7 @@ def main(argv) -> None:
             f"({loop['slice_copies_count']} slices, {loop['concat_copies_count']} "
             f"concatenations), {loop['matmuls_count']} matmuls")  # fmt: skip
   summary = {"model": config.llm.name, "target": "H100 SXM (compile-only)",
-             "dtype": config.llm.dtype, "attention": config.llm.attention,
+             "dtype": config.llm.dtype, "attention": attention,
              "remat": config.llm.remat, "programs": result}  # fmt: skip
   print(json.dumps(summary))
 

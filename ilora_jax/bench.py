@@ -192,12 +192,11 @@ def parse_variants(text: str | None) -> list[tuple[str, list[str]]]:
   return variants
 
 
-def compile_train_step(config, mesh, parts, frozen, state, tx):
-  """The run's jitted train step (sharded, state donated) compiled for a random batch of the
-  `bench` shape; -> (compiled step, device batch, compile seconds as `lower_and_compile`)."""
+def jit_train_step(config, mesh, parts, frozen, state, tx):
+  """(the run's train step jitted with the shardings of `state` and `frozen` (arrays, or
+  ShapeDtypeStructs with shardings), state donated; the batch's sharding)."""
   from ilora_jax import sharding, train_ilora
 
-  bc = config.bench
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   batch_sh = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
@@ -207,6 +206,14 @@ def compile_train_step(config, mesh, parts, frozen, state, tx):
     out_shardings=(state_sh, sharding.replicated(mesh)),
     donate_argnums=(0,),
   )
+  return step, batch_sh
+
+
+def compile_train_step(config, mesh, parts, frozen, state, tx):
+  """The run's jitted train step (sharded, state donated) compiled for a random batch of the
+  `bench` shape; -> (compiled step, device batch, compile seconds as `lower_and_compile`)."""
+  bc = config.bench
+  step, batch_sh = jit_train_step(config, mesh, parts, frozen, state, tx)
   host = random_batch(parts, bc.grad_accum, bc.batch_size, bc.seq_len, bc.target_tokens)
   batch = {k: jax.device_put(v, batch_sh) for k, v in host.items()}
   compiled, times = lower_and_compile(step, state, frozen, batch)

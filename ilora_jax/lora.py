@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from jax.extend.random import threefry2x32_p
 
+from ilora_jax import sharding
 from ilora_jax.errors import UserError
 
 Array = jax.Array
@@ -199,14 +200,9 @@ def thin_matmul(x: Array, w: Array) -> Array:
   """
   if x.ndim != 2 or w.ndim != 2:
     raise ValueError(f"thin_matmul takes 2-D operands, got {x.shape} @ {w.shape}")
-  if (COMPILE_TARGET or jax.default_backend()) == "cpu":
+  if sharding.backend() == "cpu":
     return _thin_matmul(x, w)
   return x @ w
-
-
-# The platform programs are traced for, where it is not the default backend: a tool compiling
-# for a GPU on a machine without one (bench/gpu_plan.py) sets "gpu".
-COMPILE_TARGET: str | None = None
 
 
 @jax.custom_vjp

@@ -6,7 +6,8 @@ Model code names logical axes only (`batch`, `embed`, `mlp`, ...); the config's
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -67,6 +68,26 @@ def batch_size_per_shard(mesh: Mesh, global_batch: int) -> int:
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dimension split over data and fsdp, the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+_COMPILE_TARGET: list[str] = []  # Set by `compiling_for`, innermost last.
+
+
+def backend() -> str:
+  """The platform programs are traced for: JAX's default backend, unless a tool compiling for
+  another platform (bench/gpu_plan.py: a GPU, on a machine without one) says otherwise with
+  `compiling_for`. Trace-time choices between platforms' code paths read this."""
+  return _COMPILE_TARGET[-1] if _COMPILE_TARGET else jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+  """Programs traced inside take `platform`'s code paths (`backend()`)."""
+  _COMPILE_TARGET.append(platform)
+  try:
+    yield
+  finally:
+    _COMPILE_TARGET.pop()
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -167,7 +167,7 @@ def attention_impl(config) -> str:
   """'auto' picks splash attention on TPUs, cuDNN attention on NVIDIA GPUs in half precision,
   einsum attention elsewhere."""
   impl = config.llm.attention
-  backend = jax.default_backend()
+  backend = sharding.backend()
   if impl == "auto":
     if backend == "tpu":
       return "splash"

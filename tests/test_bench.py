@@ -494,3 +494,30 @@ def test_gpu_plan_compiles_for_an_h100_without_one():
   # Less than one of its weight matrices (q: 64 x 64 float32) per step; with the merger on,
   # 312,320 bytes of concatenations.
   assert decode[0]["slice_copies_bytes"] + decode[0]["concat_copies_bytes"] < 64 * 64 * 4
+
+
+def test_compiling_for_a_gpu_takes_its_code_paths_inside_the_block_only():
+  """`sharding.compiling_for` (bench/gpu_plan.py): cuDNN attention for `auto` in bf16 and the
+  plain adapter matmul (no CPU custom VJP) while tracing for a GPU; the CPU's paths after."""
+  import jax
+  import jax.numpy as jnp
+
+  from ilora_jax import lora, sharding, train_ilora
+
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import tiny
+
+  config = tiny.get_config()
+  config.llm.attention, config.llm.dtype = "auto", "bfloat16"
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 2))
+
+  def grad_jaxpr() -> str:  # The CPU's custom gradient holds an optimization barrier.
+    return str(jax.make_jaxpr(jax.grad(lambda w: lora.thin_matmul(x, w).sum()))(w))
+
+  with sharding.compiling_for("gpu"):
+    assert sharding.backend() == "gpu"
+    assert train_ilora.attention_impl(config) == "cudnn"
+    assert "optimization_barrier" not in grad_jaxpr()
+  assert sharding.backend() == jax.default_backend() == "cpu"
+  assert train_ilora.attention_impl(config) == "xla"
+  assert "optimization_barrier" in grad_jaxpr()
