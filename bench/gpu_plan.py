@@ -19,6 +19,11 @@ overridden):
   - for each loop (the layer scans, the decode loop), what its body writes per iteration
     (`ilora_jax.bench.loop_census`): weights cut out of the stacked layers or concatenated by
     XLA's dot merger are copies, memory traffic on top of the matmuls' reads;
+  - a roofline estimate of its time on the card (`ilora_jax.roofline`): every kernel XLA
+    launches, loop bodies once per iteration (the decode loop, of unknown length to XLA, as
+    `bench.eval_new_tokens - 1` steps), at the slower of its matmul and memory limits plus a
+    launch, with the `--top` costliest JAX ops; calibrated against the card's 2026-11-27
+    measurements (bench/README.md);
   - XLA's compile seconds here (no autotuning, a different machine: not a GPU's compile time).
 
 Programs: `train` (the jitted train step, state donated), `generate` and `generate_unrolled`
@@ -49,7 +54,16 @@ from absl import flags  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ilora_jax import bench, console, errors, llm, scoring, sharding, train_ilora  # noqa: E402
+from ilora_jax import (  # noqa: E402
+  bench,
+  console,
+  errors,
+  llm,
+  roofline,
+  scoring,
+  sharding,
+  train_ilora,
+)
 from ilora_jax.errors import UserError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/movielens.py")
@@ -57,6 +71,7 @@ _PROGRAMS = flags.DEFINE_list(
   "programs", "train,generate,generate_unrolled,both", "programs to compile (see the docstring)"
 )
 _HLO_DIR = flags.DEFINE_string("hlo_dir", None, "writes each program's optimized HLO here")
+_TOP = flags.DEFINE_integer("top", 8, "the roofline's costliest JAX ops listed per program")
 
 # The card, as XLA's GPU compiler sees it (stream_executor.GpuTargetConfigProto, text format):
 # figures of an H100 SXM 80GB HBM3.
@@ -125,7 +140,7 @@ def _on(tree, target):
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target), tree)
 
 
-def _compile(name: str, jitted, *args, **kwargs) -> dict:
+def _compile(name: str, jitted, *args, loop_trips: int = 1, **kwargs) -> dict:
   compiled, times = bench.lower_and_compile(jitted, *args, **kwargs)
   seconds = times["trace"] + times["xla"]
   text = compiled.as_text()
@@ -143,6 +158,9 @@ def _compile(name: str, jitted, *args, **kwargs) -> dict:
     "temp_bytes": int(m.temp_size_in_bytes),
     "peak_bytes": int(peak - m.alias_size_in_bytes),
     "loops": bench.loop_census(text),
+    # The decode loop may stop early, so XLA does not know its trip count: at most
+    # eval_new_tokens - 1 steps, all of which the benchmark runs (no stop token).
+    "roofline": roofline.estimate(text, top=_TOP.value, unknown_trip_count=loop_trips),
   }
 
 
@@ -183,13 +201,15 @@ def _decoding_plans(config, programs, parts, frozen, state, repl) -> dict:
   module = parts.model.module
   for name, unroll in (("generate", False), ("generate_unrolled", True)):
     if name in programs:
-      out[name] = _compile(name, llm.generate_tokens, module, *prompt, **kwargs, unroll=unroll)
+      out[name] = _compile(name, llm.generate_tokens, module, *prompt, **kwargs, unroll=unroll,
+                           loop_trips=bc.eval_new_tokens - 1)  # fmt: skip
   if "both" in programs:
     n, cl = bc.eval_candidates, bc.eval_candidate_len
     cands = (spec((b, n, cl), jnp.int32), spec((b, n, cl), jnp.int32))
     packed = scoring.packed_length(np.ones((b, n, cl), np.int32))
     out["both"] = _compile("both", scoring.generate_and_score, module, *prompt, *cands, **kwargs,
-                           packed_len=packed, unroll=bool(config.llm.unroll_decode))  # fmt: skip
+                           packed_len=packed, unroll=bool(config.llm.unroll_decode),
+                           loop_trips=bc.eval_new_tokens - 1)  # fmt: skip
   return out
 
 
@@ -213,6 +233,13 @@ def main(argv) -> None:
           f"{p['argument_bytes'] / gib:.2f}, scratch {p['temp_bytes'] / gib:.2f}, outputs "
           f"{p['output_bytes'] / gib:.2f}, aliased {p['alias_bytes'] / gib:.2f}); compiled here "
           f"in {p['compile_here_s']:.1f} s")  # fmt: skip
+    r = p["roofline"]
+    kinds = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in r["by_kind"].items())
+    print(f"  roofline on the card: {r['seconds'] * 1e3:.1f} ms ({kinds}; of which kernel "
+          f"launches {r['bound']['launch'] * 1e3:.1f}), {r['kernels']} kernels, "
+          f"{r['matmul_flops'] / 1e12:.1f} TFLOP, {r['bytes'] / 2**30:.1f} GiB moved")  # fmt: skip
+    for t in r["top"][: _TOP.value]:
+      print(f"    {t['seconds'] * 1e3:8.2f} ms  x{t['launches']:<5d} {t['kind']:<11s} {t['label']}")
     for loop in p["loops"]:
       copies = (loop["slice_copies_bytes"] + loop["concat_copies_bytes"]) / 2**20
       print(f"  loop x{loop['trip_count'] or '?'}: copies {copies:.1f} MiB per iteration "

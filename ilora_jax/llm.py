@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ilora_jax import llama, sharding, weights
+from ilora_jax import llama, lora, sharding, weights
 from ilora_jax import tokenizer as tok_lib
 from ilora_jax.errors import UserError
 from ilora_jax.llama import Array, LlamaConfig
@@ -217,10 +217,25 @@ def default_unroll() -> bool:
   faster, measured when the prefill was unrolled too (compiled in 60 s against 4 s). Compiled
   for an H100 (bench/gpu_plan.py), a scanned decode step copies each layer's weights out of
   the stack (12.1 GiB a step at the 7B shape) and an unrolled one copies nothing (since XLA's
-  dot merger is off, `DECODE_COMPILER_OPTIONS`), for 5-10 GiB more scratch: the case for
-  unrolling on GPUs, to be measured there. `llm.unroll_decode=True` chooses them
+  dot merger is off, `DECODE_COMPILER_OPTIONS`), for 5-10 GiB more scratch, and the
+  roofline of those programs (`ilora_jax.roofline`) puts unrolled generation at 1.19-1.74x
+  the scanned loop's speed (batch 128 to 16): the case for unrolling on GPUs, to be measured
+  there. `llm.unroll_decode=True` chooses them
   (bench/README.md)."""
   return False
+
+
+def adapters_in(params: Any, dtype: Any) -> Any:
+  """`params` with the adapter matrices (`lora.is_lora_param`) cast to `dtype`, the rest as
+  given. Each adapter casts its (float32) matrices to the activations' dtype when called;
+  cast once before a decode loop, the loop's steps skip those casts, which were 14 small
+  kernels a layer in every step (two per adapted projection; compiled for an H100, about a
+  third of an unrolled 7B decode step's 46 kernels a layer, bench/README.md). Same values:
+  the activations are in the model's compute dtype (`llama.Projection`)."""
+  dtype = jnp.dtype(dtype)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, x: x.astype(dtype) if lora.is_lora_param(path) else x, params
+  )
 
 
 def decoding_model(
@@ -231,8 +246,10 @@ def decoding_model(
   subtree per layer and the stacked cache into one buffer per layer, once, before the loop.
   Each step then reads every layer's weights in place where the scan sliced them out of the
   stack (a copy of all the layers' weights per step), at the cost of one compiled layer body
-  per layer. The prefill before stays scanned: it runs once and its compile is the scan's."""
+  per layer. The prefill before stays scanned: it runs once and its compile is the scan's.
+  Either way the adapter matrices come cast to the compute dtype (`adapters_in`)."""
   cfg = module.config
+  params = adapters_in(params, cfg.dtype)
   if not (unroll and cfg.scan_layers):
     return module, params, cache
   n = cfg.num_layers

@@ -489,6 +489,11 @@ def test_gpu_plan_compiles_for_an_h100_without_one():
     total = p["argument_bytes"] + p["temp_bytes"] + p["output_bytes"] - p["alias_bytes"]
     assert p["peak_bytes"] == total, name
   assert result["programs"]["train"]["alias_bytes"] > 0
+  # The roofline estimate of each program (ilora_jax.roofline): cuBLAS matmuls found, and the
+  # decode loop of unknown length counted as eval_new_tokens - 1 steps.
+  for name, p in result["programs"].items():
+    assert p["roofline"]["seconds"] > 0 and p["roofline"]["matmul_flops"] > 0, name
+  assert result["programs"]["generate_unrolled"]["roofline"]["unknown_trip_counts"] == 1
   decode = [x for x in result["programs"]["generate_unrolled"]["loops"] if x["trip_count"] is None]
   assert decode and decode[0]["matmuls_count"] > 0
   # Less than one of its weight matrices (q: 64 x 64 float32) per step; with the merger on,

@@ -602,3 +602,55 @@ def test_unrolled_decoding_gives_the_same_tokens():
   ]
   np.testing.assert_array_equal(np.asarray(outs[0][0]), np.asarray(outs[1][0]))
   np.testing.assert_array_equal(np.asarray(outs[0][1]), np.asarray(outs[1][1]))
+
+
+def _loop_converts(jaxpr, inside=False) -> list:
+  """(input dtype, shape) of every convert_element_type inside a while loop's body."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if inside and eqn.primitive.name == "convert_element_type":
+      aval = eqn.invars[0].aval
+      found.append((str(aval.dtype), tuple(aval.shape)))
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _loop_converts(sub, inside or eqn.primitive.name == "while")
+  return found
+
+
+def test_decoding_casts_the_adapters_to_the_compute_dtype_once_before_the_loop():
+  """bf16 weights and activations, float32 adapters (the product's default): the decode
+  loop's steps get the adapter matrices in bf16 (cast before the loop, `llm.adapters_in`)
+  instead of casting each matrix in each step, scanned or unrolled; the tokens are those of
+  the model that casts inside."""
+  import jax.extend  # noqa: F401
+
+  from ilora_jax import llm as llm_lib
+
+  cfg = CFG.replace(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+  factory = lora.adapter_factory(lora.LoRAConfig(rank=4, num_experts=2))
+  params = _init(cfg, factory, num_gates=2)
+  params["layers"]["mlp"]["down"]["adapter"]["lora_b"] += 0.3  # a delta that is not zero
+  module = llama.Llama(cfg, adapter=factory)
+  tokens = np.random.default_rng(0).integers(0, 97, (2, 6)).astype(np.int32)
+  gates = jnp.asarray([[0.3, 0.7], [0.9, 0.1]], jnp.float32)
+  adapters = [x for p, x in jax.tree_util.tree_leaves_with_path(params) if lora.is_lora_param(p)]
+  shapes = {tuple(x.shape[1:]) for x in adapters}  # one layer's
+  assert adapters and all(x.dtype == jnp.float32 for x in adapters)
+  for unroll in (False, True):
+
+    def run(p, unroll=unroll):
+      first, cache = llm_lib.prefill(module, p, tokens, np.ones_like(tokens), 12,
+                                     gate_weights=gates)  # fmt: skip
+      return llm_lib.greedy_decode(module, p, first, cache, max_new_tokens=5, eos_ids=(),
+                                   pad_id=0, gate_weights=gates, unroll=unroll)  # fmt: skip
+
+    converts = _loop_converts(jax.make_jaxpr(run)(params).jaxpr)
+    adapter_casts = [c for c in converts if c[0] == "float32" and c[1] in shapes]
+    assert not adapter_casts, (unroll, adapter_casts)
+    # The same tokens as the module run step by step with its own casts (no decode loop).
+    out, _ = run(params)
+    ids = jnp.asarray(tokens)
+    for step in range(5):
+      logits = module.apply({"params": params}, ids, gate_weights=gates)
+      nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+      np.testing.assert_array_equal(np.asarray(out[:, step]), np.asarray(nxt))
+      ids = jnp.concatenate([ids, nxt[:, None]], axis=1)

@@ -1,0 +1,212 @@
+"""`ilora_jax.roofline`: kernels, flops and bytes read from a GPU compile, against formulas."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+from ilora_jax import roofline
+
+# An H100 compile's layout (bench/gpu_plan.py), shortened to one loop of four iterations: the
+# layer's weights sliced out of the stack (a slice fusion), a cuBLAS matmul, its output
+# written into a stacked buffer in place, and cuDNN's fused attention; the entry adds a
+# transpose and a conditional whose costlier branch counts.
+_MODULE = """
+HloModule jit_step, entry_computation_layout={(bf16[128,256]{1,0})->bf16[128,512]{1,0}}
+
+%fused_slice (param_0.1: bf16[4,256,512], param_1.1: s32[]) -> bf16[256,512] {
+  %param_0.1 = bf16[4,256,512]{2,1,0} parameter(0)
+  %param_1.1 = s32[] parameter(1)
+  %constant_1 = s32[] constant(0)
+  %dynamic-slice.1 = bf16[1,256,512]{2,1,0} dynamic-slice(%param_0.1, %param_1.1, %constant_1, %constant_1), dynamic_slice_sizes={1,256,512}
+  ROOT %bitcast.1 = bf16[256,512]{1,0} bitcast(%dynamic-slice.1)
+}
+
+%fused_dynamic_update_slice (param_0.2: bf16[4,128,512], param_1.2: bf16[128,512], param_2.2: s32[]) -> bf16[4,128,512] {
+  %param_0.2 = bf16[4,128,512]{2,1,0} parameter(0)
+  %param_1.2 = bf16[128,512]{1,0} parameter(1)
+  %bitcast.2 = bf16[1,128,512]{2,1,0} bitcast(%param_1.2)
+  %param_2.2 = s32[] parameter(2)
+  %constant_2 = s32[] constant(0)
+  ROOT %dynamic-update-slice.2 = bf16[4,128,512]{2,1,0} dynamic-update-slice(%param_0.2, %bitcast.2, %param_2.2, %constant_2, %constant_2)
+}
+
+%fused_add (param_0.3: f32[8,4], param_1.3: f32[8,4]) -> f32[8,4] {
+  %param_0.3 = f32[8,4]{1,0} parameter(0)
+  %param_1.3 = f32[8,4]{1,0} parameter(1)
+  ROOT %add.3 = f32[8,4]{1,0} add(%param_0.3, %param_1.3)
+}
+
+%body.1 (arg.1: (s32[], bf16[128,256], bf16[4,256,512], bf16[4,128,512])) -> (s32[], bf16[128,256], bf16[4,256,512], bf16[4,128,512]) {
+  %arg.1 = (s32[], bf16[128,256]{1,0}, bf16[4,256,512]{2,1,0}, bf16[4,128,512]{2,1,0}) parameter(0)
+  %get-tuple-element.0 = s32[] get-tuple-element(%arg.1), index=0
+  %get-tuple-element.1 = bf16[128,256]{1,0} get-tuple-element(%arg.1), index=1
+  %get-tuple-element.2 = bf16[4,256,512]{2,1,0} get-tuple-element(%arg.1), index=2
+  %get-tuple-element.3 = bf16[4,128,512]{2,1,0} get-tuple-element(%arg.1), index=3
+  %loop_dynamic_slice_fusion = bf16[256,512]{1,0} fusion(%get-tuple-element.2, %get-tuple-element.0), kind=kLoop, calls=%fused_slice, metadata={op_name="jit(step)/while/body/layers/jit(dynamic_index_in_dim)/dynamic_slice"}
+  %custom-call.1 = (bf16[128,512]{1,0}, s8[4194304]{0}) custom-call(%get-tuple-element.1, %loop_dynamic_slice_fusion), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/while/body/layers/layers._block/mlp/up/btd,df->btf/dot_general"}, backend_config={"operation_queue_id":"0","gemm_backend_config":{"selected_algorithm":"0","alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}
+  %get-tuple-element.4 = bf16[128,512]{1,0} get-tuple-element(%custom-call.1), index=0
+  %loop_dynamic_update_slice_fusion = bf16[4,128,512]{2,1,0} fusion(%get-tuple-element.3, %get-tuple-element.4, %get-tuple-element.0), kind=kLoop, calls=%fused_dynamic_update_slice
+  %dot_product_attention_fwd.1 = (bf16[2,4,64,32]{3,1,2,0}, f32[2,4,64]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[2,64,4,32]{3,2,1,0}, bf16[2,48,4,32]{3,2,1,0}, bf16[2,48,4,32]{3,2,1,0}}, backend_config={"operation_queue_id": "0", "cudnn_fmha_backend_config": {"fmha_scale": 0.125, "mask_type": "CAUSAL", "is_flash_attention": true}}
+  ROOT %tuple.1 = (s32[], bf16[128,256]{1,0}, bf16[4,256,512]{2,1,0}, bf16[4,128,512]{2,1,0}) tuple(%get-tuple-element.0, %get-tuple-element.1, %get-tuple-element.2, %loop_dynamic_update_slice_fusion)
+}
+
+%cond.1 (arg.2: (s32[], bf16[128,256], bf16[4,256,512], bf16[4,128,512])) -> pred[] {
+  %arg.2 = (s32[], bf16[128,256]{1,0}, bf16[4,256,512]{2,1,0}, bf16[4,128,512]{2,1,0}) parameter(0)
+  ROOT %constant.9 = pred[] constant(true)
+}
+
+%small.1 (arg.3: f32[8,4]) -> f32[8,4] {
+  %arg.3 = f32[8,4]{1,0} parameter(0)
+  ROOT %loop_add_fusion = f32[8,4]{1,0} fusion(%arg.3, %arg.3), kind=kLoop, calls=%fused_add
+}
+
+%big.1 (arg.4: f32[8,4]) -> f32[8,4] {
+  %arg.4 = f32[8,4]{1,0} parameter(0)
+  %copy.4 = f32[4,8]{0,1} copy(%arg.4)
+  %loop_add_fusion.1 = f32[8,4]{1,0} fusion(%arg.4, %arg.4), kind=kLoop, calls=%fused_add
+  ROOT %loop_add_fusion.2 = f32[8,4]{1,0} fusion(%loop_add_fusion.1, %arg.4), kind=kLoop, calls=%fused_add
+}
+
+ENTRY %main.1 (x: bf16[128,256], w: bf16[4,256,512], acc: bf16[4,128,512], p: pred[], g: f32[8,4]) -> bf16[4,128,512] {
+  %x = bf16[128,256]{1,0} parameter(0)
+  %w = bf16[4,256,512]{2,1,0} parameter(1)
+  %acc = bf16[4,128,512]{2,1,0} parameter(2)
+  %p = pred[] parameter(3)
+  %g = f32[8,4]{1,0} parameter(4)
+  %constant.0 = s32[] constant(0)
+  %transpose.1 = bf16[256,128]{1,0} transpose(%x), dimensions={1,0}
+  %conditional.1 = f32[8,4]{1,0} conditional(%p, %g, %g), true_computation=%small.1, false_computation=%big.1
+  %tuple.0 = (s32[], bf16[128,256]{1,0}, bf16[4,256,512]{2,1,0}, bf16[4,128,512]{2,1,0}) tuple(%constant.0, %x, %w, %acc)
+  %while.1 = (s32[], bf16[128,256]{1,0}, bf16[4,256,512]{2,1,0}, bf16[4,128,512]{2,1,0}) while(%tuple.0), condition=%cond.1, body=%body.1, backend_config={"known_trip_count":{"n":"4"}}
+  ROOT %get-tuple-element.9 = bf16[4,128,512]{2,1,0} get-tuple-element(%while.1), index=3
+}
+"""  # noqa: E501
+
+_DEVICE = roofline.Device("test", matmul_flops_per_s=10e12, bytes_per_s=1e12, launch_s=2e-6)
+
+
+def _by_name(kernels):
+  return {k.name: k for k in kernels}
+
+
+def test_kernels_of_a_gpu_module_carry_the_formulas_flops_and_bytes():
+  ks, unknown = roofline.kernels(_MODULE, _DEVICE)
+  assert unknown == 0
+  k = _by_name(ks)
+  # The loop body's four kernels, each launched once per iteration.
+  matmul = k["custom-call.1"]
+  assert matmul.kind == "matmul" and matmul.count == 4
+  assert matmul.flops == 2 * 128 * 512 * 256  # 2 M N K
+  assert matmul.bytes == 2 * (128 * 256 + 256 * 512 + 128 * 512)  # both operands, the output
+  sliced = k["loop_dynamic_slice_fusion"]
+  # Reads the one layer it slices (not the stack of 4) and the index, writes the layer.
+  assert sliced.kind == "slice_copy" and sliced.bytes == 2 * (2 * 256 * 512) + 4
+  update = k["loop_dynamic_update_slice_fusion"]
+  # Reads the update (and the index) and writes it in place: the stacked buffer is neither
+  # read nor rewritten.
+  assert update.kind == "in_place" and update.bytes == 2 * (2 * 128 * 512) + 4
+  attention = k["dot_product_attention_fwd.1"]
+  # 4 b h s_q s_kv d, halved by the causal mask.
+  assert attention.kind == "attention" and attention.flops == 4 * 2 * 4 * 64 * 48 * 32 / 2
+  assert k["transpose.1"].count == 1 and k["transpose.1"].bytes == 2 * (2 * 128 * 256)
+  # The conditional: the costlier branch (a copy and two fusions) counts, the other does not.
+  assert {"copy.4", "loop_add_fusion.1", "loop_add_fusion.2"} <= set(k)
+  assert "loop_add_fusion" not in k
+  assert k["loop_add_fusion.2"].bytes == 3 * 8 * 4 * 4
+  assert len(ks) == 4 + 1 + 3
+  for kernel in ks:  # Each kernel's time: the slower of its two limits, plus a launch.
+    limit = max(kernel.flops / _DEVICE.matmul_flops_per_s, kernel.bytes / _DEVICE.bytes_per_s)
+    assert kernel.seconds == pytest.approx(limit + _DEVICE.launch_s)
+
+
+def test_estimate_sums_launches_times_and_kinds():
+  ks, _ = roofline.kernels(_MODULE, _DEVICE)
+  result = roofline.estimate(_MODULE, _DEVICE, top=3)
+  want = sum(k.seconds * k.count for k in ks)
+  assert result["seconds"] == pytest.approx(want)
+  assert result["kernels"] == 4 * 4 + 1 + 3
+  assert result["matmul_flops"] == 4 * 2 * 128 * 512 * 256 + 4 * 4 * 2 * 4 * 64 * 48 * 32 / 2
+  assert sum(result["by_kind"].values()) == pytest.approx(want)
+  assert sum(result["bound"].values()) == pytest.approx(want)
+  assert result["bound"]["launch"] == pytest.approx(result["kernels"] * _DEVICE.launch_s)
+  assert len(result["top"]) == 3
+  assert result["top"][0]["seconds"] >= result["top"][1]["seconds"] >= result["top"][2]["seconds"]
+  assert result["top"][0]["label"] == "mlp/up/btd,df->btf/dot_general"
+
+
+def test_a_loop_of_unknown_length_counts_the_given_trip_count():
+  module = _MODULE.replace(', backend_config={"known_trip_count":{"n":"4"}}', "")
+  ks, unknown = roofline.kernels(module, _DEVICE, unknown_trip_count=7)
+  assert unknown == 1
+  assert _by_name(ks)["custom-call.1"].count == 7
+
+
+def _has_cuda_plugin() -> bool:
+  try:
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ModuleNotFoundError:
+    return False
+
+
+# Compiles a scan of 3 matmuls for a compile-only H100 (bench/gpu_plan.py's target) and
+# prints the roofline's matmul kernels.
+_GPU_SCRIPT = r"""
+import json, os, sys
+os.environ["JAX_PLATFORMS"] = "cpu"
+sys.path.insert(0, os.path.join(sys.argv[1], "bench"))
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+import gpu_plan
+from ilora_jax import roofline
+mesh = gpu_plan.gpu_mesh()
+s = NamedSharding(mesh, PartitionSpec())
+x = jax.ShapeDtypeStruct((512, 1024), jnp.bfloat16, sharding=s)
+w = jax.ShapeDtypeStruct((3, 1024, 1024), jnp.bfloat16, sharding=s)
+def f(x, w):
+  return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0]
+text = jax.jit(f).lower(x, w).compile().as_text()
+ks, _ = roofline.kernels(text)
+print(json.dumps([[k.kind, k.flops, k.count] for k in ks if k.kind == "matmul"]))
+"""
+
+
+@pytest.mark.skipif(
+  not _has_cuda_plugin(),
+  reason="needs JAX's CUDA plugin (pip install jax[cuda12]) to compile for a GPU; no GPU needed",
+)
+def test_a_real_gpu_compile_of_a_scan_of_matmuls_counts_each_layer():
+  proc = subprocess.run(
+    [sys.executable, "-c", _GPU_SCRIPT, ROOT], capture_output=True, text=True, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr
+  matmuls = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert sum(count for _, _, count in matmuls) == 3
+  assert sum(flops * count for _, flops, count in matmuls) == 3 * 2 * 512 * 1024 * 1024
+
+
+_GEMM_FUSION = """
+%fused_gemm (param_0.1: bf16[64,128], param_1.1: bf16[128,32]) -> bf16[64,32] {
+  %param_0.1 = bf16[64,128]{1,0} parameter(0)
+  %param_1.1 = bf16[128,32]{1,0} parameter(1)
+  %convert.1 = bf16[128,32]{1,0} negate(%param_1.1)
+  ROOT %dot.1 = bf16[64,32]{1,0} dot(%param_0.1, %convert.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main.2 (x: bf16[64,128], w: bf16[128,32]) -> bf16[64,32] {
+  %x = bf16[64,128]{1,0} parameter(0)
+  %w = bf16[128,32]{1,0} parameter(1)
+  ROOT %gemm_fusion.1 = bf16[64,32]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_gemm
+}
+"""  # noqa: E501
+
+
+def test_a_gemm_fusion_counts_its_dot():
+  """Triton's GEMM fusions (XLA's default on a card, where it can autotune them) are matmuls
+  too: 2 M N K, and the operands' and output's bytes."""
+  (k,), _ = roofline.kernels(_GEMM_FUSION, _DEVICE)
+  assert k.kind == "matmul" and k.flops == 2 * 64 * 32 * 128
+  assert k.bytes == 2 * (64 * 128 + 128 * 32 + 64 * 32)
