@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Every benchmark on one GPU, in one go (aimed at under 8 minutes on an H100: the last two
-# runs, Triton GEMMs off and remat 'none', are skipped when the others took more than 5.8 and
-# 6.5 minutes), JSON results in $RESULTS.
+# Every benchmark on one GPU, in one go (aimed at under 8 minutes on an H100: the last three
+# runs, Triton GEMMs off, dynamic-slice fusion on and remat 'none', are skipped when the
+# others took more than 5.8, 6.3 and 6.7 minutes), JSON results in $RESULTS.
 #
 #   bash bench/gpu.sh [RESULTS_DIR]
 #
@@ -11,8 +11,9 @@
 # 2. the 7B shape (random bf16 weights), batch 8, seq 512, r = 8, 4 experts, all seven
 #    projections: the JAX train step (cuDNN attention, the default remat 'projections'), then
 #    with Triton GEMMs off (XLA autotunes cuBLAS algorithms only: the compile time's share of
-#    autotuning), then without remat ('none'; remat 'dots' measured 2026-11-27: same speed as
-#    'none', 34.1 GiB), each only when the runs before left the time;
+#    autotuning), with XLA's dynamic-slice fusion on (matmuls reading each layer's weights in
+#    place in the stack), then without remat ('none'; remat 'dots' measured 2026-11-27: same
+#    speed as 'none', 34.1 GiB), each only when the runs before left the time;
 # 3. the PyTorch references on the same card: fused adapters at batch 8, the original's
 #    per-expert adapters at batch 4 (batch 8 ran out of memory for the original);
 # 4. greedy generation, batch 16, 400-token prompts, 32 new tokens, JAX and PyTorch; JAX at
@@ -83,8 +84,19 @@ if [ "$SECONDS" -lt 350 ]; then
 else
   echo "=== jax_7b_cublas: skipped, $SECONDS s spent (the 8-minute budget)"
 fi
-if [ "$SECONDS" -lt 390 ]; then
-  run jax_7b_none 90 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.llm.remat=none \
+# The layer scans copy each layer's weights out of the stack before its matmuls (386 MiB a
+# forward layer; 21 ms of the step and most of a scanned decode step's time by the roofline,
+# bench/README.md). XLA's dynamic-slice fusion lets cuBLAS read the slice in place; with
+# jax 0.10.2 it failed to compile ("BufferAllocation::Slice not assigned"). Does it on this
+# jax, and what does it give?
+if [ "$SECONDS" -lt 380 ]; then
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_dynamic_slice_fusion=true" \
+    run jax_7b_dsf 90 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.bench.eval=False
+else
+  echo "=== jax_7b_dsf: skipped, $SECONDS s spent (the 8-minute budget)"
+fi
+if [ "$SECONDS" -lt 400 ]; then
+  run jax_7b_none 80 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.llm.remat=none \
     --config.bench.eval=False
 else
   echo "=== jax_7b_none: skipped, $SECONDS s spent (the 8-minute budget)"
@@ -94,7 +106,7 @@ import json, os, sys
 d = sys.argv[1]
 rows = {}
 for name in ("smoke", "smoke_linear_router", "jax_7b", "jax_7b_gen128", "jax_7b_cublas",
-             "jax_7b_none", "torch_fused_7b", "torch_original_7b"):
+             "jax_7b_dsf", "jax_7b_none", "torch_fused_7b", "torch_original_7b"):
   try:
     rows[name] = json.load(open(os.path.join(d, name + ".json")))
   except Exception:
