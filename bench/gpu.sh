@@ -119,6 +119,14 @@ for name, r in rows.items():
         f"{r.get('mfu', 0):>7.3f}{r.get('compile_s', 0):>10.1f}{r.get('compile_xla_s', 0):>10.1f}"
         f"{r.get('eval_gen_prompts_per_s', 0):>9.1f}{r.get('eval_gen_alt_prompts_per_s', 0):>9.1f}"
         f"{r.get('eval_both_prompts_per_s', 0):>9.1f}")
+# The card against the roofline model of the same compiled programs (ilora_jax.roofline).
+for name, r in rows.items():
+  for measured, model in [("step_s", "roofline_step_s")] + [
+      (k[: -len("roofline_s")] + "batch_s", k) for k in r if k.endswith("_roofline_s")
+      and k.startswith("eval_")]:
+    if r.get(measured) and r.get(model):
+      print(f"{name}: {measured} {r[measured]:.4f} s, roofline {r[model]:.4f} s, "
+            f"measured / model {r[measured] / r[model]:.2f}")
 jax7, fused = rows["jax_7b"], rows["torch_fused_7b"]
 if jax7.get("tokens_per_s") and fused.get("tokens_per_s"):
   print(f"jax / torch-fused tokens/s: {jax7['tokens_per_s'] / fused['tokens_per_s']:.2f}")

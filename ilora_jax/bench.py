@@ -232,6 +232,20 @@ def lower_and_compile(jitted, *args, **kwargs):
   return compiled, {"trace": t1 - t0, "xla": time.perf_counter() - t1}
 
 
+def roofline_s(compiled, loop_trips: int = 1, kind: str | None = None) -> float | None:
+  """The roofline estimate (`ilora_jax.roofline`) of a compiled program's seconds on this
+  machine's GPU (or the device `kind`), beside its measured time in the benchmark's JSON so
+  that each run on a card checks the model; None on a device without a model (CPUs).
+  `loop_trips`: the iterations counted for a loop of unknown length (greedy decoding: new
+  tokens - 1)."""
+  from ilora_jax import roofline
+
+  device = roofline.device_for(jax.devices()[0].device_kind if kind is None else kind)
+  if device is None:
+    return None
+  return roofline.estimate(compiled.as_text(), device, unknown_trip_count=loop_trips)["seconds"]
+
+
 def temp_bytes(compiled) -> int | None:
   """XLA's scratch memory of a compiled program (activations and temporaries, besides its
   arguments and outputs), on every backend; None where it reports none."""
@@ -348,6 +362,7 @@ def bench_train(config, mesh, parts, frozen, state, tx) -> tuple[dict, dict]:
     "temp_bytes": temp_bytes(compiled),
     "mfu": flops / step_s / (bc.peak_flops * mesh.size),
     "loss": float(metrics["loss"]),
+    "roofline_step_s": roofline_s(compiled),  # On a GPU with a model; None elsewhere.
   }
   return result, state
 
@@ -433,16 +448,18 @@ def _timed(fn, reps: int = 3):
 
 def _compiled_pass(prefix: str, rows: int, jitted, static: dict, module, *args, **kwargs) -> dict:
   """`jitted(module, *args, **kwargs, **static)` compiled, then timed (`_timed`): the keys
-  `prefix` + batch_s, prompts_per_s (`rows` per call), compile_s, compile_xla_s and temp_bytes
-  (its scratch memory: activations, logits, the cache)."""
+  `prefix` + batch_s, prompts_per_s (`rows` per call), compile_s, compile_xla_s, temp_bytes
+  (its scratch memory: activations, logits, the cache) and roofline_s (`roofline_s`)."""
   compiled, times = lower_and_compile(jitted, module, *args, **kwargs, **static)
   _, _, batch_s = _timed(lambda: jax.block_until_ready(compiled(*args, **kwargs)))
+  trips = max(int(static.get("max_new_tokens", 2)) - 1, 1)  # A decode loop's steps, if any.
   return {
     prefix + "batch_s": batch_s,
     prefix + "prompts_per_s": rows / batch_s,
     prefix + "compile_s": times["trace"] + times["xla"],
     prefix + "compile_xla_s": times["xla"],
     prefix + "temp_bytes": temp_bytes(compiled),
+    prefix + "roofline_s": roofline_s(compiled, trips),
   }
 
 
@@ -458,7 +475,7 @@ def bench_generate(config, parts, frozen, state) -> dict:
   outputs = []
   for unroll in modes:
     prefix = "eval_gen_" if unroll == modes[0] else "eval_gen_alt_"
-    _, _, compile_times = runner.compile(unroll, new)  # The timed calls reuse the executable.
+    compiled, _, compile_times = runner.compile(unroll, new)  # The timed calls reuse it.
     out, _, batch_s = _timed(functools.partial(runner.run, unroll, new))
     outputs.append(np.asarray(out))
     # The prefill alone (one new token), so that the decode steps' own time is visible.
@@ -473,6 +490,7 @@ def bench_generate(config, parts, frozen, state) -> dict:
         prefix + "tokens_per_s": b * new / batch_s,
         prefix + "compile_s": compile_times["trace"] + compile_times["xla"],
         prefix + "compile_xla_s": compile_times["xla"],
+        prefix + "roofline_s": roofline_s(compiled, max(new - 1, 1)),
       }
     )
   if len(outputs) == 2:  # Both loops decode the same tokens (greedy; ties aside).

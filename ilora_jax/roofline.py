@@ -64,6 +64,18 @@ class Device:
 # An H100 SXM 80GB: 661 TFLOP/s is what a bf16 8192^3 matmul reached in JAX on the card
 # (the benchmark issue); 90% of the 3.35 TB/s of HBM3; a few microseconds per kernel.
 H100 = Device("H100 SXM", 661e12, 0.9 * 3.35e12, 3e-6)
+# An H200: the H100's compute with 4.8 TB/s of HBM3e (not calibrated on a card).
+H200 = Device("H200", 661e12, 0.9 * 4.8e12, 3e-6)
+
+
+def device_for(kind: str) -> Device | None:
+  """The model of a JAX device kind ('NVIDIA H100 80GB HBM3', 'NVIDIA H200', ...), or None
+  for a device without one."""
+  if "H200" in kind:
+    return H200
+  if "H100" in kind:
+    return H100
+  return None
 
 
 @dataclasses.dataclass

@@ -54,6 +54,11 @@ def test_bench_train_generate_and_score_keys():
   assert result["eval_gen_decode_step_s"] == np.float64(
     (result["eval_gen_batch_s"] - result["eval_gen_prefill_s"]) / (4 - 1)
   )
+  # The roofline estimates sit beside the timings on a GPU with a model; on a CPU they are
+  # null (ilora_jax.roofline).
+  for key in ("roofline_step_s", "eval_gen_roofline_s", "eval_score_roofline_s",
+              "eval_both_roofline_s"):  # fmt: skip
+    assert key in result and result[key] is None, key
 
 
 def test_bench_generation_alone():

@@ -210,3 +210,22 @@ def test_a_gemm_fusion_counts_its_dot():
   (k,), _ = roofline.kernels(_GEMM_FUSION, _DEVICE)
   assert k.kind == "matmul" and k.flops == 2 * 64 * 32 * 128
   assert k.bytes == 2 * (64 * 128 + 128 * 32 + 64 * 32)
+
+
+def test_device_models_by_device_kind_and_the_benchmarks_key():
+  """JAX's device kinds pick the model; a CPU has none, so the benchmark's roofline keys are
+  None there, and a program compiled here still reads as a GPU program would."""
+  import jax
+  import jax.numpy as jnp
+
+  from ilora_jax import bench
+
+  assert roofline.device_for("NVIDIA H100 80GB HBM3") is roofline.H100
+  assert roofline.device_for("NVIDIA H200") is roofline.H200
+  assert roofline.device_for("cpu") is None
+  x = jnp.ones((64, 64), jnp.float32)
+  compiled = jax.jit(lambda a: jnp.tanh(a) * 2.0).lower(x).compile()
+  assert bench.roofline_s(compiled) is None  # This machine: a CPU.
+  seconds = bench.roofline_s(compiled, kind="NVIDIA H100 80GB HBM3")
+  # One element-wise kernel at least: a launch, and the 16 KiB read and written.
+  assert seconds >= roofline.H100.launch_s + 2 * 64 * 64 * 4 / roofline.H100.bytes_per_s
