@@ -238,7 +238,7 @@ def main(argv) -> None:
     print(f"  roofline on the card: {r['seconds'] * 1e3:.1f} ms ({kinds}; of which kernel "
           f"launches {r['bound']['launch'] * 1e3:.1f}), {r['kernels']} kernels, "
           f"{r['matmul_flops'] / 1e12:.1f} TFLOP, {r['bytes'] / 2**30:.1f} GiB moved")  # fmt: skip
-    for t in r["top"][: _TOP.value]:
+    for t in r["top"]:
       print(f"    {t['seconds'] * 1e3:8.2f} ms  x{t['launches']:<5d} {t['kind']:<11s} {t['label']}")
     for loop in p["loops"]:
       copies = (loop["slice_copies_bytes"] + loop["concat_copies_bytes"]) / 2**20

@@ -237,13 +237,21 @@ def roofline_s(compiled, loop_trips: int = 1, kind: str | None = None) -> float 
   machine's GPU (or the device `kind`), beside its measured time in the benchmark's JSON so
   that each run on a card checks the model; None on a device without a model (CPUs).
   `loop_trips`: the iterations counted for a loop of unknown length (greedy decoding: new
-  tokens - 1)."""
+  tokens - 1). A failure of the model is a warning on stderr and None: the measured figures
+  are kept."""
   from ilora_jax import roofline
 
   device = roofline.device_for(jax.devices()[0].device_kind if kind is None else kind)
   if device is None:
     return None
-  return roofline.estimate(compiled.as_text(), device, unknown_trip_count=loop_trips)["seconds"]
+  try:
+    text = compiled.as_text()
+    return roofline.estimate(text, device, unknown_trip_count=loop_trips)["seconds"]
+  except Exception as exc:  # noqa: BLE001 - a model's failure must not lose the measurement.
+    from ilora_jax import console
+
+    console.info(f"warning: no roofline estimate ({type(exc).__name__}: {exc})")
+    return None
 
 
 def temp_bytes(compiled) -> int | None:

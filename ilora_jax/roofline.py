@@ -7,14 +7,15 @@ often each loop body runs. Each kernel gets the time of the slower of its two li
 
     time = max(flops / matmul rate, bytes moved / memory bandwidth) + a launch overhead
 
-  - flops: 2 M N K for a cuBLAS matmul or a GEMM fusion (K from the contracting
-    dimensions); for cuDNN's fused attention 4 b h s_q s_kv d forward (half of it with a
-    causal mask) and 2.5 times that backward (five matmuls against two); other fusions and
-    convolutions count bytes only;
+  - flops: 2 M N K for a cuBLAS matmul, a GEMM fusion or the cuBLAS call inside XLA's
+    dynamic-slice fusion (K from the contracting dimensions); for cuDNN's fused attention
+    4 b h s_q s_kv d forward (half of it with a causal mask) and 2.5 times that backward
+    (five matmuls against two); other fusions and convolutions count bytes only;
   - bytes: what the kernel reads and writes. A fusion reads each operand whole, except an
     operand it only slices (a layer's weights out of the stacked ones: the slice's bytes) or
     only updates in place (a cache or stacked buffer: nothing read); an in-place update
-    writes only the update. Matmuls read both operands and write the output;
+    writes only the update. Custom calls (matmuls, attention) read their operands and write
+    their results, less the library's scratch workspace;
   - float32 matmuls run at half the bf16 rate (TF32 on Hopper, as XLA's default precision
     allows).
 
@@ -26,10 +27,10 @@ It is a model, not a measurement: no overlap of kernels, no cache reuse between 
 wave quantisation, a matmul at the same rate whatever its shape (thin ones are limited by
 their bytes anyway). Its use is to compare programs (remat policies, decode loops, fusions)
 and to see where a step's time should go. Against the card (bench/README.md, the programs
-of the commit the H100 measured on 2026-11-27): train step 310 ms predicted for 309
-measured (remat none) and 298 for 305 (dots); greedy generation 1010 ms for 1041 (scanned
+of the commit the H100 measured on 2026-11-27): train step 312 ms predicted for 309
+measured (remat none) and 299 for 305 (dots); greedy generation 1010 ms for 1041 (scanned
 decode) and 877 for 853 (unrolled); the SmolLM2-135M-shape step, mostly kernel launches,
-39.7 ms for 35.6.
+39.9 ms for 35.6.
 """
 
 from __future__ import annotations
@@ -69,12 +70,14 @@ H200 = Device("H200", 661e12, 0.9 * 4.8e12, 3e-6)
 
 
 def device_for(kind: str) -> Device | None:
-  """The model of a JAX device kind ('NVIDIA H100 80GB HBM3', 'NVIDIA H200', ...), or None
-  for a device without one."""
-  if "H200" in kind:
-    return H200
-  if "H100" in kind:
+  """The model of a JAX device kind, or None for a device without one: the SXM cards only
+  ('NVIDIA H100 80GB HBM3', 'NVIDIA H200'); the PCIe and NVL variants and the GH200 have
+  other rates."""
+  kind = kind.strip()
+  if kind in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM5 80GB"):
     return H100
+  if kind in ("NVIDIA H200", "NVIDIA H200 SXM 141GB"):
+    return H200
   return None
 
 
@@ -139,7 +142,8 @@ def parse(hlo_text: str) -> tuple[dict[str, list[Instr]], str | None]:
     if line.strip() == "}":
       current = None
       continue
-    m = re.match(r"^\s*(ROOT )?%(\S+) = (.*)$", line)
+    # XLA numbers long operand lists and tuples with /*index=N*/ comments.
+    m = re.match(r"^\s*(ROOT )?%(\S+) = (.*)$", re.sub(r"/\*.*?\*/", "", line))
     if not m:
       continue
     rest = m.group(3)
@@ -165,10 +169,13 @@ def shape_bytes(shape: str) -> int:
   return sum(_BYTES[t] * math.prod(dims) for t, dims in _arrays(shape))
 
 
-def _first_bytes(shape: str) -> int:
-  """Bytes of a custom call's result: its first array (cuBLAS and cuDNN add a workspace)."""
+def _result_bytes(shape: str) -> int:
+  """Bytes a custom call writes: its results, less the scratch workspace cuBLAS and cuDNN
+  add as a last 1-D s8 / u8 array."""
   arrays = _arrays(shape)
-  return _BYTES[arrays[0][0]] * math.prod(arrays[0][1]) if arrays else 0
+  if len(arrays) > 1 and arrays[-1][0] in ("s8", "u8") and len(arrays[-1][1]) == 1:
+    arrays = arrays[:-1]
+  return sum(_BYTES[t] * math.prod(dims) for t, dims in arrays)
 
 
 def _backend(attrs: str) -> dict:
@@ -183,7 +190,7 @@ def _backend(attrs: str) -> dict:
 
 
 def _op_name(attrs: str) -> str:
-  m = re.search(r'op_name="([^"]*)"', attrs)
+  m = re.search(r'op_name="((?:[^"\\]|\\.)*)"', attrs)
   return m.group(1) if m else ""
 
 
@@ -195,9 +202,10 @@ class Kernel:
   kind: str  # matmul, attention, convolution, fusion, slice_copy, copy, in_place, other
   flops: float
   bytes: float
-  seconds: float
+  seconds: float  # per launch: max(compute_s, bytes / bandwidth) + the launch overhead
   count: int
   op_name: str
+  compute_s: float = 0.0  # per launch: flops at the kernel's matmul rate
 
 
 class _Costs:
@@ -251,68 +259,92 @@ class _Costs:
         total += shape_bytes(out.shape)
     return total
 
-  def _fusion_dot_flops(self, instr: Instr) -> float:
-    """2 M N K summed over the dots inside a fusion."""
+  def _rate(self, lhs_dtype: str) -> float:
+    """The matmul rate for an operand dtype: float32 at half the bf16 rate (TF32)."""
+    rate = self.device.matmul_flops_per_s
+    return rate / 2 if lhs_dtype == "f32" else rate
+
+  def _dot_compute_s(self, instr: Instr) -> tuple[float, float]:
+    """(flops, seconds at its rate) of a `dot`: 2 M N K."""
+    lhs = _arrays(self.shapes.get(instr.operands[0], "")) if instr.operands else []
+    dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", instr.attrs)
+    out = _arrays(instr.shape)
+    if not (lhs and out):
+      return 0.0, 0.0
+    axes = [int(d) for d in dims.group(1).split(",") if d] if dims else [len(lhs[0][1]) - 1]
+    flops = 2.0 * math.prod(out[0][1]) * math.prod(lhs[0][1][a] for a in axes)
+    return flops, flops / self._rate(lhs[0][0])
+
+  def _custom_call_compute(self, instr: Instr) -> tuple[str, float, float]:
+    """(kind, flops, seconds at its rate) of a custom call: cuBLAS matmuls 2 M N K (K from
+    the contracting dimensions of its config, the lhs's last axis when it has none); cuDNN's
+    fused attention 4 b h s_q s_kv d (halved by a causal mask; 2.5 times that backward)."""
+    attrs = instr.attrs
+    target = re.search(r'custom_call_target="([^"]+)"', attrs)
+    target = target.group(1) if target else ""
+    config = _backend(attrs)
+    if "cublas" in target or "gemm" in target.lower():
+      lhs = _arrays(self.shapes.get(instr.operands[0], "")) if instr.operands else []
+      out = _arrays(instr.shape)
+      if not (lhs and out):
+        return "matmul", 0.0, 0.0
+      dims = config.get("gemm_backend_config", {}).get("dot_dimension_numbers", {})
+      axes = [int(d) for d in dims.get("lhs_contracting_dimensions", [])] or [len(lhs[0][1]) - 1]
+      flops = 2.0 * math.prod(out[0][1]) * math.prod(lhs[0][1][a] for a in axes)
+      return "matmul", flops, flops / self._rate(lhs[0][0])
+    if "fmha" in target:
+      at = attrs.find("operand_layout_constraints={")
+      qk = _arrays(attrs[at : _balanced(attrs, attrs.index("{", at))]) if at >= 0 else []
+      if len(qk) < 2 or len(qk[0][1]) != 4 or len(qk[1][1]) != 4:
+        return "attention", 0.0, 0.0
+      (b, sq, h, d), sk = qk[0][1], qk[1][1][1]
+      flops = 4.0 * b * h * sq * sk * d
+      fmha = config.get("cudnn_fmha_backend_config", {})
+      if "CAUSAL" in str(fmha.get("mask_type", "")):
+        flops /= 2
+      if "Backward" in target:
+        flops *= 2.5
+      return "attention", flops, flops / self._rate(qk[0][0])
+    if "conv" in target:
+      return "convolution", 0.0, 0.0
+    return "other", 0.0, 0.0
+
+  def _fusion_compute(self, instr: Instr) -> tuple[str | None, float, float]:
+    """(kind or None, flops, seconds) of the matmuls inside a fusion: a GEMM fusion's dots
+    (Triton's, where it is on) and the cuBLAS or cuDNN calls of XLA's dynamic-slice fusion
+    (an `address_computation` fusion: the call reads its operand's slice in place)."""
     called = re.search(r"calls=%([^,\s]+)", instr.attrs)
-    flops = 0.0
+    kind, flops, seconds = None, 0.0, 0.0
     for i in self.comps.get(called.group(1), []) if called else []:
-      if i.opcode == "dot" and i.operands:
-        lhs = _arrays(self.shapes.get(i.operands[0], ""))
-        dims = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", i.attrs)
-        out = _arrays(i.shape)
-        if lhs and out and dims:
-          k = math.prod(lhs[0][1][int(d)] for d in dims.group(1).split(",") if d)
-          flops += 2.0 * math.prod(out[0][1]) * k
-    return flops
+      if i.opcode == "dot":
+        f, t = self._dot_compute_s(i)
+        kind = "matmul"
+      elif i.opcode == "custom-call":
+        kind, f, t = self._custom_call_compute(i)
+      else:
+        continue
+      flops, seconds = flops + f, seconds + t
+    return kind, flops, seconds
 
   def _kernel(self, instr: Instr) -> Kernel | None:
     op, attrs = instr.opcode, instr.attrs
-    flops, rate = 0.0, self.device.matmul_flops_per_s
+    flops = compute = 0.0
     if op in _FREE:
       return None
     if op == "fusion":
       kind = "fusion"
       if "dynamic_update_slice" in instr.name or "dynamic-update-slice" in instr.name:
         kind = "in_place"
-      elif "slice" in instr.name:
-        kind = "slice_copy"
       elif "concatenate" in instr.name:
         kind = "copy"
+      elif "slice" in instr.name:
+        kind = "slice_copy"
       moved = self._fusion_bytes(instr)
-      flops = self._fusion_dot_flops(instr)  # A GEMM fusion (Triton's, where it is on).
-      if flops:
-        kind = "matmul"
+      inner, flops, compute = self._fusion_compute(instr)
+      kind = inner or kind
     elif op == "custom-call":
-      target = re.search(r'custom_call_target="([^"]+)"', attrs)
-      target = target.group(1) if target else ""
-      moved = _first_bytes(instr.shape) + sum(self._read(o) for o in instr.operands)
-      config = _backend(attrs)
-      if "cublas" in target or "gemm" in target.lower():
-        kind = "matmul"
-        dims = config.get("gemm_backend_config", {}).get("dot_dimension_numbers", {})
-        lhs = _arrays(self.shapes.get(instr.operands[0], "")) if instr.operands else []
-        out = _arrays(instr.shape)
-        if lhs and out:
-          k = math.prod(lhs[0][1][int(d)] for d in dims.get("lhs_contracting_dimensions", []))
-          flops = 2.0 * math.prod(out[0][1]) * k
-          if lhs[0][0] == "f32":
-            rate /= 2
-      elif "fmha" in target:
-        kind = "attention"
-        fmha = config.get("cudnn_fmha_backend_config", {})
-        at = attrs.find("operand_layout_constraints={")
-        qk = _arrays(attrs[at : _balanced(attrs, attrs.index("{", at))]) if at >= 0 else []
-        if len(qk) >= 2:
-          (b, sq, h, d), sk = qk[0][1], qk[1][1][1]
-          flops = 4.0 * b * h * sq * sk * d
-          if "CAUSAL" in str(fmha.get("mask_type", "")):
-            flops /= 2
-          if "Backward" in target:
-            flops *= 2.5
-      elif "conv" in target:
-        kind = "convolution"
-      else:
-        kind = "other"
+      kind, flops, compute = self._custom_call_compute(instr)
+      moved = _result_bytes(instr.shape) + sum(self._read(o) for o in instr.operands)
     elif op == "dynamic-update-slice":
       kind, moved = "in_place", 2 * self._read(instr.operands[1])
     elif op in _SLICES:
@@ -323,8 +355,8 @@ class _Costs:
     else:
       kind = "other"
       moved = shape_bytes(instr.shape) + sum(self._read(o) for o in instr.operands)
-    seconds = max(flops / rate, moved / self.device.bytes_per_s) + self.device.launch_s
-    return Kernel(instr.name, kind, flops, moved, seconds, 1, _op_name(attrs))
+    seconds = max(compute, moved / self.device.bytes_per_s) + self.device.launch_s
+    return Kernel(instr.name, kind, flops, moved, seconds, 1, _op_name(attrs), compute)
 
   def run(self, comp: str, times: int, out: list[Kernel], depth: int = 0) -> None:
     """Appends the kernels of `comp` run `times` times, control flow followed."""
@@ -335,21 +367,25 @@ class _Costs:
         trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
         n = int(trip.group(1)) if trip else self.unknown_trip_count
         self.unknown_trip_counts += trip is None
-        for key in ("body", "condition"):
+        for key, runs in (("body", n), ("condition", n + 1)):
           called = re.search(key + r"=%([^,\s]+)", instr.attrs)
           if called:
-            self.run(called.group(1), times * n, out, depth + 1)
+            self.run(called.group(1), times * runs, out, depth + 1)
       elif instr.opcode == "conditional":
         names = re.findall(r"%([\w.\-]+)", " ".join(
           re.findall(r"(?:branch_computations=\{[^}]*\}|(?:true|false)_computation=%[\w.\-]+)",
                      instr.attrs)))  # fmt: skip
-        branches = []
+        branches, before = [], self.unknown_trip_counts
         for name in names:
           ks: list[Kernel] = []
+          self.unknown_trip_counts = 0
           self.run(name, times, ks, depth + 1)
-          branches.append(ks)
+          branches.append((sum(k.seconds * k.count for k in ks), ks, self.unknown_trip_counts))
+        self.unknown_trip_counts = before
         if branches:  # The costliest branch.
-          out.extend(max(branches, key=lambda ks: sum(k.seconds * k.count for k in ks)))
+          _, ks, unknown = max(branches, key=lambda branch: branch[0])
+          out.extend(ks)
+          self.unknown_trip_counts += unknown
       elif instr.opcode in ("call", "async-start"):
         called = re.search(r"(?:to_apply|calls)=%([^,\s]+)", instr.attrs)
         if called:
@@ -406,14 +442,13 @@ def estimate(
   by_kind: dict[str, float] = collections.defaultdict(float)
   bound = {"compute": 0.0, "memory": 0.0, "launch": 0.0}
   groups: dict[tuple[str, str], list[float]] = collections.defaultdict(lambda: [0.0, 0])
-  rate = device.matmul_flops_per_s
   for k in ks:
     total = k.seconds * k.count
     by_kind[k.kind] += total
-    compute = k.flops / rate
+    compute = k.compute_s
     memory = k.bytes / device.bytes_per_s
     bound["launch"] += device.launch_s * k.count
-    bound["compute" if compute >= memory else "memory"] += total - device.launch_s * k.count
+    bound["compute" if compute > memory else "memory"] += total - device.launch_s * k.count
     g = groups[(_label(k.op_name), k.kind)]
     g[0] += total
     g[1] += k.count

@@ -11,9 +11,9 @@ from conftest import ROOT
 from ilora_jax import roofline
 
 # An H100 compile's layout (bench/gpu_plan.py), shortened to one loop of four iterations: the
-# layer's weights sliced out of the stack (a slice fusion), a cuBLAS matmul, its output
-# written into a stacked buffer in place, and cuDNN's fused attention; the entry adds a
-# transpose and a conditional whose costlier branch counts.
+# layer's weights sliced out of the stack (a slice fusion), a cuBLAS matmul and its output
+# written into a stacked buffer in place; the entry adds a transpose and a conditional whose
+# costlier branch counts.
 _MODULE = """
 HloModule jit_step, entry_computation_layout={(bf16[128,256]{1,0})->bf16[128,512]{1,0}}
 
@@ -50,7 +50,6 @@ HloModule jit_step, entry_computation_layout={(bf16[128,256]{1,0})->bf16[128,512
   %custom-call.1 = (bf16[128,512]{1,0}, s8[4194304]{0}) custom-call(%get-tuple-element.1, %loop_dynamic_slice_fusion), custom_call_target="__cublas$lt$matmul", metadata={op_name="jit(step)/while/body/layers/layers._block/mlp/up/btd,df->btf/dot_general"}, backend_config={"operation_queue_id":"0","gemm_backend_config":{"selected_algorithm":"0","alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]},"epilogue":"DEFAULT"}}
   %get-tuple-element.4 = bf16[128,512]{1,0} get-tuple-element(%custom-call.1), index=0
   %loop_dynamic_update_slice_fusion = bf16[4,128,512]{2,1,0} fusion(%get-tuple-element.3, %get-tuple-element.4, %get-tuple-element.0), kind=kLoop, calls=%fused_dynamic_update_slice
-  %dot_product_attention_fwd.1 = (bf16[2,4,64,32]{3,1,2,0}, f32[2,4,64]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[2,64,4,32]{3,2,1,0}, bf16[2,48,4,32]{3,2,1,0}, bf16[2,48,4,32]{3,2,1,0}}, backend_config={"operation_queue_id": "0", "cudnn_fmha_backend_config": {"fmha_scale": 0.125, "mask_type": "CAUSAL", "is_flash_attention": true}}
   ROOT %tuple.1 = (s32[], bf16[128,256]{1,0}, bf16[4,256,512]{2,1,0}, bf16[4,128,512]{2,1,0}) tuple(%get-tuple-element.0, %get-tuple-element.1, %get-tuple-element.2, %loop_dynamic_update_slice_fusion)
 }
 
@@ -109,18 +108,17 @@ def test_kernels_of_a_gpu_module_carry_the_formulas_flops_and_bytes():
   # Reads the update (and the index) and writes it in place: the stacked buffer is neither
   # read nor rewritten.
   assert update.kind == "in_place" and update.bytes == 2 * (2 * 128 * 512) + 4
-  attention = k["dot_product_attention_fwd.1"]
-  # 4 b h s_q s_kv d, halved by the causal mask.
-  assert attention.kind == "attention" and attention.flops == 4 * 2 * 4 * 64 * 48 * 32 / 2
   assert k["transpose.1"].count == 1 and k["transpose.1"].bytes == 2 * (2 * 128 * 256)
   # The conditional: the costlier branch (a copy and two fusions) counts, the other does not.
   assert {"copy.4", "loop_add_fusion.1", "loop_add_fusion.2"} <= set(k)
   assert "loop_add_fusion" not in k
   assert k["loop_add_fusion.2"].bytes == 3 * 8 * 4 * 4
-  assert len(ks) == 4 + 1 + 3
+  assert len(ks) == 3 + 1 + 3
   for kernel in ks:  # Each kernel's time: the slower of its two limits, plus a launch.
     limit = max(kernel.flops / _DEVICE.matmul_flops_per_s, kernel.bytes / _DEVICE.bytes_per_s)
     assert kernel.seconds == pytest.approx(limit + _DEVICE.launch_s)
+  # 2 x 128 x 512 x 256 flops at 10 TFLOP/s (3.4 us) against 458,752 bytes at 1 TB/s.
+  assert matmul.seconds == pytest.approx(2 * 128 * 512 * 256 / 10e12 + 2e-6)
 
 
 def test_estimate_sums_launches_times_and_kinds():
@@ -128,8 +126,8 @@ def test_estimate_sums_launches_times_and_kinds():
   result = roofline.estimate(_MODULE, _DEVICE, top=3)
   want = sum(k.seconds * k.count for k in ks)
   assert result["seconds"] == pytest.approx(want)
-  assert result["kernels"] == 4 * 4 + 1 + 3
-  assert result["matmul_flops"] == 4 * 2 * 128 * 512 * 256 + 4 * 4 * 2 * 4 * 64 * 48 * 32 / 2
+  assert result["kernels"] == 4 * 3 + 1 + 3
+  assert result["matmul_flops"] == 4 * 2 * 128 * 512 * 256
   assert sum(result["by_kind"].values()) == pytest.approx(want)
   assert sum(result["bound"].values()) == pytest.approx(want)
   assert result["bound"]["launch"] == pytest.approx(result["kernels"] * _DEVICE.launch_s)
@@ -143,6 +141,105 @@ def test_a_loop_of_unknown_length_counts_the_given_trip_count():
   ks, unknown = roofline.kernels(module, _DEVICE, unknown_trip_count=7)
   assert unknown == 1
   assert _by_name(ks)["custom-call.1"].count == 7
+
+
+# cuDNN's fused attention, forward (causal) and backward, as an H100 compile prints them: the
+# backward's seven operands and four results numbered with /*index=N*/ comments, a workspace
+# last; XLA's dynamic-slice fusion (`--xla_gpu_enable_dynamic_slice_fusion=true`): a cuBLAS
+# call inside a fusion, reading a layer's weights in place in the stack; a float32 matmul.
+_KERNELS = """
+%address_computation.1 (p0: bf16[4,256,512], p1: bf16[128,256], p2: s32[]) -> bf16[128,512] {
+  %p0 = bf16[4,256,512]{2,1,0} parameter(0)
+  %p1 = bf16[128,256]{1,0} parameter(1)
+  %p2 = s32[] parameter(2)
+  %c0 = s32[] constant(0)
+  %slice.1 = bf16[1,256,512]{2,1,0} dynamic-slice(%p0, %p2, %c0, %c0), dynamic_slice_sizes={1,256,512}
+  %bitcast.1 = bf16[256,512]{1,0} bitcast(%slice.1)
+  %gemm.1 = (bf16[128,512]{1,0}, s8[4194304]{0}) custom-call(%p1, %bitcast.1), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  ROOT %get-tuple-element.1 = bf16[128,512]{1,0} get-tuple-element(%gemm.1), index=0
+}
+
+ENTRY %main.3 (q: bf16[2,64,4,32], k: bf16[2,48,4,32], v: bf16[2,48,4,32], o: bf16[2,4,64,32], st: f32[2,4,64], do: bf16[2,4,64,32], w: bf16[4,256,512], x: bf16[128,256], i: s32[], a: f32[96,80], b: f32[80,72]) -> bf16[2,64,4,32] {
+  %q = bf16[2,64,4,32]{3,2,1,0} parameter(0)
+  %k = bf16[2,48,4,32]{3,2,1,0} parameter(1)
+  %v = bf16[2,48,4,32]{3,2,1,0} parameter(2)
+  %o = bf16[2,4,64,32]{3,1,2,0} parameter(3)
+  %st = f32[2,4,64]{2,1,0} parameter(4)
+  %do = bf16[2,4,64,32]{3,1,2,0} parameter(5)
+  %w = bf16[4,256,512]{2,1,0} parameter(6)
+  %x = bf16[128,256]{1,0} parameter(7)
+  %i = s32[] parameter(8)
+  %a = f32[96,80]{1,0} parameter(9)
+  %b = f32[80,72]{1,0} parameter(10)
+  %fwd.1 = (bf16[2,4,64,32]{3,1,2,0}, f32[2,4,64]{2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", operand_layout_constraints={bf16[2,64,4,32]{3,2,1,0}, bf16[2,48,4,32]{3,2,1,0}, bf16[2,48,4,32]{3,2,1,0}}, backend_config={"operation_queue_id": "0", "cudnn_fmha_backend_config": {"fmha_scale": 0.125, "mask_type": "CAUSAL", "is_flash_attention": true}}
+  %bwd.1 = (bf16[2,64,4,32]{3,2,1,0}, bf16[2,48,4,32]{3,2,1,0}, bf16[2,48,4,32]{3,2,1,0}, /*index=3*/u8[1024]{0}) custom-call(%q, %k, %v, %st, %do, /*index=5*/%o, %st), custom_call_target="__cudnn$fmhaSoftmaxBackward", operand_layout_constraints={bf16[2,64,4,32]{3,2,1,0}, bf16[2,48,4,32]{3,2,1,0}, bf16[2,48,4,32]{3,2,1,0}, f32[2,4,64]{2,1,0}, bf16[2,4,64,32]{3,2,1,0}, bf16[2,4,64,32]{3,2,1,0}, f32[2,4,64]{2,1,0}}, backend_config={"cudnn_fmha_backend_config": {"mask_type": "NO_MASK"}}
+  %address_computation = bf16[128,512]{1,0} fusion(%w, %x, %i), kind=kCustom, calls=%address_computation.1, backend_config={"fusion_backend_config":{"kind":"__custom_fusion","custom_fusion_config":{"name":"dynamic_address_computation"}}}
+  %gemm.2 = (f32[96,72]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  ROOT %get-tuple-element.2 = bf16[2,64,4,32]{3,2,1,0} get-tuple-element(%bwd.1), index=0
+}
+"""  # noqa: E501
+
+
+def test_attention_dynamic_slice_fusion_and_float32_matmuls():
+  ks, _ = roofline.kernels(_KERNELS, _DEVICE)
+  k = _by_name(ks)
+  q, kv, o, st = 2 * 64 * 4 * 32 * 2, 2 * 48 * 4 * 32 * 2, 2 * 4 * 64 * 32 * 2, 2 * 4 * 64 * 4
+  fwd, bwd = k["fwd.1"], k["bwd.1"]
+  # 4 b h s_q s_kv d, halved by the causal mask; the backward 2.5 times that, unmasked.
+  assert fwd.kind == "attention" and fwd.flops == 4 * 2 * 4 * 64 * 48 * 32 / 2
+  assert bwd.kind == "attention" and bwd.flops == 2.5 * 4 * 2 * 4 * 64 * 48 * 32
+  assert fwd.bytes == q + 2 * kv + o + st  # Reads q, k, v; writes the output and statistics.
+  # All seven operands (the one after /*index=5*/ too) and the three gradients, no workspace.
+  assert bwd.bytes == (q + 2 * kv + st + 2 * o + st) + (q + 2 * kv)
+  # The dynamic-slice fusion is a matmul reading the one layer it slices.
+  dsf = k["address_computation"]
+  assert dsf.kind == "matmul" and dsf.flops == 2 * 128 * 512 * 256
+  assert dsf.bytes == 2 * (256 * 512 + 128 * 256) + 4 + 2 * 128 * 512
+  # Every kernel here does matmul work: with slow matmuls, all of it is compute-bound.
+  slow = roofline.Device("slow matmuls", 1e9, 1e12, 0.0)
+  ks, _ = roofline.kernels(_KERNELS, slow)
+  result = roofline.estimate(_KERNELS, slow)
+  assert result["bound"]["compute"] == pytest.approx(sum(x.compute_s * x.count for x in ks))
+  assert result["bound"]["memory"] == 0.0
+
+
+_F32 = """
+ENTRY %main.4 (a: f32[48,48], b: f32[48,48]) -> f32[48,48] {
+  %a = f32[48,48]{1,0} parameter(0)
+  %b = f32[48,48]{1,0} parameter(1)
+  %gemm.3 = (f32[48,48]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}
+  ROOT %get-tuple-element.3 = f32[48,48]{1,0} get-tuple-element(%gemm.3), index=0
+}
+"""  # noqa: E501
+
+
+def test_a_float32_matmul_runs_at_half_rate_and_is_counted_by_its_own_limit():
+  """48^3 float32: 221,184 flops against 27,648 bytes. At the bf16 rate (10 TFLOP/s) it
+  would be memory-bound (22 ns against 28 ns); at half the rate (TF32) it is compute-bound
+  (44 ns), and `estimate` files it so."""
+  (k,), _ = roofline.kernels(_F32, _DEVICE)
+  assert k.flops == 2 * 48**3 and k.bytes == 3 * 48 * 48 * 4
+  assert k.compute_s == pytest.approx(2 * 48**3 / 5e12)
+  assert k.seconds == pytest.approx(2 * 48**3 / 5e12 + _DEVICE.launch_s)
+  bound = roofline.estimate(_F32, _DEVICE)["bound"]
+  assert bound["compute"] == pytest.approx(2 * 48**3 / 5e12) and bound["memory"] == 0.0
+
+
+def test_device_kinds_without_a_model_get_none():
+  assert roofline.device_for("NVIDIA H100 PCIe") is None
+  assert roofline.device_for("NVIDIA H100 NVL") is None
+  assert roofline.device_for("NVIDIA GH200 480GB") is None
+
+
+def test_a_failing_estimate_keeps_the_benchmark_and_warns(capsys):
+  from ilora_jax import bench
+
+  class Broken:
+    def as_text(self):
+      raise RuntimeError("no text")
+
+  assert bench.roofline_s(Broken(), kind="NVIDIA H100 80GB HBM3") is None
+  assert "no roofline estimate (RuntimeError: no text)" in capsys.readouterr().err
 
 
 def _has_cuda_plugin() -> bool:
