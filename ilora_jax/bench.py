@@ -261,17 +261,6 @@ def temp_bytes(compiled) -> int | None:
   return None if memory is None else int(memory.temp_size_in_bytes)
 
 
-_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
-              "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}  # fmt: skip
-_HLO_ARRAY = re.compile(r"\b(" + "|".join(_HLO_BYTES) + r")\[([0-9,]*)\]")
-
-
-def _hlo_shape_bytes(text: str) -> int:
-  """Bytes of the arrays in an HLO shape (a tuple's elements summed)."""
-  return sum(_HLO_BYTES[t] * math.prod(int(d) for d in dims.split(",") if d)
-             for t, dims in _HLO_ARRAY.findall(text))  # fmt: skip
-
-
 def loop_census(hlo_text: str) -> list[dict]:
   """What each loop body of a compiled (optimized) HLO module writes per iteration, by kind:
   one dict per `while` with `body`, `trip_count` (None where XLA does not know it) and bytes
@@ -281,35 +270,26 @@ def loop_census(hlo_text: str) -> list[dict]:
   calls, GPU GEMM fusions, XLA:CPU's YNNPACK / oneDNN / dot fusions, plain dots), `in_place`
   (dynamic-update-slice fusions, written in place: their full output size, not traffic) and
   `other` (the remaining fusions). The copies are memory traffic a layer loop adds besides
-  its matmuls' own reads."""
-  bodies: dict[str, list[str]] = {}
-  current = None
-  for line in hlo_text.splitlines():
-    head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
-    if head and line.rstrip().endswith("{"):
-      current = head.group(1)
-      bodies[current] = []
-    elif current is not None and line.strip() == "}":
-      current = None
-    elif current is not None:
-      bodies[current].append(line.strip())
+  its matmuls' own reads. The module is read by `roofline.parse`."""
+  from ilora_jax import roofline
+
+  comps, _ = roofline.parse(hlo_text)
+  counted = {"fusion", "custom-call", "dot", "copy", "concatenate", "dynamic-slice", "slice",
+             "transpose"}  # fmt: skip
   out = []
-  for lines in bodies.values():
-    for line in lines:
-      loop = re.search(r"\swhile\(.*body=%([^,\s]+)", line)
-      if not loop or loop.group(1) not in bodies:
+  for instrs in comps.values():
+    for loop in instrs:
+      body = roofline.called(loop, "body") if loop.opcode == "while" else None
+      if body not in comps:
         continue
-      trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-      row = {"body": loop.group(1), "trip_count": int(trip.group(1)) if trip else None}
+      row = {"body": body, "trip_count": roofline.trip_count(loop)}
       row.update({f"{k}_{u}": 0 for k in ("slice_copies", "concat_copies", "matmuls", "in_place",
                                            "other") for u in ("bytes", "count")})  # fmt: skip
-      for inner in bodies[loop.group(1)]:
-        op = re.match(r"%(\S+) = (.+?) (fusion|custom-call|dot|copy|concatenate|dynamic-slice|"
-                      r"slice|transpose)\(", inner)  # fmt: skip
-        if not op:
+      for op in comps[body]:
+        if op.opcode not in counted or op.root:
           continue
-        name, shape, kind = op.groups()
-        target = re.search(r'custom_call_target="([^"]+)"', inner)
+        name, kind = op.name, op.opcode
+        target = re.search(r'custom_call_target="([^"]+)"', op.attrs)
         if (kind == "dot" or re.match(r"(ynn|gemm|dot|onednn)\w*fusion", name)
             or (target and re.search(r"matmul|gemm", target.group(1), re.I))):  # fmt: skip
           key = "matmuls"
@@ -321,8 +301,9 @@ def loop_census(hlo_text: str) -> list[dict]:
           key = "concat_copies"
         else:
           key = "other"
-        row[key + "_bytes"] += _hlo_shape_bytes(shape.split("{")[0] if kind == "custom-call"
-                                                else shape)  # fmt: skip
+        # A custom call's output without its workspace: the first array of its tuple.
+        shape = op.shape.split("{")[0] if kind == "custom-call" else op.shape
+        row[key + "_bytes"] += roofline.shape_bytes(shape)
         row[key + "_count"] += 1
       out.append(row)
   return out

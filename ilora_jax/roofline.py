@@ -160,13 +160,29 @@ def parse(hlo_text: str) -> tuple[dict[str, list[Instr]], str | None]:
   return comps, entry
 
 
+def called(instr: Instr, key: str) -> str | None:
+  """The computation an instruction names by `key` ('body', 'condition', 'calls', ...)."""
+  m = re.search(rf"\b{key}=%([^,\s]+)", instr.attrs)
+  return m.group(1) if m else None
+
+
+def trip_count(instr: Instr) -> int | None:
+  """A while loop's trip count where XLA knows it (its backend config), else None."""
+  m = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
+  return int(m.group(1)) if m else None
+
+
 def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
   return [(t, tuple(int(d) for d in dims.split(",") if d)) for t, dims in _ARRAY.findall(shape)]
 
 
+def _arrays_bytes(arrays: list[tuple[str, tuple[int, ...]]]) -> int:
+  return sum(_BYTES[t] * math.prod(dims) for t, dims in arrays)
+
+
 def shape_bytes(shape: str) -> int:
   """Bytes of the arrays in an HLO type (a tuple's elements summed)."""
-  return sum(_BYTES[t] * math.prod(dims) for t, dims in _arrays(shape))
+  return _arrays_bytes(_arrays(shape))
 
 
 def _result_bytes(shape: str) -> int:
@@ -175,7 +191,7 @@ def _result_bytes(shape: str) -> int:
   arrays = _arrays(shape)
   if len(arrays) > 1 and arrays[-1][0] in ("s8", "u8") and len(arrays[-1][1]) == 1:
     arrays = arrays[:-1]
-  return sum(_BYTES[t] * math.prod(dims) for t, dims in arrays)
+  return _arrays_bytes(arrays)
 
 
 def _backend(attrs: str) -> dict:
@@ -221,8 +237,7 @@ class _Costs:
 
   def _fusion_bytes(self, instr: Instr) -> int:
     """What a fusion reads and writes (see the module docstring)."""
-    called = re.search(r"calls=%([^,\s]+)", instr.attrs)
-    body = self.comps.get(called.group(1), []) if called else []
+    body = self.comps.get(called(instr, "calls"), [])
     if not body:
       return shape_bytes(instr.shape) + sum(self._read(o) for o in instr.operands)
     users = collections.defaultdict(list)
@@ -313,9 +328,8 @@ class _Costs:
     """(kind or None, flops, seconds) of the matmuls inside a fusion: a GEMM fusion's dots
     (Triton's, where it is on) and the cuBLAS or cuDNN calls of XLA's dynamic-slice fusion
     (an `address_computation` fusion: the call reads its operand's slice in place)."""
-    called = re.search(r"calls=%([^,\s]+)", instr.attrs)
     kind, flops, seconds = None, 0.0, 0.0
-    for i in self.comps.get(called.group(1), []) if called else []:
+    for i in self.comps.get(called(instr, "calls"), []):
       if i.opcode == "dot":
         f, t = self._dot_compute_s(i)
         kind = "matmul"
@@ -364,13 +378,12 @@ class _Costs:
       return
     for instr in self.comps.get(comp, []):
       if instr.opcode == "while":
-        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', instr.attrs)
-        n = int(trip.group(1)) if trip else self.unknown_trip_count
-        self.unknown_trip_counts += trip is None
+        n = trip_count(instr)
+        self.unknown_trip_counts += n is None
+        n = self.unknown_trip_count if n is None else n
         for key, runs in (("body", n), ("condition", n + 1)):
-          called = re.search(key + r"=%([^,\s]+)", instr.attrs)
-          if called:
-            self.run(called.group(1), times * runs, out, depth + 1)
+          if called(instr, key):
+            self.run(called(instr, key), times * runs, out, depth + 1)
       elif instr.opcode == "conditional":
         names = re.findall(r"%([\w.\-]+)", " ".join(
           re.findall(r"(?:branch_computations=\{[^}]*\}|(?:true|false)_computation=%[\w.\-]+)",
@@ -387,9 +400,9 @@ class _Costs:
           out.extend(ks)
           self.unknown_trip_counts += unknown
       elif instr.opcode in ("call", "async-start"):
-        called = re.search(r"(?:to_apply|calls)=%([^,\s]+)", instr.attrs)
-        if called:
-          self.run(called.group(1), times, out, depth + 1)
+        inner = called(instr, "to_apply") or called(instr, "calls")
+        if inner:
+          self.run(inner, times, out, depth + 1)
       else:
         k = self._kernel(instr)
         if k is not None:
