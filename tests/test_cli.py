@@ -381,6 +381,8 @@ def test_demo_builds_movielens_on_the_fly(tmp_path):
     f"--workdir={tmp_path}",
     "--config.sasrec.train.steps=5",
     "--config.ilora.train.steps=2",
+    "--config.ilora.train.batch_size=2",  # The wiring, not the speed: the smallest real step.
+    "--config.ilora.eval_base=False",  # The base-LLM baseline is tested on the tiny config.
     "--config.ilora.eval_rows=4",
     "--config.ilora.eval_batch_size=4",
     "--config.ilora.max_new_tokens=4",

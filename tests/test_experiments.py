@@ -258,7 +258,7 @@ def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(tmp_pat
 
   w = str(tmp_path / "grid")
   args = [sys.executable, "-m", "ilora_jax.experiments", GRID, f"--workdir={w}",
-          "--grid.seeds=0", "--grid.only=lora", SMOKE + " ilora.train.steps=150"]  # fmt: skip
+          "--grid.seeds=0", "--grid.only=lora", SMOKE + " ilora.train.steps=60"]  # fmt: skip
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   run_dir = os.path.join(w, "runs", "lora", "seed0")
   deadline = time.time() + 300
@@ -272,12 +272,12 @@ def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(tmp_pat
   assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
   assert "lora/seed0 stopped by SIGTERM; re-run the same command to resume" in err
   stopped_at = max(r["step"] for r in metrics_records(run_dir) if r["split"] == "train")
-  assert 0 < stopped_at < 150
+  assert 0 < stopped_at < 60
   rerun = run_cli(*args[3:], module="ilora_jax.experiments")
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert "grid: 2 runs, 1 already finished" in rerun.stdout
   steps = [r["step"] for r in metrics_records(run_dir) if r["split"] == "train"]
-  assert steps == list(range(1, 151))  # Resumed from the checkpoint: every step once.
+  assert steps == list(range(1, 61))  # Resumed from the checkpoint: every step once.
 
 
 @pytest.mark.parametrize(
