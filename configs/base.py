@@ -71,6 +71,13 @@ def get_config() -> config_dict.ConfigDict:
   c.ilora.eval_generate = True  # The paper's metric: greedy generation matched to titles.
   c.ilora.eval_score = True  # Rank candidates by title log-likelihood: hr@1/5, ndcg@5, mrr.
   c.ilora.eval_base = True  # Final evaluations add the base LLM without adapters (base/...).
+  # The val metric whose best epoch gives the weights of the final val/test evaluations,
+  # `stage=evaluate` and `recommend` (the original keeps the checkpoint of the best val
+  # "metric", valid_ratio x hit_ratio@1 = hits_over_total): "auto" = hits_over_total with
+  # generation on, else hr@1 with scoring on, else loss (lowest wins); any val metric of the
+  # model (valid_ratio, hit_ratio@1, hits_over_total, hr@1, hr@5, ndcg@5, mrr, loss); "" = the
+  # weights of the last step. Those weights are kept in checkpoints/ilora_best.
+  c.ilora.select_by = "auto"
   # Evaluate rows in order of prompt length (less padding per batch); results per row and
   # metrics are the same, reported in the split's order.
   c.ilora.eval_sort = True
@@ -175,6 +182,9 @@ def get_config() -> config_dict.ConfigDict:
   c.eval = config_dict.ConfigDict()
   c.eval.stage = "sasrec"  # Stage whose latest checkpoint `stage=evaluate` restores.
   c.eval.split = "val"  # Split `stage=evaluate` scores: train, val or test.
+  # ilora: "selected" = the weights `ilora.select_by` picked (the latest where none were
+  # picked), or "latest" = the latest checkpoint.
+  c.eval.weights = "selected"
   c.eval.batch_size = 256  # Rows per evaluation batch (padded, so one compiled shape).
 
   c.distributed = config_dict.ConfigDict()  # Several processes (hosts): ilora_jax/distributed.py.

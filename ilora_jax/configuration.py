@@ -12,6 +12,18 @@ from ilora_jax.errors import UserError
 STAGES = ("sasrec", "ilora", "pipeline", "evaluate")
 DATASETS = ("lastfm", "movielens", "steam", "synthetic")
 _TRAIN_KEYS = ("epochs", "steps", "batch_size", "lr", "weight_decay", "grad_accum")
+GENERATION_METRICS = ("valid_ratio", "hit_ratio@1", "hits_over_total")
+SCORING_METRICS = ("hr@1", "hr@5", "ndcg@5", "mrr")
+
+
+def selection_metric(config: ConfigDict) -> str:
+  """The val metric `ilora.select_by` names ("auto" resolved; "" = the last step's weights)."""
+  name = config.ilora.get("select_by", "")
+  if name != "auto":
+    return name
+  if config.ilora.eval_generate:
+    return "hits_over_total"
+  return "hr@1" if config.ilora.eval_score else "loss"
 
 
 def validate(config: ConfigDict) -> None:
@@ -33,6 +45,19 @@ def validate(config: ConfigDict) -> None:
     "eval.split",
     f"={config.eval.split!r} is not train, val or test",
   )
+  need(
+    config.eval.weights in ("selected", "latest"),
+    "eval.weights",
+    f"={config.eval.weights!r} is not selected or latest",
+  )
+  select = config.ilora.select_by
+  known = ("", "auto", "loss", *GENERATION_METRICS, *SCORING_METRICS)
+  need(select in known, "ilora.select_by",
+       f"={select!r} is not one of {', '.join(repr(k) for k in known)}")  # fmt: skip
+  need(select not in GENERATION_METRICS or config.ilora.eval_generate, "ilora.select_by",
+       f"={select} is a generation metric: it needs ilora.eval_generate=True")  # fmt: skip
+  need(select not in SCORING_METRICS or config.ilora.eval_score, "ilora.select_by",
+       f"={select} is a scoring metric: it needs ilora.eval_score=True")  # fmt: skip
   from ilora_jax import llama, lora  # The model's own lists of choices (imports jax).
   from ilora_jax import tokenizer as tok_lib
 

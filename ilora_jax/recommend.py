@@ -224,14 +224,11 @@ class Recommender:
       )
     self.config = config
     self.su = train_ilora.setup(config, workdir)
-    ckpt = checkpointing.StageCheckpoints(
-      workdir, "ilora", config.checkpoint.max_to_keep, False, read_only=True
-    )
-    latest = ckpt.latest_step()
-    if latest is None:
-      raise UserError(f"no ilora checkpoint in {ckpt.directory}: train with --config.stage=ilora")
-    self.state, _ = ckpt.restore(latest, checkpointing.abstract_like(self.su.state))
-    ckpt.close()
+    # The weights the run's `ilora.select_by` picked (its best val epoch) where it has them.
+    self.state, self.step, self.weights = train_ilora.restore_for_use(
+      workdir, checkpointing.abstract_like(self.su.state), "selected",
+      config.checkpoint.max_to_keep,
+    )  # fmt: skip
     self.evaluator = train_ilora.Evaluator(
       self.su.parts, config, self.su.dataset.val, self.su.gate_kind
     )
@@ -293,15 +290,19 @@ def recommend(
   k: int = 5,
   notify: Callable[[str], None] | None = None,
   config=None,
+  describe: Callable[[str], None] | None = None,
 ) -> list[tuple[int, str, float]]:
   """Top-k (item id, title, score) for a history of titles or ids, with a trained run.
 
   Entries are strings as on the command line (`resolve_items`) or ints (item ids). `notify`,
   when given, receives one-line notices: the history is longer than the run's `data.max_len`
   (only its last items count), or there are fewer than k candidates (so fewer rows).
-  `config` is the run's (`load_run_config(workdir)`, read here when not given).
+  `config` is the run's (`load_run_config(workdir)`, read here when not given). `describe`,
+  when given, receives which of the run's weights rank (`Recommender.weights`).
   """
   rec = Recommender(workdir, config)
+  if describe is not None and getattr(rec, "weights", None):
+    describe(rec.weights)
   hist = rec.resolve(list(history), "history")
   cands = rec.resolve(list(candidates), "candidate") if candidates else None
   notify = notify or (lambda message: None)
@@ -373,7 +374,11 @@ def main(argv: list[str] | None = None) -> None:
   def notify(message: str) -> None:
     print(f"recommend: {message}", file=sys.stderr, flush=True)
 
-  for item, title, score in recommend(f.workdir, history, candidates, f.k, notify, config):
+  def describe(weights: str) -> None:
+    print(f"recommend: ranking with {weights}", file=sys.stderr, flush=True)
+
+  top = recommend(f.workdir, history, candidates, f.k, notify, config, describe)
+  for item, title, score in top:
     print(f"{score:10.3f}  {item:6d}  {title}")
 
 

@@ -31,6 +31,7 @@ from ilora_jax.errors import UserError, require
 from ilora_jax.files import atomic_write
 
 _SKIP = {"run", "stage", "split", "step", "epoch", "final", "skipped", "candidates"}
+_SKIP |= {"selected_step", "selected_by"}  # Which weights a final record evaluated.
 # Columns of the comparison table: the paper's generation metrics, then candidate scoring.
 COMPARE_KEYS = ("valid_ratio", "hit_ratio@1", "hits_over_total", "hr@1", "hr@5", "ndcg@5", "mrr")
 
@@ -192,7 +193,10 @@ def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> li
   lines = []
   others = {name: finals_by_split(read_records(path)) for name, path in compare.items()}
   for split, rec in finals_by_split(records).items():
-    rows = [(f"{describe_run(workdir)}, this run", {k: rec.get(k) for k in COMPARE_KEYS})]
+    label = f"{describe_run(workdir)}, this run"
+    if rec.get("selected_step") not in (None, rec.get("step")):
+      label += f" (weights of step {rec['selected_step']}, best val {rec.get('selected_by')})"
+    rows = [(label, {k: rec.get(k) for k in COMPARE_KEYS})]
     for prefix, label in (
       ("base/", "base LLM, no adapters (text-only prompt)"),
       ("sasrec/", "SASRec"),

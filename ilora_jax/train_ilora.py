@@ -41,7 +41,7 @@ from ilora_jax import (
   sharding,
 )
 from ilora_jax import tokenizer as tok_lib
-from ilora_jax.configuration import stage_train
+from ilora_jax.configuration import selection_metric, stage_train
 from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates
 from ilora_jax.errors import UserError
 from ilora_jax.metrics import (
@@ -57,6 +57,7 @@ from ilora_jax.train_sasrec import model_config as sasrec_model_config
 from ilora_jax.train_sasrec import restore_target as sasrec_restore_target
 
 STAGE = "ilora"
+BEST = "ilora_best"  # checkpoints/ilora_best: the weights `ilora.select_by` picked.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -1133,6 +1134,25 @@ def run(config, workdir: str) -> dict[str, float]:
     step = int(meta["step"])
     log.truncate(STAGE, meta["metrics_records"])
     console.info(f"iLoRA: resumed from step {step} of {total_steps}")
+  select = selection_metric(config)
+  best = checkpointing.StageCheckpoints(workdir, BEST, 1, False) if select else None
+  best_value = None  # The selected weights' val metric so far.
+  if best is not None and best.latest_step() is not None:
+    best_meta = best.restore_meta(best.latest_step())
+    checkpointing.check_same_settings(
+      best_meta["settings"],
+      settings,
+      best.directory,
+      {**dict.fromkeys(numerics, checkpointing.UNKNOWN), **OLDER_NUMERICS},
+    )
+    if best_meta.get("select_by") != select:
+      raise UserError(
+        f"{best.directory} holds the weights this run selected by val "
+        f"{best_meta.get('select_by')}: resume with --config.ilora.select_by="
+        f"{best_meta.get('select_by')} (or remove that folder to select by {select} from the "
+        "next epoch on)"
+      )
+    best_value = float(best_meta["value"])
   if jax.process_index() == 0:  # After the check: a refused resume leaves the run's settings.
     configuration.save(config, workdir)  # For `python -m ilora_jax.recommend --workdir=...`.
   val_eval = Evaluator(parts, config, dataset.val, gate_kind, su.mesh)
@@ -1142,6 +1162,22 @@ def run(config, workdir: str) -> dict[str, float]:
 
   def save(at: int) -> None:
     ckpt.save(at, state, {"step": at, "settings": settings, "metrics_records": log.count(STAGE)})
+
+  def keep_if_best(metrics: dict) -> bool:
+    """Saves this step's weights as the selected ones when its val `select` metric is the
+    best so far (before the step's own checkpoint: a kill between the two re-evaluates the
+    epoch on resume and finds the same value, kept already). Returns whether it did."""
+    nonlocal best_value
+    if best is None or not better(select, metrics[select], best_value):
+      return False
+    kept = best.latest_step()
+    if kept is not None and kept >= step:  # Saved before a resume reached it again.
+      return False
+    best_value = float(metrics[select])
+    meta = {"step": step, "settings": settings, "metrics_records": log.count(STAGE),
+            "select_by": select, "value": best_value}  # fmt: skip
+    best.save(step, state, meta)
+    return True
 
   stop_at = (
     total_steps
@@ -1228,6 +1264,7 @@ def run(config, workdir: str) -> dict[str, float]:
         last_val = val_eval(state["trainable"], state["stats"], frozen, config.progress)
         record("val", last_val, epoch=epoch + 1, candidates=val_eval.fingerprint)
         console.info(f"iLoRA step {step} val " + _fmt(last_val))
+        keep_if_best(last_val)
       boundary = epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at
       if stop.requested:  # `after_step` leaves the run: the speed line first.
         bar.close()
@@ -1238,8 +1275,27 @@ def run(config, workdir: str) -> dict[str, float]:
   ckpt.close()
   speed()
   if step < total_steps:
+    if best is not None:
+      best.close()
     console.info(f"iLoRA: stopped at step {step} of {total_steps}; re-run to resume")
     return last_val
+  val_metrics = val_eval(state["trainable"], state["stats"], frozen, config.progress, True)
+  selected = {}  # Which weights the final evaluations use, where `ilora.select_by` picks them.
+  if best is not None:
+    chosen = step if keep_if_best(val_metrics) else (best.latest_step() or step)
+    if chosen != step:
+      # The last weights' val evaluation is one of the epochs' (not final) ...
+      last_epoch = (step - 1) // steps_per_epoch + 1
+      record("val", val_metrics, epoch=last_epoch, candidates=val_eval.fingerprint)
+      # ... and the selected weights are evaluated again, the baselines beside them.
+      state, _ = best.restore(chosen, checkpointing.abstract_like(state))
+      console.info(
+        f"iLoRA: the final evaluations use the weights of step {chosen} (val {select} "
+        f"{best_value:.4f}, the best of the epochs; step {step}: {val_metrics[select]:.4f})"
+      )
+      val_metrics = val_eval(state["trainable"], state["stats"], frozen, config.progress, True)
+    best.close()
+    selected = {"selected_step": chosen, "selected_by": select}
   result = {}
   for split in ("val", "test"):
     if split == "test" and dataset.test is None:
@@ -1254,10 +1310,11 @@ def run(config, workdir: str) -> dict[str, float]:
         }
       )
       continue
-    evaluator = (
-      val_eval if split == "val" else Evaluator(parts, config, dataset.test, gate_kind, su.mesh)
-    )
-    metrics = evaluator(state["trainable"], state["stats"], frozen, config.progress, baselines=True)
+    if split == "val":
+      evaluator, metrics = val_eval, val_metrics
+    else:
+      evaluator = Evaluator(parts, config, dataset.test, gate_kind, su.mesh)
+      metrics = evaluator(state["trainable"], state["stats"], frozen, config.progress, True)
     log.write(
       {
         "run": STAGE,
@@ -1266,10 +1323,16 @@ def run(config, workdir: str) -> dict[str, float]:
         "step": step,
         "final": True,
         "candidates": evaluator.fingerprint,
+        **selected,
         **metrics,
       }
     )
-    print(f"ilora {split} step {step}: " + _fmt(metrics), flush=True)
+    weights = (
+      ""
+      if selected.get("selected_step", step) == step
+      else (f" (weights of step {selected['selected_step']})")
+    )
+    print(f"ilora {split} step {step}{weights}: " + _fmt(metrics), flush=True)
     if split == "val":
       result = metrics
   if jax.process_index() == 0:
@@ -1280,17 +1343,49 @@ def run(config, workdir: str) -> dict[str, float]:
   return result
 
 
-def evaluate(config, workdir: str) -> dict[str, float]:
-  """The `evaluate` stage for iLoRA: restore the latest checkpoint and score `eval.split`."""
-  su = setup(config, workdir)
-  ckpt = checkpointing.StageCheckpoints(
-    workdir, STAGE, config.checkpoint.max_to_keep, False, read_only=True
-  )
+def better(metric: str, new: float, old: float | None) -> bool:
+  """Whether the val `metric` value `new` beats `old` (None: no weights selected yet): the
+  lowest loss wins, the highest of every other metric; a non-finite value never wins, and a
+  tie keeps the earlier weights."""
+  if not np.isfinite(new):
+    return False
+  if old is None:
+    return True
+  return new < old if metric == "loss" else new > old
+
+
+def restore_for_use(workdir: str, abstract_state, weights: str = "selected", keep: int = 2):
+  """(state, step, how) of an ilora run's weights for an evaluation or a recommendation:
+  with `weights` "selected", those the run's `ilora.select_by` picked (checkpoints/ilora_best)
+  where it has them, else the latest checkpoint; `how` names which, for a message."""
+  if weights == "selected":
+    best = checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=True)
+    at = best.latest_step()
+    if at is not None:
+      meta = best.restore_meta(at)
+      state, _ = best.restore(at, abstract_state)
+      best.close()
+      how = f"the weights of step {at}, selected by val {meta.get('select_by')}"
+      return state, at, how
+    best.close()
+  ckpt = checkpointing.StageCheckpoints(workdir, STAGE, keep, False, read_only=True)
   latest = ckpt.latest_step()
   if latest is None:
-    raise UserError(f"no ilora checkpoint in {ckpt.directory}: run --config.stage=ilora first")
-  state, _ = ckpt.restore(latest, checkpointing.abstract_like(su.state))
+    raise UserError(f"no ilora checkpoint in {ckpt.directory}: train with --config.stage=ilora")
+  state, _ = ckpt.restore(latest, abstract_state)
   ckpt.close()
+  return state, latest, f"the latest checkpoint, step {latest}"
+
+
+def evaluate(config, workdir: str) -> dict[str, float]:
+  """The `evaluate` stage for iLoRA: restore the run's selected weights (`eval.weights`) or
+  its latest checkpoint and score `eval.split`."""
+  su = setup(config, workdir)
+  state, latest, how = restore_for_use(
+    workdir, checkpointing.abstract_like(su.state), config.eval.weights,
+    config.checkpoint.max_to_keep,
+  )  # fmt: skip
+  console.info(f"iLoRA: evaluating {how}")
   split = su.dataset.split(config.eval.split)
   evaluator = Evaluator(su.parts, config, split, su.gate_kind, su.mesh)
   metrics = evaluator(

@@ -130,6 +130,7 @@ def test_evaluate_stage_for_ilora(pipeline, tmp_path):
     "--config.ilora.eval_base=False",
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
+  assert "iLoRA: evaluating the weights of step 6, selected by val hits_over_total" in proc.stderr
   last = metrics_records(workdir)[-1]
   assert last["run"] == "evaluate" and last["stage"] == "ilora" and last["split"] == "val"
   # The restored adapters score val as the end of training did (its final val record).
@@ -342,6 +343,10 @@ def test_recommend_cli_and_api(pipeline):
   proc = run_cli(f"--workdir={workdir}", f"--history=3|{titles[5]}|7", "--k=3",
                  module="ilora_jax.recommend")  # fmt: skip
   assert proc.returncode == 0, proc.stderr
+  # The run's one epoch is its best: the weights of its last step, kept as the selected ones.
+  assert "recommend: ranking with the weights of step 6, selected by val hits_over_total" in (
+    proc.stderr
+  )
   lines = proc.stdout.strip().splitlines()
   assert len(lines) == 3
   scores = [float(line.split()[0]) for line in lines]
@@ -630,3 +635,110 @@ def test_bucketing_cuts_the_padding_of_real_lastfm_steps(tmp_path):
   print(
     f"sizes std {sizes.std():.1f}, offset spread {spread:.2f}; filled {plain:.3f} -> {ours:.3f}"
   )
+
+
+def test_final_evaluations_use_the_weights_of_the_best_val_epoch(pipeline, tmp_path, monkeypatch):
+  """`ilora.select_by`: three short epochs, the val metric scripted per set of weights so that
+  the first epoch's wins. The final val and test evaluations run on those
+  weights (recognised by the scripted value), checkpoints/ilora_best keeps them, and
+  `evaluate` / `recommend` restore them; the last weights' val is an ordinary epoch record."""
+  import sys
+
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import tiny
+
+  from ilora_jax import checkpointing, train_ilora
+  from ilora_jax.errors import UserError
+
+  config = tiny.get_config()
+  config.stage = "ilora"
+  config.data.synthetic.num_users = 10  # 8 training users of short histories: a few steps
+  config.data.synthetic.seq_len = 5  # of 8 rows an epoch.
+  config.train.epochs = 3
+  config.ilora.eval_base = False
+  config.ilora.max_new_tokens = 2
+  workdir = with_sasrec_of(pipeline[0], tmp_path / "w")
+
+  scripted = [0.9, 0.5, 0.7]  # The val metric of the 1st, 2nd and 3rd weights seen.
+  seen, calls = [], []  # Fingerprints of the weights, in the order first seen; every call.
+  original = train_ilora.Evaluator.__call__
+
+  def fingerprint(trainable):
+    return round(float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(
+      trainable))), 6)  # fmt: skip
+
+  def scripted_call(self, trainable, stats, frozen, progress, baselines=False):
+    metrics = original(self, trainable, stats, frozen, progress, baselines)
+    key = fingerprint(trainable)
+    if key not in seen:
+      seen.append(key)
+    calls.append((self.split.name, key))
+    return dict(metrics, hits_over_total=scripted[seen.index(key)])
+
+  monkeypatch.setattr(train_ilora.Evaluator, "__call__", scripted_call)
+  train_ilora.run(config, workdir)
+
+  records = ilora_records(workdir)
+  epochs = [r["step"] for r in records if r["split"] == "val" and not r.get("final")]
+  per = epochs[0]  # Steps per epoch (the split's size decides it).
+  assert epochs == [per, 2 * per, 3 * per]
+  assert [r["hits_over_total"] for r in records if r["split"] == "val" and not r.get("final")] == [
+    0.9, 0.5, 0.7]  # fmt: skip
+  finals = {r["split"]: r for r in records if r.get("final")}
+  assert set(finals) == {"val", "test"}
+  for r in finals.values():
+    assert (r["step"], r["selected_step"], r["selected_by"]) == (3 * per, per, "hits_over_total")
+  assert finals["val"]["hits_over_total"] == 0.9  # Evaluated on the first epoch's weights.
+  first = seen[0]
+  assert calls[-2:] == [("val", first), ("test", first)], calls
+  with open(os.path.join(workdir, "report", "summary.md")) as f:
+    assert f"this run (weights of step {per}, best val hits_over_total)" in f.read()
+  best_dir = os.path.join(workdir, "checkpoints", "ilora_best")
+  assert sorted(os.listdir(best_dir)) == [str(per)]
+  # `evaluate` and `recommend` take the selected weights; "latest" takes the last step's.
+  su = train_ilora.setup(config, workdir)
+  abstract = checkpointing.abstract_like(su.state)
+  state, step, how = train_ilora.restore_for_use(workdir, abstract)
+  assert step == per and "selected by val hits_over_total" in how
+  assert fingerprint(state["trainable"]) == first
+  state, step, _ = train_ilora.restore_for_use(workdir, abstract, "latest")
+  assert step == 3 * per and fingerprint(state["trainable"]) == seen[2]
+  # A resume that would select by another metric is refused, naming the one to use.
+  config.ilora.select_by = "hr@1"
+  with pytest.raises(UserError, match="resume with --config.ilora.select_by=hits_over_total"):
+    train_ilora.run(config, workdir)
+
+
+def test_better_follows_the_direction_of_each_metric():
+  from ilora_jax import train_ilora
+
+  assert train_ilora.better("hr@1", 0.3, None) and train_ilora.better("hr@1", 0.3, 0.2)
+  assert not train_ilora.better("hr@1", 0.2, 0.2)  # A tie keeps the earlier weights.
+  assert train_ilora.better("loss", 1.0, 2.0) and not train_ilora.better("loss", 2.0, 1.0)
+  assert not train_ilora.better("loss", float("nan"), None)
+
+
+def test_select_by_names_a_metric_the_evaluation_produces():
+  import sys
+
+  sys.path.insert(0, os.path.join(ROOT, "configs"))
+  import tiny
+
+  from ilora_jax import configuration
+  from ilora_jax.errors import UserError
+
+  config = tiny.get_config()
+  assert configuration.selection_metric(config) == "hits_over_total"  # "auto", generation on
+  config.ilora.eval_generate = False
+  assert configuration.selection_metric(config) == "hr@1"
+  config.ilora.eval_score = False
+  assert configuration.selection_metric(config) == "loss"
+  configuration.validate(config)
+  for value, fragment in (("hits_over_total", "needs ilora.eval_generate=True"),
+                          ("mrr", "needs ilora.eval_score=True"),
+                          ("ndcg@10", "is not one of")):  # fmt: skip
+    config.ilora.select_by = value
+    with pytest.raises(UserError, match=f"config.ilora.select_by='?{value}'? .*{fragment}"):
+      configuration.validate(config)
+  config.ilora.select_by = ""
+  assert configuration.selection_metric(config) == ""
