@@ -180,7 +180,7 @@ def get_config() -> config_dict.ConfigDict:
   c.checkpoint.async_save = True  # Write checkpoints in the background.
 
   c.eval = config_dict.ConfigDict()
-  c.eval.stage = "sasrec"  # Stage whose latest checkpoint `stage=evaluate` restores.
+  c.eval.stage = "sasrec"  # Stage whose checkpoint `stage=evaluate` restores (eval.weights).
   c.eval.split = "val"  # Split `stage=evaluate` scores: train, val or test.
   # ilora: "selected" = the weights `ilora.select_by` picked (the latest where none were
   # picked), or "latest" = the latest checkpoint.

@@ -71,7 +71,9 @@ class StageCheckpoints:
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True,
       )
-    if _KILL_AT is not None and step == _KILL_AT:  # Fault injection for the kill-mid-save test.
+    if _KILL_AT is not None and step == _KILL_AT and not self.stage.endswith("_best"):
+      # Fault injection for the kill-mid-save test (the training state's save, not the
+      # selected weights').
       os.kill(os.getpid(), signal.SIGKILL)
 
   @contextlib.contextmanager

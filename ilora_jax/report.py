@@ -158,6 +158,12 @@ def describe_run(workdir: str) -> str:
   return f"iLoRA (E={experts}, router {rtr.get('kind')})"
 
 
+def _of_earlier_weights(record: dict) -> bool:
+  """A final record of the weights `ilora.select_by` picked at an earlier step (its values are
+  that step's, which has its own val record)."""
+  return record.get("selected_step") not in (None, record.get("step"))
+
+
 def finals_by_split(records: list[dict], run: str | None = None) -> dict[str, dict]:
   """The latest final record per split of the ilora stage (of one `run` when given)."""
   out = {}
@@ -194,7 +200,7 @@ def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> li
   others = {name: finals_by_split(read_records(path)) for name, path in compare.items()}
   for split, rec in finals_by_split(records).items():
     label = f"{describe_run(workdir)}, this run"
-    if rec.get("selected_step") not in (None, rec.get("step")):
+    if _of_earlier_weights(rec):
       label += f" (weights of step {rec['selected_step']}, best val {rec.get('selected_by')})"
     rows = [(label, {k: rec.get(k) for k in COMPARE_KEYS})]
     for prefix, label in (
@@ -319,7 +325,8 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(6 * max(len(stages), 1), 4))
   axes = np.atleast_1d(axes)
   for ax, stage in zip(axes, stages):
-    val = [r for r in by_stage[stage] if r.get("split") == "val" and r.get("run") == stage]
+    val = [r for r in by_stage[stage] if r.get("split") == "val" and r.get("run") == stage
+           and not _of_earlier_weights(r)]  # fmt: skip
     keys = ("hr@1", "hr@5", "ndcg@5", "hit_ratio@1", "valid_ratio")
     plotted = [_plot_series(ax, val, key, key) for key in keys]
     ax.set_title(f"{stage}: validation")
@@ -381,8 +388,10 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
       cells = [f"{vals[k]:.4f}" if k in vals else "" for k in keys]
       if r.get("skipped"):
         cells = [f"skipped: {r['skipped']}"] + [""] * (len(keys) - 1)
-      row = [str(r.get("run", "")), str(r.get("stage", "")), str(r.get("split", "")),
-             str(r.get("step", ""))]  # fmt: skip
+      step = str(r.get("step", ""))
+      if _of_earlier_weights(r):
+        step += f" (weights of step {r['selected_step']}, best val {r.get('selected_by')})"
+      row = [str(r.get("run", "")), str(r.get("stage", "")), str(r.get("split", "")), step]
       lines.append("| " + " | ".join(row + cells) + " |")
   else:
     lines.append("No final evaluation yet.")
@@ -412,8 +421,9 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
         continue
       final = "_final" if r.get("final") else ""
       prefix = f"{r.get('stage', '?')}/{r.get('split', '?')}{final}"
+      at = r["selected_step"] if _of_earlier_weights(r) else r["step"]  # The weights' step.
       for key, value in _numeric(r).items():
-        writer.add_scalar(f"{prefix}/{key}", value, r["step"])
+        writer.add_scalar(f"{prefix}/{key}", value, at)
   writer.close()
 
 

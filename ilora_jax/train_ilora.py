@@ -1123,36 +1123,43 @@ def run(config, workdir: str) -> dict[str, float]:
   )
   step = 0
   latest = ckpt.latest_step()
-  if latest is not None:
-    checkpointing.check_same_settings(
-      ckpt.restore_meta(latest)["settings"],
-      settings,
-      ckpt.directory,
-      {**dict.fromkeys(numerics, checkpointing.UNKNOWN), **OLDER_NUMERICS},
-    )
-    state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
-    step = int(meta["step"])
-    log.truncate(STAGE, meta["metrics_records"])
-    console.info(f"iLoRA: resumed from step {step} of {total_steps}")
+  unknown = {**dict.fromkeys(numerics, checkpointing.UNKNOWN), **OLDER_NUMERICS}
+  # The weights `ilora.select_by` picks: every check before anything is restored or truncated,
+  # so a refused resume leaves the run's records as they were.
   select = selection_metric(config)
-  best = checkpointing.StageCheckpoints(workdir, BEST, 1, False) if select else None
+  best = checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=not select)
   best_value = None  # The selected weights' val metric so far.
-  if best is not None and best.latest_step() is not None:
+  if latest is not None:
+    latest_meta = ckpt.restore_meta(latest)
+    checkpointing.check_same_settings(latest_meta["settings"], settings, ckpt.directory, unknown)
+    # Checkpoints of older code (no select_by recorded) selected nothing: from here on.
+    chosen_by = latest_meta.get("select_by", select)
+    if chosen_by != select:
+      raise UserError(
+        f"this run selects its final weights by val {chosen_by or 'nothing (the last step)'}: "
+        f"resume with --config.ilora.select_by={chosen_by!r} (the epochs before step {latest} "
+        "were compared by it)"
+      )
+  if best.latest_step() is not None:
     best_meta = best.restore_meta(best.latest_step())
-    checkpointing.check_same_settings(
-      best_meta["settings"],
-      settings,
-      best.directory,
-      {**dict.fromkeys(numerics, checkpointing.UNKNOWN), **OLDER_NUMERICS},
-    )
     if best_meta.get("select_by") != select:
       raise UserError(
         f"{best.directory} holds the weights this run selected by val "
         f"{best_meta.get('select_by')}: resume with --config.ilora.select_by="
-        f"{best_meta.get('select_by')} (or remove that folder to select by {select} from the "
-        "next epoch on)"
+        f"{best_meta.get('select_by')!r}, or remove that folder to select anew"
       )
+    checkpointing.check_same_settings(best_meta["settings"], settings, best.directory, unknown)
     best_value = float(best_meta["value"])
+  if not select:
+    best.close()
+    best = None
+  if latest is not None:
+    state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
+    step = int(meta["step"])
+    log.truncate(STAGE, meta["metrics_records"])
+    console.info(f"iLoRA: resumed from step {step} of {total_steps}")
+  else:
+    log.truncate(STAGE, 0)  # An attempt killed before its first checkpoint left records.
   if jax.process_index() == 0:  # After the check: a refused resume leaves the run's settings.
     configuration.save(config, workdir)  # For `python -m ilora_jax.recommend --workdir=...`.
   val_eval = Evaluator(parts, config, dataset.val, gate_kind, su.mesh)
@@ -1161,7 +1168,9 @@ def run(config, workdir: str) -> dict[str, float]:
     log.write({"run": STAGE, "stage": STAGE, "split": split, "step": step, **extra, **metrics})
 
   def save(at: int) -> None:
-    ckpt.save(at, state, {"step": at, "settings": settings, "metrics_records": log.count(STAGE)})
+    meta = {"step": at, "settings": settings, "metrics_records": log.count(STAGE),
+            "select_by": select}  # fmt: skip
+    ckpt.save(at, state, meta)
 
   def keep_if_best(metrics: dict) -> bool:
     """Saves this step's weights as the selected ones when its val `select` metric is the

@@ -703,10 +703,21 @@ def test_final_evaluations_use_the_weights_of_the_best_val_epoch(pipeline, tmp_p
   assert fingerprint(state["trainable"]) == first
   state, step, _ = train_ilora.restore_for_use(workdir, abstract, "latest")
   assert step == 3 * per and fingerprint(state["trainable"]) == seen[2]
-  # A resume that would select by another metric is refused, naming the one to use.
-  config.ilora.select_by = "hr@1"
-  with pytest.raises(UserError, match="resume with --config.ilora.select_by=hits_over_total"):
-    train_ilora.run(config, workdir)
+  # A resume that would select by another metric, or select nothing, is refused, naming the
+  # one to use, and leaves the run's records as they were.
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    before = f.read()
+  for other in ("hr@1", ""):
+    config.ilora.select_by = other
+    with pytest.raises(UserError, match="resume with --config.ilora.select_by='hits_over_total'"):
+      train_ilora.run(config, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    assert f.read() == before
+  # The weights a final record holds are plotted and logged at their own step, once.
+  from ilora_jax import report
+
+  assert report._of_earlier_weights(finals["val"])
+  assert not report._of_earlier_weights({"step": 4, "selected_step": 4})
 
 
 def test_better_follows_the_direction_of_each_metric():
