@@ -225,7 +225,7 @@ class Recommender:
     self.config = config
     self.su = train_ilora.setup(config, workdir)
     # The weights the run's `ilora.select_by` picked (its best val epoch) where it has them.
-    self.state, self.step, self.weights = train_ilora.restore_for_use(
+    self.state, self.step, self.weights, _ = train_ilora.restore_for_use(
       workdir, checkpointing.abstract_like(self.su.state), "selected",
       config.checkpoint.max_to_keep,
     )  # fmt: skip

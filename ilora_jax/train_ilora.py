@@ -1127,8 +1127,6 @@ def run(config, workdir: str) -> dict[str, float]:
   # The weights `ilora.select_by` picks: every check before anything is restored or truncated,
   # so a refused resume leaves the run's records as they were.
   select = selection_metric(config)
-  best = checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=not select)
-  best_value = None  # The selected weights' val metric so far.
   if latest is not None:
     latest_meta = ckpt.restore_meta(latest)
     checkpointing.check_same_settings(latest_meta["settings"], settings, ckpt.directory, unknown)
@@ -1140,19 +1138,8 @@ def run(config, workdir: str) -> dict[str, float]:
         f"resume with --config.ilora.select_by={chosen_by!r} (the epochs before step {latest} "
         "were compared by it)"
       )
-  if best.latest_step() is not None:
-    best_meta = best.restore_meta(best.latest_step())
-    if best_meta.get("select_by") != select:
-      raise UserError(
-        f"{best.directory} holds the weights this run selected by val "
-        f"{best_meta.get('select_by')}: resume with --config.ilora.select_by="
-        f"{best_meta.get('select_by')!r}, or remove that folder to select anew"
-      )
-    checkpointing.check_same_settings(best_meta["settings"], settings, best.directory, unknown)
-    best_value = float(best_meta["value"])
-  if not select:
-    best.close()
-    best = None
+  # The selected weights so far, their step and val value (None: none kept yet).
+  best, best_step, best_value = _kept_selection(workdir, select, settings, unknown)
   if latest is not None:
     state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
     step = int(meta["step"])
@@ -1167,25 +1154,25 @@ def run(config, workdir: str) -> dict[str, float]:
   def record(split: str, metrics: dict, **extra) -> None:
     log.write({"run": STAGE, "stage": STAGE, "split": split, "step": step, **extra, **metrics})
 
+  def checkpoint_meta(at: int, **extra) -> dict:
+    """A checkpoint's meta: what a resume checks and where its records end."""
+    return {"step": at, "settings": settings, "metrics_records": log.count(STAGE),
+            "select_by": select, **extra}  # fmt: skip
+
   def save(at: int) -> None:
-    meta = {"step": at, "settings": settings, "metrics_records": log.count(STAGE),
-            "select_by": select}  # fmt: skip
-    ckpt.save(at, state, meta)
+    ckpt.save(at, state, checkpoint_meta(at))
 
   def keep_if_best(metrics: dict) -> bool:
     """Saves this step's weights as the selected ones when its val `select` metric is the
     best so far (before the step's own checkpoint: a kill between the two re-evaluates the
     epoch on resume and finds the same value, kept already). Returns whether it did."""
-    nonlocal best_value
+    nonlocal best_step, best_value
     if best is None or not better(select, metrics[select], best_value):
       return False
-    kept = best.latest_step()
-    if kept is not None and kept >= step:  # Saved before a resume reached it again.
+    if best_step is not None and best_step >= step:  # Saved before a resume reached it again.
       return False
-    best_value = float(metrics[select])
-    meta = {"step": step, "settings": settings, "metrics_records": log.count(STAGE),
-            "select_by": select, "value": best_value}  # fmt: skip
-    best.save(step, state, meta)
+    best_step, best_value = step, float(metrics[select])
+    best.save(step, state, checkpoint_meta(step, value=best_value))
     return True
 
   stop_at = (
@@ -1291,7 +1278,7 @@ def run(config, workdir: str) -> dict[str, float]:
   val_metrics = val_eval(state["trainable"], state["stats"], frozen, config.progress, True)
   selected = {}  # Which weights the final evaluations use, where `ilora.select_by` picks them.
   if best is not None:
-    chosen = step if keep_if_best(val_metrics) else (best.latest_step() or step)
+    chosen = step if keep_if_best(val_metrics) else (best_step or step)
     if chosen != step:
       # The last weights' val evaluation is one of the epochs' (not final) ...
       last_epoch = (step - 1) // steps_per_epoch + 1
@@ -1336,11 +1323,8 @@ def run(config, workdir: str) -> dict[str, float]:
         **metrics,
       }
     )
-    weights = (
-      ""
-      if selected.get("selected_step", step) == step
-      else (f" (weights of step {selected['selected_step']})")
-    )
+    chosen = selected.get("selected_step", step)
+    weights = "" if chosen == step else f" (weights of step {chosen})"
     print(f"ilora {split} step {step}{weights}: " + _fmt(metrics), flush=True)
     if split == "val":
       result = metrics
@@ -1350,6 +1334,34 @@ def run(config, workdir: str) -> dict[str, float]:
     )
     console.info(f"report: {report.write(workdir, config.report.compare)}")
   return result
+
+
+def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
+  """(checkpoints, step, value) of the weights `ilora.select_by` kept in checkpoints/ilora_best
+  (step and value None before any), after checking they were selected by `select` under these
+  settings; the checkpoints are None when `select` is '' (nothing selected: a kept folder only
+  refuses the run)."""
+  best = checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=not select)
+  try:
+    at = best.latest_step()
+    value = None
+    if at is not None:
+      kept = best.restore_meta(at)
+      if kept.get("select_by") != select:
+        raise UserError(
+          f"{best.directory} holds the weights this run selected by val "
+          f"{kept.get('select_by')}: resume with --config.ilora.select_by="
+          f"{kept.get('select_by')!r}, or remove that folder to select anew"
+        )
+      checkpointing.check_same_settings(kept["settings"], settings, best.directory, unknown)
+      value = float(kept["value"])
+  except BaseException:
+    best.close()
+    raise
+  if not select:
+    best.close()
+    return None, None, None
+  return best, at, value
 
 
 def better(metric: str, new: float, old: float | None) -> bool:
@@ -1364,18 +1376,18 @@ def better(metric: str, new: float, old: float | None) -> bool:
 
 
 def restore_for_use(workdir: str, abstract_state, weights: str = "selected", keep: int = 2):
-  """(state, step, how) of an ilora run's weights for an evaluation or a recommendation:
-  with `weights` "selected", those the run's `ilora.select_by` picked (checkpoints/ilora_best)
-  where it has them, else the latest checkpoint; `how` names which, for a message."""
+  """(state, step, how, selected_by) of an ilora run's weights for an evaluation or a
+  recommendation: with `weights` "selected", those the run's `ilora.select_by` picked
+  (checkpoints/ilora_best; `selected_by` names that metric) where it has them, else the latest
+  checkpoint (`selected_by` None); `how` names which, for a message."""
   if weights == "selected":
     best = checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=True)
     at = best.latest_step()
     if at is not None:
-      meta = best.restore_meta(at)
-      state, _ = best.restore(at, abstract_state)
+      state, meta = best.restore(at, abstract_state)
       best.close()
       how = f"the weights of step {at}, selected by val {meta.get('select_by')}"
-      return state, at, how
+      return state, at, how, meta.get("select_by")
     best.close()
   ckpt = checkpointing.StageCheckpoints(workdir, STAGE, keep, False, read_only=True)
   latest = ckpt.latest_step()
@@ -1383,14 +1395,14 @@ def restore_for_use(workdir: str, abstract_state, weights: str = "selected", kee
     raise UserError(f"no ilora checkpoint in {ckpt.directory}: train with --config.stage=ilora")
   state, _ = ckpt.restore(latest, abstract_state)
   ckpt.close()
-  return state, latest, f"the latest checkpoint, step {latest}"
+  return state, latest, f"the latest checkpoint, step {latest}", None
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
   """The `evaluate` stage for iLoRA: restore the run's selected weights (`eval.weights`) or
   its latest checkpoint and score `eval.split`."""
   su = setup(config, workdir)
-  state, latest, how = restore_for_use(
+  state, latest, how, selected_by = restore_for_use(
     workdir, checkpointing.abstract_like(su.state), config.eval.weights,
     config.checkpoint.max_to_keep,
   )  # fmt: skip
@@ -1408,6 +1420,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
       "step": latest,
       "final": True,
       "candidates": evaluator.fingerprint,
+      **({} if selected_by is None else {"selected_step": latest, "selected_by": selected_by}),
       **metrics,
     }
   )

@@ -133,6 +133,7 @@ def test_evaluate_stage_for_ilora(pipeline, tmp_path):
   assert "iLoRA: evaluating the weights of step 6, selected by val hits_over_total" in proc.stderr
   last = metrics_records(workdir)[-1]
   assert last["run"] == "evaluate" and last["stage"] == "ilora" and last["split"] == "val"
+  assert (last["step"], last["selected_step"], last["selected_by"]) == (6, 6, "hits_over_total")
   # The restored adapters score val as the end of training did (its final val record).
   trained = [r for r in ilora_records(workdir) if r.get("final") and r["split"] == "val"][0]
   for key in ("valid_ratio", "hit_ratio@1", "hr@1", "hr@5", "ndcg@5", "mrr"):
@@ -698,11 +699,11 @@ def test_final_evaluations_use_the_weights_of_the_best_val_epoch(pipeline, tmp_p
   # `evaluate` and `recommend` take the selected weights; "latest" takes the last step's.
   su = train_ilora.setup(config, workdir)
   abstract = checkpointing.abstract_like(su.state)
-  state, step, how = train_ilora.restore_for_use(workdir, abstract)
-  assert step == per and "selected by val hits_over_total" in how
+  state, step, how, by = train_ilora.restore_for_use(workdir, abstract)
+  assert (step, by) == (per, "hits_over_total") and "selected by val hits_over_total" in how
   assert fingerprint(state["trainable"]) == first
-  state, step, _ = train_ilora.restore_for_use(workdir, abstract, "latest")
-  assert step == 3 * per and fingerprint(state["trainable"]) == seen[2]
+  state, step, _, by = train_ilora.restore_for_use(workdir, abstract, "latest")
+  assert (step, by) == (3 * per, None) and fingerprint(state["trainable"]) == seen[2]
   # A resume that would select by another metric, or select nothing, is refused, naming the
   # one to use, and leaves the run's records as they were.
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
