@@ -12,6 +12,7 @@ from conftest import (
   ROOT,
   TINY,
   assert_one_line_error,
+  complete_steps,
   copy_of,
   ilora_records,
   metrics_records,
@@ -714,6 +715,32 @@ def test_final_evaluations_use_the_weights_of_the_best_val_epoch(pipeline, tmp_p
       train_ilora.run(config, workdir)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert f.read() == before
+  # Killed right after the first epoch's weights were kept, before that step's own checkpoint:
+  # the resume replays the epoch, finds its val value kept already, and ends as the
+  # uninterrupted run did.
+  config.ilora.select_by = "auto"
+  config.checkpoint.every_steps, config.checkpoint.async_save = 1, False
+  killed = with_sasrec_of(pipeline[0], tmp_path / "killed")
+
+  class Killed(BaseException):  # Not an Exception: no handler of the run sees it, as a SIGKILL.
+    pass
+
+  save = checkpointing.StageCheckpoints.save
+
+  def save_then_die(self, at, state, meta):
+    save(self, at, state, meta)
+    if self.stage == train_ilora.BEST:
+      raise Killed
+
+  monkeypatch.setattr(checkpointing.StageCheckpoints, "save", save_then_die)
+  with pytest.raises(Killed):
+    train_ilora.run(config, killed)
+  monkeypatch.setattr(checkpointing.StageCheckpoints, "save", save)
+  assert sorted(os.listdir(os.path.join(killed, "checkpoints", "ilora_best"))) == [str(per)]
+  assert complete_steps(killed)[-1] == per - 1  # The epoch end's own was never written.
+  train_ilora.run(config, killed)
+  assert ilora_records(killed) == records
+  assert sorted(os.listdir(os.path.join(killed, "checkpoints", "ilora_best"))) == [str(per)]
   # The weights a final record holds are plotted and logged at their own step, once.
   from ilora_jax import report
 
