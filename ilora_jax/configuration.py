@@ -50,6 +50,11 @@ def validate(config: ConfigDict) -> None:
     "eval.weights",
     f"={config.eval.weights!r} is not selected or latest",
   )
+  from ilora_jax.data import ARTICLE_RULES
+
+  articles = config.data.get("movielens_articles", "as_is")
+  need(articles in ARTICLE_RULES, "data.movielens_articles",
+       f"={articles!r} is not one of {', '.join(ARTICLE_RULES)}")  # fmt: skip
   select = config.ilora.select_by
   known = ("", "auto", "loss", *GENERATION_METRICS, *SCORING_METRICS)
   need(select in known, "ilora.select_by",

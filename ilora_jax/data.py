@@ -22,6 +22,10 @@ from ilora_jax.safe_pickle import load_dataframe
 
 SPLITS = ("train", "val", "test")
 YEAR_SUFFIX = re.compile(r"\s*\(\d{4}\)\s*$")
+# MovieLens writes a leading English article after the title ("Usual Suspects, The", also
+# before an alternative title in parentheses); the original's prompts move it to the front.
+TRAILING_ARTICLE = re.compile(r"^(?P<main>.+?), (?P<article>The|An|A)(?P<rest>(?: \(.*\))?)$")
+ARTICLE_RULES = ("front", "as_is")  # `config.data.movielens_articles`.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +149,18 @@ def load_split(path: str, name: str, n_items: int, max_len: int, min_len: int) -
   return split_from_dataframe(frame, name, n_items, max_len, min_len, source=path)
 
 
-def load_titles(path: str, keep_years: bool = False) -> dict[int, str]:
+def article_first(title: str) -> str:
+  """ "Usual Suspects, The (1995)" -> "The Usual Suspects (1995)", as the original writes
+  MovieLens titles in its prompts; an article inside parentheses stays ("Die xue shuang
+  xiong (Killer, The)"), and so does a title without one."""
+  m = TRAILING_ARTICLE.match(title)
+  return f"{m['article']} {m['main']}{m['rest']}" if m else title
+
+
+def load_titles(path: str, keep_years: bool = False, articles: str = "as_is") -> dict[int, str]:
   """Reads `id2name.txt` (`id::title`) or MovieLens `u.item` (`id|title (year)|...`, id - 1;
-  the year is stripped, as the original's prompts show titles, unless `keep_years`)."""
+  the year is stripped, as the original's prompts show titles, unless `keep_years`; with
+  `articles="front"` a trailing article moves to the front, `article_first`)."""
   require_file(path, "titles file")
   titles: dict[int, str] = {}
   is_uitem = os.path.basename(path).startswith("u.item")
@@ -164,8 +177,10 @@ def load_titles(path: str, keep_years: bool = False) -> dict[int, str]:
     try:
       if is_uitem:
         fields = line.split("|")
-        title = fields[1] if keep_years else YEAR_SUFFIX.sub("", fields[1])
-        item, title = int(fields[0]) - 1, title.strip()
+        title = (fields[1] if keep_years else YEAR_SUFFIX.sub("", fields[1])).strip()
+        item = int(fields[0]) - 1
+        if articles == "front":
+          title = article_first(title)
       else:
         key, title = line.split("::", 1)
         item, title = int(key), title.strip()
@@ -386,7 +401,8 @@ def load_from_config(config, workdir: str) -> Dataset:
   if not os.path.isdir(directory):
     raise UserError(f"data folder not found: {directory} (set config.data.dir)")
   titles_path = titles_file(data, directory)
-  titles = load_titles(titles_path)
+  # A run saved before the setting existed (its config.json lacks it) keeps the titles as is.
+  titles = load_titles(titles_path, articles=data.get("movielens_articles", "as_is"))
   n_items = data.n_items or (max(titles) + 1)
   check_titles_cover(titles, n_items, titles_path, given=bool(data.n_items))
   args = (n_items, data.max_len, data.min_len)

@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ilora_jax.data import YEAR_SUFFIX
+from ilora_jax.data import YEAR_SUFFIX, article_first
 from ilora_jax.errors import HELP_FLAGS, UserError, cli_main, print_help
 
 TITLE_PREFIX = "title:"  # `title:T`: T is a title, even when it looks like an id.
@@ -126,7 +126,10 @@ class _Titles:
     self.exact: dict[str, list[int]] = {}
     self.bare: dict[str, list[int]] = {}
     for item in sorted(titles):
-      for title in dict.fromkeys((titles[item], self.full.get(item, titles[item]))):
+      full = self.full.get(item, titles[item])
+      # The run's title, u.item's ("Usual Suspects, The (1995)") and that with the article
+      # first, as the run may write it ("The Usual Suspects (1995)").
+      for title in dict.fromkeys((titles[item], full, article_first(full))):
         for index, key in ((self.exact, _key(title)), (self.bare, _bare_key(title))):
           if item not in index.setdefault(key, []):
             index[key].append(item)

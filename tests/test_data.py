@@ -166,6 +166,32 @@ def test_titles_formats(tmp_path):
     1: "Seven (Se7en)",
     2: "unknown",
   }
+  # The original's prompts move MovieLens's trailing article to the front ("front").
+  (tmp_path / "u.item").write_bytes(
+    "1|Usual Suspects, The (1995)|x\n2|Few Good Men, A (1992)|x\n"
+    "3|Big Blue, The (Grand bleu, Le) (1988)|x\n4|Die xue shuang xiong (Killer, The) (1989)|x\n"
+    "5|Pallbearer, The|x\n6|Goodbye, Mr. Chips (1939)|x\n".encode("latin-1")
+  )
+  written = [
+    "Usual Suspects, The",
+    "Few Good Men, A",
+    "Big Blue, The (Grand bleu, Le)",
+    "Die xue shuang xiong (Killer, The)",
+    "Pallbearer, The",
+    "Goodbye, Mr. Chips",
+  ]
+  front = [
+    "The Usual Suspects",
+    "A Few Good Men",
+    "The Big Blue (Grand bleu, Le)",
+    "Die xue shuang xiong (Killer, The)",
+    "The Pallbearer",
+    "Goodbye, Mr. Chips",
+  ]
+  assert data.load_titles(str(tmp_path / "u.item")) == dict(enumerate(written))
+  assert data.load_titles(str(tmp_path / "u.item"), articles="front") == dict(enumerate(front))
+  with_years = data.load_titles(str(tmp_path / "u.item"), keep_years=True, articles="front")
+  assert with_years[0] == "The Usual Suspects (1995)"
   (tmp_path / "bom.txt").write_bytes("\ufeff0::Morcheeba\n1::Air\n".encode())  # Editors' BOM.
   assert data.load_titles(str(tmp_path / "bom.txt")) == {0: "Morcheeba", 1: "Air"}
   (tmp_path / "bad.txt").write_text("zero::x\n")
@@ -268,6 +294,20 @@ def test_a_failed_build_writes_nothing_and_a_built_split_is_never_swapped(tmp_pa
 def test_real_titles_and_splits_load():
   titles = data.load_titles(shared_path("data", "movielens", "u.item"))
   assert len(titles) == 1682 and titles[0] == "Toy Story"
+  # The MovieLens config writes the article first (as the original's prompts); a run's saved
+  # config of older code, without the field, keeps u.item's form.
+  import sys
+
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+  import movielens as movielens_config
+
+  config = movielens_config.get_config()
+  config.data.dir = os.path.dirname(shared_path("data", "movielens", "u.item"))
+  front = data.load_from_config(config, "unused").titles
+  assert (front[11], front[0]) == ("The Usual Suspects", "Toy Story")
+  assert sum(front[i] != titles[i] for i in titles) == 364  # Of the 366 with ", The|A|An".
+  del config.data["movielens_articles"]
+  assert data.load_from_config(config, "unused").titles == titles
   val = data.load_split(shared_path("data", "lastfm", "Val_data.df"), "val", 4606, 10, 3)
   assert len(val) == 122 and val.seq.shape == (122, 10)
 

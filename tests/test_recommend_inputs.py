@@ -100,6 +100,13 @@ def test_real_movielens_titles():
     assert "ambiguous" in message and "217 " in message and "672 " in message
   assert resolve(["Cape Fear (1991)", "Cape Fear (1962)"], titles, full) == [217, 672]
   assert "'#187' for the id" in error_of(["187"], titles, full)  # Item 329 is titled "187".
+  # The run's titles with the article first (the default), looked up in any of the forms.
+  front = load_titles(path, articles="front")
+  assert front[11] == "The Usual Suspects" and titles[11] == "Usual Suspects, The"
+  forms = ["The Usual Suspects", "Usual Suspects, The", "usual suspects, the (1995)",
+           "The Usual Suspects (1995)"]  # fmt: skip
+  assert resolve(forms, front, full) == [11] * 4
+  assert resolve(forms[:1], front) == [11]
 
 
 def base_config() -> dict:
