@@ -305,25 +305,44 @@ def greedy_decode(
   pad_id: int,
   gate_weights: Array | None = None,
   unroll: bool = False,
+  line_end_ids: tuple[int, ...] = (),
+  blank_ids: tuple[int, ...] = (),
+  min_new_tokens: int = 0,
 ) -> tuple[Array, Array]:
   """Greedy tokens after a `prefill`: the first from `first_logits` [b, vocab], then one per
   loop step, each written into `cache` (which needs `max_new_tokens - 1` free slots), through
   unrolled layers with `unroll` (`decoding_model`).
+
+  A row stops after an `eos_ids` token, or after a `line_end_ids` token once it has written
+  text (a token that is none of these nor in `blank_ids`, the whitespace-only tokens): an
+  answer's first line, with leading blank lines skipped as a stripped text skips them.
+  `eos_ids` cannot come before `min_new_tokens` tokens (Hugging Face's `min_new_tokens`).
   Returns (new tokens [b, max_new_tokens], lengths [b]) as `generate_tokens` does."""
   module, params, cache = decoding_model(module, params, cache, unroll)
   b = first_logits.shape[0]
-  first = jnp.argmax(first_logits, axis=-1).astype(jnp.int32)  # [b]
   eos = jnp.asarray(eos_ids, jnp.int32)
+  line_end = jnp.asarray(line_end_ids, jnp.int32)
+  not_text = jnp.asarray(sorted({*eos_ids, *line_end_ids, *blank_ids}), jnp.int32)
+  is_eos = jnp.zeros(first_logits.shape[-1], bool).at[eos].set(True)  # [vocab]
+
+  def pick(logits, step):
+    """The greedy token of `logits` [b, vocab], end of text barred before `min_new_tokens`."""
+    if min_new_tokens > 0 and eos_ids:
+      logits = jnp.where(is_eos & (step < min_new_tokens), -jnp.inf, logits)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  first = pick(first_logits, 0)  # [b]
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
-  done = jnp.isin(first, eos)
+  done = jnp.isin(first, eos)  # A line end first ends nothing: no text before it.
+  started = ~jnp.isin(first, not_text)
   lengths = jnp.ones((b,), jnp.int32)
 
   def cond(state):
-    step, _, _, _, done, _ = state
+    step, _, _, _, done, _, _ = state
     return (step < max_new_tokens) & ~jnp.all(done)
 
   def body(state):
-    step, prev, cache, out, done, lengths = state
+    step, prev, cache, out, done, started, lengths = state
     logits, cache = module.apply(
       {"params": params},
       prev[:, None],
@@ -331,15 +350,16 @@ def greedy_decode(
       gate_weights=gate_weights,
       cache=cache,
     )
-    tok = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)  # [b]
+    tok = pick(logits[:, 0], step)  # [b]
     tok = jnp.where(done, pad_id, tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
     lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.isin(tok, eos)
-    return step + 1, tok, cache, out, done, lengths
+    done = done | jnp.isin(tok, eos) | (started & jnp.isin(tok, line_end))
+    started = started | ~jnp.isin(tok, not_text)
+    return step + 1, tok, cache, out, done, started, lengths
 
-  state = (jnp.int32(1), first, cache, out, done, lengths)
-  _, _, _, out, _, lengths = jax.lax.while_loop(cond, body, state)
+  state = (jnp.int32(1), first, cache, out, done, started, lengths)
+  _, _, _, out, _, _, lengths = jax.lax.while_loop(cond, body, state)
   return out, lengths
 
 
@@ -356,9 +376,12 @@ DECODE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "dot-merger"}
 
 @functools.partial(
   jax.jit,
-  static_argnames=("module", "max_new_tokens", "eos_ids", "pad_id", "cache_dtype", "unroll"),
+  static_argnames=(
+    "module", "max_new_tokens", "eos_ids", "pad_id", "cache_dtype", "unroll", "line_end_ids",
+    "blank_ids", "min_new_tokens",
+  ),
   compiler_options=DECODE_COMPILER_OPTIONS,
-)
+)  # fmt: skip
 def generate_tokens(
   module: llama.Llama,
   params: Any,
@@ -373,6 +396,9 @@ def generate_tokens(
   replace_embeds: Array | None = None,
   cache_dtype: Any = None,
   unroll: bool = False,
+  line_end_ids: tuple[int, ...] = (),
+  blank_ids: tuple[int, ...] = (),
+  min_new_tokens: int = 0,
 ) -> tuple[Array, Array]:
   """Greedy decoding with a KV cache: one prefill pass, then one token per loop step.
 
@@ -392,6 +418,7 @@ def generate_tokens(
       scanned): each decode step then reads the weights in place instead of slicing them out
       of the stacked layers (faster steps, longer compile; see `decoding_model` and
       `default_unroll`).
+    line_end_ids, blank_ids, min_new_tokens: static; see `greedy_decode` (an answer's line).
 
   Returns:
     (new tokens [b, max_new_tokens] int32, padded with `pad_id` after a stop id;
@@ -418,6 +445,9 @@ def generate_tokens(
     pad_id=pad_id,
     gate_weights=gate_weights,
     unroll=unroll,
+    line_end_ids=line_end_ids,
+    blank_ids=blank_ids,
+    min_new_tokens=min_new_tokens,
   )
 
 
@@ -539,11 +569,13 @@ class LLM:
     replace_embeds=None,
     eos_ids: tuple[int, ...] | None = None,
     base: bool = False,
+    **stop,
   ) -> tuple[np.ndarray, np.ndarray]:
     """Greedy decoding of padded prompts -> (new ids [b, max_new_tokens], lengths [b]).
 
     Uses `module` (with the adapter, if any; `params` must then hold its params), or the
-    base model when `base` is True. See `generate_tokens` for the other arguments.
+    base model when `base` is True. See `generate_tokens` for the other arguments (`stop`:
+    `line_end_ids`, `blank_ids`, `min_new_tokens`).
     """
     if int(max_new_tokens) < 1:
       raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -559,6 +591,7 @@ class LLM:
       replace_mask=replace_mask,
       replace_embeds=replace_embeds,
       unroll=self.unroll_decode,
+      **stop,
     )
     return sharding.to_host(out), sharding.to_host(lengths)
 

@@ -285,6 +285,9 @@ def _packed(module, params, first_logits, cache, cands, cand_mask, gate_weights,
     "packed_len",
     "unroll",
     "keep_cache",
+    "line_end_ids",
+    "blank_ids",
+    "min_new_tokens",
   ),
   compiler_options=llm.DECODE_COMPILER_OPTIONS,
 )
@@ -306,6 +309,9 @@ def generate_and_score(
   packed_len: int | None = None,
   unroll: bool = False,
   keep_cache: bool = True,
+  line_end_ids: tuple[int, ...] = (),
+  blank_ids: tuple[int, ...] = (),
+  min_new_tokens: int = 0,
 ) -> tuple[Array, Array, Array]:
   """Both evaluation modes from one prefill of the prompts: greedy generation as
   `llm.generate_tokens` and candidate scores as `candidate_loglik` (same arguments), where
@@ -339,5 +345,8 @@ def generate_and_score(
     pad_id=pad_id,
     gate_weights=gate_weights,
     unroll=unroll,
+    line_end_ids=line_end_ids,
+    blank_ids=blank_ids,
+    min_new_tokens=min_new_tokens,
   )
   return out, lengths, scores

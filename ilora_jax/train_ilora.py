@@ -680,9 +680,18 @@ class Evaluator:
     return out
 
   @property
-  def _eos_ids(self) -> tuple[int, ...]:
-    """Where generation stops: the tokenizer's end of text or a newline (the answer's end)."""
-    return tuple(self.parts.model.eos_ids) + self.parts.newline_ids
+  def _stop(self) -> dict:
+    """Where a generated answer ends (`llm.greedy_decode`): at the tokenizer's end of text,
+    never as the first token (the original generates with `min_new_tokens=1`), or at a
+    newline after the answer's text: the original keeps the first line of the stripped
+    output, so leading blank lines do not end it."""
+    model = self.parts.model
+    return {
+      "eos_ids": tuple(model.eos_ids),
+      "line_end_ids": self.parts.newline_ids,
+      "blank_ids": tok_lib.blank_ids(model.tokenizer) if self.parts.newline_ids else (),
+      "min_new_tokens": 1,
+    }
 
   def _scoring_inputs(self, prompt, cands, gate, mask, embeds):
     """What `scoring` reads for a batch: the prompts and the candidate titles (+ newline)
@@ -727,7 +736,7 @@ class Evaluator:
       params,
       *arrays,
       max_new_tokens=int(self.config.ilora.max_new_tokens),
-      eos_ids=self._eos_ids,
+      **self._stop,
       pad_id=model.pad_id,
       unroll=model.unroll_decode,
       **kwargs,
@@ -745,7 +754,7 @@ class Evaluator:
       gate_weights=gate,
       replace_mask=mask,
       replace_embeds=embeds,
-      eos_ids=self._eos_ids,
+      **self._stop,
       base=base,
     )
 

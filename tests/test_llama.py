@@ -235,6 +235,53 @@ def test_generate_stops_at_eos_and_pads(params):
     assert (out[b, n:] == -1).all()
 
 
+def _answer_length(row, eos, line_end, blank):
+  """Where the original's answer ends, token by token: its output is stripped, then cut at
+  the first newline, so a line end ends it only after a token of text; end of text anywhere."""
+  started = False
+  for i, t in enumerate(row):
+    if t in eos or (started and t in line_end):
+      return i + 1
+    started = started or t not in {*eos, *line_end, *blank}
+  return len(row)
+
+
+def test_generation_ends_an_answer_at_a_line_end_after_its_text(params):
+  """`line_end_ids` end a row only after a token that is not blank (leading blank lines are
+  skipped); with `min_new_tokens=1` an end-of-text id cannot be the first token, which is then
+  the best other one (Hugging Face's `min_new_tokens`)."""
+  module = llama.Llama(CFG)
+  tokens, mask = _tokens(), _left_pad_mask()
+  new = 8
+  free, _ = llm.generate_tokens(
+    module, params, tokens, mask, max_new_tokens=new, eos_ids=(), pad_id=0
+  )
+  free = np.asarray(free)
+  lead = int(free[0, 0])  # Row 0's first token, made a line end and a blank.
+  k = next(k for k in range(2, new) if free[0, k] != lead and (free[0, 1:k] != lead).any())
+  line_end, blank = (lead, int(free[0, k])), (lead,)
+  out, lengths = llm.generate_tokens(
+    module, params, tokens, mask, max_new_tokens=new, eos_ids=(), pad_id=-1,
+    line_end_ids=line_end, blank_ids=blank,
+  )  # fmt: skip
+  for b in range(B):
+    n = _answer_length(free[b].tolist(), (), line_end, blank)
+    assert int(lengths[b]) == n, (b, free[b], line_end)
+    assert out[b, :n].tolist() == free[b, :n].tolist() and (np.asarray(out[b, n:]) == -1).all()
+  assert 1 < int(lengths[0]) < new  # Not ended by the line end first; ended by the later one.
+  # The first token as an end of text, barred as the first token: the best other token.
+  barred, _ = llm.generate_tokens(
+    module, params, tokens, mask, max_new_tokens=2, eos_ids=(lead,), pad_id=0, min_new_tokens=1
+  )
+  n = int(mask[0].sum())
+  logits = np.array(_apply(module, {"params": params}, tokens[:1, T - n :], mask[:1, T - n :]))
+  logits[0, -1, lead] = -np.inf
+  assert int(barred[0, 0]) == int(np.argmax(logits[0, -1])) != lead
+  for b in range(1, B):
+    if free[b, 0] != lead:
+      assert int(barred[b, 0]) == int(free[b, 0])
+
+
 def test_generate_does_not_retrace_for_same_shapes(params):
   raw = llm.generate_tokens.__wrapped__
   gen = jax.jit(

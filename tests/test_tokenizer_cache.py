@@ -130,3 +130,35 @@ def test_smollm2_tokenizer_from_the_cache_matches_transformers(fresh, monkeypatc
   )
   for text in TEXTS + ["Digits 1234567890 and Ünïcödé 日本語 🤖", "  runs   of\n\nspaces\t"]:
     assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+
+
+def test_blank_ids_are_the_tokens_of_whitespace_alone(tmp_path):
+  """`tokenizer.blank_ids`: on the small byte-level tokenizer, the byte symbols of the ASCII
+  characters Python's `str.strip` removes (what the original strips from its output: tab to
+  carriage return, the four separators 0x1c-0x1f, space) and the control tokens (skipped
+  when decoding), nothing else."""
+  from tokenizers import pre_tokenizers
+
+  tok = tok_lib.tokenizer_from_gguf(_write_tokenizer_gguf(tmp_path / "t.gguf"))
+  byte_symbol = {b: s for b, s in zip(range(256), _gpt2_bytes_to_unicode())}
+  spaces = {byte_symbol[b] for b in range(128) if chr(b).isspace()}
+  assert len(spaces) == 10
+  assert spaces <= set(pre_tokenizers.ByteLevel.alphabet())
+  expected = sorted({0, 1, 2} | {tok.convert_tokens_to_ids(s) for s in spaces})
+  assert list(tok_lib.blank_ids(tok)) == expected
+  assert tok.convert_tokens_to_ids("ab") not in tok_lib.blank_ids(tok)
+
+
+def _gpt2_bytes_to_unicode() -> list[str]:
+  """GPT-2's byte -> symbol table (printable bytes stand for themselves, the others move to
+  256 + n in order), the byte-level BPE alphabet, written out independently of `tokenizers`."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+               *range(ord("®"), ord("ÿ") + 1)]  # fmt: skip
+  table, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      table[b] = chr(b)
+    else:
+      table[b] = chr(256 + extra)
+      extra += 1
+  return [table[b] for b in range(256)]
