@@ -325,13 +325,14 @@ def greedy_decode(
   not_text = jnp.asarray(sorted({*eos_ids, *line_end_ids, *blank_ids}), jnp.int32)
   is_eos = jnp.zeros(first_logits.shape[-1], bool).at[eos].set(True)  # [vocab]
 
-  def pick(logits, step):
-    """The greedy token of `logits` [b, vocab], end of text barred before `min_new_tokens`."""
-    if min_new_tokens > 0 and eos_ids:
+  def pick(logits, step, bar: bool):
+    """The greedy token of `logits` [b, vocab], end of text barred before `min_new_tokens`
+    (`bar`, static: whether any step of this kind can come before it)."""
+    if bar and eos_ids:
       logits = jnp.where(is_eos & (step < min_new_tokens), -jnp.inf, logits)
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-  first = pick(first_logits, 0)  # [b]
+  first = pick(first_logits, 0, min_new_tokens > 0)  # [b]
   out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
   done = jnp.isin(first, eos)  # A line end first ends nothing: no text before it.
   started = ~jnp.isin(first, not_text)
@@ -350,7 +351,7 @@ def greedy_decode(
       gate_weights=gate_weights,
       cache=cache,
     )
-    tok = pick(logits[:, 0], step)  # [b]
+    tok = pick(logits[:, 0], step, min_new_tokens > 1)  # [b]; no select for the usual 1
     tok = jnp.where(done, pad_id, tok)
     out = jax.lax.dynamic_update_slice(out, tok[:, None], (0, step))
     lengths = lengths + (~done).astype(jnp.int32)

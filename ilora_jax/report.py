@@ -30,8 +30,9 @@ from ilora_jax import metrics
 from ilora_jax.errors import UserError, require
 from ilora_jax.files import atomic_write
 
-_SKIP = {"run", "stage", "split", "step", "epoch", "final", "skipped", "candidates"}
-_SKIP |= {"selected_step", "selected_by"}  # Which weights a final record evaluated.
+# Record fields that are not metrics (selected_step/_by: which weights a final record evaluated).
+_SKIP = {"run", "stage", "split", "step", "epoch", "final", "skipped", "candidates",
+         "selected_step", "selected_by"}  # fmt: skip
 # Columns of the comparison table: the paper's generation metrics, then candidate scoring.
 COMPARE_KEYS = ("valid_ratio", "hit_ratio@1", "hits_over_total", "hr@1", "hr@5", "ndcg@5", "mrr")
 
@@ -164,6 +165,13 @@ def _of_earlier_weights(record: dict) -> bool:
   return record.get("selected_step") not in (None, record.get("step"))
 
 
+def _weights_note(record: dict) -> str:
+  """ " (weights of step N, best val M)" for a record `_of_earlier_weights`, else ""."""
+  if not _of_earlier_weights(record):
+    return ""
+  return f" (weights of step {record['selected_step']}, best val {record.get('selected_by')})"
+
+
 def finals_by_split(records: list[dict], run: str | None = None) -> dict[str, dict]:
   """The latest final record per split of the ilora stage (of one `run` when given)."""
   out = {}
@@ -199,9 +207,7 @@ def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> li
   lines = []
   others = {name: finals_by_split(read_records(path)) for name, path in compare.items()}
   for split, rec in finals_by_split(records).items():
-    label = f"{describe_run(workdir)}, this run"
-    if _of_earlier_weights(rec):
-      label += f" (weights of step {rec['selected_step']}, best val {rec.get('selected_by')})"
+    label = f"{describe_run(workdir)}, this run{_weights_note(rec)}"
     rows = [(label, {k: rec.get(k) for k in COMPARE_KEYS})]
     for prefix, label in (
       ("base/", "base LLM, no adapters (text-only prompt)"),
@@ -388,9 +394,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
       cells = [f"{vals[k]:.4f}" if k in vals else "" for k in keys]
       if r.get("skipped"):
         cells = [f"skipped: {r['skipped']}"] + [""] * (len(keys) - 1)
-      step = str(r.get("step", ""))
-      if _of_earlier_weights(r):
-        step += f" (weights of step {r['selected_step']}, best val {r.get('selected_by')})"
+      step = str(r.get("step", "")) + _weights_note(r)
       row = [str(r.get("run", "")), str(r.get("stage", "")), str(r.get("split", "")), step]
       lines.append("| " + " | ".join(row + cells) + " |")
   else:

@@ -679,7 +679,7 @@ class Evaluator:
     self.timings[mode] = self.timings.get(mode, 0.0) + time.perf_counter() - t0
     return out
 
-  @property
+  @functools.cached_property
   def _stop(self) -> dict:
     """Where a generated answer ends (`llm.greedy_decode`): at the tokenizer's end of text,
     never as the first token (the original generates with `min_new_tokens=1`), or at a
