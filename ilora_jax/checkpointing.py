@@ -48,6 +48,7 @@ class StageCheckpoints:
       max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=async_save
     )
     self._pending: int | None = None
+    self._closed = False
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=options)
     except OSError as exc:
@@ -166,9 +167,13 @@ class StageCheckpoints:
       stop.exit(step)
 
   def close(self) -> None:
+    """Waits for a pending save and releases the manager; a second call does nothing."""
+    if self._closed:
+      return
     with self._io(None):
       self._manager.wait_until_finished()
       self._manager.close()
+    self._closed = True
 
 
 class _DropWriteFailures(logging.Filter):

@@ -9,6 +9,7 @@ inside the step as a `lax.scan` over micro-batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -1096,6 +1097,11 @@ def _count(tree) -> int:
 
 def run(config, workdir: str) -> dict[str, float]:
   """Trains (or resumes) the iLoRA stage; returns the final val metrics."""
+  with contextlib.ExitStack() as owned:  # Closes the selected weights' folder on every exit.
+    return _run(config, workdir, owned)
+
+
+def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   su = setup(config, workdir)
   dataset, parts, frozen, state = su.dataset, su.parts, su.frozen, su.state
   train, total_steps, steps_per_epoch = dataset.train, su.total_steps, su.steps_per_epoch
@@ -1149,6 +1155,8 @@ def run(config, workdir: str) -> dict[str, float]:
       )
   # The selected weights so far, their step and val value (None: none kept yet).
   best, best_step, best_value = _kept_selection(workdir, select, settings, unknown)
+  if best is not None:  # Saved synchronously: closing loses nothing, and never masks an error.
+    owned.callback(_quietly, best.close)
   if latest is not None:
     state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
     step = int(meta["step"])
@@ -1280,8 +1288,6 @@ def run(config, workdir: str) -> dict[str, float]:
   ckpt.close()
   speed()
   if step < total_steps:
-    if best is not None:
-      best.close()
     console.info(f"iLoRA: stopped at step {step} of {total_steps}; re-run to resume")
     return last_val
   val_metrics = val_eval(state["trainable"], state["stats"], frozen, config.progress, True)
@@ -1299,7 +1305,7 @@ def run(config, workdir: str) -> dict[str, float]:
         f"{best_value:.4f}, the best of the epochs; step {step}: {val_metrics[select]:.4f})"
       )
       val_metrics = val_eval(state["trainable"], state["stats"], frozen, config.progress, True)
-    best.close()
+    best.close()  # Done with it (also closed on any earlier exit, by `run`).
     selected = {"selected_step": chosen, "selected_by": select}
   result = {}
   for split in ("val", "test"):
@@ -1373,6 +1379,13 @@ def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
   return best, at, value
 
 
+def _quietly(close) -> None:
+  """`close()`, its own failure dropped: an exit's cleanup never replaces the error that
+  stopped the run."""
+  with contextlib.suppress(Exception):
+    close()
+
+
 def better(metric: str, new: float, old: float | None) -> bool:
   """Whether the val `metric` value `new` beats `old` (None: no weights selected yet): the
   lowest loss wins, the highest of every other metric; a non-finite value never wins, and a
@@ -1390,20 +1403,21 @@ def restore_for_use(workdir: str, abstract_state, weights: str = "selected", kee
   (checkpoints/ilora_best; `selected_by` names that metric) where it has them, else the latest
   checkpoint (`selected_by` None); `how` names which, for a message."""
   if weights == "selected":
-    best = checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=True)
-    at = best.latest_step()
-    if at is not None:
-      state, meta = best.restore(at, abstract_state)
-      best.close()
-      how = f"the weights of step {at}, selected by val {meta.get('select_by')}"
-      return state, at, how, meta.get("select_by")
-    best.close()
-  ckpt = checkpointing.StageCheckpoints(workdir, STAGE, keep, False, read_only=True)
-  latest = ckpt.latest_step()
-  if latest is None:
-    raise UserError(f"no ilora checkpoint in {ckpt.directory}: train with --config.stage=ilora")
-  state, _ = ckpt.restore(latest, abstract_state)
-  ckpt.close()
+    with contextlib.closing(
+      checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=True)
+    ) as best:
+      at = best.latest_step()
+      if at is not None:
+        state, meta = best.restore(at, abstract_state)
+        how = f"the weights of step {at}, selected by val {meta.get('select_by')}"
+        return state, at, how, meta.get("select_by")
+  with contextlib.closing(
+    checkpointing.StageCheckpoints(workdir, STAGE, keep, False, read_only=True)
+  ) as ckpt:
+    latest = ckpt.latest_step()
+    if latest is None:
+      raise UserError(f"no ilora checkpoint in {ckpt.directory}: train with --config.stage=ilora")
+    state, _ = ckpt.restore(latest, abstract_state)
   return state, latest, f"the latest checkpoint, step {latest}", None
 
 

@@ -726,16 +726,19 @@ def test_final_evaluations_use_the_weights_of_the_best_val_epoch(pipeline, tmp_p
     pass
 
   save = checkpointing.StageCheckpoints.save
+  dying = []
 
   def save_then_die(self, at, state, meta):
     save(self, at, state, meta)
     if self.stage == train_ilora.BEST:
+      dying.append(self)
       raise Killed
 
   monkeypatch.setattr(checkpointing.StageCheckpoints, "save", save_then_die)
   with pytest.raises(Killed):
     train_ilora.run(config, killed)
   monkeypatch.setattr(checkpointing.StageCheckpoints, "save", save)
+  assert dying[0]._closed  # The run's exit closed the selected weights' folder all the same.
   assert sorted(os.listdir(os.path.join(killed, "checkpoints", "ilora_best"))) == [str(per)]
   assert complete_steps(killed)[-1] == per - 1  # The epoch end's own was never written.
   train_ilora.run(config, killed)

@@ -282,6 +282,51 @@ def test_generation_ends_an_answer_at_a_line_end_after_its_text(params):
       assert int(barred[b, 0]) == int(free[b, 0])
 
 
+def test_end_of_text_is_barred_for_the_first_min_new_tokens(params):
+  """With `min_new_tokens=3`, end-of-text ids cannot be any of the first three tokens (the
+  decode loop's own bar, not only the first token's) and end a row from the fourth on:
+  against a token-by-token greedy reference that recomputes the whole sequence (no cache),
+  with the same ids masked before the fourth token."""
+  module = llama.Llama(CFG)
+  tokens, mask = _tokens(), _left_pad_mask()
+  new, least = 7, 3
+  free, _ = llm.generate_tokens(
+    module, params, tokens, mask, max_new_tokens=new, eos_ids=(), pad_id=0
+  )
+  free = np.asarray(free)
+  # End-of-text ids the free generation writes early: the bar must change those rows.
+  eos = tuple(sorted({int(free[0, 1]), int(free[1, 2]), int(free[2, 4])}))
+  out, lengths = llm.generate_tokens(
+    module, params, tokens, mask, max_new_tokens=new, eos_ids=eos, pad_id=-1,
+    min_new_tokens=least,
+  )  # fmt: skip
+  out, lengths = np.asarray(out), np.asarray(lengths)
+  width = T + new  # Right-padded to one width: one compile; causal, so padding changes nothing.
+  changed = 0
+  for b in range(B):
+    n = int(mask[b].sum())
+    seq = list(np.asarray(tokens[b, T - n :]))
+    want = []
+    for k in range(new):
+      ids = np.zeros((1, width), np.int32)
+      ids[0, : len(seq)] = seq
+      real = (np.arange(width) < len(seq)).astype(np.int32)[None]
+      logits = np.array(_apply(module, {"params": params}, jnp.asarray(ids), jnp.asarray(real)))
+      step = logits[0, len(seq) - 1]
+      if k < least:
+        step[list(eos)] = -np.inf
+      tok = int(np.argmax(step))
+      want.append(tok)
+      seq.append(tok)
+      if tok in eos:
+        break
+    assert int(lengths[b]) == len(want), (b, want, out[b])
+    assert out[b, : len(want)].tolist() == want and (out[b, len(want) :] == -1).all()
+    assert not set(want[:least]) & set(eos)
+    changed += want != free[b, : len(want)].tolist()
+  assert changed >= 2  # The bar decided rows 0 and 1 (their free tokens 1 and 2 are barred).
+
+
 def test_generate_does_not_retrace_for_same_shapes(params):
   raw = llm.generate_tokens.__wrapped__
   gen = jax.jit(
