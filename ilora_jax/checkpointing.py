@@ -21,9 +21,10 @@ import orbax.checkpoint as ocp
 
 from ilora_jax.errors import UserError
 
-# Tests only: SIGKILL this process right after the save of this step has started.
+# Tests only: "STAGE:STEP" SIGKILLs this process right after the save of that step of that
+# stage's checkpoints (the folder's name: "ilora", "ilora_best", "sasrec") has started.
 _KILL_AT = (
-  int(os.environ["ILORA_JAX_KILL_DURING_SAVE"])
+  tuple(os.environ["ILORA_JAX_KILL_DURING_SAVE"].split(":"))
   if os.environ.get("ILORA_JAX_KILL_DURING_SAVE")
   else None
 )
@@ -72,9 +73,7 @@ class StageCheckpoints:
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True,
       )
-    if _KILL_AT is not None and step == _KILL_AT and not self.stage.endswith("_best"):
-      # Fault injection for the kill-mid-save test (the training state's save, not the
-      # selected weights').
+    if _KILL_AT == (self.stage, str(step)):  # Fault injection for the kill-mid-save test.
       os.kill(os.getpid(), signal.SIGKILL)
 
   @contextlib.contextmanager

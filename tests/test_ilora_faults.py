@@ -24,7 +24,7 @@ def test_kill_during_save_loses_at_most_one_interval(pipeline, tmp_path):
   workdir = with_sasrec_of(ref_dir, tmp_path / "w")
   args = [TINY, f"--workdir={workdir}", "--config.stage=ilora", "--config.checkpoint.every_steps=2",
           "--config.checkpoint.async_save=True"]  # fmt: skip
-  killed = run_cli(*args, env={"ILORA_JAX_KILL_DURING_SAVE": "4"})
+  killed = run_cli(*args, env={"ILORA_JAX_KILL_DURING_SAVE": "ilora:4"})
   assert killed.returncode == -9, killed.stderr
   leftovers = os.listdir(os.path.join(workdir, "checkpoints", "ilora"))
   assert complete_steps(workdir) == [2], leftovers  # The interrupted save never became a step.
