@@ -1109,11 +1109,14 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   step_fn, batch_sh = jit_train_step(su)
   base_count = _count(frozen["llm"])
   sizes = {k: _count(v) for k, v in state["trainable"].items()}
+  # A fixed gate (plain LoRA, uniform) leaves the router in the state but out of the model.
+  unused = {"router"} if gate_kind != "router" else set()
+  used = sum(v for k, v in sizes.items() if k not in unused)
   console.info(
     "iLoRA: trainable "
-    + ", ".join(f"{k} {v:,}" for k, v in sizes.items())
-    + f" = {sum(sizes.values()):,} ({100 * sum(sizes.values()) / base_count:.3f}% of "
-    f"the {base_count:,} base parameters)"
+    + ", ".join(f"{k} {v:,}" for k, v in sizes.items() if k not in unused)
+    + f" = {used:,} ({100 * used / base_count:.3f}% of the {base_count:,} base parameters)"
+    + "".join(f"; {k} {sizes[k]:,} unused (lora.gate={gate_kind})" for k in sorted(unused))
   )
 
   log = MetricsLog(workdir, enabled=jax.process_index() == 0)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import chex
 import jax
@@ -533,6 +534,15 @@ def test_plain_lora_run_joins_the_comparison_table(pipeline, tmp_path):
     f"--config.report.compare=ilora={ilora_dir},elsewhere={tmp_path / 'missing'}",
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
+  # The router takes no part in plain LoRA: named apart, out of the trainable total.
+  line = next(x for x in proc.stderr.splitlines() if "iLoRA: trainable" in x)
+  count = re.match(
+    r"iLoRA: trainable lora ([\d,]+), projector ([\d,]+) = ([\d,]+) \(.*\); router ([\d,]+) "
+    r"unused \(lora.gate=constant\)$", line
+  )  # fmt: skip
+  assert count, line
+  lora_n, projector_n, total_n, router_n = (int(g.replace(",", "")) for g in count.groups())
+  assert total_n == lora_n + projector_n and router_n > 0
 
   def final_val(records):
     return [r for r in records if r.get("final") and r["split"] == "val" and r["stage"] == "ilora"]
