@@ -249,6 +249,41 @@ def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> li
   return lines
 
 
+def running_mean(values, window: int) -> np.ndarray:
+  """The trailing mean of `values` over `window` points (fewer at the start)."""
+  values = np.asarray(values, np.float64)
+  sums = np.cumsum(np.concatenate([[0.0], values]))
+  ends = np.arange(1, len(values) + 1)
+  starts = np.maximum(ends - window, 0)
+  return (sums[ends] - sums[starts]) / (ends - starts)
+
+
+def comparison_curves(workdir: str, records: list[dict], compare: dict[str, str]) -> dict:
+  """{label: {"train": (steps, loss running mean), "val": (steps, loss)}} of the iLoRA stage of
+  this run and of each compared run on the same val candidates (or not finished yet: no final
+  val record), for `compare.png`. The running mean spans a twentieth of the run's steps."""
+  ours = finals_by_split(records).get("val", {}).get("candidates")
+  runs = {f"{describe_run(workdir)}, this run": records}
+  for name, path in compare.items():
+    theirs = read_records(path)
+    final = finals_by_split(theirs).get("val")
+    if final is None or ours is None or final.get("candidates") == ours:
+      runs[f"{name}: {describe_run(path)}"] = theirs
+  curves = {}
+  for label, recs in runs.items():
+    mine = [r for r in recs if r.get("stage") == "ilora" and r.get("run", "ilora") == "ilora"]
+    train = [(r["step"], r["loss"]) for r in mine if r.get("split") == "train" and "loss" in r]
+    val = [(r["step"], r["loss"]) for r in mine if r.get("split") == "val" and "loss" in r
+           and not _of_earlier_weights(r)]  # fmt: skip
+    if not train and not val:
+      continue
+    steps, loss = (np.asarray(x) for x in zip(*train)) if train else (np.zeros(0),) * 2
+    window = max(1, len(loss) // 20)
+    val_steps, val_loss = (np.asarray(x) for x in zip(*val)) if val else (np.zeros(0),) * 2
+    curves[label] = {"train": (steps, running_mean(loss, window)), "val": (val_steps, val_loss)}
+  return curves
+
+
 def cell(value) -> str:
   """A metric as a table cell: 4 decimals, "" when absent, as written when not a number."""
   if value is None:
@@ -403,8 +438,24 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   table = comparison(workdir, records, compare)
   if table:
     lines[2:2] = table + ["## Every final metric", ""]
+  plots = "`train_loss.png`, `val_metrics.png`, `gates.png` (iLoRA)"
+  curves = comparison_curves(workdir, records, compare) if compare else {}
+  if len(curves) > 1:  # This run and at least one other: their losses on shared axes.
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for label, curve in curves.items():
+      axes[0].plot(*curve["train"], label=label)
+      axes[1].plot(*curve["val"], marker="o", label=label)
+    axes[0].set_title("iLoRA stage: train loss (running mean over 1/20 of the steps)")
+    axes[1].set_title("iLoRA stage: val loss per evaluation")
+    for ax in axes:
+      ax.set_xlabel("step")
+      ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare.png"), dpi=100)
+    plt.close(fig)
+    plots += ", `compare.png` (this run's losses beside the compared runs')"
   tb_hint = f"Scalars for TensorBoard: `tensorboard --logdir {os.path.join(out, 'tb')}`."
-  lines += ["", "Plots: `train_loss.png`, `val_metrics.png`, `gates.png` (iLoRA).", tb_hint]
+  lines += ["", f"Plots: {plots}.", tb_hint]
   with atomic_write(os.path.join(out, "summary.md")) as f:
     f.write("\n".join(lines) + "\n")
 

@@ -1,6 +1,7 @@
 """The end-of-run report: plots, summary table and TensorBoard scalars from metrics.jsonl."""
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -102,6 +103,52 @@ def test_comparison_needs_the_same_candidates(tmp_path):
   assert "| SASRec |  |  |  | 0.2000 |" in summary
   assert "| uniform: LoRA experts, uniform gate (E=4) | different candidates" in summary
   assert "0.1250" not in summary  # The incomparable run's numbers are left out.
+
+
+def test_compared_runs_losses_share_one_plot(tmp_path):
+  """`compare.png`: this run's iLoRA losses beside those of compared runs on the same val
+  candidates or not finished yet; a run on other candidates is left out."""
+  rng = np.random.default_rng(0)
+
+  def run_dir(name, fingerprint, steps=60, final=True):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(
+      {"stage": "ilora", "lora": {"gate": "router", "num_experts": 4, "rank": 8},
+       "router": {"kind": "linear"}}))  # fmt: skip
+    loss = rng.uniform(0.5, 2.0, steps)
+    records = [{"run": "ilora", "stage": "ilora", "split": "train", "step": s + 1, "loss": v}
+               for s, v in enumerate(loss)]  # fmt: skip
+    records.append({"run": "ilora", "stage": "ilora", "split": "val", "step": 30, "loss": 1.5})
+    if final:
+      records.append({"run": "ilora", "stage": "ilora", "split": "val", "step": steps,
+                      "final": True, "candidates": fingerprint, "loss": 1.25})  # fmt: skip
+    (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(d), loss
+
+  ours, loss = run_dir("ours", "abc")
+  same, _ = run_dir("same", "abc")
+  going, _ = run_dir("going", None, steps=20, final=False)
+  other, _ = run_dir("other", "xyz")
+  compare = {"same": same, "going": going, "other": other}
+  curves = report.comparison_curves(ours, report.read_records(ours), compare)
+  assert [k.split(":")[0] for k in curves] == ["iLoRA (E=4, router linear), this run", "same",
+                                               "going"]  # fmt: skip
+  steps, mean = curves["iLoRA (E=4, router linear), this run"]["train"]
+  np.testing.assert_array_equal(steps, np.arange(1, 61))
+  window = 3  # A twentieth of 60 steps.
+  full = np.convolve(loss, np.ones(window) / window, mode="valid")
+  np.testing.assert_allclose(mean[window - 1 :], full, rtol=1e-12)
+  np.testing.assert_allclose(mean[: window - 1], [loss[0], loss[:2].mean()], rtol=1e-12)
+  val_steps, val_loss = curves["same: iLoRA (E=4, router linear)"]["val"]
+  assert val_steps.tolist() == [30, 60] and val_loss.tolist() == [1.5, 1.25]
+  out = report.write(ours, compare)
+  import matplotlib.image
+
+  assert matplotlib.image.imread(f"{out}/compare.png").shape[1] > 600
+  assert "`compare.png`" in open(f"{out}/summary.md").read()
+  alone = report.write(same)  # Nothing to compare: no such plot.
+  assert not os.path.exists(f"{alone}/compare.png")
 
 
 def test_group_metrics_get_their_own_table():
