@@ -202,6 +202,48 @@ def group_table(finals: list[dict]) -> list[str]:
   return lines
 
 
+def sign_test_p(a: int, b: int) -> float:
+  """Two-sided exact sign test (McNemar's exact test) of `a` rows won by one method and `b`
+  by the other: the probability, with each of the a + b rows a fair coin, of a split at
+  least as uneven."""
+  n = a + b
+  if n == 0:
+    return 1.0
+  tail = sum(math.comb(n, k) for k in range(min(a, b) + 1)) / 2**n
+  return min(1.0, 2 * tail)
+
+
+def read_predictions(workdir: str, split: str) -> tuple[dict, list[dict]] | None:
+  """(head, rows) of DIR/predictions/<split>.jsonl, or None when absent or unreadable."""
+  path = os.path.join(workdir, "predictions", f"{split}.jsonl")
+  try:
+    with open(path) as f:
+      head, *rows = [json.loads(line) for line in f if line.strip()]
+  except (OSError, ValueError):
+    return None
+  return head, rows
+
+
+def paired(ours, theirs) -> dict[str, tuple[int, int, float]] | None:
+  """Row by row, for generation hits (`hit`) and the likelihood's top candidate (`rank` 0):
+  (rows only `ours` got, rows only `theirs` got, sign-test p). None unless both hold the
+  same rows on the same candidates."""
+  if ours is None or theirs is None:
+    return None
+  (head, rows), (their_head, their_rows) = ours, theirs
+  same_rows = [r.get("row") for r in rows] == [r.get("row") for r in their_rows]
+  if head.get("candidates") != their_head.get("candidates") or not same_rows:
+    return None
+  out = {}
+  for key, won in (("hit", lambda r: bool(r["hit"])), ("top1", lambda r: r["rank"] == 0)):
+    field = "hit" if key == "hit" else "rank"
+    if all(field in r for r in rows + their_rows):
+      a = sum(won(x) and not won(y) for x, y in zip(rows, their_rows))
+      b = sum(won(y) and not won(x) for x, y in zip(rows, their_rows))
+      out[key] = (a, b, sign_test_p(a, b))
+  return out
+
+
 def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> list[str]:
   """Markdown lines of the per-split comparison tables (empty when nothing to compare)."""
   lines = []
@@ -246,6 +288,16 @@ def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> li
       "from greedy generation; hr@k, ndcg@5 and mrr rank the candidates by likelihood.",
       "",
     ]
+    ours = read_predictions(workdir, split)
+    for name in others:
+      pairs = paired(ours, read_predictions(compare[name], split))
+      if not pairs:
+        continue
+      what = {"hit": "generation hits", "top1": "top-1 by likelihood"}
+      parts = [f"{what[k]}: {a} rows only this run, {b} only {name} (exact sign test p = "
+               f"{p:.3g})" for k, (a, b, p) in pairs.items()]  # fmt: skip
+      rows = len(ours[1])
+      lines += [f"Paired with {name} on the same {rows} rows: " + "; ".join(parts) + ".", ""]
   return lines
 
 

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import time
 from typing import Any
@@ -635,6 +636,7 @@ class Evaluator:
     self.scores: dict[str, np.ndarray] = {}
     self.generated_tokens = 0  # Tokens the adapted model generated in the last call.
     self.gates: np.ndarray | None = None  # Gate weights [rows, E] of the last call.
+    self.rows: list[dict] = []  # Each row's outcomes in the last call (`_row_outcomes`).
     self.rows_per_device = 0  # Rows of the last scored batch each device computed.
     self._title_slots: int | None = None  # Packed scoring's padded title length (host).
     parts = self.parts
@@ -759,14 +761,16 @@ class Evaluator:
       base=base,
     )
 
-  def _match(self, out, lengths, cands, idx, take, valid, hit) -> None:
+  def _match(self, out, lengths, cands, idx, take, outcome: dict) -> None:
+    """Decodes each real row's answer and appends its text, validity and hit to `outcome`."""
     parts = self.parts
     for j in range(take):
       text = parts.model.tokenizer.decode(out[j, : lengths[j]].tolist(), skip_special_tokens=True)
       titles = [parts.builder.titles[int(c)] for c in cands[j]]
       v, h = match_generation(text, titles, int(self.target[idx[j]]))
-      valid.append(v)
-      hit.append(h)
+      outcome["text"].append(text)
+      outcome["valid"].append(v)
+      outcome["hit"].append(h)
 
   def batch_rows(self) -> list[tuple[np.ndarray, int]]:
     """The evaluation batches: each one's row ids, in `order` and padded to the batch size
@@ -798,7 +802,7 @@ class Evaluator:
     with_base = baselines and bool(cfg.ilora.eval_base) and (gen or score)
     self.timings, self.generated_tokens = {}, 0
     nll_total, tokens = 0.0, 0
-    out = {name: {"valid": [], "hit": [], "scores": []} for name in ("model", "base")}
+    out = {name: {"text": [], "valid": [], "hit": [], "scores": []} for name in ("model", "base")}
     sas_scores, gates = [], []
     for idx, take in tqdm(
       self.batch_rows(), desc=f"eval {self.split.name}", leave=False, disable=not progress
@@ -846,14 +850,14 @@ class Evaluator:
             nll_total -= float(np.sum(s[np.arange(take), self.target[real]], dtype=np.float64))
             tokens += sum(len(parts.builder.target_tokens(int(self.split.next[r]))) for r in real)
         if gen:
-          self._match(ids, lengths, cands, idx, take, out[name]["valid"], out[name]["hit"])
+          self._match(ids, lengths, cands, idx, take, out[name])
           if name == "model":
             self.generated_tokens += int(np.sum(lengths[:take]))
     # Per-row outputs back in the split's order.
     back = np.argsort(self.order)
     unsort = lambda rows: np.concatenate(rows)[back]  # noqa: E731
     for o in out.values():
-      o.update({k: np.asarray(o[k])[back].tolist() for k in ("valid", "hit") if o[k]})
+      o.update({k: np.asarray(o[k])[back].tolist() for k in ("text", "valid", "hit") if o[k]})
     target = self.target[self.idx]
     result: dict[str, float] = {}
     self.scores = {n: unsort(o["scores"]) for n, o in out.items() if o["scores"]}
@@ -875,9 +879,29 @@ class Evaluator:
     if "sasrec" in ranks:
       result.update({f"sasrec/{k}": v for k, v in ranking_metrics(ranks["sasrec"]).items()})
     self.gates = unsort(gates) if gates else None
+    self.rows = self._row_outcomes(out, ranks)
     if self.split.group is not None:
       result.update(self._group_metrics(out["model"], ranks))
     return result
+
+  def _row_outcomes(self, out: dict, ranks: dict) -> list[dict]:
+    """One dict per evaluated row (the split's order): its row, the next item and its
+    title, and what each scorer made of it: the answer generated, whether valid and a hit,
+    and the target's 0-based rank among the candidates (by likelihood; SASRec's too)."""
+    rows = []
+    for i, r in enumerate(self.idx):
+      item = int(self.split.next[r])
+      row = {"row": int(r), "next": item, "title": self.parts.builder.titles[item]}
+      for name, prefix in (("model", ""), ("base", "base/")):
+        o = out[name]
+        if o["valid"]:
+          row.update({prefix + "generated": o["text"][i], prefix + "valid": bool(o["valid"][i]),
+                      prefix + "hit": bool(o["hit"][i])})  # fmt: skip
+      for name, prefix in (("model", ""), ("base", "base/"), ("sasrec", "sasrec/")):
+        if name in ranks:
+          row[prefix + "rank"] = int(ranks[name][i])
+      rows.append(row)
+    return rows
 
   def _group_metrics(self, model_out: dict, ranks: dict) -> dict[str, float]:
     """Metrics and mean gate weights per user group (`group/<g>/...`), where groups are known.
@@ -1341,6 +1365,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
         **metrics,
       }
     )
+    if jax.process_index() == 0:
+      write_predictions(workdir, split, evaluator, metrics)
     chosen = selected.get("selected_step", step)
     weights = "" if chosen == step else f" (weights of step {chosen})"
     print(f"ilora {split} step {step}{weights}: " + _fmt(metrics), flush=True)
@@ -1352,6 +1378,26 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     )
     console.info(f"report: {report.write(workdir, config.report.compare)}")
   return result
+
+
+PREDICTIONS = "predictions"  # DIR/predictions/<split>.jsonl: each row of a final evaluation.
+
+
+def write_predictions(workdir: str, split: str, evaluator: Evaluator, metrics: dict) -> None:
+  """DIR/predictions/<split>.jsonl: a first line naming the rows' candidate fingerprint and
+  the final metrics, then one line per row (`Evaluator._row_outcomes`)."""
+  from ilora_jax.files import atomic_write
+
+  path = os.path.join(workdir, PREDICTIONS, f"{split}.jsonl")
+  head = {"split": split, "candidates": evaluator.fingerprint, "rows": len(evaluator.rows)}
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_write(path) as f:
+      f.write(json.dumps({**head, "metrics": metrics}) + "\n")
+      for row in evaluator.rows:
+        f.write(json.dumps(row) + "\n")
+  except OSError as exc:
+    raise UserError(f"cannot write {path}: {exc}; the final metrics are in metrics.jsonl") from None
 
 
 def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
@@ -1450,5 +1496,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
       **metrics,
     }
   )
+  if jax.process_index() == 0:  # Beside the record it matches (the split's latest final).
+    write_predictions(workdir, config.eval.split, evaluator, metrics)
   print(f"ilora {config.eval.split} step {latest}: " + _fmt(metrics), flush=True)
   return metrics

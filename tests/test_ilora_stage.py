@@ -45,6 +45,22 @@ def test_pipeline_trains_sasrec_then_ilora(pipeline):
   for r in final:
     assert 0 <= r["hr@1"] <= r["hr@5"] <= 1 and 0 <= r["sasrec/hr@1"] <= r["sasrec/hr@5"] <= 1
   assert "% of the" in proc.stderr  # Trainable parameters reported as a fraction.
+  # Each final evaluation's rows: their outcomes add up to the recorded metrics.
+  for r in final:
+    with open(os.path.join(workdir, "predictions", f"{r['split']}.jsonl")) as f:
+      head, *rows = [json.loads(line) for line in f]
+    assert head["candidates"] == r["candidates"] and head["rows"] == len(rows) > 0
+    assert [x["row"] for x in rows] == sorted(x["row"] for x in rows)
+    for prefix in ("", "base/"):
+      hits, valid = (np.mean([x[prefix + k] for x in rows]) for k in ("hit", "valid"))
+      assert hits == pytest.approx(r[prefix + "hits_over_total"])
+      assert valid == pytest.approx(r[prefix + "valid_ratio"])
+    for prefix in ("", "base/", "sasrec/"):
+      ranks = np.array([x[prefix + "rank"] for x in rows])
+      assert np.mean(ranks == 0) == pytest.approx(r[prefix + "hr@1"])
+      assert np.mean(ranks < 5) == pytest.approx(r[prefix + "hr@5"])
+      assert np.mean(1 / (ranks + 1)) == pytest.approx(r[prefix + "mrr"])
+    assert all(isinstance(x["generated"], str) and x["title"] for x in rows)
   # The report: plots, gate table of every val user, and the final metrics in summary.md.
   for name in ("train_loss.png", "val_metrics.png", "gates.png", "summary.md"):
     assert os.path.getsize(os.path.join(workdir, "report", name)) > 0
@@ -141,6 +157,14 @@ def test_evaluate_stage_for_ilora(pipeline, tmp_path):
   for key in ("valid_ratio", "hit_ratio@1", "hr@1", "hr@5", "ndcg@5", "mrr"):
     assert last[key] == pytest.approx(trained[key], abs=1e-6), key
   assert last["loss"] == pytest.approx(trained["loss"], rel=1e-4)
+  # Its rows replace the run's (it is now the split's latest final record): the same rows.
+  path = os.path.join(workdir, "predictions", "val.jsonl")
+  head, *rows = [json.loads(line) for line in open(path)]
+  assert head["metrics"]["hr@1"] == last["hr@1"] and "base/hit" not in rows[0]
+  run_rows = os.path.join(pipeline[0], "predictions", "val.jsonl")
+  before = [json.loads(line) for line in open(run_rows)]
+  for ours, theirs in zip(rows, before[1:], strict=True):
+    assert ours["hit"] == theirs["hit"] and ours["rank"] == theirs["rank"], ours["row"]
 
 
 def test_ilora_without_sasrec_is_a_clear_error(tmp_path):
@@ -555,6 +579,8 @@ def test_plain_lora_run_joins_the_comparison_table(pipeline, tmp_path):
   assert f"| ilora: iLoRA (E=2, router linear) | {cells} |" in summary
   assert "| plain LoRA (r=4), this run | " in summary
   assert "elsewhere: model | no final val evaluation" in summary
+  rows = len(open(os.path.join(workdir, "predictions", "val.jsonl")).readlines()) - 1
+  assert f"Paired with ilora on the same {rows} rows: generation hits: " in summary
 
 
 def test_bench_both_evaluation_modes_on_real_prompts(pipeline, tmp_path):

@@ -151,6 +151,56 @@ def test_compared_runs_losses_share_one_plot(tmp_path):
   assert not os.path.exists(f"{alone}/compare.png")
 
 
+def test_sign_test_matches_scipys_binomial_test():
+  from scipy import stats
+
+  for a, b in [(0, 0), (3, 0), (0, 7), (5, 5), (2, 9), (13, 4), (40, 25)]:
+    want = 1.0 if a + b == 0 else stats.binomtest(a, a + b, 0.5).pvalue
+    assert report.sign_test_p(a, b) == pytest.approx(want, rel=1e-12), (a, b)
+
+
+def test_comparison_pairs_the_rows_of_two_runs(tmp_path):
+  """With both runs' predictions on the same rows and candidates, the summary counts the rows
+  only one of them got right, by generation and by likelihood."""
+  rng = np.random.default_rng(3)
+  n = 40
+  hits = {"ours": rng.random(n) < 0.5, "plain": rng.random(n) < 0.3}
+  ranks = {"ours": rng.integers(0, 4, n), "plain": rng.integers(0, 4, n)}
+
+  def run_dir(name, fingerprint, rows=range(n), like=None):
+    d = tmp_path / name
+    (d / "predictions").mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(
+      {"stage": "ilora", "lora": {"gate": "constant", "num_experts": 1, "rank": 8},
+       "router": {"kind": "linear"}}))  # fmt: skip
+    final = {"run": "ilora", "stage": "ilora", "split": "val", "step": 3, "final": True,
+             "candidates": fingerprint, "hr@1": 0.5}  # fmt: skip
+    (d / "metrics.jsonl").write_text(json.dumps(final) + "\n")
+    lines = [{"split": "val", "candidates": fingerprint, "rows": len(rows)}]
+    of = like or name
+    lines += [{"row": i, "hit": bool(hits[of][i]), "rank": int(ranks[of][i])} for i in rows]
+    (d / "predictions" / "val.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return str(d)
+
+  ours, plain = run_dir("ours", "abc"), run_dir("plain", "abc")
+  a = int(np.sum(hits["ours"] & ~hits["plain"]))
+  b = int(np.sum(hits["plain"] & ~hits["ours"]))
+  c = int(np.sum((ranks["ours"] == 0) & (ranks["plain"] != 0)))
+  d = int(np.sum((ranks["plain"] == 0) & (ranks["ours"] != 0)))
+  out = report.write(ours, f"plain={plain}")
+  summary = open(f"{out}/summary.md").read()
+  line = next(x for x in summary.splitlines() if x.startswith("Paired with plain"))
+  assert line == (
+    f"Paired with plain on the same {n} rows: generation hits: {a} rows only this run, {b} only "
+    f"plain (exact sign test p = {report.sign_test_p(a, b):.3g}); top-1 by likelihood: {c} rows "
+    f"only this run, {d} only plain (exact sign test p = {report.sign_test_p(c, d):.3g})."
+  )
+  # Other rows (a shorter evaluation) are not paired.
+  fewer = run_dir("fewer", "abc", rows=range(n - 1), like="plain")
+  summary = open(f"{report.write(ours, f'fewer={fewer}')}/summary.md").read()
+  assert "Paired with" not in summary
+
+
 def test_group_metrics_get_their_own_table():
   final = {"run": "ilora", "stage": "ilora", "split": "val", "step": 3, "final": True,
            "hr@1": 0.25, "group/0/rows": 3, "group/0/hr@1": 0.125, "group/0/gate/0": 0.75,
