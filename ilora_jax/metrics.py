@@ -52,7 +52,7 @@ class MetricsLog:
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
-    clean = {k: _plain(v) for k, v in record.items()}
+    clean = {k: plain(v) for k, v in record.items()}
     try:
       _drop_cut_last_line(self.path)
       with open(self.path, "a", encoding="utf-8") as f:
@@ -155,7 +155,8 @@ def _drop_cut_last_line(path: str) -> None:
       f.write(b"\n")
 
 
-def _plain(value):
+def plain(value):
+  """A JSON-ready scalar: numpy scalars as Python numbers, a non-finite float as its text."""
   if isinstance(value, (np.floating, np.integer)):
     value = value.item()
   if hasattr(value, "item") and getattr(value, "shape", None) == ():

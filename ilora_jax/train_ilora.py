@@ -50,6 +50,7 @@ from ilora_jax.metrics import (
   MetricsLog,
   generation_metrics,
   match_generation,
+  plain,
   ranking_metrics,
   target_ranks,
 )
@@ -1393,7 +1394,7 @@ def write_predictions(workdir: str, split: str, evaluator: Evaluator, metrics: d
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_write(path) as f:
-      f.write(json.dumps({**head, "metrics": metrics}) + "\n")
+      f.write(json.dumps({**head, "metrics": {k: plain(v) for k, v in metrics.items()}}) + "\n")
       for row in evaluator.rows:
         f.write(json.dumps(row) + "\n")
   except OSError as exc:

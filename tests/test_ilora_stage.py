@@ -820,3 +820,19 @@ def test_select_by_names_a_metric_the_evaluation_produces():
       configuration.validate(config)
   config.ilora.select_by = ""
   assert configuration.selection_metric(config) == ""
+
+
+def test_predictions_file_takes_numpy_and_non_finite_metrics(tmp_path):
+  """The head line is JSON for any metric value a record takes (numpy scalars, NaN)."""
+  import types
+
+  from ilora_jax import train_ilora
+
+  evaluator = types.SimpleNamespace(fingerprint="abc", rows=[{"row": 3, "hit": True}])
+  metrics = {"hr@1": np.float32(0.25), "loss": float("nan"), "rows": np.int64(1)}
+  train_ilora.write_predictions(str(tmp_path), "val", evaluator, metrics)
+  with open(tmp_path / "predictions" / "val.jsonl") as f:
+    head, row = [json.loads(line) for line in f]
+  assert head == {"split": "val", "candidates": "abc", "rows": 1,
+                  "metrics": {"hr@1": 0.25, "loss": "nan", "rows": 1}}  # fmt: skip
+  assert row == {"row": 3, "hit": True}
