@@ -202,6 +202,9 @@ def group_table(finals: list[dict]) -> list[str]:
   return lines
 
 
+_PAIRED = {"hit": "generation hits", "top1": "top-1 by likelihood"}  # `paired`'s keys.
+
+
 def sign_test_p(a: int, b: int) -> float:
   """Two-sided exact sign test (McNemar's exact test) of `a` rows won by one method and `b`
   by the other: the probability, with each of the a + b rows a fair coin, of a split at
@@ -213,13 +216,18 @@ def sign_test_p(a: int, b: int) -> float:
   return min(1.0, 2 * tail)
 
 
+PREDICTIONS = "predictions"  # DIR/predictions/<split>.jsonl: each row of a final evaluation.
+
+
+def predictions_path(workdir: str, split: str) -> str:
+  return os.path.join(workdir, PREDICTIONS, f"{split}.jsonl")
+
+
 def read_predictions(workdir: str, split: str) -> tuple[dict, list[dict]] | None:
   """(head, rows) of DIR/predictions/<split>.jsonl, or None when absent or unreadable."""
-  path = os.path.join(workdir, "predictions", f"{split}.jsonl")
   try:
-    with open(path) as f:
-      head, *rows = [json.loads(line) for line in f if line.strip()]
-  except (OSError, ValueError):
+    head, *rows = [record for _, record in metrics.read_jsonl(predictions_path(workdir, split))]
+  except (UserError, ValueError):  # ValueError: an empty file.
     return None
   return head, rows
 
@@ -235,8 +243,10 @@ def paired(ours, theirs) -> dict[str, tuple[int, int, float]] | None:
   if head.get("candidates") != their_head.get("candidates") or not same_rows:
     return None
   out = {}
-  for key, won in (("hit", lambda r: bool(r["hit"])), ("top1", lambda r: r["rank"] == 0)):
-    field = "hit" if key == "hit" else "rank"
+  for key, field, won in (
+    ("hit", "hit", lambda r: bool(r["hit"])),
+    ("top1", "rank", lambda r: r["rank"] == 0),
+  ):
     if all(field in r for r in rows + their_rows):
       a = sum(won(x) and not won(y) for x, y in zip(rows, their_rows))
       b = sum(won(y) and not won(x) for x, y in zip(rows, their_rows))
@@ -244,10 +254,14 @@ def paired(ours, theirs) -> dict[str, tuple[int, int, float]] | None:
   return out
 
 
-def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> list[str]:
-  """Markdown lines of the per-split comparison tables (empty when nothing to compare)."""
+def comparison(
+  workdir: str, records: list[dict], compare: dict[str, str], theirs: dict | None = None
+) -> list[str]:
+  """Markdown lines of the per-split comparison tables (empty when nothing to compare);
+  `theirs`: the compared runs' records by name, where already read."""
   lines = []
-  others = {name: finals_by_split(read_records(path)) for name, path in compare.items()}
+  theirs = theirs if theirs is not None else {n: read_records(p) for n, p in compare.items()}
+  others = {name: finals_by_split(theirs[name]) for name in compare}
   for split, rec in finals_by_split(records).items():
     label = f"{describe_run(workdir)}, this run{_weights_note(rec)}"
     rows = [(label, {k: rec.get(k) for k in COMPARE_KEYS})]
@@ -293,11 +307,10 @@ def comparison(workdir: str, records: list[dict], compare: dict[str, str]) -> li
       pairs = paired(ours, read_predictions(compare[name], split))
       if not pairs:
         continue
-      what = {"hit": "generation hits", "top1": "top-1 by likelihood"}
-      parts = [f"{what[k]}: {a} rows only this run, {b} only {name} (exact sign test p = "
+      parts = [f"{_PAIRED[k]}: {a} rows only this run, {b} only {name} (exact sign test p = "
                f"{p:.3g})" for k, (a, b, p) in pairs.items()]  # fmt: skip
-      rows = len(ours[1])
-      lines += [f"Paired with {name} on the same {rows} rows: " + "; ".join(parts) + ".", ""]
+      count = len(ours[1])
+      lines += [f"Paired with {name} on the same {count} rows: " + "; ".join(parts) + ".", ""]
   return lines
 
 
@@ -310,17 +323,20 @@ def running_mean(values, window: int) -> np.ndarray:
   return (sums[ends] - sums[starts]) / (ends - starts)
 
 
-def comparison_curves(workdir: str, records: list[dict], compare: dict[str, str]) -> dict:
+def comparison_curves(
+  workdir: str, records: list[dict], compare: dict[str, str], theirs: dict | None = None
+) -> dict:
   """{label: {"train": (steps, loss running mean), "val": (steps, loss)}} of the iLoRA stage of
   this run and of each compared run on the same val candidates (or not finished yet: no final
-  val record), for `compare.png`. The running mean spans a twentieth of the run's steps."""
+  val record), for `compare.png`. The running mean spans a twentieth of the run's steps.
+  `theirs`: the compared runs' records by name, where already read."""
+  theirs = theirs if theirs is not None else {n: read_records(p) for n, p in compare.items()}
   ours = finals_by_split(records).get("val", {}).get("candidates")
   runs = {f"{describe_run(workdir)}, this run": records}
   for name, path in compare.items():
-    theirs = read_records(path)
-    final = finals_by_split(theirs).get("val")
+    final = finals_by_split(theirs[name]).get("val")
     if final is None or ours is None or final.get("candidates") == ours:
-      runs[f"{name}: {describe_run(path)}"] = theirs
+      runs[f"{name}: {describe_run(path)}"] = theirs[name]
   curves = {}
   for label, recs in runs.items():
     mine = [r for r in recs if r.get("stage") == "ilora" and r.get("run", "ilora") == "ilora"]
@@ -487,11 +503,12 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   else:
     lines.append("No final evaluation yet.")
   lines += group_table(finals)
-  table = comparison(workdir, records, compare)
+  theirs = {name: read_records(path) for name, path in compare.items()}  # Read once.
+  table = comparison(workdir, records, compare, theirs)
   if table:
     lines[2:2] = table + ["## Every final metric", ""]
   plots = "`train_loss.png`, `val_metrics.png`, `gates.png` (iLoRA)"
-  curves = comparison_curves(workdir, records, compare) if compare else {}
+  curves = comparison_curves(workdir, records, compare, theirs) if compare else {}
   if len(curves) > 1:  # This run and at least one other: their losses on shared axes.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for label, curve in curves.items():

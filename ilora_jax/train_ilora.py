@@ -46,6 +46,7 @@ from ilora_jax import tokenizer as tok_lib
 from ilora_jax.configuration import selection_metric, stage_train
 from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates
 from ilora_jax.errors import UserError
+from ilora_jax.files import atomic_write
 from ilora_jax.metrics import (
   MetricsLog,
   generation_metrics,
@@ -637,7 +638,7 @@ class Evaluator:
     self.scores: dict[str, np.ndarray] = {}
     self.generated_tokens = 0  # Tokens the adapted model generated in the last call.
     self.gates: np.ndarray | None = None  # Gate weights [rows, E] of the last call.
-    self.rows: list[dict] = []  # Each row's outcomes in the last call (`_row_outcomes`).
+    self._outcomes: tuple[dict, dict] = ({}, {})  # The last call's per-row (outcomes, ranks).
     self.rows_per_device = 0  # Rows of the last scored batch each device computed.
     self._title_slots: int | None = None  # Packed scoring's padded title length (host).
     parts = self.parts
@@ -880,15 +881,19 @@ class Evaluator:
     if "sasrec" in ranks:
       result.update({f"sasrec/{k}": v for k, v in ranking_metrics(ranks["sasrec"]).items()})
     self.gates = unsort(gates) if gates else None
-    self.rows = self._row_outcomes(out, ranks)
+    self._outcomes = (out, ranks)  # Turned into `rows` only when asked (final evaluations).
     if self.split.group is not None:
       result.update(self._group_metrics(out["model"], ranks))
     return result
 
-  def _row_outcomes(self, out: dict, ranks: dict) -> list[dict]:
-    """One dict per evaluated row (the split's order): its row, the next item and its
+  @property
+  def rows(self) -> list[dict]:
+    """One dict per row of the last call (the split's order): its row, the next item and its
     title, and what each scorer made of it: the answer generated, whether valid and a hit,
     and the target's 0-based rank among the candidates (by likelihood; SASRec's too)."""
+    out, ranks = self._outcomes
+    if not out:
+      return []
     rows = []
     for i, r in enumerate(self.idx):
       item = int(self.split.next[r])
@@ -1381,21 +1386,17 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   return result
 
 
-PREDICTIONS = "predictions"  # DIR/predictions/<split>.jsonl: each row of a final evaluation.
-
-
 def write_predictions(workdir: str, split: str, evaluator: Evaluator, metrics: dict) -> None:
-  """DIR/predictions/<split>.jsonl: a first line naming the rows' candidate fingerprint and
-  the final metrics, then one line per row (`Evaluator._row_outcomes`)."""
-  from ilora_jax.files import atomic_write
-
-  path = os.path.join(workdir, PREDICTIONS, f"{split}.jsonl")
-  head = {"split": split, "candidates": evaluator.fingerprint, "rows": len(evaluator.rows)}
+  """DIR/predictions/<split>.jsonl (`report.predictions_path`): a first line naming the rows'
+  candidate fingerprint and the final metrics, then one line per row (`Evaluator.rows`)."""
+  path = report.predictions_path(workdir, split)
+  rows = evaluator.rows
+  head = {"split": split, "candidates": evaluator.fingerprint, "rows": len(rows)}
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with atomic_write(path) as f:
       f.write(json.dumps({**head, "metrics": {k: plain(v) for k, v in metrics.items()}}) + "\n")
-      for row in evaluator.rows:
+      for row in rows:
         f.write(json.dumps(row) + "\n")
   except OSError as exc:
     raise UserError(f"cannot write {path}: {exc}; the final metrics are in metrics.jsonl") from None
