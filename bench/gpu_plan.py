@@ -118,7 +118,7 @@ def gpu_mesh() -> Mesh:
 
 
 def abstract_setup(config):
-  """(parts, tx, frozen, state) of the benchmark's setup with shape-only arrays."""
+  """(parts, make_tx, frozen, state) of the benchmark's setup with shape-only arrays."""
   held = {}
   place = train_ilora.init_opt_state
   # Placing the optimizer state inspects concrete arrays' shardings; one device needs none.
@@ -126,14 +126,14 @@ def abstract_setup(config):
   try:
 
     def build():
-      parts, frozen, state, tx = bench.build(config, sharding.make_mesh(config.mesh))
-      held.update(parts=parts, tx=tx)
+      parts, frozen, state, make_tx = bench.build(config, sharding.make_mesh(config.mesh))
+      held.update(parts=parts, make_tx=make_tx)
       return frozen, state
 
     frozen, state = jax.eval_shape(build)
   finally:
     train_ilora.init_opt_state = place
-  return held["parts"], held["tx"], frozen, state
+  return held["parts"], held["make_tx"], frozen, state
 
 
 def _on(tree, target):
@@ -170,11 +170,11 @@ def plan(config, programs) -> dict:
   mesh = gpu_mesh()
   repl = NamedSharding(mesh, PartitionSpec())
   with sharding.compiling_for("gpu"):  # The GPU's code paths (attention, adapter gradients).
-    parts, tx, frozen, state = abstract_setup(config)
+    parts, make_tx, frozen, state = abstract_setup(config)
     frozen, state = _on(frozen, repl), _on(state, repl)
     out = {}
     if "train" in programs:
-      step, batch_sh = bench.jit_train_step(config, mesh, parts, frozen, state, tx)
+      step, batch_sh = bench.jit_train_step(config, mesh, parts, frozen, state, make_tx)
       host = bench.random_batch(parts, bc.grad_accum, bc.batch_size, bc.seq_len, bc.target_tokens)
       out["train"] = _compile("train", step, state, frozen, _on(host, batch_sh))
     out.update(_decoding_plans(config, programs, parts, frozen, state, repl))

@@ -131,10 +131,11 @@ def build(config, mesh):
     init_params(sas_cfg, jax.random.PRNGKey(1)), sharding.replicated(mesh)
   )
   parts = train_ilora.make_parts(config, model, sas_cfg, None, n_items, config.bench.target_tokens)
-  frozen = {"llm": model.params, "sasrec": sas_params}
   trainable, stats = train_ilora.init_trainable(parts, mesh, rules, 0)
-  tx = optim.make(train_ilora.labels_of(trainable), 1e-4, 1000, 1e-5, config.ilora.train.clip_norm)
-  opt_state = train_ilora.init_opt_state(tx, trainable, mesh)
+  make_tx = optim.for_run(train_ilora.labels_of(trainable), 1e-5, config.ilora.train.clip_norm)
+  run = train_ilora.run_inputs(1e-4, 1000, 0, mesh)
+  frozen = {"llm": model.params, "sasrec": sas_params, "run": run}
+  opt_state = train_ilora.init_opt_state(make_tx(optim.run_values(1e-4, 1000)), trainable, mesh)
   repl = sharding.replicated(mesh)
   state = {
     "trainable": trainable,
@@ -142,7 +143,7 @@ def build(config, mesh):
     "opt_state": opt_state,
     "step": jax.device_put(jnp.zeros((), jnp.int32), repl),
   }
-  return parts, frozen, state, tx
+  return parts, frozen, state, make_tx
 
 
 def ordinary_vocab(parts) -> int:
@@ -192,7 +193,7 @@ def parse_variants(text: str | None) -> list[tuple[str, list[str]]]:
   return variants
 
 
-def jit_train_step(config, mesh, parts, frozen, state, tx):
+def jit_train_step(config, mesh, parts, frozen, state, make_tx):
   """(the run's train step jitted with the shardings of `state` and `frozen` (arrays, or
   ShapeDtypeStructs with shardings), state donated; the batch's sharding)."""
   from ilora_jax import sharding, train_ilora
@@ -201,7 +202,7 @@ def jit_train_step(config, mesh, parts, frozen, state, tx):
   frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
   batch_sh = NamedSharding(mesh, PartitionSpec(None, sharding.BATCH_AXES))
   step = jax.jit(
-    train_ilora.make_train_step(parts, tx, config.lora.gate, 0),
+    train_ilora.make_train_step(parts, make_tx, config.lora.gate),
     in_shardings=(state_sh, frozen_sh, batch_sh),
     out_shardings=(state_sh, sharding.replicated(mesh)),
     donate_argnums=(0,),
@@ -209,11 +210,11 @@ def jit_train_step(config, mesh, parts, frozen, state, tx):
   return step, batch_sh
 
 
-def compile_train_step(config, mesh, parts, frozen, state, tx):
+def compile_train_step(config, mesh, parts, frozen, state, make_tx):
   """The run's jitted train step (sharded, state donated) compiled for a random batch of the
   `bench` shape; -> (compiled step, device batch, compile seconds as `lower_and_compile`)."""
   bc = config.bench
-  step, batch_sh = jit_train_step(config, mesh, parts, frozen, state, tx)
+  step, batch_sh = jit_train_step(config, mesh, parts, frozen, state, make_tx)
   host = random_batch(parts, bc.grad_accum, bc.batch_size, bc.seq_len, bc.target_tokens)
   batch = {k: jax.device_put(v, batch_sh) for k, v in host.items()}
   compiled, times = lower_and_compile(step, state, frozen, batch)
@@ -316,8 +317,8 @@ def train_stepper(config):
 
   check_config(config)
   mesh = sharding.make_mesh(config.mesh)
-  parts, frozen, state, tx = build(config, mesh)
-  compiled, batch, _ = compile_train_step(config, mesh, parts, frozen, state, tx)
+  parts, frozen, state, make_tx = build(config, mesh)
+  compiled, batch, _ = compile_train_step(config, mesh, parts, frozen, state, make_tx)
   holder = [state]
 
   def step() -> None:
@@ -327,9 +328,9 @@ def train_stepper(config):
   return compiled, step
 
 
-def bench_train(config, mesh, parts, frozen, state, tx) -> tuple[dict, dict]:
+def bench_train(config, mesh, parts, frozen, state, make_tx) -> tuple[dict, dict]:
   bc = config.bench
-  compiled, batch, compile_times = compile_train_step(config, mesh, parts, frozen, state, tx)
+  compiled, batch, compile_times = compile_train_step(config, mesh, parts, frozen, state, make_tx)
   for _ in range(bc.warmup):
     state, metrics = compiled(state, frozen, batch)
   jax.block_until_ready(state)
@@ -605,7 +606,7 @@ def run(config, workdir: str | None = None) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   sharding.batch_size_per_shard(mesh, config.bench.batch_size)
   t0 = time.perf_counter()
-  parts, frozen, state, tx = build(config, mesh)
+  parts, frozen, state, make_tx = build(config, mesh)
   jax.block_until_ready(frozen)
   console.info(f"bench: built {config.llm.name} in {time.perf_counter() - t0:.1f} s")
   result = {
@@ -622,7 +623,7 @@ def run(config, workdir: str | None = None) -> dict:
   if config.bench.check_attention:
     result.update(check_attention(config, mesh, parts, frozen, state))
   if config.bench.train:
-    train, state = bench_train(config, mesh, parts, frozen, state, tx)
+    train, state = bench_train(config, mesh, parts, frozen, state, make_tx)
     result.update(train)
   if config.bench.eval:
     result.update(bench_generate(config, parts, frozen, state))

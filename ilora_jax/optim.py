@@ -10,30 +10,52 @@ finite are skipped and counted (`optax.apply_if_finite`), never applied.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 GROUPS = ("projector", "router", "lora")
 ROUTER_LR_SCALE = 0.3
+WARMUP_FRACTION = 0.05  # Of the run's updates (REFERENCE.md: total / 20).
+FLOOR_RATIO = 0.01  # Warm-up starts and the cosine ends at lr / 100.
+
+
+def warmup_steps(total_steps: int, warmup_fraction: float = WARMUP_FRACTION) -> int:
+  """Warm-up length of a run of `total_steps` updates (host integers, as the original)."""
+  return int(max(int(total_steps), 1) * warmup_fraction)
 
 
 def schedule(
-  lr: float, total_steps: int, warmup_fraction: float = 0.05, floor_ratio: float = 0.01
+  lr, total_steps, warmup: Any = None, floor_ratio: float = FLOOR_RATIO
 ) -> optax.Schedule:
-  """Linear warm-up from lr * floor_ratio to lr, then cosine down to lr * floor_ratio."""
-  total_steps = max(int(total_steps), 1)
-  warmup = int(total_steps * warmup_fraction)
-  return optax.warmup_cosine_decay_schedule(
-    init_value=lr * floor_ratio,
-    peak_value=lr,
-    warmup_steps=warmup,
-    decay_steps=max(total_steps, warmup + 1),
-    end_value=lr * floor_ratio,
-  )
+  """Linear warm-up from lr * floor_ratio to lr over `warmup` steps (default
+  `warmup_steps(total_steps)`), then a cosine down to lr * floor_ratio at `total_steps`.
+
+  The values of `optax.warmup_cosine_decay_schedule` (a test compares them), written with
+  array operations so that `lr`, `total_steps` and `warmup` may be traced: the train step
+  takes them as inputs (`train_ilora.run_inputs`) instead of constants, so runs that differ
+  only in them (seeds, learning rates, lengths of a sweep) share one compiled step.
+  """
+  if warmup is None:
+    total_steps = max(int(total_steps), 1)
+    warmup = warmup_steps(total_steps)
+
+  def value(count):
+    count = jnp.asarray(count, jnp.float32)
+    peak = jnp.asarray(lr, jnp.float32)
+    low = peak * floor_ratio
+    warm = jnp.asarray(warmup, jnp.float32)
+    total = jnp.maximum(jnp.asarray(total_steps, jnp.float32), warm + 1)
+    rising = low + (peak - low) * count / jnp.maximum(warm, 1)
+    progress = jnp.clip(count - warm, 0, total - warm) / (total - warm)
+    falling = low + (peak - low) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+    return jnp.where(count < warm, rising, falling)
+
+  return value
 
 
 def make(
@@ -43,22 +65,25 @@ def make(
   weight_decay: float,
   clip_norm: float | None,
   max_bad_steps: int = 1_000_000,
+  warmup: Any = None,
 ) -> optax.GradientTransformation:
   """Builds the optimizer.
 
   Args:
     labels: a tree (or a function of the params giving a tree) of group names in GROUPS.
-    lr: peak learning rate of projector and LoRA.
-    total_steps: optimizer updates in the whole run (sets warm-up and cosine length).
+    lr: peak learning rate of projector and LoRA (a number or a traced scalar).
+    total_steps: optimizer updates in the whole run (sets warm-up and cosine length; a
+      number, or a traced scalar with `warmup` given).
     weight_decay: coupled L2 on projector and router.
     clip_norm: global gradient-norm bound; None or <= 0 disables clipping.
     max_bad_steps: consecutive non-finite updates tolerated by optax (kept large: the
       training loop itself stops a run that keeps producing them).
+    warmup: warm-up steps (default `warmup_steps(total_steps)`).
   """
 
   def group(scale: float, decay: float) -> optax.GradientTransformation:
     parts = [optax.add_decayed_weights(decay)] if decay else []
-    parts.append(optax.adam(schedule(lr * scale, total_steps)))
+    parts.append(optax.adam(schedule(lr * scale, total_steps, warmup)))
     return optax.chain(*parts)
 
   inner = optax.multi_transform(
@@ -79,15 +104,37 @@ def skipped_updates(opt_state) -> jax.Array:
   return opt_state.total_notfinite
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_schedule(lr: float, total_steps: int):
-  """`schedule` as one program (called eagerly, its few ops would each compile on their own)."""
-  return jax.jit(schedule(lr, total_steps))
+def for_run(labels, weight_decay: float, clip_norm: float | None) -> Callable[[Any], Any]:
+  """run -> `make(...)` with the run's learning rate, length and warm-up taken from the
+  mapping `run` (keys of `run_values`; numbers, or arrays traced inside the train step)."""
+
+  def build(run) -> optax.GradientTransformation:
+    return make(labels, run["lr"], run["total_steps"], weight_decay, clip_norm,
+                warmup=run["warmup_steps"])  # fmt: skip
+
+  return build
+
+
+def run_values(lr: float, total_steps: int) -> dict[str, Any]:
+  """The schedule's inputs of a run as numpy scalars (`for_run`, `train_ilora.run_inputs`)."""
+  total = max(int(total_steps), 1)
+  return {
+    "lr": np.float32(lr),
+    "total_steps": np.int32(total),
+    "warmup_steps": np.int32(warmup_steps(total)),
+  }
+
+
+@jax.jit
+def _schedule_at(lr, total_steps, warmup, step):
+  """`schedule` as one program for every run (its inputs are arguments, not constants)."""
+  return schedule(lr, total_steps, warmup)(step)
 
 
 def learning_rates(lr: float, total_steps: int, step) -> dict[str, Any]:
   """Current learning rate of each group (for logging)."""
-  base = _jitted_schedule(float(lr), int(total_steps))(step)
+  run = run_values(lr, total_steps)
+  base = _schedule_at(run["lr"], run["total_steps"], run["warmup_steps"], step)
   return {"lr/projector": base, "lr/router": ROUTER_LR_SCALE * base, "lr/lora": base}
 
 

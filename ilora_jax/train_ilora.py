@@ -392,12 +392,28 @@ def loss_fn(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, key, 
   return loss, (new_stats, gate)
 
 
-def make_train_step(parts: Parts, tx, gate_kind: str, seed: int):
-  """One optimizer update over `grad_accum` micro-batches ([accum, micro, ...] arrays)."""
-  base_key = jax.random.PRNGKey(seed)
+def run_inputs(lr: float, total_steps: int, seed: int, mesh) -> dict:
+  """The run's settings that the train step reads as inputs, not as constants compiled into
+  it: the schedule's learning rate, length and warm-up (`optim.run_values`) and the dropout
+  seed's key. Runs that differ only in them (the seeds and learning rates of a sweep, a
+  longer run) share one compiled step, from JAX's persistent cache across processes.
+  Replicated arrays, kept in `frozen["run"]`."""
+  run = optim.run_values(lr, total_steps)
+  with jax.ensure_compile_time_eval():  # Also when traced for shapes (`bench/gpu_plan.py`).
+    run["key"] = np.asarray(jax.random.PRNGKey(seed))  # Raw uint32[2], the dropout's key.
+  return jax.device_put(run, sharding.replicated(mesh))
+
+
+def make_train_step(parts: Parts, make_tx, gate_kind: str):
+  """One optimizer update over `grad_accum` micro-batches ([accum, micro, ...] arrays).
+
+  `make_tx`: run -> the optimizer (`optim.for_run`), applied to `frozen["run"]`
+  (`run_inputs`), whose key also seeds the dropout masks.
+  """
 
   def step(state, frozen, batch):
-    step_key = jax.random.fold_in(base_key, state["step"])
+    tx = make_tx(frozen["run"])
+    step_key = jax.random.fold_in(frozen["run"]["key"], state["step"])
 
     def micro(carry, inputs):
       grads_acc, stats, loss_acc = carry
@@ -995,7 +1011,7 @@ class Setup:
   parts: Parts
   frozen: dict
   state: dict
-  tx: Any
+  make_tx: Any  # run -> optimizer (`optim.for_run`); `frozen["run"]` holds the run's inputs.
   mesh: Any
   micro: int
   accum: int
@@ -1062,9 +1078,9 @@ def setup(config, workdir: str) -> Setup:
     raise UserError(f"config.ilora.max_new_tokens={config.ilora.max_new_tokens}: must be >= 1")
   parts, frozen = build(config, workdir, dataset, mesh)
   trainable, stats = init_trainable(parts, mesh, rules, tc.seed)
-  tx = optim.make(
-    labels_of(trainable), tc.lr, max(total_steps, 1), tc.weight_decay, config.ilora.train.clip_norm
-  )
+  make_tx = optim.for_run(labels_of(trainable), tc.weight_decay, config.ilora.train.clip_norm)
+  tx = make_tx(optim.run_values(tc.lr, total_steps))  # Its state's structure and zeros.
+  frozen["run"] = run_inputs(tc.lr, total_steps, tc.seed, mesh)
   # Optimizer moments follow their parameters' shardings (propagated through the jit).
   state = {
     "trainable": trainable,
@@ -1077,7 +1093,7 @@ def setup(config, workdir: str) -> Setup:
     parts,
     frozen,
     state,
-    tx,
+    make_tx,
     mesh,
     micro,
     accum,
@@ -1098,7 +1114,7 @@ def jit_train_step(su: Setup, step=None):
   state_sh = jax.tree.map(lambda x: x.sharding, su.state)
   frozen_sh = jax.tree.map(lambda x: x.sharding, su.frozen)
   batch_sh = NamedSharding(su.mesh, PartitionSpec(None, sharding.BATCH_AXES))
-  step = step or make_train_step(su.parts, su.tx, su.gate_kind, su.seed)
+  step = step or make_train_step(su.parts, su.make_tx, su.gate_kind)
   jitted = jax.jit(
     step,
     in_shardings=(state_sh, frozen_sh, batch_sh),

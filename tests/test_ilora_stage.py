@@ -332,7 +332,7 @@ def test_step_changes_only_trainable_state_and_compiles_once(setup_tiny):
 
   config, su, _ = setup_tiny
   counted = chex.assert_max_traces(
-    train_ilora.make_train_step(su.parts, su.tx, su.gate_kind, su.seed), n=1
+    train_ilora.make_train_step(su.parts, su.make_tx, su.gate_kind), n=1
   )
   step, _ = train_ilora.jit_train_step(su, counted)  # The run's jit: shardings, donation.
   frozen_before = jax.tree.map(np.asarray, su.frozen)
@@ -390,6 +390,33 @@ def test_recommend_cli_and_api(pipeline):
   top = ilora_jax.recommend(workdir, history=[1, 2, 4], candidates=cands, k=4)
   assert sorted(t for _, t, _ in top) == sorted(cands)
   assert [s for *_, s in top] == sorted((s for *_, s in top), reverse=True)
+
+
+def test_runs_of_other_seeds_rates_and_lengths_share_one_compiled_step(setup_tiny):
+  """Seed, learning rate and run length reach the train step as inputs (`frozen["run"]`),
+  not as constants: two such runs lower to the same program (so a sweep's later runs load
+  the first one's compiled step from the persistent cache), and the inputs still act: the
+  same step on the same batch gives other updates."""
+  from ilora_jax import train_ilora
+
+  config, su, workdir = setup_tiny
+  other = config.copy_and_resolve_references()
+  other.train.seed, other.train.lr, other.train.steps = 7, 3e-3, 11
+  su2 = train_ilora.setup(other, workdir)
+  assert (su2.seed, su2.lr, su2.total_steps) != (su.seed, su.lr, su.total_steps)
+  host = train_ilora.train_batch(
+    su.parts, config, su.dataset.train, np.arange(8), 0, 1, 1, su.seed, su.accum, length=512
+  )
+  texts, updates = [], []
+  for s in (su, su2):
+    state = jax.tree.map(jnp.array, su2.state)  # A fresh copy (other tests donate su.state).
+    step, _ = train_ilora.jit_train_step(s)
+    texts.append(step.lower(state, s.frozen, host).as_text())
+    new, _ = step(state, s.frozen, host)
+    updates.append(jax.tree.map(np.asarray, new["trainable"]["projector"]))
+  assert texts[0] == texts[1]
+  differ = jax.tree.leaves(jax.tree.map(lambda a, b: not np.allclose(a, b), *updates))
+  assert differ and all(differ)
 
 
 def test_recommend_cli_uses_the_runs_compile_cache(pipeline, tmp_path):

@@ -2,6 +2,7 @@
 
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +26,43 @@ def test_schedule_matches_the_formula():
     assert math.isclose(
       float(sched(step)), _expected_lr(7e-4, 400, step), rel_tol=1e-5, abs_tol=1e-12
     ), step
+
+
+def test_schedule_equals_optax_and_takes_traced_inputs():
+  """The array form (lr, length and warm-up may be traced) against the library's schedule,
+  and one compiled program for runs of different learning rates and lengths."""
+  import optax
+
+  for lr, total in ((7e-4, 400), (1e-3, 6), (3e-4, 19), (2e-4, 21), (1e-2, 1), (5e-4, 1547)):
+    warm = optim.warmup_steps(total)
+    lib = optax.warmup_cosine_decay_schedule(lr / 100, lr, warm, max(total, warm + 1), lr / 100)
+    traced = jax.jit(lambda lr, t, w, c: optim.schedule(lr, t, w)(c))
+    for step in sorted({0, 1, warm - 1, warm, warm + 1, total // 2, total - 1, total, total + 5}):
+      if step < 0:
+        continue
+      # optax interpolates as (init - end) * frac + end: float32 cancellation near the ends,
+      # so the comparison is to a millionth of the peak.
+      want, close = float(lib(step)), {"rel_tol": 1e-6, "abs_tol": 1e-6 * lr}
+      assert math.isclose(float(optim.schedule(lr, total)(step)), want, **close), (total, step)
+      run = optim.run_values(lr, total)
+      got = float(traced(run["lr"], run["total_steps"], run["warmup_steps"], step))
+      assert math.isclose(got, want, **close), (lr, total, step)
+  # The optimizer built from traced run inputs updates as the one built from numbers.
+  params = _params()
+  grads = jax.tree.map(lambda p: 0.5 * p, params)
+  make = optim.for_run(_labels, weight_decay=0.5, clip_norm=1.0)
+  ref = optim.make(_labels, lr=1e-2, total_steps=100, weight_decay=0.5, clip_norm=1.0)
+  counted = chex.assert_max_traces(n=1)(lambda run, state: make(run).update(grads, state, params))
+  update = jax.jit(counted)
+  for lr, total in ((1e-2, 100), (3e-3, 40)):  # A second run: the same program.
+    ref = optim.make(_labels, lr=lr, total_steps=total, weight_decay=0.5, clip_norm=1.0)
+    state = ref.init(params)
+    for _ in range(3):
+      want, state_ref = ref.update(grads, state, params)
+      got, state_got = update(optim.run_values(lr, total), state)
+      chex.assert_trees_all_close(got, want, rtol=1e-6)
+      chex.assert_trees_all_close(state_got, state_ref, rtol=1e-6)
+      state = state_ref
 
 
 def _params():
