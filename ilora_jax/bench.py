@@ -135,7 +135,7 @@ def build(config, mesh):
   make_tx = optim.for_run(train_ilora.labels_of(trainable), 1e-5, config.ilora.train.clip_norm)
   run = train_ilora.run_inputs(1e-4, 1000, 0, mesh)
   frozen = {"llm": model.params, "sasrec": sas_params, "run": run}
-  opt_state = train_ilora.init_opt_state(make_tx(optim.run_values(1e-4, 1000)), trainable, mesh)
+  opt_state = train_ilora.init_opt_state(make_tx(run), trainable, mesh)
   repl = sharding.replicated(mesh)
   state = {
     "trainable": trainable,

@@ -1079,8 +1079,8 @@ def setup(config, workdir: str) -> Setup:
   parts, frozen = build(config, workdir, dataset, mesh)
   trainable, stats = init_trainable(parts, mesh, rules, tc.seed)
   make_tx = optim.for_run(labels_of(trainable), tc.weight_decay, config.ilora.train.clip_norm)
-  tx = make_tx(optim.run_values(tc.lr, total_steps))  # Its state's structure and zeros.
   frozen["run"] = run_inputs(tc.lr, total_steps, tc.seed, mesh)
+  tx = make_tx(frozen["run"])  # For its state's structure and zeros.
   # Optimizer moments follow their parameters' shardings (propagated through the jit).
   state = {
     "trainable": trainable,

@@ -51,7 +51,6 @@ def test_schedule_equals_optax_and_takes_traced_inputs():
   params = _params()
   grads = jax.tree.map(lambda p: 0.5 * p, params)
   make = optim.for_run(_labels, weight_decay=0.5, clip_norm=1.0)
-  ref = optim.make(_labels, lr=1e-2, total_steps=100, weight_decay=0.5, clip_norm=1.0)
   counted = chex.assert_max_traces(n=1)(lambda run, state: make(run).update(grads, state, params))
   update = jax.jit(counted)
   for lr, total in ((1e-2, 100), (3e-3, 40)):  # A second run: the same program.
