@@ -782,12 +782,25 @@ def abstract_params(
   """Boxed (logically partitioned) ShapeDtypeStruct tree of the params; allocates nothing.
 
   `num_gates` sizes the dummy `gate_weights` [1, num_gates] given to adapters at init.
+  Traced once per (config, adapter, num_gates) in a process (tracing the model's init takes
+  about 0.2 s even for a tiny model, and setting up a run asks for the tree about seven
+  times); each call returns its own containers, so a caller may change the tree it got.
   """
+  return _fresh_containers(_abstract_params(config, adapter, num_gates))
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_params(config: LlamaConfig, adapter: AdapterFactory | None, num_gates: int | None):
   module = Llama(config, adapter)
   variables = jax.eval_shape(
     lambda key: module.init(key, **_init_inputs(num_gates)), jax.random.key(0)
   )
   return variables["params"]
+
+
+def _fresh_containers(tree: Any) -> Any:
+  """The same leaves (immutable boxes and ShapeDtypeStructs) in new dicts."""
+  return jax.tree.map(lambda x: x, tree, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
 def init_params(

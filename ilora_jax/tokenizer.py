@@ -283,8 +283,15 @@ def add_ilora_tokens(tokenizer) -> dict[str, int]:
 def blank_ids(tokenizer) -> tuple[int, ...]:
   """The ids whose text alone is empty or whitespace, decoded as generated answers are
   (special tokens skipped): what may come before an answer's text (`llm.greedy_decode`).
-  Decodes the vocabulary once per tokenizer (about half a second for 49k tokens)."""
-  texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=True)
+  Decodes the vocabulary once per tokenizer, through the Rust backend where the tokenizer has
+  one (0.04 s for 49k tokens on a CPU core, against 0.35 s through `batch_decode`'s Python
+  loop, whose clean-up of spaces before punctuation never makes a text blank or not blank)."""
+  ids = [[i] for i in range(len(tokenizer))]
+  backend = getattr(tokenizer, "backend_tokenizer", None)
+  if backend is not None:
+    texts = backend.decode_batch(ids, skip_special_tokens=True)
+  else:
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
   return tuple(i for i, text in enumerate(texts) if not text.strip())
 
 

@@ -248,7 +248,7 @@ def test_grid_resumes_and_adds_seeds(smoke):
   assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" in row[0]
 
 
-def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(tmp_path):
+def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(smoke, tmp_path):
   import signal
   import subprocess
   import sys
@@ -257,8 +257,10 @@ def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(tmp_pat
   from conftest import ROOT
 
   w = str(tmp_path / "grid")
+  sasrec = os.path.join(smoke[0], "sasrec", "seed0")  # Trained already: one run in this grid.
   args = [sys.executable, "-m", "ilora_jax.experiments", GRID, f"--workdir={w}",
-          "--grid.seeds=0", "--grid.only=lora", SMOKE + " ilora.train.steps=60"]  # fmt: skip
+          "--grid.seeds=0", "--grid.only=lora", f"--grid.sasrec={sasrec}",
+          SMOKE + " ilora.train.steps=60"]  # fmt: skip
   proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   run_dir = os.path.join(w, "runs", "lora", "seed0")
   deadline = time.time() + 300
@@ -275,7 +277,7 @@ def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(tmp_pat
   assert 0 < stopped_at < 60
   rerun = run_cli(*args[3:], module="ilora_jax.experiments")
   assert rerun.returncode == 0, rerun.stderr[-2000:]
-  assert "grid: 2 runs, 1 already finished" in rerun.stdout
+  assert "grid: 1 runs, 0 already finished" in rerun.stdout
   steps = [r["step"] for r in metrics_records(run_dir) if r["split"] == "train"]
   assert steps == list(range(1, 61))  # Resumed from the checkpoint: every step once.
 

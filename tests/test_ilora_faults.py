@@ -1,6 +1,7 @@
 """Faults during iLoRA training (kill mid-save, full disk, read-only workdir, non-finite
-losses) and the two-process run: each trains its own copy of the tiny pipeline's iLoRA stage
-and compares it with the shared `pipeline` fixture (conftest.py), which it only reads."""
+losses): each trains its own copy of the tiny pipeline's iLoRA stage and compares it with the
+shared `pipeline` fixture (conftest.py), which it only reads. The two-process run is in
+test_ilora_mesh.py, compared with the same mesh in one process."""
 
 import os
 
@@ -14,7 +15,6 @@ from conftest import (
   ilora_records,
   run_cli,
   with_sasrec_of,
-  xla_flags,
 )
 
 
@@ -114,62 +114,6 @@ def test_persistent_non_finite_losses_stop_without_nan_weights(pipeline, tmp_pat
   )
   leaves = jax.tree.leaves(saved["trainable"]) + jax.tree.leaves(saved["opt_state"])
   assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
-
-
-def test_two_processes_match_one_process_with_eight_devices(pipeline, tmp_path):
-  """jax.distributed on CPU: 2 processes x 4 devices == 1 process x 8 devices, mesh 2x2x2."""
-  import socket
-  import subprocess
-  import sys
-
-  ref_dir, _ = pipeline
-  # Every prompt (224-320 tokens) in one padded length: one compile of each program per
-  # process instead of two, on 8 devices (three processes here).
-  mesh = ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-          "--config.ilora.eval_base=False", "--config.ilora.pad_multiple=384"]  # fmt: skip
-  single = with_sasrec_of(ref_dir, tmp_path / "single")
-  proc = run_cli(TINY, f"--workdir={single}", "--config.stage=ilora", *mesh,
-                 env={"XLA_FLAGS": xla_flags(8)})  # fmt: skip
-  assert proc.returncode == 0, proc.stderr
-  multi = with_sasrec_of(ref_dir, tmp_path / "multi")
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
-  env.pop("ILORA_JAX_DEBUG", None)
-  procs = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "ilora_jax.main",
-        TINY,
-        f"--workdir={multi}",
-        "--config.stage=ilora",
-        *mesh,
-        f"--config.distributed.coordinator=localhost:{port}",
-        "--config.distributed.num_processes=2",
-        f"--config.distributed.process_id={i}",
-      ],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )  # fmt: skip
-    for i in range(2)
-  ]
-  outs = [p.communicate(timeout=900) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err
-  assert "iLoRA: trainable" in outs[0][1] and "iLoRA: trainable" not in outs[1][1]  # Rank 0 logs.
-  ours, ref = ilora_records(multi), ilora_records(single)
-  assert [(r["split"], r["step"]) for r in ours] == [(r["split"], r["step"]) for r in ref]
-  for a, b in zip(ours, ref):
-    for key, value in b.items():
-      if isinstance(value, float):
-        assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (a["split"], a["step"], key)
-  assert complete_steps(multi) == complete_steps(single)  # Orbax wrote them collectively.
 
 
 def test_only_a_damaged_checkpoint_gets_the_advice_to_remove_it(tmp_path, caplog):

