@@ -261,6 +261,30 @@ def test_written_gguf_matches_transformers(tiny_gguf):
     loaded.generate(["hi"])
 
 
+def _assert_read_as_gguf_reads_it(path):
+  """`weights.open_gguf` against `gguf.GGUFReader`: every metadata value, and every tensor's
+  name, type, shape and raw data."""
+  ours, ref = weights.open_gguf(path), gguf.GGUFReader(path)
+  keys = [k for k in ref.fields if not k.startswith("GGUF.")]  # the reader's own header
+  assert sorted(ours.fields) == sorted(keys)
+  for key in keys:
+    assert ours.fields[key].contents() == ref.fields[key].contents(), key
+  assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+  for a, b in zip(ours.tensors, ref.tensors):
+    assert a.tensor_type == b.tensor_type and a.shape == tuple(int(x) for x in b.shape), a.name
+    assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape, a.name
+    np.testing.assert_array_equal(a.data, b.data, err_msg=a.name)
+
+
+def test_gguf_files_are_read_as_the_gguf_package_reads_them(tiny_gguf, tmp_path):
+  _assert_read_as_gguf_reads_it(tiny_gguf[0])  # float32 and Q8_0 tensors
+  path = str(tmp_path / "gpt2.gguf")
+  _write_gguf(path, _hf_model(), arch="gpt2", bad_type=True)  # an int8 tensor too
+  _assert_read_as_gguf_reads_it(path)
+  if SMOLLM2 is not None:  # a real file: tokenizer arrays of 49k entries, quantised weights
+    _assert_read_as_gguf_reads_it(SMOLLM2)
+
+
 # ------------------------------------------------------------------------- error handling
 
 
