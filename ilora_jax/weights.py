@@ -401,9 +401,9 @@ class GGUFFile:
     self._offs = 4
     version = self._scalar("<I")
     if version & 0xFFFF == 0:
-      raise ValueError("a big-endian GGUF file; only little-endian files are supported")
+      raise UserError(f"{path}: a big-endian GGUF file; only little-endian files are supported")
     if version not in (2, 3):
-      raise ValueError(f"GGUF version {version} is not supported (2 or 3)")
+      raise UserError(f"{path}: GGUF version {version} is not supported (2 or 3)")
     n_tensors, n_fields = self._scalar("<Q"), self._scalar("<Q")
     self.fields: dict[str, GGUFField] = {}
     for _ in range(n_fields):

@@ -297,6 +297,16 @@ def test_truncated_gguf_is_user_error(tiny_gguf, tmp_path):
       llm.load(str(bad))
 
 
+def test_gguf_of_another_version_or_byte_order_is_named(tiny_gguf, tmp_path):
+  data = open(tiny_gguf[0], "rb").read()
+  for version, message in ((b"\x01\x00\x00\x00", "GGUF version 1 is not supported"),
+                           (b"\x00\x00\x00\x03", "a big-endian GGUF file")):  # fmt: skip
+    bad = tmp_path / "other.gguf"
+    bad.write_bytes(data[:4] + version + data[8:])
+    with pytest.raises(UserError, match=message):
+      llm.load(str(bad))
+
+
 def test_truncated_safetensors_is_user_error(hf_checkpoints, tmp_path):
   folder, _ = hf_checkpoints["gqa_untied_single_file"]
   for name in os.listdir(folder):
