@@ -356,10 +356,6 @@ class GGUFField:
 
   value: Any
 
-  @property
-  def data(self) -> Any:
-    return self.value
-
   def contents(self) -> Any:
     return self.value
 
@@ -395,7 +391,6 @@ class GGUFFile:
   def __init__(self, path: str):
     import gguf
 
-    self.path = path
     self.data = np.memmap(path, mode="r")
     self._buf = memoryview(self.data)
     self._offs = 4
@@ -496,8 +491,8 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
   heads = int(need("llama.attention.head_count"))
   vocab = gguf_field(reader, "llama.vocab_size")
   if vocab is None:
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else None
+    tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+    vocab = len(tokens) if tokens is not None else None
   if vocab is None:
     embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
     vocab = int(embd.shape[1])

@@ -26,23 +26,14 @@ import json, os, sys
 sys.path.insert(0, os.path.join(ROOT, "configs"))
 import jax
 import tiny
-from ilora_jax import llm, train_ilora, sharding
+from ilora_jax import configuration, llm, train_ilora, sharding
 
 def _spec(spec):  # "P(None, 'fsdp')" whatever the jax version's repr.
   return "P(" + ", ".join(repr(a) for a in tuple(spec)) + ")"
 
 out = {}
 for data, fsdp, tensor in MESHES:
-  config = tiny.get_config()
-  config.stage = "ilora"
-  config.train.batch_size = 8
-  config.train.grad_accum = 2
-  config.train.steps = 3
-  config.ilora.eval_rows = 4
-  config.ilora.eval_batch_size = 4
-  config.ilora.max_new_tokens = 2
-  config.ilora.pad_multiple = 384  # Every prompt (224-320 tokens) one length: one compile each.
-  config.ilora.eval_base = False
+  config = configuration.override(tiny.get_config(), RUN)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = data, fsdp, tensor
   workdir = os.path.join(BASE, f"mesh_{data}{fsdp}{tensor}")
   train_ilora.run(config, workdir)
@@ -100,7 +91,7 @@ def mesh_runs(pipeline, tmp_path_factory):
   out = {}
   for devices in (1, 8):  # 1x1x1 on one device, the others on eight.
     meshes = [m for m in MESHES if (m == (1, 1, 1)) == (devices == 1)]
-    code = f"ROOT = {ROOT!r}\nBASE = {str(base)!r}\nMESHES = {meshes!r}\n" + _SCRIPT
+    code = f"ROOT = {ROOT!r}\nBASE = {str(base)!r}\nMESHES = {meshes!r}\nRUN = {_RUN!r}\n" + _SCRIPT
     env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
     proc = subprocess.run(
       [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env, timeout=900
@@ -113,11 +104,11 @@ def mesh_runs(pipeline, tmp_path_factory):
   return out
 
 
-# The command line of the script's runs (`_SCRIPT`), for the same run started otherwise.
-_RUN_FLAGS = ["--config.stage=ilora", "--config.train.batch_size=8", "--config.train.grad_accum=2",
-              "--config.train.steps=3", "--config.ilora.eval_rows=4",
-              "--config.ilora.eval_batch_size=4", "--config.ilora.max_new_tokens=2",
-              "--config.ilora.pad_multiple=384", "--config.ilora.eval_base=False"]  # fmt: skip
+# The settings of every mesh's run (`_SCRIPT`); the two-process test gives them as flags.
+_RUN = ["stage=ilora", "train.batch_size=8", "train.grad_accum=2", "train.steps=3",
+        "ilora.eval_rows=4", "ilora.eval_batch_size=4", "ilora.max_new_tokens=2",
+        "ilora.pad_multiple=384",  # Every prompt (224-320 tokens) one length: one compile each.
+        "ilora.eval_base=False"]  # fmt: skip
 
 
 def test_every_mesh_gives_the_same_losses(mesh_runs):
@@ -216,7 +207,7 @@ def test_two_processes_match_one_process_with_eight_devices(mesh_runs, pipeline,
         "ilora_jax.main",
         TINY,
         f"--workdir={multi}",
-        *_RUN_FLAGS,
+        *[f"--config.{o}" for o in _RUN],
         "--config.mesh.data=2",
         "--config.mesh.fsdp=2",
         "--config.mesh.tensor=2",
