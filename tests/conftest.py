@@ -22,6 +22,31 @@ def xla_flags(devices: int) -> str:
   return f"{own} --xla_force_host_platform_device_count={devices}".strip()
 
 
+# Test files by their summed time in a full run (`--durations=0`, 2026-12-03: 408, 247, 241,
+# 232, 221, 114 s, then 99 s and less), heaviest first. pytest-xdist's `--dist loadfile` hands
+# each worker whole files in collection order, which by default it sorts by the number of
+# tests in a file: the six-test mesh file then starts last and one worker finishes about 60 s
+# after the other. Heaviest first (its reordering off) leaves them about even.
+HEAVIEST_FIRST = [
+  "test_ilora_stage.py",
+  "test_cli.py",
+  "test_experiments.py",
+  "test_bench.py",
+  "test_ilora_mesh.py",
+  "test_ilora_faults.py",
+  "test_llama.py",
+  "test_scoring.py",
+  "test_llm_weights.py",
+  "test_interrupts.py",
+  "test_splash.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: files stay whole.
+
+
 def pytest_configure(config):
   """One persistent compilation cache for the session (`ilora_jax.compile_cache`): xdist
   workers, in-process tests and CLI subprocesses inherit the folder from the environment,
@@ -30,6 +55,8 @@ def pytest_configure(config):
   read from the SmolLM2 GGUF once, not in every process (about 0.4 s saved in each)."""
   if hasattr(config, "workerinput"):
     return  # A worker: the controller's folders came with the environment.
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False  # `HEAVIEST_FIRST` gives the files' order.
   config._ilora_temp = []
   if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     config._ilora_temp.append(tempfile.mkdtemp(prefix="ilora_jax_tests_xla_"))
