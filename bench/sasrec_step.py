@@ -12,12 +12,17 @@ import json
 import time
 
 import jax
-import jax.numpy as jnp
+import ml_collections
 import numpy as np
-import optax
 
-from ilora_jax import sasrec
-from ilora_jax.train_sasrec import make_optimizer
+from ilora_jax import sasrec, sharding
+from ilora_jax.train_sasrec import (
+  jit_train_step,
+  make_optimizer,
+  make_train_step,
+  new_state,
+  run_inputs,
+)
 
 
 def main() -> None:
@@ -28,33 +33,31 @@ def main() -> None:
   args = parser.parse_args()
   cfg = sasrec.SASRecConfig(n_items=args.n_items)
   model = sasrec.SASRec(cfg)
+  # The stage's own step (`train_sasrec`): batch over every local device, state replicated.
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+  sharding.batch_size_per_shard(mesh, args.batch_size)
   params = sasrec.init_params(cfg, jax.random.PRNGKey(0))
-  opt = make_optimizer(1e-3, 1e-4)
-  state = (params, opt.init(params))
+  state = jax.device_put(new_state(params, make_optimizer(1e-3, 1e-4)), sharding.replicated(mesh))
+  step = jit_train_step(make_train_step(model, 1e-4), state, mesh)
+  run = run_inputs(1e-3, 0, mesh)
   rng = np.random.default_rng(0)
-  seq = jnp.asarray(rng.integers(cfg.n_items, size=(args.batch_size, cfg.max_len)), jnp.int32)
-  lens = jnp.full((args.batch_size,), cfg.max_len, jnp.int32)
-  nxt = jnp.asarray(rng.integers(cfg.n_items, size=(args.batch_size,)), jnp.int32)
-
-  @jax.jit
-  def step(state, key):
-    params, opt_state = state
-
-    def loss_fn(p):
-      logits = model.apply({"params": p}, seq, lens, deterministic=False, rngs={"dropout": key})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, nxt).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = opt.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
+  arrays = sharding.global_batch(
+    mesh,
+    {
+      "seq": rng.integers(cfg.n_items, size=(args.batch_size, cfg.max_len)).astype(np.int32),
+      "len_seq": np.full((args.batch_size,), cfg.max_len, np.int32),
+      "next": rng.integers(cfg.n_items, size=(args.batch_size,)).astype(np.int32),
+    },
+  )
+  batch = (arrays["seq"], arrays["len_seq"], arrays["next"])
 
   t0 = time.perf_counter()
-  state, loss = step(state, jax.random.PRNGKey(0))
+  state, loss = step(state, run, *batch)
   loss.block_until_ready()
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  for i in range(args.steps):
-    state, loss = step(state, jax.random.PRNGKey(i))
+  for _ in range(args.steps):
+    state, loss = step(state, run, *batch)  # The dropout key follows the state's step.
   loss.block_until_ready()
   step_s = (time.perf_counter() - t0) / args.steps
   result = {

@@ -38,9 +38,58 @@ def model_config(config, n_items: int) -> SASRecConfig:
   )
 
 
-def make_optimizer(lr: float, weight_decay: float) -> optax.GradientTransformation:
-  # torch's Adam(weight_decay=wd) adds wd * param to the gradient before the moments.
+def make_optimizer(lr, weight_decay: float) -> optax.GradientTransformation:
+  """Adam with coupled L2, as the original's torch Adam(weight_decay=wd), which adds
+  wd * param to the gradient before the moments. `lr` may be a traced scalar (`run_inputs`)."""
   return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr))
+
+
+def run_inputs(lr: float, seed: int, mesh) -> dict:
+  """The run's settings that the train step reads as inputs, not as constants compiled into
+  it: the learning rate and the dropout seed's key. Runs that differ only in them (the seeds
+  of an experiment grid, each training its own SASRec) share one compiled step, from JAX's
+  persistent cache across processes."""
+  with jax.ensure_compile_time_eval():
+    key = np.asarray(jax.random.PRNGKey(seed))  # Raw uint32[2].
+  return jax.device_put({"lr": np.float32(lr), "key": key}, sharding.replicated(mesh))
+
+
+def make_train_step(model: SASRec, weight_decay: float):
+  """One Adam update on a batch: (state, run, seq, len_seq, next) -> (state, mean loss).
+  `run` is `run_inputs`; the dropout key of step s is its key folded with s."""
+
+  def train_step(state, run, seq, len_seq, nxt):
+    key = jax.random.fold_in(run["key"], state["step"])
+
+    def loss_fn(p):
+      logits = model.apply({"params": p}, seq, len_seq, deterministic=False, rngs={"dropout": key})
+      return optax.softmax_cross_entropy_with_integer_labels(logits, nxt).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+    optimizer = make_optimizer(run["lr"], weight_decay)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    new = {
+      "params": optax.apply_updates(state["params"], updates),
+      "opt_state": opt_state,
+      "step": state["step"] + 1,
+    }
+    return new, loss
+
+  return train_step
+
+
+def jit_train_step(step, state, mesh):
+  """`step` as one jit: batch split over the mesh's batch axes, state (placed as `state` is)
+  donated, the run's inputs and the loss replicated."""
+  repl = sharding.replicated(mesh)
+  batch_sh = sharding.batch_sharding(mesh)
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  return jax.jit(
+    step,
+    in_shardings=(state_sh, repl, batch_sh, batch_sh, batch_sh),
+    out_shardings=(state_sh, repl),
+    donate_argnums=(0,),
+  )
 
 
 @dataclasses.dataclass
@@ -136,32 +185,8 @@ def run(config, workdir: str) -> dict[str, float] | None:
   val_eval = make_evaluator(config, dataset, "val", model, mesh)
 
   state = jax.device_put(new_state(initial_params(config, cfg, tc.seed), optimizer), repl)
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  base_key = jax.random.PRNGKey(tc.seed)
-
-  def train_step(state, seq, len_seq, nxt):
-    key = jax.random.fold_in(base_key, state["step"])
-
-    def loss_fn(p):
-      logits = model.apply({"params": p}, seq, len_seq, deterministic=False, rngs={"dropout": key})
-      return optax.softmax_cross_entropy_with_integer_labels(logits, nxt).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(state["params"])
-    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-    new = {
-      "params": optax.apply_updates(state["params"], updates),
-      "opt_state": opt_state,
-      "step": state["step"] + 1,
-    }
-    return new, loss
-
-  batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jax.jit(
-    train_step,
-    in_shardings=(state_sharding, batch_sh, batch_sh, batch_sh),
-    out_shardings=(state_sharding, repl),
-    donate_argnums=(0,),
-  )
+  run_in = run_inputs(tc.lr, tc.seed, mesh)
+  step_fn = jit_train_step(make_train_step(model, tc.weight_decay), state, mesh)
 
   settings = checkpointing.jsonable(
     {
@@ -231,7 +256,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
       arrays = sharding.global_batch(
         mesh, {"seq": train.seq[idx], "len_seq": train.len_seq[idx], "next": train.next[idx]}
       )
-      state, loss = step_fn(state, arrays["seq"], arrays["len_seq"], arrays["next"])
+      state, loss = step_fn(state, run_in, arrays["seq"], arrays["len_seq"], arrays["next"])
       step += 1
       pending.append(loss)
       bar.update(1)

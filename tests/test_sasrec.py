@@ -66,6 +66,41 @@ def test_dropout_only_in_training():
   assert not np.allclose(a, b)
 
 
+def test_runs_of_other_seeds_and_rates_share_one_compiled_train_step():
+  """The learning rate and the dropout seed reach the stage's train step as inputs
+  (`run_inputs`), not as constants: runs differing only in them (an experiment grid's seeds)
+  lower to one program. They still act: Adam's first update is -lr * m / (sqrt(v) + eps)
+  with bias-corrected moments of the same gradient, so with the same seed the updates scale
+  exactly with the rate, and another seed's dropout masks give another gradient."""
+  import ml_collections
+
+  from ilora_jax import sharding, train_sasrec
+
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+  model = sasrec.SASRec(CFG)
+  # Host copies: each call places a new state, which the step donates.
+  params = jax.tree.map(np.asarray, sasrec.init_params(CFG, jax.random.PRNGKey(0)))
+  fresh = lambda: jax.device_put(  # noqa: E731
+    train_sasrec.new_state(params, train_sasrec.make_optimizer(1e-3, 0.0)),
+    sharding.replicated(mesh),
+  )
+  step = train_sasrec.jit_train_step(train_sasrec.make_train_step(model, 0.0), fresh(), mesh)
+  seq, lens = _batch()
+  nxt = jnp.asarray([4, 20, 8], jnp.int32)
+  texts, deltas = [], []
+  for lr, seed in ((1e-3, 0), (4e-3, 0), (1e-3, 5)):
+    run = train_sasrec.run_inputs(lr, seed, mesh)
+    texts.append(step.lower(fresh(), run, seq, lens, nxt).as_text())
+    new, loss = step(fresh(), run, seq, lens, nxt)
+    assert np.isfinite(float(loss))
+    table = np.asarray(new["params"]["item_embeddings"]["embedding"])
+    deltas.append(table - params["item_embeddings"]["embedding"])
+  assert texts[0] == texts[1] == texts[2]
+  assert np.abs(deltas[0]).max() > 0
+  np.testing.assert_allclose(deltas[1], 4 * deltas[0], rtol=1e-3, atol=1e-9)
+  assert not np.allclose(deltas[2], deltas[0], rtol=1e-3, atol=1e-9)
+
+
 def test_matches_independent_numpy_formula_on_random_params():
   params = sasrec.init_params(CFG, jax.random.PRNGKey(3))
   # Give LayerNorms and biases non-trivial values so every term matters.
