@@ -622,6 +622,31 @@ def _random_tokenizer(config: LlamaConfig):
   return tok_lib.byte_level_tokenizer()
 
 
+def _tokenizer_of(kind: str, target: str, config: LlamaConfig | None, reader=None):
+  """The tokenizer of a resolved model (`_resolve`), or None where it has none (a GGUF
+  without one warns: `generate()` is then unavailable)."""
+  if kind == "preset":
+    return _random_tokenizer(config)
+  if kind == "gguf":
+    try:
+      return tok_lib.tokenizer_from_gguf(target if reader is None else reader)
+    except UserError as e:
+      warnings.warn(f"{target}: no tokenizer ({e}); generate() is unavailable", stacklevel=3)
+      return None
+  if any(os.path.isfile(os.path.join(target, n)) for n in ("tokenizer.json", "tokenizer.model")):
+    return tok_lib.tokenizer_from_hf(target)
+  if config.vocab_size >= 259:
+    return tok_lib.byte_level_tokenizer()
+  return None
+
+
+def load_tokenizer(name_or_path: str):
+  """The tokenizer `load` gives a model, without reading its weights (None: it has none)."""
+  kind, target = _resolve(name_or_path)
+  config = None if kind == "gguf" else config_for(name_or_path)
+  return _tokenizer_of(kind, target, config)
+
+
 def load(
   name_or_path: str,
   *,
@@ -633,6 +658,7 @@ def load(
   seed: int = 0,
   adapter=None,
   init_std: float = 0.02,
+  with_tokenizer: bool = True,
   **config_overrides,
 ) -> LLM:
   """Loads a model by registered name, GGUF path or Hugging Face folder.
@@ -651,6 +677,8 @@ def load(
       +-1, so adapters on it cannot express a confident prediction. A larger value (about
       1 / sqrt(hidden)) gives small random models that adapters can steer (experiments).
     adapter: optional adapter factory for the module (its params are not loaded here).
+    with_tokenizer: False leaves the tokenizer out (None), for a caller that read it first
+      (`load_tokenizer`).
     **config_overrides: other `LlamaConfig` fields (remat_policy, scan_layers, ...).
 
   Returns:
@@ -672,7 +700,8 @@ def load(
     shardings = weights.resolve_shardings(shardings, abstract_params(config))
     init = functools.partial(llama.init_params, config)
     params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
-    return LLM(config, params, _random_tokenizer(config), adapter)
+    tokenizer = _tokenizer_of(kind, target, config) if with_tokenizer else None
+    return LLM(config, params, tokenizer, adapter)
   if kind == "gguf":
     reader = weights.open_gguf(target)
     config = weights.config_from_gguf(reader, **config_overrides)
@@ -680,22 +709,10 @@ def load(
       shardings = mesh_shardings(config, mesh, rules)
     get, has = weights.gguf_tensor_getter(reader, config, target)
     params = weights.params_from_hf_tensors(get, has, config, source=target, shardings=shardings)
-    try:
-      tokenizer = tok_lib.tokenizer_from_gguf(reader)
-    except UserError as e:
-      warnings.warn(f"{target}: no tokenizer ({e}); generate() is unavailable", stacklevel=2)
-      tokenizer = None
+    tokenizer = _tokenizer_of(kind, target, config, reader) if with_tokenizer else None
     return LLM(config, params, tokenizer, adapter)
   if shardings is None and mesh is not None:
     shardings = mesh_shardings(config_for(target, **config_overrides), mesh, rules)
   config, params = weights.load_hf(target, shardings=shardings, **config_overrides)
-  has_tokenizer = any(
-    os.path.isfile(os.path.join(target, n)) for n in ("tokenizer.json", "tokenizer.model")
-  )
-  if has_tokenizer:
-    tokenizer = tok_lib.tokenizer_from_hf(target)
-  elif config.vocab_size >= 259:
-    tokenizer = tok_lib.byte_level_tokenizer()
-  else:
-    tokenizer = None
+  tokenizer = _tokenizer_of(kind, target, config) if with_tokenizer else None
   return LLM(config, params, tokenizer, adapter)

@@ -207,28 +207,20 @@ def model_options(config, mesh=None) -> dict:
   )
 
 
-def build(config, workdir: str, dataset: Dataset, mesh):
-  """Loads the frozen parts and initialises the trainable ones (sharded)."""
+def build(config, workdir: str, dataset: Dataset, mesh, check=None):
+  """Loads the frozen parts and initialises the trainable ones (sharded).
+
+  `check(builder, target_slots, sasrec_params)`, when given, runs once the tokenizer, the
+  prompt builder and the frozen SASRec are ready and before the LLM's weights are read: a
+  resume refused by it stops before the slow part (a 7B model's 13 GB).
+  """
   rules = sharding.rules(config)
   lora_cfg = lora_config(config)
   factory = lora.adapter_factory(lora_cfg)
-  base = llm.load(
-    config.llm.name,
-    mesh=mesh,
-    rules=rules,
-    init_std=config.llm.init_std,
-    **model_options(config, mesh),
-  )
-  tokenizer = base.tokenizer
+  tokenizer = llm.load_tokenizer(config.llm.name)
+  if tokenizer is None:
+    raise UserError(f"{config.llm.name} has no tokenizer: the ilora stage writes its prompts")
   special = tok_lib.add_ilora_tokens(tokenizer)
-  # Rows for the special tokens, the vocabulary rounded up to 128 so it shards evenly.
-  params, llama_cfg = tok_lib.resize_vocab(
-    base.params, base.config, len(tokenizer), multiple_of=128
-  )
-  params = jax.device_put(params, llm.mesh_shardings(llama_cfg, mesh, rules))
-  model = llm.LLM(
-    llama_cfg, params, tokenizer, adapter=factory, unroll_decode=config.llm.unroll_decode
-  )
   sas_cfg, sas_params = load_sasrec(config, workdir, dataset, mesh)
   builder = prompts.PromptBuilder(
     lambda text: tokenizer.encode(text, add_special_tokens=False),
@@ -242,6 +234,24 @@ def build(config, workdir: str, dataset: Dataset, mesh):
   )
   longest = max(len(builder.target_tokens(i)) for i in dataset.titles)
   newline = tuple(builder.encode_in_text("\n"))  # what ends a generated answer
+  if check is not None:
+    check(builder, target_slots(longest, config.ilora.max_target_tokens), sas_params)
+  base = llm.load(
+    config.llm.name,
+    mesh=mesh,
+    rules=rules,
+    init_std=config.llm.init_std,
+    with_tokenizer=False,  # Read above.
+    **model_options(config, mesh),
+  )
+  # Rows for the special tokens, the vocabulary rounded up to 128 so it shards evenly.
+  params, llama_cfg = tok_lib.resize_vocab(
+    base.params, base.config, len(tokenizer), multiple_of=128
+  )
+  params = jax.device_put(params, llm.mesh_shardings(llama_cfg, mesh, rules))
+  model = llm.LLM(
+    llama_cfg, params, tokenizer, adapter=factory, unroll_decode=config.llm.unroll_decode
+  )
   parts = make_parts(
     config, model, sas_cfg, builder, dataset.n_items, longest, newline if len(newline) == 1 else ()
   )
@@ -1020,6 +1030,7 @@ class Setup:
   seed: int
   lr: float
   gate_kind: str
+  settings: dict  # `run_settings`: what a checkpoint records and a resume must match.
 
 
 def sasrec_fingerprint(sas_params) -> str:
@@ -1034,23 +1045,43 @@ def sasrec_fingerprint(sas_params) -> str:
   return f"{sum(int(x.size) for x in leaves)} weights, |w| sum {total:.4g}"
 
 
-def numerics_settings(config, su: Setup) -> dict:
+def numerics_settings(config, bos, slots: int, sas_params) -> dict:
   """Settings beyond the model's shape that a resumed run must share with its checkpoint:
-  the prompt's first token, the compute and weight dtypes, the loss's target slots, the
-  optimizer's clip and decay, which SASRec is frozen (and its heads), and the step order's
-  bucketing."""
-  builder = su.parts.builder
+  the prompt's first token (`bos`, the prompt builder's), the compute and weight dtypes, the
+  loss's target `slots`, the optimizer's clip and decay, which SASRec is frozen (and its
+  heads), and the step order's bucketing."""
   return checkpointing.jsonable(
     {
-      "bos": builder.bos,
+      "bos": bos,
       "llm.dtype, param_dtype": [config.llm.dtype, config.llm.param_dtype],
-      "target_slots": su.parts.max_target_tokens,
+      "target_slots": slots,
       "ilora.train.clip_norm": config.ilora.train.clip_norm,
       "weight_decay": stage_train(config, STAGE).weight_decay,
-      "sasrec": sasrec_fingerprint(su.frozen["sasrec"]),
+      "sasrec": sasrec_fingerprint(sas_params),
       # Heads split the same weights differently: the fingerprint cannot tell them apart.
       "sasrec.num_heads": config.sasrec.num_heads,
       "ilora.bucket_window": config.ilora.bucket_window,
+    }
+  )
+
+
+def run_settings(config, dataset: Dataset, batch, total_steps: int, numerics: dict) -> dict:
+  """What a checkpoint records of its run and a resume must match (`check_same_settings`):
+  the model, adapters, router, data, batch [micro, accum], schedule, seed and `numerics`."""
+  tc = stage_train(config, STAGE)
+  return checkpointing.jsonable(
+    {
+      "llm": config.llm.name
+      + ("" if config.llm.init_std == 0.02 else f" (init_std {config.llm.init_std})"),
+      "lora": config.lora.to_dict(),
+      "router": config.router.to_dict(),
+      "data": dataset.name,
+      "batch": list(batch),
+      "total_steps": total_steps,
+      "seed": int(tc.seed),
+      "lr": float(tc.lr),
+      "train_rows": len(dataset.train),
+      **numerics,
     }
   )
 
@@ -1061,7 +1092,12 @@ def numerics_settings(config, su: Setup) -> dict:
 OLDER_NUMERICS = {"ilora.bucket_window": 1}
 
 
-def setup(config, workdir: str) -> Setup:
+def setup(config, workdir: str, check=None) -> Setup:
+  """Data, frozen parts, trainable state and the run's settings (`run_settings`).
+
+  `check(settings, numerics)`, when given, sees the settings before the LLM's weights are
+  read (a resume's check: a refused run stops before the slow part).
+  """
   dataset = load_from_config(config, workdir)
   tc = stage_train(config, STAGE)
   mesh = sharding.make_mesh(config.mesh)
@@ -1076,7 +1112,15 @@ def setup(config, workdir: str) -> Setup:
   total_steps = int(tc.steps) if tc.steps is not None else int(tc.epochs) * steps_per_epoch
   if config.ilora.eval_generate and int(config.ilora.max_new_tokens) < 1:
     raise UserError(f"config.ilora.max_new_tokens={config.ilora.max_new_tokens}: must be >= 1")
-  parts, frozen = build(config, workdir, dataset, mesh)
+  found = {}
+
+  def settings_of(builder, slots, sas_params):
+    numerics = numerics_settings(config, builder.bos, slots, sas_params)
+    found["settings"] = run_settings(config, dataset, (micro, accum), total_steps, numerics)
+    if check is not None:
+      check(found["settings"], numerics)
+
+  parts, frozen = build(config, workdir, dataset, mesh, settings_of)
   trainable, stats = init_trainable(parts, mesh, rules, tc.seed)
   make_tx = optim.for_run(labels_of(trainable), tc.weight_decay, config.ilora.train.clip_norm)
   frozen["run"] = run_inputs(tc.lr, total_steps, tc.seed, mesh)
@@ -1102,6 +1146,7 @@ def setup(config, workdir: str) -> Setup:
     int(tc.seed),
     float(tc.lr),
     config.lora.gate,
+    found["settings"],
   )
 
 
@@ -1148,7 +1193,39 @@ def run(config, workdir: str) -> dict[str, float]:
 
 
 def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
-  su = setup(config, workdir)
+  # The weights `ilora.select_by` picks. A resume's checks run inside the setup, before the
+  # LLM's weights are read and before anything is restored or truncated, so a refused resume
+  # stops early and leaves the run's records as they were.
+  select = selection_metric(config)
+  kept = {}
+
+  def check(settings: dict, numerics: dict) -> None:
+    unknown = {**dict.fromkeys(numerics, checkpointing.UNKNOWN), **OLDER_NUMERICS}
+    with contextlib.closing(
+      checkpointing.StageCheckpoints(workdir, STAGE, 1, False, read_only=True)
+    ) as found:
+      latest = found.latest_step()
+      if latest is not None:
+        latest_meta = found.restore_meta(latest)
+        checkpointing.check_same_settings(
+          latest_meta["settings"], settings, found.directory, unknown
+        )
+        # Checkpoints of older code (no select_by recorded) selected nothing: from here on.
+        chosen_by = latest_meta.get("select_by", select)
+        if chosen_by != select:
+          raise UserError(
+            f"this run selects its final weights by val "
+            f"{chosen_by or 'nothing (the last step)'}: resume with "
+            f"--config.ilora.select_by={chosen_by!r} (the epochs before step {latest} were "
+            "compared by it)"
+          )
+    # The selected weights so far, their step and val value (None: none kept yet).
+    kept["best"] = _kept_selection(workdir, select, settings, unknown)
+    if kept["best"][0] is not None:  # Saved synchronously: closing loses nothing.
+      owned.callback(_quietly, kept["best"][0].close)
+
+  su = setup(config, workdir, check)
+  best, best_step, best_value = kept["best"]
   dataset, parts, frozen, state = su.dataset, su.parts, su.frozen, su.state
   train, total_steps, steps_per_epoch = dataset.train, su.total_steps, su.steps_per_epoch
   micro, accum, gate_kind = su.micro, su.accum, su.gate_kind
@@ -1166,46 +1243,12 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   )
 
   log = MetricsLog(workdir, enabled=jax.process_index() == 0)
-  numerics = numerics_settings(config, su)
-  settings = checkpointing.jsonable(
-    {
-      "llm": config.llm.name
-      + ("" if config.llm.init_std == 0.02 else f" (init_std {config.llm.init_std})"),
-      "lora": config.lora.to_dict(),
-      "router": config.router.to_dict(),
-      "data": dataset.name,
-      "batch": [micro, accum],
-      "total_steps": total_steps,
-      "seed": su.seed,
-      "lr": su.lr,
-      "train_rows": len(train),
-      **numerics,
-    }
-  )
+  settings = su.settings
   ckpt = checkpointing.StageCheckpoints(
     workdir, STAGE, config.checkpoint.max_to_keep, config.checkpoint.async_save
   )
   step = 0
   latest = ckpt.latest_step()
-  unknown = {**dict.fromkeys(numerics, checkpointing.UNKNOWN), **OLDER_NUMERICS}
-  # The weights `ilora.select_by` picks: every check before anything is restored or truncated,
-  # so a refused resume leaves the run's records as they were.
-  select = selection_metric(config)
-  if latest is not None:
-    latest_meta = ckpt.restore_meta(latest)
-    checkpointing.check_same_settings(latest_meta["settings"], settings, ckpt.directory, unknown)
-    # Checkpoints of older code (no select_by recorded) selected nothing: from here on.
-    chosen_by = latest_meta.get("select_by", select)
-    if chosen_by != select:
-      raise UserError(
-        f"this run selects its final weights by val {chosen_by or 'nothing (the last step)'}: "
-        f"resume with --config.ilora.select_by={chosen_by!r} (the epochs before step {latest} "
-        "were compared by it)"
-      )
-  # The selected weights so far, their step and val value (None: none kept yet).
-  best, best_step, best_value = _kept_selection(workdir, select, settings, unknown)
-  if best is not None:  # Saved synchronously: closing loses nothing, and never masks an error.
-    owned.callback(_quietly, best.close)
   if latest is not None:
     state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
     step = int(meta["step"])

@@ -233,6 +233,31 @@ def setup_tiny(pipeline):
   return config, train_ilora.setup(config, workdir), workdir
 
 
+def test_a_refused_resume_stops_before_the_llm_weights_are_read(setup_tiny, tmp_path, monkeypatch):
+  """The resume's check runs on settings known before the LLM's weights are read (a 7B
+  model's 13 GB): those the setup computes equal what the run's checkpoint recorded, and with
+  `llm.load` made to fail, a resume with another prompt start is still refused for it."""
+  from ilora_jax import checkpointing, llm, train_ilora
+  from ilora_jax.errors import UserError
+
+  config, su, pipeline_dir = setup_tiny
+  ckpt = checkpointing.StageCheckpoints(pipeline_dir, "ilora", 1, False, read_only=True)
+  try:
+    assert ckpt.restore_meta(ckpt.latest_step())["settings"] == su.settings
+  finally:
+    ckpt.close()
+  workdir = copy_of(pipeline_dir, tmp_path / "w")
+
+  def no_weights(*args, **kwargs):
+    raise AssertionError("the LLM's weights were read before the resume's check")
+
+  monkeypatch.setattr(llm, "load", no_weights)
+  other = config.copy_and_resolve_references()
+  other.llm.bos = "always"
+  with pytest.raises(UserError, match=r"other settings \(bos: checkpoint \[\] vs config"):
+    train_ilora.run(other, str(workdir))
+
+
 def test_target_slots_and_unrolled_layers_keep_the_loss(setup_tiny):
   """The loss gathers the longest title's tokens rounded up to 8, not the cap of 48: fewer
   rows through the LM head, the same loss as with the cap. `llm.unroll_train` runs the same
