@@ -640,6 +640,15 @@ def _tokenizer_of(kind: str, target: str, config: LlamaConfig | None, reader=Non
   return None
 
 
+def check_init_std(name_or_path: str, init_std: float) -> None:
+  """`init_std` other than the default only for the random presets (a `UserError` else)."""
+  if _resolve(name_or_path)[0] != "preset" and init_std != LlamaConfig.init_std:
+    raise UserError(
+      f"llm.init_std={init_std} only applies to the random presets; {name_or_path} loads its "
+      "weights"
+    )
+
+
 def load_tokenizer(name_or_path: str):
   """The tokenizer `load` gives a model, without reading its weights (None: it has none)."""
   kind, target = _resolve(name_or_path)
@@ -688,11 +697,7 @@ def load(
     if value is not None:
       config_overrides[key] = value
   kind, target = _resolve(name_or_path)
-  if kind != "preset" and init_std != LlamaConfig.init_std:
-    raise UserError(
-      f"llm.init_std={init_std} only applies to the random presets; {name_or_path} loads its "
-      "weights"
-    )
+  check_init_std(name_or_path, init_std)
   if kind == "preset":
     config = PRESETS[target].replace(init_std=init_std, **config_overrides)
     if shardings is None and mesh is not None:

@@ -217,6 +217,7 @@ def build(config, workdir: str, dataset: Dataset, mesh, check=None):
   rules = sharding.rules(config)
   lora_cfg = lora_config(config)
   factory = lora.adapter_factory(lora_cfg)
+  llm.check_init_std(config.llm.name, config.llm.init_std)  # Before any slow part.
   tokenizer = llm.load_tokenizer(config.llm.name)
   if tokenizer is None:
     raise UserError(f"{config.llm.name} has no tokenizer: the ilora stage writes its prompts")
@@ -1219,13 +1220,15 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
             f"--config.ilora.select_by={chosen_by!r} (the epochs before step {latest} were "
             "compared by it)"
           )
-    # The selected weights so far, their step and val value (None: none kept yet).
-    kept["best"] = _kept_selection(workdir, select, settings, unknown)
-    if kept["best"][0] is not None:  # Saved synchronously: closing loses nothing.
-      owned.callback(_quietly, kept["best"][0].close)
+    _kept_selection(workdir, select, settings, unknown, only_check=True)
+    kept["unknown"] = unknown
 
   su = setup(config, workdir, check)
-  best, best_step, best_value = kept["best"]
+  # The selected weights so far, their step and val value (None: none kept yet); opened for
+  # writing only now, so a run that fails in its setup leaves no new folder.
+  best, best_step, best_value = _kept_selection(workdir, select, su.settings, kept["unknown"])
+  if best is not None:  # Saved synchronously: closing loses nothing, and never masks an error.
+    owned.callback(_quietly, best.close)
   dataset, parts, frozen, state = su.dataset, su.parts, su.frozen, su.state
   train, total_steps, steps_per_epoch = dataset.train, su.total_steps, su.steps_per_epoch
   micro, accum, gate_kind = su.micro, su.accum, su.gate_kind
@@ -1461,12 +1464,15 @@ def write_predictions(workdir: str, split: str, evaluator: Evaluator, metrics: d
     raise UserError(f"cannot write {path}: {exc}; the final metrics are in metrics.jsonl") from None
 
 
-def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
+def _kept_selection(
+  workdir: str, select: str, settings: dict, unknown: dict, only_check: bool = False
+):
   """(checkpoints, step, value) of the weights `ilora.select_by` kept in checkpoints/ilora_best
   (step and value None before any), after checking they were selected by `select` under these
   settings; the checkpoints are None when `select` is '' (nothing selected: a kept folder only
-  refuses the run)."""
-  best = checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=not select)
+  refuses the run). `only_check`: the checks alone, the folder read only (nothing is created),
+  returns None."""
+  best = checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=only_check or not select)
   try:
     at = best.latest_step()
     value = None
@@ -1483,9 +1489,9 @@ def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
   except BaseException:
     best.close()
     raise
-  if not select:
+  if only_check or not select:
     best.close()
-    return None, None, None
+    return None if only_check else (None, None, None)
   return best, at, value
 
 

@@ -241,6 +241,28 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(setup_tiny, tmp_
   from ilora_jax.errors import UserError
 
   config, su, pipeline_dir = setup_tiny
+  # What a checkpoint records, from the tiny config (configs/tiny.py) and SmolLM2's tokenizer
+  # (no BOS); the same keys and values as before the check moved (older checkpoints match).
+  expected = {
+    "llm": "tiny",
+    "lora": config.lora.to_dict(),
+    "router": config.router.to_dict(),
+    "data": "synthetic",
+    "batch": [4, 2],
+    "total_steps": 6,
+    "seed": config.train.seed,
+    "lr": 1e-3,
+    "train_rows": len(su.dataset.train),
+    "bos": [],
+    "llm.dtype, param_dtype": ["float32", "float32"],
+    "target_slots": su.parts.max_target_tokens,
+    "ilora.train.clip_norm": config.ilora.train.clip_norm,
+    "weight_decay": config.ilora.train.weight_decay,
+    "sasrec": train_ilora.sasrec_fingerprint(su.frozen["sasrec"]),
+    "sasrec.num_heads": config.sasrec.num_heads,
+    "ilora.bucket_window": 16,
+  }
+  assert checkpointing.jsonable(expected) == su.settings
   ckpt = checkpointing.StageCheckpoints(pipeline_dir, "ilora", 1, False, read_only=True)
   try:
     assert ckpt.restore_meta(ckpt.latest_step())["settings"] == su.settings
@@ -256,6 +278,11 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(setup_tiny, tmp_
   other.llm.bos = "always"
   with pytest.raises(UserError, match=r"other settings \(bos: checkpoint \[\] vs config"):
     train_ilora.run(other, str(workdir))
+  # A fresh run that fails while loading the LLM creates no checkpoint folder of its own.
+  fresh = with_sasrec_of(pipeline_dir, tmp_path / "fresh")
+  with pytest.raises(AssertionError, match="weights were read"):
+    train_ilora.run(config, fresh)
+  assert os.listdir(os.path.join(fresh, "checkpoints")) == ["sasrec"]
 
 
 def test_target_slots_and_unrolled_layers_keep_the_loss(setup_tiny):

@@ -76,7 +76,9 @@ def test_runs_of_other_seeds_and_rates_share_one_compiled_train_step():
 
   from ilora_jax import sharding, train_sasrec
 
-  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+  mesh = sharding.make_mesh(
+    ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1]
+  )  # One device: the batch's 3 rows.
   model = sasrec.SASRec(CFG)
   # Host copies: each call places a new state, which the step donates.
   params = jax.tree.map(np.asarray, sasrec.init_params(CFG, jax.random.PRNGKey(0)))
