@@ -157,6 +157,9 @@ def test_hf_folder_with_tokenizer(hf_checkpoints, tmp_path):
     ours.tokenizer("héllo")["input_ids"] == tok_lib.byte_level_tokenizer()("héllo")["input_ids"]
   )
   assert ours.tokenizer.padding_side == "left"
+  alone = llm.load_tokenizer(str(tmp_path))  # What the iLoRA stage reads before the weights.
+  assert alone("héllo")["input_ids"] == ours.tokenizer("héllo")["input_ids"]
+  assert (alone.padding_side, len(alone)) == ("left", len(ours.tokenizer))
   (text,) = ours.generate(["ab"], max_new_tokens=3)
   assert isinstance(text, str)
   out, lengths = ours.generate_ids(*tok_lib.encode_batch(ours.tokenizer, ["ab"]), 3)
@@ -259,6 +262,8 @@ def test_written_gguf_matches_transformers(tiny_gguf):
   assert loaded.tokenizer is None
   with pytest.raises(UserError, match="no tokenizer"):
     loaded.generate(["hi"])
+  with pytest.warns(UserWarning, match="no tokenizer"):
+    assert llm.load_tokenizer(path) is None
 
 
 def _assert_read_as_gguf_reads_it(path):
