@@ -207,17 +207,23 @@ def model_options(config, mesh=None) -> dict:
   )
 
 
-def build(config, workdir: str, dataset: Dataset, mesh, check=None):
-  """Loads the frozen parts and initialises the trainable ones (sharded).
+@dataclasses.dataclass
+class PromptInputs:
+  """What the prompts and a resume's settings need, read before the LLM's weights: the
+  tokenizer (with the iLoRA tokens), the prompt builder, the frozen SASRec, the longest
+  answer in tokens and the tokens of a line end."""
 
-  `check(builder, target_slots, sasrec_params)`, when given, runs once the tokenizer, the
-  prompt builder and the frozen SASRec are ready and before the LLM's weights are read: a
-  resume refused by it stops before the slow part (a 7B model's 13 GB).
-  """
-  rules = sharding.rules(config)
-  lora_cfg = lora_config(config)
-  factory = lora.adapter_factory(lora_cfg)
-  llm.check_init_std(config.llm.name, config.llm.init_std)  # Before any slow part.
+  tokenizer: Any
+  builder: prompts.PromptBuilder
+  sas_cfg: Any
+  sas_params: Any
+  longest: int
+  newline: tuple[int, ...]
+
+
+def prompt_inputs(config, workdir: str, dataset: Dataset, mesh) -> PromptInputs:
+  """Everything of the frozen parts but the LLM's weights (`build` reads those)."""
+  llm.check_init_std(config.llm.name, config.llm.init_std)  # Named before the slow parts.
   tokenizer = llm.load_tokenizer(config.llm.name)
   if tokenizer is None:
     raise UserError(f"{config.llm.name} has no tokenizer: the ilora stage writes its prompts")
@@ -235,28 +241,38 @@ def build(config, workdir: str, dataset: Dataset, mesh, check=None):
   )
   longest = max(len(builder.target_tokens(i)) for i in dataset.titles)
   newline = tuple(builder.encode_in_text("\n"))  # what ends a generated answer
-  if check is not None:
-    check(builder, target_slots(longest, config.ilora.max_target_tokens), sas_params)
+  return PromptInputs(tokenizer, builder, sas_cfg, sas_params, longest, newline)
+
+
+def build(config, dataset: Dataset, mesh, inputs: PromptInputs):
+  """Loads the LLM's weights (the slow part: a 7B model's 13 GB) and assembles the frozen
+  parts around `inputs`."""
+  rules = sharding.rules(config)
   base = llm.load(
     config.llm.name,
     mesh=mesh,
     rules=rules,
     init_std=config.llm.init_std,
-    with_tokenizer=False,  # Read above.
+    with_tokenizer=False,  # `inputs` holds it.
     **model_options(config, mesh),
   )
   # Rows for the special tokens, the vocabulary rounded up to 128 so it shards evenly.
   params, llama_cfg = tok_lib.resize_vocab(
-    base.params, base.config, len(tokenizer), multiple_of=128
+    base.params, base.config, len(inputs.tokenizer), multiple_of=128
   )
   params = jax.device_put(params, llm.mesh_shardings(llama_cfg, mesh, rules))
   model = llm.LLM(
-    llama_cfg, params, tokenizer, adapter=factory, unroll_decode=config.llm.unroll_decode
+    llama_cfg,
+    params,
+    inputs.tokenizer,
+    adapter=lora.adapter_factory(lora_config(config)),
+    unroll_decode=config.llm.unroll_decode,
   )
+  newline = inputs.newline if len(inputs.newline) == 1 else ()
   parts = make_parts(
-    config, model, sas_cfg, builder, dataset.n_items, longest, newline if len(newline) == 1 else ()
+    config, model, inputs.sas_cfg, inputs.builder, dataset.n_items, inputs.longest, newline
   )
-  frozen = {"llm": model.params, "sasrec": sas_params}
+  frozen = {"llm": model.params, "sasrec": inputs.sas_params}
   return parts, frozen
 
 
@@ -1034,6 +1050,11 @@ class Setup:
   settings: dict  # `run_settings`: what a checkpoint records and a resume must match.
 
 
+@jax.jit
+def _abs_sums(leaves):
+  return [jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in leaves]
+
+
 def sasrec_fingerprint(sas_params) -> str:
   """A short summary of the frozen SASRec's weights (shapes and sum of magnitudes).
 
@@ -1041,7 +1062,7 @@ def sasrec_fingerprint(sas_params) -> str:
   the float32 sums of one SASRec's weights on different backends or layouts agree.
   """
   leaves = jax.tree.leaves(sas_params)
-  sums = jax.jit(lambda xs: [jnp.sum(jnp.abs(x.astype(jnp.float32))) for x in xs])(leaves)
+  sums = _abs_sums(leaves)
   total = sum(float(s) for s in sums)  # Summed on the host in float64, leaf by leaf, as ever.
   return f"{sum(int(x.size) for x in leaves)} weights, |w| sum {total:.4g}"
 
@@ -1113,15 +1134,13 @@ def setup(config, workdir: str, check=None) -> Setup:
   total_steps = int(tc.steps) if tc.steps is not None else int(tc.epochs) * steps_per_epoch
   if config.ilora.eval_generate and int(config.ilora.max_new_tokens) < 1:
     raise UserError(f"config.ilora.max_new_tokens={config.ilora.max_new_tokens}: must be >= 1")
-  found = {}
-
-  def settings_of(builder, slots, sas_params):
-    numerics = numerics_settings(config, builder.bos, slots, sas_params)
-    found["settings"] = run_settings(config, dataset, (micro, accum), total_steps, numerics)
-    if check is not None:
-      check(found["settings"], numerics)
-
-  parts, frozen = build(config, workdir, dataset, mesh, settings_of)
+  inputs = prompt_inputs(config, workdir, dataset, mesh)
+  slots = target_slots(inputs.longest, config.ilora.max_target_tokens)
+  numerics = numerics_settings(config, inputs.builder.bos, slots, inputs.sas_params)
+  settings = run_settings(config, dataset, (micro, accum), total_steps, numerics)
+  if check is not None:
+    check(settings, numerics)
+  parts, frozen = build(config, dataset, mesh, inputs)
   trainable, stats = init_trainable(parts, mesh, rules, tc.seed)
   make_tx = optim.for_run(labels_of(trainable), tc.weight_decay, config.ilora.train.clip_norm)
   frozen["run"] = run_inputs(tc.lr, total_steps, tc.seed, mesh)
@@ -1147,7 +1166,7 @@ def setup(config, workdir: str, check=None) -> Setup:
     int(tc.seed),
     float(tc.lr),
     config.lora.gate,
-    found["settings"],
+    settings,
   )
 
 
@@ -1198,9 +1217,10 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   # LLM's weights are read and before anything is restored or truncated, so a refused resume
   # stops early and leaves the run's records as they were.
   select = selection_metric(config)
-  kept = {}
+  best_step = best_value = None  # The selected weights' step and val value (None: none yet).
 
   def check(settings: dict, numerics: dict) -> None:
+    nonlocal best_step, best_value
     unknown = {**dict.fromkeys(numerics, checkpointing.UNKNOWN), **OLDER_NUMERICS}
     with contextlib.closing(
       checkpointing.StageCheckpoints(workdir, STAGE, 1, False, read_only=True)
@@ -1220,13 +1240,12 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
             f"--config.ilora.select_by={chosen_by!r} (the epochs before step {latest} were "
             "compared by it)"
           )
-    _kept_selection(workdir, select, settings, unknown, only_check=True)
-    kept["unknown"] = unknown
+    best_step, best_value = _kept_selection(workdir, select, settings, unknown)
 
   su = setup(config, workdir, check)
-  # The selected weights so far, their step and val value (None: none kept yet); opened for
-  # writing only now, so a run that fails in its setup leaves no new folder.
-  best, best_step, best_value = _kept_selection(workdir, select, su.settings, kept["unknown"])
+  # Where the selected weights are kept, opened for writing only now: a run that fails in its
+  # setup leaves no new folder.
+  best = checkpointing.StageCheckpoints(workdir, BEST, 1, False) if select else None
   if best is not None:  # Saved synchronously: closing loses nothing, and never masks an error.
     owned.callback(_quietly, best.close)
   dataset, parts, frozen, state = su.dataset, su.parts, su.frozen, su.state
@@ -1464,35 +1483,25 @@ def write_predictions(workdir: str, split: str, evaluator: Evaluator, metrics: d
     raise UserError(f"cannot write {path}: {exc}; the final metrics are in metrics.jsonl") from None
 
 
-def _kept_selection(
-  workdir: str, select: str, settings: dict, unknown: dict, only_check: bool = False
-):
-  """(checkpoints, step, value) of the weights `ilora.select_by` kept in checkpoints/ilora_best
-  (step and value None before any), after checking they were selected by `select` under these
-  settings; the checkpoints are None when `select` is '' (nothing selected: a kept folder only
-  refuses the run). `only_check`: the checks alone, the folder read only (nothing is created),
-  returns None."""
-  best = checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=only_check or not select)
-  try:
+def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
+  """(step, value) of the weights `ilora.select_by` kept in checkpoints/ilora_best ((None,
+  None) before any), after checking they were selected by `select` under these settings (with
+  `select` '', nothing selected, a kept folder refuses the run). Reads only."""
+  with contextlib.closing(
+    checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=True)
+  ) as best:
     at = best.latest_step()
-    value = None
-    if at is not None:
-      kept = best.restore_meta(at)
-      if kept.get("select_by") != select:
-        raise UserError(
-          f"{best.directory} holds the weights this run selected by val "
-          f"{kept.get('select_by')}: resume with --config.ilora.select_by="
-          f"{kept.get('select_by')!r}, or remove that folder to select anew"
-        )
-      checkpointing.check_same_settings(kept["settings"], settings, best.directory, unknown)
-      value = float(kept["value"])
-  except BaseException:
-    best.close()
-    raise
-  if only_check or not select:
-    best.close()
-    return None if only_check else (None, None, None)
-  return best, at, value
+    if at is None:
+      return None, None
+    kept = best.restore_meta(at)
+    if kept.get("select_by") != select:
+      raise UserError(
+        f"{best.directory} holds the weights this run selected by val "
+        f"{kept.get('select_by')}: resume with --config.ilora.select_by="
+        f"{kept.get('select_by')!r}, or remove that folder to select anew"
+      )
+    checkpointing.check_same_settings(kept["settings"], settings, best.directory, unknown)
+    return at, float(kept["value"])
 
 
 def _quietly(close) -> None:
