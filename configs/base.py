@@ -50,6 +50,8 @@ def get_config() -> config_dict.ConfigDict:
   # "" trains from scratch; a path loads an original .pt checkpoint. For the ilora stage it may
   # also be another workdir whose sasrec stage has finished (used instead of training one here).
   c.sasrec.init_from = ""
+  # Consecutive steps with a non-finite loss or update (each skipped) before the run stops.
+  c.sasrec.max_bad_steps = 20
   c.sasrec.train = config_dict.ConfigDict()  # Stage defaults; config.train.* override them.
   c.sasrec.train.epochs = 30  # Passes over the training rows.
   c.sasrec.train.steps = placeholder(int)  # Total steps; wins over epochs when set.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 
 from ml_collections import ConfigDict
@@ -12,6 +13,7 @@ from ilora_jax.errors import UserError
 STAGES = ("sasrec", "ilora", "pipeline", "evaluate")
 DATASETS = ("lastfm", "movielens", "steam", "synthetic")
 _TRAIN_KEYS = ("epochs", "steps", "batch_size", "lr", "weight_decay", "grad_accum")
+FLOAT32_MAX = 3.4028234663852886e38
 GENERATION_METRICS = ("valid_ratio", "hit_ratio@1", "hits_over_total")
 SCORING_METRICS = ("hr@1", "hr@5", "ndcg@5", "mrr")
 
@@ -29,6 +31,8 @@ def selection_metric(config: ConfigDict) -> str:
 def validate(config: ConfigDict) -> None:
   """Checks values a type check cannot; raises UserError naming the field."""
   need = _need
+  for field, value in _floats(config):
+    need(math.isfinite(value), field, f"={value} must be a finite number")
   need(config.stage in STAGES, "stage", f"={config.stage!r} is not one of {', '.join(STAGES)}")
   need(
     config.data.name in DATASETS,
@@ -137,7 +141,9 @@ def validate(config: ConfigDict) -> None:
   need(il.score_chunk >= 1, "ilora.score_chunk", "must be positive")
   need(il.max_new_tokens >= 1, "ilora.max_new_tokens", "must be positive")
   need(il.max_target_tokens >= 1, "ilora.max_target_tokens", "must be positive")
-  need(il.max_bad_steps >= 1, "ilora.max_bad_steps", f"={il.max_bad_steps} must be at least 1")
+  for field in ("ilora.max_bad_steps", "sasrec.max_bad_steps"):
+    value = _get(config, field)
+    need(value >= 1, field, f"={value} must be at least 1")
   need(il.train.clip_norm >= 0, "ilora.train.clip_norm", "must be >= 0 (0 = off)")
   syn = config.data.synthetic
   for field in ("num_items", "num_users", "num_groups", "seq_len"):
@@ -170,10 +176,23 @@ def validate(config: ConfigDict) -> None:
 
 def _train_value_ok(key: str, value) -> bool:
   """Lengths and decay may be 0; sizes and rates must be positive; counts fit in int32 (step
-  numbers are int32 on the device)."""
+  numbers are int32 on the device), rates and decay in float32 (as the device holds them)."""
   if key in ("epochs", "steps", "batch_size", "grad_accum") and value >= 2**31:
     return False
+  if key in ("lr", "weight_decay") and not value < FLOAT32_MAX:
+    return False
   return value >= 0 if key in ("epochs", "steps", "weight_decay") else value > 0
+
+
+def _floats(tree, prefix: str = ""):
+  """(dotted field, value) for every float in the config, inside tuples and lists too."""
+  items = tree.items() if isinstance(tree, (ConfigDict, dict)) else enumerate(tree)
+  for key, value in items:
+    field = f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}".lstrip(".")
+    if isinstance(value, float):
+      yield field, value
+    elif isinstance(value, (ConfigDict, dict, tuple, list)):
+      yield from _floats(value, field)
 
 
 def _need(cond: bool, field: str, msg: str) -> None:

@@ -20,13 +20,37 @@ def target_ranks(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
 
   Returns:
     [rows] int: number of candidates scored strictly higher than the target, plus half
-    of the other candidates tied with it (rounded down), so ties are not rewarded.
+    of the other candidates tied with it (rounded down), so ties are not rewarded. A NaN
+    score counts as the worst: a NaN target ranks last, a NaN candidate below every number
+    (`nonfinite_rows` counts the rows that hold one, for a warning).
   """
   scores = np.asarray(scores, dtype=np.float64)
-  target = scores[np.arange(scores.shape[0]), target_index][:, None]
+  rows = np.arange(scores.shape[0])
+  nan = np.isnan(scores)
+  scores = np.where(nan, -np.inf, scores)
+  target = scores[rows, target_index][:, None]
   higher = (scores > target).sum(-1)
   ties = (scores == target).sum(-1) - 1
-  return higher + ties // 2
+  return np.where(nan[rows, target_index], scores.shape[1] - 1, higher + ties // 2)
+
+
+def nonfinite_rows(scores: np.ndarray) -> int:
+  """Rows of `scores` holding a NaN or an infinity: a model that gives them is broken (NaN
+  or overflowing weights) and its ranking metrics say little."""
+  return int((~np.isfinite(np.asarray(scores, dtype=np.float64))).any(-1).sum())
+
+
+def warn_nonfinite(scores: np.ndarray, who: str, metrics: dict) -> None:
+  """Adds `nonfinite_rows` to `metrics` and warns on stderr when `scores` hold any."""
+  bad = nonfinite_rows(scores)
+  if bad:
+    from ilora_jax import console
+
+    metrics["nonfinite_rows"] = bad
+    console.info(
+      f"warning: {who} gave NaN or infinite scores in {bad} of {len(scores)} rows (ranked "
+      "last): its weights are broken; retrain with a lower learning rate"
+    )
 
 
 def ranking_metrics(ranks: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:

@@ -134,7 +134,8 @@ def params_from_torch(path: str, cfg: SASRecConfig):
   """Maps an original SASRec checkpoint (whole pickled module) into the Flax tree.
 
   Raises:
-    UserError: when the checkpoint is unreadable or its shapes disagree with `cfg`.
+    UserError: when the checkpoint is unreadable, its shapes disagree with `cfg` or a weight
+      is not finite.
   """
   root = load_module(path)
   flat = flat_parameters(root)
@@ -156,11 +157,18 @@ def params_from_torch(path: str, cfg: SASRecConfig):
   def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
     if name not in flat:
       raise UserError(f"checkpoint {path} has no parameter {name}: not a SASRec checkpoint")
-    value = np.asarray(flat[name], dtype=np.float32)
+    with np.errstate(over="ignore"):  # A float64 beyond float32's range: caught below.
+      value = np.asarray(flat[name], dtype=np.float32)
     if value.shape != shape:
       raise UserError(
         f"checkpoint {path}: {name} has shape {value.shape}, expected {shape} "
         f"for hidden={cfg.hidden}, max_len={cfg.max_len}, n_items={cfg.n_items}"
+      )
+    bad = int((~np.isfinite(value)).sum())
+    if bad:
+      raise UserError(
+        f"checkpoint {path}: {name} holds {bad} NaN or infinite value(s) of {value.size} "
+        "(or overflows float32): the model is broken; retrain it"
       )
     return value
 

@@ -54,6 +54,7 @@ from ilora_jax.metrics import (
   plain,
   ranking_metrics,
   target_ranks,
+  warn_nonfinite,
 )
 from ilora_jax.projector import Projector
 from ilora_jax.sasrec import SASRec, params_from_torch
@@ -908,13 +909,17 @@ class Evaluator:
     self.scores = {n: unsort(o["scores"]) for n, o in out.items() if o["scores"]}
     # Per-row outcomes: target ranks under each scorer, generation validity and hits.
     ranks = {n: target_ranks(s, target) for n, s in self.scores.items()}
+    bad: dict[str, dict] = {n: {} for n in ("model", "base", "sasrec")}
+    for n, s in self.scores.items():
+      warn_nonfinite(s, {"model": "the adapted LLM", "base": "the base LLM"}[n], bad[n])
     if sas_scores:
       ranks["sasrec"] = target_ranks(unsort(sas_scores), target)
+      warn_nonfinite(unsort(sas_scores), "the frozen SASRec", bad["sasrec"])
     for name, prefix in (("model", ""), ("base", "base/")):
       o = out[name]
       metrics = generation_metrics(np.array(o["valid"]), np.array(o["hit"])) if o["valid"] else {}
       if name in ranks:  # Candidates ranked by the model's likelihood of their titles.
-        metrics.update(ranking_metrics(ranks[name]))
+        metrics.update(ranking_metrics(ranks[name]), **bad[name])
       result.update({prefix + k: v for k, v in metrics.items()})
       if name == "model":
         # Mean NLL per answer token (` title` and newline) after the hybrid prompt. With
@@ -922,7 +927,8 @@ class Evaluator:
         # (the first `max_target_tokens` tokens of each answer, as training counts them).
         result["loss"] = nll_total / max(tokens, 1)
     if "sasrec" in ranks:
-      result.update({f"sasrec/{k}": v for k, v in ranking_metrics(ranks["sasrec"]).items()})
+      sas = {**ranking_metrics(ranks["sasrec"]), **bad["sasrec"]}
+      result.update({f"sasrec/{k}": v for k, v in sas.items()})
     self.gates = unsort(gates) if gates else None
     self._outcomes = (out, ranks)  # Turned into `rows` only when asked (final evaluations).
     if self.split.group is not None:

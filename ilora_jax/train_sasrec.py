@@ -22,7 +22,7 @@ from ilora_jax import checkpointing, configuration, console, interrupts, report,
 from ilora_jax.configuration import stage_train
 from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates
 from ilora_jax.errors import UserError
-from ilora_jax.metrics import MetricsLog, ranking_metrics, target_ranks
+from ilora_jax.metrics import MetricsLog, ranking_metrics, target_ranks, warn_nonfinite
 from ilora_jax.sasrec import SASRec, SASRecConfig, init_params, params_from_torch
 
 STAGE = "sasrec"
@@ -55,8 +55,11 @@ def run_inputs(lr: float, seed: int, mesh) -> dict:
 
 
 def make_train_step(model: SASRec, weight_decay: float):
-  """One Adam update on a batch: (state, run, seq, len_seq, next) -> (state, mean loss).
-  `run` is `run_inputs`; the dropout key of step s is its key folded with s."""
+  """One Adam update on a batch: (state, run, seq, len_seq, next) -> (state, mean loss, ok).
+  `run` is `run_inputs`; the dropout key of step s is its key folded with s. A step whose
+  loss or updated parameters are not all finite changes nothing but the step count
+  (`ok` False): the run's loop stops after `sasrec.max_bad_steps` of them in a row, and no
+  checkpoint ever holds NaN weights."""
 
   def train_step(state, run, seq, len_seq, nxt):
     key = jax.random.fold_in(run["key"], state["step"])
@@ -68,26 +71,30 @@ def make_train_step(model: SASRec, weight_decay: float):
     loss, grads = jax.value_and_grad(loss_fn)(state["params"])
     optimizer = make_optimizer(run["lr"], weight_decay)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    finite = [jnp.isfinite(loss)] + [jnp.isfinite(x).all() for x in jax.tree.leaves(params)]
+    ok = jnp.stack(finite).all()
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     new = {
-      "params": optax.apply_updates(state["params"], updates),
-      "opt_state": opt_state,
+      "params": keep(params, state["params"]),
+      "opt_state": keep(opt_state, state["opt_state"]),
       "step": state["step"] + 1,
     }
-    return new, loss
+    return new, loss, ok
 
   return train_step
 
 
 def jit_train_step(step, state, mesh):
   """`step` as one jit: batch split over the mesh's batch axes, state (placed as `state` is)
-  donated, the run's inputs and the loss replicated."""
+  donated, the run's inputs, the loss and its flag replicated."""
   repl = sharding.replicated(mesh)
   batch_sh = sharding.batch_sharding(mesh)
   state_sh = jax.tree.map(lambda x: x.sharding, state)
   return jax.jit(
     step,
     in_shardings=(state_sh, repl, batch_sh, batch_sh, batch_sh),
-    out_shardings=(state_sh, repl),
+    out_shardings=(state_sh, repl, repl),
     donate_argnums=(0,),
   )
 
@@ -129,9 +136,10 @@ class Evaluator:
       keep = min(bs, rows - start)
       all_scores.append(np.asarray(s)[:keep])
       all_loss.append(np.asarray(loss)[:keep])
-    ranks = target_ranks(np.concatenate(all_scores), self.target_index)
-    out = ranking_metrics(ranks)
+    scores = np.concatenate(all_scores)
+    out = ranking_metrics(target_ranks(scores, self.target_index))
     out["loss"] = float(np.concatenate(all_loss).mean())
+    warn_nonfinite(scores, f"SASRec on {self.split.name}", out)
     return out
 
 
@@ -203,14 +211,26 @@ def run(config, workdir: str) -> dict[str, float] | None:
   ckpt = checkpointing.StageCheckpoints(
     workdir, STAGE, config.checkpoint.max_to_keep, config.checkpoint.async_save
   )
-  step, loss_sum, loss_count = 0, 0.0, 0
-  pending: list[jax.Array] = []  # Device losses not yet added (avoids a host sync per step).
+  step, loss_sum, loss_count, skipped, bad_streak = 0, 0.0, 0, 0, 0
+  # (step, device loss, device ok flag) not yet added (avoids a host sync per step).
+  pending: list[tuple[int, jax.Array, jax.Array]] = []
 
   def drain() -> None:
-    nonlocal loss_sum, loss_count
-    for value in jax.device_get(pending):
-      loss_sum += float(value)  # Sequential float64 sum: identical across resumes.
-      loss_count += 1
+    """Adds the pending losses; raises before anything is saved when too many steps in a
+    row were skipped (their updates were dropped, so the weights held are the last good)."""
+    nonlocal loss_sum, loss_count, skipped, bad_streak
+    for at, value, ok in jax.device_get(pending):
+      if ok:
+        loss_sum += float(value)  # Sequential float64 sum: identical across resumes.
+        loss_count += 1
+        bad_streak = 0
+        continue
+      skipped, bad_streak = skipped + 1, bad_streak + 1
+      if bad_streak >= config.sasrec.max_bad_steps:
+        raise UserError(
+          f"SASRec: {bad_streak} steps in a row had a non-finite loss or update (last at step "
+          f"{at}; each was skipped); lower config.train.lr or check the data"
+        )
     pending.clear()
 
   latest = ckpt.latest_step()
@@ -220,6 +240,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
     )
     state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
     step, loss_sum, loss_count = int(meta["step"]), float(meta["loss_sum"]), int(meta["loss_count"])
+    skipped, bad_streak = int(meta.get("skipped", 0)), int(meta.get("bad_streak", 0))
     log.truncate(STAGE, meta["metrics_records"])
     console.info(f"SASRec: resumed from step {step} of {total_steps}")
   if jax.process_index() == 0:  # After the check: a refused resume leaves the run's settings.
@@ -231,6 +252,8 @@ def run(config, workdir: str) -> dict[str, float] | None:
       "step": at,
       "loss_sum": loss_sum,
       "loss_count": loss_count,
+      "skipped": skipped,
+      "bad_streak": bad_streak,
       "settings": settings,
       "metrics_records": log.count(STAGE),
     }
@@ -256,14 +279,15 @@ def run(config, workdir: str) -> dict[str, float] | None:
       arrays = sharding.global_batch(
         mesh, {"seq": train.seq[idx], "len_seq": train.len_seq[idx], "next": train.next[idx]}
       )
-      state, loss = step_fn(state, run_in, arrays["seq"], arrays["len_seq"], arrays["next"])
+      state, loss, ok = step_fn(state, run_in, arrays["seq"], arrays["len_seq"], arrays["next"])
       step += 1
-      pending.append(loss)
+      pending.append((step, loss, ok))
       bar.update(1)
       if step % config.train.log_every_steps == 0 or step == total_steps:
         drain()
-        record("train", {"loss": loss_sum / loss_count}, epoch=epoch)
-        bar.set_postfix(loss=f"{loss_sum / loss_count:.4f}")
+        mean = loss_sum / loss_count if loss_count else float("nan")
+        record("train", {"loss": mean, "skipped_updates": skipped}, epoch=epoch)
+        bar.set_postfix(loss=f"{mean:.4f}")
         loss_sum, loss_count = 0.0, 0
       epoch_end = step % steps_per_epoch == 0 or step == total_steps
       if epoch_end:

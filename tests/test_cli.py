@@ -115,6 +115,12 @@ def test_bad_flags_and_values_are_one_line_errors(tmp_path, args, fragments):
     ("distributed.cpu_collectives=bogus", "cpu_collectives='bogus' is not one of gloo"),
     ("report.compare=a=/x,a=/y", "config.report.compare: name 'a' given twice"),
     ("train.steps=1099511627776", "config.train.steps=1099511627776 is out of range"),
+    ("train.lr=inf", "config.train.lr=inf must be a finite number"),
+    ("train.lr=nan", "config.train.lr=nan must be a finite number"),
+    ("ilora.train.weight_decay=-inf", "config.ilora.train.weight_decay=-inf must be a finite"),
+    ("lora.dropout=nan", "config.lora.dropout=nan must be a finite number"),
+    ("train.lr=1e39", r"config.train.lr=1e\+39 is out of range"),  # inf in float32.
+    ("sasrec.max_bad_steps=0", "config.sasrec.max_bad_steps=0 must be at least 1"),
   ],
 )
 def test_impossible_values_are_refused_when_the_config_loads(override, message):
@@ -122,6 +128,22 @@ def test_impossible_values_are_refused_when_the_config_loads(override, message):
 
   with pytest.raises(UserError, match=message):
     configuration.load("configs/tiny.py", [override])
+
+
+def test_a_diverging_sasrec_stops_with_one_line_and_skips_its_bad_steps(tmp_path):
+  """A rate of 1e30 sends the first update's weights to about 1e30 and every later loss to
+  NaN: those steps are skipped and counted, and the 20th in a row stops the run (exit 2)
+  before a checkpoint of it is written."""
+  proc = run_cli(TINY, f"--workdir={tmp_path}", "--config.stage=sasrec", "--config.train.lr=1e30",
+                 "--config.train.log_every_steps=5", "--config.progress=False")  # fmt: skip
+  assert_one_line_error(proc, "SASRec: 20 steps in a row had a non-finite loss or update",
+                        "lower config.train.lr")  # fmt: skip
+  train = [r for r in metrics_records(str(tmp_path)) if r["split"] == "train"]
+  assert [r["step"] for r in train] == [5, 10, 15, 20]
+  assert [r["skipped_updates"] for r in train] == [4, 9, 14, 19]  # Steps 2 on were all NaN.
+  assert not [r for r in metrics_records(str(tmp_path)) if r["split"] != "train"]
+  folder = tmp_path / "checkpoints" / "sasrec"
+  assert sorted(int(n) for n in os.listdir(folder) if n.isdigit()) == [10, 20]
 
 
 def test_epochs_on_the_command_line_replace_the_stages_steps():

@@ -93,14 +93,53 @@ def test_runs_of_other_seeds_and_rates_share_one_compiled_train_step():
   for lr, seed in ((1e-3, 0), (4e-3, 0), (1e-3, 5)):
     run = train_sasrec.run_inputs(lr, seed, mesh)
     texts.append(step.lower(fresh(), run, seq, lens, nxt).as_text())
-    new, loss = step(fresh(), run, seq, lens, nxt)
-    assert np.isfinite(float(loss))
+    new, loss, ok = step(fresh(), run, seq, lens, nxt)
+    assert np.isfinite(float(loss)) and bool(ok)
     table = np.asarray(new["params"]["item_embeddings"]["embedding"])
     deltas.append(table - params["item_embeddings"]["embedding"])
   assert texts[0] == texts[1] == texts[2]
   assert np.abs(deltas[0]).max() > 0
   np.testing.assert_allclose(deltas[1], 4 * deltas[0], rtol=1e-3, atol=1e-9)
   assert not np.allclose(deltas[2], deltas[0], rtol=1e-3, atol=1e-9)
+
+
+def test_a_non_finite_step_changes_nothing_but_the_step_count():
+  """A step with a non-finite loss or update is dropped (flag False): the parameters and
+  Adam's moments stay bit for bit those before it, and only the step count moves. One
+  infinite weight in the positional table makes the loss NaN; the same batch with that
+  weight finite applies its update."""
+  import ml_collections
+
+  from ilora_jax import sharding, train_sasrec
+
+  mesh = sharding.make_mesh(
+    ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}), jax.devices()[:1]
+  )
+  model = sasrec.SASRec(CFG)
+  params = jax.tree.map(np.array, sasrec.init_params(CFG, jax.random.PRNGKey(0)))
+  seq, lens = _batch()
+  nxt = jnp.asarray([4, 20, 8], jnp.int32)
+  run = train_sasrec.run_inputs(1e-3, 0, mesh)
+  step = None
+  for poison, applied in ((0.0, True), (np.inf, False)):
+    p = jax.tree.map(np.copy, params)
+    p["positional_embeddings"]["embedding"][0, 0] += poison
+    before = jax.tree.map(
+      np.asarray, train_sasrec.new_state(p, train_sasrec.make_optimizer(1e-3, 0.0))
+    )
+    state = jax.device_put(before, sharding.replicated(mesh))
+    if step is None:
+      step = train_sasrec.jit_train_step(train_sasrec.make_train_step(model, 0.0), state, mesh)
+    new, loss, ok = step(state, run, seq, lens, nxt)
+    new = jax.tree.map(np.asarray, new)
+    assert bool(ok) == applied and np.isfinite(float(loss)) == applied
+    assert int(new["step"]) == 1
+    same = np.array_equal(new["params"]["item_embeddings"]["embedding"],
+                          before["params"]["item_embeddings"]["embedding"])  # fmt: skip
+    assert same != applied
+    if not applied:
+      chex.assert_trees_all_equal(new["params"], before["params"])
+      chex.assert_trees_all_equal(new["opt_state"], before["opt_state"])
 
 
 def test_matches_independent_numpy_formula_on_random_params():
@@ -176,6 +215,24 @@ def test_checkpoint_trained_with_other_heads_is_rejected():
   path = shared_path("checkpoints", "sasrec", "lastfm.pt")  # Its attention records 1 head.
   with pytest.raises(UserError, match=r"trained with 1 attention head\(s\): set .*num_heads=1"):
     sasrec.params_from_torch(path, sasrec.SASRecConfig(n_items=4606, num_heads=2))
+
+
+def test_checkpoint_with_a_nan_weight_is_refused(tmp_path):
+  """The real LastFM checkpoint with one NaN written into its item embeddings (the storage
+  of 4607 x 64 float32) is refused by name, not evaluated into NaN scores."""
+  real = shared_path("checkpoints", "sasrec", "lastfm.pt")
+  broken = tmp_path / "nan.pt"
+  with zipfile.ZipFile(real) as src, zipfile.ZipFile(broken, "w") as dst:
+    for info in src.infolist():
+      payload = src.read(info)
+      if info.file_size == 4607 * 64 * 4:
+        values = np.frombuffer(payload, np.float32).copy()
+        values[64 * 7 + 3] = np.nan
+        payload = values.tobytes()
+      dst.writestr(info, payload)
+  sasrec.params_from_torch(real, sasrec.SASRecConfig(n_items=4606))  # The original loads.
+  with pytest.raises(UserError, match=r"item_embeddings.weight holds 1 NaN or infinite value"):
+    sasrec.params_from_torch(str(broken), sasrec.SASRecConfig(n_items=4606))
 
 
 class _RunsCode:
