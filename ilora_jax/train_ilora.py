@@ -84,7 +84,10 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   """Frozen SASRec params: the workdir's sasrec checkpoint, else `config.sasrec.init_from`.
 
   `init_from` is an original `.pt` checkpoint or another workdir whose SASRec stage has
-  finished (the experiment runner shares one SASRec between the variants of a seed).
+  finished (the experiment runner shares one SASRec between the variants of a seed). A
+  SASRec stage that stopped before its last step (`train.stop_after_steps`, a kill) is
+  refused, in either folder: an iLoRA trained on a half-trained SASRec would be silently
+  worse. The workdir's own SASRec wins over `init_from`; the ilora stage says so on stderr.
   """
   cfg = sasrec_model_config(config, dataset.n_items)
   init_from = config.sasrec.init_from
@@ -92,7 +95,8 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
     workdir, "sasrec", config.checkpoint.max_to_keep, False, read_only=True
   )
   latest = ckpt.latest_step()
-  if latest is None and init_from and os.path.isdir(init_from):
+  borrowed = latest is None and bool(init_from) and os.path.isdir(init_from)
+  if borrowed:
     ckpt.close()
     ckpt = checkpointing.StageCheckpoints(
       init_from, "sasrec", config.checkpoint.max_to_keep, False, read_only=True
@@ -104,9 +108,24 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
         f"config.sasrec.init_from={init_from} is a folder without a SASRec checkpoint: "
         "give a workdir where --config.stage=sasrec has run, or an original .pt file"
       )
+  elif latest is not None and init_from and config.stage == "ilora":
+    console.info(
+      f"warning: config.sasrec.init_from={init_from} is not used: this workdir has its own "
+      f"SASRec ({ckpt.directory}), which the ilora stage uses; use a new workdir to start "
+      "from init_from"
+    )
   repl = sharding.replicated(mesh)
   if latest is not None:
-    trained = ckpt.restore_meta(latest)["settings"]["model"]
+    meta = ckpt.restore_meta(latest)
+    trained = meta["settings"]["model"]
+    total = meta["settings"].get("total_steps")
+    if total is not None and int(meta["step"]) < int(total):
+      ckpt.close()
+      where = f"that workdir, {init_from}," if borrowed else "this workdir"
+      raise UserError(
+        f"the SASRec in {ckpt.directory} stopped at step {int(meta['step'])} of {int(total)}: "
+        f"finish it first (--config.stage=sasrec in {where}, with its settings, resumes it)"
+      )
     current = checkpointing.jsonable(dataclasses.asdict(cfg))
     current.pop("dropout")  # Frozen, the SASRec runs without dropout: any rate fits.
     diffs = [f"{k} {trained.get(k)!r} vs config {v!r}" for k, v in current.items()

@@ -190,6 +190,38 @@ def test_a_sasrec_trained_with_other_heads_is_refused(pipeline, tmp_path):
   assert cfg.dropout == 0.3 and jax.tree.leaves(params)
 
 
+def test_an_unfinished_sasrec_is_refused_here_and_as_init_from(tmp_path):
+  """A SASRec stage stopped at step 2 of its 130 is no frozen model for iLoRA, whether it is
+  the workdir's own or another workdir's given as sasrec.init_from."""
+  part = tmp_path / "part"
+  first = run_cli(TINY, f"--workdir={part}", "--config.stage=sasrec",
+                  "--config.train.stop_after_steps=2", "--config.progress=False")  # fmt: skip
+  assert first.returncode == 0, first.stderr
+  own = run_cli(TINY, f"--workdir={part}", "--config.stage=ilora")
+  assert_one_line_error(own, "stopped at step 2 of 130", "--config.stage=sasrec in this workdir")
+  other = run_cli(TINY, f"--workdir={tmp_path / 'other'}", "--config.stage=ilora",
+                  f"--config.sasrec.init_from={part}")  # fmt: skip
+  assert_one_line_error(other, "stopped at step 2 of 130", f"in that workdir, {part},")
+  assert not os.path.exists(tmp_path / "other" / "checkpoints" / "ilora")
+
+
+def test_the_workdirs_own_sasrec_over_init_from_is_said(pipeline, tmp_path, capsys):
+  """The ilora stage in a workdir with a SASRec of its own does not read sasrec.init_from,
+  and says so; the pipeline (whose SASRec stage started from init_from) does not."""
+  from ilora_jax import configuration, data, sharding, train_ilora
+
+  workdir = with_sasrec_of(pipeline[0], tmp_path / "w")
+  for stage, warned in (("ilora", True), ("pipeline", False)):
+    config = configuration.load(
+      "configs/tiny.py", [f"stage={stage}", f"sasrec.init_from={tmp_path / 'x.pt'}"]
+    )
+    dataset = data.load_from_config(config, workdir)
+    train_ilora.load_sasrec(config, workdir, dataset, sharding.make_mesh(config.mesh))
+    err = capsys.readouterr().err
+    assert ("warning: config.sasrec.init_from=" in err) == warned, err
+    assert "iLoRA: SASRec from " + os.path.join(workdir, "checkpoints", "sasrec") in err
+
+
 def test_a_damaged_checkpoint_is_one_line_naming_the_step_to_remove(pipeline, tmp_path):
   pipeline_dir, _ = pipeline
   workdir = copy_of(pipeline_dir, tmp_path / "w")
