@@ -622,15 +622,20 @@ def _random_tokenizer(config: LlamaConfig):
   return tok_lib.byte_level_tokenizer()
 
 
-def _tokenizer_of(kind: str, target: str, config: LlamaConfig | None, reader=None):
+def _tokenizer_of(
+  kind: str, target: str, config: LlamaConfig | None, reader=None, strict: bool = False
+):
   """The tokenizer of a resolved model (`_resolve`), or None where it has none (a GGUF
-  without one warns: `generate()` is then unavailable)."""
+  without one warns: `generate()` is then unavailable; with `strict`, a `NoTokenizer`
+  error). A GGUF file that cannot be read is a `UserError` saying why."""
   if kind == "preset":
     return _random_tokenizer(config)
   if kind == "gguf":
     try:
       return tok_lib.tokenizer_from_gguf(target if reader is None else reader)
-    except UserError as e:
+    except tok_lib.NoTokenizer as e:
+      if strict:
+        raise tok_lib.NoTokenizer(f"{target} has no tokenizer ({e})") from None
       warnings.warn(f"{target}: no tokenizer ({e}); generate() is unavailable", stacklevel=3)
       return None
   if any(os.path.isfile(os.path.join(target, n)) for n in ("tokenizer.json", "tokenizer.model")):
@@ -649,11 +654,12 @@ def check_init_std(name_or_path: str, init_std: float) -> None:
     )
 
 
-def load_tokenizer(name_or_path: str):
-  """The tokenizer `load` gives a model, without reading its weights (None: it has none)."""
+def load_tokenizer(name_or_path: str, strict: bool = False):
+  """The tokenizer `load` gives a model, without reading its weights (None: it has none;
+  with `strict`, a GGUF without one is a `tokenizer.NoTokenizer` error instead)."""
   kind, target = _resolve(name_or_path)
   config = None if kind == "gguf" else config_for(name_or_path)
-  return _tokenizer_of(kind, target, config)
+  return _tokenizer_of(kind, target, config, strict=strict)
 
 
 def load(

@@ -150,6 +150,10 @@ def _write_cached(key: tuple, json_str: str, specials: tuple) -> None:
     pass
 
 
+class NoTokenizer(UserError):
+  """A readable model file that stores no tokenizer this package can rebuild."""
+
+
 def tokenizer_from_gguf(path_or_reader: Any):
   """Builds a `PreTrainedTokenizerFast` from the tokenizer stored in a GGUF file.
 
@@ -166,6 +170,10 @@ def tokenizer_from_gguf(path_or_reader: Any):
 
   Returns:
     The tokenizer (left padding; bos/eos/unk/pad from the GGUF metadata).
+
+  Raises:
+    NoTokenizer: the file's metadata holds no tokenizer, or one of another kind.
+    UserError: the file is missing, not a GGUF file, truncated or corrupt.
   """
   from ilora_jax.weights import open_gguf
 
@@ -194,8 +202,10 @@ def _build_gguf_tokenizer(reader) -> tuple[Tokenizer, tuple]:
   from ilora_jax.weights import gguf_field
 
   kind = gguf_field(reader, "tokenizer.ggml.model")
+  if kind is None:
+    raise NoTokenizer("its metadata has no tokenizer.ggml.model")
   if kind != "gpt2":
-    raise UserError(
+    raise NoTokenizer(
       f"unsupported GGUF tokenizer model {kind!r}: only byte-level BPE (gpt2) is supported; "
       "load the model from a Hugging Face folder instead"
     )
@@ -251,14 +261,39 @@ def byte_level_tokenizer():
 
 
 def tokenizer_from_hf(folder: str):
-  """Loads `tokenizer.json` / `tokenizer.model` from a Hugging Face folder (left padding)."""
-  from transformers import AutoTokenizer
+  """Loads `tokenizer.json` / `tokenizer.model` from a Hugging Face folder (left padding).
 
-  if not any(
-    os.path.isfile(os.path.join(folder, n)) for n in ("tokenizer.json", "tokenizer.model")
-  ):
+  Files transformers cannot read (damaged JSON, a `tokenizer.model` it has no reader for) are
+  one `UserError` naming the folder, its files and the reason; transformers' own log lines
+  about them are held back."""
+  from transformers import AutoTokenizer
+  from transformers.utils import logging as hf_logging
+
+  files = [
+    n for n in ("tokenizer.json", "tokenizer.model") if os.path.isfile(os.path.join(folder, n))
+  ]
+  if not files:
     raise UserError(f"no tokenizer.json or tokenizer.model in {folder}")
-  tok = AutoTokenizer.from_pretrained(folder)
+  verbosity = hf_logging.get_verbosity()
+  hf_logging.set_verbosity_error()
+  try:
+    tok = AutoTokenizer.from_pretrained(folder)
+  except Exception as exc:  # noqa: BLE001 - any failure here is a file transformers can't read.
+    import importlib.util
+
+    reason = (str(exc).strip().splitlines() or [""])[0][:160]
+    hint = ""
+    if files == ["tokenizer.model"] and importlib.util.find_spec("sentencepiece") is None:
+      hint = (
+        "; a tokenizer.model alone needs the sentencepiece package (not installed), or give "
+        "the folder the model's tokenizer.json"
+      )
+    raise UserError(
+      f"cannot load the tokenizer in {folder} ({' and '.join(files)}): "
+      f"{type(exc).__name__}{': ' + reason if reason else ''}{hint}"
+    ) from None
+  finally:
+    hf_logging.set_verbosity(verbosity)
   tok.padding_side = "left"
   if tok.pad_token is None and tok.eos_token is not None:
     tok.pad_token = tok.eos_token

@@ -244,7 +244,10 @@ class PromptInputs:
 def prompt_inputs(config, workdir: str, dataset: Dataset, mesh) -> PromptInputs:
   """Everything of the frozen parts but the LLM's weights (`build` reads those)."""
   llm.check_init_std(config.llm.name, config.llm.init_std)  # Named before the slow parts.
-  tokenizer = llm.load_tokenizer(config.llm.name)
+  try:
+    tokenizer = llm.load_tokenizer(config.llm.name, strict=True)
+  except tok_lib.NoTokenizer as exc:
+    raise UserError(f"{exc}: the ilora stage writes its prompts") from None
   if tokenizer is None:
     raise UserError(f"{config.llm.name} has no tokenizer: the ilora stage writes its prompts")
   special = tok_lib.add_ilora_tokens(tokenizer)

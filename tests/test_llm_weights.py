@@ -312,6 +312,60 @@ def test_gguf_of_another_version_or_byte_order_is_named(tiny_gguf, tmp_path):
       llm.load(str(bad))
 
 
+def _folder_with_tokenizer_files(folder, files: dict[str, bytes]) -> str:
+  """A Hugging Face model folder (config.json only) with the given tokenizer files."""
+  from transformers import LlamaConfig
+
+  LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+              num_attention_heads=4, num_key_value_heads=2).save_pretrained(folder)  # fmt: skip
+  for name, data in files.items():
+    (folder / name).write_bytes(data)
+  return str(folder)
+
+
+@pytest.mark.parametrize(
+  "files,fragments",
+  [
+    ({"tokenizer.json": b"{}"}, ["(tokenizer.json): KeyError: 'added_tokens'"]),
+    ({"tokenizer.json": b"{bad"}, ["(tokenizer.json): JSONDecodeError: Expecting property"]),
+    ({"tokenizer.json": b"\xff\xfe"}, ["(tokenizer.json): UnicodeDecodeError"]),
+  ],
+)
+def test_damaged_tokenizer_files_are_named(tmp_path, files, fragments):
+  folder = _folder_with_tokenizer_files(tmp_path, files)
+  with pytest.raises(UserError, match=f"cannot load the tokenizer in {folder} ") as err:
+    llm.load_tokenizer(folder)
+  for fragment in fragments:
+    assert fragment in str(err.value), err.value
+
+
+def test_unreadable_model_files_are_one_line_errors_of_the_ilora_stage(tiny_gguf, tmp_path):
+  """What the audit of the command line found as tracebacks or warnings before the error:
+  a file named .gguf that is none, a GGUF without a tokenizer, and a tokenizer.model that
+  transformers cannot read (its log lines held back)."""
+  from conftest import TINY, assert_one_line_error, run_cli
+
+  fake = tmp_path / "fake.gguf"
+  fake.write_bytes(b"notgguf")
+  garbage = _folder_with_tokenizer_files(tmp_path / "hf", {"tokenizer.model": b"garbage" * 9})
+  cases = [
+    (str(fake), ["not a GGUF file (bad magic):", str(fake)]),
+    (
+      tiny_gguf[0],
+      [
+        f"{tiny_gguf[0]} has no tokenizer (its metadata has no tokenizer.ggml.model)",
+        "the ilora stage writes its prompts",
+      ],
+    ),  # fmt: skip
+    (garbage, [f"cannot load the tokenizer in {garbage} (tokenizer.model)"]),
+  ]
+  for name, fragments in cases:
+    proc = run_cli(TINY, f"--workdir={tmp_path / 'w'}", "--config.stage=ilora",
+                   f"--config.llm.name={name}")  # fmt: skip
+    assert_one_line_error(proc, *fragments)
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr  # Nothing but that line.
+
+
 def test_truncated_safetensors_is_user_error(hf_checkpoints, tmp_path):
   folder, _ = hf_checkpoints["gqa_untied_single_file"]
   for name in os.listdir(folder):
