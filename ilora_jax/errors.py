@@ -11,6 +11,7 @@ import contextlib
 import functools
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 EXIT_USER_ERROR = 2
@@ -103,6 +104,36 @@ def flag_errors(what: str = "config", argv: Sequence[str] = ()):
                  and leaf in a.split("=", 1)[0].split(".")[1:]), "")  # fmt: skip
     where = f" (in {flag})" if flag else ""
     raise UserError(f"unknown {what} key: {text}{where}") from None
+  except Exception as exc:
+    failed = _failed_in_file(exc, what, argv)
+    if failed is None:
+      raise
+    raise failed from None
+
+
+def _failed_in_file(exc: BaseException, what: str, argv: Sequence[str]) -> UserError | None:
+  """The `what` file's own code failed as it loaded (a syntax error, an exception raised in
+  get_config): a UserError naming the file, the line and the error; None for a failure
+  elsewhere."""
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")), "")
+  path = path.split(":", 1)[0]
+  if not path or not os.path.isfile(path):
+    return None
+  real = os.path.realpath(path)
+  if isinstance(exc, SyntaxError) and exc.filename and os.path.realpath(exc.filename) == real:
+    line = exc.lineno
+  else:
+    lines = [lineno for frame, lineno in traceback.walk_tb(exc.__traceback__)
+             if os.path.realpath(frame.f_code.co_filename) == real]  # fmt: skip
+    if not lines:
+      return None
+    line = lines[-1]
+  message = exc.msg if isinstance(exc, SyntaxError) else _one_line(exc)
+  return UserError(
+    f"{what} file {path} line {line}: {type(exc).__name__}: {message}"
+    if message
+    else f"{what} file {path} line {line}: {type(exc).__name__}"
+  )
 
 
 def _one_line(text: str) -> str:

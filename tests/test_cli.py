@@ -251,6 +251,23 @@ def test_a_file_without_get_config_is_named(tmp_path, module, flag):
   assert_one_line_error(proc, f"{tmp_path / 'settings.py'} defines no get_config()", f"{flag} file")
 
 
+@pytest.mark.parametrize(
+  "name,text,message",
+  [
+    ("notes.txt", "these are notes {\n", "notes.txt line 1: SyntaxError: '{' was never closed"),
+    ("cfg.py", "import math\n\ndef get_config():\n  return 1 / 0\n",
+     "cfg.py line 4: ZeroDivisionError: division by zero"),
+    ("cfg.py", "import no_such_module_here\n",
+     "cfg.py line 1: ModuleNotFoundError: No module named 'no_such_module_here'"),
+  ],
+)  # fmt: skip
+def test_a_config_file_whose_code_fails_is_named_with_its_line(tmp_path, name, text, message):
+  (tmp_path / name).write_text(text)
+  for module, flag in (("ilora_jax.main", "config"), ("ilora_jax.experiments", "grid")):
+    proc = run_cli(f"--{flag}={tmp_path / name}", f"--workdir={tmp_path / 'w'}", module=module)
+    assert_one_line_error(proc, f"error: {flag} file {tmp_path}/{message}")
+
+
 def test_unknown_key_error_is_one_readable_line(tmp_path):
   proc = run_cli(TINY, f"--workdir={tmp_path}", "--config.train.stepz=2")
   line = assert_one_line_error(
