@@ -81,7 +81,20 @@ def load_run_config(workdir: str):
       f"{path} lacks {' and '.join(lacks)}: it is not the config of an ilora run, or was "
       "written by incompatible code"
     )
-  return ConfigDict(raw)
+  config = ConfigDict(raw)
+  from ilora_jax import configuration
+
+  try:  # The checks of a config file, on the values the run wrote (or someone edited).
+    configuration.validate(config)
+  except UserError as exc:
+    raise UserError(f"{path}: {exc}") from None
+  except TypeError as exc:  # A value of the wrong type: compared or used as a number, say.
+    raise UserError(
+      f"{path} holds a value of the wrong type ({exc}): the run's config file was edited or damaged"
+    ) from None
+  except (KeyError, AttributeError):  # A run saved before a setting existed: not checked.
+    pass
+  return config
 
 
 def titles_with_years(config, workdir: str) -> dict[int, str]:

@@ -153,6 +153,33 @@ def test_a_config_without_a_section_the_run_needs_is_a_user_error(tmp_path):
     load_run_config(str(tmp_path))
 
 
+@pytest.mark.parametrize(
+  "section,key,value,fragment",
+  [
+    ("lora", "rank", "x", "holds a value of the wrong type ('>=' not supported between"),
+    ("lora", "rank", -4, ": config.lora.rank=-4 must be a multiple of lora.num_experts=4"),
+    ("lora", "gate", "fancy", ": config.lora.gate='fancy' is not one of router"),
+    ("sasrec", "dropout", 1.5, r": config.sasrec.dropout=1.5 must be in [0, 1)"),
+  ],
+)
+def test_a_hand_edited_value_is_named_before_a_model_is_built(tmp_path, section, key, value,
+                                                              fragment):  # fmt: skip
+  """The run's config.json gets the checks of a config file: an edit that makes a value
+  impossible or of the wrong type is one UserError naming the file, not a crash in the
+  restore. A run saved before a setting existed still loads (the check is skipped)."""
+  saved = base_config()
+  saved[section][key] = value
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  with pytest.raises(UserError) as info:
+    load_run_config(str(tmp_path))
+  assert str(info.value).startswith(str(tmp_path / "config.json")), info.value
+  assert fragment in str(info.value), info.value
+  older = base_config()
+  del older["sasrec"]["max_bad_steps"]  # A setting added later than the run.
+  (tmp_path / "config.json").write_text(json.dumps(older))
+  assert load_run_config(str(tmp_path)).lora.rank == older["lora"]["rank"]
+
+
 class FakeRecommender:
   """Stands in for a restored run: its titles and config, candidates scored in order."""
 
