@@ -108,14 +108,26 @@ class StageCheckpoints:
     return dict(restored["meta"])
 
   def _unreadable(self, step: int, exc: BaseException) -> UserError:
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    first = _reason(exc)
     path = os.path.join(self.directory, str(step))
     if not _looks_damaged(exc):  # Out of memory, say: no advice to delete a good checkpoint.
       return UserError(f"cannot restore checkpoint {step} in {self.directory} "
                        f"({type(exc).__name__}: {first})")  # fmt: skip
+    if self.stage.endswith("_best"):  # Kept weights of a selection, not a training state.
+      advice = (
+        f"remove {self.directory} to drop the kept selection (evaluations then use the latest "
+        "checkpoint; a resumed run selects anew)"
+      )
+    else:
+      earlier = [s for s in self._manager.all_steps() if s < step]
+      advice = f"remove {path} to " + (
+        f"resume from checkpoint {max(earlier)}"
+        if earlier
+        else f"start the {self.stage} stage anew"
+      )
     return UserError(
-      f"checkpoint {step} in {self.directory} is unreadable ({first}); remove {path} to "
-      "resume from the checkpoint before it, or use another --workdir"
+      f"checkpoint {step} in {self.directory} is unreadable ({first}); {advice}, or use "
+      "another --workdir"
     )
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
@@ -130,9 +142,11 @@ class StageCheckpoints:
     except (ValueError, KeyError, TypeError) as exc:
       if _looks_damaged(exc):
         raise self._unreadable(step, exc) from None
+      # Orbax's advice on how to pad or truncate arrays is no advice for a user of a run.
+      text = re.split(r"\s*Truncating/padding is disabled", " ".join(str(exc).split()))[0]
       raise UserError(
         f"checkpoint {step} in {self.directory} does not match this model "
-        f"({type(exc).__name__}: {str(exc)[:300]})"
+        f"({type(exc).__name__}: {text[:300]}): it was written with other model settings"
       ) from None
     except Exception as exc:  # noqa: BLE001 - TensorStore reports damaged files as Exception.
       raise self._unreadable(step, exc) from None
@@ -224,6 +238,22 @@ _DAMAGE = re.compile(
   r"[Uu]nterminated|Expecting (value|property name)|Extra data|JSONDecodeError|"
   r"was not found in the checkpoint|error while reading"
 )
+
+
+def _reason(exc: BaseException) -> str:
+  """One short line saying why a read failed: TensorStore's own report where the error chain
+  holds one ('array NAME: what is wrong'), never its printed object specs."""
+  chain, seen = [], exc
+  while seen is not None and len(chain) < 8:
+    chain.append(seen)
+    seen = seen.__cause__ or seen.__context__
+  for e in chain:
+    found = re.search(r'Error reading "([^"]+)"[^:]*(?::[^:]*")?[^:]*: (.*)', str(e))
+    if found:
+      name, why = found.group(1), found.group(2)
+      return f"array {name}: {' '.join(why.split())[:160]}"
+  text = " ".join(str(exc).split()) or type(exc).__name__
+  return re.split(r"\s*See full TensorStore details", text)[0][:200]
 
 
 def _looks_damaged(exc: BaseException) -> bool:

@@ -58,6 +58,7 @@ from ilora_jax.metrics import (
 )
 from ilora_jax.projector import Projector
 from ilora_jax.sasrec import SASRec, params_from_torch
+from ilora_jax.train_sasrec import check_trained_as as sasrec_check_trained_as
 from ilora_jax.train_sasrec import model_config as sasrec_model_config
 from ilora_jax.train_sasrec import restore_target as sasrec_restore_target
 
@@ -116,8 +117,7 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
     )
   repl = sharding.replicated(mesh)
   if latest is not None:
-    meta = ckpt.restore_meta(latest)
-    trained = meta["settings"]["model"]
+    meta = sasrec_check_trained_as(ckpt, latest, cfg)
     total = meta["settings"].get("total_steps")
     if total is not None and int(meta["step"]) < int(total):
       ckpt.close()
@@ -125,16 +125,6 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
       raise UserError(
         f"the SASRec in {ckpt.directory} stopped at step {int(meta['step'])} of {int(total)}: "
         f"finish it first (--config.stage=sasrec in {where}, with its settings, resumes it)"
-      )
-    current = checkpointing.jsonable(dataclasses.asdict(cfg))
-    current.pop("dropout")  # Frozen, the SASRec runs without dropout: any rate fits.
-    diffs = [f"{k} {trained.get(k)!r} vs config {v!r}" for k, v in current.items()
-             if k in trained and trained[k] != v]  # fmt: skip
-    if diffs:
-      ckpt.close()
-      raise UserError(
-        f"the SASRec in {ckpt.directory} was trained with other settings ({'; '.join(diffs)}); "
-        "set config.sasrec.* as it was trained"
       )
     restored, _ = ckpt.restore(latest, sasrec_restore_target(cfg, repl))
     ckpt.close()
@@ -1550,17 +1540,54 @@ def better(metric: str, new: float, old: float | None) -> bool:
   return new < old if metric == "loss" else new > old
 
 
-def restore_for_use(workdir: str, abstract_state, weights: str = "selected", keep: int = 2):
+# What a checkpoint's settings (`run_settings`) say of the model its arrays fit: the LLM,
+# adapters, router and data set (the dropout rates are of training only).
+_MODEL_SETTINGS = ("llm", "lora", "router", "data")
+
+
+def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
+  """A UserError naming each model setting (`_MODEL_SETTINGS`) checkpoint `step` of `ckpt`
+  was made with that differs from `settings` (the running config's; None: no check)."""
+  if settings is None:
+    return
+  saved = ckpt.restore_meta(step).get("settings", {})
+
+  def model(s: dict) -> dict:
+    out = {}
+    for key in _MODEL_SETTINGS:
+      value = s.get(key)
+      if isinstance(value, dict):
+        out.update({f"{key}.{k}": v for k, v in value.items() if k != "dropout"})
+      else:
+        out[key] = value
+    return out
+
+  ours, theirs = model(settings), model(saved)
+  diffs = [f"{k} {theirs[k]!r} vs config {ours.get(k)!r}" for k in sorted(theirs)
+           if k in ours and theirs[k] != ours[k]]  # fmt: skip
+  if diffs:
+    raise UserError(
+      f"checkpoint {step} in {ckpt.directory} was made with other model settings "
+      f"({'; '.join(diffs)}); set them as the run had them"
+    )
+
+
+def restore_for_use(
+  workdir: str, abstract_state, weights: str = "selected", keep: int = 2, settings=None
+):
   """(state, step, how, selected_by) of an ilora run's weights for an evaluation or a
   recommendation: with `weights` "selected", those the run's `ilora.select_by` picked
   (checkpoints/ilora_best; `selected_by` names that metric) where it has them, else the latest
-  checkpoint (`selected_by` None); `how` names which, for a message."""
+  checkpoint (`selected_by` None); `how` names which, for a message. With `settings` (the
+  running config's `run_settings`), a checkpoint of another model shape is refused by name
+  before its arrays are read."""
   if weights == "selected":
     with contextlib.closing(
       checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=True)
     ) as best:
       at = best.latest_step()
       if at is not None:
+        _check_model_settings(best, at, settings)
         state, meta = best.restore(at, abstract_state)
         how = f"the weights of step {at}, selected by val {meta.get('select_by')}"
         return state, at, how, meta.get("select_by")
@@ -1570,6 +1597,7 @@ def restore_for_use(workdir: str, abstract_state, weights: str = "selected", kee
     latest = ckpt.latest_step()
     if latest is None:
       raise UserError(f"no ilora checkpoint in {ckpt.directory}: train with --config.stage=ilora")
+    _check_model_settings(ckpt, latest, settings)
     state, _ = ckpt.restore(latest, abstract_state)
   return state, latest, f"the latest checkpoint, step {latest}", None
 
@@ -1580,7 +1608,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   su = setup(config, workdir)
   state, latest, how, selected_by = restore_for_use(
     workdir, checkpointing.abstract_like(su.state), config.eval.weights,
-    config.checkpoint.max_to_keep,
+    config.checkpoint.max_to_keep, su.settings,
   )  # fmt: skip
   console.info(f"iLoRA: evaluating {how}")
   split = su.dataset.split(config.eval.split)

@@ -360,6 +360,25 @@ def restore_target(cfg: SASRecConfig, placement) -> dict:
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=placement), shapes)
 
 
+def check_trained_as(ckpt: checkpointing.StageCheckpoints, step: int, cfg: SASRecConfig) -> dict:
+  """The metadata of SASRec checkpoint `step`; a UserError naming each model setting it was
+  trained with that differs from `cfg` (the dropout rate aside: evaluated or frozen, the
+  model runs without dropout, so any rate fits its weights)."""
+  meta = ckpt.restore_meta(step)
+  trained = meta["settings"]["model"]
+  current = checkpointing.jsonable(dataclasses.asdict(cfg))
+  current.pop("dropout")
+  diffs = [f"{k} {trained.get(k)!r} vs config {v!r}" for k, v in current.items()
+           if k in trained and trained[k] != v]  # fmt: skip
+  if diffs:
+    ckpt.close()
+    raise UserError(
+      f"the SASRec in {ckpt.directory} was trained with other settings ({'; '.join(diffs)}); "
+      "set config.sasrec.* as it was trained"
+    )
+  return meta
+
+
 def evaluate(config, workdir: str) -> dict[str, float]:
   """The `evaluate` stage for SASRec: restore the latest checkpoint and score `eval.split`."""
   dataset = load_from_config(config, workdir)
@@ -375,6 +394,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
       "original .pt, that stage with --config.train.epochs=0 and --config.sasrec.init_from "
       "evaluates it directly and saves no checkpoint)"
     )
+  check_trained_as(ckpt, latest, cfg)
   restored, _ = ckpt.restore(latest, restore_target(cfg, sharding.replicated(mesh)))
   ckpt.close()
   log = MetricsLog(workdir, enabled=jax.process_index() == 0)

@@ -140,6 +140,45 @@ def test_only_a_damaged_checkpoint_gets_the_advice_to_remove_it(tmp_path, caplog
   ckpt.close()
 
 
+def test_damage_advice_fits_the_folder_and_names_the_array(tmp_path):
+  """The advice says what removing the step gives (the checkpoint before it, or a new start;
+  for the kept selection, the whole folder), and the reason is TensorStore's own report from
+  the error chain, without the object spec Orbax prints."""
+  from ilora_jax import checkpointing
+
+  spec = (
+    "Encountered error while reading array index: (slice(0, 2, 1),). See full TensorStore "
+    "details: <bound method pybind11_detail_function_record.spec of TensorStore({})>."
+  )
+  cause = ValueError(
+    'FAILED_PRECONDITION: Error reading "opt_state.mu.lora_a/0.0" in OCDBT database at local '
+    'file "/w/checkpoints/ilora/7/state/": ZSTD_decompressStream() failed: Data corruption '
+    "detected; at byte 0"
+  )
+  top = Exception(spec)
+  top.__cause__ = cause
+  for n, (stage, steps, advice) in enumerate(
+    (
+      ("ilora", (3, 7), "; remove {d}/7 to resume from checkpoint 3, or use another --workdir"),
+      ("ilora", (7,), "; remove {d}/7 to start the ilora stage anew, or use another --workdir"),
+      ("ilora_best", (7,), "; remove {d} to drop the kept selection (evaluations then use the"),
+    )
+  ):
+    folder = tmp_path / str(n) / "checkpoints" / stage
+    for step in steps:
+      (folder / str(step)).mkdir(parents=True)
+    ckpt = checkpointing.StageCheckpoints(str(tmp_path / str(n)), stage, 2, False, read_only=True)
+    message = str(ckpt._unreadable(7, top))
+    ckpt.close()
+    assert message.startswith(
+      f"checkpoint 7 in {folder} is unreadable (array opt_state.mu.lora_a/0.0: "
+      "ZSTD_decompressStream() failed: Data corruption detected; at byte 0)"
+    ), message
+    assert advice.format(d=folder) in message, message
+  alone = str(ckpt._unreadable(7, Exception(spec)))  # No report behind it: the spec cut off.
+  assert "pybind11" not in alone and "error while reading array index" in alone, alone
+
+
 def test_a_read_only_checkpoint_folder_is_not_created(tmp_path):
   """Evaluate and recommend only restore: a workdir without the stage's checkpoints keeps no
   empty `checkpoints/` folder after their error; training creates it."""
@@ -151,3 +190,23 @@ def test_a_read_only_checkpoint_folder_is_not_created(tmp_path):
   assert os.listdir(tmp_path) == []
   checkpointing.StageCheckpoints(str(tmp_path), "ilora", 2, False).close()
   assert os.path.isdir(tmp_path / "checkpoints" / "ilora")
+
+
+def test_a_restore_into_other_shapes_names_them_without_orbax_advice(tmp_path):
+  import jax
+  import numpy as np
+
+  from ilora_jax import checkpointing
+  from ilora_jax.errors import UserError
+
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "sasrec", 2, False)
+  ckpt.save(1, {"w": jax.numpy.zeros((2, 3))}, {"step": 1})
+  ckpt.wait()
+  other = {"w": jax.ShapeDtypeStruct((4, 3), np.float32, sharding=jax.numpy.zeros(1).sharding)}
+  with pytest.raises(UserError) as info:
+    ckpt.restore(1, other)
+  ckpt.close()
+  message = str(info.value)
+  assert "does not match this model" in message and "(4, 3)" in message, message
+  assert "stored shape: (2, 3)" in message and "strict=False" not in message, message
+  assert message.endswith("it was written with other model settings"), message

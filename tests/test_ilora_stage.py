@@ -190,6 +190,25 @@ def test_a_sasrec_trained_with_other_heads_is_refused(pipeline, tmp_path):
   assert cfg.dropout == 0.3 and jax.tree.leaves(params)
 
 
+@pytest.mark.parametrize(
+  "overrides,fragments",
+  [
+    (["--config.eval.stage=ilora", "--config.lora.rank=8"],
+     ["ilora_best was made with other model settings (lora.rank 4 vs config 8); set them"]),
+    (["--config.eval.stage=ilora", "--config.eval.weights=latest", "--config.router.kind=mlp"],
+     ["checkpoints/ilora was made with other model settings (router.kind 'linear' vs config "
+      "'mlp')"]),
+    (["--config.eval.stage=sasrec", "--config.sasrec.hidden=32"],
+     ["checkpoints/sasrec was trained with other settings (hidden 16 vs config 32)"]),
+  ],
+)  # fmt: skip
+def test_evaluating_with_another_model_shape_names_the_setting(pipeline, overrides, fragments):
+  """The evaluate stage compares the checkpoint's recorded model settings with the config's
+  before reading its arrays: one line naming the setting, not Orbax's shape error."""
+  proc = run_cli(TINY, f"--workdir={pipeline[0]}", "--config.stage=evaluate", *overrides)
+  assert_one_line_error(proc, *fragments)
+
+
 def test_an_unfinished_sasrec_is_refused_here_and_as_init_from(tmp_path):
   """A SASRec stage stopped at step 2 of its 130 is no frozen model for iLoRA, whether it is
   the workdir's own or another workdir's given as sasrec.init_from."""
