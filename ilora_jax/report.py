@@ -72,12 +72,29 @@ def _checked(record, where: str) -> dict:
   return record
 
 
+# How the log writes non-finite values (`metrics.plain`): as text, since JSON has no NaN.
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def _number(value) -> float | None:
+  """A metric value as a float: numbers, and the texts the log writes for NaN and the
+  infinities (a diverged loss stays in the report, as nan); None for anything else."""
+  if isinstance(value, bool):
+    return None
+  if isinstance(value, int | float):
+    return float(value)
+  if isinstance(value, str):
+    return _NON_FINITE.get(value.strip().lower())
+  return None
+
+
 def _numeric(record: dict) -> dict[str, float]:
-  return {
-    k: float(v)
-    for k, v in record.items()
-    if k not in _SKIP and isinstance(v, int | float) and not isinstance(v, bool)
-  }
+  out = {}
+  for k, v in record.items():
+    number = None if k in _SKIP else _number(v)
+    if number is not None:
+      out[k] = number
+  return out
 
 
 def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
@@ -104,11 +121,9 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
 
 
 def _plot_series(ax, records, key, label):
-  pts = [
-    (r["step"], r[key])
-    for r in records
-    if "step" in r and key in r and isinstance(r[key], int | float) and not isinstance(r[key], bool)
-  ]
+  pts = [(r["step"], _number(r[key])) for r in records if "step" in r and key in r]
+  pts = [(step, value if math.isfinite(value) else math.nan) for step, value in pts
+         if value is not None]  # fmt: skip  # A non-finite value is a gap in the line.
   if pts:
     steps, values = zip(*pts)
     ax.plot(steps, values, marker="o" if len(pts) < 30 else None, label=label)

@@ -1,6 +1,7 @@
 """The end-of-run report: plots, summary table and TensorBoard scalars from metrics.jsonl."""
 
 import json
+import math
 import os
 import struct
 
@@ -389,3 +390,26 @@ def test_non_finite_values_and_gates_without_records_report_quietly(tmp_path):
   proc = run_cli(f"--workdir={tmp_path}", module="ilora_jax.report")
   assert proc.returncode == 0 and proc.stderr == "", proc.stderr
   assert (tmp_path / "report" / "gates.png").exists()
+
+
+def test_non_finite_values_the_log_writes_as_text_stay_in_the_report(tmp_path, capsys):
+  """The log writes NaN and the infinities as the texts "nan", "inf" (JSON has none): the
+  summary shows them in their columns and the loss plot keeps the finite points, instead of
+  dropping the values as if they were not metrics."""
+  from ilora_jax.metrics import MetricsLog
+
+  log = MetricsLog(str(tmp_path))
+  base = {"run": "ilora", "stage": "ilora"}
+  for step, loss in ((1, 2.5), (2, float("nan")), (3, 2.0)):
+    log.write({**base, "split": "train", "step": step, "loss": loss})
+  log.write({**base, "split": "val", "step": 3, "final": True, "hr@1": 0.5,
+             "loss": float("inf"), "selected_by": "hr@1"})  # fmt: skip
+  assert '"loss": "inf"' in (tmp_path / "metrics.jsonl").read_text()
+  proc = _report_cli(capsys, f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr
+  summary = (tmp_path / "report" / "summary.md").read_text()
+  assert "| ilora | ilora | val | 3 | 0.5000 | inf |" in summary, summary
+  train = [r for r in report.read_records(str(tmp_path)) if r["split"] == "train"]
+  assert [report._number(r["loss"]) for r in train][::2] == [2.5, 2.0]
+  assert math.isnan(report._number(train[1]["loss"]))
+  assert report._number("hr@1") is None and report._number(True) is None
