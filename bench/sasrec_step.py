@@ -52,12 +52,12 @@ def main() -> None:
   batch = (arrays["seq"], arrays["len_seq"], arrays["next"])
 
   t0 = time.perf_counter()
-  state, loss = step(state, run, *batch)
+  state, loss, _ = step(state, run, *batch)
   loss.block_until_ready()
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   for _ in range(args.steps):
-    state, loss = step(state, run, *batch)  # The dropout key follows the state's step.
+    state, loss, _ = step(state, run, *batch)  # The dropout key follows the state's step.
   loss.block_until_ready()
   step_s = (time.perf_counter() - t0) / args.steps
   result = {

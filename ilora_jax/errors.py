@@ -88,6 +88,9 @@ def flag_errors(what: str = "config", argv: Sequence[str] = ()):
   except flags.Error as exc:
     raise flag_error(exc) from None
   except (AttributeError, KeyError) as exc:  # An override names an unknown config key.
+    failed = _failed_in_file(exc, what, argv)  # Or the file's own code failed.
+    if failed is not None:
+      raise failed from None
     if isinstance(exc, AttributeError) and getattr(exc, "name", None) == "get_config":
       path = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")), "")
       path = path.split(":", 1)[0] or f"the {what} file"

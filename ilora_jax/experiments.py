@@ -200,8 +200,8 @@ def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dic
 
 def check_sasrec(grid: ConfigDict) -> None:
   """`grid.sasrec`, when given, names an existing SASRec: a readable file (an original `.pt`
-  checkpoint) or a workdir where the sasrec stage saved a checkpoint. Checked before any run
-  (each run would otherwise find out only after loading the LLM)."""
+  checkpoint) or a workdir where the sasrec stage finished (its final records written).
+  Checked before any run (each run would otherwise find out only after loading the LLM)."""
   path = grid.get("sasrec", "")
   if not path:
     return
@@ -213,6 +213,11 @@ def check_sasrec(grid: ConfigDict) -> None:
         f"grid.sasrec={path} is a folder without a SASRec checkpoint (no {folder}/<step>): "
         "give a workdir where --config.stage=sasrec has run, or an original .pt file"
       )
+    if not _stage_finished(path, "sasrec"):
+      raise UserError(
+        f"grid.sasrec={path}: its SASRec stage has not finished (no final records in its "
+        "metrics.jsonl): finish it with --config.stage=sasrec there first"
+      )
     return
   require_file(path, "grid.sasrec")
 
@@ -222,13 +227,16 @@ def check_sasrec(grid: ConfigDict) -> None:
 
 def finished(run: Run) -> bool:
   """True when the run's stage wrote its final test record (or recorded test as skipped)."""
-  stage = "sasrec" if run.variant == "sasrec" else "ilora"
+  return _stage_finished(run.workdir, "sasrec" if run.variant == "sasrec" else "ilora")
+
+
+def _stage_finished(workdir: str, stage: str) -> bool:
   return any(
     r.get("stage") == stage
     and r.get("run") == stage
     and r.get("split") == "test"
     and (r.get("final") or "skipped" in r)
-    for r in report.read_records(run.workdir)
+    for r in report.read_records(workdir)
   )
 
 

@@ -635,7 +635,7 @@ def _tokenizer_of(
       return tok_lib.tokenizer_from_gguf(target if reader is None else reader)
     except tok_lib.NoTokenizer as e:
       if strict:
-        raise tok_lib.NoTokenizer(f"{target} has no tokenizer ({e})") from None
+        raise tok_lib.NoTokenizer(f"{target} has no tokenizer this package reads ({e})") from None
       warnings.warn(f"{target}: no tokenizer ({e}); generate() is unavailable", stacklevel=3)
       return None
   if any(os.path.isfile(os.path.join(target, n)) for n in ("tokenizer.json", "tokenizer.model")):

@@ -27,10 +27,9 @@ def target_ranks(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
   scores = np.asarray(scores, dtype=np.float64)
   rows = np.arange(scores.shape[0])
   nan = np.isnan(scores)
-  scores = np.where(nan, -np.inf, scores)
   target = scores[rows, target_index][:, None]
-  higher = (scores > target).sum(-1)
-  ties = (scores == target).sum(-1) - 1
+  higher = ((scores > target) & ~nan).sum(-1)
+  ties = ((scores == target) & ~nan).sum(-1) - 1
   return np.where(nan[rows, target_index], scores.shape[1] - 1, higher + ties // 2)
 
 
@@ -40,16 +39,17 @@ def nonfinite_rows(scores: np.ndarray) -> int:
   return int((~np.isfinite(np.asarray(scores, dtype=np.float64))).any(-1).sum())
 
 
-def warn_nonfinite(scores: np.ndarray, who: str, metrics: dict) -> None:
-  """Adds `nonfinite_rows` to `metrics` and warns on stderr when `scores` hold any."""
+def warn_nonfinite(scores: np.ndarray, who: str, metrics: dict, advice: str) -> None:
+  """Adds `nonfinite_rows` to `metrics` and warns on stderr, with `advice`, when `scores`
+  hold any."""
   bad = nonfinite_rows(scores)
   if bad:
     from ilora_jax import console
 
     metrics["nonfinite_rows"] = bad
     console.info(
-      f"warning: {who} gave NaN or infinite scores in {bad} of {len(scores)} rows (ranked "
-      "last): its weights are broken; retrain with a lower learning rate"
+      f"warning: {who} gave NaN or infinite scores in {bad} of {len(scores)} rows (a NaN "
+      f"ranks last): {advice}"
     )
 
 

@@ -81,14 +81,24 @@ def lora_config(config) -> lora.LoRAConfig:
 # ----------------------------------------------------------------------------- frozen parts
 
 
+def _has_checkpoint(workdir: str, stage: str) -> bool:
+  """Whether `workdir` holds a checkpoint of `stage` (read only: creates no folder)."""
+  with contextlib.closing(
+    checkpointing.StageCheckpoints(workdir, stage, 1, False, read_only=True)
+  ) as ckpt:
+    return ckpt.latest_step() is not None
+
+
 def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   """Frozen SASRec params: the workdir's sasrec checkpoint, else `config.sasrec.init_from`.
 
   `init_from` is an original `.pt` checkpoint or another workdir whose SASRec stage has
   finished (the experiment runner shares one SASRec between the variants of a seed). A
-  SASRec stage that stopped before its last step (`train.stop_after_steps`, a kill) is
-  refused, in either folder: an iLoRA trained on a half-trained SASRec would be silently
-  worse. The workdir's own SASRec wins over `init_from`; the ilora stage says so on stderr.
+  SASRec stage that stopped before its last step (`train.stop_after_steps`, a kill), in
+  either folder, is refused when iLoRA training starts (an iLoRA trained on a half-trained
+  SASRec would be silently worse); a run already trained on one (by older code) keeps it for
+  its resume, evaluation and recommendations, with a warning. The workdir's own SASRec wins
+  over a workdir given as `init_from`; the ilora stage says so as it starts.
   """
   cfg = sasrec_model_config(config, dataset.n_items)
   init_from = config.sasrec.init_from
@@ -109,7 +119,9 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
         f"config.sasrec.init_from={init_from} is a folder without a SASRec checkpoint: "
         "give a workdir where --config.stage=sasrec has run, or an original .pt file"
       )
-  elif latest is not None and init_from and config.stage == "ilora":
+  starting = config.stage in ("ilora", "pipeline") and not _has_checkpoint(workdir, STAGE)
+  ignored = latest is not None and not borrowed and bool(init_from) and os.path.isdir(init_from)
+  if ignored and starting and config.stage == "ilora":
     console.info(
       f"warning: config.sasrec.init_from={init_from} is not used: this workdir has its own "
       f"SASRec ({ckpt.directory}), which the ilora stage uses; use a new workdir to start "
@@ -120,12 +132,18 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
     meta = sasrec_check_trained_as(ckpt, latest, cfg)
     total = meta["settings"].get("total_steps")
     if total is not None and int(meta["step"]) < int(total):
-      ckpt.close()
-      where = f"that workdir, {init_from}," if borrowed else "this workdir"
-      raise UserError(
-        f"the SASRec in {ckpt.directory} stopped at step {int(meta['step'])} of {int(total)}: "
-        f"finish it first (--config.stage=sasrec in {where}, with its settings, resumes it)"
+      stopped = (
+        f"the SASRec in {ckpt.directory} stopped at step {int(meta['step'])} of {int(total)}"
       )
+      if not starting:
+        console.info(f"warning: {stopped}; this run was trained on it as it is")
+      else:
+        ckpt.close()
+        where = f"that workdir, {init_from}," if borrowed else "this workdir"
+        raise UserError(
+          f"{stopped}: finish it first (--config.stage=sasrec in {where}, with its settings, "
+          "resumes it)"
+        )
     restored, _ = ckpt.restore(latest, sasrec_restore_target(cfg, repl))
     ckpt.close()
     console.info(f"iLoRA: SASRec from {ckpt.directory} step {latest}")
@@ -922,11 +940,18 @@ class Evaluator:
     # Per-row outcomes: target ranks under each scorer, generation validity and hits.
     ranks = {n: target_ranks(s, target) for n, s in self.scores.items()}
     bad: dict[str, dict] = {n: {} for n in ("model", "base", "sasrec")}
+    advice = {
+      "model": ("the adapted LLM", "its adapters, router or projector diverged (lower "
+                "config.train.lr) or the LLM overflows its dtype (llm.dtype)"),
+      "base": ("the base LLM", "its weights hold NaN or overflow config.llm.dtype; try "
+               "llm.dtype=float32 or another checkpoint"),
+    }  # fmt: skip
     for n, s in self.scores.items():
-      warn_nonfinite(s, {"model": "the adapted LLM", "base": "the base LLM"}[n], bad[n])
+      warn_nonfinite(s, advice[n][0], bad[n], advice[n][1])
     if sas_scores:
       ranks["sasrec"] = target_ranks(unsort(sas_scores), target)
-      warn_nonfinite(unsort(sas_scores), "the frozen SASRec", bad["sasrec"])
+      warn_nonfinite(unsort(sas_scores), "the frozen SASRec", bad["sasrec"],
+                     "its weights are broken; retrain it (config.stage=sasrec)")  # fmt: skip
     for name, prefix in (("model", ""), ("base", "base/")):
       o = out[name]
       metrics = generation_metrics(np.array(o["valid"]), np.array(o["hit"])) if o["valid"] else {}
@@ -1540,9 +1565,10 @@ def better(metric: str, new: float, old: float | None) -> bool:
   return new < old if metric == "loss" else new > old
 
 
-# What a checkpoint's settings (`run_settings`) say of the model its arrays fit: the LLM,
-# adapters, router and data set (the dropout rates are of training only).
-_MODEL_SETTINGS = ("llm", "lora", "router", "data")
+# What a checkpoint's settings (`run_settings`) say of the model its arrays fit: adapters,
+# router and data set (the dropout rates are of training only). Not the LLM's name: one model
+# goes by several (a registered name, the path of its file, a moved folder).
+_MODEL_SETTINGS = ("lora", "router", "data")
 
 
 def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:

@@ -57,7 +57,7 @@ def run_inputs(lr: float, seed: int, mesh) -> dict:
 def make_train_step(model: SASRec, weight_decay: float):
   """One Adam update on a batch: (state, run, seq, len_seq, next) -> (state, mean loss, ok).
   `run` is `run_inputs`; the dropout key of step s is its key folded with s. A step whose
-  loss or updated parameters are not all finite changes nothing but the step count
+  loss, updated parameters or Adam moments are not all finite changes nothing but the step count
   (`ok` False): the run's loop stops after `sasrec.max_bad_steps` of them in a row, and no
   checkpoint ever holds NaN weights."""
 
@@ -72,7 +72,11 @@ def make_train_step(model: SASRec, weight_decay: float):
     optimizer = make_optimizer(run["lr"], weight_decay)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    finite = [jnp.isfinite(loss)] + [jnp.isfinite(x).all() for x in jax.tree.leaves(params)]
+    finite = [jnp.isfinite(loss)] + [
+      jnp.isfinite(x).all()
+      for x in jax.tree.leaves((params, opt_state))
+      if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
     ok = jnp.stack(finite).all()
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
     new = {
@@ -139,7 +143,8 @@ class Evaluator:
     scores = np.concatenate(all_scores)
     out = ranking_metrics(target_ranks(scores, self.target_index))
     out["loss"] = float(np.concatenate(all_loss).mean())
-    warn_nonfinite(scores, f"SASRec on {self.split.name}", out)
+    warn_nonfinite(scores, f"SASRec on {self.split.name}", out,
+                   "its weights are broken; retrain it with a lower learning rate")  # fmt: skip
     return out
 
 

@@ -227,6 +227,16 @@ def test_eval_memory_reports_each_programs_scratch_and_the_cache():
   assert_one_line_error(proc, "--model=llama9 is not a preset")
 
 
+def test_sasrec_step_bench_times_the_stages_own_step():
+  """`bench/sasrec_step.py` drives the SASRec stage's jitted step (its outputs included):
+  its last line is the JSON of the timing, with the rows per second its step time gives."""
+  proc = run_cli("--n_items=200", "--batch_size=8", "--steps=3", script="bench/sasrec_step.py")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["step_s"] > 0 and result["compile_s"] > 0
+  assert result["rows_per_s"] == pytest.approx(8 / result["step_s"])
+
+
 def test_ab_step_variants_parse_as_command_line_overrides():
   from ilora_jax import bench, configuration
   from ilora_jax.errors import UserError

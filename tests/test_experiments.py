@@ -288,10 +288,18 @@ def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(smoke, 
     (("--grid.extra=train.steps='2",), ("grid.extra", "No closing quotation")),
     (("--grid.sasrec=/nonexistent/m.pt",), ("grid.sasrec not found", "/nonexistent/m.pt")),
     (("--grid.sasrec={tmp}",), ("grid.sasrec=", "without a SASRec checkpoint")),
+    (("--grid.sasrec={tmp}/part",), ("/part: its SASRec stage has not finished",)),
   ],
-  ids=["unbalanced_quote", "missing_sasrec", "sasrec_folder_without_checkpoint"],
+  ids=[
+    "unbalanced_quote",
+    "missing_sasrec",
+    "sasrec_folder_without_checkpoint",
+    "sasrec_unfinished",
+  ],  # fmt: skip
 )
 def test_bad_extra_and_sasrec_fail_before_any_run(tmp_path, args, fragments):
+  # A SASRec stage's checkpoint of step 2 without its final records: stopped early.
+  os.makedirs(tmp_path / "part" / "checkpoints" / "sasrec" / "2")
   w = str(tmp_path / "grid")
   args = [a.format(tmp=tmp_path) for a in args]
   proc = run_cli(GRID, f"--workdir={w}", *args, module="ilora_jax.experiments")

@@ -209,9 +209,10 @@ def test_evaluating_with_another_model_shape_names_the_setting(pipeline, overrid
   assert_one_line_error(proc, *fragments)
 
 
-def test_an_unfinished_sasrec_is_refused_here_and_as_init_from(tmp_path):
-  """A SASRec stage stopped at step 2 of its 130 is no frozen model for iLoRA, whether it is
-  the workdir's own or another workdir's given as sasrec.init_from."""
+def test_an_unfinished_sasrec_is_refused_here_and_as_init_from(tmp_path, capsys):
+  """A SASRec stage stopped at step 2 of its 130 is no frozen model for a new iLoRA run,
+  whether it is the workdir's own or another workdir's given as sasrec.init_from. A run
+  trained on one before this check existed keeps it outside training, with a warning."""
   part = tmp_path / "part"
   first = run_cli(TINY, f"--workdir={part}", "--config.stage=sasrec",
                   "--config.train.stop_after_steps=2", "--config.progress=False")  # fmt: skip
@@ -222,23 +223,40 @@ def test_an_unfinished_sasrec_is_refused_here_and_as_init_from(tmp_path):
                   f"--config.sasrec.init_from={part}")  # fmt: skip
   assert_one_line_error(other, "stopped at step 2 of 130", f"in that workdir, {part},")
   assert not os.path.exists(tmp_path / "other" / "checkpoints" / "ilora")
+  from ilora_jax import configuration, data, sharding, train_ilora
+
+  config = configuration.load("configs/tiny.py", ["stage=evaluate"])
+  dataset = data.load_from_config(config, str(part))
+  _, params = train_ilora.load_sasrec(config, str(part), dataset, sharding.make_mesh(config.mesh))
+  assert jax.tree.leaves(params)
+  err = capsys.readouterr().err
+  assert "warning: the SASRec in " in err and "stopped at step 2 of 130; this run was" in err
 
 
 def test_the_workdirs_own_sasrec_over_init_from_is_said(pipeline, tmp_path, capsys):
-  """The ilora stage in a workdir with a SASRec of its own does not read sasrec.init_from,
-  and says so; the pipeline (whose SASRec stage started from init_from) does not."""
+  """A new ilora run in a workdir with a SASRec of its own does not read the workdir given
+  as sasrec.init_from, and says so. The pipeline, an original .pt (from which this
+  workdir's SASRec stage may have started) and a run that has begun say nothing."""
   from ilora_jax import configuration, data, sharding, train_ilora
 
   workdir = with_sasrec_of(pipeline[0], tmp_path / "w")
-  for stage, warned in (("ilora", True), ("pipeline", False)):
+  other = tmp_path / "other"
+  other.mkdir()
+  for stage, init_from, warned in (("ilora", other, True), ("pipeline", other, False),
+                                   ("ilora", tmp_path / "x.pt", False)):  # fmt: skip
     config = configuration.load(
-      "configs/tiny.py", [f"stage={stage}", f"sasrec.init_from={tmp_path / 'x.pt'}"]
+      "configs/tiny.py", [f"stage={stage}", f"sasrec.init_from={init_from}"]
     )
     dataset = data.load_from_config(config, workdir)
     train_ilora.load_sasrec(config, workdir, dataset, sharding.make_mesh(config.mesh))
     err = capsys.readouterr().err
-    assert ("warning: config.sasrec.init_from=" in err) == warned, err
+    assert ("warning: config.sasrec.init_from=" in err) == warned, (stage, init_from, err)
     assert "iLoRA: SASRec from " + os.path.join(workdir, "checkpoints", "sasrec") in err
+  begun = copy_of(pipeline[0], tmp_path / "begun")  # Holds ilora checkpoints.
+  config = configuration.load("configs/tiny.py", ["stage=ilora", f"sasrec.init_from={other}"])
+  train_ilora.load_sasrec(config, begun, data.load_from_config(config, begun),
+                          sharding.make_mesh(config.mesh))  # fmt: skip
+  assert "warning" not in capsys.readouterr().err
 
 
 def test_a_damaged_checkpoint_is_one_line_naming_the_step_to_remove(pipeline, tmp_path):

@@ -353,7 +353,8 @@ def test_unreadable_model_files_are_one_line_errors_of_the_ilora_stage(tiny_gguf
     (
       tiny_gguf[0],
       [
-        f"{tiny_gguf[0]} has no tokenizer (its metadata has no tokenizer.ggml.model)",
+        f"{tiny_gguf[0]} has no tokenizer this package reads (its metadata has no "
+        "tokenizer.ggml.model)",
         "the ilora stage writes its prompts",
       ],
     ),  # fmt: skip

@@ -20,29 +20,35 @@ def test_nan_scores_rank_worst_by_hand():
   candidates), a NaN candidate below every number; an all-NaN row ranks its target last."""
   nan = float("nan")
   scores = np.array(
-    [[nan, 0.9, 0.5, 0.1], [3.0, nan, 2.0, 1.0], [nan] * 4, [0.2, -np.inf, 0.1, np.inf]]
-  )
-  target = np.array([0, 0, 2, 0])
+    [[nan, 0.9, 0.5, 0.1], [3.0, nan, 2.0, 1.0], [nan] * 4, [0.2, -np.inf, 0.1, np.inf],
+     [-np.inf, nan, nan, 0.0]]
+  )  # fmt: skip
+  target = np.array([0, 0, 2, 0, 0])
   # Row 0: NaN target -> 3. Row 1: target highest, NaN below it -> 0. Row 2: NaN target -> 3.
   # Row 3: +inf is higher, -inf lower -> 1 (infinities are numbers; only counted as non-finite).
-  np.testing.assert_array_equal(target_ranks(scores, target), [3, 0, 3, 1])
-  assert nonfinite_rows(scores) == 4
-  assert nonfinite_rows(scores[:, 2:3]) == 1
+  # Row 4: a -inf target: 0.0 is higher, the NaNs are below even -inf (not ties) -> 1.
+  np.testing.assert_array_equal(target_ranks(scores, target), [3, 0, 3, 1, 1])
+  assert nonfinite_rows(scores) == 5
+  assert nonfinite_rows(scores[:, 2:3]) == 2
   m = ranking_metrics(target_ranks(scores, target))
-  assert m["hr@1"] == 0.25 and math.isclose(m["mrr"], (1 / 4 + 1 + 1 / 4 + 1 / 2) / 4)
+  assert m["hr@1"] == 0.2 and math.isclose(m["mrr"], (1 / 4 + 1 + 1 / 4 + 1 / 2 + 1 / 2) / 5)
 
 
 def test_non_finite_scores_are_counted_and_warned(capsys):
   from ilora_jax.metrics import warn_nonfinite
 
   clean: dict = {}
-  warn_nonfinite(np.ones((3, 4)), "model", clean)
+  warn_nonfinite(np.ones((3, 4)), "model", clean, "advice")
   assert clean == {} and capsys.readouterr().err == ""
   out: dict = {}
-  warn_nonfinite(np.array([[1.0, np.nan], [2.0, 3.0], [np.inf, 0.0]]), "SASRec on val", out)
+  scores = np.array([[1.0, np.nan], [2.0, 3.0], [np.inf, 0.0]])
+  warn_nonfinite(scores, "SASRec on val", out, "retrain it")
   assert out == {"nonfinite_rows": 2}
   err = capsys.readouterr().err.splitlines()
-  assert len(err) == 1 and "SASRec on val gave NaN or infinite scores in 2 of 3 rows" in err[0]
+  assert err == [
+    "warning: SASRec on val gave NaN or infinite scores in 2 of 3 rows (a NaN ranks last): "
+    "retrain it"
+  ]
 
 
 def test_hr_ndcg_mrr_by_hand():

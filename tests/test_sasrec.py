@@ -104,10 +104,13 @@ def test_runs_of_other_seeds_and_rates_share_one_compiled_train_step():
 
 
 def test_a_non_finite_step_changes_nothing_but_the_step_count():
-  """A step with a non-finite loss or update is dropped (flag False): the parameters and
-  Adam's moments stay bit for bit those before it, and only the step count moves. One
-  infinite weight in the positional table makes the loss NaN; the same batch with that
-  weight finite applies its update."""
+  """A step with a non-finite loss, update or Adam moment is dropped (flag False): the
+  parameters and Adam's moments stay bit for bit those before it, and only the step count
+  moves. The cases: one infinite weight in the positional table (the loss is NaN); a
+  weight decay of 1e38, whose term wd * w overflows the gradient to inf while the loss, of
+  the old weights, is finite (the update is then NaN); an infinite second moment (the update
+  is 0 and the weights stay finite, but the state is broken). The same batch with none of
+  these applies its update."""
   import ml_collections
 
   from ilora_jax import sharding, train_sasrec
@@ -120,23 +123,35 @@ def test_a_non_finite_step_changes_nothing_but_the_step_count():
   seq, lens = _batch()
   nxt = jnp.asarray([4, 20, 8], jnp.int32)
   run = train_sasrec.run_inputs(1e-3, 0, mesh)
-  step = None
-  for poison, applied in ((0.0, True), (np.inf, False)):
+  steps = {}
+  for case, decay, finite_loss, applied in (
+    ("clean", 0.0, True, True),
+    ("inf_weight", 0.0, False, False),
+    ("huge_decay", 1e38, True, False),
+    ("inf_moment", 0.0, True, False),
+  ):
     p = jax.tree.map(np.copy, params)
-    p["positional_embeddings"]["embedding"][0, 0] += poison
-    before = jax.tree.map(
-      np.asarray, train_sasrec.new_state(p, train_sasrec.make_optimizer(1e-3, 0.0))
-    )
-    state = jax.device_put(before, sharding.replicated(mesh))
-    if step is None:
-      step = train_sasrec.jit_train_step(train_sasrec.make_train_step(model, 0.0), state, mesh)
-    new, loss, ok = step(state, run, seq, lens, nxt)
+    if case == "inf_weight":
+      p["positional_embeddings"]["embedding"][0, 0] = np.inf
+    if case == "huge_decay":
+      p["item_embeddings"]["embedding"][:] = 10.0  # 1e38 * 10 overflows float32.
+    state = train_sasrec.new_state(p, train_sasrec.make_optimizer(1e-3, decay))
+    before = jax.tree.map(np.array, state)
+    if case == "inf_moment":
+      adam = before["opt_state"][1][0]  # chain(add_decayed_weights, adam): adam's state.
+      adam.nu["s_fc"]["bias"][0] = np.inf
+    placed = jax.device_put(before, sharding.replicated(mesh))
+    if decay not in steps:
+      steps[decay] = train_sasrec.jit_train_step(
+        train_sasrec.make_train_step(model, decay), placed, mesh
+      )
+    new, loss, ok = steps[decay](placed, run, seq, lens, nxt)
     new = jax.tree.map(np.asarray, new)
-    assert bool(ok) == applied and np.isfinite(float(loss)) == applied
+    assert bool(ok) == applied and np.isfinite(float(loss)) == finite_loss, case
     assert int(new["step"]) == 1
     same = np.array_equal(new["params"]["item_embeddings"]["embedding"],
                           before["params"]["item_embeddings"]["embedding"])  # fmt: skip
-    assert same != applied
+    assert same != applied, case
     if not applied:
       chex.assert_trees_all_equal(new["params"], before["params"])
       chex.assert_trees_all_equal(new["opt_state"], before["opt_state"])
