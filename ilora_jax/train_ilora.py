@@ -1114,7 +1114,9 @@ def numerics_settings(config, bos, slots: int, sas_params) -> dict:
   """Settings beyond the model's shape that a resumed run must share with its checkpoint:
   the prompt's first token (`bos`, the prompt builder's), the compute and weight dtypes, the
   loss's target `slots`, the optimizer's clip and decay, which SASRec is frozen (and its
-  heads), and the step order's bucketing."""
+  heads), the step order's bucketing, and the candidates: how many each prompt lists (the
+  training prompts hold them) and the seed of the evaluation's fixed sets (the val metric
+  that selects the weights compares epochs on one set)."""
   return checkpointing.jsonable(
     {
       "bos": bos,
@@ -1126,6 +1128,8 @@ def numerics_settings(config, bos, slots: int, sas_params) -> dict:
       # Heads split the same weights differently: the fingerprint cannot tell them apart.
       "sasrec.num_heads": config.sasrec.num_heads,
       "ilora.bucket_window": config.ilora.bucket_window,
+      "data.num_candidates": config.data.num_candidates,
+      "data.candidate_seed": config.data.candidate_seed,
     }
   )
 

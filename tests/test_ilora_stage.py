@@ -209,6 +209,20 @@ def test_evaluating_with_another_model_shape_names_the_setting(pipeline, overrid
   assert_one_line_error(proc, *fragments)
 
 
+def test_a_resume_with_other_candidates_is_refused(pipeline, tmp_path):
+  """The training prompts list `data.num_candidates` titles and the val sets that select the
+  weights are drawn with `data.candidate_seed`: a resume (here of the finished run, which
+  would re-evaluate) with either changed is refused by name, and the run's config stays."""
+  workdir = copy_of(pipeline[0], tmp_path / "w")
+  for override, fragment in (("data.num_candidates=5", "data.num_candidates: checkpoint 20 vs "
+                               "config 5"), ("data.candidate_seed=7", "data.candidate_seed: "
+                               "checkpoint 2024 vs config 7")):  # fmt: skip
+    proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=ilora", f"--config.{override}")
+    assert_one_line_error(proc, "other settings", fragment)
+  with open(os.path.join(workdir, "config.json")) as f:
+    assert json.load(f)["data"]["num_candidates"] == 20
+
+
 def test_an_unfinished_sasrec_is_refused_here_and_as_init_from(tmp_path, capsys):
   """A SASRec stage stopped at step 2 of its 130 is no frozen model for a new iLoRA run,
   whether it is the workdir's own or another workdir's given as sasrec.init_from. A run
@@ -330,6 +344,8 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(setup_tiny, tmp_
     "sasrec": train_ilora.sasrec_fingerprint(su.frozen["sasrec"]),
     "sasrec.num_heads": config.sasrec.num_heads,
     "ilora.bucket_window": 16,
+    "data.num_candidates": config.data.num_candidates,
+    "data.candidate_seed": config.data.candidate_seed,
   }
   assert checkpointing.jsonable(expected) == su.settings
   ckpt = checkpointing.StageCheckpoints(pipeline_dir, "ilora", 1, False, read_only=True)
