@@ -105,7 +105,20 @@ def _overrides(text, where: str) -> list[str]:
   for item in items:
     if "=" not in item or item.startswith("-"):
       raise UserError(f"{where}: override {item!r} must read key=value (without --config.)")
+    key = item.split("=", 1)[0].strip()
+    if key in GRID_KEYS:
+      raise UserError(f"{where}: {item!r} sets {key}, which the grid sets for each run "
+                      f"({GRID_KEYS[key]})")  # fmt: skip
   return items
+
+
+# Settings the grid gives each run itself; an override of them would make its runs copies of
+# one another (every seed the same) or other stages than planned.
+GRID_KEYS = {
+  "train.seed": "give the seeds as --grid.seeds",
+  "stage": "a SASRec job per seed, then the ilora stage of each variant",
+  "sasrec.init_from": "give one SASRec for every run as --grid.sasrec",
+}
 
 
 def parse_seeds(text) -> list[int]:
@@ -138,6 +151,8 @@ def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dic
   variants = parse_variants(grid.variants)
   if grid.only:
     wanted = [v.strip() for v in grid.only.split(",") if v.strip()]
+    if not wanted:
+      raise UserError(f"grid.only={grid.only!r} names no variant")
     unknown = sorted(set(wanted) - {name for name, _ in variants})
     if unknown:
       raise UserError(f"grid.only names unknown variants: {', '.join(unknown)}")

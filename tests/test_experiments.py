@@ -138,6 +138,12 @@ def test_dry_run_lists_the_commands_in_order(tmp_path):
     (("--grid.extra=lora.gate=sometimes",), ("grid overrides", "lora.gate", "sometimes")),
     (("--grid.extra=ilora.train.steps=-1",), ("grid overrides", "steps")),
     (("--grid.only=lora,zzz",), ("unknown variants", "zzz")),
+    (("--grid.only=,",), ("grid.only=',' names no variant",)),
+    (
+      ("--grid.extra=train.seed=5",),
+      ("grid.extra: 'train.seed=5' sets train.seed", "--grid.seeds"),
+    ),
+    (("--grid.extra=stage=sasrec",), ("grid.extra: 'stage=sasrec' sets stage, which the grid",)),
     (("--grid.seeds=1,x",), ("grid.seeds",)),
   ],
 )
