@@ -51,13 +51,19 @@ def flag_error(exc: Exception) -> UserError:
 
 
 def parse_flags(values, argv: list[str], what: str = "config") -> None:
-  """Parses `argv` into absl `values`; a bad flag or an override naming an unknown key of
-  the `what` config becomes a UserError."""
+  """Parses `argv` into absl `values`; a bad flag, an override naming an unknown key of
+  the `what` config, or a word that is no flag (these commands take none; a value split at
+  a space by the shell, say) becomes a UserError."""
   if any(a in HELP_FLAGS for a in argv[1:]):
     print_help(values)
     sys.exit(0)
   with flag_errors(what, argv):
-    values(argv)
+    rest = values(argv)
+  if len(rest) > 1:
+    raise UserError(
+      f"unexpected argument(s) {' '.join(repr(a) for a in rest[1:])}: every argument is a "
+      "--flag=value (quote a value that holds spaces)"
+    )
 
 
 HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "--helpfull", "-?")  # As absl's app.

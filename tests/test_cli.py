@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import shlex
 
 import pandas as pd
 import pytest
@@ -268,6 +269,18 @@ def test_a_config_file_whose_code_fails_is_named_with_its_line(tmp_path, name, t
     assert_one_line_error(proc, f"error: {flag} file {tmp_path}/{message}")
 
 
+def test_a_word_that_is_no_flag_is_refused(tmp_path):
+  """A value split at a space by the shell (`--workdir=/tmp/a b`) left a stray word that the
+  commands ignored: the run went to /tmp/a. It is one error line now."""
+  for module, head in (
+    ("ilora_jax.main", TINY),
+    ("ilora_jax.experiments", "--grid=configs/experiments/negative_transfer.py"),
+  ):
+    proc = run_cli(head, f"--workdir={tmp_path}/a", "b", module=module)
+    assert_one_line_error(proc, "unexpected argument(s) 'b'", "quote a value that holds spaces")
+  assert not os.path.exists(tmp_path / "a")
+
+
 def test_unknown_key_error_is_one_readable_line(tmp_path):
   proc = run_cli(TINY, f"--workdir={tmp_path}", "--config.train.stepz=2")
   line = assert_one_line_error(
@@ -483,11 +496,30 @@ def test_launch_paths_dry_run():
   assert tpu[1].startswith("git ls-files")
   assert "tpu-vm scp" in tpu[2] and "--worker=all" in tpu[2]
   assert "tpu-vm ssh pod" in tpu[3] and "--worker=all" in tpu[3]
-  assert f"ILORA_JAX_EXTRA=tpu bash launch/run_host.sh {TINY} --workdir=/tmp/x" in tpu[3]
-  assert tpu[3].endswith("--config.distributed.auto=True'")
+  # The printed command is what runs (eval'd): its --command is the workers' shell line.
+  remote = next(a for a in shlex.split(tpu[3]) if a.startswith("--command="))
+  assert remote.startswith("--command=mkdir -p ~/ilora_jax && ")
+  assert remote.endswith(
+    f"ILORA_JAX_EXTRA=tpu bash launch/run_host.sh {TINY} --workdir=/tmp/x "
+    "--config.distributed.auto=True"
+  )
+  # A value with a space and a quote reaches the workers' run_host.sh as one argument.
+  odd = dry("launch/tpu_pod.sh", "--dry_run", "pod", "z", "v5p-8", TINY, "--workdir=/tmp/a b'c")
+  remote = next(a for a in shlex.split(odd[3]) if a.startswith("--command="))
+  assert shlex.split(remote.split("&& ", 3)[3])[3:] == [
+    TINY, "--workdir=/tmp/a b'c", "--config.distributed.auto=True"
+  ]  # fmt: skip
   node = dry("launch/gpu_node.sh", "--dry_run", *job)
   assert "pip install -q -e .[cuda]" in node[0]
   assert node[1] == f".venv/bin/python -m ilora_jax.main {TINY} --workdir=/tmp/x"
+  # Arguments pass through whole (quoted for a shell in the dry run), spaces included.
+  spaced = dry("launch/gpu_node.sh", "--dry_run", TINY, "--workdir=/tmp/a b",
+               "--config.lora.targets=('q', 'v')")  # fmt: skip
+  assert shlex.split(spaced[1])[3:] == [
+    TINY,
+    "--workdir=/tmp/a b",
+    "--config.lora.targets=('q', 'v')",
+  ]
   multi = dry("launch/gpu_multinode.sh", "--dry_run", "10.0.0.1:1234", "2", "1", *job)
   assert multi[1] == (
     f".venv/bin/python -m ilora_jax.main {TINY} --workdir=/tmp/x "
@@ -515,6 +547,11 @@ def test_launch_paths_dry_run():
   usage = subprocess.run(["bash", "launch/gpu_multinode.sh", "--dry_run", *job], cwd=ROOT,
                          capture_output=True, text=True, env=bare)  # fmt: skip
   assert usage.returncode == 2 and "no cluster layout" in usage.stderr
+  # A layout of two words would take --config=... as the rank: refused with the usage.
+  short = subprocess.run(["bash", "launch/gpu_multinode.sh", "--dry_run", "h:1", "2", *job],
+                         cwd=ROOT, capture_output=True, text=True, env=bare)  # fmt: skip
+  assert short.returncode == 2 and short.stdout == "", short.stdout
+  assert short.stderr.startswith("error: COORDINATOR:PORT, NUM_NODES and NODE_RANK are given")
 
 
 def test_bad_cluster_settings_are_one_line_errors(tmp_path):
