@@ -82,6 +82,11 @@ def check_config(config) -> None:
       f"config.bench.target_tokens={bc.target_tokens} must be smaller than "
       f"config.bench.seq_len={bc.seq_len}"
     )
+  if not (bc.train or bc.eval or bc.eval_data or bc.get("check_attention")):
+    raise UserError(
+      "config.bench.train and config.bench.eval are both False (and eval_data and "
+      "check_attention too): nothing to time"
+    )
   from ilora_jax.data import SPLITS
 
   if bc.eval_data and bc.eval_split not in SPLITS:

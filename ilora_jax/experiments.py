@@ -725,6 +725,8 @@ def main(argv: list[str] | None = None) -> None:
     for run in runs:
       print(run.command)
     return
+  if _REPORT_ONLY.value and not os.path.isdir(workdir):
+    raise UserError(f"--report_only: {workdir} is no grid's workdir (not a folder)")
   if not _REPORT_ONLY.value and not all(finished(r) for r in runs):
     check_sasrec(grid)  # Only where runs are left to use it.
   try:

@@ -385,11 +385,13 @@ def test_profile_step_splits_generation_into_prefill_and_decode_steps(tmp_path):
     ("grad_accum=0", "config.bench.grad_accum=0 must be an integer >= 1"),
     ("warmup=-1", "config.bench.warmup=-1 must be an integer >= 0"),
     ("peak_flops=0", "config.bench.peak_flops=0.0 must be a positive number"),
+    ("train=False --config.bench.eval=False", "are both False (and eval_data and "),
   ],
 )
 def test_bench_rejects_impossible_fields_before_any_work(override, fragment):
-  """Each numeric `bench.*` field is checked up front (seconds: no model is built)."""
-  proc = run_cli(TINY, f"--config.bench.{override}", module="ilora_jax.bench")
+  """Each numeric `bench.*` field is checked up front (seconds: no model is built), and a
+  benchmark that would time nothing is refused."""
+  proc = run_cli(TINY, *f"--config.bench.{override}".split(" "), module="ilora_jax.bench")
   assert proc.returncode == 2
   assert_one_line_error(proc, fragment)
 

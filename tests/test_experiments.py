@@ -131,6 +131,13 @@ def test_dry_run_lists_the_commands_in_order(tmp_path):
   assert len(lines) == 9 and all("--config.sasrec.init_from=/x/m.pt" in x for x in lines)
 
 
+def test_report_only_of_a_missing_workdir_is_refused_and_creates_nothing(tmp_path):
+  w = tmp_path / "typo"
+  proc = run_cli(GRID, f"--workdir={w}", "--report_only", module="ilora_jax.experiments")
+  assert_one_line_error(proc, f"--report_only: {w} is no grid's workdir")
+  assert not w.exists()
+
+
 @pytest.mark.parametrize(
   "args, fragments",
   [
