@@ -294,6 +294,13 @@ def check_same_settings(
     )
 
 
+def setting_diffs(saved: dict, current: dict, keys) -> list[str]:
+  """'key saved vs config current' for each of `keys` (in that order) both dicts hold with
+  different values: a checkpoint's settings against the running config's."""
+  return [f"{k} {saved[k]!r} vs config {current[k]!r}" for k in keys
+          if k in saved and k in current and saved[k] != current[k]]  # fmt: skip
+
+
 def jsonable(value: Any) -> Any:
   """Round-trips through JSON so saved and current settings compare equal."""
   return json.loads(json.dumps(value))

@@ -106,7 +106,8 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
     workdir, "sasrec", config.checkpoint.max_to_keep, False, read_only=True
   )
   latest = ckpt.latest_step()
-  borrowed = latest is None and bool(init_from) and os.path.isdir(init_from)
+  init_dir = bool(init_from) and os.path.isdir(init_from)  # Another workdir's SASRec.
+  borrowed = latest is None and init_dir
   if borrowed:
     ckpt.close()
     ckpt = checkpointing.StageCheckpoints(
@@ -120,8 +121,7 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
         "give a workdir where --config.stage=sasrec has run, or an original .pt file"
       )
   starting = config.stage in ("ilora", "pipeline") and not _has_checkpoint(workdir, STAGE)
-  ignored = latest is not None and not borrowed and bool(init_from) and os.path.isdir(init_from)
-  if ignored and starting and config.stage == "ilora":
+  if init_dir and not borrowed and starting and config.stage == "ilora":
     console.info(
       f"warning: config.sasrec.init_from={init_from} is not used: this workdir has its own "
       f"SASRec ({ckpt.directory}), which the ilora stage uses; use a new workdir to start "
@@ -1592,9 +1592,8 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
         out[key] = value
     return out
 
-  ours, theirs = model(settings), model(saved)
-  diffs = [f"{k} {theirs[k]!r} vs config {ours.get(k)!r}" for k in sorted(theirs)
-           if k in ours and theirs[k] != ours[k]]  # fmt: skip
+  theirs = model(saved)
+  diffs = checkpointing.setting_diffs(theirs, model(settings), sorted(theirs))
   if diffs:
     raise UserError(
       f"checkpoint {step} in {ckpt.directory} was made with other model settings "

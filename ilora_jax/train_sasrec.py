@@ -373,8 +373,7 @@ def check_trained_as(ckpt: checkpointing.StageCheckpoints, step: int, cfg: SASRe
   trained = meta["settings"]["model"]
   current = checkpointing.jsonable(dataclasses.asdict(cfg))
   current.pop("dropout")
-  diffs = [f"{k} {trained.get(k)!r} vs config {v!r}" for k, v in current.items()
-           if k in trained and trained[k] != v]  # fmt: skip
+  diffs = checkpointing.setting_diffs(trained, current, current)
   if diffs:
     ckpt.close()
     raise UserError(
