@@ -224,10 +224,15 @@ def resolve_items(
 
 
 class Recommender:
-  """A restored iLoRA run that ranks candidates for histories."""
+  """A restored iLoRA run that ranks candidates for histories.
+
+  Made in two parts: the run's config and data set (titles) at once, so that entries
+  resolve, and a mistyped title is refused, before anything slow; the model and the run's
+  weights on first use (`load`, which `recommend` and `retrieve` call).
+  """
 
   def __init__(self, workdir: str, config=None):
-    from ilora_jax import checkpointing, train_ilora
+    from ilora_jax import data
 
     config = load_run_config(workdir) if config is None else config
     config.progress = False
@@ -238,21 +243,36 @@ class Recommender:
         " is relative to the folder the run was started from: run recommend from there, or "
         "write the absolute path into that file"
       )
-    self.config = config
-    self.su = train_ilora.setup(config, workdir)
-    # The weights the run's `ilora.select_by` picked (its best val epoch) where it has them.
-    self.state, self.step, self.weights, _ = train_ilora.restore_for_use(
-      workdir, checkpointing.abstract_like(self.su.state), "selected",
-      config.checkpoint.max_to_keep,
-    )  # fmt: skip
-    self.evaluator = train_ilora.Evaluator(
-      self.su.parts, config, self.su.dataset.val, self.su.gate_kind
-    )
+    self.config, self.workdir = config, workdir
+    self.dataset = data.load_from_config(config, workdir)
     self.titles_with_years = titles_with_years(config, workdir)
+    self._restored = None
+
+  def load(self) -> Recommender:
+    """Builds the model and restores the weights the run's `ilora.select_by` picked (its
+    best val epoch) where it has them; once."""
+    if self._restored is None:
+      from ilora_jax import checkpointing, train_ilora
+
+      config = self.config
+      su = train_ilora.setup(config, self.workdir, dataset=self.dataset)
+      state, step, weights, _ = train_ilora.restore_for_use(
+        self.workdir, checkpointing.abstract_like(su.state), "selected",
+        config.checkpoint.max_to_keep,
+      )  # fmt: skip
+      evaluator = train_ilora.Evaluator(su.parts, config, su.dataset.val, su.gate_kind)
+      self._restored = (su, state, step, weights, evaluator)
+    return self
+
+  su = property(lambda self: self.load()._restored[0])
+  state = property(lambda self: self.load()._restored[1])
+  step = property(lambda self: self.load()._restored[2])
+  weights = property(lambda self: self.load()._restored[3])
+  evaluator = property(lambda self: self.load()._restored[4])
 
   @property
   def titles(self) -> dict[int, str]:
-    return self.su.parts.builder.titles
+    return self.dataset.titles
 
   def resolve(self, entries: list[str | int], what: str) -> list[int]:
     """Entries (see `resolve_items`; an int is an item id) -> item ids."""
@@ -317,10 +337,10 @@ def recommend(
   when given, receives which of the run's weights rank (`Recommender.weights`).
   """
   rec = Recommender(workdir, config)
+  hist = rec.resolve(list(history), "history")  # Before the model is built.
+  cands = rec.resolve(list(candidates), "candidate") if candidates else None
   if describe is not None and getattr(rec, "weights", None):
     describe(rec.weights)
-  hist = rec.resolve(list(history), "history")
-  cands = rec.resolve(list(candidates), "candidate") if candidates else None
   notify = notify or (lambda message: None)
   max_len = int(rec.config.data.max_len)
   if len(hist) > max_len:

@@ -1161,13 +1161,14 @@ def run_settings(config, dataset: Dataset, batch, total_steps: int, numerics: di
 OLDER_NUMERICS = {"ilora.bucket_window": 1}
 
 
-def setup(config, workdir: str, check=None) -> Setup:
+def setup(config, workdir: str, check=None, dataset: Dataset | None = None) -> Setup:
   """Data, frozen parts, trainable state and the run's settings (`run_settings`).
 
   `check(settings, numerics)`, when given, sees the settings before the LLM's weights are
-  read (a resume's check: a refused run stops before the slow part).
+  read (a resume's check: a refused run stops before the slow part). `dataset`, when given,
+  is the config's data set already loaded (`load_from_config`).
   """
-  dataset = load_from_config(config, workdir)
+  dataset = load_from_config(config, workdir) if dataset is None else dataset
   tc = stage_train(config, STAGE)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)

@@ -533,6 +533,8 @@ def test_recommend_cli_and_api(pipeline):
   proc = run_cli(f"--workdir={workdir}", f"--history={typo}", module="ilora_jax.recommend")
   line = assert_one_line_error(proc, "unknown history title", "close matches")
   assert titles[12] in line
+  # Entries resolve before the model is built: the error is all that is printed.
+  assert proc.stderr.strip() == line and not proc.stdout
   # The API re-ranks given candidates; the winner has the highest log-likelihood.
   cands = [titles[i] for i in (10, 11, 12, 13)]
   top = ilora_jax.recommend(workdir, history=[1, 2, 4], candidates=cands, k=4)

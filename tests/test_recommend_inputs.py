@@ -289,3 +289,24 @@ def test_a_hash_entry_that_is_no_id_says_how_ids_are_written():
   assert resolve(["#killallzombies", "#0"], titles) == [1, 0]  # A title may start with '#'.
   message = error_of(["#-1"], titles)
   assert "unknown history title '#-1'" in message and "written '#N' with N in 0..1" in message
+
+
+def test_entries_resolve_before_the_model_is_built(tmp_path, monkeypatch):
+  from ilora_jax import synthetic, train_ilora
+
+  config = base_config()
+  config["data"]["name"] = "synthetic"
+  (tmp_path / "config.json").write_text(json.dumps(config))
+
+  def no_model(*args, **kwargs):
+    raise AssertionError("the model was built")
+
+  monkeypatch.setattr(train_ilora, "setup", no_model)
+  rec = REAL_RECOMMENDER(str(tmp_path))
+  titles = synthetic.titles(config["data"]["synthetic"]["num_items"])
+  assert rec.titles == titles
+  assert rec.resolve([titles[4], "#7", 2], "history") == [4, 7, 2]
+  with pytest.raises(UserError, match="unknown history title 'no such film'"):
+    rec_mod.recommend(str(tmp_path), [titles[4], "no such film"])
+  with pytest.raises(AssertionError, match="the model was built"):
+    rec_mod.recommend(str(tmp_path), [titles[4]])
