@@ -50,7 +50,9 @@ _GRID = config_flags.DEFINE_config_file(
   "grid", None, "Path to a grid file (configs/experiments/*.py).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the grid's runs and results.")
-_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands and exit.")
+_DRY_RUN = flags.DEFINE_bool(
+  "dry_run", False, "Check the grid (and --grid.sasrec), print the commands and exit."
+)
 _REPORT_ONLY = flags.DEFINE_bool(
   "report_only", False, "Only rebuild results.md, results.json and plots from finished runs."
 )
@@ -722,6 +724,7 @@ def main(argv: list[str] | None = None) -> None:
   grid, grid_path, workdir = parse(list(sys.argv if argv is None else argv))
   runs, resolved = plan(grid, grid_path, workdir)
   if _DRY_RUN.value:
+    check_sasrec(grid)  # What the real run would refuse, a dry run refuses too.
     for run in runs:
       print(run.command)
     return

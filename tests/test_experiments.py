@@ -125,10 +125,17 @@ def test_dry_run_lists_the_commands_in_order(tmp_path):
   assert lines[1].endswith("--config.lora.num_experts=1 --config.lora.gate=constant")
   assert not os.path.exists(w)  # A dry run writes nothing.
   # One given SASRec for every run: no SASRec jobs, every run freezes that one.
-  proc = run_cli(GRID, f"--workdir={w}", "--dry_run", "--grid.sasrec=/x/m.pt",
+  given = tmp_path / "m.pt"
+  given.write_bytes(b"")  # The dry run only checks that it is a readable file.
+  proc = run_cli(GRID, f"--workdir={w}", "--dry_run", f"--grid.sasrec={given}",
                  module="ilora_jax.experiments")  # fmt: skip
   lines = proc.stdout.strip().splitlines()
-  assert len(lines) == 9 and all("--config.sasrec.init_from=/x/m.pt" in x for x in lines)
+  assert len(lines) == 9 and all(f"--config.sasrec.init_from={given}" in x for x in lines)
+  # A SASRec the real run would refuse is refused by the dry run too.
+  proc = run_cli(GRID, f"--workdir={w}", "--dry_run", "--grid.sasrec=/x/m.pt",
+                 module="ilora_jax.experiments")  # fmt: skip
+  assert_one_line_error(proc, "grid.sasrec", "/x/m.pt")
+  assert not proc.stdout
 
 
 def test_report_only_of_a_missing_workdir_is_refused_and_creates_nothing(tmp_path):
