@@ -213,21 +213,27 @@ def _write_failure_text(text: str) -> str | None:
   return os.strerror(int(code.group(1))) if code else None
 
 
+def _chain(exc: BaseException | None, limit: int = 16) -> list[BaseException]:
+  """`exc`, its cause (or context), that one's, ...: at most `limit`, each once."""
+  chain: list[BaseException] = []
+  while exc is not None and len(chain) < limit and all(exc is not e for e in chain):
+    chain.append(exc)
+    exc = exc.__cause__ or exc.__context__
+  return chain
+
+
 def _write_failure(exc: BaseException) -> str | None:
   """Why a write failed, when `exc` (or its cause chain) is a file-system error, else None.
 
   Python writers raise OSError; TensorStore (Orbax's array writer) raises ValueError with
   the errno in its text, e.g. "RESOURCE_EXHAUSTED: ... [os_error_code='28']".
   """
-  seen = set()
-  while exc is not None and id(exc) not in seen:
-    seen.add(id(exc))
-    if isinstance(exc, OSError):
-      return exc.strerror or str(exc)
-    reason = _write_failure_text(str(exc))
+  for e in _chain(exc):
+    if isinstance(e, OSError):
+      return e.strerror or str(e)
+    reason = _write_failure_text(str(e))
     if reason:
       return reason
-    exc = exc.__cause__ or exc.__context__
   return None
 
 
@@ -243,11 +249,7 @@ _DAMAGE = re.compile(
 def _reason(exc: BaseException) -> str:
   """One short line saying why a read failed: TensorStore's own report where the error chain
   holds one ('array NAME: what is wrong'), never its printed object specs."""
-  chain, seen = [], exc
-  while seen is not None and len(chain) < 8:
-    chain.append(seen)
-    seen = seen.__cause__ or seen.__context__
-  for e in chain:
+  for e in _chain(exc):
     found = re.search(r'Error reading "([^"]+)"[^:]*(?::[^:]*")?[^:]*: (.*)', str(e))
     if found:
       name, why = found.group(1), found.group(2)
