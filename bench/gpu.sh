@@ -17,12 +17,13 @@
 # 3. the PyTorch references on the same card: fused adapters at batch 8, the original's
 #    per-expert adapters at batch 4 (batch 8 ran out of memory for the original);
 # 4. greedy generation, batch 16, 400-token prompts, 32 new tokens, JAX and PyTorch; JAX at
-#    batch 128 too, with the scanned decode loop and the unrolled one (`llm.unroll_decode`;
+#    batch 160 too, with the scanned decode loop and the unrolled one (`llm.unroll_decode`;
 #    eval_gen_* and eval_gen_alt_*). The generation target needs the large batch: a
 #    400-token prompt's prefill alone is 5.2 TFLOP, and each decode step reads the 13.5 GB
-#    of weights, so the roofline of the compiled programs (bench/gpu_plan.py, bench/README.md
-#    2026-12-02 fifth session) gives at batch 16 / 64 / 128 about 20 / 46 / 59 prompts/s
-#    scanned and 35 / 61 / 70 unrolled (peak 54 GiB at 128).
+#    of weights, so the roofline of the compiled programs (bench/gpu_plan.py, bench/README.md)
+#    gives at batch 16 / 64 / 128 / 160 about 20 / 46 / 59 / 62 prompts/s scanned and
+#    35 / 61 / 69.6 / 71.6 unrolled (peak 54 GiB at 128, 64 GiB at 160; 192 gains little more,
+#    71.9, in 74 GiB, too close to an 80 GB card's limit).
 # Each command has its own time limit, so one failure still leaves the other results.
 set -u
 RESULTS=${1:-${OUT:-bench_results}}
@@ -72,8 +73,8 @@ run torch_original_7b 90 $PY bench/torch_reference.py --model=llama2-7b --varian
 # Scanned against unrolled decode (decode_both): compiled for an H100 without one, a scanned
 # step copies each layer's weights out of the stack, an unrolled one nothing (bench/README.md,
 # 2026-12-02 fourth session); these two figures decide `llm.default_unroll` on GPUs.
-run jax_7b_gen128 200 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.bench.train=False \
-  --config.bench.eval_batch_size=128 --config.bench.eval_candidates=0 \
+run jax_7b_gen160 220 $PY -m ilora_jax.bench $CFG "${SEVEN[@]}" --config.bench.train=False \
+  --config.bench.eval_batch_size=160 --config.bench.eval_candidates=0 \
   --config.bench.decode_both=True
 # XLA's GPU compile of the 7B step (31.7 s on 2026-11-27, target < 20 s) includes autotuning
 # every matmul over Triton kernels it compiles for the purpose; with Triton GEMMs off it only
@@ -105,7 +106,7 @@ $PY - "$RESULTS" <<'EOF'
 import json, os, sys
 d = sys.argv[1]
 rows = {}
-for name in ("smoke", "smoke_linear_router", "jax_7b", "jax_7b_gen128", "jax_7b_cublas",
+for name in ("smoke", "smoke_linear_router", "jax_7b", "jax_7b_gen160", "jax_7b_cublas",
              "jax_7b_dsf", "jax_7b_none", "torch_fused_7b", "torch_original_7b"):
   try:
     rows[name] = json.load(open(os.path.join(d, name + ".json")))
