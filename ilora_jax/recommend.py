@@ -258,7 +258,7 @@ class Recommender:
       su = train_ilora.setup(config, self.workdir, dataset=self.dataset)
       state, step, weights, _ = train_ilora.restore_for_use(
         self.workdir, checkpointing.abstract_like(su.state), "selected",
-        config.checkpoint.max_to_keep,
+        config.checkpoint.max_to_keep, su.settings,
       )  # fmt: skip
       evaluator = train_ilora.Evaluator(su.parts, config, su.dataset.val, su.gate_kind)
       self._restored = (su, state, step, weights, evaluator)

@@ -136,7 +136,7 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
         f"the SASRec in {ckpt.directory} stopped at step {int(meta['step'])} of {int(total)}"
       )
       if not starting:
-        console.info(f"warning: {stopped}; this run was trained on it as it is")
+        console.info(f"warning: {stopped}; it is used as it is")
       else:
         ckpt.close()
         where = f"that workdir, {init_from}," if borrowed else "this workdir"
@@ -1571,14 +1571,17 @@ def better(metric: str, new: float, old: float | None) -> bool:
 
 
 # What a checkpoint's settings (`run_settings`) say of the model its arrays fit: adapters,
-# router and data set (the dropout rates are of training only). Not the LLM's name: one model
-# goes by several (a registered name, the path of its file, a moved folder).
-_MODEL_SETTINGS = ("lora", "router", "data")
+# router, data set (the dropout rates are of training only) and the frozen SASRec whose
+# embeddings the projector and router learned to read. Not the LLM's name: one model goes by
+# several (a registered name, the path of its file, a moved folder), so another name only
+# warns.
+_MODEL_SETTINGS = ("lora", "router", "data", "sasrec", "sasrec.num_heads")
 
 
 def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
   """A UserError naming each model setting (`_MODEL_SETTINGS`) checkpoint `step` of `ckpt`
-  was made with that differs from `settings` (the running config's; None: no check)."""
+  was made with that differs from `settings` (the running config's; None: no check); a
+  warning when the LLM goes by another name than the run's."""
   if settings is None:
     return
   saved = ckpt.restore_meta(step).get("settings", {})
@@ -1589,16 +1592,28 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
       value = s.get(key)
       if isinstance(value, dict):
         out.update({f"{key}.{k}": v for k, v in value.items() if k != "dropout"})
-      else:
+      elif key in s:
         out[key] = value
     return out
 
   theirs = model(saved)
   diffs = checkpointing.setting_diffs(theirs, model(settings), sorted(theirs))
   if diffs:
+    sasrec = any(d.startswith("sasrec ") for d in diffs)
+    advice = (
+      "the run was trained on another SASRec: give it back (the workdir's checkpoints/sasrec "
+      "as it was, or the config.sasrec.init_from the run had)"
+      if sasrec
+      else "set them as the run had them"
+    )
     raise UserError(
       f"checkpoint {step} in {ckpt.directory} was made with other model settings "
-      f"({'; '.join(diffs)}); set them as the run had them"
+      f"({'; '.join(diffs)}); {advice}"
+    )
+  if saved.get("llm") is not None and saved.get("llm") != settings.get("llm"):
+    console.info(
+      f"warning: checkpoint {step} in {ckpt.directory} was trained with llm {saved['llm']!r}, "
+      f"this config gives {settings.get('llm')!r}: its adapters fit that model's weights only"
     )
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 
 import chex
 import jax
@@ -209,6 +210,27 @@ def test_evaluating_with_another_model_shape_names_the_setting(pipeline, overrid
   assert_one_line_error(proc, *fragments)
 
 
+def test_evaluating_on_another_sasrec_is_refused_and_another_llm_warns(pipeline, tmp_path):
+  """The adapters, router and projector learned to read one SASRec: evaluating or recommending
+  with another (here the workdir's SASRec without its last checkpoint, so the one of step 120
+  loads) is refused by its fingerprint. Another LLM of the same shape (here other random
+  weights) is only named in a warning: one model goes by several names."""
+  workdir = copy_of(pipeline[0], tmp_path / "w")
+  other = run_cli(TINY, f"--workdir={workdir}", "--config.stage=evaluate",
+                  "--config.eval.stage=ilora", "--config.ilora.eval_base=False",
+                  "--config.llm.init_std=0.05")  # fmt: skip
+  assert other.returncode == 0, other.stderr
+  assert "was trained with llm 'tiny', this config gives 'tiny (init_std 0.05)'" in other.stderr
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "sasrec", "130"))
+  proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=evaluate",
+                 "--config.eval.stage=ilora")  # fmt: skip
+  line = assert_one_line_error(proc, "ilora_best was made with other model settings (sasrec ",
+                               "the run was trained on another SASRec")  # fmt: skip
+  assert "stopped at step 120 of 130; it is used as it is" in proc.stderr, line
+  proc = run_cli(f"--workdir={workdir}", "--history=3|7", module="ilora_jax.recommend")
+  assert_one_line_error(proc, "other model settings (sasrec ")
+
+
 def test_a_resume_with_other_candidates_is_refused(pipeline, tmp_path):
   """The training prompts list `data.num_candidates` titles and the val sets that select the
   weights are drawn with `data.candidate_seed`: a resume (here of the finished run, which
@@ -244,7 +266,7 @@ def test_an_unfinished_sasrec_is_refused_here_and_as_init_from(tmp_path, capsys)
   _, params = train_ilora.load_sasrec(config, str(part), dataset, sharding.make_mesh(config.mesh))
   assert jax.tree.leaves(params)
   err = capsys.readouterr().err
-  assert "warning: the SASRec in " in err and "stopped at step 2 of 130; this run was" in err
+  assert "warning: the SASRec in " in err and "stopped at step 2 of 130; it is used as it is" in err
 
 
 def test_the_workdirs_own_sasrec_over_init_from_is_said(pipeline, tmp_path, capsys):
