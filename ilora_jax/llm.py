@@ -638,9 +638,17 @@ def _tokenizer_of(
         raise tok_lib.NoTokenizer(f"{target} has no tokenizer this package reads ({e})") from None
       warnings.warn(f"{target}: no tokenizer ({e}); generate() is unavailable", stacklevel=3)
       return None
-  if any(os.path.isfile(os.path.join(target, n)) for n in ("tokenizer.json", "tokenizer.model")):
+  files = ("tokenizer.json", "tokenizer.model")
+  if any(os.path.isfile(os.path.join(target, n)) for n in files):
     return tok_lib.tokenizer_from_hf(target)
+  if strict:  # A stand-in tokenizer's ids would mean nothing to this model's embeddings.
+    raise tok_lib.NoTokenizer(f"{target} has no tokenizer ({' or '.join(files)})")
   if config.vocab_size >= 259:
+    warnings.warn(
+      f"{target} has no tokenizer ({' or '.join(files)}): a byte-level stand-in encodes text, "
+      "whose ids mean nothing to the model's embeddings",
+      stacklevel=3,
+    )
     return tok_lib.byte_level_tokenizer()
   return None
 
@@ -656,10 +664,17 @@ def check_init_std(name_or_path: str, init_std: float) -> None:
 
 def load_tokenizer(name_or_path: str, strict: bool = False):
   """The tokenizer `load` gives a model, without reading its weights (None: it has none;
-  with `strict`, a GGUF without one is a `tokenizer.NoTokenizer` error instead)."""
+  with `strict`, a model without one is a `tokenizer.NoTokenizer` error instead, and a
+  tokenizer with more tokens than the model's vocabulary a UserError)."""
   kind, target = _resolve(name_or_path)
   config = None if kind == "gguf" else config_for(name_or_path)
-  return _tokenizer_of(kind, target, config, strict=strict)
+  tokenizer = _tokenizer_of(kind, target, config, strict=strict)
+  if strict and config is not None and len(tokenizer) > config.vocab_size:
+    raise UserError(
+      f"the tokenizer of {name_or_path} has {len(tokenizer)} tokens, more than the model's "
+      f"{config.vocab_size} embedding rows (vocab_size): a tokenizer of another model?"
+    )
+  return tokenizer
 
 
 def load(

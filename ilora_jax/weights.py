@@ -94,6 +94,8 @@ def _checked(get: TensorGetter, name: str, shape: tuple[int, ...], source: str) 
   w = get(name)
   if tuple(w.shape) != tuple(shape):
     raise UserError(f"{source}: tensor {name} has shape {tuple(w.shape)}, expected {shape}")
+  if not jax.numpy.issubdtype(w.dtype, jax.numpy.floating):  # bfloat16 is one too.
+    raise UserError(f"{source}: tensor {name} holds {w.dtype} values, not floating point weights")
   return w
 
 
@@ -203,8 +205,31 @@ def read_hf_config(path: str) -> dict:
   return hf
 
 
+def _positive_int(hf: dict, key: str, default: int | None = None) -> int:
+  """`hf[key]` (or `default` where it is absent or null) as a positive int, else a UserError."""
+  value = hf.get(key)
+  if value is None and default is not None:
+    return default
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise UserError(f"Llama config.json: {key}={value!r} must be a positive integer")
+  return value
+
+
+def _positive_float(hf: dict, key: str, default: float, where: str = "") -> float:
+  """`hf[key]` (or `default` where absent) as a positive finite float, else a UserError."""
+  value = hf.get(key, default)
+  ok = isinstance(value, int | float) and not isinstance(value, bool)
+  if not ok or not np.isfinite(value) or value <= 0:
+    raise UserError(f"Llama config.json: {where}{key}={value!r} must be a positive number")
+  return float(value)
+
+
 def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
-  """Maps a Hugging Face Llama `config.json` dict to `LlamaConfig` (overrides win)."""
+  """Maps a Hugging Face Llama `config.json` dict to `LlamaConfig` (overrides win).
+
+  Every size must be a positive integer, the heads a multiple of the key/value heads, and a
+  rope scaling of the llama3 kind complete; anything else is a UserError naming the field.
+  """
   model_type = hf.get("model_type")
   if model_type != "llama":
     raise UserError(f"unsupported architecture {model_type!r}: only Llama models are supported")
@@ -212,49 +237,61 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
     raise UserError("unsupported Llama variant: attention_bias/mlp_bias must be false")
   if hf.get("hidden_act", "silu") != "silu":
     raise UserError(f"unsupported hidden_act {hf.get('hidden_act')!r}: expected silu")
-  missing = [
-    k
-    for k in (
-      "vocab_size",
-      "hidden_size",
-      "intermediate_size",
-      "num_hidden_layers",
-      "num_attention_heads",
-    )
-    if k not in hf
-  ]
+  required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads")  # fmt: skip
+  missing = [k for k in required if k not in hf]
   if missing:
     raise UserError(f"Llama config.json lacks required fields: {', '.join(missing)}")
-  heads = hf["num_attention_heads"]
-  rope = dict(hf.get("rope_parameters") or {})
-  if hf.get("rope_scaling"):
-    rope.update(hf["rope_scaling"])
-  theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
+  sizes = {k: _positive_int(hf, k) for k in required}
+  heads = sizes["num_attention_heads"]
+  kv_heads = _positive_int(hf, "num_key_value_heads", heads)
+  if heads % kv_heads:
+    raise UserError(
+      f"Llama config.json: num_attention_heads={heads} is not a multiple of "
+      f"num_key_value_heads={kv_heads}"
+    )
+  if hf.get("head_dim") is None and sizes["hidden_size"] % heads:
+    raise UserError(
+      f"Llama config.json: hidden_size={sizes['hidden_size']} is not a multiple of "
+      f"num_attention_heads={heads} (and no head_dim is given)"
+    )
+  head_dim = _positive_int(hf, "head_dim", sizes["hidden_size"] // heads)
+  if head_dim % 2:
+    raise UserError(f"Llama config.json: head_dim={head_dim} must be even (rotary embeddings)")
+  rope: dict = {}
+  for key in ("rope_parameters", "rope_scaling"):
+    value = hf.get(key)
+    if value is not None and not isinstance(value, dict):
+      raise UserError(f"Llama config.json: {key}={value!r} must be an object or null")
+    rope.update(value or {})
+  theta = _positive_float(hf, "rope_theta", rope.get("rope_theta", 10000.0))
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type in (None, "default"):
     scaling = None
   elif rope_type == "llama3":
-    scaling = {
-      "factor": float(rope["factor"]),
-      "low_freq_factor": float(rope["low_freq_factor"]),
-      "high_freq_factor": float(rope["high_freq_factor"]),
-      "original_max_position_embeddings": int(rope["original_max_position_embeddings"]),
-    }
+    floats = ("factor", "low_freq_factor", "high_freq_factor")
+    lacking = [k for k in (*floats, "original_max_position_embeddings") if k not in rope]
+    if lacking:
+      raise UserError(f"Llama config.json: the llama3 rope scaling lacks {', '.join(lacking)}")
+    scaling = {k: _positive_float(rope, k, 0.0, "rope scaling ") for k in floats}
+    scaling["original_max_position_embeddings"] = _positive_int(
+      rope, "original_max_position_embeddings"
+    )
   else:
     raise UserError(f"unsupported rope scaling type {rope_type!r}: only llama3 is supported")
   kwargs = dict(
-    vocab_size=hf["vocab_size"],
-    hidden_size=hf["hidden_size"],
-    intermediate_size=hf["intermediate_size"],
-    num_layers=hf["num_hidden_layers"],
+    vocab_size=sizes["vocab_size"],
+    hidden_size=sizes["hidden_size"],
+    intermediate_size=sizes["intermediate_size"],
+    num_layers=sizes["num_hidden_layers"],
     num_heads=heads,
-    num_kv_heads=hf.get("num_key_value_heads") or heads,
-    head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-    rope_theta=float(theta),
+    num_kv_heads=kv_heads,
+    head_dim=head_dim,
+    rope_theta=theta,
     rope_scaling=scaling,
-    rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-6),
     tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+    max_position_embeddings=_positive_int(hf, "max_position_embeddings", 4096),
   )
   kwargs.update(overrides)
   return LlamaConfig(**kwargs)
@@ -270,8 +307,16 @@ class _SafetensorsFolder:
     self._open = safe_open
     index_path = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index_path):
-      with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
+      try:
+        with open(index_path, encoding="utf-8") as f:
+          weight_map = json.load(f)["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+          isinstance(v, str) for v in weight_map.values()
+        ):
+          raise TypeError("weight_map is not an object of file names")
+      except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError.
+        why = "no weight_map" if isinstance(exc, KeyError) else str(exc).split("\n")[0]
+        raise UserError(f"{index_path} is not a safetensors index ({why})") from None
       files = sorted(set(weight_map.values()))
     else:
       files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 
 import gguf
 import jax
@@ -567,3 +568,87 @@ def test_a_malformed_hf_config_json_is_user_error(tmp_path, text, message):
   for read in (llm.config_for, llm.load):  # Shapes only, and the weights too.
     with pytest.raises(UserError, match=message):
       read(str(tmp_path))
+
+
+GOOD_HF = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  "change,message",
+  [
+    ({"num_attention_heads": 0}, "num_attention_heads=0 must be a positive integer"),
+    ({"num_key_value_heads": 3},
+     "num_attention_heads=4 is not a multiple of num_key_value_heads=3"),
+    ({"vocab_size": -5}, "vocab_size=-5 must be a positive integer"),
+    ({"vocab_size": "300"}, "vocab_size='300' must be a positive integer"),
+    ({"hidden_size": 64.0}, "hidden_size=64.0 must be a positive integer"),
+    ({"num_hidden_layers": True}, "num_hidden_layers=True must be a positive integer"),
+    ({"hidden_size": 66}, "hidden_size=66 is not a multiple of num_attention_heads=4"),
+    ({"head_dim": 15}, "head_dim=15 must be even"),
+    ({"rms_norm_eps": None}, "rms_norm_eps=None must be a positive number"),
+    ({"rope_theta": "big"}, "rope_theta='big' must be a positive number"),
+    ({"rope_scaling": "linear"}, "rope_scaling='linear' must be an object or null"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}},
+     "llama3 rope scaling lacks low_freq_factor, high_freq_factor, "
+     "original_max_position_embeddings"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 0, "low_freq_factor": 1,
+                       "high_freq_factor": 4, "original_max_position_embeddings": 32}},
+     "rope scaling factor=0 must be a positive number"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings=0 must be a positive integer"),
+  ],
+)  # fmt: skip
+def test_bad_values_in_an_hf_config_json_are_named(change, message):
+  """Each would otherwise fail deep inside (a division by zero, a KeyError in the rope, a
+  shape error in a gather): one UserError naming the field instead."""
+  with pytest.raises(UserError, match=re.escape(message)):
+    weights.config_from_hf({**GOOD_HF, **change})
+  cfg = weights.config_from_hf({**GOOD_HF, "rms_norm_eps": 1e-5, "head_dim": None})
+  assert (cfg.head_dim, cfg.num_kv_heads, cfg.rms_norm_eps) == (16, 2, 1e-5)
+
+
+def _copy_folder(folder, target) -> str:
+  os.makedirs(target)
+  for name in os.listdir(folder):
+    (target / name).write_bytes(open(os.path.join(folder, name), "rb").read())
+  return str(target)
+
+
+def test_a_damaged_index_or_integer_weights_are_named(hf_checkpoints, tmp_path):
+  sharded = _copy_folder(hf_checkpoints["tied_sharded"][0], tmp_path / "sharded")
+  index = os.path.join(sharded, "model.safetensors.index.json")
+  for text, why in (("{bad", "Expecting property name"), ("{}", "no weight_map"),
+                    ('{"weight_map": [1]}', "weight_map is not an object")):  # fmt: skip
+    with open(index, "w") as f:
+      f.write(text)
+    with pytest.raises(UserError, match=f"is not a safetensors index \\({why}"):
+      llm.load(sharded)
+  from safetensors.numpy import load_file, save_file
+
+  single = _copy_folder(hf_checkpoints["gqa_untied_single_file"][0], tmp_path / "int")
+  path = os.path.join(single, "model.safetensors")
+  tensors = load_file(path)
+  name = "model.layers.0.mlp.up_proj.weight"
+  tensors[name] = tensors[name].astype(np.int32)
+  save_file(tensors, path)
+  with pytest.raises(UserError, match=f"tensor {name} holds int32 values, not floating point"):
+    llm.load(single)
+
+
+def test_the_ilora_stage_needs_the_models_own_tokenizer(hf_checkpoints, tmp_path):
+  """A folder without tokenizer files would get a byte-level stand-in whose ids mean nothing
+  to the model (refused where prompts are written, a warning for the library's `load`); a
+  tokenizer with more tokens than the model's vocabulary (another model's) is refused."""
+  bare = _copy_folder(hf_checkpoints["gqa_untied_single_file"][0], tmp_path / "bare")
+  with pytest.raises(tok_lib.NoTokenizer, match="has no tokenizer \\(tokenizer.json or"):
+    llm.load_tokenizer(bare, strict=True)
+  with pytest.warns(UserWarning, match="byte-level stand-in"):
+    assert len(llm.load_tokenizer(bare)) == 259
+  small = tmp_path / "small"
+  _copy_folder(bare, small)
+  config = json.loads((small / "config.json").read_text())
+  (small / "config.json").write_text(json.dumps({**config, "vocab_size": 200}))
+  tok_lib.byte_level_tokenizer().save_pretrained(str(small))
+  with pytest.raises(UserError, match="has 259 tokens, more than the model's 200 embedding rows"):
+    llm.load_tokenizer(str(small), strict=True)
+  assert len(llm.load_tokenizer(str(small))) == 259  # Not strict: as before.
