@@ -50,6 +50,9 @@ from ilora_jax.errors import UserError, cli_main
 
 _NO_WORKDIR = "<none>"
 
+# The shortest prompt `random_batch` lays out: 30 item placeholders between 8 tokens either side.
+PROMPT_LEAST = 46
+
 # The numeric `config.bench` fields and their least values (`check_config`).
 _LEAST = {
   "batch_size": 1,
@@ -81,6 +84,18 @@ def check_config(config) -> None:
     raise UserError(
       f"config.bench.target_tokens={bc.target_tokens} must be smaller than "
       f"config.bench.seq_len={bc.seq_len}"
+    )
+  # `random_batch`'s prompts: 8 tokens, the 30 item placeholders, 8 tokens, then the targets.
+  if (bc.train or bc.get("check_attention")) and bc.seq_len - bc.target_tokens < PROMPT_LEAST:
+    raise UserError(
+      f"config.bench.seq_len={bc.seq_len} leaves {bc.seq_len - bc.target_tokens} prompt tokens "
+      f"before the config.bench.target_tokens={bc.target_tokens} targets: a prompt needs "
+      f"{PROMPT_LEAST} (its 10 history and 20 candidate placeholders and 8 tokens either side)"
+    )
+  if bc.eval and bc.eval_prompt_len - 1 < PROMPT_LEAST:
+    raise UserError(
+      f"config.bench.eval_prompt_len={bc.eval_prompt_len} must be at least {PROMPT_LEAST + 1} "
+      "(10 history and 20 candidate placeholders, 8 tokens either side and the last token)"
     )
   if not (bc.train or bc.eval or bc.eval_data or bc.get("check_attention")):
     raise UserError(
@@ -166,7 +181,8 @@ def random_batch(parts, accum: int, batch: int, seq_len: int, target_tokens: int
   loss_mask[..., seq_len - target_tokens :] = 1
   item_ids = np.full(shape, parts.n_items, np.int32)
   # 10 history and 20 candidate placeholders spread over the prompt.
-  slots = np.linspace(8, seq_len - target_tokens - 8, 30).astype(int)
+  slots = np.linspace(8, seq_len - target_tokens - 8, 30).astype(int)  # 30 distinct slots
+  assert seq_len - target_tokens >= PROMPT_LEAST, (seq_len, target_tokens)  # `check_config`'s.
   item_ids[..., slots] = rng.integers(0, parts.n_items, (accum, batch, 30))
   seq = rng.integers(0, parts.n_items, (accum, batch, 10), dtype=np.int32)
   return {
@@ -601,6 +617,11 @@ def run(config, workdir: str | None = None) -> dict:
               "dtype": config.llm.dtype}  # fmt: skip
     if workdir:
       result.update(bench_eval_data(config, workdir))
+    elif not config.sasrec.init_from:
+      raise UserError(
+        "config.bench.eval_data needs a trained SASRec: give --workdir=DIR of a run that has "
+        "one, or --config.sasrec.init_from (an original .pt or such a workdir)"
+      )
     else:  # A scratch workdir (SASRec from config.sasrec.init_from), removed afterwards.
       import tempfile
 
