@@ -45,10 +45,16 @@ def main(argv: list[str] | None = None) -> None:
 
   console.quiet_libraries()
   compile_cache.enable(config.compile_cache_dir)
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as exc:
-    raise UserError(f"cannot create workdir {workdir}: {exc}") from None
+  if config.stage == "evaluate":  # Reads a trained run: a missing workdir is a typo.
+    if not os.path.isdir(workdir):
+      raise UserError(
+        f"--workdir={workdir} is no folder: stage=evaluate reads the workdir of a trained run"
+      )
+  else:
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as exc:
+      raise UserError(f"cannot create workdir {workdir}: {exc}") from None
   if config.stage in ("sasrec", "pipeline"):
     from ilora_jax import train_sasrec
 
