@@ -152,10 +152,13 @@ def _one_line(text: str) -> str:
 def _quiet_at_exit() -> None:
   """After the one error line, nothing more: background tasks that failed along with it
   (Orbax's asyncio reads of a damaged checkpoint) would log their tracebacks at exit, through
-  asyncio's logger or, for a coroutine collected mid-read, through `sys.unraisablehook`."""
+  asyncio's logger or, for a coroutine collected mid-read, through `sys.unraisablehook` or
+  a "coroutine ... was never awaited" RuntimeWarning."""
   import logging
   import threading
+  import warnings
 
+  warnings.simplefilter("ignore")
   logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
   sys.unraisablehook = lambda unraisable: None
   threading.excepthook = lambda args: None

@@ -95,6 +95,31 @@ def test_bad_flags_and_values_are_one_line_errors(tmp_path, args, fragments):
   assert not os.path.exists(tmp_path / "checkpoints"), os.listdir(tmp_path)  # None made.
 
 
+def test_nothing_follows_the_error_line_not_even_an_unawaited_coroutine(tmp_path):
+  """Orbax's reads of a damaged checkpoint may leave a coroutine that Python collects at exit
+  with a "never awaited" RuntimeWarning: after the one error line, it is not printed."""
+  script = tmp_path / "fails.py"
+  script.write_text(
+    "from ilora_jax.errors import UserError, cli_main\n"
+    "async def pending(): pass\n"
+    "KEEP = []\n"
+    "@cli_main\n"
+    "def main(argv=None):\n"
+    "  KEEP.append(pending())\n"
+    "  raise UserError('boom')\n"
+    "main()\n"
+  )
+  proc = run_cli(script=str(script))
+  assert (proc.returncode, proc.stderr) == (2, "error: boom\n")
+
+
+def test_evaluating_a_missing_workdir_creates_nothing(tmp_path):
+  missing = tmp_path / "typo" / "run"
+  proc = run_cli(TINY, f"--workdir={missing}", "--config.stage=evaluate")
+  assert_one_line_error(proc, f"--workdir={missing} is no folder", "a trained run")
+  assert not (tmp_path / "typo").exists()
+
+
 @pytest.mark.parametrize(
   "override,message",
   [
