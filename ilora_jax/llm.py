@@ -121,7 +121,7 @@ def config_for(name_or_path: str, **overrides) -> LlamaConfig:
   config_path = os.path.join(target, "config.json")
   if not os.path.isfile(config_path):
     raise UserError(f"config.json not found in {target}")
-  return weights.config_from_hf(weights.read_hf_config(config_path), **overrides)
+  return weights.config_from_hf(weights.read_hf_config(config_path), config_path, **overrides)
 
 
 def abstract_params(

@@ -205,30 +205,33 @@ def read_hf_config(path: str) -> dict:
   return hf
 
 
-def _positive_int(hf: dict, key: str, default: int | None = None) -> int:
+def _positive_int(hf: dict, key: str, default: int | None = None, src: str = "config.json") -> int:
   """`hf[key]` (or `default` where it is absent or null) as a positive int, else a UserError."""
   value = hf.get(key)
   if value is None and default is not None:
     return default
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise UserError(f"Llama config.json: {key}={value!r} must be a positive integer")
+    raise UserError(f"{src}: {key}={value!r} must be a positive integer")
   return value
 
 
-def _positive_float(hf: dict, key: str, default: float, where: str = "") -> float:
+def _positive_float(
+  hf: dict, key: str, default: float, where: str = "", src: str = "config.json"
+) -> float:
   """`hf[key]` (or `default` where absent) as a positive finite float, else a UserError."""
   value = hf.get(key, default)
   ok = isinstance(value, int | float) and not isinstance(value, bool)
   if not ok or not np.isfinite(value) or value <= 0:
-    raise UserError(f"Llama config.json: {where}{key}={value!r} must be a positive number")
+    raise UserError(f"{src}: {where}{key}={value!r} must be a positive number")
   return float(value)
 
 
-def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
+def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> LlamaConfig:
   """Maps a Hugging Face Llama `config.json` dict to `LlamaConfig` (overrides win).
 
   Every size must be a positive integer, the heads a multiple of the key/value heads, and a
-  rope scaling of the llama3 kind complete; anything else is a UserError naming the field.
+  rope scaling of the llama3 kind complete; anything else is a UserError naming the field
+  (and `source`, the file's path).
   """
   model_type = hf.get("model_type")
   if model_type != "llama":
@@ -241,30 +244,29 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
               "num_attention_heads")  # fmt: skip
   missing = [k for k in required if k not in hf]
   if missing:
-    raise UserError(f"Llama config.json lacks required fields: {', '.join(missing)}")
-  sizes = {k: _positive_int(hf, k) for k in required}
+    raise UserError(f"{source} lacks required fields: {', '.join(missing)}")
+  sizes = {k: _positive_int(hf, k, src=source) for k in required}
   heads = sizes["num_attention_heads"]
-  kv_heads = _positive_int(hf, "num_key_value_heads", heads)
+  kv_heads = _positive_int(hf, "num_key_value_heads", heads, src=source)
   if heads % kv_heads:
     raise UserError(
-      f"Llama config.json: num_attention_heads={heads} is not a multiple of "
-      f"num_key_value_heads={kv_heads}"
+      f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
     )
   if hf.get("head_dim") is None and sizes["hidden_size"] % heads:
     raise UserError(
-      f"Llama config.json: hidden_size={sizes['hidden_size']} is not a multiple of "
+      f"{source}: hidden_size={sizes['hidden_size']} is not a multiple of "
       f"num_attention_heads={heads} (and no head_dim is given)"
     )
-  head_dim = _positive_int(hf, "head_dim", sizes["hidden_size"] // heads)
+  head_dim = _positive_int(hf, "head_dim", sizes["hidden_size"] // heads, src=source)
   if head_dim % 2:
-    raise UserError(f"Llama config.json: head_dim={head_dim} must be even (rotary embeddings)")
+    raise UserError(f"{source}: head_dim={head_dim} must be even (rotary embeddings)")
   rope: dict = {}
   for key in ("rope_parameters", "rope_scaling"):
     value = hf.get(key)
     if value is not None and not isinstance(value, dict):
-      raise UserError(f"Llama config.json: {key}={value!r} must be an object or null")
+      raise UserError(f"{source}: {key}={value!r} must be an object or null")
     rope.update(value or {})
-  theta = _positive_float(hf, "rope_theta", rope.get("rope_theta", 10000.0))
+  theta = _positive_float(hf, "rope_theta", rope.get("rope_theta", 10000.0), src=source)
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type in (None, "default"):
     scaling = None
@@ -272,10 +274,10 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
     floats = ("factor", "low_freq_factor", "high_freq_factor")
     lacking = [k for k in (*floats, "original_max_position_embeddings") if k not in rope]
     if lacking:
-      raise UserError(f"Llama config.json: the llama3 rope scaling lacks {', '.join(lacking)}")
-    scaling = {k: _positive_float(rope, k, 0.0, "rope scaling ") for k in floats}
+      raise UserError(f"{source}: the llama3 rope scaling lacks {', '.join(lacking)}")
+    scaling = {k: _positive_float(rope, k, 0.0, "rope scaling ", src=source) for k in floats}
     scaling["original_max_position_embeddings"] = _positive_int(
-      rope, "original_max_position_embeddings"
+      rope, "original_max_position_embeddings", src=source
     )
   else:
     raise UserError(f"unsupported rope scaling type {rope_type!r}: only llama3 is supported")
@@ -289,9 +291,9 @@ def config_from_hf(hf: dict, **overrides) -> LlamaConfig:
     head_dim=head_dim,
     rope_theta=theta,
     rope_scaling=scaling,
-    rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-6),
+    rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-6, src=source),
     tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    max_position_embeddings=_positive_int(hf, "max_position_embeddings", 4096),
+    max_position_embeddings=_positive_int(hf, "max_position_embeddings", 4096, src=source),
   )
   kwargs.update(overrides)
   return LlamaConfig(**kwargs)
@@ -369,7 +371,7 @@ def load_hf(folder: str, *, shardings: Any = None, **config_overrides) -> tuple[
   config_path = os.path.join(folder, "config.json")
   if not os.path.isfile(config_path):
     raise UserError(f"config.json not found in {folder}")
-  cfg = config_from_hf(read_hf_config(config_path), **config_overrides)
+  cfg = config_from_hf(read_hf_config(config_path), config_path, **config_overrides)
   tensors = _SafetensorsFolder(folder)
   return cfg, params_from_hf_tensors(
     tensors.get, tensors.has, cfg, source=folder, shardings=shardings

@@ -652,3 +652,7 @@ def test_the_ilora_stage_needs_the_models_own_tokenizer(hf_checkpoints, tmp_path
   with pytest.raises(UserError, match="has 259 tokens, more than the model's 200 embedding rows"):
     llm.load_tokenizer(str(small), strict=True)
   assert len(llm.load_tokenizer(str(small))) == 259  # Not strict: as before.
+  # A mistyped size is named in its config.json, not blamed on the tokenizer read after it.
+  (small / "config.json").write_text(json.dumps({**config, "vocab_size": "300"}))
+  with pytest.raises(UserError, match=re.escape(f"{small / 'config.json'}: vocab_size='300'")):
+    llm.load_tokenizer(str(small), strict=True)
