@@ -56,13 +56,13 @@ PROMPT_LEAST = 46
 # The numeric `config.bench` fields and their least values (`check_config`).
 _LEAST = {
   "batch_size": 1,
-  "seq_len": 2,
+  "seq_len": PROMPT_LEAST + 1,  # The prompt and at least one target token.
   "grad_accum": 1,
   "steps": 1,
   "warmup": 0,
   "target_tokens": 1,
   "eval_batch_size": 1,
-  "eval_prompt_len": 2,
+  "eval_prompt_len": PROMPT_LEAST + 1,  # The prompt and its last token.
   "eval_new_tokens": 1,
   "eval_candidates": 0,
   "eval_candidate_len": 1,
@@ -86,16 +86,11 @@ def check_config(config) -> None:
       f"config.bench.seq_len={bc.seq_len}"
     )
   # `random_batch`'s prompts: 8 tokens, the 30 item placeholders, 8 tokens, then the targets.
-  if (bc.train or bc.get("check_attention")) and bc.seq_len - bc.target_tokens < PROMPT_LEAST:
+  if bc.seq_len - bc.target_tokens < PROMPT_LEAST:  # Every caller's train batches.
     raise UserError(
       f"config.bench.seq_len={bc.seq_len} leaves {bc.seq_len - bc.target_tokens} prompt tokens "
       f"before the config.bench.target_tokens={bc.target_tokens} targets: a prompt needs "
       f"{PROMPT_LEAST} (its 10 history and 20 candidate placeholders and 8 tokens either side)"
-    )
-  if bc.eval and bc.eval_prompt_len - 1 < PROMPT_LEAST:
-    raise UserError(
-      f"config.bench.eval_prompt_len={bc.eval_prompt_len} must be at least {PROMPT_LEAST + 1} "
-      "(10 history and 20 candidate placeholders, 8 tokens either side and the last token)"
     )
   if not (bc.train or bc.eval or bc.eval_data or bc.get("check_attention")):
     raise UserError(
@@ -182,7 +177,8 @@ def random_batch(parts, accum: int, batch: int, seq_len: int, target_tokens: int
   item_ids = np.full(shape, parts.n_items, np.int32)
   # 10 history and 20 candidate placeholders spread over the prompt.
   slots = np.linspace(8, seq_len - target_tokens - 8, 30).astype(int)  # 30 distinct slots
-  assert seq_len - target_tokens >= PROMPT_LEAST, (seq_len, target_tokens)  # `check_config`'s.
+  if seq_len - target_tokens < PROMPT_LEAST:  # `check_config` names the config's fields.
+    raise UserError(f"a prompt of {seq_len - target_tokens} tokens: it needs {PROMPT_LEAST}")
   item_ids[..., slots] = rng.integers(0, parts.n_items, (accum, batch, 30))
   seq = rng.integers(0, parts.n_items, (accum, batch, 10), dtype=np.int32)
   return {

@@ -724,7 +724,8 @@ def main(argv: list[str] | None = None) -> None:
   grid, grid_path, workdir = parse(list(sys.argv if argv is None else argv))
   runs, resolved = plan(grid, grid_path, workdir)
   if _DRY_RUN.value:
-    check_sasrec(grid)  # What the real run would refuse, a dry run refuses too.
+    if not all(finished(r) for r in runs):  # What the real run would refuse, this refuses.
+      check_sasrec(grid)
     for run in runs:
       print(run.command)
     return

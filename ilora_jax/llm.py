@@ -669,10 +669,13 @@ def load_tokenizer(name_or_path: str, strict: bool = False):
   kind, target = _resolve(name_or_path)
   config = None if kind == "gguf" else config_for(name_or_path)
   tokenizer = _tokenizer_of(kind, target, config, strict=strict)
-  if strict and config is not None and len(tokenizer) > config.vocab_size:
+  # Its base vocabulary: tokens added on top (a '<pad>', as some Llama-2 tokenizers carry)
+  # get rows when the ilora stage grows the embeddings for its own tokens (`resize_vocab`).
+  base = getattr(tokenizer, "vocab_size", None)
+  if strict and config is not None and base is not None and base > config.vocab_size:
     raise UserError(
-      f"the tokenizer of {name_or_path} has {len(tokenizer)} tokens, more than the model's "
-      f"{config.vocab_size} embedding rows (vocab_size): a tokenizer of another model?"
+      f"the tokenizer of {name_or_path} has a vocabulary of {base} tokens, more than the "
+      f"model's {config.vocab_size} embedding rows (vocab_size): a tokenizer of another model?"
     )
   return tokenizer
 

@@ -14,7 +14,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
+import re
 import time
 from typing import Any
 
@@ -1110,6 +1112,32 @@ def sasrec_fingerprint(sas_params) -> str:
   return f"{sum(int(x.size) for x in leaves)} weights, |w| sum {total:.4g}"
 
 
+_FINGERPRINT = re.compile(r"(\d+) weights, \|w\| sum (\S+)")
+
+
+def same_sasrec(a, b) -> bool:
+  """Whether two `sasrec_fingerprint`s name one SASRec: the same weight count, and sums
+  within one unit of their fourth significant digit (one SASRec's float32 sums on two
+  backends, say a GPU where it trained and a CPU that recommends, may round to neighbouring
+  four-digit values)."""
+  if a == b:
+    return True
+  ma, mb = (_FINGERPRINT.fullmatch(str(x)) for x in (a, b))
+  if not (ma and mb) or ma[1] != mb[1]:
+    return False
+  x, y = float(ma[2]), float(mb[2])
+  unit = 10.0 ** (math.floor(math.log10(max(abs(x), abs(y), 1e-30))) - 3)
+  return abs(x - y) <= unit * 1.001
+
+
+def with_saved_sasrec(saved: dict, settings: dict) -> dict:
+  """`settings`, with the checkpoint's SASRec fingerprint where both name one SASRec
+  (`same_sasrec`): a last-digit difference of two backends' sums is no other SASRec."""
+  if "sasrec" in saved and same_sasrec(saved["sasrec"], settings.get("sasrec")):
+    return {**settings, "sasrec": saved["sasrec"]}
+  return settings
+
+
 def numerics_settings(config, bos, slots: int, sas_params) -> dict:
   """Settings beyond the model's shape that a resumed run must share with its checkpoint:
   the prompt's first token (`bos`, the prompt builder's), the compute and weight dtypes, the
@@ -1276,8 +1304,9 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       latest = found.latest_step()
       if latest is not None:
         latest_meta = found.restore_meta(latest)
+        saved = latest_meta["settings"]
         checkpointing.check_same_settings(
-          latest_meta["settings"], settings, found.directory, unknown
+          saved, with_saved_sasrec(saved, settings), found.directory, unknown
         )
         # Checkpoints of older code (no select_by recorded) selected nothing: from here on.
         chosen_by = latest_meta.get("select_by", select)
@@ -1548,7 +1577,10 @@ def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
         f"{kept.get('select_by')}: resume with --config.ilora.select_by="
         f"{kept.get('select_by')!r}, or remove that folder to select anew"
       )
-    checkpointing.check_same_settings(kept["settings"], settings, best.directory, unknown)
+    saved = kept["settings"]
+    checkpointing.check_same_settings(
+      saved, with_saved_sasrec(saved, settings), best.directory, unknown
+    )
     return at, float(kept["value"])
 
 
@@ -1597,7 +1629,9 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
     return out
 
   theirs = model(saved)
-  diffs = checkpointing.setting_diffs(theirs, model(settings), sorted(theirs))
+  diffs = checkpointing.setting_diffs(
+    theirs, model(with_saved_sasrec(saved, settings)), sorted(theirs)
+  )
   if diffs:
     sasrec = any(d.startswith("sasrec ") for d in diffs)
     advice = (

@@ -266,7 +266,8 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
     if value is not None and not isinstance(value, dict):
       raise UserError(f"{source}: {key}={value!r} must be an object or null")
     rope.update(value or {})
-  theta = _positive_float(hf, "rope_theta", rope.get("rope_theta", 10000.0), src=source)
+  theta_at = hf if hf.get("rope_theta") is not None else {"rope_theta": rope.get("rope_theta", 1e4)}
+  theta = _positive_float(theta_at, "rope_theta", 10000.0, src=source)
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type in (None, "default"):
     scaling = None
@@ -534,8 +535,21 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
     None,
   ):
     raise UserError("unsupported GGUF rope scaling (rope_freqs / llama.rope.scaling.type)")
-  hidden = int(need("llama.embedding_length"))
-  heads = int(need("llama.attention.head_count"))
+
+  def positive(key, default=None) -> int:
+    value = gguf_field(reader, key, default) if default is not None else need(key)
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+      raise UserError(f"GGUF metadata {key}={value!r} must be a positive integer")
+    return int(value)
+
+  hidden = positive("llama.embedding_length")
+  heads = positive("llama.attention.head_count")
+  kv_heads = positive("llama.attention.head_count_kv", heads)
+  if heads % kv_heads:
+    raise UserError(
+      f"GGUF metadata llama.attention.head_count={heads} is not a multiple of "
+      f"llama.attention.head_count_kv={kv_heads}"
+    )
   vocab = gguf_field(reader, "llama.vocab_size")
   if vocab is None:
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
@@ -549,16 +563,21 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
   kwargs = dict(
     vocab_size=int(vocab),
     hidden_size=hidden,
-    intermediate_size=int(need("llama.feed_forward_length")),
-    num_layers=int(need("llama.block_count")),
+    intermediate_size=positive("llama.feed_forward_length"),
+    num_layers=positive("llama.block_count"),
     num_heads=heads,
-    num_kv_heads=int(gguf_field(reader, "llama.attention.head_count_kv", heads)),
+    num_kv_heads=kv_heads,
     head_dim=int(head_dim or hidden // heads),
     rope_theta=float(gguf_field(reader, "llama.rope.freq_base", 10000.0)),
     rms_norm_eps=float(gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
     tie_word_embeddings="output.weight" not in names,
     max_position_embeddings=int(gguf_field(reader, "llama.context_length", 4096)),
   )
+  if kwargs["head_dim"] < 2 or kwargs["head_dim"] % 2 or kwargs["vocab_size"] < 1:
+    raise UserError(
+      f"GGUF metadata: head size {kwargs['head_dim']} (must be even) or vocabulary "
+      f"{kwargs['vocab_size']} is not one of a Llama model"
+    )
   kwargs.update(overrides)
   return LlamaConfig(**kwargs)
 

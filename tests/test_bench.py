@@ -85,16 +85,19 @@ def test_bench_trains_with_splash_attention_and_checks_it_against_einsum():
 
 
 def test_bench_rejects_bad_shapes():
-  proc = run_cli(TINY, "--config.bench.seq_len=8", "--config.bench.target_tokens=8",
+  proc = run_cli(TINY, "--config.bench.seq_len=50", "--config.bench.target_tokens=50",
                  module="ilora_jax.bench")  # fmt: skip
   assert_one_line_error(proc, "target_tokens")
   # Too short for the prompt's 30 item placeholders: refused before any work (was an
   # IndexError, for the evaluation's prompts after the train step was timed).
-  proc = run_cli(TINY, "--config.bench.seq_len=8", "--config.bench.target_tokens=1",
+  proc = run_cli(TINY, "--config.bench.seq_len=8", module="ilora_jax.bench")
+  assert_one_line_error(proc, "seq_len=8 must be an integer >= 47")
+  proc = run_cli(TINY, "--config.bench.seq_len=50", "--config.bench.target_tokens=8",
                  module="ilora_jax.bench")  # fmt: skip
-  assert_one_line_error(proc, "seq_len=8 leaves 7 prompt tokens", "a prompt needs 46")
-  proc = run_cli(TINY, "--config.bench.eval_prompt_len=8", module="ilora_jax.bench")
-  assert_one_line_error(proc, "eval_prompt_len=8 must be at least 47")
+  assert_one_line_error(proc, "seq_len=50 leaves 42 prompt tokens", "a prompt needs 46")
+  proc = run_cli(TINY, "--config.bench.eval_prompt_len=8", "--config.bench.eval=False",
+                 module="ilora_jax.bench")  # fmt: skip
+  assert_one_line_error(proc, "eval_prompt_len=8 must be an integer >= 47")
   assert not proc.stdout
   proc = run_cli(TINY, "--config.bench.eval_data=True", module="ilora_jax.bench")
   assert_one_line_error(proc, "eval_data needs a trained SASRec: give --workdir=DIR")

@@ -42,3 +42,20 @@ def test_a_read_failure_names_tensorstores_array_and_reason():
   # Without an array's report: the error's own text, without TensorStore's printed specs.
   other = ValueError("NOT_FOUND: no metadata  See full TensorStore details: {'driver': 1}")
   assert checkpointing._reason(other) == "NOT_FOUND: no metadata"
+
+
+def test_one_sasrec_on_two_backends_is_the_same_sasrec():
+  """A SASRec's fingerprint prints its float32 |w| sum to four digits; the same weights summed
+  on another backend may round to the neighbouring value, which is no other SASRec. Another
+  checkpoint (the tiny pipeline's step 120 against 130: 505.7 against 508.9) is."""
+  from ilora_jax.train_ilora import same_sasrec, with_saved_sasrec
+
+  fp = "3644 weights, |w| sum {}".format
+  assert same_sasrec(fp("508.9"), fp("508.8")) and same_sasrec(fp("1.234e+04"), fp("1.235e+04"))
+  assert not same_sasrec(fp("508.9"), fp("505.7"))
+  assert not same_sasrec(fp("508.9"), "3645 weights, |w| sum 508.9")
+  assert not same_sasrec(None, fp("508.9"))
+  saved, current = {"sasrec": fp("508.9")}, {"sasrec": fp("508.8"), "lr": 1}
+  assert with_saved_sasrec(saved, current) == {"sasrec": fp("508.9"), "lr": 1}
+  assert with_saved_sasrec({"sasrec": fp("505.7")}, current) == current
+  assert with_saved_sasrec({}, current) == current

@@ -252,6 +252,16 @@ def test_grid_runs_tabulates_and_plots(smoke):
     assert os.path.getsize(os.path.join(w, "plots", name)) > 1000
 
 
+def test_a_dry_run_of_a_finished_grid_does_not_check_its_sasrec(smoke):
+  """As the real run, which only checks --grid.sasrec where runs are left to use it: a
+  finished grid's dry run lists its commands even when that SASRec has since moved."""
+  w, _ = smoke
+  proc = run_cli(GRID, f"--workdir={w}", "--dry_run", "--grid.seeds=0", "--grid.only=lora,ilora",
+                 "--grid.sasrec=/moved/m.pt", SMOKE, module="ilora_jax.experiments")  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  assert len(proc.stdout.strip().splitlines()) == 2
+
+
 def test_grid_resumes_and_adds_seeds(smoke):
   w, _ = smoke
   before = open(os.path.join(w, "runs", "lora", "seed0", "metrics.jsonl")).read()

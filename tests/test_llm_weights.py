@@ -649,10 +649,17 @@ def test_the_ilora_stage_needs_the_models_own_tokenizer(hf_checkpoints, tmp_path
   config = json.loads((small / "config.json").read_text())
   (small / "config.json").write_text(json.dumps({**config, "vocab_size": 200}))
   tok_lib.byte_level_tokenizer().save_pretrained(str(small))
-  with pytest.raises(UserError, match="has 259 tokens, more than the model's 200 embedding rows"):
+  with pytest.raises(UserError, match="a vocabulary of 259 tokens, more than the model's 200 "):
     llm.load_tokenizer(str(small), strict=True)
   assert len(llm.load_tokenizer(str(small))) == 259  # Not strict: as before.
   # A mistyped size is named in its config.json, not blamed on the tokenizer read after it.
   (small / "config.json").write_text(json.dumps({**config, "vocab_size": "300"}))
   with pytest.raises(UserError, match=re.escape(f"{small / 'config.json'}: vocab_size='300'")):
     llm.load_tokenizer(str(small), strict=True)
+  # A token added on top of the model's vocabulary (a '<pad>', as some Llama-2 tokenizers
+  # carry) is no other model's tokenizer: the ilora stage grows the embeddings for it.
+  padded = tok_lib.byte_level_tokenizer()
+  padded.add_special_tokens({"pad_token": "<pad>"})
+  padded.save_pretrained(str(small))
+  (small / "config.json").write_text(json.dumps({**config, "vocab_size": 259}))
+  assert len(llm.load_tokenizer(str(small), strict=True)) == 260
