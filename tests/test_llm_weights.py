@@ -663,3 +663,36 @@ def test_the_ilora_stage_needs_the_models_own_tokenizer(hf_checkpoints, tmp_path
   padded.save_pretrained(str(small))
   (small / "config.json").write_text(json.dumps({**config, "vocab_size": 259}))
   assert len(llm.load_tokenizer(str(small), strict=True)) == 260
+
+
+def test_null_rope_theta_and_bad_gguf_sizes():
+  cfg = weights.config_from_hf({**GOOD_HF, "rope_theta": None, "rope_parameters":
+                                {"rope_type": "default", "rope_theta": 500000.0}})  # fmt: skip
+  assert cfg.rope_theta == 500000.0 and cfg.rope_scaling is None
+
+  class Field:
+    def __init__(self, value):
+      self.value = value
+
+    def contents(self):
+      return self.value
+
+  good = {"general.architecture": "llama", "llama.embedding_length": 64,
+          "llama.attention.head_count": 4, "llama.attention.head_count_kv": 2,
+          "llama.feed_forward_length": 96, "llama.block_count": 2,
+          "llama.vocab_size": 300}  # fmt: skip
+
+  def reader(**change):
+    fields = {k: Field(v) for k, v in {**good, **change}.items()}
+    return type("Reader", (), {"fields": fields, "tensors": []})()
+
+  cfg = weights.config_from_gguf(reader())
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4, 2, 16)
+  for change, message in (
+    ({"llama.attention.head_count": 0}, "head_count=0 must be a positive integer"),
+    ({"llama.block_count": -1}, "block_count=-1 must be a positive integer"),
+    ({"llama.attention.head_count_kv": 3}, "head_count=4 is not a multiple of"),
+    ({"llama.attention.key_length": 15}, "head size 15 (must be even)"),
+  ):
+    with pytest.raises(UserError, match=re.escape(message)):
+      weights.config_from_gguf(reader(**change))
