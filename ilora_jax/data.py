@@ -85,6 +85,9 @@ def split_from_dataframe(
     UserError: on missing columns, wrong types, wrong lengths or ids outside [0, n_items].
   """
   missing = [c for c in ("seq", "len_seq", "next") if c not in frame.columns]
+  repeated = [c for c in ("seq", "len_seq", "next") if list(frame.columns).count(c) > 1]
+  if repeated:
+    raise UserError(f"{source}: column(s) {', '.join(repeated)} appear more than once")
   if missing:
     raise UserError(
       f"{source}: missing column(s) {', '.join(missing)} "
@@ -132,6 +135,13 @@ def split_from_dataframe(
   real = np.arange(max_len)[None, :] < len_seq[:, None]
   if np.any(real & (seq == n_items)):
     r = int(np.argwhere(real & (seq == n_items))[0][0])
+    if len_seq[r] == 1 and np.all(seq[r] == n_items):  # LLaRA's form of an empty history.
+      empty = int(np.sum((len_seq == 1) & np.all(seq == n_items, axis=1)))
+      raise UserError(
+        f"{source}: row {rows_kept[r]} and {empty - 1} more have an empty history (all "
+        f"padding, len_seq=1, as the LLaRA files write one); config.data.min_len={min_len} "
+        "keeps them: set it to 2 or more to drop them, as the original does"
+      )
     raise UserError(
       f"{source}: row {rows_kept[r]} has padding inside its first len_seq={int(len_seq[r])} items"
     )
@@ -171,7 +181,9 @@ def load_titles(path: str, keep_years: bool = False, articles: str = "as_is") ->
   except UnicodeDecodeError as exc:
     raise UserError(f"titles file {path} is not valid UTF-8 ({exc})") from None
   text = text.removeprefix("\ufeff")  # A byte-order mark some editors write first.
-  for lineno, line in enumerate(text.splitlines(), 1):
+  # Lines end at '\n' only: `splitlines` would also cut a title at U+2028 or U+0085.
+  for lineno, line in enumerate(text.removesuffix("\n").split("\n"), 1):
+    line = line.removesuffix("\r")
     if not line.strip():
       continue
     try:

@@ -131,6 +131,14 @@ def activation_bytes(
   return int(layers + logits)
 
 
+def activation_tensor_shards(cfg, tensor: int) -> int:
+  """How many ways the tensor axis splits the activations: its size where it divides the
+  heads, the key/value heads and the MLP width, else 1 (the sharding rules then leave those
+  axes whole, `llm.partition_specs`, and each device holds every activation)."""
+  sizes = (cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size)
+  return tensor if all(n % tensor == 0 for n in sizes) else 1
+
+
 def model_config(config):
   """The LlamaConfig the run would build: config dtypes, vocabulary grown by the 5 special
   tokens and rounded up to 128 (the tokenizer is assumed to have `vocab_size` entries)."""
@@ -204,7 +212,7 @@ def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> di
       micro // shards,
       seq_len,
       config.llm.remat,
-      sizes["tensor"],
+      activation_tensor_shards(cfg, sizes["tensor"]),
       mask_bytes_per_token(cfg, config.lora.targets, config.lora.dropout),
       config.ilora.max_target_tokens,
     ),  # fmt: skip

@@ -54,12 +54,14 @@ def _checked(record, where: str) -> dict:
   for a float become +-inf (as the log writes other non-finite values)."""
   if not isinstance(record, dict):
     raise UserError(f"{where}: a record must be a JSON object, not {type(record).__name__}")
-  if "step" in record:
-    step = record["step"]
+  for key in ("step", "selected_step"):  # Steps: TensorBoard's and the plots' x values.
+    if key not in record or (key == "selected_step" and record[key] is None):
+      continue
+    step = record[key]
     whole = isinstance(step, int) or (isinstance(step, float) and step.is_integer())
     if isinstance(step, bool) or not whole or not -_INT64 <= step < _INT64:
-      raise UserError(f"{where}: step={json.dumps(step)[:40]} must be an integer (int64)")
-    record["step"] = int(step)
+      raise UserError(f"{where}: {key}={json.dumps(step)[:40]} must be an integer (int64)")
+    record[key] = int(step)
   for key in _TEXT_KEYS:
     if key in record and not isinstance(record[key], str):
       raise UserError(f"{where}: {key}={json.dumps(record[key])[:40]} must be a string")
@@ -243,6 +245,8 @@ def read_predictions(workdir: str, split: str) -> tuple[dict, list[dict]] | None
   try:
     head, *rows = [record for _, record in metrics.read_jsonl(predictions_path(workdir, split))]
   except (UserError, ValueError):  # ValueError: an empty file.
+    return None
+  if not all(isinstance(r, dict) for r in (head, *rows)):  # Damaged: nothing to pair.
     return None
   return head, rows
 

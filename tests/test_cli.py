@@ -601,3 +601,20 @@ def test_plan_errors_are_one_line(args, fragments):
   proc = run_cli("--config=configs/movielens.py", "--config.llm.name=llama2-7b", *args,
                  module="ilora_jax.plan")  # fmt: skip
   assert_one_line_error(proc, *fragments)
+
+
+def test_plan_divides_activations_only_over_a_tensor_axis_that_shards_them():
+  """A tensor size that divides neither Llama-2-7B's 32 heads nor its 11008-wide MLP leaves
+  the weights and activations whole on every device: the plan must not divide them by it."""
+  from ilora_jax import configuration, plan
+
+  def planned(tensor: int) -> dict:
+    config = configuration.load("configs/movielens.py", [
+      "llm.name=llama2-7b", "mesh.data=1", "mesh.fsdp=1", f"mesh.tensor={tensor}",
+      "ilora.train.batch_size=8"])  # fmt: skip
+    return plan.plan(config, tensor)
+
+  one, three, two = planned(1), planned(3), planned(2)
+  assert three["activations_estimate_bytes"] == one["activations_estimate_bytes"]
+  assert three["frozen_llm_bytes"] == one["frozen_llm_bytes"]
+  assert two["activations_estimate_bytes"] < one["activations_estimate_bytes"] * 0.51

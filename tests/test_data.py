@@ -153,6 +153,33 @@ def test_malformed_splits_are_clear_errors(frame, message):
     data.split_from_dataframe(frame, "train", n_items=9, max_len=10, min_len=3, source="f.df")
 
 
+def test_repeated_columns_and_llara_empty_histories_are_named():
+  frame = _frame([[1, 2, 3]], [3], [1])
+  doubled = pd.concat([frame, frame[["next"]]], axis=1)
+  with pytest.raises(UserError, match="column\\(s\\) next appear more than once"):
+    data.split_from_dataframe(doubled, "train", n_items=9, max_len=10, min_len=3, source="f.df")
+  # LLaRA writes an empty history as all padding with len_seq=1: with min_len <= 1 such rows
+  # are kept, and the error says so instead of calling the file damaged.
+  empty = _frame([[9] * 10, [9] * 10, [1, 2, 3]], [1, 1, 3], [1, 2, 3])
+  with pytest.raises(
+    UserError, match="row 0 and 1 more have an empty history .*data.min_len=1 keeps them"
+  ):
+    data.split_from_dataframe(empty, "train", n_items=9, max_len=10, min_len=1, source="f.df")
+  kept = data.split_from_dataframe(empty, "train", n_items=9, max_len=10, min_len=2, source="f")
+  assert len(kept) == 1 and kept.next[0] == 3
+
+
+def test_titles_split_lines_at_newlines_only(tmp_path):
+  """U+2028 and U+0085 are line breaks to `str.splitlines`, not to a titles file: the title
+  keeps them, and the line numbers of later errors stay right."""
+  path = tmp_path / "id2name.txt"
+  path.write_text("0::Foo\u2028Bar\r\n1::Air\u0085s\n2::Heat\n", encoding="utf-8")
+  assert data.load_titles(str(path)) == {0: "Foo\u2028Bar", 1: "Air\u0085s", 2: "Heat"}
+  path.write_text("0::Foo\u2028Bar\nbroken\n", encoding="utf-8")
+  with pytest.raises(UserError, match="line 2 is malformed: 'broken'"):
+    data.load_titles(str(path))
+
+
 def test_titles_formats(tmp_path):
   (tmp_path / "id2name.txt").write_text("0::Morcheeba\n1::Café Del Mar\n", encoding="utf-8")
   assert data.load_titles(str(tmp_path / "id2name.txt")) == {0: "Morcheeba", 1: "Café Del Mar"}

@@ -413,3 +413,20 @@ def test_non_finite_values_the_log_writes_as_text_stay_in_the_report(tmp_path, c
   assert [report._number(r["loss"]) for r in train][::2] == [2.5, 2.0]
   assert math.isnan(report._number(train[1]["loss"]))
   assert report._number("hr@1") is None and report._number(True) is None
+
+
+def test_a_selected_step_must_be_an_integer_and_damaged_predictions_pair_nothing(tmp_path):
+  """`selected_step` is a step like `step` (TensorBoard's x): checked the same way. A
+  predictions file with a line that is no JSON object is left out of the pairing."""
+  for value in ("x", [6], 2**70, 1.5):
+    with pytest.raises(UserError, match="metrics.jsonl:3: selected_step=.* must be an integer"):
+      report._checked({"step": 6, "selected_step": value}, "metrics.jsonl:3")
+  assert report._checked({"step": 6, "selected_step": 6.0}, "w")["selected_step"] == 6
+  assert report._checked({"step": 6, "selected_step": None}, "w")["selected_step"] is None
+  folder = tmp_path / "predictions"
+  folder.mkdir()
+  good = [{"split": "val", "candidates": "c"}, {"row": 0, "hit": True, "rank": 0}]
+  (folder / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
+  assert report.read_predictions(str(tmp_path), "val") == (good[0], good[1:])
+  (folder / "val.jsonl").write_text(json.dumps(good[0]) + "\n[1, 2]\n")
+  assert report.read_predictions(str(tmp_path), "val") is None
