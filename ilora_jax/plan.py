@@ -257,11 +257,10 @@ def main(argv: list[str] | None = None) -> None:
   if not counts or any(c < 0 for c in counts):
     raise UserError(f"config.plan.devices must be device counts like 8 or 1,8,64, got "
                     f"{config.plan.devices!r}")  # fmt: skip
-  results = []
-  for count in counts:
-    result = plan(config, count or jax.device_count())
+  # Every count planned (and refused, where one cannot be) before anything is printed.
+  results = [plan(config, count or jax.device_count()) for count in counts]
+  for result in results:
     _print(result)
-    results.append(result)
   print(json.dumps(results if len(results) > 1 else results[0]), flush=True)
 
 

@@ -595,12 +595,14 @@ def test_bad_cluster_settings_are_one_line_errors(tmp_path):
     (["--config.plan.devices=64", "--config.mesh.data=-1"], ["batch size 8", "64 data shards"]),
     (["--config.plan.devices=6", "--config.mesh.fsdp=4"], ["config.mesh", "6 devices"]),
     (["--config.plan.devices=eight"], ["config.plan.devices"]),
+    (["--config.plan.devices=1,8,7", "--config.mesh.data=-1"], ["batch size 8", "7 data shards"]),
   ],
 )
 def test_plan_errors_are_one_line(args, fragments):
   proc = run_cli("--config=configs/movielens.py", "--config.llm.name=llama2-7b", *args,
                  module="ilora_jax.plan")  # fmt: skip
   assert_one_line_error(proc, *fragments)
+  assert not proc.stdout  # No plan of another count before the refusal.
 
 
 def test_plan_divides_activations_only_over_a_tensor_axis_that_shards_them():
