@@ -168,6 +168,8 @@ def ordinary_vocab(parts) -> int:
 
 def random_batch(parts, accum: int, batch: int, seq_len: int, target_tokens: int, seed: int = 0):
   """An unpadded batch shaped like the stage's: [accum, batch, ...] numpy arrays."""
+  if seq_len - target_tokens < PROMPT_LEAST:  # `check_config` names the config's fields.
+    raise UserError(f"a prompt of {seq_len - target_tokens} tokens: it needs {PROMPT_LEAST}")
   rng = np.random.default_rng(seed)
   vocab = ordinary_vocab(parts)
   shape = (accum, batch, seq_len)
@@ -177,8 +179,6 @@ def random_batch(parts, accum: int, batch: int, seq_len: int, target_tokens: int
   item_ids = np.full(shape, parts.n_items, np.int32)
   # 10 history and 20 candidate placeholders spread over the prompt.
   slots = np.linspace(8, seq_len - target_tokens - 8, 30).astype(int)  # 30 distinct slots
-  if seq_len - target_tokens < PROMPT_LEAST:  # `check_config` names the config's fields.
-    raise UserError(f"a prompt of {seq_len - target_tokens} tokens: it needs {PROMPT_LEAST}")
   item_ids[..., slots] = rng.integers(0, parts.n_items, (accum, batch, 30))
   seq = rng.integers(0, parts.n_items, (accum, batch, 10), dtype=np.int32)
   return {
