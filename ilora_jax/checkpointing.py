@@ -271,13 +271,19 @@ UNKNOWN = object()  # `check_same_settings`: what older checkpoints were made wi
 
 
 def check_same_settings(
-  saved: dict, current: dict, directory: str, added: dict[str, Any] | None = None
+  saved: dict,
+  current: dict,
+  directory: str,
+  added: dict[str, Any] | None = None,
+  same: dict[str, Any] | None = None,
 ) -> None:
   """Raises a UserError naming every setting that differs between a checkpoint and the config.
 
   `added`: settings recorded only by newer code, each with the value every older checkpoint
   (which lacks it) was made with, or `UNKNOWN`: such a setting is then compared only when
   the checkpoint has it (refusing every older checkpoint would strand its run).
+  `same`: per-setting equality `(saved, current) -> bool` where `==` is too strict (a
+  fingerprint of float sums that two backends round apart, say).
   """
   saved = dict(saved)
   for key, old in (added or {}).items():
@@ -286,7 +292,7 @@ def check_same_settings(
   diffs = [
     f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
     for k in sorted(set(saved) | set(current))
-    if saved.get(k) != current.get(k)
+    if not _equal(k, saved.get(k), current.get(k), same)
   ]
   if diffs:
     raise UserError(
@@ -296,11 +302,18 @@ def check_same_settings(
     )
 
 
-def setting_diffs(saved: dict, current: dict, keys) -> list[str]:
+def setting_diffs(saved: dict, current: dict, keys, same: dict[str, Any] | None = None):
   """'key saved vs config current' for each of `keys` (in that order) both dicts hold with
-  different values: a checkpoint's settings against the running config's."""
+  different values: a checkpoint's settings against the running config's (`same`: as in
+  `check_same_settings`)."""
   return [f"{k} {saved[k]!r} vs config {current[k]!r}" for k in keys
-          if k in saved and k in current and saved[k] != current[k]]  # fmt: skip
+          if k in saved and k in current and not _equal(k, saved[k], current[k], same)]  # fmt: skip
+
+
+def _equal(key: str, saved: Any, current: Any, same: dict[str, Any] | None) -> bool:
+  if saved == current:
+    return True
+  return bool(same and key in same and same[key](saved, current))
 
 
 def jsonable(value: Any) -> Any:

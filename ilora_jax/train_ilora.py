@@ -1130,12 +1130,8 @@ def same_sasrec(a, b) -> bool:
   return abs(x - y) <= unit * 1.001
 
 
-def with_saved_sasrec(saved: dict, settings: dict) -> dict:
-  """`settings`, with the checkpoint's SASRec fingerprint where both name one SASRec
-  (`same_sasrec`): a last-digit difference of two backends' sums is no other SASRec."""
-  if "sasrec" in saved and same_sasrec(saved["sasrec"], settings.get("sasrec")):
-    return {**settings, "sasrec": saved["sasrec"]}
-  return settings
+# Settings compared by more than `==` (`checkpointing.check_same_settings`).
+SAME_SETTINGS = {"sasrec": same_sasrec}
 
 
 def numerics_settings(config, bos, slots: int, sas_params) -> dict:
@@ -1305,9 +1301,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       if latest is not None:
         latest_meta = found.restore_meta(latest)
         saved = latest_meta["settings"]
-        checkpointing.check_same_settings(
-          saved, with_saved_sasrec(saved, settings), found.directory, unknown
-        )
+        checkpointing.check_same_settings(saved, settings, found.directory, unknown, SAME_SETTINGS)
         # Checkpoints of older code (no select_by recorded) selected nothing: from here on.
         chosen_by = latest_meta.get("select_by", select)
         if chosen_by != select:
@@ -1578,9 +1572,7 @@ def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
         f"{kept.get('select_by')!r}, or remove that folder to select anew"
       )
     saved = kept["settings"]
-    checkpointing.check_same_settings(
-      saved, with_saved_sasrec(saved, settings), best.directory, unknown
-    )
+    checkpointing.check_same_settings(saved, settings, best.directory, unknown, SAME_SETTINGS)
     return at, float(kept["value"])
 
 
@@ -1629,9 +1621,7 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
     return out
 
   theirs = model(saved)
-  diffs = checkpointing.setting_diffs(
-    theirs, model(with_saved_sasrec(saved, settings)), sorted(theirs)
-  )
+  diffs = checkpointing.setting_diffs(theirs, model(settings), sorted(theirs), SAME_SETTINGS)
   if diffs:
     sasrec = any(d.startswith("sasrec ") for d in diffs)
     advice = (

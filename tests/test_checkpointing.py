@@ -4,7 +4,10 @@
 import errno
 import os
 
+import pytest
+
 from ilora_jax import checkpointing
+from ilora_jax.errors import UserError
 
 
 def _raised(inner: BaseException, outer: BaseException) -> BaseException:
@@ -48,14 +51,26 @@ def test_one_sasrec_on_two_backends_is_the_same_sasrec():
   """A SASRec's fingerprint prints its float32 |w| sum to four digits; the same weights summed
   on another backend may round to the neighbouring value, which is no other SASRec. Another
   checkpoint (the tiny pipeline's step 120 against 130: 505.7 against 508.9) is."""
-  from ilora_jax.train_ilora import same_sasrec, with_saved_sasrec
+  from ilora_jax.train_ilora import SAME_SETTINGS, same_sasrec
 
   fp = "3644 weights, |w| sum {}".format
   assert same_sasrec(fp("508.9"), fp("508.8")) and same_sasrec(fp("1.234e+04"), fp("1.235e+04"))
   assert not same_sasrec(fp("508.9"), fp("505.7"))
   assert not same_sasrec(fp("508.9"), "3645 weights, |w| sum 508.9")
   assert not same_sasrec(None, fp("508.9"))
-  saved, current = {"sasrec": fp("508.9")}, {"sasrec": fp("508.8"), "lr": 1}
-  assert with_saved_sasrec(saved, current) == {"sasrec": fp("508.9"), "lr": 1}
-  assert with_saved_sasrec({"sasrec": fp("505.7")}, current) == current
-  assert with_saved_sasrec({}, current) == current
+  # The settings comparisons a resume and a restore make take that equality for "sasrec" only.
+  saved, current = {"sasrec": fp("508.9"), "lr": 1}, {"sasrec": fp("508.8"), "lr": 1}
+  checkpointing.check_same_settings(saved, current, "d", same=SAME_SETTINGS)
+  assert checkpointing.setting_diffs(saved, current, ["sasrec", "lr"], SAME_SETTINGS) == []
+  with pytest.raises(UserError, match=r"sasrec: checkpoint '3644 weights, \|w\| sum 508.9'"):
+    checkpointing.check_same_settings(saved, current, "d")
+  other = {"sasrec": fp("505.7"), "lr": 2}
+  assert checkpointing.setting_diffs(saved, other, ["sasrec", "lr"], SAME_SETTINGS) == [
+    f"sasrec {fp('508.9')!r} vs config {fp('505.7')!r}",
+    "lr 1 vs config 2",
+  ]
+  # A tolerance for one setting is none for another with the same values.
+  with pytest.raises(UserError, match="data: checkpoint"):
+    checkpointing.check_same_settings(
+      {"data": fp("508.9")}, {"data": fp("508.8")}, "d", same=SAME_SETTINGS
+    )
