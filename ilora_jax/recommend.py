@@ -22,6 +22,7 @@ A history longer than the run's `data.max_len` keeps its last `max_len` items.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -29,6 +30,7 @@ import re
 import sys
 import unicodedata
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -223,6 +225,19 @@ def resolve_items(
   return [index.resolve(name, what) for name in names]
 
 
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """What `Recommender.load` builds: the model's parts (`train_ilora.setup`), the run's
+  restored train state, its step, which weights they are in words (`restore_for_use`), and
+  the evaluator whose scoring ranks candidates."""
+
+  su: Any
+  state: dict
+  step: int
+  weights: str
+  evaluator: Any
+
+
 class Recommender:
   """A restored iLoRA run that ranks candidates for histories.
 
@@ -261,14 +276,18 @@ class Recommender:
         config.checkpoint.max_to_keep, su.settings,
       )  # fmt: skip
       evaluator = train_ilora.Evaluator(su.parts, config, su.dataset.val, su.gate_kind)
-      self._restored = (su, state, step, weights, evaluator)
+      self._restored = Restored(su, state, step, weights, evaluator)
     return self
 
-  su = property(lambda self: self.load()._restored[0])
-  state = property(lambda self: self.load()._restored[1])
-  step = property(lambda self: self.load()._restored[2])
-  weights = property(lambda self: self.load()._restored[3])
-  evaluator = property(lambda self: self.load()._restored[4])
+  @property
+  def restored(self) -> Restored:
+    """The model and the run's weights (built on first use)."""
+    return self.load()._restored
+
+  @property
+  def weights(self) -> str:
+    """Which of the run's weights rank, in words (the selected epoch's or the latest)."""
+    return self.restored.weights
 
   @property
   def titles(self) -> dict[int, str]:
@@ -279,17 +298,23 @@ class Recommender:
     names = [f"#{int(e)}" if isinstance(e, int | np.integer) else str(e) for e in entries]
     return resolve_items(names, self.titles, what, self.titles_with_years)
 
+  def _sequence(self, history: list[int]) -> tuple[list[int], np.ndarray]:
+    """The history's last `data.max_len` items, and SASRec's padded [1, max_len] input."""
+    max_len = self.config.data.max_len
+    hist = history[-max_len:]
+    seq = np.full((1, max_len), self.restored.su.parts.n_items, np.int32)
+    seq[0, : len(hist)] = hist
+    return hist, seq
+
   def retrieve(self, history: list[int], n: int) -> list[int]:
     """SASRec's top-n items outside the history."""
     import jax.numpy as jnp
 
-    parts, max_len = self.su.parts, self.config.data.max_len
-    seq = np.full((1, max_len), parts.n_items, np.int32)
-    hist = history[-max_len:]
-    seq[0, : len(hist)] = hist
+    su = self.restored.su
+    hist, seq = self._sequence(history)
     logits = np.asarray(
-      parts.sasrec.apply(
-        {"params": self.su.frozen["sasrec"]}, jnp.asarray(seq), jnp.asarray([len(hist)])
+      su.parts.sasrec.apply(
+        {"params": su.frozen["sasrec"]}, jnp.asarray(seq), jnp.asarray([len(hist)])
       )
     )[0]
     eligible = [i for i in np.argsort(-logits) if int(i) in self.titles and int(i) not in history]
@@ -302,17 +327,15 @@ class Recommender:
       raise UserError("the history is empty")
     n = self.config.data.num_candidates
     cands = self.retrieve(history, n) if not candidates else list(dict.fromkeys(candidates))
-    parts, max_len = self.su.parts, self.config.data.max_len
-    seq = np.full((1, max_len), parts.n_items, np.int32)
-    hist = history[-max_len:]
-    seq[0, : len(hist)] = hist
+    restored = self.restored
+    parts, state, evaluator = restored.su.parts, restored.state, restored.evaluator
+    hist, seq = self._sequence(history)
     prompt = parts.builder.batch([(hist, cands, None)], 0, True, pad_left=True)
     batch = dict(prompt.as_dict(), seq=seq, len_seq=np.array([len(hist)], np.int32))
-    st = self.state
-    params, gate, mask, embeds = self.evaluator._prepare(
-      st["trainable"], st["stats"], self.su.frozen, batch
+    params, gate, mask, embeds = evaluator._prepare(
+      state["trainable"], state["stats"], restored.su.frozen, batch
     )
-    scores = self.evaluator._score(
+    scores = evaluator._score(
       parts.model.module, params, gate, mask, embeds, prompt, np.array([cands])
     )[0]
     order = np.argsort(-scores, kind="stable")[:k]
