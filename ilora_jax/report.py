@@ -419,6 +419,36 @@ def read_gates(path: str) -> tuple[np.ndarray, np.ndarray]:
   return gates, users
 
 
+def _plot_gates(entropy_ax, cluster_ax, gates: np.ndarray, users: np.ndarray) -> None:
+  """The val users' gate entropies, and their mean gates by k-means cluster of their SASRec
+  user vectors. A diverged run's rows (NaN or infinite gates or user vectors) are left out and
+  counted in the titles."""
+  finite = np.isfinite(gates).all(-1) & np.isfinite(users).all(-1)
+  dropped = int(np.sum(~finite))
+  gates, users = gates[finite], users[finite]
+  if not len(gates):
+    for ax in (entropy_ax, cluster_ax):
+      ax.text(0.5, 0.5, f"no finite gates ({dropped} val users non-finite)", ha="center",
+              va="center", transform=ax.transAxes, fontsize=9)  # fmt: skip
+    return
+  left_out = f", {dropped} non-finite left out" if dropped else ""
+  p = np.clip(gates, 1e-9, 1.0)
+  entropy = -(p * np.log(p)).sum(-1)
+  entropy_ax.hist(entropy, bins=20, range=(0, np.log(gates.shape[1]) + 1e-6))
+  entropy_ax.set_title(f"gate entropy per user ({len(gates)} val users{left_out})")
+  entropy_ax.set_xlabel("entropy (nats)")
+  labels = kmeans(users, 4)
+  clusters = sorted(set(labels.tolist()))
+  width = 0.8 / gates.shape[1]
+  for e in range(gates.shape[1]):
+    means = [gates[labels == c, e].mean() for c in clusters]
+    cluster_ax.bar(np.arange(len(clusters)) + e * width, means, width, label=f"expert {e}")
+  cluster_ax.set_xticks(np.arange(len(clusters)) + 0.4 - width / 2)
+  cluster_ax.set_xticklabels([f"cluster {c}\n({np.sum(labels == c)} users)" for c in clusters])
+  cluster_ax.set_title(f"mean gate weights by SASRec user cluster (k-means{left_out})")
+  cluster_ax.legend(fontsize=8)
+
+
 def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str]) -> None:
   import matplotlib
 
@@ -482,22 +512,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
     if experts:  # A gates.npz without gate_mean records: no lines, so no legend.
       axes[0].legend(fontsize=8)
     if os.path.exists(gates_path):
-      gates, users = read_gates(gates_path)
-      p = np.clip(gates, 1e-9, 1.0)
-      entropy = -(p * np.log(p)).sum(-1)
-      axes[1].hist(entropy, bins=20, range=(0, np.log(gates.shape[1]) + 1e-6))
-      axes[1].set_title(f"gate entropy per user ({len(gates)} val users)")
-      axes[1].set_xlabel("entropy (nats)")
-      labels = kmeans(users, 4)
-      clusters = sorted(set(labels.tolist()))
-      width = 0.8 / gates.shape[1]
-      for e in range(gates.shape[1]):
-        means = [gates[labels == c, e].mean() for c in clusters]
-        axes[2].bar(np.arange(len(clusters)) + e * width, means, width, label=f"expert {e}")
-      axes[2].set_xticks(np.arange(len(clusters)) + 0.4 - width / 2)
-      axes[2].set_xticklabels([f"cluster {c}\n({np.sum(labels == c)} users)" for c in clusters])
-      axes[2].set_title("mean gate weights by SASRec user cluster (k-means)")
-      axes[2].legend(fontsize=8)
+      _plot_gates(axes[1], axes[2], *read_gates(gates_path))
     fig.tight_layout()
     fig.savefig(os.path.join(out, "gates.png"), dpi=100)
     plt.close(fig)

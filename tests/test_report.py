@@ -392,6 +392,33 @@ def test_non_finite_values_and_gates_without_records_report_quietly(tmp_path):
   assert (tmp_path / "report" / "gates.png").exists()
 
 
+def test_gates_of_a_diverged_run_plot_their_finite_rows_quietly(tmp_path):
+  """A gates.npz with NaN or infinite gates or user vectors (a run that diverged): those
+  users are left out of the gate plots and counted in their titles, without numpy's
+  RuntimeWarnings on stderr; with none finite, the plots say so and the report is written."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  rng = np.random.default_rng(1)
+  gates, users = rng.dirichlet([1, 1, 1], 8), rng.normal(size=(8, 3))
+  gates[2, 1], users[5, 0] = np.nan, np.inf
+  fig, (a, b) = plt.subplots(1, 2)
+  report._plot_gates(a, b, gates, users)
+  assert a.get_title() == "gate entropy per user (6 val users, 2 non-finite left out)"
+  assert sum(bar.get_height() for bar in a.patches) == 6  # The histogram counts 6 users.
+  plt.close(fig)
+  record = {"run": "ilora", "stage": "ilora", "split": "train", "step": 1, "loss": 2.0}
+  (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+  (tmp_path / "report").mkdir()
+  for g in (gates, np.full((4, 2), np.nan)):
+    np.savez(tmp_path / "report" / "gates.npz", gates=g, users=users[: len(g)])
+    proc = run_cli(f"--workdir={tmp_path}", module="ilora_jax.report")
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert (tmp_path / "report" / "gates.png").exists()
+
+
 def test_non_finite_values_the_log_writes_as_text_stay_in_the_report(tmp_path, capsys):
   """The log writes NaN and the infinities as the texts "nan", "inf" (JSON has none): the
   summary shows them in their columns and the loss plot keeps the finite points, instead of
