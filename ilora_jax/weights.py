@@ -205,24 +205,26 @@ def read_hf_config(path: str) -> dict:
   return hf
 
 
-def _positive_int(hf: dict, key: str, default: int | None = None, src: str = "config.json") -> int:
+def _positive_int(
+  hf: dict, key: str, default: int | None = None, source: str = "config.json"
+) -> int:
   """`hf[key]` (or `default` where it is absent or null) as a positive int, else a UserError."""
   value = hf.get(key)
   if value is None and default is not None:
     return default
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise UserError(f"{src}: {key}={value!r} must be a positive integer")
+    raise UserError(f"{source}: {key}={value!r} must be a positive integer")
   return value
 
 
 def _positive_float(
-  hf: dict, key: str, default: float, where: str = "", src: str = "config.json"
+  hf: dict, key: str, default: float, where: str = "", source: str = "config.json"
 ) -> float:
   """`hf[key]` (or `default` where absent) as a positive finite float, else a UserError."""
   value = hf.get(key, default)
   ok = isinstance(value, int | float) and not isinstance(value, bool)
   if not ok or not np.isfinite(value) or value <= 0:
-    raise UserError(f"{src}: {where}{key}={value!r} must be a positive number")
+    raise UserError(f"{source}: {where}{key}={value!r} must be a positive number")
   return float(value)
 
 
@@ -245,9 +247,9 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
   missing = [k for k in required if k not in hf]
   if missing:
     raise UserError(f"{source} lacks required fields: {', '.join(missing)}")
-  sizes = {k: _positive_int(hf, k, src=source) for k in required}
+  sizes = {k: _positive_int(hf, k, source=source) for k in required}
   heads = sizes["num_attention_heads"]
-  kv_heads = _positive_int(hf, "num_key_value_heads", heads, src=source)
+  kv_heads = _positive_int(hf, "num_key_value_heads", heads, source=source)
   if heads % kv_heads:
     raise UserError(
       f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
@@ -257,7 +259,7 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
       f"{source}: hidden_size={sizes['hidden_size']} is not a multiple of "
       f"num_attention_heads={heads} (and no head_dim is given)"
     )
-  head_dim = _positive_int(hf, "head_dim", sizes["hidden_size"] // heads, src=source)
+  head_dim = _positive_int(hf, "head_dim", sizes["hidden_size"] // heads, source=source)
   if head_dim % 2:
     raise UserError(f"{source}: head_dim={head_dim} must be even (rotary embeddings)")
   rope: dict = {}
@@ -267,7 +269,7 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
       raise UserError(f"{source}: {key}={value!r} must be an object or null")
     rope.update(value or {})
   theta_at = hf if hf.get("rope_theta") is not None else {"rope_theta": rope.get("rope_theta", 1e4)}
-  theta = _positive_float(theta_at, "rope_theta", 10000.0, src=source)
+  theta = _positive_float(theta_at, "rope_theta", 10000.0, source=source)
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type in (None, "default"):
     scaling = None
@@ -276,9 +278,9 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
     lacking = [k for k in (*floats, "original_max_position_embeddings") if k not in rope]
     if lacking:
       raise UserError(f"{source}: the llama3 rope scaling lacks {', '.join(lacking)}")
-    scaling = {k: _positive_float(rope, k, 0.0, "rope scaling ", src=source) for k in floats}
+    scaling = {k: _positive_float(rope, k, 0.0, "rope scaling ", source=source) for k in floats}
     scaling["original_max_position_embeddings"] = _positive_int(
-      rope, "original_max_position_embeddings", src=source
+      rope, "original_max_position_embeddings", source=source
     )
   else:
     raise UserError(f"unsupported rope scaling type {rope_type!r}: only llama3 is supported")
@@ -292,9 +294,9 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
     head_dim=head_dim,
     rope_theta=theta,
     rope_scaling=scaling,
-    rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-6, src=source),
+    rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-6, source=source),
     tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-    max_position_embeddings=_positive_int(hf, "max_position_embeddings", 4096, src=source),
+    max_position_embeddings=_positive_int(hf, "max_position_embeddings", 4096, source=source),
   )
   kwargs.update(overrides)
   return LlamaConfig(**kwargs)
