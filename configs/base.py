@@ -25,7 +25,7 @@ def get_config() -> config_dict.ConfigDict:
   c.data.titles_file = ""  # "" picks id2name.txt, else u.item.
   c.data.n_items = 0  # Items in the catalogue (padding id = n_items); 0 = from the titles.
   c.data.max_len = 10  # History length of the LLaRA files.
-  c.data.min_len = 3  # Rows with len_seq below this are dropped (as the original does).
+  c.data.min_len = 3  # Rows with len_seq below this are dropped (the original does; synthetic too).
   c.data.num_candidates = 20  # Candidates per evaluation row, the target included.
   c.data.candidate_seed = 2024  # Seed of the fixed candidate sets.
   # MovieLens titles: "front" writes "Usual Suspects, The" as "The Usual Suspects", as the

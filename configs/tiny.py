@@ -15,6 +15,7 @@ def get_config():
   c.data.name = "synthetic"
   c.data.n_items = 60  # Must equal data.synthetic.num_items.
   c.data.synthetic.num_users = 200
+  c.data.min_len = 1  # Every synthetic row (histories of 1 item up), as before min_len applied.
   c.sasrec.hidden = 16
   c.sasrec.train.epochs = 2
   c.sasrec.train.batch_size = 32

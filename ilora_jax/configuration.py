@@ -149,6 +149,12 @@ def validate(config: ConfigDict) -> None:
   for field in ("num_items", "num_users", "num_groups", "seq_len"):
     need(syn[field] >= 1, f"data.synthetic.{field}", f"={syn[field]} must be positive")
   need(0 <= syn.noise <= 1, "data.synthetic.noise", f"={syn.noise} must be in [0, 1]")
+  if config.data.name == "synthetic":  # Users split 8:1:1: val and test need one each.
+    need(syn.num_users >= 10, "data.synthetic.num_users",
+         f"={syn.num_users} leaves the val split without users (users are split 8:1:1): "
+         "give at least 10")  # fmt: skip
+    need(syn.seq_len >= 2, "data.synthetic.seq_len",
+         f"={syn.seq_len} leaves no history before a user's last item: give 2 or more")  # fmt: skip
   need(config.data.min_len >= 0, "data.min_len", "must be >= 0")
   validate_distributed(config.distributed)
   from ilora_jax import report  # Its form is checked now, not after training.

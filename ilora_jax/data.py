@@ -389,6 +389,22 @@ def titles_file(data, directory: str) -> str:
   return next((p for p in candidates if os.path.exists(p)), candidates[0])
 
 
+def _rows_from(split: Split, min_len: int, source: str) -> Split:
+  """`split` without its rows of `len_seq < min_len` (as `split_from_dataframe` drops them);
+  a UserError when none is left."""
+  keep = split.len_seq >= min_len
+  if not np.any(keep):
+    longest = int(split.len_seq.max()) if len(split) else 0
+    raise UserError(
+      f"{source}: no row of the {split.name} split has len_seq >= config.data.min_len="
+      f"{min_len} (its longest history has {longest} items)"
+    )
+  if np.all(keep):
+    return split
+  group = None if split.group is None else split.group[keep]
+  return Split(split.name, split.seq[keep], split.len_seq[keep], split.next[keep], group)
+
+
 def load_from_config(config, workdir: str) -> Dataset:
   """Loads (or builds, or generates) the data set a config names.
 
@@ -400,9 +416,10 @@ def load_from_config(config, workdir: str) -> Dataset:
     from ilora_jax import synthetic
 
     syn = data.synthetic
-    train, val, test = synthetic.generate(
+    splits = synthetic.generate(
       syn.num_items, syn.num_users, syn.num_groups, syn.seq_len, data.max_len, syn.noise, syn.seed
     )
+    train, val, test = (_rows_from(s, data.min_len, "the synthetic data") for s in splits)
     return Dataset(
       "synthetic", syn.num_items, synthetic.titles(syn.num_items, syn.titles), train, val, test
     )

@@ -432,3 +432,31 @@ def test_synthetic_groups_and_shapes():
   assert np.all(train.seq[real] < 40) and np.all(train.seq[~real] == 40)
   titles = synthetic.titles(40)
   assert len(set(titles.values())) == 40
+
+
+def test_synthetic_data_drops_short_histories_and_refuses_empty_splits():
+  """data.min_len drops the synthetic rows with shorter histories, as it drops a file's rows
+  (the audit found it ignored there); a min_len no row reaches, or too few users for the
+  8:1:1 split to give val a user, is one line before anything trains."""
+  from ilora_jax import configuration
+
+  config = configuration.load("configs/tiny.py", ["data.min_len=5"])
+  syn = config.data.synthetic
+  raw = synthetic.generate(syn.num_items, syn.num_users, syn.num_groups, syn.seq_len,
+                           config.data.max_len, syn.noise, syn.seed)  # fmt: skip
+  dataset = data.load_from_config(config, "")
+  for got, full in zip((dataset.train, dataset.val, dataset.test), raw):
+    keep = full.len_seq >= 5
+    assert 0 < len(got) == int(keep.sum())
+    np.testing.assert_array_equal(got.seq, full.seq[keep])
+    np.testing.assert_array_equal(got.group, full.group[keep])
+  assert len(dataset.train) < len(raw[0])  # Rows of 1-4 items went.
+  tiny = data.load_from_config(configuration.load("configs/tiny.py"), "")
+  assert len(tiny.train) == len(raw[0])  # The tiny config (min_len=1) keeps them all.
+  with pytest.raises(UserError, match=r"no row of the train split has len_seq >= "
+                     r"config.data.min_len=14 \(its longest history has 10 items\)"):  # fmt: skip
+    data.load_from_config(configuration.load("configs/tiny.py", ["data.min_len=14"]), "")
+  with pytest.raises(UserError, match="num_users=9 leaves the val split without users"):
+    configuration.load("configs/tiny.py", ["data.synthetic.num_users=9"])
+  with pytest.raises(UserError, match="seq_len=1 leaves no history"):
+    configuration.load("configs/tiny.py", ["data.synthetic.seq_len=1"])
