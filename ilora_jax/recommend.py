@@ -295,6 +295,9 @@ class Recommender:
 
   def resolve(self, entries: list[str | int], what: str) -> list[int]:
     """Entries (see `resolve_items`; an int is an item id) -> item ids."""
+    for e in entries:
+      if isinstance(e, bool | np.bool_) or not isinstance(e, str | int | np.integer):
+        raise UserError(f"{what} entry {e!r} is a {type(e).__name__}: give a title or an item id")
     names = [f"#{int(e)}" if isinstance(e, int | np.integer) else str(e) for e in entries]
     return resolve_items(names, self.titles, what, self.titles_with_years)
 
@@ -325,6 +328,14 @@ class Recommender:
     fewer candidates). The history keeps its last `data.max_len` items."""
     if not history:
       raise UserError("the history is empty")
+    _check_k(k)
+    for what, items in (("history", history), ("candidate", candidates or [])):
+      unknown = [i for i in items if isinstance(i, bool) or i not in self.titles]
+      if unknown:
+        raise UserError(
+          f"unknown {what} item id {unknown[0]!r}: the item ids are "
+          f"{min(self.titles)}..{max(self.titles)} (`resolve` takes titles)"
+        )
     n = self.config.data.num_candidates
     cands = self.retrieve(history, n) if not candidates else list(dict.fromkeys(candidates))
     restored = self.restored
@@ -340,6 +351,11 @@ class Recommender:
     )[0]
     order = np.argsort(-scores, kind="stable")[:k]
     return [(cands[i], self.titles[cands[i]], float(scores[i])) for i in order]
+
+
+def _check_k(k) -> None:
+  if isinstance(k, bool | np.bool_) or not isinstance(k, int | np.integer) or k < 1:
+    raise UserError(f"k must be a positive integer, got {k!r}")
 
 
 def recommend(
@@ -359,6 +375,7 @@ def recommend(
   `config` is the run's (`load_run_config(workdir)`, read here when not given). `describe`,
   when given, receives which of the run's weights rank (`Recommender.weights`).
   """
+  _check_k(k)
   rec = Recommender(workdir, config)
   hist = rec.resolve(list(history), "history")  # Before the model is built.
   cands = rec.resolve(list(candidates), "candidate") if candidates else None

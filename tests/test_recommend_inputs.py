@@ -224,6 +224,33 @@ def test_notices_for_a_truncated_history_and_fewer_candidates_than_k(monkeypatch
     rec_mod.recommend("w", ["1"])
 
 
+def test_the_api_refuses_a_bad_k_and_unknown_item_ids(monkeypatch, tmp_path):
+  """The Python API checks what the CLI's flags check: k a positive integer (k=-1 returned all
+  candidates but the last, k=True one), and item ids given to `Recommender.recommend`
+  directly must be items (a bare KeyError before), both before any model is built."""
+  monkeypatch.setattr(rec_mod, "Recommender", FakeRecommender)
+  for k in (0, -1, True, 2.0, "3"):
+    with pytest.raises(UserError, match=f"k must be a positive integer, got {k!r}"):
+      rec_mod.recommend("w", [1], [1, 2], k=k)
+  with pytest.raises(UserError, match="history entry 1.5 is a float"):
+    rec_mod.recommend("w", [1.5])
+  monkeypatch.undo()
+  config = base_config()
+  config["data"]["name"], config["data"]["n_items"] = "synthetic", 0
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  rec = rec_mod.Recommender(str(tmp_path))
+  n = len(rec.titles)
+  cases = (([n], None, f"unknown history item id {n}"),
+           ([0], [1, -1], "unknown candidate item id -1"),
+           ([True], None, "unknown history item id True"))  # fmt: skip
+  for history, candidates, fragment in cases:
+    with pytest.raises(UserError, match=fragment + rf": the item ids are 0..{n - 1}"):
+      rec.recommend(history, candidates)
+  with pytest.raises(UserError, match="k must be a positive integer, got 0"):
+    rec.recommend([0], k=0)
+  assert rec._restored is None  # Refused before the model was built.
+
+
 def test_cli_prints_notices_on_stderr(monkeypatch, tmp_path, capsys):
   from ilora_jax import compile_cache
 
