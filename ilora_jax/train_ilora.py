@@ -210,6 +210,11 @@ def attention_impl(config) -> str:
     return "cudnn" if half and backend == "gpu" else "xla"
   if impl not in llama.ATTENTION_IMPLS:
     raise UserError(f"config.llm.attention={impl!r} is not auto, xla, cudnn or splash")
+  if impl == "cudnn" and backend != "gpu":
+    raise UserError(
+      f"config.llm.attention=cudnn is an NVIDIA GPU kernel and this run's devices are "
+      f"{backend.upper()}s: use auto (which picks it on a GPU) or xla"
+    )
   if impl == "splash" and backend == "gpu":
     raise UserError(
       "config.llm.attention=splash is a TPU kernel (on a CPU it runs interpreted, for tests);"

@@ -538,6 +538,7 @@ def test_compiling_for_a_gpu_takes_its_code_paths_inside_the_block_only():
   import jax.numpy as jnp
 
   from ilora_jax import lora, sharding, train_ilora
+  from ilora_jax.errors import UserError
 
   sys.path.insert(0, os.path.join(ROOT, "configs"))
   import tiny
@@ -556,3 +557,11 @@ def test_compiling_for_a_gpu_takes_its_code_paths_inside_the_block_only():
   assert sharding.backend() == jax.default_backend() == "cpu"
   assert train_ilora.attention_impl(config) == "xla"
   assert "optimization_barrier" in grad_jaxpr()
+  # Asked for by name, cuDNN attention is a GPU's only: on this CPU one line, not JAX's
+  # "cuDNN is not detected" at the first step (exit 3); compiled for a GPU it stands.
+  config.llm.attention = "cudnn"
+  with pytest.raises(UserError, match="attention=cudnn is an NVIDIA GPU kernel and this run's "
+                     "devices are CPUs: use auto"):  # fmt: skip
+    train_ilora.attention_impl(config)
+  with sharding.compiling_for("gpu"):
+    assert train_ilora.attention_impl(config) == "cudnn"
