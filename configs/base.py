@@ -58,6 +58,7 @@ def get_config() -> config_dict.ConfigDict:
   c.sasrec.train.batch_size = 256  # Global batch.
   c.sasrec.train.lr = 1e-3  # Adam learning rate (the original's).
   c.sasrec.train.weight_decay = 1e-4  # Coupled L2, as torch Adam(weight_decay) (the original's).
+  c.sasrec.train.log_every_steps = 50  # A training record (mean loss) every N steps and the last.
 
   c.ilora = config_dict.ConfigDict()  # The iLoRA stage (paper hyperparameters per dataset).
   c.ilora.train = config_dict.ConfigDict()
@@ -67,6 +68,7 @@ def get_config() -> config_dict.ConfigDict:
   c.ilora.train.grad_accum = 16  # Micro-steps per update (effective batch 128).
   c.ilora.train.lr = 7e-4  # Peak learning rate (projector and LoRA; router gets 0.3x).
   c.ilora.train.weight_decay = 1e-5  # Coupled L2 on projector and router.
+  c.ilora.train.log_every_steps = 1  # A training record (means of the N steps) every N steps.
 
   c.ilora.train.clip_norm = 1.0  # Global gradient-norm clip (the original had none); 0 = off.
   c.ilora.max_target_tokens = 48  # Cap on target tokens scored per row (the longest title
@@ -176,7 +178,7 @@ def get_config() -> config_dict.ConfigDict:
   c.train.weight_decay = placeholder(float)  # L2 coefficient.
   c.train.grad_accum = placeholder(int)  # Micro-steps per update.
   c.train.seed = 1234  # Initialisation, data order and dropout (the original's seed).
-  c.train.log_every_steps = 50  # Training-loss records in metrics.jsonl.
+  c.train.log_every_steps = placeholder(int)  # Steps per training record in metrics.jsonl.
   c.train.stop_after_steps = placeholder(int)  # Stop (with a checkpoint) at this global step.
 
   c.checkpoint = config_dict.ConfigDict()

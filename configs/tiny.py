@@ -33,7 +33,7 @@ def get_config():
   c.lora.rank = 4  # Total rank 4: two experts of rank 2.
   c.lora.num_experts = 2
   c.router.kind = "linear"
-  c.train.log_every_steps = 5
+  c.sasrec.train.log_every_steps = 5
   c.checkpoint.every_steps = 10
   c.checkpoint.async_save = False
   c.eval.batch_size = 32

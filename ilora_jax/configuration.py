@@ -12,7 +12,15 @@ from ilora_jax.errors import UserError
 
 STAGES = ("sasrec", "ilora", "pipeline", "evaluate")
 DATASETS = ("lastfm", "movielens", "steam", "synthetic")
-_TRAIN_KEYS = ("epochs", "steps", "batch_size", "lr", "weight_decay", "grad_accum")
+_TRAIN_KEYS = (
+  "epochs",
+  "steps",
+  "batch_size",
+  "lr",
+  "weight_decay",
+  "grad_accum",
+  "log_every_steps",
+)
 FLOAT32_MAX = 3.4028234663852886e38
 GENERATION_METRICS = ("valid_ratio", "hit_ratio@1", "hits_over_total")
 SCORING_METRICS = ("hr@1", "hr@5", "ndcg@5", "mrr")
@@ -117,7 +125,6 @@ def validate(config: ConfigDict) -> None:
   need(config.eval.batch_size > 0, "eval.batch_size", "must be positive")
   need(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be positive")
   need(config.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be positive")
-  need(config.train.log_every_steps > 0, "train.log_every_steps", "must be positive")
   stop = config.train.stop_after_steps
   need(
     stop is None or 1 <= stop < 2**31, "train.stop_after_steps", f"={stop} must be in [1, 2**31)"
@@ -183,7 +190,7 @@ def validate(config: ConfigDict) -> None:
 def _train_value_ok(key: str, value) -> bool:
   """Lengths and decay may be 0; sizes and rates must be positive; counts fit in int32 (step
   numbers are int32 on the device), rates and decay in float32 (as the device holds them)."""
-  if key in ("epochs", "steps", "batch_size", "grad_accum") and value >= 2**31:
+  if key in ("epochs", "steps", "batch_size", "grad_accum", "log_every_steps") and value >= 2**31:
     return False
   if key in ("lr", "weight_decay") and not value < FLOAT32_MAX:
     return False

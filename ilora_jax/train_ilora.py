@@ -1396,6 +1396,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   )
   last_val: dict[str, float] = {}
   bad_streak = 0
+  log_every = int(stage_train(config, STAGE).log_every_steps)  # Train records' interval.
+  interval: list[dict] = []  # Train metrics of the steps since the last train record.
   # Wall time of the steps, evaluation left out, and of those that compiled the step for a
   # new prompt length apart (bucketing gives a few lengths).
   steps_s, timed, lengths_seen, compile_steps = 0.0, 0, set(), 0
@@ -1448,19 +1450,22 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
           f"{bad_streak} optimizer steps in a row had a non-finite loss (last at "
           f"step {step}); lower config.train.lr or check the data"
         )
-      lrs = optim.learning_rates(su.lr, total_steps, step - 1)
-      record(
-        "train",
+      interval.append(
         {
           "loss": loss,
           "grad_norm": float(metrics["grad_norm"]),
           "gate_entropy": float(metrics["gate_entropy"]),
           "skipped_updates": int(metrics["skipped"]),
-          "lr": float(lrs["lr/lora"]),
           **{f"gate_mean/{e}": float(v) for e, v in enumerate(metrics["gate_mean"])},
-        },
-        epoch=epoch,
+        }
       )
+      if step % log_every == 0 or step == total_steps:
+        # The steps since the last record: their mean values, skipped updates summed.
+        lrs = optim.learning_rates(su.lr, total_steps, step - 1)
+        means = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
+        means["skipped_updates"] = sum(m["skipped_updates"] for m in interval)
+        record("train", {**means, "lr": float(lrs["lr/lora"])}, epoch=epoch)
+        interval.clear()
       bar.set_postfix(loss=f"{loss:.4f}")
       epoch_end = step % steps_per_epoch == 0 or step == total_steps
       if epoch_end and step < total_steps:  # The last one is the final evaluation below.

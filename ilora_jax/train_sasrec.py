@@ -288,7 +288,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
       step += 1
       pending.append((step, loss, ok))
       bar.update(1)
-      if step % config.train.log_every_steps == 0 or step == total_steps:
+      if step % tc.log_every_steps == 0 or step == total_steps:
         drain()
         mean = loss_sum / loss_count if loss_count else float("nan")
         record("train", {"loss": mean, "skipped_updates": skipped}, epoch=epoch)
