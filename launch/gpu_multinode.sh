@@ -7,12 +7,16 @@
 #                    WORLD_SIZE) and PROCESS_ID (or RANK), as torchrun-style launchers set them
 #   3. Slurm:        srun --nodes=N --ntasks-per-node=1 launch/gpu_multinode.sh --config=...
 #                    (SLURM_PROCID is set: JAX reads the layout itself, distributed.auto=True)
-# --dry_run prints the commands instead. The workdir must be on storage all nodes share
-# (checkpoints are written collectively).
+# --dry_run, anywhere among the arguments, prints the commands instead. The workdir must be on
+# storage all nodes share (checkpoints are written collectively).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DRY=()
-if [[ "${1:-}" == "--dry_run" ]]; then DRY=(--dry_run); shift; fi
+ARGS=()
+for a in "$@"; do
+  if [[ "$a" == "--dry_run" ]]; then DRY=(--dry_run); else ARGS+=("$a"); fi
+done
+set -- "${ARGS[@]}"
 usage="usage: launch/gpu_multinode.sh [--dry_run] [COORDINATOR:PORT NUM_NODES NODE_RANK] --config=... --workdir=..."
 if [[ $# -ge 1 && "$1" != --* ]]; then
   if [[ $# -lt 3 || "$2" == --* || "$3" == --* ]]; then

@@ -4,6 +4,8 @@
 # Usage: launch/gpu_node.sh [--dry_run] --config=... --workdir=... [--config.x=y ...]
 #   e.g. launch/gpu_node.sh --config=configs/movielens.py --workdir=runs/ml \
 #          --config.llm.name=/models/Llama-2-7b-hf --config.mesh.data=1 --config.mesh.fsdp=-1
+# --dry_run may come anywhere among the arguments: run_host.sh takes it out and prints the
+# commands instead of running them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export ILORA_JAX_EXTRA=cuda

