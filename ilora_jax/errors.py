@@ -203,11 +203,39 @@ def _flush_stdout() -> None:
     report_and_exit(exc)
 
 
+def _interrupts_are_not_lost(hook: Callable) -> Callable:
+  """A `sys.unraisablehook` that delivers SIGINT again when its KeyboardInterrupt was raised
+  where Python cannot propagate it: inside a garbage-collector callback (JAX registers one)
+  the interrupt is printed as "Exception ignored in ..." and the run goes on (a Ctrl-C during
+  an evaluation then ended with exit 0). Sent from a thread a moment later, the signal is
+  handled again in the main thread's ordinary code, where it stops the run."""
+  import signal
+  import threading
+  import time
+
+  def handle(unraisable) -> None:
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+      hook(unraisable)
+      return
+
+    def again() -> None:
+      time.sleep(0.05)  # Out of the callback: the main thread has moved on.
+      signal.raise_signal(signal.SIGINT)
+
+    threading.Thread(target=again, daemon=True, name="sigint-again").start()
+
+  if getattr(hook, "redelivers_interrupts", False):  # Installed by an earlier entry point.
+    return hook
+  handle.redelivers_interrupts = True
+  return handle
+
+
 def cli_main(fn: Callable[..., object]) -> Callable[..., object]:
   """Decorates an entry point so that every failure ends as one `error:` line."""
 
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
+    sys.unraisablehook = _interrupts_are_not_lost(sys.unraisablehook)
     try:
       result = fn(*args, **kwargs)
     except SystemExit:

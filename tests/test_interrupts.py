@@ -83,3 +83,31 @@ def test_after_a_failed_write_asyncio_reports_of_the_same_failure_are_dropped(ca
     assert [r.exc_info[1] if r.exc_info else None for r in caplog.records] == [full, other]
   finally:
     logger.filters[:] = saved
+
+
+def test_an_interrupt_raised_inside_a_gc_callback_still_stops_the_run(tmp_path):
+  """Ctrl-C whose KeyboardInterrupt lands in a garbage-collector callback (JAX registers one):
+  Python prints it as "Exception ignored" and goes on, so a run interrupted in its final
+  evaluation finished with exit 0 (found by an audit, 1 time in 3). An entry point delivers
+  the signal again: one `error: interrupted` line, exit 130, and the work after it never runs."""
+  script = tmp_path / "entry.py"
+  script.write_text(
+    "import gc, time\n"
+    "from ilora_jax.errors import cli_main\n"
+    "@cli_main\n"
+    "def main():\n"
+    "  fired = []\n"
+    "  def callback(phase, info):\n"
+    "    if phase == 'start' and not fired:\n"
+    "      fired.append(1)\n"
+    "      raise KeyboardInterrupt  # As the SIGINT handler does when it runs here.\n"
+    "  gc.callbacks.append(callback)\n"
+    "  gc.collect()\n"
+    "  for _ in range(250):\n"
+    "    time.sleep(0.02)\n"
+    "  print('finished')\n"
+    "main()\n"
+  )
+  proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                        cwd=ROOT, timeout=60)  # fmt: skip
+  assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "error: interrupted\n")
