@@ -67,6 +67,7 @@ class StageCheckpoints:
     last complete checkpoint, which is kept.
     """
     self._pending = step
+    meta = {**meta, CHECKSUMS: checksums(state)}  # What a restore verifies the arrays by.
     with self._io(step):
       self._manager.save(
         step,
@@ -107,10 +108,13 @@ class StageCheckpoints:
       raise self._unreadable(step, exc) from None
     return dict(restored["meta"])
 
-  def _unreadable(self, step: int, exc: BaseException) -> UserError:
-    first = _reason(exc)
+  def _unreadable(self, step: int, exc: BaseException | None = None, reason: str = "") -> UserError:
+    """The error of a checkpoint that cannot be read (`exc`), or that was read and found
+    damaged (`reason`), with the advice of which folder to remove."""
+    first = reason or _reason(exc)
     path = os.path.join(self.directory, str(step))
-    if not _looks_damaged(exc):  # Out of memory, say: no advice to delete a good checkpoint.
+    # Out of memory, say: no advice to delete a good checkpoint.
+    if exc is not None and not _looks_damaged(exc):
       return UserError(f"cannot restore checkpoint {step} in {self.directory} "
                        f"({type(exc).__name__}: {first})")  # fmt: skip
     if self.stage.endswith("_best"):  # Kept weights of a selection, not a training state.
@@ -142,6 +146,9 @@ class StageCheckpoints:
     except (ValueError, KeyError, TypeError) as exc:
       if _looks_damaged(exc):
         raise self._unreadable(step, exc) from None
+      index = os.path.join(self.directory, str(step), "state", "_METADATA")
+      if not os.path.exists(index):  # Orbax then reports another tree structure.
+        raise self._unreadable(step, reason=f"{index} is missing") from None
       # Orbax's advice on how to pad or truncate arrays is no advice for a user of a run.
       text = re.split(r"\s*Truncating/padding is disabled", " ".join(str(exc).split()))[0]
       raise UserError(
@@ -150,7 +157,14 @@ class StageCheckpoints:
       ) from None
     except Exception as exc:  # noqa: BLE001 - TensorStore reports damaged files as Exception.
       raise self._unreadable(step, exc) from None
-    return restored["state"], dict(restored["meta"])
+    state, meta = restored["state"], dict(restored["meta"])
+    if CHECKSUMS in meta:  # Checkpoints of older code have none.
+      changed = _changed_arrays(state, meta[CHECKSUMS])
+      if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise self._unreadable(step, reason=f"array {changed[0]}{more} does not hold what "
+                               "was saved: its checksum differs")  # fmt: skip
+    return state, meta
 
   @contextlib.contextmanager
   def guard(self):
@@ -265,6 +279,56 @@ def _looks_damaged(exc: BaseException) -> bool:
 def abstract_like(tree: Any) -> Any:
   """ShapeDtypeStructs (with shardings) of a tree of arrays."""
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+CHECKSUMS = "checksums"  # The meta's record of the state's arrays (`checksums`).
+
+
+def _bits_sum(x: jax.Array) -> jax.Array:
+  """The sum, modulo 2**32, of the array's elements' bit patterns (as unsigned integers) each
+  times an odd weight of its position (2i + 1): any one changed element changes it, and so
+  does a swap of two; exact and independent of how the array is sharded or summed."""
+  import jax.numpy as jnp
+  from jax import lax
+
+  if x.dtype == jnp.bool_:
+    bits = x.astype(jnp.uint32)
+  else:
+    unsigned = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[x.dtype.itemsize]
+    bits = lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+  if x.ndim == 0:
+    return bits
+  index = lax.broadcasted_iota(jnp.uint32, (x.size,), 0).reshape(x.shape)
+  return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+@jax.jit
+def _bits_sums(leaves: list) -> list:
+  return [_bits_sum(x) for x in leaves]
+
+
+def _checksum_leaves(state: Any) -> list[tuple[str, Any]]:
+  """(path, array) of the state's leaves of at most 32 bits (all a run's states hold)."""
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  return [(jax.tree_util.keystr(path), x) for path, x in flat
+          if hasattr(x, "dtype") and x.dtype.itemsize <= 4]  # fmt: skip
+
+
+def checksums(state: Any) -> dict[str, str]:
+  """{array path: 'dtype:checksum'} of a state's arrays (`_bits_sum`, computed where they
+  are): saved in the meta, so that a restore finds an array whose bytes changed on disk
+  (a damaged file that still decodes, which Orbax would restore as it is)."""
+  leaves = _checksum_leaves(state)
+  sums = jax.device_get(_bits_sums([x for _, x in leaves]))
+  return {path: f"{x.dtype}:{int(v):08x}" for (path, x), v in zip(leaves, sums)}
+
+
+def _changed_arrays(state: Any, saved: dict[str, str]) -> list[str]:
+  """Paths of the restored arrays whose checksum differs from the saved one (an array of
+  another dtype or one not recorded is not compared)."""
+  mine = checksums(state)
+  return [p for p, v in mine.items() if p in saved and saved[p].split(":")[0] == v.split(":")[0]
+          and saved[p] != v]  # fmt: skip
 
 
 UNKNOWN = object()  # `check_same_settings`: what older checkpoints were made with.

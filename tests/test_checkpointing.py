@@ -74,3 +74,75 @@ def test_one_sasrec_on_two_backends_is_the_same_sasrec():
     checkpointing.check_same_settings(
       {"data": fp("508.9")}, {"data": fp("508.8")}, "d", same=SAME_SETTINGS
     )
+
+
+def test_bits_sums_match_a_numpy_formula_on_any_sharding():
+  """A checkpoint's checksum of an array: the sum mod 2**32 of its elements' bit patterns
+  times 2i + 1 (i the flat position), whatever the array's dtype or sharding."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  def reference(x: np.ndarray) -> int:
+    unsigned = {4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize]
+    bits = x.reshape(-1).view(unsigned).astype(np.uint64)
+    weights = 2 * np.arange(bits.size, dtype=np.uint64) + 1
+    return int(np.sum((bits * weights) % 2**32) % 2**32)
+
+  rng = np.random.default_rng(0)
+  half = np.asarray(jnp.asarray(rng.normal(size=(8, 3)), jnp.bfloat16))
+  arrays = [rng.normal(size=(8, 24)).astype(np.float32), rng.integers(-9, 9, (8, 5), np.int32),
+            half, np.float32(2.5)]  # fmt: skip
+  mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+  for x in arrays:
+    want = f"{x.dtype}:{reference(np.asarray(x)):08x}"
+    assert checkpointing.checksums({"a": jnp.asarray(x)}) == {"['a']": want}
+    if x.ndim:
+      sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("x")))
+      assert checkpointing.checksums({"a": sharded}) == {"['a']": want}
+  one = arrays[0].copy()
+  one[3, 7] = np.nextafter(one[3, 7], np.float32(9))  # One bit of one element.
+  assert reference(one) != reference(arrays[0])
+
+
+def test_arrays_that_are_not_what_was_saved_are_refused(tmp_path):
+  """A checkpoint whose arrays decode but are not those saved (here step 4's state in step
+  3's folder; a disk that changed bytes in a file that still decodes, as an audit did, alike)
+  is refused by its checksums, naming the array; so is one without its state's _METADATA
+  (Orbax reports it as another tree structure). Checkpoints without checksums restore."""
+  import json
+  import shutil
+
+  import jax.numpy as jnp
+  import optax
+
+  state = {"w": jnp.linspace(0, 1, 64), "b": jnp.arange(10, dtype=jnp.int32)}
+  state["opt"] = optax.adam(1e-3).init({"w": state["w"]})  # Tuples of named tuples.
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 3, False)
+  ckpt.save(3, state, {"step": 3})
+  ckpt.save(4, {**state, "w": state["w"].at[5].set(2.0)}, {"step": 4})
+  ckpt.save(5, state, {"step": 5})
+  ckpt.close()
+  folder = tmp_path / "checkpoints" / "x"
+  shutil.rmtree(folder / "3" / "state")
+  shutil.copytree(folder / "4" / "state", folder / "3" / "state")
+  (folder / "5" / "state" / "_METADATA").unlink()
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 3, False, read_only=True)
+  target = checkpointing.abstract_like(state)
+  changed = (
+    r"checkpoint 3 in .* is unreadable \(array \['w'\] does not hold what was saved: "
+    r"its checksum differs\); remove .*x/3 to start"
+  )
+  with pytest.raises(UserError, match=changed):
+    ckpt.restore(3, target)
+  with pytest.raises(UserError, match=r"unreadable \(.*5/state/_METADATA is missing\); remove "
+                     r".*x/5 to resume from checkpoint 4"):  # fmt: skip
+    ckpt.restore(5, target)
+  restored, meta = ckpt.restore(4, target)
+  assert float(restored["w"][5]) == 2.0 and meta["step"] == 4
+  # Older code wrote no checksums: the same arrays in step 3 then restore as they are.
+  path = folder / "3" / "meta" / "metadata"
+  path.write_text(json.dumps({"step": 3}))
+  restored, _ = ckpt.restore(3, target)
+  assert float(restored["w"][5]) == 2.0
