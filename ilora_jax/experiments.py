@@ -18,12 +18,26 @@ every variant of that seed freezes the same one (`--config.sasrec.init_from`), s
 differ only in what the grid varies; `--grid.sasrec=PATH` (an original `.pt` checkpoint or a
 finished workdir) freezes that one SASRec in every run instead.
 
+A grid's `config` path, when relative, is looked up in the current folder, then in the grid
+file's folder and each folder above it (the shipped grids' `configs/tiny.py` is found from
+anywhere). `grid.metrics` (the table columns) must name metrics the runs record.
+
+Before any job starts (and with `--dry_run` or `--report_only` too), each run's config is
+loaded from its command exactly as the run will load it, so a value the run would refuse
+(`--grid.seeds=-1`) is refused here. A run whose workdir already holds a `config.json` with
+other settings (the same workdir with other overrides) is refused, naming the run and the
+settings that differ (`VOLATILE` ones, such as `progress`, are not compared; a moved or
+copied workdir keeps its runs): give another `--workdir`, or the runs' own overrides.
+
 Re-running the same command skips finished runs and resumes an unfinished one from its last
 checkpoint. Ctrl-C or SIGTERM reach the running job, which saves a checkpoint; the runner
-then exits with 128 + the signal number. At the end (and with `--report_only` at any time)
-it writes `W/results.json`, `W/results.md` (tables: mean and sample standard deviation over
-seeds, the per-seed values, paired differences to the reference variant, per-group metrics
-and gate specialisation where the data has user groups) and `W/plots/*.png`.
+then exits with 128 + the signal number. After each run, at the end (and with
+`--report_only` at any time) it writes `W/results.json`, `W/results.md` (tables: mean and
+sample standard deviation over seeds, the per-seed values, paired differences to the
+reference variant, per-group metrics and gate specialisation where the data has user groups)
+and `W/plots/*.png` (removing figures of an earlier report that this one does not draw); when
+a run fails, the tables of the runs finished so far (by this or earlier invocations) are
+written before the failure's one `error:` line.
 """
 
 from __future__ import annotations
@@ -51,7 +65,9 @@ _GRID = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the grid's runs and results.")
 _DRY_RUN = flags.DEFINE_bool(
-  "dry_run", False, "Check the grid (and --grid.sasrec), print the commands and exit."
+  "dry_run",
+  False,
+  "Check the grid, every run's config (and --grid.sasrec), print the commands and exit.",
 )
 _REPORT_ONLY = flags.DEFINE_bool(
   "report_only", False, "Only rebuild results.md, results.json and plots from finished runs."
@@ -78,6 +94,16 @@ class Run:
   @property
   def command(self) -> str:
     return " ".join(shlex.quote(a) for a in ["python", "-m", "ilora_jax.main", *self.argv])
+
+  @property
+  def config_path(self) -> str:
+    return next(a.split("=", 1)[1] for a in self.argv if a.startswith("--config="))
+
+  @property
+  def overrides(self) -> list[str]:
+    """The command's `--config.key=value` flags as `key=value` (as `configuration.load`
+    takes them)."""
+    return [a[len("--config.") :] for a in self.argv if a.startswith("--config.")]
 
 
 def parse_variants(lines) -> list[tuple[str, list[str]]]:
@@ -134,14 +160,27 @@ def parse_seeds(text) -> list[int]:
 
 
 def resolve_config_path(grid: ConfigDict, grid_path: str) -> str:
-  """The run config as given (relative to the current folder) or next to the grid file."""
-  path = grid.config
+  """The run config `grid.config`: as given (absolute, or relative to the current folder),
+  else relative to the grid file's folder or the nearest folder above it that holds it (so
+  the shipped grids' `configs/tiny.py` is found from any current folder)."""
+  path = str(grid.config)
   if os.path.isfile(path):
     return path
-  beside = os.path.normpath(os.path.join(os.path.dirname(grid_path), path))
-  if os.path.isfile(beside):
-    return os.path.relpath(beside)
-  raise UserError(f"grid.config={path} not found (looked in . and next to {grid_path})")
+  if os.path.isabs(path):
+    raise UserError(f"grid.config={path} not found")
+  beside = folder = os.path.dirname(os.path.abspath(grid_path))
+  while True:
+    candidate = os.path.join(folder, path)
+    if os.path.isfile(candidate):
+      shown = os.path.relpath(candidate)
+      return candidate if shown.startswith(os.pardir) else shown
+    if os.path.dirname(folder) == folder:
+      break
+    folder = os.path.dirname(folder)
+  raise UserError(
+    f"grid.config={path} not found (looked in the current folder {os.getcwd()}, then in "
+    f"{beside} and each folder above it)"
+  )
 
 
 def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dict]:
@@ -237,6 +276,157 @@ def check_sasrec(grid: ConfigDict) -> None:
       )
     return
   require_file(path, "grid.sasrec")
+
+
+# Metrics the final records of an ilora run hold (the scoring ones for its frozen SASRec too,
+# as `sasrec/<name>`, shown in the tables' SASRec row): what grid.metrics may name.
+RECORDED_METRICS = (*configuration.SCORING_METRICS, *configuration.GENERATION_METRICS, "loss")
+
+
+def parse_metrics(grid: ConfigDict, resolved: dict) -> list[str]:
+  """`grid.metrics` as a list: at least one, each once, each recorded by some variant's runs
+  (a generation metric needs ilora.eval_generate, a scoring one ilora.eval_score)."""
+  text = grid.get("metrics", "")
+  metrics = [m.strip() for m in str(text).split(",") if m.strip()]
+  choices = ", ".join(RECORDED_METRICS)
+  if not metrics:
+    raise UserError(f"grid.metrics={text!r} names no metric: give some of {choices}")
+  unknown = [m for m in metrics if m not in RECORDED_METRICS]
+  if unknown:
+    raise UserError(
+      f"grid.metrics names {', '.join(unknown)}, which the runs do not record: give some of "
+      f"{choices}"
+    )
+  if len(set(metrics)) != len(metrics):
+    raise UserError(f"grid.metrics={text!r} names a metric twice")
+  for metric in metrics:
+    for kind, names, switch in (
+      ("generation", configuration.GENERATION_METRICS, "eval_generate"),
+      ("scoring", configuration.SCORING_METRICS, "eval_score"),
+    ):
+      if metric in names and resolved and not any(c.ilora[switch] for c in resolved.values()):
+        raise UserError(
+          f"grid.metrics names {metric}, a {kind} metric, but no variant sets "
+          f"ilora.{switch}=True, so no run records it: leave it out of grid.metrics"
+        )
+  return metrics
+
+
+# Config fields that may differ between the invocations of one run without changing what it
+# computes (display, caches, process layout, an early stop after which the run is unfinished
+# and resumes): not compared with a run's saved config.json.
+VOLATILE = (
+  "progress",
+  "compile_cache_dir",
+  "distributed",
+  "train.stop_after_steps",
+  "checkpoint.async_save",
+  "checkpoint.max_to_keep",
+  "bench",
+  "plan",
+)
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def _json_form(config: ConfigDict) -> dict:
+  """The config as `configuration.save` writes it to config.json, read back, flattened."""
+  return _flat(json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str)))
+
+
+def _made_in(run: Run) -> str:
+  """The workdir the run's last attempt was given (`runner.json`), else its planned one: a
+  grid's workdir may have been moved or copied since."""
+  try:
+    with open(os.path.join(run.workdir, "runner.json")) as f:
+      argv = shlex.split(json.load(f)["command"])
+    return next(a.split("=", 1)[1] for a in argv if a.startswith("--workdir="))
+  except (OSError, ValueError, KeyError, TypeError, StopIteration, AttributeError):
+    return run.workdir
+
+
+def _same_sasrec(saved: str, planned: str, saved_in: str, planned_in: str) -> bool:
+  """The same SASRec: the same file or folder, or the same place relative to the run's
+  workdir (a grid's own `W/sasrec/seed<k>` after W moved)."""
+  if saved == planned:
+    return True
+  if not saved or not planned:
+    return False
+  if os.path.realpath(saved) == os.path.realpath(planned):
+    return True
+  return os.path.relpath(saved, saved_in) == os.path.relpath(planned, planned_in)
+
+
+def config_diffs(run: Run, saved: dict, planned: dict, default: dict) -> list[str]:
+  """'key saved vs planned' for each setting the run's saved config.json (`saved`, flattened)
+  and the config its planned command gives (`planned`) hold differently. A key the saved
+  config lacks (written before the setting existed) counts as the config file's `default`."""
+  diffs = []
+  for key, value in planned.items():
+    if any(key == v or key.startswith(v + ".") for v in VOLATILE):
+      continue
+    old = saved.get(key, default.get(key, value))
+    if key == "sasrec.init_from" and isinstance(old, str) and isinstance(value, str):
+      if _same_sasrec(old, value, _made_in(run), run.workdir):
+        continue
+    if old != value:
+      diffs.append(f"{key} {json.dumps(old)} (saved) vs {json.dumps(value)} (planned)")
+  return diffs
+
+
+def check_runs(runs: list[Run]) -> None:
+  """Loads each run's config exactly as its command will (so what a run would refuse, every
+  mode refuses before any job starts), and refuses a run whose workdir holds a config.json
+  of other settings (made by another command: its results would be reported under this
+  one, or it would resume with other settings)."""
+  defaults: dict = {}
+  found = []
+  for run in runs:
+    try:
+      planned = _json_form(configuration.load(run.config_path, run.overrides))
+    except UserError as exc:
+      raise UserError(f"run {run.name}: {exc}") from None
+    path = os.path.join(run.workdir, "config.json")
+    if not os.path.isfile(path):
+      continue
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+      if not isinstance(saved, dict):
+        raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+      raise UserError(
+        f"cannot read {path} (run {run.name}'s settings) to check it against the planned "
+        f"command: {exc}; give another --workdir"
+      ) from None
+    if run.config_path not in defaults:
+      try:
+        defaults[run.config_path] = _json_form(configuration.load(run.config_path))
+      except UserError:
+        defaults[run.config_path] = {}
+    diffs = config_diffs(run, _flat(saved), planned, defaults[run.config_path])
+    if diffs:
+      found.append((run, diffs))
+  if not found:
+    return
+  # A variant's run first: a SASRec job's config differs too where only iLoRA settings did.
+  found.sort(key=lambda item: item[0].variant == "sasrec")
+  run, diffs = found[0]
+  shown = "; ".join(diffs[:3]) + (f"; {len(diffs) - 3} more" if len(diffs) > 3 else "")
+  others = f" (and {len(found) - 1} more runs)" if len(found) > 1 else ""
+  raise UserError(
+    f"run {run.name} in {run.workdir} was made with other settings than this command gives "
+    f"it: {shown}{others}; its results would be reported under this command: give another "
+    "--workdir for these settings, or the overrides the runs were made with"
+  )
 
 
 # ----------------------------------------------------------------------------- running
@@ -436,6 +626,23 @@ def gate_test(run: Run) -> dict[str, float] | None:
   return gate_permutation_test(gates, groups)
 
 
+def paired(results: dict, variant: str, reference: str, split: str, key: str):
+  """(differences variant - reference, reference values) of `key` on the seeds both
+  finished, in seed order."""
+  runs, ref = results["runs"].get(variant, {}), results["runs"].get(reference, {})
+  diffs, bases = [], []
+  for s in sorted(set(runs) & set(ref), key=int):
+    mine, theirs = runs[s].get(split, {}), ref[s].get(split, {})
+    if _number(mine.get(key)) and _number(theirs.get(key)):
+      diffs.append(float(mine[key]) - float(theirs[key]))
+      bases.append(float(theirs[key]))
+  return diffs, bases
+
+
+def _number(value) -> bool:
+  return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str) -> str:
   variants = list(results["runs"])
   lines = [f"# {grid.title or 'Experiment grid'}", ""]
@@ -475,22 +682,20 @@ def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str
         cells.append(report.cell(rec[head]) if head in rec else "-")
       lines.append(f"| {v} | " + " | ".join(cells) + " |")
     lines.append("")
-    if reference in results["runs"]:
-      lines += [f"Paired difference to `{reference}` (same seed, same SASRec), {head}:", ""]
+    if reference in results["runs"] and len(variants) > 1:
+      lines += [
+        f"Paired difference to `{reference}` (same seed, same SASRec), {head}: n = seeds both "
+        f"finished; relative = the mean difference over `{reference}`'s mean on the same "
+        "seeds (- where that mean is 0):",
+        "",
+      ]
       lines.append("| variant | n | mean ± std | relative |")
       lines.append("|---|---|---|---|")
-      ref = results["runs"][reference]
       for v in variants:
         if v == reference:
           continue
-        diffs, rels = [], []
-        for s, finals in results["runs"][v].items():
-          if split in finals and s in ref and split in ref[s] and head in finals[split]:
-            base = float(ref[s][split][head])
-            diffs.append(float(finals[split][head]) - base)
-            if base > 0:
-              rels.append(diffs[-1] / base)
-        rel = f"{100 * np.mean(rels):+.1f}%" if rels else "-"
+        diffs, bases = paired(results, v, reference, split, head)
+        rel = f"{100 * np.mean(diffs) / np.mean(bases):+.1f}%" if bases and np.mean(bases) else "-"
         lines.append(f"| {v} | {len(diffs)} | {_fmt(diffs)} | {rel} |")
       lines.append("")
     groups = _groups(results, split)
@@ -684,10 +889,13 @@ def machine() -> str:
   return f"{platform.machine()}, {cpus} CPU cores, {kind}, Python {platform.python_version()}"
 
 
+# The figures `plots` may write: those it did not write this time are removed, so that the
+# plots always show what results.md does.
+PLOTS = ("metrics.png", "groups.png", "gates.png", "loss.png")
+
+
 def write_results(grid: ConfigDict, runs: list[Run], resolved: dict, workdir: str) -> str:
-  metrics = [m.strip() for m in grid.metrics.split(",") if m.strip()]
-  if not metrics:
-    raise UserError("grid.metrics is empty")
+  metrics = parse_metrics(grid, resolved)
   results = collect(runs, resolved)
   results["machine"] = machine()
   with atomic_write(os.path.join(workdir, "results.json")) as f:
@@ -696,7 +904,11 @@ def write_results(grid: ConfigDict, runs: list[Run], resolved: dict, workdir: st
   path = os.path.join(workdir, "results.md")
   with atomic_write(path) as f:
     f.write(text)
-  plots(results, metrics, runs, os.path.join(workdir, "plots"))
+  folder = os.path.join(workdir, "plots")
+  written = {os.path.basename(p) for p in plots(results, metrics, runs, folder)}
+  for name in PLOTS:
+    if name not in written and os.path.exists(os.path.join(folder, name)):
+      os.remove(os.path.join(folder, name))
   return path
 
 
@@ -723,6 +935,8 @@ def parse(argv: list[str]) -> tuple[ConfigDict, str, str]:
 def main(argv: list[str] | None = None) -> None:
   grid, grid_path, workdir = parse(list(sys.argv if argv is None else argv))
   runs, resolved = plan(grid, grid_path, workdir)
+  parse_metrics(grid, resolved)
+  check_runs(runs)  # Every mode: what a real run would refuse, and runs of other settings.
   if _DRY_RUN.value:
     if not all(finished(r) for r in runs):  # What the real run would refuse, this refuses.
       check_sasrec(grid)
@@ -755,6 +969,14 @@ def main(argv: list[str] | None = None) -> None:
         tqdm.write(f"{run.name}: done in {time.time() - start:.0f} s")
         bar.update(1)
         write_results(grid, runs, resolved, workdir)  # Tables so far, after every run.
+    except UserError:  # A failed run: tables of the runs finished (now or before), then its line.
+      bar.leave = False  # Cleared, so that the error line stands alone.
+      if any(finished(r) for r in runs):
+        try:
+          write_results(grid, runs, resolved, workdir)
+        except (UserError, OSError):
+          pass  # The failed run's error is the one line to show.
+      raise
     except BaseException:
       bar.leave = False  # Cleared, so that the error line stands alone.
       raise

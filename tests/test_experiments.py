@@ -1,24 +1,55 @@
 """The experiment runner (`ilora_jax.experiments`), synthetic user groups and group metrics."""
 
+import importlib.util
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 from conftest import ROOT, assert_one_line_error, metrics_records, run_cli
+from ml_collections import ConfigDict
 
 from ilora_jax import experiments, report, synthetic
 
+GRID_FILE = os.path.join(ROOT, "configs", "experiments", "negative_transfer.py")
 GRID = "--grid=configs/experiments/negative_transfer.py"
 # The smallest grid that still trains and evaluates every stage: seconds per run.
 SMOKE = (
   "--grid.extra=data.synthetic.num_users=100 sasrec.train.epochs=1 ilora.train.steps=2 "
   "ilora.eval_rows=8 ilora.eval_batch_size=4 checkpoint.every_steps=1"
 )
+SMOKE_EXTRA = SMOKE.split("=", 1)[1]
 
 
 def _final(workdir, split):
   return [r for r in metrics_records(workdir) if r.get("final") and r["split"] == split][-1]
+
+
+def _grid(**fields) -> ConfigDict:
+  """The negative-transfer grid as `--grid=` loads it, with `fields` set (as --grid.<f>)."""
+  spec = importlib.util.spec_from_file_location("negative_transfer_grid", GRID_FILE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  grid = module.get_config()
+  for key, value in fields.items():
+    grid[key] = value
+  return grid
+
+
+def _copy_runs(src, dst, names) -> None:
+  """The files that make runs of the grid in `src` finished, with their settings, in `dst`
+  (as a moved or copied workdir holds them; without checkpoints)."""
+  for name in names:
+    os.makedirs(os.path.join(dst, name))
+    for file in ("config.json", "metrics.jsonl", "runner.json"):
+      shutil.copy(os.path.join(src, name, file), os.path.join(dst, name, file))
+
+
+def _results(runs: dict) -> dict:
+  """A `collect` result holding `runs` ({variant: {seed: {split: record}}})."""
+  return {"runs": runs, "seconds": {}, "commands": {}, "experts": {}, "gate_test": {},
+          "machine": "test"}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- unit
@@ -44,6 +75,65 @@ def test_mean_std_is_the_sample_standard_deviation():
   assert mean == pytest.approx(0.25)
   assert std == pytest.approx(np.sqrt(((0.15**2) * 2) / 2))  # ddof = 1 by hand.
   assert experiments.mean_std([0.3]) == (0.3, 0.0)
+
+
+def test_paired_relative_difference_uses_the_seeds_of_the_mean():
+  """The relative figure is the mean difference over the reference's mean on the seeds the
+  mean difference uses: a seed where the reference scored 0 counts in both."""
+  ref = np.array([0.0, 0.2, 0.3])
+  values = {"same": [0.1, 0.1, 0.3], "better": [0.05, 0.3, 0.4], "one_seed": [0.25]}
+  runs = {"lora": {str(s): {"val": {"hr@1": v}} for s, v in enumerate(ref)}}
+  for name, vals in values.items():
+    runs[name] = {str(s): {"val": {"hr@1": v}} for s, v in enumerate(vals)}
+  grid = ConfigDict({"title": "t", "description": ""})
+  md = experiments.markdown(grid, _results(runs), ["hr@1"], "lora")
+  rows = {line.split(" | ")[0][2:]: line for line in md.split("Paired difference")[1].splitlines()
+          if line.startswith("| ") and not line.startswith(("| variant", "|---"))}  # fmt: skip
+  for name, vals in values.items():
+    diffs = np.asarray(vals) - ref[: len(vals)]
+    cells = rows[name].strip("| ").split(" | ")
+    assert cells[1] == str(len(vals))
+    mean = f"{diffs.mean():.4f}" + (f" ± {diffs.std(ddof=1):.4f}" if len(vals) > 1 else "")
+    assert cells[2] == mean
+    base = ref[: len(vals)].mean()
+    assert cells[3] == (f"{100 * diffs.mean() / base:+.1f}%" if base else "-")
+  assert rows["same"].endswith("| +0.0% |")  # Not -50.0%: seed 0 (reference 0) counts too.
+  assert rows["one_seed"].endswith("| - |")  # Its one seed's reference is 0.
+
+
+def test_grid_metrics_are_checked():
+  def resolved(generate, score=True):
+    return {"a": ConfigDict({"ilora": {"eval_generate": generate, "eval_score": score}})}
+
+  grid = ConfigDict({"metrics": " mrr, hit_ratio@1 ,loss"})
+  assert experiments.parse_metrics(grid, resolved(True)) == ["mrr", "hit_ratio@1", "loss"]
+  for text, generate, score, fragment in (
+    ("", True, True, "names no metric"),
+    (" , ", True, True, "names no metric"),
+    ("hr@10,mrr", True, True, "hr@10, which the runs do not record"),
+    ("mrr,mrr", True, True, "twice"),
+    ("mrr,valid_ratio", False, True, "valid_ratio, a generation metric"),
+    ("hit_ratio@1,hr@1", True, False, "hr@1, a scoring metric"),
+  ):
+    with pytest.raises(experiments.UserError, match=fragment):
+      experiments.parse_metrics(ConfigDict({"metrics": text}), resolved(generate, score))
+
+
+def test_the_run_config_is_found_from_any_current_folder(tmp_path, monkeypatch):
+  """A shipped grid's `configs/tiny.py` is relative to the repository: found above the grid
+  file's folder when the current folder is elsewhere; the current folder comes first."""
+  monkeypatch.chdir(tmp_path)
+  grid = ConfigDict({"config": "configs/tiny.py"})
+  tiny = os.path.join(ROOT, "configs", "tiny.py")
+  assert experiments.resolve_config_path(grid, GRID_FILE) == tiny
+  runs, _ = experiments.plan(_grid(seeds="0", only="lora"), GRID_FILE, "w")
+  assert all(f"--config={tiny}" in r.argv for r in runs) and len(runs) == 2
+  with pytest.raises(experiments.UserError) as err:
+    experiments.resolve_config_path(ConfigDict({"config": "configs/nope.py"}), GRID_FILE)
+  assert str(tmp_path) in str(err.value) and os.path.dirname(GRID_FILE) in str(err.value)
+  os.makedirs("configs")
+  shutil.copy(tiny, "configs/tiny.py")
+  assert experiments.resolve_config_path(grid, GRID_FILE) == "configs/tiny.py"
 
 
 def test_gate_specialisation_on_hand_made_gates():
@@ -159,6 +249,11 @@ def test_report_only_of_a_missing_workdir_is_refused_and_creates_nothing(tmp_pat
     ),
     (("--grid.extra=stage=sasrec",), ("grid.extra: 'stage=sasrec' sets stage, which the grid",)),
     (("--grid.seeds=1,x",), ("grid.seeds",)),
+    # A seed each run would refuse: refused by the runner (and its dry run) before any job.
+    (("--grid.seeds=-1",), ("run sasrec/seed-1", "train.seed=-1 must be in [0, 2**32)")),
+    (("--grid.seeds=0,-1", "--dry_run"), ("run sasrec/seed-1", "train.seed=-1")),
+    (("--grid.metrics=", "--dry_run"), ("grid.metrics='' names no metric",)),
+    (("--grid.metrics=hr@10,mrr", "--report_only"), ("grid.metrics names hr@10", "hr@5")),
   ],
 )
 def test_bad_grids_fail_before_any_run(tmp_path, args, fragments):
@@ -252,14 +347,65 @@ def test_grid_runs_tabulates_and_plots(smoke):
     assert os.path.getsize(os.path.join(w, "plots", name)) > 1000
 
 
-def test_a_dry_run_of_a_finished_grid_does_not_check_its_sasrec(smoke):
+def test_a_dry_run_of_a_finished_grid_does_not_check_its_sasrec(smoke, tmp_path):
   """As the real run, which only checks --grid.sasrec where runs are left to use it: a
-  finished grid's dry run lists its commands even when that SASRec has since moved."""
-  w, _ = smoke
-  proc = run_cli(GRID, f"--workdir={w}", "--dry_run", "--grid.seeds=0", "--grid.only=lora,ilora",
-                 "--grid.sasrec=/moved/m.pt", SMOKE, module="ilora_jax.experiments")  # fmt: skip
+  finished grid's dry run lists its commands even when that SASRec has since moved. The
+  grid: the smoke grid's lora run, as if made with --grid.sasrec=/moved/m.pt."""
+  w = tmp_path / "grid"
+  _copy_runs(smoke[0], w, ["runs/lora/seed0"])
+  path = w / "runs" / "lora" / "seed0" / "config.json"
+  config = json.loads(path.read_text())
+  config["sasrec"]["init_from"] = "/moved/m.pt"
+  path.write_text(json.dumps(config))
+  args = [GRID, f"--workdir={w}", "--dry_run", "--grid.seeds=0", "--grid.only=lora", SMOKE]
+  proc = run_cli(*args, "--grid.sasrec=/moved/m.pt", module="ilora_jax.experiments")
   assert proc.returncode == 0, proc.stderr
-  assert len(proc.stdout.strip().splitlines()) == 2
+  assert len(proc.stdout.strip().splitlines()) == 1
+  # Another SASRec than the one the finished run froze: refused, naming both.
+  proc = run_cli(*args, "--grid.sasrec=/other/m.pt", module="ilora_jax.experiments")
+  assert_one_line_error(
+    proc, "run lora/seed0", 'sasrec.init_from "/moved/m.pt" (saved) vs "/other/m.pt" (planned)'
+  )
+  assert not proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["run", "--dry_run", "--report_only"])
+def test_finished_runs_of_other_overrides_are_refused_before_anything_runs(smoke, mode):
+  """The same grid and workdir with other --grid.extra: its finished runs are not taken as
+  runs of the new commands (results.md would list those with the old numbers)."""
+  w, _ = smoke
+  before = open(os.path.join(w, "results.md")).read()
+  saved = json.load(open(os.path.join(w, "runs", "lora", "seed0", "config.json")))
+  proc = run_cli(GRID, f"--workdir={w}", "--grid.seeds=0", "--grid.only=lora,ilora",
+                 SMOKE + " lora.rank=16 ilora.train.steps=9", *([] if mode == "run" else [mode]),
+                 module="ilora_jax.experiments")  # fmt: skip
+  assert_one_line_error(
+    proc,
+    f"run lora/seed0 in {os.path.join(w, 'runs', 'lora', 'seed0')} was made with other settings",
+    f"lora.rank {saved['lora']['rank']} (saved) vs 16 (planned)",
+    f"ilora.train.steps {saved['ilora']['train']['steps']} (saved) vs 9 (planned)",
+    "(and 2 more runs)",  # ilora/seed0 and the SASRec job (whose config has every key).
+    "give another --workdir",
+  )
+  assert not proc.stdout  # Nothing listed, run or tabulated.
+  assert open(os.path.join(w, "results.md")).read() == before
+
+
+def test_results_drop_the_plots_they_no_longer_draw(smoke, tmp_path):
+  """Plots of an earlier report (gates of gated variants, here) that this one does not draw
+  are removed: the plots folder always shows what results.md does."""
+  w, _ = smoke
+  folder = tmp_path / "plots"
+  folder.mkdir()
+  for name in ("metrics.png", "groups.png", "gates.png", "loss.png"):
+    (folder / name).write_bytes(b"an earlier report's figure")
+  grid = _grid(seeds="0", only="lora", extra=SMOKE_EXTRA)
+  runs, resolved = experiments.plan(grid, GRID_FILE, w)
+  experiments.write_results(grid, runs, resolved, str(tmp_path))
+  md = (tmp_path / "results.md").read_text()
+  assert "Per user group" in md and "Gate specialisation" not in md  # lora: one expert.
+  assert sorted(os.listdir(folder)) == ["groups.png", "loss.png", "metrics.png"]
+  assert all(os.path.getsize(folder / name) > 1000 for name in os.listdir(folder))
 
 
 def test_grid_resumes_and_adds_seeds(smoke):
@@ -338,9 +484,8 @@ def test_bad_extra_and_sasrec_fail_before_any_run(tmp_path, args, fragments):
   assert not os.path.exists(w)
 
 
-def test_a_failed_run_leaves_the_error_line_alone_on_stderr(tmp_path):
-  """No progress-bar fragments before the runner's `error:` line (stderr is not a terminal);
-  stdout says which run was running and where its log is. The run itself is stubbed out."""
+def _failing_runner(tmp_path) -> str:
+  """A runner script whose every job fails at once (the run itself stubbed out)."""
   script = tmp_path / "grid_fails.py"
   script.write_text(
     f"import sys; sys.path.insert(0, {ROOT!r})\n"
@@ -350,9 +495,37 @@ def test_a_failed_run_leaves_the_error_line_alone_on_stderr(tmp_path):
     "experiments.execute = execute\n"
     "experiments.main()\n"
   )
+  return str(script)
+
+
+def test_a_failed_run_leaves_the_error_line_alone_on_stderr(tmp_path):
+  """No progress-bar fragments before the runner's `error:` line (stderr is not a terminal);
+  stdout says which run was running and where its log is. The run itself is stubbed out."""
   w = str(tmp_path / "grid")
-  proc = run_cli(GRID, f"--workdir={w}", "--grid.seeds=0", script=str(script))
+  proc = run_cli(GRID, f"--workdir={w}", "--grid.seeds=0", script=_failing_runner(tmp_path))
   assert proc.returncode == 2
   assert proc.stderr == "error: run sasrec/seed0 failed (exit 1): boom\n"
   log = os.path.join(w, "sasrec", "seed0", "log.txt")
   assert proc.stdout.splitlines()[-1] == f"sasrec/seed0: running, log {log}"
+  assert not os.path.exists(os.path.join(w, "results.md"))  # No run finished: no tables.
+
+
+def test_a_failed_run_still_tabulates_the_runs_finished_before(smoke, tmp_path):
+  """The lora run and the SASRec finished in an earlier invocation (elsewhere: the workdir
+  was moved since, which keeps them); the ilora run now fails at once. results.md shows the
+  lora run's numbers; the failure stays the one line on stderr."""
+  w = str(tmp_path / "grid")
+  _copy_runs(smoke[0], w, ["sasrec/seed0", "runs/lora/seed0"])
+  proc = run_cli(GRID, f"--workdir={w}", "--grid.seeds=0", "--grid.only=lora,ilora", SMOKE,
+                 script=_failing_runner(tmp_path))  # fmt: skip
+  assert proc.returncode == 2
+  assert proc.stderr == "error: run ilora/seed0 failed (exit 1): boom\n"
+  assert "grid: 3 runs, 2 already finished" in proc.stdout
+  md = open(os.path.join(w, "results.md")).read()
+  for split in ("val", "test"):
+    final = _final(os.path.join(w, "runs", "lora", "seed0"), split)
+    row = [line for line in md.split(f"## {split}")[1].splitlines()
+           if line.startswith("| lora | 1 |")][0]  # fmt: skip
+    assert f"{final['hr@1']:.4f}" in row and f"{final['mrr']:.4f}" in row
+  assert "| ilora/seed0 | not finished |" in md
+  assert os.path.getsize(os.path.join(w, "plots", "metrics.png")) > 1000
