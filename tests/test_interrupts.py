@@ -89,11 +89,14 @@ def test_an_interrupt_raised_inside_a_gc_callback_still_stops_the_run(tmp_path):
   """Ctrl-C whose KeyboardInterrupt lands in a garbage-collector callback (JAX registers one):
   Python prints it as "Exception ignored" and goes on, so a run interrupted in its final
   evaluation finished with exit 0 (found by an audit, 1 time in 3). An entry point delivers
-  the signal again: one `error: interrupted` line, exit 130, and the work after it never runs."""
+  the signal again: one `error: interrupted` line, exit 130, and the work after it never runs.
+  (The script sets Python's SIGINT handler itself: a test worker's children may inherit
+  SIGINT ignored.)"""
   script = tmp_path / "entry.py"
   script.write_text(
-    "import gc, time\n"
+    "import gc, signal, time\n"
     "from ilora_jax.errors import cli_main\n"
+    "signal.signal(signal.SIGINT, signal.default_int_handler)  # As in a terminal.\n"
     "@cli_main\n"
     "def main():\n"
     "  fired = []\n"
