@@ -17,6 +17,7 @@ import signal
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from ilora_jax.errors import UserError
@@ -314,12 +315,25 @@ def _checksum_leaves(state: Any) -> list[tuple[str, Any]]:
           if hasattr(x, "dtype") and x.dtype.itemsize <= 4]  # fmt: skip
 
 
+def _host_bits_sum(x: np.ndarray) -> int:
+  """`_bits_sum` in numpy (uint32 arithmetic wraps modulo 2**32 as XLA's does)."""
+  x = np.ascontiguousarray(x).reshape(-1)
+  bits = x.view({4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize]).astype(np.uint32)
+  weights = np.arange(x.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
+  return int(np.sum(bits * weights, dtype=np.uint32))
+
+
 def checksums(state: Any) -> dict[str, str]:
-  """{array path: 'dtype:checksum'} of a state's arrays (`_bits_sum`, computed where they
-  are): saved in the meta, so that a restore finds an array whose bytes changed on disk
-  (a damaged file that still decodes, which Orbax would restore as it is)."""
+  """{array path: 'dtype:checksum'} of a state's arrays (`_bits_sum`): saved in the meta, so
+  that a restore finds an array whose bytes changed on disk (a damaged file that still
+  decodes, which Orbax would restore as it is). Summed on the host where this process holds
+  every array whole (no program to compile), else where the arrays are (a multi-process
+  run's shards)."""
   leaves = _checksum_leaves(state)
-  sums = jax.device_get(_bits_sums([x for _, x in leaves]))
+  if all(getattr(x, "is_fully_addressable", True) for _, x in leaves):
+    sums = [_host_bits_sum(np.asarray(x)) for _, x in leaves]
+  else:
+    sums = jax.device_get(_bits_sums([x for _, x in leaves]))
   return {path: f"{x.dtype}:{int(v):08x}" for (path, x), v in zip(leaves, sums)}
 
 

@@ -78,7 +78,8 @@ def test_one_sasrec_on_two_backends_is_the_same_sasrec():
 
 def test_bits_sums_match_a_numpy_formula_on_any_sharding():
   """A checkpoint's checksum of an array: the sum mod 2**32 of its elements' bit patterns
-  times 2i + 1 (i the flat position), whatever the array's dtype or sharding."""
+  times 2i + 1 (i the flat position), whatever the array's dtype or sharding, summed on the
+  host or on the devices."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -97,10 +98,13 @@ def test_bits_sums_match_a_numpy_formula_on_any_sharding():
   mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
   for x in arrays:
     want = f"{x.dtype}:{reference(np.asarray(x)):08x}"
-    assert checkpointing.checksums({"a": jnp.asarray(x)}) == {"['a']": want}
+    assert checkpointing.checksums({"a": jnp.asarray(x)}) == {"['a']": want}  # On the host.
+    # The program a multi-process run sums its shards with, on one device and on two.
+    on_device = [jnp.asarray(x)]
     if x.ndim:
-      sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("x")))
-      assert checkpointing.checksums({"a": sharded}) == {"['a']": want}
+      on_device.append(jax.device_put(x, NamedSharding(mesh, PartitionSpec("x"))))
+    for y in on_device:
+      assert int(jax.device_get(checkpointing._bits_sums([y]))[0]) == reference(np.asarray(x))
   one = arrays[0].copy()
   one[3, 7] = np.nextafter(one[3, 7], np.float32(9))  # One bit of one element.
   assert reference(one) != reference(arrays[0])
