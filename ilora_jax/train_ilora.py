@@ -1346,11 +1346,13 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     workdir, STAGE, config.checkpoint.max_to_keep, config.checkpoint.async_save
   )
   step = 0
+  interval: list[dict] = []  # Train metrics of the steps since the last train record.
   latest = ckpt.latest_step()
   if latest is not None:
     state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
     step = int(meta["step"])
     log.truncate(STAGE, meta["metrics_records"])
+    interval = list(meta.get("train_interval", []))  # So a resumed record means the same.
     console.info(f"iLoRA: resumed from step {step} of {total_steps}")
   else:
     log.truncate(STAGE, 0)  # An attempt killed before its first checkpoint left records.
@@ -1364,7 +1366,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   def checkpoint_meta(at: int, **extra) -> dict:
     """A checkpoint's meta: what a resume checks and where its records end."""
     return {"step": at, "settings": settings, "metrics_records": log.count(STAGE),
-            "select_by": select, **extra}  # fmt: skip
+            "select_by": select, "train_interval": list(interval), **extra}  # fmt: skip
 
   def save(at: int) -> None:
     ckpt.save(at, state, checkpoint_meta(at))
@@ -1397,7 +1399,6 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   last_val: dict[str, float] = {}
   bad_streak = 0
   log_every = int(stage_train(config, STAGE).log_every_steps)  # Train records' interval.
-  interval: list[dict] = []  # Train metrics of the steps since the last train record.
   # Wall time of the steps, evaluation left out, and of those that compiled the step for a
   # new prompt length apart (bucketing gives a few lengths).
   steps_s, timed, lengths_seen, compile_steps = 0.0, 0, set(), 0

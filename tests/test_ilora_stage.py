@@ -105,13 +105,17 @@ def test_ilora_resume_matches_uninterrupted(pipeline, tmp_path):
 
 def test_ilora_train_records_follow_log_every_steps(pipeline, tmp_path):
   """train.log_every_steps=4 (the audit found it ignored by the iLoRA stage): of the tiny
-  run's 6 steps, records at steps 4 and 6 (the last), each the mean of its steps' values in
-  the run that records every step (the tiny config's ilora.train.log_every_steps=1), its
-  skipped updates summed, the learning rate of its own step; the rest of the log alike."""
+  run's 6 steps (stopped at 3 and resumed), records at steps 4 and 6 (the last), each the
+  mean of its steps' values in the run that records every step (the tiny config's
+  ilora.train.log_every_steps=1), its skipped updates summed, the learning rate of its own
+  step; the rest of the log alike."""
   full_dir, _ = pipeline
   workdir = with_sasrec_of(full_dir, tmp_path / "w")
+  # Stopped and resumed between two records: the checkpoint carries the steps not yet recorded.
+  first = _ilora(workdir, "--config.train.log_every_steps=4", "--config.train.stop_after_steps=3")
+  assert first.returncode == 0, first.stderr
   proc = _ilora(workdir, "--config.train.log_every_steps=4")
-  assert proc.returncode == 0, proc.stderr
+  assert proc.returncode == 0 and "resumed from step 3" in proc.stderr, proc.stderr
   every = [r for r in ilora_records(full_dir) if r["split"] == "train"]
   assert [r["step"] for r in every] == [1, 2, 3, 4, 5, 6]
   records = ilora_records(workdir)
