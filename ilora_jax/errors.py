@@ -214,7 +214,11 @@ def _interrupts_are_not_lost(hook: Callable) -> Callable:
   import time
 
   def handle(unraisable) -> None:
-    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+    # Only where SIGINT has a Python handler (one that raised it): at its default action the
+    # signal would kill the process, and ignored it would be lost anyway.
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt) or not callable(
+      signal.getsignal(signal.SIGINT)
+    ):
       hook(unraisable)
       return
 

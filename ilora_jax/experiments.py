@@ -317,6 +317,9 @@ def parse_metrics(grid: ConfigDict, resolved: dict) -> list[str]:
 # and resumes): not compared with a run's saved config.json.
 VOLATILE = (
   "progress",
+  "train.log_every_steps",  # How often training is recorded, not what it computes.
+  "sasrec.train.log_every_steps",
+  "ilora.train.log_every_steps",
   "compile_cache_dir",
   "distributed",
   "train.stop_after_steps",
@@ -370,10 +373,15 @@ def config_diffs(run: Run, saved: dict, planned: dict, default: dict) -> list[st
   and the config its planned command gives (`planned`) hold differently. A key the saved
   config lacks (written before the setting existed) counts as the config file's `default`."""
   diffs = []
+  # A config.json of code before the per-stage log_every_steps (e1a04a8), when synthetic
+  # data ignored data.min_len: its runs kept every row whatever that value was.
+  older = "ilora.train.log_every_steps" not in saved
   for key, value in planned.items():
     if any(key == v or key.startswith(v + ".") for v in VOLATILE):
       continue
     old = saved.get(key, default.get(key, value))
+    if key == "data.min_len" and older and planned.get("data.name") == "synthetic":
+      old = 1  # What those runs did, whatever their config said.
     if key == "sasrec.init_from" and isinstance(old, str) and isinstance(value, str):
       if _same_sasrec(old, value, _made_in(run), run.workdir):
         continue
@@ -974,8 +982,8 @@ def main(argv: list[str] | None = None) -> None:
       if any(finished(r) for r in runs):
         try:
           write_results(grid, runs, resolved, workdir)
-        except (UserError, OSError):
-          pass  # The failed run's error is the one line to show.
+        except Exception:  # noqa: BLE001 - the failed run's error is the one line to show.
+          pass
       raise
     except BaseException:
       bar.leave = False  # Cleared, so that the error line stands alone.

@@ -1461,10 +1461,11 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
         }
       )
       if step % log_every == 0 or step == total_steps:
-        # The steps since the last record: their mean values, skipped updates summed.
+        # The steps since the last record: their mean values; the run's skipped updates so
+        # far (optax's running count, as the SASRec records hold theirs).
         lrs = optim.learning_rates(su.lr, total_steps, step - 1)
         means = {k: float(np.mean([m[k] for m in interval])) for k in interval[0]}
-        means["skipped_updates"] = sum(m["skipped_updates"] for m in interval)
+        means["skipped_updates"] = interval[-1]["skipped_updates"]
         record("train", {**means, "lr": float(lrs["lr/lora"])}, epoch=epoch)
         interval.clear()
       bar.set_postfix(loss=f"{loss:.4f}")

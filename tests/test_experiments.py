@@ -391,6 +391,29 @@ def test_finished_runs_of_other_overrides_are_refused_before_anything_runs(smoke
   assert open(os.path.join(w, "results.md")).read() == before
 
 
+def test_runs_of_older_code_with_the_same_command_are_not_refused(tmp_path):
+  """A config.json written before the per-stage log_every_steps: its train.log_every_steps
+  (how often training was recorded) and, on synthetic data, its data.min_len (which that
+  code ignored there: every row was kept, as min_len=1 keeps them now) are no other settings;
+  a changed min_len of a newer run is, and so is a command that now drops rows."""
+  from ilora_jax import configuration
+
+  planned = experiments._json_form(configuration.load("configs/tiny.py"))
+  run = experiments.Run("ilora/seed0", "ilora", 0, str(tmp_path), [])
+  older = {k: v for k, v in planned.items() if not k.endswith("train.log_every_steps")}
+  older.update({"train.log_every_steps": 5, "data.min_len": 3})
+  assert experiments.config_diffs(run, older, planned, planned) == []
+  newer = dict(planned, **{"data.min_len": 3, "ilora.train.log_every_steps": 7})
+  assert experiments.config_diffs(run, newer, planned, planned) == [
+    "data.min_len 3 (saved) vs 1 (planned)"
+  ]
+  # A command that drops short histories now is not what those runs did, whatever they say.
+  wants_filter = dict(planned, **{"data.min_len": 3})
+  assert experiments.config_diffs(run, older, wants_filter, planned) == [
+    "data.min_len 1 (saved) vs 3 (planned)"
+  ]
+
+
 def test_results_drop_the_plots_they_no_longer_draw(smoke, tmp_path):
   """Plots of an earlier report (gates of gated variants, here) that this one does not draw
   are removed: the plots folder always shows what results.md does."""

@@ -307,3 +307,37 @@ def test_launch_scripts_cite_readme_sections_that_exist():
       text = " ".join(line.lstrip("#").strip() for line in f)
     cited |= set(re.findall(r'README,? "([^"]+)"', text))
   assert cited and cited <= headings, cited - headings
+
+
+def test_run_host_with_setup_skip_runs_the_venv_as_it_is(tmp_path):
+  """ILORA_JAX_SETUP=skip (a node without the package index, a venv made by hand): no pip
+  call whatever the stamp says, said so in a dry run; without a .venv it is one line."""
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run("run_host.sh", *JOB, "--dry_run", ILORA_JAX_EXTRA="cuda", ILORA_JAX_SETUP="skip")
+  assert proc.returncode == 0 and proc.stdout.startswith("# set-up skipped, ILORA_JAX_SETUP=skip")
+  proc = repo.run("gpu_node.sh", *JOB, ILORA_JAX_SETUP="skip")
+  assert proc.returncode == 0, proc.stderr
+  assert repo.calls() == [_job_call(JOB)] and not repo.stamp.exists()
+  bare = FakeCheckout(tmp_path / "bare", venv=False)
+  proc = bare.run("run_host.sh", *JOB, ILORA_JAX_SETUP="skip")
+  assert proc.returncode == 2 and proc.stderr == (
+    "error: ILORA_JAX_SETUP=skip, but there is no .venv/bin/python to run with\n"
+  )
+  assert bare.calls() == []
+
+
+def test_hosts_sharing_the_folder_set_up_once(tmp_path):
+  """Two launches at once in one folder (gpu_multinode.sh on nodes sharing it): the set-up
+  runs once, under a lock, and both start the job."""
+  if shutil.which("flock") is None:
+    pytest.skip("flock (util-linux) is not installed")
+  repo = FakeCheckout(tmp_path)
+  pip = repo.root / ".venv" / "bin" / "pip"
+  _stub(pip, ".venv/bin/pip", repo.log, extra="sleep 0.5\n")  # A slow set-up: they overlap.
+  env = dict(repo.env, ILORA_JAX_EXTRA="cuda")
+  quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+  command = ["bash", "launch/run_host.sh", *JOB]
+  procs = [subprocess.Popen(command, cwd=repo.root, env=env, **quiet) for _ in range(2)]
+  assert [p.wait(timeout=60) for p in procs] == [0, 0]
+  assert repo.calls().count(_job_call(JOB)) == 2
+  assert [c for c in repo.calls() if c != _job_call(JOB)] == SETUP_CALLS["cuda"]
