@@ -290,6 +290,14 @@ def stage_train(config: ConfigDict, stage: str) -> ConfigDict:
   return merged
 
 
+def json_form(config: ConfigDict) -> dict:
+  """The config as `save` writes it to config.json (tuples as lists, other values that JSON
+  lacks as text), so that a saved config and a loaded one compare equal."""
+  import json
+
+  return json.loads(json.dumps(config.to_dict(), default=str))
+
+
 def save(config: ConfigDict, workdir: str) -> None:
   """Writes the resolved config to `workdir/config.json` (atomically)."""
   import json
@@ -300,6 +308,6 @@ def save(config: ConfigDict, workdir: str) -> None:
   path = os.path.join(workdir, "config.json")
   try:
     with atomic_write(path) as f:
-      json.dump(config.to_dict(), f, indent=1, sort_keys=True, default=str)
+      json.dump(json_form(config), f, indent=1, sort_keys=True)
   except OSError as exc:
     raise UserError(f"cannot write {path}: {exc}") from None

@@ -330,19 +330,16 @@ VOLATILE = (
 )
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = value
-  return out
+def _flat(tree: dict) -> dict:
+  """{"a.b": value} of a nested dict's leaves."""
+  from flax import traverse_util
+
+  return traverse_util.flatten_dict(tree, sep=".")
 
 
 def _json_form(config: ConfigDict) -> dict:
-  """The config as `configuration.save` writes it to config.json, read back, flattened."""
-  return _flat(json.loads(json.dumps(config.to_dict(), sort_keys=True, default=str)))
+  """The config as `configuration.save` writes it to config.json, flattened."""
+  return _flat(configuration.json_form(config))
 
 
 def _made_in(run: Run) -> str:

@@ -1305,8 +1305,9 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       latest = found.latest_step()
       if latest is not None:
         latest_meta = found.restore_meta(latest)
-        saved = latest_meta["settings"]
-        checkpointing.check_same_settings(saved, settings, found.directory, unknown, SAME_SETTINGS)
+        checkpointing.check_same_settings(
+          latest_meta["settings"], settings, found.directory, unknown, SAME_SETTINGS
+        )
         # Checkpoints of older code (no select_by recorded) selected nothing: from here on.
         chosen_by = latest_meta.get("select_by", select)
         if chosen_by != select:
@@ -1583,8 +1584,9 @@ def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
         f"{kept.get('select_by')}: resume with --config.ilora.select_by="
         f"{kept.get('select_by')!r}, or remove that folder to select anew"
       )
-    saved = kept["settings"]
-    checkpointing.check_same_settings(saved, settings, best.directory, unknown, SAME_SETTINGS)
+    checkpointing.check_same_settings(
+      kept["settings"], settings, best.directory, unknown, SAME_SETTINGS
+    )
     return at, float(kept["value"])
 
 

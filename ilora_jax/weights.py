@@ -212,9 +212,9 @@ def _positive_int(
   value = hf.get(key)
   if value is None and default is not None:
     return default
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+  if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
     raise UserError(f"{source}: {key}={value!r} must be a positive integer")
-  return value
+  return int(value)
 
 
 def _positive_float(
@@ -540,9 +540,7 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
 
   def positive(key, default=None) -> int:
     value = gguf_field(reader, key, default) if default is not None else need(key)
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-      raise UserError(f"GGUF metadata {key}={value!r} must be a positive integer")
-    return int(value)
+    return _positive_int({key: value}, key, source="GGUF metadata")
 
   hidden = positive("llama.embedding_length")
   heads = positive("llama.attention.head_count")
