@@ -99,12 +99,12 @@ def _resolve(name_or_path: str) -> tuple[str, str]:
         f"{name_or_path}: package {GGUF_NAMES[name_or_path][0]} with its GGUF is not installed"
       )
     return "gguf", path
+  if os.path.isdir(name_or_path):  # Even one named *.gguf.
+    return "hf", name_or_path
   if name_or_path.endswith(".gguf"):
     if not os.path.isfile(name_or_path):
       raise UserError(f"GGUF file not found: {name_or_path}")
     return "gguf", name_or_path
-  if os.path.isdir(name_or_path):
-    return "hf", name_or_path
   raise UserError(
     f"unknown model {name_or_path!r}: expected a Hugging Face folder, a .gguf file or one of "
     f"{', '.join(names())}"
@@ -462,6 +462,13 @@ class LLM:
     self.unroll_decode = default_unroll() if unroll_decode is None else bool(unroll_decode)
     self.params = params
     self.tokenizer = tokenizer
+    base = getattr(tokenizer, "vocab_size", None)
+    if base is not None and base > config.vocab_size:
+      warnings.warn(
+        f"the tokenizer has {base} tokens, more than the model's {config.vocab_size} embedding "
+        "rows: text holding the others is refused (a tokenizer of another model?)",
+        stacklevel=2,
+      )
     self.module = llama.Llama(config, adapter)
     self.base_module = llama.Llama(config)  # without the adapter: `logits` and `generate`
     self._forward = jax.jit(self._apply, static_argnames=("module", "deterministic"))
@@ -513,6 +520,7 @@ class LLM:
       deterministic: static; False enables adapter dropout, which needs `rngs`.
       rngs: e.g. {'dropout': key} for adapters that draw random numbers.
     """
+    self._check_ids(tokens)
     tokens = jnp.asarray(tokens, jnp.int32)
     if attention_mask is None:
       attention_mask = jnp.ones_like(tokens)
@@ -534,6 +542,7 @@ class LLM:
     tokens = np.asarray(tokens)
     if tokens.ndim != 2:
       raise UserError(f"tokens must be [batch, time], got shape {tokens.shape}")
+    self._check_ids(tokens)
     tokens = jnp.asarray(tokens, jnp.int32)
     mask = jnp.ones_like(tokens) if attention_mask is None else attention_mask
     out = self._forward(
@@ -547,6 +556,19 @@ class LLM:
       module=self.base_module,
     )
     return np.asarray(out, np.float32)
+
+  def _check_ids(self, tokens) -> None:
+    """A UserError for host token ids outside the embedding rows (the model's gather would
+    clip them to the last row). Device arrays are the package's own prompts, not checked."""
+    if isinstance(tokens, jax.Array):
+      return
+    ids = np.asarray(tokens)
+    vocab = self.config.vocab_size
+    if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+      raise UserError(
+        f"token ids must be in [0, {vocab}) for this model's {vocab} embedding rows, got "
+        f"{ids.min()} to {ids.max()}: a tokenizer of another model?"
+      )
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
@@ -580,6 +602,7 @@ class LLM:
     """
     if int(max_new_tokens) < 1:
       raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    self._check_ids(tokens)
     out, lengths = generate_tokens(
       self.base_module if base else self.module,
       self.params if params is None else params,
@@ -653,9 +676,14 @@ def _tokenizer_of(
   return None
 
 
+def loads_weights(name_or_path: str) -> bool:
+  """Whether the model's weights come from a file (False: a random preset)."""
+  return _resolve(name_or_path)[0] != "preset"
+
+
 def check_init_std(name_or_path: str, init_std: float) -> None:
   """`init_std` other than the default only for the random presets (a `UserError` else)."""
-  if _resolve(name_or_path)[0] != "preset" and init_std != LlamaConfig.init_std:
+  if loads_weights(name_or_path) and init_std != LlamaConfig.init_std:
     raise UserError(
       f"llm.init_std={init_std} only applies to the random presets; {name_or_path} loads its "
       "weights"
@@ -736,8 +764,10 @@ def load(
     config = weights.config_from_gguf(reader, **config_overrides)
     if shardings is None and mesh is not None:
       shardings = mesh_shardings(config, mesh, rules)
-    get, has = weights.gguf_tensor_getter(reader, config, target)
-    params = weights.params_from_hf_tensors(get, has, config, source=target, shardings=shardings)
+    get, has, names = weights.gguf_tensor_getter(reader, config, target)
+    params = weights.params_from_hf_tensors(
+      get, has, config, source=target, shardings=shardings, names=names
+    )
     tokenizer = _tokenizer_of(kind, target, config, reader) if with_tokenizer else None
     return LLM(config, params, tokenizer, adapter)
   if shardings is None and mesh is not None:

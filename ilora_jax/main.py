@@ -55,6 +55,10 @@ def main(argv: list[str] | None = None) -> None:
       os.makedirs(workdir, exist_ok=True)
     except OSError as exc:
       raise UserError(f"cannot create workdir {workdir}: {exc}") from None
+  if config.stage == "pipeline":  # The LLM named before SASRec trains, not after.
+    from ilora_jax import train_ilora
+
+    train_ilora.check_llm(config)
   if config.stage in ("sasrec", "pipeline"):
     from ilora_jax import train_sasrec
 

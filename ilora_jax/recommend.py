@@ -251,13 +251,17 @@ class Recommender:
 
     config = load_run_config(workdir) if config is None else config
     config.progress = False
-    folder = config.data.get("dir", "")
-    if folder and not os.path.isabs(folder) and not os.path.isdir(folder):
-      raise UserError(
-        f"the run's data folder config.data.dir={folder} ({os.path.join(workdir, 'config.json')})"
-        " is relative to the folder the run was started from: run recommend from there, or "
-        "write the absolute path into that file"
-      )
+    from ilora_jax import llm
+
+    model = config.llm.get("name", "")
+    for key, path in (("data.dir", config.data.get("dir", "")),
+                      ("llm.name", "" if model in llm.names() else model)):  # fmt: skip
+      if path and not os.path.isabs(path) and not os.path.exists(path):
+        raise UserError(
+          f"the run's config.{key}={path} ({os.path.join(workdir, 'config.json')}) is relative "
+          "to the folder the run was started from: run recommend from there, or write the "
+          "absolute path into that file"
+        )
     self.config, self.workdir = config, workdir
     self.dataset = data.load_from_config(config, workdir)
     self.titles_with_years = titles_with_years(config, workdir)

@@ -256,15 +256,24 @@ class PromptInputs:
   newline: tuple[int, ...]
 
 
-def prompt_inputs(config, workdir: str, dataset: Dataset, mesh) -> PromptInputs:
-  """Everything of the frozen parts but the LLM's weights (`build` reads those)."""
-  llm.check_init_std(config.llm.name, config.llm.init_std)  # Named before the slow parts.
+def check_llm(config):
+  """The LLM's tokenizer, after checking what can be checked without its weights: the name,
+  its config (architecture, sizes) and its tokenizer (a UserError for each). The pipeline
+  runs this before training SASRec, so a mistyped model is named before the slow parts."""
+  llm.check_init_std(config.llm.name, config.llm.init_std)
+  llm.config_for(config.llm.name)
   try:
     tokenizer = llm.load_tokenizer(config.llm.name, strict=True)
   except tok_lib.NoTokenizer as exc:
     raise UserError(f"{exc}: the ilora stage writes its prompts") from None
   if tokenizer is None:
     raise UserError(f"{config.llm.name} has no tokenizer: the ilora stage writes its prompts")
+  return tokenizer
+
+
+def prompt_inputs(config, workdir: str, dataset: Dataset, mesh) -> PromptInputs:
+  """Everything of the frozen parts but the LLM's weights (`build` reads those)."""
+  tokenizer = check_llm(config)
   special = tok_lib.add_ilora_tokens(tokenizer)
   sas_cfg, sas_params = load_sasrec(config, workdir, dataset, mesh)
   builder = prompts.PromptBuilder(
@@ -284,7 +293,10 @@ def prompt_inputs(config, workdir: str, dataset: Dataset, mesh) -> PromptInputs:
 
 def build(config, dataset: Dataset, mesh, inputs: PromptInputs):
   """Loads the LLM's weights (the slow part: a 7B model's 13 GB) and assembles the frozen
-  parts around `inputs`."""
+  parts around `inputs`; -> (parts, frozen, the loaded weights' `checkpointing.fingerprint`,
+  None for a random preset). The run records that fingerprint: it notices other weights
+  under the same name (a folder whose files were replaced), and knows its own under another
+  (a moved folder, a trailing slash)."""
   rules = sharding.rules(config)
   base = llm.load(
     config.llm.name,
@@ -294,6 +306,7 @@ def build(config, dataset: Dataset, mesh, inputs: PromptInputs):
     with_tokenizer=False,  # `inputs` holds it.
     **model_options(config, mesh),
   )
+  loaded = checkpointing.fingerprint(base.params) if llm.loads_weights(config.llm.name) else None
   # Rows for the special tokens, the vocabulary rounded up to 128 so it shards evenly.
   params, llama_cfg = tok_lib.resize_vocab(
     base.params, base.config, len(inputs.tokenizer), multiple_of=128
@@ -311,7 +324,7 @@ def build(config, dataset: Dataset, mesh, inputs: PromptInputs):
     config, model, inputs.sas_cfg, inputs.builder, dataset.n_items, inputs.longest, newline
   )
   frozen = {"llm": model.params, "sasrec": inputs.sas_params}
-  return parts, frozen
+  return parts, frozen, loaded
 
 
 def prompt_bos(config, tokenizer) -> int | None:
@@ -1135,8 +1148,19 @@ def same_sasrec(a, b) -> bool:
   return abs(x - y) <= unit * 1.001
 
 
+def _same_llm(a, b) -> bool:
+  """Whether two `run_settings` LLM names may name one model: equal, or both loaded from
+  files (not random presets), whose `llm_weights` fingerprints then decide."""
+  return a == b or not any(str(x).split(" (init_std")[0] in llm.PRESETS for x in (a, b))
+
+
+def _same_weights(a, b) -> bool:
+  """`llm_weights` before the weights are read (None) matches any."""
+  return a == b or a is None or b is None
+
+
 # Settings compared by more than `==` (`checkpointing.check_same_settings`).
-SAME_SETTINGS = {"sasrec": same_sasrec}
+SAME_SETTINGS = {"sasrec": same_sasrec, "llm": _same_llm, "llm_weights": _same_weights}
 
 
 def numerics_settings(config, bos, slots: int, sas_params) -> dict:
@@ -1154,6 +1178,8 @@ def numerics_settings(config, bos, slots: int, sas_params) -> dict:
       "ilora.train.clip_norm": config.ilora.train.clip_norm,
       "weight_decay": stage_train(config, STAGE).weight_decay,
       "sasrec": sasrec_fingerprint(sas_params),
+      # The LLM's weights (their fingerprint), filled in once `build` has read them.
+      "llm_weights": None,
       # Heads split the same weights differently: the fingerprint cannot tell them apart.
       "sasrec.num_heads": config.sasrec.num_heads,
       "ilora.bucket_window": config.ilora.bucket_window,
@@ -1217,7 +1243,11 @@ def setup(config, workdir: str, check=None, dataset: Dataset | None = None) -> S
   settings = run_settings(config, dataset, (micro, accum), total_steps, numerics)
   if check is not None:
     check(settings, numerics)
-  parts, frozen = build(config, dataset, mesh, inputs)
+  parts, frozen, loaded = build(config, dataset, mesh, inputs)
+  if loaded is not None:  # The weights read, checked against the run's as soon as they are.
+    numerics["llm_weights"] = settings["llm_weights"] = loaded
+    if check is not None:
+      check(settings, numerics)
   trainable, stats = init_trainable(parts, mesh, rules, tc.seed)
   make_tx = optim.for_run(labels_of(trainable), tc.weight_decay, config.ilora.train.clip_norm)
   frozen["run"] = run_inputs(tc.lr, total_steps, tc.seed, mesh)
@@ -1609,11 +1639,11 @@ def better(metric: str, new: float, old: float | None) -> bool:
 
 
 # What a checkpoint's settings (`run_settings`) say of the model its arrays fit: adapters,
-# router, data set (the dropout rates are of training only) and the frozen SASRec whose
-# embeddings the projector and router learned to read. Not the LLM's name: one model goes by
-# several (a registered name, the path of its file, a moved folder), so another name only
-# warns.
-_MODEL_SETTINGS = ("lora", "router", "data", "sasrec", "sasrec.num_heads")
+# router, data set (the dropout rates are of training only), the frozen SASRec whose
+# embeddings the projector and router learned to read, and the LLM's weights (their
+# fingerprint). Not the LLM's name: one model goes by several (a registered name, the path of
+# its file, a moved folder), so another name only warns, where no fingerprints tell.
+_MODEL_SETTINGS = ("lora", "router", "data", "sasrec", "sasrec.num_heads", "llm_weights")
 
 
 def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
@@ -1637,18 +1667,24 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
   theirs = model(saved)
   diffs = checkpointing.setting_diffs(theirs, model(settings), sorted(theirs), SAME_SETTINGS)
   if diffs:
-    sasrec = any(d.startswith("sasrec ") for d in diffs)
-    advice = (
-      "the run was trained on another SASRec: give it back (the workdir's checkpoints/sasrec "
-      "as it was, or the config.sasrec.init_from the run had)"
-      if sasrec
-      else "set them as the run had them"
-    )
+    if any(d.startswith("sasrec ") for d in diffs):
+      advice = (
+        "the run was trained on another SASRec: give it back (the workdir's checkpoints/sasrec "
+        "as it was, or the config.sasrec.init_from the run had)"
+      )
+    elif any(d.startswith("llm_weights ") for d in diffs):
+      advice = (
+        f"the run was trained on other LLM weights ({saved.get('llm')!r} as it was then): "
+        "its adapters fit those only"
+      )
+    else:
+      advice = "set them as the run had them"
     raise UserError(
       f"checkpoint {step} in {ckpt.directory} was made with other model settings "
       f"({'; '.join(diffs)}); {advice}"
     )
-  if saved.get("llm") is not None and saved.get("llm") != settings.get("llm"):
+  fingerprinted = None not in (saved.get("llm_weights"), settings.get("llm_weights"))
+  if saved.get("llm") not in (None, settings.get("llm")) and not fingerprinted:
     console.info(
       f"warning: checkpoint {step} in {ckpt.directory} was trained with llm {saved['llm']!r}, "
       f"this config gives {settings.get('llm')!r}: its adapters fit that model's weights only"

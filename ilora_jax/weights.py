@@ -15,7 +15,7 @@ import dataclasses
 import json
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -138,8 +138,14 @@ def params_from_hf_tensors(
   *,
   source: str,
   shardings: Any = None,
+  names: Iterable[str] | None = None,
 ) -> dict:
   """Builds the `Llama` params tree from HF-named numpy tensors.
+
+  A tensor the model would not use (`names` beyond those the config asks for: a bias, a layer
+  past `num_hidden_layers`), a tied model's `lm_head.weight` that differs from its embedding,
+  and a weight holding NaN or an infinity are refused by name: the model would compute other
+  outputs than the checkpoint's.
 
   Args:
     get: returns the HF tensor (e.g. 'model.layers.0.mlp.up_proj.weight') as numpy.
@@ -147,10 +153,13 @@ def params_from_hf_tensors(
     cfg: the model config (its `param_dtype`, `scan_layers` and shapes are used).
     source: file or folder name used in error messages.
     shardings: see the module docstring.
+    names: every tensor name the checkpoint holds (None: not checked).
 
   Returns:
     The params tree of jax arrays in `cfg.param_dtype`.
   """
+  if names is not None:
+    _check_all_used(names, cfg, source)
   dtype = cfg.param_dtype
 
   def put(path, array):
@@ -187,7 +196,58 @@ def params_from_hf_tensors(
       raise UserError(f"{source}: lm_head.weight missing but word embeddings are not tied")
     head = _checked(get, "lm_head.weight", (cfg.vocab_size, cfg.hidden_size), source)
     params["lm_head"] = put(("lm_head",), head.T)
+  elif has("lm_head.weight"):
+    head = _checked(get, "lm_head.weight", (cfg.vocab_size, cfg.hidden_size), source)
+    if not np.array_equal(head, get("model.embed_tokens.weight")):
+      raise UserError(
+        f"{source}: the config ties the word embeddings (tie_word_embeddings) but lm_head.weight "
+        "differs from model.embed_tokens.weight; set tie_word_embeddings to false to use it"
+      )
+  _check_finite(params, cfg, source)
   return params
+
+
+# Tensors a checkpoint may hold that the model computes itself (older conversions saved the
+# rotary frequencies; llama.cpp's llama3 files their scaled form).
+_DERIVED = (".rotary_emb.inv_freq", "rope_freqs.weight")
+
+
+def _check_all_used(names: Iterable[str], cfg: LlamaConfig, source: str) -> None:
+  used = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+  used.update(f"model.layers.{i}.{suffix}" for i in range(cfg.num_layers)
+              for _, suffix in _LAYER_TENSORS)  # fmt: skip
+  unused = sorted(n for n in names if n not in used and not n.endswith(_DERIVED))
+  if unused:
+    more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+    raise UserError(
+      f"{source}: tensors this Llama config does not use: {', '.join(unused[:3])}{more} "
+      f"(num_hidden_layers={cfg.num_layers}, no biases): the model would compute other "
+      "outputs than the checkpoint's"
+    )
+
+
+@jax.jit
+def _finite_rows(leaves):
+  """Per leaf, whether every value is finite: one flag per layer for a stacked leaf."""
+  return [jax.numpy.isfinite(x).reshape(x.shape[0], -1).all(axis=1) for x in leaves]
+
+
+def _check_finite(params: dict, cfg: LlamaConfig, source: str) -> None:
+  """A UserError naming the first tensor that holds NaN or an infinity."""
+  hf_of = {sub: suffix for sub, suffix in _LAYER_TENSORS}
+  paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(params)[0])
+  for path, rows in zip(paths, jax.device_get(_finite_rows(list(leaves)))):
+    if rows.all():
+      continue
+    keys = tuple(str(k.key) for k in path)
+    if keys[0] == "layers":
+      name = f"model.layers.{int(np.argmin(rows))}.{hf_of[keys[1:]]}"
+    elif keys[0].startswith("layers_"):
+      name = f"model.layers.{keys[0][len('layers_') :]}.{hf_of[keys[1:]]}"
+    else:
+      name = {"embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
+              "lm_head": "lm_head.weight"}[keys[0]]  # fmt: skip
+    raise UserError(f"{source}: tensor {name} holds NaN or infinite values")
 
 
 # ----------------------------------------------------------------------------- HF folders
@@ -237,11 +297,19 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
   """
   model_type = hf.get("model_type")
   if model_type != "llama":
-    raise UserError(f"unsupported architecture {model_type!r}: only Llama models are supported")
+    raise UserError(
+      f"{source}: unsupported architecture {model_type!r}: only Llama models are supported"
+    )
   if hf.get("attention_bias") or hf.get("mlp_bias"):
-    raise UserError("unsupported Llama variant: attention_bias/mlp_bias must be false")
+    raise UserError(f"{source}: unsupported Llama variant: attention_bias/mlp_bias must be false")
   if hf.get("hidden_act", "silu") != "silu":
-    raise UserError(f"unsupported hidden_act {hf.get('hidden_act')!r}: expected silu")
+    raise UserError(f"{source}: unsupported hidden_act {hf.get('hidden_act')!r}: expected silu")
+  quantized = hf.get("quantization_config")
+  if quantized:
+    method = quantized.get("quant_method", "?") if isinstance(quantized, dict) else quantized
+    raise UserError(
+      f"{source}: quantized checkpoints ({method}) are not supported: give the unquantized weights"
+    )
   required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads")  # fmt: skip
   missing = [k for k in required if k not in hf]
@@ -309,7 +377,7 @@ class _SafetensorsFolder:
     from safetensors import SafetensorError, safe_open
 
     self._error = SafetensorError
-    self._open = safe_open
+    self._folder = folder
     index_path = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index_path):
       try:
@@ -349,13 +417,21 @@ class _SafetensorsFolder:
   def has(self, name: str) -> bool:
     return name in self._where
 
+  def names(self) -> list[str]:
+    return list(self._where)
+
   def get(self, name: str) -> np.ndarray:
     if name not in self._where:
-      raise UserError(f"tensor {name} not found in the safetensors files")
+      raise UserError(f"{self._folder}: tensor {name} not found in the safetensors files")
     try:
       return self._handles[self._where[name]].get_tensor(name)
     except self._error as e:
       raise UserError(f"cannot read {name} from {self._where[name]}: {e}") from None
+    except (AttributeError, TypeError, ValueError) as e:  # A dtype numpy has no type for.
+      raise UserError(
+        f"cannot read {name} from {self._where[name]} ({e}): float8 and other quantized "
+        "weights are not supported"
+      ) from None
 
 
 def load_hf(folder: str, *, shardings: Any = None, **config_overrides) -> tuple[LlamaConfig, dict]:
@@ -377,7 +453,7 @@ def load_hf(folder: str, *, shardings: Any = None, **config_overrides) -> tuple[
   cfg = config_from_hf(read_hf_config(config_path), config_path, **config_overrides)
   tensors = _SafetensorsFolder(folder)
   return cfg, params_from_hf_tensors(
-    tensors.get, tensors.has, cfg, source=folder, shardings=shardings
+    tensors.get, tensors.has, cfg, source=folder, shardings=shardings, names=tensors.names()
   )
 
 
@@ -590,18 +666,23 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, half, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def gguf_tensor_getter(reader, cfg: LlamaConfig, path: str) -> tuple[TensorGetter, Callable]:
-  """-> (get, has) over HF tensor names, dequantizing GGUF tensors to float32 on demand."""
+def gguf_tensor_getter(
+  reader, cfg: LlamaConfig, path: str
+) -> tuple[TensorGetter, Callable, list[str]]:
+  """-> (get, has, names) over HF tensor names, dequantizing GGUF tensors to float32 on
+  demand; `names` holds the file's other tensors under their GGUF names."""
   import gguf
 
-  by_hf_name = {}
+  by_hf_name, others = {}, []
   for t in reader.tensors:
+    parts = t.name.split(".", 3)
     if t.name in _GGUF_TOP_NAMES:
       by_hf_name[_GGUF_TOP_NAMES[t.name]] = t
-    elif t.name.startswith("blk."):
-      _, layer, kind, rest = t.name.split(".", 3)
-      if kind in _GGUF_LAYER_NAMES:
-        by_hf_name[f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{rest}"] = t
+    elif parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_LAYER_NAMES:
+      _, layer, kind, rest = parts
+      by_hf_name[f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{rest}"] = t
+    else:
+      others.append(t.name)
 
   def get(name: str) -> np.ndarray:
     t = by_hf_name.get(name)
@@ -624,7 +705,7 @@ def gguf_tensor_getter(reader, cfg: LlamaConfig, path: str) -> tuple[TensorGette
       w = _unpermute_rows(w, cfg.num_kv_heads)
     return w
 
-  return get, lambda name: name in by_hf_name
+  return get, lambda name: name in by_hf_name, [*by_hf_name, *others]
 
 
 def load_gguf(path: str, *, shardings: Any = None, **config_overrides) -> tuple[LlamaConfig, dict]:
@@ -640,5 +721,5 @@ def load_gguf(path: str, *, shardings: Any = None, **config_overrides) -> tuple[
   """
   reader = open_gguf(path)
   cfg = config_from_gguf(reader, **config_overrides)
-  get, has = gguf_tensor_getter(reader, cfg, path)
-  return cfg, params_from_hf_tensors(get, has, cfg, source=path, shardings=shardings)
+  get, has, names = gguf_tensor_getter(reader, cfg, path)
+  return cfg, params_from_hf_tensors(get, has, cfg, source=path, shardings=shardings, names=names)

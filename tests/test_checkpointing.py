@@ -150,3 +150,49 @@ def test_arrays_that_are_not_what_was_saved_are_refused(tmp_path):
   path.write_text(json.dumps({"step": 3}))
   restored, _ = ckpt.restore(3, target)
   assert float(restored["w"][5]) == 2.0
+
+
+def test_fingerprint_matches_a_numpy_formula_and_sees_what_the_checksum_misses():
+  """`fingerprint` (the LLM weights' digest a run records): per array, two sums mod 2**32 of
+  MurmurHash3's 32-bit finaliser of (bit pattern + position x seed), the same on any
+  sharding. A matrix doubled, which the weighted checksum cannot see here (it adds 2**23 to
+  each float32 pattern of a 4096-element block), changes it; so does one bit."""
+  import hashlib
+  import json
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+  def fmix(h):
+    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+      h = ((h ^ (h >> np.uint64(shift))) * np.uint64(factor)) % 2**32
+    return h ^ (h >> np.uint64(16))
+
+  def reference(tree: dict) -> str:
+    described = []
+    for name, x in tree.items():
+      unsigned = {4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize]
+      bits = x.reshape(-1).view(unsigned).astype(np.uint64)
+      index = np.arange(bits.size, dtype=np.uint64)
+      sums = [int(np.sum(fmix((bits + index * np.uint64(seed)) % 2**32)) % 2**32)
+              for seed in (0x9E3779B9, 0x7F4A7C15)]  # fmt: skip
+      described.append([f"['{name}']", str(x.dtype), list(x.shape), sums])
+    return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
+
+  rng = np.random.default_rng(1)
+  tree = {"a": rng.normal(size=(2, 4096)).astype(np.float32),
+          "b": np.asarray(jnp.asarray(rng.normal(size=(8, 3)), jnp.bfloat16))}  # fmt: skip
+  want = reference(tree)
+  mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+  assert checkpointing.fingerprint({k: jnp.asarray(v) for k, v in tree.items()}) == want
+  sharded = {k: jax.device_put(v, NamedSharding(mesh, PartitionSpec("x"))) for k, v in tree.items()}
+  assert checkpointing.fingerprint(sharded) == want
+  doubled = {**tree, "a": tree["a"].copy()}
+  doubled["a"][1] *= 2
+  assert checkpointing.checksums(doubled) == checkpointing.checksums(tree)  # Blind to it.
+  assert checkpointing.fingerprint(doubled) == reference(doubled) != want
+  one = {**tree, "a": tree["a"].copy()}
+  one["a"][0, 7] = np.nextafter(one["a"][0, 7], np.float32(9))
+  assert checkpointing.fingerprint(one) != want

