@@ -1163,6 +1163,14 @@ def _same_weights(a, b) -> bool:
 SAME_SETTINGS = {"sasrec": same_sasrec, "llm": _same_llm, "llm_weights": _same_weights}
 
 
+def same_settings(saved: dict) -> dict:
+  """`SAME_SETTINGS` for a checkpoint's `saved` settings: a checkpoint of older code, without
+  the LLM's fingerprint, compares the LLM's name strictly, as that code did."""
+  if "llm_weights" in saved:
+    return SAME_SETTINGS
+  return {k: v for k, v in SAME_SETTINGS.items() if k != "llm"}
+
+
 def numerics_settings(config, bos, slots: int, sas_params) -> dict:
   """Settings beyond the model's shape that a resumed run must share with its checkpoint:
   the prompt's first token (`bos`, the prompt builder's), the compute and weight dtypes, the
@@ -1336,7 +1344,11 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       if latest is not None:
         latest_meta = found.restore_meta(latest)
         checkpointing.check_same_settings(
-          latest_meta["settings"], settings, found.directory, unknown, SAME_SETTINGS
+          latest_meta["settings"],
+          settings,
+          found.directory,
+          unknown,
+          same_settings(latest_meta["settings"]),
         )
         # Checkpoints of older code (no select_by recorded) selected nothing: from here on.
         chosen_by = latest_meta.get("select_by", select)
@@ -1615,7 +1627,7 @@ def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
         f"{kept.get('select_by')!r}, or remove that folder to select anew"
       )
     checkpointing.check_same_settings(
-      kept["settings"], settings, best.directory, unknown, SAME_SETTINGS
+      kept["settings"], settings, best.directory, unknown, same_settings(kept["settings"])
     )
     return at, float(kept["value"])
 

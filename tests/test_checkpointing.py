@@ -76,6 +76,29 @@ def test_one_sasrec_on_two_backends_is_the_same_sasrec():
     )
 
 
+def test_an_llm_is_known_by_its_weights_where_a_checkpoint_has_their_fingerprint():
+  """A checkpoint with the LLM weights' fingerprint: the model's files under another name
+  (a moved folder, a trailing slash) pass and other weights are refused; random presets go by
+  their names; a checkpoint of older code (no fingerprint) compares the names strictly."""
+  from ilora_jax.checkpointing import UNKNOWN, check_same_settings
+  from ilora_jax.train_ilora import same_settings
+
+  def check(saved, current):
+    check_same_settings(saved, current, "d", {"llm_weights": UNKNOWN}, same_settings(saved))
+
+  check({"llm": "/a/m", "llm_weights": "f1"}, {"llm": "/b/m/", "llm_weights": "f1"})
+  check({"llm": "/a/m", "llm_weights": "f1"}, {"llm": "/a/m", "llm_weights": None})  # Not read.
+  with pytest.raises(UserError, match="llm_weights: checkpoint 'f1' vs config 'f2'"):
+    check({"llm": "/a/m", "llm_weights": "f1"}, {"llm": "/a/m", "llm_weights": "f2"})
+  with pytest.raises(UserError, match="llm: checkpoint 'tiny' vs config 'smollm2-135m-random'"):
+    check({"llm": "tiny", "llm_weights": None}, {"llm": "smollm2-135m-random", "llm_weights": None})
+  with pytest.raises(UserError, match="llm: checkpoint 'tiny' vs config 'tiny \\(init_std 0.5"):
+    check({"llm": "tiny", "llm_weights": None}, {"llm": "tiny (init_std 0.5)", "llm_weights": None})
+  with pytest.raises(UserError, match="llm: checkpoint '/a/m' vs config '/b/m'"):
+    check({"llm": "/a/m"}, {"llm": "/b/m", "llm_weights": "f1"})  # Older code's checkpoint.
+  check({"llm": "/a/m"}, {"llm": "/a/m", "llm_weights": "f1"})
+
+
 def test_bits_sums_match_a_numpy_formula_on_any_sharding():
   """A checkpoint's checksum of an array: the sum mod 2**32 of its elements' bit patterns
   times 2i + 1 (i the flat position), whatever the array's dtype or sharding, summed on the
