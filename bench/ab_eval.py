@@ -6,19 +6,23 @@ r"""Paired timing of evaluation variants of a split in one process.
       --config.sasrec.init_from=../shared/checkpoints/sasrec/lastfm.pt \
       --variants="ilora.eval_sort=False;ilora.eval_sort=True" [--split=val] [--rounds=2]
 
-Each variant is a space-separated list of `key=value` overrides of the evaluation's settings
-(`ilora.*`, and `llm.unroll_decode`: the decode loop through the same weights), parsed as the
-command line's `--config.key=value`, on top of --config; an empty variant is that config
-itself. The data, the model and the run's fresh adapters (B = 0, so
-the base model's outputs) are built once and shared, and every variant is an evaluator of the
-same rows and candidates: the whole evaluation of the split (`ilora.eval_rows` rows in
-`ilora.eval_batch_size` batches; generation and/or candidate scoring, and the target loss, as
-training's val evaluation runs it). One untimed pass of each variant first (it compiles every
+Each variant is a space-separated list of `key=value` overrides of the settings each
+evaluator reads (`ilora_jax.bench.EVAL_VARIANT_KEYS`: ilora.eval_batch_size, eval_generate,
+eval_score, eval_shared_prefill, eval_sort, score_packed, score_chunk, max_new_tokens, and
+`llm.unroll_decode`: the decode loop through the same weights), parsed as the command line's
+`--config.key=value`, on top of --config; an empty variant is that config itself. Any other
+key is refused: the rows (`ilora.eval_rows`), the shared parts (`ilora.max_target_tokens`)
+and training's settings are the same for every variant (set them with --config.KEY=VALUE).
+The data, the model and the run's fresh adapters (B = 0, so the base model's outputs) are
+built once and shared, and every variant is an evaluator of the same rows and candidates:
+the whole evaluation of the split (`ilora.eval_rows` rows in `ilora.eval_batch_size` batches;
+generation and/or candidate scoring, and the target loss, as training's val evaluation runs
+it). One untimed pass of each variant first (it compiles every
 padded length), then `rounds` timed passes of each in alternation, so a shared machine's drift
 hits them alike. Prints every pass's seconds per part (prepare, loss, score, generate,
 generate+score) and, as its last line, one JSON object with each variant's pass times, its
-per-round ratios to the first variant and their median, its metrics, and the largest
-relative difference of any metric from the first variant's.
+per-round ratios to the first variant and their median, its rows, its metrics, and the
+largest relative difference of any metric from the first variant's.
 """
 
 from __future__ import annotations
@@ -31,18 +35,17 @@ import sys
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from ilora_jax import bench, configuration, errors, train_ilora
 from ilora_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/lastfm.py")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/lastfm.py)")
 _VARIANTS = flags.DEFINE_string("variants", None, "';'-separated variants of 'ilora.key=value ...'")
 _SPLIT = flags.DEFINE_string("split", "val", "split to evaluate (val or test)")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "timed passes of each variant")
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/ilora_jax_ab_eval", "workdir (data builds)")
-_MODEL_KEYS = ("llm.unroll_decode",)  # Model settings a variant may change: same weights.
 
 
 def _parts_for(parts: train_ilora.Parts, cfg) -> train_ilora.Parts:
@@ -67,40 +70,38 @@ def _largest_difference(metrics: dict, first: dict) -> float:
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
-  try:
-    if _ROUNDS.value < 1:
-      raise UserError(f"--rounds={_ROUNDS.value}: must be >= 1")
-    variants = bench.parse_variants(_VARIANTS.value)
-    for _, items in variants:
-      for item in items:
-        if not item.startswith("ilora.") and item.split("=")[0] not in _MODEL_KEYS:
-          raise UserError(
-            f"variant item {item!r}: only evaluation settings (ilora.*, "
-            f"{', '.join(_MODEL_KEYS)}) vary; the data and model are shared"
-          )
-    su = train_ilora.setup(config, _WORKDIR.value)
-    split = su.dataset.split(_SPLIT.value)
-    names = [name for name, _ in variants]
-    evaluators = []
-    for _, items in variants:
-      cfg = configuration.override(config, items)
-      parts = _parts_for(su.parts, cfg)
-      evaluators.append(train_ilora.Evaluator(parts, cfg, split, su.gate_kind, su.mesh))
-    st = su.state
-    seconds = [[] for _ in names]
-    metrics = [{} for _ in names]
-    for round_ in range(_ROUNDS.value + 1):
-      for k, (name, ev) in enumerate(zip(names, evaluators)):
-        t0 = time.perf_counter()
-        metrics[k] = ev(st["trainable"], st["stats"], su.frozen, config.progress)
-        took = time.perf_counter() - t0
-        parts = " ".join(f"{p} {v:.1f}" for p, v in sorted(ev.timings.items()))
-        label = "compile pass" if round_ == 0 else f"round {round_}"
-        print(f"{label:<13} {name:<36} {took:7.1f} s  ({parts})", file=sys.stderr, flush=True)
-        if round_:
-          seconds[k].append(took)
-  except UserError as exc:
-    errors.report_and_exit(exc)
+  if _ROUNDS.value < 1:
+    raise UserError(f"--rounds={_ROUNDS.value}: must be >= 1")
+  from ilora_jax.data import SPLITS
+
+  if _SPLIT.value not in SPLITS:
+    raise UserError(f"--split={_SPLIT.value!r} must be one of {', '.join(SPLITS)}")
+  variants = bench.parse_variants(_VARIANTS.value)
+  bench.check_eval_variants(variants)  # Before the data and model are built.
+  cfgs = [configuration.override(config, items) for _, items in variants]
+  su = train_ilora.setup(config, _WORKDIR.value)
+  split = su.dataset.split(_SPLIT.value)
+  names = [name for name, _ in variants]
+  evaluators = []
+  for cfg in cfgs:
+    parts = _parts_for(su.parts, cfg)
+    evaluators.append(train_ilora.Evaluator(parts, cfg, split, su.gate_kind, su.mesh))
+  # Every variant evaluates the same rows and candidates (`check_eval_variants`).
+  if len({(len(ev.idx), ev.fingerprint) for ev in evaluators}) != 1:
+    raise UserError("the variants evaluate different rows or candidates: not comparable")
+  st = su.state
+  seconds = [[] for _ in names]
+  metrics = [{} for _ in names]
+  for round_ in range(_ROUNDS.value + 1):
+    for k, (name, ev) in enumerate(zip(names, evaluators)):
+      t0 = time.perf_counter()
+      metrics[k] = ev(st["trainable"], st["stats"], su.frozen, config.progress)
+      took = time.perf_counter() - t0
+      parts = " ".join(f"{p} {v:.1f}" for p, v in sorted(ev.timings.items()))
+      label = "compile pass" if round_ == 0 else f"round {round_}"
+      print(f"{label:<13} {name:<36} {took:7.1f} s  ({parts})", file=sys.stderr, flush=True)
+      if round_:
+        seconds[k].append(took)
   result = {
     "device": jax.devices()[0].device_kind,
     "data": config.data.name,
@@ -114,6 +115,8 @@ def main(argv) -> None:
     ratios = [a / b for a, b in zip(secs, seconds[0])]
     row = {
       "variant": name,
+      "rows": len(ev.idx),
+      "candidates": ev.fingerprint,
       "batch_size": int(ev.config.ilora.eval_batch_size),
       "seconds": secs,
       "median_s": statistics.median(secs),
@@ -132,4 +135,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_script(main, default_config="configs/lastfm.py")

@@ -23,13 +23,13 @@ import sys
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from ilora_jax import bench, configuration, errors
 from ilora_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/movielens.py")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/movielens.py)")
 _VARIANTS = flags.DEFINE_string("variants", None, "';'-separated variants of 'key=value ...'")
 _ROUNDS = flags.DEFINE_integer("rounds", 8, "timed rounds (one step of every variant each)")
 
@@ -43,19 +43,20 @@ def _stepper(config):
 
 def main(argv) -> None:
   del argv
-  try:
-    variants = bench.parse_variants(_VARIANTS.value)
-    names = [name for name, _ in variants]
-    configs = [configuration.override(_CONFIG.value, items) for _, items in variants]
-    steps = [_stepper(config) for config in configs]
-    times = [[] for _ in names]
-    for _ in range(_ROUNDS.value):
-      for step, record in zip(steps, times):
-        t0 = time.perf_counter()
-        step()
-        record.append(time.perf_counter() - t0)
-  except UserError as exc:
-    errors.report_and_exit(exc)
+  if _ROUNDS.value < 1:  # Before any variant is built.
+    raise UserError(f"--rounds={_ROUNDS.value}: must be >= 1")
+  variants = bench.parse_variants(_VARIANTS.value)
+  names = [name for name, _ in variants]
+  configs = [configuration.override(_CONFIG.value, items) for _, items in variants]
+  for config in configs:  # Every variant's shape checked before the first one is built.
+    bench.train_mesh(config)
+  steps = [_stepper(config) for config in configs]
+  times = [[] for _ in names]
+  for _ in range(_ROUNDS.value):
+    for step, record in zip(steps, times):
+      t0 = time.perf_counter()
+      step()
+      record.append(time.perf_counter() - t0)
   result = {"device": jax.devices()[0].device_kind, "rounds": _ROUNDS.value, "variants": []}
   print(f"{'variant':<44}{'median s':>10}{'min s':>8}{'ratio':>8}", file=sys.stderr)
   for name, record in zip(names, times):
@@ -69,4 +70,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_script(main, default_config="configs/movielens.py")

@@ -20,7 +20,8 @@ import json
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+import numpy as np
+from absl import flags
 
 from ilora_jax import bench, console, errors, llama, llm, scoring
 
@@ -34,10 +35,29 @@ _CAND_LEN = flags.DEFINE_integer("candidate_len", 16, "padded tokens per candida
 _PACKED = flags.DEFINE_integer("packed_len", 160, "packed candidate tokens per prompt")
 
 
-def measure(model: str, dtype: str, b: int, t: int, new: int, n: int, cl: int, packed: int):
-  """{program name: scratch bytes} and the cache's bytes for one shape."""
+_FLOATS = ("float32", "bfloat16", "float16")
+
+
+def check(model: str, dtype: str, sizes: dict[str, int]) -> None:
+  """Refuses a model that is no preset, a dtype that is no float dtype and a size below 1,
+  naming the flag, before anything is compiled or printed."""
   if model not in llm.PRESETS:
     raise errors.UserError(f"--model={model} is not a preset: one of {sorted(llm.PRESETS)}")
+  try:
+    floating = np.dtype(jnp.dtype(dtype)).name in _FLOATS
+  except TypeError:
+    floating = False
+  if not floating:
+    raise errors.UserError(f"--dtype={dtype} is not one of {', '.join(_FLOATS)}")
+  for flag, value in sizes.items():
+    if value < 1:
+      raise errors.UserError(f"--{flag}={value}: must be >= 1")
+
+
+def measure(model: str, dtype: str, b: int, t: int, new: int, n: int, cl: int, packed: int):
+  """{program name: scratch bytes} and the cache's bytes for one shape."""
+  check(model, dtype, {"batch": b, "prompt_len": t, "new_tokens": new, "candidates": n,
+                       "candidate_len": cl, "packed_len": packed})  # fmt: skip
   cfg = llm.config_for(model, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
   module = llama.Llama(cfg)
   params = nn.meta.unbox(llama.abstract_params(cfg))
@@ -79,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  errors.cli_main(lambda: app.run(main))()
+  errors.run_script(main)

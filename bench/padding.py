@@ -23,17 +23,18 @@ object.
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 from tqdm import tqdm
 
 from ilora_jax import errors, scoring, train_ilora
 from ilora_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/lastfm.py")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/lastfm.py)")
 _STEPS = flags.DEFINE_integer("steps", 0, "steps of epoch 0 to build (0 = all)")
 _STEP_S = flags.DEFINE_string("step_s", "", "seconds per step by padded length: 'T=s,T=s'")
 _EVAL_SPLIT = flags.DEFINE_string("eval_split", "", "also count evaluation batches of this split")
@@ -99,10 +100,19 @@ def _candidate_tally(su, config, split) -> dict:
 
 
 def _parse_step_s(text: str) -> dict[int, float]:
+  """{padded length: seconds per step} of `--step_s`; lengths positive integers, seconds
+  positive finite numbers."""
   try:
-    return {int(k): float(v) for k, v in (p.split("=") for p in text.split(",") if p)}
+    pairs = [(int(k), float(v)) for k, v in (p.split("=") for p in text.split(",") if p)]
   except ValueError:
     raise UserError(f"--step_s={text!r}: expected 'length=seconds,...'") from None
+  for length, seconds in pairs:
+    if length < 1 or not 0 < seconds < math.inf:
+      raise UserError(
+        f"--step_s: {length}={seconds}: a padded length is a positive integer and its "
+        "seconds per step a positive finite number"
+      )
+  return dict(pairs)
 
 
 def main(argv) -> None:
@@ -110,6 +120,10 @@ def main(argv) -> None:
   config = _CONFIG.value
   try:
     step_s = _parse_step_s(_STEP_S.value)
+    from ilora_jax.data import SPLITS
+
+    if _EVAL_SPLIT.value and _EVAL_SPLIT.value not in SPLITS:  # Before the train steps' tally.
+      raise UserError(f"--eval_split={_EVAL_SPLIT.value!r} must be one of {', '.join(SPLITS)}")
     su = train_ilora.setup(config, _WORKDIR.value)
     steps = _STEPS.value or su.steps_per_epoch
     if not 0 < steps <= su.steps_per_epoch:
@@ -178,4 +192,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_script(main, default_config="configs/lastfm.py")

@@ -11,7 +11,10 @@ of the trace is matched to its instruction in the compiled module, whose metadat
 JAX operation it came from, and put in one kind (see `KINDS`): matmul (dot_general, however
 XLA fused it), dropout bits (threefry), attention softmax, layer slices (dynamic-slice of the
 scanned weights), scan stacking (dynamic-update-slice of the saved residuals), fills
-(broadcasts), copies and transposes, and other element-wise work.
+(broadcasts), copies and transposes, and other element-wise work. An op is a matmul by what
+it runs, not by its metadata: a dot or convolution, a fusion with one among its fused
+instructions (XLA:CPU's YNNPACK and oneDNN fusions hold their dot), or a custom call to a
+matmul library (cuBLAS, oneDNN).
 
 Prints the kinds and the `--top` ops, per step, with the wall-clock step; the last line is one
 JSON object. On a CPU, XLA runs independent ops on two threads and YNNPACK matmuls split
@@ -44,13 +47,13 @@ import tempfile
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from ilora_jax import bench, errors
 from ilora_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/movielens.py")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/movielens.py)")
 _STEPS = flags.DEFINE_integer("steps", 3, "profiled steps (after one warm-up step)")
 _TOP = flags.DEFINE_integer("top", 15, "ops listed, the slowest first")
 _OUT = flags.DEFINE_string("out", "", "folder for the trace (default: a new temporary one)")
@@ -61,37 +64,46 @@ _MODE = flags.DEFINE_enum(
 )  # fmt: skip
 _DECODE_LOOP = "/while/body/"  # The decode loop's ops, in generate's HLO op_names.
 
-# (kind, test on (opcode, instruction name, JAX sources)), the first match wins. The sources
-# are the instruction's own op_name first, then those of the computation it calls (a fusion's
-# fused instructions): a fusion is a matmul when any of its instructions is one (XLA:CPU
-# fuses reductions and element-wise work around a dot, the loss's log-softmax around the LM
-# head for one), and dropout bits when any comes from threefry (fused into the mask's test).
+# (kind, test on (opcode, instruction name, JAX sources, inner opcodes)), the first match
+# wins. The sources are the instruction's own op_name first, then those of the computation it
+# calls (a fusion's fused instructions); the inner opcodes are those of the computations it
+# calls, nested fusions included, and a custom call's "target:<name>". A fusion is a matmul
+# when one of its fused instructions is a dot or convolution (XLA:CPU fuses reductions and
+# element-wise work around a dot, the loss's log-softmax around the LM head for one), never
+# by metadata alone (a fusion of a dot's neighbours can carry its op_name); dropout bits when
+# any source comes from threefry (fused into the mask's test).
+_MATMUL_TARGET = re.compile(r"target:.*(matmul|gemm|conv)", re.I)
 KINDS = (
-  ("matmul", lambda op, name, src: op in ("dot", "convolution")
-   or any(s.endswith("dot_general") for s in src)),
-  ("dropout bits", lambda op, name, src: any("threefry" in s for s in src)),
-  ("attention softmax", lambda op, name, src: "/attn/" in src[0] and any(
+  ("matmul", lambda op, name, src, inner=frozenset(): op in ("dot", "convolution")
+   or bool(inner & {"dot", "convolution"}) or any(_MATMUL_TARGET.match(i) for i in inner)),
+  ("dropout bits", lambda op, name, src, *_: any("threefry" in s for s in src)),
+  ("attention softmax", lambda op, name, src, *_: "/attn/" in src[0] and any(
     k in src[0] for k in ("reduce_max", "exp", "reduce_sum", "div", "select_n", "softmax"))),
-  ("layer slices", lambda op, name, src: op == "dynamic-slice" or "dynamic-slice" in name),
-  ("scan stacking", lambda op, name, src: op == "dynamic-update-slice"
+  ("layer slices", lambda op, name, src, *_: op == "dynamic-slice" or "dynamic-slice" in name),
+  ("scan stacking", lambda op, name, src, *_: op == "dynamic-update-slice"
    or "dynamic-update-slice" in name or "dynamic_update_slice" in src[0]),
-  ("fills", lambda op, name, src: "broadcast" in name),
-  ("copies and transposes", lambda op, name, src: "copy" in name or "transpose" in name),
-  ("other element-wise", lambda op, name, src: True),
+  ("fills", lambda op, name, src, *_: "broadcast" in name),
+  ("copies and transposes", lambda op, name, src, *_: "copy" in name or "transpose" in name),
+  ("other element-wise", lambda op, name, src, *_: True),
 )  # fmt: skip
 _CONTROL = ("while", "conditional", "call", "tuple", "get-tuple-element", "parameter")
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) .*\{$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _CALLS = re.compile(r"calls=%([\w.\-]+)")
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
 
-def instructions(hlo_text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
-  """Instruction name -> (opcode, JAX sources) of every instruction in an HLO module; the
-  sources are its op_name metadata, then those inside the computation it calls (XLA leaves
-  some fusions without their own), or ('',) when there is none."""
-  own: dict[str, tuple[str, str, str | None]] = {}
+def instructions(hlo_text: str) -> dict[str, tuple[str, tuple[str, ...], frozenset]]:
+  """Instruction name -> (opcode, JAX sources, inner opcodes) of every instruction in an HLO
+  module; the sources are its op_name metadata, then those inside the computation it calls
+  (XLA leaves some fusions without their own), or ('',) when there is none; the inner
+  opcodes, those of the computations it calls (nested calls too) and, for a custom call, its
+  "target:<name>"."""
+  own: dict[str, tuple[str, str, str | None, str | None]] = {}
   inside: dict[str, list[str]] = collections.defaultdict(list)
+  opcodes: dict[str, set[str]] = collections.defaultdict(set)
+  callees: dict[str, set[str]] = collections.defaultdict(set)
   computation = None
   for line in hlo_text.splitlines():
     head = _COMPUTATION.match(line)
@@ -102,21 +114,48 @@ def instructions(hlo_text: str) -> dict[str, tuple[str, tuple[str, ...]]]:
     if match:
       src = _OP_NAME.search(line)
       calls = _CALLS.search(line)
+      target = _TARGET.search(line)
       own[match.group(1)] = (
         match.group(2),
         src.group(1) if src else "",
         calls.group(1) if calls else None,
+        f"target:{target.group(1)}" if target else None,
       )
-      if src and computation:
-        inside[computation].append(src.group(1))
+      if computation:
+        opcodes[computation].add(match.group(2))
+        if target:
+          opcodes[computation].add(f"target:{target.group(1)}")
+        if calls:
+          callees[computation].add(calls.group(1))
+        if src:
+          inside[computation].append(src.group(1))
+
+  def reached(computation: str | None) -> frozenset:
+    seen, todo, out = set(), [computation] if computation else [], set()
+    while todo:
+      c = todo.pop()
+      if c not in seen:
+        seen.add(c)
+        out |= opcodes.get(c, set())
+        todo.extend(callees.get(c, ()))
+    return frozenset(out)
+
   found = {}
-  for name, (op, src, calls) in own.items():  # Empty names left out, ('',) when none is left.
-    found[name] = (op, tuple(s for s in (src, *inside.get(calls, ())) if s) or ("",))
+  for name, (op, src, calls, target) in own.items():  # Empty names left out, ('',) if none.
+    inner = reached(calls) | ({target} if target else set())
+    found[name] = (op, tuple(s for s in (src, *inside.get(calls, ())) if s) or ("",), inner)
   return found
 
 
-def kind_of(opcode: str, name: str, src: tuple[str, ...]) -> str:
-  return next(kind for kind, test in KINDS if test(opcode, name, src))
+def kind_of(opcode: str, name: str, src: tuple[str, ...], inner: frozenset = frozenset()) -> str:
+  """The kind (`KINDS`) of an instruction, from `instructions`' opcode, sources and inner
+  opcodes."""
+  return next(kind for kind, test in KINDS if test(opcode, name, src, inner))
+
+
+def _kind(known: dict, name: str) -> str:
+  opcode, src, inner = known[name]
+  return kind_of(opcode, name, src, inner)
 
 
 def is_decode_loop(source: str) -> bool:
@@ -136,17 +175,33 @@ def op_times(trace_events: list[dict], known: dict) -> dict[str, float]:
   return times
 
 
+def output_folder(path: str) -> str:
+  """The trace's folder `path`, created, or refused as one line when it cannot be created or
+  written (checked before anything is profiled); '' as is (a new temporary one, later)."""
+  if not path:
+    return path
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"--out={path} is not a folder")
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):  # Writable: the trace and step.hlo.txt go there.
+      pass
+  except OSError as exc:
+    raise UserError(f"--out={path}: cannot write there ({exc.strerror or exc})") from None
+  return path
+
+
 def main(argv) -> None:
   del argv
-  try:
-    if _STEPS.value < 1:
-      raise UserError("--steps must be at least 1")
-    stepper = bench.train_stepper if _MODE.value == "train" else bench.generate_stepper
-    compiled, step = stepper(_CONFIG.value)
-  except UserError as exc:
-    errors.report_and_exit(exc)
+  if _STEPS.value < 1:
+    raise UserError(f"--steps={_STEPS.value}: must be >= 1")
+  if _TOP.value < 1:
+    raise UserError(f"--top={_TOP.value}: must be >= 1")
+  out = output_folder(_OUT.value)
+  stepper = bench.train_stepper if _MODE.value == "train" else bench.generate_stepper
+  compiled, step = stepper(_CONFIG.value)
   step()  # warm-up
-  out = _OUT.value or tempfile.mkdtemp(prefix="ilora_jax_profile_")
+  out = out or tempfile.mkdtemp(prefix="ilora_jax_profile_")
   with jax.profiler.trace(out, create_perfetto_trace=True):
     t0 = time.perf_counter()
     for _ in range(_STEPS.value):
@@ -164,7 +219,7 @@ def main(argv) -> None:
   per_step = {name: us / 1e6 / _STEPS.value for name, us in times.items()}
   kinds: dict[str, float] = collections.Counter()
   for name, seconds in per_step.items():
-    kinds[kind_of(known[name][0], name, known[name][1])] += seconds
+    kinds[_kind(known, name)] += seconds
   total = sum(per_step.values())
   print(f"step {step_s:.3f} s wall; ops {total:.3f} s summed over threads", file=sys.stderr)
   print(f"{'kind':<24}{'s/step':>9}{'share':>8}", file=sys.stderr)
@@ -176,7 +231,7 @@ def main(argv) -> None:
     in_loop = {n: t for n, t in per_step.items() if is_decode_loop(known[n][1][0])}
     loop_kinds: dict[str, float] = collections.Counter()
     for name, seconds in in_loop.items():
-      loop_kinds[kind_of(known[name][0], name, known[name][1])] += seconds / steps
+      loop_kinds[_kind(known, name)] += seconds / steps
     decode = {
       "decode_loop_s": sum(in_loop.values()),
       "decode_step_ops_s": sum(in_loop.values()) / steps,
@@ -196,8 +251,7 @@ def main(argv) -> None:
     "ops_s": total,
     "kinds_s": {kind: kinds[kind] for kind, _ in KINDS},
     "top": [
-      {"op": n, "s": s, "kind": kind_of(known[n][0], n, known[n][1]), "source": known[n][1][0]}
-      for n, s in top
+      {"op": n, "s": s, "kind": _kind(known, n), "source": known[n][1][0]} for n, s in top
     ],  # fmt: skip
     "trace": out,
     "mode": _MODE.value,
@@ -207,4 +261,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  errors.run_script(main, default_config="configs/movielens.py")

@@ -2,20 +2,25 @@
 
 python bench/sasrec_step.py --n_items=4606 --batch_size=256 --steps=200
 
-Prints a table and, as its last line, one JSON object with step_s, rows_per_s and compile_s.
+Prints a table and, as its last line, one JSON object with step_s, rows_per_s and compile_s:
+the step's compilation alone (tracing, lowering and XLA's compile, as `ilora_jax.bench` times
+it; JAX's persistent compilation cache is off, so it is never a load from the cache), apart
+from the timed steps, which run after one warm-up step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import jax
 import ml_collections
 import numpy as np
 
-from ilora_jax import sasrec, sharding
+from ilora_jax import bench, compile_cache, sasrec, sharding
+from ilora_jax.errors import UserError, cli_main
 from ilora_jax.train_sasrec import (
   jit_train_step,
   make_optimizer,
@@ -25,12 +30,28 @@ from ilora_jax.train_sasrec import (
 )
 
 
-def main() -> None:
-  parser = argparse.ArgumentParser()
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # A bad flag: one line, exit 2, as every other input error.
+    raise UserError(f"{message} (see --help)")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  """The flags, each checked (>= 1) before anything is built."""
+  parser = _Parser(description=__doc__.split("\n")[0])
   parser.add_argument("--n_items", type=int, default=4606)
   parser.add_argument("--batch_size", type=int, default=256)
   parser.add_argument("--steps", type=int, default=200)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  for flag in ("n_items", "batch_size", "steps"):
+    if getattr(args, flag) < 1:
+      raise UserError(f"--{flag}={getattr(args, flag)}: must be >= 1")
+  return args
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> None:
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  compile_cache.enable("")  # compile_s is a real compile, never a load from the cache.
   cfg = sasrec.SASRecConfig(n_items=args.n_items)
   model = sasrec.SASRec(cfg)
   # The stage's own step (`train_sasrec`): batch over every local device, state replicated.
@@ -51,19 +72,20 @@ def main() -> None:
   )
   batch = (arrays["seq"], arrays["len_seq"], arrays["next"])
 
-  t0 = time.perf_counter()
-  state, loss, _ = step(state, run, *batch)
+  compiled, times = bench.lower_and_compile(step, state, run, *batch)
+  state, loss, _ = compiled(state, run, *batch)  # Warm-up, untimed.
   loss.block_until_ready()
-  compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   for _ in range(args.steps):
-    state, loss, _ = step(state, run, *batch)  # The dropout key follows the state's step.
+    state, loss, _ = compiled(state, run, *batch)  # The dropout key follows the state's step.
   loss.block_until_ready()
   step_s = (time.perf_counter() - t0) / args.steps
   result = {
     "step_s": step_s,
     "rows_per_s": args.batch_size / step_s,
-    "compile_s": compile_s,
+    "compile_s": times["trace"] + times["xla"],
+    "compile_trace_s": times["trace"],
+    "compile_xla_s": times["xla"],
     "batch_size": args.batch_size,
     "n_items": args.n_items,
     "device": jax.devices()[0].device_kind,

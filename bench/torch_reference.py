@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -32,6 +33,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+from ilora_jax.errors import UserError, cli_main  # noqa: E402
+
+# The shortest prompt `batch` lays out (as `ilora_jax.bench.random_batch`): 30 item
+# placeholders between 8 tokens either side.
+PROMPT_LEAST = 46
 
 
 class OriginalMoLoRA(nn.Module):
@@ -157,8 +164,42 @@ def flops_per_token(cfg, t):
   return 4.0 * n + 12.0 * cfg.num_hidden_layers * cfg.num_attention_heads * h * t
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):  # A bad flag: one line, exit 2, as every other input error.
+    raise UserError(f"{message} (see --help)")
+
+
+def check_args(args) -> None:
+  """Refuses impossible flags before anything is built, one line naming the flag."""
+  from ilora_jax.llm import PRESETS
+
+  if args.model not in PRESETS:
+    raise UserError(f"--model={args.model} is not a preset: one of {sorted(PRESETS)}")
+  least = {"batch_size": 1, "steps": 1, "warmup": 0, "target_tokens": 1, "rank": 1,
+           "experts": 1, "eval_batch_size": 1, "eval_new_tokens": 1}  # fmt: skip
+  for flag, value in least.items():
+    if getattr(args, flag) < value:
+      raise UserError(f"--{flag}={getattr(args, flag)}: must be >= {value}")
+  if args.rank % args.experts:  # As ilora_jax.lora.LoRAConfig: r / E components per expert.
+    raise UserError(f"--rank={args.rank} is not a multiple of --experts={args.experts}")
+  if args.seq_len - args.target_tokens < PROMPT_LEAST:
+    raise UserError(
+      f"--seq_len={args.seq_len} leaves {args.seq_len - args.target_tokens} prompt tokens "
+      f"before the --target_tokens={args.target_tokens} targets: a prompt needs {PROMPT_LEAST} "
+      "(30 item placeholders and 8 tokens either side)"
+    )
+  if args.eval and args.eval_prompt_len - 1 < PROMPT_LEAST:
+    raise UserError(
+      f"--eval_prompt_len={args.eval_prompt_len}: must be >= {PROMPT_LEAST + 1} (a prompt "
+      "of 30 item placeholders and 8 tokens either side, and its last token)"
+    )
+  if not 0 < args.peak_flops < math.inf:
+    raise UserError(f"--peak_flops={args.peak_flops}: must be a positive number (FLOP/s)")
+
+
+@cli_main
+def main(argv: list[str] | None = None):
+  ap = _Parser(description=__doc__.split("\n")[0])
   ap.add_argument("--model", default="smollm2-135m-random")
   ap.add_argument("--variant", choices=("original", "fused"), default="fused")
   ap.add_argument("--batch_size", type=int, default=4)
@@ -173,7 +214,8 @@ def main():
   ap.add_argument("--eval_batch_size", type=int, default=16)
   ap.add_argument("--eval_prompt_len", type=int, default=400)
   ap.add_argument("--eval_new_tokens", type=int, default=32)
-  args = ap.parse_args()
+  args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+  check_args(args)
   cuda = torch.cuda.is_available()
   device = torch.device("cuda" if cuda else "cpu")
   dtype = torch.bfloat16 if cuda else torch.float32

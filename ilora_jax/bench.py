@@ -31,7 +31,6 @@ plus 12 L d T per token for attention (forward and backward), over `bench.peak_f
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import re
@@ -210,6 +209,41 @@ def parse_variants(text: str | None) -> list[tuple[str, list[str]]]:
   return variants
 
 
+# The settings `bench/ab_eval.py` variants may change: those `train_ilora.Evaluator` reads on
+# each call (batching, row order, the modes and their form, the decode budget) and the decode
+# loop (`llm.unroll_decode`, the same weights). Everything else is the same for every variant
+# or has no effect there: the rows (`ilora.eval_rows`), the shared parts
+# (`ilora.max_target_tokens`, `ilora.pad_multiple`, the model, data and SASRec), training's
+# settings (`ilora.train.*`, `bucket_window`, `prefetch`, ...) and the final evaluations'
+# baselines (`ilora.eval_base`; ab_eval evaluates the adapted model only).
+EVAL_VARIANT_KEYS = (
+  "ilora.eval_batch_size",
+  "ilora.eval_generate",
+  "ilora.eval_score",
+  "ilora.eval_shared_prefill",
+  "ilora.eval_sort",
+  "ilora.score_packed",
+  "ilora.score_chunk",
+  "ilora.max_new_tokens",
+  "llm.unroll_decode",
+)
+
+
+def check_eval_variants(variants: list[tuple[str, list[str]]]) -> None:
+  """Refuses a `bench/ab_eval.py` variant item outside `EVAL_VARIANT_KEYS`: one that would
+  change the rows evaluated, or that the shared parts fix or only training reads (it would
+  be ignored, and two variants that differ in nothing would be compared)."""
+  for _, items in variants:
+    for item in items:
+      key = item.split("=", 1)[0].strip()
+      if key.removeprefix("config.") not in EVAL_VARIANT_KEYS:
+        raise UserError(
+          f"variant item {item!r}: a variant may change only the settings each evaluator "
+          f"reads ({', '.join(EVAL_VARIANT_KEYS)}); the rows, data, model and the parts built "
+          "from them are shared (set other keys for all variants with --config.KEY=VALUE)"
+        )
+
+
 def jit_train_step(config, mesh, parts, frozen, state, make_tx):
   """(the run's train step jitted with the shardings of `state` and `frozen` (arrays, or
   ShapeDtypeStructs with shardings), state donated; the batch's sharding)."""
@@ -327,13 +361,22 @@ def loop_census(hlo_text: str) -> list[dict]:
   return out
 
 
-def train_stepper(config):
-  """(compiled train step, `step()`): `step()` runs one step of `config`'s benchmark setup on
-  its own mesh to completion, carrying the state (the scripts in bench/ time or trace it)."""
+def train_mesh(config):
+  """The mesh of `config`'s benchmark train step, after `check_config` and the check that its
+  batch divides over the mesh's data shards (as `run` makes): refused before anything is
+  built."""
   from ilora_jax import sharding
 
   check_config(config)
   mesh = sharding.make_mesh(config.mesh)
+  sharding.batch_size_per_shard(mesh, config.bench.batch_size)
+  return mesh
+
+
+def train_stepper(config):
+  """(compiled train step, `step()`): `step()` runs one step of `config`'s benchmark setup on
+  its own mesh to completion, carrying the state (the scripts in bench/ time or trace it)."""
+  mesh = train_mesh(config)
   parts, frozen, state, make_tx = build(config, mesh)
   compiled, batch, _ = compile_train_step(config, mesh, parts, frozen, state, make_tx)
   holder = [state]
@@ -470,6 +513,34 @@ def _compiled_pass(prefix: str, rows: int, jitted, static: dict, module, *args, 
   }
 
 
+def decode_step_s(batch_s: float, prefill_s: float, new: int) -> float | None:
+  """Seconds per decode step: a generation's time less its prefill's, over its `new` - 1
+  decode steps; None where there are none or the difference of the two separately timed means
+  is not positive (the decode steps too short to tell from the timings' noise), never a
+  negative or clamped figure."""
+  if new < 2 or not batch_s > prefill_s:
+    return None
+  return (batch_s - prefill_s) / (new - 1)
+
+
+# What a null figure of `run`'s result means, shown in its table (`_null_note`).
+_NULL_NOTES = {
+  "batch_size": "null: no train step ran (bench.train=False)",
+  "grad_accum": "null: no train step ran (bench.train=False)",
+  "seq_len": "null: no train step ran (bench.train=False)",
+}
+
+
+def _null_note(key: str) -> str:
+  if key.endswith("decode_step_s"):
+    return "null: the generation was not slower than its prefill alone (decode below the noise)"
+  if key in _NULL_NOTES:
+    return _NULL_NOTES[key]
+  if key.startswith("eval_") and key[len("eval_") :] in _LEAST:
+    return "null: not timed (bench.eval=False, or no candidates)"
+  return "null"
+
+
 def bench_generate(config, parts, frozen, state) -> dict:
   bc = config.bench
   b, new = bc.eval_batch_size, bc.eval_new_tokens
@@ -482,17 +553,20 @@ def bench_generate(config, parts, frozen, state) -> dict:
   outputs = []
   for unroll in modes:
     prefix = "eval_gen_" if unroll == modes[0] else "eval_gen_alt_"
-    compiled, _, compile_times = runner.compile(unroll, new)  # The timed calls reuse it.
-    out, _, batch_s = _timed(functools.partial(runner.run, unroll, new))
-    outputs.append(np.asarray(out))
+    # Timed as scoring is below: the compiled program alone, on inputs prepared once (the
+    # gates, merged adapters and item embeddings of `runner.inputs` are not in the times).
+    compiled, run_compiled, compile_times = runner.compile(unroll, new)
+    out, _, batch_s = _timed(run_compiled)
+    outputs.append(np.asarray(out[0]))
     # The prefill alone (one new token), so that the decode steps' own time is visible.
-    _, _, prefill_s = _timed(functools.partial(runner.run, unroll, 1))
+    _, run_prefill, _ = runner.compile(unroll, 1)
+    _, _, prefill_s = _timed(run_prefill)
     result.update(
       {
         prefix + "unroll": unroll,
         prefix + "batch_s": batch_s,
         prefix + "prefill_s": prefill_s,
-        prefix + "decode_step_s": (batch_s - prefill_s) / max(new - 1, 1),
+        prefix + "decode_step_s": decode_step_s(batch_s, prefill_s, new),
         prefix + "prompts_per_s": b / batch_s,
         prefix + "tokens_per_s": b * new / batch_s,
         prefix + "compile_s": compile_times["trace"] + compile_times["xla"],
@@ -631,16 +705,25 @@ def run(config, workdir: str | None = None) -> dict:
   parts, frozen, state, make_tx = build(config, mesh)
   jax.block_until_ready(frozen)
   console.info(f"bench: built {config.llm.name} in {time.perf_counter() - t0:.1f} s")
+  bc = config.bench
+  trained = bc.train or bc.check_attention  # The runs that use the train batch's shape.
+  evaluated = bc.eval  # Null where nothing ran at that shape.
   result = {
     "model": config.llm.name,
     "device": jax.devices()[0].device_kind,
     "devices": jax.device_count(),
-    "batch_size": config.bench.batch_size,
-    "grad_accum": config.bench.grad_accum,
-    "seq_len": config.bench.seq_len,
+    "batch_size": bc.batch_size if trained else None,
+    "grad_accum": bc.grad_accum if trained else None,
+    "seq_len": bc.seq_len if trained else None,
     "attention": parts.model.config.attention,
     "remat": config.llm.remat,
     "dtype": config.llm.dtype,
+    # The shape the eval_* figures were timed at.
+    "eval_batch_size": bc.eval_batch_size if evaluated else None,
+    "eval_prompt_len": bc.eval_prompt_len if evaluated else None,
+    "eval_new_tokens": bc.eval_new_tokens if evaluated else None,
+    "eval_candidates": bc.eval_candidates if evaluated else None,
+    "eval_candidate_len": bc.eval_candidate_len if evaluated and bc.eval_candidates else None,
   }
   if config.bench.check_attention:
     result.update(check_attention(config, mesh, parts, frozen, state))
@@ -657,6 +740,8 @@ def _print(result: dict) -> None:
   width = max(len(k) for k in result)
   for key, value in result.items():
     shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+    if value is None:
+      shown = _null_note(key)
     print(f"{key:<{width}}  {shown}")
   print(json.dumps(result), flush=True)
 

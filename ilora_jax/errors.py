@@ -66,6 +66,45 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
     )
 
 
+def run_script(main: Callable[[list[str]], object], default_config: str | None = None) -> None:
+  """Runs an absl script's `main(argv)` (the bench/ scripts) as the package's commands run:
+  flags parsed by `parse_flags` (`--help` exits 0; a bad flag value or an override of an
+  unknown config key is one `error:` line, exit 2), a `--config` file that cannot be loaded
+  is one line too, and every failure of `main` is one line (`cli_main`). A script with a
+  config file flag defines it with no default (ml_collections would otherwise apply the
+  overrides while the flag is defined, outside any handler) and names it `default_config`
+  here: it stands in where the command line gives no `--config`."""
+
+  @cli_main
+  def run() -> None:
+    from absl import flags
+
+    argv = list(sys.argv)
+    given = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
+    if default_config and not given:
+      argv.insert(1, f"--config={default_config}")
+    parse_flags(flags.FLAGS, argv)
+    if "config" in flags.FLAGS:
+      loaded_config(flags.FLAGS["config"].value, argv)
+    main(argv)
+
+  run()
+
+
+def loaded_config(config, argv: Sequence[str]):
+  """`config` if a config file was loaded into it (a ConfigDict), else a UserError naming
+  the file, as `python -m ilora_jax.main` words it."""
+  from ml_collections import ConfigDict
+
+  if not isinstance(config, ConfigDict):
+    if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+      raise UserError("--config is required, e.g. --config=configs/tiny.py")
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    path = paths[-1] if paths else "?"  # The last one given counts, as for absl.
+    raise UserError(f"cannot load config file {path}: not found or not a config file")
+  return config
+
+
 HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "--helpfull", "-?")  # As absl's app.
 
 

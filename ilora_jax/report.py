@@ -449,6 +449,33 @@ def _plot_gates(entropy_ax, cluster_ax, gates: np.ndarray, users: np.ndarray) ->
   cluster_ax.legend(fontsize=8)
 
 
+def _note(ax, text: str) -> None:
+  ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9)
+
+
+def _gate_axes(axes, ilora_train: list[dict], experts: list[str], gates_path: str) -> None:
+  """gates.png's three panels: the train batches' mean gate per expert, then the val users'
+  gate plots from `gates_path` (`_plot_gates`); a panel without its data says so (a run
+  stopped before its iLoRA evaluation has no gates.npz)."""
+  for key in experts:
+    _plot_series(axes[0], ilora_train, key, "expert " + key.split("/")[1])
+  axes[0].set_title("mean gate weight per expert (train batches)")
+  axes[0].set_xlabel("step")
+  if experts:  # A gates.npz without gate_mean records: no lines, so no legend.
+    axes[0].legend(fontsize=8)
+  else:
+    _note(axes[0], "no gate records in the train records")
+  if os.path.exists(gates_path):
+    _plot_gates(axes[1], axes[2], *read_gates(gates_path))
+    return
+  axes[1].set_title("gate entropy per user")
+  axes[2].set_title("mean gate weights by SASRec user cluster")
+  for ax in axes[1:]:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    _note(ax, "no val gates recorded\n(no gates.npz: the run stopped\nbefore its iLoRA evaluation)")
+
+
 def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str]) -> None:
   import matplotlib
 
@@ -505,14 +532,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   gates_path = os.path.join(out, "gates.npz")
   if experts or os.path.exists(gates_path):
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    for key in experts:
-      _plot_series(axes[0], ilora_train, key, "expert " + key.split("/")[1])
-    axes[0].set_title("mean gate weight per expert (train batches)")
-    axes[0].set_xlabel("step")
-    if experts:  # A gates.npz without gate_mean records: no lines, so no legend.
-      axes[0].legend(fontsize=8)
-    if os.path.exists(gates_path):
-      _plot_gates(axes[1], axes[2], *read_gates(gates_path))
+    _gate_axes(axes, ilora_train, experts, gates_path)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "gates.png"), dpi=100)
     plt.close(fig)

@@ -51,9 +51,12 @@ def test_bench_train_generate_and_score_keys():
   # The prefill alone and the per-step share of the rest (scanned layers, the default).
   assert result["eval_gen_unroll"] is False
   assert np.isfinite(result["eval_gen_prefill_s"]) and result["eval_gen_prefill_s"] > 0
-  assert result["eval_gen_decode_step_s"] == np.float64(
-    (result["eval_gen_batch_s"] - result["eval_gen_prefill_s"]) / (4 - 1)
-  )
+  decode = result["eval_gen_batch_s"] - result["eval_gen_prefill_s"]  # Null, never negative.
+  assert result["eval_gen_decode_step_s"] == (np.float64(decode / (4 - 1)) if decode > 0 else None)
+  # The shapes the figures were timed at.
+  shape = {"batch_size": 2, "seq_len": 64, "eval_batch_size": 2, "eval_prompt_len": 64,
+           "eval_new_tokens": 4, "eval_candidates": 20, "eval_candidate_len": 12}  # fmt: skip
+  assert {k: result[k] for k in shape} == shape
   # The roofline estimates sit beside the timings on a GPU with a model; on a CPU they are
   # null (ilora_jax.roofline).
   for key in ("roofline_step_s", "eval_gen_roofline_s", "eval_score_roofline_s",
@@ -70,6 +73,9 @@ def test_bench_generation_alone():
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["eval_gen_prompts_per_s"] > 0
   assert not [k for k in result if k.startswith(("eval_score", "eval_both")) or k == "step_s"]
+  # No train step ran: no train shape is reported for it.
+  assert result["batch_size"] is None and result["seq_len"] is None
+  assert result["eval_candidates"] == 0 and result["eval_prompt_len"] == 64
 
 
 def test_bench_trains_with_splash_attention_and_checks_it_against_einsum():
@@ -192,6 +198,8 @@ def test_ab_eval_times_evaluation_variants_in_alternation_with_their_metrics(pip
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["rows"] == 12 and result["split"] == "val" and result["rounds"] == 2
+  assert [v["rows"] for v in result["variants"]] == [12, 12, 12]
+  assert len({v["candidates"] for v in result["variants"]}) == 1
   first, unrolled, generating = result["variants"]
   assert [v["variant"] for v in result["variants"]] == [
     "ilora.eval_sort=False", "llm.unroll_decode=True",
@@ -217,7 +225,7 @@ def test_ab_eval_times_evaluation_variants_in_alternation_with_their_metrics(pip
   bad = run_cli(
     TINY, sasrec, f"--workdir={tmp_path}", "--variants=llm.remat=none", script="bench/ab_eval.py"
   )
-  assert_one_line_error(bad, "only evaluation settings (ilora.*, llm.unroll_decode) vary")
+  assert_one_line_error(bad, "variant item 'llm.remat=none'", "a variant may change only")
 
 
 def test_eval_memory_reports_each_programs_scratch_and_the_cache():
@@ -240,14 +248,23 @@ def test_eval_memory_reports_each_programs_scratch_and_the_cache():
   assert_one_line_error(proc, "--model=llama9 is not a preset")
 
 
-def test_sasrec_step_bench_times_the_stages_own_step():
+def test_sasrec_step_bench_times_the_stages_own_step(tmp_path):
   """`bench/sasrec_step.py` drives the SASRec stage's jitted step (its outputs included):
   its last line is the JSON of the timing, with the rows per second its step time gives."""
-  proc = run_cli("--n_items=200", "--batch_size=8", "--steps=3", script="bench/sasrec_step.py")
+  cache = tmp_path / "cache"  # JAX's persistent cache named: compile_s must not load from it.
+  proc = run_cli("--n_items=200", "--batch_size=8", "--steps=3", script="bench/sasrec_step.py",
+                 env={"JAX_COMPILATION_CACHE_DIR": str(cache)})  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["step_s"] > 0 and result["compile_s"] > 0
   assert result["rows_per_s"] == pytest.approx(8 / result["step_s"])
+  # The compile alone, in its two parts (the steps timed apart), and nothing cached.
+  assert result["compile_trace_s"] > 0 and result["compile_xla_s"] > 0
+  assert result["compile_s"] == pytest.approx(result["compile_trace_s"] + result["compile_xla_s"])
+  assert not cache.exists() or not os.listdir(cache)
+  proc = run_cli("--steps=0", script="bench/sasrec_step.py")
+  assert_one_line_error(proc, "--steps=0: must be >= 1")
+  assert not proc.stdout
 
 
 def test_ab_step_variants_parse_as_command_line_overrides():
@@ -316,10 +333,8 @@ def test_profile_step_attributes_the_traced_ops_to_their_jax_source(tmp_path):
   with open(tmp_path / "step.hlo.txt") as f:  # the compiled step the trace ran
     module = profile_step.instructions(f.read())
   for op in result["top"]:
-    opcode, sources = module[op["op"]]
-    assert op["source"] == sources[0] and op["kind"] == profile_step.kind_of(
-      opcode, op["op"], sources
-    )
+    assert op["source"] == module[op["op"]][1][0]
+    assert op["kind"] == profile_step._kind(module, op["op"])
     assert op["source"] == "" or op["source"].startswith("jit(step)/"), op
   assert "matmul" in {op["kind"] for op in result["top"]}
   hlo = """
@@ -341,24 +356,25 @@ ENTRY %main.9 (a: f32[256,64]) -> f32[4,8] {
 }
 """  # noqa: E501
   known = profile_step.instructions(hlo)
-  assert known["ynn_fusion.3"] == (
+  assert known["ynn_fusion.3"][:2] == (
     "fusion",
     ("jit(step)/layers/attn/v/adapter/dot_general", "jit(step)/v/dot_general"),
   )
-  assert known["ge_fusion"] == (
+  assert known["ge_fusion"][:2] == (
     "fusion",
     ("jit(step)/a/ge", "jit(step)/a/threefry2x32", "jit(step)/a/ge"),
   )
-  assert known["ynn_fusion.5"] == ("fusion", ("jit(step)/v/dot_general",))  # no own metadata
-  assert known["w.1"] == ("while", ("jit(step)/while",))
-  assert known["dynamic-update-slice.2"] == ("dynamic-update-slice", ("",))
+  assert known["ynn_fusion.5"][:2] == ("fusion", ("jit(step)/v/dot_general",))  # no metadata
+  assert known["w.1"][:2] == ("while", ("jit(step)/while",))
+  assert known["dynamic-update-slice.2"] == ("dynamic-update-slice", ("",), frozenset())
+  assert known["ynn_fusion.3"][2] == {"dot"}  # The opcodes it fuses.
   events = [{"ph": "X", "name": "ynn_fusion.3", "dur": 5.0}, {"ph": "X", "name": "w.1", "dur": 9.0},
             {"ph": "X", "name": "ynn_fusion.3", "dur": 1.0}, {"ph": "i", "name": "w.1"},
             {"ph": "X", "name": "dynamic-update-slice.2", "dur": 2.0}]  # fmt: skip
   times = profile_step.op_times(events, known)
   assert times == {"ynn_fusion.3": 6.0, "dynamic-update-slice.2": 2.0}
   names = ("ynn_fusion.3", "ge_fusion", "ynn_fusion.5", "w.1", "dynamic-update-slice.2")
-  kinds = [profile_step.kind_of(known[n][0], n, known[n][1]) for n in names]
+  kinds = [profile_step._kind(known, n) for n in names]
   assert kinds == ["matmul", "dropout bits", "matmul", "other element-wise", "scan stacking"]
 
 
@@ -565,3 +581,179 @@ def test_compiling_for_a_gpu_takes_its_code_paths_inside_the_block_only():
     train_ilora.attention_impl(config)
   with sharding.compiling_for("gpu"):
     assert train_ilora.attention_impl(config) == "cudnn"
+
+
+def test_decode_step_is_null_where_the_generation_is_not_slower_than_its_prefill():
+  """Two separately timed means can come out either way round: no negative (or clamped)
+  figure, a null, which the table explains."""
+  from ilora_jax import bench
+
+  assert bench.decode_step_s(0.7, 0.1, 4) == pytest.approx(0.2)
+  assert bench.decode_step_s(0.1, 0.2, 4) is None and bench.decode_step_s(0.2, 0.2, 4) is None
+  assert bench.decode_step_s(0.3, 0.1, 1) is None  # One new token: no decode step.
+  assert bench._null_note("eval_gen_alt_decode_step_s").startswith("null: the generation")
+  assert bench._null_note("batch_size").startswith("null: no train step")
+
+
+def test_ab_eval_variants_may_change_only_what_each_evaluator_reads():
+  """The rows, the shared parts' settings and training's settings would make variants
+  evaluate other rows, or be ignored (two identical variants compared): refused."""
+  from ilora_jax import bench
+  from ilora_jax.errors import UserError
+
+  allowed = ("ilora.eval_batch_size=2 ilora.eval_generate=False ilora.eval_score=True "
+             "ilora.eval_shared_prefill=False ilora.eval_sort=False ilora.score_packed=False "
+             "ilora.score_chunk=2 ilora.max_new_tokens=3 llm.unroll_decode=True;")  # fmt: skip
+  bench.check_eval_variants(bench.parse_variants(allowed))
+  for item in ("ilora.eval_rows=4", "ilora.max_target_tokens=2", "ilora.train.steps=3",
+               "ilora.bucket_window=1", "ilora.prefetch=0", "ilora.eval_base=False",
+               "ilora.pad_multiple=8", "llm.remat=none", "data.num_candidates=5"):  # fmt: skip
+    with pytest.raises(UserError, match=f"variant item '{item}': a variant may change only"):
+      bench.check_eval_variants(bench.parse_variants(f"ilora.eval_sort=False;{item}"))
+
+
+@pytest.mark.parametrize(
+  "script, args, fragment",
+  [
+    ("ab_eval.py", ["--variants=ilora.eval_rows=4;"], "variant item 'ilora.eval_rows=4'"),
+    ("ab_step.py", ["--rounds=0", "--variants=;"], "--rounds=0: must be >= 1"),
+    ("profile_step.py", ["--top=-1"], "--top=-1: must be >= 1"),
+    ("padding.py", ["--step_s=256=nan,288=0"], "--step_s: 256=nan: a padded length"),
+    ("padding.py", ["--eval_split=bogus"], "--eval_split='bogus' must be one of"),
+    ("eval_memory.py", ["--model=tiny", "--batch=0"], "--batch=0: must be >= 1"),
+    ("eval_memory.py", ["--model=tiny", "--dtype=int32"], "--dtype=int32 is not one of"),
+    # absl's own failures (a config file, a key, a flag value), as `ilora_jax.bench` words them
+    ("ab_step.py", ["--config=configs/nonexist.py"],
+     "cannot load config file configs/nonexist.py: not found or not a config file"),
+    ("ab_eval.py", ["--config.nokey=1"], "unknown config key: 'nokey' (in --config.nokey)"),
+    ("ab_step.py", ["--config.bench.batch_size=abc"], "--config.bench.batch_size=abc"),
+    ("profile_step.py", ["--mode=bogus"], "--mode=bogus"),
+  ],
+)  # fmt: skip
+def test_bench_scripts_refuse_bad_input_in_one_line_before_any_work(script, args, fragment):
+  """Each refused before anything is built, compiled or printed (was a traceback, absl's
+  two-line flag error with exit 1, or a failure after the work)."""
+  given = script == "eval_memory.py" or any(a.startswith("--config=") for a in args)
+  config = [] if given else [TINY]
+  proc = run_cli(*config, *args, script=f"bench/{script}", timeout=120)
+  assert_one_line_error(proc, fragment)
+  assert not proc.stdout
+
+
+def test_bench_scripts_help_exits_zero():
+  proc = run_cli("--help", script="bench/eval_memory.py")
+  assert proc.returncode == 0 and "XLA's scratch memory" in proc.stdout and "--batch" in proc.stdout
+
+
+@pytest.mark.parametrize("script", ["ab_step.py", "profile_step.py"])
+def test_train_step_scripts_check_the_batch_divides_over_the_devices(script, tmp_path):
+  """Two CPU devices, batch 3: the benchmark's one line before the model is built (was
+  JAX's IndivisibleError traceback)."""
+  from conftest import xla_flags
+
+  variants = ["--variants=;"] if script == "ab_step.py" else [f"--out={tmp_path}"]
+  proc = run_cli(TINY, "--config.bench.batch_size=3", *variants, script=f"bench/{script}",
+                 env={"XLA_FLAGS": xla_flags(2)})  # fmt: skip
+  assert_one_line_error(proc, "batch size 3 is not divisible by the 2 data shards")
+
+
+def test_profile_step_checks_its_output_folder_first(tmp_path):
+  """--out is created, or refused, before anything is compiled or profiled."""
+  taken = tmp_path / "afile"
+  taken.write_text("")
+  proc = run_cli(TINY, f"--out={taken}", script="bench/profile_step.py")
+  assert_one_line_error(proc, f"--out={taken} is not a folder")
+  profile_step = _profile_step()
+  made = tmp_path / "new" / "trace"
+  assert profile_step.output_folder(str(made)) == str(made) and made.is_dir()
+  with pytest.raises(profile_step.UserError, match="cannot write there"):
+    profile_step.output_folder(str(taken / "sub"))
+
+
+def test_profile_step_calls_a_fusion_a_matmul_only_when_it_fuses_one():
+  """A fusion without a dot whose instructions carry a dot's op_name (the bitcast of its
+  output, say) is no matmul; a fusion holding a dot is, nested fusions and custom calls to a
+  matmul library too."""
+  hlo = """
+%fused_bitcast (p: f32[256,8]) -> f32[8,256] {
+  %bitcast.1 = f32[8,256]{1,0} bitcast(%p), metadata={op_name="jit(step)/v/dot_general"}
+  ROOT %add.1 = f32[8,256]{1,0} add(%bitcast.1, %bitcast.1), metadata={op_name="jit(step)/v/add"}
+}
+
+%inner_dot (a: f32[4,4], b: f32[4,4]) -> f32[4,4] {
+  ROOT %dot.2 = f32[4,4]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%outer (a: f32[4,4], b: f32[4,4]) -> f32[4,4] {
+  ROOT %fusion.9 = f32[4,4]{1,0} fusion(%a, %b), kind=kOutput, calls=%inner_dot
+}
+
+ENTRY %main (a: f32[256,8]) -> f32[8,256] {
+  %loop_add_fusion = f32[8,256]{1,0} fusion(%a), kind=kLoop, calls=%fused_bitcast, metadata={op_name="jit(step)/v/dot_general"}
+  %nested_fusion = f32[4,4]{1,0} fusion(%x, %y), kind=kCustom, calls=%outer
+  %custom-call.3 = (f32[4,4]{1,0}, s8[64]{0}) custom-call(%x, %y), custom_call_target="__cublas$gemm"
+  ROOT %copy.1 = f32[8,256]{1,0} copy(%loop_add_fusion)
+}
+"""  # noqa: E501
+  profile_step = _profile_step()
+  known = profile_step.instructions(hlo)
+  assert "dot" not in known["loop_add_fusion"][2] and "dot" in known["nested_fusion"][2]
+  kinds = {name: profile_step._kind(known, name) for name in known}
+  assert kinds["loop_add_fusion"] == "other element-wise"
+  assert kinds["nested_fusion"] == "matmul" and kinds["custom-call.3"] == "matmul"
+  assert kinds["dot.2"] == "matmul" and kinds["bitcast.1"] == "other element-wise"
+
+
+@pytest.mark.parametrize(
+  "args, fragment",
+  [
+    (["--experts=3", "--variant=original"], "--rank=8 is not a multiple of --experts=3"),
+  ],
+)
+def test_torch_reference_refuses_bad_flags_in_one_line(args, fragment):
+  pytest.importorskip("torch")
+  proc = run_cli(*args, script="bench/torch_reference.py", timeout=120)
+  assert_one_line_error(proc, fragment)
+  assert not proc.stdout
+
+
+def _compare(tmp_path, *args, fake: str | None = None):
+  """bash bench/compare.sh with $PYTHON a fake interpreter (`fake`: a bash body) when given."""
+  env = {**os.environ}
+  if fake is not None:
+    python = tmp_path / "python"
+    python.write_text("#!/usr/bin/env bash\n" + fake)
+    python.chmod(0o755)
+    env["PYTHON"] = str(python)
+  return subprocess.run(["bash", os.path.join(ROOT, "bench", "compare.sh"), *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def test_compare_script_checks_its_arguments_and_ends_with_one_json_object(tmp_path):
+  """Usage for --help; one line for a bad argument (ROUNDS=0 was an unbound variable) or a
+  failed run (its own error line, which 2>/dev/null hid); the last line one JSON object of
+  the ratios, here of canned runs: JAX 0.2 s and 0.3 s against fused 0.1 s, original 0.4 s."""
+  proc = _compare(tmp_path, "--help")
+  assert proc.returncode == 0 and "bash bench/compare.sh [MODEL]" in proc.stdout
+  for args, fragment in ((["tiny", "2", "64", "1", "0"], "ROUNDS=0: must be a positive integer"),
+                         (["tiny", "0"], "BATCH=0: must be a positive integer"),
+                         (["tiny", "2", "x"], "SEQ=x: must be a positive integer")):  # fmt: skip
+    assert_one_line_error(_compare(tmp_path, *args), fragment)
+  real = sys.executable
+  canned = f"""
+case "$*" in
+  *"import jax"*) exit 1 ;;
+  *ilora_jax.bench*) [ -f {tmp_path}/2nd ] && echo '{{"step_s": 0.3}}' || echo '{{"step_s": 0.2}}'
+                     touch {tmp_path}/2nd ;;
+  *variant=fused*) echo table; echo '{{"step_s": 0.1}}' ;;
+  *variant=original*) echo '{{"step_s": 0.4}}' ;;
+  *) exec {real} "$@" ;;
+esac
+"""
+  proc = _compare(tmp_path, "tiny", "2", "64", "1", "2", fake=canned)
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert result["ratios"] == pytest.approx([2.0, 3.0]) and result["median_ratio"] == 2.5
+  assert result["jax_step_s"] == [0.2, 0.3] and result["torch_original_step_s"] == 0.4
+  failing = 'case "$*" in *"import jax"*) exit 1 ;; *) echo "error: boom" >&2; exit 2 ;; esac\n'
+  assert_one_line_error(_compare(tmp_path, "tiny", fake=failing), "error: boom")

@@ -457,3 +457,31 @@ def test_a_selected_step_must_be_an_integer_and_damaged_predictions_pair_nothing
   assert report.read_predictions(str(tmp_path), "val") == (good[0], good[1:])
   (folder / "val.jsonl").write_text(json.dumps(good[0]) + "\n[1, 2]\n")
   assert report.read_predictions(str(tmp_path), "val") is None
+
+
+def test_gate_panels_of_a_run_stopped_before_its_evaluation_say_so(tmp_path):
+  """No gates.npz (the run stopped before its iLoRA evaluation wrote it): the two val-user
+  panels say so, as val_metrics.png does for a run without metrics, instead of two empty
+  unlabelled axes; with it, they plot the gates."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  train = [{"run": "ilora", "stage": "ilora", "split": "train", "step": s, "gate_mean/0": 0.4,
+            "gate_mean/1": 0.6} for s in (1, 2)]  # fmt: skip
+  experts = ["gate_mean/0", "gate_mean/1"]
+  fig, axes = plt.subplots(1, 3)
+  report._gate_axes(axes, train, experts, str(tmp_path / "gates.npz"))
+  assert len(axes[0].get_lines()) == 2 and not axes[0].texts
+  for ax in axes[1:]:
+    assert ax.get_title() and [t.get_text() for t in ax.texts] == [
+      "no val gates recorded\n(no gates.npz: the run stopped\nbefore its iLoRA evaluation)"
+    ]
+  plt.close(fig)
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "gates.npz", gates=rng.dirichlet([1, 1], 8), users=rng.normal(size=(8, 3)))
+  fig, axes = plt.subplots(1, 3)
+  report._gate_axes(axes, train, experts, str(tmp_path / "gates.npz"))
+  assert not axes[1].texts and axes[1].patches and axes[2].patches
+  plt.close(fig)
