@@ -96,6 +96,17 @@ def split_from_dataframe(
   if len(frame) == 0:
     raise UserError(f"{source}: the {name} split is empty")
   rows = len(frame)
+
+  def item(value, r: int, col: str, what: str) -> int:
+    # Checked as a Python int: one past int64 (a uint64 column) must not reach numpy.
+    i = _item_id(value, f"{source}: row {r} {what}")
+    if i < 0 or i > n_items or (col == "next" and i == n_items):
+      raise UserError(
+        f"{source}: row {r} column {col} has item id {i} outside "
+        f"the title table (ids 0..{n_items - 1}, padding {n_items})"
+      )
+    return i
+
   seq = np.full((rows, max_len), n_items, dtype=np.int64)
   for r, cell in enumerate(frame["seq"].tolist()):
     if not isinstance(cell, (list, tuple, np.ndarray)):
@@ -105,27 +116,17 @@ def split_from_dataframe(
         f"{source}: row {r} has {len(cell)} items in seq, more than max_len={max_len}"
       )
     for j, v in enumerate(cell):
-      seq[r, j] = _item_id(v, f"{source}: row {r} seq[{j}]")
+      seq[r, j] = item(v, r, "seq", f"seq[{j}]")
   nxt = np.array(
-    [_item_id(v, f"{source}: row {r} next") for r, v in enumerate(frame["next"].tolist())],
-    dtype=np.int64,
+    [item(v, r, "next", "next") for r, v in enumerate(frame["next"].tolist())], dtype=np.int64
   )
   len_values = frame["len_seq"].tolist()
   for r, v in enumerate(len_values):
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
       raise UserError(f"{source}: row {r} len_seq must be an integer, got {v!r}")
-  len_seq = np.asarray(len_values, dtype=np.int64)
-  if np.any(len_seq < 0) or np.any(len_seq > max_len):
-    r = int(np.flatnonzero((len_seq < 0) | (len_seq > max_len))[0])
-    raise UserError(f"{source}: row {r} len_seq={len_seq[r]} is outside [0, {max_len}]")
-  for arr, col in ((seq, "seq"), (nxt, "next")):
-    bad = (arr < 0) | (arr > n_items) if col == "seq" else (arr < 0) | (arr >= n_items)
-    if np.any(bad):
-      r = int(np.argwhere(bad)[0][0])
-      raise UserError(
-        f"{source}: row {r} column {col} has item id {int(arr[bad][0])} outside "
-        f"the title table (ids 0..{n_items - 1}, padding {n_items})"
-      )
+    if not 0 <= int(v) <= max_len:  # Before numpy: a uint64 past int64 would overflow.
+      raise UserError(f"{source}: row {r} len_seq={int(v)} is outside [0, {max_len}]")
+  len_seq = np.asarray([int(v) for v in len_values], dtype=np.int64)
   keep = len_seq >= min_len
   if not np.any(keep):
     raise UserError(f"{source}: no row of the {name} split has len_seq >= {min_len}")

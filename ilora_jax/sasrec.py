@@ -134,8 +134,8 @@ def params_from_torch(path: str, cfg: SASRecConfig):
   """Maps an original SASRec checkpoint (whole pickled module) into the Flax tree.
 
   Raises:
-    UserError: when the checkpoint is unreadable, its shapes disagree with `cfg` or a weight
-      is not finite.
+    UserError: when the checkpoint is unreadable, its shapes disagree with `cfg`, a weight
+      is not finite or it holds weights (parameters or buffers) that SASRec does not use.
   """
   root = load_module(path)
   flat = flat_parameters(root)
@@ -154,7 +154,10 @@ def params_from_torch(path: str, cfg: SASRecConfig):
       f"config.sasrec.num_heads={heads} (it is {cfg.num_heads})"
     )
 
+  used: set[str] = set()
+
   def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    used.add(name)
     if name not in flat:
       raise UserError(f"checkpoint {path} has no parameter {name}: not a SASRec checkpoint")
     with np.errstate(over="ignore"):  # A float64 beyond float32's range: caught below.
@@ -200,4 +203,14 @@ def params_from_torch(path: str, cfg: SASRecConfig):
     },
     "s_fc": dense("s_fc", cfg.n_items),
   }
+  # The original's checkpoints hold exactly these weights (no buffers; dropout and softmax
+  # modules have none): anything more belongs to another model, whose outputs these
+  # weights alone would not reproduce.
+  unused = sorted(set(flat) - used)
+  if unused:
+    more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+    raise UserError(
+      f"checkpoint {path} holds {len(unused)} weight(s) this SASRec does not use: "
+      f"{', '.join(unused[:3])}{more} (not the original's SASRec, or a modified one)"
+    )
   return jax.tree.map(jnp.asarray, params)

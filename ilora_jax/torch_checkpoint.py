@@ -4,7 +4,9 @@ A `.pt` file is a zip holding `<name>/data.pkl` (the pickled module tree) and
 `<name>/data/<key>` (raw little-endian tensor storages). The pickle is replayed by
 an unpickler that maps module classes to an inert `ModuleRecord` (it only records
 the state the pickle hands it) and tensors to numpy arrays read from the storages;
-any other global is refused before it is imported.
+any other global is refused before it is imported. Tensors are checked against their
+storage (offset, sizes, strides) and read once the pickle is replayed, when their names
+(`mh_attn.linear_q.weight`) are known for the messages.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pickle
 import zipfile
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from ilora_jax.errors import UserError, require_file
@@ -29,6 +32,7 @@ _STORAGE_DTYPES = {
   "CharStorage": np.int8,
   "ByteStorage": np.uint8,
   "BoolStorage": np.bool_,
+  "BFloat16Storage": ml_dtypes.bfloat16,  # Read as numpy's bfloat16 (ml_dtypes, jax's own).
 }
 # Classes of the original SASRec code, recorded (never instantiated) when found in a pickle.
 _RECORDED_CLASS_NAMES = {"SASRec", "MultiHeadAttention", "PositionwiseFeedForward", "GRU", "Caser"}
@@ -61,16 +65,98 @@ class _StorageType:
     self.dtype = dtype
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *unused) -> np.ndarray:
+class _TensorRef:
+  """A tensor of the pickle, `_rebuild_tensor_v2`'s arguments; read by `_materialize`."""
+
+  def __init__(self, storage, storage_offset, size, stride):
+    self.storage, self.size, self.stride = storage, size, stride
+    self.storage_offset = storage_offset
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *unused) -> _TensorRef:
+  return _TensorRef(storage, storage_offset, size, stride)
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _read_tensor(ref: _TensorRef, name: str, source: str) -> np.ndarray:
+  """The tensor's elements, after checking that every one of them lies inside its storage
+  (exact integer arithmetic, before numpy sees a stride)."""
+  storage, offset, size, stride = ref.storage, ref.storage_offset, ref.size, ref.stride
+  where = f"{source}: tensor {name}"
+  if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+    raise UserError(f"{where} has no storage (not a torch checkpoint?)")
+  if not (
+    _is_int(offset)
+    and isinstance(size, tuple)
+    and isinstance(stride, tuple)
+    and len(size) == len(stride)
+    and all(_is_int(v) for v in size + stride)
+  ):
+    raise UserError(
+      f"{where} has a malformed layout (offset {offset!r}, size {size!r}, stride {stride!r})"
+    )
+  layout = f"offset {offset}, size {list(size)}, stride {list(stride)}"
+  if offset < 0 or any(v < 0 for v in size) or any(v < 0 for v in stride):
+    raise UserError(
+      f"{where} has a negative offset, size or stride ({layout}): torch never "
+      "writes one; the file is corrupt or crafted"
+    )
+  numel = 1
+  for v in size:
+    numel *= v
+  if numel == 0:
+    return np.zeros(size, storage.dtype)
+  last = offset + sum((n - 1) * st for n, st in zip(size, stride))  # Strides are >= 0.
+  if last >= storage.size:
+    raise UserError(
+      f"{where} reaches element {last} of a storage of {storage.size} "
+      f"({layout}): the file is truncated or corrupt"
+    )
+  if numel > storage.size:  # Only stride-0 (expanded) views can; their copy could be huge.
+    raise UserError(
+      f"{where} has {numel} elements over a storage of {storage.size} "
+      f"({layout}): save a contiguous copy of it"
+    )
   itemsize = storage.dtype.itemsize
-  if len(size) == 0:
-    return storage[storage_offset].copy()
-  needed = storage_offset + sum((s - 1) * st for s, st in zip(size, stride)) + 1
-  if min(size) > 0 and needed > storage.size:
-    raise UserError("checkpoint tensor reaches past the end of its storage (truncated file?)")
   return np.lib.stride_tricks.as_strided(
-    storage[storage_offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
+    storage[offset:], shape=size, strides=tuple(st * itemsize for st in stride)
   ).copy()
+
+
+def _materialize(obj, name: str, source: str, memo: dict[int, tuple[Any, Any]]):
+  """`obj` with every `_TensorRef` inside it read into a numpy array (in place for dicts,
+  lists and module records; tuples are rebuilt). `name` is its state_dict-style name; `memo`
+  maps objects already seen (shared or cyclic in the pickle) to (object, result)."""
+  if id(obj) in memo:
+    return memo[id(obj)][1]
+  if isinstance(obj, _TensorRef):
+    memo[id(obj)] = (obj, _read_tensor(obj, name, source))
+  elif isinstance(obj, tuple):
+    items = tuple(
+      _materialize(v, f"{name}.{i}" if name else str(i), source, memo) for i, v in enumerate(obj)
+    )
+    memo[id(obj)] = (obj, items)
+  elif isinstance(obj, (ModuleRecord, dict, list)):
+    memo[id(obj)] = (obj, obj)  # Before its items: a cycle comes back to it.
+    prefix = f"{name}." if name else ""
+    items = obj.state if isinstance(obj, ModuleRecord) else obj
+    for key in range(len(items)) if isinstance(items, list) else items:
+      value = items[key]
+      if isinstance(obj, ModuleRecord) and key in ("_parameters", "_buffers", "_modules"):
+        if isinstance(value, dict):  # Named as state_dict does: `mh_attn.linear_q.weight`.
+          memo[id(value)] = (value, value)
+          for k in value:
+            value[k] = _materialize(value[k], f"{prefix}{k}", source, memo)
+          continue
+      items[key] = _materialize(value, f"{prefix}{key}", source, memo)
+  elif isinstance(obj, (set, frozenset)) and any(isinstance(v, _TensorRef) for v in obj):
+    raise UserError(
+      f"{source}: {name or 'the checkpoint'} is a set of tensors, which a module never holds"
+    )
+  return memo[id(obj)][1] if id(obj) in memo else obj
 
 
 def _device(*args) -> str:
@@ -149,6 +235,16 @@ def load_module(path: str) -> ModuleRecord:
       other than torch modules, tensors and the original SASRec classes.
   """
   require_file(path, "checkpoint")
+  with open(path, "rb") as f:
+    head = f.read(2)
+  # A pickle of protocol 2 or later opens with PROTO: a legacy (pre-1.6 or
+  # `_use_new_zipfile_serialization=False`) torch file or a plain pickle, never a zip.
+  if len(head) == 2 and head[0] == pickle.PROTO[0] and 2 <= head[1] <= pickle.HIGHEST_PROTOCOL:
+    raise UserError(
+      f"checkpoint {path} is not a torch zip checkpoint (legacy torch format or a plain "
+      "pickle): re-save it with torch >= 1.6's default format (torch.save(model, path))"
+    )
+  source = f"checkpoint {path}"
   try:
     archive = zipfile.ZipFile(path)
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -156,7 +252,8 @@ def load_module(path: str) -> ModuleRecord:
       raise UserError(f"checkpoint {path} has no data.pkl: not a torch zip checkpoint")
     prefix = pickles[0].rsplit("/", 1)[0] if "/" in pickles[0] else ""
     data = archive.read(pickles[0])
-    root = _TorchUnpickler(io.BytesIO(data), archive, prefix, f"checkpoint {path}").load()
+    root = _TorchUnpickler(io.BytesIO(data), archive, prefix, source).load()
+    root = _materialize(root, "", source, {})
   except UserError:
     raise
   except (
@@ -170,6 +267,7 @@ def load_module(path: str) -> ModuleRecord:
     IndexError,
     OSError,
     zipfile.LargeZipFile,
+    RecursionError,
   ) as exc:
     raise UserError(
       f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})"

@@ -153,6 +153,25 @@ def test_malformed_splits_are_clear_errors(frame, message):
     data.split_from_dataframe(frame, "train", n_items=9, max_len=10, min_len=3, source="f.df")
 
 
+def test_ids_past_int64_are_named_not_overflowed(tmp_path):
+  """A uint64 column (or a Python int) past int64's range is an id outside the title table
+  (row named, UserError), not numpy's OverflowError; read back from a pickled file too."""
+  huge = 2**63 + 5
+  frame = _frame([[1, 2, 3], [1, 2, 3]], [3, 3], np.array([1, huge], dtype=np.uint64))
+  path = tmp_path / "Val_data.df"
+  frame.to_pickle(path)
+  with pytest.raises(UserError, match=f"row 1 column next has item id {huge} outside the title"):
+    data.load_split(str(path), "val", n_items=9, max_len=10, min_len=3)
+  cases = [
+    (_frame([[1, 2, 3], [4, 2**64 + 1, 3]], [3, 3], [1, 1]), f"row 1 column seq .* {2**64 + 1} "),
+    (_frame([[1, 2, 3], [np.uint64(huge), 2, 3]], [3, 3], [1, 1]), f"row 1 column seq .* {huge} "),
+    (_frame([[1, 2, 3]], np.array([huge], dtype=np.uint64), [1]), f"row 0 len_seq={huge} is out"),
+  ]
+  for frame, message in cases:
+    with pytest.raises(UserError, match=message):
+      data.split_from_dataframe(frame, "val", n_items=9, max_len=10, min_len=3, source="f.df")
+
+
 def test_repeated_columns_and_llara_empty_histories_are_named():
   frame = _frame([[1, 2, 3]], [3], [1])
   doubled = pd.concat([frame, frame[["next"]]], axis=1)
