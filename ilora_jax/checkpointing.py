@@ -186,10 +186,12 @@ class StageCheckpoints:
   def after_step(self, step: int, save, boundary: bool, stop, bar=None) -> None:
     """The end of a training step: `save(step)` at a boundary (epoch end, interval, stop step)
     or when SIGINT/SIGTERM arrived; after a signal, waits for the write, closes and leaves
-    through `stop.exit` (the CLI exits with 128 + the signal number)."""
-    if boundary or stop.requested:
+    through `stop.exit` (the CLI exits with 128 + the signal number). In a multi-process run
+    a signal any process received stops them all after this step (`Graceful.agree`)."""
+    stopping = stop.agree(step)
+    if boundary or stopping:
       save(step)
-    if stop.requested:
+    if stopping:
       if bar is not None:
         bar.close()
       self.close()

@@ -231,6 +231,12 @@ def validate_distributed(dc: ConfigDict) -> None:
       "distributed.coordinator",
       f"={dc.coordinator!r} must be host:port",
     )
+  need(
+    bool(dc.coordinator or dc.auto) or (dc.num_processes, dc.process_id) == (1, 0),
+    "distributed.num_processes",
+    f"={dc.num_processes} and process_id={dc.process_id} need distributed.coordinator "
+    "(host:port of process 0) or distributed.auto=True; without them the run is one process",
+  )
   allowed = ("", "gloo", "mpi", "megascale")
   need(
     dc.cpu_collectives in allowed,

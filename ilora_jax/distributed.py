@@ -69,6 +69,37 @@ def initialize(config) -> None:
 _JAX_TIMEOUT_MARGIN_S = 30  # JAX's own timeout is this much later than the watchdog's.
 
 
+def check_same_config(config) -> None:
+  """A UserError in every process of a multi-process run whose processes were started with
+  different configs (but for `distributed.process_id`): they would deadlock at the first
+  collective that differs (another checkpoint interval), fail in one (another learning rate),
+  or train on a mix of data sets (another data seed). A digest of each process's config is
+  gathered and compared with process 0's."""
+  import jax
+
+  if jax.process_count() == 1:
+    return
+  import hashlib
+  import json
+
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from ilora_jax.configuration import json_form
+
+  own = json_form(config)
+  own["distributed"].pop("process_id", None)
+  digest = hashlib.sha256(json.dumps(own, sort_keys=True).encode()).digest()[:8]
+  digests = multihost_utils.process_allgather(np.frombuffer(digest, np.uint32))
+  others = [i for i, d in enumerate(np.asarray(digests).reshape(-1, 2)) if (d != digests[0]).any()]
+  if others:
+    raise UserError(
+      f"process(es) {', '.join(map(str, others))} were started with another config than "
+      "process 0's: start every process with the same command (only "
+      "--config.distributed.process_id differs)"
+    )
+
+
 def _not_joined(where: str, dc) -> None:
   """The watchdog's end of a cluster that did not form in time: one line, exit 2."""
   start = "start every host's process"

@@ -33,6 +33,7 @@ class Graceful:
     self.signum: int | None = None
     self._first_at = 0.0
     self._previous = {}
+    self._agreed: tuple[int, bool] | None = None  # (step, its answer)
 
   @property
   def requested(self) -> bool:
@@ -44,6 +45,31 @@ class Graceful:
       return
     if signum == signal.SIGINT and time.monotonic() - self._first_at > 5.0:
       raise KeyboardInterrupt
+
+  def agree(self, step: int) -> bool:
+    """Whether to stop after `step`. Alone, whether a signal has arrived. In a multi-process
+    run, whether any process had received one when they all asked, the same answer in every
+    process; each adopts the signal (the largest signal number), so that all stop after the
+    same step and save together. A signal to one host alone (a preempted VM gets SIGTERM)
+    would otherwise send that process into the checkpoint's collective write while the others
+    run the next step's collectives: a deadlock, and the work since the last checkpoint lost.
+    A signal arriving after the processes asked counts at the next step. One collective of a
+    number per process, once per `step` (later calls for the same step give the same answer);
+    call it at the same point of every step in every process."""
+    import jax
+
+    if jax.process_count() == 1:
+      return self.requested
+    if self._agreed is not None and self._agreed[0] == step:
+      return self._agreed[1]
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    heard = int(np.max(multihost_utils.process_allgather(np.int32(self.signum or 0))))
+    if heard and self.signum is None:
+      self.signum, self._first_at = heard, time.monotonic()
+    self._agreed = (step, bool(heard))
+    return bool(heard)
 
   def exit(self, step: int) -> None:
     raise Interrupted(self.signum, step)

@@ -1519,7 +1519,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
         console.info(f"iLoRA step {step} val " + _fmt(last_val))
         keep_if_best(last_val)
       boundary = epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at
-      if stop.requested:  # `after_step` leaves the run: the speed line first.
+      if stop.agree(step):  # `after_step` leaves the run (every process): the speed line first.
         bar.close()
         speed()
       ckpt.after_step(step, save, boundary, stop, bar)

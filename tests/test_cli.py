@@ -139,6 +139,12 @@ def test_evaluating_a_missing_workdir_creates_nothing(tmp_path):
     ("distributed.timeout_s=-1", "config.distributed.timeout_s=-1 must be at least 1"),
     ("distributed.coordinator=nohostport", "config.distributed.coordinator='nohostport' must"),
     ("distributed.cpu_collectives=bogus", "cpu_collectives='bogus' is not one of gloo"),
+    # Ignored before: a second "rank" ran alone, racing the first one in the same workdir.
+    (
+      "distributed.num_processes=2",
+      "config.distributed.num_processes=2 and process_id=0 need distributed.coordinator",
+    ),  # fmt: skip
+    ("distributed.process_id=1", "num_processes=1 and process_id=1 need distributed.coordinator"),
     ("report.compare=a=/x,a=/y", "config.report.compare: name 'a' given twice"),
     ("train.steps=1099511627776", "config.train.steps=1099511627776 is out of range"),
     ("train.lr=inf", "config.train.lr=inf must be a finite number"),

@@ -114,3 +114,79 @@ def test_an_interrupt_raised_inside_a_gc_callback_still_stops_the_run(tmp_path):
   proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                         cwd=ROOT, timeout=60)  # fmt: skip
   assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "error: interrupted\n")
+
+
+def _two_processes(workdir, *extra_of_process) -> list[subprocess.Popen]:
+  """Both processes of a 2-process CPU run (4 devices each) of the tiny config's SASRec stage,
+  process i with the flags `extra_of_process[i]` on top."""
+  import socket
+
+  from conftest import TINY, xla_flags
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
+  env.pop("ILORA_JAX_DEBUG", None)
+  common = [TINY, f"--workdir={workdir}", "--config.stage=sasrec",
+            f"--config.distributed.coordinator=localhost:{port}",
+            "--config.distributed.num_processes=2",
+            "--config.distributed.timeout_s=120"]  # fmt: skip
+  return [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "ilora_jax.main",
+        *common,
+        f"--config.distributed.process_id={i}",
+        *extra,
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )  # fmt: skip
+    for i, extra in enumerate(extra_of_process)
+  ]
+
+
+def test_processes_started_with_different_configs_are_refused(tmp_path):
+  """Another checkpoint interval in one process deadlocked both at its first save; another
+  data seed trained on a mix of two data sets in silence. Every process now names the ones
+  whose config differs from process 0's, before anything runs."""
+  procs = _two_processes(tmp_path / "w", [], ["--config.checkpoint.every_steps=7"])
+  for p in procs:
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: process(es) 1 were started with another config than process 0's: "
+                      "start every process with the same command (only "
+                      "--config.distributed.process_id differs)"], stderr  # fmt: skip
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
+  """SIGTERM to one process of a 2-process run (a preempted host) sent it alone into the
+  checkpoint's collective write while the other ran on: both hung, nothing saved. Now every
+  process stops after the same step, they save it together and exit as a signal does."""
+  workdir = tmp_path / "w"
+  long = ["--config.train.epochs=40", "--config.checkpoint.every_steps=1000"]
+  procs = _two_processes(workdir, long, long)
+  deadline = time.time() + 300
+  metrics = workdir / "metrics.jsonl"
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+      break
+    time.sleep(0.2)
+  assert all(p.poll() is None for p in procs), procs[0].stderr.read()
+  procs[1].send_signal(signal.SIGTERM)
+  stopped = []
+  for p in procs:
+    _, stderr = p.communicate(timeout=300)
+    assert p.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr, stderr
+    stopped.append(int(stderr.split("stopped by SIGTERM at step ")[1].split(";")[0]))
+  assert stopped[0] == stopped[1]
+  assert (workdir / "checkpoints" / "sasrec" / str(stopped[0])).is_dir()
