@@ -9,6 +9,7 @@ run restored from a checkpoint continues exactly as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any
 
@@ -161,6 +162,57 @@ def make_evaluator(
   )
 
 
+def train_data_fingerprint(train: Split) -> str:
+  """A digest (16 hex digits) of the training rows' content (each row's history, its length
+  and its next item, as int64, with their shapes): another data set, another synthetic seed or
+  another filtering gives another digest, while the same rows from a moved folder do not."""
+  digest = hashlib.sha256()
+  for name in ("seq", "len_seq", "next"):
+    array = np.ascontiguousarray(np.asarray(getattr(train, name), np.int64))
+    digest.update(f"{name} {list(array.shape)};".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()[:16]
+
+
+_WEIGHTS = " (weights "
+
+
+def init_from_setting(path: str, params) -> str:
+  """The `init_from` a run records: '' when trained from scratch, else the .pt's path with a
+  fingerprint of the weights it holds (`checkpointing.fingerprint`), which alone is compared
+  (`same_init_from`): the same weights under another path are the same start."""
+  return f"{path}{_WEIGHTS}{checkpointing.fingerprint(params)})" if path else ""
+
+
+def _init_weights(setting) -> str:
+  return str(setting).rpartition(_WEIGHTS)[2].rstrip(")") if setting else ""
+
+
+def same_init_from(saved, current) -> bool:
+  """Whether two `init_from_setting`s name one start: both from scratch, or the same weights."""
+  return _init_weights(saved) == _init_weights(current)
+
+
+def _started(setting) -> str:
+  return f"sasrec.init_from={setting}" if setting else "scratch (no sasrec.init_from)"
+
+
+# Settings recorded only by newer code (`checkpointing.check_same_settings`'s `added`): a
+# checkpoint of older code lacks them and resumes as before, recording them no more than it did.
+ADDED_SETTINGS = ("init_from", "train_data", "data.num_candidates", "data.candidate_seed")
+SAME_SETTINGS = {"init_from": same_init_from}
+
+
+def _init_from_unused(config, directory: str, step: int, what: str) -> None:
+  """The warning for a checkpoint of older code, which does not record its start."""
+  if config.sasrec.init_from:
+    console.info(
+      f"warning: config.sasrec.init_from={config.sasrec.init_from} is not used: this workdir "
+      f"holds a SASRec ({directory}, step {step}; its checkpoint does not record what it "
+      f"started from), which {what}; use a new workdir to start from init_from"
+    )
+
+
 def initial_params(config, cfg: SASRecConfig, seed: int):
   if config.sasrec.init_from:
     if os.path.isdir(config.sasrec.init_from):
@@ -211,6 +263,11 @@ def run(config, workdir: str) -> dict[str, float] | None:
       "lr": tc.lr,
       "weight_decay": tc.weight_decay,
       "train_rows": len(train),
+      "train_data": train_data_fingerprint(train),
+      # The val records of one run compare epochs on one candidate set.
+      "data.num_candidates": config.data.num_candidates,
+      "data.candidate_seed": config.data.candidate_seed,
+      "init_from": init_from_setting(config.sasrec.init_from, state["params"]),
     }
   )
   ckpt = checkpointing.StageCheckpoints(
@@ -240,9 +297,24 @@ def run(config, workdir: str) -> dict[str, float] | None:
 
   latest = ckpt.latest_step()
   if latest is not None:
-    checkpointing.check_same_settings(
-      ckpt.restore_meta(latest)["settings"], settings, ckpt.directory
-    )
+    saved = ckpt.restore_meta(latest)["settings"]
+    try:
+      checkpointing.check_same_settings(
+        saved,
+        settings,
+        ckpt.directory,
+        dict.fromkeys(ADDED_SETTINGS, checkpointing.UNKNOWN),
+        SAME_SETTINGS,
+      )
+    except UserError as exc:
+      ckpt.close()
+      if "init_from" in saved and "" in (saved["init_from"], settings["init_from"]):
+        if not same_init_from(saved["init_from"], settings["init_from"]):
+          raise UserError(f"{exc} (init_from '' is a SASRec trained from scratch)") from None
+      raise
+    if "init_from" not in saved:
+      _init_from_unused(config, ckpt.directory, latest, "this run resumes")
+    settings = {k: v for k, v in settings.items() if k in saved or k not in ADDED_SETTINGS}
     state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
     step, loss_sum, loss_count = int(meta["step"]), float(meta["loss_sum"]), int(meta["loss_count"])
     skipped, bad_streak = int(meta.get("skipped", 0)), int(meta.get("bad_streak", 0))
@@ -343,7 +415,8 @@ def evaluate_params(
       continue
     metrics = make_evaluator(config, dataset, split, model, mesh)(params)
     log.write({"run": run, "stage": STAGE, "split": split, "step": step, "final": True, **metrics})
-    print(f"sasrec {split} step {step}: " + _fmt(metrics), flush=True)
+    if jax.process_index() == 0:  # As `console`: one process reports.
+      print(f"sasrec {split} step {step}: " + _fmt(metrics), flush=True)
     if split == "val":
       result = metrics
   return result
@@ -376,11 +449,52 @@ def check_trained_as(ckpt: checkpointing.StageCheckpoints, step: int, cfg: SASRe
   diffs = checkpointing.setting_diffs(trained, current, current)
   if diffs:
     ckpt.close()
+    keys = [_CONFIG_KEYS.get(k, f"config.sasrec.{k}") for k in current
+            if k in trained and trained[k] != current[k]]  # fmt: skip
+    settable = [k for k in keys if k.startswith("config.")]
+    advice = [f"set {', '.join(settable)} as it was trained"] if settable else []
+    if len(settable) < len(keys):
+      advice.append("use the data set it was trained on (its item count)")
     raise UserError(
       f"the SASRec in {ckpt.directory} was trained with other settings ({'; '.join(diffs)}); "
-      "set config.sasrec.* as it was trained"
+      + "; ".join(advice)
     )
   return meta
+
+
+# The config key of each model setting (`SASRecConfig`) a checkpoint records.
+_CONFIG_KEYS = {"max_len": "config.data.max_len", "n_items": "n_items"}
+
+
+def check_trained_on(config, meta: dict, dataset: Dataset, directory: str) -> None:
+  """A UserError when the SASRec of checkpoint `meta` was trained on other rows than the
+  config's training split (`train_data_fingerprint`; a checkpoint of older code records no
+  fingerprint and is not compared), or from another `sasrec.init_from` than the config gives
+  (none given: the workdir's SASRec, whatever it started from; a checkpoint of older code
+  records no start, so init_from then only warns that it is not used)."""
+  settings = meta["settings"]
+  trained_on = settings.get("train_data")
+  if trained_on is not None and trained_on != train_data_fingerprint(dataset.train):
+    raise UserError(
+      f"the SASRec in {directory} was trained on other data: its training data differs from "
+      f"this config's ({dataset.name}, {len(dataset.train)} training rows; fingerprint "
+      f"{train_data_fingerprint(dataset.train)} vs the model's {trained_on}); evaluate it with "
+      "config.data.* as it was trained"
+    )
+  if "init_from" not in settings:
+    _init_from_unused(config, directory, int(meta["step"]), "this evaluates")
+    return
+  if not config.sasrec.init_from:
+    return
+  cfg = model_config(config, dataset.n_items)
+  given = init_from_setting(config.sasrec.init_from, initial_params(config, cfg, 0))
+  if not same_init_from(settings["init_from"], given):
+    raise UserError(
+      f"the SASRec in {directory} was trained from {_started(settings['init_from'])}, not "
+      f"from this config's {_started(given)}: an evaluation scores the workdir's SASRec; drop "
+      "--config.sasrec.init_from (or give the run's), or score that .pt in a new workdir "
+      "with --config.stage=sasrec --config.train.epochs=0"
+    )
 
 
 def evaluate(config, workdir: str) -> dict[str, float]:
@@ -398,7 +512,12 @@ def evaluate(config, workdir: str) -> dict[str, float]:
       "original .pt, that stage with --config.train.epochs=0 and --config.sasrec.init_from "
       "evaluates it directly and saves no checkpoint)"
     )
-  check_trained_as(ckpt, latest, cfg)
+  meta = check_trained_as(ckpt, latest, cfg)
+  try:
+    check_trained_on(config, meta, dataset, ckpt.directory)
+  except UserError:
+    ckpt.close()
+    raise
   restored, _ = ckpt.restore(latest, restore_target(cfg, sharding.replicated(mesh)))
   ckpt.close()
   log = MetricsLog(workdir, enabled=jax.process_index() == 0)

@@ -1,6 +1,8 @@
 """Flax SASRec: shapes, masking, and parity with the original's checkpoints."""
 
+import json
 import pickle
+import re
 import zipfile
 
 import chex
@@ -9,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import sasrec_numpy_reference as reference
-from conftest import shared_path
+from conftest import TINY, assert_one_line_error, run_cli, shared_path
 
 from ilora_jax import data, metrics, sasrec, torch_checkpoint
 from ilora_jax.errors import UserError
@@ -291,3 +293,176 @@ def test_reads_checkpoint_written_by_torch(tmp_path):
   flat = torch_checkpoint.flat_parameters(torch_checkpoint.load_module(str(path)))
   for name, value in net.state_dict().items():
     np.testing.assert_array_equal(flat[name], value.numpy())
+
+
+def _tiny_pt(path, seed: int) -> str:
+  """An original-style SASRec .pt (a pickled torch module tree) of the tiny config's shapes
+  (60 items, hidden 16, max_len 10), its weights drawn from `seed`."""
+  torch = pytest.importorskip("torch")
+  from torch import nn
+
+  torch.manual_seed(seed)
+  d, n = 16, 60
+  root = nn.Module()
+  root.item_embeddings, root.positional_embeddings = nn.Embedding(n + 1, d), nn.Embedding(10, d)
+  root.ln_1, root.ln_2, root.ln_3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+  root.mh_attn = nn.Module()
+  for k in ("linear_q", "linear_k", "linear_v"):
+    setattr(root.mh_attn, k, nn.Linear(d, d))
+  root.feed_forward = nn.Module()
+  root.feed_forward.w_1, root.feed_forward.w_2 = nn.Conv1d(d, d, 1), nn.Conv1d(d, d, 1)
+  root.feed_forward.layer_norm = nn.LayerNorm(d)
+  root.s_fc = nn.Linear(d, n)
+  torch.save(root, path)
+  return str(path)
+
+
+def _sasrec(workdir, init_from: str, stop_after: int):
+  """The tiny config's SASRec stage in `workdir` from `init_from`, stopped after a few steps."""
+  return run_cli(TINY, f"--workdir={workdir}", "--config.stage=sasrec",
+                 f"--config.sasrec.init_from={init_from}",
+                 f"--config.train.stop_after_steps={stop_after}")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def started(tmp_path_factory):
+  """(workdir, pts): the tiny config's SASRec stage started from pts['x'] and stopped at step
+  2 of 130; pts also holds 'y' (other weights) and 'moved' (x's file copied elsewhere)."""
+  import shutil
+
+  base = tmp_path_factory.mktemp("started")
+  (base / "elsewhere").mkdir()
+  pts = {"x": _tiny_pt(base / "x.pt", 0), "y": _tiny_pt(base / "y.pt", 1)}
+  pts["moved"] = str(shutil.copy(pts["x"], base / "elsewhere" / "x_copy.pt"))
+  workdir = base / "w"
+  proc = _sasrec(workdir, pts["x"], 2)
+  assert proc.returncode == 0, proc.stderr
+  return str(workdir), pts
+
+
+def _copy(workdir, to) -> str:
+  import shutil
+
+  shutil.copytree(workdir, to)
+  return str(to)
+
+
+def _config(*overrides: str):
+  from ilora_jax import configuration
+
+  return configuration.load("configs/tiny.py", list(overrides))
+
+
+def test_a_resume_from_another_init_from_other_rows_or_candidates_is_refused(started, tmp_path):
+  """A SASRec run records what it started from (a fingerprint of the .pt's weights, '' from
+  scratch), a digest of its training rows and its candidate settings: a resume with another
+  init_from (other weights, or none), another synthetic seed (same data name and row count)
+  or other candidates is refused by name before config.json is rewritten; the same weights
+  from a moved file resume."""
+  from ilora_jax import train_sasrec
+
+  workdir, pts = started
+  workdir = _copy(workdir, tmp_path / "w")
+  with open(f"{workdir}/config.json") as f:
+    written = f.read()
+  proc = _sasrec(workdir, pts["y"], 4)
+  line = assert_one_line_error(proc, "init_from: checkpoint ", pts["x"], pts["y"])
+  assert "resumed" not in proc.stderr, line
+  for override, fragment in (
+    ("sasrec.init_from=", f"init_from: checkpoint '{pts['x']} (weights "),
+    ("data.synthetic.seed=9", "train_data: checkpoint "),
+    ("data.candidate_seed=5", "data.candidate_seed: checkpoint 2024 vs config 5"),
+    ("data.num_candidates=10", "data.num_candidates: checkpoint 20 vs config 10"),
+  ):
+    overrides = ["stage=sasrec", f"sasrec.init_from={pts['x']}", override]
+    with pytest.raises(UserError, match=re.escape(fragment)):
+      train_sasrec.run(_config(*overrides), workdir)
+  with open(f"{workdir}/config.json") as f:
+    assert f.read() == written
+  proc = _sasrec(workdir, pts["moved"], 4)
+  assert proc.returncode == 0, proc.stderr
+  assert "SASRec: resumed from step 2 of 130" in proc.stderr
+  with open(f"{workdir}/config.json") as f:
+    assert json.load(f)["sasrec"]["init_from"] == pts["moved"]
+
+
+def test_evaluate_refuses_other_training_rows_and_another_init_from(started, tmp_path):
+  """An evaluation of a SASRec trained on other rows (another synthetic seed: the same data
+  name and row count) or from another .pt than the config's init_from is refused; the same
+  weights from a moved file, no init_from (the workdir's SASRec) and other candidates (an
+  evaluation's choice) are scored. Another max_len names its key, config.data.max_len."""
+  from ilora_jax import train_sasrec
+
+  workdir, pts = started
+  proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=evaluate",
+                 "--config.eval.stage=sasrec", "--config.data.synthetic.seed=9")  # fmt: skip
+  assert_one_line_error(proc, "trained on other data: its training data differs")
+  evaluate = ["stage=evaluate", "eval.stage=sasrec"]
+  trained_from = re.escape(f"trained from sasrec.init_from={pts['x']} (")
+  with pytest.raises(UserError, match=trained_from) as e:
+    train_sasrec.evaluate(_config(*evaluate, f"sasrec.init_from={pts['y']}"), workdir)
+  assert f"not from this config's sasrec.init_from={pts['y']} (weights " in str(e.value)
+  with pytest.raises(UserError, match=r"\(max_len 10 vs config 20\); set config.data.max_len as"):
+    train_sasrec.evaluate(_config(*evaluate, "data.max_len=20"), workdir)
+  scored = _copy(workdir, tmp_path / "w")  # An evaluation appends to metrics.jsonl.
+  results = [
+    train_sasrec.evaluate(_config(*evaluate, *extra), scored)
+    for extra in ([f"sasrec.init_from={pts['moved']}"], [], ["data.candidate_seed=5"])
+  ]
+  assert results[0] == results[1] != results[2]  # The last ranks other candidates.
+
+
+def _as_if_saved_by_older_code(workdir) -> str:
+  """`workdir` with its SASRec checkpoints' settings cut to those older code recorded."""
+  import glob
+
+  paths = glob.glob(f"{workdir}/checkpoints/sasrec/*/meta/metadata")
+  assert paths
+  for path in paths:
+    with open(path) as f:
+      meta = json.load(f)
+    for key in ("init_from", "train_data", "data.num_candidates", "data.candidate_seed"):
+      del meta["settings"][key]
+    with open(path, "w") as f:
+      json.dump(meta, f)
+  return workdir
+
+
+def test_checkpoints_of_older_code_resume_and_evaluate_warning_that_init_from_is_unused(
+  started, tmp_path, capsys
+):
+  """A checkpoint that records no start, rows or candidates resumes and evaluates as before
+  (with another init_from: its own SASRec), saying that init_from is not used; the resumed
+  run's checkpoints still claim no start."""
+  from ilora_jax import checkpointing, train_sasrec
+
+  workdir = _as_if_saved_by_older_code(_copy(started[0], tmp_path / "w"))
+  other = f"sasrec.init_from={started[1]['y']}"
+  train_sasrec.run(_config("stage=sasrec", other, "train.stop_after_steps=3"), workdir)
+  err = capsys.readouterr().err
+  assert f"warning: config.sasrec.init_from={started[1]['y']} is not used" in err
+  assert "which this run resumes" in err and "SASRec: resumed from step 2 of 130" in err
+  ckpt = checkpointing.StageCheckpoints(workdir, "sasrec", read_only=True)
+  assert ckpt.latest_step() == 3 and "init_from" not in ckpt.restore_meta(3)["settings"]
+  ckpt.close()
+  train_sasrec.evaluate(_config("stage=evaluate", "eval.stage=sasrec", other), workdir)
+  assert "is not used" in capsys.readouterr().err
+
+
+def test_only_process_0_prints_the_final_metrics(tmp_path, capsys, monkeypatch):
+  """`evaluate_params` prints its `sasrec <split> step ...` lines on process 0 only."""
+  from ilora_jax import data, sharding, train_sasrec
+  from ilora_jax.metrics import MetricsLog
+
+  config = _config()
+  dataset = data.load_from_config(config, str(tmp_path))
+  cfg = train_sasrec.model_config(config, dataset.n_items)
+  params = sasrec.init_params(cfg, jax.random.PRNGKey(0))
+  mesh, log = sharding.make_mesh(config.mesh), MetricsLog(str(tmp_path), enabled=False)
+  printed = []
+  for process in (1, 0):
+    monkeypatch.setattr(jax, "process_index", lambda p=process: p)
+    train_sasrec.evaluate_params(config, dataset, sasrec.SASRec(cfg), mesh, params, 7, log,
+                                 run="evaluate", splits=("val",))  # fmt: skip
+    printed.append(capsys.readouterr().out)
+  assert printed[0] == "" and printed[1].startswith("sasrec val step 7: hr@1=")
