@@ -157,8 +157,12 @@ def test_processes_started_with_different_configs_are_refused(tmp_path):
   data seed trained on a mix of two data sets in silence. Every process now names the ones
   whose config differs from process 0's, before anything runs."""
   procs = _two_processes(tmp_path / "w", [], ["--config.checkpoint.every_steps=7"])
-  for p in procs:
-    _, stderr = p.communicate(timeout=300)
+  try:
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:  # A hung pair (the defect) must not outlive the test.
+    for p in procs:
+      p.kill()
+  for p, (_, stderr) in zip(procs, outs):
     assert p.returncode == 2, stderr
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert errors == ["error: process(es) 1 were started with another config than process 0's: "
@@ -174,19 +178,23 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
   workdir = tmp_path / "w"
   long = ["--config.train.epochs=40", "--config.checkpoint.every_steps=1000"]
   procs = _two_processes(workdir, long, long)
-  deadline = time.time() + 300
-  metrics = workdir / "metrics.jsonl"
-  while time.time() < deadline and all(p.poll() is None for p in procs):
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-      break
-    time.sleep(0.2)
-  assert all(p.poll() is None for p in procs), procs[0].stderr.read()
-  procs[1].send_signal(signal.SIGTERM)
-  stopped = []
-  for p in procs:
-    _, stderr = p.communicate(timeout=300)
-    assert p.returncode == 128 + signal.SIGTERM, stderr
-    assert "Traceback" not in stderr, stderr
-    stopped.append(int(stderr.split("stopped by SIGTERM at step ")[1].split(";")[0]))
+  try:
+    deadline = time.time() + 300
+    metrics = workdir / "metrics.jsonl"
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+      if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+        break
+      time.sleep(0.2)
+    assert all(p.poll() is None for p in procs), procs[0].stderr.read()
+    procs[1].send_signal(signal.SIGTERM)
+    stopped = []
+    for p in procs:
+      _, stderr = p.communicate(timeout=300)
+      assert p.returncode == 128 + signal.SIGTERM, stderr
+      assert "Traceback" not in stderr, stderr
+      stopped.append(int(stderr.split("stopped by SIGTERM at step ")[1].split(";")[0]))
+  finally:  # A hung pair (the defect) must not outlive the test.
+    for p in procs:
+      p.kill()
   assert stopped[0] == stopped[1]
   assert (workdir / "checkpoints" / "sasrec" / str(stopped[0])).is_dir()
