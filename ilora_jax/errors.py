@@ -80,8 +80,7 @@ def run_script(main: Callable[[list[str]], object], default_config: str | None =
     from absl import flags
 
     argv = list(sys.argv)
-    given = any(a == "--config" or a.startswith("--config=") for a in argv[1:])
-    if default_config and not given:
+    if default_config and not _config_given(argv):
       argv.insert(1, f"--config={default_config}")
     parse_flags(flags.FLAGS, argv)
     if "config" in flags.FLAGS:
@@ -91,13 +90,17 @@ def run_script(main: Callable[[list[str]], object], default_config: str | None =
   run()
 
 
+def _config_given(argv: Sequence[str]) -> bool:
+  return any(a == "--config" or a.startswith("--config=") for a in argv[1:])
+
+
 def loaded_config(config, argv: Sequence[str]):
   """`config` if a config file was loaded into it (a ConfigDict), else a UserError naming
   the file, as `python -m ilora_jax.main` words it."""
   from ml_collections import ConfigDict
 
   if not isinstance(config, ConfigDict):
-    if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+    if not _config_given(argv):
       raise UserError("--config is required, e.g. --config=configs/tiny.py")
     paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     path = paths[-1] if paths else "?"  # The last one given counts, as for absl.

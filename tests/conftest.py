@@ -160,6 +160,39 @@ def complete_steps(workdir) -> list[int]:
   return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
 
 
+def start_processes(*args_of_process: list[str], devices: int = 4) -> list[subprocess.Popen]:
+  """One `python -m ilora_jax.main` per entry of `args_of_process`, joined as one
+  multi-process run (a free local port as coordinator; process i gets process_id=i), each
+  with `devices` CPU devices; stdout and stderr piped as text."""
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
+  env.pop("ILORA_JAX_DEBUG", None)
+  cluster = [f"--config.distributed.coordinator=localhost:{port}",
+             f"--config.distributed.num_processes={len(args_of_process)}"]  # fmt: skip
+  return [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "ilora_jax.main",
+        *args,
+        *cluster,
+        f"--config.distributed.process_id={i}",
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )  # fmt: skip
+    for i, args in enumerate(args_of_process)
+  ]
+
+
 def with_sasrec_of(pipeline_dir, workdir) -> str:
   """A new workdir holding only the pipeline's trained SASRec (for a fresh iLoRA run)."""
   shutil.copytree(os.path.join(pipeline_dir, "checkpoints", "sasrec"),

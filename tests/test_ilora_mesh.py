@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from conftest import (
   complete_steps,
   ilora_records,
   run_cli,
+  start_processes,
   with_sasrec_of,
   xla_flags,
 )
@@ -194,35 +194,9 @@ def test_two_processes_match_one_process_with_eight_devices(mesh_runs, pipeline,
   the val evaluations (target loss, generation, scoring) and the test evaluation."""
   single = mesh_runs["2x2x2"]["workdir"]
   multi = with_sasrec_of(pipeline[0], tmp_path / "multi")
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
-  env.pop("ILORA_JAX_DEBUG", None)
-  procs = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "ilora_jax.main",
-        TINY,
-        f"--workdir={multi}",
-        *[f"--config.{o}" for o in _RUN],
-        "--config.mesh.data=2",
-        "--config.mesh.fsdp=2",
-        "--config.mesh.tensor=2",
-        f"--config.distributed.coordinator=localhost:{port}",
-        "--config.distributed.num_processes=2",
-        f"--config.distributed.process_id={i}",
-      ],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )  # fmt: skip
-    for i in range(2)
-  ]
+  args = [TINY, f"--workdir={multi}", *[f"--config.{o}" for o in _RUN],
+          "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]  # fmt: skip
+  procs = start_processes(args, args)
   outs = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err

@@ -119,37 +119,11 @@ def test_an_interrupt_raised_inside_a_gc_callback_still_stops_the_run(tmp_path):
 def _two_processes(workdir, *extra_of_process) -> list[subprocess.Popen]:
   """Both processes of a 2-process CPU run (4 devices each) of the tiny config's SASRec stage,
   process i with the flags `extra_of_process[i]` on top."""
-  import socket
+  from conftest import TINY, start_processes
 
-  from conftest import TINY, xla_flags
-
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = dict(os.environ, XLA_FLAGS=xla_flags(4))
-  env.pop("ILORA_JAX_DEBUG", None)
   common = [TINY, f"--workdir={workdir}", "--config.stage=sasrec",
-            f"--config.distributed.coordinator=localhost:{port}",
-            "--config.distributed.num_processes=2",
             "--config.distributed.timeout_s=120"]  # fmt: skip
-  return [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "-m",
-        "ilora_jax.main",
-        *common,
-        f"--config.distributed.process_id={i}",
-        *extra,
-      ],
-      cwd=ROOT,
-      env=env,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )  # fmt: skip
-    for i, extra in enumerate(extra_of_process)
-  ]
+  return start_processes(*[[*common, *extra] for extra in extra_of_process])
 
 
 def test_processes_started_with_different_configs_are_refused(tmp_path):
