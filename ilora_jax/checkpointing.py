@@ -9,6 +9,7 @@ and the settings that must match for a resume to be valid.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -160,12 +161,11 @@ class StageCheckpoints:
     except Exception as exc:  # noqa: BLE001 - TensorStore reports damaged files as Exception.
       raise self._unreadable(step, exc) from None
     state, meta = restored["state"], dict(restored["meta"])
-    if CHECKSUMS in meta:  # Checkpoints of older code have none.
-      changed = _changed_arrays(state, meta[CHECKSUMS])
-      if changed:
-        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
-        raise self._unreadable(step, reason=f"array {changed[0]}{more} does not hold what "
-                               "was saved: its checksum differs")  # fmt: skip
+    changed = _changed_arrays(state, meta)
+    if changed:
+      more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+      raise self._unreadable(step, reason=f"array {changed[0]}{more} does not hold what "
+                             "was saved: its checksum differs")  # fmt: skip
     return state, meta
 
   @contextlib.contextmanager
@@ -285,7 +285,8 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-CHECKSUMS = "checksums"  # The meta's record of the state's arrays (`checksums`).
+CHECKSUMS = "array_hashes"  # The meta's record of the state's arrays (`checksums`).
+_OLD_CHECKSUMS = "checksums"  # Older code's record: weighted bit sums, still verified.
 
 
 def _bits_and_index(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -303,37 +304,58 @@ def _bits_and_index(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return bits, lax.broadcasted_iota(jnp.uint32, (x.size,), 0).reshape(x.shape)
 
 
-def _bits_sum(x: jax.Array) -> jax.Array:
-  """The sum, modulo 2**32, of the array's elements' bit patterns (as unsigned integers) each
-  times an odd weight of its position (2i + 1): any one changed element changes it, and so
-  does a swap of two; exact and independent of how the array is sharded or summed."""
-  import jax.numpy as jnp
-
-  bits, index = _bits_and_index(x)
-  return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+def _host_bits_and_index(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """`_bits_and_index` in numpy, flattened."""
+  x = np.ascontiguousarray(x).reshape(-1)
+  bits = x.view({4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize]).astype(np.uint32)
+  return bits, np.arange(x.size, dtype=np.uint32)
 
 
-def _mixed_sums(x: jax.Array) -> jax.Array:
+_SEEDS = (0x9E3779B9, 0x7F4A7C15)
+
+
+def _mixed_sums(x: Any, xp: Any = None) -> Any:
   """Two sums, modulo 2**32, of every element's bit pattern and position mixed by
-  MurmurHash3's 32-bit finaliser under two seeds: unlike `_bits_sum`, whose weighted sum
-  misses changes that move only high bits over aligned blocks (a matrix doubled adds 2**23
-  to each float32 pattern, and 2**23 times the block's summed weights can vanish modulo
-  2**32), any change of elements changes each sum with probability 1 - 2**-32."""
-  import jax.numpy as jnp
+  MurmurHash3's 32-bit finaliser under two seeds: any change of elements changes each sum
+  with probability 1 - 2**-32, exact and independent of how the array is sharded or summed.
+  (Older checkpoints' weighted sum of bit patterns missed changes that move only high bits
+  over aligned blocks: a matrix doubled adds 2**23 to each float32 pattern, and 2**23 times
+  the block's summed weights can vanish modulo 2**32.) `xp`: numpy to sum on the host (uint32
+  arithmetic wraps there as XLA's does), else jax.numpy where the array is."""
+  if xp is None:
+    import jax.numpy as xp
 
-  bits, index = _bits_and_index(x)
+    bits, index = _bits_and_index(x)
+  else:
+    bits, index = _host_bits_and_index(x)
+  u32 = xp.uint32
   sums = []
-  for seed in (0x9E3779B9, 0x7F4A7C15):
-    h = bits + index * jnp.uint32(seed)
+  for seed in _SEEDS:
+    h = bits + index * u32(seed)
     for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
-      h = (h ^ (h >> jnp.uint32(shift))) * jnp.uint32(factor)
-    sums.append(jnp.sum(h ^ (h >> jnp.uint32(16)), dtype=jnp.uint32))
-  return jnp.stack(sums)
+      h = (h ^ (h >> u32(shift))) * u32(factor)
+    sums.append(xp.sum(h ^ (h >> u32(16)), dtype=u32))
+  return xp.stack(sums)
 
 
-@jax.jit
-def _mixed_sums_all(leaves: list) -> list:
-  return [_mixed_sums(x) for x in leaves]
+def _bits_sum(x: Any, xp: Any = None) -> Any:
+  """Older checkpoints' checksum: the sum, modulo 2**32, of the array's elements' bit
+  patterns each times an odd weight of its position (2i + 1). `xp` as in `_mixed_sums`."""
+  if xp is None:
+    import jax.numpy as xp
+
+    bits, index = _bits_and_index(x)
+  else:
+    bits, index = _host_bits_and_index(x)
+  return xp.sum(bits * (index * xp.uint32(2) + xp.uint32(1)), dtype=xp.uint32)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _device_sums(kind: str, leaves: list) -> list:
+  return [_KINDS[kind](x) for x in leaves]
+
+
+_KINDS = {CHECKSUMS: _mixed_sums, _OLD_CHECKSUMS: _bits_sum}
 
 
 def fingerprint(tree: Any) -> str:
@@ -342,15 +364,10 @@ def fingerprint(tree: Any) -> str:
   nothing copied to the host), so the same weights give the same digest on any mesh or
   backend."""
   leaves = _checksum_leaves(tree)
-  sums = jax.device_get(_mixed_sums_all([x for _, x in leaves]))
+  sums = jax.device_get(_device_sums(CHECKSUMS, [x for _, x in leaves]))
   described = [[p, str(x.dtype), list(x.shape), [int(v) for v in s]]
                for (p, x), s in zip(leaves, sums)]  # fmt: skip
   return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
-
-
-@jax.jit
-def _bits_sums(leaves: list) -> list:
-  return [_bits_sum(x) for x in leaves]
 
 
 def _checksum_leaves(state: Any) -> list[tuple[str, Any]]:
@@ -360,32 +377,29 @@ def _checksum_leaves(state: Any) -> list[tuple[str, Any]]:
           if hasattr(x, "dtype") and x.dtype.itemsize <= 4]  # fmt: skip
 
 
-def _host_bits_sum(x: np.ndarray) -> int:
-  """`_bits_sum` in numpy (uint32 arithmetic wraps modulo 2**32 as XLA's does)."""
-  x = np.ascontiguousarray(x).reshape(-1)
-  bits = x.view({4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize]).astype(np.uint32)
-  weights = np.arange(x.size, dtype=np.uint32) * np.uint32(2) + np.uint32(1)
-  return int(np.sum(bits * weights, dtype=np.uint32))
-
-
-def checksums(state: Any) -> dict[str, str]:
-  """{array path: 'dtype:checksum'} of a state's arrays (`_bits_sum`): saved in the meta, so
-  that a restore finds an array whose bytes changed on disk (a damaged file that still
-  decodes, which Orbax would restore as it is). Summed on the host where this process holds
-  every array whole (no program to compile), else where the arrays are (a multi-process
-  run's shards)."""
+def checksums(state: Any, kind: str = CHECKSUMS) -> dict[str, str]:
+  """{array path: 'dtype:hex digits'} of a state's arrays (`_mixed_sums`; `_OLD_CHECKSUMS`:
+  older code's `_bits_sum`): saved in the meta, so that a restore finds an array whose bytes
+  changed on disk (a damaged file that still decodes, which Orbax would restore as it is).
+  Summed on the host where this process holds every array whole (no program to compile),
+  else where the arrays are (a multi-process run's shards)."""
   leaves = _checksum_leaves(state)
   if all(getattr(x, "is_fully_addressable", True) for _, x in leaves):
-    sums = [_host_bits_sum(np.asarray(x)) for _, x in leaves]
+    sums = [_KINDS[kind](np.asarray(x), np) for _, x in leaves]
   else:
-    sums = jax.device_get(_bits_sums([x for _, x in leaves]))
-  return {path: f"{x.dtype}:{int(v):08x}" for (path, x), v in zip(leaves, sums)}
+    sums = jax.device_get(_device_sums(kind, [x for _, x in leaves]))
+  return {path: f"{x.dtype}:" + "".join(f"{int(v):08x}" for v in np.atleast_1d(s))
+          for (path, x), s in zip(leaves, sums)}  # fmt: skip
 
 
-def _changed_arrays(state: Any, saved: dict[str, str]) -> list[str]:
-  """Paths of the restored arrays whose checksum differs from the saved one (an array of
-  another dtype or one not recorded is not compared)."""
-  mine = checksums(state)
+def _changed_arrays(state: Any, meta: dict) -> list[str]:
+  """Paths of the restored arrays whose checksum differs from the one the meta saved (by
+  this code or older code; an array of another dtype or one not recorded is not compared;
+  a meta without checksums, of still older code, compares none)."""
+  kind = next((k for k in _KINDS if k in meta), None)
+  if kind is None:
+    return []
+  saved, mine = meta[kind], checksums(state, kind)
   return [p for p, v in mine.items() if p in saved and saved[p].split(":")[0] == v.split(":")[0]
           and saved[p] != v]  # fmt: skip
 

@@ -99,87 +99,131 @@ def test_an_llm_is_known_by_its_weights_where_a_checkpoint_has_their_fingerprint
   check({"llm": "/a/m"}, {"llm": "/a/m", "llm_weights": "f1"})
 
 
-def test_bits_sums_match_a_numpy_formula_on_any_sharding():
-  """A checkpoint's checksum of an array: the sum mod 2**32 of its elements' bit patterns
-  times 2i + 1 (i the flat position), whatever the array's dtype or sharding, summed on the
-  host or on the devices."""
+def _fmix_sums(x) -> list[int]:
+  """Reference of a checksum and of the fingerprint's sums, written apart from the package:
+  per array, two sums mod 2**32 of MurmurHash3's 32-bit finaliser of (bit pattern + flat
+  position x seed), in uint64 reduced mod 2**32 at each step."""
+  import numpy as np
+
+  unsigned = {4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize]
+  bits = np.asarray(x).reshape(-1).view(unsigned).astype(np.uint64)
+  index = np.arange(bits.size, dtype=np.uint64)
+  sums = []
+  for seed in (0x9E3779B9, 0x7F4A7C15):
+    h = (bits + index * np.uint64(seed)) % 2**32
+    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+      h = ((h ^ (h >> np.uint64(shift))) * np.uint64(factor)) % 2**32
+    sums.append(int(np.sum(h ^ (h >> np.uint64(16))) % 2**32))
+  return sums
+
+
+def _weighted_sum(x) -> int:
+  """Reference of older checkpoints' checksum: the sum mod 2**32 of the elements' bit
+  patterns times 2i + 1 (i the flat position)."""
+  import numpy as np
+
+  unsigned = {4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize]
+  bits = np.asarray(x).reshape(-1).view(unsigned).astype(np.uint64)
+  weights = 2 * np.arange(bits.size, dtype=np.uint64) + 1
+  return int(np.sum((bits * weights) % 2**32) % 2**32)
+
+
+def test_checksums_match_a_numpy_formula_on_any_sharding():
+  """A checkpoint's checksum of an array (`_fmix_sums`, and older code's `_weighted_sum`,
+  which restores still verify), whatever the array's dtype or sharding, summed on the host
+  or on the devices."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-  def reference(x: np.ndarray) -> int:
-    unsigned = {4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize]
-    bits = x.reshape(-1).view(unsigned).astype(np.uint64)
-    weights = 2 * np.arange(bits.size, dtype=np.uint64) + 1
-    return int(np.sum((bits * weights) % 2**32) % 2**32)
-
   rng = np.random.default_rng(0)
   half = np.asarray(jnp.asarray(rng.normal(size=(8, 3)), jnp.bfloat16))
   arrays = [rng.normal(size=(8, 24)).astype(np.float32), rng.integers(-9, 9, (8, 5), np.int32),
-            half, np.float32(2.5)]  # fmt: skip
+            half, np.float32(2.5), np.array([True, False, True])]  # fmt: skip
   mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
+  old = checkpointing._OLD_CHECKSUMS
   for x in arrays:
-    want = f"{x.dtype}:{reference(np.asarray(x)):08x}"
+    want = f"{x.dtype}:" + "".join(f"{v:08x}" for v in _fmix_sums(np.asarray(x)))
+    want_old = f"{x.dtype}:{_weighted_sum(np.asarray(x)):08x}"
     assert checkpointing.checksums({"a": jnp.asarray(x)}) == {"['a']": want}  # On the host.
+    assert checkpointing.checksums({"a": jnp.asarray(x)}, old) == {"['a']": want_old}
     # The program a multi-process run sums its shards with, on one device and on two.
     on_device = [jnp.asarray(x)]
-    if x.ndim:
+    if x.ndim and x.shape[0] % 2 == 0:
       on_device.append(jax.device_put(x, NamedSharding(mesh, PartitionSpec("x"))))
     for y in on_device:
-      assert int(jax.device_get(checkpointing._bits_sums([y]))[0]) == reference(np.asarray(x))
+      sums = jax.device_get(checkpointing._device_sums(checkpointing.CHECKSUMS, [y]))[0]
+      assert [int(v) for v in sums] == _fmix_sums(np.asarray(x))
+      assert int(jax.device_get(checkpointing._device_sums(old, [y]))[0]) == _weighted_sum(x)
   one = arrays[0].copy()
   one[3, 7] = np.nextafter(one[3, 7], np.float32(9))  # One bit of one element.
-  assert reference(one) != reference(arrays[0])
+  assert _fmix_sums(one) != _fmix_sums(arrays[0])
+  assert _weighted_sum(one) != _weighted_sum(arrays[0])
 
 
 def test_arrays_that_are_not_what_was_saved_are_refused(tmp_path):
-  """A checkpoint whose arrays decode but are not those saved (here step 4's state in step
-  3's folder; a disk that changed bytes in a file that still decodes, as an audit did, alike)
-  is refused by its checksums, naming the array; so is one without its state's _METADATA
-  (Orbax reports it as another tree structure). Checkpoints without checksums restore."""
+  """A checkpoint whose arrays decode but are not those saved (another step's state in its
+  folder; a disk that changed bytes in a file that still decodes, as an audit did, alike)
+  is refused by its checksums, naming the array, also where older code's checksum could not
+  see the change (a matrix's row doubled) and by older code's checksums where the meta holds
+  those; so is one without its state's _METADATA (Orbax reports it as another tree
+  structure). Checkpoints without checksums restore."""
   import json
   import shutil
 
   import jax.numpy as jnp
+  import numpy as np
   import optax
 
-  state = {"w": jnp.linspace(0, 1, 64), "b": jnp.arange(10, dtype=jnp.int32)}
+  m = np.random.default_rng(0).normal(size=(2, 4096)).astype(np.float32)
+  state = {"w": jnp.linspace(0, 1, 64), "b": jnp.arange(10, dtype=jnp.int32), "m": jnp.asarray(m)}
   state["opt"] = optax.adam(1e-3).init({"w": state["w"]})  # Tuples of named tuples.
-  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 3, False)
-  ckpt.save(3, state, {"step": 3})
-  ckpt.save(4, {**state, "w": state["w"].at[5].set(2.0)}, {"step": 4})
-  ckpt.save(5, state, {"step": 5})
+  doubled = {**state, "m": state["m"].at[1].multiply(2.0)}
+  old = checkpointing._OLD_CHECKSUMS
+  assert checkpointing.checksums(doubled, old) == checkpointing.checksums(state, old)
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 9, False)
+  for step, tree in ((3, state), (4, {**state, "w": state["w"].at[5].set(2.0)}), (5, state),
+                     (6, doubled), (7, state)):  # fmt: skip
+    ckpt.save(step, tree, {"step": step})
   ckpt.close()
   folder = tmp_path / "checkpoints" / "x"
-  shutil.rmtree(folder / "3" / "state")
-  shutil.copytree(folder / "4" / "state", folder / "3" / "state")
-  (folder / "5" / "state" / "_METADATA").unlink()
-  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 3, False, read_only=True)
+  for into, source in ((3, 4), (5, 6)):
+    shutil.rmtree(folder / str(into) / "state")
+    shutil.copytree(folder / str(source) / "state", folder / str(into) / "state")
+  (folder / "7" / "state" / "_METADATA").unlink()
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 9, False, read_only=True)
   target = checkpointing.abstract_like(state)
-  changed = (
-    r"checkpoint 3 in .* is unreadable \(array \['w'\] does not hold what was saved: "
-    r"its checksum differs\); remove .*x/3 to start"
-  )
-  with pytest.raises(UserError, match=changed):
+
+  def changed(step: int, name: str) -> str:
+    return (rf"checkpoint {step} in .* is unreadable \(array \['{name}'\] does not hold what "
+            rf"was saved: its checksum differs\); remove .*x/{step} to")  # fmt: skip
+
+  with pytest.raises(UserError, match=changed(3, "w")):
     ckpt.restore(3, target)
-  with pytest.raises(UserError, match=r"unreadable \(.*5/state/_METADATA is missing\); remove "
-                     r".*x/5 to resume from checkpoint 4"):  # fmt: skip
+  with pytest.raises(UserError, match=changed(5, "m")):
     ckpt.restore(5, target)
+  with pytest.raises(UserError, match=r"unreadable \(.*7/state/_METADATA is missing\); remove "
+                     r".*x/7 to resume from checkpoint 6"):  # fmt: skip
+    ckpt.restore(7, target)
   restored, meta = ckpt.restore(4, target)
   assert float(restored["w"][5]) == 2.0 and meta["step"] == 4
-  # Older code wrote no checksums: the same arrays in step 3 then restore as they are.
+  # Older code recorded weighted sums under another key: verified as such.
   path = folder / "3" / "meta" / "metadata"
+  path.write_text(json.dumps({"step": 3, old: checkpointing.checksums(state, old)}))
+  with pytest.raises(UserError, match=changed(3, "w")):
+    ckpt.restore(3, target)
+  # Still older code wrote no checksums: the same arrays in step 3 then restore as they are.
   path.write_text(json.dumps({"step": 3}))
   restored, _ = ckpt.restore(3, target)
   assert float(restored["w"][5]) == 2.0
 
 
 def test_fingerprint_matches_a_numpy_formula_and_sees_what_the_checksum_misses():
-  """`fingerprint` (the LLM weights' digest a run records): per array, two sums mod 2**32 of
-  MurmurHash3's 32-bit finaliser of (bit pattern + position x seed), the same on any
-  sharding. A matrix doubled, which the weighted checksum cannot see here (it adds 2**23 to
-  each float32 pattern of a 4096-element block), changes it; so does one bit."""
+  """`fingerprint` (the LLM weights' digest a run records): per array, the sums of
+  `_fmix_sums`, the same on any sharding. A matrix doubled, which older checkpoints'
+  weighted checksum cannot see here (it adds 2**23 to each float32 pattern of a 4096-element
+  block), changes it and the checksums of this code; so does one bit."""
   import hashlib
   import json
 
@@ -188,20 +232,9 @@ def test_fingerprint_matches_a_numpy_formula_and_sees_what_the_checksum_misses()
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-  def fmix(h):
-    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
-      h = ((h ^ (h >> np.uint64(shift))) * np.uint64(factor)) % 2**32
-    return h ^ (h >> np.uint64(16))
-
   def reference(tree: dict) -> str:
-    described = []
-    for name, x in tree.items():
-      unsigned = {4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize]
-      bits = x.reshape(-1).view(unsigned).astype(np.uint64)
-      index = np.arange(bits.size, dtype=np.uint64)
-      sums = [int(np.sum(fmix((bits + index * np.uint64(seed)) % 2**32)) % 2**32)
-              for seed in (0x9E3779B9, 0x7F4A7C15)]  # fmt: skip
-      described.append([f"['{name}']", str(x.dtype), list(x.shape), sums])
+    described = [[f"['{name}']", str(x.dtype), list(x.shape), _fmix_sums(x)]
+                 for name, x in tree.items()]  # fmt: skip
     return hashlib.sha256(json.dumps(described).encode()).hexdigest()[:16]
 
   rng = np.random.default_rng(1)
@@ -214,7 +247,9 @@ def test_fingerprint_matches_a_numpy_formula_and_sees_what_the_checksum_misses()
   assert checkpointing.fingerprint(sharded) == want
   doubled = {**tree, "a": tree["a"].copy()}
   doubled["a"][1] *= 2
-  assert checkpointing.checksums(doubled) == checkpointing.checksums(tree)  # Blind to it.
+  old = checkpointing._OLD_CHECKSUMS
+  assert checkpointing.checksums(doubled, old) == checkpointing.checksums(tree, old)  # Blind.
+  assert checkpointing.checksums(doubled) != checkpointing.checksums(tree)
   assert checkpointing.fingerprint(doubled) == reference(doubled) != want
   one = {**tree, "a": tree["a"].copy()}
   one["a"][0, 7] = np.nextafter(one["a"][0, 7], np.float32(9))
