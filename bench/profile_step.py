@@ -50,7 +50,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from ilora_jax import bench, errors
+from ilora_jax import bench, errors, roofline
 from ilora_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/movielens.py)")
@@ -87,64 +87,44 @@ KINDS = (
   ("other element-wise", lambda op, name, src, *_: True),
 )  # fmt: skip
 _CONTROL = ("while", "conditional", "call", "tuple", "get-tuple-element", "parameter")
-_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+) .*\{$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\(")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_CALLS = re.compile(r"calls=%([\w.\-]+)")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 
 
 def instructions(hlo_text: str) -> dict[str, tuple[str, tuple[str, ...], frozenset]]:
   """Instruction name -> (opcode, JAX sources, inner opcodes) of every instruction in an HLO
-  module; the sources are its op_name metadata, then those inside the computation it calls
-  (XLA leaves some fusions without their own), or ('',) when there is none; the inner
-  opcodes, those of the computations it calls (nested calls too) and, for a custom call, its
-  "target:<name>"."""
-  own: dict[str, tuple[str, str, str | None, str | None]] = {}
-  inside: dict[str, list[str]] = collections.defaultdict(list)
-  opcodes: dict[str, set[str]] = collections.defaultdict(set)
-  callees: dict[str, set[str]] = collections.defaultdict(set)
-  computation = None
-  for line in hlo_text.splitlines():
-    head = _COMPUTATION.match(line)
-    if head:
-      computation = head.group(1)
-      continue
-    match = _INSTRUCTION.match(line)
-    if match:
-      src = _OP_NAME.search(line)
-      calls = _CALLS.search(line)
-      target = _TARGET.search(line)
-      own[match.group(1)] = (
-        match.group(2),
-        src.group(1) if src else "",
-        calls.group(1) if calls else None,
-        f"target:{target.group(1)}" if target else None,
-      )
-      if computation:
-        opcodes[computation].add(match.group(2))
-        if target:
-          opcodes[computation].add(f"target:{target.group(1)}")
-        if calls:
-          callees[computation].add(calls.group(1))
-        if src:
-          inside[computation].append(src.group(1))
+  module (`roofline.parse`); the sources are its op_name metadata, then those inside the
+  computation it calls (XLA leaves some fusions without their own), or ('',) when there is
+  none; the inner opcodes, those of the computations it calls (nested calls too) and, for a
+  custom call, its "target:<name>"."""
+  comps, _ = roofline.parse(hlo_text)
+
+  def own_opcodes(instr: roofline.Instr) -> set[str]:
+    target = _TARGET.search(instr.attrs)
+    return {instr.opcode, f"target:{target.group(1)}"} if target else {instr.opcode}
 
   def reached(computation: str | None) -> frozenset:
     seen, todo, out = set(), [computation] if computation else [], set()
     while todo:
       c = todo.pop()
-      if c not in seen:
+      if c not in seen and c in comps:
         seen.add(c)
-        out |= opcodes.get(c, set())
-        todo.extend(callees.get(c, ()))
-    return frozenset(out)
+        for instr in comps[c]:
+          out |= own_opcodes(instr)
+          todo.append(roofline.called(instr, "calls"))
+    return frozenset(out - {None})
 
-  found = {}
-  for name, (op, src, calls, target) in own.items():  # Empty names left out, ('',) if none.
-    inner = reached(calls) | ({target} if target else set())
-    found[name] = (op, tuple(s for s in (src, *inside.get(calls, ())) if s) or ("",), inner)
-  return found
+  def source(instr: roofline.Instr) -> str:
+    found = _OP_NAME.search(instr.attrs)
+    return found.group(1) if found else ""
+
+  known = {}
+  for instr in (i for body in comps.values() for i in body):
+    calls = roofline.called(instr, "calls")
+    src = [source(instr)] + [source(i) for i in comps.get(calls, ())]
+    inner = reached(calls) | (own_opcodes(instr) - {instr.opcode})
+    known[instr.name] = (instr.opcode, tuple(s for s in src if s) or ("",), inner)
+  return known
 
 
 def kind_of(opcode: str, name: str, src: tuple[str, ...], inner: frozenset = frozenset()) -> str:
