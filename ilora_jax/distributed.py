@@ -75,29 +75,48 @@ def check_same_config(config) -> None:
   collective that differs (another checkpoint interval), fail in one (another learning rate),
   or train on a mix of data sets (another data seed). A digest of each process's config is
   gathered and compared with process 0's."""
-  import jax
-
-  if jax.process_count() == 1:
-    return
   import hashlib
   import json
-
-  import numpy as np
-  from jax.experimental import multihost_utils
 
   from ilora_jax.configuration import json_form
 
   own = json_form(config)
   own["distributed"].pop("process_id", None)
-  digest = hashlib.sha256(json.dumps(own, sort_keys=True).encode()).digest()[:8]
-  digests = multihost_utils.process_allgather(np.frombuffer(digest, np.uint32))
-  others = [i for i, d in enumerate(np.asarray(digests).reshape(-1, 2)) if (d != digests[0]).any()]
+  others = _differing(hashlib.sha256(json.dumps(own, sort_keys=True).encode()).digest())
   if others:
     raise UserError(
       f"process(es) {', '.join(map(str, others))} were started with another config than "
       "process 0's: start every process with the same command (only "
       "--config.distributed.process_id differs)"
     )
+
+
+def check_same_data(digest: bytes, directory: str) -> None:
+  """A UserError in every process of a multi-process run whose processes read different data
+  (`digest` of what each loaded): each feeds its rows of every global batch from its own
+  copy, so copies that differ (a host's stale or other files under the same path) would train
+  and evaluate on a mix in silence."""
+  others = _differing(digest)
+  if others:
+    raise UserError(
+      f"process(es) {', '.join(map(str, others))} read other data than process 0's from "
+      f"{directory}: give every host the same files"
+    )
+
+
+def _differing(digest: bytes) -> list[int]:
+  """The processes whose `digest` (its first 8 bytes) differs from process 0's, gathered from
+  every process; none in a single-process run."""
+  import jax
+
+  if jax.process_count() == 1:
+    return []
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  digests = multihost_utils.process_allgather(np.frombuffer(digest[:8], np.uint32))
+  digests = np.asarray(digests).reshape(-1, 2)
+  return [i for i, d in enumerate(digests) if (d != digests[0]).any()]
 
 
 def _not_joined(where: str, dc) -> None:

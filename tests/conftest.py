@@ -160,10 +160,13 @@ def complete_steps(workdir) -> list[int]:
   return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
 
 
-def start_processes(*args_of_process: list[str], devices: int = 4) -> list[subprocess.Popen]:
+def start_processes(
+  *args_of_process: list[str], devices: int = 4, cwds: list | None = None
+) -> list[subprocess.Popen]:
   """One `python -m ilora_jax.main` per entry of `args_of_process`, joined as one
   multi-process run (a free local port as coordinator; process i gets process_id=i), each
-  with `devices` CPU devices; stdout and stderr piped as text."""
+  with `devices` CPU devices, in the repository (or in `cwds[i]`: a host of its own);
+  stdout and stderr piped as text."""
   import socket
 
   with socket.socket() as s:
@@ -183,8 +186,8 @@ def start_processes(*args_of_process: list[str], devices: int = 4) -> list[subpr
         *cluster,
         f"--config.distributed.process_id={i}",
       ],
-      cwd=ROOT,
-      env=env,
+      cwd=cwds[i] if cwds else ROOT,
+      env=dict(env, PYTHONPATH=ROOT) if cwds else env,
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,

@@ -145,6 +145,39 @@ def test_processes_started_with_different_configs_are_refused(tmp_path):
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_processes_that_read_other_data_are_refused(tmp_path):
+  """Two hosts with the same command but other files under its data path (here each
+  process's own folder: one row's next item differs) fed their rows of each batch from
+  their own copies, a silent mix. Every process now names those whose data differ."""
+  import pandas as pd
+  from conftest import ROOT, start_processes
+
+  for host, last in (("a", 4), ("b", 5)):
+    folder = tmp_path / host / "data"
+    folder.mkdir(parents=True)
+    rows = [{"seq": [1, 2, 3] + [9] * 7, "len_seq": 3, "next": 4}] * 39
+    frame = pd.DataFrame([*rows, {"seq": [1, 2, 3] + [9] * 7, "len_seq": 3, "next": last}])
+    frame.to_pickle(folder / "train_data.df")
+    frame.to_pickle(folder / "Val_data.df")
+    (folder / "id2name.txt").write_text("".join(f"{i}::Item {i}\n" for i in range(9)))
+  args = [f"--config={ROOT}/configs/lastfm.py", f"--workdir={tmp_path / 'w'}",
+          "--config.stage=sasrec", "--config.data.dir=data", "--config.data.n_items=9",
+          "--config.data.num_candidates=4", "--config.train.batch_size=8", "--config.train.steps=3",
+          "--config.distributed.timeout_s=120"]  # fmt: skip
+  procs = start_processes(args, args, cwds=[tmp_path / "a", tmp_path / "b"])
+  try:
+    outs = [p.communicate(timeout=300) for p in procs]
+  finally:  # A hung pair must not outlive the test.
+    for p in procs:
+      p.kill()
+  for p, (_, stderr) in zip(procs, outs):
+    assert p.returncode == 2, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert errors == ["error: process(es) 1 read other data than process 0's from data: give "
+                      "every host the same files"], stderr  # fmt: skip
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
 def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
   """SIGTERM to one process of a 2-process run (a preempted host) sent it alone into the
   checkpoint's collective write while the other ran on: both hung, nothing saved. Now every
