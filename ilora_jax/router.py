@@ -52,7 +52,8 @@ def _torch_bias_init(fan_in: int):
   return init
 
 
-def _dense(features: int, fan_in: int, name: str) -> nn.Dense:
+def torch_dense(features: int, fan_in: int, name: str) -> nn.Dense:
+  """A Dense layer initialised as torch's nn.Linear of `fan_in` inputs."""
   return nn.Dense(
     features, kernel_init=_torch_kernel_init, bias_init=_torch_bias_init(fan_in), name=name
   )
@@ -131,7 +132,7 @@ class ResNet1dRouter(nn.Module):
           x, train
         )
     pooled = jnp.mean(x, axis=1)  # [batch, 64]
-    logits = _dense(self.num_experts, pooled.shape[-1], "head")(pooled)  # [batch, E]
+    logits = torch_dense(self.num_experts, pooled.shape[-1], "head")(pooled)  # [batch, E]
     return jax.nn.softmax(logits, axis=-1)
 
 
@@ -144,7 +145,7 @@ class LinearRouter(nn.Module):
   def __call__(self, user: Array, train: bool = False) -> Array:
     """user: [batch, hidden] -> gate [batch, E]."""
     user = user.astype(jnp.float32)
-    logits = _dense(self.num_experts, user.shape[-1], "head")(user)  # [batch, E]
+    logits = torch_dense(self.num_experts, user.shape[-1], "head")(user)  # [batch, E]
     return jax.nn.softmax(logits, axis=-1)
 
 
@@ -158,9 +159,9 @@ class MLPRouter(nn.Module):
   def __call__(self, user: Array, train: bool = False) -> Array:
     """user: [batch, hidden] -> gate [batch, E]."""
     user = user.astype(jnp.float32)
-    h = _dense(self.hidden, user.shape[-1], "hidden")(user)  # [batch, mlp_hidden]
+    h = torch_dense(self.hidden, user.shape[-1], "hidden")(user)  # [batch, mlp_hidden]
     h = nn.gelu(h, approximate=False)
-    logits = _dense(self.num_experts, self.hidden, "head")(h)  # [batch, E]
+    logits = torch_dense(self.num_experts, self.hidden, "head")(h)  # [batch, E]
     return jax.nn.softmax(logits, axis=-1)
 
 

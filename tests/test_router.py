@@ -241,6 +241,28 @@ def test_dense_init_follows_torch_bounds():
     assert 0.9 * bound < np.abs(np.asarray(leaf)).max() <= bound
 
 
+def test_projector_init_follows_torch_linear():
+  """The projector's layers start as the original's torch nn.Linear layers do: weights and
+  biases uniform within 1 / sqrt(fan_in) (before, Flax's LeCun-normal kernels and zero
+  biases: a first projection about half the size of the original's)."""
+  torch = pytest.importorskip("torch")
+  from ilora_jax.projector import Projector
+
+  sas, d = 64, 256
+  p = Projector(d).init(jax.random.key(0), jnp.zeros((1, sas)))["params"]
+  torch.manual_seed(0)
+  ref = {"fc1": torch.nn.Linear(sas, d), "fc2": torch.nn.Linear(d, d)}
+  for name, layer in ref.items():
+    ours = {"kernel": np.asarray(p[name]["kernel"]), "bias": np.asarray(p[name]["bias"])}
+    theirs = {"kernel": layer.weight.detach().numpy().T, "bias": layer.bias.detach().numpy()}
+    for key in ours:
+      assert ours[key].shape == theirs[key].shape, (name, key)
+      bound = float(np.abs(theirs[key]).max())
+      assert np.abs(ours[key]).max() <= bound * 1.01, (name, key)
+      assert np.abs(ours[key]).max() > 0.95 * bound, (name, key)
+      np.testing.assert_allclose(ours[key].std(), theirs[key].std(), rtol=0.1)
+
+
 def test_make_router_rejects_unknown_kinds():
   with pytest.raises(UserError, match="unknown kind"):
     router.make_router("moe", E)
