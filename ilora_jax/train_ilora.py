@@ -286,7 +286,14 @@ def prompt_inputs(config, workdir: str, dataset: Dataset, mesh) -> PromptInputs:
     bos_id=prompt_bos(config, tokenizer),
     multiple_of=int(config.ilora.pad_multiple),
   )
-  longest = max(len(builder.target_tokens(i)) for i in dataset.titles)
+  lengths = [len(builder.target_tokens(i)) for i in dataset.titles]
+  longest, cap = max(lengths), int(config.ilora.max_target_tokens)
+  if longest > cap:
+    console.info(
+      f"warning: {sum(n > cap for n in lengths)} of {len(lengths)} titles have more than "
+      f"config.ilora.max_target_tokens={cap} tokens (the longest {longest}): the loss scores "
+      f"their first {cap}"
+    )
   newline = tuple(builder.encode_in_text("\n"))  # what ends a generated answer
   return PromptInputs(tokenizer, builder, sas_cfg, sas_params, longest, newline)
 

@@ -1,5 +1,6 @@
 """The iLoRA stage end to end on the tiny config, and properties of its train step."""
 
+import copy
 import json
 import os
 import re
@@ -419,6 +420,28 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(setup_tiny, tmp_
   with pytest.raises(AssertionError, match="weights were read"):
     train_ilora.run(config, fresh)
   assert os.listdir(os.path.join(fresh, "checkpoints")) == ["sasrec"]
+
+
+def test_titles_longer_than_the_target_cap_are_named_in_a_warning(setup_tiny, capsys):
+  """Titles with more tokens than `ilora.max_target_tokens` lose their tail from the loss
+  (3 of 3,581 Steam titles with SmolLM2's tokenizer): a warning says how many; none at the
+  default cap."""
+  from ilora_jax import train_ilora
+
+  config, su, workdir = setup_tiny
+  lengths = [len(su.parts.builder.target_tokens(i)) for i in su.dataset.titles]
+  cap = max(lengths) - 1  # The longest titles are longer.
+  capsys.readouterr()
+  train_ilora.prompt_inputs(config, workdir, su.dataset, su.mesh)
+  assert "warning" not in capsys.readouterr().err
+  config = copy.deepcopy(config)
+  config.ilora.max_target_tokens = cap
+  train_ilora.prompt_inputs(config, workdir, su.dataset, su.mesh)
+  over = sum(n > cap for n in lengths)
+  assert over > 0
+  assert (f"warning: {over} of {len(lengths)} titles have more than "
+          f"config.ilora.max_target_tokens={cap} tokens (the longest {max(lengths)}): the "
+          f"loss scores their first {cap}") in capsys.readouterr().err  # fmt: skip
 
 
 def test_target_slots_and_unrolled_layers_keep_the_loss(setup_tiny):
