@@ -36,12 +36,11 @@ import time
 
 import jax
 from absl import flags
-from ml_collections import config_flags
 
 from ilora_jax import bench, configuration, errors, train_ilora
 from ilora_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/lastfm.py)")
+_CONFIG = errors.define_config_file("config", None, "config file (configs/lastfm.py)")
 _VARIANTS = flags.DEFINE_string("variants", None, "';'-separated variants of 'ilora.key=value ...'")
 _SPLIT = flags.DEFINE_string("split", "val", "split to evaluate (val or test)")
 _ROUNDS = flags.DEFINE_integer("rounds", 2, "timed passes of each variant")

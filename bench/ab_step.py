@@ -24,12 +24,11 @@ import time
 
 import jax
 from absl import flags
-from ml_collections import config_flags
 
 from ilora_jax import bench, configuration, errors
 from ilora_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/movielens.py)")
+_CONFIG = errors.define_config_file("config", None, "config file (configs/movielens.py)")
 _VARIANTS = flags.DEFINE_string("variants", None, "';'-separated variants of 'key=value ...'")
 _ROUNDS = flags.DEFINE_integer("rounds", 8, "timed rounds (one step of every variant each)")
 

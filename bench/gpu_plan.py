@@ -52,7 +52,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
 
 from ilora_jax import (  # noqa: E402
   bench,
@@ -66,7 +65,7 @@ from ilora_jax import (  # noqa: E402
 )
 from ilora_jax.errors import UserError  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/movielens.py")
+_CONFIG = errors.define_config_file("config", "configs/movielens.py")
 _PROGRAMS = flags.DEFINE_list(
   "programs", "train,generate,generate_unrolled,both", "programs to compile (see the docstring)"
 )

@@ -28,13 +28,12 @@ import sys
 
 import numpy as np
 from absl import flags
-from ml_collections import config_flags
 from tqdm import tqdm
 
 from ilora_jax import errors, scoring, train_ilora
 from ilora_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/lastfm.py)")
+_CONFIG = errors.define_config_file("config", None, "config file (configs/lastfm.py)")
 _STEPS = flags.DEFINE_integer("steps", 0, "steps of epoch 0 to build (0 = all)")
 _STEP_S = flags.DEFINE_string("step_s", "", "seconds per step by padded length: 'T=s,T=s'")
 _EVAL_SPLIT = flags.DEFINE_string("eval_split", "", "also count evaluation batches of this split")

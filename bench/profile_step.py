@@ -48,12 +48,11 @@ import time
 
 import jax
 from absl import flags
-from ml_collections import config_flags
 
 from ilora_jax import bench, errors, roofline
 from ilora_jax.errors import UserError
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file (configs/movielens.py)")
+_CONFIG = errors.define_config_file("config", None, "config file (configs/movielens.py)")
 _STEPS = flags.DEFINE_integer("steps", 3, "profiled steps (after one warm-up step)")
 _TOP = flags.DEFINE_integer("top", 15, "ops listed, the slowest first")
 _OUT = flags.DEFINE_string("out", "", "folder for the trace (default: a new temporary one)")

@@ -102,10 +102,16 @@ def loaded_config(config, argv: Sequence[str]):
   if not isinstance(config, ConfigDict):
     if not _config_given(argv):
       raise UserError("--config is required, e.g. --config=configs/tiny.py")
-    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    path = paths[-1] if paths else "?"  # The last one given counts, as for absl.
-    raise UserError(f"cannot load config file {path}: not found or not a config file")
+    raise _unloadable("config", argv)
   return config
+
+
+def _unloadable(what: str, argv: Sequence[str]) -> UserError:
+  """The `what` file given could not be loaded (a missing file: ml_collections reports it
+  only when the config is first used, by `loaded_config` or by an override)."""
+  paths = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")]
+  path = paths[-1] if paths else "?"  # The last one given counts, as for absl.
+  return UserError(f"cannot load {what} file {path}: not found or not a {what} file")
 
 
 HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "--helpfull", "-?")  # As absl's app.
@@ -126,15 +132,53 @@ def print_help(values) -> None:
     )
 
 
+def define_config_file(
+  name: str, default: str | None = None, help_: str = "path to config file.", **kwargs
+):
+  """`config_flags.DEFINE_config_file`, whose definition (at import) already reads the
+  command line's --flagfile files: one that cannot be read or is not UTF-8 text is one
+  `error:` line, exit 2, instead of a traceback."""
+  from ml_collections import config_flags
+
+  try:
+    return config_flags.DEFINE_config_file(name, default, help_, **kwargs)
+  except Exception as exc:  # noqa: BLE001 - only a flagfile's failure is reported here.
+    failed = _flagfile_error(exc, sys.argv)
+    if failed is None:
+      raise
+    report_and_exit(failed)
+
+
+def _flagfile_error(exc: BaseException, argv: Sequence[str]) -> UserError | None:
+  """A --flagfile that absl could not open or decode, as one line; None for other errors."""
+  from absl import flags
+
+  if isinstance(exc, flags.CantOpenFlagFileError):
+    return UserError(f"cannot read --flagfile: {str(exc).removeprefix('ERROR:: ')}")
+  if not isinstance(exc, UnicodeDecodeError):
+    return None
+  for arg in argv:
+    path = arg.split("=", 1)[1] if arg.startswith(("--flagfile=", "-flagfile=")) else ""
+    try:
+      with open(path, encoding="utf-8") as f:
+        f.read()
+    except UnicodeDecodeError as bad:
+      return UserError(f"--flagfile={path} is not UTF-8 text ({bad.reason} at byte {bad.start})")
+    except OSError:
+      continue
+  return UserError(f"a --flagfile is not UTF-8 text ({exc.reason} at byte {exc.start})")
+
+
 @contextlib.contextmanager
 def flag_errors(what: str = "config", argv: Sequence[str] = ()):
-  """Turns absl flag errors and overrides of unknown `what` keys into UserErrors."""
+  """Turns absl flag errors, unreadable flag files and overrides of unknown `what` keys into
+  UserErrors."""
   from absl import flags
 
   try:
     yield
-  except flags.Error as exc:
-    raise flag_error(exc) from None
+  except (flags.Error, UnicodeDecodeError) as exc:
+    raise (_flagfile_error(exc, argv) or flag_error(exc)) from None
   except (AttributeError, KeyError) as exc:  # An override names an unknown config key.
     failed = _failed_in_file(exc, what, argv)  # Or the file's own code failed.
     if failed is not None:
@@ -156,6 +200,8 @@ def flag_errors(what: str = "config", argv: Sequence[str] = ()):
     where = f" (in {flag})" if flag else ""
     raise UserError(f"unknown {what} key: {text}{where}") from None
   except Exception as exc:
+    if str(exc).startswith("Configuration is not available because of an earlier failure"):
+      raise _unloadable(what, argv) from None  # An override of a file that did not load.
     failed = _failed_in_file(exc, what, argv)
     if failed is None:
       raise

@@ -54,13 +54,13 @@ import zipfile
 
 import numpy as np
 from absl import flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
-from ilora_jax import configuration, report
+from ilora_jax import configuration, errors, report
 from ilora_jax.errors import UserError, cli_main, parse_flags, require_file
 from ilora_jax.files import atomic_write
 
-_GRID = config_flags.DEFINE_config_file(
+_GRID = errors.define_config_file(
   "grid", None, "Path to a grid file (configs/experiments/*.py).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the grid's runs and results.")

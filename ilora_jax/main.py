@@ -10,11 +10,12 @@ import os
 import sys
 
 from absl import flags
-from ml_collections import ConfigDict, config_flags
+from ml_collections import ConfigDict
 
+from ilora_jax import errors
 from ilora_jax.errors import UserError, cli_main, parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = errors.define_config_file(
   "config", None, "Path to a config file (configs/*.py).", lock_config=True
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and metrics.jsonl.")
@@ -23,12 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints and m
 def parse(argv: list[str]) -> tuple[ConfigDict, str]:
   """Parses flags; turns every flag or config problem into a UserError."""
   parse_flags(flags.FLAGS, argv)
-  if flags.FLAGS["config"].value is None and not any(a.startswith("--config") for a in argv):
-    raise UserError("--config is required, e.g. --config=configs/tiny.py")
-  config = _CONFIG.value
-  if not isinstance(config, ConfigDict):
-    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?")
-    raise UserError(f"cannot load config file {path}: not found or not a config file")
+  config = errors.loaded_config(_CONFIG.value, argv)
   if not _WORKDIR.value:
     raise UserError("--workdir is required")
   return config, _WORKDIR.value

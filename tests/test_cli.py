@@ -362,10 +362,27 @@ def test_overrides_parse_as_on_the_command_line():
 
 
 def test_missing_config_file_and_workdir(tmp_path):
-  assert_one_line_error(
-    run_cli("--config=configs/nope.py", f"--workdir={tmp_path}"), "configs/nope.py"
-  )
+  missing = "cannot load config file configs/nope.py: not found or not a config file"
+  assert_one_line_error(run_cli("--config=configs/nope.py", f"--workdir={tmp_path}"), missing)
+  # With an override (every launch script adds some): was exit 3, ml_collections' OSError.
+  proc = run_cli("--config=configs/nope.py", f"--workdir={tmp_path}", "--config.stage=sasrec")
+  assert_one_line_error(proc, missing)
   assert_one_line_error(run_cli(TINY), "--workdir")
+
+
+def test_unreadable_flagfiles_are_one_line_errors(tmp_path):
+  """A --flagfile that is missing or not UTF-8 text, read by absl as ml_collections defines
+  the config flag at import: was a traceback (exit 1) from every command with a config file;
+  `ilora_jax.bench`-style scripts and the experiment runner alike."""
+  bad = tmp_path / "flags.txt"
+  bad.write_bytes(b"--config=configs/tiny.py\n--workdir=/tmp/x\xff\n")
+  not_utf8 = f"--flagfile={bad} is not UTF-8 text (invalid start byte at byte 41)"
+  missing = "cannot read --flagfile: Unable to open flagfile: [Errno 2] No such file"
+  for module, script in (("ilora_jax.main", None), ("ilora_jax.experiments", None),
+                         ("", "bench/profile_step.py")):  # fmt: skip
+    kind = {"module": module} if module else {"script": script}
+    assert_one_line_error(run_cli(f"--flagfile={bad}", **kind), not_utf8)
+    assert_one_line_error(run_cli(f"--flagfile={tmp_path / 'none'}", **kind), missing)
 
 
 def _lastfm_like_folder(tmp_path, train_frame=None, with_titles=True):
