@@ -42,4 +42,24 @@ def enable(path: str) -> str | None:
   jax.config.update("jax_compilation_cache_dir", path)
   if "JAX_COMPILATION_CACHE_MAX_SIZE" not in os.environ:
     jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
+  if jax.config.jax_compilation_cache_max_size != -1:
+    _add_access_times(path)
   return path
+
+
+def _add_access_times(path: str) -> None:
+  """Gives every entry of the cache without an access-time file one (its modification time):
+  entries written without a cap (JAX's default, by a process that never called `enable`,
+  such as a script using the Python API) have none, and a capped cache reads the file of
+  every entry when it makes room, failing with a warning on each write and caching nothing
+  more."""
+  names = set(os.listdir(path))
+  for name in names:
+    key = name.removesuffix("-cache")
+    if key != name and f"{key}-atime" not in names:
+      try:
+        stamp = os.stat(os.path.join(path, name)).st_mtime_ns
+        with open(os.path.join(path, f"{key}-atime"), "wb") as f:
+          f.write(stamp.to_bytes(8, "little"))
+      except OSError:
+        pass  # A read-only or vanished entry: JAX reports it, if it matters, as before.

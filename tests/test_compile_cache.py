@@ -66,3 +66,24 @@ def test_a_folder_that_cannot_be_made_warns_in_one_line_and_runs_on(tmp_path):
   assert warned == [
     f"warning: compile cache off: cannot create {blocker / 'cache'} (Not a directory)"
   ]
+
+
+def test_entries_written_without_a_cap_do_not_break_a_capped_cache(tmp_path):
+  """A process that used the cache without `enable` (a script calling the Python API with
+  JAX_COMPILATION_CACHE_DIR set: JAX's default has no cap) writes entries without access-time
+  files; a capped cache read them all at its next write and warned of a FileNotFoundError on
+  every compile, caching nothing more. `enable` gives each such entry one."""
+  cache = tmp_path / "cache"
+  env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_MAX_SIZE"}
+  env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  code = "import jax, jax.numpy as jnp; jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3))"
+  proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, env=env)
+  assert proc.returncode == 0, proc.stderr
+  written = [n for n in os.listdir(cache) if n.endswith("-cache")]
+  assert written and not [n for n in os.listdir(cache) if n.endswith("-atime")]
+  out, err = _run(cache)  # Another program, compiled and written under the cap.
+  assert out[3] == str(4 << 30) and not [line for line in err if "atime" in line], err
+  entries = os.listdir(cache)
+  caches = {n.removesuffix("-cache") for n in entries if n.endswith("-cache")}
+  assert len(caches) > len(written)  # The new program was written.
+  assert caches == {n.removesuffix("-atime") for n in entries if n.endswith("-atime")}
