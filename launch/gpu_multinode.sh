@@ -8,9 +8,10 @@
 #   3. Slurm:        srun --nodes=N --ntasks-per-node=1 launch/gpu_multinode.sh --config=...
 #                    (SLURM_PROCID is set: JAX reads the layout itself, distributed.auto=True)
 # --dry_run, anywhere among the arguments, prints the commands instead. The workdir must be on
-# storage all nodes share (checkpoints are written collectively).
+# storage all nodes share (checkpoints are written collectively). Relative paths are the
+# caller's (run_host.sh starts in the caller's folder, as this script does not move). A missing
+# layout or job is one line on stderr and exit status 2.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 DRY=()
 ARGS=()
 for a in "$@"; do
@@ -20,8 +21,7 @@ set -- ${ARGS[@]+"${ARGS[@]}"}  # (Bash before 4.4 calls an empty array unbound.
 usage="usage: launch/gpu_multinode.sh [--dry_run] [COORDINATOR:PORT NUM_NODES NODE_RANK] --config=... --workdir=..."
 if [[ $# -ge 1 && "$1" != --* ]]; then
   if [[ $# -lt 3 || "$2" == --* || "$3" == --* ]]; then
-    echo "error: COORDINATOR:PORT, NUM_NODES and NODE_RANK are given together, before the flags" >&2
-    echo "$usage" >&2
+    echo "error: COORDINATOR:PORT, NUM_NODES and NODE_RANK are given together, before the flags; $usage" >&2
     exit 2
   fi
   CLUSTER=(--config.distributed.coordinator="$1" --config.distributed.num_processes="$2"
@@ -35,13 +35,15 @@ else
   NUM="${NUM_PROCESSES:-${WORLD_SIZE:-}}"
   ID="${PROCESS_ID:-${RANK:-}}"
   if [[ -z "$COORD" || -z "$NUM" || -z "$ID" ]]; then
-    echo "error: no cluster layout: give COORDINATOR:PORT NUM_NODES NODE_RANK, set COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID (or MASTER_ADDR/WORLD_SIZE/RANK), or run under srun" >&2
-    echo "$usage" >&2
+    echo "error: no cluster layout: give COORDINATOR:PORT NUM_NODES NODE_RANK, set COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID (or MASTER_ADDR/WORLD_SIZE/RANK), or run under srun; $usage" >&2
     exit 2
   fi
   CLUSTER=(--config.distributed.coordinator="$COORD" --config.distributed.num_processes="$NUM"
            --config.distributed.process_id="$ID")
 fi
-if [[ $# -lt 1 ]]; then echo "$usage" >&2; exit 2; fi
+if [[ $# -lt 1 ]]; then
+  echo "error: no job arguments (--config=... --workdir=...) after the layout; $usage" >&2
+  exit 2
+fi
 export ILORA_JAX_EXTRA=cuda
-exec bash launch/run_host.sh ${DRY[@]+"${DRY[@]}"} "$@" ${CLUSTER[@]+"${CLUSTER[@]}"}
+exec bash "$(dirname "$0")/run_host.sh" ${DRY[@]+"${DRY[@]}"} "$@" ${CLUSTER[@]+"${CLUSTER[@]}"}

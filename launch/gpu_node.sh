@@ -5,8 +5,8 @@
 #   e.g. launch/gpu_node.sh --config=configs/movielens.py --workdir=runs/ml \
 #          --config.llm.name=/models/Llama-2-7b-hf --config.mesh.data=1 --config.mesh.fsdp=-1
 # --dry_run may come anywhere among the arguments: run_host.sh takes it out and prints the
-# commands instead of running them.
+# commands instead of running them. Relative paths are the caller's (run_host.sh starts in the
+# caller's folder, as this script does not move).
 set -euo pipefail
-cd "$(dirname "$0")/.."
 export ILORA_JAX_EXTRA=cuda
-exec bash launch/run_host.sh "$@"
+exec bash "$(dirname "$0")/run_host.sh" "$@"

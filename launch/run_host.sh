@@ -13,11 +13,24 @@
 # Hosts sharing the folder set up one at a time (flock on .venv.lock). ILORA_JAX_SETUP=skip
 # runs with .venv as it is (no package index on the node, or a venv made by hand).
 #
+# The job runs in the checkout, but relative paths among its arguments (--flag=value form) are
+# the caller's: they are made absolute first (nothing changes when the caller is in the
+# checkout's root, as on the TPU workers):
+#   --config=FILE[:ARGS]  FILE from the caller's folder when it is there, else the checkout's
+#                         (configs/<name>.py from anywhere); in neither, one line and exit 2
+#                         before any set-up;
+#   --workdir=DIR, --config.compile_cache_dir=DIR  from the caller's folder (made if missing);
+#   --config.data.dir, data.raw_ratings, llm.name, sasrec.init_from  from the caller's folder
+#                         when that path exists there (else as given: a registered LLM name or
+#                         a path in the checkout).
+#
 # --dry_run, anywhere among the arguments, prints the commands instead of running them: line 1
-# the set-up (a comment when it would be skipped), line 2 the job.
+# the set-up (a comment when it would be skipped), line 2 the job as it will run.
 #
 # Usage: launch/run_host.sh [--dry_run] --config=configs/<name>.py --workdir=DIR [--config.x=y ...]
 set -euo pipefail
+CALLER=$PWD
+CALLER_P=$(pwd -P)
 cd "$(dirname "$0")/.."
 DRY_RUN=0
 ARGS=()
@@ -25,10 +38,50 @@ for a in "$@"; do
   if [[ "$a" == "--dry_run" ]]; then DRY_RUN=1; else ARGS+=("$a"); fi
 done
 EXTRA="${ILORA_JAX_EXTRA:-}"
-if [[ ! "$EXTRA" =~ ^[a-z0-9_,-]*$ ]]; then
-  echo "error: ILORA_JAX_EXTRA=$(printf '%q' "$EXTRA") is no pip extra (e.g. cuda or tpu)" >&2
-  exit 2
-fi
+case "$EXTRA" in
+  "" | cuda | tpu) ;;  # pyproject.toml's accelerator extras, or none (the CPU build).
+  *)
+    echo "error: ILORA_JAX_EXTRA=$(printf '%q' "$EXTRA") is not one of pyproject.toml's accelerator extras: cuda, tpu, or unset for the CPU build" >&2
+    exit 2
+    ;;
+esac
+
+# A relative path made absolute from the caller's folder ("~..." is left to the job); as it is
+# when the caller is in the checkout's root.
+HERE=0
+[[ "$(pwd -P)" != "$CALLER_P" ]] || HERE=1
+from_caller() {
+  if [[ "$HERE" == 1 || -z "$1" || "$1" == /* || "$1" == "~"* ]]; then
+    echo "$1"
+  elif [[ "$1" == . ]]; then
+    echo "$CALLER"
+  else
+    echo "$CALLER/${1#./}"
+  fi
+}
+for i in ${ARGS[@]+"${!ARGS[@]}"}; do
+  a=${ARGS[$i]}
+  flag=${a%%=*} value=${a#*=}
+  case "$a" in
+    --config=*)
+      file=${value%%:*}  # ml_collections reads FILE:ARGS as the file and its argument.
+      if [[ "$file" != /* && -f "$CALLER/$file" ]]; then
+        ARGS[i]="--config=$(from_caller "$file")${value:${#file}}"
+      elif [[ ! -f "$file" ]]; then  # Relative: the checkout's (the current folder now).
+        where="not in $(printf '%q' "$CALLER")"
+        [[ "$HERE" == 1 ]] || where="neither in $(printf '%q' "$CALLER") nor in the checkout $(printf '%q' "$PWD")"
+        echo "error: --config names no file: $(printf '%q' "$file") is $where" >&2
+        exit 2
+      fi
+      ;;
+    --workdir=* | --config.compile_cache_dir=*) ARGS[i]="$flag=$(from_caller "$value")" ;;
+    --config.data.dir=* | --config.data.raw_ratings=* | --config.llm.name=* | --config.sasrec.init_from=*)
+      if [[ "$value" != /* && -n "$value" && -e "$CALLER/$value" ]]; then
+        ARGS[i]="$flag=$(from_caller "$value")"
+      fi
+      ;;
+  esac
+done
 
 # Prints a command on one line that a shell reads back word for word (printf %q), except that
 # pip's .[extra] keeps its brackets, as one types it.

@@ -7,7 +7,14 @@
 # --dry_run, anywhere among the arguments, prints the commands instead of running them.
 # Steps: create (skipped when ILORA_JAX_TPU_EXISTS=1), copy, run. The workdir should be on
 # storage every worker sees for checkpoints that survive the slice (e.g. a mounted bucket).
+#
+# Everything is checked before the slice is created, each a one-line error with exit status 2:
+# NAME, ZONE and ACCELERATOR; the job's arguments (every one a --flag=value, with --config= and
+# --workdir= among them); and the config file, which the workers read from their copy of the
+# tracked files: it must be a file git tracks in this checkout (a relative path is the caller's
+# when it is there, else the checkout's), and the workers are given its path in the checkout.
 set -euo pipefail
+CALLER=$PWD
 cd "$(dirname "$0")/.."
 usage="usage: launch/tpu_pod.sh [--dry_run] NAME ZONE ACCELERATOR --config=... --workdir=..."
 DRY_RUN=0
@@ -16,29 +23,68 @@ for a in "$@"; do
   if [[ "$a" == "--dry_run" ]]; then DRY_RUN=1; else ARGS+=("$a"); fi
 done
 set -- ${ARGS[@]+"${ARGS[@]}"}  # (Bash before 4.4 calls an empty array unbound.)
-if [[ $# -lt 4 ]]; then
-  echo "$usage" >&2
+# One line on stderr and exit status 2.
+fail() {
+  echo "error: $1; $usage" >&2
   exit 2
-fi
+}
+[[ $# -ge 3 ]] || fail "NAME, ZONE and ACCELERATOR come first, then the job's flags"
 NAME=$1 ZONE=$2 ACCEL=$3
 shift 3
 
 # The three names are checked before anything runs (a missing one would shift a flag into its
-# place): one line on stderr and exit status 2 when one is not of its form.
+# place).
 refuse() {
-  echo "error: $1 $(printf '%q' "$2") is not $3; $usage" >&2
-  exit 2
+  fail "$1 $(printf '%q' "$2") is not $3"
 }
-[[ "$NAME" =~ ^[a-z][-a-z0-9]*$ ]] ||
-  refuse NAME "$NAME" "a TPU name like ilora (a-z, 0-9 and -, first a letter)"
+# GCP's rule for resource names: at most 63 characters, [a-z]([-a-z0-9]*[a-z0-9])?
+[[ "$NAME" =~ ^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$ ]] ||
+  refuse NAME "$NAME" "a TPU name like ilora (a-z, 0-9 and -, first a letter, last no -, at most 63)"
 [[ "$ZONE" =~ ^[a-z][-a-z0-9]*$ ]] || refuse ZONE "$ZONE" "a zone like us-east5-a"
 [[ "$ACCEL" =~ ^v[0-9]+[a-z]*-[0-9]+$ ]] ||
   refuse ACCELERATOR "$ACCEL" "a TPU type like v5p-32, v4-8, v5litepod-16 or v6e-8"
 
+# The job's arguments: flags only (a word that is none would reach every worker's command line),
+# with --config= and --workdir=; the config file given to the workers as its path in the checkout.
+JOB=()
+CONFIG="" WORKDIR=""
+for a in "$@"; do
+  case "$a" in
+    --config=*) CONFIG=${a#--config=} ;;
+    --workdir=*) WORKDIR=${a#--workdir=} ;;
+    --?*) ;;
+    *) fail "the job's argument $(printf '%q' "$a") is no --flag=value (quote a value that holds spaces)" ;;
+  esac
+done
+[[ -n "$CONFIG" ]] || fail "no --config=FILE for the job (e.g. --config=configs/lastfm.py)"
+[[ -n "$WORKDIR" ]] || fail "no --workdir=DIR for the job"
+GIVEN=${CONFIG%%:*}  # ml_collections reads FILE:ARGS as the file and its argument.
+SUFFIX=${CONFIG:${#GIVEN}}
+FILE=$GIVEN
+if [[ "$FILE" != /* && -f "$CALLER/$FILE" ]]; then FILE="$CALLER/$FILE"; fi
+ROOT=$(pwd -P)
+if [[ ! -f "$FILE" ]]; then
+  where="neither in $(printf '%q' "$CALLER") nor in this checkout"
+  [[ "$(cd "$CALLER" && pwd -P)" != "$ROOT" ]] || where="not in this checkout"
+  fail "--config names no file: $(printf '%q' "$GIVEN") is $where"
+fi
+FULL="$(cd "$(dirname "$FILE")" && pwd -P)/$(basename "$FILE")"
+IN_REPO=${FULL#"$ROOT"/}
+if [[ "$IN_REPO" == "$FULL" ]]; then
+  fail "--config=$(printf '%q' "$CONFIG") is outside this checkout $(printf '%q' "$ROOT"): the workers get only its tracked files"
+fi
+if ! git ls-files --error-unmatch -- "$IN_REPO" >/dev/null 2>&1; then
+  fail "--config=$(printf '%q' "$CONFIG") is not tracked by git, and the workers get only the tracked files (git add $(printf '%q' "$IN_REPO"))"
+fi
+for a in "$@"; do
+  if [[ "$a" == --config=* ]]; then a="--config=$IN_REPO$SUFFIX"; fi
+  JOB+=("$a")
+done
+
 VERSION="${ILORA_JAX_TPU_VERSION:-v2-alpha-tpuv5}"
 TGZ=/tmp/ilora_jax.tgz
 # The workers' shell line; the job's arguments quoted for it (a value may hold spaces or quotes).
-REMOTE="mkdir -p ~/ilora_jax && tar -xzf $TGZ -C ~/ilora_jax && cd ~/ilora_jax && ILORA_JAX_EXTRA=tpu bash launch/run_host.sh $(printf '%q ' "$@")--config.distributed.auto=True"
+REMOTE="mkdir -p ~/ilora_jax && tar -xzf $TGZ -C ~/ilora_jax && cd ~/ilora_jax && ILORA_JAX_EXTRA=tpu bash launch/run_host.sh $(printf '%q ' "${JOB[@]}")--config.distributed.auto=True"
 CREATE=(gcloud compute tpus tpu-vm create "$NAME" --zone="$ZONE" --accelerator-type="$ACCEL"
         --version="$VERSION")
 COPY=(gcloud compute tpus tpu-vm scp --zone="$ZONE" --worker=all "$TGZ" "$NAME:$TGZ")

@@ -45,8 +45,23 @@ class FakeCheckout:
     self.log.touch()
     self.stubs = tmp_path / "stubs"
     self.stubs.mkdir()
-    for name in ("gcloud", "git", "tar", "pip", "pip3", "python"):
+    for name in ("gcloud", "tar", "pip", "pip3", "python"):
       _stub(self.stubs / name, name, self.log)
+    # git answers `ls-files --error-unmatch -- PATH` (a read-only question, not logged) from
+    # the paths listed in `tracked`, and logs every other call.
+    self.tracked = tmp_path / "tracked"
+    self.tracked.write_text("configs/tiny.py\n")
+    query = (
+      f'if [[ "$1 $2 $3" == "ls-files --error-unmatch --" ]]; then '
+      f'grep -qxF -- "$4" {shlex.quote(str(self.tracked))}; exit; fi\n'
+    )
+    _stub(self.stubs / "git", "git", self.log)
+    text = (self.stubs / "git").read_text().split("\n", 1)
+    (self.stubs / "git").write_text(f"{text[0]}\n{query}{text[1]}")
+    # The config file of JOB (tracked) and one git does not track.
+    (self.root / "configs").mkdir()
+    (self.root / "configs" / "tiny.py").write_text("")
+    (self.root / "configs" / "untracked.py").write_text("")
     # python3 -m venv .venv makes a .venv whose python and pip are stubs too.
     venv_bin = tmp_path / "venv_bin"
     venv_bin.mkdir()
@@ -64,10 +79,11 @@ class FakeCheckout:
     }
     self.env["PATH"] = f"{self.stubs}:{os.environ['PATH']}"
 
-  def run(self, script, *args, **env):
+  def run(self, script, *args, cwd=None, **env):
+    """Runs launch/`script` from `cwd` (the checkout's root when None)."""
     return subprocess.run(
-      ["bash", f"launch/{script}", *args],
-      cwd=self.root,
+      ["bash", str(self.root / "launch" / script) if cwd else f"launch/{script}", *args],
+      cwd=cwd or self.root,
       env=dict(self.env, **env),
       capture_output=True,
       text=True,
@@ -128,7 +144,18 @@ def test_dry_run_is_honoured_at_any_position(tmp_path, script):
     (["ilora", "us-east5-a;id", "v4-8", "--config=x"], "ZONE"),
     (["ilora", "us-east5-a", "v5p", "--config=x"], "ACCELERATOR"),
     (["ilora", "us-east5-a", "tpu-32", "--config=x"], "ACCELERATOR"),
-    (["ilora", "us-east5-a", "v5p-32"], "usage:"),  # No job flags at all.
+    (["ilora", "us-east5-a", "v5p-32"], "--config"),  # No job flags at all.
+    (["ilora", "us-east5-a"], "NAME, ZONE and ACCELERATOR"),
+    (["ilora-", "us-east5-a", "v5p-32", *JOB], "NAME"),  # GCP: no - at the end.
+    (["a" * 64, "us-east5-a", "v5p-32", *JOB], "NAME"),  # GCP: 63 characters at most.
+    (["ilora", "us-east5-a", "v5p-32", "--workdir=/x"], "--config"),
+    (["ilora", "us-east5-a", "v5p-32", "--config=configs/tiny.py"], "--workdir"),
+    (["ilora", "us-east5-a", "v5p-32", *JOB, "stray"], "stray"),  # Would reach the workers.
+    (["ilora", "us-east5-a", "v5p-32", "--config", "configs/tiny.py", "--workdir=/x"], "configs"),
+    (["ilora", "us-east5-a", "v5p-32", "--config=configs/nope.py", "--workdir=/x"], "no file"),
+    # Never copied to the workers.
+    (["ilora", "us-east5-a", "v5p-32", "--config=configs/untracked.py", "--workdir=/x"], "git"),
+    (["ilora", "us-east5-a", "v5p-32", "--config=/etc/hostname", "--workdir=/x"], "outside"),
   ],
 )
 @pytest.mark.parametrize("dry", [True, False])
@@ -136,7 +163,7 @@ def test_tpu_pod_refuses_missing_or_malformed_names(tmp_path, args, word, dry):
   repo = FakeCheckout(tmp_path)
   proc = repo.run("tpu_pod.sh", *(["--dry_run"] if dry else []), *args)
   assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-  assert len(proc.stderr.splitlines()) == 1, proc.stderr
+  assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
   assert "usage: launch/tpu_pod.sh" in proc.stderr and word in proc.stderr
   assert "PWNED" not in proc.stdout and repo.calls() == []
 
@@ -295,6 +322,128 @@ def test_run_host_refuses_an_extra_that_is_no_extra_name(tmp_path):
   repo = FakeCheckout(tmp_path)
   proc = repo.run("run_host.sh", *JOB, ILORA_JAX_EXTRA="cuda] pkg")
   assert proc.returncode == 2 and proc.stderr.startswith("error: ILORA_JAX_EXTRA=")
+  assert repo.calls() == []
+
+
+@pytest.mark.parametrize("extra", ["gpu", "test", "cuda,tpu", "CUDA", "cuda12"])
+def test_run_host_refuses_an_extra_pyproject_has_no_accelerator_for(tmp_path, extra):
+  """Only pyproject.toml's accelerator extras (or none): `gpu` planned `pip install .[gpu]`,
+  which pip only warns about, and a CPU jax ran the GPU job."""
+  repo = FakeCheckout(tmp_path)
+  for dry in ([], ["--dry_run"]):
+    proc = repo.run("run_host.sh", *dry, *JOB, ILORA_JAX_EXTRA=extra)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith("error: ILORA_JAX_EXTRA=") and proc.stderr.count("\n") == 1
+    assert "cuda, tpu" in proc.stderr
+  assert repo.calls() == []
+
+
+def test_run_host_takes_pyprojects_accelerator_extras():
+  with open(os.path.join(ROOT, "pyproject.toml")) as f:
+    text = f.read()
+  section = text.split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+  extras = set(re.findall(r"^([a-z0-9_-]+) = \[", section, re.M))
+  with open(os.path.join(ROOT, "launch", "run_host.sh")) as f:
+    accepted = re.search(r'^  "" \| ([a-z| ]+)\) ;;', f.read(), re.M).group(1).split(" | ")
+  assert accepted == ["cuda", "tpu"] and set(accepted) <= extras, (accepted, extras)
+
+
+@pytest.mark.parametrize("script", ["run_host.sh", "gpu_node.sh", "gpu_multinode.sh"])
+def test_run_host_takes_relative_paths_from_the_callers_folder(tmp_path, script):
+  """The job runs in the checkout: a relative --config, --workdir or data/LLM/SASRec path that
+  the caller gave from another folder reaches it made absolute (before: `myconf.py` was looked
+  up in the checkout, and a relative workdir landed in it). A config only in the checkout
+  (configs/<name>.py from anywhere) and a name that is no path stay as given, and the dry run
+  prints what runs."""
+  repo = FakeCheckout(tmp_path)
+  here = tmp_path / "caller"
+  (here / "data").mkdir(parents=True)
+  (here / "myconf.py").write_text("")
+  (here / "sasrec.pt").write_text("")
+  given = [
+    "--config=myconf.py:a:b",  # ml_collections' FILE:ARGS keeps its argument.
+    "--workdir=runs/x",
+    "--config.data.dir=./data",
+    "--config.llm.name=smollm2-135m",
+    "--config.sasrec.init_from=sasrec.pt",
+    "--config.stage=sasrec",
+  ]
+  absolute = [
+    f"--config={here}/myconf.py:a:b",
+    f"--workdir={here}/runs/x",
+    f"--config.data.dir={here}/data",
+    "--config.llm.name=smollm2-135m",
+    f"--config.sasrec.init_from={here}/sasrec.pt",
+    "--config.stage=sasrec",
+  ]
+  layout = LEADING[script]
+  cluster = [
+    "--config.distributed.coordinator=10.0.0.1:1234",
+    "--config.distributed.num_processes=2",
+    "--config.distributed.process_id=1",
+  ][: 3 if layout else 0]
+  for args, want in ((given, absolute), (["--config=configs/tiny.py", "--workdir=."], None)):
+    want = want or ["--config=configs/tiny.py", f"--workdir={here}"]
+    run = dict(cwd=here, ILORA_JAX_SETUP="skip")
+    dry = repo.run(script, *layout, *args, "--dry_run", **run)
+    assert dry.returncode == 0, dry.stderr
+    assert shlex.split(dry.stdout.splitlines()[1]) == _job_call([*want, *cluster])
+    repo.log.write_text("")
+    proc = repo.run(script, *layout, *args, **run)
+    assert proc.returncode == 0, proc.stderr
+    assert repo.calls() == [_job_call([*want, *cluster])]
+  # From the checkout's root, relative paths stay as they are.
+  repo.log.write_text("")
+  proc = repo.run(script, *layout, "--config=configs/tiny.py", "--workdir=runs/x", "--dry_run")
+  assert shlex.split(proc.stdout.splitlines()[1]) == _job_call(
+    ["--config=configs/tiny.py", "--workdir=runs/x", *cluster]
+  )
+
+
+@pytest.mark.parametrize("cwd", [None, "caller"])
+@pytest.mark.parametrize("dry", [True, False])
+def test_run_host_refuses_a_missing_config_before_the_set_up(tmp_path, cwd, dry):
+  repo = FakeCheckout(tmp_path)
+  (tmp_path / "caller").mkdir()
+  where = cwd and tmp_path / cwd
+  proc = repo.run("run_host.sh", *(["--dry_run"] if dry else []), "--config=nope.py:x",
+    "--workdir=/tmp/x", cwd=where, ILORA_JAX_EXTRA="cuda")  # fmt: skip
+  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+  assert proc.stderr.startswith("error: --config names no file: nope.py ")
+  assert proc.stderr.count("\n") == 1 and repo.calls() == [] and not repo.stamp.exists()
+
+
+def test_tpu_pod_gives_the_workers_the_configs_path_in_the_checkout(tmp_path):
+  """The workers run from their copy of the checkout: a config given from a subfolder, or as an
+  absolute path into the checkout, reaches them as its path in the checkout."""
+  repo = FakeCheckout(tmp_path)
+  tiny = repo.root / "configs" / "tiny.py"
+  for cwd, config in ((repo.root / "configs", "tiny.py:x"), (tmp_path, f"{tiny}:x")):
+    proc = repo.run("tpu_pod.sh", "pod", "us-east5-a", "v5p-32", f"--config={config}",
+      "--workdir=/w", "--dry_run", cwd=cwd)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    remote = shlex.split(proc.stdout.splitlines()[-1])[-1].removeprefix("--command=")
+    assert shlex.split(remote.rpartition(" && ")[2])[3:] == [
+      "--config=configs/tiny.py:x", "--workdir=/w", "--config.distributed.auto=True"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  "args,env",
+  [
+    (["10.0.0.1:1234", "2", "1"], {}),  # The layout but no job.
+    (["10.0.0.1:1234", "2", *JOB], {}),  # Two words of the three.
+    (JOB, {}),  # No layout anywhere.
+    ([], {"COORDINATOR_ADDRESS": "h:1", "NUM_PROCESSES": "2", "PROCESS_ID": "0"}),
+  ],
+)
+def test_gpu_multinode_usage_errors_are_one_error_line(tmp_path, args, env):
+  repo = FakeCheckout(tmp_path)
+  for dry in ([], ["--dry_run"]):
+    proc = repo.run("gpu_multinode.sh", *args, *dry, **env)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "usage: launch/gpu_multinode.sh" in proc.stderr
   assert repo.calls() == []
 
 
