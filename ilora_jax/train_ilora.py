@@ -1178,16 +1178,18 @@ def same_settings(saved: dict) -> dict:
   return {k: v for k, v in SAME_SETTINGS.items() if k != "llm"}
 
 
-def numerics_settings(config, bos, slots: int, sas_params) -> dict:
+def numerics_settings(config, bos, slots: int, sas_params, titles: dict[int, str]) -> dict:
   """Settings beyond the model's shape that a resumed run must share with its checkpoint:
-  the prompt's first token (`bos`, the prompt builder's), the compute and weight dtypes, the
-  loss's target `slots`, the optimizer's clip and decay, which SASRec is frozen (and its
-  heads), the step order's bucketing, and the candidates: how many each prompt lists (the
-  training prompts hold them) and the seed of the evaluation's fixed sets (the val metric
-  that selects the weights compares epochs on one set)."""
+  the prompt's first token (`bos`, the prompt builder's), the items' `titles` (a digest: the
+  prompts name them), the compute and weight dtypes, the loss's target `slots`, the
+  optimizer's clip and decay, which SASRec is frozen (and its heads), the step order's
+  bucketing, and the candidates: how many each prompt lists (the training prompts hold them)
+  and the seed of the evaluation's fixed sets (the val metric that selects the weights
+  compares epochs on one set)."""
   return checkpointing.jsonable(
     {
       "bos": bos,
+      "data.titles": titles_fingerprint(titles),
       "llm.dtype, param_dtype": [config.llm.dtype, config.llm.param_dtype],
       "target_slots": slots,
       "ilora.train.clip_norm": config.ilora.train.clip_norm,
@@ -1254,7 +1256,7 @@ def setup(config, workdir: str, check=None, dataset: Dataset | None = None) -> S
     raise UserError(f"config.ilora.max_new_tokens={config.ilora.max_new_tokens}: must be >= 1")
   inputs = prompt_inputs(config, workdir, dataset, mesh)
   slots = target_slots(inputs.longest, config.ilora.max_target_tokens)
-  numerics = numerics_settings(config, inputs.builder.bos, slots, inputs.sas_params)
+  numerics = numerics_settings(config, inputs.builder.bos, slots, inputs.sas_params, dataset.titles)
   settings = run_settings(config, dataset, (micro, accum), total_steps, numerics)
   if check is not None:
     check(settings, numerics)
@@ -1657,6 +1659,11 @@ def better(metric: str, new: float, old: float | None) -> bool:
   return new < old if metric == "loss" else new > old
 
 
+def titles_fingerprint(titles: dict[int, str]) -> str:
+  """A digest (16 hex digits) of the item titles by id."""
+  return hashlib.sha256(json.dumps(sorted(titles.items())).encode()).hexdigest()[:16]
+
+
 # What a checkpoint's settings (`run_settings`) say of the model its arrays fit: adapters,
 # router, data set (the dropout rates are of training only), the frozen SASRec whose
 # embeddings the projector and router learned to read, and the LLM's weights (their
@@ -1701,6 +1708,12 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
     raise UserError(
       f"checkpoint {step} in {ckpt.directory} was made with other model settings "
       f"({'; '.join(diffs)}); {advice}"
+    )
+  if saved.get("data.titles") not in (None, settings.get("data.titles")):
+    console.info(
+      f"warning: checkpoint {step} in {ckpt.directory} was trained with other item titles "
+      "than the data's titles file holds now: its prompts and answers name them as the file "
+      "does now"
     )
   fingerprinted = None not in (saved.get("llm_weights"), settings.get("llm_weights"))
   if saved.get("llm") not in (None, settings.get("llm")) and not fingerprinted:

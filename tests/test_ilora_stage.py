@@ -1,6 +1,7 @@
 """The iLoRA stage end to end on the tiny config, and properties of its train step."""
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -367,7 +368,9 @@ def setup_tiny(pipeline):
   return config, train_ilora.setup(config, workdir), workdir
 
 
-def test_a_refused_resume_stops_before_the_llm_weights_are_read(setup_tiny, tmp_path, monkeypatch):
+def test_a_refused_resume_stops_before_the_llm_weights_are_read(
+  setup_tiny, tmp_path, monkeypatch, capsys
+):
   """The resume's check runs on settings known before the LLM's weights are read (a 7B
   model's 13 GB): those the setup computes equal what the run's checkpoint recorded, and with
   `llm.load` made to fail, a resume with another prompt start is still refused for it."""
@@ -388,6 +391,9 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(setup_tiny, tmp_
     "lr": 1e-3,
     "train_rows": len(su.dataset.train),
     "bos": [],
+    "data.titles": hashlib.sha256(
+      json.dumps(sorted(su.dataset.titles.items())).encode()
+    ).hexdigest()[:16],
     "llm.dtype, param_dtype": ["float32", "float32"],
     "target_slots": su.parts.max_target_tokens,
     "ilora.train.clip_norm": config.ilora.train.clip_norm,
@@ -415,6 +421,22 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(setup_tiny, tmp_
   other.llm.bos = "always"
   with pytest.raises(UserError, match=r"other settings \(bos: checkpoint \[\] vs config"):
     train_ilora.run(other, str(workdir))
+  other = config.copy_and_resolve_references()
+  other.data.synthetic.titles = "words"  # Other titles of the same items: other prompts.
+  with pytest.raises(UserError, match=r"other settings \(data.titles: checkpoint '"):
+    train_ilora.run(other, str(workdir))
+  # An evaluation or a recommendation on other titles is warned of.
+  capsys.readouterr()
+  ckpt = checkpointing.StageCheckpoints(pipeline_dir, "ilora", 1, False, read_only=True)
+  try:
+    step = ckpt.latest_step()
+    train_ilora._check_model_settings(ckpt, step, su.settings)
+    assert "warning" not in capsys.readouterr().err
+    train_ilora._check_model_settings(ckpt, step, {**su.settings, "data.titles": "0" * 16})
+  finally:
+    ckpt.close()
+  assert f"warning: checkpoint {step} in {ckpt.directory} was trained with other item titles " \
+    "than the data's titles file holds now" in capsys.readouterr().err  # fmt: skip
   # A fresh run that fails while loading the LLM creates no checkpoint folder of its own.
   fresh = with_sasrec_of(pipeline_dir, tmp_path / "fresh")
   with pytest.raises(AssertionError, match="weights were read"):
