@@ -9,33 +9,38 @@ first) and the candidates are entries joined by `|` (write `\\|` for a `|` insid
   - `#N` is item id N (the data's ids, as the output's second column shows them);
   - `title:T` is the title T, whatever it looks like (`title:311`);
   - any other entry is a title (case-insensitive; a trailing ` (yyyy)` may be given or left
-    out, as MovieLens titles are stored without it), except that an entry of digits only is
-    the item id N when N is an id; when it is both an id and the title of another item
-    (LastFM's "311") it is an error naming both readings: write `#311` or `title:311`.
+    out, as MovieLens titles are stored without it; a year given must be the movie's, and on
+    data whose titles carry no year it must be the title's own), except that an entry of
+    digits only is the item id N when N is an id; when it is both an id and the title of
+    another item (LastFM's "311") it is an error naming both readings: write `#311` or
+    `title:311`.
 
 A title shared by several items (MovieLens's two "Cape Fear") is an error listing their ids:
 give the id instead (or, on MovieLens, the title with its year). Without candidates, the frozen
 SASRec retrieves `num_candidates` items outside the history and the adapted LLM re-ranks them
 by the log-likelihood of each title after the hybrid prompt (the scoring evaluation's method).
-A history longer than the run's `data.max_len` keeps its last `max_len` items.
+The prompt lists the candidates in the order given (retrieved ones in SASRec's order), and
+the scores depend on that order. A history longer than the run's `data.max_len` keeps its
+last `max_len` items; a history of every item (nothing left to retrieve) is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import json
 import os
 import re
 import sys
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 
 from ilora_jax.data import YEAR_SUFFIX, article_first
-from ilora_jax.errors import HELP_FLAGS, UserError, cli_main, print_help
+from ilora_jax.errors import HELP_FLAGS, UserError, cli_main, parse_flags, print_help
 
 TITLE_PREFIX = "title:"  # `title:T`: T is a title, even when it looks like an id.
 _ID = re.compile(r"#([0-9]+)")  # `#N`: item id N.
@@ -154,7 +159,7 @@ class _Titles:
 
   def matches(self, title: str) -> list[int]:
     exact = self.exact.get(_key(title))
-    if exact or (self.full and YEAR_SUFFIX.search(title)):  # A year given must be right.
+    if exact or YEAR_SUFFIX.search(title):  # A year given must be the title's own.
       return exact or []
     return self.bare.get(_bare_key(title), [])
 
@@ -175,6 +180,12 @@ class _Titles:
     query = title if self.full else YEAR_SUFFIX.sub("", title)
     close = difflib.get_close_matches(_key(query), list(pool), n=3, cutoff=0.5)
     hint = f"; close matches: {' | '.join(pool[c] for c in close)}" if close else ""
+    year = YEAR_SUFFIX.search(title)
+    yearless = [i for i in self.bare.get(_bare_key(title), []) if i not in self.full
+                and not YEAR_SUFFIX.search(self.titles[i])]  # fmt: skip
+    if year and yearless:  # "Heat (1995)" where the data's "Heat" has no year.
+      named = self.titles[yearless[0]]
+      hint += f"; the data's title {named!r} has no year: leave out {year[0].strip()!r}"
     if title.startswith("#"):  # Not `#N` (which is an id), and no such title either.
       hint += f"; an item id is written '#N' with N in {min(self.titles)}..{max(self.titles)}"
     raise UserError(f"unknown {what} title {title!r}{hint}")
@@ -254,8 +265,16 @@ class Recommender:
     from ilora_jax import llm
 
     model = config.llm.get("name", "")
+    # The run's SASRec, else (the ilora stage reads it only then) sasrec.init_from's.
+    own = os.path.join(workdir, "checkpoints", "sasrec")
+    try:
+      own_sasrec = any(n.isdigit() for n in os.listdir(own))
+    except OSError:  # None there (or unreadable: its restore says so).
+      own_sasrec = False
+    init_from = "" if own_sasrec else config.sasrec.get("init_from", "")
     for key, path in (("data.dir", config.data.get("dir", "")),
-                      ("llm.name", "" if model in llm.names() else model)):  # fmt: skip
+                      ("llm.name", "" if model in llm.names() else model),
+                      ("sasrec.init_from", init_from)):  # fmt: skip
       if path and not os.path.isabs(path) and not os.path.exists(path):
         raise UserError(
           f"the run's config.{key}={path} ({os.path.join(workdir, 'config.json')}) is relative "
@@ -275,10 +294,13 @@ class Recommender:
 
       config = self.config
       su = train_ilora.setup(config, self.workdir, dataset=self.dataset)
-      state, step, weights, _ = train_ilora.restore_for_use(
+      state, step, weights, selected_by = train_ilora.restore_for_use(
         self.workdir, checkpointing.abstract_like(su.state), "selected",
         config.checkpoint.max_to_keep, su.settings,
       )  # fmt: skip
+      latest = step if selected_by is None else _latest_step(self.workdir, train_ilora.STAGE)
+      if latest is not None and latest < su.total_steps:  # Stopped early, or still training.
+        weights += f" (an unfinished run: trained {latest} of {su.total_steps} steps)"
       evaluator = train_ilora.Evaluator(su.parts, config, su.dataset.val, su.gate_kind)
       self._restored = Restored(su, state, step, weights, evaluator)
     return self
@@ -299,6 +321,7 @@ class Recommender:
 
   def resolve(self, entries: list[str | int], what: str) -> list[int]:
     """Entries (see `resolve_items`; an int is an item id) -> item ids."""
+    entries = _entries(entries, "history" if what == "history" else "candidates")
     for e in entries:
       if isinstance(e, bool | np.bool_) or not isinstance(e, str | int | np.integer):
         raise UserError(f"{what} entry {e!r} is a {type(e).__name__}: give a title or an item id")
@@ -330,6 +353,8 @@ class Recommender:
   def recommend(self, history: list[int], candidates: list[int] | None = None, k: int = 5):
     """Top-k (item id, title, log-likelihood) among the candidates (fewer when there are
     fewer candidates). The history keeps its last `data.max_len` items."""
+    history = _entries(history, "history")
+    candidates = None if candidates is None else _entries(candidates, "candidates")
     if not history:
       raise UserError("the history is empty")
     _check_k(k)
@@ -340,6 +365,7 @@ class Recommender:
           f"unknown {what} item id {unknown[0]!r}: the item ids are "
           f"{min(self.titles)}..{max(self.titles)} (`resolve` takes titles)"
         )
+    _check_left(history, candidates, self.titles)
     n = self.config.data.num_candidates
     cands = self.retrieve(history, n) if not candidates else list(dict.fromkeys(candidates))
     restored = self.restored
@@ -355,6 +381,39 @@ class Recommender:
     )[0]
     order = np.argsort(-scores, kind="stable")[:k]
     return [(cands[i], self.titles[cands[i]], float(scores[i])) for i in order]
+
+
+def _latest_step(workdir: str, stage: str) -> int | None:
+  """The step of the stage's latest checkpoint in `workdir` (None without one)."""
+  import contextlib
+
+  from ilora_jax import checkpointing
+
+  with contextlib.closing(
+    checkpointing.StageCheckpoints(workdir, stage, 1, False, read_only=True)
+  ) as ckpt:
+    return ckpt.latest_step()
+
+
+def _entries(value, what: str) -> list:
+  """`value` (a history or candidates given to the API) as a list; a string (which would be
+  read one character at a time), bytes, None or a non-iterable is a UserError."""
+  if isinstance(value, str | bytes | bytearray) or not isinstance(value, Iterable):
+    shown = f" {value!r}" if len(repr(value)) <= 40 else ""
+    raise UserError(
+      f"the {what} is a {type(value).__name__}{shown}, not a list: pass a list of titles or "
+      f"item ids, e.g. {what}=['Heat', 12] (a string is not split into entries)"
+    )
+  return list(value)
+
+
+def _check_left(history: list[int], candidates, titles: dict[int, str]) -> None:
+  """Without candidates, some item must be left outside the history to retrieve."""
+  if not candidates and not set(titles) - set(history):
+    raise UserError(
+      f"the history holds every one of the {len(titles)} items: no item outside it is left "
+      "to recommend (give candidates to rank items of the history)"
+    )
 
 
 def _check_k(k) -> None:
@@ -380,9 +439,12 @@ def recommend(
   when given, receives which of the run's weights rank (`Recommender.weights`).
   """
   _check_k(k)
+  history = _entries(history, "history")
+  candidates = None if candidates is None else _entries(candidates, "candidates")
   rec = Recommender(workdir, config)
-  hist = rec.resolve(list(history), "history")  # Before the model is built.
-  cands = rec.resolve(list(candidates), "candidate") if candidates else None
+  hist = rec.resolve(history, "history")  # Before the model is built.
+  cands = rec.resolve(candidates, "candidate") if candidates else None
+  _check_left(hist, cands, rec.titles)
   if describe is not None and getattr(rec, "weights", None):
     describe(rec.weights)
   notify = notify or (lambda message: None)
@@ -394,12 +456,14 @@ def recommend(
     )
   top = rec.recommend(hist, cands, k)
   if len(top) < k:
-    source = (
-      "distinct candidates were given"
-      if cands
-      else f"items were retrieved (data.num_candidates={rec.config.data.num_candidates})"
-    )
-    notify(f"only {len(top)} {source}, so {len(top)} rows instead of k={k}")
+    n, left = rec.config.data.num_candidates, len(set(rec.titles) - set(hist))
+    if cands:
+      source = f"only {len(top)} distinct candidates were given"
+    elif left < n:  # The history, not data.num_candidates, limits them.
+      source = f"the history leaves only {left} items outside it to recommend"
+    else:
+      source = f"only {len(top)} items were retrieved (data.num_candidates={n})"
+    notify(f"{source}, so {len(top)} rows instead of k={k}")
   return top
 
 
@@ -425,15 +489,14 @@ def main(argv: list[str] | None = None) -> None:
     flag_values=values,
   )
   flags.DEFINE_integer("k", 5, "How many items to return.", flag_values=values)
-  argv = sys.argv if argv is None else argv
+  argv = list(sys.argv if argv is None else argv)
   args = argv[1 : argv.index("--") if "--" in argv else len(argv)]
   if any(a in HELP_FLAGS for a in args):
     print_help(values)
     return
-  try:
-    values(argv)
-  except flags.Error as exc:
-    raise UserError(str(exc)) from None
+  # A bad flag is one line, and so is a word that is no flag (`--history=Heat Toy Story`
+  # unquoted, a flagfile line that is not a flag): refused, not dropped.
+  parse_flags(values, argv, "recommend")
   f = values
   if not f.workdir or not f.history:
     raise UserError("--workdir and --history are required (see --help)")
@@ -458,6 +521,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"recommend: ranking with {weights}", file=sys.stderr, flush=True)
 
   top = recommend(f.workdir, history, candidates, f.k, notify, config, describe)
+  # A title the terminal cannot encode is written escaped (`\xeb`), not lost with the rest.
+  if isinstance(sys.stdout, io.TextIOWrapper):
+    sys.stdout.reconfigure(errors="backslashreplace")
   for item, title, score in top:
     print(f"{score:10.3f}  {item:6d}  {title}")
 

@@ -30,11 +30,29 @@ def error_of(names, titles, full_titles=None) -> str:
 
 def test_a_title_may_be_given_with_or_without_its_year():
   titles = {0: "Toy Story", 1: "Heat", 2: "Legend (1994)", 3: "Shadowgate", 4: "Shadowgate (2014)"}
+  full = {0: "Toy Story (1995)", 1: "Heat (1995)"}  # MovieLens's u.item years.
   names = ["Toy Story (1995)", "toy story", "HEAT (1995)", "Legend", "legend (1994)"]
-  assert resolve(names, titles) == [0, 0, 1, 2, 2]
+  assert resolve(names, titles, full) == [0, 0, 1, 2, 2]
   # A title stored with its year keeps it; an exact title wins over the one without a year.
   assert resolve(["Shadowgate", "Shadowgate (2014)"], titles) == [3, 4]
-  assert "ambiguous" in error_of(["Shadowgate (1987)"], titles)
+  # A year given must be the title's own (Steam's "Shadowgate (2014)") or its u.item year.
+  message = error_of(["Shadowgate (1987)"], titles)
+  assert message.startswith("unknown history title 'Shadowgate (1987)'; close matches:"), message
+
+
+def test_a_year_is_refused_where_the_title_has_none():
+  """Titles without years (LastFM, Steam, the synthetic data): "Echo Amber 4 (1995)" was item
+  4 "Echo Amber 4", though the README says a year given must be the item's."""
+  titles = {4: "Echo Amber 4", 5: "Legend (1994)", 6: "Heat"}
+  message = error_of(["Echo Amber 4 (1995)"], titles)
+  assert message == (
+    "unknown history title 'Echo Amber 4 (1995)'; close matches: Echo Amber 4; the data's "
+    "title 'Echo Amber 4' has no year: leave out '(1995)'"
+  )
+  assert "has no year" not in error_of(["Legend (1995)"], titles)  # It has one: another year.
+  assert resolve(["Echo Amber 4", "legend", "Legend (1994)"], titles) == [4, 5, 5]
+  # MovieLens without its u.item years known: a year cannot be checked, so it is refused too.
+  assert "has no year" in error_of(["Heat (1995)"], titles)
 
 
 def test_a_title_shared_by_several_items_is_an_error_listing_them():
@@ -94,7 +112,8 @@ def test_real_movielens_titles():
   config = ConfigDict({"data": {"name": "movielens", "dir": os.path.dirname(path)}})
   full = titles_with_years(config, "unused")
   assert full[0] == "Toy Story (1995)" and titles[0] == "Toy Story"
-  assert resolve(["Toy Story (1995)", "Heat (1995)", "Star Wars"], titles) == [0, 272, 49]
+  assert resolve(["Toy Story (1995)", "Heat (1995)", "Star Wars"], titles, full) == [0, 272, 49]
+  assert "unknown history title 'Heat (1996)'" in error_of(["Heat (1996)"], titles, full)
   for years in (None, full):
     message = error_of(["Cape Fear"], titles, years)
     assert "ambiguous" in message and "217 " in message and "672 " in message
@@ -204,7 +223,7 @@ class FakeRecommender:
 def test_notices_for_a_truncated_history_and_fewer_candidates_than_k(monkeypatch):
   monkeypatch.setattr(rec_mod, "Recommender", FakeRecommender)
   notices = []
-  top = rec_mod.recommend("w", [1, "#2", "Heat", "toy story (1995)"], ["Heat", "#3"], 10,
+  top = rec_mod.recommend("w", [1, "#2", "Heat", "toy story"], ["Heat", "#3"], 10,
                           notices.append)  # fmt: skip
   assert FakeRecommender.seen == [1, 2, 3, 4] and [t for t, *_ in top] == [3]
   assert notices == [
@@ -215,6 +234,12 @@ def test_notices_for_a_truncated_history_and_fewer_candidates_than_k(monkeypatch
   rec_mod.recommend("w", ["Heat"], k=3, notify=notices.append)
   assert notices == [
     "only 2 items were retrieved (data.num_candidates=4), so 2 rows instead of k=3"
+  ]
+  notices.clear()
+  # With 2 items left outside the history, the history limits them (not num_candidates=4).
+  rec_mod.recommend("w", [1, 2, 3], k=3, notify=notices.append)
+  assert notices == [
+    "the history leaves only 2 items outside it to recommend, so 2 rows instead of k=3"
   ]
   notices.clear()
   assert len(rec_mod.recommend("w", ["Heat"], k=2, notify=notices.append)) == 2 and not notices
@@ -257,11 +282,11 @@ def test_cli_prints_notices_on_stderr(monkeypatch, tmp_path, capsys):
   (tmp_path / "config.json").write_text(json.dumps(base_config()))
   monkeypatch.setattr(rec_mod, "Recommender", FakeRecommender)
   monkeypatch.setattr(compile_cache, "enable", lambda folder: None)
-  rec_mod.main(["recommend", f"--workdir={tmp_path}", "--history=#1|#2|Heat|Cape Fear", "--k=3"])
+  rec_mod.main(["recommend", f"--workdir={tmp_path}", "--history=#1|#2|Heat|#1", "--k=3"])
   out, err = capsys.readouterr()
   assert [line.split()[1] for line in out.splitlines()] == ["5", "4"]
   assert "recommend: the history has 4 items" in err
-  assert "recommend: only 2 items were retrieved" in err
+  assert "recommend: the history leaves only 2 items outside it to recommend" in err
   # The run's config.json is read once, by the CLI, and handed to the Recommender.
   assert FakeRecommender.given_config.data.max_len == base_config()["data"]["max_len"]
 
@@ -341,3 +366,158 @@ def test_entries_resolve_before_the_model_is_built(tmp_path, monkeypatch):
     rec_mod.recommend(str(tmp_path), [titles[4], "no such film"])
   with pytest.raises(AssertionError, match="the model was built"):
     rec_mod.recommend(str(tmp_path), [titles[4]])
+
+
+def synthetic_workdir(tmp_path, monkeypatch, **sasrec) -> str:
+  """A workdir whose config.json is the base config on the synthetic data (60 items), with
+  the model's construction replaced by an AssertionError: what passes its checks is refused
+  or accepted before any model is built."""
+  from ilora_jax import train_ilora
+
+  config = base_config()
+  config["data"]["name"] = "synthetic"
+  config["sasrec"].update(sasrec)
+  (tmp_path / "config.json").write_text(json.dumps(config))
+
+  def no_model(*args, **kwargs):
+    raise AssertionError("the model was built")
+
+  monkeypatch.setattr(train_ilora, "setup", no_model)
+  return str(tmp_path)
+
+
+def test_cli_refuses_words_that_are_no_flag(tmp_path):
+  """`--history=#1 '#2'` ranked for #1 alone, `--history=Heat Toy Story` (unquoted) for
+  "Heat": a word that is no flag, on the command line or a line of a flagfile, is refused
+  before the run's config is read."""
+  proc = run_cli(f"--workdir={tmp_path}", "--history=#1", "#2", "--k=2", module=MODULE)
+  assert_one_line_error(proc, "unexpected argument(s) '#2'", "quote a value that holds spaces")
+  flagfile = tmp_path / "flags"
+  flagfile.write_text(f"--workdir={tmp_path}\n--history=Heat\nToy Story\n")
+  proc = run_cli(f"--flagfile={flagfile}", module=MODULE)
+  assert_one_line_error(proc, "unexpected argument(s) 'Toy Story'")
+
+
+def test_a_history_of_every_item_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+  """A history holding every item left SASRec nothing to retrieve: `max() arg is an empty
+  sequence` (exit 3) after the model was loaded."""
+  workdir = synthetic_workdir(tmp_path, monkeypatch)
+  every = list(range(60))
+  for call in (lambda: rec_mod.recommend(workdir, every),
+               lambda: REAL_RECOMMENDER(workdir).recommend(every)):  # fmt: skip
+    with pytest.raises(UserError) as info:
+      call()
+    assert str(info.value).startswith(
+      "the history holds every one of the 60 items: no item outside it is left to recommend"
+    ), info.value
+  with pytest.raises(AssertionError, match="the model was built"):  # One item left: ranked.
+    rec_mod.recommend(workdir, every[1:])
+  with pytest.raises(AssertionError, match="the model was built"):  # Candidates given.
+    rec_mod.recommend(workdir, every, ["#3"])
+
+
+@pytest.mark.parametrize(
+  "history, candidates, fragment",
+  [
+    ("12", None, "the history is a str '12', not a list: pass a list of titles or item ids"),
+    (b"12", None, "the history is a bytes b'12', not a list"),
+    (None, None, "the history is a NoneType None, not a list"),
+    (7, None, "the history is a int 7, not a list"),
+    ([1, 2], "56", "the candidates is a str '56', not a list"),
+  ],
+)
+def test_the_api_refuses_a_string_for_a_list(tmp_path, monkeypatch, history, candidates,
+                                            fragment):  # fmt: skip
+  """`recommend(W, '12')` recommended for items 1 and 2 (a string read one character at a
+  time), `candidates="56"` ranked items 5 and 6, `history=None` was a bare TypeError."""
+  workdir = synthetic_workdir(tmp_path, monkeypatch)
+  with pytest.raises(UserError) as info:
+    rec_mod.recommend(workdir, history, candidates)
+  assert str(info.value).startswith(fragment), info.value
+  rec = REAL_RECOMMENDER(workdir)
+  with pytest.raises(UserError, match="not a list"):
+    rec.recommend(history, candidates)
+  if candidates is None:
+    with pytest.raises(UserError, match="not a list"):
+      rec.resolve(history, "history")
+  assert rec._restored is None
+  # Any other iterable is a list of entries.
+  assert rec.resolve((1, "#2"), "history") == [1, 2]
+
+
+def test_titles_the_terminal_cannot_encode_are_printed_escaped(tmp_path):
+  """With an ASCII stdout, "Tiësto" ended the run with `unexpected UnicodeEncodeError` after
+  all the work, printing nothing: the rows are printed, the title escaped."""
+  import subprocess
+  import sys
+
+  (tmp_path / "config.json").write_text(json.dumps(base_config()))
+  script = f"""
+import ilora_jax.recommend as rec_mod
+from ilora_jax import compile_cache
+from ml_collections import ConfigDict
+
+class Fake:
+  def __init__(self, workdir, config=None):
+    self.config = ConfigDict({{"data": {{"max_len": 3, "num_candidates": 4}}}})
+    self.titles, self.titles_with_years = {{0: "Heat", 1: "Tiësto", 2: "Röyksopp"}}, {{}}
+  def resolve(self, entries, what):
+    return rec_mod.Recommender.resolve(self, entries, what)
+  def recommend(self, history, candidates=None, k=5):
+    return [(1, "Tiësto", -1.0), (2, "Röyksopp", -2.0)]
+
+compile_cache.enable = lambda folder: None
+rec_mod.Recommender, real = Fake, rec_mod.Recommender
+Fake.resolve = lambda self, entries, what: real.resolve(self, entries, what)
+rec_mod.main(["recommend", "--workdir={tmp_path}", "--history=#0", "--k=2"])
+"""
+  env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+  env.pop("ILORA_JAX_DEBUG", None)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                        text=True, encoding="ascii", errors="strict", env=env)  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.splitlines() == [
+    "    -1.000       1  Ti\\xebsto",
+    "    -2.000       2  R\\xf6yksopp",
+  ]
+
+
+def test_the_note_says_when_the_run_is_unfinished(tmp_path, monkeypatch):
+  """A run stopped at step 2 of 4 (`train.stop_after_steps`) was used as "the latest
+  checkpoint, step 2", as if finished: the note says it is unfinished (still a note)."""
+  import types
+
+  from ilora_jax import train_ilora
+
+  workdir = synthetic_workdir(tmp_path, monkeypatch)
+  su = types.SimpleNamespace(state={}, total_steps=4, settings={}, parts=None, gate_kind=None,
+                             dataset=types.SimpleNamespace(val=None))  # fmt: skip
+  monkeypatch.setattr(train_ilora, "setup", lambda *args, **kwargs: su)
+  monkeypatch.setattr(train_ilora, "Evaluator", lambda *args: None)
+  cases = [
+    # (what restore_for_use returns, the stage's latest step, the note)
+    (("the latest checkpoint, step 2", None), None,
+     "the latest checkpoint, step 2 (an unfinished run: trained 2 of 4 steps)"),
+    (("the weights of step 2, selected by val m", "m"), 3,
+     "the weights of step 2, selected by val m (an unfinished run: trained 3 of 4 steps)"),
+    (("the weights of step 2, selected by val m", "m"), 4,
+     "the weights of step 2, selected by val m"),
+    (("the latest checkpoint, step 4", None), None, "the latest checkpoint, step 4"),
+  ]  # fmt: skip
+  for (how, selected_by), latest, note in cases:
+    step = int(how.split("step ")[1].split(",")[0])
+    restored = ({}, step, how, selected_by)
+    monkeypatch.setattr(train_ilora, "restore_for_use", lambda *args, r=restored: r)
+    monkeypatch.setattr(rec_mod, "_latest_step", lambda workdir, stage, at=latest: at)
+    assert REAL_RECOMMENDER(workdir).weights == note
+
+
+def test_a_relative_sasrec_init_from_is_named_unless_the_run_has_its_own(tmp_path, monkeypatch):
+  """A run trained with a relative `sasrec.init_from` and no SASRec of its own reads it again:
+  from another folder, `checkpoint not found: w2`; now the hint `data.dir` and `llm.name` get."""
+  workdir = synthetic_workdir(tmp_path, monkeypatch, init_from="no/such/w2")
+  with pytest.raises(UserError, match=r"the run's config.sasrec.init_from=no/such/w2 \(.*\) is "
+                     "relative to the folder the run was started from"):  # fmt: skip
+    REAL_RECOMMENDER(workdir)
+  os.makedirs(tmp_path / "checkpoints" / "sasrec" / "130")  # Its own SASRec: init_from unread.
+  assert len(REAL_RECOMMENDER(workdir).titles) == 60
