@@ -399,10 +399,10 @@ def _entries(value, what: str) -> list:
   """`value` (a history or candidates given to the API) as a list; a string (which would be
   read one character at a time), bytes, None or a non-iterable is a UserError."""
   if isinstance(value, str | bytes | bytearray) or not isinstance(value, Iterable):
-    shown = f" {value!r}" if len(repr(value)) <= 40 else ""
+    shown = f"{what}={value!r}" if len(repr(value)) <= 40 else what
     raise UserError(
-      f"the {what} is a {type(value).__name__}{shown}, not a list: pass a list of titles or "
-      f"item ids, e.g. {what}=['Heat', 12] (a string is not split into entries)"
+      f"{shown} is a {type(value).__name__}, not a list: pass a list of titles or item ids, "
+      f"e.g. {what}=['Heat', 12] (a string is not split into entries)"
     )
   return list(value)
 

@@ -419,11 +419,11 @@ def test_a_history_of_every_item_is_refused_before_the_model_is_built(tmp_path, 
 @pytest.mark.parametrize(
   "history, candidates, fragment",
   [
-    ("12", None, "the history is a str '12', not a list: pass a list of titles or item ids"),
-    (b"12", None, "the history is a bytes b'12', not a list"),
-    (None, None, "the history is a NoneType None, not a list"),
-    (7, None, "the history is a int 7, not a list"),
-    ([1, 2], "56", "the candidates is a str '56', not a list"),
+    ("12", None, "history='12' is a str, not a list: pass a list of titles or item ids"),
+    (b"12", None, "history=b'12' is a bytes, not a list"),
+    (None, None, "history=None is a NoneType, not a list"),
+    (7, None, "history=7 is a int, not a list"),
+    ([1, 2], "56", "candidates='56' is a str, not a list"),
   ],
 )
 def test_the_api_refuses_a_string_for_a_list(tmp_path, monkeypatch, history, candidates,
