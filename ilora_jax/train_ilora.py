@@ -46,7 +46,13 @@ from ilora_jax import (
 )
 from ilora_jax import tokenizer as tok_lib
 from ilora_jax.configuration import selection_metric, stage_train
-from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates
+from ilora_jax.data import (
+  Dataset,
+  Split,
+  load_from_config,
+  sample_candidates,
+  titles_fingerprint,
+)
 from ilora_jax.errors import UserError
 from ilora_jax.files import atomic_write
 from ilora_jax.metrics import (
@@ -1657,11 +1663,6 @@ def better(metric: str, new: float, old: float | None) -> bool:
   if old is None:
     return True
   return new < old if metric == "loss" else new > old
-
-
-def titles_fingerprint(titles: dict[int, str]) -> str:
-  """A digest (16 hex digits) of the item titles by id."""
-  return hashlib.sha256(json.dumps(sorted(titles.items())).encode()).hexdigest()[:16]
 
 
 # What a checkpoint's settings (`run_settings`) say of the model its arrays fit: adapters,

@@ -9,7 +9,6 @@ run restored from a checkpoint continues exactly as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Any
 
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from ilora_jax import checkpointing, configuration, console, interrupts, report, sharding
 from ilora_jax.configuration import stage_train
-from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates
+from ilora_jax.data import Dataset, Split, load_from_config, sample_candidates, split_fingerprint
 from ilora_jax.errors import UserError
 from ilora_jax.metrics import MetricsLog, ranking_metrics, target_ranks, warn_nonfinite
 from ilora_jax.sasrec import SASRec, SASRecConfig, init_params, params_from_torch
@@ -162,18 +161,6 @@ def make_evaluator(
   )
 
 
-def train_data_fingerprint(train: Split) -> str:
-  """A digest (16 hex digits) of the training rows' content (each row's history, its length
-  and its next item, as int64, with their shapes): another data set, another synthetic seed or
-  another filtering gives another digest, while the same rows from a moved folder do not."""
-  digest = hashlib.sha256()
-  for name in ("seq", "len_seq", "next"):
-    array = np.ascontiguousarray(np.asarray(getattr(train, name), np.int64))
-    digest.update(f"{name} {list(array.shape)};".encode())
-    digest.update(array.tobytes())
-  return digest.hexdigest()[:16]
-
-
 _WEIGHTS = " (weights "
 
 
@@ -263,7 +250,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
       "lr": tc.lr,
       "weight_decay": tc.weight_decay,
       "train_rows": len(train),
-      "train_data": train_data_fingerprint(train),
+      "train_data": split_fingerprint(train),
       # The val records of one run compare epochs on one candidate set.
       "data.num_candidates": config.data.num_candidates,
       "data.candidate_seed": config.data.candidate_seed,
@@ -468,17 +455,17 @@ _CONFIG_KEYS = {"max_len": "config.data.max_len", "n_items": "n_items"}
 
 def check_trained_on(config, meta: dict, dataset: Dataset, directory: str) -> None:
   """A UserError when the SASRec of checkpoint `meta` was trained on other rows than the
-  config's training split (`train_data_fingerprint`; a checkpoint of older code records no
+  config's training split (`split_fingerprint`; a checkpoint of older code records no
   fingerprint and is not compared), or from another `sasrec.init_from` than the config gives
   (none given: the workdir's SASRec, whatever it started from; a checkpoint of older code
   records no start, so init_from then only warns that it is not used)."""
   settings = meta["settings"]
   trained_on = settings.get("train_data")
-  if trained_on is not None and trained_on != train_data_fingerprint(dataset.train):
+  if trained_on is not None and trained_on != split_fingerprint(dataset.train):
     raise UserError(
       f"the SASRec in {directory} was trained on other data: its training data differs from "
       f"this config's ({dataset.name}, {len(dataset.train)} training rows; fingerprint "
-      f"{train_data_fingerprint(dataset.train)} vs the model's {trained_on}); evaluate it with "
+      f"{split_fingerprint(dataset.train)} vs the model's {trained_on}); evaluate it with "
       "config.data.* as it was trained"
     )
   if "init_from" not in settings:
