@@ -444,7 +444,7 @@ def load_from_config(config, workdir: str) -> Dataset:
   else:
     reason = f"test file not found: {test_path}"
   dataset = Dataset(data.name, n_items, titles, train, val, test, reason)
-  distributed.check_same_data(content_digest(dataset), directory)
+  distributed.check_same_data(lambda: content_digest(dataset), directory)
   return dataset
 
 

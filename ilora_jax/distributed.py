@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Callable
 
 from ilora_jax.errors import EXIT_USER_ERROR, UserError
 
@@ -80,9 +81,12 @@ def check_same_config(config) -> None:
 
   from ilora_jax.configuration import json_form
 
-  own = json_form(config)
-  own["distributed"].pop("process_id", None)
-  others = _differing(hashlib.sha256(json.dumps(own, sort_keys=True).encode()).digest())
+  def digest() -> bytes:
+    own = json_form(config)
+    own["distributed"].pop("process_id", None)
+    return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).digest()
+
+  others = _differing(digest)
   if others:
     raise UserError(
       f"process(es) {', '.join(map(str, others))} were started with another config than "
@@ -91,9 +95,9 @@ def check_same_config(config) -> None:
     )
 
 
-def check_same_data(digest: bytes, directory: str) -> None:
+def check_same_data(digest: Callable[[], bytes], directory: str) -> None:
   """A UserError in every process of a multi-process run whose processes read different data
-  (`digest` of what each loaded): each feeds its rows of every global batch from its own
+  (`digest()` of what each loaded): each feeds its rows of every global batch from its own
   copy, so copies that differ (a host's stale or other files under the same path) would train
   and evaluate on a mix in silence."""
   others = _differing(digest)
@@ -104,9 +108,9 @@ def check_same_data(digest: bytes, directory: str) -> None:
     )
 
 
-def _differing(digest: bytes) -> list[int]:
-  """The processes whose `digest` (its first 8 bytes) differs from process 0's, gathered from
-  every process; none in a single-process run."""
+def _differing(digest: Callable[[], bytes]) -> list[int]:
+  """The processes whose `digest()` (its first 8 bytes) differs from process 0's, gathered
+  from every process; none in a single-process run, which computes no digest."""
   import jax
 
   if jax.process_count() == 1:
@@ -114,7 +118,7 @@ def _differing(digest: bytes) -> list[int]:
   import numpy as np
   from jax.experimental import multihost_utils
 
-  digests = multihost_utils.process_allgather(np.frombuffer(digest[:8], np.uint32))
+  digests = multihost_utils.process_allgather(np.frombuffer(digest()[:8], np.uint32))
   digests = np.asarray(digests).reshape(-1, 2)
   return [i for i, d in enumerate(digests) if (d != digests[0]).any()]
 

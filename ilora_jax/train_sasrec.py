@@ -460,12 +460,12 @@ def check_trained_on(config, meta: dict, dataset: Dataset, directory: str) -> No
   (none given: the workdir's SASRec, whatever it started from; a checkpoint of older code
   records no start, so init_from then only warns that it is not used)."""
   settings = meta["settings"]
-  trained_on = settings.get("train_data")
-  if trained_on is not None and trained_on != split_fingerprint(dataset.train):
+  trained_on, mine = settings.get("train_data"), split_fingerprint(dataset.train)
+  if trained_on is not None and trained_on != mine:
     raise UserError(
       f"the SASRec in {directory} was trained on other data: its training data differs from "
       f"this config's ({dataset.name}, {len(dataset.train)} training rows; fingerprint "
-      f"{split_fingerprint(dataset.train)} vs the model's {trained_on}); evaluate it with "
+      f"{mine} vs the model's {trained_on}); evaluate it with "
       "config.data.* as it was trained"
     )
   if "init_from" not in settings:

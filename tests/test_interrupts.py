@@ -131,18 +131,23 @@ def test_processes_started_with_different_configs_are_refused(tmp_path):
   data seed trained on a mix of two data sets in silence. Every process now names the ones
   whose config differs from process 0's, before anything runs."""
   procs = _two_processes(tmp_path / "w", [], ["--config.checkpoint.every_steps=7"])
+  _each_refused(procs, "error: process(es) 1 were started with another config than process "
+                "0's: start every process with the same command (only "
+                "--config.distributed.process_id differs)")  # fmt: skip
+  assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def _each_refused(procs, line: str) -> None:
+  """Every process exited 2 with `line` its only error line (killed after 300 s: a hung pair,
+  the defect, must not outlive the test)."""
   try:
     outs = [p.communicate(timeout=300) for p in procs]
-  finally:  # A hung pair (the defect) must not outlive the test.
+  finally:
     for p in procs:
       p.kill()
   for p, (_, stderr) in zip(procs, outs):
     assert p.returncode == 2, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: process(es) 1 were started with another config than process 0's: "
-                      "start every process with the same command (only "
-                      "--config.distributed.process_id differs)"], stderr  # fmt: skip
-  assert not (tmp_path / "w" / "checkpoints").exists()
+    assert [x for x in stderr.splitlines() if x.startswith("error: ")] == [line], stderr
 
 
 def test_processes_that_read_other_data_are_refused(tmp_path):
@@ -165,16 +170,8 @@ def test_processes_that_read_other_data_are_refused(tmp_path):
           "--config.data.num_candidates=4", "--config.train.batch_size=8", "--config.train.steps=3",
           "--config.distributed.timeout_s=120"]  # fmt: skip
   procs = start_processes(args, args, cwds=[tmp_path / "a", tmp_path / "b"])
-  try:
-    outs = [p.communicate(timeout=300) for p in procs]
-  finally:  # A hung pair must not outlive the test.
-    for p in procs:
-      p.kill()
-  for p, (_, stderr) in zip(procs, outs):
-    assert p.returncode == 2, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert errors == ["error: process(es) 1 read other data than process 0's from data: give "
-                      "every host the same files"], stderr  # fmt: skip
+  _each_refused(procs, "error: process(es) 1 read other data than process 0's from data: give "
+                "every host the same files")  # fmt: skip
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
