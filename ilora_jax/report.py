@@ -122,10 +122,16 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
   return labels
 
 
-def _plot_series(ax, records, key, label):
+def _points(records, key) -> list[tuple[int, float]]:
+  """(step, value) of the records whose `key` is a number (`_number`); a non-finite value (a
+  skipped step's loss) is NaN, a gap in a line."""
   pts = [(r["step"], _number(r[key])) for r in records if "step" in r and key in r]
-  pts = [(step, value if math.isfinite(value) else math.nan) for step, value in pts
-         if value is not None]  # fmt: skip  # A non-finite value is a gap in the line.
+  return [(step, value if math.isfinite(value) else math.nan) for step, value in pts
+          if value is not None]  # fmt: skip
+
+
+def _plot_series(ax, records, key, label):
+  pts = _points(records, key)
   if pts:
     steps, values = zip(*pts)
     ax.plot(steps, values, marker="o" if len(pts) < 30 else None, label=label)
@@ -334,12 +340,18 @@ def comparison(
 
 
 def running_mean(values, window: int) -> np.ndarray:
-  """The trailing mean of `values` over `window` points (fewer at the start)."""
+  """The trailing mean of `values` over `window` points (fewer at the start), of the finite
+  ones among them; NaN where the value itself is not finite (a skipped step: a gap, as in
+  `train_loss.png`, that leaves the points after it as they are)."""
   values = np.asarray(values, np.float64)
-  sums = np.cumsum(np.concatenate([[0.0], values]))
+  finite = np.isfinite(values)
+  sums = np.cumsum(np.concatenate([[0.0], np.where(finite, values, 0.0)]))
+  counts = np.cumsum(np.concatenate([[0], finite]))
   ends = np.arange(1, len(values) + 1)
   starts = np.maximum(ends - window, 0)
-  return (sums[ends] - sums[starts]) / (ends - starts)
+  out = np.full(len(values), np.nan)
+  return np.divide(sums[ends] - sums[starts], counts[ends] - counts[starts], out=out,
+                   where=finite)  # fmt: skip
 
 
 def comparison_curves(
@@ -347,7 +359,8 @@ def comparison_curves(
 ) -> dict:
   """{label: {"train": (steps, loss running mean), "val": (steps, loss)}} of the iLoRA stage of
   this run and of each compared run on the same val candidates (or not finished yet: no final
-  val record), for `compare.png`. The running mean spans a twentieth of the run's steps.
+  val record), for `compare.png`. The running mean spans a twentieth of the run's steps
+  (`running_mean`: a non-finite loss is a gap, left out of its neighbours' means).
   `theirs`: the compared runs' records by name, where already read."""
   theirs = theirs if theirs is not None else {n: read_records(p) for n, p in compare.items()}
   ours = finals_by_split(records).get("val", {}).get("candidates")
@@ -359,9 +372,9 @@ def comparison_curves(
   curves = {}
   for label, recs in runs.items():
     mine = [r for r in recs if r.get("stage") == "ilora" and r.get("run", "ilora") == "ilora"]
-    train = [(r["step"], r["loss"]) for r in mine if r.get("split") == "train" and "loss" in r]
-    val = [(r["step"], r["loss"]) for r in mine if r.get("split") == "val" and "loss" in r
-           and not _of_earlier_weights(r)]  # fmt: skip
+    train = _points([r for r in mine if r.get("split") == "train"], "loss")
+    val = _points([r for r in mine if r.get("split") == "val" and not _of_earlier_weights(r)],
+                  "loss")  # fmt: skip
     if not train and not val:
       continue
     steps, loss = (np.asarray(x) for x in zip(*train)) if train else (np.zeros(0),) * 2

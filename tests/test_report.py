@@ -152,6 +152,37 @@ def test_compared_runs_losses_share_one_plot(tmp_path):
   assert not os.path.exists(f"{alone}/compare.png")
 
 
+def test_compare_curves_leave_skipped_steps_as_gaps(tmp_path):
+  """A skipped step's loss, written "nan" (and a text "inf" val loss), is a gap in
+  `compare.png`'s curves: the running mean of the other steps is that of the finite losses in
+  their window, and the val losses are numbers (text made matplotlib's y axis categorical)."""
+  rng = np.random.default_rng(4)
+  loss = rng.uniform(0.5, 2.0, 40)
+  loss[[9, 10]] = np.nan  # Steps 10 and 11: skipped updates.
+  records = [{"run": "ilora", "stage": "ilora", "split": "train", "step": s + 1,
+              "loss": "nan" if np.isnan(v) else v} for s, v in enumerate(loss)]  # fmt: skip
+  records += [{"run": "ilora", "stage": "ilora", "split": "val", "step": s, "loss": v}
+              for s, v in ((20, "inf"), (40, 1.1))]  # fmt: skip
+  ours = tmp_path / "ours"
+  ours.mkdir()
+  (ours / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
+  (curve, _) = report.comparison_curves(
+    str(ours), report.read_records(str(ours)), {"other": str(other)}
+  ).values()
+  steps, mean = curve["train"]
+  window = 2  # A twentieth of 40 steps.
+  want = [np.nan if np.isnan(loss[i]) else np.nanmean(loss[max(0, i - window + 1) : i + 1])
+          for i in range(40)]  # fmt: skip
+  np.testing.assert_array_equal(steps, np.arange(1, 41))
+  np.testing.assert_allclose(mean, want, rtol=1e-12)  # NaN where `want` is NaN, only there.
+  val_steps, val_loss = curve["val"]
+  assert val_steps.tolist() == [20, 40] and val_loss.dtype == np.float64
+  assert np.isnan(val_loss[0]) and val_loss[1] == 1.1
+
+
 def test_sign_test_matches_scipys_binomial_test():
   from scipy import stats
 
