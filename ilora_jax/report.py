@@ -204,6 +204,19 @@ def finals_by_split(records: list[dict], run: str | None = None) -> dict[str, di
   return out
 
 
+def _no_final(records: list[dict], split: str, workdir: str, sasrec_row: bool) -> str:
+  """Why a compared run has no row for `split`: no final iLoRA evaluation of it. A run with a
+  SASRec stage only has final records, but without the candidate fingerprint to match
+  (`sasrec_row`: this run's table has SASRec on its own candidates)."""
+  sasrec = any(r.get("final") and r.get("stage") == "sasrec" and r.get("split") == split
+               for r in records)  # fmt: skip
+  if not sasrec or any(r.get("stage") == "ilora" for r in records):
+    return f"no final {split} evaluation in {workdir}"
+  where = "; the SASRec row is SASRec on these candidates" if sasrec_row else ""
+  return (f"SASRec stage only: its final {split} records hold no candidate fingerprint (SASRec "
+          f"scores every row of the split), so not comparable{where}")  # fmt: skip
+
+
 def group_table(finals: list[dict]) -> list[str]:
   """Markdown lines of the per-user-group metrics (`group/<g>/<metric>`) of final records."""
   rows, columns = [], []
@@ -301,7 +314,8 @@ def comparison(
       label = f"{name}: {describe_run(compare[name])}"
       other = finals.get(split)
       if other is None:
-        rows.append((label, f"no final {split} evaluation in {compare[name]}"))
+        sasrec_row = any(row == "SASRec" for row, _ in rows)
+        rows.append((label, _no_final(theirs[name], split, compare[name], sasrec_row)))
       elif other.get("candidates") != rec.get("candidates"):
         rows.append(
           (label, "different candidates (data, rows or candidate_seed differ): not comparable")

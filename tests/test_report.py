@@ -106,6 +106,37 @@ def test_comparison_needs_the_same_candidates(tmp_path):
   assert "0.1250" not in summary  # The incomparable run's numbers are left out.
 
 
+def test_a_compared_sasrec_only_run_says_why_it_is_not_compared(tmp_path):
+  """A compared workdir whose only stage is sasrec (a grid's `W/sasrec/seed0`) has final val
+  records, without the candidate fingerprint to match: its row says so (and where SASRec on
+  these candidates is), not that it has no final evaluation; a run without any final
+  evaluation still says that."""
+
+  def run_dir(name, stage, records):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"stage": stage}))
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(d)
+
+  ours = run_dir("ours", "ilora", [{"run": "ilora", "stage": "ilora", "split": "val", "step": 3,
+                                    "final": True, "candidates": "abc", "hr@1": 0.5,
+                                    "sasrec/hr@1": 0.25}])  # fmt: skip
+  sas = run_dir("sas", "sasrec", [{"run": "sasrec", "stage": "sasrec", "split": "val", "step": 9,
+                                   "final": True, "hr@1": 0.875}])  # fmt: skip
+  going = run_dir("going", "ilora", [{"run": "ilora", "stage": "ilora", "split": "train",
+                                      "step": 1, "loss": 2.0}])  # fmt: skip
+  summary = open(f"{report.write(ours, {'sas': sas, 'going': going})}/summary.md").read()
+  rows = {line.split(" | ")[0]: line for line in summary.splitlines() if line.startswith("| ")}
+  assert "no candidate fingerprint" in rows["| sas: SASRec"], rows
+  assert "the SASRec row is SASRec on these candidates" in rows["| sas: SASRec"]
+  assert "no final val evaluation" not in rows["| sas: SASRec"]
+  assert rows["| SASRec"].split(" | ")[4] == "0.2500"  # hr@1: this run's SASRec baseline.
+  assert "0.8750" not in summary  # The SASRec-only run's numbers are left out.
+  (going_row,) = (line for key, line in rows.items() if key.startswith("| going: "))
+  assert f"no final val evaluation in {going}" in going_row
+
+
 def test_compared_runs_losses_share_one_plot(tmp_path):
   """`compare.png`: this run's iLoRA losses beside those of compared runs on the same val
   candidates or not finished yet; a run on other candidates is left out."""
