@@ -68,6 +68,7 @@ from ilora_jax.projector import Projector
 from ilora_jax.sasrec import SASRec, params_from_torch
 from ilora_jax.train_sasrec import check_trained_as as sasrec_check_trained_as
 from ilora_jax.train_sasrec import model_config as sasrec_model_config
+from ilora_jax.train_sasrec import other_training_data as sasrec_other_training_data
 from ilora_jax.train_sasrec import restore_target as sasrec_restore_target
 
 STAGE = "ilora"
@@ -106,7 +107,9 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   either folder, is refused when iLoRA training starts (an iLoRA trained on a half-trained
   SASRec would be silently worse); a run already trained on one (by older code) keeps it for
   its resume, evaluation and recommendations, with a warning. The workdir's own SASRec wins
-  over a workdir given as `init_from`; the ilora stage says so as it starts.
+  over a workdir given as `init_from`; the ilora stage says so as it starts. A SASRec whose
+  recorded training rows are not the config's is refused the same way (it would rank and
+  route this data's users from another data set's item table), and only warned of later.
   """
   cfg = sasrec_model_config(config, dataset.n_items)
   init_from = config.sasrec.init_from
@@ -152,6 +155,16 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
           f"{stopped}: finish it first (--config.stage=sasrec in {where}, with its settings, "
           "resumes it)"
         )
+    other = sasrec_other_training_data(meta, dataset, ckpt.directory)
+    if other and not starting:
+      console.info(f"warning: {other}; it is used as it is")
+    elif other:
+      ckpt.close()
+      raise UserError(
+        f"{other}: iLoRA freezes a SASRec trained on its own training rows; give the data.* "
+        "settings that SASRec was trained with, or a SASRec trained on this data (a new "
+        "workdir with --config.stage=pipeline trains both)"
+      )
     restored, _ = ckpt.restore(latest, sasrec_restore_target(cfg, repl))
     ckpt.close()
     console.info(f"iLoRA: SASRec from {ckpt.directory} step {latest}")

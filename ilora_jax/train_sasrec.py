@@ -453,6 +453,20 @@ def check_trained_as(ckpt: checkpointing.StageCheckpoints, step: int, cfg: SASRe
 _CONFIG_KEYS = {"max_len": "config.data.max_len", "n_items": "n_items"}
 
 
+def other_training_data(meta: dict, dataset: Dataset, directory: str) -> str | None:
+  """Why the SASRec of checkpoint `meta` was trained on other rows than `dataset`'s training
+  split (`split_fingerprint`), or None: the same rows, or a checkpoint of older code, which
+  records no fingerprint."""
+  trained_on, mine = meta["settings"].get("train_data"), split_fingerprint(dataset.train)
+  if trained_on is None or trained_on == mine:
+    return None
+  return (
+    f"the SASRec in {directory} was trained on other data: its training data differs from "
+    f"this config's ({dataset.name}, {len(dataset.train)} training rows; fingerprint "
+    f"{mine} vs the model's {trained_on})"
+  )
+
+
 def check_trained_on(config, meta: dict, dataset: Dataset, directory: str) -> None:
   """A UserError when the SASRec of checkpoint `meta` was trained on other rows than the
   config's training split (`split_fingerprint`; a checkpoint of older code records no
@@ -460,14 +474,9 @@ def check_trained_on(config, meta: dict, dataset: Dataset, directory: str) -> No
   (none given: the workdir's SASRec, whatever it started from; a checkpoint of older code
   records no start, so init_from then only warns that it is not used)."""
   settings = meta["settings"]
-  trained_on, mine = settings.get("train_data"), split_fingerprint(dataset.train)
-  if trained_on is not None and trained_on != mine:
-    raise UserError(
-      f"the SASRec in {directory} was trained on other data: its training data differs from "
-      f"this config's ({dataset.name}, {len(dataset.train)} training rows; fingerprint "
-      f"{mine} vs the model's {trained_on}); evaluate it with "
-      "config.data.* as it was trained"
-    )
+  other = other_training_data(meta, dataset, directory)
+  if other:
+    raise UserError(f"{other}; evaluate it with config.data.* as it was trained")
   if "init_from" not in settings:
     _init_from_unused(config, directory, int(meta["step"]), "this evaluates")
     return

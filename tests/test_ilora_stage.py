@@ -299,6 +299,28 @@ def test_an_unfinished_sasrec_is_refused_here_and_as_init_from(tmp_path, capsys)
   assert "warning: the SASRec in " in err and "stopped at step 2 of 130; it is used as it is" in err
 
 
+def test_a_sasrec_trained_on_other_data_is_refused_then_warned(pipeline, tmp_path, capsys):
+  """A SASRec trained on other rows (here the pipeline's, on synthetic seed 0, for data of
+  seed 3 with the same items) would route and rank this data's users from another data
+  set's item table: a new iLoRA run refuses it, given as init_from or as the workdir's own;
+  an evaluation (of a run trained on one by older code) only warns."""
+  from ilora_jax import configuration, data, sharding, train_ilora
+
+  other_data = "--config.data.synthetic.seed=3"
+  proc = run_cli(TINY, f"--workdir={tmp_path / 'new'}", "--config.stage=ilora", other_data,
+                 f"--config.sasrec.init_from={pipeline[0]}")  # fmt: skip
+  assert_one_line_error(proc, "was trained on other data", "iLoRA freezes a SASRec")
+  assert not os.path.exists(tmp_path / "new" / "checkpoints" / "ilora")
+  own = with_sasrec_of(pipeline[0], tmp_path / "own")
+  proc = run_cli(TINY, f"--workdir={own}", "--config.stage=ilora", other_data)
+  assert_one_line_error(proc, "was trained on other data", "iLoRA freezes a SASRec")
+  config = configuration.load("configs/tiny.py", ["stage=evaluate", "data.synthetic.seed=3"])
+  dataset = data.load_from_config(config, own)
+  train_ilora.load_sasrec(config, own, dataset, sharding.make_mesh(config.mesh))
+  err = capsys.readouterr().err
+  assert "was trained on other data" in err and "it is used as it is" in err, err
+
+
 def test_the_workdirs_own_sasrec_over_init_from_is_said(pipeline, tmp_path, capsys):
   """A new ilora run in a workdir with a SASRec of its own does not read the workdir given
   as sasrec.init_from, and says so. The pipeline, an original .pt (from which this
