@@ -217,6 +217,12 @@ def _no_final(records: list[dict], split: str, workdir: str, sasrec_row: bool) -
           f"scores every row of the split), so not comparable{where}")  # fmt: skip
 
 
+def _table_row(cells) -> str:
+  """A markdown table row of `cells`: a `|` in one (a compare name, a text in a record) is
+  escaped and a line break is a space, so the row keeps its columns."""
+  return "| " + " | ".join(" ".join(str(c).split()).replace("|", "\\|") for c in cells) + " |"
+
+
 def group_table(finals: list[dict]) -> list[str]:
   """Markdown lines of the per-user-group metrics (`group/<g>/<metric>`) of final records."""
   rows, columns = [], []
@@ -230,11 +236,11 @@ def group_table(finals: list[dict]) -> list[str]:
   if not rows:
     return []
   lines = ["", "## Per user group", ""]
-  lines.append("| run | split | group | " + " | ".join(columns) + " |")
+  lines.append(_table_row(["run", "split", "group", *columns]))
   lines.append("|---" * (3 + len(columns)) + "|")
   for run, split, g, vals in rows:
     cells = [f"{vals[k]:.4f}" if k in vals else "" for k in columns]
-    lines.append(f"| {run} | {split} | {g} | " + " | ".join(cells) + " |")
+    lines.append(_table_row([run, split, g, *cells]))
   return lines
 
 
@@ -326,7 +332,7 @@ def comparison(
       f"## {split}: methods on the same candidates (fingerprint "
       f"{rec.get('candidates', '?')}, step {rec.get('step')})",
       "",
-      "| method | " + " | ".join(COMPARE_KEYS) + " |",
+      _table_row(["method", *COMPARE_KEYS]),
       "|---" * (1 + len(COMPARE_KEYS)) + "|",
     ]
     for label, vals in rows:
@@ -334,7 +340,7 @@ def comparison(
         cells = [vals] + [""] * (len(COMPARE_KEYS) - 1)
       else:
         cells = [cell(vals[k]) for k in COMPARE_KEYS]
-      lines.append("| " + " | ".join([label] + cells) + " |")
+      lines.append(_table_row([label, *cells]))
     lines += [
       "",
       "valid_ratio, hit_ratio@1 (hits / valid, the paper's) and hits_over_total come "
@@ -571,7 +577,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
     keys += [k for k in _numeric(r) if k not in keys and not k.startswith("group/")]
   lines = [f"# Run summary: {os.path.abspath(workdir)}", ""]
   if finals:
-    lines.append("| " + " | ".join(["run", "stage", "split", "step", *keys]) + " |")
+    lines.append(_table_row(["run", "stage", "split", "step", *keys]))
     lines.append("|---" * (4 + len(keys)) + "|")
     for r in finals:
       vals = _numeric(r)
@@ -580,7 +586,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
         cells = [f"skipped: {r['skipped']}"] + [""] * (len(keys) - 1)
       step = str(r.get("step", "")) + _weights_note(r)
       row = [str(r.get("run", "")), str(r.get("stage", "")), str(r.get("split", "")), step]
-      lines.append("| " + " | ".join(row + cells) + " |")
+      lines.append(_table_row(row + cells))
   else:
     lines.append("No final evaluation yet.")
   lines += group_table(finals)

@@ -137,6 +137,30 @@ def test_a_compared_sasrec_only_run_says_why_it_is_not_compared(tmp_path):
   assert f"no final val evaluation in {going}" in going_row
 
 
+def test_a_pipe_in_a_compare_name_or_a_record_keeps_the_tables_columns(tmp_path):
+  """A compare name holding `|` (or a record's text, such as a skipped split's reason) is one
+  cell of summary.md's tables, with its `|` escaped, not a column break."""
+  import re
+
+  records = [{"run": "ilora", "stage": "ilora", "split": "val", "step": 3, "final": True,
+              "candidates": "abc", "hr@1": 0.5},
+             {"run": "ilora", "stage": "ilora", "split": "test", "step": 3,
+              "skipped": "no file a|b.txt"}]  # fmt: skip
+  for name in ("ours", "other"):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  out = report.write(str(tmp_path / "ours"), {"a|b": str(tmp_path / "other")})
+  text = open(f"{out}/summary.md").read()
+  tables = [t.splitlines() for t in re.findall(r"(?m)(?:^\|.*\n)+", text)]
+  assert len(tables) == 2  # The comparison and every final metric.
+  cells = []
+  for table in tables:  # Cells split at the pipes that are not escaped.
+    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in table]
+    assert len({len(row) for row in rows}) == 1, table  # Each row as wide as its header.
+    cells += [c.replace("\\|", "|") for row in rows for c in row]
+  assert "a|b: model" in cells and "skipped: no file a|b.txt" in cells
+
+
 def test_compared_runs_losses_share_one_plot(tmp_path):
   """`compare.png`: this run's iLoRA losses beside those of compared runs on the same val
   candidates or not finished yet; a run on other candidates is left out."""
