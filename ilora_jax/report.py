@@ -558,6 +558,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   fig.tight_layout()
   fig.savefig(os.path.join(out, "val_metrics.png"), dpi=100)
   plt.close(fig)
+  plots = ["`train_loss.png`", "`val_metrics.png`"]  # Those written, for summary.md.
 
   # Gate usage.
   ilora_train = [r for r in by_stage.get("ilora", []) if r.get("split") == "train"]
@@ -569,6 +570,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
     fig.tight_layout()
     fig.savefig(os.path.join(out, "gates.png"), dpi=100)
     plt.close(fig)
+    plots.append("`gates.png` (iLoRA)")
 
   # summary.md: every final metric in one table.
   finals = [r for r in records if r.get("final") or r.get("skipped")]
@@ -594,7 +596,6 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   table = comparison(workdir, records, compare, theirs)
   if table:
     lines[2:2] = table + ["## Every final metric", ""]
-  plots = "`train_loss.png`, `val_metrics.png`, `gates.png` (iLoRA)"
   curves = comparison_curves(workdir, records, compare, theirs) if compare else {}
   if len(curves) > 1:  # This run and at least one other: their losses on shared axes.
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
@@ -609,9 +610,9 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
     fig.tight_layout()
     fig.savefig(os.path.join(out, "compare.png"), dpi=100)
     plt.close(fig)
-    plots += ", `compare.png` (this run's losses beside the compared runs')"
+    plots.append("`compare.png` (this run's losses beside the compared runs')")
   tb_hint = f"Scalars for TensorBoard: `tensorboard --logdir {os.path.join(out, 'tb')}`."
-  lines += ["", f"Plots: {plots}.", tb_hint]
+  lines += ["", f"Plots: {', '.join(plots)}.", tb_hint]
   with atomic_write(os.path.join(out, "summary.md")) as f:
     f.write("\n".join(lines) + "\n")
 

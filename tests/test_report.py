@@ -238,6 +238,23 @@ def test_compare_curves_leave_skipped_steps_as_gaps(tmp_path):
   assert np.isnan(val_loss[0]) and val_loss[1] == 1.1
 
 
+SASREC_TRAIN = {"run": "sasrec", "stage": "sasrec", "split": "train", "step": 1, "loss": 2.5}
+
+
+@pytest.mark.parametrize("records", [[], [SASREC_TRAIN]], ids=["empty", "sasrec"])
+def test_summary_lists_the_plots_written(tmp_path, records):
+  """summary.md's "Plots:" line names the plots in the folder, no `gates.png` where none was
+  drawn (a SASRec-only or an empty run)."""
+  import re
+
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  out = report.write(str(tmp_path))
+  (line,) = [x for x in open(f"{out}/summary.md").read().splitlines() if x.startswith("Plots:")]
+  assert sorted(re.findall(r"`([^`]+\.png)`", line)) == sorted(
+    name for name in os.listdir(out) if name.endswith(".png")
+  )
+
+
 def test_sign_test_matches_scipys_binomial_test():
   from scipy import stats
 
