@@ -669,27 +669,30 @@ def _summary_writer_class():
 
 
 def main(argv: list[str] | None = None) -> None:
-  from ilora_jax.errors import HELP_FLAGS, UserError, cli_main
+  from absl import flags
+
+  from ilora_jax.errors import HELP_FLAGS, UserError, cli_main, parse_flags
 
   @cli_main
   def run(argv):
     usage = "usage: python -m ilora_jax.report --workdir=DIR [--compare=name=DIR2,...]"
-    if any(a in HELP_FLAGS for a in argv[1:]):
+    if any(a in HELP_FLAGS for a in argv[1 : argv.index("--") if "--" in argv else None]):
       print(f"{(__doc__ or '').strip()}\n\n{usage}")
       return
-    opts = {}
-    for a in argv[1:]:
-      key, eq, value = a.partition("=")
-      if key not in ("--workdir", "--compare") or not eq:
-        raise UserError(f"unknown argument {a!r}; {usage}")
-      if key[2:] in opts:
-        raise UserError(f"{key} is given twice; {usage}")
-      opts[key[2:]] = value
-    if not opts.get("workdir"):
-      raise UserError(usage)
-    workdir = opts["workdir"]
+    # Its own flag values, parsed as `ilora_jax.main` parses its flags (`--workdir DIR`, a
+    # --flagfile, ...): only these flags, and main may run more than once in a process.
+    values = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "Workdir of a run.", flag_values=values)
+    flags.DEFINE_string("compare", "", f"Runs to compare: {COMPARE_FORM}.", flag_values=values)
     try:
-      compare = parse_compare(opts.get("compare", ""))
+      parse_flags(values, argv, "report")
+    except UserError as exc:
+      raise UserError(f"{exc}; {usage}") from None
+    if not values.workdir:
+      raise UserError(usage)
+    workdir = values.workdir
+    try:
+      compare = parse_compare(values.compare)
     except UserError as exc:
       raise UserError(f"--compare: {exc}") from None
     if not os.path.lexists(os.path.join(workdir, "metrics.jsonl")):

@@ -472,6 +472,29 @@ def test_bad_compare_lists_are_one_error(tmp_path, capsys, compare, fragments):
   assert_one_line_error(proc, *fragments)
 
 
+def test_flags_take_the_forms_main_takes(tmp_path, capsys):
+  """`--workdir DIR` (a space for the `=`, as absl and `ilora_jax.main` take it), `-workdir`
+  and a --flagfile work; a flag that is not the report's, or a word that is no flag, is one
+  error line with the usage."""
+  (tmp_path / "metrics.jsonl").write_text(GOOD)
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "metrics.jsonl").write_text(GOOD)
+  (tmp_path / "flags").write_text(f"--workdir={tmp_path}\n--compare=b={other}\n")
+  for args in (["--workdir", str(tmp_path), "--compare", f"b={other}"],
+               ["-workdir", str(tmp_path), f"-compare=b={other}"],
+               [f"--flagfile={tmp_path / 'flags'}"]):  # fmt: skip
+    for name in ("summary.md", "compare.png"):
+      (tmp_path / "report" / name).unlink(missing_ok=True)
+    proc = _report_cli(capsys, *args)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "report"), proc
+    assert (tmp_path / "report" / "compare.png").exists()  # With the run named by --compare.
+  proc = _report_cli(capsys, "--workdr", str(tmp_path))
+  assert_one_line_error(proc, "'workdr'", "usage:")
+  proc = _report_cli(capsys, f"--workdir={tmp_path}", "x")
+  assert_one_line_error(proc, "'x'", "usage:")
+
+
 def test_compare_of_the_config_names_each_run_once(tmp_path):
   with pytest.raises(UserError, match="config.report.compare: name 'x' given twice"):
     report.write(str(tmp_path), "x=a,x=b")
