@@ -15,8 +15,12 @@ SmolLM2-135M). Each run is the ordinary command line,
 so every number in the table is reproduced by one command (all are listed in
 `W/results.md`). With `share_sasrec`, SASRec trains once per seed in `W/sasrec/seed<k>` and
 every variant of that seed freezes the same one (`--config.sasrec.init_from`), so variants
-differ only in what the grid varies; `--grid.sasrec=PATH` (an original `.pt` checkpoint or a
-finished workdir) freezes that one SASRec in every run instead.
+differ only in what the grid varies; a variant whose `data.*` settings differ freezes a
+SASRec trained on its own data, `W/sasrec/<variant>/seed<k>` (named after the first variant
+of that data; the later ones share it). The SASRec jobs get the common overrides but
+`train.*`, which set the iLoRA runs' training (`sasrec.train.*` reaches the SASRec jobs).
+`--grid.sasrec=PATH` (an original `.pt` checkpoint or a finished workdir) freezes that one
+SASRec in every run instead.
 
 A grid's `config` path, when relative, is looked up in the current folder, then in the grid
 file's folder and each folder above it (the shipped grids' `configs/tiny.py` is found from
@@ -184,12 +188,27 @@ def resolve_config_path(grid: ConfigDict, grid_path: str) -> str:
 
 
 def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dict]:
-  """The grid's runs in order (SASRec of a seed first) and each variant's resolved config."""
+  """The grid's runs in order (the SASRec jobs of a seed first) and every variant's resolved
+  config (those grid.only leaves out too)."""
   config_path = resolve_config_path(grid, grid_path)
   common = _overrides(list(grid.overrides), "grid.overrides") + _overrides(
     grid.get("extra", ""), "grid.extra"
   )
   variants = parse_variants(grid.variants)
+  try:  # Refuse bad keys or values before any compute.
+    shared_data = _data_key(configuration.load(config_path, common))
+  except UserError as exc:
+    raise UserError(f"grid overrides: {exc}") from None
+  resolved, sasrec_of = {}, {}
+  for name, extra in variants:
+    try:
+      resolved[name] = configuration.load(config_path, [*common, *extra])
+    except UserError as exc:
+      raise UserError(f"variant {name}: {exc}") from None
+    # One SASRec per data setting: the first variant of other data names its own.
+    data = _data_key(resolved[name])
+    sasrec_of[name] = next((sasrec_of[v] for v in sasrec_of if _data_key(resolved[v]) == data),
+                           "" if data == shared_data else name)  # fmt: skip
   if grid.only:
     wanted = [v.strip() for v in grid.only.split(",") if v.strip()]
     if not wanted:
@@ -199,40 +218,42 @@ def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dic
       raise UserError(f"grid.only names unknown variants: {', '.join(unknown)}")
     variants = [v for v in variants if v[0] in wanted]
   seeds = parse_seeds(grid.seeds)
-  try:  # Refuse bad keys or values before any compute (the SASRec jobs get `common` only).
-    configuration.load(config_path, common)
-  except UserError as exc:
-    raise UserError(f"grid overrides: {exc}") from None
-  resolved = {}
-  for name, extra in variants:
-    try:
-      resolved[name] = configuration.load(config_path, [*common, *extra])
-    except UserError as exc:
-      raise UserError(f"variant {name}: {exc}") from None
+  # The SASRec jobs get the common overrides but `train.*` (iLoRA's: a SASRec stage would
+  # train with them too), and the data.* overrides of the variants that train on other data.
+  sasrec_common = [o for o in common if not o.split("=", 1)[0].strip().startswith("train.")]
+  data_overrides = {name: [o for o in extra if o.split("=", 1)[0].strip().startswith("data.")]
+                    for name, extra in parse_variants(grid.variants)}  # fmt: skip
+  fixed = grid.get("sasrec", "")
   runs = []
   for seed in seeds:
     seed_args = [f"--config.train.seed={seed}", *[f"--config.{o}" for o in common]]
-    sasrec_dir = os.path.join(workdir, "sasrec", f"seed{seed}")
-    fixed = grid.get("sasrec", "")
-    if fixed:  # One given SASRec (.pt of the original or a finished workdir) for every run.
-      sasrec_dir = fixed
-    elif grid.share_sasrec:
+    sasrec_dirs = {}
+    for name, _ in variants:
+      owner = sasrec_of[name]
+      if owner in sasrec_dirs:
+        continue
+      sasrec_dirs[owner] = os.path.join(workdir, "sasrec", owner, f"seed{seed}")
+      if fixed or not grid.share_sasrec:
+        continue
       runs.append(
         Run(
-          f"sasrec/seed{seed}",
+          os.path.join("sasrec", owner, f"seed{seed}"),
           "sasrec",
           seed,
-          sasrec_dir,
+          sasrec_dirs[owner],
           [
             f"--config={config_path}",
-            f"--workdir={sasrec_dir}",
+            f"--workdir={sasrec_dirs[owner]}",
             "--config.stage=sasrec",
-            *seed_args,
+            f"--config.train.seed={seed}",
+            *[f"--config.{o}" for o in [*sasrec_common, *data_overrides.get(owner, [])]],
           ],
         )
       )
     for name, extra in variants:
       run_dir = os.path.join(workdir, "runs", name, f"seed{seed}")
+      # One given SASRec (.pt of the original or a finished workdir) for every run.
+      sasrec_dir = fixed or sasrec_dirs[sasrec_of[name]]
       stage = ["--config.stage=ilora", f"--config.sasrec.init_from={sasrec_dir}"]
       if not (fixed or grid.share_sasrec):
         stage = ["--config.stage=pipeline"]
@@ -252,6 +273,12 @@ def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dic
         )
       )
   return runs, resolved
+
+
+def _data_key(config: ConfigDict) -> str:
+  """A run config's data settings, as text: variants whose text differs train on other data
+  (or evaluate on other candidates) and get a SASRec of their own."""
+  return json.dumps(configuration.json_form(config)["data"], sort_keys=True)
 
 
 def check_sasrec(grid: ConfigDict) -> None:

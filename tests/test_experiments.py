@@ -136,6 +136,49 @@ def test_the_run_config_is_found_from_any_current_folder(tmp_path, monkeypatch):
   assert experiments.resolve_config_path(grid, GRID_FILE) == "configs/tiny.py"
 
 
+def test_each_data_setting_freezes_a_sasrec_trained_on_its_own_data():
+  """A variant that changes data.* freezes a SASRec trained on its data (one per seed and
+  data setting, shared by the variants of that data; the common one keeps sasrec/seed<k>),
+  also when grid.only leaves out the variant it is named after."""
+  from ilora_jax import configuration
+
+  variants = ("a: lora.rank=8", "b: data.candidate_seed=7", "c: data.synthetic.seed=3",
+              "d: data.synthetic.seed=3 lora.rank=4")  # fmt: skip
+  for only, jobs in (("", ["sasrec/seed1", "sasrec/b/seed1", "sasrec/c/seed1"]),
+                     ("d", ["sasrec/c/seed1"])):  # fmt: skip
+    runs, resolved = experiments.plan(
+      _grid(seeds="1", only=only, variants=variants), GRID_FILE, "w"
+    )
+    assert [r.name for r in runs if r.variant == "sasrec"] == jobs
+    by_dir = {r.workdir: r for r in runs}
+    for run in runs:
+      if run.variant == "sasrec":
+        continue
+      init_from = next(a.split("=", 1)[1] for a in run.argv if "sasrec.init_from=" in a)
+      job = by_dir[init_from]  # A job of this grid trains it,
+      trained_on = configuration.load(job.config_path, job.overrides).data
+      assert trained_on.to_dict() == resolved[run.variant].data.to_dict()  # on the run's data.
+  assert {r.name: r.argv[3].split("=", 1)[1] for r in runs if r.variant == "d"} == {
+    "d/seed1": os.path.join("w", "sasrec", "c", "seed1")
+  }
+
+
+def test_common_train_overrides_reach_the_ilora_runs_only():
+  """`train.*` in the common overrides trains the iLoRA runs; the SASRec job keeps its own
+  length and learning rate (stage-specific sasrec.train.* still reaches it)."""
+  from ilora_jax import configuration
+
+  extra = "train.steps=50 train.lr=0.05 sasrec.train.epochs=3"
+  runs, _ = experiments.plan(_grid(seeds="0", only="lora", extra=extra), GRID_FILE, "w")
+  sasrec, lora = (configuration.load(r.config_path, r.overrides) for r in runs)
+  plain = configuration.load(runs[0].config_path)
+  trains = configuration.stage_train(sasrec, "sasrec")
+  assert trains.steps is None and trains.epochs == 3
+  assert trains.lr == configuration.stage_train(plain, "sasrec").lr != 0.05
+  assert configuration.stage_train(lora, "ilora").steps == 50
+  assert configuration.stage_train(lora, "ilora").lr == 0.05
+
+
 def test_gate_specialisation_on_hand_made_gates():
   def record(gates):
     return {f"group/{g}/gate/{e}": w for g, row in enumerate(gates) for e, w in enumerate(row)}
