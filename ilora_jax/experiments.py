@@ -38,7 +38,9 @@ checkpoint. Ctrl-C or SIGTERM reach the running job, which saves a checkpoint; t
 then exits with 128 + the signal number. After each run, at the end (and with
 `--report_only` at any time) it writes `W/results.json`, `W/results.md` (tables: mean and
 sample standard deviation over seeds, the per-seed values, paired differences to the
-reference variant, per-group metrics and gate specialisation where the data has user groups)
+reference variant, per-group metrics and gate specialisation where the data has user groups;
+only runs evaluated on the same candidates are compared: runs on other candidates, as a
+variant of other `data.*` settings evaluates, get tables and a SASRec row of their own)
 and `W/plots/*.png` (removing figures of an earlier report that this one does not draw); when
 a run fails, the tables of the runs finished so far (by this or earlier invocations) are
 written before the failure's one `error:` line.
@@ -46,6 +48,7 @@ written before the failure's one `error:` line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -582,13 +585,64 @@ def _fmt(values) -> str:
   return f"{m:.4f} ± {s:.4f}" if len(values) > 1 else f"{m:.4f}"
 
 
+def _cell(values, n: int) -> str:
+  """`_fmt`, saying how many of the row's `n` seeds it covers where that is fewer."""
+  text = _fmt(values)
+  return text if not values or len(values) == n else f"{text} ({len(values)} of {n} seeds)"
+
+
+def _value(record: dict, key: str) -> float | None:
+  """A record's metric as a float (NaN for the text "nan" a diverged run's log holds), None
+  where the record lacks it."""
+  value = record.get(key)
+  if isinstance(value, int | float | str) and not isinstance(value, bool):
+    with contextlib.suppress(ValueError):
+      return float(value)
+  return None
+
+
 def _values(results: dict, variant: str, split: str, key: str) -> list[float]:
   seeds = results["runs"].get(variant, {})
-  return [
-    float(seeds[s][split][key])
-    for s in sorted(seeds, key=int)
-    if split in seeds[s] and isinstance(seeds[s][split].get(key), int | float)
-  ]
+  found = (_value(seeds[s].get(split, {}), key) for s in sorted(seeds, key=int))
+  return [v for v in found if v is not None]
+
+
+def _by_candidates(results: dict, split: str, metrics: list[str]) -> list[tuple[str, dict]]:
+  """The runs with some of `metrics` on `split` by the candidate sets they were evaluated on
+  (the final record's `candidates` fingerprint): [(fingerprint, {variant: {seed: finals}})],
+  in the variants' order. Only the runs of one set are compared."""
+  sets: dict = {}
+  for v, seeds in results["runs"].items():
+    for s, finals in seeds.items():
+      record = finals.get(split, {})
+      if any(_value(record, m) is not None for m in metrics):
+        sets.setdefault(str(record.get("candidates")), {}).setdefault(v, {})[s] = finals
+  return list(sets.items())
+
+
+def _alike(results: dict, split: str, keys: list[str]) -> list[tuple[dict, list[str]]]:
+  """The variants whose runs record some of `keys` (the metrics of their frozen SASRec or of
+  the base LLM), grouped where those agree on every seed both finished (the same model):
+  [({seed: {key: value}}, [variant, ...])]."""
+  found: list[tuple[dict, list[str]]] = []
+  for v, seeds in results["runs"].items():
+    mine = {s: {k: f[split].get(k) for k in keys} for s, f in seeds.items() if split in f}
+    mine = {s: rec for s, rec in mine.items() if any(x is not None for x in rec.values())}
+    if not mine:
+      continue
+    for theirs, names in found:
+      if all(theirs[s] == rec for s, rec in mine.items() if s in theirs):
+        theirs.update(mine)
+        names.append(v)
+        break
+    else:
+      found.append((mine, [v]))
+  return found
+
+
+def _alike_values(records: dict, key: str) -> list[float]:
+  found = (_value(records[s], key) for s in sorted(records, key=int))
+  return [v for v in found if v is not None]
 
 
 def _groups(results: dict, split: str) -> list[int]:
@@ -664,120 +718,36 @@ def paired(results: dict, variant: str, reference: str, split: str, key: str):
   runs, ref = results["runs"].get(variant, {}), results["runs"].get(reference, {})
   diffs, bases = [], []
   for s in sorted(set(runs) & set(ref), key=int):
-    mine, theirs = runs[s].get(split, {}), ref[s].get(split, {})
-    if _number(mine.get(key)) and _number(theirs.get(key)):
-      diffs.append(float(mine[key]) - float(theirs[key]))
-      bases.append(float(theirs[key]))
+    mine = _value(runs[s].get(split, {}), key)
+    theirs = _value(ref[s].get(split, {}), key)
+    if mine is not None and theirs is not None:
+      diffs.append(mine - theirs)
+      bases.append(theirs)
   return diffs, bases
 
 
-def _number(value) -> bool:
-  return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str) -> str:
-  variants = list(results["runs"])
-  lines = [f"# {grid.title or 'Experiment grid'}", ""]
-  if grid.description:
+  lines = [f"# {grid.get('title') or 'Experiment grid'}", ""]
+  if grid.get("description"):
     lines += [grid.description.strip(), ""]
   lines += [
-    "Mean ± sample standard deviation over seeds (n = seeds finished); every run evaluates "
-    "the same fixed candidate sets.",
+    "Mean ± sample standard deviation over seeds (n = seeds finished; a cell that covers "
+    "fewer, where runs lack that metric, says so). Runs are compared only with runs evaluated "
+    "on the same candidate sets (the `candidates` fingerprint of their final records): where "
+    "a split's runs used several, each set has its own tables and SASRec row.",
     "",
   ]
   for split in SPLITS:
-    if not any(_values(results, v, split, metrics[0]) for v in variants):
-      continue
-    lines += [f"## {split}", ""]
-    lines.append("| variant | n | " + " | ".join(metrics) + " |")
-    lines.append("|---" * (len(metrics) + 2) + "|")
-    for v in variants:
-      n = len(_values(results, v, split, metrics[0]))
-      row = [_fmt(_values(results, v, split, m)) for m in metrics]
-      lines.append(f"| {v} | {n} | " + " | ".join(row) + " |")
-    for label, prefix in (("SASRec (frozen, same candidates)", "sasrec/"),
-                          ("base LLM, no adapters", "base/")):  # fmt: skip
-      if variants and _values(results, variants[0], split, prefix + metrics[0]):
-        row = [_fmt(_values(results, variants[0], split, prefix + m)) for m in metrics]
-        n = len(_values(results, variants[0], split, prefix + metrics[0]))
-        lines.append(f"| {label} | {n} | " + " | ".join(row) + " |")
-    lines.append("")
-    head = metrics[0]
-    lines += [f"Per seed ({head}):", ""]
-    seeds = sorted({s for v in variants for s in results["runs"][v]}, key=int)
-    lines.append("| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |")
-    lines.append("|---" * (len(seeds) + 1) + "|")
-    for v in variants:
-      cells = []
-      for s in seeds:
-        rec = results["runs"][v].get(s, {}).get(split, {})
-        cells.append(report.cell(rec[head]) if head in rec else "-")
-      lines.append(f"| {v} | " + " | ".join(cells) + " |")
-    lines.append("")
-    if reference in results["runs"] and len(variants) > 1:
-      lines += [
-        f"Paired difference to `{reference}` (same seed, same SASRec), {head}: n = seeds both "
-        f"finished; relative = the mean difference over `{reference}`'s mean on the same "
-        "seeds (- where that mean is 0):",
-        "",
-      ]
-      lines.append("| variant | n | mean ± std | relative |")
-      lines.append("|---|---|---|---|")
-      for v in variants:
-        if v == reference:
-          continue
-        diffs, bases = paired(results, v, reference, split, head)
-        rel = f"{100 * np.mean(diffs) / np.mean(bases):+.1f}%" if bases and np.mean(bases) else "-"
-        lines.append(f"| {v} | {len(diffs)} | {_fmt(diffs)} | {rel} |")
-      lines.append("")
-    groups = _groups(results, split)
-    if groups:
-      lines += [f"Per user group ({head}; SASRec alongside):", ""]
-      lines.append("| variant | " + " | ".join(f"group {g}" for g in groups) + " |")
-      lines.append("|---" * (len(groups) + 1) + "|")
-      for v in variants:
-        cells = [_fmt(_values(results, v, split, f"group/{g}/{head}")) for g in groups]
-        lines.append(f"| {v} | " + " | ".join(cells) + " |")
-      if variants:
-        cells = [_fmt(_values(results, variants[0], split, f"group/{g}/sasrec/{head}"))
-                 for g in groups]  # fmt: skip
-        lines.append("| SASRec | " + " | ".join(cells) + " |")
-      lines.append("")
-      spec_rows = []
-      for v in variants:
-        experts = results["experts"].get(v, 1)
-        specs = [
-          gate_specialisation(finals[split], groups, experts)
-          for finals in results["runs"][v].values()
-          if split in finals
-        ]
-        specs = [s for s in specs if s is not None]
-        if specs:
-          spec_rows.append(f"| {v} | {experts} | {_fmt(specs)} |")
-      if spec_rows:
+    sets = _by_candidates(results, split, metrics)
+    for i, (fingerprint, runs) in enumerate(sets):
+      lines += [f"## {split}" + (f", candidates {fingerprint}" if len(sets) > 1 else ""), ""]
+      if i:
         lines += [
-          "Gate specialisation: mean total-variation distance between the groups' mean gate "
-          "weights (0 = all groups mix the experts alike, 1 = disjoint experts):",
-          "",
-          "| variant | experts | distance |",
-          "|---|---|---|",
-          *spec_rows,
+          f"Evaluated on other candidates than the {split} tables above: not comparable with them.",
           "",
         ]
-      if split == "val" and results.get("gate_test"):
-        lines += [
-          "Is that more than chance? The same distance with the val users' group labels "
-          "shuffled 1,000 times (finite groups differ by sampling noise alone); p = share of "
-          "shuffles at least as large:",
-          "",
-          "| variant | seed | distance | shuffled labels (mean) | p |",
-          "|---|---|---|---|---|",
-        ]
-        for v, seeds in results["gate_test"].items():
-          for s in sorted(seeds, key=int):
-            t = seeds[s]
-            lines.append(f"| {v} | {s} | {t['distance']:.4f} | {t['chance']:.4f} | {t['p']:.3f} |")
-        lines.append("")
+      elsewhere = reference in results["runs"] and reference not in runs
+      lines += _tables(dict(results, runs=runs), split, metrics, reference, elsewhere)
   lines += ["## Runs", ""]
   lines.append("| run | seconds | command |")
   lines.append("|---|---|---|")
@@ -787,6 +757,111 @@ def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str
     lines.append(f"| {name} | {shown} | `{command}` |")
   lines += ["", f"Machine: {results['machine']}", ""]
   return "\n".join(lines)
+
+
+def _tables(
+  results: dict, split: str, metrics: list[str], reference: str, elsewhere: bool
+) -> list[str]:
+  """The tables of `split` for runs evaluated on one candidate set (`results["runs"]`);
+  `elsewhere`: the reference variant has runs on other candidates."""
+  variants = list(results["runs"])
+  lines = ["| variant | n | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
+  for v in variants:
+    n = len(results["runs"][v])
+    row = [_cell(_values(results, v, split, m), n) for m in metrics]
+    lines.append(f"| {v} | {n} | " + " | ".join(row) + " |")
+  for prefix, label in (("sasrec/", "SASRec"), ("base/", "base LLM, no adapters")):
+    alike = _alike(results, split, [prefix + m for m in metrics])
+    for records, names in alike:
+      if len(alike) == 1:
+        shown = "SASRec (frozen, same candidates)" if prefix == "sasrec/" else label
+      else:
+        shown = f"{label} of {', '.join(names)}"
+      row = [_cell(_alike_values(records, prefix + m), len(records)) for m in metrics]
+      lines.append(f"| {shown} | {len(records)} | " + " | ".join(row) + " |")
+  lines.append("")
+  head = metrics[0]
+  lines += [f"Per seed ({head}):", ""]
+  seeds = sorted({s for v in variants for s in results["runs"][v]}, key=int)
+  lines.append("| variant | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+  lines.append("|---" * (len(seeds) + 1) + "|")
+  for v in variants:
+    cells = []
+    for s in seeds:
+      rec = results["runs"][v].get(s, {}).get(split, {})
+      cells.append(report.cell(rec[head]) if head in rec else "-")
+    lines.append(f"| {v} | " + " | ".join(cells) + " |")
+  lines.append("")
+  if reference in results["runs"] and len(variants) > 1:
+    lines += [
+      f"Paired difference to `{reference}` (same seed, same SASRec), {head}: n = seeds both "
+      f"finished; relative = the mean difference over `{reference}`'s mean on the same "
+      "seeds (- where that mean is 0):",
+      "",
+    ]
+    lines.append("| variant | n | mean ± std | relative |")
+    lines.append("|---|---|---|---|")
+    for v in variants:
+      if v == reference:
+        continue
+      diffs, bases = paired(results, v, reference, split, head)
+      rel = f"{100 * np.mean(diffs) / np.mean(bases):+.1f}%" if bases and np.mean(bases) else "-"
+      lines.append(f"| {v} | {len(diffs)} | {_fmt(diffs)} | {rel} |")
+    lines.append("")
+  elif elsewhere:
+    lines += [f"No paired differences: `{reference}` was evaluated on other candidates.", ""]
+  groups = _groups(results, split)
+  if groups:
+    keys = [f"group/{g}/sasrec/{head}" for g in groups]
+    alike = _alike(results, split, keys)
+    lines += [f"Per user group ({head}{'; SASRec alongside' if alike else ''}):", ""]
+    lines.append("| variant | " + " | ".join(f"group {g}" for g in groups) + " |")
+    lines.append("|---" * (len(groups) + 1) + "|")
+    for v in variants:
+      cells = [_fmt(_values(results, v, split, f"group/{g}/{head}")) for g in groups]
+      lines.append(f"| {v} | " + " | ".join(cells) + " |")
+    for records, names in alike:
+      shown = "SASRec" if len(alike) == 1 else f"SASRec of {', '.join(names)}"
+      cells = [_fmt(_alike_values(records, k)) for k in keys]
+      lines.append(f"| {shown} | " + " | ".join(cells) + " |")
+    lines.append("")
+    spec_rows = []
+    for v in variants:
+      experts = results["experts"].get(v, 1)
+      specs = [
+        gate_specialisation(finals[split], groups, experts)
+        for finals in results["runs"][v].values()
+        if split in finals
+      ]
+      specs = [s for s in specs if s is not None]
+      if specs:
+        spec_rows.append(f"| {v} | {experts} | {_fmt(specs)} |")
+    if spec_rows:
+      lines += [
+        "Gate specialisation: mean total-variation distance between the groups' mean gate "
+        "weights (0 = all groups mix the experts alike, 1 = disjoint experts):",
+        "",
+        "| variant | experts | distance |",
+        "|---|---|---|",
+        *spec_rows,
+        "",
+      ]
+    tests = [(v, s, results["gate_test"][v][s]) for v in variants
+             for s in sorted(results["runs"][v], key=int)
+             if s in results["gate_test"].get(v, {})]  # fmt: skip
+    if split == "val" and tests:
+      lines += [
+        "Is that more than chance? The same distance with the val users' group labels "
+        "shuffled 1,000 times (finite groups differ by sampling noise alone); p = share of "
+        "shuffles at least as large:",
+        "",
+        "| variant | seed | distance | shuffled labels (mean) | p |",
+        "|---|---|---|---|---|",
+      ]
+      for v, s, t in tests:
+        lines.append(f"| {v} | {s} | {t['distance']:.4f} | {t['chance']:.4f} | {t['p']:.3f} |")
+      lines.append("")
+  return lines
 
 
 def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> list[str]:
@@ -809,47 +884,65 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
     written.append(path)
 
   variants = list(results["runs"])
-  splits = [s for s in SPLITS if any(_values(results, v, s, metrics[0]) for v in variants)]
-  if not variants or not splits:
+  # One row of panels per split and candidate set: runs of other candidates share no panel.
+  panels = [(split, fingerprint, dict(results, runs=runs), len(sets) > 1)
+            for split in SPLITS
+            for sets in [_by_candidates(results, split, metrics)]
+            for fingerprint, runs in sets]  # fmt: skip
+  if not panels:
     return written
   fig, axes = plt.subplots(
-    len(splits), len(metrics), figsize=(3.2 * len(metrics), 3.0 * len(splits)), squeeze=False
+    len(panels), len(metrics), figsize=(3.2 * len(metrics), 3.0 * len(panels)), squeeze=False
   )
   x = np.arange(len(variants))
-  for i, split in enumerate(splits):
+  for i, (split, fingerprint, sub, several) in enumerate(panels):
     for j, metric in enumerate(metrics):
       ax = axes[i][j]
       for k, v in enumerate(variants):
-        vals = _values(results, v, split, metric)
+        vals = _values(sub, v, split, metric)
         if vals:
           m, s = mean_std(vals)
           ax.bar(k, m, yerr=s, color=f"C{k}", alpha=0.7, capsize=3)
           ax.scatter(np.full(len(vals), k), vals, color="k", s=10, zorder=3)
-      sas = _values(results, variants[0], split, f"sasrec/{metric}")
-      if sas:
-        ax.axhline(np.mean(sas), color="gray", ls="--", lw=1, label="SASRec")
+      alike = _alike(sub, split, [f"sasrec/{metric}"])
+      for style, (records, names) in zip(("--", ":", "-."), alike):
+        label = "SASRec" if len(alike) == 1 else f"SASRec of {', '.join(names)}"
+        sas = _alike_values(records, f"sasrec/{metric}")
+        ax.axhline(np.mean(sas), color="gray", ls=style, lw=1, label=label)
+      if alike:
         ax.legend(fontsize=7)
       ax.set_xticks(x, variants, rotation=30, ha="right", fontsize=8)
-      ax.set_title(f"{split} {metric}", fontsize=9)
+      shown = f"\ncandidates {fingerprint}" if several else ""
+      ax.set_title(f"{split} {metric}{shown}", fontsize=9)
   save(fig, "metrics.png")
 
-  split = splits[0]
+  split = panels[0][0]
+  sets = [(fingerprint, sub) for s, fingerprint, sub, _ in panels if s == split]
   groups = _groups(results, split)
   if groups:
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(groups) * max(1, len(variants)) / 2, 3.2))
     width = 0.8 / len(variants)
-    for k, v in enumerate(variants):
-      stats = [
-        mean_std(vals)
-        if (vals := _values(results, v, split, f"group/{g}/{metrics[0]}"))
-        else (0, 0)
-        for g in groups
-      ]
-      means, stds = zip(*stats)
-      ax.bar(np.arange(len(groups)) + k * width, means, width, yerr=stds, label=v, capsize=2)
-    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"group {g}" for g in groups])
-    ax.set_ylabel(f"{split} {metrics[0]}")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(
+      1,
+      len(sets),
+      figsize=((1.2 + 1.1 * len(groups) * max(1, len(variants)) / 2) * len(sets), 3.2),
+      squeeze=False,
+    )
+    for ax, (fingerprint, sub) in zip(axes[0], sets):
+      for k, v in enumerate(variants):
+        if v not in sub["runs"]:
+          continue
+        stats = [
+          mean_std(vals) if (vals := _values(sub, v, split, f"group/{g}/{metrics[0]}")) else (0, 0)
+          for g in groups
+        ]
+        means, stds = zip(*stats)
+        ax.bar(np.arange(len(groups)) + k * width, means, width, yerr=stds, label=v, capsize=2,
+               color=f"C{k}")  # fmt: skip
+      ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"group {g}" for g in groups])
+      ax.set_ylabel(f"{split} {metrics[0]}")
+      if len(sets) > 1:
+        ax.set_title(f"candidates {fingerprint}", fontsize=9)
+      ax.legend(fontsize=7)
     save(fig, "groups.png")
     gated = [v for v in variants if results["experts"].get(v, 1) > 1]
     if gated:

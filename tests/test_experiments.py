@@ -101,6 +101,75 @@ def test_paired_relative_difference_uses_the_seeds_of_the_mean():
   assert rows["one_seed"].endswith("| - |")  # Its one seed's reference is 0.
 
 
+_TITLED = ConfigDict({"title": "t", "description": ""})
+
+
+def _section(md: str, heading: str) -> list[str]:
+  """The table rows ("| ..." lines, headers and rules left out) under `heading` up to the
+  next heading of its level or above."""
+  part = md.split(heading + "\n", 1)[1].split("\n## ", 1)[0]
+  return [line for line in part.splitlines()
+          if line.startswith("| ") and not line.startswith(("| variant", "|---"))]  # fmt: skip
+
+
+def test_runs_on_other_candidates_are_never_compared(tmp_path):
+  """b was evaluated on other candidates (fingerprint Y) than a, c and d (X): its own tables,
+  marked, with its own SASRec; a paired difference only among X's runs. d froze another
+  SASRec than a and c (other figures): a SASRec row of its own."""
+
+  def run(fp, hr, sas):
+    return {"val": {"candidates": fp, "hr@1": hr, "sasrec/hr@1": sas}}
+
+  runs = {
+    "a": {"0": run("X", 0.1, 0.30), "1": run("X", 0.2, 0.40)},
+    "b": {"0": run("Y", 0.9, 0.70), "1": run("Y", 0.8, 0.60)},
+    "c": {"0": run("X", 0.3, 0.30), "1": run("X", 0.5, 0.40)},
+    "d": {"0": run("X", 0.2, 0.05)},
+  }
+  md = experiments.markdown(_TITLED, _results(runs), ["hr@1"], "a")
+  assert "## val\n" not in md and "every run evaluates the same" not in md
+  x, y = _section(md, "## val, candidates X"), _section(md, "## val, candidates Y")
+  assert [r.split(" | ")[0] for r in x] == ["| a", "| c", "| d", "| SASRec of a, c",
+    "| SASRec of d", "| a", "| c", "| d", "| c", "| d"]  # fmt: skip
+  assert (
+    x[3] == f"| SASRec of a, c | 2 | {np.mean([0.3, 0.4]):.4f} ± {np.std([0.3, 0.4], ddof=1):.4f} |"
+  )
+  assert x[4] == "| SASRec of d | 1 | 0.0500 |"
+  assert x[-2].startswith(f"| c | 2 | {np.mean([0.2, 0.3]):.4f} ± ")  # c - a, seed by seed.
+  y_part = md.split("## val, candidates Y\n")[1]
+  assert y_part.lstrip().startswith("Evaluated on other candidates than the val tables above")
+  assert "Paired difference" not in y_part and "`a` was evaluated on other candidates" in y_part
+  assert y == ["| b | 2 | 0.8500 ± 0.0707 |",
+               f"| SASRec (frozen, same candidates) | 2 | {np.mean([0.7, 0.6]):.4f} ± 0.0707 |",
+               "| b | 0.9000 | 0.8000 |"]  # fmt: skip
+  # The figures too: a row of panels per candidate set.
+  written = experiments.plots(_results(runs), ["hr@1"], [], str(tmp_path))
+  assert [os.path.basename(p) for p in written] == ["metrics.png"]
+
+
+def test_a_diverged_or_missing_metric_is_never_averaged_under_more_seeds():
+  """A diverged seed's "nan" (as the log writes it) makes the mean nan; a metric a seed lacks
+  says how many of the row's seeds its cell covers."""
+  runs = {
+    "a": {"0": {"val": {"hr@1": "nan", "mrr": 0.5}}, "1": {"val": {"hr@1": 0.2}}},
+  }
+  md = experiments.markdown(_TITLED, _results(runs), ["hr@1", "mrr"], "a")
+  assert "| a | 2 | nan ± nan | 0.5000 (1 of 2 seeds) |" in md
+
+
+def test_baseline_rows_show_whatever_listed_metric_they_record():
+  """A generation metric first (SASRec records no hit_ratio@1): the SASRec row still shows its
+  hr@1, and the per-group table (on hit_ratio@1) has no SASRec row of dashes."""
+  record = {"hit_ratio@1": 0.25, "hr@1": 0.5, "sasrec/hr@1": 0.375, "base/hit_ratio@1": 0.125}
+  for g in (0, 1):
+    record.update({f"group/{g}/hit_ratio@1": 0.25, f"group/{g}/sasrec/hr@1": 0.375})
+  md = experiments.markdown(_TITLED, _results({"a": {"0": {"val": record}}}),
+                            ["hit_ratio@1", "hr@1"], "a")  # fmt: skip
+  assert "| SASRec (frozen, same candidates) | 1 | - | 0.3750 |" in md
+  assert "| base LLM, no adapters | 1 | 0.1250 | - |" in md
+  assert "Per user group (hit_ratio@1):" in md and "| SASRec |" not in md
+
+
 def test_grid_metrics_are_checked():
   def resolved(generate, score=True):
     return {"a": ConfigDict({"ilora": {"eval_generate": generate, "eval_score": score}})}
