@@ -43,7 +43,11 @@ only runs evaluated on the same candidates are compared: runs on other candidate
 variant of other `data.*` settings evaluates, get tables and a SASRec row of their own)
 and `W/plots/*.png` (removing figures of an earlier report that this one does not draw); when
 a run fails, the tables of the runs finished so far (by this or earlier invocations) are
-written before the failure's one `error:` line.
+written before the failure's one `error:` line. The tables show every run of the grid found
+in W, whatever `--grid.only` and `--grid.seeds` this command gives (a seed added for one
+variant keeps the other variants' tables), each checked against this command's settings as
+its own runs are; run folders of variants the grid does not have (another grid's) are named
+in `results.md`, not tabulated.
 """
 
 from __future__ import annotations
@@ -190,9 +194,12 @@ def resolve_config_path(grid: ConfigDict, grid_path: str) -> str:
   )
 
 
-def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dict]:
+def plan(
+  grid: ConfigDict, grid_path: str, workdir: str, every: bool = False
+) -> tuple[list[Run], dict]:
   """The grid's runs in order (the SASRec jobs of a seed first) and every variant's resolved
-  config (those grid.only leaves out too)."""
+  config (those grid.only leaves out too). `every`: the runs of every variant, whatever
+  grid.only, and of every seed with a run folder in the workdir besides grid.seeds."""
   config_path = resolve_config_path(grid, grid_path)
   common = _overrides(list(grid.overrides), "grid.overrides") + _overrides(
     grid.get("extra", ""), "grid.extra"
@@ -212,7 +219,7 @@ def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dic
     data = _data_key(resolved[name])
     sasrec_of[name] = next((sasrec_of[v] for v in sasrec_of if _data_key(resolved[v]) == data),
                            "" if data == shared_data else name)  # fmt: skip
-  if grid.only:
+  if grid.only and not every:
     wanted = [v.strip() for v in grid.only.split(",") if v.strip()]
     if not wanted:
       raise UserError(f"grid.only={grid.only!r} names no variant")
@@ -221,6 +228,8 @@ def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dic
       raise UserError(f"grid.only names unknown variants: {', '.join(unknown)}")
     variants = [v for v in variants if v[0] in wanted]
   seeds = parse_seeds(grid.seeds)
+  if every:
+    seeds += sorted(set(_seeds_found(workdir, [name for name, _ in variants])) - set(seeds))
   # The SASRec jobs get the common overrides but `train.*` (iLoRA's: a SASRec stage would
   # train with them too), and the data.* overrides of the variants that train on other data.
   sasrec_common = [o for o in common if not o.split("=", 1)[0].strip().startswith("train.")]
@@ -276,6 +285,24 @@ def plan(grid: ConfigDict, grid_path: str, workdir: str) -> tuple[list[Run], dic
         )
       )
   return runs, resolved
+
+
+def _seeds_found(workdir: str, variants: list[str]) -> list[int]:
+  """The seeds of the folders `W/runs/<variant>/seed<k>` of `variants`."""
+  found = []
+  for name in variants:
+    folder = os.path.join(workdir, "runs", name)
+    entries = os.listdir(folder) if os.path.isdir(folder) else []
+    found += [int(e[4:]) for e in entries if e.startswith("seed") and e[4:].isdigit()]
+  return found
+
+
+def tabulated(grid: ConfigDict, grid_path: str, workdir: str, runs: list[Run]) -> list[Run]:
+  """The runs the results show: `runs` (this command's) and every other run of the grid whose
+  folder exists (made by an earlier command with other grid.only or grid.seeds)."""
+  planned = {run.name for run in runs}
+  every, _ = plan(grid, grid_path, workdir, every=True)
+  return [r for r in every if r.name in planned or os.path.isdir(r.workdir)]
 
 
 def _data_key(config: ConfigDict) -> str:
@@ -572,6 +599,13 @@ def collect(runs: list[Run], resolved: dict) -> dict:
   return results
 
 
+def _other_runs(workdir: str, resolved: dict) -> list[str]:
+  """The folders `W/runs/<name>` of variants the grid does not have (another grid's)."""
+  folder = os.path.join(workdir, "runs")
+  names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+  return [os.path.join(folder, n) for n in names if n not in resolved]
+
+
 def mean_std(values) -> tuple[float, float]:
   """Mean and sample standard deviation (ddof 1; 0 for a single value)."""
   v = np.asarray(values, np.float64)
@@ -755,6 +789,9 @@ def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str
     seconds = results["seconds"].get(name)
     shown = f"{seconds:.0f}" if seconds is not None else "not finished"
     lines.append(f"| {name} | {shown} | `{command}` |")
+  if results.get("not_tabulated"):
+    lines += ["", "Not tabulated (variants this grid does not have): "
+              + ", ".join(results["not_tabulated"])]  # fmt: skip
   lines += ["", f"Machine: {results['machine']}", ""]
   return "\n".join(lines)
 
@@ -1023,6 +1060,7 @@ def write_results(grid: ConfigDict, runs: list[Run], resolved: dict, workdir: st
   metrics = parse_metrics(grid, resolved)
   results = collect(runs, resolved)
   results["machine"] = machine()
+  results["not_tabulated"] = _other_runs(workdir, resolved)
   with atomic_write(os.path.join(workdir, "results.json")) as f:
     json.dump(results, f, indent=1, sort_keys=True)
   text = markdown(grid, results, metrics, grid.reference)
@@ -1061,7 +1099,8 @@ def main(argv: list[str] | None = None) -> None:
   grid, grid_path, workdir = parse(list(sys.argv if argv is None else argv))
   runs, resolved = plan(grid, grid_path, workdir)
   parse_metrics(grid, resolved)
-  check_runs(runs)  # Every mode: what a real run would refuse, and runs of other settings.
+  shown = tabulated(grid, grid_path, workdir, runs)  # This command's runs and earlier ones.
+  check_runs(shown)  # Every mode: what a real run would refuse, and runs of other settings.
   if _DRY_RUN.value:
     if not all(finished(r) for r in runs):  # What the real run would refuse, this refuses.
       check_sasrec(grid)
@@ -1093,12 +1132,12 @@ def main(argv: list[str] | None = None) -> None:
         execute(run, sys.executable)
         tqdm.write(f"{run.name}: done in {time.time() - start:.0f} s")
         bar.update(1)
-        write_results(grid, runs, resolved, workdir)  # Tables so far, after every run.
+        write_results(grid, shown, resolved, workdir)  # Tables so far, after every run.
     except UserError:  # A failed run: tables of the runs finished (now or before), then its line.
       bar.leave = False  # Cleared, so that the error line stands alone.
-      if any(finished(r) for r in runs):
+      if any(finished(r) for r in shown):
         try:
-          write_results(grid, runs, resolved, workdir)
+          write_results(grid, shown, resolved, workdir)
         except Exception:  # noqa: BLE001 - the failed run's error is the one line to show.
           pass
       raise
@@ -1107,7 +1146,7 @@ def main(argv: list[str] | None = None) -> None:
       raise
     finally:
       bar.close()
-  print(f"results: {write_results(grid, runs, resolved, workdir)}", flush=True)
+  print(f"results: {write_results(grid, shown, resolved, workdir)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -544,8 +544,11 @@ def test_results_drop_the_plots_they_no_longer_draw(smoke, tmp_path):
 
 
 def test_grid_resumes_and_adds_seeds(smoke):
+  """A seed added for one variant (grid.only): results.md keeps the other finished runs
+  (ilora's, of the first command), and names a run folder of a variant not in the grid."""
   w, _ = smoke
   before = open(os.path.join(w, "runs", "lora", "seed0", "metrics.jsonl")).read()
+  os.makedirs(os.path.join(w, "runs", "other_grids", "seed0"))
   proc = run_cli(
     GRID, f"--workdir={w}", "--grid.seeds=0,1", "--grid.only=lora", SMOKE,
     module="ilora_jax.experiments",
@@ -557,6 +560,12 @@ def test_grid_resumes_and_adds_seeds(smoke):
   md = open(os.path.join(w, "results.md")).read()
   row = [line for line in md.split("## val")[1].splitlines() if line.startswith("| lora | 2 |")]
   assert f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}" in row[0]
+  ilora = _final(os.path.join(w, "runs", "ilora", "seed0"), "val")["hr@1"]
+  assert f"| ilora | 1 | {ilora:.4f} |" in md.split("## test")[0]
+  assert "| ilora/seed0 | " in md and "| lora/seed1 | " in md
+  assert f"Not tabulated (variants this grid does not have): {w}/runs/other_grids" in md
+  os.rmdir(os.path.join(w, "runs", "other_grids", "seed0"))
+  os.rmdir(os.path.join(w, "runs", "other_grids"))
 
 
 def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(smoke, tmp_path):
