@@ -591,7 +591,7 @@ def collect(runs: list[Run], resolved: dict) -> dict:
     finals = report.finals_by_split(report.read_records(run.workdir), run="ilora")
     if finals:
       results["runs"].setdefault(run.variant, {})[str(run.seed)] = finals
-      test = gate_test(run)
+      test = gate_test(run, int(resolved[run.variant].ilora.eval_rows))
       if test is not None:
         results["gate_test"].setdefault(run.variant, {})[str(run.seed)] = test
   for name, config in resolved.items():
@@ -730,8 +730,10 @@ def gate_permutation_test(
   return {"distance": observed, "chance": float(null.mean()), "p": float(p)}
 
 
-def gate_test(run: Run) -> dict[str, float] | None:
-  """`gate_permutation_test` on a finished run's val gates (`W/report/gates.npz`)."""
+def gate_test(run: Run, rows: int = 0) -> dict[str, float] | None:
+  """`gate_permutation_test` on a finished run's val gates (`W/report/gates.npz`, every val
+  row in order) of the first `rows` rows (`ilora.eval_rows`, 0 = all): the rows its final val
+  record's per-group gate means, and so the specialisation table, are computed on."""
   try:
     with np.load(os.path.join(run.workdir, "report", "gates.npz")) as saved:
       if "groups" not in saved:  # Data without user groups.
@@ -741,6 +743,8 @@ def gate_test(run: Run) -> dict[str, float] | None:
     return None  # No (readable) gate table: the run's own report says why.
   if gates.ndim != 2 or groups.shape != gates.shape[:1]:
     return None
+  if rows > 0:
+    gates, groups = gates[:rows], groups[:rows]
   if gates.shape[1] < 2 or len(np.unique(groups)) < 2:
     return None
   return gate_permutation_test(gates, groups)
@@ -888,9 +892,9 @@ def _tables(
              if s in results["gate_test"].get(v, {})]  # fmt: skip
     if split == "val" and tests:
       lines += [
-        "Is that more than chance? The same distance with the val users' group labels "
-        "shuffled 1,000 times (finite groups differ by sampling noise alone); p = share of "
-        "shuffles at least as large:",
+        "Is that more than chance? The same distance, on the same val rows (ilora.eval_rows), "
+        "per seed, with their group labels shuffled 1,000 times (finite groups differ by "
+        "sampling noise alone); p = share of shuffles at least as large:",
         "",
         "| variant | seed | distance | shuffled labels (mean) | p |",
         "|---|---|---|---|---|",

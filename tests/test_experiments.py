@@ -279,6 +279,25 @@ def test_gate_permutation_test_tells_signal_from_noise():
   )
 
 
+def test_the_gate_test_uses_the_rows_of_the_specialisation_table(tmp_path):
+  """gates.npz holds every val row; the final record's per-group gate means (the
+  specialisation table) cover the first ilora.eval_rows: the test's distance is theirs."""
+  rng = np.random.default_rng(0)
+  gates = rng.dirichlet(np.ones(3), size=20)
+  groups = np.tile([0, 1], 10)
+  gates[10:, 0] += 5 * groups[10:]  # Rows the first 10 do not see: another distance.
+  gates /= gates.sum(1, keepdims=True)
+  os.makedirs(tmp_path / "report")
+  np.savez(tmp_path / "report" / "gates.npz", gates=gates, groups=groups)
+  run = experiments.Run("ilora/seed0", "ilora", 0, str(tmp_path), [])
+  for rows in (10, 0):
+    seen = slice(0, rows or None)
+    record = {f"group/{g}/gate/{e}": gates[seen][groups[seen] == g, e].mean()
+              for g in (0, 1) for e in range(3)}  # fmt: skip
+    expected = experiments.gate_specialisation(record, [0, 1], 3)
+    assert experiments.gate_test(run, rows)["distance"] == pytest.approx(expected)
+
+
 def test_synthetic_groups_have_conflicting_next_item_rules():
   train, val, test = synthetic.generate(30, 300, 3, 12, 10, noise=0.0, seed=0)
   rule, conflicts = {}, set()
