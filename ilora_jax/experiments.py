@@ -4,8 +4,12 @@ r"""Experiment grids: every variant x seed trained and evaluated, resumable, tab
       [--grid.seeds=0,1,2] [--grid.only=lora,ilora] [--grid.extra="key=value ..."]
       [--dry_run] [--report_only]
 
-A grid file's `get_config(arg)` names a run config, overrides for every run, the variants
-(`name: key=value key=value ...`) and the seeds; `--grid=file.py:arg` passes `arg` (the grids
+A grid file's `get_config(arg)` names a run config (`config`), overrides for every run
+(`overrides`, default none), the variants (`variants`, `name: key=value key=value ...`) and
+the seeds (`seeds`); the other fields (`GRID_FIELDS`: `extra`, `only`, `title`,
+`description`, `share_sasrec`, `sasrec`, `metrics`, `reference`) have defaults, and
+`reference` (the variant of the paired differences; default the first) must name a variant.
+`--grid=file.py:arg` passes `arg` (the grids
 here take `tiny`, the CPU scale on synthetic data, or a data set name for a GPU run with
 SmolLM2-135M). Each run is the ordinary command line,
 
@@ -205,6 +209,12 @@ def plan(
     grid.get("extra", ""), "grid.extra"
   )
   variants = parse_variants(grid.variants)
+  names = [name for name, _ in variants]
+  if grid.get("reference") not in names:
+    raise UserError(
+      f"grid.reference={grid.get('reference')!r} names no variant of the grid: give one of "
+      f"{', '.join(names)}"
+    )
   try:  # Refuse bad keys or values before any compute.
     shared_data = _data_key(configuration.load(config_path, common))
   except UserError as exc:
@@ -1082,6 +1092,42 @@ def write_results(grid: ConfigDict, runs: list[Run], resolved: dict, workdir: st
 # ----------------------------------------------------------------------------- CLI
 
 
+# A grid's fields and the defaults of those a grid file may leave out (REQUIRED: it may not).
+REQUIRED = object()
+GRID_FIELDS = {
+  "config": REQUIRED,
+  "variants": REQUIRED,
+  "seeds": REQUIRED,
+  "overrides": (),
+  "extra": "",
+  "only": "",
+  "title": "",
+  "description": "",
+  "share_sasrec": True,
+  "sasrec": "",
+  "metrics": "hr@1,mrr",
+  "reference": "",  # The first variant.
+}
+
+
+def complete(grid: ConfigDict, path: str) -> ConfigDict:
+  """`grid` with the defaults of the fields it leaves out; a missing required one (a run
+  config given as the grid, say) is refused."""
+  missing = [k for k, v in GRID_FIELDS.items() if v is REQUIRED and k not in grid]
+  if missing:
+    raise UserError(
+      f"{path} is no grid file: its get_config() lacks {', '.join(missing)} (a grid names a "
+      "run config, its variants and seeds; see configs/experiments/*.py)"
+    )
+  with grid.unlocked():
+    for key, value in GRID_FIELDS.items():
+      if key not in grid:
+        grid[key] = value
+    if not grid.reference:
+      grid.reference = parse_variants(grid.variants)[0][0]
+  return grid
+
+
 def parse(argv: list[str]) -> tuple[ConfigDict, str, str]:
   try:
     parse_flags(flags.FLAGS, argv, "grid")
@@ -1093,6 +1139,7 @@ def parse(argv: list[str]) -> tuple[ConfigDict, str, str]:
   grid = _GRID.value
   if not isinstance(grid, ConfigDict):
     raise UserError(f"cannot load grid file {grid_arg}: not found or not a grid file")
+  grid = complete(grid, grid_arg)
   if not _WORKDIR.value:
     raise UserError("--workdir is required")
   return grid, grid_arg.split(":", 1)[0], _WORKDIR.value

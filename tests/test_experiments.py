@@ -385,6 +385,7 @@ def test_report_only_of_a_missing_workdir_is_refused_and_creates_nothing(tmp_pat
     (("--grid.seeds=0,-1", "--dry_run"), ("run sasrec/seed-1", "train.seed=-1")),
     (("--grid.metrics=", "--dry_run"), ("grid.metrics='' names no metric",)),
     (("--grid.metrics=hr@10,mrr", "--report_only"), ("grid.metrics names hr@10", "hr@5")),
+    (("--grid.reference=lorra", "--report_only"), ("grid.reference='lorra'", "lora, ilora")),
   ],
 )
 def test_bad_grids_fail_before_any_run(tmp_path, args, fragments):
@@ -409,6 +410,30 @@ def test_a_bad_variant_is_named(tmp_path):
   proc = run_cli(f"--grid={grid}", f"--workdir={tmp_path / 'w'}", module="ilora_jax.experiments")
   assert_one_line_error(proc, "variant bad", "lora.rank=3", "multiple of lora.num_experts=2")
   assert not os.path.exists(tmp_path / "w")
+
+
+def test_a_grid_of_the_documented_fields_runs_and_a_run_config_is_no_grid(tmp_path):
+  """A grid file of only config, overrides, variants and seeds gets the other fields'
+  defaults (the first variant is the reference); a run config given as the grid is named."""
+  grid = tmp_path / "grid.py"
+  grid.write_text(
+    "from ml_collections import config_dict\n"
+    "def get_config():\n"
+    "  c = config_dict.ConfigDict()\n"
+    "  c.config, c.overrides, c.seeds = 'configs/tiny.py', (), '0'\n"
+    "  c.variants = ('a: lora.num_experts=1 lora.gate=constant',)\n"
+    "  return c\n"
+  )
+  w = tmp_path / "w"
+  proc = run_cli(f"--grid={grid}", f"--workdir={w}", "--dry_run", module="ilora_jax.experiments")
+  assert proc.returncode == 0, proc.stderr
+  assert [line.split("--workdir=")[1].split()[0] for line in proc.stdout.splitlines()] == [
+    f"{w}/sasrec/seed0",
+    f"{w}/runs/a/seed0",
+  ]
+  proc = run_cli("--grid=configs/tiny.py", f"--workdir={w}", module="ilora_jax.experiments")
+  assert_one_line_error(proc, "configs/tiny.py is no grid file", "lacks config, variants, seeds")
+  assert not w.exists()
 
 
 def test_missing_grid_and_failed_run_are_one_line_errors(tmp_path):
