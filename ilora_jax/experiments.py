@@ -51,7 +51,9 @@ written before the failure's one `error:` line. The tables show every run of the
 in W, whatever `--grid.only` and `--grid.seeds` this command gives (a seed added for one
 variant keeps the other variants' tables), each checked against this command's settings as
 its own runs are; run folders of variants the grid does not have (another grid's) are named
-in `results.md`, not tabulated.
+in `results.md`, not tabulated. Results that cannot be written (a folder where `results.md`
+goes, a read-only workdir) do not stop the grid: its runs go on, then the runner ends with
+one `error: cannot write the results in W: ...` line.
 """
 
 from __future__ import annotations
@@ -1071,6 +1073,18 @@ PLOTS = ("metrics.png", "groups.png", "gates.png", "loss.png")
 
 
 def write_results(grid: ConfigDict, runs: list[Run], resolved: dict, workdir: str) -> str:
+  """Writes results.json, results.md and the plots; returns results.md's path. One that
+  cannot be written (a folder in its place, a read-only workdir) is a UserError."""
+  try:
+    return _write_results(grid, runs, resolved, workdir)
+  except OSError as exc:
+    where = f" ({exc.filename})" if exc.filename else ""
+    raise UserError(
+      f"cannot write the results in {workdir}: {exc.strerror or exc}{where}"
+    ) from None
+
+
+def _write_results(grid: ConfigDict, runs: list[Run], resolved: dict, workdir: str) -> str:
   metrics = parse_metrics(grid, resolved)
   results = collect(runs, resolved)
   results["machine"] = machine()
@@ -1183,7 +1197,8 @@ def main(argv: list[str] | None = None) -> None:
         execute(run, sys.executable)
         tqdm.write(f"{run.name}: done in {time.time() - start:.0f} s")
         bar.update(1)
-        write_results(grid, shown, resolved, workdir)  # Tables so far, after every run.
+        with contextlib.suppress(UserError):  # The grid goes on: the last write says why.
+          write_results(grid, shown, resolved, workdir)  # Tables so far, after every run.
     except UserError:  # A failed run: tables of the runs finished (now or before), then its line.
       bar.leave = False  # Cleared, so that the error line stands alone.
       if any(finished(r) for r in shown):

@@ -686,6 +686,30 @@ def _failing_runner(tmp_path) -> str:
   return str(script)
 
 
+@pytest.mark.parametrize("blocked", ["results.md", "plots"])
+def test_unwritable_results_let_the_grid_run_and_end_in_one_line(tmp_path, blocked):
+  """A folder where results.md goes (a file where the plots go): every run of the grid still
+  runs (stubbed out here), then one error line says what could not be written."""
+  script = tmp_path / "grid_runs.py"
+  script.write_text(
+    f"import sys; sys.path.insert(0, {ROOT!r})\n"
+    "from ilora_jax import experiments\n"
+    "done = set()\n"
+    "experiments.execute = lambda run, python: done.add(run.name)\n"
+    "experiments.finished = lambda run: run.name in done\n"
+    "experiments.main()\n"
+  )
+  w = tmp_path / "grid"
+  w.mkdir()
+  if blocked == "results.md":
+    (w / blocked).mkdir()
+  else:
+    (w / blocked).write_text("")
+  proc = run_cli(GRID, f"--workdir={w}", "--grid.seeds=0", script=str(script))
+  assert_one_line_error(proc, f"cannot write the results in {w}", blocked)
+  assert proc.stdout.count(": done in") == 4  # The SASRec job and the three variants.
+
+
 def test_a_failed_run_leaves_the_error_line_alone_on_stderr(tmp_path):
   """No progress-bar fragments before the runner's `error:` line (stderr is not a terminal);
   stdout says which run was running and where its log is. The run itself is stubbed out."""
