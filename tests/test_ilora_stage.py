@@ -970,7 +970,7 @@ def test_bucketing_cuts_the_padding_of_real_lastfm_steps(tmp_path):
   )
 
 
-def test_final_evaluations_use_the_weights_of_the_best_val_epoch(pipeline, tmp_path, monkeypatch):
+def test_final_evaluations_use_the_weights_of_the_best_val_epoch(tmp_path, monkeypatch):
   """`ilora.select_by`: three short epochs, the val metric scripted per set of weights so that
   the first epoch's wins. The final val and test evaluations run on those
   weights (recognised by the scripted value), checkpoints/ilora_best keeps them, and
@@ -980,17 +980,19 @@ def test_final_evaluations_use_the_weights_of_the_best_val_epoch(pipeline, tmp_p
   sys.path.insert(0, os.path.join(ROOT, "configs"))
   import tiny
 
-  from ilora_jax import checkpointing, train_ilora
+  from ilora_jax import checkpointing, train_ilora, train_sasrec
   from ilora_jax.errors import UserError
 
   config = tiny.get_config()
-  config.stage = "ilora"
   config.data.synthetic.num_users = 10  # 8 training users of short histories: a few steps
   config.data.synthetic.seq_len = 5  # of 8 rows an epoch.
+  workdir = str(tmp_path / "w")
+  config.stage = "sasrec"  # A SASRec of this data (2 steps): one of other rows is refused.
+  train_sasrec.run(config, workdir)
+  config.stage = "ilora"
   config.train.epochs = 3
   config.ilora.eval_base = False
   config.ilora.max_new_tokens = 2
-  workdir = with_sasrec_of(pipeline[0], tmp_path / "w")
 
   scripted = [0.9, 0.5, 0.7]  # The val metric of the 1st, 2nd and 3rd weights seen.
   seen, calls = [], []  # Fingerprints of the weights, in the order first seen; every call.
@@ -1051,7 +1053,7 @@ def test_final_evaluations_use_the_weights_of_the_best_val_epoch(pipeline, tmp_p
   # uninterrupted run did.
   config.ilora.select_by = "auto"
   config.checkpoint.every_steps, config.checkpoint.async_save = 1, False
-  killed = with_sasrec_of(pipeline[0], tmp_path / "killed")
+  killed = with_sasrec_of(workdir, tmp_path / "killed")
 
   class Killed(BaseException):  # Not an Exception: no handler of the run sees it, as a SIGKILL.
     pass
