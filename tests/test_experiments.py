@@ -216,7 +216,7 @@ def test_each_data_setting_freezes_a_sasrec_trained_on_its_own_data():
   for only, jobs in (("", ["sasrec/seed1", "sasrec/b/seed1", "sasrec/c/seed1"]),
                      ("d", ["sasrec/c/seed1"])):  # fmt: skip
     runs, resolved = experiments.plan(
-      _grid(seeds="1", only=only, variants=variants), GRID_FILE, "w"
+      _grid(seeds="1", only=only, variants=variants, reference="a"), GRID_FILE, "w"
     )
     assert [r.name for r in runs if r.variant == "sasrec"] == jobs
     by_dir = {r.workdir: r for r in runs}
