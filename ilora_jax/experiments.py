@@ -32,10 +32,12 @@ anywhere). `grid.metrics` (the table columns) must name metrics the runs record.
 
 Before any job starts (and with `--dry_run` or `--report_only` too), each run's config is
 loaded from its command exactly as the run will load it, so a value the run would refuse
-(`--grid.seeds=-1`) is refused here. A run whose workdir already holds a `config.json` with
-other settings (the same workdir with other overrides) is refused, naming the run and the
-settings that differ (`VOLATILE` ones, such as `progress`, are not compared; a moved or
-copied workdir keeps its runs): give another `--workdir`, or the runs' own overrides.
+(`--grid.seeds=-1`) is refused here, and its data files are looked for (a real data set
+without `data.dir` is refused before its first job). A run whose workdir already holds a
+`config.json` with other settings (the same workdir with other overrides) is refused, naming
+the run and the settings that differ (`VOLATILE` ones, such as `progress`, are not compared;
+a moved or copied workdir keeps its runs): give another `--workdir`, or the runs' own
+overrides.
 
 Re-running the same command skips finished runs and resumes an unfinished one from its last
 checkpoint. Ctrl-C or SIGTERM reach the running job, which saves a checkpoint; the runner
@@ -456,6 +458,23 @@ def config_diffs(run: Run, saved: dict, planned: dict, default: dict) -> list[st
   return diffs
 
 
+def check_data(config: ConfigDict, workdir: str) -> None:
+  """The files of a run's data set exist (a look, not a load): a run without them would fail
+  only once it starts. Synthetic data, and data a run builds, have none to look for."""
+  from ilora_jax import data
+
+  if config.data.name == "synthetic":
+    return
+  folder = data.data_dir(config, workdir)  # Refuses an empty data.dir.
+  if config.data.build:
+    return
+  if not os.path.isdir(folder):
+    raise UserError(f"data folder not found: {folder} (set data.dir, e.g. with --grid.extra)")
+  for path in (config.data.train_file, config.data.val_file):
+    require_file(os.path.join(folder, path), "data file")
+  require_file(data.titles_file(config.data, folder), "titles file")
+
+
 def check_runs(runs: list[Run]) -> None:
   """Loads each run's config exactly as its command will (so what a run would refuse, every
   mode refuses before any job starts), and refuses a run whose workdir holds a config.json
@@ -465,9 +484,11 @@ def check_runs(runs: list[Run]) -> None:
   found = []
   for run in runs:
     try:
-      planned = _json_form(configuration.load(run.config_path, run.overrides))
+      config = configuration.load(run.config_path, run.overrides)
+      check_data(config, run.workdir)
     except UserError as exc:
       raise UserError(f"run {run.name}: {exc}") from None
+    planned = _json_form(config)
     path = os.path.join(run.workdir, "config.json")
     if not os.path.isfile(path):
       continue

@@ -436,6 +436,19 @@ def test_a_grid_of_the_documented_fields_runs_and_a_run_config_is_no_grid(tmp_pa
   assert not w.exists()
 
 
+@pytest.mark.parametrize("mode", ["run", "--dry_run"])
+def test_a_grid_whose_data_is_missing_fails_before_any_run(tmp_path, mode):
+  """A real data set's files are looked for when the grid is planned (dry run included), not
+  when its first job starts."""
+  args = ["--grid=configs/experiments/lora_vs_ilora.py:lastfm", f"--workdir={tmp_path / 'w'}"]
+  args += [] if mode == "run" else [mode]
+  proc = run_cli(*args, module="ilora_jax.experiments")
+  assert_one_line_error(proc, "run sasrec/seed0: data folder not found: data/lastfm", "data.dir")
+  proc = run_cli(*args, f"--grid.extra=data.dir={tmp_path}", module="ilora_jax.experiments")
+  assert_one_line_error(proc, f"data file not found: {tmp_path}/train_data.df")
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_missing_grid_and_failed_run_are_one_line_errors(tmp_path):
   proc = run_cli(
     "--grid=configs/experiments/nope.py", "--workdir=x", module="ilora_jax.experiments"

@@ -4,7 +4,8 @@
   tiny (default): a 2-layer random Llama (`llm.init_std` scaled so adapters can steer it) on
     synthetic users in behaviour groups, one-word titles; minutes per run on 2 CPU cores.
   lastfm | movielens: SmolLM2-135M on the real data with the data set's paper settings, for a
-    GPU (give the data folder with --grid.overrides, see experiments/RESULTS.md).
+    GPU (give the data folder with --grid.extra="data.dir=...", which adds to the scale's
+    overrides; see experiments/RESULTS.md).
 """
 
 from ml_collections import config_dict
