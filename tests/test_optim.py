@@ -11,8 +11,9 @@ from ilora_jax import optim
 
 
 def _expected_lr(lr, total, step):
-  """REFERENCE.md: warm-up for total/20 steps linear from lr/100, then cosine to lr/100."""
-  warmup = int(total * 0.05)
+  """REFERENCE.md: warm-up for total/20 steps linear from lr/100, then cosine to lr/100 (the
+  original's warm-up length is the integer max_steps // 20: 20 steps or fewer have none)."""
+  warmup = total // 20
   lo = lr / 100
   if step < warmup:
     return lo + (lr - lo) * step / warmup
@@ -26,6 +27,25 @@ def test_schedule_matches_the_formula():
     assert math.isclose(
       float(sched(step)), _expected_lr(7e-4, 400, step), rel_tol=1e-5, abs_tol=1e-12
     ), step
+
+
+def test_warmup_length_is_the_originals_integer_division_at_any_total():
+  """warmup_steps and the schedule's values around the end of the warm-up against the
+  original's max_steps // 20 at totals that are not multiples of 20 (the schedule tests
+  above use 400 and 100 only, where rounding up or down agree: a warm-up rounded up, one step
+  longer, went unnoticed)."""
+  for total in range(1, 2001):
+    assert optim.warmup_steps(total) == total // 20, total
+  for lr, total in ((1e-3, 6), (3e-4, 19), (2e-4, 21), (5e-4, 39), (7e-4, 41), (5e-4, 1547)):
+    warm = total // 20  # 0, 0, 1, 1, 2, 77
+    assert optim.run_values(lr, total)["warmup_steps"] == warm
+    sched = optim.schedule(lr, total)
+    for step in sorted({0, 1, *range(max(warm - 2, 0), warm + 3), total - 1, total}):
+      want = _expected_lr(lr, total, step)
+      close = {"rel_tol": 1e-5, "abs_tol": 1e-6 * lr}
+      assert math.isclose(float(sched(step)), want, **close), (total, step)
+      got = float(optim.learning_rates(lr, total, step)["lr/lora"])
+      assert math.isclose(got, want, **close), (total, step)
 
 
 def test_schedule_equals_optax_and_takes_traced_inputs():
