@@ -15,6 +15,27 @@ def test_ranks_by_hand():
   np.testing.assert_array_equal(target_ranks(scores, target), [1, 0, 1])
 
 
+def test_odd_numbers_of_ties_round_down_by_hand():
+  """The tie rule with 1 and 3 other candidates tied with the target: rank = strictly higher
+  + floor(ties / 2) (the rows above only had 0 or 2 ties, where rounding is moot)."""
+  scores = np.array(
+    [[1.0, 1.0, 0.0, -1.0, -2.0, -3.0], [2.0, 1.0, 1.0, 0.5, 0.0, -1.0],
+     [1.0, 1.0, 1.0, 1.0, 0.0, -1.0], [5.0, 3.0, 3.0, 3.0, 3.0, 9.0]]
+  )  # fmt: skip
+  target = np.array([0, 2, 3, 1])
+  # Row 0: none higher, 1 tie (index 1) -> 0 + 1 // 2 = 0.
+  # Row 1: 2.0 higher, 1 tie (index 1) -> 1 + 1 // 2 = 1.
+  # Row 2: none higher, 3 ties (indices 0, 1, 2) -> 0 + 3 // 2 = 1.
+  # Row 3: 5.0 and 9.0 higher, 3 ties (indices 2, 3, 4) -> 2 + 3 // 2 = 3.
+  ranks = target_ranks(scores, target)
+  np.testing.assert_array_equal(ranks, [0, 1, 1, 3])
+  m = ranking_metrics(ranks, ks=(1, 3, 5))
+  assert m["hr@1"] == 1 / 4 and m["hr@3"] == 3 / 4 and m["hr@5"] == 1.0
+  assert math.isclose(m["ndcg@3"], (1 + 2 / math.log2(3)) / 4)
+  assert math.isclose(m["ndcg@5"], (1 + 2 / math.log2(3) + 1 / math.log2(5)) / 4)
+  assert math.isclose(m["mrr"], (1 + 1 / 2 + 1 / 2 + 1 / 4) / 4)
+
+
 def test_nan_scores_rank_worst_by_hand():
   """A broken model's NaN scores are never a hit: a NaN target ranks last (rank 3 of 4
   candidates), a NaN candidate below every number; an all-NaN row ranks its target last."""
