@@ -74,8 +74,11 @@ def test_resnet1d_parameter_count(shortcut, expected):
   assert set(variables) == {"params", "batch_stats"}
 
 
-def _torch_router(experts):
-  """The same architecture written independently in torch (NCL layout)."""
+def _torch_router(experts, shortcut="conv"):
+  """The same architecture written independently in torch (NCL layout). Where a block changes
+  the shape, shortcut 'conv' is a 1x1 conv + BN; 'pad' is the original ResNet1d's
+  parameter-free option A: subsample by the stride, then planes // 4 zero channels on each
+  side (F.pad(x[..., ::2], (0, 0, planes // 4, planes // 4)))."""
   import torch
   from torch import nn
 
@@ -86,15 +89,22 @@ def _torch_router(experts):
       self.bn1 = nn.BatchNorm1d(c_out)
       self.conv2 = nn.Conv1d(c_out, c_out, 3, 1, 1, bias=False)
       self.bn2 = nn.BatchNorm1d(c_out)
-      self.shortcut = None
+      self.stride, self.pad, self.shortcut = stride, None, None
       if stride != 1 or c_in != c_out:
-        self.shortcut = nn.Sequential(
-          nn.Conv1d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm1d(c_out)
-        )
+        if shortcut == "conv":
+          self.shortcut = nn.Sequential(
+            nn.Conv1d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm1d(c_out)
+          )
+        else:
+          self.pad = c_out // 4
 
     def forward(self, x):
       out = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
-      return torch.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+      if self.shortcut is not None:
+        x = self.shortcut(x)
+      elif self.pad is not None:
+        x = nn.functional.pad(x[:, :, :: self.stride], (0, 0, self.pad, self.pad))
+      return torch.relu(out + x)
 
   class Router(nn.Module):
     def __init__(self):
@@ -146,11 +156,13 @@ def _to_flax(model):
   return {"params": params, "batch_stats": stats}
 
 
-def test_resnet1d_matches_torch_in_eval_and_training_mode():
+@pytest.mark.parametrize("shortcut,count", [("conv", 93_524), ("pad", 90_772)])
+def test_resnet1d_matches_torch_in_eval_and_training_mode(shortcut, count):
+  """Both shortcuts against torch: 'pad' is configs/base.py's default (the original's)."""
   torch = pytest.importorskip("torch")
   torch.manual_seed(0)
-  model = _torch_router(E)
-  assert sum(p.numel() for p in model.parameters()) == 93_524
+  model = _torch_router(E, shortcut)
+  assert sum(p.numel() for p in model.parameters()) == count
   with torch.no_grad():  # non-trivial BatchNorm affine params and running statistics
     for m in model.modules():
       if isinstance(m, torch.nn.BatchNorm1d):
@@ -159,7 +171,7 @@ def test_resnet1d_matches_torch_in_eval_and_training_mode():
         m.running_mean.uniform_(-0.3, 0.3)
         m.running_var.uniform_(0.5, 2.0)
   variables = _to_flax(model)
-  module = router.make_router("resnet1d", E)
+  module = router.make_router("resnet1d", E, shortcut=shortcut)
   shapes = jax.eval_shape(lambda k: module.init(k, _user(2), train=False), jax.random.key(0))
   chex.assert_trees_all_equal_shapes(shapes, variables)
 
@@ -261,6 +273,30 @@ def test_projector_init_follows_torch_linear():
       assert np.abs(ours[key]).max() <= bound * 1.01, (name, key)
       assert np.abs(ours[key]).max() > 0.95 * bound, (name, key)
       np.testing.assert_allclose(ours[key].std(), theirs[key].std(), rtol=0.1)
+
+
+def test_projector_matches_torch_linear_gelu_linear():
+  """The projector's forward against the original's torch nn.Sequential(Linear(64, d), GELU(),
+  Linear(d, d)) (REFERENCE.md item 2) with the same weights: torch's GELU is the exact (erf)
+  one; the tanh approximation moves these outputs by ~5e-4, far above the tolerance."""
+  torch = pytest.importorskip("torch")
+  from ilora_jax.projector import Projector
+
+  sas, d = 64, 96
+  projector = Projector(d)
+  p = projector.init(jax.random.key(0), jnp.zeros((1, sas)))["params"]
+  ref = torch.nn.Sequential(torch.nn.Linear(sas, d), torch.nn.GELU(), torch.nn.Linear(d, d))
+  with torch.no_grad():
+    for layer, name in ((ref[0], "fc1"), (ref[2], "fc2")):
+      layer.weight.copy_(torch.from_numpy(np.array(p[name]["kernel"]).T.copy()))
+      layer.bias.copy_(torch.from_numpy(np.array(p[name]["bias"])))
+  # Inputs [2, 5, 64] (any leading axes), spread so that fc1's outputs cover [-4, 4].
+  x = (4 * np.random.default_rng(5).standard_normal((2, 5, sas))).astype(np.float32)
+  with torch.no_grad():
+    expected = ref(torch.from_numpy(x)).numpy()
+  got = np.asarray(projector.apply({"params": p}, jnp.asarray(x)))
+  assert got.shape == (2, 5, d) and got.dtype == np.float32
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=2e-6)
 
 
 def test_make_router_rejects_unknown_kinds():
