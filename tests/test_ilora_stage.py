@@ -560,6 +560,95 @@ def test_target_slots_and_unrolled_layers_keep_the_loss(setup_tiny):
   )  # fmt: skip
 
 
+def test_placeholders_get_the_projected_sasrec_embedding_of_their_item(setup_tiny):
+  """Where a hybrid prompt holds `[HistoryEmb]` or `[CansEmb]`, the LLM reads the projector's
+  output for that item's row of SASRec's item table: numpy's Linear, exact GELU, Linear of
+  the table's rows (float64), the history's placeholders in the row's history order and the
+  candidates' covering the target and 19 other items outside the history."""
+  import math
+
+  from ilora_jax import prompts, sharding, train_ilora
+
+  config, su, _ = setup_tiny
+  step = su.total_steps  # The curriculum's probability of a hybrid micro-batch is then 1.
+  host = train_ilora.train_batch(
+    su.parts, config, su.dataset.train, np.arange(8), 0, step, su.total_steps, su.seed, su.accum
+  )
+  batch = jax.tree.map(lambda x: x[0], host)
+  trainable, _ = train_ilora.init_trainable(su.parts, su.mesh, sharding.rules(config), 3)
+  mask, embeds = jax.jit(lambda t, f, i: train_ilora.replacement(su.parts, t, f, i))(
+    trainable, su.frozen, batch["item_ids"]
+  )
+  ids, items = np.asarray(batch["input_ids"]), np.asarray(batch["item_ids"])
+  special = su.parts.builder.special_ids
+  history, candidate = ids == special[prompts.HISTORY], ids == special[prompts.CANDIDATE]
+  np.testing.assert_array_equal(np.asarray(mask), history | candidate)
+  for row in range(ids.shape[0]):
+    n = int(batch["len_seq"][row])
+    assert items[row][history[row]].tolist() == batch["seq"][row][:n].tolist()
+    cands = items[row][candidate[row]].tolist()
+    assert len(set(cands)) == len(cands) == config.data.num_candidates
+    assert int(su.dataset.train.next[row]) in cands
+    assert not set(cands) & set(batch["seq"][row][:n].tolist()) - {int(su.dataset.train.next[row])}
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), trainable["projector"])
+  table = np.asarray(su.frozen["sasrec"]["item_embeddings"]["embedding"], np.float64)
+  x = table[items[mask]] @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+  x = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+  want = x @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  np.testing.assert_allclose(np.asarray(embeds)[np.asarray(mask)], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_step_averages_its_micro_batches_and_a_nan_step_keeps_router_statistics(
+  pipeline, tmp_path
+):
+  """With the resnet1d router (BatchNorm statistics) and two micro-batches per update: the
+  step's loss and gradient norm are those of the mean of the two micro-batches' gradients,
+  each taken alone with its own dropout key, and the router's statistics move. A step whose
+  loss is NaN (here a NaN projector) changes neither weights nor statistics and is counted."""
+  from ilora_jax import configuration, optim, train_ilora
+
+  config = configuration.load("configs/tiny.py", ["stage=ilora", "router.kind=resnet1d"])
+  su = train_ilora.setup(config, with_sasrec_of(pipeline[0], tmp_path / "w"))
+  assert su.accum == 2 and jax.tree.leaves(su.state["stats"])
+  host = train_ilora.train_batch(su.parts, config, su.dataset.train, np.arange(8), 0,
+                                 su.total_steps, su.total_steps, su.seed, su.accum)  # fmt: skip
+  step = jax.jit(train_ilora.make_train_step(su.parts, su.make_tx, su.gate_kind))
+  state = jax.tree.map(np.asarray, su.state)
+  after, metrics = step(state, su.frozen, host)
+
+  step_key = jax.random.fold_in(su.frozen["run"]["key"], state["step"])
+
+  @jax.jit
+  def micro_grad(trainable, batch, key):
+    def loss(t):
+      return train_ilora.loss_fn(su.parts, su.gate_kind, t, state["stats"], su.frozen, batch,
+                                 key, True)[0]  # fmt: skip
+
+    return jax.value_and_grad(loss)(trainable)
+
+  losses, grads = zip(*(micro_grad(state["trainable"], jax.tree.map(lambda x, a=a: x[a], host),
+                                   jax.random.fold_in(step_key, a)) for a in range(2)))  # fmt: skip
+  mean = jax.tree.map(lambda a, b: (np.asarray(a, np.float64) + np.asarray(b)) / 2, *grads)
+  norm = np.sqrt(sum(np.sum(g**2) for g in jax.tree.leaves(mean)))
+  np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-4)
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(losses), rtol=1e-5)
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(after["stats"]),
+                                                     jax.tree.leaves(state["stats"]))]  # fmt: skip
+  assert all(moved)
+
+  state = jax.tree.map(np.asarray, after)
+  state["trainable"]["projector"] = jax.tree.map(
+    lambda x: x * np.nan, state["trainable"]["projector"]
+  )
+  nan_after, nan_metrics = step(state, su.frozen, host)
+  assert not np.isfinite(float(nan_metrics["loss"]))
+  chex.assert_trees_all_equal(jax.tree.map(np.asarray, nan_after["stats"]), state["stats"])
+  chex.assert_trees_all_equal(
+    jax.tree.map(np.asarray, nan_after["trainable"]["lora"]), state["trainable"]["lora"]
+  )
+  assert int(optim.skipped_updates(nan_after["opt_state"])) == 1
+
+
 def test_each_micro_batch_draws_its_template_and_form(setup_tiny):
   """The original draws a template per batch and accumulates gradients over batches: here each
   micro-batch of a step has its own template and hybrid or text-only form, text-only at step
