@@ -196,6 +196,22 @@ def start_processes(
   ]
 
 
+def unshare_works(scratch) -> bool:
+  """Whether this machine lets us mount a small tmpfs and a read-only bind in a namespace."""
+  import subprocess
+
+  os.makedirs(scratch, exist_ok=True)
+  script = (f"mount -t tmpfs -o size=64k tmpfs {scratch} && mount -o remount,size=128k {scratch}"
+            f" && mount --bind {scratch} {scratch} && mount -o remount,bind,ro {scratch}"
+            f" && ! touch {scratch}/x 2>/dev/null")  # fmt: skip
+  try:
+    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                           capture_output=True, timeout=30)  # fmt: skip
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return probe.returncode == 0
+
+
 def with_sasrec_of(pipeline_dir, workdir) -> str:
   """A new workdir holding only the pipeline's trained SASRec (for a fresh iLoRA run)."""
   shutil.copytree(os.path.join(pipeline_dir, "checkpoints", "sasrec"),

@@ -14,6 +14,7 @@ from conftest import (
   complete_steps,
   ilora_records,
   run_cli,
+  unshare_works,
   with_sasrec_of,
 )
 
@@ -35,29 +36,13 @@ def test_kill_during_save_loses_at_most_one_interval(pipeline, tmp_path):
   assert ilora_records(workdir) == ilora_records(ref_dir)
 
 
-def _unshare_works(scratch) -> bool:
-  """Whether this machine lets us mount a small tmpfs and a read-only bind in a namespace."""
-  import subprocess
-
-  os.makedirs(scratch, exist_ok=True)
-  script = (f"mount -t tmpfs -o size=64k tmpfs {scratch} && mount -o remount,size=128k {scratch}"
-            f" && mount --bind {scratch} {scratch} && mount -o remount,bind,ro {scratch}"
-            f" && ! touch {scratch}/x 2>/dev/null")  # fmt: skip
-  try:
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                           capture_output=True, timeout=30)  # fmt: skip
-  except (OSError, subprocess.SubprocessError):
-    return False
-  return probe.returncode == 0
-
-
 def test_full_disk_and_read_only_workdir_keep_the_last_checkpoint(pipeline, tmp_path):
   """Real ENOSPC (a small tmpfs) and EROFS (a read-only bind mount) in a user namespace."""
   import shlex
   import subprocess
   import sys
 
-  if not _unshare_works(str(tmp_path / "probe")):
+  if not unshare_works(str(tmp_path / "probe")):
     pytest.skip("needs `unshare --user --mount` (user namespaces) to mount a small filesystem")
   ref_dir, _ = pipeline
   workdir = with_sasrec_of(ref_dir, tmp_path / "w")

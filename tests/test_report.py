@@ -7,7 +7,7 @@ import struct
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import ROOT, assert_one_line_error, run_cli, unshare_works
 
 from ilora_jax import report
 from ilora_jax.errors import UserError
@@ -442,11 +442,22 @@ def test_unusable_files_and_folders_are_one_error(tmp_path, capsys, case):
     (tmp_path / "report" / "tb").write_text("")
     fragments.append("cannot write the report")
   else:
-    tmp_path.chmod(0o555)
-    if os.access(tmp_path, os.W_OK):
-      tmp_path.chmod(0o755)
-      pytest.skip("this user writes into read-only folders (root)")
     fragments.append("cannot write the report")
+    tmp_path.chmod(0o555)
+    if os.access(tmp_path, os.W_OK):  # Root writes anyway: a read-only mount, in a namespace.
+      tmp_path.chmod(0o755)
+      if not unshare_works(str(tmp_path.parent / f"{tmp_path.name}_probe")):
+        pytest.skip("root writes into read-only folders, and no `unshare --user --mount`")
+      import subprocess
+      import sys
+
+      script = (f"mount --bind {tmp_path} {tmp_path} && mount -o remount,bind,ro {tmp_path} && "
+                f"{sys.executable} -m ilora_jax.report --workdir={tmp_path}")  # fmt: skip
+      proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)  # fmt: skip
+      assert_one_line_error(proc, *fragments)
+      assert proc.returncode == 2 and not (tmp_path / "report").exists()
+      return
   try:
     proc = _report_cli(capsys, f"--workdir={tmp_path}")
   finally:
