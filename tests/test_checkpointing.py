@@ -128,34 +128,74 @@ def _weighted_sum(x) -> int:
   return int(np.sum((bits * weights) % 2**32) % 2**32)
 
 
-def test_checksums_match_a_numpy_formula_on_any_sharding():
+# Run in a process of two CPU devices (a test process has one): each array's device sums
+# (this code's and older code's) and the fingerprint of the arrays, each split over both.
+_TWO_DEVICES = r"""
+import json, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from ilora_jax import checkpointing
+assert len(jax.devices()) == 2, jax.devices()
+stored = np.load(sys.argv[1])
+arrays = [stored[k].view(jnp.bfloat16) if k.endswith("bf16") else stored[k] for k in stored.files]
+split = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), PartitionSpec("x"))
+on = [jax.device_put(x, split) for x in arrays]
+assert all(len(y.sharding.device_set) == 2 for y in on)
+def summed(kind, y):
+  return jax.device_get(checkpointing._device_sums(kind, [y]))[0]
+sums = [[int(v) for v in summed(checkpointing.CHECKSUMS, y)] for y in on]
+old = [int(summed(checkpointing._OLD_CHECKSUMS, y)) for y in on]
+print("RESULT " + json.dumps({"sums": sums, "old": old,
+      "fingerprint": checkpointing.fingerprint({k: y for k, y in zip(stored.files, on)})}))
+"""
+
+
+def _on_two_devices(folder, arrays: dict) -> dict:
+  """`_TWO_DEVICES` on `arrays` (name -> array whose first axis is even; a bfloat16 one's name
+  ends in "bf16"), run in a child process."""
+  import json
+  import subprocess
+  import sys
+
+  import numpy as np
+  from conftest import ROOT, xla_flags
+
+  path = os.path.join(folder, "arrays.npz")
+  np.savez(path, **{k: x.view(np.uint16) if k.endswith("bf16") else x for k, x in arrays.items()})
+  env = dict(os.environ, XLA_FLAGS=xla_flags(2))
+  proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES, path], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))[7:])
+
+
+def test_checksums_match_a_numpy_formula_on_any_sharding(tmp_path):
   """A checkpoint's checksum of an array (`_fmix_sums`, and older code's `_weighted_sum`,
-  which restores still verify), whatever the array's dtype or sharding, summed on the host
-  or on the devices."""
+  which restores still verify), whatever the array's dtype, summed on the host or on the
+  devices, on one device and split over two (the program a multi-process run sums its shards
+  with)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
   rng = np.random.default_rng(0)
   half = np.asarray(jnp.asarray(rng.normal(size=(8, 3)), jnp.bfloat16))
   arrays = [rng.normal(size=(8, 24)).astype(np.float32), rng.integers(-9, 9, (8, 5), np.int32),
             half, np.float32(2.5), np.array([True, False, True])]  # fmt: skip
-  mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
   old = checkpointing._OLD_CHECKSUMS
   for x in arrays:
     want = f"{x.dtype}:" + "".join(f"{v:08x}" for v in _fmix_sums(np.asarray(x)))
     want_old = f"{x.dtype}:{_weighted_sum(np.asarray(x)):08x}"
     assert checkpointing.checksums({"a": jnp.asarray(x)}) == {"['a']": want}  # On the host.
     assert checkpointing.checksums({"a": jnp.asarray(x)}, old) == {"['a']": want_old}
-    # The program a multi-process run sums its shards with, on one device and on two.
-    on_device = [jnp.asarray(x)]
-    if x.ndim and x.shape[0] % 2 == 0:
-      on_device.append(jax.device_put(x, NamedSharding(mesh, PartitionSpec("x"))))
-    for y in on_device:
-      sums = jax.device_get(checkpointing._device_sums(checkpointing.CHECKSUMS, [y]))[0]
-      assert [int(v) for v in sums] == _fmix_sums(np.asarray(x))
-      assert int(jax.device_get(checkpointing._device_sums(old, [y]))[0]) == _weighted_sum(x)
+    y = jnp.asarray(x)  # On one device.
+    sums = jax.device_get(checkpointing._device_sums(checkpointing.CHECKSUMS, [y]))[0]
+    assert [int(v) for v in sums] == _fmix_sums(np.asarray(x))
+    assert int(jax.device_get(checkpointing._device_sums(old, [y]))[0]) == _weighted_sum(x)
+  split = {"f32": arrays[0], "i32": arrays[1], "bf16": arrays[2]}
+  two = _on_two_devices(tmp_path, split)
+  assert two["sums"] == [_fmix_sums(x) for x in split.values()]
+  assert two["old"] == [_weighted_sum(x) for x in split.values()]
   one = arrays[0].copy()
   one[3, 7] = np.nextafter(one[3, 7], np.float32(9))  # One bit of one element.
   assert _fmix_sums(one) != _fmix_sums(arrays[0])
@@ -219,7 +259,7 @@ def test_arrays_that_are_not_what_was_saved_are_refused(tmp_path):
   assert float(restored["w"][5]) == 2.0
 
 
-def test_fingerprint_matches_a_numpy_formula_and_sees_what_the_checksum_misses():
+def test_fingerprint_matches_a_numpy_formula_and_sees_what_the_checksum_misses(tmp_path):
   """`fingerprint` (the LLM weights' digest a run records): per array, the sums of
   `_fmix_sums`, the same on any sharding. A matrix doubled, which older checkpoints'
   weighted checksum cannot see here (it adds 2**23 to each float32 pattern of a 4096-element
@@ -227,10 +267,8 @@ def test_fingerprint_matches_a_numpy_formula_and_sees_what_the_checksum_misses()
   import hashlib
   import json
 
-  import jax
   import jax.numpy as jnp
   import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
   def reference(tree: dict) -> str:
     described = [[f"['{name}']", str(x.dtype), list(x.shape), _fmix_sums(x)]
@@ -239,12 +277,10 @@ def test_fingerprint_matches_a_numpy_formula_and_sees_what_the_checksum_misses()
 
   rng = np.random.default_rng(1)
   tree = {"a": rng.normal(size=(2, 4096)).astype(np.float32),
-          "b": np.asarray(jnp.asarray(rng.normal(size=(8, 3)), jnp.bfloat16))}  # fmt: skip
+          "bf16": np.asarray(jnp.asarray(rng.normal(size=(8, 3)), jnp.bfloat16))}  # fmt: skip
   want = reference(tree)
-  mesh = Mesh(np.array(jax.devices()[:2]), ("x",))
   assert checkpointing.fingerprint({k: jnp.asarray(v) for k, v in tree.items()}) == want
-  sharded = {k: jax.device_put(v, NamedSharding(mesh, PartitionSpec("x"))) for k, v in tree.items()}
-  assert checkpointing.fingerprint(sharded) == want
+  assert _on_two_devices(tmp_path, tree)["fingerprint"] == want  # Each array split over two.
   doubled = {**tree, "a": tree["a"].copy()}
   doubled["a"][1] *= 2
   old = checkpointing._OLD_CHECKSUMS
