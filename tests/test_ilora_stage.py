@@ -488,6 +488,32 @@ def test_titles_longer_than_the_target_cap_are_named_in_a_warning(setup_tiny, ca
           f"loss scores their first {cap}") in capsys.readouterr().err  # fmt: skip
 
 
+def _target_logp(su, trainable, stats, batch):
+  """(row, log-probability) of every target token of `batch` (one micro-batch, `loss_mask`
+  marking the answer), from the adapted model's full logits over the whole sequence, the
+  softmax in numpy (float64): log softmax(logits[t - 1])[ids[t]] for each target token t."""
+  from ilora_jax import train_ilora
+
+  @jax.jit
+  def full_logits(trainable, stats, frozen, batch):
+    gate, _ = train_ilora.gate_weights(
+      su.parts, trainable, stats, frozen, batch["seq"], batch["len_seq"], False, su.gate_kind
+    )
+    mask, embeds = train_ilora.replacement(su.parts, trainable, frozen, batch["item_ids"])
+    params = train_ilora._merge(frozen["llm"], trainable["lora"])
+    return su.parts.model.module.apply(
+      {"params": params}, batch["input_ids"], batch["attention"], gate_weights=gate,
+      deterministic=True, replace_mask=mask, replace_embeds=embeds,
+    )  # fmt: skip
+
+  logits = np.asarray(full_logits(trainable, stats, su.frozen, batch), np.float64)[:, :-1]
+  logp = logits - logits.max(-1, keepdims=True)
+  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+  ids, targets = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"])
+  rows, cols = np.nonzero(targets[:, 1:])
+  return rows, logp[rows, cols, ids[rows, cols + 1]]
+
+
 def test_target_slots_and_unrolled_layers_keep_the_loss(setup_tiny):
   """The loss gathers the longest title's tokens rounded up to 8, not the cap of 48: fewer
   rows through the LM head, the same loss as with the cap. `llm.unroll_train` runs the same
@@ -524,27 +550,9 @@ def test_target_slots_and_unrolled_layers_keep_the_loss(setup_tiny):
 
   # Against the model's full logits and the formula (numpy, float64): the mean over target
   # tokens t of -log softmax(logits[t - 1])[ids[t]].
-  @jax.jit
-  def full_logits(trainable, frozen, batch):
-    gate, _ = train_ilora.gate_weights(
-      su.parts, trainable, stats, frozen, batch["seq"], batch["len_seq"], False, su.gate_kind
-    )
-    mask, embeds = train_ilora.replacement(su.parts, trainable, frozen, batch["item_ids"])
-    params = train_ilora._merge(frozen["llm"], trainable["lora"])
-    return su.parts.model.module.apply(
-      {"params": params}, batch["input_ids"], batch["attention"], gate_weights=gate,
-      deterministic=True, replace_mask=mask, replace_embeds=embeds,
-    )  # fmt: skip
-
-  logits = full_logits(trainable, su.frozen, batch)
-  logits = np.asarray(logits, np.float64)[:, :-1]
-  logp = logits - logits.max(-1, keepdims=True)
-  logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
-  ids, targets = np.asarray(batch["input_ids"]), np.asarray(batch["loss_mask"])
-  rows, cols = np.nonzero(targets[:, 1:])
+  rows, logp = _target_logp(su, trainable, stats, batch)
   assert len(rows) > len(set(rows.tolist()))  # several target tokens per row
-  want = -logp[rows, cols, ids[rows, cols + 1]].mean()
-  np.testing.assert_allclose(float(loss(su.parts)), want, rtol=2e-5)
+  np.testing.assert_allclose(float(loss(su.parts)), -logp.mean(), rtol=2e-5)
 
   unrolled_config = configuration.override(config, ["llm.unroll_train=True"])
   unrolled = train_ilora.make_parts(
@@ -742,11 +750,23 @@ def test_recommend_cli_and_api(pipeline):
   assert titles[12] in line
   # Entries resolve before the model is built: the error is all that is printed.
   assert proc.stderr.strip() == line and not proc.stdout
-  # The API re-ranks given candidates; the winner has the highest log-likelihood.
+  # The API re-ranks given candidates by the log-likelihood of each title (and its line end)
+  # after the prompt: each the sum over the answer's tokens of the adapted model's full
+  # logits' log-softmax, the prompt listing the candidates in the order given (template 0).
   cands = [titles[i] for i in (10, 11, 12, 13)]
   top = ilora_jax.recommend(workdir, history=[1, 2, 4], candidates=cands, k=4)
   assert sorted(t for _, t, _ in top) == sorted(cands)
   assert [s for *_, s in top] == sorted((s for *_, s in top), reverse=True)
+  from ilora_jax.recommend import Recommender
+
+  restored = Recommender(workdir).restored
+  state, parts = restored.state, restored.su.parts
+  want = {}
+  for item in (10, 11, 12, 13):
+    answered = parts.builder.batch([([1, 2, 4], [10, 11, 12, 13], item)], 0, True)
+    batch = dict(answered.as_dict(), seq=np.array([[1, 2, 4] + [60] * 7]), len_seq=np.array([3]))
+    want[item] = _target_logp(restored.su, state["trainable"], state["stats"], batch)[1].sum()
+  np.testing.assert_allclose([s for *_, s in top], [want[i] for i, *_ in top], rtol=1e-4)
 
 
 def test_runs_of_other_seeds_rates_and_lengths_share_one_compiled_step(setup_tiny):
