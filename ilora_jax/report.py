@@ -611,6 +611,10 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
     fig.savefig(os.path.join(out, "compare.png"), dpi=100)
     plt.close(fig)
     plots.append("`compare.png` (this run's losses beside the compared runs')")
+  for stale in ("gates.png", "compare.png"):  # An earlier report's (another --compare).
+    if not any(f"`{stale}`" in p for p in plots):
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(out, stale))
   tb_hint = f"Scalars for TensorBoard: `tensorboard --logdir {os.path.join(out, 'tb')}`."
   lines += ["", f"Plots: {', '.join(plots)}.", tb_hint]
   with atomic_write(os.path.join(out, "summary.md")) as f:

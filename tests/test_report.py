@@ -205,6 +205,8 @@ def test_compared_runs_losses_share_one_plot(tmp_path):
   assert "`compare.png`" in open(f"{out}/summary.md").read()
   alone = report.write(same)  # Nothing to compare: no such plot.
   assert not os.path.exists(f"{alone}/compare.png")
+  assert report.write(ours) == out  # Rebuilt without --compare: the earlier plot goes.
+  assert not os.path.exists(f"{out}/compare.png")
 
 
 def test_compare_curves_leave_skipped_steps_as_gaps(tmp_path):
