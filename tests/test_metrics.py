@@ -93,6 +93,11 @@ def test_generation_matching_by_hand():
   assert match_generation("Aliens", titles, 2) == (False, False)  # substring: Alien too
   assert match_generation("Brazil", titles, 0) == (False, False)  # none
   assert match_generation("\n", titles, 0) == (False, False)
+  # The first line of the stripped output (REFERENCE.md, Evaluation): blank lines before the
+  # answer are skipped, and only the answer's own line counts.
+  assert match_generation("\n\nFargo\nHeat", titles, 3) == (True, True)
+  assert match_generation("  \n Fargo", titles, 3) == (True, True)
+  assert match_generation("\n \nHeat\nFargo", titles, 3) == (True, False)
   m = generation_metrics([True, True, False, True], [True, False, False, True])
   assert m == {"valid_ratio": 0.75, "hit_ratio@1": 2 / 3, "hits_over_total": 0.5}
 
