@@ -282,6 +282,33 @@ def test_generation_ends_an_answer_at_a_line_end_after_its_text(params):
       assert int(barred[b, 0]) == int(free[b, 0])
 
 
+def test_line_ends_before_an_answers_text_do_not_end_it(params):
+  """An output that opens with "\\n\\n" or " \\n" before its text: the original strips it and
+  keeps the first line, so neither the first token nor a line end right after it (the
+  second) may end the row. Row 0's first two free tokens are scripted as two line ends, then
+  as a blank and a line end; the row must run on past its text to the next line end."""
+  module = llama.Llama(CFG)
+  tokens, mask = _tokens(), _left_pad_mask()
+  new = 8
+  free, _ = llm.generate_tokens(
+    module, params, tokens, mask, max_new_tokens=new, eos_ids=(), pad_id=0
+  )
+  free = np.asarray(free)
+  t0, t1 = int(free[0, 0]), int(free[0, 1])
+  assert t0 != t1  # The script needs two different leading tokens.
+  for line_end, blank in (((t0, t1), ()), ((t1,), (t0,))):
+    out, lengths = llm.generate_tokens(
+      module, params, tokens, mask, max_new_tokens=new, eos_ids=(), pad_id=-1,
+      line_end_ids=line_end, blank_ids=blank,
+    )  # fmt: skip
+    for b in range(B):
+      n = _answer_length(free[b].tolist(), (), line_end, blank)
+      if b == 0:
+        assert 2 < n < new, (free[0], line_end, blank)  # Text, then a line end, in the budget.
+      assert int(lengths[b]) == n, (b, free[b], line_end, blank)
+      assert out[b, :n].tolist() == free[b, :n].tolist() and (np.asarray(out[b, n:]) == -1).all()
+
+
 def test_end_of_text_is_barred_for_the_first_min_new_tokens(params):
   """With `min_new_tokens=3`, end-of-text ids cannot be any of the first three tokens (the
   decode loop's own bar, not only the first token's) and end a row from the fourth on:
