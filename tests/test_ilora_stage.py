@@ -657,6 +657,65 @@ def test_a_step_averages_its_micro_batches_and_a_nan_step_keeps_router_statistic
   assert int(optim.skipped_updates(nan_after["opt_state"])) == 1
 
 
+def test_generated_answers_are_matched_with_their_own_rows_target(setup_tiny):
+  """The generation metric of each row compares its answer with that row's target, through
+  batches and the length-sorted order: the model's answers scripted (the target's title for
+  rows of even id, another candidate's for odd ones), each row's validity and hit and
+  hits_over_total are the by-hand ones (`match_generation` on the row's own candidates and
+  next item). Its answers end as the original's: never at a first end of text."""
+  from ilora_jax import configuration, metrics, sharding, train_ilora
+
+  config, su, _ = setup_tiny
+  config = configuration.override(config, ["ilora.eval_rows=10", "ilora.eval_batch_size=4"])
+  ev = train_ilora.Evaluator(su.parts, config, su.dataset.val, su.gate_kind)
+  assert config.ilora.eval_sort and not np.array_equal(ev.order, np.sort(ev.order))
+  assert ev._stop["min_new_tokens"] == 1  # The original's generate(min_new_tokens=1).
+  titles, tokenizer = su.parts.builder.titles, su.parts.model.tokenizer
+  row_of = {tuple(ev.cands[r]): r for r in ev.idx}
+  assert len(row_of) == len(ev.idx)  # Each row's candidates tell it apart.
+  split = su.dataset.val
+  answer = {}
+  for r in ev.idx:
+    nxt = int(split.next[r])
+    answer[r] = nxt if r % 2 == 0 else next(int(c) for c in ev.cands[r] if c != nxt)
+
+  def scripted(module, params, gate, mask, embeds, prompt, cands):
+    texts = [tokenizer.encode(f"{titles[answer[row_of[tuple(c)]]]}\n", add_special_tokens=False)
+             if tuple(c) in row_of else [] for c in cands]  # fmt: skip
+    ids = np.zeros((len(cands), max(map(len, texts))), np.int32)
+    for j, t in enumerate(texts):
+      ids[j, : len(t)] = t
+    return ids, np.array([len(t) for t in texts]), np.zeros(cands.shape, np.float32)
+
+  ev._generate_and_score = scripted
+  trainable, stats = train_ilora.init_trainable(su.parts, su.mesh, sharding.rules(config), 0)
+  result = ev(trainable, stats, su.frozen, False)
+  want = [metrics.match_generation(titles[answer[r]] + "\n", [titles[int(c)] for c in ev.cands[r]],
+                                   int(np.flatnonzero(ev.cands[r] == split.next[r])[0]))
+          for r in ev.idx]  # fmt: skip
+  assert [(row["valid"], row["hit"]) for row in ev.rows] == want
+  assert sum(h for _, h in want) >= 3  # The even rows' answers are hits.
+  assert result["hits_over_total"] == sum(h for _, h in want) / len(ev.idx)
+
+
+def test_training_candidates_are_drawn_anew_each_epoch(setup_tiny):
+  """As the original draws its negatives on every pass: each epoch gives a row other
+  candidates, each draw holding the row's next item once and nothing of its history."""
+  from ilora_jax import train_ilora
+
+  config, su, _ = setup_tiny
+  split = su.dataset.train
+  draws = [train_ilora.train_candidates(su.parts, config, split, e, su.seed) for e in (0, 1)]
+  changed = np.mean([set(a) != set(b) for a, b in zip(*draws)])
+  assert changed > 0.9, changed
+  for cands in draws:
+    for r in range(len(split)):
+      assert list(cands[r]).count(split.next[r]) == 1
+      assert len(set(cands[r].tolist())) == config.data.num_candidates
+      history = set(split.seq[r][: split.len_seq[r]].tolist()) - {int(split.next[r])}
+      assert not history & set(cands[r].tolist())
+
+
 def test_each_micro_batch_draws_its_template_and_form(setup_tiny):
   """The original draws a template per batch and accumulates gradients over batches: here each
   micro-batch of a step has its own template and hybrid or text-only form, text-only at step
