@@ -660,12 +660,8 @@ def _cell(values, n: int) -> str:
 
 def _value(record: dict, key: str) -> float | None:
   """A record's metric as a float (NaN for the text "nan" a diverged run's log holds), None
-  where the record lacks it."""
-  value = record.get(key)
-  if isinstance(value, int | float | str) and not isinstance(value, bool):
-    with contextlib.suppress(ValueError):
-      return float(value)
-  return None
+  where the record lacks it (`report.number`)."""
+  return report.number(record.get(key))
 
 
 def _values(results: dict, variant: str, split: str, key: str) -> list[float]:

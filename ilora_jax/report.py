@@ -78,7 +78,7 @@ def _checked(record, where: str) -> dict:
 _NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
 
-def _number(value) -> float | None:
+def number(value) -> float | None:
   """A metric value as a float: numbers, and the texts the log writes for NaN and the
   infinities (a diverged loss stays in the report, as nan); None for anything else."""
   if isinstance(value, bool):
@@ -93,9 +93,9 @@ def _number(value) -> float | None:
 def _numeric(record: dict) -> dict[str, float]:
   out = {}
   for k, v in record.items():
-    number = None if k in _SKIP else _number(v)
-    if number is not None:
-      out[k] = number
+    value = None if k in _SKIP else number(v)
+    if value is not None:
+      out[k] = value
   return out
 
 
@@ -123,9 +123,9 @@ def kmeans(x: np.ndarray, k: int, seed: int = 0, iters: int = 50) -> np.ndarray:
 
 
 def _points(records, key) -> list[tuple[int, float]]:
-  """(step, value) of the records whose `key` is a number (`_number`); a non-finite value (a
+  """(step, value) of the records whose `key` is a number (`number`); a non-finite value (a
   skipped step's loss) is NaN, a gap in a line."""
-  pts = [(r["step"], _number(r[key])) for r in records if "step" in r and key in r]
+  pts = [(r["step"], number(r[key])) for r in records if "step" in r and key in r]
   return [(step, value if math.isfinite(value) else math.nan) for step, value in pts
           if value is not None]  # fmt: skip
 

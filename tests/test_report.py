@@ -576,9 +576,9 @@ def test_non_finite_values_the_log_writes_as_text_stay_in_the_report(tmp_path, c
   summary = (tmp_path / "report" / "summary.md").read_text()
   assert "| ilora | ilora | val | 3 | 0.5000 | inf |" in summary, summary
   train = [r for r in report.read_records(str(tmp_path)) if r["split"] == "train"]
-  assert [report._number(r["loss"]) for r in train][::2] == [2.5, 2.0]
-  assert math.isnan(report._number(train[1]["loss"]))
-  assert report._number("hr@1") is None and report._number(True) is None
+  assert [report.number(r["loss"]) for r in train][::2] == [2.5, 2.0]
+  assert math.isnan(report.number(train[1]["loss"]))
+  assert report.number("hr@1") is None and report.number(True) is None
 
 
 def test_a_selected_step_must_be_an_integer_and_damaged_predictions_pair_nothing(tmp_path):
