@@ -123,7 +123,9 @@ def get_config() -> config_dict.ConfigDict:
   c.llm = config_dict.ConfigDict()
   c.llm.name = "smollm2-135m"  # Registered name, Hugging Face folder or .gguf file.
   # bf16 compute and frozen weights; adapters, router, projector and optimizer stay float32.
-  c.llm.dtype = "bfloat16"  # Compute dtype: float32 | bfloat16.
+  # Compute dtype: float32 | bfloat16. The original trains in fp16 mixed precision; bf16 has
+  # float32's range, so no loss scaling is needed (and none is done).
+  c.llm.dtype = "bfloat16"
   c.llm.param_dtype = "bfloat16"  # Frozen base weights: float32 | bfloat16.
   c.llm.attention = "auto"  # auto (splash on TPUs, cuDNN on GPUs in bf16, else xla) | xla |
   # cudnn | splash.
