@@ -19,9 +19,9 @@ SmolLM2-135M). Each run is the ordinary command line,
 so every number in the table is reproduced by one command (all are listed in
 `W/results.md`). With `share_sasrec`, SASRec trains once per seed in `W/sasrec/seed<k>` and
 every variant of that seed freezes the same one (`--config.sasrec.init_from`), so variants
-differ only in what the grid varies; a variant whose `data.*` settings differ freezes a
-SASRec trained on its own data, `W/sasrec/<variant>/seed<k>` (named after the first variant
-of that data; the later ones share it). The SASRec jobs get the common overrides but
+differ only in what the grid varies; a variant whose `data.*` or `sasrec.*` settings differ
+freezes a SASRec trained with its own, `W/sasrec/<variant>/seed<k>` (named after the first
+variant of those settings; the later ones share it). The SASRec jobs get the common overrides but
 `train.*`, which set the iLoRA runs' training (`sasrec.train.*` reaches the SASRec jobs).
 `--grid.sasrec=PATH` (an original `.pt` checkpoint or a finished workdir) freezes that one
 SASRec in every run instead.
@@ -220,7 +220,7 @@ def plan(
       f"{', '.join(names)}"
     )
   try:  # Refuse bad keys or values before any compute.
-    shared_data = _data_key(configuration.load(config_path, common))
+    shared = _sasrec_key(configuration.load(config_path, common))
   except UserError as exc:
     raise UserError(f"grid overrides: {exc}") from None
   resolved, sasrec_of = {}, {}
@@ -229,10 +229,10 @@ def plan(
       resolved[name] = configuration.load(config_path, [*common, *extra])
     except UserError as exc:
       raise UserError(f"variant {name}: {exc}") from None
-    # One SASRec per data setting: the first variant of other data names its own.
-    data = _data_key(resolved[name])
-    sasrec_of[name] = next((sasrec_of[v] for v in sasrec_of if _data_key(resolved[v]) == data),
-                           "" if data == shared_data else name)  # fmt: skip
+    # One SASRec per data and SASRec setting: the first variant of other ones names its own.
+    key = _sasrec_key(resolved[name])
+    sasrec_of[name] = next((sasrec_of[v] for v in sasrec_of if _sasrec_key(resolved[v]) == key),
+                           "" if key == shared else name)  # fmt: skip
   if grid.only and not every:
     wanted = [v.strip() for v in grid.only.split(",") if v.strip()]
     if not wanted:
@@ -245,10 +245,12 @@ def plan(
   if every:
     seeds += sorted(set(_seeds_found(workdir, [name for name, _ in variants])) - set(seeds))
   # The SASRec jobs get the common overrides but `train.*` (iLoRA's: a SASRec stage would
-  # train with them too), and the data.* overrides of the variants that train on other data.
+  # train with them too), and the data.* and sasrec.* overrides of the variants whose SASRec
+  # is their own.
   sasrec_common = [o for o in common if not o.split("=", 1)[0].strip().startswith("train.")]
-  data_overrides = {name: [o for o in extra if o.split("=", 1)[0].strip().startswith("data.")]
-                    for name, extra in parse_variants(grid.variants)}  # fmt: skip
+  own_overrides = {name: [o for o in extra
+                          if o.split("=", 1)[0].strip().startswith(("data.", "sasrec."))]
+                   for name, extra in parse_variants(grid.variants)}  # fmt: skip
   fixed = grid.get("sasrec", "")
   runs = []
   for seed in seeds:
@@ -272,7 +274,7 @@ def plan(
             f"--workdir={sasrec_dirs[owner]}",
             "--config.stage=sasrec",
             f"--config.train.seed={seed}",
-            *[f"--config.{o}" for o in [*sasrec_common, *data_overrides.get(owner, [])]],
+            *[f"--config.{o}" for o in [*sasrec_common, *own_overrides.get(owner, [])]],
           ],
         )
       )
@@ -319,10 +321,12 @@ def tabulated(grid: ConfigDict, grid_path: str, workdir: str, runs: list[Run]) -
   return [r for r in every if r.name in planned or os.path.isdir(r.workdir)]
 
 
-def _data_key(config: ConfigDict) -> str:
-  """A run config's data settings, as text: variants whose text differs train on other data
-  (or evaluate on other candidates) and get a SASRec of their own."""
-  return json.dumps(configuration.json_form(config)["data"], sort_keys=True)
+def _sasrec_key(config: ConfigDict) -> str:
+  """What a run config's frozen SASRec is trained with, as text: its data settings and its
+  `sasrec.*` ones. Variants whose text differs (other data, other candidates, another SASRec
+  shape) get a SASRec of their own."""
+  form = configuration.json_form(config)
+  return json.dumps({"data": form["data"], "sasrec": form["sasrec"]}, sort_keys=True)
 
 
 def check_sasrec(grid: ConfigDict) -> None:

@@ -208,7 +208,8 @@ def test_the_run_config_is_found_from_any_current_folder(tmp_path, monkeypatch):
 def test_each_data_setting_freezes_a_sasrec_trained_on_its_own_data():
   """A variant that changes data.* freezes a SASRec trained on its data (one per seed and
   data setting, shared by the variants of that data; the common one keeps sasrec/seed<k>),
-  also when grid.only leaves out the variant it is named after."""
+  also when grid.only leaves out the variant it is named after; so does one that changes
+  sasrec.* (the frozen model's shape)."""
   from ilora_jax import configuration
 
   variants = ("a: lora.rank=8", "b: data.candidate_seed=7", "c: data.synthetic.seed=3",
@@ -230,6 +231,19 @@ def test_each_data_setting_freezes_a_sasrec_trained_on_its_own_data():
   assert {r.name: r.argv[3].split("=", 1)[1] for r in runs if r.variant == "d"} == {
     "d/seed1": os.path.join("w", "sasrec", "c", "seed1")
   }
+  # Another SASRec shape likewise: a SASRec of its own, trained with that shape.
+  runs, resolved = experiments.plan(
+    _grid(seeds="1", variants=("a: lora.rank=8", "e: sasrec.hidden=32"), reference="a"),
+    GRID_FILE, "w",
+  )  # fmt: skip
+  jobs = {r.name: r for r in runs if r.variant == "sasrec"}
+  assert list(jobs) == ["sasrec/seed1", "sasrec/e/seed1"]
+  assert configuration.load(jobs["sasrec/e/seed1"].config_path,
+                            jobs["sasrec/e/seed1"].overrides).sasrec.hidden == 32  # fmt: skip
+  assert configuration.load(jobs["sasrec/seed1"].config_path,
+                            jobs["sasrec/seed1"].overrides).sasrec.hidden != 32  # fmt: skip
+  e_run = next(r for r in runs if r.name == "e/seed1")
+  assert f"--config.sasrec.init_from={jobs['sasrec/e/seed1'].workdir}" in e_run.argv
 
 
 def test_common_train_overrides_reach_the_ilora_runs_only():
