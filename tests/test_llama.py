@@ -246,29 +246,44 @@ def _answer_length(row, eos, line_end, blank):
   return len(row)
 
 
+def _free_run(params, new: int):
+  """(module, tokens, mask, free): the test batch's `new` greedy tokens with no stop ids."""
+  module = llama.Llama(CFG)
+  tokens, mask = _tokens(), _left_pad_mask()
+  free, _ = llm.generate_tokens(
+    module, params, tokens, mask, max_new_tokens=new, eos_ids=(), pad_id=0
+  )
+  return module, tokens, mask, np.asarray(free)
+
+
+def _check_answers(run, free, line_end, blank) -> list[int]:
+  """Each row of `run` (tokens padded with -1, lengths) generated with `line_end`/`blank` ids
+  is the free row cut at `_answer_length`; returns those lengths."""
+  out, lengths = run
+  cuts = []
+  for b in range(B):
+    n = _answer_length(free[b].tolist(), (), line_end, blank)
+    assert int(lengths[b]) == n, (b, free[b], line_end, blank)
+    assert out[b, :n].tolist() == free[b, :n].tolist() and (np.asarray(out[b, n:]) == -1).all()
+    cuts.append(n)
+  return cuts
+
+
 def test_generation_ends_an_answer_at_a_line_end_after_its_text(params):
   """`line_end_ids` end a row only after a token that is not blank (leading blank lines are
   skipped); with `min_new_tokens=1` an end-of-text id cannot be the first token, which is then
   the best other one (Hugging Face's `min_new_tokens`)."""
-  module = llama.Llama(CFG)
-  tokens, mask = _tokens(), _left_pad_mask()
   new = 8
-  free, _ = llm.generate_tokens(
-    module, params, tokens, mask, max_new_tokens=new, eos_ids=(), pad_id=0
-  )
-  free = np.asarray(free)
+  module, tokens, mask, free = _free_run(params, new)
   lead = int(free[0, 0])  # Row 0's first token, made a line end and a blank.
   k = next(k for k in range(2, new) if free[0, k] != lead and (free[0, 1:k] != lead).any())
   line_end, blank = (lead, int(free[0, k])), (lead,)
-  out, lengths = llm.generate_tokens(
+  run = llm.generate_tokens(
     module, params, tokens, mask, max_new_tokens=new, eos_ids=(), pad_id=-1,
     line_end_ids=line_end, blank_ids=blank,
   )  # fmt: skip
-  for b in range(B):
-    n = _answer_length(free[b].tolist(), (), line_end, blank)
-    assert int(lengths[b]) == n, (b, free[b], line_end)
-    assert out[b, :n].tolist() == free[b, :n].tolist() and (np.asarray(out[b, n:]) == -1).all()
-  assert 1 < int(lengths[0]) < new  # Not ended by the line end first; ended by the later one.
+  cuts = _check_answers(run, free, line_end, blank)
+  assert 1 < cuts[0] < new  # Not ended by the line end first; ended by the later one.
   # The first token as an end of text, barred as the first token: the best other token.
   barred, _ = llm.generate_tokens(
     module, params, tokens, mask, max_new_tokens=2, eos_ids=(lead,), pad_id=0, min_new_tokens=1
@@ -287,26 +302,17 @@ def test_line_ends_before_an_answers_text_do_not_end_it(params):
   keeps the first line, so neither the first token nor a line end right after it (the
   second) may end the row. Row 0's first two free tokens are scripted as two line ends, then
   as a blank and a line end; the row must run on past its text to the next line end."""
-  module = llama.Llama(CFG)
-  tokens, mask = _tokens(), _left_pad_mask()
   new = 8
-  free, _ = llm.generate_tokens(
-    module, params, tokens, mask, max_new_tokens=new, eos_ids=(), pad_id=0
-  )
-  free = np.asarray(free)
+  module, tokens, mask, free = _free_run(params, new)
   t0, t1 = int(free[0, 0]), int(free[0, 1])
   assert t0 != t1  # The script needs two different leading tokens.
   for line_end, blank in (((t0, t1), ()), ((t1,), (t0,))):
-    out, lengths = llm.generate_tokens(
+    run = llm.generate_tokens(
       module, params, tokens, mask, max_new_tokens=new, eos_ids=(), pad_id=-1,
       line_end_ids=line_end, blank_ids=blank,
     )  # fmt: skip
-    for b in range(B):
-      n = _answer_length(free[b].tolist(), (), line_end, blank)
-      if b == 0:
-        assert 2 < n < new, (free[0], line_end, blank)  # Text, then a line end, in the budget.
-      assert int(lengths[b]) == n, (b, free[b], line_end, blank)
-      assert out[b, :n].tolist() == free[b, :n].tolist() and (np.asarray(out[b, n:]) == -1).all()
+    cuts = _check_answers(run, free, line_end, blank)
+    assert 2 < cuts[0] < new, (free[0], line_end, blank)  # Text, then a line end, in budget.
 
 
 def test_end_of_text_is_barred_for_the_first_min_new_tokens(params):
