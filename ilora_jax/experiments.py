@@ -670,8 +670,7 @@ def _value(record: dict, key: str) -> float | None:
 
 def _values(results: dict, variant: str, split: str, key: str) -> list[float]:
   seeds = results["runs"].get(variant, {})
-  found = (_value(seeds[s].get(split, {}), key) for s in sorted(seeds, key=int))
-  return [v for v in found if v is not None]
+  return _alike_values({s: finals.get(split, {}) for s, finals in seeds.items()}, key)
 
 
 def _by_candidates(results: dict, split: str, metrics: list[str]) -> list[tuple[str, dict]]:
@@ -708,6 +707,7 @@ def _alike(results: dict, split: str, keys: list[str]) -> list[tuple[dict, list[
 
 
 def _alike_values(records: dict, key: str) -> list[float]:
+  """`key` of each seed's record ({seed: record}) in seed order, where it holds a number."""
   found = (_value(records[s], key) for s in sorted(records, key=int))
   return [v for v in found if v is not None]
 
