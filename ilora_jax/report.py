@@ -304,6 +304,13 @@ def comparison(
   """Markdown lines of the per-split comparison tables (empty when nothing to compare);
   `theirs`: the compared runs' records by name, where already read."""
   lines = []
+  if compare and not finals_by_split(records):  # Nothing of this run to compare: say why.
+    sasrec = any(r.get("final") and r.get("stage") == "sasrec" for r in records)
+    why = "it has no final iLoRA evaluation yet"
+    if sasrec:
+      why = ("it has a SASRec stage only, whose final records hold no candidate fingerprint; "
+             "give --compare to an iLoRA run's report")  # fmt: skip
+    return [f"No comparison with {', '.join(compare)}: {why}.", ""]
   theirs = theirs if theirs is not None else {n: read_records(p) for n, p in compare.items()}
   others = {name: finals_by_split(theirs[name]) for name in compare}
   for split, rec in finals_by_split(records).items():

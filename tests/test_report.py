@@ -137,6 +137,35 @@ def test_a_compared_sasrec_only_run_says_why_it_is_not_compared(tmp_path):
   assert f"no final val evaluation in {going}" in going_row
 
 
+def test_a_report_of_a_run_without_ilora_finals_says_why_nothing_is_compared(tmp_path):
+  """--compare given to a SASRec-only workdir (or an iLoRA run not yet evaluated) names the
+  compared runs and the reason there is no comparison table, instead of dropping it."""
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "metrics.jsonl").write_text(json.dumps(
+    {"run": "ilora", "stage": "ilora", "split": "val", "step": 3, "final": True,
+     "candidates": "abc", "hr@1": 0.5}) + "\n")  # fmt: skip
+  for name, record, reason in (
+    (
+      "sas",
+      {"run": "sasrec", "stage": "sasrec", "split": "val", "step": 9, "final": True, "hr@1": 0.875},
+      "SASRec stage only",
+    ),  # fmt: skip
+    (
+      "going",
+      {"run": "ilora", "stage": "ilora", "split": "train", "step": 1, "loss": 2.0},
+      "no final iLoRA evaluation yet",
+    ),
+  ):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    summary = open(f"{report.write(str(d), {'theirs': str(other)})}/summary.md").read()
+    (line,) = [x for x in summary.splitlines() if x.startswith("No comparison with theirs: ")]
+    assert reason in line, line
+    assert "0.5000" not in summary and "## val: methods" not in summary
+
+
 def test_a_pipe_in_a_compare_name_or_a_record_keeps_the_tables_columns(tmp_path):
   """A compare name holding `|` (or a record's text, such as a skipped split's reason) is one
   cell of summary.md's tables, with its `|` escaped, not a column break."""
