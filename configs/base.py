@@ -21,7 +21,7 @@ def get_config() -> config_dict.ConfigDict:
   c.data.dir = ""  # Folder with the LLaRA files ("" only for synthetic or built data).
   c.data.train_file = "train_data.df"  # Training split, relative to data.dir.
   c.data.val_file = "Val_data.df"  # Validation split.
-  c.data.test_file = "Test_data.df"  # Test split; when absent, test evaluation is skipped.
+  c.data.test_file = "Test_data.df"  # Test split; when absent (or ""), test evaluation is skipped.
   c.data.titles_file = ""  # "" picks id2name.txt, else u.item.
   c.data.n_items = 0  # Items in the catalogue (padding id = n_items); 0 = from the titles.
   c.data.max_len = 10  # History length of the LLaRA files.

@@ -66,15 +66,25 @@ class Dataset:
     return value
 
 
-def _item_id(value, what: str) -> int:
-  """Item id of a DataFrame cell: an int, or the first element of an (id, rating) pair."""
-  if isinstance(value, (tuple, list, np.ndarray)):
-    if len(value) == 0:
-      raise UserError(f"{what}: empty item entry")
+def _item_id(value, pair: bool, where) -> int:
+  """Item id of a DataFrame cell: an int, or (`pair`) the first element of an (id, rating)
+  pair (the MovieLens files' form); any other sequence (a triple, a nested list) is refused,
+  not cut to its first element. `where()`: the cell, for a message."""
+  if pair:
+    if len(value) != 2:
+      raise UserError(
+        f"{where()}: an item entry is an id or an (id, rating) pair, got {len(value)} values "
+        f"{_shown(value)}"
+      )
     value = value[0]
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    raise UserError(f"{what}: item ids must be integers, got {type(value).__name__} {value!r}")
+    raise UserError(f"{where()}: item ids must be integers, got {type(value).__name__} {value!r}")
   return int(value)
+
+
+def _shown(value) -> str:
+  text = repr(value.tolist() if isinstance(value, np.ndarray) else value)
+  return text if len(text) <= 60 else text[:57] + "..."
 
 
 def split_from_dataframe(
@@ -100,9 +110,20 @@ def split_from_dataframe(
     raise UserError(f"{source}: the {name} split is empty")
   rows = len(frame)
 
+  form: list = [None, ""]  # Whether items are pairs, and where first seen: one form a file.
+
   def item(value, r: int, col: str, what: str) -> int:
+    pair = isinstance(value, (tuple, list, np.ndarray))
     # Checked as a Python int: one past int64 (a uint64 column) must not reach numpy.
-    i = _item_id(value, f"{source}: row {r} {what}")
+    i = _item_id(value, pair, lambda: f"{source}: row {r} {what}")
+    if pair is not form[0]:
+      if form[0] is not None:
+        forms = ("a plain id", "an (id, rating) pair")
+        raise UserError(
+          f"{source}: row {r} {what} is {forms[pair]} where {form[1]} is {forms[form[0]]}: a "
+          "file writes every item in one form"
+        )
+      form[:] = [pair, f"row {r} {what}"]
     if i < 0 or i > n_items or (col == "next" and i == n_items):
       raise UserError(
         f"{source}: row {r} column {col} has item id {i} outside "
@@ -181,13 +202,20 @@ def load_titles(path: str, keep_years: bool = False, articles: str = "as_is") ->
   with open(path, "rb") as f:
     raw = f.read()
   try:
-    text = raw.decode("latin-1" if is_uitem else "utf-8")
+    text = raw.decode("utf-8")
   except UnicodeDecodeError as exc:
-    raise UserError(f"titles file {path} is not valid UTF-8 ({exc})") from None
+    if not is_uitem:
+      line = raw[: exc.start].count(b"\n") + 1
+      bad = raw[exc.start : exc.start + 1]
+      raise UserError(
+        f"titles file {path} line {line} is not valid UTF-8 ({exc.reason} at byte {bad!r})"
+      ) from None
+    text = raw.decode("latin-1")  # MovieLens's own u.item; a re-saved one may be UTF-8.
   text = text.removeprefix("\ufeff")  # A byte-order mark some editors write first.
-  # Lines end at '\n' only: `splitlines` would also cut a title at U+2028 or U+0085.
+  # Lines end at '\n', '\r\n' or a lone '\r' (old Mac files); not at U+2028 or U+0085, where
+  # `splitlines` would also cut a title.
+  text = text.replace("\r\n", "\n").replace("\r", "\n")
   for lineno, line in enumerate(text.removesuffix("\n").split("\n"), 1):
-    line = line.removesuffix("\r")
     if not line.strip():
       continue
     try:
@@ -203,6 +231,8 @@ def load_titles(path: str, keep_years: bool = False, articles: str = "as_is") ->
     except (ValueError, IndexError):
       raise UserError(f"titles file {path} line {lineno} is malformed: {line[:60]!r}") from None
     where = f"titles file {path} line {lineno}"
+    if item < 0 and is_uitem:
+      raise UserError(f"{where}: item id {item + 1} is not positive (u.item ids start at 1)")
     if item < 0:
       raise UserError(f"{where}: item id {item} is negative")
     if not title:
@@ -428,7 +458,8 @@ def load_from_config(config, workdir: str) -> Dataset:
   if data.build:
     _build_if_needed(data, directory, train_path)
   if not os.path.isdir(directory):
-    raise UserError(f"data folder not found: {directory} (set config.data.dir)")
+    what = "is a file, not a folder" if os.path.exists(directory) else "not found"
+    raise UserError(f"data folder {what}: {directory} (set config.data.dir)")
   titles_path = titles_file(data, directory)
   # A run saved before the setting existed (its config.json lacks it) keeps the titles as is.
   titles = load_titles(titles_path, articles=data.get("movielens_articles", "as_is"))
@@ -439,7 +470,9 @@ def load_from_config(config, workdir: str) -> Dataset:
   val = load_split(os.path.join(directory, data.val_file), "val", *args)
   test_path = os.path.join(directory, data.test_file)
   test, reason = None, ""
-  if os.path.exists(test_path):
+  if not data.test_file:  # `--config.data.test_file=`: a data set without a test split.
+    reason = "no test file (config.data.test_file is empty)"
+  elif os.path.exists(test_path):
     test = load_split(test_path, "test", *args)
   else:
     reason = f"test file not found: {test_path}"

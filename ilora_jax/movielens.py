@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 
+from ilora_jax import console
 from ilora_jax.errors import UserError, require_file
 from ilora_jax.files import atomic_path, atomic_write
 
@@ -43,18 +44,21 @@ def read_ratings(raw_ratings: str = ""):
   if raw_ratings:
     require_file(raw_ratings, "MovieLens ratings file")
     try:
-      frame = pd.read_csv(
-        raw_ratings, sep="\t", header=None, names=["user_id", "movie_id", "rating", "timestamp"]
-      )
+      # Named after the count is checked: with names given, pandas would make the first of five
+      # fields an index (or drop the fifth) in silence.
+      frame = pd.read_csv(raw_ratings, sep="\t", header=None)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad file.
-      raise UserError(f"MovieLens ratings file {raw_ratings} is malformed ({exc})") from None
+      why = " ".join(str(exc).split())  # pandas' message may end in a line break.
+      raise UserError(f"MovieLens ratings file {raw_ratings} is malformed ({why})") from None
   else:
     frame = pd.read_parquet(_widedeep_file("MovieLens100k_data.parquet.brotli"))
   source = raw_ratings or "the MovieLens-100K copy"
   if frame.shape[1] != 4 or frame.isna().any().any():
     raise UserError(
-      f"{source}: MovieLens ratings must have 4 columns user, item, rating, timestamp"
+      f"{source}: MovieLens ratings must have 4 columns user, item, rating, timestamp (found "
+      f"{frame.shape[1]}{', with empty fields' if frame.shape[1] == 4 else ''})"
     )
+  frame.columns = ["user_id", "movie_id", "rating", "timestamp"]
   if not all(pd.api.types.is_integer_dtype(t) for t in frame.dtypes):
     raise UserError(
       f"{source}: MovieLens ratings must be 4 tab-separated integer columns "
@@ -62,6 +66,14 @@ def read_ratings(raw_ratings: str = ""):
     )
   if len(frame) and (frame["movie_id"].min() < 1 or frame["movie_id"].max() > N_ITEMS):
     raise UserError(f"{source}: MovieLens-100K item ids run from 1 to {N_ITEMS}")
+  twice = frame.duplicated(["user_id", "movie_id"])
+  if twice.any():  # MovieLens-100K rates each pair once: a file given twice, say?
+    first = frame[twice].iloc[0]
+    console.info(
+      f"warning: {source}: {int(twice.sum())} of {len(frame)} ratings repeat an earlier (user, "
+      f"item) pair (first user {first['user_id']} item {first['movie_id']}); each is kept as "
+      "an interaction of its own"
+    )
   return frame
 
 
@@ -69,10 +81,11 @@ def read_item_titles(raw_items: str = "") -> list[tuple[int, str]]:
   """Returns (movie_id, title with year) pairs from `u.item` or the widedeep copy."""
   import pandas as pd
 
-  if raw_items:
-    require_file(raw_items, "MovieLens u.item file")
-    with open(raw_items, encoding="latin-1") as f:
-      return [(int(line.split("|")[0]), line.split("|")[1]) for line in f if line.strip()]
+  if raw_items:  # Read, checked and decoded as the titles of a run are.
+    from ilora_jax.data import load_titles
+
+    titles = load_titles(raw_items, keep_years=True)
+    return [(item + 1, title) for item, title in sorted(titles.items())]
   frame = pd.read_parquet(_widedeep_file("MovieLens100k_items.parquet.brotli"))
   return [(int(m), str(t)) for m, t in zip(frame["movie_id"], frame["movie_title"])]
 

@@ -146,6 +146,18 @@ def test_split_drops_short_rows_and_reads_pairs():
       "row 1 has padding inside its first len_seq=4",
     ),
     (_frame([], [], []), "empty"),
+    # An item entry is an id or an (id, rating) pair; nothing is cut to its first element.
+    (_frame([[(1, 4, 0), (2, 3, 0), (3, 3, 0)]], [3], [(1, 2)]), r"seq\[0\]: .* got 3 values"),
+    (_frame([[1, 2, 3]], [3], [[4, 5, 6]]), r"row 0 next: .* got 3 values \[4, 5, 6\]"),
+    (_frame([[[1, 2, 7], 2, 3]], [3], [1]), "got 3 values"),
+    (
+      _frame([[1, 2, 3], [(1, 4), 2, 3]], [3, 3], [1, 1]),
+      r"row 1 seq\[0\] is an \(id, rating\) pair where row 0 seq\[0\] is a plain id",
+    ),  # fmt: skip
+    (
+      _frame([[(1, 4), (2, 4), (3, 4)]], [3], [1]),
+      r"row 0 next is a plain id where row 0 seq\[0\] is an \(id, rating\) pair",
+    ),  # fmt: skip
   ],
 )
 def test_malformed_splits_are_clear_errors(frame, message):
@@ -245,6 +257,32 @@ def test_titles_formats(tmp_path):
     data.load_titles(str(tmp_path / "bad.txt"))
 
 
+def test_titles_of_odd_encodings_and_line_ends(tmp_path):
+  """A u.item re-saved as UTF-8 keeps its accents (MovieLens's own is latin-1), with or
+  without a byte-order mark; old-Mac line ends (a lone CR) end lines; a latin-1 id2name.txt
+  is refused naming its line; a 0-based u.item is told that its ids start at 1."""
+  lines = "1|Toy Story (1995)|x\n2|Misérables, Les (1995)|x\n"
+  for name, raw in (
+    ("latin1", lines.encode("latin-1")),
+    ("utf8", lines.encode("utf-8")),
+    ("bom", "\ufeff".encode() + lines.encode("utf-8")),
+    ("mac", lines.replace("\n", "\r").encode("latin-1")),
+  ):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "u.item").write_bytes(raw)
+    got = data.load_titles(str(tmp_path / name / "u.item"))
+    assert got == {0: "Toy Story", 1: "Misérables, Les"}, name
+  (tmp_path / "id2name.txt").write_bytes("0::Air\r1::Café\r".encode())
+  assert data.load_titles(str(tmp_path / "id2name.txt")) == {0: "Air", 1: "Café"}
+  (tmp_path / "id2name.txt").write_bytes("0::Air\n1::Café\n".encode("latin-1"))
+  with pytest.raises(UserError, match=r"line 2 is not valid UTF-8 \(invalid .* at byte b'\\xe9'\)"):
+    data.load_titles(str(tmp_path / "id2name.txt"))
+  (tmp_path / "zero").mkdir()
+  (tmp_path / "zero" / "u.item").write_text("0|Toy Story (1995)|x\n")
+  with pytest.raises(UserError, match=r"line 1: item id 0 is not positive \(u.item ids start at 1"):
+    data.load_titles(str(tmp_path / "zero" / "u.item"))
+
+
 @pytest.mark.parametrize(
   "text,message",
   [
@@ -286,6 +324,15 @@ def test_titles_must_cover_the_catalogue_exactly(tmp_path):
 def test_titles_past_the_catalogue_are_an_error(tmp_path):
   config = _folder_config(tmp_path / "b", 12, 9)
   with pytest.raises(UserError, match=r"3 item id\(s\) >= config.data.n_items=9 \(first 9\)"):
+    data.load_from_config(config, str(tmp_path))
+
+
+def test_an_empty_test_file_setting_skips_the_test_split_and_a_file_is_no_data_folder(tmp_path):
+  dataset = data.load_from_config(_folder_config(tmp_path, 9, 9, test_file=""), str(tmp_path))
+  assert dataset.test is None and "config.data.test_file is empty" in dataset.test_missing_reason
+  config = _folder_config(tmp_path / "b", 9, 9)
+  config.data.dir = str(tmp_path / "b" / "d" / "id2name.txt")
+  with pytest.raises(UserError, match="data folder is a file, not a folder: .*id2name.txt"):
     data.load_from_config(config, str(tmp_path))
 
 
@@ -335,6 +382,29 @@ def test_a_failed_build_writes_nothing_and_a_built_split_is_never_swapped(tmp_pa
   again = data.load_from_config(_build_config(tmp_path, moved), work)
   np.testing.assert_array_equal(first.val.seq, again.val.seq)
   assert "building" not in capsys.readouterr().err  # Built once in all.
+
+
+def test_odd_u_data_files_are_refused_or_warned(tmp_path, capsys):
+  """A u.data with a fifth field is refused (pandas would have made the first field an index
+  or dropped the last, in silence: ratings read as item ids); a ragged line is one line of
+  error; a rating given twice is kept, with a warning that says how many."""
+  path, lines = _raw_ratings(tmp_path)
+  five = tmp_path / "five.data"
+  five.write_text("".join(f"{line}\t7\n" for line in lines))
+  with pytest.raises(UserError, match=r"must have 4 columns .*\(found 5\)"):
+    movielens.read_ratings(str(five))
+  ragged = tmp_path / "ragged.data"
+  ragged.write_text(f"{lines[0]}\n{lines[1]}\t7\n")
+  with pytest.raises(UserError, match="malformed .*Expected 4 fields in line 2, saw 5") as info:
+    movielens.read_ratings(str(ragged))
+  assert "\n" not in str(info.value)
+  twice = tmp_path / "twice.data"
+  twice.write_text(f"{path.read_text()}{path.read_text()}")
+  capsys.readouterr()
+  assert len(movielens.read_ratings(str(twice))) == 2 * len(lines)
+  repeats = len(lines) - len({tuple(line.split("\t")[:2]) for line in lines})
+  assert (f"{len(lines) + repeats} of {2 * len(lines)} ratings repeat an earlier (user, item) "
+          f"pair") in capsys.readouterr().err  # fmt: skip
 
 
 def test_real_titles_and_splits_load():
