@@ -39,8 +39,9 @@ _FLOATS = ("float32", "bfloat16", "float16")
 
 
 def check(model: str, dtype: str, sizes: dict[str, int]) -> None:
-  """Refuses a model that is no preset, a dtype that is no float dtype and a size below 1,
-  naming the flag, before anything is compiled or printed."""
+  """Refuses a model that is no preset, a dtype that is no float dtype, a size below 1 and a
+  packed length the candidates cannot have (`check_packed`), naming the flag, before anything
+  is compiled or printed."""
   if model not in llm.PRESETS:
     raise errors.UserError(f"--model={model} is not a preset: one of {sorted(llm.PRESETS)}")
   try:
@@ -52,6 +53,23 @@ def check(model: str, dtype: str, sizes: dict[str, int]) -> None:
   for flag, value in sizes.items():
     if value < 1:
       raise errors.UserError(f"--{flag}={value}: must be >= 1")
+  check_packed(sizes["candidates"], sizes["candidate_len"], sizes["packed_len"])
+
+
+def check_packed(n: int, cl: int, packed: int) -> None:
+  """Refuses a packed length that cannot be an evaluation's for `n` candidates padded to `cl`
+  tokens: the packed pass drops the tokens past it (`scoring.candidate_loglik`), so it must
+  hold the least the candidates fill (the longest one's `cl` tokens and at least one token of
+  each other); and `scoring.packed_length` never exceeds their `n * cl` slots rounded up to
+  its multiple of 32 (every candidate full)."""
+  least = cl + n - 1
+  most = scoring.packed_length(np.ones((1, n, cl), np.int32))
+  if not least <= packed <= most:
+    raise errors.UserError(
+      f"--packed_len={packed}: {n} candidates of up to {cl} tokens pack into {least} to {most} "
+      f"slots (the longest candidate's {cl} and one token of each other, up to every slot "
+      "full, rounded up to 32)"
+    )
 
 
 def measure(model: str, dtype: str, b: int, t: int, new: int, n: int, cl: int, packed: int):
@@ -67,17 +85,19 @@ def measure(model: str, dtype: str, b: int, t: int, new: int, n: int, cl: int, p
   cache_bytes = 2 * cfg.num_layers * b * cfg.num_kv_heads * slots * cfg.head_dim
   cache_bytes *= jnp.dtype(cfg.dtype).itemsize
 
-  def temp(jitted, *args, **kwargs) -> int:  # The package's own jitted function, top level.
+  def temp(name, jitted, *args, **kwargs) -> int:  # The package's own jitted function.
+    console.info(f"eval_memory: compiling {name} ({len(out) + 1} of 4)")
     return bench.temp_bytes(jitted.lower(module, *args, **kwargs).compile())
 
   gen = dict(max_new_tokens=new, eos_ids=(), pad_id=0)
   args = (params, prompt, prompt, cands, cands)
-  out = {"generate": temp(llm.generate_tokens, *args[:3], **gen)}
-  out["score"] = temp(scoring.candidate_loglik, *args, packed_len=packed)
+  out = {}
+  out["generate"] = temp("generate", llm.generate_tokens, *args[:3], **gen)
+  out["score"] = temp("score", scoring.candidate_loglik, *args, packed_len=packed)
   for keep in (True, False):
-    out[f"both_keep_cache_{keep}"] = temp(
-      scoring.generate_and_score, *args, **gen, packed_len=packed, keep_cache=keep
-    )
+    name = f"both_keep_cache_{keep}"
+    out[name] = temp(name, scoring.generate_and_score, *args, **gen, packed_len=packed,
+                     keep_cache=keep)  # fmt: skip
   return out, cache_bytes
 
 

@@ -27,7 +27,11 @@
 # Each command has its own time limit, so one failure still leaves the other results.
 set -u
 RESULTS=${1:-${OUT:-bench_results}}
-mkdir -p "$RESULTS"
+# A results folder that cannot be made or written would keep nothing of ~8 GPU minutes.
+if ! mkdir -p "$RESULTS" 2>/dev/null || ! [ -d "$RESULTS" ] || ! [ -w "$RESULTS" ]; then
+  echo "error: gpu.sh: cannot create or write the results folder $RESULTS" >&2
+  exit 2
+fi
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 PY=${PYTHON:-python3}
 CFG=--config=configs/movielens.py
@@ -115,11 +119,12 @@ for name in ("smoke", "smoke_linear_router", "jax_7b", "jax_7b_gen160", "jax_7b_
 print(f"{'run':<20}{'tokens/s':>10}{'step s':>9}{'GiB':>7}{'MFU':>7}{'compile s':>10}"
       f"{'of it XLA':>10}{'gen p/s':>9}{'unrolled':>9}{'both p/s':>9}")
 for name, r in rows.items():
-  gib = (r.get("peak_bytes") or 0) / 2**30
-  print(f"{name:<20}{r.get('tokens_per_s', 0):>10.0f}{r.get('step_s', 0):>9.3f}{gib:>7.1f}"
-        f"{r.get('mfu', 0):>7.3f}{r.get('compile_s', 0):>10.1f}{r.get('compile_xla_s', 0):>10.1f}"
-        f"{r.get('eval_gen_prompts_per_s', 0):>9.1f}{r.get('eval_gen_alt_prompts_per_s', 0):>9.1f}"
-        f"{r.get('eval_both_prompts_per_s', 0):>9.1f}")
+  r0 = lambda key: r.get(key) or 0  # Absent, or null (no train step in a generation run).
+  gib = r0("peak_bytes") / 2**30
+  print(f"{name:<20}{r0('tokens_per_s'):>10.0f}{r0('step_s'):>9.3f}{gib:>7.1f}"
+        f"{r0('mfu'):>7.3f}{r0('compile_s'):>10.1f}{r0('compile_xla_s'):>10.1f}"
+        f"{r0('eval_gen_prompts_per_s'):>9.1f}{r0('eval_gen_alt_prompts_per_s'):>9.1f}"
+        f"{r0('eval_both_prompts_per_s'):>9.1f}")
 # The card against the roofline model of the same compiled programs (ilora_jax.roofline).
 for name, r in rows.items():
   for measured, model in [("step_s", "roofline_step_s")] + [

@@ -13,12 +13,16 @@ one JSON object:
   eval_score_* for candidate scoring and eval_both_* for both from one prefill (as a
   validation pass runs them). compile_s splits into compile_trace_s (tracing and
   lowering, in Python) and compile_xla_s (XLA itself); temp_bytes is XLA's scratch memory of
-  the step (a memory figure where the backend reports no peak, as on a CPU).
+  the step (a memory figure where the backend reports no peak, as on a CPU). A figure that
+  was not measured is null (the train step's with bench.train=False), and the table says why.
+  Progress lines go to stderr.
 
 With --config.bench.eval_data=True it instead times the two evaluation modes on real prompts:
 the split `bench.eval_split` of config.data with the run's candidates, greedy generation of up
 to `ilora.max_new_tokens` (early stop at the newline) against the shared-prefill scoring of the
-candidates, each over `bench.eval_rows` rows twice (the first pass compiles). Keys:
+candidates, each over `bench.eval_rows` rows twice (the first pass compiles), in batches of
+`ilora.eval_batch_size` as training's evaluation (its `eval_batch_size` key; giving
+`--config.bench.eval_batch_size` there is refused). Keys:
 eval_data_generate_prompts_per_s, eval_data_score_prompts_per_s, eval_data_score_speedup, ...
 
   python -m ilora_jax.bench --config=configs/movielens.py --config.llm.name=smollm2-135m \
@@ -100,6 +104,19 @@ def check_config(config) -> None:
 
   if bc.eval_data and bc.eval_split not in SPLITS:
     raise UserError(f"config.bench.eval_split={bc.eval_split!r} must be one of {', '.join(SPLITS)}")
+
+
+def check_eval_data_overrides(config, argv: list[str]) -> None:
+  """Refuses `--config.bench.eval_batch_size` given with `bench.eval_data`: that mode's
+  evaluator batches its rows by `ilora.eval_batch_size` (as training's evaluation does), so
+  the flag would be ignored in silence."""
+  given = any(a.split("=", 1)[0] == "--config.bench.eval_batch_size" for a in argv)
+  if config.bench.eval_data and given:
+    raise UserError(
+      "config.bench.eval_batch_size is not read with config.bench.eval_data=True: the "
+      f"evaluation batches by config.ilora.eval_batch_size (now {config.ilora.eval_batch_size}); "
+      "set that instead"
+    )
 
 
 def _peak_bytes() -> int | None:
@@ -389,22 +406,29 @@ def train_stepper(config):
 
 
 def bench_train(config, mesh, parts, frozen, state, make_tx) -> tuple[dict, dict]:
+  from ilora_jax import console
+
   bc = config.bench
+  console.info(f"bench: compiling the train step (batch {bc.batch_size} x {bc.seq_len})")
   compiled, batch, compile_times = compile_train_step(config, mesh, parts, frozen, state, make_tx)
+  compile_s = compile_times["trace"] + compile_times["xla"]
+  console.info(f"bench: compiled in {compile_s:.1f} s; warm-up, {bc.warmup} steps")
   for _ in range(bc.warmup):
     state, metrics = compiled(state, frozen, batch)
   jax.block_until_ready(state)
+  console.info(f"bench: timing {bc.steps} train steps")
   t0 = time.perf_counter()
   for _ in range(bc.steps):
     state, metrics = compiled(state, frozen, batch)
   jax.block_until_ready((state, metrics))
   step_s = (time.perf_counter() - t0) / max(bc.steps, 1)
+  console.info(f"bench: train step {step_s:.3f} s")
   tokens = bc.grad_accum * bc.batch_size * bc.seq_len
   flops = train_flops_per_token(parts.model.config, bc.seq_len) * tokens
   result = {
     "step_s": step_s,
     "tokens_per_s": tokens / step_s,
-    "compile_s": compile_times["trace"] + compile_times["xla"],
+    "compile_s": compile_s,
     "compile_trace_s": compile_times["trace"],
     "compile_xla_s": compile_times["xla"],
     "peak_bytes": _peak_bytes(),
@@ -523,25 +547,43 @@ def decode_step_s(batch_s: float, prefill_s: float, new: int) -> float | None:
   return (batch_s - prefill_s) / (new - 1)
 
 
-# What a null figure of `run`'s result means, shown in its table (`_null_note`).
-_NULL_NOTES = {
-  "batch_size": "null: no train step ran (bench.train=False)",
-  "grad_accum": "null: no train step ran (bench.train=False)",
-  "seq_len": "null: no train step ran (bench.train=False)",
-}
+# The train step's figures: null where no train step ran (`run`).
+TRAIN_KEYS = ("step_s", "tokens_per_s", "compile_s", "compile_trace_s", "compile_xla_s",
+              "peak_bytes", "temp_bytes", "mfu", "loss", "roofline_step_s")  # fmt: skip
+# The shape of the random-batch evaluation figures: null where no evaluation ran (`run`).
+EVAL_SHAPE_KEYS = ("eval_batch_size", "eval_prompt_len", "eval_new_tokens", "eval_candidates",
+                   "eval_candidate_len")  # fmt: skip
 
 
-def _null_note(key: str) -> str:
+def _null_note(key: str, result: dict) -> str:
+  """What the null figure `key` of `run`'s `result` means, shown in its table."""
+  if key in ("batch_size", "grad_accum", "seq_len") or (
+    key in TRAIN_KEYS and result.get("step_s") is None
+  ):
+    return "null: no train step ran (bench.train=False)"
+  if key.endswith("roofline_s"):
+    return "null: no roofline model of this device (ilora_jax.roofline), or its failure above"
+  if key == "peak_bytes":
+    return "null: the backend reports no peak memory (a CPU's: see temp_bytes)"
+  if key.endswith("temp_bytes"):
+    return "null: XLA reports no memory analysis of this program"
   if key.endswith("decode_step_s"):
+    if (result.get("eval_new_tokens") or 0) < 2:
+      return "null: one new token (bench.eval_new_tokens=1) is the prefill alone: no decode step"
     return "null: the generation was not slower than its prefill alone (decode below the noise)"
-  if key in _NULL_NOTES:
-    return _NULL_NOTES[key]
-  if key.startswith("eval_") and key[len("eval_") :] in _LEAST:
-    return "null: not timed (bench.eval=False, or no candidates)"
+  if key.startswith("eval_data_") and key.endswith("_compile_s"):
+    return "null: the compile pass was not slower than the timed pass (compile below the noise)"
+  if key in EVAL_SHAPE_KEYS:
+    if result.get("eval_batch_size") is None:
+      return "null: no evaluation ran (bench.eval=False)"
+    if key == "eval_candidate_len":
+      return "null: no candidates scored (bench.eval_candidates=0)"
   return "null"
 
 
 def bench_generate(config, parts, frozen, state) -> dict:
+  from ilora_jax import console
+
   bc = config.bench
   b, new = bc.eval_batch_size, bc.eval_new_tokens
   runner = generation_runner(config, parts, frozen, state)
@@ -551,14 +593,19 @@ def bench_generate(config, parts, frozen, state) -> dict:
   if bc.decode_both:
     modes.append(not modes[0])
   outputs = []
+  loop = {False: "scanned", True: "unrolled"}
   for unroll in modes:
     prefix = "eval_gen_" if unroll == modes[0] else "eval_gen_alt_"
     # Timed as scoring is below: the compiled program alone, on inputs prepared once (the
     # gates, merged adapters and item embeddings of `runner.inputs` are not in the times).
+    what = f"generation ({loop[unroll]} decode, batch {b}, {new} new tokens)"
+    console.info(f"bench: compiling {what}")
     compiled, run_compiled, compile_times = runner.compile(unroll, new)
+    console.info(f"bench: timing {what}, 4 calls")
     out, _, batch_s = _timed(run_compiled)
     outputs.append(np.asarray(out[0]))
     # The prefill alone (one new token), so that the decode steps' own time is visible.
+    console.info("bench: compiling and timing its prefill alone, 4 calls")
     _, run_prefill, _ = runner.compile(unroll, 1)
     _, _, prefill_s = _timed(run_prefill)
     result.update(
@@ -591,6 +638,7 @@ def bench_generate(config, parts, frozen, state) -> dict:
   args, kwargs = runner.inputs()  # (params, ids, attention); gates, item embeddings
   args, module = (*args, ctoks, cmask), parts.model.module
   score = dict(chunk=chunk, packed_len=packed_len)
+  console.info(f"bench: compiling and timing candidate scoring ({n} candidates), 4 calls")
   result.update(_compiled_pass("eval_score_", b, scoring.candidate_loglik, score, module, *args,
                                **kwargs))  # fmt: skip
   result["eval_score_candidates"] = n
@@ -598,6 +646,7 @@ def bench_generate(config, parts, frozen, state) -> dict:
   result["eval_score_speedup"] = result["eval_gen_batch_s"] / result["eval_score_batch_s"]
   # Both modes from one prefill, as a validation pass runs them (`ilora.eval_shared_prefill`).
   both = dict(max_new_tokens=new, eos_ids=(), pad_id=0, unroll=modes[0], **score)
+  console.info("bench: compiling and timing both from one prefill, 4 calls")
   result.update(_compiled_pass("eval_both_", b, scoring.generate_and_score, both, module, *args,
                                **kwargs))  # fmt: skip
   return result
@@ -619,15 +668,18 @@ def bench_eval_data(config, workdir: str) -> dict:
     ev = train_ilora.Evaluator(su.parts, cfg, split, su.gate_kind, su.mesh)
     rows = len(ev.idx)
     passes = []
-    for _ in range(2):  # The first pass compiles (prompt lengths are bucketed), then timed.
+    for label in ("compile pass", "timed pass"):  # The first compiles (lengths are bucketed).
+      console.info(f"bench: {mode}, {rows} rows of {split.name}: {label}")
       metrics = ev(st["trainable"], st["stats"], su.frozen, config.progress)
       passes.append(dict(ev.timings))
     seconds = passes[1][mode] + passes[1].get("prepare", 0.0)  # Gate, merge, projector too.
+    compile_s = passes[0][mode] - passes[1][mode]
     result.update(
       {
         f"eval_data_{mode}_s": seconds,
         f"eval_data_{mode}_prompts_per_s": rows / seconds,
-        f"eval_data_{mode}_compile_s": max(passes[0][mode] - passes[1][mode], 0.0),
+        # The compile pass's extra seconds; null (never clamped) where it was not slower.
+        f"eval_data_{mode}_compile_s": compile_s if compile_s > 0 else None,
       }
     )
     if mode == "generate":
@@ -647,7 +699,7 @@ def check_attention(config, mesh, parts, frozen, state) -> dict:
   cuDNN attention on a GPU, splash attention on a TPU (anywhere else, interpreted)."""
   import dataclasses
 
-  from ilora_jax import llm, train_ilora
+  from ilora_jax import console, llm, train_ilora
 
   bc = config.bench
   host = random_batch(parts, 1, bc.batch_size, bc.seq_len, bc.target_tokens, seed=2)
@@ -661,6 +713,7 @@ def check_attention(config, mesh, parts, frozen, state) -> dict:
   losses = {}
   fused = "cudnn" if jax.default_backend() == "gpu" else "splash"
   for impl in ("xla", fused):
+    console.info(f"bench: attention check, the loss of one batch with {impl} attention")
     kernel_mesh = train_ilora.splash_mesh(impl, mesh)
     cfg = parts.model.config.replace(attention=impl, kernel_mesh=kernel_mesh)
     model = llm.LLM(cfg, parts.model.params, parts.model.tokenizer, parts.model.module.adapter)
@@ -699,13 +752,16 @@ def run(config, workdir: str | None = None) -> dict:
         result.update(bench_eval_data(config, scratch))
     _print(result)
     return result
+  bc = config.bench
   mesh = sharding.make_mesh(config.mesh)
-  sharding.batch_size_per_shard(mesh, config.bench.batch_size)
+  if bc.train:  # Only the train step shards its batch over the data shards.
+    sharding.batch_size_per_shard(mesh, bc.batch_size)
+  console.info(f"bench: building {config.llm.name}")
   t0 = time.perf_counter()
   parts, frozen, state, make_tx = build(config, mesh)
   jax.block_until_ready(frozen)
   console.info(f"bench: built {config.llm.name} in {time.perf_counter() - t0:.1f} s")
-  bc = config.bench
+  warn_positions(config, parts.model.config.max_position_embeddings)
   trained = bc.train or bc.check_attention  # The runs that use the train batch's shape.
   evaluated = bc.eval  # Null where nothing ran at that shape.
   result = {
@@ -725,15 +781,41 @@ def run(config, workdir: str | None = None) -> dict:
     "eval_candidates": bc.eval_candidates if evaluated else None,
     "eval_candidate_len": bc.eval_candidate_len if evaluated and bc.eval_candidates else None,
   }
-  if config.bench.check_attention:
-    result.update(check_attention(config, mesh, parts, frozen, state))
   if config.bench.train:
     train, state = bench_train(config, mesh, parts, frozen, state, make_tx)
     result.update(train)
+  else:
+    result.update(dict.fromkeys(TRAIN_KEYS))
+  # After the train step: its peak_bytes (the device's peak so far, which JAX cannot reset)
+  # holds no pass of this check.
+  if config.bench.check_attention:
+    result.update(check_attention(config, mesh, parts, frozen, state))
   if config.bench.eval:
     result.update(bench_generate(config, parts, frozen, state))
   _print(result)
   return result
+
+
+def warn_positions(config, max_positions: int) -> None:
+  """One warning line on stderr for each benchmark shape that runs past the model's
+  `max_position_embeddings`: rotary positions are computed for any position (no table to
+  overflow), so the run goes on, but the model was not trained there."""
+  from ilora_jax import console
+
+  bc = config.bench
+  shapes = []
+  if bc.train or bc.check_attention:
+    shapes.append(("config.bench.seq_len", bc.seq_len, bc.seq_len))
+  if bc.eval and not bc.eval_data:
+    extra = max(bc.eval_new_tokens, bc.eval_candidate_len if bc.eval_candidates else 0)
+    shapes.append(("config.bench.eval_prompt_len", bc.eval_prompt_len, bc.eval_prompt_len + extra))
+  for name, value, reach in shapes:
+    if reach > max_positions:
+      console.info(
+        f"warning: {name}={value} reaches position {reach}, past {config.llm.name}'s "
+        f"max_position_embeddings={max_positions}: timed as given, but the model was not "
+        "trained at those positions"
+      )
 
 
 def _print(result: dict) -> None:
@@ -741,7 +823,7 @@ def _print(result: dict) -> None:
   for key, value in result.items():
     shown = f"{value:.4g}" if isinstance(value, float) else str(value)
     if value is None:
-      shown = _null_note(key)
+      shown = _null_note(key, result)
     print(f"{key:<{width}}  {shown}")
   print(json.dumps(result), flush=True)
 
@@ -751,8 +833,10 @@ def main(argv: list[str] | None = None) -> None:
   from ilora_jax import main as main_lib
 
   flags.FLAGS.set_default("workdir", _NO_WORKDIR)  # Optional here: only eval_data reads one.
-  config, workdir = main_lib.parse(list(sys.argv if argv is None else argv))
+  argv = list(sys.argv if argv is None else argv)
+  config, workdir = main_lib.parse(argv)
   check_config(config)
+  check_eval_data_overrides(config, argv)
   from ilora_jax import compile_cache, configuration, console
 
   configuration.validate(config)

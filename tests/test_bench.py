@@ -66,16 +66,34 @@ def test_bench_train_generate_and_score_keys():
 
 def test_bench_generation_alone():
   """`bench.train=False` and `bench.eval_candidates=0`: generation keys only (gpu.sh times
-  generation at a large batch this way, where 20 candidates' caches would not fit)."""
+  generation at a large batch this way, where 20 candidates' caches would not fit). On two
+  devices with a train batch of 3, which does not divide over them: no train step runs, so
+  it is not refused (it was)."""
+  from conftest import xla_flags
+
   proc = run_cli(TINY, *SMALL, "--config.bench.train=False", "--config.bench.eval_candidates=0",
-                 module="ilora_jax.bench")  # fmt: skip
+                 "--config.bench.eval_new_tokens=1", "--config.bench.batch_size=3",
+                 module="ilora_jax.bench", env={"XLA_FLAGS": xla_flags(2)})  # fmt: skip
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert result["eval_gen_prompts_per_s"] > 0
-  assert not [k for k in result if k.startswith(("eval_score", "eval_both")) or k == "step_s"]
-  # No train step ran: no train shape is reported for it.
-  assert result["batch_size"] is None and result["seq_len"] is None
+  assert result["eval_gen_prompts_per_s"] > 0 and result["devices"] == 2
+  assert not [k for k in result if k.startswith(("eval_score", "eval_both"))]
+  # No train step ran: its figures and shape are null (were absent), each with its reason.
+  train = ("step_s", "tokens_per_s", "compile_s", "peak_bytes", "temp_bytes", "mfu", "loss",
+           "batch_size", "seq_len")  # fmt: skip
+  assert all(k in result and result[k] is None for k in train), result
   assert result["eval_candidates"] == 0 and result["eval_prompt_len"] == 64
+  table = dict(line.split(None, 1) for line in proc.stdout.strip().splitlines()[:-1])
+  for key in train:
+    assert table[key] == "null: no train step ran (bench.train=False)", key
+  # One new token: the prefill alone, no decode step (was called decode below the noise).
+  assert result["eval_gen_decode_step_s"] is None
+  assert table["eval_gen_decode_step_s"].startswith("null: one new token"), table
+  assert result["eval_candidate_len"] is None
+  assert table["eval_candidate_len"] == "null: no candidates scored (bench.eval_candidates=0)"
+  # Progress on stderr, phase by phase.
+  for phase in ("bench: building tiny", "bench: compiling generation", "bench: timing generation"):
+    assert phase in proc.stderr, proc.stderr
 
 
 def test_bench_trains_with_splash_attention_and_checks_it_against_einsum():
@@ -127,6 +145,19 @@ def test_gpu_script_stops_at_once_without_a_gpu(tmp_path):
   assert proc.returncode == 2
   assert_one_line_error(proc, "gpu.sh", "not gpu")
   assert not list((tmp_path / "results").iterdir())  # No benchmark ran.
+
+
+def test_gpu_script_stops_at_once_without_a_results_folder(tmp_path):
+  """A results folder that cannot be created: one error line before anything runs (mkdir
+  failed and the script went on, keeping nothing of its GPU minutes)."""
+  taken = tmp_path / "afile"
+  taken.write_text("")
+  for bad in (taken, taken / "sub"):
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu.sh"), str(bad)], cwd=ROOT,
+                          env={**os.environ, "PYTHON": "false"}, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert_one_line_error(proc, f"cannot create or write the results folder {bad}")
+    assert not proc.stdout
 
 
 def test_ab_step_times_variants_in_alternation():
@@ -415,6 +446,11 @@ def test_profile_step_splits_generation_into_prefill_and_decode_steps(tmp_path):
     ("warmup=-1", "config.bench.warmup=-1 must be an integer >= 0"),
     ("peak_flops=0", "config.bench.peak_flops=0.0 must be a positive number"),
     ("train=False --config.bench.eval=False", "are both False (and eval_data and "),
+    # That mode batches by ilora.eval_batch_size: the flag would be ignored in silence.
+    (
+      "eval_data=True --config.bench.eval_batch_size=4",
+      "config.bench.eval_batch_size is not read with config.bench.eval_data=True",
+    ),
   ],
 )
 def test_bench_rejects_impossible_fields_before_any_work(override, fragment):
@@ -591,8 +627,23 @@ def test_decode_step_is_null_where_the_generation_is_not_slower_than_its_prefill
   assert bench.decode_step_s(0.7, 0.1, 4) == pytest.approx(0.2)
   assert bench.decode_step_s(0.1, 0.2, 4) is None and bench.decode_step_s(0.2, 0.2, 4) is None
   assert bench.decode_step_s(0.3, 0.1, 1) is None  # One new token: no decode step.
-  assert bench._null_note("eval_gen_alt_decode_step_s").startswith("null: the generation")
-  assert bench._null_note("batch_size").startswith("null: no train step")
+  timed = {"step_s": 0.1, "eval_batch_size": 2, "eval_new_tokens": 4, "eval_candidates": 3}
+  note = functools.partial(bench._null_note, result=timed)
+  assert note("eval_gen_alt_decode_step_s").startswith("null: the generation was not slower")
+  assert note("batch_size").startswith("null: no train step")
+  assert note("peak_bytes").startswith("null: the backend reports no peak")
+  assert note("eval_score_roofline_s").startswith("null: no roofline model")
+  assert note("eval_data_score_compile_s").startswith("null: the compile pass was not slower")
+  # Each null its own reason (the eval_* shape keys had none, one new token was "noise").
+  one = {"step_s": 0.1, "eval_batch_size": 2, "eval_new_tokens": 1, "eval_candidates": 0}
+  assert bench._null_note("eval_gen_decode_step_s", one).startswith("null: one new token")
+  assert bench._null_note("eval_candidate_len", one).startswith("null: no candidates scored")
+  off = dict.fromkeys(bench.EVAL_SHAPE_KEYS) | {"step_s": 0.1}
+  for key in bench.EVAL_SHAPE_KEYS:
+    assert bench._null_note(key, off) == "null: no evaluation ran (bench.eval=False)", key
+  untrained = dict.fromkeys(bench.TRAIN_KEYS) | {"eval_batch_size": 2}
+  for key in bench.TRAIN_KEYS:
+    assert bench._null_note(key, untrained).startswith("null: no train step ran"), key
 
 
 def test_ab_eval_variants_may_change_only_what_each_evaluator_reads():
@@ -622,6 +673,14 @@ def test_ab_eval_variants_may_change_only_what_each_evaluator_reads():
     ("padding.py", ["--eval_split=bogus"], "--eval_split='bogus' must be one of"),
     ("eval_memory.py", ["--model=tiny", "--batch=0"], "--batch=0: must be >= 1"),
     ("eval_memory.py", ["--model=tiny", "--dtype=int32"], "--dtype=int32 is not one of"),
+    # Packed slots fewer than the candidates fill (the longest's 4, one of each other), or
+    # more than every slot full rounded up to 32: no evaluation has that shape.
+    ("eval_memory.py", ["--model=tiny", "--candidates=3", "--candidate_len=4", "--packed_len=1"],
+     "--packed_len=1: 3 candidates of up to 4 tokens pack into 6 to 32 slots"),
+    ("eval_memory.py", ["--model=tiny", "--candidates=3", "--candidate_len=4", "--packed_len=5"],
+     "--packed_len=5: 3 candidates"),
+    ("eval_memory.py", ["--model=tiny", "--candidates=3", "--candidate_len=4", "--packed_len=33"],
+     "--packed_len=33: 3 candidates"),
     # absl's own failures (a config file, a key, a flag value), as `ilora_jax.bench` words them
     ("ab_step.py", ["--config=configs/nonexist.py"],
      "cannot load config file configs/nonexist.py: not found or not a config file"),
@@ -757,3 +816,21 @@ esac
   assert result["jax_step_s"] == [0.2, 0.3] and result["torch_original_step_s"] == 0.4
   failing = 'case "$*" in *"import jax"*) exit 1 ;; *) echo "error: boom" >&2; exit 2 ;; esac\n'
   assert_one_line_error(_compare(tmp_path, "tiny", fake=failing), "error: boom")
+
+
+def test_bench_warns_of_shapes_past_the_models_positions(capsys):
+  """Rotary positions are computed for any position (no table to run past): a shape beyond
+  `max_position_embeddings` is timed, with one warning line per shape."""
+  from ilora_jax import bench, configuration
+
+  config = configuration.load(f"{ROOT}/configs/tiny.py", ["bench.seq_len=2100"])
+  bench.warn_positions(config, 2048)
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("warning: config.bench.seq_len=2100"), lines
+  assert "max_position_embeddings=2048" in lines[0]
+  config = configuration.load(f"{ROOT}/configs/tiny.py", ["bench.eval_prompt_len=2040"])
+  bench.warn_positions(config, 2048)  # 2040 + 32 new tokens
+  assert "eval_prompt_len=2040 reaches position 2072" in capsys.readouterr().err
+  config = configuration.load(f"{ROOT}/configs/tiny.py", ["bench.seq_len=2048"])
+  bench.warn_positions(config, 2048)
+  assert not capsys.readouterr().err
