@@ -25,7 +25,7 @@ import time
 import jax
 from absl import flags
 
-from ilora_jax import bench, configuration, errors
+from ilora_jax import bench, configuration, console, errors
 from ilora_jax.errors import UserError
 
 _CONFIG = errors.define_config_file("config", None, "config file (configs/movielens.py)")
@@ -49,9 +49,13 @@ def main(argv) -> None:
   configs = [configuration.override(_CONFIG.value, items) for _, items in variants]
   for config in configs:  # Every variant's shape checked before the first one is built.
     bench.train_mesh(config)
-  steps = [_stepper(config) for config in configs]
+  steps = []
+  for k, (name, config) in enumerate(zip(names, configs), 1):
+    console.info(f"ab_step: building and compiling variant {k} of {len(configs)}: {name}")
+    steps.append(_stepper(config))
   times = [[] for _ in names]
-  for _ in range(_ROUNDS.value):
+  for round_ in range(_ROUNDS.value):
+    console.info(f"ab_step: round {round_ + 1} of {_ROUNDS.value}")
     for step, record in zip(steps, times):
       t0 = time.perf_counter()
       step()

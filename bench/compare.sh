@@ -9,12 +9,13 @@
 # shared machine's drift hits both alike; the PyTorch step as the original writes it runs
 # once, after the first round. Prints each run's JSON line, then every round's ratio and their
 # median: JAX step time / fused PyTorch step time (the CPU target is <= 0.7); the last line
-# is one JSON object with the step times, the ratios and their median. BATCH, SEQ, STEPS and
-# ROUNDS are positive integers. A run that fails stops the script with its own `error:` line
-# (exit 2 for bad input). Uses $PYTHON, else ./.venv/bin/python when present, else python.
+# is one JSON object with the step times, the ratios and their median. MODEL is a preset of
+# ilora_jax.llm; BATCH, SEQ, STEPS and ROUNDS are positive integers. A run that fails stops
+# the script with its own `error:` line (exit 2 for bad input). Uses $PYTHON, else
+# ./.venv/bin/python when present, else python.
 set -eu
 usage() {
-  sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
 }
 case "${1:-}" in
   -h|--help) usage; exit 0 ;;
@@ -44,6 +45,17 @@ done
 B=$((10#$B)) T=$((10#$T)) N=$((10#$N)) ROUNDS=$((10#$ROUNDS))
 PY=${PYTHON:-python}
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+# torch_reference.py builds a preset's shape only: checked before the first run.
+if ! err=$($PY -c '
+import sys
+from ilora_jax.llm import PRESETS
+if sys.argv[1] not in PRESETS:
+  sys.exit(f"error: MODEL={sys.argv[1]} is not a preset, which bench/torch_reference.py needs: "
+           f"one of {sorted(PRESETS)}")' "$MODEL" 2>&1); then
+  line=$(printf '%s\n' "$err" | grep '^error: ' | tail -n 1 || true)
+  echo "${line:-error: cannot check MODEL=$MODEL against the presets ($PY failed)}" >&2
+  exit 2
+fi
 DT=float32
 if $PY -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then DT=bfloat16; fi
 ERR=$(mktemp)

@@ -144,7 +144,6 @@ def _compile(name: str, jitted, *args, loop_trips: int = 1, **kwargs) -> dict:
   seconds = times["trace"] + times["xla"]
   text = compiled.as_text()
   if _HLO_DIR.value:
-    os.makedirs(_HLO_DIR.value, exist_ok=True)
     with open(os.path.join(_HLO_DIR.value, f"{name}.hlo"), "w") as f:
       f.write(text)
   m = compiled.memory_analysis()
@@ -215,11 +214,17 @@ def _decoding_plans(config, programs, parts, frozen, state, repl) -> dict:
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
-  programs = list(_PROGRAMS.value)
+  programs = [p for p in _PROGRAMS.value if p.strip()]
+  if not programs:
+    raise UserError(f"--programs is empty: name one or more of {', '.join(PROGRAMS)}")
   unknown = sorted(set(programs) - set(PROGRAMS))
   if unknown:
     raise UserError(f"--programs: unknown {', '.join(unknown)}; known: {', '.join(PROGRAMS)}")
+  if _TOP.value < 1:
+    raise UserError(f"--top={_TOP.value}: must be >= 1")
   bench.check_config(config)
+  if _HLO_DIR.value:  # Created (or refused) before the first program compiles.
+    bench.writable_folder("hlo_dir", _HLO_DIR.value)
   console.quiet_libraries()
   with sharding.compiling_for("gpu"):
     attention = train_ilora.attention_impl(config)  # What `auto` picks on a GPU.

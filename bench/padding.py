@@ -123,10 +123,16 @@ def main(argv) -> None:
 
     if _EVAL_SPLIT.value and _EVAL_SPLIT.value not in SPLITS:  # Before the train steps' tally.
       raise UserError(f"--eval_split={_EVAL_SPLIT.value!r} must be one of {', '.join(SPLITS)}")
+    if _STEPS.value < 0:  # Before the data and model are built.
+      raise UserError(f"--steps={_STEPS.value}: 0 (the whole epoch) or a number of steps >= 1")
     su = train_ilora.setup(config, _WORKDIR.value)
+    if _EVAL_SPLIT.value:  # Its file exists (test may lack one), before the train tallies.
+      su.dataset.split(_EVAL_SPLIT.value)
     steps = _STEPS.value or su.steps_per_epoch
-    if not 0 < steps <= su.steps_per_epoch:
-      raise UserError(f"--steps={steps}: epoch 0 has {su.steps_per_epoch} steps")
+    if steps > su.steps_per_epoch:
+      raise UserError(
+        f"--steps={steps}: 0 (the whole epoch) or 1 to {su.steps_per_epoch}, the steps of epoch 0"
+      )
     window = int(config.ilora.bucket_window)
     orders = {
       name: train_ilora.epoch_order(

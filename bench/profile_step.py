@@ -49,7 +49,7 @@ import time
 import jax
 from absl import flags
 
-from ilora_jax import bench, errors, roofline
+from ilora_jax import bench, console, errors, roofline
 from ilora_jax.errors import UserError
 
 _CONFIG = errors.define_config_file("config", None, "config file (configs/movielens.py)")
@@ -157,17 +157,7 @@ def op_times(trace_events: list[dict], known: dict) -> dict[str, float]:
 def output_folder(path: str) -> str:
   """The trace's folder `path`, created, or refused as one line when it cannot be created or
   written (checked before anything is profiled); '' as is (a new temporary one, later)."""
-  if not path:
-    return path
-  if os.path.exists(path) and not os.path.isdir(path):
-    raise UserError(f"--out={path} is not a folder")
-  try:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):  # Writable: the trace and step.hlo.txt go there.
-      pass
-  except OSError as exc:
-    raise UserError(f"--out={path}: cannot write there ({exc.strerror or exc})") from None
-  return path
+  return bench.writable_folder("out", path) if path else path  # The trace, step.hlo.txt.
 
 
 def main(argv) -> None:
@@ -178,8 +168,11 @@ def main(argv) -> None:
     raise UserError(f"--top={_TOP.value}: must be >= 1")
   out = output_folder(_OUT.value)
   stepper = bench.train_stepper if _MODE.value == "train" else bench.generate_stepper
+  console.info(f"profile_step: building and compiling the {_MODE.value} program")
   compiled, step = stepper(_CONFIG.value)
+  console.info("profile_step: warm-up")
   step()  # warm-up
+  console.info(f"profile_step: tracing {_STEPS.value} steps")
   out = out or tempfile.mkdtemp(prefix="ilora_jax_profile_")
   with jax.profiler.trace(out, create_perfetto_trace=True):
     t0 = time.perf_counter()

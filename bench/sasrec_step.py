@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from ilora_jax import bench, compile_cache, sasrec, sharding
+from ilora_jax import bench, compile_cache, console, sasrec, sharding
 from ilora_jax.errors import UserError, cli_main
 from ilora_jax.train_sasrec import (
   jit_train_step,
@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> None:
   )
   batch = (arrays["seq"], arrays["len_seq"], arrays["next"])
 
+  console.info("sasrec_step: compiling the step")
   compiled, times = bench.lower_and_compile(step, state, run, *batch)
+  console.info(f"sasrec_step: timing {args.steps} steps")
   state, loss, _ = compiled(state, run, *batch)  # Warm-up, untimed.
   loss.block_until_ready()
   t0 = time.perf_counter()

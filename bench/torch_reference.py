@@ -195,6 +195,17 @@ def check_args(args) -> None:
     )
   if not 0 < args.peak_flops < math.inf:
     raise UserError(f"--peak_flops={args.peak_flops}: must be a positive number (FLOP/s)")
+  # Hugging Face computes rotary positions for any position (no table to run past): timed as
+  # given, with a warning that the model was not trained there.
+  most = PRESETS[args.model].max_position_embeddings
+  reach = {"--seq_len": (args.seq_len, args.seq_len)}
+  if args.eval:
+    reach["--eval_prompt_len"] = (args.eval_prompt_len, args.eval_prompt_len + args.eval_new_tokens)
+  for flag, (value, last) in reach.items():
+    if last > most:
+      print(f"warning: {flag}={value} reaches position {last}, past {args.model}'s "
+            f"max_position_embeddings={most}: timed as given, but the model was not trained "
+            "at those positions", file=sys.stderr)  # fmt: skip
 
 
 @cli_main

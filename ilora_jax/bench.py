@@ -119,6 +119,23 @@ def check_eval_data_overrides(config, argv: list[str]) -> None:
     )
 
 
+def writable_folder(flag: str, path: str) -> str:
+  """The output folder `path` of `--flag`, created, or refused as one line when it is a file
+  or cannot be created or written: checked before anything is compiled or run."""
+  import os
+  import tempfile
+
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"--{flag}={path} is not a folder")
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as exc:
+    raise UserError(f"--{flag}={path}: cannot write there ({exc.strerror or exc})") from None
+  return path
+
+
 def _peak_bytes() -> int | None:
   stats = jax.local_devices()[0].memory_stats() or {}
   value = stats.get("peak_bytes_in_use")
@@ -223,6 +240,11 @@ def parse_variants(text: str | None) -> list[tuple[str, list[str]]]:
       if "=" not in item:
         raise UserError(f"variant item {item!r} is not key=value")
     variants.append((" ".join(items) or "(config)", items))
+  if len(variants) < 2:  # Nothing to compare one variant against.
+    raise UserError(
+      f"--variants={text!r} is one variant: give two or more, ';'-separated (an empty one is "
+      "the config itself: --variants='KEY=VALUE;')"
+    )
   return variants
 
 

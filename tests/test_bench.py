@@ -218,6 +218,24 @@ def test_padding_counts_the_slots_of_both_step_orders(pipeline, tmp_path):
   assert_one_line_error(bad, "--step_s lacks the padded lengths")
 
 
+def test_padding_checks_the_eval_splits_file_before_the_train_tallies(tmp_path):
+  """A data folder without Test_data.df and --eval_split=test: refused before the train
+  steps are counted (was after both train tallies printed)."""
+  from conftest import SHARED
+
+  data, sasrec = f"{SHARED}/data/movielens", f"{SHARED}/checkpoints/sasrec/movielens.pt"
+  if not os.path.isfile(f"{data}/train_data.df") or not os.path.isfile(sasrec):
+    pytest.skip("no shared MovieLens data and SASRec")
+  if os.path.exists(f"{data}/Test_data.df"):
+    pytest.skip("the shared MovieLens data has a test split")
+  proc = run_cli("--config=configs/movielens.py", "--config.llm.name=tiny",
+                 f"--config.data.dir={data}", f"--config.sasrec.init_from={sasrec}",
+                 "--eval_split=test", "--steps=1", f"--workdir={tmp_path}",
+                 script="bench/padding.py")  # fmt: skip
+  assert_one_line_error(proc, "split 'test' is not available: test file not found")
+  assert "filled" not in proc.stderr and not proc.stdout
+
+
 def test_ab_eval_times_evaluation_variants_in_alternation_with_their_metrics(pipeline, tmp_path):
   sasrec = f"--config.sasrec.init_from={pipeline[0]}"  # The tiny pipeline's SASRec.
   proc = run_cli(
@@ -254,7 +272,7 @@ def test_ab_eval_times_evaluation_variants_in_alternation_with_their_metrics(pip
   )
   assert_one_line_error(bad, "--rounds=0")
   bad = run_cli(
-    TINY, sasrec, f"--workdir={tmp_path}", "--variants=llm.remat=none", script="bench/ab_eval.py"
+    TINY, sasrec, f"--workdir={tmp_path}", "--variants=llm.remat=none;", script="bench/ab_eval.py"
   )
   assert_one_line_error(bad, "variant item 'llm.remat=none'", "a variant may change only")
 
@@ -319,6 +337,8 @@ def test_ab_step_variants_parse_as_command_line_overrides():
     (None, "--variants is required"),
     ("llm.remat", "is not key=value"),
     ("llm.remat='none", "No closing quotation"),
+    ("llm.remat=none", "is one variant: give two or more"),
+    ("", "--variants is required"),
   ):
     with pytest.raises(UserError, match=fragment):
       bench.parse_variants(text)
@@ -668,10 +688,17 @@ def test_ab_eval_variants_may_change_only_what_each_evaluator_reads():
   [
     ("ab_eval.py", ["--variants=ilora.eval_rows=4;"], "variant item 'ilora.eval_rows=4'"),
     ("ab_step.py", ["--rounds=0", "--variants=;"], "--rounds=0: must be >= 1"),
+    ("ab_step.py", ["--variants=llm.remat=none", "--rounds=1"], "is one variant: give two"),
+    ("ab_eval.py", ["--variants=ilora.eval_sort=False"], "is one variant: give two"),
     ("profile_step.py", ["--top=-1"], "--top=-1: must be >= 1"),
     ("padding.py", ["--step_s=256=nan,288=0"], "--step_s: 256=nan: a padded length"),
     ("padding.py", ["--eval_split=bogus"], "--eval_split='bogus' must be one of"),
+    ("padding.py", ["--steps=-1"], "--steps=-1: 0 (the whole epoch) or a number of steps >= 1"),
     ("eval_memory.py", ["--model=tiny", "--batch=0"], "--batch=0: must be >= 1"),
+    ("gpu_plan.py", ["--top=0"], "--top=0: must be >= 1"),
+    ("gpu_plan.py", ["--programs="], "--programs is empty: name one or more of train"),
+    # The HLO folder before the first program compiles (was made after it).
+    ("gpu_plan.py", ["--hlo_dir=/proc/nope"], "--hlo_dir=/proc/nope: cannot write there"),
     ("eval_memory.py", ["--model=tiny", "--dtype=int32"], "--dtype=int32 is not one of"),
     # Packed slots fewer than the candidates fill (the longest's 4, one of each other), or
     # more than every slot full rounded up to 32: no evaluation has that shape.
@@ -796,7 +823,11 @@ def test_compare_script_checks_its_arguments_and_ends_with_one_json_object(tmp_p
   assert proc.returncode == 0 and "bash bench/compare.sh [MODEL]" in proc.stdout
   for args, fragment in ((["tiny", "2", "64", "1", "0"], "ROUNDS=0: must be a positive integer"),
                          (["tiny", "0"], "BATCH=0: must be a positive integer"),
-                         (["tiny", "2", "x"], "SEQ=x: must be a positive integer")):  # fmt: skip
+                         (["tiny", "2", "x"], "SEQ=x: must be a positive integer"),
+                         # A model torch_reference.py cannot build: refused before any run
+                         # (the JAX run completed first).
+                         (["smollm2-135m", "2", "64", "1", "1"],
+                          "MODEL=smollm2-135m is not a preset")):  # fmt: skip
     assert_one_line_error(_compare(tmp_path, *args), fragment)
   real = sys.executable
   canned = f"""
@@ -833,4 +864,27 @@ def test_bench_warns_of_shapes_past_the_models_positions(capsys):
   assert "eval_prompt_len=2040 reaches position 2072" in capsys.readouterr().err
   config = configuration.load(f"{ROOT}/configs/tiny.py", ["bench.seq_len=2048"])
   bench.warn_positions(config, 2048)
+  assert not capsys.readouterr().err
+
+
+def test_torch_reference_warns_of_a_sequence_past_the_models_positions(capsys):
+  """Hugging Face's rotary positions are computed for any position: --seq_len past the
+  preset's max_position_embeddings is timed, with one warning line (it ran in silence)."""
+  import argparse
+  import importlib.util
+
+  pytest.importorskip("torch")
+  spec = importlib.util.spec_from_file_location(
+    "torch_reference", f"{ROOT}/bench/torch_reference.py"
+  )
+  torch_reference = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(torch_reference)
+  args = dict(model="tiny", batch_size=1, steps=1, warmup=0, target_tokens=16, rank=8, experts=4,
+              eval_batch_size=1, eval_new_tokens=32, eval_prompt_len=400, eval=False,
+              peak_flops=1e12)  # fmt: skip
+  torch_reference.check_args(argparse.Namespace(**args, seq_len=3000))
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith("warning: --seq_len=3000 reaches position 3000")
+  assert "max_position_embeddings=2048" in lines[0]
+  torch_reference.check_args(argparse.Namespace(**args, seq_len=2048))
   assert not capsys.readouterr().err
