@@ -4,6 +4,13 @@ A pickle is a small program: its `GLOBAL`/`STACK_GLOBAL` opcodes import any
 callable and `REDUCE` calls it. `load_dataframe` resolves only the handful of
 numpy and pandas names that a DataFrame of lists and integers needs; anything
 else (`os.system`, `builtins.eval`, ...) is refused before it is imported.
+
+The allowed names trust their input, and a damaged file must fail with an error, never
+crash the process, so some resolve to stand-ins that check it first (`_RESOLVED`): numpy
+arrays and dtypes, whose `__setstate__` reads past data shorter than the shape says or
+trusts the flags it is given, and pyarrow arrays, whose offsets are read unchecked. Before
+unpickling, a scan of the opcodes refuses memo indices past the file's size, for which
+CPython's unpickler would allocate memory in proportion (9 bytes can ask for gigabytes).
 """
 
 from __future__ import annotations
@@ -11,8 +18,13 @@ from __future__ import annotations
 import _compat_pickle
 import importlib
 import io
+import math
 import pickle
+import pickletools
+import re
 from typing import Any
+
+import numpy as np
 
 from ilora_jax.errors import UserError, require_file
 
@@ -50,10 +62,159 @@ _ALLOWED = {
   ("builtins", "list"),
   ("_codecs", "encode"),
 }
-_RENAMED = {
-  "numpy.core.multiarray": "numpy._core.multiarray",
-  "numpy.core.numeric": "numpy._core.numeric",
+
+
+try:
+  from numpy._core.multiarray import _reconstruct, scalar
+  from numpy._core.numeric import _frombuffer as _numpy_frombuffer
+except ImportError:  # numpy 1.x
+  from numpy.core.multiarray import _reconstruct, scalar
+  from numpy.core.numeric import _frombuffer as _numpy_frombuffer
+
+
+class _CheckedDtype:
+  """What a pickle's `numpy.dtype(...)` resolves to. numpy's own `dtype.__setstate__` trusts
+  the state it is given (one of 6 items, or object flags on an integer type, crash the
+  process), so the state must be the one numpy writes for the dtype the arguments name (up
+  to byte order and a datetime unit). Arrays and scalars take the real dtype, `.dtype`."""
+
+  def __init__(self, *args):
+    self.dtype = np.dtype(*args)
+
+  def __setstate__(self, state):
+    if not isinstance(state, tuple) or len(state) < 2 or state[1] not in ("<", ">", "|"):
+      raise ValueError(f"numpy dtype {self.dtype} has the state {state!r:.100}")
+    dtype = np.dtype(self.dtype.newbyteorder(state[1]), False, True)  # A copy of its own.
+    own = dtype.__reduce__()[2]
+    if len(state) != len(own) or state[:8] != own[:8]:  # [8]: a datetime's unit, checked.
+      raise ValueError(f"numpy dtype {self.dtype} has the state {state!r:.100}, not {own}")
+    dtype.__setstate__(state)
+    self.dtype = dtype
+
+
+class _CheckedArray(np.ndarray):
+  """What a pickle's `numpy.ndarray` resolves to. numpy's own `__setstate__` fills an object
+  array with as many items as the pickled shape says, reading past a shorter list, so the
+  state is checked first; a second state would free data that views still read; and
+  `ndarray(shape, object, buffer)` reads pointers from bytes (numpy's pickles never call it)."""
+
+  def __new__(cls, *args, **kwargs):
+    raise TypeError("a pickle calls numpy.ndarray(...), which numpy's own pickles never do")
+
+  def __setstate__(self, state):
+    if self.shape != (0,) or self.base is not None:  # Not the empty array `_reconstruct` made.
+      raise ValueError(f"a pickle sets the state of an array of shape {self.shape} again")
+    if not isinstance(state, tuple) or len(state) not in (4, 5):  # Optional version first.
+      raise ValueError("an ndarray state is not a tuple of 4 or 5 items")
+    shape, dtype, _, data = state[-4:]
+    dtype = _real(dtype)
+    if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
+      raise ValueError(f"an ndarray has the shape {shape!r:.100}")
+    size = math.prod(shape)
+    if dtype.hasobject:  # The items themselves, as a list.
+      if not isinstance(data, list) or len(data) != size:
+        got = f"{len(data)} items" if isinstance(data, list) else type(data).__name__
+        raise ValueError(f"an object array of shape {shape} holds {got}")
+      data = [x.view(np.ndarray) if isinstance(x, _CheckedArray) else x for x in data]
+    elif not isinstance(data, (bytes, str)) or len(data) != size * dtype.itemsize:
+      got = f"{len(data)} bytes" if isinstance(data, (bytes, str)) else type(data).__name__
+      raise ValueError(f"a {dtype} array of shape {shape} holds {got}")
+    super().__setstate__((*state[:-3], dtype, state[-2], data))
+
+
+def _real(dtype):
+  """The numpy dtype a pickle's `numpy.dtype(...)` built (see `_CheckedDtype`)."""
+  return dtype.dtype if isinstance(dtype, _CheckedDtype) else dtype
+
+
+def _plain(value):
+  """`value` as a plain ndarray if the pickle built it as a `_CheckedArray`."""
+  return value.view(np.ndarray) if isinstance(value, _CheckedArray) else value
+
+
+def _scalar(dtype, *args):
+  """numpy's `scalar` (a numpy integer in a cell, say), given the real dtype."""
+  return scalar(_real(dtype), *args)
+
+
+def _frombuffer(buf, dtype, *args):
+  """numpy's `_frombuffer`, as a `_CheckedArray`: a state set on an array over a buffer
+  would release the buffer that views of the array still read."""
+  return _numpy_frombuffer(buf, _real(dtype), *args).view(_CheckedArray)
+
+
+def _unpickle_block(values, placement, ndim):
+  """pandas' `_unpickle_block` (a DataFrame's column block), given plain arrays."""
+  from pandas._libs.internals import _unpickle_block
+
+  return _unpickle_block(_plain(values), _plain(placement), ndim)
+
+
+def _new_index(cls, d):
+  """pandas' `_new_Index` (an index or the column labels), given plain arrays and dtypes."""
+  from pandas.core.indexes.base import _new_Index
+
+  if isinstance(d, dict):
+    d = {key: _plain(_real(value)) for key, value in d.items()}
+  return _new_Index(cls, d)
+
+
+def _restore_array(state):
+  """pyarrow's `_restore_array`, validated: its buffers (string offsets, say) are as
+  pickled, and reading a bad offset reads far outside them."""
+  from pyarrow.lib import _restore_array
+
+  array = _restore_array(state)
+  array.validate(full=True)
+  return array
+
+
+# What allowed names resolve to where that is not the object they name: numpy's under either
+# of its names, and stand-ins that check their input.
+_RESOLVED = {
+  ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+  ("numpy", "ndarray"): _CheckedArray,
+  ("numpy", "dtype"): _CheckedDtype,
+  ("numpy._core.multiarray", "scalar"): _scalar,
+  ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+  ("pandas._libs.internals", "_unpickle_block"): _unpickle_block,
+  ("pandas.core.indexes.base", "_new_Index"): _new_index,
+  ("pyarrow.lib", "_restore_array"): _restore_array,
 }
+
+_EXTENSION_TYPE = (
+  "has a column (or index) of a pandas extension type such as datetime, category or "
+  "nullable integer ({}), which is not read: convert it with astype('int64') (or drop it) "
+  "and save the DataFrame again"
+)
+
+
+_EXTENSION_MODULES = (
+  "pandas.arrays",
+  "pandas.core.arrays",
+  "pandas.core.dtypes",
+  "pandas.core.indexes",  # DatetimeIndex and the like: Index and RangeIndex are allowed.
+  "pandas._libs.arrays",
+  "pandas._libs.tslibs",
+)
+_EXTENSION_NAMES = ("Dtype", "Array", "Index", "Categorical")
+
+
+def _unsupported_pandas(module: str, name: str) -> str | None:
+  """Why a DataFrame file needs the pandas name `module.name`, which is not allowed;
+  None if it is no pandas name."""
+  if module != "pandas" and not module.startswith("pandas."):
+    return None
+  if name == "Series":
+    return "holds a pandas Series, expected a DataFrame: save series.to_frame() instead"
+  if name == "MultiIndex":
+    return (
+      "has MultiIndex columns (or index), which are not read: flatten them "
+      "(frame.columns = ['_'.join(map(str, c)) for c in frame.columns]) and save again"
+    )
+  if module.startswith(_EXTENSION_MODULES) or name.endswith(_EXTENSION_NAMES):
+    return _EXTENSION_TYPE.format(f"{module}.{name}")
+  return None
 
 
 class _AllowlistUnpickler(pickle.Unpickler):
@@ -76,19 +237,91 @@ class _AllowlistUnpickler(pickle.Unpickler):
         "copyreg._reconstructor); save the DataFrame again with protocol 2 or later"
       )
     if (module, name) not in _ALLOWED:
+      unsupported = _unsupported_pandas(module, name)
+      if unsupported:
+        raise UserError(f"{self._source} {unsupported}")
       raise UserError(
         f"{self._source}: refusing to load {module}.{name} from a pickle "
         "(only pandas/numpy DataFrame classes are allowed)"
       )
-    if module in _RENAMED:
-      try:
-        return getattr(importlib.import_module(_RENAMED[module]), name)
-      except (ImportError, AttributeError):
-        pass
+    module = module.replace("numpy.core.", "numpy._core.")  # numpy 1.x's names of numpy 2's.
+    if (module, name) in _RESOLVED:
+      return _RESOLVED[module, name]
     return getattr(importlib.import_module(module), name)
 
   def persistent_load(self, pid):
     raise UserError(f"{self._source}: pickle uses persistent ids, which a DataFrame file never has")
+
+
+_OPCODES = {op.code.encode("latin-1"): op for op in pickletools.opcodes}
+_MEMO_PUT = {"PUT", "LONG_BINPUT"}  # BINPUT's one-byte index is harmless.
+
+
+def _skippable_opcodes() -> re.Pattern:
+  """A regex matching a run of opcodes whose length it can tell (no argument, a fixed-size
+  one, or a one-byte length and that many bytes), except STOP and the memo PUTs: the scan
+  below skips those at the speed of the regex engine and reads the rest one by one."""
+  fixed, counted = {}, []
+  for code, op in _OPCODES.items():
+    if op.name in _MEMO_PUT or op.name == "STOP":
+      continue
+    size = 0 if op.arg is None else op.arg.n
+    if size >= 0:
+      fixed.setdefault(size, []).append(re.escape(code))
+    elif size == pickletools.TAKEN_FROM_ARGUMENT1:
+      counted.append(re.escape(code))
+  runs = [b"[" + b"".join(codes) + b"]" + b"." * size for size, codes in sorted(fixed.items())]
+  lengths = b"|".join(re.escape(bytes([n])) + b"." * n for n in range(256))
+  runs.append(b"[" + b"".join(counted) + b"](?:" + lengths + b")")
+  return re.compile(b"(?:" + b"|".join(runs) + b")*+", re.DOTALL)
+
+
+_SKIPPABLE = _skippable_opcodes()
+
+
+def _check_memo_indices(data: bytes) -> None:
+  """Raises ValueError if a PUT or LONG_BINPUT names a memo index past the file's size:
+  pickle numbers memo entries from 0, one per opcode at most, and CPython's unpickler
+  grows its memo to the index named, 16 bytes a slot, before it stores anything."""
+  f = io.BytesIO(data)
+  pos = 0
+  while True:
+    pos = _SKIPPABLE.match(data, pos).end()
+    op = _OPCODES.get(data[pos : pos + 1])
+    if op is None:
+      raise ValueError("no STOP opcode" if pos >= len(data) else f"bad opcode at byte {pos}")
+    if op.name == "STOP":
+      return
+    f.seek(pos + 1)
+    arg = op.arg.reader(f)
+    if op.name in _MEMO_PUT and arg > len(data):
+      raise ValueError(f"memo index {arg} in a pickle of {len(data)} bytes")
+    pos = f.tell()
+
+
+# What unpickling a damaged file raises: pickle's own errors, and whatever the allowed
+# numpy, pandas and pyarrow code makes of the data (pandas asserts a BlockManager's shapes
+# and raises NotImplementedError for formats it no longer reads; numpy parses the repeat
+# count of a dtype string such as "08i8" with ast.literal_eval).
+_CORRUPT = (
+  pickle.UnpicklingError,
+  EOFError,
+  ValueError,
+  TypeError,
+  AttributeError,
+  LookupError,
+  ImportError,
+  MemoryError,
+  ArithmeticError,
+  AssertionError,
+  RuntimeError,
+  SystemError,
+  SyntaxError,
+)
+
+
+def _corrupt(what: str, path: str, exc: Exception) -> UserError:
+  return UserError(f"{what} {path} is corrupt or truncated ({type(exc).__name__}: {exc})")
 
 
 def safe_load(path: str, what: str = "pickle") -> Any:
@@ -101,25 +334,12 @@ def safe_load(path: str, what: str = "pickle") -> Any:
   with open(path, "rb") as f:
     data = f.read()
   try:
+    _check_memo_indices(data)
     return _AllowlistUnpickler(io.BytesIO(data), f"{what} {path}").load()
   except UserError:
     raise
-  except (
-    pickle.UnpicklingError,
-    EOFError,
-    ValueError,
-    TypeError,
-    AttributeError,
-    IndexError,
-    KeyError,
-    ImportError,
-    MemoryError,
-    OverflowError,
-    UnicodeDecodeError,
-  ) as exc:
-    raise UserError(
-      f"{what} {path} is corrupt or truncated ({type(exc).__name__}: {exc})"
-    ) from None
+  except _CORRUPT as exc:
+    raise _corrupt(what, path, exc) from None
 
 
 def load_dataframe(path: str, what: str = "data file"):
@@ -127,6 +347,12 @@ def load_dataframe(path: str, what: str = "data file"):
   import pandas as pd
 
   obj = safe_load(path, what)
+  if isinstance(obj, pd.Series):
+    raise UserError(f"{what} {path} {_unsupported_pandas('pandas', 'Series')}")
   if not isinstance(obj, pd.DataFrame):
     raise UserError(f"{what} {path} holds a {type(obj).__name__}, expected a pandas DataFrame")
+  try:  # A damaged file can leave a DataFrame without its parts.
+    len(obj), len(obj.columns)
+  except _CORRUPT as exc:
+    raise _corrupt(what, path, exc) from None
   return obj

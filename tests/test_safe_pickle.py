@@ -2,13 +2,16 @@
 
 import os
 import pickle
+import pickletools
 import struct
+import subprocess
+import sys
 import zipfile
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import shared_path
+from conftest import ROOT, shared_path
 
 from ilora_jax import sasrec, torch_checkpoint
 from ilora_jax.errors import UserError
@@ -62,12 +65,17 @@ def test_refuses_payload_hidden_inside_a_dataframe(tmp_path):
 
 @pytest.mark.parametrize("protocol", [2, 4, 5])
 def test_round_trip_of_a_dataframe_written_by_pandas(tmp_path, protocol):
-  frame = pd.DataFrame({"seq": [[1, 2, 5], [3, 5, 5]], "len_seq": [2, 1], "next": [4, 0]})
+  rows = 300  # Protocol 2 numbers its memo past 255 with LONG_BINPUT.
+  frame = pd.DataFrame(
+    {"seq": [[i, i + 1, 5] for i in range(rows)], "len_seq": [2] * rows, "next": [4] * rows}
+  )
   path = tmp_path / "ok.df"
   frame.to_pickle(path, protocol=protocol)  # 2 names Python 2's `__builtin__` module.
+  if protocol == 2:
+    assert any(op.name == "LONG_BINPUT" for op, _, _ in pickletools.genops(path.read_bytes()))
   loaded = load_dataframe(str(path))
-  assert loaded["seq"].tolist() == [[1, 2, 5], [3, 5, 5]]
-  np.testing.assert_array_equal(loaded["next"].to_numpy(), [4, 0])
+  pd.testing.assert_frame_equal(loaded, frame)
+  assert loaded["seq"].tolist()[:2] == [[0, 1, 5], [1, 2, 5]]
 
 
 @pytest.mark.parametrize("cut", [10, 200])
@@ -96,14 +104,203 @@ def test_missing_file(tmp_path):
   "dataset,file,rows",
   [
     ("lastfm", "Val_data.df", 122),
+    ("lastfm", "train_data.df", 50800),
     ("movielens", "Val_data.df", 94),
+    ("movielens", "train_data.df", 68389),
+    ("steam", "Val_data.df", 1194),
     ("steam", "train_data_sample1000.df", 1000),
   ],
 )
 def test_loads_the_real_llara_files(dataset, file, rows):
-  frame = load_dataframe(shared_path("data", dataset, file))
+  path = shared_path("data", dataset, file)
+  frame = load_dataframe(path)
   assert len(frame) == rows
   assert {"seq", "len_seq", "next"} <= set(frame.columns)
+  pd.testing.assert_frame_equal(frame, pd.read_pickle(path))  # Trusted files: the reference.
+  for column in ["seq", "len_seq", "next"]:  # Plain arrays, not the loader's checked ones.
+    assert type(frame[column].to_numpy(copy=False)) is np.ndarray
+    assert type(frame[column].values) is np.ndarray
+  assert type(frame.index.to_numpy()) is np.ndarray
+
+
+# Damaged files that crashed the process (segfault, abort) or asked for gigabytes: each is
+# loaded in a child process, so that a regression fails its test, not the pytest worker.
+
+_LOAD_IN_CHILD = """
+import resource, sys
+import pandas
+try:
+  import pyarrow
+except ImportError:
+  pass
+from ilora_jax.errors import UserError
+from ilora_jax.safe_pickle import load_dataframe
+pages = int(open("/proc/self/statm").read().split()[0])  # 1 GiB more than the imports took.
+limit = pages * resource.getpagesize() + 2**30
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+try:
+  frame = load_dataframe(sys.argv[1])
+  print("loaded", list(frame.columns), frame.to_dict("list"))
+except UserError as exc:
+  print(exc)
+"""
+
+
+def _load_in_child(path) -> subprocess.CompletedProcess:
+  """`load_dataframe(path)` in a child process; it printed the UserError (or the frame)."""
+  proc = subprocess.run(
+    [sys.executable, "-c", _LOAD_IN_CHILD, str(path)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr[-3000:])  # -11: segv
+  return proc
+
+
+def _small_frame_pickle(rows=5, protocol=5) -> bytes:
+  frame = pd.DataFrame({"seq": [[1, 2, 5]] * rows, "len_seq": [2] * rows, "next": [4] * rows})
+  return pickle.dumps(frame, protocol=protocol)
+
+
+def _patched(data: bytes, old: bytes, new: bytes) -> bytes:
+  assert data.count(old) == 1, (old, data.count(old))
+  return data.replace(old, new)
+
+
+def test_object_array_with_a_shape_past_its_items_is_an_error(tmp_path):
+  # The object block `seq` is pickled as ndarray state (version 1, shape (1, 5), ...) with a
+  # list of 5 items; numpy filled 100000 x 5 items from it, reading past the list.
+  path = tmp_path / "Val_data.df"
+  shape = b"K\x01J" + struct.pack("<i", 100000) + b"K\x05\x86"
+  path.write_bytes(_patched(_small_frame_pickle(), b"K\x01K\x01K\x05\x86", shape))
+  out = _load_in_child(path).stdout
+  assert f"data file {path} is corrupt or truncated" in out, out
+  assert "an object array of shape (100000, 5) holds 5 items" in out, out
+
+
+def test_dtype_state_numpy_never_writes_is_an_error(tmp_path):
+  # The object dtype's state (3, '|', None, None, None, -1, -1, 63) with one byte changed:
+  # BININT2 swallows two of the Nones, and numpy read a state of 6 items as one of 8.
+  path = tmp_path / "Val_data.df"
+  state = b"\x94NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?t"
+  path.write_bytes(_patched(_small_frame_pickle(), state, state.replace(b"NNN", b"MNN")))
+  out = _load_in_child(path).stdout
+  assert f"data file {path} is corrupt or truncated" in out, out
+  assert "numpy dtype object has the state (3, '|', 20046, -1, -1, 63)" in out, out
+
+
+def test_direct_ndarray_call_over_a_buffer_is_refused(tmp_path):
+  # ndarray((2,), "O", buffer) reads object pointers from the bytes of the buffer (a crash
+  # once anything reads the array).
+  path = tmp_path / "Val_data.df"
+  buffer = _global("builtins", "bytearray") + b"C\x10" + b"\x01" * 16 + b"\x85R"
+  array = _global("numpy", "ndarray") + b"(K\x02\x85" + _str("O") + buffer + b"tR"
+  path.write_bytes(b"\x80\x04]" + array + b"a.")
+  out = _load_in_child(path).stdout
+  assert "corrupt or truncated (TypeError: a pickle calls numpy.ndarray(...)" in out, out
+
+
+def test_a_second_state_for_an_array_is_refused(tmp_path):
+  # numpy's __setstate__ replaces an array's data, which views of the array (a DataFrame's
+  # block, say) still read once it is freed.
+  path = tmp_path / "Val_data.df"
+  built = pickle.dumps(np.arange(2), protocol=4)  # _reconstruct, then BUILD with its state.
+  over_buffer = pickle.dumps(np.arange(2), protocol=5)  # _frombuffer over a bytearray.
+  for data in (built, over_buffer):
+    path.write_bytes(data[:-1] + b")b.")  # BUILD again, before STOP.
+    with pytest.raises(UserError, match=r"sets the state of an array of shape \(2,\) again"):
+      load_dataframe(str(path))
+
+
+def test_arrow_column_labels_with_offsets_past_their_data_are_an_error(tmp_path):
+  pytest.importorskip("pyarrow")
+  data = _small_frame_pickle()
+  offsets = struct.pack("<4q", 0, 3, 10, 14)  # "seq", "len_seq", "next" as a large_string.
+  if offsets not in data:
+    pytest.skip("this pandas pickles column labels without Arrow")
+  path = tmp_path / "Val_data.df"
+  path.write_bytes(_patched(data, offsets, struct.pack("<4q", 0, 3, 2**40, 2**40 + 4)))
+  out = _load_in_child(path).stdout
+  assert f"data file {path} is corrupt or truncated (ArrowInvalid: " in out, out
+
+
+def test_memo_index_past_the_file_is_refused_before_it_is_allocated(tmp_path):
+  # LONG_BINPUT to memo slot 2**30: CPython's unpickler allocated 16 GiB for its memo.
+  path = tmp_path / "Val_data.df"
+  path.write_bytes(b"\x80\x04Nr" + struct.pack("<I", 2**30) + b".")
+  out = _load_in_child(path).stdout
+  assert "corrupt or truncated (ValueError: memo index 1073741824 in a pickle of 9 bytes)" in out
+
+
+def test_bytearray_longer_than_the_file_is_refused_before_it_is_allocated(tmp_path):
+  # The int64 block's 80 bytes (protocol 5, in band) said to be 1 TiB long: the unpickler
+  # allocated it first, and printed a SystemError ("deallocated bytearray object has
+  # exported buffers") on its way to a MemoryError.
+  path = tmp_path / "Val_data.df"
+  length = b"\x96" + struct.pack("<Q", 80)
+  path.write_bytes(_patched(_small_frame_pickle(), length, b"\x96" + struct.pack("<Q", 2**40)))
+  proc = _load_in_child(path)
+  assert "corrupt or truncated (ValueError: expected 1099511627776 bytes in a bytearray8" in (
+    proc.stdout
+  ), proc.stdout
+  assert "SystemError" not in proc.stderr, proc.stderr
+
+
+def test_damaged_dataframes_are_corrupt_not_unexpected_errors(tmp_path):
+  data = _small_frame_pickle()
+  cases = {
+    # The int64 block placed on columns 1..2 instead of 1..3: pandas asserts the shapes.
+    "AssertionError: Number of manager items must equal union of block items": _patched(
+      data, b"K\x01K\x03K\x01\x87", b"K\x01K\x02K\x01\x87"
+    ),
+    # The DataFrame's state names `_mgX` for `_mgr`: it loaded, without its data.
+    "AttributeError: 'DataFrame' object has no attribute '_mgr'": _patched(
+      data, b"\x8c\x04_mgr", b"\x8c\x04_mgX"
+    ),
+    # The int64 dtype named "08i8": numpy parses the "08" as a Python literal.
+    "SyntaxError: leading zeros in decimal integer literals": _patched(
+      data, b"\x8c\x02i8", b"\x8c\x0408i8"
+    ),
+    # A BlockManager given a state of no format pandas reads.
+    "NotImplementedError: pre-0.14.1 pickles are no longer supported": (
+      b"\x80\x02" + _global("pandas.core.internals.managers", "BlockManager") + b")\x81)b."
+    ),
+  }
+  for message, damaged in cases.items():
+    path = tmp_path / "Val_data.df"
+    path.write_bytes(damaged)
+    with pytest.raises(UserError, match=f"data file {path} is corrupt or truncated \\({message}"):
+      load_dataframe(str(path))
+
+
+_EXTENSION = "has a column \\(or index\\) of a pandas extension type .* astype\\('int64'\\)"
+
+
+@pytest.mark.parametrize(
+  "change,message",
+  [
+    (lambda f: f.assign(when=pd.to_datetime(["2024-01-01"] * len(f))), _EXTENSION),
+    (lambda f: f.astype({"next": "Int64"}), _EXTENSION),
+    (lambda f: f.assign(genre=pd.Categorical(["rock"] * len(f))), _EXTENSION),
+    (
+      lambda f: f.set_axis(pd.MultiIndex.from_product([["a"], f.columns]), axis=1),
+      "has MultiIndex columns .* flatten them",
+    ),
+    (
+      lambda f: f["next"],
+      "holds a pandas Series, expected a DataFrame: save series\\.to_frame\\(\\)",
+    ),
+  ],
+  ids=["datetime", "nullable-int", "category", "multiindex-columns", "series"],
+)
+def test_unsupported_pandas_types_name_the_way_out(tmp_path, change, message):
+  frame = pd.DataFrame({"seq": [[1, 2, 5]] * 3, "len_seq": [2] * 3, "next": [4] * 3})
+  path = tmp_path / "Val_data.df"
+  change(frame).to_pickle(path)
+  with pytest.raises(UserError, match=f"data file {path} {message}"):
+    load_dataframe(str(path))
 
 
 # The torch `.pt` reader (torch_checkpoint) and SASRec's use of it: the same allowlisting
