@@ -326,3 +326,162 @@ def test_device_models_by_device_kind_and_the_benchmarks_key():
   seconds = bench.roofline_s(compiled, kind="NVIDIA H100 80GB HBM3")
   # One element-wise kernel at least: a launch, and the 16 KiB read and written.
   assert seconds >= roofline.H100.launch_s + 2 * 64 * 64 * 4 / roofline.H100.bytes_per_s
+
+
+# A loop of 3 inside a loop of 4, each condition a compare fusion: the inner body's fusion runs
+# 4 x 3 times, a condition once more than its body (the last test exits), so the outer one 5
+# times and the inner one 4 x (3 + 1).
+_NESTED = """
+%fused_neg (p.0: f32[16]) -> f32[16] {
+  %p.0 = f32[16]{0} parameter(0)
+  ROOT %negate.0 = f32[16]{0} negate(%p.0)
+}
+
+%fused_lt (p.1: s32[]) -> pred[] {
+  %p.1 = s32[] parameter(0)
+  %c.1 = s32[] constant(3)
+  ROOT %compare.1 = pred[] compare(%p.1, %c.1), direction=LT
+}
+
+%inner_body (a.0: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %a.0 = (s32[], f32[16]{0}) parameter(0)
+  %i.0 = s32[] get-tuple-element(%a.0), index=0
+  %x.0 = f32[16]{0} get-tuple-element(%a.0), index=1
+  %inner_fusion = f32[16]{0} fusion(%x.0), kind=kLoop, calls=%fused_neg
+  ROOT %t.0 = (s32[], f32[16]{0}) tuple(%i.0, %inner_fusion)
+}
+
+%inner_cond (a.1: (s32[], f32[16])) -> pred[] {
+  %a.1 = (s32[], f32[16]{0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%a.1), index=0
+  ROOT %inner_cond_fusion = pred[] fusion(%i.1), kind=kLoop, calls=%fused_lt
+}
+
+%outer_body (a.2: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %a.2 = (s32[], f32[16]{0}) parameter(0)
+  %i.2 = s32[] get-tuple-element(%a.2), index=0
+  %x.2 = f32[16]{0} get-tuple-element(%a.2), index=1
+  %outer_fusion = f32[16]{0} fusion(%x.2), kind=kLoop, calls=%fused_neg
+  %t.2 = (s32[], f32[16]{0}) tuple(%i.2, %outer_fusion)
+  ROOT %while.inner = (s32[], f32[16]{0}) while(%t.2), condition=%inner_cond, body=%inner_body, backend_config={"known_trip_count":{"n":"3"}}
+}
+
+%outer_cond (a.3: (s32[], f32[16])) -> pred[] {
+  %a.3 = (s32[], f32[16]{0}) parameter(0)
+  %i.3 = s32[] get-tuple-element(%a.3), index=0
+  ROOT %outer_cond_fusion = pred[] fusion(%i.3), kind=kLoop, calls=%fused_lt
+}
+
+ENTRY %main.7 (x: f32[16]) -> (s32[], f32[16]) {
+  %x = f32[16]{0} parameter(0)
+  %c.7 = s32[] constant(0)
+  %t.7 = (s32[], f32[16]{0}) tuple(%c.7, %x)
+  ROOT %while.outer = (s32[], f32[16]{0}) while(%t.7), condition=%outer_cond, body=%outer_body, backend_config={"known_trip_count":{"n":"4"}}
+}
+"""  # noqa: E501
+
+
+def test_nested_loops_multiply_trip_counts_and_conditions_run_once_more():
+  ks, unknown = roofline.kernels(_NESTED, _DEVICE)
+  assert unknown == 0
+  counts = {k.name: k.count for k in ks}
+  assert counts == {
+    "outer_fusion": 4,
+    "outer_cond_fusion": 4 + 1,
+    "inner_fusion": 4 * 3,
+    "inner_cond_fusion": 4 * (3 + 1),
+  }
+  # Each kernel: 16 float32 read and written, or a 4-byte index read and a predicate written.
+  k = _by_name(ks)
+  assert k["inner_fusion"].bytes == 2 * 16 * 4 and k["inner_cond_fusion"].bytes == 4 + 1
+  assert roofline.estimate(_NESTED, _DEVICE)["kernels"] == 4 + 5 + 12 + 16
+
+
+def test_a_conditional_counts_its_costliest_branch_whatever_the_order():
+  """The costlier branch (%big.1: a copy and two fusions) counts whether it is the true or
+  the false computation, or the first or last of `branch_computations`."""
+  given = "true_computation=%small.1, false_computation=%big.1"
+  assert given in _MODULE
+  orders = [
+    _MODULE,
+    _MODULE.replace(given, "true_computation=%big.1, false_computation=%small.1"),
+    _MODULE.replace(given, "branch_computations={%big.1, %small.1}"),
+    _MODULE.replace(given, "branch_computations={%small.1, %big.1}"),
+  ]
+  seconds = []
+  for module in orders:
+    ks, _ = roofline.kernels(module, _DEVICE)
+    names = set(_by_name(ks))
+    assert {"copy.4", "loop_add_fusion.1", "loop_add_fusion.2"} <= names, module
+    assert "loop_add_fusion" not in names
+    seconds.append(roofline.estimate(module, _DEVICE)["seconds"])
+  assert seconds == pytest.approx([seconds[0]] * len(orders))
+
+
+# Unfused in-place update and slices, as XLA leaves them outside a fusion: a 64 x 1024 bf16
+# buffer, 2 rows written into it, 4 rows sliced dynamically, 8 statically and 3 gathered.
+_UNFUSED = """
+ENTRY %main.5 (buf: bf16[64,1024], upd: bf16[2,1024], i: s32[], idx: s32[3,1]) -> (bf16[64,1024], bf16[4,1024], bf16[8,1024], bf16[3,1024]) {
+  %buf = bf16[64,1024]{1,0} parameter(0)
+  %upd = bf16[2,1024]{1,0} parameter(1)
+  %i = s32[] parameter(2)
+  %idx = s32[3,1]{1,0} parameter(3)
+  %c.5 = s32[] constant(0)
+  %dynamic-update-slice.5 = bf16[64,1024]{1,0} dynamic-update-slice(%buf, %upd, %i, %c.5)
+  %dynamic-slice.5 = bf16[4,1024]{1,0} dynamic-slice(%buf, %i, %c.5), dynamic_slice_sizes={4,1024}
+  %slice.5 = bf16[8,1024]{1,0} slice(%buf), slice={[0:8], [0:1024]}
+  %gather.5 = bf16[3,1024]{1,0} gather(%buf, %idx), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,1024}
+  ROOT %tuple.5 = (bf16[64,1024]{1,0}, bf16[4,1024]{1,0}, bf16[8,1024]{1,0}, bf16[3,1024]{1,0}) tuple(%dynamic-update-slice.5, %dynamic-slice.5, %slice.5, %gather.5)
+}
+"""  # noqa: E501
+
+
+def test_unfused_updates_and_slices_move_only_the_rows_they_touch():
+  """An in-place update reads its update and writes it (the buffer is neither read nor
+  rewritten); a slice or gather reads the rows it takes and writes them."""
+  ks, _ = roofline.kernels(_UNFUSED, _DEVICE)
+  k = _by_name(ks)
+  assert set(k) == {"dynamic-update-slice.5", "dynamic-slice.5", "slice.5", "gather.5"}
+  row = 1024 * 2  # One bf16 row of the buffer.
+  assert k["dynamic-update-slice.5"].kind == "in_place"
+  assert k["dynamic-update-slice.5"].bytes == 2 * (2 * row)
+  for name, rows in (("dynamic-slice.5", 4), ("slice.5", 8), ("gather.5", 3)):
+    assert k[name].kind == "slice_copy" and k[name].bytes == 2 * (rows * row), name
+  for kernel in ks:
+    assert kernel.flops == 0 and kernel.seconds == pytest.approx(
+      kernel.bytes / _DEVICE.bytes_per_s + _DEVICE.launch_s
+    )
+
+
+_CUSTOM = """
+ENTRY %main.6 (a: f32[256]) -> (s8[1024], (f32[8], s8[512])) {
+  %a = f32[256]{0} parameter(0)
+  %quantize.6 = s8[1024]{0} custom-call(%a), custom_call_target="my_quantize"
+  %with_scratch.6 = (f32[8]{0}, s8[512]{0}) custom-call(%a), custom_call_target="my_reduce"
+  ROOT %tuple.6 = (s8[1024]{0}, (f32[8]{0}, s8[512]{0})) tuple(%quantize.6, %with_scratch.6)
+}
+"""  # noqa: E501
+
+
+def test_a_custom_calls_lone_byte_array_is_its_result_not_scratch():
+  """Only a tuple's trailing 1-D s8 array is the library's workspace; a custom call whose one
+  result is a 1-D s8 array writes it."""
+  ks, _ = roofline.kernels(_CUSTOM, _DEVICE)
+  k = _by_name(ks)
+  assert k["quantize.6"].kind == "other" and k["quantize.6"].flops == 0
+  assert k["quantize.6"].bytes == 256 * 4 + 1024  # Reads the operand, writes 1024 bytes.
+  assert k["with_scratch.6"].bytes == 256 * 4 + 8 * 4  # The 512-byte workspace left out.
+
+
+def test_card_models_carry_the_recorded_figures():
+  """bench/README.md and the module's docstring: on the H100, 661 TFLOP/s (a bf16 8192^3
+  matmul in JAX on the card), 90% of the 3.35 TB/s of HBM3 and 3 us per launch; the H200 is
+  the H100's compute and launches with 4.8 TB/s of HBM3e (at the same 90%)."""
+  h100, h200 = roofline.H100, roofline.H200
+  assert h100.matmul_flops_per_s == pytest.approx(661e12, rel=1e-12)
+  assert h100.bytes_per_s == pytest.approx(0.9 * 3.35e12, rel=1e-12)
+  assert h100.launch_s == pytest.approx(3e-6, rel=1e-12)
+  assert h200.matmul_flops_per_s == h100.matmul_flops_per_s
+  assert h200.launch_s == h100.launch_s
+  assert h200.bytes_per_s == pytest.approx(0.9 * 4.8e12, rel=1e-12)
+  assert h200.bytes_per_s / h100.bytes_per_s == pytest.approx(4.8 / 3.35, rel=1e-12)
