@@ -72,7 +72,7 @@ except ImportError:  # numpy 1.x
   from numpy.core.numeric import _frombuffer as _numpy_frombuffer
 
 
-class _CheckedDtype:
+class CheckedDtype:
   """What a pickle's `numpy.dtype(...)` resolves to. numpy's own `dtype.__setstate__` trusts
   the state it is given (one of 6 items, or object flags on an integer type, crash the
   process), so the state must be the one numpy writes for the dtype the arguments name (up
@@ -107,7 +107,7 @@ class _CheckedArray(np.ndarray):
     if not isinstance(state, tuple) or len(state) not in (4, 5):  # Optional version first.
       raise ValueError("an ndarray state is not a tuple of 4 or 5 items")
     shape, dtype, _, data = state[-4:]
-    dtype = _real(dtype)
+    dtype = real_dtype(dtype)
     if not isinstance(shape, tuple) or not all(isinstance(n, int) and n >= 0 for n in shape):
       raise ValueError(f"an ndarray has the shape {shape!r:.100}")
     size = math.prod(shape)
@@ -122,9 +122,9 @@ class _CheckedArray(np.ndarray):
     super().__setstate__((*state[:-3], dtype, state[-2], data))
 
 
-def _real(dtype):
-  """The numpy dtype a pickle's `numpy.dtype(...)` built (see `_CheckedDtype`)."""
-  return dtype.dtype if isinstance(dtype, _CheckedDtype) else dtype
+def real_dtype(dtype):
+  """The numpy dtype a pickle's `numpy.dtype(...)` built (see `CheckedDtype`)."""
+  return dtype.dtype if isinstance(dtype, CheckedDtype) else dtype
 
 
 def _plain(value):
@@ -134,13 +134,13 @@ def _plain(value):
 
 def _scalar(dtype, *args):
   """numpy's `scalar` (a numpy integer in a cell, say), given the real dtype."""
-  return scalar(_real(dtype), *args)
+  return scalar(real_dtype(dtype), *args)
 
 
 def _frombuffer(buf, dtype, *args):
   """numpy's `_frombuffer`, as a `_CheckedArray`: a state set on an array over a buffer
   would release the buffer that views of the array still read."""
-  return _numpy_frombuffer(buf, _real(dtype), *args).view(_CheckedArray)
+  return _numpy_frombuffer(buf, real_dtype(dtype), *args).view(_CheckedArray)
 
 
 def _unpickle_block(values, placement, ndim):
@@ -155,7 +155,7 @@ def _new_index(cls, d):
   from pandas.core.indexes.base import _new_Index
 
   if isinstance(d, dict):
-    d = {key: _plain(_real(value)) for key, value in d.items()}
+    d = {key: _plain(real_dtype(value)) for key, value in d.items()}
   return _new_Index(cls, d)
 
 
@@ -174,7 +174,7 @@ def _restore_array(state):
 _RESOLVED = {
   ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
   ("numpy", "ndarray"): _CheckedArray,
-  ("numpy", "dtype"): _CheckedDtype,
+  ("numpy", "dtype"): CheckedDtype,
   ("numpy._core.multiarray", "scalar"): _scalar,
   ("numpy._core.numeric", "_frombuffer"): _frombuffer,
   ("pandas._libs.internals", "_unpickle_block"): _unpickle_block,
@@ -279,7 +279,7 @@ def _skippable_opcodes() -> re.Pattern:
 _SKIPPABLE = _skippable_opcodes()
 
 
-def _check_memo_indices(data: bytes) -> None:
+def check_memo_indices(data: bytes) -> None:
   """Raises ValueError if a PUT or LONG_BINPUT names a memo index past the file's size:
   pickle numbers memo entries from 0, one per opcode at most, and CPython's unpickler
   grows its memo to the index named, 16 bytes a slot, before it stores anything."""
@@ -334,7 +334,7 @@ def safe_load(path: str, what: str = "pickle") -> Any:
   with open(path, "rb") as f:
     data = f.read()
   try:
-    _check_memo_indices(data)
+    check_memo_indices(data)
     return _AllowlistUnpickler(io.BytesIO(data), f"{what} {path}").load()
   except UserError:
     raise

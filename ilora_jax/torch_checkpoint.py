@@ -20,6 +20,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from ilora_jax import safe_pickle
 from ilora_jax.errors import UserError, require_file
 
 _STORAGE_DTYPES = {
@@ -197,8 +198,8 @@ class _TorchUnpickler(pickle.Unpickler):
       return set
     if (module, name) == ("_codecs", "encode"):
       return _codecs_encode
-    if (module, name) == ("numpy", "dtype"):
-      return np.dtype
+    if (module, name) == ("numpy", "dtype"):  # Its state checked: numpy's trusts it.
+      return safe_pickle.CheckedDtype
     if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name == "scalar":
       return _numpy_scalar
     if module.startswith("torch.nn.modules.") or name in _RECORDED_CLASS_NAMES:
@@ -222,6 +223,7 @@ class _TorchUnpickler(pickle.Unpickler):
 
 
 def _numpy_scalar(dtype, data=None):
+  dtype = safe_pickle.real_dtype(dtype)
   if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
     raise UserError("checkpoint holds a numpy scalar of an unsupported kind")
   return np.frombuffer(data, dtype=dtype)[0]
@@ -252,6 +254,7 @@ def load_module(path: str) -> ModuleRecord:
       raise UserError(f"checkpoint {path} has no data.pkl: not a torch zip checkpoint")
     prefix = pickles[0].rsplit("/", 1)[0] if "/" in pickles[0] else ""
     data = archive.read(pickles[0])
+    safe_pickle.check_memo_indices(data)  # Before the unpickler allocates a memo of that size.
     root = _TorchUnpickler(io.BytesIO(data), archive, prefix, source).load()
     root = _materialize(root, "", source, {})
   except UserError:
@@ -268,6 +271,7 @@ def load_module(path: str) -> ModuleRecord:
     OSError,
     zipfile.LargeZipFile,
     RecursionError,
+    MemoryError,
   ) as exc:
     raise UserError(
       f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})"

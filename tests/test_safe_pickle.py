@@ -135,19 +135,24 @@ except ImportError:
   pass
 from ilora_jax.errors import UserError
 from ilora_jax.safe_pickle import load_dataframe
+from ilora_jax.torch_checkpoint import load_module
 pages = int(open("/proc/self/statm").read().split()[0])  # 1 GiB more than the imports took.
 limit = pages * resource.getpagesize() + 2**30
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 try:
-  frame = load_dataframe(sys.argv[1])
-  print("loaded", list(frame.columns), frame.to_dict("list"))
+  if sys.argv[1].endswith(".pt"):
+    print("loaded", load_module(sys.argv[1]))
+  else:
+    frame = load_dataframe(sys.argv[1])
+    print("loaded", list(frame.columns), frame.to_dict("list"))
 except UserError as exc:
   print(exc)
 """
 
 
 def _load_in_child(path) -> subprocess.CompletedProcess:
-  """`load_dataframe(path)` in a child process; it printed the UserError (or the frame)."""
+  """`load_dataframe(path)` (`torch_checkpoint.load_module` for a `.pt`) in a child process;
+  it printed the UserError (or what it loaded)."""
   proc = subprocess.run(
     [sys.executable, "-c", _LOAD_IN_CHILD, str(path)],
     cwd=ROOT,
@@ -354,6 +359,25 @@ def _crafted_pt(path, offset, size, stride, storage=None):
     archive.writestr("net/data.pkl", b"\x80\x02" + root + b".")
     archive.writestr("net/data/0", storage.tobytes())
   return str(path)
+
+
+def test_checkpoint_pickles_get_the_memo_and_dtype_checks_too(tmp_path):
+  """A `.pt`'s data.pkl is unpickled by its own allowlist (torch classes), with the checks of
+  `safe_pickle`: a memo index past the pickle is refused before the unpickler allocates it
+  (16 GiB for 2**30), and a numpy dtype state numpy never writes before numpy trusts it."""
+  bomb = b"\x80\x02Nr" + struct.pack("<I", 2**30) + b"."
+  state = _tuple(b"K\x03", _str("|"), _int(20046), _int(-1), _int(-1), b"K?")  # 6 of 8 items.
+  dtype = b"\x80\x02" + _global("numpy", "dtype") + _tuple(_str("O8"), b"\x89\x88")
+  for name, pkl, message in (
+    ("bomb.pt", bomb, "memo index 1073741824 in a pickle of 9 bytes"),
+    ("dtype.pt", dtype + b"R" + state + b"b.", "numpy dtype object has the state (3, '|', 20046"),
+  ):
+    with zipfile.ZipFile(tmp_path / name, "w") as archive:
+      archive.writestr("net/data.pkl", pkl)
+    out = _load_in_child(tmp_path / name).stdout
+    assert f"checkpoint {tmp_path / name} is corrupt or truncated (ValueError: {message}" in out, (
+      out
+    )
 
 
 def test_crafted_layouts_inside_the_storage_read_as_numpy_does(tmp_path):
