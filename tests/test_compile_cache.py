@@ -4,7 +4,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
+
+from ilora_jax import compile_cache
 
 # Runs a small jitted function after `compile_cache.enable(argv[1])`; prints the number of
 # persistent-cache hits JAX reported, what `enable` returned and the result; returns those
@@ -87,3 +90,68 @@ def test_entries_written_without_a_cap_do_not_break_a_capped_cache(tmp_path):
   caches = {n.removesuffix("-cache") for n in entries if n.endswith("-cache")}
   assert len(caches) > len(written)  # The new program was written.
   assert caches == {n.removesuffix("-atime") for n in entries if n.endswith("-atime")}
+
+
+# In-process tests of `enable` (no compile): JAX's options it sets are put back afterwards.
+OPTIONS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+           "jax_compilation_cache_max_size")  # fmt: skip
+
+
+@pytest.fixture
+def jax_options():
+  import jax
+
+  saved = {name: getattr(jax.config, name) for name in OPTIONS}
+  yield jax.config
+  for name, value in saved.items():
+    jax.config.update(name, value)
+
+
+def test_an_uncapped_cache_from_the_environment_stays_uncapped(tmp_path, monkeypatch, jax_options):
+  """JAX_COMPILATION_CACHE_MAX_SIZE=-1 (JAX read it at import) wins over `MAX_BYTES`: no cap,
+  so no eviction and no access-time files."""
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_MAX_SIZE", "-1")
+  jax_options.update("jax_compilation_cache_max_size", -1)
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  (cache / "j-cache").write_bytes(b"an entry")
+  assert compile_cache.enable(str(cache)) == str(cache)
+  assert jax_options.jax_compilation_cache_max_size == -1
+  assert jax_options.jax_compilation_cache_dir == str(cache)
+  assert os.listdir(cache) == ["j-cache"]
+
+
+def test_entries_without_an_access_time_get_their_modification_time(
+  tmp_path, monkeypatch, jax_options
+):
+  """Under the cap an entry without an access-time file gets one: its modification time in
+  nanoseconds, 8 bytes little-endian (as JAX's LRU cache writes and reads them); an entry
+  that has one keeps it as it was, and other files get none."""
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  (cache / "k-cache").write_bytes(b"entry k")
+  planted = bytes([1, 2, 3, 4, 5, 6, 7, 8])
+  (cache / "k-atime").write_bytes(planted)
+  (cache / "j-cache").write_bytes(b"entry j")
+  mtime_ns = 0x0102_0304_0506_0708  # 1972-04-20, in nanoseconds since 1970.
+  os.utime(cache / "j-cache", ns=(mtime_ns, mtime_ns))
+  (cache / "notes").write_bytes(b"not an entry")
+  assert compile_cache.enable(str(cache)) == str(cache)
+  assert jax_options.jax_compilation_cache_max_size == compile_cache.MAX_BYTES == 4 << 30
+  assert sorted(os.listdir(cache)) == ["j-atime", "j-cache", "k-atime", "k-cache", "notes"]
+  assert (cache / "k-atime").read_bytes() == planted
+  assert (cache / "j-atime").read_bytes() == bytes([8, 7, 6, 5, 4, 3, 2, 1])  # Low byte first.
+  assert int.from_bytes((cache / "j-atime").read_bytes(), "little") == mtime_ns
+  assert os.stat(cache / "j-cache").st_mtime_ns == mtime_ns
+
+
+def test_a_tilde_is_the_home_folder(tmp_path, monkeypatch, jax_options):
+  home, elsewhere = tmp_path / "home", tmp_path / "elsewhere"
+  home.mkdir()
+  elsewhere.mkdir()
+  monkeypatch.setenv("HOME", str(home))
+  monkeypatch.chdir(elsewhere)  # Where a literal "~" folder would go.
+  assert compile_cache.enable("~/c") == str(home / "c")
+  assert (home / "c").is_dir() and os.listdir(elsewhere) == []
+  assert jax_options.jax_compilation_cache_dir == str(home / "c")

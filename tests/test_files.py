@@ -68,3 +68,55 @@ def test_keyword_arguments_reach_open_and_only_whole_file_modes_are_allowed(tmp_
     with files.atomic_write(path, "a"):
       pass
   assert open(path, "rb").read() == "Amélie|?\n".encode("latin-1")
+
+
+def test_two_threads_writing_one_file_at_once_each_write_a_whole_file(tmp_path):
+  """Both threads have written their whole temporary file before either renames it (a
+  barrier): with a temporary name shared between them the second rename found nothing, and
+  the file could hold a mix. Now the last rename wins, whole."""
+  import threading
+
+  path = str(tmp_path / "target.bin")
+  contents = [bytes([1, 2, 3, 4]) * (1 << 18), bytes([9, 8, 7, 6]) * (1 << 18)]  # 1 MiB each.
+  barrier = threading.Barrier(2)
+  errors = []
+
+  def write(data):
+    try:
+      with files.atomic_write(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        barrier.wait(timeout=30)
+    except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+      errors.append(exc)
+
+  threads = [threading.Thread(target=write, args=(data,)) for data in contents]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join(timeout=60)
+  assert errors == []
+  assert open(path, "rb").read() in contents
+  assert os.listdir(tmp_path) == ["target.bin"]
+
+
+def test_the_temporary_file_is_next_to_the_target(tmp_path, monkeypatch):
+  """Beside the target, on its file system: `os.replace` is then one atomic rename (across
+  file systems it fails)."""
+  folder = tmp_path / "out"
+  folder.mkdir()
+  path = str(folder / "a.json")
+  renames = []
+  real_replace = os.replace
+
+  def replace(src, dst):
+    renames.append((src, dst))
+    assert sorted(os.listdir(folder)) == sorted([os.path.basename(src)])  # Written there.
+    real_replace(src, dst)
+
+  monkeypatch.setattr(files.os, "replace", replace)
+  with files.atomic_write(path) as f:
+    f.write("new")
+  [(src, dst)] = renames
+  assert dst == path and os.path.dirname(src) == str(folder) and src != path
+  assert open(path).read() == "new" and os.listdir(folder) == ["a.json"]

@@ -202,3 +202,96 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
       p.kill()
   assert stopped[0] == stopped[1]
   assert (workdir / "checkpoints" / "sasrec" / str(stopped[0])).is_dir()
+
+
+def _clock(monkeypatch, times):
+  """`time.monotonic` as `interrupts` alone sees it: the values of `times`, one per call."""
+  import types
+
+  from ilora_jax import interrupts
+
+  ticks = iter(times)
+  monkeypatch.setattr(interrupts, "time", types.SimpleNamespace(monotonic=lambda: next(ticks)))
+
+
+def test_a_second_sigint_is_ignored_for_five_seconds_then_stops_at_once(monkeypatch):
+  """The first signal only asks for a stop after the step; a second Ctrl-C within 5 s of it
+  (the checkpoint being written) is ignored, one later is "stop now" (KeyboardInterrupt). A
+  second SIGTERM never is; neither replaces the first signal or its time."""
+  from ilora_jax.interrupts import Graceful
+
+  def deliver(signum):  # What the handler did (a KeyboardInterrupt must not end pytest).
+    try:
+      stop._handler(signum, None)
+    except KeyboardInterrupt:
+      return "stop now"
+    return "ignored"
+
+  _clock(monkeypatch, [100.0, 101.0, 104.5, 106.0, 106.0, 107.0])
+  stop = Graceful()
+  assert deliver(signal.SIGTERM) == "ignored"  # t=100: the first, asks for a stop.
+  assert stop.requested and stop.signum == signal.SIGTERM
+  # t=101 and t=104.5: a SIGINT within 5 s of the first is ignored; at t=106 a SIGTERM is
+  # never "stop now", a SIGINT 6 s after the first is (and one at t=107 too).
+  later = [signal.SIGINT, signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGINT]
+  got = [deliver(signum) for signum in later]
+  assert got == ["ignored", "ignored", "ignored", "stop now", "stop now"]
+  assert stop.signum == signal.SIGTERM
+
+
+def test_leaving_the_block_restores_the_handlers_that_were_there():
+  import threading
+
+  from ilora_jax.interrupts import Graceful
+
+  assert threading.current_thread() is threading.main_thread()  # Else nothing is installed.
+  mine = lambda signum, frame: None  # noqa: E731
+  before = signal.signal(signal.SIGTERM, mine)  # A handler of the caller's own.
+  try:
+    sigint = signal.getsignal(signal.SIGINT)
+    with Graceful() as stop:
+      assert signal.getsignal(signal.SIGINT) == stop._handler
+      assert signal.getsignal(signal.SIGTERM) == stop._handler
+    assert signal.getsignal(signal.SIGINT) is sigint
+    assert signal.getsignal(signal.SIGTERM) is mine
+    with Graceful(signals=(signal.SIGTERM,)) as stop:  # Only the signals asked for.
+      assert signal.getsignal(signal.SIGINT) is sigint
+      assert signal.getsignal(signal.SIGTERM) == stop._handler
+    assert signal.getsignal(signal.SIGTERM) is mine
+  finally:
+    signal.signal(signal.SIGTERM, before)
+
+
+def test_agree_asks_the_processes_once_per_step(monkeypatch):
+  """Two processes (faked): the answer for a step is the one gathered the first time it was
+  asked; a signal arriving after that counts at the next step, in one more gather. Another
+  process's signal is adopted."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from ilora_jax.interrupts import Graceful
+
+  gathered = []
+  other = {"signum": 0}  # What the other process sends.
+
+  def allgather(value):
+    gathered.append(int(value))
+    return np.array([int(value), other["signum"]], np.int32)
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  _clock(monkeypatch, [10.0, 20.0])
+  stop = Graceful()
+  assert stop.agree(5) is False
+  stop._handler(signal.SIGTERM, None)  # Arrives after the processes asked about step 5.
+  assert stop.agree(5) is False  # The same answer as the other process got, no new gather.
+  assert gathered == [0]
+  assert stop.agree(6) is True
+  assert stop.agree(6) is True
+  assert gathered == [0, int(signal.SIGTERM)]
+  alone = Graceful()  # Only the other process heard one: adopted, the same step.
+  other["signum"] = int(signal.SIGINT)
+  assert alone.agree(6) is True and alone.agree(6) is True
+  assert alone.signum == signal.SIGINT and alone._first_at == 20.0
+  assert gathered == [0, int(signal.SIGTERM), 0]

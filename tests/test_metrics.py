@@ -1,6 +1,7 @@
 """Ranking metrics against hand-computed values."""
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,28 @@ def test_metrics_log_drops_a_cut_last_line_and_refuses_a_damaged_middle(tmp_path
     f.write('{"broken\n{"run": "ilora", "step": 3}\n')
   with pytest.raises(UserError, match="metrics.jsonl:2: not a JSON record"):
     log.records()
+
+
+def test_truncate_keeps_every_record_of_other_runs_byte_for_byte(tmp_path):
+  """A resumed iLoRA stage cuts its own records back to its checkpoint; the SASRec stage's
+  records and a separate evaluation's, before and between them, stay as they were."""
+  from ilora_jax.metrics import MetricsLog
+
+  lines = [
+    '{"run": "sasrec", "stage": "sasrec", "step": 1, "loss": 0.5}',
+    '{"run": "sasrec", "stage": "sasrec", "step": 2, "loss": 0.25}',
+    '{"run": "ilora", "stage": "ilora", "step": 1, "loss": 2.5}',
+    '{"run": "sasrec", "stage": "sasrec", "step": 3, "final": true, "hr@1": 0.125}',
+    '{"run": "evaluate", "stage": "ilora", "split": "test", "hr@1": 0.75}',
+    '{"run": "ilora", "stage": "ilora", "step": 2, "loss": 1.5}',
+    '{"run": "ilora", "stage": "ilora", "step": 3, "loss": 1.25}',
+  ]
+  (tmp_path / "metrics.jsonl").write_bytes("".join(f"{line}\n" for line in lines).encode())
+  log = MetricsLog(str(tmp_path))
+  log.truncate("ilora", 1)
+  kept = [lines[0], lines[1], lines[2], lines[3], lines[4]]  # iLoRA's steps 2 and 3 go.
+  assert (tmp_path / "metrics.jsonl").read_bytes() == "".join(f"{x}\n" for x in kept).encode()
+  log.truncate("sasrec", 0)
+  kept = [lines[2], lines[4]]
+  assert (tmp_path / "metrics.jsonl").read_bytes() == "".join(f"{x}\n" for x in kept).encode()
+  assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]

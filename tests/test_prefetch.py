@@ -151,3 +151,41 @@ def test_leaving_early_stops_the_thread():
 def test_negative_depth():
   with pytest.raises(ValueError, match="depth"):
     Prefetch(make, range(3), -1)
+
+
+def test_no_batch_is_started_after_the_block_is_left():
+  """The thread has queued batch 1 and is taking the next index when the consumer leaves the
+  block: it stops there, without building batch 2."""
+  asked_for_2 = threading.Event()
+  calls = []
+
+  def record(i):
+    calls.append(i)
+    return i
+
+  def indices():
+    yield 0
+    yield 1
+    asked_for_2.set()  # Batch 1 is queued (depth 1: put once batch 0 was taken).
+    assert batches._stop.wait(timeout=30)  # Until the consumer has left the block.
+    yield 2
+
+  with Prefetch(record, indices(), depth=1) as batches:
+    assert next(batches) == 0
+    assert asked_for_2.wait(timeout=30)
+  assert calls == [0, 1]
+  assert batches.built == 2 and batches.count == 1
+
+
+@pytest.mark.parametrize("depth", [0, 2])
+def test_a_failed_batch_is_not_counted(depth):
+  def failing(i):
+    if i == 3:
+      raise KeyError("row 3")
+    return i
+
+  with pytest.raises(KeyError, match="row 3"):
+    with Prefetch(failing, range(6), depth) as batches:
+      for _ in batches:
+        pass
+  assert batches.count == 3
