@@ -42,8 +42,13 @@ _RECORDED_CLASS_NAMES = {"SASRec", "MultiHeadAttention", "PositionwiseFeedForwar
 class ModuleRecord:
   """Inert stand-in for a pickled torch module: remembers its class name and state."""
 
-  def __init__(self, *args, **kwargs):
+  def __new__(cls, *args, **kwargs):  # What the pickle's NEWOBJ calls, without __init__.
+    self = super().__new__(cls)
     self.args, self.kwargs, self.state = args, kwargs, {}
+    return self
+
+  def __init__(self, *args, **kwargs):
+    pass
 
   def __setstate__(self, state):
     self.state = state if isinstance(state, dict) else {"state": state}
@@ -82,6 +87,11 @@ def _is_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _short(value) -> str:
+  """`repr(value)` on one line, cut to 60 characters (an array's can be long)."""
+  return " ".join(repr(value).split())[:60]
+
+
 def _read_tensor(ref: _TensorRef, name: str, source: str) -> np.ndarray:
   """The tensor's elements, after checking that every one of them lies inside its storage
   (exact integer arithmetic, before numpy sees a stride)."""
@@ -97,7 +107,8 @@ def _read_tensor(ref: _TensorRef, name: str, source: str) -> np.ndarray:
     and all(_is_int(v) for v in size + stride)
   ):
     raise UserError(
-      f"{where} has a malformed layout (offset {offset!r}, size {size!r}, stride {stride!r})"
+      f"{where} has a malformed layout (offset {_short(offset)}, size {_short(size)}, "
+      f"stride {_short(stride)})"
     )
   layout = f"offset {offset}, size {list(size)}, stride {list(stride)}"
   if offset < 0 or any(v < 0 for v in size) or any(v < 0 for v in stride):
@@ -105,10 +116,7 @@ def _read_tensor(ref: _TensorRef, name: str, source: str) -> np.ndarray:
       f"{where} has a negative offset, size or stride ({layout}): torch never "
       "writes one; the file is corrupt or crafted"
     )
-  numel = 1
-  for v in size:
-    numel *= v
-  if numel == 0:
+  if 0 in size:
     return np.zeros(size, storage.dtype)
   last = offset + sum((n - 1) * st for n, st in zip(size, stride))  # Strides are >= 0.
   if last >= storage.size:
@@ -116,11 +124,16 @@ def _read_tensor(ref: _TensorRef, name: str, source: str) -> np.ndarray:
       f"{where} reaches element {last} of a storage of {storage.size} "
       f"({layout}): the file is truncated or corrupt"
     )
-  if numel > storage.size:  # Only stride-0 (expanded) views can; their copy could be huge.
-    raise UserError(
-      f"{where} has {numel} elements over a storage of {storage.size} "
-      f"({layout}): save a contiguous copy of it"
-    )
+  # No two elements on one storage element (torch's dense and strided views, permuted or
+  # sliced, pass): a damaged stride (64 -> 0) would otherwise read other weights silently.
+  span = 1
+  for n, st in sorted((p for p in zip(size, stride) if p[0] > 1), key=lambda p: p[1]):
+    if st < span:
+      raise UserError(
+        f"{where} has elements sharing storage ({layout}): a trained parameter never "
+        "does; the file is corrupt, or save a contiguous copy of it"
+      )
+    span += (n - 1) * st
   itemsize = storage.dtype.itemsize
   return np.lib.stride_tricks.as_strided(
     storage[offset:], shape=size, strides=tuple(st * itemsize for st in stride)
@@ -170,17 +183,18 @@ def _rebuild_parameter(data, *unused):
 
 def _codecs_encode(text, encoding="utf-8"):
   if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-    raise UserError("checkpoint uses _codecs.encode in a way torch never writes")
+    raise ValueError("the pickle uses _codecs.encode in a way torch never writes")
   return text.encode("latin1")
 
 
 class _TorchUnpickler(pickle.Unpickler):
   """Resolves only tensor rebuilding, dtypes and inert module records."""
 
-  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, source: str):
+  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, source: str, order: str):
     super().__init__(file)
     self._archive, self._prefix, self._source = archive, prefix, source
-    self._storages: dict[str, np.ndarray] = {}
+    self._order = order  # "<" or ">": the byte order of the storages.
+    self.storages: dict[str, np.ndarray] = {}
 
   def find_class(self, module: str, name: str) -> Any:
     qualname = f"{module}.{name}"
@@ -209,23 +223,42 @@ class _TorchUnpickler(pickle.Unpickler):
   def persistent_load(self, pid):
     if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
       raise UserError(f"{self._source}: unexpected persistent id in checkpoint")
-    storage_type, key = pid[1], str(pid[2])
+    storage_type, key, numel = pid[1], str(pid[2]), pid[4]
     if not isinstance(storage_type, _StorageType):
       raise UserError(f"{self._source}: unsupported storage type {storage_type!r}")
-    if key not in self._storages:
-      name = f"{self._prefix}/data/{key}"
+    dtype = np.dtype(storage_type.dtype)
+    name = f"{self._prefix}data/{key}"
+    if key not in self.storages:
       try:
-        raw = self._archive.read(name)
+        raw = _read_entry(self._archive, name)
       except KeyError:
         raise UserError(f"{self._source}: storage {name} is missing (truncated file?)") from None
-      self._storages[key] = np.frombuffer(raw, dtype=np.dtype(storage_type.dtype).newbyteorder("<"))
-    return self._storages[key]
+      storage = np.frombuffer(raw, dtype=dtype.newbyteorder(self._order))
+      self.storages[key] = storage.astype(dtype, copy=False)  # Native order.
+    storage = self.storages[key]
+    # torch writes each storage's element count beside its key: a storage longer or shorter
+    # than that lost or gained bytes, and its tensors would read shifted weights.
+    if storage.dtype != dtype or not _is_int(numel) or storage.size != numel:
+      raise ValueError(
+        f"storage {name} holds {storage.size} {storage.dtype} elements, "
+        f"the pickle says {numel!r} {dtype}"
+      )
+    return storage
+
+
+def _read_entry(archive: zipfile.ZipFile, name: str) -> bytes:
+  """The bytes of an entry, which must be stored as torch writes it: a compressed entry
+  would need as much memory as it claims to expand to (a zip bomb), checked or not."""
+  info = archive.getinfo(name)
+  if info.compress_type != zipfile.ZIP_STORED:
+    raise ValueError(f"entry {name} is compressed, which torch.save never does")
+  return archive.read(info)
 
 
 def _numpy_scalar(dtype, data=None):
   dtype = safe_pickle.real_dtype(dtype)
   if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes):
-    raise UserError("checkpoint holds a numpy scalar of an unsupported kind")
+    raise ValueError("the pickle holds a numpy scalar of an unsupported kind")
   return np.frombuffer(data, dtype=dtype)[0]
 
 
@@ -252,11 +285,22 @@ def load_module(path: str) -> ModuleRecord:
     pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
     if not pickles:
       raise UserError(f"checkpoint {path} has no data.pkl: not a torch zip checkpoint")
-    prefix = pickles[0].rsplit("/", 1)[0] if "/" in pickles[0] else ""
-    data = archive.read(pickles[0])
+    prefix = pickles[0][: -len("data.pkl")]  # "<name>/"
+    data = _read_entry(archive, pickles[0])
+    order = {None: "<", b"little": "<", b"big": ">"}.get(_byteorder(archive, prefix + "byteorder"))
+    if order is None:
+      raise ValueError("its byteorder record is neither 'little' nor 'big'")
     safe_pickle.check_memo_indices(data)  # Before the unpickler allocates a memo of that size.
-    root = _TorchUnpickler(io.BytesIO(data), archive, prefix, source).load()
-    root = _materialize(root, "", source, {})
+    unpickler = _TorchUnpickler(io.BytesIO(data), archive, prefix, source, order)
+    root = _materialize(unpickler.load(), "", source, {})
+    if isinstance(root, ModuleRecord):
+      _check_tree(root)
+    # torch writes the storages its tensors use, and numbers them as it meets them: one no
+    # tensor reads means a damaged key sent a tensor to another storage.
+    unused = {n for n in archive.namelist() if n.startswith(prefix + "data/")}
+    unused -= {f"{prefix}data/{key}" for key in unpickler.storages}
+    if unused:
+      raise ValueError(f"no tensor reads the storage(s) {', '.join(sorted(unused)[:3])}")
   except UserError:
     raise
   except (
@@ -266,11 +310,10 @@ def load_module(path: str) -> ModuleRecord:
     ValueError,
     TypeError,
     AttributeError,
-    KeyError,
-    IndexError,
+    LookupError,
+    ArithmeticError,
     OSError,
-    zipfile.LargeZipFile,
-    RecursionError,
+    RuntimeError,  # zipfile: encrypted entries, zip versions it does not read; recursion.
     MemoryError,
   ) as exc:
     raise UserError(
@@ -279,6 +322,46 @@ def load_module(path: str) -> ModuleRecord:
   if not isinstance(root, ModuleRecord):
     raise UserError(f"checkpoint {path} holds a {type(root).__name__}, expected a pickled module")
   return root
+
+
+def _byteorder(archive: zipfile.ZipFile, name: str) -> bytes | None:
+  """The byte order torch (>= 2.1) records beside the storages, None in older files."""
+  return _read_entry(archive, name).strip() if name in archive.namelist() else None
+
+
+_MAX_TREE_ITEMS = 1_000_000
+
+
+def _check_tree(root: ModuleRecord) -> None:
+  """Raises ValueError unless every module's `_parameters` and `_buffers` map names to
+  arrays and its `_modules` names to modules, and the tree, shared modules counted each
+  time, holds at most `_MAX_TREE_ITEMS` of them (a module inside itself holds infinitely
+  many; 60 nested pairs of one shared module, 2**60)."""
+  stack, count = [(None, root)], 0  # A module's name as (key, parent's), joined if needed.
+  while stack:
+    path, module = stack.pop()
+    for key, kind in (
+      ("_parameters", np.ndarray),
+      ("_buffers", np.ndarray),
+      ("_modules", ModuleRecord),
+    ):
+      items = module.state.get(key)
+      if items is None:
+        continue
+      if not isinstance(items, dict) or not all(
+        isinstance(k, str) and (v is None or isinstance(v, kind)) for k, v in items.items()
+      ):
+        name = []
+        while path:
+          name[:0], path = [path[0]], path[1]
+        raise ValueError(f"module {'.'.join(name) or '(root)'} has a {key} torch never writes")
+      count += len(items)
+      if count > _MAX_TREE_ITEMS:
+        raise ValueError(
+          f"its module tree holds over {_MAX_TREE_ITEMS} modules and tensors (shared modules "
+          "counted each time they are met: a module inside itself?)"
+        )
+    stack.extend(((k, path), v) for k, v in module.children().items())
 
 
 def flat_parameters(root: ModuleRecord, prefix: str = "") -> dict[str, np.ndarray]:

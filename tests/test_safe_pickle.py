@@ -7,6 +7,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -328,13 +329,15 @@ def _tuple(*items):
   return b"(" + b"".join(items) + b"t"
 
 
-def _crafted_pt(path, offset, size, stride, storage=None):
+def _crafted_pt(path, offset, size, stride, storage=None, numel=None, entries=(), linear=None):
   """A torch-format zip written by hand (no torch): a module `net` holding a Linear `lin`
   whose `weight` is `_rebuild_tensor_v2(storage, offset, size, stride)` over `storage`
-  (float32 0, 1, 2, 3 by default)."""
+  (float32 0, 1, 2, 3 by default) of `numel` elements (its size by default), and more
+  `entries` (name, bytes); `linear` replaces the Linear's pickle."""
   storage = np.arange(4, dtype=np.float32) if storage is None else storage
+  numel = storage.size if numel is None else numel
   storage_id = _tuple(
-    _str("storage"), _global("torch", "FloatStorage"), _str("0"), _str("cpu"), _int(storage.size)
+    _str("storage"), _global("torch", "FloatStorage"), _str("0"), _str("cpu"), _int(numel)
   )
   tensor = (
     _global("torch._utils", "_rebuild_tensor_v2")
@@ -353,11 +356,14 @@ def _crafted_pt(path, offset, size, stride, storage=None):
     state = b"}(" + _str("_parameters") + b"}(" + params + b"u" + _str("_modules") + b"}("
     return _global("torch.nn.modules." + cls[0], cls[1]) + b")\x81" + state + children + b"uub"
 
-  linear = module(("linear", "Linear"), _str("weight") + tensor)
+  if linear is None:
+    linear = module(("linear", "Linear"), _str("weight") + tensor)
   root = module(("container", "Sequential"), b"", _str("lin") + linear)
   with zipfile.ZipFile(path, "w") as archive:
     archive.writestr("net/data.pkl", b"\x80\x02" + root + b".")
     archive.writestr("net/data/0", storage.tobytes())
+    for name, data in entries:
+      archive.writestr(name, data)
   return str(path)
 
 
@@ -387,9 +393,11 @@ def test_crafted_layouts_inside_the_storage_read_as_numpy_does(tmp_path):
     (0, [3, 2], [1, 3]),
     (2, [2, 2], [2, 1]),
     (5, [], []),
-    (1, [4], [0]),
+    (0, [3], [2]),  # A slice with a step.
+    (0, [2, 1, 3], [3, 0, 1]),  # A broadcast dimension of size 1 (an unsqueezed tensor).
+    (0, [0, 3], [0, 0]),
   ]
-  for offset, size, stride in cases:  # (1, [4], [0]): an expanded view, inside its storage.
+  for offset, size, stride in cases:
     path = _crafted_pt(tmp_path / "ok.pt", offset, size, stride, storage)
     got = torch_checkpoint.flat_parameters(torch_checkpoint.load_module(path))["lin.weight"]
     want = [storage[offset + sum(i * s for i, s in zip(ix, stride))] for ix in np.ndindex(*size)]
@@ -408,13 +416,170 @@ def test_crafted_layouts_inside_the_storage_read_as_numpy_does(tmp_path):
     (0, [2, 2], [3, 1], "reaches element 4 of a storage of 4"),
     (10**9, [], [], "reaches element 1000000000"),
     (0, [2], [2**30], "reaches element 1073741824"),
-    (0, [2**31 - 1, 2**31 - 1], [0, 0], "elements over a storage of 4"),
+    # Elements on one storage element: the stride 64 of SASRec's s_fc.weight [4606, 64]
+    # damaged to 0 read row 0 4606 times, silently; torch never trains such a parameter.
+    (0, [2, 2], [0, 1], "has elements sharing storage"),
+    (1, [3], [0], "has elements sharing storage"),  # An expanded view.
+    (0, [2, 2], [1, 1], "has elements sharing storage"),
+    (0, [2**31 - 1, 2**31 - 1], [0, 0], "has elements sharing storage"),
   ],
 )
 def test_tensors_outside_their_storage_are_refused_by_name(tmp_path, offset, size, stride, message):
   path = _crafted_pt(tmp_path / "crafted.pt", offset, size, stride)
   with pytest.raises(UserError, match=f"checkpoint {path}: tensor lin.weight .*{message}"):
     torch_checkpoint.load_module(path)
+
+
+def test_storages_of_another_length_than_the_pickle_says_are_refused(tmp_path):
+  """torch writes each storage's element count in the pickle: bytes inserted into (or cut
+  from) a storage shifted the weights its tensors read, silently while they fit."""
+  path = tmp_path / "damaged.pt"
+  for storage, size in ((np.arange(5, dtype=np.float32), 4), (np.arange(3, dtype=np.float32), 3)):
+    _crafted_pt(path, 0, [size], [1], storage, numel=4)
+    with pytest.raises(
+      UserError,
+      match=f"checkpoint {path} is corrupt or truncated \\(ValueError: storage net/data/0 holds "
+      f"{storage.size} float32 elements, the pickle says 4 float32\\)$",
+    ):
+      torch_checkpoint.load_module(str(path))
+  # A damaged storage key ("1" for "0") sends a tensor to a storage of the same size.
+  _crafted_pt(path, 0, [4], [1], entries=[("net/data/1", np.ones(4, np.float32).tobytes())])
+  with pytest.raises(UserError, match="no tensor reads the storage\\(s\\) net/data/1\\)$"):
+    torch_checkpoint.load_module(str(path))
+
+
+def _patch_central(path, entry, offset, fmt, value):
+  """Sets a field of `entry`'s central directory record (at `offset` in it) in the zip."""
+  data = bytearray(open(path, "rb").read())
+  record = data.index(b"PK\x01\x02")
+  while data[record + 46 : record + 46 + len(entry) + 1] != entry.encode() + b"P":
+    record = data.index(b"PK\x01\x02", record + 1)  # Entries carry no extra field here.
+  struct.pack_into(fmt, data, record + offset, value)
+  open(path, "wb").write(bytes(data))
+
+
+@pytest.mark.parametrize(
+  "offset,fmt,value,message",
+  [
+    (8, "<H", 1, "RuntimeError: File .*net/data/0.* is encrypted"),
+    (6, "<H", 64, "NotImplementedError: zip file version 6.4"),
+    (10, "<H", 12, "ValueError: entry net/data/0 is compressed, which torch.save never does"),
+  ],
+)
+def test_zip_entries_torch_never_writes_are_refused(tmp_path, offset, fmt, value, message):
+  """Fields of the zip's central directory, damaged: zipfile raised RuntimeError (and its
+  NotImplementedError) past the loader, or read a bzip2 entry that torch never writes."""
+  path = _crafted_pt(tmp_path / "damaged.pt", 0, [4], [1])
+  _patch_central(path, "net/data/0", offset, fmt, value)
+  with pytest.raises(UserError, match=f"checkpoint {path} is corrupt or truncated \\({message}"):
+    torch_checkpoint.load_module(path)
+
+
+def test_a_compressed_storage_is_refused_before_it_expands(tmp_path):
+  """A 2 MB zip whose storage inflates to 2 GiB (the reader reads whole entries): refused
+  before it is read, instead of the memory it claims."""
+  path = _crafted_pt(tmp_path / "bomb.pt", 0, [4], [1])
+  with zipfile.ZipFile(path) as archive:
+    pkl = archive.read("net/data.pkl")
+  zeros = zlib.compressobj(9, zlib.DEFLATED, -15)  # Raw deflate, as zip stores it.
+  block = zeros.compress(bytes(2**20)) + zeros.flush(zlib.Z_FULL_FLUSH)  # 1 MiB; no history.
+  bomb = block * 2048 + zlib.compressobj(9, zlib.DEFLATED, -15).flush()
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("net/data.pkl", pkl)
+    archive.writestr("net/data/0", bomb)  # Stored, then marked deflated below.
+  _patch_central(path, "net/data/0", 10, "<H", zipfile.ZIP_DEFLATED)
+  _patch_central(path, "net/data/0", 24, "<I", 2**31)  # Its uncompressed size.
+  out = _load_in_child(path).stdout
+  assert "(ValueError: entry net/data/0 is compressed, which torch.save never does)" in out, out
+
+
+def test_big_endian_checkpoints_read_in_their_byte_order(tmp_path):
+  """torch >= 2.1 records the byte order of the storages; a big-endian machine's file read
+  as little-endian gave byte-swapped weights."""
+  path = tmp_path / "big.pt"
+  storage = np.arange(4, dtype=">f4")
+  _crafted_pt(path, 0, [4], [1], storage, entries=[("net/byteorder", b"big")])
+  got = torch_checkpoint.flat_parameters(torch_checkpoint.load_module(str(path)))["lin.weight"]
+  np.testing.assert_array_equal(got, [0, 1, 2, 3])
+  assert got.dtype == np.float32
+  _crafted_pt(path, 0, [4], [1], entries=[("net/byteorder", b"middle")])
+  with pytest.raises(UserError, match="byteorder record is neither 'little' nor 'big'"):
+    torch_checkpoint.load_module(str(path))
+
+
+def _linear_state(memo, state):
+  """A pickled Linear (put in memo slot `memo`) whose state dict holds `state`'s items."""
+  linear = _global("torch.nn.modules.linear", "Linear") + b")\x81q" + bytes([memo])
+  return linear + b"}(" + state + b"ub"
+
+
+def _shared_twice(depth):
+  """Sequential modules nested `depth` deep, each holding the one below twice: 2**depth
+  leaves named from 2 * depth pickled references."""
+  out = _global("torch.nn.modules.linear", "Linear") + b")\x81q\x01"
+  for i in range(2, depth + 2):
+    children = _str("a") + b"h" + bytes([i - 1]) + _str("b") + b"h" + bytes([i - 1])
+    sequential = _global("torch.nn.modules.container", "Sequential") + b")\x81q" + bytes([i])
+    out = out + b"0" + sequential + b"}(" + _str("_modules") + b"}(" + children + b"uub"
+  return out  # Each POP (0) leaves only the newest module on the stack.
+
+
+@pytest.mark.parametrize(
+  "linear,message",
+  [
+    (
+      _linear_state(1, _str("_parameters") + _str("oops")),
+      "module lin has a _parameters torch never",
+    ),
+    (
+      _linear_state(1, _str("_modules") + b"}(" + _str("me") + b"N" + _str("x") + _int(3) + b"u"),
+      "module lin has a _modules torch never",
+    ),
+    (_linear_state(1, _str("_modules") + b"}(" + _str("me") + b"h\x01u"), "module tree holds over"),
+    (_shared_twice(60), "module tree holds over 1000000 modules"),
+  ],
+  ids=["parameters-a-string", "child-an-int", "inside-itself", "shared-2**60"],
+)
+def test_module_trees_torch_never_writes_are_refused(tmp_path, linear, message):
+  """flat_parameters raised TypeError for a `_parameters` that is no dict, recursed forever
+  through a module inside itself, and named 2**60 parameters through shared modules."""
+  path = _crafted_pt(tmp_path / "tree.pt", 0, [4], [1], linear=linear)
+  with pytest.raises(UserError, match=f"checkpoint {path} is corrupt or truncated .*{message}"):
+    torch_checkpoint.load_module(path)
+
+
+@pytest.mark.parametrize(
+  "call",
+  [
+    _global("_codecs", "encode") + _tuple(_int(1), _str("latin1")) + b"R",
+    _global("numpy.core.multiarray", "scalar") + _tuple(_int(1)) + b"R",
+  ],
+  ids=["codecs", "numpy-scalar"],
+)
+def test_calls_torch_never_pickles_name_the_file(tmp_path, call):
+  path = _crafted_pt(tmp_path / "odd.pt", 0, [4], [1], linear=call)
+  with pytest.raises(UserError, match=f"^checkpoint {path} is corrupt or truncated \\(ValueError"):
+    torch_checkpoint.load_module(path)
+
+
+def test_a_malformed_layout_is_named_on_one_line(tmp_path):
+  """A damaged pickle handed a tensor its storage for a stride: numpy's repr of it spread
+  the message over lines."""
+  storage = _tuple(
+    _str("storage"), _global("torch", "FloatStorage"), _str("0"), _str("cpu"), _int(100)
+  )
+  tensor = _global("torch._utils", "_rebuild_tensor_v2") + _tuple(
+    storage + b"Q", _int(0), _tuple(_int(4)), storage + b"Q"
+  )
+  linear = _linear_state(1, _str("_parameters") + b"}(" + _str("weight") + tensor + b"Ru")
+  storage = np.arange(100, dtype=np.float32)
+  path = _crafted_pt(tmp_path / "odd.pt", 0, [4], [1], storage, 100, linear=linear)
+  with pytest.raises(UserError) as error:
+    torch_checkpoint.load_module(path)
+  assert "lin.weight has a malformed layout (offset 0, size (4,), stride array([ 0., 1.," in str(
+    error.value
+  )
+  assert "\n" not in str(error.value)
 
 
 def test_bfloat16_checkpoints_read_as_torch_widens_them(tmp_path):
