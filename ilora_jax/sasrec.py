@@ -140,6 +140,10 @@ def params_from_torch(path: str, cfg: SASRecConfig):
   root = load_module(path)
   flat = flat_parameters(root)
   item_num = root.state.get("item_num")
+  if item_num is not None and (
+    isinstance(item_num, bool) or not isinstance(item_num, (int, np.integer))
+  ):
+    raise UserError(f"checkpoint {path} holds item_num={item_num!r:.60}, not an item count")
   if item_num is not None and int(item_num) != cfg.n_items:
     raise UserError(
       f"checkpoint {path} was trained on {int(item_num)} items but the data set "

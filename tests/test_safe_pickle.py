@@ -3,6 +3,7 @@
 import os
 import pickle
 import pickletools
+import re
 import struct
 import subprocess
 import sys
@@ -668,4 +669,22 @@ def test_sasrec_refuses_weights_it_does_not_use(tmp_path):
   with pytest.raises(
     UserError, match=r"holds 5 weight\(s\) .* not use: buf_0, buf_1, buf_2 and 2 more \("
   ):
+    sasrec.params_from_torch(str(path), cfg)
+
+
+def test_sasrec_refuses_an_item_count_that_is_no_integer(tmp_path):
+  """The original module's `item_num` (an int) checked against the data; a damaged or foreign
+  file's string or list there is one line, not int()'s ValueError or TypeError."""
+  torch = pytest.importorskip("torch")
+  cfg = sasrec.SASRecConfig(n_items=5, hidden=8)
+  path = tmp_path / "sasrec.pt"
+  for value in ("5", [5], 5.0, True):
+    model = _torch_sasrec(torch)
+    model.item_num = value
+    torch.save(model, path)
+    with pytest.raises(UserError, match=re.escape(f"holds item_num={value!r}, not an item count")):
+      sasrec.params_from_torch(str(path), cfg)
+  model.item_num = 6
+  torch.save(model, path)
+  with pytest.raises(UserError, match="trained on 6 items but the data set has 5"):
     sasrec.params_from_torch(str(path), cfg)
