@@ -69,9 +69,20 @@ def ranking_metrics(ranks: np.ndarray, ks: tuple[int, ...] = (1, 5)) -> dict[str
 class MetricsLog:
   """Appends one JSON object per line to `<workdir>/metrics.jsonl` (process 0 only)."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  # What a failed write leaves, in its error: training's checkpoints; an evaluation's
+  # metrics, printed before they are recorded (`EVALUATION`).
+  TRAINING = (
+    "checkpoints written so far are kept: free space or fix permissions and re-run to resume"
+  )
+  EVALUATION = (
+    "the metrics are printed above: free space or fix permissions and re-run the evaluation to "
+    "record them"
+  )
+
+  def __init__(self, workdir: str, enabled: bool = True, advice: str = TRAINING):
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
+    self.advice = advice
 
   def write(self, record: dict) -> None:
     if not self.enabled:
@@ -85,8 +96,7 @@ class MetricsLog:
       from ilora_jax.errors import UserError
 
       raise UserError(
-        f"cannot append to {self.path}: {exc.strerror or exc}; checkpoints written so far are "
-        "kept: free space or fix permissions and re-run to resume"
+        f"cannot append to {self.path}: {exc.strerror or exc}; {self.advice}"
       ) from None
 
   def records(self) -> list[dict]:

@@ -34,7 +34,8 @@ import os
 import re
 import sys
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import numpy as np
@@ -293,14 +294,13 @@ class Recommender:
       from ilora_jax import checkpointing, train_ilora
 
       config = self.config
+      train_ilora.require_checkpoint(self.workdir)
       su = train_ilora.setup(config, self.workdir, dataset=self.dataset)
-      state, step, weights, selected_by = train_ilora.restore_for_use(
+      state, step, weights, _ = train_ilora.restore_for_use(
         self.workdir, checkpointing.abstract_like(su.state), "selected",
         config.checkpoint.max_to_keep, su.settings,
       )  # fmt: skip
-      latest = step if selected_by is None else _latest_step(self.workdir, train_ilora.STAGE)
-      if latest is not None and latest < su.total_steps:  # Stopped early, or still training.
-        weights += f" (an unfinished run: trained {latest} of {su.total_steps} steps)"
+      weights += train_ilora.unfinished(self.workdir, su.total_steps)
       evaluator = train_ilora.Evaluator(su.parts, config, su.dataset.val, su.gate_kind)
       self._restored = Restored(su, state, step, weights, evaluator)
     return self
@@ -383,18 +383,6 @@ class Recommender:
     return [(cands[i], self.titles[cands[i]], float(scores[i])) for i in order]
 
 
-def _latest_step(workdir: str, stage: str) -> int | None:
-  """The step of the stage's latest checkpoint in `workdir` (None without one)."""
-  import contextlib
-
-  from ilora_jax import checkpointing
-
-  with contextlib.closing(
-    checkpointing.StageCheckpoints(workdir, stage, 1, False, read_only=True)
-  ) as ckpt:
-    return ckpt.latest_step()
-
-
 def _entries(value, what: str) -> list:
   """`value` (a history or candidates given to the API) as a list; a string (which would be
   read one character at a time), bytes, None or a non-iterable is a UserError."""
@@ -404,7 +392,19 @@ def _entries(value, what: str) -> list:
       f"{shown} is a {type(value).__name__}, not a list: pass a list of titles or item ids, "
       f"e.g. {what}=['Heat', 12] (a string is not split into entries)"
     )
-  return list(value)
+  # A dict would give its keys; a set, its entries in no order (a history's order counts).
+  if isinstance(value, Mapping) or (what == "history" and isinstance(value, AbstractSet)):
+    raise UserError(
+      f"{what} is a {type(value).__name__}: pass a list of titles or item ids"
+      + (", oldest first (its order counts)" if what == "history" else "")
+    )
+  entries = list(value)
+  if not entries:
+    raise UserError(
+      f"{what} is empty: name at least one item"
+      + (" (or leave candidates out for SASRec's)" if what == "candidates" else "")
+    )
+  return entries
 
 
 def _check_left(history: list[int], candidates, titles: dict[int, str]) -> None:
@@ -498,6 +498,8 @@ def main(argv: list[str] | None = None) -> None:
   # unquoted, a flagfile line that is not a flag): refused, not dropped.
   parse_flags(values, argv, "recommend")
   f = values
+  if values["history"].present and not f.history:  # `--history=`: given, but empty.
+    raise UserError("--history is empty: name at least one item")
   if not f.workdir or not f.history:
     raise UserError("--workdir and --history are required (see --help)")
   if f.k < 1:
@@ -520,12 +522,18 @@ def main(argv: list[str] | None = None) -> None:
   def describe(weights: str) -> None:
     print(f"recommend: ranking with {weights}", file=sys.stderr, flush=True)
 
-  top = recommend(f.workdir, history, candidates, f.k, notify, config, describe)
+  top = recommend(f.workdir, history, candidates or None, f.k, notify, config, describe)
   # A title the terminal cannot encode is written escaped (`\xeb`), not lost with the rest.
   if isinstance(sys.stdout, io.TextIOWrapper):
     sys.stdout.reconfigure(errors="backslashreplace")
-  for item, title, score in top:
-    print(f"{score:10.3f}  {item:6d}  {title}")
+  try:
+    for item, title, score in top:
+      print(f"{score:10.3f}  {item:6d}  {title}")
+    sys.stdout.flush()
+  except BrokenPipeError:  # The reader went away (`... | head -1`): `cli_main` ends quietly.
+    raise
+  except OSError as exc:  # A full disk behind `> file`, say.
+    raise UserError(f"cannot write the recommendations to stdout: {exc.strerror or exc}") from None
 
 
 class _CallableModule(type(sys)):

@@ -1737,6 +1737,32 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
     )
 
 
+def latest_step(workdir: str, stage: str = STAGE) -> int | None:
+  """The step of `stage`'s (ilora or its selected weights', BEST) latest checkpoint in
+  `workdir`, None without one."""
+  with contextlib.closing(
+    checkpointing.StageCheckpoints(workdir, stage, 1, False, read_only=True)
+  ) as ckpt:
+    return ckpt.latest_step()
+
+
+def require_checkpoint(workdir: str) -> None:
+  """Refuses a workdir without an ilora checkpoint (latest or selected) before the model is
+  built: `restore_for_use`'s error, without minutes of loading an LLM first."""
+  if latest_step(workdir) is None and latest_step(workdir, BEST) is None:
+    directory = os.path.join(workdir, "checkpoints", STAGE)
+    raise UserError(f"no ilora checkpoint in {directory}: train with --config.stage=ilora")
+
+
+def unfinished(workdir: str, total_steps: int) -> str:
+  """ " (an unfinished run: ...)" when the run's latest checkpoint is short of its steps
+  (stopped early, or still training), for the words naming the weights used; else ""."""
+  latest = latest_step(workdir)
+  if latest is None or latest >= total_steps:
+    return ""
+  return f" (an unfinished run: trained {latest} of {total_steps} steps)"
+
+
 def restore_for_use(
   workdir: str, abstract_state, weights: str = "selected", keep: int = 2, settings=None
 ):
@@ -1770,18 +1796,22 @@ def restore_for_use(
 def evaluate(config, workdir: str) -> dict[str, float]:
   """The `evaluate` stage for iLoRA: restore the run's selected weights (`eval.weights`) or
   its latest checkpoint and score `eval.split`."""
+  require_checkpoint(workdir)
   su = setup(config, workdir)
   state, latest, how, selected_by = restore_for_use(
     workdir, checkpointing.abstract_like(su.state), config.eval.weights,
     config.checkpoint.max_to_keep, su.settings,
   )  # fmt: skip
-  console.info(f"iLoRA: evaluating {how}")
+  console.info(f"iLoRA: evaluating {how}{unfinished(workdir, su.total_steps)}")
   split = su.dataset.split(config.eval.split)
   evaluator = Evaluator(su.parts, config, split, su.gate_kind, su.mesh)
   metrics = evaluator(
     state["trainable"], state["stats"], su.frozen, config.progress, baselines=True
   )
-  MetricsLog(workdir, enabled=jax.process_index() == 0).write(
+  # Printed first: a metrics.jsonl or predictions/ that cannot be written loses no result.
+  if jax.process_index() == 0:
+    print(f"ilora {config.eval.split} step {latest}: " + _fmt(metrics), flush=True)
+  MetricsLog(workdir, jax.process_index() == 0, MetricsLog.EVALUATION).write(
     {
       "run": "evaluate",
       "stage": STAGE,
@@ -1795,5 +1825,4 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   )
   if jax.process_index() == 0:  # Beside the record it matches (the split's latest final).
     write_predictions(workdir, config.eval.split, evaluator, metrics)
-  print(f"ilora {config.eval.split} step {latest}: " + _fmt(metrics), flush=True)
   return metrics

@@ -401,9 +401,9 @@ def evaluate_params(
       )
       continue
     metrics = make_evaluator(config, dataset, split, model, mesh)(params)
-    log.write({"run": run, "stage": STAGE, "split": split, "step": step, "final": True, **metrics})
-    if jax.process_index() == 0:  # As `console`: one process reports.
+    if jax.process_index() == 0:  # As `console`: one process reports; before the record.
       print(f"sasrec {split} step {step}: " + _fmt(metrics), flush=True)
+    log.write({"run": run, "stage": STAGE, "split": split, "step": step, "final": True, **metrics})
     if split == "val":
       result = metrics
   return result
@@ -516,7 +516,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
     raise
   restored, _ = ckpt.restore(latest, restore_target(cfg, sharding.replicated(mesh)))
   ckpt.close()
-  log = MetricsLog(workdir, enabled=jax.process_index() == 0)
+  log = MetricsLog(workdir, jax.process_index() == 0, MetricsLog.EVALUATION)
   return evaluate_params(
     config,
     dataset,

@@ -196,6 +196,17 @@ def test_evaluate_stage_for_ilora(pipeline, tmp_path):
   before = [json.loads(line) for line in open(run_rows)]
   for ours, theirs in zip(rows, before[1:], strict=True):
     assert ours["hit"] == theirs["hit"] and ours["rank"] == theirs["rank"], ours["row"]
+  # A metrics.jsonl it cannot append to (a folder here) lost the evaluation, with an error
+  # about checkpoints to resume from: its metrics are printed first, and the error says so.
+  os.rename(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "kept.jsonl"))
+  os.mkdir(os.path.join(workdir, "metrics.jsonl"))
+  proc = run_cli(
+    TINY, f"--workdir={workdir}", "--config.stage=evaluate", "--config.eval.stage=ilora",
+    "--config.ilora.eval_base=False",
+  )  # fmt: skip
+  assert_one_line_error(proc, "cannot append to", "the metrics are printed above")
+  (line,) = [x for x in proc.stdout.splitlines() if x.startswith("ilora val step 6: ")]
+  assert f" hr@1={last['hr@1']:.4f} " in line, line
 
 
 def test_ilora_without_sasrec_is_a_clear_error(tmp_path):

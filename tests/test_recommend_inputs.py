@@ -348,18 +348,11 @@ def test_a_hash_entry_that_is_no_id_says_how_ids_are_written():
 
 
 def test_entries_resolve_before_the_model_is_built(tmp_path, monkeypatch):
-  from ilora_jax import synthetic, train_ilora
+  from ilora_jax import synthetic
 
-  config = base_config()
-  config["data"]["name"] = "synthetic"
-  (tmp_path / "config.json").write_text(json.dumps(config))
-
-  def no_model(*args, **kwargs):
-    raise AssertionError("the model was built")
-
-  monkeypatch.setattr(train_ilora, "setup", no_model)
+  synthetic_workdir(tmp_path, monkeypatch)
   rec = REAL_RECOMMENDER(str(tmp_path))
-  titles = synthetic.titles(config["data"]["synthetic"]["num_items"])
+  titles = synthetic.titles(base_config()["data"]["synthetic"]["num_items"])
   assert rec.titles == titles
   assert rec.resolve([titles[4], "#7", 2], "history") == [4, 7, 2]
   with pytest.raises(UserError, match="unknown history title 'no such film'"):
@@ -383,7 +376,26 @@ def synthetic_workdir(tmp_path, monkeypatch, **sasrec) -> str:
     raise AssertionError("the model was built")
 
   monkeypatch.setattr(train_ilora, "setup", no_model)
+  monkeypatch.setattr(train_ilora, "latest_step", lambda workdir, stage="ilora": 6)  # Trained.
   return str(tmp_path)
+
+
+def test_a_workdir_without_ilora_checkpoints_is_refused_before_the_model_is_built(
+  tmp_path, monkeypatch
+):
+  """A SASRec-only workdir (or an iLoRA run before its first checkpoint) was refused only
+  after the LLM was built and SASRec restored: minutes for a 7B model."""
+  from ilora_jax import train_ilora
+
+  workdir = synthetic_workdir(tmp_path, monkeypatch)
+  monkeypatch.undo()  # The real checkpoint lookup, and a setup that must not be reached:
+  monkeypatch.setattr(train_ilora, "setup", lambda *args, **kwargs: pytest.fail("built"))
+  with pytest.raises(UserError, match=r"no ilora checkpoint in .*checkpoints/ilora: train"):
+    rec_mod.recommend(workdir, ["#1"])
+  config = rec_mod.load_run_config(workdir)
+  config.eval.stage = "ilora"
+  with pytest.raises(UserError, match=r"no ilora checkpoint in .*checkpoints/ilora: train"):
+    train_ilora.evaluate(config, workdir)
 
 
 def test_cli_refuses_words_that_are_no_flag(tmp_path):
@@ -494,21 +506,22 @@ def test_the_note_says_when_the_run_is_unfinished(tmp_path, monkeypatch):
                              dataset=types.SimpleNamespace(val=None))  # fmt: skip
   monkeypatch.setattr(train_ilora, "setup", lambda *args, **kwargs: su)
   monkeypatch.setattr(train_ilora, "Evaluator", lambda *args: None)
+  monkeypatch.setattr(train_ilora, "require_checkpoint", lambda workdir: None)
   cases = [
-    # (what restore_for_use returns, the stage's latest step, the note)
-    (("the latest checkpoint, step 2", None), None,
+    # (what restore_for_use returns, the ilora stage's latest step, the note)
+    (("the latest checkpoint, step 2", None), 2,
      "the latest checkpoint, step 2 (an unfinished run: trained 2 of 4 steps)"),
     (("the weights of step 2, selected by val m", "m"), 3,
      "the weights of step 2, selected by val m (an unfinished run: trained 3 of 4 steps)"),
     (("the weights of step 2, selected by val m", "m"), 4,
      "the weights of step 2, selected by val m"),
-    (("the latest checkpoint, step 4", None), None, "the latest checkpoint, step 4"),
+    (("the latest checkpoint, step 4", None), 4, "the latest checkpoint, step 4"),
   ]  # fmt: skip
   for (how, selected_by), latest, note in cases:
     step = int(how.split("step ")[1].split(",")[0])
     restored = ({}, step, how, selected_by)
     monkeypatch.setattr(train_ilora, "restore_for_use", lambda *args, r=restored: r)
-    monkeypatch.setattr(rec_mod, "_latest_step", lambda workdir, stage, at=latest: at)
+    monkeypatch.setattr(train_ilora, "latest_step", lambda workdir, stage="ilora", at=latest: at)
     assert REAL_RECOMMENDER(workdir).weights == note
 
 
@@ -521,3 +534,48 @@ def test_a_relative_sasrec_init_from_is_named_unless_the_run_has_its_own(tmp_pat
     REAL_RECOMMENDER(workdir)
   os.makedirs(tmp_path / "checkpoints" / "sasrec" / "130")  # Its own SASRec: init_from unread.
   assert len(REAL_RECOMMENDER(workdir).titles) == 60
+
+
+def test_the_api_refuses_empty_lists_dicts_and_an_unordered_history(tmp_path, monkeypatch):
+  """`candidates=[]` ranked SASRec's own pick (items the caller never offered, where the CLI
+  refuses `--candidates='|'`); a dict gave its keys; a set lost the history's order."""
+  workdir = synthetic_workdir(tmp_path, monkeypatch)
+  cases = [
+    ([1], [], "candidates is empty: name at least one item (or leave candidates out"),
+    ([], None, "history is empty: name at least one item"),
+    ({1: 2}, None, "history is a dict: pass a list of titles or item ids, oldest first"),
+    ({1, 2}, None, "history is a set: pass a list of titles or item ids, oldest first"),
+    ([1], {3: 4}, "candidates is a dict: pass a list of titles or item ids"),
+  ]
+  for history, candidates, fragment in cases:
+    for call in (rec_mod.recommend, lambda *args: REAL_RECOMMENDER(args[0]).recommend(*args[1:])):
+      with pytest.raises(UserError) as info:
+        call(workdir, history, candidates)
+      assert str(info.value).startswith(fragment), info.value
+  with pytest.raises(AssertionError, match="the model was built"):  # A set of candidates.
+    rec_mod.recommend(workdir, [1], {3, 4})
+
+
+def test_cli_an_empty_history_flag_and_an_unwritable_stdout_are_one_line(tmp_path):
+  """`--history=` said `--workdir and --history are required` though both were given; a full
+  disk behind stdout was `unexpected OSError` (exit 3) after the work."""
+  import subprocess
+  import sys
+
+  proc = run_cli(f"--workdir={tmp_path}", "--history=", module=MODULE, timeout=120)
+  assert_one_line_error(proc, "--history is empty: name at least one item")
+  (tmp_path / "config.json").write_text(json.dumps(base_config()))
+  script = f"""
+import ilora_jax.recommend as rec_mod
+from ilora_jax import compile_cache
+compile_cache.enable = lambda folder: None
+rec_mod.recommend = lambda *args: [(1, "Heat", -1.0)]
+rec_mod.main(["recommend", "--workdir={tmp_path}", "--history=#2"])
+"""
+  with open("/dev/full", "w") as full:
+    proc = subprocess.run([sys.executable, "-c", script], stdout=full, stderr=subprocess.PIPE,
+                          text=True, cwd=ROOT, timeout=120)  # fmt: skip
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.strip().splitlines() == [
+    "error: cannot write the recommendations to stdout: No space left on device"
+  ], proc.stderr
