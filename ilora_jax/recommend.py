@@ -355,8 +355,6 @@ class Recommender:
     fewer candidates). The history keeps its last `data.max_len` items."""
     history = _entries(history, "history")
     candidates = None if candidates is None else _entries(candidates, "candidates")
-    if not history:
-      raise UserError("the history is empty")
     _check_k(k)
     for what, items in (("history", history), ("candidate", candidates or [])):
       unknown = [i for i in items if isinstance(i, bool) or i not in self.titles]
