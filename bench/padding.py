@@ -125,9 +125,12 @@ def main(argv) -> None:
       raise UserError(f"--eval_split={_EVAL_SPLIT.value!r} must be one of {', '.join(SPLITS)}")
     if _STEPS.value < 0:  # Before the data and model are built.
       raise UserError(f"--steps={_STEPS.value}: 0 (the whole epoch) or a number of steps >= 1")
-    su = train_ilora.setup(config, _WORKDIR.value)
-    if _EVAL_SPLIT.value:  # Its file exists (test may lack one), before the train tallies.
-      su.dataset.split(_EVAL_SPLIT.value)
+    from ilora_jax.data import load_from_config
+
+    dataset = load_from_config(config, _WORKDIR.value)
+    if _EVAL_SPLIT.value:  # Its file exists (test may lack one), before the model is built.
+      dataset.split(_EVAL_SPLIT.value)
+    su = train_ilora.setup(config, _WORKDIR.value, dataset=dataset)
     steps = _STEPS.value or su.steps_per_epoch
     if steps > su.steps_per_epoch:
       raise UserError(
