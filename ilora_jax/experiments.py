@@ -223,15 +223,15 @@ def plan(
     shared = _sasrec_key(configuration.load(config_path, common))
   except UserError as exc:
     raise UserError(f"grid overrides: {exc}") from None
-  resolved, sasrec_of = {}, {}
+  resolved, sasrec_of, keys = {}, {}, {}
   for name, extra in variants:
     try:
       resolved[name] = configuration.load(config_path, [*common, *extra])
     except UserError as exc:
       raise UserError(f"variant {name}: {exc}") from None
     # One SASRec per data and SASRec setting: the first variant of other ones names its own.
-    key = _sasrec_key(resolved[name])
-    sasrec_of[name] = next((sasrec_of[v] for v in sasrec_of if _sasrec_key(resolved[v]) == key),
+    key = keys[name] = _sasrec_key(resolved[name])
+    sasrec_of[name] = next((sasrec_of[v] for v in sasrec_of if keys[v] == key),
                            "" if key == shared else name)  # fmt: skip
   if grid.only and not every:
     wanted = [v.strip() for v in grid.only.split(",") if v.strip()]

@@ -303,7 +303,7 @@ def check_memo_indices(data: bytes) -> None:
 # numpy, pandas and pyarrow code makes of the data (pandas asserts a BlockManager's shapes
 # and raises NotImplementedError for formats it no longer reads; numpy parses the repeat
 # count of a dtype string such as "08i8" with ast.literal_eval).
-_CORRUPT = (
+CORRUPT = (
   pickle.UnpicklingError,
   EOFError,
   ValueError,
@@ -338,7 +338,7 @@ def safe_load(path: str, what: str = "pickle") -> Any:
     return _AllowlistUnpickler(io.BytesIO(data), f"{what} {path}").load()
   except UserError:
     raise
-  except _CORRUPT as exc:
+  except CORRUPT as exc:
     raise _corrupt(what, path, exc) from None
 
 
@@ -353,6 +353,6 @@ def load_dataframe(path: str, what: str = "data file"):
     raise UserError(f"{what} {path} holds a {type(obj).__name__}, expected a pandas DataFrame")
   try:  # A damaged file can leave a DataFrame without its parts.
     len(obj), len(obj.columns)
-  except _CORRUPT as exc:
+  except CORRUPT as exc:
     raise _corrupt(what, path, exc) from None
   return obj

@@ -144,7 +144,7 @@ def params_from_torch(path: str, cfg: SASRecConfig):
     isinstance(item_num, bool) or not isinstance(item_num, (int, np.integer))
   ):
     raise UserError(f"checkpoint {path} holds item_num={item_num!r:.60}, not an item count")
-  if item_num is not None and int(item_num) != cfg.n_items:
+  if item_num is not None and item_num != cfg.n_items:
     raise UserError(
       f"checkpoint {path} was trained on {int(item_num)} items but the data set "
       f"has {cfg.n_items} (wrong data set?)"

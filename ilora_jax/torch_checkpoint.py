@@ -303,19 +303,9 @@ def load_module(path: str) -> ModuleRecord:
       raise ValueError(f"no tensor reads the storage(s) {', '.join(sorted(unused)[:3])}")
   except UserError:
     raise
-  except (
-    zipfile.BadZipFile,
-    pickle.UnpicklingError,
-    EOFError,
-    ValueError,
-    TypeError,
-    AttributeError,
-    LookupError,
-    ArithmeticError,
-    OSError,
-    RuntimeError,  # zipfile: encrypted entries, zip versions it does not read; recursion.
-    MemoryError,
-  ) as exc:
+  # What a damaged pickle raises (`safe_pickle.CORRUPT`, RuntimeError among them: zipfile's
+  # encrypted entries and zip versions it does not read, recursion), and a damaged zip.
+  except (*safe_pickle.CORRUPT, zipfile.BadZipFile, OSError) as exc:
     raise UserError(
       f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})"
     ) from None

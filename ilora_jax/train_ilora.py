@@ -1750,8 +1750,11 @@ def require_checkpoint(workdir: str) -> None:
   """Refuses a workdir without an ilora checkpoint (latest or selected) before the model is
   built: `restore_for_use`'s error, without minutes of loading an LLM first."""
   if latest_step(workdir) is None and latest_step(workdir, BEST) is None:
-    directory = os.path.join(workdir, "checkpoints", STAGE)
-    raise UserError(f"no ilora checkpoint in {directory}: train with --config.stage=ilora")
+    raise _no_checkpoint(os.path.join(workdir, "checkpoints", STAGE))
+
+
+def _no_checkpoint(directory: str) -> UserError:
+  return UserError(f"no ilora checkpoint in {directory}: train with --config.stage=ilora")
 
 
 def unfinished(workdir: str, total_steps: int) -> str:
@@ -1787,7 +1790,7 @@ def restore_for_use(
   ) as ckpt:
     latest = ckpt.latest_step()
     if latest is None:
-      raise UserError(f"no ilora checkpoint in {ckpt.directory}: train with --config.stage=ilora")
+      raise _no_checkpoint(ckpt.directory)
     _check_model_settings(ckpt, latest, settings)
     state, _ = ckpt.restore(latest, abstract_state)
   return state, latest, f"the latest checkpoint, step {latest}", None
