@@ -99,12 +99,13 @@ def _resolve(name_or_path: str) -> tuple[str, str]:
         f"{name_or_path}: package {GGUF_NAMES[name_or_path][0]} with its GGUF is not installed"
       )
     return "gguf", path
-  if os.path.isdir(name_or_path):  # Even one named *.gguf.
-    return "hf", name_or_path
-  if name_or_path.endswith(".gguf"):
-    if not os.path.isfile(name_or_path):
+  path = os.path.expanduser(name_or_path)  # '~/models/x' where no shell expanded it.
+  if os.path.isdir(path):  # Even one named *.gguf.
+    return "hf", path
+  if path.endswith(".gguf"):
+    if not os.path.isfile(path):
       raise UserError(f"GGUF file not found: {name_or_path}")
-    return "gguf", name_or_path
+    return "gguf", path
   raise UserError(
     f"unknown model {name_or_path!r}: expected a Hugging Face folder, a .gguf file or one of "
     f"{', '.join(names())}"

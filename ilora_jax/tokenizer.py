@@ -197,6 +197,10 @@ def tokenizer_from_gguf(path_or_reader: Any):
   return _wrap(Tokenizer.from_str(json_str), *specials)
 
 
+def _gguf_name(reader) -> str:
+  return str(getattr(reader.data, "filename", "") or "the GGUF file")
+
+
 def _build_gguf_tokenizer(reader) -> tuple[Tokenizer, tuple]:
   """-> (backend tokenizer, (bos, eos, unk, pad) token strings or None)."""
   from ilora_jax.weights import gguf_field
@@ -209,13 +213,29 @@ def _build_gguf_tokenizer(reader) -> tuple[Tokenizer, tuple]:
       f"unsupported GGUF tokenizer model {kind!r}: only byte-level BPE (gpt2) is supported; "
       "load the model from a Hugging Face folder instead"
     )
-  tokens = list(gguf_field(reader, "tokenizer.ggml.tokens"))
+  tokens = gguf_field(reader, "tokenizer.ggml.tokens")
+  merges = gguf_field(reader, "tokenizer.ggml.merges") or []
+  if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+    raise UserError(f"{_gguf_name(reader)}: the tokenizer's tokenizer.ggml.tokens is missing or "
+                    "not a list of strings: a damaged file?")  # fmt: skip
+  if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
+    raise UserError(f"{_gguf_name(reader)}: the tokenizer's tokenizer.ggml.merges is not a list "
+                    "of 'left right' strings: a damaged file?")  # fmt: skip
   types = gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
-  merges = [tuple(m.split(" ", 1)) for m in gguf_field(reader, "tokenizer.ggml.merges") or []]
+  if not isinstance(types, list) or len(types) != len(tokens):
+    raise UserError(
+      f"{_gguf_name(reader)}: the tokenizer's tokenizer.ggml.token_type does not give a type "
+      f"to each of its {len(tokens)} tokens: a damaged file?"
+    )
+  merges = [tuple(m.split(" ", 1)) for m in merges]
   vocab: dict[str, int] = {}
   for i, token in enumerate(tokens):
     vocab.setdefault(token, i)
-  tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+  try:
+    bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
+  except Exception as exc:  # noqa: BLE001 - the Rust builder raises a plain Exception.
+    raise UserError(f"{_gguf_name(reader)}: its tokenizer does not build ({exc})") from None
+  tk = Tokenizer(bpe)
   tk.pre_tokenizer = _pre_tokenizer(gguf_field(reader, "tokenizer.ggml.pre"))
   tk.decoder = decoders.ByteLevel()
   special = [
@@ -281,8 +301,13 @@ def tokenizer_from_hf(folder: str):
   except Exception as exc:  # noqa: BLE001 - any failure here is a file transformers can't read.
     import importlib.util
 
-    reason = (str(exc).strip().splitlines() or [""])[0][:160]
+    reason = " ".join(str(exc).split())[:240]  # Its first line alone may name no reason.
     hint = ""
+    if _raised_reading_config(exc):  # transformers reads config.json to pick the tokenizer.
+      raise UserError(
+        f"cannot load the tokenizer in {folder}: transformers, which reads it, refuses its "
+        f"config.json ({type(exc).__name__}{': ' + reason if reason else ''})"
+      ) from None
     if files == ["tokenizer.model"] and importlib.util.find_spec("sentencepiece") is None:
       hint = (
         "; a tokenizer.model alone needs the sentencepiece package (not installed), or give "
@@ -298,6 +323,15 @@ def tokenizer_from_hf(folder: str):
   if tok.pad_token is None and tok.eos_token is not None:
     tok.pad_token = tok.eos_token
   return tok
+
+
+def _raised_reading_config(exc: BaseException) -> bool:
+  """Whether `exc` came from transformers' reading of a model's config.json."""
+  import traceback
+
+  names = ("configuration_utils.py", "configuration_auto.py")
+  return any(frame.f_code.co_filename.endswith(names)
+             for frame, _ in traceback.walk_tb(exc.__traceback__))  # fmt: skip
 
 
 def add_ilora_tokens(tokenizer) -> dict[str, int]:

@@ -331,14 +331,17 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
   if head_dim % 2:
     raise UserError(f"{source}: head_dim={head_dim} must be even (rotary embeddings)")
   rope: dict = {}
-  for key in ("rope_parameters", "rope_scaling"):
+  for key in ("rope_parameters", "rope_scaling"):  # The later one wins, as in transformers.
     value = hf.get(key)
     if value is not None and not isinstance(value, dict):
       raise UserError(f"{source}: {key}={value!r} must be an object or null")
-    rope.update(value or {})
+    value = dict(value or {})
+    if "type" in value:  # The older name of `rope_type`.
+      value.setdefault("rope_type", value["type"])
+    rope.update(value)
   theta_at = hf if hf.get("rope_theta") is not None else {"rope_theta": rope.get("rope_theta", 1e4)}
   theta = _positive_float(theta_at, "rope_theta", 10000.0, source=source)
-  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  rope_type = rope.get("rope_type", "default")
   if rope_type in (None, "default"):
     scaling = None
   elif rope_type == "llama3":
@@ -351,7 +354,12 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
       rope, "original_max_position_embeddings", source=source
     )
   else:
-    raise UserError(f"unsupported rope scaling type {rope_type!r}: only llama3 is supported")
+    raise UserError(
+      f"{source}: unsupported rope scaling type {rope_type!r}: only llama3 is supported"
+    )
+  tie = hf.get("tie_word_embeddings")
+  if tie is not None and not isinstance(tie, bool):
+    raise UserError(f"{source}: tie_word_embeddings={tie!r} must be true, false or null")
   kwargs = dict(
     vocab_size=sizes["vocab_size"],
     hidden_size=sizes["hidden_size"],
@@ -363,7 +371,7 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
     rope_theta=theta,
     rope_scaling=scaling,
     rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-6, source=source),
-    tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    tie_word_embeddings=bool(tie),
     max_position_embeddings=_positive_int(hf, "max_position_embeddings", 4096, source=source),
   )
   kwargs.update(overrides)
@@ -408,6 +416,11 @@ class _SafetensorsFolder:
         raise UserError(f"safetensors file is truncated or corrupt: {path} ({e})") from None
       self._handles[path] = handle
       for key in handle.keys():
+        if key in self._where:  # Which copy the model would get is anyone's guess.
+          raise UserError(
+            f"{folder}: tensor {key} is in two files, {os.path.basename(self._where[key])} "
+            f"and {name}: give each tensor once"
+          )
         self._where[key] = path
     if weight_map is not None:
       missing = sorted(k for k in weight_map if k not in self._where)
@@ -618,6 +631,11 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
     value = gguf_field(reader, key, default) if default is not None else need(key)
     return _positive_int({key: value}, key, source="GGUF metadata")
 
+  def positive_float(key, default) -> float:
+    return _positive_float(
+      {key: gguf_field(reader, key, default)}, key, default, source="GGUF metadata"
+    )
+
   hidden = positive("llama.embedding_length")
   heads = positive("llama.attention.head_count")
   kv_heads = positive("llama.attention.head_count_kv", heads)
@@ -626,16 +644,18 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
       f"GGUF metadata llama.attention.head_count={heads} is not a multiple of "
       f"llama.attention.head_count_kv={kv_heads}"
     )
-  vocab = gguf_field(reader, "llama.vocab_size")
+  vocab = None if gguf_field(reader, "llama.vocab_size") is None else positive("llama.vocab_size")
   if vocab is None:
     tokens = gguf_field(reader, "tokenizer.ggml.tokens")
     vocab = len(tokens) if tokens is not None else None
   if vocab is None:
-    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    if embd is None or len(embd.shape) != 2:
+      raise UserError("GGUF file without llama.vocab_size, tokenizer.ggml.tokens or a 2-D "
+                      "token_embd.weight: its vocabulary size is unknown")  # fmt: skip
     vocab = int(embd.shape[1])
-  head_dim = gguf_field(reader, "llama.attention.key_length") or gguf_field(
-    reader, "llama.rope.dimension_count"
-  )
+  head_key = next((k for k in ("llama.attention.key_length", "llama.rope.dimension_count")
+                   if gguf_field(reader, k)), None)  # fmt: skip
   kwargs = dict(
     vocab_size=int(vocab),
     hidden_size=hidden,
@@ -643,11 +663,11 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
     num_layers=positive("llama.block_count"),
     num_heads=heads,
     num_kv_heads=kv_heads,
-    head_dim=int(head_dim or hidden // heads),
-    rope_theta=float(gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-    rms_norm_eps=float(gguf_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+    head_dim=positive(head_key) if head_key else hidden // heads,
+    rope_theta=positive_float("llama.rope.freq_base", 10000.0),
+    rms_norm_eps=positive_float("llama.attention.layer_norm_rms_epsilon", 1e-5),
     tie_word_embeddings="output.weight" not in names,
-    max_position_embeddings=int(gguf_field(reader, "llama.context_length", 4096)),
+    max_position_embeddings=positive("llama.context_length", 4096),
   )
   if kwargs["head_dim"] < 2 or kwargs["head_dim"] % 2 or kwargs["vocab_size"] < 1:
     raise UserError(

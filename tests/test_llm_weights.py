@@ -343,6 +343,21 @@ def test_damaged_tokenizer_files_are_named(tmp_path, files, fragments):
     assert fragment in str(err.value), err.value
 
 
+def test_a_config_json_transformers_refuses_is_named_as_such(tmp_path):
+  """transformers reads config.json to pick the tokenizer class, more strictly than this
+  package: its refusal names config.json and the reason (it was 'cannot load the tokenizer'
+  and the first line of the message, which has no reason)."""
+  folder = _folder_with_tokenizer_files(tmp_path, {})
+  tok_lib.byte_level_tokenizer().save_pretrained(folder)
+  with open(os.path.join(folder, "config.json")) as f:
+    config = json.load(f)
+  config["rms_norm_eps"] = 1  # An int: accepted here, not by transformers.
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(config, f)
+  with pytest.raises(UserError, match="refuses its config.json .*'rms_norm_eps' expected float"):
+    llm.load_tokenizer(folder)
+
+
 def test_unreadable_model_files_are_one_line_errors_of_the_ilora_stage(tiny_gguf, tmp_path):
   """What the audit of the command line found as tracebacks or warnings before the error:
   a file named .gguf that is none, a GGUF without a tokenizer, and a tokenizer.model that
@@ -599,6 +614,10 @@ GOOD_HF = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "interme
                        "high_freq_factor": 4, "original_max_position_embeddings": 32}},
      "rope scaling factor=0 must be a positive number"),
     ({"max_position_embeddings": 0}, "max_position_embeddings=0 must be a positive integer"),
+    ({"tie_word_embeddings": "false"},
+     "tie_word_embeddings='false' must be true, false or null"),
+    ({"rope_parameters": {"rope_type": "default"}, "rope_scaling": {"type": "linear", "factor": 2}},
+     "unsupported rope scaling type 'linear'"),
   ],
 )  # fmt: skip
 def test_bad_values_in_an_hf_config_json_are_named(change, message):
@@ -608,6 +627,18 @@ def test_bad_values_in_an_hf_config_json_are_named(change, message):
     weights.config_from_hf({**GOOD_HF, **change})
   cfg = weights.config_from_hf({**GOOD_HF, "rms_norm_eps": 1e-5, "head_dim": None})
   assert (cfg.head_dim, cfg.num_kv_heads, cfg.rms_norm_eps) == (16, 2, 1e-5)
+
+
+def test_a_rope_scaling_in_the_older_spelling_is_not_lost():
+  """transformers saves `rope_parameters` with rope_type 'default'; a `rope_scaling` of the
+  older spelling (`type`) beside it is what transformers applies (it was read as no scaling,
+  and the model computed other outputs than the checkpoint's)."""
+  llama3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32}  # fmt: skip
+  saved = {"rope_type": "default", "rope_theta": 5e5}
+  cfg = weights.config_from_hf({**GOOD_HF, "rope_scaling": llama3, "rope_parameters": saved})
+  assert cfg.rope_scaling is not None and cfg.rope_scaling["factor"] == 8.0
+  assert cfg.rope_theta == 5e5
 
 
 def _copy_folder(folder, target) -> str:
@@ -631,6 +662,34 @@ def test_a_damaged_index_or_integer_weights_are_named(hf_checkpoints, tmp_path):
                     lambda t: t.update({name: t[name].astype(np.int32)}))  # fmt: skip
   with pytest.raises(UserError, match=f"tensor {name} holds int32 values, not floating point"):
     llm.load(single)
+
+
+def test_a_tensor_in_two_files_is_refused(hf_checkpoints, tmp_path):
+  """The index names one file per tensor; a second copy in another shard (the model got the
+  copy of the last file, whatever the index said) is refused, naming both files."""
+  from safetensors.numpy import load_file, save_file
+
+  sharded = _copy_folder(hf_checkpoints["tied_sharded"][0], tmp_path / "sharded")
+  with open(os.path.join(sharded, "model.safetensors.index.json")) as f:
+    weight_map = json.load(f)["weight_map"]
+  name = "model.embed_tokens.weight"
+  other = max(set(weight_map.values()) - {weight_map[name]})
+  tensors = load_file(os.path.join(sharded, other))
+  tensors[name] = np.zeros((300, 64), np.float32)
+  save_file(tensors, os.path.join(sharded, other), metadata={"format": "pt"})
+  with pytest.raises(UserError, match=re.escape(
+      f"tensor {name} is in two files, {weight_map[name]} and {other}")):  # fmt: skip
+    llm.load(sharded)
+
+
+def test_a_folder_under_the_home_tilde_is_found(hf_checkpoints, monkeypatch, tmp_path):
+  """`--config.llm.name=~/models/x`: no shell expands a tilde after '=' (it was 'unknown
+  model')."""
+  monkeypatch.setenv("HOME", str(tmp_path))
+  _copy_folder(hf_checkpoints["gqa_untied_single_file"][0], tmp_path / "model")
+  assert llm.config_for("~/model").num_kv_heads == 2
+  with pytest.raises(UserError, match="GGUF file not found: ~/none.gguf"):
+    llm.config_for("~/none.gguf")
 
 
 def _variant(src, folder, change_tensors=None, change_config=None) -> str:
@@ -810,9 +869,18 @@ def test_null_rope_theta_and_bad_gguf_sizes():
     ({"llama.block_count": -1}, "block_count=-1 must be a positive integer"),
     ({"llama.attention.head_count_kv": 3}, "head_count=4 is not a multiple of"),
     ({"llama.attention.key_length": 15}, "head size 15 (must be even)"),
-  ):
+    ({"llama.context_length": "x"}, "llama.context_length='x' must be a positive integer"),
+    ({"llama.rope.freq_base": -1.0}, "llama.rope.freq_base=-1.0 must be a positive number"),
+    ({"llama.attention.layer_norm_rms_epsilon": 0.0},
+     "llama.attention.layer_norm_rms_epsilon=0.0 must be a positive number"),
+    ({"llama.vocab_size": "300"}, "llama.vocab_size='300' must be a positive integer"),
+  ):  # fmt: skip
     with pytest.raises(UserError, match=re.escape(message)):
       weights.config_from_gguf(reader(**change))
+  no_vocab = reader()
+  del no_vocab.fields["llama.vocab_size"]  # Nor tokens, nor a token_embd.weight.
+  with pytest.raises(UserError, match="its vocabulary size is unknown"):
+    weights.config_from_gguf(no_vocab)
 
 
 # ------------------------------------------------------------------ runs on a Hugging Face folder

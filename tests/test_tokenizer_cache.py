@@ -1,6 +1,7 @@
 """The disk cache of tokenizers rebuilt from GGUF files (`tokenizer.tokenizer_from_gguf`)."""
 
 import os
+import re
 
 import gguf
 import pytest
@@ -12,16 +13,19 @@ from ilora_jax import tokenizer as tok_lib
 TEXTS = ["Hello, world!", "ab ba  abba\n12", "<|im_start|>user hi<|im_end|>", ""]
 
 
-def _write_tokenizer_gguf(path):
+def _write_tokenizer_gguf(path, tokens=None, types=None, merges=("a b", "ab b")):
   """A GGUF holding only a byte-level BPE tokenizer: three control tokens, the 256 byte
-  symbols and two merges ('a b', 'ab b')."""
+  symbols and two merges ('a b', 'ab b'), or the `tokens`, `types` and `merges` given."""
   specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-  tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["ab", "abb"]
+  if tokens is None:
+    tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["ab", "abb"]
+    types = [3, 3, 3] + [1] * (len(tokens) - 3)
   writer = gguf.GGUFWriter(str(path), "llama")
   writer.add_tokenizer_model("gpt2")
-  writer.add_token_list(tokens)
-  writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
-  writer.add_token_merges(["a b", "ab b"])
+  writer.add_array("tokenizer.ggml.tokens", tokens)
+  if types is not None:
+    writer.add_token_types(types)
+  writer.add_array("tokenizer.ggml.merges", list(merges))
   writer.add_bos_token_id(1)
   writer.add_eos_token_id(2)
   writer.add_unk_token_id(0)
@@ -176,3 +180,21 @@ def test_blank_ids_equal_what_transformers_decodes_as_blank():
   expected = tuple(i for i, text in enumerate(texts) if not text.strip())
   assert 100 < len(expected) < 1000  # whitespace runs, control and added special tokens
   assert tok_lib.blank_ids(tok) == expected
+
+
+@pytest.mark.parametrize(
+  "change,message",
+  [
+    (dict(tokens=[1, 2, 3]), "tokenizer.ggml.tokens is missing or not a list of strings"),
+    (dict(merges=["ab"]), "tokenizer.ggml.merges is not a list of 'left right' strings"),
+    (dict(merges=["zz qq"]), "its tokenizer does not build (Error while initializing BPE"),
+    (dict(tokens=["a", "b"], types=[3]), "token_type does not give a type to each of its 2"),
+  ],
+)
+def test_damaged_tokenizer_metadata_is_named(fresh, tmp_path, change, message):
+  """Each was a TypeError or a bare Exception out of the tokenizers package (a traceback of
+  the command line), or, for the types, a tokenizer made of what `zip` kept."""
+  path = _write_tokenizer_gguf(tmp_path / "tok.gguf", **change)
+  with pytest.raises(tok_lib.UserError, match=re.escape(message)) as err:
+    tok_lib.tokenizer_from_gguf(path)
+  assert path in str(err.value) and not isinstance(err.value, tok_lib.NoTokenizer)
