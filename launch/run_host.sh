@@ -32,7 +32,8 @@
 # exit 2 before any set-up.
 #
 # --dry_run, anywhere among the arguments, prints the commands instead of running them: line 1
-# the set-up (a comment when it would be skipped), line 2 the job as it will run. Another
+# the set-up (a comment when it would be skipped), line 2 the job as it will run (each after a
+# "cd CHECKOUT &&" when the caller is in another folder, as they run in the checkout). Another
 # spelling of it (--dry_run=true, --dry-run) is an error, not passed on to the job.
 #
 # Usage: launch/run_host.sh [--dry_run] --config=configs/<name>.py --workdir=DIR [--config.x=y ...]
@@ -165,8 +166,11 @@ if [[ "${ILORA_JAX_SETUP:-}" == skip ]]; then
 fi
 
 if [[ "$DRY_RUN" == 1 ]]; then
-  SETUP="$(show "${PACKAGE[@]}") && $(show "${MORE[@]}") && echo $(show "$WANT") > $STAMP"
-  [[ -x .venv/bin/python ]] || SETUP="$(show "${VENV[@]}") && $SETUP"
+  # Both run in the checkout: from another folder, each line goes there first.
+  CD=""
+  [[ "$HERE" == 1 ]] || CD="cd $(printf '%q' "$PWD") && "
+  SETUP="$CD$(show "${PACKAGE[@]}") && $(show "${MORE[@]}") && echo $(show "$WANT") > $STAMP"
+  [[ -x .venv/bin/python ]] || SETUP="$CD$(show "${VENV[@]}") && ${SETUP#"$CD"}"
   if [[ -n "$WHY" ]]; then
     echo "$SETUP  # set-up runs: $WHY"
   elif [[ "${ILORA_JAX_SETUP:-}" == skip ]]; then
@@ -174,7 +178,7 @@ if [[ "$DRY_RUN" == 1 ]]; then
   else
     echo "# set-up skipped, $STAMP holds $WANT: $SETUP"
   fi
-  show "${RUN[@]}"
+  echo "$CD$(show "${RUN[@]}")"
   exit 0
 fi
 setup() {

@@ -4,8 +4,9 @@
 #
 # Usage: launch/tpu_pod.sh [--dry_run] NAME ZONE ACCELERATOR --config=... --workdir=... [--config.x=y ...]
 #   e.g. launch/tpu_pod.sh ilora us-east5-a v5p-32 --config=configs/lastfm.py --workdir=/tmp/run
-# --dry_run, anywhere among the arguments, prints the commands instead of running them (another
-# spelling of it, --dry_run=true or --dry-run, is an error). Steps: create (skipped when
+# --dry_run, anywhere among the arguments, prints the commands instead of running them (the copy
+# after a "cd CHECKOUT &&" when the caller is in another folder; another spelling of it,
+# --dry_run=true or --dry-run, is an error). Steps: create (skipped when
 # ILORA_JAX_TPU_EXISTS=1; 0 or unset creates, any other value is an error), copy, run. The
 # workdir should be on storage every worker sees for checkpoints that survive the slice (e.g. a
 # mounted bucket).
@@ -108,8 +109,10 @@ run() {
 }
 if [[ "${ILORA_JAX_TPU_EXISTS:-0}" != 1 ]]; then run "${CREATE[@]}"; fi
 # The tracked files only.
-if [[ "$DRY_RUN" == 1 ]]; then
-  echo "git ls-files -z | tar --null -czf $TGZ -T -"
+if [[ "$DRY_RUN" == 1 ]]; then  # In the checkout: from another folder, it goes there first.
+  CD=""
+  [[ "$(cd "$CALLER" && pwd -P)" == "$ROOT" ]] || CD="cd $(printf '%q' "$PWD") && "
+  echo "${CD}git ls-files -z | tar --null -czf $TGZ -T -"
 else
   git ls-files -z | tar --null -czf "$TGZ" -T -
 fi

@@ -390,7 +390,9 @@ def test_run_host_takes_relative_paths_from_the_callers_folder(tmp_path, script)
     run = dict(cwd=here, ILORA_JAX_SETUP="skip")
     dry = repo.run(script, *layout, *args, "--dry_run", **run)
     assert dry.returncode == 0, dry.stderr
-    assert shlex.split(dry.stdout.splitlines()[1]) == _job_call([*want, *cluster])
+    assert shlex.split(dry.stdout.splitlines()[1]) == [
+      "cd", str(repo.root), "&&", *_job_call([*want, *cluster])
+    ]  # fmt: skip
     repo.log.write_text("")
     proc = repo.run(script, *layout, *args, **run)
     assert proc.returncode == 0, proc.stderr
@@ -652,7 +654,30 @@ def test_run_host_takes_a_leading_tilde_as_home(tmp_path):
     run = dict(cwd=cwd, HOME=str(home), ILORA_JAX_SETUP="skip")
     dry = repo.run("run_host.sh", *args, "--dry_run", **run)
     assert dry.returncode == 0, dry.stderr
-    assert shlex.split(dry.stdout.splitlines()[1]) == _job_call([*want, "--config.x=~/y"])
+    cd = ["cd", str(repo.root), "&&"] if cwd else []
+    assert shlex.split(dry.stdout.splitlines()[1]) == [*cd, *_job_call([*want, "--config.x=~/y"])]
     proc = repo.run("run_host.sh", *args, **run)
     assert proc.returncode == 0, proc.stderr
     assert repo.calls() == [_job_call([*want, "--config.x=~/y"])]
+
+
+def test_dry_run_lines_pasted_in_another_folder_run_what_the_script_runs(tmp_path):
+  """The commands run in the checkout: printed without a `cd` there, the set-up and the job
+  pasted in the caller's folder found no .venv/bin/pip or python, and tpu_pod.sh's
+  `git ls-files` listed the files of whatever repository the caller was in."""
+  repo = FakeCheckout(tmp_path)
+  here = tmp_path / "caller"
+  here.mkdir()
+  args = ["--config=configs/tiny.py", "--workdir=runs/a b'c"]
+  dry = repo.run("gpu_node.sh", "--dry_run", *args, cwd=here)
+  assert dry.returncode == 0, dry.stderr
+  setup, job = dry.stdout.splitlines()
+  pasted = subprocess.run(["bash", "-c", f"{setup}\n{job}"], cwd=here, env=repo.env,
+    capture_output=True, text=True, timeout=60)  # fmt: skip
+  assert pasted.returncode == 0, pasted.stderr
+  workdir = f"--workdir={here}/runs/a b'c"
+  assert repo.calls() == [*SETUP_CALLS["cuda"], _job_call([args[0], workdir])]
+  assert repo.stamp.read_text() == "extra=cuda\n"
+  dry = repo.run("tpu_pod.sh", "--dry_run", *LEADING["tpu_pod.sh"], *JOB, cwd=here)
+  assert dry.returncode == 0, dry.stderr
+  assert shlex.split(dry.stdout.splitlines()[1])[:4] == ["cd", str(repo.root), "&&", "git"]
