@@ -11,8 +11,12 @@
 # workdir should be on storage every worker sees for checkpoints that survive the slice (e.g. a
 # mounted bucket).
 #
+# The slice gets the TPU software version Google names for the ACCELERATOR's generation
+# (tpu-ubuntu2204-base for v4 and older, v2-alpha-tpuv5 for v5p, v2-alpha-tpuv5-lite for
+# v5litepod, v2-alpha-tpuv6e for v6e), or the one ILORA_JAX_TPU_VERSION names.
+#
 # Everything is checked before the slice is created, each a one-line error with exit status 2:
-# NAME, ZONE and ACCELERATOR; the job's arguments (every one a --flag=value, with --config= and
+# NAME, ZONE and ACCELERATOR (and a software version for it); the job's arguments (every one a --flag=value, with --config= and
 # --workdir= among them); and the config file, which the workers read from their copy of the
 # tracked files: it must be a file git tracks in this checkout (a relative path is the caller's
 # when it is there, else the checkout's), and the workers are given its path in the checkout.
@@ -94,7 +98,17 @@ for a in "$@"; do
   JOB+=("$a")
 done
 
-VERSION="${ILORA_JAX_TPU_VERSION:-v2-alpha-tpuv5}"
+# The TPU software version Google names for JAX on each TPU generation (v2-alpha-tpuv5 is v5p's
+# only), unless ILORA_JAX_TPU_VERSION names one.
+case "$ACCEL" in
+  v2-* | v3-* | v4-*) VERSION=tpu-ubuntu2204-base ;;
+  v5p-*) VERSION=v2-alpha-tpuv5 ;;
+  v5litepod-*) VERSION=v2-alpha-tpuv5-lite ;;
+  v6e-*) VERSION=v2-alpha-tpuv6e ;;
+  *) VERSION="" ;;
+esac
+VERSION="${ILORA_JAX_TPU_VERSION:-$VERSION}"
+[[ -n "$VERSION" ]] || fail "no TPU software version known for $ACCEL: set ILORA_JAX_TPU_VERSION"
 TGZ=/tmp/ilora_jax.tgz
 # The workers' shell line; the job's arguments quoted for it (a value may hold spaces or quotes).
 REMOTE="mkdir -p ~/ilora_jax && tar -xzf $TGZ -C ~/ilora_jax && cd ~/ilora_jax && ILORA_JAX_EXTRA=tpu bash launch/run_host.sh $(printf '%q ' "${JOB[@]}")--config.distributed.auto=True"

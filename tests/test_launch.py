@@ -179,6 +179,33 @@ def test_tpu_pod_takes_the_accelerator_types(tmp_path, accel):
   assert f"--accelerator-type={accel} " in proc.stdout.splitlines()[0]
 
 
+@pytest.mark.parametrize(
+  "accel,version",
+  [
+    ("v5p-32", "v2-alpha-tpuv5"),
+    ("v4-8", "tpu-ubuntu2204-base"),
+    ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+    ("v6e-8", "v2-alpha-tpuv6e"),
+  ],
+)
+def test_tpu_pod_creates_the_slice_with_its_generations_software(tmp_path, accel, version):
+  """Every slice was created with v5p's software version (v2-alpha-tpuv5), which Google names
+  for v5p only; ILORA_JAX_TPU_VERSION still wins, and a generation with no known version needs
+  it (one line before anything runs)."""
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run("tpu_pod.sh", "--dry_run", "pod", "europe-west4-b", accel, *JOB)
+  assert proc.returncode == 0, proc.stderr
+  assert shlex.split(proc.stdout.splitlines()[0])[-1] == f"--version={version}"
+  proc = repo.run("tpu_pod.sh", "pod", "z", accel, *JOB, ILORA_JAX_TPU_VERSION="mine")
+  assert proc.returncode == 0, proc.stderr
+  assert repo.calls()[0][-1] == "--version=mine"
+  repo.log.write_text("")
+  proc = repo.run("tpu_pod.sh", "pod", "z", "v9x-8", *JOB)
+  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+  assert proc.stderr.startswith("error: no TPU software version known for v9x-8: set ILORA_JAX_")
+  assert proc.stderr.count("\n") == 1 and repo.calls() == []
+
+
 def test_tpu_pod_runs_what_it_prints_and_evaluates_nothing(tmp_path):
   """Without --dry_run the stubs receive exactly the printed commands' words; shell syntax in
   a setting or a job argument reaches gcloud as text and runs nowhere on this machine."""
