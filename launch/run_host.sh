@@ -28,7 +28,8 @@
 #   in each of these a leading "~/" is $HOME/, as a shell expands it (the job took "~" for the
 #   name of a folder, and made one in the checkout).
 #
-# Every argument is a --flag=value: a bare word (of "--flag value", or "--") is one line and
+# Every argument is a --flag=value, --config= and --workdir= among them (unless --flagfile= or a
+# help flag is given): a bare word (of "--flag value", or "--") or a missing one is one line and
 # exit 2 before any set-up.
 #
 # --dry_run, anywhere among the arguments, prints the commands instead of running them: line 1
@@ -126,6 +127,23 @@ for i in ${ARGS[@]+"${!ARGS[@]}"}; do
       exit 2
       ;;
   esac
+done
+
+# The job needs --config= and --workdir= (unless a flagfile may hold them, or it is asked for its
+# help), and without them it would stop only after the set-up.
+GIVEN=""
+for a in ${ARGS[@]+"${ARGS[@]}"}; do
+  case "$a" in
+    --config=*) GIVEN+=" config" ;;
+    --workdir=?*) GIVEN+=" workdir" ;;
+    --flagfile=* | --help | -h | -help | --helpshort | --helpfull | "-?") GIVEN+=" config workdir" ;;
+  esac
+done
+for want in config workdir; do
+  if [[ " $GIVEN " != *" $want "* ]]; then
+    echo "error: no --$want=... for the job; usage: launch/run_host.sh [--dry_run] --config=configs/<name>.py --workdir=DIR [--config.x=y ...]" >&2
+    exit 2
+  fi
 done
 
 # Prints a command on one line that a shell reads back word for word (printf %q), except that

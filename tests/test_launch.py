@@ -114,10 +114,11 @@ def test_run_host_dry_run_prints_the_commands(tmp_path):
   ]
   assert repo.calls() == [] and not (repo.root / ".venv").exists()
   # The accelerator's extra as one types it; an argument with spaces stays one word.
-  proc = repo.run("gpu_node.sh", "--dry_run", "--workdir=/tmp/a b", "--config.x=('q', 'v')")
+  odd = ["--config=configs/tiny.py", "--workdir=/tmp/a b", "--config.x=('q', 'v')"]
+  proc = repo.run("gpu_node.sh", "--dry_run", *odd)
   setup, job = proc.stdout.splitlines()
   assert "python3 -m venv --clear .venv && .venv/bin/pip install -q -e .[cuda] && " in setup
-  assert shlex.split(job)[3:] == ["--workdir=/tmp/a b", "--config.x=('q', 'v')"]
+  assert shlex.split(job)[3:] == odd
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -708,3 +709,29 @@ def test_dry_run_lines_pasted_in_another_folder_run_what_the_script_runs(tmp_pat
   dry = repo.run("tpu_pod.sh", "--dry_run", *LEADING["tpu_pod.sh"], *JOB, cwd=here)
   assert dry.returncode == 0, dry.stderr
   assert shlex.split(dry.stdout.splitlines()[1])[:4] == ["cd", str(repo.root), "&&", "git"]
+
+
+@pytest.mark.parametrize(
+  "args,word",
+  [
+    ([], "--config"),
+    (["--workdir=/tmp/x"], "--config"),
+    (["--config=configs/tiny.py"], "--workdir"),
+    (["--config=configs/tiny.py", "--workdir="], "--workdir"),
+  ],
+)
+@pytest.mark.parametrize("script", ["run_host.sh", "gpu_node.sh", "gpu_multinode.sh"])
+def test_run_host_refuses_a_job_without_config_or_workdir_before_the_set_up(
+  tmp_path, script, args, word
+):
+  """The job says "--workdir is required" (or --config) only after the set-up has run."""
+  repo = FakeCheckout(tmp_path)
+  for dry in ([], ["--dry_run"]):
+    proc = repo.run(script, *dry, *LEADING[script], *args, "--config.seed=1")
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+    assert proc.stderr.startswith(f"error: no {word}=") and proc.stderr.count("\n") == 1
+  assert repo.calls() == [] and not repo.stamp.exists()
+  # A flagfile may hold both, and help needs neither.
+  for given in (["--flagfile=configs/tiny.py"], ["--help"]):
+    proc = repo.run(script, *LEADING[script], *given, ILORA_JAX_SETUP="skip")
+    assert proc.returncode == 0, proc.stderr
