@@ -290,3 +290,236 @@ def test_fingerprint_matches_a_numpy_formula_and_sees_what_the_checksum_misses(t
   one = {**tree, "a": tree["a"].copy()}
   one["a"][0, 7] = np.nextafter(one["a"][0, 7], np.float32(9))
   assert checkpointing.fingerprint(one) != want
+
+
+def _small_state():
+  import jax.numpy as jnp
+
+  return {"w": jnp.linspace(0, 1, 12, dtype=jnp.float32), "b": jnp.arange(5, dtype=jnp.int32),
+          "m": jnp.ones((2, 3), jnp.float32)}  # fmt: skip
+
+
+def test_only_the_newest_checkpoints_are_kept_and_the_latest_is_resumed(tmp_path):
+  """`max_to_keep` steps stay on disk, the newest; a resume (a reopened folder) finds the last
+  step saved and restores that step's arrays and record, also after asynchronous saves."""
+  import numpy as np
+
+  state = _small_state()
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 2, True)
+  for step in (10, 20, 30, 40, 50):
+    ckpt.save(step, {**state, "b": state["b"] + step}, {"step": step})
+  ckpt.close()
+  folder = tmp_path / "checkpoints" / "x"
+  assert sorted(int(p) for p in os.listdir(folder) if p.isdigit()) == [40, 50]
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 2, False, read_only=True)
+  assert ckpt.latest_step() == 50
+  restored, meta = ckpt.restore(50, checkpointing.abstract_like(state))
+  assert meta["step"] == 50 and np.array_equal(restored["b"], np.arange(5) + 50)
+  assert ckpt.restore_meta(40)["step"] == 40
+  ckpt.close()
+
+
+def test_a_restore_compares_only_the_arrays_recorded_with_their_dtype(tmp_path):
+  """Arrays restored into another dtype (Orbax casts them) or missing from the record are not
+  compared, so such a restore is not refused; where several arrays changed, the first is named
+  and the others counted."""
+  import json
+  import shutil
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  state = _small_state()
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 9, False)
+  ckpt.save(1, state, {"step": 1})
+  ckpt.save(2, {**state, "m": state["m"] * 2, "w": state["w"][::-1]}, {"step": 2})
+  ckpt.save(3, state, {"step": 3})
+  ckpt.close()
+  folder = tmp_path / "checkpoints" / "x"
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 9, False, read_only=True)
+  target = checkpointing.abstract_like(state)
+  half = {**target, "w": jax.ShapeDtypeStruct((12,), jnp.bfloat16, sharding=target["w"].sharding)}
+  restored, _ = ckpt.restore(1, half)
+  assert restored["w"].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(restored["w"], np.float32), state["w"], rtol=1e-2)
+  # Step 3's record without the entry of `m`, and step 2's arrays in step 3's folder: `w`
+  # differs, `m` (not recorded) is not compared.
+  path = folder / "3" / "meta" / "metadata"
+  meta = json.loads(path.read_text())
+  del meta[checkpointing.CHECKSUMS]["['m']"]
+  path.write_text(json.dumps(meta))
+  shutil.rmtree(folder / "3" / "state")
+  shutil.copytree(folder / "2" / "state", folder / "3" / "state")
+  with pytest.raises(UserError, match=r"\(array \['w'\] does not hold what was saved"):
+    ckpt.restore(3, target)
+  del meta[checkpointing.CHECKSUMS]["['w']"]
+  path.write_text(json.dumps(meta))
+  restored, _ = ckpt.restore(3, target)
+  assert np.array_equal(restored["m"], state["m"] * 2)
+  # Both changed arrays recorded (step 2's arrays in step 1's folder): one named, one counted.
+  shutil.rmtree(folder / "1" / "state")
+  shutil.copytree(folder / "2" / "state", folder / "1" / "state")
+  with pytest.raises(UserError, match=r"\(array \['m'\] and 1 more does not hold what was saved"):
+    ckpt.restore(1, target)
+  ckpt.close()
+
+
+def test_a_record_read_back_and_saved_again_holds_the_new_arrays_checksums(tmp_path):
+  """A meta that carries a restored record's checksums (a run that saves what it restored,
+  updated), this code's or older code's, is saved with the checksums of the arrays saved with
+  it: that checkpoint restores."""
+  import numpy as np
+
+  state = _small_state()
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 9, False)
+  ckpt.save(1, state, {"step": 1})
+  _, meta = ckpt.restore(1, checkpointing.abstract_like(state))
+  assert checkpointing.CHECKSUMS in meta
+  moved = {**state, "w": state["w"] + 1}
+  ckpt.save(2, moved, {**meta, "step": 2})
+  restored, meta = ckpt.restore(2, checkpointing.abstract_like(state))
+  assert meta["step"] == 2 and np.array_equal(restored["w"], moved["w"])
+  # A record of older code (its weighted sums, of the state before) carried along: this
+  # code's checksums, of the arrays saved, are the ones verified.
+  older = checkpointing.checksums(state, checkpointing._OLD_CHECKSUMS)
+  ckpt.save(3, moved, {checkpointing._OLD_CHECKSUMS: older, "step": 3})
+  restored, meta = ckpt.restore(3, checkpointing.abstract_like(state))
+  assert meta["step"] == 3 and np.array_equal(restored["w"], moved["w"])
+  ckpt.close()
+
+
+def test_damaged_files_of_a_step_are_named_with_the_advice_to_remove_it(tmp_path):
+  """Real damage, each in its own step: a cut, an empty or a missing JSON record, array files
+  cut short, gone or with a flipped byte (two steps). Each is 'unreadable' with the advice to
+  remove that step and resume from the one before it."""
+  import glob
+
+  import jax.numpy as jnp
+
+  state = {"w": _small_state()["w"]}
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 9, False)
+  for step in range(1, 9):  # Step 8's other values: TensorStore words its damage otherwise.
+    ckpt.save(step, state if step < 8 else {"w": jnp.arange(12.0)}, {"step": step})
+  ckpt.close()
+  folder = tmp_path / "checkpoints" / "x"
+
+  def data(step):
+    found = glob.glob(str(folder / str(step) / "state" / "**" / "d" / "*"), recursive=True)
+    assert found
+    return found
+
+  (folder / "2" / "meta" / "metadata").write_text('{"step": 2, "arr')
+  (folder / "3" / "meta" / "metadata").write_text("")
+  (folder / "4" / "meta" / "metadata").unlink()
+  for path in data(5):
+    os.truncate(path, 10)
+  for path in data(6):
+    os.remove(path)
+  for path in data(7) + data(8):
+    with open(path, "r+b") as f:
+      f.seek(os.path.getsize(path) // 2)
+      byte = f.read(1)
+      f.seek(-1, 1)
+      f.write(bytes([byte[0] ^ 0xFF]))
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 9, False, read_only=True)
+  target = checkpointing.abstract_like(state)
+  for step in range(2, 9):
+    advice = rf"is unreadable \(.+\); remove .*x/{step} to resume from checkpoint {step - 1},"
+    with pytest.raises(UserError, match=advice):
+      ckpt.restore(step, target)
+    if step < 5:
+      with pytest.raises(UserError, match=advice):
+        ckpt.restore_meta(step)
+  ckpt.close()
+
+
+def test_a_failed_write_names_its_step_and_the_checkpoint_kept(tmp_path):
+  """A write that fails (a full disk: TensorStore's errno in its text, or an OSError), when
+  started or reported later by the background writer, is one UserError naming that step and
+  the last complete checkpoint; another error is not called a write failure."""
+  import errno
+
+  state = _small_state()
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 9, False)
+  ckpt.save(3, state, {"step": 3})
+  manager = ckpt._manager
+  real_save, real_wait = manager.save, manager.wait_until_finished
+  full = ValueError("RESOURCE_EXHAUSTED: Error writing local file [os_error_code='28']")
+  try:
+    manager.save = lambda *a, **k: None  # Started; its failure comes with the wait.
+    manager.wait_until_finished = lambda: _raise(_raised(full, RuntimeError("save failed")))
+    ckpt.save(4, state, {"step": 4})
+    nospace = os.strerror(errno.ENOSPC)
+    with pytest.raises(UserError, match=rf"cannot write checkpoint 4 to .*x: {nospace}; the "
+                       r"last complete checkpoint 3 is kept; free space"):  # fmt: skip
+      ckpt.wait()
+    manager.wait_until_finished = real_wait
+    manager.save = lambda *a, **k: _raise(OSError(errno.EROFS, os.strerror(errno.EROFS)))
+    with pytest.raises(UserError, match=rf"cannot write checkpoint 5 .*: {os.strerror(30)};"):
+      ckpt.save(5, state, {"step": 5})
+    manager.save = lambda *a, **k: _raise(KeyError("a bug"))
+    with pytest.raises(KeyError):
+      ckpt.save(6, state, {"step": 6})
+  finally:
+    manager.save, manager.wait_until_finished = real_save, real_wait
+  ckpt.close()
+
+
+def _raise(exc: BaseException):
+  raise exc
+
+
+def test_settings_compare_as_their_json_record_and_name_every_difference(tmp_path):
+  """A run's settings (tuples, integer keys) equal the same settings read back from its
+  checkpoint's JSON record; a setting added later compares its older default as JSON holds
+  it; every setting that differs, also one only the checkpoint or only the config has, is
+  named; `setting_diffs` names those of its keys both hold, in the order given."""
+  from ilora_jax.checkpointing import check_same_settings, jsonable, setting_diffs
+
+  settings = {"dims": (4, 8), "by_id": {3: "a"}, "lr": 0.1}
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 2, False)
+  ckpt.save(1, _small_state(), {"settings": jsonable(settings)})
+  ckpt.close()
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 2, False, read_only=True)
+  saved = ckpt.restore_meta(1)["settings"]
+  ckpt.close()
+  assert saved == {"dims": [4, 8], "by_id": {"3": "a"}, "lr": 0.1}
+  check_same_settings(saved, jsonable(settings), "d")
+  current = jsonable({**settings, "shape": (2, 2)})  # Recorded only by newer code.
+  check_same_settings(saved, current, "d", added={"shape": (2, 2)})
+  with pytest.raises(UserError, match=r"shape: checkpoint \[2, 3\] vs config \[2, 2\]\)"):
+    check_same_settings(saved, current, "d", added={"shape": (2, 3)})
+  with pytest.raises(UserError) as info:
+    check_same_settings({**saved, "gone": 1, "lr": 0.2}, {**current, "new": 2}, "d")
+  assert str(info.value) == (
+    "the checkpoint in d was made with other settings (gone: checkpoint 1 vs config None; "
+    "lr: checkpoint 0.2 vs config 0.1; new: checkpoint None vs config 2; shape: checkpoint None "
+    "vs config [2, 2]); use another --workdir or restore the settings"
+  )
+  mine, theirs = {"a": 1, "b": 2, "c": 3}, {"a": 2, "c": 4, "d": 5}
+  assert setting_diffs(mine, theirs, ["d", "c", "b", "a"]) == ["c 3 vs config 4", "a 1 vs config 2"]
+
+
+def test_a_fingerprint_tells_apart_what_is_not_the_same_weights():
+  """`fingerprint` is of the arrays bit for bit with their paths, dtypes and shapes: two
+  elements swapped, the same bits as another dtype, the same elements in another shape or
+  the arrays under each other's or other names are other weights; equal arrays (copies) are not."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  a = np.arange(1, 13, dtype=np.float32).reshape(3, 4)
+  b = np.full((3, 4), 7.0, np.float32)
+  base = checkpointing.fingerprint({"a": jnp.asarray(a), "b": jnp.asarray(b)})
+  assert checkpointing.fingerprint({"a": jnp.asarray(a.copy()), "b": jnp.asarray(b)}) == base
+  swapped = a.copy()
+  swapped[0, 1], swapped[2, 3] = a[2, 3], a[0, 1]
+  others = [
+    {"a": swapped, "b": b},
+    {"a": a.view(np.int32), "b": b},
+    {"a": a.reshape(4, 3), "b": b},
+    {"a": b, "b": a},
+    {"a": a, "c": b},
+  ]
+  for other in others:
+    assert checkpointing.fingerprint({k: jnp.asarray(v) for k, v in other.items()}) != base
