@@ -270,10 +270,15 @@ def _reason(exc: BaseException) -> str:
   for e in _chain(exc):
     found = re.search(r'Error reading "([^"]+)"[^:]*(?::[^:]*")?[^:]*: (.*)', str(e))
     if found:
-      name, why = found.group(1), found.group(2)
+      name, why = found.group(1), _without_specs(found.group(2))
       return f"array {name}: {' '.join(why.split())[:160]}"
   text = " ".join(str(exc).split()) or type(exc).__name__
-  return re.split(r"\s*See full TensorStore details", text)[0][:200]
+  return _without_specs(re.split(r"\s*See full TensorStore details", text)[0])[:200]
+
+
+def _without_specs(text: str) -> str:
+  """`text` up to TensorStore's printed object specs ("... [tensorstore_spec='{...}']")."""
+  return re.split(r"\s*\[tensorstore_spec", text)[0]
 
 
 def _looks_damaged(exc: BaseException) -> bool:
