@@ -440,3 +440,85 @@ def test_through_the_llama_seam():
     )
     want = llama.Llama(config).apply({"params": folded}, tokens[i : i + 1])
     np.testing.assert_allclose(np.asarray(out[i]), np.asarray(want[0]), rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_keeps_exactly_the_draws_at_or_above_the_threshold():
+  """An element is kept iff its 16-bit draw (threefry2x32 in counter mode, from JAX's own
+  threefry) is >= round(rate * 2**16): with the rate set to one element's draw, that element
+  is kept and every draw below it dropped; kept ones are scaled by 2**16 / (2**16 - threshold)."""
+  from jax.extend.random import threefry_2x32
+
+  shape = (2, 8)  # four groups of four
+  raw = jax.random.PRNGKey(11)
+  draws = np.array(
+    [
+      w >> s & 0xFFFF
+      for i in range(4)
+      for w in np.asarray(threefry_2x32(raw, jnp.array([i, 0], jnp.uint32)), np.uint32)
+      for s in (0, 16)
+    ],
+    np.int64,
+  ).reshape(shape)
+  x = np.random.default_rng(0).uniform(1.0, 2.0, shape).astype(np.float32)
+  for threshold in np.unique(draws)[[1, 7, -1]]:  # each one element's draw
+    out = np.asarray(lora.dropout(raw, jnp.asarray(x), int(threshold) / 65536))
+    keep = draws >= threshold
+    assert keep.sum() and (~keep).sum()
+    np.testing.assert_array_equal(out != 0, keep)
+    np.testing.assert_allclose(out[keep], x[keep] * 65536 / (65536 - threshold), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    ({"rank": 0, "num_experts": 1}, "must be > 0"),
+    ({"rank": 8, "num_experts": 0}, "must be > 0"),
+    ({"rank": -4, "num_experts": 2}, "must be > 0"),
+    ({"dropout": -0.1}, "dropout"),
+  ],
+  ids=["zero_rank", "zero_experts", "negative_rank", "negative_dropout"],
+)
+def test_config_refuses_empty_ranks_and_negative_dropout(kwargs, match):
+  with pytest.raises(UserError, match=match):
+    lora.LoRAConfig(**kwargs)
+
+
+def test_factory_adapters_follow_the_config():
+  """Rank, experts, alpha, dropout and dtype of the config (none of them the module's
+  defaults) reach the adapter: its delta is the unfused numpy formula with that config's
+  scale alpha / (r / E) = 9 / 2; an unknown target is refused."""
+  cfg = lora.LoRAConfig(rank=6, num_experts=3, alpha=9.0, dropout=0.25, dtype=jnp.bfloat16)
+  factory = lora.adapter_factory(cfg)
+  module = factory(in_features=D_IN, out_features=D_OUT, target="up", name="adapter")
+  assert (module.rank, module.num_experts, module.alpha) == (6, 3, 9.0)
+  assert module.dropout_rate == 0.25 and module.param_dtype == jnp.bfloat16
+  a, b = _random_params(6, seed=12)
+  x = _x(batch=2)
+  gate = np.asarray([[0.6, 0.3, 0.1], [0.1, 0.1, 0.8]], np.float32)
+  delta = _apply(module, a, b, x, gate)
+  expected = _unfused_numpy(x, a, b, gate, 9.0, 3)
+  np.testing.assert_allclose(np.asarray(delta), expected, rtol=1e-5, atol=1e-4)
+  with pytest.raises(ValueError, match="unknown adapter target"):
+    factory(in_features=4, out_features=4, target="lm_head", name="adapter")
+
+
+def test_one_gate_row_is_broadcast_over_the_batch():
+  """gate_weights [1, E] weight every instance alike: the unfused formula with that row
+  repeated for each instance."""
+  a, b = _random_params(8, seed=13)
+  x = _x(batch=3)
+  gate = np.asarray([[0.5, 0.3, 0.15, 0.05]], np.float32)
+  delta = _apply(_module(), a, b, x, gate)
+  expected = _unfused_numpy(x, a, b, np.repeat(gate, 3, axis=0), 32.0, 4)
+  np.testing.assert_allclose(np.asarray(delta), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_module_refuses_a_rank_not_split_over_experts_and_a_wrong_input():
+  a, b = _random_params(6)
+  with pytest.raises(ValueError, match="multiple of num_experts"):
+    _apply(_module(rank=6, experts=4), a, b, _x(), None)  # no gate: would scale by 32 / 1
+  a, b = _random_params(8)
+  with pytest.raises(ValueError, match="x must be"):
+    _apply(_module(), a, b, _x()[:, 0], None)  # [batch, in] without the time axis
+  with pytest.raises(ValueError, match="x must be"):
+    _apply(_module(), a, b, np.ones((3, T, D_IN + 1), np.float32), None)

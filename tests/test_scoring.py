@@ -1,10 +1,11 @@
 """Candidate log-likelihoods from one shared prefill equal full forward passes per candidate."""
 
+import flax
 import jax
 import numpy as np
 import pytest
 
-from ilora_jax import llama, llm, scoring
+from ilora_jax import llama, llm, lora, scoring
 
 
 def _brute_force(model, prompt_ids, cand_ids):
@@ -140,3 +141,151 @@ def test_generation_and_scores_from_one_prefill_equal_each_mode_alone(
     )  # fmt: skip
     np.testing.assert_allclose(np.asarray(scores2), want, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(out2), greedy[:, :new])
+
+
+def test_candidate_padding_lengths_and_ragged_rows():
+  """[rows][cands][tokens] -> tokens and mask right-padded to the longest rounded up to
+  `multiple_of`, or to `at_least` where that is longer; rows of other candidate counts are
+  refused."""
+  cands = [[[5, 6, 7], [8]], [[9], [1, 2]]]
+  tokens, mask = scoring.pad_candidates(cands, pad_id=3, multiple_of=2)
+  np.testing.assert_array_equal(
+    tokens, [[[5, 6, 7, 3], [8, 3, 3, 3]], [[9, 3, 3, 3], [1, 2, 3, 3]]]
+  )
+  np.testing.assert_array_equal(mask, [[[1, 1, 1, 0], [1, 0, 0, 0]], [[1, 0, 0, 0], [1, 1, 0, 0]]])
+  assert tokens.dtype == mask.dtype == np.int32
+  assert scoring.pad_candidates(cands, pad_id=0, multiple_of=8)[0].shape == (2, 2, 8)
+  assert scoring.pad_candidates(cands, pad_id=0, multiple_of=2, at_least=6)[0].shape == (2, 2, 6)
+  assert scoring.pad_candidates(cands, pad_id=0, multiple_of=4, at_least=2)[0].shape == (2, 2, 4)
+  with pytest.raises(ValueError, match="row 1 has 1 candidates, expected 2"):
+    scoring.pad_candidates([[[1], [2]], [[3]]], pad_id=0)
+
+
+def test_chunk_and_packed_length_helpers():
+  """`chunk_for`: the largest divisor of n up to `most` (1 where most < 1); `packed_length`:
+  the most real tokens of one row, rounded up."""
+  cases = {(20, 5): 5, (20, 8): 5, (20, 20): 20, (20, 64): 20, (7, 4): 1, (12, 6): 6, (6, 0): 1}
+  for (n, most), want in cases.items():
+    assert scoring.chunk_for(n, most) == want, (n, most)
+  mask = np.zeros((3, 4, 6), np.int32)
+  mask[0, :, :2] = 1  # 8 real tokens
+  mask[1, 0, :6] = 1  # 6 + 3 * 1 = 9 (its one long candidate)
+  mask[1, 1:, :1] = 1
+  mask[2, :, :1] = 1  # 4
+  assert scoring.packed_length(mask, multiple_of=1) == 9
+  assert scoring.packed_length(mask, multiple_of=4) == 12
+  assert scoring.packed_length(mask) == 32
+
+
+ADAPTED = llama.LlamaConfig(
+  vocab_size=48,
+  hidden_size=16,
+  intermediate_size=24,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  head_dim=4,
+  max_position_embeddings=64,
+)
+
+
+@pytest.fixture(scope="module")
+def adapted():
+  """A tiny Llama with instance-wise adapters (2 experts, non-zero B), two left-padded
+  prompts with embedding replacement at some real positions and very different gates per
+  row, four candidates each, and the references from uncached full passes over each prompt
+  and continuation, right-padded to one length (with that row's gate and replacement): the
+  candidates' log-likelihoods and 8 greedy tokens."""
+  module = llama.Llama(ADAPTED, lora.adapter_factory(lora.LoRAConfig(rank=4, num_experts=2)))
+  abstract = jax.eval_shape(
+    lambda key: module.init(key, jax.numpy.zeros((1, 4), jax.numpy.int32)), jax.random.key(0)
+  )["params"]
+  rng = np.random.default_rng(8)
+  params = jax.tree.map(
+    lambda v: jax.numpy.asarray(0.4 * rng.standard_normal(v.shape), v.dtype),
+    flax.core.meta.unbox(abstract),
+  )
+  prompts = [rng.integers(0, 48, n).tolist() for n in (6, 4)]
+  cands = [
+    [rng.integers(0, 48, n).tolist() for n in lengths] for lengths in ((2, 4, 1, 3), (3, 1, 2, 2))
+  ]
+  prompt, mask = _left_padded(prompts)
+  replace = np.zeros(prompt.shape, bool)
+  replace[0, [1, 4]] = True  # real positions of both rows (row 1 starts at column 2)
+  replace[1, [3]] = True
+  embeds = (0.5 * rng.standard_normal(prompt.shape + (ADAPTED.hidden_size,))).astype(np.float32)
+  gates = np.asarray([[0.95, 0.05], [0.05, 0.95]], np.float32)
+  steps, t = 8, prompt.shape[1]
+  length = t + 4 + steps
+
+  @jax.jit
+  def full(ids, real, gate, where, what):
+    return module.apply(
+      {"params": params}, ids, real, gate_weights=gate, replace_mask=where, replace_embeds=what
+    )
+
+  def inputs(rows, seqs):
+    """Right-padded sequences [prompt row's real tokens + continuation] with the row's gate
+    and replacement, for one full pass."""
+    ids = np.zeros((len(seqs), length), np.int32)
+    real = np.zeros((len(seqs), length), np.int32)
+    where = np.zeros((len(seqs), length), bool)
+    what = np.zeros((len(seqs), length, ADAPTED.hidden_size), np.float32)
+    for k, (i, seq) in enumerate(zip(rows, seqs)):
+      start = t - len(prompts[i])
+      ids[k, : len(seq)], real[k, : len(seq)] = seq, 1
+      where[k, : len(prompts[i])] = replace[i, start:]
+      what[k, : len(prompts[i])] = embeds[i, start:]
+    return ids, real, gates[list(rows)], where, what
+
+  rows = [i for i in range(2) for _ in range(4)]
+  seqs = [prompts[i] + c for i in range(2) for c in cands[i]]
+  logits = np.asarray(full(*inputs(rows, seqs)), np.float64)
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  scores = np.zeros((2, 4))
+  for k, i in enumerate(rows):
+    start = len(prompts[i])
+    scores[i, k % 4] = sum(logp[k, start + j - 1, tok] for j, tok in enumerate(cands[i][k % 4]))
+  greedy = [list(p) for p in prompts]
+  for _ in range(steps):
+    out = np.asarray(full(*inputs([0, 1], greedy)))
+    for i, seq in enumerate(greedy):
+      seq.append(int(np.argmax(out[i, len(seq) - 1])))
+  greedy = np.array([seq[len(p) :] for seq, p in zip(greedy, prompts)])
+  kwargs = dict(gate_weights=gates, replace_mask=replace, replace_embeds=embeds)
+  return module, params, prompt, mask, cands, kwargs, scores, greedy
+
+
+@pytest.mark.parametrize("chunk", [2, 3], ids=["chunks_of_2", "chunk_not_dividing_falls_back"])
+def test_chunked_scores_follow_gates_and_replaced_embeddings(adapted, chunk):
+  """With adapters, per-row gates and replaced prompt embeddings, the chunked candidates'
+  scores are the full passes' (each candidate in a chunk with its own row's gate); a chunk
+  that does not divide the 4 candidates scores them one at a time."""
+  module, params, prompt, mask, cands, kwargs, want, _ = adapted
+  tokens, cmask = scoring.pad_candidates(cands, pad_id=0, multiple_of=4)
+  got = scoring.candidate_loglik(module, params, prompt, mask, tokens, cmask, chunk=chunk, **kwargs)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)
+  if chunk == 3:
+    return
+  # The gates and the replacement matter here: without them the scores are far off.
+  plain = scoring.candidate_loglik(module, params, prompt, mask, tokens, cmask, chunk=chunk)
+  assert np.abs(np.asarray(plain) - want).max() > 1e-2
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "chunked"])
+def test_generation_and_scores_follow_gates_and_replaced_embeddings(adapted, packed):
+  """`generate_and_score` with adapters, per-row gates and replaced prompt embeddings: the
+  scores and greedy tokens of full passes with that gate and replacement; chunked, the 8 new
+  tokens need more free cache slots than the candidates' 4."""
+  module, params, prompt, mask, cands, kwargs, want, greedy = adapted
+  tokens, cmask = scoring.pad_candidates(cands, pad_id=0, multiple_of=4)
+  packed_len = scoring.packed_length(cmask, multiple_of=4) if packed else None
+  new = 4 if packed else 8
+  out, lengths, scores = scoring.generate_and_score(
+    module, params, prompt, mask, tokens, cmask, max_new_tokens=new, eos_ids=(), pad_id=0,
+    chunk=2, packed_len=packed_len, **kwargs,
+  )  # fmt: skip
+  np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(np.asarray(out), greedy[:, :new])
+  np.testing.assert_array_equal(np.asarray(lengths), [new, new])
