@@ -242,3 +242,91 @@ def test_llama_style_tokenizer_marks_separately_encoded_pieces():
   after_special = prompts.anchored_encoder(encode, ("[PH]",))
   # After a special token this tokenizer marks a word start again, as in the whole text.
   assert after_special(",") == encode(",") and tok.convert_ids_to_tokens(encode(","))[0] == "▁"
+
+
+NAMES = {v: k for k, v in SPECIAL.items()}
+
+
+def _text(ids):
+  """The toy tokenizer's ids back to text, special tokens by name."""
+  return "".join(NAMES.get(int(i), chr(int(i))) for i in ids)
+
+
+def test_prompt_is_the_documented_text_written_by_hand():
+  """REFERENCE.md item 3 and 4 for one row, written out by hand: the history in the row's own
+  (not sorted) order, the candidates in theirs, each `<title> <marker>`, joined with ", "; the
+  target only after "The answer is", as ` <title>\\n`, the only tokens under the loss; the
+  padding is the pad id; each placeholder gets its own item and nothing else gets one."""
+  builder = prompts.PromptBuilder(
+    _encode, SPECIAL, pad_id=7, titles=TITLES, n_items=5, dataset="movielens", bos_id=1
+  )
+  b = builder.batch([([3, 0, 2], [4, 1], 1)], template=0, hybrid=True, length=320)
+  ids, att, loss, items = b.input_ids[0], b.attention[0], b.loss_mask[0], b.item_ids[0]
+  n = int(att.sum())
+  assert att[:n].all() and ids[0] == 1
+  assert np.all(ids[n:] == 7) and np.all(items[n:] == 5) and not loss[n:].any()
+  prompt = (
+    "This user has watched Brazil [HistoryEmb], Heat [HistoryEmb], Fargo [HistoryEmb] in the "
+    "previous. Please predict the next movie this user will watch. The movie title candidates "
+    "are Ran [CansEmb], Alien [CansEmb]. Choose only one movie from the candidates. The answer is"
+  )
+  assert _text(ids[1:n][loss[1:n] == 0]) == prompt
+  assert _text(ids[loss == 1]) == " Alien\n"
+  assert np.flatnonzero(loss).tolist() == list(range(n - len(" Alien\n"), n))
+  marked = np.flatnonzero(items != 5)
+  assert ids[marked].tolist() == [1001] * 3 + [1002] * 2
+  assert items[marked].tolist() == [3, 0, 2, 4, 1]
+  # The text-only form: the same text with [PH] for every marker, nothing replaced.
+  t = builder.batch([([3, 0, 2], [4, 1], None)], template=0, hybrid=False, length=320)
+  m = int(t.attention[0].sum())
+  ph = prompt.replace("[HistoryEmb]", "[PH]").replace("[CansEmb]", "[PH]")
+  assert _text(t.input_ids[0, 1:m]) == ph and np.all(t.item_ids == 5)
+
+
+LONG = {i: f"Film {chr(65 + i)}" for i in range(14)}
+
+
+def test_each_placeholder_gets_the_item_whose_title_it_follows():
+  """A full history of 10 items in no sorted order and 4 candidates: every item is written
+  (no truncation, no reordering) and each `[HistoryEmb]` / `[CansEmb]` slot carries the item
+  whose title stands right before it in the text, on either padding side; the loss covers the
+  target's tokens on either side too."""
+  history, candidates = [7, 2, 9, 0, 11, 4, 13, 10, 3, 6], [8, 5, 12, 1]
+  builder = prompts.PromptBuilder(
+    _encode, SPECIAL, pad_id=0, titles=LONG, n_items=14, dataset="steam", bos_id=None
+  )
+  for template in range(3):
+    for pad_left in (False, True):
+      b = builder.batch(
+        [(history, candidates, 12), ([5], [1, 2], 2)], template, True, pad_left=pad_left
+      )
+      ids, items = b.input_ids[0], b.item_ids[0]
+      hist = np.flatnonzero(ids == 1001)
+      cans = np.flatnonzero(ids == 1002)
+      assert items[hist].tolist() == history and items[cans].tolist() == candidates
+      text = _text(ids)
+      for pos in np.concatenate([hist, cans]):
+        before = _text(ids[:pos])
+        title = LONG[int(items[pos])]
+        assert before.endswith(f" {title} "), (template, before[-20:], title)
+      assert text.count("Film") == len(history) + len(candidates) + 1
+      assert _text(ids[b.loss_mask[0] == 1]) == " Film M\n"
+      assert _text(b.input_ids[1][b.loss_mask[1] == 1]) == " Film C\n"
+
+
+def test_rows_hold_each_users_history_in_order_and_the_target_apart():
+  """`train_ilora.rows_for`: a row's history is its sequence's real items, oldest first, all of
+  them (SASRec's left-aligned sequences padded with n_items at the end, REFERENCE.md item 1),
+  the candidates as drawn, the target only where asked for."""
+  from ilora_jax.data import Split
+  from ilora_jax.train_ilora import rows_for
+
+  seq = np.asarray([[4, 2, 9, 9, 9], [3, 1, 0, 2, 4], [1, 9, 9, 9, 9]], np.int32)
+  split = Split("train", seq, np.asarray([2, 5, 1], np.int32), np.asarray([0, 7, 3], np.int32))
+  cands = np.asarray([[0, 5], [6, 7], [3, 8]])
+  assert rows_for(split, np.asarray([2, 0, 1]), cands, True) == [
+    ([1], [0, 5], 3),
+    ([4, 2], [6, 7], 0),
+    ([3, 1, 0, 2, 4], [3, 8], 7),
+  ]
+  assert rows_for(split, np.asarray([1]), cands[:1], False) == [([3, 1, 0, 2, 4], [0, 5], None)]

@@ -318,3 +318,107 @@ def test_gate_stats_match_numpy():
   )
   np.testing.assert_allclose(float(stats["max_weight"]), (1.0 + 0.25 + 0.4) / 3, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(stats["expert_mean"]), gate.mean(0), rtol=1e-6)
+
+
+def test_mlp_init_follows_torch_bounds_of_each_layer():
+  """Each Dense starts as torch's nn.Linear of its own fan-in: the head's of `hidden` (the
+  MLP's width), not of the user vector's size."""
+  p = router.make_router("mlp", 256, hidden=16).init(jax.random.key(0), _user(2))["params"]
+  for name, fan_in in (("hidden", HIDDEN), ("head", 16)):
+    bound = 1.0 / math.sqrt(fan_in)
+    for leaf in (p[name]["kernel"], p[name]["bias"]):
+      assert 0.85 * bound < np.abs(np.asarray(leaf)).max() <= bound, name
+
+
+def test_resnet1d_defaults_to_the_conv_shortcut_and_sizes_are_checked():
+  """'conv' when no shortcut is named (the module docstring); a non-positive MLP width is
+  refused as a user error."""
+  module = router.make_router("resnet1d", E)
+  variables = jax.eval_shape(lambda k: module.init(k, _user(2), train=False), jax.random.key(0))
+  assert _n_params(variables["params"]) == _resnet_count_by_hand(E, "conv")
+  assert "shortcut_conv" in variables["params"]["stage1_block0"]
+  for hidden in (0, -3):
+    with pytest.raises(UserError, match="hidden must be > 0"):
+      router.make_router("mlp", E, hidden=hidden)
+
+
+def test_gate_stats_of_a_single_expert():
+  """With E = 1 every gate is [1.0]: entropy 0, normalised entropy 1 (as documented: there is
+  no other choice), max weight 1."""
+  stats = router.gate_stats(jnp.ones((3, 1), jnp.float32))
+  assert float(stats["entropy"]) == 0.0 and float(stats["normalized_entropy"]) == 1.0
+  assert float(stats["max_weight"]) == 1.0
+  np.testing.assert_array_equal(np.asarray(stats["expert_mean"]), [1.0])
+
+
+def test_the_router_reads_the_sasrec_user_vector_of_the_last_real_item():
+  """`train_ilora.gate_weights` feeds the router SASRec's hidden state at each row's last real
+  item (position len_seq - 1, REFERENCE.md items 1 and 6), gradient-stopped; in training it
+  returns the router's updated BatchNorm statistics, in eval the stored ones; the 'uniform'
+  ablation is 1 / E whatever the user."""
+  from types import SimpleNamespace
+
+  from ilora_jax import sasrec, train_ilora
+
+  n_items = 20
+  cfg = sasrec.SASRecConfig(n_items=n_items, hidden=HIDDEN, max_len=6)
+  model = sasrec.SASRec(cfg)
+  rng = np.random.default_rng(4)
+  len_seq = np.asarray([1, 3, 6, 4], np.int32)
+  seq = np.full((4, 6), n_items, np.int32)
+  for r, n in enumerate(len_seq):
+    seq[r, :n] = rng.permutation(n_items)[:n]
+  sas = model.init(jax.random.key(1), jnp.asarray(seq), jnp.asarray(len_seq))["params"]
+  states = np.asarray(model.apply({"params": sas}, jnp.asarray(seq), method="hidden_states"))
+  user = states[np.arange(4), len_seq - 1]  # [4, hidden], picked by hand
+  # A different user vector per row: the check below can tell rows and positions apart.
+  assert np.abs(states[1, 1] - states[1, 2]).max() > 1e-3
+
+  module, variables = _init("resnet1d")
+  parts = SimpleNamespace(sasrec=model, router=module, lora_cfg=SimpleNamespace(num_experts=E))
+  frozen = {"sasrec": sas}
+  trainable = {"router": variables["params"]}
+  stats = variables["batch_stats"]
+  args = (trainable, stats, frozen, jnp.asarray(seq), jnp.asarray(len_seq))
+
+  @jax.jit  # One program: op by op, the ResNet's many small ops are slow.
+  def gates(user):
+    out = {}
+    for train in (False, True):
+      out[f"gate_weights {train}"] = train_ilora.gate_weights(parts, *args, train, "router")
+    out["uniform"] = train_ilora.gate_weights(parts, *args, False, "uniform")
+    out["eval"] = module.apply(variables, user, train=False), stats
+    gate, updates = module.apply(variables, user, train=True, mutable=["batch_stats"])
+    out["train"] = gate, updates["batch_stats"]
+    return out
+
+  out = gates(jnp.asarray(user))
+  for train, want in ((False, "eval"), (True, "train")):
+    got = out[f"gate_weights {train}"]
+    np.testing.assert_allclose(got[0], out[want][0], rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(got[1], out[want][1], rtol=1e-5, atol=1e-6)
+  new = jax.tree.leaves(out["gate_weights True"][1])[0]
+  assert np.abs(np.asarray(new) - np.asarray(jax.tree.leaves(stats)[0])).max() > 0
+  uniform = out["uniform"][0]
+  np.testing.assert_allclose(np.asarray(uniform), np.full((4, E), 1.0 / E))
+
+
+def test_resnet1d_init_follows_torch_defaults():
+  """As torch's nn.Conv1d / nn.BatchNorm1d start: every conv kernel uniform within
+  1 / sqrt(in_channels * kernel_size), BatchNorm scale 1 and bias 0, running mean 0 and
+  variance 1."""
+  _, variables = _init("resnet1d")
+  from flax import traverse_util
+
+  flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, dict(variables)), sep="/")
+  convs = [k for k in flat if k.endswith("kernel") and "head" not in k]
+  assert len(convs) == 1 + 9 * 2 + 2  # stem, two per block, two shortcut convs
+  for name in convs:
+    k, c_in, _ = flat[name].shape
+    bound = 1.0 / math.sqrt(c_in * k)
+    assert 0.75 * bound < np.abs(flat[name]).max() <= bound, name
+  norms = [k for k in flat if "bn" in k.rsplit("/", 2)[1]]  # stem_bn, bn1, bn2, shortcut_bn
+  assert len(norms) == 4 * len(convs)  # scale, bias, mean, var of the BatchNorm after each
+  for name in norms:
+    want = {"scale": 1.0, "bias": 0.0, "mean": 0.0, "var": 1.0}[name.rsplit("/", 1)[1]]
+    np.testing.assert_array_equal(flat[name], want, err_msg=name)
