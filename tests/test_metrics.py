@@ -76,6 +76,8 @@ def test_non_finite_scores_are_counted_and_warned(capsys):
 def test_hr_ndcg_mrr_by_hand():
   ranks = np.array([0, 1, 4, 7])
   m = ranking_metrics(ranks)
+  # The SASRec report's four numbers, no more: NDCG@1 would only repeat HR@1.
+  assert sorted(m) == ["hr@1", "hr@5", "mrr", "ndcg@5"]
   assert m["hr@1"] == 0.25
   assert m["hr@5"] == 0.75
   expected_ndcg = (1 + 1 / math.log2(3) + 1 / math.log2(6)) / 4

@@ -198,12 +198,18 @@ def test_three_optimizer_steps_match_torch_adam_with_coupled_weight_decay():
       np.testing.assert_allclose(got_l, want_l - start, rtol=1e-4, atol=1e-9, err_msg=f"{t}")
 
 
-def test_matches_independent_numpy_formula_on_random_params():
-  params = sasrec.init_params(CFG, jax.random.PRNGKey(3))
-  # Give LayerNorms and biases non-trivial values so every term matters.
-  params = jax.tree.map(
-    lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(4), x.shape), params
+def _random_params(cfg, seed: int):
+  """Initialised parameters plus noise, so that LayerNorms and biases are not the identity
+  and every term of the forward matters."""
+  params = sasrec.init_params(cfg, jax.random.PRNGKey(seed))
+  return jax.tree.map(
+    lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(seed + 1), x.shape), params
   )
+
+
+def _torch_names(params) -> dict[str, np.ndarray]:
+  """The Flax tree under the original's state_dict names and layouts (float64), for the
+  numpy forwards."""
   p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
   flat = {
     "item_embeddings.weight": p["item_embeddings"]["embedding"],
@@ -221,10 +227,204 @@ def test_matches_independent_numpy_formula_on_random_params():
     flat[f"feed_forward.{k}.bias"] = p["feed_forward"][k]["bias"]
   flat["feed_forward.layer_norm.weight"] = p["feed_forward"]["layer_norm"]["scale"]
   flat["feed_forward.layer_norm.bias"] = p["feed_forward"]["layer_norm"]["bias"]
+  return flat
+
+
+def test_matches_independent_numpy_formula_on_random_params():
+  params = _random_params(CFG, 3)
   seq, lens = _batch()
   ours = sasrec.SASRec(CFG).apply({"params": params}, seq, lens)
-  theirs = reference.item_scores(flat, np.asarray(seq), np.asarray(lens), 30)
+  theirs = reference.item_scores(_torch_names(params), np.asarray(seq), np.asarray(lens), 30)
   np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+
+
+def _original_user_vectors(p, seq, len_seq, n_items, heads=1, dropout=None):
+  """The original's forward (LLaRA's SASRecModules_ori: SASRec, MultiHeadAttention,
+  PositionwiseFeedForward) in numpy, with what the one-head reference leaves out: `heads`
+  heads (Q, K, V split along the hidden axis, each head's scores scaled by 1/sqrt(hidden),
+  the whole width, as the original divides by hidden_size ** 0.5; outputs concatenated) and
+  `dropout` {site: factor}, the output of that dropout multiplied by the factor (what a
+  keep-everything mask of rate 1 - 1/factor does): 'emb' (the summed embeddings, before the
+  padding mask), 'attn' (the attention weights after the query mask) and 'ff' (W2's output,
+  before the residual)."""
+  drop = dropout or {}
+  ln, lin = reference._layer_norm, reference._linear
+  seq, len_seq = np.asarray(seq), np.asarray(len_seq)
+  b, t = seq.shape
+  x = p["item_embeddings.weight"][seq] + p["positional_embeddings.weight"][:t][None]
+  x = x * drop.get("emb", 1.0)
+  mask = (seq != n_items).astype(np.float64)[..., None]
+  x = x * mask
+  q_in = ln(x, p["ln_1.weight"], p["ln_1.bias"])
+  q, k, v = (lin(src, p, f"mh_attn.linear_{n}") for src, n in ((q_in, "q"), (x, "k"), (x, "v")))
+  d = q.shape[-1]
+  dh = d // heads
+  hidden_pad = (np.abs(x.sum(-1)) == 0)[:, None, :]  # [batch, 1, key]
+  future = np.triu(np.ones((t, t), bool), 1)[None]  # [1, query, key]
+  query_kept = np.sign(np.abs(q_in.sum(-1)))[:, :, None]
+  heads_out = []
+  for i in range(heads):
+    cut = slice(i * dh, (i + 1) * dh)
+    s = q[..., cut] @ k[..., cut].transpose(0, 2, 1) / np.sqrt(d)
+    s = np.where(hidden_pad | future, -(2.0**32) + 1, s)
+    e = np.exp(s - s.max(-1, keepdims=True))
+    probs = e / e.sum(-1, keepdims=True) * query_kept * drop.get("attn", 1.0)
+    heads_out.append(probs @ v[..., cut])
+  h = ln(np.concatenate(heads_out, -1) + q_in, p["ln_2.weight"], p["ln_2.bias"])
+  w1, w2 = p["feed_forward.w_1.weight"][:, :, 0], p["feed_forward.w_2.weight"][:, :, 0]
+  y = np.maximum(h @ w1.T + p["feed_forward.w_1.bias"], 0) @ w2.T + p["feed_forward.w_2.bias"]
+  y = y * drop.get("ff", 1.0)
+  ff = ln(y + h, p["feed_forward.layer_norm.weight"], p["feed_forward.layer_norm.bias"])
+  out = ln(ff * mask, p["ln_3.weight"], p["ln_3.bias"])
+  return out[np.arange(b), len_seq - 1]
+
+
+def test_multi_head_attention_matches_the_original_formula():
+  """config.sasrec.num_heads > 1 (the checkpoints have one head; a model trained here may
+  have more): each head attends over its slice of the hidden axis, scaled by 1/sqrt(hidden)
+  as the original does (not 1/sqrt(hidden / heads)), and the heads' outputs are concatenated
+  in order. The numpy forward agrees with the one-head reference first."""
+  seq, lens = _batch()
+  one = _torch_names(_random_params(CFG, 3))
+  np.testing.assert_allclose(
+    _original_user_vectors(one, seq, lens, 30), reference.user_vectors(one, seq, lens, 30),
+    rtol=1e-12, atol=1e-12,
+  )  # fmt: skip
+  cfg = sasrec.SASRecConfig(n_items=30, hidden=16, max_len=10, num_heads=4)
+  params = _random_params(cfg, 5)
+  params["mh_attn"] = jax.tree.map(lambda x: 3 * x, params["mh_attn"])  # Peakier attention.
+  ours = sasrec.SASRec(cfg).apply({"params": params}, seq, lens, method="user_vector")
+  theirs = _original_user_vectors(_torch_names(params), seq, lens, 30, heads=4)
+  np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_dropout_acts_where_the_original_drops():
+  """In training the original drops at three places, each at config.sasrec.dropout: the
+  summed item and position embeddings (before the padding mask), the attention weights and
+  the feed-forward output before its residual; at evaluation nowhere. Each dropout of a
+  training forward is replaced in turn by a multiplication by 2 (what a mask keeping every
+  entry at rate 0.5 does), and the user vectors must be the numpy forward's with that site
+  scaled."""
+  import flax.linen as nn
+
+  cfg = sasrec.SASRecConfig(n_items=30, hidden=16, max_len=10, dropout=0.25)
+  params = _random_params(cfg, 7)
+  flat = _torch_names(params)
+  seq, lens = _batch()
+  model = sasrec.SASRec(cfg)
+
+  def forward(site: int | None, deterministic: bool):
+    calls = []
+
+    def interceptor(next_fun, args, kwargs, context):
+      if not isinstance(context.module, nn.Dropout) or context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      det = args[1] if len(args) > 1 else kwargs.get("deterministic")
+      det = context.module.deterministic if det is None else det
+      if det or context.module.rate == 0:
+        return args[0]
+      calls.append(context.module.rate)
+      return args[0] * (2.0 if len(calls) - 1 == site else 1.0)
+
+    with nn.intercept_methods(interceptor):
+      out = model.apply({"params": params}, seq, lens, deterministic, method="user_vector",
+                        rngs={"dropout": jax.random.PRNGKey(0)})  # fmt: skip
+    return np.asarray(out), calls
+
+  clean = _original_user_vectors(flat, seq, lens, 30)
+  out, calls = forward(None, deterministic=True)
+  assert calls == []  # No dropout at evaluation.
+  np.testing.assert_allclose(out, clean, rtol=1e-4, atol=1e-4)
+  for site, name in enumerate(("emb", "attn", "ff")):
+    out, calls = forward(site, deterministic=False)
+    assert calls == [0.25, 0.25, 0.25], (name, calls)
+    want = _original_user_vectors(flat, seq, lens, 30, dropout={name: 2.0})
+    assert np.abs(want - clean).max() > 1e-2, name  # The site matters here.
+    np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def _log_softmax_loss(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """Per-row cross-entropy of `labels` under softmax(`scores`), in float64."""
+  top = scores.max(-1, keepdims=True)
+  log_z = top[:, 0] + np.log(np.exp(scores - top).sum(-1))
+  return log_z - scores[np.arange(len(labels)), labels]
+
+
+def test_evaluator_scores_every_row_once_as_the_formulas_say():
+  """The SASRec stage's val/test numbers: 5 rows in batches of 2 (the last batch padded by
+  wrapping around), 20 candidates each, the model at evaluation (the config's dropout 0.1
+  inactive). Each row's target is picked among its candidates by the numpy reference's scores
+  to rank 0, 1, 3, 4 and 12; expected: hr@k = share of ranks < k, ndcg@5 = mean of
+  1/log2(rank + 2) over the hits, mrr = mean 1/(rank + 1), loss = mean cross-entropy of
+  `next` over all items."""
+  from ilora_jax import train_sasrec
+
+  rng = np.random.default_rng(3)
+  rows = 5
+  seq = np.full((rows, 10), 30, np.int32)
+  lens = np.array([3, 10, 1, 6, 4], np.int32)
+  for r, n in enumerate(lens):
+    seq[r, :n] = rng.choice(30, n, replace=False)
+  cands = np.stack([rng.choice(30, 20, replace=False) for _ in range(rows)]).astype(np.int32)
+  params = _random_params(CFG, 11)
+  scores = reference.item_scores(_torch_names(params), seq, lens, 30)  # [rows, 30]
+  picked = np.take_along_axis(scores, cands, 1)
+  assert all(len(set(np.round(row, 6))) == 20 for row in picked)  # No ties.
+  ranks = np.array([0, 1, 3, 4, 12])
+  target = np.argsort(-picked, axis=1)[np.arange(rows), ranks].astype(np.int32)
+  nxt = cands[np.arange(rows), target]
+  split = data.Split("val", seq, lens, nxt)
+  evaluator = train_sasrec.Evaluator(sasrec.SASRec(CFG), split, cands, target, 2, None, False)
+  got = evaluator(params)
+
+  want = {
+    "hr@1": 1 / 5,
+    "hr@5": 4 / 5,
+    "ndcg@5": (1 + 1 / np.log2(3) + 1 / np.log2(5) + 1 / np.log2(6)) / 5,
+    "mrr": (1 + 1 / 2 + 1 / 4 + 1 / 5 + 1 / 13) / 5,
+    "loss": _log_softmax_loss(scores, nxt).mean(),
+  }
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_train_step_loss_is_the_mean_cross_entropy_of_the_next_item():
+  """The train step's loss (logged as the train loss, and what Adam's coupled weight decay is
+  weighed against) is the batch's mean cross-entropy of `next` under the scores over all
+  items, at the user vector: with dropout 0 it is the numpy reference's, computed by hand."""
+  from ilora_jax import train_sasrec
+
+  cfg = sasrec.SASRecConfig(n_items=30, hidden=16, max_len=10, dropout=0.0)
+  params = _random_params(cfg, 13)
+  seq, lens = _batch()
+  nxt = jnp.asarray([4, 20, 8], jnp.int32)
+  state = train_sasrec.new_state(params, train_sasrec.make_optimizer(1e-3, 0.0))
+  run = {"lr": np.float32(1e-3), "key": jax.random.PRNGKey(0)}
+  step = jax.jit(train_sasrec.make_train_step(sasrec.SASRec(cfg), 0.0))
+  _, loss, ok = step(state, run, seq, lens, nxt)
+  scores = reference.item_scores(_torch_names(params), np.asarray(seq), np.asarray(lens), 30)
+  assert bool(ok)
+  assert float(loss) == pytest.approx(_log_softmax_loss(scores, np.asarray(nxt)).mean(), rel=1e-5)
+
+
+def test_each_train_step_draws_its_own_dropout():
+  """Dropout keys are the run's key folded with the step: the same state and batch give the
+  same loss at one step and another loss (other masks) at the next step count."""
+  from ilora_jax import train_sasrec
+
+  cfg = sasrec.SASRecConfig(n_items=30, hidden=16, max_len=10, dropout=0.5)
+  params = _random_params(cfg, 17)
+  seq, lens = _batch()
+  nxt = jnp.asarray([4, 20, 8], jnp.int32)
+  run = {"lr": np.float32(1e-3), "key": jax.random.PRNGKey(0)}
+  step = jax.jit(train_sasrec.make_train_step(sasrec.SASRec(cfg), 0.0))
+  losses = []
+  for at in (0, 0, 1):
+    state = train_sasrec.new_state(params, train_sasrec.make_optimizer(1e-3, 0.0))
+    state["step"] = jnp.asarray(at, jnp.int32)
+    losses.append(float(step(state, run, seq, lens, nxt)[1]))
+  assert losses[0] == losses[1] != losses[2]
 
 
 @pytest.mark.parametrize(
