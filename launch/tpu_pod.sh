@@ -16,10 +16,11 @@
 # v5litepod, v2-alpha-tpuv6e for v6e), or the one ILORA_JAX_TPU_VERSION names.
 #
 # Everything is checked before the slice is created, each a one-line error with exit status 2:
-# NAME, ZONE and ACCELERATOR (and a software version for it); the job's arguments (every one a --flag=value, with --config= and
-# --workdir= among them); and the config file, which the workers read from their copy of the
-# tracked files: it must be a file git tracks in this checkout (a relative path is the caller's
-# when it is there, else the checkout's), and the workers are given its path in the checkout.
+# NAME, ZONE and ACCELERATOR (and a software version for it); the job's arguments (every one a
+# --flag=value, with --config= and --workdir= among them); and the config file, which the
+# workers read from their copy of the tracked files: it must be a file git tracks in this
+# checkout (a relative path is the caller's when it is there, else the checkout's), and the
+# workers are given its path in the checkout.
 set -euo pipefail
 CALLER=$PWD
 cd "$(dirname "$0")/.."
