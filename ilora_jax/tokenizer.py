@@ -249,13 +249,24 @@ def _build_gguf_tokenizer(reader) -> tuple[Tokenizer, tuple]:
   tk.add_special_tokens(special)
   tk.add_tokens(user)
 
-  def token_of(key):
+  def token_of(key, added=False):
+    """The token `key` names; None where it names none, but an error for a token that the
+    tokenizer adds to every text (else prompts would silently lack it)."""
     idx = gguf_field(reader, key)
-    return None if idx is None or not 0 <= int(idx) < len(tokens) else tokens[int(idx)]
+    if isinstance(idx, int) and 0 <= idx < len(tokens):
+      return tokens[idx]
+    if added and idx is not None:
+      raise UserError(
+        f"{_gguf_name(reader)}: {key}={idx!r} names none of its {len(tokens)} tokens, yet the "
+        "tokenizer adds that token to every text: a damaged file?"
+      )
+    return None
 
-  bos, eos = token_of("tokenizer.ggml.bos_token_id"), token_of("tokenizer.ggml.eos_token_id")
-  add_bos = bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None
-  add_eos = bool(gguf_field(reader, "tokenizer.ggml.add_eos_token", False)) and eos is not None
+  add_bos = bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False))
+  add_eos = bool(gguf_field(reader, "tokenizer.ggml.add_eos_token", False))
+  bos = token_of("tokenizer.ggml.bos_token_id", add_bos)
+  eos = token_of("tokenizer.ggml.eos_token_id", add_eos)
+  add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
   if add_bos or add_eos:
     single = " ".join(([bos] if add_bos else []) + ["$A"] + ([eos] if add_eos else []))
     pair = " ".join(([bos] if add_bos else []) + ["$A", "$B:1"] + ([eos] if add_eos else []))

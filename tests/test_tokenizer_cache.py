@@ -13,9 +13,12 @@ from ilora_jax import tokenizer as tok_lib
 TEXTS = ["Hello, world!", "ab ba  abba\n12", "<|im_start|>user hi<|im_end|>", ""]
 
 
-def _write_tokenizer_gguf(path, tokens=None, types=None, merges=("a b", "ab b")):
+def _write_tokenizer_gguf(
+  path, tokens=None, types=None, merges=("a b", "ab b"), bos=1, add_bos=None
+):
   """A GGUF holding only a byte-level BPE tokenizer: three control tokens, the 256 byte
-  symbols and two merges ('a b', 'ab b'), or the `tokens`, `types` and `merges` given."""
+  symbols and two merges ('a b', 'ab b'), or the `tokens`, `types` and `merges` given; BOS id
+  `bos`, and `tokenizer.ggml.add_bos_token` where `add_bos` is not None."""
   specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
   if tokens is None:
     tokens = specials + sorted(pre_tokenizers.ByteLevel.alphabet()) + ["ab", "abb"]
@@ -26,7 +29,9 @@ def _write_tokenizer_gguf(path, tokens=None, types=None, merges=("a b", "ab b"))
   if types is not None:
     writer.add_token_types(types)
   writer.add_array("tokenizer.ggml.merges", list(merges))
-  writer.add_bos_token_id(1)
+  writer.add_bos_token_id(bos)
+  if add_bos is not None:
+    writer.add_add_bos_token(add_bos)
   writer.add_eos_token_id(2)
   writer.add_unk_token_id(0)
   writer.add_pad_token_id(2)
@@ -198,3 +203,15 @@ def test_damaged_tokenizer_metadata_is_named(fresh, tmp_path, change, message):
   with pytest.raises(tok_lib.UserError, match=re.escape(message)) as err:
     tok_lib.tokenizer_from_gguf(path)
   assert path in str(err.value) and not isinstance(err.value, tok_lib.NoTokenizer)
+
+
+def test_a_bos_added_to_every_text_must_be_one_of_its_tokens(fresh, tmp_path):
+  """With `add_bos_token` set, every text starts with the BOS id; a BOS id past the tokens is
+  refused (prompts silently lacked their BOS), while a file that adds none may carry one."""
+  tok = tok_lib.tokenizer_from_gguf(_write_tokenizer_gguf(tmp_path / "a.gguf", add_bos=True))
+  assert tok("ab")["input_ids"] == [1, 259]  # '<|im_start|>', then the merged 'ab'
+  bad = _write_tokenizer_gguf(tmp_path / "b.gguf", bos=999, add_bos=True)
+  with pytest.raises(tok_lib.UserError, match="bos_token_id=999 names none of its 261 tokens"):
+    tok_lib.tokenizer_from_gguf(bad)
+  tok = tok_lib.tokenizer_from_gguf(_write_tokenizer_gguf(tmp_path / "c.gguf", bos=999))
+  assert tok("ab")["input_ids"] == [259] and tok.bos_token is None
