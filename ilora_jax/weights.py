@@ -608,16 +608,23 @@ def gguf_field(reader, key: str, default: Any = None) -> Any:
   return field.contents()
 
 
+def gguf_name(reader) -> str:
+  """The file a GGUF reader reads, for messages."""
+  return str(getattr(getattr(reader, "data", None), "filename", "") or "the GGUF file")
+
+
 def config_from_gguf(reader, **overrides) -> LlamaConfig:
   """Maps GGUF `llama.*` metadata to `LlamaConfig` (overrides win)."""
+  name = gguf_name(reader)
+  meta = f"{name}: GGUF metadata"
   arch = gguf_field(reader, "general.architecture")
   if arch != "llama":
-    raise UserError(f"unsupported GGUF architecture {arch!r}: only llama is supported")
+    raise UserError(f"{name}: unsupported GGUF architecture {arch!r}: only llama is supported")
 
   def need(key):
     value = gguf_field(reader, key)
     if value is None:
-      raise UserError(f"GGUF metadata {key} missing")
+      raise UserError(f"{meta} {key} missing")
     return value
 
   names = {t.name for t in reader.tensors}
@@ -625,23 +632,21 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
     "none",
     None,
   ):
-    raise UserError("unsupported GGUF rope scaling (rope_freqs / llama.rope.scaling.type)")
+    raise UserError(f"{name}: unsupported GGUF rope scaling (rope_freqs / llama.rope.scaling.type)")
 
   def positive(key, default=None) -> int:
     value = gguf_field(reader, key, default) if default is not None else need(key)
-    return _positive_int({key: value}, key, source="GGUF metadata")
+    return _positive_int({key: value}, key, source=meta)
 
   def positive_float(key, default) -> float:
-    return _positive_float(
-      {key: gguf_field(reader, key, default)}, key, default, source="GGUF metadata"
-    )
+    return _positive_float({key: gguf_field(reader, key, default)}, key, default, source=meta)
 
   hidden = positive("llama.embedding_length")
   heads = positive("llama.attention.head_count")
   kv_heads = positive("llama.attention.head_count_kv", heads)
   if heads % kv_heads:
     raise UserError(
-      f"GGUF metadata llama.attention.head_count={heads} is not a multiple of "
+      f"{meta} llama.attention.head_count={heads} is not a multiple of "
       f"llama.attention.head_count_kv={kv_heads}"
     )
   vocab = None if gguf_field(reader, "llama.vocab_size") is None else positive("llama.vocab_size")
@@ -651,8 +656,8 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
   if vocab is None:
     embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     if embd is None or len(embd.shape) != 2:
-      raise UserError("GGUF file without llama.vocab_size, tokenizer.ggml.tokens or a 2-D "
-                      "token_embd.weight: its vocabulary size is unknown")  # fmt: skip
+      raise UserError(f"{name}: a GGUF file without llama.vocab_size, tokenizer.ggml.tokens "
+                      "or a 2-D token_embd.weight: its vocabulary size is unknown")  # fmt: skip
     vocab = int(embd.shape[1])
   head_key = next((k for k in ("llama.attention.key_length", "llama.rope.dimension_count")
                    if gguf_field(reader, k)), None)  # fmt: skip
@@ -671,7 +676,7 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
   )
   if kwargs["head_dim"] < 2 or kwargs["head_dim"] % 2 or kwargs["vocab_size"] < 1:
     raise UserError(
-      f"GGUF metadata: head size {kwargs['head_dim']} (must be even) or vocabulary "
+      f"{meta}: head size {kwargs['head_dim']} (must be even) or vocabulary "
       f"{kwargs['vocab_size']} is not one of a Llama model"
     )
   kwargs.update(overrides)

@@ -400,8 +400,9 @@ def test_truncated_safetensors_is_user_error(hf_checkpoints, tmp_path):
 def test_non_llama_architecture_is_user_error(tmp_path):
   path = str(tmp_path / "gpt2.gguf")
   _write_gguf(path, _hf_model(), arch="gpt2")
-  with pytest.raises(UserError, match="unsupported GGUF architecture 'gpt2'"):
+  with pytest.raises(UserError, match="unsupported GGUF architecture 'gpt2'") as raised:
     llm.load(path)
+  assert str(raised.value).startswith(f"{path}: ")  # The file, as the tokenizer's errors say.
   with pytest.raises(UserError, match="unsupported architecture 'gpt2'"):
     weights.config_from_hf({"model_type": "gpt2", "vocab_size": 10})
 
