@@ -201,6 +201,7 @@ def _build_gguf_tokenizer(reader) -> tuple[Tokenizer, tuple]:
   """-> (backend tokenizer, (bos, eos, unk, pad) token strings or None)."""
   from ilora_jax.weights import gguf_field, gguf_name
 
+  name = gguf_name(reader)  # For messages.
   kind = gguf_field(reader, "tokenizer.ggml.model")
   if kind is None:
     raise NoTokenizer("its metadata has no tokenizer.ggml.model")
@@ -212,15 +213,15 @@ def _build_gguf_tokenizer(reader) -> tuple[Tokenizer, tuple]:
   tokens = gguf_field(reader, "tokenizer.ggml.tokens")
   merges = gguf_field(reader, "tokenizer.ggml.merges") or []
   if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
-    raise UserError(f"{gguf_name(reader)}: the tokenizer's tokenizer.ggml.tokens is missing or "
+    raise UserError(f"{name}: the tokenizer's tokenizer.ggml.tokens is missing or "
                     "not a list of strings: a damaged file?")  # fmt: skip
   if not isinstance(merges, list) or not all(isinstance(m, str) and " " in m for m in merges):
-    raise UserError(f"{gguf_name(reader)}: the tokenizer's tokenizer.ggml.merges is not a list "
+    raise UserError(f"{name}: the tokenizer's tokenizer.ggml.merges is not a list "
                     "of 'left right' strings: a damaged file?")  # fmt: skip
   types = gguf_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
   if not isinstance(types, list) or len(types) != len(tokens):
     raise UserError(
-      f"{gguf_name(reader)}: the tokenizer's tokenizer.ggml.token_type does not give a type "
+      f"{name}: the tokenizer's tokenizer.ggml.token_type does not give a type "
       f"to each of its {len(tokens)} tokens: a damaged file?"
     )
   merges = [tuple(m.split(" ", 1)) for m in merges]
@@ -230,7 +231,7 @@ def _build_gguf_tokenizer(reader) -> tuple[Tokenizer, tuple]:
   try:
     bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
   except Exception as exc:  # noqa: BLE001 - the Rust builder raises a plain Exception.
-    raise UserError(f"{gguf_name(reader)}: its tokenizer does not build ({exc})") from None
+    raise UserError(f"{name}: its tokenizer does not build ({exc})") from None
   tk = Tokenizer(bpe)
   tk.pre_tokenizer = _pre_tokenizer(gguf_field(reader, "tokenizer.ggml.pre"))
   tk.decoder = decoders.ByteLevel()
@@ -253,7 +254,7 @@ def _build_gguf_tokenizer(reader) -> tuple[Tokenizer, tuple]:
       return tokens[idx]
     if added and idx is not None:
       raise UserError(
-        f"{gguf_name(reader)}: {key}={idx!r} names none of its {len(tokens)} tokens, yet the "
+        f"{name}: {key}={idx!r} names none of its {len(tokens)} tokens, yet the "
         "tokenizer adds that token to every text: a damaged file?"
       )
     return None
