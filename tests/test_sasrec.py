@@ -238,63 +238,17 @@ def test_matches_independent_numpy_formula_on_random_params():
   np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
 
 
-def _original_user_vectors(p, seq, len_seq, n_items, heads=1, dropout=None):
-  """The original's forward (LLaRA's SASRecModules_ori: SASRec, MultiHeadAttention,
-  PositionwiseFeedForward) in numpy, with what the one-head reference leaves out: `heads`
-  heads (Q, K, V split along the hidden axis, each head's scores scaled by 1/sqrt(hidden),
-  the whole width, as the original divides by hidden_size ** 0.5; outputs concatenated) and
-  `dropout` {site: factor}, the output of that dropout multiplied by the factor (what a
-  keep-everything mask of rate 1 - 1/factor does): 'emb' (the summed embeddings, before the
-  padding mask), 'attn' (the attention weights after the query mask) and 'ff' (W2's output,
-  before the residual)."""
-  drop = dropout or {}
-  ln, lin = reference._layer_norm, reference._linear
-  seq, len_seq = np.asarray(seq), np.asarray(len_seq)
-  b, t = seq.shape
-  x = p["item_embeddings.weight"][seq] + p["positional_embeddings.weight"][:t][None]
-  x = x * drop.get("emb", 1.0)
-  mask = (seq != n_items).astype(np.float64)[..., None]
-  x = x * mask
-  q_in = ln(x, p["ln_1.weight"], p["ln_1.bias"])
-  q, k, v = (lin(src, p, f"mh_attn.linear_{n}") for src, n in ((q_in, "q"), (x, "k"), (x, "v")))
-  d = q.shape[-1]
-  dh = d // heads
-  hidden_pad = (np.abs(x.sum(-1)) == 0)[:, None, :]  # [batch, 1, key]
-  future = np.triu(np.ones((t, t), bool), 1)[None]  # [1, query, key]
-  query_kept = np.sign(np.abs(q_in.sum(-1)))[:, :, None]
-  heads_out = []
-  for i in range(heads):
-    cut = slice(i * dh, (i + 1) * dh)
-    s = q[..., cut] @ k[..., cut].transpose(0, 2, 1) / np.sqrt(d)
-    s = np.where(hidden_pad | future, -(2.0**32) + 1, s)
-    e = np.exp(s - s.max(-1, keepdims=True))
-    probs = e / e.sum(-1, keepdims=True) * query_kept * drop.get("attn", 1.0)
-    heads_out.append(probs @ v[..., cut])
-  h = ln(np.concatenate(heads_out, -1) + q_in, p["ln_2.weight"], p["ln_2.bias"])
-  w1, w2 = p["feed_forward.w_1.weight"][:, :, 0], p["feed_forward.w_2.weight"][:, :, 0]
-  y = np.maximum(h @ w1.T + p["feed_forward.w_1.bias"], 0) @ w2.T + p["feed_forward.w_2.bias"]
-  y = y * drop.get("ff", 1.0)
-  ff = ln(y + h, p["feed_forward.layer_norm.weight"], p["feed_forward.layer_norm.bias"])
-  out = ln(ff * mask, p["ln_3.weight"], p["ln_3.bias"])
-  return out[np.arange(b), len_seq - 1]
-
-
 def test_multi_head_attention_matches_the_original_formula():
   """config.sasrec.num_heads > 1 (the checkpoints have one head; a model trained here may
   have more): each head attends over its slice of the hidden axis, scaled by 1/sqrt(hidden)
   as the original does (not 1/sqrt(hidden / heads)), and the heads' outputs are concatenated
-  in order. The numpy forward agrees with the one-head reference first."""
+  in order."""
   seq, lens = _batch()
-  one = _torch_names(_random_params(CFG, 3))
-  np.testing.assert_allclose(
-    _original_user_vectors(one, seq, lens, 30), reference.user_vectors(one, seq, lens, 30),
-    rtol=1e-12, atol=1e-12,
-  )  # fmt: skip
   cfg = sasrec.SASRecConfig(n_items=30, hidden=16, max_len=10, num_heads=4)
   params = _random_params(cfg, 5)
   params["mh_attn"] = jax.tree.map(lambda x: 3 * x, params["mh_attn"])  # Peakier attention.
   ours = sasrec.SASRec(cfg).apply({"params": params}, seq, lens, method="user_vector")
-  theirs = _original_user_vectors(_torch_names(params), seq, lens, 30, heads=4)
+  theirs = reference.user_vectors(_torch_names(params), seq, lens, 30, heads=4)
   np.testing.assert_allclose(np.asarray(ours), theirs, rtol=1e-4, atol=1e-4)
 
 
@@ -331,14 +285,14 @@ def test_dropout_acts_where_the_original_drops():
                         rngs={"dropout": jax.random.PRNGKey(0)})  # fmt: skip
     return np.asarray(out), calls
 
-  clean = _original_user_vectors(flat, seq, lens, 30)
+  clean = reference.user_vectors(flat, seq, lens, 30)
   out, calls = forward(None, deterministic=True)
   assert calls == []  # No dropout at evaluation.
   np.testing.assert_allclose(out, clean, rtol=1e-4, atol=1e-4)
   for site, name in enumerate(("emb", "attn", "ff")):
     out, calls = forward(site, deterministic=False)
     assert calls == [0.25, 0.25, 0.25], (name, calls)
-    want = _original_user_vectors(flat, seq, lens, 30, dropout={name: 2.0})
+    want = reference.user_vectors(flat, seq, lens, 30, dropout={name: 2.0})
     assert np.abs(want - clean).max() > 1e-2, name  # The site matters here.
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4, err_msg=name)
 

@@ -4,6 +4,7 @@ import flax
 import jax
 import numpy as np
 import pytest
+from test_lora import TINY_LLAMA  # The adapter tests' tiny Llama (2 layers, hidden 16).
 
 from ilora_jax import llama, llm, lora, scoring
 
@@ -177,18 +178,6 @@ def test_chunk_and_packed_length_helpers():
   assert scoring.packed_length(mask) == 32
 
 
-ADAPTED = llama.LlamaConfig(
-  vocab_size=48,
-  hidden_size=16,
-  intermediate_size=24,
-  num_layers=2,
-  num_heads=4,
-  num_kv_heads=2,
-  head_dim=4,
-  max_position_embeddings=64,
-)
-
-
 @pytest.fixture(scope="module")
 def adapted():
   """A tiny Llama with instance-wise adapters (2 experts, non-zero B), two left-padded
@@ -196,7 +185,7 @@ def adapted():
   row, four candidates each, and the references from uncached full passes over each prompt
   and continuation, right-padded to one length (with that row's gate and replacement): the
   candidates' log-likelihoods and 8 greedy tokens."""
-  module = llama.Llama(ADAPTED, lora.adapter_factory(lora.LoRAConfig(rank=4, num_experts=2)))
+  module = llama.Llama(TINY_LLAMA, lora.adapter_factory(lora.LoRAConfig(rank=4, num_experts=2)))
   abstract = jax.eval_shape(
     lambda key: module.init(key, jax.numpy.zeros((1, 4), jax.numpy.int32)), jax.random.key(0)
   )["params"]
@@ -213,7 +202,7 @@ def adapted():
   replace = np.zeros(prompt.shape, bool)
   replace[0, [1, 4]] = True  # real positions of both rows (row 1 starts at column 2)
   replace[1, [3]] = True
-  embeds = (0.5 * rng.standard_normal(prompt.shape + (ADAPTED.hidden_size,))).astype(np.float32)
+  embeds = (0.5 * rng.standard_normal(prompt.shape + (TINY_LLAMA.hidden_size,))).astype(np.float32)
   gates = np.asarray([[0.95, 0.05], [0.05, 0.95]], np.float32)
   steps, t = 8, prompt.shape[1]
   length = t + 4 + steps
@@ -230,7 +219,7 @@ def adapted():
     ids = np.zeros((len(seqs), length), np.int32)
     real = np.zeros((len(seqs), length), np.int32)
     where = np.zeros((len(seqs), length), bool)
-    what = np.zeros((len(seqs), length, ADAPTED.hidden_size), np.float32)
+    what = np.zeros((len(seqs), length, TINY_LLAMA.hidden_size), np.float32)
     for k, (i, seq) in enumerate(zip(rows, seqs)):
       start = t - len(prompts[i])
       ids[k, : len(seq)], real[k, : len(seq)] = seq, 1
