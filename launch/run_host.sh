@@ -86,6 +86,9 @@ from_caller() {
 # Where a file named by a relative path was looked for, for an error.
 where="not in $(printf '%q' "$CALLER")"
 [[ "$HERE" == 1 ]] || where="neither in $(printf '%q' "$CALLER") nor in the checkout $(printf '%q' "$PWD")"
+# The job needs --config= and --workdir= (unless a flagfile may hold them, or it is asked for its
+# help), and without them it would stop only after the set-up: GIVEN names those found.
+GIVEN=""
 for i in ${ARGS[@]+"${!ARGS[@]}"}; do
   a=${ARGS[$i]}
   flag=${a%%=*} value=${a#*=}
@@ -100,6 +103,7 @@ for i in ${ARGS[@]+"${!ARGS[@]}"}; do
   esac
   case "$a" in
     --config=*)
+      GIVEN+=" config"
       file=${value%%:*}  # ml_collections reads FILE:ARGS as the file and its argument.
       if [[ "$file" != /* && -f "$CALLER/$file" ]]; then
         ARGS[i]="--config=$(from_caller "$file")${value:${#file}}"
@@ -109,6 +113,7 @@ for i in ${ARGS[@]+"${!ARGS[@]}"}; do
       fi
       ;;
     --flagfile=*)  # Found as --config is; the flags in it are read as they are, in the checkout.
+      GIVEN+=" config workdir"
       if [[ "$value" != /* && -f "$CALLER/$value" ]]; then
         ARGS[i]="$flag=$(from_caller "$value")"
       elif [[ ! -f "$value" ]]; then
@@ -116,7 +121,11 @@ for i in ${ARGS[@]+"${!ARGS[@]}"}; do
         exit 2
       fi
       ;;
-    --workdir=* | --config.compile_cache_dir=*) ARGS[i]="$flag=$(from_caller "$value")" ;;
+    --workdir=* | --config.compile_cache_dir=*)
+      [[ "$flag" != --workdir || -z "$value" ]] || GIVEN+=" workdir"
+      ARGS[i]="$flag=$(from_caller "$value")"
+      ;;
+    --help | -h | -help | --helpshort | --helpfull | "-?") GIVEN+=" config workdir" ;;
     --config.data.dir=* | --config.data.raw_ratings=* | --config.llm.name=* | --config.sasrec.init_from=*)
       if [[ "$value" != /* && -n "$value" && -e "$CALLER/$value" ]]; then
         ARGS[i]="$flag=$(from_caller "$value")"
@@ -128,17 +137,6 @@ for i in ${ARGS[@]+"${!ARGS[@]}"}; do
       ;;
   esac
 done
-
-# The job needs --config= and --workdir= (unless a flagfile may hold them, or it is asked for its
-# help), and without them it would stop only after the set-up.
-GIVEN=""
-for a in ${ARGS[@]+"${ARGS[@]}"}; do
-  case "$a" in
-    --config=*) GIVEN+=" config" ;;
-    --workdir=?*) GIVEN+=" workdir" ;;
-    --flagfile=* | --help | -h | -help | --helpshort | --helpfull | "-?") GIVEN+=" config workdir" ;;
-  esac
-done
 for want in config workdir; do
   if [[ " $GIVEN " != *" $want "* ]]; then
     echo "error: no --$want=... for the job; usage: launch/run_host.sh [--dry_run] --config=configs/<name>.py --workdir=DIR [--config.x=y ...]" >&2
@@ -147,11 +145,11 @@ for want in config workdir; do
 done
 
 # Prints a command on one line that a shell reads back word for word (printf %q), except that
-# pip's .[extra] keeps its brackets, as one types it.
+# pip's .[extra] is written ".[extra]", as README types it (bare, zsh would take it for a glob).
 show() {
   local w out=()
   for w in "$@"; do
-    if [[ "$w" =~ ^\.\[[a-z0-9_,-]+\]$ ]]; then out+=("$w"); else out+=("$(printf '%q' "$w")"); fi
+    if [[ "$w" =~ ^\.\[[a-z0-9_,-]+\]$ ]]; then out+=("\"$w\""); else out+=("$(printf '%q' "$w")"); fi
   done
   echo "${out[*]}"
 }

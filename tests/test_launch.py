@@ -36,6 +36,12 @@ def _stub(path, label, log, code=0, extra=""):
   path.chmod(0o755)
 
 
+def _refused(proc, start="error: "):
+  """`proc` stopped with exit 2, nothing on stdout and one stderr line starting with `start`."""
+  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+  assert proc.stderr.startswith(start) and proc.stderr.count("\n") == 1, proc.stderr
+
+
 class FakeCheckout:
   """tmp/repo/launch/ holds copies of the scripts; tmp/stubs/ comes first on PATH."""
 
@@ -117,7 +123,7 @@ def test_run_host_dry_run_prints_the_commands(tmp_path):
   odd = ["--config=configs/tiny.py", "--workdir=/tmp/a b", "--config.x=('q', 'v')"]
   proc = repo.run("gpu_node.sh", "--dry_run", *odd)
   setup, job = proc.stdout.splitlines()
-  assert "python3 -m venv --clear .venv && .venv/bin/pip install -q -e .[cuda] && " in setup
+  assert 'python3 -m venv --clear .venv && .venv/bin/pip install -q -e ".[cuda]" && ' in setup
   assert shlex.split(job)[3:] == odd
 
 
@@ -166,8 +172,7 @@ def test_dry_run_is_honoured_at_any_position(tmp_path, script):
 def test_tpu_pod_refuses_missing_or_malformed_names(tmp_path, args, word, dry):
   repo = FakeCheckout(tmp_path)
   proc = repo.run("tpu_pod.sh", *(["--dry_run"] if dry else []), *args)
-  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-  assert len(proc.stderr.splitlines()) == 1 and proc.stderr.startswith("error: "), proc.stderr
+  _refused(proc)
   assert "usage: launch/tpu_pod.sh" in proc.stderr and word in proc.stderr
   assert "PWNED" not in proc.stdout and repo.calls() == []
 
@@ -202,9 +207,8 @@ def test_tpu_pod_creates_the_slice_with_its_generations_software(tmp_path, accel
   assert repo.calls()[0][-1] == "--version=mine"
   repo.log.write_text("")
   proc = repo.run("tpu_pod.sh", "pod", "z", "v9x-8", *JOB)
-  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-  assert proc.stderr.startswith("error: no TPU software version known for v9x-8: set ILORA_JAX_")
-  assert proc.stderr.count("\n") == 1 and repo.calls() == []
+  _refused(proc, "error: no TPU software version known for v9x-8: set ILORA_JAX_")
+  assert repo.calls() == []
 
 
 def test_tpu_pod_runs_what_it_prints_and_evaluates_nothing(tmp_path):
@@ -343,7 +347,8 @@ def test_run_host_dry_run_says_whether_the_set_up_runs(tmp_path, stamp, extra, f
   proc = repo.run("run_host.sh", *JOB, "--dry_run", ILORA_JAX_EXTRA=extra)
   assert proc.returncode == 0, proc.stderr
   setup, job = proc.stdout.splitlines()
-  assert first_line in setup and "pip install -q -e ." in setup
+  package = f'".[{extra}]"' if extra else "."  # Quoted as README writes it.
+  assert first_line in setup and f"pip install -q -e {package} && " in setup
   assert setup.startswith("#") == ("skipped" in first_line)  # A skipped set-up is a comment.
   assert shlex.split(job) == _job_call(JOB)
   assert repo.calls() == [] and (repo.stamp.read_text() if stamp else None) == stamp
@@ -352,7 +357,7 @@ def test_run_host_dry_run_says_whether_the_set_up_runs(tmp_path, stamp, extra, f
 def test_run_host_refuses_an_extra_that_is_no_extra_name(tmp_path):
   repo = FakeCheckout(tmp_path)
   proc = repo.run("run_host.sh", *JOB, ILORA_JAX_EXTRA="cuda] pkg")
-  assert proc.returncode == 2 and proc.stderr.startswith("error: ILORA_JAX_EXTRA=")
+  _refused(proc, "error: ILORA_JAX_EXTRA=")
   assert repo.calls() == []
 
 
@@ -363,8 +368,7 @@ def test_run_host_refuses_an_extra_pyproject_has_no_accelerator_for(tmp_path, ex
   repo = FakeCheckout(tmp_path)
   for dry in ([], ["--dry_run"]):
     proc = repo.run("run_host.sh", *dry, *JOB, ILORA_JAX_EXTRA=extra)
-    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-    assert proc.stderr.startswith("error: ILORA_JAX_EXTRA=") and proc.stderr.count("\n") == 1
+    _refused(proc, "error: ILORA_JAX_EXTRA=")
     assert "cuda, tpu" in proc.stderr
   assert repo.calls() == []
 
@@ -441,9 +445,8 @@ def test_run_host_refuses_a_missing_config_before_the_set_up(tmp_path, cwd, dry)
   where = cwd and tmp_path / cwd
   proc = repo.run("run_host.sh", *(["--dry_run"] if dry else []), "--config=nope.py:x",
     "--workdir=/tmp/x", cwd=where, ILORA_JAX_EXTRA="cuda")  # fmt: skip
-  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-  assert proc.stderr.startswith("error: --config names no file: nope.py ")
-  assert proc.stderr.count("\n") == 1 and repo.calls() == [] and not repo.stamp.exists()
+  _refused(proc, "error: --config names no file: nope.py ")
+  assert repo.calls() == [] and not repo.stamp.exists()
 
 
 def test_tpu_pod_gives_the_workers_the_configs_path_in_the_checkout(tmp_path):
@@ -474,8 +477,7 @@ def test_gpu_multinode_usage_errors_are_one_error_line(tmp_path, args, env):
   repo = FakeCheckout(tmp_path)
   for dry in ([], ["--dry_run"]):
     proc = repo.run("gpu_multinode.sh", *args, *dry, **env)
-    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    _refused(proc)
     assert "usage: launch/gpu_multinode.sh" in proc.stderr
   assert repo.calls() == []
 
@@ -532,9 +534,8 @@ def test_other_spellings_of_dry_run_are_refused(tmp_path, script, spelling):
   then the job (which refused it), tpu_pod.sh created the slice and started the job."""
   repo = FakeCheckout(tmp_path)
   proc = repo.run(script, *LEADING[script], *JOB, spelling)
-  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-  assert proc.stderr.startswith(f"error: {spelling} is no launcher flag"), proc.stderr
-  assert proc.stderr.count("\n") == 1 and repo.calls() == [] and not repo.stamp.exists()
+  _refused(proc, f"error: {spelling} is no launcher flag")
+  assert repo.calls() == [] and not repo.stamp.exists()
 
 
 @pytest.mark.parametrize(
@@ -553,8 +554,7 @@ def test_run_host_refuses_words_that_are_no_flags_before_the_set_up(tmp_path, sc
   repo = FakeCheckout(tmp_path)
   for dry in ([], ["--dry_run"]):
     proc = repo.run(script, *dry, *args)
-    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-    assert proc.stderr.startswith("error: the job's argument ") and proc.stderr.count("\n") == 1
+    _refused(proc, "error: the job's argument ")
     assert "is no --flag=value" in proc.stderr
   assert repo.calls() == [] and not repo.stamp.exists()
 
@@ -571,9 +571,8 @@ def test_run_host_takes_a_flagfile_from_the_callers_folder(tmp_path):
   assert repo.calls() == [_job_call([f"--flagfile={here}/flags.txt"])]
   repo.log.write_text("")
   proc = repo.run("run_host.sh", "--flagfile=nope.txt", cwd=here, ILORA_JAX_EXTRA="cuda")
-  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-  assert proc.stderr.startswith("error: --flagfile names no file: nope.txt is neither in ")
-  assert proc.stderr.count("\n") == 1 and repo.calls() == []
+  _refused(proc, "error: --flagfile names no file: nope.txt is neither in ")
+  assert repo.calls() == []
 
 
 @pytest.mark.parametrize("value", ["no", "1", "Skip", "skip "])
@@ -581,8 +580,7 @@ def test_run_host_refuses_a_setup_value_other_than_skip(tmp_path, value):
   """ILORA_JAX_SETUP=no (meant as skip) ran the set-up: pip on a node without the index."""
   repo = FakeCheckout(tmp_path)
   proc = repo.run("run_host.sh", *JOB, ILORA_JAX_SETUP=value)
-  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-  assert proc.stderr.startswith("error: ILORA_JAX_SETUP=") and proc.stderr.count("\n") == 1
+  _refused(proc, "error: ILORA_JAX_SETUP=")
   assert repo.calls() == []
 
 
@@ -629,8 +627,7 @@ def test_gpu_multinode_checks_the_layout_before_the_set_up(tmp_path, args, env, 
   repo = FakeCheckout(tmp_path)
   for dry in ([], ["--dry_run"]):
     proc = repo.run("gpu_multinode.sh", *dry, *args, *JOB, **env)
-    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    _refused(proc)
     assert word in proc.stderr and "usage: launch/gpu_multinode.sh" in proc.stderr
   assert repo.calls() == [] and not repo.stamp.exists()
   # What srun sets: JAX reads the layout itself.
@@ -663,9 +660,8 @@ def test_tpu_pod_refuses_a_tpu_exists_value_other_than_0_or_1(tmp_path):
   """ILORA_JAX_TPU_EXISTS=yes (or true) created the slice all the same."""
   repo = FakeCheckout(tmp_path)
   proc = repo.run("tpu_pod.sh", *LEADING["tpu_pod.sh"], *JOB, ILORA_JAX_TPU_EXISTS="yes")
-  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-  assert proc.stderr.startswith("error: ILORA_JAX_TPU_EXISTS=yes is not 1")
-  assert proc.stderr.count("\n") == 1 and repo.calls() == []
+  _refused(proc, "error: ILORA_JAX_TPU_EXISTS=yes is not 1")
+  assert repo.calls() == []
 
 
 def test_run_host_takes_a_leading_tilde_as_home(tmp_path):
@@ -728,8 +724,7 @@ def test_run_host_refuses_a_job_without_config_or_workdir_before_the_set_up(
   repo = FakeCheckout(tmp_path)
   for dry in ([], ["--dry_run"]):
     proc = repo.run(script, *dry, *LEADING[script], *args, "--config.seed=1")
-    assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-    assert proc.stderr.startswith(f"error: no {word}=") and proc.stderr.count("\n") == 1
+    _refused(proc, f"error: no {word}=")
   assert repo.calls() == [] and not repo.stamp.exists()
   # A flagfile may hold both, and help needs neither.
   for given in (["--flagfile=configs/tiny.py"], ["--help"]):
