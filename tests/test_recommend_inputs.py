@@ -4,6 +4,7 @@ run's config.json, notices and --help; none of these tests loads a model."""
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 from conftest import ROOT, assert_one_line_error, run_cli, shared_path
@@ -579,3 +580,221 @@ rec_mod.main(["recommend", "--workdir={tmp_path}", "--history=#2"])
   assert proc.stderr.strip().splitlines() == [
     "error: cannot write the recommendations to stdout: No space left on device"
   ], proc.stderr
+
+
+# A mutation audit of the entries' rules (README's "Recommend"): each test below fails with
+# one small change to recommend.py that the tests above let pass.
+
+
+def test_spacing_around_and_inside_entries_is_ignored():
+  """Entries are stripped (`Heat | #3` from the command line) and a title's inner spacing is
+  not part of it, as its case is not."""
+  titles = {3: "Heat", 7: "Toy Story", 311: "Oomph!", 2559: "311"}
+  names = ["  toy   STORY ", " #3 ", " 7 ", " title: 311", "Toy\tStory", "\u00a0Heat"]
+  assert resolve(names, titles) == [7, 3, 7, 2559, 7, 3]
+
+
+def test_an_empty_title_after_the_prefix_is_named():
+  for entry in ("title:", "title:   ", " title: \t"):
+    assert error_of([entry], {0: "Heat"}) == "empty history title after 'title:'"
+  with pytest.raises(UserError, match="^empty candidate title after 'title:'$"):
+    resolve_items(["title:"], {0: "Heat"}, "candidate")
+  # The title after the prefix is stripped too, in messages and the hint for a '#'.
+  assert error_of(["title:  no such film"], {0: "Heat"}) == "unknown history title 'no such film'"
+  assert error_of(["title: #-1"], {0: "Heat"}) == (
+    "unknown history title '#-1'; an item id is written '#N' with N in 0..0"
+  )
+
+
+def test_only_a_whole_entry_of_ascii_digits_is_an_id():
+  """`#N` and a bare id are the whole entry in ASCII digits: "#1 Crush" and "3 Idiots" are
+  titles (not item 1, nor a ValueError), and so are other scripts' digits (int() reads
+  "٣" and "３" as 3)."""
+  titles = {1: "Heat", 2: "#1 Crush", 3: "Toy Story", 8: "3 Idiots"}
+  assert resolve(["#1 Crush", "#1", "3 Idiots", "3", "#3"], titles) == [2, 1, 8, 3, 3]
+  for entry in ("٣", "３", "#٣", "#３"):
+    assert error_of([entry], titles).startswith(f"unknown history title {entry!r}")
+
+
+def test_unknown_ids_name_the_range_of_ids():
+  titles = {5: "Heat", 9: "Toy Story", 12: "#killallzombies"}
+  assert error_of(["#99"], titles) == "unknown history id #99: the item ids are 5..12"
+  assert error_of(["#-1"], titles) == (
+    "unknown history title '#-1'; an item id is written '#N' with N in 5..12"
+  )
+
+
+def test_digits_that_are_an_id_and_several_titles_name_every_other_item():
+  titles = {5: "Heat", 8: "5", 9: "5"}
+  assert error_of(["5"], titles) == (
+    "history entry '5' is both item id 5 'Heat' and the title of item 8, 9: write '#5' for "
+    "the id or 'title:5' for the title"
+  )
+  assert error_of(["title:5"], titles).startswith("ambiguous history title '5': items 8 '5', 9")
+
+
+def test_an_ambiguous_title_lists_ten_items_by_id_and_counts_the_rest():
+  ids = [40, 3, 17, 8, 25, 11, 2, 30, 19, 5, 14, 22]  # 12 items titled "Hamlet", in no order.
+  titles = dict.fromkeys(ids, "Hamlet")
+  first_ten = "2, 3, 5, 8, 11, 14, 17, 19, 22, 25".split(", ")
+  listed = ", ".join(f"{i} 'Hamlet'" for i in first_ten)
+  assert error_of(["hamlet"], titles) == (
+    f"ambiguous history title 'hamlet': items {listed} and 2 more have it; give the id "
+    "instead, e.g. '#2'"
+  )
+  ten = {int(i): "Hamlet" for i in first_ten}  # Exactly ten: all listed, no "more".
+  assert error_of(["Hamlet"], ten) == (
+    f"ambiguous history title 'Hamlet': items {listed} have it; give the id instead, e.g. '#2'"
+  )
+
+
+def test_a_title_both_maps_give_is_one_item():
+  """The run's title and its u.item form may be equal but for case or spacing: one item,
+  not "items 1, 1"."""
+  titles, full = {1: "Heat (1995)", 2: "Heat"}, {1: "HEAT  (1995)"}
+  assert resolve(["heat (1995)", "Heat  (1995)"], titles, full) == [1, 1]
+  titles, full = {1: "Heat (1995)"}, {1: "Heat (1996)"}  # Bare "Heat": both forms, one item.
+  assert resolve(["Heat"], titles, full) == [1]
+
+
+def test_compatibility_forms_are_other_titles():
+  """NFC, not NFKC: a decomposed title is the same title, "Alien²" is not "Alien2"."""
+  titles = {0: "Alien²", 1: "Alien2", 2: "Alien II"}
+  assert resolve(["alien²", "ALIEN2", "Alien II"], titles) == [0, 1, 2]
+
+
+def test_close_matches_name_only_the_runs_items():
+  """u.item names items the run may not have: no close match names one."""
+  titles = {0: "Toy Story"}
+  full = {0: "Toy Story (1995)", 1: "Toy Story 2 (1999)"}
+  assert error_of(["Toy Story 2 (1999)"], titles, full) == (
+    "unknown history title 'Toy Story 2 (1999)'; close matches: Toy Story (1995)"
+  )
+
+
+def test_close_matches_name_up_to_three_titles_and_a_title_typed_in_part():
+  message = error_of(["Feat"], {0: "Heat", 1: "Beat", 2: "Meat", 3: "Toy Story"})
+  head = "unknown history title 'Feat'; close matches: "
+  assert message.startswith(head) and sorted(message[len(head) :].split(" | ")) == [
+    "Beat",
+    "Heat",
+    "Meat",
+  ]
+  assert error_of(["Shawshank"], {0: "Shawshank Redemption", 1: "Heat"}) == (
+    "unknown history title 'Shawshank'; close matches: Shawshank Redemption"
+  )
+
+
+def test_a_wrong_year_where_the_years_are_known_has_no_leave_out_hint():
+  """With u.item's years, "Heat (1996)" is a wrong year, not a year the data lacks."""
+  assert error_of(["Heat (1996)"], {1: "Heat"}, {1: "Heat (1995)"}) == (
+    "unknown history title 'Heat (1996)'; close matches: Heat (1995)"
+  )
+
+
+def test_titles_with_years_only_for_a_u_item(tmp_path):
+  """LastFM's and Steam's `id2name.txt` have no years to add; the synthetic data no file."""
+  from ml_collections import ConfigDict
+
+  from ilora_jax.recommend import titles_with_years
+
+  for name in ("lastfm", "steam"):
+    folder = os.path.dirname(shared_path("data", name, "id2name.txt"))
+    config = ConfigDict({"data": {"name": name, "dir": folder}})
+    assert titles_with_years(config, str(tmp_path)) == {}
+  config = ConfigDict({"data": {"name": "synthetic", "dir": "", "build": True}})
+  assert titles_with_years(config, str(tmp_path)) == {}
+
+
+def test_the_api_takes_numpy_ids_and_k_and_refuses_bools_and_bytearrays(monkeypatch):
+  """numpy ints are item ids (np.int64(1) is item 1, not the string "1" that is also item
+  2's title) and a k; a bool is neither an id nor a k; a bytearray is not a list of ids."""
+  import numpy as np
+
+  monkeypatch.setattr(rec_mod, "Recommender", FakeRecommender)
+  top = rec_mod.recommend("w", [np.int64(1)], [np.int64(2), np.int32(1), 3], k=np.int64(2))
+  assert FakeRecommender.seen == [1] and [t for t, *_ in top] == [2, 1]
+  with pytest.raises(UserError, match=r"^history entry True is a bool: give a title or an "):
+    rec_mod.recommend("w", [3, True])
+  with pytest.raises(UserError, match=r"^candidate entry np.False_ is a bool: give a title"):
+    rec_mod.recommend("w", [3], [4, np.False_])
+  with pytest.raises(UserError) as info:
+    rec_mod.recommend("w", bytearray(b"\x01\x02"))
+  assert str(info.value).startswith(
+    "history=bytearray(b'\\x01\\x02') is a bytearray, not a list: pass a list of titles"
+  ), info.value
+  # A long string is named, not shown (as the CLI's `|`-joined history, say).
+  with pytest.raises(UserError) as info:
+    rec_mod.recommend("w", "Toy Story (1995)|Heat (1995)|Cape Fear (1991)")
+  assert str(info.value) == (
+    "history is a str, not a list: pass a list of titles or item ids, e.g. "
+    "history=['Heat', 12] (a string is not split into entries)"
+  )
+
+
+def test_a_history_that_repeats_items_leaves_the_others_to_recommend(monkeypatch):
+  monkeypatch.setattr(rec_mod, "Recommender", FakeRecommender)  # 5 items.
+  top = rec_mod.recommend("w", [1, 2, 3, 4, 1], k=2)  # 5 entries, item 5 left out.
+  assert [t for t, *_ in top] == [5, 4]
+
+
+def test_cli_refuses_a_missing_workdir_and_k_below_one(monkeypatch, capsys, tmp_path):
+  from ilora_jax import errors
+
+  monkeypatch.setattr(errors, "_quiet_at_exit", lambda: None)  # In this process: no effect.
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+  cases = [
+    (["--history=Heat"], "--workdir and --history are required (see --help)"),
+    ([f"--workdir={tmp_path}", "--history=Heat", "--k=0"], "--k must be at least 1, got 0"),
+    ([f"--workdir={tmp_path}", "--history=Heat", "--k=-2"], "--k must be at least 1, got -2"),
+  ]
+  for args, message in cases:
+    with pytest.raises(SystemExit) as info:
+      rec_mod.main(["recommend", *args])
+    assert info.value.code == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_workdir_without_config_json_and_damaged_sections_are_named(tmp_path):
+  path = tmp_path / "config.json"
+  with pytest.raises(UserError) as info:
+    load_run_config(str(tmp_path))
+  assert str(info.value) == f"{path} not found: is {tmp_path} the workdir of an ilora run?"
+  path.write_text('{"stage": ')
+  with pytest.raises(UserError) as info:
+    load_run_config(str(tmp_path))
+  assert str(info.value) == (
+    f"{path} is not valid JSON (Expecting value at line 1 column 11): the run's config file "
+    "is damaged"
+  )
+  lacks = ": it is not the config of an ilora run, or was written by incompatible code"
+  saved = base_config()
+  saved["lora"] = 3  # A section that is no object.
+  path.write_text(json.dumps(saved))
+  with pytest.raises(UserError) as info:
+    load_run_config(str(tmp_path))
+  assert str(info.value) == f"{path} lacks the section(s) lora{lacks}"
+  saved = base_config()
+  del saved["data"]  # Its keys are not listed as well.
+  path.write_text(json.dumps(saved))
+  with pytest.raises(UserError) as info:
+    load_run_config(str(tmp_path))
+  assert str(info.value) == f"{path} lacks the section(s) data{lacks}"
+  saved = base_config()
+  del saved["mesh"], saved["checkpoint"]["max_to_keep"]  # What restoring the run reads.
+  path.write_text(json.dumps(saved))
+  with pytest.raises(UserError) as info:
+    load_run_config(str(tmp_path))
+  assert str(info.value) == (
+    f"{path} lacks the section(s) mesh and the key(s) checkpoint.max_to_keep{lacks}"
+  )
+
+
+def test_the_cli_path_refuses_a_history_of_every_item_before_naming_the_weights(
+  tmp_path, monkeypatch
+):
+  """With `describe` (the CLI's "ranking with ..." line), which builds the model to name the
+  weights, a history of every item is still refused first."""
+  workdir = synthetic_workdir(tmp_path, monkeypatch)
+  with pytest.raises(UserError, match="^the history holds every one of the 60 items"):
+    rec_mod.recommend(workdir, list(range(60)), describe=lambda weights: None)
