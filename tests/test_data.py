@@ -3,6 +3,7 @@
 import collections
 import importlib.util
 import os
+import re
 import zlib
 
 import numpy as np
@@ -492,6 +493,12 @@ def test_movielens_builder_writes_loadable_llara_files(tmp_path):
   split = data.load_split(os.path.join(out, "Val_data.df"), "val", 1682, 10, 3)
   assert len(split) >= 1
   assert data.load_titles(os.path.join(out, "u.item"))[0] == "Movie 1"
+  # Each split in its own file (val and test are both held-out users: easily swapped).
+  frames = movielens.build_frames(movielens.user_sequences(movielens.read_ratings(str(path))), 0)
+  for name, file in (("train", "train_data.df"), ("val", "Val_data.df"), ("test", "Test_data.df")):
+    written = load_dataframe(os.path.join(out, file))
+    assert written["next"].tolist() == frames[name]["next"].tolist(), name
+    assert written["seq"].tolist() == frames[name]["seq"].tolist(), name
 
 
 def test_movielens_from_the_widedeep_copy_matches_the_shared_val_rows():
@@ -549,3 +556,252 @@ def test_synthetic_data_drops_short_histories_and_refuses_empty_splits():
     configuration.load("configs/tiny.py", ["data.synthetic.num_users=9"])
   with pytest.raises(UserError, match="seq_len=1 leaves no history"):
     configuration.load("configs/tiny.py", ["data.synthetic.seq_len=1"])
+
+
+def test_item_cells_refuse_bools_negatives_and_overlong_rows():
+  """An id or len_seq written as a bool, a negative id, or a seq longer than max_len is one
+  line naming the row (a bool is no id; a negative one would index from the end; a long row
+  would overflow the array), and a long value is shown cut to 60 characters."""
+  cases = [
+    (_frame([[1, True, 3]], [3], [1]), r"row 0 seq\[1\]: item ids must be integers, got bool True"),
+    (
+      _frame([[1, 2, 3]], [3], [np.bool_(False)]),
+      "row 0 next: item ids must be integers, got bool",
+    ),
+    (_frame([[1, 2, 3]], [True], [1]), "row 0 len_seq must be an integer, got True"),
+    (_frame([[1, -1, 3]], [3], [1]), "row 0 column seq has item id -1 outside the title table"),
+    (_frame([[1, 2, 3]], [3], [-2]), "row 0 column next has item id -2 outside the title table"),
+    (_frame([[1] * 11], [10], [1]), "row 0 has 11 items in seq, more than max_len=10"),
+    (
+      _frame([[1, 2, 3]], [3], [list(range(100, 130))]),
+      re.escape("got 30 values [100, 101, 102, 103, 104, 105, 106, 107, 108, 109, 110, 1...") + "$",
+    ),
+  ]
+  for frame, message in cases:
+    with pytest.raises(UserError, match=message):
+      data.split_from_dataframe(frame, "val", n_items=9, max_len=10, min_len=3, source="f.df")
+
+
+def test_split_rows_of_no_history_numpy_cells_and_int32_arrays():
+  """A len_seq of 0 (all padding) is within [0, max_len] and dropped by min_len like any short
+  row; an all-padding row that claims 3 items is padding inside its history (not LLaRA's
+  len_seq=1 empty history); of several bad rows the first is named; numpy-array cells read as
+  lists and pairs; the arrays are int32, as `Split` documents."""
+  frame = _frame([[9] * 10, [1, 2, 3] + [9] * 7, [4, 5, 6, 7]], [0, 3, 4], [1, 2, 3])
+  split = data.split_from_dataframe(frame, "val", n_items=9, max_len=10, min_len=3, source="f")
+  np.testing.assert_array_equal(split.seq, [[1, 2, 3] + [9] * 7, [4, 5, 6, 7] + [9] * 6])
+  np.testing.assert_array_equal(split.len_seq, [3, 4])
+  np.testing.assert_array_equal(split.next, [2, 3])
+  assert split.seq.dtype == split.len_seq.dtype == split.next.dtype == np.int32
+  with pytest.raises(UserError, match="row 0 has padding inside its first len_seq=3 items"):
+    data.split_from_dataframe(_frame([[9] * 10], [3], [1]), "val", 9, 10, 3, source="f.df")
+  late = _frame([[1, 2, 3], [1, 2, 3, 4], [1, 2, 3, 4]], [3, 3, 3], [1, 1, 1])
+  with pytest.raises(UserError, match="row 1 has items after its first len_seq=3"):
+    data.split_from_dataframe(late, "val", 9, 10, 3, source="f.df")
+  # Cells read back as numpy arrays (a re-saved file) are lists and (id, rating) pairs too.
+  arrays = _frame([np.array([[1, 4], [2, 3], [3, 5]])], [3], [np.array([4, 3])])
+  split = data.split_from_dataframe(arrays, "val", n_items=9, max_len=10, min_len=3, source="f")
+  np.testing.assert_array_equal(split.seq, [[1, 2, 3] + [9] * 7])
+  assert split.next.tolist() == [4]
+
+
+def test_titles_separators_spaces_blank_lines_and_years_inside(tmp_path):
+  """`::` inside a title stays (Steam has "Depths of Fear :: Knossos"); spaces around a title
+  and blank lines go; only a year at the end of a u.item title is stripped; a u.item line
+  without fields, or a file without titles, is one line of error."""
+  path = tmp_path / "id2name.txt"
+  path.write_text("0::Depths of Fear :: Knossos\n\n1::  Air \t\n2::Heat\n\n")
+  assert data.load_titles(str(path)) == {0: "Depths of Fear :: Knossos", 1: "Air", 2: "Heat"}
+  (tmp_path / "u.item").write_text("1|Remake (1990) Edition (2001)|x\n\n2|1984 (1984)|x\n")
+  assert data.load_titles(str(tmp_path / "u.item")) == {0: "Remake (1990) Edition", 1: "1984"}
+  (tmp_path / "u.item").write_text("1|Toy Story (1995)|x\n2 Heat\n")
+  with pytest.raises(UserError, match="line 2 is malformed: '2 Heat'"):
+    data.load_titles(str(tmp_path / "u.item"))
+  path.write_text("\n \n")
+  with pytest.raises(UserError, match="titles file .*id2name.txt has no titles"):
+    data.load_titles(str(path))
+
+
+def test_real_steam_and_lastfm_titles_cover_their_catalogues():
+  """REFERENCE.md's item counts: LastFM 4,606 and Steam 3,581 titles, ids 0..n-1; Steam's item
+  354 keeps the `::` inside its name."""
+  steam = data.load_titles(shared_path("data", "steam", "id2name.txt"))
+  assert sorted(steam) == list(range(3581))
+  assert steam[354] == "Depths of Fear :: Knossos"
+  lastfm = data.load_titles(shared_path("data", "lastfm", "id2name.txt"))
+  assert sorted(lastfm) == list(range(4606))
+
+
+def test_n_items_zero_takes_the_catalogue_from_the_titles(tmp_path):
+  """data.n_items=0: the catalogue is the largest title id + 1 (9 here, the files' padding);
+  a gap in the ids is named as such, not as an id past the catalogue."""
+  assert data.load_from_config(_folder_config(tmp_path, 9, 0), str(tmp_path)).n_items == 9
+  config = _folder_config(tmp_path / "b", 9, 0)
+  names = tmp_path / "b" / "d" / "id2name.txt"
+  names.write_text("".join(f"{i}::Item {i}\n" for i in range(9) if i != 4))
+  with pytest.raises(
+    UserError, match=r"lacks titles for 1 of the 9 \(largest id \+ 1\) item ids \(first 4\)"
+  ):
+    data.load_from_config(config, str(tmp_path))
+  config = _folder_config(tmp_path / "c", 9, 9)
+  (tmp_path / "c" / "d" / "id2name.txt").write_text("".join(f"{i}::T{i}\n" for i in range(1, 9)))
+  with pytest.raises(UserError, match=r"lacks titles for 1 of the config.data.n_items=9 .*first 0"):
+    data.load_from_config(config, str(tmp_path))
+
+
+def test_candidates_with_exactly_enough_items_take_them_all():
+  """When the pool holds exactly num_candidates - 1 items outside the history and target, the
+  row's candidates are those items and the target (worked by hand); history items outside
+  `eligible` do not count against the pool."""
+  split = data.Split("val", np.array([[0, 1, 2] + [12] * 7]), np.array([3]), np.array([3]))
+  cands, target = data.sample_candidates(split, 12, 9, seed=0)
+  assert sorted(cands[0].tolist()) == list(range(3, 12)) and cands[0][target[0]] == 3
+  cands, target = data.sample_candidates(split, 12, 9, seed=0, eligible=np.arange(3, 12))
+  assert sorted(cands[0].tolist()) == list(range(3, 12)) and cands[0][target[0]] == 3
+  with pytest.raises(UserError, match="too few to draw 9 negatives"):
+    data.sample_candidates(split, 12, 10, seed=0)
+
+
+def test_data_dir_titles_file_and_test_split_are_found(tmp_path):
+  from types import SimpleNamespace
+
+  import ml_collections
+
+  def dirs(**fields):
+    base = {"dir": "", "build": "", "name": "movielens", "train_file": "t.df", "val_file": "v.df"}
+    return SimpleNamespace(data=SimpleNamespace(**{**base, **fields}))
+
+  assert data.data_dir(dirs(dir="/given"), "/w") == "/given"
+  assert data.data_dir(dirs(dir="/given", build="movielens100k"), "/w") == "/given"
+  assert data.data_dir(dirs(build="movielens100k"), "/w") == "/w/data/movielens"
+  with pytest.raises(UserError, match="config.data.dir is empty: give the folder holding t.df"):
+    data.data_dir(dirs(), "/w")
+  named = ml_collections.ConfigDict({"titles_file": ""})
+  assert data.titles_file(named, str(tmp_path)) == str(tmp_path / "id2name.txt")  # Neither.
+  (tmp_path / "u.item").write_text("1|A|x\n")
+  assert data.titles_file(named, str(tmp_path)) == str(tmp_path / "u.item")
+  (tmp_path / "id2name.txt").write_text("0::A\n")
+  assert data.titles_file(named, str(tmp_path)) == str(tmp_path / "id2name.txt")  # Both.
+  named.titles_file = "names.txt"
+  assert data.titles_file(named, str(tmp_path)) == str(tmp_path / "names.txt")
+  config = _folder_config(tmp_path / "c", 9, 9)
+  folder = tmp_path / "c" / "d"
+  dataset = data.load_from_config(config, str(tmp_path))
+  assert dataset.test is None
+  assert dataset.test_missing_reason == f"test file not found: {folder / 'Test_data.df'}"
+  with pytest.raises(UserError, match="split 'test' is not available: test file not found"):
+    dataset.split("test")
+  with pytest.raises(UserError, match="unknown split 'dev'; expected one of train, val, test"):
+    dataset.split("dev")
+  (folder / "Test_data.df").write_bytes((folder / "Val_data.df").read_bytes())
+  test = data.load_from_config(config, str(tmp_path)).split("test")
+  assert test.name == "test" and len(test) == 4  # The name seeds the test candidates.
+
+
+def test_fingerprints_name_the_rows_and_titles_not_their_form():
+  seq = np.array([[1, 2, 3, 9], [4, 5, 9, 9]], np.int32)
+  split = data.Split("val", seq, np.array([3, 2], np.int32), np.array([6, 7], np.int32))
+  fp = data.split_fingerprint(split)
+  assert len(fp) == 16 and int(fp, 16) >= 0
+  wide = data.Split("train", seq.astype(np.int64), split.len_seq.astype(np.int64), split.next)
+  assert data.split_fingerprint(wide) == fp  # Same rows, other dtype and name.
+  other_next = data.Split("val", seq, split.len_seq, np.array([6, 8], np.int32))
+  assert data.split_fingerprint(other_next) != fp
+  # The same int64 values cut into other shapes (3 rows of 2) are other rows.
+  flat = np.concatenate([seq.ravel(), split.len_seq, split.next])
+  reshaped = data.Split("val", flat[:6].reshape(3, 2), flat[6:9], flat[9:12])
+  assert data.split_fingerprint(reshaped) != fp
+  titles = {0: "A", 1: "B"}
+  tf = data.titles_fingerprint(titles)
+  assert len(tf) == 16 and data.titles_fingerprint({1: "B", 0: "A"}) == tf
+  assert data.titles_fingerprint({0: "B", 1: "A"}) != tf
+  digest = data.content_digest(data.Dataset("a", 9, titles, split, split, None))
+  assert len(digest) == 32
+  assert data.content_digest(data.Dataset("b", 9, {1: "B", 0: "A"}, wide, split, None)) == digest
+  assert data.content_digest(data.Dataset("a", 10, titles, split, split, None)) != digest
+  assert data.content_digest(data.Dataset("a", 9, titles, split, split, split)) != digest
+  assert data.content_digest(data.Dataset("a", 9, titles, split, other_next, None)) != digest
+
+
+def _prebuilt_folder(work):
+  """<work>/data/movielens holding a (tiny) MovieLens split and u.item, as a user may give."""
+  folder = os.path.join(work, "data", "movielens")
+  os.makedirs(folder)
+  pad = (1682, 0)
+  frame = pd.DataFrame(
+    {"seq": [[(1, 4), (2, 3), (3, 5)] + [pad] * 7] * 2, "len_seq": [3, 3], "next": [(4, 4)] * 2}
+  )
+  for name in ("train_data.df", "Val_data.df"):
+    frame.to_pickle(os.path.join(folder, name))
+  with open(os.path.join(folder, "u.item"), "w", encoding="latin-1") as f:
+    f.write("".join(f"{i}|Movie {i} (1990)|x\n" for i in range(1, 1683)))
+  return folder
+
+
+def test_a_built_folder_without_stamp_is_used_and_a_bad_stamp_or_builder_is_named(tmp_path, capsys):
+  """Split files without build.json (given by the user) are used as they are, whatever the
+  seed; an unreadable build.json or an unknown builder is one line of error."""
+  path, _ = _raw_ratings(tmp_path)
+  work = str(tmp_path / "w")
+  folder = _prebuilt_folder(work)
+  dataset = data.load_from_config(_build_config(tmp_path, path, seed=3), work)
+  assert len(dataset.train) == 2 and dataset.titles[0] == "Movie 1"
+  assert "building" not in capsys.readouterr().err
+  assert not os.path.exists(os.path.join(folder, "build.json"))
+  with open(os.path.join(folder, "build.json"), "w") as f:
+    f.write("{")
+  with pytest.raises(UserError, match=r"build.json is unreadable: remove .* to build it again"):
+    data.load_from_config(_build_config(tmp_path, path), work)
+  config = _build_config(tmp_path, path)
+  config.data.build = "movielens1m"
+  with pytest.raises(UserError, match="config.data.build='movielens1m' is unknown"):
+    data.load_from_config(config, work)
+
+
+def test_u_data_item_ids_and_empty_fields_are_checked(tmp_path):
+  """MovieLens-100K's item ids run 1..1682 (a 0-based or bigger file is refused); a line with
+  an empty field is named as such."""
+  path = tmp_path / "u.data"
+  for movie in (0, 1683):
+    path.write_text(f"1\t5\t4\t100\n2\t{movie}\t4\t101\n")
+    with pytest.raises(UserError, match="item ids run from 1 to 1682"):
+      movielens.read_ratings(str(path))
+  path.write_text("1\t1682\t4\t100\n2\t1\t4\t101\n")
+  assert movielens.read_ratings(str(path))["movie_id"].tolist() == [1682, 1]
+  path.write_text("1\t5\t4\t100\n2\t6\t\t101\n")
+  with pytest.raises(UserError, match=r"must have 4 columns .*\(found 4, with empty fields\)"):
+    movielens.read_ratings(str(path))
+
+
+def test_movielens_windows_and_user_shuffle_worked_by_hand():
+  """Ten users of 13 interactions each (user u: items 20u..20u+12, in time order): 8 train, 1
+  val, 1 test user. The val row's `seq` is the 10 items just before the last (2..11, not the
+  first ten); a training user's rows run from the empty history (all padding, len_seq 1) to
+  the last 10. The users go by np.random.default_rng(build_seed).permutation of the sorted
+  user ids, whatever the dict's order: a build.json records only the seed, so the mapping
+  from seed to users must never change."""
+  sequences = {u: [(20 * u + k, 4) for k in range(13)] for u in range(1, 11)}
+  pad = (1682, 0)
+  for seed in (0, 5):
+    frames = movielens.build_frames(sequences, seed)
+    shuffled = movielens.build_frames(dict(reversed(sequences.items())), seed)
+    for name in ("train", "val", "test"):
+      pd.testing.assert_frame_equal(frames[name], shuffled[name])
+    order = [u + 1 for u in np.random.default_rng(seed).permutation(10)]
+    (val,) = frames["val"].itertuples()
+    (test,) = frames["test"].itertuples()
+    u = order[8]
+    assert (val.next[0] - 12) // 20 == u and (test.next[0] - 12) // 20 == order[9]
+    assert list(val.seq) == [(20 * u + k, 4) for k in range(2, 12)] and val.len_seq == 10
+    assert val.next == (20 * u + 12, 4)
+    train = frames["train"]
+    assert len(train) == 8 * 13
+    assert sorted({n // 20 for n, _ in train["next"]}) == sorted(order[:8])
+    first = train.iloc[0]
+    assert first.next == (20 * order[0], 4) and first.len_seq == 1 and first.seq == [pad] * 10
+    last = train.iloc[12]
+    assert last.next == (20 * order[0] + 12, 4) and last.len_seq == 10
+    assert last.seq == [(20 * order[0] + k, 4) for k in range(2, 12)]
+    fifth = train.iloc[4]
+    assert fifth.seq == [(20 * order[0] + k, 4) for k in range(4)] + [pad] * 6
+    assert fifth.len_seq == 4
