@@ -339,6 +339,289 @@ def test_word_titles_are_one_token_each():
     synthetic.titles(len(synthetic.WORD_TITLES) + 1, "words")
 
 
+def test_variant_and_seed_text_edge_cases():
+  """A variant's name is stripped; a line without ':' (not a variant of no overrides) or an
+  item without '=' (not a bare key) is refused; blank seeds between commas are left out."""
+  assert experiments.parse_variants([" a : x=1", "b:"]) == [("a", ["x=1"]), ("b", [])]
+  for bad in (["plain"], ["a: lora.rank"]):
+    with pytest.raises(experiments.UserError, match="must read"):
+      experiments.parse_variants(bad)
+  assert experiments.parse_seeds("0,1,") == [0, 1]
+  assert experiments.parse_seeds(" 3 , ,5") == [3, 5]
+
+
+def test_complete_gives_the_defaults_and_the_first_variant_as_reference():
+  grid = ConfigDict({"config": "c.py", "variants": ("b: x=1", "a: y=2"), "seeds": "0"})
+  grid = experiments.complete(grid, "g.py")
+  assert grid.reference == "b" and grid.share_sasrec is True and grid.metrics == "hr@1,mrr"
+  with pytest.raises(experiments.UserError, match="lacks seeds"):
+    experiments.complete(ConfigDict({"config": "c.py", "variants": ("a:",)}), "g.py")
+
+
+def test_the_tables_plan_every_run_folder_of_the_workdir(tmp_path):
+  """`every`: the runs of every variant whatever grid.only, and of each seed with a run
+  folder (a folder `seedx` is no seed), each seed once; `tabulated` keeps this command's
+  runs (made or not) and the existing folders of the others."""
+  w = str(tmp_path)
+  for name in ("lora/seed0", "lora/seed5", "ilora/seed2", "lora/seedx", "lora/notes"):
+    os.makedirs(os.path.join(w, "runs", name))
+  grid = _grid(seeds="0", only="lora")
+  every, _ = experiments.plan(grid, GRID_FILE, w, every=True)
+  assert [r.name for r in every if r.variant != "sasrec"] == [
+    f"{v}/seed{s}" for s in (0, 2, 5) for v in ("lora", "ilora", "uniform")
+  ]
+  runs, _ = experiments.plan(grid, GRID_FILE, w)
+  shown = experiments.tabulated(grid, GRID_FILE, w, runs)
+  assert [r.name for r in shown] == ["sasrec/seed0", "lora/seed0", "ilora/seed2", "lora/seed5"]
+
+
+def test_without_share_sasrec_every_run_is_a_pipeline_of_its_own():
+  runs, _ = experiments.plan(_grid(seeds="0,1", only="lora", share_sasrec=False), GRID_FILE, "w")
+  assert [r.name for r in runs] == ["lora/seed0", "lora/seed1"]
+  for run in runs:
+    assert "--config.stage=pipeline" in run.argv
+    assert not [a for a in run.argv if "init_from" in a or "stage=ilora" in a]
+
+
+def test_the_same_sasrec_by_path_link_or_place_in_a_moved_workdir(tmp_path):
+  same = experiments._same_sasrec
+  old, new = "/old/W/runs/a/seed0", "/new/W/runs/a/seed0"
+  assert same("/old/W/sasrec/seed0", "/new/W/sasrec/seed0", old, new)  # W moved.
+  assert not same("/old/W/sasrec/seed0", "/new/W/sasrec/seed1", old, new)
+  assert not same("", "/new/W/sasrec/seed0", old, new)  # None given then, one now.
+  assert not same("/old/W/sasrec/seed0", "", old, new)
+  (tmp_path / "m.pt").write_bytes(b"")
+  os.symlink(tmp_path / "m.pt", tmp_path / "link.pt")
+  run_a, run_b = str(tmp_path / "a"), str(tmp_path / "b")
+  assert same(str(tmp_path / "link.pt"), str(tmp_path / "m.pt"), run_a, run_b)
+  assert not same(str(tmp_path / "m.pt"), str(tmp_path / "n.pt"), run_a, run_b)
+
+
+def test_config_diffs_of_a_moved_run_of_defaults_and_of_volatile_sections(tmp_path):
+  """A run whose workdir moved (runner.json names the old one) froze the same SASRec as its
+  new place plans; a key the saved config lacks is the default's value; every key under a
+  VOLATILE section (distributed.*) is left out."""
+  from ilora_jax import configuration
+
+  default = experiments._json_form(configuration.load(os.path.join(ROOT, "configs", "tiny.py")))
+  new_w = str(tmp_path / "new" / "W")
+  run = experiments.Run("a/seed0", "a", 0, os.path.join(new_w, "runs", "a", "seed0"), [])
+  os.makedirs(run.workdir)
+  runner = os.path.join(run.workdir, "runner.json")
+  with open(runner, "w") as f:
+    json.dump({"seconds": 1.0, "command": "python -m ilora_jax.main "
+               "--workdir=/old/W/runs/a/seed0 --config.stage=ilora"}, f)  # fmt: skip
+  saved = dict(default, **{"sasrec.init_from": "/old/W/sasrec/seed0"})
+  planned = dict(default, **{"sasrec.init_from": f"{new_w}/sasrec/seed0"})
+  assert experiments.config_diffs(run, saved, planned, default) == []
+  other = dict(default, **{"sasrec.init_from": f"{new_w}/sasrec/b/seed0"})
+  assert experiments.config_diffs(run, saved, other, default) == [
+    f'sasrec.init_from "/old/W/sasrec/seed0" (saved) vs "{new_w}/sasrec/b/seed0" (planned)'
+  ]
+  # runner.json of no --workdir, or unreadable: the run's planned workdir.
+  for text in ('{"command": "python -m ilora_jax.main"}', "{", "[]"):
+    with open(runner, "w") as f:
+      f.write(text)
+    assert experiments._made_in(run) == run.workdir
+  lacking = {k: v for k, v in default.items() if k != "lora.rank"}
+  assert experiments.config_diffs(run, lacking, default, default) == []
+  assert experiments.config_diffs(run, lacking, dict(default, **{"lora.rank": 16}), default) == [
+    f"lora.rank {default['lora.rank']} (saved) vs 16 (planned)"
+  ]
+  volatile = dict(default, **{"distributed.num_processes": 2, "progress": True})
+  assert experiments.config_diffs(run, default, volatile, default) == []
+
+
+def test_check_runs_names_a_variant_run_first_and_counts_the_others(tmp_path):
+  """The SASRec job comes first in the plan, but the message names the variant's run, its
+  first 3 differing settings, how many more there are, and how many other runs differ."""
+  from ilora_jax import configuration
+
+  runs, _ = experiments.plan(_grid(seeds="0", only="lora"), GRID_FILE, str(tmp_path))
+  sasrec, lora = runs
+
+  def save(run, **changes):
+    config = configuration.json_form(configuration.load(run.config_path, run.overrides))
+    config["lora"].update(changes)
+    os.makedirs(run.workdir, exist_ok=True)
+    with open(os.path.join(run.workdir, "config.json"), "w") as f:
+      json.dump(config, f)
+
+  save(sasrec, rank=64)
+  save(lora, alpha=1.5, dropout=0.5, gate="uniform", rank=64)
+  with pytest.raises(experiments.UserError) as err:
+    experiments.check_runs(runs)
+  message = str(err.value)
+  assert message.startswith(f"run lora/seed0 in {lora.workdir} was made with other settings")
+  shown = [k for k in ("alpha", "dropout", "gate", "rank") if f"lora.{k} " in message]
+  assert len(shown) == 3 and "; 1 more (and 1 more runs);" in message
+  os.remove(os.path.join(sasrec.workdir, "config.json"))
+  save(lora, alpha=1.5)
+  with pytest.raises(experiments.UserError) as err:
+    experiments.check_runs(runs)
+  assert "lora.alpha 1.5 (saved) vs " in str(err.value) and "more" not in str(err.value)
+  with open(os.path.join(lora.workdir, "config.json"), "w") as f:
+    f.write("[1]")
+  with pytest.raises(experiments.UserError, match="not a JSON object; give another --workdir"):
+    experiments.check_runs(runs)
+
+
+def test_tables_of_each_split_in_numeric_seed_and_group_order():
+  """The test tables show the test records; seeds and groups in numeric order; runs of one
+  SASRec that share no seed are one SASRec row over both seeds; a run of 0 seconds is
+  finished; a grid without a title gets the default one."""
+
+  def rec(hr, sas, group_sas=0.0):
+    out = {"hr@1": hr, "sasrec/hr@1": sas}
+    for g in (2, 10):
+      out.update({f"group/{g}/hr@1": hr, f"group/{g}/sasrec/hr@1": group_sas + g})
+    return out
+
+  runs = {
+    "a": {"10": {"val": rec(0.1, 0.3), "test": rec(0.9, 0.7)}},
+    "b": {"2": {"val": rec(0.2, 0.5), "test": rec(0.8, 0.7)}},
+  }
+  results = dict(_results(runs), commands={"a/seed10": "c", "b/seed2": "c"},
+                 seconds={"a/seed10": 0.0})  # fmt: skip
+  md = experiments.markdown(ConfigDict({"title": "", "description": ""}), results, ["hr@1"], "a")
+  assert md.startswith("# Experiment grid\n")
+  val, test = md.split("## test\n")
+  assert "| a | 1 | 0.1000 |" in val and "| a | 1 | 0.9000 |" in test
+  sd = np.sqrt(((0.3 - 0.4) ** 2 + (0.5 - 0.4) ** 2) / 1)  # ddof 1, n = 2.
+  assert f"| SASRec (frozen, same candidates) | 2 | 0.4000 ± {sd:.4f} |" in val
+  assert "| variant | seed 2 | seed 10 |" in val and "| a | - | 0.1000 |" in val
+  assert (
+    "| variant | group 2 | group 10 |" in val
+    and "| SASRec | 2.0000 ± 0.0000 | 10.0000 ± 0.0000 |" in val
+  )
+  assert "| a/seed10 | 0 | `c` |" in md and "| b/seed2 | not finished | `c` |" in md
+  # Two SASRecs (other figures on the same seed): a per-group row each, named.
+  runs = {"a": {"0": {"val": rec(0.1, 0.3)}}, "b": {"0": {"val": rec(0.2, 0.5, 1.0)}}}
+  md = experiments.markdown(_TITLED, _results(runs), ["hr@1"], "a")
+  assert "| SASRec of a | 2.0000 | 10.0000 |" in md and "| SASRec of b | 3.0000 | 11.0000 |" in md
+
+
+def test_paired_differences_need_both_seeds_and_a_reference():
+  """Seeds of the variant alone, or where the reference lacks the metric, are left out; a
+  grid of one variant has no paired table; a reference with no finished run is not said to
+  be on other candidates."""
+  runs = {"ref": {"0": {"val": {"hr@1": 0.25}}, "1": {"val": {"mrr": 0.5}}},
+          "v": {s: {"val": {"hr@1": 0.5}} for s in ("0", "1", "2")}}  # fmt: skip
+  assert experiments.paired(_results(runs), "v", "ref", "val", "hr@1") == ([0.25], [0.25])
+  alone = experiments.markdown(_TITLED, _results({"ref": runs["ref"]}), ["hr@1"], "ref")
+  assert "Paired difference" not in alone
+  unfinished = experiments.markdown(_TITLED, _results({"v": runs["v"]}), ["hr@1"], "ref")
+  assert "Paired difference" not in unfinished and "other candidates" not in unfinished
+
+
+def test_the_gate_test_table_is_the_val_splits_only():
+  record = {"hr@1": 0.5, "group/0/hr@1": 0.5, "group/1/hr@1": 0.5}
+  runs = {"a": {"0": {"val": dict(record), "test": dict(record)}}}
+  results = dict(
+    _results(runs), gate_test={"a": {"0": {"distance": 0.5, "chance": 0.1, "p": 0.01}}}
+  )
+  md = experiments.markdown(_TITLED, results, ["hr@1"], "a")
+  assert md.count("Is that more than chance?") == 1
+  assert "| a | 0 | 0.5000 | 0.1000 | 0.010 |" in md.split("## test\n")[0]
+
+
+def test_results_seed_is_the_numerically_first():
+  runs = {"a": {"10": {}, "2": {}, "9": {}}}
+  assert experiments.results_seed(_results(runs), "a") == 2
+  assert experiments.results_seed(_results(runs), "b") is None
+
+
+def test_gate_specialisation_of_three_groups_one_group_or_a_missing_gate():
+  def record(gates):
+    return {f"group/{g}/gate/{e}": w for g, row in enumerate(gates) for e, w in enumerate(row)}
+
+  # Pairs: |1-0|+|0-1| -> 1, and 0.5 twice: the mean of (1, 0.5, 0.5) is 2/3.
+  three = record([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+  assert experiments.gate_specialisation(three, [0, 1, 2], 2) == pytest.approx(2 / 3)
+  assert experiments.gate_specialisation(record([[1.0, 0.0]]), [0], 2) is None
+  missing = record([[1.0, 0.0], [0.0, 1.0]])
+  del missing["group/1/gate/1"]
+  assert experiments.gate_specialisation(missing, [0, 1], 2) is None
+
+
+def test_gate_permutation_test_against_the_exact_null_of_a_tiny_case():
+  """4 rows in 2 groups of 2: the 6 equally likely splittings give distance 0.75 (the
+  observed split and its mirror) or 0.25 (the other 4): chance = 5/12, p = about 1/3 (ties
+  count as at least as large). Gates alike in every row: distance 0 every time, p = 1."""
+  gates = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+  groups = np.array([0, 0, 1, 1])
+  test = experiments.gate_permutation_test(gates, groups, rounds=3000)
+  assert test["distance"] == pytest.approx(0.75)
+  assert test["chance"] == pytest.approx(5 / 12, abs=0.02)
+  assert test["p"] == pytest.approx(1 / 3, abs=0.03)
+  flat = experiments.gate_permutation_test(np.full((4, 2), 0.5), groups, rounds=10)
+  assert flat == {"distance": 0.0, "chance": 0.0, "p": 1.0}
+  # The seed picks the shuffles.
+  chances = {experiments.gate_permutation_test(gates, groups, rounds=5, seed=s)["chance"]
+             for s in range(4)}  # fmt: skip
+  assert len(chances) > 1
+
+
+def test_the_gate_test_skips_one_expert_or_mismatched_groups(tmp_path):
+  os.makedirs(tmp_path / "report")
+  run = experiments.Run("ilora/seed0", "ilora", 0, str(tmp_path), [])
+  path = tmp_path / "report" / "gates.npz"
+  np.savez(path, gates=np.ones((4, 1)), groups=np.array([0, 0, 1, 1]))
+  assert experiments.gate_test(run) is None
+  np.savez(path, gates=np.full((4, 2), 0.5), groups=np.array([0, 1, 1]))
+  assert experiments.gate_test(run) is None
+
+
+def test_a_run_is_finished_by_its_own_stages_final_test_record(tmp_path):
+  """The final test record (or test recorded as skipped) of the run's stage, in its own run
+  (a pipeline's SASRec stage finishing is not the ilora run finishing); a final val record
+  alone is not."""
+  ilora = experiments.Run("a/seed0", "a", 0, str(tmp_path / "a"), [])
+  sasrec = experiments.Run("sasrec/seed0", "sasrec", 0, str(tmp_path / "s"), [])
+
+  def write(run, *records):
+    os.makedirs(run.workdir, exist_ok=True)
+    with open(os.path.join(run.workdir, "metrics.jsonl"), "w") as f:
+      f.writelines(json.dumps(dict(step=1, **r)) + "\n" for r in records)
+
+  def final(stage, split, **more):
+    return dict(stage=stage, run=stage, split=split, **more)
+
+  write(ilora, final("sasrec", "test", final=True), final("ilora", "val", final=True))
+  assert not experiments.finished(ilora)
+  write(ilora, final("ilora", "val", final=True), final("ilora", "test", skipped="no rows"))
+  assert experiments.finished(ilora)
+  write(sasrec, final("sasrec", "test", final=True))
+  assert experiments.finished(sasrec)
+  write(sasrec, final("ilora", "test", final=True))
+  assert not experiments.finished(sasrec)
+
+
+def test_metrics_of_one_kind_need_one_variant_that_records_them():
+  def config(generate):
+    return ConfigDict({"ilora": {"eval_generate": generate, "eval_score": True}})
+
+  resolved = {"a": config(False), "b": config(True)}
+  grid = ConfigDict({"metrics": "hit_ratio@1,mrr"})
+  assert experiments.parse_metrics(grid, resolved) == ["hit_ratio@1", "mrr"]
+
+
+def test_grid_keys_in_a_listed_override_are_refused_whatever_the_spaces():
+  with pytest.raises(experiments.UserError, match="sets train.seed"):
+    experiments._overrides((" train.seed =5",), "grid.overrides")
+
+
+def test_run_folders_of_other_grids_are_named(tmp_path):
+  for name in ("lora", "zeta", "alpha"):
+    os.makedirs(tmp_path / "runs" / name)
+  folder = str(tmp_path / "runs")
+  assert experiments._other_runs(str(tmp_path), {"lora": None}) == [
+    os.path.join(folder, "alpha"),
+    os.path.join(folder, "zeta"),
+  ]
+  assert experiments._other_runs(str(tmp_path / "none"), {}) == []
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
