@@ -1154,6 +1154,18 @@ def complete(grid: ConfigDict, path: str) -> ConfigDict:
       f"{path} is no grid file: its get_config() lacks {', '.join(missing)} (a grid names a "
       "run config, its variants and seeds; see configs/experiments/*.py)"
     )
+  for key, default in GRID_FIELDS.items():  # A tuple for a text field failed as AttributeError.
+    value = grid.get(key, default)
+    if isinstance(default, str) or key == "config":
+      wrong = "a string" if not isinstance(value, str) else None
+    elif isinstance(default, bool):
+      wrong = "True or False" if not isinstance(value, bool) else None
+    elif isinstance(default, tuple):
+      wrong = "a string or a list of strings" if not isinstance(value, (str, list, tuple)) else None
+    else:
+      wrong = None
+    if wrong:
+      raise UserError(f"{path}: grid.{key} must be {wrong}, not {type(value).__name__} {value!r}")
   with grid.unlocked():
     for key, value in GRID_FIELDS.items():
       if key not in grid:

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -356,6 +357,35 @@ def test_complete_gives_the_defaults_and_the_first_variant_as_reference():
   assert grid.reference == "b" and grid.share_sasrec is True and grid.metrics == "hr@1,mrr"
   with pytest.raises(experiments.UserError, match="lacks seeds"):
     experiments.complete(ConfigDict({"config": "c.py", "variants": ("a:",)}), "g.py")
+
+
+def test_a_grid_field_of_the_wrong_type_is_one_line(tmp_path):
+  """A grid file's text field given as a tuple (`only = ("a",)`) stopped with 'unexpected
+  AttributeError' (exit 3); each field's type is checked against its default's."""
+  base = {"config": "c.py", "variants": ("a: x=1",), "seeds": "0"}
+  for key, value, want in [
+    ("only", ("a",), "grid.only must be a string, not tuple ('a',)"),
+    ("metrics", ["hr@1"], "grid.metrics must be a string, not list"),
+    ("config", 3, "grid.config must be a string, not int 3"),
+    ("share_sasrec", "yes", "grid.share_sasrec must be True or False, not str 'yes'"),
+    ("overrides", 5, "grid.overrides must be a string or a list of strings, not int 5"),
+  ]:
+    with pytest.raises(experiments.UserError, match=re.escape(f"g.py: {want}")):
+      experiments.complete(ConfigDict({**base, key: value}), "g.py")
+  for key, value in [("overrides", "x=1 y=2"), ("overrides", ["x=1"]), ("share_sasrec", False)]:
+    experiments.complete(ConfigDict({**base, key: value}), "g.py")  # Each form a grid may use.
+  grid = tmp_path / "grid.py"
+  grid.write_text(
+    "from ml_collections import config_dict\n"
+    "def get_config():\n"
+    "  c = config_dict.ConfigDict()\n"
+    "  c.config, c.seeds, c.only = 'configs/tiny.py', '0', ('a',)\n"
+    "  c.variants = ('a: lora.num_experts=1 lora.gate=constant',)\n"
+    "  return c\n"
+  )
+  proc = run_cli(f"--grid={grid}", f"--workdir={tmp_path / 'w'}", "--dry_run",
+                 module="ilora_jax.experiments")  # fmt: skip
+  assert_one_line_error(proc, "grid.only must be a string, not tuple")
 
 
 def test_the_tables_plan_every_run_folder_of_the_workdir(tmp_path):
