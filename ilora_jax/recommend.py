@@ -383,8 +383,13 @@ class Recommender:
 
 def _entries(value, what: str) -> list:
   """`value` (a history or candidates given to the API) as a list; a string (which would be
-  read one character at a time), bytes, None or a non-iterable is a UserError."""
-  if isinstance(value, str | bytes | bytearray) or not isinstance(value, Iterable):
+  read one character at a time), bytes, None, a non-iterable or a numpy array of other than
+  one dimension is a UserError."""
+  if (
+    isinstance(value, str | bytes | bytearray | memoryview)
+    or not isinstance(value, Iterable)
+    or (isinstance(value, np.ndarray) and value.ndim != 1)  # 0-d: a TypeError; 2-d: rows.
+  ):
     shown = f"{what}={value!r}" if len(repr(value)) <= 40 else what
     raise UserError(
       f"{shown} is a {type(value).__name__}, not a list: pass a list of titles or item ids, "

@@ -723,6 +723,14 @@ def test_the_api_takes_numpy_ids_and_k_and_refuses_bools_and_bytearrays(monkeypa
   assert str(info.value).startswith(
     "history=bytearray(b'\\x01\\x02') is a bytearray, not a list: pass a list of titles"
   ), info.value
+  # Nor a memoryview (its bytes read as ids) or a numpy array of other than one dimension
+  # (0-d: a bare TypeError; 2-d: arrays as entries); a 1-d array is a list of ids.
+  for value, kind in [(memoryview(b"\x01"), "memoryview"), (np.array(3), "ndarray"),
+                      (np.array([[1, 2]]), "ndarray")]:  # fmt: skip
+    with pytest.raises(UserError, match=rf" is a {kind}, not a list: pass a list of titles"):
+      rec_mod.recommend("w", value)
+  rec_mod.recommend("w", np.array([1, 2]), k=1)
+  assert FakeRecommender.seen == [1, 2]
   # A long string is named, not shown (as the CLI's `|`-joined history, say).
   with pytest.raises(UserError) as info:
     rec_mod.recommend("w", "Toy Story (1995)|Heat (1995)|Cape Fear (1991)")
