@@ -653,3 +653,346 @@ def test_gate_panels_of_a_run_stopped_before_its_evaluation_say_so(tmp_path):
   report._gate_axes(axes, train, experts, str(tmp_path / "gates.npz"))
   assert not axes[1].texts and axes[1].patches and axes[2].patches
   plt.close(fig)
+
+
+def _sign_p(a, b):
+  """The exact two-sided sign test, written out: twice the binomial(a + b, 1/2) tail at the
+  smaller count, at most 1."""
+  n = a + b
+  return 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, k) for k in range(min(a, b) + 1)) / 2**n)
+
+
+def test_steps_must_be_int64_integers_and_huge_integers_are_signed_infinities():
+  """`step` (TensorBoard's int64 x) is checked against both ends of int64 and is an int
+  afterwards; a bool is no step. A metric too large for a float keeps its sign as an infinity."""
+  for value in (2**63, -(2**63) - 1, True, False):
+    with pytest.raises(UserError, match="w: step=.* must be an integer"):
+      report._checked({"step": value}, "w")
+  for value in (2**63 - 1, -(2**63)):
+    assert report._checked({"step": value}, "w")["step"] == value
+  step = report._checked({"step": 5.0}, "w")["step"]
+  assert step == 5 and type(step) is int
+  record = report._checked({"step": 1, "hi": 10**400, "lo": -(10**400)}, "w")
+  assert record["hi"] == math.inf and record["lo"] == -math.inf
+
+
+def test_number_reads_the_texts_of_non_finite_values_in_any_case():
+  assert math.isnan(report.number("NaN")) and math.isnan(report.number(" nan "))
+  assert report.number("Inf") == math.inf and report.number("inf") == math.inf
+  assert report.number("-inf") == -math.inf and report.number("-INF") == -math.inf
+  assert report.number(3) == 3.0 and type(report.number(3)) is float
+  assert report.number(None) is None and report.number([1]) is None
+
+
+def test_numeric_leaves_out_the_fields_that_are_not_metrics():
+  record = {"run": "ilora", "stage": "ilora", "split": "val", "step": 4, "epoch": 1,
+            "final": True, "skipped": 0, "candidates": 7, "selected_step": 2,
+            "selected_by": 0, "hr@1": 0.5, "loss": "inf"}  # fmt: skip
+  assert report._numeric(record) == {"hr@1": 0.5, "loss": math.inf}
+
+
+def test_kmeans_finds_separated_blobs_for_every_seed_and_ends_at_a_fixed_point():
+  """k-means++ seeding puts one centre in each of three far-apart blobs whatever the seed (a
+  uniform start often puts two in one blob, and Lloyd's steps then join the other two); the
+  labels are those of converged centres: each point is nearest its own cluster's mean."""
+  rng = np.random.default_rng(5)
+  blobs = [rng.normal(c, 0.1, (10, 2)) for c in ((0, 0), (10, 0), (20, 0))]
+  x = np.concatenate(blobs)
+  for seed in range(20):
+    labels = report.kmeans(x, 3, seed=seed).tolist()
+    parts = [set(labels[i : i + 10]) for i in (0, 10, 20)]
+    assert all(len(p) == 1 for p in parts) and len(set().union(*parts)) == 3, (seed, labels)
+  for seed in range(10):
+    y = rng.normal(size=(30, 2))
+    labels = report.kmeans(y, 3, seed=seed)
+    means = {c: y[labels == c].mean(0) for c in set(labels.tolist())}
+    for point, label in zip(y, labels):
+      dist = {c: float(((point - m) ** 2).sum()) for c, m in means.items()}
+      assert dist[label] == min(dist.values()), (seed, dist, label)
+
+
+def test_parse_compare_forms():
+  """Names and folders are stripped, the name ends at the first `=`, a bare folder (with a
+  trailing `/`) is named by its last part, and empty entries are skipped."""
+  got = report.parse_compare(" a = d1 , ,runs/plain/ ,b=x=y,")
+  assert got == {"a": "d1", "plain": "runs/plain/", "b": "x=y"}
+  assert report.parse_compare("") == {} and report.parse_compare(None) == {}
+
+
+def test_describe_run_names_methods_from_their_config(tmp_path):
+  def named(config):
+    d = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+    d.mkdir()
+    if config is not None:
+      (d / "config.json").write_text(config if isinstance(config, str) else json.dumps(config))
+    return report.describe_run(str(d))
+
+  lora = {"gate": "router", "num_experts": 4, "rank": 8}
+  assert named({"lora": lora, "router": {"kind": "mlp"}}) == "iLoRA (E=4, router mlp)"
+  assert named({"lora": {**lora, "gate": "constant"}}) == "plain LoRA (r=8)"
+  assert named({"lora": {**lora, "num_experts": 1, "rank": 4}}) == "plain LoRA (r=4)"
+  assert named({"lora": {**lora, "gate": "uniform"}}) == "LoRA experts, uniform gate (E=4)"
+  assert named({"stage": "sasrec", "lora": lora}) == "SASRec"
+  assert named({"lora": [1], "router": "x"}) == "iLoRA (E=None, router None)"
+  for config in (None, "{", "[1, 2]", "3"):  # Absent, not JSON, not an object.
+    assert named(config) == "model", config
+
+
+def test_finals_by_split_takes_each_splits_latest_final_ilora_record():
+  def rec(run, stage, split, step, final=True):
+    return {"run": run, "stage": stage, "split": split, "step": step, "final": final}
+
+  first, later = rec("ilora", "ilora", "val", 3), rec("ilora", "ilora", "val", 6)
+  evaluated = rec("evaluate", "ilora", "test", 6)
+  records = [first, rec("ilora", "ilora", "val", 5, final=False), later, evaluated,
+             rec("sasrec", "sasrec", "val", 9)]  # fmt: skip
+  assert report.finals_by_split(records) == {"val": later, "test": evaluated}
+  assert report.finals_by_split(records, run="ilora") == {"val": later}
+  assert report.finals_by_split(records[:2]) == {"val": first}  # Not a later non-final one.
+  assert report.finals_by_split(records[-1:]) == {}
+
+
+def test_why_a_compared_run_has_no_row():
+  ilora_train = {"run": "ilora", "stage": "ilora", "split": "train", "step": 1, "loss": 2.0}
+  sas_val = {"run": "sasrec", "stage": "sasrec", "split": "val", "step": 9, "final": True}
+  sas_test = {**sas_val, "split": "test"}
+  only = ("SASRec stage only: its final val records hold no candidate fingerprint (SASRec "
+          "scores every row of the split), so not comparable")  # fmt: skip
+  # A whole pipeline stopped in its iLoRA stage: it has an iLoRA stage, just no final record.
+  none = "no final val evaluation in W"
+  assert report._no_final([sas_val, ilora_train], "val", "W", True) == none
+  assert report._no_final([sas_test], "val", "W", True) == none
+  assert report._no_final([{**sas_val, "split": "val", "final": False}], "val", "W", True) == none
+  assert report._no_final([sas_val], "val", "W", False) == only
+  assert report._no_final([sas_val], "val", "W", True) == (
+    only + "; the SASRec row is SASRec on these candidates"
+  )
+
+
+def test_table_cells_keep_to_one_line_and_their_column():
+  assert report._table_row(["a\nb  c", "x|y", 1.5]) == "| a b c | x\\|y | 1.5 |"
+
+
+def test_group_table_keeps_group_1_apart_from_group_10():
+  final = {"run": "ilora", "split": "val", "group/1/hr@1": 0.5, "group/10/hr@1": 0.25,
+           "group/10/rows": 4}  # fmt: skip
+  assert report.group_table([final])[3:] == [
+    "| run | split | group | hr@1 | rows |",
+    "|---|---|---|---|---|",
+    "| ilora | val | 1 | 0.5000 |  |",
+    "| ilora | val | 10 | 0.2500 | 4.0000 |",
+  ]
+
+
+def test_paired_counts_rows_only_one_run_got():
+  def rows(*pairs):
+    return [{"row": i, "hit": hit, "rank": rank} for i, (hit, rank) in enumerate(pairs)]
+
+  ours = ({"candidates": "c"}, rows((True, 0), (True, 0), (False, 2), (True, 1), (False, 0)))
+  theirs = ({"candidates": "c"}, rows((False, 1), (True, 0), (False, 0), (False, 3), (True, 0)))
+  # hit: rows 0 and 3 only ours, row 4 only theirs; top1: row 0 only ours, row 2 only theirs.
+  assert report.paired(ours, theirs) == {"hit": (2, 1, 1.0), "top1": (1, 1, 1.0)}
+  assert _sign_p(2, 0) == 0.5 and report.paired(ours, (theirs[0], rows(*[(False, 1)] * 5))) == {
+    "hit": (3, 0, _sign_p(3, 0)),
+    "top1": (3, 0, _sign_p(3, 0)),
+  }
+  assert report.paired(ours, ({"candidates": "d"}, theirs[1])) is None  # Other candidates.
+  assert report.paired(ours, (theirs[0], theirs[1][:4])) is None  # Other rows.
+  assert report.paired(ours, None) is None and report.paired(None, theirs) is None
+  no_rank = [{"row": r["row"], "hit": r["hit"]} for r in theirs[1]]
+  assert report.paired(ours, (theirs[0], no_rank)) == {"hit": (2, 1, 1.0)}  # Hits only.
+
+
+def test_sign_test_matches_the_binomial_formula():
+  for a, b in [(0, 0), (1, 0), (1, 1), (4, 4), (0, 6), (7, 2), (30, 12)]:
+    assert report.sign_test_p(a, b) == pytest.approx(_sign_p(a, b), rel=1e-12), (a, b)
+  assert report.sign_test_p(3, 0) == 0.25 and report.sign_test_p(1, 1) == 1.0
+
+
+def test_empty_predictions_pair_nothing(tmp_path):
+  (tmp_path / "predictions").mkdir()
+  (tmp_path / "predictions" / "val.jsonl").write_text("")
+  assert report.read_predictions(str(tmp_path), "val") is None
+  assert report.read_predictions(str(tmp_path), "test") is None  # Absent.
+
+
+def test_no_comparison_lines_without_compare_and_why_not_with_it():
+  train = [{"run": "ilora", "stage": "ilora", "split": "train", "step": 1, "loss": 2.0}]
+  assert report.comparison("W", train, {}) == []
+  # A SASRec stage still training (no final record): not yet a SASRec-only run.
+  assert report.comparison("W", [SASREC_TRAIN], {"x": "D"}) == [
+    "No comparison with x: it has no final iLoRA evaluation yet.",
+    "",
+  ]
+
+
+def test_cell_forms():
+  assert report.cell(None) == "" and report.cell(0.5) == "0.5000" and report.cell(2) == "2.0000"
+  assert report.cell("nan") == "nan" and report.cell("0.25") == "0.2500"
+  assert report.cell(True) == "True"  # Not 1.0000.
+  assert report.cell("a long  text\nthat goes on and on") == "a long text that goe"
+  assert report.cell(10**400) == "1" + "0" * 19
+  assert report.cell([1, 2]) == "[1, 2]"
+
+
+@pytest.mark.parametrize(
+  "case", ["no_rows", "no_experts", "npy", "no_users", "rows_differ", "three_d"]
+)
+def test_unusable_gates_files_are_one_error(tmp_path, case):
+  import re
+
+  path = str(tmp_path / "gates.npz")
+  arrays = {
+    "no_rows": {"gates": np.zeros((0, 2)), "users": np.zeros((0, 3))},
+    "no_experts": {"gates": np.zeros((3, 0)), "users": np.zeros((3, 2))},
+    "no_users": {"gates": np.zeros((3, 2))},
+    "rows_differ": {"gates": np.zeros((3, 2)), "users": np.zeros((2, 2))},
+    "three_d": {"gates": np.zeros((3, 2, 1)), "users": np.zeros((3, 2))},
+  }
+  if case == "npy":
+    with open(path, "wb") as f:
+      np.save(f, np.zeros((3, 2)))
+  else:
+    np.savez(path, **arrays[case])
+  with pytest.raises(UserError, match=re.escape(path)):
+    report.read_gates(path)
+
+
+def test_compare_curves_choose_runs_and_records(tmp_path):
+  """This run without a final val record yet: a compared run is plotted whatever its
+  candidates; a run with val losses only has a curve; an `evaluate` run's record (a later
+  re-evaluation) is no point of the val curve; a run of under 20 steps is its own running
+  mean (a window of one step)."""
+  base = {"run": "ilora", "stage": "ilora"}
+  loss = [2.0, 1.5, "nan", 1.0, 0.5]
+  ours = [{**base, "split": "train", "step": s + 1, "loss": v} for s, v in enumerate(loss)]
+  ours.append({**base, "split": "val", "step": 5, "loss": 1.25})
+  final = {**base, "split": "val", "step": 4, "final": True, "candidates": "abc", "loss": 1.75}
+  theirs = [{**base, "split": "val", "step": 4, "loss": 1.75}, final,
+            {**final, "run": "evaluate", "loss": 9.0, "selected_step": 4}]  # fmt: skip
+  (tmp_path / "theirs").mkdir()
+  (tmp_path / "theirs" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in theirs))
+  curves = report.comparison_curves(str(tmp_path), ours, {"t": str(tmp_path / "theirs")})
+  assert list(curves) == ["model, this run", "t: model"]
+  mine, other = curves.values()
+  steps, mean = mine["train"]
+  assert steps.tolist() == [1, 2, 3, 4, 5]
+  np.testing.assert_array_equal(mean, [2.0, 1.5, np.nan, 1.0, 0.5])
+  assert mine["val"][0].tolist() == [5] and mine["val"][1].tolist() == [1.25]
+  assert len(other["train"][0]) == 0 and len(other["train"][1]) == 0
+  assert other["val"][0].tolist() == [4, 4] and other["val"][1].tolist() == [1.75, 1.75]
+
+
+def test_running_mean_by_hand():
+  np.testing.assert_allclose(report.running_mean([1.0, 2.0, 4.0, 8.0], 2), [1, 1.5, 3, 6])
+  np.testing.assert_allclose(report.running_mean([1.0, 2.0, 4.0], 1), [1, 2, 4])
+
+
+def test_a_final_of_earlier_weights_is_reported_at_their_step(tmp_path, monkeypatch):
+  """A final record of the weights `select_by` picked at an earlier step: the summary notes
+  that step (in both tables), TensorBoard puts it at that step, and the val plot leaves it out
+  (its values are that step's val record's). A final at its own step gets no note. The main
+  table has neither the fields that name a record nor per-group metrics (they have a table of
+  their own)."""
+  base = {"run": "ilora", "stage": "ilora"}
+  records = [{**base, "split": "train", "step": s, "loss": 2.0, "epoch": 0} for s in (1, 2)]
+  records += [
+    {**base, "split": "val", "step": 1, "hr@1": 0.5, "loss": 1.0},
+    {**base, "split": "val", "step": 2, "hr@1": 0.25, "loss": 1.5},
+    {**base, "split": "val", "step": 2, "final": True, "candidates": "abc", "hr@1": 0.5,
+     "loss": 1.0, "selected_step": 1, "selected_by": "hr@1", "group/0/hr@1": 0.75},
+    {**base, "split": "test", "step": 2, "final": True, "candidates": "abc", "hr@1": 0.125,
+     "selected_step": 2, "selected_by": "hr@1"},
+  ]  # fmt: skip
+  ours, other = tmp_path / "ours", tmp_path / "other"
+  for d, recs in ((ours, records), (other, records[-2:])):
+    d.mkdir()
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+  plotted, plot = [], report._plot_series
+
+  def plot_series(ax, recs, key, label):
+    plotted.append((key, [(r["split"], r["step"]) for r in recs]))
+    return plot(ax, recs, key, label)
+
+  monkeypatch.setattr(report, "_plot_series", plot_series)
+  out = report.write(str(ours), {"other": str(other)})
+  lines = open(f"{out}/summary.md").read().splitlines()
+  note = " (weights of step 1, best val hr@1)"
+  assert f"| model, this run{note} |  |  |  | 0.5000 |  |  |  |" in lines
+  start = lines.index("## Every final metric")
+  assert lines[start + 2 : start + 6] == [
+    "| run | stage | split | step | hr@1 | loss |",
+    "|---|---|---|---|---|---|",
+    f"| ilora | ilora | val | 2{note} | 0.5000 | 1.0000 |",
+    "| ilora | ilora | test | 2 | 0.1250 |  |",
+  ]
+  assert start > lines.index("## val: methods on the same candidates (fingerprint abc, step 2)")
+  assert "| ilora | val | 0 | 0.7500 |" in lines
+  assert ("hr@1", [("val", 1), ("val", 2)]) in plotted  # The val plot: not the final.
+  import glob
+
+  (events,) = glob.glob(f"{out}/tb/events.*")
+  assert sorted(_events(events)) == sorted(
+    [
+      ("ilora/train/loss", 1, 2.0),
+      ("ilora/train/loss", 2, 2.0),
+      ("ilora/val/hr_1", 1, 0.5),
+      ("ilora/val/loss", 1, 1.0),
+      ("ilora/val/hr_1", 2, 0.25),
+      ("ilora/val/loss", 2, 1.5),
+      ("ilora/val_final/hr_1", 1, 0.5),  # At the weights' step.
+      ("ilora/val_final/loss", 1, 1.0),
+      ("ilora/val_final/group/0/hr_1", 1, 0.75),
+      ("ilora/test_final/hr_1", 2, 0.125),
+    ]
+  )
+  # compare.png's val curve: the val records' losses, not the final's (step 1's again).
+  (curve,) = report.comparison_curves(str(ours), report.read_records(str(ours)), {}).values()
+  assert curve["val"][0].tolist() == [1, 2] and curve["val"][1].tolist() == [1.0, 1.5]
+
+
+def test_one_runs_losses_alone_make_no_compare_plot(tmp_path):
+  """compare.png is drawn only beside another run's losses: a compared run with none (its
+  final record only) leaves it out."""
+  final = {"run": "ilora", "stage": "ilora", "split": "val", "step": 2, "final": True,
+           "candidates": "abc", "hr@1": 0.5}  # fmt: skip
+  for name, recs in (("ours", [json.loads(GOOD), final]), ("other", [final])):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+  out = report.write(str(tmp_path / "ours"), {"other": str(tmp_path / "other")})
+  assert not os.path.exists(f"{out}/compare.png")
+  assert "compare.png" not in open(f"{out}/summary.md").read()
+
+
+def test_a_rebuilt_report_replaces_what_the_last_one_wrote(tmp_path):
+  """Rebuilt after gates.npz went away, the report drops its gates.png and keeps one TensorBoard
+  event file; a record without a step (allowed) is left out of the plots, not an error."""
+  no_step = {"run": "ilora", "stage": "ilora", "split": "train", "loss": 2.0}
+  records = [no_step, {**no_step, "step": 1}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  (tmp_path / "report").mkdir()
+  rng = np.random.default_rng(0)
+  np.savez(tmp_path / "report" / "gates.npz", gates=rng.dirichlet([1, 1], 6),
+           users=rng.normal(size=(6, 3)))  # fmt: skip
+  out = report.write(str(tmp_path))
+  assert os.path.exists(f"{out}/gates.png")
+  os.remove(f"{out}/gates.npz")
+  assert report.write(str(tmp_path)) == out
+  assert not os.path.exists(f"{out}/gates.png")
+  assert "gates.png" not in open(f"{out}/summary.md").read()
+  import glob
+
+  (events,) = glob.glob(f"{out}/tb/events.*")
+  assert _events(events) == [("ilora/train/loss", 1, 2.0)]
+
+
+def test_help_and_a_missing_workdir(capsys):
+  """--help prints the module's description and usage; without --workdir, one error line with
+  the usage."""
+  proc = _report_cli(capsys, "--help")
+  assert proc.returncode == 0 and proc.stdout.startswith("End-of-run report: `W/report/`")
+  assert proc.stdout.rstrip().endswith(
+    "usage: python -m ilora_jax.report --workdir=DIR [--compare=name=DIR2,...]"
+  )
+  proc = _report_cli(capsys, "--compare=")
+  assert_one_line_error(proc, "usage: python -m ilora_jax.report --workdir=DIR")
