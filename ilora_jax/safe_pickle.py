@@ -8,7 +8,8 @@ else (`os.system`, `builtins.eval`, ...) is refused before it is imported.
 The allowed names trust their input, and a damaged file must fail with an error, never
 crash the process, so some resolve to stand-ins that check it first (`_RESOLVED`): numpy
 arrays and dtypes, whose `__setstate__` reads past data shorter than the shape says or
-trusts the flags it is given, and pyarrow arrays, whose offsets are read unchecked. Before
+trusts the flags it is given, and pyarrow arrays, whose offsets are read unchecked; pandas'
+`Index` classes resolve to `_IndexClass` (a BUILD would set attributes of the class). Before
 unpickling, a scan of the opcodes refuses memo indices past the file's size, for which
 CPython's unpickler would allocate memory in proportion (9 bytes can ask for gigabytes).
 """
@@ -150,10 +151,24 @@ def _unpickle_block(values, placement, ndim):
   return _unpickle_block(_plain(values), _plain(placement), ndim)
 
 
+class _IndexClass:
+  """What a pickle's pandas `Index` and `RangeIndex` resolve to: pandas' pickles only hand
+  them to `_new_Index`. The classes have no `__setstate__`, so a BUILD on them would set
+  attributes of pandas' own classes (`Index.tolist = tuple`) for the rest of the process."""
+
+  def __init__(self, cls):
+    self.cls = cls
+
+  def __setstate__(self, state):
+    raise ValueError(f"a pickle sets attributes of the class pandas.{self.cls.__name__}")
+
+
 def _new_index(cls, d):
   """pandas' `_new_Index` (an index or the column labels), given plain arrays and dtypes."""
   from pandas.core.indexes.base import _new_Index
 
+  if isinstance(cls, _IndexClass):
+    cls = cls.cls
   if isinstance(d, dict):
     d = {key: _plain(real_dtype(value)) for key, value in d.items()}
   return _new_Index(cls, d)
@@ -247,6 +262,8 @@ class _AllowlistUnpickler(pickle.Unpickler):
     module = module.replace("numpy.core.", "numpy._core.")  # numpy 1.x's names of numpy 2's.
     if (module, name) in _RESOLVED:
       return _RESOLVED[module, name]
+    if name in ("Index", "RangeIndex"):
+      return _IndexClass(getattr(importlib.import_module(module), name))
     return getattr(importlib.import_module(module), name)
 
   def persistent_load(self, pid):

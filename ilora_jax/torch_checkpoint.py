@@ -70,6 +70,9 @@ class _StorageType:
   def __init__(self, dtype):
     self.dtype = dtype
 
+  def __setstate__(self, state):  # A BUILD on it would set its dtype (to "M8[s]", say).
+    raise ValueError("the pickle sets the state of a torch storage type")
+
 
 class _TensorRef:
   """A tensor of the pickle, `_rebuild_tensor_v2`'s arguments; read by `_materialize`."""

@@ -688,3 +688,479 @@ def test_sasrec_refuses_an_item_count_that_is_no_integer(tmp_path):
   torch.save(model, path)
   with pytest.raises(UserError, match="trained on 6 items but the data set has 5"):
     sasrec.params_from_torch(str(path), cfg)
+
+
+# A mutation audit of both loaders (2026-12-05): each test below fails for a one-line change
+# of safe_pickle.py or torch_checkpoint.py that the tests above let through.
+
+
+def _bytes(data):
+  return b"B" + struct.pack("<I", len(data)) + data
+
+
+def _dangerous_calls(marker, evil):
+  """(module, name, REDUCE arguments) of globals that run code (each would create `marker`,
+  `evil` being a pickle that does), read arbitrary pickles, or reach numpy's unchecked
+  ndarray under another module's name."""
+  touch = _str(f"touch {marker}")
+  source = _str(f"open({str(marker)!r}, 'w').close()")
+  return [
+    ("os", "system", touch),
+    ("posix", "system", touch),
+    ("subprocess", "getoutput", touch),
+    ("builtins", "eval", source),
+    ("builtins", "exec", source),
+    ("builtins", "getattr", _global("builtins", "list") + _str("__name__")),
+    ("builtins", "__import__", _str("os")),
+    ("importlib", "import_module", _str("os")),
+    ("numpy", "load", _str(str(evil)) + b"N\x88"),  # allow_pickle=True
+    ("numpy.testing._private.utils", "runstring", source + b"}"),
+    ("pandas", "read_pickle", _str(str(evil))),
+    ("pandas.io.pickle", "read_pickle", _str(str(evil))),
+    ("pickle", "loads", _bytes(evil.read_bytes())),
+    ("numpy.ma.core", "ndarray", _tuple(b"K\x02") + _str("O")),  # numpy's own, unchecked.
+    ("os", "DataFrame", b""),  # A name allowed in another module.
+  ]
+
+
+_DANGEROUS_IDS = [
+  "os.system",
+  "posix.system",
+  "subprocess.getoutput",
+  "builtins.eval",
+  "builtins.exec",
+  "builtins.getattr",
+  "builtins.__import__",
+  "importlib.import_module",
+  "numpy.load",
+  "numpy.testing.runstring",
+  "pandas.read_pickle",
+  "pandas.io.pickle.read_pickle",
+  "pickle.loads",
+  "numpy.ma.core.ndarray",
+  "os.DataFrame",
+]
+
+
+@pytest.mark.parametrize("index", range(len(_DANGEROUS_IDS)), ids=_DANGEROUS_IDS)
+def test_globals_that_run_code_are_refused_by_both_loaders_and_never_run(tmp_path, index):
+  """Each global by GLOBAL and by STACK_GLOBAL in a .df, and in a .pt's data.pkl: refused on
+  one line, by its name, and the marker file its call would create never appears."""
+  marker, evil = tmp_path / "pwned", tmp_path / "evil.pkl"
+  evil.write_bytes(pickle.dumps(_RunsCode(marker)))
+  calls = _dangerous_calls(marker, evil)
+  assert len(calls) == len(_DANGEROUS_IDS)
+  module, name, args = calls[index]
+  call = b"(" + args + b"tR"
+  stack_global = b"\x8c" + bytes([len(module)]) + module.encode()
+  stack_global += b"\x8c" + bytes([len(name)]) + name.encode() + b"\x93"
+  for n, form in enumerate([_global(module, name), stack_global]):
+    path = tmp_path / f"{n}.df"
+    path.write_bytes(b"\x80\x04" + form + call + b".")
+    with pytest.raises(UserError) as error:
+      load_dataframe(str(path))
+    assert str(error.value) == (
+      f"data file {path}: refusing to load {module}.{name} from a pickle "
+      "(only pandas/numpy DataFrame classes are allowed)"
+    )
+  path = _crafted_pt(tmp_path / "evil.pt", 0, [4], [1], linear=_global(module, name) + call)
+  with pytest.raises(UserError) as error:
+    torch_checkpoint.load_module(path)
+  assert (
+    str(error.value)
+    == f"checkpoint {path}: refusing to load {module}.{name} from a checkpoint pickle"
+  )
+  assert not marker.exists()
+
+
+def test_persistent_ids_and_python2_names_are_refused_by_name(tmp_path):
+  path = tmp_path / "Val_data.df"
+  path.write_bytes(b"\x80\x04" + _str("storage") + b"Q.")  # BINPERSID
+  with pytest.raises(UserError) as error:
+    load_dataframe(str(path))
+  assert str(error.value) == (
+    f"data file {path}: pickle uses persistent ids, which a DataFrame file never has"
+  )
+  # Python 2's names refused by what they would import (_compat_pickle's renames).
+  for old, new in (
+    ("__builtin__\nreduce", "functools.reduce"),
+    ("__builtin__\nxrange", "builtins.range"),
+  ):
+    path.write_bytes(b"\x80\x02c" + old.encode() + b"\n)R.")
+    with pytest.raises(UserError, match=f"^data file {path}: refusing to load {new} from"):
+      load_dataframe(str(path))
+
+
+def _memo_put(index):
+  return b"r" + struct.pack("<I", index)  # LONG_BINPUT
+
+
+def test_memo_indices_past_the_file_are_refused_after_any_opcode(tmp_path):
+  """The scan that refuses memo indices past the file skips runs of opcodes by their sizes:
+  a PUT (protocol 0's, its index in decimal) or LONG_BINPUT behind any of them is still
+  found, and an index up to the file's size is not refused."""
+  path = tmp_path / "Val_data.df"
+
+  def refused(pickled, index):
+    path.write_bytes(pickled)
+    with pytest.raises(UserError) as error:
+      load_dataframe(str(path))
+    assert str(error.value) == (
+      f"data file {path} is corrupt or truncated "
+      f"(ValueError: memo index {index} in a pickle of {len(pickled)} bytes)"
+    )
+
+  refused(b"\x80\x02Np1000000\n.", 1000000)
+  r = b"r" * 8  # Argument bytes that read as LONG_BINPUT opcodes if the scan misaligns.
+  for op in (
+    b"K" + r[:1],  # BININT1
+    b"M" + r[:2],  # BININT2
+    b"J" + r[:4],  # BININT
+    b"G" + r,  # BINFLOAT
+    b"\x8a\x03" + r[:3],  # LONG1
+    b"\x8c\xc8" + b"r" * 200,  # SHORT_BINUNICODE of 200 bytes
+    b"C\x00",  # SHORT_BINBYTES, empty
+    b"C\xff" + b"r" * 255,
+  ):
+    refused(b"\x80\x04" + op + _memo_put(10**6) + b"0N.", 10**6)
+  for index in (9, 10):  # 9 bytes: index 9 is allowed, 10 is not.
+    path.write_bytes(b"\x80\x04N" + _memo_put(index) + b".")
+    if index == 9:
+      with pytest.raises(UserError, match="holds a NoneType, expected a pandas DataFrame"):
+        load_dataframe(str(path))
+    else:
+      refused(path.read_bytes(), index)
+
+
+def test_array_states_of_another_size_or_a_dtype_state_of_other_flags_are_named(tmp_path):
+  """numpy's own __setstate__ checks a byte string's length, but fills an object array from
+  the front of a longer list; both named by the loader. A dtype state of numpy's length with
+  other flags (object flags on an integer) is refused before numpy sees it."""
+  data = pickle.dumps(
+    pd.DataFrame({"seq": [[1, 2, 5]] * 5, "len_seq": [2] * 5, "next": [4] * 5}), protocol=4
+  )
+  path = tmp_path / "Val_data.df"
+  cases = [
+    (b"K\x01K\x05\x86", b"K\x01K\x04\x86", "an object array of shape (1, 4) holds 5 items"),
+    (b"K\x02K\x05\x86", b"K\x02K\x04\x86", "a int64 array of shape (2, 4) holds 80 bytes"),
+    (b"K\x02K\x05\x86", b"K\x02K\x06\x86", "a int64 array of shape (2, 6) holds 80 bytes"),
+    (b"K\x01K\x05\x86", b"K\x01" + _int(-5) + b"\x86", "an ndarray has the shape (1, -5)"),
+  ]
+  for old, new, message in cases:
+    path.write_bytes(_patched(data, old, new))
+    with pytest.raises(UserError) as error:
+      load_dataframe(str(path))
+    assert str(error.value) == f"data file {path} is corrupt or truncated (ValueError: {message})"
+  dtype = _global("numpy", "dtype") + _tuple(_str("i8"), b"\x89\x88") + b"R"
+  for items, shown in ((b"K?", "63"), (b"K\x00N", "0, None")):  # Flags 63; a 9th item.
+    state = _tuple(b"K\x03", _str("<"), b"NNN", _int(-1), _int(-1), items)
+    path.write_bytes(b"\x80\x04]" + dtype + state + b"ba.")
+    with pytest.raises(UserError) as error:
+      load_dataframe(str(path))
+    assert str(error.value) == (
+      f"data file {path} is corrupt or truncated (ValueError: numpy dtype int64 has the state "
+      f"(3, '<', None, None, None, -1, -1, {shown}), not (3, '<', None, None, None, -1, -1, 0))"
+    )
+  state = _tuple(b"K\x03", _str("="), b"NNN", _int(-1), _int(-1), b"K\x00")  # No byte order.
+  path.write_bytes(b"\x80\x04]" + dtype + state + b"ba.")
+  with pytest.raises(UserError) as error:
+    load_dataframe(str(path))
+  assert str(error.value) == (
+    f"data file {path} is corrupt or truncated (ValueError: numpy dtype int64 has the state "
+    "(3, '=', None, None, None, -1, -1, 0))"
+  )
+
+
+def test_a_second_state_for_an_empty_array_over_a_buffer_is_refused(tmp_path):
+  """An empty array over a buffer (`_frombuffer`) given a state: numpy would drop the buffer
+  that views of the array read; refused as for any array that is not `_reconstruct`'s."""
+  dtype = _global("numpy", "dtype") + _tuple(_str("i8"), b"\x89\x88") + b"Rq\x01"
+  empty = _global("builtins", "bytearray") + b")R"
+  array = _global("numpy._core.numeric", "_frombuffer")
+  array += _tuple(empty, dtype, _tuple(b"K\x00"), _str("C")) + b"R"
+  state = _tuple(b"K\x01", _tuple(b"K\x03"), b"h\x01", b"\x89", b"C\x18" + bytes(24))
+  path = tmp_path / "Val_data.df"
+  path.write_bytes(b"\x80\x04" + array + state + b"b.")
+  with pytest.raises(UserError, match=r"sets the state of an array of shape \(0,\) again\)$"):
+    load_dataframe(str(path))
+
+
+def test_cells_and_indexes_of_numpy_values_load_as_numpy_wrote_them(tmp_path):
+  """Cells holding numpy arrays (big-endian, datetime with its unit, 2-D) and scalars, and an
+  index of integers, come back as plain numpy objects of the same dtype and values."""
+  cells = [
+    np.array([1, 2], ">i4"),
+    np.array(["2024-01-02T03:04:05"], "M8[s]"),
+    np.arange(6.0).reshape(2, 3),
+    np.int64(5),
+  ]
+  frame = pd.DataFrame(
+    {"seq": cells, "len_seq": [2] * 4, "next": [4] * 4}, index=pd.Index([10, 20, 30, 40])
+  )
+  path = tmp_path / "Val_data.df"
+  frame.to_pickle(path)
+  loaded = load_dataframe(str(path))
+  for got, want in zip(loaded["seq"], cells):
+    assert type(got) is type(want)
+    assert got.dtype.str == want.dtype.str
+    np.testing.assert_array_equal(got, want)
+  assert type(loaded.index.to_numpy()) is np.ndarray
+  assert loaded.index.tolist() == [10, 20, 30, 40]
+  pd.testing.assert_frame_equal(loaded, frame)
+
+
+def test_every_storage_dtype_and_view_reads_as_torch_saved_it(tmp_path):
+  """Buffers of each storage type torch_checkpoint reads, and views at offsets and strides of
+  one storage, written by torch.save: the same dtypes and values, as independent arrays."""
+  torch = pytest.importorskip("torch")
+  import ml_dtypes
+
+  gen = torch.Generator().manual_seed(0)
+  net = torch.nn.Module()
+  kinds = {
+    torch.float32: np.float32,
+    torch.float64: np.float64,
+    torch.float16: np.float16,
+    torch.bfloat16: ml_dtypes.bfloat16,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.bool: np.bool_,
+  }
+  for i, kind in enumerate(kinds):
+    if kind.is_floating_point:
+      values = torch.randn(3, 4, generator=gen) * 1000
+    elif kind == torch.bool:
+      values = torch.randn(3, 4, generator=gen) > 0
+    else:
+      info = torch.iinfo(kind)
+      values = torch.randint(info.min, info.max, (3, 4), generator=gen, dtype=torch.int64)
+    net.register_buffer(f"b{i}", values.to(kind))
+  base = torch.arange(24.0).reshape(4, 6)
+  net.register_buffer("rows", base[1:3])  # Offset 6 in the storage of `base`.
+  net.register_buffer("cols", base[1:, 2:5:2])  # Offset 8, strides (6, 2).
+  net.register_buffer("t", base.t())  # Strides (1, 6).
+  path = tmp_path / "dtypes.pt"
+  torch.save(net, path)
+  flat = torch_checkpoint.flat_parameters(torch_checkpoint.load_module(str(path)))
+  assert sorted(flat) == sorted(net.state_dict())
+  for name, value in net.state_dict().items():
+    got = flat[name]
+    assert got.dtype == kinds[value.dtype], name
+    np.testing.assert_array_equal(got.astype(np.float64), value.double().numpy(), err_msg=name)
+    assert got.flags.c_contiguous and got.flags.writeable, name
+  flat["rows"][:] = -1  # Copies: the views of one storage do not share memory.
+  np.testing.assert_array_equal(flat["t"], base.t().numpy())
+
+
+def _tensor_pt(tmp_path, offset, size, stride, storage=None, pid=None, more=b""):
+  """A .pt whose Linear `lin` holds `weight`: `_rebuild_tensor_v2` of pickled arguments, over
+  a storage of float32 0..3 (`storage` pickles the storage argument itself, `pid` the
+  persistent id), and the Linear state's `more` items."""
+  if storage is None:
+    pid = pid or _tuple(
+      _str("storage"), _global("torch", "FloatStorage"), _str("0"), _str("cpu"), _int(4)
+    )
+    storage = pid + b"Q"
+  tensor = _global("torch._utils", "_rebuild_tensor_v2")
+  tensor += _tuple(storage, offset, size, stride) + b"R"
+  params = _str("_parameters") + b"}(" + _str("weight") + tensor + b"u"
+  return _crafted_pt(tmp_path / "odd.pt", 0, [4], [1], linear=_linear_state(1, params + more))
+
+
+def test_tensor_arguments_torch_never_writes_are_named(tmp_path):
+  cases = [
+    (
+      _int(0),
+      _tuple(_int(2), _int(2)),
+      _tuple(_int(1)),
+      "malformed layout (offset 0, size (2, 2), stride (1,))",
+    ),
+    (
+      _int(0),
+      _tuple(_int(2)),
+      _tuple(b"G" + struct.pack(">d", 1.0)),
+      "malformed layout (offset 0, size (2,), stride (1.0,))",
+    ),
+    (
+      b"\x88",
+      _tuple(_int(2)),
+      _tuple(_int(1)),
+      "malformed layout (offset True, size (2,), stride (1,))",
+    ),
+  ]
+  for offset, size, stride, message in cases:
+    path = _tensor_pt(tmp_path, offset, size, stride)
+    with pytest.raises(UserError) as error:
+      torch_checkpoint.load_module(path)
+    assert str(error.value) == f"checkpoint {path}: tensor lin.weight has a {message}"
+  path = _tensor_pt(tmp_path, _int(0), _tuple(_int(2)), _tuple(_int(1)), storage=_int(7))
+  with pytest.raises(UserError) as error:
+    torch_checkpoint.load_module(path)
+  assert str(error.value) == (
+    f"checkpoint {path}: tensor lin.weight has no storage (not a torch checkpoint?)"
+  )
+
+
+def test_persistent_ids_and_storage_types_torch_never_writes_are_refused(tmp_path):
+  layout = (_int(0), _tuple(_int(4)), _tuple(_int(1)))
+  float_storage = _global("torch", "FloatStorage")
+  cases = [
+    (
+      _tuple(_str("storagX"), float_storage, _str("0"), _str("cpu"), _int(4)),
+      "unexpected persistent id in checkpoint",
+    ),
+    (
+      _tuple(_str("storage"), float_storage, _str("0"), _str("cpu")),
+      "unexpected persistent id in checkpoint",
+    ),
+    (
+      _tuple(_str("storage"), _str("FloatStorage"), _str("0"), _str("cpu"), _int(4)),
+      "unsupported storage type 'FloatStorage'",
+    ),
+  ]
+  for pid, message in cases:
+    path = _tensor_pt(tmp_path, *layout, pid=pid)
+    with pytest.raises(UserError) as error:
+      torch_checkpoint.load_module(path)
+    assert str(error.value) == f"checkpoint {path}: {message}"
+  # One storage key named with two types: the second reads the first's float32 bytes.
+  long_pid = _tuple(
+    _str("storage"), _global("torch", "LongStorage"), _str("0"), _str("cpu"), _int(4)
+  )
+  bias = _str("_buffers") + b"}(" + _str("b") + _global("torch._utils", "_rebuild_tensor_v2")
+  bias += _tuple(long_pid + b"Q", *layout) + b"Ru"
+  path = _tensor_pt(tmp_path, *layout, more=bias)
+  with pytest.raises(UserError) as error:
+    torch_checkpoint.load_module(path)
+  assert str(error.value) == (
+    f"checkpoint {path} is corrupt or truncated (ValueError: storage net/data/0 holds 4 "
+    "float32 elements, the pickle says 4 int64)"
+  )
+
+
+@pytest.mark.parametrize(
+  "more,message",
+  [
+    (
+      _str("_buffers") + b"}(" + _str("b") + _str("text") + b"u",
+      "module lin has a _buffers torch never writes",
+    ),
+    (_str("_modules") + b"}(" + _int(3) + b"Nu", "module lin has a _modules torch never writes"),
+  ],
+  ids=["buffer-a-string", "module-named-by-an-int"],
+)
+def test_module_items_torch_never_writes_are_refused(tmp_path, more, message):
+  layout = (_int(0), _tuple(_int(4)), _tuple(_int(1)))
+  path = _tensor_pt(tmp_path, *layout, more=more)
+  with pytest.raises(
+    UserError, match=f"^checkpoint {path} is corrupt or truncated \\(ValueError: {message}\\)$"
+  ):
+    torch_checkpoint.load_module(path)
+
+
+def test_a_set_of_tensors_and_calls_torch_never_writes_are_refused(tmp_path):
+  layout = (_int(0), _tuple(_int(4)), _tuple(_int(1)))
+  tensor = (
+    _global("torch._utils", "_rebuild_tensor_v2")
+    + _tuple(
+      _tuple(_str("storage"), _global("torch", "FloatStorage"), _str("0"), _str("cpu"), _int(4))
+      + b"Q",
+      *layout,
+    )
+    + b"R"
+  )
+  path = _tensor_pt(tmp_path, *layout, more=_str("cache") + b"\x8f(" + tensor + b"\x90")
+  with pytest.raises(UserError) as error:
+    torch_checkpoint.load_module(path)
+  assert str(error.value) == (
+    f"checkpoint {path}: lin.cache is a set of tensors, which a module never holds"
+  )
+  codecs = _global("_codecs", "encode") + _tuple(_str("\xe9"), _str("utf-8")) + b"R"
+  path = _tensor_pt(tmp_path, *layout, more=_str("text") + codecs)
+  with pytest.raises(UserError, match="ValueError: the pickle uses _codecs.encode in a way torch"):
+    torch_checkpoint.load_module(path)
+  # Names the reader maps elsewhere only under their own modules (torch.* only its modules).
+  for module, name in (("torch", "load"), ("os", "OrderedDict"), ("os", "set"), ("os", "scalar")):
+    path = _crafted_pt(tmp_path / "odd.pt", 0, [4], [1], linear=_global(module, name) + b")R")
+    with pytest.raises(UserError) as error:
+      torch_checkpoint.load_module(path)
+    assert (
+      str(error.value)
+      == f"checkpoint {path}: refusing to load {module}.{name} from a checkpoint pickle"
+    )
+
+
+@pytest.mark.parametrize(
+  "module,name",
+  [
+    ("pandas", "Index"),
+    ("pandas.core.indexes.base", "Index"),
+    ("pandas", "RangeIndex"),
+    ("pandas.core.indexes.range", "RangeIndex"),
+  ],
+)
+def test_a_pickle_cannot_set_attributes_of_pandas_classes(tmp_path, module, name):
+  """BUILD with a state (None, {attribute: value}) on a class without `__setstate__` sets the
+  class's attributes: a .df set `pandas.Index.tolist = tuple` (any attribute to any value it
+  builds) for the rest of the process. pandas' pickles only hand these classes to
+  `_new_Index`; the real files and frames written by pandas load as before (tests above)."""
+  path = tmp_path / "Val_data.df"
+  state = b"N}" + _str("pickled_attribute") + _global("builtins", "tuple") + b"s\x86"
+  path.write_bytes(b"\x80\x02" + _global(module, name) + state + b"b.")
+  cls = getattr(pd, name)
+  try:
+    with pytest.raises(UserError) as error:
+      load_dataframe(str(path))
+    assert str(error.value) == (
+      f"data file {path} is corrupt or truncated "
+      f"(ValueError: a pickle sets attributes of the class pandas.{name})"
+    )
+    assert "pickled_attribute" not in vars(cls)
+  finally:
+    if "pickled_attribute" in vars(cls):
+      delattr(cls, "pickled_attribute")
+
+
+def test_a_checkpoint_pickle_cannot_set_a_storage_type(tmp_path):
+  """BUILD on `torch.FloatStorage` (what the reader maps it to) set the dtype its storage is
+  read as: a float checkpoint read as datetimes, strings or bytes."""
+  storage_type = (
+    _global("torch", "FloatStorage") + b"N}" + _str("dtype") + _str("M8[s]") + b"s\x86b"
+  )
+  pid = _tuple(_str("storage"), storage_type, _str("0"), _str("cpu"), _int(2))
+  path = _tensor_pt(tmp_path, _int(0), _tuple(_int(2)), _tuple(_int(1)), pid=pid)
+  with pytest.raises(UserError) as error:
+    torch_checkpoint.load_module(path)
+  assert str(error.value) == (
+    f"checkpoint {path} is corrupt or truncated "
+    "(ValueError: the pickle sets the state of a torch storage type)"
+  )
+
+
+def test_arrow_column_labels_with_offsets_out_of_order_are_an_error(tmp_path):
+  """Offsets inside the data but out of order (a label of negative length) pass Arrow's
+  shallow validation and aborted the process (std::length_error) when pandas read them."""
+  pytest.importorskip("pyarrow")
+  data = _small_frame_pickle()
+  offsets = struct.pack("<4q", 0, 3, 10, 14)
+  if offsets not in data:
+    pytest.skip("this pandas pickles column labels without Arrow")
+  path = tmp_path / "Val_data.df"
+  path.write_bytes(_patched(data, offsets, struct.pack("<4q", 0, 13, 3, 14)))
+  out = _load_in_child(path).stdout
+  assert "(ArrowInvalid: Offset invariant failure: non-monotonic offset at slot 2: 3 < 13)" in out
+
+
+def test_a_pickle_without_stop_or_with_an_unknown_opcode_is_named_by_the_scan(tmp_path):
+  path = tmp_path / "Val_data.df"
+  for pickled, message in (
+    (b"\x80\x04N\xff.", "bad opcode at byte 3"),
+    (b"\x80\x04N", "no STOP opcode"),
+  ):
+    path.write_bytes(pickled)
+    with pytest.raises(UserError) as error:
+      load_dataframe(str(path))
+    assert str(error.value) == f"data file {path} is corrupt or truncated (ValueError: {message})"
