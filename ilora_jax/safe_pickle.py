@@ -184,8 +184,22 @@ def _restore_array(state):
   return array
 
 
+def _py_buffer(data):
+  """pyarrow's `py_buffer`, through a function of ours: a BUILD on pyarrow's own would set its
+  attributes for the rest of the process (as on `type_for_alias`'s)."""
+  from pyarrow.lib import py_buffer
+
+  return py_buffer(data)
+
+
+def _type_for_alias(name):
+  from pyarrow.lib import type_for_alias
+
+  return type_for_alias(name)
+
+
 # What allowed names resolve to where that is not the object they name: numpy's under either
-# of its names, and stand-ins that check their input.
+# of its names, and stand-ins that check their input or keep a BUILD off the library's objects.
 _RESOLVED = {
   ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
   ("numpy", "ndarray"): _CheckedArray,
@@ -195,6 +209,8 @@ _RESOLVED = {
   ("pandas._libs.internals", "_unpickle_block"): _unpickle_block,
   ("pandas.core.indexes.base", "_new_Index"): _new_index,
   ("pyarrow.lib", "_restore_array"): _restore_array,
+  ("pyarrow.lib", "py_buffer"): _py_buffer,
+  ("pyarrow.lib", "type_for_alias"): _type_for_alias,
 }
 
 _EXTENSION_TYPE = (

@@ -1,5 +1,7 @@
 """The allowlisting unpickler: real LLaRA files load; anything that could run code is refused."""
 
+import contextlib
+import importlib
 import os
 import pickle
 import pickletools
@@ -15,7 +17,7 @@ import pandas as pd
 import pytest
 from conftest import ROOT, shared_path
 
-from ilora_jax import sasrec, torch_checkpoint
+from ilora_jax import safe_pickle, sasrec, torch_checkpoint
 from ilora_jax.errors import UserError
 from ilora_jax.safe_pickle import load_dataframe
 
@@ -1122,6 +1124,27 @@ def test_a_pickle_cannot_set_attributes_of_pandas_classes(tmp_path, module, name
   finally:
     if "pickled_attribute" in vars(cls):
       delattr(cls, "pickled_attribute")
+
+
+@pytest.mark.parametrize("module, name", sorted(safe_pickle._ALLOWED))
+def test_no_allowed_name_gets_attributes_from_a_pickle(tmp_path, module, name):
+  """The same BUILD on every allowed name: refused, or it lands on an object of the reader's
+  own, never on the library's (pyarrow's `py_buffer` and `type_for_alias` took attributes for
+  the rest of the process)."""
+  real = module.replace("numpy.core.", "numpy._core.")
+  if real.startswith("pyarrow"):
+    pytest.importorskip("pyarrow")
+  target = getattr(importlib.import_module(real), name)
+  path = tmp_path / "Val_data.df"
+  state = b"N}" + _str("pickled_attribute") + _global("builtins", "tuple") + b"s\x86"
+  path.write_bytes(b"\x80\x02" + _global(module, name) + state + b"b.")
+  try:
+    with contextlib.suppress(UserError):
+      safe_pickle.safe_load(str(path))
+    assert not hasattr(target, "pickled_attribute")
+  finally:
+    with contextlib.suppress(AttributeError, TypeError):
+      delattr(target, "pickled_attribute")
 
 
 def test_a_checkpoint_pickle_cannot_set_a_storage_type(tmp_path):
