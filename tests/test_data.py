@@ -4,14 +4,17 @@ import collections
 import importlib.util
 import os
 import re
+import sys
 import zlib
+from types import SimpleNamespace
 
+import ml_collections
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import shared_path
 
-from ilora_jax import data, movielens, synthetic
+from ilora_jax import configuration, data, movielens, synthetic
 from ilora_jax.errors import UserError
 from ilora_jax.safe_pickle import load_dataframe
 
@@ -299,8 +302,6 @@ def test_titles_with_bad_ids_or_empty_titles_are_errors(tmp_path, text, message)
 
 
 def _folder_config(tmp_path, n_titles, n_items, **data_fields):
-  from ilora_jax import configuration
-
   folder = tmp_path / "d"
   folder.mkdir(parents=True)
   frame = pd.DataFrame({"seq": [[1, 2, 3] + [9] * 7] * 4, "len_seq": [3] * 4, "next": [4] * 4})
@@ -338,8 +339,6 @@ def test_an_empty_test_file_setting_skips_the_test_split_and_a_file_is_no_data_f
 
 
 def _build_config(tmp_path, ratings, seed=0):
-  from ilora_jax import configuration
-
   return configuration.load(
     "configs/demo.py",
     ["data.dir=", f"data.raw_ratings={ratings}", f"data.build_seed={seed}"],
@@ -413,8 +412,6 @@ def test_real_titles_and_splits_load():
   assert len(titles) == 1682 and titles[0] == "Toy Story"
   # The MovieLens config writes the article first (as the original's prompts); a run's saved
   # config of older code, without the field, keeps u.item's form.
-  import sys
-
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
   import movielens as movielens_config
 
@@ -534,8 +531,6 @@ def test_synthetic_data_drops_short_histories_and_refuses_empty_splits():
   """data.min_len drops the synthetic rows with shorter histories, as it drops a file's rows
   (the audit found it ignored there); a min_len no row reaches, or too few users for the
   8:1:1 split to give val a user, is one line before anything trains."""
-  from ilora_jax import configuration
-
   config = configuration.load("configs/tiny.py", ["data.min_len=5"])
   syn = config.data.synthetic
   raw = synthetic.generate(syn.num_items, syn.num_users, syn.num_groups, syn.seq_len,
@@ -663,10 +658,6 @@ def test_candidates_with_exactly_enough_items_take_them_all():
 
 
 def test_data_dir_titles_file_and_test_split_are_found(tmp_path):
-  from types import SimpleNamespace
-
-  import ml_collections
-
   def dirs(**fields):
     base = {"dir": "", "build": "", "name": "movielens", "train_file": "t.df", "val_file": "v.df"}
     return SimpleNamespace(data=SimpleNamespace(**{**base, **fields}))

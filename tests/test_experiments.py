@@ -5,13 +5,17 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 from conftest import ROOT, assert_one_line_error, metrics_records, run_cli
 from ml_collections import ConfigDict
 
-from ilora_jax import experiments, report, synthetic
+from ilora_jax import configuration, experiments, llm, report, synthetic
 
 GRID_FILE = os.path.join(ROOT, "configs", "experiments", "negative_transfer.py")
 GRID = "--grid=configs/experiments/negative_transfer.py"
@@ -211,8 +215,6 @@ def test_each_data_setting_freezes_a_sasrec_trained_on_its_own_data():
   data setting, shared by the variants of that data; the common one keeps sasrec/seed<k>),
   also when grid.only leaves out the variant it is named after; so does one that changes
   sasrec.* (the frozen model's shape)."""
-  from ilora_jax import configuration
-
   variants = ("a: lora.rank=8", "b: data.candidate_seed=7", "c: data.synthetic.seed=3",
               "d: data.synthetic.seed=3 lora.rank=4")  # fmt: skip
   for only, jobs in (("", ["sasrec/seed1", "sasrec/b/seed1", "sasrec/c/seed1"]),
@@ -250,8 +252,6 @@ def test_each_data_setting_freezes_a_sasrec_trained_on_its_own_data():
 def test_common_train_overrides_reach_the_ilora_runs_only():
   """`train.*` in the common overrides trains the iLoRA runs; the SASRec job keeps its own
   length and learning rate (stage-specific sasrec.train.* still reaches it)."""
-  from ilora_jax import configuration
-
   extra = "train.steps=50 train.lr=0.05 sasrec.train.epochs=3"
   runs, _ = experiments.plan(_grid(seeds="0", only="lora", extra=extra), GRID_FILE, "w")
   sasrec, lora = (configuration.load(r.config_path, r.overrides) for r in runs)
@@ -329,8 +329,6 @@ def test_synthetic_groups_have_conflicting_next_item_rules():
 
 
 def test_word_titles_are_one_token_each():
-  from ilora_jax import llm
-
   tokenizer = llm.load("tiny").tokenizer  # SmolLM2's tokenizer.
   titles = synthetic.titles(len(synthetic.WORD_TITLES), "words")
   assert len(set(titles.values())) == len(titles)
@@ -431,8 +429,6 @@ def test_config_diffs_of_a_moved_run_of_defaults_and_of_volatile_sections(tmp_pa
   """A run whose workdir moved (runner.json names the old one) froze the same SASRec as its
   new place plans; a key the saved config lacks is the default's value; every key under a
   VOLATILE section (distributed.*) is left out."""
-  from ilora_jax import configuration
-
   default = experiments._json_form(configuration.load(os.path.join(ROOT, "configs", "tiny.py")))
   new_w = str(tmp_path / "new" / "W")
   run = experiments.Run("a/seed0", "a", 0, os.path.join(new_w, "runs", "a", "seed0"), [])
@@ -465,8 +461,6 @@ def test_config_diffs_of_a_moved_run_of_defaults_and_of_volatile_sections(tmp_pa
 def test_check_runs_names_a_variant_run_first_and_counts_the_others(tmp_path):
   """The SASRec job comes first in the plan, but the message names the variant's run, its
   first 3 differing settings, how many more there are, and how many other runs differ."""
-  from ilora_jax import configuration
-
   runs, _ = experiments.plan(_grid(seeds="0", only="lora"), GRID_FILE, str(tmp_path))
   sasrec, lora = runs
 
@@ -892,8 +886,6 @@ def test_runs_of_older_code_with_the_same_command_are_not_refused(tmp_path):
   (how often training was recorded) and, on synthetic data, its data.min_len (which that
   code ignored there: every row was kept, as min_len=1 keeps them now) are no other settings;
   a changed min_len of a newer run is, and so is a command that now drops rows."""
-  from ilora_jax import configuration
-
   planned = experiments._json_form(configuration.load("configs/tiny.py"))
   run = experiments.Run("ilora/seed0", "ilora", 0, str(tmp_path), [])
   older = {k: v for k, v in planned.items() if not k.endswith("train.log_every_steps")}
@@ -953,13 +945,6 @@ def test_grid_resumes_and_adds_seeds(smoke):
 
 
 def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(smoke, tmp_path):
-  import signal
-  import subprocess
-  import sys
-  import time
-
-  from conftest import ROOT
-
   w = str(tmp_path / "grid")
   sasrec = os.path.join(smoke[0], "sasrec", "seed0")  # Trained already: one run in this grid.
   args = [sys.executable, "-m", "ilora_jax.experiments", GRID, f"--workdir={w}",

@@ -4,14 +4,20 @@ run's config.json, notices and --help; none of these tests loads a model."""
 import importlib.util
 import json
 import os
+import subprocess
 import sys
+import types
+import unicodedata
 
 import pytest
 from conftest import ROOT, assert_one_line_error, run_cli, shared_path
+from ml_collections import ConfigDict
 
 import ilora_jax.recommend as rec_mod
+from ilora_jax import compile_cache, errors, synthetic, train_ilora
+from ilora_jax.data import load_titles
 from ilora_jax.errors import UserError
-from ilora_jax.recommend import load_run_config, resolve_items
+from ilora_jax.recommend import load_run_config, resolve_items, split_entries, titles_with_years
 
 MODULE = "ilora_jax.recommend"
 REAL_RECOMMENDER = rec_mod.Recommender  # The tests that load no model replace it.
@@ -96,18 +102,11 @@ def test_an_unknown_title_names_close_matches():
 
 
 def test_entries_are_split_on_unescaped_bars():
-  from ilora_jax.recommend import split_entries
-
   assert split_entries(r"Odd\|\|Even| #3 ||Heat") == ["Odd||Even", " #3 ", "Heat"]
   assert resolve(split_entries(r"Odd\|\|Even|#3"), {2207: "Odd||Even", 3: "3"}) == [2207, 3]
 
 
 def test_real_movielens_titles():
-  from ml_collections import ConfigDict
-
-  from ilora_jax.data import load_titles
-  from ilora_jax.recommend import titles_with_years
-
   path = shared_path("data", "movielens", "u.item")
   titles = load_titles(path)
   config = ConfigDict({"data": {"name": "movielens", "dir": os.path.dirname(path)}})
@@ -204,8 +203,6 @@ class FakeRecommender:
   """Stands in for a restored run: its titles and config, candidates scored in order."""
 
   def __init__(self, workdir, config=None):
-    from ml_collections import ConfigDict
-
     self.config = ConfigDict({"data": {"max_len": 3, "num_candidates": 4}})
     self.titles = {1: "Oomph!", 2: "1", 3: "Heat", 4: "Toy Story", 5: "Cape Fear"}
     self.titles_with_years = {}
@@ -278,8 +275,6 @@ def test_the_api_refuses_a_bad_k_and_unknown_item_ids(monkeypatch, tmp_path):
 
 
 def test_cli_prints_notices_on_stderr(monkeypatch, tmp_path, capsys):
-  from ilora_jax import compile_cache
-
   (tmp_path / "config.json").write_text(json.dumps(base_config()))
   monkeypatch.setattr(rec_mod, "Recommender", FakeRecommender)
   monkeypatch.setattr(compile_cache, "enable", lambda folder: None)
@@ -311,8 +306,6 @@ def test_cli_bad_config_json_fails_before_loading_a_model(tmp_path):
 
 
 def test_a_wrong_year_and_a_decomposed_unicode_title():
-  import unicodedata
-
   titles = {0: "Toy Story", 1: "Röyksopp"}
   full = {0: "Toy Story (1995)", 1: "Röyksopp"}
   assert resolve(["Toy Story (1995)", "toy story"], titles, full) == [0, 0]
@@ -349,8 +342,6 @@ def test_a_hash_entry_that_is_no_id_says_how_ids_are_written():
 
 
 def test_entries_resolve_before_the_model_is_built(tmp_path, monkeypatch):
-  from ilora_jax import synthetic
-
   synthetic_workdir(tmp_path, monkeypatch)
   rec = REAL_RECOMMENDER(str(tmp_path))
   titles = synthetic.titles(base_config()["data"]["synthetic"]["num_items"])
@@ -366,8 +357,6 @@ def synthetic_workdir(tmp_path, monkeypatch, **sasrec) -> str:
   """A workdir whose config.json is the base config on the synthetic data (60 items), with
   the model's construction replaced by an AssertionError: what passes its checks is refused
   or accepted before any model is built."""
-  from ilora_jax import train_ilora
-
   config = base_config()
   config["data"]["name"] = "synthetic"
   config["sasrec"].update(sasrec)
@@ -386,8 +375,6 @@ def test_a_workdir_without_ilora_checkpoints_is_refused_before_the_model_is_buil
 ):
   """A SASRec-only workdir (or an iLoRA run before its first checkpoint) was refused only
   after the LLM was built and SASRec restored: minutes for a 7B model."""
-  from ilora_jax import train_ilora
-
   workdir = synthetic_workdir(tmp_path, monkeypatch)
   monkeypatch.undo()  # The real checkpoint lookup, and a setup that must not be reached:
   monkeypatch.setattr(train_ilora, "setup", lambda *args, **kwargs: pytest.fail("built"))
@@ -461,9 +448,6 @@ def test_the_api_refuses_a_string_for_a_list(tmp_path, monkeypatch, history, can
 def test_titles_the_terminal_cannot_encode_are_printed_escaped(tmp_path):
   """With an ASCII stdout, "Tiësto" ended the run with `unexpected UnicodeEncodeError` after
   all the work, printing nothing: the rows are printed, the title escaped."""
-  import subprocess
-  import sys
-
   (tmp_path / "config.json").write_text(json.dumps(base_config()))
   script = f"""
 import ilora_jax.recommend as rec_mod
@@ -498,10 +482,6 @@ rec_mod.main(["recommend", "--workdir={tmp_path}", "--history=#0", "--k=2"])
 def test_the_note_says_when_the_run_is_unfinished(tmp_path, monkeypatch):
   """A run stopped at step 2 of 4 (`train.stop_after_steps`) was used as "the latest
   checkpoint, step 2", as if finished: the note says it is unfinished (still a note)."""
-  import types
-
-  from ilora_jax import train_ilora
-
   workdir = synthetic_workdir(tmp_path, monkeypatch)
   su = types.SimpleNamespace(state={}, total_steps=4, settings={}, parts=None, gate_kind=None,
                              dataset=types.SimpleNamespace(val=None))  # fmt: skip
@@ -560,9 +540,6 @@ def test_the_api_refuses_empty_lists_dicts_and_an_unordered_history(tmp_path, mo
 def test_cli_an_empty_history_flag_and_an_unwritable_stdout_are_one_line(tmp_path):
   """`--history=` said `--workdir and --history are required` though both were given; a full
   disk behind stdout was `unexpected OSError` (exit 3) after the work."""
-  import subprocess
-  import sys
-
   proc = run_cli(f"--workdir={tmp_path}", "--history=", module=MODULE, timeout=120)
   assert_one_line_error(proc, "--history is empty: name at least one item")
   (tmp_path / "config.json").write_text(json.dumps(base_config()))
@@ -694,10 +671,6 @@ def test_a_wrong_year_where_the_years_are_known_has_no_leave_out_hint():
 
 def test_titles_with_years_only_for_a_u_item(tmp_path):
   """LastFM's and Steam's `id2name.txt` have no years to add; the synthetic data no file."""
-  from ml_collections import ConfigDict
-
-  from ilora_jax.recommend import titles_with_years
-
   for name in ("lastfm", "steam"):
     folder = os.path.dirname(shared_path("data", name, "id2name.txt"))
     config = ConfigDict({"data": {"name": name, "dir": folder}})
@@ -747,8 +720,6 @@ def test_a_history_that_repeats_items_leaves_the_others_to_recommend(monkeypatch
 
 
 def test_cli_refuses_a_missing_workdir_and_k_below_one(monkeypatch, capsys, tmp_path):
-  from ilora_jax import errors
-
   monkeypatch.setattr(errors, "_quiet_at_exit", lambda: None)  # In this process: no effect.
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
   cases = [

@@ -1,9 +1,14 @@
 """The end-of-run report: plots, summary table and TensorBoard scalars from metrics.jsonl."""
 
+import glob
 import json
 import math
 import os
+import re
 import struct
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +16,7 @@ from conftest import ROOT, assert_one_line_error, run_cli, unshare_works
 
 from ilora_jax import report
 from ilora_jax.errors import UserError
+from ilora_jax.metrics import MetricsLog
 
 
 def _events(path):
@@ -72,8 +78,6 @@ def test_report_from_metrics(tmp_path):
   summary = open(f"{out}/summary.md").read()
   assert "| ilora | ilora | val | 5 | 0.3125 | 0.5000 |" in summary
   assert "skipped: no file" in summary
-  import glob
-
   (events,) = glob.glob(f"{out}/tb/events.*")
   scalars = _events(events)
   assert ("ilora/train/loss", 3, np.float32(2.7)) in [(t, s, np.float32(v)) for t, s, v in scalars]
@@ -169,8 +173,6 @@ def test_a_report_of_a_run_without_ilora_finals_says_why_nothing_is_compared(tmp
 def test_a_pipe_in_a_compare_name_or_a_record_keeps_the_tables_columns(tmp_path):
   """A compare name holding `|` (or a record's text, such as a skipped split's reason) is one
   cell of summary.md's tables, with its `|` escaped, not a column break."""
-  import re
-
   records = [{"run": "ilora", "stage": "ilora", "split": "val", "step": 3, "final": True,
               "candidates": "abc", "hr@1": 0.5},
              {"run": "ilora", "stage": "ilora", "split": "test", "step": 3,
@@ -276,8 +278,6 @@ SASREC_TRAIN = {"run": "sasrec", "stage": "sasrec", "split": "train", "step": 1,
 def test_summary_lists_the_plots_written(tmp_path, records):
   """summary.md's "Plots:" line names the plots in the folder, no `gates.png` where none was
   drawn (a SASRec-only or an empty run)."""
-  import re
-
   (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   out = report.write(str(tmp_path))
   (line,) = [x for x in open(f"{out}/summary.md").read().splitlines() if x.startswith("Plots:")]
@@ -350,8 +350,6 @@ def test_group_metrics_get_their_own_table():
 def test_runs_without_ranking_metrics_plot_without_warnings(tmp_path):
   """A run with both evaluation modes off has val records with the loss only: its validation
   panel says so instead of matplotlib warning of a legend with no entries."""
-  import warnings
-
   import matplotlib.image
 
   records = [
@@ -371,9 +369,6 @@ def test_runs_without_ranking_metrics_plot_without_warnings(tmp_path):
 def test_report_does_not_import_torch(tmp_path):
   """tensorboardX imports torch where it is installed; the report's writer must not (the
   package never uses torch). In a fresh interpreter, with torch installed as in the tests."""
-  import subprocess
-  import sys
-
   pytest.importorskip("torch")
   records = [{"run": "sasrec", "stage": "sasrec", "split": "train", "step": 1, "loss": 2.5}]
   with open(tmp_path / "metrics.jsonl", "w") as f:
@@ -388,8 +383,6 @@ def test_report_does_not_import_torch(tmp_path):
   assert proc.returncode == 0, proc.stderr
   imported, out = proc.stdout.split()
   assert imported == "False"
-  import glob
-
   (events,) = glob.glob(f"{out}/tb/events.*")
   assert ("sasrec/train/loss", 1, 2.5) in _events(events)
   import torch  # noqa: F401  (imported here, the writer class comes as before)
@@ -400,8 +393,6 @@ def test_report_does_not_import_torch(tmp_path):
 def _report_cli(capsys, *args):
   """`python -m ilora_jax.report args...` in this process (cheaper than a subprocess): the
   exit code and the captured output as a CompletedProcess."""
-  import subprocess
-
   code = 0
   try:
     report.main(["report", *args])
@@ -457,8 +448,6 @@ def test_a_cut_last_line_is_skipped_and_numbers_too_big_become_inf(tmp_path, cap
 
 @pytest.mark.parametrize("case", ["metrics_dir", "report_file", "tb_file", "read_only"])
 def test_unusable_files_and_folders_are_one_error(tmp_path, capsys, case):
-  import os
-
   (tmp_path / "metrics.jsonl").write_text(GOOD)
   fragments = [str(tmp_path)]
   if case == "metrics_dir":
@@ -479,9 +468,6 @@ def test_unusable_files_and_folders_are_one_error(tmp_path, capsys, case):
       tmp_path.chmod(0o755)
       if not unshare_works(str(tmp_path.parent / f"{tmp_path.name}_probe")):
         pytest.skip("root writes into read-only folders, and no `unshare --user --mount`")
-      import subprocess
-      import sys
-
       script = (f"mount --bind {tmp_path} {tmp_path} && mount -o remount,bind,ro {tmp_path} && "
                 f"{sys.executable} -m ilora_jax.report --workdir={tmp_path}")  # fmt: skip
       proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
@@ -591,8 +577,6 @@ def test_non_finite_values_the_log_writes_as_text_stay_in_the_report(tmp_path, c
   """The log writes NaN and the infinities as the texts "nan", "inf" (JSON has none): the
   summary shows them in their columns and the loss plot keeps the finite points, instead of
   dropping the values as if they were not metrics."""
-  from ilora_jax.metrics import MetricsLog
-
   log = MetricsLog(str(tmp_path))
   base = {"run": "ilora", "stage": "ilora"}
   for step, loss in ((1, 2.5), (2, float("nan")), (3, 2.0)):
@@ -839,8 +823,6 @@ def test_cell_forms():
   "case", ["no_rows", "no_experts", "npy", "no_users", "rows_differ", "three_d"]
 )
 def test_unusable_gates_files_are_one_error(tmp_path, case):
-  import re
-
   path = str(tmp_path / "gates.npz")
   arrays = {
     "no_rows": {"gates": np.zeros((0, 2)), "users": np.zeros((0, 3))},
@@ -929,8 +911,6 @@ def test_a_final_of_earlier_weights_is_reported_at_their_step(tmp_path, monkeypa
   assert start > lines.index("## val: methods on the same candidates (fingerprint abc, step 2)")
   assert "| ilora | val | 0 | 0.7500 |" in lines
   assert ("hr@1", [("val", 1), ("val", 2)]) in plotted  # The val plot: not the final.
-  import glob
-
   (events,) = glob.glob(f"{out}/tb/events.*")
   assert sorted(_events(events)) == sorted(
     [
@@ -980,8 +960,6 @@ def test_a_rebuilt_report_replaces_what_the_last_one_wrote(tmp_path):
   assert report.write(str(tmp_path)) == out
   assert not os.path.exists(f"{out}/gates.png")
   assert "gates.png" not in open(f"{out}/summary.md").read()
-  import glob
-
   (events,) = glob.glob(f"{out}/tb/events.*")
   assert _events(events) == [("ilora/train/loss", 1, 2.0)]
 
