@@ -179,7 +179,7 @@ def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> di
   rtr = router.make_router(config.router.kind, lora_cfg.num_experts, config.router.hidden,
                            **train_ilora.router_kwargs(config))  # fmt: skip
   key = jax.random.PRNGKey(0)
-  rtr_abs, proj_abs, _ = jax.eval_shape(
+  rtr_abs, proj_abs, stats = jax.eval_shape(
     lambda: train_ilora.init_router_projector(
       rtr, Projector(cfg.hidden_size), sas_cfg.hidden, key, key
     )
@@ -191,7 +191,6 @@ def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> di
   tx = optim.make(train_ilora.labels_of(trainable), tc.lr, 1000, tc.weight_decay, tc.clip_norm)
   opt_abs = jax.eval_shape(tx.init, trainable)
   opt_specs = optimizer_specs(opt_abs, trainable, trainable_specs)
-  stats = rtr_abs.get("batch_stats", {})
 
   micro = int(config.train.batch_size or tc.batch_size)
   shards = sizes["data"] * sizes["fsdp"]
