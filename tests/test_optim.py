@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ilora_jax import optim
 
@@ -114,17 +115,19 @@ def _global_norm(grads: dict) -> float:
   return math.sqrt(sum(float(np.sum(g**2)) for g in grads.values()))
 
 
-def test_two_clipped_adam_steps_match_numpy():
+@pytest.mark.parametrize("clip_norm", [1.0, 0.0, None])
+def test_two_clipped_adam_steps_match_numpy(clip_norm):
   """optim.make's updates against Adam in numpy on gradients clipped by their global norm (over
   all groups at once): a first gradient of norm 30, then one of norm 0.1. Adam's first step is
-  the same with or without clipping; the second shows it (its moments hold the first)."""
+  the same with or without clipping; the second shows it (its moments hold the first). A
+  clip_norm of 0 or None is no clipping (configs/base.py: "0 = off"), not a clip to zero."""
   rng = np.random.default_rng(3)
   params = _params()
   grads = []
   for norm in (30.0, 0.1):
     g = {k: rng.standard_normal(3) for k in params}
     grads.append({k: v * norm / _global_norm(g) for k, v in g.items()})
-  tx = optim.make(_labels, lr=1e-2, total_steps=100, weight_decay=0.0, clip_norm=1.0)
+  tx = optim.make(_labels, lr=1e-2, total_steps=100, weight_decay=0.0, clip_norm=clip_norm)
   state = tx.init(params)
   got = []
   for g in grads:
@@ -135,7 +138,7 @@ def test_two_clipped_adam_steps_match_numpy():
   v = {k: np.zeros(3) for k in params}
   b1, b2, eps = 0.9, 0.999, 1e-8
   for t, g in enumerate(grads):
-    scale = min(1.0, 1.0 / _global_norm(g))
+    scale = min(1.0, clip_norm / _global_norm(g)) if clip_norm else 1.0
     for k in params:
       c = g[k] * scale
       m[k] = b1 * m[k] + (1 - b1) * c
@@ -158,3 +161,75 @@ def test_non_finite_gradients_are_skipped_and_counted():
   updates, state = tx.update(good, state, params)
   assert int(optim.skipped_updates(state)) == 1
   assert all(np.all(np.asarray(u) != 0) for u in jax.tree.leaves(updates))
+
+
+def test_adam_epsilon_is_the_originals_1e_8():
+  """torch.optim.Adam's eps (the original's optimizer, REFERENCE.md): 1e-8 added to sqrt(v_hat).
+  On a first step with gradients of 1e-6 (LoRA: no decay) the update is
+  -lr0 * 1e-6 / (1e-6 + 1e-8) = -lr0 / 1.01, by hand; an eps of 1e-6 would halve it."""
+  params = _params()
+  tx = optim.make(_labels, lr=1e-2, total_steps=100, weight_decay=0.0, clip_norm=None)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-6), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  lr0 = 1e-2 / 100  # Step 0: the warm-up's start.
+  np.testing.assert_allclose(updates["lora"]["w"], -lr0 / 1.01, rtol=1e-4)
+  np.testing.assert_allclose(updates["router"]["w"], -0.3 * lr0 / 1.01, rtol=1e-4)
+
+
+def test_many_non_finite_updates_in_a_row_are_all_skipped():
+  """make's docstring: optax's limit on consecutive non-finite updates is kept large (the
+  training loop stops such runs itself): the fifth NaN gradient in a row is still skipped."""
+  params = _params()
+  tx = optim.make(_labels, lr=1e-2, total_steps=100, weight_decay=0.5, clip_norm=1.0)
+  state = tx.init(params)
+  bad = jax.tree.map(lambda p: jnp.full_like(p, jnp.nan), params)
+  for n in range(1, 6):
+    updates, state = tx.update(bad, state, params)
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates)), n
+    assert int(optim.skipped_updates(state)) == n
+
+
+def test_global_norm_is_the_l2_norm_over_all_leaves():
+  tree = {"a": jnp.array([3.0]), "b": {"c": jnp.array([[4.0, 12.0]])}}
+  assert math.isclose(float(optim.global_norm(tree)), 13.0, rel_tol=1e-6)  # sqrt(9 + 16 + 144)
+
+
+def test_a_warm_up_as_long_as_the_run_ends_at_the_peak_then_the_floor():
+  """schedule with a warm-up given explicitly and not shorter than the run (its docstring: the
+  values of optax.warmup_cosine_decay_schedule, whose decay ends at max(total, warmup + 1)):
+  by hand, 10 warm-up steps of a 10-step run rise from lr/100 to lr at step 10 and the cosine,
+  one step long, reaches lr/100 at step 11 - no division by zero."""
+  lr = 1e-3
+  sched = optim.schedule(lr, 10, warmup=10)
+  for step, want in ((0, lr / 100), (5, lr / 100 + (lr - lr / 100) / 2), (10, lr), (11, lr / 100)):
+    assert math.isclose(float(sched(step)), want, rel_tol=1e-5), step
+  assert math.isclose(float(sched(30)), lr / 100, rel_tol=1e-5)
+
+
+def test_logged_rates_of_each_group():
+  """learning_rates: projector and LoRA at the schedule's rate, the router at 0.3 of it (by
+  hand, 400 steps of lr 1e-3: warm-up of 20, so step 10 is halfway up from 1e-5 to 1e-3)."""
+  got = optim.learning_rates(1e-3, 400, 10)
+  want = 1e-5 + (1e-3 - 1e-5) * 10 / 20
+  for group, scale in (("projector", 1.0), ("lora", 1.0), ("router", 0.3)):
+    assert math.isclose(float(got[f"lr/{group}"]), scale * want, rel_tol=1e-5), group
+
+
+def test_the_papers_small_decay_still_moves_projector_and_router():
+  """REFERENCE.md's coupled L2 of 1e-5: with zero gradients Adam's first step normalises
+  g = 1e-5 * p (p = 1) to -lr0 * 1e-5 / (1e-5 + 1e-8) = -lr0 / 1.001, by hand; LoRA stays."""
+  params = _params()
+  tx = optim.make(_labels, lr=7e-4, total_steps=100, weight_decay=1e-5, clip_norm=1.0)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  lr0 = 7e-4 / 100
+  np.testing.assert_allclose(updates["projector"]["w"], -lr0 / 1.001, rtol=1e-4)
+  np.testing.assert_allclose(updates["router"]["w"], -0.3 * lr0 / 1.001, rtol=1e-4)
+  np.testing.assert_allclose(updates["lora"]["w"], 0.0)
+
+
+def test_schedule_floor_ratio_sets_the_start_and_the_end():
+  """A floor of lr / 10 instead of the default lr / 100 (by hand, 400 steps, warm-up 20)."""
+  sched = optim.schedule(1e-3, 400, floor_ratio=0.1)
+  for step, want in ((0, 1e-4), (10, 1e-4 + (1e-3 - 1e-4) / 2), (20, 1e-3), (400, 1e-4)):
+    assert math.isclose(float(sched(step)), want, rel_tol=1e-5), step
