@@ -227,7 +227,7 @@ def validate_distributed(dc: ConfigDict) -> None:
   if dc.coordinator:
     host, _, port = dc.coordinator.rpartition(":")
     need(
-      bool(host) and port.isdigit() and 0 < int(port) < 65536,
+      bool(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536,
       "distributed.coordinator",
       f"={dc.coordinator!r} must be host:port",
     )

@@ -178,6 +178,8 @@ REFUSED = [
   ("distributed.coordinator=h:65536", "config.distributed.coordinator='h:65536' must be host"),
   ("distributed.coordinator=h:x1", "config.distributed.coordinator='h:x1' must be host:port"),
   ("distributed.coordinator=:1234", "config.distributed.coordinator=':1234' must be host:port"),
+  # int() reads other scripts' digits, the coordinator's address string keeps them.
+  ("distributed.coordinator=h:\uff11\uff12", "distributed.coordinator='h:\uff11\uff12' must be"),
   ("distributed.cpu_collectives=nccl", "config.distributed.cpu_collectives='nccl' is not one of"),
   (
     "distributed.num_processes=2",
