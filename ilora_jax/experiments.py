@@ -1155,17 +1155,17 @@ def complete(grid: ConfigDict, path: str) -> ConfigDict:
       "run config, its variants and seeds; see configs/experiments/*.py)"
     )
   for key, default in GRID_FIELDS.items():  # A tuple for a text field failed as AttributeError.
-    value = grid.get(key, default)
-    if isinstance(default, str) or key == "config":
-      wrong = "a string" if not isinstance(value, str) else None
+    if key == "config" or isinstance(default, str):
+      kinds, words = str, "a string"
     elif isinstance(default, bool):
-      wrong = "True or False" if not isinstance(value, bool) else None
+      kinds, words = bool, "True or False"
     elif isinstance(default, tuple):
-      wrong = "a string or a list of strings" if not isinstance(value, (str, list, tuple)) else None
+      kinds, words = (str, list, tuple), "a string or a list of strings"
     else:
-      wrong = None
-    if wrong:
-      raise UserError(f"{path}: grid.{key} must be {wrong}, not {type(value).__name__} {value!r}")
+      continue  # variants and seeds: parse_variants and parse_seeds check them.
+    value = grid.get(key, default)
+    if not isinstance(value, kinds):
+      raise UserError(f"{path}: grid.{key} must be {words}, not {type(value).__name__} {value!r}")
   with grid.unlocked():
     for key, value in GRID_FIELDS.items():
       if key not in grid:
