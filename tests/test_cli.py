@@ -558,7 +558,7 @@ def test_launch_paths_dry_run():
     TINY, "--workdir=/tmp/a b'c", "--config.distributed.auto=True"
   ]  # fmt: skip
   node = dry("launch/gpu_node.sh", "--dry_run", *job)
-  assert "pip install -q -e .[cuda]" in node[0]
+  assert 'pip install -q -e ".[cuda]"' in node[0]
   assert node[1] == f".venv/bin/python -m ilora_jax.main {TINY} --workdir=/tmp/x"
   # Arguments pass through whole (quoted for a shell in the dry run), spaces included.
   spaced = dry("launch/gpu_node.sh", "--dry_run", TINY, "--workdir=/tmp/a b",
