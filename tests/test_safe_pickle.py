@@ -797,6 +797,15 @@ def _memo_put(index):
   return b"r" + struct.pack("<I", index)  # LONG_BINPUT
 
 
+def _refused_as_corrupt(path, pickled: bytes, message: str) -> None:
+  """`pickled`, written to `path`, is refused by load_dataframe as a corrupt file whose
+  ValueError says `message`."""
+  path.write_bytes(pickled)
+  with pytest.raises(UserError) as error:
+    load_dataframe(str(path))
+  assert str(error.value) == f"data file {path} is corrupt or truncated (ValueError: {message})"
+
+
 def test_memo_indices_past_the_file_are_refused_after_any_opcode(tmp_path):
   """The scan that refuses memo indices past the file skips runs of opcodes by their sizes:
   a PUT (protocol 0's, its index in decimal) or LONG_BINPUT behind any of them is still
@@ -804,13 +813,7 @@ def test_memo_indices_past_the_file_are_refused_after_any_opcode(tmp_path):
   path = tmp_path / "Val_data.df"
 
   def refused(pickled, index):
-    path.write_bytes(pickled)
-    with pytest.raises(UserError) as error:
-      load_dataframe(str(path))
-    assert str(error.value) == (
-      f"data file {path} is corrupt or truncated "
-      f"(ValueError: memo index {index} in a pickle of {len(pickled)} bytes)"
-    )
+    _refused_as_corrupt(path, pickled, f"memo index {index} in a pickle of {len(pickled)} bytes")
 
   refused(b"\x80\x02Np1000000\n.", 1000000)
   r = b"r" * 8  # Argument bytes that read as LONG_BINPUT opcodes if the scan misaligns.
@@ -849,27 +852,21 @@ def test_array_states_of_another_size_or_a_dtype_state_of_other_flags_are_named(
     (b"K\x01K\x05\x86", b"K\x01" + _int(-5) + b"\x86", "an ndarray has the shape (1, -5)"),
   ]
   for old, new, message in cases:
-    path.write_bytes(_patched(data, old, new))
-    with pytest.raises(UserError) as error:
-      load_dataframe(str(path))
-    assert str(error.value) == f"data file {path} is corrupt or truncated (ValueError: {message})"
+    _refused_as_corrupt(path, _patched(data, old, new), message)
   dtype = _global("numpy", "dtype") + _tuple(_str("i8"), b"\x89\x88") + b"R"
   for items, shown in ((b"K?", "63"), (b"K\x00N", "0, None")):  # Flags 63; a 9th item.
     state = _tuple(b"K\x03", _str("<"), b"NNN", _int(-1), _int(-1), items)
-    path.write_bytes(b"\x80\x04]" + dtype + state + b"ba.")
-    with pytest.raises(UserError) as error:
-      load_dataframe(str(path))
-    assert str(error.value) == (
-      f"data file {path} is corrupt or truncated (ValueError: numpy dtype int64 has the state "
-      f"(3, '<', None, None, None, -1, -1, {shown}), not (3, '<', None, None, None, -1, -1, 0))"
+    _refused_as_corrupt(
+      path,
+      b"\x80\x04]" + dtype + state + b"ba.",
+      "numpy dtype int64 has the state "
+      f"(3, '<', None, None, None, -1, -1, {shown}), not (3, '<', None, None, None, -1, -1, 0)",
     )
   state = _tuple(b"K\x03", _str("="), b"NNN", _int(-1), _int(-1), b"K\x00")  # No byte order.
-  path.write_bytes(b"\x80\x04]" + dtype + state + b"ba.")
-  with pytest.raises(UserError) as error:
-    load_dataframe(str(path))
-  assert str(error.value) == (
-    f"data file {path} is corrupt or truncated (ValueError: numpy dtype int64 has the state "
-    "(3, '=', None, None, None, -1, -1, 0))"
+  _refused_as_corrupt(
+    path,
+    b"\x80\x04]" + dtype + state + b"ba.",
+    "numpy dtype int64 has the state (3, '=', None, None, None, -1, -1, 0)",
   )
 
 
@@ -1183,7 +1180,4 @@ def test_a_pickle_without_stop_or_with_an_unknown_opcode_is_named_by_the_scan(tm
     (b"\x80\x04N\xff.", "bad opcode at byte 3"),
     (b"\x80\x04N", "no STOP opcode"),
   ):
-    path.write_bytes(pickled)
-    with pytest.raises(UserError) as error:
-      load_dataframe(str(path))
-    assert str(error.value) == f"data file {path} is corrupt or truncated (ValueError: {message})"
+    _refused_as_corrupt(path, pickled, message)
