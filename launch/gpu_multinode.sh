@@ -17,23 +17,16 @@
 # a coordinator without its port), or no job, is one line on stderr and exit status 2 before
 # run_host.sh's set-up.
 set -euo pipefail
-DRY=()
-ARGS=()
 usage="usage: launch/gpu_multinode.sh [--dry_run] [COORDINATOR:PORT NUM_NODES NODE_RANK] --config=... --workdir=..."
 # One line on stderr and exit status 2.
 fail() {
   echo "error: $1; $usage" >&2
   exit 2
 }
-for a in "$@"; do
-  if [[ "$a" == "--dry_run" ]]; then
-    DRY=(--dry_run)
-  elif [[ "$a" =~ ^--?(no)?dry[-_]?run ]]; then
-    fail "$(printf '%q' "$a") is no launcher flag: give --dry_run alone (no value), or leave it out"
-  else
-    ARGS+=("$a")
-  fi
-done
+source "$(dirname "$0")/dry_run.sh"
+take_dry_run "$usage" "$@"
+DRY=()
+[[ "$DRY_RUN" == 0 ]] || DRY=(--dry_run)
 set -- ${ARGS[@]+"${ARGS[@]}"}  # (Bash before 4.4 calls an empty array unbound.)
 # The layout is checked here, before run_host.sh's set-up (the job would refuse it only after).
 check_layout() {  # COORD NUM ID, each given as NAME=VALUE

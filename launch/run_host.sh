@@ -42,18 +42,8 @@ set -euo pipefail
 CALLER=$PWD
 CALLER_P=$(pwd -P)
 cd "$(dirname "$0")/.."
-DRY_RUN=0
-ARGS=()
-for a in "$@"; do
-  if [[ "$a" == "--dry_run" ]]; then
-    DRY_RUN=1
-  elif [[ "$a" =~ ^--?(no)?dry[-_]?run ]]; then  # Else the job would get it, after the set-up.
-    echo "error: $(printf '%q' "$a") is no launcher flag: give --dry_run alone (no value), or leave it out" >&2
-    exit 2
-  else
-    ARGS+=("$a")
-  fi
-done
+source launch/dry_run.sh
+take_dry_run "" "$@"
 case "${ILORA_JAX_SETUP:-}" in
   skip | "") ;;
   *)

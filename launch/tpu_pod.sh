@@ -25,22 +25,13 @@ set -euo pipefail
 CALLER=$PWD
 cd "$(dirname "$0")/.."
 usage="usage: launch/tpu_pod.sh [--dry_run] NAME ZONE ACCELERATOR --config=... --workdir=..."
-DRY_RUN=0
-ARGS=()
 # One line on stderr and exit status 2.
 fail() {
   echo "error: $1; $usage" >&2
   exit 2
 }
-for a in "$@"; do
-  if [[ "$a" == "--dry_run" ]]; then
-    DRY_RUN=1
-  elif [[ "$a" =~ ^--?(no)?dry[-_]?run ]]; then  # Else a job flag: the slice would be created.
-    fail "$(printf '%q' "$a") is no launcher flag: give --dry_run alone (no value), or leave it out"
-  else
-    ARGS+=("$a")
-  fi
-done
+source launch/dry_run.sh
+take_dry_run "$usage" "$@"
 set -- ${ARGS[@]+"${ARGS[@]}"}  # (Bash before 4.4 calls an empty array unbound.)
 case "${ILORA_JAX_TPU_EXISTS:-0}" in
   0 | 1) ;;

@@ -12,6 +12,7 @@ import pytest
 from conftest import ROOT
 
 SCRIPTS = ["run_host.sh", "gpu_node.sh", "gpu_multinode.sh", "tpu_pod.sh"]
+SOURCED = ["dry_run.sh"]  # Read by the scripts above.
 JOB = ["--config=configs/tiny.py", "--workdir=/tmp/x"]
 # Arguments each script needs before the job's flags.
 LEADING = {
@@ -48,7 +49,7 @@ class FakeCheckout:
   def __init__(self, tmp_path, venv=True):
     self.root = tmp_path / "repo"
     (self.root / "launch").mkdir(parents=True)
-    for name in SCRIPTS:
+    for name in SCRIPTS + SOURCED:
       shutil.copy(os.path.join(ROOT, "launch", name), self.root / "launch" / name)
     self.log = tmp_path / "calls.log"
     self.log.touch()
