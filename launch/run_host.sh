@@ -92,22 +92,18 @@ for i in ${ARGS[@]+"${!ARGS[@]}"}; do
       ;;
   esac
   case "$a" in
-    --config=*)
-      GIVEN+=" config"
-      file=${value%%:*}  # ml_collections reads FILE:ARGS as the file and its argument.
-      if [[ "$file" != /* && -f "$CALLER/$file" ]]; then
-        ARGS[i]="--config=$(from_caller "$file")${value:${#file}}"
-      elif [[ ! -f "$file" ]]; then  # Relative: the checkout's (the current folder now).
-        echo "error: --config names no file: $(printf '%q' "$file") is $where" >&2
-        exit 2
+    --config=* | --flagfile=*)  # The flags in a flagfile are read as they are, in the checkout.
+      file=$value
+      if [[ "$flag" == --config ]]; then
+        GIVEN+=" config"
+        file=${value%%:*}  # ml_collections reads FILE:ARGS as the file and its argument.
+      else
+        GIVEN+=" config workdir"
       fi
-      ;;
-    --flagfile=*)  # Found as --config is; the flags in it are read as they are, in the checkout.
-      GIVEN+=" config workdir"
-      if [[ "$value" != /* && -f "$CALLER/$value" ]]; then
-        ARGS[i]="$flag=$(from_caller "$value")"
-      elif [[ ! -f "$value" ]]; then
-        echo "error: --flagfile names no file: $(printf '%q' "$value") is $where" >&2
+      if [[ "$file" != /* && -f "$CALLER/$file" ]]; then
+        ARGS[i]="$flag=$(from_caller "$file")${value:${#file}}"
+      elif [[ ! -f "$file" ]]; then  # Relative: the checkout's (the current folder now).
+        echo "error: $flag names no file: $(printf '%q' "$file") is $where" >&2
         exit 2
       fi
       ;;
