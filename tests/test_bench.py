@@ -19,6 +19,8 @@ SMALL = [
 
 
 def test_bench_train_generate_and_score_keys():
+  from ilora_jax import bench, llm
+
   proc = run_cli(TINY, *SMALL, module="ilora_jax.bench")
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -30,6 +32,10 @@ def test_bench_train_generate_and_score_keys():
     result["eval_gen_batch_s"] / result["eval_score_batch_s"]
   )
   assert np.isfinite(result["loss"])
+  # MFU: the step's FLOPs (`bench.train_flops_per_token`, checked against Llama-2-7B's size
+  # below) over the step time and the default peak of the one device.
+  flops = bench.train_flops_per_token(llm.PRESETS["tiny"], 64) * 2 * 64
+  assert result["mfu"] == pytest.approx(flops / result["step_s"] / 989e12, rel=1e-12)
   # The compile time in its two parts (each timed on its own, around its own call).
   parts = result["compile_trace_s"] + result["compile_xla_s"]
   assert result["compile_trace_s"] > 0 and result["compile_xla_s"] > 0
@@ -888,3 +894,37 @@ def test_torch_reference_warns_of_a_sequence_past_the_models_positions(capsys):
   assert "max_position_embeddings=2048" in lines[0]
   torch_reference.check_args(argparse.Namespace(**args, seq_len=2048))
   assert not capsys.readouterr().err
+
+
+def test_mfu_counts_4_n_flops_per_token_and_12_l_d_t_for_attention():
+  """bench/README's formula: 4 N FLOPs per token for the N matmul weights of the layers, plus
+  12 L d T for attention. N is checked against Llama-2-7B's published size (6,738,415,616
+  parameters: N, the embedding and head rows, 2 x 32000 x 4096, and 65 norm scales of 4096)
+  and against the kernels of each preset's own parameter tree; the PyTorch reference
+  (bench/torch_reference.py) counts the same FLOPs from the Hugging Face config."""
+  import importlib.util
+
+  import jax
+
+  from ilora_jax import bench, llama, llm
+
+  seven = llm.PRESETS["llama2-7b"]
+  n = bench.layer_matmul_params(seven)
+  assert n + 2 * 32000 * 4096 + 65 * 4096 == 6_738_415_616
+  assert bench.train_flops_per_token(seven, 512) == 4 * n + 12 * 32 * 4096 * 512
+  for name, cfg in llm.PRESETS.items():
+    leaves = jax.tree_util.tree_leaves_with_path(llama.abstract_params(cfg))
+    kernels = sum(int(np.prod(x.shape)) for p, x in leaves if "kernel" in jax.tree_util.keystr(p))
+    assert bench.layer_matmul_params(cfg) == kernels, name
+  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("torch")
+  spec = importlib.util.spec_from_file_location("torch_ref", f"{ROOT}/bench/torch_reference.py")
+  torch_reference = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(torch_reference)
+  for cfg in (seven, llm.PRESETS["smollm2-135m-random"]):
+    hf = transformers.LlamaConfig(
+      hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+    )  # fmt: skip
+    assert torch_reference.flops_per_token(hf, 300) == bench.train_flops_per_token(cfg, 300)
