@@ -151,7 +151,7 @@ def batch(cfg, b, t, targets, device, seed=0):
   ids = torch.randint(0, cfg.vocab_size - 5, (b, t), generator=g)
   labels = torch.full((b, t), -100)
   labels[:, t - targets :] = ids[:, t - targets :]
-  slots = torch.linspace(8, t - targets - 8, 30).long()
+  slots = torch.linspace(8, t - targets - 9, 30).long()  # 8 tokens before and after them.
   items = torch.randn(b, 30, 64, generator=g)
   user = torch.randn(b, 64, generator=g)
   return [x.to(device) for x in (ids, labels, slots, items, user)]

@@ -210,8 +210,9 @@ def random_batch(parts, accum: int, batch: int, seq_len: int, target_tokens: int
   loss_mask = np.zeros(shape, np.int32)
   loss_mask[..., seq_len - target_tokens :] = 1
   item_ids = np.full(shape, parts.n_items, np.int32)
-  # 10 history and 20 candidate placeholders spread over the prompt.
-  slots = np.linspace(8, seq_len - target_tokens - 8, 30).astype(int)  # 30 distinct slots
+  # 10 history and 20 candidate placeholders spread over the prompt, 8 tokens before the first
+  # and after the last (the last at position prompt - 9).
+  slots = np.linspace(8, seq_len - target_tokens - 9, 30).astype(int)  # 30 distinct slots
   item_ids[..., slots] = rng.integers(0, parts.n_items, (accum, batch, 30))
   seq = rng.integers(0, parts.n_items, (accum, batch, 10), dtype=np.int32)
   return {

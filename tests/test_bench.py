@@ -928,3 +928,41 @@ def test_mfu_counts_4_n_flops_per_token_and_12_l_d_t_for_attention():
       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
     )  # fmt: skip
     assert torch_reference.flops_per_token(hf, 300) == bench.train_flops_per_token(cfg, 300)
+
+
+def test_random_batch_is_shaped_as_the_stages_batches():
+  """The benchmark's batch: prompts of ordinary tokens (below the 128 rows past the base
+  vocabulary), 30 distinct item placeholders inside the prompt (8 tokens clear of either
+  end), the last `target_tokens` positions the loss's, 10-item histories; fixed by the seed."""
+  import types
+
+  from ilora_jax import bench
+  from ilora_jax.errors import UserError
+
+  parts = types.SimpleNamespace(model=types.SimpleNamespace(config=types.SimpleNamespace(
+    vocab_size=300)), n_items=50)  # fmt: skip
+  accum, rows, length, targets = 2, 3, 60, 5
+  batch = bench.random_batch(parts, accum, rows, length, targets, seed=1)
+  for key in ("input_ids", "attention", "loss_mask", "item_ids"):
+    assert batch[key].shape == (accum, rows, length), key
+  assert batch["seq"].shape == (accum, rows, 10) and (batch["len_seq"] == 10).all()
+  assert batch["input_ids"].min() >= 0 and batch["input_ids"].max() < 300 - 128
+  assert (batch["attention"] == 1).all()
+  np.testing.assert_array_equal(batch["loss_mask"][..., : length - targets], 0)
+  np.testing.assert_array_equal(batch["loss_mask"][..., length - targets :], 1)
+  placed = batch["item_ids"] != 50  # 50 = n_items, the padding id: no item there.
+  assert (placed.sum(-1) == 30).all()
+  where = np.nonzero(placed[0, 0])[0]
+  assert where.min() >= 8 and where.max() < length - targets - 8
+  np.testing.assert_array_equal(
+    np.nonzero(placed)[-1].reshape(accum, rows, 30), np.broadcast_to(where, (accum, rows, 30))
+  )
+  assert batch["item_ids"][placed].max() < 50 and batch["seq"].max() < 50
+  again, other = (bench.random_batch(parts, accum, rows, length, targets, seed=s) for s in (1, 2))
+  for key in batch:
+    np.testing.assert_array_equal(again[key], batch[key])
+  assert not np.array_equal(other["input_ids"], batch["input_ids"])
+  with pytest.raises(UserError, match="a prompt of 45 tokens: it needs 46"):
+    bench.random_batch(parts, 1, 1, 50, 5)
+  shortest = bench.random_batch(parts, 1, 1, 51, 5)["item_ids"][0, 0]  # 8 + 30 + 8 tokens.
+  np.testing.assert_array_equal(np.nonzero(shortest != 50)[0], np.arange(8, 38))
