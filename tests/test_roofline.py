@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -485,3 +486,435 @@ def test_card_models_carry_the_recorded_figures():
   assert h200.launch_s == h100.launch_s
   assert h200.bytes_per_s == pytest.approx(0.9 * 4.8e12, rel=1e-12)
   assert h200.bytes_per_s / h100.bytes_per_s == pytest.approx(4.8 / 3.35, rel=1e-12)
+
+
+_DTYPES = ["pred", "s8", "u8", "f8e4m3fn", "f8e5m2", "bf16", "f16", "s16", "u16", "f32", "s32",
+           "u32", "f64", "s64", "u64"]  # fmt: skip
+
+
+def test_each_element_type_moves_its_width_in_bytes():
+  """HLO's element types are as wide as the bits in their names (pred takes a byte): an
+  element-wise op on 3 x 5 elements reads and writes 15 of them, a tuple sums its arrays."""
+  lines = "".join(f"  %p.{t} = {t}[3,5]{{1,0}} parameter({i})\n"
+                  f"  %negate.{t} = {t}[3,5]{{1,0}} negate(%p.{t})\n"
+                  for i, t in enumerate(_DTYPES))  # fmt: skip
+  module = f"ENTRY %main.10 () -> pred[] {{\n{lines}  ROOT %c.10 = pred[] constant(false)\n}}\n"
+  k = _by_name(roofline.kernels(module, _DEVICE)[0])
+  assert len(k) == len(_DTYPES)
+  for t in _DTYPES:
+    bits = 8 if t == "pred" else int(re.match(r"[a-z]+(\d+)", t).group(1))
+    assert k[f"negate.{t}"].kind == "other" and k[f"negate.{t}"].bytes == 2 * 15 * bits // 8, t
+    assert roofline.shape_bytes(f"({t}[3,5]{{1,0}}, {t}[2]{{0}}, s32[])") == 17 * bits // 8 + 4
+
+
+# Bookkeeping, views and the ends of asynchronous pairs, which launch nothing, between the
+# starts (a copy, collectives, a send and a receive), which do; a call and an async-start run
+# their computations.
+_FREE = """
+%callee (p.13: f32[16]) -> f32[16] {
+  %p.13 = f32[16]{0} parameter(0)
+  ROOT %negate.13 = f32[16]{0} negate(%p.13)
+}
+
+%async_comp (p.12: f32[16]) -> f32[16] {
+  %p.12 = f32[16]{0} parameter(0)
+  ROOT %negate.12 = f32[16]{0} negate(%p.12)
+}
+
+ENTRY %main.11 (a: f32[16]) -> f32[16] {
+  %a = f32[16]{0} parameter(0)
+  %constant.11 = f32[] constant(1)
+  %bitcast.11 = f32[4,4]{1,0} bitcast(%a)
+  %opt-barrier.11 = f32[4,4]{1,0} opt-barrier(%bitcast.11)
+  %after-all.11 = token[] after-all()
+  %add-dependency.11 = f32[16]{0} add-dependency(%a, %after-all.11)
+  %partition-id.11 = u32[] partition-id()
+  %replica-id.11 = u32[] replica-id()
+  %tuple.11 = (f32[16]{0}, u32[]) tuple(%a, %partition-id.11)
+  %get-tuple-element.11 = f32[16]{0} get-tuple-element(%tuple.11), index=0
+  %copy-start.11 = (f32[16]{0}, f32[16]{0}, u32[]) copy-start(%a)
+  %copy-done.11 = f32[16]{0} copy-done(%copy-start.11)
+  %all-reduce-start.11 = f32[16]{0} all-reduce-start(%a), replica_groups={}, to_apply=%sum
+  %all-reduce-done.11 = f32[16]{0} all-reduce-done(%all-reduce-start.11)
+  %all-gather-start.11 = (f32[16]{0}, f32[32]{0}) all-gather-start(%a), dimensions={0}
+  %all-gather-done.11 = f32[32]{0} all-gather-done(%all-gather-start.11)
+  %collective-permute-start.11 = (f32[16]{0}, f32[16]{0}) collective-permute-start(%a), source_target_pairs={{0,1}}
+  %collective-permute-done.11 = f32[16]{0} collective-permute-done(%collective-permute-start.11)
+  %send.11 = (f32[16]{0}, u32[], token[]) send(%a, %after-all.11), channel_id=1
+  %send-done.11 = token[] send-done(%send.11), channel_id=1
+  %recv.11 = (f32[16]{0}, u32[], token[]) recv(%after-all.11), channel_id=2
+  %recv-done.11 = (f32[16]{0}, token[]) recv-done(%recv.11), channel_id=2
+  %async-start.11 = ((f32[16]{0}), f32[16]{0}, u32[]) async-start(%a), calls=%async_comp
+  %async-update.11 = ((f32[16]{0}), f32[16]{0}, u32[]) async-update(%async-start.11)
+  %async-done.11 = f32[16]{0} async-done(%async-update.11)
+  %call.11 = f32[16]{0} call(%copy-done.11), to_apply=%callee
+  ROOT %negate.11 = f32[16]{0} negate(%add-dependency.11)
+}
+"""  # noqa: E501
+
+
+def test_bookkeeping_views_and_async_ends_launch_nothing():
+  ks, _ = roofline.kernels(_FREE, _DEVICE)
+  k = _by_name(ks)
+  assert set(k) == {
+    "copy-start.11", "all-reduce-start.11", "all-gather-start.11",
+    "collective-permute-start.11", "send.11", "recv.11", "negate.11", "negate.12", "negate.13",
+  }  # fmt: skip
+  assert k["copy-start.11"].kind == "copy" and k["negate.12"].count == k["negate.13"].count == 1
+
+
+# Copies outside and inside fusions, named as XLA names them: a pad, a concatenate, a
+# concatenating fusion and a fusion named after an in-place update (with dashes).
+_COPIES = """
+%fused_cat (p.0: f32[4], p.1: f32[4]) -> f32[8] {
+  %p.0 = f32[4]{0} parameter(0)
+  %p.1 = f32[4]{0} parameter(1)
+  ROOT %concatenate.0 = f32[8]{0} concatenate(%p.0, %p.1), dimensions={0}
+}
+
+%fused_upd (p.2: f32[8], p.3: f32[4], p.4: s32[]) -> f32[8] {
+  %p.2 = f32[8]{0} parameter(0)
+  %p.3 = f32[4]{0} parameter(1)
+  %p.4 = s32[] parameter(2)
+  ROOT %dynamic-update-slice.0 = f32[8]{0} dynamic-update-slice(%p.2, %p.3, %p.4)
+}
+
+ENTRY %main.14 (a: f32[4], b: f32[4], i: s32[]) -> (f32[6], f32[8], f32[8], f32[8]) {
+  %a = f32[4]{0} parameter(0)
+  %b = f32[4]{0} parameter(1)
+  %i = s32[] parameter(2)
+  %c.14 = f32[] constant(0)
+  %pad.14 = f32[6]{0} pad(%a, %c.14), padding=1_1
+  %concatenate.14 = f32[8]{0} concatenate(%a, %b), dimensions={0}
+  %input_concatenate_fusion = f32[8]{0} fusion(%a, %b), kind=kInput, calls=%fused_cat
+  %wrapped_dynamic-update-slice = f32[8]{0} fusion(%concatenate.14, %a, %i), kind=kLoop, calls=%fused_upd
+  ROOT %tuple.14 = (f32[6]{0}, f32[8]{0}, f32[8]{0}, f32[8]{0}) tuple(%pad.14, %concatenate.14, %input_concatenate_fusion, %wrapped_dynamic-update-slice)
+}
+"""  # noqa: E501
+
+
+def test_pads_concatenates_and_in_place_fusions_are_filed_by_kind():
+  k = _by_name(roofline.kernels(_COPIES, _DEVICE)[0])
+  assert {n: x.kind for n, x in k.items()} == {
+    "pad.14": "copy", "concatenate.14": "copy", "input_concatenate_fusion": "copy",
+    "wrapped_dynamic-update-slice": "in_place",
+  }  # fmt: skip
+  assert k["pad.14"].bytes == 6 * 4 + 4 * 4 + 4  # Writes 6, reads 4 and the padding value.
+  assert k["concatenate.14"].bytes == k["input_concatenate_fusion"].bytes == 2 * 8 * 4
+  # Reads the update and the index, writes the update: the buffer is neither read nor written.
+  assert k["wrapped_dynamic-update-slice"].bytes == 4 * 4 + 4 + 4 * 4
+
+
+# Fusions whose reads and writes take their operands' users into account: a parameter sliced
+# and also read whole; updated in place and also read whole; sliced through a bitcast; an
+# update and a conversion as two outputs; an update written through a bitcast; a ROOT printed
+# before the body's last line; a fusion whose computation is not in the text.
+_FUSIONS = """
+%fused_slice_and_read (p.0: f32[64], p.1: s32[]) -> (f32[8], f32[64]) {
+  %p.0 = f32[64]{0} parameter(0)
+  %p.1 = s32[] parameter(1)
+  %dynamic-slice.0 = f32[8]{0} dynamic-slice(%p.0, %p.1), dynamic_slice_sizes={8}
+  %negate.0 = f32[64]{0} negate(%p.0)
+  ROOT %tuple.0 = (f32[8]{0}, f32[64]{0}) tuple(%dynamic-slice.0, %negate.0)
+}
+
+%fused_update_and_read (p.2: f32[32], p.3: f32[4], p.4: s32[]) -> (f32[32], f32[32]) {
+  %p.2 = f32[32]{0} parameter(0)
+  %p.3 = f32[4]{0} parameter(1)
+  %p.4 = s32[] parameter(2)
+  %dynamic-update-slice.2 = f32[32]{0} dynamic-update-slice(%p.2, %p.3, %p.4)
+  %negate.2 = f32[32]{0} negate(%p.2)
+  ROOT %tuple.2 = (f32[32]{0}, f32[32]{0}) tuple(%dynamic-update-slice.2, %negate.2)
+}
+
+%fused_bitcast_slice (p.5: f32[4,64], p.6: s32[]) -> f32[64] {
+  %p.5 = f32[4,64]{1,0} parameter(0)
+  %p.6 = s32[] parameter(1)
+  %bitcast.5 = f32[256]{0} bitcast(%p.5)
+  %dynamic-slice.5 = f32[64]{0} dynamic-slice(%bitcast.5, %p.6), dynamic_slice_sizes={64}
+  ROOT %negate.5 = f32[64]{0} negate(%dynamic-slice.5)
+}
+
+%fused_update_and_convert (p.7: bf16[16,128], p.8: bf16[2,128], p.9: s32[]) -> (bf16[16,128], f32[2,128]) {
+  %p.7 = bf16[16,128]{1,0} parameter(0)
+  %p.8 = bf16[2,128]{1,0} parameter(1)
+  %p.9 = s32[] parameter(2)
+  %c.7 = s32[] constant(0)
+  %dynamic-update-slice.7 = bf16[16,128]{1,0} dynamic-update-slice(%p.7, %p.8, %p.9, %c.7)
+  %convert.7 = f32[2,128]{1,0} convert(%p.8)
+  ROOT %tuple.7 = (bf16[16,128]{1,0}, f32[2,128]{1,0}) tuple(%dynamic-update-slice.7, %convert.7)
+}
+
+%fused_update_bitcast (p.10: bf16[8,64], p.11: bf16[64], p.12: s32[]) -> bf16[512] {
+  %p.10 = bf16[8,64]{1,0} parameter(0)
+  %p.11 = bf16[64]{0} parameter(1)
+  %p.12 = s32[] parameter(2)
+  %c.10 = s32[] constant(0)
+  %bitcast.10 = bf16[1,64]{1,0} bitcast(%p.11)
+  %dynamic-update-slice.10 = bf16[8,64]{1,0} dynamic-update-slice(%p.10, %bitcast.10, %p.12, %c.10)
+  ROOT %bitcast.11 = bf16[512]{0} bitcast(%dynamic-update-slice.10)
+}
+
+%fused_root_first (p.13: f32[16]) -> f32[16] {
+  %p.13 = f32[16]{0} parameter(0)
+  ROOT %negate.13 = f32[16]{0} negate(%p.13)
+  %constant.13 = f32[] constant(1)
+}
+
+ENTRY %main.15 (a: f32[64], i: s32[], b: f32[32], c: f32[4], d: f32[4,64], e: bf16[16,128], f: bf16[2,128], g: bf16[8,64], h: bf16[64], j: f32[16]) -> f32[16] {
+  %a = f32[64]{0} parameter(0)
+  %i = s32[] parameter(1)
+  %b = f32[32]{0} parameter(2)
+  %c = f32[4]{0} parameter(3)
+  %d = f32[4,64]{1,0} parameter(4)
+  %e = bf16[16,128]{1,0} parameter(5)
+  %f = bf16[2,128]{1,0} parameter(6)
+  %g = bf16[8,64]{1,0} parameter(7)
+  %h = bf16[64]{0} parameter(8)
+  %j = f32[16]{0} parameter(9)
+  %slice_and_read = (f32[8]{0}, f32[64]{0}) fusion(%a, %i), kind=kLoop, calls=%fused_slice_and_read
+  %update_and_read = (f32[32]{0}, f32[32]{0}) fusion(%b, %c, %i), kind=kLoop, calls=%fused_update_and_read
+  %bitcast_slice = f32[64]{0} fusion(%d, %i), kind=kLoop, calls=%fused_bitcast_slice
+  %update_and_convert = (bf16[16,128]{1,0}, f32[2,128]{1,0}) fusion(%e, %f, %i), kind=kLoop, calls=%fused_update_and_convert
+  %update_bitcast = bf16[512]{0} fusion(%g, %h, %i), kind=kLoop, calls=%fused_update_bitcast
+  %root_first = f32[16]{0} fusion(%j), kind=kLoop, calls=%fused_root_first
+  ROOT %not_in_text = f32[16]{0} fusion(%j, %j), kind=kLoop, calls=%fused_elsewhere
+}
+"""  # noqa: E501
+
+
+def test_a_fusion_reads_and_writes_by_its_operands_users_and_its_outputs():
+  k = _by_name(roofline.kernels(_FUSIONS, _DEVICE)[0])
+  # Sliced and read whole: read whole (and the index); writes the slice and the negation.
+  assert k["slice_and_read"].bytes == 64 * 4 + 4 + 8 * 4 + 64 * 4
+  # Updated in place and read whole: read whole, the update and the index; writes the update
+  # (in place) and the negation.
+  assert k["update_and_read"].bytes == 32 * 4 + 4 * 4 + 4 + 4 * 4 + 32 * 4
+  # Sliced through a bitcast: only the slice is read.
+  assert k["bitcast_slice"].bytes == 64 * 4 + 4 + 64 * 4
+  # Two outputs: the update written in place (2 rows), the conversion in full; the update is
+  # read once (for both), the buffer not at all.
+  assert k["update_and_convert"].bytes == 2 * 128 * 2 + 4 + 2 * 128 * 2 + 2 * 128 * 4
+  # An update returned through a bitcast still writes only the update (a row of 64).
+  assert k["update_bitcast"].bytes == 64 * 2 + 4 + 64 * 2
+  # The ROOT is the output, wherever it is printed.
+  assert k["root_first"].bytes == 16 * 4 + 16 * 4
+  # No body to look into: every operand read whole and the result written.
+  assert k["not_in_text"].bytes == 2 * 16 * 4 + 16 * 4 and k["not_in_text"].kind == "fusion"
+
+
+# Matmuls in other forms: a GEMM fusion of a float32 dot contracting two axes and a bf16 dot
+# contracting the first; cuBLAS calls contracting two axes, with no dimension numbers (the
+# lhs's last axis) and with a backend config followed by other attributes; a cuDNN
+# convolution; a custom call whose trailing byte array is 2-D (a result, not a workspace).
+_MATMULS = """
+%fused_two_dots (p.0: f32[8,4,16], p.1: f32[4,16,32], p.2: bf16[8,12], p.3: bf16[8,10]) -> (f32[8,32], bf16[12,10]) {
+  %p.0 = f32[8,4,16]{2,1,0} parameter(0)
+  %p.1 = f32[4,16,32]{2,1,0} parameter(1)
+  %p.2 = bf16[8,12]{1,0} parameter(2)
+  %p.3 = bf16[8,10]{1,0} parameter(3)
+  %dot.0 = f32[8,32]{1,0} dot(%p.0, %p.1), lhs_contracting_dims={1,2}, rhs_contracting_dims={0,1}
+  %dot.1 = bf16[12,10]{1,0} dot(%p.2, %p.3), lhs_contracting_dims={0}, rhs_contracting_dims={0}
+  ROOT %tuple.0 = (f32[8,32]{1,0}, bf16[12,10]{1,0}) tuple(%dot.0, %dot.1)
+}
+
+ENTRY %main.16 (a: f32[8,4,16], b: f32[4,16,32], c: bf16[8,12], d: bf16[8,10], e: bf16[8,4,16], f: bf16[4,16,32], g: bf16[8,24], h: bf16[24,16], k: bf16[24,8], img: bf16[1,8,8,4], ker: bf16[3,3,4,4]) -> bf16[8,16] {
+  %a = f32[8,4,16]{2,1,0} parameter(0)
+  %b = f32[4,16,32]{2,1,0} parameter(1)
+  %c = bf16[8,12]{1,0} parameter(2)
+  %d = bf16[8,10]{1,0} parameter(3)
+  %e = bf16[8,4,16]{2,1,0} parameter(4)
+  %f = bf16[4,16,32]{2,1,0} parameter(5)
+  %g = bf16[8,24]{1,0} parameter(6)
+  %h = bf16[24,16]{1,0} parameter(7)
+  %k = bf16[24,8]{1,0} parameter(8)
+  %img = bf16[1,8,8,4]{3,2,1,0} parameter(9)
+  %ker = bf16[3,3,4,4]{3,2,1,0} parameter(10)
+  %gemm_fusion.16 = (f32[8,32]{1,0}, bf16[12,10]{1,0}) fusion(%a, %b, %c, %d), kind=kCustom, calls=%fused_two_dots
+  %gemm.two_axes = (bf16[8,32]{1,0}, s8[256]{0}) custom-call(%e, %f), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1","2"],"rhs_contracting_dimensions":["0","1"]}}}
+  %gemm.no_dims = (bf16[8,16]{1,0}, s8[256]{0}) custom-call(%g, %h), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1}}
+  %gemm.then_metadata = (bf16[8,16]{1,0}, s8[256]{0}) custom-call(%k, %h), custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["0"],"rhs_contracting_dimensions":["0"]}}}, metadata={op_name="jit(f)/k,kn->n" source_file="f.py"}
+  %conv.16 = (bf16[1,8,8,4]{3,2,1,0}, u8[0]{0}) custom-call(%img, %ker), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, custom_call_target="__cudnn$convForward"
+  %pack.16 = (f32[8]{0}, s8[4,4]{1,0}) custom-call(%g), custom_call_target="my_pack"
+  ROOT %get-tuple-element.16 = bf16[8,16]{1,0} get-tuple-element(%gemm.no_dims), index=0
+}
+"""  # noqa: E501
+
+
+def test_matmuls_count_every_contracted_axis_and_their_operand_type():
+  k = _by_name(roofline.kernels(_MATMULS, _DEVICE)[0])
+  rate = _DEVICE.matmul_flops_per_s
+  # Both dots of the fusion: 2 M N K each, K = 4 x 16 for the first; the float32 one at half
+  # the rate.
+  fused = k["gemm_fusion.16"]
+  assert fused.kind == "matmul" and fused.flops == 2 * 8 * 32 * (4 * 16) + 2 * 12 * 10 * 8
+  assert fused.compute_s == pytest.approx(2 * 8 * 32 * 64 / (rate / 2) + 2 * 12 * 10 * 8 / rate)
+  assert k["gemm.two_axes"].flops == 2 * 8 * 32 * (4 * 16)
+  assert k["gemm.no_dims"].kind == "matmul" and k["gemm.no_dims"].flops == 2 * 8 * 16 * 24
+  assert k["gemm.then_metadata"].flops == 2 * 8 * 16 * 24
+  assert k["gemm.then_metadata"].op_name == "jit(f)/k,kn->n"
+  conv = k["conv.16"]  # Bytes only: reads the image and kernel, writes the image.
+  assert conv.kind == "convolution" and conv.flops == 0
+  assert conv.bytes == 2 * (8 * 8 * 4 + 3 * 3 * 4 * 4 + 8 * 8 * 4)
+  assert k["pack.16"].bytes == 8 * 24 * 2 + 8 * 4 + 4 * 4  # Reads g; writes both results.
+
+
+# A loop of unknown length (its body once per iteration given); a loop of 12 whose body holds
+# a conditional: the costly branch (two fusions and a loop of unknown length) counts with its
+# unknown loop, the cheap one (a loop of unknown length alone) does not.
+_LOOPS = """
+%fused_neg (p.0: f32[16]) -> f32[16] {
+  %p.0 = f32[16]{0} parameter(0)
+  ROOT %negate.0 = f32[16]{0} negate(%p.0)
+}
+
+%cond (c.0: f32[16]) -> pred[] {
+  %c.0 = f32[16]{0} parameter(0)
+  ROOT %constant.0 = pred[] constant(false)
+}
+
+%body_a (a.0: f32[16]) -> f32[16] {
+  %a.0 = f32[16]{0} parameter(0)
+  ROOT %fusion_a = f32[16]{0} fusion(%a.0), kind=kLoop, calls=%fused_neg
+}
+
+%body_b (a.1: f32[16]) -> f32[16] {
+  %a.1 = f32[16]{0} parameter(0)
+  ROOT %fusion_b = f32[16]{0} fusion(%a.1), kind=kLoop, calls=%fused_neg
+}
+
+%body_d (a.2: f32[16]) -> f32[16] {
+  %a.2 = f32[16]{0} parameter(0)
+  ROOT %fusion_d = f32[16]{0} fusion(%a.2), kind=kLoop, calls=%fused_neg
+}
+
+%costly (a.3: f32[16]) -> f32[16] {
+  %a.3 = f32[16]{0} parameter(0)
+  %fusion_k1 = f32[16]{0} fusion(%a.3), kind=kLoop, calls=%fused_neg
+  %fusion_k2 = f32[16]{0} fusion(%fusion_k1), kind=kLoop, calls=%fused_neg
+  ROOT %while.b = f32[16]{0} while(%fusion_k2), condition=%cond, body=%body_b
+}
+
+%cheap (a.4: f32[16]) -> f32[16] {
+  %a.4 = f32[16]{0} parameter(0)
+  ROOT %while.d = f32[16]{0} while(%a.4), condition=%cond, body=%body_d
+}
+
+%body_c (a.5: (pred[], f32[16])) -> (pred[], f32[16]) {
+  %a.5 = (pred[], f32[16]{0}) parameter(0)
+  %p.5 = pred[] get-tuple-element(%a.5), index=0
+  %x.5 = f32[16]{0} get-tuple-element(%a.5), index=1
+  %conditional.5 = f32[16]{0} conditional(%p.5, %x.5, %x.5), true_computation=%cheap, false_computation=%costly
+  ROOT %tuple.5 = (pred[], f32[16]{0}) tuple(%p.5, %conditional.5)
+}
+
+%cond_c (a.6: (pred[], f32[16])) -> pred[] {
+  %a.6 = (pred[], f32[16]{0}) parameter(0)
+  ROOT %constant.6 = pred[] constant(false)
+}
+
+ENTRY %main.17 (x: f32[16], p: pred[]) -> (pred[], f32[16]) {
+  %x = f32[16]{0} parameter(0)
+  %p = pred[] parameter(1)
+  %while.a = f32[16]{0} while(%x), condition=%cond, body=%body_a
+  %tuple.17 = (pred[], f32[16]{0}) tuple(%p, %while.a)
+  ROOT %while.c = (pred[], f32[16]{0}) while(%tuple.17), condition=%cond_c, body=%body_c, backend_config={"known_trip_count":{"n":"12"}}
+}
+"""  # noqa: E501
+
+
+def test_unknown_loops_are_counted_once_each_and_only_in_the_branch_that_counts():
+  ks, unknown = roofline.kernels(_LOOPS, _DEVICE, unknown_trip_count=5)
+  assert {k.name: k.count for k in ks} == {
+    "fusion_a": 5, "fusion_k1": 12, "fusion_k2": 12, "fusion_b": 12 * 5,
+  }  # fmt: skip
+  assert unknown == 2  # %while.a and %costly's; not %cheap's, whose branch does not count.
+  assert roofline.estimate(_LOOPS, _DEVICE, unknown_trip_count=5)["unknown_trip_counts"] == 2
+  # Without a trip count given, an unknown loop runs once.
+  counts = {k.name: k.count for k in roofline.kernels(_LOOPS, _DEVICE)[0]}
+  assert counts["fusion_a"] == 1 and counts["fusion_b"] == 12
+
+
+def test_operands_printed_with_their_shapes_are_read():
+  """XLA can print each operand with its type (HloPrintOptions' print_operand_shape):
+  `negate(f32[2,3]{1,0} %a)`; the commas in dimensions and layouts separate no operands."""
+  module = """
+ENTRY %main.18 (a: f32[2,3], b: f32[2,3]) -> f32[2,3] {
+  %a = f32[2,3]{1,0} parameter(0)
+  %b = f32[2,3]{1,0} parameter(1)
+  ROOT %add.18 = f32[2,3]{1,0} add(f32[2,3]{1,0} %a, f32[2,3]{1,0} %b)
+}
+"""
+  (k,), _ = roofline.kernels(module, _DEVICE)
+  assert k.bytes == 3 * 6 * 4  # Reads both, writes one.
+  comps, entry = roofline.parse(module)
+  assert entry == "main.18" and comps[entry][-1].operands == ["a", "b"]
+
+
+def test_labels_keep_the_path_inside_the_last_block_without_scaffolding():
+  label = roofline._label
+  # Inside the last of nested blocks, jit, autodiff and remat wrappers and loops left out.
+  assert label(
+    "jit(step)/transpose(jvp(step))/outer_block/while/body/inner_block/attn/q/dot"
+  ) == "attn/q/dot"  # fmt: skip
+  assert label("jit(train)/transpose(jvp(checkpoint))/rematted_computation/mlp/down/dot") == (
+    "train/mlp/down/dot"
+  )
+  assert label("jit(main)/while/cond/closed_call/lt") == "lt"
+  # The last four parts; nothing left is "?".
+  assert label("jit(f)/a/b/c/d/e") == "b/c/d/e"
+  assert label("jit(step)/while/body") == "?" and label("") == "?"
+
+
+def test_estimate_groups_by_label_and_kind_with_launches_bytes_and_device():
+  result = roofline.estimate(_MODULE, _DEVICE)
+  assert result["device"] == "test"
+  matmul = 2 * (128 * 256 + 256 * 512 + 128 * 512)
+  sliced, update = 2 * 2 * 256 * 512 + 4, 2 * 2 * 128 * 512 + 4
+  # The loop's three kernels four times; the transpose, the copy and two fusions once.
+  once = 2 * 2 * 128 * 256 + 2 * 8 * 4 * 4 + 2 * 3 * 8 * 4 * 4
+  assert result["bytes"] == 4 * (matmul + sliced + update) + once
+  groups = {(t["label"], t["kind"]): t["launches"] for t in result["top"]}
+  # Kernels without an op_name share the label "?", one group per kind.
+  assert groups == {
+    ("mlp/up/btd,df->btf/dot_general", "matmul"): 4,
+    ("layers/dynamic_index_in_dim/dynamic_slice", "slice_copy"): 4,
+    ("?", "in_place"): 4,
+    ("?", "copy"): 2,
+    ("?", "fusion"): 2,
+  }
+  # The kinds, costliest first (as gpu_plan.py prints them).
+  seconds = list(result["by_kind"].values())
+  assert seconds == sorted(seconds, reverse=True) and len(seconds) == 5
+  # The default: the H100, the top 10 ops, an unknown loop run once.
+  names = [f"op{i}" for i in range(12)]
+  module = "ENTRY %main.19 (a: f32[4]) -> f32[4] {\n  %a = f32[4]{0} parameter(0)\n" + "".join(
+    f'  %negate.{n} = f32[4]{{0}} negate(%a), metadata={{op_name="{n}"}}\n' for n in names
+  ) + "  ROOT %c.19 = f32[4]{0} constant({0, 0, 0, 0})\n}\n"  # fmt: skip
+  default = roofline.estimate(module)
+  assert default["device"] == roofline.H100.name and len(default["top"]) == 10
+  assert default["seconds"] == pytest.approx(12 * (32 / roofline.H100.bytes_per_s + 3e-6))
+  assert roofline.kernels(module)[0][0].seconds == pytest.approx(32 / 0.9 / 3.35e12 + 3e-6)
+  unknown = _MODULE.replace(', backend_config={"known_trip_count":{"n":"4"}}', "")
+  assert roofline.estimate(unknown, _DEVICE)["kernels"] == 3 + 1 + 3
+  assert roofline.estimate(unknown, _DEVICE)["unknown_trip_counts"] == 1
+
+
+def test_trip_counts_and_device_kinds_as_xla_and_jax_write_them():
+  (instr,) = [i for i in roofline.parse(_LOOPS)[0]["main.17"] if i.name == "while.c"]
+  assert roofline.trip_count(instr) == 12
+  # The SXM cards by either of their names, with whitespace around.
+  assert roofline.device_for(" NVIDIA H100 SXM5 80GB\n") is roofline.H100
+  assert roofline.device_for("NVIDIA H200 SXM 141GB") is roofline.H200
+
+
+def test_an_escaped_quote_in_an_op_name_does_not_end_it():
+  module = r"""
+ENTRY %main.20 (a: f32[4]) -> f32[4] {
+  %a = f32[4]{0} parameter(0)
+  ROOT %negate.20 = f32[4]{0} negate(%a), metadata={op_name="jit(f)/say \"hi\"/neg" source_file="f.py"}
+}
+"""  # noqa: E501
+  (k,), _ = roofline.kernels(module, _DEVICE)
+  assert k.op_name == r"jit(f)/say \"hi\"/neg"
+  assert roofline.estimate(module, _DEVICE)["top"][0]["label"] == r"f/say \"hi\"/neg"
