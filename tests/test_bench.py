@@ -871,6 +871,24 @@ def test_bench_warns_of_shapes_past_the_models_positions(capsys):
   config = configuration.load(f"{ROOT}/configs/tiny.py", ["bench.seq_len=2048"])
   bench.warn_positions(config, 2048)
   assert not capsys.readouterr().err
+  # Scored candidates reach past the prompt by their length where it exceeds the new tokens.
+  shape = ["bench.eval_prompt_len=2030", "bench.eval_new_tokens=4", "bench.eval_candidate_len=30"]
+  config = configuration.load(f"{ROOT}/configs/tiny.py", shape)
+  bench.warn_positions(config, 2048)
+  assert "eval_prompt_len=2030 reaches position 2060" in capsys.readouterr().err
+  config.bench.eval_candidates = 0
+  bench.warn_positions(config, 2048)
+  assert not capsys.readouterr().err
+  # Real prompts (eval_data) take no eval_prompt_len; the attention check runs a train-shaped
+  # batch of seq_len.
+  config = configuration.load(f"{ROOT}/configs/tiny.py", ["bench.eval_prompt_len=2040"])
+  config.bench.eval_data = True
+  bench.warn_positions(config, 2048)
+  assert not capsys.readouterr().err
+  config = configuration.load(f"{ROOT}/configs/tiny.py", ["bench.seq_len=2100"])
+  config.bench.train, config.bench.check_attention = False, True
+  bench.warn_positions(config, 2048)
+  assert "warning: config.bench.seq_len=2100" in capsys.readouterr().err
 
 
 def test_torch_reference_warns_of_a_sequence_past_the_models_positions(capsys):
@@ -966,3 +984,43 @@ def test_random_batch_is_shaped_as_the_stages_batches():
     bench.random_batch(parts, 1, 1, 50, 5)
   shortest = bench.random_batch(parts, 1, 1, 51, 5)["item_ids"][0, 0]  # 8 + 30 + 8 tokens.
   np.testing.assert_array_equal(np.nonzero(shortest != 50)[0], np.arange(8, 38))
+
+
+@pytest.mark.parametrize(
+  "key, least",
+  [("batch_size", 1), ("seq_len", 47), ("grad_accum", 1), ("steps", 1), ("warmup", 0),
+   ("target_tokens", 1), ("eval_batch_size", 1), ("eval_prompt_len", 47),
+   ("eval_new_tokens", 1), ("eval_candidates", 0), ("eval_candidate_len", 1),
+   ("eval_rows", 0)],
+)  # fmt: skip
+def test_bench_check_config_takes_each_fields_least_value_and_refuses_below_it(key, least):
+  """The least value of each count (a prompt is 46 tokens and one more, for a target or the
+  prompt's last token; 0 warm-up steps, candidates or rows, which means every row) passes;
+  one less, or a bool (a ConfigDict takes one for an int field), is refused naming the field."""
+  from ilora_jax import bench, configuration
+
+  config = configuration.load(f"{ROOT}/configs/tiny.py", [])
+  if key == "seq_len":
+    config.bench.target_tokens = 1
+  config.bench[key] = least
+  bench.check_config(config)
+  for bad in (least - 1, True):
+    config.bench[key] = bad
+    with pytest.raises(
+      bench.UserError, match=rf"config\.bench\.{key}={bad!r} must be an integer >= {least}$"
+    ):
+      bench.check_config(config)
+
+
+def test_bench_check_config_refuses_targets_that_leave_no_prompt():
+  from ilora_jax import bench, configuration
+
+  config = configuration.load(f"{ROOT}/configs/tiny.py", ["bench.seq_len=60"])
+  config.bench.target_tokens = 60
+  with pytest.raises(bench.UserError, match="target_tokens=60 must be smaller than .*seq_len=60"):
+    bench.check_config(config)
+  config.bench.target_tokens = 15  # A prompt of 45 tokens: one short of the layout's 46.
+  with pytest.raises(bench.UserError, match="seq_len=60 leaves 45 prompt tokens before the "):
+    bench.check_config(config)
+  config.bench.target_tokens = 14
+  bench.check_config(config)
