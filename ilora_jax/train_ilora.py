@@ -624,15 +624,17 @@ def train_candidates(parts: Parts, config, split: Split, epoch: int, seed: int, 
 
 
 def prompt_sizes(parts: Parts, config, split: Split, epoch: int, seed: int) -> np.ndarray:
-  """Each row's prompt length in tokens, up to a constant: the tokens of its history's and
-  candidates' titles (the candidates `train_batch` draws for it in `epoch`), plus one per
-  history item (the hybrid form's item token). What `bucketed_order` sorts by."""
+  """Each row's prompt length as `prompt_key` counts it, with the candidates `train_batch`
+  draws for the row in `epoch`. What `bucketed_order` sorts by."""
   return prompt_key(parts, split, train_candidates(parts, config, split, epoch, seed))
 
 
 def prompt_key(parts: Parts, split: Split, cands: np.ndarray) -> np.ndarray:
-  """Each row's prompt length in tokens up to a constant, given its candidates [rows, n]:
-  the tokens of its history's and candidates' titles plus one per history item."""
+  """Each row's prompt length in tokens, given its candidates [rows, n]: the tokens of its
+  history's and candidates' titles plus one per history item (the hybrid form's item token).
+  Short of the real length by a constant and by the separator after each history item (',',
+  one token with the SmolLM2 tokenizer), which the key leaves out: kept so, as counting it
+  would reorder the rest of an epoch for a run resumed in it."""
   titles = np.zeros(parts.n_items + 1, np.int64)  # The padding id last, of length 0.
   for item in parts.builder.titles:
     if 0 <= item < parts.n_items:
