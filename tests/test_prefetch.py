@@ -1,8 +1,13 @@
 """prefetch.Prefetch: the same batches in the same order as building them in the loop, built
 concurrently with the consumer, errors raised where they happened, a clean stop."""
 
+import gc
 import itertools
+import queue
+import subprocess
+import sys
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -189,3 +194,152 @@ def test_a_failed_batch_is_not_counted(depth):
       for _ in batches:
         pass
   assert batches.count == 3
+
+
+def test_a_stop_iteration_names_the_prefetcher_and_the_index():
+  def make(i):
+    raise StopIteration
+
+  with pytest.raises(RuntimeError) as raised:
+    with Prefetch(make, ["b"], 1, name="train batches") as batches:
+      next(batches)
+  assert str(raised.value) == "train batches: building batch 'b' raised StopIteration"
+  assert isinstance(raised.value.__cause__, StopIteration)  # The original, kept as the cause.
+
+
+class Abort(BaseException):
+  """Not an Exception (as KeyboardInterrupt and SystemExit are not)."""
+
+
+def test_a_base_exception_in_the_thread_is_raised_in_the_consumer():
+  def make(i):
+    if i == 2:
+      raise Abort("at 2")
+    return i
+
+  got = []
+  with pytest.raises(Abort, match="at 2"):
+    with Prefetch(make, range(5), depth=2) as batches:
+      for b in batches:
+        got.append(b)
+  assert got == [0, 1]
+
+
+def test_a_failure_put_as_the_consumer_stopped_waiting_is_still_raised():
+  """The thread puts its failure and ends just after the consumer's wait for an item timed
+  out: the item in the queue is still taken, the iteration does not end quietly."""
+
+  class LateQueue(queue.Queue):
+    timed_out = False
+
+    def get(self, block=True, timeout=None):
+      if not self.timed_out:
+        self.timed_out = True
+        batches._thread.join(timeout=30)  # It puts the failure and ends meanwhile.
+        assert not batches._thread.is_alive()
+        raise queue.Empty
+      return super().get(block, timeout)
+
+  def failing(i):
+    raise KeyError("row 0")
+
+  batches = Prefetch(failing, range(3), depth=1)
+  batches._queue = LateQueue(maxsize=1)
+  with pytest.raises(KeyError, match="row 0"):
+    with batches:
+      next(batches)
+  assert batches._queue.timed_out
+
+
+def test_leaving_the_block_waits_for_the_batch_being_built():
+  """The thread is building batch 1 when the consumer leaves: the block ends once it has
+  finished it (no thread left running), and the batch is dropped."""
+  building_1, finish_1 = threading.Event(), threading.Event()
+
+  def slow(i):
+    if i == 1:
+      building_1.set()
+      assert finish_1.wait(timeout=30)
+    return i
+
+  with Prefetch(slow, range(5), depth=1) as batches:
+    assert next(batches) == 0
+    thread = batches._thread
+    assert building_1.wait(timeout=30)
+    threading.Timer(0.2, finish_1.set).start()  # Longer than one wait of `close` for it.
+  assert not thread.is_alive()
+  assert batches.built == 2 and batches.count == 1
+  assert list(batches) == []
+
+
+def test_batches_not_taken_are_released_when_the_block_is_left():
+  """Batch 1 queued and batch 2 built, waiting for room, when the consumer leaves: neither is
+  kept (a batch can hold much memory), though the Prefetch object is."""
+
+  class Batch:
+    def __init__(self, i):
+      self.i = i
+
+  made = {}
+
+  def build(i):
+    made[i] = weakref.ref(batch := Batch(i))
+    return batch
+
+  with Prefetch(build, range(10), depth=1) as batches:
+    first = next(batches)
+    while batches.built < 3:
+      threading.Event().wait(0.005)
+    threading.Event().wait(0.05)  # Batch 2 is waiting to be queued.
+  gc.collect()
+  assert first.i == 0 and made[0]() is first
+  assert sorted(made) == [0, 1, 2]
+  assert made[1]() is None and made[2]() is None
+
+
+def test_depth_0_builds_nothing_after_the_block_is_left():
+  calls = []
+
+  def record(i):
+    calls.append(i)
+    return i
+
+  with Prefetch(record, range(5), depth=0) as batches:
+    assert next(batches) == 0
+  assert list(batches) == []
+  assert calls == [0]
+
+
+def test_the_thread_bears_the_name_given():
+  with Prefetch(make, range(3), depth=1, name="eval batches") as batches:
+    assert batches._thread in [t for t in threading.enumerate() if t.name == "eval batches"]
+    list(batches)
+
+
+def test_a_process_that_never_leaves_the_block_still_exits():
+  """The thread (waiting for room in the queue forever) does not keep the process alive."""
+  code = (
+    "import itertools\n"
+    "from ilora_jax.prefetch import Prefetch\n"
+    "batches = Prefetch(lambda i: i, itertools.count(), depth=1).__enter__()\n"
+    "print(next(batches))\n"
+  )
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+  assert (proc.returncode, proc.stdout) == (0, "0\n"), proc.stderr
+
+
+@pytest.mark.parametrize(
+  "depth, built_s, built, waited_s, count, how, built_ms, waited_ms",
+  [
+    # 300 ms over 4 built is 75 ms each; 50 ms waited over the 2 taken is 25 ms each.
+    (2, 0.3, 4, 0.05, 2, "2 ahead in a thread", "75.0", "25.0"),
+    (1, 0.0123, 1, 0.0, 1, "1 ahead in a thread", "12.3", "0.0"),
+    (0, 0.2, 4, 0.21, 3, "in the loop", "50.0", "70.0"),
+    (3, 0.0, 0, 0.0, 0, "3 ahead in a thread", "0.0", "0.0"),  # None yet: no division by 0.
+  ],
+)
+def test_summary_line(depth, built_s, built, waited_s, count, how, built_ms, waited_ms):
+  batches = Prefetch(make, range(3), depth)
+  batches.built_s, batches.built, batches.waited_s, batches.count = built_s, built, waited_s, count
+  want = f"host batches ({how}): {built_ms} ms built, {waited_ms} ms waited for, per step"
+  assert batches.summary() == want
