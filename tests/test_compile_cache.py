@@ -135,7 +135,7 @@ def test_entries_without_an_access_time_get_their_modification_time(
   (cache / "k-atime").write_bytes(planted)
   (cache / "j-cache").write_bytes(b"entry j")
   mtime_ns = 0x0102_0304_0506_0708  # 1972-04-20, in nanoseconds since 1970.
-  os.utime(cache / "j-cache", ns=(mtime_ns, mtime_ns))
+  os.utime(cache / "j-cache", ns=(2 * mtime_ns, mtime_ns))  # Last read later: not used.
   (cache / "notes").write_bytes(b"not an entry")
   assert compile_cache.enable(str(cache)) == str(cache)
   assert jax_options.jax_compilation_cache_max_size == compile_cache.MAX_BYTES == 4 << 30
@@ -155,3 +155,35 @@ def test_a_tilde_is_the_home_folder(tmp_path, monkeypatch, jax_options):
   assert compile_cache.enable("~/c") == str(home / "c")
   assert (home / "c").is_dir() and os.listdir(elsewhere) == []
   assert jax_options.jax_compilation_cache_dir == str(home / "c")
+
+
+def test_an_entry_that_cannot_be_read_is_left_as_it_is(tmp_path, monkeypatch, jax_options):
+  """An entry that vanished (here a link to nothing) gets no access-time file and does not
+  stop `enable`; the other entries get theirs."""
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  (cache / "gone-cache").symlink_to(tmp_path / "nothing")
+  (cache / "j-cache").write_bytes(b"entry j")
+  assert compile_cache.enable(str(cache)) == str(cache)
+  assert sorted(os.listdir(cache)) == ["gone-cache", "j-atime", "j-cache"]
+
+
+def test_a_later_enable_turns_the_cache_on_again(tmp_path, jax_options):
+  assert compile_cache.enable("") is None
+  assert jax_options.jax_enable_compilation_cache is False
+  assert compile_cache.enable(str(tmp_path / "c")) == str(tmp_path / "c")
+  assert jax_options.jax_enable_compilation_cache is True
+
+
+def test_a_relative_path_is_the_folder_it_names_when_enabled(tmp_path, monkeypatch, jax_options):
+  """JAX opens the cache at the first compile: a change of the working folder after `enable`
+  must not move it."""
+  first, later = tmp_path / "first", tmp_path / "later"
+  first.mkdir()
+  later.mkdir()
+  monkeypatch.chdir(first)
+  assert compile_cache.enable("c") == str(first / "c")
+  monkeypatch.chdir(later)
+  assert jax_options.jax_compilation_cache_dir == str(first / "c")
+  assert (first / "c").is_dir()
