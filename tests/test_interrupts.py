@@ -295,3 +295,101 @@ def test_agree_asks_the_processes_once_per_step(monkeypatch):
   assert alone.agree(6) is True and alone.agree(6) is True
   assert alone.signum == signal.SIGINT and alone._first_at == 20.0
   assert gathered == [0, int(signal.SIGTERM), 0]
+
+
+def test_exit_raises_interrupted_naming_the_signal_and_the_step(monkeypatch):
+  """What the CLI prints (`stopped by SIGTERM at step 7; ...`) and its exit code (128 + the
+  signal's number) come from the exception `exit` raises."""
+  from ilora_jax.interrupts import Graceful, Interrupted
+
+  _clock(monkeypatch, [50.0])
+  stop = Graceful()
+  stop._handler(signal.SIGINT, None)
+  try:
+    stop.exit(7)
+  except Interrupted as exc:
+    raised = exc
+  else:
+    raise AssertionError("exit returned")
+  assert (raised.signum, raised.step) == (signal.SIGINT, 7)
+  assert str(raised) == "stopped by SIGINT at step 7"
+  assert str(Interrupted(signal.SIGTERM, 12)) == "stopped by SIGTERM at step 12"
+  assert Interrupted(signal.SIGTERM, 12).signum == 15  # POSIX: 128 + 15 = exit 143.
+
+
+def _deliver(stop, signum) -> str:
+  """What `stop`'s handler did with `signum` (a KeyboardInterrupt must not end pytest)."""
+  try:
+    stop._handler(signum, None)
+  except KeyboardInterrupt:
+    return "stop now"
+  return "ignored"
+
+
+def test_a_second_sigint_exactly_five_seconds_later_is_still_ignored(monkeypatch):
+  """A SIGINT 5 s after the first is "within 5 s" of it."""
+  from ilora_jax.interrupts import Graceful
+
+  _clock(monkeypatch, [100.0, 105.0, 105.25])
+  stop = Graceful()
+  got = [_deliver(stop, signal.SIGINT) for _ in range(3)]  # At t=100, 105 and 105.25.
+  assert got == ["ignored", "ignored", "stop now"]
+
+
+def test_only_a_second_sigint_means_stop_now(monkeypatch):
+  """Other signals a caller asks for (SIGHUP here) only ask for a stop, however late."""
+  from ilora_jax.interrupts import Graceful
+
+  _clock(monkeypatch, [0.0, 60.0, 60.0])
+  stop = Graceful(signals=(signal.SIGINT, signal.SIGHUP))
+  got = [_deliver(stop, s) for s in (signal.SIGHUP, signal.SIGHUP, signal.SIGINT)]
+  assert got == ["ignored", "ignored", "stop now"]  # The second SIGHUP a minute later.
+  assert stop.signum == signal.SIGHUP
+
+
+def test_outside_the_main_thread_nothing_is_installed():
+  """Python lets only the main thread set signal handlers: in another one the block runs
+  without them (no error), and leaving it changes nothing."""
+  import threading
+
+  from ilora_jax.interrupts import Graceful
+
+  before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  seen, errors = [], []
+
+  def worker():
+    try:
+      with Graceful() as stop:
+        seen.append({s: signal.getsignal(s) for s in before})
+        assert not stop.requested
+    except BaseException as exc:  # noqa: BLE001 - reported in the main thread.
+      errors.append(exc)
+
+  thread = threading.Thread(target=worker)
+  thread.start()
+  thread.join(timeout=30)
+  assert errors == [] and seen == [before]
+  assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_agree_asks_again_for_any_other_step(monkeypatch):
+  """The answer kept is for the step asked about: another step, also an earlier one (as
+  after a restore), is gathered again."""
+  import jax
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  from ilora_jax.interrupts import Graceful
+
+  gathered = []
+
+  def allgather(value):
+    gathered.append(int(value))
+    return np.array([int(value), 0], np.int32)
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
+  stop = Graceful()
+  assert stop.agree(6) is False
+  assert stop.agree(5) is False
+  assert gathered == [0, 0]
