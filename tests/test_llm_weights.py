@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import warnings
 
 import gguf
 import jax
@@ -944,3 +945,413 @@ def test_a_run_knows_its_llm_by_its_weights(pipeline, tmp_path):
   proc = run_cli(TINY, f"--workdir={work}", "--config.stage=ilora", "--config.ilora.train.steps=2",
                  f"--config.llm.name={folder}", *short)  # fmt: skip
   assert_one_line_error(proc, "was made with other settings (llm_weights: checkpoint '")
+
+
+# ------------------------------------------------- mutation audit: tiny checkpoints, no torch
+
+TINY_HF = {"model_type": "llama", "vocab_size": 11, "hidden_size": 8, "intermediate_size": 10,
+           "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1,
+           "head_dim": 6, "tie_word_embeddings": False, "rms_norm_eps": 1e-5}  # fmt: skip
+
+
+def _tiny_tensors(seed=0) -> dict:
+  """HF-named float32 tensors of `TINY_HF` (q/o are 12 x 8 and 8 x 12: not square)."""
+  rng = np.random.RandomState(seed)
+  d, f, q, kv, v = 8, 10, 2 * 6, 1 * 6, 11
+  shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,),
+            "lm_head.weight": (v, d)}  # fmt: skip
+  for i in range(2):
+    shapes.update({
+      f"model.layers.{i}.input_layernorm.weight": (d,),
+      f"model.layers.{i}.post_attention_layernorm.weight": (d,),
+      f"model.layers.{i}.self_attn.q_proj.weight": (q, d),
+      f"model.layers.{i}.self_attn.k_proj.weight": (kv, d),
+      f"model.layers.{i}.self_attn.v_proj.weight": (kv, d),
+      f"model.layers.{i}.self_attn.o_proj.weight": (d, q),
+      f"model.layers.{i}.mlp.gate_proj.weight": (f, d),
+      f"model.layers.{i}.mlp.up_proj.weight": (f, d),
+      f"model.layers.{i}.mlp.down_proj.weight": (d, f),
+    })  # fmt: skip
+  return {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+
+
+def _tiny_folder(folder, tensors=None, config=None, shards=None) -> str:
+  """Writes a Hugging Face folder of `TINY_HF`: one model.safetensors, or `shards`
+  ({file: [tensor names]}) with an index naming them."""
+  from safetensors.numpy import save_file
+
+  os.makedirs(folder)
+  tensors = _tiny_tensors() if tensors is None else tensors
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(TINY_HF if config is None else config, f)
+  if shards is None:
+    save_file(tensors, os.path.join(folder, "model.safetensors"))
+    return str(folder)
+  weight_map = {}
+  for file, names in shards.items():
+    save_file({n: tensors[n] for n in names}, os.path.join(folder, file))
+    weight_map.update(dict.fromkeys(names, file))
+  with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f)
+  return str(folder)
+
+
+def test_audit_hf_config_defaults_are_transformers_defaults():
+  """Fields a config.json may leave out get transformers' LlamaConfig defaults (key/value
+  heads = heads, rope_theta 1e4, rms_norm_eps 1e-6, untied) or LlamaConfig's own."""
+  hf = {k: v for k, v in GOOD_HF.items() if k != "num_key_value_heads"}
+  cfg = weights.config_from_hf(hf)
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4, 4, 16)
+  assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings) == (1e4, 1e-6, False)
+  assert cfg.rope_scaling is None
+  assert cfg.max_position_embeddings == llama.LlamaConfig.max_position_embeddings
+  cfg = weights.config_from_hf({**GOOD_HF, "tie_word_embeddings": None})
+  assert cfg.tie_word_embeddings is False
+  # rope_type wins over its older name `type` where both are given (as in transformers).
+  both = {"rope_type": "llama3", "type": "default", "factor": 2.0, "low_freq_factor": 1.0,
+          "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # fmt: skip
+  cfg = weights.config_from_hf({**GOOD_HF, "rope_scaling": both})
+  assert cfg.rope_scaling == {"factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 32}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  "change,message",
+  [
+    ({"mlp_bias": True}, "unsupported Llama variant: attention_bias/mlp_bias must be false"),
+    ({"attention_bias": True}, "unsupported Llama variant: attention_bias/mlp_bias"),
+    ({"hidden_act": "gelu"}, "unsupported hidden_act 'gelu': expected silu"),
+    ({"rope_theta": float("inf")}, "rope_theta=inf must be a positive number"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps=nan must be a positive number"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1,
+                       "high_freq_factor": 4, "original_max_position_embeddings": 32.5}},
+     "original_max_position_embeddings=32.5 must be a positive integer"),
+  ],
+)  # fmt: skip
+def test_audit_hf_config_refusals(change, message):
+  with pytest.raises(UserError, match="^config.json: " + re.escape(message)):
+    weights.config_from_hf({**GOOD_HF, **change}, "config.json")
+
+
+def test_audit_hf_config_missing_fields_are_listed():
+  hf = {k: v for k, v in GOOD_HF.items() if k not in ("hidden_size", "num_hidden_layers")}
+  with pytest.raises(UserError, match="^c.json lacks required fields: hidden_size, "
+                     "num_hidden_layers$"):  # fmt: skip
+    weights.config_from_hf(hf, "c.json")
+
+
+class _Field:
+  def __init__(self, value):
+    self.value = value
+
+  def contents(self):
+    return self.value
+
+
+class _Tensor:
+  def __init__(self, name, shape):
+    self.name, self.shape = name, shape
+
+
+_GGUF_META = {"general.architecture": "llama", "llama.embedding_length": 64,
+              "llama.attention.head_count": 4, "llama.feed_forward_length": 96,
+              "llama.block_count": 2, "llama.vocab_size": 300}  # fmt: skip
+
+
+def _meta_reader(tensors=(), drop=(), **change):
+  fields = {k: _Field(v) for k, v in {**_GGUF_META, **change}.items() if k not in drop}
+  return type("Reader", (), {"fields": fields, "tensors": list(tensors)})()
+
+
+def test_audit_gguf_config_defaults_and_sources():
+  """llama.cpp's defaults and fallbacks: head_count_kv = head_count, rope base 1e4, rms eps
+  1e-5; the vocabulary from llama.vocab_size, else the token list, else token_embd.weight
+  (GGUF shape [hidden, vocab]); the head size from key_length before rope.dimension_count."""
+  cfg = weights.config_from_gguf(_meta_reader())
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (4, 4, 16, 300)
+  assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings) == (1e4, 1e-5, True)
+  assert cfg.max_position_embeddings == llama.LlamaConfig.max_position_embeddings
+  tokens = ["a", "b", "c", "d", "e", "f", "g"]
+  cfg = weights.config_from_gguf(
+    _meta_reader(drop=["llama.vocab_size"], **{"tokenizer.ggml.tokens": tokens})
+  )
+  assert cfg.vocab_size == 7
+  embd = _Tensor("token_embd.weight", (64, 123))
+  cfg = weights.config_from_gguf(_meta_reader([embd], drop=["llama.vocab_size"]))
+  assert cfg.vocab_size == 123
+  flat = _Tensor("token_embd.weight", (64,))
+  with pytest.raises(UserError, match="or a 2-D token_embd.weight: its vocabulary size is unknown"):
+    weights.config_from_gguf(_meta_reader([flat], drop=["llama.vocab_size"]))
+  both = {"llama.attention.key_length": 32, "llama.rope.dimension_count": 8}
+  assert weights.config_from_gguf(_meta_reader(**both)).head_dim == 32
+  assert weights.config_from_gguf(
+    _meta_reader(**{"llama.rope.dimension_count": 8})
+  ).head_dim == 8  # fmt: skip
+  with pytest.raises(UserError, match="^the GGUF file: GGUF metadata llama.embedding_length "
+                     "missing$"):  # fmt: skip
+    weights.config_from_gguf(_meta_reader(drop=["llama.embedding_length"]))
+  # 2 // 4 = 0: no head size, refused (it would pass as even).
+  with pytest.raises(UserError, match=re.escape("head size 0 (must be even)")):
+    weights.config_from_gguf(_meta_reader(**{"llama.embedding_length": 2}))
+  for reader in (_meta_reader(**{"llama.rope.scaling.type": "linear"}),
+                 _meta_reader([_Tensor("rope_freqs.weight", (8,))])):  # fmt: skip
+    with pytest.raises(UserError, match="unsupported GGUF rope scaling"):
+      weights.config_from_gguf(reader)
+  assert weights.config_from_gguf(_meta_reader(**{"llama.rope.scaling.type": "none"}))
+
+
+def _gguf_header(version=3, fields=(), n_tensors=0) -> bytes:
+  """A GGUF header written by hand with struct: `fields` as (key, uint32 value)."""
+  import struct
+
+  out = b"GGUF" + struct.pack("<IQQ", version, n_tensors, len(fields))
+  for key, value in fields:
+    out += struct.pack("<Q", len(key)) + key.encode() + struct.pack("<II", 4, value)
+  return out
+
+
+def test_audit_gguf_headers_written_by_hand(tmp_path):
+  path = tmp_path / "h.gguf"
+  path.write_bytes(_gguf_header(fields=[("general.alignment", 48)]))  # not a power of two
+  with pytest.raises(UserError, match=re.escape("truncated or corrupt: ") + ".*"
+                     + re.escape("(bad general.alignment 48)")):  # fmt: skip
+    weights.open_gguf(str(path))
+  path.write_bytes(_gguf_header(fields=[("general.alignment", 64)]))
+  assert weights.open_gguf(str(path)).fields["general.alignment"].contents() == 64
+  path.write_bytes(_gguf_header(version=256))  # little-endian 256: not big-endian 1
+  with pytest.raises(UserError, match="GGUF version 256 is not supported"):
+    weights.open_gguf(str(path))
+
+
+def _tiny_gguf_file(path, tensors=None, tie=False, extra=()) -> str:
+  """`_tiny_tensors` as a llama GGUF (float32, q/k rows in llama.cpp's order) and the GGUF
+  names `extra` (zeros), no torch."""
+  tensors = _tiny_tensors() if tensors is None else tensors
+  writer = gguf.GGUFWriter(str(path), "llama")
+  for key, value in (("block_count", 2), ("embedding_length", 8), ("feed_forward_length", 10),
+                     ("attention.head_count", 2), ("attention.head_count_kv", 1),
+                     ("attention.key_length", 6), ("vocab_size", 11)):  # fmt: skip
+    writer.add_uint32(f"llama.{key}", value)
+  writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+  gguf_names = {v: k for k, v in weights._GGUF_LAYER_NAMES.items()}
+  for name, w in tensors.items():
+    if name == "lm_head.weight" and tie:
+      continue
+    top = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
+           "model.norm.weight": "output_norm.weight"}  # fmt: skip
+    if name in top:
+      gname = top[name]
+    else:
+      _, _, i, rest = name.split(".", 3)
+      gname = f"blk.{i}.{gguf_names[rest.rsplit('.', 1)[0]]}.weight"
+    if gname.endswith("attn_q.weight"):
+      w = _llama_cpp_permute(w, 2)
+    elif gname.endswith("attn_k.weight"):
+      w = _llama_cpp_permute(w, 1)
+    writer.add_tensor(gname, np.ascontiguousarray(w))
+  for gname in extra:
+    writer.add_tensor(gname, np.zeros(8, np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return str(path)
+
+
+def test_audit_a_gguf_cut_inside_its_last_tensor_is_named(tmp_path):
+  path = _tiny_gguf_file(tmp_path / "t.gguf")
+  data = open(path, "rb").read()
+  cut = tmp_path / "cut.gguf"
+  cut.write_bytes(data[:-8])
+  with pytest.raises(UserError, match="truncated or corrupt: .* runs past the end of the file"):
+    weights.open_gguf(str(cut))
+  # A name of a layer's kind but without its '.weight' is no tensor the model uses.
+  odd = _tiny_gguf_file(tmp_path / "odd.gguf", extra=["blk.0.attn_q", "blk.x"])
+  with pytest.raises(UserError, match=f"^{re.escape(odd)}: tensors this Llama config does not "
+                     "use: blk.0.attn_q, blk.x "):  # fmt: skip
+    weights.load_gguf(odd)
+
+
+def _hf_layout(tensors, scanned=True) -> dict:
+  """The params tree by the module docstring's layout, from HF [out, in] matrices (numpy)."""
+  layers = []
+  for i in range(2):
+    t = {k.split(f"model.layers.{i}.", 1)[1]: v for k, v in tensors.items()
+         if k.startswith(f"model.layers.{i}.")}  # fmt: skip
+    layers.append({
+      "attn_norm": {"scale": t["input_layernorm.weight"]},
+      "mlp_norm": {"scale": t["post_attention_layernorm.weight"]},
+      "attn": {"q": {"kernel": t["self_attn.q_proj.weight"].T.reshape(8, 2, 6)},
+               "k": {"kernel": t["self_attn.k_proj.weight"].T.reshape(8, 1, 6)},
+               "v": {"kernel": t["self_attn.v_proj.weight"].T.reshape(8, 1, 6)},
+               "o": {"kernel": t["self_attn.o_proj.weight"].T.reshape(2, 6, 8)}},
+      "mlp": {"gate": {"kernel": t["mlp.gate_proj.weight"].T},
+              "up": {"kernel": t["mlp.up_proj.weight"].T},
+              "down": {"kernel": t["mlp.down_proj.weight"].T}},
+    })  # fmt: skip
+  out = {"embedding": tensors["model.embed_tokens.weight"],
+         "final_norm": {"scale": tensors["model.norm.weight"]}}  # fmt: skip
+  if "lm_head.weight" in tensors:
+    out["lm_head"] = tensors["lm_head.weight"].T
+  if scanned:
+    out["layers"] = jax.tree.map(lambda *x: np.stack(x), *layers)
+  else:
+    out.update({f"layers_{i}": layer for i, layer in enumerate(layers)})
+  return out
+
+
+def _assert_same_tree(params, expected):
+  assert jax.tree.structure(params) == jax.tree.structure(expected)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(expected)):
+    np.testing.assert_array_equal(np.asarray(a), b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_audit_tiny_checkpoints_load_in_the_documented_layout(tmp_path):
+  """Non-square q/o (2 heads of 6 over a hidden size of 8), GQA, untied; the same weights from
+  a safetensors folder, a GGUF file (q/k rows permuted by llama.cpp) and, unstacked, an
+  unscanned model."""
+  tensors = _tiny_tensors()
+  folder = _tiny_folder(tmp_path / "hf", tensors)
+  cfg, params = weights.load_hf(folder)
+  _assert_same_tree(params, _hf_layout(tensors))
+  _assert_same_tree(llm.unstack_layers(params, 2), _hf_layout(tensors, scanned=False))
+  cfg, params = weights.load_hf(folder, scan_layers=False)
+  assert not cfg.scan_layers
+  _assert_same_tree(params, _hf_layout(tensors, scanned=False))
+  path = _tiny_gguf_file(tmp_path / "t.gguf", tensors)
+  cfg, params = weights.load_gguf(path)
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (2, 1, 6, 11)
+  _assert_same_tree(params, _hf_layout(tensors))
+  cfg, params = weights.load_gguf(path, scan_layers=False)  # Overrides apply to GGUF files too.
+  assert not cfg.scan_layers
+  _assert_same_tree(params, _hf_layout(tensors, scanned=False))
+  tied = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+  cfg, params = weights.load_gguf(_tiny_gguf_file(tmp_path / "tied.gguf", tied, tie=True))
+  assert cfg.tie_word_embeddings
+  _assert_same_tree(params, _hf_layout(tied))
+
+
+def test_audit_safetensors_folders_that_do_not_fit_are_named(tmp_path):
+  tensors = _tiny_tensors()
+  name = "model.layers.1.self_attn.o_proj.weight"
+  bad = _tiny_folder(tmp_path / "shape", {**tensors, name: tensors[name].T.copy()})
+  with pytest.raises(UserError, match=re.escape(
+      f"{bad}: tensor {name} has shape (12, 8), expected (8, 12)")):  # fmt: skip
+    weights.load_hf(bad)
+  lacking = _tiny_folder(tmp_path / "lacking", {k: v for k, v in tensors.items() if k != name})
+  with pytest.raises(UserError, match=re.escape(
+      f"{lacking}: tensor {name} not found in the safetensors files")):  # fmt: skip
+    weights.load_hf(lacking)
+  no_head = _tiny_folder(tmp_path / "no_head",
+                         {k: v for k, v in tensors.items() if k != "lm_head.weight"})  # fmt: skip
+  with pytest.raises(UserError, match="lm_head.weight missing but word embeddings are not tied"):
+    weights.load_hf(no_head)
+  with pytest.raises(UserError, match=re.escape(f"model folder not found: {tmp_path / 'none'}")):
+    weights.load_hf(str(tmp_path / "none"))
+  with pytest.raises(UserError, match=re.escape(f"config.json not found in {tmp_path}")):
+    llm.config_for(str(tmp_path))
+
+
+def test_audit_the_index_decides_which_shards_are_read(tmp_path):
+  tensors = _tiny_tensors()
+  names = sorted(tensors)
+  shards = {"a.safetensors": names[:5], "b.safetensors": names[5:]}
+  folder = _tiny_folder(tmp_path / "ok", tensors, shards=shards)
+  # A stray copy beside the shards (a consolidated file) that the index does not name.
+  from safetensors.numpy import save_file
+
+  save_file(tensors, os.path.join(folder, "consolidated.safetensors"))
+  _assert_same_tree(weights.load_hf(folder)[1], _hf_layout(tensors))
+  gone = _tiny_folder(tmp_path / "gone", tensors, shards=shards)
+  os.remove(os.path.join(gone, "b.safetensors"))
+  with pytest.raises(UserError, match=re.escape(
+      f"safetensors shard missing: {os.path.join(gone, 'b.safetensors')}")):  # fmt: skip
+    weights.load_hf(gone)
+  short = _tiny_folder(tmp_path / "short", tensors, shards=shards)
+  index = os.path.join(short, "model.safetensors.index.json")
+  with open(index) as f:
+    data = json.load(f)
+  data["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "a.safetensors"
+  with open(index, "w") as f:
+    json.dump(data, f)
+  with pytest.raises(UserError, match=re.escape(
+      f"{short}: tensors listed in the index are missing: "
+      "['model.layers.9.mlp.up_proj.weight']")):  # fmt: skip
+    weights.load_hf(short)
+
+
+def test_audit_shardings_arguments(tmp_path):
+  """One Sharding for every leaf, and a function given each leaf's '/'-joined path."""
+  folder = _tiny_folder(tmp_path / "hf")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+  one = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  _, params = weights.load_hf(folder, shardings=one)
+  assert all(x.sharding == one for x in jax.tree.leaves(params))
+  abstract = llm.abstract_params(weights.config_from_hf(TINY_HF))
+  seen = {}
+  resolved = weights.resolve_shardings(lambda p, s: seen.setdefault(p, s) and one, abstract)
+  assert seen["layers/attn/q/kernel"] == (2, 8, 2, 6) and seen["embedding"] == (11, 8)
+  assert all(s == one for s in jax.tree.leaves(resolved))
+
+
+def test_audit_model_names_and_presets(tmp_path, monkeypatch):
+  folder = _tiny_folder(tmp_path / "model.gguf")  # A folder, even named *.gguf.
+  assert llm.config_for(folder).vocab_size == 11
+  assert llm.config_for("tiny", num_layers=1).num_layers == 1
+  llm.check_init_std("tiny", 0.5)  # A random preset takes any init_std.
+  model = llm.load("tiny", init_std=0.5, param_dtype="bfloat16", with_tokenizer=False)
+  assert (model.config.init_std, model.config.dtype) == (0.5, jax.numpy.float32)
+  assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree.leaves(model.params))
+  # A package that lacks the file: none (not a path that does not exist).
+  (tmp_path / "pkg_audit").mkdir()
+  (tmp_path / "pkg_audit" / "__init__.py").write_text("")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  assert llm.packaged_file("pkg_audit", "x.gguf") is None
+  (tmp_path / "pkg_audit" / "x.gguf").write_bytes(b"")
+  assert llm.packaged_file("pkg_audit", "x.gguf") == str(tmp_path / "pkg_audit" / "x.gguf")
+
+
+@needs_smollm2
+def test_audit_a_preset_of_smollm2s_vocabulary_gets_its_tokenizer():
+  assert len(llm.load_tokenizer("tiny")) == 49152  # vocab_size 49152: SmolLM2's own
+  assert len(llm.load_tokenizer("llama2-7b")) == 259  # another vocabulary: bytes
+
+
+class _Tok:
+  def __init__(self, eos=None, pad=None, vocab=None):
+    self.eos_token_id, self.pad_token_id, self.vocab_size = eos, pad, vocab
+
+
+def test_audit_llm_entry_points(tmp_path):
+  folder = _tiny_folder(tmp_path / "hf", config={**TINY_HF, "vocab_size": 11})
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # 11 rows: no byte-level stand-in, and no warning.
+    assert llm.load_tokenizer(folder) is None
+    model = llm.load(folder)
+  assert model.tokenizer is None
+  cfg, params = model.config, model.params
+  assert (llm.LLM(cfg, params, _Tok(eos=3)).eos_ids, llm.LLM(cfg, params, _Tok()).eos_ids) == (
+    (3,),
+    (),
+  )
+  assert llm.LLM(cfg, params, _Tok(eos=3)).pad_id == 3  # No pad token: EOS pads.
+  assert llm.LLM(cfg, params, _Tok(eos=3, pad=5)).pad_id == 5
+  assert llm.LLM(cfg, params, _Tok()).pad_id == 0
+  with pytest.warns(UserWarning, match="the tokenizer has 12 tokens, more than the model's 11"):
+    llm.LLM(cfg, params, _Tok(vocab=12))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    llm.LLM(cfg, params, _Tok(vocab=11))
+  with pytest.raises(UserError, match=re.escape("tokens must be [batch, time], got shape (3,)")):
+    model.logits([1, 2, 3])
+  with pytest.raises(UserError, match="max_new_tokens must be at least 1, got 0"):
+    model.generate_ids(np.ones((1, 2), np.int32), np.ones((1, 2), np.int32), 0)
+  model.tokenizer = tok_lib.byte_level_tokenizer()
+  with pytest.raises(UserError, match="generate expects a list of prompts, not a string"):
+    model.generate("ab")
+  gguf_path = _tiny_gguf_file(tmp_path / "t.gguf")
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  with pytest.warns(UserWarning, match="no tokenizer"):
+    loaded = llm.load(gguf_path, mesh=mesh)
+  leaf = loaded.params["layers"]["attn"]["q"]["kernel"]
+  assert isinstance(leaf.sharding, jax.sharding.NamedSharding) and leaf.sharding.mesh == mesh
