@@ -1,0 +1,445 @@
+"""errors: a user's mistake is one `error: ...` line and exit 2 (README), a bug one line and
+exit 3, a signal's stop 128 + its number; flag and config-file failures worded as one line.
+In-process checks of the helpers (test_cli.py runs the commands themselves)."""
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import types
+import warnings
+
+import pytest
+from absl import flags
+
+from ilora_jax import errors
+from ilora_jax.errors import UserError
+
+
+@pytest.fixture
+def quiet_restored(monkeypatch):
+  """What `report_and_exit` silences for the rest of a process, put back after the test."""
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+  monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+  asyncio_logger = logging.getLogger("asyncio")
+  level = asyncio_logger.level
+  with warnings.catch_warnings():
+    yield
+  asyncio_logger.setLevel(level)
+
+
+def _exit_of(exc, capsys) -> tuple[object, str, str]:
+  """The exit code `report_and_exit(exc)` ends with, and what it wrote to stdout and stderr."""
+  with pytest.raises(SystemExit) as ended:
+    errors.report_and_exit(exc)
+  out, err = capsys.readouterr()
+  return ended.value.code, out, err
+
+
+def test_a_user_error_is_one_line_and_exit_2(capsys, quiet_restored):
+  code, out, err = _exit_of(UserError("data file\n   broken:  row 3"), capsys)
+  assert (code, out, err) == (2, "", "error: data file broken: row 3\n")
+  assert errors.EXIT_USER_ERROR == 2
+
+
+def test_a_kind_of_user_error_is_one_too(capsys, quiet_restored):
+  class NoVocab(UserError):
+    pass
+
+  assert _exit_of(NoVocab("no vocab"), capsys) == (2, "", "error: no vocab\n")
+
+
+def test_after_a_user_error_background_reports_are_silenced(capsys, quiet_restored):
+  _exit_of(UserError("x"), capsys)
+  assert logging.getLogger("asyncio").level > logging.CRITICAL
+  assert sys.unraisablehook(types.SimpleNamespace(exc_value=ValueError("late"))) is None
+  assert threading.excepthook(types.SimpleNamespace(exc_value=ValueError("late"))) is None
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.warn("coroutine was never awaited", RuntimeWarning, stacklevel=1)
+  assert caught == []
+  assert capsys.readouterr() == ("", "")  # The hooks print nothing either.
+
+
+def test_a_signal_stop_exits_128_plus_its_number(capsys):
+  from ilora_jax.interrupts import Interrupted
+
+  code, out, err = _exit_of(Interrupted(signal.SIGTERM, 7), capsys)
+  assert code == 128 + 15 and out == ""
+  assert err == (
+    "stopped by SIGTERM at step 7; checkpoint saved, re-run the same command to resume\n"
+  )
+  assert _exit_of(Interrupted(signal.SIGINT, 3), capsys)[0] == 128 + 2
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+  assert _exit_of(KeyboardInterrupt(), capsys) == (130, "", "error: interrupted\n")
+
+
+def test_a_reader_gone_away_ends_quietly_as_sigpipe(capsys, monkeypatch):
+  """`... | head`: stdout is pointed at /dev/null (nothing more can fail writing to it) and the
+  exit code is the shell's for SIGPIPE, 128 + 13."""
+  moved = []
+
+  def dup2(source, target):
+    moved.append(target)
+    os.close(source)
+
+  # Only errors' view of `os`: pytest's own capture moves descriptors with os.dup2.
+  fake_os = types.SimpleNamespace(**{n: getattr(os, n) for n in ("open", "devnull", "O_WRONLY")})
+  monkeypatch.setattr(errors, "os", types.SimpleNamespace(**vars(fake_os), dup2=dup2))
+  monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(fileno=lambda: 1))
+  code, _, err = _exit_of(BrokenPipeError(), capsys)
+  assert (code, err, moved) == (141, "", [1])
+
+
+def test_an_unexpected_error_is_one_line_and_exit_3(capsys, monkeypatch):
+  monkeypatch.delenv("ILORA_JAX_DEBUG", raising=False)
+  code, out, err = _exit_of(ValueError("bad\n  shape"), capsys)
+  assert (code, out) == (3, "")
+  assert err == (
+    "error: unexpected ValueError: bad shape (set ILORA_JAX_DEBUG=1 to see the traceback)\n"
+  )
+  assert errors.EXIT_INTERNAL_ERROR == 3
+  monkeypatch.setenv("ILORA_JAX_DEBUG", "")  # Set but empty: off.
+  assert _exit_of(ValueError("x"), capsys)[0] == 3
+
+
+def test_ilora_jax_debug_raises_the_error_itself(capsys, monkeypatch):
+  monkeypatch.setenv("ILORA_JAX_DEBUG", "1")
+  error = ValueError("the bug")
+  with pytest.raises(ValueError) as raised:
+    errors.report_and_exit(error)
+  assert raised.value is error
+  assert capsys.readouterr() == ("", "")
+
+
+def test_require():
+  assert errors.require(True, "unused") is None
+  with pytest.raises(UserError, match="^need a workdir$"):
+    errors.require(False, "need a workdir")
+
+
+def test_require_file(tmp_path, monkeypatch):
+  path = tmp_path / "f.txt"
+  with pytest.raises(UserError) as raised:
+    errors.require_file(str(path), "vocab")
+  assert str(raised.value) == f"vocab not found: {path}"
+  with pytest.raises(UserError) as raised:
+    errors.require_file(str(tmp_path), "vocab")
+  assert str(raised.value) == f"vocab is not a file: {tmp_path}"
+  path.write_text("x")
+  assert errors.require_file(str(path), "vocab") == str(path)
+  monkeypatch.setattr(os, "access", lambda p, mode: mode != os.R_OK)  # As for another user.
+  with pytest.raises(UserError) as raised:
+    errors.require_file(str(path), "vocab")
+  assert str(raised.value) == f"vocab is not readable: {path}"
+
+
+def test_flag_error_keeps_the_last_line_of_an_embedded_traceback():
+  text = (
+    "Error loading config file c.py: Traceback (most recent call last):\n"
+    '  File "c.py", line 3, in get_config\n'
+    "    1 / 0\n"
+    "ZeroDivisionError: division by zero\n\n"
+  )
+  assert str(errors.flag_error(ValueError(text))) == (
+    "Error loading config file c.py: ZeroDivisionError: division by zero"
+  )
+  plain = errors.flag_error(ValueError("flag --n: invalid literal"))
+  assert isinstance(plain, UserError) and str(plain) == "flag --n: invalid literal"
+
+
+def _values():
+  values = flags.FlagValues()
+  flags.DEFINE_integer("n", 1, "a number", flag_values=values)
+  return values
+
+
+def test_parse_flags():
+  values = _values()
+  errors.parse_flags(values, ["prog", "--n=4"])
+  assert values.n == 4
+  with pytest.raises(UserError) as raised:
+    errors.parse_flags(_values(), ["prog", "--n=4", "word", "other"])
+  assert str(raised.value) == (
+    "unexpected argument(s) 'word' 'other': every argument is a --flag=value (quote a value "
+    "that holds spaces)"
+  )
+  with pytest.raises(UserError, match=r"^unexpected argument\(s\) 'word': every argument"):
+    errors.parse_flags(_values(), ["prog", "word"])
+  with pytest.raises(UserError, match="--n"):  # absl's words for a bad value, as one line.
+    errors.parse_flags(_values(), ["prog", "--n=four"])
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h", "-help", "--helpshort", "--helpfull", "-?"])
+def test_every_help_flag_prints_help_and_exits_0(flag, capsys):
+  with pytest.raises(SystemExit) as ended:
+    errors.parse_flags(_values(), ["prog", "--n=2", flag])
+  assert ended.value.code == 0
+  assert capsys.readouterr().out.strip()
+
+
+class _Help:
+  """The part of absl's FlagValues that `print_help` uses."""
+
+  def __init__(self, text, names=()):
+    self.text, self.names = text, names
+
+  def main_module_help(self):
+    return self.text
+
+  def get_help(self):
+    return "all: " + self.text
+
+  def __contains__(self, name):
+    return name in self.names
+
+
+def test_print_help(capsys, monkeypatch):
+  monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__doc__="\n  Trains.\n"))
+  errors.print_help(_Help("\n  --seed: the seed\n", names=("config",)))
+  assert capsys.readouterr().out == (
+    "Trains.\n\n--seed: the seed\n\n  --config.<field>=<value> overrides any field of the config "
+    "file (every field is documented in configs/base.py).\n"
+  )
+  monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__doc__=None))
+  errors.print_help(_Help("  "))
+  assert capsys.readouterr().out == "(no flags)\n"
+  monkeypatch.delitem(sys.modules, "__main__")
+  errors.print_help(_Help("--x"))
+  assert capsys.readouterr().out == "all: --x\n"
+
+
+@pytest.mark.parametrize(
+  "argv, given",
+  [
+    (["p", "--config=c.py"], True),
+    (["p", "--config", "c.py"], True),
+    (["p", "--config.seed=1"], False),
+    (["p", "--configs=c.py"], False),
+    (["--config=c.py"], False),  # The program's own name.
+    (["p"], False),
+  ],
+)
+def test_config_given(argv, given):
+  assert errors._config_given(argv) is given
+
+
+def test_loaded_config():
+  from ml_collections import ConfigDict
+
+  config = ConfigDict({"seed": 1})
+  assert errors.loaded_config(config, ["p"]) is config
+  with pytest.raises(UserError, match=r"^--config is required, e\.g\. --config=configs/tiny\.py$"):
+    errors.loaded_config(None, ["p", "--workdir=w"])
+  with pytest.raises(UserError) as raised:  # The last --config given counts, as for absl.
+    errors.loaded_config(None, ["p", "--config=a.py", "--config=b.py"])
+  assert str(raised.value) == "cannot load config file b.py: not found or not a config file"
+
+
+def test_an_unopenable_flagfile_is_named():
+  exc = flags.CantOpenFlagFileError("ERROR:: Unable to open flagfile: gone.txt")
+  failed = errors._flagfile_error(exc, ["p"])
+  assert str(failed) == "cannot read --flagfile: Unable to open flagfile: gone.txt"
+  assert errors._flagfile_error(ValueError("x"), ["p"]) is None
+
+
+def test_a_flagfile_that_is_not_utf8_is_named_with_the_byte(tmp_path):
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"--n=1\n\xff\n")  # Byte 6 (from 0) starts no UTF-8 character.
+  good = tmp_path / "good.txt"
+  good.write_text("--n=2\n")
+  exc = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+  for dash in ("--", "-"):
+    argv = ["p", f"{dash}flagfile={tmp_path / 'gone.txt'}", f"--flagfile={good}",
+            f"{dash}flagfile={bad}"]  # fmt: skip
+    assert str(errors._flagfile_error(exc, argv)) == (
+      f"--flagfile={bad} is not UTF-8 text (invalid start byte at byte 6)"
+    )
+  unnamed = errors._flagfile_error(exc, ["p", f"--flagfile={good}"])  # Not found again.
+  assert str(unnamed) == "a --flagfile is not UTF-8 text (invalid start byte at byte 0)"
+
+
+def _raised_in(what, argv, exc):
+  """What `flag_errors(what, argv)` turns `exc`, raised inside it, into."""
+  with pytest.raises(BaseException) as raised:
+    with errors.flag_errors(what, argv):
+      raise exc
+  return raised.value
+
+
+def test_an_unknown_override_key_names_its_flag():
+  argv = ["p", "--config=gone.py", "--config.nope_too=1", "--config.train.nope=3"]
+  wrapped = AttributeError(KeyError("'nope'\n  Did you mean: 'note'?\n"))  # As ml_collections.
+  got = _raised_in("config", argv, wrapped)
+  assert isinstance(got, UserError)
+  assert str(got) == "unknown config key: 'nope'; Did you mean: 'note'? (in --config.train.nope)"
+  got = _raised_in("model", ["p", "--model.x=1"], KeyError("'y'"))  # No flag names it.
+  assert str(got) == "unknown model key: 'y'"
+  named = AttributeError(KeyError("'get_config_dir'"))  # A key, not the file's function.
+  got = _raised_in("config", ["p", "--config=c.py", "--config.get_config_dir=d"], named)
+  assert str(got) == "unknown config key: 'get_config_dir' (in --config.get_config_dir)"
+
+
+def test_a_file_without_get_config_is_named():
+  missing = AttributeError("module 'c' has no attribute 'get_config'", name="get_config")
+  got = _raised_in("config", ["p", "--config=c.py:arg"], missing)
+  assert str(got) == (
+    "c.py defines no get_config(): a config file is a Python file whose get_config() returns "
+    "an ml_collections ConfigDict"
+  )
+  got = _raised_in("model", ["p"], missing)
+  assert str(got).startswith("the model file defines no get_config(): a model file is")
+
+
+def test_flag_errors_passes_other_errors_on():
+  error = RuntimeError("a bug")
+  assert _raised_in("config", ["p", "--config=gone.py"], error) is error
+  with errors.flag_errors("config", ["p"]):
+    pass  # Nothing raised: nothing to do.
+
+
+def test_an_override_of_a_file_that_did_not_load():
+  earlier = RuntimeError("Configuration is not available because of an earlier failure: x")
+  got = _raised_in("config", ["p", "--config=c.py"], earlier)
+  assert str(got) == "cannot load config file c.py: not found or not a config file"
+
+
+def test_absl_errors_become_one_line():
+  got = _raised_in("config", ["p"], flags.IllegalFlagValueError("flag --n: bad\nvalue"))
+  assert isinstance(got, UserError) and str(got) == "flag --n: bad\nvalue"
+  unopened = flags.CantOpenFlagFileError("ERROR:: Unable to open flagfile: gone.txt")
+  got = _raised_in("config", ["p", "--flagfile=gone.txt"], unopened)
+  assert str(got) == "cannot read --flagfile: Unable to open flagfile: gone.txt"
+
+
+def _run_config(path, argv):
+  """Runs the file at `path` as ml_collections would load it, inside `flag_errors`."""
+  import runpy
+
+  with pytest.raises(BaseException) as raised:
+    with errors.flag_errors("config", argv):
+      runpy.run_path(str(path))["get_config"]()
+  return raised.value
+
+
+def test_a_config_file_whose_code_fails_is_named_with_its_line(tmp_path):
+  path = tmp_path / "c.py"
+  path.write_text("def get_config():\n  x = 1\n  raise ValueError('bad\\n   seed')\n")
+  got = _run_config(path, ["p", f"--config={path}"])
+  assert str(got) == f"config file {path} line 3: ValueError: bad seed"
+  path.write_text("def get_config():\n  x = 1\n  raise ValueError()\n")
+  assert str(_run_config(path, ["p", f"--config={path}:arg"])) == (
+    f"config file {path} line 3: ValueError"
+  )
+  link = tmp_path / "link.py"  # Named through a link: the same file.
+  link.symlink_to(path)
+  assert str(_run_config(path, ["p", f"--config={link}"])) == (
+    f"config file {link} line 3: ValueError"
+  )
+  other = tmp_path / "other.py"  # The error is not in the file named: passed on.
+  other.write_text("")
+  assert isinstance(_run_config(path, ["p", f"--config={other}"]), ValueError)
+
+
+def test_a_config_file_with_a_syntax_error_is_named_with_its_line(tmp_path):
+  path = tmp_path / "c.py"
+  source = "def get_config():\n  return (\n\n"
+  path.write_text(source)
+  with pytest.raises(SyntaxError) as python:  # Python's own words for it, without its place.
+    compile(source, str(path), "exec")
+  got = _run_config(path, ["p", f"--config={path}"])
+  assert str(got) == f"config file {path} line 2: SyntaxError: {python.value.msg}"
+
+
+def test_the_deepest_line_of_the_file_is_named(tmp_path):
+  path = tmp_path / "c.py"
+  path.write_text("def helper():\n  raise KeyError('k')\ndef get_config():\n  return helper()\n")
+  assert str(_run_config(path, ["p", f"--config={path}"])) == (
+    f"config file {path} line 2: KeyError: 'k'"
+  )
+
+
+def test_flush_stdout_ends_quietly_when_the_reader_is_gone(monkeypatch):
+  def flush():
+    raise BrokenPipeError
+
+  monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(flush=flush, fileno=lambda: -1))
+  with pytest.raises(SystemExit) as ended:
+    errors._flush_stdout()
+  assert ended.value.code == 141
+
+
+def test_cli_main(capsys, monkeypatch, quiet_restored):
+  monkeypatch.delenv("ILORA_JAX_DEBUG", raising=False)
+
+  @errors.cli_main
+  def entry(a, b=0):
+    """Adds."""
+    print("out", end="")
+    if a < 0:
+      raise UserError("a must be >= 0")
+    if a == 0:
+      sys.exit(5)
+    return a + b
+
+  assert (entry.__name__, entry.__doc__) == ("entry", "Adds.")
+  assert entry(2, b=3) == 5
+  assert capsys.readouterr() == ("out", "")
+  assert getattr(sys.unraisablehook, "redelivers_interrupts", False)
+  with pytest.raises(SystemExit) as ended:
+    entry(0)
+  assert ended.value.code == 5
+  with pytest.raises(SystemExit) as ended:
+    entry(-1)
+  assert ended.value.code == 2
+  assert capsys.readouterr() == ("outout", "error: a must be >= 0\n")
+
+
+def test_cli_main_flushes_stdout_when_it_ends(monkeypatch):
+  """Flushed inside the entry point, where a reader gone away is still one quiet exit."""
+  flushed = []
+  monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(flush=lambda: flushed.append(1)))
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+
+  @errors.cli_main
+  def entry(code):
+    assert flushed == []
+    if code is not None:
+      sys.exit(code)
+
+  with pytest.raises(SystemExit):
+    entry(0)
+  assert flushed == [1]
+  flushed.clear()
+  assert entry(None) is None
+  assert flushed == [1]
+
+
+def test_an_interrupt_lost_in_a_callback_is_delivered_again(monkeypatch):
+  """A KeyboardInterrupt Python could only report as unraisable: SIGINT is raised again (from
+  a thread, a moment later) where SIGINT has a Python handler; other reports, and all where
+  SIGINT has none, go to the previous hook."""
+  passed_on, delivered = [], threading.Event()
+  hook = errors._interrupts_are_not_lost(passed_on.append)
+  assert errors._interrupts_are_not_lost(hook) is hook  # Wrapped once.
+  other = types.SimpleNamespace(exc_value=ValueError("x"))
+  lost = types.SimpleNamespace(exc_value=KeyboardInterrupt())
+  before = signal.signal(signal.SIGINT, lambda signum, frame: delivered.set())
+  try:
+    hook(other)
+    assert passed_on == [other]
+    hook(lost)
+    for _ in range(3000):  # The main thread runs the handler between two of its steps.
+      if delivered.is_set():
+        break
+      time.sleep(0.01)
+    assert delivered.is_set()
+    assert passed_on == [other]
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # No Python handler: passed on.
+    hook(lost)
+    assert passed_on == [other, lost]
+  finally:
+    signal.signal(signal.SIGINT, before)
