@@ -781,3 +781,363 @@ def test_decoding_casts_the_adapters_to_the_compute_dtype_once_before_the_loop()
     assert not adapter_casts, (unroll, adapter_casts)
     out, _ = jax.jit(run)(params)
     np.testing.assert_array_equal(np.asarray(out[:, :5]), want)
+
+
+# --- Independent references (numpy, float64) for the mutation audit of llama.py ---
+
+
+def _np_rms(x, scale, eps):
+  return scale * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _np_inv_freq(head_dim, theta):
+  """RoFormer/Hugging Face: 1 / theta^(2i / head_dim), i < head_dim / 2."""
+  return 1.0 / theta ** (2.0 * np.arange(head_dim // 2) / head_dim)
+
+
+def _np_rope(x, pos, inv_freq):
+  """Hugging Face's rotate_half convention: x [t, heads, h] at positions pos [t]; pair i is
+  (x_i, x_{i + h/2}), rotated by pos * inv_freq[i]."""
+  ang = np.concatenate([pos[:, None] * inv_freq] * 2, axis=-1)[:, None, :]  # [t, 1, h]
+  half = x.shape[-1] // 2
+  rotated = np.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * np.cos(ang) + rotated * np.sin(ang)
+
+
+def _np_llama(p, cfg, ids):
+  """Logits [t, v] of a float64 numpy Llama (Hugging Face LlamaForCausalLM's math: pre-norm
+  blocks, rotary q and k, kv head i // g for query head i, SwiGLU) over one unpadded row."""
+  f64 = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  lay, t = f64["layers"], len(ids)
+  x = f64["embedding"][np.asarray(ids)]
+  pos, inv = np.arange(t, dtype=np.float64), _np_inv_freq(cfg.head_dim, cfg.rope_theta)
+  groups = cfg.num_heads // cfg.num_kv_heads
+  causal = np.tril(np.ones((t, t), bool))
+  for i in range(cfg.num_layers):
+    attn, mlp = lay["attn"], lay["mlp"]
+    h = _np_rms(x, lay["attn_norm"]["scale"][i], cfg.rms_norm_eps)
+    q = _np_rope(np.einsum("td,dnh->tnh", h, attn["q"]["kernel"][i]), pos, inv)
+    k = _np_rope(np.einsum("td,dnh->tnh", h, attn["k"]["kernel"][i]), pos, inv)
+    v = np.einsum("td,dnh->tnh", h, attn["v"]["kernel"][i])
+    k, v = np.repeat(k, groups, axis=1), np.repeat(v, groups, axis=1)  # HF's repeat_kv
+    scores = np.einsum("tnh,snh->nts", q, k) / np.sqrt(cfg.head_dim)
+    scores = np.where(causal, scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("nts,snh->tnh", probs, v)
+    x = x + np.einsum("tnh,nhd->td", out, attn["o"]["kernel"][i])
+    h = _np_rms(x, lay["mlp_norm"]["scale"][i], cfg.rms_norm_eps)
+    gate, up = h @ mlp["gate"]["kernel"][i], h @ mlp["up"]["kernel"][i]
+    x = x + (gate / (1.0 + np.exp(-gate)) * up) @ mlp["down"]["kernel"][i]
+  x = _np_rms(x, f64["final_norm"]["scale"], cfg.rms_norm_eps)
+  return x @ (f64["embedding"].T if cfg.tie_word_embeddings else f64["lm_head"])
+
+
+def test_forward_matches_a_numpy_llama(params):
+  """Each padded row's real logits are those of a float64 numpy Llama over its real tokens
+  alone (left and right padding; untied and tied heads)."""
+  tokens = _tokens()
+  left = _left_pad_mask()
+  right = jnp.asarray(np.arange(T)[None, :] < np.array([[T], [4], [6]]), jnp.int32)
+  for cfg, p in ((CFG, params), (CFG.replace(tie_word_embeddings=True), None)):
+    p = _init(cfg, seed=2) if p is None else p
+    module = llama.Llama(cfg)
+    for mask in (left, right) if p is params else (left,):
+      logits = np.asarray(_apply(module, {"params": p}, tokens, mask))
+      for b in range(B):
+        real = np.asarray(mask[b], bool)
+        want = _np_llama(p, cfg, np.asarray(tokens[b])[real])
+        np.testing.assert_allclose(logits[b][real], want, rtol=1e-4, atol=1e-4)
+
+
+def test_rope_inv_freq_matches_the_llama3_reference():
+  """Plain 1 / theta^(2i/h); Llama 3 scaling against Meta's `apply_scaling` loop (high
+  frequencies kept, low ones divided by the factor, a smooth blend between), with
+  low_freq_factor 1, high_freq_factor 4 and 8192 original positions as the defaults."""
+
+  def meta(freqs, factor, low, high, old_len):
+    out = []
+    for freq in freqs:
+      wavelen = 2 * np.pi / freq
+      if wavelen < old_len / high:
+        out.append(freq)
+      elif wavelen > old_len / low:
+        out.append(freq / factor)
+      else:
+        smooth = (old_len / wavelen - low) / (high - low)
+        out.append((1 - smooth) * freq / factor + smooth * freq)
+    return np.array(out)
+
+  plain = _np_inv_freq(CFG.head_dim, CFG.rope_theta)
+  np.testing.assert_allclose(llama.rope_inv_freq(CFG), plain, rtol=1e-6)
+  # head_dim 8: wavelengths 6.3, 63, 628, 6283 against bands 128 / 4 = 32 and 128 / 2 = 64:
+  # one kept, one blended, two divided.
+  scaling = dict(factor=8.0, low_freq_factor=2.0, high_freq_factor=4.0,
+                 original_max_position_embeddings=128)  # fmt: skip
+  got = llama.rope_inv_freq(CFG.replace(rope_scaling=scaling))
+  want = meta(plain, 8.0, 2.0, 4.0, 128)
+  assert np.isclose(want, plain).sum() == 1 and np.isclose(want, plain / 8).sum() == 2
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  chex.assert_type(got, np.float32)
+  cfg = CFG.replace(head_dim=128, rope_theta=500000.0, rope_scaling={"factor": 8.0})
+  full = _np_inv_freq(128, 500000.0)
+  want = meta(full, 8.0, 1.0, 4.0, 8192)
+  kept, divided = np.isclose(want, full), np.isclose(want, full / 8)
+  assert kept.any() and divided.any() and (~kept & ~divided).any()  # every band in play
+  np.testing.assert_allclose(llama.rope_inv_freq(cfg), want, rtol=1e-5)
+
+
+def test_apply_rope_rotates_pairs_of_halves_by_absolute_positions():
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(2, 5, 3, 8)).astype(np.float32)  # [b, t, heads, h]
+  pos = np.array([[0, 1, 2, 3, 4], [7, 7, 8, 20, 100]])
+  inv = llama.rope_inv_freq(CFG)
+  got = np.asarray(llama.apply_rope(jnp.asarray(x), jnp.asarray(pos), inv))
+  for b in range(2):
+    want = _np_rope(x[b].astype(np.float64), pos[b].astype(np.float64), _np_inv_freq(8, 1e4))
+    np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-5)
+  half = jnp.asarray(x, jnp.bfloat16)
+  out = llama.apply_rope(half, jnp.asarray(pos), inv)
+  chex.assert_type(out, jnp.bfloat16)  # float32 math, the input's dtype out
+
+
+def test_rms_norm_matches_numpy_with_eps_inside_the_root():
+  """Inputs of size 1e-3 (mean square 1e-6, below eps 1e-5): eps must sit under the root.
+  bf16 input: float32 math, rounded to bf16 once (numpy's value, rounded)."""
+  rng = np.random.default_rng(6)
+  x = (1e-3 * rng.normal(size=(2, 3, 64))).astype(np.float32)
+  scale = (1 + 0.1 * rng.normal(size=64)).astype(np.float32)
+  norm = llama.RMSNorm(1e-5, jnp.float32, jnp.float32)
+  got = norm.apply({"params": {"scale": jnp.asarray(scale)}}, jnp.asarray(x))
+  want = _np_rms(x.astype(np.float64), scale.astype(np.float64), 1e-5)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  x16 = jnp.asarray(10 * rng.normal(size=(4, 8, 256)), jnp.bfloat16)
+  norm16 = llama.RMSNorm(1e-5, jnp.bfloat16, jnp.float32)
+  got16 = norm16.apply({"params": {"scale": jnp.asarray(np.ones(256, np.float32))}}, x16)
+  chex.assert_type(got16, jnp.bfloat16)
+  x64 = np.asarray(x16, np.float64)
+  want16 = np.asarray(jnp.asarray(_np_rms(x64, 1.0, 1e-5), jnp.float32).astype(jnp.bfloat16))
+  assert np.mean(np.asarray(got16, np.float32) != want16.astype(np.float32)) < 0.002
+
+
+class _DenseAdapter(nn.Module):
+  """Test adapter: delta = x @ w, w of ones times 0.01 (in the input's dtype)."""
+
+  in_features: int
+  out_features: int
+
+  @nn.compact
+  def __call__(self, x, gate_weights, deterministic):
+    w = self.param("w", nn.initializers.constant(0.01), (self.in_features, self.out_features))
+    return x @ w.astype(x.dtype)
+
+
+def test_projection_adds_the_adapter_delta_in_the_compute_dtype():
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(2, 3, 6)).astype(np.float32)
+  kernel = rng.normal(size=(6, 2, 4)).astype(np.float32)
+  factory = lambda **kw: _DenseAdapter(kw["in_features"], kw["out_features"], name=kw["name"])  # noqa: E731
+  proj = llama.Projection("btd,dnh->btnh", (6, 2, 4), ("embed", "heads", "head_dim"), "q",
+                          jnp.float32, jnp.float32, 0.02, factory)  # fmt: skip
+  variables = {"params": {"kernel": kernel, "adapter": {"w": np.full((6, 8), 0.01, np.float32)}}}
+  got = proj.apply(variables, jnp.asarray(x), None, True)
+  delta = (x.astype(np.float64) @ np.full((6, 8), 0.01)).reshape(2, 3, 2, 4)
+  want = np.einsum("btd,dnh->btnh", x.astype(np.float64), kernel) + delta
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # bf16 compute with float32 params and a float32 input: both cast, bf16 out.
+  proj16 = proj.clone(dtype=jnp.bfloat16, adapter=None)
+  out = proj16.apply({"params": {"kernel": kernel}}, jnp.asarray(x), None, True)
+  chex.assert_type(out, jnp.bfloat16)
+
+
+def test_config_validation_dtypes_and_llama2_defaults():
+  bad = [
+    (dict(num_heads=4, num_kv_heads=3), "num_heads"),
+    (dict(head_dim=7), "head_dim"),
+    (dict(remat_policy="some"), "remat_policy"),
+    (dict(attention="flash"), "attention"),
+    (dict(logit_vocab=0), "logit_vocab"),
+    (dict(logit_vocab=CFG.vocab_size + 1), "logit_vocab"),
+    (dict(init_std=-0.1), "init_std"),
+  ]
+  for change, match in bad:
+    with pytest.raises(ValueError, match=match):
+      CFG.replace(**change)
+  for ok in (1, CFG.vocab_size):
+    assert CFG.replace(logit_vocab=ok).logit_vocab == ok
+  assert CFG.replace(attention_chunks=1).attention_chunks == 1
+  named = CFG.replace(dtype="bfloat16", param_dtype="float32")
+  assert named == CFG.replace(dtype=jnp.bfloat16) and hash(named) == hash(
+    CFG.replace(dtype=jnp.bfloat16)
+  )
+  assert isinstance(named.dtype, np.dtype) and isinstance(named.param_dtype, np.dtype)
+  # The defaults are Llama-2-7B's (its Hugging Face config.json).
+  d = llama.LlamaConfig()
+  assert (d.vocab_size, d.hidden_size, d.intermediate_size, d.num_layers) == (
+    32000,
+    4096,
+    11008,
+    32,
+  )
+  assert (d.num_heads, d.num_kv_heads, d.head_dim, d.max_position_embeddings) == (32, 32, 128, 4096)
+  assert (d.rope_theta, d.rms_norm_eps, d.tie_word_embeddings, d.rope_scaling) == (
+    1e4,
+    1e-5,
+    False,
+    None,
+  )
+  assert (d.init_std, d.remat_policy, d.attention, d.attention_chunks) == (0.02, "none", "xla", 4)
+
+
+def test_init_cache_is_empty_in_the_given_dtype():
+  for scan in (True, False):
+    cfg = CFG.replace(scan_layers=scan)
+    cache = llama.init_cache(cfg, 2, 5, dtype=jnp.bfloat16)
+    for a in jax.tree.leaves((cache.k, cache.v)):
+      chex.assert_type(a, jnp.bfloat16)
+      chex.assert_shape(a, ((CFG.num_layers,) if scan else ()) + (2, CFG.num_kv_heads, 5, 8))
+      assert not np.asarray(a, np.float32).any()
+    chex.assert_type(jax.tree.leaves(llama.init_cache(cfg, 2, 5).k)[0], cfg.dtype)
+    np.testing.assert_array_equal(cache.mask, np.zeros((2, 5), bool))
+    np.testing.assert_array_equal(cache.positions, [0, 0])
+    assert cache.index.shape == () and int(cache.index) == 0
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+def test_passes_of_several_tokens_over_a_cache_equal_full_recomputation(params, scan):
+  """After a left-padded prompt pass: a 3-token continuation (keep_cache True and False) and a
+  decoding step after it; then two 2-token candidates packed in one pass with `attend` and
+  their own positions (each sees the prompt's real slots and itself, as scoring packs them);
+  then a pad inside the packed tokens: each equals the full pass."""
+  cfg = CFG.replace(scan_layers=scan)
+  variables = {"params": params if scan else llm.unstack_layers(params, CFG.num_layers)}
+  module = llama.Llama(cfg)
+  n, extra = 5, 4
+  tokens, mask = _tokens(shape=(B, n + extra)), _left_pad_mask()[:, T - n - extra :]
+  mask = mask.at[:, n:].set(1)
+  full = np.asarray(_apply(module, variables, tokens, mask))
+  slots = n + extra + 1
+  run = jax.jit(module.apply, static_argnames=("prefill", "keep_cache"))
+  first, cache = run(variables, tokens[:, :n], mask[:, :n], cache=llama.init_cache(cfg, B, slots))
+  for keep in (True, False):
+    more, after = run(variables, tokens[:, n : n + 3], mask[:, n : n + 3], cache=cache,
+                      keep_cache=keep)  # fmt: skip
+    last, _ = run(variables, tokens[:, n + 3 : n + 4], mask[:, n + 3 : n + 4], cache=after)
+    steps = np.concatenate([first, more, last], axis=1)
+    real = np.asarray(mask, bool)
+    np.testing.assert_allclose(steps[real], full[real], rtol=2e-5, atol=2e-5)
+  # Candidates (a, b) and (c, d) after the prompt, packed as [a, b, c, d].
+  cand = tokens[:, n : n + 4]
+  attend = jnp.asarray(np.kron(np.eye(2), np.tril(np.ones((2, 2)))), bool)[None].repeat(B, 0)
+  for keep in (True, False):
+    packed, _ = run(variables, cand, jnp.ones((B, 4), jnp.int32), cache=cache, attend=attend,
+                    positions=cache.positions[:, None] + jnp.asarray([0, 1, 0, 1]),
+                    keep_cache=keep)  # fmt: skip
+    for j, pair in enumerate((cand[:, :2], cand[:, 2:])):
+      seq = jnp.concatenate([tokens[:, :n], pair], axis=1)
+      alone = np.asarray(_apply(module, variables, seq, mask[:, : n + 2]))
+      np.testing.assert_allclose(packed[:, 2 * j : 2 * j + 2], alone[:, n:], rtol=2e-5, atol=2e-5)
+  # Padding inside the packed pass: a pad candidate token is seen by no one.
+  pad_mask = jnp.ones((B, 4), jnp.int32).at[:, 2].set(0)
+  both = jnp.asarray(np.tril(np.ones((4, 4))), bool)[None].repeat(B, 0)
+  packed, _ = run(variables, cand, pad_mask, cache=cache, attend=both)
+  seq = jnp.concatenate([tokens[:, :n], cand[:, :2], cand[:, 3:]], axis=1)
+  alone = np.asarray(_apply(module, variables, seq, mask[:, : n + 3]))
+  np.testing.assert_allclose(packed[:, 3], alone[:, n + 2], rtol=2e-5, atol=2e-5)
+  for kw in (dict(), dict(cache=cache, prefill=True)):
+    with pytest.raises(ValueError, match="attend"):
+      module.apply(variables, cand, attend=attend, **kw)
+
+
+def test_dot_attention_groups_heads_and_masks_with_a_huge_negative():
+  """Query head i reads kv head i // g (Hugging Face's repeat_kv); a masked key is out even
+  when every visible score is very negative; bf16 compute gives bf16 out."""
+  rng = np.random.default_rng(8)
+  b, t, s, n, kv, h = 2, 3, 4, 4, 2, 8
+  q = rng.normal(size=(b, t, n, h)).astype(np.float32)
+  k = rng.normal(size=(b, s, kv, h)).astype(np.float32)
+  v = rng.normal(size=(b, s, kv, h)).astype(np.float32)
+  mask = rng.random((b, t, s)) < 0.6
+  mask[..., 0] = True
+  got = llama.dot_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask),
+                            jnp.float32)  # fmt: skip
+  kk, vv = np.repeat(k, n // kv, axis=2), np.repeat(v, n // kv, axis=2)
+  scores = np.einsum("btnh,bsnh->bnts", q, kk) / np.sqrt(h)
+  scores = np.where(mask[:, None], scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  np.testing.assert_allclose(got, np.einsum("bnts,bsnh->btnh", probs, vv), rtol=1e-5, atol=1e-5)
+  heads_first = llama.dot_attention(jnp.asarray(q), jnp.asarray(k.transpose(0, 2, 1, 3)),
+                                    jnp.asarray(v.transpose(0, 2, 1, 3)), jnp.asarray(mask),
+                                    jnp.float32, heads_first=True)  # fmt: skip
+  np.testing.assert_allclose(heads_first, got, rtol=1e-6, atol=1e-6)
+  # One visible key scoring -1000: it alone is read, not the masked keys (scores 0).
+  far = np.zeros((1, 1, 1, h), np.float32)
+  far[..., 0] = 1000.0
+  keys = np.zeros((1, 2, 1, h), np.float32)
+  keys[0, 0, 0, 0] = -np.sqrt(h)
+  vals = np.arange(2 * h, dtype=np.float32).reshape(1, 2, 1, h)
+  one = llama.dot_attention(jnp.asarray(far), jnp.asarray(keys), jnp.asarray(vals),
+                            jnp.asarray([[[True, False]]]), jnp.float32)  # fmt: skip
+  np.testing.assert_allclose(one[0, 0, 0], vals[0, 0, 0])
+  half = llama.dot_attention(*(jnp.asarray(a, jnp.bfloat16) for a in (q, k, v)),
+                             jnp.asarray(mask), jnp.bfloat16)  # fmt: skip
+  chex.assert_type(half, jnp.bfloat16)
+
+
+def test_head_logits_read_the_head_in_the_compute_dtype_into_float32():
+  rng = np.random.default_rng(9)
+  x = rng.normal(size=(2, 3, 32)).astype(np.float32)
+  emb = rng.normal(size=(97, 32)).astype(np.float32)
+  head = rng.normal(size=(32, 97)).astype(np.float32)
+  np.testing.assert_allclose(llama.head_logits(CFG, jnp.asarray(x), emb, head), x @ head,
+                             rtol=1e-5, atol=1e-4)  # fmt: skip
+  tied = CFG.replace(tie_word_embeddings=True)
+  np.testing.assert_allclose(llama.head_logits(tied, jnp.asarray(x), emb, None), x @ emb.T,
+                             rtol=1e-5, atol=1e-4)  # fmt: skip
+  np.testing.assert_allclose(llama.head_logits(CFG.replace(logit_vocab=97), jnp.asarray(x), emb,
+                                               head), x @ head, rtol=1e-5, atol=1e-4)  # fmt: skip
+  # bf16 compute: bf16 hidden states times the bf16-rounded head, summed in float32.
+  cfg16 = CFG.replace(dtype=jnp.bfloat16)
+  x16 = jnp.asarray(x, jnp.bfloat16)
+  got = llama.head_logits(cfg16, x16, emb, head)
+  chex.assert_type(got, jnp.float32)
+  rounded = np.asarray(jnp.asarray(head, jnp.bfloat16), np.float64)
+  np.testing.assert_allclose(got, np.asarray(x16, np.float64) @ rounded, rtol=1e-5, atol=1e-4)
+
+
+def test_params_random_per_layer_in_param_dtype_and_fresh_trees():
+  cfg = CFG.replace(dtype=jnp.bfloat16, param_dtype=jnp.float32)
+  shapes = nn.meta.unbox(llama.abstract_params(cfg))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(shapes))
+  got = llama.init_params(CFG, jax.random.key(0))
+  assert not any(isinstance(x, nn.meta.AxisMetadata) for x in jax.tree.leaves(
+    got, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata)))  # fmt: skip
+  for kernel in jax.tree.leaves(got["layers"]["attn"]) + jax.tree.leaves(got["layers"]["mlp"]):
+    assert not np.allclose(kernel[0], kernel[1])  # each layer drawn on its own
+  tree = llama.abstract_params(CFG)
+  tree["layers"].pop("attn")
+  assert "attn" in llama.abstract_params(CFG)["layers"]  # the cached tree is not the caller's
+  module = llama.Llama(cfg)
+  emb = module.apply({"params": _init(cfg)}, _tokens(), method="embed")
+  chex.assert_type(emb, jnp.bfloat16)
+  # Ids past the vocabulary read its last row (clipped), never NaN.
+  v = CFG.vocab_size
+  rows = module.apply({"params": _init(cfg)}, jnp.asarray([[v - 1, v, v + 5]]), method="embed")
+  np.testing.assert_array_equal(rows[0, 1:], rows[0, :1].repeat(2, 0))
+
+
+def test_projections_remat_saves_the_named_projections_and_the_mid_layer_stream(params, capsys):
+  """`PROJECTIONS_SAVED` of each layer (no adapters): the rotated q and k, v, the gate and up
+  projections, and the residual stream after attention ('mid'), beside the layer's input
+  (the scan's carry); attention probabilities and norms are recomputed."""
+  module = llama.Llama(CFG.replace(remat_policy="projections"))
+  tokens = _tokens()
+  found = _residual_shapes(capsys, lambda p: jnp.mean(module.apply({"params": p}, tokens) ** 2),
+                           params)  # fmt: skip
+  L, d, n, kv, h = CFG.num_layers, CFG.hidden_size, CFG.num_heads, CFG.num_kv_heads, CFG.head_dim
+  assert found.count(("f32", (L, B, T, d))) == 2  # the layer's input and 'mid'
+  assert found.count(("f32", (L, B, T, n, h))) == 1  # q
+  assert found.count(("f32", (L, B, T, kv, h))) == 2  # k and v
+  assert found.count(("f32", (L, B, T, CFG.intermediate_size))) == 2  # gate and up
+  assert not [s for _, s in found if len(s) == 6]  # no attention probabilities
