@@ -632,9 +632,9 @@ def prompt_sizes(parts: Parts, config, split: Split, epoch: int, seed: int) -> n
 def prompt_key(parts: Parts, split: Split, cands: np.ndarray) -> np.ndarray:
   """Each row's prompt length in tokens, given its candidates [rows, n]: the tokens of its
   history's and candidates' titles plus one per history item (the hybrid form's item token).
-  Short of the real length by a constant and by the separator after each history item (',',
-  one token with the SmolLM2 tokenizer), which the key leaves out: kept so, as counting it
-  would reorder the rest of an epoch for a run resumed in it."""
+  Short of the real length by a constant and by the separators between history items (',',
+  one token each), which the key leaves out: kept so, as counting them would reorder the
+  rest of an epoch for a run resumed in it."""
   titles = np.zeros(parts.n_items + 1, np.int64)  # The padding id last, of length 0.
   for item in parts.builder.titles:
     if 0 <= item < parts.n_items:

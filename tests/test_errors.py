@@ -4,6 +4,7 @@ In-process checks of the helpers (test_cli.py runs the commands themselves)."""
 
 import logging
 import os
+import runpy
 import signal
 import sys
 import threading
@@ -13,9 +14,11 @@ import warnings
 
 import pytest
 from absl import flags
+from ml_collections import ConfigDict
 
 from ilora_jax import errors
 from ilora_jax.errors import UserError
+from ilora_jax.interrupts import Interrupted
 
 
 @pytest.fixture
@@ -63,8 +66,6 @@ def test_after_a_user_error_background_reports_are_silenced(capsys, quiet_restor
 
 
 def test_a_signal_stop_exits_128_plus_its_number(capsys):
-  from ilora_jax.interrupts import Interrupted
-
   code, out, err = _exit_of(Interrupted(signal.SIGTERM, 7), capsys)
   assert code == 128 + 15 and out == ""
   assert err == (
@@ -228,8 +229,6 @@ def test_config_given(argv, given):
 
 
 def test_loaded_config():
-  from ml_collections import ConfigDict
-
   config = ConfigDict({"seed": 1})
   assert errors.loaded_config(config, ["p"]) is config
   with pytest.raises(UserError, match=r"^--config is required, e\.g\. --config=configs/tiny\.py$"):
@@ -317,8 +316,6 @@ def test_absl_errors_become_one_line():
 
 def _run_config(path, argv):
   """Runs the file at `path` as ml_collections would load it, inside `flag_errors`."""
-  import runpy
-
   with pytest.raises(BaseException) as raised:
     with errors.flag_errors("config", argv):
       runpy.run_path(str(path))["get_config"]()
