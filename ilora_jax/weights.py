@@ -399,6 +399,12 @@ class _SafetensorsFolder:
         why = "no weight_map" if isinstance(exc, KeyError) else str(exc).split("\n")[0]
         raise UserError(f"{index_path} is not a safetensors index ({why})") from None
       files = sorted(set(weight_map.values()))
+      for name in files:  # Shards beside the index: never a file elsewhere on the machine.
+        if name in ("", ".", "..") or os.path.basename(name) != name or os.sep in name:
+          raise UserError(
+            f"{index_path} names the shard {name!r}: an index names files in its own folder "
+            "(a bare file name)"
+          )
     else:
       files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
       weight_map = None

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import shutil
 import warnings
 
 import gguf
@@ -1278,6 +1279,31 @@ def test_audit_the_index_decides_which_shards_are_read(tmp_path):
       f"{short}: tensors listed in the index are missing: "
       "['model.layers.9.mlp.up_proj.weight']")):  # fmt: skip
     weights.load_hf(short)
+
+
+@pytest.mark.parametrize(
+  "shard", ["../b.safetensors", "sub/b.safetensors", "/abs/b.safetensors", ""]
+)
+def test_an_index_naming_a_shard_outside_its_folder_is_refused(tmp_path, shard):
+  """Hugging Face indexes name their shards by bare file name: one that reaches into another
+  folder (or the file system's root) would read weights the folder does not hold."""
+  tensors = _tiny_tensors()
+  names = sorted(tensors)
+  folder = _tiny_folder(tmp_path / "m", tensors, shards={"a.safetensors": names[:5],
+                                                         "b.safetensors": names[5:]})  # fmt: skip
+  os.makedirs(tmp_path / "m" / "sub")
+  shutil.copy(os.path.join(folder, "b.safetensors"), tmp_path / "m" / "sub" / "b.safetensors")
+  shutil.copy(os.path.join(folder, "b.safetensors"), tmp_path / "b.safetensors")
+  index = os.path.join(folder, "model.safetensors.index.json")
+  with open(index) as f:
+    data = json.load(f)
+  data["weight_map"] = {
+    k: shard if v == "b.safetensors" else v for k, v in data["weight_map"].items()
+  }
+  with open(index, "w") as f:
+    json.dump(data, f)
+  with pytest.raises(UserError, match=re.escape(f"{index} names the shard {shard!r}: an index")):
+    weights.load_hf(folder)
 
 
 def test_audit_shardings_arguments(tmp_path):
