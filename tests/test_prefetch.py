@@ -130,17 +130,25 @@ def test_bounded_lead():
     assert fifth_started.wait(timeout=30)  # taking one lets it build one more
 
 
-def test_error_raised_in_the_consumer_at_its_index():
+def _consume_failing(error, at, depth=2, n=6):
+  """Takes the batches of a Prefetch whose batch `at` raises `error` (expected to end the
+  loop); returns the batches taken before it and the Prefetch."""
+
   def failing(i):
-    if i == 3:
-      raise KeyError("row 3")
+    if i == at:
+      raise error
     return i
 
   got = []
-  with pytest.raises(KeyError, match="row 3"):
-    with Prefetch(failing, range(6), depth=2) as batches:
+  with pytest.raises(type(error), match=str(error.args[0])):
+    with Prefetch(failing, range(n), depth) as batches:
       for b in batches:
         got.append(b)
+  return got, batches
+
+
+def test_error_raised_in_the_consumer_at_its_index():
+  got, _ = _consume_failing(KeyError("row 3"), at=3)
   assert got == [0, 1, 2]
 
 
@@ -184,15 +192,7 @@ def test_no_batch_is_started_after_the_block_is_left():
 
 @pytest.mark.parametrize("depth", [0, 2])
 def test_a_failed_batch_is_not_counted(depth):
-  def failing(i):
-    if i == 3:
-      raise KeyError("row 3")
-    return i
-
-  with pytest.raises(KeyError, match="row 3"):
-    with Prefetch(failing, range(6), depth) as batches:
-      for _ in batches:
-        pass
+  _, batches = _consume_failing(KeyError("row 3"), at=3, depth=depth)
   assert batches.count == 3
 
 
@@ -212,16 +212,7 @@ class Abort(BaseException):
 
 
 def test_a_base_exception_in_the_thread_is_raised_in_the_consumer():
-  def make(i):
-    if i == 2:
-      raise Abort("at 2")
-    return i
-
-  got = []
-  with pytest.raises(Abort, match="at 2"):
-    with Prefetch(make, range(5), depth=2) as batches:
-      for b in batches:
-        got.append(b)
+  got, _ = _consume_failing(Abort("at 2"), at=2, n=5)
   assert got == [0, 1]
 
 
