@@ -182,6 +182,40 @@ def _llama_cpp_permute(w, n_head):
   )
 
 
+# Hugging Face Llama tensor names -> llama.cpp's (its convert_hf_to_gguf.py).
+_GGUF_TOP = {
+  "model.embed_tokens.weight": "token_embd.weight",
+  "model.norm.weight": "output_norm.weight",
+  "lm_head.weight": "output.weight",
+}
+_GGUF_LAYER = {
+  "input_layernorm": "attn_norm",
+  "self_attn.q_proj": "attn_q",
+  "self_attn.k_proj": "attn_k",
+  "self_attn.v_proj": "attn_v",
+  "self_attn.o_proj": "attn_output",
+  "post_attention_layernorm": "ffn_norm",
+  "mlp.gate_proj": "ffn_gate",
+  "mlp.up_proj": "ffn_up",
+  "mlp.down_proj": "ffn_down",
+}
+
+
+def _gguf_tensor(key, w, heads, kv_heads):
+  """The GGUF name of the HF tensor `key` and its rows as llama.cpp stores them (q and k
+  permuted)."""
+  if key in _GGUF_TOP:
+    name = _GGUF_TOP[key]
+  else:
+    _, _, i, rest = key.split(".", 3)
+    name = f"blk.{i}.{_GGUF_LAYER[rest.rsplit('.', 1)[0]]}.weight"
+  if name.endswith("attn_q.weight"):
+    w = _llama_cpp_permute(w, heads)
+  elif name.endswith("attn_k.weight"):
+    w = _llama_cpp_permute(w, kv_heads)
+  return name, w
+
+
 def _write_gguf(path, model, arch="llama", quantize_gate=True, bad_type=False, extra=None):
   """Writes a llama GGUF from a torch HF model (and the float32 tensors `extra`, by GGUF
   name); returns the model with the weights it holds."""
@@ -198,35 +232,11 @@ def _write_gguf(path, model, arch="llama", quantize_gate=True, bad_type=False, e
   writer.add_uint32(f"{arch}.attention.head_count_kv", cfg.num_key_value_heads)
   writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
   writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
-  names = {
-    "input_layernorm": "attn_norm",
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "post_attention_layernorm": "ffn_norm",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-  }
   new_sd = {}
   for key, w in sd.items():
-    if key == "model.embed_tokens.weight":
-      name = "token_embd.weight"
-    elif key == "model.norm.weight":
-      name = "output_norm.weight"
-    elif key == "lm_head.weight":
-      if cfg.tie_word_embeddings:
-        continue
-      name = "output.weight"
-    else:
-      _, _, i, rest = key.split(".", 3)
-      name = f"blk.{i}.{names[rest.rsplit('.', 1)[0]]}.weight"
-    stored = w
-    if name.endswith("attn_q.weight"):
-      stored = _llama_cpp_permute(w, cfg.num_attention_heads)
-    elif name.endswith("attn_k.weight"):
-      stored = _llama_cpp_permute(w, cfg.num_key_value_heads)
+    if key == "lm_head.weight" and cfg.tie_word_embeddings:
+      continue
+    name, stored = _gguf_tensor(key, w, cfg.num_attention_heads, cfg.num_key_value_heads)
     if quantize_gate and name.endswith("ffn_gate.weight"):
       qtype = gguf.GGMLQuantizationType.Q8_0
       data = gguf.quants.quantize(stored, qtype)
@@ -1134,21 +1144,10 @@ def _tiny_gguf_file(path, tensors=None, tie=False, extra=()) -> str:
                      ("attention.key_length", 6), ("vocab_size", 11)):  # fmt: skip
     writer.add_uint32(f"llama.{key}", value)
   writer.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-  gguf_names = {v: k for k, v in weights._GGUF_LAYER_NAMES.items()}
   for name, w in tensors.items():
     if name == "lm_head.weight" and tie:
       continue
-    top = {"model.embed_tokens.weight": "token_embd.weight", "lm_head.weight": "output.weight",
-           "model.norm.weight": "output_norm.weight"}  # fmt: skip
-    if name in top:
-      gname = top[name]
-    else:
-      _, _, i, rest = name.split(".", 3)
-      gname = f"blk.{i}.{gguf_names[rest.rsplit('.', 1)[0]]}.weight"
-    if gname.endswith("attn_q.weight"):
-      w = _llama_cpp_permute(w, 2)
-    elif gname.endswith("attn_k.weight"):
-      w = _llama_cpp_permute(w, 1)
+    gname, w = _gguf_tensor(name, w, 2, 1)
     writer.add_tensor(gname, np.ascontiguousarray(w))
   for gname in extra:
     writer.add_tensor(gname, np.zeros(8, np.float32))
@@ -1171,6 +1170,17 @@ def test_audit_a_gguf_cut_inside_its_last_tensor_is_named(tmp_path):
   with pytest.raises(UserError, match=f"^{re.escape(odd)}: tensors this Llama config does not "
                      "use: blk.0.attn_q, blk.x "):  # fmt: skip
     weights.load_gguf(odd)
+
+
+def _edit_index(folder, change) -> str:
+  """Applies `change` to the weight_map of `folder`'s safetensors index; returns the index."""
+  index = os.path.join(folder, "model.safetensors.index.json")
+  with open(index) as f:
+    data = json.load(f)
+  change(data["weight_map"])
+  with open(index, "w") as f:
+    json.dump(data, f)
+  return index
 
 
 def _hf_layout(tensors, scanned=True) -> dict:
@@ -1269,12 +1279,7 @@ def test_audit_the_index_decides_which_shards_are_read(tmp_path):
       f"safetensors shard missing: {os.path.join(gone, 'b.safetensors')}")):  # fmt: skip
     weights.load_hf(gone)
   short = _tiny_folder(tmp_path / "short", tensors, shards=shards)
-  index = os.path.join(short, "model.safetensors.index.json")
-  with open(index) as f:
-    data = json.load(f)
-  data["weight_map"]["model.layers.9.mlp.up_proj.weight"] = "a.safetensors"
-  with open(index, "w") as f:
-    json.dump(data, f)
+  _edit_index(short, lambda m: m.update({"model.layers.9.mlp.up_proj.weight": "a.safetensors"}))
   with pytest.raises(UserError, match=re.escape(
       f"{short}: tensors listed in the index are missing: "
       "['model.layers.9.mlp.up_proj.weight']")):  # fmt: skip
@@ -1294,14 +1299,9 @@ def test_an_index_naming_a_shard_outside_its_folder_is_refused(tmp_path, shard):
   os.makedirs(tmp_path / "m" / "sub")
   shutil.copy(os.path.join(folder, "b.safetensors"), tmp_path / "m" / "sub" / "b.safetensors")
   shutil.copy(os.path.join(folder, "b.safetensors"), tmp_path / "b.safetensors")
-  index = os.path.join(folder, "model.safetensors.index.json")
-  with open(index) as f:
-    data = json.load(f)
-  data["weight_map"] = {
-    k: shard if v == "b.safetensors" else v for k, v in data["weight_map"].items()
-  }
-  with open(index, "w") as f:
-    json.dump(data, f)
+  index = _edit_index(
+    folder, lambda m: m.update({k: shard for k, v in m.items() if v == "b.safetensors"})
+  )
   with pytest.raises(UserError, match=re.escape(f"{index} names the shard {shard!r}: an index")):
     weights.load_hf(folder)
 
