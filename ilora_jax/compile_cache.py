@@ -23,13 +23,14 @@ def enable(path: str) -> str | None:
 
   A folder that cannot be created gives a one-line warning on stderr and no cache: the run
   goes on.
-  '' turns the cache off, also where JAX_COMPILATION_CACHE_DIR set it.
+  '' (or spaces only: no folder name) turns the cache off, also where
+  JAX_COMPILATION_CACHE_DIR set it.
   """
   import jax
 
   from ilora_jax import console
 
-  if not path:
+  if not path.strip():
     jax.config.update("jax_enable_compilation_cache", False)
     return None
   path = os.path.abspath(os.path.expanduser(path))

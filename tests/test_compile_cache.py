@@ -176,6 +176,16 @@ def test_a_later_enable_turns_the_cache_on_again(tmp_path, jax_options):
   assert jax_options.jax_enable_compilation_cache is True
 
 
+def test_a_path_of_spaces_turns_the_cache_off(tmp_path, monkeypatch, jax_options):
+  """Spaces only name no folder (`--config.compile_cache_dir=' '`): off, as '' is; a folder
+  named by spaces was made in the working folder."""
+  monkeypatch.chdir(tmp_path)
+  assert compile_cache.enable(str(tmp_path / "c")) == str(tmp_path / "c")
+  assert compile_cache.enable("  ") is None
+  assert jax_options.jax_enable_compilation_cache is False
+  assert sorted(os.listdir(tmp_path)) == ["c"]
+
+
 def test_a_relative_path_is_the_folder_it_names_when_enabled(tmp_path, monkeypatch, jax_options):
   """JAX opens the cache at the first compile: a change of the working folder after `enable`
   must not move it."""
