@@ -276,7 +276,7 @@ def check_eval_variants(variants: list[tuple[str, list[str]]]) -> None:
   for _, items in variants:
     for item in items:
       key = item.split("=", 1)[0].strip()
-      if key.removeprefix("config.") not in EVAL_VARIANT_KEYS:
+      if key not in EVAL_VARIANT_KEYS:  # Keys as --config.KEY names them ("config." left out).
         raise UserError(
           f"variant item {item!r}: a variant may change only the settings each evaluator "
           f"reads ({', '.join(EVAL_VARIANT_KEYS)}); the rows, data, model and the parts built "

@@ -684,7 +684,9 @@ def test_ab_eval_variants_may_change_only_what_each_evaluator_reads():
   bench.check_eval_variants(bench.parse_variants(allowed))
   for item in ("ilora.eval_rows=4", "ilora.max_target_tokens=2", "ilora.train.steps=3",
                "ilora.bucket_window=1", "ilora.prefetch=0", "ilora.eval_base=False",
-               "ilora.pad_multiple=8", "llm.remat=none", "data.num_candidates=5"):  # fmt: skip
+               "ilora.pad_multiple=8", "llm.remat=none", "data.num_candidates=5",
+               # Refused here, as override would refuse it (was let through to be refused there).
+               "config.ilora.eval_sort=True"):  # fmt: skip
     with pytest.raises(UserError, match=f"variant item '{item}': a variant may change only"):
       bench.check_eval_variants(bench.parse_variants(f"ilora.eval_sort=False;{item}"))
 
