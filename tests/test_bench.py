@@ -812,8 +812,10 @@ def test_torch_reference_refuses_bad_flags_in_one_line(args, fragment):
 
 
 def _compare(tmp_path, *args, fake: str | None = None):
-  """bash bench/compare.sh with $PYTHON a fake interpreter (`fake`: a bash body) when given."""
-  env = {**os.environ}
+  """bash bench/compare.sh with $PYTHON a fake interpreter (`fake`: a bash body) when given,
+  else this test's interpreter (not the checkout's .venv, which a clone run with another
+  environment's Python lacks)."""
+  env = {**os.environ, "PYTHON": sys.executable}
   if fake is not None:
     python = tmp_path / "python"
     python.write_text("#!/usr/bin/env bash\n" + fake)
