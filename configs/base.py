@@ -140,8 +140,9 @@ def get_config() -> config_dict.ConfigDict:
   # [a, e) skips the keys after e. 1 = one pass over all keys.
   c.llm.attention_chunks = 4
   c.llm.unroll_decode = False  # Unrolled layers in greedy decoding: faster steps, slow compile.
-  # Unrolled layers in the train step (same params and results): no per-layer weight slices
-  # or stacked residuals, at the cost of a longer compile.
+  # Unrolled layers in the train step (same params; same loss and gradients without adapter
+  # dropout, other dropout masks with it): no per-layer weight slices or stacked residuals,
+  # at the cost of a longer compile.
   c.llm.unroll_train = False
   # The tokenizer's BOS token first in every prompt: auto (when the tokenizer adds it to a
   # text itself: Llama-2's does, the SmolLM2 GGUF's does not) | always | never.

@@ -459,7 +459,8 @@ def target_nll(parts: Parts, gate_kind: str, trainable, stats, frozen, batch, ke
   mask, embeds = replacement(parts, trainable, frozen, batch["item_ids"])
   params = _merge(frozen["llm"], trainable["lora"])
   module = parts.model.module
-  if parts.unroll_train and module.config.scan_layers:  # Same params and results, unrolled.
+  # Same params unrolled; the layers draw other dropout masks than the scan's split keys.
+  if parts.unroll_train and module.config.scan_layers:
     module = llama.Llama(module.config.replace(scan_layers=False), module.adapter)
     params = llm.unstack_layers(params, module.config.num_layers)
   hidden = module.apply(
