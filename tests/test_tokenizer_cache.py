@@ -126,6 +126,7 @@ SMOLLM2 = llm.smollm2_gguf_path()
 def test_smollm2_tokenizer_from_the_cache_matches_transformers(fresh, monkeypatch):
   """The cached SmolLM2 tokenizer against transformers' own reading of the GGUF file."""
   transformers = pytest.importorskip("transformers")
+  pytest.importorskip("torch")  # transformers reads a GGUF file with torch (as test_llm_weights)
   tok_lib.tokenizer_from_gguf(SMOLLM2)  # builds and writes the entry
   monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
   _no_gguf_reading(monkeypatch)
