@@ -120,7 +120,8 @@ HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "--helpfull", "-?")  # As 
 def print_help(values) -> None:
   """The running module's docstring and its flags (absl's own help, which needs app.run)."""
   main = sys.modules.get("__main__")
-  doc = (getattr(main, "__doc__", None) or "").strip()
+  # Not getattr(None, "__doc__"): Python 3.13 gives None a docstring.
+  doc = "" if main is None else (getattr(main, "__doc__", None) or "").strip()
   if doc:
     print(doc + "\n")
   text = values.main_module_help() if main is not None else values.get_help()
