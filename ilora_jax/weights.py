@@ -400,7 +400,7 @@ class _SafetensorsFolder:
         raise UserError(f"{index_path} is not a safetensors index ({why})") from None
       files = sorted(set(weight_map.values()))
       for name in files:  # Shards beside the index: never a file elsewhere on the machine.
-        if name in ("", ".", "..") or os.path.basename(name) != name or os.sep in name:
+        if name in ("", ".", "..") or os.path.basename(name) != name:
           raise UserError(
             f"{index_path} names the shard {name!r}: an index names files in its own folder "
             "(a bare file name)"

@@ -501,6 +501,13 @@ def test_same_sasrec_allows_one_unit_of_the_fourth_digit():
   assert same(train_ilora.sasrec_fingerprint(_params()), train_ilora.sasrec_fingerprint(nudged))
 
 
+def test_same_sasrec_takes_a_unit_apart_computed_a_little_over_one_unit():
+  """10.05 - 10.04 is 0.01000000000000156 in floating point: still one unit of the fourth digit."""
+  a, b = "9 weights, |w| sum 10.04", "9 weights, |w| sum 10.05"
+  assert train_ilora.same_sasrec(a, b) and train_ilora.same_sasrec(b, a)
+  assert not train_ilora.same_sasrec(a, "9 weights, |w| sum 10.06")
+
+
 def test_same_settings_compare_the_llm_by_name_only_for_older_checkpoints():
   with_weights = train_ilora.same_settings({"llm_weights": None, "llm": "x"})
   assert set(with_weights) == {"sasrec", "llm", "llm_weights"}
@@ -570,6 +577,14 @@ def test_run_settings_record_the_model_data_batch_schedule_and_numerics():
   assert _full_config(init_std=0.05).llm.init_std == 0.05
   other = train_ilora.run_settings(_full_config(init_std=0.05), dataset, (4, 2), 60, {})
   assert other["llm"] == "tiny (init_std 0.05)"
+
+
+def test_run_settings_record_the_learning_rate_the_run_uses():
+  """`config.train.lr`, where set, is the run's learning rate (`stage_train`)."""
+  config = _full_config()
+  config.ilora.train.lr, config.train.lr = 0.002, 0.003
+  dataset = types.SimpleNamespace(name="lastfm", train=[0] * 5)
+  assert train_ilora.run_settings(config, dataset, (2, 1), 10, {})["lr"] == 0.003
 
 
 class _Ckpt:
@@ -810,3 +825,25 @@ def test_group_metrics_leave_out_what_was_not_computed():
     "group/5/rows": 1.0, "group/5/valid_ratio": 1.0, "group/5/hit_ratio@1": 0.0,
     "group/5/hits_over_total": 0.0,
   }  # fmt: skip
+
+
+def test_group_metrics_take_the_groups_of_the_evaluated_rows():
+  """Rows 5, 0 and 3 of a split evaluated, in that order: groups 1, 0, 1."""
+  evaluator = types.SimpleNamespace(
+    split=types.SimpleNamespace(group=np.array([0, 1, 0, 1, 2, 1])),
+    idx=np.array([5, 0, 3]),
+    gates=np.array([[1.0, 0.0], [0.2, 0.8], [0.5, 0.5]]),
+  )
+  model_out = {"valid": [True, True, False], "hit": [True, False, False]}
+  got = train_ilora.Evaluator._group_metrics(evaluator, model_out, {"model": np.array([0, 2, 7])})
+  want = {
+    "group/0/rows": 1.0, "group/0/hr@1": 0.0, "group/0/hr@5": 1.0, "group/0/mrr": 1 / 3,
+    "group/0/valid_ratio": 1.0, "group/0/hits_over_total": 0.0,
+    "group/0/gate/0": 0.2, "group/0/gate/1": 0.8,
+    "group/1/rows": 2.0, "group/1/hr@1": 0.5, "group/1/hr@5": 0.5, "group/1/mrr": 9 / 16,
+    "group/1/valid_ratio": 0.5, "group/1/hit_ratio@1": 1.0, "group/1/hits_over_total": 0.5,
+    "group/1/gate/0": 0.75, "group/1/gate/1": 0.25,
+  }  # fmt: skip
+  assert not any(k.startswith("group/2/") for k in got)
+  for key, value in want.items():
+    assert got[key] == pytest.approx(value), key
