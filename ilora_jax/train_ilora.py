@@ -725,6 +725,12 @@ class Evaluator:
   when not scoring), for the benchmark, and `scores` the candidate log-likelihoods [rows, n]
   per model.
 
+  The baselines (SASRec and the base LLM) read only the frozen weights, so a call with
+  `baselines` reuses the outcomes of the last such call on the same `frozen` tree (the same
+  object) instead of running them again (their timings are then absent): a run whose final
+  weights are an earlier epoch's evaluates val with baselines twice, for the last weights
+  and for the selected ones.
+
   With a `mesh`, each batch's rows are split over its data and fsdp axes (the batch is padded
   to a multiple of those shards), so data-parallel devices evaluate different rows; the
   results are gathered to every process. Without one, the arrays stay where JAX puts them.
@@ -764,6 +770,8 @@ class Evaluator:
     self._outcomes: tuple[dict, dict] = ({}, {})  # The last call's per-row (outcomes, ranks).
     self.rows_per_device = 0  # Rows of the last scored batch each device computed.
     self._title_slots: int | None = None  # Packed scoring's padded title length (host).
+    # (frozen, base LLM outcomes, SASRec scores) of the last call with baselines, per batch.
+    self._baselines: tuple | None = None
     parts = self.parts
 
     def prepare(trainable, stats, frozen, batch):
@@ -925,6 +933,8 @@ class Evaluator:
     gen, score = bool(cfg.ilora.eval_generate), bool(cfg.ilora.eval_score)
     shared = bool(cfg.ilora.eval_shared_prefill)
     with_base = baselines and bool(cfg.ilora.eval_base) and (gen or score)
+    kept = self._baselines if baselines else None
+    kept = kept if kept is not None and kept[0] is frozen else None
     self.timings, self.generated_tokens = {}, 0
     nll_total, tokens = 0.0, 0
     out = {name: {"text": [], "valid": [], "hit": [], "scores": []} for name in ("model", "base")}
@@ -939,7 +949,7 @@ class Evaluator:
         batch = self._put(dict(with_target.as_dict(), seq=seq, len_seq=len_seq))
         total, count = self._time("loss", self._nll_sum, trainable, stats, frozen, batch, take)
         nll_total, tokens = nll_total + float(total), tokens + int(count)
-      if baselines:
+      if baselines and kept is None:
         users = self._put({"seq": seq, "len_seq": len_seq, "cands": cands})
         sas = self._sasrec_scores(frozen, users["seq"], users["len_seq"], users["cands"])
         sas_scores.append(sharding.to_host(sas)[:take])
@@ -952,7 +962,7 @@ class Evaluator:
       )
       gates.append(sharding.to_host(gate)[:take])
       runs = [("model", parts.model.module, params, gate, mask, embeds, prompt)]
-      if with_base:  # The frozen LLM alone reads the text-only form of the same prompt.
+      if with_base and kept is None:  # The frozen LLM alone reads the text-only prompt.
         text = self.prompts(idx, hybrid=False)
         runs.append(("base", parts.model.base_module, frozen["llm"], None, None, None, text))
       for name, module, p, g, m, e, pr in runs:
@@ -978,6 +988,10 @@ class Evaluator:
           self._match(ids, lengths, cands, idx, take, out[name])
           if name == "model":
             self.generated_tokens += int(np.sum(lengths[:take]))
+    if kept is not None:
+      out["base"], sas_scores = {k: list(v) for k, v in kept[1].items()}, list(kept[2])
+    elif baselines:
+      self._baselines = (frozen, {k: list(v) for k, v in out["base"].items()}, list(sas_scores))
     # Per-row outputs back in the split's order.
     back = np.argsort(self.order)
     unsort = lambda rows: np.concatenate(rows)[back]  # noqa: E731

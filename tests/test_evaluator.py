@@ -354,6 +354,54 @@ def test_per_row_results_come_back_in_the_splits_order(called):
       assert "generated" not in g and "valid" not in g
 
 
+@pytest.mark.parametrize("mode", list(MODES))
+def test_baselines_of_the_same_frozen_weights_are_reused_not_run_again(mode):
+  gen, score, shared = MODES[mode]
+  ev, script, frozen = _evaluator(eval_generate=gen, eval_score=score, eval_shared_prefill=shared)
+  calls = {"base": 0, "sasrec": 0}
+  passes = {n: getattr(ev, n) for n in ("_score", "_generate", "_generate_and_score")}
+
+  def counted(name):
+    def run(*args):  # The base model: module "base" first, or `_generate`'s flag last.
+      calls["base"] += args[0] == "base" or args[-1] is True
+      return passes[name](*args)
+
+    return run
+
+  def sasrec(*args):
+    calls["sasrec"] += 1
+    return script.sasrec(*args)
+
+  for name in passes:
+    setattr(ev, name, counted(name))
+  ev._sasrec_scores = sasrec
+  first = ev("trainable", "stats", frozen, False, baselines=True)
+  first_rows, ran = ev.rows, dict(calls)
+  assert ran == {"base": 3 * (gen or score) * (1 + (gen and score and not shared)), "sasrec": 3}
+  ev("trainable", "stats", frozen, False)  # An epoch's evaluation between the two.
+  script.tables["m"] = -script.tables["m"]  # Other adapters: the model's scores negated.
+  second = ev("trainable", "stats", frozen, False, baselines=True)
+  assert calls == ran  # Neither baseline ran again ...
+  kept = [k for k in first if k.startswith(("base/", "sasrec/"))]
+  assert kept and {k: second[k] for k in kept} == {k: first[k] for k in kept}  # ... but kept.
+  assert not any("base" in k for k in ev.timings)
+  if score:  # The adapted model did run again, on its new scores.
+    rows, target = np.arange(10), ev.target[:10]
+    for key, value in _ranking(_ranks(script.tables["m"][rows], target)).items():
+      assert second[key] == pytest.approx(value, rel=1e-6), key
+    assert second["mrr"] != first["mrr"]
+  per_row = ("base/generated", "base/valid", "base/hit", "base/rank", "sasrec/rank")
+  for _ in range(2):  # Kept as they were: reused again, still each row's own.
+    for a, b in zip(first_rows, ev.rows, strict=True):
+      assert {k: a[k] for k in per_row if k in a} == {k: b[k] for k in per_row if k in b}
+    assert ev("trainable", "stats", frozen, False, baselines=True) == second
+  assert calls == ran
+  # Another frozen tree (equal, not the same object) runs them again.
+  third = ev("trainable", "stats", dict(frozen), False, baselines=True)
+  assert calls == {k: 2 * v for k, v in ran.items()}
+  assert {k: third[k] for k in kept} == {k: first[k] for k in kept}
+
+
 def test_without_baselines_no_sasrec_or_base_model():
   ev, _, frozen = _evaluator()
   result = ev("trainable", "stats", frozen, False)
