@@ -253,6 +253,14 @@ def _quiet_at_exit() -> None:
   threading.excepthook = lambda args: None
 
 
+def discard_stdout() -> None:
+  """Points stdout's file descriptor at /dev/null once writing to it failed, so that what its
+  buffer still holds is dropped at interpreter exit instead of failing there again (which
+  Python reports with exit code 120, whatever exit the command chose)."""
+  with contextlib.suppress(OSError):
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def report_and_exit(exc: BaseException) -> None:
   """Prints one `error:` line for `exc` on stderr and exits non-zero."""
   if isinstance(exc, UserError):
@@ -266,8 +274,7 @@ def report_and_exit(exc: BaseException) -> None:
           flush=True)  # fmt: skip
     sys.exit(128 + exc.signum)
   if isinstance(exc, BrokenPipeError):  # The reader went away (`... | head`): nothing to say.
-    with contextlib.suppress(OSError):
-      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    discard_stdout()
     sys.exit(128 + 13)  # As a shell reports SIGPIPE.
   if isinstance(exc, KeyboardInterrupt):
     print("error: interrupted", file=sys.stderr, flush=True)
