@@ -8,6 +8,7 @@ config) raises `UserError`; the command-line entry points turn it into one
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import sys
@@ -253,7 +254,7 @@ def _quiet_at_exit() -> None:
   threading.excepthook = lambda args: None
 
 
-def discard_stdout() -> None:
+def _discard_stdout() -> None:
   """Points stdout's file descriptor at /dev/null once writing to it failed, so that what its
   buffer still holds is dropped at interpreter exit instead of failing there again (which
   Python reports with exit code 120, whatever exit the command chose)."""
@@ -261,8 +262,23 @@ def discard_stdout() -> None:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
+def _settle_stdout() -> None:
+  """Before an exit for another reason: what stdout still holds is written out now, or
+  dropped where that fails, so the exit code stays the one chosen."""
+  try:
+    sys.stdout.flush()
+  except (OSError, ValueError):  # ValueError: stdout closed.
+    _discard_stdout()
+
+
 def report_and_exit(exc: BaseException) -> None:
   """Prints one `error:` line for `exc` on stderr and exits non-zero."""
+  if not isinstance(exc, BrokenPipeError):
+    _settle_stdout()
+  if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    # A write no code path expected to fail (stdout unbuffered, say): the disk, not a bug.
+    where = f" ({exc.filename})" if exc.filename else ""
+    exc = UserError(f"cannot write: {exc.strerror}{where}; free some space and re-run")
   if isinstance(exc, UserError):
     print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
     _quiet_at_exit()
@@ -274,7 +290,7 @@ def report_and_exit(exc: BaseException) -> None:
           flush=True)  # fmt: skip
     sys.exit(128 + exc.signum)
   if isinstance(exc, BrokenPipeError):  # The reader went away (`... | head`): nothing to say.
-    discard_stdout()
+    _discard_stdout()
     sys.exit(128 + 13)  # As a shell reports SIGPIPE.
   if isinstance(exc, KeyboardInterrupt):
     print("error: interrupted", file=sys.stderr, flush=True)
@@ -291,12 +307,15 @@ def report_and_exit(exc: BaseException) -> None:
 
 
 def _flush_stdout() -> None:
-  """Flushes stdout now, so that a reader gone away (`... | head`) ends the process quietly
-  instead of as an error at interpreter exit."""
+  """Flushes stdout now, so that a failed write ends the process as one of ours, not as a
+  traceback at interpreter exit (exit 120): a reader gone away (`... | head`) quietly, any
+  other failure (a full disk behind `> file`) with one error line."""
   try:
     sys.stdout.flush()
   except BrokenPipeError as exc:
     report_and_exit(exc)
+  except OSError as exc:  # `report_and_exit` drops what stdout still holds.
+    report_and_exit(UserError(f"cannot write to stdout: {exc.strerror or exc}"))
 
 
 def _interrupts_are_not_lost(hook: Callable) -> Callable:

@@ -41,14 +41,7 @@ from typing import Any
 import numpy as np
 
 from ilora_jax.data import YEAR_SUFFIX, article_first
-from ilora_jax.errors import (
-  HELP_FLAGS,
-  UserError,
-  cli_main,
-  discard_stdout,
-  parse_flags,
-  print_help,
-)
+from ilora_jax.errors import HELP_FLAGS, UserError, cli_main, parse_flags, print_help
 
 TITLE_PREFIX = "title:"  # `title:T`: T is a title, even when it looks like an id.
 _ID = re.compile(r"#([0-9]+)")  # `#N`: item id N.
@@ -543,7 +536,6 @@ def main(argv: list[str] | None = None) -> None:
   except BrokenPipeError:  # The reader went away (`... | head -1`): `cli_main` ends quietly.
     raise
   except OSError as exc:  # A full disk behind `> file`, say.
-    discard_stdout()  # The rows left in its buffer would fail again at exit.
     raise UserError(f"cannot write the recommendations to stdout: {exc.strerror or exc}") from None
 
 

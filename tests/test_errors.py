@@ -2,10 +2,12 @@
 exit 3, a signal's stop 128 + its number; flag and config-file failures worded as one line.
 In-process checks of the helpers (test_cli.py runs the commands themselves)."""
 
+import errno
 import logging
 import os
 import runpy
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -14,6 +16,7 @@ import warnings
 
 import pytest
 from absl import flags
+from conftest import ROOT
 from ml_collections import ConfigDict
 
 from ilora_jax import errors
@@ -78,18 +81,24 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
   assert _exit_of(KeyboardInterrupt(), capsys) == (130, "", "error: interrupted\n")
 
 
-def test_a_reader_gone_away_ends_quietly_as_sigpipe(capsys, monkeypatch):
-  """`... | head`: stdout is pointed at /dev/null (nothing more can fail writing to it) and the
-  exit code is the shell's for SIGPIPE, 128 + 13."""
-  moved = []
+@pytest.fixture
+def moved(monkeypatch):
+  """Where errors' `os.dup2` pointed descriptors (only errors' view of `os`: pytest's own
+  capture moves descriptors with os.dup2)."""
+  targets = []
 
   def dup2(source, target):
-    moved.append(target)
+    targets.append(target)
     os.close(source)
 
-  # Only errors' view of `os`: pytest's own capture moves descriptors with os.dup2.
-  fake_os = types.SimpleNamespace(**{n: getattr(os, n) for n in ("open", "devnull", "O_WRONLY")})
-  monkeypatch.setattr(errors, "os", types.SimpleNamespace(**vars(fake_os), dup2=dup2))
+  real = {n: getattr(os, n) for n in ("open", "devnull", "O_WRONLY", "environ")}
+  monkeypatch.setattr(errors, "os", types.SimpleNamespace(**real, dup2=dup2))
+  return targets
+
+
+def test_a_reader_gone_away_ends_quietly_as_sigpipe(capsys, monkeypatch, moved):
+  """`... | head`: stdout is pointed at /dev/null (nothing more can fail writing to it) and the
+  exit code is the shell's for SIGPIPE, 128 + 13."""
   monkeypatch.setattr(sys, "stdout", types.SimpleNamespace(fileno=lambda: 1))
   code, _, err = _exit_of(BrokenPipeError(), capsys)
   assert (code, err, moved) == (141, "", [1])
@@ -367,6 +376,75 @@ def test_flush_stdout_ends_quietly_when_the_reader_is_gone(monkeypatch):
   with pytest.raises(SystemExit) as ended:
     errors._flush_stdout()
   assert ended.value.code == 141
+
+
+class _FullDisk:
+  """A stdout whose buffered text cannot be written out (a full disk behind `> file`)."""
+
+  def __init__(self):
+    self.flushes = 0
+
+  def flush(self):
+    self.flushes += 1
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  def fileno(self):
+    return 1
+
+
+def test_flush_stdout_on_a_full_disk_is_one_line_and_exit_2(monkeypatch, capsys, moved,
+                                                            quiet_restored):  # fmt: skip
+  """Not a traceback at interpreter exit with Python's exit code 120: the text left in the
+  buffer is dropped (stdout pointed at /dev/null) and the command ends as a user's error."""
+  monkeypatch.setattr(sys, "stdout", _FullDisk())
+  with pytest.raises(SystemExit) as ended:
+    errors._flush_stdout()
+  assert ended.value.code == 2 and moved == [1]
+  assert capsys.readouterr().err == "error: cannot write to stdout: No space left on device\n"
+
+
+def test_an_error_exit_drops_what_stdout_cannot_write(monkeypatch, capsys, moved,
+                                                      quiet_restored):  # fmt: skip
+  monkeypatch.setattr(sys, "stdout", _FullDisk())
+  assert _exit_of(UserError("bad flag"), capsys)[::2] == (2, "error: bad flag\n")
+  assert moved == [1] and sys.stdout.flushes == 1
+  monkeypatch.delenv("ILORA_JAX_DEBUG", raising=False)
+  assert _exit_of(ValueError("bug"), capsys)[0] == 3 and moved == [1, 1]
+  assert _exit_of(KeyboardInterrupt(), capsys)[0] == 130 and moved == [1, 1, 1]
+  assert _exit_of(BrokenPipeError(), capsys)[0] == 141  # Moved once, not flushed first.
+  assert moved == [1, 1, 1, 1] and sys.stdout.flushes == 3
+
+
+def test_a_full_disk_anywhere_unexpected_is_the_users_not_a_bug(capsys, monkeypatch,
+                                                                quiet_restored):  # fmt: skip
+  monkeypatch.delenv("ILORA_JAX_DEBUG", raising=False)
+  full = OSError(errno.ENOSPC, "No space left on device", "/w/report/summary.md")
+  assert _exit_of(full, capsys) == (
+    2, "", "error: cannot write: No space left on device (/w/report/summary.md); free some "
+    "space and re-run\n"
+  )  # fmt: skip
+  quota = OSError(errno.EDQUOT, "Disk quota exceeded")  # An unbuffered stdout: no file name.
+  assert _exit_of(quota, capsys)[2] == (
+    "error: cannot write: Disk quota exceeded; free some space and re-run\n"
+  )
+  denied = OSError(errno.EACCES, "Permission denied", "/w/x")  # Any other: still unexpected.
+  assert _exit_of(denied, capsys)[:2] == (3, "")
+
+
+@pytest.mark.parametrize("unbuffered", [False, True])
+def test_help_to_a_full_disk_is_one_error_line(unbuffered):
+  """`python -m ilora_jax.main --help > file` on a full disk: exit 2 and one line, whether the
+  help is left in stdout's buffer (a shell's default) or its print fails (PYTHONUNBUFFERED)."""
+  env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+  env.update({"PYTHONUNBUFFERED": "1"} if unbuffered else {})
+  with open("/dev/full", "w") as full:
+    command = [sys.executable, "-m", "ilora_jax.main", "--help"]
+    proc = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                          env=env, timeout=120)  # fmt: skip
+  assert proc.returncode == 2, proc.stderr
+  want = ("cannot write: No space left on device; free some space and re-run" if unbuffered
+          else "cannot write to stdout: No space left on device")  # fmt: skip
+  assert proc.stderr.splitlines() == [f"error: {want}"]
 
 
 def test_cli_main(capsys, monkeypatch, quiet_restored):
