@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
 
   console.quiet_libraries()
   compile_cache.enable(config.compile_cache_dir)
+  if config.stage == "pipeline":  # The LLM named before SASRec trains (and before a workdir
+    from ilora_jax import train_ilora  # is made for it), not after.
+
+    train_ilora.check_llm(config)
   if config.stage == "evaluate":  # Reads a trained run: a missing workdir is a typo.
     if not os.path.isdir(workdir):
       raise UserError(
@@ -52,10 +56,6 @@ def main(argv: list[str] | None = None) -> None:
       os.makedirs(workdir, exist_ok=True)
     except OSError as exc:
       raise UserError(f"cannot create workdir {workdir}: {exc}") from None
-  if config.stage == "pipeline":  # The LLM named before SASRec trains, not after.
-    from ilora_jax import train_ilora
-
-    train_ilora.check_llm(config)
   if config.stage in ("sasrec", "pipeline"):
     from ilora_jax import train_sasrec
 
