@@ -317,20 +317,26 @@ class _GoneReader(io.StringIO):
     raise BrokenPipeError(32, "Broken pipe")
 
 
-def test_the_cli_ends_quietly_when_the_reader_of_its_rows_goes_away(monkeypatch, tmp_path,
-                                                                   capsys):  # fmt: skip
-  """Exit 141 (as a shell reports SIGPIPE) and nothing on stderr, not `error: cannot write the
-  recommendations to stdout: Broken pipe` (exit 2), which a full disk gets."""
+def _exit_with_stdout(monkeypatch, tmp_path, stdout) -> int:
+  """The exit code of the CLI ranking one item for a history onto `stdout`."""
   config = configuration.load("configs/tiny.py")
   (tmp_path / "config.json").write_text(json.dumps(configuration.json_form(config)))
   monkeypatch.setattr(rec_mod, "recommend", lambda *args: [(1, "Heat", -1.0)])
   monkeypatch.setattr(compile_cache, "enable", lambda folder: None)
   monkeypatch.setattr(errors, "_quiet_at_exit", lambda: None)  # In this process: no effect.
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
-  monkeypatch.setattr(sys, "stdout", _GoneReader())
+  monkeypatch.setattr(sys, "stdout", stdout)
   with pytest.raises(SystemExit) as info:
     rec_mod.main(["recommend", f"--workdir={tmp_path}", "--history=#2"])
-  assert info.value.code == 141 and capsys.readouterr().err == ""
+  return info.value.code
+
+
+def test_the_cli_ends_quietly_when_the_reader_of_its_rows_goes_away(monkeypatch, tmp_path,
+                                                                   capsys):  # fmt: skip
+  """Exit 141 (as a shell reports SIGPIPE) and nothing on stderr, not `error: cannot write the
+  recommendations to stdout: Broken pipe` (exit 2), which a full disk gets."""
+  assert _exit_with_stdout(monkeypatch, tmp_path, _GoneReader()) == 141
+  assert capsys.readouterr().err == ""
 
 
 class _FullDisk(io.StringIO):
@@ -344,16 +350,8 @@ class _FullDisk(io.StringIO):
 def test_the_cli_writes_its_rows_out_before_it_ends(monkeypatch, tmp_path, capsys):
   """The rows are flushed inside the command, so that a full disk is its one error line
   (exit 2), not an OSError at the end."""
-  config = configuration.load("configs/tiny.py")
-  (tmp_path / "config.json").write_text(json.dumps(configuration.json_form(config)))
-  monkeypatch.setattr(rec_mod, "recommend", lambda *args: [(1, "Heat", -1.0)])
-  monkeypatch.setattr(compile_cache, "enable", lambda folder: None)
-  monkeypatch.setattr(errors, "_quiet_at_exit", lambda: None)  # In this process: no effect.
-  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
-  monkeypatch.setattr(sys, "stdout", _FullDisk())
-  with pytest.raises(SystemExit) as info:
-    rec_mod.main(["recommend", f"--workdir={tmp_path}", "--history=#2"])
-  assert info.value.code == 2 and capsys.readouterr().err == (
+  assert _exit_with_stdout(monkeypatch, tmp_path, _FullDisk()) == 2
+  assert capsys.readouterr().err == (
     "error: cannot write the recommendations to stdout: No space left on device\n"
   )
 
