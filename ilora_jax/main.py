@@ -42,8 +42,9 @@ def main(argv: list[str] | None = None) -> None:
 
   console.quiet_libraries()
   compile_cache.enable(config.compile_cache_dir)
-  if config.stage == "pipeline":  # The LLM named before SASRec trains (and before a workdir
-    from ilora_jax import train_ilora  # is made for it), not after.
+  # The LLM a pipeline names is checked before SASRec trains, and before a workdir is made.
+  if config.stage == "pipeline":
+    from ilora_jax import train_ilora
 
     train_ilora.check_llm(config)
   if config.stage == "evaluate":  # Reads a trained run: a missing workdir is a typo.

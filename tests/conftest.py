@@ -154,9 +154,9 @@ def ilora_records(workdir) -> list[dict]:
   return [r for r in metrics_records(workdir) if r["run"] == "ilora"]
 
 
-def complete_steps(workdir) -> list[int]:
-  """The ilora checkpoint steps Orbax finished writing."""
-  folder = os.path.join(workdir, "checkpoints", "ilora")
+def complete_steps(workdir, stage: str = "ilora") -> list[int]:
+  """The checkpoint steps of `stage` (a folder under checkpoints/) Orbax finished writing."""
+  folder = os.path.join(workdir, "checkpoints", stage)
   return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
 
 

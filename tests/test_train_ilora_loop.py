@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, complete_steps, metrics_records
 
 from ilora_jax import checkpointing, configuration, train_ilora
 from ilora_jax.errors import UserError
@@ -121,16 +121,6 @@ def _config(*overrides):
   )
 
 
-def _records(workdir) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def _steps(workdir, stage=train_ilora.STAGE) -> list[int]:
-  folder = os.path.join(workdir, "checkpoints", stage)
-  return sorted(int(n) for n in os.listdir(folder) if n.isdigit())
-
-
 def _printed(out: str) -> list[str]:
   return [line for line in out.splitlines() if line.startswith("ilora ")]
 
@@ -153,7 +143,7 @@ def test_an_earlier_epochs_weights_are_selected_recorded_restored_and_printed(
   result = train_ilora.run(_config(), workdir)
   m = fake.metrics
   assert result == m("val", 4)
-  records = _records(workdir)
+  records = metrics_records(workdir)
   assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
   assert [r for r in records if r["split"] != "train"] == [
     _val(m("val", 2), 2, 1),
@@ -169,8 +159,8 @@ def test_an_earlier_epochs_weights_are_selected_recorded_restored_and_printed(
   assert fake.calls == [("val", 2, False), ("val", 4, False), ("val", 6, True),
                         ("val", 4, True), ("test", 4, True)]  # fmt: skip
   assert fake.gate_tables == [4]
-  assert _steps(workdir, train_ilora.BEST) == [4]
-  assert _steps(workdir) == [2, 4, 6]  # Each epoch end (every_steps=10 comes later).
+  assert complete_steps(workdir, train_ilora.BEST) == [4]
+  assert complete_steps(workdir) == [2, 4, 6]  # Each epoch end (every_steps=10 comes later).
   for split in SPLITS:
     with open(os.path.join(workdir, "predictions", f"{split}.jsonl")) as f:
       head, row = [json.loads(line) for line in f]
@@ -206,12 +196,12 @@ def test_the_last_weights_when_they_are_the_best(fake, tmp_path, capsys):
   workdir = str(tmp_path)
   result = train_ilora.run(_config(), workdir)
   assert result == fake.metrics("val", 6)
-  vals = [r for r in _records(workdir) if r["split"] == "val"]
+  vals = [r for r in metrics_records(workdir) if r["split"] == "val"]
   assert [(r["step"], r.get("final"), r.get("selected_step")) for r in vals] == [
     (2, None, None), (4, None, None), (6, True, 6)]  # fmt: skip
   assert fake.calls[2:] == [("val", 6, True), ("test", 6, True)]
   assert fake.gate_tables == [6]
-  assert _steps(workdir, train_ilora.BEST) == [6]  # One kept: the newest.
+  assert complete_steps(workdir, train_ilora.BEST) == [6]  # One kept: the newest.
   out = capsys.readouterr().out
   assert _printed(out)[0] == "ilora val step 6: hits_over_total=0.3000 hr@1=0.1500 loss=0.7000"
 
@@ -230,7 +220,7 @@ def test_selection_follows_each_metrics_direction(fake, tmp_path, select_by, val
   fake.val = val
   workdir = str(tmp_path)
   train_ilora.run(_config(f"ilora.select_by={select_by}"), workdir)
-  finals = [r for r in _records(workdir) if r.get("final")]
+  finals = [r for r in metrics_records(workdir) if r.get("final")]
   assert [(r["selected_step"], r["selected_by"]) for r in finals] == [(chosen, select_by)] * 2
   assert fake.calls[-1] == ("test", chosen, True)
 
@@ -239,7 +229,7 @@ def test_selecting_nothing_uses_the_last_weights_and_keeps_no_folder(fake, tmp_p
   workdir = str(tmp_path)
   result = train_ilora.run(_config("ilora.select_by="), workdir)
   assert result == fake.metrics("val", 6)
-  finals = [r for r in _records(workdir) if r.get("final")]
+  finals = [r for r in metrics_records(workdir) if r.get("final")]
   assert [(r["split"], r["step"]) for r in finals] == [("val", 6), ("test", 6)]
   assert not any("selected_step" in r or "selected_by" in r for r in finals)
   assert not os.path.exists(os.path.join(workdir, "checkpoints", train_ilora.BEST))
@@ -261,8 +251,8 @@ def test_cadence_of_checkpoints_val_evaluations_and_train_records(fake, tmp_path
   fake.skipped = {1: 0, 2: 1, 3: 1, 4: 2, 5: 2, 6: 3, 7: 3}
   workdir = str(tmp_path)
   train_ilora.run(_config("checkpoint.every_steps=2", "train.log_every_steps=2"), workdir)
-  assert _steps(workdir) == [2, 3, 4, 6, 7]
-  records = _records(workdir)
+  assert complete_steps(workdir) == [2, 3, 4, 6, 7]
+  records = metrics_records(workdir)
   train = [r for r in records if r["split"] == "train"]
   assert [(r["step"], r["epoch"], r["loss"], r["grad_norm"]) for r in train] == [
     (2, 0, 1.5, 3.0), (4, 1, 3.5, 7.0), (6, 1, 5.5, 11.0), (7, 2, 7.0, 14.0)]  # fmt: skip
@@ -287,14 +277,14 @@ def test_stop_and_resume_record_what_one_run_does(fake, tmp_path, capsys):
   whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
   every = "train.log_every_steps=4"
   train_ilora.run(_config(every), whole)
-  expected = _records(whole)
+  expected = metrics_records(whole)
   assert [r["loss"] for r in expected if r["split"] == "train"] == [2.5, 5.5]
   capsys.readouterr()
   assert train_ilora.run(_config(every, "train.stop_after_steps=3"), parts) == fake.metrics(
     "val", 2
   )
-  assert _steps(parts) == [2, 3]
-  assert not any(r.get("final") for r in _records(parts))
+  assert complete_steps(parts) == [2, 3]
+  assert not any(r.get("final") for r in metrics_records(parts))
   out, err = capsys.readouterr()
   assert "iLoRA: stopped at step 3 of 6; re-run to resume" in err and _printed(out) == []
   fake.calls.clear()
@@ -303,12 +293,12 @@ def test_stop_and_resume_record_what_one_run_does(fake, tmp_path, capsys):
   assert "iLoRA: resumed from step 3 of 6" in capsys.readouterr().err
   assert fake.calls[0] == ("val", 4, False)  # No epoch evaluated twice.
   assert fake.batches[0] == (1, 3, [104, 105, 106, 107]) and len(fake.batches) == 3
-  assert _records(parts) == expected
-  assert _steps(parts, train_ilora.BEST) == [4]
+  assert metrics_records(parts) == expected
+  assert complete_steps(parts, train_ilora.BEST) == [4]
   fake.calls.clear()
   train_ilora.run(_config(every), parts)  # Finished: only the final evaluations again.
   assert fake.calls == [("val", 6, True), ("val", 4, True), ("test", 4, True)]
-  assert _records(parts) == expected
+  assert metrics_records(parts) == expected
 
 
 def test_records_of_an_attempt_killed_before_its_first_checkpoint_are_dropped(fake, tmp_path):
@@ -317,7 +307,7 @@ def test_records_of_an_attempt_killed_before_its_first_checkpoint_are_dropped(fa
     f.write(json.dumps({"run": "ilora", "split": "train", "step": 1}) + "\n")
     f.write(json.dumps({"run": "sasrec", "split": "train", "step": 1}) + "\n")
   train_ilora.run(_config("ilora.select_by="), workdir)
-  records = _records(workdir)
+  records = metrics_records(workdir)
   assert records[0] == {"run": "sasrec", "split": "train", "step": 1}
   assert [r["step"] for r in records[1:] if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
 
@@ -347,14 +337,14 @@ def test_a_kill_after_the_best_weights_before_the_steps_checkpoint_resumes_exact
   monkeypatch.setattr(checkpointing.StageCheckpoints, "save", save_then_die)
   with pytest.raises(Killed):
     train_ilora.run(_config(), killed)
-  assert _steps(killed) == [2] and _steps(killed, train_ilora.BEST) == [4]
+  assert complete_steps(killed) == [2] and complete_steps(killed, train_ilora.BEST) == [4]
   assert dying[0]._closed  # The run's exit closed the selected weights' folder all the same.
   saved.clear()
   fake.val = {**fake.val, 4: 0.95}
   train_ilora.run(_config(), killed)
   assert saved == [("ilora", 4), ("ilora", 6)]
-  assert _steps(killed, train_ilora.BEST) == [4]
-  ours, theirs = _records(killed), _records(whole)
+  assert complete_steps(killed, train_ilora.BEST) == [4]
+  ours, theirs = metrics_records(killed), metrics_records(whole)
   assert [r for r in ours if r["split"] == "train"] == [r for r in theirs if r["split"] == "train"]
   assert [(r["step"], r.get("selected_step")) for r in ours if r["split"] != "train"] == [
     (2, None), (4, None), (6, None), (6, 4), (6, 4)]  # fmt: skip
@@ -365,7 +355,7 @@ def test_persistent_non_finite_losses_stop_the_run(fake, tmp_path):
   with pytest.raises(UserError, match=r"^2 optimizer steps in a row had a non-finite loss "
                      r"\(last at step 5\); lower config.train.lr"):  # fmt: skip
     train_ilora.run(_config("ilora.max_bad_steps=2"), str(tmp_path))
-  train = [r for r in _records(str(tmp_path)) if r["split"] == "train"]
+  train = [r for r in metrics_records(str(tmp_path)) if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2, 3, 4]
 
 
@@ -373,7 +363,7 @@ def test_a_data_set_without_test_records_the_skip(fake, tmp_path, capsys):
   fake.test = False
   workdir = str(tmp_path)
   train_ilora.run(_config(), workdir)
-  last = _records(workdir)[-1]
+  last = metrics_records(workdir)[-1]
   assert last == {"run": "ilora", "stage": "ilora", "split": "test", "step": 6,
                   "skipped": "no test file"}  # fmt: skip
   assert not os.path.exists(os.path.join(workdir, "predictions", "test.jsonl"))
@@ -431,8 +421,8 @@ def test_a_kept_selection_carries_its_value_into_a_new_attempt(fake, tmp_path):
   train_ilora.run(_config("train.stop_after_steps=2"), workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "ilora"))
   train_ilora.run(_config(), workdir)
-  assert _steps(workdir, train_ilora.BEST) == [2]
-  finals = [r for r in _records(workdir) if r.get("final")]
+  assert complete_steps(workdir, train_ilora.BEST) == [2]
+  finals = [r for r in metrics_records(workdir) if r.get("final")]
   assert [r["selected_step"] for r in finals] == [2, 2]
 
 
@@ -442,7 +432,7 @@ def test_a_checkpoint_of_older_code_without_select_by_resumes_selecting_from_the
   workdir = str(tmp_path)
   train_ilora.run(_config("train.stop_after_steps=3"), workdir)
   shutil.rmtree(os.path.join(workdir, "checkpoints", train_ilora.BEST))
-  for at in _steps(workdir):
+  for at in complete_steps(workdir):
     path = os.path.join(workdir, "checkpoints", "ilora", str(at), "meta", "metadata")
     with open(path) as f:
       meta = json.load(f)
@@ -451,7 +441,7 @@ def test_a_checkpoint_of_older_code_without_select_by_resumes_selecting_from_the
       json.dump(meta, f)
   fake.val = {2: 0.9, 4: 0.2, 6: 0.1}
   train_ilora.run(_config("ilora.select_by=hr@1"), workdir)
-  finals = [r for r in _records(workdir) if r.get("final")]
+  finals = [r for r in metrics_records(workdir) if r.get("final")]
   assert [(r["selected_step"], r["selected_by"]) for r in finals] == [(4, "hr@1")] * 2
 
 
@@ -488,7 +478,7 @@ def test_evaluate_prints_records_and_writes_predictions(fake, tmp_path, capsys, 
   how = "the weights of step 4, selected by val hits_over_total" if selected else (
     "the latest checkpoint, step 6")  # fmt: skip
   assert f"iLoRA: evaluating {how}\n" in err
-  last = _records(workdir)[-1]
+  last = metrics_records(workdir)[-1]
   chosen = {"selected_step": 4, "selected_by": "hits_over_total"} if selected else {}
   assert last == {"run": "evaluate", "stage": "ilora", "split": "test", "step": at,
                   "final": True, "candidates": "fp-test", **chosen,
