@@ -1433,7 +1433,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   ckpt = checkpointing.StageCheckpoints(
     workdir, STAGE, config.checkpoint.max_to_keep, config.checkpoint.async_save
   )
-  step = 0
+  step, bad_streak = 0, 0  # The steps so far, and the non-finite losses in a row at its end.
   interval: list[dict] = []  # Train metrics of the steps since the last train record.
   latest = ckpt.latest_step()
   if latest is not None:
@@ -1441,6 +1441,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     step = int(meta["step"])
     log.truncate(STAGE, meta["metrics_records"])
     interval = list(meta.get("train_interval", []))  # So a resumed record means the same.
+    # So a run preempted more often than every `max_bad_steps` steps still stops.
+    bad_streak = int(meta.get("bad_streak", 0))
     console.info(f"iLoRA: resumed from step {step} of {total_steps}")
   else:
     log.truncate(STAGE, 0)  # An attempt killed before its first checkpoint left records.
@@ -1454,7 +1456,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   def checkpoint_meta(at: int, **extra) -> dict:
     """A checkpoint's meta: what a resume checks and where its records end."""
     return {"step": at, "settings": settings, "metrics_records": log.count(STAGE),
-            "select_by": select, "train_interval": list(interval), **extra}  # fmt: skip
+            "select_by": select, "train_interval": list(interval), "bad_streak": bad_streak,
+            **extra}  # fmt: skip
 
   def save(at: int) -> None:
     ckpt.save(at, state, checkpoint_meta(at))
@@ -1485,7 +1488,6 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     disable=not config.progress or jax.process_index() != 0,
   )
   last_val: dict[str, float] = {}
-  bad_streak = 0
   log_every = int(stage_train(config, STAGE).log_every_steps)  # Train records' interval.
   # Wall time of the steps, evaluation left out, and of those that compiled the step for a
   # new prompt length apart (bucketing gives a few lengths).

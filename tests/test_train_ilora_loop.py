@@ -359,6 +359,20 @@ def test_persistent_non_finite_losses_stop_the_run(fake, tmp_path):
   assert [r["step"] for r in train] == [1, 2, 3, 4]
 
 
+def test_a_resume_counts_the_non_finite_losses_in_a_row_before_it(fake, tmp_path):
+  """Stopped after two non-finite losses in a row (steps 2 and 3): the resume's first one
+  (step 4) is the third, as in one run, so preemptions cannot keep a diverged run going."""
+  fake.loss = {2: float("nan"), 3: float("nan"), 4: float("nan")}
+  workdir = str(tmp_path)
+  train_ilora.run(_config("ilora.max_bad_steps=3", "train.stop_after_steps=3"), workdir)
+  with pytest.raises(UserError, match=r"^3 optimizer steps in a row had a non-finite loss "
+                     r"\(last at step 4\)"):  # fmt: skip
+    train_ilora.run(_config("ilora.max_bad_steps=3"), workdir)
+  fake.loss = {2: float("nan"), 3: float("nan")}  # A finite loss at the resumed step 4.
+  train_ilora.run(_config("ilora.max_bad_steps=3"), workdir)
+  assert complete_steps(workdir)[-1] == 6
+
+
 def test_a_data_set_without_test_records_the_skip(fake, tmp_path, capsys):
   fake.test = False
   workdir = str(tmp_path)
