@@ -97,10 +97,14 @@ class StageCheckpoints:
         kept = self._manager.latest_step()
       except Exception:  # noqa: BLE001 - only for the message.
         kept = None
-      last = f"checkpoint {kept} is kept" if kept is not None else "no earlier checkpoint exists"
+      last = (
+        f"the last complete checkpoint {kept} is kept"
+        if kept is not None
+        else "no earlier checkpoint exists"
+      )
       raise UserError(
         f"cannot write checkpoint {at} to {self.directory}: {reason}; "
-        f"the last complete {last}; free space or fix permissions and re-run to resume"
+        f"{last}; free space or fix permissions and re-run to resume"
       ) from None
 
   def restore_meta(self, step: int) -> dict:

@@ -466,6 +466,15 @@ def test_a_failed_write_names_its_step_and_the_checkpoint_kept(tmp_path):
   finally:
     manager.save, manager.wait_until_finished = real_save, real_wait
   ckpt.close()
+  first = checkpointing.StageCheckpoints(str(tmp_path), "y", 9, False)  # None kept yet.
+  first._manager.save = lambda *a, **k: _raise(OSError(errno.ENOSPC, nospace))
+  with pytest.raises(UserError) as info:
+    first.save(1, state, {"step": 1})
+  assert str(info.value) == (
+    f"cannot write checkpoint 1 to {first.directory}: {nospace}; no earlier checkpoint "
+    "exists; free space or fix permissions and re-run to resume"
+  )
+  first.close()
 
 
 def _raise(exc: BaseException):
