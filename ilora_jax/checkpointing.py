@@ -436,9 +436,9 @@ def check_same_settings(
     if key not in saved:
       saved[key] = current.get(key) if old is UNKNOWN else jsonable(old)
   diffs = [
-    f"{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}"
+    f"{name}: checkpoint {old!r} vs config {new!r}"
     for k in sorted(set(saved) | set(current))
-    if not _equal(k, saved.get(k), current.get(k), same)
+    for name, old, new in _differences(k, saved.get(k), current.get(k), same)
   ]
   if diffs:
     raise UserError(
@@ -454,6 +454,16 @@ def setting_diffs(saved: dict, current: dict, keys, same: dict[str, Any] | None 
   `check_same_settings`)."""
   return [f"{k} {saved[k]!r} vs config {current[k]!r}" for k in keys
           if k in saved and k in current and not _equal(k, saved[k], current[k], same)]  # fmt: skip
+
+
+def _differences(key: str, saved: Any, current: Any, same: dict[str, Any] | None) -> list:
+  """(name, saved, current) of each difference under `key`, a group of settings (a dict on
+  both sides, compared by `==`) by the name of each of its settings that differs
+  ("lora.dropout", not the whole group)."""
+  if isinstance(saved, dict) and isinstance(current, dict) and not (same and key in same):
+    return [d for k in sorted(set(saved) | set(current))
+            for d in _differences(f"{key}.{k}", saved.get(k), current.get(k), None)]  # fmt: skip
+  return [] if _equal(key, saved, current, same) else [(key, saved, current)]
 
 
 def _equal(key: str, saved: Any, current: Any, same: dict[str, Any] | None) -> bool:

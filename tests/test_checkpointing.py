@@ -508,6 +508,20 @@ def test_settings_compare_as_their_json_record_and_name_every_difference(tmp_pat
     "lr: checkpoint 0.2 vs config 0.1; new: checkpoint None vs config 2; shape: checkpoint None "
     "vs config [2, 2]); use another --workdir or restore the settings"
   )
+  # A group of settings is named by its settings that differ, to any depth; a group with its
+  # own comparison (`same`) is named whole.
+  lora = {"rank": 8, "dropout": 0.1, "alpha": 16.0, "gate": {"kind": "mlp", "hidden": 4}}
+  other = {**lora, "dropout": 0.3, "gate": {"kind": "mlp", "hidden": 8}, "new": 1}
+  with pytest.raises(UserError) as info:
+    check_same_settings({"lora": lora, "lr": 0.1}, {"lora": other, "lr": 0.1}, "d")
+  assert str(info.value) == (
+    "the checkpoint in d was made with other settings (lora.dropout: checkpoint 0.1 vs config "
+    "0.3; lora.gate.hidden: checkpoint 4 vs config 8; lora.new: checkpoint None vs config 1); "
+    "use another --workdir or restore the settings"
+  )
+  with pytest.raises(UserError, match=r"\(lora: checkpoint \{'rank': 8, .* vs config \{"):
+    check_same_settings({"lora": lora}, {"lora": other}, "d", same={"lora": lambda a, b: False})
+  check_same_settings({"lora": lora}, {"lora": other}, "d", same={"lora": lambda a, b: True})
   mine, theirs = {"a": 1, "b": 2, "c": 3}, {"a": 2, "c": 4, "d": 5}
   assert setting_diffs(mine, theirs, ["d", "c", "b", "a"]) == ["c 3 vs config 4", "a 1 vs config 2"]
 
