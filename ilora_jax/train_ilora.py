@@ -1397,7 +1397,11 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
         )
         # Checkpoints of older code (no select_by recorded) selected nothing: from here on.
         chosen_by = latest_meta.get("select_by", select)
-        if chosen_by != select:
+        # Before the first epoch's end no val was compared: another metric may take over.
+        # (Older checkpoints do not record the epoch's length: compared, to be safe.)
+        epoch = latest_meta.get("steps_per_epoch")
+        compared = epoch is None or latest >= min(epoch, settings["total_steps"])
+        if chosen_by != select and compared:
           raise UserError(
             f"this run selects its final weights by val "
             f"{chosen_by or 'nothing (the last step)'}: resume with "
@@ -1457,7 +1461,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     """A checkpoint's meta: what a resume checks and where its records end."""
     return {"step": at, "settings": settings, "metrics_records": log.count(STAGE),
             "select_by": select, "train_interval": list(interval), "bad_streak": bad_streak,
-            **extra}  # fmt: skip
+            "steps_per_epoch": steps_per_epoch, **extra}  # fmt: skip
 
   def save(at: int) -> None:
     ckpt.save(at, state, checkpoint_meta(at))

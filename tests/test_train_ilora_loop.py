@@ -427,6 +427,32 @@ def test_resumes_selecting_otherwise_or_of_other_settings_are_refused(fake, tmp_
   assert [open(p).read() for p in paths] == before
 
 
+def test_a_resume_before_the_first_epochs_end_may_select_by_another_metric(fake, tmp_path):
+  """Stopped at step 1 (an epoch is 2 steps): no val was compared yet, so the resume may
+  select by hr@1, and does; a checkpoint without the epoch's length (older code) is
+  refused as one after an epoch's end."""
+  workdir = str(tmp_path)
+  train_ilora.run(_config("train.stop_after_steps=1"), workdir)
+  fake.val = {2: 0.5, 4: 0.3, 6: 0.2}  # hr@1 = val / 2: step 2's weights win.
+  train_ilora.run(_config("ilora.select_by=hr@1", "train.stop_after_steps=2"), workdir)
+  with pytest.raises(UserError, match=r"selects its final weights by val hr@1: resume with "):
+    train_ilora.run(_config("ilora.select_by=loss"), workdir)
+  train_ilora.run(_config("ilora.select_by=hr@1"), workdir)
+  finals = [r for r in metrics_records(workdir) if r.get("final")]
+  assert [(r["selected_step"], r["selected_by"]) for r in finals] == [(2, "hr@1")] * 2
+  older = str(tmp_path / "older")
+  save = checkpointing.StageCheckpoints.save
+
+  def save_as_older_code(self, at, state, meta):
+    save(self, at, state, {k: v for k, v in meta.items() if k != "steps_per_epoch"})
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(checkpointing.StageCheckpoints, "save", save_as_older_code)
+    train_ilora.run(_config("train.stop_after_steps=1"), older)
+  with pytest.raises(UserError, match=r"the epochs before step 1 were compared by it"):
+    train_ilora.run(_config("ilora.select_by=hr@1"), older)
+
+
 def test_a_kept_selection_carries_its_value_into_a_new_attempt(fake, tmp_path):
   """ilora_best at step 2 (val 0.5) and no step checkpoint past it: a new attempt compares
   its epochs with the kept value, so an epoch below it selects nothing new."""
