@@ -185,6 +185,14 @@ def validate(config: ConfigDict) -> None:
     value = config.train.get(key)
     if value is not None:
       need(_train_value_ok(key, value), f"train.{key}", f"={value} is out of range")
+  if config.stage == "pipeline" and not config.sasrec.init_from:
+    sas = stage_train(config, "sasrec")
+    length = "steps" if sas.steps is not None else "epochs"
+    field = f"train.{length}" if config.train[length] is not None else f"sasrec.train.{length}"
+    need(sas[length] > 0, field,
+         "=0 leaves the pipeline's SASRec untrained, and its ilora stage needs a trained "
+         "one: give the SASRec stage a length (config.sasrec.train.epochs; config.train.* "
+         "sets both stages') or a trained model (config.sasrec.init_from)")  # fmt: skip
 
 
 def _train_value_ok(key: str, value) -> bool:

@@ -178,6 +178,29 @@ def test_a_diverging_sasrec_stops_with_one_line_and_skips_its_bad_steps(tmp_path
   assert sorted(int(n) for n in os.listdir(folder) if n.isdigit()) == [10, 20]
 
 
+@pytest.mark.parametrize(
+  "overrides,field",
+  [
+    (["train.epochs=0"], "train.epochs"),
+    (["train.steps=0"], "train.steps"),
+    (["sasrec.train.epochs=0"], "sasrec.train.epochs"),
+    (["sasrec.train.steps=0"], "sasrec.train.steps"),
+    (["train.epochs=0", "sasrec.train.steps=5"], "train.epochs"),  # Epochs on the line win.
+  ],
+)
+def test_a_pipeline_whose_sasrec_trains_no_step_is_refused(overrides, field):
+  """Its SASRec stage would only evaluate and its ilora stage then stop, asking for a trained
+  SASRec; with `sasrec.init_from` there is one, and another stage is no pipeline."""
+  from ilora_jax import configuration
+
+  with pytest.raises(UserError) as info:
+    configuration.load("configs/tiny.py", ["stage=pipeline", *overrides])
+  assert str(info.value).startswith(f"config.{field}=0 leaves the pipeline's SASRec untrained")
+  configuration.load("configs/tiny.py", ["stage=pipeline", "sasrec.init_from=x.pt", *overrides])
+  configuration.load("configs/tiny.py", ["stage=sasrec", *overrides])
+  configuration.load("configs/tiny.py", ["stage=pipeline", "ilora.train.steps=0"])
+
+
 def test_epochs_on_the_command_line_replace_the_stages_steps():
   from ilora_jax import configuration
 
