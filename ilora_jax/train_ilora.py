@@ -1851,4 +1851,5 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   )
   if jax.process_index() == 0:  # Beside the record it matches (the split's latest final).
     write_predictions(workdir, config.eval.split, evaluator, metrics)
+    console.info(f"report: {report.write(workdir, config.report.compare)}")  # With the record.
   return metrics

@@ -517,7 +517,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   restored, _ = ckpt.restore(latest, restore_target(cfg, sharding.replicated(mesh)))
   ckpt.close()
   log = MetricsLog(workdir, jax.process_index() == 0, MetricsLog.EVALUATION)
-  return evaluate_params(
+  metrics = evaluate_params(
     config,
     dataset,
     SASRec(cfg),
@@ -528,3 +528,6 @@ def evaluate(config, workdir: str) -> dict[str, float]:
     run="evaluate",
     splits=(config.eval.split,),
   )
+  if jax.process_index() == 0:
+    console.info(f"report: {report.write(workdir)}")  # With the new record.
+  return metrics

@@ -51,8 +51,11 @@ def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path):
 
 def test_evaluate_stage_restores_the_latest_checkpoint(uninterrupted):
   workdir, _ = uninterrupted
+  summary = os.path.join(workdir, "report", "summary.md")
+  before = os.stat(summary).st_mtime_ns
   proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=evaluate", "--config.eval.split=val")
   assert proc.returncode == 0, proc.stderr
+  assert os.stat(summary).st_mtime_ns > before  # The report rebuilt with the new record.
   records = metrics_records(workdir)
   final_val = [r for r in records if r["split"] == "val" and r.get("final")]
   assert final_val[-1]["run"] == "evaluate"

@@ -174,11 +174,13 @@ def test_settings_added_later_against_older_checkpoints():
 
 def test_evaluate_stage_for_ilora(pipeline, tmp_path):
   workdir = copy_of(pipeline[0], tmp_path / "w")  # evaluate appends to the workdir's records
+  shutil.rmtree(os.path.join(workdir, "report"))  # Rebuilt with the new record.
   proc = run_cli(
     TINY, f"--workdir={workdir}", "--config.stage=evaluate", "--config.eval.stage=ilora",
     "--config.ilora.eval_base=False",
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr
+  assert os.path.isfile(os.path.join(workdir, "report", "summary.md"))
   assert "iLoRA: evaluating the weights of step 6, selected by val hits_over_total" in proc.stderr
   last = metrics_records(workdir)[-1]
   assert last["run"] == "evaluate" and last["stage"] == "ilora" and last["split"] == "val"

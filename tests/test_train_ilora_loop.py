@@ -517,7 +517,7 @@ def test_evaluate_prints_records_and_writes_predictions(fake, tmp_path, capsys, 
   assert _printed(out) == [f"ilora test step {at}: " + train_ilora._fmt(fake.metrics("test", at))]
   how = "the weights of step 4, selected by val hits_over_total" if selected else (
     "the latest checkpoint, step 6")  # fmt: skip
-  assert f"iLoRA: evaluating {how}\n" in err
+  assert f"iLoRA: evaluating {how}\n" in err and "report: report.md" in err  # Rebuilt.
   last = metrics_records(workdir)[-1]
   chosen = {"selected_step": 4, "selected_by": "hits_over_total"} if selected else {}
   assert last == {"run": "evaluate", "stage": "ilora", "split": "test", "step": at,
