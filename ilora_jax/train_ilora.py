@@ -1579,7 +1579,10 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   ckpt.close()
   speed()
   if step < total_steps:
-    console.info(f"iLoRA: stopped at step {step} of {total_steps}; re-run to resume")
+    console.info(
+      f"iLoRA: stopped at step {step} of {total_steps} (train.stop_after_steps); re-run "
+      "without it, or with a later step, to resume"
+    )
     return last_val
   val_metrics = val_eval(state["trainable"], state["stats"], frozen, config.progress, True)
   selected = {}  # Which weights the final evaluations use, where `ilora.select_by` picks them.

@@ -365,7 +365,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
   if step < total_steps:
     console.info(
       f"SASRec: stopped at step {step} of {total_steps} (train.stop_after_steps); "
-      "re-run the same command to resume"
+      "re-run without it, or with a later step, to resume"
     )
     return None
   final = evaluate_params(config, dataset, model, mesh, state["params"], step, log, run=STAGE)

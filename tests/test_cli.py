@@ -42,7 +42,8 @@ def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   first = run_cli(TINY, f"--workdir={workdir}", "--config.train.stop_after_steps=37")
   assert first.returncode == 0, first.stderr
-  assert "stopped at step 37" in first.stderr
+  assert "SASRec: stopped at step 37 of 130 (train.stop_after_steps); re-run without it, or " \
+         "with a later step, to resume" in first.stderr  # fmt: skip
   second = run_cli(TINY, f"--workdir={workdir}")
   assert second.returncode == 0, second.stderr
   assert "resumed from step 37" in second.stderr

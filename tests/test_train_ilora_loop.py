@@ -286,7 +286,8 @@ def test_stop_and_resume_record_what_one_run_does(fake, tmp_path, capsys):
   assert complete_steps(parts) == [2, 3]
   assert not any(r.get("final") for r in metrics_records(parts))
   out, err = capsys.readouterr()
-  assert "iLoRA: stopped at step 3 of 6; re-run to resume" in err and _printed(out) == []
+  assert "iLoRA: stopped at step 3 of 6 (train.stop_after_steps); re-run without it, or " \
+         "with a later step, to resume" in err and _printed(out) == []  # fmt: skip
   fake.calls.clear()
   fake.batches.clear()
   train_ilora.run(_config(every), parts)
