@@ -16,14 +16,20 @@ def atomic_path(path: str) -> Iterator[str]:
   error the file is renamed over `path` (one `os.replace`, atomic on POSIX), otherwise it is
   removed and `path` is left as it was.
 
-  The temporary name is unique to the process and thread, so concurrent writers of the same
-  file do not write into each other's temporary file; the last rename wins. The file gets the
-  permissions a plain `open` would give it (not `mkstemp`'s owner-only ones).
+  An OSError naming the temporary file (a folder at `path`, a missing folder) names `path`,
+  the file meant, instead. The temporary name is unique to the process and thread, so
+  concurrent writers of the same file do not write into each other's temporary file; the last
+  rename wins. The file gets the permissions a plain `open` would give it (not `mkstemp`'s
+  owner-only ones).
   """
   tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
   try:
     yield tmp
     os.replace(tmp, path)
+  except OSError as exc:  # Opening, writing or renaming the temporary file: named by `path`.
+    if exc.filename != tmp:
+      raise
+    raise type(exc)(exc.errno, exc.strerror, path) from None
   finally:
     with contextlib.suppress(OSError):
       os.remove(tmp)  # Only there when the block or the rename failed.

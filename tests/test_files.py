@@ -38,12 +38,22 @@ def test_an_error_in_the_block_keeps_the_old_file_and_removes_the_temporary(tmp_
   assert os.listdir(tmp_path) == ["a.json"]
 
 
-def test_a_failed_rename_removes_the_temporary(tmp_path):
+def test_a_failed_rename_removes_the_temporary_and_names_the_file_meant(tmp_path):
   (tmp_path / "taken").mkdir()  # A folder where the file should go: the rename fails.
-  with pytest.raises(OSError):
+  with pytest.raises(IsADirectoryError) as info:
     with files.atomic_write(str(tmp_path / "taken")) as f:
       f.write("x")
+  assert (info.value.filename, info.value.filename2) == (str(tmp_path / "taken"), None)
   assert sorted(os.listdir(tmp_path)) == ["taken"]
+  # Opening it fails (no such folder): the same; another file's error is left as it is.
+  with pytest.raises(FileNotFoundError) as info:
+    with files.atomic_write(str(tmp_path / "gone" / "a.json")) as f:
+      pass
+  assert info.value.filename == str(tmp_path / "gone" / "a.json")
+  with pytest.raises(FileNotFoundError) as info:
+    with files.atomic_write(str(tmp_path / "a.json")) as f:
+      open(tmp_path / "other")
+  assert info.value.filename == str(tmp_path / "other")
 
 
 def test_permissions_are_those_of_a_plain_open(tmp_path):
