@@ -442,15 +442,19 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
 
 def read_gates(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(gates [users, experts], users [users, dim]) of the iLoRA stage's `gates.npz`."""
+  advice = "remove it or re-run the ilora stage's evaluation"
   try:
+    with open(path, "rb") as f:
+      archive = f.read(4) == b"PK\x03\x04"  # What every .npz (a zip file) starts with.
+    if not archive:  # numpy would take any other file for a pickle, and refuse it as one.
+      raise UserError(f"cannot read {path}: it is no .npz archive; {advice}")
     with np.load(path) as data:
       gates = np.asarray(data["gates"], np.float64)
       users = np.asarray(data["users"], np.float64)
   except (OSError, ValueError, TypeError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-    # TypeError: a plain .npy array (no archive) or a pickle.
-    reason = " ".join(str(exc).split())[:80]
-    raise UserError(f"cannot read {path} ({type(exc).__name__}: {reason}): remove it or "
-                    "re-run the ilora stage's evaluation") from None  # fmt: skip
+    # TypeError: an archive member that is no plain array.
+    reason = " ".join(str(exc).split())
+    raise UserError(f"cannot read {path} ({type(exc).__name__}: {reason}); {advice}") from None
   require(
     gates.ndim == 2 and users.ndim == 2 and len(gates) == len(users) > 0 and gates.shape[1] > 0,
     f"{path}: gates [users, experts] and users [users, dim] must be non-empty 2-D arrays "

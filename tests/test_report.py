@@ -820,7 +820,7 @@ def test_cell_forms():
 
 
 @pytest.mark.parametrize(
-  "case", ["no_rows", "no_experts", "npy", "no_users", "rows_differ", "three_d"]
+  "case", ["no_rows", "no_experts", "npy", "junk", "no_users", "rows_differ", "three_d"]
 )
 def test_unusable_gates_files_are_one_error(tmp_path, case):
   path = str(tmp_path / "gates.npz")
@@ -834,10 +834,21 @@ def test_unusable_gates_files_are_one_error(tmp_path, case):
   if case == "npy":
     with open(path, "wb") as f:
       np.save(f, np.zeros((3, 2)))
+  elif case == "junk":
+    with open(path, "wb") as f:
+      f.write(b"\x00garbage, not written by numpy")
   else:
     np.savez(path, **arrays[case])
-  with pytest.raises(UserError, match=re.escape(path)):
+  with pytest.raises(UserError, match=re.escape(path)) as info:
     report.read_gates(path)
+  if case in ("npy", "junk"):  # Not called a pickle, as numpy would.
+    assert str(info.value) == (f"cannot read {path}: it is no .npz archive; remove it or re-run "
+                               "the ilora stage's evaluation")  # fmt: skip
+  if case == "no_users":
+    assert str(info.value) == (
+      f"cannot read {path} (KeyError: 'users is not a file in the archive'); remove it or "
+      "re-run the ilora stage's evaluation"
+    )
 
 
 def test_compare_curves_choose_runs_and_records(tmp_path):
