@@ -19,6 +19,11 @@ EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 3
 
 
+def counted(n: int, noun: str) -> str:
+  """'1 step', '2 steps' (for messages): `n` and `noun`, plural (an s) unless `n` is 1."""
+  return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class UserError(Exception):
   """An expected failure caused by input: its message is shown to the user as is."""
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from ilora_jax.data import YEAR_SUFFIX, article_first
-from ilora_jax.errors import HELP_FLAGS, UserError, cli_main, parse_flags, print_help
+from ilora_jax.errors import HELP_FLAGS, UserError, cli_main, counted, parse_flags, print_help
 
 TITLE_PREFIX = "title:"  # `title:T`: T is a title, even when it looks like an id.
 _ID = re.compile(r"#([0-9]+)")  # `#N`: item id N.
@@ -460,13 +460,14 @@ def recommend(
   top = rec.recommend(hist, cands, k)
   if len(top) < k:
     n, left = rec.config.data.num_candidates, len(set(rec.titles) - set(hist))
+    were = "was" if len(top) == 1 else "were"
     if cands:
-      source = f"only {len(top)} distinct candidates were given"
+      source = f"only {counted(len(top), 'distinct candidate')} {were} given"
     elif left < n:  # The history, not data.num_candidates, limits them.
-      source = f"the history leaves only {left} items outside it to recommend"
+      source = f"the history leaves only {counted(left, 'item')} outside it to recommend"
     else:
-      source = f"only {len(top)} items were retrieved (data.num_candidates={n})"
-    notify(f"{source}, so {len(top)} rows instead of k={k}")
+      source = f"only {counted(len(top), 'item')} {were} retrieved (data.num_candidates={n})"
+    notify(f"{source}, so {counted(len(top), 'row')} instead of k={k}")
   return top
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ilora_jax.errors import UserError
+from ilora_jax.errors import UserError, counted
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -36,7 +36,8 @@ def mesh_shape(data: int, fsdp: int, tensor: int, num_devices: int) -> tuple[int
   if int(np.prod(sizes)) != num_devices:
     raise UserError(
       f"config.mesh data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]} needs "
-      f"{int(np.prod(sizes))} devices, but {num_devices} are available"
+      f"{counted(int(np.prod(sizes)), 'device')}, but "
+      f"{num_devices} {'is' if num_devices == 1 else 'are'} available"
     )
   return tuple(sizes)
 

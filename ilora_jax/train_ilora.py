@@ -53,7 +53,7 @@ from ilora_jax.data import (
   sample_candidates,
   titles_fingerprint,
 )
-from ilora_jax.errors import UserError
+from ilora_jax.errors import UserError, counted
 from ilora_jax.files import atomic_write
 from ilora_jax.metrics import (
   MetricsLog,
@@ -1501,8 +1501,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   def speed() -> None:
     if timed:
       console.info(
-        f"iLoRA: {1000 * steps_s / timed:.0f} ms per step ({compile_steps} steps that compiled "
-        f"a new prompt length left out); " + batches.summary()
+        f"iLoRA: {1000 * steps_s / timed:.0f} ms per step ({counted(compile_steps, 'step')} "
+        f"that compiled a new prompt length left out); " + batches.summary()
       )
 
   def host_batch(at: int) -> dict[str, np.ndarray]:

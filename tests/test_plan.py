@@ -276,7 +276,8 @@ def test_mesh_shape_fills_the_devices_left(sizes, devices, want):
     ((-1, 4, 1), 6, "does not divide the 6 devices"),
     ((3, -1, 1), 8, "does not divide the 8 devices"),
     ((2, 2, 2), 4, "needs 8 devices, but 4 are available"),
-    ((1, 1, 1), 2, "needs 1 devices, but 2 are available"),
+    ((1, 1, 1), 2, "needs 1 device, but 2 are available"),
+    ((1, 2, 1), 1, "needs 2 devices, but 1 is available"),
   ],
 )
 def test_mesh_shape_refuses_meshes_that_cannot_work(sizes, devices, fragment):

@@ -226,7 +226,7 @@ def test_notices_for_a_truncated_history_and_fewer_candidates_than_k(monkeypatch
   assert FakeRecommender.seen == [1, 2, 3, 4] and [t for t, *_ in top] == [3]
   assert notices == [
     "the history has 4 items, more than the run's data.max_len=3: only its last 3 are used",
-    "only 1 distinct candidates were given, so 1 rows instead of k=10",
+    "only 1 distinct candidate was given, so 1 row instead of k=10",
   ]
   notices.clear()
   rec_mod.recommend("w", ["Heat"], k=3, notify=notices.append)
