@@ -33,11 +33,14 @@ anywhere). `grid.metrics` (the table columns) must name metrics the runs record.
 Before any job starts (and with `--dry_run` or `--report_only` too), each run's config is
 loaded from its command exactly as the run will load it, so a value the run would refuse
 (`--grid.seeds=-1`) is refused here, and its data files are looked for (a real data set
-without `data.dir` is refused before its first job). A run whose workdir already holds a
-`config.json` with other settings (the same workdir with other overrides) is refused, naming
-the run and the settings that differ (`VOLATILE` ones, such as `progress`, are not compared;
-a moved or copied workdir keeps its runs): give another `--workdir`, or the runs' own
-overrides.
+without `data.dir` is refused before its first job). Where runs are left to run (the dry run
+included), `--grid.sasrec` is loaded as their ilora stage will load it (on their data, without
+the LLM): one they would refuse (an empty or corrupt `.pt`, one of another data set's item
+count) is refused with their message, as is a `--workdir` that is a file. A run whose
+workdir already holds a `config.json` with other settings (the same workdir with other
+overrides) is refused, naming the run and the settings that differ (`VOLATILE` ones, such as
+`progress`, are not compared; a moved or copied workdir keeps its runs): give another
+`--workdir`, or the runs' own overrides.
 
 Re-running the same command skips finished runs and resumes an unfinished one from its last
 checkpoint. Ctrl-C or SIGTERM reach the running job, which saves a checkpoint; the runner
@@ -329,10 +332,14 @@ def _sasrec_key(config: ConfigDict) -> str:
   return json.dumps({"data": form["data"], "sasrec": form["sasrec"]}, sort_keys=True)
 
 
-def check_sasrec(grid: ConfigDict) -> None:
+def check_sasrec(grid: ConfigDict, runs: list[Run]) -> None:
   """`grid.sasrec`, when given, names an existing SASRec: a readable file (an original `.pt`
-  checkpoint) or a workdir where the sasrec stage finished (its final records written).
-  Checked before any run (each run would otherwise find out only after loading the LLM)."""
+  checkpoint) or a workdir where the sasrec stage finished (its final records written). Then
+  each unfinished run of `runs` loads it as its ilora stage will (`train_ilora.load_sasrec`,
+  on the run's data, without the LLM), so that a SASRec the runs would refuse (an unreadable
+  `.pt`, one of another item count or shape, a workdir's trained on other data) is refused
+  with the run's own message. Checked before any run (each run would otherwise find out only
+  after loading the LLM, the first one after the grid's earlier jobs)."""
   path = grid.get("sasrec", "")
   if not path:
     return
@@ -349,8 +356,51 @@ def check_sasrec(grid: ConfigDict) -> None:
         f"grid.sasrec={path}: its SASRec stage has not finished (no final records in its "
         "metrics.jsonl): finish it with --config.stage=sasrec there first"
       )
+  else:
+    require_file(path, "grid.sasrec")
+  checked: set[str] = set()
+  datasets: dict = {}
+  for run in runs:
+    if run.variant == "sasrec" or finished(run):
+      continue
+    try:
+      config = configuration.load(run.config_path, run.overrides)
+      # Runs not started load it alike for alike data and SASRec settings: one of them checks.
+      if not os.path.isdir(run.workdir):
+        key = _sasrec_key(config)
+        if key in checked:
+          continue
+        checked.add(key)
+      _load_sasrec(config, run.workdir, datasets)
+    except UserError as exc:
+      raise UserError(f"run {run.name}: {exc}") from None
+
+
+def _load_sasrec(config: ConfigDict, workdir: str, datasets: dict) -> None:
+  """The frozen SASRec of a run's config loaded as its ilora stage loads it (a UserError where
+  the run would refuse it), its progress lines dropped; `datasets` caches the data sets."""
+  import io
+
+  import jax
+
+  from ilora_jax import data, sharding, torch_checkpoint, train_ilora
+
+  folder = "" if config.data.name == "synthetic" else data.data_dir(config, workdir)
+  train_file = os.path.join(folder, config.data.train_file)
+  if folder and config.data.build and not os.path.exists(train_file):
+    # The run builds its data set first (its item count unknown until then; a check writes
+    # nothing): the checkpoint is only read.
+    if not os.path.isdir(config.sasrec.init_from):
+      torch_checkpoint.load_module(config.sasrec.init_from)
     return
-  require_file(path, "grid.sasrec")
+  key = json.dumps([folder, configuration.json_form(config)["data"]], sort_keys=True)
+  if key not in datasets:
+    datasets[key] = data.load_from_config(config, workdir)
+  # One device holds the small SASRec whatever mesh the run's config asks for.
+  one = ConfigDict({"data": 1, "fsdp": 1, "tensor": 1})
+  mesh = sharding.make_mesh(one, jax.devices()[:1])
+  with contextlib.redirect_stderr(io.StringIO()):  # "iLoRA: SASRec from ...": the run's line.
+    train_ilora.load_sasrec(config, workdir, datasets[key], mesh)
 
 
 # Metrics the final records of an ilora run hold (the scoring ones for its frozen SASRec too,
@@ -1175,9 +1225,43 @@ def complete(grid: ConfigDict, path: str) -> ConfigDict:
   return grid
 
 
+def check_workdir(workdir: str) -> None:
+  """`workdir` is a folder or can be made one: not a file, nor below one (the dry run refuses
+  what the real run's `os.makedirs` would)."""
+  folder = os.path.abspath(workdir)
+  while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    shown = workdir if folder == os.path.abspath(workdir) else folder
+    raise UserError(f"cannot create workdir {workdir}: {shown} is a file, not a folder")
+
+
+def _grid_argument_error(exc: UserError) -> UserError | None:
+  """A grid file's get_config(arg) that refused its argument (`--grid=file.py:arg`, absl's
+  flag error around the file's exception) as one line naming the whole flag value and the
+  file's own message (the scales it takes, say); None for other errors."""
+  chain, inner = [], exc.__context__
+  while inner is not None and len(chain) < 10:
+    chain.append(inner)
+    inner = inner.__context__
+  flag = next((e for e in chain if isinstance(e, flags.Error)), None)
+  marker = ": Error whilst parsing config file"
+  if flag is None or marker not in str(flag) or not str(flag).startswith("flag --grid="):
+    return None
+  cause = chain[-1]
+  if cause is flag or "Error whilst parsing config file" in str(cause):
+    return None
+  value = str(flag).split(marker, 1)[0].removeprefix("flag ")
+  text = " ".join(str(cause).split())
+  kind = "" if type(cause) is ValueError else f"{type(cause).__name__}: "
+  return UserError(f"{value}: {kind}{text}")
+
+
 def parse(argv: list[str]) -> tuple[ConfigDict, str, str]:
   try:
     parse_flags(flags.FLAGS, argv, "grid")
+  except UserError as exc:
+    raise (_grid_argument_error(exc) or exc) from None
   except (SyntaxError, ValueError, TypeError, ImportError) as exc:  # Raised by the grid file.
     raise UserError(f"cannot load the grid file: {type(exc).__name__}: {exc}") from None
   grid_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), None)
@@ -1200,15 +1284,17 @@ def main(argv: list[str] | None = None) -> None:
   shown = tabulated(grid, grid_path, workdir, runs)  # This command's runs and earlier ones.
   check_runs(shown)  # Every mode: what a real run would refuse, and runs of other settings.
   if _DRY_RUN.value:
-    if not all(finished(r) for r in runs):  # What the real run would refuse, this refuses.
-      check_sasrec(grid)
+    check_workdir(workdir)  # What the real run would refuse, this refuses.
+    if not all(finished(r) for r in runs):
+      check_sasrec(grid, runs)
     for run in runs:
       print(run.command)
     return
   if _REPORT_ONLY.value and not os.path.isdir(workdir):
     raise UserError(f"--report_only: {workdir} is no grid's workdir (not a folder)")
+  check_workdir(workdir)
   if not _REPORT_ONLY.value and not all(finished(r) for r in runs):
-    check_sasrec(grid)  # Only where runs are left to use it.
+    check_sasrec(grid, runs)  # Only where runs are left to use it.
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as exc:

@@ -223,3 +223,25 @@ def copy_of(pipeline_dir, workdir) -> str:
   """A full copy of the pipeline's workdir, for tests that write into it."""
   shutil.copytree(pipeline_dir, workdir)
   return str(workdir)
+
+
+def tiny_sasrec_pt(path, seed: int = 0) -> str:
+  """An original-style SASRec .pt (a pickled torch module tree) of the tiny config's shapes
+  (60 items, hidden 16, max_len 10), its weights drawn from `seed`; skips without torch."""
+  torch = pytest.importorskip("torch")
+  from torch import nn
+
+  torch.manual_seed(seed)
+  d, n = 16, 60
+  root = nn.Module()
+  root.item_embeddings, root.positional_embeddings = nn.Embedding(n + 1, d), nn.Embedding(10, d)
+  root.ln_1, root.ln_2, root.ln_3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+  root.mh_attn = nn.Module()
+  for k in ("linear_q", "linear_k", "linear_v"):
+    setattr(root.mh_attn, k, nn.Linear(d, d))
+  root.feed_forward = nn.Module()
+  root.feed_forward.w_1, root.feed_forward.w_2 = nn.Conv1d(d, d, 1), nn.Conv1d(d, d, 1)
+  root.feed_forward.layer_norm = nn.LayerNorm(d)
+  root.s_fc = nn.Linear(d, n)
+  torch.save(root, path)
+  return str(path)

@@ -12,7 +12,14 @@ import time
 
 import numpy as np
 import pytest
-from conftest import ROOT, assert_one_line_error, metrics_records, run_cli
+from conftest import (
+  ROOT,
+  assert_one_line_error,
+  metrics_records,
+  run_cli,
+  shared_path,
+  tiny_sasrec_pt,
+)
 from ml_collections import ConfigDict
 
 from ilora_jax import configuration, experiments, llm, report, synthetic
@@ -667,8 +674,7 @@ def test_dry_run_lists_the_commands_in_order(tmp_path):
   assert lines[1].endswith("--config.lora.num_experts=1 --config.lora.gate=constant")
   assert not os.path.exists(w)  # A dry run writes nothing.
   # One given SASRec for every run: no SASRec jobs, every run freezes that one.
-  given = tmp_path / "m.pt"
-  given.write_bytes(b"")  # The dry run only checks that it is a readable file.
+  given = tiny_sasrec_pt(tmp_path / "m.pt")  # Loaded as the runs will load it: of the tiny shapes.
   proc = run_cli(GRID, f"--workdir={w}", "--dry_run", f"--grid.sasrec={given}",
                  module="ilora_jax.experiments")  # fmt: skip
   lines = proc.stdout.strip().splitlines()
@@ -678,6 +684,49 @@ def test_dry_run_lists_the_commands_in_order(tmp_path):
                  module="ilora_jax.experiments")  # fmt: skip
   assert_one_line_error(proc, "grid.sasrec", "/x/m.pt")
   assert not proc.stdout
+
+
+@pytest.mark.parametrize("mode", ["run", "--dry_run"])
+@pytest.mark.parametrize("given", ["empty", "other_items"])
+def test_a_sasrec_the_runs_would_refuse_is_refused_before_any_job(tmp_path, mode, given):
+  """--grid.sasrec is loaded as each run's ilora stage will load it (without the LLM): an
+  empty or corrupt .pt, or one trained on another data set's items, is refused with the
+  run's own message by the dry run and by the real run before its first job."""
+  if given == "empty":
+    path = tmp_path / "empty.pt"
+    path.write_bytes(b"")
+    fragments = (f"checkpoint {path} is corrupt or truncated",)
+  else:
+    path = shared_path("checkpoints", "sasrec", "lastfm.pt")
+    fragments = (f"checkpoint {path} was trained on 4606 items but the data set has 60",)
+  w = tmp_path / "grid"
+  proc = run_cli("--grid=configs/experiments/routers.py", f"--workdir={w}", "--grid.seeds=0",
+                 f"--grid.sasrec={path}", *([] if mode == "run" else [mode]),
+                 module="ilora_jax.experiments")  # fmt: skip
+  assert_one_line_error(proc, "run resnet1d/seed0: ", *fragments)
+  assert not proc.stdout and not w.exists()
+
+
+def test_a_grid_argument_the_grid_file_refuses_is_one_line_naming_the_flag(tmp_path):
+  proc = run_cli("--grid=configs/experiments/routers.py:foo", f"--workdir={tmp_path / 'w'}",
+                 "--dry_run", module="ilora_jax.experiments")  # fmt: skip
+  line = assert_one_line_error(
+    proc, "--grid=configs/experiments/routers.py:foo: unknown grid scale 'foo'",
+    "tiny, lastfm or movielens",
+  )  # fmt: skip
+  assert "ValueError" not in line and "flag --grid" not in line
+
+
+@pytest.mark.parametrize("mode", ["run", "--dry_run"])
+def test_a_workdir_that_is_a_file_is_refused_by_the_dry_run_as_by_the_run(tmp_path, mode):
+  w = tmp_path / "w"
+  w.write_text("a file")
+  for workdir in (w, w / "below"):
+    proc = run_cli(GRID, f"--workdir={workdir}", "--grid.seeds=0", "--grid.only=lora",
+                   *([] if mode == "run" else [mode]), module="ilora_jax.experiments")  # fmt: skip
+    assert_one_line_error(proc, f"cannot create workdir {workdir}: {w} is a file, not a folder")
+    assert not proc.stdout
+  assert w.read_text() == "a file"
 
 
 def test_report_only_of_a_missing_workdir_is_refused_and_creates_nothing(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 import sasrec_numpy_reference as reference
-from conftest import TINY, assert_one_line_error, run_cli, shared_path
+from conftest import TINY, assert_one_line_error, run_cli, shared_path, tiny_sasrec_pt
 
 from ilora_jax import data, metrics, sasrec, torch_checkpoint
 from ilora_jax.errors import UserError
@@ -488,28 +488,6 @@ def test_reads_checkpoint_written_by_torch(tmp_path):
     np.testing.assert_array_equal(flat[name], value.numpy())
 
 
-def _tiny_pt(path, seed: int) -> str:
-  """An original-style SASRec .pt (a pickled torch module tree) of the tiny config's shapes
-  (60 items, hidden 16, max_len 10), its weights drawn from `seed`."""
-  torch = pytest.importorskip("torch")
-  from torch import nn
-
-  torch.manual_seed(seed)
-  d, n = 16, 60
-  root = nn.Module()
-  root.item_embeddings, root.positional_embeddings = nn.Embedding(n + 1, d), nn.Embedding(10, d)
-  root.ln_1, root.ln_2, root.ln_3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-  root.mh_attn = nn.Module()
-  for k in ("linear_q", "linear_k", "linear_v"):
-    setattr(root.mh_attn, k, nn.Linear(d, d))
-  root.feed_forward = nn.Module()
-  root.feed_forward.w_1, root.feed_forward.w_2 = nn.Conv1d(d, d, 1), nn.Conv1d(d, d, 1)
-  root.feed_forward.layer_norm = nn.LayerNorm(d)
-  root.s_fc = nn.Linear(d, n)
-  torch.save(root, path)
-  return str(path)
-
-
 def _sasrec(workdir, init_from: str, stop_after: int):
   """The tiny config's SASRec stage in `workdir` from `init_from`, stopped after a few steps."""
   return run_cli(TINY, f"--workdir={workdir}", "--config.stage=sasrec",
@@ -525,7 +503,7 @@ def started(tmp_path_factory):
 
   base = tmp_path_factory.mktemp("started")
   (base / "elsewhere").mkdir()
-  pts = {"x": _tiny_pt(base / "x.pt", 0), "y": _tiny_pt(base / "y.pt", 1)}
+  pts = {"x": tiny_sasrec_pt(base / "x.pt", 0), "y": tiny_sasrec_pt(base / "y.pt", 1)}
   pts["moved"] = str(shutil.copy(pts["x"], base / "elsewhere" / "x_copy.pt"))
   workdir = base / "w"
   proc = _sasrec(workdir, pts["x"], 2)
