@@ -276,11 +276,15 @@ class Recommender:
     for key, path in (("data.dir", config.data.get("dir", "")),
                       ("llm.name", "" if model in llm.names() else model),
                       ("sasrec.init_from", init_from)):  # fmt: skip
-      if path and not os.path.isabs(path) and not os.path.exists(path):
-        raise UserError(
-          f"the run's config.{key}={path} ({os.path.join(workdir, 'config.json')}) is relative "
-          "to the folder the run was started from: run recommend from there, or write the "
-          "absolute path into that file"
+      if path and not os.path.exists(path):
+        where = f"the run's config.{key}={path} ({os.path.join(workdir, 'config.json')})"
+        if not os.path.isabs(path):
+          raise UserError(
+            f"{where} is relative to the folder the run was started from: run recommend from "
+            "there, or write the absolute path into that file"
+          )
+        raise UserError(  # A grid's SASRec (its workdir moved), a data folder moved.
+          f"{where} does not exist (moved since the run?): write its path now into that file"
         )
     self.config, self.workdir = config, workdir
     self.dataset = data.load_from_config(config, workdir)

@@ -332,6 +332,15 @@ def test_a_relative_data_folder_or_model_from_elsewhere_is_one_line(tmp_path):
     with pytest.raises(UserError, match=f"the run's config.{section}.{key}=no/such/relative/folder "
                        "\\(.*\\) is relative to the folder the run was started from"):  # fmt: skip
       REAL_RECOMMENDER(str(tmp_path))
+    # An absolute path gone since the run (its folder moved): named too.
+    config[section][key] = gone = str(tmp_path / "moved")
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError) as info:
+      REAL_RECOMMENDER(str(tmp_path))
+    assert str(info.value) == (
+      f"the run's config.{section}.{key}={gone} ({tmp_path / 'config.json'}) does not exist "
+      "(moved since the run?): write its path now into that file"
+    )
 
 
 def test_a_hash_entry_that_is_no_id_says_how_ids_are_written():

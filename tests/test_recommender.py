@@ -241,11 +241,13 @@ def test_titles_with_years_are_none_where_the_u_item_cannot_be_read(tmp_path):
 
 
 def test_an_absolute_data_folder_that_is_missing_is_named_as_missing(tmp_path):
-  """Only a relative path is blamed on the folder recommend runs from."""
+  """Only a relative path is blamed on the folder recommend runs from; an absolute one is
+  gone since the run, to be written anew into the run's config.json."""
   missing = str(tmp_path / "gone")
   overrides = ["data.name=movielens", f"data.dir={missing}", "data.n_items=0"]
   config = configuration.load("configs/base.py", overrides)
-  message = f"data folder not found: {missing} (set config.data.dir)"
+  message = (f"the run's config.data.dir={missing} ({tmp_path / 'config.json'}) does not exist "
+             "(moved since the run?): write its path now into that file")  # fmt: skip
   with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
     Recommender(str(tmp_path), config)
 
