@@ -189,7 +189,7 @@ def validate(config: ConfigDict) -> None:
     sas = stage_train(config, "sasrec")
     length = "steps" if sas.steps is not None else "epochs"
     field = f"train.{length}" if config.train[length] is not None else f"sasrec.train.{length}"
-    need(sas[length] > 0, field,
+    need(sas[length] is None or sas[length] > 0, field,
          "=0 leaves the pipeline's SASRec untrained, and its ilora stage needs a trained "
          "one: give the SASRec stage a length (config.sasrec.train.epochs; config.train.* "
          "sets both stages') or a trained model (config.sasrec.init_from)")  # fmt: skip
