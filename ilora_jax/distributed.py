@@ -70,12 +70,13 @@ def initialize(config) -> None:
 _JAX_TIMEOUT_MARGIN_S = 30  # JAX's own timeout is this much later than the watchdog's.
 
 
-def check_same_config(config) -> None:
+def check_same_config(config, workdir: str) -> None:
   """A UserError in every process of a multi-process run whose processes were started with
-  different configs (but for `distributed.process_id`): they would deadlock at the first
-  collective that differs (another checkpoint interval), fail in one (another learning rate),
-  or train on a mix of data sets (another data seed). A digest of each process's config is
-  gathered and compared with process 0's."""
+  different configs (but for `distributed.process_id`) or `--workdir`s: they would deadlock
+  at the first collective that differs (another checkpoint interval, checkpoints written to
+  two folders), fail in one (another learning rate), or train on a mix of data sets (another
+  data seed). A digest of each process's config and workdir (as given) is gathered and
+  compared with process 0's."""
   import hashlib
   import json
 
@@ -84,13 +85,13 @@ def check_same_config(config) -> None:
   def digest() -> bytes:
     own = json_form(config)
     own["distributed"].pop("process_id", None)
-    return hashlib.sha256(json.dumps(own, sort_keys=True).encode()).digest()
+    return hashlib.sha256(json.dumps([own, workdir], sort_keys=True).encode()).digest()
 
   others = _differing(digest)
   if others:
     raise UserError(
-      f"process(es) {', '.join(map(str, others))} were started with another config than "
-      "process 0's: start every process with the same command (only "
+      f"process(es) {', '.join(map(str, others))} were started with another config or "
+      "--workdir than process 0's: start every process with the same command (only "
       "--config.distributed.process_id differs)"
     )
 

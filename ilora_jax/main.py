@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
 
   distributed.initialize(config)  # Before anything touches a device.
   configuration.validate(config)
-  distributed.check_same_config(config)
+  distributed.check_same_config(config, workdir)
   from ilora_jax import compile_cache, console
 
   console.quiet_libraries()

@@ -199,11 +199,12 @@ def test_a_single_process_computes_and_gathers_nothing(monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 1)
   monkeypatch.setattr(multihost_utils, "process_allgather", never)
   distributed.check_same_data(never, "/data")
-  distributed.check_same_config(_config(coordinator="h0:1", num_processes=1))
+  distributed.check_same_config(_config(coordinator="h0:1", num_processes=1), "w")
 
 
-def _config_digest(monkeypatch, config):
-  """The array `check_same_config` contributes for `config` (gathered twice: no mismatch)."""
+def _config_digest(monkeypatch, config, workdir="w"):
+  """The array `check_same_config` contributes for `config` and `workdir` (gathered twice: no
+  mismatch)."""
   mine = []
 
   def allgather(x):
@@ -212,14 +213,15 @@ def _config_digest(monkeypatch, config):
 
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost_utils, "process_allgather", allgather)
-  distributed.check_same_config(config)
+  distributed.check_same_config(config, workdir)
   (array,) = mine
   return array
 
 
-def test_processes_started_with_another_config_are_named(monkeypatch):
-  """Only distributed.process_id may differ; another learning rate or coordinator is refused,
-  each differing process named, in order."""
+def test_processes_started_with_another_config_or_workdir_are_named(monkeypatch):
+  """Only distributed.process_id may differ; another learning rate, coordinator or workdir
+  (each process would save its own checkpoints: a deadlock at the first) is refused, each
+  differing process named, in order."""
   base = dict(coordinator="h0:1", num_processes=4)
   same = [_config_digest(monkeypatch, _config(**base, process_id=i)) for i in range(4)]
   assert all((a == same[0]).all() for a in same)
@@ -228,20 +230,21 @@ def test_processes_started_with_another_config_are_named(monkeypatch):
   other_lr.train.learning_rate = 2e-3
   other_coordinator = _config(**dict(base, coordinator="h1:1"), process_id=3)
   other = [_config_digest(monkeypatch, c) for c in (other_lr, other_coordinator)]
-  assert not (other[0] == same[0]).all() and not (other[1] == same[0]).all()
+  other.append(_config_digest(monkeypatch, _config(**base, process_id=1), "w2"))
+  assert not any((o == same[0]).all() for o in other)
   _processes(monkeypatch, [same[1], same[2], same[3]])
-  distributed.check_same_config(_config(**base))  # All alike but their ids: no error.
-  _processes(monkeypatch, [same[1], other[0], other[1]])
+  distributed.check_same_config(_config(**base), "w")  # All alike but their ids: no error.
+  _processes(monkeypatch, [other[2], other[0], other[1]])
   with pytest.raises(UserError) as info:
-    distributed.check_same_config(_config(**base))
+    distributed.check_same_config(_config(**base), "w")
   assert str(info.value) == (
-    "process(es) 2, 3 were started with another config than process 0's: start every "
-    "process with the same command (only --config.distributed.process_id differs)"
+    "process(es) 1, 2, 3 were started with another config or --workdir than process 0's: "
+    "start every process with the same command (only --config.distributed.process_id differs)"
   )
   # Every process compares with process 0, not with its neighbour or the last one.
   _processes(monkeypatch, [other[0], other[0]])
   with pytest.raises(UserError, match=r"^process\(es\) 1, 2 were"):
-    distributed.check_same_config(_config(**base))
+    distributed.check_same_config(_config(**base), "w")
 
 
 def test_processes_that_read_other_data_are_named_by_the_first_8_bytes(monkeypatch):
