@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 from ilora_jax.errors import EXIT_USER_ERROR, UserError
 
+JOINED = False  # Whether this process joined a multi-process run (`errors` reads it).
+
 
 def wanted(config) -> bool:
   dc = config.distributed
@@ -51,6 +53,12 @@ def initialize(config) -> None:
     jax.config.update("jax_cpu_collectives_implementation", dc.cpu_collectives)
   if dc.coordinator and dc.process_id != 0:
     _wait_for_coordinator(dc.coordinator, float(dc.timeout_s))
+  elif dc.coordinator:
+    _check_port_free(dc.coordinator)
+  # JAX's preemption notifier (which this package does not use: `interrupts` stops a run on
+  # a signal) would catch SIGTERM everywhere outside the training loop, so that `kill` or a
+  # scheduler's timeout could not end a process that waits on another.
+  jax.config.update("jax_enable_preemption_service", False)
   where = dc.coordinator or "the environment (TPU, Slurm or Open MPI)"
   # JAX ends the process with a native stack dump when the cluster is not complete within its
   # timeout (process 0 waiting for the others, say); a watchdog ends it first with one line.
@@ -65,6 +73,8 @@ def initialize(config) -> None:
     raise UserError(f"cannot join the cluster via {where}: {str(exc).splitlines()[0]}") from None
   finally:
     watchdog.cancel()
+  global JOINED
+  JOINED = True
 
 
 _JAX_TIMEOUT_MARGIN_S = 30  # JAX's own timeout is this much later than the watchdog's.
@@ -137,6 +147,31 @@ def _not_joined(where: str, dc) -> None:
     flush=True,
   )
   os._exit(EXIT_USER_ERROR)
+
+
+def _check_port_free(address: str) -> None:
+  """A UserError unless this host (process 0's) can serve the coordinator on `address`'s
+  port: one that another program holds ended process 0 with a segmentation fault (gRPC's
+  failed bind) and the others with a timeout naming no cause."""
+  import socket
+
+  _, _, port = address.rpartition(":")
+  for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "")):  # As JAX binds: [::].
+    try:
+      sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+      continue  # No IPv6 on this host.
+    with sock:
+      sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # Past closed connections.
+      try:
+        sock.bind((host, int(port)))
+      except OSError as exc:
+        raise UserError(
+          f"process 0 cannot serve the coordinator {address} on this host: port {port}: "
+          f"{exc.strerror or exc} (another program holds it?); give every process another "
+          "port in config.distributed.coordinator"
+        ) from None
+    return
 
 
 def _wait_for_coordinator(address: str, timeout_s: float) -> None:

@@ -276,10 +276,60 @@ def _settle_stdout() -> None:
     _discard_stdout()
 
 
+EXIT_GRACE_S = 10.0  # A multi-process run's error exit: JAX's shutdown gets this long.
+
+
+def _joined() -> bool:
+  """Whether this process joined a multi-process run (`distributed.initialize`)."""
+  return bool(getattr(sys.modules.get("ilora_jax.distributed"), "JOINED", False))
+
+
+def _exit(code: int) -> None:
+  """`sys.exit(code)`. In a multi-process run JAX's shutdown at exit waits for every process;
+  after an error the others did not meet (they wait in a collective for this one) it waited
+  for good, so the process then ends at once after `EXIT_GRACE_S`, which the others'
+  collectives see as a lost peer (`_peer_lost`)."""
+  if _joined():
+    import threading
+
+    timer = threading.Timer(EXIT_GRACE_S, _exit_now, (code,))
+    timer.daemon = True
+    timer.start()
+  sys.exit(code)
+
+
+def _exit_now(code: int) -> None:
+  for stream in (sys.stdout, sys.stderr):
+    with contextlib.suppress(Exception):
+      stream.flush()
+  os._exit(code)
+
+
+# What a collective raises when another process of the run went away (JAX's Gloo and
+# coordination-service errors).
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+              "Socket closed", "task has failed", "heartbeat")  # fmt: skip
+
+
+def _peer_lost(exc: BaseException) -> bool:
+  """Whether `exc` is JAX's error for another process of a multi-process run gone away."""
+  return (
+    _joined()
+    and type(exc).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
+    and any(marker.lower() in str(exc).lower() for marker in _PEER_LOST)
+  )
+
+
 def report_and_exit(exc: BaseException) -> None:
   """Prints one `error:` line for `exc` on stderr and exits non-zero."""
   if not isinstance(exc, BrokenPipeError):
     _settle_stdout()
+  if _peer_lost(exc):
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    exc = UserError(
+      f"another process of this multi-process run stopped ({first}): see its output for why, "
+      "then start every process again to resume from the last checkpoint"
+    )
   if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
     # A write no code path expected to fail (stdout unbuffered, say): the disk, not a bug.
     where = f" ({exc.filename})" if exc.filename else ""
@@ -287,19 +337,19 @@ def report_and_exit(exc: BaseException) -> None:
   if isinstance(exc, UserError):
     print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
     _quiet_at_exit()
-    sys.exit(EXIT_USER_ERROR)
+    _exit(EXIT_USER_ERROR)
   from ilora_jax.interrupts import Interrupted
 
   if isinstance(exc, Interrupted):
     print(f"{exc}; checkpoint saved, re-run the same command to resume", file=sys.stderr,
           flush=True)  # fmt: skip
-    sys.exit(128 + exc.signum)
+    _exit(128 + exc.signum)
   if isinstance(exc, BrokenPipeError):  # The reader went away (`... | head`): nothing to say.
     _discard_stdout()
-    sys.exit(128 + 13)  # As a shell reports SIGPIPE.
+    _exit(128 + 13)  # As a shell reports SIGPIPE.
   if isinstance(exc, KeyboardInterrupt):
     print("error: interrupted", file=sys.stderr, flush=True)
-    sys.exit(130)
+    _exit(130)
   if os.environ.get("ILORA_JAX_DEBUG"):
     raise exc
   print(
@@ -308,7 +358,7 @@ def report_and_exit(exc: BaseException) -> None:
     file=sys.stderr,
     flush=True,
   )
-  sys.exit(EXIT_INTERNAL_ERROR)
+  _exit(EXIT_INTERNAL_ERROR)
 
 
 def _flush_stdout() -> None:

@@ -3,6 +3,7 @@
 (the collective replaced by a stand-in) and the wait for the coordinator's port (a local
 socket). The multi-process runs themselves are in test_cli, test_interrupts, test_ilora_mesh."""
 
+import errno
 import os
 import socket
 import threading
@@ -59,7 +60,11 @@ def cluster(monkeypatch):
   monkeypatch.setattr(jax.config, "update", lambda *a: calls.append(("config", *a)))
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(("join", kw)))
   monkeypatch.setattr(distributed, "_wait_for_coordinator", lambda *a: calls.append(("wait", *a)))
+  monkeypatch.setattr(distributed, "_check_port_free", lambda *a: calls.append(("port", *a)))
   return calls
+
+
+_NO_NOTIFIER = ("config", "jax_enable_preemption_service", False)
 
 
 def test_a_single_process_run_joins_nothing(cluster):
@@ -74,6 +79,8 @@ def test_process_0_joins_with_its_settings_and_a_watchdog(cluster):
   distributed.initialize(config)
   assert cluster == [
     ("config", "jax_cpu_collectives_implementation", "gloo"),
+    ("port", "127.0.0.1:1234"),
+    _NO_NOTIFIER,
     ("join", dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=0,
                   initialization_timeout=7 + 30)),
   ]  # fmt: skip
@@ -90,6 +97,7 @@ def test_other_processes_wait_for_the_coordinators_port_first(cluster):
   distributed.initialize(config)
   assert cluster == [
     ("wait", "h0:99", 5.0),
+    _NO_NOTIFIER,
     ("join", dict(coordinator_address="h0:99", num_processes=3, process_id=2,
                   initialization_timeout=35)),
   ]  # fmt: skip
@@ -99,6 +107,7 @@ def test_auto_lets_jax_find_the_cluster(cluster):
   distributed.initialize(_config(auto=True, cpu_collectives="mpi"))
   assert cluster == [
     ("config", "jax_cpu_collectives_implementation", "mpi"),
+    _NO_NOTIFIER,
     ("join", {"initialization_timeout": 300 + 30}),
   ]
   assert _Timer.made[0].args[0] == "the environment (TPU, Slurm or Open MPI)"
@@ -271,6 +280,28 @@ def _refused_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("family, host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::")])
+def test_process_0_refuses_a_coordinator_port_another_program_holds(family, host):
+  """gRPC's failed bind ended process 0 with a segmentation fault; a port free again (its
+  listener closed) is taken."""
+  try:
+    holder = socket.socket(family)
+    holder.bind((host, 0))
+  except OSError:
+    pytest.skip(f"no {family.name} on this host")
+  holder.listen()
+  port = holder.getsockname()[1]
+  with pytest.raises(UserError) as info:
+    distributed._check_port_free(f"localhost:{port}")
+  assert str(info.value) == (
+    f"process 0 cannot serve the coordinator localhost:{port} on this host: port {port}: "
+    f"{os.strerror(errno.EADDRINUSE)} (another program holds it?); give every process "
+    "another port in config.distributed.coordinator"
+  )
+  holder.close()
+  distributed._check_port_free(f"localhost:{port}")
 
 
 def test_a_listening_coordinator_is_reached_at_once():

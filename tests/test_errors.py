@@ -116,6 +116,67 @@ def test_an_unexpected_error_is_one_line_and_exit_3(capsys, monkeypatch):
   assert _exit_of(ValueError("x"), capsys)[0] == 3
 
 
+class JaxRuntimeError(RuntimeError):
+  """Stands for jax.errors.JaxRuntimeError (matched by name: XLA's class moves between
+  versions)."""
+
+
+def test_a_lost_peer_of_a_multi_process_run_is_named_not_called_a_bug(capsys, monkeypatch):
+  """Another process gone (killed, or ended by its own error) breaks this one's collective:
+  one line saying so, exit 2, not `unexpected JaxRuntimeError` (exit 3); in a single-process
+  run, or for another runtime error, the same error is a bug as before."""
+  from ilora_jax import distributed
+
+  monkeypatch.delenv("ILORA_JAX_DEBUG", raising=False)
+  monkeypatch.setattr(errors, "_exit", lambda code: sys.exit(code))  # No grace timer here.
+  lost = JaxRuntimeError("UNKNOWN: Gloo AllGather failed: [pair.cc:547] Connection closed by "
+                         "peer [127.0.0.1]:7062\nmore")  # fmt: skip
+  monkeypatch.setattr(distributed, "JOINED", True)
+  code, out, err = _exit_of(lost, capsys)
+  assert (code, out) == (2, "")
+  assert err == (
+    "error: another process of this multi-process run stopped (UNKNOWN: Gloo AllGather failed: "
+    "[pair.cc:547] Connection closed by peer [127.0.0.1]:7062): see its output for why, then "
+    "start every process again to resume from the last checkpoint\n"
+  )
+  assert _exit_of(JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"), capsys)[0] == 3
+  assert _exit_of(ValueError("Connection reset by peer"), capsys)[0] == 3  # Not JAX's.
+  monkeypatch.setattr(distributed, "JOINED", False)
+  assert _exit_of(lost, capsys)[0] == 3
+
+
+_HANGING_EXIT = r"""
+import atexit, sys, time
+sys.path.insert(0, __ROOT__)
+from ilora_jax import distributed, errors
+distributed.JOINED = __JOINED__
+errors.EXIT_GRACE_S = 0.5
+atexit.register(time.sleep, 60)  # As JAX's shutdown waits for a process that will not come.
+
+@errors.cli_main
+def main(argv=None):
+  raise errors.UserError("data folder not found: data")
+
+main()
+"""
+
+
+def test_an_error_exit_of_a_multi_process_run_does_not_wait_for_good():
+  """JAX's shutdown at exit waits for every process; after an error the others did not meet
+  (they wait in a collective for this one) both waited until killed. A process that joined a
+  cluster now ends EXIT_GRACE_S after its error line, with its code; one that did not keeps
+  the ordinary exit (here the stand-in's 60 s wait, cut short by the test's timeout)."""
+  code = _HANGING_EXIT.replace("__ROOT__", repr(ROOT))
+  started = time.monotonic()
+  proc = subprocess.run([sys.executable, "-c", code.replace("__JOINED__", "True")],
+                        capture_output=True, text=True, timeout=30)  # fmt: skip
+  assert (proc.returncode, proc.stderr) == (2, "error: data folder not found: data\n")
+  assert time.monotonic() - started < 20
+  with pytest.raises(subprocess.TimeoutExpired):
+    subprocess.run([sys.executable, "-c", code.replace("__JOINED__", "False")], capture_output=True,
+                   timeout=5)  # fmt: skip
+
+
 def test_ilora_jax_debug_raises_the_error_itself(capsys, monkeypatch):
   monkeypatch.setenv("ILORA_JAX_DEBUG", "1")
   error = ValueError("the bug")
