@@ -15,6 +15,7 @@ Must run before anything touches a JAX device.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import threading
@@ -166,6 +167,8 @@ def _check_port_free(address: str) -> None:
       try:
         sock.bind((host, int(port)))
       except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+          continue  # This family is unusable here (IPv6 off, say): the next one, or JAX's.
         raise UserError(
           f"process 0 cannot serve the coordinator {address} on this host: port {port}: "
           f"{exc.strerror or exc} (another program holds it?); give every process another "
