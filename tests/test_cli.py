@@ -531,7 +531,7 @@ def test_resuming_with_another_model_shape_says_what_differs(uninterrupted, tmp_
   assert first.returncode == 0, first.stderr
   proc = run_cli(TINY, f"--workdir={workdir}", "--config.sasrec.hidden=32")
   line = assert_one_line_error(proc, "other settings", "model")
-  assert "'hidden': 16" in line and "'hidden': 32" in line
+  assert "(model.hidden: checkpoint 16 vs config 32)" in line  # The one setting, by name.
   with open(os.path.join(workdir, "config.json")) as f:  # the run's, not the refused one's
     assert json.load(f)["sasrec"]["hidden"] == 16
 

@@ -56,6 +56,9 @@ def cluster(monkeypatch):
   """The calls `initialize` makes, in order, with JAX's side replaced by recorders."""
   calls = []
   _Timer.made = []
+  # A join marks the process as one of a cluster, whose error exits then end it at once
+  # (`errors._exit`): the worker running these tests must not stay marked.
+  monkeypatch.setattr(distributed, "JOINED", False)
   monkeypatch.setattr(threading, "Timer", _Timer)
   monkeypatch.setattr(jax.config, "update", lambda *a: calls.append(("config", *a)))
   monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(("join", kw)))
