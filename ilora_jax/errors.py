@@ -45,12 +45,15 @@ def require_file(path: str, what: str) -> str:
   return path
 
 
+_PARSE_MARKER = "Error whilst parsing config file"  # ml_collections' wrapper of a file's error.
+
+
 def flag_error(exc: Exception) -> UserError:
   """A flag-parsing error as one line; a config file's own exception keeps only its last line
   (ml_collections embeds the whole traceback in the message)."""
   text = str(exc)
   if "Traceback (most recent call last)" in text:
-    head = text.split(":", 1)[0]
+    head = text.split(f": {_PARSE_MARKER}", 1)[0] if _PARSE_MARKER in text else text.split(":")[0]
     last = [line for line in text.strip().splitlines() if line.strip()][-1].strip()
     text = f"{head}: {last}"
   return UserError(text)
@@ -185,7 +188,8 @@ def flag_errors(what: str = "config", argv: Sequence[str] = ()):
   try:
     yield
   except (flags.Error, UnicodeDecodeError) as exc:
-    raise (_flagfile_error(exc, argv) or flag_error(exc)) from None
+    failed = _flagfile_error(exc, argv) or _config_file_error(exc, what, argv)
+    raise (failed or flag_error(exc)) from None
   except (AttributeError, KeyError) as exc:  # An override names an unknown config key.
     failed = _failed_in_file(exc, what, argv)  # Or the file's own code failed.
     if failed is not None:
@@ -213,6 +217,29 @@ def flag_errors(what: str = "config", argv: Sequence[str] = ()):
     if failed is None:
       raise
     raise failed from None
+
+
+def _config_file_error(exc: BaseException, what: str, argv: Sequence[str]) -> UserError | None:
+  """A TypeError or ValueError raised by the `what` file's get_config (ml_collections wraps
+  these in a flag error holding their traceback as text) as one line: for
+  `--what=file.py:arg`, the whole flag value and the file's own message (the file refused its
+  argument, naming those it takes, say); without an argument, the file and its line, as for
+  any other failure of its code. None for other flag errors."""
+  text = str(exc)
+  if not text.startswith(f"flag --{what}=") or f": {_PARSE_MARKER}" not in text:
+    return None
+  cause = exc
+  for _ in range(10):
+    if cause.__context__ is None:
+      break
+    cause = cause.__context__
+  if cause is exc or _PARSE_MARKER in str(cause):
+    return None
+  value = text.split(f": {_PARSE_MARKER}", 1)[0].removeprefix("flag ")
+  if ":" not in value.split("=", 1)[1]:
+    return _failed_in_file(cause, what, argv)
+  kind = "" if type(cause) is ValueError else f"{type(cause).__name__}: "
+  return UserError(f"{value}: {kind}{_one_line(cause)}")
 
 
 def _failed_in_file(exc: BaseException, what: str, argv: Sequence[str]) -> UserError | None:

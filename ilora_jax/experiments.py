@@ -1236,32 +1236,9 @@ def check_workdir(workdir: str) -> None:
     raise UserError(f"cannot create workdir {workdir}: {shown} is a file, not a folder")
 
 
-def _grid_argument_error(exc: UserError) -> UserError | None:
-  """A grid file's get_config(arg) that refused its argument (`--grid=file.py:arg`, absl's
-  flag error around the file's exception) as one line naming the whole flag value and the
-  file's own message (the scales it takes, say); None for other errors."""
-  chain, inner = [], exc.__context__
-  while inner is not None and len(chain) < 10:
-    chain.append(inner)
-    inner = inner.__context__
-  flag = next((e for e in chain if isinstance(e, flags.Error)), None)
-  marker = ": Error whilst parsing config file"
-  if flag is None or marker not in str(flag) or not str(flag).startswith("flag --grid="):
-    return None
-  cause = chain[-1]
-  if cause is flag or "Error whilst parsing config file" in str(cause):
-    return None
-  value = str(flag).split(marker, 1)[0].removeprefix("flag ")
-  text = " ".join(str(cause).split())
-  kind = "" if type(cause) is ValueError else f"{type(cause).__name__}: "
-  return UserError(f"{value}: {kind}{text}")
-
-
 def parse(argv: list[str]) -> tuple[ConfigDict, str, str]:
   try:
     parse_flags(flags.FLAGS, argv, "grid")
-  except UserError as exc:
-    raise (_grid_argument_error(exc) or exc) from None
   except (SyntaxError, ValueError, TypeError, ImportError) as exc:  # Raised by the grid file.
     raise UserError(f"cannot load the grid file: {type(exc).__name__}: {exc}") from None
   grid_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--grid=")), None)

@@ -318,6 +318,11 @@ def test_a_file_without_get_config_is_named(tmp_path, module, flag):
      "cfg.py line 4: ZeroDivisionError: division by zero"),
     ("cfg.py", "import no_such_module_here\n",
      "cfg.py line 1: ModuleNotFoundError: No module named 'no_such_module_here'"),
+    # ml_collections wraps these two in a flag error holding their traceback as text.
+    ("cfg.py", "def get_config():\n  x = 1\n  raise ValueError(f'bad value {x}')\n",
+     "cfg.py line 3: ValueError: bad value 1"),
+    ("cfg.py", "def get_config():\n  return len(3)\n",
+     "cfg.py line 2: TypeError: object of type 'int' has no len()"),
   ],
 )  # fmt: skip
 def test_a_config_file_whose_code_fails_is_named_with_its_line(tmp_path, name, text, message):
@@ -325,6 +330,20 @@ def test_a_config_file_whose_code_fails_is_named_with_its_line(tmp_path, name, t
   for module, flag in (("ilora_jax.main", "config"), ("ilora_jax.experiments", "grid")):
     proc = run_cli(f"--{flag}={tmp_path / name}", f"--workdir={tmp_path / 'w'}", module=module)
     assert_one_line_error(proc, f"error: {flag} file {tmp_path}/{message}")
+
+
+def test_an_argument_the_config_file_refuses_is_one_line_naming_the_whole_flag(tmp_path):
+  """`--config=file.py:arg` whose get_config refuses `arg`: the line named the flag without
+  its argument (`flag --config=file.py: ValueError: ...`, cut at the argument's colon)."""
+  (tmp_path / "cfg.py").write_text(
+    "def get_config(arg):\n  if arg != 'a':\n    raise ValueError(f'takes a, not {arg!r}')\n"
+  )
+  for module, flag in (("ilora_jax.main", "config"), ("ilora_jax.experiments", "grid")):
+    value = f"{tmp_path / 'cfg.py'}:x:y"
+    proc = run_cli(f"--{flag}={value}", f"--workdir={tmp_path / 'w'}", module=module)
+    line = assert_one_line_error(proc, f"error: --{flag}={value}: takes a, not 'x:y'")
+    assert "ValueError" not in line
+  assert not (tmp_path / "w").exists()
 
 
 def test_a_word_that_is_no_flag_is_refused(tmp_path):

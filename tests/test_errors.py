@@ -218,6 +218,11 @@ def test_flag_error_keeps_the_last_line_of_an_embedded_traceback():
   assert str(errors.flag_error(ValueError(text))) == (
     "Error loading config file c.py: ZeroDivisionError: division by zero"
   )
+  wrapped = (
+    "flag --config=c.py:a:b: Error whilst parsing config file:\n\nTraceback (most recent call "
+    'last):\n  File "c.py", line 3, in get_config\nKeyError: 7\n'
+  )
+  assert str(errors.flag_error(ValueError(wrapped))) == "flag --config=c.py:a:b: KeyError: 7"
   plain = errors.flag_error(ValueError("flag --n: invalid literal"))
   assert isinstance(plain, UserError) and str(plain) == "flag --n: invalid literal"
 

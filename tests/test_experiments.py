@@ -715,6 +715,14 @@ def test_a_grid_argument_the_grid_file_refuses_is_one_line_naming_the_flag(tmp_p
     "tiny, lastfm or movielens",
   )  # fmt: skip
   assert "ValueError" not in line and "flag --grid" not in line
+  for arg in ("zz", "0"):
+    proc = run_cli(f"--grid=configs/experiments/negative_transfer.py:{arg}",
+                   f"--workdir={tmp_path / 'w'}", "--dry_run",
+                   module="ilora_jax.experiments")  # fmt: skip
+    assert_one_line_error(
+      proc, f"--grid=configs/experiments/negative_transfer.py:{arg}: the argument is K, the "
+      f"number of user groups (1, 2, ...), not '{arg}'",
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", ["run", "--dry_run"])

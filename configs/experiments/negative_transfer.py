@@ -18,7 +18,10 @@ import common  # noqa: E402
 
 
 def get_config(arg=""):
-  groups = int(arg or 4)
+  arg = arg or "4"
+  if not arg.isdigit() or int(arg) < 1:
+    raise ValueError(f"the argument is K, the number of user groups (1, 2, ...), not {arg!r}")
+  groups = int(arg)
   c = common.grid(
     "tiny",
     f"Grid (d): negative transfer, K = {groups} conflicting user groups",
