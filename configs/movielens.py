@@ -1,7 +1,12 @@
 r"""MovieLens-100K with the paper's hyperparameters.
 
-python -m ilora_jax.main --config=configs/movielens.py --workdir=runs/movielens \
-    --config.stage=sasrec --config.data.dir=../shared/data/movielens
+Trains SASRec on the data, then iLoRA on that frozen SASRec, each evaluated on val and test
+(stage=pipeline):
+  python -m ilora_jax.main --config=configs/movielens.py --workdir=runs/movielens \
+      --config.data.dir=../shared/data/movielens
+iLoRA on the original's pretrained SASRec instead (the paper's setting):
+  ... --config.stage=ilora --config.sasrec.init_from=../shared/checkpoints/sasrec/movielens.pt
+SASRec alone: --config.stage=sasrec.
 
 The hyperparameters are the paper's for Llama-2-7B; the LLM defaults to the embedded
 SmolLM2-135M. For the paper's setting add --config.llm.name=<Llama-2-7B Hugging Face folder>.
@@ -16,6 +21,7 @@ import base  # noqa: E402
 
 def get_config():
   c = base.get_config()
+  c.stage = "pipeline"  # SASRec, then iLoRA on top of it.
   c.data.name = "movielens"
   c.data.dir = "data/movielens"  # Folder with train_data.df, Val_data.df, u.item.
   c.data.n_items = 1682  # Movies.

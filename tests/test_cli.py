@@ -446,6 +446,7 @@ def _lastfm_like_folder(tmp_path, train_frame=None, with_titles=True):
 def _run_folder(folder, workdir, *extra):
   return run_cli(
     "--config=configs/lastfm.py",
+    "--config.stage=sasrec",
     f"--workdir={workdir}",
     f"--config.data.dir={folder}",
     "--config.data.n_items=9",
@@ -508,6 +509,7 @@ def test_converted_checkpoint_on_real_lastfm_without_training(tmp_path):
   ckpt = shared_path("checkpoints", "sasrec", "lastfm.pt")
   proc = run_cli(
     "--config=configs/lastfm.py",
+    "--config.stage=sasrec",
     f"--workdir={tmp_path}",
     f"--config.data.dir={folder}",
     f"--config.sasrec.init_from={ckpt}",

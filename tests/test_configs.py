@@ -41,6 +41,7 @@ def test_dataset_config_has_the_papers_training_hyperparameters(name):
   want = TABLE[name]
   c = _load(name)
   assert c.data.name == name
+  assert c.stage == "pipeline"  # The product's command trains SASRec, then iLoRA on it.
   assert c.data.n_items == want["n_items"]
   tc = configuration.stage_train(c, "ilora")  # What the ilora stage trains with.
   assert (tc.batch_size, tc.grad_accum) == (want["batch"], want["accum"])
