@@ -68,6 +68,14 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
     sys.exit(0)
   with flag_errors(what, argv):
     rest = values(argv)
+  for arg, after in zip(argv[1:], argv[2:]):  # `--flag value`, absl's, with a flag for value.
+    name = arg.lstrip("-")
+    if (arg.startswith("-") and "=" not in arg and name in values and not values[name].boolean
+        and (after.startswith("--") or after.lstrip("-").split("=")[0] in values)):  # fmt: skip
+      raise UserError(
+        f"{arg} has no value: write {arg}=VALUE (the flag after it, {after}, was taken for its "
+        "value)"
+      )
   if len(rest) > 1:
     raise UserError(
       f"unexpected argument(s) {' '.join(repr(a) for a in rest[1:])}: every argument is a "

@@ -117,6 +117,10 @@ for i in ${ARGS[@]+"${!ARGS[@]}"}; do
         ARGS[i]="$flag=$(from_caller "$value")"
       fi
       ;;
+    --config | --workdir | --flagfile | --config.*dir | --config.data.raw_ratings | --config.llm.name | --config.sasrec.init_from)
+      echo "error: the job's argument $a has no value: write $a=VALUE (the job would take the argument after it for its value)" >&2
+      exit 2
+      ;;
     -- | - | "" | [!-]*)  # The job takes flags only; "--flag value" would escape the above.
       echo "error: the job's argument $(printf '%q' "$a") is no --flag=value (write --flag=value, and quote a value that holds spaces)" >&2
       exit 2

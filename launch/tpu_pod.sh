@@ -61,6 +61,8 @@ for a in "$@"; do
   case "$a" in
     --config=*) CONFIG=${a#--config=} ;;
     --workdir=*) WORKDIR=${a#--workdir=} ;;
+    --config | --workdir | --flagfile | --config.*dir | --config.data.raw_ratings | --config.llm.name | --config.sasrec.init_from)
+      fail "the job's argument $a has no value: write $a=VALUE (the job would take the argument after it for its value)" ;;
     --?*) ;;
     *) fail "the job's argument $(printf '%q' "$a") is no --flag=value (quote a value that holds spaces)" ;;
   esac

@@ -7,7 +7,7 @@ import shlex
 
 import pandas as pd
 import pytest
-from conftest import assert_one_line_error, metrics_records, run_cli, shared_path, xla_flags
+from conftest import ROOT, assert_one_line_error, metrics_records, run_cli, shared_path, xla_flags
 
 from ilora_jax.errors import UserError
 
@@ -237,8 +237,6 @@ def test_a_reader_that_goes_away_ends_the_output_quietly():
   import subprocess
   import sys
 
-  from conftest import ROOT
-
   read, write = os.pipe()
   os.close(read)  # `... | head` gone before the help is written.
   proc = subprocess.run([sys.executable, "-m", "ilora_jax.recommend", "--help"], cwd=ROOT,
@@ -254,8 +252,6 @@ def test_after_the_error_line_background_failures_stay_silent():
   after the one `error:` line nothing more is printed."""
   import subprocess
   import sys
-
-  from conftest import ROOT
 
   script = """
 import asyncio
@@ -356,6 +352,20 @@ def test_a_word_that_is_no_flag_is_refused(tmp_path):
     proc = run_cli(head, f"--workdir={tmp_path}/a", "b", module=module)
     assert_one_line_error(proc, "unexpected argument(s) 'b'", "quote a value that holds spaces")
   assert not os.path.exists(tmp_path / "a")
+
+
+def test_a_workdir_flag_without_its_value_does_not_take_the_next_flag():
+  """`--workdir --config.stage=sasrec` ran in a folder named after the flag, with the config's
+  own stage; the same with `--workdir --dry_run` started a grid's real runs."""
+  for module, head, after in (
+    ("ilora_jax.main", TINY, "--config.stage=sasrec"),
+    ("ilora_jax.experiments", "--grid=configs/experiments/negative_transfer.py", "--dry_run"),
+    ("ilora_jax.recommend", "--history=1", "--k=3"),
+  ):
+    proc = run_cli(head, "--workdir", after, module=module)
+    assert_one_line_error(proc, f"--workdir has no value: write --workdir=VALUE (the flag after "
+                          f"it, {after}, was taken for its value)")  # fmt: skip
+    assert not os.path.exists(os.path.join(ROOT, after))
 
 
 def test_unknown_key_error_is_one_readable_line(tmp_path):
@@ -560,8 +570,6 @@ def test_resuming_with_another_model_shape_says_what_differs(uninterrupted, tmp_
 def test_launch_dry_run_prints_the_commands():
   import subprocess
 
-  from conftest import ROOT
-
   proc = subprocess.run(
     ["bash", "launch/run_host.sh", "--dry_run", TINY, "--workdir=/tmp/x"],
     cwd=ROOT,
@@ -577,8 +585,6 @@ def test_launch_dry_run_prints_the_commands():
 def test_launch_paths_dry_run():
   """TPU slice, one GPU node and several GPU nodes: the exact commands, nothing executed."""
   import subprocess
-
-  from conftest import ROOT
 
   def dry(*args):
     proc = subprocess.run(["bash", *args], cwd=ROOT, capture_output=True, text=True)

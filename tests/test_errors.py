@@ -249,6 +249,22 @@ def test_parse_flags():
     errors.parse_flags(_values(), ["prog", "--n=four"])
 
 
+def test_a_flag_whose_value_would_be_the_next_flag_is_refused():
+  """absl reads `--flag value`: a bare `--s` before another flag took that flag for its
+  value (a run went to a workdir named `--config.stage=sasrec`, with the config's stage)."""
+  values = _values()
+  flags.DEFINE_string("s", "", "a string", flag_values=values)
+  flags.DEFINE_boolean("b", False, "a switch", flag_values=values)
+  errors.parse_flags(values, ["prog", "--s", "word", "--n", "-3", "--b", "--n=2"])
+  assert (values.s, values.n, values.b) == ("word", 2, True)  # The space form still works.
+  for after in ("--n=2", "-n=2", "--other"):
+    with pytest.raises(UserError) as raised:
+      errors.parse_flags(values, ["prog", "--b", "--s", after])
+    assert str(raised.value) == (
+      f"--s has no value: write --s=VALUE (the flag after it, {after}, was taken for its value)"
+    )
+
+
 @pytest.mark.parametrize("flag", ["--help", "-h", "-help", "--helpshort", "--helpfull", "-?"])
 def test_every_help_flag_prints_help_and_exits_0(flag, capsys):
   with pytest.raises(SystemExit) as ended:

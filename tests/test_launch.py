@@ -162,7 +162,12 @@ def test_dry_run_is_honoured_at_any_position(tmp_path, script):
     (["ilora", "us-east5-a", "v5p-32", "--workdir=/x"], "--config"),
     (["ilora", "us-east5-a", "v5p-32", "--config=configs/tiny.py"], "--workdir"),
     (["ilora", "us-east5-a", "v5p-32", *JOB, "stray"], "stray"),  # Would reach the workers.
-    (["ilora", "us-east5-a", "v5p-32", "--config", "configs/tiny.py", "--workdir=/x"], "configs"),
+    (
+      ["ilora", "us-east5-a", "v5p-32", "--config", "configs/tiny.py", "--workdir=/x"],
+      "argument --config has no value: write --config=VALUE",
+    ),
+    # The job would take the flag added after it, --config.distributed.auto=True, for its value.
+    (["ilora", "us-east5-a", "v5p-32", *JOB, "--workdir"], "argument --workdir has no value"),
     (["ilora", "us-east5-a", "v5p-32", "--config=configs/nope.py", "--workdir=/x"], "no file"),
     # Never copied to the workers.
     (["ilora", "us-east5-a", "v5p-32", "--config=configs/untracked.py", "--workdir=/x"], "git"),
@@ -540,23 +545,29 @@ def test_other_spellings_of_dry_run_are_refused(tmp_path, script, spelling):
 
 
 @pytest.mark.parametrize(
-  "args",
+  "args,message",
   [
-    [*JOB, "stray"],
-    ["--config", "configs/tiny.py", "--workdir=/tmp/x"],  # Never found from another folder.
-    ["--config=configs/tiny.py", "--workdir", "runs"],  # Would land in the checkout.
-    [*JOB, "--", "--config.seed=1"],  # The job takes no positional arguments.
-    [*JOB, ""],
+    ([*JOB, "stray"], "stray is no --flag=value"),
+    # Never found from another folder.
+    (["--config", "configs/tiny.py", "--workdir=/tmp/x"], "--config has no value"),
+    # Would land in the checkout.
+    (["--config=configs/tiny.py", "--workdir", "runs"], "--workdir has no value"),
+    # The job would take the next flag for the workdir and run with the config's stage.
+    ([*JOB, "--workdir", "--config.stage=sasrec"], "--workdir has no value: write --workdir="),
+    ([*JOB, "--config.data.dir", "--config.seed=1"], "--config.data.dir has no value"),
+    ([*JOB, "--", "--config.seed=1"], "-- is no --flag=value"),  # No positional arguments.
+    ([*JOB, ""], "'' is no --flag=value"),
   ],
 )
 @pytest.mark.parametrize("script", ["run_host.sh", "gpu_node.sh"])
-def test_run_host_refuses_words_that_are_no_flags_before_the_set_up(tmp_path, script, args):
+def test_run_host_refuses_words_that_are_no_flags_before_the_set_up(
+  tmp_path, script, args, message
+):
   """The job refuses them too, but only after the set-up (an accelerator's pip install)."""
   repo = FakeCheckout(tmp_path)
   for dry in ([], ["--dry_run"]):
     proc = repo.run(script, *dry, *args)
-    _refused(proc, "error: the job's argument ")
-    assert "is no --flag=value" in proc.stderr
+    _refused(proc, f"error: the job's argument {message}")
   assert repo.calls() == [] and not repo.stamp.exists()
 
 
