@@ -40,6 +40,9 @@ class Split:
   len_seq: np.ndarray
   next: np.ndarray
   group: np.ndarray | None = None  # [rows] user group, where known (synthetic data).
+  # [rows] each row's number in its file, where rows were read from one (`data.min_len` may
+  # have left some out).
+  file_row: np.ndarray | None = None
 
   def __len__(self) -> int:
     return int(self.next.shape[0])
@@ -176,12 +179,26 @@ def split_from_dataframe(
       f"{source}: row {rows_kept[r]} has items after its first len_seq={int(len_seq[r])}: "
       f"len_seq must count every item of seq (padding id {n_items})"
     )
-  return Split(name, seq.astype(np.int32), len_seq.astype(np.int32), nxt.astype(np.int32))
+  return Split(
+    name, seq.astype(np.int32), len_seq.astype(np.int32), nxt.astype(np.int32),
+    file_row=rows_kept.astype(np.int64),
+  )  # fmt: skip
 
 
 def load_split(path: str, name: str, n_items: int, max_len: int, min_len: int) -> Split:
+  """A split file's rows (`split_from_dataframe`); a line on stderr says how many rows with a
+  history shorter than `min_len` were left out."""
   frame = load_dataframe(path, f"{name} file")
-  return split_from_dataframe(frame, name, n_items, max_len, min_len, source=path)
+  split = split_from_dataframe(frame, name, n_items, max_len, min_len, source=path)
+  if len(split) < len(frame):
+    from ilora_jax import console
+
+    console.info(
+      f"data: {len(frame) - len(split)} of the {len(frame)} {name} rows of {path} have a "
+      f"history shorter than config.data.min_len={min_len} (len_seq) and are left out, as the "
+      "original leaves them out"
+    )
+  return split
 
 
 def article_first(title: str) -> str:

@@ -1037,7 +1037,8 @@ class Evaluator:
 
   @property
   def rows(self) -> list[dict]:
-    """One dict per row of the last call (the split's order): its row, the next item and its
+    """One dict per row of the last call (the split's order): its row (of the split's file,
+    where it has one), the next item and its
     title, and what each scorer made of it: the answer generated, whether valid and a hit,
     and the target's 0-based rank among the candidates (by likelihood; SASRec's too)."""
     out, ranks = self._outcomes
@@ -1046,7 +1047,8 @@ class Evaluator:
     rows = []
     for i, r in enumerate(self.idx):
       item = int(self.split.next[r])
-      row = {"row": int(r), "next": item, "title": self.parts.builder.titles[item]}
+      at = r if self.split.file_row is None else self.split.file_row[r]  # The file's row.
+      row = {"row": int(at), "next": item, "title": self.parts.builder.titles[item]}
       for name, prefix in (("model", ""), ("base", "base/")):
         o = out[name]
         if o["valid"]:

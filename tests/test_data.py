@@ -202,7 +202,21 @@ def test_repeated_columns_and_llara_empty_histories_are_named():
   ):
     data.split_from_dataframe(empty, "train", n_items=9, max_len=10, min_len=1, source="f.df")
   kept = data.split_from_dataframe(empty, "train", n_items=9, max_len=10, min_len=2, source="f")
-  assert len(kept) == 1 and kept.next[0] == 3
+  assert len(kept) == 1 and kept.next[0] == 3 and kept.file_row.tolist() == [2]
+
+
+def test_load_split_says_how_many_short_rows_it_left_out(tmp_path, capsys):
+  frame = _frame([[1], [1, 2, 3], [4, 5], [1, 2, 3, 4]], [1, 3, 2, 4], [2, 4, 6, 5])
+  path = tmp_path / "Val_data.df"
+  frame.to_pickle(path)
+  split = data.load_split(str(path), "val", n_items=9, max_len=10, min_len=3)
+  assert split.next.tolist() == [4, 5] and split.file_row.tolist() == [1, 3]
+  assert capsys.readouterr().err == (
+    f"data: 2 of the 4 val rows of {path} have a history shorter than config.data.min_len=3 "
+    "(len_seq) and are left out, as the original leaves them out\n"
+  )
+  data.load_split(str(path), "val", n_items=9, max_len=10, min_len=1)
+  assert capsys.readouterr().err == ""  # Nothing left out, nothing said.
 
 
 def test_titles_split_lines_at_newlines_only(tmp_path):

@@ -434,6 +434,18 @@ def test_fingerprint_names_the_evaluated_rows_candidates_and_targets(monkeypatch
   assert prints[0] != prints[1]
 
 
+def test_each_prediction_names_its_row_of_the_split_file():
+  """Rows that `data.min_len` left out shifted every later row: `row` counted the rows kept,
+  not the file's rows. It is the file's row where the split came from a file."""
+  ev, _, frozen = _evaluator()
+  file_row = np.arange(ROWS) * 3 + 2  # Two rows left out before each row kept.
+  ev.split = Split(ev.split.name, ev.split.seq, ev.split.len_seq, ev.split.next,
+                   file_row=file_row)  # fmt: skip
+  ev("trainable", "stats", frozen, False, baselines=True)
+  assert [r["row"] for r in ev.rows] == file_row[:10].tolist()
+  assert [r["next"] for r in ev.rows] == ev.split.next[:10].tolist()
+
+
 def test_predictions_file_holds_the_head_then_each_row_in_order(tmp_path):
   ev, _, frozen = _evaluator()
   train_ilora.write_predictions(str(tmp_path), "test", ev, {})  # Before any evaluation.
