@@ -68,6 +68,15 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
     sys.exit(0)
   with flag_errors(what, argv):
     rest = values(argv)
+  seen: dict[str, str] = {}  # absl keeps a repeated flag's last value: refused (a config's
+  for arg in argv[1:]:  # dotted overrides may repeat, the later winning, as launchers add them).
+    name = arg.split("=", 1)[0].lstrip("-") if arg.startswith("-") else ""
+    if name.startswith("no") and name[2:] in values and values[name[2:]].boolean:
+      name = name[2:]
+    if name in values and "." not in name and name != "flagfile":
+      if name in seen:
+        raise UserError(f"--{name} is given twice ({seen[name]} and {arg}): give it once")
+      seen[name] = arg
   for arg, after in zip(argv[1:], argv[2:]):  # `--flag value`, absl's, with a flag for value.
     name = arg.lstrip("-")
     if (arg.startswith("-") and "=" not in arg and name in values and not values[name].boolean

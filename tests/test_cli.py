@@ -366,6 +366,8 @@ def test_a_workdir_flag_without_its_value_does_not_take_the_next_flag():
     assert_one_line_error(proc, f"--workdir has no value: write --workdir=VALUE (the flag after "
                           f"it, {after}, was taken for its value)")  # fmt: skip
     assert not os.path.exists(os.path.join(ROOT, after))
+  proc = run_cli("--workdir=w", "--history=#7", "--history=#8", module="ilora_jax.recommend")
+  assert_one_line_error(proc, "--history is given twice (--history=#7 and --history=#8)")
 
 
 def test_unknown_key_error_is_one_readable_line(tmp_path):

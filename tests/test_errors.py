@@ -17,7 +17,7 @@ import warnings
 import pytest
 from absl import flags
 from conftest import ROOT
-from ml_collections import ConfigDict
+from ml_collections import ConfigDict, config_flags
 
 from ilora_jax import errors
 from ilora_jax.errors import UserError
@@ -249,14 +249,37 @@ def test_parse_flags():
     errors.parse_flags(_values(), ["prog", "--n=four"])
 
 
+def test_a_flag_given_twice_is_refused_but_dotted_overrides_may_repeat(monkeypatch):
+  """absl keeps a repeated flag's last value: `--history=A --history=B` recommended for B
+  alone, without a word."""
+  values = _values()
+  flags.DEFINE_boolean("b", False, "a switch", flag_values=values)
+  for argv, first, second in (
+    (["prog", "--n=1", "--n=2"], "--n=1", "--n=2"),
+    (["prog", "--n", "1", "-n=2"], "--n", "-n=2"),
+    (["prog", "--b", "--nob"], "--b", "--nob"),
+  ):
+    with pytest.raises(UserError) as raised:
+      errors.parse_flags(values, argv)
+    assert str(raised.value) == f"--{argv[1].lstrip('-').split('=')[0]} is given twice ({first} " \
+      f"and {second}): give it once"  # fmt: skip
+  values = _values()
+  argv = ["prog", f"--config={ROOT}/configs/tiny.py", "--config.train.seed=2", "--n=3",
+          "--config.train.seed=4"]  # fmt: skip
+  monkeypatch.setattr(sys, "argv", argv)  # ml_collections defines the overrides it finds there.
+  config_flags.DEFINE_config_file("config", flag_values=values)
+  errors.parse_flags(values, argv)
+  assert (values.config.train.seed, values.n) == (4, 3)  # The later override wins.
+
+
 def test_a_flag_whose_value_would_be_the_next_flag_is_refused():
   """absl reads `--flag value`: a bare `--s` before another flag took that flag for its
   value (a run went to a workdir named `--config.stage=sasrec`, with the config's stage)."""
   values = _values()
   flags.DEFINE_string("s", "", "a string", flag_values=values)
   flags.DEFINE_boolean("b", False, "a switch", flag_values=values)
-  errors.parse_flags(values, ["prog", "--s", "word", "--n", "-3", "--b", "--n=2"])
-  assert (values.s, values.n, values.b) == ("word", 2, True)  # The space form still works.
+  errors.parse_flags(values, ["prog", "--s", "word", "--n", "-3", "--b"])
+  assert (values.s, values.n, values.b) == ("word", -3, True)  # The space form still works.
   for after in ("--n=2", "-n=2", "--other"):
     with pytest.raises(UserError) as raised:
       errors.parse_flags(values, ["prog", "--b", "--s", after])
