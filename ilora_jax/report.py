@@ -266,14 +266,28 @@ def predictions_path(workdir: str, split: str) -> str:
 
 
 def read_predictions(workdir: str, split: str) -> tuple[dict, list[dict]] | None:
-  """(head, rows) of DIR/predictions/<split>.jsonl, or None when absent or unreadable."""
-  try:
-    head, *rows = [record for _, record in metrics.read_jsonl(predictions_path(workdir, split))]
-  except (UserError, ValueError):  # ValueError: an empty file.
+  """(head, rows) of DIR/predictions/<split>.jsonl, or None when absent; a damaged file (a
+  line that is no JSON object, a row whose `row`, `hit` or `rank` is of another type, no
+  line at all) is a UserError naming it."""
+  path = predictions_path(workdir, split)
+  records = metrics.read_jsonl(path)
+  if not os.path.lexists(path):
     return None
-  if not all(isinstance(r, dict) for r in (head, *rows)):  # Damaged: nothing to pair.
-    return None
+  if not records:
+    raise UserError(f"{path} holds no record")
+  for number, record in records:
+    if not isinstance(record, dict):
+      raise UserError(f"{path}:{number}: not a JSON object")
+    for key, kind in (("row", int), ("hit", bool), ("rank", int)):
+      value = record.get(key)
+      wrong = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
+      if number > records[0][0] and key in record and (wrong or (kind is int and value < 0)):
+        raise UserError(f"{path}:{number}: {key}={value!r} is not a{_KINDS[kind]}")
+  head, *rows = [record for _, record in records]
   return head, rows
+
+
+_KINDS = {int: " count from 0", bool: " true or false"}
 
 
 def paired(ours, theirs) -> dict[str, tuple[int, int, float]] | None:
@@ -354,9 +368,17 @@ def comparison(
       "from greedy generation; hr@k, ndcg@5 and mrr rank the candidates by likelihood.",
       "",
     ]
-    ours = read_predictions(workdir, split)
+    try:
+      ours = read_predictions(workdir, split)
+    except UserError as exc:
+      lines += _unpaired(split, None, exc)
+      continue
     for name in others:
-      pairs = paired(ours, read_predictions(compare[name], split))
+      try:
+        pairs = paired(ours, read_predictions(compare[name], split))
+      except UserError as exc:
+        lines += _unpaired(split, name, exc)
+        continue
       if not pairs:
         continue
       parts = [f"{_PAIRED[k]}: {a} rows only this run, {b} only {name} (exact sign test p = "
@@ -364,6 +386,15 @@ def comparison(
       count = len(ours[1])
       lines += [f"Paired with {name} on the same {count} rows: " + "; ".join(parts) + ".", ""]
   return lines
+
+
+def _unpaired(split: str, name: str | None, exc: UserError) -> list[str]:
+  """The summary's line, and a warning on stderr, for damaged predictions (this run's, or
+  those of the compared run `name`): the row-by-row comparison is left out."""
+  what = f"with {name}" if name else "of this run"
+  print(f"warning: {exc}: the report leaves out the {split} row-by-row comparison {what}",
+        file=sys.stderr, flush=True)  # fmt: skip
+  return [f"No row-by-row comparison {what}: damaged predictions ({exc}).", ""]
 
 
 def running_mean(values, window: int) -> np.ndarray:

@@ -294,7 +294,7 @@ def test_sign_test_matches_scipys_binomial_test():
     assert report.sign_test_p(a, b) == pytest.approx(want, rel=1e-12), (a, b)
 
 
-def test_comparison_pairs_the_rows_of_two_runs(tmp_path):
+def test_comparison_pairs_the_rows_of_two_runs(tmp_path, capsys):
   """With both runs' predictions on the same rows and candidates, the summary counts the rows
   only one of them got right, by generation and by likelihood."""
   rng = np.random.default_rng(3)
@@ -334,6 +334,21 @@ def test_comparison_pairs_the_rows_of_two_runs(tmp_path):
   fewer = run_dir("fewer", "abc", rows=range(n - 1), like="plain")
   summary = open(f"{report.write(ours, f'fewer={fewer}')}/summary.md").read()
   assert "Paired with" not in summary
+  # Damaged predictions of a compared run: the line says so (it was left out without a word),
+  # and so does stderr; a `hit` of another type was counted as a hit.
+  path = tmp_path / "plain" / "predictions" / "val.jsonl"
+  good = path.read_text().splitlines()
+  for line, why in (("{broken", "not a JSON record"), ('{"row": 0, "hit": "yes", "rank": 0}',
+                    "hit='yes' is not a true or false"), ('{"row": 0, "rank": -1}',
+                    "rank=-1 is not a count from 0"), ("[1]", "not a JSON object")):  # fmt: skip
+    path.write_text("\n".join([*good[:2], line, *good[3:]]) + "\n")
+    summary = open(f"{report.write(ours, f'plain={plain}')}/summary.md").read()
+    assert "Paired with" not in summary
+    assert f"No row-by-row comparison with plain: damaged predictions ({path}:3: " in summary
+    assert why in summary
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {path}:3: ") and why in err
+    assert err.endswith("the report leaves out the val row-by-row comparison with plain\n")
 
 
 def test_group_metrics_get_their_own_table():
@@ -594,9 +609,10 @@ def test_non_finite_values_the_log_writes_as_text_stay_in_the_report(tmp_path, c
   assert report.number("hr@1") is None and report.number(True) is None
 
 
-def test_a_selected_step_must_be_an_integer_and_damaged_predictions_pair_nothing(tmp_path):
+def test_a_selected_step_must_be_an_integer_and_damaged_predictions_are_named(tmp_path):
   """`selected_step` is a step like `step` (TensorBoard's x): checked the same way. A
-  predictions file with a line that is no JSON object is left out of the pairing."""
+  predictions file with a line that is no JSON object is an error naming it (the report
+  leaves out its pairing, saying why)."""
   for value in ("x", [6], 2**70, 1.5):
     with pytest.raises(UserError, match="metrics.jsonl:3: selected_step=.* must be an integer"):
       report._checked({"step": 6, "selected_step": value}, "metrics.jsonl:3")
@@ -608,7 +624,8 @@ def test_a_selected_step_must_be_an_integer_and_damaged_predictions_pair_nothing
   (folder / "val.jsonl").write_text("".join(json.dumps(r) + "\n" for r in good))
   assert report.read_predictions(str(tmp_path), "val") == (good[0], good[1:])
   (folder / "val.jsonl").write_text(json.dumps(good[0]) + "\n[1, 2]\n")
-  assert report.read_predictions(str(tmp_path), "val") is None
+  with pytest.raises(UserError, match=r"val.jsonl:2: not a JSON object"):
+    report.read_predictions(str(tmp_path), "val")
 
 
 def test_gate_panels_of_a_run_stopped_before_its_evaluation_say_so(tmp_path):
@@ -793,10 +810,11 @@ def test_sign_test_matches_the_binomial_formula():
   assert report.sign_test_p(3, 0) == 0.25 and report.sign_test_p(1, 1) == 1.0
 
 
-def test_empty_predictions_pair_nothing(tmp_path):
+def test_empty_predictions_are_named_and_absent_ones_pair_nothing(tmp_path):
   (tmp_path / "predictions").mkdir()
   (tmp_path / "predictions" / "val.jsonl").write_text("")
-  assert report.read_predictions(str(tmp_path), "val") is None
+  with pytest.raises(UserError, match=r"val.jsonl holds no record"):
+    report.read_predictions(str(tmp_path), "val")
   assert report.read_predictions(str(tmp_path), "test") is None  # Absent.
 
 
