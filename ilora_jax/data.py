@@ -398,6 +398,12 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
   stamp_path = os.path.join(directory, "build.json")
   if os.path.exists(train_path):
     if not os.path.exists(stamp_path):
+      if data.raw_ratings:  # The user's ratings would not be read.
+        raise UserError(
+          f"config.data.raw_ratings={data.raw_ratings} cannot be used: {directory} already "
+          f"holds split files that were not built here (no {os.path.basename(stamp_path)}); "
+          "give another config.data.dir, or leave raw_ratings out to use those files"
+        )
       return
     try:
       with open(stamp_path) as f:
@@ -424,7 +430,9 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
   from ilora_jax import movielens
 
   print(f"building the MovieLens split from MovieLens-100K into {directory}", file=sys.stderr)
-  movielens.build(directory, seed=data.build_seed, raw_ratings=data.raw_ratings)
+  movielens.build(
+    directory, seed=data.build_seed, raw_ratings=data.raw_ratings, min_len=data.min_len
+  )
   try:
     with atomic_write(stamp_path) as f:
       json.dump(stamp, f)
@@ -480,6 +488,12 @@ def load_from_config(config, workdir: str) -> Dataset:
   train_path = os.path.join(directory, data.train_file)
   if data.build:
     _build_if_needed(data, directory, train_path)
+  elif data.raw_ratings:  # Read by the builder only: a split given as files ignored it.
+    raise UserError(
+      f"config.data.raw_ratings={data.raw_ratings} is read only by the MovieLens builder "
+      "(config.data.build=movielens100k, as configs/demo.py sets); this config reads its split "
+      f"from {directory}: leave raw_ratings out, or build with --config=configs/demo.py"
+    )
   if not os.path.isdir(directory):
     what = "is a file, not a folder" if os.path.exists(directory) else "not found"
     raise UserError(f"data folder {what}: {directory} (set config.data.dir)")

@@ -19,7 +19,7 @@ import os
 import numpy as np
 
 from ilora_jax import console
-from ilora_jax.errors import UserError, require_file
+from ilora_jax.errors import UserError, counted, require_file
 from ilora_jax.files import atomic_path, atomic_write
 
 N_ITEMS = 1682
@@ -53,10 +53,13 @@ def read_ratings(raw_ratings: str = ""):
   else:
     frame = pd.read_parquet(_widedeep_file("MovieLens100k_data.parquet.brotli"))
   source = raw_ratings or "the MovieLens-100K copy"
-  if frame.shape[1] != 4 or frame.isna().any().any():
+  short = np.flatnonzero(frame.isna().any(axis=1).to_numpy())
+  if frame.shape[1] != 4 or len(short):
+    which = (f"row {short[0] + 1} has {int(frame.iloc[short[0]].notna().sum())}" if len(short)
+             else f"found {frame.shape[1]} columns")  # fmt: skip
     raise UserError(
-      f"{source}: MovieLens ratings must have 4 columns user, item, rating, timestamp (found "
-      f"{frame.shape[1]}{', with empty fields' if frame.shape[1] == 4 else ''})"
+      f"{source}: MovieLens ratings must have 4 tab-separated fields user, item, rating, "
+      f"timestamp on every row ({which})"
     )
   frame.columns = ["user_id", "movie_id", "rating", "timestamp"]
   if not all(pd.api.types.is_integer_dtype(t) for t in frame.dtypes):
@@ -64,8 +67,15 @@ def read_ratings(raw_ratings: str = ""):
       f"{source}: MovieLens ratings must be 4 tab-separated integer columns "
       "user, item, rating, timestamp (as u.data)"
     )
-  if len(frame) and (frame["movie_id"].min() < 1 or frame["movie_id"].max() > N_ITEMS):
-    raise UserError(f"{source}: MovieLens-100K item ids run from 1 to {N_ITEMS}")
+  for column, low, high, what in (("movie_id", 1, N_ITEMS, "MovieLens-100K item ids"),
+                                  ("rating", 1, 5, "ratings")):  # fmt: skip
+    outside = np.flatnonzero(~frame[column].between(low, high).to_numpy())
+    if len(outside):
+      raise UserError(
+        f"{source}: {what} run from {low} to {high}; row {outside[0] + 1} has "
+        f"{int(frame[column].iloc[outside[0]])}"
+        + (f" ({counted(len(outside) - 1, 'more row')} outside)" if len(outside) > 1 else "")
+      )
   twice = frame.duplicated(["user_id", "movie_id"])
   if twice.any():  # MovieLens-100K rates each pair once: a file given twice, say?
     first = frame[twice].iloc[0]
@@ -136,16 +146,26 @@ def build_frames(sequences: dict[int, list[tuple[int, int]]], seed: int):
   return frames
 
 
-def build(out_dir: str, seed: int = 0, raw_ratings: str = "", raw_items: str = "") -> str:
-  """Writes train_data.df, Val_data.df, Test_data.df and u.item into `out_dir`."""
+def build(
+  out_dir: str, seed: int = 0, raw_ratings: str = "", raw_items: str = "", min_len: int = 0
+) -> str:
+  """Writes train_data.df, Val_data.df, Test_data.df and u.item into `out_dir`; nothing when
+  a split would have no row with a history of `min_len` items (the rows a run keeps)."""
   ratings = read_ratings(raw_ratings)
   titles = read_item_titles(raw_items)
   frames = build_frames(user_sequences(ratings), seed)
+  source = raw_ratings or "the MovieLens-100K copy"
   for name, frame in frames.items():  # Checked before anything is written.
     if len(frame) == 0:
       raise UserError(
-        f"{raw_ratings or 'the MovieLens-100K copy'}: the ratings give no {name} row "
-        f"(the builder needs ratings >= 3 of at least 10 users)"
+        f"{source}: the ratings give no {name} row (the builder needs ratings >= 3 of at least "
+        "10 users)"
+      )
+  for name, frame in frames.items():
+    if int(frame["len_seq"].max()) < min_len:  # The rows a run keeps: none.
+      raise UserError(
+        f"{source}: the ratings give no {name} row with a history of {min_len} items "
+        f"(config.data.min_len): the builder needs users with {min_len + 1} or more ratings >= 3"
       )
   os.makedirs(out_dir, exist_ok=True)
   for name, file in (("train", "train_data.df"), ("val", "Val_data.df"), ("test", "Test_data.df")):

@@ -374,6 +374,12 @@ def test_a_failed_build_writes_nothing_and_a_built_split_is_never_swapped(tmp_pa
   few.write_text("1\t2\t3\t4\n2\t3\t4\t5\n")
   with pytest.raises(UserError, match="give no val row"):
     data.load_from_config(_build_config(tmp_path, few), work)
+  # Ten users with 3 ratings each: every row has a history of 2 or less, below data.min_len=3
+  # (the split was written, and its load failed; the stamp then refused the good ratings).
+  short = tmp_path / "short.data"
+  short.write_text("".join(f"{u}\t{i}\t4\t{i}\n" for u in range(1, 11) for i in (1, 2, 3)))
+  with pytest.raises(UserError, match=r"give no train row with a history of 3 items \(config.data"):
+    data.load_from_config(_build_config(tmp_path, short), work)
   assert not os.path.exists(built)  # Nothing half-built that a later run would trust.
   path, _ = _raw_ratings(tmp_path)
   capsys.readouterr()
@@ -418,7 +424,7 @@ def test_odd_u_data_files_are_refused_or_warned(tmp_path, capsys):
   path, lines = _raw_ratings(tmp_path)
   five = tmp_path / "five.data"
   five.write_text("".join(f"{line}\t7\n" for line in lines))
-  with pytest.raises(UserError, match=r"must have 4 columns .*\(found 5\)"):
+  with pytest.raises(UserError, match=r"must have 4 tab-separated fields .*\(found 5 columns\)"):
     movielens.read_ratings(str(five))
   ragged = tmp_path / "ragged.data"
   ragged.write_text(f"{lines[0]}\n{lines[1]}\t7\n")
@@ -762,10 +768,23 @@ def test_a_built_folder_without_stamp_is_used_and_a_bad_stamp_or_builder_is_name
   path, _ = _raw_ratings(tmp_path)
   work = str(tmp_path / "w")
   folder = _prebuilt_folder(work)
-  dataset = data.load_from_config(_build_config(tmp_path, path, seed=3), work)
+  dataset = data.load_from_config(_build_config(tmp_path, "", seed=3), work)
   assert len(dataset.train) == 2 and dataset.titles[0] == "Movie 1"
   assert "building" not in capsys.readouterr().err
   assert not os.path.exists(os.path.join(folder, "build.json"))
+  # The user's own ratings would not be read: refused (the files were used without a word).
+  with pytest.raises(UserError) as raised:
+    data.load_from_config(_build_config(tmp_path, path), work)
+  assert str(raised.value) == (
+    f"config.data.raw_ratings={path} cannot be used: {folder} already holds split files that "
+    "were not built here (no build.json); give another config.data.dir, or leave raw_ratings "
+    "out to use those files"
+  )
+  # Nor by a config that reads its split from files (no builder): refused too.
+  config = _build_config(tmp_path, path)
+  config.data.build, config.data.dir = "", folder
+  with pytest.raises(UserError, match=r"raw_ratings=.* is read only by the MovieLens builder"):
+    data.load_from_config(config, work)
   with open(os.path.join(folder, "build.json"), "w") as f:
     f.write("{")
   with pytest.raises(UserError, match=r"build.json is unreadable: remove .* to build it again"):
@@ -781,13 +800,20 @@ def test_u_data_item_ids_and_empty_fields_are_checked(tmp_path):
   an empty field is named as such."""
   path = tmp_path / "u.data"
   for movie in (0, 1683):
-    path.write_text(f"1\t5\t4\t100\n2\t{movie}\t4\t101\n")
-    with pytest.raises(UserError, match="item ids run from 1 to 1682"):
+    path.write_text(f"1\t5\t4\t100\n2\t{movie}\t4\t101\n3\t{movie}\t4\t101\n")
+    with pytest.raises(UserError) as raised:
+      movielens.read_ratings(str(path))
+    assert str(raised.value) == (
+      f"{path}: MovieLens-100K item ids run from 1 to 1682; row 2 has {movie} (1 more row outside)"
+    )
+  for rating in (0, 99):  # MovieLens rates 1 to 5 stars: another scale is another file.
+    path.write_text(f"1\t5\t4\t100\n2\t6\t{rating}\t101\n")
+    with pytest.raises(UserError, match=rf": ratings run from 1 to 5; row 2 has {rating}$"):
       movielens.read_ratings(str(path))
   path.write_text("1\t1682\t4\t100\n2\t1\t4\t101\n")
   assert movielens.read_ratings(str(path))["movie_id"].tolist() == [1682, 1]
   path.write_text("1\t5\t4\t100\n2\t6\t\t101\n")
-  with pytest.raises(UserError, match=r"must have 4 columns .*\(found 4, with empty fields\)"):
+  with pytest.raises(UserError, match=r"4 tab-separated fields .* on every row \(row 2 has 3\)$"):
     movielens.read_ratings(str(path))
 
 
