@@ -135,6 +135,7 @@ def split_from_dataframe(
     return i
 
   seq = np.full((rows, max_len), n_items, dtype=np.int64)
+  listed = np.zeros(rows, np.int64)  # Entries each row's seq lists (padding included).
   for r, cell in enumerate(frame["seq"].tolist()):
     if not isinstance(cell, (list, tuple, np.ndarray)):
       raise UserError(f"{source}: row {r} column seq must be a list, got {type(cell).__name__}")
@@ -142,6 +143,7 @@ def split_from_dataframe(
       raise UserError(
         f"{source}: row {r} has {len(cell)} items in seq, more than max_len={max_len}"
       )
+    listed[r] = len(cell)
     for j, v in enumerate(cell):
       seq[r, j] = item(v, r, "seq", f"seq[{j}]")
   nxt = np.array(
@@ -159,6 +161,13 @@ def split_from_dataframe(
     raise UserError(f"{source}: no row of the {name} split has len_seq >= {min_len}")
   # Real items sit before the padding: the first len_seq entries must not be padding.
   rows_kept = np.flatnonzero(keep)  # Row numbers of the file, for the messages.
+  short = np.flatnonzero(keep & (listed < len_seq))
+  if len(short):  # Read as padding below, which it is not: a list shorter than its count.
+    r = int(short[0])
+    raise UserError(
+      f"{source}: row {r} lists {int(listed[r])} items in seq but len_seq={int(len_seq[r])}: "
+      "len_seq must count the items of seq"
+    )
   seq, len_seq, nxt = seq[keep], len_seq[keep], nxt[keep]
   real = np.arange(max_len)[None, :] < len_seq[:, None]
   if np.any(real & (seq == n_items)):

@@ -151,6 +151,9 @@ def test_split_drops_short_rows_and_reads_pairs():
       "row 1 has padding inside its first len_seq=4",
     ),
     (_frame([], [], []), "empty"),
+    # A list shorter than its count: it was called padding inside the history.
+    (_frame([[1, 2, 3], [1, 2, 3]], [3, 5], [1, 1]), "row 1 lists 3 items in seq but len_seq=5"),
+    (_frame([[1, 2, 3], []], [3, 3], [1, 1]), "row 1 lists 0 items in seq but len_seq=3"),
     # An item entry is an id or an (id, rating) pair; nothing is cut to its first element.
     (_frame([[(1, 4, 0), (2, 3, 0), (3, 3, 0)]], [3], [(1, 2)]), r"seq\[0\]: .* got 3 values"),
     (_frame([[1, 2, 3]], [3], [[4, 5, 6]]), r"row 0 next: .* got 3 values \[4, 5, 6\]"),
