@@ -19,3 +19,8 @@ take_dry_run() {
     fi
   done
 }
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then  # Run, not sourced: it would do nothing.
+  echo "error: launch/dry_run.sh is a helper the launch scripts source; run one of them (launch/run_host.sh, gpu_node.sh, gpu_multinode.sh, tpu_pod.sh) with --dry_run" >&2
+  exit 2
+fi

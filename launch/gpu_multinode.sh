@@ -14,8 +14,10 @@
 # storage all nodes share (checkpoints are written collectively). Relative paths are the
 # caller's (run_host.sh starts in the caller's folder, as this script does not move). A missing,
 # partial or inconsistent layout (a process id not below the count, a count that is no number,
-# a coordinator without its port), or no job, is one line on stderr and exit status 2 before
-# run_host.sh's set-up.
+# a coordinator without its port, MASTER_ADDR without MASTER_PORT, a torchrun-style variable
+# that disagrees with ours, e.g. WORLD_SIZE beside NUM_PROCESSES), a --config.distributed.*
+# flag among the job's (the layout's to set), or no job, is one line on stderr and exit status
+# 2 before run_host.sh's set-up.
 set -euo pipefail
 usage="usage: launch/gpu_multinode.sh [--dry_run] [COORDINATOR:PORT NUM_NODES NODE_RANK] --config=... --workdir=..."
 # One line on stderr and exit status 2.
@@ -49,8 +51,22 @@ if [[ $# -ge 1 && "$1" != --* ]]; then
 elif [[ -n "${SLURM_PROCID:-}" ]]; then
   CLUSTER=(--config.distributed.auto=True)
 else
-  COORD="${COORDINATOR_ADDRESS:-}" CN=COORDINATOR_ADDRESS
-  if [[ -z "$COORD" && -n "${MASTER_ADDR:-}" ]]; then COORD="$MASTER_ADDR:${MASTER_PORT:-1234}" CN=MASTER_ADDR:MASTER_PORT; fi
+  # A torchrun-style variable beside ours must agree with it (one of them would be ignored).
+  same() {  # OURS THEIRS: the names of two variables that say the same thing.
+    [[ -z "${!1:-}" || -z "${!2:-}" || "${!1}" == "${!2}" ]] ||
+      fail "$1=$(printf '%q' "${!1}") and $2=$(printf '%q' "${!2}") disagree: set one of them"
+  }
+  if [[ -n "${MASTER_ADDR:-}" || -n "${MASTER_PORT:-}" ]]; then
+    [[ -n "${MASTER_ADDR:-}" && -n "${MASTER_PORT:-}" ]] ||
+      fail "MASTER_ADDR and MASTER_PORT are set together (one of them is missing)"
+    MASTER="$MASTER_ADDR:$MASTER_PORT"
+    [[ -z "${COORDINATOR_ADDRESS:-}" || "$COORDINATOR_ADDRESS" == "$MASTER" ]] ||
+      fail "COORDINATOR_ADDRESS=$(printf '%q' "$COORDINATOR_ADDRESS") and MASTER_ADDR:MASTER_PORT=$(printf '%q' "$MASTER") disagree: set one of them"
+  fi
+  same NUM_PROCESSES WORLD_SIZE
+  same PROCESS_ID RANK
+  COORD="${COORDINATOR_ADDRESS:-${MASTER:-}}" CN=COORDINATOR_ADDRESS
+  [[ -n "${COORDINATOR_ADDRESS:-}" || -z "$COORD" ]] || CN=MASTER_ADDR:MASTER_PORT
   NUM="${NUM_PROCESSES:-${WORLD_SIZE:-}}" NN=NUM_PROCESSES
   [[ -n "${NUM_PROCESSES:-}" || -z "$NUM" ]] || NN=WORLD_SIZE
   ID="${PROCESS_ID:-${RANK:-}}" IN=PROCESS_ID
@@ -68,5 +84,13 @@ else
            --config.distributed.process_id="$ID")
 fi
 [[ $# -ge 1 ]] || fail "no job arguments (--config=... --workdir=...) after the layout"
+for a in "$@"; do  # The job would take the later value: the layout's, without a word.
+  case "$a" in
+    --config.distributed.coordinator=* | --config.distributed.num_processes=* | \
+      --config.distributed.process_id=* | --config.distributed.auto=*)
+      fail "the job's argument $(printf '%q' "$a") is the launcher's to set: give the layout as above, not as --config.distributed.*" ;;
+  esac
+done
 export ILORA_JAX_EXTRA=cuda
+export ILORA_JAX_USAGE="${usage#usage: }"
 exec bash "$(dirname "$0")/run_host.sh" ${DRY[@]+"${DRY[@]}"} "$@" ${CLUSTER[@]+"${CLUSTER[@]}"}

@@ -9,4 +9,5 @@
 # caller's folder, as this script does not move).
 set -euo pipefail
 export ILORA_JAX_EXTRA=cuda
+export ILORA_JAX_USAGE="launch/gpu_node.sh [--dry_run] --config=... --workdir=... [--config.x=y ...]"
 exec bash "$(dirname "$0")/run_host.sh" "$@"

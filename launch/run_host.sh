@@ -129,7 +129,7 @@ for i in ${ARGS[@]+"${!ARGS[@]}"}; do
 done
 for want in config workdir; do
   if [[ " $GIVEN " != *" $want "* ]]; then
-    echo "error: no --$want=... for the job; usage: launch/run_host.sh [--dry_run] --config=configs/<name>.py --workdir=DIR [--config.x=y ...]" >&2
+    echo "error: no --$want=... for the job; usage: ${ILORA_JAX_USAGE:-launch/run_host.sh [--dry_run] --config=configs/<name>.py --workdir=DIR [--config.x=y ...]}" >&2
     exit 2
   fi
 done

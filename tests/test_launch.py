@@ -24,6 +24,7 @@ LEADING = {
 # Variables of the caller's shell that would change what the scripts do.
 LAYOUT_VARS = ("COORDINATOR_ADDRESS", "NUM_PROCESSES", "PROCESS_ID", "MASTER_ADDR", "MASTER_PORT")
 LAYOUT_VARS += ("WORLD_SIZE", "RANK")
+TORCHRUN = {"MASTER_ADDR": "h", "MASTER_PORT": "29500", "WORLD_SIZE": "4"}
 TPU_VM = ["gcloud", "compute", "tpus", "tpu-vm"]
 
 
@@ -629,8 +630,28 @@ def test_run_host_makes_a_venv_whose_python_is_gone_anew(tmp_path):
     (["h0", "2", "0"], {}, "COORDINATOR:PORT=h0 is not HOST:PORT"),
     (["h0:99999", "2", "0"], {}, "COORDINATOR:PORT=h0:99999 is not HOST:PORT"),
     ([], {"COORDINATOR_ADDRESS": "h:1", "NUM_PROCESSES": "2"}, "partial cluster layout"),
-    ([], {"MASTER_ADDR": "h", "WORLD_SIZE": "4", "RANK": "x"}, "RANK=x is not a process id"),
-    ([], {"MASTER_ADDR": "h", "WORLD_SIZE": "4", "RANK": "4"}, "RANK=4 is not a process id"),
+    ([], {**TORCHRUN, "RANK": "x"}, "RANK=x is not a process id"),
+    ([], {**TORCHRUN, "RANK": "4"}, "RANK=4 is not a process id"),
+    # A default port (it was 1234, not even torchrun's) would meet no one.
+    ([], {"MASTER_ADDR": "h", "WORLD_SIZE": "4", "RANK": "0"}, "MASTER_ADDR and MASTER_PORT are"),
+    # One of two variables saying the same thing was ignored.
+    (
+      [],
+      {**TORCHRUN, "RANK": "0", "NUM_PROCESSES": "3"},
+      "NUM_PROCESSES=3 and WORLD_SIZE=4 disagree: set one of them",
+    ),
+    ([], {**TORCHRUN, "RANK": "0", "PROCESS_ID": "1"}, "PROCESS_ID=1 and RANK=0 disagree"),
+    (
+      [],
+      {**TORCHRUN, "RANK": "0", "COORDINATOR_ADDRESS": "g:1"},
+      "COORDINATOR_ADDRESS=g:1 and MASTER_ADDR:MASTER_PORT=h:29500 disagree",
+    ),
+    # The job would take the later value, the launcher's, without a word.
+    (
+      ["h0:1234", "2", "0", "--config.distributed.process_id=1"],
+      {},
+      "argument --config.distributed.process_id=1 is the launcher's to set",
+    ),
   ],
 )
 def test_gpu_multinode_checks_the_layout_before_the_set_up(tmp_path, args, env, word):
@@ -742,3 +763,20 @@ def test_run_host_refuses_a_job_without_config_or_workdir_before_the_set_up(
   for given in (["--flagfile=configs/tiny.py"], ["--help"]):
     proc = repo.run(script, *LEADING[script], *given, ILORA_JAX_SETUP="skip")
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("script", ["gpu_node.sh", "gpu_multinode.sh"])
+def test_a_gpu_launchers_usage_names_that_launcher(tmp_path, script):
+  """run_host.sh's refusal of a job without --config named run_host.sh's usage, which the
+  user had not called."""
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run(script, *LEADING[script], "--workdir=w")
+  _refused(proc, "error: no --config=... for the job; usage: launch/" + script)
+  assert repo.calls() == []
+
+
+def test_the_sourced_helper_run_alone_says_what_it_is(tmp_path):
+  """`bash launch/dry_run.sh ...` did nothing and exited 0."""
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run("dry_run.sh", "--dry_run", *JOB)
+  _refused(proc, "error: launch/dry_run.sh is a helper the launch scripts source; run one of")
