@@ -55,6 +55,9 @@ _NO_WORKDIR = "<none>"
 
 # The shortest prompt `random_batch` lays out: 30 item placeholders between 8 tokens either side.
 PROMPT_LEAST = 46
+PROMPT_WHAT = (
+  f"{PROMPT_LEAST} tokens, its 10 history and 20 candidate placeholders and 8 tokens either side"
+)
 
 # The numeric `config.bench` fields and their least values (`check_config`).
 _LEAST = {
@@ -79,7 +82,10 @@ def check_config(config) -> None:
   for key, least in _LEAST.items():
     value = bc.get(key)
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
-      raise UserError(f"config.bench.{key}={value!r} must be an integer >= {least}")
+      why = (
+        f" (a prompt: {PROMPT_WHAT}, then a token)" if key in ("seq_len", "eval_prompt_len") else ""
+      )
+      raise UserError(f"config.bench.{key}={value!r} must be an integer >= {least}{why}")
   peak = bc.get("peak_flops")
   if isinstance(peak, bool) or not isinstance(peak, int | float) or not 0 < peak < math.inf:
     raise UserError(f"config.bench.peak_flops={peak!r} must be a positive number (FLOP/s)")
@@ -93,7 +99,7 @@ def check_config(config) -> None:
     raise UserError(
       f"config.bench.seq_len={bc.seq_len} leaves {bc.seq_len - bc.target_tokens} prompt tokens "
       f"before the config.bench.target_tokens={bc.target_tokens} targets: a prompt needs "
-      f"{PROMPT_LEAST} (its 10 history and 20 candidate placeholders and 8 tokens either side)"
+      f"{PROMPT_WHAT}"
     )
   if not (bc.train or bc.eval or bc.eval_data or bc.get("check_attention")):
     raise UserError(
@@ -573,6 +579,13 @@ def decode_step_s(batch_s: float, prefill_s: float, new: int) -> float | None:
 # The train step's figures: null where no train step ran (`run`).
 TRAIN_KEYS = ("step_s", "tokens_per_s", "compile_s", "compile_trace_s", "compile_xla_s",
               "peak_bytes", "temp_bytes", "mfu", "loss", "roofline_step_s")  # fmt: skip
+# The scoring figures of the random-batch evaluation: null where no candidates are scored.
+SCORE_KEYS = tuple(
+  f"eval_{mode}_{key}"
+  for mode in ("score", "both")
+  for key in ("batch_s", "prompts_per_s", "compile_s", "compile_xla_s", "temp_bytes", "roofline_s")
+)
+SCORE_KEYS += ("eval_score_candidates", "eval_score_packed", "eval_score_speedup")
 # The shape of the random-batch evaluation figures: null where no evaluation ran (`run`).
 EVAL_SHAPE_KEYS = ("eval_batch_size", "eval_prompt_len", "eval_new_tokens", "eval_candidates",
                    "eval_candidate_len")  # fmt: skip
@@ -584,6 +597,8 @@ def _null_note(key: str, result: dict) -> str:
     key in TRAIN_KEYS and result.get("step_s") is None
   ):
     return "null: no train step ran (bench.train=False)"
+  if key in SCORE_KEYS and not result.get("eval_candidates"):
+    return "null: no candidates scored (bench.eval_candidates=0)"
   if key.endswith("roofline_s"):
     return "null: no roofline model of this device (ilora_jax.roofline), or its failure above"
   if key == "peak_bytes":
@@ -651,7 +666,8 @@ def bench_generate(config, parts, frozen, state) -> dict:
   from ilora_jax import scoring
 
   n, cl = bc.eval_candidates, bc.eval_candidate_len
-  if n <= 0:
+  if n <= 0:  # Its keys null, as the train step's are when it does not run.
+    result.update(dict.fromkeys(SCORE_KEYS))
     return result
   rng = np.random.default_rng(3)
   ctoks = jnp.asarray(rng.integers(0, ordinary_vocab(parts), (b, n, cl)), jnp.int32)
@@ -695,8 +711,10 @@ def bench_eval_data(config, workdir: str) -> dict:
       console.info(f"bench: {mode}, {rows} rows of {split.name}: {label}")
       metrics = ev(st["trainable"], st["stats"], su.frozen, config.progress)
       passes.append(dict(ev.timings))
-    seconds = passes[1][mode] + passes[1].get("prepare", 0.0)  # Gate, merge, projector too.
-    compile_s = passes[0][mode] - passes[1][mode]
+    # The mode's passes with the prepare step's (gate, merge, projector), in both figures; the
+    # loss's own pass (generation alone computes one) is in neither.
+    seconds, first = (p[mode] + p.get("prepare", 0.0) for p in passes[::-1])
+    compile_s = first - seconds
     result.update(
       {
         f"eval_data_{mode}_s": seconds,

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -83,7 +84,9 @@ def test_bench_generation_alone():
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["eval_gen_prompts_per_s"] > 0 and result["devices"] == 2
-  assert not [k for k in result if k.startswith(("eval_score", "eval_both"))]
+  # Scoring's figures null (they were absent), each with its reason, as the train step's.
+  scoring = [k for k in result if k.startswith(("eval_score", "eval_both"))]
+  assert len(scoring) == 15 and all(result[k] is None for k in scoring), scoring
   # No train step ran: its figures and shape are null (were absent), each with its reason.
   train = ("step_s", "tokens_per_s", "compile_s", "peak_bytes", "temp_bytes", "mfu", "loss",
            "batch_size", "seq_len")  # fmt: skip
@@ -96,7 +99,8 @@ def test_bench_generation_alone():
   assert result["eval_gen_decode_step_s"] is None
   assert table["eval_gen_decode_step_s"].startswith("null: one new token"), table
   assert result["eval_candidate_len"] is None
-  assert table["eval_candidate_len"] == "null: no candidates scored (bench.eval_candidates=0)"
+  for key in ("eval_candidate_len", *scoring):
+    assert table[key] == "null: no candidates scored (bench.eval_candidates=0)", key
   # Progress on stderr, phase by phase.
   for phase in ("bench: building tiny", "bench: compiling generation", "bench: timing generation"):
     assert phase in proc.stderr, proc.stderr
@@ -121,7 +125,9 @@ def test_bench_rejects_bad_shapes():
   # Too short for the prompt's 30 item placeholders: refused before any work (was an
   # IndexError, for the evaluation's prompts after the train step was timed).
   proc = run_cli(TINY, "--config.bench.seq_len=8", module="ilora_jax.bench")
-  assert_one_line_error(proc, "seq_len=8 must be an integer >= 47")
+  assert_one_line_error(proc, "seq_len=8 must be an integer >= 47 (a prompt: 46 tokens, its 10 "
+                        "history and 20 candidate placeholders and 8 tokens either side, then a "
+                        "token)")  # fmt: skip
   proc = run_cli(TINY, "--config.bench.seq_len=50", "--config.bench.target_tokens=8",
                  module="ilora_jax.bench")  # fmt: skip
   assert_one_line_error(proc, "seq_len=50 leaves 42 prompt tokens", "a prompt needs 46")
@@ -1014,7 +1020,8 @@ def test_bench_check_config_takes_each_fields_least_value_and_refuses_below_it(k
   for bad in (least - 1, True):
     config.bench[key] = bad
     with pytest.raises(
-      bench.UserError, match=rf"config\.bench\.{key}={bad!r} must be an integer >= {least}$"
+      bench.UserError,
+      match=rf"config\.bench\.{key}={bad!r} must be an integer >= {least}( \(a prompt: .*\))?$",
     ):
       bench.check_config(config)
 
@@ -1031,3 +1038,39 @@ def test_bench_check_config_refuses_targets_that_leave_no_prompt():
     bench.check_config(config)
   config.bench.target_tokens = 14
   bench.check_config(config)
+
+
+def test_eval_data_seconds_and_compile_seconds_cover_the_same_parts(monkeypatch):
+  """`compile_s` left out the prepare step's compile (gates, merge, projector) that `_s`
+  counts: each is now the mode's passes plus the prepare step, by hand from scripted timings."""
+  from ilora_jax import bench, configuration, train_ilora
+
+  script = {  # Per mode: the compile pass's timings, then the timed pass's.
+    "generate": [{"generate": 5.0, "prepare": 2.0, "loss": 1.5}, {"generate": 1.0, "prepare": 0.5}],
+    "score": [{"score": 3.0, "prepare": 2.0}, {"score": 2.5, "prepare": 0.5}],
+  }
+
+  class Scripted:
+    def __init__(self, parts, cfg, split, gate_kind, mesh):
+      self.mode = "generate" if cfg.ilora.eval_generate else "score"
+      self.idx, self.generated_tokens, self.calls = np.arange(4), 12, 0
+
+    def __call__(self, *args):
+      self.timings = script[self.mode][self.calls]
+      self.calls += 1
+      return {"valid_ratio": 0.75, "hr@1": 0.25}
+
+  split = types.SimpleNamespace(name="val")
+  su = types.SimpleNamespace(
+    dataset=types.SimpleNamespace(name="d", split=lambda name: split), parts=None,
+    state={"trainable": None, "stats": None}, frozen=None, gate_kind="router", mesh=None,
+  )  # fmt: skip
+  monkeypatch.setattr(train_ilora, "setup", lambda cfg, workdir: su)
+  monkeypatch.setattr(train_ilora, "Evaluator", Scripted)
+  config = configuration.load(os.path.join(ROOT, "configs", "tiny.py"))
+  result = bench.bench_eval_data(config, "unused")
+  assert result["eval_data_generate_s"] == 1.5 and result["eval_data_score_s"] == 3.0
+  assert result["eval_data_generate_compile_s"] == 5.5  # 7.0 - 1.5: the loss pass in neither.
+  assert result["eval_data_score_compile_s"] == 2.0  # 5.0 - 3.0.
+  assert result["eval_data_generate_prompts_per_s"] == 4 / 1.5
+  assert result["eval_data_generated_tokens_per_row"] == 3 and result["eval_data_hr@1"] == 0.25
