@@ -177,6 +177,9 @@ def build(config, mesh):
   params, llama_cfg = tok_lib.resize_vocab(
     base.params, base.config, base.config.vocab_size + special, multiple_of=128
   )
+  from ilora_jax import plan
+
+  plan.warn_mesh(config.llm.name, llama_cfg, mesh, rules)
   params = jax.device_put(params, llm.mesh_shardings(llama_cfg, mesh, rules))
   model = llm.LLM(llama_cfg, params, base.tokenizer, adapter=lora.adapter_factory(lora_cfg))
   n_items = 1000

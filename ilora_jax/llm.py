@@ -17,6 +17,7 @@ is the jitted KV-cache greedy decoder behind them.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -144,6 +145,30 @@ def _keep_mesh_axes(axes, mesh_axes):
   return kept or None
 
 
+def _dims(spec, shape, mesh_sizes: dict[str, int]):
+  """Per dimension of an array of `shape`: (its size, the axes `spec` gives it, the mesh axis
+  names among them, whether their sizes' product divides it). The one rule of
+  `partition_specs` (a dimension that its mesh axes do not divide stays whole) and of
+  `unsplit_axes`, which reports where it applies."""
+  spec = tuple(spec)
+  for size, axes in zip(shape, spec + (None,) * (len(shape) - len(spec))):
+    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    count = int(np.prod([mesh_sizes[a] for a in names])) if names else 1
+    yield size, axes, names, size % count == 0
+
+
+def _requested_specs(config, mesh_sizes, rules, adapter, num_gates):
+  """(The tree of `PartitionSpec`s `rules` ask for, before `_dims`' rule; the abstract params.)"""
+  rules = DEFAULT_RULES if rules is None else rules
+  rules = tuple((k, _keep_mesh_axes(v, tuple(mesh_sizes))) for k, v in rules)
+  boxed = llama.abstract_params(config, adapter, num_gates)
+  return nn.logical_to_mesh(nn.get_partition_spec(boxed), rules), nn.meta.unbox(boxed)
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, jax.sharding.PartitionSpec)
+
+
 def partition_specs(
   config: LlamaConfig,
   mesh_sizes: dict[str, int],
@@ -154,28 +179,56 @@ def partition_specs(
   """`PartitionSpec` tree of the params on a mesh of `mesh_sizes` ({axis name: size}).
 
   Logical axes map to mesh axes by `rules`; a dimension that its mesh axes do not divide
-  (e.g. 9 heads over 2) is replicated. Needs no devices, so it also plans for meshes larger
-  than this machine (`ilora_jax.plan`).
+  (e.g. 9 heads over 2) is replicated (`unsplit_axes` says where). Needs no devices, so it
+  also plans for meshes larger than this machine (`ilora_jax.plan`).
   """
-  rules = DEFAULT_RULES if rules is None else rules
-  rules = tuple((k, _keep_mesh_axes(v, tuple(mesh_sizes))) for k, v in rules)
-  boxed = llama.abstract_params(config, adapter, num_gates)
-  specs = nn.logical_to_mesh(nn.get_partition_spec(boxed), rules)
+  specs, leaves = _requested_specs(config, mesh_sizes, rules, adapter, num_gates)
 
   def divisible(spec, leaf):
-    dims = []
-    for size, axes in zip(leaf.shape, tuple(spec) + (None,) * (len(leaf.shape) - len(spec))):
-      names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-      count = int(np.prod([mesh_sizes[a] for a in names])) if names else 1
-      dims.append(axes if size % count == 0 else None)
-    return jax.sharding.PartitionSpec(*dims)
+    dims = _dims(spec, leaf.shape, mesh_sizes)
+    return jax.sharding.PartitionSpec(*(axes if ok else None for _, axes, _, ok in dims))
 
-  return jax.tree.map(
-    divisible,
-    specs,
-    nn.meta.unbox(boxed),
-    is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
-  )
+  return jax.tree.map(divisible, specs, leaves, is_leaf=_is_spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnsplitAxis:
+  """A mesh axis of size > 1 that the rules give some weight dimensions it does not divide:
+  those stay whole on every device. `whole` and `split` are the distinct dimension sizes it
+  leaves whole and splits (`split` empty: it shards none of the weights)."""
+
+  axis: str
+  size: int
+  whole: tuple[int, ...]
+  split: tuple[int, ...]
+
+
+def unsplit_axes(
+  config: LlamaConfig,
+  mesh_sizes: dict[str, int],
+  rules=None,
+  adapter=None,
+  num_gates: int | None = None,
+) -> list[UnsplitAxis]:
+  """The mesh axes of size > 1 that `partition_specs` leaves some of the dimensions they were
+  meant to shard whole on, in `mesh_sizes`' order (none: every such axis splits every
+  dimension the rules give it). A dimension given several axes is whole when their product
+  does not divide it, and counts for each of them."""
+  specs, leaves = _requested_specs(config, mesh_sizes, rules, adapter, num_gates)
+  whole: dict[str, set[int]] = {}
+  split: dict[str, set[int]] = {}
+  for spec, leaf in zip(jax.tree.leaves(specs, is_leaf=_is_spec), jax.tree.leaves(leaves)):
+    for size, _, names, ok in _dims(spec, leaf.shape, mesh_sizes):
+      for name in names:
+        if mesh_sizes[name] > 1:
+          (split if ok else whole).setdefault(name, set()).add(int(size))
+  return [
+    UnsplitAxis(
+      name, int(mesh_sizes[name]), tuple(sorted(whole[name])), tuple(sorted(split.get(name, ())))
+    )
+    for name in mesh_sizes
+    if name in whole
+  ]
 
 
 def mesh_shardings(

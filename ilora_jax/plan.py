@@ -230,6 +230,81 @@ def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> di
   }
 
 
+def _and(items) -> str:
+  items = [str(i) for i in items]
+  return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def _near_divisors(n: int, size: int) -> list[int]:
+  """The divisors of `n` above 1 nearest `size` from below and from above."""
+  divisors = [d for d in range(2, n + 1) if n % d == 0]
+  below = [d for d in divisors if d < size][-1:]
+  above = [d for d in divisors if d > size][:1]
+  return below + above
+
+
+def warnings_for(config, cfg, results: list[dict]) -> list[str]:
+  """The `warning:` lines of a plan: one for `plan.seq_len` past the model's
+  `max_position_embeddings`, and one per mesh axis of size > 1 that divides none of the
+  weight dimensions the rules give it at some planned count (`llm.unsplit_axes`: the
+  weights stay whole on every device, which the figures count). An axis that fails at
+  several counts gets one line naming them all; one that divides only some of its
+  dimensions (e.g. tensor=64: the MLP but not 32 heads) gets none."""
+  from ilora_jax import sharding
+
+  name = config.llm.name
+  lines = []
+  seq_len, max_positions = int(config.plan.seq_len), int(cfg.max_position_embeddings)
+  if seq_len > max_positions:
+    lines.append(
+      f"warning: config.plan.seq_len={seq_len} reaches position {seq_len}, past {name}'s "
+      f"max_position_embeddings={max_positions}: planned as given, but the model was not "
+      "trained at those positions"
+    )
+  meshes = [(result["devices"], result["mesh"]) for result in results]
+  return lines + axis_warnings(name, cfg, sharding.rules(config), meshes)
+
+
+def axis_warnings(name: str, cfg, rules, meshes) -> list[str]:
+  """One `warning:` line per mesh axis of size > 1 that divides none of the weight dimensions
+  the rules give it (`llm.unsplit_axes`) on any of `meshes`, (device count, {axis: size})
+  pairs: the plan's counts, or a run's one mesh."""
+  from ilora_jax import llm
+
+  failing: dict[str, dict] = {}  # axis -> {size: [device counts]}, the dimensions left whole.
+  dims: dict[str, tuple[int, ...]] = {}
+  for devices, mesh_sizes in meshes:
+    for unsplit in llm.unsplit_axes(cfg, mesh_sizes, rules):
+      if not unsplit.split:
+        counts = failing.setdefault(unsplit.axis, {}).setdefault(unsplit.size, [])
+        counts.append(devices)
+        dims[unsplit.axis] = unsplit.whole
+  lines = []
+  for axis, by_size in failing.items():
+    where = _and(f"{size} at {_and(counts)} devices" for size, counts in by_size.items())
+    whole = dims[axis]
+    divisors = _near_divisors(math.gcd(*whole), min(by_size))
+    advice = (
+      f"pick a size that divides them, e.g. {' or '.join(map(str, divisors))}"
+      if divisors
+      else "no size above 1 divides them all"
+    )
+    lines.append(
+      f"warning: mesh axis {axis} (size {where}) divides none of the {name} weight "
+      f"dimensions it shards ({_and(whole)}): they stay whole on every device; {advice}"
+    )
+  return lines
+
+
+def warn_mesh(name: str, cfg, mesh, rules) -> None:
+  """`axis_warnings` of a run's mesh, on stderr (process 0): a mesh axis that shards none of
+  the weights it was meant to leaves the whole model on every device, without a word."""
+  from ilora_jax import console
+
+  for line in axis_warnings(name, cfg, rules, [(mesh.devices.size, dict(mesh.shape))]):
+    console.info(line)
+
+
 def _print(result: dict) -> None:
   mesh = " x ".join(f"{k}={v}" for k, v in result["mesh"].items())
   rows = f"micro-batch {result['micro_batch']} x {result['seq_len']} tokens"
@@ -257,7 +332,12 @@ def main(argv: list[str] | None = None) -> None:
     raise UserError(f"config.plan.devices must be device counts like 8 or 1,8,64, got "
                     f"{config.plan.devices!r}")  # fmt: skip
   # Every count planned (and refused, where one cannot be) before anything is printed.
-  results = [plan(config, count or jax.device_count()) for count in counts]
+  cfg = model_config(config)
+  results = [plan(config, count or jax.device_count(), cfg) for count in counts]
+  from ilora_jax import console
+
+  for line in warnings_for(config, cfg, results):
+    console.info(line)
   for result in results:
     _print(result)
   print(json.dumps(results if len(results) > 1 else results[0]), flush=True)

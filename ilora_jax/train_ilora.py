@@ -337,6 +337,9 @@ def build(config, dataset: Dataset, mesh, inputs: PromptInputs):
   params, llama_cfg = tok_lib.resize_vocab(
     base.params, base.config, len(inputs.tokenizer), multiple_of=128
   )
+  from ilora_jax import plan
+
+  plan.warn_mesh(config.llm.name, llama_cfg, mesh, rules)
   params = jax.device_put(params, llm.mesh_shardings(llama_cfg, mesh, rules))
   model = llm.LLM(
     llama_cfg,

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, xla_flags
+from conftest import ROOT, run_cli, xla_flags
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
-from ilora_jax import configuration, plan, router, sharding
+from ilora_jax import configuration, llm, plan, router, sharding
 from ilora_jax.errors import UserError
 from ilora_jax.llama import LlamaConfig
 
@@ -246,6 +246,118 @@ def test_plan_refuses_a_batch_the_data_shards_do_not_divide_and_no_tokens():
     plan.plan(_tiny("mesh.data=1", "mesh.fsdp=4", "ilora.train.batch_size=6"), 4)
   with pytest.raises(UserError, match="seq_len=0 must be positive"):
     plan.plan(_tiny("mesh.data=1", "plan.seq_len=0"), 1)
+
+
+# Llama-2-7B as the run builds it: its vocabulary of 32000 grown to 32128 rows.
+_7B_RUN = _7B.replace(vocab_size=32128)
+_FSDP_6 = llm.UnsplitAxis("fsdp", 6, (4096,), ())
+_TENSOR_6 = llm.UnsplitAxis("tensor", 6, (32, 11008, 32128), ())
+
+
+@pytest.mark.parametrize(
+  "sizes,want",
+  [
+    # fsdp shards only the hidden size, 4096 (2^12): 6 divides none of it, 8 all of it.
+    ((1, 6, 1), [_FSDP_6]),
+    ((1, 3, 2), [llm.UnsplitAxis("fsdp", 3, (4096,), ())]),
+    # tensor shards the 32 heads and KV heads, the MLP's 11008 (2^8 x 43) and the vocabulary's
+    # 32128 (2^7 x 251): 6 divides none; 64 the MLP and the vocabulary, not the heads.
+    ((1, 1, 6), [_TENSOR_6]),
+    ((1, 1, 64), [llm.UnsplitAxis("tensor", 64, (32,), (11008, 32128))]),
+    ((1, 6, 6), [_FSDP_6, _TENSOR_6]),
+    ((1, 8, 8), []),
+    ((1, 1, 32), []),
+    ((6, 1, 1), []),  # data shards no weights: nothing it was meant to split.
+  ],
+)
+def test_unsplit_axes_of_llama2_7b_worked_by_hand(sizes, want):
+  """The axes `partition_specs` leaves dimensions whole on, with the sizes it leaves whole
+  and splits; the specs agree: an axis that splits nothing appears in none of them."""
+  mesh = dict(zip(sharding.MESH_AXES, sizes))
+  assert llm.unsplit_axes(_7B_RUN, mesh) == want
+  specs = jax.tree.leaves(llm.partition_specs(_7B_RUN, mesh), is_leaf=lambda x: isinstance(x, P))
+  used = {
+    a for spec in specs for axes in spec for a in ((axes,) if isinstance(axes, str) else axes or ())
+  }
+  for unsplit in want:
+    assert (unsplit.axis in used) == bool(unsplit.split)
+
+
+_7B_CLI = ("--config=configs/movielens.py", "--config.llm.name=llama2-7b", "--config.mesh.data=1")
+
+
+def _warnings(proc) -> list[str]:
+  assert proc.returncode == 0, proc.stderr
+  assert "Traceback" not in proc.stderr, proc.stderr
+  return [line for line in proc.stderr.splitlines() if line.startswith("warning: ")]
+
+
+def test_plan_warns_when_a_mesh_axis_divides_no_weight_dimension():
+  """fsdp=6 on Llama-2-7B shards nothing (4096 is 2^12): the frozen LLM takes its 1-device
+  bytes on each device, as the JSON says, and one line says why; tensor=6 likewise."""
+  proc = run_cli(*_7B_CLI, "--config.plan.devices=6", "--config.mesh.fsdp=6",
+                 "--config.ilora.train.batch_size=6", module="ilora_jax.plan")  # fmt: skip
+  assert _warnings(proc) == [
+    "warning: mesh axis fsdp (size 6 at 6 devices) divides none of the llama2-7b weight "
+    "dimensions it shards (4096): they stay whole on every device; pick a size that divides "
+    "them, e.g. 4 or 8"
+  ]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert got["frozen_llm_bytes"] == 2 * got["params_total"]
+  proc = run_cli(*_7B_CLI, "--config.plan.devices=6", "--config.mesh.fsdp=1",
+                 "--config.mesh.tensor=6", module="ilora_jax.plan")  # fmt: skip
+  assert _warnings(proc) == [
+    "warning: mesh axis tensor (size 6 at 6 devices) divides none of the llama2-7b weight "
+    "dimensions it shards (32, 11008 and 32128): they stay whole on every device; pick a size "
+    "that divides them, e.g. 4 or 8"
+  ]
+
+
+def test_plan_warns_once_per_axis_and_past_the_models_positions():
+  """Counts 6, 12, 8 and 24 with fsdp filling them: one line names the three fsdp sizes that
+  fail (8 divides 4096); a plan.seq_len past 4096 positions is one line more. The JSON is the
+  one a plan without warnings prints."""
+  args = [*_7B_CLI, "--config.plan.devices=6,12,8,24", "--config.mesh.fsdp=-1",
+          "--config.ilora.train.batch_size=24"]  # fmt: skip
+  proc = run_cli(*args, "--config.plan.seq_len=1000000", module="ilora_jax.plan")
+  assert _warnings(proc) == [
+    "warning: config.plan.seq_len=1000000 reaches position 1000000, past llama2-7b's "
+    "max_position_embeddings=4096: planned as given, but the model was not trained at those "
+    "positions",
+    "warning: mesh axis fsdp (size 6 at 6 devices, 12 at 12 devices and 24 at 24 devices) "
+    "divides none of the llama2-7b weight dimensions it shards (4096): they stay whole on every "
+    "device; pick a size that divides them, e.g. 4 or 8",
+  ]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert [r["mesh"]["fsdp"] for r in got] == [6, 12, 8, 24]
+  assert [r["seq_len"] for r in got] == [1000000] * 4
+
+
+def test_plan_on_a_dividing_mesh_warns_nothing():
+  """fsdp=8 splits every 4096; 4096 positions are Llama-2-7B's own."""
+  proc = run_cli(*_7B_CLI, "--config.plan.devices=8", "--config.mesh.fsdp=8",
+                 "--config.plan.seq_len=4096", module="ilora_jax.plan")  # fmt: skip
+  assert _warnings(proc) == []
+  assert "warning" not in proc.stderr
+
+
+def test_a_run_and_the_benchmark_warn_of_a_mesh_axis_that_shards_nothing(tmp_path):
+  """fsdp=3 on the tiny model (hidden 64) keeps every weight whole on each of the 3 devices: an
+  iLoRA run and the benchmark say so once, as the plan does."""
+  line = ("warning: mesh axis fsdp (size 3 at 3 devices) divides none of the tiny weight "
+          "dimensions it shards (64): they stay whole on every device; pick a size that divides "
+          "them, e.g. 2 or 4")  # fmt: skip
+  mesh = ["--config=configs/tiny.py", "--config.mesh.data=1", "--config.mesh.fsdp=3"]
+  env = {"XLA_FLAGS": xla_flags(3)}
+  proc = run_cli(*mesh, f"--workdir={tmp_path}", "--config.stage=pipeline",
+                 "--config.train.batch_size=3", "--config.sasrec.train.steps=1",
+                 "--config.ilora.train.steps=1", "--config.ilora.eval_rows=3",
+                 "--config.ilora.eval_base=False", "--config.progress=False", env=env)  # fmt: skip
+  assert _warnings(proc) == [line]
+  proc = run_cli(*mesh, "--config.bench.batch_size=3", "--config.bench.seq_len=64",
+                 "--config.bench.steps=1", "--config.bench.warmup=0", "--config.bench.eval=False",
+                 module="ilora_jax.bench", env=env)  # fmt: skip
+  assert _warnings(proc) == [line]
 
 
 # ----------------------------------------------------------------------------- the mesh
