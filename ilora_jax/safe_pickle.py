@@ -12,6 +12,11 @@ trusts the flags it is given, and pyarrow arrays, whose offsets are read uncheck
 `Index` classes resolve to `_IndexClass` (a BUILD would set attributes of the class). Before
 unpickling, a scan of the opcodes refuses memo indices past the file's size, for which
 CPython's unpickler would allocate memory in proportion (9 bytes can ask for gigabytes).
+
+Files written by pandas 1.x load as pandas' own `read_pickle` reads them: the names pandas 2
+removed map to current ones as pandas' compat layer maps them (`_PANDAS1_NAMES`), to the same
+checked stand-ins. A file that is no pickle (compressed, Parquet, CSV, JSON, ...) is named
+for what it looks like (`_MAGIC`, `_text_kind`) rather than called corrupt.
 """
 
 from __future__ import annotations
@@ -62,6 +67,18 @@ _ALLOWED = {
   ("builtins", "tuple"),
   ("builtins", "list"),
   ("_codecs", "encode"),
+  ("functools", "partial"),  # Only of `_unpickle_block` (pandas 1.3's blocks): `_BlockPartial`.
+}
+
+# pandas 1.x's names that pandas 2 removed, mapped before the allowlist as pandas' own
+# read_pickle maps them (pandas.compat.pickle_compat): its Int64Index, UInt64Index and
+# Float64Index are pandas 2's Index (only ever handed to `_new_Index`, see `_IndexClass`), and
+# pandas 1.3 pickled each block as `functools.partial(new_block, ndim=2)(values, placement)`.
+_PANDAS1_NAMES = {
+  ("pandas.core.indexes.numeric", "Int64Index"): ("pandas.core.indexes.base", "Index"),
+  ("pandas.core.indexes.numeric", "UInt64Index"): ("pandas.core.indexes.base", "Index"),
+  ("pandas.core.indexes.numeric", "Float64Index"): ("pandas.core.indexes.base", "Index"),
+  ("pandas.core.internals.blocks", "new_block"): ("pandas._libs.internals", "_unpickle_block"),
 }
 
 
@@ -151,6 +168,36 @@ def _unpickle_block(values, placement, ndim):
   return _unpickle_block(_plain(values), _plain(placement), ndim)
 
 
+class _BlockPartial:
+  """What a pickle's `functools.partial` resolves to: pandas 1.3 pickled each block as
+  `partial(new_block, ndim=2)` called on (values, placement), and `new_block` resolves to
+  `_unpickle_block` (`_PANDAS1_NAMES`); a partial of anything else is refused."""
+
+  def __init__(self, func):
+    if func is not _unpickle_block:
+      raise TypeError(f"a pickle calls functools.partial({func!r:.100}), not of pandas' new_block")
+    self.ndim = None
+
+  def __setstate__(self, state):
+    if (
+      self.ndim is not None
+      or not isinstance(state, tuple)
+      or len(state) != 4
+      or state[:2] != (_unpickle_block, ())
+      or not isinstance(state[2], dict)
+      or list(state[2]) != ["ndim"]
+      or state[2]["ndim"] not in (1, 2)
+      or state[3] not in (None, {})
+    ):
+      raise ValueError(f"a pickle gives partial(new_block) the state {state!r:.100}")
+    self.ndim = int(state[2]["ndim"])
+
+  def __call__(self, values, placement):
+    if self.ndim is None:
+      raise ValueError("a pickle calls partial(new_block) without its ndim")
+    return _unpickle_block(values, placement, self.ndim)
+
+
 class _IndexClass:
   """What a pickle's pandas `Index` and `RangeIndex` resolve to: pandas' pickles only hand
   them to `_new_Index`. The classes have no `__setstate__`, so a BUILD on them would set
@@ -211,6 +258,7 @@ _RESOLVED = {
   ("pyarrow.lib", "_restore_array"): _restore_array,
   ("pyarrow.lib", "py_buffer"): _py_buffer,
   ("pyarrow.lib", "type_for_alias"): _type_for_alias,
+  ("functools", "partial"): _BlockPartial,
 }
 
 _EXTENSION_TYPE = (
@@ -219,16 +267,21 @@ _EXTENSION_TYPE = (
   "and save the DataFrame again"
 )
 
+_INDEX_TYPE = (
+  "has an index (or column labels) of a pandas type that is not read, such as datetimes or "
+  "categories ({}): replace it with a plain one (frame.reset_index(drop=True)) and save the "
+  "DataFrame again"
+)
+
 
 _EXTENSION_MODULES = (
   "pandas.arrays",
   "pandas.core.arrays",
   "pandas.core.dtypes",
-  "pandas.core.indexes",  # DatetimeIndex and the like: Index and RangeIndex are allowed.
   "pandas._libs.arrays",
   "pandas._libs.tslibs",
 )
-_EXTENSION_NAMES = ("Dtype", "Array", "Index", "Categorical")
+_EXTENSION_NAMES = ("Dtype", "Array", "Categorical")
 
 
 def _unsupported_pandas(module: str, name: str) -> str | None:
@@ -243,6 +296,8 @@ def _unsupported_pandas(module: str, name: str) -> str | None:
       "has MultiIndex columns (or index), which are not read: flatten them "
       "(frame.columns = ['_'.join(map(str, c)) for c in frame.columns]) and save again"
     )
+  if name.endswith("Index") or module.startswith("pandas.core.indexes"):  # DatetimeIndex, ...
+    return _INDEX_TYPE.format(f"{module}.{name}")
   if module.startswith(_EXTENSION_MODULES) or name.endswith(_EXTENSION_NAMES):
     return _EXTENSION_TYPE.format(f"{module}.{name}")
   return None
@@ -262,6 +317,7 @@ class _AllowlistUnpickler(pickle.Unpickler):
       module, name = _compat_pickle.NAME_MAPPING[(module, name)]
     elif module in _compat_pickle.IMPORT_MAPPING:
       module = _compat_pickle.IMPORT_MAPPING[module]
+    module, name = _PANDAS1_NAMES.get((module, name), (module, name))
     if (module, name) == ("copyreg", "_reconstructor"):  # Protocols 0 and 1 build objects so.
       raise UserError(
         f"{self._source}: a pickle of protocol 0 or 1 is not read (it builds objects through "
@@ -357,6 +413,60 @@ def _corrupt(what: str, path: str, exc: Exception) -> UserError:
   return UserError(f"{what} {path} is corrupt or truncated ({type(exc).__name__}: {exc})")
 
 
+_SAVE = "save the DataFrame with frame.to_pickle(path)"
+_COMPRESSED = (
+  "a compressed pickle? decompress it, or save it with to_pickle(path, compression=None)"
+)
+
+# The first bytes of files that are no pickle (no pickle this reader loads starts so), what
+# they are and the way out.
+_MAGIC = (
+  (b"\x1f\x8b", "a gzip file", _COMPRESSED),
+  (b"BZh", "a bzip2 file", _COMPRESSED),
+  (b"\xfd7zXZ\x00", "an xz file", _COMPRESSED),
+  (b"\x28\xb5\x2f\xfd", "a zstd file", _COMPRESSED),
+  (b"PK\x03\x04", "a zip archive", _COMPRESSED),
+  (b"PK\x05\x06", "an empty zip archive", _COMPRESSED),
+  (b"PAR1", "a Parquet file", _SAVE),
+  (b"ARROW1", "an Arrow (Feather) file", _SAVE),
+  (b"\x89HDF\r\n\x1a\n", "an HDF5 file", _SAVE),
+  (b"\x93NUMPY", "a numpy .npy file", _SAVE),
+  (b"version https://git-lfs", "a Git LFS pointer", "fetch the data with git lfs pull"),
+)
+
+
+def _not_a_pickle(data: bytes) -> str | None:
+  """What `data` looks like if it is a known format of another kind (compressed, columnar)."""
+  for magic, kind, advice in _MAGIC:
+    if data.startswith(magic):
+      return f"{kind} ({advice})"
+  return None
+
+
+def _text_kind(data: bytes) -> str | None:
+  """What `data` looks like if it is CSV, JSON or HTML text (asked of a file that starts with
+  no opcode or failed to unpickle: a pickle of protocol 0 or 1 is text too, but its first line
+  is an opcode and a name or number, `ccopy_reg` or `(dp0`)."""
+  head = data[:4096]
+  try:
+    text = head.decode("utf-8")
+  except UnicodeDecodeError as exc:
+    if exc.start < len(head) - 3:  # Not just a character cut at the end of the head.
+      return None
+    text = head[: exc.start].decode("utf-8")
+  if not text or any(c < " " and c not in "\t\r\n" for c in text):
+    return None
+  text = text.lstrip("\ufeff \t\r\n")
+  if text[:1] in ("{", "["):
+    return f"JSON text ({_SAVE})"
+  if text[:1] == "<":
+    return "an HTML or XML page (a failed download?)"
+  first = text.split("\n", 1)[0]
+  if any(sep in first for sep in ",\t;"):
+    return f"CSV text ({_SAVE})"
+  return None
+
+
 def safe_load(path: str, what: str = "pickle") -> Any:
   """Unpickles `path` allowing only DataFrame-related numpy/pandas names.
 
@@ -366,12 +476,23 @@ def safe_load(path: str, what: str = "pickle") -> Any:
   require_file(path, what)
   with open(path, "rb") as f:
     data = f.read()
+  if not data:
+    raise UserError(f"{what} {path} is empty")
+  kind = _not_a_pickle(data)
+  if not kind and data[:1] not in _OPCODES:  # No pickle starts so: a JSON text, say.
+    kind = _text_kind(data)
+  if kind:
+    raise UserError(f"{what} {path} is not a pickle: it looks like {kind}")
   try:
     check_memo_indices(data)
     return _AllowlistUnpickler(io.BytesIO(data), f"{what} {path}").load()
-  except UserError:
-    raise
-  except CORRUPT as exc:
+  except (UserError, *CORRUPT) as exc:
+    # Text that starts with an opcode (a CSV header "seq,..."), named once it fails.
+    kind = _text_kind(data) if data[:1] != pickle.PROTO else None
+    if kind:
+      raise UserError(f"{what} {path} is not a pickle: it looks like {kind}") from None
+    if isinstance(exc, UserError):
+      raise
     raise _corrupt(what, path, exc) from None
 
 
@@ -386,6 +507,8 @@ def load_dataframe(path: str, what: str = "data file"):
     raise UserError(f"{what} {path} holds a {type(obj).__name__}, expected a pandas DataFrame")
   try:  # A damaged file can leave a DataFrame without its parts.
     len(obj), len(obj.columns)
+    for block in obj._mgr.blocks:  # pandas <= 1.2 pickled them straight into its state.
+      block.values = _plain(block.values)
   except CORRUPT as exc:
     raise _corrupt(what, path, exc) from None
   return obj

@@ -1,6 +1,7 @@
 """The allowlisting unpickler: real LLaRA files load; anything that could run code is refused."""
 
 import contextlib
+import glob
 import importlib
 import os
 import pickle
@@ -15,7 +16,7 @@ import zlib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import ROOT, shared_path
+from conftest import ROOT, SHARED, shared_path
 
 from ilora_jax import safe_pickle, sasrec, torch_checkpoint
 from ilora_jax.errors import UserError
@@ -1181,3 +1182,215 @@ def test_a_pickle_without_stop_or_with_an_unknown_opcode_is_named_by_the_scan(tm
     (b"\x80\x04N", "no STOP opcode"),
   ):
     _refused_as_corrupt(path, pickled, message)
+
+
+# Pickles written by pandas 1.x (tests/data/pickles, see its README.md for how they were
+# made): its Int64Index, UInt64Index and Float64Index, and pandas 1.3's blocks pickled as
+# functools.partial(new_block, ndim=2), are read as pandas' own read_pickle reads them.
+
+_PANDAS1 = os.path.join(ROOT, "tests", "data", "pickles")
+_PANDAS1_FILES = sorted(name for name in os.listdir(_PANDAS1) if name.endswith(".df"))
+
+
+def test_the_pandas1_fixtures_are_all_there():
+  versions = {name.split("_")[0] for name in _PANDAS1_FILES}
+  assert versions == {"pandas1.1.5", "pandas1.3.5", "pandas1.4.4", "pandas1.5.3"}
+  assert len(_PANDAS1_FILES) == 4 * 5
+
+
+@pytest.mark.parametrize("name", _PANDAS1_FILES)
+def test_pandas1_pickles_load_as_pandas_reads_them(name):
+  path = os.path.join(_PANDAS1, name)
+  frame = load_dataframe(path, "x")
+  pd.testing.assert_frame_equal(frame, pd.read_pickle(path))  # pandas' compat: the reference.
+  assert list(frame.columns) == ["seq", "len_seq", "next"]
+  for column in frame.columns:  # Plain arrays, not the loader's checked ones.
+    assert type(frame[column].to_numpy(copy=False)) is np.ndarray
+  for block in frame._mgr.blocks:  # pandas 1.1 put them straight into the manager's state.
+    assert type(block.values) is np.ndarray
+  assert type(frame.index.to_numpy()) is np.ndarray
+  index = {
+    "lastfm_filtered": [0, 1, 3],
+    "movielens_filtered": [0, 1, 3],
+    "steam_range": range(3),
+    "uint64_index": np.arange(4, dtype=np.uint64) * 2,
+    "float64_index": [0.5, 1.5, 2.5, 3.5],
+  }[name.split("_", 1)[1].removesuffix(".df")]
+  if isinstance(index, range):
+    assert type(frame.index) is pd.RangeIndex
+  pd.testing.assert_index_equal(frame.index, pd.Index(index), exact="equiv")
+  if "movielens" in name:
+    assert frame["seq"].iloc[1] == [(2, 5), (3, 3), (4, 5)]
+    assert frame["next"].iloc[2] == (4, 5)
+  else:
+    assert frame["seq"].iloc[0] == [1, 2, 3, 9]
+
+
+def _corrupt_error(path, pickled: bytes) -> str:
+  """The one-line error load_dataframe gives for `pickled`, written to `path`, which must be
+  the error of a corrupt file."""
+  path.write_bytes(pickled)
+  with pytest.raises(UserError) as error:
+    load_dataframe(str(path))
+  assert str(error.value).startswith(f"data file {path} is corrupt or truncated ("), error.value
+  return str(error.value).split(" is corrupt or truncated ", 1)[1]
+
+
+@pytest.mark.parametrize("old", ["Int64Index", "UInt64Index", "Float64Index"])
+def test_pandas1_index_classes_are_only_index_constructors(tmp_path, old):
+  """pandas 1.x's numeric index classes resolve to pandas' Index as pandas' own read_pickle
+  resolves them, and like Index (`_IndexClass`) only `_new_Index` takes them: called, or given
+  attributes by a BUILD, they are refused, and pandas' Index keeps its attributes."""
+  path = tmp_path / "Val_data.df"
+  old_class = _global("pandas.core.indexes.numeric", old)
+  called = _corrupt_error(path, b"\x80\x02" + old_class + b"]\x85R.")
+  assert called == "(TypeError: '_IndexClass' object is not callable)"
+  state = b"N}" + _str("pickled_attribute") + _global("builtins", "tuple") + b"s\x86"
+  built = _corrupt_error(path, b"\x80\x02" + old_class + state + b"b.")
+  assert built == "(ValueError: a pickle sets attributes of the class pandas.Index)"
+  assert "pickled_attribute" not in vars(pd.Index)
+  # The same name in any other module is no pandas 1.x class: an index type not read.
+  path.write_bytes(b"\x80\x02" + _global("pandas.core.indexes.other", old) + b".")
+  with pytest.raises(UserError, match=f"index \\(or column labels\\) of a pandas type .*{old}"):
+    load_dataframe(str(path))
+
+
+def test_pandas1_block_partials_take_nothing_but_new_block(tmp_path):
+  """pandas 1.3's blocks are `partial(new_block, ndim=2)(values, placement)`: a partial of any
+  other allowed callable, or with other arguments, is refused."""
+  path = tmp_path / "Val_data.df"
+  partial = _global("functools", "partial")
+  new_block = _global("pandas.core.internals.blocks", "new_block")
+  for func in (_global("pandas", "DataFrame"), _global("builtins", "list"), b"N"):
+    error = _corrupt_error(path, b"\x80\x02" + partial + func + b"\x85R.")
+    assert error.startswith("(TypeError: a pickle calls functools.partial("), error
+    assert error.endswith("not of pandas' new_block)"), error
+  ndim = b"}" + _str("ndim") + _int(2) + b"s"
+  for state in (
+    _tuple(new_block, b")", b"}" + _str("klass") + b"Ns", b"N"),
+    _tuple(new_block, _tuple(_int(1)), ndim, b"N"),
+    _tuple(new_block, b")", b"}" + _str("ndim") + _int(7) + b"s", b"N"),
+    _tuple(_global("pandas", "DataFrame"), b")", ndim, b"N"),
+    _tuple(new_block, b")", ndim, b"}" + _str("x") + _int(1) + b"s"),
+  ):
+    error = _corrupt_error(path, b"\x80\x02" + partial + new_block + b"\x85R" + state + b"b.")
+    assert error.startswith("(ValueError: a pickle gives partial(new_block) the state ("), error
+  twice = _tuple(new_block, b")", ndim, b"N") + b"b"
+  error = _corrupt_error(path, b"\x80\x02" + partial + new_block + b"\x85R" + twice * 2 + b".")
+  assert error.startswith("(ValueError: a pickle gives partial(new_block) the state ("), error
+  no_ndim = b"\x80\x02" + partial + new_block + b"\x85R" + _tuple(b"N", b"N") + b"R."  # No state.
+  assert _corrupt_error(path, no_ndim) == (
+    "(ValueError: a pickle calls partial(new_block) without its ndim)"
+  )
+
+
+def test_an_index_of_another_pandas_type_names_the_way_out(tmp_path):
+  frame = pd.DataFrame({"seq": [[1, 2]] * 2, "len_seq": [2] * 2, "next": [3] * 2})
+  path = tmp_path / "Val_data.df"
+  for index in (pd.to_datetime(["2024-01-01", "2024-01-02"]), pd.CategoricalIndex(["a", "b"])):
+    frame.set_axis(index).to_pickle(path)
+    with pytest.raises(
+      UserError, match="index .* not read.*\\(frame\\.reset_index\\(drop=True\\)\\)"
+    ):
+      load_dataframe(str(path))
+
+
+# Files that are no pickle are named for what they look like, on one line.
+
+
+def _frame_writers():
+  frame = pd.DataFrame({"seq": [[1, 2, 5]] * 3, "len_seq": [2] * 3, "next": [4] * 3})
+  compressed = (
+    "a compressed pickle\\? decompress it, or save it with to_pickle\\(path, compression=None\\)"
+  )
+  save = "save the DataFrame with frame\\.to_pickle\\(path\\)"
+
+  def numpy_save(path):
+    with open(path, "wb") as f:
+      np.save(f, np.arange(3))
+
+  def parquet(path):
+    pytest.importorskip("pyarrow")
+    frame.to_parquet(path)
+
+  def feather(path):
+    pytest.importorskip("pyarrow")
+    frame.to_feather(path)
+
+  def raw(data):
+    return lambda path: path.write_bytes(data)
+
+  return {
+    "gzip": (lambda p: frame.to_pickle(p, compression="gzip"), f"a gzip file \\({compressed}\\)"),
+    "bz2": (lambda p: frame.to_pickle(p, compression="bz2"), f"a bzip2 file \\({compressed}\\)"),
+    "xz": (lambda p: frame.to_pickle(p, compression="xz"), f"an xz file \\({compressed}\\)"),
+    "zip": (lambda p: frame.to_pickle(p, compression="zip"), f"a zip archive \\({compressed}\\)"),
+    # A zstd frame's magic and header (pandas needs the zstandard package to write one).
+    "zstd": (raw(b"\x28\xb5\x2f\xfd\x24\x05\x29\x00\x00hello"), f"a zstd file \\({compressed}\\)"),
+    "parquet": (parquet, f"a Parquet file \\({save}\\)"),
+    "feather": (feather, f"an Arrow \\(Feather\\) file \\({save}\\)"),
+    "hdf5": (raw(b"\x89HDF\r\n\x1a\n" + bytes(100)), f"an HDF5 file \\({save}\\)"),
+    "npy": (numpy_save, f"a numpy \\.npy file \\({save}\\)"),
+    "csv": (lambda p: frame.to_csv(p), f"CSV text \\({save}\\)"),
+    "csv-no-index": (lambda p: frame.to_csv(p, index=False), f"CSV text \\({save}\\)"),
+    "tsv": (lambda p: frame.to_csv(p, sep="\t", index=False), f"CSV text \\({save}\\)"),
+    # Headers that start with an opcode: GLOBAL (would name a class), PERSID, INT.
+    "csv-c": (lambda p: frame.add_prefix("c").to_csv(p, index=False), f"CSV text \\({save}\\)"),
+    "csv-p": (lambda p: frame.add_prefix("P").to_csv(p, index=False), f"CSV text \\({save}\\)"),
+    "csv-i": (lambda p: frame.add_prefix("I").to_csv(p, index=False), f"CSV text \\({save}\\)"),
+    "json": (lambda p: frame.to_json(p), f"JSON text \\({save}\\)"),
+    "json-records": (lambda p: frame.to_json(p, orient="records"), f"JSON text \\({save}\\)"),
+    "html": (
+      raw(b"<!DOCTYPE html>\n<html><body>Sign in</body></html>\n"),
+      "an HTML or XML page \\(a failed download\\?\\)",
+    ),
+    "git-lfs": (
+      raw(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 12\n"),
+      "a Git LFS pointer \\(fetch the data with git lfs pull\\)",
+    ),
+  }
+
+
+@pytest.mark.parametrize("kind", sorted(_frame_writers()))
+def test_files_that_are_no_pickle_are_named_for_what_they_look_like(tmp_path, kind):
+  write, looks_like = _frame_writers()[kind]
+  path = tmp_path / "Val_data.df"
+  write(path)
+  with pytest.raises(UserError) as error:
+    load_dataframe(str(path))
+  assert re.fullmatch(
+    f"data file {path} is not a pickle: it looks like {looks_like}", str(error.value)
+  )
+  assert "\n" not in str(error.value)
+
+
+def test_an_empty_file_is_named_empty(tmp_path):
+  path = tmp_path / "Val_data.df"
+  path.write_bytes(b"")
+  with pytest.raises(UserError, match=f"^data file {path} is empty$"):
+    load_dataframe(str(path))
+
+
+@pytest.mark.parametrize("protocol", [0, 2, 5])
+def test_truncated_pickles_are_never_named_another_format(tmp_path, protocol):
+  frame = pd.DataFrame({"seq": [[1, 2, 5]] * 4, "len_seq": [2] * 4, "next": [4] * 4})
+  frame.index = ["a,b", "c\td", "{e", "<f"]  # Text a protocol-0 pickle holds as it is.
+  data = pickle.dumps(frame, protocol=protocol)
+  path = tmp_path / "cut.df"
+  for cut in range(1, len(data), 7):
+    path.write_bytes(data[:cut])
+    with pytest.raises(UserError) as error:
+      load_dataframe(str(path))
+    assert "is not a pickle" not in str(error.value), (cut, str(error.value))
+
+
+@pytest.mark.parametrize(
+  "path",
+  sorted(glob.glob(os.path.join(SHARED, "data", "*", "*.df"))) or ["no shared data"],
+  ids=lambda path: os.path.relpath(path, SHARED),
+)
+def test_every_shared_data_file_loads(path):
+  if not os.path.exists(path):
+    shared_path("data")  # Skips with its reason.
+  frame = load_dataframe(path, "x")
+  assert {"seq", "len_seq", "next"} <= set(frame.columns)
