@@ -36,7 +36,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import PartitionSpec
 
-from ilora_jax.errors import UserError, cli_main
+from ilora_jax.errors import UserError, cli_main, counted
 
 GIB = 1024**3
 
@@ -308,7 +308,7 @@ def warn_mesh(name: str, cfg, mesh, rules) -> None:
 def _print(result: dict) -> None:
   mesh = " x ".join(f"{k}={v}" for k, v in result["mesh"].items())
   rows = f"micro-batch {result['micro_batch']} x {result['seq_len']} tokens"
-  print(f"{result['model']} on {result['devices']} devices ({mesh}), {rows}, "
+  print(f"{result['model']} on {counted(result['devices'], 'device')} ({mesh}), {rows}, "
         f"remat {result['remat']}")  # fmt: skip
   for key in ("frozen_llm", "frozen_sasrec", "trainable", "optimizer", "activations_estimate",
               "total"):  # fmt: skip

@@ -230,7 +230,7 @@ def group_table(finals: list[dict]) -> list[str]:
     groups = sorted({int(m[1]) for k in r if (m := GROUP_KEY.fullmatch(k))})
     for g in groups:
       prefix = f"group/{g}/"
-      vals = {k[len(prefix) :]: v for k, v in _numeric(r).items() if k.startswith(prefix)}
+      vals = {k[len(prefix) :]: r[k] for k in _numeric(r) if k.startswith(prefix)}  # As written.
       columns += [k for k in vals if k not in columns]
       rows.append((r.get("run", ""), r.get("split", ""), g, vals))
   if not rows:
@@ -239,7 +239,7 @@ def group_table(finals: list[dict]) -> list[str]:
   lines.append(_table_row(["run", "split", "group", *columns]))
   lines.append("|---" * (3 + len(columns)) + "|")
   for run, split, g, vals in rows:
-    cells = [f"{vals[k]:.4f}" if k in vals else "" for k in columns]
+    cells = [cell(vals.get(k)) for k in columns]
     lines.append(_table_row([run, split, g, *cells]))
   return lines
 
@@ -443,9 +443,12 @@ def comparison_curves(
 
 
 def cell(value) -> str:
-  """A metric as a table cell: 4 decimals, "" when absent, as written when not a number."""
+  """A metric as a table cell: 4 decimals, a count (an integer) as it is, "" when absent, as
+  written when not a number."""
   if value is None:
     return ""
+  if isinstance(value, int) and not isinstance(value, bool):
+    return str(value)[:20]
   if isinstance(value, int | float | str) and not isinstance(value, bool):
     with contextlib.suppress(ValueError, OverflowError):
       return f"{float(value):.4f}"
@@ -741,6 +744,9 @@ def main(argv: list[str] | None = None) -> None:
       compare = parse_compare(values.compare)
     except UserError as exc:
       raise UserError(f"--compare: {exc}") from None
+    if not os.path.isdir(workdir):
+      what = "is a file, not a run's folder" if os.path.exists(workdir) else "does not exist"
+      raise UserError(f"--workdir={workdir} {what}")
     if not os.path.lexists(os.path.join(workdir, "metrics.jsonl")):
       raise UserError(f"no metrics.jsonl in {workdir}")
     for name, path in compare.items():

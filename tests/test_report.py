@@ -357,8 +357,8 @@ def test_group_metrics_get_their_own_table():
            "group/1/rows": 1, "group/1/hr@1": 0.625}  # fmt: skip
   lines = report.group_table([final])
   assert lines[3] == "| run | split | group | rows | hr@1 | gate/0 |"
-  assert lines[5] == "| ilora | val | 0 | 3.0000 | 0.1250 | 0.7500 |"
-  assert lines[6] == "| ilora | val | 1 | 1.0000 | 0.6250 |  |"
+  assert lines[5] == "| ilora | val | 0 | 3 | 0.1250 | 0.7500 |"  # A count as a count.
+  assert lines[6] == "| ilora | val | 1 | 1 | 0.6250 |  |"
   assert report.group_table([{k: v for k, v in final.items() if "group" not in k}]) == []
 
 
@@ -513,6 +513,15 @@ def test_bad_compare_lists_are_one_error(tmp_path, capsys, compare, fragments):
   proc = _report_cli(capsys, f"--workdir={tmp_path}", f"--compare={compare.format(ok=tmp_path)}")
   assert proc.returncode == 2
   assert_one_line_error(proc, *fragments)
+
+
+def test_a_workdir_that_is_no_folder_is_named_as_such(tmp_path, capsys):
+  """A file or a missing path given as --workdir was 'no metrics.jsonl in ...'."""
+  (tmp_path / "afile").write_text("")
+  for path, what in ((tmp_path / "afile", "is a file, not a run's folder"),
+                     (tmp_path / "gone", "does not exist")):  # fmt: skip
+    proc = _report_cli(capsys, f"--workdir={path}")
+    assert_one_line_error(proc, f"error: --workdir={path} {what}")
 
 
 def test_flags_take_the_forms_main_takes(tmp_path, capsys):
@@ -781,7 +790,7 @@ def test_group_table_keeps_group_1_apart_from_group_10():
     "| run | split | group | hr@1 | rows |",
     "|---|---|---|---|---|",
     "| ilora | val | 1 | 0.5000 |  |",
-    "| ilora | val | 10 | 0.2500 | 4.0000 |",
+    "| ilora | val | 10 | 0.2500 | 4 |",
   ]
 
 
@@ -829,7 +838,7 @@ def test_no_comparison_lines_without_compare_and_why_not_with_it():
 
 
 def test_cell_forms():
-  assert report.cell(None) == "" and report.cell(0.5) == "0.5000" and report.cell(2) == "2.0000"
+  assert report.cell(None) == "" and report.cell(0.5) == "0.5000" and report.cell(2) == "2"
   assert report.cell("nan") == "nan" and report.cell("0.25") == "0.2500"
   assert report.cell(True) == "True"  # Not 1.0000.
   assert report.cell("a long  text\nthat goes on and on") == "a long text that goe"
