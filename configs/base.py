@@ -85,6 +85,10 @@ def get_config() -> config_dict.ConfigDict:
   # model (valid_ratio, hit_ratio@1, hits_over_total, hr@1, hr@5, ndcg@5, mrr, loss); "" = the
   # weights of the last step. Those weights are kept in checkpoints/ilora_best.
   c.ilora.select_by = "auto"
+  # The prompt template of every evaluation (0, 1 or 2 of the data set's three), so each
+  # evaluation reads the same prompts; -1: one of the three per row, drawn from
+  # data.candidate_seed (the original draws one per batch at random, as training does here).
+  c.ilora.eval_template = 0
   # Evaluate rows in order of prompt length (less padding per batch); results per row and
   # metrics are the same, reported in the split's order.
   c.ilora.eval_sort = True

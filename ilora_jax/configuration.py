@@ -144,6 +144,9 @@ def validate(config: ConfigDict) -> None:
     need(0 <= value < 1, field, f"={value} must be in [0, 1)")
   il = config.ilora
   need(il.eval_rows >= 0, "ilora.eval_rows", f"={il.eval_rows} must be >= 0 (0 = all rows)")
+  template = il.get("eval_template", 0)  # A run's saved config of older code may lack it.
+  need(template in (-1, 0, 1, 2), "ilora.eval_template",
+       f"={template} is not a template (0, 1 or 2) or -1 (one per row)")  # fmt: skip
   need(il.eval_batch_size >= 1, "ilora.eval_batch_size", "must be positive")
   need(il.score_chunk >= 1, "ilora.score_chunk", "must be positive")
   need(il.max_new_tokens >= 1, "ilora.max_new_tokens", "must be positive")

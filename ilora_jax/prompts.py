@@ -28,7 +28,9 @@ ITEM = "[ItemEmb]"
 PAD = "[PAD]"
 SPECIAL_TOKENS = (PLACEHOLDER, HISTORY, CANDIDATE, ITEM)
 
-# Three templates per dataset, one drawn per batch. The Steam one is the original's wording.
+# Three templates per dataset: training draws one per micro-batch, evaluation reads
+# `ilora.eval_template`. The first Steam one is the original's wording (REFERENCE.md gives
+# only that one); the others are written here in its form.
 TEMPLATES = {
   "steam": (
     "This user has played [HistoryHere] in the previous. Please predict the next game this "
@@ -225,7 +227,7 @@ class PromptBuilder:
   def batch(
     self,
     rows: Sequence[tuple[Sequence[int], Sequence[int], int | None]],
-    template: int,
+    template: int | Sequence[int],
     hybrid: bool,
     length: int | None = None,
     pad_left: bool = False,
@@ -233,11 +235,16 @@ class PromptBuilder:
   ) -> Batch:
     """Encodes rows (history, candidates, target or None) and pads them to one length.
 
-    Training pads on the right; generation prompts pad on the left so every row's next
-    token is at the same position. The length is rounded up to `multiple_of` (the
-    builder's by default; few shapes, few compilations) unless `length` is given.
+    `template`: one for every row, or one per row. Training pads on the right; generation
+    prompts pad on the left so every row's next token is at the same position. The length is
+    rounded up to `multiple_of` (the builder's by default; few shapes, few compilations)
+    unless `length` is given.
     """
-    encoded = [self.encode_row(h, c, t, template, hybrid) for h, c, t in rows]
+    templates = [template] * len(rows) if np.ndim(template) == 0 else list(template)
+    if len(templates) != len(rows):
+      raise ValueError(f"{len(templates)} templates for {len(rows)} rows")
+    encoded = [self.encode_row(h, c, t, int(k), hybrid)
+               for (h, c, t), k in zip(rows, templates)]  # fmt: skip
     longest = max(len(e[0]) for e in encoded)
     multiple_of = self.multiple_of if multiple_of is None else multiple_of
     if length is None:

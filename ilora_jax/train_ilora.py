@@ -758,8 +758,18 @@ class Evaluator:
       cfg.data.candidate_seed,
       self.parts.eligible,
     )
+    # Each row's prompt template (`ilora.eval_template`; a run's saved config of older code,
+    # without it, read template 0).
+    chosen = int(cfg.ilora.get("eval_template", 0))
+    self.templates = np.full(len(self.split), max(chosen, 0), np.int64)
+    if chosen < 0:
+      count = len(self.parts.builder.templates)
+      draw = np.random.default_rng([int(cfg.data.candidate_seed), 11])
+      self.templates = draw.integers(count, size=len(self.split))
     digest = hashlib.sha1(np.ascontiguousarray(self.cands[self.idx], np.int64).tobytes())
     digest.update(np.ascontiguousarray(self.target[self.idx], np.int64).tobytes())
+    if np.any(self.templates[self.idx]):  # Other prompts, other results (template 0: as before).
+      digest.update(np.ascontiguousarray(self.templates[self.idx], np.int64).tobytes())
     self.fingerprint = digest.hexdigest()[:16]
     # The order the rows are evaluated in: by prompt length, so each batch pads less.
     self.order = np.arange(rows)
@@ -919,10 +929,10 @@ class Evaluator:
     return [(np.resize(rows, bs), len(rows)) for rows in batches]
 
   def prompts(self, idx: np.ndarray, hybrid: bool = True):
-    """The left-padded prompts (template 0, no answer) of the rows `idx` as evaluation reads
-    them: hybrid for the adapted model, text-only for the base model."""
+    """The left-padded prompts (each row's template, no answer) of the rows `idx` as
+    evaluation reads them: hybrid for the adapted model, text-only for the base model."""
     rows = rows_for(self.split, idx, self.cands[idx], False)
-    return self.parts.builder.batch(rows, 0, hybrid, pad_left=True)
+    return self.parts.builder.batch(rows, self.templates[idx], hybrid, pad_left=True)
 
   def __call__(
     self, trainable, stats, frozen, progress: bool, baselines: bool = False
@@ -948,7 +958,9 @@ class Evaluator:
       cands = self.cands[idx]
       seq, len_seq = self.split.seq[idx], self.split.len_seq[idx]
       if not score:  # With scoring, the loss comes from the target's score (below).
-        with_target = parts.builder.batch(rows_for(self.split, idx, cands, True), 0, True)
+        with_target = parts.builder.batch(
+          rows_for(self.split, idx, cands, True), self.templates[idx], True
+        )
         batch = self._put(dict(with_target.as_dict(), seq=seq, len_seq=len_seq))
         total, count = self._time("loss", self._nll_sum, trainable, stats, frozen, batch, take)
         nll_total, tokens = nll_total + float(total), tokens + int(count)

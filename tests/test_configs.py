@@ -106,6 +106,8 @@ REFUSED = [
   ("data.name=amazon", "config.data.name='amazon' is not one of lastfm, movielens, steam"),
   ("eval.stage=evaluate", "config.eval.stage='evaluate' is not sasrec or ilora"),
   ("eval.split=dev", "config.eval.split='dev' is not train, val or test"),
+  ("ilora.eval_template=3", "config.ilora.eval_template=3 is not a template (0, 1 or 2) or -1"),
+  ("ilora.eval_template=-2", "config.ilora.eval_template=-2 is not a template (0, 1 or 2) or -1"),
   ("eval.weights=best", "config.eval.weights='best' is not selected or latest"),
   ("data.movielens_articles=end", "config.data.movielens_articles='end' is not one of"),
   ("ilora.select_by=hr@10", "config.ilora.select_by='hr@10' is not one of '', 'auto', 'loss'"),

@@ -6,6 +6,7 @@ The model passes are scripted: a fake prompt builder and tokenizer, and stubs of
 passes that answer per real row (found from the prompt's history and candidates), so the
 evaluator's own bookkeeping is what is tested, in under a second."""
 
+import hashlib
 import json
 import types
 
@@ -49,6 +50,7 @@ class _Builder:
 
   titles = TITLES
   pad_id = 0
+  templates = ("t0", "t1", "t2")  # Only their count is read.
 
   def __init__(self):
     self.row_of: dict = {}
@@ -140,7 +142,8 @@ class Scripted:
 
   def _check(self, module, params, gate, prompt):
     base = module == "base"
-    assert prompt.hybrid != base and prompt.pad_left and prompt.template == 0
+    assert prompt.hybrid != base and prompt.pad_left
+    np.testing.assert_array_equal(prompt.template, self.ev.templates[prompt.row])
     assert all(t is None for t in prompt.targets)  # No answer in an evaluation prompt.
     assert params == (self.frozen["llm"] if base else "merged")
     assert (gate is None) if base else np.array_equal(gate, self.gates[prompt.row])
@@ -263,9 +266,33 @@ def test_prompts_are_left_padded_template_0_without_answers():
   idx = np.array([3, 1])
   for hybrid in (True, False):
     p = ev.prompts(idx, hybrid)
-    assert p.hybrid is hybrid and p.pad_left and p.template == 0 and p.targets == [None, None]
+    assert p.hybrid is hybrid and p.pad_left and p.targets == [None, None]
+    np.testing.assert_array_equal(p.template, [0, 0])
     np.testing.assert_array_equal(p.row, idx)
   assert ev.prompts(idx).hybrid is True
+
+
+def test_eval_template_picks_each_rows_prompt_and_joins_the_fingerprint():
+  """`ilora.eval_template`: one template for every row, or (-1) one per row drawn from the
+  candidate seed, as the original draws one per batch; the fingerprint that pairs runs' rows
+  holds any template but 0 (template 0's fingerprint is the candidates' and targets' alone, as
+  before the setting)."""
+  zero, _, _ = _evaluator()
+  digest = hashlib.sha1(np.ascontiguousarray(zero.cands[zero.idx], np.int64).tobytes())
+  digest.update(np.ascontiguousarray(zero.target[zero.idx], np.int64).tobytes())
+  assert zero.fingerprint == digest.hexdigest()[:16]
+  two, _, _ = _evaluator(eval_template=2)
+  np.testing.assert_array_equal(two.prompts(np.array([3, 1])).template, [2, 2])
+  drawn, script, frozen = _evaluator(eval_template=-1)
+  want = np.random.default_rng([3, 11]).integers(3, size=ROWS)  # data.candidate_seed 3.
+  np.testing.assert_array_equal(drawn.templates, want)
+  assert len(set(want[:10].tolist())) == 3  # All three templates among the evaluated rows.
+  np.testing.assert_array_equal(drawn.prompts(np.array([3, 1])).template, want[[3, 1]])
+  assert len({zero.fingerprint, two.fingerprint, drawn.fingerprint}) == 3
+  checked, check = [], script._check  # Each prompt passed must carry its rows' templates.
+  script._check = lambda *args: checked.append(args[-1].row) or check(*args)
+  drawn("trainable", "stats", frozen, False, baselines=True)
+  assert set(np.concatenate(checked).tolist()) == set(range(10))
 
 
 MODES = {  # (generate, score, shared prefill)

@@ -330,3 +330,19 @@ def test_rows_hold_each_users_history_in_order_and_the_target_apart():
     ([3, 1, 0, 2, 4], [3, 8], 7),
   ]
   assert rows_for(split, np.asarray([1]), cands[:1], False) == [([3, 1, 0, 2, 4], [0, 5], None)]
+
+
+def test_a_batch_takes_a_template_per_row():
+  """Each row encoded with its own template (evaluation's `ilora.eval_template=-1`), as each
+  alone in a batch of that template, padded to the batch's length."""
+  builder = _builder()
+  rows = [([0, 1], [2, 3, 4], None), ([1], [0, 2, 4], None), ([2, 3, 4], [0, 1, 2], None)]
+  mixed = builder.batch(rows, [2, 0, 1], hybrid=True, pad_left=True, multiple_of=1)
+  for r, template in enumerate([2, 0, 1]):
+    alone = builder.batch([rows[r]], template, hybrid=True, pad_left=True, multiple_of=1)
+    width = alone.input_ids.shape[1]
+    np.testing.assert_array_equal(mixed.input_ids[r, -width:], alone.input_ids[0])
+    np.testing.assert_array_equal(mixed.item_ids[r, -width:], alone.item_ids[0])
+    assert mixed.attention[r].sum() == width
+  with pytest.raises(ValueError, match="2 templates for 3 rows"):
+    builder.batch(rows, [0, 1], hybrid=True)
