@@ -68,8 +68,21 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
     sys.exit(0)
   with flag_errors(what, argv):
     rest = values(argv)
-  seen: dict[str, str] = {}  # absl keeps a repeated flag's last value: refused (a config's
-  for arg in argv[1:]:  # dotted overrides may repeat, the later winning, as launchers add them).
+  _check_repeats_and_bare_flags(values, argv)
+  if len(rest) > 1:
+    raise UserError(
+      f"unexpected argument(s) {' '.join(repr(a) for a in rest[1:])}: every argument is a "
+      "--flag=value (quote a value that holds spaces)"
+    )
+
+
+def _check_repeats_and_bare_flags(values, argv: list[str]) -> None:
+  """What absl reads without a word, refused: a flag given twice (absl keeps the last value;
+  a config's dotted overrides may repeat, the later winning, as launchers add them), and a
+  flag that takes a value given bare before another flag (`--workdir --config.stage=sasrec`:
+  absl's `--flag value` form takes that flag for the value)."""
+  seen: dict[str, str] = {}
+  for arg in argv[1:]:
     name = arg.split("=", 1)[0].lstrip("-") if arg.startswith("-") else ""
     if name.startswith("no") and name[2:] in values and values[name[2:]].boolean:
       name = name[2:]
@@ -77,7 +90,7 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
       if name in seen:
         raise UserError(f"--{name} is given twice ({seen[name]} and {arg}): give it once")
       seen[name] = arg
-  for arg, after in zip(argv[1:], argv[2:]):  # `--flag value`, absl's, with a flag for value.
+  for arg, after in zip(argv[1:], argv[2:]):
     name = arg.lstrip("-")
     if (arg.startswith("-") and "=" not in arg and name in values and not values[name].boolean
         and (after.startswith("--") or after.lstrip("-").split("=")[0] in values)):  # fmt: skip
@@ -85,11 +98,6 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
         f"{arg} has no value: write {arg}=VALUE (the flag after it, {after}, was taken for its "
         "value)"
       )
-  if len(rest) > 1:
-    raise UserError(
-      f"unexpected argument(s) {' '.join(repr(a) for a in rest[1:])}: every argument is a "
-      "--flag=value (quote a value that holds spaces)"
-    )
 
 
 def run_script(main: Callable[[list[str]], object], default_config: str | None = None) -> None:
