@@ -647,7 +647,8 @@ def test_launch_paths_dry_run():
   slurm = subprocess.run(["bash", "launch/gpu_multinode.sh", "--dry_run", *job], cwd=ROOT,
                          capture_output=True, text=True, env=slurm_env)  # fmt: skip
   assert slurm.stdout.strip().splitlines()[1].endswith("--config.distributed.auto=True")
-  bare = {k: v for k, v in env.items() if k not in ("MASTER_ADDR", "WORLD_SIZE", "RANK")}
+  layout = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
+  bare = {k: v for k, v in env.items() if k not in layout}
   usage = subprocess.run(["bash", "launch/gpu_multinode.sh", "--dry_run", *job], cwd=ROOT,
                          capture_output=True, text=True, env=bare)  # fmt: skip
   assert usage.returncode == 2 and "no cluster layout" in usage.stderr

@@ -118,12 +118,16 @@ def test_an_interrupt_raised_inside_a_gc_callback_still_stops_the_run(tmp_path):
 
 def _two_processes(workdir, *extra_of_process) -> list[subprocess.Popen]:
   """Both processes of a 2-process CPU run (4 devices each) of the tiny config's SASRec stage,
-  process i with the flags `extra_of_process[i]` on top."""
+  process i with the flags `extra_of_process[i]` on top (a --workdir among them in place of
+  `workdir`: a flag given twice is refused)."""
   from conftest import TINY, start_processes
 
-  common = [TINY, f"--workdir={workdir}", "--config.stage=sasrec",
-            "--config.distributed.timeout_s=120"]  # fmt: skip
-  return start_processes(*[[*common, *extra] for extra in extra_of_process])
+  common = [TINY, "--config.stage=sasrec", "--config.distributed.timeout_s=120"]
+  return start_processes(*[
+    [*common, *extra] + ([] if any(a.startswith("--workdir=") for a in extra)
+                         else [f"--workdir={workdir}"])
+    for extra in extra_of_process
+  ])  # fmt: skip
 
 
 def test_processes_started_with_different_configs_are_refused(tmp_path):
