@@ -278,16 +278,21 @@ def read_predictions(workdir: str, split: str) -> tuple[dict, list[dict]] | None
   for number, record in records:
     if not isinstance(record, dict):
       raise UserError(f"{path}:{number}: not a JSON object")
-    for key, kind in (("row", int), ("hit", bool), ("rank", int)):
-      value = record.get(key)
-      wrong = not isinstance(value, kind) or (kind is int and isinstance(value, bool))
-      if number > records[0][0] and key in record and (wrong or (kind is int and value < 0)):
-        raise UserError(f"{path}:{number}: {key}={value!r} is not a{_KINDS[kind]}")
+  for number, row in records[1:]:  # After the head: the rows.
+    for key, ok, what in _ROW_FIELDS:
+      if key in row and not ok(row[key]):
+        raise UserError(f"{path}:{number}: {key}={row[key]!r} is not {what}")
   head, *rows = [record for _, record in records]
   return head, rows
 
 
-_KINDS = {int: " count from 0", bool: " true or false"}
+def _count(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# A prediction row's fields that the pairing reads: (key, check, what it must be).
+_ROW_FIELDS = (("row", _count, "a count from 0"), ("hit", lambda v: isinstance(v, bool),
+               "true or false"), ("rank", _count, "a count from 0"))  # fmt: skip
 
 
 def paired(ours, theirs) -> dict[str, tuple[int, int, float]] | None:

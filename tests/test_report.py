@@ -339,7 +339,7 @@ def test_comparison_pairs_the_rows_of_two_runs(tmp_path, capsys):
   path = tmp_path / "plain" / "predictions" / "val.jsonl"
   good = path.read_text().splitlines()
   for line, why in (("{broken", "not a JSON record"), ('{"row": 0, "hit": "yes", "rank": 0}',
-                    "hit='yes' is not a true or false"), ('{"row": 0, "rank": -1}',
+                    "hit='yes' is not true or false"), ('{"row": 0, "rank": -1}',
                     "rank=-1 is not a count from 0"), ("[1]", "not a JSON object")):  # fmt: skip
     path.write_text("\n".join([*good[:2], line, *good[3:]]) + "\n")
     summary = open(f"{report.write(ours, f'plain={plain}')}/summary.md").read()
