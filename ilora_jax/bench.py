@@ -716,7 +716,7 @@ def bench_eval_data(config, workdir: str) -> dict:
       passes.append(dict(ev.timings))
     # The mode's passes with the prepare step's (gate, merge, projector), in both figures; the
     # loss's own pass (generation alone computes one) is in neither.
-    seconds, first = (p[mode] + p.get("prepare", 0.0) for p in passes[::-1])
+    first, seconds = (timings[mode] + timings.get("prepare", 0.0) for timings in passes)
     compile_s = first - seconds
     result.update(
       {
