@@ -194,12 +194,17 @@ def split_from_dataframe(
   )  # fmt: skip
 
 
+_LEFT_OUT_SAID: set[tuple[str, int, int]] = set()  # `load_split`'s notes given so far.
+
+
 def load_split(path: str, name: str, n_items: int, max_len: int, min_len: int) -> Split:
   """A split file's rows (`split_from_dataframe`); a line on stderr says how many rows with a
   history shorter than `min_len` were left out."""
   frame = load_dataframe(path, f"{name} file")
   split = split_from_dataframe(frame, name, n_items, max_len, min_len, source=path)
-  if len(split) < len(frame):
+  said = (os.path.realpath(path), len(frame), len(split))
+  if len(split) < len(frame) and said not in _LEFT_OUT_SAID:  # Once a process (a pipeline
+    _LEFT_OUT_SAID.add(said)  # loads its data in each stage).
     from ilora_jax import console
 
     console.info(
