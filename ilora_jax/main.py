@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> None:
 
   console.quiet_libraries()
   compile_cache.enable(config.compile_cache_dir)
+  if config.stage != "evaluate" or config.eval.stage == "ilora":  # Those write a comparison.
+    from ilora_jax import report
+
+    report.warn_unfound_compared(config.report.compare)
   # The LLM a pipeline names is checked before SASRec trains, and before a workdir is made.
   if config.stage == "pipeline":
     from ilora_jax import train_ilora

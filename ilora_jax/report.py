@@ -141,6 +141,18 @@ def _plot_series(ax, records, key, label):
 COMPARE_FORM = "comma-separated name=DIR entries (a bare DIR is named by its folder)"
 
 
+def warn_unfound_compared(text: str) -> None:
+  """A warning line on stderr (process 0) for each run of `config.report.compare` that holds
+  no metrics.jsonl (a typo, or a relative path from another folder): the run goes on, and the
+  report says the same of it."""
+  from ilora_jax import console
+
+  for name, path in parse_compare(text).items():
+    if not os.path.lexists(os.path.join(path, "metrics.jsonl")):
+      console.info(f"warning: config.report.compare: no metrics.jsonl in {path} (entry {name}) "
+                   "yet: the report compares with it once it has a final evaluation")  # fmt: skip
+
+
 def parse_compare(text: str) -> dict[str, str]:
   """`name=workdir,name=workdir` -> {name: workdir}; a bare workdir is named by its folder.
 

@@ -1012,3 +1012,16 @@ def test_help_and_a_missing_workdir(capsys):
   )
   proc = _report_cli(capsys, "--compare=")
   assert_one_line_error(proc, "usage: python -m ilora_jax.report --workdir=DIR")
+
+
+def test_a_compared_run_without_metrics_is_a_warning_at_the_start(tmp_path, capsys):
+  """A typo in config.report.compare was found only in summary.md, after the training."""
+  (tmp_path / "done").mkdir()
+  (tmp_path / "done" / "metrics.jsonl").write_text(GOOD)
+  report.warn_unfound_compared(f"ok={tmp_path / 'done'},typo={tmp_path / 'dnoe'}")
+  assert capsys.readouterr().err == (
+    f"warning: config.report.compare: no metrics.jsonl in {tmp_path / 'dnoe'} (entry typo) "
+    "yet: the report compares with it once it has a final evaluation\n"
+  )
+  report.warn_unfound_compared("")
+  assert capsys.readouterr().err == ""
