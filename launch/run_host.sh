@@ -22,7 +22,8 @@
 #   --flagfile=FILE       (configs/<name>.py from anywhere); in neither, one line and exit 2
 #                         before any set-up (the flags inside a flagfile are taken as written);
 #   --workdir=DIR, --config.compile_cache_dir=DIR  from the caller's folder (made if missing);
-#   --config.data.dir, data.raw_ratings, llm.name, sasrec.init_from  from the caller's folder
+#   --config.data.dir, data.raw_ratings, llm.name, sasrec.init_from, and each DIR of
+#                         --config.report.compare=name=DIR,...  from the caller's folder
 #                         when that path exists there (else as given: a registered LLM name or
 #                         a path in the checkout);
 #   in each of these a leading "~/" is $HOME/, as a shell expands it (the job took "~" for the
@@ -116,6 +117,18 @@ for i in ${ARGS[@]+"${!ARGS[@]}"}; do
       if [[ "$value" != /* && -n "$value" && -e "$CALLER/$value" ]]; then
         ARGS[i]="$flag=$(from_caller "$value")"
       fi
+      ;;
+    --config.report.compare=*)  # name=DIR,... (or a bare DIR): each DIR as the paths above.
+      IFS=, read -r -a entries <<<"$value"
+      rebased=()
+      for entry in ${entries[@]+"${entries[@]}"}; do
+        dir=${entry#*=}
+        if [[ "$dir" != /* && -n "$dir" && -e "$CALLER/$dir" ]]; then
+          entry="${entry:0:$((${#entry} - ${#dir}))}$(from_caller "$dir")"
+        fi
+        rebased+=("$entry")
+      done
+      ARGS[i]="$flag=$(IFS=,; echo "${rebased[*]-}")"
       ;;
     --config | --workdir | --flagfile | --config.*dir | --config.data.raw_ratings | --config.llm.name | --config.sasrec.init_from)
       echo "error: the job's argument $a has no value: write $a=VALUE (the job would take the argument after it for its value)" >&2

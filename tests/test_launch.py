@@ -402,6 +402,7 @@ def test_run_host_takes_relative_paths_from_the_callers_folder(tmp_path, script)
   (here / "data").mkdir(parents=True)
   (here / "myconf.py").write_text("")
   (here / "sasrec.pt").write_text("")
+  (here / "runs" / "lora").mkdir(parents=True)
   given = [
     "--config=myconf.py:a:b",  # ml_collections' FILE:ARGS keeps its argument.
     "--workdir=runs/x",
@@ -409,6 +410,8 @@ def test_run_host_takes_relative_paths_from_the_callers_folder(tmp_path, script)
     "--config.llm.name=smollm2-135m",
     "--config.sasrec.init_from=sasrec.pt",
     "--config.stage=sasrec",
+    # Each compared run's folder (it landed in the checkout's), named or bare; others as given.
+    "--config.report.compare=plain=runs/lora,runs/lora,abs=/x/y,gone=runs/none",
   ]
   absolute = [
     f"--config={here}/myconf.py:a:b",
@@ -417,6 +420,7 @@ def test_run_host_takes_relative_paths_from_the_callers_folder(tmp_path, script)
     "--config.llm.name=smollm2-135m",
     f"--config.sasrec.init_from={here}/sasrec.pt",
     "--config.stage=sasrec",
+    f"--config.report.compare=plain={here}/runs/lora,{here}/runs/lora,abs=/x/y,gone=runs/none",
   ]
   layout = LEADING[script]
   cluster = [
