@@ -1394,6 +1394,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   # LLM's weights are read and before anything is restored or truncated, so a refused resume
   # stops early and leaves the run's records as they were.
   select = selection_metric(config)
+  template = int(config.ilora.get("eval_template", 0))  # Val's prompts (`Evaluator`).
   best_step = best_value = None  # The selected weights' step and val value (None: none yet).
 
   def check(settings: dict, numerics: dict) -> None:
@@ -1424,6 +1425,13 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
             f"{chosen_by or 'nothing (the last step)'}: resume with "
             f"--config.ilora.select_by={chosen_by!r} (the epochs before step {latest} were "
             "compared by it)"
+          )
+        read = latest_meta.get("eval_template", 0)  # Older checkpoints: template 0, as then.
+        if read != template and compared:
+          raise UserError(
+            f"this run's val evaluations read prompt template {read}: resume with "
+            f"--config.ilora.eval_template={read} (the epochs before step {latest} were "
+            "evaluated on it; stage=evaluate may read another)"
           )
     best_step, best_value = _kept_selection(workdir, select, settings, unknown)
 
@@ -1478,7 +1486,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     """A checkpoint's meta: what a resume checks and where its records end."""
     return {"step": at, "settings": settings, "metrics_records": log.count(STAGE),
             "select_by": select, "train_interval": list(interval), "bad_streak": bad_streak,
-            "steps_per_epoch": steps_per_epoch, **extra}  # fmt: skip
+            "steps_per_epoch": steps_per_epoch, "eval_template": template, **extra}  # fmt: skip
 
   def save(at: int) -> None:
     ckpt.save(at, state, checkpoint_meta(at))

@@ -1227,12 +1227,17 @@ def test_final_evaluations_use_the_weights_of_the_best_val_epoch(tmp_path, monke
     config.ilora.select_by = other
     with pytest.raises(UserError, match="resume with --config.ilora.select_by='hits_over_total'"):
       train_ilora.run(config, workdir)
+  config.ilora.select_by = "auto"  # Nor on other prompts (val compared on template 0).
+  config.ilora.eval_template = -1
+  with pytest.raises(UserError, match=r"read prompt template 0: resume with --config.ilora.eval_"
+                     r"template=0 \(the epochs before step \d+ were evaluated on it"):  # fmt: skip
+    train_ilora.run(config, workdir)
+  config.ilora.eval_template = 0
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert f.read() == before
   # Killed right after the first epoch's weights were kept, before that step's own checkpoint:
   # the resume replays the epoch, finds its val value kept already, and ends as the
   # uninterrupted run did.
-  config.ilora.select_by = "auto"
   config.checkpoint.every_steps, config.checkpoint.async_save = 1, False
   killed = with_sasrec_of(workdir, tmp_path / "killed")
 
