@@ -147,10 +147,14 @@ def warn_unfound_compared(text: str) -> None:
   report says the same of it."""
   from ilora_jax import console
 
-  for name, path in parse_compare(text).items():
-    if not os.path.lexists(os.path.join(path, "metrics.jsonl")):
-      console.info(f"warning: config.report.compare: no metrics.jsonl in {path} (entry {name}) "
-                   "yet: the report compares with it once it has a final evaluation")  # fmt: skip
+  for name, path in unfound(parse_compare(text)).items():
+    console.info(f"warning: config.report.compare: no metrics.jsonl in {path} (entry {name}) "
+                 "yet: the report compares with it once it has a final evaluation")  # fmt: skip
+
+
+def unfound(compare: dict[str, str]) -> dict[str, str]:
+  """The entries of `compare` ({name: workdir}) whose workdir holds no metrics.jsonl."""
+  return {n: p for n, p in compare.items() if not os.path.lexists(os.path.join(p, "metrics.jsonl"))}
 
 
 def parse_compare(text: str) -> dict[str, str]:
@@ -766,10 +770,11 @@ def main(argv: list[str] | None = None) -> None:
       raise UserError(f"--workdir={workdir} {what}")
     if not os.path.lexists(os.path.join(workdir, "metrics.jsonl")):
       raise UserError(f"no metrics.jsonl in {workdir}")
-    for name, path in compare.items():
-      if not os.path.lexists(os.path.join(path, "metrics.jsonl")):
-        raise UserError(f"--compare: no metrics.jsonl in {path} (entry {name}); expected "
-                        f"{COMPARE_FORM}")  # fmt: skip
+    missing = unfound(compare)
+    if missing:
+      name, path = next(iter(missing.items()))  # The first, as given.
+      raise UserError(f"--compare: no metrics.jsonl in {path} (entry {name}); expected "
+                      f"{COMPARE_FORM}")  # fmt: skip
     print(write(workdir, compare))
 
   run(sys.argv if argv is None else argv)

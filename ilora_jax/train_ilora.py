@@ -633,6 +633,11 @@ def prompt_sizes(parts: Parts, config, split: Split, epoch: int, seed: int) -> n
   return prompt_key(parts, split, train_candidates(parts, config, split, epoch, seed))
 
 
+def eval_template(config) -> int:
+  """`ilora.eval_template` (a run's saved config of older code, without it, read template 0)."""
+  return int(config.ilora.get("eval_template", 0))
+
+
 def prompt_key(parts: Parts, split: Split, cands: np.ndarray) -> np.ndarray:
   """Each row's prompt length in tokens, given its candidates [rows, n]: the tokens of its
   history's and candidates' titles plus one per history item (the hybrid form's item token).
@@ -758,9 +763,7 @@ class Evaluator:
       cfg.data.candidate_seed,
       self.parts.eligible,
     )
-    # Each row's prompt template (`ilora.eval_template`; a run's saved config of older code,
-    # without it, read template 0).
-    chosen = int(cfg.ilora.get("eval_template", 0))
+    chosen = eval_template(cfg)  # Each row's prompt template.
     self.templates = np.full(len(self.split), max(chosen, 0), np.int64)
     if chosen < 0:
       count = len(self.parts.builder.templates)
@@ -1394,7 +1397,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   # LLM's weights are read and before anything is restored or truncated, so a refused resume
   # stops early and leaves the run's records as they were.
   select = selection_metric(config)
-  template = int(config.ilora.get("eval_template", 0))  # Val's prompts (`Evaluator`).
+  template = eval_template(config)  # Val's prompts (`Evaluator`).
   best_step = best_value = None  # The selected weights' step and val value (None: none yet).
 
   def check(settings: dict, numerics: dict) -> None:
