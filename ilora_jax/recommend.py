@@ -441,7 +441,8 @@ def recommend(
 
   Entries are strings as on the command line (`resolve_items`) or ints (item ids). `notify`,
   when given, receives one-line notices: the history is longer than the run's `data.max_len`
-  (only its last items count), or there are fewer than k candidates (so fewer rows).
+  (only its last items count), given candidates are in the history (ranked all the same), or
+  there are fewer than k candidates (so fewer rows).
   `config` is the run's (`load_run_config(workdir)`, read here when not given). `describe`,
   when given, receives which of the run's weights rank (`Recommender.weights`).
   """
@@ -461,6 +462,17 @@ def recommend(
       f"the history has {len(hist)} items, more than the run's data.max_len={max_len}: "
       f"only its last {max_len} are used"
     )
+  if cands:
+    in_history = set(hist)
+    seen = [i for i in dict.fromkeys(cands) if i in in_history]
+    if seen:
+      named = ", ".join(f"{rec.titles[i]!r} (#{i})" for i in seen[:3])
+      more = f" and {len(seen) - 3} more" if len(seen) > 3 else ""
+      are = "is" if len(seen) == 1 else "are"
+      notify(
+        f"{counted(len(seen), 'candidate')} {are} in the history, ranked all the same: "
+        f"{named}{more}"
+      )
   top = rec.recommend(hist, cands, k)
   if len(top) < k:
     n, left = rec.config.data.num_candidates, len(set(rec.titles) - set(hist))

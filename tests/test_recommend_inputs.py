@@ -103,6 +103,7 @@ def test_an_unknown_title_names_close_matches():
 
 def test_entries_are_split_on_unescaped_bars():
   assert split_entries(r"Odd\|\|Even| #3 ||Heat") == ["Odd||Even", " #3 ", "Heat"]
+  assert split_entries("|Heat|") == ["Heat"]  # Blank entries, README says, are skipped.
   assert resolve(split_entries(r"Odd\|\|Even|#3"), {2207: "Odd||Even", 3: "3"}) == [2207, 3]
 
 
@@ -226,8 +227,18 @@ def test_notices_for_a_truncated_history_and_fewer_candidates_than_k(monkeypatch
   assert FakeRecommender.seen == [1, 2, 3, 4] and [t for t, *_ in top] == [3]
   assert notices == [
     "the history has 4 items, more than the run's data.max_len=3: only its last 3 are used",
+    "1 candidate is in the history, ranked all the same: 'Heat' (#3)",
     "only 1 distinct candidate was given, so 1 row instead of k=10",
   ]
+  notices.clear()
+  rec_mod.recommend("w", [1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 4], 5, notices.append)
+  assert notices[1] == (
+    "5 candidates are in the history, ranked all the same: 'Cape Fear' (#5), 'Toy Story' (#4), "
+    "'Heat' (#3) and 2 more"
+  )
+  notices.clear()
+  rec_mod.recommend("w", [1, 2], [5, 4], 2, notices.append)
+  assert notices == []  # No candidate in the history, none fewer than k: no notice.
   notices.clear()
   rec_mod.recommend("w", ["Heat"], k=3, notify=notices.append)
   assert notices == [
