@@ -33,6 +33,23 @@ _KILL_AT = (
 )
 
 
+def _denied(path: str) -> str | None:
+  """The first folder or file at or under `path` that this process may not read (None
+  where all can be read, or `path` does not exist)."""
+  if not os.path.exists(path):
+    return None
+  if not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)):
+    return path
+  for root, dirs, files in os.walk(path):
+    for name in dirs:
+      if not os.access(os.path.join(root, name), os.R_OK | os.X_OK):
+        return os.path.join(root, name)
+    for name in files:
+      if not os.access(os.path.join(root, name), os.R_OK):
+        return os.path.join(root, name)
+  return None
+
+
 class StageCheckpoints:
   """Saves and restores one stage's training state."""
 
@@ -56,7 +73,12 @@ class StageCheckpoints:
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=options)
     except OSError as exc:
-      raise UserError(f"cannot create checkpoint folder {self.directory}: {exc}") from None
+      denied = _denied(self.directory)
+      if denied:
+        raise UserError(f"cannot read checkpoint folder {self.directory}: permission denied on "
+                        f"{denied}") from None  # fmt: skip
+      verb = "open" if read_only or os.path.isdir(self.directory) else "create"
+      raise UserError(f"cannot {verb} checkpoint folder {self.directory}: {exc}") from None
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -120,6 +142,11 @@ class StageCheckpoints:
     damaged (`reason`), with the advice of which folder to remove."""
     first = reason or _reason(exc)
     path = os.path.join(self.directory, str(step))
+    denied = _denied(path)
+    if denied:  # Readable once its permissions are fixed: no advice to remove it.
+      return UserError(
+        f"cannot read checkpoint {step} in {self.directory}: permission denied on {denied}"
+      )
     # Out of memory, say: no advice to delete a good checkpoint.
     if exc is not None and not _looks_damaged(exc):
       return UserError(f"cannot restore checkpoint {step} in {self.directory} "

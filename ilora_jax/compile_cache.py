@@ -21,8 +21,9 @@ MAX_BYTES = 4 << 30
 def enable(path: str) -> str | None:
   """Points JAX's cache at `path` (`~` expanded, created); returns it, or None when off.
 
-  A folder that cannot be created gives a one-line warning on stderr and no cache: the run
-  goes on.
+  A folder that cannot be created, or that this user may not write to (JAX then warns of
+  every program it reads or writes: it takes a lock file there), gives a one-line warning on
+  stderr and no cache: the run goes on.
   '' (or spaces only: no folder name) turns the cache off, also where
   JAX_COMPILATION_CACHE_DIR set it.
   """
@@ -38,6 +39,11 @@ def enable(path: str) -> str | None:
     os.makedirs(path, exist_ok=True)
   except OSError as exc:
     console.info(f"warning: compile cache off: cannot create {path} ({exc.strerror})")
+    jax.config.update("jax_enable_compilation_cache", False)
+    return None
+  if not os.access(path, os.W_OK | os.X_OK):  # JAX cannot even read entries: a lock file.
+    console.info(f"warning: compile cache off: cannot write to {path} (permission denied)")
+    jax.config.update("jax_enable_compilation_cache", False)
     return None
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)

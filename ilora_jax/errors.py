@@ -80,7 +80,9 @@ def _check_repeats_and_bare_flags(values, argv: list[str]) -> None:
   """What absl reads without a word, refused: a flag given twice (absl keeps the last value;
   a config's dotted overrides may repeat, the later winning, as launchers add them), and a
   flag that takes a value given bare before another flag (`--workdir --config.stage=sasrec`:
-  absl's `--flag value` form takes that flag for the value)."""
+  absl's `--flag value` form takes that flag for the value). A flagfile's lines count as
+  given where the file is named."""
+  argv = values.read_flags_from_files(argv, force_gnu=False)  # Read by absl already: no error.
   seen: dict[str, str] = {}
   for arg in argv[1:]:
     name = arg.split("=", 1)[0].lstrip("-") if arg.startswith("-") else ""

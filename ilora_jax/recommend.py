@@ -54,17 +54,31 @@ _KEYS = (("data", "name"), ("data", "max_len"), ("data", "num_candidates"),
          ("checkpoint", "max_to_keep"))  # fmt: skip
 
 
+def run_folder(workdir) -> str:
+  """`workdir` as a path string; one that is no path, blank or a file is a UserError."""
+  given = workdir
+  workdir = os.fspath(workdir) if isinstance(workdir, os.PathLike) else workdir
+  if not isinstance(workdir, str):
+    raise UserError(f"workdir={given!r} is a {type(given).__name__}: give the run's folder")
+  if not workdir.strip():
+    raise UserError(f"the workdir {workdir!r} is blank: give the run's folder")
+  if os.path.isfile(workdir):
+    raise UserError(f"{workdir} is a file, not a run's folder")
+  return workdir
+
+
 def load_run_config(workdir: str):
   """The ConfigDict of the run in `workdir` (its `config.json`); a missing, unreadable or
   foreign file is a UserError naming it."""
   from ml_collections import ConfigDict
 
+  workdir = run_folder(workdir)
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise UserError(f"{path} not found: is {workdir} the workdir of an ilora run?")
   try:
     with open(path, encoding="utf-8") as f:
       raw = json.load(f)
+  except FileNotFoundError:
+    raise UserError(f"{path} not found: is {workdir} the workdir of an ilora run?") from None
   except json.JSONDecodeError as exc:
     raise UserError(
       f"{path} is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}): "
@@ -189,10 +203,12 @@ class _Titles:
       hint += f"; the data's title {named!r} has no year: leave out {year[0].strip()!r}"
     if title.startswith("#"):  # Not `#N` (which is an id), and no such title either.
       hint += f"; an item id is written '#N' with N in {min(self.titles)}..{max(self.titles)}"
-    raise UserError(f"unknown {what} title {title!r}{hint}")
+    raise UserError(f"unknown {what} title {clipped(title)}{hint}")
 
   def resolve(self, entry: str, what: str) -> int:
     text = entry.strip()
+    if not text:
+      raise UserError(f"a {what} entry is blank ({clipped(entry)}): name an item by title or id")
     if text.startswith(TITLE_PREFIX):
       return self.by_title(text[len(TITLE_PREFIX) :].strip(), what)
     if m := _ID.fullmatch(text):
@@ -214,8 +230,16 @@ class _Titles:
       if item in self.titles:
         return item
       if not named:
-        raise UserError(f"unknown {what} entry {text!r}: no item has this id or title")
+        raise UserError(f"unknown {what} entry {clipped(text)}: no item has this id or title")
     return self.by_title(text, what)
+
+
+def clipped(text: str, limit: int = 80) -> str:
+  """`repr(text)`, its first `limit` characters and its length where it is longer (for
+  messages that echo what a user typed)."""
+  if len(text) <= limit:
+    return repr(text)
+  return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def resolve_items(
@@ -261,6 +285,7 @@ class Recommender:
   def __init__(self, workdir: str, config=None):
     from ilora_jax import data
 
+    workdir = run_folder(workdir)
     config = load_run_config(workdir) if config is None else config
     config.progress = False
     from ilora_jax import llm
@@ -329,6 +354,9 @@ class Recommender:
     for e in entries:
       if isinstance(e, bool | np.bool_) or not isinstance(e, str | int | np.integer):
         raise UserError(f"{what} entry {e!r} is a {type(e).__name__}: give a title or an item id")
+      if not isinstance(e, str) and int(e) not in self.titles:  # -1 is no '#-1' title either.
+        ids = f"{min(self.titles)}..{max(self.titles)}"
+        raise UserError(f"unknown {what} item id {int(e)}: the item ids are {ids}")
     names = [f"#{int(e)}" if isinstance(e, int | np.integer) else str(e) for e in entries]
     return resolve_items(names, self.titles, what, self.titles_with_years)
 
@@ -520,15 +548,19 @@ def main(argv: list[str] | None = None) -> None:
   f = values
   if values["history"].present and not f.history:  # `--history=`: given, but empty.
     raise UserError("--history is empty: name at least one item")
+  if values["candidates"].present and not f.candidates:  # `--candidates="$UNSET"`, say.
+    raise UserError("--candidates is empty: name at least one item, or leave it out for SASRec's")
   if not f.workdir or not f.history:
     raise UserError("--workdir and --history are required (see --help)")
   if f.k < 1:
     raise UserError(f"--k must be at least 1, got {f.k}")
   history, candidates = split_entries(f.history), split_entries(f.candidates)
   if not history:
-    raise UserError(f"--history={f.history!r} names no item")
+    raise UserError(f"--history={clipped(f.history)} names no item")
   if f.candidates and not candidates:
-    raise UserError(f"--candidates={f.candidates!r} names no item (leave it out for SASRec's)")
+    raise UserError(
+      f"--candidates={clipped(f.candidates)} names no item (leave it out for SASRec's)"
+    )
   from ilora_jax import compile_cache, console
 
   # The run's compile cache (its saved config), so repeated calls load the compiled steps.

@@ -1804,11 +1804,24 @@ def require_checkpoint(workdir: str) -> None:
   """Refuses a workdir without an ilora checkpoint (latest or selected) before the model is
   built: `restore_for_use`'s error, without minutes of loading an LLM first."""
   if latest_step(workdir) is None and latest_step(workdir, BEST) is None:
-    raise _no_checkpoint(os.path.join(workdir, "checkpoints", STAGE))
+    raise _no_checkpoint(os.path.join(workdir, "checkpoints", STAGE), workdir)
 
 
-def _no_checkpoint(directory: str) -> UserError:
-  return UserError(f"no ilora checkpoint in {directory}: train with --config.stage=ilora")
+def _no_checkpoint(directory: str, workdir: str) -> UserError:
+  """The error for a run without ilora checkpoints, its advice by the stage the run's
+  config.json names: a pipeline short of its iLoRA stage goes on by its own command."""
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      stage = json.load(f).get("stage")
+  except (OSError, ValueError, AttributeError):  # None, unreadable or damaged: no advice of it.
+    stage = None
+  advice = {
+    "pipeline": "the run (stage=pipeline) has not reached its iLoRA stage: re-run its command "
+    "to go on",
+    "sasrec": "the run trained SASRec alone (stage=sasrec): train iLoRA on it with "
+    "--config.stage=ilora",
+  }.get(stage, "train with --config.stage=ilora")
+  return UserError(f"no ilora checkpoint in {directory}: {advice}")
 
 
 def unfinished(workdir: str, total_steps: int) -> str:
@@ -1844,7 +1857,7 @@ def restore_for_use(
   ) as ckpt:
     latest = ckpt.latest_step()
     if latest is None:
-      raise _no_checkpoint(ckpt.directory)
+      raise _no_checkpoint(ckpt.directory, workdir)
     _check_model_settings(ckpt, latest, settings)
     state, _ = ckpt.restore(latest, abstract_state)
   return state, latest, f"the latest checkpoint, step {latest}", None

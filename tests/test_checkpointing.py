@@ -3,6 +3,7 @@
 
 import errno
 import os
+import shutil
 
 import pytest
 
@@ -434,6 +435,51 @@ def test_damaged_files_of_a_step_are_named_with_the_advice_to_remove_it(tmp_path
       with pytest.raises(UserError, match=advice):
         ckpt.restore_meta(step)
   ckpt.close()
+
+
+def test_a_checkpoint_this_user_may_not_read_is_no_damage_to_remove(tmp_path, monkeypatch):
+  """A step (or folder) whose permissions deny this process was called unreadable with the
+  advice to remove the kept selection, and a folder it could not open was one it "cannot
+  create" (for a restore, which creates nothing): now the path denied, and no advice to
+  remove what is readable once its permissions are fixed. Root reads everything, so the
+  denial is `os.access`'s answer here, beside a real failure (a missing index)."""
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x_best", 2, False)
+  ckpt.save(6, _small_state(), {"step": 6})
+  ckpt.close()
+  folder = tmp_path / "checkpoints" / "x_best"
+  state = folder / "6" / "state"
+  shutil.rmtree(state)  # What a restore finds in a folder it may not list: nothing.
+  state.mkdir()
+  access = os.access
+  denied = {str(state)}
+  monkeypatch.setattr(
+    os, "access", lambda path, mode: str(path) not in denied and access(path, mode)
+  )
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x_best", 2, False, read_only=True)
+  with pytest.raises(UserError) as raised:
+    ckpt.restore(6, checkpointing.abstract_like(_small_state()))
+  assert str(raised.value) == f"cannot read checkpoint 6 in {folder}: permission denied on {state}"
+  denied.clear()  # Allowed: the empty folder is damage, with the advice to remove it.
+  with pytest.raises(UserError, match=r"is unreadable \(.*\); remove .*x_best to drop the kept"):
+    ckpt.restore(6, checkpointing.abstract_like(_small_state()))
+  ckpt.close()
+
+  def refused(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", refused)
+  denied.add(str(folder))
+  for read_only in (True, False):
+    with pytest.raises(UserError) as raised:
+      checkpointing.StageCheckpoints(str(tmp_path), "x_best", 2, False, read_only=read_only)
+    assert str(raised.value) == (
+      f"cannot read checkpoint folder {folder}: permission denied on {folder}"
+    )
+  denied.clear()
+  with pytest.raises(UserError, match=f"^cannot open checkpoint folder {folder}: "):
+    checkpointing.StageCheckpoints(str(tmp_path), "x_best", 2, False, read_only=True)
+  with pytest.raises(UserError, match="^cannot create checkpoint folder .*new: "):
+    checkpointing.StageCheckpoints(str(tmp_path), "new", 2, False)
 
 
 def test_a_failed_write_names_its_step_and_the_checkpoint_kept(tmp_path):

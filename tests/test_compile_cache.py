@@ -71,6 +71,30 @@ def test_a_folder_that_cannot_be_made_warns_in_one_line_and_runs_on(tmp_path):
   ]
 
 
+def test_a_folder_this_user_may_not_write_turns_the_cache_off_in_one_line(
+  tmp_path, monkeypatch, capsys
+):
+  """A run's cache folder another user made (a shared path saved in its config.json): JAX
+  warned of every program it compiled, 41 warnings over 84 lines for one `recommend`, as it
+  cannot take its lock file there even to read. Root may write anywhere, so the denial is
+  `os.access`'s answer here."""
+  import jax
+
+  cache = tmp_path / "cache"
+  cache.mkdir()
+  access = os.access
+  monkeypatch.setattr(
+    os, "access", lambda path, mode: str(path) != str(cache) and access(path, mode)
+  )
+  updates = {}
+  monkeypatch.setattr(jax.config, "update", lambda name, value: updates.update({name: value}))
+  assert compile_cache.enable(str(cache)) is None
+  assert updates == {"jax_enable_compilation_cache": False}
+  assert capsys.readouterr().err == (
+    f"warning: compile cache off: cannot write to {cache} (permission denied)\n"
+  )
+
+
 def test_entries_written_without_a_cap_do_not_break_a_capped_cache(tmp_path):
   """A process that used the cache without `enable` (a script calling the Python API with
   JAX_COMPILATION_CACHE_DIR set: JAX's default has no cap) writes entries without access-time

@@ -249,7 +249,7 @@ def test_parse_flags():
     errors.parse_flags(_values(), ["prog", "--n=four"])
 
 
-def test_a_flag_given_twice_is_refused_but_dotted_overrides_may_repeat(monkeypatch):
+def test_a_flag_given_twice_is_refused_but_dotted_overrides_may_repeat(monkeypatch, tmp_path):
   """absl keeps a repeated flag's last value: `--history=A --history=B` recommended for B
   alone, without a word."""
   values = _values()
@@ -263,6 +263,15 @@ def test_a_flag_given_twice_is_refused_but_dotted_overrides_may_repeat(monkeypat
       errors.parse_flags(values, argv)
     assert str(raised.value) == f"--{argv[1].lstrip('-').split('=')[0]} is given twice ({first} " \
       f"and {second}): give it once"  # fmt: skip
+  # A flagfile's lines count too (the last value won: the file's, or the command line's).
+  (tmp_path / "flags.txt").write_text("--n=2\n")
+  for argv, first, second in (
+    (["prog", f"--flagfile={tmp_path / 'flags.txt'}", "--n=3"], "--n=2", "--n=3"),
+    (["prog", "--n=3", f"--flagfile={tmp_path / 'flags.txt'}"], "--n=3", "--n=2"),
+  ):
+    with pytest.raises(UserError) as raised:
+      errors.parse_flags(_values(), argv)
+    assert str(raised.value) == f"--n is given twice ({first} and {second}): give it once"
   values = _values()
   argv = ["prog", f"--config={ROOT}/configs/tiny.py", "--config.train.seed=2", "--n=3",
           "--config.train.seed=4"]  # fmt: skip

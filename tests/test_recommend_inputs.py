@@ -268,6 +268,14 @@ def test_the_api_refuses_a_bad_k_and_unknown_item_ids(monkeypatch, tmp_path):
       rec_mod.recommend("w", [1], [1, 2], k=k)
   with pytest.raises(UserError, match="history entry 1.5 is a float"):
     rec_mod.recommend("w", [1.5])
+  # A negative int is an unknown id (it was looked up as the title '#-1'), a blank string a
+  # blank entry (it was named an empty title after 'title:', which nobody wrote).
+  with pytest.raises(UserError, match=r"^unknown history item id -1: the item ids are 1\.\.5$"):
+    rec_mod.recommend("w", [-1])
+  for entry in ("", "  "):
+    with pytest.raises(UserError) as info:
+      rec_mod.recommend("w", ["Heat"], [entry])
+    assert str(info.value) == f"a candidate entry is blank ({entry!r}): name an item by title or id"
   monkeypatch.undo()
   config = base_config()
   config["data"]["name"], config["data"]["n_items"] = "synthetic", 0
@@ -398,11 +406,12 @@ def test_a_workdir_without_ilora_checkpoints_is_refused_before_the_model_is_buil
   workdir = synthetic_workdir(tmp_path, monkeypatch)
   monkeypatch.undo()  # The real checkpoint lookup, and a setup that must not be reached:
   monkeypatch.setattr(train_ilora, "setup", lambda *args, **kwargs: pytest.fail("built"))
-  with pytest.raises(UserError, match=r"no ilora checkpoint in .*checkpoints/ilora: train"):
+  sasrec_only = r"no ilora checkpoint in .*checkpoints/ilora: the run trained SASRec alone"
+  with pytest.raises(UserError, match=sasrec_only):  # The synthetic run's stage is sasrec.
     rec_mod.recommend(workdir, ["#1"])
   config = rec_mod.load_run_config(workdir)
   config.eval.stage = "ilora"
-  with pytest.raises(UserError, match=r"no ilora checkpoint in .*checkpoints/ilora: train"):
+  with pytest.raises(UserError, match=sasrec_only):
     train_ilora.evaluate(config, workdir)
 
 
@@ -594,6 +603,16 @@ def test_spacing_around_and_inside_entries_is_ignored():
   assert resolve(names, titles) == [7, 3, 7, 2559, 7, 3]
 
 
+def test_a_long_unknown_entry_is_clipped_in_the_message():
+  title = "x" * 100_000
+  assert error_of([title], {0: "Heat"}) == (
+    f"unknown history title {'x' * 80!r}... (100000 characters)"
+  )
+  assert error_of(["9" * 200], {0: "Heat"}) == (
+    f"unknown history entry {'9' * 80!r}... (200 characters): no item has this id or title"
+  )
+
+
 def test_an_empty_title_after_the_prefix_is_named():
   for entry in ("title:", "title:   ", " title: \t"):
     assert error_of([entry], {0: "Heat"}) == "empty history title after 'title:'"
@@ -749,12 +768,40 @@ def test_cli_refuses_a_missing_workdir_and_k_below_one(monkeypatch, capsys, tmp_
     (["--history=Heat"], "--workdir and --history are required (see --help)"),
     ([f"--workdir={tmp_path}", "--history=Heat", "--k=0"], "--k must be at least 1, got 0"),
     ([f"--workdir={tmp_path}", "--history=Heat", "--k=-2"], "--k must be at least 1, got -2"),
+    # `--candidates="$UNSET"` ranked SASRec's retrieved items instead, without a word.
+    ([f"--workdir={tmp_path}", "--history=Heat", "--candidates="],
+     "--candidates is empty: name at least one item, or leave it out for SASRec's"),
+    ([f"--workdir={tmp_path}", "--history=Heat", "--candidates=| |"],
+     "--candidates='| |' names no item (leave it out for SASRec's)"),
+    ([f"--workdir={tmp_path}", "--history=" + "|" * 100],
+     f"--history={'|' * 80!r}... (100 characters) names no item"),
   ]
   for args, message in cases:
     with pytest.raises(SystemExit) as info:
       rec_mod.main(["recommend", *args])
     assert info.value.code == 2
     assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_workdir_that_is_no_folder_path_is_named(tmp_path):
+  """A file given as the workdir was reported as its config.json not found, a blank one as
+  a config.json at the root, and None (from Python) was a bare TypeError."""
+  afile = tmp_path / "afile"
+  afile.write_text("")
+  cases = ((str(afile), f"{afile} is a file, not a run's folder"),
+           (" ", "the workdir ' ' is blank: give the run's folder"),
+           (None, "workdir=None is a NoneType: give the run's folder"),
+           (b"w", "workdir=b'w' is a bytes: give the run's folder"))  # fmt: skip
+  for workdir, message in cases:
+    with pytest.raises(UserError) as info:
+      load_run_config(workdir)
+    assert str(info.value) == message
+    with pytest.raises(UserError) as info:
+      rec_mod.recommend(workdir, [1], config=ConfigDict(base_config()))
+    assert str(info.value) == message
+  path = tmp_path / "config.json"
+  path.write_text(json.dumps(base_config()))
+  assert load_run_config(tmp_path).data.max_len == base_config()["data"]["max_len"]  # A Path.
 
 
 def test_a_workdir_without_config_json_and_damaged_sections_are_named(tmp_path):

@@ -6,6 +6,7 @@ workdir's checkpoints and per-group evaluation metrics.
 Expected values come from the docstrings and README.md, worked by hand or with plain numpy;
 the end-to-end behaviour of the stage is in test_ilora_stage.py."""
 
+import json
 import math
 import os
 import types
@@ -744,6 +745,24 @@ def test_require_checkpoint_wants_the_latest_or_selected_weights(workdirs, tmp_p
     assert str(err.value) == f"no ilora checkpoint in {want}: train with --config.stage=ilora"
   assert not os.path.exists(tmp_path / "missing")
   assert os.listdir(workdirs["empty"]) == []
+  # The advice follows the stage of the run's config.json: a pipeline goes on by its command.
+  run = tmp_path / "run"
+  want = os.path.join(str(run), "checkpoints", "ilora")
+  for stage, advice in (
+    ("pipeline", "the run (stage=pipeline) has not reached its iLoRA stage: re-run its command "
+                 "to go on"),
+    ("sasrec", "the run trained SASRec alone (stage=sasrec): train iLoRA on it with "
+               "--config.stage=ilora"),
+    ("ilora", "train with --config.stage=ilora"),
+  ):  # fmt: skip
+    run.mkdir(exist_ok=True)
+    (run / "config.json").write_text(json.dumps({"stage": stage}))
+    with pytest.raises(UserError) as err:
+      train_ilora.require_checkpoint(str(run))
+    assert str(err.value) == f"no ilora checkpoint in {want}: {advice}"
+  (run / "config.json").write_text("[")  # Damaged: the plain advice.
+  with pytest.raises(UserError, match="train with --config.stage=ilora$"):
+    train_ilora.require_checkpoint(str(run))
 
 
 def test_unfinished_names_a_run_short_of_its_steps(workdirs):
