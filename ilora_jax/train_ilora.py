@@ -51,6 +51,7 @@ from ilora_jax.data import (
   Split,
   load_from_config,
   sample_candidates,
+  split_fingerprint,
   titles_fingerprint,
 )
 from ilora_jax.errors import UserError, counted
@@ -636,6 +637,40 @@ def prompt_sizes(parts: Parts, config, split: Split, epoch: int, seed: int) -> n
 def eval_template(config) -> int:
   """`ilora.eval_template` (a run's saved config of older code, without it, read template 0)."""
   return int(config.ilora.get("eval_template", 0))
+
+
+def val_settings(config, dataset: Dataset) -> dict:
+  """What the val metrics of a run's epochs depend on besides the run's settings: the prompt
+  template, the rows scored (their count and the split's digest), the modes and generation's
+  length. A resume after val was compared must keep them: the epochs' values select the
+  weights, and form one curve."""
+  rows = len(dataset.val)
+  generate = bool(config.ilora.eval_generate)
+  return {
+    "ilora.eval_template": eval_template(config),
+    "ilora.eval_rows": rows if config.ilora.eval_rows <= 0 else min(config.ilora.eval_rows, rows),
+    "val split": f"{split_fingerprint(dataset.val)} ({counted(rows, 'row')})",
+    "ilora.eval_generate": generate,
+    "ilora.eval_score": bool(config.ilora.eval_score),
+    "ilora.max_new_tokens": int(config.ilora.max_new_tokens) if generate else None,
+  }
+
+
+def _check_same_val(saved: dict, mine: dict, latest: int) -> None:
+  """Refuses a resume whose val evaluations would differ from those its epochs were compared
+  on (`val_settings`; a checkpoint of older code records the template alone)."""
+  for key, read in saved.items():
+    if key not in mine or mine[key] == read:
+      continue
+    if key == "val split":
+      fix = "resume with the data the run was started with"
+    else:  # The row count read: the same rows, eval_rows=0 (all) or any number above.
+      fix = f"resume with --config.{key}={read}"
+    raise UserError(
+      f"this run's val evaluations were made with {key}={read}, this config's with "
+      f"{mine[key]}: {fix} (the epochs before step {latest} were compared on them; "
+      "stage=evaluate may use others)"
+    )
 
 
 def prompt_key(parts: Parts, split: Split, cands: np.ndarray) -> np.ndarray:
@@ -1397,7 +1432,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   # LLM's weights are read and before anything is restored or truncated, so a refused resume
   # stops early and leaves the run's records as they were.
   select = selection_metric(config)
-  template = eval_template(config)  # Val's prompts (`Evaluator`).
+  dataset = load_from_config(config, workdir)
+  val = val_settings(config, dataset)  # What val's metrics depend on (`Evaluator`).
   best_step = best_value = None  # The selected weights' step and val value (None: none yet).
 
   def check(settings: dict, numerics: dict) -> None:
@@ -1422,6 +1458,12 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
         # (Older checkpoints do not record the epoch's length: compared, to be safe.)
         epoch = latest_meta.get("steps_per_epoch")
         compared = epoch is None or latest >= min(epoch, settings["total_steps"])
+        # Older checkpoints record the template alone (0 before that): compared by it.
+        saved = latest_meta.get(
+          "val_settings", {"ilora.eval_template": latest_meta.get("eval_template", 0)}
+        )
+        if compared:  # Before the selection metric's check: a mode switched off is named.
+          _check_same_val(saved, val, latest)
         if chosen_by != select and compared:
           raise UserError(
             f"this run selects its final weights by val "
@@ -1429,16 +1471,9 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
             f"--config.ilora.select_by={chosen_by!r} (the epochs before step {latest} were "
             "compared by it)"
           )
-        read = latest_meta.get("eval_template", 0)  # Older checkpoints: template 0, as then.
-        if read != template and compared:
-          raise UserError(
-            f"this run's val evaluations read prompt template {read}: resume with "
-            f"--config.ilora.eval_template={read} (the epochs before step {latest} were "
-            "evaluated on it; stage=evaluate may read another)"
-          )
     best_step, best_value = _kept_selection(workdir, select, settings, unknown)
 
-  su = setup(config, workdir, check)
+  su = setup(config, workdir, check, dataset=dataset)
   # Where the selected weights are kept, opened for writing only now: a run that fails in its
   # setup leaves no new folder.
   best = checkpointing.StageCheckpoints(workdir, BEST, 1, False) if select else None
@@ -1489,7 +1524,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     """A checkpoint's meta: what a resume checks and where its records end."""
     return {"step": at, "settings": settings, "metrics_records": log.count(STAGE),
             "select_by": select, "train_interval": list(interval), "bad_streak": bad_streak,
-            "steps_per_epoch": steps_per_epoch, "eval_template": template, **extra}  # fmt: skip
+            "steps_per_epoch": steps_per_epoch, "val_settings": val, **extra}  # fmt: skip
 
   def save(at: int) -> None:
     ckpt.save(at, state, checkpoint_meta(at))

@@ -1227,12 +1227,19 @@ def test_final_evaluations_use_the_weights_of_the_best_val_epoch(tmp_path, monke
     config.ilora.select_by = other
     with pytest.raises(UserError, match="resume with --config.ilora.select_by='hits_over_total'"):
       train_ilora.run(config, workdir)
-  config.ilora.select_by = "auto"  # Nor on other prompts (val compared on template 0).
-  config.ilora.eval_template = -1
-  with pytest.raises(UserError, match=r"read prompt template 0: resume with --config.ilora.eval_"
-                     r"template=0 \(the epochs before step \d+ were evaluated on it"):  # fmt: skip
-    train_ilora.run(config, workdir)
-  config.ilora.eval_template = 0
+  config.ilora.select_by = "auto"  # Nor on other val evaluations (prompts, length, modes).
+  for key, value, read in (("eval_template", -1, 0), ("max_new_tokens", 3, 2),
+                           ("eval_generate", False, True)):  # fmt: skip
+    config.ilora[key] = value
+    with pytest.raises(UserError) as raised:
+      train_ilora.run(config, workdir)
+    assert re.fullmatch(
+      rf"this run's val evaluations were made with ilora.{key}={read}, this config's with "
+      rf"{value}: resume with --config.ilora.{key}={read} \(the epochs before step \d+ were "
+      r"compared on them; stage=evaluate may use others\)",
+      str(raised.value),
+    ), raised.value
+    config.ilora[key] = read
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     assert f.read() == before
   # Killed right after the first epoch's weights were kept, before that step's own checkpoint:

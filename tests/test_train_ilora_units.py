@@ -6,6 +6,7 @@ workdir's checkpoints and per-group evaluation metrics.
 Expected values come from the docstrings and README.md, worked by hand or with plain numpy;
 the end-to-end behaviour of the stage is in test_ilora_stage.py."""
 
+import dataclasses
 import json
 import math
 import os
@@ -733,6 +734,63 @@ def test_latest_step_of_each_stage(workdirs, tmp_path):
   missing = str(tmp_path / "missing")
   assert train_ilora.latest_step(missing) is None
   assert not os.path.exists(missing)  # Read only: no folder made.
+
+
+def test_a_resume_keeps_the_val_evaluations_its_epochs_were_compared_on(tmp_path):
+  """`ilora.eval_rows` or `max_new_tokens` changed on resume were taken without a word: the
+  weights were then selected by val values of other rows (step 130 on 2 rows over step 65 on
+  5, in an audit). The rows count as scored (eval_rows above the split: all of them)."""
+  from ilora_jax import configuration, data
+
+  def load(*overrides):
+    return configuration.load("configs/tiny.py", ["data.synthetic.num_users=120", *overrides])
+
+  config = load()
+  dataset = data.load_from_config(config, str(tmp_path))
+  rows = len(dataset.val)
+  assert rows > config.ilora.eval_rows > 3  # Some rows left out of val by default.
+  saved = train_ilora.val_settings(config, dataset)
+  assert saved["ilora.eval_rows"] == min(config.ilora.eval_rows, rows)
+  for override, fine in (("eval_rows=0", False), ("eval_rows=3", False),
+                         ("max_new_tokens=7", False), ("eval_score=False", False),
+                         ("eval_batch_size=3", True), ("eval_sort=False", True)):  # fmt: skip
+    other = load(f"ilora.{override}")
+    mine = train_ilora.val_settings(other, dataset)
+    if fine:
+      train_ilora._check_same_val(saved, mine, 12)
+      continue
+    key, value = override.split("=")
+    with pytest.raises(
+      UserError, match=rf"^this run's val evaluations were made with ilora.{key}="
+    ):
+      train_ilora._check_same_val(saved, mine, 12)
+  # All rows, however given (0, or a number at least the split's), are the same rows.
+  train_ilora._check_same_val(
+    train_ilora.val_settings(load("ilora.eval_rows=0"), dataset),
+    train_ilora.val_settings(load(f"ilora.eval_rows={rows + 5}"), dataset),
+    12,
+  )
+  with pytest.raises(UserError) as raised:  # Three rows scored, all of them asked for now.
+    train_ilora._check_same_val(dict(saved, **{"ilora.eval_rows": 3}), saved, 12)
+  assert str(raised.value) == (
+    f"this run's val evaluations were made with ilora.eval_rows=3, this config's with "
+    f"{saved['ilora.eval_rows']}: resume with --config.ilora.eval_rows=3 (the epochs before "
+    "step 12 were compared on them; stage=evaluate may use others)"
+  )
+  # Another val split (rows edited in the data folder), and a checkpoint of older code that
+  # records the template alone.
+  val = dataset.val
+  cut = Split(val.name, val.seq[:-1], val.len_seq[:-1], val.next[:-1])
+  fewer = dataclasses.replace(dataset, val=cut)
+  with pytest.raises(
+    UserError,
+    match=r"made with val split=\w+ \(\d+ rows\), this config's "
+    r"with \w+ \(\d+ rows\): resume with the data the run was started with",
+  ):
+    train_ilora._check_same_val(saved, train_ilora.val_settings(config, fewer), 12)
+  train_ilora._check_same_val({"ilora.eval_template": 0}, saved, 12)
+  with pytest.raises(UserError, match="made with ilora.eval_template=1, this config's with 0"):
+    train_ilora._check_same_val({"ilora.eval_template": 1}, saved, 12)
 
 
 def test_require_checkpoint_wants_the_latest_or_selected_weights(workdirs, tmp_path):
