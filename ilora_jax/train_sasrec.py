@@ -8,6 +8,7 @@ run restored from a checkpoint continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from typing import Any
@@ -217,6 +218,16 @@ def _fmt(metrics: dict[str, float]) -> str:
   return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
+def _ilora_started(config, workdir: str) -> bool:
+  """Whether `config` runs a pipeline whose iLoRA stage has a checkpoint in `workdir`."""
+  if config.stage != "pipeline":
+    return False
+  with contextlib.closing(
+    checkpointing.StageCheckpoints(workdir, "ilora", 1, False, read_only=True)
+  ) as ilora:
+    return ilora.latest_step() is not None
+
+
 def run(config, workdir: str) -> dict[str, float] | None:
   """Trains (or resumes) the SASRec stage; returns the final val metrics, None if stopped early."""
   dataset = load_from_config(config, workdir)
@@ -307,7 +318,9 @@ def run(config, workdir: str) -> dict[str, float] | None:
     skipped, bad_streak = int(meta.get("skipped", 0)), int(meta.get("bad_streak", 0))
     log.truncate(STAGE, meta["metrics_records"])
     console.info(f"SASRec: resumed from step {step} of {total_steps}")
-  if jax.process_index() == 0:  # After the check: a refused resume leaves the run's settings.
+  if jax.process_index() == 0 and not _ilora_started(config, workdir):
+    # After the check: a refused resume leaves the run's settings. A pipeline whose iLoRA
+    # stage has begun leaves them to that stage's check, which may refuse this config.
     configuration.save(config, workdir)  # For `python -m ilora_jax.recommend --workdir=...`.
 
   def save(at: int) -> None:

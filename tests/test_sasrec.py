@@ -3,6 +3,7 @@
 import json
 import pickle
 import re
+import shutil
 import zipfile
 
 import chex
@@ -618,6 +619,31 @@ def test_checkpoints_of_older_code_resume_and_evaluate_warning_that_init_from_is
   ckpt.close()
   train_sasrec.evaluate(_config("stage=evaluate", "eval.stage=sasrec", other), workdir)
   assert "is not used" in capsys.readouterr().err
+
+
+def test_a_pipelines_sasrec_leaves_config_json_to_its_started_ilora_stage(started, tmp_path):
+  """A pipeline resumed with settings its iLoRA stage then refused had config.json rewritten
+  by the SASRec stage before that refusal (recommend then read the refused steps: "trained 25
+  of 40"). With an iLoRA checkpoint in the workdir, that stage's check writes it; without one,
+  SASRec still does."""
+  from ilora_jax import checkpointing, train_sasrec
+
+  workdir = _copy(started[0], tmp_path / "w")
+  x = started[1]["x"]
+  with open(f"{workdir}/config.json") as f:
+    written = f.read()
+  ilora = checkpointing.StageCheckpoints(workdir, "ilora", 1, False)
+  ilora.save(1, {"w": np.zeros(3, np.float32)}, {"step": 1})
+  ilora.close()
+  overrides = ["stage=pipeline", f"sasrec.init_from={x}", "train.stop_after_steps=3"]
+  train_sasrec.run(_config(*overrides, "ilora.train.steps=40"), workdir)
+  with open(f"{workdir}/config.json") as f:
+    assert f.read() == written
+  shutil.rmtree(f"{workdir}/checkpoints/ilora")
+  train_sasrec.run(_config(*overrides, "train.stop_after_steps=4", "ilora.train.steps=40"),
+                   workdir)  # fmt: skip
+  with open(f"{workdir}/config.json") as f:
+    assert json.load(f)["ilora"]["train"]["steps"] == 40
 
 
 def test_only_process_0_prints_the_final_metrics(tmp_path, capsys, monkeypatch):
