@@ -11,7 +11,9 @@ import contextlib
 import errno
 import functools
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Sequence
 
@@ -304,7 +306,6 @@ def _quiet_at_exit() -> None:
   asyncio's logger or, for a coroutine collected mid-read, through `sys.unraisablehook` or
   a "coroutine ... was never awaited" RuntimeWarning."""
   import logging
-  import threading
   import warnings
 
   warnings.simplefilter("ignore")
@@ -344,8 +345,6 @@ def _exit(code: int) -> None:
   for good, so the process then ends at once after `EXIT_GRACE_S`, which the others'
   collectives see as a lost peer (`_peer_lost`)."""
   if _joined():
-    import threading
-
     timer = threading.Timer(EXIT_GRACE_S, _exit_now, (code,))
     timer.daemon = True
     timer.start()
@@ -388,6 +387,9 @@ def report_and_exit(exc: BaseException) -> None:
     # A write no code path expected to fail (stdout unbuffered, say): the disk, not a bug.
     where = f" ({exc.filename})" if exc.filename else ""
     exc = UserError(f"cannot write: {exc.strerror}{where}; free some space and re-run")
+  elif isinstance(exc, OSError) and exc.errno == errno.EROFS:  # A mount, not a bug either.
+    where = f" ({exc.filename})" if exc.filename else ""
+    exc = UserError(f"cannot write: {exc.strerror}{where}; mount it writable and re-run")
   if isinstance(exc, UserError):
     print(f"error: {_one_line(exc)}", file=sys.stderr, flush=True)
     _quiet_at_exit()
@@ -402,8 +404,14 @@ def report_and_exit(exc: BaseException) -> None:
     _discard_stdout()
     _exit(128 + 13)  # As a shell reports SIGPIPE.
   if isinstance(exc, KeyboardInterrupt):
-    print("error: interrupted", file=sys.stderr, flush=True)
-    _exit(130)
+    signum = getattr(exc, "signum", signal.SIGINT)
+    by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+    advice = f"; {exc.advice}" if getattr(exc, "advice", "") else ""
+    print(f"error: interrupted{by}{advice}", file=sys.stderr, flush=True)
+    # At once: threads of the interrupted work (prefetch, a compile) may still run, and the
+    # interpreter's teardown around them crashed now and then (a segmentation fault after
+    # this line, when a second Ctrl-C stopped a compile).
+    _exit_now(128 + signum)
   if os.environ.get("ILORA_JAX_DEBUG"):
     raise exc
   print(
@@ -433,8 +441,6 @@ def _interrupts_are_not_lost(hook: Callable) -> Callable:
   the interrupt is printed as "Exception ignored in ..." and the run goes on (a Ctrl-C during
   an evaluation then ended with exit 0). Sent from a thread a moment later, the signal is
   handled again in the main thread's ordinary code, where it stops the run."""
-  import signal
-  import threading
   import time
 
   def handle(unraisable) -> None:
@@ -456,6 +462,34 @@ def _interrupts_are_not_lost(hook: Callable) -> Callable:
     return hook
   handle.redelivers_interrupts = True
   return handle
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM outside a training loop (which saves first, `interrupts.Graceful`): reported as
+  an interruption by it, exit 128 + 15."""
+
+  signum = signal.SIGTERM
+
+
+def _terminated(signum, frame):
+  raise Terminated
+
+
+@contextlib.contextmanager
+def resumable_interrupts(advice: str):
+  """For the block of a command whose work is saved as it goes (training): SIGTERM outside
+  the training loops (loading, evaluating, between stages; in the main thread) stops it with
+  one line as Ctrl-C does, not silently, and both say `advice` (how to go on)."""
+  main = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _terminated) if main else None
+  try:
+    yield
+  except KeyboardInterrupt as exc:
+    exc.advice = advice
+    raise
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
 
 
 def cli_main(fn: Callable[..., object]) -> Callable[..., object]:

@@ -1,5 +1,5 @@
 """Whole-file writes: a reader (or a re-run after a kill) sees the old file or the new one,
-never half of one."""
+never half of one; and the lock that keeps a second run out of a workdir in use."""
 
 from __future__ import annotations
 
@@ -16,18 +16,18 @@ def atomic_path(path: str) -> Iterator[str]:
   error the file is renamed over `path` (one `os.replace`, atomic on POSIX), otherwise it is
   removed and `path` is left as it was.
 
-  An OSError naming the temporary file (a folder at `path`, a missing folder) names `path`,
-  the file meant, instead. The temporary name is unique to the process and thread, so
-  concurrent writers of the same file do not write into each other's temporary file; the last
-  rename wins. The file gets the permissions a plain `open` would give it (not `mkstemp`'s
-  owner-only ones).
+  An OSError naming the temporary file (a folder at `path`, a missing folder), or no file (a
+  write to a full disk), names `path`, the file meant, instead. The temporary name is unique
+  to the process and thread, so concurrent writers of the same file do not write into each
+  other's temporary file; the last rename wins. The file gets the permissions a plain `open`
+  would give it (not `mkstemp`'s owner-only ones).
   """
   tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
   try:
     yield tmp
     os.replace(tmp, path)
   except OSError as exc:  # Opening, writing or renaming the temporary file: named by `path`.
-    if exc.filename != tmp:
+    if exc.filename not in (tmp, None):  # A write's error (a full disk) names no file.
       raise
     raise type(exc)(exc.errno, exc.strerror, path) from None
   finally:
@@ -42,3 +42,42 @@ def atomic_write(path: str, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     raise ValueError(f"atomic_write writes whole files: mode {mode!r} is not a 'w' mode")
   with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as f:
     yield f
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str, process: int = 0) -> Iterator[None]:
+  """Holds `workdir`'s lock (`.lock-<process>`, the process's index in a multi-process run)
+  for the block, so that a second run in the same workdir (the command started twice, an
+  experiment grid re-run while an orphaned run goes on) is refused with a UserError naming
+  the process that holds it, instead of both writing its checkpoints and metrics. The
+  operating system releases the lock when the holder ends, also by a kill. Where no lock can
+  be taken (a read-only folder, a file system without locks), the block runs without one."""
+  import fcntl
+  import socket
+
+  path = os.path.join(workdir, f".lock-{process}")
+  try:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError:  # The run's own writes say what is wrong with the folder.
+    yield
+    return
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+      from ilora_jax.errors import UserError
+
+      raise UserError(
+        f"{workdir} is in use by {holder} (it holds {path}): wait for that run to end or stop "
+        "it, or use another --workdir"
+      ) from None
+    except OSError:  # No locks on this file system.
+      yield
+      return
+    with contextlib.suppress(OSError):
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # Releases the lock.

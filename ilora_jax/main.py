@@ -33,6 +33,15 @@ def parse(argv: list[str]) -> tuple[ConfigDict, str]:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
   config, workdir = parse(list(sys.argv if argv is None else argv))
+  with errors.resumable_interrupts(
+    "re-run the same command to evaluate"
+    if config.stage == "evaluate"
+    else "the checkpoints saved so far are kept: re-run the same command to resume"
+  ):
+    _main(config, workdir)
+
+
+def _main(config: ConfigDict, workdir: str) -> None:
   from ilora_jax import configuration, distributed
 
   distributed.initialize(config)  # Before anything touches a device.
@@ -61,6 +70,15 @@ def main(argv: list[str] | None = None) -> None:
       os.makedirs(workdir, exist_ok=True)
     except OSError as exc:
       raise UserError(f"cannot create workdir {workdir}: {exc}") from None
+  import jax
+
+  from ilora_jax import files
+
+  with files.workdir_lock(workdir, jax.process_index()):
+    _run_stages(config, workdir)
+
+
+def _run_stages(config: ConfigDict, workdir: str) -> None:
   if config.stage in ("sasrec", "pipeline"):
     from ilora_jax import train_sasrec
 

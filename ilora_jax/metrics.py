@@ -120,12 +120,17 @@ class MetricsLog:
         if seen > keep:
           continue
       kept.append(record)
-    with atomic_write(self.path, encoding="utf-8") as f:
-      for record in kept:
-        f.write(json.dumps(record) + "\n")
+    try:
+      with atomic_write(self.path, encoding="utf-8") as f:
+        for record in kept:
+          f.write(json.dumps(record) + "\n")
+    except OSError as exc:
+      from ilora_jax.errors import UserError
+
+      raise UserError(f"cannot rewrite {self.path}: {exc.strerror or exc}; {self.advice}") from None
 
 
-def read_jsonl(path: str) -> list[tuple[int, object]]:
+def read_jsonl(path: str, on_cut=None) -> list[tuple[int, object]]:
   """(line number, parsed value) for each non-blank line of the JSON-lines file `path`
   ([] when absent); the one reader of `metrics.jsonl` for resuming, reports and grids.
 
@@ -134,6 +139,7 @@ def read_jsonl(path: str) -> list[tuple[int, object]]:
   resumes. Any other line that does not parse is a `UserError` naming the file and line: the
   log is written one whole line at a time, so a bad line elsewhere means a damaged or
   hand-edited file, and a resume, report or table without that record would be silently wrong.
+  `on_cut`, when given, is called with the skipped line's number.
   """
   from ilora_jax.errors import UserError
 
@@ -154,6 +160,8 @@ def read_jsonl(path: str) -> list[tuple[int, object]]:
       out.append((number, json.loads(line)))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError.
       if number == len(lines):  # No newline after it: cut by a kill mid-write.
+        if on_cut is not None:
+          on_cut(number)
         break
       reason = " ".join(str(exc).split())[:80]
       raise UserError(

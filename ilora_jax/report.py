@@ -44,9 +44,18 @@ GROUP_KEY = re.compile(r"group/(\d+)/(.+)")  # Per-user-group metrics: group/<g>
 
 def read_records(workdir: str) -> list[dict]:
   """The records of `workdir/metrics.jsonl` ([] when absent), each checked for a usable `step`
-  and string names; a cut last line is skipped (see `metrics.read_jsonl`)."""
+  and string names; a cut last line is skipped (see `metrics.read_jsonl`) with a warning."""
   path = os.path.join(workdir, "metrics.jsonl")
-  return [_checked(record, f"{path}:{n}") for n, record in metrics.read_jsonl(path)]
+
+  def cut(number: int) -> None:
+    from ilora_jax import console
+
+    console.info(
+      f"warning: {path}:{number} is cut (a run writing it now, or one killed mid-write, which "
+      "rewrites it when resumed): that record is left out"
+    )
+
+  return [_checked(record, f"{path}:{n}") for n, record in metrics.read_jsonl(path, cut)]
 
 
 def _checked(record, where: str) -> dict:
@@ -552,10 +561,13 @@ def _note(ax, text: str) -> None:
   ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9)
 
 
-def _gate_axes(axes, ilora_train: list[dict], experts: list[str], gates_path: str) -> None:
+def _gate_axes(
+  axes, ilora_train: list[dict], experts: list[str], gates_path: str, evaluated: bool = False
+) -> None:
   """gates.png's three panels: the train batches' mean gate per expert, then the val users'
   gate plots from `gates_path` (`_plot_gates`); a panel without its data says so (a run
-  stopped before its iLoRA evaluation has no gates.npz)."""
+  stopped before its iLoRA evaluation has no gates.npz; one `evaluated`, whose records hold
+  its final evaluation, had one, removed since)."""
   for key in experts:
     _plot_series(axes[0], ilora_train, key, "expert " + key.split("/")[1])
   axes[0].set_title("mean gate weight per expert (train batches)")
@@ -569,10 +581,15 @@ def _gate_axes(axes, ilora_train: list[dict], experts: list[str], gates_path: st
     return
   axes[1].set_title("gate entropy per user")
   axes[2].set_title("mean gate weights by SASRec user cluster")
+  if evaluated:
+    note = ("no gates.npz (removed since the final\nevaluation?): re-run the run's command\n"
+            "to evaluate and write it again")  # fmt: skip
+  else:
+    note = "no val gates recorded\n(no gates.npz: the run stopped\nbefore its iLoRA evaluation)"
   for ax in axes[1:]:
     ax.set_xticks([])
     ax.set_yticks([])
-    _note(ax, "no val gates recorded\n(no gates.npz: the run stopped\nbefore its iLoRA evaluation)")
+    _note(ax, note)
 
 
 def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str]) -> None:
@@ -632,7 +649,8 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   gates_path = os.path.join(out, "gates.npz")
   if experts or os.path.exists(gates_path):
     fig, axes = plt.subplots(1, 3, figsize=(16, 4))
-    _gate_axes(axes, ilora_train, experts, gates_path)
+    evaluated = any(r.get("final") for r in by_stage.get("ilora", []))
+    _gate_axes(axes, ilora_train, experts, gates_path, evaluated)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "gates.png"), dpi=100)
     plt.close(fig)

@@ -558,6 +558,18 @@ def test_demo_builds_movielens_on_the_fly(tmp_path):
   assert [r["step"] for r in records if r["stage"] == "ilora" and r["split"] == "train"] == [1, 2]
 
 
+def test_a_second_run_in_a_workdir_in_use_is_refused_before_it_writes(tmp_path):
+  """The command started twice in one workdir: both ran to the end (an audit found 74
+  duplicated records in metrics.jsonl and two final rows). The second is refused in one
+  line, before it writes anything."""
+  from ilora_jax import files
+
+  with files.workdir_lock(str(tmp_path)):
+    proc = run_cli(TINY, f"--workdir={tmp_path}")
+  assert_one_line_error(proc, f"{tmp_path} is in use by process {os.getpid()} on ")
+  assert sorted(os.listdir(tmp_path)) == [".lock-0"]
+
+
 def test_resuming_with_another_model_shape_says_what_differs(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   first = run_cli(TINY, f"--workdir={workdir}", "--config.train.stop_after_steps=10")

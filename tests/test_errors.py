@@ -13,6 +13,7 @@ import threading
 import time
 import types
 import warnings
+from unittest import mock
 
 import pytest
 from absl import flags
@@ -38,7 +39,8 @@ def quiet_restored(monkeypatch):
 
 def _exit_of(exc, capsys) -> tuple[object, str, str]:
   """The exit code `report_and_exit(exc)` ends with, and what it wrote to stdout and stderr."""
-  with pytest.raises(SystemExit) as ended:
+  # An interruption ends the process at once (`os._exit`): here, as `sys.exit` would.
+  with mock.patch.object(errors, "_exit_now", sys.exit), pytest.raises(SystemExit) as ended:
     errors.report_and_exit(exc)
   out, err = capsys.readouterr()
   return ended.value.code, out, err
@@ -79,6 +81,20 @@ def test_a_signal_stop_exits_128_plus_its_number(capsys):
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys):
   assert _exit_of(KeyboardInterrupt(), capsys) == (130, "", "error: interrupted\n")
+
+
+def test_sigterm_outside_a_training_loop_is_one_line_with_the_commands_advice(capsys):
+  """SIGTERM while a run loaded, evaluated or went from one stage to the next ended it
+  silently (exit 143, nothing said), and Ctrl-C there said only "interrupted"."""
+  advice = "re-run the same command to resume"
+  before = signal.getsignal(signal.SIGTERM)
+  for signum, said in ((signal.SIGTERM, "interrupted by SIGTERM"), (signal.SIGINT, "interrupted")):
+    with pytest.raises(KeyboardInterrupt) as raised:
+      with errors.resumable_interrupts(advice):
+        os.kill(os.getpid(), signum)
+        time.sleep(5)  # The handler raises in this thread before it ends.
+    assert _exit_of(raised.value, capsys) == (128 + signum, "", f"error: {said}; {advice}\n")
+    assert signal.getsignal(signal.SIGTERM) is before  # Restored after the block.
 
 
 @pytest.fixture
@@ -541,6 +557,11 @@ def test_a_full_disk_anywhere_unexpected_is_the_users_not_a_bug(capsys, monkeypa
   assert _exit_of(quota, capsys)[2] == (
     "error: cannot write: Disk quota exceeded; free some space and re-run\n"
   )
+  mount = OSError(errno.EROFS, "Read-only file system", "/w/metrics.jsonl")
+  assert _exit_of(mount, capsys) == (
+    2, "", "error: cannot write: Read-only file system (/w/metrics.jsonl); mount it writable "
+    "and re-run\n"
+  )  # fmt: skip
   denied = OSError(errno.EACCES, "Permission denied", "/w/x")  # Any other: still unexpected.
   assert _exit_of(denied, capsys)[:2] == (3, "")
 

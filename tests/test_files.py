@@ -130,3 +130,58 @@ def test_the_temporary_file_is_next_to_the_target(tmp_path, monkeypatch):
   [(src, dst)] = renames
   assert dst == path and os.path.dirname(src) == str(folder) and src != path
   assert open(path).read() == "new" and os.listdir(folder) == ["a.json"]
+
+
+def test_a_workdir_in_use_is_refused_naming_its_holder_until_it_ends(tmp_path):
+  """Two runs in one workdir (the same command started twice) both trained, and wrote each
+  other's checkpoints and interleaved metrics. The lock is the operating system's: another
+  process is refused while the block runs, a later one takes it, and other process indices
+  of a multi-process run have their own."""
+  import socket
+  import subprocess
+  import sys
+
+  from ilora_jax.errors import UserError
+
+  take = (
+    "import sys; from ilora_jax import files\n"
+    "from ilora_jax.errors import UserError\n"
+    "try:\n"
+    "  with files.workdir_lock(sys.argv[1], int(sys.argv[2])): print('held')\n"
+    "except UserError as e: print(e)"
+  )
+
+  def other(process=0):
+    proc = subprocess.run([sys.executable, "-c", take, str(tmp_path), str(process)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return proc.stdout.strip()
+
+  lock = tmp_path / ".lock-0"
+  with files.workdir_lock(str(tmp_path)):
+    assert lock.read_text() == f"process {os.getpid()} on {socket.gethostname()}"
+    assert other() == (
+      f"{tmp_path} is in use by process {os.getpid()} on {socket.gethostname()} (it holds "
+      f"{lock}): wait for that run to end or stop it, or use another --workdir"
+    )
+    assert other(process=1) == "held"
+    with pytest.raises(UserError, match="is in use by"):  # Another open file, in-process too.
+      with files.workdir_lock(str(tmp_path)):
+        pass
+  assert other() == "held"
+  ran = []
+  with files.workdir_lock(str(tmp_path / "missing")):  # No lock file can be made: runs on.
+    ran.append(True)
+  assert ran
+
+
+def test_a_write_that_fails_without_a_file_name_names_the_file_meant(tmp_path):
+  """A write to a full disk raises an OSError naming no file: a run re-evaluated on a full
+  disk ended in `cannot write: No space left on device`, no path given."""
+  import errno
+
+  path = str(tmp_path / "metrics.jsonl")
+  with pytest.raises(OSError) as raised:
+    with files.atomic_write(path):
+      raise OSError(errno.ENOSPC, "No space left on device")
+  assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, path)
+  assert os.listdir(tmp_path) == []

@@ -152,3 +152,28 @@ def test_truncate_keeps_every_record_of_other_runs_byte_for_byte(tmp_path):
   kept = [lines[2], lines[4]]
   assert (tmp_path / "metrics.jsonl").read_bytes() == "".join(f"{x}\n" for x in kept).encode()
   assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
+
+
+def test_a_rewrite_that_fails_is_one_error_with_the_advice(tmp_path, monkeypatch):
+  """A resume on a read-only mount rewrote metrics.jsonl (its records past the checkpoint
+  dropped) and ended as an unexpected OSError."""
+  import contextlib
+  import errno
+
+  from ilora_jax import metrics
+  from ilora_jax.errors import UserError
+
+  log = metrics.MetricsLog(str(tmp_path))
+  log.write({"run": "ilora", "step": 1})
+
+  @contextlib.contextmanager
+  def read_only(path, **kwargs):
+    raise OSError(errno.EROFS, "Read-only file system", path)
+    yield
+
+  monkeypatch.setattr(metrics, "atomic_write", read_only)
+  with pytest.raises(UserError) as raised:
+    log.truncate("ilora", 0)
+  assert str(raised.value) == (
+    f"cannot rewrite {log.path}: Read-only file system; {metrics.MetricsLog.TRAINING}"
+  )

@@ -459,6 +459,10 @@ def test_a_cut_last_line_is_skipped_and_numbers_too_big_become_inf(tmp_path, cap
   proc = _report_cli(capsys, f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc.stderr
   assert "| ilora | ilora | val | 2 | inf |" in (tmp_path / "report" / "summary.md").read_text()
+  # Said, not silent (a final record cut off vanished from the tables without a word).
+  path = tmp_path / "metrics.jsonl"
+  assert f"warning: {path}:3 is cut (a run writing it now, or one killed mid-write, which " \
+         "rewrites it when resumed): that record is left out" in proc.stderr  # fmt: skip
 
 
 @pytest.mark.parametrize("case", ["metrics_dir", "report_file", "tb_file", "read_only"])
@@ -656,6 +660,15 @@ def test_gate_panels_of_a_run_stopped_before_its_evaluation_say_so(tmp_path):
     assert ax.get_title() and [t.get_text() for t in ax.texts] == [
       "no val gates recorded\n(no gates.npz: the run stopped\nbefore its iLoRA evaluation)"
     ]
+  plt.close(fig)
+  # A run whose records hold its final evaluation wrote one: removed since (report/ deleted
+  # to rebuild it), which the note said was a run stopped before its evaluation.
+  fig, axes = plt.subplots(1, 3)
+  report._gate_axes(axes, train, experts, str(tmp_path / "gates.npz"), evaluated=True)
+  assert [t.get_text() for t in axes[2].texts] == [
+    "no gates.npz (removed since the final\nevaluation?): re-run the run's command\nto "
+    "evaluate and write it again"
+  ]
   plt.close(fig)
   rng = np.random.default_rng(0)
   np.savez(tmp_path / "gates.npz", gates=rng.dirichlet([1, 1], 8), users=rng.normal(size=(8, 3)))
