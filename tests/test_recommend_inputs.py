@@ -769,12 +769,18 @@ def test_cli_refuses_a_missing_workdir_and_k_below_one(monkeypatch, capsys, tmp_
     ([f"--workdir={tmp_path}", "--history=Heat", "--k=0"], "--k must be at least 1, got 0"),
     ([f"--workdir={tmp_path}", "--history=Heat", "--k=-2"], "--k must be at least 1, got -2"),
     # `--candidates="$UNSET"` ranked SASRec's retrieved items instead, without a word.
-    ([f"--workdir={tmp_path}", "--history=Heat", "--candidates="],
-     "--candidates is empty: name at least one item, or leave it out for SASRec's"),
-    ([f"--workdir={tmp_path}", "--history=Heat", "--candidates=| |"],
-     "--candidates='| |' names no item (leave it out for SASRec's)"),
-    ([f"--workdir={tmp_path}", "--history=" + "|" * 100],
-     f"--history={'|' * 80!r}... (100 characters) names no item"),
+    (
+      [f"--workdir={tmp_path}", "--history=Heat", "--candidates="],
+      "--candidates is empty: name at least one item, or leave it out for SASRec's",
+    ),
+    (
+      [f"--workdir={tmp_path}", "--history=Heat", "--candidates=| |"],
+      "--candidates='| |' names no item (leave it out for SASRec's)",
+    ),
+    (
+      [f"--workdir={tmp_path}", "--history=" + "|" * 100],
+      f"--history={'|' * 80!r}... (100 characters) names no item",
+    ),
   ]
   for args, message in cases:
     with pytest.raises(SystemExit) as info:
