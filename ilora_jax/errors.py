@@ -444,17 +444,19 @@ def _interrupts_are_not_lost(hook: Callable) -> Callable:
   import time
 
   def handle(unraisable) -> None:
-    # Only where SIGINT has a Python handler (one that raised it): at its default action the
-    # signal would kill the process, and ignored it would be lost anyway.
+    # Only where the signal has a Python handler (one that raised it): at its default action
+    # the signal would kill the process, and ignored it would be lost anyway. SIGTERM's
+    # (`Terminated`) is sent again as itself.
+    signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)
     if not isinstance(unraisable.exc_value, KeyboardInterrupt) or not callable(
-      signal.getsignal(signal.SIGINT)
+      signal.getsignal(signum)
     ):
       hook(unraisable)
       return
 
     def again() -> None:
       time.sleep(0.05)  # Out of the callback: the main thread has moved on.
-      signal.raise_signal(signal.SIGINT)
+      signal.raise_signal(signum)
 
     threading.Thread(target=again, daemon=True, name="sigint-again").start()
 

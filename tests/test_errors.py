@@ -653,3 +653,16 @@ def test_an_interrupt_lost_in_a_callback_is_delivered_again(monkeypatch):
     assert passed_on == [other, lost]
   finally:
     signal.signal(signal.SIGINT, before)
+  # SIGTERM's interruption (`Terminated`) comes again as SIGTERM: it was sent as SIGINT, and
+  # the run stopped as by Ctrl-C (exit 130, no "by SIGTERM").
+  delivered.clear()
+  before = signal.signal(signal.SIGTERM, lambda signum, frame: delivered.set())
+  try:
+    hook(types.SimpleNamespace(exc_value=errors.Terminated()))
+    for _ in range(3000):
+      if delivered.is_set():
+        break
+      time.sleep(0.01)
+    assert delivered.is_set()
+  finally:
+    signal.signal(signal.SIGTERM, before)
