@@ -187,7 +187,13 @@ def _started(setting) -> str:
 
 # Settings recorded only by newer code (`checkpointing.check_same_settings`'s `added`): a
 # checkpoint of older code lacks them and resumes as before, recording them no more than it did.
-ADDED_SETTINGS = ("init_from", "train_data", "data.num_candidates", "data.candidate_seed")
+ADDED_SETTINGS = (
+  "init_from",
+  "train_data",
+  "data.num_candidates",
+  "data.candidate_seed",
+  "val_data",
+)
 SAME_SETTINGS = {"init_from": same_init_from}
 
 
@@ -262,9 +268,10 @@ def run(config, workdir: str) -> dict[str, float] | None:
       "weight_decay": tc.weight_decay,
       "train_rows": len(train),
       "train_data": split_fingerprint(train),
-      # The val records of one run compare epochs on one candidate set.
+      # The val records of one run compare epochs on one candidate set, of the same rows.
       "data.num_candidates": config.data.num_candidates,
       "data.candidate_seed": config.data.candidate_seed,
+      "val_data": split_fingerprint(dataset.val),
       "init_from": init_from_setting(config.sasrec.init_from, state["params"]),
     }
   )

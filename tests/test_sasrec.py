@@ -558,6 +558,30 @@ def test_a_resume_from_another_init_from_other_rows_or_candidates_is_refused(sta
     assert json.load(f)["sasrec"]["init_from"] == pts["moved"]
 
 
+def test_a_resume_on_other_val_rows_is_refused(started, tmp_path, monkeypatch):
+  """Val rows edited in the data folder between two parts of a run: the val curve mixed 122
+  and 117 rows without a word (an audit). The digest of the val rows is compared too."""
+  import dataclasses
+
+  from ilora_jax import train_sasrec
+  from ilora_jax.data import Split
+
+  workdir = _copy(started[0], tmp_path / "w")
+  load = train_sasrec.load_from_config
+
+  def fewer_val_rows(config, workdir):
+    dataset = load(config, workdir)
+    v = dataset.val
+    return dataclasses.replace(dataset, val=Split(v.name, v.seq[1:], v.len_seq[1:], v.next[1:]))
+
+  monkeypatch.setattr(train_sasrec, "load_from_config", fewer_val_rows)
+  overrides = ["stage=sasrec", f"sasrec.init_from={started[1]['x']}", "train.stop_after_steps=3"]
+  with pytest.raises(
+    UserError, match=r"other settings \(val_data: checkpoint '\w+' vs config '\w+'\)"
+  ):
+    train_sasrec.run(_config(*overrides), workdir)
+
+
 def test_evaluate_refuses_other_training_rows_and_another_init_from(started, tmp_path):
   """An evaluation of a SASRec trained on other rows (another synthetic seed: the same data
   name and row count) or from another .pt than the config's init_from is refused; the same
@@ -593,7 +617,8 @@ def _as_if_saved_by_older_code(workdir) -> str:
   for path in paths:
     with open(path) as f:
       meta = json.load(f)
-    for key in ("init_from", "train_data", "data.num_candidates", "data.candidate_seed"):
+    for key in ("init_from", "train_data", "data.num_candidates", "data.candidate_seed",
+                "val_data"):  # fmt: skip
       del meta["settings"][key]
     with open(path, "w") as f:
       json.dump(meta, f)
