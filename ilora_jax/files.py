@@ -52,32 +52,37 @@ def workdir_lock(workdir: str, process: int = 0) -> Iterator[None]:
   the process that holds it, instead of both writing its checkpoints and metrics. The
   operating system releases the lock when the holder ends, also by a kill. Where no lock can
   be taken (a read-only folder, a file system without locks), the block runs without one."""
-  import fcntl
-  import socket
-
   path = os.path.join(workdir, f".lock-{process}")
   try:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError:  # The run's own writes say what is wrong with the folder.
-    yield
-    return
+    fd = None
   try:
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-      from ilora_jax.errors import UserError
-
-      raise UserError(
-        f"{workdir} is in use by {holder} (it holds {path}): wait for that run to end or stop "
-        "it, or use another --workdir"
-      ) from None
-    except OSError:  # No locks on this file system.
-      yield
-      return
-    with contextlib.suppress(OSError):
-      os.ftruncate(fd, 0)
-      os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    if fd is not None:
+      _take(fd, workdir, path)
     yield
   finally:
-    os.close(fd)  # Releases the lock.
+    if fd is not None:
+      os.close(fd)  # Releases the lock.
+
+
+def _take(fd: int, workdir: str, path: str) -> None:
+  """Locks the open lock file `fd` and writes who holds it; held by another: a UserError."""
+  import fcntl
+  import socket
+
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    from ilora_jax.errors import UserError
+
+    raise UserError(
+      f"{workdir} is in use by {holder} (it holds {path}): wait for that run to end or stop it, "
+      "or use another --workdir"
+    ) from None
+  except OSError:  # No locks on this file system: the run goes on without one.
+    return
+  with contextlib.suppress(OSError):
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)

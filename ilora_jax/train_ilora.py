@@ -1855,7 +1855,7 @@ def _no_checkpoint(directory: str, workdir: str) -> UserError:
     "to go on",
     "sasrec": "the run trained SASRec alone (stage=sasrec): train iLoRA on it with "
     "--config.stage=ilora",
-  }.get(stage, "train with --config.stage=ilora")
+  }.get(stage if isinstance(stage, str) else None, "train with --config.stage=ilora")
   return UserError(f"no ilora checkpoint in {directory}: {advice}")
 
 

@@ -818,9 +818,10 @@ def test_require_checkpoint_wants_the_latest_or_selected_weights(workdirs, tmp_p
     with pytest.raises(UserError) as err:
       train_ilora.require_checkpoint(str(run))
     assert str(err.value) == f"no ilora checkpoint in {want}: {advice}"
-  (run / "config.json").write_text("[")  # Damaged: the plain advice.
-  with pytest.raises(UserError, match="train with --config.stage=ilora$"):
-    train_ilora.require_checkpoint(str(run))
+  for damaged in ("[", '{"stage": ["pipeline"]}'):  # The plain advice.
+    (run / "config.json").write_text(damaged)
+    with pytest.raises(UserError, match="train with --config.stage=ilora$"):
+      train_ilora.require_checkpoint(str(run))
 
 
 def test_unfinished_names_a_run_short_of_its_steps(workdirs):
