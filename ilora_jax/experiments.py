@@ -64,6 +64,7 @@ one `error: cannot write the results in W: ...` line.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import os
 import platform
@@ -130,6 +131,9 @@ class Run:
 
 def parse_variants(lines) -> list[tuple[str, list[str]]]:
   """`["name: key=value key=value", ...]` -> [(name, ["key=value", ...])] (names unique)."""
+  if isinstance(lines, str):  # Its characters would be the entries.
+    raise UserError(f"grid.variants must be a list of 'name: key=value ...' entries, not the "
+                    f"string {lines[:60]!r}")  # fmt: skip
   out, seen = [], set()
   for line in lines:
     name, colon, rest = str(line).partition(":")
@@ -140,6 +144,9 @@ def parse_variants(lines) -> list[tuple[str, list[str]]]:
       )
     if name in seen:
       raise UserError(f"grid.variants names {name!r} twice")
+    if name == "sasrec":  # The name of the grid's SASRec jobs (their folders, their rows).
+      raise UserError("grid.variants: 'sasrec' names the grid's SASRec jobs: give the variant "
+                      "another name")  # fmt: skip
     seen.add(name)
     out.append((name, _overrides(rest, f"variant {name}")))
   if not out:
@@ -212,10 +219,18 @@ def plan(
   config (those grid.only leaves out too). `every`: the runs of every variant, whatever
   grid.only, and of every seed with a run folder in the workdir besides grid.seeds."""
   config_path = resolve_config_path(grid, grid_path)
-  common = _overrides(list(grid.overrides), "grid.overrides") + _overrides(
-    grid.get("extra", ""), "grid.extra"
-  )
+  extra = _overrides(grid.get("extra", ""), "grid.extra")
+  common = _overrides(list(grid.overrides), "grid.overrides") + extra
   variants = parse_variants(grid.variants)
+  for name, own in variants:  # A variant's setting comes later on its command: it would win.
+    mine = {item.split("=", 1)[0].strip(): item for item in own}
+    clash = next((item for item in extra if item.split("=", 1)[0].strip() in mine), None)
+    if clash is not None:
+      key = clash.split("=", 1)[0].strip()
+      raise UserError(
+        f"grid.extra sets {key}, which variant {name} sets itself ({mine[key]}): its runs "
+        "would keep the variant's value; leave it out of --grid.extra"
+      )
   names = [name for name, _ in variants]
   if grid.get("reference") not in names:
     raise UserError(
@@ -616,8 +631,12 @@ def _seconds(run: Run) -> float:
 
 def execute(run: Run, python: str) -> None:
   """Runs one job to completion (its output appended to W/.../log.txt)."""
-  os.makedirs(run.workdir, exist_ok=True)
   log_path = os.path.join(run.workdir, "log.txt")
+  try:  # A read-only workdir, say: one line, as for the grid's own workdir.
+    os.makedirs(run.workdir, exist_ok=True)
+    open(log_path, "a").close()
+  except OSError as exc:
+    raise UserError(f"cannot write {log_path} of run {run.name}: {exc.strerror or exc}") from None
   got: list[int] = []
 
   def forward(signum, frame):  # The job saves a checkpoint and exits; we follow it.
@@ -650,6 +669,15 @@ def execute(run: Run, python: str) -> None:
       file=sys.stderr,
     )
     sys.exit(128 + signum)
+  if rc < 0:  # Killed by a signal (SIGKILL, the kernel out of memory, say): no line of its own.
+    try:
+      name = signal.Signals(-rc).name
+    except ValueError:
+      name = f"signal {-rc}"
+    raise UserError(
+      f"run {run.name} was killed by {name} (the system out of memory, or someone's kill?) "
+      f"[log: {log_path}; re-run the same command to resume]"
+    )
   if rc != 0:
     raise UserError(
       f"run {run.name} failed (exit {rc}): {_last_error(log_path)} [log: {log_path}; "
@@ -1203,6 +1231,14 @@ def complete(grid: ConfigDict, path: str) -> ConfigDict:
     raise UserError(
       f"{path} is no grid file: its get_config() lacks {', '.join(missing)} (a grid names a "
       "run config, its variants and seeds; see configs/experiments/*.py)"
+    )
+  unknown = [k for k in grid if k not in GRID_FIELDS]  # A misspelt field, ignored otherwise.
+  if unknown:
+    close = difflib.get_close_matches(unknown[0], list(GRID_FIELDS), n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    raise UserError(
+      f"{path}: unknown grid field(s) {', '.join(unknown)}{hint}; a grid has "
+      f"{', '.join(GRID_FIELDS)}"
     )
   for key, default in GRID_FIELDS.items():  # A tuple for a text field failed as AttributeError.
     if key == "config" or isinstance(default, str):

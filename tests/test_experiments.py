@@ -75,6 +75,12 @@ def test_variants_and_seeds_parse_or_fail_clearly():
   for bad in (["no colon"], ["a: x=1", "a: y=2"], ["a: --config.x=1"], ["a b: x=1"], []):
     with pytest.raises(experiments.UserError):
       experiments.parse_variants(bad)
+  # 'sasrec' names the SASRec jobs: a variant of that name trained but was never tabulated
+  # ("ended without its final evaluation"); a string was read one character at a time.
+  with pytest.raises(experiments.UserError, match="'sasrec' names the grid's SASRec jobs"):
+    experiments.parse_variants(["sasrec: lora.num_experts=2"])
+  with pytest.raises(experiments.UserError, match="must be a list of .* not the string 'a: x=1'"):
+    experiments.parse_variants("a: x=1")
   assert experiments.parse_seeds("0, 1,2") == [0, 1, 2]
   for bad in ("", "1,1", "a"):
     with pytest.raises(experiments.UserError):
@@ -362,6 +368,13 @@ def test_complete_gives_the_defaults_and_the_first_variant_as_reference():
   assert grid.reference == "b" and grid.share_sasrec is True and grid.metrics == "hr@1,mrr"
   with pytest.raises(experiments.UserError, match="lacks seeds"):
     experiments.complete(ConfigDict({"config": "c.py", "variants": ("a:",)}), "g.py")
+  # A misspelt field (`c.extr = ...`) was ignored: its overrides reached no run.
+  typo = ConfigDict({"config": "c.py", "variants": ("a:",), "seeds": "0", "extr": "x=1"})
+  with pytest.raises(experiments.UserError) as raised:
+    experiments.complete(typo, "g.py")
+  assert str(raised.value).startswith(
+    "g.py: unknown grid field(s) extr (did you mean extra?); a grid has config, variants, "
+  )
 
 
 def test_a_grid_field_of_the_wrong_type_is_one_line(tmp_path):
@@ -1032,12 +1045,18 @@ def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(smoke, 
   "args, fragments",
   [
     (("--grid.extra=train.steps='2",), ("grid.extra", "No closing quotation")),
+    # The variant's value came later on each command and won, without a word.
+    (
+      ("--grid.extra=lora.num_experts=2",),
+      ("grid.extra sets lora.num_experts, which variant lora sets itself (lora.num_experts=1)",),
+    ),
     (("--grid.sasrec=/nonexistent/m.pt",), ("grid.sasrec not found", "/nonexistent/m.pt")),
     (("--grid.sasrec={tmp}",), ("grid.sasrec=", "without a SASRec checkpoint")),
     (("--grid.sasrec={tmp}/part",), ("/part: its SASRec stage has not finished",)),
   ],
   ids=[
     "unbalanced_quote",
+    "extra_set_by_a_variant",
     "missing_sasrec",
     "sasrec_folder_without_checkpoint",
     "sasrec_unfinished",
@@ -1123,3 +1142,24 @@ def test_a_failed_run_still_tabulates_the_runs_finished_before(smoke, tmp_path):
     assert f"{final['hr@1']:.4f}" in row and f"{final['mrr']:.4f}" in row
   assert "| ilora/seed0 | not finished |" in md
   assert os.path.getsize(os.path.join(w, "plots", "metrics.png")) > 1000
+
+
+def test_a_run_killed_by_a_signal_or_without_a_folder_is_named_so(tmp_path):
+  """A job killed (SIGKILL, the kernel out of memory) was reported with its log's last line
+  as the cause ("failed (exit -9): iLoRA: trainable ..."); a read-only workdir ended in an
+  unexpected PermissionError (exit 3)."""
+  killer = tmp_path / "python"
+  killer.write_text("#!/bin/sh\nkill -9 $$\n")  # Stands in for the job's interpreter.
+  killer.chmod(0o755)
+  run = experiments.Run("lora/seed0", "lora", 0, str(tmp_path / "run"), ["--config=c.py"])
+  with pytest.raises(experiments.UserError) as raised:
+    experiments.execute(run, str(killer))
+  log = tmp_path / "run" / "log.txt"
+  assert str(raised.value) == (
+    f"run lora/seed0 was killed by SIGKILL (the system out of memory, or someone's kill?) "
+    f"[log: {log}; re-run the same command to resume]"
+  )
+  (tmp_path / "file").write_text("")
+  blocked = experiments.Run("lora/seed1", "lora", 1, str(tmp_path / "file" / "run"), [])
+  with pytest.raises(experiments.UserError, match=r"^cannot write .*/file/run/log.txt of run "):
+    experiments.execute(blocked, str(killer))
