@@ -154,6 +154,11 @@ def parse_variants(lines) -> list[tuple[str, list[str]]]:
   return out
 
 
+def override_key(item: str) -> str:
+  """The key of a `key=value` override."""
+  return item.split("=", 1)[0].strip()
+
+
 def _overrides(text, where: str) -> list[str]:
   try:
     items = shlex.split(text) if isinstance(text, str) else [str(t) for t in text]
@@ -162,7 +167,7 @@ def _overrides(text, where: str) -> list[str]:
   for item in items:
     if "=" not in item or item.startswith("-"):
       raise UserError(f"{where}: override {item!r} must read key=value (without --config.)")
-    key = item.split("=", 1)[0].strip()
+    key = override_key(item)
     if key in GRID_KEYS:
       raise UserError(f"{where}: {item!r} sets {key}, which the grid sets for each run "
                       f"({GRID_KEYS[key]})")  # fmt: skip
@@ -219,14 +224,13 @@ def plan(
   config (those grid.only leaves out too). `every`: the runs of every variant, whatever
   grid.only, and of every seed with a run folder in the workdir besides grid.seeds."""
   config_path = resolve_config_path(grid, grid_path)
-  extra = _overrides(grid.get("extra", ""), "grid.extra")
-  common = _overrides(list(grid.overrides), "grid.overrides") + extra
+  grid_extra = _overrides(grid.get("extra", ""), "grid.extra")
+  common = _overrides(list(grid.overrides), "grid.overrides") + grid_extra
   variants = parse_variants(grid.variants)
   for name, own in variants:  # A variant's setting comes later on its command: it would win.
-    mine = {item.split("=", 1)[0].strip(): item for item in own}
-    clash = next((item for item in extra if item.split("=", 1)[0].strip() in mine), None)
-    if clash is not None:
-      key = clash.split("=", 1)[0].strip()
+    mine = {override_key(item): item for item in own}
+    key = next((override_key(item) for item in grid_extra if override_key(item) in mine), None)
+    if key is not None:
       raise UserError(
         f"grid.extra sets {key}, which variant {name} sets itself ({mine[key]}): its runs "
         "would keep the variant's value; leave it out of --grid.extra"
@@ -265,9 +269,9 @@ def plan(
   # The SASRec jobs get the common overrides but `train.*` (iLoRA's: a SASRec stage would
   # train with them too), and the data.* and sasrec.* overrides of the variants whose SASRec
   # is their own.
-  sasrec_common = [o for o in common if not o.split("=", 1)[0].strip().startswith("train.")]
+  sasrec_common = [o for o in common if not override_key(o).startswith("train.")]
   own_overrides = {name: [o for o in extra
-                          if o.split("=", 1)[0].strip().startswith(("data.", "sasrec."))]
+                          if override_key(o).startswith(("data.", "sasrec."))]
                    for name, extra in parse_variants(grid.variants)}  # fmt: skip
   fixed = grid.get("sasrec", "")
   runs = []
