@@ -68,6 +68,7 @@ import difflib
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import subprocess
@@ -184,10 +185,10 @@ GRID_KEYS = {
 
 
 def parse_seeds(text) -> list[int]:
-  try:
-    seeds = [int(s) for s in str(text).replace(" ", "").split(",") if s]
-  except ValueError:
-    raise UserError(f"grid.seeds={text!r} must be a comma-separated list of integers") from None
+  items = [s for s in str(text).replace(" ", "").split(",") if s]
+  if not all(re.fullmatch(r"-?[0-9]+", s) for s in items):  # int() reads "1_0" as 10.
+    raise UserError(f"grid.seeds={text!r} must be a comma-separated list of integers")
+  seeds = [int(s) for s in items]
   if not seeds or len(set(seeds)) != len(seeds):
     raise UserError(f"grid.seeds={text!r} must name at least one seed, each once")
   return seeds
@@ -227,14 +228,6 @@ def plan(
   grid_extra = _overrides(grid.get("extra", ""), "grid.extra")
   common = _overrides(list(grid.overrides), "grid.overrides") + grid_extra
   variants = parse_variants(grid.variants)
-  for name, own in variants:  # A variant's setting comes later on its command: it would win.
-    mine = {override_key(item): item for item in own}
-    key = next((override_key(item) for item in grid_extra if override_key(item) in mine), None)
-    if key is not None:
-      raise UserError(
-        f"grid.extra sets {key}, which variant {name} sets itself ({mine[key]}): its runs "
-        "would keep the variant's value; leave it out of --grid.extra"
-      )
   names = [name for name, _ in variants]
   if grid.get("reference") not in names:
     raise UserError(
@@ -245,6 +238,14 @@ def plan(
     shared = _sasrec_key(configuration.load(config_path, common))
   except UserError as exc:
     raise UserError(f"grid overrides: {exc}") from None
+  for name, own in variants:  # A variant's setting comes later on its command: it would win.
+    mine = {override_key(item): item for item in own}
+    key = next((override_key(item) for item in grid_extra if override_key(item) in mine), None)
+    if key is not None:
+      raise UserError(
+        f"grid.extra sets {key}, which variant {name} sets itself ({mine[key]}): its runs "
+        "would keep the variant's value; leave it out of --grid.extra"
+      )
   resolved, sasrec_of, keys = {}, {}, {}
   for name, extra in variants:
     try:
@@ -257,6 +258,8 @@ def plan(
                            "" if key == shared else name)  # fmt: skip
   if grid.only and not every:
     wanted = [v.strip() for v in grid.only.split(",") if v.strip()]
+    if len(set(wanted)) != len(wanted):
+      raise UserError(f"grid.only={grid.only!r} names a variant twice")
     if not wanted:
       raise UserError(f"grid.only={grid.only!r} names no variant")
     unknown = sorted(set(wanted) - {name for name, _ in variants})

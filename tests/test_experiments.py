@@ -82,9 +82,10 @@ def test_variants_and_seeds_parse_or_fail_clearly():
   with pytest.raises(experiments.UserError, match="must be a list of .* not the string 'a: x=1'"):
     experiments.parse_variants("a: x=1")
   assert experiments.parse_seeds("0, 1,2") == [0, 1, 2]
-  for bad in ("", "1,1", "a"):
+  for bad in ("", "1,1", "a", "1_0", "+1", "1.0"):  # "1_0" was seed 10.
     with pytest.raises(experiments.UserError):
       experiments.parse_seeds(bad)
+  assert experiments.parse_seeds("-1,0") == [-1, 0]
 
 
 def test_mean_std_is_the_sample_standard_deviation():
@@ -765,6 +766,7 @@ def test_report_only_of_a_missing_workdir_is_refused_and_creates_nothing(tmp_pat
     (("--grid.extra=ilora.train.steps=-1",), ("grid overrides", "steps")),
     (("--grid.only=lora,zzz",), ("unknown variants", "zzz")),
     (("--grid.only=,",), ("grid.only=',' names no variant",)),
+    (("--grid.only=lora,lora",), ("grid.only='lora,lora' names a variant twice",)),
     (
       ("--grid.extra=train.seed=5",),
       ("grid.extra: 'train.seed=5' sets train.seed", "--grid.seeds"),
