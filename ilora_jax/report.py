@@ -42,6 +42,9 @@ _INT64 = 2**63  # TensorBoard steps are int64.
 GROUP_KEY = re.compile(r"group/(\d+)/(.+)")  # Per-user-group metrics: group/<g>/<metric>.
 
 
+_SAID_CUT: set[tuple[str, int]] = set()  # Cut last lines warned of (path, line), once each.
+
+
 def read_records(workdir: str) -> list[dict]:
   """The records of `workdir/metrics.jsonl` ([] when absent), each checked for a usable `step`
   and string names; a cut last line is skipped (see `metrics.read_jsonl`) with a warning."""
@@ -50,6 +53,9 @@ def read_records(workdir: str) -> list[dict]:
   def cut(number: int) -> None:
     from ilora_jax import console
 
+    if (path, number) in _SAID_CUT:  # A grid's tables read a run's records more than once.
+      return
+    _SAID_CUT.add((path, number))
     console.info(
       f"warning: {path}:{number} is cut (a run writing it now, or one killed mid-write, which "
       "rewrites it when resumed): that record is left out"
