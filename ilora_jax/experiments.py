@@ -1299,6 +1299,12 @@ def parse(argv: list[str]) -> tuple[ConfigDict, str, str]:
 @cli_main
 def main(argv: list[str] | None = None) -> None:
   grid, grid_path, workdir = parse(list(sys.argv if argv is None else argv))
+  # SIGTERM between the jobs (planning, tables) ended the runner without a word.
+  with errors.resumable_interrupts("re-run the same command to resume the grid"):
+    _main(grid, grid_path, workdir)
+
+
+def _main(grid: ConfigDict, grid_path: str, workdir: str) -> None:
   runs, resolved = plan(grid, grid_path, workdir)
   parse_metrics(grid, resolved)
   shown = tabulated(grid, grid_path, workdir, runs)  # This command's runs and earlier ones.

@@ -1165,3 +1165,26 @@ def test_a_run_killed_by_a_signal_or_without_a_folder_is_named_so(tmp_path):
   blocked = experiments.Run("lora/seed1", "lora", 1, str(tmp_path / "file" / "run"), [])
   with pytest.raises(experiments.UserError, match=r"^cannot write .*/file/run/log.txt of run "):
     experiments.execute(blocked, str(killer))
+
+
+def test_sigterm_between_the_jobs_is_one_line_saying_how_to_resume(monkeypatch, capsys, tmp_path):
+  """SIGTERM while the runner planned or wrote its tables ended it with no word (exit 143);
+  now one line, as Ctrl-C there."""
+  import signal
+  import time
+
+  from ilora_jax import errors
+
+  def terminated(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # The handler raises here first.
+
+  monkeypatch.setattr(experiments, "plan", terminated)
+  monkeypatch.setattr(errors, "_exit_now", sys.exit)  # In this process: no os._exit.
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)
+  with pytest.raises(SystemExit) as ended:
+    experiments.main(["experiments", GRID, f"--workdir={tmp_path / 'w'}"])
+  assert ended.value.code == 143
+  assert capsys.readouterr().err == (
+    "error: interrupted by SIGTERM; re-run the same command to resume the grid\n"
+  )
