@@ -299,8 +299,11 @@ def predictions_path(workdir: str, split: str) -> str:
 def read_predictions(workdir: str, split: str) -> tuple[dict, list[dict]] | None:
   """(head, rows) of DIR/predictions/<split>.jsonl, or None when absent; a damaged file (a
   line that is no JSON object, a row whose `row`, `hit` or `rank` is of another type, no
-  line at all) is a UserError naming it."""
+  line at all, a file in place of the folder) is a UserError naming it."""
   path = predictions_path(workdir, split)
+  folder = os.path.dirname(path)
+  if os.path.lexists(folder) and not os.path.isdir(folder):  # Not "absent": say so.
+    raise UserError(f"{folder} is not a folder")
   records = metrics.read_jsonl(path)
   if not os.path.lexists(path):
     return None

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -640,6 +641,10 @@ def test_a_selected_step_must_be_an_integer_and_damaged_predictions_are_named(tm
   assert report.read_predictions(str(tmp_path), "val") == (good[0], good[1:])
   (folder / "val.jsonl").write_text(json.dumps(good[0]) + "\n[1, 2]\n")
   with pytest.raises(UserError, match=r"val.jsonl:2: not a JSON object"):
+    report.read_predictions(str(tmp_path), "val")
+  shutil.rmtree(folder)  # A file in the folder's place was read as no predictions at all.
+  folder.write_text("")
+  with pytest.raises(UserError, match=f"^{re.escape(str(folder))} is not a folder$"):
     report.read_predictions(str(tmp_path), "val")
 
 
