@@ -82,7 +82,7 @@ from ml_collections import ConfigDict
 
 from ilora_jax import configuration, errors, report
 from ilora_jax.errors import UserError, cli_main, parse_flags, require_file
-from ilora_jax.files import atomic_write
+from ilora_jax.files import atomic_write, workdir_lock
 
 _GRID = errors.define_config_file(
   "grid", None, "Path to a grid file (configs/experiments/*.py).", lock_config=True
@@ -644,6 +644,8 @@ def execute(run: Run, python: str) -> None:
     open(log_path, "a").close()
   except OSError as exc:
     raise UserError(f"cannot write {log_path} of run {run.name}: {exc.strerror or exc}") from None
+  with workdir_lock(run.workdir):  # In use (another runner's job): refused, its log untouched.
+    pass
   got: list[int] = []
 
   def forward(signum, frame):  # The job saves a checkpoint and exits; we follow it.

@@ -1161,6 +1161,15 @@ def test_a_run_killed_by_a_signal_or_without_a_folder_is_named_so(tmp_path):
     f"run lora/seed0 was killed by SIGKILL (the system out of memory, or someone's kill?) "
     f"[log: {log}; re-run the same command to resume]"
   )
+  # A job still running in the folder (another runner's): refused before its log is touched
+  # (the refused command's lines went into the running job's log.txt).
+  from ilora_jax import files
+
+  before = log.read_text()
+  with files.workdir_lock(run.workdir):
+    with pytest.raises(experiments.UserError, match=f"^{re.escape(run.workdir)} is in use by "):
+      experiments.execute(run, str(killer))
+  assert log.read_text() == before
   (tmp_path / "file").write_text("")
   blocked = experiments.Run("lora/seed1", "lora", 1, str(tmp_path / "file" / "run"), [])
   with pytest.raises(experiments.UserError, match=r"^cannot write .*/file/run/log.txt of run "):
