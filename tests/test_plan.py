@@ -295,22 +295,19 @@ def _warnings(proc) -> list[str]:
 def test_plan_warns_when_a_mesh_axis_divides_no_weight_dimension():
   """fsdp=6 on Llama-2-7B shards nothing (4096 is 2^12): the frozen LLM takes its 1-device
   bytes on each device, as the JSON says, and one line says why; tensor=6 likewise."""
-  proc = run_cli(*_7B_CLI, "--config.plan.devices=6", "--config.mesh.fsdp=6",
-                 "--config.ilora.train.batch_size=6", module="ilora_jax.plan")  # fmt: skip
-  assert _warnings(proc) == [
-    "warning: mesh axis fsdp (size 6 at 6 devices) divides none of the llama2-7b weight "
-    "dimensions it shards (4096): they stay whole on every device; pick a size that divides "
-    "them, e.g. 4 or 8"
-  ]
-  got = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert got["frozen_llm_bytes"] == 2 * got["params_total"]
-  proc = run_cli(*_7B_CLI, "--config.plan.devices=6", "--config.mesh.fsdp=1",
-                 "--config.mesh.tensor=6", module="ilora_jax.plan")  # fmt: skip
-  assert _warnings(proc) == [
-    "warning: mesh axis tensor (size 6 at 6 devices) divides none of the llama2-7b weight "
-    "dimensions it shards (32, 11008 and 32128): they stay whole on every device; pick a size "
-    "that divides them, e.g. 4 or 8"
-  ]
+  for axis, args, dims in (
+    ("fsdp", ["--config.mesh.fsdp=6", "--config.ilora.train.batch_size=6"], "4096"),
+    ("tensor", ["--config.mesh.fsdp=1", "--config.mesh.tensor=6"], "32, 11008 and 32128"),
+  ):
+    proc = run_cli(*_7B_CLI, "--config.plan.devices=6", *args, module="ilora_jax.plan")
+    assert _warnings(proc) == [
+      f"warning: mesh axis {axis} (size 6 at 6 devices) divides none of the llama2-7b weight "
+      f"dimensions it shards ({dims}): they stay whole on every device; pick a size that "
+      "divides them, e.g. 4 or 8"
+    ]
+    if axis == "fsdp":
+      got = json.loads(proc.stdout.strip().splitlines()[-1])
+      assert got["frozen_llm_bytes"] == 2 * got["params_total"]
 
 
 def test_plan_warns_once_per_axis_and_past_the_models_positions():
