@@ -66,6 +66,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import json
+import math
 import os
 import platform
 import re
@@ -81,6 +82,7 @@ from absl import flags
 from ml_collections import ConfigDict
 
 from ilora_jax import configuration, errors, report
+from ilora_jax import metrics as metrics_lib
 from ilora_jax.errors import UserError, cli_main, parse_flags, require_file
 from ilora_jax.files import atomic_write, workdir_lock
 
@@ -837,8 +839,12 @@ def gate_permutation_test(
   """Is the gate specialisation more than chance? The distance between the groups' mean gates
   [rows, E] is compared with the same statistic under shuffled group labels (finite groups
   differ by sampling noise alone). Returns the observed distance, the shuffled-label mean
-  and the one-sided p-value (share of shuffles at least as large, with the +1 correction)."""
+  and the one-sided p-value (share of shuffles at least as large, with the +1 correction).
+  Gates holding NaN or an infinity (a diverged run) give NaN for all three, as the
+  specialisation table's distance is then NaN: no shuffle compares with it."""
   labels = np.unique(groups)
+  if not np.isfinite(gates).all():
+    return {"distance": math.nan, "chance": math.nan, "p": math.nan}
 
   def stat(g):
     return _distance(np.stack([gates[g == k].mean(0) for k in labels]))
@@ -1198,7 +1204,7 @@ def _write_results(grid: ConfigDict, runs: list[Run], resolved: dict, workdir: s
   results["machine"] = machine()
   results["not_tabulated"] = _other_runs(workdir, resolved)
   with atomic_write(os.path.join(workdir, "results.json")) as f:
-    json.dump(results, f, indent=1, sort_keys=True)
+    json.dump(metrics_lib.plain_tree(results), f, indent=1, sort_keys=True, allow_nan=False)
   text = markdown(grid, results, metrics, grid.reference)
   path = os.path.join(workdir, "results.md")
   with atomic_write(path) as f:

@@ -208,6 +208,16 @@ def plain(value):
   return value
 
 
+def plain_tree(value):
+  """`plain` through nested dicts, lists and tuples: what `json.dump(..., allow_nan=False)`
+  writes (JSON has no NaN; the log's texts "nan", "inf", "-inf" stand for them)."""
+  if isinstance(value, dict):
+    return {k: plain_tree(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [plain_tree(v) for v in value]
+  return plain(value)
+
+
 def match_generation(
   text: str, candidate_titles: list[str], target_index: int
 ) -> tuple[bool, bool]:

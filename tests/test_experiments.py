@@ -991,6 +991,32 @@ def test_results_drop_the_plots_they_no_longer_draw(smoke, tmp_path):
   assert all(os.path.getsize(folder / name) > 1000 for name in os.listdir(folder))
 
 
+def test_a_diverged_runs_gate_test_is_nan_and_results_json_strict_json(smoke, tmp_path):
+  """NaN gates (a diverged run) gave a NaN distance that no shuffle reached, so p was
+  1/1001, "significant"; now the test's three figures are NaN, as the specialisation table's
+  distance is, and results.json writes them as the log does ("nan"), not as a NaN token that
+  JSON readers refuse."""
+  w = str(tmp_path)
+  _copy_runs(smoke[0], w, ["sasrec/seed0", "runs/ilora/seed0"])
+  report_dir = os.path.join(w, "runs", "ilora", "seed0", "report")
+  os.makedirs(report_dir)
+  gates = np.full((8, 4), 0.25)
+  gates[3] = np.nan
+  np.savez(os.path.join(report_dir, "gates.npz"), gates=gates, groups=np.tile([0, 1], 4))
+  grid = _grid(seeds="0", only="ilora", extra=SMOKE_EXTRA)
+  runs, resolved = experiments.plan(grid, GRID_FILE, w)
+  experiments.write_results(grid, runs, resolved, w)
+
+  def refuse(token):
+    raise ValueError(f"not JSON: {token}")
+
+  with open(os.path.join(w, "results.json")) as f:
+    results = json.load(f, parse_constant=refuse)
+  assert results["gate_test"]["ilora"]["0"] == {"distance": "nan", "chance": "nan", "p": "nan"}
+  md = (tmp_path / "results.md").read_text()
+  assert "| ilora | 0 | nan | nan | nan |" in md
+
+
 def test_grid_resumes_and_adds_seeds(smoke):
   """A seed added for one variant (grid.only): results.md keeps the other finished runs
   (ilora's, of the first command), and names a run folder of a variant not in the grid."""
