@@ -179,6 +179,10 @@ def validate(config: ConfigDict) -> None:
       "data.n_items",
       f"must equal data.synthetic.num_items={config.data.synthetic.num_items}",
     )
+    need(not config.data.dir, "data.dir",
+         f"={config.data.dir} is not read: data.name=synthetic generates its data; name the "
+         "data set in that folder (config.data.name=lastfm, movielens or steam), or leave "
+         "data.dir out")  # fmt: skip
   for stage in ("sasrec", "ilora"):  # The stages' own defaults, as config.train.* below.
     for key in _TRAIN_KEYS:
       value = config[stage].train.get(key)

@@ -245,6 +245,14 @@ def _type_for_alias(name):
   return type_for_alias(name)
 
 
+def _bytearray(*args):
+  """`bytearray` of the bytes or text given (as pickles of protocols 2 to 4 call it), never
+  of a number: `bytearray(n)` allocates n zero bytes, gigabytes from a 37-byte file."""
+  if args and not isinstance(args[0], (bytes, bytearray, str, list, tuple)):
+    raise ValueError(f"a pickle calls bytearray({type(args[0]).__name__}), which allocates")
+  return bytearray(*args)
+
+
 # What allowed names resolve to where that is not the object they name: numpy's under either
 # of its names, and stand-ins that check their input or keep a BUILD off the library's objects.
 _RESOLVED = {
@@ -259,6 +267,7 @@ _RESOLVED = {
   ("pyarrow.lib", "py_buffer"): _py_buffer,
   ("pyarrow.lib", "type_for_alias"): _type_for_alias,
   ("functools", "partial"): _BlockPartial,
+  ("builtins", "bytearray"): _bytearray,
 }
 
 _EXTENSION_TYPE = (

@@ -137,6 +137,7 @@ REFUSED = [
   ("data.num_candidates=1", "config.data.num_candidates must be at least 2"),
   ("data.n_items=-1", "config.data.n_items must be >= 0"),
   ("data.n_items=61", "config.data.n_items must equal data.synthetic.num_items=60"),
+  ("data.dir=/data/lastfm", "config.data.dir=/data/lastfm is not read: data.name=synthetic"),
   ("ilora.prefetch=-1", "config.ilora.prefetch must be >= 0 (0 = no thread)"),
   ("ilora.bucket_window=0", "config.ilora.bucket_window must be >= 1"),
   ("ilora.pad_multiple=0", "config.ilora.pad_multiple must be >= 1"),

@@ -244,6 +244,18 @@ def test_memo_index_past_the_file_is_refused_before_it_is_allocated(tmp_path):
   assert "corrupt or truncated (ValueError: memo index 1073741824 in a pickle of 9 bytes)" in out
 
 
+def test_bytearray_of_a_number_is_refused_before_it_is_allocated(tmp_path):
+  # bytearray(3 * 10**9): 37 bytes that made the loader allocate 3 GB before refusing the
+  # result (not a DataFrame); 10**13 was a MemoryError.
+  path = tmp_path / "Val_data.df"
+  big = b"\x8a\x05" + (3 * 10**9).to_bytes(5, "little")  # LONG1.
+  path.write_bytes(b"\x80\x02" + _global("builtins", "bytearray") + big + b"\x85R.")
+  out = _load_in_child(path).stdout
+  assert (
+    "corrupt or truncated (ValueError: a pickle calls bytearray(int), which allocates" in out
+  ), out
+
+
 def test_bytearray_longer_than_the_file_is_refused_before_it_is_allocated(tmp_path):
   # The int64 block's 80 bytes (protocol 5, in band) said to be 1 TiB long: the unpickler
   # allocated it first, and printed a SystemError ("deallocated bytearray object has
