@@ -601,6 +601,12 @@ def _gate_axes(
     _note(ax, note)
 
 
+def training_records(records: list[dict], stage: str) -> list[dict]:
+  """The training-loss records of `stage`'s own run: not those of `stage=evaluate` on the
+  train split (`run` "evaluate", one final record of other weights' loss)."""
+  return [r for r in records if r.get("split") == "train" and r.get("run", stage) == stage]
+
+
 def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str]) -> None:
   import matplotlib
 
@@ -617,7 +623,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(6 * max(len(stages), 1), 4))
   axes = np.atleast_1d(axes)
   for ax, stage in zip(axes, stages):
-    train = [r for r in by_stage[stage] if r.get("split") == "train"]
+    train = training_records(by_stage[stage], stage)
     _plot_series(ax, train, "loss", "train loss")
     ax.set_title(f"{stage}: training loss")
     ax.set_xlabel("step")
@@ -653,7 +659,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   plots = ["`train_loss.png`", "`val_metrics.png`"]  # Those written, for summary.md.
 
   # Gate usage.
-  ilora_train = [r for r in by_stage.get("ilora", []) if r.get("split") == "train"]
+  ilora_train = training_records(by_stage.get("ilora", []), "ilora")
   experts = sorted({k for r in ilora_train for k in r if k.startswith("gate_mean/")})
   gates_path = os.path.join(out, "gates.npz")
   if experts or os.path.exists(gates_path):

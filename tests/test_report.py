@@ -989,6 +989,30 @@ def test_a_final_of_earlier_weights_is_reported_at_their_step(tmp_path, monkeypa
   assert curve["val"][0].tolist() == [1, 2] and curve["val"][1].tolist() == [1.0, 1.5]
 
 
+def test_the_training_loss_plot_leaves_out_evaluations_of_the_train_split(tmp_path, monkeypatch):
+  """`stage=evaluate` with eval.split=train writes a final record of split train (run
+  "evaluate"): it was drawn in the training-loss curve, a point at the evaluated weights' step
+  (SASRec's curve dropped there; iLoRA's drew a line back to its selected step)."""
+  records = []
+  for stage in ("sasrec", "ilora"):
+    base = {"stage": stage, "split": "train"}
+    records += [{**base, "run": stage, "step": s, "loss": 2.0 + s} for s in (5, 10)]
+    records.append({**base, "run": "evaluate", "step": 5, "final": True, "loss": 0.5})
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  plotted, plot = [], report._plot_series
+
+  def plot_series(ax, recs, key, label):
+    plotted.append((label, [(r["stage"], r["step"], r[key]) for r in recs if key in r]))
+    return plot(ax, recs, key, label)
+
+  monkeypatch.setattr(report, "_plot_series", plot_series)
+  report.write(str(tmp_path))
+  assert [points for label, points in plotted if label == "train loss"] == [
+    [("sasrec", 5, 7.0), ("sasrec", 10, 12.0)],
+    [("ilora", 5, 7.0), ("ilora", 10, 12.0)],
+  ]
+
+
 def test_one_runs_losses_alone_make_no_compare_plot(tmp_path):
   """compare.png is drawn only beside another run's losses: a compared run with none (its
   final record only) leaves it out."""
