@@ -1902,13 +1902,14 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   """The `evaluate` stage for iLoRA: restore the run's selected weights (`eval.weights`) or
   its latest checkpoint and score `eval.split`."""
   require_checkpoint(workdir)
-  su = setup(config, workdir)
+  dataset = load_from_config(config, workdir)
+  split = dataset.split(config.eval.split)  # A missing test split: before the LLM loads.
+  su = setup(config, workdir, dataset=dataset)
   state, latest, how, selected_by = restore_for_use(
     workdir, checkpointing.abstract_like(su.state), config.eval.weights,
     config.checkpoint.max_to_keep, su.settings,
   )  # fmt: skip
   console.info(f"iLoRA: evaluating {how}{unfinished(workdir, su.total_steps)}")
-  split = su.dataset.split(config.eval.split)
   evaluator = Evaluator(su.parts, config, split, su.gate_kind, su.mesh)
   metrics = evaluator(
     state["trainable"], state["stats"], su.frozen, config.progress, baselines=True

@@ -516,6 +516,7 @@ def check_trained_on(config, meta: dict, dataset: Dataset, directory: str) -> No
 def evaluate(config, workdir: str) -> dict[str, float]:
   """The `evaluate` stage for SASRec: restore the latest checkpoint and score `eval.split`."""
   dataset = load_from_config(config, workdir)
+  dataset.split(config.eval.split)  # Asked for by name: a missing test split is an error.
   cfg = model_config(config, dataset.n_items)
   mesh = sharding.make_mesh(config.mesh)
   ckpt = checkpointing.StageCheckpoints(

@@ -1,6 +1,8 @@
 """Flax SASRec: shapes, masking, and parity with the original's checkpoints."""
 
+import dataclasses
 import json
+import os
 import pickle
 import re
 import shutil
@@ -13,7 +15,13 @@ import numpy as np
 import optax
 import pytest
 import sasrec_numpy_reference as reference
-from conftest import TINY, assert_one_line_error, run_cli, shared_path, tiny_sasrec_pt
+from conftest import (
+  TINY,
+  assert_one_line_error,
+  run_cli,
+  shared_path,
+  tiny_sasrec_pt,
+)
 
 from ilora_jax import data, metrics, sasrec, torch_checkpoint
 from ilora_jax.errors import UserError
@@ -606,6 +614,29 @@ def test_evaluate_refuses_other_training_rows_and_another_init_from(started, tmp
     for extra in ([f"sasrec.init_from={pts['moved']}"], [], ["data.candidate_seed=5"])
   ]
   assert results[0] == results[1] != results[2]  # The last ranks other candidates.
+
+
+def test_evaluate_of_a_test_split_the_data_lacks_is_an_error(started, monkeypatch):
+  """eval.split=test on data without a test file recorded a skip and exited 0 (the iLoRA
+  stage refused the same request): asked for by name, it is refused, and nothing is written."""
+  from ilora_jax import train_sasrec
+
+  workdir = started[0]
+  load = train_sasrec.load_from_config
+
+  def without_test(config, workdir):
+    reason = "test file not found: /d/Test_data.df"
+    return dataclasses.replace(load(config, workdir), test=None, test_missing_reason=reason)
+
+  monkeypatch.setattr(train_sasrec, "load_from_config", without_test)
+  log = os.path.join(workdir, "metrics.jsonl")
+  before = os.path.exists(log) and open(log).read()
+  message = "^split 'test' is not available: test file not found: /d/Test_data.df$"
+  with pytest.raises(UserError, match=message):
+    train_sasrec.evaluate(
+      _config("stage=evaluate", "eval.stage=sasrec", "eval.split=test"), workdir
+    )
+  assert (os.path.exists(log) and open(log).read()) == before
 
 
 def _as_if_saved_by_older_code(workdir) -> str:

@@ -7,6 +7,7 @@ prefetching and the interrupt guard are the real ones: the tests check what the 
 saves, selects, restores and prints against values worked out by hand, in seconds.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -71,6 +72,12 @@ def fake(monkeypatch):
                              2, 2, f.steps_per_epoch, f.total_steps, 0, 1e-3, "router",
                              settings)  # fmt: skip
 
+  def load_from_config(config, workdir):  # The config's data, without its test split.
+    data = load(config, workdir)
+    return (
+      data if f.test else dataclasses.replace(data, test=None, test_missing_reason="no test file")
+    )
+
   def step_fn(state, frozen, batch):
     at = int(state["step"]) + 1
     new = {**state, "trainable": jax.tree.map(lambda x: x + 1, state["trainable"]),
@@ -84,8 +91,8 @@ def fake(monkeypatch):
 
   class Evaluator:
     def __init__(self, parts, config, split, gate_kind, mesh):
-      self.split = split
-      self.fingerprint = f"fp-{split}"
+      self.split = getattr(split, "name", split)  # The data's Split, or the fake's name.
+      self.fingerprint = f"fp-{self.split}"
       self.rows = []
 
     def __call__(self, trainable, stats, frozen, progress, baselines=False):
@@ -99,6 +106,8 @@ def fake(monkeypatch):
     return {"input_ids": np.zeros((accum, 2, 4), np.int32)}
 
   monkeypatch.setattr(train_ilora, "setup", setup)
+  load = train_ilora.load_from_config
+  monkeypatch.setattr(train_ilora, "load_from_config", load_from_config)
   monkeypatch.setattr(train_ilora, "jit_train_step", jit_train_step)
   monkeypatch.setattr(train_ilora, "Evaluator", Evaluator)
   order = lambda parts, config, train, epoch, *a: np.arange(40) + 100 * epoch  # noqa: E731
@@ -383,6 +392,11 @@ def test_a_data_set_without_test_records_the_skip(fake, tmp_path, capsys):
                   "skipped": "no test file"}  # fmt: skip
   assert not os.path.exists(os.path.join(workdir, "predictions", "test.jsonl"))
   assert "test evaluation skipped: no test file" in capsys.readouterr().err
+  # Asked for by name, it is an error, before the model is set up (the LLM loaded).
+  fake.setups = 0
+  with pytest.raises(UserError, match="^split 'test' is not available: no test file$"):
+    train_ilora.evaluate(_config("stage=evaluate", "eval.split=test"), workdir)
+  assert fake.setups == 0
 
 
 # ----------------------------------------------------------------------------- refused resumes
