@@ -320,7 +320,7 @@ class Recommender:
     """Builds the model and restores the weights the run's `ilora.select_by` picked (its
     best val epoch) where it has them; once."""
     if self._restored is None:
-      from ilora_jax import checkpointing, train_ilora
+      from ilora_jax import checkpointing, console, train_ilora
 
       config = self.config
       train_ilora.require_checkpoint(self.workdir)
@@ -328,6 +328,7 @@ class Recommender:
       state, step, weights, _ = train_ilora.restore_for_use(
         self.workdir, checkpointing.abstract_like(su.state), "selected",
         config.checkpoint.max_to_keep, su.settings,
+        lambda lost: console.info(f"warning: {lost}: ranking with the latest checkpoint"),
       )  # fmt: skip
       weights += train_ilora.unfinished(self.workdir, su.total_steps)
       evaluator = train_ilora.Evaluator(su.parts, config, su.dataset.val, su.gate_kind)

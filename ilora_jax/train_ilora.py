@@ -1868,15 +1868,33 @@ def unfinished(workdir: str, total_steps: int) -> str:
   return f" (an unfinished run: trained {latest} of {total_steps} steps)"
 
 
+def _recorded_selection(workdir: str) -> tuple[int, str] | None:
+  """(step, metric) of the weights the run's last final record says `ilora.select_by` picked,
+  None where no final record names them."""
+  chosen = None
+  for r in report.read_records(workdir):
+    if r.get("run") == STAGE and r.get("final") and "selected_step" in r:
+      chosen = int(r["selected_step"]), str(r.get("selected_by"))
+  return chosen
+
+
 def restore_for_use(
-  workdir: str, abstract_state, weights: str = "selected", keep: int = 2, settings=None
+  workdir: str,
+  abstract_state,
+  weights: str = "selected",
+  keep: int = 2,
+  settings=None,
+  on_lost=None,
 ):
   """(state, step, how, selected_by) of an ilora run's weights for an evaluation or a
   recommendation: with `weights` "selected", those the run's `ilora.select_by` picked
   (checkpoints/ilora_best; `selected_by` names that metric) where it has them, else the latest
   checkpoint (`selected_by` None); `how` names which, for a message. With `settings` (the
   running config's `run_settings`), a checkpoint of another model shape is refused by name
-  before its arrays are read."""
+  before its arrays are read. Selected weights that the run's records name but that are gone
+  (ilora_best removed) and are not the latest checkpoint's: a UserError, or with `on_lost`,
+  the latest checkpoint after `on_lost(what is gone)`."""
+  best_dir = None
   if weights == "selected":
     with contextlib.closing(
       checkpointing.StageCheckpoints(workdir, BEST, 1, False, read_only=True)
@@ -1887,12 +1905,25 @@ def restore_for_use(
         state, meta = best.restore(at, abstract_state)
         how = f"the weights of step {at}, selected by val {meta.get('select_by')}"
         return state, at, how, meta.get("select_by")
+      best_dir = best.directory
   with contextlib.closing(
     checkpointing.StageCheckpoints(workdir, STAGE, keep, False, read_only=True)
   ) as ckpt:
     latest = ckpt.latest_step()
     if latest is None:
       raise _no_checkpoint(ckpt.directory, workdir)
+    recorded = _recorded_selection(workdir) if best_dir else None
+    if recorded is not None and recorded[0] != latest:
+      lost = (
+        f"the weights of step {recorded[0]}, which val {recorded[1]} selected (metrics.jsonl), "
+        f"are not in {best_dir}"
+      )
+      if on_lost is None:
+        raise UserError(
+          f"{lost}: evaluate the latest checkpoint (step {latest}) with "
+          "--config.eval.weights=latest"
+        )
+      on_lost(lost)
     _check_model_settings(ckpt, latest, settings)
     state, _ = ckpt.restore(latest, abstract_state)
   return state, latest, f"the latest checkpoint, step {latest}", None

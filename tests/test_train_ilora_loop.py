@@ -10,6 +10,7 @@ saves, selects, restores and prints against values worked out by hand, in second
 import dataclasses
 import json
 import os
+import re
 import shutil
 import types
 
@@ -541,6 +542,37 @@ def test_evaluate_prints_records_and_writes_predictions(fake, tmp_path, capsys, 
   with open(os.path.join(workdir, "predictions", "test.jsonl")) as f:
     head, row = [json.loads(line) for line in f]
   assert head["metrics"] == fake.metrics("test", at) and row["weights"] == at
+
+
+def test_selected_weights_that_are_gone_are_an_error_or_the_callers_warning(fake, tmp_path):
+  """checkpoints/ilora_best removed: the evaluation scored the latest weights (step 6) as
+  if nothing were amiss, though metrics.jsonl says val selected step 4's. Now it is refused,
+  naming the way out; recommend's `on_lost` goes on with the latest weights after its warning.
+  A run whose selection is its last step needs no ilora_best."""
+  workdir = str(tmp_path)
+  train_ilora.run(_config(), workdir)
+  best = os.path.join(workdir, "checkpoints", train_ilora.BEST)
+  shutil.rmtree(best)
+  fake.calls.clear()
+  message = (
+    f"the weights of step 4, which val hits_over_total selected (metrics.jsonl), are not in {best}"
+  )
+  way_out = ": evaluate the latest checkpoint (step 6) with --config.eval.weights=latest"
+  with pytest.raises(UserError, match=re.escape(message + way_out)):
+    train_ilora.evaluate(_config("stage=evaluate"), workdir)
+  assert fake.calls == []
+  train_ilora.evaluate(_config("stage=evaluate", "eval.weights=latest"), workdir)
+  assert fake.calls == [("val", 6, True)]
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          train_ilora.setup(_config(), workdir).state)  # fmt: skip
+  said = []
+  _, at, how, by = train_ilora.restore_for_use(workdir, abstract, "selected", 10, None, said.append)
+  assert (at, how, by, said) == (6, "the latest checkpoint, step 6", None, [message])
+  fake.val = {2: 0.5, 4: 0.6, 6: 0.7}  # The last epoch is the best: selected step 6.
+  again = str(tmp_path / "again")
+  train_ilora.run(_config(), again)
+  shutil.rmtree(os.path.join(again, "checkpoints", train_ilora.BEST))
+  assert train_ilora.evaluate(_config("stage=evaluate"), again) == fake.metrics("val", 6)
 
 
 def test_evaluate_names_an_unfinished_run_and_refuses_no_checkpoint(fake, tmp_path, capsys):
