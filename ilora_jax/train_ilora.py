@@ -1772,7 +1772,15 @@ def better(metric: str, new: float, old: float | None) -> bool:
 # embeddings the projector and router learned to read, and the LLM's weights (their
 # fingerprint). Not the LLM's name: one model goes by several (a registered name, the path of
 # its file, a moved folder), so another name only warns, where no fingerprints tell.
-_MODEL_SETTINGS = ("lora", "router", "data", "sasrec", "sasrec.num_heads", "llm_weights")
+_MODEL_SETTINGS = (
+  "lora",
+  "router",
+  "data",
+  "train_rows",
+  "sasrec",
+  "sasrec.num_heads",
+  "llm_weights",
+)
 
 
 def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
@@ -1801,6 +1809,8 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
         "the run was trained on another SASRec: give it back (the workdir's checkpoints/sasrec "
         "as it was, or the config.sasrec.init_from the run had)"
       )
+    elif any(d.startswith(("data ", "train_rows ")) for d in diffs):
+      advice = "the run was trained on other data: give the config.data.* it was trained with"
     elif any(d.startswith("llm_weights ") for d in diffs):
       advice = (
         f"the run was trained on other LLM weights ({saved.get('llm')!r} as it was then): "
@@ -1861,8 +1871,15 @@ def _no_checkpoint(directory: str, workdir: str) -> UserError:
 
 def unfinished(workdir: str, total_steps: int) -> str:
   """ " (an unfinished run: ...)" when the run's latest checkpoint is short of its steps
-  (stopped early, or still training), for the words naming the weights used; else ""."""
-  latest = latest_step(workdir)
+  (stopped early, or still training), for the words naming the weights used; else "". The
+  steps are those the checkpoint records where it does (`total_steps`, the config's, else:
+  an evaluation's other train.* or data.* settings do not make a finished run unfinished)."""
+  with contextlib.closing(
+    checkpointing.StageCheckpoints(workdir, STAGE, 1, False, read_only=True)
+  ) as ckpt:
+    latest = ckpt.latest_step()
+    if latest is not None:
+      total_steps = int(ckpt.restore_meta(latest)["settings"].get("total_steps", total_steps))
   if latest is None or latest >= total_steps:
     return ""
   return f" (an unfinished run: trained {latest} of {total_steps} steps)"

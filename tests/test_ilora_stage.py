@@ -242,6 +242,9 @@ def test_a_sasrec_trained_with_other_heads_is_refused(pipeline, tmp_path):
     (["--config.eval.stage=ilora", "--config.eval.weights=latest", "--config.router.kind=mlp"],
      ["checkpoints/ilora was made with other model settings (router.kind 'linear' vs config "
       "'mlp')"]),
+    (["--config.eval.stage=ilora", "--config.data.synthetic.num_users=60"],  # Other data.
+     ["ilora_best was made with other model settings (train_rows ",
+      "the run was trained on other data: give the config.data.* it was trained with"]),
     (["--config.eval.stage=sasrec", "--config.sasrec.hidden=32"],
      ["checkpoints/sasrec was trained with other settings (hidden 16 vs config 32)"]),
   ],

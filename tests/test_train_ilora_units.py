@@ -607,6 +607,7 @@ SAVED = {
   "lora": {"rank": 8, "num_experts": 4, "alpha": 32.0, "dropout": 0.1, "targets": ["q", "v"]},
   "router": {"kind": "linear", "hidden": 64, "dropout": 0.2},
   "data": "lastfm",
+  "train_rows": 8,
   "sasrec": "100 weights, |w| sum 12.34",
   "sasrec.num_heads": 1,
   "llm_weights": "abc",
@@ -658,8 +659,14 @@ def test_check_model_settings_names_each_differing_setting():
     "(data 'lastfm' vs config 'steam'; lora.rank 8 vs config 4; "
     "lora.targets ['q', 'v'] vs config ['q']); " in message
   )
-  assert "lora.alpha" not in message and message.endswith("; set them as the run had them")
-  assert "sasrec" not in message
+  assert "lora.alpha" not in message and "sasrec" not in message
+  assert message.endswith("; the run was trained on other data: give the config.data.* it was "
+                          "trained with")  # fmt: skip
+  message = _refusal(SAVED, {**SAVED, "lora": {**SAVED["lora"], "rank": 4}})
+  assert message.endswith("(lora.rank 8 vs config 4); set them as the run had them")
+  message = _refusal(SAVED, {**SAVED, "train_rows": 16})  # Other rows of one data set.
+  assert message.endswith("(train_rows 8 vs config 16); the run was trained on other data: give "
+                          "the config.data.* it was trained with")  # fmt: skip
   message = _refusal(SAVED, {**SAVED, "router": {**SAVED["router"], "kind": "mlp"}})
   assert "router.kind 'linear' vs config 'mlp'" in message
   message = _refusal(SAVED, {**SAVED, "sasrec.num_heads": 2})
@@ -707,18 +714,19 @@ def workdirs(tmp_path_factory):
   base = tmp_path_factory.mktemp("workdirs")
   state = {"x": np.arange(3, dtype=np.float32)}
 
-  def save(workdir, stage, step):
+  def save(workdir, stage, step, settings=None):
     ckpt = checkpointing.StageCheckpoints(str(workdir), stage, 2, False)
     try:
-      ckpt.save(step, state, {"settings": {}})
+      ckpt.save(step, state, {"settings": settings or {}})
       ckpt.wait()
     finally:
       ckpt.close()
 
-  dirs = {name: base / name for name in ("empty", "latest", "best", "both")}
+  dirs = {name: base / name for name in ("empty", "latest", "best", "both", "recorded")}
   for d in dirs.values():
     d.mkdir()
   save(dirs["latest"], "ilora", 3)
+  save(dirs["recorded"], "ilora", 3, {"total_steps": 6})
   save(dirs["best"], "ilora_best", 2)
   save(dirs["both"], "ilora", 3)
   save(dirs["both"], "ilora_best", 2)
@@ -835,6 +843,11 @@ def test_unfinished_names_a_run_short_of_its_steps(workdirs):
   assert train_ilora.unfinished(workdirs["latest"], 2) == ""
   assert train_ilora.unfinished(workdirs["empty"], 5) == ""
   assert train_ilora.unfinished(workdirs["best"], 5) == ""  # Selected weights alone: no run.
+  # The steps the checkpoint records, not those of an evaluation's config (other data, say).
+  for config_steps in (3, 12):
+    assert train_ilora.unfinished(workdirs["recorded"], config_steps) == (
+      " (an unfinished run: trained 3 of 6 steps)"
+    )
 
 
 # ----------------------------------------------------------------------------- group metrics
