@@ -55,6 +55,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec  # noqa: E402
 
 from ilora_jax import (  # noqa: E402
   bench,
+  configuration,
   console,
   errors,
   llm,
@@ -222,6 +223,7 @@ def main(argv) -> None:
     raise UserError(f"--programs: unknown {', '.join(unknown)}; known: {', '.join(PROGRAMS)}")
   if _TOP.value < 1:
     raise UserError(f"--top={_TOP.value}: must be >= 1")
+  configuration.validate(config)
   bench.check_config(config)
   if _HLO_DIR.value:  # Created (or refused) before the first program compiles.
     bench.writable_folder("hlo_dir", _HLO_DIR.value)

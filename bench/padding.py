@@ -30,7 +30,7 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from ilora_jax import errors, scoring, train_ilora
+from ilora_jax import configuration, errors, scoring, train_ilora
 from ilora_jax.errors import UserError
 
 _CONFIG = errors.define_config_file("config", None, "config file (configs/lastfm.py)")
@@ -117,6 +117,7 @@ def _parse_step_s(text: str) -> dict[int, float]:
 def main(argv) -> None:
   del argv
   config = _CONFIG.value
+  configuration.validate(config)  # One line naming a bad field, as ilora_jax.bench.
   try:
     step_s = _parse_step_s(_STEP_S.value)
     from ilora_jax.data import SPLITS

@@ -49,7 +49,7 @@ import time
 import jax
 from absl import flags
 
-from ilora_jax import bench, console, errors, roofline
+from ilora_jax import bench, configuration, console, errors, roofline
 from ilora_jax.errors import UserError
 
 _CONFIG = errors.define_config_file("config", None, "config file (configs/movielens.py)")
@@ -162,6 +162,8 @@ def output_folder(path: str) -> str:
 
 def main(argv) -> None:
   del argv
+  configuration.validate(_CONFIG.value)  # One line naming a bad field, as ilora_jax.bench.
+  bench.check_config(_CONFIG.value)
   if _STEPS.value < 1:
     raise UserError(f"--steps={_STEPS.value}: must be >= 1")
   if _TOP.value < 1:

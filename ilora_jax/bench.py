@@ -86,9 +86,9 @@ def check_config(config) -> None:
         f" (a prompt: {PROMPT_WHAT}, then a token)" if key in ("seq_len", "eval_prompt_len") else ""
       )
       raise UserError(f"config.bench.{key}={value!r} must be an integer >= {least}{why}")
-  peak = bc.get("peak_flops")
-  if isinstance(peak, bool) or not isinstance(peak, int | float) or not 0 < peak < math.inf:
-    raise UserError(f"config.bench.peak_flops={peak!r} must be a positive number (FLOP/s)")
+  peak = bc.get("peak_flops")  # At least 1: a smaller one made an MFU of Infinity (no JSON).
+  if isinstance(peak, bool) or not isinstance(peak, int | float) or not 1 <= peak < math.inf:
+    raise UserError(f"config.bench.peak_flops={peak!r} must be a number of FLOP/s, at least 1")
   if bc.target_tokens >= bc.seq_len:
     raise UserError(
       f"config.bench.target_tokens={bc.target_tokens} must be smaller than "
@@ -108,20 +108,43 @@ def check_config(config) -> None:
     )
   from ilora_jax.data import SPLITS
 
-  if bc.eval_data and bc.eval_split not in SPLITS:
+  if bc.eval_split not in SPLITS:
     raise UserError(f"config.bench.eval_split={bc.eval_split!r} must be one of {', '.join(SPLITS)}")
 
 
-def check_eval_data_overrides(config, argv: list[str]) -> None:
-  """Refuses `--config.bench.eval_batch_size` given with `bench.eval_data`: that mode's
-  evaluator batches its rows by `ilora.eval_batch_size` (as training's evaluation does), so
-  the flag would be ignored in silence."""
-  given = any(a.split("=", 1)[0] == "--config.bench.eval_batch_size" for a in argv)
-  if config.bench.eval_data and given:
+# What `bench.eval_data` reads of config.bench; the random-batch benchmark reads the rest.
+EVAL_DATA_FIELDS = ("eval_data", "eval_rows", "eval_split")
+
+
+def check_eval_data_overrides(config, argv: list[str], workdir: str | None) -> None:
+  """Refuses `--config.bench.*` overrides (--flagfile lines too) that the chosen mode does
+  not read, and a --workdir without `bench.eval_data` (the only mode that reads one): each
+  would be ignored in silence. `eval_batch_size` with eval_data says what to set instead:
+  that mode batches by `ilora.eval_batch_size`, as training's evaluation does."""
+  from absl import flags
+
+  argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+  given = [a.split("=", 1)[0].removeprefix("--config.bench.") for a in argv[1:]
+           if a.startswith("--config.bench.")]  # fmt: skip
+  eval_data = config.bench.eval_data
+  if eval_data and "eval_batch_size" in given:
     raise UserError(
       "config.bench.eval_batch_size is not read with config.bench.eval_data=True: the "
       f"evaluation batches by config.ilora.eval_batch_size (now {config.ilora.eval_batch_size}); "
       "set that instead"
+    )
+  for key in given:
+    if (key in EVAL_DATA_FIELDS) != bool(eval_data) and key != "eval_data":
+      raise UserError(
+        f"config.bench.{key} is not read with config.bench.eval_data={bool(eval_data)}: "
+        + ("that mode times real prompts, reading only config.bench.eval_rows and eval_split "
+           "of config.bench (and config.ilora.*, config.data.*)" if eval_data else
+           "it is a field of the real-prompt benchmark (config.bench.eval_data=True)")
+      )  # fmt: skip
+  if workdir is not None and not eval_data:
+    raise UserError(
+      f"--workdir={workdir} is read only with config.bench.eval_data=True (a run whose SASRec "
+      "the real-prompt benchmark uses); the random-batch benchmark reads no files"
     )
 
 
@@ -596,13 +619,15 @@ EVAL_SHAPE_KEYS = ("eval_batch_size", "eval_prompt_len", "eval_new_tokens", "eva
 
 def _null_note(key: str, result: dict) -> str:
   """What the null figure `key` of `run`'s `result` means, shown in its table."""
+  if key in TRAIN_KEYS and "eval_data" in result:
+    return "null: bench.eval_data times the evaluations of real prompts alone"
   if key in ("batch_size", "grad_accum", "seq_len") or (
     key in TRAIN_KEYS and result.get("step_s") is None
   ):
     return "null: no train step ran (bench.train=False)"
   if key in SCORE_KEYS and not result.get("eval_candidates"):
     return "null: no candidates scored (bench.eval_candidates=0)"
-  if key.endswith("roofline_s"):
+  if key.endswith("roofline_s") or key == "roofline_step_s":
     return "null: no roofline model of this device (ilora_jax.roofline), or its failure above"
   if key == "peak_bytes":
     return "null: the backend reports no peak memory (a CPU's: see temp_bytes)"
@@ -781,7 +806,7 @@ def run(config, workdir: str | None = None) -> dict:
   if config.bench.eval_data:
     result = {"model": config.llm.name, "device": jax.devices()[0].device_kind,
               "devices": jax.device_count(), "eval_batch_size": config.ilora.eval_batch_size,
-              "dtype": config.llm.dtype}  # fmt: skip
+              "dtype": config.llm.dtype, **dict.fromkeys(TRAIN_KEYS)}  # fmt: skip
     if workdir:
       result.update(bench_eval_data(config, workdir))
     elif not config.sasrec.init_from:
@@ -879,14 +904,15 @@ def main(argv: list[str] | None = None) -> None:
   flags.FLAGS.set_default("workdir", _NO_WORKDIR)  # Optional here: only eval_data reads one.
   argv = list(sys.argv if argv is None else argv)
   config, workdir = main_lib.parse(argv)
+  workdir = None if workdir == _NO_WORKDIR else workdir
   check_config(config)
-  check_eval_data_overrides(config, argv)
+  check_eval_data_overrides(config, argv, workdir)
   from ilora_jax import compile_cache, configuration, console
 
   configuration.validate(config)
   console.quiet_libraries()
   compile_cache.enable("")  # compile_s is a real compile, never a load from the cache.
-  run(config, None if workdir == _NO_WORKDIR else workdir)
+  run(config, workdir)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,16 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
   if any(a in HELP_FLAGS for a in argv[1:]):
     print_help(values)
     sys.exit(0)
+  try:  # With the --flagfile files' lines (one that cannot be read: named below, by absl).
+    given = values.read_flags_from_files(argv, force_gnu=False)
+  except Exception:  # noqa: BLE001
+    given = argv
+  override = next((a for a in given[1:] if a.startswith("--config.")), None)
+  if override and "config" in values and not _config_given(given):  # absl: "Unknown flag".
+    raise UserError(
+      f"{override.split('=', 1)[0]}=... overrides a config file, and none is given: "
+      "--config is required, e.g. --config=configs/tiny.py"
+    )
   with flag_errors(what, argv):
     rest = values(argv)
   _check_repeats_and_bare_flags(values, argv)
@@ -162,8 +172,11 @@ def print_help(values) -> None:
   doc = "" if main is None else (getattr(main, "__doc__", None) or "").strip()
   if doc:
     print(doc + "\n")
-  text = values.main_module_help() if main is not None else values.get_help()
-  print(text.strip() or "(no flags)")
+  text = (values.main_module_help() if main is not None else values.get_help()).strip()
+  # The shared --config and --workdir are defined in other modules (errors, main): named too.
+  shared = [f"  --{name}: {values[name].help}" for name in ("config", "workdir")
+            if name in values and f"--{name}:" not in text]  # fmt: skip
+  print("\n".join(line for line in (text, *shared) if line) or "(no flags)")
   if "config" in values:
     print(
       "\n  --config.<field>=<value> overrides any field of the config file "

@@ -8,7 +8,7 @@ array the train step holds with `jax.eval_shape` (frozen LLM and SASRec, LoRA ad
 projector, optimizer state), gives each its `PartitionSpec` from the logical-axis rules exactly
 as the run does, and prints the bytes one device holds of each, plus an activation estimate for
 one micro-batch. The last line is one JSON object. With `plan.devices=1,8,64` it prints one
-table per device count.
+table per device count, and the last line is a JSON list of those objects.
 
 Activation estimate (per device, one micro-batch of b rows per data shard, T tokens, L layers,
 hidden d, h heads): without rematerialisation L * b * T * (34 d + 5 h T) * bytes / 2, the

@@ -479,13 +479,23 @@ def test_profile_step_splits_generation_into_prefill_and_decode_steps(tmp_path):
     ("eval_new_tokens=0", "config.bench.eval_new_tokens=0 must be an integer >= 1"),
     ("grad_accum=0", "config.bench.grad_accum=0 must be an integer >= 1"),
     ("warmup=-1", "config.bench.warmup=-1 must be an integer >= 0"),
-    ("peak_flops=0", "config.bench.peak_flops=0.0 must be a positive number"),
+    ("peak_flops=0", "config.bench.peak_flops=0.0 must be a number of FLOP/s, at least 1"),
+    # A positive peak this small made an MFU of Infinity: the last line was no JSON.
+    ("peak_flops=1e-320", "config.bench.peak_flops=1e-320 must be a number of FLOP/s"),
     ("train=False --config.bench.eval=False", "are both False (and eval_data and "),
     # That mode batches by ilora.eval_batch_size: the flag would be ignored in silence.
     (
       "eval_data=True --config.bench.eval_batch_size=4",
       "config.bench.eval_batch_size is not read with config.bench.eval_data=True",
     ),
+    # Each mode's fields, given to the other, were ignored in silence; so was a --workdir.
+    (
+      "eval_data=True --config.bench.eval_new_tokens=2",
+      "config.bench.eval_new_tokens is not read with config.bench.eval_data=True: that mode",
+    ),
+    ("eval_rows=4", "config.bench.eval_rows is not read with config.bench.eval_data=False"),
+    ("eval_split=bogus", "config.bench.eval_split='bogus' must be one of train, val, test"),
+    ("steps=2 --workdir=/tmp/w", "--workdir=/tmp/w is read only with config.bench.eval_data=True"),
   ],
 )
 def test_bench_rejects_impossible_fields_before_any_work(override, fragment):
@@ -494,6 +504,16 @@ def test_bench_rejects_impossible_fields_before_any_work(override, fragment):
   proc = run_cli(TINY, *f"--config.bench.{override}".split(" "), module="ilora_jax.bench")
   assert proc.returncode == 2
   assert_one_line_error(proc, fragment)
+
+
+def test_a_flagfiles_override_that_eval_data_does_not_read_is_refused_too(tmp_path):
+  flagfile = tmp_path / "flags.txt"
+  flagfile.write_text("--config.bench.eval_batch_size=2\n")
+  proc = run_cli(TINY, "--config.bench.eval_data=True", f"--flagfile={flagfile}",
+                 module="ilora_jax.bench")  # fmt: skip
+  assert_one_line_error(
+    proc, "config.bench.eval_batch_size is not read with config.bench.eval_data"
+  )
 
 
 def test_bench_check_config_accepts_the_defaults_and_names_the_field():
@@ -505,7 +525,7 @@ def test_bench_check_config_accepts_the_defaults_and_names_the_field():
   config.bench.peak_flops = float("nan")
   with pytest.raises(bench.UserError, match="config.bench.peak_flops=nan"):
     bench.check_config(config)
-  config.bench.peak_flops, config.bench.eval_data, config.bench.eval_split = 1e12, True, "x"
+  config.bench.peak_flops, config.bench.eval_split = 1e12, "x"
   with pytest.raises(bench.UserError, match="config.bench.eval_split='x' must be one of"):
     bench.check_config(config)
 
@@ -668,6 +688,7 @@ def test_decode_step_is_null_where_the_generation_is_not_slower_than_its_prefill
   assert note("batch_size").startswith("null: no train step")
   assert note("peak_bytes").startswith("null: the backend reports no peak")
   assert note("eval_score_roofline_s").startswith("null: no roofline model")
+  assert note("roofline_step_s").startswith("null: no roofline model")  # Was a bare "null".
   assert note("eval_data_score_compile_s").startswith("null: the compile pass was not slower")
   # Each null its own reason (the eval_* shape keys had none, one new token was "noise").
   one = {"step_s": 0.1, "eval_batch_size": 2, "eval_new_tokens": 1, "eval_candidates": 0}
@@ -708,6 +729,9 @@ def test_ab_eval_variants_may_change_only_what_each_evaluator_reads():
     ("ab_step.py", ["--variants=llm.remat=none", "--rounds=1"], "is one variant: give two"),
     ("ab_eval.py", ["--variants=ilora.eval_sort=False"], "is one variant: give two"),
     ("profile_step.py", ["--top=-1"], "--top=-1: must be >= 1"),
+    # The config checked as ilora_jax.bench checks it (was an "unexpected KeyError", exit 3).
+    ("profile_step.py", ["--config.llm.dtype=bogus"], "config.llm.dtype='bogus' is not one of"),
+    ("padding.py", ["--config.llm.remat=bogus"], "config.llm.remat='bogus' is not one of"),
     ("padding.py", ["--step_s=256=nan,288=0"], "--step_s: 256=nan: a padded length"),
     ("padding.py", ["--eval_split=bogus"], "--eval_split='bogus' must be one of"),
     ("padding.py", ["--steps=-1"], "--steps=-1: 0 (the whole epoch) or a number of steps >= 1"),
@@ -811,6 +835,9 @@ ENTRY %main (a: f32[256,8]) -> f32[8,256] {
   "args, fragment",
   [
     (["--experts=3", "--variant=original"], "--rank=8 is not a multiple of --experts=3"),
+    (["--peak_flops=1e-320"], "--peak_flops=1e-320: must be a number of FLOP/s, at least 1"),
+    # argparse took an abbreviation for the flag it starts (absl's commands refuse it).
+    (["--batch=2"], "unrecognized arguments: --batch=2"),
   ],
 )
 def test_torch_reference_refuses_bad_flags_in_one_line(args, fragment):

@@ -303,6 +303,29 @@ def test_a_flag_given_twice_is_refused_but_dotted_overrides_may_repeat(monkeypat
   assert (values.config.train.seed, values.n) == (4, 3)  # The later override wins.
 
 
+def test_overrides_without_a_config_file_say_that_config_is_required(monkeypatch, tmp_path):
+  """absl said "Unknown command line flag 'config.llm.name'": without --config no override
+  is defined. A --config in a flagfile counts as given."""
+  argv = ["prog", "--config.llm.name=tiny", "--n=3"]
+  monkeypatch.setattr(sys, "argv", argv)
+  values = _values()
+  config_flags.DEFINE_config_file("config", flag_values=values)
+  with pytest.raises(UserError) as raised:
+    errors.parse_flags(values, argv)
+  assert str(raised.value) == (
+    "--config.llm.name=... overrides a config file, and none is given: --config is required, "
+    "e.g. --config=configs/tiny.py"
+  )
+  flagfile = tmp_path / "flags.txt"
+  flagfile.write_text(f"--config={ROOT}/configs/tiny.py\n")
+  argv = ["prog", f"--flagfile={flagfile}", "--config.llm.name=other"]
+  monkeypatch.setattr(sys, "argv", argv)
+  values = _values()
+  config_flags.DEFINE_config_file("config", flag_values=values)
+  errors.parse_flags(values, argv)
+  assert values.config.llm.name == "other"
+
+
 def test_a_flag_whose_value_would_be_the_next_flag_is_refused():
   """absl reads `--flag value`: a bare `--s` before another flag took that flag for its
   value (a run went to a workdir named `--config.stage=sasrec`, with the config's stage)."""
@@ -342,13 +365,24 @@ class _Help:
   def __contains__(self, name):
     return name in self.names
 
+  def __getitem__(self, name):
+    return types.SimpleNamespace(help=f"the {name}")
+
 
 def test_print_help(capsys, monkeypatch):
   monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__doc__="\n  Trains.\n"))
   errors.print_help(_Help("\n  --seed: the seed\n", names=("config",)))
   assert capsys.readouterr().out == (
-    "Trains.\n\n--seed: the seed\n\n  --config.<field>=<value> overrides any field of the config "
-    "file (every field is documented in configs/base.py).\n"
+    "Trains.\n\n--seed: the seed\n  --config: the config\n\n  --config.<field>=<value> "
+    "overrides any field of the config file (every field is documented in configs/base.py).\n"
+  )
+  # --config and --workdir, defined outside the main module (bench's had "(no flags)"), are
+  # named unless its help already has them.
+  errors.print_help(_Help("  --workdir: w", names=("config", "workdir")))
+  assert capsys.readouterr().out.startswith("Trains.\n\n--workdir: w\n  --config: the config\n\n")
+  errors.print_help(_Help("", names=("config", "workdir")))
+  assert capsys.readouterr().out.startswith(
+    "Trains.\n\n  --config: the config\n  --workdir: the workdir\n\n"
   )
   monkeypatch.setitem(sys.modules, "__main__", types.SimpleNamespace(__doc__=None))
   errors.print_help(_Help("  "))

@@ -1078,6 +1078,9 @@ def test_bench_both_evaluation_modes_on_real_prompts(pipeline, tmp_path):
     result["eval_data_generate_s"] / result["eval_data_score_s"]
   )
   assert 0 <= result["eval_data_hr@1"] <= 1
+  # The contract's train-step keys: null, the table saying why.
+  assert all(result[key] is None for key in ("step_s", "tokens_per_s", "compile_s", "mfu"))
+  assert re.search(r"^step_s +null: bench.eval_data times the evaluations", proc.stdout, re.M)
 
 
 def test_bucketed_order_regroups_each_window_by_length():
