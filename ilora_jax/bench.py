@@ -22,7 +22,8 @@ the split `bench.eval_split` of config.data with the run's candidates, greedy ge
 to `ilora.max_new_tokens` (early stop at the newline) against the shared-prefill scoring of the
 candidates, each over `bench.eval_rows` rows twice (the first pass compiles), in batches of
 `ilora.eval_batch_size` as training's evaluation (its `eval_batch_size` key; giving
-`--config.bench.eval_batch_size` there is refused). Keys:
+`--config.bench.eval_batch_size` there is refused, as are the other bench fields but
+eval_rows and eval_split; the train step's keys are null). Keys:
 eval_data_generate_prompts_per_s, eval_data_score_prompts_per_s, eval_data_score_speedup, ...
 
   python -m ilora_jax.bench --config=configs/movielens.py --config.llm.name=smollm2-135m \
