@@ -223,6 +223,20 @@ def article_first(title: str) -> str:
   return f"{m['article']} {m['main']}{m['rest']}" if m else title
 
 
+# A character UTF-8 writes in two to four bytes (latin-1 text almost never holds one).
+_UTF8_MULTIBYTE = re.compile(
+  rb"[\xc2-\xdf][\x80-\xbf]|[\xe0-\xef][\x80-\xbf]{2}|[\xf0-\xf4][\x80-\xbf]{3}"
+)
+
+
+def _item_number(text: str) -> int:
+  """A titles file's item id: ASCII digits, an optional minus (Python's `int` also reads
+  '3_0' as 30 and other scripts' digits)."""
+  if not re.fullmatch(r"\s*-?[0-9]+\s*", text):
+    raise ValueError(text)
+  return int(text)
+
+
 def load_titles(path: str, keep_years: bool = False, articles: str = "as_is") -> dict[int, str]:
   """Reads `id2name.txt` (`id::title`) or MovieLens `u.item` (`id|title (year)|...`, id - 1;
   the year is stripped, as the original's prompts show titles, unless `keep_years`; with
@@ -241,7 +255,17 @@ def load_titles(path: str, keep_years: bool = False, articles: str = "as_is") ->
       raise UserError(
         f"titles file {path} line {line} is not valid UTF-8 ({exc.reason} at byte {bad!r})"
       ) from None
-    text = raw.decode("latin-1")  # MovieLens's own u.item; a re-saved one may be UTF-8.
+    # MovieLens's own u.item is latin-1; a re-saved one may be UTF-8. One with UTF-8 lines
+    # and others that are not mixes encodings: read as latin-1, its UTF-8 titles would be
+    # garbled ("MisÃ©rables").
+    if _UTF8_MULTIBYTE.search(raw):
+      line = raw[: exc.start].count(b"\n") + 1
+      raise UserError(
+        f"titles file {path} line {line} is not valid UTF-8 ({exc.reason} at byte "
+        f"{raw[exc.start : exc.start + 1]!r}), though other lines are: the file mixes "
+        "encodings; save it in one (UTF-8, or latin-1 as MovieLens's own u.item)"
+      ) from None
+    text = raw.decode("latin-1")
   text = text.removeprefix("\ufeff")  # A byte-order mark some editors write first.
   # Lines end at '\n', '\r\n' or a lone '\r' (old Mac files); not at U+2028 or U+0085, where
   # `splitlines` would also cut a title.
@@ -253,12 +277,12 @@ def load_titles(path: str, keep_years: bool = False, articles: str = "as_is") ->
       if is_uitem:
         fields = line.split("|")
         title = (fields[1] if keep_years else YEAR_SUFFIX.sub("", fields[1])).strip()
-        item = int(fields[0]) - 1
+        item = _item_number(fields[0]) - 1
         if articles == "front":
           title = article_first(title)
       else:
         key, title = line.split("::", 1)
-        item, title = int(key), title.strip()
+        item, title = _item_number(key), title.strip()
     except (ValueError, IndexError):
       raise UserError(f"titles file {path} line {lineno} is malformed: {line[:60]!r}") from None
     where = f"titles file {path} line {lineno}"
@@ -454,6 +478,21 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
     raise UserError(f"cannot write {stamp_path}: {exc}") from None
 
 
+def _warn_shared_files(data, directory: str, has_test: bool) -> None:
+  """A warning when the train split's file is also the val or test split's (a copy-paste
+  slip in train_file, say): its metrics would be of rows the model trained on."""
+  from ilora_jax import console
+
+  names = {"val": data.val_file, **({"test": data.test_file} if has_test else {})}
+  train = os.path.join(directory, data.train_file)
+  for split, name in names.items():
+    if os.path.samefile(train, os.path.join(directory, name)):
+      console.info(
+        f"warning: config.data.train_file={data.train_file} and {split}_file={name} are the "
+        f"same file: the {split} metrics are of rows the model trains on"
+      )
+
+
 def titles_file(data, directory: str) -> str:
   """The titles file of `config.data` in its folder: `data.titles_file`, else `id2name.txt`
   where present, else `u.item`."""
@@ -510,7 +549,10 @@ def load_from_config(config, workdir: str) -> Dataset:
     )
   if not os.path.isdir(directory):
     what = "is a file, not a folder" if os.path.exists(directory) else "not found"
-    raise UserError(f"data folder {what}: {directory} (set config.data.dir)")
+    hint = " ('~' is not expanded here: give the full path)" if directory.startswith("~") else ""
+    raise UserError(f"data folder {what}: {directory} (set config.data.dir){hint}")
+  if not os.access(directory, os.R_OK | os.X_OK):  # Its files would read as "not found".
+    raise UserError(f"data folder is not readable: {directory}")
   titles_path = titles_file(data, directory)
   # A run saved before the setting existed (its config.json lacks it) keeps the titles as is.
   titles = load_titles(titles_path, articles=data.get("movielens_articles", "as_is"))
@@ -525,8 +567,11 @@ def load_from_config(config, workdir: str) -> Dataset:
     reason = "no test file (config.data.test_file is empty)"
   elif os.path.exists(test_path):
     test = load_split(test_path, "test", *args)
+  elif os.path.islink(test_path):  # Named, but its target is gone: no data set lacks it so.
+    raise UserError(f"test file {test_path} is a link to {os.readlink(test_path)}, which is gone")
   else:
     reason = f"test file not found: {test_path}"
+  _warn_shared_files(data, directory, test is not None)
   dataset = Dataset(data.name, n_items, titles, train, val, test, reason)
   distributed.check_same_data(lambda: content_digest(dataset), directory)
   return dataset

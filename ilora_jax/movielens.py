@@ -55,8 +55,12 @@ def read_ratings(raw_ratings: str = ""):
   source = raw_ratings or "the MovieLens-100K copy"
   short = np.flatnonzero(frame.isna().any(axis=1).to_numpy())
   if frame.shape[1] != 4 or len(short):
-    which = (f"row {short[0] + 1} has {int(frame.iloc[short[0]].notna().sum())}" if len(short)
-             else f"found {frame.shape[1]} columns")  # fmt: skip
+    if frame.shape[1] != 4:
+      which = f"found {frame.shape[1]} columns"
+      if frame.shape[1] == 5 and frame.iloc[:, 4].isna().all():
+        which += ", the last empty: every line ends in a tab?"
+    else:
+      which = f"row {short[0] + 1} has {int(frame.iloc[short[0]].notna().sum())}"
     raise UserError(
       f"{source}: MovieLens ratings must have 4 tab-separated fields user, item, rating, "
       f"timestamp on every row ({which})"

@@ -301,6 +301,13 @@ def test_titles_of_odd_encodings_and_line_ends(tmp_path):
   (tmp_path / "id2name.txt").write_bytes("0::Air\n1::Café\n".encode("latin-1"))
   with pytest.raises(UserError, match=r"line 2 is not valid UTF-8 \(invalid .* at byte b'\\xe9'\)"):
     data.load_titles(str(tmp_path / "id2name.txt"))
+  # UTF-8 titles and a latin-1 one: read as latin-1, every UTF-8 accent was garbled.
+  (tmp_path / "mixed").mkdir()
+  mixed = "2|Misérables, Les (1995)|x\n".encode() + "3|Café (1990)|x\n".encode("latin-1")
+  (tmp_path / "mixed" / "u.item").write_bytes(mixed)
+  with pytest.raises(UserError, match=r"line 2 is not valid UTF-8 .*, though other lines are: the "
+                     r"file mixes encodings; save it in one \(UTF-8, or latin-1"):  # fmt: skip
+    data.load_titles(str(tmp_path / "mixed" / "u.item"))
   (tmp_path / "zero").mkdir()
   (tmp_path / "zero" / "u.item").write_text("0|Toy Story (1995)|x\n")
   with pytest.raises(UserError, match=r"line 1: item id 0 is not positive \(u.item ids start at 1"):
@@ -313,6 +320,9 @@ def test_titles_of_odd_encodings_and_line_ends(tmp_path):
     ("0::A\n-5::Negative\n", "line 2: item id -5 is negative"),
     ("0::A\n1::\n", "line 2: item 1 has an empty title"),
     ("0::A\n1::B\n0::C\n", "line 3: item 0 appears twice"),
+    # Python's int() reads '3_0' as 30 and other scripts' digits: an error named 30 or 3.
+    ("0::A\n3_0::B\n", "line 2 is malformed: '3_0::B'"),
+    ("0::A\n\u0663::B\n", "line 2 is malformed: '\u0663::B'"),
   ],
 )
 def test_titles_with_bad_ids_or_empty_titles_are_errors(tmp_path, text, message):
@@ -431,6 +441,11 @@ def test_odd_u_data_files_are_refused_or_warned(tmp_path, capsys):
   five.write_text("".join(f"{line}\t7\n" for line in lines))
   with pytest.raises(UserError, match=r"must have 4 tab-separated fields .*\(found 5 columns\)"):
     movielens.read_ratings(str(five))
+  tabbed = tmp_path / "tabbed.data"  # Said "row 1 has 4" of 4-field rows.
+  tabbed.write_text("".join(f"{line}\t\n" for line in lines))
+  with pytest.raises(UserError, match=r"\(found 5 columns, the last empty: every line ends in a "
+                     r"tab\?\)$"):  # fmt: skip
+    movielens.read_ratings(str(tabbed))
   ragged = tmp_path / "ragged.data"
   ragged.write_text(f"{lines[0]}\n{lines[1]}\t7\n")
   with pytest.raises(UserError, match="malformed .*Expected 4 fields in line 2, saw 5") as info:
@@ -725,6 +740,44 @@ def test_data_dir_titles_file_and_test_split_are_found(tmp_path):
   (folder / "Test_data.df").write_bytes((folder / "Val_data.df").read_bytes())
   test = data.load_from_config(config, str(tmp_path)).split("test")
   assert test.name == "test" and len(test) == 4  # The name seeds the test candidates.
+
+
+def test_unusual_data_folders_and_files_are_named_for_what_they_are(tmp_path, capsys):
+  """A test file linking to nothing was "not found" (test skipped), and '~' (not expanded) a
+  folder "not found"; a train file that is also the val file trained and evaluated on the
+  same rows without a word."""
+  config = _folder_config(tmp_path / "c", 9, 9)
+  folder = tmp_path / "c" / "d"
+  (folder / "Test_data.df").symlink_to(tmp_path / "gone.df")
+  with pytest.raises(UserError, match=f"^test file {folder / 'Test_data.df'} is a link to "
+                     f"{tmp_path / 'gone.df'}, which is gone$"):  # fmt: skip
+    data.load_from_config(config, str(tmp_path))
+  (folder / "Test_data.df").unlink()
+  tilde = configuration.override(config, ["data.dir=~/nowhere-here"])
+  with pytest.raises(UserError, match=r"not found: ~/nowhere-here \(set config.data.dir\) \('~' is "
+                     r"not expanded here: give the full path\)$"):  # fmt: skip
+    data.load_from_config(tilde, str(tmp_path))
+  same = configuration.override(config, ["data.train_file=Val_data.df"])
+  data.load_from_config(same, str(tmp_path))
+  warning = (
+    "warning: config.data.train_file=Val_data.df and val_file=Val_data.df are the same file: "
+    "the val metrics are of rows the model trains on"
+  )
+  assert warning in capsys.readouterr().err
+  data.load_from_config(config, str(tmp_path))
+  assert "same file" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder without permissions")
+def test_an_unreadable_data_folder_is_named_so(tmp_path):
+  config = _folder_config(tmp_path / "c", 9, 9)
+  folder = tmp_path / "c" / "d"
+  folder.chmod(0o000)
+  try:
+    with pytest.raises(UserError, match=f"^data folder is not readable: {folder}$"):
+      data.load_from_config(config, str(tmp_path))
+  finally:
+    folder.chmod(0o755)
 
 
 def test_fingerprints_name_the_rows_and_titles_not_their_form():
