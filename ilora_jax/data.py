@@ -559,14 +559,27 @@ def load_from_config(config, workdir: str) -> Dataset:
   n_items = data.n_items or (max(titles) + 1)
   check_titles_cover(titles, n_items, titles_path, given=bool(data.n_items))
   args = (n_items, data.max_len, data.min_len)
-  train = load_split(train_path, "train", *args)
-  val = load_split(os.path.join(directory, data.val_file), "val", *args)
+
+  def load(path: str, name: str) -> Split:
+    try:
+      return load_split(path, name, *args)
+    except UserError as exc:
+      if data.n_items:
+        raise
+      # Its ids and padding id follow from the titles: say so (a titles line too many or too
+      # few reads as bad rows).
+      raise UserError(
+        f"{exc} (config.data.n_items=0: {n_items} items, the titles file's largest id + 1)"
+      ) from None
+
+  train = load(train_path, "train")
+  val = load(os.path.join(directory, data.val_file), "val")
   test_path = os.path.join(directory, data.test_file)
   test, reason = None, ""
   if not data.test_file:  # `--config.data.test_file=`: a data set without a test split.
     reason = "no test file (config.data.test_file is empty)"
   elif os.path.exists(test_path):
-    test = load_split(test_path, "test", *args)
+    test = load(test_path, "test")
   elif os.path.islink(test_path):  # Named, but its target is gone: no data set lacks it so.
     raise UserError(f"test file {test_path} is a link to {os.readlink(test_path)}, which is gone")
   else:

@@ -272,8 +272,8 @@ _RESOLVED = {
 
 _EXTENSION_TYPE = (
   "has a column (or index) of a pandas extension type such as datetime, category or "
-  "nullable integer ({}), which is not read: convert it with astype('int64') (or drop it) "
-  "and save the DataFrame again"
+  "nullable integer ({}), which is not read: convert a column of ids with astype('int64'), "
+  "drop any other (such as a column of text), and save the DataFrame again"
 )
 
 _INDEX_TYPE = (
@@ -473,6 +473,8 @@ def _text_kind(data: bytes) -> str | None:
   first = text.split("\n", 1)[0]
   if any(sep in first for sep in ",\t;"):
     return f"CSV text ({_SAVE})"
+  if "::" in first or "|" in first:  # Given as a split, say: no pickle's line holds these.
+    return "a titles file (id::title or u.item lines), not a split's DataFrame"
   return None
 
 

@@ -695,6 +695,12 @@ def test_n_items_zero_takes_the_catalogue_from_the_titles(tmp_path):
   (tmp_path / "c" / "d" / "id2name.txt").write_text("".join(f"{i}::T{i}\n" for i in range(1, 9)))
   with pytest.raises(UserError, match=r"lacks titles for 1 of the config.data.n_items=9 .*first 0"):
     data.load_from_config(config, str(tmp_path))
+  # One title too many: the files' padding id 9 is an item now, and rows padded with it read
+  # as bad rows; the error says where the item count came from.
+  config = _folder_config(tmp_path / "e", 10, 0)
+  with pytest.raises(UserError, match=r"has items after its first len_seq=3: .* \(config.data."
+                     r"n_items=0: 10 items, the titles file's largest id \+ 1\)$"):  # fmt: skip
+    data.load_from_config(config, str(tmp_path))
 
 
 def test_candidates_with_exactly_enough_items_take_them_all():

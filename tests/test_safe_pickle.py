@@ -1360,6 +1360,11 @@ def _frame_writers():
       raw(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 12\n"),
       "a Git LFS pointer \\(fetch the data with git lfs pull\\)",
     ),
+    # A titles file given as a split (was "corrupt or truncated: bad opcode at byte 1").
+    **{
+      name: (raw(text), "a titles file \\(id::title or u.item lines\\), not a split's DataFrame")
+      for name, text in (("id2name", b"0::Air\n1::Cafe\n"), ("u.item", b"1|Toy Story (1995)|x\n"))
+    },
   }
 
 
