@@ -494,6 +494,20 @@ def cell(value) -> str:
   return " ".join(str(value).split())[:20]
 
 
+def run_compare(workdir: str, given: str) -> str:
+  """The comparison of a report that `stage=evaluate` rebuilds: `given` (its
+  config.report.compare), else the one the run was trained with (its config.json's), so that
+  an evaluation without the flag keeps the run's comparison rows and compare.png."""
+  if given:
+    return given
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      saved = json.load(f)["report"]["compare"]
+  except (OSError, ValueError, KeyError, TypeError):  # None, or damaged: no comparison.
+    return ""
+  return saved if isinstance(saved, str) else ""
+
+
 def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
   """Writes `workdir/report/` and returns its path."""
   if isinstance(compare, str) or compare is None:

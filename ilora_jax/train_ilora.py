@@ -1979,5 +1979,6 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   )
   if jax.process_index() == 0:  # Beside the record it matches (the split's latest final).
     write_predictions(workdir, config.eval.split, evaluator, metrics)
-    console.info(f"report: {report.write(workdir, config.report.compare)}")  # With the record.
+    compare = report.run_compare(workdir, config.report.compare)  # The run's comparison kept.
+    console.info(f"report: {report.write(workdir, compare)}")  # With the record.
   return metrics

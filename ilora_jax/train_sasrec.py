@@ -550,5 +550,6 @@ def evaluate(config, workdir: str) -> dict[str, float]:
     splits=(config.eval.split,),
   )
   if jax.process_index() == 0:
-    console.info(f"report: {report.write(workdir)}")  # With the new record.
+    compare = report.run_compare(workdir, config.report.compare)  # The run's comparison kept.
+    console.info(f"report: {report.write(workdir, compare)}")  # With the new record.
   return metrics

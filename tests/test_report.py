@@ -1069,3 +1069,15 @@ def test_a_compared_run_without_metrics_is_a_warning_at_the_start(tmp_path, caps
   )
   report.warn_unfound_compared("")
   assert capsys.readouterr().err == ""
+
+
+def test_an_evaluation_keeps_the_comparison_the_run_was_trained_with(tmp_path):
+  """stage=evaluate rebuilds the report: without config.report.compare it dropped the run's
+  comparison rows and compare.png; it now takes the run's config.json's, its own if given."""
+  assert report.run_compare(str(tmp_path), "") == ""  # No config.json.
+  (tmp_path / "config.json").write_text(json.dumps({"report": {"compare": "lora=/runs/lora"}}))
+  assert report.run_compare(str(tmp_path), "") == "lora=/runs/lora"
+  assert report.run_compare(str(tmp_path), "b=/runs/b") == "b=/runs/b"
+  for damaged in ("[", '{"report": {"compare": 3}}', '{"report": null}'):
+    (tmp_path / "config.json").write_text(damaged)
+    assert report.run_compare(str(tmp_path), "") == ""
