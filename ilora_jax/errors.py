@@ -378,12 +378,20 @@ _PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken p
 
 
 def _peer_lost(exc: BaseException) -> bool:
-  """Whether `exc` is JAX's error for another process of a multi-process run gone away."""
-  return (
-    _joined()
-    and type(exc).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
-    and any(marker.lower() in str(exc).lower() for marker in _PEER_LOST)
-  )
+  """Whether `exc` is JAX's error for another process of a multi-process run gone away, or
+  carries one: Orbax's checkpoint sync re-raises the collective's failure as a ValueError
+  (its cause, or a Gloo collective named in its text)."""
+  if not _joined():
+    return False
+  seen = set()
+  while exc is not None and id(exc) not in seen:
+    seen.add(id(exc))
+    text = str(exc).lower()
+    jax_error = type(exc).__name__ in ("JaxRuntimeError", "XlaRuntimeError") or "gloo" in text
+    if jax_error and any(marker.lower() in text for marker in _PEER_LOST):
+      return True
+    exc = exc.__cause__ or exc.__context__
+  return False
 
 
 def report_and_exit(exc: BaseException) -> None:

@@ -163,6 +163,15 @@ def test_a_lost_peer_of_a_multi_process_run_is_named_not_called_a_bug(capsys, mo
   )
   assert _exit_of(JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"), capsys)[0] == 3
   assert _exit_of(ValueError("Connection reset by peer"), capsys)[0] == 3  # Not JAX's.
+  # Orbax's save sync re-raises the collective's failure as a ValueError (the audit's kill of
+  # one process: "unexpected ValueError", exit 3), with JAX's error as its cause or not.
+  orbax = ValueError("UNKNOWN: Gloo AllGather failed: [pair.cc:589] Connection reset by peer")
+  assert _exit_of(orbax, capsys)[:2] == (2, "")
+  try:
+    raise ValueError("sync failed") from lost
+  except ValueError as wrapped:
+    code, _, err = _exit_of(wrapped, capsys)
+  assert code == 2 and err.startswith("error: another process of this multi-process run stopped")
   monkeypatch.setattr(distributed, "JOINED", False)
   assert _exit_of(lost, capsys)[0] == 3
 
