@@ -86,8 +86,10 @@ fi
 [[ $# -ge 1 ]] || fail "no job arguments (--config=... --workdir=...) after the layout"
 for a in "$@"; do  # The job would take the later value: the layout's, without a word.
   case "$a" in
-    --config.distributed.coordinator=* | --config.distributed.num_processes=* | \
-      --config.distributed.process_id=* | --config.distributed.auto=*)
+    --config.distributed.coordinator | --config.distributed.coordinator=* | \
+      --config.distributed.num_processes | --config.distributed.num_processes=* | \
+      --config.distributed.process_id | --config.distributed.process_id=* | \
+      --config.distributed.auto | --config.distributed.auto=* | --noconfig.distributed.auto)
       fail "the job's argument $(printf '%q' "$a") is the launcher's to set: give the layout as above, not as --config.distributed.*" ;;
   esac
 done

@@ -63,12 +63,18 @@ for a in "$@"; do
     --workdir=*) WORKDIR=${a#--workdir=} ;;
     --config | --workdir | --flagfile | --config.*dir | --config.data.raw_ratings | --config.llm.name | --config.sasrec.init_from)
       fail "the job's argument $a has no value: write $a=VALUE (the job would take the argument after it for its value)" ;;
+    --config.distributed.coordinator* | --config.distributed.num_processes* | \
+      --config.distributed.process_id* | --config.distributed.auto* | --noconfig.distributed.auto)
+      fail "the job's argument $(printf '%q' "$a") is the launcher's to set: the workers find each other (--config.distributed.auto=True, added here)" ;;
     --?*) ;;
     *) fail "the job's argument $(printf '%q' "$a") is no --flag=value (quote a value that holds spaces)" ;;
   esac
 done
 [[ -n "$CONFIG" ]] || fail "no --config=FILE for the job (e.g. --config=configs/lastfm.py)"
 [[ -n "$WORKDIR" ]] || fail "no --workdir=DIR for the job"
+if [[ "$WORKDIR" != /* ]]; then  # run_host.sh makes it absolute on each worker, on its own disk.
+  echo "warning: --workdir=$WORKDIR is relative: each worker writes it under ~/ilora_jax on its own disk, and a resume needs the checkpoints all workers wrote in one folder they all read (a mounted bucket or NFS path such as /mnt/bucket/run)" >&2
+fi
 GIVEN=${CONFIG%%:*}  # ml_collections reads FILE:ARGS as the file and its argument.
 SUFFIX=${CONFIG:${#GIVEN}}
 FILE=$GIVEN

@@ -173,6 +173,15 @@ def test_dry_run_is_honoured_at_any_position(tmp_path, script):
     # Never copied to the workers.
     (["ilora", "us-east5-a", "v5p-32", "--config=configs/untracked.py", "--workdir=/x"], "git"),
     (["ilora", "us-east5-a", "v5p-32", "--config=/etc/hostname", "--workdir=/x"], "outside"),
+    # Overridden by the launcher's --config.distributed.auto=True without a word.
+    *[
+      (["ilora", "us-east5-a", "v5p-32", *JOB, flag], "is the launcher's to set")
+      for flag in (
+        "--config.distributed.auto=False",
+        "--noconfig.distributed.auto",
+        "--config.distributed.num_processes=4",
+      )
+    ],  # fmt: skip
   ],
 )
 @pytest.mark.parametrize("dry", [True, False])
@@ -190,6 +199,19 @@ def test_tpu_pod_takes_the_accelerator_types(tmp_path, accel):
   proc = repo.run("tpu_pod.sh", "--dry_run", "my-pod2", "europe-west4-b", accel, *JOB)
   assert proc.returncode == 0, proc.stderr
   assert f"--accelerator-type={accel} " in proc.stdout.splitlines()[0]
+
+
+def test_tpu_pod_warns_of_a_relative_workdir(tmp_path):
+  """Each worker resolves it on its own disk: the workers' checkpoints would not meet."""
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run("tpu_pod.sh", "--dry_run", "pod", "z", "v5p-32", "--config=configs/tiny.py",
+                  "--workdir=runs/x")  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  assert "warning: --workdir=runs/x is relative: each worker writes it under ~/ilora_jax" in (
+    proc.stderr
+  )
+  proc = repo.run("tpu_pod.sh", "--dry_run", "pod", "z", "v5p-32", *JOB)
+  assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(
@@ -656,6 +678,11 @@ def test_run_host_makes_a_venv_whose_python_is_gone_anew(tmp_path):
       {},
       "argument --config.distributed.process_id=1 is the launcher's to set",
     ),
+    # The bare forms went through to the job.
+    *[
+      (["h0:1234", "2", "0", flag], {}, f"argument {flag} is the launcher's to set")
+      for flag in ("--config.distributed.auto", "--noconfig.distributed.auto")
+    ],
   ],
 )
 def test_gpu_multinode_checks_the_layout_before_the_set_up(tmp_path, args, env, word):
