@@ -20,6 +20,20 @@ take_dry_run() {
   done
 }
 
+# `launcher_help SCRIPT USAGE ARG...`: with --help or -h among the arguments, prints SCRIPT's
+# opening comment and USAGE, and exits 0, before any check or step (a layout's "error").
+launcher_help() {
+  local script=$1 usage=$2 a
+  shift 2
+  for a in "$@"; do
+    if [[ "$a" == "--help" || "$a" == "-h" ]]; then
+      sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$script"
+      printf '\n%s\n' "$usage"
+      exit 0
+    fi
+  done
+}
+
 if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then  # Run, not sourced: it would do nothing.
   echo "error: launch/dry_run.sh is a helper the launch scripts source; run one of them (launch/run_host.sh, gpu_node.sh, gpu_multinode.sh, tpu_pod.sh) with --dry_run" >&2
   exit 2

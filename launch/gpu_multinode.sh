@@ -26,6 +26,7 @@ fail() {
   exit 2
 }
 source "$(dirname "$0")/dry_run.sh"
+launcher_help "$0" "$usage" "$@"
 take_dry_run "$usage" "$@"
 DRY=()
 [[ "$DRY_RUN" == 0 ]] || DRY=(--dry_run)

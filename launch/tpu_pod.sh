@@ -31,6 +31,7 @@ fail() {
   exit 2
 }
 source launch/dry_run.sh
+launcher_help launch/tpu_pod.sh "$usage" "$@"
 take_dry_run "$usage" "$@"
 set -- ${ARGS[@]+"${ARGS[@]}"}  # (Bash before 4.4 calls an empty array unbound.)
 case "${ILORA_JAX_TPU_EXISTS:-0}" in

@@ -811,3 +811,15 @@ def test_the_sourced_helper_run_alone_says_what_it_is(tmp_path):
   repo = FakeCheckout(tmp_path)
   proc = repo.run("dry_run.sh", "--dry_run", *JOB)
   _refused(proc, "error: launch/dry_run.sh is a helper the launch scripts source; run one of")
+
+
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_the_multi_host_launchers_print_their_usage_for_help(tmp_path, script, flag):
+  """--help was read as a layout ("NAME, ZONE and ACCELERATOR come first", exit 2)."""
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run(script, flag)
+  assert proc.returncode == 0, proc.stderr
+  assert f"usage: launch/{script} [--dry_run]" in proc.stdout and not proc.stderr
+  assert not proc.stdout.startswith("!") and "set -euo" not in proc.stdout
+  assert repo.calls() == []
