@@ -1874,13 +1874,15 @@ def unfinished(workdir: str, total_steps: int) -> str:
   (stopped early, or still training), for the words naming the weights used; else "". The
   steps are those the checkpoint records where it does (`total_steps`, the config's, else:
   an evaluation's other train.* or data.* settings do not make a finished run unfinished)."""
+  latest = latest_step(workdir)
+  if latest is None:
+    return ""
   with contextlib.closing(
     checkpointing.StageCheckpoints(workdir, STAGE, 1, False, read_only=True)
   ) as ckpt:
-    latest = ckpt.latest_step()
-    if latest is not None:
+    if ckpt.latest_step() == latest:
       total_steps = int(ckpt.restore_meta(latest)["settings"].get("total_steps", total_steps))
-  if latest is None or latest >= total_steps:
+  if latest >= total_steps:
     return ""
   return f" (an unfinished run: trained {latest} of {total_steps} steps)"
 

@@ -346,6 +346,7 @@ def test_a_relative_data_folder_or_model_from_elsewhere_is_one_line(tmp_path):
   from elsewhere they are named, not reported missing (or, for a model, taken from here)."""
   for key, section in (("dir", "data"), ("name", "llm")):
     config = base_config()
+    config["data"]["name"] = "lastfm"  # Read from data.dir (synthetic data refuses one).
     config[section][key] = "no/such/relative/folder"
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserError, match=f"the run's config.{section}.{key}=no/such/relative/folder "

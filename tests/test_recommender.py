@@ -175,7 +175,7 @@ def test_load_restores_the_selected_weights_once(tmp_path, monkeypatch):
     calls.append(("setup", config_, workdir, dataset))
     return su
 
-  def restore_for_use(workdir, abstract, weights, keep, settings):
+  def restore_for_use(workdir, abstract, weights, keep, settings, on_lost):
     calls.append(("restore", workdir, abstract["a"].shape, weights, keep, settings))
     return {"restored": 1}, 4, "the weights of step 4, selected by val m", "m"
 
