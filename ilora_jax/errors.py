@@ -394,6 +394,13 @@ def _peer_lost(exc: BaseException) -> bool:
   return False
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+  """Whether `exc` is the host's or XLA's out-of-memory error: a batch or shape too large for
+  the machine, which the run's settings can fix, not a bug."""
+  runtime = type(exc).__name__ in ("JaxRuntimeError", "XlaRuntimeError")
+  return isinstance(exc, MemoryError) or (runtime and "RESOURCE_EXHAUSTED" in str(exc))
+
+
 def report_and_exit(exc: BaseException) -> None:
   """Prints one `error:` line for `exc` on stderr and exits non-zero."""
   if not isinstance(exc, BrokenPipeError):
@@ -403,6 +410,12 @@ def report_and_exit(exc: BaseException) -> None:
     exc = UserError(
       f"another process of this multi-process run stopped ({first}): see its output for why, "
       "then start every process again to resume from the last checkpoint"
+    )
+  elif _out_of_memory(exc):
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    exc = UserError(
+      f"out of memory ({first}): lower the batch size or the sequence lengths; "
+      "`python -m ilora_jax.plan --config=...` estimates a run's device memory"
     )
   if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
     # A write no code path expected to fail (stdout unbuffered, say): the disk, not a bug.

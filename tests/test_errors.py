@@ -161,7 +161,7 @@ def test_a_lost_peer_of_a_multi_process_run_is_named_not_called_a_bug(capsys, mo
     "[pair.cc:547] Connection closed by peer [127.0.0.1]:7062): see its output for why, then "
     "start every process again to resume from the last checkpoint\n"
   )
-  assert _exit_of(JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"), capsys)[0] == 3
+  assert _exit_of(JaxRuntimeError("INTERNAL: an XLA failure"), capsys)[0] == 3
   assert _exit_of(ValueError("Connection reset by peer"), capsys)[0] == 3  # Not JAX's.
   # Orbax's save sync re-raises the collective's failure as a ValueError (the audit's kill of
   # one process: "unexpected ValueError", exit 3), with JAX's error as its cause or not.
@@ -174,6 +174,25 @@ def test_a_lost_peer_of_a_multi_process_run_is_named_not_called_a_bug(capsys, mo
   assert code == 2 and err.startswith("error: another process of this multi-process run stopped")
   monkeypatch.setattr(distributed, "JOINED", False)
   assert _exit_of(lost, capsys)[0] == 3
+
+
+def test_out_of_memory_is_named_with_the_way_out_not_called_a_bug(capsys, monkeypatch):
+  """A batch or shape too large for the machine (the host's MemoryError, XLA's
+  RESOURCE_EXHAUSTED) was "unexpected", exit 3, as a bug; the settings fix it."""
+  monkeypatch.delenv("ILORA_JAX_DEBUG", raising=False)
+  monkeypatch.setattr(errors, "_exit", lambda code: sys.exit(code))
+  xla = JaxRuntimeError(
+    "RESOURCE_EXHAUSTED: Out of memory allocating 3280008844800096096 bytes.\nx"
+  )
+  for exc, first in ((xla, "RESOURCE_EXHAUSTED: Out of memory allocating 3280008844800096096 "
+                      "bytes."), (MemoryError(), "MemoryError")):  # fmt: skip
+    code, out, err = _exit_of(exc, capsys)
+    assert (code, out) == (2, "")
+    assert err == (
+      f"error: out of memory ({first}): lower the batch size or the sequence lengths; "
+      "`python -m ilora_jax.plan --config=...` estimates a run's device memory\n"
+    )
+  assert _exit_of(ValueError("RESOURCE_EXHAUSTED"), capsys)[0] == 3  # Not XLA's.
 
 
 _HANGING_EXIT = r"""
