@@ -11,8 +11,8 @@
 # median: JAX step time / fused PyTorch step time (the CPU target is <= 0.7); the last line
 # is one JSON object with the step times, the ratios and their median. MODEL is a preset of
 # ilora_jax.llm; BATCH, SEQ, STEPS and ROUNDS are positive integers. A run that fails stops
-# the script with its own `error:` line (exit 2 for bad input). Uses $PYTHON, else
-# ./.venv/bin/python when present, else python.
+# the script with its own `error:` line (exit 2 for bad input). Runs in the checkout from any
+# folder; uses $PYTHON, else the checkout's .venv/bin/python when present, else python.
 set -eu
 usage() {
   sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
@@ -44,7 +44,9 @@ for pair in "BATCH=$B" "SEQ=$T" "STEPS=$N" "ROUNDS=$ROUNDS"; do
 done
 B=$((10#$B)) T=$((10#$T)) N=$((10#$N)) ROUNDS=$((10#$ROUNDS))
 PY=${PYTHON:-python}
-if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
+case "$PY" in /*) ;; */*) PY="$PWD/$PY" ;; esac  # A relative $PYTHON is the caller's.
+cd "$(dirname "$0")/.."  # The checkout: its configs/ and package, from any folder.
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=$PWD/.venv/bin/python; fi
 # torch_reference.py builds a preset's shape only: checked before the first run.
 if ! err=$($PY -c '
 import sys

@@ -847,7 +847,7 @@ def test_torch_reference_refuses_bad_flags_in_one_line(args, fragment):
   assert not proc.stdout
 
 
-def _compare(tmp_path, *args, fake: str | None = None):
+def _compare(tmp_path, *args, fake: str | None = None, cwd=ROOT):
   """bash bench/compare.sh with $PYTHON a fake interpreter (`fake`: a bash body) when given,
   else this test's interpreter (not the checkout's .venv, which a clone run with another
   environment's Python lacks)."""
@@ -857,7 +857,7 @@ def _compare(tmp_path, *args, fake: str | None = None):
     python.write_text("#!/usr/bin/env bash\n" + fake)
     python.chmod(0o755)
     env["PYTHON"] = str(python)
-  return subprocess.run(["bash", os.path.join(ROOT, "bench", "compare.sh"), *args], cwd=ROOT,
+  return subprocess.run(["bash", os.path.join(ROOT, "bench", "compare.sh"), *args], cwd=cwd,
                         env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
 
 
@@ -880,14 +880,16 @@ def test_compare_script_checks_its_arguments_and_ends_with_one_json_object(tmp_p
 case "$*" in
   *"import jax"*) exit 1 ;;
   *ilora_jax.bench*) [ -f {tmp_path}/2nd ] && echo '{{"step_s": 0.3}}' || echo '{{"step_s": 0.2}}'
-                     touch {tmp_path}/2nd ;;
+                     touch {tmp_path}/2nd; pwd > {tmp_path}/cwd ;;
   *variant=fused*) echo table; echo '{{"step_s": 0.1}}' ;;
   *variant=original*) echo '{{"step_s": 0.4}}' ;;
   *) exec {real} "$@" ;;
 esac
 """
-  proc = _compare(tmp_path, "tiny", "2", "64", "1", "2", fake=canned)
+  proc = _compare(tmp_path, "tiny", "2", "64", "1", "2", fake=canned, cwd=tmp_path)
   assert proc.returncode == 0, proc.stderr
+  # Started from another folder, it runs in the checkout (its configs/ are found there).
+  assert os.path.realpath((tmp_path / "cwd").read_text().strip()) == os.path.realpath(ROOT)
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["ratios"] == pytest.approx([2.0, 3.0]) and result["median_ratio"] == 2.5
   assert result["jax_step_s"] == [0.2, 0.3] and result["torch_original_step_s"] == 0.4
