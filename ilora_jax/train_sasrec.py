@@ -535,6 +535,12 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   except UserError:
     ckpt.close()
     raise
+  total = meta["settings"].get("total_steps")
+  if total is not None and latest < int(total):  # As the iLoRA stage's evaluation says.
+    console.info(
+      f"SASRec: evaluating the latest checkpoint, step {latest} (an unfinished run: trained "
+      f"{latest} of {int(total)} steps)"
+    )
   restored, _ = ckpt.restore(latest, restore_target(cfg, sharding.replicated(mesh)))
   ckpt.close()
   log = MetricsLog(workdir, jax.process_index() == 0, MetricsLog.EVALUATION)

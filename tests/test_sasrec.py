@@ -616,6 +616,19 @@ def test_evaluate_refuses_other_training_rows_and_another_init_from(started, tmp
   assert results[0] == results[1] != results[2]  # The last ranks other candidates.
 
 
+def test_evaluate_names_an_unfinished_run(started, tmp_path, capsys):
+  """A SASRec stopped at step 2 of 130 was evaluated without a word that it is unfinished
+  (the iLoRA stage's evaluation says so)."""
+  from ilora_jax import train_sasrec
+
+  workdir = _copy(started[0], tmp_path / "w")
+  train_sasrec.evaluate(_config("stage=evaluate", "eval.stage=sasrec"), workdir)
+  assert (
+    "SASRec: evaluating the latest checkpoint, step 2 (an unfinished run: trained 2 of 130 steps)"
+    in capsys.readouterr().err
+  )
+
+
 def test_evaluate_of_a_test_split_the_data_lacks_is_an_error(started, monkeypatch):
   """eval.split=test on data without a test file recorded a skip and exited 0 (the iLoRA
   stage refused the same request): asked for by name, it is refused, and nothing is written."""
