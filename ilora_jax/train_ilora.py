@@ -1655,6 +1655,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       # The last weights' val evaluation is one of the epochs' (not final) ...
       last_epoch = (step - 1) // steps_per_epoch + 1
       record("val", val_metrics, epoch=last_epoch, candidates=val_eval.fingerprint)
+      console.info(f"iLoRA step {step} val " + _fmt(val_metrics))  # As every epoch's.
       # ... and the selected weights are evaluated again, the baselines beside them.
       state, _ = best.restore(chosen, checkpointing.abstract_like(state))
       console.info(

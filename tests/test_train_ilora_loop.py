@@ -184,6 +184,8 @@ def test_an_earlier_epochs_weights_are_selected_recorded_restored_and_printed(
   ]
   assert "use the weights of step 4 (val hits_over_total 0.9000, the best of the epochs; " \
          "step 6: 0.7000)" in err  # fmt: skip
+  # The last epoch's val line, as every epoch's (recorded, it was not printed).
+  assert "iLoRA step 6 val hits_over_total=0.7000 hr@1=0.3500 loss=0.3000" in err
   # Its meta: the selected value, the metric, and the records written up to it.
   with train_ilora.contextlib.closing(
     checkpointing.StageCheckpoints(workdir, train_ilora.BEST, 1, False, read_only=True)
