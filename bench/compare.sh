@@ -48,7 +48,7 @@ case "$PY" in /*) ;; */*) PY="$PWD/$PY" ;; esac  # A relative $PYTHON is the cal
 cd "$(dirname "$0")/.."  # The checkout: its configs/ and package, from any folder.
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=$PWD/.venv/bin/python; fi
 # torch_reference.py builds a preset's shape only: checked before the first run.
-if ! err=$($PY -c '
+if ! err=$("$PY" -c '
 import sys
 from ilora_jax.llm import PRESETS
 if sys.argv[1] not in PRESETS:
@@ -59,7 +59,7 @@ if sys.argv[1] not in PRESETS:
   exit 2
 fi
 DT=float32
-if $PY -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then DT=bfloat16; fi
+if "$PY" -c "import jax, sys; sys.exit(jax.default_backend() != 'gpu')" 2>/dev/null; then DT=bfloat16; fi
 ERR=$(mktemp)
 OUT=$(mktemp)
 trap 'rm -f "$ERR" "$OUT"' EXIT
@@ -83,22 +83,22 @@ one() {  # one() NAME COMMAND...: the command's last line, which must be a JSON 
 }
 LINES=()
 for ((r = 1; r <= ROUNDS; r++)); do
-  jax_line=$(one JAX $PY -m ilora_jax.bench --config=configs/movielens.py \
+  jax_line=$(one JAX "$PY" -m ilora_jax.bench --config=configs/movielens.py \
     --config.llm.name="$MODEL" --config.llm.dtype=$DT --config.llm.param_dtype=$DT \
     --config.bench.batch_size="$B" --config.bench.seq_len="$T" --config.bench.steps="$N" \
     --config.bench.eval=False)
-  fused=$(one "fused PyTorch" $PY bench/torch_reference.py --model="$MODEL" --variant=fused \
+  fused=$(one "fused PyTorch" "$PY" bench/torch_reference.py --model="$MODEL" --variant=fused \
     --batch_size="$B" --seq_len="$T" --steps="$N")
   echo "$jax_line"
   echo "$fused"
   LINES+=("$jax_line" "$fused")
   if [ "$r" = 1 ]; then
-    orig=$(one "original PyTorch" $PY bench/torch_reference.py --model="$MODEL" \
+    orig=$(one "original PyTorch" "$PY" bench/torch_reference.py --model="$MODEL" \
       --variant=original --batch_size="$B" --seq_len="$T" --steps="$N")
     echo "$orig"
   fi
 done
-$PY - "$MODEL" "$B" "$T" "$N" "$orig" "${LINES[@]}" <<'PYEOF'
+"$PY" - "$MODEL" "$B" "$T" "$N" "$orig" "${LINES[@]}" <<'PYEOF'
 import json, statistics, sys
 model, batch, seq, steps = sys.argv[1], *map(int, sys.argv[2:5])
 orig = json.loads(sys.argv[5])

@@ -50,7 +50,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ilora_jax.errors import UserError, cli_main
+from ilora_jax.errors import UserError, cli_main, expanded_argv
 
 _NO_WORKDIR = "<none>"
 
@@ -124,7 +124,7 @@ def check_eval_data_overrides(config, argv: list[str], workdir: str | None) -> N
   that mode batches by `ilora.eval_batch_size`, as training's evaluation does."""
   from absl import flags
 
-  argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
+  argv = expanded_argv(flags.FLAGS, argv)
   given = [a.split("=", 1)[0].removeprefix("--config.bench.") for a in argv[1:]
            if a.startswith("--config.bench.")]  # fmt: skip
   eval_data = config.bench.eval_data

@@ -197,11 +197,19 @@ def split_from_dataframe(
 _LEFT_OUT_SAID: set[tuple[str, int, int]] = set()  # `load_split`'s notes given so far.
 
 
-def load_split(path: str, name: str, n_items: int, max_len: int, min_len: int) -> Split:
+def load_split(
+  path: str, name: str, n_items: int, max_len: int, min_len: int, note: str = ""
+) -> Split:
   """A split file's rows (`split_from_dataframe`); a line on stderr says how many rows with a
-  history shorter than `min_len` were left out."""
+  history shorter than `min_len` were left out. `note`, where given, ends a refusal of the
+  rows' items (where the item count came from)."""
   frame = load_dataframe(path, f"{name} file")
-  split = split_from_dataframe(frame, name, n_items, max_len, min_len, source=path)
+  try:
+    split = split_from_dataframe(frame, name, n_items, max_len, min_len, source=path)
+  except UserError as exc:
+    if not note:
+      raise
+    raise UserError(f"{exc} ({note})") from None
   said = (os.path.realpath(path), len(frame), len(split))
   if len(split) < len(frame) and said not in _LEFT_OUT_SAID:  # Once a process (a pipeline
     _LEFT_OUT_SAID.add(said)  # loads its data in each stage).
@@ -249,21 +257,20 @@ def load_titles(path: str, keep_years: bool = False, articles: str = "as_is") ->
   try:
     text = raw.decode("utf-8")
   except UnicodeDecodeError as exc:
+    line = raw[: exc.start].count(b"\n") + 1
+    invalid = (
+      f"titles file {path} line {line} is not valid UTF-8 ({exc.reason} at byte "
+      f"{raw[exc.start : exc.start + 1]!r})"
+    )
     if not is_uitem:
-      line = raw[: exc.start].count(b"\n") + 1
-      bad = raw[exc.start : exc.start + 1]
-      raise UserError(
-        f"titles file {path} line {line} is not valid UTF-8 ({exc.reason} at byte {bad!r})"
-      ) from None
+      raise UserError(invalid) from None
     # MovieLens's own u.item is latin-1; a re-saved one may be UTF-8. One with UTF-8 lines
     # and others that are not mixes encodings: read as latin-1, its UTF-8 titles would be
     # garbled ("MisÃ©rables").
     if _UTF8_MULTIBYTE.search(raw):
-      line = raw[: exc.start].count(b"\n") + 1
       raise UserError(
-        f"titles file {path} line {line} is not valid UTF-8 ({exc.reason} at byte "
-        f"{raw[exc.start : exc.start + 1]!r}), though other lines are: the file mixes "
-        "encodings; save it in one (UTF-8, or latin-1 as MovieLens's own u.item)"
+        f"{invalid}, though other lines are: the file mixes encodings; save it in one (UTF-8, "
+        "or latin-1 as MovieLens's own u.item)"
       ) from None
     text = raw.decode("latin-1")
   text = text.removeprefix("\ufeff")  # A byte-order mark some editors write first.
@@ -558,28 +565,18 @@ def load_from_config(config, workdir: str) -> Dataset:
   titles = load_titles(titles_path, articles=data.get("movielens_articles", "as_is"))
   n_items = data.n_items or (max(titles) + 1)
   check_titles_cover(titles, n_items, titles_path, given=bool(data.n_items))
-  args = (n_items, data.max_len, data.min_len)
-
-  def load(path: str, name: str) -> Split:
-    try:
-      return load_split(path, name, *args)
-    except UserError as exc:
-      if data.n_items:
-        raise
-      # Its ids and padding id follow from the titles: say so (a titles line too many or too
-      # few reads as bad rows).
-      raise UserError(
-        f"{exc} (config.data.n_items=0: {n_items} items, the titles file's largest id + 1)"
-      ) from None
-
-  train = load(train_path, "train")
-  val = load(os.path.join(directory, data.val_file), "val")
+  # With n_items from the titles, the rows' ids and padding id follow from them: a refusal of
+  # the rows says so (a titles line too many or too few reads as bad rows).
+  from_titles = f"config.data.n_items=0: {n_items} items, the titles file's largest id + 1"
+  args = (n_items, data.max_len, data.min_len, "" if data.n_items else from_titles)
+  train = load_split(train_path, "train", *args)
+  val = load_split(os.path.join(directory, data.val_file), "val", *args)
   test_path = os.path.join(directory, data.test_file)
   test, reason = None, ""
   if not data.test_file:  # `--config.data.test_file=`: a data set without a test split.
     reason = "no test file (config.data.test_file is empty)"
   elif os.path.exists(test_path):
-    test = load(test_path, "test")
+    test = load_split(test_path, "test", *args)
   elif os.path.islink(test_path):  # Named, but its target is gone: no data set lacks it so.
     raise UserError(f"test file {test_path} is a link to {os.readlink(test_path)}, which is gone")
   else:

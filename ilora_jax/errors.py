@@ -68,12 +68,13 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
   if any(a in HELP_FLAGS for a in argv[1:]):
     print_help(values)
     sys.exit(0)
-  try:  # With the --flagfile files' lines (one that cannot be read: named below, by absl).
-    given = values.read_flags_from_files(argv, force_gnu=False)
+  try:  # Before absl parses (one that cannot be read: named below, by absl).
+    given = expanded_argv(values, argv)
   except Exception:  # noqa: BLE001
     given = argv
   override = next((a for a in given[1:] if a.startswith("--config.")), None)
-  if override and "config" in values and not _config_given(given):  # absl: "Unknown flag".
+  no_default = "config" in values and values["config"].default is None
+  if override and no_default and not _config_given(given):  # absl: "Unknown command line flag".
     raise UserError(
       f"{override.split('=', 1)[0]}=... overrides a config file, and none is given: "
       "--config is required, e.g. --config=configs/tiny.py"
@@ -88,13 +89,18 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
     )
 
 
+def expanded_argv(values, argv: list[str]) -> list[str]:
+  """`argv` with each --flagfile replaced by the flags in its file, as absl reads them."""
+  return values.read_flags_from_files(argv, force_gnu=False)
+
+
 def _check_repeats_and_bare_flags(values, argv: list[str]) -> None:
   """What absl reads without a word, refused: a flag given twice (absl keeps the last value;
   a config's dotted overrides may repeat, the later winning, as launchers add them), and a
   flag that takes a value given bare before another flag (`--workdir --config.stage=sasrec`:
   absl's `--flag value` form takes that flag for the value). A flagfile's lines count as
   given where the file is named."""
-  argv = values.read_flags_from_files(argv, force_gnu=False)  # Read by absl already: no error.
+  argv = expanded_argv(values, argv)  # Read by absl already: no error.
   seen: dict[str, str] = {}
   for arg in argv[1:]:
     name = arg.split("=", 1)[0].lstrip("-") if arg.startswith("-") else ""

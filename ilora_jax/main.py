@@ -51,7 +51,8 @@ def _main(config: ConfigDict, workdir: str) -> None:
 
   console.quiet_libraries()
   compile_cache.enable(config.compile_cache_dir)
-  if config.stage != "evaluate" or config.eval.stage == "ilora":  # Those write a comparison.
+  # The runs that compare with config.report.compare (SASRec's evaluation keeps its run's).
+  if config.stage != "evaluate" or config.eval.stage == "ilora":
     from ilora_jax import report
 
     report.warn_unfound_compared(config.report.compare)

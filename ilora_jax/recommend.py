@@ -106,6 +106,10 @@ def load_run_config(workdir: str):
   config = ConfigDict(raw)
   from ilora_jax import configuration
 
+  data = config.get("data")
+  if isinstance(data, ConfigDict) and data.get("name") == "synthetic" and data.get("dir"):
+    data.dir = ""  # Saved before such a data.dir was refused: generated data never read it.
+
   try:  # The checks of a config file, on the values the run wrote (or someone edited).
     configuration.validate(config)
   except UserError as exc:

@@ -1873,16 +1873,19 @@ def _no_checkpoint(directory: str, workdir: str) -> UserError:
 def unfinished(workdir: str, total_steps: int) -> str:
   """ " (an unfinished run: ...)" when the run's latest checkpoint is short of its steps
   (stopped early, or still training), for the words naming the weights used; else "". The
-  steps are those the checkpoint records where it does (`total_steps`, the config's, else:
-  an evaluation's other train.* or data.* settings do not make a finished run unfinished)."""
+  run's steps are those its latest checkpoint records, so that an evaluation's other train.*
+  or data.* settings do not make a finished run unfinished; `total_steps` (the config's)
+  stands in where that record cannot be read."""
   latest = latest_step(workdir)
   if latest is None:
     return ""
-  with contextlib.closing(
-    checkpointing.StageCheckpoints(workdir, STAGE, 1, False, read_only=True)
-  ) as ckpt:
-    if ckpt.latest_step() == latest:
+  try:
+    with contextlib.closing(
+      checkpointing.StageCheckpoints(workdir, STAGE, 1, False, read_only=True)
+    ) as ckpt:
       total_steps = int(ckpt.restore_meta(latest)["settings"].get("total_steps", total_steps))
+  except (UserError, OSError, KeyError, TypeError, ValueError):  # Words only: never a refusal.
+    pass
   if latest >= total_steps:
     return ""
   return f" (an unfinished run: trained {latest} of {total_steps} steps)"
@@ -1890,11 +1893,13 @@ def unfinished(workdir: str, total_steps: int) -> str:
 
 def _recorded_selection(workdir: str) -> tuple[int, str] | None:
   """(step, metric) of the weights the run's last final record says `ilora.select_by` picked,
-  None where no final record names them."""
+  None where it names none (or there is none)."""
   chosen = None
-  for r in report.read_records(workdir):
-    if r.get("run") == STAGE and r.get("final") and "selected_step" in r:
-      chosen = int(r["selected_step"]), str(r.get("selected_by"))
+  for r in report.read_records(workdir):  # The last final record decides.
+    if r.get("run") == STAGE and r.get("final"):
+      chosen = (
+        (int(r["selected_step"]), str(r.get("selected_by"))) if "selected_step" in r else None
+      )
   return chosen
 
 

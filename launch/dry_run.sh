@@ -21,14 +21,15 @@ take_dry_run() {
 }
 
 # `launcher_help SCRIPT USAGE ARG...`: with --help or -h among the arguments, prints SCRIPT's
-# opening comment and USAGE, and exits 0, before any check or step (a layout's "error").
+# opening comment and USAGE (unless empty), and exits 0, before any check or step (where a
+# layout's "error" would come).
 launcher_help() {
   local script=$1 usage=$2 a
   shift 2
   for a in "$@"; do
     if [[ "$a" == "--help" || "$a" == "-h" ]]; then
       sed -n '2,/^[^#]/{/^#/s/^# \{0,1\}//p}' "$script"
-      printf '\n%s\n' "$usage"
+      [[ -z "$usage" ]] || printf '\n%s\n' "$usage"
       exit 0
     fi
   done

@@ -3,7 +3,7 @@
 # all workers at once (JAX finds the other hosts itself: --config.distributed.auto=True).
 #
 # Usage: launch/tpu_pod.sh [--dry_run] NAME ZONE ACCELERATOR --config=... --workdir=... [--config.x=y ...]
-#   e.g. launch/tpu_pod.sh ilora us-east5-a v5p-32 --config=configs/lastfm.py --workdir=/tmp/run
+#   e.g. launch/tpu_pod.sh ilora us-east5-a v5p-32 --config=configs/lastfm.py --workdir=/mnt/bucket/run
 # --dry_run, anywhere among the arguments, prints the commands instead of running them (the copy
 # after a "cd CHECKOUT &&" when the caller is in another folder; another spelling of it,
 # --dry_run=true or --dry-run, is an error). Steps: create (skipped when
@@ -31,7 +31,7 @@ fail() {
   exit 2
 }
 source launch/dry_run.sh
-launcher_help launch/tpu_pod.sh "$usage" "$@"
+launcher_help launch/tpu_pod.sh "" "$@"  # Its opening comment holds the usage.
 take_dry_run "$usage" "$@"
 set -- ${ARGS[@]+"${ARGS[@]}"}  # (Bash before 4.4 calls an empty array unbound.)
 case "${ILORA_JAX_TPU_EXISTS:-0}" in
@@ -74,7 +74,9 @@ done
 [[ -n "$CONFIG" ]] || fail "no --config=FILE for the job (e.g. --config=configs/lastfm.py)"
 [[ -n "$WORKDIR" ]] || fail "no --workdir=DIR for the job"
 if [[ "$WORKDIR" != /* ]]; then  # run_host.sh makes it absolute on each worker, on its own disk.
-  echo "warning: --workdir=$WORKDIR is relative: each worker writes it under ~/ilora_jax on its own disk, and a resume needs the checkpoints all workers wrote in one folder they all read (a mounted bucket or NFS path such as /mnt/bucket/run)" >&2
+  where="under ~/ilora_jax (its copy of this checkout)"
+  [[ "$WORKDIR" != "~/"* ]] || where="in its own home folder"
+  echo "warning: --workdir=$WORKDIR is not an absolute path: each worker writes it $where on its own disk, and a resume needs the checkpoints all workers wrote in one folder they all read (a mounted bucket or NFS path such as /mnt/bucket/run)" >&2
 fi
 GIVEN=${CONFIG%%:*}  # ml_collections reads FILE:ARGS as the file and its argument.
 SUFFIX=${CONFIG:${#GIVEN}}

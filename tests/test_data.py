@@ -701,6 +701,11 @@ def test_n_items_zero_takes_the_catalogue_from_the_titles(tmp_path):
   with pytest.raises(UserError, match=r"has items after its first len_seq=3: .* \(config.data."
                      r"n_items=0: 10 items, the titles file's largest id \+ 1\)$"):  # fmt: skip
     data.load_from_config(config, str(tmp_path))
+  # Not of a file that is no split at all: the count has nothing to do with it.
+  folder = tmp_path / "e" / "d"
+  (folder / "train_data.df").write_bytes((folder / "id2name.txt").read_bytes())
+  with pytest.raises(UserError, match=r"not a split's DataFrame$"):
+    data.load_from_config(config, str(tmp_path))
 
 
 def test_candidates_with_exactly_enough_items_take_them_all():

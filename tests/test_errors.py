@@ -352,6 +352,13 @@ def test_overrides_without_a_config_file_say_that_config_is_required(monkeypatch
   config_flags.DEFINE_config_file("config", flag_values=values)
   errors.parse_flags(values, argv)
   assert values.config.llm.name == "other"
+  # A script whose --config has a default (bench/gpu_plan.py's) takes overrides without one.
+  argv = ["prog", "--config.llm.name=third"]
+  monkeypatch.setattr(sys, "argv", argv)
+  values = _values()
+  config_flags.DEFINE_config_file("config", f"{ROOT}/configs/tiny.py", flag_values=values)
+  errors.parse_flags(values, argv)
+  assert values.config.llm.name == "third"
 
 
 def test_a_flag_whose_value_would_be_the_next_flag_is_refused():

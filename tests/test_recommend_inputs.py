@@ -854,3 +854,14 @@ def test_the_cli_path_refuses_a_history_of_every_item_before_naming_the_weights(
   workdir = synthetic_workdir(tmp_path, monkeypatch)
   with pytest.raises(UserError, match="^the history holds every one of the 60 items"):
     rec_mod.recommend(workdir, list(range(60)), describe=lambda weights: None)
+
+
+def test_a_synthetic_run_saved_with_a_data_dir_still_loads(tmp_path):
+  """Synthetic data never read data.dir, and a run saved before such a data.dir was refused
+  holds one in its config.json: recommend takes the run (its data generated as before)."""
+  config = base_config()
+  assert config["data"]["name"] == "synthetic"
+  config["data"]["dir"] = "/some/old/folder"
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  rec = REAL_RECOMMENDER(str(tmp_path))
+  assert rec.config.data.dir == "" and rec.dataset.name == "synthetic"

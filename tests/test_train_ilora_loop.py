@@ -546,6 +546,18 @@ def test_evaluate_prints_records_and_writes_predictions(fake, tmp_path, capsys, 
   assert head["metrics"] == fake.metrics("test", at) and row["weights"] == at
 
 
+def test_evaluate_keeps_the_runs_comparison_unless_it_gives_one(fake, tmp_path, monkeypatch):
+  """The rebuilt report compares with the run's config.report.compare (its config.json's)
+  when the evaluation gives none: it had dropped the run's comparison rows and compare.png."""
+  workdir = str(tmp_path)
+  train_ilora.run(_config("report.compare=lora=/runs/lora"), workdir)
+  written = []
+  monkeypatch.setattr(train_ilora.report, "write", lambda w, compare: written.append(compare))
+  train_ilora.evaluate(_config("stage=evaluate"), workdir)
+  train_ilora.evaluate(_config("stage=evaluate", "report.compare=b=/runs/b"), workdir)
+  assert written == ["lora=/runs/lora", "b=/runs/b"]
+
+
 def test_selected_weights_that_are_gone_are_an_error_or_the_callers_warning(fake, tmp_path):
   """checkpoints/ilora_best removed: the evaluation scored the latest weights (step 6) as
   if nothing were amiss, though metrics.jsonl says val selected step 4's. Now it is refused,
