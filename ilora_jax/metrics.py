@@ -20,7 +20,8 @@ def target_ranks(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
 
   Returns:
     [rows] int: number of candidates scored strictly higher than the target, plus half
-    of the other candidates tied with it (rounded down), so ties are not rewarded. A NaN
+    of the other candidates tied with it, rounded up, so ties are not rewarded (a target
+    tied at the top with one other, two items of one title say, is no hit at 1). A NaN
     score counts as the worst: a NaN target ranks last, a NaN candidate below every number
     (`nonfinite_rows` counts the rows that hold one, for a warning).
   """
@@ -30,7 +31,7 @@ def target_ranks(scores: np.ndarray, target_index: np.ndarray) -> np.ndarray:
   target = scores[rows, target_index][:, None]
   higher = ((scores > target) & ~nan).sum(-1)
   ties = ((scores == target) & ~nan).sum(-1) - 1
-  return np.where(nan[rows, target_index], scores.shape[1] - 1, higher + ties // 2)
+  return np.where(nan[rows, target_index], scores.shape[1] - 1, higher + (ties + 1) // 2)
 
 
 def nonfinite_rows(scores: np.ndarray) -> int:

@@ -192,12 +192,12 @@ def _evaluator(**ilora):
 
 def _ranks(table, target):
   """0-based ranks by hand: candidates strictly above the target plus half the others tied
-  with it, rounded down (metrics.target_ranks' definition)."""
+  with it, rounded up (metrics.target_ranks' definition)."""
   out = []
   for row, t in zip(table, target):
     above = sum(s > row[t] for s in row)
     tied = sum(s == row[t] for s in row) - 1
-    out.append(above + tied // 2)
+    out.append(above + (tied + 1) // 2)
   return np.array(out)
 
 

@@ -16,25 +16,26 @@ def test_ranks_by_hand():
   np.testing.assert_array_equal(target_ranks(scores, target), [1, 0, 1])
 
 
-def test_odd_numbers_of_ties_round_down_by_hand():
+def test_odd_numbers_of_ties_round_up_by_hand():
   """The tie rule with 1 and 3 other candidates tied with the target: rank = strictly higher
-  + floor(ties / 2) (the rows above only had 0 or 2 ties, where rounding is moot)."""
+  + ceil(ties / 2) (the rows above only had 0 or 2 ties, where rounding is moot). Rounded
+  down, a target tied at the top with one other (two items of one title) was a hit at 1."""
   scores = np.array(
     [[1.0, 1.0, 0.0, -1.0, -2.0, -3.0], [2.0, 1.0, 1.0, 0.5, 0.0, -1.0],
      [1.0, 1.0, 1.0, 1.0, 0.0, -1.0], [5.0, 3.0, 3.0, 3.0, 3.0, 9.0]]
   )  # fmt: skip
   target = np.array([0, 2, 3, 1])
-  # Row 0: none higher, 1 tie (index 1) -> 0 + 1 // 2 = 0.
-  # Row 1: 2.0 higher, 1 tie (index 1) -> 1 + 1 // 2 = 1.
-  # Row 2: none higher, 3 ties (indices 0, 1, 2) -> 0 + 3 // 2 = 1.
-  # Row 3: 5.0 and 9.0 higher, 3 ties (indices 2, 3, 4) -> 2 + 3 // 2 = 3.
+  # Row 0: none higher, 1 tie (index 1) -> 0 + ceil(1 / 2) = 1.
+  # Row 1: 2.0 higher, 1 tie (index 1) -> 1 + ceil(1 / 2) = 2.
+  # Row 2: none higher, 3 ties (indices 0, 1, 2) -> 0 + ceil(3 / 2) = 2.
+  # Row 3: 5.0 and 9.0 higher, 3 ties (indices 2, 3, 4) -> 2 + ceil(3 / 2) = 4.
   ranks = target_ranks(scores, target)
-  np.testing.assert_array_equal(ranks, [0, 1, 1, 3])
+  np.testing.assert_array_equal(ranks, [1, 2, 2, 4])
   m = ranking_metrics(ranks, ks=(1, 3, 5))
-  assert m["hr@1"] == 1 / 4 and m["hr@3"] == 3 / 4 and m["hr@5"] == 1.0
-  assert math.isclose(m["ndcg@3"], (1 + 2 / math.log2(3)) / 4)
-  assert math.isclose(m["ndcg@5"], (1 + 2 / math.log2(3) + 1 / math.log2(5)) / 4)
-  assert math.isclose(m["mrr"], (1 + 1 / 2 + 1 / 2 + 1 / 4) / 4)
+  assert m["hr@1"] == 0 and m["hr@3"] == 3 / 4 and m["hr@5"] == 1.0
+  assert math.isclose(m["ndcg@3"], (1 / math.log2(3) + 2 / math.log2(4)) / 4)
+  assert math.isclose(m["ndcg@5"], (1 / math.log2(3) + 2 / math.log2(4) + 1 / math.log2(6)) / 4)
+  assert math.isclose(m["mrr"], (1 / 2 + 1 / 3 + 1 / 3 + 1 / 5) / 4)
 
 
 def test_nan_scores_rank_worst_by_hand():
