@@ -126,6 +126,11 @@ class PromptBuilder:
     bos_id: optional id put first in every prompt.
     multiple_of: `batch` rounds a batch's length up to a multiple of this by default (fewer
       shapes, so fewer compilations, against more padding).
+    encode_title: text -> token ids of a title (default `encode`): one that reads the
+      tokenizer's special-token texts in it as plain text (a title "A [HistoryEmb] B" or
+      "A<|im_end|>B"), so that a title is never a placeholder, a pad or an end of text to
+      the model (generation stopped at such an EOS and decoding dropped the others: the
+      title could never be matched).
   """
 
   def __init__(
@@ -138,6 +143,7 @@ class PromptBuilder:
     dataset: str,
     bos_id: int | None = None,
     multiple_of: int = 32,
+    encode_title: Callable[[str], Sequence[int]] | None = None,
   ):
     if multiple_of < 1:
       raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
@@ -149,6 +155,15 @@ class PromptBuilder:
         return encode(text)
 
     self._after_text = anchored_encoder(locked, TEXT_ANCHORS)
+    if encode_title is None:
+      self._title_after_text = self._after_text
+    else:
+
+      def locked_title(text: str) -> Sequence[int]:
+        with lock:
+          return encode_title(text)
+
+      self._title_after_text = anchored_encoder(locked_title, TEXT_ANCHORS)
     self._after_special = anchored_encoder(locked, (PLACEHOLDER,))
     self.special_ids = special_ids
     self.pad_id = pad_id
@@ -176,13 +191,13 @@ class PromptBuilder:
   def _title(self, item: int) -> list[int]:
     """Tokens of ` <title> ` (the space before the placeholder included)."""
     if item not in self._title_cache:
-      self._title_cache[item] = self._after_text(f" {self.titles[item]}") + self._space
+      self._title_cache[item] = self._title_after_text(f" {self.titles[item]}") + self._space
     return self._title_cache[item]
 
   def target_tokens(self, item: int) -> list[int]:
     """Tokens of the answer ` <title>\n`, encoded once per item."""
     if item not in self._target_cache:
-      self._target_cache[item] = tuple(self._after_text(f" {self.titles[item]}\n"))
+      self._target_cache[item] = tuple(self._title_after_text(f" {self.titles[item]}\n"))
     return list(self._target_cache[item])
 
   def _items(self, items: Sequence[int], marker: str, hybrid: bool) -> tuple[list, list]:

@@ -305,6 +305,9 @@ def prompt_inputs(config, workdir: str, dataset: Dataset, mesh) -> PromptInputs:
     dataset=dataset.name,
     bos_id=prompt_bos(config, tokenizer),
     multiple_of=int(config.ilora.pad_multiple),
+    encode_title=lambda text: tokenizer.encode(
+      text, add_special_tokens=False, split_special_tokens=True
+    ),
   )
   lengths = [len(builder.target_tokens(i)) for i in dataset.titles]
   longest, cap = max(lengths), int(config.ilora.max_target_tokens)
@@ -313,6 +316,13 @@ def prompt_inputs(config, workdir: str, dataset: Dataset, mesh) -> PromptInputs:
       f"warning: {sum(n > cap for n in lengths)} of {len(lengths)} titles have more than "
       f"config.ilora.max_target_tokens={cap} tokens (the longest {longest}): the loss scores "
       f"their first {cap}"
+    )
+  new_tokens = int(config.ilora.max_new_tokens)
+  if config.ilora.eval_generate and longest - 1 > new_tokens:  # Its newline left out.
+    console.info(
+      f"warning: {sum(n - 1 > new_tokens for n in lengths)} of {len(lengths)} titles have more "
+      f"than config.ilora.max_new_tokens={new_tokens} tokens (the longest {longest - 1}): "
+      "generation cannot write them whole, so their rows are never generation hits"
     )
   newline = tuple(builder.encode_in_text("\n"))  # what ends a generated answer
   return PromptInputs(tokenizer, builder, sas_cfg, sas_params, longest, newline)

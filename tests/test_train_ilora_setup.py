@@ -376,6 +376,45 @@ def test_prompt_inputs_warn_of_titles_longer_than_the_target_cap(
   assert "warning" not in capsys.readouterr().err
 
 
+def test_titles_holding_special_token_texts_are_plain_text_to_the_model(
+  data, monkeypatch, sasrec_stub
+):
+  """A title "Foo [HistoryEmb] Bar" or "A<|im_end|>B" was encoded with the tokenizer's
+  special tokens in it: generation stopped at that EOS, decoding dropped the placeholder, so
+  a perfect answer never matched. Titles are now plain text; other titles keep their tokens."""
+  odd = {0: "Foo [HistoryEmb] Bar", 1: "A<|im_end|>B", 2: "<|endoftext|>"}
+  plain = _inputs(_config(), data, monkeypatch, sasrec_stub).builder.target_tokens(3)
+  dataset = dataclasses.replace(data, titles={**data.titles, **odd})
+  inputs = _inputs(_config(), dataset, monkeypatch, sasrec_stub)
+  tokenizer, builder = inputs.tokenizer, inputs.builder
+  special = set(tokenizer.all_special_ids) | set(builder.special_ids.values())
+  for item, title in odd.items():
+    tokens = builder.target_tokens(item)
+    assert not special & set(tokens), (title, tokens)
+    assert tokenizer.decode(tokens, skip_special_tokens=True) == f" {title}\n"
+  assert builder.target_tokens(3) == plain
+
+
+def test_prompt_inputs_warn_of_titles_generation_cannot_write_whole(
+  data, monkeypatch, sasrec_stub, capsys
+):
+  inputs = _inputs(_config(), data, monkeypatch, sasrec_stub)
+  lengths = [len(inputs.builder.target_tokens(i)) - 1 for i in data.titles]  # No newline.
+  capsys.readouterr()
+  budget = max(lengths) - 1
+  _inputs(_config(f"ilora.max_new_tokens={budget}"), data, monkeypatch, sasrec_stub)
+  over = sum(n > budget for n in lengths)
+  assert (
+    f"warning: {over} of {len(lengths)} titles have more than config.ilora.max_new_tokens="
+    f"{budget} tokens (the longest {max(lengths)}): generation cannot write them whole"
+  ) in capsys.readouterr().err
+  # Enough tokens, or no generation: nothing to say.
+  for quiet in ([f"ilora.max_new_tokens={max(lengths)}"],
+                ["ilora.eval_generate=False", f"ilora.max_new_tokens={budget}"]):  # fmt: skip
+    _inputs(_config(*quiet), data, monkeypatch, sasrec_stub)
+    assert "max_new_tokens" not in capsys.readouterr().err, quiet
+
+
 def test_build_loads_the_llm_grows_its_vocabulary_and_assembles_the_parts(
   data, mesh, monkeypatch, sasrec_stub
 ):
