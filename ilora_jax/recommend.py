@@ -218,8 +218,13 @@ class _Titles:
     if m := _ID.fullmatch(text):
       item = int(m[1])
       if item not in self.titles:
+        titled = self.exact.get(_key(text), [])  # An item titled "#99", say.
+        hint = (
+          f"; item {titled[0]} is titled {text!r}: write '{TITLE_PREFIX}{text}'" if titled else ""
+        )
         raise UserError(
           f"unknown {what} id #{item}: the item ids are {min(self.titles)}..{max(self.titles)}"
+          f"{hint}"
         )
       return item
     if _DIGITS.fullmatch(text):

@@ -639,6 +639,10 @@ def test_only_a_whole_entry_of_ascii_digits_is_an_id():
 def test_unknown_ids_name_the_range_of_ids():
   titles = {5: "Heat", 9: "Toy Story", 12: "#killallzombies"}
   assert error_of(["#99"], titles) == "unknown history id #99: the item ids are 5..12"
+  # An item titled "#99" (a game, say) is named, with the way to ask for it.
+  assert error_of(["#99"], {**titles, 7: "#99"}) == (
+    "unknown history id #99: the item ids are 5..12; item 7 is titled '#99': write 'title:#99'"
+  )
   assert error_of(["#-1"], titles) == (
     "unknown history title '#-1'; an item id is written '#N' with N in 5..12"
   )
