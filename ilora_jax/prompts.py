@@ -150,20 +150,16 @@ class PromptBuilder:
     self.multiple_of = int(multiple_of)
     lock = threading.Lock()  # Training builds batches in a thread while evaluation runs.
 
-    def locked(text: str) -> Sequence[int]:
-      with lock:
-        return encode(text)
-
-    self._after_text = anchored_encoder(locked, TEXT_ANCHORS)
-    if encode_title is None:
-      self._title_after_text = self._after_text
-    else:
-
-      def locked_title(text: str) -> Sequence[int]:
+    def locking(fn: Callable[[str], Sequence[int]]) -> Callable[[str], Sequence[int]]:
+      def locked(text: str) -> Sequence[int]:
         with lock:
-          return encode_title(text)
+          return fn(text)
 
-      self._title_after_text = anchored_encoder(locked_title, TEXT_ANCHORS)
+      return locked
+
+    locked = locking(encode)
+    self._after_text = anchored_encoder(locked, TEXT_ANCHORS)
+    self._title_after_text = anchored_encoder(locking(encode_title or encode), TEXT_ANCHORS)
     self._after_special = anchored_encoder(locked, (PLACEHOLDER,))
     self.special_ids = special_ids
     self.pad_id = pad_id
