@@ -754,6 +754,22 @@ def host_rows(idx: np.ndarray, accum: int, micro: int) -> np.ndarray:
   return idx.reshape(accum, micro)[:, sharding.host_slice(micro)].reshape(-1)
 
 
+def past_positions(host: dict, limit: int | None) -> str | None:
+  """A warning when a training batch holds a prompt with answer longer than the model's
+  `max_position_embeddings` (`limit`; None: unknown): rotary positions are computed for any
+  position, so the step runs, but the model was never trained that far."""
+  if limit is None or "attention" not in host:
+    return None
+  longest = int(np.max(np.sum(np.asarray(host["attention"]) > 0, axis=-1)))
+  if longest <= limit:
+    return None
+  return (
+    f"warning: a training prompt with its answer has {longest} tokens, past the LLM's "
+    f"max_position_embeddings={limit}: it trains as given, but the model was never trained at "
+    "those positions (fewer or shorter titles: data.max_len)"
+  )
+
+
 def agree_length(host: dict, parts: Parts) -> dict:
   """Pads this process's batch to the longest prompt of all processes (one small all-gather)."""
   if jax.process_count() > 1:
@@ -1569,6 +1585,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   # Wall time of the steps, evaluation left out, and of those that compiled the step for a
   # new prompt length apart (bucketing gives a few lengths).
   steps_s, timed, lengths_seen, compile_steps = 0.0, 0, set(), 0
+  model = getattr(parts, "model", None)  # None in tests that fake the parts.
+  limit = None if model is None else int(model.config.max_position_embeddings)
   orders: dict[int, np.ndarray] = {}  # The epoch's row order (used by one thread only).
 
   def speed() -> None:
@@ -1611,6 +1629,9 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       else:
         lengths_seen.add(length)
         compile_steps += 1
+        if limit is not None and (past := past_positions(host, limit)):
+          console.info(past)
+          limit = None  # Once a run.
       loss = float(metrics["loss"])
       bad_streak = bad_streak + 1 if not np.isfinite(loss) else 0
       if bad_streak >= config.ilora.max_bad_steps:

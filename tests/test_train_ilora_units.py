@@ -938,3 +938,20 @@ def test_group_metrics_take_the_groups_of_the_evaluated_rows():
   assert not any(k.startswith("group/2/") for k in got)
   for key, value in want.items():
     assert got[key] == pytest.approx(value), key
+
+
+def test_past_positions_warns_of_a_prompt_longer_than_the_models_positions():
+  """A training batch whose longest real prompt (attention ones, padding left out) runs past
+  max_position_embeddings trained without a word (the planner and bench warn of theirs)."""
+  attention = np.zeros((2, 3, 64), np.int32)  # [accum, micro, time]
+  attention[0, 1, :40] = 1
+  attention[1, 2, :50] = 1
+  host = {"input_ids": np.zeros_like(attention), "attention": attention}
+  assert train_ilora.past_positions(host, 50) is None  # Padding to 64 is not a prompt.
+  assert train_ilora.past_positions(host, 49) == (
+    "warning: a training prompt with its answer has 50 tokens, past the LLM's "
+    "max_position_embeddings=49: it trains as given, but the model was never trained at those "
+    "positions (fewer or shorter titles: data.max_len)"
+  )
+  assert train_ilora.past_positions(host, None) is None
+  assert train_ilora.past_positions({"input_ids": attention}, 10) is None  # No mask: unknown.
