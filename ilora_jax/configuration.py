@@ -319,6 +319,20 @@ def json_form(config: ConfigDict) -> dict:
   return json.loads(json.dumps(config.to_dict(), default=str))
 
 
+def saved(workdir: str) -> dict | None:
+  """The JSON object of `workdir/config.json` (a run's settings, `save`), or None where it is
+  absent, unreadable or damaged: for words and defaults drawn from it, never for a check."""
+  import json
+  import os
+
+  try:
+    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+      config = json.load(f)
+  except (OSError, ValueError, RecursionError):
+    return None
+  return config if isinstance(config, dict) else None
+
+
 def save(config: ConfigDict, workdir: str) -> None:
   """Writes the resolved config to `workdir/config.json` (atomically)."""
   import json

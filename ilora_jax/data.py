@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 
 from ilora_jax import distributed
-from ilora_jax.errors import UserError, require_file
+from ilora_jax.errors import UserError, plain_int, require_file
 from ilora_jax.safe_pickle import load_dataframe
 
 SPLITS = ("train", "val", "test")
@@ -237,14 +237,6 @@ _UTF8_MULTIBYTE = re.compile(
 )
 
 
-def _item_number(text: str) -> int:
-  """A titles file's item id: ASCII digits, an optional minus (Python's `int` also reads
-  '3_0' as 30 and other scripts' digits)."""
-  if not re.fullmatch(r"\s*-?[0-9]+\s*", text):
-    raise ValueError(text)
-  return int(text)
-
-
 def load_titles(path: str, keep_years: bool = False, articles: str = "as_is") -> dict[int, str]:
   """Reads `id2name.txt` (`id::title`) or MovieLens `u.item` (`id|title (year)|...`, id - 1;
   the year is stripped, as the original's prompts show titles, unless `keep_years`; with
@@ -284,12 +276,12 @@ def load_titles(path: str, keep_years: bool = False, articles: str = "as_is") ->
       if is_uitem:
         fields = line.split("|")
         title = (fields[1] if keep_years else YEAR_SUFFIX.sub("", fields[1])).strip()
-        item = _item_number(fields[0]) - 1
+        item = plain_int(fields[0]) - 1
         if articles == "front":
           title = article_first(title)
       else:
         key, title = line.split("::", 1)
-        item, title = _item_number(key), title.strip()
+        item, title = plain_int(key), title.strip()
     except (ValueError, IndexError):
       raise UserError(f"titles file {path} line {lineno} is malformed: {line[:60]!r}") from None
     where = f"titles file {path} line {lineno}"

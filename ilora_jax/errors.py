@@ -11,6 +11,7 @@ import contextlib
 import errno
 import functools
 import os
+import re
 import signal
 import sys
 import threading
@@ -24,6 +25,15 @@ EXIT_INTERNAL_ERROR = 3
 def counted(n: int, noun: str) -> str:
   """'1 step', '2 steps' (for messages): `n` and `noun`, plural (an s) unless `n` is 1."""
   return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def plain_int(text: str) -> int:
+  """The integer `text` writes as ASCII digits with an optional minus (whitespace around it
+  allowed); a ValueError for anything else: Python's `int` also reads '1_0' as 10 and other
+  scripts' digits ('٣' as 3)."""
+  if not re.fullmatch(r"\s*-?[0-9]+\s*", text):
+    raise ValueError(f"not a plain integer: {text!r}")
+  return int(text)
 
 
 class UserError(Exception):
@@ -80,8 +90,8 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
       "--config is required, e.g. --config=configs/tiny.py"
     )
   with flag_errors(what, argv):
-    rest = values(argv)
-  _check_repeats_and_bare_flags(values, argv)
+    rest = values(argv)  # Had the flagfiles been unreadable, it would have said so here.
+  _check_repeats_and_bare_flags(values, given)
   if len(rest) > 1:
     raise UserError(
       f"unexpected argument(s) {' '.join(repr(a) for a in rest[1:])}: every argument is a "
@@ -98,9 +108,8 @@ def _check_repeats_and_bare_flags(values, argv: list[str]) -> None:
   """What absl reads without a word, refused: a flag given twice (absl keeps the last value;
   a config's dotted overrides may repeat, the later winning, as launchers add them), and a
   flag that takes a value given bare before another flag (`--workdir --config.stage=sasrec`:
-  absl's `--flag value` form takes that flag for the value). A flagfile's lines count as
-  given where the file is named."""
-  argv = expanded_argv(values, argv)  # Read by absl already: no error.
+  absl's `--flag value` form takes that flag for the value). `argv` is `expanded_argv`'s: a
+  flagfile's lines count as given where the file is named."""
   seen: dict[str, str] = {}
   for arg in argv[1:]:
     name = arg.split("=", 1)[0].lstrip("-") if arg.startswith("-") else ""

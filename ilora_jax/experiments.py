@@ -69,7 +69,6 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
 import signal
 import subprocess
@@ -187,10 +186,10 @@ GRID_KEYS = {
 
 
 def parse_seeds(text) -> list[int]:
-  items = [s for s in str(text).replace(" ", "").split(",") if s]
-  if not all(re.fullmatch(r"-?[0-9]+", s) for s in items):  # int() reads "1_0" as 10.
-    raise UserError(f"grid.seeds={text!r} must be a comma-separated list of integers")
-  seeds = [int(s) for s in items]
+  try:
+    seeds = [errors.plain_int(s) for s in str(text).replace(" ", "").split(",") if s]
+  except ValueError:
+    raise UserError(f"grid.seeds={text!r} must be a comma-separated list of integers") from None
   if not seeds or len(set(seeds)) != len(seeds):
     raise UserError(f"grid.seeds={text!r} must name at least one seed, each once")
   return seeds

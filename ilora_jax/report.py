@@ -194,12 +194,10 @@ def parse_compare(text: str) -> dict[str, str]:
 
 def describe_run(workdir: str) -> str:
   """Short method name of a run from its `config.json` (iLoRA, plain LoRA, ...)."""
-  try:
-    with open(os.path.join(workdir, "config.json")) as f:
-      config = json.load(f)
-  except (OSError, ValueError, RecursionError):
-    return "model"
-  if not isinstance(config, dict):
+  from ilora_jax import configuration
+
+  config = configuration.saved(workdir)
+  if config is None:
     return "model"
   lora, rtr = config.get("lora"), config.get("router")
   lora, rtr = lora if isinstance(lora, dict) else {}, rtr if isinstance(rtr, dict) else {}
@@ -498,14 +496,13 @@ def run_compare(workdir: str, given: str) -> str:
   """The comparison of a report that `stage=evaluate` rebuilds: `given` (its
   config.report.compare), else the one the run was trained with (its config.json's), so that
   an evaluation without the flag keeps the run's comparison rows and compare.png."""
+  from ilora_jax import configuration
+
   if given:
     return given
-  try:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      saved = json.load(f)["report"]["compare"]
-  except (OSError, ValueError, KeyError, TypeError):  # None, or damaged: no comparison.
-    return ""
-  return saved if isinstance(saved, str) else ""
+  report_section = (configuration.saved(workdir) or {}).get("report")
+  compare = report_section.get("compare") if isinstance(report_section, dict) else None
+  return compare if isinstance(compare, str) else ""  # None, or damaged: no comparison.
 
 
 def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:

@@ -1887,11 +1887,7 @@ def require_checkpoint(workdir: str) -> None:
 def _no_checkpoint(directory: str, workdir: str) -> UserError:
   """The error for a run without ilora checkpoints, its advice by the stage the run's
   config.json names: a pipeline short of its iLoRA stage goes on by its own command."""
-  try:
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-      stage = json.load(f).get("stage")
-  except (OSError, ValueError, AttributeError):  # None, unreadable or damaged: no advice of it.
-    stage = None
+  stage = (configuration.saved(workdir) or {}).get("stage")  # None, damaged: no advice of it.
   advice = {
     "pipeline": "the run (stage=pipeline) has not reached its iLoRA stage: re-run its command "
     "to go on",
