@@ -234,6 +234,20 @@ def _ilora_started(config, workdir: str) -> bool:
     return ilora.latest_step() is not None
 
 
+_RECORD_KEYS = ("run", "stage", "split", "step", "final", "skipped")
+
+
+def _final_records(log: MetricsLog, keep: int, step: int) -> list[dict]:
+  """The records of the SASRec training run after its first `keep`, when all are final
+  evaluations (or a skipped test) of step `step`; else []."""
+  if not log.enabled:
+    return []
+  tail = [r for r in log.records() if r.get("run") == STAGE][keep:]
+  if all(r.get("step") == step and (r.get("final") or "skipped" in r) for r in tail):
+    return tail
+  return []
+
+
 def run(config, workdir: str) -> dict[str, float] | None:
   """Trains (or resumes) the SASRec stage; returns the final val metrics, None if stopped early."""
   dataset = load_from_config(config, workdir)
@@ -301,6 +315,8 @@ def run(config, workdir: str) -> dict[str, float] | None:
     pending.clear()
 
   latest = ckpt.latest_step()
+  ilora_started = _ilora_started(config, workdir)
+  finals: list[dict] | None = None  # Those of a finished SASRec a pipeline resumes past.
   if latest is not None:
     saved = ckpt.restore_meta(latest)["settings"]
     try:
@@ -323,9 +339,16 @@ def run(config, workdir: str) -> dict[str, float] | None:
     state, meta = ckpt.restore(latest, checkpointing.abstract_like(state))
     step, loss_sum, loss_count = int(meta["step"]), float(meta["loss_sum"]), int(meta["loss_count"])
     skipped, bad_streak = int(meta.get("skipped", 0)), int(meta.get("bad_streak", 0))
-    log.truncate(STAGE, meta["metrics_records"])
+    keep = meta["metrics_records"]
+    # A pipeline resumed past its finished SASRec keeps that stage's final evaluations (the
+    # weights are the same; evaluating again would move them after the iLoRA records). Decided
+    # from the checkpoints, which every process reads alike.
+    if step == total_steps and ilora_started:
+      finals = _final_records(log, keep, step)
+      keep += len(finals)
+    log.truncate(STAGE, keep)
     console.info(f"SASRec: resumed from step {step} of {total_steps}")
-  if jax.process_index() == 0 and not _ilora_started(config, workdir):
+  if jax.process_index() == 0 and not ilora_started:
     # After the check: a refused resume leaves the run's settings. A pipeline whose iLoRA
     # stage has begun leaves them to that stage's check, which may refuse this config.
     configuration.save(config, workdir)  # For `python -m ilora_jax.recommend --workdir=...`.
@@ -388,6 +411,13 @@ def run(config, workdir: str) -> dict[str, float] | None:
       "re-run without it, or with a later step, to resume"
     )
     return None
+  if finals is not None:
+    console.info(
+      f"SASRec: finished at step {step}; its iLoRA stage has begun, so its final evaluations "
+      + ("stand in metrics.jsonl" if finals else "are not run again")
+    )
+    val = [r for r in finals if r["split"] == "val"]
+    return {k: v for k, v in val[0].items() if k not in _RECORD_KEYS} if val else {}
   final = evaluate_params(config, dataset, model, mesh, state["params"], step, log, run=STAGE)
   if jax.process_index() == 0:
     console.info(f"report: {report.write(workdir)}")

@@ -18,6 +18,7 @@ import sasrec_numpy_reference as reference
 from conftest import (
   TINY,
   assert_one_line_error,
+  metrics_records,
   run_cli,
   shared_path,
   tiny_sasrec_pt,
@@ -713,6 +714,34 @@ def test_a_pipelines_sasrec_leaves_config_json_to_its_started_ilora_stage(starte
                    workdir)  # fmt: skip
   with open(f"{workdir}/config.json") as f:
     assert json.load(f)["ilora"]["train"]["steps"] == 40
+
+
+def test_a_pipeline_resumed_past_its_finished_sasrec_keeps_its_final_records(
+  started, tmp_path, capsys
+):
+  """A pipeline resumed in its iLoRA stage evaluated its finished SASRec again and wrote those
+  final records anew, after the iLoRA records. They stand now, in their place, and the stage
+  returns their val metrics without evaluating."""
+  from ilora_jax import checkpointing, train_sasrec
+
+  workdir = _copy(started[0], tmp_path / "w")
+  x = started[1]["x"]
+  train_sasrec.run(_config("stage=sasrec", f"sasrec.init_from={x}"), workdir)
+  finals = [r for r in metrics_records(workdir) if r.get("final")]
+  assert [r["split"] for r in finals] == ["val", "test"]
+  ilora = checkpointing.StageCheckpoints(workdir, "ilora", 1, False)
+  ilora.save(1, {"w": np.zeros(3, np.float32)}, {"step": 1})
+  ilora.close()
+  with open(f"{workdir}/metrics.jsonl", "a") as f:
+    f.write(json.dumps({"run": "ilora", "stage": "ilora", "split": "train", "step": 1}) + "\n")
+  before = metrics_records(workdir)
+  capsys.readouterr()
+  val = train_sasrec.run(_config("stage=pipeline", f"sasrec.init_from={x}"), workdir)
+  out, err = capsys.readouterr()
+  assert metrics_records(workdir) == before
+  assert "sasrec val step" not in out and "final evaluations stand in metrics.jsonl" in err, err
+  record_keys = ("run", "stage", "split", "step", "final")
+  assert val == {k: v for k, v in finals[0].items() if k not in record_keys} and "mrr" in val
 
 
 def test_only_process_0_prints_the_final_metrics(tmp_path, capsys, monkeypatch):
