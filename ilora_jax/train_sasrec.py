@@ -348,6 +348,15 @@ def run(config, workdir: str) -> dict[str, float] | None:
       keep += len(finals)
     log.truncate(STAGE, keep)
     console.info(f"SASRec: resumed from step {step} of {total_steps}")
+  else:
+    # No checkpoint: records of this stage are of an attempt killed before its first one, or
+    # of an evaluation that trained no step; this run writes its own.
+    log.truncate(STAGE, 0)
+    if total_steps == 0 and not config.sasrec.init_from:
+      console.info(
+        "warning: SASRec trains no step and starts from no config.sasrec.init_from: its "
+        "evaluations score untrained weights"
+      )
   if jax.process_index() == 0 and not ilora_started:
     # After the check: a refused resume leaves the run's settings. A pipeline whose iLoRA
     # stage has begun leaves them to that stage's check, which may refuse this config.
@@ -394,10 +403,10 @@ def run(config, workdir: str) -> dict[str, float] | None:
         drain()
         mean = loss_sum / loss_count if loss_count else float("nan")
         record("train", {"loss": mean, "skipped_updates": skipped}, epoch=epoch)
-        bar.set_postfix(loss=f"{mean:.4f}")
+        bar.set_postfix(loss=f"{mean:.4f}", **({"skipped": skipped} if skipped else {}))
         loss_sum, loss_count = 0.0, 0
       epoch_end = step % steps_per_epoch == 0 or step == total_steps
-      if epoch_end:
+      if epoch_end and step < total_steps:  # The last one is the final evaluation below.
         last_val = val_eval(state["params"])
         record("val", last_val, epoch=epoch + 1)
         console.info(f"SASRec step {step} val " + _fmt(last_val))
@@ -405,6 +414,11 @@ def run(config, workdir: str) -> dict[str, float] | None:
       ckpt.after_step(step, save, boundary, stop, bar)
   bar.close()
   ckpt.close()
+  if skipped:
+    console.info(
+      f"warning: SASRec skipped {skipped} of its {step} updates so far (a non-finite loss or "
+      "update; skipped_updates in metrics.jsonl): a lower config.train.lr may train better"
+    )
   if step < total_steps:
     console.info(
       f"SASRec: stopped at step {step} of {total_steps} (train.stop_after_steps); "

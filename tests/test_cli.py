@@ -30,7 +30,10 @@ def test_tiny_run_writes_the_metrics_contract(uninterrupted):
   for r in records:
     assert r["stage"] == "sasrec" and isinstance(r["step"], int)
   val = [r for r in records if r["split"] == "val"]
-  assert len(val) == 3  # Two epoch ends and the final evaluation.
+  assert [(r["step"], r.get("final")) for r in val] == [
+    (65, None),
+    (130, True),
+  ]  # The last epoch end is the final evaluation.
   assert all({"hr@1", "hr@5", "ndcg@5", "loss"} <= set(r) for r in val)
   # Synthetic users follow a walk: a trained SASRec beats chance (1/20) by far.
   assert val[-1]["hr@1"] > 0.3
@@ -180,6 +183,11 @@ def test_a_diverging_sasrec_stops_with_one_line_and_skips_its_bad_steps(tmp_path
   assert not [r for r in metrics_records(str(tmp_path)) if r["split"] != "train"]
   folder = tmp_path / "checkpoints" / "sasrec"
   assert sorted(int(n) for n in os.listdir(folder) if n.isdigit()) == [10, 20]
+  # Fewer bad steps than the limit: the run ends, saying how many updates it skipped.
+  proc = run_cli(TINY, f"--workdir={tmp_path / 'ends'}", "--config.stage=sasrec",
+                 "--config.train.lr=1e30", "--config.train.steps=4")  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  assert "warning: SASRec skipped 3 of its 4 updates so far" in proc.stderr
 
 
 @pytest.mark.parametrize(

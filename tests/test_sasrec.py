@@ -744,6 +744,28 @@ def test_a_pipeline_resumed_past_its_finished_sasrec_keeps_its_final_records(
   assert val == {k: v for k, v in finals[0].items() if k not in record_keys} and "mrr" in val
 
 
+def test_an_evaluation_that_trains_no_step_warns_and_a_rerun_replaces_its_records(tmp_path, capsys):
+  """stage=sasrec with train.epochs=0 and no init_from scores untrained weights: it says so.
+  Such a run saves no checkpoint, and a re-run appended its records to the first's (two
+  final val records, both in the report); it writes its own now, as a run from scratch."""
+  from ilora_jax import train_sasrec
+
+  config = _config("stage=sasrec", "train.epochs=0")
+  for _ in range(2):
+    train_sasrec.run(config, str(tmp_path))
+    assert "evaluations score untrained weights" in capsys.readouterr().err
+  records = metrics_records(str(tmp_path))
+  assert [(r["split"], r["step"], r.get("final")) for r in records] == [
+    ("val", 0, True),
+    ("test", 0, True),
+  ]
+  train_sasrec.run(_config("stage=sasrec", "train.steps=2"), str(tmp_path / "trained"))
+  assert "untrained" not in capsys.readouterr().err
+  # The last step's val evaluation is the final one (it was run and recorded twice).
+  val = [r for r in metrics_records(str(tmp_path / "trained")) if r["split"] == "val"]
+  assert [(r["step"], r.get("final")) for r in val] == [(2, True)]
+
+
 def test_only_process_0_prints_the_final_metrics(tmp_path, capsys, monkeypatch):
   """`evaluate_params` prints its `sasrec <split> step ...` lines on process 0 only."""
   from ilora_jax import data, sharding, train_sasrec
