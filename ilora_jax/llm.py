@@ -120,9 +120,7 @@ def config_for(name_or_path: str, **overrides) -> LlamaConfig:
     return PRESETS[target].replace(**overrides)
   if kind == "gguf":
     return weights.config_from_gguf(weights.open_gguf(target), **overrides)
-  config_path = os.path.join(target, "config.json")
-  if not os.path.isfile(config_path):
-    raise UserError(f"config.json not found in {target}")
+  config_path = weights.hf_config_path(target)
   return weights.config_from_hf(weights.read_hf_config(config_path), config_path, **overrides)
 
 

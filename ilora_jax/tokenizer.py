@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import os
-import warnings
 from typing import Any
 
 import jax
@@ -58,8 +57,11 @@ def _pre_tokenizer(pre: str | None):
       ]
     )
   if pre not in (None, "default", "gpt-2", "gpt2"):
-    warnings.warn(
-      f"GGUF pre-tokenizer {pre!r} unknown; using GPT-2 byte-level splitting", stacklevel=2
+    # Splitting text otherwise than the model was trained to see it: prompts it never read.
+    raise NoTokenizer(
+      f"unsupported GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre): only smollm, llama-bpe "
+      "and gpt2 splitting (and their kin) are rebuilt; load the model from a Hugging Face "
+      "folder instead"
     )
   return _byte_level()
 

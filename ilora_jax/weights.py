@@ -253,6 +253,19 @@ def _check_finite(params: dict, cfg: LlamaConfig, source: str) -> None:
 # ----------------------------------------------------------------------------- HF folders
 
 
+def hf_config_path(folder: str) -> str:
+  """The `config.json` of the model folder `folder`; a UserError where it is not there (or
+  the folder cannot be read), naming a GGUF file the folder holds instead."""
+  config_path = os.path.join(folder, "config.json")
+  if os.path.isfile(config_path):
+    return config_path
+  if not os.access(folder, os.R_OK | os.X_OK):
+    raise UserError(f"cannot read the model folder {folder}: permission denied")
+  ggufs = sorted(n for n in os.listdir(folder) if n.endswith(".gguf"))
+  hint = f" (it holds {ggufs[0]}: give that file as the model)" if ggufs else ""
+  raise UserError(f"config.json not found in {folder}{hint}")
+
+
 def read_hf_config(path: str) -> dict:
   """A Hugging Face `config.json` as a dict; unreadable or malformed is a UserError."""
   try:
@@ -330,16 +343,16 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
   head_dim = _positive_int(hf, "head_dim", sizes["hidden_size"] // heads, source=source)
   if head_dim % 2:
     raise UserError(f"{source}: head_dim={head_dim} must be even (rotary embeddings)")
-  rope: dict = {}
-  for key in ("rope_parameters", "rope_scaling"):  # The later one wins, as in transformers.
+  for key in ("rope_parameters", "rope_scaling"):
     value = hf.get(key)
     if value is not None and not isinstance(value, dict):
       raise UserError(f"{source}: {key}={value!r} must be an object or null")
-    value = dict(value or {})
-    if "type" in value:  # The older name of `rope_type`.
-      value.setdefault("rope_type", value["type"])
-    rope.update(value)
-  theta_at = hf if hf.get("rope_theta") is not None else {"rope_theta": rope.get("rope_theta", 1e4)}
+  # As transformers reads them: a (non-empty) `rope_scaling` whole, else `rope_parameters`;
+  # the rope_theta in that object, else the top-level one, else 10000.
+  rope = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
+  if "type" in rope:  # The older name of `rope_type`.
+    rope.setdefault("rope_type", rope["type"])
+  theta_at = next((d for d in (rope, hf) if d.get("rope_theta") is not None), {})
   theta = _positive_float(theta_at, "rope_theta", 10000.0, source=source)
   rope_type = rope.get("rope_type", "default")
   if rope_type in (None, "default"):
@@ -378,6 +391,11 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
   return LlamaConfig(**kwargs)
 
 
+def _unreadable(path: str, exc: OSError) -> UserError:
+  """The one-line error of a model file that is there but cannot be read."""
+  return UserError(f"cannot read {path}: {exc.strerror or exc}")
+
+
 class _SafetensorsFolder:
   """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""
 
@@ -395,10 +413,19 @@ class _SafetensorsFolder:
           isinstance(v, str) for v in weight_map.values()
         ):
           raise TypeError("weight_map is not an object of file names")
+      except OSError as exc:
+        raise _unreadable(index_path, exc) from None
       except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError.
         why = "no weight_map" if isinstance(exc, KeyError) else str(exc).split("\n")[0]
         raise UserError(f"{index_path} is not a safetensors index ({why})") from None
       files = sorted(set(weight_map.values()))
+      single = os.path.join(folder, "model.safetensors")
+      if "model.safetensors" not in files and os.path.isfile(single):
+        # transformers reads that file and leaves the index; this reader the other way round.
+        raise UserError(
+          f"{folder} holds both model.safetensors and an index of other shards "
+          f"({os.path.basename(index_path)}): which are the weights? Remove the one not meant"
+        )
       for name in files:  # Shards beside the index: never a file elsewhere on the machine.
         if name in ("", ".", "..") or os.path.basename(name) != name:
           raise UserError(
@@ -420,6 +447,8 @@ class _SafetensorsFolder:
         handle = safe_open(path, framework="numpy")
       except SafetensorError as e:
         raise UserError(f"safetensors file is truncated or corrupt: {path} ({e})") from None
+      except OSError as exc:  # It is there: safetensors says "not found" of a denied read too.
+        raise _unreadable(path, exc) from None
       self._handles[path] = handle
       for key in handle.keys():
         if key in self._where:  # Which copy the model would get is anyone's guess.
@@ -466,9 +495,7 @@ def load_hf(folder: str, *, shardings: Any = None, **config_overrides) -> tuple[
   """
   if not os.path.isdir(folder):
     raise UserError(f"model folder not found: {folder}")
-  config_path = os.path.join(folder, "config.json")
-  if not os.path.isfile(config_path):
-    raise UserError(f"config.json not found in {folder}")
+  config_path = hf_config_path(folder)
   cfg = config_from_hf(read_hf_config(config_path), config_path, **config_overrides)
   tensors = _SafetensorsFolder(folder)
   return cfg, params_from_hf_tensors(
@@ -486,9 +513,13 @@ def open_gguf(path: str) -> GGUFFile:
   """
   if not os.path.isfile(path):
     raise UserError(f"GGUF file not found: {path}")
-  with open(path, "rb") as f:
-    if f.read(4) != b"GGUF":
-      raise UserError(f"not a GGUF file (bad magic): {path}")
+  try:
+    with open(path, "rb") as f:
+      magic = f.read(4)
+  except OSError as exc:
+    raise _unreadable(path, exc) from None
+  if magic != b"GGUF":
+    raise UserError(f"not a GGUF file (bad magic): {path}")
   try:
     return GGUFFile(path)
   except (ValueError, IndexError, KeyError, EOFError, OSError, struct.error) as e:

@@ -642,16 +642,41 @@ def test_bad_values_in_an_hf_config_json_are_named(change, message):
   assert (cfg.head_dim, cfg.num_kv_heads, cfg.rms_norm_eps) == (16, 2, 1e-5)
 
 
-def test_a_rope_scaling_in_the_older_spelling_is_not_lost():
-  """transformers saves `rope_parameters` with rope_type 'default'; a `rope_scaling` of the
-  older spelling (`type`) beside it is what transformers applies (it was read as no scaling,
-  and the model computed other outputs than the checkpoint's)."""
-  llama3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32}  # fmt: skip
-  saved = {"rope_type": "default", "rope_theta": 5e5}
-  cfg = weights.config_from_hf({**GOOD_HF, "rope_scaling": llama3, "rope_parameters": saved})
-  assert cfg.rope_scaling is not None and cfg.rope_scaling["factor"] == 8.0
-  assert cfg.rope_theta == 5e5
+_LLAMA3 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+           "original_max_position_embeddings": 32}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+  "rope",
+  [
+    # transformers saves `rope_parameters` with rope_type 'default'; a `rope_scaling` of the
+    # older spelling (`type`) beside it is what transformers applies (it was read as no
+    # scaling), with its own rope_theta or the top-level one, not rope_parameters'.
+    {"rope_scaling": _LLAMA3, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+    {"rope_theta": 2e4, "rope_scaling": _LLAMA3,
+     "rope_parameters": {"rope_type": "default", "rope_theta": 3e4}},
+    {"rope_theta": 5e5, "rope_scaling": _LLAMA3},  # Llama 3.1's form.
+    # The rope_theta inside rope_parameters wins over a top-level one (it was the other way).
+    {"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}},
+    {"rope_theta": None, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}},
+    {"rope_theta": 2e4, "rope_scaling": {}, "rope_parameters": {"rope_theta": 3e4}},
+    {"rope_theta": 2e4},
+    {},
+  ],
+)  # fmt: skip
+def test_rope_settings_are_read_as_transformers_reads_them(rope, tmp_path):
+  """The rope of a config.json that sets it in several places, against transformers' own
+  reading of the file (AutoConfig): one llama3 scaling or none, and the same theta."""
+  transformers = pytest.importorskip("transformers")
+  hf = {**GOOD_HF, **rope}
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  theirs = transformers.AutoConfig.from_pretrained(str(tmp_path)).rope_parameters
+  cfg = weights.config_from_hf(hf)
+  assert cfg.rope_theta == theirs["rope_theta"]
+  if theirs["rope_type"] == "llama3":
+    assert cfg.rope_scaling == {k: theirs[k] for k in cfg.rope_scaling}
+  else:
+    assert theirs["rope_type"] == "default" and cfg.rope_scaling is None
 
 
 def _copy_folder(folder, target) -> str:
@@ -1275,6 +1300,12 @@ def test_audit_the_index_decides_which_shards_are_read(tmp_path):
 
   save_file(tensors, os.path.join(folder, "consolidated.safetensors"))
   _assert_same_tree(weights.load_hf(folder)[1], _hf_layout(tensors))
+  # A model.safetensors beside an index of other shards is what transformers reads (the
+  # index only where that file is not there); this reader read the index: refused.
+  save_file(_tiny_tensors(seed=1), os.path.join(folder, "model.safetensors"))
+  with pytest.raises(UserError, match=re.escape(
+      f"{folder} holds both model.safetensors and an index of other shards")):  # fmt: skip
+    weights.load_hf(folder)
   gone = _tiny_folder(tmp_path / "gone", tensors, shards=shards)
   os.remove(os.path.join(gone, "b.safetensors"))
   with pytest.raises(UserError, match=re.escape(
@@ -1383,3 +1414,54 @@ def test_audit_llm_entry_points(tmp_path):
     loaded = llm.load(gguf_path, mesh=mesh)
   leaf = loaded.params["layers"]["attn"]["q"]["kernel"]
   assert isinstance(leaf.sharding, jax.sharding.NamedSharding) and leaf.sharding.mesh == mesh
+
+
+def test_model_files_that_cannot_be_read_are_one_line_errors(tmp_path, monkeypatch):
+  """A weights file, shard index or GGUF file that is there but cannot be read (permission
+  denied; safetensors reports that as "not found") ended as an unexpected error (exit 3), and
+  an unreadable folder as its config.json not found. Root reads every file, so the OS's
+  refusal is stood in for here."""
+  import builtins
+
+  import safetensors
+
+  folder = _tiny_folder(tmp_path / "one")
+  weights_path = os.path.join(folder, "model.safetensors")
+
+  def denied(*args, **kwargs):
+    raise FileNotFoundError(f"No such file or directory: {weights_path}")
+
+  with monkeypatch.context() as m:
+    m.setattr(safetensors, "safe_open", denied)
+    with pytest.raises(UserError, match=re.escape(f"cannot read {weights_path}: ")):
+      weights.load_hf(folder)
+  names = sorted(_tiny_tensors())
+  sharded = _tiny_folder(tmp_path / "sharded", shards={"a.safetensors": names[:4],
+                                                       "b.safetensors": names[4:]})  # fmt: skip
+  gguf_path = tmp_path / "m.gguf"
+  gguf_path.write_bytes(b"GGUF" + bytes(60))
+  index = os.path.join(sharded, "model.safetensors.index.json")
+  real_open = builtins.open
+
+  def refusing(path, *args, **kwargs):
+    if os.fspath(path) in (index, str(gguf_path)):
+      raise PermissionError(13, "Permission denied", os.fspath(path))
+    return real_open(path, *args, **kwargs)
+
+  with monkeypatch.context() as m:
+    m.setattr(builtins, "open", refusing)
+    with pytest.raises(UserError, match=re.escape(f"cannot read {index}: Permission denied")):
+      weights.load_hf(sharded)
+    with pytest.raises(UserError, match=re.escape(f"cannot read {gguf_path}: Permission denied")):
+      llm.config_for(str(gguf_path))
+  # A folder without config.json: one that cannot be listed says so; one holding a GGUF
+  # file names it.
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  (bare / "model.gguf").write_bytes(b"")
+  with pytest.raises(UserError, match=re.escape("(it holds model.gguf: give that file as")):
+    llm.config_for(str(bare))
+  with monkeypatch.context() as m:
+    m.setattr(os, "access", lambda *a, **k: False)
+    with pytest.raises(UserError, match=re.escape(f"cannot read the model folder {bare}: ")):
+      weights.load_hf(str(bare))

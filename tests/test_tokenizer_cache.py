@@ -289,10 +289,12 @@ def test_smollm_pre_tokenizer_splits_digits_one_by_one(fresh, tmp_path):
                                              _byte_id("2")]  # fmt: skip
   gpt2 = tok_lib.tokenizer_from_gguf(_gguf(tmp_path / "g.gguf", ["12"], ["1 2"]))
   assert gpt2("12")["input_ids"] == [259]
-  with pytest.warns(UserWarning, match="GGUF pre-tokenizer 'made-up' unknown; using GPT-2"):
-    other = tok_lib.tokenizer_from_gguf(_gguf(tmp_path / "o.gguf", ["12"], ["1 2"],
-                                              pre="made-up"))  # fmt: skip
-  assert other("12")["input_ids"] == [259]
+  # An unknown type was split as GPT-2 with a warning, and silently once the tokenizer was
+  # cached: refused now, every time (nothing is cached).
+  other = _gguf(tmp_path / "o.gguf", ["12"], ["1 2"], pre="made-up")
+  for _ in range(2):
+    with pytest.raises(tok_lib.NoTokenizer, match="unsupported GGUF pre-tokenizer 'made-up'"):
+      tok_lib.tokenizer_from_gguf(other)
   if SMOLLM2 is not None:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
