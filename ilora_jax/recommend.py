@@ -20,8 +20,10 @@ give the id instead (or, on MovieLens, the title with its year). Without candida
 SASRec retrieves `num_candidates` items outside the history and the adapted LLM re-ranks them
 by the log-likelihood of each title after the hybrid prompt (the scoring evaluation's method).
 The prompt lists the candidates in the order given (retrieved ones in SASRec's order), and
-the scores depend on that order. A history longer than the run's `data.max_len` keeps its
-last `max_len` items; a history of every item (nothing left to retrieve) is an error.
+the scores depend on that order; the prompt is written in the run's `ilora.eval_template`
+(template 0 where the run drew one per row). A history longer than the run's `data.max_len`
+is read by its last `max_len` items (SASRec retrieves items outside the whole history); a
+history of every item (nothing left to retrieve) is an error.
 """
 
 from __future__ import annotations
@@ -411,7 +413,11 @@ class Recommender:
     restored = self.restored
     parts, state, evaluator = restored.su.parts, restored.state, restored.evaluator
     hist, seq = self._sequence(history)
-    prompt = parts.builder.batch([(hist, cands, None)], 0, True, pad_left=True)
+    from ilora_jax.train_ilora import eval_template
+
+    # The run's evaluation template (template 0 where it drew one per row).
+    template = max(eval_template(self.config), 0)
+    prompt = parts.builder.batch([(hist, cands, None)], template, True, pad_left=True)
     batch = dict(prompt.as_dict(), seq=seq, len_seq=np.array([len(hist)], np.int32))
     params, gate, mask, embeds = evaluator._prepare(
       state["trainable"], state["stats"], restored.su.frozen, batch
@@ -479,8 +485,9 @@ def recommend(
 
   Entries are strings as on the command line (`resolve_items`) or ints (item ids). `notify`,
   when given, receives one-line notices: the history is longer than the run's `data.max_len`
-  (only its last items count), given candidates are in the history (ranked all the same), or
-  there are fewer than k candidates (so fewer rows).
+  (the model reads its last items; all are kept out of SASRec's candidates), given
+  candidates are in the history (ranked all the same), or there are fewer than k candidates
+  (so fewer rows).
   `config` is the run's (`load_run_config(workdir)`, read here when not given). `describe`,
   when given, receives which of the run's weights rank (`Recommender.weights`).
   """
@@ -498,7 +505,7 @@ def recommend(
   if len(hist) > max_len:
     notify(
       f"the history has {len(hist)} items, more than the run's data.max_len={max_len}: "
-      f"only its last {max_len} are used"
+      f"the model reads its last {max_len} (all are kept out of SASRec's candidates)"
     )
   if cands:
     in_history = set(hist)

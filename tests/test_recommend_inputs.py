@@ -226,7 +226,8 @@ def test_notices_for_a_truncated_history_and_fewer_candidates_than_k(monkeypatch
                           notices.append)  # fmt: skip
   assert FakeRecommender.seen == [1, 2, 3, 4] and [t for t, *_ in top] == [3]
   assert notices == [
-    "the history has 4 items, more than the run's data.max_len=3: only its last 3 are used",
+    "the history has 4 items, more than the run's data.max_len=3: the model reads its last 3 "
+    "(all are kept out of SASRec's candidates)",
     "1 candidate is in the history, ranked all the same: 'Heat' (#3)",
     "only 1 distinct candidate was given, so 1 row instead of k=10",
   ]

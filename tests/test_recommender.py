@@ -30,10 +30,12 @@ class Scripted:
   """A Recommender whose restored model is scripted: SASRec's logits over items 0..7 and the
   LLM's score of each candidate, by item; it records what the Recommender hands each part."""
 
-  def __init__(self, logits=None, score_of=None, max_len=3, num_candidates=4, titles=None):
+  def __init__(self, logits=None, score_of=None, max_len=3, num_candidates=4, titles=None,
+               eval_template=0):  # fmt: skip
     self.calls = {}
     rec = object.__new__(Recommender)
-    rec.config = ConfigDict({"data": {"max_len": max_len, "num_candidates": num_candidates}})
+    rec.config = ConfigDict({"data": {"max_len": max_len, "num_candidates": num_candidates},
+                             "ilora": {"eval_template": eval_template}})  # fmt: skip
     rec.workdir, rec.titles_with_years = "w", {}
     rec.dataset = types.SimpleNamespace(titles=dict(TITLES if titles is None else titles))
     calls = self.calls
@@ -132,6 +134,15 @@ def test_recommend_ranks_the_given_candidates_by_their_scores():
   # k beyond the candidates: all of them, best first; k=1: the best.
   assert [i for i, *_ in s.rec.recommend([3], [4, 2, 7], k=10)] == [2, 7, 4]
   assert s.rec.recommend([3], [4, 2, 7], k=1) == [(2, "t2", -1.5)]
+
+
+@pytest.mark.parametrize("eval_template,template", [(2, 2), (1, 1), (-1, 0)])
+def test_recommend_writes_the_prompt_in_the_runs_evaluation_template(eval_template, template):
+  """The prompt was always template 0, whatever template the run's evaluations (and so its
+  selected weights) read; a run that drew one per row (-1) gets template 0."""
+  s = Scripted(score_of={1: -1.0, 2: -2.0}, eval_template=eval_template)
+  s.rec.recommend([3], [1, 2], k=2)
+  assert s.calls["batch"][1] == template
 
 
 def test_recommend_without_candidates_ranks_sasrecs_retrieved_items_in_its_order():
