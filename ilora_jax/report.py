@@ -5,6 +5,9 @@ written by the iLoRA stage), so a report can be rebuilt at any time:
 
   python -m ilora_jax.report --workdir=W [--compare=plain_lora=W2,...]
 
+Without --compare, the report compares with the runs the run itself named
+(`config.report.compare` in W/config.json); `--compare=` compares with none.
+
 `summary.md` also has a comparison table per split: this run's model, the baselines it
 evaluated on the same candidates (base LLM, SASRec) and the final metrics of other runs named
 by `compare` (`config.report.compare`), e.g. a plain-LoRA run (`--config.lora.num_experts=1
@@ -805,15 +808,23 @@ def main(argv: list[str] | None = None) -> None:
     if not values.workdir:
       raise UserError(usage)
     workdir = values.workdir
-    try:
-      compare = parse_compare(values.compare)
-    except UserError as exc:
-      raise UserError(f"--compare: {exc}") from None
+    given = values["compare"].present  # `--compare=` too: no comparison.
+    if given:
+      try:
+        compare = parse_compare(values.compare)
+      except UserError as exc:
+        raise UserError(f"--compare: {exc}") from None
     if not os.path.isdir(workdir):
       what = "is a file, not a run's folder" if os.path.exists(workdir) else "does not exist"
       raise UserError(f"--workdir={workdir} {what}")
     if not os.path.lexists(os.path.join(workdir, "metrics.jsonl")):
       raise UserError(f"no metrics.jsonl in {workdir}")
+    if not given:  # The run's own comparison (its config.report.compare), as the run wrote it.
+      saved = run_compare(workdir, "")
+      with contextlib.suppress(UserError):  # A damaged one: `write` names it.
+        warn_unfound_compared(saved)
+      print(write(workdir, saved))
+      return
     missing = unfound(compare)
     if missing:
       name, path = next(iter(missing.items()))  # The first, as given.

@@ -554,6 +554,27 @@ def test_flags_take_the_forms_main_takes(tmp_path, capsys):
   assert_one_line_error(proc, "'x'", "usage:")
 
 
+def test_the_cli_keeps_the_runs_own_comparison_unless_told(tmp_path, capsys):
+  """Without --compare the report command dropped the comparison the run was trained with
+  (its rows and compare.png, which stage=evaluate keeps): it keeps it now; `--compare=`
+  compares with none; a compared run of the saved config that is gone is a warning."""
+  (tmp_path / "metrics.jsonl").write_text(GOOD)
+  other = tmp_path / "other"
+  other.mkdir()
+  (other / "metrics.jsonl").write_text(GOOD)
+  saved = {"report": {"compare": f"b={other}"}}
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  proc = _report_cli(capsys, f"--workdir={tmp_path}")
+  assert proc.returncode == 0 and (tmp_path / "report" / "compare.png").exists(), proc
+  proc = _report_cli(capsys, f"--workdir={tmp_path}", "--compare=")
+  assert proc.returncode == 0 and not (tmp_path / "report" / "compare.png").exists(), proc
+  saved["report"]["compare"] = f"b={tmp_path / 'gone'}"
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  proc = _report_cli(capsys, f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc
+  assert f"warning: config.report.compare: no metrics.jsonl in {tmp_path / 'gone'}" in proc.stderr
+
+
 def test_compare_of_the_config_names_each_run_once(tmp_path):
   with pytest.raises(UserError, match="config.report.compare: name 'x' given twice"):
     report.write(str(tmp_path), "x=a,x=b")
