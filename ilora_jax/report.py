@@ -599,12 +599,25 @@ def _gate_axes(
     axes[0].legend(fontsize=8)
   else:
     _note(axes[0], "no gate records in the train records")
+  unreadable = False
   if os.path.exists(gates_path):
-    _plot_gates(axes[1], axes[2], *read_gates(gates_path))
-    return
+    try:
+      gates = read_gates(gates_path)
+    except UserError as exc:  # The rest of the report is still written.
+      from ilora_jax import console
+
+      console.info(f"warning: {exc}; gates.png is drawn without its val gate panels")
+      unreadable = True
+    else:
+      _plot_gates(axes[1], axes[2], *gates)
+      return
   axes[1].set_title("gate entropy per user")
   axes[2].set_title("mean gate weights by SASRec user cluster")
-  if evaluated:
+  if unreadable:
+    note = (
+      "gates.npz cannot be read\n(see the warning): re-run the run's\ncommand to write it again"
+    )
+  elif evaluated:
     note = ("no gates.npz (removed since the final\nevaluation?): re-run the run's command\n"
             "to evaluate and write it again")  # fmt: skip
   else:

@@ -669,6 +669,24 @@ def test_a_selected_step_must_be_an_integer_and_damaged_predictions_are_named(tm
     report.read_predictions(str(tmp_path), "val")
 
 
+def test_a_damaged_gates_npz_leaves_the_rest_of_the_report_written(tmp_path, capsys):
+  """A gates.npz that cannot be read stopped the rebuild half way (train_loss.png and
+  val_metrics.png new, summary.md and the TensorBoard files stale): a warning now, and the
+  rest of the report is written, gates.png with its val panels saying why they are empty."""
+  record = {"run": "ilora", "stage": "ilora", "split": "train", "step": 1, "loss": 2.5,
+            "gate_mean/0": 0.4, "gate_mean/1": 0.6}  # fmt: skip
+  (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+  (tmp_path / "report").mkdir()
+  path = tmp_path / "report" / "gates.npz"
+  path.write_text("garbage")
+  proc = _report_cli(capsys, f"--workdir={tmp_path}")
+  assert proc.returncode == 0, proc.stderr
+  assert f"warning: cannot read {path}: it is no .npz archive" in proc.stderr
+  for name in ("summary.md", "gates.png", "train_loss.png"):
+    assert (tmp_path / "report" / name).exists(), name
+  assert glob.glob(str(tmp_path / "report" / "tb" / "events.*"))
+
+
 def test_gate_panels_of_a_run_stopped_before_its_evaluation_say_so(tmp_path):
   """No gates.npz (the run stopped before its iLoRA evaluation wrote it): the two val-user
   panels say so, as val_metrics.png does for a run without metrics, instead of two empty
