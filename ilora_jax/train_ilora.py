@@ -1887,6 +1887,15 @@ def require_checkpoint(workdir: str) -> None:
 def _no_checkpoint(directory: str, workdir: str) -> UserError:
   """The error for a run without ilora checkpoints, its advice by the stage the run's
   config.json names: a pipeline short of its iLoRA stage goes on by its own command."""
+  try:
+    trained = any(r.get("run") == STAGE for r in report.read_records(workdir))
+  except (UserError, OSError):  # Words only: a damaged log gives the advice below.
+    trained = False
+  if trained:
+    return UserError(
+      f"no ilora checkpoint in {directory}, though {workdir}'s metrics.jsonl holds its iLoRA "
+      "stage's records: its checkpoints were removed, or not copied with the run"
+    )
   stage = (configuration.saved(workdir) or {}).get("stage")  # None, damaged: no advice of it.
   advice = {
     "pipeline": "the run (stage=pipeline) has not reached its iLoRA stage: re-run its command "

@@ -830,6 +830,20 @@ def test_require_checkpoint_wants_the_latest_or_selected_weights(workdirs, tmp_p
     (run / "config.json").write_text(damaged)
     with pytest.raises(UserError, match="train with --config.stage=ilora$"):
       train_ilora.require_checkpoint(str(run))
+  # A run whose records hold its iLoRA stage (a folder copied without its checkpoints) was
+  # told it had not reached that stage.
+  (run / "config.json").write_text(json.dumps({"stage": "pipeline"}))
+  (run / "metrics.jsonl").write_text('{"run": "ilora", "stage": "ilora", "split": "train", '
+                                     '"step": 1, "loss": 2.0}\n')  # fmt: skip
+  with pytest.raises(UserError) as err:
+    train_ilora.require_checkpoint(str(run))
+  assert str(err.value) == (
+    f"no ilora checkpoint in {want}, though {run}'s metrics.jsonl holds its iLoRA stage's "
+    "records: its checkpoints were removed, or not copied with the run"
+  )
+  (run / "metrics.jsonl").write_text("{broken\n{}\n")  # Damaged: the advice by stage.
+  with pytest.raises(UserError, match="has not reached its iLoRA stage"):
+    train_ilora.require_checkpoint(str(run))
 
 
 def test_unfinished_names_a_run_short_of_its_steps(workdirs):
