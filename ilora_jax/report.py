@@ -628,6 +628,37 @@ def _gate_axes(
     _note(ax, note)
 
 
+VAL_KEYS = ("hr@1", "hr@5", "ndcg@5", "hit_ratio@1", "valid_ratio", "hits_over_total")
+
+
+def _val_axes(ax, stage: str, records: list[dict]) -> None:
+  """val_metrics.png's panel of `stage`: its val metrics per evaluation, and the step whose
+  weights its final evaluations used where `ilora.select_by` picked them."""
+  from matplotlib.ticker import MaxNLocator
+
+  val = [r for r in records if r.get("split") == "val" and r.get("run") == stage
+         and not _of_earlier_weights(r)]  # fmt: skip
+  plotted = [_plot_series(ax, val, key, key) for key in VAL_KEYS]
+  finals = [r for r in records if r.get("split") == "val" and r.get("run") == stage
+            and r.get("final")]  # fmt: skip
+  if finals and finals[-1].get("selected_step") is not None:
+    step, by = finals[-1]["selected_step"], finals[-1].get("selected_by")
+    ax.axvline(step, color="gray", linestyle="--", linewidth=1,
+               label=f"selected by {by} (step {step})")  # fmt: skip
+  ax.set_title(f"{stage}: validation")
+  ax.set_xlabel("step")
+  lo, hi = ax.get_xlim()
+  if hi - lo < 2:  # A single step: room for integer ticks around it.
+    ax.set_xlim((lo + hi) / 2 - 1, (lo + hi) / 2 + 1)
+  ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # Steps, not fractions of one.
+  ax.set_ylim(-0.03, 1.03)  # A line at 0 or 1 stays in sight.
+  if any(plotted):
+    ax.legend(loc="best", fontsize=8)
+  else:  # e.g. a run with both evaluation modes off: its val records hold the loss only
+    ax.text(0.5, 0.5, "no ranking or generation metrics recorded", ha="center",
+            va="center", transform=ax.transAxes, fontsize=9)  # fmt: skip
+
+
 def training_records(records: list[dict], stage: str) -> list[dict]:
   """The training-loss records of `stage`'s own run: not those of `stage=evaluate` on the
   train split (`run` "evaluate", one final record of other weights' loss)."""
@@ -654,6 +685,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
     _plot_series(ax, train, "loss", "train loss")
     ax.set_title(f"{stage}: training loss")
     ax.set_xlabel("step")
+    ax.set_ylabel("train loss (mean per record)")
     if any("lr" in r for r in train):
       twin = ax.twinx()
       _plot_series(twin, train, "lr", "learning rate")
@@ -668,18 +700,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   fig, axes = plt.subplots(1, max(len(stages), 1), figsize=(6 * max(len(stages), 1), 4))
   axes = np.atleast_1d(axes)
   for ax, stage in zip(axes, stages):
-    val = [r for r in by_stage[stage] if r.get("split") == "val" and r.get("run") == stage
-           and not _of_earlier_weights(r)]  # fmt: skip
-    keys = ("hr@1", "hr@5", "ndcg@5", "hit_ratio@1", "valid_ratio")
-    plotted = [_plot_series(ax, val, key, key) for key in keys]
-    ax.set_title(f"{stage}: validation")
-    ax.set_xlabel("step")
-    ax.set_ylim(0, 1)
-    if any(plotted):
-      ax.legend(loc="best", fontsize=8)
-    else:  # e.g. a run with both evaluation modes off: its val records hold the loss only
-      ax.text(0.5, 0.5, "no ranking or generation metrics recorded", ha="center",
-              va="center", transform=ax.transAxes, fontsize=9)  # fmt: skip
+    _val_axes(ax, stage, by_stage[stage])
   fig.tight_layout()
   fig.savefig(os.path.join(out, "val_metrics.png"), dpi=100)
   plt.close(fig)
@@ -732,6 +753,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
     axes[1].set_title("iLoRA stage: val loss per evaluation")
     for ax in axes:
       ax.set_xlabel("step")
+      ax.ticklabel_format(axis="y", useOffset=False)  # Losses as they are, not 0.005 + 10.67.
       ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "compare.png"), dpi=100)

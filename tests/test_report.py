@@ -382,6 +382,35 @@ def test_runs_without_ranking_metrics_plot_without_warnings(tmp_path):
   assert image.ndim == 3 and image.shape[0] > 100
 
 
+def test_the_val_panel_draws_every_val_metric_and_marks_the_selected_weights():
+  """hits_over_total (the default select_by with generation on) was not drawn, nor the step
+  whose weights the final evaluations used; lines at 0 lay on the axis's edge, and a single
+  evaluation had fractional steps for ticks."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  base = {"run": "ilora", "stage": "ilora", "split": "val"}
+  metrics = {"hr@1": 0.0, "hit_ratio@1": 0.0, "valid_ratio": 0.5, "hits_over_total": 0.25}
+  records = [{**base, "step": s, "epoch": s // 3, **metrics} for s in (3, 6)]
+  records.append({**base, "step": 6, "final": True, **metrics, "selected_step": 3,
+                  "selected_by": "hits_over_total"})  # fmt: skip
+  fig, ax = plt.subplots()
+  report._val_axes(ax, "ilora", records)
+  lines = {line.get_label(): line for line in ax.get_lines()}
+  assert list(lines["hits_over_total"].get_ydata()) == [0.25, 0.25]
+  assert list(lines["selected by hits_over_total (step 3)"].get_xdata()) == [3, 3]
+  assert ax.get_ylim()[0] < 0 < 1 < ax.get_ylim()[1]
+  plt.close(fig)
+  fig, ax = plt.subplots()
+  report._val_axes(ax, "ilora", records[:1])  # One evaluation, no selection.
+  fig.canvas.draw()
+  assert all(float(t).is_integer() for t in ax.get_xticks())
+  assert [line.get_label() for line in ax.get_lines() if "selected" in line.get_label()] == []
+  plt.close(fig)
+
+
 def test_report_does_not_import_torch(tmp_path):
   """tensorboardX imports torch where it is installed; the report's writer must not (the
   package never uses torch). In a fresh interpreter, with torch installed as in the tests."""
