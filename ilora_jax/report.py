@@ -783,7 +783,8 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
     for r in records:
       if "step" not in r:
         continue
-      final = "_final" if r.get("final") else ""
+      # stage=evaluate's records (final too) apart from the training run's final ones.
+      final = "_evaluate" if r.get("run") == "evaluate" else "_final" if r.get("final") else ""
       prefix = f"{r.get('stage', '?')}/{r.get('split', '?')}{final}"
       at = r["selected_step"] if _of_earlier_weights(r) else r["step"]  # The weights' step.
       for key, value in _numeric(r).items():

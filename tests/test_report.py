@@ -1012,8 +1012,11 @@ def test_a_final_of_earlier_weights_is_reported_at_their_step(tmp_path, monkeypa
     {**base, "split": "test", "step": 2, "final": True, "candidates": "abc", "hr@1": 0.125,
      "selected_step": 2, "selected_by": "hr@1"},
   ]  # fmt: skip
+  # A later stage=evaluate of the same weights: its own TensorBoard tags (it landed on the
+  # training run's final tags, two values at one step).
+  evaluation = {**records[-1], "run": "evaluate", "hr@1": 0.25}
   ours, other = tmp_path / "ours", tmp_path / "other"
-  for d, recs in ((ours, records), (other, records[-2:])):
+  for d, recs in ((ours, [*records, evaluation]), (other, records[-2:])):
     d.mkdir()
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
   plotted, plot = [], report._plot_series
@@ -1050,6 +1053,7 @@ def test_a_final_of_earlier_weights_is_reported_at_their_step(tmp_path, monkeypa
       ("ilora/val_final/loss", 1, 1.0),
       ("ilora/val_final/group/0/hr_1", 1, 0.75),
       ("ilora/test_final/hr_1", 2, 0.125),
+      ("ilora/test_evaluate/hr_1", 2, 0.25),
     ]
   )
   # compare.png's val curve: the val records' losses, not the final's (step 1's again).
