@@ -113,6 +113,15 @@ def _resolve(name_or_path: str) -> tuple[str, str]:
   )
 
 
+def check_weight_files(name_or_path: str) -> None:
+  """Where a Hugging Face folder is named: its safetensors files are there, readable and
+  whole (headers and index; no tensor is read), else a UserError. GGUF files are checked by
+  `config_for`, which reads their tensor table."""
+  kind, target = _resolve(name_or_path)
+  if kind == "hf":
+    weights.SafetensorsFolder(target)
+
+
 def config_for(name_or_path: str, **overrides) -> LlamaConfig:
   """The `LlamaConfig` of a registered name, GGUF file or HF folder (reads metadata only)."""
   kind, target = _resolve(name_or_path)

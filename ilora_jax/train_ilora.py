@@ -277,11 +277,13 @@ class PromptInputs:
 
 
 def check_llm(config):
-  """The LLM's tokenizer, after checking what can be checked without its weights: the name,
-  its config (architecture, sizes) and its tokenizer (a UserError for each). The pipeline
+  """The LLM's tokenizer, after checking what can be checked without reading its weights: the
+  name, its config (architecture, sizes), its weight files (there, whole headers) and its
+  tokenizer (a UserError for each). The pipeline
   runs this before training SASRec, so a mistyped model is named before the slow parts."""
   llm.check_init_std(config.llm.name, config.llm.init_std)
   llm.config_for(config.llm.name)
+  llm.check_weight_files(config.llm.name)
   try:
     tokenizer = llm.load_tokenizer(config.llm.name, strict=True)
   except tok_lib.NoTokenizer as exc:

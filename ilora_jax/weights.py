@@ -396,8 +396,10 @@ def _unreadable(path: str, exc: OSError) -> UserError:
   return UserError(f"cannot read {path}: {exc.strerror or exc}")
 
 
-class _SafetensorsFolder:
-  """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint."""
+class SafetensorsFolder:
+  """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint; made, it has
+  read the headers (and index) of every file, a UserError for none, a missing or unreadable
+  shard, a damaged header or index."""
 
   def __init__(self, folder: str):
     from safetensors import SafetensorError, safe_open
@@ -436,7 +438,14 @@ class _SafetensorsFolder:
       files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
       weight_map = None
     if not files:
-      raise UserError(f"no *.safetensors weights found in {folder}")
+      pickled = sorted(n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth")))
+      hint = (
+        f" ({pickled[0]} is not read: a pickle can run code; save the model with "
+        "safetensors, as save_pretrained does by default)"
+        if pickled
+        else ""
+      )
+      raise UserError(f"no *.safetensors weights found in {folder}{hint}")
     self._handles = {}
     self._where: dict[str, str] = {}
     for name in files:
@@ -497,7 +506,7 @@ def load_hf(folder: str, *, shardings: Any = None, **config_overrides) -> tuple[
     raise UserError(f"model folder not found: {folder}")
   config_path = hf_config_path(folder)
   cfg = config_from_hf(read_hf_config(config_path), config_path, **config_overrides)
-  tensors = _SafetensorsFolder(folder)
+  tensors = SafetensorsFolder(folder)
   return cfg, params_from_hf_tensors(
     tensors.get, tensors.has, cfg, source=folder, shardings=shardings, names=tensors.names()
   )

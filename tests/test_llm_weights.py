@@ -925,15 +925,21 @@ def test_null_rope_theta_and_bad_gguf_sizes():
 
 
 def test_the_pipeline_names_a_bad_llm_before_training_sasrec(tmp_path):
-  """A mistyped or unsupported model is named before SASRec trains (hours on real data), not
-  after it."""
+  """A mistyped or unsupported model, or a folder without its safetensors weights, is named
+  before SASRec trains (hours on real data), not after it."""
   from conftest import TINY, assert_one_line_error, run_cli
 
   mistral = tmp_path / "mistral"
   mistral.mkdir()
   (mistral / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+  pickled = tmp_path / "pickled"  # A config and a pytorch_model.bin, never unpickled.
+  pickled.mkdir()
+  (pickled / "config.json").write_text(json.dumps(TINY_HF))
+  (pickled / "pytorch_model.bin").write_bytes(b"not read")
   for name, fragment in ((str(tmp_path / "typo"), "unknown model"),
-                         (str(mistral), "unsupported architecture 'mistral'")):  # fmt: skip
+                         (str(mistral), "unsupported architecture 'mistral'"),
+                         (str(pickled), f"no *.safetensors weights found in {pickled} "
+                          "(pytorch_model.bin is not read: a pickle can run code")):  # fmt: skip
     work = tmp_path / f"w_{os.path.basename(name)}"
     proc = run_cli(TINY, f"--workdir={work}", "--config.stage=pipeline",
                    f"--config.llm.name={name}")  # fmt: skip
