@@ -705,8 +705,20 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
       raise UserError(f"{name}: a GGUF file without llama.vocab_size, tokenizer.ggml.tokens "
                       "or a 2-D token_embd.weight: its vocabulary size is unknown")  # fmt: skip
     vocab = int(embd.shape[1])
-  head_key = next((k for k in ("llama.attention.key_length", "llama.rope.dimension_count")
-                   if gguf_field(reader, k)), None)  # fmt: skip
+  # As llama.cpp reads a llama file: the head size is key_length (else embedding_length /
+  # head_count), and the rotary dimensions, where given, must be all of it.
+  head_dim = (
+    positive("llama.attention.key_length")
+    if gguf_field(reader, "llama.attention.key_length") is not None
+    else hidden // heads
+  )
+  for key in ("llama.rope.dimension_count", "llama.attention.value_length"):
+    if gguf_field(reader, key) is not None and positive(key) != head_dim:
+      raise UserError(
+        f"{meta} {key}={positive(key)} differs from the head size {head_dim} "
+        "(llama.attention.key_length, else embedding_length / head_count): a llama model "
+        "rotates, and its values span, the whole head"
+      )
   kwargs = dict(
     vocab_size=int(vocab),
     hidden_size=hidden,
@@ -714,7 +726,7 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
     num_layers=positive("llama.block_count"),
     num_heads=heads,
     num_kv_heads=kv_heads,
-    head_dim=positive(head_key) if head_key else hidden // heads,
+    head_dim=head_dim,
     rope_theta=positive_float("llama.rope.freq_base", 10000.0),
     rms_norm_eps=positive_float("llama.attention.layer_norm_rms_epsilon", 1e-5),
     tie_word_embeddings="output.weight" not in names,

@@ -932,10 +932,14 @@ def test_the_pipeline_names_a_bad_llm_before_training_sasrec(tmp_path):
   mistral = tmp_path / "mistral"
   mistral.mkdir()
   (mistral / "config.json").write_text(json.dumps({"model_type": "mistral"}))
-  pickled = tmp_path / "pickled"  # A config and a pytorch_model.bin, never unpickled.
-  pickled.mkdir()
-  (pickled / "config.json").write_text(json.dumps(TINY_HF))
-  (pickled / "pytorch_model.bin").write_bytes(b"not read")
+  # A config, a tokenizer and a pytorch_model.bin, never unpickled.
+  from tokenizers import Tokenizer, models
+  from transformers import PreTrainedTokenizerFast
+
+  pickled = tmp_path / "pickled"
+  _folder_with_tokenizer_files(pickled, {"pytorch_model.bin": b"not read"})
+  words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+  PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(pickled)
   for name, fragment in ((str(tmp_path / "typo"), "unknown model"),
                          (str(mistral), "unsupported architecture 'mistral'"),
                          (str(pickled), f"no *.safetensors weights found in {pickled} "
@@ -1110,7 +1114,8 @@ def _meta_reader(tensors=(), drop=(), **change):
 def test_audit_gguf_config_defaults_and_sources():
   """llama.cpp's defaults and fallbacks: head_count_kv = head_count, rope base 1e4, rms eps
   1e-5; the vocabulary from llama.vocab_size, else the token list, else token_embd.weight
-  (GGUF shape [hidden, vocab]); the head size from key_length before rope.dimension_count."""
+  (GGUF shape [hidden, vocab]); the head size from key_length, else embedding_length /
+  head_count, which rope.dimension_count and value_length must equal where given."""
   cfg = weights.config_from_gguf(_meta_reader())
   assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (4, 4, 16, 300)
   assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings) == (1e4, 1e-5, True)
@@ -1126,11 +1131,21 @@ def test_audit_gguf_config_defaults_and_sources():
   flat = _Tensor("token_embd.weight", (64,))
   with pytest.raises(UserError, match="or a 2-D token_embd.weight: its vocabulary size is unknown"):
     weights.config_from_gguf(_meta_reader([flat], drop=["llama.vocab_size"]))
-  both = {"llama.attention.key_length": 32, "llama.rope.dimension_count": 8}
+  both = {"llama.attention.key_length": 32, "llama.rope.dimension_count": 32,
+          "llama.attention.value_length": 32}  # fmt: skip
   assert weights.config_from_gguf(_meta_reader(**both)).head_dim == 32
   assert weights.config_from_gguf(
-    _meta_reader(**{"llama.rope.dimension_count": 8})
-  ).head_dim == 8  # fmt: skip
+    _meta_reader(**{"llama.rope.dimension_count": 16})
+  ).head_dim == 16  # fmt: skip
+  # Rotary dimensions (or values) other than the head size: llama.cpp refuses such a llama
+  # file ("invalid n_rot"); dimension_count alone was taken for the head size (8 for 64 / 4).
+  for change, key in (({"llama.rope.dimension_count": 8}, "llama.rope.dimension_count=8"),
+                      ({**both, "llama.rope.dimension_count": 8}, "llama.rope.dimension_count=8"),
+                      ({**both, "llama.attention.value_length": 16},
+                       "llama.attention.value_length=16")):  # fmt: skip
+    head = change.get("llama.attention.key_length", 16)
+    with pytest.raises(UserError, match=re.escape(f"{key} differs from the head size {head} ")):
+      weights.config_from_gguf(_meta_reader(**change))
   with pytest.raises(UserError, match="^the GGUF file: GGUF metadata llama.embedding_length "
                      "missing$"):  # fmt: skip
     weights.config_from_gguf(_meta_reader(drop=["llama.embedding_length"]))
