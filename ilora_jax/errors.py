@@ -89,9 +89,11 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
       f"{override.split('=', 1)[0]}=... overrides a config file, and none is given: "
       "--config is required, e.g. --config=configs/tiny.py"
     )
+  # Before absl parses: a --config given twice after an override is absl's "flag defined
+  # twice" of that override otherwise.
+  _check_repeats_and_bare_flags(values, given)
   with flag_errors(what, argv):
     rest = values(argv)  # Had the flagfiles been unreadable, it would have said so here.
-  _check_repeats_and_bare_flags(values, given)
   if len(rest) > 1:
     raise UserError(
       f"unexpected argument(s) {' '.join(repr(a) for a in rest[1:])}: every argument is a "

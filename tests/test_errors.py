@@ -329,6 +329,16 @@ def test_a_flag_given_twice_is_refused_but_dotted_overrides_may_repeat(monkeypat
   config_flags.DEFINE_config_file("config", flag_values=values)
   errors.parse_flags(values, argv)
   assert (values.config.train.seed, values.n) == (4, 3)  # The later override wins.
+  # --config twice with an override between: absl said its override flag was "defined
+  # twice" (from absl.flags._flag), before the repeat was seen.
+  values = _values()
+  tiny = f"--config={ROOT}/configs/tiny.py"
+  argv = ["prog", tiny, "--config.train.lr=0.1", tiny]
+  monkeypatch.setattr(sys, "argv", argv)
+  config_flags.DEFINE_config_file("config", flag_values=values)
+  with pytest.raises(UserError) as raised:
+    errors.parse_flags(values, argv)
+  assert str(raised.value) == f"--config is given twice ({tiny} and {tiny}): give it once"
 
 
 def test_overrides_without_a_config_file_say_that_config_is_required(monkeypatch, tmp_path):
