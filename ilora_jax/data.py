@@ -553,6 +553,13 @@ def load_from_config(config, workdir: str) -> Dataset:
   if not os.access(directory, os.R_OK | os.X_OK):  # Its files would read as "not found".
     raise UserError(f"data folder is not readable: {directory}")
   titles_path = titles_file(data, directory)
+  needed = [titles_path, train_path, os.path.join(directory, data.val_file)]
+  missing = [os.path.basename(p) for p in needed if not os.path.lexists(p)]
+  if len(missing) > 1:  # One alone: its own reader says so (a link to nothing, say).
+    raise UserError(
+      f"the data folder {directory} lacks {', '.join(missing)} (config.data.dir: a folder "
+      f"of {data.name}'s files)"
+    )
   # A run saved before the setting existed (its config.json lacks it) keeps the titles as is.
   titles = load_titles(titles_path, articles=data.get("movielens_articles", "as_is"))
   n_items = data.n_items or (max(titles) + 1)

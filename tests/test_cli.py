@@ -485,6 +485,11 @@ def test_missing_test_file_is_skipped_and_missing_val_is_an_error(tmp_path):
   assert len(test) == 1 and "Test_data.df" in test[0]["skipped"]
   os.remove(folder / "Val_data.df")
   assert_one_line_error(_run_folder(folder, tmp_path / "w2"), "val file not found", "Val_data.df")
+  # A folder lacking several files (an empty one, say) names them all, not the first looked for.
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  assert_one_line_error(_run_folder(empty, tmp_path / "w3"), f"the data folder {empty} lacks "
+                        "id2name.txt, train_data.df, Val_data.df (config.data.dir")  # fmt: skip
 
 
 @pytest.mark.parametrize(
