@@ -313,7 +313,13 @@ def load_module(path: str) -> ModuleRecord:
       f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc})"
     ) from None
   if not isinstance(root, ModuleRecord):
-    raise UserError(f"checkpoint {path} holds a {type(root).__name__}, expected a pickled module")
+    # A state_dict lacks what the module records beside its weights (its attention heads and
+    # item count), which the weights' shapes do not tell.
+    what = " (a state_dict?)" if isinstance(root, dict) else ""
+    raise UserError(
+      f"checkpoint {path} holds a {type(root).__name__}{what}, expected a pickled module: the "
+      "original saves its SASRec whole (torch.save(model)), with its head and item counts"
+    )
   return root
 
 

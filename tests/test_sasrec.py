@@ -496,6 +496,11 @@ def test_reads_checkpoint_written_by_torch(tmp_path):
   flat = torch_checkpoint.flat_parameters(torch_checkpoint.load_module(str(path)))
   for name, value in net.state_dict().items():
     np.testing.assert_array_equal(flat[name], value.numpy())
+  # Its state_dict alone is refused, saying what it is and why a module is needed.
+  torch.save(net.state_dict(), tmp_path / "state.pt")
+  said = "holds a OrderedDict (a state_dict?), expected a pickled module: the original saves"
+  with pytest.raises(UserError, match=re.escape(said)):
+    torch_checkpoint.load_module(str(tmp_path / "state.pt"))
 
 
 def _sasrec(workdir, init_from: str, stop_after: int):
