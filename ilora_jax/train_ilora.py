@@ -279,8 +279,8 @@ class PromptInputs:
 def check_llm(config):
   """The LLM's tokenizer, after checking what can be checked without reading its weights: the
   name, its config (architecture, sizes), its tokenizer and its weight files (there, whole
-  headers; a UserError for each). The pipeline
-  runs this before training SASRec, so a mistyped model is named before the slow parts."""
+  headers; a UserError for each). The pipeline runs this before training SASRec, so a
+  mistyped model is named before the slow parts."""
   llm.check_init_std(config.llm.name, config.llm.init_std)
   llm.config_for(config.llm.name)
   try:
