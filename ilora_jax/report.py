@@ -178,7 +178,7 @@ def unfound(compare: dict[str, str]) -> dict[str, str]:
 def parse_compare(text: str) -> dict[str, str]:
   """`name=workdir,name=workdir` -> {name: workdir}; a bare workdir is named by its folder.
 
-  The name ends at the first `=` (a folder may hold one); names must be unique.
+  The name ends at the first `=` (a folder may hold one); names and folders must be unique.
   """
   out = {}
   for part in (p.strip() for p in (text or "").split(",")):
@@ -191,6 +191,9 @@ def parse_compare(text: str) -> dict[str, str]:
     name = name or os.path.basename(os.path.normpath(path))
     if name in out:
       raise UserError(f"name {name!r} given twice ({out[name]} and {path}): names must differ")
+    same = [n for n, p in out.items() if os.path.realpath(p) == os.path.realpath(path)]
+    if same:  # Its rows twice, under two names.
+      raise UserError(f"the run {path} is given twice (as {same[0]!r} and {name!r}): name it once")
     out[name] = path
   return out
 

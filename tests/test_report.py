@@ -607,6 +607,10 @@ def test_the_cli_keeps_the_runs_own_comparison_unless_told(tmp_path, capsys):
 def test_compare_of_the_config_names_each_run_once(tmp_path):
   with pytest.raises(UserError, match="config.report.compare: name 'x' given twice"):
     report.write(str(tmp_path), "x=a,x=b")
+  # One folder under two names (here one written with a trailing slash) gave its rows twice.
+  with pytest.raises(UserError, match=re.escape(
+      f"the run {tmp_path}/b/ is given twice (as 'x' and 'y'): name it once")):  # fmt: skip
+    report.parse_compare(f"x={tmp_path}/b,y={tmp_path}/b/")
 
 
 def test_non_finite_values_and_gates_without_records_report_quietly(tmp_path):
