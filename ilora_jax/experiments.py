@@ -1097,8 +1097,10 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
       for k, v in enumerate(variants):
         if v not in sub["runs"]:
           continue
-        stats = [
-          mean_std(vals) if (vals := _values(sub, v, split, f"group/{g}/{metrics[0]}")) else (0, 0)
+        stats = [  # A group the variant has no figure of: no bar (not a bar of 0).
+          mean_std(vals)
+          if (vals := _values(sub, v, split, f"group/{g}/{metrics[0]}"))
+          else (np.nan, np.nan)
           for g in groups
         ]
         means, stds = zip(*stats)

@@ -166,6 +166,29 @@ def test_runs_on_other_candidates_are_never_compared(tmp_path):
   assert [os.path.basename(p) for p in written] == ["metrics.png"]
 
 
+def test_a_group_metric_a_variant_lacks_is_no_bar(tmp_path, monkeypatch):
+  """groups.png drew a group a variant has no figure of as a bar of 0, as if measured."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib.axes import Axes
+
+  bars, real = [], Axes.bar
+
+  def bar(self, x, height, *args, label=None, **kwargs):
+    bars.append((label, [float(h) for h in np.atleast_1d(height)]))
+    return real(self, x, height, *args, label=label, **kwargs)
+
+  monkeypatch.setattr(Axes, "bar", bar)
+  runs = {"a": {"0": {"val": {"hr@1": 0.5, "group/0/hr@1": 0.0, "group/1/hr@1": 0.25}}},
+          "b": {"0": {"val": {"hr@1": 0.4, "group/1/hr@1": 0.5}}}}  # fmt: skip
+  written = experiments.plots(_results(runs), ["hr@1"], [], str(tmp_path))
+  assert "groups.png" in [os.path.basename(p) for p in written]
+  grouped = [b for b in bars if b[0] in ("a", "b")]
+  assert grouped[0] == ("a", [0.0, 0.25])
+  assert grouped[1][0] == "b" and np.isnan(grouped[1][1][0]) and grouped[1][1][1] == 0.5
+
+
 def test_a_diverged_or_missing_metric_is_never_averaged_under_more_seeds():
   """A diverged seed's "nan" (as the log writes it) makes the mean nan; a metric a seed lacks
   says how many of the row's seeds its cell covers."""
