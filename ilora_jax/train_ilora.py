@@ -293,8 +293,11 @@ def check_llm(config):
   return tokenizer
 
 
-def prompt_inputs(config, workdir: str, dataset: Dataset, mesh) -> PromptInputs:
-  """Everything of the frozen parts but the LLM's weights (`build` reads those)."""
+def prompt_inputs(
+  config, workdir: str, dataset: Dataset, mesh, generates: bool = True
+) -> PromptInputs:
+  """Everything of the frozen parts but the LLM's weights (`build` reads those); `generates`
+  as `setup` takes it."""
   tokenizer = check_llm(config)
   special = tok_lib.add_ilora_tokens(tokenizer)
   sas_cfg, sas_params = load_sasrec(config, workdir, dataset, mesh)
@@ -320,7 +323,7 @@ def prompt_inputs(config, workdir: str, dataset: Dataset, mesh) -> PromptInputs:
       f"their first {cap}"
     )
   new_tokens = int(config.ilora.max_new_tokens)
-  if config.ilora.eval_generate and longest - 1 > new_tokens:  # Its newline left out.
+  if generates and config.ilora.eval_generate and longest - 1 > new_tokens:  # Newline left out.
     console.info(
       f"warning: {sum(n - 1 > new_tokens for n in lengths)} of {len(lengths)} titles have more "
       f"than config.ilora.max_new_tokens={new_tokens} tokens (the longest {longest - 1}): "
@@ -1352,12 +1355,16 @@ def run_settings(config, dataset: Dataset, batch, total_steps: int, numerics: di
 OLDER_NUMERICS = {"ilora.bucket_window": 1}
 
 
-def setup(config, workdir: str, check=None, dataset: Dataset | None = None) -> Setup:
+def setup(
+  config, workdir: str, check=None, dataset: Dataset | None = None, generates: bool = True
+) -> Setup:
   """Data, frozen parts, trainable state and the run's settings (`run_settings`).
 
   `check(settings, numerics)`, when given, sees the settings before the LLM's weights are
   read (a resume's check: a refused run stops before the slow part). `dataset`, when given,
-  is the config's data set already loaded (`load_from_config`).
+  is the config's data set already loaded (`load_from_config`). `generates`: False where
+  nothing is generated (`recommend` ranks by likelihood), so titles too long to generate
+  whole are no warning.
   """
   dataset = load_from_config(config, workdir) if dataset is None else dataset
   tc = stage_train(config, STAGE)
@@ -1373,7 +1380,7 @@ def setup(config, workdir: str, check=None, dataset: Dataset | None = None) -> S
   total_steps = int(tc.steps) if tc.steps is not None else int(tc.epochs) * steps_per_epoch
   if config.ilora.eval_generate and int(config.ilora.max_new_tokens) < 1:
     raise UserError(f"config.ilora.max_new_tokens={config.ilora.max_new_tokens}: must be >= 1")
-  inputs = prompt_inputs(config, workdir, dataset, mesh)
+  inputs = prompt_inputs(config, workdir, dataset, mesh, generates)
   slots = target_slots(inputs.longest, config.ilora.max_target_tokens)
   numerics = numerics_settings(config, inputs.builder.bos, slots, inputs.sas_params, dataset.titles)
   settings = run_settings(config, dataset, (micro, accum), total_steps, numerics)

@@ -322,7 +322,7 @@ def sasrec_stub():
   return types.SimpleNamespace(cfg="sas cfg", params={"w": jnp.ones(3)})
 
 
-def _inputs(config, data, monkeypatch, sasrec_stub, workdir="/w", mesh="mesh"):
+def _inputs(config, data, monkeypatch, sasrec_stub, workdir="/w", mesh="mesh", generates=True):
   seen = []
 
   def load(*args):
@@ -330,7 +330,7 @@ def _inputs(config, data, monkeypatch, sasrec_stub, workdir="/w", mesh="mesh"):
     return sasrec_stub.cfg, sasrec_stub.params
 
   monkeypatch.setattr(train_ilora, "load_sasrec", load)
-  inputs = train_ilora.prompt_inputs(config, workdir, data, mesh)
+  inputs = train_ilora.prompt_inputs(config, workdir, data, mesh, generates)
   assert seen == [(config, workdir, data, mesh)]
   return inputs
 
@@ -413,6 +413,10 @@ def test_prompt_inputs_warn_of_titles_generation_cannot_write_whole(
                 ["ilora.eval_generate=False", f"ilora.max_new_tokens={budget}"]):  # fmt: skip
     _inputs(_config(*quiet), data, monkeypatch, sasrec_stub)
     assert "max_new_tokens" not in capsys.readouterr().err, quiet
+  # Nor where nothing is generated (recommend ranks by likelihood).
+  _inputs(_config(f"ilora.max_new_tokens={budget}"), data, monkeypatch, sasrec_stub,
+          generates=False)  # fmt: skip
+  assert "max_new_tokens" not in capsys.readouterr().err
 
 
 def test_build_loads_the_llm_grows_its_vocabulary_and_assembles_the_parts(
@@ -513,11 +517,11 @@ class _Trainable:
     self.inputs = None
     real_inputs = train_ilora.prompt_inputs
 
-    def prompt_inputs(config, workdir, dataset, mesh):
+    def prompt_inputs(config, workdir, dataset, mesh, generates):
       monkeypatch.setattr(
         train_ilora, "load_sasrec", lambda *a: (sasrec_stub.cfg, {"w": jnp.ones(3)})
       )
-      self.inputs = real_inputs(config, workdir, dataset, mesh)
+      self.inputs = real_inputs(config, workdir, dataset, mesh, generates)
       self.calls.append("inputs")
       return self.inputs
 
