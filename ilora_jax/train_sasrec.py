@@ -568,6 +568,13 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   )
   latest = ckpt.latest_step()
   if latest is None:
+    from ilora_jax import train_ilora
+
+    if train_ilora.latest_step(workdir) is not None:  # An iLoRA run on a SASRec of elsewhere.
+      raise UserError(
+        f"no sasrec checkpoint in {ckpt.directory}, but an ilora one: evaluate it with "
+        "--config.eval.stage=ilora (config.eval.stage is sasrec)"
+      )
     raise UserError(
       f"no sasrec checkpoint in {ckpt.directory}: run --config.stage=sasrec first (to score an "
       "original .pt, that stage with --config.train.epochs=0 and --config.sasrec.init_from "

@@ -771,6 +771,22 @@ def test_an_evaluation_that_trains_no_step_warns_and_a_rerun_replaces_its_record
   assert [(r["step"], r.get("final")) for r in val] == [(2, True)]
 
 
+def test_evaluating_sasrec_in_a_workdir_of_ilora_alone_points_to_eval_stage(tmp_path):
+  """An iLoRA run on an original .pt has no SASRec checkpoint: stage=evaluate (eval.stage
+  sasrec by default) told it to train SASRec first; it names eval.stage=ilora now."""
+  from ilora_jax import checkpointing, train_sasrec
+
+  config = _config("stage=evaluate", "eval.split=val")
+  with pytest.raises(UserError, match="run --config.stage=sasrec first"):
+    train_sasrec.evaluate(config, str(tmp_path))
+  ilora = checkpointing.StageCheckpoints(str(tmp_path), "ilora", 1, False)
+  ilora.save(1, {"w": np.zeros(3, np.float32)}, {"step": 1})
+  ilora.close()
+  with pytest.raises(UserError, match=re.escape("but an ilora one: evaluate it with "
+                                                "--config.eval.stage=ilora")):  # fmt: skip
+    train_sasrec.evaluate(config, str(tmp_path))
+
+
 def test_only_process_0_prints_the_final_metrics(tmp_path, capsys, monkeypatch):
   """`evaluate_params` prints its `sasrec <split> step ...` lines on process 0 only."""
   from ilora_jax import data, sharding, train_sasrec
