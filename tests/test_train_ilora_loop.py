@@ -143,6 +143,17 @@ def _val(split_metrics: dict, at: int, epoch: int) -> dict:
 # ----------------------------------------------------------------------------- selection
 
 
+def test_a_tie_keeps_the_earlier_weights_and_says_so(fake, tmp_path, capsys):
+  """Val 0 at every epoch (a short run whose answers are never valid): the first epoch's
+  weights are kept, as the original's checkpointing keeps them, and the line says it was a
+  tie (it called them "the best of the epochs" and nothing more)."""
+  fake.val = {2: 0.0, 4: 0.0, 6: 0.0}
+  train_ilora.run(_config(), str(tmp_path))
+  said = ("use the weights of step 2 (val hits_over_total 0.0000, the best of the epochs; "
+          "step 6: 0.0000, a tie, which keeps the earlier weights")  # fmt: skip
+  assert said in capsys.readouterr().err
+
+
 def test_an_earlier_epochs_weights_are_selected_recorded_restored_and_printed(
   fake, tmp_path, capsys
 ):
