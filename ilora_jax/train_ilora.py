@@ -1702,9 +1702,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
         f"iLoRA: the final evaluations use the weights of step {chosen} (val {select} "
         f"{best_value:.4f}, the best of the epochs; step {step}: {val_metrics[select]:.4f}"
         + (
-          ", a tie, which keeps the earlier weights, as the original's checkpointing does)"
-          if val_metrics[select] == best_value
-          else ")"
+          ", a tie, which keeps the earlier weights)" if val_metrics[select] == best_value else ")"
         )  # fmt: skip
       )
       val_metrics = val_eval(state["trainable"], state["stats"], frozen, config.progress, True)

@@ -145,7 +145,7 @@ def _val(split_metrics: dict, at: int, epoch: int) -> dict:
 
 def test_a_tie_keeps_the_earlier_weights_and_says_so(fake, tmp_path, capsys):
   """Val 0 at every epoch (a short run whose answers are never valid): the first epoch's
-  weights are kept, as the original's checkpointing keeps them, and the line says it was a
+  weights are kept (`better`: a tie keeps the earlier weights), and the line says it was a
   tie (it called them "the best of the epochs" and nothing more)."""
   fake.val = {2: 0.0, 4: 0.0, 6: 0.0}
   train_ilora.run(_config(), str(tmp_path))
