@@ -35,7 +35,7 @@ from ilora_jax.files import atomic_write
 
 # Record fields that are not metrics (selected_step/_by: which weights a final record evaluated).
 _SKIP = {"run", "stage", "split", "step", "epoch", "final", "skipped", "candidates",
-         "selected_step", "selected_by"}  # fmt: skip
+         "selected_step", "selected_by", "rows"}  # fmt: skip
 # Columns of the comparison table: the paper's generation metrics, then candidate scoring.
 COMPARE_KEYS = ("valid_ratio", "hit_ratio@1", "hits_over_total", "hr@1", "hr@5", "ndcg@5", "mrr")
 
@@ -736,7 +736,8 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
       cells = [f"{vals[k]:.4f}" if k in vals else "" for k in keys]
       if r.get("skipped"):
         cells = [f"skipped: {r['skipped']}"] + [""] * (len(keys) - 1)
-      step = str(r.get("step", "")) + _weights_note(r)
+      rows = f", {r['rows']} rows" if isinstance(r.get("rows"), int) else ""  # Of the split.
+      step = str(r.get("step", "")) + _weights_note(r) + rows
       row = [str(r.get("run", "")), str(r.get("stage", "")), str(r.get("split", "")), step]
       lines.append(_table_row(row + cells))
   else:

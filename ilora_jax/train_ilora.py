@@ -1735,6 +1735,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
         "step": step,
         "final": True,
         "candidates": evaluator.fingerprint,
+        "rows": len(evaluator.rows),
         **selected,
         **metrics,
       }
@@ -1743,7 +1744,11 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       write_predictions(workdir, split, evaluator, metrics)
     chosen = selected.get("selected_step", step)
     weights = "" if chosen == step else f" (weights of step {chosen})"
-    print(f"ilora {split} step {step}{weights}: " + _fmt(metrics), flush=True)
+    print(
+      f"ilora {split} step {step}{weights}, {counted(len(evaluator.rows), 'row')}: "
+      + _fmt(metrics),
+      flush=True,
+    )
     if split == "val":
       result = metrics
   if jax.process_index() == 0:
@@ -2020,7 +2025,8 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   )
   # Printed first: a metrics.jsonl or predictions/ that cannot be written loses no result.
   if jax.process_index() == 0:
-    print(f"ilora {config.eval.split} step {latest}: " + _fmt(metrics), flush=True)
+    rows = counted(len(evaluator.rows), "row")
+    print(f"ilora {config.eval.split} step {latest}, {rows}: " + _fmt(metrics), flush=True)
   MetricsLog(workdir, jax.process_index() == 0, MetricsLog.EVALUATION).write(
     {
       "run": "evaluate",
@@ -2029,6 +2035,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
       "step": latest,
       "final": True,
       "candidates": evaluator.fingerprint,
+      "rows": len(evaluator.rows),
       **({} if selected_by is None else {"selected_step": latest, "selected_by": selected_by}),
       **metrics,
     }

@@ -207,7 +207,7 @@ def test_evaluate_stage_for_ilora(pipeline, tmp_path):
     "--config.ilora.eval_base=False",
   )  # fmt: skip
   assert_one_line_error(proc, "cannot append to", "the metrics are printed above")
-  (line,) = [x for x in proc.stdout.splitlines() if x.startswith("ilora val step 6: ")]
+  (line,) = [x for x in proc.stdout.splitlines() if x.startswith("ilora val step 6, ")]
   assert f" hr@1={last['hr@1']:.4f} " in line, line
 
 

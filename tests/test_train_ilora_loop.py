@@ -171,10 +171,10 @@ def test_an_earlier_epochs_weights_are_selected_recorded_restored_and_printed(
     _val(m("val", 4), 4, 2),
     _val(m("val", 6), 6, 3),
     {"run": "ilora", "stage": "ilora", "split": "val", "step": 6, "final": True,
-     "candidates": "fp-val", "selected_step": 4, "selected_by": "hits_over_total",
+     "candidates": "fp-val", "rows": 1, "selected_step": 4, "selected_by": "hits_over_total",
      **m("val", 4)},
     {"run": "ilora", "stage": "ilora", "split": "test", "step": 6, "final": True,
-     "candidates": "fp-test", "selected_step": 4, "selected_by": "hits_over_total",
+     "candidates": "fp-test", "rows": 1, "selected_step": 4, "selected_by": "hits_over_total",
      **m("test", 4)},
   ]  # fmt: skip
   assert fake.calls == [("val", 2, False), ("val", 4, False), ("val", 6, True),
@@ -190,8 +190,8 @@ def test_an_earlier_epochs_weights_are_selected_recorded_restored_and_printed(
     assert row == {"row": 0, "weights": 4}
   out, err = capsys.readouterr()
   assert _printed(out) == [
-    "ilora val step 6 (weights of step 4): hits_over_total=0.9000 hr@1=0.4500 loss=0.1000",
-    "ilora test step 6 (weights of step 4): hits_over_total=0.0400 hr@1=0.0040 loss=4.0000",
+    "ilora val step 6 (weights of step 4), 1 row: hits_over_total=0.9000 hr@1=0.4500 loss=0.1000",
+    "ilora test step 6 (weights of step 4), 1 row: hits_over_total=0.0400 hr@1=0.0040 loss=4.0000",
   ]
   assert "use the weights of step 4 (val hits_over_total 0.9000, the best of the epochs; " \
          "step 6: 0.7000)" in err  # fmt: skip
@@ -226,7 +226,9 @@ def test_the_last_weights_when_they_are_the_best(fake, tmp_path, capsys):
   assert fake.gate_tables == [6]
   assert complete_steps(workdir, train_ilora.BEST) == [6]  # One kept: the newest.
   out = capsys.readouterr().out
-  assert _printed(out)[0] == "ilora val step 6: hits_over_total=0.3000 hr@1=0.1500 loss=0.7000"
+  assert (
+    _printed(out)[0] == "ilora val step 6, 1 row: hits_over_total=0.3000 hr@1=0.1500 loss=0.7000"
+  )
 
 
 @pytest.mark.parametrize(
@@ -257,7 +259,7 @@ def test_selecting_nothing_uses_the_last_weights_and_keeps_no_folder(fake, tmp_p
   assert not any("selected_step" in r or "selected_by" in r for r in finals)
   assert not os.path.exists(os.path.join(workdir, "checkpoints", train_ilora.BEST))
   assert fake.calls[-2:] == [("val", 6, True), ("test", 6, True)]
-  assert _printed(capsys.readouterr().out)[1].startswith("ilora test step 6: ")
+  assert _printed(capsys.readouterr().out)[1].startswith("ilora test step 6, 1 row: ")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -543,14 +545,16 @@ def test_evaluate_prints_records_and_writes_predictions(fake, tmp_path, capsys, 
   assert train_ilora.evaluate(config, workdir) == fake.metrics("test", at)
   assert fake.calls == [("test", at, True)]
   out, err = capsys.readouterr()
-  assert _printed(out) == [f"ilora test step {at}: " + train_ilora._fmt(fake.metrics("test", at))]
+  assert _printed(out) == [
+    f"ilora test step {at}, 1 row: " + train_ilora._fmt(fake.metrics("test", at))
+  ]
   how = "the weights of step 4, selected by val hits_over_total" if selected else (
     "the latest checkpoint, step 6")  # fmt: skip
   assert f"iLoRA: evaluating {how}\n" in err and "report: report.md" in err  # Rebuilt.
   last = metrics_records(workdir)[-1]
   chosen = {"selected_step": 4, "selected_by": "hits_over_total"} if selected else {}
   assert last == {"run": "evaluate", "stage": "ilora", "split": "test", "step": at,
-                  "final": True, "candidates": "fp-test", **chosen,
+                  "final": True, "candidates": "fp-test", "rows": 1, **chosen,
                   **fake.metrics("test", at)}  # fmt: skip
   with open(os.path.join(workdir, "predictions", "test.jsonl")) as f:
     head, row = [json.loads(line) for line in f]
