@@ -57,6 +57,7 @@ def test_report_from_metrics(tmp_path):
       "split": "val",
       "step": 5,
       "final": True,
+      "rows": 8,  # How many it scored: in the step's cell, not a metric of its own.
       "hr@1": 0.3125,
       "hit_ratio@1": 0.5,
     }
@@ -77,7 +78,7 @@ def test_report_from_metrics(tmp_path):
     image = matplotlib.image.imread(f"{out}/{name}")
     assert image.ndim == 3 and image.shape[0] > 100
   summary = open(f"{out}/summary.md").read()
-  assert "| ilora | ilora | val | 5 | 0.3125 | 0.5000 |" in summary
+  assert "| ilora | ilora | val | 5, 8 rows | 0.3125 | 0.5000 |" in summary
   assert "skipped: no file" in summary
   (events,) = glob.glob(f"{out}/tb/events.*")
   scalars = _events(events)
