@@ -553,8 +553,12 @@ def load_from_config(config, workdir: str) -> Dataset:
   if not os.access(directory, os.R_OK | os.X_OK):  # Its files would read as "not found".
     raise UserError(f"data folder is not readable: {directory}")
   titles_path = titles_file(data, directory)
-  needed = [titles_path, train_path, os.path.join(directory, data.val_file)]
-  missing = [os.path.basename(p) for p in needed if not os.path.lexists(p)]
+  needed = {  # As the config names them (the titles file: either of two by default).
+    data.get("titles_file", "") or "id2name.txt or u.item": titles_path,
+    data.train_file: train_path,
+    data.val_file: os.path.join(directory, data.val_file),
+  }
+  missing = [name for name, path in needed.items() if not os.path.lexists(path)]
   if len(missing) > 1:  # One alone: its own reader says so (a link to nothing, say).
     raise UserError(
       f"the data folder {directory} lacks {', '.join(missing)} (config.data.dir: a folder "

@@ -861,8 +861,13 @@ def main(argv: list[str] | None = None) -> None:
       raise UserError(f"no metrics.jsonl in {workdir}")
     if not given:  # The run's own comparison (its config.report.compare), as the run wrote it.
       saved = run_compare(workdir, "")
-      with contextlib.suppress(UserError):  # A damaged one: `write` names it.
+      try:
         warn_unfound_compared(saved)
+      except UserError as exc:
+        raise UserError(
+          f"the run's config.report.compare: {exc}; give --compare=name=DIR,... (or --compare= "
+          "for none)"
+        ) from None
       print(write(workdir, saved))
       return
     missing = unfound(compare)

@@ -316,8 +316,10 @@ def load_module(path: str) -> ModuleRecord:
     # A state_dict lacks what the module records beside its weights (its attention heads and
     # item count), which the weights' shapes do not tell.
     what = " (a state_dict?)" if isinstance(root, dict) else ""
+    name = type(root).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
     raise UserError(
-      f"checkpoint {path} holds a {type(root).__name__}{what}, expected a pickled module: the "
+      f"checkpoint {path} holds {article} {name}{what}, expected a pickled module: the "
       "original saves its SASRec whole (torch.save(model)), with its head and item counts"
     )
   return root

@@ -1735,7 +1735,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
         "step": step,
         "final": True,
         "candidates": evaluator.fingerprint,
-        "rows": len(evaluator.rows),
+        "rows": len(evaluator.idx),
         **selected,
         **metrics,
       }
@@ -1745,8 +1745,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     chosen = selected.get("selected_step", step)
     weights = "" if chosen == step else f" (weights of step {chosen})"
     print(
-      f"ilora {split} step {step}{weights}, {counted(len(evaluator.rows), 'row')}: "
-      + _fmt(metrics),
+      f"ilora {split} step {step}{weights}, {counted(len(evaluator.idx), 'row')}: " + _fmt(metrics),
       flush=True,
     )
     if split == "val":
@@ -1905,13 +1904,19 @@ def _no_checkpoint(directory: str, workdir: str) -> UserError:
   """The error for a run without ilora checkpoints, its advice by the stage the run's
   config.json names: a pipeline short of its iLoRA stage goes on by its own command."""
   try:
-    trained = any(r.get("run") == STAGE for r in report.read_records(workdir))
+    ours = [r for r in report.read_records(workdir) if r.get("run") == STAGE]
   except (UserError, OSError):  # Words only: a damaged log gives the advice below.
-    trained = False
-  if trained:
+    ours = []
+  if any(r.get("final") for r in ours):  # It finished: its checkpoints were there.
     return UserError(
       f"no ilora checkpoint in {directory}, though {workdir}'s metrics.jsonl holds its iLoRA "
-      "stage's records: its checkpoints were removed, or not copied with the run"
+      "stage's final evaluations: its checkpoints were removed, or not copied with the run"
+    )
+  if ours:
+    return UserError(
+      f"no ilora checkpoint in {directory}, though {workdir}'s metrics.jsonl holds iLoRA "
+      "training records: the run stopped before its first checkpoint (re-run its command to "
+      "start it again), or its checkpoints were removed"
     )
   stage = (configuration.saved(workdir) or {}).get("stage")  # None, damaged: no advice of it.
   advice = {
@@ -2025,7 +2030,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   )
   # Printed first: a metrics.jsonl or predictions/ that cannot be written loses no result.
   if jax.process_index() == 0:
-    rows = counted(len(evaluator.rows), "row")
+    rows = counted(len(evaluator.idx), "row")
     print(f"ilora {config.eval.split} step {latest}, {rows}: " + _fmt(metrics), flush=True)
   MetricsLog(workdir, jax.process_index() == 0, MetricsLog.EVALUATION).write(
     {
@@ -2035,7 +2040,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
       "step": latest,
       "final": True,
       "candidates": evaluator.fingerprint,
-      "rows": len(evaluator.rows),
+      "rows": len(evaluator.idx),
       **({} if selected_by is None else {"selected_step": latest, "selected_by": selected_by}),
       **metrics,
     }

@@ -350,8 +350,14 @@ def run(config, workdir: str) -> dict[str, float] | None:
     console.info(f"SASRec: resumed from step {step} of {total_steps}")
   else:
     # No checkpoint: records of this stage are of an attempt killed before its first one, or
-    # of an evaluation that trained no step; this run writes its own.
-    log.truncate(STAGE, 0)
+    # of an evaluation that trained no step; this run writes its own. But a pipeline whose
+    # SASRec trains no step (its init_from as it is) and whose iLoRA stage has begun keeps
+    # that SASRec's final records, as a finished one's above.
+    keep = 0
+    if total_steps == 0 and ilora_started:
+      finals = _final_records(log, 0, 0)
+      keep = len(finals)
+    log.truncate(STAGE, keep)
     if total_steps == 0 and not config.sasrec.init_from:
       console.info(
         "warning: SASRec trains no step and starts from no config.sasrec.init_from: its "
@@ -386,7 +392,6 @@ def run(config, workdir: str) -> dict[str, float] | None:
       f"SASRec: {len(train)} training rows, {steps_per_epoch} steps per epoch, {total_steps} steps"
     )
   bar = tqdm(total=total_steps, initial=step, desc="sasrec train", disable=not config.progress)
-  last_val: dict[str, float] = {}
   with interrupts.Graceful() as stop, ckpt.guard():
     while step < stop_at:
       epoch, pos = divmod(step, steps_per_epoch)
@@ -407,9 +412,9 @@ def run(config, workdir: str) -> dict[str, float] | None:
         loss_sum, loss_count = 0.0, 0
       epoch_end = step % steps_per_epoch == 0 or step == total_steps
       if epoch_end and step < total_steps:  # The last one is the final evaluation below.
-        last_val = val_eval(state["params"])
-        record("val", last_val, epoch=epoch + 1)
-        console.info(f"SASRec step {step} val " + _fmt(last_val))
+        val = val_eval(state["params"])
+        record("val", val, epoch=epoch + 1)
+        console.info(f"SASRec step {step} val " + _fmt(val))
       boundary = epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at
       ckpt.after_step(step, save, boundary, stop, bar)
   bar.close()
@@ -573,7 +578,8 @@ def evaluate(config, workdir: str) -> dict[str, float]:
     if train_ilora.latest_step(workdir) is not None:  # An iLoRA run on a SASRec of elsewhere.
       raise UserError(
         f"no sasrec checkpoint in {ckpt.directory}, but an ilora one: evaluate it with "
-        "--config.eval.stage=ilora (config.eval.stage is sasrec)"
+        "--config.eval.stage=ilora (config.eval.stage is sasrec; to score an original .pt, "
+        "run --config.stage=sasrec with --config.train.epochs=0 and --config.sasrec.init_from)"
       )
     raise UserError(
       f"no sasrec checkpoint in {ckpt.directory}: run --config.stage=sasrec first (to score an "

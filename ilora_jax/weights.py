@@ -11,6 +11,7 @@ matching the params tree, or a function `(path, shape) -> Sharding` where `path`
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -407,6 +408,7 @@ class SafetensorsFolder:
     self._error = SafetensorError
     self._folder = folder
     index_path = os.path.join(folder, "model.safetensors.index.json")
+    listed: list[str] = []
     if os.path.isfile(index_path):
       try:
         with open(index_path, encoding="utf-8") as f:
@@ -435,10 +437,16 @@ class SafetensorsFolder:
             "(a bare file name)"
           )
     else:
-      files = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+      try:
+        listed = os.listdir(folder)
+      except OSError as exc:  # Its config.json read, the folder not listed (no read right).
+        raise _unreadable(folder, exc) from None
+      files = sorted(n for n in listed if n.endswith(".safetensors"))
       weight_map = None
     if not files:
-      pickled = sorted(n for n in os.listdir(folder) if n.endswith((".bin", ".pt", ".pth")))
+      with contextlib.suppress(OSError):  # The hint only.
+        listed = os.listdir(folder)
+      pickled = sorted(n for n in listed if n.endswith((".bin", ".pt", ".pth")))
       hint = (
         f" ({pickled[0]} is not read: a pickle can run code; save the model with "
         "safetensors, as save_pretrained does by default)"

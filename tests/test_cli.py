@@ -488,8 +488,10 @@ def test_missing_test_file_is_skipped_and_missing_val_is_an_error(tmp_path):
   # A folder lacking several files (an empty one, say) names them all, not the first looked for.
   empty = tmp_path / "empty"
   empty.mkdir()
-  assert_one_line_error(_run_folder(empty, tmp_path / "w3"), f"the data folder {empty} lacks "
-                        "id2name.txt, train_data.df, Val_data.df (config.data.dir")  # fmt: skip
+  lacks = "id2name.txt or u.item, train_data.df, Val_data.df (config.data.dir"
+  assert_one_line_error(
+    _run_folder(empty, tmp_path / "w3"), f"the data folder {empty} lacks {lacks}"
+  )
 
 
 @pytest.mark.parametrize(

@@ -1486,3 +1486,15 @@ def test_model_files_that_cannot_be_read_are_one_line_errors(tmp_path, monkeypat
     m.setattr(os, "access", lambda *a, **k: False)
     with pytest.raises(UserError, match=re.escape(f"cannot read the model folder {bare}: ")):
       weights.load_hf(str(bare))
+  # A folder whose config.json reads but which cannot be listed (execute right, no read).
+  real_listdir = os.listdir
+
+  def unlisted(path="."):
+    if os.fspath(path) == folder:
+      raise PermissionError(13, "Permission denied", os.fspath(path))
+    return real_listdir(path)
+
+  with monkeypatch.context() as m:
+    m.setattr(os, "listdir", unlisted)
+    with pytest.raises(UserError, match=re.escape(f"cannot read {folder}: Permission denied")):
+      weights.load_hf(folder)

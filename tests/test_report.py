@@ -603,6 +603,12 @@ def test_the_cli_keeps_the_runs_own_comparison_unless_told(tmp_path, capsys):
   proc = _report_cli(capsys, f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc
   assert f"warning: config.report.compare: no metrics.jsonl in {tmp_path / 'gone'}" in proc.stderr
+  # One the command refuses (a folder named twice) says how to give another.
+  saved["report"]["compare"] = f"b={other},c={other}"
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  proc = _report_cli(capsys, f"--workdir={tmp_path}")
+  assert_one_line_error(proc, "the run's config.report.compare: the run", "is given twice",
+                        "give --compare=name=DIR,... (or --compare= for none)")  # fmt: skip
 
 
 def test_compare_of_the_config_names_each_run_once(tmp_path):

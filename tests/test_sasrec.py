@@ -498,7 +498,7 @@ def test_reads_checkpoint_written_by_torch(tmp_path):
     np.testing.assert_array_equal(flat[name], value.numpy())
   # Its state_dict alone is refused, saying what it is and why a module is needed.
   torch.save(net.state_dict(), tmp_path / "state.pt")
-  said = "holds a OrderedDict (a state_dict?), expected a pickled module: the original saves"
+  said = "holds an OrderedDict (a state_dict?), expected a pickled module: the original saves"
   with pytest.raises(UserError, match=re.escape(said)):
     torch_checkpoint.load_module(str(tmp_path / "state.pt"))
 
@@ -747,6 +747,34 @@ def test_a_pipeline_resumed_past_its_finished_sasrec_keeps_its_final_records(
   assert "sasrec val step" not in out and "final evaluations stand in metrics.jsonl" in err, err
   record_keys = ("run", "stage", "split", "step", "final")
   assert val == {k: v for k, v in finals[0].items() if k not in record_keys} and "mrr" in val
+
+
+def test_a_pipeline_on_an_init_from_it_does_not_train_keeps_its_final_records(
+  started, tmp_path, capsys
+):
+  """A pipeline whose SASRec trains no step (sasrec.train.epochs=0 and an init_from) saves
+  no SASRec checkpoint: resumed in its iLoRA stage, it evaluated the .pt again and wrote
+  those records after the iLoRA ones. They stand now, as a trained SASRec's do."""
+  from ilora_jax import checkpointing, train_sasrec
+
+  x = started[1]["x"]
+  config = _config("stage=pipeline", "sasrec.train.epochs=0", f"sasrec.init_from={x}")
+  train_sasrec.run(config, str(tmp_path))
+  ilora = checkpointing.StageCheckpoints(str(tmp_path), "ilora", 1, False)
+  ilora.save(1, {"w": np.zeros(3, np.float32)}, {"step": 1})
+  ilora.close()
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"run": "ilora", "stage": "ilora", "split": "train", "step": 1}) + "\n")
+  before = metrics_records(str(tmp_path))
+  assert [(r["run"], r["split"]) for r in before] == [
+    ("sasrec", "val"),
+    ("sasrec", "test"),
+    ("ilora", "train"),
+  ]
+  capsys.readouterr()
+  assert train_sasrec.run(config, str(tmp_path))["mrr"] == before[0]["mrr"]
+  assert metrics_records(str(tmp_path)) == before
+  assert "sasrec val step" not in capsys.readouterr().out
 
 
 def test_an_evaluation_that_trains_no_step_warns_and_a_rerun_replaces_its_records(tmp_path, capsys):

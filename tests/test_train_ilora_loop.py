@@ -94,7 +94,7 @@ def fake(monkeypatch):
     def __init__(self, parts, config, split, gate_kind, mesh):
       self.split = getattr(split, "name", split)  # The data's Split, or the fake's name.
       self.fingerprint = f"fp-{self.split}"
-      self.rows = []
+      self.idx, self.rows = np.arange(1), []  # The rows it scores: one.
 
     def __call__(self, trainable, stats, frozen, progress, baselines=False):
       at = _weights_step(trainable)

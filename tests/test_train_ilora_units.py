@@ -830,16 +830,25 @@ def test_require_checkpoint_wants_the_latest_or_selected_weights(workdirs, tmp_p
     (run / "config.json").write_text(damaged)
     with pytest.raises(UserError, match="train with --config.stage=ilora$"):
       train_ilora.require_checkpoint(str(run))
-  # A run whose records hold its iLoRA stage (a folder copied without its checkpoints) was
-  # told it had not reached that stage.
+  # A run whose records hold its iLoRA stage (a folder copied without its checkpoints, or a
+  # run killed before its first) was told it had not reached that stage.
   (run / "config.json").write_text(json.dumps({"stage": "pipeline"}))
-  (run / "metrics.jsonl").write_text('{"run": "ilora", "stage": "ilora", "split": "train", '
-                                     '"step": 1, "loss": 2.0}\n')  # fmt: skip
+  train = '{"run": "ilora", "stage": "ilora", "split": "train", "step": 1, "loss": 2.0}\n'
+  (run / "metrics.jsonl").write_text(train)
+  with pytest.raises(UserError) as err:
+    train_ilora.require_checkpoint(str(run))
+  assert str(err.value) == (
+    f"no ilora checkpoint in {want}, though {run}'s metrics.jsonl holds iLoRA training "
+    "records: the run stopped before its first checkpoint (re-run its command to start it "
+    "again), or its checkpoints were removed"
+  )
+  final = '{"run": "ilora", "stage": "ilora", "split": "val", "step": 1, "final": true}\n'
+  (run / "metrics.jsonl").write_text(train + final)
   with pytest.raises(UserError) as err:
     train_ilora.require_checkpoint(str(run))
   assert str(err.value) == (
     f"no ilora checkpoint in {want}, though {run}'s metrics.jsonl holds its iLoRA stage's "
-    "records: its checkpoints were removed, or not copied with the run"
+    "final evaluations: its checkpoints were removed, or not copied with the run"
   )
   (run / "metrics.jsonl").write_text("{broken\n{}\n")  # Damaged: the advice by stage.
   with pytest.raises(UserError, match="has not reached its iLoRA stage"):
