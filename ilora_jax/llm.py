@@ -825,9 +825,9 @@ def load(
     config = weights.config_from_gguf(reader, **config_overrides)
     if shardings is None and mesh is not None:
       shardings = mesh_shardings(config, mesh, rules)
-    get, has, names = weights.gguf_tensor_getter(reader, config, target)
+    get, has, names, shown = weights.gguf_tensor_getter(reader, config, target)
     params = weights.params_from_hf_tensors(
-      get, has, config, source=target, shardings=shardings, names=names
+      get, has, config, source=target, shardings=shardings, names=names, shown=shown
     )
     tokenizer = _tokenizer_of(kind, target, config, reader) if with_tokenizer else None
     return LLM(config, params, tokenizer, adapter)

@@ -91,12 +91,16 @@ def _expected_hf_shape(suffix: str, cfg: LlamaConfig) -> tuple[int, ...]:
   }[suffix]
 
 
-def _checked(get: TensorGetter, name: str, shape: tuple[int, ...], source: str) -> np.ndarray:
+def _checked(
+  get: TensorGetter, name: str, shape: tuple[int, ...], source: str, shown: Callable = str
+) -> np.ndarray:
   w = get(name)
   if tuple(w.shape) != tuple(shape):
-    raise UserError(f"{source}: tensor {name} has shape {tuple(w.shape)}, expected {shape}")
+    raise UserError(f"{source}: tensor {shown(name)} has shape {tuple(w.shape)}, expected {shape}")
   if not jax.numpy.issubdtype(w.dtype, jax.numpy.floating):  # bfloat16 is one too.
-    raise UserError(f"{source}: tensor {name} holds {w.dtype} values, not floating point weights")
+    raise UserError(
+      f"{source}: tensor {shown(name)} holds {w.dtype} values, not floating point weights"
+    )
   return w
 
 
@@ -140,6 +144,7 @@ def params_from_hf_tensors(
   source: str,
   shardings: Any = None,
   names: Iterable[str] | None = None,
+  shown: Callable[[str], str] = str,
 ) -> dict:
   """Builds the `Llama` params tree from HF-named numpy tensors.
 
@@ -155,6 +160,7 @@ def params_from_hf_tensors(
     source: file or folder name used in error messages.
     shardings: see the module docstring.
     names: every tensor name the checkpoint holds (None: not checked).
+    shown: how messages name a tensor (a GGUF file's own name beside the HF one).
 
   Returns:
     The params tree of jax arrays in `cfg.param_dtype`.
@@ -173,13 +179,17 @@ def params_from_hf_tensors(
     tree[path[-1]] = value
 
   params: dict = {}
-  embed = _checked(get, "model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size), source)
+
+  def checked(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    return _checked(get, name, shape, source, shown)
+
+  embed = checked("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
   params["embedding"] = put(("embedding",), embed)
   del embed
   for sub_path, suffix in _LAYER_TENSORS:
     shape = _expected_hf_shape(suffix, cfg)
     per_layer = [
-      _hf_to_param(suffix, _checked(get, f"model.layers.{i}.{suffix}", shape, source), cfg)
+      _hf_to_param(suffix, checked(f"model.layers.{i}.{suffix}", shape), cfg)
       for i in range(cfg.num_layers)
     ]
     if cfg.scan_layers:
@@ -190,21 +200,21 @@ def params_from_hf_tensors(
         path = (f"layers_{i}", *sub_path)
         set_path(params, path, put(path, w))
     del per_layer
-  norm = _checked(get, "model.norm.weight", (cfg.hidden_size,), source)
+  norm = checked("model.norm.weight", (cfg.hidden_size,))
   params["final_norm"] = {"scale": put(("final_norm", "scale"), norm)}
   if not cfg.tie_word_embeddings:
     if not has("lm_head.weight"):
       raise UserError(f"{source}: lm_head.weight missing but word embeddings are not tied")
-    head = _checked(get, "lm_head.weight", (cfg.vocab_size, cfg.hidden_size), source)
+    head = checked("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
     params["lm_head"] = put(("lm_head",), head.T)
   elif has("lm_head.weight"):
-    head = _checked(get, "lm_head.weight", (cfg.vocab_size, cfg.hidden_size), source)
+    head = checked("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
     if not np.array_equal(head, get("model.embed_tokens.weight")):
       raise UserError(
         f"{source}: the config ties the word embeddings (tie_word_embeddings) but lm_head.weight "
         "differs from model.embed_tokens.weight; set tie_word_embeddings to false to use it"
       )
-  _check_finite(params, cfg, source)
+  _check_finite(params, cfg, source, shown)
   return params
 
 
@@ -233,7 +243,7 @@ def _finite_rows(leaves):
   return [jax.numpy.isfinite(x).reshape(x.shape[0], -1).all(axis=1) for x in leaves]
 
 
-def _check_finite(params: dict, cfg: LlamaConfig, source: str) -> None:
+def _check_finite(params: dict, cfg: LlamaConfig, source: str, shown: Callable = str) -> None:
   """A UserError naming the first tensor that holds NaN or an infinity."""
   hf_of = {sub: suffix for sub, suffix in _LAYER_TENSORS}
   paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(params)[0])
@@ -248,7 +258,7 @@ def _check_finite(params: dict, cfg: LlamaConfig, source: str) -> None:
     else:
       name = {"embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
               "lm_head": "lm_head.weight"}[keys[0]]  # fmt: skip
-    raise UserError(f"{source}: tensor {name} holds NaN or infinite values")
+    raise UserError(f"{source}: tensor {shown(name)} holds NaN or infinite values")
 
 
 # ----------------------------------------------------------------------------- HF folders
@@ -759,9 +769,10 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def gguf_tensor_getter(
   reader, cfg: LlamaConfig, path: str
-) -> tuple[TensorGetter, Callable, list[str]]:
-  """-> (get, has, names) over HF tensor names, dequantizing GGUF tensors to float32 on
-  demand; `names` holds the file's other tensors under their GGUF names."""
+) -> tuple[TensorGetter, Callable, list[str], Callable[[str], str]]:
+  """-> (get, has, names, shown) over HF tensor names, dequantizing GGUF tensors to float32
+  on demand; `names` holds the file's other tensors under their GGUF names; `shown` names a
+  tensor for messages as the file does, its HF name beside it."""
   import gguf
 
   by_hf_name, others = {}, []
@@ -796,7 +807,11 @@ def gguf_tensor_getter(
       w = _unpermute_rows(w, cfg.num_kv_heads)
     return w
 
-  return get, lambda name: name in by_hf_name, [*by_hf_name, *others]
+  def shown(name: str) -> str:
+    t = by_hf_name.get(name)
+    return name if t is None else f"{t.name} ({name})"
+
+  return get, lambda name: name in by_hf_name, [*by_hf_name, *others], shown
 
 
 def load_gguf(path: str, *, shardings: Any = None, **config_overrides) -> tuple[LlamaConfig, dict]:
@@ -812,5 +827,7 @@ def load_gguf(path: str, *, shardings: Any = None, **config_overrides) -> tuple[
   """
   reader = open_gguf(path)
   cfg = config_from_gguf(reader, **config_overrides)
-  get, has, names = gguf_tensor_getter(reader, cfg, path)
-  return cfg, params_from_hf_tensors(get, has, cfg, source=path, shardings=shardings, names=names)
+  get, has, names, shown = gguf_tensor_getter(reader, cfg, path)
+  return cfg, params_from_hf_tensors(
+    get, has, cfg, source=path, shardings=shardings, names=names, shown=shown
+  )

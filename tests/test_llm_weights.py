@@ -1220,6 +1220,18 @@ def test_audit_a_gguf_cut_inside_its_last_tensor_is_named(tmp_path):
     weights.load_gguf(odd)
 
 
+def test_a_bad_gguf_tensor_is_named_as_the_file_names_it(tmp_path):
+  """A NaN in a GGUF file's tensor was named by its Hugging Face name alone
+  (model.layers.1.self_attn.o_proj.weight), a name the file does not hold."""
+  tensors = _tiny_tensors()
+  tensors["model.layers.1.self_attn.o_proj.weight"][0, 0] = np.nan
+  path = _tiny_gguf_file(tmp_path / "nan.gguf", tensors)
+  with pytest.raises(UserError, match=re.escape(
+      f"{path}: tensor blk.1.attn_output.weight (model.layers.1.self_attn.o_proj.weight) holds "
+      "NaN or infinite values")):  # fmt: skip
+    weights.load_gguf(path)
+
+
 def _edit_index(folder, change) -> str:
   """Applies `change` to the weight_map of `folder`'s safetensors index; returns the index."""
   index = os.path.join(folder, "model.safetensors.index.json")
