@@ -56,6 +56,10 @@ def _main(config: ConfigDict, workdir: str) -> None:
     from ilora_jax import report
 
     report.warn_unfound_compared(config.report.compare)
+    try:
+      report.check_not_itself(report.parse_compare(config.report.compare), workdir)
+    except UserError as exc:
+      raise UserError(f"config.report.compare: {exc}") from None
   # The LLM a pipeline names is checked before SASRec trains, and before a workdir is made.
   if config.stage == "pipeline":
     from ilora_jax import train_ilora

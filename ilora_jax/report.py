@@ -170,6 +170,13 @@ def warn_unfound_compared(text: str) -> None:
                  "yet: the report compares with it once it has a final evaluation")  # fmt: skip
 
 
+def check_not_itself(compare: dict[str, str], workdir: str) -> None:
+  """A UserError where `compare` names the run's own workdir (its rows beside themselves)."""
+  for name, path in compare.items():
+    if os.path.realpath(path) == os.path.realpath(workdir):
+      raise UserError(f"{name}={path} is this run's own workdir: compare with other runs")
+
+
 def unfound(compare: dict[str, str]) -> dict[str, str]:
   """The entries of `compare` ({name: workdir}) whose workdir holds no metrics.jsonl."""
   return {n: p for n, p in compare.items() if not os.path.lexists(os.path.join(p, "metrics.jsonl"))}
@@ -862,6 +869,7 @@ def main(argv: list[str] | None = None) -> None:
     if not given:  # The run's own comparison (its config.report.compare), as the run wrote it.
       saved = run_compare(workdir, "")
       try:
+        check_not_itself(parse_compare(saved), workdir)
         warn_unfound_compared(saved)
       except UserError as exc:
         raise UserError(
@@ -870,6 +878,10 @@ def main(argv: list[str] | None = None) -> None:
         ) from None
       print(write(workdir, saved))
       return
+    try:
+      check_not_itself(compare, workdir)
+    except UserError as exc:
+      raise UserError(f"--compare: {exc}") from None
     missing = unfound(compare)
     if missing:
       name, path = next(iter(missing.items()))  # The first, as given.

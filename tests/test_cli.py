@@ -120,6 +120,13 @@ def test_nothing_follows_the_error_line_not_even_an_unawaited_coroutine(tmp_path
   assert (proc.returncode, proc.stderr) == (2, "error: boom\n")
 
 
+def test_a_run_compared_with_itself_is_refused_before_it_starts(tmp_path):
+  """config.report.compare naming the run's own workdir put its rows beside themselves."""
+  proc = run_cli(TINY, f"--workdir={tmp_path}", f"--config.report.compare=me={tmp_path}")
+  assert_one_line_error(proc, f"config.report.compare: me={tmp_path} is this run's own workdir")
+  assert not (tmp_path / "metrics.jsonl").exists()
+
+
 def test_evaluating_a_missing_workdir_creates_nothing(tmp_path):
   missing = tmp_path / "typo" / "run"
   proc = run_cli(TINY, f"--workdir={missing}", "--config.stage=evaluate")

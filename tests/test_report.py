@@ -603,6 +603,14 @@ def test_the_cli_keeps_the_runs_own_comparison_unless_told(tmp_path, capsys):
   proc = _report_cli(capsys, f"--workdir={tmp_path}")
   assert proc.returncode == 0, proc
   assert f"warning: config.report.compare: no metrics.jsonl in {tmp_path / 'gone'}" in proc.stderr
+  # The run itself among the compared: refused, given or saved (its rows beside themselves).
+  proc = _report_cli(capsys, f"--workdir={tmp_path}", f"--compare=me={tmp_path}/")
+  assert_one_line_error(proc, f"--compare: me={tmp_path}/ is this run's own workdir")
+  saved["report"]["compare"] = f"me={tmp_path}"
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  proc = _report_cli(capsys, f"--workdir={tmp_path}")
+  assert_one_line_error(proc, "the run's config.report.compare: me=", "own workdir",
+                        "give --compare=name=DIR")  # fmt: skip
   # One the command refuses (a folder named twice) says how to give another.
   saved["report"]["compare"] = f"b={other},c={other}"
   (tmp_path / "config.json").write_text(json.dumps(saved))
