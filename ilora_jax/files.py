@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from typing import IO
@@ -55,7 +56,8 @@ def workdir_lock(workdir: str, process: int = 0) -> Iterator[None]:
   path = os.path.join(workdir, f".lock-{process}")
   try:
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-  except OSError:  # The run's own writes say what is wrong with the folder.
+  except OSError as exc:  # The run's own writes say what else is wrong with the folder.
+    _unguarded(workdir, path, exc)
     fd = None
   try:
     if fd is not None:
@@ -64,6 +66,16 @@ def workdir_lock(workdir: str, process: int = 0) -> Iterator[None]:
   finally:
     if fd is not None:
       os.close(fd)  # Releases the lock.
+
+
+def _unguarded(workdir: str, path: str, exc: OSError) -> None:
+  """The warning of a run that goes on without its workdir lock."""
+  print(
+    f"warning: cannot take the workdir lock {path} ({exc.strerror or exc}): a second run in "
+    f"{workdir} would not be refused",
+    file=sys.stderr,
+    flush=True,
+  )
 
 
 def _take(fd: int, workdir: str, path: str) -> None:
@@ -81,7 +93,8 @@ def _take(fd: int, workdir: str, path: str) -> None:
       f"{workdir} is in use by {holder} (it holds {path}): wait for that run to end or stop it, "
       "or use another --workdir"
     ) from None
-  except OSError:  # No locks on this file system: the run goes on without one.
+  except OSError as exc:  # No locks on this file system: the run goes on without one.
+    _unguarded(workdir, path, exc)
     return
   with contextlib.suppress(OSError):
     os.ftruncate(fd, 0)

@@ -112,7 +112,7 @@ def _disk_key(key: tuple) -> list:
 def _cache_file(disk_key: list) -> str | None:
   """The disk cache's file for an entry's key, or None when the cache is off."""
   folder = os.environ.get(CACHE_ENV, DEFAULT_CACHE)
-  if not folder:
+  if not folder.strip():  # '' or spaces only: off, as config.compile_cache_dir.
     return None
   digest = hashlib.sha256(json.dumps(disk_key).encode()).hexdigest()[:24]
   return os.path.join(os.path.abspath(os.path.expanduser(folder)), f"gguf-{digest}.json")
@@ -187,7 +187,13 @@ def tokenizer_from_gguf(path_or_reader: Any):
   if key is not None and key not in _GGUF_CACHE:
     cached = _read_cached(key)
     if cached is not None:
+      try:  # A damaged entry can be JSON and no tokenizer: rebuilt below, and rewritten.
+        tk = Tokenizer.from_str(cached[0])
+      except Exception:  # noqa: BLE001 - the Rust parser raises a plain Exception.
+        cached = None
+    if cached is not None:
       _GGUF_CACHE[key] = cached
+      return _wrap(tk, *cached[1])
   if key is None or key not in _GGUF_CACHE:
     reader = open_gguf(path_or_reader) if reader is None else reader
     tk, specials = _build_gguf_tokenizer(reader)

@@ -132,7 +132,7 @@ def test_the_temporary_file_is_next_to_the_target(tmp_path, monkeypatch):
   assert open(path).read() == "new" and os.listdir(folder) == ["a.json"]
 
 
-def test_a_workdir_in_use_is_refused_naming_its_holder_until_it_ends(tmp_path):
+def test_a_workdir_in_use_is_refused_naming_its_holder_until_it_ends(tmp_path, capsys):
   """Two runs in one workdir (the same command started twice) both trained, and wrote each
   other's checkpoints and interleaved metrics. The lock is the operating system's: another
   process is refused while the block runs, a later one takes it, and other process indices
@@ -172,6 +172,18 @@ def test_a_workdir_in_use_is_refused_naming_its_holder_until_it_ends(tmp_path):
   with files.workdir_lock(str(tmp_path / "missing")):  # No lock file can be made: runs on.
     ran.append(True)
   assert ran
+  # A lock that cannot be taken (a folder in its place) let a second run in without a word:
+  # it says so now, and runs on.
+  (tmp_path / "w").mkdir()
+  (tmp_path / "w" / ".lock-0").mkdir()
+  capsys.readouterr()
+  with files.workdir_lock(str(tmp_path / "w")):
+    ran.append(True)
+  assert ran == [True, True]
+  assert capsys.readouterr().err.startswith(
+    f"warning: cannot take the workdir lock {tmp_path / 'w' / '.lock-0'} (Is a directory): a "
+    f"second run in {tmp_path / 'w'} would not be refused"
+  )
 
 
 def test_a_write_that_fails_without_a_file_name_names_the_file_meant(tmp_path):

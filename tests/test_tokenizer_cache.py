@@ -1,5 +1,6 @@
 """The disk cache of tokenizers rebuilt from GGUF files (`tokenizer.tokenizer_from_gguf`)."""
 
+import json
 import os
 import re
 import warnings
@@ -96,11 +97,21 @@ def test_a_changed_file_or_a_broken_entry_is_read_again(fresh, monkeypatch, tmp_
   assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built and len(reads) == 2
   monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
   assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built and len(reads) == 2
+  # An entry damaged inside its tokenizer (still JSON) failed every later run ("unexpected
+  # Exception"): rebuilt and rewritten as well.
+  with open(entry) as f:
+    damaged = json.load(f)
+  damaged["tokenizer"] = damaged["tokenizer"].replace('"merges"', '"merges_"', 1)
+  with open(entry, "w") as f:
+    json.dump(damaged, f)
+  for reads_after in (3, 3):
+    monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
+    assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built and len(reads) == reads_after
   # An entry made by another version of the tokenizer-building code is not used either.
   real_key = tok_lib._disk_key
   monkeypatch.setattr(tok_lib, "_disk_key", lambda key: [*real_key(key)[:-1], "other source"])
   monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
-  assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built and len(reads) == 3
+  assert _encodings(tok_lib.tokenizer_from_gguf(path)) == built and len(reads) == 4
 
 
 def test_no_cache_when_off_or_unwritable(monkeypatch, tmp_path):
@@ -108,6 +119,9 @@ def test_no_cache_when_off_or_unwritable(monkeypatch, tmp_path):
   monkeypatch.setattr(tok_lib, "_GGUF_CACHE", {})
   monkeypatch.setenv(tok_lib.CACHE_ENV, "")
   built = _encodings(tok_lib.tokenizer_from_gguf(path))
+  assert tok_lib._cache_file(tok_lib._disk_key(tok_lib._file_key(path))) is None
+  # Spaces only: off too, as config.compile_cache_dir (it made a folder named "  " here).
+  monkeypatch.setenv(tok_lib.CACHE_ENV, "  ")
   assert tok_lib._cache_file(tok_lib._disk_key(tok_lib._file_key(path))) is None
   blocker = tmp_path / "a_file"  # the cache folder's parent is a file: it cannot be created
   blocker.write_text("")
