@@ -62,9 +62,10 @@ def _main(config: ConfigDict, workdir: str) -> None:
       raise UserError(f"config.report.compare: {exc}") from None
   # The LLM a pipeline names is checked before SASRec trains, and before a workdir is made.
   if config.stage == "pipeline":
-    from ilora_jax import train_ilora
+    from ilora_jax import llm, train_ilora
 
     train_ilora.check_llm(config)
+    llm.check_weight_files(config.llm.name)  # The ilora stage's loading reads them anyway.
   if config.stage == "evaluate":  # Reads a trained run: a missing workdir is a typo.
     if not os.path.isdir(workdir):
       raise UserError(

@@ -277,10 +277,10 @@ class PromptInputs:
 
 
 def check_llm(config):
-  """The LLM's tokenizer, after checking what can be checked without reading its weights: the
-  name, its config (architecture, sizes), its tokenizer and its weight files (there, whole
-  headers; a UserError for each). The pipeline runs this before training SASRec, so a
-  mistyped model is named before the slow parts."""
+  """The LLM's tokenizer, after checking what can be checked without its weights: the name,
+  its config (architecture, sizes) and its tokenizer (a UserError for each). The pipeline
+  runs this, and `llm.check_weight_files`, before training SASRec, so a mistyped model is
+  named before the slow parts."""
   llm.check_init_std(config.llm.name, config.llm.init_std)
   llm.config_for(config.llm.name)
   try:
@@ -289,7 +289,6 @@ def check_llm(config):
     raise UserError(f"{exc}: the ilora stage writes its prompts") from None
   if tokenizer is None:
     raise UserError(f"{config.llm.name} has no tokenizer: the ilora stage writes its prompts")
-  llm.check_weight_files(config.llm.name)
   return tokenizer
 
 
