@@ -196,6 +196,18 @@ def test_dropout_rate_scale_and_independence(shape):
   assert lora.dropout(jax.random.key(0), x, 0.0) is x
 
 
+def test_bfloat16_dropout_keeps_the_mean():
+  """In bfloat16 the kept elements are x / keep_prob rounded once: over many random values
+  their sum is sum(x) / keep_prob (float64, numpy) to rounding noise, where a scale rounded to
+  bfloat16 first (1.109375 for 1/0.9) would leave them 0.16% short."""
+  x = jax.random.uniform(jax.random.key(5), (64, 4096), jnp.float32, 0.5, 2.0).astype(jnp.bfloat16)
+  out = np.asarray(lora.dropout(jax.random.key(6), x, 0.1), np.float64)
+  kept = out != 0
+  ratio = out[kept].sum() / np.asarray(x, np.float64)[kept].sum()
+  keep_prob = 1 - round(0.1 * 65536) / 65536
+  assert abs(ratio * keep_prob - 1) < 2e-4, ratio * keep_prob
+
+
 def test_uniform16_is_threefry_in_counter_mode():
   """Each group of four last-axis elements holds the two output words of one threefry2x32
   call on the counter (flat group index, 0), low half first: JAX's own threefry as the
