@@ -99,7 +99,7 @@ def get_config() -> config_dict.ConfigDict:
   c.ilora.score_packed = True
   c.ilora.score_chunk = 5  # Candidates per chunked pass (memory vs speed).
   c.ilora.max_new_tokens = 64  # Greedy decoding budget (the paper's).
-  c.ilora.max_bad_steps = 20  # Consecutive non-finite losses before the run stops.
+  c.ilora.max_bad_steps = 20  # Skipped steps (non-finite loss or gradient) in a row: stop.
   c.ilora.prefetch = 2  # Train batches built ahead in a host thread (0 = in the loop).
   # Steps of each epoch whose rows are regrouped by prompt length (less padding; 1 = the
   # plain random order).
@@ -127,10 +127,11 @@ def get_config() -> config_dict.ConfigDict:
   c.llm = config_dict.ConfigDict()
   c.llm.name = "smollm2-135m"  # Registered name, Hugging Face folder or .gguf file.
   # bf16 compute and frozen weights; adapters, router, projector and optimizer stay float32.
-  # Compute dtype: float32 | bfloat16. The original trains in fp16 mixed precision; bf16 has
-  # float32's range, so no loss scaling is needed (and none is done).
+  # Compute dtype: float32 | bfloat16 | float16. The original trains in fp16 mixed precision;
+  # bf16 has float32's range, so no loss scaling is needed (and none is done: float16 trains
+  # with a warning).
   c.llm.dtype = "bfloat16"
-  c.llm.param_dtype = "bfloat16"  # Frozen base weights: float32 | bfloat16.
+  c.llm.param_dtype = "bfloat16"  # Frozen base weights: float32 | bfloat16 | float16.
   c.llm.attention = "auto"  # auto (splash on TPUs, cuDNN on GPUs in bf16, else xla) | xla |
   # cudnn | splash.
   # Rematerialisation: projections (keep q/k/v, the MLP's gate/up and the dropout masks,

@@ -557,9 +557,11 @@ def make_train_step(parts: Parts, make_tx, gate_kind: str):
     grads = jax.tree.map(lambda g: g / accum, grads)
     loss = loss_sum / accum
     updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
-    finite = jnp.isfinite(loss)
+    # A step is bad when its loss is not finite or optax skipped its update (a non-finite
+    # gradient or update, which a finite loss can have): the router statistics of that step
+    # stay out of the state too, and the loop counts it towards `ilora.max_bad_steps`.
+    finite = jnp.isfinite(loss) & opt_state.last_finite
     trainable = jax.tree.map(lambda p, u: p + u, state["trainable"], updates)
-    # A non-finite loss also keeps the router statistics of that step out of the state.
     stats = jax.tree.map(lambda new, old: jnp.where(finite, new, old), stats, state["stats"])
     gates = gates.reshape(-1, gates.shape[-1])  # [accum * micro, E]
     probs = jnp.clip(gates, 1e-9, 1.0)
@@ -569,6 +571,7 @@ def make_train_step(parts: Parts, make_tx, gate_kind: str):
       "gate_entropy": jnp.mean(-jnp.sum(probs * jnp.log(probs), axis=-1)),
       "gate_mean": jnp.mean(gates, axis=0),
       "skipped": optim.skipped_updates(opt_state),
+      "finite": finite,
     }
     new_state = {
       "trainable": trainable,
@@ -1529,12 +1532,17 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     + "".join(f"; {k} {sizes[k]:,} unused (lora.gate={gate_kind})" for k in sorted(unused))
   )
 
+  if config.llm.dtype == "float16":
+    console.info(
+      "warning: llm.dtype=float16 trains without loss scaling (none is done): gradients can "
+      "underflow to 0 or overflow (skipped steps); bfloat16 has float32's range"
+    )
   log = MetricsLog(workdir, enabled=jax.process_index() == 0)
   settings = su.settings
   ckpt = checkpointing.StageCheckpoints(
     workdir, STAGE, config.checkpoint.max_to_keep, config.checkpoint.async_save
   )
-  step, bad_streak = 0, 0  # The steps so far, and the non-finite losses in a row at its end.
+  step, bad_streak = 0, 0  # The steps so far, and the bad (skipped) steps in a row at its end.
   interval: list[dict] = []  # Train metrics of the steps since the last train record.
   latest = ckpt.latest_step()
   if latest is not None:
@@ -1641,10 +1649,10 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
           console.info(past)
           limit = None  # Once a run.
       loss = float(metrics["loss"])
-      bad_streak = bad_streak + 1 if not np.isfinite(loss) else 0
+      bad_streak = 0 if metrics["finite"] else bad_streak + 1
       if bad_streak >= config.ilora.max_bad_steps:
         raise UserError(
-          f"{bad_streak} optimizer steps in a row had a non-finite loss (last at "
+          f"{bad_streak} optimizer steps in a row had a non-finite loss or gradient (last at "
           f"step {step}); lower config.train.lr or check the data"
         )
       interval.append(

@@ -38,6 +38,7 @@ class Fake:
     self.val = {2: 0.5, 4: 0.9, 6: 0.7}
     self.loss = {}  # Training loss of each step (default: the step's number).
     self.skipped = {}  # The run's skipped updates so far, after each step (default 0).
+    self.finite = {}  # Whether each step's update was applied (default: its loss is finite).
     self.setups = 0
     self.batches = []  # (epoch, step, rows) of every train batch built.
     self.calls = []  # (split, step of the weights, baselines) of every evaluation.
@@ -83,8 +84,10 @@ def fake(monkeypatch):
     at = int(state["step"]) + 1
     new = {**state, "trainable": jax.tree.map(lambda x: x + 1, state["trainable"]),
            "step": state["step"] + 1}  # fmt: skip
-    metrics = {"loss": f.loss.get(at, float(at)), "grad_norm": 2.0 * at, "gate_entropy": 0.5,
-               "skipped": f.skipped.get(at, 0), "gate_mean": np.array([0.25, 0.75])}  # fmt: skip
+    loss = f.loss.get(at, float(at))
+    metrics = {"loss": loss, "grad_norm": 2.0 * at, "gate_entropy": 0.5,
+               "skipped": f.skipped.get(at, 0), "gate_mean": np.array([0.25, 0.75]),
+               "finite": f.finite.get(at, np.isfinite(loss))}  # fmt: skip
     return new, metrics
 
   def jit_train_step(su, step=None):
@@ -378,11 +381,28 @@ def test_a_kill_after_the_best_weights_before_the_steps_checkpoint_resumes_exact
 
 def test_persistent_non_finite_losses_stop_the_run(fake, tmp_path):
   fake.loss = {2: float("nan"), 4: float("nan"), 5: float("inf")}  # 2 and 4 alone: not in a row
-  with pytest.raises(UserError, match=r"^2 optimizer steps in a row had a non-finite loss "
-                     r"\(last at step 5\); lower config.train.lr"):  # fmt: skip
+  with pytest.raises(UserError, match=r"^2 optimizer steps in a row had a non-finite loss or "
+                     r"gradient \(last at step 5\); lower config.train.lr"):  # fmt: skip
     train_ilora.run(_config("ilora.max_bad_steps=2"), str(tmp_path))
   train = [r for r in metrics_records(str(tmp_path)) if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2, 3, 4]
+
+
+def test_skipped_updates_with_a_finite_loss_count_towards_the_stop(fake, tmp_path):
+  """A finite loss whose gradient was not (optax skipped the update): a bad step all the same,
+  so a run whose every update is skipped cannot go on to its end."""
+  fake.finite = {3: False, 4: False}
+  with pytest.raises(UserError, match=r"^2 optimizer steps in a row had a non-finite loss or "
+                     r"gradient \(last at step 4\)"):  # fmt: skip
+    train_ilora.run(_config("ilora.max_bad_steps=2"), str(tmp_path))
+
+
+def test_float16_training_is_warned_of(fake, tmp_path, capsys):
+  """No loss scaling is done, which float16's range needs (bfloat16 and float32 do not)."""
+  train_ilora.run(_config("llm.dtype=float16"), str(tmp_path / "fp16"))
+  assert "warning: llm.dtype=float16 trains without loss scaling" in capsys.readouterr().err
+  train_ilora.run(_config("llm.dtype=bfloat16"), str(tmp_path / "bf16"))
+  assert "loss scaling" not in capsys.readouterr().err
 
 
 def test_a_resume_counts_the_non_finite_losses_in_a_row_before_it(fake, tmp_path):
@@ -391,8 +411,8 @@ def test_a_resume_counts_the_non_finite_losses_in_a_row_before_it(fake, tmp_path
   fake.loss = {2: float("nan"), 3: float("nan"), 4: float("nan")}
   workdir = str(tmp_path)
   train_ilora.run(_config("ilora.max_bad_steps=3", "train.stop_after_steps=3"), workdir)
-  with pytest.raises(UserError, match=r"^3 optimizer steps in a row had a non-finite loss "
-                     r"\(last at step 4\)"):  # fmt: skip
+  with pytest.raises(UserError, match=r"^3 optimizer steps in a row had a non-finite loss or "
+                     r"gradient \(last at step 4\)"):  # fmt: skip
     train_ilora.run(_config("ilora.max_bad_steps=3"), workdir)
   fake.loss = {2: float("nan"), 3: float("nan")}  # A finite loss at the resumed step 4.
   train_ilora.run(_config("ilora.max_bad_steps=3"), workdir)

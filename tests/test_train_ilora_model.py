@@ -423,6 +423,24 @@ def test_a_non_finite_step_changes_nothing_and_is_counted(tiny, stepping):
   assert int(metrics["skipped"]) == 1 and int(after["opt_state"].total_notfinite) == 1
 
 
+def test_a_finite_loss_with_a_non_finite_gradient_is_a_bad_step(tiny, stepping):
+  """An infinite projector weight on prompts without item placeholders: the loss does not read
+  the projector (finite) but its gradient is NaN (0 x inf). The update is skipped, the router
+  statistics stay, and the step says it was not finite (what the loop counts)."""
+  s = stepping
+  batch = dict(s.batch, item_ids=np.full_like(s.batch["item_ids"], N_ITEMS))
+  state = dict(s.state, trainable=dict(tiny.trainable))
+  state["trainable"]["projector"] = jax.tree.map(lambda x: x * np.inf, tiny.trainable["projector"])
+  after, metrics = s.step(state, s.frozen, batch)
+  assert np.isfinite(float(metrics["loss"])) and not np.isfinite(float(metrics["grad_norm"]))
+  assert not bool(metrics["finite"]) and int(metrics["skipped"]) == 1
+  chex.assert_trees_all_equal(_np(after["stats"]), _np(tiny.stats))
+  for group in ("lora", "router"):
+    chex.assert_trees_all_equal(_np(after["trainable"][group]), _np(tiny.trainable[group]))
+  _, clean = s.step(dict(s.state, trainable=tiny.trainable), s.frozen, batch)
+  assert bool(clean["finite"]) and int(clean["skipped"]) == 0
+
+
 def test_one_hot_gates_have_zero_entropy(tiny, stepping):
   """A router saturated to exact 0 and 1: each row's entropy is 0 (0 log 0 = 0), not NaN."""
   s = stepping
