@@ -109,8 +109,9 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   SASRec would be silently worse); a run already trained on one (by older code) keeps it for
   its resume, evaluation and recommendations, with a warning. The workdir's own SASRec wins
   over a workdir given as `init_from`; the ilora stage says so as it starts. A SASRec whose
-  recorded training rows are not the config's is refused the same way (it would rank and
-  route this data's users from another data set's item table), and only warned of later.
+  recorded training rows are not the config's is refused when iLoRA trains, started or
+  resumed (it would rank and route this data's users from another data set's item table,
+  and a resume would train on the other rows), and only warned of by evaluations.
   """
   cfg = sasrec_model_config(config, dataset.n_items)
   init_from = config.sasrec.init_from
@@ -132,7 +133,8 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
         f"config.sasrec.init_from={init_from} is a folder without a SASRec checkpoint: "
         "give a workdir where --config.stage=sasrec has run, or an original .pt file"
       )
-  starting = config.stage in ("ilora", "pipeline") and not _has_checkpoint(workdir, STAGE)
+  training = config.stage in ("ilora", "pipeline")
+  starting = training and not _has_checkpoint(workdir, STAGE)
   if init_dir and not borrowed and starting and config.stage == "ilora":
     console.info(
       f"warning: config.sasrec.init_from={init_from} is not used: this workdir has its own "
@@ -157,7 +159,7 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
           "resumes it)"
         )
     other = sasrec_other_training_data(meta, dataset, ckpt.directory)
-    if other and not starting:
+    if other and not training:
       console.info(f"warning: {other}; it is used as it is")
     elif other:
       ckpt.close()
@@ -1332,7 +1334,8 @@ def numerics_settings(config, bos, slots: int, sas_params, titles: dict[int, str
 
 def run_settings(config, dataset: Dataset, batch, total_steps: int, numerics: dict) -> dict:
   """What a checkpoint records of its run and a resume must match (`check_same_settings`):
-  the model, adapters, router, data, batch [micro, accum], schedule, seed and `numerics`."""
+  the model, adapters, router, data (its name, training rows and their digest), batch
+  [micro, accum], schedule, seed and `numerics`."""
   tc = stage_train(config, STAGE)
   return checkpointing.jsonable(
     {
@@ -1346,15 +1349,17 @@ def run_settings(config, dataset: Dataset, batch, total_steps: int, numerics: di
       "seed": int(tc.seed),
       "lr": float(tc.lr),
       "train_rows": len(dataset.train),
+      # Other rows of as many (another seed, filter or file): a resume would train on them.
+      "data.train": split_fingerprint(dataset.train),
       **numerics,
     }
   )
 
 
 # What checkpoints saved before `numerics_settings` were made with, where known (the step
-# order's bucketing came later); its other settings are compared only with checkpoints that
-# record them.
-OLDER_NUMERICS = {"ilora.bucket_window": 1}
+# order's bucketing came later); its other settings, and the training rows' digest, are
+# compared only with checkpoints that record them.
+OLDER_NUMERICS = {"ilora.bucket_window": 1, "data.train": checkpointing.UNKNOWN}
 
 
 def setup(

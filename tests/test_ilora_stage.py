@@ -413,6 +413,7 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(
   model's 13 GB): those the setup computes equal what the run's checkpoint recorded, and with
   `llm.load` made to fail, a resume with another prompt start is still refused for it."""
   from ilora_jax import checkpointing, llm, train_ilora
+  from ilora_jax.data import split_fingerprint
   from ilora_jax.errors import UserError
 
   config, su, pipeline_dir = setup_tiny
@@ -428,6 +429,7 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(
     "seed": config.train.seed,
     "lr": 1e-3,
     "train_rows": len(su.dataset.train),
+    "data.train": split_fingerprint(su.dataset.train),
     "bos": [],
     "data.titles": hashlib.sha256(
       json.dumps(sorted(su.dataset.titles.items())).encode()

@@ -232,6 +232,10 @@ def test_a_sasrec_of_other_training_rows_is_refused_then_warned(tmp_path, data, 
   saved = _save_sasrec(tmp_path, config, data, seed=1, train_data="0" * 16)
   with pytest.raises(UserError, match="was trained on other data.*iLoRA freezes a SASRec"):
     train_ilora.load_sasrec(config, str(tmp_path), data, mesh)
+  _save_ilora(tmp_path)  # A begun run's resume would train on the other rows: refused too.
+  for stage in ("ilora", "pipeline"):
+    with pytest.raises(UserError, match="was trained on other data.*iLoRA freezes a SASRec"):
+      train_ilora.load_sasrec(_config(f"stage={stage}"), str(tmp_path), data, mesh)
   _, params = train_ilora.load_sasrec(_config("stage=evaluate"), str(tmp_path), data, mesh)
   assert _same(params, saved)
   err = capsys.readouterr().err

@@ -19,7 +19,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from ilora_jax import checkpointing, lora, prompts, sharding, train_ilora
-from ilora_jax.data import Split
+from ilora_jax.data import Split, split_fingerprint
 from ilora_jax.errors import UserError
 
 SPECIAL = {prompts.PLACEHOLDER: 1000, prompts.HISTORY: 1001, prompts.CANDIDATE: 1002}
@@ -566,12 +566,19 @@ def test_numerics_settings_record_what_a_resume_must_share():
 def test_run_settings_record_the_model_data_batch_schedule_and_numerics():
   config = _full_config()
   config.ilora.train.lr, config.train.seed = 0.002, 11
-  dataset = types.SimpleNamespace(name="lastfm", train=[0] * 37)
+  dataset = types.SimpleNamespace(name="lastfm", train=_split(37))
   numerics = {"bos": None, "target_slots": 8}
   got = train_ilora.run_settings(config, dataset, (4, 2), 60, numerics)
   assert set(got) == {"llm", "lora", "router", "data", "batch", "total_steps", "seed", "lr",
-                      "train_rows", "bos", "target_slots"}  # fmt: skip
+                      "train_rows", "data.train", "bos", "target_slots"}  # fmt: skip
   assert got["llm"] == "tiny" and got["data"] == "lastfm" and got["train_rows"] == 37
+  # The rows' digest: as many other rows (one next item changed) give another.
+  other_rows = _split(37)
+  other_rows.next[5] += 1
+  assert got["data.train"] == split_fingerprint(dataset.train) != split_fingerprint(other_rows)
+  changed = train_ilora.run_settings(config, types.SimpleNamespace(name="lastfm", train=other_rows),
+                                     (4, 2), 60, numerics)  # fmt: skip
+  assert {k for k in got if got[k] != changed[k]} == {"data.train"}
   assert got["lora"] == config.lora.to_dict() | {"targets": list(config.lora.targets)}
   assert got["router"] == config.router.to_dict()
   assert got["batch"] == [4, 2] and got["total_steps"] == 60
@@ -585,7 +592,7 @@ def test_run_settings_record_the_learning_rate_the_run_uses():
   """`config.train.lr`, where set, is the run's learning rate (`stage_train`)."""
   config = _full_config()
   config.ilora.train.lr, config.train.lr = 0.002, 0.003
-  dataset = types.SimpleNamespace(name="lastfm", train=[0] * 5)
+  dataset = types.SimpleNamespace(name="lastfm", train=_split(5))
   assert train_ilora.run_settings(config, dataset, (2, 1), 10, {})["lr"] == 0.003
 
 
