@@ -224,10 +224,8 @@ def _fmt(metrics: dict[str, float]) -> str:
   return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
-def _ilora_started(config, workdir: str) -> bool:
-  """Whether `config` runs a pipeline whose iLoRA stage has a checkpoint in `workdir`."""
-  if config.stage != "pipeline":
-    return False
+def _ilora_begun(workdir: str) -> bool:
+  """Whether `workdir` holds a checkpoint of the iLoRA stage."""
   with contextlib.closing(
     checkpointing.StageCheckpoints(workdir, "ilora", 1, False, read_only=True)
   ) as ilora:
@@ -315,7 +313,8 @@ def run(config, workdir: str) -> dict[str, float] | None:
     pending.clear()
 
   latest = ckpt.latest_step()
-  ilora_started = _ilora_started(config, workdir)
+  ilora_begun = _ilora_begun(workdir)
+  ilora_started = ilora_begun and config.stage == "pipeline"  # This run's own iLoRA stage.
   finals: list[dict] | None = None  # Those of a finished SASRec a pipeline resumes past.
   if latest is not None:
     saved = ckpt.restore_meta(latest)["settings"]
@@ -363,9 +362,11 @@ def run(config, workdir: str) -> dict[str, float] | None:
         "warning: SASRec trains no step and starts from no config.sasrec.init_from: its "
         "evaluations score untrained weights"
       )
-  if jax.process_index() == 0 and not ilora_started:
-    # After the check: a refused resume leaves the run's settings. A pipeline whose iLoRA
-    # stage has begun leaves them to that stage's check, which may refuse this config.
+  if jax.process_index() == 0 and not ilora_begun:
+    # After the check: a refused resume leaves the run's settings. Once an iLoRA stage has
+    # begun they are its own (whose check may refuse this config): a pipeline resumed, or
+    # `stage=sasrec` run again in its workdir (whose config.json the report and `recommend`
+    # read as the iLoRA run's) leaves them.
     configuration.save(config, workdir)  # For `python -m ilora_jax.recommend --workdir=...`.
 
   def save(at: int) -> None:

@@ -280,7 +280,9 @@ def test_evaluating_on_another_sasrec_is_refused_and_another_llm_warns(pipeline,
 def test_a_resume_with_other_candidates_is_refused(pipeline, tmp_path):
   """The training prompts list `data.num_candidates` titles and the val sets that select the
   weights are drawn with `data.candidate_seed`: a resume (here of the finished run, which
-  would re-evaluate) with either changed is refused by name, and the run's config stays."""
+  would re-evaluate) with either changed is refused by name, and the run's config stays. Its
+  SASRec stage run again (`stage=sasrec`, which checks no iLoRA setting; here with another
+  lora.rank) leaves the config the report and `recommend` read as the iLoRA run's too."""
   workdir = copy_of(pipeline[0], tmp_path / "w")
   for override, fragment in (("data.num_candidates=5", "data.num_candidates: checkpoint 20 vs "
                                "config 5"), ("data.candidate_seed=7", "data.candidate_seed: "
@@ -289,6 +291,11 @@ def test_a_resume_with_other_candidates_is_refused(pipeline, tmp_path):
     assert_one_line_error(proc, "other settings", fragment)
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["data"]["num_candidates"] == 20
+  proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=sasrec", "--config.lora.rank=8")
+  assert proc.returncode == 0, proc.stderr
+  with open(os.path.join(workdir, "config.json")) as f:
+    saved = json.load(f)
+  assert saved["stage"] == "pipeline" and saved["lora"]["rank"] == 4, saved
 
 
 def test_an_unfinished_sasrec_is_refused_here_and_as_init_from(tmp_path, capsys):
