@@ -65,8 +65,13 @@ class StageCheckpoints:
     of a workdir without the stage's checkpoints leaves no empty `checkpoints/` behind)."""
     self.directory = os.path.abspath(os.path.join(workdir, "checkpoints", stage))
     self.stage = stage
+    # Opened to write, the temporary folders of saves a kill left unfinished are removed
+    # first: a step saved again beside one was never deleted by `max_to_keep`.
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, create=not read_only, enable_async_checkpointing=async_save
+      max_to_keep=max_to_keep,
+      create=not read_only,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=not read_only,
     )
     self._pending: int | None = None
     self._closed = False

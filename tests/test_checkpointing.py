@@ -320,6 +320,25 @@ def test_only_the_newest_checkpoints_are_kept_and_the_latest_is_resumed(tmp_path
   ckpt.close()
 
 
+def test_a_save_left_unfinished_is_removed_when_the_stage_is_opened_to_write(tmp_path):
+  """A kill mid-save leaves Orbax's temporary folder (`<step>.orbax-checkpoint-tmp-<time>`).
+  Left in place, the step saved again there was never deleted by `max_to_keep`; opened to
+  write (a resume), the folder is removed first, while a read-only open leaves it."""
+  folder = tmp_path / "checkpoints" / "x"
+  state = _small_state()
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 2, False)
+  ckpt.save(10, state, {"step": 10})
+  ckpt.close()
+  (folder / "20.orbax-checkpoint-tmp-1765000000000001").mkdir()
+  checkpointing.StageCheckpoints(str(tmp_path), "x", 2, False, read_only=True).close()
+  assert sorted(os.listdir(folder)) == ["10", "20.orbax-checkpoint-tmp-1765000000000001"]
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 2, False)
+  for step in (20, 30, 40):
+    ckpt.save(step, state, {"step": step})
+  ckpt.close()
+  assert sorted(os.listdir(folder)) == ["30", "40"]
+
+
 def test_a_restore_compares_only_the_arrays_recorded_with_their_dtype(tmp_path):
   """Arrays restored into another dtype (Orbax casts them) or missing from the record are not
   compared, so such a restore is not refused; where several arrays changed, the first is named
