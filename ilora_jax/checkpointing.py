@@ -35,17 +35,17 @@ _KILL_AT = (
 
 def _denied(path: str) -> str | None:
   """The first folder or file at or under `path` that this process may not read (None
-  where all can be read, or `path` does not exist)."""
-  if not os.path.exists(path):
-    return None
-  if not os.access(path, os.R_OK | (os.X_OK if os.path.isdir(path) else 0)):
+  where all can be read, or `path` does not exist). A link to nothing is damage, not a
+  denial: `os.access` fails on it too."""
+
+  def denied(p: str) -> bool:
+    return os.path.exists(p) and not os.access(p, os.R_OK | (os.X_OK if os.path.isdir(p) else 0))
+
+  if denied(path):
     return path
   for root, dirs, files in os.walk(path):
-    for name in dirs:
-      if not os.access(os.path.join(root, name), os.R_OK | os.X_OK):
-        return os.path.join(root, name)
-    for name in files:
-      if not os.access(os.path.join(root, name), os.R_OK):
+    for name in dirs + files:
+      if denied(os.path.join(root, name)):
         return os.path.join(root, name)
   return None
 

@@ -410,8 +410,9 @@ def test_a_record_read_back_and_saved_again_holds_the_new_arrays_checksums(tmp_p
 
 
 def test_damaged_files_of_a_step_are_named_with_the_advice_to_remove_it(tmp_path):
-  """Real damage, each in its own step: a cut, an empty or a missing JSON record, array files
-  cut short, gone or with a flipped byte (two steps). Each is 'unreadable' with the advice to
+  """Real damage, each in its own step: a cut, an empty or a missing JSON record (a link to
+  nothing in its place: no permission denied), array files cut short, gone or with a flipped
+  byte (two steps). Each is 'unreadable' with the advice to
   remove that step and resume from the one before it, its reason without TensorStore's
   printed specs."""
   import glob
@@ -433,6 +434,7 @@ def test_damaged_files_of_a_step_are_named_with_the_advice_to_remove_it(tmp_path
   (folder / "2" / "meta" / "metadata").write_text('{"step": 2, "arr')
   (folder / "3" / "meta" / "metadata").write_text("")
   (folder / "4" / "meta" / "metadata").unlink()
+  (folder / "4" / "meta" / "metadata").symlink_to(tmp_path / "gone")  # A link to nothing.
   for path in data(5):
     os.truncate(path, 10)
   for path in data(6):
