@@ -195,7 +195,9 @@ def get_config() -> config_dict.ConfigDict:
   c.checkpoint.async_save = True  # Write checkpoints in the background.
 
   c.eval = config_dict.ConfigDict()
-  c.eval.stage = "sasrec"  # Stage whose checkpoint `stage=evaluate` restores (eval.weights).
+  # Stage whose checkpoint `stage=evaluate` restores (eval.weights): sasrec | ilora | auto
+  # (ilora where the workdir holds iLoRA checkpoints, else sasrec).
+  c.eval.stage = "auto"
   c.eval.split = "val"  # Split `stage=evaluate` scores: train, val or test.
   # ilora: "selected" = the weights `ilora.select_by` picked (the latest where none were
   # picked), or "latest" = the latest checkpoint.

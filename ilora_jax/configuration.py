@@ -48,9 +48,9 @@ def validate(config: ConfigDict) -> None:
     f"={config.data.name!r} is not one of {', '.join(DATASETS)}",
   )
   need(
-    config.eval.stage in ("sasrec", "ilora"),
+    config.eval.stage in ("auto", "sasrec", "ilora"),
     "eval.stage",
-    f"={config.eval.stage!r} is not sasrec or ilora",
+    f"={config.eval.stage!r} is not auto, sasrec or ilora",
   )
   need(
     config.eval.split in ("train", "val", "test"),

@@ -51,6 +51,8 @@ def _main(config: ConfigDict, workdir: str) -> None:
 
   console.quiet_libraries()
   compile_cache.enable(config.compile_cache_dir)
+  if config.stage == "evaluate" and config.eval.stage == "auto":
+    config.eval.stage = _trained_stage(workdir)
   # The runs that compare with config.report.compare (SASRec's evaluation keeps its run's).
   if config.stage != "evaluate" or config.eval.stage == "ilora":
     from ilora_jax import report
@@ -82,6 +84,23 @@ def _main(config: ConfigDict, workdir: str) -> None:
 
   with files.workdir_lock(workdir, jax.process_index()):
     _run_stages(config, workdir)
+
+
+def _trained_stage(workdir: str) -> str:
+  """`eval.stage=auto`'s stage: ilora where `workdir` holds a checkpoint of the iLoRA stage
+  (its latest or selected weights), else sasrec (a missing workdir too: refused later)."""
+  if not os.path.isdir(workdir):
+    return "sasrec"
+  from ilora_jax import console, train_ilora
+
+  stages = (train_ilora.STAGE, train_ilora.BEST)
+  begun = any(train_ilora.latest_step(workdir, s) is not None for s in stages)
+  console.info(
+    "evaluate: "
+    + ("the ilora stage (config.eval.stage=auto: the workdir holds iLoRA checkpoints)" if begun
+       else "the sasrec stage (config.eval.stage=auto: no iLoRA checkpoint in the workdir)")
+  )  # fmt: skip
+  return "ilora" if begun else "sasrec"
 
 
 def _run_stages(config: ConfigDict, workdir: str) -> None:

@@ -59,6 +59,7 @@ def test_evaluate_stage_restores_the_latest_checkpoint(uninterrupted):
   before = os.stat(summary).st_mtime_ns
   proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=evaluate", "--config.eval.split=val")
   assert proc.returncode == 0, proc.stderr
+  assert "evaluate: the sasrec stage (config.eval.stage=auto: no iLoRA checkpoint" in proc.stderr
   assert os.stat(summary).st_mtime_ns > before  # The report rebuilt with the new record.
   records = metrics_records(workdir)
   final_val = [r for r in records if r["split"] == "val" and r.get("final")]

@@ -104,7 +104,7 @@ def test_dataset_learning_rates_follow_the_papers_schedule(name):
 REFUSED = [
   ("stage=fly", "config.stage='fly' is not one of sasrec, ilora, pipeline, evaluate"),
   ("data.name=amazon", "config.data.name='amazon' is not one of lastfm, movielens, steam"),
-  ("eval.stage=evaluate", "config.eval.stage='evaluate' is not sasrec or ilora"),
+  ("eval.stage=evaluate", "config.eval.stage='evaluate' is not auto, sasrec or ilora"),
   ("eval.split=dev", "config.eval.split='dev' is not train, val or test"),
   ("ilora.eval_template=3", "config.ilora.eval_template=3 is not a template (0, 1 or 2) or -1"),
   ("ilora.eval_template=-2", "config.ilora.eval_template=-2 is not a template (0, 1 or 2) or -1"),

@@ -262,10 +262,14 @@ def test_evaluating_on_another_sasrec_is_refused_and_another_llm_warns(pipeline,
   loads) is refused by its fingerprint. Another LLM of the same shape (here other random
   weights) is only named in a warning: one model goes by several names."""
   workdir = copy_of(pipeline[0], tmp_path / "w")
+  # config.eval.stage left at auto: the workdir's iLoRA stage, said.
   other = run_cli(TINY, f"--workdir={workdir}", "--config.stage=evaluate",
-                  "--config.eval.stage=ilora", "--config.ilora.eval_base=False",
-                  "--config.llm.init_std=0.05")  # fmt: skip
+                  "--config.ilora.eval_base=False", "--config.llm.init_std=0.05")  # fmt: skip
   assert other.returncode == 0, other.stderr
+  assert "evaluate: the ilora stage (config.eval.stage=auto: the workdir holds iLoRA" in (
+    other.stderr
+  )
+  assert [metrics_records(workdir)[-1][k] for k in ("run", "stage")] == ["evaluate", "ilora"]
   assert "was trained with llm 'tiny', this config gives 'tiny (init_std 0.05)'" in other.stderr
   shutil.rmtree(os.path.join(workdir, "checkpoints", "sasrec", "130"))
   proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=evaluate",
@@ -394,7 +398,8 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_step_to_remove(pipeline, tm
       for name in files:
         with open(os.path.join(root, name), "r+b") as f:
           f.truncate(10)
-  proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=evaluate")
+  proc = run_cli(TINY, f"--workdir={workdir}", "--config.stage=evaluate",
+                 "--config.eval.stage=sasrec")  # fmt: skip
   assert_one_line_error(proc, f"checkpoint {sas_step} in", "unreadable", "remove")
   assert proc.stderr.strip().splitlines()[-1].startswith("error: "), proc.stderr[-2000:]
 
