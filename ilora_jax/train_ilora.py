@@ -1888,6 +1888,14 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
       "than the data's titles file holds now: its prompts and answers name them as the file "
       "does now"
     )
+  # Numerics an evaluation may choose, but whose change moves its metrics from the run's own.
+  for key, name in (("llm.dtype, param_dtype", "llm.dtype, param_dtype"), ("bos", "llm.bos")):
+    if key in saved and key in settings and saved[key] != settings[key]:
+      console.info(
+        f"warning: checkpoint {step} in {ckpt.directory} was trained with {name} "
+        f"{saved[key]!r}, this config gives {settings[key]!r}: its metrics may differ from "
+        "the run's own (give the run's settings to score it as it was trained)"
+      )
   fingerprinted = None not in (saved.get("llm_weights"), settings.get("llm_weights"))
   if saved.get("llm") not in (None, settings.get("llm")) and not fingerprinted:
     console.info(

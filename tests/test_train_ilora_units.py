@@ -711,6 +711,23 @@ def test_check_model_settings_warns_of_other_titles_and_another_llm_name(capsys)
   assert _check(no_name, {**SAVED, "llm_weights": None}, capsys) == ""
 
 
+def test_check_model_settings_warns_of_other_dtypes_and_prompt_start(capsys):
+  """Scoring a run in other dtypes or with another first token moves its metrics (the audit:
+  a float32 run scored in bfloat16, hr@5 0.24 -> 0.12): each named in a warning."""
+  saved = {**SAVED, "llm.dtype, param_dtype": ["float32", "float32"], "bos": []}
+  err = _check(saved, {**saved, "llm.dtype, param_dtype": ["bfloat16", "bfloat16"]}, capsys)
+  assert err == (
+    "warning: checkpoint 7 in /runs/w/checkpoints/ilora was trained with llm.dtype, "
+    "param_dtype ['float32', 'float32'], this config gives ['bfloat16', 'bfloat16']: its "
+    "metrics may differ from the run's own (give the run's settings to score it as it was "
+    "trained)\n"
+  )
+  err = _check(saved, {**saved, "bos": [1]}, capsys)
+  assert "was trained with llm.bos [], this config gives [1]: " in err and err.count("\n") == 1
+  assert _check(saved, dict(saved), capsys) == ""
+  assert _check(SAVED, {**saved, "bos": [1]}, capsys) == ""  # Not recorded: not compared.
+
+
 # ----------------------------------------------------------------------------- workdirs
 
 
