@@ -475,6 +475,11 @@ VOLATILE = (
   "checkpoint.max_to_keep",
   "bench",
   "plan",
+  # Read by stage=evaluate only, which no grid run is (runs saved before eval.stage's default
+  # became auto hold "sasrec").
+  "eval.stage",
+  "eval.split",
+  "eval.weights",
 )
 
 

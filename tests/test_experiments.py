@@ -500,6 +500,11 @@ def test_config_diffs_of_a_moved_run_of_defaults_and_of_volatile_sections(tmp_pa
   ]
   volatile = dict(default, **{"distributed.num_processes": 2, "progress": True})
   assert experiments.config_diffs(run, default, volatile, default) == []
+  # What only stage=evaluate reads (no grid run): a run saved when eval.stage's default was
+  # sasrec still counts.
+  assert default["eval.stage"] == "auto"
+  older = dict(default, **{"eval.stage": "sasrec", "eval.split": "test"})
+  assert experiments.config_diffs(run, older, default, default) == []
 
 
 def test_check_runs_names_a_variant_run_first_and_counts_the_others(tmp_path):
