@@ -710,7 +710,8 @@ def execute(run: Run, python: str) -> None:
 
 def collect(runs: list[Run], resolved: dict) -> dict:
   """{variant: {seed: {split: record}}} of finished runs, plus their seconds and configs."""
-  results: dict = {"runs": {}, "seconds": {}, "commands": {}, "experts": {}, "gate_test": {}}
+  results: dict = {"runs": {}, "seconds": {}, "commands": {}, "experts": {}, "gate_test": {},
+                   "skipped": {}}  # fmt: skip
   for run in runs:
     results["commands"][run.name] = run.command
     if not finished(run):
@@ -718,7 +719,11 @@ def collect(runs: list[Run], resolved: dict) -> dict:
     results["seconds"][run.name] = round(_seconds(run), 1)
     if run.variant == "sasrec":
       continue
-    finals = report.finals_by_split(report.read_records(run.workdir), run="ilora")
+    records = report.read_records(run.workdir)
+    for r in records:  # A split the run could not evaluate (no test file): {split: {run: why}}.
+      if r.get("run") == r.get("stage") == "ilora" and "skipped" in r:
+        results["skipped"].setdefault(str(r.get("split")), {})[run.name] = str(r["skipped"])
+    finals = report.finals_by_split(records, run="ilora")
     if finals:
       results["runs"].setdefault(run.variant, {})[str(run.seed)] = finals
       test = gate_test(run, int(resolved[run.variant].ilora.eval_rows))
@@ -916,6 +921,12 @@ def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str
         ]
       elsewhere = reference in results["runs"] and reference not in runs
       lines += _tables(dict(results, runs=runs), split, metrics, reference, elsewhere)
+    skipped = results.get("skipped", {}).get(split, {})
+    if skipped:  # Said, where a reader looks for the split (no test file, say).
+      runs = sum(len(seeds) for seeds in results["runs"].values())
+      lines += [f"## {split}", ""] if not sets else []
+      lines += [f"Not evaluated on {split} by {len(skipped)} of {runs} finished runs: "
+                + "; ".join(sorted(set(skipped.values()))), ""]  # fmt: skip
   lines += ["## Runs", ""]
   lines.append("| run | seconds | command |")
   lines.append("|---|---|---|")

@@ -645,6 +645,33 @@ def test_the_gate_test_skips_one_expert_or_mismatched_groups(tmp_path):
   assert experiments.gate_test(run) is None
 
 
+def test_a_split_the_runs_could_not_evaluate_is_said_in_the_results(tmp_path):
+  """Real data without a test file: each run records test as skipped, so the tables have no
+  test section; results.md says why, where a reader looks for it."""
+  why = "test file not found: /data/ml/Test_data.df"
+  runs = [experiments.Run(f"a/seed{s}", "a", s, str(tmp_path / f"a{s}"), []) for s in (0, 1)]
+  for i, run in enumerate(runs):
+    os.makedirs(run.workdir)
+    with open(os.path.join(run.workdir, "metrics.jsonl"), "w") as f:
+      for r in (dict(split="val", final=True, candidates="X", **{"hr@1": 0.1 * (i + 1)}),
+                dict(split="test", skipped=why)):  # fmt: skip
+        f.write(json.dumps(dict(run="ilora", stage="ilora", step=4, **r)) + "\n")
+  resolved = {"a": ConfigDict({"ilora": {"eval_rows": 8}, "lora": {"num_experts": 4}})}
+  results = experiments.collect(runs, resolved)
+  assert results["skipped"] == {"test": {"a/seed0": why, "a/seed1": why}}
+  md = experiments.markdown(_TITLED, dict(results, machine="test"), ["hr@1"], "a")
+  assert f"## test\n\nNot evaluated on test by 2 of 2 finished runs: {why}\n" in md
+  assert md.index("## val") < md.index("## test") < md.index("## Runs")
+  # Evaluated by some: the line follows their tables.
+  results["runs"]["a"]["0"]["test"] = dict(final=True, candidates="X", **{"hr@1": 0.5})
+  del results["skipped"]["test"]["a/seed0"]
+  md = experiments.markdown(_TITLED, dict(results, machine="test"), ["hr@1"], "a")
+  test = md.split("## test\n")[1]
+  assert (
+    test.count("## test") == 0 and f"Not evaluated on test by 1 of 2 finished runs: {why}" in test
+  )
+
+
 def test_a_run_is_finished_by_its_own_stages_final_test_record(tmp_path):
   """The final test record (or test recorded as skipped) of the run's stage, in its own run
   (a pipeline's SASRec stage finishing is not the ilora run finishing); a final val record
