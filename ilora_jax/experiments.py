@@ -709,7 +709,8 @@ def execute(run: Run, python: str) -> None:
 
 
 def collect(runs: list[Run], resolved: dict) -> dict:
-  """{variant: {seed: {split: record}}} of finished runs, plus their seconds and configs."""
+  """{variant: {seed: {split: record}}} of finished runs, plus their seconds and configs, and
+  the splits they recorded as skipped ({split: {run: why}}, "skipped")."""
   results: dict = {"runs": {}, "seconds": {}, "commands": {}, "experts": {}, "gate_test": {},
                    "skipped": {}}  # fmt: skip
   for run in runs:
@@ -923,9 +924,8 @@ def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str
       lines += _tables(dict(results, runs=runs), split, metrics, reference, elsewhere)
     skipped = results.get("skipped", {}).get(split, {})
     if skipped:  # Said, where a reader looks for the split (no test file, say).
-      runs = sum(len(seeds) for seeds in results["runs"].values())
       lines += [f"## {split}", ""] if not sets else []
-      lines += [f"Not evaluated on {split} by {len(skipped)} of {runs} finished runs: "
+      lines += [f"Not evaluated on {split} by {errors.counted(len(skipped), 'run')}: "
                 + "; ".join(sorted(set(skipped.values()))), ""]  # fmt: skip
   lines += ["## Runs", ""]
   lines.append("| run | seconds | command |")

@@ -93,8 +93,7 @@ def _trained_stage(workdir: str) -> str:
     return "sasrec"
   from ilora_jax import console, train_ilora
 
-  stages = (train_ilora.STAGE, train_ilora.BEST)
-  begun = any(train_ilora.latest_step(workdir, s) is not None for s in stages)
+  begun = train_ilora.has_weights(workdir)
   console.info(
     "evaluate: "
     + ("the ilora stage (config.eval.stage=auto: the workdir holds iLoRA checkpoints)" if begun
@@ -114,6 +113,7 @@ def _run_stages(config: ConfigDict, workdir: str) -> None:
 
     train_ilora.run(config, workdir)
   elif config.stage == "evaluate":
+    assert config.eval.stage != "auto", "resolved by _main"
     if config.eval.stage == "sasrec":
       from ilora_jax import train_sasrec
 

@@ -91,14 +91,6 @@ def lora_config(config) -> lora.LoRAConfig:
 # ----------------------------------------------------------------------------- frozen parts
 
 
-def _has_checkpoint(workdir: str, stage: str) -> bool:
-  """Whether `workdir` holds a checkpoint of `stage` (read only: creates no folder)."""
-  with contextlib.closing(
-    checkpointing.StageCheckpoints(workdir, stage, 1, False, read_only=True)
-  ) as ckpt:
-    return ckpt.latest_step() is not None
-
-
 def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   """Frozen SASRec params: the workdir's sasrec checkpoint, else `config.sasrec.init_from`.
 
@@ -109,9 +101,9 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   SASRec would be silently worse); a run already trained on one (by older code) keeps it for
   its resume, evaluation and recommendations, with a warning. The workdir's own SASRec wins
   over a workdir given as `init_from`; the ilora stage says so as it starts. A SASRec whose
-  recorded training rows are not the config's is refused when iLoRA trains, started or
-  resumed (it would rank and route this data's users from another data set's item table,
-  and a resume would train on the other rows), and only warned of by evaluations.
+  recorded training rows are not the config's is refused the same way (it would rank and
+  route this data's users from another data set's item table), and only warned of later (a
+  resume on other rows than its checkpoint's is refused by their digest, `run_settings`).
   """
   cfg = sasrec_model_config(config, dataset.n_items)
   init_from = config.sasrec.init_from
@@ -133,8 +125,7 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
         f"config.sasrec.init_from={init_from} is a folder without a SASRec checkpoint: "
         "give a workdir where --config.stage=sasrec has run, or an original .pt file"
       )
-  training = config.stage in ("ilora", "pipeline")
-  starting = training and not _has_checkpoint(workdir, STAGE)
+  starting = config.stage in ("ilora", "pipeline") and latest_step(workdir) is None
   if init_dir and not borrowed and starting and config.stage == "ilora":
     console.info(
       f"warning: config.sasrec.init_from={init_from} is not used: this workdir has its own "
@@ -159,7 +150,7 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
           "resumes it)"
         )
     other = sasrec_other_training_data(meta, dataset, ckpt.directory)
-    if other and not training:
+    if other and not starting:
       console.info(f"warning: {other}; it is used as it is")
     elif other:
       ckpt.close()
@@ -1906,17 +1897,22 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
 
 def latest_step(workdir: str, stage: str = STAGE) -> int | None:
   """The step of `stage`'s (ilora or its selected weights', BEST) latest checkpoint in
-  `workdir`, None without one."""
+  `workdir`, None without one (read only: creates no folder)."""
   with contextlib.closing(
     checkpointing.StageCheckpoints(workdir, stage, 1, False, read_only=True)
   ) as ckpt:
     return ckpt.latest_step()
 
 
+def has_weights(workdir: str) -> bool:
+  """Whether `workdir` holds iLoRA weights: a checkpoint of the stage, latest or selected."""
+  return latest_step(workdir) is not None or latest_step(workdir, BEST) is not None
+
+
 def require_checkpoint(workdir: str) -> None:
   """Refuses a workdir without an ilora checkpoint (latest or selected) before the model is
   built: `restore_for_use`'s error, without minutes of loading an LLM first."""
-  if latest_step(workdir) is None and latest_step(workdir, BEST) is None:
+  if not has_weights(workdir):
     raise _no_checkpoint(os.path.join(workdir, "checkpoints", STAGE), workdir)
 
 

@@ -8,7 +8,6 @@ run restored from a checkpoint continues exactly as an uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 from typing import Any
@@ -224,14 +223,6 @@ def _fmt(metrics: dict[str, float]) -> str:
   return " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
 
 
-def _ilora_begun(workdir: str) -> bool:
-  """Whether `workdir` holds a checkpoint of the iLoRA stage."""
-  with contextlib.closing(
-    checkpointing.StageCheckpoints(workdir, "ilora", 1, False, read_only=True)
-  ) as ilora:
-    return ilora.latest_step() is not None
-
-
 _RECORD_KEYS = ("run", "stage", "split", "step", "final", "skipped")
 
 
@@ -313,7 +304,9 @@ def run(config, workdir: str) -> dict[str, float] | None:
     pending.clear()
 
   latest = ckpt.latest_step()
-  ilora_begun = _ilora_begun(workdir)
+  from ilora_jax import train_ilora
+
+  ilora_begun = train_ilora.has_weights(workdir)
   ilora_started = ilora_begun and config.stage == "pipeline"  # This run's own iLoRA stage.
   finals: list[dict] | None = None  # Those of a finished SASRec a pipeline resumes past.
   if latest is not None:
@@ -579,7 +572,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
     if train_ilora.latest_step(workdir) is not None:  # An iLoRA run on a SASRec of elsewhere.
       raise UserError(
         f"no sasrec checkpoint in {ckpt.directory}, but an ilora one: evaluate it with "
-        "--config.eval.stage=ilora (config.eval.stage is sasrec; to score an original .pt, "
+        "--config.eval.stage=ilora (or auto; to score an original .pt, "
         "run --config.stage=sasrec with --config.train.epochs=0 and --config.sasrec.init_from)"
       )
     raise UserError(

@@ -410,9 +410,8 @@ def test_a_record_read_back_and_saved_again_holds_the_new_arrays_checksums(tmp_p
 
 
 def test_damaged_files_of_a_step_are_named_with_the_advice_to_remove_it(tmp_path):
-  """Real damage, each in its own step: a cut, an empty or a missing JSON record (a link to
-  nothing in its place: no permission denied), array files cut short, gone or with a flipped
-  byte (two steps). Each is 'unreadable' with the advice to
+  """Real damage, each in its own step: a cut, an empty or a missing JSON record, array files
+  cut short, gone or with a flipped byte (two steps). Each is 'unreadable' with the advice to
   remove that step and resume from the one before it, its reason without TensorStore's
   printed specs."""
   import glob
@@ -434,7 +433,6 @@ def test_damaged_files_of_a_step_are_named_with_the_advice_to_remove_it(tmp_path
   (folder / "2" / "meta" / "metadata").write_text('{"step": 2, "arr')
   (folder / "3" / "meta" / "metadata").write_text("")
   (folder / "4" / "meta" / "metadata").unlink()
-  (folder / "4" / "meta" / "metadata").symlink_to(tmp_path / "gone")  # A link to nothing.
   for path in data(5):
     os.truncate(path, 10)
   for path in data(6):
@@ -455,6 +453,24 @@ def test_damaged_files_of_a_step_are_named_with_the_advice_to_remove_it(tmp_path
     if step < 5:
       with pytest.raises(UserError, match=advice):
         ckpt.restore_meta(step)
+  ckpt.close()
+
+
+def test_a_link_to_nothing_in_a_step_is_damage_not_a_denial(tmp_path):
+  """`os.access` fails on a link to nothing as on a file this user may not read: the step's
+  record replaced by one is damage to remove (it was 'permission denied')."""
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 3, False)
+  for step in (1, 2):
+    ckpt.save(step, _small_state(), {"step": step})
+  ckpt.close()
+  record = tmp_path / "checkpoints" / "x" / "2" / "meta" / "metadata"
+  record.unlink()
+  record.symlink_to(tmp_path / "gone")
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path), "x", 3, False, read_only=True)
+  with pytest.raises(
+    UserError, match=r"is unreadable \(.+\); remove .*x/2 to resume from checkpoint 1,"
+  ):
+    ckpt.restore_meta(2)
   ckpt.close()
 
 

@@ -477,6 +477,12 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(
   other.data.synthetic.titles = "words"  # Other titles of the same items: other prompts.
   with pytest.raises(UserError, match=r"other settings \(data.titles: checkpoint '"):
     train_ilora.run(other, str(workdir))
+  # Other training rows, as many (another synthetic seed): the resume would train on them.
+  # (Its SASRec, trained on the pipeline's rows, is only warned of where a run has begun.)
+  other = config.copy_and_resolve_references()
+  other.data.synthetic.seed = 3
+  with pytest.raises(UserError, match=r"other settings \(.*data.train: checkpoint '"):
+    train_ilora.run(other, str(workdir))
   # An evaluation or a recommendation on other titles is warned of.
   capsys.readouterr()
   ckpt = checkpointing.StageCheckpoints(pipeline_dir, "ilora", 1, False, read_only=True)

@@ -800,8 +800,9 @@ def test_an_evaluation_that_trains_no_step_warns_and_a_rerun_replaces_its_record
 
 
 def test_evaluating_sasrec_in_a_workdir_of_ilora_alone_points_to_eval_stage(tmp_path):
-  """An iLoRA run on an original .pt has no SASRec checkpoint: stage=evaluate (eval.stage
-  sasrec by default) told it to train SASRec first; it names eval.stage=ilora now."""
+  """An iLoRA run on an original .pt has no SASRec checkpoint: stage=evaluate with
+  eval.stage=sasrec (the default before auto) told it to train SASRec first; it names
+  eval.stage=ilora now."""
   from ilora_jax import checkpointing, train_sasrec
 
   config = _config("stage=evaluate", "eval.split=val")
