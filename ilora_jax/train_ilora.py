@@ -1157,7 +1157,7 @@ class Evaluator:
     result: dict[str, float] = {}
     for g in np.unique(group):
       rows = group == g
-      metrics = {"rows": float(np.sum(rows))}
+      metrics = {"rows": int(np.sum(rows))}  # A count, kept one: summary.md shows "2".
       if "rank" in per_row:
         metrics.update(ranking_metrics(per_row["rank"][rows]))
       if "hit" in per_row:
@@ -1168,7 +1168,9 @@ class Evaluator:
       if self.gates is not None:
         means = self.gates[rows].mean(axis=0)
         metrics.update({f"gate/{e}": float(v) for e, v in enumerate(means)})
-      result.update({f"group/{int(g)}/{k}": float(v) for k, v in metrics.items()})
+      result.update(
+        {f"group/{int(g)}/{k}": v if k == "rows" else float(v) for k, v in metrics.items()}
+      )
     return result
 
 
