@@ -102,8 +102,8 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   its resume, evaluation and recommendations, with a warning. The workdir's own SASRec wins
   over a workdir given as `init_from`; the ilora stage says so as it starts. A SASRec whose
   recorded training rows are not the config's is refused the same way (it would rank and
-  route this data's users from another data set's item table), and only warned of later (a
-  resume on other rows than its checkpoint's is refused by their digest, `run_settings`).
+  route this data's users from another data set's item table), also by a resumed run when it
+  is the workdir's own (the config's rows changed mid-run), and only warned of later.
   """
   cfg = sasrec_model_config(config, dataset.n_items)
   init_from = config.sasrec.init_from
@@ -150,7 +150,11 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
           "resumes it)"
         )
     other = sasrec_other_training_data(meta, dataset, ckpt.directory)
-    if other and not starting:
+    # A resumed run on the workdir's own SASRec: the config's rows changed since the run
+    # began (refused by their digest too, where its checkpoint records one). Runs begun on
+    # a borrowed SASRec of other rows (by older code) keep it.
+    resuming_own = not starting and not borrowed and config.stage in ("ilora", "pipeline")
+    if other and not starting and not resuming_own:
       console.info(f"warning: {other}; it is used as it is")
     elif other:
       ckpt.close()

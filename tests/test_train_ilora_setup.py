@@ -232,7 +232,19 @@ def test_a_sasrec_of_other_training_rows_is_refused_then_warned(tmp_path, data, 
   saved = _save_sasrec(tmp_path, config, data, seed=1, train_data="0" * 16)
   with pytest.raises(UserError, match="was trained on other data.*iLoRA freezes a SASRec"):
     train_ilora.load_sasrec(config, str(tmp_path), data, mesh)
+  _save_ilora(tmp_path)  # A begun run on its own SASRec: the config's rows changed mid-run.
+  for stage in ("ilora", "pipeline"):
+    with pytest.raises(UserError, match="was trained on other data.*iLoRA freezes a SASRec"):
+      train_ilora.load_sasrec(_config(f"stage={stage}"), str(tmp_path), data, mesh)
   _, params = train_ilora.load_sasrec(_config("stage=evaluate"), str(tmp_path), data, mesh)
+  assert _same(params, saved)
+  err = capsys.readouterr().err
+  assert "was trained on other data" in err and "it is used as it is" in err
+  # A run begun (by older code) on a borrowed SASRec of other rows keeps it as it resumes.
+  begun = tmp_path / "begun"
+  _save_ilora(begun)
+  borrowing = _config("stage=ilora", f"sasrec.init_from={tmp_path}")
+  _, params = train_ilora.load_sasrec(borrowing, str(begun), data, mesh)
   assert _same(params, saved)
   err = capsys.readouterr().err
   assert "was trained on other data" in err and "it is used as it is" in err
