@@ -57,9 +57,10 @@ def _main(config: ConfigDict, workdir: str) -> None:
   if config.stage != "evaluate" or config.eval.stage == "ilora":
     from ilora_jax import report
 
-    report.warn_unfound_compared(config.report.compare)
+    compare = report.parse_compare(config.report.compare)
+    report.warn_unfound_compared(compare)
     try:
-      report.check_not_itself(report.parse_compare(config.report.compare), workdir)
+      report.check_not_itself(compare, workdir)
     except UserError as exc:
       raise UserError(f"config.report.compare: {exc}") from None
   # The LLM a pipeline names is checked before SASRec trains, and before a workdir is made.

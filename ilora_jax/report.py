@@ -159,13 +159,13 @@ def _plot_series(ax, records, key, label):
 COMPARE_FORM = "comma-separated name=DIR entries (a bare DIR is named by its folder)"
 
 
-def warn_unfound_compared(text: str) -> None:
-  """A warning line on stderr (process 0) for each run of `config.report.compare` that holds
-  no metrics.jsonl (a typo, or a relative path from another folder): the run goes on, and the
-  report says the same of it."""
+def warn_unfound_compared(compare: dict[str, str]) -> None:
+  """A warning line on stderr (process 0) for each run of `config.report.compare` (parsed,
+  `parse_compare`) that holds no metrics.jsonl (a typo, or a relative path from another
+  folder): the run goes on, and the report says the same of it."""
   from ilora_jax import console
 
-  for name, path in unfound(parse_compare(text)).items():
+  for name, path in unfound(compare).items():
     console.info(f"warning: config.report.compare: no metrics.jsonl in {path} (entry {name}) "
                  "yet: the report compares with it once it has a final evaluation")  # fmt: skip
 
@@ -869,8 +869,9 @@ def main(argv: list[str] | None = None) -> None:
     if not given:  # The run's own comparison (its config.report.compare), as the run wrote it.
       saved = run_compare(workdir, "")
       try:
-        check_not_itself(parse_compare(saved), workdir)
-        warn_unfound_compared(saved)
+        parsed = parse_compare(saved)
+        check_not_itself(parsed, workdir)
+        warn_unfound_compared(parsed)
       except UserError as exc:
         raise UserError(
           f"the run's config.report.compare: {exc}; give --compare=name=DIR,... (or --compare= "

@@ -454,8 +454,9 @@ class SafetensorsFolder:
       files = sorted(n for n in listed if n.endswith(".safetensors"))
       weight_map = None
     if not files:
-      with contextlib.suppress(OSError):  # The hint only.
-        listed = os.listdir(folder)
+      if weight_map is not None:  # An index of no files: the folder not listed yet.
+        with contextlib.suppress(OSError):  # The hint only.
+          listed = os.listdir(folder)
       pickled = sorted(n for n in listed if n.endswith((".bin", ".pt", ".pth")))
       hint = (
         f" ({pickled[0]} is not read: a pickle can run code; save the model with "

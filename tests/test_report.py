@@ -1153,12 +1153,14 @@ def test_a_compared_run_without_metrics_is_a_warning_at_the_start(tmp_path, caps
   """A typo in config.report.compare was found only in summary.md, after the training."""
   (tmp_path / "done").mkdir()
   (tmp_path / "done" / "metrics.jsonl").write_text(GOOD)
-  report.warn_unfound_compared(f"ok={tmp_path / 'done'},typo={tmp_path / 'dnoe'}")
+  report.warn_unfound_compared(
+    report.parse_compare(f"ok={tmp_path / 'done'},typo={tmp_path / 'dnoe'}")
+  )
   assert capsys.readouterr().err == (
     f"warning: config.report.compare: no metrics.jsonl in {tmp_path / 'dnoe'} (entry typo) "
     "yet: the report compares with it once it has a final evaluation\n"
   )
-  report.warn_unfound_compared("")
+  report.warn_unfound_compared(report.parse_compare(""))
   assert capsys.readouterr().err == ""
 
 
