@@ -569,7 +569,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   if latest is None:
     from ilora_jax import train_ilora
 
-    if train_ilora.latest_step(workdir) is not None:  # An iLoRA run on a SASRec of elsewhere.
+    if train_ilora.has_weights(workdir):  # An iLoRA run on a SASRec of elsewhere.
       raise UserError(
         f"no sasrec checkpoint in {ckpt.directory}, but an ilora one: evaluate it with "
         "--config.eval.stage=ilora (or auto; to score an original .pt, "

@@ -808,12 +808,14 @@ def test_evaluating_sasrec_in_a_workdir_of_ilora_alone_points_to_eval_stage(tmp_
   config = _config("stage=evaluate", "eval.split=val")
   with pytest.raises(UserError, match="run --config.stage=sasrec first"):
     train_sasrec.evaluate(config, str(tmp_path))
-  ilora = checkpointing.StageCheckpoints(str(tmp_path), "ilora", 1, False)
-  ilora.save(1, {"w": np.zeros(3, np.float32)}, {"step": 1})
-  ilora.close()
-  with pytest.raises(UserError, match=re.escape("but an ilora one: evaluate it with "
-                                                "--config.eval.stage=ilora")):  # fmt: skip
-    train_sasrec.evaluate(config, str(tmp_path))
+  # The selected weights alone (checkpoints/ilora_best, its latest folder removed) count too.
+  for stage, workdir in (("ilora_best", tmp_path / "best"), ("ilora", tmp_path)):
+    ilora = checkpointing.StageCheckpoints(str(workdir), stage, 1, False)
+    ilora.save(1, {"w": np.zeros(3, np.float32)}, {"step": 1})
+    ilora.close()
+    with pytest.raises(UserError, match=re.escape("but an ilora one: evaluate it with "
+                                                  "--config.eval.stage=ilora")):  # fmt: skip
+      train_sasrec.evaluate(config, str(workdir))
 
 
 def test_only_process_0_prints_the_final_metrics(tmp_path, capsys, monkeypatch):
