@@ -335,7 +335,9 @@ class Recommender:
 
       config = self.config
       train_ilora.require_checkpoint(self.workdir)
-      su = train_ilora.setup(config, self.workdir, dataset=self.dataset, generates=False)
+      su = train_ilora.setup(
+        config, self.workdir, dataset=self.dataset, generates=False, trains=False
+      )
       state, step, weights, _ = train_ilora.restore_for_use(
         self.workdir, checkpointing.abstract_like(su.state), "selected",
         config.checkpoint.max_to_keep, su.settings,

@@ -1360,7 +1360,12 @@ OLDER_NUMERICS = {"ilora.bucket_window": 1, "data.train": checkpointing.UNKNOWN}
 
 
 def setup(
-  config, workdir: str, check=None, dataset: Dataset | None = None, generates: bool = True
+  config,
+  workdir: str,
+  check=None,
+  dataset: Dataset | None = None,
+  generates: bool = True,
+  trains: bool = True,
 ) -> Setup:
   """Data, frozen parts, trainable state and the run's settings (`run_settings`).
 
@@ -1368,14 +1373,17 @@ def setup(
   read (a resume's check: a refused run stops before the slow part). `dataset`, when given,
   is the config's data set already loaded (`load_from_config`). `generates`: False where
   nothing is generated (`recommend` ranks by likelihood), so titles too long to generate
-  whole are no warning.
+  whole are no warning. `trains`: False where nothing is trained (`evaluate`, `recommend`),
+  so a training batch the devices do not divide is no error.
   """
   dataset = load_from_config(config, workdir) if dataset is None else dataset
   tc = stage_train(config, STAGE)
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.rules(config)
   micro, accum = int(tc.batch_size), int(tc.grad_accum)
-  sharding.batch_size_per_shard(mesh, micro)
+  if trains:
+    field = "train.batch_size" if config.train.batch_size is not None else "ilora.train.batch_size"
+    sharding.batch_size_per_shard(mesh, micro, field)
   steps_per_epoch = len(dataset.train) // (micro * accum)
   if steps_per_epoch == 0:
     raise UserError(
@@ -2040,7 +2048,7 @@ def evaluate(config, workdir: str) -> dict[str, float]:
   require_checkpoint(workdir)
   dataset = load_from_config(config, workdir)
   split = dataset.split(config.eval.split)  # A missing test split: before the LLM loads.
-  su = setup(config, workdir, dataset=dataset)
+  su = setup(config, workdir, dataset=dataset, trains=False)
   state, latest, how, selected_by = restore_for_use(
     workdir, checkpointing.abstract_like(su.state), config.eval.weights,
     config.checkpoint.max_to_keep, su.settings,
