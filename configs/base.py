@@ -245,4 +245,8 @@ def get_config() -> config_dict.ConfigDict:
   # one of the same shapes skips its compiles. JAX's own JAX_COMPILATION_CACHE_DIR, when
   # set, is the default; '' = off.
   c.compile_cache_dir = os.environ.get("JAX_COMPILATION_CACHE_DIR", "~/.cache/ilora_jax/xla")
+  # Locked: a config file built on this one can change these fields but not add or delete
+  # one, so a misspelt field (`c.lora.ranks = 16`) is an error naming it, not a setting that
+  # silently does nothing.
+  c.lock()
   return c

@@ -94,6 +94,10 @@ def parse_flags(values, argv: list[str], what: str = "config") -> None:
   _check_repeats_and_bare_flags(values, given)
   with flag_errors(what, argv):
     rest = values(argv)  # Had the flagfiles been unreadable, it would have said so here.
+  if "workdir" in values and (values.workdir or "").startswith("~"):
+    # `--workdir=~/run`: the shell expands no '~' after '=', and a folder named '~' in the
+    # current one would take the run while its last line pointed at the home folder's.
+    values.workdir = os.path.expanduser(values.workdir)
   if len(rest) > 1:
     raise UserError(
       f"unexpected argument(s) {' '.join(repr(a) for a in rest[1:])}: every argument is a "
@@ -319,11 +323,33 @@ def _failed_in_file(exc: BaseException, what: str, argv: Sequence[str]) -> UserE
       return None
     line = lines[-1]
   message = exc.msg if isinstance(exc, SyntaxError) else _one_line(exc)
+  locked = _locked_config_message(message)
+  if locked:
+    return UserError(f"{what} file {path} line {line}: {locked}")
   return UserError(
     f"{what} file {path} line {line}: {type(exc).__name__}: {message}"
     if message
     else f"{what} file {path} line {line}: {type(exc).__name__}"
   )
+
+
+def _locked_config_message(message: str) -> str | None:
+  """ml_collections' refusal to add or delete a field of a locked ConfigDict (configs/base.py
+  locks its config) in words a config file's author can act on; None for other errors."""
+  added = re.search(r'Key "([^"]+)" does not exist and cannot be added', message)
+  if added:
+    guess = re.search(r'Did you mean "([^"]+)" instead of', message)
+    hint = f" (did you mean {guess.group(1)}?)" if guess else ""
+    return (
+      f"there is no field {added.group(1)!r} to set{hint}: a config file sets fields that "
+      "configs/base.py defines and adds none"
+    )
+  if "locked, you have to unlock it before trying to delete" in message:
+    return "a config file cannot delete a field that configs/base.py defines: every one is read"
+  read = re.search(r'Did you mean \\?"([^"\\]+)\\?" instead of \\?"([^"\\]+)\\?"', message)
+  if read:  # A field read that the config has not: ml_collections' guess, its message's end.
+    return f"there is no field {read.group(2)!r} (did you mean {read.group(1)}?)"
+  return None
 
 
 def _one_line(text: str) -> str:
@@ -418,6 +444,20 @@ def _out_of_memory(exc: BaseException) -> bool:
   return isinstance(exc, MemoryError) or (runtime and "RESOURCE_EXHAUSTED" in str(exc))
 
 
+_BACKEND_START = ("backends", "_init_backend", "_get_backend_uncached")  # jax's xla_bridge.
+
+
+def _backend_not_started(exc: BaseException) -> bool:
+  """Whether `exc` was raised while jax started its backends (`jax._src.xla_bridge`): a
+  JAX_PLATFORMS naming a platform this jax install has not (`cuda` with the CPU wheel gave
+  an AssertionError without a message), or a device it could not open."""
+  return any(
+    frame.f_code.co_name in _BACKEND_START
+    and os.path.basename(frame.f_code.co_filename) == "xla_bridge.py"
+    for frame, _ in traceback.walk_tb(exc.__traceback__)
+  )
+
+
 def report_and_exit(exc: BaseException) -> None:
   """Prints one `error:` line for `exc` on stderr and exits non-zero."""
   if not isinstance(exc, BrokenPipeError):
@@ -433,6 +473,16 @@ def report_and_exit(exc: BaseException) -> None:
     exc = UserError(
       f"out of memory ({first}): lower the batch size or the sequence lengths; "
       "`python -m ilora_jax.plan --config=...` estimates a run's device memory"
+    )
+  elif not isinstance(exc, UserError) and _backend_not_started(exc):
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    given = f"JAX_PLATFORMS={platforms}" if platforms else "JAX_PLATFORMS unset"
+    exc = UserError(
+      f"jax could not start its backend ({given}; {type(exc).__name__}: {first}): name a "
+      "platform this jax install has (`python -c 'import jax; print(jax.devices())'` with "
+      "JAX_PLATFORMS unset lists what it finds) or install jax's build for the accelerator "
+      "(pip install -e '.[cuda]' or '.[tpu]')"
     )
   if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
     # A write no code path expected to fail (stdout unbuffered, say): the disk, not a bug.

@@ -92,6 +92,14 @@ def test_multi_device_mesh_gives_the_same_losses(uninterrupted, tmp_path):
     (["--config.data.name=amazon"], ["config.data.name"]),
     (["--config.mesh.data=3"], ["config.mesh"]),
     (["--config.train.batch_size=7", "--config.mesh.data=2"], ["not divisible"]),
+    (
+      ["--config.stage=ilora", "--config.ilora.train.batch_size=3"],
+      ["error: ilora.train.batch_size=3 is not divisible by the 2 data shards"],
+    ),
+    (
+      ["--config.stage=ilora", "--config.train.batch_size=3"],
+      ["error: train.batch_size=3 is not divisible by the 2 data shards"],
+    ),
     (["--config.stage=evaluate"], ["no sasrec checkpoint"]),
     (["--config.lora.targets=q,v"], ["config.lora.targets=('q,v',)", "\"('q', 'v')\""]),
   ],
@@ -342,6 +350,44 @@ def test_a_config_file_whose_code_fails_is_named_with_its_line(tmp_path, name, t
   for module, flag in (("ilora_jax.main", "config"), ("ilora_jax.experiments", "grid")):
     proc = run_cli(f"--{flag}={tmp_path / name}", f"--workdir={tmp_path / 'w'}", module=module)
     assert_one_line_error(proc, f"error: {flag} file {tmp_path}/{message}")
+
+
+@pytest.mark.parametrize(
+  "line,message",
+  [
+    ("c.lora.ranks = 16", "there is no field 'ranks' to set (did you mean rank?): a config "
+     "file sets fields that configs/base.py defines and adds none"),
+    ("c.sasrec.train.epoch = 1", "there is no field 'epoch' to set (did you mean epochs?)"),
+    ("c.extra_setting = 1", "there is no field 'extra_setting' to set: a config file sets"),
+    ("del c.lora", "a config file cannot delete a field that configs/base.py defines"),
+    ("c.lroa.rank = 3", "there is no field 'lroa' (did you mean lora?)"),
+  ],
+)  # fmt: skip
+def test_a_misspelt_field_in_a_config_file_is_named(tmp_path, line, message):
+  """A config file built on configs/base.py that set a field base.py has not (a typo) ran
+  with the default and saved the typo in config.json: the override --config.lora.ranks=16
+  was refused, the same line in a file was not (found by the bad-input audit)."""
+  configs = os.path.join(ROOT, "configs")
+  (tmp_path / "cfg.py").write_text(
+    f"import sys\nsys.path.insert(0, {configs!r})\nimport tiny\n\n"
+    f"def get_config():\n  c = tiny.get_config()\n  {line}\n  return c\n"
+  )
+  proc = run_cli(f"--config={tmp_path / 'cfg.py'}", f"--workdir={tmp_path / 'w'}")
+  assert_one_line_error(proc, f"error: config file {tmp_path / 'cfg.py'} line 7: {message}")
+  assert not (tmp_path / "w").exists()
+
+
+def test_a_platform_jax_cannot_start_is_one_line(tmp_path):
+  """JAX_PLATFORMS naming a backend this jax install has not (`cuda` with the CPU wheel, a
+  misspelt one) failed at the first device query as an "unexpected" error, exit 3, for
+  `cuda` without a message at all (found by the bad-input audit)."""
+  for module, args in (("ilora_jax.main", (TINY, f"--workdir={tmp_path / 'w'}")),
+                       ("ilora_jax.bench", (TINY, "--config.bench.steps=1"))):  # fmt: skip
+    proc = run_cli(*args, module=module, env={"JAX_PLATFORMS": "no_such_platform"})
+    assert_one_line_error(
+      proc, "jax could not start its backend (JAX_PLATFORMS=no_such_platform; RuntimeError:",
+      "name a platform this jax install has",
+    )  # fmt: skip
 
 
 def test_an_argument_the_config_file_refuses_is_one_line_naming_the_whole_flag(tmp_path):

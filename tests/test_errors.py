@@ -299,6 +299,19 @@ def test_parse_flags():
     errors.parse_flags(_values(), ["prog", "--n=four"])
 
 
+def test_a_workdir_given_from_the_home_folder_is_expanded(monkeypatch, tmp_path):
+  """`--workdir=~/run`: no shell expands a '~' after '=', so the run went to a folder named
+  '~' in the current one while its last line (`report: ~/run/report`) pointed at the home
+  folder (found by the bad-input audit). Every command parses its flags here."""
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  for given, expected in (("~/run", tmp_path / "home" / "run"), ("~", tmp_path / "home"),
+                          ("a/~b", "a/~b"), ("/x/y", "/x/y")):  # fmt: skip
+    values = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "a folder", flag_values=values)
+    errors.parse_flags(values, ["prog", f"--workdir={given}"])
+    assert values.workdir == str(expected)
+
+
 def test_a_flag_given_twice_is_refused_but_dotted_overrides_may_repeat(monkeypatch, tmp_path):
   """absl keeps a repeated flag's last value: `--history=A --history=B` recommended for B
   alone, without a word."""
