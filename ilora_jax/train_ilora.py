@@ -989,10 +989,12 @@ class Evaluator:
   def batch_rows(self) -> list[tuple[np.ndarray, int]]:
     """The evaluation batches: each one's row ids, in `order` and padded to the batch size
     (a multiple of the row shards) by repeating its rows, so every batch has one compiled
-    shape, with the count of its real rows."""
+    shape, with the count of its real rows. A batch size above the rows evaluated is cut to
+    them (rounded up to the shards): its padding rows would be computed for nothing."""
     shards = self.row_shards
-    bs = -(-int(self.config.ilora.eval_batch_size) // shards) * shards
     in_order = self.idx[self.order]
+    wanted = min(int(self.config.ilora.eval_batch_size), max(len(in_order), 1))
+    bs = -(-wanted // shards) * shards
     batches = [in_order[start : start + bs] for start in range(0, len(in_order), bs)]
     return [(np.resize(rows, bs), len(rows)) for rows in batches]
 
