@@ -273,13 +273,34 @@ def flag_errors(what: str = "config", argv: Sequence[str] = ()):
                  and leaf in a.split("=", 1)[0].split(".")[1:]), "")  # fmt: skip
     where = f" (in {flag})" if flag else ""
     raise UserError(f"unknown {what} key: {text}{where}") from None
-  except Exception as exc:
-    if str(exc).startswith("Configuration is not available because of an earlier failure"):
-      raise _unloadable(what, argv) from None  # An override of a file that did not load.
+  except SystemExit as exc:  # sys.exit in the file's code: it ended the command silently.
     failed = _failed_in_file(exc, what, argv)
     if failed is None:
       raise
+    where = str(failed).split(": SystemExit", 1)[0]
+    raise UserError(
+      f"{where}: it called sys.exit ({exc.code!r}) while loading: a {what} file returns its config"
+    ) from None
+  except Exception as exc:
+    if str(exc).startswith("Configuration is not available because of an earlier failure"):
+      raise _unloadable(what, argv) from None  # An override of a file that did not load.
+    failed = _failed_in_file(exc, what, argv) or _not_source_text(exc, what, argv)
+    if failed is None:
+      raise
     raise failed from None
+
+
+def _not_source_text(exc: BaseException, what: str, argv: Sequence[str]) -> UserError | None:
+  """Python's refusal of a `what` file with NUL bytes (saved as UTF-16, "Unicode" in some
+  editors), which names no file: one line naming it; None for other errors."""
+  if not (isinstance(exc, (SyntaxError, ValueError)) and "null bytes" in str(exc)):
+    return None
+  path = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")), "")
+  path = path.split(":", 1)[0] or f"the {what} file"
+  return UserError(
+    f"{what} file {path} is not Python source: it holds NUL bytes (saved as UTF-16, say): "
+    "save it as UTF-8 text"
+  )
 
 
 def _config_file_error(exc: BaseException, what: str, argv: Sequence[str]) -> UserError | None:
@@ -474,6 +495,12 @@ def report_and_exit(exc: BaseException) -> None:
       f"out of memory ({first}): lower the batch size or the sequence lengths; "
       "`python -m ilora_jax.plan --config=...` estimates a run's device memory"
     )
+  elif bad_flag := re.match(r'Invalid value "(.*)" for JAX flag (jax_\w+)', str(exc)):
+    variable = bad_flag.group(2).upper()  # jax reads its flags from these at import.
+    given = (
+      f" (the environment has {variable}={os.environ[variable]})" if variable in os.environ else ""
+    )
+    exc = UserError(f"{_one_line(exc)}{given}: fix or unset it")
   elif not isinstance(exc, UserError) and _backend_not_started(exc):
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
     platforms = os.environ.get("JAX_PLATFORMS", "")

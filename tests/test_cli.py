@@ -343,6 +343,9 @@ def test_a_file_without_get_config_is_named(tmp_path, module, flag):
      "cfg.py line 3: ValueError: bad value 1"),
     ("cfg.py", "def get_config():\n  return len(3)\n",
      "cfg.py line 2: TypeError: object of type 'int' has no len()"),
+    # It ended the command silently, exit 0 (found by the bad-input audit).
+    ("cfg.py", "import sys\n\ndef get_config():\n  sys.exit(0)\n",
+     "cfg.py line 4: it called sys.exit (0) while loading"),
   ],
 )  # fmt: skip
 def test_a_config_file_whose_code_fails_is_named_with_its_line(tmp_path, name, text, message):
@@ -350,6 +353,17 @@ def test_a_config_file_whose_code_fails_is_named_with_its_line(tmp_path, name, t
   for module, flag in (("ilora_jax.main", "config"), ("ilora_jax.experiments", "grid")):
     proc = run_cli(f"--{flag}={tmp_path / name}", f"--workdir={tmp_path / 'w'}", module=module)
     assert_one_line_error(proc, f"error: {flag} file {tmp_path}/{message}")
+
+
+def test_a_config_file_saved_as_utf16_is_named(tmp_path):
+  """Python refuses source with NUL bytes without naming the file: an "unexpected" error,
+  exit 3 (found by the bad-input audit: an editor's "Unicode" is UTF-16)."""
+  (tmp_path / "cfg.py").write_text("def get_config():\n  return None\n", encoding="utf-16")
+  for module, flag in (("ilora_jax.main", "config"), ("ilora_jax.experiments", "grid")):
+    proc = run_cli(f"--{flag}={tmp_path / 'cfg.py'}", f"--workdir={tmp_path / 'w'}", module=module)
+    assert_one_line_error(
+      proc, f"error: {flag} file {tmp_path / 'cfg.py'} is not Python source: it holds NUL bytes"
+    )
 
 
 @pytest.mark.parametrize(
@@ -388,6 +402,17 @@ def test_a_platform_jax_cannot_start_is_one_line(tmp_path):
       proc, "jax could not start its backend (JAX_PLATFORMS=no_such_platform; RuntimeError:",
       "name a platform this jax install has",
     )  # fmt: skip
+
+
+def test_a_jax_setting_of_the_environment_jax_refuses_is_one_line(tmp_path):
+  """jax reads JAX_* variables at import and refuses a bad value with a ValueError: an
+  "unexpected" error, exit 3 (found by the bad-input audit)."""
+  proc = run_cli(TINY, f"--workdir={tmp_path / 'w'}",
+                 env={"JAX_COMPILATION_CACHE_MAX_SIZE": "abc"})  # fmt: skip
+  assert_one_line_error(
+    proc, 'Invalid value "abc" for JAX flag jax_compilation_cache_max_size (the environment '
+    "has JAX_COMPILATION_CACHE_MAX_SIZE=abc): fix or unset it",
+  )  # fmt: skip
 
 
 def test_an_argument_the_config_file_refuses_is_one_line_naming_the_whole_flag(tmp_path):
