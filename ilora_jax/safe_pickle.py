@@ -305,6 +305,8 @@ def _unsupported_pandas(module: str, name: str) -> str | None:
       "has MultiIndex columns (or index), which are not read: flatten them "
       "(frame.columns = ['_'.join(map(str, c)) for c in frame.columns]) and save again"
     )
+  if name in ("NA", "NaT"):  # The missing value of a nullable or text column, its dtype's.
+    return _EXTENSION_TYPE.format(f"{module}.{name}, the missing value of such a column")
   if name.endswith("Index") or module.startswith("pandas.core.indexes"):  # DatetimeIndex, ...
     return _INDEX_TYPE.format(f"{module}.{name}")
   if module.startswith(_EXTENSION_MODULES) or name.endswith(_EXTENSION_NAMES):

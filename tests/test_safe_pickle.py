@@ -306,6 +306,12 @@ _EXTENSION = "has a column \\(or index\\) of a pandas extension type .* astype\\
     (lambda f: f.assign(when=pd.to_datetime(["2024-01-01"] * len(f))), _EXTENSION),
     (lambda f: f.astype({"next": "Int64"}), _EXTENSION),
     (lambda f: f.assign(genre=pd.Categorical(["rock"] * len(f))), _EXTENSION),
+    # A missing value of a nullable or text column: a security refusal before (found by the
+    # bad-input audit, from a pyarrow string column too).
+    (
+      lambda f: f.assign(note=pd.Series(["a", pd.NA, "c"], dtype=object)),
+      _EXTENSION.replace("type .*", "type .*pandas.*NA, the missing value of such a column.*"),
+    ),
     (
       lambda f: f.set_axis(pd.MultiIndex.from_product([["a"], f.columns]), axis=1),
       "has MultiIndex columns .* flatten them",
@@ -315,7 +321,7 @@ _EXTENSION = "has a column \\(or index\\) of a pandas extension type .* astype\\
       "holds a pandas Series, expected a DataFrame: save series\\.to_frame\\(\\)",
     ),
   ],
-  ids=["datetime", "nullable-int", "category", "multiindex-columns", "series"],
+  ids=["datetime", "nullable-int", "category", "missing-value", "multiindex-columns", "series"],
 )
 def test_unsupported_pandas_types_name_the_way_out(tmp_path, change, message):
   frame = pd.DataFrame({"seq": [[1, 2, 5]] * 3, "len_seq": [2] * 3, "next": [4] * 3})
