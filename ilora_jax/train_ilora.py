@@ -1295,6 +1295,20 @@ def _same_weights(a, b) -> bool:
 SAME_SETTINGS = {"sasrec": same_sasrec, "llm": _same_llm, "llm_weights": _same_weights}
 
 
+def router_read(settings: dict) -> dict:
+  """`settings` without the router fields its kind does not read (`hidden` is the mlp
+  router's, `shortcut` the resnet1d one's): another value of one is the same model, for a
+  resume and an evaluation alike."""
+  router = settings.get("router")
+  if not isinstance(router, dict):
+    return settings
+  kind = router.get("kind")
+  unread = ({"hidden"} if kind != "mlp" else set()) | (
+    {"shortcut"} if kind != "resnet1d" else set()
+  )
+  return {**settings, "router": {k: v for k, v in router.items() if k not in unread}}
+
+
 def same_settings(saved: dict) -> dict:
   """`SAME_SETTINGS` for a checkpoint's `saved` settings: a checkpoint of older code, without
   the LLM's fingerprint, compares the LLM's name strictly, as that code did."""
@@ -1495,8 +1509,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       if latest is not None:
         latest_meta = found.restore_meta(latest)
         checkpointing.check_same_settings(
-          latest_meta["settings"],
-          settings,
+          router_read(latest_meta["settings"]),
+          router_read(settings),
           found.directory,
           unknown,
           same_settings(latest_meta["settings"]),
@@ -1811,7 +1825,11 @@ def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
         f"{kept.get('select_by')!r}, or remove that folder to select anew"
       )
     checkpointing.check_same_settings(
-      kept["settings"], settings, best.directory, unknown, same_settings(kept["settings"])
+      router_read(kept["settings"]),
+      router_read(settings),
+      best.directory,
+      unknown,
+      same_settings(kept["settings"]),
     )
     return at, float(kept["value"])
 
@@ -1868,8 +1886,10 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
         out[key] = value
     return out
 
-  theirs = model(saved)
-  diffs = checkpointing.setting_diffs(theirs, model(settings), sorted(theirs), SAME_SETTINGS)
+  theirs = model(router_read(saved))
+  diffs = checkpointing.setting_diffs(
+    theirs, model(router_read(settings)), sorted(theirs), SAME_SETTINGS
+  )
   if diffs:
     if any(d.startswith("sasrec ") for d in diffs):
       advice = (

@@ -640,6 +640,20 @@ def test_check_model_settings_passes_the_same_model(capsys):
   # A setting the checkpoint does not record (older code) is not compared.
   older = {k: v for k, v in SAVED.items() if k != "sasrec.num_heads"}
   assert _check(older, {**SAVED, "sasrec.num_heads": 4}, capsys) == ""
+  # A router field its kind does not read (the linear router's width of the mlp one's hidden
+  # layer, its resnet1d shortcut): refused before (found by the bad-input audit).
+  running["router"] = {**SAVED["router"], "hidden": 0, "shortcut": "conv"}
+  assert _check({**SAVED, "router": {**SAVED["router"], "shortcut": "pad"}}, running, capsys) == ""
+
+
+def test_a_router_field_its_kind_reads_is_compared():
+  for kind, field, values in (
+    ("mlp", "hidden", (64, 32)),
+    ("resnet1d", "shortcut", ("pad", "conv")),
+  ):
+    saved = {**SAVED, "router": {"kind": kind, "hidden": 64, "shortcut": "pad"}}
+    running = {**saved, "router": {**saved["router"], field: values[1]}}
+    assert f"router.{field} {values[0]!r} vs config {values[1]!r}" in _refusal(saved, running)
 
 
 def test_check_model_settings_without_settings_reads_nothing():
