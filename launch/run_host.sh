@@ -38,12 +38,17 @@
 # "cd CHECKOUT &&" when the caller is in another folder, as they run in the checkout). Another
 # spelling of it (--dry_run=true, --dry-run) is an error, not passed on to the job.
 #
+# --help or -h prints this and exits, before any set-up (it installed the whole environment,
+# the accelerator's jax included, to print the job's help); the job's own flags:
+# `.venv/bin/python -m ilora_jax.main --help` once set up (absl's --helpfull here goes to it).
+#
 # Usage: launch/run_host.sh [--dry_run] --config=configs/<name>.py --workdir=DIR [--config.x=y ...]
 set -euo pipefail
 CALLER=$PWD
 CALLER_P=$(pwd -P)
 cd "$(dirname "$0")/.."
 source launch/dry_run.sh
+launcher_help launch/run_host.sh "" "$@"
 take_dry_run "" "$@"
 case "${ILORA_JAX_SETUP:-}" in
   skip | "") ;;

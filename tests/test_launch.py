@@ -815,12 +815,14 @@ def test_the_sourced_helper_run_alone_says_what_it_is(tmp_path):
   _refused(proc, "error: launch/dry_run.sh is a helper the launch scripts source; run one of")
 
 
-@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh"])
+@pytest.mark.parametrize("script", ["tpu_pod.sh", "gpu_multinode.sh", "gpu_node.sh", "run_host.sh"])
 @pytest.mark.parametrize("flag", ["--help", "-h"])
-def test_the_multi_host_launchers_print_their_usage_for_help(tmp_path, script, flag):
-  """--help was read as a layout ("NAME, ZONE and ACCELERATOR come first", exit 2)."""
+def test_the_launchers_print_their_usage_for_help(tmp_path, script, flag):
+  """--help was read as a layout ("NAME, ZONE and ACCELERATOR come first", exit 2); run_host.sh
+  and gpu_node.sh ran the whole set-up (jax's CUDA build and its wheels: minutes) to print
+  the job's help instead of their own (found by the README audit)."""
   repo = FakeCheckout(tmp_path)
-  proc = repo.run(script, flag)
+  proc = repo.run(script, flag, "--config=configs/tiny.py")
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.lower().count(f"usage: launch/{script} [--dry_run]") == 1, proc.stdout
   assert not proc.stderr
