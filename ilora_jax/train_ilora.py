@@ -1899,9 +1899,14 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
     elif any(d.startswith(("data ", "train_rows ")) for d in diffs):
       advice = "the run was trained on other data: give the config.data.* it was trained with"
     elif any(d.startswith("llm_weights ") for d in diffs):
+      kept, now = (s.get("llm.dtype, param_dtype", [None, None])[1] for s in (saved, settings))
       advice = (
         f"the run was trained on other LLM weights ({saved.get('llm')!r} as it was then): "
         "its adapters fit those only"
+        if None in (kept, now) or kept == now
+        else f"the run kept the LLM's weights in {kept}, this config in {now} "
+        "(llm.param_dtype), and their fingerprint is of the weights as kept: give "
+        f"--config.llm.param_dtype={kept}"
       )
     else:
       advice = "set them as the run had them"

@@ -705,6 +705,15 @@ def test_check_model_settings_advice_for_another_sasrec_or_llm():
   # Both: the SASRec's advice.
   message = _refusal(SAVED, {**SAVED, "llm_weights": "abd", "sasrec": "1 weights, |w| sum 1"})
   assert "another SASRec" in message and "other LLM weights" not in message
+  # The same file kept in another dtype: named, with the run's (found by the README audit;
+  # "other LLM weights" alone sent one looking for another model file).
+  kept = {**SAVED, "llm.dtype, param_dtype": ["float32", "float32"]}
+  message = _refusal(kept, {**kept, "llm_weights": "abd",
+                            "llm.dtype, param_dtype": ["float32", "bfloat16"]})  # fmt: skip
+  assert message.endswith(
+    "; the run kept the LLM's weights in float32, this config in bfloat16 (llm.param_dtype), "
+    "and their fingerprint is of the weights as kept: give --config.llm.param_dtype=float32"
+  )
 
 
 def test_check_model_settings_warns_of_other_titles_and_another_llm_name(capsys):
