@@ -30,7 +30,7 @@ from collections import defaultdict
 import numpy as np
 
 from ilora_jax import metrics
-from ilora_jax.errors import UserError, require
+from ilora_jax.errors import UserError, counted, require
 from ilora_jax.files import atomic_write
 
 # Record fields that are not metrics (selected_step/_by: which weights a final record evaluated).
@@ -431,8 +431,8 @@ def comparison(
         continue
       if not pairs:
         continue
-      parts = [f"{_PAIRED[k]}: {a} rows only this run, {b} only {name} (exact sign test p = "
-               f"{p:.3g})" for k, (a, b, p) in pairs.items()]  # fmt: skip
+      parts = [f"{_PAIRED[k]}: {counted(a, 'row')} only this run, {b} only {name} (exact sign "
+               f"test p = {p:.3g})" for k, (a, b, p) in pairs.items()]  # fmt: skip
       count = len(ours[1])
       lines += [f"Paired with {name} on the same {count} rows: " + "; ".join(parts) + ".", ""]
   return lines
@@ -774,7 +774,10 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
     if not any(f"`{stale}`" in p for p in plots):
       with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out, stale))
-  tb_hint = f"Scalars for TensorBoard: `tensorboard --logdir {os.path.join(out, 'tb')}`."
+  tb_hint = (
+    f"Scalars for TensorBoard: `tensorboard --logdir {os.path.join(out, 'tb')}` (the viewer is "
+    "not installed with this package: `pip install tensorboard`)."
+  )
   lines += ["", f"Plots: {', '.join(plots)}.", tb_hint]
   with atomic_write(os.path.join(out, "summary.md")) as f:
     f.write("\n".join(lines) + "\n")

@@ -80,6 +80,10 @@ def test_report_from_metrics(tmp_path):
   summary = open(f"{out}/summary.md").read()
   assert "| ilora | ilora | val | 5, 8 rows | 0.3125 | 0.5000 |" in summary
   assert "skipped: no file" in summary
+  # The viewer is not among the package's dependencies (tensorboardX writes the files): the
+  # command alone was "command not found" (found by the README audit).
+  hint = f"`tensorboard --logdir {out}/tb` (the viewer is not installed with this package: "
+  assert summary.rstrip().endswith(hint + "`pip install tensorboard`).")
   (events,) = glob.glob(f"{out}/tb/events.*")
   scalars = _events(events)
   assert ("ilora/train/loss", 3, np.float32(2.7)) in [(t, s, np.float32(v)) for t, s, v in scalars]
@@ -327,11 +331,18 @@ def test_comparison_pairs_the_rows_of_two_runs(tmp_path, capsys):
   out = report.write(ours, f"plain={plain}")
   summary = open(f"{out}/summary.md").read()
   line = next(x for x in summary.splitlines() if x.startswith("Paired with plain"))
+  rows = {k: f"{k} row" if k == 1 else f"{k} rows" for k in (a, c)}  # "1 rows" before.
   assert line == (
-    f"Paired with plain on the same {n} rows: generation hits: {a} rows only this run, {b} only "
-    f"plain (exact sign test p = {report.sign_test_p(a, b):.3g}); top-1 by likelihood: {c} rows "
-    f"only this run, {d} only plain (exact sign test p = {report.sign_test_p(c, d):.3g})."
+    f"Paired with plain on the same {n} rows: generation hits: {rows[a]} only this run, {b} "
+    f"only plain (exact sign test p = {report.sign_test_p(a, b):.3g}); top-1 by likelihood: "
+    f"{rows[c]} only this run, {d} only plain (exact sign test p = "
+    f"{report.sign_test_p(c, d):.3g})."
   )
+  # One row apart: "1 row", not "1 rows".
+  hits["one"], ranks["one"] = hits["plain"].copy(), ranks["plain"]
+  hits["one"][np.flatnonzero(~hits["plain"])[0]] = True
+  summary = open(f"{report.write(run_dir('one', 'abc'), f'plain={plain}')}/summary.md").read()
+  assert "generation hits: 1 row only this run, 0 only plain (exact sign test p = 1)" in summary
   # Other rows (a shorter evaluation) are not paired.
   fewer = run_dir("fewer", "abc", rows=range(n - 1), like="plain")
   summary = open(f"{report.write(ours, f'fewer={fewer}')}/summary.md").read()
