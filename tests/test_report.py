@@ -79,6 +79,9 @@ def test_report_from_metrics(tmp_path):
     assert image.ndim == 3 and image.shape[0] > 100
   summary = open(f"{out}/summary.md").read()
   assert "| ilora | ilora | val | 5, 8 rows | 0.3125 | 0.5000 |" in summary
+  # The comparison's heading says on how many rows (the SASRec stage's own final record,
+  # of the whole split, differed from its row there without a word: the README audit).
+  assert "## val: methods on the same candidates (fingerprint ?, step 5, 8 rows)" in summary
   assert "skipped: no file" in summary
   # The viewer is not among the package's dependencies (tensorboardX writes the files): the
   # command alone was "command not found" (found by the README audit).
