@@ -696,6 +696,9 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   for ax, stage in zip(axes, stages):
     train = training_records(by_stage[stage], stage)
     _plot_series(ax, train, "loss", "train loss")
+    if not train:  # Evaluated without training (train.epochs=0): an empty 0..1 frame before.
+      ax.text(0.5, 0.5, "no training steps recorded", ha="center", va="center",
+              transform=ax.transAxes, color="gray")  # fmt: skip
     ax.set_title(f"{stage}: training loss")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (mean per record)")
@@ -746,7 +749,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
       cells = [f"{vals[k]:.4f}" if k in vals else "" for k in keys]
       if r.get("skipped"):
         cells = [f"skipped: {r['skipped']}"] + [""] * (len(keys) - 1)
-      rows = f", {r['rows']} rows" if isinstance(r.get("rows"), int) else ""  # Of the split.
+      rows = f", {counted(r['rows'], 'row')}" if isinstance(r.get("rows"), int) else ""  # Scored.
       step = str(r.get("step", "")) + _weights_note(r) + rows
       row = [str(r.get("run", "")), str(r.get("stage", "")), str(r.get("split", "")), step]
       lines.append(_table_row(row + cells))

@@ -93,6 +93,25 @@ def test_report_from_metrics(tmp_path):
   assert ("ilora/val_final/hr_1", 5, 0.3125) in scalars  # TensorBoard tags turn @ into _.
 
 
+def test_a_stage_without_training_steps_says_so_in_its_loss_plot(tmp_path, monkeypatch):
+  """A run evaluated without training (`train.epochs=0` on an original .pt) drew an empty
+  0..1 frame in train_loss.png without a word (found by the README audit)."""
+  import matplotlib.figure
+
+  texts, real = {}, matplotlib.figure.Figure.savefig
+
+  def record(fig, path, *args, **kwargs):
+    texts[os.path.basename(path)] = [t.get_text() for ax in fig.axes for t in ax.texts]
+    return real(fig, path, *args, **kwargs)
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+  final = {"run": "sasrec", "stage": "sasrec", "split": "val", "step": 0, "final": True}
+  (tmp_path / "metrics.jsonl").write_text(json.dumps({**final, "hr@1": 0.25, "rows": 1}) + "\n")
+  out = report.write(str(tmp_path))
+  assert texts["train_loss.png"] == ["no training steps recorded"]
+  assert "| sasrec | sasrec | val | 0, 1 row | 0.2500 |" in open(f"{out}/summary.md").read()
+
+
 def test_comparison_needs_the_same_candidates(tmp_path):
   def run_dir(name, fingerprint, gate, experts, hit):
     d = tmp_path / name
