@@ -1046,6 +1046,15 @@ def _tables(
   return lines
 
 
+def _from_zero(ax, values: list[float]) -> None:
+  """A panel of values none of which is negative (rates, a loss) starts at 0: an all-zero
+  panel's axis went down to -0.04, and error bars (a standard deviation over seeds) below 0,
+  as if the metric could be negative."""
+  finite = [v for v in values if np.isfinite(v)]
+  if finite and min(finite) >= 0:
+    ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1e-3))
+
+
 def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> list[str]:
   """PNG figures: metrics per variant (bars: mean, points: seeds), per-group metric, gate
   weights per group (first seed) and training loss per variant. Returns the paths."""
@@ -1080,12 +1089,14 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
   for i, (split, fingerprint, sub, several) in enumerate(panels):
     for j, metric in enumerate(metrics):
       ax = axes[i][j]
+      drawn = []
       for k, v in enumerate(variants):
         vals = _values(sub, v, split, metric)
         if vals:
           m, s = mean_std(vals)
           ax.bar(k, m, yerr=s, color=f"C{k}", alpha=0.7, capsize=3)
           ax.scatter(np.full(len(vals), k), vals, color="k", s=10, zorder=3)
+          drawn += vals
       alike = _alike(sub, split, [f"sasrec/{metric}"])
       for style, (records, names) in zip(("--", ":", "-."), alike):
         label = "SASRec" if len(alike) == 1 else f"SASRec of {', '.join(names)}"
@@ -1093,6 +1104,7 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
         ax.axhline(np.mean(sas), color="gray", ls=style, lw=1, label=label)
       if alike:
         ax.legend(fontsize=7)
+      _from_zero(ax, drawn)
       ax.set_xticks(x, variants, rotation=30, ha="right", fontsize=8)
       shown = f"\ncandidates {fingerprint}" if several else ""
       ax.set_title(f"{split} {metric}{shown}", fontsize=9)
@@ -1110,6 +1122,7 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
       squeeze=False,
     )
     for ax, (fingerprint, sub) in zip(axes[0], sets):
+      drawn = []
       for k, v in enumerate(variants):
         if v not in sub["runs"]:
           continue
@@ -1122,6 +1135,8 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
         means, stds = zip(*stats)
         ax.bar(np.arange(len(groups)) + k * width, means, width, yerr=stds, label=v, capsize=2,
                color=f"C{k}")  # fmt: skip
+        drawn += [m for m in means if not np.isnan(m)]
+      _from_zero(ax, drawn)
       ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"group {g}" for g in groups])
       ax.set_ylabel(f"{split} {metrics[0]}")
       if len(sets) > 1:

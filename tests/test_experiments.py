@@ -189,6 +189,29 @@ def test_a_group_metric_a_variant_lacks_is_no_bar(tmp_path, monkeypatch):
   assert grouped[1][0] == "b" and np.isnan(grouped[1][1][0]) and grouped[1][1][1] == 0.5
 
 
+def test_panels_of_values_none_negative_start_at_zero(tmp_path, monkeypatch):
+  """An all-zero panel's axis went down to -0.04, and error bars over seeds below 0, as if a
+  rate could be negative (found by the README audit)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.figure
+
+  limits, real = {}, matplotlib.figure.Figure.savefig
+
+  def record(fig, path, *args, **kwargs):
+    limits[os.path.basename(path)] = [ax.get_ylim() for ax in fig.axes]
+    return real(fig, path, *args, **kwargs)
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+  runs = {"a": {"0": {"val": {"hr@1": 0.0, "mrr": 0.05, "group/0/hr@1": 0.0}},
+                "1": {"val": {"hr@1": 0.0, "mrr": 0.45, "group/0/hr@1": 0.4}}}}  # fmt: skip
+  experiments.plots(_results(runs), ["hr@1", "mrr"], [], str(tmp_path))
+  hr, mrr = limits["metrics.png"]
+  assert hr[0] == 0 < hr[1] and mrr[0] == 0  # mrr's mean 0.25 minus its std 0.28 was below 0.
+  assert limits["groups.png"][0][0] == 0
+
+
 def test_a_diverged_or_missing_metric_is_never_averaged_under_more_seeds():
   """A diverged seed's "nan" (as the log writes it) makes the mean nan; a metric a seed lacks
   says how many of the row's seeds its cell covers."""
