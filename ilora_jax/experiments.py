@@ -911,6 +911,10 @@ def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str
     "a split's runs used several, each set has its own tables and SASRec row.",
     "",
   ]
+  declared = parse_variants(grid.variants) if grid.get("variants") else []
+  absent = [name for name, _ in declared if name not in results["runs"]]
+  if absent:  # `--grid.only` left them out, or their runs have not finished.
+    lines += [f"Variants of the grid without a finished run here: {', '.join(absent)}.", ""]
   for split in SPLITS:
     sets = _by_candidates(results, split, metrics)
     for i, (fingerprint, runs) in enumerate(sets):

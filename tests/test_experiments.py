@@ -189,6 +189,18 @@ def test_a_group_metric_a_variant_lacks_is_no_bar(tmp_path, monkeypatch):
   assert grouped[1][0] == "b" and np.isnan(grouped[1][1][0]) and grouped[1][1][1] == 0.5
 
 
+def test_results_name_the_variants_without_a_finished_run():
+  """With `--grid.only=lora,ilora`, results.md never said the grid's `uniform` variant (its
+  description names it) was not run (found by the README audit)."""
+  variants = ["a: lora.rank=8", "b: lora.rank=4", "c: lora.rank=2"]
+  grid = ConfigDict({"title": "t", "description": "", "variants": variants})
+  runs = {"a": {"0": {"val": {"candidates": "X", "hr@1": 0.1}}}}
+  md = experiments.markdown(grid, _results(runs), ["hr@1"], "a")
+  assert "\nVariants of the grid without a finished run here: b, c.\n" in md
+  md = experiments.markdown(grid, _results({**runs, "b": runs["a"], "c": runs["a"]}), ["hr@1"], "a")
+  assert "without a finished run" not in md
+
+
 def test_panels_of_values_none_negative_start_at_zero(tmp_path, monkeypatch):
   """An all-zero panel's axis went down to -0.04, and error bars over seeds below 0, as if a
   rate could be negative (found by the README audit)."""
