@@ -903,6 +903,11 @@ def main(argv: list[str] | None = None) -> None:
   from ilora_jax import main as main_lib
 
   flags.FLAGS.set_default("workdir", _NO_WORKDIR)  # Optional here: only eval_data reads one.
+  flags.FLAGS[
+    "workdir"
+  ].help = (
+    "Optional: a run whose SASRec stage finished, read with --config.bench.eval_data=True only."
+  )
   argv = list(sys.argv if argv is None else argv)
   config, workdir = main_lib.parse(argv)
   workdir = None if workdir == _NO_WORKDIR else workdir

@@ -194,8 +194,9 @@ def print_help(values) -> None:
   if doc:
     print(doc + "\n")
   text = (values.main_module_help() if main is not None else values.get_help()).strip()
-  # The shared --config and --workdir are defined in other modules (errors, main): named too.
-  shared = [f"  --{name}: {values[name].help}" for name in ("config", "workdir")
+  # The shared --config, --grid and --workdir are defined in other modules (errors, main):
+  # named too.
+  shared = [f"  --{name}: {values[name].help}" for name in ("config", "grid", "workdir")
             if name in values and f"--{name}:" not in text]  # fmt: skip
   print("\n".join(line for line in (text, *shared) if line) or "(no flags)")
   if "config" in values:

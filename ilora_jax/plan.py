@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> None:
   from ilora_jax import main as main_lib
 
   flags.FLAGS.set_default("workdir", "<none>")  # Not used: nothing is written.
+  flags.FLAGS["workdir"].help = "Not read: the plan reads no run and writes nothing."
   config, _ = main_lib.parse(list(sys.argv if argv is None else argv))
   from ilora_jax import configuration
 

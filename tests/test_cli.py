@@ -246,7 +246,11 @@ def test_epochs_on_the_command_line_replace_the_stages_steps():
     ("ilora_jax.main", "--config.<field>=<value>"),
     ("ilora_jax.bench", "--config.<field>=<value>"),
     ("ilora_jax.plan", "--config.<field>=<value>"),
-    ("ilora_jax.experiments", "--grid"),
+    # Each command's own word for the shared --workdir, and the grid file among the flags
+    # (their help named main's workdir and no --grid; found by the README audit).
+    ("ilora_jax.plan", "--workdir: Not read: the plan reads no run and writes nothing."),
+    ("ilora_jax.bench", "--workdir: Optional: a run whose SASRec stage finished"),
+    ("ilora_jax.experiments", "\n  --grid: "),
     ("ilora_jax.report", "--compare=name=DIR2"),
     ("ilora_jax.recommend", "--history"),
   ],
