@@ -26,6 +26,15 @@ GENERATION_METRICS = ("valid_ratio", "hit_ratio@1", "hits_over_total")
 SCORING_METRICS = ("hr@1", "hr@5", "ndcg@5", "mrr")
 
 
+# The way out of a diverged run: a resume keeps the run's learning rate (a checkpoint's
+# setting), and `config.train.lr` sets both stages' (a pipeline's finished SASRec refuses it).
+LOWER_LR = (
+  "lower the learning rate (config.{stage}.train.lr; config.train.lr where the command sets "
+  "it) and train anew: another --workdir, or remove {workdir}/checkpoints/{stage} (a resume "
+  "keeps the run's own)"
+)
+
+
 def selection_metric(config: ConfigDict) -> str:
   """The val metric `ilora.select_by` names ("auto" resolved; "" = the last step's weights)."""
   name = config.ilora.get("select_by", "")

@@ -1089,8 +1089,8 @@ class Evaluator:
     ranks = {n: target_ranks(s, target) for n, s in self.scores.items()}
     bad: dict[str, dict] = {n: {} for n in ("model", "base", "sasrec")}
     advice = {
-      "model": ("the adapted LLM", "its adapters, router or projector diverged (lower "
-                "config.train.lr) or the LLM overflows its dtype (llm.dtype)"),
+      "model": ("the adapted LLM", "its adapters, router or projector diverged (a new run with "
+                "a lower config.ilora.train.lr) or the LLM overflows its dtype (llm.dtype)"),
       "base": ("the base LLM", "its weights hold NaN or overflow config.llm.dtype; try "
                "llm.dtype=float32 or another checkpoint"),
     }  # fmt: skip
@@ -1679,7 +1679,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       if bad_streak >= config.ilora.max_bad_steps:
         raise UserError(
           f"{bad_streak} optimizer steps in a row had a non-finite loss or gradient (last at "
-          f"step {step}); lower config.train.lr or check the data"
+          f"step {step}); {configuration.LOWER_LR.format(stage=STAGE, workdir=workdir)}, or "
+          "check the data"
         )
       interval.append(
         {

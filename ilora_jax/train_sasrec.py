@@ -299,7 +299,8 @@ def run(config, workdir: str) -> dict[str, float] | None:
       if bad_streak >= config.sasrec.max_bad_steps:
         raise UserError(
           f"SASRec: {bad_streak} steps in a row had a non-finite loss or update (last at step "
-          f"{at}; each was skipped); lower config.train.lr or check the data"
+          f"{at}; each was skipped); "
+          f"{configuration.LOWER_LR.format(stage='sasrec', workdir=workdir)}, or check the data"
         )
     pending.clear()
 
@@ -416,7 +417,8 @@ def run(config, workdir: str) -> dict[str, float] | None:
   if skipped:
     console.info(
       f"warning: SASRec skipped {skipped} of its {step} updates so far (a non-finite loss or "
-      "update; skipped_updates in metrics.jsonl): a lower config.train.lr may train better"
+      "update; skipped_updates in metrics.jsonl): a new run with a lower "
+      "config.sasrec.train.lr may train better"
     )
   if step < total_steps:
     console.info(

@@ -191,8 +191,12 @@ def test_a_diverging_sasrec_stops_with_one_line_and_skips_its_bad_steps(tmp_path
   before a checkpoint of it is written."""
   proc = run_cli(TINY, f"--workdir={tmp_path}", "--config.stage=sasrec", "--config.train.lr=1e30",
                  "--config.train.log_every_steps=5", "--config.progress=False")  # fmt: skip
+  # A resume keeps the run's learning rate: the way out is a new run (the error-message audit).
   assert_one_line_error(proc, "SASRec: 20 steps in a row had a non-finite loss or update",
-                        "lower config.train.lr")  # fmt: skip
+                        "lower the learning rate (config.sasrec.train.lr; config.train.lr where "
+                        f"the command sets it) and train anew: another --workdir, or remove "
+                        f"{tmp_path}/checkpoints/sasrec (a resume keeps the run's own), or check "
+                        "the data")  # fmt: skip
   train = [r for r in metrics_records(str(tmp_path)) if r["split"] == "train"]
   assert [r["step"] for r in train] == [5, 10, 15, 20]
   assert [r["skipped_updates"] for r in train] == [4, 9, 14, 19]  # Steps 2 on were all NaN.
