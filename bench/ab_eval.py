@@ -75,7 +75,7 @@ def main(argv) -> None:
 
   if _SPLIT.value not in SPLITS:
     raise UserError(f"--split={_SPLIT.value!r} must be one of {', '.join(SPLITS)}")
-  variants = bench.parse_variants(_VARIANTS.value)
+  variants = bench.parse_variants(_VARIANTS.value, "ilora.eval_sort=False;")
   bench.check_eval_variants(variants)  # Before the data and model are built.
   cfgs = [configuration.override(config, items) for _, items in variants]
   su = train_ilora.setup(config, _WORKDIR.value)

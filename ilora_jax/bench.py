@@ -258,12 +258,15 @@ def random_batch(parts, accum: int, batch: int, seq_len: int, target_tokens: int
   }
 
 
-def parse_variants(text: str | None) -> list[tuple[str, list[str]]]:
+def parse_variants(
+  text: str | None, example: str = "llm.remat=none;"
+) -> list[tuple[str, list[str]]]:
   """(name, overrides) of each variant in `bench/ab_step.py --variants`: variants are
   ';'-separated, each a whitespace-separated list of `key=value` items (shell quoting
-  applies, so a value may hold spaces or commas)."""
+  applies, so a value may hold spaces or commas). `example`: the script's own, for the
+  error without any."""
   if not text:
-    raise UserError("--variants is required, e.g. --variants='llm.remat=none;'")
+    raise UserError(f"--variants is required, e.g. --variants='{example}'")
   variants = []
   for part in text.split(";"):
     try:

@@ -728,6 +728,9 @@ def test_ab_eval_variants_may_change_only_what_each_evaluator_reads():
     ("ab_step.py", ["--rounds=0", "--variants=;"], "--rounds=0: must be >= 1"),
     ("ab_step.py", ["--variants=llm.remat=none", "--rounds=1"], "is one variant: give two"),
     ("ab_eval.py", ["--variants=ilora.eval_sort=False"], "is one variant: give two"),
+    # Each script's own example (ab_eval's was ab_step's llm.remat, which ab_eval refuses).
+    ("ab_eval.py", ["--variants="], "is required, e.g. --variants='ilora.eval_sort=False;'"),
+    ("ab_step.py", ["--variants="], "--variants is required, e.g. --variants='llm.remat=none;'"),
     ("profile_step.py", ["--top=-1"], "--top=-1: must be >= 1"),
     # The config checked as ilora_jax.bench checks it (was an "unexpected KeyError", exit 3).
     ("profile_step.py", ["--config.llm.dtype=bogus"], "config.llm.dtype='bogus' is not one of"),
