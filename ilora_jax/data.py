@@ -457,7 +457,8 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
       what = "config.data.build_seed" if old.get("seed") != stamp["seed"] else "ratings"
       raise UserError(
         f"{directory} holds a split built from other {what} ({stamp_path}); use another "
-        f"--workdir, restore the setting, or remove {directory} to build it again"
+        f"{'config.data.dir' if data.dir else '--workdir'}, restore the setting, or remove "
+        f"{directory} to build it again"
       )
     if gone:
       print(f"note: config.data.raw_ratings={data.raw_ratings} is gone; using the split built "

@@ -542,7 +542,10 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
 
 def read_gates(path: str) -> tuple[np.ndarray, np.ndarray]:
   """(gates [users, experts], users [users, dim]) of the iLoRA stage's `gates.npz`."""
-  advice = "remove it or re-run the ilora stage's evaluation"
+  advice = (
+    "remove it, or re-run the run's own command (its final evaluation writes it again; "
+    "stage=evaluate does not)"
+  )
   try:
     with open(path, "rb") as f:
       archive = f.read(4) == b"PK\x03\x04"  # What every .npz (a zip file) starts with.

@@ -407,8 +407,15 @@ def test_a_failed_build_writes_nothing_and_a_built_split_is_never_swapped(tmp_pa
   moved.write_bytes(path.read_bytes())
   data.load_from_config(_build_config(tmp_path, moved), work)
   # Another seed or other ratings under a built (maybe trained) workdir: refused, not rebuilt.
-  with pytest.raises(UserError, match=r"built from other config.data.build_seed .*build.json"):
+  with pytest.raises(UserError, match=r"built from other config.data.build_seed .*build.json\); "
+                     "use another --workdir, restore"):  # fmt: skip
     data.load_from_config(_build_config(tmp_path, path, seed=1), work)
+  # Built into a data.dir of the config: another workdir would meet the same split (the
+  # advice named --workdir alone; found by the error-message audit).
+  given = _build_config(tmp_path, path, seed=1)
+  given.data.dir = built
+  with pytest.raises(UserError, match=r"build.json\); use another config.data.dir, restore"):
+    data.load_from_config(given, str(tmp_path / "other"))
   moved.write_text(path.read_text().replace("\t5\t", "\t4\t", 1))
   with pytest.raises(UserError, match=r"built from other ratings .*remove .* to build it again"):
     data.load_from_config(_build_config(tmp_path, moved), work)
