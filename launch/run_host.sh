@@ -109,7 +109,9 @@ for i in ${ARGS[@]+"${!ARGS[@]}"}; do
       if [[ "$file" != /* && -f "$CALLER/$file" ]]; then
         ARGS[i]="$flag=$(from_caller "$file")${value:${#file}}"
       elif [[ ! -f "$file" ]]; then  # Relative: the checkout's (the current folder now).
-        echo "error: $flag names no file: $(printf '%q' "$file") is $where" >&2
+        missing=$where
+        [[ "$file" != /* ]] || missing="not there"  # An absolute path is looked for nowhere else.
+        echo "error: $flag names no file: $(printf '%q' "$file") is $missing" >&2
         exit 2
       fi
       ;;

@@ -86,6 +86,7 @@ ROOT=$(pwd -P)
 if [[ ! -f "$FILE" ]]; then
   where="neither in $(printf '%q' "$CALLER") nor in this checkout"
   [[ "$(cd "$CALLER" && pwd -P)" != "$ROOT" ]] || where="not in this checkout"
+  [[ "$FILE" != /* ]] || where="not there"  # An absolute path is looked for nowhere else.
   fail "--config names no file: $(printf '%q' "$GIVEN") is $where"
 fi
 FULL="$(cd "$(dirname "$FILE")" && pwd -P)/$(basename "$FILE")"

@@ -482,6 +482,15 @@ def test_run_host_refuses_a_missing_config_before_the_set_up(tmp_path, cwd, dry)
     "--workdir=/tmp/x", cwd=where, ILORA_JAX_EXTRA="cuda")  # fmt: skip
   _refused(proc, "error: --config names no file: nope.py ")
   assert repo.calls() == [] and not repo.stamp.exists()
+  # An absolute path is looked for there alone (the line said "neither in CALLER nor in the
+  # checkout"; found by the error-message audit).
+  proc = repo.run("run_host.sh", *(["--dry_run"] if dry else []), f"--config={tmp_path}/no.py",
+    "--workdir=/tmp/x", cwd=where, ILORA_JAX_EXTRA="cuda")  # fmt: skip
+  _refused(proc, f"error: --config names no file: {tmp_path}/no.py is not there")
+  proc = repo.run("tpu_pod.sh", "n", "us-central2-b", "v4-8", f"--config={tmp_path}/no.py",
+    "--workdir=/tmp/x", cwd=where)  # fmt: skip
+  _refused(proc, f"error: --config names no file: {tmp_path}/no.py is not there")
+  assert repo.calls() == []
 
 
 def test_tpu_pod_gives_the_workers_the_configs_path_in_the_checkout(tmp_path):
