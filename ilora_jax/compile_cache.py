@@ -38,11 +38,17 @@ def enable(path: str) -> str | None:
   try:
     os.makedirs(path, exist_ok=True)
   except OSError as exc:
-    console.info(f"warning: compile cache off: cannot create {path} ({exc.strerror})")
+    console.info(
+      f"warning: compile cache off: cannot create {path} ({exc.strerror}); set "
+      "config.compile_cache_dir to a folder you can write ('' turns it off)"
+    )
     jax.config.update("jax_enable_compilation_cache", False)
     return None
   if not os.access(path, os.W_OK | os.X_OK):  # JAX cannot even read entries: a lock file.
-    console.info(f"warning: compile cache off: cannot write to {path} (permission denied)")
+    console.info(
+      f"warning: compile cache off: cannot write to {path} (permission denied); set "
+      "config.compile_cache_dir to a folder you can write ('' turns it off)"
+    )
     jax.config.update("jax_enable_compilation_cache", False)
     return None
   jax.config.update("jax_enable_compilation_cache", True)

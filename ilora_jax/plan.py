@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> None:
   except ValueError:
     counts = []
   if not counts or any(c < 0 for c in counts):
-    raise UserError(f"config.plan.devices must be device counts like 8 or 1,8,64, got "
-                    f"{config.plan.devices!r}")  # fmt: skip
+    raise UserError(f"config.plan.devices must be device counts like 8 or 1,8,64 (0: this "
+                    f"host's devices), got {config.plan.devices!r}")  # fmt: skip
   # Every count planned (and refused, where one cannot be) before anything is printed.
   cfg = model_config(config)
   results = [plan(config, count or jax.device_count(), cfg) for count in counts]

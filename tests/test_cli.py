@@ -91,7 +91,14 @@ def test_multi_device_mesh_gives_the_same_losses(uninterrupted, tmp_path):
     (["--config.stage=fly"], ["config.stage", "fly"]),
     (["--config.data.name=amazon"], ["config.data.name"]),
     (["--config.mesh.data=3"], ["config.mesh"]),
-    (["--config.train.batch_size=7", "--config.mesh.data=2"], ["not divisible"]),
+    (
+      ["--config.train.batch_size=7", "--config.mesh.data=2"],
+      ["error: train.batch_size=7 is not divisible by the 2 data shards"],
+    ),
+    (
+      ["--config.sasrec.train.batch_size=7", "--config.mesh.data=2"],
+      ["error: sasrec.train.batch_size=7 is not divisible by the 2 data shards"],
+    ),
     (
       ["--config.stage=ilora", "--config.ilora.train.batch_size=3"],
       ["error: ilora.train.batch_size=3 is not divisible by the 2 data shards"],

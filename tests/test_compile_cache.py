@@ -67,7 +67,8 @@ def test_a_folder_that_cannot_be_made_warns_in_one_line_and_runs_on(tmp_path):
   assert not any("Traceback" in line for line in stderr), stderr
   warned = [line for line in stderr if "compile cache" in line]
   assert warned == [
-    f"warning: compile cache off: cannot create {blocker / 'cache'} (Not a directory)"
+    f"warning: compile cache off: cannot create {blocker / 'cache'} (Not a directory); set "
+    "config.compile_cache_dir to a folder you can write ('' turns it off)"
   ]
 
 
@@ -91,7 +92,8 @@ def test_a_folder_this_user_may_not_write_turns_the_cache_off_in_one_line(
   assert compile_cache.enable(str(cache)) is None
   assert updates == {"jax_enable_compilation_cache": False}
   assert capsys.readouterr().err == (
-    f"warning: compile cache off: cannot write to {cache} (permission denied)\n"
+    f"warning: compile cache off: cannot write to {cache} (permission denied); set "
+    "config.compile_cache_dir to a folder you can write ('' turns it off)\n"
   )
 
 

@@ -507,7 +507,11 @@ def test_plan_cli_counts(children):
   assert isinstance(got, dict) and got["devices"] == 4
   assert got["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1}
   for name, fragment in [
-    ("negative", "error: config.plan.devices must be device counts like 8 or 1,8,64, got '-8'"),
+    (
+      "negative",
+      "error: config.plan.devices must be device counts like 8 or 1,8,64 (0: this "
+      "host's devices), got '-8'",
+    ),
     ("last_fails", "error: batch size 8 is not divisible by the 7 data shards"),
   ]:
     code, out, err = children[name]
