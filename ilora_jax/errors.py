@@ -541,7 +541,7 @@ def report_and_exit(exc: BaseException) -> None:
     # interpreter's teardown around them crashed now and then (a segmentation fault after
     # this line, when a second Ctrl-C stopped a compile).
     _exit_now(128 + signum)
-  if os.environ.get("ILORA_JAX_DEBUG"):
+  if os.environ.get("ILORA_JAX_DEBUG", "").strip().lower() not in ("", "0", "false", "no"):
     raise exc
   print(
     f"error: unexpected {type(exc).__name__}: {_one_line(exc)} "

@@ -134,8 +134,9 @@ def test_an_unexpected_error_is_one_line_and_exit_3(capsys, monkeypatch):
     "error: unexpected ValueError: bad shape (set ILORA_JAX_DEBUG=1 to see the traceback)\n"
   )
   assert errors.EXIT_INTERNAL_ERROR == 3
-  monkeypatch.setenv("ILORA_JAX_DEBUG", "")  # Set but empty: off.
-  assert _exit_of(ValueError("x"), capsys)[0] == 3
+  for off in ("", "0", "false", "No"):  # Set but empty, or a word for off (0 meant on).
+    monkeypatch.setenv("ILORA_JAX_DEBUG", off)
+    assert _exit_of(ValueError("x"), capsys)[0] == 3
 
 
 class JaxRuntimeError(RuntimeError):
