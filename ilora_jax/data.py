@@ -111,6 +111,14 @@ def split_from_dataframe(
     )
   if len(frame) == 0:
     raise UserError(f"{source}: the {name} split is empty")
+  unread = [str(c) for c in frame.columns if c not in ("seq", "len_seq", "next")]
+  if unread:  # A `cans` column, say, would be taken for the candidates it is not.
+    from ilora_jax import console
+
+    console.info(
+      f"{source}: column(s) {', '.join(unread)} not read (a split is its seq, len_seq and "
+      "next; evaluation candidates are drawn from config.data.candidate_seed)"
+    )
   rows = len(frame)
 
   form: list = [None, ""]  # Whether items are pairs, and where first seen: one form a file.

@@ -208,6 +208,20 @@ def test_repeated_columns_and_llara_empty_histories_are_named():
   assert len(kept) == 1 and kept.next[0] == 3 and kept.file_row.tolist() == [2]
 
 
+def test_columns_a_split_does_not_read_are_named(capsys):
+  """A `cans` column (candidates computed elsewhere) was dropped without a word, and the
+  evaluation drew its own (found by the bad-input audit)."""
+  frame = _frame([[1, 2, 3]], [3], [1]).assign(cans=[[1, 4, 5]], user=[7])
+  split = data.split_from_dataframe(frame, "val", n_items=9, max_len=10, min_len=3, source="f.df")
+  assert split.next.tolist() == [1]
+  assert capsys.readouterr().err == (
+    "f.df: column(s) cans, user not read (a split is its seq, len_seq and next; evaluation "
+    "candidates are drawn from config.data.candidate_seed)\n"
+  )
+  data.split_from_dataframe(_frame([[1, 2, 3]], [3], [1]), "val", 9, 10, 3, source="f.df")
+  assert capsys.readouterr().err == ""
+
+
 def test_load_split_says_how_many_short_rows_it_left_out(tmp_path, capsys):
   frame = _frame([[1], [1, 2, 3], [4, 5], [1, 2, 3, 4]], [1, 3, 2, 4], [2, 4, 6, 5])
   path = tmp_path / "Val_data.df"
