@@ -494,7 +494,8 @@ def test_real_titles_and_splits_load():
   front = data.load_from_config(config, "unused").titles
   assert (front[11], front[0]) == ("The Usual Suspects", "Toy Story")
   assert sum(front[i] != titles[i] for i in titles) == 364  # Of the 366 with ", The|A|An".
-  del config.data["movielens_articles"]
+  with config.unlocked():  # A config saved before the setting existed: u.item's form.
+    del config.data["movielens_articles"]
   assert data.load_from_config(config, "unused").titles == titles
   val = data.load_split(shared_path("data", "lastfm", "Val_data.df"), "val", 4606, 10, 3)
   assert len(val) == 122 and val.seq.shape == (122, 10)
