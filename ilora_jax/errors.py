@@ -502,16 +502,19 @@ def report_and_exit(exc: BaseException) -> None:
       f" (the environment has {variable}={os.environ[variable]})" if variable in os.environ else ""
     )
     exc = UserError(f"{_one_line(exc)}{given}: fix or unset it")
-  elif not isinstance(exc, UserError) and _backend_not_started(exc):
+  elif isinstance(exc, Exception) and not isinstance(exc, UserError) and _backend_not_started(exc):
+    # Not an interrupt while the backend starts (a pre-empted job): that is reported below.
     first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "no message"
     platforms = os.environ.get("JAX_PLATFORMS", "")
-    given = f"JAX_PLATFORMS={platforms}" if platforms else "JAX_PLATFORMS unset"
-    exc = UserError(
-      f"jax could not start its backend ({given}; {type(exc).__name__}: {first}): name a "
-      "platform this jax install has (`python -c 'import jax; print(jax.devices())'` with "
-      "JAX_PLATFORMS unset lists what it finds) or install jax's build for the accelerator "
-      "(pip install -e '.[cuda]' or '.[tpu]')"
+    advice = (
+      f"JAX_PLATFORMS={platforms}: name a platform this jax install has (`python -c 'import "
+      "jax; print(jax.devices())'` with JAX_PLATFORMS unset lists what it finds) or install "
+      "jax's build for the accelerator (pip install -e '.[cuda]' or '.[tpu]')"
+      if platforms
+      else "check that the accelerator is free and its driver works (another process holding "
+      "it, a driver that does not match jax's build)"
     )
+    exc = UserError(f"jax could not start its backend ({type(exc).__name__}: {first}); {advice}")
   if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
     # A write no code path expected to fail (stdout unbuffered, say): the disk, not a bug.
     where = f" ({exc.filename})" if exc.filename else ""

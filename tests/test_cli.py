@@ -414,8 +414,9 @@ def test_a_platform_jax_cannot_start_is_one_line(tmp_path):
                        ("ilora_jax.bench", (TINY, "--config.bench.steps=1"))):  # fmt: skip
     proc = run_cli(*args, module=module, env={"JAX_PLATFORMS": "no_such_platform"})
     assert_one_line_error(
-      proc, "jax could not start its backend (JAX_PLATFORMS=no_such_platform; RuntimeError:",
-      "name a platform this jax install has",
+      proc, "jax could not start its backend (RuntimeError: Unable to initialize backend "
+      "'no_such_platform'", "; JAX_PLATFORMS=no_such_platform: name a platform this jax "
+      "install has",
     )  # fmt: skip
 
 

@@ -52,6 +52,34 @@ def test_a_user_error_is_one_line_and_exit_2(capsys, quiet_restored):
   assert errors.EXIT_USER_ERROR == 2
 
 
+def _raised_starting_a_backend(tmp_path, exc: BaseException) -> BaseException:
+  """`exc`, raised from a function `backends` of a file named as jax's `xla_bridge.py`."""
+  source = tmp_path / "xla_bridge.py"
+  source.write_text("def backends(exc):\n  raise exc\n")
+  space: dict = {}
+  exec(compile(source.read_text(), str(source), "exec"), space)
+  try:
+    space["backends"](exc)
+  except BaseException as raised:  # noqa: BLE001
+    return raised
+  raise AssertionError("not raised")
+
+
+def test_a_backend_that_does_not_start_is_one_line_an_interrupt_there_stays_one(
+  capsys, quiet_restored, monkeypatch, tmp_path
+):
+  """Where no JAX_PLATFORMS is given the advice is the device's, not a platform's; a Ctrl-C
+  or SIGTERM while the backend starts (a pre-empted job) was reported as a backend that did
+  not start, exit 2 (found by the diff review)."""
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  code, _, err = _exit_of(_raised_starting_a_backend(tmp_path, RuntimeError("busy\nmore")), capsys)
+  assert (code, err) == (2, "error: jax could not start its backend (RuntimeError: busy); check "
+                            "that the accelerator is free and its driver works (another process "
+                            "holding it, a driver that does not match jax's build)\n")  # fmt: skip
+  code, _, err = _exit_of(_raised_starting_a_backend(tmp_path, KeyboardInterrupt()), capsys)
+  assert (code, err) == (130, "error: interrupted\n")
+
+
 def test_a_kind_of_user_error_is_one_too(capsys, quiet_restored):
   class NoVocab(UserError):
     pass
