@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from collections.abc import Sequence
 
 from ml_collections import ConfigDict
@@ -26,13 +27,22 @@ GENERATION_METRICS = ("valid_ratio", "hit_ratio@1", "hits_over_total")
 SCORING_METRICS = ("hr@1", "hr@5", "ndcg@5", "mrr")
 
 
-# The way out of a diverged run: a resume keeps the run's learning rate (a checkpoint's
-# setting), and `config.train.lr` sets both stages' (a pipeline's finished SASRec refuses it).
-LOWER_LR = (
-  "lower the learning rate (config.{stage}.train.lr; config.train.lr where the command sets "
-  "it) and train anew: another --workdir, or remove {workdir}/checkpoints/{stage} (a resume "
-  "keeps the run's own)"
-)
+def lower_lr_advice(stage: str, workdir: str) -> str:
+  """The way out of a diverged run of `stage` (sasrec or ilora) in `workdir`: a new run at a
+  lower learning rate. A resume keeps the run's rate (a setting its checkpoints record, in
+  `checkpoints/<stage>` and, for iLoRA, the selected weights' `checkpoints/ilora_best`), and
+  `config.train.lr` sets both stages' (a pipeline's finished SASRec refuses another)."""
+  names = (stage, f"{stage}_best") if stage == "ilora" else (stage,)
+  kept = [p for n in names if os.path.isdir(p := os.path.join(workdir, "checkpoints", n))]
+  rate = (
+    f"lower the learning rate (config.{stage}.train.lr; config.train.lr where the command sets it)"
+  )
+  if not kept:
+    return f"{rate} and run again (no checkpoint of the stage was kept)"
+  return (
+    f"{rate} and train anew: another --workdir, or remove {' and '.join(kept)} (a resume "
+    "keeps the run's own)"
+  )
 
 
 def selection_metric(config: ConfigDict) -> str:

@@ -1679,7 +1679,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       if bad_streak >= config.ilora.max_bad_steps:
         raise UserError(
           f"{bad_streak} optimizer steps in a row had a non-finite loss or gradient (last at "
-          f"step {step}); {configuration.LOWER_LR.format(stage=STAGE, workdir=workdir)}, or "
+          f"step {step}); {configuration.lower_lr_advice(STAGE, workdir)}, or "
           "check the data"
         )
       interval.append(

@@ -301,7 +301,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
         raise UserError(
           f"SASRec: {bad_streak} steps in a row had a non-finite loss or update (last at step "
           f"{at}; each was skipped); "
-          f"{configuration.LOWER_LR.format(stage='sasrec', workdir=workdir)}, or check the data"
+          f"{configuration.lower_lr_advice('sasrec', workdir)}, or check the data"
         )
     pending.clear()
 

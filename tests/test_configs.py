@@ -338,3 +338,22 @@ def test_save_to_a_missing_folder_is_a_user_error(tmp_path):
   missing = tmp_path / "no" / "such"
   with pytest.raises(UserError, match=f"cannot write {missing}/config.json"):
     configuration.save(config, str(missing))
+
+
+def test_the_advice_for_a_diverged_run_names_the_checkpoints_a_resume_would_keep(tmp_path):
+  """A resume keeps the run's learning rate: the advice names the stage's checkpoint folders
+  there are (iLoRA's selected weights record it too), or none (found by the diff review)."""
+  rate = (
+    "lower the learning rate (config.ilora.train.lr; config.train.lr where the command sets it)"
+  )
+  advice = configuration.lower_lr_advice("ilora", str(tmp_path))
+  assert advice == f"{rate} and run again (no checkpoint of the stage was kept)"
+  (tmp_path / "checkpoints" / "ilora_best").mkdir(parents=True)
+  assert configuration.lower_lr_advice("ilora", str(tmp_path)) == (
+    f"{rate} and train anew: another --workdir, or remove {tmp_path}/checkpoints/ilora_best (a "
+    "resume keeps the run's own)"
+  )
+  (tmp_path / "checkpoints" / "sasrec").mkdir()
+  assert configuration.lower_lr_advice("sasrec", str(tmp_path)).endswith(
+    f"or remove {tmp_path}/checkpoints/sasrec (a resume keeps the run's own)"
+  )

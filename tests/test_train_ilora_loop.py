@@ -383,11 +383,12 @@ def test_persistent_non_finite_losses_stop_the_run(fake, tmp_path):
   fake.loss = {2: float("nan"), 4: float("nan"), 5: float("inf")}  # 2 and 4 alone: not in a row
   with pytest.raises(UserError) as err:
     train_ilora.run(_config("ilora.max_bad_steps=2"), str(tmp_path))
+  # Both folders: the selected weights record the rate too (found by the diff review).
   assert str(err.value) == (
     "2 optimizer steps in a row had a non-finite loss or gradient (last at step 5); lower the "
     "learning rate (config.ilora.train.lr; config.train.lr where the command sets it) and "
-    f"train anew: another --workdir, or remove {tmp_path}/checkpoints/ilora (a resume keeps "
-    "the run's own), or check the data"
+    f"train anew: another --workdir, or remove {tmp_path}/checkpoints/ilora and "
+    f"{tmp_path}/checkpoints/ilora_best (a resume keeps the run's own), or check the data"
   )
   train = [r for r in metrics_records(str(tmp_path)) if r["split"] == "train"]
   assert [r["step"] for r in train] == [1, 2, 3, 4]
