@@ -1295,18 +1295,22 @@ def _same_weights(a, b) -> bool:
 SAME_SETTINGS = {"sasrec": same_sasrec, "llm": _same_llm, "llm_weights": _same_weights}
 
 
-def router_read(settings: dict) -> dict:
-  """`settings` without the router fields its kind does not read (`hidden` is the mlp
-  router's, `shortcut` the resnet1d one's): another value of one is the same model, for a
-  resume and an evaluation alike."""
-  router = settings.get("router")
-  if not isinstance(router, dict):
-    return settings
-  kind = router.get("kind")
-  unread = ({"hidden"} if kind != "mlp" else set()) | (
-    {"shortcut"} if kind != "resnet1d" else set()
+def router_read(saved: dict, current: dict) -> tuple[dict, dict]:
+  """`saved` and `current` settings without the router fields that neither one's kind reads
+  (`hidden` is the mlp router's, `shortcut` the resnet1d one's): another value of one is the
+  same model, for a resume and an evaluation alike; where the kinds differ, that is named."""
+  kinds = {s["router"].get("kind") for s in (saved, current) if isinstance(s.get("router"), dict)}
+  unread = ({"hidden"} if "mlp" not in kinds else set()) | (
+    {"shortcut"} if "resnet1d" not in kinds else set()
   )
-  return {**settings, "router": {k: v for k, v in router.items() if k not in unread}}
+
+  def without(settings: dict) -> dict:
+    router = settings.get("router")
+    if not isinstance(router, dict):
+      return settings
+    return {**settings, "router": {k: v for k, v in router.items() if k not in unread}}
+
+  return without(saved), without(current)
 
 
 def same_settings(saved: dict) -> dict:
@@ -1509,8 +1513,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       if latest is not None:
         latest_meta = found.restore_meta(latest)
         checkpointing.check_same_settings(
-          router_read(latest_meta["settings"]),
-          router_read(settings),
+          *router_read(latest_meta["settings"], settings),
           found.directory,
           unknown,
           same_settings(latest_meta["settings"]),
@@ -1826,8 +1829,7 @@ def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
         f"{kept.get('select_by')!r}, or remove that folder to select anew"
       )
     checkpointing.check_same_settings(
-      router_read(kept["settings"]),
-      router_read(settings),
+      *router_read(kept["settings"], settings),
       best.directory,
       unknown,
       same_settings(kept["settings"]),
@@ -1887,10 +1889,8 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
         out[key] = value
     return out
 
-  theirs = model(router_read(saved))
-  diffs = checkpointing.setting_diffs(
-    theirs, model(router_read(settings)), sorted(theirs), SAME_SETTINGS
-  )
+  theirs, ours = (model(s) for s in router_read(saved, settings))
+  diffs = checkpointing.setting_diffs(theirs, ours, sorted(theirs), SAME_SETTINGS)
   if diffs:
     if any(d.startswith("sasrec ") for d in diffs):
       advice = (

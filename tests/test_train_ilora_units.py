@@ -646,6 +646,29 @@ def test_check_model_settings_passes_the_same_model(capsys):
   assert _check({**SAVED, "router": {**SAVED["router"], "shortcut": "pad"}}, running, capsys) == ""
 
 
+def test_a_resume_compares_the_router_fields_either_kind_reads():
+  """The resume's check (`check_same_settings`, every key of either side): a field neither
+  kind reads is left out, and where the kinds differ no field is called missing (each side
+  filtered by its own kind gave 'checkpoint 64 vs config None'; found by the diff review)."""
+  from ilora_jax import checkpointing
+
+  def refusal(saved_router, router):
+    saved, current = ({"router": saved_router, "lr": 1.0}, {"router": router, "lr": 1.0})
+    try:
+      checkpointing.check_same_settings(*train_ilora.router_read(saved, current), "d")
+    except UserError as err:
+      return str(err)
+    return ""
+
+  linear = {"kind": "linear", "hidden": 64, "shortcut": "pad"}
+  assert refusal(linear, {**linear, "hidden": 0, "shortcut": "conv"}) == ""
+  assert "router.hidden: checkpoint 64 vs config 32" in refusal(
+    {**linear, "kind": "mlp"}, {**linear, "kind": "mlp", "hidden": 32}
+  )
+  message = refusal({**linear, "kind": "mlp"}, {**linear, "kind": "resnet1d"})
+  assert "(router.kind: checkpoint 'mlp' vs config 'resnet1d');" in message
+
+
 def test_a_router_field_its_kind_reads_is_compared():
   for kind, field, values in (
     ("mlp", "hidden", (64, 32)),
