@@ -78,7 +78,7 @@ def main(argv) -> None:
   variants = bench.parse_variants(_VARIANTS.value, "ilora.eval_sort=False;")
   bench.check_eval_variants(variants)  # Before the data and model are built.
   cfgs = [configuration.override(config, items) for _, items in variants]
-  su = train_ilora.setup(config, _WORKDIR.value)
+  su = train_ilora.setup(config, _WORKDIR.value, trains=False)
   split = su.dataset.split(_SPLIT.value)
   names = [name for name, _ in variants]
   evaluators = []
@@ -116,7 +116,7 @@ def main(argv) -> None:
       "variant": name,
       "rows": len(ev.idx),
       "candidates": ev.fingerprint,
-      "batch_size": int(ev.config.ilora.eval_batch_size),
+      "batch_size": ev.batch_size,  # Cut to the rows evaluated where it is more.
       "seconds": secs,
       "median_s": statistics.median(secs),
       "ratios": ratios,

@@ -175,7 +175,8 @@ def main(argv) -> None:
     )
     if _EVAL_SPLIT.value:
       split = su.dataset.split(_EVAL_SPLIT.value)
-      result["eval"] = {"split": split.name, "batch_size": int(config.ilora.eval_batch_size)}
+      ev = train_ilora.Evaluator(su.parts, config, split, su.gate_kind)  # Its batch size.
+      result["eval"] = {"split": split.name, "batch_size": ev.batch_size}
       for name, sort in (("in_order", False), ("sorted", True)):
         _, row = _tally(_eval_masks(su, config, split, sort))
         result["eval"][name] = row

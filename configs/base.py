@@ -74,7 +74,7 @@ def get_config() -> config_dict.ConfigDict:
   c.ilora.max_target_tokens = 48  # Cap on target tokens scored per row (the longest title
   # of the data, rounded up to 8, when shorter).
   c.ilora.eval_rows = 0  # Rows of val/test evaluated (0 = all).
-  c.ilora.eval_batch_size = 8  # Prompts per generation batch.
+  c.ilora.eval_batch_size = 8  # Prompts per evaluation batch (at most the rows evaluated).
   c.ilora.eval_generate = True  # The paper's metric: greedy generation matched to titles.
   c.ilora.eval_score = True  # Rank candidates by title log-likelihood: hr@1/5, ndcg@5, mrr.
   c.ilora.eval_base = True  # Final evaluations add the base LLM without adapters (base/...).

@@ -445,7 +445,7 @@ def train_mesh(config):
 
   check_config(config)
   mesh = sharding.make_mesh(config.mesh)
-  sharding.batch_size_per_shard(mesh, config.bench.batch_size)
+  sharding.batch_size_per_shard(mesh, config.bench.batch_size, "bench.batch_size")
   return mesh
 
 
@@ -730,14 +730,14 @@ def bench_eval_data(config, workdir: str) -> dict:
   bc = config.bench
   cfg = config.copy_and_resolve_references()
   cfg.ilora.eval_rows, cfg.ilora.eval_base = int(bc.eval_rows), False
-  su = train_ilora.setup(cfg, workdir)
+  su = train_ilora.setup(cfg, workdir, trains=False)
   split = su.dataset.split(bc.eval_split)
   st = su.state
   result = {"eval_data": su.dataset.name, "eval_data_split": split.name}
   for mode in ("generate", "score"):
     cfg.ilora.eval_generate, cfg.ilora.eval_score = mode == "generate", mode == "score"
     ev = train_ilora.Evaluator(su.parts, cfg, split, su.gate_kind, su.mesh)
-    rows = len(ev.idx)
+    rows, result["eval_batch_size"] = len(ev.idx), ev.batch_size  # At most the rows.
     passes = []
     for label in ("compile pass", "timed pass"):  # The first compiles (lengths are bucketed).
       console.info(f"bench: {mode}, {rows} rows of {split.name}: {label}")
@@ -828,7 +828,7 @@ def run(config, workdir: str | None = None) -> dict:
   bc = config.bench
   mesh = sharding.make_mesh(config.mesh)
   if bc.train:  # Only the train step shards its batch over the data shards.
-    sharding.batch_size_per_shard(mesh, bc.batch_size)
+    sharding.batch_size_per_shard(mesh, bc.batch_size, "bench.batch_size")
   console.info(f"bench: building {config.llm.name}")
   t0 = time.perf_counter()
   parts, frozen, state, make_tx = build(config, mesh)

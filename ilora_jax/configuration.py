@@ -27,6 +27,11 @@ GENERATION_METRICS = ("valid_ratio", "hit_ratio@1", "hits_over_total")
 SCORING_METRICS = ("hr@1", "hr@5", "ndcg@5", "mrr")
 
 
+def batch_field(config: ConfigDict, stage: str) -> str:
+  """The setting that gives `stage`'s batch size (`stage_train`), for a message."""
+  return "train.batch_size" if config.train.batch_size is not None else f"{stage}.train.batch_size"
+
+
 def lower_lr_advice(stage: str, workdir: str) -> str:
   """The way out of a diverged run of `stage` (sasrec or ilora) in `workdir`: a new run at a
   lower learning rate. A resume keeps the run's rate (a setting its checkpoints record, in

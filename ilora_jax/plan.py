@@ -156,7 +156,7 @@ def model_config(config):
 
 def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> dict:
   """Per-device bytes of everything the iLoRA train step holds on `devices` devices."""
-  from ilora_jax import llm, lora, optim, router, sharding, train_ilora
+  from ilora_jax import configuration, llm, lora, optim, router, sharding, train_ilora
   from ilora_jax.projector import Projector
   from ilora_jax.sasrec import init_params as sasrec_init
   from ilora_jax.train_sasrec import model_config as sasrec_config
@@ -193,10 +193,9 @@ def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> di
   opt_specs = optimizer_specs(opt_abs, trainable, trainable_specs)
 
   micro = int(config.train.batch_size or tc.batch_size)
-  shards = sizes["data"] * sizes["fsdp"]
-  if micro % shards:
-    raise UserError(f"batch size {micro} is not divisible by the {shards} data shards "
-                    f"(mesh data={sizes['data']} x fsdp={sizes['fsdp']})")  # fmt: skip
+  per_shard = sharding.batch_size_per_shard(
+    sizes, micro, configuration.batch_field(config, "ilora")
+  )
   seq_len = int(config.plan.seq_len)
   if seq_len < 1:
     raise UserError(f"config.plan.seq_len={seq_len} must be positive")
@@ -208,7 +207,7 @@ def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> di
     "optimizer": per_device_bytes(opt_abs, opt_specs, sizes),
     "activations_estimate": activation_bytes(
       cfg,
-      micro // shards,
+      per_shard,
       seq_len,
       config.llm.remat,
       activation_tensor_shards(cfg, sizes["tensor"]),

@@ -56,15 +56,17 @@ def rules(config) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
   )
 
 
-def batch_size_per_shard(mesh: Mesh, global_batch: int, field: str = "") -> int:
-  """The rows of a `global_batch` each data shard holds; a UserError naming `field` (the
-  config's setting of it) and the mesh where the shards do not divide it."""
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+def batch_size_per_shard(mesh, global_batch: int, field: str = "") -> int:
+  """The rows of a `global_batch` each data shard of `mesh` (a Mesh, or its axis sizes by
+  name) holds; a UserError naming `field` (the config's setting of it) and the mesh where the
+  shards do not divide it."""
+  sizes = getattr(mesh, "shape", mesh)  # A Mesh's or AbstractMesh's, or the sizes given.
+  shards = sizes["data"] * sizes["fsdp"]
   if global_batch % shards:
     named = f"{field}={global_batch}" if field else f"batch size {global_batch}"
     raise UserError(
       f"{named} is not divisible by the {shards} data shards "
-      f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}): give a multiple of "
+      f"(mesh data={sizes['data']} x fsdp={sizes['fsdp']}): give a multiple of "
       f"{shards}, or config.mesh.data and config.mesh.fsdp that divide it"
     )
   return global_batch // shards

@@ -986,15 +986,19 @@ class Evaluator:
       outcome["valid"].append(v)
       outcome["hit"].append(h)
 
+  @property
+  def batch_size(self) -> int:
+    """Rows of each evaluation batch: `ilora.eval_batch_size`, at most the rows evaluated,
+    rounded up to a multiple of the row shards."""
+    wanted = min(int(self.config.ilora.eval_batch_size), max(len(self.idx), 1))
+    return -(-wanted // self.row_shards) * self.row_shards
+
   def batch_rows(self) -> list[tuple[np.ndarray, int]]:
     """The evaluation batches: each one's row ids, in `order` and padded to the batch size
     (a multiple of the row shards) by repeating its rows, so every batch has one compiled
     shape, with the count of its real rows. A batch size above the rows evaluated is cut to
     them (rounded up to the shards): its padding rows would be computed for nothing."""
-    shards = self.row_shards
-    in_order = self.idx[self.order]
-    wanted = min(int(self.config.ilora.eval_batch_size), max(len(in_order), 1))
-    bs = -(-wanted // shards) * shards
+    bs, in_order = self.batch_size, self.idx[self.order]
     batches = [in_order[start : start + bs] for start in range(0, len(in_order), bs)]
     return [(np.resize(rows, bs), len(rows)) for rows in batches]
 
@@ -1393,8 +1397,9 @@ def setup(
   read (a resume's check: a refused run stops before the slow part). `dataset`, when given,
   is the config's data set already loaded (`load_from_config`). `generates`: False where
   nothing is generated (`recommend` ranks by likelihood), so titles too long to generate
-  whole are no warning. `trains`: False where nothing is trained (`evaluate`, `recommend`),
-  so a training batch the devices do not divide is no error.
+  whole are no warning. `trains`: False where nothing is trained (`evaluate`, `recommend`,
+  the evaluation benchmarks), so a training batch the devices do not divide, or one larger
+  than the training split, is no error.
   """
   dataset = load_from_config(config, workdir) if dataset is None else dataset
   tc = stage_train(config, STAGE)
@@ -1402,10 +1407,9 @@ def setup(
   rules = sharding.rules(config)
   micro, accum = int(tc.batch_size), int(tc.grad_accum)
   if trains:
-    field = "train.batch_size" if config.train.batch_size is not None else "ilora.train.batch_size"
-    sharding.batch_size_per_shard(mesh, micro, field)
+    sharding.batch_size_per_shard(mesh, micro, configuration.batch_field(config, STAGE))
   steps_per_epoch = len(dataset.train) // (micro * accum)
-  if steps_per_epoch == 0:
+  if steps_per_epoch == 0 and trains:
     raise UserError(
       f"the training split has {len(dataset.train)} rows, fewer than one step of {micro} x {accum}"
     )

@@ -245,8 +245,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
   mesh = sharding.make_mesh(config.mesh)
   train = dataset.train
   batch = int(tc.batch_size)
-  field = "train.batch_size" if config.train.batch_size is not None else "sasrec.train.batch_size"
-  sharding.batch_size_per_shard(mesh, batch, field)
+  sharding.batch_size_per_shard(mesh, batch, configuration.batch_field(config, STAGE))
   steps_per_epoch = len(train) // batch
   if steps_per_epoch == 0:
     raise UserError(f"the training split has {len(train)} rows, fewer than one batch of {batch}")

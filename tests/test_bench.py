@@ -784,7 +784,7 @@ def test_train_step_scripts_check_the_batch_divides_over_the_devices(script, tmp
   variants = ["--variants=;"] if script == "ab_step.py" else [f"--out={tmp_path}"]
   proc = run_cli(TINY, "--config.bench.batch_size=3", *variants, script=f"bench/{script}",
                  env={"XLA_FLAGS": xla_flags(2)})  # fmt: skip
-  assert_one_line_error(proc, "batch size 3 is not divisible by the 2 data shards")
+  assert_one_line_error(proc, "bench.batch_size=3 is not divisible by the 2 data shards")
 
 
 def test_profile_step_checks_its_output_folder_first(tmp_path):

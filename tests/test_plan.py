@@ -242,7 +242,7 @@ def test_the_vocabulary_grows_by_five_special_tokens_rounded_up_to_128(tmp_path)
 
 def test_plan_refuses_a_batch_the_data_shards_do_not_divide_and_no_tokens():
   """6 rows over fsdp 4 (data 1): no whole rows per shard; plan.seq_len 0."""
-  with pytest.raises(UserError, match="batch size 6 is not divisible by the 4 data shards"):
+  with pytest.raises(UserError, match="ilora.train.batch_size=6 is not divisible by the 4 data "):
     plan.plan(_tiny("mesh.data=1", "mesh.fsdp=4", "ilora.train.batch_size=6"), 4)
   with pytest.raises(UserError, match="seq_len=0 must be positive"):
     plan.plan(_tiny("mesh.data=1", "plan.seq_len=0"), 1)
@@ -512,7 +512,7 @@ def test_plan_cli_counts(children):
       "error: config.plan.devices must be device counts like 8 or 1,8,64 (0: this "
       "host's devices), got '-8'",
     ),
-    ("last_fails", "error: batch size 8 is not divisible by the 7 data shards"),
+    ("last_fails", "error: ilora.train.batch_size=8 is not divisible by the 7 data shards"),
   ]:
     code, out, err = children[name]
     assert (code, out) == (2, ""), (name, err)
