@@ -129,8 +129,9 @@ def validate(config: ConfigDict) -> None:
     " --config.lora.targets=\"('q', 'v')\"",
   )
   need(config.lora.num_experts >= 1, "lora.num_experts", "must be at least 1")
-  need(config.lora.alpha > 0, "lora.alpha", f"={config.lora.alpha} must be positive (the adapters' "
-       "scale is alpha / rank: at 0 neither they nor the router get a gradient)")  # fmt: skip
+  need(config.lora.alpha > 0, "lora.alpha", f"={config.lora.alpha} must be positive (the "
+       "adapters' scale is alpha / (rank / num_experts): at 0 neither they nor the router get "
+       "a gradient)")  # fmt: skip
   need(
     config.lora.rank >= config.lora.num_experts and config.lora.rank % config.lora.num_experts == 0,
     "lora.rank",

@@ -116,7 +116,7 @@ def split_from_dataframe(
     from ilora_jax import console
 
     console.info(
-      f"{source}: column(s) {', '.join(unread)} not read (a split is its seq, len_seq and "
+      f"warning: {source}: column(s) {', '.join(unread)} not read (a split is its seq, len_seq and "
       "next; evaluation candidates are drawn from config.data.candidate_seed)"
     )
   rows = len(frame)

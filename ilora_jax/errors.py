@@ -259,8 +259,7 @@ def flag_errors(what: str = "config", argv: Sequence[str] = ()):
     if failed is not None:
       raise failed from None
     if isinstance(exc, AttributeError) and getattr(exc, "name", None) == "get_config":
-      path = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")), "")
-      path = path.split(":", 1)[0] or f"the {what} file"
+      path = _file_given(what, argv) or f"the {what} file"
       raise UserError(
         f"{path} defines no get_config(): a {what} file is a Python file whose get_config() "
         "returns an ml_collections ConfigDict"
@@ -278,10 +277,7 @@ def flag_errors(what: str = "config", argv: Sequence[str] = ()):
     failed = _failed_in_file(exc, what, argv)
     if failed is None:
       raise
-    where = str(failed).split(": SystemExit", 1)[0]
-    raise UserError(
-      f"{where}: it called sys.exit ({exc.code!r}) while loading: a {what} file returns its config"
-    ) from None
+    raise failed from None
   except Exception as exc:
     if str(exc).startswith("Configuration is not available because of an earlier failure"):
       raise _unloadable(what, argv) from None  # An override of a file that did not load.
@@ -296,8 +292,7 @@ def _not_source_text(exc: BaseException, what: str, argv: Sequence[str]) -> User
   editors), which names no file: one line naming it; None for other errors."""
   if not (isinstance(exc, (SyntaxError, ValueError)) and "null bytes" in str(exc)):
     return None
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")), "")
-  path = path.split(":", 1)[0] or f"the {what} file"
+  path = _file_given(what, argv) or f"the {what} file"
   return UserError(
     f"{what} file {path} is not Python source: it holds NUL bytes (saved as UTF-16, say): "
     "save it as UTF-8 text"
@@ -327,12 +322,18 @@ def _config_file_error(exc: BaseException, what: str, argv: Sequence[str]) -> Us
   return UserError(f"{value}: {kind}{_one_line(cause)}")
 
 
+def _file_given(what: str, argv: Sequence[str]) -> str:
+  """The `what` file the command line names (`--what=FILE[:ARG]`, its argument cut off; ''
+  where none is given)."""
+  value = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")), "")
+  return value.split(":", 1)[0]
+
+
 def _failed_in_file(exc: BaseException, what: str, argv: Sequence[str]) -> UserError | None:
   """The `what` file's own code failed as it loaded (a syntax error, an exception raised in
-  get_config): a UserError naming the file, the line and the error; None for a failure
-  elsewhere."""
-  path = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")), "")
-  path = path.split(":", 1)[0]
+  get_config, a sys.exit there): a UserError naming the file, the line and the error; None
+  for a failure elsewhere."""
+  path = _file_given(what, argv)
   if not path or not os.path.isfile(path):
     return None
   real = os.path.realpath(path)
@@ -344,14 +345,17 @@ def _failed_in_file(exc: BaseException, what: str, argv: Sequence[str]) -> UserE
     if not lines:
       return None
     line = lines[-1]
+  head = f"{what} file {path} line {line}"
+  if isinstance(exc, SystemExit):
+    return UserError(
+      f"{head}: it called sys.exit ({exc.code!r}) while loading: a {what} file returns its config"
+    )
   message = exc.msg if isinstance(exc, SyntaxError) else _one_line(exc)
   locked = _locked_config_message(message)
   if locked:
-    return UserError(f"{what} file {path} line {line}: {locked}")
+    return UserError(f"{head}: {locked}")
   return UserError(
-    f"{what} file {path} line {line}: {type(exc).__name__}: {message}"
-    if message
-    else f"{what} file {path} line {line}: {type(exc).__name__}"
+    f"{head}: {type(exc).__name__}: {message}" if message else f"{head}: {type(exc).__name__}"
   )
 
 

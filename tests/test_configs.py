@@ -129,7 +129,7 @@ REFUSED = [
   ("lora.targets=()", "config.lora.targets=() must name projections among q, k, v, o"),
   ("lora.targets=('q','x')", "config.lora.targets=('q', 'x') must name projections"),
   ("lora.num_experts=0", "config.lora.num_experts must be at least 1"),
-  ("lora.alpha=0", "config.lora.alpha=0.0 must be positive (the adapters' scale is alpha / rank"),
+  ("lora.alpha=0", "config.lora.alpha=0.0 must be positive (the adapters' scale is alpha / (rank"),
   ("lora.alpha=-16", "config.lora.alpha=-16.0 must be positive"),
   ("lora.rank=0", "config.lora.rank=0 must be a multiple of lora.num_experts=2"),
   ("lora.rank=3", "config.lora.rank=3 must be a multiple of lora.num_experts=2"),

