@@ -500,7 +500,9 @@ def report_and_exit(exc: BaseException) -> None:
       f"out of memory ({first}): lower the batch size or the sequence lengths; "
       "`python -m ilora_jax.plan --config=...` estimates a run's device memory"
     )
-  elif bad_flag := re.match(r'Invalid value "(.*)" for JAX flag (jax_\w+)', str(exc)):
+  elif isinstance(exc, ValueError) and (
+    bad_flag := re.match(r'Invalid value "(.*)" for JAX flag (jax_\w+)', str(exc))
+  ):
     variable = bad_flag.group(2).upper()  # jax reads its flags from these at import.
     given = (
       f" (the environment has {variable}={os.environ[variable]})" if variable in os.environ else ""

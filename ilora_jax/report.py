@@ -401,7 +401,7 @@ def comparison(
         rows.append((label, {k: other.get(k) for k in COMPARE_KEYS}))
     # The rows every method here was scored on (`ilora.eval_rows` may cut the split: the
     # SASRec stage's own final record, in the table of every final metric, scores it whole).
-    scored = f", {counted(int(rec['rows']), 'row')}" if isinstance(rec.get("rows"), int) else ""
+    scored = f", {counted(rec['rows'], 'row')}" if isinstance(rec.get("rows"), int) else ""
     lines += [
       f"## {split}: methods on the same candidates (fingerprint "
       f"{rec.get('candidates', '?')}, step {rec.get('step')}{scored})",
