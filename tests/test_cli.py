@@ -794,10 +794,16 @@ def test_bad_cluster_settings_are_one_line_errors(tmp_path):
 @pytest.mark.parametrize(
   "args,fragments",
   [
-    (["--config.plan.devices=64", "--config.mesh.data=-1"], ["batch size 8", "64 data shards"]),
+    (
+      ["--config.plan.devices=64", "--config.mesh.data=-1"],
+      ["ilora.train.batch_size=8 is not divisible by the 64 data shards"],
+    ),
     (["--config.plan.devices=6", "--config.mesh.fsdp=4"], ["config.mesh", "6 devices"]),
     (["--config.plan.devices=eight"], ["config.plan.devices"]),
-    (["--config.plan.devices=1,8,7", "--config.mesh.data=-1"], ["batch size 8", "7 data shards"]),
+    (
+      ["--config.plan.devices=1,8,7", "--config.mesh.data=-1"],
+      ["ilora.train.batch_size=8 is not divisible by the 7 data shards"],
+    ),
   ],
 )
 def test_plan_errors_are_one_line(args, fragments):
