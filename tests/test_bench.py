@@ -1086,6 +1086,7 @@ def test_eval_data_seconds_and_compile_seconds_cover_the_same_parts(monkeypatch)
     def __init__(self, parts, cfg, split, gate_kind, mesh):
       self.mode = "generate" if cfg.ilora.eval_generate else "score"
       self.idx, self.generated_tokens, self.calls = np.arange(4), 12, 0
+      self.batch_size = 4  # ilora.eval_batch_size 8, cut to the 4 rows.
 
     def __call__(self, *args):
       self.timings = script[self.mode][self.calls]
@@ -1097,10 +1098,15 @@ def test_eval_data_seconds_and_compile_seconds_cover_the_same_parts(monkeypatch)
     dataset=types.SimpleNamespace(name="d", split=lambda name: split), parts=None,
     state={"trainable": None, "stats": None}, frozen=None, gate_kind="router", mesh=None,
   )  # fmt: skip
-  monkeypatch.setattr(train_ilora, "setup", lambda cfg, workdir: su)
+  setups = []
+  monkeypatch.setattr(
+    train_ilora, "setup", lambda cfg, workdir, trains: setups.append(trains) or su
+  )
   monkeypatch.setattr(train_ilora, "Evaluator", Scripted)
   config = configuration.load(os.path.join(ROOT, "configs", "tiny.py"))
   result = bench.bench_eval_data(config, "unused")
+  # Nothing trains: no training batch checks; the batch evaluated is the evaluator's.
+  assert setups == [False] and result["eval_batch_size"] == 4
   assert result["eval_data_generate_s"] == 1.5 and result["eval_data_score_s"] == 3.0
   assert result["eval_data_generate_compile_s"] == 5.5  # 7.0 - 1.5: the loss pass in neither.
   assert result["eval_data_score_compile_s"] == 2.0  # 5.0 - 3.0.

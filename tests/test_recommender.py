@@ -182,8 +182,8 @@ def test_load_restores_the_selected_weights_once(tmp_path, monkeypatch):
                              parts="parts", gate_kind="setup-gate",
                              dataset=types.SimpleNamespace(val=val))  # fmt: skip
 
-  def setup(config_, workdir, dataset=None, generates=True):
-    calls.append(("setup", config_, workdir, dataset, generates))
+  def setup(config_, workdir, dataset=None, generates=True, trains=True):
+    calls.append(("setup", config_, workdir, dataset, generates, trains))
     return su
 
   def restore_for_use(workdir, abstract, weights, keep, settings, on_lost):
@@ -203,8 +203,9 @@ def test_load_restores_the_selected_weights_once(tmp_path, monkeypatch):
     and rec.restored is restored
     and rec.weights == (f"the weights of step 4, selected by val m ({w} 6)")
   )
-  # Nothing is generated: titles too long to generate are no warning of its.
-  assert calls == [("require", w), ("setup", config, w, rec.dataset, False),
+  # Nothing is generated: titles too long to generate are no warning of its; nor trained: no
+  # training batch checks.
+  assert calls == [("require", w), ("setup", config, w, rec.dataset, False, False),
                    ("restore", w, (2,), "selected", 5, {"s": 1})]  # fmt: skip
   assert restored.su is su and restored.state == {"restored": 1} and restored.step == 4
   assert restored.evaluator == ("evaluator", "parts", config, val, "setup-gate")

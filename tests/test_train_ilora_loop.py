@@ -59,8 +59,9 @@ def _weights_step(trainable) -> int:
 def fake(monkeypatch):
   f = Fake()
 
-  def setup(config, workdir, check=None, dataset=None):
+  def setup(config, workdir, check=None, dataset=None, trains=True):
     f.setups += 1
+    f.trains = trains
     settings = {**f.settings, "total_steps": f.total_steps}
     if check is not None:
       check(settings, {"ilora.bucket_window": 16})
@@ -565,11 +566,12 @@ def test_evaluate_prints_records_and_writes_predictions(fake, tmp_path, capsys, 
                                                         selected):  # fmt: skip
   workdir = str(tmp_path)
   train_ilora.run(_config(), workdir)
+  assert fake.trains  # Training checks its batch against the devices; evaluate does not.
   capsys.readouterr()
   fake.calls.clear()
   config = _config("stage=evaluate", f"eval.weights={weights}", "eval.split=test")
   assert train_ilora.evaluate(config, workdir) == fake.metrics("test", at)
-  assert fake.calls == [("test", at, True)]
+  assert fake.calls == [("test", at, True)] and fake.trains is False
   out, err = capsys.readouterr()
   assert _printed(out) == [
     f"ilora test step {at}, 1 row: " + train_ilora._fmt(fake.metrics("test", at))
