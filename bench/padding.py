@@ -73,12 +73,11 @@ def _eval_masks(su, config, split, sort: bool):
     yield attention, attention[:take]
 
 
-def _candidate_tally(su, config, split) -> dict:
-  """The candidate titles the scoring evaluation runs per batch of `split` (the default row
-  order): token slots padded to the batch's longest candidate (`ilora.score_packed=False`)
+def _candidate_tally(su, ev) -> dict:
+  """The candidate titles the scoring evaluation `ev` (of the config's row order) runs per
+  batch: token slots padded to the batch's longest candidate (`ilora.score_packed=False`)
   and packed end to end per row (the default), their fill and lengths per batch."""
   builder = su.parts.builder
-  ev = train_ilora.Evaluator(su.parts, config, split, su.gate_kind)
   real, slots = 0, {"chunked": 0, "packed": 0}
   lengths = {"chunked": [], "packed": []}
   for idx, take in tqdm(ev.batch_rows(), desc="candidate batches", leave=False):
@@ -175,8 +174,8 @@ def main(argv) -> None:
     )
     if _EVAL_SPLIT.value:
       split = su.dataset.split(_EVAL_SPLIT.value)
-      ev = train_ilora.Evaluator(su.parts, config, split, su.gate_kind)  # Its batch size.
-      result["eval"] = {"split": split.name, "batch_size": ev.batch_size}
+      evaluator = train_ilora.Evaluator(su.parts, config, split, su.gate_kind)
+      result["eval"] = {"split": split.name, "batch_size": evaluator.batch_size}
       for name, sort in (("in_order", False), ("sorted", True)):
         _, row = _tally(_eval_masks(su, config, split, sort))
         result["eval"][name] = row
@@ -188,7 +187,7 @@ def main(argv) -> None:
       ev = result["eval"]
       ev["slot_ratio"] = ev["sorted"]["slots"] / ev["in_order"]["slots"]
       print(f"eval sorted / in order: slots {ev['slot_ratio']:.3f}", file=sys.stderr)
-      cands = ev["candidates"] = _candidate_tally(su, config, split)
+      cands = ev["candidates"] = _candidate_tally(su, evaluator)
       print(
         f"eval {split.name} candidates: filled {cands['chunked']['filled']:.3f} chunked "
         f"(lengths {cands['chunked']['lengths']}), {cands['packed']['filled']:.3f} packed "

@@ -906,9 +906,8 @@ def main(argv: list[str] | None = None) -> None:
   from ilora_jax import main as main_lib
 
   flags.FLAGS.set_default("workdir", _NO_WORKDIR)  # Optional here: only eval_data reads one.
-  flags.FLAGS[
-    "workdir"
-  ].help = (
+  workdir_flag = flags.FLAGS["workdir"]
+  workdir_flag.help = (
     "Optional: a run whose SASRec stage finished, read with --config.bench.eval_data=True only."
   )
   argv = list(sys.argv if argv is None else argv)

@@ -32,13 +32,12 @@ def batch_field(config: ConfigDict, stage: str) -> str:
   return "train.batch_size" if config.train.batch_size is not None else f"{stage}.train.batch_size"
 
 
-def lower_lr_advice(stage: str, workdir: str) -> str:
+def lower_lr_advice(stage: str, workdir: str, folders: Sequence[str]) -> str:
   """The way out of a diverged run of `stage` (sasrec or ilora) in `workdir`: a new run at a
   lower learning rate. A resume keeps the run's rate (a setting its checkpoints record, in
-  `checkpoints/<stage>` and, for iLoRA, the selected weights' `checkpoints/ilora_best`), and
-  `config.train.lr` sets both stages' (a pipeline's finished SASRec refuses another)."""
-  names = (stage, f"{stage}_best") if stage == "ilora" else (stage,)
-  kept = [p for n in names if os.path.isdir(p := os.path.join(workdir, "checkpoints", n))]
+  `checkpoints/<folder>` for each of the stage's `folders`: iLoRA's selected weights too),
+  and `config.train.lr` sets both stages' (a pipeline's finished SASRec refuses another)."""
+  kept = [p for n in folders if os.path.isdir(p := os.path.join(workdir, "checkpoints", n))]
   rate = (
     f"lower the learning rate (config.{stage}.train.lr; config.train.lr where the command sets it)"
   )

@@ -125,7 +125,8 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
         f"config.sasrec.init_from={init_from} is a folder without a SASRec checkpoint: "
         "give a workdir where --config.stage=sasrec has run, or an original .pt file"
       )
-  starting = config.stage in ("ilora", "pipeline") and latest_step(workdir) is None
+  trains = config.stage in ("ilora", "pipeline")
+  starting = trains and latest_step(workdir) is None
   if init_dir and not borrowed and starting and config.stage == "ilora":
     console.info(
       f"warning: config.sasrec.init_from={init_from} is not used: this workdir has its own "
@@ -150,11 +151,11 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
           "resumes it)"
         )
     other = sasrec_other_training_data(meta, dataset, ckpt.directory)
-    # A resumed run on the workdir's own SASRec: the config's rows changed since the run
-    # began (refused by their digest too, where its checkpoint records one). Runs begun on
-    # a borrowed SASRec of other rows (by older code) keep it.
-    resuming_own = not starting and not borrowed and config.stage in ("ilora", "pipeline")
-    if other and not starting and not resuming_own:
+    # Refused where iLoRA trains on it: a run starting, or one resuming on the workdir's own
+    # SASRec (the config's rows changed since the run began; refused by their digest too,
+    # where its checkpoint records one). A run begun on a borrowed SASRec of other rows (by
+    # older code) keeps it, as evaluations do, with a warning.
+    if other and not (starting or (trains and not borrowed)):
       console.info(f"warning: {other}; it is used as it is")
     elif other:
       ckpt.close()
@@ -1686,7 +1687,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       if bad_streak >= config.ilora.max_bad_steps:
         raise UserError(
           f"{bad_streak} optimizer steps in a row had a non-finite loss or gradient (last at "
-          f"step {step}); {configuration.lower_lr_advice(STAGE, workdir)}, or "
+          f"step {step}); {configuration.lower_lr_advice(STAGE, workdir, (STAGE, BEST))}, or "
           "check the data"
         )
       interval.append(

@@ -300,7 +300,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
         raise UserError(
           f"SASRec: {bad_streak} steps in a row had a non-finite loss or update (last at step "
           f"{at}; each was skipped); "
-          f"{configuration.lower_lr_advice('sasrec', workdir)}, or check the data"
+          f"{configuration.lower_lr_advice(STAGE, workdir, (STAGE,))}, or check the data"
         )
     pending.clear()
 

@@ -346,14 +346,14 @@ def test_the_advice_for_a_diverged_run_names_the_checkpoints_a_resume_would_keep
   rate = (
     "lower the learning rate (config.ilora.train.lr; config.train.lr where the command sets it)"
   )
-  advice = configuration.lower_lr_advice("ilora", str(tmp_path))
+  advice = configuration.lower_lr_advice("ilora", str(tmp_path), ("ilora", "ilora_best"))
   assert advice == f"{rate} and run again (no checkpoint of the stage was kept)"
   (tmp_path / "checkpoints" / "ilora_best").mkdir(parents=True)
-  assert configuration.lower_lr_advice("ilora", str(tmp_path)) == (
+  assert configuration.lower_lr_advice("ilora", str(tmp_path), ("ilora", "ilora_best")) == (
     f"{rate} and train anew: another --workdir, or remove {tmp_path}/checkpoints/ilora_best (a "
     "resume keeps the run's own)"
   )
   (tmp_path / "checkpoints" / "sasrec").mkdir()
-  assert configuration.lower_lr_advice("sasrec", str(tmp_path)).endswith(
+  assert configuration.lower_lr_advice("sasrec", str(tmp_path), ("sasrec",)).endswith(
     f"or remove {tmp_path}/checkpoints/sasrec (a resume keeps the run's own)"
   )
