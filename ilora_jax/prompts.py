@@ -16,6 +16,7 @@ recovered from tokenizer quirks:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 from collections.abc import Callable, Sequence
 
@@ -28,39 +29,62 @@ ITEM = "[ItemEmb]"
 PAD = "[PAD]"
 SPECIAL_TOKENS = (PLACEHOLDER, HISTORY, CANDIDATE, ITEM)
 
-# Three templates per dataset: training draws one per micro-batch, evaluation reads
-# `ilora.eval_template`. The first Steam one is the original's wording (REFERENCE.md gives
-# only that one); the others are written here in its form.
+# Three templates per dataset, the original's wording: the lines of LLaRA's prompt files,
+# which the iLoRA code reads (`prompt/game.txt` for Steam, `movie.txt` for MovieLens,
+# `artist.txt` for LastFM), stripped as it strips them. Training draws one per micro-batch,
+# evaluation reads `ilora.eval_template`. "10 ... titles" is the original's text, though a
+# prompt lists `data.num_candidates` (20) of them.
 TEMPLATES = {
   "steam": (
     "This user has played [HistoryHere] in the previous. Please predict the next game this "
     "user will play. The game title candidates are [CansHere]. Choose only one game from "
     "the candidates. The answer is",
-    "Given the games [HistoryHere] this user played before, which of [CansHere] will the "
-    "user play next? Answer with one title from the candidates. The answer is",
-    "Games played so far: [HistoryHere]. Candidate games: [CansHere]. Pick the single game "
-    "this user is most likely to play next. The answer is",
+    "This user has played [HistoryHere] in the previous. Given the following 10 game "
+    "titles, [CansHere], recommend one game for this user to play next. The game title you "
+    "recommend is",
+    "The visit history of this user is [HistoryHere]. Recommend a next game for this user "
+    "to play from the following game title set, [CansHere]. The recommendation should "
+    "contain one game title only. The recommendation is",
   ),
   "movielens": (
-    "This user has watched [HistoryHere] in the previous. Please predict the next movie this "
-    "user will watch. The movie title candidates are [CansHere]. Choose only one movie from "
-    "the candidates. The answer is",
-    "Given the movies [HistoryHere] this user watched before, which of [CansHere] will the "
-    "user watch next? Answer with one title from the candidates. The answer is",
-    "Movies watched so far: [HistoryHere]. Candidate movies: [CansHere]. Pick the single "
-    "movie this user is most likely to watch next. The answer is",
+    "This user has watched [HistoryHere] in the previous. Please predict the next movie "
+    "this user will watch. Choose the answer from the following 10 movie titles: "
+    "[CansHere]. Answer:",
+    "This user has watched [HistoryHere] in the previous. Given the following 10 movie "
+    "titles: [CansHere], recommend one movie for this user to watch next. The movie title "
+    "you recommend is:",
+    "The visit history of this user is: [HistoryHere]. Recommend a next movie for this "
+    "user to watch from the following movie title set: [CansHere]. The recommendation "
+    "should contain one movie title only. Recommendation:",
   ),
   "lastfm": (
-    "This user has listened to [HistoryHere] in the previous. Please predict the next artist "
-    "this user will listen to. The artist candidates are [CansHere]. Choose only one artist "
-    "from the candidates. The answer is",
-    "Given the artists [HistoryHere] this user listened to before, which of [CansHere] will "
-    "the user listen to next? Answer with one artist from the candidates. The answer is",
-    "Artists heard so far: [HistoryHere]. Candidate artists: [CansHere]. Pick the single "
-    "artist this user is most likely to listen to next. The answer is",
+    "This user has listened to [HistoryHere] in the previous. Please predict the next "
+    "music artist this user will listen to. The artist name candidates are [CansHere]. "
+    "Choose only one artist from the candidates. The answer is",
+    "This user has listened to [HistoryHere] in the previous. Given the following 10 music "
+    "artist names, [CansHere], recommend one artist for this user to listen to next. The "
+    "artist name you recommend is",
+    "The listening history of this user is [HistoryHere]. Recommend the next music artist "
+    "for this user to listen to from the following artist name set, [CansHere]. The "
+    "recommendation should contain one artist's name only. The recommendation is",
   ),
 }
 TEMPLATES["synthetic"] = TEMPLATES["steam"]
+
+# `templates_digest` of the templates code before 2026-12-07 wrote (the first Steam one the
+# original's, the others its own): what its checkpoints, which record none, were trained on.
+OLDER_DIGESTS = {
+  "steam": "5d8451ac9a25fbd2",
+  "movielens": "2d460409248f8cfa",
+  "lastfm": "0dc290193f146d2b",
+  "synthetic": "5d8451ac9a25fbd2",
+}
+
+
+def templates_digest(dataset: str) -> str:
+  """A digest of `dataset`'s template texts: a run records it, so that a resume, an
+  evaluation and a comparison of runs notice prompts of other wording."""
+  return hashlib.sha1("\n".join(TEMPLATES[dataset]).encode()).hexdigest()[:16]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -395,7 +395,11 @@ def comparison(
         rows.append((label, _no_final(theirs[name], split, compare[name], sasrec_row)))
       elif other.get("candidates") != rec.get("candidates"):
         rows.append(
-          (label, "different candidates (data, rows or candidate_seed differ): not comparable")
+          (
+            label,
+            "different candidates (data, rows, candidate_seed or prompt templates differ): "
+            "not comparable",
+          )
         )
       else:
         rows.append((label, {k: other.get(k) for k in COMPARE_KEYS}))

@@ -839,6 +839,8 @@ class Evaluator:
     digest.update(np.ascontiguousarray(self.target[self.idx], np.int64).tobytes())
     if np.any(self.templates[self.idx]):  # Other prompts, other results (template 0: as before).
       digest.update(np.ascontiguousarray(self.templates[self.idx], np.int64).tobytes())
+    # Their wording: runs of code before 2026-12-07 (other templates) pair with none of this.
+    digest.update(prompts.templates_digest(cfg.data.name).encode())
     self.fingerprint = digest.hexdigest()[:16]
     # The order the rows are evaluated in: by prompt length, so each batch pads less.
     self.order = np.arange(rows)
@@ -1326,6 +1328,29 @@ def same_settings(saved: dict) -> dict:
   return {k: v for k, v in SAME_SETTINGS.items() if k != "llm"}
 
 
+# The settings' key of the prompt templates' digest (`prompts.templates_digest`).
+PROMPTS = "prompt templates"
+
+
+def run_prompts(saved: dict) -> str | None:
+  """The prompt templates' digest a checkpoint's `saved` settings record; for one of older
+  code, which records none, that of the templates that code wrote (None: unknown)."""
+  return saved.get(PROMPTS, prompts.OLDER_DIGESTS.get(saved.get("data")))
+
+
+def _check_same_prompts(saved: dict, settings: dict, directory: str) -> None:
+  """Refuses to resume a run trained on prompt templates of other wording than this code's
+  (`run_prompts`): the rest of it would train and select on other prompts."""
+  theirs = run_prompts(saved)
+  if theirs not in (None, settings[PROMPTS]):
+    raise UserError(
+      f"the checkpoint in {directory} was trained on prompt templates of other wording "
+      f"(digest {theirs}) than this code writes ({settings[PROMPTS]}; code before "
+      "2026-12-07 wrote its own, this code the original's): finish the run with the code "
+      "that started it, or start it again in another --workdir"
+    )
+
+
 def numerics_settings(config, bos, slots: int, sas_params, titles: dict[int, str]) -> dict:
   """Settings beyond the model's shape that a resumed run must share with its checkpoint:
   the prompt's first token (`bos`, the prompt builder's), the items' `titles` (a digest: the
@@ -1333,10 +1358,11 @@ def numerics_settings(config, bos, slots: int, sas_params, titles: dict[int, str
   optimizer's clip and decay, which SASRec is frozen (and its heads), the step order's
   bucketing, and the candidates: how many each prompt lists (the training prompts hold them)
   and the seed of the evaluation's fixed sets (the val metric that selects the weights
-  compares epochs on one set)."""
+  compares epochs on one set), and the prompt templates' wording (`PROMPTS`)."""
   return checkpointing.jsonable(
     {
       "bos": bos,
+      PROMPTS: prompts.templates_digest(config.data.name),
       "data.titles": titles_fingerprint(titles),
       "llm.dtype, param_dtype": [config.llm.dtype, config.llm.param_dtype],
       "target_slots": slots,
@@ -1517,6 +1543,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       latest = found.latest_step()
       if latest is not None:
         latest_meta = found.restore_meta(latest)
+        _check_same_prompts(latest_meta["settings"], settings, found.directory)
         checkpointing.check_same_settings(
           *router_read(latest_meta["settings"], settings),
           found.directory,
@@ -1919,6 +1946,14 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
     raise UserError(
       f"checkpoint {step} in {ckpt.directory} was made with other model settings "
       f"({'; '.join(diffs)}); {advice}"
+    )
+  theirs, ours = run_prompts(saved), settings.get(PROMPTS)
+  if None not in (theirs, ours) and theirs != ours:
+    console.info(
+      f"warning: checkpoint {step} in {ckpt.directory} was trained on prompt templates of "
+      "other wording than this code writes (code before 2026-12-07 wrote its own, this code "
+      "the original's): it reads this code's now, so its metrics and rankings may differ "
+      "from the run's own"
     )
   if saved.get("data.titles") not in (None, settings.get("data.titles")):
     console.info(

@@ -70,7 +70,9 @@ class _Builder:
 
 def _config(**ilora):
   c = ml_collections.ConfigDict()
-  c.data = ml_collections.ConfigDict({"num_candidates": N_CANDS, "candidate_seed": 3})
+  c.data = ml_collections.ConfigDict(
+    {"name": "movielens", "num_candidates": N_CANDS, "candidate_seed": 3}
+  )
   c.ilora = ml_collections.ConfigDict(
     dict(
       eval_rows=10,
@@ -290,11 +292,13 @@ def test_prompts_are_left_padded_template_0_without_answers():
 def test_eval_template_picks_each_rows_prompt_and_joins_the_fingerprint():
   """`ilora.eval_template`: one template for every row, or (-1) one per row drawn from the
   candidate seed, as the original draws one per batch; the fingerprint that pairs runs' rows
-  holds any template but 0 (template 0's fingerprint is the candidates' and targets' alone, as
-  before the setting)."""
+  holds any template but 0 (template 0's: the candidates' and targets' alone, as before the
+  setting) and the templates' wording (the digest of the original's movie.txt, recorded in
+  test_prompts), which code before 2026-12-07 did not hold: its runs' templates were others."""
   zero, _, _ = _evaluator()
   digest = hashlib.sha1(np.ascontiguousarray(zero.cands[zero.idx], np.int64).tobytes())
   digest.update(np.ascontiguousarray(zero.target[zero.idx], np.int64).tobytes())
+  digest.update(b"234855b6f6250373")
   assert zero.fingerprint == digest.hexdigest()[:16]
   two, _, _ = _evaluator(eval_template=2)
   np.testing.assert_array_equal(two.prompts(np.array([3, 1])).template, [2, 2])

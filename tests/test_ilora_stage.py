@@ -92,12 +92,19 @@ def test_ilora_resume_matches_uninterrupted(pipeline, tmp_path):
   line = assert_one_line_error(refused, "other settings", "bos: checkpoint []")
   with open(os.path.join(workdir, "config.json")) as f:
     assert json.load(f)["llm"]["bos"] == "auto", line
-  older = _as_if_saved_by_older_code(copy_of(workdir, tmp_path / "older"))
+  older = _as_if_saved_by_older_code(copy_of(workdir, tmp_path / "older"), "prompt templates")
+  oldest = _as_if_saved_by_older_code(copy_of(workdir, tmp_path / "oldest"))
   second = _ilora(workdir)
   assert second.returncode == 0, second.stderr
   assert "resumed from step 3" in second.stderr
   assert ilora_records(workdir) == ilora_records(full_dir)
-  # A checkpoint of code that recorded fewer settings: its plain step order is known, the
+  # A checkpoint of code that recorded no prompt templates was trained on that code's own:
+  # refused by them.
+  refused = _ilora(oldest)
+  assert_one_line_error(
+    refused, "was trained on prompt templates of other wording (digest 5d8451ac9a25fbd2)"
+  )
+  # One that recorded fewer settings but these templates: its plain step order is known, the
   # rest is not compared.
   refused = _ilora(older)
   assert_one_line_error(refused, "ilora.bucket_window: checkpoint 1 vs config 16")
@@ -139,11 +146,13 @@ def _ilora(workdir, *overrides: str):
   return run_cli(TINY, f"--workdir={workdir}", "--config.stage=ilora", *overrides)
 
 
-def _as_if_saved_by_older_code(workdir):
-  """`workdir` with its checkpoints' settings cut to those recorded before d89df9d."""
+def _as_if_saved_by_older_code(workdir, *kept: str):
+  """`workdir` with its checkpoints' settings cut to those recorded before d89df9d (and
+  `kept`)."""
   import glob
 
   older = ("llm", "lora", "router", "data", "batch", "total_steps", "seed", "lr", "train_rows")
+  older += kept
   paths = glob.glob(os.path.join(workdir, "checkpoints", "ilora", "*", "meta", "metadata"))
   assert paths
   for path in paths:
@@ -459,6 +468,7 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(
     "data.num_candidates": config.data.num_candidates,
     "data.candidate_seed": config.data.candidate_seed,
     "llm_weights": None,  # A random preset: its name and init decide (files get a digest).
+    "prompt templates": "8c5f4365d21c5f0b",  # Steam's (the original's game.txt).
   }
   assert checkpointing.jsonable(expected) == su.settings
   ckpt = checkpointing.StageCheckpoints(pipeline_dir, "ilora", 1, False, read_only=True)
@@ -755,6 +765,11 @@ def test_training_candidates_are_drawn_anew_each_epoch(setup_tiny):
       assert not history & set(cands[r].tolist())
 
 
+def _holds(seq: list, part: list) -> bool:
+  """Whether `part` runs contiguously in `seq`."""
+  return any(seq[i : i + len(part)] == part for i in range(len(seq) - len(part) + 1))
+
+
 def test_each_micro_batch_draws_its_template_and_form(setup_tiny):
   """The original draws a template per batch and accumulates gradients over batches: here each
   micro-batch of a step has its own template and hybrid or text-only form, text-only at step
@@ -764,7 +779,8 @@ def test_each_micro_batch_draws_its_template_and_form(setup_tiny):
 
   config, su, _ = setup_tiny
   builder = su.parts.builder
-  heads = [t[0] for t in builder.templates]
+  # Each template's text before the history and after it (two of Steam's begin alike).
+  heads = [(t[0], t[1]) for t in builder.templates]
   marks = {builder.special_ids[prompts.HISTORY], builder.special_ids[prompts.PLACEHOLDER]}
   accum, total = 8, 4
   drawn = {}
@@ -777,7 +793,9 @@ def test_each_micro_batch_draws_its_template_and_form(setup_tiny):
       forms, templates = set(), set()
       for ids in host["input_ids"][a].tolist():
         body = ids[len(builder.bos) :]
-        templates |= {t for t, h in enumerate(heads) if body[: len(h)] == h}
+        templates |= {
+          t for t, (h, m) in enumerate(heads) if body[: len(h)] == h and _holds(body, m)
+        }
         forms.add(builder.special_ids[prompts.HISTORY] in ids)
         assert marks & set(ids)
       assert len(forms) == 1 and len(templates) == 1, (step, a, forms, templates)

@@ -1,5 +1,7 @@
 """Hybrid prompts: placeholder positions, the loss mask and padding, with a toy tokenizer."""
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -81,6 +83,22 @@ def test_every_dataset_has_three_templates_with_both_slots():
     assert len(templates) == 3, name
     for t in templates:
       assert t.count("[HistoryHere]") == 1 and t.count("[CansHere]") == 1
+
+
+def test_templates_are_the_originals_wording():
+  """Each data set's three templates are the lines of the original's prompt file (LLaRA's
+  prompt/game.txt for Steam, movie.txt, artist.txt for LastFM, which the iLoRA code reads),
+  stripped as it strips them: the SHA-1 of those lines joined by newlines, computed from the
+  files, is recorded here. Code before 2026-12-07 wrote other templates for every data set
+  (all but Steam's first its own), whose digests its checkpoints are known by."""
+  want = {"steam": "8c5f4365d21c5f0b", "movielens": "234855b6f6250373",
+          "lastfm": "ec67243239e3c647"}  # fmt: skip
+  for name, digest in want.items():
+    assert hashlib.sha1("\n".join(prompts.TEMPLATES[name]).encode()).hexdigest()[:16] == digest
+    assert prompts.templates_digest(name) == digest
+  assert prompts.templates_digest("synthetic") == want["steam"]
+  assert set(prompts.OLDER_DIGESTS) == set(prompts.TEMPLATES)
+  assert not set(prompts.OLDER_DIGESTS.values()) & set(want.values())
 
 
 def test_titles_and_answers_are_encoded_once_per_item():
@@ -255,8 +273,9 @@ def _text(ids):
 def test_prompt_is_the_documented_text_written_by_hand():
   """REFERENCE.md item 3 and 4 for one row, written out by hand: the history in the row's own
   (not sorted) order, the candidates in theirs, each `<title> <marker>`, joined with ", "; the
-  target only after "The answer is", as ` <title>\\n`, the only tokens under the loss; the
-  padding is the pad id; each placeholder gets its own item and nothing else gets one."""
+  target only after the template's end ("Answer:"), as ` <title>\\n`, the only tokens under
+  the loss; the padding is the pad id; each placeholder gets its own item and nothing else
+  gets one. The text is the original's first MovieLens template (LLaRA's prompt/movie.txt)."""
   builder = prompts.PromptBuilder(
     _encode, SPECIAL, pad_id=7, titles=TITLES, n_items=5, dataset="movielens", bos_id=1
   )
@@ -267,8 +286,8 @@ def test_prompt_is_the_documented_text_written_by_hand():
   assert np.all(ids[n:] == 7) and np.all(items[n:] == 5) and not loss[n:].any()
   prompt = (
     "This user has watched Brazil [HistoryEmb], Heat [HistoryEmb], Fargo [HistoryEmb] in the "
-    "previous. Please predict the next movie this user will watch. The movie title candidates "
-    "are Ran [CansEmb], Alien [CansEmb]. Choose only one movie from the candidates. The answer is"
+    "previous. Please predict the next movie this user will watch. Choose the answer from the "
+    "following 10 movie titles: Ran [CansEmb], Alien [CansEmb]. Answer:"
   )
   assert _text(ids[1:n][loss[1:n] == 0]) == prompt
   assert _text(ids[loss == 1]) == " Alien\n"

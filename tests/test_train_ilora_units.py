@@ -538,7 +538,7 @@ def _full_config(**llm):
 NUMERICS_KEYS = {
   "bos", "data.titles", "llm.dtype, param_dtype", "target_slots", "ilora.train.clip_norm",
   "weight_decay", "sasrec", "llm_weights", "sasrec.num_heads", "ilora.bucket_window",
-  "data.num_candidates", "data.candidate_seed",
+  "data.num_candidates", "data.candidate_seed", "prompt templates",
 }  # fmt: skip
 
 
@@ -556,6 +556,8 @@ def test_numerics_settings_record_what_a_resume_must_share():
   assert got["sasrec"] == "10 weights, |w| sum 14" and got["sasrec.num_heads"] == 2
   assert got["ilora.bucket_window"] == 4
   assert (got["data.num_candidates"], got["data.candidate_seed"]) == (12, 77)
+  # The tiny config's synthetic data reads Steam's templates: the original's game.txt.
+  assert got["prompt templates"] == "8c5f4365d21c5f0b"
   other = train_ilora.numerics_settings(config, 5, 24, _params(), {0: "Heat", 1: "Ran"})
   assert other["data.titles"] != got["data.titles"]
   config.train.weight_decay = 0.25  # `config.train.*` overrides the stage's (`stage_train`).
@@ -677,6 +679,40 @@ def test_a_router_field_its_kind_reads_is_compared():
     saved = {**SAVED, "router": {"kind": kind, "hidden": 64, "shortcut": "pad"}}
     running = {**saved, "router": {**saved["router"], field: values[1]}}
     assert f"router.{field} {values[0]!r} vs config {values[1]!r}" in _refusal(saved, running)
+
+
+def test_weights_trained_on_other_prompt_templates_are_warned_of(capsys):
+  """`stage=evaluate` and `recommend` on a run trained on prompt templates of other wording
+  (a checkpoint of code before 2026-12-07 records none: its data set's templates of then)
+  warn that the evaluation reads this code's; the same wording, or a data set whose older
+  templates are unknown, says nothing."""
+  ours = {**SAVED, "prompt templates": "ec67243239e3c647"}  # LastFM's, the original's.
+  for saved in (SAVED, {**SAVED, "prompt templates": "0dc290193f146d2b"}):
+    err = _check(saved, ours, capsys)
+    want = "warning: checkpoint 7 in /runs/w/checkpoints/ilora was trained on prompt templates"
+    assert err.startswith(f"{want} of other wording than this code writes"), err
+    assert "its metrics and rankings may differ from the run's own" in err and err.count("\n") == 1
+  assert _check(ours, ours, capsys) == ""
+  custom = {**ours, "data": "custom"}
+  assert _check({**SAVED, "data": "custom"}, custom, capsys) == ""
+
+
+def test_a_resume_on_other_prompt_templates_is_refused():
+  """A run trained on templates of other wording (older code's, which its checkpoints do not
+  record, or another digest) is not resumed: the rest would train on other prompts."""
+  ours = {"data": "movielens", "prompt templates": "234855b6f6250373"}
+  train_ilora._check_same_prompts(dict(ours), ours, "/w/checkpoints/ilora")
+  train_ilora._check_same_prompts({"data": "custom"}, ours, "/w/checkpoints/ilora")
+  for saved in ({"data": "movielens"}, {**ours, "prompt templates": "0123"}):
+    with pytest.raises(UserError) as err:
+      train_ilora._check_same_prompts(saved, ours, "/w/checkpoints/ilora")
+    theirs = saved.get("prompt templates", "2d460409248f8cfa")
+    assert str(err.value) == (
+      f"the checkpoint in /w/checkpoints/ilora was trained on prompt templates of other "
+      f"wording (digest {theirs}) than this code writes (234855b6f6250373; code before "
+      "2026-12-07 wrote its own, this code the original's): finish the run with the code "
+      "that started it, or start it again in another --workdir"
+    )
 
 
 def test_check_model_settings_without_settings_reads_nothing():
