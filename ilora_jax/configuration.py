@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from ml_collections import ConfigDict
 
-from ilora_jax.errors import UserError
+from ilora_jax.errors import UserError, unloadable
 
 STAGES = ("sasrec", "ilora", "pipeline", "evaluate")
 DATASETS = ("lastfm", "movielens", "steam", "synthetic")
@@ -294,7 +294,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
 
   config = _parsed(config_flags.DEFINE_config_file, None, overrides, [f"--config={path}"])
   if not isinstance(config, ConfigDict):
-    raise UserError(f"cannot load config file {path}: not found or not a config file")
+    raise unloadable("config", path)
   return config
 
 

@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 
 from ilora_jax import distributed
-from ilora_jax.errors import UserError, plain_int, require_file
+from ilora_jax.errors import UserError, plain_int, require_file, tilde_hint
 from ilora_jax.safe_pickle import load_dataframe
 
 SPLITS = ("train", "val", "test")
@@ -557,8 +557,7 @@ def load_from_config(config, workdir: str) -> Dataset:
     )
   if not os.path.isdir(directory):
     what = "is a file, not a folder" if os.path.exists(directory) else "not found"
-    hint = " ('~' is not expanded here: give the full path)" if directory.startswith("~") else ""
-    raise UserError(f"data folder {what}: {directory} (set config.data.dir){hint}")
+    raise UserError(f"data folder {what}: {directory} (set config.data.dir){tilde_hint(directory)}")
   if not os.access(directory, os.R_OK | os.X_OK):  # Its files would read as "not found".
     raise UserError(f"data folder is not readable: {directory}")
   titles_path = titles_file(data, directory)

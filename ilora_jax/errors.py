@@ -46,10 +46,16 @@ def require(condition: bool, message: str) -> None:
     raise UserError(message)
 
 
+def tilde_hint(path: str) -> str:
+  """A missing path's hint where it starts with '~', which no shell expands after
+  `--flag=` (and a config file's value is never expanded): '' otherwise."""
+  return " ('~' is not expanded here: give the full path)" if path.startswith("~") else ""
+
+
 def require_file(path: str, what: str) -> str:
   """Returns `path` if it names a readable file, else raises a `UserError` naming `what`."""
   if not os.path.exists(path):
-    raise UserError(f"{what} not found: {path}")
+    raise UserError(f"{what} not found: {path}{tilde_hint(path)}")
   if not os.path.isfile(path):
     raise UserError(f"{what} is not a file: {path}")
   if not os.access(path, os.R_OK):
@@ -179,8 +185,14 @@ def _unloadable(what: str, argv: Sequence[str]) -> UserError:
   """The `what` file given could not be loaded (a missing file: ml_collections reports it
   only when the config is first used, by `loaded_config` or by an override)."""
   paths = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")]
-  path = paths[-1] if paths else "?"  # The last one given counts, as for absl.
-  return UserError(f"cannot load {what} file {path}: not found or not a {what} file")
+  return unloadable(what, paths[-1] if paths else "?")  # The last one given counts, as for absl.
+
+
+def unloadable(what: str, path: str) -> UserError:
+  """The `what` (config or grid) file at `path` is missing or defines no config."""
+  return UserError(
+    f"cannot load {what} file {path}: not found or not a {what} file{tilde_hint(path)}"
+  )
 
 
 HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "--helpfull", "-?")  # As absl's app.

@@ -1333,7 +1333,7 @@ def parse(argv: list[str]) -> tuple[ConfigDict, str, str]:
     raise UserError("--grid is required, e.g. --grid=configs/experiments/negative_transfer.py")
   grid = _GRID.value
   if not isinstance(grid, ConfigDict):
-    raise UserError(f"cannot load grid file {grid_arg}: not found or not a grid file")
+    raise errors.unloadable("grid", grid_arg)
   grid = complete(grid, grid_arg)
   if not _WORKDIR.value:
     raise UserError("--workdir is required")

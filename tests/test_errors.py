@@ -504,6 +504,35 @@ def test_loaded_config():
   assert str(raised.value) == "cannot load config file b.py: not found or not a config file"
 
 
+def test_a_missing_path_given_with_a_tilde_says_it_is_not_expanded(tmp_path, monkeypatch):
+  """`--config=~/c.py` or `--config.sasrec.init_from=~/x.pt`: no shell expands a '~' after
+  '=', so the file is looked for under a folder named '~': the one line says so (found while
+  checking paths by hand). A path without '~' gets no hint; one that exists is not refused."""
+  from ilora_jax import configuration
+
+  hint = " ('~' is not expanded here: give the full path)"
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(UserError) as raised:
+    errors.loaded_config(None, ["p", "--config=~/c.py"])
+  assert (
+    str(raised.value) == f"cannot load config file ~/c.py: not found or not a config file{hint}"
+  )
+  with pytest.raises(UserError) as raised:
+    configuration.load("~/nowhere/c.py")
+  assert str(raised.value).endswith(f"not a config file{hint}")
+  with pytest.raises(UserError) as raised:
+    errors.require_file("~/x.pt", "checkpoint")
+  assert str(raised.value) == f"checkpoint not found: ~/x.pt{hint}"
+  with pytest.raises(UserError) as raised:
+    errors.require_file(str(tmp_path / "x.pt"), "checkpoint")
+  assert str(raised.value) == f"checkpoint not found: {tmp_path / 'x.pt'}"
+  (tmp_path / "~").mkdir()
+  (tmp_path / "~" / "x.pt").write_bytes(b"")  # A folder named '~' here: read as given.
+  assert errors.require_file("~/x.pt", "checkpoint") == "~/x.pt"
+  want = f"cannot load grid file ~/g.py: not found or not a grid file{hint}"
+  assert str(errors.unloadable("grid", "~/g.py")) == want
+
+
 def test_an_unopenable_flagfile_is_named():
   exc = flags.CantOpenFlagFileError("ERROR:: Unable to open flagfile: gone.txt")
   failed = errors._flagfile_error(exc, ["p"])
