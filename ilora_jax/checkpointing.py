@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from ilora_jax.errors import UserError
+from ilora_jax.files import checkpoint_folder
 
 # Tests only: "STAGE:STEP" SIGKILLs this process right after the save of that step of that
 # stage's checkpoints (the folder's name: "ilora", "ilora_best", "sasrec") has started.
@@ -63,7 +64,7 @@ class StageCheckpoints:
   ):
     """`read_only`: only restores, so no folder is created (an evaluation or a recommendation
     of a workdir without the stage's checkpoints leaves no empty `checkpoints/` behind)."""
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints", stage))
+    self.directory = os.path.abspath(checkpoint_folder(workdir, stage))
     self.stage = stage
     # Opened to write, the temporary folders of saves a kill left unfinished are removed
     # first: a step saved again beside one was never deleted by `max_to_keep`.

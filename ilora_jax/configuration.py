@@ -37,7 +37,9 @@ def lower_lr_advice(stage: str, workdir: str, folders: Sequence[str]) -> str:
   lower learning rate. A resume keeps the run's rate (a setting its checkpoints record, in
   `checkpoints/<folder>` for each of the stage's `folders`: iLoRA's selected weights too),
   and `config.train.lr` sets both stages' (a pipeline's finished SASRec refuses another)."""
-  kept = [p for n in folders if os.path.isdir(p := os.path.join(workdir, "checkpoints", n))]
+  from ilora_jax.files import checkpoint_folder
+
+  kept = [p for n in folders if os.path.isdir(p := checkpoint_folder(workdir, n))]
   rate = (
     f"lower the learning rate (config.{stage}.train.lr; config.train.lr where the command sets it)"
   )

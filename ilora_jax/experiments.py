@@ -83,7 +83,7 @@ from ml_collections import ConfigDict
 from ilora_jax import configuration, errors, report
 from ilora_jax import metrics as metrics_lib
 from ilora_jax.errors import UserError, cli_main, parse_flags, require_file
-from ilora_jax.files import atomic_write, workdir_lock
+from ilora_jax.files import atomic_write, checkpoint_folder, workdir_lock
 
 _GRID = errors.define_config_file(
   "grid", None, "Path to a grid file (configs/experiments/*.py).", lock_config=True
@@ -367,7 +367,7 @@ def check_sasrec(grid: ConfigDict, runs: list[Run]) -> None:
   if not path:
     return
   if os.path.isdir(path):
-    folder = os.path.join(path, "checkpoints", "sasrec")
+    folder = checkpoint_folder(path, "sasrec")
     steps = os.listdir(folder) if os.path.isdir(folder) else []
     if not any(name.isdigit() for name in steps):
       raise UserError(

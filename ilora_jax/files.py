@@ -11,6 +11,12 @@ from collections.abc import Iterator
 from typing import IO
 
 
+def checkpoint_folder(workdir: str, stage: str) -> str:
+  """Where `workdir` keeps `stage`'s checkpoints: `checkpoints/<stage>` (sasrec, ilora, and
+  ilora_best, the weights `ilora.select_by` picked)."""
+  return os.path.join(workdir, "checkpoints", stage)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """Yields a temporary path next to `path` to write to; when the block ends without an

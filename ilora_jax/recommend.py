@@ -44,6 +44,7 @@ import numpy as np
 
 from ilora_jax.data import YEAR_SUFFIX, article_first
 from ilora_jax.errors import HELP_FLAGS, UserError, cli_main, counted, parse_flags, print_help
+from ilora_jax.files import checkpoint_folder
 
 TITLE_PREFIX = "title:"  # `title:T`: T is a title, even when it looks like an id.
 _ID = re.compile(r"#([0-9]+)")  # `#N`: item id N.
@@ -303,7 +304,7 @@ class Recommender:
 
     model = config.llm.get("name", "")
     # The run's SASRec, else (the ilora stage reads it only then) sasrec.init_from's.
-    own = os.path.join(workdir, "checkpoints", "sasrec")
+    own = checkpoint_folder(workdir, "sasrec")
     try:
       own_sasrec = any(n.isdigit() for n in os.listdir(own))
     except OSError:  # None there (or unreadable: its restore says so).

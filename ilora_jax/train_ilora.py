@@ -55,7 +55,7 @@ from ilora_jax.data import (
   titles_fingerprint,
 )
 from ilora_jax.errors import UserError, counted
-from ilora_jax.files import atomic_write
+from ilora_jax.files import atomic_write, checkpoint_folder
 from ilora_jax.metrics import (
   MetricsLog,
   generation_metrics,
@@ -1995,7 +1995,7 @@ def require_checkpoint(workdir: str) -> None:
   """Refuses a workdir without an ilora checkpoint (latest or selected) before the model is
   built: `restore_for_use`'s error, without minutes of loading an LLM first."""
   if not has_weights(workdir):
-    raise _no_checkpoint(os.path.join(workdir, "checkpoints", STAGE), workdir)
+    raise _no_checkpoint(checkpoint_folder(workdir, STAGE), workdir)
 
 
 def _no_checkpoint(directory: str, workdir: str) -> UserError:
