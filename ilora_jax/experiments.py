@@ -49,7 +49,8 @@ then exits with 128 + the signal number. After each run, at the end (and with
 sample standard deviation over seeds, the per-seed values, paired differences to the
 reference variant, per-group metrics and gate specialisation where the data has user groups;
 only runs evaluated on the same candidates are compared: runs on other candidates, as a
-variant of other `data.*` settings evaluates, get tables and a SASRec row of their own)
+variant of other `data.*` settings evaluates (or a run of code before 2026-12-07, on other
+prompt templates), get tables and a SASRec row of their own)
 and `W/plots/*.png` (removing figures of an earlier report that this one does not draw); when
 a run fails, the tables of the runs finished so far (by this or earlier invocations) are
 written before the failure's one `error:` line. The tables show every run of the grid found

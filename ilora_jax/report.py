@@ -12,7 +12,8 @@ Without --compare, the report compares with the runs the run itself named
 evaluated on the same candidates (base LLM, SASRec) and the final metrics of other runs named
 by `compare` (`config.report.compare`), e.g. a plain-LoRA run (`--config.lora.num_experts=1
 --config.lora.gate=constant`). A run is only compared when its candidate fingerprint equals
-this run's (same data, split, rows and `data.candidate_seed`); otherwise the row says so.
+this run's (same data, split, rows, `data.candidate_seed` and prompt templates); otherwise
+the row says so.
 """
 
 from __future__ import annotations

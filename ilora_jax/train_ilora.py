@@ -837,9 +837,9 @@ class Evaluator:
       self.templates = draw.integers(count, size=len(self.split))
     digest = hashlib.sha1(np.ascontiguousarray(self.cands[self.idx], np.int64).tobytes())
     digest.update(np.ascontiguousarray(self.target[self.idx], np.int64).tobytes())
-    if np.any(self.templates[self.idx]):  # Other prompts, other results (template 0: as before).
-      digest.update(np.ascontiguousarray(self.templates[self.idx], np.int64).tobytes())
-    # Their wording: runs of code before 2026-12-07 (other templates) pair with none of this.
+    # Each row's template and the templates' wording: other prompts, other results (the
+    # records of code before 2026-12-07, whose templates were others, pair with none of these).
+    digest.update(np.ascontiguousarray(self.templates[self.idx], np.int64).tobytes())
     digest.update(prompts.templates_digest(cfg.data.name).encode())
     self.fingerprint = digest.hexdigest()[:16]
     # The order the rows are evaluated in: by prompt length, so each batch pads less.
@@ -1338,16 +1338,27 @@ def run_prompts(saved: dict) -> str | None:
   return saved.get(PROMPTS, prompts.OLDER_DIGESTS.get(saved.get("data")))
 
 
-def _check_same_prompts(saved: dict, settings: dict, directory: str) -> None:
+# Whose templates differ from this code's: where a run's `run_prompts` is not its own.
+_OLDER_TEMPLATES = "code before 2026-12-07 wrote its own, this code the original's"
+
+
+def _check_same_prompts(saved: dict, settings: dict, directory: str, finished: bool) -> None:
   """Refuses to resume a run trained on prompt templates of other wording than this code's
-  (`run_prompts`): the rest of it would train and select on other prompts."""
-  theirs = run_prompts(saved)
-  if theirs not in (None, settings[PROMPTS]):
+  (`run_prompts`): the rest of it would train and select on other prompts. `finished`: the
+  checkpoint is the run's last step (its command only evaluates again)."""
+  theirs, ours = run_prompts(saved), settings.get(PROMPTS)
+  if None not in (theirs, ours) and theirs != ours:
+    workdir = os.path.dirname(os.path.dirname(directory))
+    advice = (
+      f"the run has finished: python -m ilora_jax.report --workdir={workdir} rebuilds its "
+      "report, --config.stage=evaluate scores it on this code's prompts"
+      if finished
+      else "finish the run with the code that started it, or start it again in another --workdir"
+    )
     raise UserError(
       f"the checkpoint in {directory} was trained on prompt templates of other wording "
-      f"(digest {theirs}) than this code writes ({settings[PROMPTS]}; code before "
-      "2026-12-07 wrote its own, this code the original's): finish the run with the code "
-      "that started it, or start it again in another --workdir"
+      f"(digest {theirs}) than this code writes ({ours}; {_OLDER_TEMPLATES}): "
+      f"{advice}"
     )
 
 
@@ -1543,7 +1554,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       latest = found.latest_step()
       if latest is not None:
         latest_meta = found.restore_meta(latest)
-        _check_same_prompts(latest_meta["settings"], settings, found.directory)
+        finished = latest >= settings["total_steps"]
+        _check_same_prompts(latest_meta["settings"], settings, found.directory, finished)
         checkpointing.check_same_settings(
           *router_read(latest_meta["settings"], settings),
           found.directory,
@@ -1860,6 +1872,7 @@ def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
         f"{kept.get('select_by')}: resume with --config.ilora.select_by="
         f"{kept.get('select_by')!r}, or remove that folder to select anew"
       )
+    _check_same_prompts(kept["settings"], settings, best.directory, False)
     checkpointing.check_same_settings(
       *router_read(kept["settings"], settings),
       best.directory,
@@ -1951,9 +1964,8 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
   if None not in (theirs, ours) and theirs != ours:
     console.info(
       f"warning: checkpoint {step} in {ckpt.directory} was trained on prompt templates of "
-      "other wording than this code writes (code before 2026-12-07 wrote its own, this code "
-      "the original's): it reads this code's now, so its metrics and rankings may differ "
-      "from the run's own"
+      f"other wording than this code writes ({_OLDER_TEMPLATES}): it reads this code's now, "
+      "so its metrics and rankings may differ from the run's own"
     )
   if saved.get("data.titles") not in (None, settings.get("data.titles")):
     console.info(

@@ -292,12 +292,13 @@ def test_prompts_are_left_padded_template_0_without_answers():
 def test_eval_template_picks_each_rows_prompt_and_joins_the_fingerprint():
   """`ilora.eval_template`: one template for every row, or (-1) one per row drawn from the
   candidate seed, as the original draws one per batch; the fingerprint that pairs runs' rows
-  holds any template but 0 (template 0's: the candidates' and targets' alone, as before the
-  setting) and the templates' wording (the digest of the original's movie.txt, recorded in
-  test_prompts), which code before 2026-12-07 did not hold: its runs' templates were others."""
+  holds the rows' candidates, targets and templates and the templates' wording (the digest of
+  the original's movie.txt, recorded in test_prompts), which code before 2026-12-07 did not
+  hold: its runs' templates were others."""
   zero, _, _ = _evaluator()
   digest = hashlib.sha1(np.ascontiguousarray(zero.cands[zero.idx], np.int64).tobytes())
   digest.update(np.ascontiguousarray(zero.target[zero.idx], np.int64).tobytes())
+  digest.update(np.zeros(len(zero.idx), np.int64).tobytes())  # Template 0 for every row.
   digest.update(b"234855b6f6250373")
   assert zero.fingerprint == digest.hexdigest()[:16]
   two, _, _ = _evaluator(eval_template=2)

@@ -8,6 +8,7 @@ saves, selects, restores and prints against values worked out by hand, in second
 """
 
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -482,6 +483,19 @@ def test_resumes_selecting_otherwise_or_of_other_settings_are_refused(fake, tmp_
   with pytest.raises(UserError) as err:
     train_ilora.run(_config(), workdir)
   assert str(err.value) == _other_settings(best, 2)
+  assert [open(p).read() for p in paths] == before
+  # Kept weights of code before 2026-12-07 (no templates recorded: its LastFM ones) are
+  # refused by their prompt templates (found by a review: only the step checkpoints were).
+  fake.settings.update({"seed": 0, "data": "lastfm", "prompt templates": "ec67243239e3c647"})
+  for path in glob.glob(os.path.join(best, "*", "meta", "metadata")):
+    with open(path) as f:
+      meta = json.load(f)
+    meta["settings"] = {k: v for k, v in fake.settings.items() if k != "prompt templates"}
+    with open(path, "w") as f:
+      json.dump(meta, f)
+  with pytest.raises(UserError, match=rf"^the checkpoint in {re.escape(best)} was trained on "
+                     r"prompt templates of other wording \(digest 0dc290193f146d2b\)"):  # fmt: skip
+    train_ilora.run(_config(), workdir)
   assert [open(p).read() for p in paths] == before
 
 

@@ -693,26 +693,35 @@ def test_weights_trained_on_other_prompt_templates_are_warned_of(capsys):
     assert err.startswith(f"{want} of other wording than this code writes"), err
     assert "its metrics and rankings may differ from the run's own" in err and err.count("\n") == 1
   assert _check(ours, ours, capsys) == ""
-  custom = {**ours, "data": "custom"}
-  assert _check({**SAVED, "data": "custom"}, custom, capsys) == ""
+  unknown = {k: v for k, v in SAVED.items() if k != "data"}  # No data set: templates unknown.
+  assert _check(unknown, ours, capsys) == ""
 
 
 def test_a_resume_on_other_prompt_templates_is_refused():
   """A run trained on templates of other wording (older code's, which its checkpoints do not
   record, or another digest) is not resumed: the rest would train on other prompts."""
   ours = {"data": "movielens", "prompt templates": "234855b6f6250373"}
-  train_ilora._check_same_prompts(dict(ours), ours, "/w/checkpoints/ilora")
-  train_ilora._check_same_prompts({"data": "custom"}, ours, "/w/checkpoints/ilora")
+  train_ilora._check_same_prompts(dict(ours), ours, "/w/checkpoints/ilora", False)
+  train_ilora._check_same_prompts({}, ours, "/w/checkpoints/ilora", False)  # Data unknown.
+  head = (
+    "the checkpoint in /w/checkpoints/ilora was trained on prompt templates of other wording "
+    "(digest {}) than this code writes (234855b6f6250373; code before 2026-12-07 wrote its "
+    "own, this code the original's): "
+  )
   for saved in ({"data": "movielens"}, {**ours, "prompt templates": "0123"}):
     with pytest.raises(UserError) as err:
-      train_ilora._check_same_prompts(saved, ours, "/w/checkpoints/ilora")
+      train_ilora._check_same_prompts(saved, ours, "/w/checkpoints/ilora", False)
     theirs = saved.get("prompt templates", "2d460409248f8cfa")
-    assert str(err.value) == (
-      f"the checkpoint in /w/checkpoints/ilora was trained on prompt templates of other "
-      f"wording (digest {theirs}) than this code writes (234855b6f6250373; code before "
-      "2026-12-07 wrote its own, this code the original's): finish the run with the code "
-      "that started it, or start it again in another --workdir"
+    assert str(err.value) == head.format(theirs) + (
+      "finish the run with the code that started it, or start it again in another --workdir"
     )
+  # A finished run's command only evaluates again: the report and stage=evaluate are the ways.
+  with pytest.raises(UserError) as err:
+    train_ilora._check_same_prompts({"data": "movielens"}, ours, "/w/checkpoints/ilora", True)
+  assert str(err.value) == head.format("2d460409248f8cfa") + (
+    "the run has finished: python -m ilora_jax.report --workdir=/w rebuilds its report, "
+    "--config.stage=evaluate scores it on this code's prompts"
+  )
 
 
 def test_check_model_settings_without_settings_reads_nothing():
