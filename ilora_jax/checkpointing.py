@@ -119,7 +119,7 @@ class StageCheckpoints:
       if reason is None:
         raise
       at = self._pending if step is None else step
-      _drop_reports_of_failed_writes()
+      _drop_asyncio_reports("write")
       try:
         self._manager.reload()
         kept = self._manager.latest_step()
@@ -176,6 +176,10 @@ class StageCheckpoints:
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict]:
     """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""
+    # Orbax reads the arrays in tasks of its own: of damaged files, the failures other than
+    # the one raised are logged by asyncio as their tasks are collected, which may come
+    # before this read's one error line (a loaded machine showed one in a full test run).
+    _drop_asyncio_reports("read")
     try:
       restored = self._manager.restore(
         step,
@@ -244,23 +248,33 @@ class StageCheckpoints:
     self._closed = True
 
 
-class _DropWriteFailures(logging.Filter):
-  """Drops log records whose exception is a file-system write failure."""
+class _DropReports(logging.Filter):
+  """Drops log records of the failures `kind` names: "write" (a file-system write failure)
+  or "read" (a damaged checkpoint's, `_looks_damaged`)."""
+
+  def __init__(self, kind: str):
+    super().__init__()
+    self.kind = kind
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
     if exc is None:  # asyncio's "exception was never retrieved" may carry it in the message
-      return _write_failure_text(record.getMessage()) is None
-    return _write_failure(exc) is None
+      text = record.getMessage()
+      failed = _write_failure_text(text) if self.kind == "write" else _DAMAGE.search(text)
+      return not failed
+    if self.kind == "write":
+      return _write_failure(exc) is None
+    return not any(_looks_damaged(e) for e in _chain(exc))
 
 
-def _drop_reports_of_failed_writes() -> None:
-  """Once a failed write is reported as one `error:` line, asyncio's reports of the same failure
-  in Orbax's other, abandoned write tasks ("Task exception was never retrieved", with a
-  traceback, when they are collected, often at exit) are dropped; other asyncio errors stay."""
+def _drop_asyncio_reports(kind: str) -> None:
+  """From here on, asyncio's reports of a failed write or read (`kind`) in Orbax's other,
+  abandoned tasks ("Task exception was never retrieved", with a traceback, when they are
+  collected, often at exit) are dropped: the failure raised is the one `error:` line. Other
+  asyncio errors stay."""
   logger = logging.getLogger("asyncio")
-  if not any(isinstance(f, _DropWriteFailures) for f in logger.filters):
-    logger.addFilter(_DropWriteFailures())
+  if not any(isinstance(f, _DropReports) and f.kind == kind for f in logger.filters):
+    logger.addFilter(_DropReports(kind))
 
 
 def _write_failure_text(text: str) -> str | None:

@@ -75,12 +75,43 @@ def test_after_a_failed_write_asyncio_reports_of_the_same_failure_are_dropped(ca
     with caplog.at_level(logging.ERROR, logger="asyncio"):
       logger.error("Task exception was never retrieved", exc_info=(ValueError, full, None))
       assert len(caplog.records) == 1  # Not dropped before any write failed.
-      checkpointing._drop_reports_of_failed_writes()
-      checkpointing._drop_reports_of_failed_writes()  # Installed once.
+      checkpointing._drop_asyncio_reports("write")
+      checkpointing._drop_asyncio_reports("write")  # Installed once.
       logger.error("Task exception was never retrieved", exc_info=(ValueError, full, None))
       logger.error(f"future: <_GatheringFuture finished exception={full!r}>")
       logger.error("Task exception was never retrieved", exc_info=(RuntimeError, other, None))
     assert [r.exc_info[1] if r.exc_info else None for r in caplog.records] == [full, other]
+  finally:
+    logger.filters[:] = saved
+
+
+def test_from_a_checkpoints_restore_on_asyncio_reports_of_damaged_reads_are_dropped(caplog):
+  """A damaged checkpoint is one `error:` line; Orbax's other reads of its files fail in tasks
+  of their own, which asyncio reported ("exception was never retrieved", with a traceback),
+  once before the error line on a loaded machine (a full test run). From a restore on, those
+  reports are dropped (a read failure is also a write-failure filter's miss); others stay."""
+  import logging
+
+  from ilora_jax import checkpointing
+
+  logger = logging.getLogger("asyncio")
+  damaged = ValueError('OUT_OF_RANGE: Error reading "trainable.lora/.zarray" in OCDBT database')
+  gone = FileNotFoundError(2, "No such file or directory")
+  other = RuntimeError("a bug elsewhere")
+  saved = list(logger.filters)
+  try:
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+      checkpointing._drop_asyncio_reports("write")
+      logger.error("Task exception was never retrieved", exc_info=(ValueError, damaged, None))
+      assert len(caplog.records) == 1  # Not a write failure: kept.
+      checkpointing._drop_asyncio_reports("read")
+      checkpointing._drop_asyncio_reports("read")  # Installed once.
+      assert sum(getattr(f, "kind", "") == "read" for f in logger.filters) == 1
+      logger.error("Task exception was never retrieved", exc_info=(ValueError, damaged, None))
+      logger.error("Task exception was never retrieved", exc_info=(OSError, gone, None))
+      logger.error(f"future: <Task finished exception={damaged!r}>")
+      logger.error("Task exception was never retrieved", exc_info=(RuntimeError, other, None))
+    assert [r.exc_info[1] if r.exc_info else None for r in caplog.records] == [damaged, other]
   finally:
     logger.filters[:] = saved
 
