@@ -250,7 +250,8 @@ class StageCheckpoints:
 
 class _DropReports(logging.Filter):
   """Drops log records of the failures `kind` names: "write" (a file-system write failure)
-  or "read" (a damaged checkpoint's, `_looks_damaged`)."""
+  or "read" (TensorStore's report of a damaged file, `_DAMAGE`, or a file gone; not every
+  OSError, as `_looks_damaged` takes: a full disk's stays)."""
 
   def __init__(self, kind: str):
     super().__init__()
@@ -264,7 +265,7 @@ class _DropReports(logging.Filter):
       return not failed
     if self.kind == "write":
       return _write_failure(exc) is None
-    return not any(_looks_damaged(e) for e in _chain(exc))
+    return not any(isinstance(e, FileNotFoundError) or _DAMAGE.search(str(e)) for e in _chain(exc))
 
 
 def _drop_asyncio_reports(kind: str) -> None:

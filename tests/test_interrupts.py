@@ -89,7 +89,8 @@ def test_from_a_checkpoints_restore_on_asyncio_reports_of_damaged_reads_are_drop
   """A damaged checkpoint is one `error:` line; Orbax's other reads of its files fail in tasks
   of their own, which asyncio reported ("exception was never retrieved", with a traceback),
   once before the error line on a loaded machine (a full test run). From a restore on, those
-  reports are dropped (a read failure is also a write-failure filter's miss); others stay."""
+  reports are dropped (a read failure is also a write-failure filter's miss); others stay, a
+  full disk's among them."""
   import logging
 
   from ilora_jax import checkpointing
@@ -98,12 +99,15 @@ def test_from_a_checkpoints_restore_on_asyncio_reports_of_damaged_reads_are_drop
   damaged = ValueError('OUT_OF_RANGE: Error reading "trainable.lora/.zarray" in OCDBT database')
   gone = FileNotFoundError(2, "No such file or directory")
   other = RuntimeError("a bug elsewhere")
+  full = OSError(28, "No space left on device")
   saved = list(logger.filters)
   try:
+    logger.filters[:] = []
     with caplog.at_level(logging.ERROR, logger="asyncio"):
       checkpointing._drop_asyncio_reports("write")
       logger.error("Task exception was never retrieved", exc_info=(ValueError, damaged, None))
       assert len(caplog.records) == 1  # Not a write failure: kept.
+      logger.filters[:] = []
       checkpointing._drop_asyncio_reports("read")
       checkpointing._drop_asyncio_reports("read")  # Installed once.
       assert sum(getattr(f, "kind", "") == "read" for f in logger.filters) == 1
@@ -111,7 +115,9 @@ def test_from_a_checkpoints_restore_on_asyncio_reports_of_damaged_reads_are_drop
       logger.error("Task exception was never retrieved", exc_info=(OSError, gone, None))
       logger.error(f"future: <Task finished exception={damaged!r}>")
       logger.error("Task exception was never retrieved", exc_info=(RuntimeError, other, None))
-    assert [r.exc_info[1] if r.exc_info else None for r in caplog.records] == [damaged, other]
+      logger.error("Task exception was never retrieved", exc_info=(OSError, full, None))
+    kept = [r.exc_info[1] if r.exc_info else None for r in caplog.records]
+    assert kept == [damaged, other, full]
   finally:
     logger.filters[:] = saved
 
