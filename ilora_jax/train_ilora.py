@@ -1338,7 +1338,14 @@ def run_prompts(saved: dict) -> str | None:
   return saved.get(PROMPTS, prompts.OLDER_DIGESTS.get(saved.get("data")))
 
 
-# Whose templates differ from this code's: where a run's `run_prompts` is not its own.
+def _other_prompts(saved: dict, settings: dict) -> str | None:
+  """`run_prompts(saved)` where it is known and differs from the running `settings`' digest,
+  else None."""
+  theirs, ours = run_prompts(saved), settings.get(PROMPTS)
+  return theirs if None not in (theirs, ours) and theirs != ours else None
+
+
+# What the refusal and the warning say of a run trained on templates other than this code's.
 _OLDER_TEMPLATES = "code before 2026-12-07 wrote its own, this code the original's"
 
 
@@ -1346,8 +1353,8 @@ def _check_same_prompts(saved: dict, settings: dict, directory: str, finished: b
   """Refuses to resume a run trained on prompt templates of other wording than this code's
   (`run_prompts`): the rest of it would train and select on other prompts. `finished`: the
   checkpoint is the run's last step (its command only evaluates again)."""
-  theirs, ours = run_prompts(saved), settings.get(PROMPTS)
-  if None not in (theirs, ours) and theirs != ours:
+  theirs = _other_prompts(saved, settings)
+  if theirs is not None:
     workdir = os.path.dirname(os.path.dirname(directory))
     advice = (
       f"the run has finished: python -m ilora_jax.report --workdir={workdir} rebuilds its "
@@ -1357,7 +1364,7 @@ def _check_same_prompts(saved: dict, settings: dict, directory: str, finished: b
     )
     raise UserError(
       f"the checkpoint in {directory} was trained on prompt templates of other wording "
-      f"(digest {theirs}) than this code writes ({ours}; {_OLDER_TEMPLATES}): "
+      f"(digest {theirs}) than this code writes ({settings[PROMPTS]}; {_OLDER_TEMPLATES}): "
       f"{advice}"
     )
 
@@ -1960,8 +1967,7 @@ def _check_model_settings(ckpt, step: int, settings: dict | None) -> None:
       f"checkpoint {step} in {ckpt.directory} was made with other model settings "
       f"({'; '.join(diffs)}); {advice}"
     )
-  theirs, ours = run_prompts(saved), settings.get(PROMPTS)
-  if None not in (theirs, ours) and theirs != ours:
+  if _other_prompts(saved, settings) is not None:
     console.info(
       f"warning: checkpoint {step} in {ckpt.directory} was trained on prompt templates of "
       f"other wording than this code writes ({_OLDER_TEMPLATES}): it reads this code's now, "
