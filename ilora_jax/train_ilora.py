@@ -1360,7 +1360,9 @@ def _check_same_prompts(saved: dict, settings: dict, directory: str, finished: b
       f"the run has finished: python -m ilora_jax.report --workdir={workdir} rebuilds its "
       "report, --config.stage=evaluate scores it on this code's prompts"
       if finished
-      else "finish the run with the code that started it, or start it again in another --workdir"
+      # A grid's run is started anew by removing its folder: no other --workdir there.
+      else "finish the run with the code that started it, or start it anew (another "
+      f"--workdir, or remove {workdir})"
     )
     raise UserError(
       f"the checkpoint in {directory} was trained on prompt templates of other wording "

@@ -713,7 +713,8 @@ def test_a_resume_on_other_prompt_templates_is_refused():
       train_ilora._check_same_prompts(saved, ours, "/w/checkpoints/ilora", False)
     theirs = saved.get("prompt templates", "2d460409248f8cfa")
     assert str(err.value) == head.format(theirs) + (
-      "finish the run with the code that started it, or start it again in another --workdir"
+      "finish the run with the code that started it, or start it anew (another --workdir, or "
+      "remove /w)"
     )
   # A finished run's command only evaluates again: the report and stage=evaluate are the ways.
   with pytest.raises(UserError) as err:
