@@ -184,8 +184,8 @@ def loaded_config(config, argv: Sequence[str]):
 def _unloadable(what: str, argv: Sequence[str]) -> UserError:
   """The `what` file given could not be loaded (a missing file: ml_collections reports it
   only when the config is first used, by `loaded_config` or by an override)."""
-  paths = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")]
-  return unloadable(what, paths[-1] if paths else "?")  # The last one given counts, as for absl.
+  given = _flag_value(what, argv)
+  return unloadable(what, "?" if given is None else given)
 
 
 def unloadable(what: str, path: str) -> UserError:
@@ -334,11 +334,17 @@ def _config_file_error(exc: BaseException, what: str, argv: Sequence[str]) -> Us
   return UserError(f"{value}: {kind}{_one_line(cause)}")
 
 
+def _flag_value(what: str, argv: Sequence[str]) -> str | None:
+  """The value of `--what=` on the command line (None where it is not given); the last one
+  given counts, as for absl."""
+  values = [a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")]
+  return values[-1] if values else None
+
+
 def _file_given(what: str, argv: Sequence[str]) -> str:
   """The `what` file the command line names (`--what=FILE[:ARG]`, its argument cut off; ''
   where none is given)."""
-  value = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--{what}=")), "")
-  return value.split(":", 1)[0]
+  return (_flag_value(what, argv) or "").split(":", 1)[0]
 
 
 def _failed_in_file(exc: BaseException, what: str, argv: Sequence[str]) -> UserError | None:

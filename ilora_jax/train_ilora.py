@@ -1371,6 +1371,18 @@ def _check_same_prompts(saved: dict, settings: dict, directory: str, finished: b
     )
 
 
+def _check_resumable(
+  saved: dict, settings: dict, directory: str, unknown: dict, finished: bool
+) -> None:
+  """A resume's check of the `saved` settings of a checkpoint in `directory` against the
+  running `settings`: the prompt templates first (`_check_same_prompts`, with their own
+  advice), then every setting (`check_same_settings`; `unknown`: its `added`)."""
+  _check_same_prompts(saved, settings, directory, finished)
+  checkpointing.check_same_settings(
+    *router_read(saved, settings), directory, unknown, same_settings(saved)
+  )
+
+
 def numerics_settings(config, bos, slots: int, sas_params, titles: dict[int, str]) -> dict:
   """Settings beyond the model's shape that a resumed run must share with its checkpoint:
   the prompt's first token (`bos`, the prompt builder's), the items' `titles` (a digest: the
@@ -1564,13 +1576,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       if latest is not None:
         latest_meta = found.restore_meta(latest)
         finished = latest >= settings["total_steps"]
-        _check_same_prompts(latest_meta["settings"], settings, found.directory, finished)
-        checkpointing.check_same_settings(
-          *router_read(latest_meta["settings"], settings),
-          found.directory,
-          unknown,
-          same_settings(latest_meta["settings"]),
-        )
+        _check_resumable(latest_meta["settings"], settings, found.directory, unknown, finished)
         # Checkpoints of older code (no select_by recorded) selected nothing: from here on.
         chosen_by = latest_meta.get("select_by", select)
         # Before the first epoch's end no val was compared: another metric may take over.
@@ -1881,13 +1887,7 @@ def _kept_selection(workdir: str, select: str, settings: dict, unknown: dict):
         f"{kept.get('select_by')}: resume with --config.ilora.select_by="
         f"{kept.get('select_by')!r}, or remove that folder to select anew"
       )
-    _check_same_prompts(kept["settings"], settings, best.directory, False)
-    checkpointing.check_same_settings(
-      *router_read(kept["settings"], settings),
-      best.directory,
-      unknown,
-      same_settings(kept["settings"]),
-    )
+    _check_resumable(kept["settings"], settings, best.directory, unknown, False)
     return at, float(kept["value"])
 
 
