@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import signal
+import weakref
 from typing import Any
 
 import jax
@@ -85,6 +86,20 @@ class StageCheckpoints:
                         f"{denied}") from None  # fmt: skip
       verb = "open" if read_only or os.path.isdir(self.directory) else "create"
       raise UserError(f"cannot {verb} checkpoint folder {self.directory}: {exc}") from None
+    self._held = None if read_only else _hold(self.directory)
+
+  def _removed_error(self, step: int | None) -> UserError:
+    return UserError(
+      f"cannot write checkpoint {step}: its folder {self.directory} was removed while the run "
+      "wrote it (with any checkpoint it held); re-run to start again"
+    )
+
+  def _removed(self) -> bool:
+    """Whether the folder this object opened was removed since (its writers may have made
+    one anew at the same path)."""
+    return not os.path.isdir(self.directory) or (
+      self._held is not None and os.fstat(self._held.fd).st_nlink == 0
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -97,6 +112,8 @@ class StageCheckpoints:
     folder), here or reported later by the background writer, is a UserError that names the
     last complete checkpoint, which is kept.
     """
+    if self._removed():  # Between saves: Orbax would make it anew and save on.
+      raise self._removed_error(step)
     self._pending = step
     meta = {**meta, CHECKSUMS: checksums(state)}  # What a restore verifies the arrays by.
     with self._io(step):
@@ -115,10 +132,13 @@ class StageCheckpoints:
     except UserError:
       raise
     except Exception as exc:  # Orbax re-raises background write errors in many wrappers.
+      at = self._pending if step is None else step
+      if self._removed():  # Removed mid-save (`rm -rf`): Orbax's errors vary with the moment.
+        _drop_asyncio_reports("read")  # Its abandoned tasks' reports of files gone.
+        raise self._removed_error(at) from None
       reason = _write_failure(exc)
       if reason is None:
         raise
-      at = self._pending if step is None else step
       _drop_asyncio_reports("write")
       try:
         self._manager.reload()
@@ -246,6 +266,22 @@ class StageCheckpoints:
       self._manager.wait_until_finished()
       self._manager.close()
     self._closed = True
+
+
+class _Held:
+  """An open descriptor of a folder, closed when this object is collected: a folder removed
+  while it is held keeps its inode, with no link left (`st_nlink` 0)."""
+
+  def __init__(self, fd: int):
+    self.fd = fd
+    weakref.finalize(self, os.close, fd)
+
+
+def _hold(directory: str) -> _Held | None:
+  try:
+    return _Held(os.open(directory, os.O_RDONLY))
+  except OSError:  # A system that opens no folder: removal is then seen by its path alone.
+    return None
 
 
 class _DropReports(logging.Filter):

@@ -28,14 +28,20 @@ def _quiet_hook(hook, value_of):
   return quiet
 
 
+# Orbax's log lines of a save that failed in a background thread, each logged with the
+# traceback of an exception Orbax then raises again in the main thread (from the wait for the
+# save): its writer thread, its commit thread, and the wait for its finalize thread.
+_RERAISED = ("_SignalingThread", "in background save thread", "Finalize thread")
+
+
 class _DropBackgroundTracebacks:
   """Drops Orbax's log copies of failures that reach the user as one `error:` line: a
-  background writer's traceback, and the warning about a step folder without its metadata
-  file (the restore of that step then fails and says which folder to remove)."""
+  background save's tracebacks (`_RERAISED`), and the warning about a step folder without its
+  metadata file (the restore of that step then fails and says which folder to remove)."""
 
   def filter(self, record) -> bool:
     message = record.getMessage()
-    if record.exc_info and "_SignalingThread" in message:
+    if record.exc_info and any(mark in message for mark in _RERAISED):
       return False
     return not message.startswith("Metadata file does not exist")
 

@@ -572,6 +572,49 @@ def test_a_failed_write_names_its_step_and_the_checkpoint_kept(tmp_path):
   first.close()
 
 
+def test_a_folder_removed_during_an_asynchronous_save_is_one_line_saying_so(tmp_path, monkeypatch):
+  """The workdir removed (`rm -rf`) while a save was being written: Orbax's errors then vary
+  with the moment (a TensorStore NOT_FOUND, "No ArrayMetadata found", "Directory not empty",
+  seen by hand), once as an "unexpected ValueError"; each is one line saying what happened,
+  also where the writers, still running, made the folder anew (the folder opened is gone)."""
+  from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+  workdir = tmp_path / "w"
+  ckpt = checkpointing.StageCheckpoints(str(workdir), "x", 9, True)
+  ckpt.save(1, _small_state(), {"step": 1})
+  ckpt.wait()
+  commit = async_checkpointer._background_wait_for_commit_futures
+
+  def removed_first(*args, **kwargs):  # In the background thread, before the commit.
+    while workdir.exists():  # Until gone: the writers, still running, add files meanwhile.
+      shutil.rmtree(workdir, ignore_errors=True)
+    return commit(*args, **kwargs)
+
+  monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", removed_first)
+  ckpt.save(2, _small_state(), {"step": 2})
+  with pytest.raises(UserError) as info:
+    ckpt.close()
+  assert str(info.value) == (
+    f"cannot write checkpoint 2: its folder {ckpt.directory} was removed while the run wrote "
+    "it (with any checkpoint it held); re-run to start again"
+  )
+
+
+def test_a_folder_removed_between_saves_stops_the_next_one(tmp_path):
+  """Orbax, left to itself, makes the folder anew and saves on: the run would go on and its
+  workdir would hold only what came after (seen by hand, the SASRec stage ending with exit
+  code 0). The next save says the folder was removed, and writes nothing."""
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path / "w"), "x", 9, False)
+  ckpt.save(1, _small_state(), {"step": 1})
+  ckpt.wait()
+  shutil.rmtree(tmp_path / "w")
+  with pytest.raises(UserError, match=r"^cannot write checkpoint 2: its folder .*/w/checkpoints/x "
+                     r"was removed while the run wrote it"):  # fmt: skip
+    ckpt.save(2, _small_state(), {"step": 2})
+  assert not (tmp_path / "w").exists()
+  ckpt.close()
+
+
 def _raise(exc: BaseException):
   raise exc
 

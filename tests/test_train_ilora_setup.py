@@ -844,6 +844,12 @@ def test_quiet_libraries_keeps_warnings_and_drops_background_noise(monkeypatch):
 
     assert not drop.filter(record("in _SignalingThread: failed", exc=True))
     assert drop.filter(record("in _SignalingThread: failed"))  # No traceback: kept.
+    # A commit's failure and the wait for the finalize thread, as Orbax 0.12 words them.
+    commit = "[process=0] Failed to run 4 Handler Commit operations or the Commit callback in "
+    assert not drop.filter(record(commit + "background save thread, directory: /c/4", exc=True))
+    finalize = "[process=0][thread=MainThread][step=4][wait_until_finished] Save Finalize thread"
+    assert not drop.filter(record(finalize + " (save_finalize) failed.", exc=True))
+    assert drop.filter(record(finalize + " (save_finalize) to complete."))
     assert drop.filter(record("another failure", exc=True))
     assert not drop.filter(record("Metadata file does not exist: /c/3"))
     assert drop.filter(record("the Metadata file does not exist"))
