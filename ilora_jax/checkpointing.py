@@ -87,6 +87,7 @@ class StageCheckpoints:
       verb = "open" if read_only or os.path.isdir(self.directory) else "create"
       raise UserError(f"cannot {verb} checkpoint folder {self.directory}: {exc}") from None
     self._held = None if read_only else _hold(self.directory)
+    self._writes = not read_only
 
   def _removed_error(self, step: int | None) -> UserError:
     return UserError(
@@ -95,11 +96,16 @@ class StageCheckpoints:
     )
 
   def _removed(self) -> bool:
-    """Whether the folder this object opened was removed since (its writers may have made
-    one anew at the same path)."""
-    return not os.path.isdir(self.directory) or (
-      self._held is not None and os.fstat(self._held.fd).st_nlink == 0
-    )
+    """Whether the folder this object opened to write was removed since (its writers may
+    have made one anew at the same path)."""
+    if not self._writes:
+      return False
+    if not os.path.isdir(self.directory):
+      return True
+    try:
+      return self._held is not None and os.fstat(self._held.fd).st_nlink == 0
+    except OSError:  # A network file system's stale handle: the folder it named is gone.
+      return True
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
