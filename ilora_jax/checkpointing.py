@@ -9,6 +9,7 @@ and the settings that must match for a resume to be valid.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -16,6 +17,8 @@ import logging
 import os
 import re
 import signal
+import stat
+import sys
 import weakref
 from typing import Any
 
@@ -91,21 +94,31 @@ class StageCheckpoints:
 
   def _removed_error(self, step: int | None) -> UserError:
     return UserError(
-      f"cannot write checkpoint {step}: its folder {self.directory} was removed while the run "
-      "wrote it (with any checkpoint it held); re-run to start again"
+      f"cannot write checkpoint {step}: its folder {self.directory} was removed or moved while "
+      "the run used it; re-run to start the stage again (after removing what is left there)"
     )
 
   def _removed(self) -> bool:
-    """Whether the folder this object opened to write was removed since (its writers may
-    have made one anew at the same path)."""
+    """Whether the folder this object opened to write was removed or moved since: its path
+    names no folder, or another one (its writers may make one anew at the same path), or the
+    one held has no link left. An error reading either is no removal (but a stale handle)."""
     if not self._writes:
       return False
-    if not os.path.isdir(self.directory):
-      return True
     try:
-      return self._held is not None and os.fstat(self._held.fd).st_nlink == 0
-    except OSError:  # A network file system's stale handle: the folder it named is gone.
+      now = os.stat(self.directory)
+    except (FileNotFoundError, NotADirectoryError):
       return True
+    except OSError:
+      return False
+    if not stat.S_ISDIR(now.st_mode):
+      return True
+    if self._held is None:
+      return False
+    try:
+      held = os.fstat(self._held.fd)
+    except OSError as exc:
+      return exc.errno == errno.ESTALE  # A network file system's: the folder held is gone.
+    return held.st_nlink == 0 or (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -242,8 +255,12 @@ class StageCheckpoints:
     try:
       yield
     except Exception:
-      with contextlib.suppress(Exception):
+      try:
         self._manager.wait_until_finished()
+      except Exception as exc:  # noqa: BLE001 - the error raised on is the one that stopped it.
+        why = "its folder was removed or moved" if self._removed() else _write_failure(exc)
+        print(f"warning: the save of checkpoint {self._pending} under way failed too: "
+              f"{why or type(exc).__name__}", file=sys.stderr, flush=True)  # fmt: skip
       raise
 
   def wait(self) -> None:
