@@ -169,9 +169,14 @@ class StageCheckpoints:
         if kept is not None
         else "no earlier checkpoint exists"
       )
+      fix = (  # A file of the save gone: its folder emptied (an `rm -rf` that raced the writers).
+        "see that nothing else removes files there"
+        if reason == os.strerror(errno.ENOENT)
+        else "free space or fix permissions"
+      )
       raise UserError(
-        f"cannot write checkpoint {at} to {self.directory}: {reason}; "
-        f"{last}; free space or fix permissions and re-run to resume"
+        f"cannot write checkpoint {at} to {self.directory}: {reason}; {last}; {fix} and re-run "
+        "to resume"
       ) from None
 
   def restore_meta(self, step: int) -> dict:

@@ -555,6 +555,12 @@ def test_a_failed_write_names_its_step_and_the_checkpoint_kept(tmp_path):
     manager.save = lambda *a, **k: _raise(OSError(errno.EROFS, os.strerror(errno.EROFS)))
     with pytest.raises(UserError, match=rf"cannot write checkpoint 5 .*: {os.strerror(30)};"):
       ckpt.save(5, state, {"step": 5})
+    gone = os.strerror(errno.ENOENT)
+    manager.save = lambda *a, **k: _raise(FileNotFoundError(errno.ENOENT, gone))
+    with pytest.raises(UserError, match=rf"cannot write checkpoint 6 .*: {gone}; the last complete "
+                       r"checkpoint 3 is kept; see that nothing else removes files there and "
+                       r"re-run to resume$"):  # fmt: skip
+      ckpt.save(6, state, {"step": 6})
     manager.save = lambda *a, **k: _raise(KeyError("a bug"))
     with pytest.raises(KeyError):
       ckpt.save(6, state, {"step": 6})
