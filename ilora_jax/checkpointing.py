@@ -90,7 +90,6 @@ class StageCheckpoints:
       verb = "open" if read_only or os.path.isdir(self.directory) else "create"
       raise UserError(f"cannot {verb} checkpoint folder {self.directory}: {exc}") from None
     self._held = None if read_only else _hold(self.directory)
-    self._writes = not read_only
 
   def _removed_error(self, step: int | None) -> UserError:
     return UserError(
@@ -99,10 +98,12 @@ class StageCheckpoints:
     )
 
   def _removed(self) -> bool:
-    """Whether the folder this object opened to write was removed or moved since: its path
-    names no folder, or another one (its writers may make one anew at the same path), or the
-    one held has no link left. An error reading either is no removal (but a stale handle)."""
-    if not self._writes:
+    """Whether the folder this object opened to write, and holds, was removed or moved since:
+    its path names no folder, or another one (its writers may make one anew at the same path),
+    or the one held has no link left. An error reading either is no removal (but a stale
+    handle). Unheld (read only, or a folder this process could not open: not yet seen on a
+    network file system, say), it is never called removed."""
+    if self._held is None:
       return False
     try:
       now = os.stat(self.directory)
@@ -112,8 +113,6 @@ class StageCheckpoints:
       return False
     if not stat.S_ISDIR(now.st_mode):
       return True
-    if self._held is None:
-      return False
     try:
       held = os.fstat(self._held.fd)
     except OSError as exc:
@@ -308,7 +307,7 @@ class _Held:
 def _hold(directory: str) -> _Held | None:
   try:
     return _Held(os.open(directory, os.O_RDONLY))
-  except OSError:  # A system that opens no folder: removal is then seen by its path alone.
+  except OSError:  # Not there (yet), or a system that opens no folder.
     return None
 
 

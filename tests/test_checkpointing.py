@@ -633,6 +633,19 @@ def test_a_folder_removed_between_saves_stops_the_next_one(tmp_path):
     ckpt.close()
 
 
+def test_a_folder_this_process_could_not_hold_is_never_called_removed(tmp_path, monkeypatch):
+  """A process that could not open the folder (not yet seen on another host's network file
+  system, say) must not stop a healthy multi-process run: it saves as Orbax does."""
+  monkeypatch.setattr(checkpointing, "_hold", lambda directory: None)
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path / "w"), "x", 9, False)
+  ckpt.save(1, _small_state(), {"step": 1})
+  ckpt.wait()
+  shutil.rmtree(tmp_path / "w")
+  ckpt.save(2, _small_state(), {"step": 2})
+  ckpt.close()
+  assert os.listdir(ckpt.directory) == ["2"]
+
+
 def test_a_save_failing_under_another_error_is_one_warning(tmp_path, capsys):
   """The run stops on an error while a save is under way, and that save fails too: the
   error raised is the one that stopped the run, and a warning line says the save failed
