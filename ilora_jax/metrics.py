@@ -84,11 +84,13 @@ class MetricsLog:
     self.path = os.path.join(workdir, "metrics.jsonl")
     self.enabled = enabled
     self.advice = advice
+    self._cut: tuple[str, int] | None = None  # A `truncate` not yet written to the file.
 
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
     clean = {k: plain(v) for k, v in record.items()}
+    self.settle()
     try:
       _drop_cut_last_line(self.path)
       with open(self.path, "a", encoding="utf-8") as f:
@@ -101,7 +103,8 @@ class MetricsLog:
       ) from None
 
   def records(self) -> list[dict]:
-    return [record for _, record in read_jsonl(self.path)]
+    records = [record for _, record in read_jsonl(self.path)]
+    return records if self._cut is None else _cut(records, *self._cut)
 
   def count(self, run: str) -> int:
     """Number of records written by training run `run` (a stage's training loop)."""
@@ -110,17 +113,24 @@ class MetricsLog:
   def truncate(self, run: str, keep: int) -> None:
     """Keeps only the first `keep` records of `run` (those covered by the restored checkpoint).
 
-    Records of other runs (other stages, separate evaluations) are kept as they are.
+    Records of other runs (other stages, separate evaluations) are kept as they are. `records`
+    and `count` leave the others out at once; the file loses them at this log's next `write`
+    (or `settle`): a resume interrupted before it records anything leaves the file as it was
+    (a finished run's final evaluations, evaluated again, stay until the new ones come).
     """
-    if not self.enabled or not os.path.exists(self.path):
+    if not self.enabled:
       return
-    kept, seen = [], 0
-    for record in self.records():
-      if record.get("run") == run:
-        seen += 1
-        if seen > keep:
-          continue
-      kept.append(record)
+    self.settle()
+    self._cut = (run, keep)
+
+  def settle(self) -> None:
+    """Writes a pending `truncate` to the file."""
+    if self._cut is None:
+      return
+    kept = self.records()
+    self._cut = None
+    if not os.path.exists(self.path):
+      return
     try:
       with atomic_write(self.path, encoding="utf-8") as f:
         for record in kept:
@@ -129,6 +139,18 @@ class MetricsLog:
       from ilora_jax.errors import UserError
 
       raise UserError(f"cannot rewrite {self.path}: {exc.strerror or exc}; {self.advice}") from None
+
+
+def _cut(records: list[dict], run: str, keep: int) -> list[dict]:
+  """`records` without those of `run` past its first `keep`."""
+  kept, seen = [], 0
+  for record in records:
+    if record.get("run") == run:
+      seen += 1
+      if seen > keep:
+        continue
+    kept.append(record)
+  return kept
 
 
 def read_jsonl(path: str, on_cut=None) -> list[tuple[int, object]]:

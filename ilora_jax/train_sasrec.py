@@ -427,6 +427,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
     )
     return None
   if finals is not None:
+    log.settle()  # No record follows here: the pipeline's iLoRA stage reads the file.
     console.info(
       f"SASRec: finished at step {step}; its iLoRA stage has begun, so its final evaluations "
       + ("stand in metrics.jsonl" if finals else "are not run again")
