@@ -172,6 +172,13 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   if init_from:
     console.info(f"iLoRA: SASRec from {init_from}")
     return cfg, jax.device_put(params_from_torch(init_from, cfg), repl)
+  trained_on = (configuration.saved(workdir) or {}).get("sasrec", {})
+  trained_on = trained_on.get("init_from") if isinstance(trained_on, dict) else None
+  if trained_on and isinstance(trained_on, str) and has_weights(workdir):
+    raise UserError(  # Training a SASRec here would give the run another one than its own.
+      f"this run's iLoRA was trained on the SASRec of config.sasrec.init_from={trained_on} (its "
+      f"config.json): give --config.sasrec.init_from={trained_on}"
+    )
   raise UserError(
     "the ilora stage needs a trained SASRec: run --config.stage=sasrec in this "
     "workdir first, or give --config.sasrec.init_from=/path/to/<dataset>.pt"

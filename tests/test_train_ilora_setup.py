@@ -9,6 +9,7 @@ Expected values are worked by hand from the docstrings and configs/tiny.py, or t
 the stubs' own inputs; the end-to-end behaviour is in test_ilora_stage.py and test_cli.py."""
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -172,6 +173,25 @@ def test_no_sasrec_and_an_empty_init_from_folder_are_refused(tmp_path, data, mes
   with pytest.raises(UserError, match="is a folder without a SASRec checkpoint"):
     train_ilora.load_sasrec(config, str(tmp_path / "w"), data, mesh)
   assert os.listdir(tmp_path / "w") == [] and os.listdir(tmp_path / "empty") == []
+
+
+def test_a_run_trained_on_init_from_is_told_to_give_it_again(tmp_path, data, mesh, monkeypatch):
+  """`stage=evaluate` of a run trained on `sasrec.init_from`, without it: the general advice
+  (train a SASRec in this workdir) led an audit to a SASRec the run was not trained on, which
+  every later evaluation then refused. The run's own config.json names the one to give."""
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps({"sasrec": {"init_from": "/data/lastfm.pt"}}))
+  config = _config("stage=evaluate")
+  with pytest.raises(UserError, match="the ilora stage needs a trained SASRec"):
+    train_ilora.load_sasrec(config, str(workdir), data, mesh)  # No iLoRA weights: a new run.
+  monkeypatch.setattr(train_ilora, "has_weights", lambda directory: directory == str(workdir))
+  with pytest.raises(UserError) as info:
+    train_ilora.load_sasrec(config, str(workdir), data, mesh)
+  assert str(info.value) == (
+    "this run's iLoRA was trained on the SASRec of config.sasrec.init_from=/data/lastfm.pt (its "
+    "config.json): give --config.sasrec.init_from=/data/lastfm.pt"
+  )
 
 
 def test_an_original_pt_file_is_converted_and_replicated(tmp_path, data, mesh, monkeypatch, capsys):
