@@ -307,6 +307,10 @@ def load_titles(path: str, keep_years: bool = False, articles: str = "as_is") ->
   return titles
 
 
+# The catalogue sizes of the data sets the configs name (REFERENCE.md's item counts).
+CATALOGUES = {"lastfm": 4606, "movielens": 1682, "steam": 3581}
+
+
 def check_titles_cover(titles: dict[int, str], n_items: int, path: str, given: bool = True) -> None:
   """Every item id 0..n_items-1 may be a candidate, so each needs a title, and no title may
   name an id past the catalogue (a wrong `config.data.n_items` would otherwise turn the
@@ -575,7 +579,25 @@ def load_from_config(config, workdir: str) -> Dataset:
   # A run saved before the setting existed (its config.json lacks it) keeps the titles as is.
   titles = load_titles(titles_path, articles=data.get("movielens_articles", "as_is"))
   n_items = data.n_items or (max(titles) + 1)
-  check_titles_cover(titles, n_items, titles_path, given=bool(data.n_items))
+  known = CATALOGUES.get(data.name)
+  try:
+    check_titles_cover(titles, n_items, titles_path, given=bool(data.n_items))
+  except UserError as exc:
+    if known != n_items or max(titles) < known:
+      raise
+    raise UserError(
+      f"{exc}; or is {directory} another data set's folder (config.data.name={data.name}'s "
+      f"catalogue has {known:,} items)?"
+    ) from None
+  like = [name for name, size in CATALOGUES.items() if size == n_items != known]
+  if known is not None and like:  # With n_items=0, say, as the error above advises.
+    from ilora_jax import console
+
+    console.info(
+      f"warning: {directory} holds {n_items:,} items, as {like[0]}'s catalogue, where "
+      f"config.data.name={data.name}'s has {known:,}: another data set's folder, read with "
+      f"{data.name}'s prompts?"
+    )
   # With n_items from the titles, the rows' ids and padding id follow from them: a refusal of
   # the rows says so (a titles line too many or too few reads as bad rows).
   from_titles = f"config.data.n_items=0: {n_items} items, the titles file's largest id + 1"

@@ -1,6 +1,7 @@
 """Splits, titles, candidate sets, the MovieLens builder and the synthetic generator."""
 
 import collections
+import contextlib
 import importlib.util
 import json
 import os
@@ -372,6 +373,31 @@ def test_titles_past_the_catalogue_are_an_error(tmp_path):
   config = _folder_config(tmp_path / "b", 12, 9)
   with pytest.raises(UserError, match=r"3 item id\(s\) >= config.data.n_items=9 \(first 9\)"):
     data.load_from_config(config, str(tmp_path))
+
+
+def test_another_data_sets_folder_is_named_as_a_possible_cause(tmp_path, capsys):
+  """LastFM's folder read with the MovieLens config: the titles' error advised n_items=0, and
+  with it the run trained LastFM on MovieLens's prompts without a word (an audit). The error
+  asks whether the folder is another data set's; with n_items=0, a catalogue of another data
+  set's size is warned of."""
+  config = _folder_config(tmp_path / "a", 4606 + 3, 4606)  # data.name=lastfm's own size.
+  with pytest.raises(UserError) as info:
+    data.load_from_config(config, str(tmp_path))
+  assert str(info.value).endswith(
+    f"(from the titles); or is {tmp_path / 'a' / 'd'} another data set's folder "
+    "(config.data.name=lastfm's catalogue has 4,606 items)?"
+  )
+  config = _folder_config(tmp_path / "b", 4606 + 3, 9)  # A size of its own: no such question.
+  with pytest.raises(UserError, match=r"\(from the titles\)$"):
+    data.load_from_config(config, str(tmp_path))
+  for name, warned in (("movielens", True), ("lastfm", False)):
+    config = _folder_config(tmp_path / name, 4606, 0, name=name)
+    with contextlib.suppress(UserError):  # The splits' padding id (9) is not 4606's.
+      data.load_from_config(config, str(tmp_path))
+    said = (f"warning: {tmp_path / name / 'd'} holds 4,606 items, as lastfm's catalogue, where "
+            "config.data.name=movielens's has 1,682: another data set's folder, read with "
+            "movielens's prompts?\n")  # fmt: skip
+    assert capsys.readouterr().err == (said if warned else ""), name
 
 
 def test_an_empty_test_file_setting_skips_the_test_split_and_a_file_is_no_data_folder(tmp_path):
