@@ -347,6 +347,35 @@ def json_form(config: ConfigDict) -> dict:
   return json.loads(json.dumps(config.to_dict(), default=str))
 
 
+# Config fields that may differ between the invocations of one run without changing what it
+# computes (display, caches, process layout, an early stop after which the run is unfinished
+# and resumes): not compared with a run's saved config.json (an experiment grid's runs, a
+# workdir without a checkpoint).
+VOLATILE = (
+  "progress",
+  "train.log_every_steps",  # How often training is recorded, not what it computes.
+  "sasrec.train.log_every_steps",
+  "ilora.train.log_every_steps",
+  "compile_cache_dir",
+  "distributed",
+  "train.stop_after_steps",
+  "checkpoint.async_save",
+  "checkpoint.max_to_keep",
+  "bench",
+  "plan",
+  # Read by stage=evaluate only, which no grid run is (runs saved before eval.stage's default
+  # became auto hold "sasrec").
+  "eval.stage",
+  "eval.split",
+  "eval.weights",
+)
+
+
+def volatile(key: str) -> bool:
+  """Whether the dotted config key is one of `VOLATILE` or inside one."""
+  return any(key == v or key.startswith(v + ".") for v in VOLATILE)
+
+
 def saved(workdir: str) -> dict | None:
   """The JSON object of `workdir/config.json` (a run's settings, `save`), or None where it is
   absent, unreadable or damaged: for words and defaults drawn from it, never for a check."""
@@ -359,6 +388,49 @@ def saved(workdir: str) -> dict | None:
   except (OSError, ValueError, RecursionError):
     return None
   return config if isinstance(config, dict) else None
+
+
+def check_results_kept(config: ConfigDict, workdir: str) -> None:
+  """A workdir whose run recorded final evaluations but saved no checkpoint (the SASRec of
+  `init_from` evaluated with `train.epochs=0`) has no checkpoint settings to compare a new
+  run's with: a run of other settings there replaced its config.json and records without a
+  word (an audit). Refused, naming the settings that differ, as a resume would be; a run that
+  only stopped before its first checkpoint (no final record) starts anew as before."""
+  import json
+
+  from flax import traverse_util
+
+  from ilora_jax import files
+  from ilora_jax.metrics import MetricsLog
+
+  recorded = saved(workdir)
+  if recorded is None:
+    return
+  for stage in ("sasrec", "ilora", "ilora_best"):
+    folder = files.checkpoint_folder(workdir, stage)
+    if os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder)):
+      return  # Each stage compares its checkpoint's settings.
+  if not any(r.get("final") for r in MetricsLog(workdir).records() if isinstance(r, dict)):
+    return
+  old = traverse_util.flatten_dict(recorded, sep=".")
+  diffs = []
+  for key, value in traverse_util.flatten_dict(json_form(config), sep=".").items():
+    if key not in old or volatile(key):
+      continue
+    same_path = isinstance(value, str) and isinstance(old[key], str) and bool(value)
+    if old[key] == value or (same_path and os.path.realpath(old[key]) == os.path.realpath(value)):
+      continue
+    diffs.append(f"{key} {json.dumps(old[key])} (saved) vs {json.dumps(value)} (this run)")
+  if diffs:
+    # The data first (its name first): what the kept results are of.
+    diffs.sort(key=lambda line: (not line.startswith("data.name "), not line.startswith("data.")))
+    more = f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+    raise UserError(
+      f"{workdir} holds the final evaluations of a run with other settings ("
+      + "; ".join(diffs[:3])
+      + f"{more}) and no checkpoint: give another --workdir, or remove {workdir} to run these "
+      "settings there"
+    )
 
 
 def save(config: ConfigDict, workdir: str) -> None:

@@ -461,29 +461,6 @@ def parse_metrics(grid: ConfigDict, resolved: dict) -> list[str]:
   return metrics
 
 
-# Config fields that may differ between the invocations of one run without changing what it
-# computes (display, caches, process layout, an early stop after which the run is unfinished
-# and resumes): not compared with a run's saved config.json.
-VOLATILE = (
-  "progress",
-  "train.log_every_steps",  # How often training is recorded, not what it computes.
-  "sasrec.train.log_every_steps",
-  "ilora.train.log_every_steps",
-  "compile_cache_dir",
-  "distributed",
-  "train.stop_after_steps",
-  "checkpoint.async_save",
-  "checkpoint.max_to_keep",
-  "bench",
-  "plan",
-  # Read by stage=evaluate only, which no grid run is (runs saved before eval.stage's default
-  # became auto hold "sasrec").
-  "eval.stage",
-  "eval.split",
-  "eval.weights",
-)
-
-
 def _flat(tree: dict) -> dict:
   """{"a.b": value} of a nested dict's leaves."""
   from flax import traverse_util
@@ -528,7 +505,7 @@ def config_diffs(run: Run, saved: dict, planned: dict, default: dict) -> list[st
   # data ignored data.min_len: its runs kept every row whatever that value was.
   older = "ilora.train.log_every_steps" not in saved
   for key, value in planned.items():
-    if any(key == v or key.startswith(v + ".") for v in VOLATILE):
+    if configuration.volatile(key):
       continue
     old = saved.get(key, default.get(key, value))
     if key == "data.min_len" and older and planned.get("data.name") == "synthetic":

@@ -104,6 +104,10 @@ def _trained_stage(workdir: str) -> str:
 
 
 def _run_stages(config: ConfigDict, workdir: str) -> None:
+  if config.stage != "evaluate":
+    from ilora_jax import configuration
+
+    configuration.check_results_kept(config, workdir)
   if config.stage in ("sasrec", "pipeline"):
     from ilora_jax import train_sasrec
 

@@ -357,3 +357,48 @@ def test_the_advice_for_a_diverged_run_names_the_checkpoints_a_resume_would_keep
   assert configuration.lower_lr_advice("sasrec", str(tmp_path), ("sasrec",)).endswith(
     f"or remove {tmp_path}/checkpoints/sasrec (a resume keeps the run's own)"
   )
+
+
+def test_a_workdir_of_final_records_without_a_checkpoint_keeps_them_from_other_settings(tmp_path):
+  """The original's SASRec evaluated with train.epochs=0 records final evaluations and saves
+  no checkpoint: a run of other settings in that workdir replaced its config.json and records
+  without a word (an audit). Refused, data first; the same settings, volatile ones changed or
+  a path written another way, run; so does any run where a checkpoint exists (its stage
+  compares that one's settings) or no final record (a run killed before its first)."""
+  import json
+
+  from ilora_jax.errors import UserError
+
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (tmp_path / "s.pt").write_bytes(b"")
+  saved = configuration.load(
+    os.path.join(ROOT, "configs/tiny.py"), [f"sasrec.init_from={tmp_path / 's.pt'}"]
+  )
+  configuration.save(saved, str(workdir))
+  (workdir / "metrics.jsonl").write_text('{"run": "sasrec", "split": "train", "step": 1}\n')
+  other = configuration.load(
+    os.path.join(ROOT, "configs/tiny.py"), ["train.lr=0.5", "data.num_candidates=4"]
+  )
+  configuration.check_results_kept(other, str(workdir))  # No final record: an attempt killed early.
+  with open(workdir / "metrics.jsonl", "a") as f:
+    f.write(json.dumps({"run": "sasrec", "split": "val", "step": 0, "final": True}) + "\n")
+  with pytest.raises(UserError) as info:
+    configuration.check_results_kept(other, str(workdir))
+  assert str(info.value) == (
+    f"{workdir} holds the final evaluations of a run with other settings (data.num_candidates "
+    f'20 (saved) vs 4 (this run); sasrec.init_from "{tmp_path / "s.pt"}" (saved) vs "" (this '
+    "run); train.lr null (saved) vs 0.5 (this run)) and no checkpoint: give another --workdir, "
+    f"or remove {workdir} to run these settings there"
+  )
+  here = os.getcwd()
+  try:
+    os.chdir(tmp_path)  # The same folder written relative to where the run is started.
+    same = configuration.override(
+      saved, ["sasrec.init_from=s.pt", "progress=False", "plan.seq_len=64"]
+    )
+    configuration.check_results_kept(same, str(workdir))
+  finally:
+    os.chdir(here)
+  (workdir / "checkpoints" / "sasrec" / "1").mkdir(parents=True)
+  configuration.check_results_kept(other, str(workdir))
