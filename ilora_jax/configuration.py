@@ -378,7 +378,8 @@ def volatile(key: str) -> bool:
 
 def saved(workdir: str) -> dict | None:
   """The JSON object of `workdir/config.json` (a run's settings, `save`), or None where it is
-  absent, unreadable or damaged: for words and defaults drawn from it, never for a check."""
+  absent, unreadable or damaged: for words and defaults drawn from it, and for a check that a
+  file it cannot read leaves with nothing to compare (`check_results_kept`)."""
   import json
   import os
 
