@@ -258,13 +258,15 @@ class StageCheckpoints:
     so the error that stopped the run is reported and the newest complete checkpoint stays."""
     try:
       yield
-    except Exception:
+    except Exception as stopped:
       try:
         self._manager.wait_until_finished()
       except Exception as exc:  # noqa: BLE001 - the error raised on is the one that stopped it.
+        said = isinstance(stopped, UserError) and str(stopped).startswith("cannot write checkpoint")
         why = "its folder was removed or moved" if self._removed() else _write_failure(exc)
-        print(f"warning: the save of checkpoint {self._pending} under way failed too: "
-              f"{why or type(exc).__name__}", file=sys.stderr, flush=True)  # fmt: skip
+        if not said:  # A save's own failure is the error raised; its wait's is no news.
+          print(f"warning: the save of checkpoint {self._pending} under way failed too: "
+                f"{why or type(exc).__name__}", file=sys.stderr, flush=True)  # fmt: skip
       raise
 
   def wait(self) -> None:
@@ -293,6 +295,7 @@ class StageCheckpoints:
       self._manager.wait_until_finished()
       self._manager.close()
     self._closed = True
+    self._held = None  # Its descriptor closes when collected.
 
 
 class _Held:

@@ -391,12 +391,17 @@ def saved(workdir: str) -> dict | None:
   return config if isinstance(config, dict) else None
 
 
+# The settings a SASRec stage's records depend on (`train.*` overrides the running stage's).
+_SASREC_KEYS = ("data.", "sasrec.", "train.")
+
+
 def check_results_kept(config: ConfigDict, workdir: str) -> None:
-  """A workdir whose run recorded final evaluations but saved no checkpoint (the SASRec of
-  `init_from` evaluated with `train.epochs=0`) has no checkpoint settings to compare a new
-  run's with: a run of other settings there replaced its config.json and records without a
-  word (an audit). Refused, naming the settings that differ, as a resume would be; a run that
-  only stopped before its first checkpoint (no final record) starts anew as before."""
+  """A SASRec stage that recorded final evaluations without saving a checkpoint (the SASRec
+  of `init_from` evaluated with `train.epochs=0`) leaves no checkpoint settings to compare a
+  new run's with: a run of other data there replaced those records without a word (an
+  audit). A run that evaluates that stage again (`sasrec` or `pipeline`) is refused where
+  the settings behind them (`_SASREC_KEYS`, volatile ones aside) differ, naming them, the
+  data's first; another stage, or other settings (the iLoRA stage's), run as before."""
   import json
 
   from flax import traverse_util
@@ -404,30 +409,29 @@ def check_results_kept(config: ConfigDict, workdir: str) -> None:
   from ilora_jax import files
   from ilora_jax.metrics import MetricsLog
 
-  recorded = saved(workdir)
+  recorded = saved(workdir) if config.stage in ("sasrec", "pipeline") else None
   if recorded is None:
     return
-  for stage in ("sasrec", "ilora", "ilora_best"):
-    folder = files.checkpoint_folder(workdir, stage)
-    if os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder)):
-      return  # Each stage compares its checkpoint's settings.
-  if not any(r.get("final") for r in MetricsLog(workdir).records() if isinstance(r, dict)):
+  folder = files.checkpoint_folder(workdir, "sasrec")
+  if os.path.isdir(folder) and any(name.isdigit() for name in os.listdir(folder)):
+    return  # The stage compares its checkpoint's settings.
+  records = MetricsLog(workdir).records()
+  if not any(isinstance(r, dict) and r.get("run") == "sasrec" and r.get("final") for r in records):
     return
   old = traverse_util.flatten_dict(recorded, sep=".")
   diffs = []
   for key, value in traverse_util.flatten_dict(json_form(config), sep=".").items():
-    if key not in old or volatile(key):
+    if key not in old or volatile(key) or not key.startswith(_SASREC_KEYS):
       continue
     same_path = isinstance(value, str) and isinstance(old[key], str) and bool(value)
     if old[key] == value or (same_path and os.path.realpath(old[key]) == os.path.realpath(value)):
       continue
     diffs.append(f"{key} {json.dumps(old[key])} (saved) vs {json.dumps(value)} (this run)")
   if diffs:
-    # The data first (its name first): what the kept results are of.
     diffs.sort(key=lambda line: (not line.startswith("data.name "), not line.startswith("data.")))
     more = f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
     raise UserError(
-      f"{workdir} holds the final evaluations of a run with other settings ("
+      f"{workdir} holds the final evaluations of a SASRec with other settings ("
       + "; ".join(diffs[:3])
       + f"{more}) and no checkpoint: give another --workdir, or remove {workdir} to run these "
       "settings there"

@@ -590,7 +590,7 @@ def load_from_config(config, workdir: str) -> Dataset:
       f"catalogue has {known:,} items)?"
     ) from None
   like = [name for name, size in CATALOGUES.items() if size == n_items != known]
-  if known is not None and like:  # With n_items=0, say, as the error above advises.
+  if known is not None and like and not data.n_items:  # n_items=0, as the error advises.
     from ilora_jax import console
 
     console.info(

@@ -38,9 +38,9 @@ included), `--grid.sasrec` is loaded as their ilora stage will load it (on their
 the LLM): one they would refuse (an empty or corrupt `.pt`, one of another data set's item
 count) is refused with their message, as is a `--workdir` that is a file. A run whose
 workdir already holds a `config.json` with other settings (the same workdir with other
-overrides) is refused, naming the run and the settings that differ (`VOLATILE` ones, such as
-`progress`, are not compared; a moved or copied workdir keeps its runs): give another
-`--workdir`, or the runs' own overrides.
+overrides) is refused, naming the run and the settings that differ (`configuration.VOLATILE`
+ones, such as `progress`, are not compared; a moved or copied workdir keeps its runs): give
+another `--workdir`, or the runs' own overrides.
 
 Re-running the same command skips finished runs and resumes an unfinished one from its last
 checkpoint. Ctrl-C or SIGTERM reach the running job, which saves a checkpoint; the runner

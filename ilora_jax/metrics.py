@@ -85,11 +85,15 @@ class MetricsLog:
     self.enabled = enabled
     self.advice = advice
     self._cut: tuple[str, int] | None = None  # A `truncate` not yet written to the file.
+    self._held: list[dict] | None = None  # Records kept back by `hold`.
 
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
     clean = {k: plain(v) for k, v in record.items()}
+    if self._held is not None:
+      self._held.append(clean)
+      return
     self.settle()
     try:
       _drop_cut_last_line(self.path)
@@ -104,7 +108,21 @@ class MetricsLog:
 
   def records(self) -> list[dict]:
     records = [record for _, record in read_jsonl(self.path)]
-    return records if self._cut is None else _cut(records, *self._cut)
+    records = records if self._cut is None else _cut(records, *self._cut)
+    return records + list(self._held or [])
+
+  def hold(self) -> None:
+    """Keeps the records written from here in memory until `release`: a stage's last
+    evaluations reach the file together, after the last of them, with a pending cut, so an
+    interrupted evaluation of a finished run run again leaves its earlier records."""
+    if self.enabled:
+      self._held = []
+
+  def release(self) -> None:
+    """Writes the records `hold` kept back."""
+    held, self._held = self._held or [], None
+    for record in held:
+      self.write(record)
 
   def count(self, run: str) -> int:
     """Number of records written by training run `run` (a stage's training loop)."""

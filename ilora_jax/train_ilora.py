@@ -1790,6 +1790,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       "without it, or with a later step, to resume"
     )
     return last_val
+  log.hold()  # Written together at the end: see `MetricsLog.hold`.
   val_metrics = val_eval(state["trainable"], state["stats"], frozen, config.progress, True)
   selected = {}  # Which weights the final evaluations use, where `ilora.select_by` picks them.
   if best is not None:
@@ -1853,6 +1854,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     )
     if split == "val":
       result = metrics
+  log.release()
   if jax.process_index() == 0:
     save_gate_table(
       parts, state["trainable"], state["stats"], frozen, dataset.val, gate_kind, workdir

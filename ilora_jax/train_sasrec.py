@@ -434,7 +434,9 @@ def run(config, workdir: str) -> dict[str, float] | None:
     )
     val = [r for r in finals if r["split"] == "val"]
     return {k: v for k, v in val[0].items() if k not in _RECORD_KEYS} if val else {}
+  log.hold()  # Written together at the end: see `MetricsLog.hold`.
   final = evaluate_params(config, dataset, model, mesh, state["params"], step, log, run=STAGE)
+  log.release()
   if jax.process_index() == 0:
     console.info(f"report: {report.write(workdir)}")
   return final

@@ -668,6 +668,14 @@ def test_a_save_failing_under_another_error_is_one_warning(tmp_path, capsys):
   assert capsys.readouterr().err == (
     f"warning: the save of checkpoint 4 under way failed too: {os.strerror(errno.ENOSPC)}\n"
   )
+  try:  # The error that stops the run is that save's own: its wait adds no line.
+    manager.wait_until_finished = lambda: _raise(full)
+    with pytest.raises(UserError, match="cannot write checkpoint 4"):
+      with ckpt.guard():
+        ckpt.wait()
+  finally:
+    manager.wait_until_finished = real_wait
+  assert capsys.readouterr().err == ""
   ckpt.close()
 
 

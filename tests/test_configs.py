@@ -362,40 +362,49 @@ def test_the_advice_for_a_diverged_run_names_the_checkpoints_a_resume_would_keep
 def test_a_workdir_of_final_records_without_a_checkpoint_keeps_them_from_other_settings(tmp_path):
   """The original's SASRec evaluated with train.epochs=0 records final evaluations and saves
   no checkpoint: a run of other settings in that workdir replaced its config.json and records
-  without a word (an audit). Refused, data first; the same settings, volatile ones changed or
-  a path written another way, run; so does any run where a checkpoint exists (its stage
-  compares that one's settings) or no final record (a run killed before its first)."""
+  without a word (an audit). A run that evaluates SASRec again with other data, SASRec or
+  train settings is refused, the data first; the same ones (volatile ones changed, a path
+  written another way), another stage, the iLoRA stage's settings, a run where a SASRec
+  checkpoint exists (the stage compares its settings) or no final record (a run killed before
+  its first checkpoint) run."""
   import json
 
   from ilora_jax.errors import UserError
 
+  tiny = os.path.join(ROOT, "configs/tiny.py")
   workdir = tmp_path / "w"
   workdir.mkdir()
   (tmp_path / "s.pt").write_bytes(b"")
-  saved = configuration.load(
-    os.path.join(ROOT, "configs/tiny.py"), [f"sasrec.init_from={tmp_path / 's.pt'}"]
-  )
+  saved = configuration.load(tiny, [f"sasrec.init_from={tmp_path / 's.pt'}", "train.epochs=0"])
   configuration.save(saved, str(workdir))
   (workdir / "metrics.jsonl").write_text('{"run": "sasrec", "split": "train", "step": 1}\n')
-  other = configuration.load(
-    os.path.join(ROOT, "configs/tiny.py"), ["train.lr=0.5", "data.num_candidates=4"]
-  )
-  configuration.check_results_kept(other, str(workdir))  # No final record: an attempt killed early.
+  other = configuration.load(tiny, ["train.lr=0.5", "data.num_candidates=4"])
+  configuration.check_results_kept(other, str(workdir))  # No final record: killed early.
   with open(workdir / "metrics.jsonl", "a") as f:
     f.write(json.dumps({"run": "sasrec", "split": "val", "step": 0, "final": True}) + "\n")
   with pytest.raises(UserError) as info:
     configuration.check_results_kept(other, str(workdir))
   assert str(info.value) == (
-    f"{workdir} holds the final evaluations of a run with other settings (data.num_candidates "
+    f"{workdir} holds the final evaluations of a SASRec with other settings (data.num_candidates "
     f'20 (saved) vs 4 (this run); sasrec.init_from "{tmp_path / "s.pt"}" (saved) vs "" (this '
-    "run); train.lr null (saved) vs 0.5 (this run)) and no checkpoint: give another --workdir, "
-    f"or remove {workdir} to run these settings there"
+    "run); train.epochs 0 (saved) vs null (this run); and 1 more) and no checkpoint: give "
+    f"another --workdir, or remove {workdir} to run these settings there"
   )
+  for stage in ("ilora", "evaluate"):  # Neither evaluates that SASRec again.
+    configuration.check_results_kept(configuration.override(other, [f"stage={stage}"]), workdir)
   here = os.getcwd()
   try:
-    os.chdir(tmp_path)  # The same folder written relative to where the run is started.
+    os.chdir(tmp_path)  # The same file written relative to where the run is started.
     same = configuration.override(
-      saved, ["sasrec.init_from=s.pt", "progress=False", "plan.seq_len=64"]
+      saved,
+      [
+        "sasrec.init_from=s.pt",
+        "progress=False",
+        "plan.seq_len=64",
+        "stage=pipeline",
+        "ilora.train.lr=0.5",
+        "ilora.train.batch_size=2",
+      ],  # fmt: skip
     )
     configuration.check_results_kept(same, str(workdir))
   finally:

@@ -190,6 +190,31 @@ def test_a_cut_reaches_the_file_only_with_the_next_record(tmp_path):
   assert len(log.records()) == 3
 
 
+def test_held_records_reach_the_file_together_with_the_cut(tmp_path):
+  """A stage's last evaluations (an epoch's val record, then the final val and test, each
+  after a long evaluation) are held and written together: an interrupt between them, when a
+  finished run is evaluated again, leaves the file as it was; `records` sees them at once."""
+  from ilora_jax.metrics import MetricsLog
+
+  path = tmp_path / "metrics.jsonl"
+  old = '{"run": "ilora", "step": 1}\n{"run": "ilora", "step": 2, "final": true}\n'
+  path.write_text(old)
+  log = MetricsLog(str(tmp_path))
+  log.truncate("ilora", 1)
+  log.hold()
+  log.write({"run": "ilora", "step": 2, "split": "val"})
+  log.write({"run": "ilora", "step": 2, "final": True})
+  assert path.read_text() == old  # An interrupt here loses nothing.
+  assert [r.get("split", r.get("final")) for r in log.records()] == [None, "val", True]
+  log.release()
+  assert path.read_text() == (
+    '{"run": "ilora", "step": 1}\n{"run": "ilora", "step": 2, "split": "val"}\n'
+    '{"run": "ilora", "step": 2, "final": true}\n'
+  )
+  log.write({"run": "ilora", "step": 3})  # Released: written at once.
+  assert path.read_text().endswith('{"run": "ilora", "step": 3}\n')
+
+
 def test_a_rewrite_that_fails_is_one_error_with_the_advice(tmp_path, monkeypatch):
   """A resume on a read-only mount rewrote metrics.jsonl (its records past the checkpoint
   dropped) and ended as an unexpected OSError."""
