@@ -262,9 +262,10 @@ class StageCheckpoints:
       try:
         self._manager.wait_until_finished()
       except Exception as exc:  # noqa: BLE001 - the error raised on is the one that stopped it.
-        said = isinstance(stopped, UserError) and str(stopped).startswith("cannot write checkpoint")
-        why = "its folder was removed or moved" if self._removed() else _write_failure(exc)
-        if not said:  # A save's own failure is the error raised; its wait's is no news.
+        # A save's own failure is the error raised: its wait's is no news.
+        own = isinstance(stopped, UserError) and str(stopped).startswith("cannot write checkpoint")
+        if not own:
+          why = "its folder was removed or moved" if self._removed() else _write_failure(exc)
           print(f"warning: the save of checkpoint {self._pending} under way failed too: "
                 f"{why or type(exc).__name__}", file=sys.stderr, flush=True)  # fmt: skip
       raise

@@ -107,9 +107,12 @@ class MetricsLog:
       ) from None
 
   def records(self) -> list[dict]:
+    return self._written() + list(self._held or [])
+
+  def _written(self) -> list[dict]:
+    """The file's records, less those a pending `truncate` drops."""
     records = [record for _, record in read_jsonl(self.path)]
-    records = records if self._cut is None else _cut(records, *self._cut)
-    return records + list(self._held or [])
+    return records if self._cut is None else _cut(records, *self._cut)
 
   def hold(self) -> None:
     """Keeps the records written from here in memory until `release`: a stage's last
@@ -145,7 +148,7 @@ class MetricsLog:
     """Writes a pending `truncate` to the file."""
     if self._cut is None:
       return
-    kept = self.records()
+    kept = self._written()
     self._cut = None
     if not os.path.exists(self.path):
       return
