@@ -1785,6 +1785,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   ckpt.close()
   speed()
   if step < total_steps:
+    log.settle()  # A resume that stopped at once: its cut written all the same.
     console.info(
       f"iLoRA: stopped at step {step} of {total_steps} (train.stop_after_steps); re-run "
       "without it, or with a later step, to resume"

@@ -421,6 +421,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
       "config.sasrec.train.lr may train better"
     )
   if step < total_steps:
+    log.settle()  # A resume that stopped at once: its cut written all the same.
     console.info(
       f"SASRec: stopped at step {step} of {total_steps} (train.stop_after_steps); "
       "re-run without it, or with a later step, to resume"

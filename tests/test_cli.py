@@ -47,6 +47,14 @@ def test_interrupted_run_resumes_exactly(uninterrupted, tmp_path):
   assert first.returncode == 0, first.stderr
   assert "SASRec: stopped at step 37 of 130 (train.stop_after_steps); re-run without it, or " \
          "with a later step, to resume" in first.stderr  # fmt: skip
+  # A record past the checkpoint (an attempt killed after it): a resume that stops at once
+  # still drops it from the file, as one that trains on does.
+  kept = open(os.path.join(workdir, "metrics.jsonl")).read()
+  with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+    f.write('{"run": "sasrec", "stage": "sasrec", "split": "train", "step": 40}\n')
+  again = run_cli(TINY, f"--workdir={workdir}", "--config.train.stop_after_steps=37")
+  assert again.returncode == 0, again.stderr
+  assert open(os.path.join(workdir, "metrics.jsonl")).read() == kept
   second = run_cli(TINY, f"--workdir={workdir}")
   assert second.returncode == 0, second.stderr
   assert "resumed from step 37" in second.stderr
