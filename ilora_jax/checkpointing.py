@@ -92,7 +92,7 @@ class StageCheckpoints:
     self._held = None if read_only else _hold(self.directory)
 
   def _removed_error(self, step: int | None) -> UserError:
-    return UserError(
+    return _SaveFailed(
       f"cannot write checkpoint {step}: its folder {self.directory} was removed or moved while "
       "the run used it; re-run to start the stage again (after removing what is left there)"
     )
@@ -173,7 +173,7 @@ class StageCheckpoints:
         if reason == os.strerror(errno.ENOENT)
         else "free space or fix permissions"
       )
-      raise UserError(
+      raise _SaveFailed(
         f"cannot write checkpoint {at} to {self.directory}: {reason}; {last}; {fix} and re-run "
         "to resume"
       ) from None
@@ -262,9 +262,7 @@ class StageCheckpoints:
       try:
         self._manager.wait_until_finished()
       except Exception as exc:  # noqa: BLE001 - the error raised on is the one that stopped it.
-        # A save's own failure is the error raised: its wait's is no news.
-        own = isinstance(stopped, UserError) and str(stopped).startswith("cannot write checkpoint")
-        if not own:
+        if not isinstance(stopped, _SaveFailed):  # Else its wait's failure is no news.
           why = "its folder was removed or moved" if self._removed() else _write_failure(exc)
           print(f"warning: the save of checkpoint {self._pending} under way failed too: "
                 f"{why or type(exc).__name__}", file=sys.stderr, flush=True)  # fmt: skip
@@ -297,6 +295,10 @@ class StageCheckpoints:
       self._manager.close()
     self._closed = True
     self._held = None  # Its descriptor closes when collected.
+
+
+class _SaveFailed(UserError):
+  """A save that could not be written (the error raised for it: one line, as any UserError)."""
 
 
 class _Held:

@@ -172,8 +172,8 @@ def load_sasrec(config, workdir: str, dataset: Dataset, mesh):
   if init_from:
     console.info(f"iLoRA: SASRec from {init_from}")
     return cfg, jax.device_put(params_from_torch(init_from, cfg), repl)
-  trained_on = (configuration.saved(workdir) or {}).get("sasrec", {})
-  trained_on = trained_on.get("init_from") if isinstance(trained_on, dict) else None
+  recorded = (configuration.saved(workdir) or {}).get("sasrec")
+  trained_on = recorded.get("init_from") if isinstance(recorded, dict) else None
   if trained_on and isinstance(trained_on, str) and has_weights(workdir):
     raise UserError(  # Training a SASRec here would give the run another one than its own.
       f"this run's iLoRA was trained on the SASRec of config.sasrec.init_from={trained_on} (its "
