@@ -79,6 +79,7 @@ class StageCheckpoints:
       cleanup_tmp_directories=not read_only,
     )
     self._pending: int | None = None
+    self._unsettled = False  # A save started and not yet waited for.
     self._closed = False
     try:
       self._manager = ocp.CheckpointManager(self.directory, options=options)
@@ -99,10 +100,11 @@ class StageCheckpoints:
 
   def _removed(self) -> bool:
     """Whether the folder this object opened to write, and holds, was removed or moved since:
-    its path names no folder, or another one (its writers may make one anew at the same path),
-    or the one held has no link left. An error reading either is no removal (but a stale
-    handle). Unheld (read only, or a folder this process could not open: not yet seen on a
-    network file system, say), it is never called removed."""
+    its path names no folder, or another one than it opened (its writers may make one anew at
+    the same path; the held descriptor keeps the old one's inode number from being reused).
+    An error reading the path other than its absence is no removal. Unheld (read only, or a
+    folder this process could not open: not yet seen on a network file system, say), it is
+    never called removed."""
     if self._held is None:
       return False
     try:
@@ -111,13 +113,7 @@ class StageCheckpoints:
       return True
     except OSError:
       return False
-    if not stat.S_ISDIR(now.st_mode):
-      return True
-    try:
-      held = os.fstat(self._held.fd)
-    except OSError as exc:
-      return exc.errno == errno.ESTALE  # A network file system's: the folder held is gone.
-    return held.st_nlink == 0 or (held.st_dev, held.st_ino) != (now.st_dev, now.st_ino)
+    return not stat.S_ISDIR(now.st_mode) or (now.st_dev, now.st_ino) != self._held.inode
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -140,6 +136,7 @@ class StageCheckpoints:
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True,
       )
+    self._unsettled = True
     if _KILL_AT == (self.stage, str(step)):  # Fault injection for the kill-mid-save test.
       os.kill(os.getpid(), signal.SIGKILL)
 
@@ -150,6 +147,7 @@ class StageCheckpoints:
     except UserError:
       raise
     except Exception as exc:  # Orbax re-raises background write errors in many wrappers.
+      self._unsettled = False  # Failed: said here.
       at = self._pending if step is None else step
       if self._removed():  # Removed mid-save (`rm -rf`): Orbax's errors vary with the moment.
         _drop_asyncio_reports("read")  # Its abandoned tasks' reports of files gone.
@@ -271,6 +269,15 @@ class StageCheckpoints:
   def wait(self) -> None:
     with self._io(None):
       self._manager.wait_until_finished()
+    self._settled()
+
+  def _settled(self) -> None:
+    """After a wait that raised nothing: a save under way while its folder was removed may
+    have finished in a folder its writers made anew at the path (seen in a loaded test run):
+    that is no checkpoint of this run, so it fails as one that raised would."""
+    unsettled, self._unsettled = self._unsettled, False
+    if unsettled and self._removed():
+      raise self._removed_error(self._pending)
 
   def after_step(self, step: int, save, boundary: bool, stop, bar=None) -> None:
     """The end of a training step: `save(step)` at a boundary (epoch end, interval, stop step)
@@ -294,7 +301,10 @@ class StageCheckpoints:
       self._manager.wait_until_finished()
       self._manager.close()
     self._closed = True
-    self._held = None  # Its descriptor closes when collected.
+    try:
+      self._settled()
+    finally:
+      self._held = None  # Its descriptor closes when collected.
 
 
 class _SaveFailed(UserError):
@@ -302,12 +312,15 @@ class _SaveFailed(UserError):
 
 
 class _Held:
-  """An open descriptor of a folder, closed when this object is collected: a folder removed
-  while it is held keeps its inode, with no link left (`st_nlink` 0)."""
+  """An open descriptor of a folder, closed when this object is collected, and the folder's
+  identity (device, inode) when it was opened: while it is held, no other folder gets that
+  inode number, so a folder at the same path with another one is not the folder opened."""
 
   def __init__(self, fd: int):
     self.fd = fd
     weakref.finalize(self, os.close, fd)
+    opened = os.fstat(fd)
+    self.inode = (opened.st_dev, opened.st_ino)
 
 
 def _hold(directory: str) -> _Held | None:

@@ -607,6 +607,37 @@ def test_a_folder_removed_during_an_asynchronous_save_is_one_line_saying_so(tmp_
   )
 
 
+def test_a_save_that_finished_in_a_folder_made_anew_is_no_checkpoint(tmp_path, monkeypatch):
+  """A loaded test run saw the save under way finish without an error after its folder was
+  removed: its writers had made the path anew. The wait that ends the stage says so, as a
+  failed save would; a save finished before the folder went is no news."""
+  async_checkpointer = pytest.importorskip("orbax.checkpoint._src.checkpointers.async_checkpointer")
+  if not hasattr(async_checkpointer, "_background_wait_for_commit_futures"):
+    pytest.skip("this Orbax commits its saves elsewhere (written for Orbax 0.12)")
+  ckpt = checkpointing.StageCheckpoints(str(tmp_path / "w"), "x", 9, True)
+  ckpt.save(1, _small_state(), {"step": 1})
+  ckpt.wait()
+  commit = async_checkpointer._background_wait_for_commit_futures
+
+  def made_anew_after(*args, **kwargs):  # The save completes; then its folder is another.
+    done = commit(*args, **kwargs)
+    os.rename(ckpt.directory, tmp_path / "elsewhere")
+    os.makedirs(ckpt.directory)
+    return done
+
+  monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", made_anew_after)
+  ckpt.save(2, _small_state(), {"step": 2})
+  with pytest.raises(UserError, match=r"^cannot write checkpoint 2: its folder .* was removed or "):
+    ckpt.close()
+  ckpt.close()  # Closed all the same: a second call does nothing.
+  monkeypatch.setattr(async_checkpointer, "_background_wait_for_commit_futures", commit)
+  again = checkpointing.StageCheckpoints(str(tmp_path / "v"), "x", 9, True)
+  again.save(1, _small_state(), {"step": 1})
+  again.wait()
+  shutil.rmtree(tmp_path / "v")
+  again.close()  # Nothing under way when it went.
+
+
 def test_a_folder_removed_between_saves_stops_the_next_one(tmp_path):
   """Orbax, left to itself, makes the folder anew and saves on: the run would go on and its
   workdir would hold only what came after (seen by hand, the SASRec stage ending with exit
