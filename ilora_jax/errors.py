@@ -629,25 +629,37 @@ class Terminated(KeyboardInterrupt):
   signum = signal.SIGTERM
 
 
+class HungUp(Terminated):
+  """SIGHUP there (the session that started the run closed): exit 128 + 1."""
+
+  signum = signal.SIGHUP
+
+
 def _terminated(signum, frame):
-  raise Terminated
+  raise HungUp if signum == signal.SIGHUP else Terminated
 
 
 @contextlib.contextmanager
 def resumable_interrupts(advice: str):
-  """For the block of a command whose work is saved as it goes (training): SIGTERM outside
-  the training loops (loading, evaluating, between stages; in the main thread) stops it with
-  one line as Ctrl-C does, not silently, and both say `advice` (how to go on)."""
-  main = threading.current_thread() is threading.main_thread()
-  previous = signal.signal(signal.SIGTERM, _terminated) if main else None
+  """For the block of a command whose work is saved as it goes (training): SIGTERM (or
+  SIGHUP, unless ignored) outside the training loops (loading, evaluating, between stages; in
+  the main thread) stops it with one line as Ctrl-C does, not silently, and all say `advice`
+  (how to go on)."""
+  from ilora_jax import interrupts
+
+  previous = {}
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+      if not interrupts.ignored(sig):
+        previous[sig] = signal.signal(sig, _terminated)
   try:
     yield
   except KeyboardInterrupt as exc:
     exc.advice = advice
     raise
   finally:
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 
 def cli_main(fn: Callable[..., object]) -> Callable[..., object]:

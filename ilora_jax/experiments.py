@@ -43,24 +43,23 @@ ones, such as `progress`, are not compared; a moved or copied workdir keeps its 
 another `--workdir`, or the runs' own overrides.
 
 Re-running the same command skips finished runs and resumes an unfinished one from its last
-checkpoint. Ctrl-C or SIGTERM reach the running job, which saves a checkpoint; the runner
-then exits with 128 + the signal number. After each run, at the end (and with
-`--report_only` at any time) it writes `W/results.json`, `W/results.md` (tables: mean and
-sample standard deviation over seeds, the per-seed values, paired differences to the
-reference variant, per-group metrics and gate specialisation where the data has user groups;
-only runs evaluated on the same candidates are compared: runs on other candidates, as a
-variant of other `data.*` settings evaluates (or a run of code before 2026-12-07, on other
-prompt templates), get tables and a SASRec row of their own)
-and `W/plots/*.png` (removing figures of an earlier report that this one does not draw); when
-a run fails, the tables of the runs finished so far (by this or earlier invocations) are
+checkpoint. Ctrl-C, SIGTERM or SIGHUP (unless ignored: `nohup`) reach the running job, which
+saves a checkpoint; the runner then exits with 128 + the signal number. After each run, at
+the end (and with `--report_only` at any time) it writes `W/results.json`, `W/results.md`
+(tables: mean and sample standard deviation over seeds, the per-seed values, paired
+differences to the reference variant, per-group metrics and gate specialisation where the
+data has user groups; only runs evaluated on the same candidates are compared: runs on other
+candidates, as a variant of other `data.*` settings evaluates (or a run of code before
+2026-12-07, on other prompt templates), get tables and a SASRec row of their own) and
+`W/plots/*.png` (removing figures of an earlier report that this one does not draw); when a
+run fails, the tables of the runs finished so far (by this or earlier invocations) are
 written before the failure's one `error:` line. The tables show every run of the grid found
 in W, whatever `--grid.only` and `--grid.seeds` this command gives (a seed added for one
 variant keeps the other variants' tables), each checked against this command's settings as
 its own runs are; run folders of variants the grid does not have (another grid's) are named
 in `results.md`, not tabulated. Results that cannot be written (a folder where `results.md`
 goes, a read-only workdir) do not stop the grid: its runs go on, then the runner ends with
-one `error: cannot write the results in W: ...` line.
-"""
+one `error: cannot write the results in W: ...` line. """
 
 from __future__ import annotations
 
@@ -85,6 +84,7 @@ from ilora_jax import configuration, errors, report
 from ilora_jax import metrics as metrics_lib
 from ilora_jax.errors import UserError, cli_main, parse_flags, require_file
 from ilora_jax.files import atomic_write, checkpoint_folder, workdir_lock
+from ilora_jax.interrupts import ignored
 
 _GRID = errors.define_config_file(
   "grid", None, "Path to a grid file (configs/experiments/*.py).", lock_config=True
@@ -644,7 +644,8 @@ def execute(run: Run, python: str) -> None:
     child = subprocess.Popen(
       [python, "-m", "ilora_jax.main", *run.argv], stdout=log, stderr=subprocess.STDOUT
     )
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP) if not ignored(s)]
+    previous = {s: signal.signal(s, forward) for s in stops}
     try:
       rc = child.wait()
     finally:
@@ -653,7 +654,7 @@ def execute(run: Run, python: str) -> None:
   seconds = _seconds(run) + time.time() - start
   with atomic_write(os.path.join(run.workdir, "runner.json")) as f:
     json.dump({"seconds": seconds, "command": run.command}, f)
-  if got or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+  if got or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP):
     from tqdm import tqdm
 
     signum = got[0] if got else rc - 128

@@ -1,4 +1,4 @@
-"""SIGINT / SIGTERM during training: finish the step, save a checkpoint, then exit.
+"""SIGINT / SIGTERM / SIGHUP during training: finish the step, save a checkpoint, then exit.
 
     with interrupts.Graceful() as stop:
       while ...:
@@ -8,7 +8,9 @@
           stop.exit(step)   # raises Interrupted
 
 A second SIGINT while the checkpoint is being written is ignored for a few seconds, then
-taken as "stop now" (KeyboardInterrupt). Outside the main thread nothing is installed.
+taken as "stop now" (KeyboardInterrupt). Outside the main thread nothing is installed. SIGHUP
+(the terminal or ssh session that started the run closed: a dropped connection to a TPU
+worker) is handled only where it is not ignored: `nohup` keeps a run going, as it asks.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class Interrupted(Exception):
 
 
 class Graceful:
-  def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+  def __init__(self, signals=(signal.SIGINT, signal.SIGTERM, signal.SIGHUP)):
     self.signals = signals
     self.signum: int | None = None
     self._first_at = 0.0
@@ -77,10 +79,17 @@ class Graceful:
   def __enter__(self) -> Graceful:
     if threading.current_thread() is threading.main_thread():
       for sig in self.signals:
-        self._previous[sig] = signal.signal(sig, self._handler)
+        if not ignored(sig):
+          self._previous[sig] = signal.signal(sig, self._handler)
     return self
 
   def __exit__(self, *exc) -> None:
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
     self._previous = {}
+
+
+def ignored(sig: int) -> bool:
+  """Whether SIGHUP is ignored in this process (started under `nohup`): left so. Other
+  signals are handled whatever their disposition (a background job's ignored SIGINT too)."""
+  return sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN

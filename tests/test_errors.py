@@ -116,10 +116,13 @@ def test_sigterm_outside_a_training_loop_is_one_line_with_the_commands_advice(ca
   silently (exit 143, nothing said), and Ctrl-C there said only "interrupted"."""
   advice = "re-run the same command to resume"
   before = signal.getsignal(signal.SIGTERM)
-  # Python's own Ctrl-C handler, as a command has it (a test worker may ignore SIGINT).
+  # Python's own Ctrl-C handler, as a command has it (a test worker may ignore SIGINT), and
+  # SIGHUP at its default (a test worker may have been started under nohup).
   sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+  sighup = signal.signal(signal.SIGHUP, signal.SIG_DFL)
   try:
     for signum, said in ((signal.SIGTERM, "interrupted by SIGTERM"),
+                         (signal.SIGHUP, "interrupted by SIGHUP"),
                          (signal.SIGINT, "interrupted")):  # fmt: skip
       with pytest.raises(KeyboardInterrupt) as raised:
         with errors.resumable_interrupts(advice):
@@ -127,8 +130,10 @@ def test_sigterm_outside_a_training_loop_is_one_line_with_the_commands_advice(ca
           time.sleep(5)  # The handler raises in this thread before it ends.
       assert _exit_of(raised.value, capsys) == (128 + signum, "", f"error: {said}; {advice}\n")
       assert signal.getsignal(signal.SIGTERM) is before  # Restored after the block.
+      assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
   finally:
     signal.signal(signal.SIGINT, sigint)
+    signal.signal(signal.SIGHUP, sighup)
 
 
 @pytest.fixture

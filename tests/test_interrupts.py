@@ -308,6 +308,31 @@ def test_leaving_the_block_restores_the_handlers_that_were_there():
     signal.signal(signal.SIGTERM, before)
 
 
+def test_sighup_stops_as_sigterm_does_unless_it_is_ignored():
+  """A closed terminal or ssh session (a dropped `tpu_pod.sh` connection) sent SIGHUP, which
+  ended a run at once without saving (an audit: exit 129, the steps since the last checkpoint
+  lost). It now stops after the step as SIGTERM does; under `nohup` (ignored) it stays ignored."""
+  from ilora_jax.interrupts import Graceful
+
+  before = signal.getsignal(signal.SIGHUP)
+  try:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    with Graceful() as stop:
+      os.kill(os.getpid(), signal.SIGHUP)
+      time.sleep(0.5)  # Delivered to this (the main) thread meanwhile.
+      assert stop.signum == signal.SIGHUP
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    with Graceful() as stop:
+      assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+      os.kill(os.getpid(), signal.SIGHUP)
+      time.sleep(0.5)
+      assert stop.signum is None
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGHUP, before)
+
+
 def test_agree_asks_the_processes_once_per_step(monkeypatch):
   """Two processes (faked): the answer for a step is the one gathered the first time it was
   asked; a signal arriving after that counts at the next step, in one more gather. Another
