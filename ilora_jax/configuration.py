@@ -272,7 +272,14 @@ def validate_distributed(dc: ConfigDict) -> None:
     need(
       bool(host) and port.isascii() and port.isdigit() and 0 < int(port) < 65536,
       "distributed.coordinator",
-      f"={dc.coordinator!r} must be host:port",
+      f"={dc.coordinator!r} must be host:port (a port from 1 to 65535)",
+    )
+    # Process 0 given 1 (the others 2) trained alone, and the others ended in a native abort.
+    need(
+      dc.num_processes != 1,
+      "distributed.num_processes",
+      "=1 with distributed.coordinator: one process needs no coordinator (leave it out), and a "
+      "run of N processes needs num_processes=N in every one of them",
     )
   need(
     bool(dc.coordinator or dc.auto) or (dc.num_processes, dc.process_id) == (1, 0),

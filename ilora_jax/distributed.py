@@ -15,6 +15,7 @@ Must run before anything touches a JAX device.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -105,6 +106,59 @@ def check_same_config(config, workdir: str) -> None:
       "--workdir than process 0's: start every process with the same command (only "
       "--config.distributed.process_id differs)"
     )
+
+
+def check_shared_workdir(workdir: str) -> None:
+  """A UserError in every process of a multi-process run whose processes do not share
+  `workdir` (a relative path started in other folders, a node-local scratch disk): Orbax
+  writes each checkpoint into one folder from every process, so the first save waited out
+  its barrier (10 minutes) and then failed with no reason given (the launch audit). Process 0
+  writes a file of a random name there and every process looks for it (for a few seconds: a
+  network file system may show it late). Where process 0 cannot write it, nothing is said:
+  the run's own writes say what is wrong with the folder."""
+  import jax
+
+  if jax.process_count() == 1:
+    return
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  mine = None
+  token = np.zeros(2, np.uint32)
+  if jax.process_index() == 0:
+    drawn = np.frombuffer(os.urandom(8), np.uint32) | np.uint32(1)  # Never all zero.
+    mine = os.path.join(workdir, f".shared-{drawn.tobytes().hex()}")
+    try:
+      with open(mine, "x"):
+        token = drawn
+    except OSError:
+      mine = None
+  token = np.asarray(multihost_utils.broadcast_one_to_all(token))  # After the write.
+  seen = not token.any() or _appears(os.path.join(workdir, f".shared-{token.tobytes().hex()}"))
+  seen_by = np.asarray(multihost_utils.process_allgather(np.int32(seen))).reshape(-1)
+  if mine is not None:
+    with contextlib.suppress(OSError):
+      os.remove(mine)
+  blind = [i for i, ok in enumerate(seen_by) if not ok]
+  if blind:
+    raise UserError(
+      f"--workdir={workdir} is not one folder that every process shares: process(es) "
+      f"{', '.join(map(str, blind))} do not see the file process 0 wrote there; give every "
+      "process a --workdir on a file system all hosts mount at the same path (every process "
+      "writes its part of each checkpoint there; a relative path is taken from each "
+      "process's own folder)"
+    )
+
+
+def _appears(path: str, within_s: float = 5.0) -> bool:
+  import time
+
+  deadline = time.monotonic() + within_s
+  while not os.path.exists(path):
+    if time.monotonic() >= deadline:
+      return False
+    time.sleep(0.1)
+  return True
 
 
 def check_same_data(digest: Callable[[], bytes], directory: str) -> None:

@@ -9,8 +9,8 @@
 
 A second SIGINT while the checkpoint is being written is ignored for a few seconds, then
 taken as "stop now" (KeyboardInterrupt). Outside the main thread nothing is installed. SIGHUP
-(the terminal or ssh session that started the run closed: a dropped connection to a TPU
-worker) is handled only where it is not ignored: `nohup` keeps a run going, as it asks.
+(the terminal or ssh session that started the run closed) is handled only where it is not
+ignored: `nohup` keeps a run going, as it asks.
 """
 
 from __future__ import annotations

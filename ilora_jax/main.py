@@ -79,6 +79,7 @@ def _main(config: ConfigDict, workdir: str) -> None:
       os.makedirs(workdir, exist_ok=True)
     except OSError as exc:
       raise UserError(f"cannot create workdir {workdir}: {exc}") from None
+  distributed.check_shared_workdir(workdir)
   import jax
 
   from ilora_jax import files

@@ -187,6 +187,7 @@ REFUSED = [
   # int() reads other scripts' digits, the coordinator's address string keeps them.
   ("distributed.coordinator=h:\uff11\uff12", "distributed.coordinator='h:\uff11\uff12' must be"),
   ("distributed.cpu_collectives=nccl", "config.distributed.cpu_collectives='nccl' is not one of"),
+  ("distributed.coordinator=h:1", "config.distributed.num_processes=1 with distributed.coordinat"),
   (
     "distributed.num_processes=2",
     "config.distributed.num_processes=2 and process_id=0 need distributed.coordinator",
@@ -235,8 +236,8 @@ ACCEPTED = [
   "lora.rank=2 lora.num_experts=2",
   "ilora.select_by= ilora.eval_generate=False ilora.eval_score=False",
   "ilora.select_by=loss ilora.eval_generate=False ilora.eval_score=False",
-  "distributed.coordinator=h:65535",
-  "distributed.coordinator=[::1]:1234",
+  "distributed.coordinator=h:65535 distributed.num_processes=2",
+  "distributed.coordinator=[::1]:1234 distributed.num_processes=2",
   "distributed.auto=True distributed.num_processes=2 distributed.process_id=1",
   "distributed.cpu_collectives=gloo",
 ]

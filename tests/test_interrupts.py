@@ -221,6 +221,27 @@ def test_processes_that_read_other_data_are_refused(tmp_path):
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_processes_that_do_not_share_the_workdir_are_refused(tmp_path):
+  """The same relative --workdir started in each host's own folder (or a node-local scratch
+  path): each process wrote its part of the first checkpoint into its own folder, and both
+  waited 10 minutes at Orbax's barrier before an error with an empty reason (the launch
+  audit). Every process now says so at start-up, before anything is trained."""
+  from conftest import ROOT, start_processes
+
+  args = [f"--config={ROOT}/configs/tiny.py", "--workdir=w", "--config.stage=sasrec",
+          "--config.distributed.timeout_s=120"]  # fmt: skip
+  for host in ("a", "b"):
+    (tmp_path / host).mkdir()
+  procs = start_processes(args, args, cwds=[tmp_path / "a", tmp_path / "b"])
+  _each_refused(procs, "error: --workdir=w is not one folder that every process shares: "
+                "process(es) 1 do not see the file process 0 wrote there; give every process a "
+                "--workdir on a file system all hosts mount at the same path (every process "
+                "writes its part of each checkpoint there; a relative path is taken from each "
+                "process's own folder)")  # fmt: skip
+  for host in ("a", "b"):
+    assert sorted(os.listdir(tmp_path / host / "w")) == [], host  # Nothing left, no lock.
+
+
 def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_path):
   """SIGTERM to one process of a 2-process run (a preempted host) sent it alone into the
   checkpoint's collective write while the other ran on: both hung, nothing saved. Now every
@@ -309,7 +330,7 @@ def test_leaving_the_block_restores_the_handlers_that_were_there():
 
 
 def test_sighup_stops_as_sigterm_does_unless_it_is_ignored():
-  """A closed terminal or ssh session (a dropped `tpu_pod.sh` connection) sent SIGHUP, which
+  """A closed terminal or ssh session sends SIGHUP, which
   ended a run at once without saving (an audit: exit 129, the steps since the last checkpoint
   lost). It now stops after the step as SIGTERM does; under `nohup` (ignored) it stays ignored."""
   from ilora_jax.interrupts import Graceful
