@@ -15,9 +15,10 @@
 # caller's (run_host.sh starts in the caller's folder, as this script does not move). A missing,
 # partial or inconsistent layout (a process id not below the count, a count that is no number,
 # a coordinator without its port, MASTER_ADDR without MASTER_PORT, a torchrun-style variable
-# that disagrees with ours, e.g. WORLD_SIZE beside NUM_PROCESSES), a --config.distributed.*
-# flag among the job's (the layout's to set), or no job, is one line on stderr and exit status
-# 2 before run_host.sh's set-up.
+# that disagrees with ours, e.g. WORLD_SIZE beside NUM_PROCESSES, LOCAL_WORLD_SIZE above 1, a
+# layout variable under Slurm), a --config.distributed.* flag among the job's (the layout's to
+# set), or no job, is one line on stderr and exit status 2 before run_host.sh's set-up. One
+# node (NUM_NODES 1) runs as a single process, without a coordinator.
 set -euo pipefail
 usage="usage: launch/gpu_multinode.sh [--dry_run] [COORDINATOR:PORT NUM_NODES NODE_RANK] --config=... --workdir=..."
 # One line on stderr and exit status 2.
@@ -46,12 +47,21 @@ if [[ $# -ge 1 && "$1" != --* ]]; then
     fail "COORDINATOR:PORT, NUM_NODES and NODE_RANK are given together, before the flags"
   fi
   check_layout "COORDINATOR:PORT=$1" "NUM_NODES=$2" "NODE_RANK=$3"
+  NODES=$2
   CLUSTER=(--config.distributed.coordinator="$1" --config.distributed.num_processes="$2"
            --config.distributed.process_id="$3")
   shift 3
 elif [[ -n "${SLURM_PROCID:-}" ]]; then
+  # JAX reads Slurm's layout itself: a layout of ours beside it would be ignored in silence.
+  for v in COORDINATOR_ADDRESS NUM_PROCESSES PROCESS_ID MASTER_ADDR MASTER_PORT WORLD_SIZE RANK; do
+    [[ -z "${!v:-}" ]] ||
+      fail "$v=$(printf '%q' "${!v}") is set under Slurm (SLURM_PROCID=$SLURM_PROCID), where JAX reads the layout from Slurm and would ignore it: unset it, or start outside srun"
+  done
   CLUSTER=(--config.distributed.auto=True)
 else
+  # torchrun's default layout starts a process per GPU; here one process drives a node's GPUs.
+  [[ -z "${LOCAL_WORLD_SIZE:-}" || "$LOCAL_WORLD_SIZE" == 1 ]] ||
+    fail "LOCAL_WORLD_SIZE=$(printf '%q' "$LOCAL_WORLD_SIZE"): this launcher runs one process per node, which drives all of the node's GPUs; start one per node (torchrun --nproc_per_node=1)"
   # A torchrun-style variable beside ours must agree with it (one of them would be ignored).
   same() {  # OURS THEIRS: the names of two variables that say the same thing.
     [[ -z "${!1:-}" || -z "${!2:-}" || "${!1}" == "${!2}" ]] ||
@@ -81,6 +91,7 @@ else
   [[ -n "$ID" ]] || missing+=", PROCESS_ID (or RANK)"
   [[ -z "$missing" ]] || fail "a partial cluster layout in the environment: no ${missing#, }"
   check_layout "$CN=$COORD" "$NN=$NUM" "$IN=$ID"
+  NODES=$NUM
   CLUSTER=(--config.distributed.coordinator="$COORD" --config.distributed.num_processes="$NUM"
            --config.distributed.process_id="$ID")
 fi
@@ -94,6 +105,9 @@ for a in "$@"; do  # The job would take the later value: the layout's, without a
       fail "the job's argument $(printf '%q' "$a") is the launcher's to set: give the layout as above, not as --config.distributed.*" ;;
   esac
 done
+if [[ "${NODES:-}" == 1 ]]; then
+  CLUSTER=()  # One node: a process of its own, no coordinator to meet.
+fi
 export ILORA_JAX_EXTRA=cuda
 export ILORA_JAX_USAGE="${usage#usage: }"
 exec bash "$(dirname "$0")/run_host.sh" ${DRY[@]+"${DRY[@]}"} "$@" ${CLUSTER[@]+"${CLUSTER[@]}"}

@@ -17,10 +17,10 @@
 #
 # Everything is checked before the slice is created, each a one-line error with exit status 2:
 # NAME, ZONE and ACCELERATOR (and a software version for it); the job's arguments (every one a
-# --flag=value, with --config= and --workdir= among them); and the config file, which the
-# workers read from their copy of the tracked files: it must be a file git tracks in this
-# checkout (a relative path is the caller's when it is there, else the checkout's), and the
-# workers are given its path in the checkout.
+# --flag=value, with --config= and --workdir= among them, and no --flagfile=); and the config
+# file, which the workers read from their copy of the tracked files: it must be a file git
+# tracks in this checkout (a relative path is the caller's when it is there, else the
+# checkout's), and the workers are given its path in the checkout.
 set -euo pipefail
 CALLER=$PWD
 cd "$(dirname "$0")/.."
@@ -67,6 +67,8 @@ for a in "$@"; do
     --config.distributed.coordinator* | --config.distributed.num_processes* | \
       --config.distributed.process_id* | --config.distributed.auto* | --noconfig.distributed.auto)
       fail "the job's argument $(printf '%q' "$a") is the launcher's to set: the workers find each other (--config.distributed.auto=True, added here)" ;;
+    --flagfile=*)
+      fail "the job's argument $(printf '%q' "$a") names a file the workers would not have (they get this checkout's tracked files, and --config only is mapped to its path there): give its flags on the command line" ;;
     --?*) ;;
     *) fail "the job's argument $(printf '%q' "$a") is no --flag=value (quote a value that holds spaces)" ;;
   esac
@@ -76,7 +78,7 @@ done
 if [[ "$WORKDIR" != /* ]]; then  # run_host.sh makes it absolute on each worker, on its own disk.
   where="under ~/ilora_jax (its copy of this checkout)"
   [[ "$WORKDIR" != "~/"* ]] || where="in its own home folder"
-  echo "warning: --workdir=$WORKDIR is not an absolute path: each worker writes it $where on its own disk, and a resume needs the checkpoints all workers wrote in one folder they all read (a mounted bucket or NFS path such as /mnt/bucket/run)" >&2
+  echo "warning: --workdir=$WORKDIR is not an absolute path: each worker writes it $where on its own disk: on a slice of several hosts the job refuses it at start-up, since all workers write each checkpoint into one folder they share (give a mounted bucket or NFS path such as /mnt/bucket/run)" >&2
 fi
 GIVEN=${CONFIG%%:*}  # ml_collections reads FILE:ARGS as the file and its argument.
 SUFFIX=${CONFIG:${#GIVEN}}

@@ -212,8 +212,22 @@ def test_tpu_pod_warns_of_a_relative_workdir(tmp_path):
   proc = repo.run("tpu_pod.sh", "--dry_run", "pod", "z", "v5p-32", "--config=configs/tiny.py",
                   "--workdir=~/runs/x")  # fmt: skip
   assert "each worker writes it in its own home folder on its own disk" in proc.stderr
+  assert "on a slice of several hosts the job refuses it at start-up" in proc.stderr
   proc = repo.run("tpu_pod.sh", "--dry_run", "pod", "z", "v5p-32", *JOB)
   assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+
+
+def test_tpu_pod_refuses_a_flagfile_the_workers_would_not_have(tmp_path):
+  """Neither checked nor shipped: the slice was created, then every worker stopped with
+  `--flagfile names no file` (the launch audit)."""
+  repo = FakeCheckout(tmp_path)
+  flags = tmp_path / "f.txt"
+  flags.write_text("--config.train.steps=2\n")
+  for dry in ([], ["--dry_run"]):
+    proc = repo.run("tpu_pod.sh", *dry, "pod", "z", "v5p-32", f"--flagfile={flags}", *JOB)
+    _refused(proc)
+    assert "names a file the workers would not have" in proc.stderr
+  assert repo.calls() == []
 
 
 @pytest.mark.parametrize(
@@ -683,6 +697,18 @@ def test_run_host_makes_a_venv_whose_python_is_gone_anew(tmp_path):
       {**TORCHRUN, "RANK": "0", "COORDINATOR_ADDRESS": "g:1"},
       "COORDINATOR_ADDRESS=g:1 and MASTER_ADDR:MASTER_PORT=h:29500 disagree",
     ),
+    # torchrun's process per GPU: 8 processes per node, each claiming all of its GPUs.
+    (
+      [],
+      {**TORCHRUN, "RANK": "3", "LOCAL_WORLD_SIZE": "8", "LOCAL_RANK": "3"},
+      "LOCAL_WORLD_SIZE=8: this launcher runs one process per node",
+    ),
+    # Under Slurm JAX reads Slurm's layout: ours was ignored in silence (an sbatch script's).
+    (
+      [],
+      {"SLURM_PROCID": "0", "MASTER_ADDR": "h", "WORLD_SIZE": "3"},
+      "MASTER_ADDR=h is set under Slurm (SLURM_PROCID=0), where JAX reads the layout from",
+    ),
     # The job would take the later value, the launcher's, without a word.
     (
       ["h0:1234", "2", "0", "--config.distributed.process_id=1"],
@@ -710,6 +736,17 @@ def test_gpu_multinode_checks_the_layout_before_the_set_up(tmp_path, args, env, 
   proc = repo.run("gpu_multinode.sh", *JOB, SLURM_STEP_NODELIST="n[1-2]", **srun)
   assert proc.returncode == 0, proc.stderr
   assert repo.calls()[-1] == _job_call([*JOB, "--config.distributed.auto=True"])
+
+
+def test_gpu_multinode_runs_one_node_as_a_single_process(tmp_path):
+  """One node of one: a coordinator with num_processes=1 is refused by the job (process 0
+  given 1 while the others had 2 trained alone), so the launcher starts a plain process."""
+  repo = FakeCheckout(tmp_path)
+  torchrun = {**TORCHRUN, "WORLD_SIZE": "1", "RANK": "0"}
+  for args, env in ((["h0:1234", "1", "0"], {}), ([], torchrun)):
+    proc = repo.run("gpu_multinode.sh", *args, *JOB, **env)
+    assert proc.returncode == 0, proc.stderr
+    assert repo.calls()[-1] == _job_call(JOB)
 
 
 def test_slurm_runs_one_process_per_gpu(monkeypatch):
