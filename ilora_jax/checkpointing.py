@@ -382,7 +382,7 @@ def _write_failure(exc: BaseException) -> str | None:
   """
   for e in _chain(exc):
     if isinstance(e, OSError):
-      return e.strerror or str(e)
+      return e.strerror or str(e) or type(e).__name__  # A bare TimeoutError says nothing.
     reason = _write_failure_text(str(e))
     if reason:
       return reason

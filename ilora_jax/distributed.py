@@ -72,7 +72,11 @@ def initialize(config) -> None:
       initialization_timeout=int(dc.timeout_s) + _JAX_TIMEOUT_MARGIN_S, **kwargs
     )
   except (RuntimeError, ValueError) as exc:
-    raise UserError(f"cannot join the cluster via {where}: {str(exc).splitlines()[0]}") from None
+    elsewhere = "distributed.coordinator, num_processes and process_id instead of distributed.auto"
+    hint = "" if dc.coordinator else f"; elsewhere give {elsewhere}"
+    raise UserError(
+      f"cannot join the cluster via {where}: {str(exc).splitlines()[0]}{hint}"
+    ) from None
   finally:
     watchdog.cancel()
   global JOINED
@@ -87,25 +91,40 @@ def check_same_config(config, workdir: str) -> None:
   different configs (but for `distributed.process_id`) or `--workdir`s: they would deadlock
   at the first collective that differs (another checkpoint interval, checkpoints written to
   two folders), fail in one (another learning rate), or train on a mix of data sets (another
-  data seed). A digest of each process's config and workdir (as given) is gathered and
-  compared with process 0's."""
+  data seed). A digest of each part of each process's config (`_PARTS`, the rest, and the
+  workdir as given) is gathered and compared with process 0's; the error names the parts."""
   import hashlib
   import json
 
   from ilora_jax.configuration import json_form
 
-  def digest() -> bytes:
-    own = json_form(config)
-    own["distributed"].pop("process_id", None)
-    return hashlib.sha256(json.dumps([own, workdir], sort_keys=True).encode()).digest()
+  own = json_form(config)
+  own["distributed"].pop("process_id", None)
+  parts = {name: own.pop(name, None) for name in _PARTS}
+  parts["other settings"], parts["--workdir"] = own, workdir
 
-  others = _differing(digest)
+  def digest() -> bytes:
+    return b"".join(
+      hashlib.sha256(json.dumps(part, sort_keys=True).encode()).digest()[:8]
+      for part in parts.values()
+    )
+
+  rows = _gathered(digest)
+  changed = (rows != rows[:1]).reshape(len(rows), -1, 2).any(axis=2)  # [process, part]
+  others = [i for i, row in enumerate(changed) if row.any()]
   if others:
+    differ = [name for name, c in zip(parts, changed.any(axis=0), strict=True) if c]
     raise UserError(
       f"process(es) {', '.join(map(str, others))} were started with another config or "
-      "--workdir than process 0's: start every process with the same command (only "
-      "--config.distributed.process_id differs)"
+      f"--workdir than process 0's (other {', '.join(differ)}): start every process with the "
+      "same command (only --config.distributed.process_id differs)"
     )
+
+
+# The config's top-level fields, each digested apart so that a mismatch names where it is.
+_PARTS = ("stage", "data", "sasrec", "llm", "lora", "router", "ilora", "train", "mesh",
+          "logical_axis_rules", "distributed", "checkpoint", "eval", "report", "bench", "plan",
+          "progress", "compile_cache_dir")  # fmt: skip
 
 
 def check_shared_workdir(workdir: str) -> None:
@@ -177,16 +196,22 @@ def check_same_data(digest: Callable[[], bytes], directory: str) -> None:
 def _differing(digest: Callable[[], bytes]) -> list[int]:
   """The processes whose `digest()` (its first 8 bytes) differs from process 0's, gathered
   from every process; none in a single-process run, which computes no digest."""
+  rows = _gathered(lambda: digest()[:8])
+  return [i for i, row in enumerate(rows) if (row != rows[0]).any()]
+
+
+def _gathered(digest: Callable[[], bytes]):
+  """Every process's `digest()` (a multiple of 4 bytes, the same length in each), one row a
+  process as uint32 words; one empty row in a single-process run, which computes none."""
   import jax
+  import numpy as np
 
   if jax.process_count() == 1:
-    return []
-  import numpy as np
+    return np.zeros((1, 0), np.uint32)
   from jax.experimental import multihost_utils
 
-  digests = multihost_utils.process_allgather(np.frombuffer(digest()[:8], np.uint32))
-  digests = np.asarray(digests).reshape(-1, 2)
-  return [i for i, d in enumerate(digests) if (d != digests[0]).any()]
+  words = np.frombuffer(digest(), np.uint32)
+  return np.asarray(multihost_utils.process_allgather(words)).reshape(-1, words.size)
 
 
 def _not_joined(where: str, dc) -> None:
@@ -225,8 +250,9 @@ def _check_port_free(address: str) -> None:
           continue  # This family is unusable here (IPv6 off, say): the next one, or JAX's.
         raise UserError(
           f"process 0 cannot serve the coordinator {address} on this host: port {port}: "
-          f"{exc.strerror or exc} (another program holds it?); give every process another "
-          "port in config.distributed.coordinator"
+          f"{exc.strerror or exc} (another program holds it, or a process started before "
+          "this one as process_id=0?); give every process another port in "
+          "config.distributed.coordinator, and each its own process_id"
         ) from None
     return
 

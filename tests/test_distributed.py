@@ -143,6 +143,13 @@ def test_a_failed_join_is_one_line_and_the_watchdog_stops(cluster, monkeypatch, 
   assert str(info.value) == "cannot join the cluster via h0:1: Barrier timed out"
   assert info.value.__cause__ is None and info.value.__suppress_context__
   assert _Timer.made[0].cancelled
+  with pytest.raises(UserError) as info:  # JAX's words alone named no way out (the audit).
+    distributed.initialize(_config(auto=True))
+  assert str(info.value) == (
+    "cannot join the cluster via the environment (TPU, Slurm or Open MPI): Barrier timed out; "
+    "elsewhere give distributed.coordinator, num_processes and process_id instead of "
+    "distributed.auto"
+  )
 
 
 def test_another_failure_to_join_is_not_passed_off_as_the_users(cluster, monkeypatch):
@@ -237,7 +244,8 @@ def test_processes_started_with_another_config_or_workdir_are_named(monkeypatch)
   base = dict(coordinator="h0:1", num_processes=4)
   same = [_config_digest(monkeypatch, _config(**base, process_id=i)) for i in range(4)]
   assert all((a == same[0]).all() for a in same)
-  assert same[0].dtype == np.uint32 and same[0].shape == (2,)
+  # 8 bytes for each of the config's parts, the rest of it and the workdir.
+  assert same[0].dtype == np.uint32 and same[0].shape == (2 * (len(distributed._PARTS) + 2),)
   other_lr = _config(**base, process_id=2)
   other_lr.train.learning_rate = 2e-3
   other_coordinator = _config(**dict(base, coordinator="h1:1"), process_id=3)
@@ -250,8 +258,9 @@ def test_processes_started_with_another_config_or_workdir_are_named(monkeypatch)
   with pytest.raises(UserError) as info:
     distributed.check_same_config(_config(**base), "w")
   assert str(info.value) == (
-    "process(es) 1, 2, 3 were started with another config or --workdir than process 0's: "
-    "start every process with the same command (only --config.distributed.process_id differs)"
+    "process(es) 1, 2, 3 were started with another config or --workdir than process 0's "
+    "(other train, distributed, --workdir): start every process with the same command (only "
+    "--config.distributed.process_id differs)"
   )
   # Every process compares with process 0, not with its neighbour or the last one.
   _processes(monkeypatch, [other[0], other[0]])
@@ -300,8 +309,9 @@ def test_process_0_refuses_a_coordinator_port_another_program_holds(family, host
     distributed._check_port_free(f"localhost:{port}")
   assert str(info.value) == (
     f"process 0 cannot serve the coordinator localhost:{port} on this host: port {port}: "
-    f"{os.strerror(errno.EADDRINUSE)} (another program holds it?); give every process "
-    "another port in config.distributed.coordinator"
+    f"{os.strerror(errno.EADDRINUSE)} (another program holds it, or a process started before "
+    "this one as process_id=0?); give every process another port in "
+    "config.distributed.coordinator, and each its own process_id"
   )
   holder.close()
   distributed._check_port_free(f"localhost:{port}")

@@ -172,14 +172,14 @@ def test_processes_started_with_different_configs_are_refused(tmp_path):
   data seed trained on a mix of two data sets in silence. Every process now names the ones
   whose config differs from process 0's, before anything runs."""
   refusal = ("error: process(es) 1 were started with another config or --workdir than process "
-             "0's: start every process with the same command (only "
+             "0's (other {}): start every process with the same command (only "
              "--config.distributed.process_id differs)")  # fmt: skip
   procs = _two_processes(tmp_path / "w", [], ["--config.checkpoint.every_steps=7"])
-  _each_refused(procs, refusal)
+  _each_refused(procs, refusal.format("checkpoint"))
   assert not (tmp_path / "w" / "checkpoints").exists()
   # Another workdir: each process waited at its first checkpoint for the other's, for good.
   procs = _two_processes(tmp_path / "w", [], [f"--workdir={tmp_path / 'w2'}"])
-  _each_refused(procs, refusal)
+  _each_refused(procs, refusal.format("--workdir"))
   assert not (tmp_path / "w" / "checkpoints").exists()
 
 
