@@ -773,12 +773,16 @@ def test_launch_paths_dry_run():
       "--config.distributed.process_id=3"
     )
   )
-  slurm_env = dict(env, SLURM_PROCID="0")
-  slurm = subprocess.run(["bash", "launch/gpu_multinode.sh", "--dry_run", *job], cwd=ROOT,
-                         capture_output=True, text=True, env=slurm_env)  # fmt: skip
-  assert slurm.stdout.strip().splitlines()[1].endswith("--config.distributed.auto=True")
   layout = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
   bare = {k: v for k, v in env.items() if k not in layout}
+  multinode = ["bash", "launch/gpu_multinode.sh", "--dry_run", *job]
+  slurm = subprocess.run(multinode, cwd=ROOT, capture_output=True, text=True,
+                         env=dict(bare, SLURM_PROCID="0"))  # fmt: skip
+  assert slurm.stdout.strip().splitlines()[1].endswith("--config.distributed.auto=True")
+  # Beside Slurm's, a layout of ours would be ignored (JAX reads Slurm's): refused.
+  both = subprocess.run(multinode, cwd=ROOT, capture_output=True, text=True,
+                        env=dict(env, SLURM_PROCID="0"))  # fmt: skip
+  assert both.returncode == 2 and "is set under Slurm (SLURM_PROCID=0)" in both.stderr
   usage = subprocess.run(["bash", "launch/gpu_multinode.sh", "--dry_run", *job], cwd=ROOT,
                          capture_output=True, text=True, env=bare)  # fmt: skip
   assert usage.returncode == 2 and "no cluster layout" in usage.stderr
