@@ -59,7 +59,8 @@ variant keeps the other variants' tables), each checked against this command's s
 its own runs are; run folders of variants the grid does not have (another grid's) are named
 in `results.md`, not tabulated. Results that cannot be written (a folder where `results.md`
 goes, a read-only workdir) do not stop the grid: its runs go on, then the runner ends with
-one `error: cannot write the results in W: ...` line. """
+one `error: cannot write the results in W: ...` line.
+"""
 
 from __future__ import annotations
 

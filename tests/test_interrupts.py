@@ -330,9 +330,9 @@ def test_leaving_the_block_restores_the_handlers_that_were_there():
 
 
 def test_sighup_stops_as_sigterm_does_unless_it_is_ignored():
-  """A closed terminal or ssh session sends SIGHUP, which
-  ended a run at once without saving (an audit: exit 129, the steps since the last checkpoint
-  lost). It now stops after the step as SIGTERM does; under `nohup` (ignored) it stays ignored."""
+  """A closed terminal or ssh session sends SIGHUP, which ended a run at once without saving
+  (the launch audit: exit 129, the steps since the last checkpoint lost). It now stops after
+  the step as SIGTERM does; under `nohup` (ignored) it stays ignored."""
   from ilora_jax.interrupts import Graceful
 
   before = signal.getsignal(signal.SIGHUP)
