@@ -317,7 +317,6 @@ class _Held:
   inode number, so a folder at the same path with another one is not the folder opened."""
 
   def __init__(self, fd: int):
-    self.fd = fd
     weakref.finalize(self, os.close, fd)
     opened = os.fstat(fd)
     self.inode = (opened.st_dev, opened.st_ino)

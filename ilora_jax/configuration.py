@@ -383,6 +383,13 @@ def volatile(key: str) -> bool:
   return any(key == v or key.startswith(v + ".") for v in VOLATILE)
 
 
+def flat(tree: dict) -> dict:
+  """{"a.b": value} of a nested dict's leaves (config.json's settings by their dotted keys)."""
+  from flax import traverse_util
+
+  return traverse_util.flatten_dict(tree, sep=".")
+
+
 def saved(workdir: str) -> dict | None:
   """The JSON object of `workdir/config.json` (a run's settings, `save`), or None where it is
   absent, unreadable or damaged: for words and defaults drawn from it, and for a check that a
@@ -411,8 +418,6 @@ def check_results_kept(config: ConfigDict, workdir: str) -> None:
   data's first; another stage, or other settings (the iLoRA stage's), run as before."""
   import json
 
-  from flax import traverse_util
-
   from ilora_jax import files
   from ilora_jax.metrics import MetricsLog
 
@@ -425,9 +430,9 @@ def check_results_kept(config: ConfigDict, workdir: str) -> None:
   records = MetricsLog(workdir).records()
   if not any(isinstance(r, dict) and r.get("run") == "sasrec" and r.get("final") for r in records):
     return
-  old = traverse_util.flatten_dict(recorded, sep=".")
+  old = flat(recorded)
   diffs = []
-  for key, value in traverse_util.flatten_dict(json_form(config), sep=".").items():
+  for key, value in flat(json_form(config)).items():
     if key not in old or volatile(key) or not key.startswith(_SASREC_KEYS):
       continue
     same_path = isinstance(value, str) and isinstance(old[key], str) and bool(value)

@@ -462,16 +462,9 @@ def parse_metrics(grid: ConfigDict, resolved: dict) -> list[str]:
   return metrics
 
 
-def _flat(tree: dict) -> dict:
-  """{"a.b": value} of a nested dict's leaves."""
-  from flax import traverse_util
-
-  return traverse_util.flatten_dict(tree, sep=".")
-
-
 def _json_form(config: ConfigDict) -> dict:
   """The config as `configuration.save` writes it to config.json, flattened."""
-  return _flat(configuration.json_form(config))
+  return configuration.flat(configuration.json_form(config))
 
 
 def _made_in(run: Run) -> str:
@@ -568,7 +561,7 @@ def check_runs(runs: list[Run]) -> None:
         defaults[run.config_path] = _json_form(configuration.load(run.config_path))
       except UserError:
         defaults[run.config_path] = {}
-    diffs = config_diffs(run, _flat(saved), planned, defaults[run.config_path])
+    diffs = config_diffs(run, configuration.flat(saved), planned, defaults[run.config_path])
     if diffs:
       found.append((run, diffs))
   if not found:
