@@ -644,7 +644,8 @@ def resumable_interrupts(advice: str):
   """For the block of a command whose work is saved as it goes (training): SIGTERM (or
   SIGHUP, unless ignored) outside the training loops (loading, evaluating, between stages; in
   the main thread) stops it with one line as Ctrl-C does, not silently, and all say `advice`
-  (how to go on)."""
+  (how to go on). A reader of stdout or stderr gone away during a training loop stops it as a
+  signal does (`interrupts.closed_output_stops_training`)."""
   from ilora_jax import interrupts
 
   previous = {}
@@ -653,7 +654,8 @@ def resumable_interrupts(advice: str):
       if not interrupts.ignored(sig):
         previous[sig] = signal.signal(sig, _terminated)
   try:
-    yield
+    with interrupts.closed_output_stops_training():
+      yield
   except KeyboardInterrupt as exc:
     exc.advice = advice
     raise

@@ -10,12 +10,16 @@
 A second SIGINT while the checkpoint is being written is ignored for a few seconds, then
 taken as "stop now" (KeyboardInterrupt). Outside the main thread nothing is installed. SIGHUP
 (the terminal or ssh session that started the run closed) is handled only where it is not
-ignored: `nohup` keeps a run going, as it asks.
+ignored: `nohup` keeps a run going, as it asks. A write to stdout or stderr whose reader went
+away (`closed_output_stops_training`) stops it the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
+import sys
 import threading
 import time
 
@@ -24,7 +28,11 @@ class Interrupted(Exception):
   """Training stopped on a signal after saving; the CLI exits with 128 + signal number."""
 
   def __init__(self, signum: int, step: int):
-    super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}")
+    super().__init__(
+      f"stopped at step {step}: the reader of the run's output went away (a broken pipe)"
+      if signum == signal.SIGPIPE
+      else f"stopped by {signal.Signals(signum).name} at step {step}"
+    )
     self.signum = signum
     self.step = step
 
@@ -77,6 +85,7 @@ class Graceful:
     raise Interrupted(self.signum, step)
 
   def __enter__(self) -> Graceful:
+    _running.append(self)
     if threading.current_thread() is threading.main_thread():
       for sig in self.signals:
         if not ignored(sig):
@@ -84,6 +93,7 @@ class Graceful:
     return self
 
   def __exit__(self, *exc) -> None:
+    _running.remove(self)
     for sig, previous in self._previous.items():
       signal.signal(sig, previous)
     self._previous = {}
@@ -93,3 +103,75 @@ def ignored(sig: int) -> bool:
   """Whether SIGHUP is ignored in this process (started under `nohup`): left so. Other
   signals are handled whatever their disposition (a background job's ignored SIGINT too)."""
   return sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN
+
+
+_running: list[Graceful] = []  # The training loop under way (innermost last), if any.
+
+
+def _stop_for_closed_output() -> bool:
+  """Asks the training loop under way to stop after its step as on a signal (SIGPIPE, the
+  signal a shell names for a reader gone away); False where none runs."""
+  if not _running:
+    return False
+  stop = _running[-1]
+  if stop.signum is None:
+    stop.signum, stop._first_at = signal.SIGPIPE, time.monotonic()
+  return True
+
+
+class _StopWhenReaderGone:
+  """A text stream (sys.stdout, sys.stderr) whose write or flush that fails with a broken
+  pipe, while a training loop runs, stops that loop (see `closed_output_stops_training`)
+  instead of raising; from then on what it is given goes to /dev/null. Elsewhere the error is
+  raised as before."""
+
+  def __init__(self, stream):
+    self._stream = stream
+    self._gone = False
+
+  def _guarded(self, call, *args):
+    if self._gone:
+      return None
+    try:
+      return call(*args)
+    except BrokenPipeError:
+      if not _stop_for_closed_output():
+        raise
+      self._gone = True
+      # Also for the writers that hold the stream itself (a logging handler, the interpreter
+      # flushing it at exit) or its descriptor (XLA's logs): they write into /dev/null.
+      with contextlib.suppress(OSError, ValueError):
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, self._stream.fileno())
+        os.close(fd)
+      return None
+
+  def write(self, text: str) -> int:
+    self._guarded(self._stream.write, text)
+    return len(text)
+
+  def writelines(self, lines) -> None:
+    self._guarded(self._stream.writelines, lines)
+
+  def flush(self) -> None:
+    self._guarded(self._stream.flush)
+
+  def __getattr__(self, name: str):
+    return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def closed_output_stops_training():
+  """For a command's block that trains: a training loop stops after its step, saves and ends
+  the command with exit 141 (128 + SIGPIPE, as a shell reports a reader gone away) when
+  stdout or stderr loses its reader (the ssh session that started the run closed without a
+  terminal, the `tee` that kept its log killed). Python ignores SIGPIPE, so such a write
+  raised BrokenPipeError wherever it happened (a progress bar, a log line), which ended the
+  run at once and lost its steps since the last checkpoint. Streams taken from sys.stdout or
+  sys.stderr inside the block (progress bars take theirs when made) are the guarded ones."""
+  saved = sys.stdout, sys.stderr
+  sys.stdout, sys.stderr = _StopWhenReaderGone(saved[0]), _StopWhenReaderGone(saved[1])
+  try:
+    yield
+  finally:
+    sys.stdout, sys.stderr = saved

@@ -18,6 +18,15 @@ ARGS = [
 ]
 
 
+# The tiny config's SASRec stage for 10 epochs of 65 steps, a checkpoint only at its end.
+_SASREC_LONG = [
+  "--config=configs/tiny.py",
+  "--config.stage=sasrec",
+  "--config.sasrec.train.epochs=10",
+  "--config.checkpoint.every_steps=1000",
+]
+
+
 def _ilora_records(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [r for r in map(json.loads, f) if r["stage"] == "ilora"]
@@ -269,6 +278,64 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(tmp_pat
       p.kill()
   assert stopped[0] == stopped[1]
   assert (workdir / "checkpoints" / "sasrec" / str(stopped[0])).is_dir()
+
+
+def test_a_reader_of_the_output_gone_away_stops_training_with_a_checkpoint(tmp_path):
+  """Python ignores SIGPIPE: a write to stderr after its reader went away (an ssh session
+  without a terminal closed, the `tee` that kept the log killed) raised BrokenPipeError, which
+  ended the run at once, exit 141, its steps since the last checkpoint lost (none saved here).
+  Now the training loop stops after its step and saves it, exit 141 all the same, and the same
+  command resumes from there."""
+  workdir = tmp_path / "w"
+  args = [*_SASREC_LONG, f"--workdir={workdir}"]
+  env = dict(os.environ)
+  env.pop("ILORA_JAX_DEBUG", None)
+  child = subprocess.Popen([sys.executable, "-m", "ilora_jax.main", *args], cwd=ROOT,
+                           stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+  try:
+    deadline = time.time() + 300
+    metrics = workdir / "metrics.jsonl"
+    while time.time() < deadline and child.poll() is None:
+      if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+        break
+      time.sleep(0.2)
+    assert child.poll() is None, child.stderr.read()
+    child.stderr.close()  # The reader goes away.
+    assert child.wait(timeout=300) == 128 + signal.SIGPIPE
+  finally:
+    child.kill()
+  saved = [int(s) for s in os.listdir(workdir / "checkpoints" / "sasrec")]
+  assert len(saved) == 1 and 15 <= saved[0] < 650, saved  # Not one of every_steps'.
+  again = run_cli(*args)
+  assert again.returncode == 0, again.stderr
+  assert f"SASRec: resumed from step {saved[0]} of 650" in again.stderr
+
+
+def test_a_broken_pipe_stops_the_training_loop_and_is_raised_elsewhere():
+  """The guarded stream: inside a training loop (`Graceful`) the failed write is a stop request
+  (SIGPIPE, exit 141) and the stream's descriptor now leads to /dev/null, so later writes, by
+  any holder of the stream or its descriptor, succeed; outside one the error is raised."""
+  from ilora_jax.interrupts import Graceful, Interrupted, _StopWhenReaderGone
+
+  read, write = os.pipe()
+  os.close(read)
+  with open(write, "w", buffering=1) as raw:
+    guarded = _StopWhenReaderGone(raw)
+    try:
+      print("outside", file=guarded, flush=True)
+    except BrokenPipeError:
+      pass
+    else:
+      raise AssertionError("no BrokenPipeError outside a training loop")
+    with Graceful() as stop:
+      print("step 3", file=guarded, flush=True)
+      assert stop.signum == signal.SIGPIPE
+      assert os.path.samestat(os.fstat(raw.fileno()), os.stat(os.devnull))
+      print("later", file=raw, flush=True)  # The stream itself, not only through the guard.
+      guarded.write("later")
+  assert str(Interrupted(signal.SIGPIPE, 3)) == (
+    "stopped at step 3: the reader of the run's output went away (a broken pipe)"
+  )
 
 
 def _clock(monkeypatch, times):
