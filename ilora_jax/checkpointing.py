@@ -18,7 +18,6 @@ import os
 import re
 import signal
 import stat
-import sys
 import weakref
 from typing import Any
 
@@ -26,6 +25,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ilora_jax import console
 from ilora_jax.errors import UserError
 from ilora_jax.files import checkpoint_folder
 
@@ -262,8 +262,8 @@ class StageCheckpoints:
       except Exception as exc:  # noqa: BLE001 - the error raised on is the one that stopped it.
         if not isinstance(stopped, _SaveFailed):  # Else its wait's failure is no news.
           why = "its folder was removed or moved" if self._removed() else _write_failure(exc)
-          print(f"warning: the save of checkpoint {self._pending} under way failed too: "
-                f"{why or type(exc).__name__}", file=sys.stderr, flush=True)  # fmt: skip
+          console.line(f"warning: the save of checkpoint {self._pending} under way failed "
+                       f"too: {why or type(exc).__name__}")  # fmt: skip
       raise
 
   def wait(self) -> None:

@@ -12,7 +12,17 @@ import jax
 
 def info(message: str) -> None:
   if jax.process_index() == 0:
-    print(message, file=sys.stderr, flush=True)
+    line(message)
+
+
+def line(message: str) -> None:
+  """`message` on stderr as a line of its own above the progress bars being drawn (tqdm's
+  write clears them, writes, draws them again); a plain print was appended to the text of the
+  bar on the screen (`... 65/130 [00:01<00:01, loss=2.82]SASRec step 65 val ...`)."""
+  from tqdm import tqdm
+
+  tqdm.write(message, file=sys.stderr)
+  sys.stderr.flush()
 
 
 def _closed_loop(exc) -> bool:

@@ -506,6 +506,7 @@ def report_and_exit(exc: BaseException) -> None:
   """Prints one `error:` line for `exc` on stderr and exits non-zero."""
   if not isinstance(exc, BrokenPipeError):
     _settle_stdout()
+    _clear_bars()
   if _peer_lost(exc):
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     exc = UserError(
@@ -577,6 +578,17 @@ def report_and_exit(exc: BaseException) -> None:
     flush=True,
   )
   _exit(EXIT_INTERNAL_ERROR)
+
+
+def _clear_bars() -> None:
+  """Progress bars still drawn (the command stopped inside a loop) are closed and cleared, so
+  that its last line stands on a line of its own, not appended to a bar's text, and no bar is
+  drawn again below it when the interpreter collects them at exit."""
+  tqdm = sys.modules.get("tqdm")
+  for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+    with contextlib.suppress(Exception):
+      bar.leave = False
+      bar.close()
 
 
 def _flush_stdout() -> None:

@@ -52,6 +52,49 @@ def test_a_user_error_is_one_line_and_exit_2(capsys, quiet_restored):
   assert errors.EXIT_USER_ERROR == 2
 
 
+def _screen(written: str) -> list[str]:
+  """The lines a terminal shows for `written`: a carriage return goes back to the line's start,
+  where the text after it overwrites what stood there."""
+  lines = []
+  for raw in written.split("\n"):
+    shown = ""
+    for part in raw.split("\r"):
+      shown = part + shown[len(part) :]
+    lines.append(shown.rstrip())
+  return [line for line in lines if line]
+
+
+def test_an_error_inside_a_progress_bar_loop_stands_on_its_own_line(capsys, quiet_restored):
+  """A command that fails inside a loop with a progress bar (an iLoRA run's non-finite steps, a
+  Ctrl-C in an evaluation): its line was appended to the bar's text on the screen, and the bar,
+  closed at exit, drawn again below it. The bars are cleared first."""
+  from tqdm import tqdm
+
+  bar = tqdm(total=10, desc="ilora train", file=sys.stderr, mininterval=0)
+  bar.update(3)
+  code, _, err = _exit_of(UserError("5 optimizer steps in a row had a non-finite loss"), capsys)
+  del bar  # As the interpreter collects it at exit: drawn again unless closed.
+  err += capsys.readouterr().err
+  assert code == 2
+  assert _screen(err) == ["error: 5 optimizer steps in a row had a non-finite loss"], err
+
+
+def test_a_message_during_a_progress_bar_is_a_line_of_its_own(capsys):
+  """`console.line` (every `console.info`): the message above the bar, which is drawn again
+  below it, where a print was appended to the bar's text (`... 3/10 [...]SASRec step 65 ...`)."""
+  from tqdm import tqdm
+
+  from ilora_jax import console
+
+  bar = tqdm(total=10, desc="sasrec train", file=sys.stderr, mininterval=0)
+  bar.update(3)
+  console.line("SASRec step 3 val hr@1=0.7000")
+  bar.close()
+  shown = _screen(capsys.readouterr().err)
+  assert shown[0] == "SASRec step 3 val hr@1=0.7000", shown
+  assert len(shown) == 2 and shown[1].startswith("sasrec train:  30%|"), shown
+
+
 def _raised_starting_a_backend(tmp_path, exc: BaseException) -> BaseException:
   """`exc`, raised from a function `backends` of a file named as jax's `xla_bridge.py`."""
   source = tmp_path / "xla_bridge.py"
