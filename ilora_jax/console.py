@@ -15,6 +15,42 @@ def info(message: str) -> None:
     line(message)
 
 
+# Where stderr is no terminal, the seconds at least between two states a progress bar writes.
+LOG_INTERVAL_S = 30.0
+
+
+def bar(iterable=None, *, enabled: bool, **kwargs):
+  """A tqdm progress bar on stderr, drawn by process 0 only and where `enabled`
+  (config.progress). Where stderr is no terminal (a log file: `nohup`, a batch job, a grid's
+  run), it writes its state as a line of its own at most every `LOG_INTERVAL_S` seconds: on a
+  terminal's terms, states each after a carriage return, a file got one ever longer line of
+  them, about ten a second. Its postfix is set with `refresh=False` (a refresh writes)."""
+  from tqdm import tqdm
+
+  kwargs["disable"] = not enabled or jax.process_index() != 0
+  if not sys.stderr.isatty():  # Its first state too after that long: short loops write none.
+    log = {"mininterval": LOG_INTERVAL_S, "delay": LOG_INTERVAL_S}
+    kwargs = {**log, **kwargs, "file": _StatusLines(sys.stderr)}
+  return tqdm(iterable, **kwargs)
+
+
+class _StatusLines:
+  """A progress bar's file in a log: each state it draws written as a line; the carriage
+  returns, cursor moves (a bar drawn below another) and clearing it writes are dropped."""
+
+  def __init__(self, stream):
+    self._stream = stream
+
+  def write(self, text: str) -> int:
+    for state in text.replace("\x1b[A", "").replace("\r", "\n").split("\n"):
+      if state.strip():
+        self._stream.write(state.rstrip() + "\n")
+    return len(text)
+
+  def flush(self) -> None:
+    self._stream.flush()
+
+
 def line(message: str) -> None:
   """`message` on stderr as a line of its own above the progress bars being drawn (tqdm's
   write clears them, writes, draws them again); a plain print was appended to the text of the

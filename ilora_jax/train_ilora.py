@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from jax.sharding import NamedSharding, PartitionSpec
-from tqdm import tqdm
 
 from ilora_jax import (
   checkpointing,
@@ -1036,8 +1035,8 @@ class Evaluator:
     nll_total, tokens = 0.0, 0
     out = {name: {"text": [], "valid": [], "hit": [], "scores": []} for name in ("model", "base")}
     sas_scores, gates = [], []
-    for idx, take in tqdm(
-      self.batch_rows(), desc=f"eval {self.split.name}", leave=False, disable=not progress
+    for idx, take in console.bar(
+      self.batch_rows(), desc=f"eval {self.split.name}", leave=False, enabled=progress
     ):
       cands = self.cands[idx]
       seq, len_seq = self.split.seq[idx], self.split.len_seq[idx]
@@ -1685,12 +1684,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     else min(total_steps, int(config.train.stop_after_steps))
   )
   sharding.host_slice(micro)  # Checks the batch divides over the processes.
-  bar = tqdm(
-    total=total_steps,
-    initial=step,
-    desc="ilora train",
-    disable=not config.progress or jax.process_index() != 0,
-  )
+  bar = console.bar(total=total_steps, initial=step, desc="ilora train", enabled=config.progress)
   last_val: dict[str, float] = {}
   log_every = int(stage_train(config, STAGE).log_every_steps)  # Train records' interval.
   # Wall time of the steps, evaluation left out, and of those that compiled the step for a
@@ -1768,7 +1762,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
         means["skipped_updates"] = interval[-1]["skipped_updates"]
         record("train", {**means, "lr": float(lrs["lr/lora"])}, epoch=epoch)
         interval.clear()
-      bar.set_postfix(loss=f"{loss:.4f}")
+      bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
       epoch_end = step % steps_per_epoch == 0 or step == total_steps
       if epoch_end and step < total_steps:  # The last one is the final evaluation below.
         last_val = val_eval(state["trainable"], state["stats"], frozen, config.progress)

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from ilora_jax import checkpointing, configuration, console, interrupts, report, sharding
 from ilora_jax.configuration import stage_train
@@ -126,8 +125,8 @@ class Evaluator:
   def __call__(self, params) -> dict[str, float]:
     rows, bs = len(self.split), self.batch_size
     all_scores, all_loss = [], []
-    for start in tqdm(
-      range(0, rows, bs), desc=f"eval {self.split.name}", leave=False, disable=not self.progress
+    for start in console.bar(
+      range(0, rows, bs), desc=f"eval {self.split.name}", leave=False, enabled=self.progress
     ):
       idx = np.arange(start, start + bs) % rows  # Pad the last batch by wrapping around.
       s, loss = self._scores(
@@ -386,7 +385,7 @@ def run(config, workdir: str) -> dict[str, float] | None:
     console.info(
       f"SASRec: {len(train)} training rows, {steps_per_epoch} steps per epoch, {total_steps} steps"
     )
-  bar = tqdm(total=total_steps, initial=step, desc="sasrec train", disable=not config.progress)
+  bar = console.bar(total=total_steps, initial=step, desc="sasrec train", enabled=config.progress)
   with interrupts.Graceful() as stop, ckpt.guard():
     while step < stop_at:
       epoch, pos = divmod(step, steps_per_epoch)
@@ -403,7 +402,9 @@ def run(config, workdir: str) -> dict[str, float] | None:
         drain()
         mean = loss_sum / loss_count if loss_count else float("nan")
         record("train", {"loss": mean, "skipped_updates": skipped}, epoch=epoch)
-        bar.set_postfix(loss=f"{mean:.4f}", **({"skipped": skipped} if skipped else {}))
+        bar.set_postfix(
+          loss=f"{mean:.4f}", **({"skipped": skipped} if skipped else {}), refresh=False
+        )
         loss_sum, loss_count = 0.0, 0
       epoch_end = step % steps_per_epoch == 0 or step == total_steps
       if epoch_end and step < total_steps:  # The last one is the final evaluation below.

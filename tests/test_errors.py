@@ -95,6 +95,50 @@ def test_a_message_during_a_progress_bar_is_a_line_of_its_own(capsys):
   assert len(shown) == 2 and shown[1].startswith("sasrec train:  30%|"), shown
 
 
+def test_a_progress_bar_in_a_log_writes_a_line_per_state_now_and_then(monkeypatch, capsys):
+  """Where stderr is no terminal (a log file), a bar's states each stood after a carriage
+  return, about ten a second and at every postfix: one ever longer line. Now each state is a
+  line, at most one per interval, the first after one (a short loop writes none), the last at
+  the end; the nested evaluation bar's cursor moves are dropped."""
+  from ilora_jax import console
+
+  monkeypatch.setattr(console, "LOG_INTERVAL_S", 0.25)
+  quick = console.bar(total=3, desc="eval val", leave=False, enabled=True)
+  quick.update(3)
+  quick.close()
+  assert capsys.readouterr().err == ""
+  bar = console.bar(total=20, desc="sasrec train", enabled=True)
+  for i in range(20):
+    time.sleep(0.05)
+    bar.update(1)
+    bar.set_postfix(loss=f"{1 / (i + 1):.4f}", refresh=False)
+    if i == 10:
+      for _ in console.bar(range(10), desc="eval val", leave=False, enabled=True):
+        time.sleep(0.03)
+      console.line("SASRec step 11 val hr@1=0.7000")
+  bar.close()
+  err = capsys.readouterr().err
+  assert "\r" not in err and "\x1b" not in err, repr(err)
+  lines = err.splitlines()
+  assert "SASRec step 11 val hr@1=0.7000" in lines
+  states = [line for line in lines if line.startswith("sasrec train: ")]
+  # 1.3 s of loop: its first state after 0.25 s, then at most one per 0.25 s, and the last.
+  assert 2 <= len(states) <= 6, lines
+  assert states[-1].startswith("sasrec train: 100%|") and "loss=0.0500" in states[-1], lines
+  assert len(lines) - len(states) - 1 <= 2, lines  # The nested bar: 0.3 s, one state or two.
+
+
+def test_progress_bars_are_drawn_by_process_0_alone(monkeypatch):
+  """The SASRec stage's bars and both stages' evaluation bars were drawn by every process."""
+  from ilora_jax import console
+
+  monkeypatch.setattr(console.jax, "process_index", lambda: 1)
+  assert console.bar(total=3, enabled=True).disable
+  monkeypatch.setattr(console.jax, "process_index", lambda: 0)
+  assert not console.bar(total=3, enabled=True).disable
+  assert console.bar(total=3, enabled=False).disable
+
+
 def _raised_starting_a_backend(tmp_path, exc: BaseException) -> BaseException:
   """`exc`, raised from a function `backends` of a file named as jax's `xla_bridge.py`."""
   source = tmp_path / "xla_bridge.py"
