@@ -5,9 +5,12 @@ Library logs (Orbax, absl) are kept at WARNING so these lines stay readable.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
+
+from ilora_jax import errors
 
 
 def info(message: str) -> None:
@@ -59,6 +62,42 @@ def line(message: str) -> None:
 
   tqdm.write(message, file=sys.stderr)
   sys.stderr.flush()
+
+
+_UNSHOWN: list[BaseException] = []  # Why a result line was not shown (`result`).
+
+
+def result(text: str) -> None:
+  """A line of final results on stdout (process 0), printed before their records are written
+  (a workdir that cannot be written loses no result). A stdout that cannot take it (a full
+  disk behind `> file`, stdout closed, its reader gone away) loses none either: the failure
+  is kept for `raise_unshown`, called once the records are written, and stdout's later output
+  is dropped. It ended the command at once, before the records, with `cannot write: No space
+  left on device` as if the workdir's disk were full."""
+  if jax.process_index() != 0 or _UNSHOWN:
+    return
+  try:
+    if sys.stdout is None:  # Started with it closed (`>&-`): print() would write nothing.
+      raise ValueError("closed")
+    print(text, flush=True)
+  except (OSError, ValueError) as exc:
+    _UNSHOWN.append(exc)
+    errors.discard_stdout()
+
+
+def raise_unshown(workdir: str) -> None:
+  """Ends the command for a result line stdout did not take (`result`): a reader gone away
+  (`| head -1`) as a broken pipe (quietly, exit 141), anything else with one error line."""
+  if not _UNSHOWN:
+    return
+  exc = _UNSHOWN.pop()
+  if isinstance(exc, BrokenPipeError):
+    raise exc
+  why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+  raise errors.UserError(
+    f"cannot write the results to stdout ({why}); they are in "
+    f"{os.path.join(workdir, 'metrics.jsonl')}"
+  )
 
 
 def _closed_loop(exc) -> bool:

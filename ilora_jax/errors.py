@@ -414,21 +414,25 @@ def _quiet_at_exit() -> None:
   threading.excepthook = lambda args: None
 
 
-def _discard_stdout() -> None:
+def discard_stdout() -> None:
   """Points stdout's file descriptor at /dev/null once writing to it failed, so that what its
   buffer still holds is dropped at interpreter exit instead of failing there again (which
   Python reports with exit code 120, whatever exit the command chose)."""
-  with contextlib.suppress(OSError):
+  if sys.stdout is None:  # Started with stdout closed (`>&-`): nothing to drop.
+    return
+  with contextlib.suppress(OSError, ValueError):
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _settle_stdout() -> None:
   """Before an exit for another reason: what stdout still holds is written out now, or
   dropped where that fails, so the exit code stays the one chosen."""
+  if sys.stdout is None:
+    return
   try:
     sys.stdout.flush()
   except (OSError, ValueError):  # ValueError: stdout closed.
-    _discard_stdout()
+    discard_stdout()
 
 
 EXIT_GRACE_S = 10.0  # A multi-process run's error exit: JAX's shutdown gets this long.
@@ -558,7 +562,7 @@ def report_and_exit(exc: BaseException) -> None:
           flush=True)  # fmt: skip
     _exit(128 + exc.signum)
   if isinstance(exc, BrokenPipeError):  # The reader went away (`... | head`): nothing to say.
-    _discard_stdout()
+    discard_stdout()
     _exit(128 + 13)  # As a shell reports SIGPIPE.
   if isinstance(exc, KeyboardInterrupt):
     signum = getattr(exc, "signum", signal.SIGINT)
@@ -595,6 +599,8 @@ def _flush_stdout() -> None:
   """Flushes stdout now, so that a failed write ends the process as one of ours, not as a
   traceback at interpreter exit (exit 120): a reader gone away (`... | head`) quietly, any
   other failure (a full disk behind `> file`) with one error line."""
+  if sys.stdout is None:  # Started with stdout closed (`>&-`): print() wrote nothing.
+    return
   try:
     sys.stdout.flush()
   except BrokenPipeError as exc:

@@ -170,7 +170,8 @@ def closed_output_stops_training():
   run at once and lost its steps since the last checkpoint. Streams taken from sys.stdout or
   sys.stderr inside the block (progress bars take theirs when made) are the guarded ones."""
   saved = sys.stdout, sys.stderr
-  sys.stdout, sys.stderr = _StopWhenReaderGone(saved[0]), _StopWhenReaderGone(saved[1])
+  # None where the command started with it closed (`>&-`): print() then writes nothing.
+  sys.stdout, sys.stderr = (None if s is None else _StopWhenReaderGone(s) for s in saved)
   try:
     yield
   finally:

@@ -105,6 +105,8 @@ def _trained_stage(workdir: str) -> str:
 
 
 def _run_stages(config: ConfigDict, workdir: str) -> None:
+  from ilora_jax import console
+
   if config.stage != "evaluate":
     from ilora_jax import configuration
 
@@ -112,7 +114,9 @@ def _run_stages(config: ConfigDict, workdir: str) -> None:
   if config.stage in ("sasrec", "pipeline"):
     from ilora_jax import train_sasrec
 
-    if train_sasrec.run(config, workdir) is None:
+    finished = train_sasrec.run(config, workdir)
+    console.raise_unshown(workdir)  # Its results, written: stdout's failure ends the run.
+    if finished is None:
       return  # Stopped early (train.stop_after_steps): iLoRA needs the finished SASRec.
   if config.stage in ("ilora", "pipeline"):
     from ilora_jax import train_ilora
@@ -128,6 +132,7 @@ def _run_stages(config: ConfigDict, workdir: str) -> None:
       from ilora_jax import train_ilora
 
       train_ilora.evaluate(config, workdir)
+  console.raise_unshown(workdir)
 
 
 if __name__ == "__main__":

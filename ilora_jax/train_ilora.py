@@ -1843,9 +1843,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       write_predictions(workdir, split, evaluator, metrics)
     chosen = selected.get("selected_step", step)
     weights = "" if chosen == step else f" (weights of step {chosen})"
-    print(
-      f"ilora {split} step {step}{weights}, {counted(len(evaluator.idx), 'row')}: " + _fmt(metrics),
-      flush=True,
+    console.result(
+      f"ilora {split} step {step}{weights}, {counted(len(evaluator.idx), 'row')}: " + _fmt(metrics)
     )
     if split == "val":
       result = metrics
@@ -2151,9 +2150,8 @@ def evaluate(config, workdir: str) -> dict[str, float]:
     state["trainable"], state["stats"], su.frozen, config.progress, baselines=True
   )
   # Printed first: a metrics.jsonl or predictions/ that cannot be written loses no result.
-  if jax.process_index() == 0:
-    rows = counted(len(evaluator.idx), "row")
-    print(f"ilora {config.eval.split} step {latest}, {rows}: " + _fmt(metrics), flush=True)
+  rows = counted(len(evaluator.idx), "row")
+  console.result(f"ilora {config.eval.split} step {latest}, {rows}: " + _fmt(metrics))
   MetricsLog(workdir, jax.process_index() == 0, MetricsLog.EVALUATION).write(
     {
       "run": "evaluate",

@@ -471,8 +471,7 @@ def evaluate_params(
       )
       continue
     metrics = make_evaluator(config, dataset, split, model, mesh)(params)
-    if jax.process_index() == 0:  # As `console`: one process reports; before the record.
-      print(f"sasrec {split} step {step}: " + _fmt(metrics), flush=True)
+    console.result(f"sasrec {split} step {step}: " + _fmt(metrics))  # Before the record.
     log.write({"run": run, "stage": STAGE, "split": split, "step": step, "final": True, **metrics})
     if split == "val":
       result = metrics
