@@ -61,6 +61,7 @@ def _main(config: ConfigDict, workdir: str) -> None:
     report.warn_unfound_compared(compare)
     try:
       report.check_not_itself(compare, workdir)
+      report.check_compared(compare)  # Not at the end of the run, in its report.
     except UserError as exc:
       raise UserError(f"config.report.compare: {exc}") from None
   # The LLM a pipeline names is checked before SASRec trains, and before a workdir is made.
@@ -74,6 +75,9 @@ def _main(config: ConfigDict, workdir: str) -> None:
       raise UserError(
         f"--workdir={workdir} is no folder: stage=evaluate reads the workdir of a trained run"
       )
+    from ilora_jax import report
+
+    report.read_records(workdir)  # Damaged: refused now, not by the report after the work.
   else:
     try:
       os.makedirs(workdir, exist_ok=True)

@@ -178,6 +178,33 @@ def check_not_itself(compare: dict[str, str], workdir: str) -> None:
       raise UserError(f"{name}={path} is this run's own workdir: compare with other runs")
 
 
+def check_compared(compare: dict[str, str]) -> None:
+  """A UserError naming the entry of `compare` whose metrics.jsonl cannot be read (a damaged
+  line): checked before a run's work, at whose end the report refused it (a trained run that
+  ended with exit 2, its report half rewritten)."""
+  for name, path in compare.items():
+    try:
+      read_records(path)
+    except UserError as exc:
+      raise UserError(f"entry {name}: {exc}") from None
+
+
+def _read_compared(compare: dict[str, str]) -> tuple[dict, list[str]]:
+  """The records of each compared run by name, and the summary's lines for those that cannot
+  be read (damaged since the run began), each also a warning on stderr: the report leaves
+  them out."""
+  from ilora_jax import console
+
+  theirs, lines = {}, []
+  for name, path in compare.items():
+    try:
+      theirs[name] = read_records(path)
+    except UserError as exc:
+      console.info(f"warning: compared run {name}: {exc}; the report leaves it out")
+      lines += [f"No comparison with {name}: its records cannot be read ({exc}).", ""]
+  return theirs, lines
+
+
 def unfound(compare: dict[str, str]) -> dict[str, str]:
   """The entries of `compare` ({name: workdir}) whose workdir holds no metrics.jsonl."""
   return {n: p for n, p in compare.items() if not os.path.lexists(os.path.join(p, "metrics.jsonl"))}
@@ -764,8 +791,9 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   else:
     lines.append("No final evaluation yet.")
   lines += group_table(finals)
-  theirs = {name: read_records(path) for name, path in compare.items()}  # Read once.
-  table = comparison(workdir, records, compare, theirs)
+  theirs, unread = _read_compared(compare)  # Read once.
+  compare = {name: path for name, path in compare.items() if name in theirs}
+  table = comparison(workdir, records, compare, theirs) + unread
   if table:
     lines[2:2] = table + ["## Every final metric", ""]
   curves = comparison_curves(workdir, records, compare, theirs) if compare else {}
@@ -889,6 +917,7 @@ def main(argv: list[str] | None = None) -> None:
         parsed = parse_compare(saved)
         check_not_itself(parsed, workdir)
         warn_unfound_compared(parsed)
+        check_compared(parsed)
       except UserError as exc:
         raise UserError(
           f"the run's config.report.compare: {exc}; give --compare=name=DIR,... (or --compare= "
@@ -905,6 +934,10 @@ def main(argv: list[str] | None = None) -> None:
       name, path = next(iter(missing.items()))  # The first, as given.
       raise UserError(f"--compare: no metrics.jsonl in {path} (entry {name}); expected "
                       f"{COMPARE_FORM}")  # fmt: skip
+    try:
+      check_compared(compare)
+    except UserError as exc:
+      raise UserError(f"--compare: {exc}") from None
     print(write(workdir, compare))
 
   run(sys.argv if argv is None else argv)

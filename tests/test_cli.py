@@ -720,6 +720,23 @@ def test_results_stdout_cannot_take_are_kept_and_the_run_says_which_stream_faile
   assert finals[2:] == [("evaluate", "val")]
 
 
+def test_damaged_records_are_refused_before_the_work_not_by_the_report_after_it(tmp_path):
+  """A bad line in a compared run's metrics.jsonl, or in the evaluated run's own, was found by
+  the report after the whole training or evaluation, which then ended with exit 2."""
+  damaged = tmp_path / "damaged"
+  damaged.mkdir()
+  (damaged / "metrics.jsonl").write_text("{\n{}\n")
+  proc = run_cli(TINY, "--config.stage=pipeline", f"--workdir={tmp_path / 'w'}",
+                 f"--config.report.compare=x={damaged}")  # fmt: skip
+  assert_one_line_error(
+    proc, f"config.report.compare: entry x: {damaged}/metrics.jsonl:1: not a JSON record"
+  )
+  assert not (tmp_path / "w").exists()  # Before the workdir is made.
+  proc = run_cli(TINY, "--config.stage=evaluate", f"--workdir={damaged}")
+  assert_one_line_error(proc, f"{damaged}/metrics.jsonl:1: not a JSON record")  # Not "no
+  # sasrec checkpoint": read first (with a checkpoint, the evaluation ran before the report).
+
+
 def test_resuming_with_another_model_shape_says_what_differs(uninterrupted, tmp_path):
   workdir = str(tmp_path)
   first = run_cli(TINY, f"--workdir={workdir}", "--config.train.stop_after_steps=10")

@@ -1200,6 +1200,38 @@ def test_a_compared_run_without_metrics_is_a_warning_at_the_start(tmp_path, caps
   assert capsys.readouterr().err == ""
 
 
+def test_a_damaged_compared_run_is_refused_first_and_left_out_after_the_work(tmp_path, capsys):
+  """A compared run whose metrics.jsonl has a bad line was found by the report at the end of
+  the run: a trained run ended with exit 2, its report half rewritten, the line not naming the
+  entry. `check_compared` (at a run's start, and the report command's) names it; at the end,
+  damaged since, the report leaves it out with a warning and says so in summary.md."""
+
+  def run_dir(name, hit):
+    d = tmp_path / name
+    d.mkdir()
+    record = {"run": "ilora", "stage": "ilora", "split": "val", "step": 3, "final": True,
+              "candidates": "abc", "hit_ratio@1": hit}  # fmt: skip
+    (d / "metrics.jsonl").write_text(GOOD + json.dumps(record) + "\n")
+    return str(d)
+
+  ours, ok, bad = run_dir("ours", 0.5), run_dir("ok", 0.375), run_dir("bad", 0.25)
+  with open(f"{bad}/metrics.jsonl", "r+") as f:
+    f.write("x")  # For the first line's "{": the line no longer parses.
+  with pytest.raises(UserError, match=re.escape(f"entry b: {bad}/metrics.jsonl:1: not a JSON")):
+    report.check_compared(report.parse_compare(f"a={ok},b={bad}"))
+  report.check_compared(report.parse_compare(f"a={ok}"))
+  capsys.readouterr()
+  out = report.write(ours, f"a={ok},b={bad}")
+  err = capsys.readouterr().err
+  assert err.startswith(f"warning: compared run b: {bad}/metrics.jsonl:1: not a JSON record"), err
+  assert err.rstrip().endswith("; the report leaves it out"), err
+  summary = open(f"{out}/summary.md").read()
+  assert "| a: " in summary and "0.3750" in summary
+  assert f"No comparison with b: its records cannot be read ({bad}/metrics.jsonl:1:" in summary
+  proc = _report_cli(capsys, f"--workdir={ours}", f"--compare=a={ok},b={bad}")
+  assert_one_line_error(proc, f"--compare: entry b: {bad}/metrics.jsonl:1: not a JSON record")
+
+
 def test_an_evaluation_keeps_the_comparison_the_run_was_trained_with(tmp_path):
   """stage=evaluate rebuilds the report: without config.report.compare it dropped the run's
   comparison rows and compare.png; it now takes the run's config.json's, its own if given."""
