@@ -25,6 +25,7 @@ import math
 import os
 import re
 import sys
+import time
 import zipfile
 from collections import defaultdict
 
@@ -32,7 +33,7 @@ import numpy as np
 
 from ilora_jax import metrics
 from ilora_jax.errors import UserError, counted, require
-from ilora_jax.files import atomic_write
+from ilora_jax.files import atomic_path, atomic_write
 
 # Record fields that are not metrics (selected_step/_by: which weights a final record evaluated).
 _SKIP = {"run", "stage", "split", "step", "epoch", "final", "skipped", "candidates",
@@ -744,7 +745,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
       for line in twin.get_lines():
         line.set_color("tab:orange")
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "train_loss.png"), dpi=100)
+  _save(fig, os.path.join(out, "train_loss.png"))
   plt.close(fig)
 
   # Validation metrics per evaluation.
@@ -753,7 +754,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   for ax, stage in zip(axes, stages):
     _val_axes(ax, stage, by_stage[stage])
   fig.tight_layout()
-  fig.savefig(os.path.join(out, "val_metrics.png"), dpi=100)
+  _save(fig, os.path.join(out, "val_metrics.png"))
   plt.close(fig)
   plots = ["`train_loss.png`", "`val_metrics.png`"]  # Those written, for summary.md.
 
@@ -766,7 +767,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
     evaluated = any(r.get("final") for r in by_stage.get("ilora", []))
     _gate_axes(axes, ilora_train, experts, gates_path, evaluated)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "gates.png"), dpi=100)
+    _save(fig, os.path.join(out, "gates.png"))
     plt.close(fig)
     plots.append("`gates.png` (iLoRA)")
 
@@ -809,7 +810,7 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
       ax.ticklabel_format(axis="y", useOffset=False)  # Losses as they are, not 0.005 + 10.67.
       ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "compare.png"), dpi=100)
+    _save(fig, os.path.join(out, "compare.png"))
     plt.close(fig)
     plots.append("`compare.png` (this run's losses beside the compared runs')")
   for stale in ("gates.png", "compare.png"):  # An earlier report's (another --compare).
@@ -828,11 +829,10 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
   SummaryWriter = _summary_writer_class()  # noqa: N806
 
   tb = os.path.join(out, "tb")
-  if os.path.isdir(tb):
-    for name in os.listdir(tb):
-      if name.startswith("events."):
-        os.remove(os.path.join(tb, name))
-  writer = SummaryWriter(tb)
+  # The earlier report's files are removed once the new one is complete: a report stopped
+  # midway (a signal, a full disk) keeps them.
+  earlier = [n for n in os.listdir(tb) if n.startswith("events.")] if os.path.isdir(tb) else []
+  writer = SummaryWriter(tb, filename_suffix=f".{os.getpid()}.{time.time_ns()}")
   # Non-finite values (a diverged loss) are written as they are; tensorboardX would log a
   # warning for each of them on stderr.
   with _logger_level("tensorboardX.x2num", logging.ERROR):
@@ -846,6 +846,15 @@ def _write(workdir: str, out: str, records: list[dict], compare: dict[str, str])
       for key, value in _numeric(r).items():
         writer.add_scalar(f"{prefix}/{key}", value, at)
   writer.close()
+  for name in earlier:
+    os.remove(os.path.join(tb, name))
+
+
+def _save(fig, path: str) -> None:
+  """`fig` as the PNG `path`, which it replaces once complete: a report stopped midway (a
+  signal, a full disk) left a plot of 0 bytes that summary.md still named."""
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=100, format="png")
 
 
 @contextlib.contextmanager

@@ -101,7 +101,8 @@ def test_a_stage_without_training_steps_says_so_in_its_loss_plot(tmp_path, monke
   texts, real = {}, matplotlib.figure.Figure.savefig
 
   def record(fig, path, *args, **kwargs):
-    texts[os.path.basename(path)] = [t.get_text() for ax in fig.axes for t in ax.texts]
+    name = os.path.basename(path).split(".tmp-")[0]  # Written to a temporary name first.
+    texts[name] = [t.get_text() for ax in fig.axes for t in ax.texts]
     return real(fig, path, *args, **kwargs)
 
   monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
@@ -1230,6 +1231,47 @@ def test_a_damaged_compared_run_is_refused_first_and_left_out_after_the_work(tmp
   assert f"No comparison with b: its records cannot be read ({bad}/metrics.jsonl:1:" in summary
   proc = _report_cli(capsys, f"--workdir={ours}", f"--compare=a={ok},b={bad}")
   assert_one_line_error(proc, f"--compare: entry b: {bad}/metrics.jsonl:1: not a JSON record")
+
+
+def test_a_report_stopped_midway_keeps_the_earlier_plots_and_scalars(tmp_path, monkeypatch):
+  """A SIGTERM (or a full disk) while the report was written left a PNG of 0 bytes that
+  summary.md still named, and the TensorBoard files were removed before the new ones were
+  written. Each plot now replaces its file once complete; the earlier event files go once the
+  new one is."""
+  import errno
+
+  import matplotlib.figure
+
+  (tmp_path / "metrics.jsonl").write_text(GOOD)
+  out = report.write(str(tmp_path))
+  before = {name: (tmp_path / "report" / name).read_bytes() for name in os.listdir(out)
+            if name.endswith(".png")}  # fmt: skip
+  events = glob.glob(f"{out}/tb/events.*")
+  assert before and len(events) == 1
+
+  def full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  def cut_short(self, fname, **kwargs):
+    with open(fname, "wb") as f:
+      f.write(b"\x89PNG")  # The start of a plot, then the disk is full.
+    full_disk()
+
+  with monkeypatch.context() as patched:
+    patched.setattr(matplotlib.figure.Figure, "savefig", cut_short)
+    with pytest.raises(UserError, match="cannot write the report"):
+      report.write(str(tmp_path))
+  for name, content in before.items():
+    assert (tmp_path / "report" / name).read_bytes() == content, name
+  assert not [n for n in os.listdir(out) if ".tmp-" in n]
+  with monkeypatch.context() as patched:
+    patched.setattr(report._summary_writer_class(), "add_scalar", full_disk)
+    with pytest.raises(UserError, match="cannot write the report"):
+      report.write(str(tmp_path))
+  assert set(events) < set(glob.glob(f"{out}/tb/events.*"))  # The earlier file kept.
+  report.write(str(tmp_path))
+  (latest,) = glob.glob(f"{out}/tb/events.*")  # A complete report leaves its own alone.
+  assert [tag for tag, _, _ in _events(latest)] == ["ilora/train/loss"]
 
 
 def test_an_evaluation_keeps_the_comparison_the_run_was_trained_with(tmp_path):
