@@ -372,8 +372,12 @@ def sample_candidates(
     target = int(nexts[r])
     excluded = set(seqs[r][: lens[r]])
     excluded.add(target)
-    if n_pool - len(excluded & members) < need:
-      raise UserError(f"only {n_pool} items: too few to draw {need} negatives")
+    if (left := n_pool - len(excluded & members)) < need:
+      raise UserError(
+        f"data.num_candidates={num_candidates}: {split.name} row {int(ids[r])} leaves {left} "
+        f"of the {n_pool} items outside its history and target, too few to draw {need} "
+        "negatives; lower data.num_candidates"
+      )
     # Rejection sampling of `need` distinct items outside `excluded`, one uniform index into
     # the pool per draw. Draws are taken `batch` at a time (the same stream as one at a time),
     # then the generator is put back to just after the last draw used, so the permutation

@@ -682,6 +682,24 @@ def resumable_interrupts(advice: str):
       signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+  """SIGTERM and SIGHUP at their default action end a command as Ctrl-C does, with one line and
+  128 + the signal's number (`recommend` and `report` ended without a word); one ignored or
+  with the caller's handler is left so, and training's own block (`resumable_interrupts`)
+  saves first."""
+  previous = {}
+  if threading.current_thread() is threading.main_thread():
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+      if signal.getsignal(sig) == signal.SIG_DFL:  # Not ignored (`nohup`), nor the caller's.
+        previous[sig] = signal.signal(sig, _terminated)
+  try:
+    yield
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
 def cli_main(fn: Callable[..., object]) -> Callable[..., object]:
   """Decorates an entry point so that every failure ends as one `error:` line."""
 
@@ -689,7 +707,8 @@ def cli_main(fn: Callable[..., object]) -> Callable[..., object]:
   def wrapper(*args, **kwargs):
     sys.unraisablehook = _interrupts_are_not_lost(sys.unraisablehook)
     try:
-      result = fn(*args, **kwargs)
+      with _terminate_as_interrupt():
+        result = fn(*args, **kwargs)
     except SystemExit:
       _flush_stdout()
       raise

@@ -107,8 +107,11 @@ def test_candidates_equal_the_one_draw_at_a_time_specification(
 
 
 def test_too_small_a_pool_is_a_clear_error():
+  """It names the setting to change (it said "only 12 items: too few to draw 19 negatives")."""
   split = _split(rows=3, n_items=25)
-  with pytest.raises(UserError, match="too few to draw 19 negatives"):
+  with pytest.raises(UserError, match=r"^data\.num_candidates=20: \w+ row 0 leaves \d+ of the 12 "
+                     "items outside its history and target, too few to draw 19 negatives; "
+                     "lower data.num_candidates$"):  # fmt: skip
     data.sample_candidates(split, 25, 20, seed=0, eligible=np.arange(12))
 
 

@@ -139,6 +139,30 @@ def test_progress_bars_are_drawn_by_process_0_alone(monkeypatch):
   assert console.bar(total=3, enabled=False).disable
 
 
+def test_sigterm_ends_every_command_with_one_line(tmp_path):
+  """`recommend` and `report` (any entry point outside training's own block) died of SIGTERM
+  without a word, where Ctrl-C gives one line: now the same line and 128 + 15."""
+  script = tmp_path / "entry.py"
+  script.write_text(
+    "import time\n"
+    "from ilora_jax.errors import cli_main\n"
+    "@cli_main\n"
+    "def main():\n"
+    "  print('ready', flush=True)\n"
+    "  time.sleep(60)\n"
+    "main()\n"
+  )
+  child = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+  try:
+    assert child.stdout.readline() == "ready\n"
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+  finally:
+    child.kill()
+  assert (child.returncode, err) == (128 + signal.SIGTERM, "error: interrupted by SIGTERM\n")
+
+
 def _raised_starting_a_backend(tmp_path, exc: BaseException) -> BaseException:
   """`exc`, raised from a function `backends` of a file named as jax's `xla_bridge.py`."""
   source = tmp_path / "xla_bridge.py"
