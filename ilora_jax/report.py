@@ -253,6 +253,18 @@ def describe_run(workdir: str) -> str:
   return f"iLoRA (E={experts}, router {rtr.get('kind')})"
 
 
+def _warn_unread_config(workdir: str) -> None:
+  """A warning where the run's config.json is there but cannot be read (damaged, a folder):
+  the report names the run by its method from that file, and without it said "model" without
+  a word of why."""
+  from ilora_jax import configuration, console
+
+  path = os.path.join(workdir, "config.json")
+  if os.path.lexists(path) and configuration.saved(workdir) is None:
+    console.info(f"warning: {path} cannot be read as a JSON object: the report names this run "
+                 '"model", not by its method')  # fmt: skip
+
+
 def _of_earlier_weights(record: dict) -> bool:
   """A final record of the weights `ilora.select_by` picked at an earlier step (its values are
   that step's, which has its own val record)."""
@@ -562,6 +574,7 @@ def write(workdir: str, compare: dict[str, str] | str | None = None) -> str:
     except UserError as exc:
       raise UserError(f"config.report.compare: {exc}") from None
   records = read_records(workdir)
+  _warn_unread_config(workdir)
   out = os.path.join(workdir, "report")
   if os.path.lexists(out) and not os.path.isdir(out):
     raise UserError(f"{out} is not a folder: move it away to write the report there")

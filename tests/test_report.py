@@ -1274,6 +1274,20 @@ def test_a_report_stopped_midway_keeps_the_earlier_plots_and_scalars(tmp_path, m
   assert [tag for tag, _, _ in _events(latest)] == ["ilora/train/loss"]
 
 
+def test_a_damaged_config_json_is_a_warning_not_a_silent_model(tmp_path, capsys):
+  """The report named a run whose config.json could not be read "model" without a word."""
+  (tmp_path / "metrics.jsonl").write_text(GOOD)
+  report.write(str(tmp_path))
+  assert capsys.readouterr().err == ""  # No config.json at all: nothing to say.
+  for damaged in ("{bad", "[1, 2]"):
+    (tmp_path / "config.json").write_text(damaged)
+    report.write(str(tmp_path))
+    assert capsys.readouterr().err == (
+      f"warning: {tmp_path}/config.json cannot be read as a JSON object: the report names "
+      'this run "model", not by its method\n'
+    )
+
+
 def test_an_evaluation_keeps_the_comparison_the_run_was_trained_with(tmp_path):
   """stage=evaluate rebuilds the report: without config.report.compare it dropped the run's
   comparison rows and compare.png; it now takes the run's config.json's, its own if given."""
