@@ -706,6 +706,8 @@ def cli_main(fn: Callable[..., object]) -> Callable[..., object]:
   @functools.wraps(fn)
   def wrapper(*args, **kwargs):
     sys.unraisablehook = _interrupts_are_not_lost(sys.unraisablehook)
+    if sys.stderr is None:  # Started with stderr closed (`2>&-`): its lines go nowhere.
+      sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process.
     try:
       with _terminate_as_interrupt():
         result = fn(*args, **kwargs)

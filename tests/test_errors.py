@@ -163,6 +163,25 @@ def test_sigterm_ends_every_command_with_one_line(tmp_path):
   assert (child.returncode, err) == (128 + signal.SIGTERM, "error: interrupted by SIGTERM\n")
 
 
+def test_a_command_started_with_stderr_closed_runs_without_its_lines(tmp_path):
+  """`2>&-`: Python's sys.stderr is None, so progress lines were printed on stdout among the
+  results, and a progress bar ended the run (exit 3, an AttributeError). They now go to
+  /dev/null."""
+  script = tmp_path / "entry.py"
+  script.write_text(
+    "from ilora_jax import console\n"
+    "from ilora_jax.errors import cli_main\n"
+    "@cli_main\n"
+    "def main():\n"
+    "  console.info('SASRec: 2080 training rows')\n"
+    "  print('sasrec val step 130: hr@1=0.7000')\n"
+    "main()\n"
+  )
+  proc = subprocess.run(["bash", "-c", f"{sys.executable} {script} 2>&-"], cwd=ROOT,
+                        capture_output=True, text=True, timeout=120)  # fmt: skip
+  assert (proc.returncode, proc.stdout) == (0, "sasrec val step 130: hr@1=0.7000\n")
+
+
 def _raised_starting_a_backend(tmp_path, exc: BaseException) -> BaseException:
   """`exc`, raised from a function `backends` of a file named as jax's `xla_bridge.py`."""
   source = tmp_path / "xla_bridge.py"
