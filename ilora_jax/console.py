@@ -1,4 +1,5 @@
-"""Human-readable progress messages on stderr (process 0 only).
+"""What a command shows (process 0 only): progress messages and bars on stderr (`info`,
+`bar`), final results on stdout (`result`).
 
 Library logs (Orbax, absl) are kept at WARNING so these lines stay readable.
 """

@@ -5,7 +5,10 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
+import subprocess
+import sys
 
 import chex
 import jax
@@ -22,6 +25,7 @@ from conftest import (
   metrics_records,
   run_cli,
   shared_path,
+  unshare_works,
   with_sasrec_of,
   xla_flags,
 )
@@ -210,15 +214,31 @@ def test_evaluate_stage_for_ilora(pipeline, tmp_path):
   before = [json.loads(line) for line in open(run_rows)]
   for ours, theirs in zip(rows, before[1:], strict=True):
     assert ours["hit"] == theirs["hit"] and ours["rank"] == theirs["rank"], ours["row"]
-  # A metrics.jsonl it cannot append to (a folder here) lost the evaluation, with an error
-  # about checkpoints to resume from: its metrics are printed first, and the error says so.
-  os.rename(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "kept.jsonl"))
-  os.mkdir(os.path.join(workdir, "metrics.jsonl"))
-  proc = run_cli(
-    TINY, f"--workdir={workdir}", "--config.stage=evaluate", "--config.eval.stage=ilora",
-    "--config.ilora.eval_base=False",
-  )  # fmt: skip
-  assert_one_line_error(proc, "cannot append to", "the metrics are printed above")
+  # A metrics.jsonl that is no file (a folder here) is refused before the evaluation (it was
+  # after it, as one it cannot append to).
+  metrics_file, kept = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "kept")
+  args = [TINY, f"--workdir={workdir}", "--config.stage=evaluate", "--config.eval.stage=ilora",
+          "--config.ilora.eval_base=False"]  # fmt: skip
+  os.rename(metrics_file, kept)
+  os.mkdir(metrics_file)
+  proc = run_cli(*args)
+  assert_one_line_error(proc, f"{metrics_file} is not a file")
+  assert proc.stdout == ""
+  os.rmdir(metrics_file)
+  os.rename(kept, metrics_file)
+  # One it cannot append to (read-only: a bind mount in a user namespace) lost the evaluation,
+  # with an error about checkpoints to resume from: its metrics are printed first, and the
+  # error says so.
+  if not unshare_works(str(tmp_path / "probe")):
+    pytest.skip("needs `unshare --user --mount` (user namespaces) for a read-only metrics.jsonl")
+  command = shlex.join([sys.executable, "-m", "ilora_jax.main", *args])
+  script = (f"mount --bind {metrics_file} {metrics_file} && "
+            f"mount -o remount,bind,ro {metrics_file} && exec {command}")  # fmt: skip
+  env = {k: v for k, v in os.environ.items() if k != "ILORA_JAX_DEBUG"}
+  proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+  assert_one_line_error(proc, "cannot append to", "Read-only file system",
+                        "the metrics are printed above")  # fmt: skip
   (line,) = [x for x in proc.stdout.splitlines() if x.startswith("ilora val step 6, ")]
   assert f" hr@1={last['hr@1']:.4f} " in line, line
 
