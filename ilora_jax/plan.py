@@ -15,11 +15,16 @@ hidden d, h heads): without rematerialisation L * b * T * (34 d + 5 h T) * bytes
 per-layer count of Korthikanti et al. (2022, "Reducing Activation Recomputation in Large
 Transformer Models") for 16-bit activations, divided over the tensor axis; with `llm.remat`
 "full" only each layer's input, L * b * T * d * bytes, plus one layer's working set; "dots"
-and "dots_no_batch" keep the matmul outputs, about half of the no-remat figure;
-"projections" keeps per token the layer input, q, k, v, the residual after attention and the
-MLP's gate and up outputs (3 d + 2 k h + 2 f values for k KV heads of width h and MLP width
-f) plus, when `lora.dropout` > 0, the adapters' dropout masks (a byte per input element of
-each wrapped projection: 6 d + f for all seven), plus one layer's working set. Plus the
+and "dots_no_batch" keep every matmul output: per token the seven projections' (q, k, v, o,
+gate, up, down: h w + 2 k w + 2 d + 2 f values, w the head width, k the KV heads) and each
+wrapped projection's adapter output of the same width, plus one layer's working set (with
+XLA's attention "dots" also keeps the attention scores, b h T^2 a layer, left out here; for
+the 7B shape at batch 8 x 512 the estimate's total is 34.7 GiB, where XLA planned 34.0 and an
+H100 reported 34.1 with cuDNN's, bench/README.md); "projections" keeps per token the layer
+input, q, k, v, the residual after attention and the MLP's gate and up outputs
+(3 d + 2 k w + 2 f values, f the MLP width) plus, when `lora.dropout` > 0, the adapters'
+dropout masks (a byte per input element of each wrapped projection: 6 d + f for all seven),
+plus one layer's working set. Plus the
 float32 logits of the loss's target slots, b * k * vocab * 4 with k = ilora.max_target_tokens
 (the cap on the slots; three copies: logits, log-softmax, its gradient).
 """
@@ -94,6 +99,18 @@ def optimizer_specs(opt_abstract: Any, params_abstract: Any, param_specs: Any) -
   return jax.tree_util.tree_map_with_path(spec_of, opt_abstract)
 
 
+def _output_widths(cfg) -> dict[str, int]:
+  """Each wrapped projection's output width."""
+  q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+  d, f = cfg.hidden_size, cfg.intermediate_size
+  return {"q": q, "k": kv, "v": kv, "o": d, "gate": f, "up": f, "down": d}
+
+
+def adapter_output_values(cfg, targets) -> int:
+  """Values per token and layer of the adapters' outputs (kept by the 'dots' policies)."""
+  return sum(_output_widths(cfg)[t] for t in targets)
+
+
 def mask_bytes_per_token(cfg, targets, dropout: float) -> int:
   """Bytes of the adapters' kept dropout masks per token and layer (one per input element)."""
   if dropout <= 0:
@@ -109,17 +126,20 @@ def activation_bytes(
   tensor: int,
   masks: int = 0,
   target_slots: int | None = None,
+  adapter_outputs: int = 0,
 ) -> int:
   """The estimate in the module docstring, for one device; `masks` is
   `mask_bytes_per_token` (kept by the 'projections' policy only), `target_slots` the
-  positions per row that reach the LM head (all `seq_len` when None)."""
+  positions per row that reach the LM head (all `seq_len` when None), `adapter_outputs`
+  `adapter_output_values` (kept by the 'dots' policies only)."""
   b, t, d, h, L = micro_per_shard, seq_len, cfg.hidden_size, cfg.num_heads, cfg.num_layers
   itemsize = np.dtype(cfg.dtype).itemsize
   per_layer_full = b * t * (34 * d + 5 * h * t) * itemsize / 2 / tensor
   if remat == "full":
     layers = L * b * t * d * itemsize + per_layer_full
   elif remat in ("dots", "dots_no_batch"):
-    layers = L * per_layer_full / 2
+    outputs = sum(_output_widths(cfg).values()) + adapter_outputs
+    layers = L * b * t * outputs * itemsize / tensor + per_layer_full
   elif remat == "projections":
     kv = cfg.num_kv_heads * cfg.head_dim
     values = 3 * d + 2 * kv + 2 * cfg.intermediate_size
@@ -213,6 +233,7 @@ def plan(config, devices: int, llama_cfg=None, n_items: int | None = None) -> di
       activation_tensor_shards(cfg, sizes["tensor"]),
       mask_bytes_per_token(cfg, config.lora.targets, config.lora.dropout),
       config.ilora.max_target_tokens,
+      adapter_output_values(cfg, config.lora.targets),
     ),  # fmt: skip
   }
   return {
