@@ -205,6 +205,20 @@ def split_from_dataframe(
 _LEFT_OUT_SAID: set[tuple[str, int, int]] = set()  # `load_split`'s notes given so far.
 
 
+def _hint_other_train_files(train_path: str, directory: str) -> None:
+  """A missing training file where its folder holds others (`train_data_sample1000.df`, the
+  Steam sample shipped with the shared data): a UserError naming them and the setting."""
+  if os.path.lexists(train_path) or not os.path.isdir(directory):
+    return
+  others = sorted(n for n in os.listdir(directory) if n.lower().startswith("train")
+                  and n.endswith(".df"))  # fmt: skip
+  if others:
+    raise UserError(
+      f"train file not found: {train_path}; {directory} holds {', '.join(others)}: name one "
+      f"with --config.data.train_file={others[0]}"
+    )
+
+
 def load_split(
   path: str, name: str, n_items: int, max_len: int, min_len: int, note: str = ""
 ) -> Split:
@@ -606,6 +620,7 @@ def load_from_config(config, workdir: str) -> Dataset:
   # the rows says so (a titles line too many or too few reads as bad rows).
   from_titles = f"config.data.n_items=0: {n_items} items, the titles file's largest id + 1"
   args = (n_items, data.max_len, data.min_len, "" if data.n_items else from_titles)
+  _hint_other_train_files(train_path, directory)
   train = load_split(train_path, "train", *args)
   val = load_split(os.path.join(directory, data.val_file), "val", *args)
   test_path = os.path.join(directory, data.test_file)

@@ -354,7 +354,16 @@ def main(argv: list[str] | None = None) -> None:
                     f"host's devices), got {config.plan.devices!r}")  # fmt: skip
   # Every count planned (and refused, where one cannot be) before anything is printed.
   cfg = model_config(config)
-  results = [plan(config, count or jax.device_count(), cfg) for count in counts]
+
+  def planned(count: int) -> dict:
+    try:
+      return plan(config, count or jax.device_count(), cfg)
+    except UserError as exc:
+      if len(counts) == 1:
+        raise
+      raise UserError(f"config.plan.devices entry {count}: {exc}") from None  # Which one.
+
+  results = [planned(count) for count in counts]
   from ilora_jax import console
 
   for line in warnings_for(config, cfg, results):

@@ -863,7 +863,7 @@ def test_bad_cluster_settings_are_one_line_errors(tmp_path):
     (["--config.plan.devices=eight"], ["config.plan.devices"]),
     (
       ["--config.plan.devices=1,8,7", "--config.mesh.data=-1"],
-      ["ilora.train.batch_size=8 is not divisible by the 7 data shards"],
+      ["config.plan.devices entry 7: ilora.train.batch_size=8 is not divisible by the 7 data"],
     ),
   ],
 )

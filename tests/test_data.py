@@ -403,6 +403,22 @@ def test_another_data_sets_folder_is_named_as_a_possible_cause(tmp_path, capsys)
     assert capsys.readouterr().err == (said if warned else ""), name
 
 
+def test_a_missing_train_file_names_the_folders_other_training_files(tmp_path):
+  """Steam's shared folder holds only its 1,000-row training sample: the error said "train file
+  not found" and no more (an audit)."""
+  config = _folder_config(tmp_path, 9, 9)
+  folder = tmp_path / "d"
+  (folder / "train_data.df").rename(folder / "train_data_sample4.df")
+  with pytest.raises(UserError) as info:
+    data.load_from_config(config, str(tmp_path))
+  assert str(info.value) == (
+    f"train file not found: {folder / 'train_data.df'}; {folder} holds train_data_sample4.df: "
+    "name one with --config.data.train_file=train_data_sample4.df"
+  )
+  config.data.train_file = "train_data_sample4.df"
+  assert len(data.load_from_config(config, str(tmp_path)).train) == 4
+
+
 def test_an_empty_test_file_setting_skips_the_test_split_and_a_file_is_no_data_folder(tmp_path):
   dataset = data.load_from_config(_folder_config(tmp_path, 9, 9, test_file=""), str(tmp_path))
   assert dataset.test is None and "config.data.test_file is empty" in dataset.test_missing_reason

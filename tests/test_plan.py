@@ -534,7 +534,11 @@ def test_plan_cli_counts(children):
       "error: config.plan.devices must be device counts like 8 or 1,8,64 (0: this "
       "host's devices), got '-8'",
     ),
-    ("last_fails", "error: ilora.train.batch_size=8 is not divisible by the 7 data shards"),
+    (  # Which of the counts (a single count's error is as before: "negative" above).
+      "last_fails",
+      "error: config.plan.devices entry 7: ilora.train.batch_size=8 is not divisible by the 7 "
+      "data shards",
+    ),
   ]:
     code, out, err = children[name]
     assert (code, out) == (2, ""), (name, err)
