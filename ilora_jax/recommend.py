@@ -198,10 +198,10 @@ class _Titles:
         f"ambiguous {what} title {title!r}: items {listed}{more} have it; give the id "
         f"instead, e.g. '#{items[0]}'"
       )
-    pool = {_key(t): t for t in (self.full or self.titles).values()}
+    pool = {_key(t): (i, t) for i, t in (self.full or self.titles).items()}
     query = title if self.full else YEAR_SUFFIX.sub("", title)
     close = difflib.get_close_matches(_key(query), list(pool), n=3, cutoff=0.5)
-    hint = f"; close matches: {' | '.join(pool[c] for c in close)}" if close else ""
+    hint = f"; close matches: {' | '.join(_typable(*pool[c]) for c in close)}" if close else ""
     year = YEAR_SUFFIX.search(title)
     yearless = [i for i in self.bare.get(_bare_key(title), []) if i not in self.full
                 and not YEAR_SUFFIX.search(self.titles[i])]  # fmt: skip
@@ -244,6 +244,16 @@ class _Titles:
       if not named:
         raise UserError(f"unknown {what} entry {clipped(text)}: no item has this id or title")
     return self.by_title(text, what)
+
+
+def _typable(item: int, title: str) -> str:
+  """A title as a close match names it: one with a character that prints as nothing (Steam's
+  item 3073 ends in U+0099) escaped and with its id to give instead, which the title, as the
+  terminal shows it, would not match."""
+  if title.isprintable():
+    return title
+  shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in title)
+  return f"{shown} (#{item})"
 
 
 def clipped(text: str, limit: int = 80) -> str:

@@ -47,6 +47,17 @@ def test_a_title_may_be_given_with_or_without_its_year():
   assert message.startswith("unknown history title 'Shadowgate (1987)'; close matches:"), message
 
 
+def test_a_close_match_with_a_character_that_prints_as_nothing_is_escaped_with_its_id():
+  """Steam's item 3073 is 'Starlight Inception™' with U+0099 after it: "unknown history title
+  'Starlight Inception™'; close matches: Starlight Inception™" (an audit), the two alike on a
+  terminal. The match now shows the character and the id to give instead."""
+  titles = {3073: "Starlight Inception™\x99", 3074: "Half-Life"}
+  assert error_of(["Starlight Inception™"], titles) == (
+    "unknown history title 'Starlight Inception™'; close matches: Starlight Inception™\\x99 (#3073)"
+  )
+  assert resolve(["#3073"], titles) == [3073]
+
+
 def test_a_year_is_refused_where_the_title_has_none():
   """Titles without years (LastFM, Steam, the synthetic data): "Echo Amber 4 (1995)" was item
   4 "Echo Amber 4", though the README says a year given must be the item's."""
