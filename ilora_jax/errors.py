@@ -418,10 +418,16 @@ def discard_stdout() -> None:
   """Points stdout's file descriptor at /dev/null once writing to it failed, so that what its
   buffer still holds is dropped at interpreter exit instead of failing there again (which
   Python reports with exit code 120, whatever exit the command chose)."""
-  if sys.stdout is None:  # Started with stdout closed (`>&-`): nothing to drop.
+  to_devnull(sys.stdout)
+
+
+def to_devnull(stream) -> None:
+  """Points the file descriptor of `stream` (None: a stream the process started without, as
+  with `>&-`) at /dev/null: what anyone writes to it from then on is dropped."""
+  if stream is None:
     return
   with contextlib.suppress(OSError, ValueError):
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _settle_stdout() -> None:

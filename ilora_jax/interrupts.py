@@ -17,7 +17,6 @@ away (`closed_output_stops_training`) stops it the same way.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -140,10 +139,9 @@ class _StopWhenReaderGone:
       self._gone = True
       # Also for the writers that hold the stream itself (a logging handler, the interpreter
       # flushing it at exit) or its descriptor (XLA's logs): they write into /dev/null.
-      with contextlib.suppress(OSError, ValueError):
-        fd = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(fd, self._stream.fileno())
-        os.close(fd)
+      from ilora_jax import errors
+
+      errors.to_devnull(self._stream)
       return None
 
   def write(self, text: str) -> int:
