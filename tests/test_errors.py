@@ -107,6 +107,7 @@ def test_a_progress_bar_in_a_log_writes_a_line_per_state_now_and_then(monkeypatc
   quick.update(3)
   quick.close()
   assert capsys.readouterr().err == ""
+  started = time.monotonic()
   bar = console.bar(total=20, desc="sasrec train", enabled=True)
   for i in range(20):
     time.sleep(0.05)
@@ -117,15 +118,17 @@ def test_a_progress_bar_in_a_log_writes_a_line_per_state_now_and_then(monkeypatc
         time.sleep(0.03)
       console.line("SASRec step 11 val hr@1=0.7000")
   bar.close()
+  elapsed = time.monotonic() - started  # 1.3 s or more (a loaded machine sleeps longer).
   err = capsys.readouterr().err
   assert "\r" not in err and "\x1b" not in err, repr(err)
   lines = err.splitlines()
   assert "SASRec step 11 val hr@1=0.7000" in lines
   states = [line for line in lines if line.startswith("sasrec train: ")]
-  # 1.3 s of loop: its first state after 0.25 s, then at most one per 0.25 s, and the last.
-  assert 2 <= len(states) <= 6, lines
+  # Its first state after 0.25 s, then at most one per 0.25 s, and the last.
+  assert 2 <= len(states) <= elapsed / 0.25 + 1, (elapsed, lines)
   assert states[-1].startswith("sasrec train: 100%|") and "loss=0.0500" in states[-1], lines
-  assert len(lines) - len(states) - 1 <= 2, lines  # The nested bar: 0.3 s, one state or two.
+  others = [x for x in lines if x not in states and x != "SASRec step 11 val hr@1=0.7000"]
+  assert all(x.startswith("eval val: ") for x in others), lines  # The nested bar's, if any.
 
 
 def test_progress_bars_are_drawn_by_process_0_alone(monkeypatch):
