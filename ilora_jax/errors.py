@@ -672,32 +672,29 @@ def resumable_interrupts(advice: str):
   signal does (`interrupts.closed_output_stops_training`)."""
   from ilora_jax import interrupts
 
-  previous = {}
-  if threading.current_thread() is threading.main_thread():
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-      if not interrupts.ignored(sig):
-        previous[sig] = signal.signal(sig, _terminated)
   try:
-    with interrupts.closed_output_stops_training():
+    with _terminate_as_interrupt(), interrupts.closed_output_stops_training():
       yield
   except KeyboardInterrupt as exc:
     exc.advice = advice
     raise
-  finally:
-    for sig, handler in previous.items():
-      signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
-def _terminate_as_interrupt():
-  """SIGTERM and SIGHUP at their default action end a command as Ctrl-C does, with one line and
-  128 + the signal's number (`recommend` and `report` ended without a word); one ignored or
-  with the caller's handler is left so, and training's own block (`resumable_interrupts`)
-  saves first."""
+def _terminate_as_interrupt(default_only: bool = False):
+  """In the block (in the main thread), SIGTERM and SIGHUP end a command as Ctrl-C does, with
+  one line and 128 + the signal's number; SIGHUP ignored (`nohup`) stays so. `default_only`
+  (every command, `cli_main`: `recommend` and `report` ended without a word) leaves a signal
+  that is not at its default action, ignored or the caller's; training's own block
+  (`resumable_interrupts`) takes them whatever their disposition, and saves first."""
+  from ilora_jax import interrupts
+
   previous = {}
   if threading.current_thread() is threading.main_thread():
     for sig in (signal.SIGTERM, signal.SIGHUP):
-      if signal.getsignal(sig) == signal.SIG_DFL:  # Not ignored (`nohup`), nor the caller's.
+      if default_only and signal.getsignal(sig) != signal.SIG_DFL:
+        continue
+      if not interrupts.ignored(sig):
         previous[sig] = signal.signal(sig, _terminated)
   try:
     yield
@@ -715,7 +712,7 @@ def cli_main(fn: Callable[..., object]) -> Callable[..., object]:
     if sys.stderr is None:  # Started with stderr closed (`2>&-`): its lines go nowhere.
       sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process.
     try:
-      with _terminate_as_interrupt():
+      with _terminate_as_interrupt(default_only=True):
         result = fn(*args, **kwargs)
     except SystemExit:
       _flush_stdout()
