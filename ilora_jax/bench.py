@@ -50,7 +50,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ilora_jax.errors import UserError, cli_main, expanded_argv
+from ilora_jax.errors import UserError, cli_main, expanded_argv, print_results
 
 _NO_WORKDIR = "<none>"
 
@@ -893,12 +893,13 @@ def warn_positions(config, max_positions: int) -> None:
 
 def _print(result: dict) -> None:
   width = max(len(k) for k in result)
+  lines = []
   for key, value in result.items():
     shown = f"{value:.4g}" if isinstance(value, float) else str(value)
     if value is None:
       shown = _null_note(key, result)
-    print(f"{key:<{width}}  {shown}")
-  print(json.dumps(result), flush=True)
+    lines.append(f"{key:<{width}}  {shown}")
+  print_results("\n".join([*lines, json.dumps(result)]))
 
 
 @cli_main

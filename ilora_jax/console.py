@@ -94,9 +94,8 @@ def raise_unshown(workdir: str) -> None:
   exc = _UNSHOWN.pop()
   if isinstance(exc, BrokenPipeError):
     raise exc
-  why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
   raise errors.UserError(
-    f"cannot write the results to stdout ({why}); they are in "
+    f"cannot write the results to stdout ({errors.stdout_failure(exc)}); they are in "
     f"{os.path.join(workdir, 'metrics.jsonl')}"
   )
 

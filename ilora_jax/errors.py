@@ -421,6 +421,29 @@ def discard_stdout() -> None:
   to_devnull(sys.stdout)
 
 
+def stdout_failure(exc: BaseException) -> str:
+  """How a write to stdout failed, in a few words (`No space left on device`, `closed`)."""
+  return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def print_results(text: str, *, kept: str = "") -> None:
+  """Prints a command's results on stdout now (flushed). A stdout that cannot take them (a
+  full disk behind `> file`, stdout closed with `>&-`) ends the command with one line that
+  names stdout and, in `kept`, where the results are kept, if anywhere; a print's failure was
+  `cannot write: No space left on device; free some space`, as if a file the command writes
+  were on a full disk, and with stdout closed the results were dropped without a word. A
+  reader gone away (`| head -1`) ends it quietly, as a broken pipe."""
+  try:
+    if sys.stdout is None:  # Started with it closed: print() would write nothing.
+      raise ValueError("closed")
+    print(text, flush=True)
+  except BrokenPipeError:
+    raise
+  except (OSError, ValueError) as exc:
+    discard_stdout()
+    raise UserError(f"cannot write the results to stdout ({stdout_failure(exc)}){kept}") from None
+
+
 def to_devnull(stream) -> None:
   """Points the file descriptor of `stream` (None: a stream the process started without, as
   with `>&-`) at /dev/null: what anyone writes to it from then on is dropped."""

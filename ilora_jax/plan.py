@@ -41,7 +41,7 @@ import numpy as np
 from absl import flags
 from jax.sharding import PartitionSpec
 
-from ilora_jax.errors import UserError, cli_main, counted
+from ilora_jax.errors import UserError, cli_main, counted, print_results
 
 GIB = 1024**3
 
@@ -325,14 +325,15 @@ def warn_mesh(name: str, cfg, mesh, rules) -> None:
     console.info(line)
 
 
-def _print(result: dict) -> None:
+def _table(result: dict) -> list[str]:
   mesh = " x ".join(f"{k}={v}" for k, v in result["mesh"].items())
   rows = f"micro-batch {result['micro_batch']} x {result['seq_len']} tokens"
-  print(f"{result['model']} on {counted(result['devices'], 'device')} ({mesh}), {rows}, "
-        f"remat {result['remat']}")  # fmt: skip
+  lines = [f"{result['model']} on {counted(result['devices'], 'device')} ({mesh}), {rows}, "
+           f"remat {result['remat']}"]  # fmt: skip
   for key in ("frozen_llm", "frozen_sasrec", "trainable", "optimizer", "activations_estimate",
               "total"):  # fmt: skip
-    print(f"  {key:<22} {result[key + '_bytes'] / GIB:10.3f} GiB per device")
+    lines.append(f"  {key:<22} {result[key + '_bytes'] / GIB:10.3f} GiB per device")
+  return lines
 
 
 @cli_main
@@ -368,9 +369,8 @@ def main(argv: list[str] | None = None) -> None:
 
   for line in warnings_for(config, cfg, results):
     console.info(line)
-  for result in results:
-    _print(result)
-  print(json.dumps(results if len(results) > 1 else results[0]), flush=True)
+  lines = [line for result in results for line in _table(result)]
+  print_results("\n".join([*lines, json.dumps(results if len(results) > 1 else results[0])]))
 
 
 if __name__ == "__main__":

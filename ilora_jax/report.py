@@ -899,6 +899,12 @@ def _summary_writer_class():
   return SummaryWriter
 
 
+def _print_path(path: str) -> None:
+  from ilora_jax.errors import print_results
+
+  print_results(path, kept=f"; the report is in {path}")
+
+
 def main(argv: list[str] | None = None) -> None:
   from absl import flags
 
@@ -945,7 +951,7 @@ def main(argv: list[str] | None = None) -> None:
           f"the run's config.report.compare: {exc}; give --compare=name=DIR,... (or --compare= "
           "for none)"
         ) from None
-      print(write(workdir, saved))
+      _print_path(write(workdir, saved))
       return
     try:
       check_not_itself(compare, workdir)
@@ -960,7 +966,7 @@ def main(argv: list[str] | None = None) -> None:
       check_compared(compare)
     except UserError as exc:
       raise UserError(f"--compare: {exc}") from None
-    print(write(workdir, compare))
+    _print_path(write(workdir, compare))
 
   run(sys.argv if argv is None else argv)
 
