@@ -141,11 +141,13 @@ class Prefetch:
     finally:
       self.waited_s += time.perf_counter() - start
 
-  def summary(self) -> str:
-    """One line: ms to build a batch (over all built, dropped ones too) and ms the consumer
-    waited for one (over the batches it took)."""
+  def summary(self, apart_s: float = 0.0) -> str:
+    """One line: ms to build a batch (over all built, dropped ones too; `apart_s` seconds of
+    one-off work inside the builds left out) and ms the consumer waited for one (over the
+    batches it took)."""
     how = f"{self.depth} ahead in a thread" if self.depth else "in the loop"
+    built_s = max(self.built_s - apart_s, 0.0)
     return (
-      f"host batches ({how}): {1000 * self.built_s / max(self.built, 1):.1f} ms built, "
+      f"host batches ({how}): {1000 * built_s / max(self.built, 1):.1f} ms built, "
       f"{1000 * self.waited_s / max(self.count, 1):.1f} ms waited for, per step"
     )

@@ -334,3 +334,13 @@ def test_summary_line(depth, built_s, built, waited_s, count, how, built_ms, wai
   batches.built_s, batches.built, batches.waited_s, batches.count = built_s, built, waited_s, count
   want = f"host batches ({how}): {built_ms} ms built, {waited_ms} ms waited for, per step"
   assert batches.summary() == want
+
+
+@pytest.mark.parametrize("apart_s, built_ms", [(0.1, "50.0"), (0.3, "0.0"), (0.5, "0.0")])
+def test_summary_leaves_one_off_work_out_of_the_build_time(apart_s, built_ms):
+  """`apart_s` of one-off work inside the builds (an epoch's row order) is not spread over
+  the batches: 300 ms over 4 built, 100 ms of it apart, is 50 ms each; never below 0."""
+  batches = Prefetch(make, range(3), 2)
+  batches.built_s, batches.built, batches.waited_s, batches.count = 0.3, 4, 0.05, 2
+  want = f"host batches (2 ahead in a thread): {built_ms} ms built, 25.0 ms waited for, per step"
+  assert batches.summary(apart_s=apart_s) == want
