@@ -84,7 +84,7 @@ from ml_collections import ConfigDict
 from ilora_jax import configuration, errors, report
 from ilora_jax import metrics as metrics_lib
 from ilora_jax.errors import UserError, cli_main, parse_flags, require_file
-from ilora_jax.files import atomic_write, checkpoint_folder, workdir_lock
+from ilora_jax.files import atomic_path, atomic_write, checkpoint_folder, workdir_lock
 from ilora_jax.interrupts import ignored
 
 _GRID = errors.define_config_file(
@@ -1047,8 +1047,11 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
     if tight:
       fig.tight_layout()
     path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+      with atomic_path(path) as tmp:  # A stop midway left a plot of 0 bytes.
+        fig.savefig(tmp, dpi=110, format="png")
+    finally:
+      plt.close(fig)
     written.append(path)
 
   variants = list(results["runs"])

@@ -1079,6 +1079,31 @@ def test_results_drop_the_plots_they_no_longer_draw(smoke, tmp_path):
   assert all(os.path.getsize(folder / name) > 1000 for name in os.listdir(folder))
 
 
+def test_results_stopped_midway_keep_the_earlier_plots(smoke, tmp_path, monkeypatch):
+  """A full disk (or a signal) while a plot was written left a PNG cut short under the name
+  results.md shows; each plot now replaces its file once complete."""
+  import errno
+
+  import matplotlib.figure
+
+  w, _ = smoke
+  grid = _grid(seeds="0", only="lora", extra=SMOKE_EXTRA)
+  runs, resolved = experiments.plan(grid, GRID_FILE, w)
+  experiments.write_results(grid, runs, resolved, str(tmp_path))
+  folder = tmp_path / "plots"
+  before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+
+  def cut_short(self, fname, **kwargs):
+    with open(fname, "wb") as f:
+      f.write(b"\x89PNG")  # The start of a plot, then the disk is full.
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", cut_short)
+  with pytest.raises(experiments.UserError, match="cannot write the results in .*: No space"):
+    experiments.write_results(grid, runs, resolved, str(tmp_path))
+  assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+
+
 def test_a_diverged_runs_gate_test_is_nan_and_results_json_strict_json(smoke, tmp_path):
   """NaN gates (a diverged run) gave a NaN distance that no shuffle reached, so p was
   1/1001, "significant"; now the test's three figures are NaN, as the specialisation table's
