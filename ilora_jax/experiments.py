@@ -784,6 +784,20 @@ def _alike_values(records: dict, key: str) -> list[float]:
   return [v for v in found if v is not None]
 
 
+def _nonfinite(results: dict, split: str) -> list[tuple[str, str, str]]:
+  """(variant, seed, "N of M rows") of the runs whose final `split` record counts rows their
+  model scored NaN or infinite (`metrics.warn_nonfinite`), in the variants' and seeds' order."""
+  found = []
+  for v, seeds in results["runs"].items():
+    for s in sorted(seeds, key=int):
+      record = seeds[s].get(split, {})
+      bad = _value(record, "nonfinite_rows")
+      if bad:
+        rows = _value(record, "rows")
+        found.append((v, s, f"{bad:.0f} of {rows:.0f} rows" if rows else f"{bad:.0f} rows"))
+  return found
+
+
 def _groups(results: dict, split: str) -> list[int]:
   keys = set()
   for seeds in results["runs"].values():
@@ -924,11 +938,14 @@ def _tables(
   """The tables of `split` for runs evaluated on one candidate set (`results["runs"]`);
   `elsewhere`: the reference variant has runs on other candidates."""
   variants = list(results["runs"])
+  broken = _nonfinite(results, split)
   lines = ["| variant | n | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 2) + "|"]
   for v in variants:
     n = len(results["runs"][v])
     row = [_cell(_values(results, v, split, m), n) for m in metrics]
-    lines.append(f"| {v} | {n} | " + " | ".join(row) + " |")
+    seeds = [s for w, s, _ in broken if w == v]
+    shown = f"{v} (NaN scores: seed {', '.join(seeds)})" if seeds else v
+    lines.append(f"| {shown} | {n} | " + " | ".join(row) + " |")
   for prefix, label in (("sasrec/", "SASRec"), ("base/", "base LLM, no adapters")):
     alike = _alike(results, split, [prefix + m for m in metrics])
     for records, names in alike:
@@ -939,6 +956,14 @@ def _tables(
       row = [_cell(_alike_values(records, prefix + m), len(records)) for m in metrics]
       lines.append(f"| {shown} | {len(records)} | " + " | ".join(row) + " |")
   lines.append("")
+  if broken:  # Their ranking metrics look like a poor model's: said, not left to be read so.
+    lines += [
+      "NaN scores: the weights of these runs diverged and scored rows NaN or infinite; such a "
+      "row ranks its target last, so their ranking metrics count it as a miss: "
+      + "; ".join(f"{v} seed {s}, {text}" for v, s, text in broken)
+      + ".",
+      "",
+    ]
   head = metrics[0]
   lines += [f"Per seed ({head}):", ""]
   seeds = sorted({s for v in variants for s in results["runs"][v]}, key=int)
@@ -1132,8 +1157,10 @@ def plots(results: dict, metrics: list[str], runs: list[Run], out_dir: str) -> l
         seed = sorted(results["runs"][v], key=int)[0]
         rec = results["runs"][v][seed].get(split, {})
         experts = results["experts"][v]
+        # A diverged run's log holds the text "nan" (`_value`: NaN), drawn as an empty cell.
         grid = np.array(
-          [[rec.get(f"group/{g}/gate/{e}", np.nan) for e in range(experts)] for g in groups]
+          [[_value(rec, f"group/{g}/gate/{e}") for e in range(experts)] for g in groups],
+          np.float64,
         )
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(experts), [f"e{e}" for e in range(experts)])
@@ -1362,8 +1389,13 @@ def _main(grid: ConfigDict, grid_path: str, workdir: str) -> None:
         execute(run, sys.executable)
         tqdm.write(f"{run.name}: done in {time.time() - start:.0f} s")
         bar.update(1)
-        with contextlib.suppress(UserError):  # The grid goes on: the last write says why.
-          write_results(grid, shown, resolved, workdir)  # Tables so far, after every run.
+        try:  # Tables so far, after every run.
+          write_results(grid, shown, resolved, workdir)
+        except UserError:  # The grid goes on: the last write says why.
+          pass
+        except Exception as exc:  # noqa: BLE001 - a fault of the tables stops no training.
+          tqdm.write(f"warning: the results after {run.name} were not written (unexpected "
+                     f"{type(exc).__name__}: {exc}); the grid goes on")  # fmt: skip
     except UserError:  # A failed run: tables of the runs finished (now or before), then its line.
       bar.leave = False  # Cleared, so that the error line stands alone.
       if any(finished(r) for r in shown):

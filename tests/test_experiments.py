@@ -1130,6 +1130,31 @@ def test_a_diverged_runs_gate_test_is_nan_and_results_json_strict_json(smoke, tm
   assert "| ilora | 0 | nan | nan | nan |" in md
 
 
+def test_a_run_that_scored_nan_is_named_in_the_tables_and_its_gates_drawn(smoke, tmp_path):
+  """A diverged run logs its gate weights as the text "nan": the gate heatmap's imshow raised
+  a TypeError that stopped the grid (and every --report_only); its ranking metrics (each NaN
+  row a miss) stood in the tables as a poor model's, with no word of the divergence."""
+  w = str(tmp_path)
+  _copy_runs(smoke[0], w, ["sasrec/seed0", "runs/ilora/seed0"])
+  path = os.path.join(w, "runs", "ilora", "seed0", "metrics.jsonl")
+  records = metrics_records(os.path.dirname(path))
+  for r in records:
+    if r.get("final") and r["split"] == "val":
+      r.update({k: "nan" for k in r if re.fullmatch(r"group/\d+/gate/\d+", k)})
+      r["nonfinite_rows"] = 3
+      rows = r["rows"]
+  with open(path, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  grid = _grid(seeds="0", only="ilora", extra=SMOKE_EXTRA)
+  runs, resolved = experiments.plan(grid, GRID_FILE, w)
+  experiments.write_results(grid, runs, resolved, w)
+  val, test = (tmp_path / "results.md").read_text().split("## val")[1].split("## test")
+  assert "| ilora (NaN scores: seed 0) | 1 |" in val
+  assert f"count it as a miss: ilora seed 0, 3 of {rows} rows." in val
+  assert "NaN scores" not in test  # The test split scored finite.
+  assert os.path.getsize(tmp_path / "plots" / "gates.png") > 1000
+
+
 def test_grid_resumes_and_adds_seeds(smoke):
   """A seed added for one variant (grid.only): results.md keeps the other finished runs
   (ilora's, of the first command), and names a run folder of a variant not in the grid."""
@@ -1250,6 +1275,32 @@ def test_unwritable_results_let_the_grid_run_and_end_in_one_line(tmp_path, block
   proc = run_cli(GRID, f"--workdir={w}", "--grid.seeds=0", script=str(script))
   assert_one_line_error(proc, f"cannot write the results in {w}", blocked)
   assert proc.stdout.count(": done in") == 4  # The SASRec job and the three variants.
+
+
+def test_a_fault_of_the_tables_stops_no_training(tmp_path):
+  """An unexpected error writing the tables after a run (a diverged run's gates crashed the
+  heatmap) stopped the grid: every run now still runs (stubbed out here), each failed write a
+  warning; the final write's error ends the command as an unexpected one."""
+  script = tmp_path / "grid_runs.py"
+  script.write_text(
+    f"import sys; sys.path.insert(0, {ROOT!r})\n"
+    "from ilora_jax import experiments\n"
+    "done = set()\n"
+    "experiments.execute = lambda run, python: done.add(run.name)\n"
+    "experiments.finished = lambda run: run.name in done\n"
+    "def write_results(*args):\n"
+    "  raise TypeError('a bug')\n"
+    "experiments.write_results = write_results\n"
+    "experiments.main()\n"
+  )
+  proc = run_cli(GRID, f"--workdir={tmp_path / 'grid'}", "--grid.seeds=0", script=str(script))
+  assert proc.returncode == 3, proc.stderr
+  assert proc.stdout.count(": done in") == 4  # The SASRec job and the three variants.
+  warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: ")]
+  assert len(warnings) == 4
+  assert all(" were not written (unexpected TypeError: a bug); the grid goes on" in line
+             for line in warnings)  # fmt: skip
+  assert proc.stderr.splitlines()[-1].startswith("error: unexpected TypeError: a bug")
 
 
 def test_a_failed_run_leaves_the_error_line_alone_on_stderr(tmp_path):
