@@ -76,6 +76,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections.abc import Collection
 
 import numpy as np
 from absl import flags
@@ -87,8 +88,14 @@ from ilora_jax.errors import UserError, cli_main, parse_flags, require_file
 from ilora_jax.files import atomic_path, atomic_write, checkpoint_folder, workdir_lock
 from ilora_jax.interrupts import ignored
 
+# New attributes: an override of a field the grid file leaves to its default (`complete`,
+# which refuses unknown fields, also of flags).
 _GRID = errors.define_config_file(
-  "grid", None, "Path to a grid file (configs/experiments/*.py).", lock_config=True
+  "grid",
+  None,
+  "Path to a grid file (configs/experiments/*.py).",
+  lock_config=False,
+  accept_new_attributes=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of the grid's runs and results.")
 _DRY_RUN = flags.DEFINE_bool(
@@ -152,7 +159,13 @@ def parse_variants(lines) -> list[tuple[str, list[str]]]:
       raise UserError("grid.variants: 'sasrec' names the grid's SASRec jobs: give the variant "
                       "another name")  # fmt: skip
     seen.add(name)
-    out.append((name, _overrides(rest, f"variant {name}")))
+    items, keys = _overrides(rest, f"variant {name}"), {}
+    for item in items:  # The last would win, unsaid (as --grid.extra's may, on purpose).
+      if override_key(item) in keys:
+        raise UserError(f"variant {name}: sets {override_key(item)} twice "
+                        f"({keys[override_key(item)]!r}, {item!r}): give it once")  # fmt: skip
+      keys[override_key(item)] = item
+    out.append((name, items))
   if not out:
     raise UserError("grid.variants is empty")
   return out
@@ -259,6 +272,12 @@ def plan(
     key = keys[name] = _sasrec_key(resolved[name])
     sasrec_of[name] = next((sasrec_of[v] for v in sasrec_of if keys[v] == key),
                            "" if key == shared else name)  # fmt: skip
+    same = next((v for v in resolved if v != name and resolved[v] == resolved[name]), None)
+    if same is not None:  # Its runs would be the other's, trained again.
+      raise UserError(
+        f"variants {same} and {name} give the same settings (their runs would be copies of "
+        f"one another): give {name} other overrides, or leave it out"
+      )
   if grid.only and not every:
     wanted = [v.strip() for v in grid.only.split(",") if v.strip()]
     if len(set(wanted)) != len(wanted):
@@ -1277,9 +1296,10 @@ GRID_FIELDS = {
 }
 
 
-def complete(grid: ConfigDict, path: str) -> ConfigDict:
+def complete(grid: ConfigDict, path: str, flagged: Collection[str] = ()) -> ConfigDict:
   """`grid` with the defaults of the fields it leaves out; a missing required one (a run
-  config given as the grid, say) is refused."""
+  config given as the grid, say) is refused. `flagged`: the fields a `--grid.<field>` flag
+  set, named as flags where refused."""
   missing = [k for k, v in GRID_FIELDS.items() if v is REQUIRED and k not in grid]
   if missing:
     raise UserError(
@@ -1290,6 +1310,8 @@ def complete(grid: ConfigDict, path: str) -> ConfigDict:
   if unknown:
     close = difflib.get_close_matches(unknown[0], list(GRID_FIELDS), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
+    if unknown[0] in flagged:  # As an unknown override of a run's config is named.
+      raise UserError(f"unknown grid key: {unknown[0]!r} (in --grid.{unknown[0]}){hint}")
     raise UserError(
       f"{path}: unknown grid field(s) {', '.join(unknown)}{hint}; a grid has "
       f"{', '.join(GRID_FIELDS)}"
@@ -1305,7 +1327,8 @@ def complete(grid: ConfigDict, path: str) -> ConfigDict:
       continue  # variants and seeds: parse_variants and parse_seeds check them.
     value = grid.get(key, default)
     if not isinstance(value, kinds):
-      raise UserError(f"{path}: grid.{key} must be {words}, not {type(value).__name__} {value!r}")
+      where = f"--grid.{key}" if key in flagged else f"{path}: grid.{key}"
+      raise UserError(f"{where} must be {words}, not {type(value).__name__} {value!r}")
   with grid.unlocked():
     for key, value in GRID_FIELDS.items():
       if key not in grid:
@@ -1337,7 +1360,8 @@ def parse(argv: list[str]) -> tuple[ConfigDict, str, str]:
   grid = _GRID.value
   if not isinstance(grid, ConfigDict):
     raise errors.unloadable("grid", grid_arg)
-  grid = complete(grid, grid_arg)
+  flagged = {a.split("=", 1)[0].split(".")[1] for a in argv if a.startswith("--grid.")}
+  grid = complete(grid, grid_arg, flagged)
   if not _WORKDIR.value:
     raise UserError("--workdir is required")
   return grid, grid_arg.split(":", 1)[0], _WORKDIR.value

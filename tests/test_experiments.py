@@ -212,7 +212,8 @@ def test_panels_of_values_none_negative_start_at_zero(tmp_path, monkeypatch):
   limits, real = {}, matplotlib.figure.Figure.savefig
 
   def record(fig, path, *args, **kwargs):
-    limits[os.path.basename(path)] = [ax.get_ylim() for ax in fig.axes]
+    name = os.path.basename(path).split(".tmp-")[0]  # Written to a temporary file first.
+    limits[name] = [ax.get_ylim() for ax in fig.axes]
     return real(fig, path, *args, **kwargs)
 
   monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
@@ -463,6 +464,40 @@ def test_a_grid_field_of_the_wrong_type_is_one_line(tmp_path):
   proc = run_cli(f"--grid={grid}", f"--workdir={tmp_path / 'w'}", "--dry_run",
                  module="ilora_jax.experiments")  # fmt: skip
   assert_one_line_error(proc, "grid.only must be a string, not tuple")
+
+
+def test_flags_set_the_fields_a_grid_file_leaves_to_their_defaults(tmp_path):
+  """A grid file needs only config, variants and seeds; `--grid.only`, `--grid.extra`,
+  `--grid.sasrec`, `--grid.metrics` were refused for such a file (`unknown grid key`), the
+  overrides applied before the defaults were filled in. A misspelt or ill-typed one is named
+  as the flag it is."""
+  grid = tmp_path / "g.py"
+  grid.write_text(
+    "from ml_collections import config_dict\n"
+    "def get_config():\n"
+    "  c = config_dict.ConfigDict()\n"
+    "  c.config, c.seeds = 'configs/tiny.py', '0'\n"
+    "  c.variants = ('a: lora.num_experts=1 lora.gate=constant', 'b: lora.rank=2')\n"
+    "  return c\n"
+  )
+  sasrec = tiny_sasrec_pt(tmp_path / "m.pt")
+  w = tmp_path / "w"
+  proc = run_cli(f"--grid={grid}", f"--workdir={w}", "--dry_run", "--grid.only=b",
+                 "--grid.extra=ilora.train.steps=2", f"--grid.sasrec={sasrec}",
+                 "--grid.metrics=mrr", "--grid.share_sasrec=False",
+                 module="ilora_jax.experiments")  # fmt: skip
+  assert proc.returncode == 0, proc.stderr
+  (command,) = [line for line in proc.stdout.splitlines() if "ilora_jax.main" in line]
+  assert f"--workdir={w}/runs/b/seed0" in command  # Only b; no SASRec job: the given one.
+  assert f"--config.sasrec.init_from={sasrec}" in command
+  assert "--config.ilora.train.steps=2 --config.lora.rank=2" in command
+  for flag, message in (
+    ("--grid.onyl=b", "unknown grid key: 'onyl' (in --grid.onyl) (did you mean only?)"),
+    ("--grid.share_sasrec=no", "--grid.share_sasrec must be True or False, not str 'no'"),
+  ):
+    proc = run_cli(f"--grid={grid}", f"--workdir={w}", "--dry_run", flag,
+                   module="ilora_jax.experiments")  # fmt: skip
+    assert assert_one_line_error(proc) == f"error: {message}"
 
 
 def test_the_tables_plan_every_run_folder_of_the_workdir(tmp_path):
@@ -874,6 +909,28 @@ def test_bad_grids_fail_before_any_run(tmp_path, args, fragments):
   proc = run_cli(GRID, f"--workdir={w}", *args, module="ilora_jax.experiments")
   assert_one_line_error(proc, *fragments)
   assert not os.path.exists(w)
+
+
+def test_variants_of_the_same_settings_are_refused(tmp_path):
+  """Two variants whose overrides come to the same config (the same overrides, or one
+  setting the config's own value) trained the same runs twice, and compared them as if they
+  differed."""
+  _, resolved = experiments.plan(_grid(variants=("a:",), reference="a"), GRID_FILE, str(tmp_path))
+  rank = resolved["a"].lora.rank  # The grid's own (its overrides', else its config's).
+  for variants in (("a: lora.rank=2", "b: lora.rank=2"), ("a:", f"b: lora.rank={rank}")):
+    grid = _grid(variants=variants, reference="a")
+    with pytest.raises(experiments.UserError) as exc:
+      experiments.plan(grid, GRID_FILE, str(tmp_path))
+    assert str(exc.value) == (
+      "variants a and b give the same settings (their runs would be "
+      "copies of one another): give b other overrides, or leave it out"
+    )
+  grid = _grid(variants=("a: lora.rank=2 lora.dropout=0.0 lora.rank=4",), reference="a")
+  with pytest.raises(
+    experiments.UserError,
+    match=r"variant a: sets lora.rank twice \('lora.rank=2', 'lora.rank=4'\): give it once",
+  ):
+    experiments.plan(grid, GRID_FILE, str(tmp_path))
 
 
 def test_a_bad_variant_is_named(tmp_path):
