@@ -616,6 +616,19 @@ SCORE_KEYS = tuple(
   for key in ("batch_s", "prompts_per_s", "compile_s", "compile_xla_s", "temp_bytes", "roofline_s")
 )
 SCORE_KEYS += ("eval_score_candidates", "eval_score_packed", "eval_score_speedup")
+# The generation figures of one decode loop (`bench_generate`), each `eval_gen_<field>` and,
+# with `bench.decode_both`, `eval_gen_alt_<field>` for the other loop.
+GEN_FIELDS = ("unroll", "batch_s", "prefill_s", "decode_step_s", "prompts_per_s", "tokens_per_s",
+              "compile_s", "compile_xla_s", "roofline_s")  # fmt: skip
+
+
+def eval_keys(decode_both: bool) -> tuple[str, ...]:
+  """The random-batch evaluation's figures (`bench_generate`): null where it did not run."""
+  loops = ("eval_gen_", "eval_gen_alt_") if decode_both else ("eval_gen_",)
+  gen = tuple(prefix + field for prefix in loops for field in GEN_FIELDS)
+  return gen + (("eval_gen_same_tokens",) if decode_both else ()) + SCORE_KEYS
+
+
 # The shape of the random-batch evaluation figures: null where no evaluation ran (`run`).
 EVAL_SHAPE_KEYS = ("eval_batch_size", "eval_prompt_len", "eval_new_tokens", "eval_candidates",
                    "eval_candidate_len")  # fmt: skip
@@ -625,6 +638,8 @@ def _null_note(key: str, result: dict) -> str:
   """What the null figure `key` of `run`'s `result` means, shown in its table."""
   if key in TRAIN_KEYS and "eval_data" in result:
     return "null: bench.eval_data times the evaluations of real prompts alone"
+  if key.startswith("eval_") and result.get("eval_batch_size") is None:
+    return "null: no evaluation ran (bench.eval=False)"
   if key in ("batch_size", "grad_accum", "seq_len") or (
     key in TRAIN_KEYS and result.get("step_s") is None
   ):
@@ -643,11 +658,8 @@ def _null_note(key: str, result: dict) -> str:
     return "null: the generation was not slower than its prefill alone (decode below the noise)"
   if key.startswith("eval_data_") and key.endswith("_compile_s"):
     return "null: the compile pass was not slower than the timed pass (compile below the noise)"
-  if key in EVAL_SHAPE_KEYS:
-    if result.get("eval_batch_size") is None:
-      return "null: no evaluation ran (bench.eval=False)"
-    if key == "eval_candidate_len":
-      return "null: no candidates scored (bench.eval_candidates=0)"
+  if key == "eval_candidate_len":
+    return "null: no candidates scored (bench.eval_candidates=0)"
   return "null"
 
 
@@ -678,19 +690,18 @@ def bench_generate(config, parts, frozen, state) -> dict:
     console.info("bench: compiling and timing its prefill alone, 4 calls")
     _, run_prefill, _ = runner.compile(unroll, 1)
     _, _, prefill_s = _timed(run_prefill)
-    result.update(
-      {
-        prefix + "unroll": unroll,
-        prefix + "batch_s": batch_s,
-        prefix + "prefill_s": prefill_s,
-        prefix + "decode_step_s": decode_step_s(batch_s, prefill_s, new),
-        prefix + "prompts_per_s": b / batch_s,
-        prefix + "tokens_per_s": b * new / batch_s,
-        prefix + "compile_s": compile_times["trace"] + compile_times["xla"],
-        prefix + "compile_xla_s": compile_times["xla"],
-        prefix + "roofline_s": roofline_s(compiled, max(new - 1, 1)),
-      }
-    )
+    figures = {
+      "unroll": unroll,
+      "batch_s": batch_s,
+      "prefill_s": prefill_s,
+      "decode_step_s": decode_step_s(batch_s, prefill_s, new),
+      "prompts_per_s": b / batch_s,
+      "tokens_per_s": b * new / batch_s,
+      "compile_s": compile_times["trace"] + compile_times["xla"],
+      "compile_xla_s": compile_times["xla"],
+      "roofline_s": roofline_s(compiled, max(new - 1, 1)),
+    }
+    result.update({prefix + field: figures[field] for field in GEN_FIELDS})
   if len(outputs) == 2:  # Both loops decode the same tokens (greedy; ties aside).
     result["eval_gen_same_tokens"] = float(np.mean(outputs[0] == outputs[1]))
 
@@ -865,6 +876,8 @@ def run(config, workdir: str | None = None) -> dict:
     result.update(check_attention(config, mesh, parts, frozen, state))
   if config.bench.eval:
     result.update(bench_generate(config, parts, frozen, state))
+  else:  # Its keys null, as the train step's are when it does not run.
+    result.update(dict.fromkeys(eval_keys(bc.decode_both)))
   _print(result)
   return result
 

@@ -29,6 +29,8 @@ def test_bench_train_generate_and_score_keys():
               "eval_score_prompts_per_s", "eval_score_speedup"):  # fmt: skip
     assert np.isfinite(result[key]) and result[key] > 0, key
   assert result["tokens_per_s"] == np.float64(2 * 64 / result["step_s"])
+  # The evaluation's keys, which a run without it gives as nulls.
+  assert set(bench.eval_keys(decode_both=False)) <= set(result)
   assert result["eval_score_speedup"] == np.float64(
     result["eval_gen_batch_s"] / result["eval_score_batch_s"]
   )
@@ -114,6 +116,14 @@ def test_bench_trains_with_splash_attention_and_checks_it_against_einsum():
   assert proc.returncode == 0, proc.stderr
   result = json.loads(proc.stdout.strip().splitlines()[-1])
   assert result["attention"] == "splash" and np.isfinite(result["loss"])
+  # No evaluation ran: its figures are null (were absent: `r["eval_gen_batch_s"]` a KeyError),
+  # each with its reason.
+  from ilora_jax import bench
+
+  evaluation = bench.eval_keys(decode_both=False)
+  assert [k for k in evaluation if result.get(k, 0) is not None] == []
+  table = dict(line.split(None, 1) for line in proc.stdout.strip().splitlines()[:-1])
+  assert {table[k] for k in evaluation} == {"null: no evaluation ran (bench.eval=False)"}
   assert result["attention_loss_xla"] > 0
   assert result["attention_rel_diff"] < 1e-6, result  # 9e-8 when written
 
@@ -695,7 +705,7 @@ def test_decode_step_is_null_where_the_generation_is_not_slower_than_its_prefill
   assert bench._null_note("eval_gen_decode_step_s", one).startswith("null: one new token")
   assert bench._null_note("eval_candidate_len", one).startswith("null: no candidates scored")
   off = dict.fromkeys(bench.EVAL_SHAPE_KEYS) | {"step_s": 0.1}
-  for key in bench.EVAL_SHAPE_KEYS:
+  for key in bench.EVAL_SHAPE_KEYS + bench.eval_keys(decode_both=True):
     assert bench._null_note(key, off) == "null: no evaluation ran (bench.eval=False)", key
   untrained = dict.fromkeys(bench.TRAIN_KEYS) | {"eval_batch_size": 2}
   for key in bench.TRAIN_KEYS:
