@@ -303,7 +303,7 @@ def load(path: str, overrides: Sequence[str] = ()) -> ConfigDict:
 
   config = _parsed(config_flags.DEFINE_config_file, None, overrides, [f"--config={path}"])
   if not isinstance(config, ConfigDict):
-    raise unloadable("config", path)
+    raise unloadable("config", path, config)
   return config
 
 

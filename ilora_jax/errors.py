@@ -177,19 +177,26 @@ def loaded_config(config, argv: Sequence[str]):
   if not isinstance(config, ConfigDict):
     if not _config_given(argv):
       raise UserError("--config is required, e.g. --config=configs/tiny.py")
-    raise _unloadable("config", argv)
+    raise _unloadable("config", argv, config)
   return config
 
 
-def _unloadable(what: str, argv: Sequence[str]) -> UserError:
+def _unloadable(what: str, argv: Sequence[str], loaded: object = None) -> UserError:
   """The `what` file given could not be loaded (a missing file: ml_collections reports it
   only when the config is first used, by `loaded_config` or by an override)."""
   given = _flag_value(what, argv)
-  return unloadable(what, "?" if given is None else given)
+  return unloadable(what, "?" if given is None else given, loaded)
 
 
-def unloadable(what: str, path: str) -> UserError:
-  """The `what` (config or grid) file at `path` is missing or defines no config."""
+def unloadable(what: str, path: str, loaded: object = None) -> UserError:
+  """The `what` (config or grid) file at `path` is missing or defines no config; `loaded`,
+  what ml_collections loaded from it, names what its get_config() returned instead of a
+  ConfigDict (a plain dict, say: the file was called "not found or not a config file")."""
+  if loaded is not None and type(loaded).__name__ != "_ErrorConfig":  # Not a file's failure.
+    return UserError(
+      f"cannot load {what} file {path}: its get_config() returns a {type(loaded).__name__}, "
+      "not an ml_collections ConfigDict"
+    )
   return UserError(
     f"cannot load {what} file {path}: not found or not a {what} file{tilde_hint(path)}"
   )

@@ -1359,7 +1359,7 @@ def parse(argv: list[str]) -> tuple[ConfigDict, str, str]:
     raise UserError("--grid is required, e.g. --grid=configs/experiments/negative_transfer.py")
   grid = _GRID.value
   if not isinstance(grid, ConfigDict):
-    raise errors.unloadable("grid", grid_arg)
+    raise errors.unloadable("grid", grid_arg, grid)
   flagged = {a.split("=", 1)[0].split(".")[1] for a in argv if a.startswith("--grid.")}
   grid = complete(grid, grid_arg, flagged)
   if not _WORKDIR.value:

@@ -3,6 +3,7 @@
 import json
 import os
 import pickle
+import re
 import shlex
 
 import pandas as pd
@@ -537,6 +538,22 @@ def test_missing_config_file_and_workdir(tmp_path):
   proc = run_cli("--config=configs/nope.py", f"--workdir={tmp_path}", "--config.stage=sasrec")
   assert_one_line_error(proc, missing)
   assert_one_line_error(run_cli(TINY), "--workdir")
+
+
+def test_a_config_or_grid_file_returning_no_configdict_says_what_it_returns(tmp_path):
+  """A get_config() returning a plain dict was "not found or not a config file", for a file
+  that is there."""
+  from ilora_jax import configuration
+
+  path = tmp_path / "c.py"
+  path.write_text("def get_config():\n  return {'stage': 'sasrec'}\n")
+  want = "its get_config() returns a dict, not an ml_collections ConfigDict"
+  proc = run_cli(f"--config={path}", f"--workdir={tmp_path / 'w'}")
+  assert_one_line_error(proc, f"cannot load config file {path}: {want}")
+  with pytest.raises(UserError, match=re.escape(f"cannot load config file {path}: {want}")):
+    configuration.load(str(path))
+  proc = run_cli(f"--grid={path}", f"--workdir={tmp_path / 'w'}", module="ilora_jax.experiments")
+  assert_one_line_error(proc, f"cannot load grid file {path}: {want}")
 
 
 def test_unreadable_flagfiles_are_one_line_errors(tmp_path):
