@@ -15,7 +15,8 @@
 # caller's (run_host.sh starts in the caller's folder, as this script does not move). A missing,
 # partial or inconsistent layout (a process id not below the count, a count that is no number,
 # a coordinator without its port, MASTER_ADDR without MASTER_PORT, a torchrun-style variable
-# that disagrees with ours, e.g. WORLD_SIZE beside NUM_PROCESSES, LOCAL_WORLD_SIZE above 1, a
+# that disagrees with ours, e.g. WORLD_SIZE beside NUM_PROCESSES, or a layout variable with the
+# arguments, LOCAL_WORLD_SIZE above 1, a
 # layout variable under Slurm), a --config.distributed.* flag among the job's (the layout's to
 # set), or no job, is one line on stderr and exit status 2 before run_host.sh's set-up. One
 # node (NUM_NODES 1) runs as a single process, without a coordinator.
@@ -47,6 +48,19 @@ if [[ $# -ge 1 && "$1" != --* ]]; then
     fail "COORDINATOR:PORT, NUM_NODES and NODE_RANK are given together, before the flags"
   fi
   check_layout "COORDINATOR:PORT=$1" "NUM_NODES=$2" "NODE_RANK=$3"
+  # A layout in the environment too (a torchrun-style launcher's) must say the same: the
+  # arguments won in silence.
+  agree() {  # VARIABLE VALUE ARGUMENT
+    [[ -z "${!1:-}" || "${!1}" == "$2" ]] ||
+      fail "$1=$(printf '%q' "${!1}") disagrees with the argument $3=$(printf '%q' "$2"): unset it, or give the layout one way"
+  }
+  agree COORDINATOR_ADDRESS "$1" COORDINATOR:PORT
+  [[ -z "${MASTER_ADDR:-}${MASTER_PORT:-}" || "${MASTER_ADDR:-}:${MASTER_PORT:-}" == "$1" ]] ||
+    fail "MASTER_ADDR:MASTER_PORT=$(printf '%q' "${MASTER_ADDR:-}:${MASTER_PORT:-}") disagrees with the argument COORDINATOR:PORT=$(printf '%q' "$1"): unset them, or give the layout one way"
+  agree NUM_PROCESSES "$2" NUM_NODES
+  agree WORLD_SIZE "$2" NUM_NODES
+  agree PROCESS_ID "$3" NODE_RANK
+  agree RANK "$3" NODE_RANK
   NODES=$2
   CLUSTER=(--config.distributed.coordinator="$1" --config.distributed.num_processes="$2"
            --config.distributed.process_id="$3")

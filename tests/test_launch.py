@@ -697,6 +697,23 @@ def test_run_host_makes_a_venv_whose_python_is_gone_anew(tmp_path):
       {**TORCHRUN, "RANK": "0", "COORDINATOR_ADDRESS": "g:1"},
       "COORDINATOR_ADDRESS=g:1 and MASTER_ADDR:MASTER_PORT=h:29500 disagree",
     ),
+    # The arguments beside a layout in the environment that says otherwise: the arguments won.
+    (
+      ["h2:5", "2", "1"],
+      {"COORDINATOR_ADDRESS": "h:1"},
+      "COORDINATOR_ADDRESS=h:1 disagrees with the argument COORDINATOR:PORT=h2:5: unset it",
+    ),
+    (["h:1", "2", "1"], {**TORCHRUN, "RANK": "1"}, "MASTER_ADDR:MASTER_PORT=h:29500 disagrees"),
+    (
+      ["h:29500", "2", "1"],
+      {**TORCHRUN, "RANK": "1"},
+      "WORLD_SIZE=4 disagrees with the argument NUM_NODES=2",
+    ),
+    (
+      ["h:1", "2", "1"],
+      {"PROCESS_ID": "0"},
+      "PROCESS_ID=0 disagrees with the argument NODE_RANK=1",
+    ),
     # torchrun's process per GPU: 8 processes per node, each claiming all of its GPUs.
     (
       [],
@@ -747,6 +764,16 @@ def test_gpu_multinode_runs_one_node_as_a_single_process(tmp_path):
     proc = repo.run("gpu_multinode.sh", *args, *JOB, **env)
     assert proc.returncode == 0, proc.stderr
     assert repo.calls()[-1] == _job_call(JOB)
+
+
+def test_gpu_multinode_arguments_beside_the_same_layout_in_the_environment(tmp_path):
+  """A torchrun-style launcher's variables beside arguments that say the same: accepted."""
+  repo = FakeCheckout(tmp_path)
+  proc = repo.run("gpu_multinode.sh", "h:29500", "4", "1", *JOB, **TORCHRUN, RANK="1")
+  assert proc.returncode == 0, proc.stderr
+  layout = ["--config.distributed.coordinator=h:29500", "--config.distributed.num_processes=4",
+            "--config.distributed.process_id=1"]  # fmt: skip
+  assert repo.calls()[-1] == _job_call([*JOB, *layout])
 
 
 def test_slurm_runs_one_process_per_gpu(monkeypatch):
