@@ -141,7 +141,8 @@ def build(args, device, dtype):
     projector = nn.Sequential(
       nn.Linear(64, p.hidden_size), nn.GELU(), nn.Linear(p.hidden_size, p.hidden_size)
     )
-  model.gradient_checkpointing_disable()
+  # Its name since transformers 5.x (the old one warns of its removal); older ones, the old.
+  getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
   model.train()
   return model, cfg, adapters, router, projector
 
