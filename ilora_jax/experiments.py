@@ -589,7 +589,9 @@ def check_runs(runs: list[Run]) -> None:
   found.sort(key=lambda item: item[0].variant == "sasrec")
   run, diffs = found[0]
   shown = "; ".join(diffs[:3]) + (f"; {len(diffs) - 3} more" if len(diffs) > 3 else "")
-  others = f" (and {len(found) - 1} more runs)" if len(found) > 1 else ""
+  names = [other.name for other, _ in found[1:]]  # Named: a count left them to be found.
+  more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+  others = f" (so were {', '.join(names[:3])}{more})" if names else ""
   raise UserError(
     f"run {run.name} in {run.workdir} was made with other settings than this command gives "
     f"it: {shown}{others}; its results would be reported under this command: give another "
@@ -704,7 +706,7 @@ def collect(runs: list[Run], resolved: dict) -> dict:
   """{variant: {seed: {split: record}}} of finished runs, plus their seconds and configs, and
   the splits they recorded as skipped ({split: {run: why}}, "skipped")."""
   results: dict = {"runs": {}, "seconds": {}, "commands": {}, "experts": {}, "gate_test": {},
-                   "skipped": {}}  # fmt: skip
+                   "skipped": {}, "cwd": os.getcwd()}  # fmt: skip
   for run in runs:
     results["commands"][run.name] = run.command
     if not finished(run):
@@ -938,6 +940,8 @@ def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str
       lines += [f"Not evaluated on {split} by {errors.counted(len(skipped), 'run')}: "
                 + "; ".join(sorted(set(skipped.values()))), ""]  # fmt: skip
   lines += ["## Runs", ""]
+  if "cwd" in results:  # The commands' relative paths are the runner's, from its folder.
+    lines += [f"Each command as the runner starts it, in `{results['cwd']}`:", ""]
   lines.append("| run | seconds | command |")
   lines.append("|---|---|---|")
   for name, command in results["commands"].items():
@@ -1409,9 +1413,12 @@ def _main(grid: ConfigDict, grid_path: str, workdir: str) -> None:
       for run in todo:
         bar.set_postfix_str(run.name)
         tqdm.write(f"{run.name}: running, log {os.path.join(run.workdir, 'log.txt')}")
-        start = time.time()
+        start, before = time.time(), _seconds(run)
         execute(run, sys.executable)
-        tqdm.write(f"{run.name}: done in {time.time() - start:.0f} s")
+        took = f"done in {time.time() - start:.0f} s"
+        if before:  # Resumed: results.md's seconds are those of all its attempts.
+          took += f", {_seconds(run):.0f} s in all its attempts"
+        tqdm.write(f"{run.name}: {took}")
         bar.update(1)
         try:  # Tables so far, after every run.
           write_results(grid, shown, resolved, workdir)

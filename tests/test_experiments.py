@@ -579,7 +579,7 @@ def test_config_diffs_of_a_moved_run_of_defaults_and_of_volatile_sections(tmp_pa
 
 def test_check_runs_names_a_variant_run_first_and_counts_the_others(tmp_path):
   """The SASRec job comes first in the plan, but the message names the variant's run, its
-  first 3 differing settings, how many more there are, and how many other runs differ."""
+  first 3 differing settings, how many more there are, and which other runs differ."""
   runs, _ = experiments.plan(_grid(seeds="0", only="lora"), GRID_FILE, str(tmp_path))
   sasrec, lora = runs
 
@@ -597,7 +597,7 @@ def test_check_runs_names_a_variant_run_first_and_counts_the_others(tmp_path):
   message = str(err.value)
   assert message.startswith(f"run lora/seed0 in {lora.workdir} was made with other settings")
   shown = [k for k in ("alpha", "dropout", "gate", "rank") if f"lora.{k} " in message]
-  assert len(shown) == 3 and "; 1 more (and 1 more runs);" in message
+  assert len(shown) == 3 and f"; 1 more (so were {sasrec.name});" in message
   os.remove(os.path.join(sasrec.workdir, "config.json"))
   save(lora, alpha=1.5)
   with pytest.raises(experiments.UserError) as err:
@@ -1048,6 +1048,10 @@ def test_grid_runs_tabulates_and_plots(smoke):
     gates = [final[f"group/{g}/gate/{e}"] for e in range(4)]
     assert sum(gates) == pytest.approx(1, abs=1e-5)
   assert "Per user group" in md and "Gate specialisation" in md and "shuffled labels" in md
+  # The commands' relative paths (configs/tiny.py) are from the folder the runner ran in.
+  runs_section = md.split("## Runs")[1]
+  assert f"Each command as the runner starts it, in `{ROOT}`:" in runs_section
+  assert "--config=configs/tiny.py" in runs_section
   test = results["gate_test"]["ilora"]["0"]
   assert 0 < test["p"] <= 1 and test["distance"] >= 0
   for name in ("metrics.png", "groups.png", "gates.png", "loss.png"):
@@ -1091,7 +1095,8 @@ def test_finished_runs_of_other_overrides_are_refused_before_anything_runs(smoke
     f"run lora/seed0 in {os.path.join(w, 'runs', 'lora', 'seed0')} was made with other settings",
     f"lora.rank {saved['lora']['rank']} (saved) vs 16 (planned)",
     f"ilora.train.steps {saved['ilora']['train']['steps']} (saved) vs 9 (planned)",
-    "(and 2 more runs)",  # ilora/seed0 and the SASRec job (whose config has every key).
+    # The SASRec job's config has every key.
+    "(so were ilora/seed0, sasrec/seed0)",
     "give another --workdir",
   )
   assert not proc.stdout  # Nothing listed, run or tabulated.
@@ -1260,6 +1265,9 @@ def test_sigterm_stops_the_grid_after_a_checkpoint_and_the_rerun_resumes(smoke, 
   rerun = run_cli(*args[3:], module="ilora_jax.experiments")
   assert rerun.returncode == 0, rerun.stderr[-2000:]
   assert "grid: 1 runs, 0 already finished" in rerun.stdout
+  # This attempt's time, and all attempts' (results.md's, which was the larger, unsaid).
+  done = re.search(r"lora/seed0: done in (\d+) s, (\d+) s in all its attempts", rerun.stdout)
+  assert done and int(done[1]) <= int(done[2]), rerun.stdout
   steps = [r["step"] for r in metrics_records(run_dir) if r["split"] == "train"]
   assert steps == list(range(1, 61))  # Resumed from the checkpoint: every step once.
 
