@@ -490,10 +490,9 @@ def _made_in(run: Run) -> str:
   """The workdir the run's last attempt was given (`runner.json`), else its planned one: a
   grid's workdir may have been moved or copied since."""
   try:
-    with open(os.path.join(run.workdir, "runner.json")) as f:
-      argv = shlex.split(json.load(f)["command"])
+    argv = shlex.split(_runner_record(run)["command"])
     return next(a.split("=", 1)[1] for a in argv if a.startswith("--workdir="))
-  except (OSError, ValueError, KeyError, TypeError, StopIteration, AttributeError):
+  except (ValueError, KeyError, TypeError, StopIteration, AttributeError):
     return run.workdir
 
 
@@ -627,12 +626,48 @@ def _last_error(log_path: str) -> str:
   return errors[-1] if errors else (lines[-1] if lines else "")
 
 
-def _seconds(run: Run) -> float:
+def _runner_record(run: Run) -> dict:
+  """The run's runner.json (seconds, command and code of its attempts so far), {} where none
+  or unreadable."""
   try:
     with open(os.path.join(run.workdir, "runner.json")) as f:
-      return float(json.load(f).get("seconds", 0.0))
+      record = json.load(f)
   except (OSError, ValueError):
+    return {}
+  return record if isinstance(record, dict) else {}
+
+
+def _seconds(run: Run) -> float:
+  try:
+    return float(_runner_record(run).get("seconds", 0.0))
+  except (TypeError, ValueError):
     return 0.0
+
+
+def _codes(run: Run) -> list[str]:
+  """The code versions (`code_version`) of the run's attempts, in order, each once."""
+  codes = _runner_record(run).get("code", [])
+  return [str(c) for c in codes] if isinstance(codes, list) else []
+
+
+def code_version() -> str:
+  """This package's git commit (12 digits; "+changes" where tracked files differ from it),
+  or "unknown" outside a git checkout: results.md names the code each run was made with."""
+  folder = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+  def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", folder, *args], capture_output=True, text=True,
+                          timeout=30, check=True).stdout.strip()  # fmt: skip
+
+  try:
+    # An installed copy (site-packages) may sit inside another checkout (a .venv in one).
+    if os.path.realpath(git("rev-parse", "--show-toplevel")) != os.path.realpath(folder):
+      return "unknown"
+    commit = git("rev-parse", "--short=12", "HEAD")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".")
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return commit + ("+changes" if changed else "")
 
 
 def execute(run: Run, python: str) -> None:
@@ -667,8 +702,10 @@ def execute(run: Run, python: str) -> None:
       for s, handler in previous.items():
         signal.signal(s, handler)
   seconds = _seconds(run) + time.time() - start
+  codes = _codes(run)
+  codes += [code] if (code := code_version()) not in codes else []
   with atomic_write(os.path.join(run.workdir, "runner.json")) as f:
-    json.dump({"seconds": seconds, "command": run.command}, f)
+    json.dump({"seconds": seconds, "command": run.command, "code": codes}, f)
   if got or rc in (128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGHUP):
     from tqdm import tqdm
 
@@ -705,13 +742,14 @@ def execute(run: Run, python: str) -> None:
 def collect(runs: list[Run], resolved: dict) -> dict:
   """{variant: {seed: {split: record}}} of finished runs, plus their seconds and configs, and
   the splits they recorded as skipped ({split: {run: why}}, "skipped")."""
-  results: dict = {"runs": {}, "seconds": {}, "commands": {}, "experts": {}, "gate_test": {},
-                   "skipped": {}, "cwd": os.getcwd()}  # fmt: skip
+  results: dict = {"runs": {}, "seconds": {}, "commands": {}, "code": {}, "experts": {},
+                   "gate_test": {}, "skipped": {}, "cwd": os.getcwd()}  # fmt: skip
   for run in runs:
     results["commands"][run.name] = run.command
     if not finished(run):
       continue
     results["seconds"][run.name] = round(_seconds(run), 1)
+    results["code"][run.name] = _codes(run)
     if run.variant == "sasrec":
       continue
     records = report.read_records(run.workdir)
@@ -942,12 +980,14 @@ def markdown(grid: ConfigDict, results: dict, metrics: list[str], reference: str
   lines += ["## Runs", ""]
   if "cwd" in results:  # The commands' relative paths are the runner's, from its folder.
     lines += [f"Each command as the runner starts it, in `{results['cwd']}`:", ""]
-  lines.append("| run | seconds | command |")
-  lines.append("|---|---|---|")
+  lines.append("| run | seconds | code | command |")
+  lines.append("|---|---|---|---|")
   for name, command in results["commands"].items():
     seconds = results["seconds"].get(name)
     shown = f"{seconds:.0f}" if seconds is not None else "not finished"
-    lines.append(f"| {name} | {shown} | `{command}` |")
+    # The git commit of each attempt (several: resumed with other code); "-": not recorded.
+    code = ", ".join(results.get("code", {}).get(name) or ["-"])
+    lines.append(f"| {name} | {shown} | {code} | `{command}` |")
   if results.get("not_tabulated"):
     lines += ["", "Not tabulated (variants this grid does not have): "
               + ", ".join(results["not_tabulated"])]  # fmt: skip

@@ -1048,10 +1048,14 @@ def test_grid_runs_tabulates_and_plots(smoke):
     gates = [final[f"group/{g}/gate/{e}"] for e in range(4)]
     assert sum(gates) == pytest.approx(1, abs=1e-5)
   assert "Per user group" in md and "Gate specialisation" in md and "shuffled labels" in md
-  # The commands' relative paths (configs/tiny.py) are from the folder the runner ran in.
+  # The commands' relative paths (configs/tiny.py) are from the folder the runner ran in;
+  # each run's code is the git commit it was made with.
   runs_section = md.split("## Runs")[1]
   assert f"Each command as the runner starts it, in `{ROOT}`:" in runs_section
   assert "--config=configs/tiny.py" in runs_section
+  code = experiments.code_version()
+  assert results["code"]["lora/seed0"] == [code]
+  assert f"| lora/seed0 | {results['seconds']['lora/seed0']:.0f} | {code} | `" in runs_section
   test = results["gate_test"]["ilora"]["0"]
   assert 0 < test["p"] <= 1 and test["distance"] >= 0
   for name in ("metrics.png", "groups.png", "gates.png", "loss.png"):
@@ -1215,6 +1219,28 @@ def test_a_run_that_scored_nan_is_named_in_the_tables_and_its_gates_drawn(smoke,
   assert f"count it as a miss: ilora seed 0, 3 of {rows} rows." in val
   assert "NaN scores" not in test  # The test split scored finite.
   assert os.path.getsize(tmp_path / "plots" / "gates.png") > 1000
+
+
+def test_the_code_version_is_this_checkouts_commit_or_unknown(tmp_path, monkeypatch):
+  """The git commit of the package's checkout (with "+changes" where tracked files differ);
+  "unknown" for a copy outside a checkout, or inside another one (a .venv in a repository)."""
+  import subprocess
+
+  def git(*args, cwd=ROOT):
+    return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True).stdout.strip()
+
+  if not git("rev-parse", "--show-toplevel"):
+    pytest.skip("this copy of the project is not a git checkout")
+  dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+  want = git("rev-parse", "--short=12", "HEAD") + ("+changes" if dirty else "")
+  assert experiments.code_version() == want
+  for outer in (tmp_path / "copy", tmp_path / "repo"):
+    package = outer / "lib" / "ilora_jax"
+    package.mkdir(parents=True)
+    if outer.name == "repo":
+      git("init", "-q", str(outer))
+    monkeypatch.setattr(experiments, "__file__", str(package / "experiments.py"))
+    assert experiments.code_version() == "unknown", outer
 
 
 def test_grid_resumes_and_adds_seeds(smoke):
