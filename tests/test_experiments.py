@@ -637,7 +637,7 @@ def test_tables_of_each_split_in_numeric_seed_and_group_order():
     "| variant | group 2 | group 10 |" in val
     and "| SASRec | 2.0000 ± 0.0000 | 10.0000 ± 0.0000 |" in val
   )
-  assert "| a/seed10 | 0 | `c` |" in md and "| b/seed2 | not finished | `c` |" in md
+  assert "| a/seed10 | 0 | - | `c` |" in md and "| b/seed2 | not finished | - | `c` |" in md
   # Two SASRecs (other figures on the same seed): a per-group row each, named.
   runs = {"a": {"0": {"val": rec(0.1, 0.3)}}, "b": {"0": {"val": rec(0.2, 0.5, 1.0)}}}
   md = experiments.markdown(_TITLED, _results(runs), ["hr@1"], "a")
