@@ -8,7 +8,8 @@ iLoRA on the original's pretrained SASRec instead (the paper's setting):
   ... --config.stage=ilora --config.sasrec.init_from=../shared/checkpoints/sasrec/lastfm.pt
 SASRec alone: --config.stage=sasrec.
 
-The hyperparameters are the paper's for Llama-2-7B; the LLM defaults to the embedded
+The hyperparameters are the paper's for Llama-2-7B but for a gradient-norm clip of 1.0 (the
+original clips nothing: --config.ilora.train.clip_norm=0); the LLM defaults to the embedded
 SmolLM2-135M. For the paper's setting add --config.llm.name=<Llama-2-7B Hugging Face folder>.
 """
 

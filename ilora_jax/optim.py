@@ -2,7 +2,12 @@
 
 Groups (../shared/REFERENCE.md): the projector at `lr`, the router at `0.3 * lr`, the
 LoRA adapters at `lr`; Adam with coupled L2 (`weight_decay`) on projector and router
-only. The learning rate warms up linearly from `lr / 100` over `total_steps / 20`
+only. An update whose projector gradients are all zero (no hybrid prompt in the step: the
+projector computed nothing) leaves the projector and its Adam moments as they were, as the
+original's does (it turns the projector's gradients off for text-only batches, and torch's
+Adam skips a parameter without one); the coupled L2 alone moved it by about the learning
+rate per step, Adam normalising `weight_decay * p`. The learning rate warms up linearly
+from `lr / 100` over `total_steps / 20`
 steps, then follows a cosine to `lr / 100`. Global-norm clipping (which the original
 lacked) is applied across all groups before the split. Updates whose gradients are not
 finite are skipped and counted (`optax.apply_if_finite`), never applied.
@@ -88,7 +93,7 @@ def make(
 
   inner = optax.multi_transform(
     {
-      "projector": group(1.0, weight_decay),
+      "projector": unless_no_gradient(group(1.0, weight_decay)),
       "router": group(ROUTER_LR_SCALE, weight_decay),
       "lora": group(1.0, 0.0),
     },
@@ -97,6 +102,28 @@ def make(
   if clip_norm is not None and clip_norm > 0:
     inner = optax.chain(optax.clip_by_global_norm(clip_norm), inner)
   return optax.apply_if_finite(inner, max_bad_steps)
+
+
+def unless_no_gradient(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner`, except on an update whose gradients are all exactly zero: then zero updates,
+  and `inner`'s state as it was (Adam's moments and step count), but for its learning-rate
+  schedule's step count, which follows the run's steps. The state's structure is `inner`'s
+  (checkpoints of either restore into the other)."""
+
+  def update(updates, state, params=None):
+    moved = jnp.any(jnp.stack([jnp.any(u != 0) for u in jax.tree.leaves(updates)] or [False]))
+    new_updates, new_state = inner.update(updates, state, params)
+
+    def keep(new, old):
+      if isinstance(new, optax.ScaleByScheduleState):
+        return new
+      return jax.tree.map(lambda n, o: jnp.where(moved, n, o), new, old)
+
+    scheduled = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    new_state = jax.tree.map(keep, new_state, state, is_leaf=scheduled)
+    return jax.tree.map(lambda u: jnp.where(moved, u, jnp.zeros_like(u)), new_updates), new_state
+
+  return optax.GradientTransformation(inner.init, update)
 
 
 def skipped_updates(opt_state) -> jax.Array:

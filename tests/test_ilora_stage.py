@@ -835,7 +835,7 @@ def test_step_changes_only_trainable_state_and_compiles_once(setup_tiny):
   )
   step, _ = train_ilora.jit_train_step(su, counted)  # The run's jit: shardings, donation.
   frozen_before = jax.tree.map(np.asarray, su.frozen)
-  state = su.state
+  state = jax.tree.map(jnp.array, su.state)  # A copy: the step donates it (the fixture's).
   trainable_before = jax.tree.map(np.asarray, state["trainable"])
   assert {"lora", "router", "projector"} <= set(trainable_before)
   for s in range(2):
@@ -856,6 +856,32 @@ def test_step_changes_only_trainable_state_and_compiles_once(setup_tiny):
   ]
   assert not unchanged, unchanged  # every adapter, router and projector leaf trained
   assert int(state["step"]) == 2
+
+
+def test_a_step_of_text_only_prompts_leaves_the_projector_as_it_was(setup_tiny):
+  """At the curriculum's start every prompt is text-only: the projector computes nothing and
+  gets no gradient, and the original (its gradients turned off, torch's Adam skipping it)
+  leaves it alone. The coupled L2 alone moved it by about the learning rate per step. The
+  adapters train all the same."""
+  from ilora_jax import train_ilora
+
+  config, su, _ = setup_tiny
+  step, _ = train_ilora.jit_train_step(su)
+  state = jax.tree.map(jnp.array, su.state)  # A copy: the step donates its state.
+  before = jax.tree.map(np.asarray, state)
+  host = train_ilora.train_batch(
+    su.parts, config, su.dataset.train, np.arange(8), 0, 0, 100, su.seed, su.accum, length=512
+  )
+  assert host["item_ids"].size and not np.any(host["item_ids"] < su.parts.n_items)  # No items.
+  state, metrics = step(state, su.frozen, host)
+  assert bool(metrics["finite"])
+  chex.assert_trees_all_equal(
+    jax.tree.map(np.asarray, state["trainable"]["projector"]), before["trainable"]["projector"]
+  )
+  lora = zip(
+    jax.tree.leaves(before["trainable"]["lora"]), jax.tree.leaves(state["trainable"]["lora"])
+  )
+  assert any(not np.array_equal(a, np.asarray(b)) for a, b in lora)
 
 
 def test_recommend_cli_and_api(pipeline):

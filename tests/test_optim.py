@@ -103,12 +103,16 @@ def test_groups_get_their_learning_rates_and_decay():
   state = tx.init(params)
   grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(grads, state, params)
-  # Zero gradients: only the coupled L2 moves projector and router; Adam's first step
-  # normalises g = wd * p to a step of size lr_t (sign of g), LoRA (no decay) stays put.
+  # Zero gradients: only the coupled L2 moves the router; Adam's first step normalises
+  # g = wd * p to a step of size lr_t (sign of g). LoRA (no decay) stays put, and so does the
+  # projector, whose all-zero gradients mean a step without hybrid prompts (`unless_no_gradient`).
   lr0 = _expected_lr(1e-2, 100, 0)
-  np.testing.assert_allclose(updates["projector"]["w"], -lr0, rtol=1e-4)
+  np.testing.assert_allclose(updates["projector"]["w"], 0.0)
   np.testing.assert_allclose(updates["router"]["w"], -0.3 * lr0, rtol=1e-4)
   np.testing.assert_allclose(updates["lora"]["w"], 0.0)
+  grads["projector"]["w"] = jnp.asarray([0.0, 2.0, 0.0])  # Some gradient: decayed, as before.
+  updates, _ = tx.update(grads, state, params)
+  np.testing.assert_allclose(updates["projector"]["w"], -lr0, rtol=1e-4)
 
 
 def _global_norm(grads: dict) -> float:
@@ -215,17 +219,45 @@ def test_logged_rates_of_each_group():
     assert math.isclose(float(got[f"lr/{group}"]), scale * want, rel_tol=1e-5), group
 
 
-def test_the_papers_small_decay_still_moves_projector_and_router():
+def test_the_papers_small_decay_still_moves_the_router():
   """REFERENCE.md's coupled L2 of 1e-5: with zero gradients Adam's first step normalises
-  g = 1e-5 * p (p = 1) to -lr0 * 1e-5 / (1e-5 + 1e-8) = -lr0 / 1.001, by hand; LoRA stays."""
+  g = 1e-5 * p (p = 1) to -lr0 * 1e-5 / (1e-5 + 1e-8) = -lr0 / 1.001, by hand; LoRA stays,
+  and the projector without a gradient (a step of text-only prompts) too."""
   params = _params()
   tx = optim.make(_labels, lr=7e-4, total_steps=100, weight_decay=1e-5, clip_norm=1.0)
   grads = jax.tree.map(jnp.zeros_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   lr0 = 7e-4 / 100
-  np.testing.assert_allclose(updates["projector"]["w"], -lr0 / 1.001, rtol=1e-4)
+  np.testing.assert_allclose(updates["projector"]["w"], 0.0)
   np.testing.assert_allclose(updates["router"]["w"], -0.3 * lr0 / 1.001, rtol=1e-4)
   np.testing.assert_allclose(updates["lora"]["w"], 0.0)
+
+
+def test_steps_without_a_projector_gradient_leave_it_as_torchs_adam_leaves_a_gradless_one():
+  """The original turns the projector's gradients off for text-only batches; torch's Adam
+  skips a parameter without a gradient: no decay, no moment update, its step count kept
+  (bias correction per parameter), while the learning-rate schedule follows the run. Here
+  the projector gets no gradient on steps 0 and 1, then g on step 2: its update is Adam's
+  first (t = 1) at step 2's learning rate, with L2 (numpy, by hand); the count of its
+  moments is 1 after it. Before, the L2 alone moved it on steps 0 and 1 and its moments
+  carried that on."""
+  params = _params()
+  wd, lr, total = 0.5, 1e-2, 100
+  tx = optim.make(_labels, lr=lr, total_steps=total, weight_decay=wd, clip_norm=None)
+  state = tx.init(params)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(2):
+    updates, state = tx.update(dict(zero, router=params["router"]), state, params)
+    assert not np.any(np.asarray(updates["projector"]["w"]))
+  g = np.asarray([0.3, -0.2, 0.05], np.float32)
+  updates, state = tx.update(dict(zero, projector={"w": jnp.asarray(g)}), state, params)
+  c = g + wd * np.asarray(params["projector"]["w"])  # Coupled L2.
+  m, v = 0.1 * c, 0.001 * c**2
+  want = -_expected_lr(lr, total, 2) * (m / 0.1) / (np.sqrt(v / 0.001) + 1e-8)
+  np.testing.assert_allclose(updates["projector"]["w"], want, rtol=1e-4)
+  projector_adam = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+                    if hasattr(s, "mu") and jax.tree.leaves(s.mu["projector"])]  # fmt: skip
+  assert [int(s.count) for s in projector_adam] == [1]
 
 
 def test_schedule_floor_ratio_sets_the_start_and_the_end():
