@@ -14,10 +14,10 @@ training, apply with `mutable=['batch_stats']` to get the updated statistics bac
 (`train=False`) the stored statistics are used and not changed. The other kinds have no
 'batch_stats'. No top-k, no noise, no load-balancing loss: the gate is a dense softmax.
 
-Convolutions are bias-free (each is followed by BatchNorm); BatchNorm uses torch's defaults
-(momentum 0.1, i.e. flax momentum 0.9, epsilon 1e-5). Kernels use torch's default init
-(uniform, bound 1 / sqrt(fan_in)). Flax convolutions are channels-last: activations are
-[batch, length, channels] here.
+Convolutions are bias-free (each is followed by BatchNorm); BatchNorm is torch's
+(`TorchBatchNorm`: momentum 0.1, epsilon 1e-5, the running variance unbiased). Kernels use
+torch's default init (uniform, bound 1 / sqrt(fan_in)). Flax convolutions are
+channels-last: activations are [batch, length, channels] here.
 """
 
 from __future__ import annotations
@@ -72,8 +72,43 @@ def _conv(features: int, kernel: int, stride: int, name: str) -> nn.Conv:
   )
 
 
-def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+class TorchBatchNorm(nn.Module):
+  """torch's BatchNorm1d over the last axis (channels-last), in Flax's variable layout
+  (`params` scale and bias, `batch_stats` mean and var, as `nn.BatchNorm` names them).
+
+  Training normalises with the batch's biased variance and updates the running variance with
+  the unbiased one, as torch does; `nn.BatchNorm` updates it with the biased one, a factor
+  (n - 1) / n on the new term (n = rows x length: 128 x 64 at LastFM's batch), which the
+  original's evaluation gates never saw.
+  """
+
+  train: bool
+  momentum: float = 0.9  # Of the running statistics kept per update (torch's 0.1 taken).
+  epsilon: float = 1e-5
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    features = x.shape[-1]
+    mean_ra = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    var_ra = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    if self.train:
+      axes = tuple(range(x.ndim - 1))
+      mean = jnp.mean(x, axes)
+      var = jnp.mean(jnp.square(x - mean), axes)  # Biased: what the batch is normalised by.
+      n = x.size // features
+      if not self.is_initializing():
+        m = self.momentum
+        mean_ra.value = m * mean_ra.value + (1 - m) * mean
+        var_ra.value = m * var_ra.value + (1 - m) * var * (n / max(n - 1, 1))
+    else:
+      mean, var = mean_ra.value, var_ra.value
+    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def _batch_norm(train: bool, name: str) -> TorchBatchNorm:
+  return TorchBatchNorm(train, name=name)
 
 
 class BasicBlock1d(nn.Module):

@@ -194,12 +194,14 @@ def test_resnet1d_matches_torch_in_eval_and_training_mode(shortcut, count):
     rtol=1e-4,
     atol=1e-5,
   )
-  # torch updates the running variance with the unbiased batch variance, flax with the biased
-  # one: they differ by a factor (n - 1) / n on the new term, n = batch * length >= 128 here.
+  # The running variance as torch updates it, with the unbiased batch variance (flax's own
+  # BatchNorm takes the biased one: a factor (n - 1) / n on the new term, 0.8% at n = 128,
+  # which the tolerance of 2e-3 here let through).
   chex.assert_trees_all_close(
     jax.tree.map(lambda d: d["var"], updates["batch_stats"], is_leaf=lambda d: "var" in d),
     jax.tree.map(lambda d: d["var"], new, is_leaf=lambda d: "var" in d),
-    rtol=2e-3,
+    rtol=1e-5,
+    atol=1e-6,
   )
 
 
