@@ -624,15 +624,19 @@ def test_setup_computes_the_schedule_and_settings_and_checks_before_the_weights(
   for leaf in jax.tree.leaves([state["opt_state"], state["step"]]):  # Counters too.
     assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == su.mesh
   # Coupled L2 (tiny.py: 1e-5) on router and projector only: with zero gradients Adam steps
-  # those weights (all ones) down by the learning rate, and leaves the adapters.
+  # the router's weights (all ones) down by the learning rate, and leaves the adapters and
+  # the projector (no gradient: a step without hybrid prompts); with one, it decays too.
   run = {"lr": np.float32(0.5), "total_steps": np.int32(10), "warmup_steps": np.int32(0)}
   tx = su.make_tx(run)
   trainable = state["trainable"]
   zeros = jax.tree.map(jnp.zeros_like, trainable)
   updates, _ = tx.update(zeros, tx.init(trainable), trainable)
   np.testing.assert_array_equal(updates["lora"]["a"], 0.0)
-  assert np.all(np.asarray(updates["projector"]["b"]) < -0.1)
+  np.testing.assert_array_equal(updates["projector"]["b"], 0.0)
   assert np.all(np.asarray(updates["router"]["w"]) < 0)
+  some = dict(zeros, projector={"b": jnp.asarray([0.0, 1e-9, 0.0])})
+  updates, _ = tx.update(some, tx.init(trainable), trainable)
+  assert np.all(np.asarray(updates["projector"]["b"]) < -0.1)
 
 
 def test_setup_without_files_weights_checks_once_and_keeps_them_unset(
