@@ -3,6 +3,7 @@ the tiny config's pipeline run shared by the test files that need a trained work
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -89,15 +90,24 @@ def shared_path(*parts: str) -> str:
 
 
 def run_cli(
-  *args: str, module: str = "ilora_jax.main", script: str | None = None, timeout=600, env=None
+  *args: str,
+  module: str = "ilora_jax.main",
+  script: str | None = None,
+  timeout=600,
+  env=None,
+  stdout: str = "",
 ):
   """Runs `python -m module args...` (or `python script args...`, a path relative to the
-  repository root) from the repository root; returns CompletedProcess."""
+  repository root) from the repository root; returns CompletedProcess. `stdout`: a shell
+  redirection of its stdout (`> /dev/full`, `>&-` closed), run by bash."""
   full_env = dict(os.environ)
   full_env.update(env or {})
   full_env.pop("ILORA_JAX_DEBUG", None)
+  command = [sys.executable, *([script] if script else ["-m", module]), *args]
+  if stdout:
+    command = ["bash", "-c", f"{shlex.join(command)} {stdout}"]
   return subprocess.run(
-    [sys.executable, *([script] if script else ["-m", module]), *args],
+    command,
     cwd=ROOT,
     capture_output=True,
     text=True,

@@ -705,17 +705,6 @@ def test_a_second_run_in_a_workdir_in_use_is_refused_before_it_writes(tmp_path):
   assert sorted(os.listdir(tmp_path)) == [".lock-0"]
 
 
-def _with_stdout(redirect: str, *args: str):
-  """The CLI run by bash with its stdout redirected (`> /dev/full`, `>&-` closed)."""
-  import subprocess
-  import sys
-
-  env = {k: v for k, v in os.environ.items() if k != "ILORA_JAX_DEBUG"}
-  command = shlex.join([sys.executable, "-m", "ilora_jax.main", *args]) + f" {redirect}"
-  return subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600, env=env)  # fmt: skip
-
-
 def test_results_stdout_cannot_take_are_kept_and_the_run_says_which_stream_failed(tmp_path):
   """The final results are printed before their records are written, so that a workdir that
   cannot be written loses none; a stdout that could not take them (a full disk behind
@@ -723,7 +712,7 @@ def test_results_stdout_cannot_take_are_kept_and_the_run_says_which_stream_faile
   on device` (the workdir's disk, by its words). Now the records are written, then one line
   names stdout; with stdout closed (`>&-`) an evaluation's record was lost to a traceback."""
   workdir = str(tmp_path)
-  proc = _with_stdout("> /dev/full", TINY, "--config.stage=sasrec", f"--workdir={workdir}")
+  proc = run_cli(TINY, "--config.stage=sasrec", f"--workdir={workdir}", stdout="> /dev/full")
   assert_one_line_error(
     proc,
     "cannot write the results to stdout (No space left on device); they are in "
@@ -731,7 +720,7 @@ def test_results_stdout_cannot_take_are_kept_and_the_run_says_which_stream_faile
   )
   finals = [(r["run"], r["split"]) for r in metrics_records(workdir) if r.get("final")]
   assert finals == [("sasrec", "val"), ("sasrec", "test")]
-  proc = _with_stdout(">&-", TINY, "--config.stage=evaluate", f"--workdir={workdir}")
+  proc = run_cli(TINY, "--config.stage=evaluate", f"--workdir={workdir}", stdout=">&-")
   assert_one_line_error(proc, "cannot write the results to stdout (closed); they are in ")
   finals = [(r["run"], r["split"]) for r in metrics_records(workdir) if r.get("final")]
   assert finals[2:] == [("evaluate", "val")]

@@ -877,38 +877,29 @@ def test_help_to_a_full_disk_is_one_error_line(unbuffered):
   assert proc.stderr.splitlines() == [f"error: {want}"]
 
 
-def _redirected(redirect: str, *args: str):
-  """A command run by bash with its stdout redirected (`> /dev/full`, `>&-` closed)."""
-  import shlex
-
-  env = {k: v for k, v in os.environ.items() if k not in ("ILORA_JAX_DEBUG", "PYTHONUNBUFFERED")}
-  command = f"{shlex.join([sys.executable, '-m', *args])} {redirect}"
-  return subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True,
-                        timeout=600, env=env)  # fmt: skip
-
-
 def test_results_stdout_cannot_take_are_named_by_plan_report_and_bench(tmp_path):
   """Their results are printed with a flush: a full disk behind `> file` failed the print
   with `cannot write: No space left on device; free some space` (a file of theirs, by its
   words), and with stdout closed (`>&-`) the results were dropped without a word (exit 0)."""
-  from conftest import TINY, assert_one_line_error
+  from conftest import TINY, assert_one_line_error, run_cli
 
   for redirect, why in (("> /dev/full", "No space left on device"), (">&-", "closed")):
-    proc = _redirected(redirect, "ilora_jax.plan", TINY)
+    proc = run_cli(TINY, module="ilora_jax.plan", stdout=redirect)
     assert proc.stderr.splitlines() == [f"error: cannot write the results to stdout ({why})"]
     assert proc.returncode == 2
   record = {"run": "sasrec", "stage": "sasrec", "split": "train", "step": 1, "loss": 2.5}
   (tmp_path / "metrics.jsonl").write_text(f"{json.dumps(record)}\n")
-  proc = _redirected("> /dev/full", "ilora_jax.report", f"--workdir={tmp_path}")
+  proc = run_cli(f"--workdir={tmp_path}", module="ilora_jax.report", stdout="> /dev/full")
   assert_one_line_error(
     proc, f"cannot write the results to stdout (No space left on device); the report is in "
     f"{tmp_path}/report"
   )  # fmt: skip
   assert os.path.isfile(tmp_path / "report" / "summary.md")
-  proc = _redirected("> /dev/full", "ilora_jax.bench", TINY, "--config.bench.train=False",
-                     "--config.bench.eval_candidates=0", "--config.bench.eval_new_tokens=1",
-                     "--config.bench.eval_batch_size=2", "--config.bench.eval_prompt_len=48",
-                     "--config.bench.steps=1", "--config.bench.warmup=0")  # fmt: skip
+  proc = run_cli(TINY, "--config.bench.train=False", "--config.bench.eval_candidates=0",
+                 "--config.bench.eval_new_tokens=1", "--config.bench.eval_batch_size=2",
+                 "--config.bench.eval_prompt_len=48", "--config.bench.steps=1",
+                 "--config.bench.warmup=0", module="ilora_jax.bench",
+                 stdout="> /dev/full")  # fmt: skip
   assert_one_line_error(proc, "cannot write the results to stdout (No space left on device)")
 
 
