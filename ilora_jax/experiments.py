@@ -637,16 +637,18 @@ def _runner_record(run: Run) -> dict:
   return record if isinstance(record, dict) else {}
 
 
-def _seconds(run: Run) -> float:
+def _seconds(record: dict) -> float:
+  """The seconds of a run's attempts so far, from its `_runner_record`."""
   try:
-    return float(_runner_record(run).get("seconds", 0.0))
+    return float(record.get("seconds", 0.0))
   except (TypeError, ValueError):
     return 0.0
 
 
-def _codes(run: Run) -> list[str]:
-  """The code versions (`code_version`) of the run's attempts, in order, each once."""
-  codes = _runner_record(run).get("code", [])
+def _codes(record: dict) -> list[str]:
+  """The code versions (`code_version`) of a run's attempts, in order, each once, from its
+  `_runner_record`."""
+  codes = record.get("code", [])
   return [str(c) for c in codes] if isinstance(codes, list) else []
 
 
@@ -701,8 +703,9 @@ def execute(run: Run, python: str) -> None:
     finally:
       for s, handler in previous.items():
         signal.signal(s, handler)
-  seconds = _seconds(run) + time.time() - start
-  codes = _codes(run)
+  before = _runner_record(run)
+  seconds = _seconds(before) + time.time() - start
+  codes = _codes(before)
   codes += [code] if (code := code_version()) not in codes else []
   with atomic_write(os.path.join(run.workdir, "runner.json")) as f:
     json.dump({"seconds": seconds, "command": run.command, "code": codes}, f)
@@ -748,8 +751,9 @@ def collect(runs: list[Run], resolved: dict) -> dict:
     results["commands"][run.name] = run.command
     if not finished(run):
       continue
-    results["seconds"][run.name] = round(_seconds(run), 1)
-    results["code"][run.name] = _codes(run)
+    record = _runner_record(run)
+    results["seconds"][run.name] = round(_seconds(record), 1)
+    results["code"][run.name] = _codes(record)
     if run.variant == "sasrec":
       continue
     records = report.read_records(run.workdir)
@@ -1453,11 +1457,11 @@ def _main(grid: ConfigDict, grid_path: str, workdir: str) -> None:
       for run in todo:
         bar.set_postfix_str(run.name)
         tqdm.write(f"{run.name}: running, log {os.path.join(run.workdir, 'log.txt')}")
-        start, before = time.time(), _seconds(run)
+        start, before = time.time(), _seconds(_runner_record(run))
         execute(run, sys.executable)
         took = f"done in {time.time() - start:.0f} s"
         if before:  # Resumed: results.md's seconds are those of all its attempts.
-          took += f", {_seconds(run):.0f} s in all its attempts"
+          took += f", {_seconds(_runner_record(run)):.0f} s in all its attempts"
         tqdm.write(f"{run.name}: {took}")
         bar.update(1)
         try:  # Tables so far, after every run.

@@ -206,17 +206,22 @@ def start_processes(
   ]
 
 
+def run_unshared(script: str, timeout=600, **kwargs):
+  """Runs the sh `script` from the repository root as root of new user and mount namespaces
+  (`unshare`: its mounts, a small tmpfs or a read-only bind, vanish with it); returns
+  CompletedProcess."""
+  return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
+                        cwd=ROOT, capture_output=True, timeout=timeout, **kwargs)  # fmt: skip
+
+
 def unshare_works(scratch) -> bool:
   """Whether this machine lets us mount a small tmpfs and a read-only bind in a namespace."""
-  import subprocess
-
   os.makedirs(scratch, exist_ok=True)
   script = (f"mount -t tmpfs -o size=64k tmpfs {scratch} && mount -o remount,size=128k {scratch}"
             f" && mount --bind {scratch} {scratch} && mount -o remount,bind,ro {scratch}"
             f" && ! touch {scratch}/x 2>/dev/null")  # fmt: skip
   try:
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                           capture_output=True, timeout=30)  # fmt: skip
+    probe = run_unshared(script, timeout=30)
   except (OSError, subprocess.SubprocessError):
     return False
   return probe.returncode == 0

@@ -1344,10 +1344,9 @@ def _failing_runner(tmp_path) -> str:
   return str(script)
 
 
-@pytest.mark.parametrize("blocked", ["results.md", "plots"])
-def test_unwritable_results_let_the_grid_run_and_end_in_one_line(tmp_path, blocked):
-  """A folder where results.md goes (a file where the plots go): every run of the grid still
-  runs (stubbed out here), then one error line says what could not be written."""
+def _stubbed_runner(tmp_path, patch: str = "") -> str:
+  """A runner script whose every job finishes at once (the run itself stubbed out), with the
+  lines `patch` run before it starts."""
   script = tmp_path / "grid_runs.py"
   script.write_text(
     f"import sys; sys.path.insert(0, {ROOT!r})\n"
@@ -1355,15 +1354,24 @@ def test_unwritable_results_let_the_grid_run_and_end_in_one_line(tmp_path, block
     "done = set()\n"
     "experiments.execute = lambda run, python: done.add(run.name)\n"
     "experiments.finished = lambda run: run.name in done\n"
+    f"{patch}"
     "experiments.main()\n"
   )
+  return str(script)
+
+
+@pytest.mark.parametrize("blocked", ["results.md", "plots"])
+def test_unwritable_results_let_the_grid_run_and_end_in_one_line(tmp_path, blocked):
+  """A folder where results.md goes (a file where the plots go): every run of the grid still
+  runs (stubbed out here), then one error line says what could not be written."""
+  script = _stubbed_runner(tmp_path)
   w = tmp_path / "grid"
   w.mkdir()
   if blocked == "results.md":
     (w / blocked).mkdir()
   else:
     (w / blocked).write_text("")
-  proc = run_cli(GRID, f"--workdir={w}", "--grid.seeds=0", script=str(script))
+  proc = run_cli(GRID, f"--workdir={w}", "--grid.seeds=0", script=script)
   assert_one_line_error(proc, f"cannot write the results in {w}", blocked)
   assert proc.stdout.count(": done in") == 4  # The SASRec job and the three variants.
 
@@ -1372,19 +1380,13 @@ def test_a_fault_of_the_tables_stops_no_training(tmp_path):
   """An unexpected error writing the tables after a run (a diverged run's gates crashed the
   heatmap) stopped the grid: every run now still runs (stubbed out here), each failed write a
   warning; the final write's error ends the command as an unexpected one."""
-  script = tmp_path / "grid_runs.py"
-  script.write_text(
-    f"import sys; sys.path.insert(0, {ROOT!r})\n"
-    "from ilora_jax import experiments\n"
-    "done = set()\n"
-    "experiments.execute = lambda run, python: done.add(run.name)\n"
-    "experiments.finished = lambda run: run.name in done\n"
+  patch = (
     "def write_results(*args):\n"
     "  raise TypeError('a bug')\n"
     "experiments.write_results = write_results\n"
-    "experiments.main()\n"
   )
-  proc = run_cli(GRID, f"--workdir={tmp_path / 'grid'}", "--grid.seeds=0", script=str(script))
+  script = _stubbed_runner(tmp_path, patch)
+  proc = run_cli(GRID, f"--workdir={tmp_path / 'grid'}", "--grid.seeds=0", script=script)
   assert proc.returncode == 3, proc.stderr
   assert proc.stdout.count(": done in") == 4  # The SASRec job and the three variants.
   warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: ")]

@@ -9,11 +9,11 @@ import jax
 import numpy as np
 import pytest
 from conftest import (
-  ROOT,
   TINY,
   complete_steps,
   ilora_records,
   run_cli,
+  run_unshared,
   unshare_works,
   with_sasrec_of,
 )
@@ -39,7 +39,6 @@ def test_kill_during_save_loses_at_most_one_interval(pipeline, tmp_path):
 def test_full_disk_and_read_only_workdir_keep_the_last_checkpoint(pipeline, tmp_path):
   """Real ENOSPC (a small tmpfs) and EROFS (a read-only bind mount) in a user namespace."""
   import shlex
-  import subprocess
   import sys
 
   if not unshare_works(str(tmp_path / "probe")):
@@ -63,8 +62,7 @@ def test_full_disk_and_read_only_workdir_keep_the_last_checkpoint(pipeline, tmp_
     mount -o remount,size=64m {ckpt}
     {cmd} 2> {logs["resumed"]}; echo "resumed=$?"
   """
-  proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                        cwd=ROOT, capture_output=True, text=True, timeout=900)  # fmt: skip
+  proc = run_unshared(script, timeout=900, text=True)
   err = {n: open(p).read() for n, p in logs.items()}
   for name in ("full", "ro"):  # Both failed, with a non-zero exit code.
     assert f"{name}=" in proc.stdout and f"{name}=0" not in proc.stdout, proc.stdout + str(err)

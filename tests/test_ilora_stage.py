@@ -7,7 +7,6 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 
 import chex
@@ -24,6 +23,7 @@ from conftest import (
   ilora_records,
   metrics_records,
   run_cli,
+  run_unshared,
   shared_path,
   unshare_works,
   with_sasrec_of,
@@ -235,8 +235,7 @@ def test_evaluate_stage_for_ilora(pipeline, tmp_path):
   script = (f"mount --bind {metrics_file} {metrics_file} && "
             f"mount -o remount,bind,ro {metrics_file} && exec {command}")  # fmt: skip
   env = {k: v for k, v in os.environ.items() if k != "ILORA_JAX_DEBUG"}
-  proc = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+  proc = run_unshared(script, text=True, env=env)
   assert_one_line_error(proc, "cannot append to", "Read-only file system",
                         "the metrics are printed above")  # fmt: skip
   (line,) = [x for x in proc.stdout.splitlines() if x.startswith("ilora val step 6, ")]
