@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import stat
+import time
 import weakref
 from typing import Any
 
@@ -36,6 +37,10 @@ _KILL_AT = (
   if os.environ.get("ILORA_JAX_KILL_DURING_SAVE")
   else None
 )
+
+# How long a save's failure that may come from its folder being removed waits for the removal
+# to show: `rm -rf` empties a folder before removing it, and the writers fail meanwhile.
+_SETTLE_S = 2.0
 
 
 def _denied(path: str) -> str | None:
@@ -115,6 +120,19 @@ class StageCheckpoints:
       return False
     return not stat.S_ISDIR(now.st_mode) or (now.st_dev, now.st_ino) != self._held.inode
 
+  def _removed_by_now(self, reason: str | None) -> bool:
+    """Whether the folder was removed, asked after a save failed for `reason` (None: no
+    file-system error). A file gone (ENOENT), or an error Orbax raised for no such reason,
+    may come from a removal still emptying the folder, which goes last: that is watched
+    for up to `_SETTLE_S` seconds before the failure is taken at its word."""
+    waits = self._held is not None and reason in (None, os.strerror(errno.ENOENT))
+    deadline = time.monotonic() + (_SETTLE_S if waits else 0.0)
+    while not self._removed():
+      if time.monotonic() >= deadline:
+        return False
+      time.sleep(0.05)
+    return True
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
@@ -149,10 +167,10 @@ class StageCheckpoints:
     except Exception as exc:  # Orbax re-raises background write errors in many wrappers.
       self._unsettled = False  # Failed: said here.
       at = self._pending if step is None else step
-      if self._removed():  # Removed mid-save (`rm -rf`): Orbax's errors vary with the moment.
+      reason = _write_failure(exc)
+      if self._removed_by_now(reason):  # Removed mid-save (`rm -rf`): Orbax's errors vary.
         _drop_asyncio_reports("read")  # Its abandoned tasks' reports of files gone.
         raise self._removed_error(at) from None
-      reason = _write_failure(exc)
       if reason is None:
         raise
       _drop_asyncio_reports("write")
@@ -261,7 +279,8 @@ class StageCheckpoints:
         self._manager.wait_until_finished()
       except Exception as exc:  # noqa: BLE001 - the error raised on is the one that stopped it.
         if not isinstance(stopped, _SaveFailed):  # Else its wait's failure is no news.
-          why = "its folder was removed or moved" if self._removed() else _write_failure(exc)
+          reason = _write_failure(exc)
+          why = "its folder was removed or moved" if self._removed_by_now(reason) else reason
           console.line(f"warning: the save of checkpoint {self._pending} under way failed "
                        f"too: {why or type(exc).__name__}")  # fmt: skip
       raise
