@@ -83,6 +83,12 @@ class StageCheckpoints:
       enable_async_checkpointing=async_save,
       cleanup_tmp_directories=not read_only,
     )
+    if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+      # Orbax would list no checkpoint in it (a resume from scratch) and fail at the first save.
+      raise UserError(
+        f"checkpoint folder {self.directory} is a file, not a folder: move it away, or use "
+        "another --workdir"
+      )
     self._pending: int | None = None
     self._unsettled = False  # A save started and not yet waited for.
     self._closed = False

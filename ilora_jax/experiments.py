@@ -85,7 +85,13 @@ from ml_collections import ConfigDict
 from ilora_jax import configuration, errors, report
 from ilora_jax import metrics as metrics_lib
 from ilora_jax.errors import UserError, cli_main, parse_flags, require_file
-from ilora_jax.files import atomic_path, atomic_write, checkpoint_folder, workdir_lock
+from ilora_jax.files import (
+  atomic_path,
+  atomic_write,
+  check_workdir,
+  checkpoint_folder,
+  workdir_lock,
+)
 from ilora_jax.interrupts import ignored
 
 # New attributes: an override of a field the grid file leaves to its default (`complete`,
@@ -1384,17 +1390,6 @@ def complete(grid: ConfigDict, path: str, flagged: Collection[str] = ()) -> Conf
     if not grid.reference:
       grid.reference = parse_variants(grid.variants)[0][0]
   return grid
-
-
-def check_workdir(workdir: str) -> None:
-  """`workdir` is a folder or can be made one: not a file, nor below one (the dry run refuses
-  what the real run's `os.makedirs` would)."""
-  folder = os.path.abspath(workdir)
-  while not os.path.exists(folder) and os.path.dirname(folder) != folder:
-    folder = os.path.dirname(folder)
-  if not os.path.isdir(folder):
-    shown = workdir if folder == os.path.abspath(workdir) else folder
-    raise UserError(f"cannot create workdir {workdir}: {shown} is a file, not a folder")
 
 
 def parse(argv: list[str]) -> tuple[ConfigDict, str, str]:

@@ -17,6 +17,19 @@ def checkpoint_folder(workdir: str, stage: str) -> str:
   return os.path.join(workdir, "checkpoints", stage)
 
 
+def check_workdir(workdir: str) -> None:
+  """`workdir` is a folder or can be made one: not a file, nor below one (a UserError saying
+  so, not `os.makedirs`'s "File exists")."""
+  folder = os.path.abspath(workdir)
+  while not os.path.exists(folder) and os.path.dirname(folder) != folder:
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    from ilora_jax.errors import UserError
+
+    shown = workdir if folder == os.path.abspath(workdir) else folder
+    raise UserError(f"cannot create workdir {workdir}: {shown} is a file, not a folder")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """Yields a temporary path next to `path` to write to; when the block ends without an

@@ -12,7 +12,7 @@ import sys
 from absl import flags
 from ml_collections import ConfigDict
 
-from ilora_jax import errors
+from ilora_jax import errors, files
 from ilora_jax.errors import UserError, cli_main, parse_flags
 
 _CONFIG = errors.define_config_file(
@@ -79,14 +79,13 @@ def _main(config: ConfigDict, workdir: str) -> None:
 
     report.read_records(workdir)  # Damaged: refused now, not by the report after the work.
   else:
+    files.check_workdir(workdir)
     try:
       os.makedirs(workdir, exist_ok=True)
     except OSError as exc:
       raise UserError(f"cannot create workdir {workdir}: {exc}") from None
   distributed.check_shared_workdir(workdir)
   import jax
-
-  from ilora_jax import files
 
   with files.workdir_lock(workdir, jax.process_index()):
     _run_stages(config, workdir)

@@ -142,6 +142,15 @@ class MetricsLog:
     if not self.enabled:
       return
     self.settle()
+    have = self.count(run)
+    if have < keep:  # Shortened or removed since the checkpoint: a gap a resume cannot fill.
+      from ilora_jax import console
+
+      console.info(
+        f"warning: {self.path} holds {have} of the {keep} records of the {run} stage that its "
+        "checkpoint counts (shortened or removed since): the missing ones are lost, the run "
+        "goes on recording from here"
+      )
     self._cut = (run, keep)
 
   def settle(self) -> None:

@@ -158,6 +158,28 @@ def test_truncate_keeps_every_record_of_other_runs_byte_for_byte(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl"]
 
 
+def test_a_log_shorter_than_the_checkpoint_counts_is_warned_of(tmp_path, capsys):
+  """A metrics.jsonl shortened or removed after the checkpoint: the resume went on without a
+  word (an audit), its records with a gap. It still goes on, and a line names the gap."""
+  from ilora_jax.metrics import MetricsLog
+
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"run": "sasrec", "step": 1}\n{"run": "ilora", "step": 1}\n')
+  log = MetricsLog(str(tmp_path))
+  log.truncate("ilora", 1)
+  log.truncate("sasrec", 0)
+  assert capsys.readouterr().err == ""
+  log.truncate("ilora", 3)
+  assert capsys.readouterr().err == (
+    f"warning: {path} holds 1 of the 3 records of the ilora stage that its checkpoint counts "
+    "(shortened or removed since): the missing ones are lost, the run goes on recording from "
+    "here\n"
+  )
+  path.unlink()
+  log.truncate("sasrec", 2)
+  assert "holds 0 of the 2 records of the sasrec stage" in capsys.readouterr().err
+
+
 def test_a_cut_reaches_the_file_only_with_the_next_record(tmp_path):
   """A finished run evaluated again and interrupted (Ctrl-C) before its first new record lost
   its final records (seen by an audit: 433 lines to 430, the report then without them). The
