@@ -63,7 +63,8 @@ class Graceful:
     would otherwise send that process into the checkpoint's collective write while the others
     run the next step's collectives: a deadlock, and the work since the last checkpoint lost.
     A signal arriving after the processes asked counts at the next step. One collective of a
-    number per process, once per `step` (later calls for the same step give the same answer);
+    number per process, once per `step` (later calls for the same step give the same answer;
+    any key will do: an epoch's val asks with (step, batch) before each of its batches);
     call it at the same point of every step in every process."""
     import jax
 

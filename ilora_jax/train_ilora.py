@@ -794,6 +794,10 @@ def agree_length(host: dict, parts: Parts) -> dict:
 # ----------------------------------------------------------------------------- evaluation
 
 
+class EvalStopped(Exception):
+  """An evaluation abandoned between batches because its `stop` said so (a signal)."""
+
+
 @dataclasses.dataclass
 class Evaluator:
   """Val/test evaluation: target loss, the paper's generation metric and candidate scoring.
@@ -1018,12 +1022,14 @@ class Evaluator:
     return self.parts.builder.batch(rows, self.templates[idx], hybrid, pad_left=True)
 
   def __call__(
-    self, trainable, stats, frozen, progress: bool, baselines: bool = False
+    self, trainable, stats, frozen, progress: bool, baselines: bool = False, stop=None
   ) -> dict[str, float]:
     """Metrics of the split.
 
     `baselines` adds, on the same candidates, SASRec's ranking (`sasrec/...`) and, when
     `config.ilora.eval_base`, the base LLM without adapters on text-only prompts (`base/...`).
+    `stop(i)`, asked before batch i (0, 1, ...) where given, abandons the evaluation with
+    `EvalStopped` when it says so.
     """
     cfg, parts = self.config, self.parts
     gen, score = bool(cfg.ilora.eval_generate), bool(cfg.ilora.eval_score)
@@ -1035,9 +1041,13 @@ class Evaluator:
     nll_total, tokens = 0.0, 0
     out = {name: {"text": [], "valid": [], "hit": [], "scores": []} for name in ("model", "base")}
     sas_scores, gates = [], []
-    for idx, take in console.bar(
+    batches = console.bar(
       self.batch_rows(), desc=f"eval {self.split.name}", leave=False, enabled=progress
-    ):
+    )
+    for i, (idx, take) in enumerate(batches):
+      if stop is not None and stop(i):
+        batches.close()
+        raise EvalStopped(f"the evaluation of {self.split.name} stopped before batch {i}")
       cands = self.cands[idx]
       seq, len_seq = self.split.seq[idx], self.split.len_seq[idx]
       if not score:  # With scoring, the loss comes from the target's score (below).
@@ -1394,7 +1404,8 @@ def numerics_settings(config, bos, slots: int, sas_params, titles: dict[int, str
   the prompt's first token (`bos`, the prompt builder's), the items' `titles` (a digest: the
   prompts name them), the compute and weight dtypes, the loss's target `slots`, the
   optimizer's clip and decay, which SASRec is frozen (and its heads), the step order's
-  bucketing, and the candidates: how many each prompt lists (the training prompts hold them)
+  bucketing, the padding multiple and the layer scan (both move the dropout masks), and the
+  candidates: how many each prompt lists (the training prompts hold them)
   and the seed of the evaluation's fixed sets (the val metric that selects the weights
   compares epochs on one set), and the prompt templates' wording (`PROMPTS`)."""
   return checkpointing.jsonable(
@@ -1412,6 +1423,10 @@ def numerics_settings(config, bos, slots: int, sas_params, titles: dict[int, str
       # Heads split the same weights differently: the fingerprint cannot tell them apart.
       "sasrec.num_heads": config.sasrec.num_heads,
       "ilora.bucket_window": config.ilora.bucket_window,
+      # The adapters' dropout masks are drawn over the padded batch, per layer of the scan or
+      # of the unrolled layers: either setting gives a resume other masks.
+      "ilora.pad_multiple": config.ilora.pad_multiple,
+      "llm.unroll_train": bool(config.llm.unroll_train),
       "data.num_candidates": config.data.num_candidates,
       "data.candidate_seed": config.data.candidate_seed,
     }
@@ -1637,6 +1652,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     workdir, STAGE, config.checkpoint.max_to_keep, config.checkpoint.async_save
   )
   step, bad_streak = 0, 0  # The steps so far, and the bad (skipped) steps in a row at its end.
+  val_pending = False  # Whether the val of the epoch that ended at `step` is still to run.
   interval: list[dict] = []  # Train metrics of the steps since the last train record.
   latest = ckpt.latest_step()
   if latest is not None:
@@ -1646,6 +1662,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     interval = list(meta.get("train_interval", []))  # So a resumed record means the same.
     # So a run preempted more often than every `max_bad_steps` steps still stops.
     bad_streak = int(meta.get("bad_streak", 0))
+    # Saved at an epoch's end whose val a signal stopped: that val comes first.
+    val_pending = bool(meta.get("val_pending", False))
     console.info(f"iLoRA: resumed from step {step} of {total_steps}")
   else:
     log.truncate(STAGE, 0)  # An attempt killed before its first checkpoint left records.
@@ -1660,7 +1678,8 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     """A checkpoint's meta: what a resume checks and where its records end."""
     return {"step": at, "settings": settings, "metrics_records": log.count(STAGE),
             "select_by": select, "train_interval": list(interval), "bad_streak": bad_streak,
-            "steps_per_epoch": steps_per_epoch, "val_settings": val, **extra}  # fmt: skip
+            "steps_per_epoch": steps_per_epoch, "val_settings": val,
+            "val_pending": val_pending, **extra}  # fmt: skip
 
   def save(at: int) -> None:
     ckpt.save(at, state, checkpoint_meta(at))
@@ -1728,11 +1747,36 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     mine = host_rows(idx, accum, micro)
     return train_batch(parts, config, train, mine, epoch, at, total_steps, su.seed, accum)
 
+  def validate() -> None:
+    """The val of the epoch that ended at `step`: recorded, printed and compared (the best
+    weights kept). A signal stops it between batches, leaving it pending (`val_pending`):
+    the step's checkpoint, saved next, holds the epoch's steps (a preempted run's grace
+    period may be shorter than a val, 194-380 s for LastFM's on a CPU), and a resume runs
+    the val first. In a multi-process run the processes agree on stopping before each
+    batch."""
+    nonlocal last_val, val_pending
+    try:
+      last_val = val_eval(state["trainable"], state["stats"], frozen, config.progress,
+                          stop=lambda i: stop.agree((step, i)))  # fmt: skip
+    except EvalStopped:
+      val_pending = True
+      return
+    val_pending = False
+    record("val", last_val, epoch=step // steps_per_epoch, candidates=val_eval.fingerprint)
+    console.info(f"iLoRA step {step} val " + _fmt(last_val))
+    keep_if_best(last_val)
+
   if step < stop_at:  # Before the batches' thread, so that the first step does not wait on it.
     order_of(step // steps_per_epoch)
   batches = prefetch.Prefetch(host_batch, range(step, stop_at), config.ilora.prefetch, "batches")
   started = time.perf_counter()
   with interrupts.Graceful() as stop, ckpt.guard(), batches:
+    if val_pending:  # Resumed: the val a signal stopped (stopped again, its checkpoint stands).
+      validate()
+      if val_pending:
+        bar.close()
+        ckpt.close()
+        stop.exit(step)
     for host in batches:
       epoch = step // steps_per_epoch
       host = agree_length(host, parts)  # A collective: stays in this thread, in step order.
@@ -1743,7 +1787,6 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
       }
       state, metrics = step_fn(state, frozen, batch)
       step += 1
-      bar.update(1)
       metrics = jax.device_get(metrics)
       length = host["input_ids"].shape[-1]
       if length in lengths_seen:
@@ -1780,12 +1823,10 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
         record("train", {**means, "lr": float(lrs["lr/lora"])}, epoch=epoch)
         interval.clear()
       bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+      bar.update(1)  # Drawn with this step's loss beside its count.
       epoch_end = step % steps_per_epoch == 0 or step == total_steps
       if epoch_end and step < total_steps:  # The last one is the final evaluation below.
-        last_val = val_eval(state["trainable"], state["stats"], frozen, config.progress)
-        record("val", last_val, epoch=epoch + 1, candidates=val_eval.fingerprint)
-        console.info(f"iLoRA step {step} val " + _fmt(last_val))
-        keep_if_best(last_val)
+        validate()
       boundary = epoch_end or step % config.checkpoint.every_steps == 0 or step == stop_at
       if stop.agree(step):  # `after_step` leaves the run (every process): the speed line first.
         bar.close()

@@ -263,6 +263,20 @@ def test_batches_cover_each_row_once_padded_by_repeating_rows():
   assert [(len(r), take) for r, take in ev.batch_rows()] == [(6, 6), (6, 4)]
 
 
+def test_stop_is_asked_before_each_batch_and_abandons_the_evaluation():
+  """Training's val passes `stop` (a signal arrived): asked before batches 0, 1 and 2 of the
+  three; one that never says stop leaves the metrics as they are without it."""
+  ev, _, frozen = _evaluator()
+  asked = []
+  with pytest.raises(train_ilora.EvalStopped, match="stopped before batch 1"):
+    ev("trainable", "stats", frozen, False, stop=lambda i: asked.append(i) or i == 1)
+  assert asked == [0, 1]
+  asked.clear()
+  kept = ev("trainable", "stats", frozen, False, stop=lambda i: asked.append(i) or False)
+  assert asked == [0, 1, 2]
+  assert kept == ev("trainable", "stats", frozen, False)
+
+
 def test_a_batch_size_above_the_rows_evaluated_is_cut_to_them():
   """`ilora.eval_batch_size=256` on 10 rows padded one batch to 256 rows, 246 of them
   computed for nothing (4x the time of batch 10 in the bad-input audit's tiny run)."""

@@ -484,6 +484,8 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(
     "sasrec": train_ilora.sasrec_fingerprint(su.frozen["sasrec"]),
     "sasrec.num_heads": config.sasrec.num_heads,
     "ilora.bucket_window": 16,
+    "ilora.pad_multiple": 64,
+    "llm.unroll_train": False,
     "data.num_candidates": config.data.num_candidates,
     "data.candidate_seed": config.data.candidate_seed,
     "llm_weights": None,  # A random preset: its name and init decide (files get a digest).
@@ -514,6 +516,14 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(
   other = config.copy_and_resolve_references()
   other.data.synthetic.seed = 3
   with pytest.raises(UserError, match=r"other settings \(.*data.train: checkpoint '"):
+    train_ilora.run(other, str(workdir))
+  # Another padding multiple or the layers unrolled: other dropout masks (an audit's resume
+  # trained on with them, its later steps' losses and weights other than the run's).
+  other = config.copy_and_resolve_references()
+  other.ilora.pad_multiple, other.llm.unroll_train = 32, True
+  refused = (r"other settings \(ilora.pad_multiple: checkpoint 64 vs config 32; "
+             r"llm.unroll_train: checkpoint False vs config True\)")  # fmt: skip
+  with pytest.raises(UserError, match=refused):
     train_ilora.run(other, str(workdir))
   # An evaluation or a recommendation on other titles is warned of.
   capsys.readouterr()
@@ -1275,8 +1285,8 @@ def test_final_evaluations_use_the_weights_of_the_best_val_epoch(tmp_path, monke
     return round(float(sum(np.abs(np.asarray(x, np.float64)).sum() for x in jax.tree.leaves(
       trainable))), 6)  # fmt: skip
 
-  def scripted_call(self, trainable, stats, frozen, progress, baselines=False):
-    metrics = original(self, trainable, stats, frozen, progress, baselines)
+  def scripted_call(self, trainable, stats, frozen, progress, baselines=False, stop=None):
+    metrics = original(self, trainable, stats, frozen, progress, baselines, stop)
     key = fingerprint(trainable)
     if key not in seen:
       seen.append(key)

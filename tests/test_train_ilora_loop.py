@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import time
 import types
 
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import ROOT, complete_steps, metrics_records
 
-from ilora_jax import checkpointing, configuration, train_ilora
+from ilora_jax import checkpointing, configuration, interrupts, train_ilora
 from ilora_jax.errors import UserError
 
 SPLITS = ("val", "test")
@@ -45,6 +46,7 @@ class Fake:
     self.batches = []  # (epoch, step, rows) of every train batch built.
     self.calls = []  # (split, step of the weights, baselines) of every evaluation.
     self.gate_tables = []  # Step of the weights each gate table was made of.
+    self.signal_in_val = []  # Steps whose weights' next val gets SIGTERM before its batch 0.
 
   def metrics(self, split: str, at: int) -> dict:
     if split == "test":
@@ -102,8 +104,13 @@ def fake(monkeypatch):
       self.fingerprint = f"fp-{self.split}"
       self.idx, self.rows = np.arange(1), []  # The rows it scores: one.
 
-    def __call__(self, trainable, stats, frozen, progress, baselines=False):
+    def __call__(self, trainable, stats, frozen, progress, baselines=False, stop=None):
       at = _weights_step(trainable)
+      if at in f.signal_in_val:
+        f.signal_in_val.remove(at)
+        signal.raise_signal(signal.SIGTERM)
+      if stop is not None and stop(0):  # As the evaluator asks before each batch.
+        raise train_ilora.EvalStopped
       f.calls.append((self.split, at, baselines))
       self.rows = [{"row": 0, "weights": at}]
       return f.metrics(self.split, at)
@@ -333,6 +340,40 @@ def test_stop_and_resume_record_what_one_run_does(fake, tmp_path, capsys):
   assert metrics_records(parts) == expected
 
 
+def test_a_signal_during_an_epochs_val_saves_its_steps_and_the_resume_runs_that_val_first(
+  fake, tmp_path, capsys
+):
+  """SIGTERM while an epoch's val runs (a preempted run, whose grace period may be shorter than
+  a val: an audit's run waited for the whole val before saving) stops the val before its next
+  batch and saves the epoch's steps with the val pending; the resume runs that val first,
+  and a signal there too leaves the checkpoint as it was. The records and the selected
+  weights end as the uninterrupted run's."""
+  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+  train_ilora.run(_config(), whole)
+  expected = metrics_records(whole)
+  fake.signal_in_val = [4]
+  fake.calls.clear()
+  fake.batches.clear()
+  with pytest.raises(interrupts.Interrupted) as info:
+    train_ilora.run(_config(), parts)
+  assert (info.value.step, info.value.signum) == (4, signal.SIGTERM)
+  assert fake.calls == [("val", 2, False)]  # Step 4's val never ran a batch.
+  assert complete_steps(parts) == [2, 4]
+  assert [r["step"] for r in metrics_records(parts) if r["split"] == "val"] == [2]
+  capsys.readouterr()
+  fake.signal_in_val = [4]
+  with pytest.raises(interrupts.Interrupted) as info:
+    train_ilora.run(_config(), parts)
+  assert info.value.step == 4 and complete_steps(parts) == [2, 4]
+  assert len(fake.batches) == 4  # No step of the resume ran.
+  fake.calls.clear()
+  train_ilora.run(_config(), parts)
+  assert "iLoRA: resumed from step 4 of 6" in capsys.readouterr().err
+  assert fake.calls[0] == ("val", 4, False) and fake.batches[-2][1] == 4
+  assert metrics_records(parts) == expected
+  assert complete_steps(parts, train_ilora.BEST) == [4]
+
+
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_the_speed_line_shows_the_epochs_row_ordering_apart(fake, tmp_path, capsys, monkeypatch,
                                                              prefetch):  # fmt: skip
@@ -353,6 +394,51 @@ def test_the_speed_line_shows_the_epochs_row_ordering_apart(fake, tmp_path, caps
   ordered_s = float(line.split("rows ordered in ")[1].split(" s apart (3 epochs)")[0])
   assert built_ms < 40, line  # Was (2 x 0.4 s in the batches) / 6 = 133 ms or more.
   assert 1.2 <= ordered_s < 3, line
+
+
+@pytest.mark.parametrize("stage", [train_ilora.STAGE, train_ilora.BEST])
+def test_a_checkpoint_folder_that_is_a_file_stops_the_run_before_it_starts(fake, tmp_path,
+                                                                           stage):  # fmt: skip
+  """An audit's run in a workdir whose checkpoints/ilora was a file started from scratch,
+  cutting metrics.jsonl's records, and failed at its first save as if its folder had been
+  removed; with checkpoints/ilora_best a file, it trained an epoch first. Now one line at
+  the start says so, before anything is trained or written."""
+  workdir = str(tmp_path)
+  train_ilora.run(_config("train.stop_after_steps=3"), workdir)
+  before = metrics_records(workdir)
+  path = os.path.join(workdir, "checkpoints", stage)
+  shutil.rmtree(path)
+  open(path, "w").close()
+  fake.batches.clear()
+  with pytest.raises(UserError, match=rf"^checkpoint folder {re.escape(path)} is a file, not a "
+                     "folder: move it away, or use another --workdir$"):  # fmt: skip
+    train_ilora.run(_config(), workdir)
+  assert metrics_records(workdir) == before and fake.batches == []
+
+
+def test_the_bar_draws_each_steps_loss_beside_its_count(fake, tmp_path, monkeypatch):
+  """An audit saw "13/78 ... loss=10.5539" with step 12's loss: the bar was drawn at the
+  step's count before its loss was set."""
+  fake.loss = {at: 10.0 + at for at in range(1, 7)}
+  drawn = []
+
+  class Bar:
+    def __init__(self, iterable=None, *, enabled, total, initial=0, desc=""):
+      self.n, self.postfix = initial, {}
+
+    def set_postfix(self, refresh=True, **values):
+      self.postfix = values
+
+    def update(self, n):
+      self.n += n
+      drawn.append((self.n, self.postfix))
+
+    def close(self):
+      pass
+
+  monkeypatch.setattr(train_ilora.console, "bar", Bar)
+  train_ilora.run(_config(), str(tmp_path))
+  assert drawn == [(at, {"loss": f"{10.0 + at:.4f}"}) for at in range(1, 7)]
 
 
 def test_records_of_an_attempt_killed_before_its_first_checkpoint_are_dropped(fake, tmp_path):
