@@ -63,9 +63,10 @@ class Graceful:
     would otherwise send that process into the checkpoint's collective write while the others
     run the next step's collectives: a deadlock, and the work since the last checkpoint lost.
     A signal arriving after the processes asked counts at the next step. One collective of a
-    number per process, once per `step` (later calls for the same step give the same answer;
-    any key will do: an epoch's val asks with (step, batch) before each of its batches);
-    call it at the same point of every step in every process."""
+    number per process, once per `step` (a call again for the step last asked about gives
+    the same answer; any key will do: an epoch's val asks with (step, batch) before each of
+    its batches, then the step's end with `step`); call it at the same point of every step
+    in every process."""
     import jax
 
     if jax.process_count() == 1:

@@ -1600,10 +1600,15 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
         _check_resumable(latest_meta["settings"], settings, found.directory, unknown, finished)
         # Checkpoints of older code (no select_by recorded) selected nothing: from here on.
         chosen_by = latest_meta.get("select_by", select)
-        # Before the first epoch's end no val was compared: another metric may take over.
+        # Before the first epoch's val no val was compared: another metric may take over.
         # (Older checkpoints do not record the epoch's length: compared, to be safe.)
         epoch = latest_meta.get("steps_per_epoch")
-        compared = epoch is None or latest >= min(epoch, settings["total_steps"])
+        first_val = None if epoch is None else min(epoch, settings["total_steps"])
+        compared = (
+          first_val is None
+          or latest > first_val
+          or (latest == first_val and not latest_meta.get("val_pending", False))
+        )
         # Older checkpoints record the template alone (0 before that): compared by it.
         saved = latest_meta.get(
           "val_settings", {"ilora.eval_template": latest_meta.get("eval_template", 0)}
@@ -1751,7 +1756,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     """The val of the epoch that ended at `step`: recorded, printed and compared (the best
     weights kept). A signal stops it between batches, leaving it pending (`val_pending`):
     the step's checkpoint, saved next, holds the epoch's steps (a preempted run's grace
-    period may be shorter than a val, 194-380 s for LastFM's on a CPU), and a resume runs
+    period may be shorter than a val, about 190 s for LastFM's on 2 CPU cores), and a resume runs
     the val first. In a multi-process run the processes agree on stopping before each
     batch."""
     nonlocal last_val, val_pending

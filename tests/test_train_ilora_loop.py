@@ -632,6 +632,16 @@ def test_a_resume_before_the_first_epochs_end_may_select_by_another_metric(fake,
     train_ilora.run(_config("train.stop_after_steps=1"), older)
   with pytest.raises(UserError, match=r"the epochs before step 1 were compared by it"):
     train_ilora.run(_config("ilora.select_by=hr@1"), older)
+  # Stopped by a signal in the first epoch's val: saved at its end, no val compared yet (a
+  # review's resume was refused as one after a compared epoch).
+  pending = str(tmp_path / "pending")
+  fake.signal_in_val = [2]
+  with pytest.raises(interrupts.Interrupted):
+    train_ilora.run(_config(), pending)
+  assert complete_steps(pending) == [2]
+  train_ilora.run(_config("ilora.select_by=hr@1"), pending)
+  finals = [r for r in metrics_records(pending) if r.get("final")]
+  assert [(r["selected_step"], r["selected_by"]) for r in finals] == [(2, "hr@1")] * 2
 
 
 def test_a_kept_selection_carries_its_value_into_a_new_attempt(fake, tmp_path):
