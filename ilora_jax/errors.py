@@ -594,8 +594,8 @@ def report_and_exit(exc: BaseException) -> None:
   from ilora_jax.interrupts import Interrupted
 
   if isinstance(exc, Interrupted):
-    print(f"{exc}; checkpoint saved, re-run the same command to resume", file=sys.stderr,
-          flush=True)  # fmt: skip
+    done = "checkpoint saved" if exc.saved else f"checkpoint {exc.step} kept as it was"
+    print(f"{exc}; {done}, re-run the same command to resume", file=sys.stderr, flush=True)
     _exit(128 + exc.signum)
   if isinstance(exc, BrokenPipeError):  # The reader went away (`... | head`): nothing to say.
     discard_stdout()

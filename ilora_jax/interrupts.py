@@ -26,7 +26,7 @@ import time
 class Interrupted(Exception):
   """Training stopped on a signal after saving; the CLI exits with 128 + signal number."""
 
-  def __init__(self, signum: int, step: int):
+  def __init__(self, signum: int, step: int, saved: bool = True):
     super().__init__(
       f"stopped at step {step}: the reader of the run's output went away (a broken pipe)"
       if signum == signal.SIGPIPE
@@ -34,6 +34,7 @@ class Interrupted(Exception):
     )
     self.signum = signum
     self.step = step
+    self.saved = saved  # False: stopped before its step's work, whose checkpoint stands.
 
 
 class Graceful:
@@ -82,8 +83,8 @@ class Graceful:
     self._agreed = (step, bool(heard))
     return bool(heard)
 
-  def exit(self, step: int) -> None:
-    raise Interrupted(self.signum, step)
+  def exit(self, step: int, saved: bool = True) -> None:
+    raise Interrupted(self.signum, step, saved)
 
   def __enter__(self) -> Graceful:
     _running.append(self)

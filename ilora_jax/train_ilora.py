@@ -1776,12 +1776,15 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
   batches = prefetch.Prefetch(host_batch, range(step, stop_at), config.ilora.prefetch, "batches")
   started = time.perf_counter()
   with interrupts.Graceful() as stop, ckpt.guard(), batches:
-    if val_pending:  # Resumed: the val a signal stopped (stopped again, its checkpoint stands).
+    # Resumed: the val a signal stopped (stopped again, its checkpoint stands). A resume that
+    # stops here (`train.stop_after_steps`) leaves it to the next: no checkpoint would record
+    # it, and the next resume would run it again.
+    if val_pending and step < stop_at:
       validate()
       if val_pending:
         bar.close()
         ckpt.close()
-        stop.exit(step)
+        stop.exit(step, saved=False)
     for host in batches:
       epoch = step // steps_per_epoch
       host = agree_length(host, parts)  # A collective: stays in this thread, in step order.

@@ -239,6 +239,10 @@ def test_a_signal_stop_exits_128_plus_its_number(capsys):
     "stopped by SIGTERM at step 7; checkpoint saved, re-run the same command to resume\n"
   )
   assert _exit_of(Interrupted(signal.SIGINT, 3), capsys)[0] == 128 + 2
+  code, _, err = _exit_of(Interrupted(signal.SIGTERM, 4, saved=False), capsys)  # Nothing new.
+  assert code == 143 and err == (
+    "stopped by SIGTERM at step 4; checkpoint 4 kept as it was, re-run the same command to resume\n"
+  )
 
 
 def test_ctrl_c_is_one_line_and_exit_130(capsys):

@@ -346,8 +346,9 @@ def test_a_signal_during_an_epochs_val_saves_its_steps_and_the_resume_runs_that_
   """SIGTERM while an epoch's val runs (a preempted run, whose grace period may be shorter than
   a val: an audit's run waited for the whole val before saving) stops the val before its next
   batch and saves the epoch's steps with the val pending; the resume runs that val first,
-  and a signal there too leaves the checkpoint as it was. The records and the selected
-  weights end as the uninterrupted run's."""
+  a signal there too leaves the checkpoint as it was, and a resume that stops at that step
+  leaves the val to the next. The records and the selected weights end as the uninterrupted
+  run's."""
   whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
   train_ilora.run(_config(), whole)
   expected = metrics_records(whole)
@@ -365,8 +366,13 @@ def test_a_signal_during_an_epochs_val_saves_its_steps_and_the_resume_runs_that_
   with pytest.raises(interrupts.Interrupted) as info:
     train_ilora.run(_config(), parts)
   assert info.value.step == 4 and complete_steps(parts) == [2, 4]
+  assert not info.value.saved  # Said so: "checkpoint 4 kept as it was".
   assert len(fake.batches) == 4  # No step of the resume ran.
   fake.calls.clear()
+  # A resume stopping at that step (`stop_after_steps`) leaves the val to the next: no
+  # checkpoint would record it (a review's run ran it twice).
+  assert train_ilora.run(_config("train.stop_after_steps=4"), parts) == {}
+  assert fake.calls == [] and complete_steps(parts) == [2, 4]
   train_ilora.run(_config(), parts)
   assert "iLoRA: resumed from step 4 of 6" in capsys.readouterr().err
   assert fake.calls[0] == ("val", 4, False) and fake.batches[-2][1] == 4
