@@ -538,7 +538,8 @@ def _full_config(**llm):
 NUMERICS_KEYS = {
   "bos", "data.titles", "llm.dtype, param_dtype", "target_slots", "ilora.train.clip_norm",
   "weight_decay", "sasrec", "llm_weights", "sasrec.num_heads", "ilora.bucket_window",
-  "data.num_candidates", "data.candidate_seed", "prompt templates",
+  "ilora.pad_multiple", "llm.unroll_train", "data.num_candidates", "data.candidate_seed",
+  "prompt templates",
 }  # fmt: skip
 
 
@@ -546,6 +547,7 @@ def test_numerics_settings_record_what_a_resume_must_share():
   config = _full_config(dtype="bfloat16", param_dtype="float32")
   config.ilora.train.clip_norm, config.ilora.train.weight_decay = 0.5, 0.125
   config.sasrec.num_heads, config.ilora.bucket_window = 2, 4
+  config.ilora.pad_multiple, config.llm.unroll_train = 16, True
   config.data.num_candidates, config.data.candidate_seed = 12, 77
   titles = {0: "Heat", 1: "Alien"}
   got = train_ilora.numerics_settings(config, 5, 24, _params(), titles)
@@ -555,6 +557,7 @@ def test_numerics_settings_record_what_a_resume_must_share():
   assert got["ilora.train.clip_norm"] == 0.5 and got["weight_decay"] == 0.125
   assert got["sasrec"] == "10 weights, |w| sum 14" and got["sasrec.num_heads"] == 2
   assert got["ilora.bucket_window"] == 4
+  assert got["ilora.pad_multiple"] == 16 and got["llm.unroll_train"] is True
   assert (got["data.num_candidates"], got["data.candidate_seed"]) == (12, 77)
   # The tiny config's synthetic data reads Steam's templates: the original's game.txt.
   assert got["prompt templates"] == "8c5f4365d21c5f0b"
