@@ -313,10 +313,16 @@ class StageCheckpoints:
     if boundary or stopping:
       save(step)
     if stopping:
-      if bar is not None:
-        bar.close()
-      self.close()
-      stop.exit(step)
+      self.leave(step, stop, bar)
+
+  def leave(self, step: int, stop, bar=None, saved: bool = True) -> None:
+    """Leaves the run on the signal `stop` (`interrupts.Graceful`) holds after `step`: closes
+    the bar and this object (waiting for a save under way), then raises `Interrupted`
+    (`saved`: whether the checkpoint of `step` was written now or stands from before)."""
+    if bar is not None:
+      bar.close()
+    self.close()
+    stop.exit(step, saved)
 
   def close(self) -> None:
     """Waits for a pending save and releases the manager; a second call does nothing."""

@@ -142,7 +142,7 @@ class MetricsLog:
     if not self.enabled:
       return
     self.settle()
-    have = self.count(run)
+    have = self.count(run) if keep else 0  # Nothing to count against: no read.
     if have < keep:  # Shortened or removed since the checkpoint: a gap a resume cannot fill.
       from ilora_jax import console
 

@@ -1756,9 +1756,9 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     """The val of the epoch that ended at `step`: recorded, printed and compared (the best
     weights kept). A signal stops it between batches, leaving it pending (`val_pending`):
     the step's checkpoint, saved next, holds the epoch's steps (a preempted run's grace
-    period may be shorter than a val, about 190 s for LastFM's on 2 CPU cores), and a resume runs
-    the val first. In a multi-process run the processes agree on stopping before each
-    batch."""
+    period may be shorter than a val, about 190 s for LastFM's on 2 CPU cores), and a
+    resume runs the val first. In a multi-process run the processes agree on stopping
+    before each batch."""
     nonlocal last_val, val_pending
     try:
       last_val = val_eval(state["trainable"], state["stats"], frozen, config.progress,
@@ -1782,9 +1782,7 @@ def _run(config, workdir: str, owned: contextlib.ExitStack) -> dict[str, float]:
     if val_pending and step < stop_at:
       validate()
       if val_pending:
-        bar.close()
-        ckpt.close()
-        stop.exit(step, saved=False)
+        ckpt.leave(step, stop, bar, saved=False)
     for host in batches:
       epoch = step // steps_per_epoch
       host = agree_length(host, parts)  # A collective: stays in this thread, in step order.

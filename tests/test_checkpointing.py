@@ -579,19 +579,33 @@ def test_a_failed_write_names_its_step_and_the_checkpoint_kept(tmp_path):
   first.close()
 
 
+def _one_async_save(workdir):
+  """Orbax's asynchronous checkpointer module, a StageCheckpoints in `workdir` with step 1
+  saved asynchronously and waited for, and the module's commit function (a test's hook);
+  skips where this Orbax commits elsewhere."""
+  async_checkpointer = pytest.importorskip("orbax.checkpoint._src.checkpointers.async_checkpointer")
+  if not hasattr(async_checkpointer, "_background_wait_for_commit_futures"):
+    pytest.skip("this Orbax commits its saves elsewhere (written for Orbax 0.12)")
+  ckpt = checkpointing.StageCheckpoints(str(workdir), "x", 9, True)
+  ckpt.save(1, _small_state(), {"step": 1})
+  ckpt.wait()
+  return async_checkpointer, ckpt, async_checkpointer._background_wait_for_commit_futures
+
+
+def _removed_line(ckpt, step: int) -> str:
+  return (
+    f"cannot write checkpoint {step}: its folder {ckpt.directory} was removed or moved while "
+    "the run used it; re-run to start the stage again (after removing what is left there)"
+  )
+
+
 def test_a_folder_removed_during_an_asynchronous_save_is_one_line_saying_so(tmp_path, monkeypatch):
   """The workdir removed (`rm -rf`) while a save was being written: Orbax's errors then vary
   with the moment (a TensorStore NOT_FOUND, "No ArrayMetadata found", "Directory not empty",
   seen by hand), once as an "unexpected ValueError"; each is one line saying what happened,
   also where the writers, still running, made the folder anew (the folder opened is gone)."""
-  async_checkpointer = pytest.importorskip("orbax.checkpoint._src.checkpointers.async_checkpointer")
-  if not hasattr(async_checkpointer, "_background_wait_for_commit_futures"):
-    pytest.skip("this Orbax commits its saves elsewhere (written for Orbax 0.12)")
+  async_checkpointer, ckpt, commit = _one_async_save(tmp_path / "w")
   workdir = tmp_path / "w"
-  ckpt = checkpointing.StageCheckpoints(str(workdir), "x", 9, True)
-  ckpt.save(1, _small_state(), {"step": 1})
-  ckpt.wait()
-  commit = async_checkpointer._background_wait_for_commit_futures
 
   def removed_first(*args, **kwargs):  # In the background thread, before the commit.
     while workdir.exists():  # Until gone: the writers, still running, add files meanwhile.
@@ -602,10 +616,7 @@ def test_a_folder_removed_during_an_asynchronous_save_is_one_line_saying_so(tmp_
   ckpt.save(2, _small_state(), {"step": 2})
   with pytest.raises(UserError) as info:
     ckpt.close()
-  assert str(info.value) == (
-    f"cannot write checkpoint 2: its folder {ckpt.directory} was removed or moved while the run "
-    "used it; re-run to start the stage again (after removing what is left there)"
-  )
+  assert str(info.value) == _removed_line(ckpt, 2)
 
 
 def test_a_save_failing_before_its_removal_shows_is_worded_as_the_removal(tmp_path, monkeypatch):
@@ -613,14 +624,8 @@ def test_a_save_failing_before_its_removal_shows_is_worded_as_the_removal(tmp_pa
   was still emptying the folder, which itself went a moment later: that is the removal, not
   a write failure. Reproduced here: the save's commit raises ENOENT and the folder goes
   0.3 s later."""
-  async_checkpointer = pytest.importorskip("orbax.checkpoint._src.checkpointers.async_checkpointer")
-  if not hasattr(async_checkpointer, "_background_wait_for_commit_futures"):
-    pytest.skip("this Orbax commits its saves elsewhere (written for Orbax 0.12)")
+  async_checkpointer, ckpt, commit = _one_async_save(tmp_path / "w")
   workdir = tmp_path / "w"
-  ckpt = checkpointing.StageCheckpoints(str(workdir), "x", 9, True)
-  ckpt.save(1, _small_state(), {"step": 1})
-  ckpt.wait()
-  commit = async_checkpointer._background_wait_for_commit_futures
 
   def removed_after_failing(*args, **kwargs):
     commit(*args, **kwargs)
@@ -633,23 +638,14 @@ def test_a_save_failing_before_its_removal_shows_is_worded_as_the_removal(tmp_pa
   ckpt.save(2, _small_state(), {"step": 2})
   with pytest.raises(UserError) as info:
     ckpt.close()
-  assert str(info.value) == (
-    f"cannot write checkpoint 2: its folder {ckpt.directory} was removed or moved while the run "
-    "used it; re-run to start the stage again (after removing what is left there)"
-  )
+  assert str(info.value) == _removed_line(ckpt, 2)
 
 
 def test_a_save_that_finished_in_a_folder_made_anew_is_no_checkpoint(tmp_path, monkeypatch):
   """A loaded test run saw the save under way finish without an error after its folder was
   removed: its writers had made the path anew. The wait that ends the stage says so, as a
   failed save would; a save finished before the folder went is no news."""
-  async_checkpointer = pytest.importorskip("orbax.checkpoint._src.checkpointers.async_checkpointer")
-  if not hasattr(async_checkpointer, "_background_wait_for_commit_futures"):
-    pytest.skip("this Orbax commits its saves elsewhere (written for Orbax 0.12)")
-  ckpt = checkpointing.StageCheckpoints(str(tmp_path / "w"), "x", 9, True)
-  ckpt.save(1, _small_state(), {"step": 1})
-  ckpt.wait()
-  commit = async_checkpointer._background_wait_for_commit_futures
+  async_checkpointer, ckpt, commit = _one_async_save(tmp_path / "w")
 
   def made_anew_after(*args, **kwargs):  # The save completes; then its folder is another.
     done = commit(*args, **kwargs)
