@@ -53,12 +53,21 @@ PROJECTIONS_SAVED = ("q", "k", "v", "mid", "mlp_gate", "mlp_up", KEEP_NAME)
 ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 
 
+# The rotary scalings `LlamaConfig.rope_scaling` may hold, with their keys.
+ROPE_SCALING_KEYS = {
+  "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
+  "linear": {"factor"},
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Hyper-parameters of a Llama decoder (hashable, so usable as a static argument).
 
-  `rope_scaling` is None or a mapping for Llama 3 scaling with keys 'factor',
-  'low_freq_factor', 'high_freq_factor' and 'original_max_position_embeddings'.
+  `rope_scaling` is None or a mapping of a rotary scaling as transformers names it: with
+  'rope_type' 'llama3' (also where the key is absent), 'factor', 'low_freq_factor',
+  'high_freq_factor' and 'original_max_position_embeddings' (the last three default to 1, 4
+  and 8192); with 'rope_type' 'linear', 'factor' alone (every frequency divided by it).
   `remat_policy` is one of 'none', 'full', 'dots' (save matmul outputs), 'dots_no_batch' or
   'projections' (save the projection outputs and dropout masks, `PROJECTIONS_SAVED`).
   `init_std` is the standard deviation of the matrices drawn by `init_params` (Hugging Face's
@@ -100,7 +109,16 @@ class LlamaConfig:
 
   def __post_init__(self):
     if self.rope_scaling is not None:
-      object.__setattr__(self, "rope_scaling", flax.core.FrozenDict(dict(self.rope_scaling)))
+      scaling = dict(self.rope_scaling)
+      kind = scaling.get("rope_type", "llama3")
+      if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"rope_scaling type {kind!r} not in {tuple(ROPE_SCALING_KEYS)}")
+      unknown = sorted(set(scaling) - ROPE_SCALING_KEYS[kind] - {"rope_type"})
+      if unknown:
+        raise ValueError(f"rope_scaling of type {kind!r} has no keys {unknown}")
+      if not float(scaling.get("factor", 0.0)) > 0:
+        raise ValueError(f"rope_scaling needs a factor > 0, got {scaling.get('factor')}")
+      object.__setattr__(self, "rope_scaling", flax.core.FrozenDict(scaling))
     object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
     if self.num_heads % self.num_kv_heads:
@@ -169,7 +187,7 @@ def init_cache(config: LlamaConfig, batch: int, slots: int, dtype: Any = None) -
 
 
 def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
-  """Rotary inverse frequencies [head_dim // 2] (float32), with Llama 3 scaling if set."""
+  """Rotary inverse frequencies [head_dim // 2] (float32), scaled as `rope_scaling` says."""
   dim = config.head_dim
   exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
   inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
@@ -177,6 +195,8 @@ def rope_inv_freq(config: LlamaConfig) -> np.ndarray:
   if scaling is None:
     return inv_freq
   factor = float(scaling["factor"])
+  if scaling.get("rope_type") == "linear":
+    return (inv_freq / np.float32(factor)).astype(np.float32)
   low = float(scaling.get("low_freq_factor", 1.0))
   high = float(scaling.get("high_freq_factor", 4.0))
   old_len = float(scaling.get("original_max_position_embeddings", 8192))

@@ -377,9 +377,15 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
     scaling["original_max_position_embeddings"] = _positive_int(
       rope, "original_max_position_embeddings", source=source
     )
+    scaling["rope_type"] = "llama3"
+  elif rope_type == "linear":
+    if "factor" not in rope:
+      raise UserError(f"{source}: the linear rope scaling lacks factor")
+    factor = _positive_float(rope, "factor", 0.0, "rope scaling ", source=source)
+    scaling = {"rope_type": "linear", "factor": factor}
   else:
     raise UserError(
-      f"{source}: unsupported rope scaling type {rope_type!r}: only llama3 is supported"
+      f"{source}: unsupported rope scaling type {rope_type!r}: only llama3 and linear are supported"
     )
   tie = hf.get("tie_word_embeddings")
   if tie is not None and not isinstance(tie, bool):
@@ -693,11 +699,23 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
     return value
 
   names = {t.name for t in reader.tensors}
-  if "rope_freqs.weight" in names or gguf_field(reader, "llama.rope.scaling.type", "none") not in (
-    "none",
-    None,
-  ):
-    raise UserError(f"{name}: unsupported GGUF rope scaling (rope_freqs / llama.rope.scaling.type)")
+  # As llama.cpp reads it: the type is linear unless given, the factor is scaling.factor,
+  # else the older scale_linear, and none (0) or 1 scales nothing; type none ignores it.
+  rope_type = gguf_field(reader, "llama.rope.scaling.type", "linear")
+  if "rope_freqs.weight" in names or rope_type not in ("none", "linear"):
+    raise UserError(
+      f"{name}: unsupported GGUF rope scaling (rope_freqs / llama.rope.scaling.type="
+      f"{rope_type}): only linear is supported"
+    )
+  factor_key = "llama.rope.scaling.factor"
+  if gguf_field(reader, factor_key) is None:
+    factor_key = "llama.rope.scale_linear"
+  factor = gguf_field(reader, factor_key, 0.0)
+  if factor != 0:
+    factor = _positive_float({factor_key: factor}, factor_key, 0.0, source=meta)
+  rope_scaling = (
+    None if rope_type == "none" or factor in (0, 1) else {"rope_type": "linear", "factor": factor}
+  )
 
   def positive(key, default=None) -> int:
     value = gguf_field(reader, key, default) if default is not None else need(key)
@@ -750,6 +768,7 @@ def config_from_gguf(reader, **overrides) -> LlamaConfig:
     rms_norm_eps=positive_float("llama.attention.layer_norm_rms_epsilon", 1e-5),
     tie_word_embeddings="output.weight" not in names,
     max_position_embeddings=positive("llama.context_length", 4096),
+    rope_scaling=rope_scaling,
   )
   if kwargs["head_dim"] < 2 or kwargs["head_dim"] % 2 or kwargs["vocab_size"] < 1:
     raise UserError(

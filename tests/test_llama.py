@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import chex
 import flax.linen as nn
@@ -885,6 +886,22 @@ def test_rope_inv_freq_matches_the_llama3_reference():
   kept, divided = np.isclose(want, full), np.isclose(want, full / 8)
   assert kept.any() and divided.any() and (~kept & ~divided).any()  # every band in play
   np.testing.assert_allclose(llama.rope_inv_freq(cfg), want, rtol=1e-5)
+
+
+def test_linear_rope_scaling_divides_every_frequency_and_other_kinds_are_refused():
+  plain = _np_inv_freq(CFG.head_dim, CFG.rope_theta)
+  got = llama.rope_inv_freq(CFG.replace(rope_scaling={"rope_type": "linear", "factor": 4.0}))
+  np.testing.assert_allclose(got, plain / 4, rtol=1e-6)
+  # A kind or key the rotary maths does not apply is refused (an audit's linear scaling,
+  # passed to llm.load, got Llama 3's maths: frequency ratios from 1 to 0.25, not 0.25).
+  for scaling, message in (({"rope_type": "yarn", "factor": 4.0}, "type 'yarn' not in"),
+                           ({"rope_type": "linear", "factor": 4.0, "low_freq_factor": 1.0},
+                            "type 'linear' has no keys ['low_freq_factor']"),
+                           ({"factor": 8.0, "beta_fast": 32}, "has no keys ['beta_fast']"),
+                           ({"rope_type": "linear"}, "needs a factor > 0, got None"),
+                           ({"factor": 0.0}, "needs a factor > 0, got 0.0")):  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(message)):
+      CFG.replace(rope_scaling=scaling)
 
 
 def test_apply_rope_rotates_pairs_of_halves_by_absolute_positions():

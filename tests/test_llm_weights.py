@@ -75,6 +75,7 @@ HF_CASES = {
     ),
   ),
   "head_dim_32_mqa": dict(num_attention_heads=4, num_key_value_heads=1, head_dim=32),
+  "linear_rope": dict(rope_scaling=dict(rope_type="linear", factor=4.0)),
 }
 
 
@@ -216,9 +217,12 @@ def _gguf_tensor(key, w, heads, kv_heads):
   return name, w
 
 
-def _write_gguf(path, model, arch="llama", quantize_gate=True, bad_type=False, extra=None):
+def _write_gguf(
+  path, model, arch="llama", quantize_gate=True, bad_type=False, extra=None, metadata=None
+):
   """Writes a llama GGUF from a torch HF model (and the float32 tensors `extra`, by GGUF
-  name); returns the model with the weights it holds."""
+  name; the metadata `metadata`, strings and float32 numbers by key); returns the model with
+  the weights it holds."""
   import torch
 
   cfg = model.config
@@ -232,6 +236,8 @@ def _write_gguf(path, model, arch="llama", quantize_gate=True, bad_type=False, e
   writer.add_uint32(f"{arch}.attention.head_count_kv", cfg.num_key_value_heads)
   writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
   writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
+  for key, value in (metadata or {}).items():
+    (writer.add_string if isinstance(value, str) else writer.add_float32)(key, value)
   new_sd = {}
   for key, w in sd.items():
     if key == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -280,6 +286,24 @@ def test_written_gguf_matches_transformers(tiny_gguf):
     loaded.generate(["hi"])
   with pytest.warns(UserWarning, match="no tokenizer"):
     assert llm.load_tokenizer(path) is None
+
+
+@pytest.mark.parametrize("key", ["llama.rope.scaling.factor", "llama.rope.scale_linear"])
+def test_gguf_rope_scale_is_applied_as_llama_cpp_applies_it(key, tmp_path):
+  """A GGUF with a rope scale and no scaling type runs linearly scaled in llama.cpp: against
+  transformers' linear scaling of the same weights (it was loaded unscaled: 9.0 apart in an
+  audit, logits up to 7.1)."""
+  model = _hf_model(rope_scaling=dict(rope_type="linear", factor=4.0))
+  path = str(tmp_path / "scaled.gguf")
+  _write_gguf(path, model, quantize_gate=False, metadata={key: 4.0})
+  cfg, params = weights.load_gguf(path)
+  assert cfg.rope_scaling == {"rope_type": "linear", "factor": 4.0}
+  tokens = np.random.RandomState(3).randint(0, 300, (2, 100))
+  ours = llama.Llama(cfg).apply({"params": params}, tokens)
+  ref = _hf_logits(model, tokens)
+  assert _rel_err(ours, ref) <= TOL
+  plain = llama.Llama(cfg.replace(rope_scaling=None)).apply({"params": params}, tokens)
+  assert _rel_err(plain, ref) > 100 * TOL  # the scale matters at these positions
 
 
 def _assert_read_as_gguf_reads_it(path):
@@ -629,8 +653,12 @@ GOOD_HF = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "interme
     ({"max_position_embeddings": 0}, "max_position_embeddings=0 must be a positive integer"),
     ({"tie_word_embeddings": "false"},
      "tie_word_embeddings='false' must be true, false or null"),
-    ({"rope_parameters": {"rope_type": "default"}, "rope_scaling": {"type": "linear", "factor": 2}},
-     "unsupported rope scaling type 'linear'"),
+    ({"rope_parameters": {"rope_type": "default"},
+      "rope_scaling": {"type": "dynamic", "factor": 2}},
+     "unsupported rope scaling type 'dynamic': only llama3 and linear are supported"),
+    ({"rope_scaling": {"rope_type": "linear"}}, "the linear rope scaling lacks factor"),
+    ({"rope_scaling": {"type": "linear", "factor": -2}},
+     "rope scaling factor=-2 must be a positive number"),
   ],
 )  # fmt: skip
 def test_bad_values_in_an_hf_config_json_are_named(change, message):
@@ -1059,7 +1087,8 @@ def test_audit_hf_config_defaults_are_transformers_defaults():
   both = {"rope_type": "llama3", "type": "default", "factor": 2.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 32}  # fmt: skip
   cfg = weights.config_from_hf({**GOOD_HF, "rope_scaling": both})
-  assert cfg.rope_scaling == {"factor": 2.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+  assert cfg.rope_scaling == {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 32}  # fmt: skip
 
 
@@ -1152,11 +1181,26 @@ def test_audit_gguf_config_defaults_and_sources():
   # 2 // 4 = 0: no head size, refused (it would pass as even).
   with pytest.raises(UserError, match=re.escape("head size 0 (must be even)")):
     weights.config_from_gguf(_meta_reader(**{"llama.embedding_length": 2}))
-  for reader in (_meta_reader(**{"llama.rope.scaling.type": "linear"}),
+  for reader in (_meta_reader(**{"llama.rope.scaling.type": "yarn"}),
                  _meta_reader([_Tensor("rope_freqs.weight", (8,))])):  # fmt: skip
     with pytest.raises(UserError, match="unsupported GGUF rope scaling"):
       weights.config_from_gguf(reader)
-  assert weights.config_from_gguf(_meta_reader(**{"llama.rope.scaling.type": "none"}))
+  # llama.cpp's rope scale: the factor of scaling.factor, else of the older scale_linear;
+  # linear where no type is given; none where the factor is absent, 0 or 1, or the type none.
+  for change, factor in (({}, None), ({"llama.rope.scaling.type": "none"}, None),
+                         ({"llama.rope.scaling.factor": 4.0}, 4.0),
+                         ({"llama.rope.scale_linear": 2.0}, 2.0),
+                         ({"llama.rope.scaling.factor": 3.0, "llama.rope.scale_linear": 2.0}, 3.0),
+                         ({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 2.0},
+                          2.0),
+                         ({"llama.rope.scaling.type": "none", "llama.rope.scaling.factor": 4.0},
+                          None),
+                         ({"llama.rope.scaling.factor": 0.0}, None),
+                         ({"llama.rope.scale_linear": 1.0}, None)):  # fmt: skip
+    got = weights.config_from_gguf(_meta_reader(**change)).rope_scaling
+    assert got == (None if factor is None else {"rope_type": "linear", "factor": factor}), change
+  with pytest.raises(UserError, match=re.escape("scaling.factor=-4.0 must be a positive")):
+    weights.config_from_gguf(_meta_reader(**{"llama.rope.scaling.factor": -4.0}))
 
 
 def _gguf_header(version=3, fields=(), n_tensors=0) -> bytes:
