@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
+import json
 import os
 import warnings
 from typing import Any
@@ -520,9 +521,18 @@ class LLM:
   """A loaded base model: config, params, tokenizer, linen module and jitted entry points."""
 
   def __init__(
-    self, config: LlamaConfig, params: Any, tokenizer: Any, adapter=None, unroll_decode=None
+    self,
+    config: LlamaConfig,
+    params: Any,
+    tokenizer: Any,
+    adapter=None,
+    unroll_decode=None,
+    stop_ids: tuple[int, ...] = (),
   ):
+    """`stop_ids`: ids that end a generation besides the tokenizer's end of text (the
+    model's own, `stop_ids_of`)."""
     self.config = config
+    self.stop_ids = tuple(int(i) for i in stop_ids)
     self.unroll_decode = default_unroll() if unroll_decode is None else bool(unroll_decode)
     self.params = params
     self.tokenizer = tokenizer
@@ -636,8 +646,10 @@ class LLM:
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
+    """The ids that end a generation: the tokenizer's end of text, then `stop_ids`."""
     eos = getattr(self.tokenizer, "eos_token_id", None)
-    return () if eos is None else (int(eos),)
+    ids = (() if eos is None else (int(eos),)) + self.stop_ids
+    return tuple(dict.fromkeys(ids))
 
   @property
   def pad_id(self) -> int:
@@ -740,6 +752,43 @@ def _tokenizer_of(
   return None
 
 
+def _id_list(value, vocab: int, where: str) -> tuple[int, ...]:
+  """An id or a list of ids (`where` names it in the error), each in [0, vocab)."""
+  ids = value if isinstance(value, list) else [value]
+  if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
+    raise UserError(f"{where}={value!r} must be a token id or a list of them, in [0, {vocab})")
+  return tuple(ids)
+
+
+def stop_ids_of(name_or_path: str) -> tuple[int, ...]:
+  """The ids a model's own files say end a generation, beyond its tokenizer's end of text,
+  as transformers and llama.cpp stop: a Hugging Face folder's `generation_config.json`
+  `eos_token_id` (Llama 3 Instruct lists three there, its tokenizer one), a GGUF file's
+  end-of-turn and end-of-message tokens; none for a random preset. A UserError for a file
+  that says so unreadably."""
+  kind, target = _resolve(name_or_path)
+  if kind == "preset":
+    return ()
+  vocab = config_for(name_or_path).vocab_size
+  if kind == "gguf":
+    reader = weights.open_gguf(target)
+    keys = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    found = [(k, weights.gguf_field(reader, k)) for k in keys]
+    return tuple(i for k, v in found if v is not None for i in _id_list(v, vocab, f"{target}: {k}"))
+  path = os.path.join(target, "generation_config.json")
+  if not os.path.isfile(path):
+    return ()
+  try:
+    with open(path, encoding="utf-8") as f:
+      generation = json.load(f)
+  except OSError as exc:
+    raise weights._unreadable(path, exc) from None
+  except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
+    raise UserError(f"{path} is not JSON ({str(exc).splitlines()[0]})") from None
+  value = generation.get("eos_token_id") if isinstance(generation, dict) else None
+  return () if value is None else _id_list(value, vocab, f"{path}: eos_token_id")
+
+
 def loads_weights(name_or_path: str) -> bool:
   """Whether the model's weights come from a file (False: a random preset)."""
   return _resolve(name_or_path)[0] != "preset"
@@ -823,6 +872,7 @@ def load(
     params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     tokenizer = _tokenizer_of(kind, target, config) if with_tokenizer else None
     return LLM(config, params, tokenizer, adapter)
+  stop_ids = stop_ids_of(name_or_path)
   if kind == "gguf":
     reader = weights.open_gguf(target)
     config = weights.config_from_gguf(reader, **config_overrides)
@@ -833,9 +883,9 @@ def load(
       get, has, config, source=target, shardings=shardings, names=names, shown=shown
     )
     tokenizer = _tokenizer_of(kind, target, config, reader) if with_tokenizer else None
-    return LLM(config, params, tokenizer, adapter)
+    return LLM(config, params, tokenizer, adapter, stop_ids=stop_ids)
   if shardings is None and mesh is not None:
     shardings = mesh_shardings(config_for(target, **config_overrides), mesh, rules)
   config, params = weights.load_hf(target, shardings=shardings, **config_overrides)
   tokenizer = _tokenizer_of(kind, target, config) if with_tokenizer else None
-  return LLM(config, params, tokenizer, adapter)
+  return LLM(config, params, tokenizer, adapter, stop_ids=stop_ids)

@@ -282,11 +282,12 @@ class PromptInputs:
 
 def check_llm(config):
   """The LLM's tokenizer, after checking what can be checked without its weights: the name,
-  its config (architecture, sizes) and its tokenizer (a UserError for each). The pipeline
-  runs this, and `llm.check_weight_files`, before training SASRec, so a mistyped model is
-  named before the slow parts."""
+  its config (architecture, sizes), its stop ids and its tokenizer (a UserError for each).
+  The pipeline runs this, and `llm.check_weight_files`, before training SASRec, so a
+  mistyped model is named before the slow parts."""
   llm.check_init_std(config.llm.name, config.llm.init_std)
   llm.config_for(config.llm.name)
+  llm.stop_ids_of(config.llm.name)
   try:
     tokenizer = llm.load_tokenizer(config.llm.name, strict=True)
   except tok_lib.NoTokenizer as exc:
@@ -366,6 +367,7 @@ def build(config, dataset: Dataset, mesh, inputs: PromptInputs):
     inputs.tokenizer,
     adapter=lora.adapter_factory(lora_config(config)),
     unroll_decode=config.llm.unroll_decode,
+    stop_ids=base.stop_ids,
   )
   newline = inputs.newline if len(inputs.newline) == 1 else ()
   parts = make_parts(

@@ -173,6 +173,46 @@ def test_hf_folder_with_tokenizer(hf_checkpoints, tmp_path):
   assert out[0, : lengths[0]].tolist() == tokens[0, -3:].tolist()
 
 
+def test_generation_stops_where_transformers_generate_stops(hf_checkpoints, tmp_path):
+  """A folder's generation_config.json lists end ids beyond the tokenizer's (as Llama 3
+  Instruct does): generation stops at each, as transformers' generate does (an audit's run
+  went past it)."""
+  import torch
+  import transformers
+
+  folder = _copy_folder(hf_checkpoints["gqa_untied_single_file"][0], tmp_path / "m")
+  tok = tok_lib.byte_level_tokenizer()
+  tok.save_pretrained(folder)
+  tokens, mask = tok_lib.encode_batch(tok, ["hello world", "ab"], multiple_of=1)
+  free, _ = llm.load(folder).generate_ids(tokens, mask, 10, eos_ids=())
+  stop = int(free[0, 3])  # row 0's fourth token
+  assert stop != tok.eos_token_id and stop not in free[0, :3]
+  transformers.GenerationConfig(eos_token_id=[tok.eos_token_id, stop],
+                                pad_token_id=tok.pad_token_id).save_pretrained(folder)  # fmt: skip
+  ours = llm.load(folder)
+  assert ours.eos_ids == (tok.eos_token_id, stop) and llm.stop_ids_of(folder) == (
+    tok.eos_token_id, stop)  # fmt: skip
+  ref = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+  with torch.no_grad():
+    want = ref.generate(
+      torch.tensor(tokens), attention_mask=torch.tensor(mask), max_new_tokens=10, do_sample=False
+    )[:, tokens.shape[1] :].tolist()
+  assert want[0][4:] == [tok.pad_token_id] * 6  # it stopped there
+  out, lengths = ours.generate_ids(tokens, mask, 10)
+  assert lengths[0] == 4
+  for row, n, theirs in zip(out.tolist(), lengths.tolist(), want):
+    assert row[:n] == theirs[:n] and (n == 10 or theirs[n - 1] in ours.eos_ids)
+  for text, message in (("{", "is not JSON"),
+                        ('{"eos_token_id": [2, 300]}', "must be a token id or a list of them, "
+                         "in [0, 300)"),
+                        ('{"eos_token_id": "2"}', "eos_token_id='2' must be")):  # fmt: skip
+    (tmp_path / "m" / "generation_config.json").write_text(text)
+    with pytest.raises(UserError, match=re.escape(message)):
+      llm.load(folder)
+  (tmp_path / "m" / "generation_config.json").write_text('{"eos_token_id": null}')
+  assert llm.stop_ids_of(folder) == ()
+
+
 # ------------------------------------------------------------------ GGUF written by the test
 
 
@@ -221,8 +261,8 @@ def _write_gguf(
   path, model, arch="llama", quantize_gate=True, bad_type=False, extra=None, metadata=None
 ):
   """Writes a llama GGUF from a torch HF model (and the float32 tensors `extra`, by GGUF
-  name; the metadata `metadata`, strings and float32 numbers by key); returns the model with
-  the weights it holds."""
+  name; the metadata `metadata`, strings, uint32 and float32 numbers by key); returns the
+  model with the weights it holds."""
   import torch
 
   cfg = model.config
@@ -237,7 +277,8 @@ def _write_gguf(
   writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
   writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", cfg.rms_norm_eps)
   for key, value in (metadata or {}).items():
-    (writer.add_string if isinstance(value, str) else writer.add_float32)(key, value)
+    add = {str: writer.add_string, int: writer.add_uint32}.get(type(value), writer.add_float32)
+    add(key, value)
   new_sd = {}
   for key, w in sd.items():
     if key == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -304,6 +345,19 @@ def test_gguf_rope_scale_is_applied_as_llama_cpp_applies_it(key, tmp_path):
   assert _rel_err(ours, ref) <= TOL
   plain = llama.Llama(cfg.replace(rope_scaling=None)).apply({"params": params}, tokens)
   assert _rel_err(plain, ref) > 100 * TOL  # the scale matters at these positions
+
+
+def test_gguf_end_of_turn_tokens_end_a_generation(tmp_path):
+  """llama.cpp ends a generation at the end-of-turn and end-of-message tokens too."""
+  path = str(tmp_path / "eot.gguf")
+  meta = {"tokenizer.ggml.eot_token_id": 7, "tokenizer.ggml.eom_token_id": 9}
+  _write_gguf(path, _hf_model(), quantize_gate=False, metadata=meta)
+  assert llm.stop_ids_of(path) == (7, 9)
+  with pytest.warns(UserWarning, match="no tokenizer"):
+    assert llm.load(path).eos_ids == (7, 9)
+  _write_gguf(path, _hf_model(), metadata={"tokenizer.ggml.eot_token_id": 300})
+  with pytest.raises(UserError, match=re.escape("tokenizer.ggml.eot_token_id=300 must be a")):
+    llm.stop_ids_of(path)
 
 
 def _assert_read_as_gguf_reads_it(path):

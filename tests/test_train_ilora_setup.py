@@ -336,6 +336,13 @@ def test_check_llm_gives_the_tokenizer_and_names_each_problem(monkeypatch):
   with pytest.raises(UserError, match=r"^tiny has no tokenizer: the ilora stage writes"):
     train_ilora.check_llm(_config())
 
+  def unreadable_stops(name):
+    raise UserError(f"{name}/generation_config.json is not JSON")
+
+  monkeypatch.setattr(llm, "stop_ids_of", unreadable_stops)
+  with pytest.raises(UserError, match=r"^tiny/generation_config.json is not JSON$"):
+    train_ilora.check_llm(_config())
+
 
 def test_check_llm_reads_a_gguf_models_config_not_only_its_tokenizer(monkeypatch):
   """A GGUF model's tokenizer is read without its config (`llm.load_tokenizer`): the check
@@ -463,6 +470,7 @@ def test_build_loads_the_llm_grows_its_vocabulary_and_assembles_the_parts(
   def load(name, **kwargs):
     calls.append((name, kwargs))
     base = real(name, **kwargs)
+    base.stop_ids = (7,)  # As a generation_config.json listing another end id.
     calls.append(base)
     return base
 
@@ -483,6 +491,7 @@ def test_build_loads_the_llm_grows_its_vocabulary_and_assembles_the_parts(
                         frozen["llm"], want)  # fmt: skip
   assert all(jax.tree.leaves(placed))  # Placed on the mesh by the sharding rules.
   assert parts.model.unroll_decode is False
+  assert parts.model.eos_ids == (inputs.tokenizer.eos_token_id, 7)
   old = np.asarray(jax.tree.leaves(base.params)[0])
   assert old.shape[0] == 49152  # The original rows are kept.
   np.testing.assert_array_equal(np.asarray(embed[0])[:49152], old)
