@@ -413,6 +413,10 @@ def _unreadable(path: str, exc: OSError) -> UserError:
   return UserError(f"cannot read {path}: {exc.strerror or exc}")
 
 
+# The names a Llama body's tensors begin with, without the causal LM's 'model.' prefix.
+_BODY_PREFIXES = ("embed_tokens.", "layers.", "norm.")
+
+
 class SafetensorsFolder:
   """Lazy access to the tensors of a (possibly sharded) safetensors checkpoint; made, it has
   read the headers (and index) of every file, a UserError for none, a missing or unreadable
@@ -458,6 +462,8 @@ class SafetensorsFolder:
       except OSError as exc:  # Its config.json read, the folder not listed (no read right).
         raise _unreadable(folder, exc) from None
       files = sorted(n for n in listed if n.endswith(".safetensors"))
+      if "model.safetensors" in files:  # As transformers reads a folder: that file alone,
+        files = ["model.safetensors"]  # not an adapter_model.safetensors beside it.
       weight_map = None
     if not files:
       if weight_map is not None:  # An index of no files: the folder not listed yet.
@@ -495,6 +501,16 @@ class SafetensorsFolder:
       missing = sorted(k for k in weight_map if k not in self._where)
       if missing:
         raise UserError(f"{folder}: tensors listed in the index are missing: {missing[:3]}")
+    # A LlamaModel's save (no head) names its tensors without the causal LM's 'model.'
+    # prefix; transformers loads it into the causal LM all the same.
+    self._stored = {name: name for name in self._where}
+    if not any(k.startswith("model.") for k in self._where) and any(
+      k.startswith(_BODY_PREFIXES) for k in self._where
+    ):
+      self._stored = {
+        name if name == "lm_head.weight" else f"model.{name}": name for name in self._where
+      }
+      self._where = {name: self._where[stored] for name, stored in self._stored.items()}
 
   def has(self, name: str) -> bool:
     return name in self._where
@@ -506,7 +522,7 @@ class SafetensorsFolder:
     if name not in self._where:
       raise UserError(f"{self._folder}: tensor {name} not found in the safetensors files")
     try:
-      return self._handles[self._where[name]].get_tensor(name)
+      return self._handles[self._where[name]].get_tensor(self._stored[name])
     except self._error as e:
       raise UserError(f"cannot read {name} from {self._where[name]}: {e}") from None
     except (AttributeError, TypeError, ValueError) as e:  # A dtype numpy has no type for.

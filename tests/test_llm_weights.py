@@ -832,6 +832,38 @@ def _variant(src, folder, change_tensors=None, change_config=None) -> str:
   return folder
 
 
+def test_folders_transformers_loads_as_a_causal_lm_load_here_too(hf_checkpoints, tmp_path):
+  """A LlamaModel's save (tensors without the 'model.' prefix, tied, no head) and a folder
+  with another *.safetensors beside model.safetensors (an adapter's), as transformers loads
+  them: the body read by its names, model.safetensors alone. Both were refused."""
+  import torch
+  import transformers
+  from safetensors import safe_open
+  from safetensors.numpy import save_file
+
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=96,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+  body = str(tmp_path / "body")
+  transformers.LlamaModel(config).save_pretrained(body)
+  with safe_open(os.path.join(body, "model.safetensors"), "np") as f:
+    assert not any(k.startswith("model.") for k in f.keys())
+  ref = transformers.LlamaForCausalLM.from_pretrained(body, dtype=torch.float32).eval()
+  tokens = np.random.RandomState(4).randint(0, 300, (2, 24))
+  assert _rel_err(llm.load(body).logits(tokens), _hf_logits(ref, tokens)) <= TOL
+  folder, model = hf_checkpoints["gqa_untied_single_file"]
+  extra = _copy_folder(folder, tmp_path / "extra")
+  lora_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+  save_file(
+    {lora_a: np.zeros((4, 64), np.float32)}, os.path.join(extra, "adapter_model.safetensors")
+  )
+  assert _rel_err(llm.load(extra).logits(tokens), _hf_logits(model, tokens)) <= TOL
+  os.rename(os.path.join(extra, "model.safetensors"), os.path.join(extra, "other.safetensors"))
+  with pytest.raises(UserError, match=re.escape(f"does not use: {lora_a}")):
+    llm.load(extra)  # Without model.safetensors, every *.safetensors file is read.
+
+
 def test_weights_the_model_would_not_compute_with_are_refused(hf_checkpoints, tiny_gguf, tmp_path):
   """A bias or a layer past num_hidden_layers (which the model would leave out), a tied
   model's lm_head.weight that differs from its embedding (which transformers uses, untied),
