@@ -118,12 +118,19 @@ def _resolve(name_or_path: str) -> tuple[str, str]:
 
 
 def check_weight_files(name_or_path: str) -> None:
-  """Where a Hugging Face folder is named: its safetensors files are there, readable and
-  whole (headers and index; no tensor is read), else a UserError. GGUF files are checked by
-  `config_for`, which reads their tensor table."""
+  """Where a model file or folder is named: its weights are there, readable and whole, and
+  their names, shapes and types those its config asks for (from the safetensors headers and
+  index or the GGUF tensor table; no tensor is read), else a UserError, the line loading
+  would give. Values (a NaN, a tied head unlike its embedding) are loading's to check."""
   kind, target = _resolve(name_or_path)
-  if kind == "hf":
-    weights.SafetensorsFolder(target)
+  if kind == "preset":
+    return
+  config = config_for(name_or_path)
+  if kind == "gguf":
+    weights.check_gguf_tensors(weights.open_gguf(target), config, target)
+    return
+  tensors = weights.SafetensorsFolder(target)
+  weights.check_tensor_table(tensors.table(), config, target, tensors.missing)
 
 
 def config_for(name_or_path: str, **overrides) -> LlamaConfig:

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -91,17 +92,69 @@ def _expected_hf_shape(suffix: str, cfg: LlamaConfig) -> tuple[int, ...]:
   }[suffix]
 
 
+def _expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+  """The HF name and shape of every tensor the model reads, in loading's order (lm_head
+  last: a tied model may lack it)."""
+  d, v = cfg.hidden_size, cfg.vocab_size
+  out = {"model.embed_tokens.weight": (v, d)}
+  for _, suffix in _LAYER_TENSORS:
+    shape = _expected_hf_shape(suffix, cfg)
+    out.update({f"model.layers.{i}.{suffix}": shape for i in range(cfg.num_layers)})
+  out["model.norm.weight"] = (d,)
+  out["lm_head.weight"] = (v, d)
+  return out
+
+
+def _tensor_error(
+  name: str, shape, want, dtype, floating: bool, source: str, shown: Callable = str
+) -> UserError | None:
+  """The error of a tensor of another shape than `want`, or not floating point, else None."""
+  if tuple(shape) != tuple(want):
+    return UserError(f"{source}: tensor {shown(name)} has shape {tuple(shape)}, expected {want}")
+  if not floating:
+    return UserError(
+      f"{source}: tensor {shown(name)} holds {dtype} values, not floating point weights"
+    )
+  return None
+
+
 def _checked(
   get: TensorGetter, name: str, shape: tuple[int, ...], source: str, shown: Callable = str
 ) -> np.ndarray:
   w = get(name)
-  if tuple(w.shape) != tuple(shape):
-    raise UserError(f"{source}: tensor {shown(name)} has shape {tuple(w.shape)}, expected {shape}")
-  if not jax.numpy.issubdtype(w.dtype, jax.numpy.floating):  # bfloat16 is one too.
-    raise UserError(
-      f"{source}: tensor {shown(name)} holds {w.dtype} values, not floating point weights"
-    )
+  floating = jax.numpy.issubdtype(w.dtype, jax.numpy.floating)  # bfloat16 is one too.
+  error = _tensor_error(name, w.shape, shape, w.dtype, floating, source, shown)
+  if error is not None:
+    raise error
   return w
+
+
+def _missing_head(source: str) -> UserError:
+  return UserError(f"{source}: lm_head.weight missing but word embeddings are not tied")
+
+
+def check_tensor_table(
+  table: dict[str, tuple[tuple[int, ...], Any, bool]],
+  cfg: LlamaConfig,
+  source: str,
+  missing: Callable[[str], UserError],
+  shown: Callable[[str], str] = str,
+) -> None:
+  """What `params_from_hf_tensors` checks of a checkpoint's tensors that needs no values,
+  from its table {HF name: (shape, dtype, floating)}: every tensor used, each there with its
+  shape, floating point. A UserError, the line loading would give first, for the first that
+  is not; `missing(name)` is the error of a body tensor not there."""
+  _check_all_used(table, cfg, source)
+  for name, want in _expected_tensors(cfg).items():
+    if name in table:
+      shape, dtype, floating = table[name]
+      error = _tensor_error(name, shape, want, dtype, floating, source, shown)
+      if error is not None:
+        raise error
+    elif name != "lm_head.weight":
+      raise missing(name)
+    elif not cfg.tie_word_embeddings:
+      raise _missing_head(source)
 
 
 def _sharding_for(shardings: Any, path: tuple[str, ...], shape: tuple[int, ...]):
@@ -204,7 +257,7 @@ def params_from_hf_tensors(
   params["final_norm"] = {"scale": put(("final_norm", "scale"), norm)}
   if not cfg.tie_word_embeddings:
     if not has("lm_head.weight"):
-      raise UserError(f"{source}: lm_head.weight missing but word embeddings are not tied")
+      raise _missing_head(source)
     head = checked("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
     params["lm_head"] = put(("lm_head",), head.T)
   elif has("lm_head.weight"):
@@ -413,6 +466,14 @@ def _unreadable(path: str, exc: OSError) -> UserError:
   return UserError(f"cannot read {path}: {exc.strerror or exc}")
 
 
+def _numpy_dtype_name(dtype: str) -> str:
+  """A safetensors dtype as numpy names it: I32 int32, BF16 bfloat16 (F8_E4M3 f8_e4m3)."""
+  kind = re.fullmatch(r"(BF|F|I|U)(\d+)", dtype)
+  if kind is None:
+    return dtype.lower()
+  return {"BF": "bfloat", "F": "float", "I": "int", "U": "uint"}[kind[1]] + kind[2]
+
+
 # The names a Llama body's tensors begin with, without the causal LM's 'model.' prefix.
 _BODY_PREFIXES = ("embed_tokens.", "layers.", "norm.")
 
@@ -512,6 +573,19 @@ class SafetensorsFolder:
       }
       self._where = {name: self._where[stored] for name, stored in self._stored.items()}
 
+  def table(self) -> dict[str, tuple[tuple[int, ...], str, bool]]:
+    """{name: (shape, dtype as numpy names it, floating)} from the headers (no tensor is
+    read)."""
+    out = {}
+    for name, path in self._where.items():
+      view = self._handles[path].get_slice(self._stored[name])
+      dtype = _numpy_dtype_name(view.get_dtype())
+      out[name] = (tuple(view.get_shape()), dtype, "float" in dtype or dtype.startswith("f8"))
+    return out
+
+  def missing(self, name: str) -> UserError:
+    return UserError(f"{self._folder}: tensor {name} not found in the safetensors files")
+
   def has(self, name: str) -> bool:
     return name in self._where
 
@@ -520,7 +594,7 @@ class SafetensorsFolder:
 
   def get(self, name: str) -> np.ndarray:
     if name not in self._where:
-      raise UserError(f"{self._folder}: tensor {name} not found in the safetensors files")
+      raise self.missing(name)
     try:
       return self._handles[self._where[name]].get_tensor(self._stored[name])
     except self._error as e:
@@ -803,14 +877,8 @@ def _unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, half, 2, cols).swapaxes(1, 2).reshape(rows, cols)
 
 
-def gguf_tensor_getter(
-  reader, cfg: LlamaConfig, path: str
-) -> tuple[TensorGetter, Callable, list[str], Callable[[str], str]]:
-  """-> (get, has, names, shown) over HF tensor names, dequantizing GGUF tensors to float32
-  on demand; `names` holds the file's other tensors under their GGUF names; `shown` names a
-  tensor for messages as the file does, its HF name beside it."""
-  import gguf
-
+def _gguf_by_hf_name(reader) -> tuple[dict, list[str]]:
+  """-> ({HF name: GGUF tensor} of the tensors a llama model reads, the others' names)."""
   by_hf_name, others = {}, []
   for t in reader.tensors:
     parts = t.name.split(".", 3)
@@ -821,17 +889,53 @@ def gguf_tensor_getter(
       by_hf_name[f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{rest}"] = t
     else:
       others.append(t.name)
+  return by_hf_name, others
+
+
+def _gguf_missing(path: str, name: str) -> UserError:
+  return UserError(f"{path}: tensor for {name} missing from the GGUF file")
+
+
+def _gguf_qtype(t, path: str):
+  """The tensor's GGML type, a UserError for one this reader does not dequantize."""
+  import gguf
+
+  qtype = gguf.GGMLQuantizationType(t.tensor_type)
+  if qtype.name not in SUPPORTED_GGUF_TYPES:
+    raise UserError(
+      f"{path}: tensor {t.name} uses unsupported quantisation {qtype.name} "
+      f"(supported: {', '.join(SUPPORTED_GGUF_TYPES)})"
+    )
+  return qtype
+
+
+def check_gguf_tensors(reader, cfg: LlamaConfig, path: str) -> None:
+  """`check_tensor_table` of a GGUF file's tensor table (every type one it dequantizes)."""
+  by_hf_name, others = _gguf_by_hf_name(reader)
+  table = {
+    name: (tuple(int(x) for x in reversed(t.shape)), _gguf_qtype(t, path).name, True)
+    for name, t in by_hf_name.items()
+  }
+  table.update({name: ((), None, True) for name in others})
+  shown = {name: f"{t.name} ({name})" for name, t in by_hf_name.items()}
+  check_tensor_table(table, cfg, path, lambda n: _gguf_missing(path, n), lambda n: shown.get(n, n))
+
+
+def gguf_tensor_getter(
+  reader, cfg: LlamaConfig, path: str
+) -> tuple[TensorGetter, Callable, list[str], Callable[[str], str]]:
+  """-> (get, has, names, shown) over HF tensor names, dequantizing GGUF tensors to float32
+  on demand; `names` holds the file's other tensors under their GGUF names; `shown` names a
+  tensor for messages as the file does, its HF name beside it."""
+  import gguf
+
+  by_hf_name, others = _gguf_by_hf_name(reader)
 
   def get(name: str) -> np.ndarray:
     t = by_hf_name.get(name)
     if t is None:
-      raise UserError(f"{path}: tensor for {name} missing from the GGUF file")
-    qtype = gguf.GGMLQuantizationType(t.tensor_type)
-    if qtype.name not in SUPPORTED_GGUF_TYPES:
-      raise UserError(
-        f"{path}: tensor {t.name} uses unsupported quantisation {qtype.name} "
-        f"(supported: {', '.join(SUPPORTED_GGUF_TYPES)})"
-      )
+      raise _gguf_missing(path, name)
+    qtype = _gguf_qtype(t, path)
     try:
       w = np.asarray(gguf.quants.dequantize(t.data, qtype), dtype=np.float32)
     except (ValueError, NotImplementedError) as e:

@@ -864,6 +864,49 @@ def test_folders_transformers_loads_as_a_causal_lm_load_here_too(hf_checkpoints,
     llm.load(extra)  # Without model.safetensors, every *.safetensors file is read.
 
 
+def test_weight_files_are_checked_from_their_tables_as_loading_checks_them(
+  hf_checkpoints, tmp_path
+):
+  """`llm.check_weight_files` (what the pipeline runs before SASRec trains) reads no tensor
+  yet refuses each broken checkpoint with the line loading gives: it read the headers only,
+  so these were named after SASRec had trained (an audit's run: after step 130)."""
+  src = hf_checkpoints["gqa_untied_single_file"][0]
+  up, bias = "model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.q_proj.bias"
+  cases = {
+    "vocab": (None, lambda c: c.update(vocab_size=400), "embed_tokens.weight has shape (300, 64), "
+              "expected (400, 64)"),
+    "missing": (lambda t: t.pop(up), None, f"tensor {up} not found"),
+    "int": (lambda t: t.update({up: t[up].astype(np.int32)}), None, "holds int32 values"),
+    "bf16": (lambda t: t.update({up: t[up][:5].astype(jax.numpy.bfloat16)}), None,
+             "up_proj.weight has shape (5, 64), expected (96, 64)"),
+    "no_head": (lambda t: t.pop("lm_head.weight"), None, "lm_head.weight missing"),
+    "bias": (lambda t: t.update({bias: np.zeros(64, np.float32)}), None, f"does not use: {bias}"),
+    "tied_head": (lambda t: t.update({"lm_head.weight": t["lm_head.weight"][:10]}),
+                  lambda c: c.update(tie_word_embeddings=True),
+                  "lm_head.weight has shape (10, 64), expected (300, 64)"),
+  }  # fmt: skip
+  broken = {_variant(src, tmp_path / c, t, k): m for c, (t, k, m) in cases.items()}
+  for name, kw, message in (
+    ("vocab", {"metadata": {"llama.vocab_size": 400}}, "token_embd.weight (model.embed_tokens."
+     "weight) has shape (300, 64), expected (400, 64)"),
+    ("int8", {"bad_type": True}, "token_embd.weight uses unsupported quantisation I8"),
+    ("bias", {"extra": {"blk.0.attn_q.bias": np.zeros(64, np.float32)}}, f"does not use: {bias}"),
+  ):  # fmt: skip
+    path = str(tmp_path / f"{name}.gguf")
+    _write_gguf(path, _hf_model(), quantize_gate=False, **kw)
+    broken[path] = message
+  for path, message in broken.items():
+    with pytest.raises(UserError, match=re.escape(message)) as loading, warnings.catch_warnings():
+      warnings.simplefilter("ignore")  # "no tokenizer"
+      llm.load(path)
+    with pytest.raises(UserError) as checking:
+      llm.check_weight_files(path)
+    assert str(checking.value) == str(loading.value)
+  whole = [src, hf_checkpoints["tied_sharded"][0], hf_checkpoints["head_dim_32_mqa"][0]]
+  for path in whole + [p for p in [llm.smollm2_gguf_path()] if p]:
+    llm.check_weight_files(path)  # Whole checkpoints pass (the packaged one's Q4_1 too).
+
+
 def test_weights_the_model_would_not_compute_with_are_refused(hf_checkpoints, tiny_gguf, tmp_path):
   """A bias or a layer past num_hidden_layers (which the model would leave out), a tied
   model's lm_head.weight that differs from its embedding (which transformers uses, untied),
@@ -1039,8 +1082,9 @@ def test_null_rope_theta_and_bad_gguf_sizes():
 
 
 def test_the_pipeline_names_a_bad_llm_before_training_sasrec(tmp_path):
-  """A mistyped or unsupported model, or a folder without its safetensors weights, is named
-  before SASRec trains (hours on real data), not after it."""
+  """A mistyped or unsupported model, a folder without its safetensors weights or with
+  weights of other shapes than its config's, is named before SASRec trains (hours on real
+  data), not after it."""
   from conftest import TINY, assert_one_line_error, run_cli
 
   mistral = tmp_path / "mistral"
@@ -1050,12 +1094,19 @@ def test_the_pipeline_names_a_bad_llm_before_training_sasrec(tmp_path):
   from tokenizers import Tokenizer, models
   from transformers import PreTrainedTokenizerFast
 
+  shapes = tmp_path / "shapes"  # Weights of 300 tokens under a config of 400.
+  _hf_model().save_pretrained(str(shapes))
+  hf = json.loads((shapes / "config.json").read_text())
+  (shapes / "config.json").write_text(json.dumps({**hf, "vocab_size": 400}))
+  tok_lib.byte_level_tokenizer().save_pretrained(str(shapes))
   pickled = tmp_path / "pickled"
   _folder_with_tokenizer_files(pickled, {"pytorch_model.bin": b"not read"})
   words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
   PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]").save_pretrained(pickled)
   for name, fragment in ((str(tmp_path / "typo"), "unknown model"),
                          (str(mistral), "unsupported architecture 'mistral'"),
+                         (str(shapes), "tensor model.embed_tokens.weight has shape (300, 64), "
+                          "expected (400, 64)"),
                          (str(pickled), f"no *.safetensors weights found in {pickled} "
                           "(pytorch_model.bin is not read: a pickle can run code")):  # fmt: skip
     work = tmp_path / f"w_{os.path.basename(name)}"
