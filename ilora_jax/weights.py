@@ -267,7 +267,7 @@ def params_from_hf_tensors(
         f"{source}: the config ties the word embeddings (tie_word_embeddings) but lm_head.weight "
         "differs from model.embed_tokens.weight; set tie_word_embeddings to false to use it"
       )
-  _check_finite(params, cfg, source, shown)
+  _check_finite(params, cfg, source, shown, get)
   return params
 
 
@@ -296,8 +296,15 @@ def _finite_rows(leaves):
   return [jax.numpy.isfinite(x).reshape(x.shape[0], -1).all(axis=1) for x in leaves]
 
 
-def _check_finite(params: dict, cfg: LlamaConfig, source: str, shown: Callable = str) -> None:
-  """A UserError naming the first tensor that holds NaN or an infinity."""
+def _check_finite(
+  params: dict,
+  cfg: LlamaConfig,
+  source: str,
+  shown: Callable = str,
+  get: TensorGetter | None = None,
+) -> None:
+  """A UserError naming the first tensor that holds NaN or an infinity; one saying it
+  overflows `param_dtype` where the checkpoint's own values (`get`) are finite."""
   hf_of = {sub: suffix for sub, suffix in _LAYER_TENSORS}
   paths, leaves = zip(*jax.tree_util.tree_flatten_with_path(params)[0])
   for path, rows in zip(paths, jax.device_get(_finite_rows(list(leaves)))):
@@ -311,6 +318,12 @@ def _check_finite(params: dict, cfg: LlamaConfig, source: str, shown: Callable =
     else:
       name = {"embedding": "model.embed_tokens.weight", "final_norm": "model.norm.weight",
               "lm_head": "lm_head.weight"}[keys[0]]  # fmt: skip
+    stored = None if get is None else np.asarray(get(name), np.float32)
+    if stored is not None and np.isfinite(stored).all():
+      raise UserError(
+        f"{source}: tensor {shown(name)} holds values up to {np.abs(stored).max():g}, beyond "
+        f"the range of {cfg.param_dtype.name} (param_dtype): load it in bfloat16 or float32"
+      )
     raise UserError(f"{source}: tensor {shown(name)} holds NaN or infinite values")
 
 

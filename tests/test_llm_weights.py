@@ -954,6 +954,18 @@ def test_weights_the_model_would_not_compute_with_are_refused(hf_checkpoints, ti
     for scan in (True, False):  # The layer named from the stacked and the unstacked trees.
       with pytest.raises(UserError, match=re.escape(f"{folder}: tensor {name} holds NaN or inf")):
         llm.load(folder, scan_layers=scan)
+  # A finite bfloat16 weight beyond float16's range (65504) overflows in a float16 load: named
+  # as such, not as a NaN the checkpoint would hold (it was).
+  name = "model.layers.1.mlp.down_proj.weight"
+  big = _variant(src, tmp_path / "big", lambda t: t.update(
+    {name: (t[name] * 0 + 99840.0).astype(jax.numpy.bfloat16)}))  # fmt: skip
+  overflow = (f"{big}: tensor {name} holds values up to 99840, beyond the range of float16 "
+              "(param_dtype): load it in bfloat16 or float32")  # fmt: skip
+  with pytest.raises(UserError, match=re.escape(overflow)):
+    llm.load(big, param_dtype=jax.numpy.float16)
+  assert np.isfinite(
+    llm.load(big, param_dtype=jax.numpy.bfloat16).logits(np.ones((1, 2), int))
+  ).all()
   path = str(tmp_path / "bias.gguf")
   _write_gguf(path, _hf_model(tie_word_embeddings=False), extra={"blk.1.attn_q.bias": zeros})
   with pytest.raises(UserError, match="does not use: model.layers.1.self_attn.q_proj.bias"):
