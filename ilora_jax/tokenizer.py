@@ -44,12 +44,17 @@ def _byte_level(use_regex: bool = True):
   return pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=use_regex)
 
 
+# The pre-tokenizer types llama.cpp reads as Llama 3's: besides its splitting, a word that is
+# itself a token is taken whole (merges ignored), and a BOS is added unless the file says not.
+_LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
+
+
 def _pre_tokenizer(pre: str | None):
   """The pre-tokenizer matching llama.cpp's `tokenizer.ggml.pre` type."""
   if pre in ("smollm", "starcoder", "refact", "codeshell", "exaone", "minerva-7b"):
     # Digits are split one by one, then GPT-2 byte-level splitting.
     return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), _byte_level()])
-  if pre in ("llama-bpe", "llama3", "smaug-bpe", "dbrx"):
+  if pre in (*_LLAMA3_PRE, "smaug-bpe", "dbrx"):
     return pre_tokenizers.Sequence(
       [
         pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated", invert=False),
@@ -236,8 +241,11 @@ def _build_gguf_tokenizer(reader) -> tuple[Tokenizer, tuple]:
   vocab: dict[str, int] = {}
   for i, token in enumerate(tokens):
     vocab.setdefault(token, i)
+  llama3 = gguf_field(reader, "tokenizer.ggml.pre") in _LLAMA3_PRE
   try:
-    bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
+    bpe = models.BPE(
+      vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=llama3
+    )
   except Exception as exc:  # noqa: BLE001 - the Rust builder raises a plain Exception.
     raise UserError(f"{name}: its tokenizer does not build ({exc})") from None
   tk = Tokenizer(bpe)
@@ -267,7 +275,7 @@ def _build_gguf_tokenizer(reader) -> tuple[Tokenizer, tuple]:
       )
     return None
 
-  add_bos = bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", False))
+  add_bos = bool(gguf_field(reader, "tokenizer.ggml.add_bos_token", llama3))
   add_eos = bool(gguf_field(reader, "tokenizer.ggml.add_eos_token", False))
   bos = token_of("tokenizer.ggml.bos_token_id", add_bos)
   eos = token_of("tokenizer.ggml.eos_token_id", add_eos)

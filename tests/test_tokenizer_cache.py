@@ -279,7 +279,7 @@ def _gguf(path, extra=(), merges=(), extra_types=None, **fields):
   return str(path)
 
 
-@pytest.mark.parametrize("pre", ["llama-bpe", "llama3"])
+@pytest.mark.parametrize("pre", ["llama-bpe", "llama3", "llama-v3"])
 def test_llama3_pre_tokenizer_splits_as_documented(fresh, tmp_path, pre):
   """Not the cache: `_pre_tokenizer`'s Llama 3 splitting. By Llama 3's documented pattern,
   '12345'SS' splits into '123', '45' (digits three at a time), "'S" (contractions whatever
@@ -287,10 +287,26 @@ def test_llama3_pre_tokenizer_splits_as_documented(fresh, tmp_path, pre):
   the Llama 3 one, case-sensitive contractions or GPT-2's splitting alone all differ."""
   extra = ["12", "123", "45", "SS", "'S"]
   merges = ["S S", "' S", "1 2", "12 3", "4 5"]
-  tok = tok_lib.tokenizer_from_gguf(_gguf(tmp_path / "t.gguf", extra, merges, pre=pre))
+  path = _gguf(tmp_path / "t.gguf", extra, merges, pre=pre, add_bos_token=False)
+  tok = tok_lib.tokenizer_from_gguf(path)
   ids = {t: 259 + i for i, t in enumerate(extra)}
   assert tok("12345'SS")["input_ids"] == [ids["123"], ids["45"], ids["'S"], _byte_id("S")]
   assert tok.decode(tok("12345'SS")["input_ids"]) == "12345'SS"
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "llama3", "gpt2"])
+def test_llama3_types_take_a_word_in_the_vocabulary_whole_and_add_a_bos(fresh, tmp_path, pre):
+  """Not the cache: llama.cpp's reading of the Llama 3 types (src/llama-vocab.cpp sets
+  ignore_merges and add_bos for them; Llama 3's tokenizer.json has "ignore_merges": true). A
+  word that is a token is one id though no merge builds it ('hello' here: the merges stop at
+  'he'), and a file without add_bos_token adds the BOS; GPT-2's type does neither."""
+  path = _gguf(tmp_path / "t.gguf", ["he", "hello"], ["h e"], pre=pre)
+  llama3 = pre != "gpt2"
+  split = [259, _byte_id("l"), _byte_id("l"), _byte_id("o")]  # 'he', 'l', 'l', 'o'
+  want = [1, 260] if llama3 else split  # '<|im_start|>', 'hello'
+  assert tok_lib.tokenizer_from_gguf(path)("hello")["input_ids"] == want
+  path = _gguf(tmp_path / "n.gguf", ["he", "hello"], ["h e"], pre=pre, add_bos_token=False)
+  assert tok_lib.tokenizer_from_gguf(path)("hello")["input_ids"] == want[llama3:]
 
 
 def test_smollm_pre_tokenizer_splits_digits_one_by_one(fresh, tmp_path):
