@@ -468,7 +468,7 @@ def config_from_hf(hf: dict, source: str = "Llama config.json", **overrides) -> 
     rope_scaling=scaling,
     rms_norm_eps=_positive_float(hf, "rms_norm_eps", 1e-6, source=source),
     tie_word_embeddings=bool(tie),
-    max_position_embeddings=_positive_int(hf, "max_position_embeddings", 4096, source=source),
+    max_position_embeddings=_positive_int(hf, "max_position_embeddings", 2048, source=source),
   )
   kwargs.update(overrides)
   return LlamaConfig(**kwargs)

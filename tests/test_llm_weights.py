@@ -1223,13 +1223,15 @@ def _tiny_folder(folder, tensors=None, config=None, shards=None) -> str:
 
 def test_audit_hf_config_defaults_are_transformers_defaults():
   """Fields a config.json may leave out get transformers' LlamaConfig defaults (key/value
-  heads = heads, rope_theta 1e4, rms_norm_eps 1e-6, untied) or LlamaConfig's own."""
+  heads = heads, rope_theta 1e4, rms_norm_eps 1e-6, untied, 2048 positions, which was
+  LlamaConfig's 4096)."""
+  transformers = pytest.importorskip("transformers")
   hf = {k: v for k, v in GOOD_HF.items() if k != "num_key_value_heads"}
   cfg = weights.config_from_hf(hf)
   assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4, 4, 16)
   assert (cfg.rope_theta, cfg.rms_norm_eps, cfg.tie_word_embeddings) == (1e4, 1e-6, False)
   assert cfg.rope_scaling is None
-  assert cfg.max_position_embeddings == llama.LlamaConfig.max_position_embeddings
+  assert cfg.max_position_embeddings == transformers.LlamaConfig().max_position_embeddings == 2048
   cfg = weights.config_from_hf({**GOOD_HF, "tie_word_embeddings": None})
   assert cfg.tie_word_embeddings is False
   # rope_type wins over its older name `type` where both are given (as in transformers).
