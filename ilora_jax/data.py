@@ -453,6 +453,11 @@ def _build_stamp(data, source: str | None = None) -> dict:
   return {"build": data.build, "seed": int(data.build_seed), "ratings": source}
 
 
+# The files the MovieLens builder writes (`movielens.build`), by their `config.data` keys.
+_BUILT_FILES = {"train_file": "train_data.df", "val_file": "Val_data.df",
+                "test_file": "Test_data.df", "titles_file": "u.item"}  # fmt: skip
+
+
 def _build_if_needed(data, directory: str, train_path: str) -> None:
   """Builds the split when its files are missing. A folder built before keeps its split: when
   its stamp (`build.json`) names another seed or other ratings, that is an error, never a
@@ -462,6 +467,18 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
 
   if data.build != "movielens100k":
     raise UserError(f"config.data.build={data.build!r} is unknown; the builder is movielens100k")
+  if data.name != "movielens":
+    raise UserError(
+      f"config.data.build={data.build} builds MovieLens, not config.data.name={data.name}'s "
+      "data set: leave config.data.build out to read its files"
+    )
+  renamed = [f"config.data.{key}={data.get(key, '')}" for key, name in _BUILT_FILES.items()
+             if data.get(key, "") not in ("", name)]  # fmt: skip
+  if renamed:  # The builder never writes it: every run would build again, unguarded.
+    raise UserError(
+      f"{', '.join(renamed)}: the MovieLens builder writes {', '.join(_BUILT_FILES.values())}; "
+      "leave the file names as they are, or config.data.build out to read files of your own"
+    )
   stamp_path = os.path.join(directory, "build.json")
   if os.path.exists(train_path):
     if not os.path.exists(stamp_path):
@@ -494,6 +511,21 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
       print(f"note: config.data.raw_ratings={data.raw_ratings} is gone; using the split built "
             f"before in {directory}", file=sys.stderr)  # fmt: skip
     return
+  # Into a new or empty folder only (a killed build's temporary files aside): never over
+  # another data set's files (its Val_data.df, say) or the user's own.
+  try:
+    held = sorted(n for n in os.listdir(directory) if ".tmp-" not in n)
+  except FileNotFoundError:
+    held = []
+  except OSError as exc:  # A file, or a folder that cannot be listed.
+    raise UserError(f"cannot build the MovieLens split into {directory}: {exc.strerror}") from None
+  if held:
+    more = f" and {len(held) - 3} more" if len(held) > 3 else ""
+    raise UserError(
+      f"{directory} holds {', '.join(held[:3])}{more} but no {data.train_file}: the MovieLens "
+      "builder writes only into a new or empty folder; give another config.data.dir (or none: "
+      "<workdir>/data/movielens), or leave config.data.build out to read the files there"
+    )
   stamp = _build_stamp(data)
   from ilora_jax import movielens
 

@@ -156,6 +156,10 @@ def build_frames(sequences: dict[int, list[tuple[int, int]]], seed: int):
   return frames
 
 
+# The files `build` writes its splits to.
+SPLIT_FILES = {"train": "train_data.df", "val": "Val_data.df", "test": "Test_data.df"}
+
+
 def build(
   out_dir: str, seed: int = 0, raw_ratings: str = "", raw_items: str = "", min_len: int = 0
 ) -> str:
@@ -177,11 +181,15 @@ def build(
         f"{source}: the ratings give no {name} row with a history of {min_len} items "
         f"(config.data.min_len): the builder needs users with {min_len + 1} or more ratings >= 3"
       )
-  os.makedirs(out_dir, exist_ok=True)
-  for name, file in (("train", "train_data.df"), ("val", "Val_data.df"), ("test", "Test_data.df")):
-    with atomic_path(os.path.join(out_dir, file)) as tmp:
-      frames[name].to_pickle(tmp, protocol=4)
-  with atomic_write(os.path.join(out_dir, "u.item"), encoding="latin-1", errors="replace") as f:
-    for movie, title in titles:
-      f.write(f"{movie}|{title}|\n")
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    for name, frame in frames.items():
+      with atomic_path(os.path.join(out_dir, SPLIT_FILES[name])) as tmp:
+        frame.to_pickle(tmp, protocol=4)
+    with atomic_write(os.path.join(out_dir, "u.item"), encoding="latin-1", errors="replace") as f:
+      for movie, title in titles:
+        f.write(f"{movie}|{title}|\n")
+  except OSError as exc:  # An unwritable folder, a full disk.
+    where = exc.filename or out_dir
+    raise UserError(f"cannot write the MovieLens split: {where}: {exc.strerror or exc}") from None
   return out_dir

@@ -954,6 +954,57 @@ def test_a_built_folder_without_stamp_is_used_and_a_bad_stamp_or_builder_is_name
     data.load_from_config(config, work)
 
 
+def test_the_builder_writes_only_into_a_new_or_empty_folder_of_its_own_files(tmp_path):
+  """The MovieLens builder wrote into any folder lacking its train file (an audit's copy of
+  the Steam folder got MovieLens' Val_data.df over its own), rebuilt on every run under a
+  train_file name it never writes (past the seed guard), and built MovieLens for another
+  data set's config. Each is refused now, before anything is written."""
+  import hashlib
+
+  path, _ = _raw_ratings(tmp_path)
+  work = str(tmp_path / "w")
+  other = tmp_path / "steam"
+  other.mkdir()
+  (other / "Val_data.df").write_bytes(b"another data set's val")
+  (other / "id2name.txt").write_text("0::A game\n")
+  before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in other.iterdir()}
+  config = _build_config(tmp_path, path)
+  config.data.dir = str(other)
+  with pytest.raises(UserError) as raised:
+    data.load_from_config(config, work)
+  assert str(raised.value) == (
+    f"{other} holds Val_data.df, id2name.txt but no train_data.df: the MovieLens builder "
+    "writes only into a new or empty folder; give another config.data.dir (or none: "
+    "<workdir>/data/movielens), or leave config.data.build out to read the files there"
+  )
+  assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in other.iterdir()} == before
+  for key, value, message in (
+    ("train_file", "custom.df", "config.data.train_file=custom.df: the MovieLens builder "
+     "writes train_data.df, Val_data.df, Test_data.df, u.item; leave the file names"),
+    ("titles_file", "id2name.txt", "config.data.titles_file=id2name.txt: the MovieLens"),
+    ("name", "lastfm", "config.data.build=movielens100k builds MovieLens, not "
+     "config.data.name=lastfm's data set"),
+  ):  # fmt: skip
+    config = _build_config(tmp_path, path)
+    config.data[key] = value
+    with pytest.raises(UserError, match=re.escape(message)):
+      data.load_from_config(config, work)
+  assert not os.path.exists(work)
+  # A killed build's temporary file is no file of the user's: the build goes on over it.
+  folder = os.path.join(work, "data", "movielens")
+  os.makedirs(folder)
+  open(os.path.join(folder, "train_data.df.tmp-123-456"), "w").close()
+  assert len(data.load_from_config(_build_config(tmp_path, path), work).train) > 0
+  # A folder the split cannot be written to: one line, not an unexpected OSError.
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(UserError, match=r"^cannot write the MovieLens split: .*a_file/ml: Not a "):
+    movielens.build(str(tmp_path / "a_file" / "ml"), raw_ratings=str(path))
+  config = _build_config(tmp_path, path)
+  config.data.dir = str(tmp_path / "a_file" / "ml")
+  with pytest.raises(UserError, match=r"^cannot build the MovieLens split into .*: Not a dir"):
+    data.load_from_config(config, work)
+
+
 def test_u_data_item_ids_and_empty_fields_are_checked(tmp_path):
   """MovieLens-100K's item ids run 1..1682 (a 0-based or bigger file is refused); a line with
   an empty field is named as such."""
