@@ -542,7 +542,8 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
 
 def _warn_shared_files(data, directory: str, has_test: bool) -> None:
   """A warning when the train split's file is also the val or test split's (a copy-paste
-  slip in train_file, say): its metrics would be of rows the model trained on."""
+  slip in train_file, say): its metrics would be of rows the model trained on; and when the
+  test split's is the val split's: "test" would be the rows the weights were chosen on."""
   from ilora_jax import console
 
   names = {"val": data.val_file, **({"test": data.test_file} if has_test else {})}
@@ -553,6 +554,12 @@ def _warn_shared_files(data, directory: str, has_test: bool) -> None:
         f"warning: config.data.train_file={data.train_file} and {split}_file={name} are the "
         f"same file: the {split} metrics are of rows the model trains on"
       )
+  val = os.path.join(directory, data.val_file)
+  if has_test and os.path.samefile(val, os.path.join(directory, data.test_file)):
+    console.info(
+      f"warning: config.data.val_file={data.val_file} and test_file={data.test_file} are the "
+      "same file: the test metrics are of the rows the best checkpoint was chosen on"
+    )
 
 
 def titles_file(data, directory: str) -> str:

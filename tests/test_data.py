@@ -867,6 +867,16 @@ def test_unusual_data_folders_and_files_are_named_for_what_they_are(tmp_path, ca
   assert warning in capsys.readouterr().err
   data.load_from_config(config, str(tmp_path))
   assert "same file" not in capsys.readouterr().err
+  # Test rows that are the val rows (an audit's test_file=Val_data.df): warned of too.
+  (folder / "Test_data.df").symlink_to(folder / "Val_data.df")
+  data.load_from_config(config, str(tmp_path))
+  assert capsys.readouterr().err.count("same file") == 1
+  data.load_from_config(configuration.override(config, ["data.test_file=Val_data.df"]),
+                        str(tmp_path))  # fmt: skip
+  assert (
+    "warning: config.data.val_file=Val_data.df and test_file=Val_data.df are the same file: "
+    "the test metrics are of the rows the best checkpoint was chosen on"
+  ) in capsys.readouterr().err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a folder without permissions")
