@@ -453,11 +453,6 @@ def _build_stamp(data, source: str | None = None) -> dict:
   return {"build": data.build, "seed": int(data.build_seed), "ratings": source}
 
 
-# The files the MovieLens builder writes (`movielens.build`), by their `config.data` keys.
-_BUILT_FILES = {"train_file": "train_data.df", "val_file": "Val_data.df",
-                "test_file": "Test_data.df", "titles_file": "u.item"}  # fmt: skip
-
-
 def _build_if_needed(data, directory: str, train_path: str) -> None:
   """Builds the split when its files are missing. A folder built before keeps its split: when
   its stamp (`build.json`) names another seed or other ratings, that is an error, never a
@@ -472,11 +467,15 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
       f"config.data.build={data.build} builds MovieLens, not config.data.name={data.name}'s "
       "data set: leave config.data.build out to read its files"
     )
-  renamed = [f"config.data.{key}={data.get(key, '')}" for key, name in _BUILT_FILES.items()
+  from ilora_jax import movielens
+
+  written = {f"{split}_file": name for split, name in movielens.SPLIT_FILES.items()}
+  written["titles_file"] = movielens.TITLES_FILE
+  renamed = [f"config.data.{key}={data.get(key, '')}" for key, name in written.items()
              if data.get(key, "") not in ("", name)]  # fmt: skip
   if renamed:  # The builder never writes it: every run would build again, unguarded.
     raise UserError(
-      f"{', '.join(renamed)}: the MovieLens builder writes {', '.join(_BUILT_FILES.values())}; "
+      f"{', '.join(renamed)}: the MovieLens builder writes {', '.join(written.values())}; "
       "leave the file names as they are, or config.data.build out to read files of your own"
     )
   stamp_path = os.path.join(directory, "build.json")
@@ -511,14 +510,16 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
       print(f"note: config.data.raw_ratings={data.raw_ratings} is gone; using the split built "
             f"before in {directory}", file=sys.stderr)  # fmt: skip
     return
-  # Into a new or empty folder only (a killed build's temporary files aside): never over
-  # another data set's files (its Val_data.df, say) or the user's own.
+  # Into a new or empty folder only (hidden files, lost+found and a killed build's temporary
+  # files aside): never over another data set's files (its Val_data.df, say) or the user's.
   try:
-    held = sorted(n for n in os.listdir(directory) if ".tmp-" not in n)
+    listed = os.listdir(directory)
   except FileNotFoundError:
-    held = []
+    listed = []
   except OSError as exc:  # A file, or a folder that cannot be listed.
     raise UserError(f"cannot build the MovieLens split into {directory}: {exc.strerror}") from None
+  temporary = tuple(f"{name}.tmp-" for name in written.values())  # Maybe another build's.
+  held = sorted(n for n in listed if not n.startswith((".", "lost+found", *temporary)))
   if held:
     more = f" and {len(held) - 3} more" if len(held) > 3 else ""
     raise UserError(
@@ -527,8 +528,6 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
       "<workdir>/data/movielens), or leave config.data.build out to read the files there"
     )
   stamp = _build_stamp(data)
-  from ilora_jax import movielens
-
   print(f"building the MovieLens split from MovieLens-100K into {directory}", file=sys.stderr)
   movielens.build(
     directory, seed=data.build_seed, raw_ratings=data.raw_ratings, min_len=data.min_len
@@ -543,7 +542,8 @@ def _build_if_needed(data, directory: str, train_path: str) -> None:
 def _warn_shared_files(data, directory: str, has_test: bool) -> None:
   """A warning when the train split's file is also the val or test split's (a copy-paste
   slip in train_file, say): its metrics would be of rows the model trained on; and when the
-  test split's is the val split's: "test" would be the rows the weights were chosen on."""
+  test split's is the val split's: "test" would be the val rows (where a run selects its
+  weights)."""
   from ilora_jax import console
 
   names = {"val": data.val_file, **({"test": data.test_file} if has_test else {})}
@@ -558,7 +558,7 @@ def _warn_shared_files(data, directory: str, has_test: bool) -> None:
   if has_test and os.path.samefile(val, os.path.join(directory, data.test_file)):
     console.info(
       f"warning: config.data.val_file={data.val_file} and test_file={data.test_file} are the "
-      "same file: the test metrics are of the rows the best checkpoint was chosen on"
+      "same file: the test metrics are of the val rows, not of held-out ones"
     )
 
 

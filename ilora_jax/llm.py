@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.util
-import json
 import os
 import warnings
 from typing import Any
@@ -130,7 +129,9 @@ def check_weight_files(name_or_path: str) -> None:
     weights.check_gguf_tensors(weights.open_gguf(target), config, target)
     return
   tensors = weights.SafetensorsFolder(target)
-  weights.check_tensor_table(tensors.table(), config, target, tensors.missing)
+  weights.check_tensor_table(
+    tensors.table(), config, target, tensors.missing, lambda name: tensors.get(name).dtype
+  )
 
 
 def config_for(name_or_path: str, **overrides) -> LlamaConfig:
@@ -768,11 +769,11 @@ def _id_list(value, vocab: int, where: str) -> tuple[int, ...]:
 
 
 def stop_ids_of(name_or_path: str) -> tuple[int, ...]:
-  """The ids a model's own files say end a generation, beyond its tokenizer's end of text,
-  as transformers and llama.cpp stop: a Hugging Face folder's `generation_config.json`
-  `eos_token_id` (Llama 3 Instruct lists three there, its tokenizer one), a GGUF file's
-  end-of-turn and end-of-message tokens; none for a random preset. A UserError for a file
-  that says so unreadably."""
+  """The ids a model's own files say end a generation, beyond its tokenizer's end of text: a
+  Hugging Face folder's `generation_config.json` `eos_token_id`, as transformers stops (Llama
+  3 Instruct lists three there, its tokenizer one), a GGUF file's end-of-turn and
+  end-of-message ids (llama.cpp also stops at tokens it knows by their text, not read here);
+  none for a random preset. A UserError for a file that says so unreadably."""
   kind, target = _resolve(name_or_path)
   if kind == "preset":
     return ()
@@ -785,14 +786,7 @@ def stop_ids_of(name_or_path: str) -> tuple[int, ...]:
   path = os.path.join(target, "generation_config.json")
   if not os.path.isfile(path):
     return ()
-  try:
-    with open(path, encoding="utf-8") as f:
-      generation = json.load(f)
-  except OSError as exc:
-    raise weights._unreadable(path, exc) from None
-  except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors.
-    raise UserError(f"{path} is not JSON ({str(exc).splitlines()[0]})") from None
-  value = generation.get("eos_token_id") if isinstance(generation, dict) else None
+  value = weights.read_hf_config(path).get("eos_token_id")
   return () if value is None else _id_list(value, vocab, f"{path}: eos_token_id")
 
 

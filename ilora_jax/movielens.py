@@ -156,8 +156,9 @@ def build_frames(sequences: dict[int, list[tuple[int, int]]], seed: int):
   return frames
 
 
-# The files `build` writes its splits to.
+# The files `build` writes its splits and titles to.
 SPLIT_FILES = {"train": "train_data.df", "val": "Val_data.df", "test": "Test_data.df"}
+TITLES_FILE = "u.item"
 
 
 def build(
@@ -186,7 +187,9 @@ def build(
     for name, frame in frames.items():
       with atomic_path(os.path.join(out_dir, SPLIT_FILES[name])) as tmp:
         frame.to_pickle(tmp, protocol=4)
-    with atomic_write(os.path.join(out_dir, "u.item"), encoding="latin-1", errors="replace") as f:
+    with atomic_write(
+      os.path.join(out_dir, TITLES_FILE), encoding="latin-1", errors="replace"
+    ) as f:
       for movie, title in titles:
         f.write(f"{movie}|{title}|\n")
   except OSError as exc:  # An unwritable folder, a full disk.

@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import re
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -134,20 +133,24 @@ def _missing_head(source: str) -> UserError:
 
 
 def check_tensor_table(
-  table: dict[str, tuple[tuple[int, ...], Any, bool]],
+  table: dict[str, tuple[tuple[int, ...], Any]],
   cfg: LlamaConfig,
   source: str,
   missing: Callable[[str], UserError],
+  read: Callable[[str], Any],
   shown: Callable[[str], str] = str,
 ) -> None:
   """What `params_from_hf_tensors` checks of a checkpoint's tensors that needs no values,
-  from its table {HF name: (shape, dtype, floating)}: every tensor used, each there with its
-  shape, floating point. A UserError, the line loading would give first, for the first that
-  is not; `missing(name)` is the error of a body tensor not there."""
+  from its table {HF name: (shape, dtype)}: every tensor used, each there, of its shape and
+  floating point. A UserError, the line loading gives first, for the first that is not;
+  `missing(name)` is the error of a body tensor not there; `read(name)` gives the dtype of a
+  tensor the table gives none (one loading reads its own way), or loading's refusal of it."""
   _check_all_used(table, cfg, source)
   for name, want in _expected_tensors(cfg).items():
     if name in table:
-      shape, dtype, floating = table[name]
+      shape, dtype = table[name]
+      dtype = read(name) if dtype is None else jax.numpy.dtype(dtype)
+      floating = jax.numpy.issubdtype(dtype, jax.numpy.floating)
       error = _tensor_error(name, shape, want, dtype, floating, source, shown)
       if error is not None:
         raise error
@@ -344,7 +347,8 @@ def hf_config_path(folder: str) -> str:
 
 
 def read_hf_config(path: str) -> dict:
-  """A Hugging Face `config.json` as a dict; unreadable or malformed is a UserError."""
+  """A Hugging Face `config.json` (or `generation_config.json`) as a dict; unreadable or
+  malformed is a UserError."""
   try:
     with open(path, encoding="utf-8") as f:
       hf = json.load(f)
@@ -479,12 +483,13 @@ def _unreadable(path: str, exc: OSError) -> UserError:
   return UserError(f"cannot read {path}: {exc.strerror or exc}")
 
 
-def _numpy_dtype_name(dtype: str) -> str:
-  """A safetensors dtype as numpy names it: I32 int32, BF16 bfloat16 (F8_E4M3 f8_e4m3)."""
-  kind = re.fullmatch(r"(BF|F|I|U)(\d+)", dtype)
-  if kind is None:
-    return dtype.lower()
-  return {"BF": "bfloat", "F": "float", "I": "int", "U": "uint"}[kind[1]] + kind[2]
+# The safetensors dtypes numpy holds, as numpy names them (bfloat16 through ml_dtypes);
+# another (float8, float4) is read to get loading's own refusal of it.
+_NUMPY_DTYPES = {
+  "BOOL": "bool", "U8": "uint8", "I8": "int8", "U16": "uint16", "I16": "int16", "U32": "uint32",
+  "I32": "int32", "U64": "uint64", "I64": "int64", "F16": "float16", "BF16": "bfloat16",
+  "F32": "float32", "F64": "float64",
+}  # fmt: skip
 
 
 # The names a Llama body's tensors begin with, without the causal LM's 'model.' prefix.
@@ -586,14 +591,13 @@ class SafetensorsFolder:
       }
       self._where = {name: self._where[stored] for name, stored in self._stored.items()}
 
-  def table(self) -> dict[str, tuple[tuple[int, ...], str, bool]]:
-    """{name: (shape, dtype as numpy names it, floating)} from the headers (no tensor is
-    read)."""
+  def table(self) -> dict[str, tuple[tuple[int, ...], str | None]]:
+    """{name: (shape, dtype as numpy names it, None for one numpy does not hold)} from the
+    headers (no tensor is read)."""
     out = {}
     for name, path in self._where.items():
       view = self._handles[path].get_slice(self._stored[name])
-      dtype = _numpy_dtype_name(view.get_dtype())
-      out[name] = (tuple(view.get_shape()), dtype, "float" in dtype or dtype.startswith("f8"))
+      out[name] = (tuple(view.get_shape()), _NUMPY_DTYPES.get(view.get_dtype()))
     return out
 
   def missing(self, name: str) -> UserError:
@@ -923,15 +927,20 @@ def _gguf_qtype(t, path: str):
 
 
 def check_gguf_tensors(reader, cfg: LlamaConfig, path: str) -> None:
-  """`check_tensor_table` of a GGUF file's tensor table (every type one it dequantizes)."""
+  """`check_tensor_table` of a GGUF file's tensor table (its types read as loading reads
+  them: float32 once dequantized, a type it does not dequantize refused)."""
   by_hf_name, others = _gguf_by_hf_name(reader)
-  table = {
-    name: (tuple(int(x) for x in reversed(t.shape)), _gguf_qtype(t, path).name, True)
-    for name, t in by_hf_name.items()
-  }
-  table.update({name: ((), None, True) for name in others})
+  table = {name: (tuple(int(x) for x in reversed(t.shape)), None) for name, t in by_hf_name.items()}
+  table.update({name: ((), None) for name in others})
+
+  def read(name: str):
+    _gguf_qtype(by_hf_name[name], path)
+    return np.dtype(np.float32)
+
   shown = {name: f"{t.name} ({name})" for name, t in by_hf_name.items()}
-  check_tensor_table(table, cfg, path, lambda n: _gguf_missing(path, n), lambda n: shown.get(n, n))
+  check_tensor_table(
+    table, cfg, path, lambda n: _gguf_missing(path, n), read, lambda n: shown.get(n, n)
+  )
 
 
 def gguf_tensor_getter(

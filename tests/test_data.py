@@ -875,7 +875,7 @@ def test_unusual_data_folders_and_files_are_named_for_what_they_are(tmp_path, ca
                         str(tmp_path))  # fmt: skip
   assert (
     "warning: config.data.val_file=Val_data.df and test_file=Val_data.df are the same file: "
-    "the test metrics are of the rows the best checkpoint was chosen on"
+    "the test metrics are of the val rows, not of held-out ones"
   ) in capsys.readouterr().err
 
 
@@ -1000,10 +1000,12 @@ def test_the_builder_writes_only_into_a_new_or_empty_folder_of_its_own_files(tmp
     with pytest.raises(UserError, match=re.escape(message)):
       data.load_from_config(config, work)
   assert not os.path.exists(work)
-  # A killed build's temporary file is no file of the user's: the build goes on over it.
+  # A killed build's temporary file is no file of the user's: the build goes on, as it does
+  # beside hidden files and lost+found.
   folder = os.path.join(work, "data", "movielens")
-  os.makedirs(folder)
-  open(os.path.join(folder, "train_data.df.tmp-123-456"), "w").close()
+  os.makedirs(os.path.join(folder, "lost+found"))
+  for name in ("train_data.df.tmp-123-456", ".DS_Store"):
+    open(os.path.join(folder, name), "w").close()
   assert len(data.load_from_config(_build_config(tmp_path, path), work).train) > 0
   # A folder the split cannot be written to: one line, not an unexpected OSError.
   (tmp_path / "a_file").write_text("")

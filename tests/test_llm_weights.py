@@ -202,7 +202,7 @@ def test_generation_stops_where_transformers_generate_stops(hf_checkpoints, tmp_
   assert lengths[0] == 4
   for row, n, theirs in zip(out.tolist(), lengths.tolist(), want):
     assert row[:n] == theirs[:n] and (n == 10 or theirs[n - 1] in ours.eos_ids)
-  for text, message in (("{", "is not JSON"),
+  for text, message in (("{", "is not a readable JSON file"), ("[2]", "holds a JSON list"),
                         ('{"eos_token_id": [2, 300]}', "must be a token id or a list of them, "
                          "in [0, 300)"),
                         ('{"eos_token_id": "2"}', "eos_token_id='2' must be")):  # fmt: skip
@@ -891,6 +891,8 @@ def test_weight_files_are_checked_from_their_tables_as_loading_checks_them(
      "weight) has shape (300, 64), expected (400, 64)"),
     ("int8", {"bad_type": True}, "token_embd.weight uses unsupported quantisation I8"),
     ("bias", {"extra": {"blk.0.attn_q.bias": np.zeros(64, np.float32)}}, f"does not use: {bias}"),
+    ("both", {"extra": {"blk.0.attn_q.bias": np.zeros(64, np.float32)}, "bad_type": True},
+     f"does not use: {bias}"),  # Loading's order of its refusals.
   ):  # fmt: skip
     path = str(tmp_path / f"{name}.gguf")
     _write_gguf(path, _hf_model(), quantize_gate=False, **kw)
@@ -986,6 +988,10 @@ def test_quantized_checkpoints_are_refused_by_name(hf_checkpoints, tmp_path):
   with pytest.raises(UserError, match=re.escape(f"cannot read {name} from {path} (")) as err:
     llm.load(folder)
   assert "float8 and other quantized weights are not supported" in str(err.value)
+  # Refused as well by the check before SASRec trains (which passed it, a review found).
+  with pytest.raises(UserError) as checked:
+    llm.check_weight_files(folder)
+  assert str(checked.value) == str(err.value)
   config = os.path.join(folder, "config.json")
   with open(config) as f:
     hf = json.load(f)
