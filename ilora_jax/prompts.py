@@ -204,6 +204,15 @@ class PromptBuilder:
     self._sep = self._after_special(",")
     self._space = self._after_text(" ")  # before each placeholder
 
+  def tokens_digest(self) -> str:
+    """A digest (16 hex digits) of the tokens the prompts are made of: the templates', every
+    title's (as an answer) and the separators'. A run records it, so that a resume notices a
+    tokenizer that splits the same text otherwise (another tokenizer file, a library's or
+    this package's other reading of it)."""
+    pieces = [self.bos, self.templates, self._sep, self._space, self.encode_in_text("\n")]
+    pieces += [self.target_tokens(i) for i in sorted(self.titles)]
+    return hashlib.sha256(repr(pieces).encode()).hexdigest()[:16]
+
   def encode_in_text(self, text: str) -> list[int]:
     """Tokens of `text` where it follows other text in a prompt (a newline, an answer)."""
     return self._after_text(text)

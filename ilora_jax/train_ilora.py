@@ -1401,13 +1401,22 @@ def _check_resumable(
   )
 
 
-def numerics_settings(config, bos, slots: int, sas_params, titles: dict[int, str]) -> dict:
+def _rope_settings(config) -> list:
+  """[rope_theta, rope_scaling] of the config's LLM, as its files are read (its config)."""
+  cfg = llm.config_for(config.llm.name)
+  return [cfg.rope_theta, None if cfg.rope_scaling is None else dict(cfg.rope_scaling)]
+
+
+def numerics_settings(
+  config, bos, slots: int, sas_params, titles: dict[int, str], prompt_tokens: str | None = None
+) -> dict:
   """Settings beyond the model's shape that a resumed run must share with its checkpoint:
   the prompt's first token (`bos`, the prompt builder's), the items' `titles` (a digest: the
-  prompts name them), the compute and weight dtypes, the loss's target `slots`, the
-  optimizer's clip and decay, which SASRec is frozen (and its heads), the step order's
-  bucketing, the padding multiple and the layer scan (both move the dropout masks), and the
-  candidates: how many each prompt lists (the training prompts hold them)
+  prompts name them) and the tokens the prompts are made of (`prompt_tokens`, the builder's
+  `tokens_digest`), the LLM's rotary settings, the compute and weight dtypes, the loss's
+  target `slots`, the optimizer's clip and decay, which SASRec is frozen (and its heads),
+  the step order's bucketing, the padding multiple and the layer scan (both move the dropout
+  masks), and the candidates: how many each prompt lists (the training prompts hold them)
   and the seed of the evaluation's fixed sets (the val metric that selects the weights
   compares epochs on one set), and the prompt templates' wording (`PROMPTS`)."""
   return checkpointing.jsonable(
@@ -1415,6 +1424,8 @@ def numerics_settings(config, bos, slots: int, sas_params, titles: dict[int, str
       "bos": bos,
       PROMPTS: prompts.templates_digest(config.data.name),
       "data.titles": titles_fingerprint(titles),
+      "prompt tokens": prompt_tokens,
+      "llm.rope": _rope_settings(config),
       "llm.dtype, param_dtype": [config.llm.dtype, config.llm.param_dtype],
       "target_slots": slots,
       "ilora.train.clip_norm": config.ilora.train.clip_norm,
@@ -1500,7 +1511,14 @@ def setup(
     raise UserError(f"config.ilora.max_new_tokens={config.ilora.max_new_tokens}: must be >= 1")
   inputs = prompt_inputs(config, workdir, dataset, mesh, generates)
   slots = target_slots(inputs.longest, config.ilora.max_target_tokens)
-  numerics = numerics_settings(config, inputs.builder.bos, slots, inputs.sas_params, dataset.titles)
+  numerics = numerics_settings(
+    config,
+    inputs.builder.bos,
+    slots,
+    inputs.sas_params,
+    dataset.titles,
+    inputs.builder.tokens_digest(),
+  )
   settings = run_settings(config, dataset, (micro, accum), total_steps, numerics)
   if check is not None:
     check(settings, numerics)

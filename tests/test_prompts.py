@@ -22,6 +22,32 @@ def _builder():
   )
 
 
+def test_the_tokens_digest_tells_a_tokenizer_that_splits_otherwise():
+  """A resume compares it: the same tokenizer gives the same digest (in any process: no
+  object ids in it), one that splits a title otherwise, another title or BOS another."""
+  assert _builder().tokens_digest() == _builder().tokens_digest()
+
+  def brazil_whole(text):  # As `_encode`, but "Brazil" is one token.
+    out, i = [], 0
+    while i < len(text):
+      whole = text.startswith("Brazil", i)
+      out.append(9999 if whole else ord(text[i]))
+      i += 6 if whole else 1
+    return out
+
+  digests = {
+    _builder().tokens_digest(),
+    prompts.PromptBuilder(brazil_whole, SPECIAL, pad_id=0, titles=TITLES, n_items=5,
+                          dataset="movielens", bos_id=1).tokens_digest(),
+    prompts.PromptBuilder(_encode, SPECIAL, pad_id=0, titles={**TITLES, 1: "Brasil"},
+                          n_items=5, dataset="movielens", bos_id=1).tokens_digest(),
+    prompts.PromptBuilder(_encode, SPECIAL, pad_id=0, titles=TITLES, n_items=5,
+                          dataset="movielens", bos_id=None).tokens_digest(),
+  }  # fmt: skip
+  assert len(digests) == 4
+  assert len(_builder().tokens_digest()) == 16
+
+
 def test_loss_mask_covers_exactly_the_target_text():
   b = _builder().batch([([0, 1], [2, 3, 4], 3)], template=0, hybrid=True)
   ids, loss = b.input_ids[0], b.loss_mask[0]

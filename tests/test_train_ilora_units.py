@@ -6,6 +6,7 @@ workdir's checkpoints and per-group evaluation metrics.
 Expected values come from the docstrings and README.md, worked by hand or with plain numpy;
 the end-to-end behaviour of the stage is in test_ilora_stage.py."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -539,19 +540,29 @@ NUMERICS_KEYS = {
   "bos", "data.titles", "llm.dtype, param_dtype", "target_slots", "ilora.train.clip_norm",
   "weight_decay", "sasrec", "llm_weights", "sasrec.num_heads", "ilora.bucket_window",
   "ilora.pad_multiple", "llm.unroll_train", "data.num_candidates", "data.candidate_seed",
-  "prompt templates",
+  "prompt templates", "prompt tokens", "llm.rope",
 }  # fmt: skip
 
 
-def test_numerics_settings_record_what_a_resume_must_share():
+def test_numerics_settings_record_what_a_resume_must_share(tmp_path):
   config = _full_config(dtype="bfloat16", param_dtype="float32")
   config.ilora.train.clip_norm, config.ilora.train.weight_decay = 0.5, 0.125
   config.sasrec.num_heads, config.ilora.bucket_window = 2, 4
   config.ilora.pad_multiple, config.llm.unroll_train = 16, True
   config.data.num_candidates, config.data.candidate_seed = 12, 77
   titles = {0: "Heat", 1: "Alien"}
-  got = train_ilora.numerics_settings(config, 5, 24, _params(), titles)
+  got = train_ilora.numerics_settings(config, 5, 24, _params(), titles, "00ff")
   assert set(got) == NUMERICS_KEYS
+  assert got["prompt tokens"] == "00ff" and got["llm.rope"][1] is None
+  # The rope as the model's files give it (a folder's config.json alone is read).
+  hf = {"model_type": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 96,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "rope_theta": 5e5,
+        "rope_scaling": {"rope_type": "linear", "factor": 4.0}}  # fmt: skip
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  folder = copy.deepcopy(config)
+  folder.llm.name = str(tmp_path)
+  rope = train_ilora.numerics_settings(folder, 5, 24, _params(), titles)["llm.rope"]
+  assert rope == [5e5, {"rope_type": "linear", "factor": 4.0}]
   assert got["bos"] == 5 and got["target_slots"] == 24 and got["llm_weights"] is None
   assert got["llm.dtype, param_dtype"] == ["bfloat16", "float32"]
   assert got["ilora.train.clip_norm"] == 0.5 and got["weight_decay"] == 0.125
