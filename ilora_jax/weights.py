@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import struct
@@ -105,12 +106,12 @@ def _expected_tensors(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 
 def _tensor_error(
-  name: str, shape, want, dtype, floating: bool, source: str, shown: Callable = str
+  name: str, shape, want, dtype, source: str, shown: Callable = str
 ) -> UserError | None:
   """The error of a tensor of another shape than `want`, or not floating point, else None."""
   if tuple(shape) != tuple(want):
     return UserError(f"{source}: tensor {shown(name)} has shape {tuple(shape)}, expected {want}")
-  if not floating:
+  if not jax.numpy.issubdtype(dtype, jax.numpy.floating):  # bfloat16 is one too.
     return UserError(
       f"{source}: tensor {shown(name)} holds {dtype} values, not floating point weights"
     )
@@ -121,8 +122,7 @@ def _checked(
   get: TensorGetter, name: str, shape: tuple[int, ...], source: str, shown: Callable = str
 ) -> np.ndarray:
   w = get(name)
-  floating = jax.numpy.issubdtype(w.dtype, jax.numpy.floating)  # bfloat16 is one too.
-  error = _tensor_error(name, w.shape, shape, w.dtype, floating, source, shown)
+  error = _tensor_error(name, w.shape, shape, w.dtype, source, shown)
   if error is not None:
     raise error
   return w
@@ -150,8 +150,7 @@ def check_tensor_table(
     if name in table:
       shape, dtype = table[name]
       dtype = read(name) if dtype is None else jax.numpy.dtype(dtype)
-      floating = jax.numpy.issubdtype(dtype, jax.numpy.floating)
-      error = _tensor_error(name, shape, want, dtype, floating, source, shown)
+      error = _tensor_error(name, shape, want, dtype, source, shown)
       if error is not None:
         raise error
     elif name != "lm_head.weight":
@@ -909,6 +908,16 @@ def _gguf_by_hf_name(reader) -> tuple[dict, list[str]]:
   return by_hf_name, others
 
 
+def _gguf_hf_shape(t) -> tuple[int, ...]:
+  """A GGUF tensor's shape in the HF order (GGUF lists the fastest dimension first)."""
+  return tuple(int(x) for x in reversed(t.shape))
+
+
+def _gguf_shown(by_hf_name: dict) -> Callable[[str], str]:
+  """How messages name a tensor: as the file does, its HF name beside it."""
+  return lambda name: f"{by_hf_name[name].name} ({name})" if name in by_hf_name else name
+
+
 def _gguf_missing(path: str, name: str) -> UserError:
   return UserError(f"{path}: tensor for {name} missing from the GGUF file")
 
@@ -930,17 +939,15 @@ def check_gguf_tensors(reader, cfg: LlamaConfig, path: str) -> None:
   """`check_tensor_table` of a GGUF file's tensor table (its types read as loading reads
   them: float32 once dequantized, a type it does not dequantize refused)."""
   by_hf_name, others = _gguf_by_hf_name(reader)
-  table = {name: (tuple(int(x) for x in reversed(t.shape)), None) for name, t in by_hf_name.items()}
+  table = {name: (_gguf_hf_shape(t), None) for name, t in by_hf_name.items()}
   table.update({name: ((), None) for name in others})
 
   def read(name: str):
     _gguf_qtype(by_hf_name[name], path)
     return np.dtype(np.float32)
 
-  shown = {name: f"{t.name} ({name})" for name, t in by_hf_name.items()}
-  check_tensor_table(
-    table, cfg, path, lambda n: _gguf_missing(path, n), read, lambda n: shown.get(n, n)
-  )
+  missing = functools.partial(_gguf_missing, path)
+  check_tensor_table(table, cfg, path, missing, read, _gguf_shown(by_hf_name))
 
 
 def gguf_tensor_getter(
@@ -962,18 +969,14 @@ def gguf_tensor_getter(
       w = np.asarray(gguf.quants.dequantize(t.data, qtype), dtype=np.float32)
     except (ValueError, NotImplementedError) as e:
       raise UserError(f"{path}: cannot dequantize {t.name} ({qtype.name}): {e}") from None
-    w = w.reshape(tuple(int(x) for x in reversed(t.shape)))
+    w = w.reshape(_gguf_hf_shape(t))
     if ".self_attn.q_proj." in name:
       w = _unpermute_rows(w, cfg.num_heads)
     elif ".self_attn.k_proj." in name:
       w = _unpermute_rows(w, cfg.num_kv_heads)
     return w
 
-  def shown(name: str) -> str:
-    t = by_hf_name.get(name)
-    return name if t is None else f"{t.name} ({name})"
-
-  return get, lambda name: name in by_hf_name, [*by_hf_name, *others], shown
+  return get, lambda name: name in by_hf_name, [*by_hf_name, *others], _gguf_shown(by_hf_name)
 
 
 def load_gguf(path: str, *, shardings: Any = None, **config_overrides) -> tuple[LlamaConfig, dict]:
