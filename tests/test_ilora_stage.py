@@ -490,6 +490,8 @@ def test_a_refused_resume_stops_before_the_llm_weights_are_read(
     "data.candidate_seed": config.data.candidate_seed,
     "llm_weights": None,  # A random preset: its name and init decide (files get a digest).
     "prompt templates": "8c5f4365d21c5f0b",  # Steam's (the original's game.txt).
+    "prompt tokens": su.parts.builder.tokens_digest(),  # The run's tokenizer's splitting.
+    "llm.rope": [10000.0, None],  # The tiny preset's.
   }
   assert checkpointing.jsonable(expected) == su.settings
   ckpt = checkpointing.StageCheckpoints(pipeline_dir, "ilora", 1, False, read_only=True)
