@@ -124,10 +124,11 @@ def check_weight_files(name_or_path: str) -> None:
   kind, target = _resolve(name_or_path)
   if kind == "preset":
     return
-  config = config_for(name_or_path)
   if kind == "gguf":
-    weights.check_gguf_tensors(weights.open_gguf(target), config, target)
+    reader = weights.open_gguf(target)
+    weights.check_gguf_tensors(reader, weights.config_from_gguf(reader), target)
     return
+  config = config_for(name_or_path)
   tensors = weights.SafetensorsFolder(target)
   weights.check_tensor_table(
     tensors.table(), config, target, tensors.missing, lambda name: tensors.get(name).dtype
@@ -777,9 +778,14 @@ def stop_ids_of(name_or_path: str) -> tuple[int, ...]:
   kind, target = _resolve(name_or_path)
   if kind == "preset":
     return ()
-  vocab = config_for(name_or_path).vocab_size
-  if kind == "gguf":
-    reader = weights.open_gguf(target)
+  reader = weights.open_gguf(target) if kind == "gguf" else None
+  config = config_for(target) if reader is None else weights.config_from_gguf(reader)
+  return _stop_ids(target, config.vocab_size, reader)
+
+
+def _stop_ids(target: str, vocab: int, reader=None) -> tuple[int, ...]:
+  """`stop_ids_of` a model file read: a GGUF file's open `reader`, else the folder `target`."""
+  if reader is not None:
     keys = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
     found = [(k, weights.gguf_field(reader, k)) for k in keys]
     return tuple(i for k, v in found if v is not None for i in _id_list(v, vocab, f"{target}: {k}"))
@@ -873,10 +879,10 @@ def load(
     params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     tokenizer = _tokenizer_of(kind, target, config) if with_tokenizer else None
     return LLM(config, params, tokenizer, adapter)
-  stop_ids = stop_ids_of(name_or_path)
   if kind == "gguf":
     reader = weights.open_gguf(target)
     config = weights.config_from_gguf(reader, **config_overrides)
+    stop_ids = _stop_ids(target, config.vocab_size, reader)
     if shardings is None and mesh is not None:
       shardings = mesh_shardings(config, mesh, rules)
     get, has, names, shown = weights.gguf_tensor_getter(reader, config, target)
@@ -887,6 +893,7 @@ def load(
     return LLM(config, params, tokenizer, adapter, stop_ids=stop_ids)
   if shardings is None and mesh is not None:
     shardings = mesh_shardings(config_for(target, **config_overrides), mesh, rules)
+  stop_ids = stop_ids_of(target)  # Its generation_config.json named before the weights' read.
   config, params = weights.load_hf(target, shardings=shardings, **config_overrides)
   tokenizer = _tokenizer_of(kind, target, config) if with_tokenizer else None
   return LLM(config, params, tokenizer, adapter, stop_ids=stop_ids)
